@@ -1,0 +1,65 @@
+"""uniopt: one optimizer library for every Python array framework.
+
+>>> import numpy as np, uniopt as uo
+>>> params = {"w": np.array([1.0, 2.0]), "b": np.array([0.5])}
+>>> opt = uo.chain(uo.weight_decay(5e-4), uo.adam(lr=uo.schedules.cosine(1e-3, steps=100)))
+>>> state = uo.setup(opt, params)
+>>> state, params = uo.update(state, params, {"w": np.array([0.1, -0.2]), "b": np.array([1.0])})
+>>> state.step
+1
+"""
+
+from . import schedules
+from .base import Elementwise, Rule, Transform
+from .combine import chain
+from .engine import State, adjust, setup, update, update_
+from .rules.adadelta import adadelta, scale_by_adadelta
+from .rules.adagrad import adagrad, scale_by_adagrad
+from .rules.adam import (
+    adam,
+    adamw,
+    optimistic_adam,
+    scale_by_adam,
+    scale_by_amsgrad,
+    scale_by_optimistic_gradient,
+)
+from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
+from .rules.sgd import sgd
+from .transforms import clip, scale, scale_by_lr, trace, weight_decay
+from .tree import register_dataclass, trainables
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Elementwise",
+    "Rule",
+    "State",
+    "Transform",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamw",
+    "adjust",
+    "chain",
+    "clip",
+    "optimistic_adam",
+    "register_dataclass",
+    "rmsprop",
+    "scale",
+    "scale_by_adadelta",
+    "scale_by_adagrad",
+    "scale_by_adam",
+    "scale_by_amsgrad",
+    "scale_by_centered_rms",
+    "scale_by_lr",
+    "scale_by_optimistic_gradient",
+    "scale_by_rms",
+    "schedules",
+    "setup",
+    "sgd",
+    "trace",
+    "trainables",
+    "update",
+    "update_",
+    "weight_decay",
+]

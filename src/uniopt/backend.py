@@ -1,0 +1,45 @@
+"""Which array library a leaf belongs to, and the one place arrays are written in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat as aac
+
+
+def namespace(x: Any) -> Any:
+    return aac.array_namespace(x)
+
+
+def is_array(x: Any) -> bool:
+    return bool(aac.is_array_api_obj(x))
+
+
+def library(x: Any) -> str:
+    """A short name of the library that owns array ``x``, for error messages."""
+    return type(x).__module__.split(".")[0]
+
+
+def immutable_reason(x: Any) -> str | None:
+    """Why ``x`` cannot be written in place, or None if it can."""
+    if aac.is_jax_array(x):
+        return "JAX arrays are immutable; use uniopt.update"
+    if aac.is_numpy_array(x) and not x.flags.writeable:
+        return "the NumPy array is read-only; use uniopt.update"
+    return None
+
+
+def assign(dst: Any, src: Any) -> None:
+    """``dst[...] = src`` for every mutable library (torch outside autograd)."""
+    if aac.is_torch_array(dst):
+        import torch
+
+        with torch.no_grad():
+            dst.copy_(src)
+    else:
+        dst[...] = src
+
+
+def fresh(x: Any, xp: Any) -> Any:
+    """A copy of ``x`` that no caller holds a reference to."""
+    return xp.asarray(x, copy=True)

@@ -1,0 +1,163 @@
+"""What every rule is made of.
+
+A :class:`Transform` is a frozen record of hyperparameters. The ones that do arithmetic are
+:class:`Elementwise`: they name their per-leaf slots, compute a few host-side coefficients once
+per step (bias corrections, first-step switches) and run a pure ``kernel`` that maps the incoming
+update ``u`` of one array to the outgoing one. Whole optimizers (:class:`Rule`) are recipes: a
+record of the user's hyperparameters whose :meth:`~Transform.parts` lists the elementwise
+building blocks, so AdamW is Adam's blocks plus a decay block, never a second copy of Adam.
+
+Sign convention: an update ``u`` is *subtracted* from the parameter, ``p <- p - u`` (torch,
+Optimisers.jl and the papers write it so). The optax protocol negates it on the way out.
+
+A kernel uses only arithmetic and ``xp.sqrt`` / ``xp.maximum`` of the array namespace it is
+given, so the same function runs on NumPy, torch or JAX arrays, and element by element under a
+compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from .hyper import Interval, check, resolve
+
+Kernel = Callable[..., tuple[Any, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """Base of every rule and building block: hyperparameters as fields, nothing else."""
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The fields that accept a number or a schedule, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if "hyper" in f.metadata}
+
+    def _validate(self, where: str = "") -> None:
+        for f in dataclasses.fields(self):
+            valid = f.metadata.get("hyper") or f.metadata.get("static")
+            if valid is None:
+                continue
+            value = getattr(self, f.name)
+            items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+            for i, v in items:
+                if "hyper" in f.metadata and callable(v):
+                    continue
+                label = f.name if i is None else f"{f.name}[{i}]"
+                check(self.name, label, v, valid, where)
+        self.check()
+
+    def check(self) -> None:
+        """Constraints between fields; runs on construction and on every resolved step."""
+
+    def at(self, step: int) -> Transform:
+        """This record with every schedule replaced by its value for ``step``, validated."""
+        hp = self.hyperparameters()
+        values = {k: resolve(v, step) for k, v in hp.items() if _has_schedule(v)}
+        if not values:
+            return self
+        new = object.__new__(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(new, f.name, values.get(f.name, getattr(self, f.name)))
+        new._validate(f" (the value of its schedule at step {step})")
+        return new
+
+    def parts(self) -> tuple[Elementwise, ...]:
+        """The elementwise building blocks this transform runs, in order."""
+        raise NotImplementedError
+
+    @functools.cached_property
+    def flat_parts(self) -> tuple[Elementwise, ...]:
+        out: list[Elementwise] = []
+        for p in self.parts():
+            out.extend([p] if isinstance(p, Elementwise) else p.flat_parts)
+        return tuple(out)
+
+    @functools.cached_property
+    def layout(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Names of the slot-carrying parts and their slots: what a state must match."""
+        seen: dict[str, int] = {}
+        out = []
+        for p in self.flat_parts:
+            if not p.slot_names():
+                continue
+            n = seen[p.name] = seen.get(p.name, -1) + 1
+            out.append((p.name if n == 0 else f"{p.name}#{n}", p.slot_names()))
+        return tuple(out)
+
+    # --- the optax protocol: updates are to be *added* -------------------------------------
+    def init(self, params: Any) -> Any:
+        """optax protocol: the state for ``params`` (same as ``uniopt.setup(self, params)``)."""
+        from .engine import setup
+
+        return setup(self, params)
+
+    def update(self, grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        """optax protocol: ``(updates, state)`` where ``params + updates`` is the new params."""
+        from .engine import optax_update
+
+        return optax_update(self, grads, state, params)
+
+
+def _has_schedule(v: Any) -> bool:
+    return any(callable(x) for x in v) if isinstance(v, tuple) else callable(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Elementwise(Transform):
+    """A building block that acts on each array on its own: ``kernel(xp, c, p, u, *slots)``."""
+
+    slots: ClassVar[tuple[str, ...]] = ()
+    uses_params: ClassVar[bool] = False
+
+    def parts(self) -> tuple[Elementwise, ...]:
+        return (self,)
+
+    def slot_names(self) -> tuple[str, ...]:
+        return self.slots
+
+    def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
+        return tuple(xp.zeros_like(p) for _ in self.slot_names())
+
+    def coeffs(self, step: int) -> tuple[float, ...]:
+        """Plain Python numbers for this step (self is already resolved)."""
+        return ()
+
+    kernel: ClassVar[Kernel]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule(Transform):
+    """A whole optimizer: a record of the user's hyperparameters and a recipe of parts."""
+
+
+def static(default: Any, valid: Interval) -> Any:
+    """A dataclass field that is a fixed number (not schedulable), e.g. an initial value."""
+    return dataclasses.field(default=default, metadata={"static": valid})
+
+
+# --- shared moment helpers: the math every adaptive rule is written with -----------------------
+
+
+def lerp(a: Any, b: Any, w: float) -> Any:
+    """``a + w (b - a)``: an exponential moving average step, in torch's operation order."""
+    return a + w * (b - a)
+
+
+def ema_sq(v: Any, g: Any, decay: float) -> Any:
+    """``decay v + (1 - decay) g^2``, in torch's ``mul_ + addcmul_`` order."""
+    return v * decay + (1.0 - decay) * g * g
+
+
+def bias_correction(decay: float, step: int) -> float:
+    """``1 - decay^t`` for the update numbered ``t = step + 1``."""
+    return 1.0 - decay ** (step + 1)

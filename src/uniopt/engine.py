@@ -1,0 +1,313 @@
+"""setup / update / update_ / adjust: walk the tree, resolve hyperparameters once, run the parts.
+
+The engine knows nothing of any particular algorithm: it asks the rule for its elementwise
+parts, resolves each part's schedules for the current step (the one place that happens),
+validates everything, and only then touches an array, so a bad input never half-updates.
+Pure and in-place updates share one loop; only the final write differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import optree
+
+from . import backend
+from .base import Elementwise, Transform
+from .combine import chain
+from .tree import NAMESPACE, flatten, path_str, unflatten
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """An optimizer's state: the rule, the number of updates applied, and per-leaf slots.
+
+    ``slots`` maps ``"<part>.<slot>"`` (e.g. ``"scale_by_adam.exp_avg"``) to one array per
+    trainable leaf, in :func:`uniopt.trainables` order. A state is a pytree whose leaves are
+    ``step`` and the slot arrays; ``rule`` and the params' tree structure are static.
+    """
+
+    rule: Transform
+    step: int
+    slots: dict[str, list[Any]]
+    treedef: Any
+
+    def __repr__(self) -> str:
+        return f"State(rule={self.rule!r}, step={self.step}, slots={sorted(self.slots)})"
+
+
+optree.register_pytree_node(
+    State,
+    lambda s: ((s.step, s.slots), (s.rule, s.treedef), ("step", "slots")),
+    lambda aux, ch: State(aux[0], ch[0], ch[1], aux[1]),
+    namespace=NAMESPACE,
+)
+
+
+def _plan(rule: Transform) -> list[tuple[Elementwise, tuple[str, ...]]]:
+    """Each part with the state keys of its slots."""
+    names = iter(rule.layout)
+    out = []
+    for part in rule.flat_parts:
+        keys: tuple[str, ...] = ()
+        if part.slot_names():
+            prefix, slots = next(names)
+            keys = tuple(f"{prefix}.{s}" for s in slots)
+        out.append((part, keys))
+    return out
+
+
+def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
+    leaves, treedef, paths = flatten(params)
+    names = [path_str(p) for p in paths]
+    for leaf, name in zip(leaves, names, strict=True):
+        if not backend.is_array(leaf):
+            raise TypeError(
+                f"{name} is a {type(leaf).__name__}, not an array: {what} leaves must be arrays "
+                "(or None)"
+            )
+        xp = backend.namespace(leaf)
+        if not xp.isdtype(leaf.dtype, "real floating"):
+            raise TypeError(f"{name} has dtype {leaf.dtype}; uniopt updates real floating arrays")
+    return leaves, treedef, names
+
+
+def setup(rule: Transform, params: Any) -> State:
+    """The initial state of ``rule`` for ``params`` (any pytree of arrays).
+
+    >>> import numpy as np, uniopt as uo
+    >>> state = uo.setup(uo.adam(), {"w": np.zeros(3)})
+    >>> state.step, sorted(state.slots)
+    (0, ['scale_by_adam.exp_avg', 'scale_by_adam.exp_avg_sq'])
+    """
+    if not isinstance(rule, Transform):
+        raise TypeError(f"setup: expected a uniopt rule or transform, got {rule!r}")
+    leaves, treedef, _ = _leaves(params)
+    slots: dict[str, list[Any]] = {}
+    for part, keys in _plan(rule):
+        if keys:
+            per_leaf = [part.init_slots(p, backend.namespace(p)) for p in leaves]
+            for k, key in enumerate(keys):
+                slots[key] = [s[k] for s in per_leaf]
+    return State(rule, 0, slots, treedef)
+
+
+def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any]) -> list[Any]:
+    """Gradient leaves in trainables order, from a tree like params or a flat list."""
+    g_leaves, g_def, _ = flatten(grads)
+    if g_def != treedef:
+        if not isinstance(grads, (list, tuple)) or any(
+            not backend.is_array(g) for g in grads
+        ):
+            raise ValueError(
+                "grads must be a tree with the structure of params or a flat list of arrays "
+                f"aligned with uniopt.trainables(params); params are {treedef}, grads are {g_def}"
+            )
+        if len(grads) != len(params):
+            raise ValueError(
+                f"flat gradient list has {len(grads)} arrays but params have {len(params)} "
+                "trainable arrays (see uniopt.trainables)"
+            )
+        g_leaves = list(grads)
+    for name, p, g in zip(names, params, g_leaves, strict=True):
+        if not backend.is_array(g):
+            raise TypeError(f"gradient for {name} is a {type(g).__name__}, not an array")
+        if backend.library(g) != backend.library(p):
+            raise TypeError(
+                f"gradient for {name} is a {backend.library(g)} array but its parameter is a "
+                f"{backend.library(p)} array"
+            )
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(
+                f"gradient for {name} has shape {tuple(g.shape)}, its parameter "
+                f"{tuple(p.shape)}"
+            )
+        if g.dtype != p.dtype:
+            raise ValueError(f"gradient for {name} has dtype {g.dtype}, its parameter {p.dtype}")
+    return g_leaves
+
+
+def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) -> None:
+    if not isinstance(state, State):
+        raise TypeError(f"expected a uniopt State (from uniopt.setup), got {type(state).__name__}")
+    if treedef != state.treedef:
+        raise ValueError(
+            "params do not have the tree structure this state was set up for: "
+            f"state has {state.treedef}, params are {treedef}"
+        )
+    for key, arrays in state.slots.items():
+        for name, p, s in zip(names, params, arrays, strict=True):
+            if tuple(s.shape) != tuple(p.shape) or s.dtype != p.dtype:
+                raise ValueError(
+                    f"{name} has shape {tuple(p.shape)} and dtype {p.dtype}, but the state's "
+                    f"{key} for it has shape {tuple(s.shape)} and dtype {s.dtype}: this state "
+                    "was set up for other params"
+                )
+
+
+def _resolve(rule: Transform, step: int) -> list[tuple[Elementwise, tuple[Any, ...], tuple[str, ...]]]:
+    """Every part resolved and validated for this step, with its coefficients."""
+    out = []
+    for part, keys in _plan(rule):
+        try:
+            resolved = part.at(step)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{rule.name}: {e}") from None
+        out.append((resolved, resolved.coeffs(step), keys))
+    return out
+
+
+def _deltas(
+    state: State, params: list[Any], grads: list[Any]
+) -> tuple[list[Any], dict[str, list[Any]]]:
+    """The update ``u`` of every leaf (``p_new = p - u``) and the new slots."""
+    plan = _resolve(state.rule, state.step)
+    new_slots: dict[str, list[Any]] = {k: [] for k in state.slots}
+    deltas = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        xp = backend.namespace(p)
+        u = g
+        for part, c, keys in plan:
+            out = part.kernel(xp, c, p, u, *(state.slots[k][i] for k in keys))
+            u = out[0]
+            for k, s in zip(keys, out[1:], strict=True):
+                new_slots[k].append(s)
+        deltas.append(u)
+    return deltas, new_slots
+
+
+def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
+    """Results of pure updates: arrays (NumPy turns 0-d results into scalars) that alias none
+    of the caller's inputs."""
+    xp = backend.namespace(like)
+    if not backend.is_array(x):
+        return xp.asarray(x, dtype=like.dtype)
+    return backend.fresh(x, xp) if any(x is a for a in inputs) else x
+
+
+def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
+    """One step, pure: returns ``(new_state, new_params)`` and leaves every input untouched.
+
+    ``grads`` is a tree shaped like ``params`` or a flat list aligned with
+    :func:`uniopt.trainables`.
+    """
+    p_leaves, treedef, names = _leaves(params)
+    _check_state(state, treedef, names, p_leaves)
+    g_leaves = _align_grads(grads, treedef, names, p_leaves)
+    deltas, slots = _deltas(state, p_leaves, g_leaves)
+    new_p = [
+        _as_new_array(p - u, p, (p, g)) for p, g, u in zip(p_leaves, g_leaves, deltas, strict=True)
+    ]
+    for key, arrays in slots.items():
+        slots[key] = [
+            _as_new_array(s, p, (p, g, old))
+            for s, p, g, old in zip(arrays, p_leaves, g_leaves, state.slots[key], strict=True)
+        ]
+    return dataclasses.replace(state, step=state.step + 1, slots=slots), unflatten(treedef, new_p)
+
+
+def update_(state: State, params: Any, grads: Any) -> State:
+    """One step in place: the arrays of ``params`` and of the state are written, and the state
+    with its step advanced is returned. Bit for bit the same numbers as :func:`update`."""
+    p_leaves, treedef, names = _leaves(params)
+    _check_state(state, treedef, names, p_leaves)
+    g_leaves = _align_grads(grads, treedef, names, p_leaves)
+    for name, p in zip(names, p_leaves, strict=True):
+        reason = backend.immutable_reason(p)
+        if reason:
+            raise TypeError(f"update_ cannot write {name} in place: {reason}")
+    deltas, slots = _deltas(state, p_leaves, g_leaves)
+    for p, u in zip(p_leaves, deltas, strict=True):
+        backend.assign(p, p - u)
+    for key, arrays in slots.items():
+        for old, new in zip(state.slots[key], arrays, strict=True):
+            backend.assign(old, new)
+    return dataclasses.replace(state, step=state.step + 1)
+
+
+def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tuple[Any, State]:
+    """The optax protocol for any uniopt transform: updates are to be *added* to params."""
+    if not isinstance(state, State) or state.rule.layout != rule.layout:
+        raise ValueError(
+            f"this state was not set up for {rule!r}: its rule is "
+            f"{getattr(state, 'rule', state)!r}"
+        )
+    if params is None:
+        if any(p.uses_params for p in rule.flat_parts):
+            raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
+        g_leaves, treedef, names = _leaves(grads, "grads")
+        p_leaves = g_leaves
+    else:
+        p_leaves, treedef, names = _leaves(params)
+        g_leaves = _align_grads(grads, treedef, names, p_leaves)
+    _check_state(state, treedef, names, p_leaves)
+    deltas, slots = _deltas(dataclasses.replace(state, rule=rule), p_leaves, g_leaves)
+    updates = [_as_new_array(-u, g, ()) for u, g in zip(deltas, g_leaves, strict=True)]
+    new = State(rule, state.step + 1, slots, state.treedef)
+    return unflatten(treedef, updates), new
+
+
+def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transform, list[str]]:
+    """``t`` with hyperparameter ``path[-1]`` set in the member ``path[:-1]`` names, and where
+    it was found."""
+    if isinstance(t, chain):
+        if len(path) > 1:
+            i = int(path[0])
+            if not 0 <= i < len(t.transforms):
+                raise ValueError(f"adjust: chain has no member {i}")
+            new, found = _set(t.transforms[i], path[1:], value, f"{where}{i}.")
+            members = list(t.transforms)
+            members[i] = new
+            return chain(*members), found
+        members, found = [], []
+        for i, m in enumerate(t.transforms):
+            new, f = _set(m, path, value, f"{where}{i}.")
+            members.append(new)
+            found += f
+        return chain(*members), found
+    if len(path) == 1 and path[0] in t.hyperparameters():
+        return dataclasses.replace(t, **{path[0]: value}), [f"{where}{path[0]} ({t.name})"]
+    return t, []
+
+
+def adjust(state: State, **hyperparameters: Any) -> State:
+    """The state with hyperparameters changed (numbers or schedules); slots untouched.
+
+    ``adjust(state, lr=1e-4)`` sets ``lr`` wherever it is defined; if more than one member of a
+    chain defines it, name the member by its position: ``adjust(state, **{"1.lr": 1e-4})``.
+    Flags that decide the state's layout (``amsgrad``, ``centered``...) cannot be adjusted.
+
+    >>> import numpy as np, uniopt as uo
+    >>> state = uo.adjust(uo.setup(uo.adam(lr=1e-3), [np.zeros(2)]), lr=1e-4)
+    >>> state.rule.lr
+    0.0001
+    """
+    if not isinstance(state, State):
+        raise TypeError(f"adjust: expected a uniopt State, got {type(state).__name__}")
+    rule = state.rule
+    for key, value in hyperparameters.items():
+        rule, found = _set(rule, key.split("."), value, "")
+        if not found:
+            names = sorted({n for p in _members(rule) for n in p.hyperparameters()})
+            raise ValueError(
+                f"adjust: {key!r} is not a hyperparameter of {state.rule.name}; "
+                f"its hyperparameters are {names}"
+            )
+        if len(found) > 1:
+            raise ValueError(
+                f"adjust: {key!r} is a hyperparameter of {len(found)} members of this chain "
+                f"({', '.join(found)}); name one by its position, e.g. "
+                f"adjust(state, **{{{found[0].split(' ')[0]!r}: ...}})"
+            )
+    if rule.layout != state.rule.layout:
+        raise ValueError(
+            f"adjust: {hyperparameters} would change the optimizer's slots from "
+            f"{state.rule.layout} to {rule.layout}; that needs a new uniopt.setup (set the "
+            "hyperparameter to a non-zero value or a schedule at set-up to keep its slot)"
+        )
+    return dataclasses.replace(state, rule=rule)
+
+
+def _members(t: Transform) -> list[Transform]:
+    return [m for x in t.transforms for m in _members(x)] if isinstance(t, chain) else [t]

@@ -1,0 +1,1 @@
+"""One file per family of algorithms; each rule is a record plus a recipe of parts."""

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..base import Elementwise, Rule, ema_sq
+from ..hyper import NONNEG, UNIT, hyper
+from ..transforms import scale_by_lr, weight_decay
+from .sgd import _on
+
+
+@dataclass(frozen=True)
+class scale_by_adadelta(Elementwise):
+    """``v <- rho*v + (1-rho)*u^2``; ``d = sqrt(a + eps)/sqrt(v + eps) * u``;
+    ``a <- rho*a + (1-rho)*d^2``; ``u <- d``."""
+
+    rho: Any = hyper(0.9, UNIT)
+    eps: Any = hyper(1e-6, NONNEG)
+    slots = ("square_avg", "acc_delta")
+
+    def coeffs(self, step: int) -> tuple[float, ...]:
+        return (self.rho, self.eps)
+
+    @staticmethod
+    def kernel(xp, c, p, u, v, a):  # type: ignore[no-untyped-def]
+        v = ema_sq(v, u, c[0])
+        d = xp.sqrt(a + c[1]) / xp.sqrt(v + c[1]) * u
+        return d, v, ema_sq(a, d, c[0])
+
+
+@dataclass(frozen=True)
+class adadelta(Rule):
+    """Adadelta (Zeiler, 2012) with torch's learning rate: ``p <- p - lr*d``.
+
+    ``d`` as in :class:`scale_by_adadelta`, after ``g <- g + weight_decay*p``. The default
+    ``lr=1.0`` is the paper's (and descends: optax 0.2.8's default does not; see CONVENTIONS).
+    """
+
+    lr: Any = hyper(1.0, NONNEG)
+    rho: Any = hyper(0.9, UNIT)
+    eps: Any = hyper(1e-6, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    def parts(self) -> tuple[Elementwise, ...]:
+        return (
+            *([weight_decay(self.weight_decay)] if _on(self.weight_decay) else []),
+            scale_by_adadelta(self.rho, self.eps),
+            scale_by_lr(self.lr),
+        )

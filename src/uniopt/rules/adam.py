@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..base import Elementwise, Rule, bias_correction, ema_sq, lerp
+from ..hyper import NONNEG, UNIT_OPEN, hyper
+from ..transforms import scale_by_lr, weight_decay
+from .sgd import _on
+
+
+@dataclass(frozen=True)
+class scale_by_adam(Elementwise):
+    """Adam's direction: ``u <- m_hat / (sqrt(v_hat + eps_root) + eps)``.
+
+    ``m <- b1*m + (1-b1)*u``, ``v <- b2*v + (1-b2)*u^2``, ``m_hat = m/(1-b1^t)``,
+    ``v_hat = v/(1-b2^t)``. ``nesterov=True`` uses optax's NAdam-style
+    ``m_hat = b1*m/(1-b1^(t+1)) + (1-b1)*u/(1-b1^t)``.
+    """
+
+    b1: Any = hyper(0.9, UNIT_OPEN)
+    b2: Any = hyper(0.999, UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    eps_root: Any = hyper(0.0, NONNEG)
+    nesterov: bool = False
+    slots = ("exp_avg", "exp_avg_sq")
+
+    def coeffs(self, step: int) -> tuple[float, ...]:
+        bc1, bc2 = bias_correction(self.b1, step), bias_correction(self.b2, step)
+        if self.nesterov:
+            cm, cu = self.b1 / bias_correction(self.b1, step + 1), (1.0 - self.b1) / bc1
+        else:
+            cm, cu = 1.0 / bc1, 0.0
+        # eps_root*bc2 under the root keeps torch's sqrt(v)/sqrt(bc2) order when eps_root = 0
+        return (self.b1, self.b2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
+
+    @staticmethod
+    def kernel(xp, c, p, u, m, v):  # type: ignore[no-untyped-def]
+        m, v = lerp(m, u, 1.0 - c[0]), ema_sq(v, u, c[1])
+        return (c[2] * m + c[3] * u) / (xp.sqrt(v + c[5]) / c[4] + c[6]), m, v
+
+
+@dataclass(frozen=True)
+class scale_by_amsgrad(scale_by_adam):
+    """As :class:`scale_by_adam` with ``v_max <- max(v_max, v)`` in place of ``v``.
+
+    The maximum is of the raw ``v``, bias-corrected afterwards (torch and keras; optax takes
+    the maximum of ``v_hat``)."""
+
+    slots = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    @staticmethod
+    def kernel(xp, c, p, u, m, v, vmax):  # type: ignore[no-untyped-def]
+        m, v = lerp(m, u, 1.0 - c[0]), ema_sq(v, u, c[1])
+        vmax = xp.maximum(vmax, v)
+        return (c[2] * m + c[3] * u) / (xp.sqrt(vmax + c[5]) / c[4] + c[6]), m, v, vmax
+
+
+def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool) -> Elementwise:
+    return (scale_by_amsgrad if amsgrad else scale_by_adam)(betas[0], betas[1], eps)
+
+
+@dataclass(frozen=True)
+class adam(Rule):
+    """Adam (Kingma & Ba, 2015) as torch writes it.
+
+    ``g <- g + weight_decay*p`` (L2: the decay passes through the moments; that is *not*
+    AdamW); ``p <- p - lr * m_hat/(sqrt(v_hat) + eps)`` with the moments of
+    :class:`scale_by_adam` (``amsgrad``: :class:`scale_by_amsgrad`).
+
+    >>> import numpy as np, uniopt as uo
+    >>> p = [np.array([1.0, 2.0])]
+    >>> state = uo.setup(uo.adam(lr=0.1), p)
+    >>> state, p = uo.update(state, p, [np.array([3.0, -0.5])])
+    >>> p[0]  # the first Adam step moves every coordinate by lr against its gradient's sign
+    array([0.9, 2.1])
+    """
+
+    lr: Any = hyper(1e-3, NONNEG)
+    betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    amsgrad: bool = False
+
+    def parts(self) -> tuple[Elementwise, ...]:
+        return (
+            *([weight_decay(self.weight_decay)] if _on(self.weight_decay) else []),
+            _adam_block(self.betas, self.eps, self.amsgrad),
+            scale_by_lr(self.lr),
+        )
+
+
+@dataclass(frozen=True)
+class adamw(Rule):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+    ``couple_lr=True`` (default) is torch's AdamW: ``p <- p - lr*(A + weight_decay*p)``.
+    ``couple_lr=False`` is Flux's original form, decay independent of the learning rate:
+    ``p <- p - lr*A - weight_decay*p``. ``A`` is Adam's direction (:class:`scale_by_adam`).
+    The paper's ``p <- p - eta_t*(alpha*A + lam*p)`` is ``couple_lr=False`` with
+    ``lr = eta_t*alpha`` and ``weight_decay = eta_t*lam`` as two schedules (see the README).
+    """
+
+    lr: Any = hyper(1e-3, NONNEG)
+    betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    weight_decay: Any = hyper(1e-2, NONNEG)
+    amsgrad: bool = False
+    couple_lr: bool = True
+
+    def parts(self) -> tuple[Elementwise, ...]:
+        direction = _adam_block(self.betas, self.eps, self.amsgrad)
+        if self.couple_lr:
+            return (direction, weight_decay(self.weight_decay), scale_by_lr(self.lr))
+        return (direction, scale_by_lr(self.lr), weight_decay(self.weight_decay))
+
+
+@dataclass(frozen=True)
+class scale_by_optimistic_gradient(Elementwise):
+    """``u <- (alpha + beta)*u - beta*u_prev``; on the first update ``u_prev = u`` (optax)."""
+
+    alpha: Any = hyper(1.0, NONNEG)
+    beta: Any = hyper(1.0, NONNEG)
+    slots = ("prev_update",)
+
+    def coeffs(self, step: int) -> tuple[float, ...]:
+        return (self.alpha + self.beta, self.beta, float(step == 0))
+
+    @staticmethod
+    def kernel(xp, c, p, u, prev):  # type: ignore[no-untyped-def]
+        return c[0] * u - c[1] * (u if c[2] else prev), u
+
+
+@dataclass(frozen=True)
+class optimistic_adam(Rule):
+    """Optimistic Adam (Daskalakis et al., 2018) with optax's ``optimistic_adam_v2`` semantics.
+
+    ``r_t`` is Adam's direction (:class:`scale_by_adam`, ``nesterov=True`` by default as in
+    optax); ``p <- p - lr*((alpha + beta)*r_t - beta*r_{t-1})``, ``r_0 = r_1``. Every
+    hyperparameter, ``lr`` included, may be a schedule (optax's v1 crashed on one).
+    """
+
+    lr: Any = hyper(valid=NONNEG)
+    alpha: Any = hyper(1.0, NONNEG)
+    beta: Any = hyper(1.0, NONNEG)
+    b1: Any = hyper(0.9, UNIT_OPEN)
+    b2: Any = hyper(0.999, UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    eps_root: Any = hyper(0.0, NONNEG)
+    nesterov: bool = True
+
+    def parts(self) -> tuple[Elementwise, ...]:
+        return (
+            scale_by_adam(self.b1, self.b2, self.eps, self.eps_root, self.nesterov),
+            scale_by_optimistic_gradient(self.alpha, self.beta),
+            scale_by_lr(self.lr),
+        )

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..base import Elementwise, Rule, ema_sq, lerp
+from ..hyper import NONNEG, UNIT, hyper
+from ..transforms import scale_by_lr, trace, weight_decay
+from .sgd import _on
+
+
+@dataclass(frozen=True)
+class scale_by_rms(Elementwise):
+    """``v <- alpha*v + (1-alpha)*u^2``; ``u <- u/(sqrt(v) + eps)`` (eps outside the root)."""
+
+    alpha: Any = hyper(0.99, UNIT)
+    eps: Any = hyper(1e-8, NONNEG)
+    slots = ("square_avg",)
+
+    def coeffs(self, step: int) -> tuple[float, ...]:
+        return (self.alpha, self.eps)
+
+    @staticmethod
+    def kernel(xp, c, p, u, v):  # type: ignore[no-untyped-def]
+        v = ema_sq(v, u, c[0])
+        return u / (xp.sqrt(v) + c[1]), v
+
+
+@dataclass(frozen=True)
+class scale_by_centered_rms(scale_by_rms):
+    """As :class:`scale_by_rms` with the variance ``v - gbar^2``, ``gbar`` the mean of ``u``."""
+
+    slots = ("square_avg", "grad_avg")
+
+    @staticmethod
+    def kernel(xp, c, p, u, v, gbar):  # type: ignore[no-untyped-def]
+        v = ema_sq(v, u, c[0])
+        gbar = lerp(gbar, u, 1.0 - c[0])
+        return u / (xp.sqrt(v - gbar * gbar) + c[1]), v, gbar
+
+
+@dataclass(frozen=True)
+class rmsprop(Rule):
+    """RMSprop (Hinton, 2012) as torch writes it: eps outside the square root.
+
+    ``g <- g + weight_decay*p``; ``v <- alpha*v + (1-alpha)*g^2``; ``d = g/(sqrt(v) + eps)``
+    (centered: ``sqrt(v - gbar^2)``); with momentum ``b <- momentum*b + d``, ``d <- b``;
+    ``p <- p - lr*d``. TensorFlow/keras/optax put eps inside the root; see CONVENTIONS.
+    """
+
+    lr: Any = hyper(1e-2, NONNEG)
+    alpha: Any = hyper(0.99, UNIT)
+    eps: Any = hyper(1e-8, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    momentum: Any = hyper(0.0, NONNEG)
+    centered: bool = False
+
+    def parts(self) -> tuple[Elementwise, ...]:
+        rms = scale_by_centered_rms if self.centered else scale_by_rms
+        return (
+            *([weight_decay(self.weight_decay)] if _on(self.weight_decay) else []),
+            rms(self.alpha, self.eps),
+            *([trace(self.momentum)] if _on(self.momentum) else []),
+            scale_by_lr(self.lr),
+        )
