@@ -40,7 +40,8 @@ class Transform:
 
     def hyperparameters(self) -> dict[str, Any]:
         """The fields that accept a number or a schedule, by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if "hyper" in f.metadata}
+        fields = dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in fields if "hyper" in f.metadata}
 
     def _validate(self, where: str = "") -> None:
         for f in dataclasses.fields(self):

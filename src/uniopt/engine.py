@@ -9,7 +9,7 @@ Pure and in-place updates share one loop; only the final write differs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import optree
 
@@ -37,10 +37,18 @@ class State:
         return f"State(rule={self.rule!r}, step={self.step}, slots={sorted(self.slots)})"
 
 
+def _flatten_state(s: State) -> tuple[tuple[Any, Any], tuple[Any, Any], tuple[str, str]]:
+    return (s.step, s.slots), (s.rule, s.treedef), ("step", "slots")
+
+
+def _unflatten_state(aux: tuple[Any, Any], children: tuple[Any, Any]) -> State:
+    return State(aux[0], children[0], children[1], aux[1])
+
+
 optree.register_pytree_node(
-    State,
-    lambda s: ((s.step, s.slots), (s.rule, s.treedef), ("step", "slots")),
-    lambda aux, ch: State(aux[0], ch[0], ch[1], aux[1]),
+    State,  # type: ignore[arg-type]
+    _flatten_state,  # type: ignore[arg-type]
+    _unflatten_state,  # type: ignore[arg-type]
     namespace=NAMESPACE,
 )
 
@@ -146,12 +154,15 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                 )
 
 
-def _resolve(rule: Transform, step: int) -> list[tuple[Elementwise, tuple[Any, ...], tuple[str, ...]]]:
+Resolved = list[tuple[Elementwise, tuple[Any, ...], tuple[str, ...]]]
+
+
+def _resolve(rule: Transform, step: int) -> Resolved:
     """Every part resolved and validated for this step, with its coefficients."""
-    out = []
+    out: Resolved = []
     for part, keys in _plan(rule):
         try:
-            resolved = part.at(step)
+            resolved = cast(Elementwise, part.at(step))
         except (ValueError, TypeError) as e:
             raise type(e)(f"{rule.name}: {e}") from None
         out.append((resolved, resolved.coeffs(step), keys))

@@ -7,7 +7,7 @@ one; the parameter moves by ``p <- p - u`` at the end of the chain.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Elementwise
 from .hyper import NONNEG, UNIT, Interval, hyper
@@ -28,7 +28,7 @@ class scale(Elementwise):
         return (self.factor,)
 
     @staticmethod
-    def kernel(xp, c, p, u):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u):
         return (c[0] * u,)
 
 
@@ -61,7 +61,7 @@ class weight_decay(Elementwise):
         return (self.wd,)
 
     @staticmethod
-    def kernel(xp, c, p, u):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u):
         return (u + c[0] * p,)
 
 
@@ -76,7 +76,7 @@ class trace(Elementwise):
     momentum: Any = hyper(0.9, NONNEG)
     dampening: Any = hyper(0.0, UNIT)
     nesterov: bool = False
-    slots = ("momentum_buffer",)
+    slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
     def check(self) -> None:
         if self.nesterov and not (
@@ -91,7 +91,7 @@ class trace(Elementwise):
         return (self.momentum, 1.0 if step == 0 else 1.0 - self.dampening, float(self.nesterov))
 
     @staticmethod
-    def kernel(xp, c, p, u, b):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u, b):
         b = c[0] * b + c[1] * u
         return (u + c[0] * b if c[2] else b), b
 
@@ -106,7 +106,7 @@ class clip(Elementwise):
         return (self.max_delta,)
 
     @staticmethod
-    def kernel(xp, c, p, u):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u):
         return (xp.minimum(xp.maximum(u, -c[0]), c[0]),)
 
 

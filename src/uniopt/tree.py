@@ -58,6 +58,10 @@ def register_dataclass(cls: type) -> type:
         return cls(**dict(zip(names, children, strict=True)))
 
     optree.register_pytree_node(
-        cls, flat, unflat, path_entry_type=optree.GetAttrEntry, namespace=NAMESPACE
+        cls,  # type: ignore[arg-type]
+        flat,
+        unflat,  # type: ignore[arg-type]
+        path_entry_type=optree.GetAttrEntry,
+        namespace=NAMESPACE,
     )
     return cls

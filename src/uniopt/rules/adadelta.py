@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base import Elementwise, Rule, ema_sq
 from ..hyper import NONNEG, UNIT, hyper
@@ -16,13 +16,13 @@ class scale_by_adadelta(Elementwise):
 
     rho: Any = hyper(0.9, UNIT)
     eps: Any = hyper(1e-6, NONNEG)
-    slots = ("square_avg", "acc_delta")
+    slots: ClassVar[tuple[str, ...]] = ("square_avg", "acc_delta")
 
     def coeffs(self, step: int) -> tuple[float, ...]:
         return (self.rho, self.eps)
 
     @staticmethod
-    def kernel(xp, c, p, u, v, a):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u, v, a):
         v = ema_sq(v, u, c[0])
         d = xp.sqrt(a + c[1]) / xp.sqrt(v + c[1]) * u
         return d, v, ema_sq(a, d, c[0])

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base import Elementwise, Rule, static
 from ..hyper import NONNEG, hyper
@@ -17,7 +17,7 @@ class scale_by_adagrad(Elementwise):
     lr_decay: Any = hyper(0.0, NONNEG)
     eps: Any = hyper(1e-10, NONNEG)
     initial_accumulator_value: float = static(0.0, NONNEG)
-    slots = ("sum",)
+    slots: ClassVar[tuple[str, ...]] = ("sum",)
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (xp.full_like(p, self.initial_accumulator_value),)
@@ -26,7 +26,7 @@ class scale_by_adagrad(Elementwise):
         return (self.lr / (1.0 + step * self.lr_decay), self.eps)
 
     @staticmethod
-    def kernel(xp, c, p, u, acc):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u, acc):
         acc = acc + u * u
         return c[0] * (u / (xp.sqrt(acc) + c[1])), acc
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base import Elementwise, Rule, bias_correction, ema_sq, lerp
 from ..hyper import NONNEG, UNIT_OPEN, hyper
@@ -23,7 +23,7 @@ class scale_by_adam(Elementwise):
     eps: Any = hyper(1e-8, NONNEG)
     eps_root: Any = hyper(0.0, NONNEG)
     nesterov: bool = False
-    slots = ("exp_avg", "exp_avg_sq")
+    slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
     def coeffs(self, step: int) -> tuple[float, ...]:
         bc1, bc2 = bias_correction(self.b1, step), bias_correction(self.b2, step)
@@ -35,7 +35,7 @@ class scale_by_adam(Elementwise):
         return (self.b1, self.b2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
 
     @staticmethod
-    def kernel(xp, c, p, u, m, v):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u, m, v):
         m, v = lerp(m, u, 1.0 - c[0]), ema_sq(v, u, c[1])
         return (c[2] * m + c[3] * u) / (xp.sqrt(v + c[5]) / c[4] + c[6]), m, v
 
@@ -47,10 +47,10 @@ class scale_by_amsgrad(scale_by_adam):
     The maximum is of the raw ``v``, bias-corrected afterwards (torch and keras; optax takes
     the maximum of ``v_hat``)."""
 
-    slots = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     @staticmethod
-    def kernel(xp, c, p, u, m, v, vmax):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u, m, v, vmax):
         m, v = lerp(m, u, 1.0 - c[0]), ema_sq(v, u, c[1])
         vmax = xp.maximum(vmax, v)
         return (c[2] * m + c[3] * u) / (xp.sqrt(vmax + c[5]) / c[4] + c[6]), m, v, vmax
@@ -121,13 +121,13 @@ class scale_by_optimistic_gradient(Elementwise):
 
     alpha: Any = hyper(1.0, NONNEG)
     beta: Any = hyper(1.0, NONNEG)
-    slots = ("prev_update",)
+    slots: ClassVar[tuple[str, ...]] = ("prev_update",)
 
     def coeffs(self, step: int) -> tuple[float, ...]:
         return (self.alpha + self.beta, self.beta, float(step == 0))
 
     @staticmethod
-    def kernel(xp, c, p, u, prev):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u, prev):
         return c[0] * u - c[1] * (u if c[2] else prev), u
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base import Elementwise, Rule, ema_sq, lerp
 from ..hyper import NONNEG, UNIT, hyper
@@ -15,13 +15,13 @@ class scale_by_rms(Elementwise):
 
     alpha: Any = hyper(0.99, UNIT)
     eps: Any = hyper(1e-8, NONNEG)
-    slots = ("square_avg",)
+    slots: ClassVar[tuple[str, ...]] = ("square_avg",)
 
     def coeffs(self, step: int) -> tuple[float, ...]:
         return (self.alpha, self.eps)
 
     @staticmethod
-    def kernel(xp, c, p, u, v):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u, v):
         v = ema_sq(v, u, c[0])
         return u / (xp.sqrt(v) + c[1]), v
 
@@ -30,10 +30,10 @@ class scale_by_rms(Elementwise):
 class scale_by_centered_rms(scale_by_rms):
     """As :class:`scale_by_rms` with the variance ``v - gbar^2``, ``gbar`` the mean of ``u``."""
 
-    slots = ("square_avg", "grad_avg")
+    slots: ClassVar[tuple[str, ...]] = ("square_avg", "grad_avg")
 
     @staticmethod
-    def kernel(xp, c, p, u, v, gbar):  # type: ignore[no-untyped-def]
+    def kernel(xp, c, p, u, v, gbar):
         v = ema_sq(v, u, c[0])
         gbar = lerp(gbar, u, 1.0 - c[0])
         return u / (xp.sqrt(v - gbar * gbar) + c[1]), v, gbar
