@@ -10,9 +10,11 @@ building blocks, so AdamW is Adam's blocks plus a decay block, never a second co
 Sign convention: an update ``u`` is *subtracted* from the parameter, ``p <- p - u`` (torch,
 Optimisers.jl and the papers write it so). The optax protocol negates it on the way out.
 
-A kernel uses only arithmetic and ``xp.sqrt`` / ``xp.maximum`` of the array namespace it is
-given, so the same function runs on NumPy, torch or JAX arrays, and element by element under a
-compiler.
+A kernel uses only arithmetic and ``xp.sqrt`` / ``xp.maximum`` / ``xp.minimum`` of the array
+namespace it is given, so the same function runs on NumPy, torch or JAX arrays, and element by
+element under a compiler. Every constant, ``1 - beta`` included, comes from ``coeffs`` (computed
+in double precision on the host, rounded to the array's precision where it meets an array), so a
+compiled kernel computes in the array's precision exactly as the reference does.
 """
 
 from __future__ import annotations
@@ -154,9 +156,9 @@ def lerp(a: Any, b: Any, w: float) -> Any:
     return a + w * (b - a)
 
 
-def ema_sq(v: Any, g: Any, decay: float) -> Any:
-    """``decay v + (1 - decay) g^2``, in torch's ``mul_ + addcmul_`` order."""
-    return v * decay + (1.0 - decay) * g * g
+def ema_sq(v: Any, g: Any, decay: float, weight: float) -> Any:
+    """``decay v + weight g^2`` (``weight = 1 - decay``), in torch's ``mul_ + addcmul_`` order."""
+    return v * decay + weight * g * g
 
 
 def bias_correction(decay: float, step: int) -> float:

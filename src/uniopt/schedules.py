@@ -9,7 +9,7 @@ built them.
 Given a Python (or NumPy scalar) ``step`` they return a Python float. Given a 0-d NumPy or JAX
 array they compute with that array's namespace and return an array, so they can be traced by
 ``jax.jit``; Python numbers are the priority, arrays are supported where it costs nothing.
-Linear pieces are computed as ``a * (1 - t) + b * t``, so both ends are hit exactly.
+Interpolations hit both ends exactly and never leave them, e.g. ``linear(a, a, n)`` is ``a``.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ def _result(xp: Any, value: Any) -> Any:
     return float(value) if xp is _Scalar else value
 
 
-def _lerp(a: Any, b: Any, t: Any) -> Any:
-    # not a + (b - a) * t: that misses b at t = 1 by an ulp of a, e.g. 1 + (1e-4 - 1) != 1e-4
-    return a * (1 - t) + b * t
+def _lerp(xp: Any, a: float, b: float, t: Any) -> Any:
+    # a + (b - a) * t is monotone in t and constant when a == b, but can miss b at t = 1 by an
+    # ulp of a (1 + (1e-4 - 1) != 1e-4), on either side: pin t = 1 to b and clip to [a, b].
+    return xp.clip(xp.where(t >= 1, b, a + (b - a) * t), min(a, b), max(a, b))
 
 
 def _check_number(owner: str, name: str, value: object) -> None:
@@ -135,7 +136,9 @@ class linear:
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
-        return _result(xp, _lerp(self.init, self.end, xp.clip(step, 0, self.steps) / self.steps))
+        return _result(
+            xp, _lerp(xp, self.init, self.end, xp.clip(step, 0, self.steps) / self.steps)
+        )
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ class cosine:
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         decay = 0.5 * (1 + xp.cos(math.pi * xp.clip(step, 0, self.steps) / self.steps))
-        return _result(xp, _lerp(self.floor, self.init, decay))
+        return _result(xp, _lerp(xp, self.floor, self.init, decay))
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,7 @@ class piecewise_constant:
     def __post_init__(self) -> None:
         _check_number("piecewise_constant", "init", self.init)
         for b, v in self.boundaries_and_values.items():
-            _check_count("piecewise_constant", "boundaries", b, allow_zero=True)
+            _check_count("piecewise_constant", "each boundary", b, allow_zero=True)
             _check_number("piecewise_constant", f"the value at boundary {b}", v)
         # sorted, so the last boundary passed wins; a copy, so the caller can't mutate it
         object.__setattr__(
@@ -291,7 +294,7 @@ class warmup:
         then = cast(Schedule, self.then)  # made a schedule in __post_init__
         if xp is _Scalar and step >= self.steps:
             return float(then(step - self.steps))  # don't call `then` on negative steps
-        ramp = _lerp(self.init, then(0), step / max(self.steps, 1))
+        ramp = _lerp(xp, self.init, then(0), step / max(self.steps, 1))
         if xp is _Scalar:
             return float(ramp)
         return cast(float, xp.where(step < self.steps, ramp, then(step - self.steps)))
@@ -301,8 +304,8 @@ class warmup:
 class join:
     """``schedules[i]`` between ``boundaries[i-1]`` and ``boundaries[i]`` (optax.join_schedules).
 
-    ``value(s) = schedules[i](s - boundaries[i-1])`` where ``i`` is the number of boundaries
-    ``<= s`` (and ``boundaries[-1]`` reads as 0): each schedule starts from its own step 0.
+    ``value(s) = schedules[i](s - start_i)`` where ``i`` is the number of boundaries ``<= s``,
+    ``start_0 = 0`` and ``start_i = boundaries[i-1]``: each schedule starts from its own step 0.
     Numbers in ``schedules`` mean constants.
 
     >>> from uniopt import schedules
@@ -322,7 +325,7 @@ class join:
                 f"and boundaries={list(bounds)!r}"
             )
         for b in bounds:
-            _check_count("join", "boundaries", b, allow_zero=True)
+            _check_count("join", "each boundary", b, allow_zero=True)
         if any(b >= c for b, c in itertools.pairwise(bounds)):
             raise ValueError(f"join: boundaries must be strictly increasing, got {list(bounds)!r}")
         object.__setattr__(self, "schedules", tuple(as_schedule(s) for s in scheds))
@@ -334,6 +337,7 @@ class join:
         if xp is _Scalar:  # only the active schedule is called: none sees a negative step
             i = bisect.bisect_right(self.boundaries, step)
             return float(scheds[i](step - (self.boundaries[i - 1] if i else 0)))
+        # arrays can't branch: like optax, every piece is evaluated (some on negative steps)
         value: Any = scheds[0](step)
         for b, sched in zip(self.boundaries, scheds[1:], strict=True):
             value = xp.where(step < b, value, sched(step - b))

@@ -103,11 +103,11 @@ class clip(Elementwise):
     max_delta: Any = hyper(1.0, NONNEG)
 
     def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.max_delta,)
+        return (-self.max_delta, self.max_delta)
 
     @staticmethod
     def kernel(xp, c, p, u):
-        return (xp.minimum(xp.maximum(u, -c[0]), c[0]),)
+        return (xp.minimum(xp.maximum(u, c[0]), c[1]),)
 
 
 __all__ = ["clip", "scale", "scale_by_lr", "trace", "weight_decay"]

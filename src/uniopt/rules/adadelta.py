@@ -19,13 +19,13 @@ class scale_by_adadelta(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("square_avg", "acc_delta")
 
     def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.rho, self.eps)
+        return (self.rho, 1.0 - self.rho, self.eps)
 
     @staticmethod
     def kernel(xp, c, p, u, v, a):
-        v = ema_sq(v, u, c[0])
-        d = xp.sqrt(a + c[1]) / xp.sqrt(v + c[1]) * u
-        return d, v, ema_sq(a, d, c[0])
+        v = ema_sq(v, u, c[0], c[1])
+        d = xp.sqrt(a + c[2]) / xp.sqrt(v + c[2]) * u
+        return d, v, ema_sq(a, d, c[0], c[1])
 
 
 @dataclass(frozen=True)

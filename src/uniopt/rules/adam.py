@@ -32,12 +32,12 @@ class scale_by_adam(Elementwise):
         else:
             cm, cu = 1.0 / bc1, 0.0
         # eps_root*bc2 under the root keeps torch's sqrt(v)/sqrt(bc2) order when eps_root = 0
-        return (self.b1, self.b2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
+        return (1.0 - self.b1, self.b2, 1.0 - self.b2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
 
     @staticmethod
     def kernel(xp, c, p, u, m, v):
-        m, v = lerp(m, u, 1.0 - c[0]), ema_sq(v, u, c[1])
-        return (c[2] * m + c[3] * u) / (xp.sqrt(v + c[5]) / c[4] + c[6]), m, v
+        m, v = lerp(m, u, c[0]), ema_sq(v, u, c[1], c[2])
+        return (c[3] * m + c[4] * u) / (xp.sqrt(v + c[6]) / c[5] + c[7]), m, v
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,9 @@ class scale_by_amsgrad(scale_by_adam):
 
     @staticmethod
     def kernel(xp, c, p, u, m, v, vmax):
-        m, v = lerp(m, u, 1.0 - c[0]), ema_sq(v, u, c[1])
+        m, v = lerp(m, u, c[0]), ema_sq(v, u, c[1], c[2])
         vmax = xp.maximum(vmax, v)
-        return (c[2] * m + c[3] * u) / (xp.sqrt(vmax + c[5]) / c[4] + c[6]), m, v, vmax
+        return (c[3] * m + c[4] * u) / (xp.sqrt(vmax + c[6]) / c[5] + c[7]), m, v, vmax
 
 
 def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool) -> Elementwise:

@@ -18,12 +18,12 @@ class scale_by_rms(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("square_avg",)
 
     def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.alpha, self.eps)
+        return (self.alpha, 1.0 - self.alpha, self.eps)
 
     @staticmethod
     def kernel(xp, c, p, u, v):
-        v = ema_sq(v, u, c[0])
-        return u / (xp.sqrt(v) + c[1]), v
+        v = ema_sq(v, u, c[0], c[1])
+        return u / (xp.sqrt(v) + c[2]), v
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,9 @@ class scale_by_centered_rms(scale_by_rms):
 
     @staticmethod
     def kernel(xp, c, p, u, v, gbar):
-        v = ema_sq(v, u, c[0])
-        gbar = lerp(gbar, u, 1.0 - c[0])
-        return u / (xp.sqrt(v - gbar * gbar) + c[1]), v, gbar
+        v = ema_sq(v, u, c[0], c[1])
+        gbar = lerp(gbar, u, c[1])
+        return u / (xp.sqrt(v - gbar * gbar) + c[2]), v, gbar
 
 
 @dataclass(frozen=True)
