@@ -15,6 +15,10 @@ def is_array(x: Any) -> bool:
     return bool(aac.is_array_api_obj(x))
 
 
+def is_numpy(x: Any) -> bool:
+    return bool(aac.is_numpy_array(x))
+
+
 def library(x: Any) -> str:
     """A short name of the library that owns array ``x``, for error messages."""
     return type(x).__module__.split(".")[0]

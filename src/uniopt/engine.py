@@ -9,11 +9,12 @@ Pure and in-place updates share one loop; only the final write differs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, cast
 
 import optree
 
-from . import backend
+from . import backend, fused
 from .base import Elementwise, Transform
 from .combine import chain
 from .tree import NAMESPACE, flatten, path_str, unflatten
@@ -197,12 +198,48 @@ def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
     return backend.fresh(x, xp) if any(x is a for a in inputs) else x
 
 
+@functools.lru_cache(maxsize=64)
+def _flat_list_def(n: int) -> Any:
+    return optree.tree_structure([0] * n, namespace=NAMESPACE)  # type: ignore[arg-type]
+
+
+def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
+    """The compiled path's result, or the reason it could not run (None: not worth a word).
+
+    Only cheap whole-tree work happens here; every per-leaf check is compiled."""
+    if not fused.AVAILABLE or not isinstance(state, State):
+        return None
+    if type(params) is list and state.treedef == _flat_list_def(len(params)):
+        leaves = params
+    else:
+        leaves, treedef = optree.tree_flatten(params, namespace=NAMESPACE)
+        if treedef != state.treedef:
+            return None
+    if type(grads) is list and len(grads) == len(leaves):
+        g_leaves = grads
+    else:
+        g_leaves, g_def = optree.tree_flatten(grads, namespace=NAMESPACE)
+        if g_def != state.treedef:
+            return None
+    if not leaves or not backend.is_numpy(leaves[0]):
+        return None
+    out = fused.run(_resolve(state.rule, state.step), leaves, g_leaves, state.slots, inplace)
+    if isinstance(out, str):
+        return out
+    new_params, slots = out
+    new_state = dataclasses.replace(state, step=state.step + 1, slots=slots)
+    return new_state if inplace else (new_state, unflatten(state.treedef, new_params))
+
+
 def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     """One step, pure: returns ``(new_state, new_params)`` and leaves every input untouched.
 
     ``grads`` is a tree shaped like ``params`` or a flat list aligned with
     :func:`uniopt.trainables`.
     """
+    fast = _fast(state, params, grads, inplace=False)
+    if isinstance(fast, tuple):
+        return fast
     p_leaves, treedef, names = _leaves(params)
     _check_state(state, treedef, names, p_leaves)
     g_leaves = _align_grads(grads, treedef, names, p_leaves)
@@ -215,12 +252,17 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
             _as_new_array(s, p, (p, g, old))
             for s, p, g, old in zip(arrays, p_leaves, g_leaves, state.slots[key], strict=True)
         ]
+    if fast:
+        fused.warn_once(fast)
     return dataclasses.replace(state, step=state.step + 1, slots=slots), unflatten(treedef, new_p)
 
 
 def update_(state: State, params: Any, grads: Any) -> State:
     """One step in place: the arrays of ``params`` and of the state are written, and the state
     with its step advanced is returned. Bit for bit the same numbers as :func:`update`."""
+    fast = _fast(state, params, grads, inplace=True)
+    if isinstance(fast, State):
+        return fast
     p_leaves, treedef, names = _leaves(params)
     _check_state(state, treedef, names, p_leaves)
     g_leaves = _align_grads(grads, treedef, names, p_leaves)
@@ -234,6 +276,8 @@ def update_(state: State, params: Any, grads: Any) -> State:
     for key, arrays in slots.items():
         for old, new in zip(state.slots[key], arrays, strict=True):
             backend.assign(old, new)
+    if fast:
+        fused.warn_once(fast)
     return dataclasses.replace(state, step=state.step + 1)
 
 

@@ -32,7 +32,8 @@ class scale_by_adam(Elementwise):
         else:
             cm, cu = 1.0 / bc1, 0.0
         # eps_root*bc2 under the root keeps torch's sqrt(v)/sqrt(bc2) order when eps_root = 0
-        return (1.0 - self.b1, self.b2, 1.0 - self.b2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
+        b1, b2 = self.b1, self.b2
+        return (1.0 - b1, b2, 1.0 - b2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
 
     @staticmethod
     def kernel(xp, c, p, u, m, v):

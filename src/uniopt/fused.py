@@ -1,0 +1,304 @@
+# mypy: disable-error-code="call-arg"
+"""The fast path: one compiled pass over memory per step, with no per-tensor Python work.
+
+An optimizer step is memory-bound, and what costs the peers on many small tensors is Python
+bookkeeping per tensor. Here the rule's own kernels (the functions the reference path runs on
+whole arrays) are compiled with numba and composed into one loop that walks every element of
+every leaf once: read p, g and the slots, run the parts in order, write p and the slots.
+
+Per step, Python touches each leaf only to take ``id()`` of it (``np.fromiter(map(id, ...))``,
+~25 ns a leaf). Everything else a per-leaf loop would do (is it an ndarray, its dtype, shape,
+contiguity, alignment, writability, does the gradient match its parameter) is read by the
+compiled code from NumPy's array struct, whose layout is part of NumPy's stable C ABI; a
+self-test at import checks the offsets and disables this path if they ever disagree. Anything
+the kernel does not handle (another array library, a dtype other than float32/float64, a
+non-contiguous or read-only array, a mismatch) sends the step to the reference path, which
+either raises the proper error or runs, after a one-time warning that names the reason.
+
+Work is split into chunks of at most ``CHUNK`` elements so that one large tensor still uses every
+thread, and many small tensors cost one loop iteration each.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+from numba import types as nbtypes
+from numba.extending import intrinsic
+
+CHUNK = 1 << 15
+
+# offsets into PyArrayObject / PyArray_Descr (numpy/ndarraytypes.h), checked by _self_test
+_TYPE, _DATA, _ND, _DIMS, _DESCR, _FLAGS = 8, 16, 24, 32, 56, 64
+_DESCR_BYTEORDER, _DESCR_TYPENUM = 26, 28
+_C_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x1, 0x100, 0x400
+
+# reasons the compiled check can give, by code
+REASONS = {
+    1: "is not a NumPy ndarray",
+    2: "has a dtype other than the float32/float64 of the first leaf",
+    3: "is not C-contiguous, aligned and in native byte order",
+    4: "is read-only",
+    5: "has another shape than its parameter",
+}
+_MISMATCH = 5
+
+
+class FastPathUnavailable(UserWarning):
+    """The compiled fast path could not run a step; the reference path ran it instead."""
+
+
+_warned: set[str] = set()
+
+
+def warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"uniopt: fast path not used ({reason}); running the reference path, which is "
+            "correct but slower. This is reported once per reason.",
+            FastPathUnavailable,
+            stacklevel=4,
+        )
+
+
+@intrinsic
+def _voidptr(typingctx: Any, addr: Any) -> Any:
+    sig = nbtypes.voidptr(addr)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(nbtypes.voidptr))
+
+    return sig, codegen
+
+@numba.njit(inline="always")
+def _i64(addr: int) -> int:
+    return numba.carray(_voidptr(addr), (1,), np.int64)[0]
+
+@numba.njit(inline="always")
+def _i32(addr: int) -> int:
+    return numba.carray(_voidptr(addr), (1,), np.int32)[0]
+
+@numba.njit(inline="always")
+def _i8(addr: int) -> int:
+    return numba.carray(_voidptr(addr), (1,), np.int8)[0]
+
+@numba.njit(cache=True)
+def _inspect(
+    ids: Any, ref: Any, ndarray_type: int, typenum: int, writeable: bool, sizes: Any
+) -> tuple[int, int]:
+    """Check every object in ``ids``; if ``ref`` is non-empty, each must have the shape of
+    the object at the same index there. Fills ``sizes``. Returns (bad index, reason)."""
+    for i in range(len(ids)):
+        obj = ids[i]
+        if _i64(obj + _TYPE) != ndarray_type:
+            return i, 1
+        descr = _i64(obj + _DESCR)
+        if _i32(descr + _DESCR_TYPENUM) != typenum:
+            return i, 2
+        flags = _i32(obj + _FLAGS)
+        bo = _i8(descr + _DESCR_BYTEORDER)
+        if (flags & 0x101) != 0x101 or not (bo == 61 or bo == 124):  # '=' or '|'
+            return i, 3
+        if writeable and not (flags & _WRITEABLE):
+            return i, 4
+        nd = _i32(obj + _ND)
+        dims = _i64(obj + _DIMS)
+        n = 1
+        for k in range(nd):
+            n *= _i64(dims + 8 * k)
+        if len(ref):
+            r = ref[i]
+            if _i32(r + _ND) != nd:
+                return i, _MISMATCH
+            rdims = _i64(r + _DIMS)
+            for k in range(nd):
+                if _i64(rdims + 8 * k) != _i64(dims + 8 * k):
+                    return i, _MISMATCH
+        sizes[i] = n
+    return -1, 0
+
+@numba.njit(cache=True)
+def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any]:
+    count = 0
+    for n in sizes:
+        count += (n + chunk - 1) // chunk
+    leaf = np.empty(count, np.int64)
+    start = np.empty(count, np.int64)
+    stop = np.empty(count, np.int64)
+    j = 0
+    for i in range(len(sizes)):
+        for a in range(0, sizes[i], chunk):
+            leaf[j], start[j], stop[j] = i, a, min(a + chunk, sizes[i])
+            j += 1
+    return leaf, start, stop
+
+# the namespace kernels see when compiled: scalar functions with NumPy's semantics
+scalar_xp = types.ModuleType("uniopt_scalar_xp")
+
+@numba.njit(inline="always")
+def _sqrt(x: Any) -> Any:
+    return np.sqrt(x)
+
+@numba.njit(inline="always")
+def _maximum(a: Any, b: Any) -> Any:  # NaN-propagating, as np.maximum
+    return a if (a != a or a > b) else b
+
+@numba.njit(inline="always")
+def _minimum(a: Any, b: Any) -> Any:
+    return a if (a != a or a < b) else b
+
+scalar_xp.sqrt = _sqrt  # type: ignore[attr-defined]
+scalar_xp.maximum = _maximum  # type: ignore[attr-defined]
+scalar_xp.minimum = _minimum  # type: ignore[attr-defined]
+
+
+def _jit(fn: Callable[..., Any], cache: dict[Any, Any]) -> Any:
+    """numba-compile ``fn`` and, first, every plain Python function it calls by global name."""
+    if fn in cache:
+        return cache[fn]
+    g = dict(fn.__globals__)
+    for name in fn.__code__.co_names:
+        obj = g.get(name)
+        if isinstance(obj, types.FunctionType):
+            g[name] = _jit(obj, cache)
+    clone = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    cache[fn] = numba.njit(inline="always")(clone)
+    return cache[fn]
+
+
+_JITTED: dict[Any, Any] = {}
+_FUSED: dict[Any, Any] = {}
+
+
+def fused_kernel(kernels: tuple[tuple[Callable[..., Any], int], ...], dtype: Any) -> Any:
+    """The compiled loop for parts ``kernels`` (each: the kernel and its slot count)."""
+    key = (kernels, np.dtype(dtype).str)
+    if key in _FUSED:
+        return _FUSED[key]
+    g: dict[str, Any] = {"np": np, "numba": numba, "XP": scalar_xp, "DT": np.dtype(dtype).type,
+                         "_voidptr": _voidptr, "_i64": _i64}
+    slot_args, loads, body = [], [], []
+    s = 0
+    for k, (kernel, nslots) in enumerate(kernels):
+        g[f"K{k}"] = _jit(kernel, _JITTED)
+        names = []
+        for _ in range(nslots):
+            slot_args += [f"SI{s}", f"SO{s}"]
+            loads += [
+                f"si{s} = numba.carray(_voidptr(_i64(SI{s}[t] + 16)), (b,), DT)",
+                f"so{s} = numba.carray(_voidptr(_i64(SO{s}[t] + 16)), (b,), DT)",
+            ]
+            names.append(s)
+            s += 1
+        args = "".join(f", si{n}[i]" for n in names)
+        body.append(f"r = K{k}(XP, C{k}, p, u{args})")
+        body.append("u = r[0]")
+        body += [f"so{n}[i] = r[{j + 1}]" for j, n in enumerate(names)]
+    coeff_args = [f"C{k}" for k in range(len(kernels))]
+    src = "\n".join(
+        [
+            f"def fused(PI, PO, G, {', '.join(slot_args + coeff_args)}, LEAF, START, STOP):",
+            "    for j in numba.prange(len(LEAF)):",
+            "        t = LEAF[j]",
+            "        a = START[j]",
+            "        b = STOP[j]",
+            "        pi = numba.carray(_voidptr(_i64(PI[t] + 16)), (b,), DT)",
+            "        po = numba.carray(_voidptr(_i64(PO[t] + 16)), (b,), DT)",
+            "        g = numba.carray(_voidptr(_i64(G[t] + 16)), (b,), DT)",
+            *[f"        {line}" for line in loads],
+            "        for i in range(a, b):",
+            "            p = pi[i]",
+            "            u = g[i]",
+            *[f"            {line}" for line in body],
+            "            po[i] = p - u",
+        ]
+    )
+    exec(compile(src, f"<uniopt fused {len(kernels)} parts>", "exec"), g)
+    _FUSED[key] = numba.njit(parallel=True)(g["fused"])
+    return _FUSED[key]
+
+
+def _self_test() -> bool:
+    """Whether the struct offsets above are those of the NumPy we run with."""
+    a = np.ones((3, 4), np.float32)
+    base = id(a)
+
+    def read(off: int, t: Any = ctypes.c_int64) -> int:
+        return int(t.from_address(base + off).value)
+
+    descr = read(_DESCR)
+    return (
+        read(_TYPE) == id(np.ndarray)
+        and read(_DATA) == a.__array_interface__["data"][0]
+        and read(_ND, ctypes.c_int32) == 2
+        and ctypes.c_int64.from_address(read(_DIMS) + 8).value == 4
+        and read(_FLAGS, ctypes.c_int32) & 0x501 == 0x501
+        and ctypes.c_int32.from_address(descr + _DESCR_TYPENUM).value == a.dtype.num
+        and chr(ctypes.c_char.from_address(descr + _DESCR_BYTEORDER).value[0]) == "="
+    )
+
+
+AVAILABLE = _self_test()
+_NO_REF = np.empty(0, np.int64)
+
+
+def _ids(arrays: list[Any]) -> Any:
+    return np.fromiter(map(id, arrays), np.int64, len(arrays))
+
+
+def run(
+    plan: list[tuple[Any, tuple[Any, ...], tuple[str, ...]]],
+    params: list[Any],
+    grads: list[Any],
+    slots: dict[str, list[Any]],
+    inplace: bool,
+) -> tuple[list[Any], dict[str, list[Any]]] | str:
+    """One step of ``plan`` (resolved parts, coefficients, slot keys) over the leaves.
+
+    In place, writes params and slots and returns them; otherwise returns new arrays. If the
+    compiled path cannot run the step, returns the reason and has written nothing.
+    """
+    n = len(params)
+    if n == 0 or len(grads) != n:
+        return "no leaves" if n == 0 else "gradient count"
+    first = params[0]
+    if type(first) is not np.ndarray or first.dtype not in (np.float32, np.float64):
+        return f"leaves of type {type(first).__name__} and dtype {getattr(first, 'dtype', '?')}"
+    dtype = first.dtype
+    nd_type = id(np.ndarray)
+    sizes = np.empty(n, np.int64)
+    pids = _ids(params)
+    checks = [("params", pids, _NO_REF, inplace), ("grads", _ids(grads), pids, False)]
+    slot_ids = {}
+    for key in slots:
+        slot_ids[key] = _ids(slots[key])
+        checks.append((f"state slot {key}", slot_ids[key], pids, inplace))
+    for what, ids, ref, writeable in checks:
+        if len(ids) != n:
+            return f"{what} count"
+        bad, why = _inspect(ids, ref, nd_type, dtype.num, writeable, sizes)
+        if bad >= 0:
+            return f"{what} leaf {bad} {REASONS[why]}"
+    leaf, start, stop = _chunks(sizes, CHUNK)
+    if inplace:
+        new_params, new_slots, po = params, slots, pids
+    else:
+        new_params = [np.empty_like(p) for p in params]
+        new_slots = {k: [np.empty_like(p) for p in params] for k in slots}
+        po = _ids(new_params)
+    slot_args = []
+    for _, _, keys in plan:
+        for key in keys:
+            slot_args += [slot_ids[key], slot_ids[key] if inplace else _ids(new_slots[key])]
+    scalar = dtype.type
+    coeffs = [tuple(scalar(c) for c in cs) for _, cs, _ in plan]
+    kernel = fused_kernel(tuple((part.kernel, len(keys)) for part, _, keys in plan), dtype)
+    kernel(pids, po, checks[1][1], *slot_args, *coeffs, leaf, start, stop)
+    return new_params, new_slots
