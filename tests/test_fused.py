@@ -1,0 +1,158 @@
+"""The compiled fast path is held to the reference path bit for bit, and falls back loudly."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+from uniopt import fused
+
+RULES = {
+    "sgd": uo.sgd(lr=0.1),
+    "sgd-momentum-dampening-wd": uo.sgd(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    "sgd-nesterov": uo.sgd(lr=0.1, momentum=0.8, nesterov=True),
+    "adagrad": uo.adagrad(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1),
+    "rmsprop": uo.rmsprop(lr=0.01),
+    "rmsprop-centered-momentum": uo.rmsprop(lr=0.01, centered=True, momentum=0.5, weight_decay=1e-3),
+    "adadelta": uo.adadelta(lr=0.5, rho=0.8, weight_decay=0.1),
+    "adam": uo.adam(lr=0.01),
+    "amsgrad-l2": uo.adam(lr=0.01, weight_decay=0.1, amsgrad=True),
+    "adamw": uo.adamw(lr=0.01, weight_decay=0.1),
+    "adamw-decoupled": uo.adamw(lr=0.01, weight_decay=1e-3, couple_lr=False),
+    "optimistic_adam": uo.optimistic_adam(0.01, beta=0.5),
+    "chain-clip-wd-adam": uo.chain(uo.clip(0.5), uo.weight_decay(1e-2), uo.adam(lr=1e-2)),
+    "scheduled": uo.adam(lr=uo.schedules.cosine(1e-2, steps=20), betas=(lambda s: 0.8, 0.99)),
+}
+# a leaf larger than one chunk, so chunk boundaries inside a leaf are exercised
+SHAPES = [(), (1,), (3, 4), (fused.CHUNK * 2 + 17,), (5, 1, 7)]
+
+
+def _params(rng: np.random.Generator, dtype: type) -> dict[str, np.ndarray]:
+    return {f"x{i}": rng.standard_normal(s).astype(dtype) for i, s in enumerate(SHAPES)}
+
+
+def _reference(monkeypatch: pytest.MonkeyPatch, fn, *args):  # type: ignore[no-untyped-def]
+    with monkeypatch.context() as m:
+        m.setattr(fused, "AVAILABLE", False)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_fast_path_is_bitwise_the_reference(
+    name: str, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    rule = RULES[name]
+    fast = _params(rng, dtype)
+    ref = {k: v.copy() for k, v in fast.items()}
+    s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
+    n_kernels = len(fused._FUSED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fused.FastPathUnavailable)
+        for step in range(25):
+            grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
+            if step % 2:
+                s_fast = uo.update_(s_fast, fast, grads)
+            else:
+                s_fast, fast = uo.update(s_fast, fast, grads)
+            s_ref = _reference(monkeypatch, uo.update_, s_ref, ref, grads)
+    # the compiled path really ran (a kernel exists for this rule and dtype)
+    assert len(fused._FUSED) >= n_kernels and fused._FUSED
+    for k in fast:
+        assert isinstance(fast[k], np.ndarray) and fast[k].dtype == dtype
+        assert fast[k].shape == ref[k].shape
+        np.testing.assert_array_equal(fast[k], ref[k])
+    for key in s_ref.slots:
+        for a, b in zip(s_fast.slots[key], s_ref.slots[key], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_fast_path_runs_for_plain_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = fused.run
+    monkeypatch.setattr(fused, "run", lambda *a: calls.append(1) or real(*a))
+    p = [np.ones(3, np.float32), np.ones((2, 2), np.float32)]
+    state = uo.setup(uo.adam(), p)
+    state = uo.update_(state, p, [np.ones(3, np.float32), np.ones((2, 2), np.float32)])
+    state, _ = uo.update(state, {"a": p[0], "b": p[1]} and p, [np.ones(3, np.float32), p[1]])
+    assert len(calls) == 2
+
+
+def _fallback(params, grads, monkeypatch):  # type: ignore[no-untyped-def]
+    """Run one in-place step on the fast path (expecting a warning) and on the reference."""
+    ref = [np.array(p) for p in params]
+    rule = uo.adam(lr=0.1)
+    fused._warned.clear()
+    with pytest.warns(fused.FastPathUnavailable, match="fast path not used"):
+        uo.update_(uo.setup(rule, params), params, grads)
+    _reference(monkeypatch, uo.update_, uo.setup(rule, ref), ref, grads)
+    for a, b in zip(params, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_non_contiguous_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = np.arange(20.0).reshape(4, 5)
+    p = [base[:, ::2]]
+    _fallback(p, [np.ones_like(p[0])], monkeypatch)
+    assert base[0, 0] != 0.0  # the view was written in place, through to its base
+
+
+def test_float16_and_mixed_dtypes_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fallback([np.ones(4, np.float16)], [np.ones(4, np.float16)], monkeypatch)
+    _fallback(
+        [np.ones(4, np.float32), np.ones(2, np.float64)],
+        [np.ones(4, np.float32), np.ones(2, np.float64)],
+        monkeypatch,
+    )
+
+
+def test_warning_is_given_once_per_reason() -> None:
+    fused._warned.clear()
+    p = [np.ones(4, np.float16)]
+    state = uo.setup(uo.sgd(lr=0.1), p)
+    with pytest.warns(fused.FastPathUnavailable):
+        state = uo.update_(state, p, [np.ones(4, np.float16)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        uo.update_(state, p, [np.ones(4, np.float16)])
+
+
+def test_bad_input_on_the_fast_path_raises_without_warning_or_change() -> None:
+    p = {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
+    state = uo.setup(uo.adam(), p)
+    state = uo.update_(state, p, {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
+    before = ({k: v.copy() for k, v in p.items()}, [a.copy() for a in state.slots["scale_by_adam.exp_avg"]])
+    fused._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fused.FastPathUnavailable)
+        with pytest.raises(ValueError, match=r"gradient for params\['b'\] has shape \(3,\)"):
+            uo.update_(state, p, {"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)})
+        with pytest.raises(ValueError, match="dtype float64"):
+            uo.update_(state, p, {"a": np.ones(3, np.float32), "b": np.ones(2)})
+        ro = {k: v.copy() for k, v in p.items()}
+        ro["a"].flags.writeable = False
+        with pytest.raises(TypeError, match="read-only"):
+            uo.update_(state, ro, {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
+    for k in p:
+        np.testing.assert_array_equal(p[k], before[0][k])
+    for a, b in zip(state.slots["scale_by_adam.exp_avg"], before[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert state.step == 1
+
+
+def test_pure_update_of_read_only_params_stays_on_the_fast_path() -> None:
+    p = [np.ones(3)]
+    p[0].flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fused.FastPathUnavailable)
+        _, new = uo.update(uo.setup(uo.sgd(lr=0.5), p), p, [np.ones(3)])
+    np.testing.assert_array_equal(new[0], 0.5)
+    np.testing.assert_array_equal(p[0], 1.0)
+
+
+def test_offsets_self_test_passes_here() -> None:
+    assert fused.AVAILABLE, "NumPy's array struct layout is not the one the fast path reads"
