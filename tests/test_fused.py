@@ -16,7 +16,9 @@ RULES = {
     "sgd-nesterov": uo.sgd(lr=0.1, momentum=0.8, nesterov=True),
     "adagrad": uo.adagrad(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1),
     "rmsprop": uo.rmsprop(lr=0.01),
-    "rmsprop-centered-momentum": uo.rmsprop(lr=0.01, centered=True, momentum=0.5, weight_decay=1e-3),
+    "rmsprop-centered-momentum": uo.rmsprop(
+        lr=0.01, centered=True, momentum=0.5, weight_decay=1e-3
+    ),
     "adadelta": uo.adadelta(lr=0.5, rho=0.8, weight_decay=0.1),
     "adam": uo.adam(lr=0.01),
     "amsgrad-l2": uo.adam(lr=0.01, weight_decay=0.1, amsgrad=True),
@@ -78,7 +80,7 @@ def test_fast_path_runs_for_plain_arrays(monkeypatch: pytest.MonkeyPatch) -> Non
     p = [np.ones(3, np.float32), np.ones((2, 2), np.float32)]
     state = uo.setup(uo.adam(), p)
     state = uo.update_(state, p, [np.ones(3, np.float32), np.ones((2, 2), np.float32)])
-    state, _ = uo.update(state, {"a": p[0], "b": p[1]} and p, [np.ones(3, np.float32), p[1]])
+    state, _ = uo.update(state, p, [np.ones(3, np.float32), p[1]])
     assert len(calls) == 2
 
 
@@ -125,7 +127,8 @@ def test_bad_input_on_the_fast_path_raises_without_warning_or_change() -> None:
     p = {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
     state = uo.setup(uo.adam(), p)
     state = uo.update_(state, p, {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
-    before = ({k: v.copy() for k, v in p.items()}, [a.copy() for a in state.slots["scale_by_adam.exp_avg"]])
+    moments = state.slots["scale_by_adam.exp_avg"]
+    before = ({k: v.copy() for k, v in p.items()}, [a.copy() for a in moments])
     fused._warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", fused.FastPathUnavailable)
