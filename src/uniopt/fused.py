@@ -179,7 +179,7 @@ def _register_callees(fn: Callable[..., Any]) -> None:
 def _jit(fn: Callable[..., Any], cache: dict[Any, Any]) -> Any:
     if fn not in cache:
         _register_callees(fn)
-        cache[fn] = numba.njit(inline="always")(fn)
+        cache[fn] = numba.njit(inline="always", error_model="numpy")(fn)
     return cache[fn]
 
 
@@ -247,7 +247,7 @@ def _source(
             *head,
             "",
             "",
-            "@numba.njit(parallel=True, cache=CACHE)",
+            "@numba.njit(parallel=True, cache=CACHE, error_model=\"numpy\")",
             f"def fused(PI, PO, G, {', '.join(slot_args + coeff_args)}, LEAF, START, STOP):",
             "    for j in numba.prange(len(LEAF)):",
             "        t = LEAF[j]",
