@@ -26,7 +26,7 @@ from .rules.adam import (
 from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
 from .rules.sgd import sgd
 from .transforms import clip, scale, scale_by_lr, trace, weight_decay
-from .tree import register_dataclass, trainables
+from .tree import pack, register_dataclass, trainables
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "chain",
     "clip",
     "optimistic_adam",
+    "pack",
     "register_dataclass",
     "rmsprop",
     "scale",

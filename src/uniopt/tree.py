@@ -65,3 +65,36 @@ def register_dataclass(cls: type) -> type:
         namespace=NAMESPACE,
     )
     return cls
+
+
+def pack(tree: Any) -> tuple[Any, Any]:
+    """``(flat, views)``: the arrays of ``tree`` copied into one contiguous 1-D buffer, and the
+    same tree whose leaves are views into that buffer.
+
+    Opt in to it when the model can hold the views: set up and update with ``[flat]`` (and the
+    gradients packed the same way), and one update is one pass over one buffer, whatever the
+    number of tensors. Writing through a view writes the buffer, and the reverse.
+
+    >>> import numpy as np, uniopt as uo
+    >>> flat, views = uo.pack({"w": np.ones((2, 2)), "b": np.zeros(3)})
+    >>> flat.shape, views["w"].base is flat
+    ((7,), True)
+    """
+    from .backend import namespace
+
+    leaves, treedef, _ = flatten(tree)
+    if not leaves:
+        raise ValueError("pack: the tree holds no arrays")
+    xp = namespace(leaves[0])
+    dtypes = {str(x.dtype) for x in leaves}
+    if len(dtypes) > 1:
+        raise ValueError(f"pack: every array must have one dtype, got {sorted(dtypes)}")
+    flat = xp.concat([xp.reshape(x, (-1,)) for x in leaves])
+    views, start = [], 0
+    for x in leaves:
+        n = 1
+        for d in x.shape:
+            n *= int(d)
+        views.append(xp.reshape(flat[start : start + n], tuple(x.shape)))
+        start += n
+    return flat, unflatten(treedef, views)

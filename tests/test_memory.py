@@ -1,0 +1,33 @@
+"""No per-step allocation that grows with the model: during 100 in-place steps the memory
+allocated beyond params + grads + state stays under 5% of them."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+
+
+@pytest.mark.parametrize(
+    "rule", [uo.adam(lr=1e-3), uo.sgd(lr=1e-2, momentum=0.9), uo.rmsprop(lr=1e-3, centered=True)],
+    ids=["adam", "sgd-momentum", "rmsprop-centered"],
+)
+@pytest.mark.parametrize("shapes", [[(400, 500)], [(2_000,)] * 100], ids=["one", "many"])
+def test_peak_memory_of_in_place_steps(rule: uo.Transform, shapes: list[tuple[int, ...]]) -> None:
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    state = uo.update_(uo.setup(rule, params), params, grads)  # compile outside the measurement
+    model = sum(p.nbytes for p in params) * (2 + len(state.slots))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(100):
+            state = uo.update_(state, params, grads)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak <= 0.05 * model, f"{peak} bytes allocated beyond a model of {model} bytes"
