@@ -244,6 +244,4 @@ class Logistic:
         return self.loss(self.argmin)
 
 
-PROBLEMS: dict[str, Problem] = {
-    p.name: p for p in (Rosenbrock(), Quadratic(), Logistic())
-}
+PROBLEMS: dict[str, Problem] = {p.name: p for p in (Rosenbrock(), Quadratic(), Logistic())}
