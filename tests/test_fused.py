@@ -77,11 +77,17 @@ def test_fast_path_runs_for_plain_arrays(monkeypatch: pytest.MonkeyPatch) -> Non
     calls = []
     real = fused.run
     monkeypatch.setattr(fused, "run", lambda *a: calls.append(1) or real(*a))
-    p = [np.ones(3, np.float32), np.ones((2, 2), np.float32)]
-    state = uo.setup(uo.adam(), p)
-    state = uo.update_(state, p, [np.ones(3, np.float32), np.ones((2, 2), np.float32)])
-    state, _ = uo.update(state, p, [np.ones(3, np.float32), p[1]])
-    assert len(calls) == 2
+    big = [np.ones(fused.MIN_SIZE, np.float32), np.ones((2, 2), np.float32)]
+    many = [np.ones(3, np.float32)] * fused.MIN_LEAVES
+    for p in (big, many):
+        state = uo.setup(uo.adam(), p)
+        state = uo.update_(state, p, [np.ones_like(x) for x in p])
+        state, _ = uo.update(state, p, [np.ones_like(x) for x in p])
+    assert len(calls) == 4
+    # a tiny step stays on the reference path: no compile for a few numbers
+    tiny = [np.ones(3, np.float32)]
+    uo.update_(uo.setup(uo.adam(), tiny), tiny, [np.ones(3, np.float32)])
+    assert len(calls) == 4
 
 
 def _fallback(params, grads, monkeypatch):  # type: ignore[no-untyped-def]
@@ -96,50 +102,53 @@ def _fallback(params, grads, monkeypatch):  # type: ignore[no-untyped-def]
         np.testing.assert_array_equal(a, b)
 
 
+N = fused.MIN_SIZE  # large enough for the fast path to be tried
+
+
 def test_non_contiguous_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    base = np.arange(20.0).reshape(4, 5)
+    base = np.arange(8.0 * N).reshape(4, 2 * N)
     p = [base[:, ::2]]
     _fallback(p, [np.ones_like(p[0])], monkeypatch)
     assert base[0, 0] != 0.0  # the view was written in place, through to its base
 
 
 def test_float16_and_mixed_dtypes_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    _fallback([np.ones(4, np.float16)], [np.ones(4, np.float16)], monkeypatch)
+    _fallback([np.ones(N, np.float16)], [np.ones(N, np.float16)], monkeypatch)
     _fallback(
-        [np.ones(4, np.float32), np.ones(2, np.float64)],
-        [np.ones(4, np.float32), np.ones(2, np.float64)],
+        [np.ones(N, np.float32), np.ones(2, np.float64)],
+        [np.ones(N, np.float32), np.ones(2, np.float64)],
         monkeypatch,
     )
 
 
 def test_warning_is_given_once_per_reason() -> None:
     fused._warned.clear()
-    p = [np.ones(4, np.float16)]
+    p = [np.ones(N, np.float16)]
     state = uo.setup(uo.sgd(lr=0.1), p)
     with pytest.warns(fused.FastPathUnavailable):
-        state = uo.update_(state, p, [np.ones(4, np.float16)])
+        state = uo.update_(state, p, [np.ones(N, np.float16)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        uo.update_(state, p, [np.ones(4, np.float16)])
+        uo.update_(state, p, [np.ones(N, np.float16)])
 
 
 def test_bad_input_on_the_fast_path_raises_without_warning_or_change() -> None:
-    p = {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
+    p = {"a": np.ones(N, np.float32), "b": np.ones(2, np.float32)}
     state = uo.setup(uo.adam(), p)
-    state = uo.update_(state, p, {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
+    state = uo.update_(state, p, {"a": np.ones(N, np.float32), "b": np.ones(2, np.float32)})
     moments = state.slots["scale_by_adam.exp_avg"]
     before = ({k: v.copy() for k, v in p.items()}, [a.copy() for a in moments])
     fused._warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", fused.FastPathUnavailable)
         with pytest.raises(ValueError, match=r"gradient for params\['b'\] has shape \(3,\)"):
-            uo.update_(state, p, {"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)})
+            uo.update_(state, p, {"a": np.ones(N, np.float32), "b": np.ones(3, np.float32)})
         with pytest.raises(ValueError, match="dtype float64"):
-            uo.update_(state, p, {"a": np.ones(3, np.float32), "b": np.ones(2)})
+            uo.update_(state, p, {"a": np.ones(N, np.float32), "b": np.ones(2)})
         ro = {k: v.copy() for k, v in p.items()}
         ro["a"].flags.writeable = False
         with pytest.raises(TypeError, match="read-only"):
-            uo.update_(state, ro, {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
+            uo.update_(state, ro, {"a": np.ones(N, np.float32), "b": np.ones(2, np.float32)})
     for k in p:
         np.testing.assert_array_equal(p[k], before[0][k])
     for a, b in zip(state.slots["scale_by_adam.exp_avg"], before[1], strict=True):
@@ -148,11 +157,11 @@ def test_bad_input_on_the_fast_path_raises_without_warning_or_change() -> None:
 
 
 def test_pure_update_of_read_only_params_stays_on_the_fast_path() -> None:
-    p = [np.ones(3)]
+    p = [np.ones(N)]
     p[0].flags.writeable = False
     with warnings.catch_warnings():
         warnings.simplefilter("error", fused.FastPathUnavailable)
-        _, new = uo.update(uo.setup(uo.sgd(lr=0.5), p), p, [np.ones(3)])
+        _, new = uo.update(uo.setup(uo.sgd(lr=0.5), p), p, [np.ones(N)])
     np.testing.assert_array_equal(new[0], 0.5)
     np.testing.assert_array_equal(p[0], 1.0)
 

@@ -38,7 +38,24 @@ from numba import types as nbtypes
 from numba.extending import intrinsic, register_jitable
 
 CHUNK = 1 << 15
-_VERSION = "0.1.0"
+PARALLEL_MIN = 1 << 16  # elements; below this a step runs on one thread
+# steps with fewer leaves and elements than these run on the reference path: it costs tens of
+# microseconds, and compiling a loop costs seconds the first time
+MIN_LEAVES, MIN_SIZE = 16, 1 << 14
+
+
+def _code_hash() -> str:
+    """A digest of this package's sources: compiled loops inline the kernels of the rules, so a
+    changed kernel must never meet machine code cached for the old one."""
+    root = Path(__file__).parent
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+_VERSION = _code_hash()
 
 # offsets into PyArrayObject / PyArray_Descr (numpy/ndarraytypes.h), checked by _self_test
 _TYPE, _DATA, _ND, _DIMS, _DESCR, _FLAGS = 8, 16, 24, 32, 56, 64
@@ -272,7 +289,7 @@ def _cache_dir() -> Path | None:
     root = os.environ.get("UNIOPT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "uniopt"
     )
-    path = Path(root) / f"fused-{_VERSION}-numba{numba.__version__}"
+    path = Path(root) / f"fused-{_VERSION}-numba{numba.__version__}-numpy{np.__version__}"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -387,5 +404,15 @@ def run(
     scalar = dtype.type
     coeffs = [tuple(scalar(c) for c in cs) for _, cs, _ in plan]
     kernel = fused_kernel(tuple((part.kernel, len(keys)) for part, _, keys in plan), dtype)
-    kernel(pids, po, checks[1][1], *slot_args, *coeffs, leaf, start, stop)
+    args = (pids, po, checks[1][1], *slot_args, *coeffs, leaf, start, stop)
+    if len(leaf) > 1 and int(sizes.sum()) >= PARALLEL_MIN:
+        kernel(*args)
+    else:
+        # waking the thread pool costs more than a small step (milliseconds on a busy machine)
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            kernel(*args)
+        finally:
+            numba.set_num_threads(threads)
     return new_params, new_slots
