@@ -292,7 +292,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--json", action="store_true", help="print the results as JSON")
     cmp.set_defaults(func=_cmd_compare)
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub: Any) -> None:
+    from . import bench
+
+    b = sub.add_parser(
+        "bench",
+        help="one optimizer step against the memory-bandwidth floor and torch.optim / optax",
+        description=(bench.__doc__ or "").strip().split("\n\n")[0],
+    )
+    b.add_argument(
+        "--workloads",
+        type=_names("workload", list(bench.WORKLOADS)),
+        default=list(bench.WORKLOADS),
+        help="W1: 1 x 16.8M, W2: 1,000 x 16K, W3: ResNet-50's 161 tensors, W4: 10,000 x 100",
+    )
+    b.add_argument(
+        "--sizes",
+        default=None,
+        help="a workload of your own: COUNTxSIZE, e.g. 500x4096 (added as 'custom')",
+    )
+    b.add_argument(
+        "--rules",
+        type=_names("rule", list(bench.TRAFFIC)),
+        default=["adam"],
+        help=f"comma-separated, from {','.join(bench.TRAFFIC)} (default: adam)",
+    )
+    b.add_argument(
+        "--implementations",
+        type=_names("implementation", list(bench.IMPLEMENTATIONS)),
+        default=list(bench.IMPLEMENTATIONS),
+        help="comma-separated (default: every one installed)",
+    )
+    b.add_argument("--repeats", type=_positive(int, "a positive integer"), default=10)
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    workloads = list(args.workloads)
+    if args.sizes:
+        try:
+            count, size = (int(x) for x in args.sizes.lower().split("x"))
+        except ValueError:
+            print(f"uniopt bench: --sizes must be COUNTxSIZE, got {args.sizes!r}", file=sys.stderr)
+            return 2
+        shapes["custom"] = [(size,)] * count
+        workloads.append("custom")
+    log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    bw, rows = bench.run(workloads, args.rules, args.implementations, args.repeats, shapes, log)
+    print(bench.to_json(bw, rows) if args.json else bench.table(bw, rows))
+    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

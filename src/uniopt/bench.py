@@ -1,0 +1,337 @@
+"""``uniopt bench``: one optimizer step against the memory-bandwidth floor and against the peers.
+
+An optimizer step is memory-bound: Adam reads p, g, m, v and writes p, m, v, 28 bytes per float32
+parameter. The floor is that traffic divided by the bandwidth measured first, in this process,
+with a fused 4-read/3-write kernel over large buffers. Every implementation then runs the same
+workload in the same process (parameters as a plain list of separately allocated arrays,
+gradients fresh each step) and is reported in ms per step (median over repeats) and as a ratio to
+the floor. Peers that are not installed are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import uniopt as uo
+
+
+def _resnet50_shapes() -> list[tuple[int, ...]]:
+    """The 161 parameter tensors of torchvision's ResNet-50 (25,557,032 parameters)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,)]
+            shapes += [(planes, planes, 3, 3), (planes,), (planes,)]
+            shapes += [(planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if b == 0:
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
+            inplanes = planes * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+WORKLOADS: dict[str, list[tuple[int, ...]]] = {
+    "W1": [(16_800_000,)],
+    "W2": [(16_000,)] * 1_000,
+    "W3": _resnet50_shapes(),
+    "W4": [(100,)] * 10_000,
+}
+
+# bytes moved per parameter: (reads + writes) * itemsize, for float32
+TRAFFIC = {"adam": 7, "adamw": 7, "sgd": 5, "rmsprop": 5}
+
+
+def _rule(name: str) -> uo.Transform:
+    return {
+        "adam": uo.adam(lr=1e-3),
+        "adamw": uo.adamw(lr=1e-3, weight_decay=1e-2),
+        "sgd": uo.sgd(lr=1e-3, momentum=0.9),
+        "rmsprop": uo.rmsprop(lr=1e-3),
+    }[name]
+
+
+def _median_ms(step: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bandwidth(n: int = 16_800_000, repeats: int = 10) -> float:
+    """Bytes per second of a fused 4-read/3-write float32 pass, as Adam's step needs."""
+    import numba
+
+    @numba.njit(parallel=True, cache=True)
+    def pass_(a: Any, b: Any, c: Any, d: Any) -> None:
+        for i in numba.prange(a.size):
+            x = a[i] + b[i]
+            y = c[i] * d[i]
+            a[i] = x
+            c[i] = y + x
+            d[i] = y
+
+    bufs = [np.full(n, 0.5, np.float32) for _ in range(4)]
+    ms = _median_ms(lambda: pass_(*bufs), repeats)
+    return 28 * n / (ms / 1e3)
+
+
+class _Workload:
+    """Parameters as separately allocated arrays; fresh gradients drawn from a pool each step."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.shapes = shapes
+        self.params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        # two gradient sets, alternated, so every step sees other gradient arrays (as after a
+        # backward pass) without timing the random number generator
+        self.grads = [
+            [rng.standard_normal(s, dtype=np.float32) * 1e-3 for s in shapes] for _ in (0, 1)
+        ]
+        self.size = sum(p.size for p in self.params)
+
+
+def _uniopt(w: _Workload, rule: str) -> Callable[[], Any]:
+    params = [p.copy() for p in w.params]
+    state = [uo.setup(_rule(rule), params)]
+    k = [0]
+
+    def step() -> None:
+        k[0] ^= 1
+        state[0] = uo.update_(state[0], params, w.grads[k[0]])
+
+    return step
+
+
+def _uniopt_packed(w: _Workload, rule: str) -> Callable[[], Any]:
+    """The user keeps parameters and gradients in one buffer each (views per tensor)."""
+    params = np.concatenate([p.ravel() for p in w.params])
+    grads = [np.concatenate([g.ravel() for g in gs]) for gs in w.grads]
+    state = [uo.setup(_rule(rule), [params])]
+    k = [0]
+
+    def step() -> None:
+        k[0] ^= 1
+        state[0] = uo.update_(state[0], [params], [grads[k[0]]])
+
+    return step
+
+
+def _numpy_per_tensor(w: _Workload, rule: str) -> Callable[[], Any] | None:
+    if rule not in ("adam", "adamw"):
+        return None
+    params = [p.copy() for p in w.params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    t, k = [0], [0]
+    b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-8
+
+    def step() -> None:
+        t[0] += 1
+        k[0] ^= 1
+        bc1, bc2 = 1 - b1 ** t[0], (1 - b2 ** t[0]) ** 0.5
+        for p, g, mi, vi in zip(params, w.grads[k[0]], m, v, strict=True):
+            mi *= b1
+            mi += (1 - b1) * g
+            vi *= b2
+            vi += (1 - b2) * g * g
+            p -= (lr / bc1) * mi / (np.sqrt(vi) / bc2 + eps)
+
+    return step
+
+
+def _numpy_flat(w: _Workload, rule: str, chunk: int | None) -> Callable[[], Any] | None:
+    if rule not in ("adam", "adamw"):
+        return None
+    p = np.concatenate([x.ravel() for x in w.params])
+    grads = [np.concatenate([g.ravel() for g in gs]) for gs in w.grads]
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    t, k = [0], [0]
+    b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-8
+    step_ = chunk or p.size
+    tmp = np.empty(min(step_, p.size), np.float32)
+
+    def step() -> None:
+        t[0] += 1
+        k[0] ^= 1
+        g_all = grads[k[0]]
+        bc1, bc2 = 1 - b1 ** t[0], (1 - b2 ** t[0]) ** 0.5
+        for a in range(0, p.size, step_):
+            s = slice(a, a + step_)
+            g, mi, vi, pi = g_all[s], m[s], v[s], p[s]
+            tt = tmp[: pi.size]
+            mi *= b1
+            np.multiply(g, 1 - b1, out=tt)
+            mi += tt
+            vi *= b2
+            np.multiply(g, g, out=tt)
+            tt *= 1 - b2
+            vi += tt
+            np.sqrt(vi, out=tt)
+            tt /= bc2
+            tt += eps
+            np.divide(mi, tt, out=tt)
+            tt *= lr / bc1
+            pi -= tt
+
+    return step
+
+
+def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+           "rmsprop": torch.optim.RMSprop}[rule]
+    kw: dict[str, Any] = {"lr": 1e-3}
+    if rule == "sgd":
+        kw["momentum"] = 0.9
+    if mode == "fused":
+        if rule not in ("adam", "adamw", "sgd"):
+            return None
+        kw["fused"] = True
+    else:
+        kw["foreach"] = mode == "foreach"
+    params = [torch.from_numpy(p.copy()) for p in w.params]
+    grads = [[torch.from_numpy(g) for g in gs] for gs in w.grads]
+    opt = cls(params, **kw)
+    k = [0]
+
+    def step() -> None:
+        k[0] ^= 1
+        for p, g in zip(params, grads[k[0]], strict=True):
+            p.grad = g
+        opt.step()
+
+    return step
+
+
+def _optax(w: _Workload, rule: str) -> Callable[[], Any] | None:
+    try:
+        import jax
+        import optax
+    except ImportError:
+        return None
+    tx = {"adam": optax.adam(1e-3), "adamw": optax.adamw(1e-3, weight_decay=1e-2),
+          "sgd": optax.sgd(1e-3, momentum=0.9), "rmsprop": optax.rmsprop(1e-3)}[rule]
+    params = [jax.numpy.asarray(p) for p in w.params]
+    grads = [[jax.numpy.asarray(g) for g in gs] for gs in w.grads]
+
+    @jax.jit
+    def update(params: Any, state: Any, grads: Any) -> Any:
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    update = jax.jit(update.__wrapped__, donate_argnums=(0, 1))  # type: ignore[attr-defined]
+    carry = [params, tx.init(params)]
+    k = [0]
+
+    def step() -> None:
+        k[0] ^= 1
+        carry[0], carry[1] = update(carry[0], carry[1], grads[k[0]])
+        jax.block_until_ready(carry[0])
+
+    return step
+
+
+IMPLEMENTATIONS: dict[str, Callable[[_Workload, str], Callable[[], Any] | None]] = {
+    "uniopt": _uniopt,
+    "uniopt packed": _uniopt_packed,
+    "torch for-loop": lambda w, r: _torch(w, r, "for-loop"),
+    "torch foreach": lambda w, r: _torch(w, r, "foreach"),
+    "torch fused": lambda w, r: _torch(w, r, "fused"),
+    "optax + jit": _optax,
+    "numpy per tensor": _numpy_per_tensor,
+    "numpy flat": lambda w, r: _numpy_flat(w, r, None),
+    "numpy flat 64K": lambda w, r: _numpy_flat(w, r, 1 << 16),
+}
+
+
+@dataclasses.dataclass
+class Row:
+    workload: str
+    rule: str
+    implementation: str
+    ms: float
+    floor_ms: float
+    first_step_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ms / self.floor_ms
+
+
+def run(
+    workloads: list[str],
+    rules: list[str],
+    implementations: list[str],
+    repeats: int,
+    shapes: dict[str, list[tuple[int, ...]]] | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> tuple[float, list[Row]]:
+    """Bandwidth first, then every (workload, rule, implementation) in this process."""
+    bw = bandwidth()
+    progress(f"bandwidth floor: {bw / 1e9:.1f} GB/s")
+    all_shapes = {**WORKLOADS, **(shapes or {})}
+    rows = []
+    for wname in workloads:
+        w = _Workload(all_shapes[wname])
+        for rule in rules:
+            floor = 1e3 * w.size * TRAFFIC[rule] * 4 / bw
+            for impl in implementations:
+                t0 = time.perf_counter()
+                step = IMPLEMENTATIONS[impl](w, rule)
+                if step is None:
+                    continue
+                step()
+                first = time.perf_counter() - t0
+                ms = _median_ms(step, repeats)
+                rows.append(Row(wname, rule, impl, ms, floor, first))
+                progress(f"{wname} {rule} {impl}: {ms:.2f} ms ({ms / floor:.1f}x floor)")
+                del step
+                gc.collect()
+    return bw, rows
+
+
+def table(bw: float, rows: list[Row]) -> str:
+    impls = list(dict.fromkeys(r.implementation for r in rows))
+    keys = list(dict.fromkeys((r.workload, r.rule) for r in rows))
+    cell = {(r.workload, r.rule, r.implementation): r for r in rows}
+    head = ["workload", "rule", "floor ms", *impls]
+    lines = [head]
+    for wname, rule in keys:
+        floor = next(r.floor_ms for r in rows if (r.workload, r.rule) == (wname, rule))
+        line = [wname, rule, f"{floor:.2f}"]
+        for impl in impls:
+            r = cell.get((wname, rule, impl))
+            line.append("-" if r is None else f"{r.ms:.2f} ({r.ratio:.1f}x)")
+        lines.append(line)
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    out = [f"bandwidth floor {bw / 1e9:.1f} GB/s (fused 4-read/3-write float32 pass); "
+           f"ms per step, median; (ratio to floor); {os.cpu_count()} CPUs"]
+    for i, line in enumerate(lines):
+        out.append(" | ".join(x.rjust(wd) for x, wd in zip(line, widths, strict=True)))
+        if i == 0:
+            out.append("-+-".join("-" * wd for wd in widths))
+    return "\n".join(out)
+
+
+def to_json(bw: float, rows: list[Row]) -> str:
+    return json.dumps(
+        {"bandwidth_bytes_per_s": bw,
+         "rows": [{**dataclasses.asdict(r), "ratio": r.ratio} for r in rows]},
+        indent=2,
+    )
