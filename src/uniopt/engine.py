@@ -223,8 +223,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             return None
     if not leaves or not backend.is_numpy(leaves[0]):
         return None
-    small = sum(getattr(x, "size", 0) for x in leaves) < fused.MIN_SIZE
-    if small and len(leaves) < fused.MIN_LEAVES:
+    if len(leaves) < fused.MIN_LEAVES and sum(x.size for x in leaves) < fused.MIN_SIZE:
         return None  # a tiny step: compiling a loop for it would cost more than it saves
     out = fused.run(_resolve(state.rule, state.step), leaves, g_leaves, state.slots, inplace)
     if isinstance(out, str):
