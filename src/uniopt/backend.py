@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import array_api_compat as aac
+import numpy as np
 
 
 def namespace(x: Any) -> Any:
@@ -13,6 +14,11 @@ def namespace(x: Any) -> Any:
 
 def is_array(x: Any) -> bool:
     return bool(aac.is_array_api_obj(x))
+
+
+def is_numpy_scalar(x: Any) -> bool:
+    """NumPy turns 0-d results into scalars; results must be handed back as arrays."""
+    return isinstance(x, np.generic)
 
 
 def is_numpy(x: Any) -> bool:

@@ -45,19 +45,39 @@ class Transform:
         fields = dataclasses.fields(self)
         return {f.name: getattr(self, f.name) for f in fields if "hyper" in f.metadata}
 
-    def _validate(self, where: str = "") -> None:
+    def _validate(self, where: str = "", resolved: bool = False) -> None:
+        """Check every hyperparameter and store numbers as Python floats (tuples as tuples).
+
+        ``resolved``: the values came from schedules, so each must be a number."""
         for f in dataclasses.fields(self):
             valid = f.metadata.get("hyper") or f.metadata.get("static")
             if valid is None:
                 continue
             value = getattr(self, f.name)
-            items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
-            for i, v in items:
-                if "hyper" in f.metadata and callable(v):
-                    continue
-                label = f.name if i is None else f"{f.name}[{i}]"
-                check(self.name, label, v, valid, where)
-        self.check()
+            schedulable = "hyper" in f.metadata and not resolved
+
+            def number(label: str, v: Any, ok: Interval = valid, sched: bool = schedulable) -> Any:
+                return v if sched and callable(v) else check(self.name, label, v, ok, where)
+
+            if isinstance(f.default, tuple):
+                if not isinstance(value, (tuple, list)):
+                    raise TypeError(
+                        f"{self.name}: {f.name} must be a tuple of {len(f.default)} numbers or "
+                        f"schedules, got {value!r}{where}"
+                    )
+                if len(value) != len(f.default):
+                    raise ValueError(
+                        f"{self.name}: {f.name} must be a tuple of {len(f.default)} numbers or "
+                        f"schedules, got {value!r}{where}"
+                    )
+                value = tuple(number(f"{f.name}[{i}]", v) for i, v in enumerate(value))
+            else:
+                value = number(f.name, value)
+            object.__setattr__(self, f.name, value)
+        try:
+            self.check()
+        except ValueError as e:
+            raise ValueError(f"{e}{where}") from None
 
     def check(self) -> None:
         """Constraints between fields; runs on construction and on every resolved step."""
@@ -71,7 +91,7 @@ class Transform:
         new = object.__new__(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(new, f.name, values.get(f.name, getattr(self, f.name)))
-        new._validate(f" (the value of its schedule at step {step})")
+        new._validate(f" (the value of its schedule at step {step})", resolved=True)
         return new
 
     def parts(self) -> tuple[Elementwise, ...]:

@@ -193,7 +193,7 @@ def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
     """Results of pure updates: arrays (NumPy turns 0-d results into scalars) that alias none
     of the caller's inputs."""
     xp = backend.namespace(like)
-    if not backend.is_array(x):
+    if not backend.is_array(x) or backend.is_numpy_scalar(x):
         return xp.asarray(x, dtype=like.dtype)
     return backend.fresh(x, xp) if any(x is a for a in inputs) else x
 
@@ -272,6 +272,11 @@ def update_(state: State, params: Any, grads: Any) -> State:
         reason = backend.immutable_reason(p)
         if reason:
             raise TypeError(f"update_ cannot write {name} in place: {reason}")
+    for key, arrays in state.slots.items():
+        for name, s in zip(names, arrays, strict=True):
+            reason = backend.immutable_reason(s)
+            if reason:
+                raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
     deltas, slots = _deltas(state, p_leaves, g_leaves)
     for p, u in zip(p_leaves, deltas, strict=True):
         backend.assign(p, p - u)
@@ -285,7 +290,11 @@ def update_(state: State, params: Any, grads: Any) -> State:
 
 def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tuple[Any, State]:
     """The optax protocol for any uniopt transform: updates are to be *added* to params."""
-    if not isinstance(state, State) or state.rule.layout != rule.layout:
+    if (
+        not isinstance(state, State)
+        or type(state.rule) is not type(rule)
+        or state.rule.layout != rule.layout
+    ):
         raise ValueError(
             f"this state was not set up for {rule!r}: its rule is "
             f"{getattr(state, 'rule', state)!r}"
@@ -301,6 +310,11 @@ def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tupl
     _check_state(state, treedef, names, p_leaves)
     deltas, slots = _deltas(dataclasses.replace(state, rule=rule), p_leaves, g_leaves)
     updates = [_as_new_array(-u, g, ()) for u, g in zip(deltas, g_leaves, strict=True)]
+    for key, arrays in slots.items():
+        slots[key] = [
+            _as_new_array(s, g, (g, p, old))
+            for s, g, p, old in zip(arrays, g_leaves, p_leaves, state.slots[key], strict=True)
+        ]
     new = State(rule, state.step + 1, slots, state.treedef)
     return unflatten(treedef, updates), new
 
@@ -310,6 +324,11 @@ def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transfo
     it was found."""
     if isinstance(t, chain):
         if len(path) > 1:
+            if not path[0].isdigit():
+                raise ValueError(
+                    f"adjust: {'.'.join(path)!r}: a member of a chain is named by its position "
+                    f"(an integer), got {path[0]!r}"
+                )
             i = int(path[0])
             if not 0 <= i < len(t.transforms):
                 raise ValueError(f"adjust: chain has no member {i}")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
+
+import numpy as np
 
 Schedule: TypeAlias = Callable[[int], float]
 Hyper: TypeAlias = "float | Schedule"
@@ -55,18 +58,23 @@ def is_schedule(h: object) -> bool:
     return callable(h)
 
 
-def check(owner: str, name: str, value: object, valid: Interval, where: str = "") -> None:
-    """Raise a ValueError/TypeError naming ``owner.name`` if ``value`` is not a valid number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        # numpy / 0-d array scalars are accepted through float(); anything else is a mistake
-        try:
-            value = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{owner}: {name} must be a number or a schedule, got {value!r}{where}"
-            ) from None
-    if math.isnan(value) or value not in valid:
+def check(owner: str, name: str, value: object, valid: Interval, where: str = "") -> float:
+    """``value`` as a Python float, or a TypeError/ValueError naming ``owner``, ``name``, the
+    value and ``where`` it came from.
+
+    Python floats keep float32 arrays float32 where a NumPy float64 scalar would promote them,
+    so every number is normalised here, once."""
+    zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
+    if zero_d and np.dtype(str(value.dtype)).kind in "fiu":  # type: ignore[attr-defined]
+        value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a number or a schedule, got {value!r}{where}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{owner}: {name} must be finite, got {value!r}{where}")
+    if x not in valid:
         raise ValueError(f"{owner}: {name} must be {valid}, got {value!r}{where}")
+    return x
 
 
 def resolve(h: Any, step: int) -> Any:
@@ -78,5 +86,5 @@ def resolve(h: Any, step: int) -> Any:
     if isinstance(h, tuple):
         return tuple(resolve(x, step) for x in h)
     if callable(h):
-        return float(h(step))
+        return h(step)
     return h

@@ -1,0 +1,750 @@
+"""Bad input raises a ValueError/TypeError that names the bad value, before anything changes.
+
+Every case that has a state and params runs both the pure and the in-place update and then
+checks that params, grads, every slot and ``state.step`` are exactly what they were: a bad
+input must never half-update.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import uniopt as uo
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _opt_adam(**kw):
+    return uo.optimistic_adam(**{"lr": 1e-3, **kw})
+
+
+# A step over many leaves runs uniopt's compiled NumPy loop, a small one the reference code:
+# "wide" params add enough leaves for the first, and bad input must be caught on both.
+WIDE_LEAVES = 40
+
+
+def _params(width="narrow"):
+    params = {
+        "layer": [np.linspace(-1.0, 1.0, 6).reshape(2, 3), np.array([0.5, -0.25, 2.0])],
+        "bias": np.array([0.1, -0.2]),
+    }
+    if width == "wide":
+        params["many"] = [np.full(3, 0.1 * i) for i in range(WIDE_LEAVES)]
+    return params
+
+
+def _grads(like=None):
+    """Gradients for ``_params()``, or for the params ``like`` (narrow or wide)."""
+    grads = {
+        "layer": [np.full((2, 3), 0.3), np.array([1.0, -1.0, 0.5])],
+        "bias": np.array([-0.7, 0.2]),
+    }
+    if like is not None and "many" in like:
+        grads["many"] = [np.full(3, 1.0 - 0.05 * i) for i in range(len(like["many"]))]
+    return grads
+
+
+def _copy(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().numpy().copy()
+    return np.array(a, copy=True)
+
+
+def _snapshot(state, *trees):
+    """Copies of everything an update could touch."""
+    slots = {k: [_copy(a) for a in v] for k, v in state.slots.items()}
+    leaves = [[_copy(a) for a in uo.trainables(t)] for t in trees]
+    return state.step, slots, leaves
+
+
+def _assert_same(snap, state, *trees):
+    step, slots, leaves = snap
+    assert state.step == step
+    assert sorted(state.slots) == sorted(slots)
+    for k, arrays in slots.items():
+        assert len(state.slots[k]) == len(arrays)
+        for old, now in zip(arrays, state.slots[k], strict=True):
+            assert np.array_equal(old, _copy(now)), k
+    for before, tree in zip(leaves, trees, strict=True):
+        now = uo.trainables(tree)
+        assert len(now) == len(before)
+        for old, a in zip(before, now, strict=True):
+            assert np.array_equal(old, _copy(a))
+
+
+def _stepped(rule, width="narrow", steps=2):
+    """A state that has taken a few updates, so its slots are not all zero."""
+    params = _params(width)
+    state = uo.setup(rule, params)
+    for _ in range(steps):
+        state = uo.update_(state, params, _grads(params))
+    return state, params
+
+
+@pytest.fixture(params=["narrow", "wide"])
+def width(request):
+    return request.param
+
+
+def _rejects(exc, match, state, params, grads, *, pure=True, inplace=True):
+    """Both update forms raise ``exc`` matching ``match`` and leave every input as it was."""
+    snap = _snapshot(state, params, grads)
+    if pure:
+        with pytest.raises(exc, match=match):
+            uo.update(state, params, grads)
+        _assert_same(snap, state, params, grads)
+    if inplace:
+        with pytest.raises(exc, match=match):
+            uo.update_(state, params, grads)
+        _assert_same(snap, state, params, grads)
+
+
+# --- hyperparameter values ----------------------------------------------------------------------
+
+# (constructor, keyword, label in the message): every non-negative hyperparameter of every rule
+# and building block.
+NONNEG_FIELDS = [
+    (uo.sgd, "lr", "lr"),
+    (uo.sgd, "momentum", "momentum"),
+    (uo.sgd, "weight_decay", "weight_decay"),
+    (uo.sgd, "dampening", "dampening"),
+    (uo.adagrad, "lr", "lr"),
+    (uo.adagrad, "lr_decay", "lr_decay"),
+    (uo.adagrad, "eps", "eps"),
+    (uo.adagrad, "weight_decay", "weight_decay"),
+    (uo.adagrad, "initial_accumulator_value", "initial_accumulator_value"),
+    (uo.rmsprop, "lr", "lr"),
+    (uo.rmsprop, "eps", "eps"),
+    (uo.rmsprop, "weight_decay", "weight_decay"),
+    (uo.rmsprop, "momentum", "momentum"),
+    (uo.rmsprop, "alpha", "alpha"),
+    (uo.adadelta, "lr", "lr"),
+    (uo.adadelta, "eps", "eps"),
+    (uo.adadelta, "weight_decay", "weight_decay"),
+    (uo.adadelta, "rho", "rho"),
+    (uo.adam, "lr", "lr"),
+    (uo.adam, "eps", "eps"),
+    (uo.adam, "weight_decay", "weight_decay"),
+    (uo.adamw, "lr", "lr"),
+    (uo.adamw, "eps", "eps"),
+    (uo.adamw, "weight_decay", "weight_decay"),
+    (_opt_adam, "lr", "lr"),
+    (_opt_adam, "eps", "eps"),
+    (_opt_adam, "eps_root", "eps_root"),
+    (_opt_adam, "alpha", "alpha"),
+    (_opt_adam, "beta", "beta"),
+    (_opt_adam, "b1", "b1"),
+    (_opt_adam, "b2", "b2"),
+    (uo.weight_decay, "wd", "wd"),
+    (uo.scale_by_lr, "lr", "lr"),
+    (uo.trace, "momentum", "momentum"),
+    (uo.trace, "dampening", "dampening"),
+    (uo.clip, "max_delta", "max_delta"),
+    (uo.scale_by_adam, "b1", "b1"),
+    (uo.scale_by_adam, "eps", "eps"),
+    (uo.scale_by_adam, "eps_root", "eps_root"),
+    (uo.scale_by_rms, "eps", "eps"),
+    (uo.scale_by_adagrad, "lr", "lr"),
+    (uo.scale_by_adagrad, "eps", "eps"),
+    (uo.scale_by_adadelta, "eps", "eps"),
+    (uo.scale_by_optimistic_gradient, "alpha", "alpha"),
+    (uo.scale_by_optimistic_gradient, "beta", "beta"),
+]
+
+
+def _id(case):
+    ctor, kw = case[0], case[1]
+    return f"{getattr(ctor, '__name__', 'optimistic_adam').lstrip('_')}-{kw}"
+
+
+@pytest.mark.parametrize("case", NONNEG_FIELDS, ids=_id)
+def test_negative_hyperparameter(case):
+    ctor, kw, label = case
+    with pytest.raises(ValueError, match=rf"\b{label} must be .*got -0\.5\b"):
+        ctor(**{kw: -0.5})
+
+
+# values just outside the closed/half-open unit intervals, and the value that makes the
+# interval half-open (a decay of exactly 1 never forgets)
+UNIT_CASES = [
+    (uo.adam, {"betas": (1.0, 0.999)}, r"betas\[0\]", "1.0"),
+    (uo.adam, {"betas": (0.9, 1.0)}, r"betas\[1\]", "1.0"),
+    (uo.adam, {"betas": (-0.1, 0.999)}, r"betas\[0\]", "-0.1"),
+    (uo.adam, {"betas": (0.9, -0.1)}, r"betas\[1\]", "-0.1"),
+    (uo.adam, {"betas": (0.9, 1.5)}, r"betas\[1\]", "1.5"),
+    (uo.adamw, {"betas": (1.0, 0.999)}, r"betas\[0\]", "1.0"),
+    (uo.adamw, {"betas": (0.9, -0.001)}, r"betas\[1\]", "-0.001"),
+    (_opt_adam, {"b1": 1.0}, "b1", "1.0"),
+    (_opt_adam, {"b2": 1.0}, "b2", "1.0"),
+    (_opt_adam, {"b1": -0.2}, "b1", "-0.2"),
+    (_opt_adam, {"b2": 2.0}, "b2", "2.0"),
+    (uo.scale_by_adam, {"b1": 1.0}, "b1", "1.0"),
+    (uo.scale_by_adam, {"b2": 1.0}, "b2", "1.0"),
+    (uo.adadelta, {"rho": 1.01}, "rho", "1.01"),
+    (uo.adadelta, {"rho": -0.01}, "rho", "-0.01"),
+    (uo.scale_by_adadelta, {"rho": 1.5}, "rho", "1.5"),
+    (uo.rmsprop, {"alpha": 1.01}, "alpha", "1.01"),
+    (uo.rmsprop, {"alpha": -0.01}, "alpha", "-0.01"),
+    (uo.scale_by_rms, {"alpha": 2.0}, "alpha", "2.0"),
+    (uo.sgd, {"momentum": 0.9, "dampening": 1.5}, "dampening", "1.5"),
+    (uo.trace, {"dampening": 1.5}, "dampening", "1.5"),
+]
+
+
+@pytest.mark.parametrize("ctor,kw,label,value", UNIT_CASES)
+def test_decay_outside_unit_interval(ctor, kw, label, value):
+    with pytest.raises(ValueError, match=rf"{label} must be in \[0, 1[\])], got {value}\b"):
+        ctor(**kw)
+
+
+@pytest.mark.parametrize(
+    "ctor,kw",
+    [
+        (uo.adadelta, {"rho": 1.0}),
+        (uo.adadelta, {"rho": 0.0}),
+        (uo.rmsprop, {"alpha": 1.0}),
+        (uo.rmsprop, {"alpha": 0.0}),
+        (uo.adam, {"betas": (0.0, 0.0)}),
+    ],
+)
+def test_closed_interval_ends_are_valid(ctor, kw):
+    # the ends of [0, 1] are legal: the rejections above are about the range, not the value 1
+    rule = ctor(**kw)
+    for k, v in kw.items():
+        assert getattr(rule, k) == v
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: uo.sgd(lr=0.1, nesterov=True),
+        lambda: uo.sgd(lr=0.1, momentum=0.0, nesterov=True),
+        lambda: uo.sgd(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+        lambda: uo.trace(momentum=0.0, nesterov=True),
+        lambda: uo.trace(momentum=0.9, dampening=0.5, nesterov=True),
+    ],
+    ids=[
+        "sgd-default-momentum",
+        "sgd-momentum0",
+        "sgd-dampening",
+        "trace-momentum0",
+        "trace-dampening",
+    ],
+)
+def test_nesterov_needs_momentum_and_no_dampening(build):
+    with pytest.raises(ValueError, match=r"nesterov=True requires momentum > 0 and dampening = 0"):
+        build()
+
+
+@pytest.mark.parametrize(
+    "ctor,kw,label",
+    [
+        (uo.sgd, {"lr": math.nan}, "lr"),
+        (uo.sgd, {"momentum": math.nan}, "momentum"),
+        (uo.adagrad, {"eps": math.nan}, "eps"),
+        (uo.rmsprop, {"alpha": math.nan}, "alpha"),
+        (uo.adadelta, {"rho": math.nan}, "rho"),
+        (uo.adam, {"betas": (math.nan, 0.999)}, r"betas\[0\]"),
+        (uo.adam, {"weight_decay": math.nan}, "weight_decay"),
+        (uo.adamw, {"lr": np.float64("nan")}, "lr"),
+        (_opt_adam, {"b2": math.nan}, "b2"),
+        (uo.clip, {"max_delta": math.nan}, "max_delta"),
+        (uo.scale, {"factor": math.nan}, "factor"),
+    ],
+)
+def test_nan_hyperparameter(ctor, kw, label):
+    with pytest.raises(ValueError, match=rf"{label} must be .*got .*nan"):
+        ctor(**kw)
+
+
+@pytest.mark.parametrize(
+    "ctor,kw,label",
+    [
+        (uo.adam, {"eps": "tiny"}, "eps"),
+        (uo.rmsprop, {"momentum": None}, "momentum"),
+        (_opt_adam, {"lr": "fast"}, "lr"),
+        (uo.scale, {"factor": [1.0, 2.0]}, "factor"),
+        (uo.scale, {"factor": np.array([2.0])}, "factor"),
+        pytest.param(uo.sgd, {"lr": "0.1"}, "lr"),
+        pytest.param(uo.adam, {"betas": (0.9, "0.999")}, r"betas\[1\]"),
+        pytest.param(
+            uo.adagrad,
+            {"initial_accumulator_value": "0.1"},
+            "initial_accumulator_value",
+        ),
+    ],
+)
+def test_non_number_hyperparameter(ctor, kw, label):
+    with pytest.raises(TypeError, match=rf"{label} must be a number or a schedule, got "):
+        ctor(**kw)
+
+
+@pytest.mark.parametrize("ctor,kw", [(uo.sgd, {"lr": True}), (uo.adam, {"eps": False})])
+def test_bool_hyperparameter_is_not_a_number(ctor, kw):
+    with pytest.raises(TypeError, match=r"must be a number or a schedule, got (True|False)"):
+        ctor(**kw)
+
+
+@pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.999)])
+def test_betas_of_wrong_length(betas):
+    with pytest.raises(ValueError, match=r"betas"):
+        uo.adam(betas=betas)
+
+
+# --- schedules that go bad ----------------------------------------------------------------------
+
+
+def _bad_at_3(good, bad):
+    return lambda step: good if step < 3 else bad
+
+
+
+SCHEDULE_CASES = [
+    pytest.param(
+        lambda: uo.sgd(lr=_bad_at_3(0.1, -0.1), momentum=0.9), r"lr must be >= 0", id="sgd-lr"
+    ),
+    pytest.param(
+        lambda: uo.sgd(lr=0.1, momentum=_bad_at_3(0.9, -1.0)), r"momentum", id="sgd-momentum"
+    ),
+    pytest.param(
+        lambda: uo.sgd(lr=0.1, momentum=_bad_at_3(0.9, 0.0), nesterov=True),
+        r"nesterov=True requires momentum > 0",
+        id="sgd-nesterov",
+    ),
+    pytest.param(lambda: uo.adam(lr=_bad_at_3(1e-2, -1e-2)), r"lr must be >= 0", id="adam-lr"),
+    pytest.param(
+        lambda: uo.adam(betas=(_bad_at_3(0.9, 1.0), 0.999)),
+        r"b1 must be in \[0, 1\)",
+        id="adam-beta1",
+    ),
+    pytest.param(
+        lambda: uo.adamw(weight_decay=_bad_at_3(0.01, -0.01)), r"wd must be >= 0", id="adamw-wd"
+    ),
+    pytest.param(
+        lambda: uo.rmsprop(alpha=_bad_at_3(0.9, 1.5)),
+        r"alpha must be in \[0, 1\]",
+        id="rmsprop-alpha",
+    ),
+    pytest.param(
+        lambda: uo.adadelta(eps=_bad_at_3(1e-6, math.nan)), r"eps must be .*nan", id="adadelta-eps"
+    ),
+    pytest.param(lambda: uo.adagrad(lr=_bad_at_3(0.1, -0.1)), r"lr must be >= 0", id="adagrad-lr"),
+    pytest.param(
+        lambda: _opt_adam(b2=_bad_at_3(0.999, -0.5)),
+        r"b2 must be in \[0, 1\)",
+        id="optimistic-b2",
+    ),
+    pytest.param(
+        lambda: uo.chain(uo.clip(_bad_at_3(1.0, -1.0)), uo.sgd(lr=0.1)),
+        r"max_delta must be >= 0",
+        id="chain-clip",
+    ),
+]
+
+
+@pytest.mark.parametrize("build,match", SCHEDULE_CASES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["update", "update_"])
+def test_schedule_invalid_at_step_3(build, match, inplace, width):
+    params = _params(width)
+    state = uo.setup(build(), params)
+    for _ in range(3):
+        if inplace:
+            state = uo.update_(state, params, _grads(params))
+        else:
+            state, params = uo.update(state, params, _grads(params))
+    assert state.step == 3
+    _rejects(
+        ValueError,
+        rf"(?s){match}.*step 3",
+        state,
+        params,
+        _grads(params),
+        pure=not inplace,
+        inplace=inplace,
+    )
+
+
+@pytest.mark.parametrize("bad", ["fast", None])
+def test_schedule_returning_non_number(bad):
+    params = _params()
+    state = uo.setup(uo.sgd(lr=_bad_at_3(0.1, bad)), params)
+    for _ in range(3):
+        state = uo.update_(state, params, _grads())
+    _rejects((TypeError, ValueError), r"(?s)lr must be a number.*step 3", state, params, _grads())
+
+
+# --- gradients ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sgd", "adam", "adamw", "optimistic_adam"])
+def stepped(request, width):
+    rule = {
+        "sgd": uo.sgd(lr=0.1, momentum=0.9),
+        "adam": uo.adam(lr=0.1),
+        "adamw": uo.adamw(lr=0.1, amsgrad=True),
+        "optimistic_adam": uo.optimistic_adam(lr=0.1),
+    }[request.param]
+    return _stepped(rule, width)
+
+
+def test_gradient_shape_names_the_leaf(stepped):
+    state, params = stepped
+    grads = _grads(params)
+    grads["layer"][0] = np.zeros((3, 2))
+    _rejects(
+        ValueError,
+        re.escape("params['layer'][0] has shape (3, 2), its parameter (2, 3)"),
+        state,
+        params,
+        grads,
+    )
+
+
+def test_gradient_shape_in_flat_list(stepped):
+    state, params = stepped
+    flat = uo.trainables(_grads(params))
+    flat[1] = np.zeros(4)
+    # optree order: params['bias'], params['layer'][0], ...
+    _rejects(ValueError, re.escape("params['layer'][0] has shape (4,)"), state, params, flat)
+
+
+def test_gradient_dtype(stepped):
+    state, params = stepped
+    grads = _grads(params)
+    grads["bias"] = grads["bias"].astype(np.float32)
+    _rejects(
+        ValueError,
+        re.escape("params['bias'] has dtype float32, its parameter float64"),
+        state,
+        params,
+        grads,
+    )
+
+
+@pytest.mark.parametrize(
+    "bad", [1.0, "grad", torch.zeros(2, dtype=torch.float64)], ids=["float", "str", "torch"]
+)
+def test_gradient_not_an_array_of_the_params_library(stepped, bad):
+    state, params = stepped
+    grads = _grads(params)
+    grads["bias"] = bad
+    match = r"gradient for params\['bias'\] is a (float|str|torch)"
+    _rejects(TypeError, match, state, params, grads)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_flat_gradient_list_of_wrong_length(stepped, n):
+    state, params = stepped
+    flat = [np.zeros(1)] * n
+    count = len(uo.trainables(params))
+    _rejects(
+        ValueError,
+        rf"flat gradient list has {n} arrays but params have {count}",
+        state,
+        params,
+        flat,
+    )
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda g: {**{k: v for k, v in g.items() if k != "bias"}, "bias2": g["bias"]},
+        lambda g: {**g, "layer": tuple(g["layer"])},
+        lambda g: {**g, "bias": None},
+        lambda g: {k: v for k, v in g.items() if k != "bias"},
+        lambda g: {**g, "layer": [g["layer"][0], [g["layer"][1]]]},
+        lambda g: [g["bias"], [*g["layer"]], *g.get("many", [])],
+    ],
+    ids=["other-key", "tuple-for-list", "none-for-array", "missing-key", "nested", "nested-list"],
+)
+def test_grads_tree_of_wrong_structure(stepped, spoil):
+    state, params = stepped
+    grads = spoil(_grads(params))
+    _rejects(ValueError, r"grads must be a tree with the structure of params", state, params, grads)
+
+
+# --- params against the state -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda p: {**p, "extra": np.zeros(1)},
+        lambda p: uo.trainables(p),
+        lambda p: {**p, "layer": tuple(p["layer"])},
+    ],
+    ids=["extra-key", "flat-list", "tuple-for-list"],
+)
+def test_params_of_another_structure(stepped, other):
+    state, params = stepped
+    p2 = other(params)
+    g2 = other(_grads(params))
+    _rejects(
+        ValueError,
+        r"params do not have the tree structure this state was set up for",
+        state,
+        p2,
+        g2,
+    )
+    _assert_same(_snapshot(state, params), state, params)
+
+
+def test_params_of_other_shapes(width):
+    state, params = _stepped(uo.adam(lr=0.1), width)
+    p2 = {**params, "layer": [np.zeros((3, 2)), np.zeros(3)]}
+    g2 = {**_grads(params), "layer": [np.ones((3, 2)), np.ones(3)]}
+    _rejects(
+        ValueError,
+        re.escape("params['layer'][0] has shape (3, 2)") + r".*other params",
+        state,
+        p2,
+        g2,
+    )
+
+
+def test_params_of_other_dtype(width):
+    state, params = _stepped(uo.adam(lr=0.1), width)
+    p2 = {k: v for k, v in params.items()}
+    p2["bias"] = params["bias"].astype(np.float32)
+    g2 = _grads(params)
+    g2["bias"] = g2["bias"].astype(np.float32)
+    _rejects(
+        ValueError, re.escape("params['bias'] has shape (2,) and dtype float32"), state, p2, g2
+    )
+
+
+@pytest.mark.parametrize("bad", [1.5, "w"], ids=["float", "str"])
+def test_non_array_param_leaf(bad, width):
+    params = {"w": np.zeros(2), "b": bad}
+    with pytest.raises(TypeError, match=r"params\['b'\] is a (float|str), not an array"):
+        uo.setup(uo.adam(), params)
+    state, good = _stepped(uo.adam(lr=0.1), width)
+    bad_tree = {**good, "bias": bad}
+    _rejects(
+        TypeError,
+        r"params\['bias'\] is a (float|str), not an array",
+        state,
+        bad_tree,
+        _grads(good),
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, np.complex128])
+def test_non_real_floating_params(dtype):
+    with pytest.raises(TypeError, match=rf"params\[0\] has dtype {np.dtype(dtype).name}"):
+        uo.setup(uo.sgd(), [np.zeros(3, dtype=dtype)])
+    state = uo.setup(uo.sgd(lr=0.1), [np.zeros(3)])
+    params = [np.zeros(3, dtype=dtype)]
+    _rejects(
+        TypeError, rf"has dtype {np.dtype(dtype).name}", state, params, [np.ones(3, dtype=dtype)]
+    )
+
+
+def test_update_with_a_non_state():
+    params = _params()
+    with pytest.raises(TypeError, match=r"expected a uniopt State .* got dict"):
+        uo.update({"step": 0}, params, _grads())
+    with pytest.raises(TypeError, match=r"expected a uniopt State .* got dict"):
+        uo.update_({"step": 0}, params, _grads())
+
+
+# --- in place on arrays that cannot be written --------------------------------------------------
+
+
+def test_update_inplace_read_only_numpy(stepped):
+    state, params = stepped
+    # only the last leaf in optree order is read-only: the ones before must not be written
+    uo.trainables(params)[-1].setflags(write=False)
+    last = "params['many'][39]" if "many" in params else "params['layer'][1]"
+    snap = _snapshot(state, params)
+    with pytest.raises(TypeError, match=re.escape(last) + r".*read-only"):
+        uo.update_(state, params, _grads(params))
+    _assert_same(snap, state, params)
+    # the pure update still works on read-only input
+    new_state, new_params = uo.update(state, params, _grads(params))
+    assert new_state.step == state.step + 1
+    assert not np.array_equal(uo.trainables(new_params)[-1], uo.trainables(params)[-1])
+
+
+def test_update_inplace_read_only_slot(width):
+    state, params = _stepped(uo.adam(lr=0.1), width)
+    state.slots["scale_by_adam.exp_avg_sq"][-1].setflags(write=False)
+    _rejects(TypeError, r"read-only", state, params, _grads(params), pure=False)
+
+
+def test_update_inplace_jax():
+    params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+    grads = {"w": jnp.full(3, 0.5), "b": jnp.ones(2)}
+    state = uo.setup(uo.adam(lr=0.1), params)
+    state, params = uo.update(state, params, grads)
+    snap = _snapshot(state, params, grads)
+    with pytest.raises(TypeError, match=r"params\['b'\].*JAX arrays are immutable"):
+        uo.update_(state, params, grads)
+    _assert_same(snap, state, params, grads)
+
+
+# --- the optax protocol -------------------------------------------------------------------------
+
+
+def test_optax_state_of_another_rule():
+    params = _params()
+    state = uo.adam(lr=0.1).init(params)
+    snap = _snapshot(state, params)
+    with pytest.raises(ValueError, match=r"this state was not set up for sgd\(.*its rule is adam"):
+        uo.sgd(lr=0.1, momentum=0.9).update(_grads(), state, params)
+    with pytest.raises(ValueError, match=r"this state was not set up for adam\(.*amsgrad=True"):
+        uo.adam(amsgrad=True).update(_grads(), state, params)
+    with pytest.raises(ValueError, match=r"this state was not set up for"):
+        uo.adam().update(_grads(), {"step": 0}, params)
+    _assert_same(snap, state, params)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        uo.adamw(),
+        uo.sgd(lr=0.1, weight_decay=1e-3),
+        uo.chain(uo.weight_decay(1e-3), uo.adam()),
+        uo.adam(weight_decay=lambda step: 0.0),
+    ],
+    ids=["adamw", "sgd-wd", "chain-wd", "adam-scheduled-wd"],
+)
+def test_optax_without_params_when_weight_decay_needs_them(rule):
+    params = _params()
+    state = rule.init(params)
+    snap = _snapshot(state, params)
+    with pytest.raises(ValueError, match=rf"{rule.name}: its update needs params"):
+        rule.update(_grads(), state)
+    _assert_same(snap, state, params)
+
+
+def test_optax_without_params_is_fine_without_weight_decay():
+    # the counterpart of the test above: only rules that read params demand them
+    params = _params()
+    rule = uo.adam(lr=0.1)
+    updates, state = rule.update(_grads(), rule.init(params))
+    assert state.step == 1
+    assert np.allclose(updates["bias"], [0.1, -0.1])
+
+
+# --- adjust -------------------------------------------------------------------------------------
+
+
+def test_adjust_unknown_name():
+    state, params = _stepped(uo.adam(lr=0.1))
+    snap = _snapshot(state, params)
+    rule = state.rule
+    with pytest.raises(ValueError, match=r"'learning_rate' is not a hyperparameter of adam.*'lr'"):
+        uo.adjust(state, learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"'amsgrad' is not a hyperparameter"):
+        uo.adjust(state, amsgrad=True)
+    assert state.rule is rule
+    _assert_same(snap, state, params)
+
+
+def test_adjust_ambiguous_name_in_chain():
+    rule = uo.chain(uo.sgd(lr=1.0, weight_decay=0.1), uo.adamw(lr=0.1, weight_decay=0.01))
+    state, params = _stepped(rule)
+    snap = _snapshot(state, params)
+    with pytest.raises(
+        ValueError,
+        match=r"'weight_decay' is a hyperparameter of 2 members"
+        r".*0\.weight_decay.*1\.weight_decay",
+    ):
+        uo.adjust(state, weight_decay=0.5)
+    assert state.rule is rule
+    _assert_same(snap, state, params)
+
+    new = uo.adjust(state, **{"1.weight_decay": 0.5})
+    assert new.rule.transforms[1].weight_decay == 0.5
+    assert new.rule.transforms[0].weight_decay == 0.1
+    assert new.rule.transforms[1].lr == 0.1
+    assert new.step == state.step
+    for k, arrays in state.slots.items():
+        assert all(a is b for a, b in zip(arrays, new.slots[k], strict=True))
+    assert state.rule.transforms[1].weight_decay == 0.01
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "2.lr",
+        "-1.lr",
+        "x.lr",
+    ],
+)
+def test_adjust_position_that_is_not_a_member(key):
+    state, _ = _stepped(uo.chain(uo.sgd(lr=1.0), uo.adam(lr=0.1)))
+    with pytest.raises(ValueError, match=r"adjust: .*(member|position)"):
+        uo.adjust(state, **{key: 0.5})
+
+
+def test_adjust_that_changes_the_slots():
+    state, params = _stepped(uo.sgd(lr=0.1, momentum=0.0))
+    snap = _snapshot(state, params)
+    with pytest.raises(ValueError, match=r"would change the optimizer's slots"):
+        uo.adjust(state, momentum=0.9)
+    _assert_same(snap, state, params)
+    state2, params2 = _stepped(uo.rmsprop(lr=0.1, momentum=0.5))
+    snap2 = _snapshot(state2, params2)
+    with pytest.raises(ValueError, match=r"would change the optimizer's slots"):
+        uo.adjust(state2, momentum=0.0)
+    _assert_same(snap2, state2, params2)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        ({"lr": -1e-3}, ValueError, r"lr must be >= 0, got -0\.001"),
+        ({"betas": (0.9, 1.0)}, ValueError, r"betas\[1\] must be in \[0, 1\), got 1\.0"),
+        ({"eps": math.nan}, ValueError, r"eps must be finite, got nan"),
+        ({"weight_decay": "big"}, TypeError, r"weight_decay must be a number or a schedule"),
+    ],
+)
+def test_adjust_invalid_value(kw, exc, match):
+    state, params = _stepped(uo.adam(lr=0.1))
+    rule = state.rule
+    snap = _snapshot(state, params)
+    with pytest.raises(exc, match=match):
+        uo.adjust(state, **kw)
+    assert state.rule is rule
+    _assert_same(snap, state, params)
+
+
+def test_adjust_non_state():
+    with pytest.raises(TypeError, match=r"adjust: expected a uniopt State, got adam"):
+        uo.adjust(uo.adam(), lr=0.1)
+
+
+# --- construction -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((uo.sgd(), 3), r"argument 1 is not a uniopt transform: 3"),
+        ((uo.adam,), r"argument 0 is not a uniopt transform: <class"),
+        ((uo.clip(1.0), "adam"), r"argument 1 is not a uniopt transform: 'adam'"),
+        ((None,), r"argument 0 is not a uniopt transform: None"),
+    ],
+)
+def test_chain_of_non_transform(args, match):
+    with pytest.raises(TypeError, match=match):
+        uo.chain(*args)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [uo.adam, "adam", None, torch.optim.SGD],
+    ids=["class", "str", "none", "torch-optimizer"],
+)
+def test_setup_with_non_rule(rule):
+    with pytest.raises(TypeError, match=r"setup: expected a uniopt rule or transform, got "):
+        uo.setup(rule, _params())
