@@ -328,6 +328,9 @@ def add_bench_parser(sub: Any) -> None:
         help="comma-separated (default: every one installed)",
     )
     b.add_argument("--repeats", type=_positive(int, "a positive integer"), default=10)
+    b.add_argument(
+        "--slow", action="store_true", help="also run optax + jit on W4 (minutes to compile)"
+    )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_bench)
 
@@ -346,7 +349,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         shapes["custom"] = [(size,)] * count
         workloads.append("custom")
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
-    bw, rows = bench.run(workloads, args.rules, args.implementations, args.repeats, shapes, log)
+    bw, rows = bench.run(
+        workloads, args.rules, args.implementations, args.repeats, shapes, log, args.slow
+    )
     print(bench.to_json(bw, rows) if args.json else bench.table(bw, rows))
     return 0
 

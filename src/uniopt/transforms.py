@@ -71,6 +71,9 @@ class trace(Elementwise):
 
     The first update stores ``b = u`` undamped, as torch does. With ``nesterov=True`` the
     outgoing update is ``u + momentum*b``; it needs ``momentum > 0`` and ``dampening = 0``.
+    At a step where a momentum schedule is 0, ``u`` passes unchanged and ``b`` is kept, as in
+    torch. (torch also starts its buffer undamped at the first non-zero momentum; here that
+    happens only at the first update, which differs only with dampening > 0.)
     """
 
     momentum: Any = hyper(0.9, NONNEG)
@@ -92,6 +95,8 @@ class trace(Elementwise):
 
     @staticmethod
     def kernel(xp, c, p, u, b):
+        if c[0] == 0:  # momentum off at this step (a schedule): torch leaves its buffer alone
+            return u, b
         b = c[0] * b + c[1] * u
         return (u + c[0] * b if c[2] else b), b
 
