@@ -17,7 +17,6 @@ jnp = jax.numpy
 import uniopt as uo  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True)
 def _x64():  # type: ignore[no-untyped-def]
     with jax.enable_x64(True):
