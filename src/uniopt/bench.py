@@ -10,18 +10,24 @@ the floor. Peers that are not installed are skipped.
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import json
 import os
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
-import numpy as np
+# torch and numba each bring an OpenMP pool; by default each pool's threads spin for a while
+# after a parallel region, taking the cores from whichever runs next in this process. Passive
+# waiting measures each implementation as it runs alone (set before either pool starts).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import uniopt as uo
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import uniopt as uo  # noqa: E402
 
 
 def _resnet50_shapes() -> list[tuple[int, ...]]:
