@@ -168,3 +168,31 @@ def test_pure_update_of_read_only_params_stays_on_the_fast_path() -> None:
 
 def test_offsets_self_test_passes_here() -> None:
     assert fused.AVAILABLE, "NumPy's array struct layout is not the one the fast path reads"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("position", ["head", "after-adam"])
+def test_global_norm_fast_path_agrees_with_reference(
+    dtype: type, position: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The two paths sum the squares in different orders (per chunk and thread, in float64, vs
+    # per leaf), so the norm, and so the clip factor, may differ in the last bit of float64:
+    # after rounding to the dtype that is at most a couple of ulps of each update.
+    clip = uo.clip_by_global_norm(0.5)
+    rule = (
+        uo.chain(clip, uo.adam(lr=1e-2))
+        if position == "head"
+        else uo.chain(uo.scale_by_adam(), clip, uo.scale_by_lr(1e-2))
+    )
+    rng = np.random.default_rng(1)
+    fast = _params(rng, dtype)
+    ref = {k: v.copy() for k, v in fast.items()}
+    s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
+    eps = np.finfo(dtype).eps
+    for _ in range(20):
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
+        s_fast = uo.update_(s_fast, fast, grads)
+        s_ref = _reference(monkeypatch, uo.update_, s_ref, ref, grads)
+        for k in fast:
+            scale = max(float(np.max(np.abs(ref[k]), initial=0.0)), 1.0)
+            assert np.max(np.abs(fast[k] - ref[k]), initial=0.0) <= 8 * eps * scale

@@ -25,7 +25,7 @@ from .rules.adam import (
 )
 from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
 from .rules.sgd import sgd
-from .transforms import clip, scale, scale_by_lr, trace, weight_decay
+from .transforms import clip, clip_by_global_norm, scale, scale_by_lr, trace, weight_decay
 from .tree import pack, register_dataclass, trainables
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "adjust",
     "chain",
     "clip",
+    "clip_by_global_norm",
     "optimistic_adam",
     "pack",
     "register_dataclass",

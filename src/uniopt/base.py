@@ -141,6 +141,9 @@ class Elementwise(Transform):
 
     slots: ClassVar[tuple[str, ...]] = ()
     uses_params: ClassVar[bool] = False
+    # a part that needs the global norm of its input over every leaf (clip_by_global_norm):
+    # the engine computes it in one extra read pass and asks norm_coeffs for the coefficients
+    needs_norm: ClassVar[bool] = False
 
     def parts(self) -> tuple[Elementwise, ...]:
         return (self,)
@@ -154,6 +157,10 @@ class Elementwise(Transform):
     def coeffs(self, step: int) -> tuple[float, ...]:
         """Plain Python numbers for this step (self is already resolved)."""
         return ()
+
+    def norm_coeffs(self, norm: float) -> tuple[float, ...]:
+        """For ``needs_norm`` parts: the coefficients, given the global norm of the input."""
+        raise NotImplementedError
 
     kernel: ClassVar[Kernel]
 

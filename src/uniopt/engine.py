@@ -175,6 +175,9 @@ def _deltas(
 ) -> tuple[list[Any], dict[str, list[Any]]]:
     """The update ``u`` of every leaf (``p_new = p - u``) and the new slots."""
     plan = _resolve(state.rule, state.step)
+    for j, (part, _, keys) in enumerate(plan):
+        if part.needs_norm:
+            plan[j] = (part, part.norm_coeffs(_norm(plan[:j], state, params, grads)), keys)
     new_slots: dict[str, list[Any]] = {k: [] for k in state.slots}
     deltas = []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
@@ -187,6 +190,18 @@ def _deltas(
                 new_slots[k].append(s)
         deltas.append(u)
     return deltas, new_slots
+
+
+def _norm(plan: Resolved, state: State, params: list[Any], grads: list[Any]) -> float:
+    """The global norm of what ``plan`` makes of the gradients (nothing is written)."""
+    total = 0.0
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        xp = backend.namespace(p)
+        u = g
+        for part, c, keys in plan:
+            u = part.kernel(xp, c, p, u, *(state.slots[k][i] for k in keys))[0]
+        total += float(xp.sum(xp.astype(u, xp.float64) ** 2))
+    return total**0.5
 
 
 def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:

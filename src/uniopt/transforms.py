@@ -115,4 +115,25 @@ class clip(Elementwise):
         return (xp.minimum(xp.maximum(u, c[0]), c[1]),)
 
 
-__all__ = ["clip", "scale", "scale_by_lr", "trace", "weight_decay"]
+@dataclass(frozen=True)
+class clip_by_global_norm(Elementwise):
+    """``u <- u * max_norm/||u||`` where the norm over every leaf exceeds ``max_norm``.
+
+    As optax's ``clip_by_global_norm``; torch's ``clip_grad_norm_`` divides by
+    ``||u|| + 1e-6`` and so scales by a hair less. Costs one extra read pass over whatever
+    precedes it in the chain (at the head: the gradients).
+    """
+
+    max_norm: Any = hyper(1.0, NONNEG)
+    needs_norm = True
+
+    def coeffs(self, step: int) -> tuple[float, ...]:
+        return (1.0,)
+
+    def norm_coeffs(self, norm: float) -> tuple[float, ...]:
+        return (self.max_norm / norm if norm > self.max_norm else 1.0,)
+
+    kernel = staticmethod(scale.kernel)
+
+
+__all__ = ["clip", "clip_by_global_norm", "scale", "scale_by_lr", "trace", "weight_decay"]
