@@ -14,6 +14,8 @@ RULES = {
     "sgd": uo.sgd(lr=0.1),
     "sgd-momentum-dampening-wd": uo.sgd(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
     "sgd-nesterov": uo.sgd(lr=0.1, momentum=0.8, nesterov=True),
+    # a momentum that is 0 in float32 but not in double: both paths must branch alike
+    "rmsprop-tiny-momentum": uo.rmsprop(lr=0.1, momentum=1e-300),
     "adagrad": uo.adagrad(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1),
     "rmsprop": uo.rmsprop(lr=0.01),
     "rmsprop-centered-momentum": uo.rmsprop(

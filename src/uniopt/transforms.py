@@ -91,11 +91,14 @@ class trace(Elementwise):
             )
 
     def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.momentum, 1.0 if step == 0 else 1.0 - self.dampening, float(self.nesterov))
+        # whether momentum is on is decided here, in double precision: a momentum that rounds
+        # to 0 in the array's precision must not switch the compiled path onto another branch
+        on = float(self.momentum != 0)
+        return (self.momentum, 1.0 if step == 0 else 1.0 - self.dampening, float(self.nesterov), on)
 
     @staticmethod
     def kernel(xp, c, p, u, b):
-        if c[0] == 0:  # momentum off at this step (a schedule): torch leaves its buffer alone
+        if not c[3]:  # momentum off at this step (a schedule): torch leaves its buffer alone
             return u, b
         b = c[0] * b + c[1] * u
         return (u + c[0] * b if c[2] else b), b
