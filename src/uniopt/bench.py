@@ -202,16 +202,23 @@ def _numpy_flat(w: _Workload, rule: str, chunk: int | None) -> Callable[[], Any]
 
 
 def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
+    """torch.optim in ``mode`` (for-loop, foreach, fused), or ``uniopt.torch``'s class of the
+    same name: the same tensors, the same ``p.grad = g; opt.step()`` loop."""
     try:
         import torch
     except ImportError:
         return None
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
-           "rmsprop": torch.optim.RMSprop}[rule]
+    optim: Any = torch.optim
+    if mode == "uniopt.torch":
+        from . import torch as optim
+    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
+           "rmsprop": optim.RMSprop}[rule]
     kw: dict[str, Any] = {"lr": 1e-3}
     if rule == "sgd":
         kw["momentum"] = 0.9
-    if mode == "fused":
+    if mode == "uniopt.torch":
+        pass
+    elif mode == "fused":
         if rule not in ("adam", "adamw", "sgd"):
             return None
         kw["fused"] = True
@@ -265,6 +272,7 @@ IMPLEMENTATIONS: dict[str, Callable[[_Workload, str], Callable[[], Any] | None]]
     "torch for-loop": lambda w, r: _torch(w, r, "for-loop"),
     "torch foreach": lambda w, r: _torch(w, r, "foreach"),
     "torch fused": lambda w, r: _torch(w, r, "fused"),
+    "uniopt.torch": lambda w, r: _torch(w, r, "uniopt.torch"),
     "optax + jit": _optax,
     "numpy per tensor": _numpy_per_tensor,
     "numpy flat": lambda w, r: _numpy_flat(w, r, None),
