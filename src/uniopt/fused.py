@@ -6,11 +6,13 @@ bookkeeping per tensor. Here the rule's own kernels (the functions the reference
 whole arrays) are compiled with numba and composed into one loop that walks every element of
 every leaf once: read p, g and the slots, run the parts in order, write p and the slots.
 
-Per step, Python touches each leaf only to take ``id()`` of it (``np.fromiter(map(id, ...))``,
-~25 ns a leaf). Everything else a per-leaf loop would do (is it an ndarray, its dtype, shape,
-contiguity, alignment, writability, does the gradient match its parameter) is read by the
-compiled code from NumPy's array struct, whose layout is part of NumPy's stable C ABI; a
-self-test at import checks the offsets and disables this path if they ever disagree. Anything
+Per step, Python does no per-leaf work at all: the compiled code is handed the address of each
+list of leaves (params, grads, each slot) and walks the list's item array itself. Everything a
+per-leaf loop would do (is it an ndarray, its dtype, shape, contiguity, alignment, writability,
+does the gradient match its parameter) is read from NumPy's array struct, whose layout is part
+of NumPy's stable C ABI, as is CPython's list layout; a self-test at import checks every offset
+and disables this path if they ever disagree. The caller holds the GIL for the whole call, so
+no other thread can change the lists meanwhile. Anything
 the kernel does not handle (another array library, a dtype other than float32/float64, a
 non-contiguous or read-only array, a mismatch) sends the step to the reference path, which
 either raises the proper error or runs, after a one-time warning that names the reason.
