@@ -21,12 +21,18 @@ def is_numpy_scalar(x: Any) -> bool:
     return isinstance(x, np.generic)
 
 
+def is_jax(x: Any) -> bool:
+    return bool(aac.is_jax_array(x))
+
+
 def is_numpy(x: Any) -> bool:
     return bool(aac.is_numpy_array(x))
 
 
 def library(x: Any) -> str:
     """A short name of the library that owns array ``x``, for error messages."""
+    if aac.is_jax_array(x):
+        return "jax"  # its arrays live in jaxlib
     return type(x).__module__.split(".")[0]
 
 

@@ -24,7 +24,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from .hyper import Interval, check, resolve
+from .hyper import Interval, _traced, check, resolve
 
 Kernel = Callable[..., tuple[Any, ...]]
 
@@ -85,7 +85,16 @@ class Transform:
     def at(self, step: int) -> Transform:
         """This record with every schedule replaced by its value for ``step``, validated."""
         hp = self.hyperparameters()
-        values = {k: resolve(v, step) for k, v in hp.items() if _has_schedule(v)}
+        try:
+            values = {k: resolve(v, step) for k, v in hp.items() if _has_schedule(v)}
+        except Exception as e:
+            if not _traced(step):
+                raise
+            raise TypeError(
+                f"{self.name}: a schedule could not be traced by jax.jit ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}); write it with array operations (jax.numpy) or "
+                "use uniopt.schedules, which trace"
+            ) from e
         if not values:
             return self
         new = object.__new__(type(self))
@@ -158,7 +167,7 @@ class Elementwise(Transform):
         """Plain Python numbers for this step (self is already resolved)."""
         return ()
 
-    def norm_coeffs(self, norm: float) -> tuple[float, ...]:
+    def norm_coeffs(self, norm: Any) -> tuple[Any, ...]:
         """For ``needs_norm`` parts: the coefficients, given the global norm of the input."""
         raise NotImplementedError
 
@@ -186,6 +195,15 @@ def lerp(a: Any, b: Any, w: float) -> Any:
 def ema_sq(v: Any, g: Any, decay: float, weight: float) -> Any:
     """``decay v + weight g^2`` (``weight = 1 - decay``), in torch's ``mul_ + addcmul_`` order."""
     return v * decay + weight * g * g
+
+
+def select(xp: Any, cond: Any, a: Any, b: Any) -> Any:
+    """``a`` where ``cond`` else ``b``, exactly. ``cond`` is a host bool, or a traced one under
+    ``jax.jit`` (a step-dependent switch such as "first update"); the compiled path has its
+    own scalar version."""
+    if isinstance(cond, (bool, int, float)):
+        return a if cond else b
+    return xp.where(cond, a, b)
 
 
 def bias_correction(decay: float, step: int) -> float:

@@ -17,6 +17,7 @@ import optree
 from . import backend, fused
 from .base import Elementwise, Transform
 from .combine import chain
+from .hyper import _traced
 from .tree import NAMESPACE, flatten, path_str, unflatten
 
 
@@ -54,6 +55,17 @@ optree.register_pytree_node(
 )
 
 
+@functools.cache
+def _register_with_jax() -> None:
+    """Make State a JAX pytree (step and slots are leaves), so ``jax.jit(uniopt.update)``
+    carries it; done on the first setup with JAX arrays, so JAX is never imported otherwise."""
+    import jax
+
+    jax.tree_util.register_pytree_node(
+        State, lambda s: _flatten_state(s)[:2], _unflatten_state
+    )
+
+
 def _plan(rule: Transform) -> list[tuple[Elementwise, tuple[str, ...]]]:
     """Each part with the state keys of its slots."""
     names = iter(rule.layout)
@@ -70,11 +82,20 @@ def _plan(rule: Transform) -> list[tuple[Elementwise, tuple[str, ...]]]:
 def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
     leaves, treedef, paths = flatten(params)
     names = [path_str(p) for p in paths]
+    first = None
     for leaf, name in zip(leaves, names, strict=True):
         if not backend.is_array(leaf):
             raise TypeError(
                 f"{name} is a {type(leaf).__name__}, not an array: {what} leaves must be arrays "
                 "(or None)"
+            )
+        lib = backend.library(leaf)
+        if first is None:
+            first = (lib, name)
+        elif lib != first[0]:
+            raise TypeError(
+                f"{name} is a {lib} array but {first[1]} is a {first[0]} array: the {what} of "
+                "one optimizer must come from one array library"
             )
         xp = backend.namespace(leaf)
         if not xp.isdtype(leaf.dtype, "real floating"):
@@ -93,6 +114,8 @@ def setup(rule: Transform, params: Any) -> State:
     if not isinstance(rule, Transform):
         raise TypeError(f"setup: expected a uniopt rule or transform, got {rule!r}")
     leaves, treedef, _ = _leaves(params)
+    if any(backend.is_jax(p) for p in leaves):
+        _register_with_jax()
     slots: dict[str, list[Any]] = {}
     for part, keys in _plan(rule):
         if keys:
@@ -192,15 +215,18 @@ def _deltas(
     return deltas, new_slots
 
 
-def _norm(plan: Resolved, state: State, params: list[Any], grads: list[Any]) -> float:
+def _norm(plan: Resolved, state: State, params: list[Any], grads: list[Any]) -> Any:
     """The global norm of what ``plan`` makes of the gradients (nothing is written)."""
-    total = 0.0
+    total: Any = 0.0
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         xp = backend.namespace(p)
         u = g
         for part, c, keys in plan:
             u = part.kernel(xp, c, p, u, *(state.slots[k][i] for k in keys))[0]
-        total += float(xp.sum(xp.astype(u, xp.float64) ** 2))
+        # float64 sums where the library has it (JAX only with x64 enabled)
+        wide = u.dtype if backend.is_jax(u) else xp.float64
+        part = xp.sum(xp.astype(u, wide) ** 2)
+        total = total + (part if _traced(part) else float(part))
     return total**0.5
 
 
@@ -238,7 +264,10 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             return None
     if not leaves or not backend.is_numpy(leaves[0]):
         return None
-    if len(leaves) < fused.MIN_LEAVES and sum(x.size for x in leaves) < fused.MIN_SIZE:
+    if len(leaves) < fused.MIN_LEAVES and (
+        not all(backend.is_numpy(x) for x in leaves)
+        or sum(x.size for x in leaves) < fused.MIN_SIZE
+    ):
         return None  # a tiny step: compiling a loop for it would cost more than it saves
     out = fused.run(_resolve(state.rule, state.step), leaves, g_leaves, state.slots, inplace)
     if isinstance(out, str):

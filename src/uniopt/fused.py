@@ -37,7 +37,9 @@ from typing import Any
 import numba
 import numpy as np
 from numba import types as nbtypes
-from numba.extending import intrinsic, register_jitable
+from numba.extending import intrinsic, overload, register_jitable
+
+from .base import select
 
 CHUNK = 1 << 15
 PARALLEL_MIN = 1 << 16  # elements; below this a step runs on one thread
@@ -213,6 +215,17 @@ def _jit(fn: Callable[..., Any], cache: dict[Any, Any]) -> Any:
 
 
 _REGISTERED: set[Any] = set()
+
+
+@overload(select)
+def _select_scalar(xp, cond, a, b):  # numba wants the unannotated signature of select
+    def impl(xp, cond, a, b):  # one element: a plain branch
+        return a if cond else b
+
+    return impl
+
+
+_REGISTERED.add(select)
 _JITTED: dict[Any, Any] = {}
 _FUSED: dict[Any, Any] = {}
 

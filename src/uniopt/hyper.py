@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -58,12 +59,20 @@ def is_schedule(h: object) -> bool:
     return callable(h)
 
 
+def _traced(value: object) -> bool:
+    """Whether ``value`` is a JAX tracer (a hyperparameter computed inside ``jax.jit``)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.core.Tracer)
+
+
 def check(owner: str, name: str, value: object, valid: Interval, where: str = "") -> float:
     """``value`` as a Python float, or a TypeError/ValueError naming ``owner``, ``name``, the
     value and ``where`` it came from.
 
     Python floats keep float32 arrays float32 where a NumPy float64 scalar would promote them,
     so every number is normalised here, once."""
+    if _traced(value):
+        return value  # type: ignore[return-value]  # under jax.jit: no value to check yet
     zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
     if zero_d and np.dtype(str(value.dtype)).kind in "fiu":  # type: ignore[attr-defined]
         value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number

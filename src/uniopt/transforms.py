@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import Elementwise
+from .backend import namespace
+from .base import Elementwise, select
 from .hyper import NONNEG, UNIT, Interval, hyper
 
 
@@ -90,18 +91,20 @@ class trace(Elementwise):
                 f"got momentum={self.momentum!r}, dampening={self.dampening!r}"
             )
 
-    def coeffs(self, step: int) -> tuple[float, ...]:
-        # whether momentum is on is decided here, in double precision: a momentum that rounds
-        # to 0 in the array's precision must not switch the compiled path onto another branch
-        on = float(self.momentum != 0)
-        return (self.momentum, 1.0 if step == 0 else 1.0 - self.dampening, float(self.nesterov), on)
+    def coeffs(self, step: int) -> tuple[Any, ...]:
+        # arithmetic, not branches, so a traced step (jax.jit) works; exact for step 0 / not 0.
+        # Whether momentum is on is decided here, in double precision: a momentum that rounds
+        # to 0 in the array's precision must not switch the compiled path onto another branch.
+        first = step == 0
+        return (self.momentum, 1.0 - (1.0 - first) * self.dampening, float(self.nesterov),
+                self.momentum != 0)
 
     @staticmethod
     def kernel(xp, c, p, u, b):
-        if not c[3]:  # momentum off at this step (a schedule): torch leaves its buffer alone
-            return u, b
-        b = c[0] * b + c[1] * u
-        return (u + c[0] * b if c[2] else b), b
+        nb = c[0] * b + c[1] * u
+        out = u + c[0] * nb if c[2] else nb
+        # momentum off at this step (a schedule): torch leaves its buffer alone
+        return select(xp, c[3], out, u), select(xp, c[3], nb, b)
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,11 @@ class clip_by_global_norm(Elementwise):
     def coeffs(self, step: int) -> tuple[float, ...]:
         return (1.0,)
 
-    def norm_coeffs(self, norm: float) -> tuple[float, ...]:
-        return (self.max_norm / norm if norm > self.max_norm else 1.0,)
+    def norm_coeffs(self, norm: Any) -> tuple[Any, ...]:
+        if isinstance(norm, float):
+            return (self.max_norm / norm if norm > self.max_norm else 1.0,)
+        xp = namespace(norm)  # a traced norm, under jax.jit
+        return (xp.where(norm > self.max_norm, self.max_norm / norm, 1.0),)
 
     kernel = staticmethod(scale.kernel)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Elementwise, Rule, bias_correction, ema_sq, lerp
+from ..base import Elementwise, Rule, bias_correction, ema_sq, lerp, select
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..transforms import scale_by_lr, weight_decay
 from .sgd import _on
@@ -125,11 +125,11 @@ class scale_by_optimistic_gradient(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("prev_update",)
 
     def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.alpha + self.beta, self.beta, float(step == 0))
+        return (self.alpha + self.beta, self.beta, step == 0)
 
     @staticmethod
     def kernel(xp, c, p, u, prev):
-        return c[0] * u - c[1] * (u if c[2] else prev), u
+        return c[0] * u - c[1] * select(xp, c[2], u, prev), u
 
 
 @dataclass(frozen=True)

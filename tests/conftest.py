@@ -1,0 +1,115 @@
+"""The backend matrix (as array-api-extra's ``tests/main/conftest.py``): a test that asks for the
+``backend`` fixture runs once on each array library uniopt supports, in each float dtype.
+
+A :class:`Backend` turns NumPy arrays into its own and back, and says what its arrays are and
+whether ``update_`` may write them. A library is imported only when a test asks for one of its
+backends, and the test is skipped where the library is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str  # the test id
+    np_dtype: type[np.floating]  # the dtype of the NumPy arrays it is fed and compared with
+    dtype: Any  # the library's own dtype object
+    array_type: type
+    asarray: Callable[[np.ndarray], Any]  # a copy, in this library, on this backend's device
+    to_numpy: Callable[[Any], np.ndarray]  # a copy
+    # the phrase update_'s TypeError must contain, or None where update_ writes in place
+    immutable: str | None = None
+    # computes with NumPy's own ufuncs, so its results must be NumPy's to the bit
+    numpy_arithmetic: bool = False
+    # what the backend does to an array uniopt hands back before feeding it in again (read-only
+    # NumPy makes it read-only, so every step's pure update sees read-only params and state)
+    seal: Callable[[Any], None] = lambda x: None
+
+
+def _numpy(dt: type[np.floating], read_only: bool) -> Backend:
+    def seal(x: np.ndarray) -> None:
+        x.flags.writeable = not read_only
+
+    def asarray(a: np.ndarray) -> np.ndarray:
+        out = np.array(a, dtype=dt)
+        seal(out)
+        return out
+
+    return Backend(
+        f"numpy{'-readonly' if read_only else ''}-{dt.__name__}",
+        dt,
+        np.dtype(dt),
+        np.ndarray,
+        asarray,
+        np.array,
+        immutable="read-only" if read_only else None,
+        numpy_arithmetic=True,
+        seal=seal,
+    )
+
+
+def _strict(dt: type[np.floating]) -> Backend:
+    xs = pytest.importorskip("array_api_strict")
+    # not the default device: an array made on the default one (a zeros() without device=)
+    # and mixed with ours makes array-api-strict raise
+    dev = xs.Device("device1")
+    return Backend(
+        f"array_api_strict-{dt.__name__}",
+        dt,
+        getattr(xs, dt.__name__),
+        type(xs.asarray(0.0)),
+        lambda a: xs.asarray(a, device=dev, copy=True),
+        lambda x: np.array(np.from_dlpack(x)),
+        numpy_arithmetic=True,
+    )
+
+
+def _torch(dt: type[np.floating]) -> Backend:
+    torch = pytest.importorskip("torch")
+    return Backend(
+        f"torch-{dt.__name__}",
+        dt,
+        getattr(torch, dt.__name__),
+        torch.Tensor,
+        lambda a: torch.asarray(a, copy=True),
+        lambda x: x.numpy().copy(),
+    )
+
+
+def _jax(dt: type[np.floating]) -> Backend:
+    jax = pytest.importorskip("jax")
+    return Backend(
+        f"jax-{dt.__name__}", dt, np.dtype(dt), jax.Array, jax.numpy.asarray, np.array, "immutable"
+    )
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {
+    "numpy-float64": lambda: _numpy(np.float64, False),
+    "numpy-float32": lambda: _numpy(np.float32, False),
+    "numpy-readonly-float64": lambda: _numpy(np.float64, True),
+    "array_api_strict-float64": lambda: _strict(np.float64),
+    "array_api_strict-float32": lambda: _strict(np.float32),
+    "torch-float64": lambda: _torch(np.float64),
+    "torch-float32": lambda: _torch(np.float32),
+    "jax-float64": lambda: _jax(np.float64),
+    "jax-float32": lambda: _jax(np.float32),
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    b = BACKENDS[request.param]()
+    with contextlib.ExitStack() as stack:
+        if b.name == "jax-float64":
+            # JAX makes float64 arrays only under x64; float32 runs under JAX's default config,
+            # as its users run it
+            stack.enter_context(pytest.importorskip("jax").enable_x64(True))
+        yield b
