@@ -1,0 +1,129 @@
+"""Parity with optax, both under jax.jit, 300 steps on a random pytree; and a uniopt rule driven
+by optax.chain / optax.apply_updates.
+
+Gradients are a fixed random sequence, not a function of the parameters: with feedback, a
+1-ulp difference in an oscillating optimizer (optimistic Adam, RMSprop) is amplified by the
+dynamics until the runs separate, which would measure the problem's chaos, not the rules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+jnp = jax.numpy
+
+import uniopt as uo  # noqa: E402
+
+STEPS = 300
+
+
+def _lr(kind: str):  # type: ignore[no-untyped-def]
+    if kind == "constant":
+        return 0.02, 0.02
+    return (
+        uo.schedules.cosine(0.05, steps=STEPS, floor=0.001),
+        optax.cosine_decay_schedule(0.05, STEPS, alpha=0.001 / 0.05),
+    )
+
+
+CASES = {
+    "adam": lambda lr, olr: (uo.adam(lr=lr), optax.adam(olr)),
+    "adamw": lambda lr, olr: (
+        uo.adamw(lr=lr, weight_decay=1e-2),
+        optax.adamw(olr, weight_decay=1e-2),
+    ),
+    "sgd-momentum": lambda lr, olr: (uo.sgd(lr=lr, momentum=0.9), optax.sgd(olr, momentum=0.9)),
+    "sgd-nesterov": lambda lr, olr: (
+        uo.sgd(lr=lr, momentum=0.9, nesterov=True),
+        optax.sgd(olr, momentum=0.9, nesterov=True),
+    ),
+    "optimistic_adam": lambda lr, olr: (uo.optimistic_adam(lr), optax.optimistic_adam_v2(olr)),
+}
+
+
+def _tree() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "w": rng.standard_normal((8, 5)),
+        "layers": [rng.standard_normal(7), rng.standard_normal(())],
+    }
+
+
+def _run(ours, theirs) -> float:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(jnp.asarray, _tree())
+    state, o_params, o_state = uo.setup(ours, params), params, theirs.init(params)
+    ours_step = jax.jit(uo.update)
+
+    @jax.jit
+    def theirs_step(p, s, g):  # type: ignore[no-untyped-def]
+        u, s = theirs.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    worst = 0.0
+    for _ in range(STEPS):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape)), params)
+        state, params = ours_step(state, params, grads)
+        o_params, o_state = theirs_step(o_params, o_state, grads)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(o_params), strict=True):
+            worst = max(
+                worst, float(jnp.max(jnp.abs(a - b))) / max(1.0, float(jnp.max(jnp.abs(b))))
+            )
+    return worst
+
+
+@pytest.mark.parametrize("lr_kind", ["constant", "cosine"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_optax_under_jit(name: str, lr_kind: str) -> None:
+    with jax.enable_x64(True):
+        err = _run(*CASES[name](*_lr(lr_kind)))
+    assert err < 1e-12, err  # float64 both sides; operation order only
+
+
+def test_rmsprop_matches_optax_eps_outside_the_root() -> None:
+    with jax.enable_x64(True):
+        err = _run(
+            uo.rmsprop(lr=0.01, alpha=0.9), optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False)
+        )
+    assert err < 1e-12, err
+
+
+def test_a_wrong_hyperparameter_is_caught() -> None:
+    with jax.enable_x64(True):
+        err = _run(uo.adam(lr=0.02, betas=(0.9, 0.99)), optax.adam(0.02))
+    assert err > 1e-6
+
+
+def test_uniopt_rule_inside_optax_chain_under_jit() -> None:
+    with jax.enable_x64(True):
+        lr, olr = _lr("cosine")
+        mixed = optax.chain(optax.clip_by_global_norm(1.0), uo.adam(lr=lr))
+        pure = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(olr))
+        assert _run_optax(mixed, pure) < 1e-12
+
+
+def _run_optax(a, b) -> float:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(2)
+    pa = pb = jax.tree.map(jnp.asarray, _tree())
+    sa, sb = a.init(pa), b.init(pb)
+
+    def stepper(tx):  # type: ignore[no-untyped-def]
+        @jax.jit
+        def step(p, s, g):  # type: ignore[no-untyped-def]
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        return step
+
+    fa, fb = stepper(a), stepper(b)
+    worst = 0.0
+    for _ in range(STEPS):
+        g = jax.tree.map(lambda x: jnp.asarray(3 * rng.standard_normal(x.shape)), pa)
+        pa, sa = fa(pa, sa, g)
+        pb, sb = fb(pb, sb, g)
+        for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+            worst = max(worst, float(jnp.max(jnp.abs(x - y))))
+    return worst
