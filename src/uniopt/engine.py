@@ -34,17 +34,20 @@ class State:
     step: int
     slots: dict[str, list[Any]]
     treedef: Any
+    # mixed precision: the dtype (a name, e.g. "float32") the slots are kept and the step is
+    # computed in, when it differs from the params' (set by ``setup(..., state_dtype=...)``)
+    state_dtype: str | None = None
 
     def __repr__(self) -> str:
         return f"State(rule={self.rule!r}, step={self.step}, slots={sorted(self.slots)})"
 
 
-def _flatten_state(s: State) -> tuple[tuple[Any, Any], tuple[Any, Any], tuple[str, str]]:
-    return (s.step, s.slots), (s.rule, s.treedef), ("step", "slots")
+def _flatten_state(s: State) -> tuple[tuple[Any, Any], tuple[Any, ...], tuple[str, str]]:
+    return (s.step, s.slots), (s.rule, s.treedef, s.state_dtype), ("step", "slots")
 
 
-def _unflatten_state(aux: tuple[Any, Any], children: tuple[Any, Any]) -> State:
-    return State(aux[0], children[0], children[1], aux[1])
+def _unflatten_state(aux: tuple[Any, ...], children: tuple[Any, Any]) -> State:
+    return State(aux[0], children[0], children[1], aux[1], aux[2])
 
 
 optree.register_pytree_node(
@@ -103,8 +106,12 @@ def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str
     return leaves, treedef, names
 
 
-def setup(rule: Transform, params: Any) -> State:
+def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> State:
     """The initial state of ``rule`` for ``params`` (any pytree of arrays).
+
+    ``state_dtype`` (e.g. ``"float32"``) keeps the slots in that dtype and computes each step in
+    it, rounding only the new parameters to their own dtype: float16/bfloat16 parameters with
+    float32 moments, without overflow in ``g**2``.
 
     >>> import numpy as np, uniopt as uo
     >>> state = uo.setup(uo.adam(), {"w": np.zeros(3)})
@@ -116,13 +123,25 @@ def setup(rule: Transform, params: Any) -> State:
     leaves, treedef, _ = _leaves(params)
     if any(backend.is_jax(p) for p in leaves):
         _register_with_jax()
+    if state_dtype is not None and state_dtype not in ("float32", "float64"):
+        raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
     slots: dict[str, list[Any]] = {}
     for part, keys in _plan(rule):
         if keys:
-            per_leaf = [part.init_slots(p, backend.namespace(p)) for p in leaves]
+            per_leaf = [
+                part.init_slots(_compute(p, state_dtype), backend.namespace(p)) for p in leaves
+            ]
             for k, key in enumerate(keys):
                 slots[key] = [s[k] for s in per_leaf]
-    return State(rule, 0, slots, treedef)
+    return State(rule, 0, slots, treedef, state_dtype)
+
+
+def _compute(x: Any, state_dtype: str | None) -> Any:
+    """``x`` in the dtype the step is computed in."""
+    if state_dtype is None:
+        return x
+    xp = backend.namespace(x)
+    return xp.astype(x, getattr(xp, state_dtype))
 
 
 def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any]) -> list[Any]:
@@ -170,7 +189,10 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
         )
     for key, arrays in state.slots.items():
         for name, p, s in zip(names, params, arrays, strict=True):
-            if tuple(s.shape) != tuple(p.shape) or s.dtype != p.dtype:
+            dtype = p.dtype
+            if state.state_dtype is not None:
+                dtype = getattr(backend.namespace(p), state.state_dtype)
+            if tuple(s.shape) != tuple(p.shape) or s.dtype != dtype:
                 raise ValueError(
                     f"{name} has shape {tuple(p.shape)} and dtype {p.dtype}, but the state's "
                     f"{key} for it has shape {tuple(s.shape)} and dtype {s.dtype}: this state "
@@ -205,7 +227,7 @@ def _deltas(
     deltas = []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         xp = backend.namespace(p)
-        u = g
+        p, u = _compute(p, state.state_dtype), _compute(g, state.state_dtype)
         for part, c, keys in plan:
             out = part.kernel(xp, c, p, u, *(state.slots[k][i] for k in keys))
             u = out[0]
@@ -236,6 +258,8 @@ def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
     xp = backend.namespace(like)
     if not backend.is_array(x) or backend.is_numpy_scalar(x):
         return xp.asarray(x, dtype=like.dtype)
+    if x.dtype != like.dtype:  # a step computed in a wider state_dtype
+        return xp.astype(x, like.dtype)
     return backend.fresh(x, xp) if any(x is a for a in inputs) else x
 
 
@@ -295,7 +319,7 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     ]
     for key, arrays in slots.items():
         slots[key] = [
-            _as_new_array(s, p, (p, g, old))
+            _as_new_array(s, old, (p, g, old))
             for s, p, g, old in zip(arrays, p_leaves, g_leaves, state.slots[key], strict=True)
         ]
     if fast:
@@ -356,7 +380,7 @@ def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tupl
     updates = [_as_new_array(-u, g, ()) for u, g in zip(deltas, g_leaves, strict=True)]
     for key, arrays in slots.items():
         slots[key] = [
-            _as_new_array(s, g, (g, p, old))
+            _as_new_array(s, old, (g, p, old))
             for s, g, p, old in zip(arrays, g_leaves, p_leaves, state.slots[key], strict=True)
         ]
     new = State(rule, state.step + 1, slots, state.treedef)
