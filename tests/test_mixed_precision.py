@@ -43,6 +43,7 @@ def test_numpy_float16_with_float32_moments_matches_a_float32_run(inplace: bool)
     np.testing.assert_allclose(q16[0].astype(np.float32), q32[0], rtol=0, atol=20 * 2**-10 * 4)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the point
 def test_without_state_dtype_float16_moments_overflow() -> None:
     p = [np.zeros(4, np.float16)]
     s, _ = _run(p, lambda k: [np.full(4, 30_000, np.float16)], uo.adam(lr=1e-2), 1, None)
