@@ -36,7 +36,6 @@ Differences from torch, each on purpose:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import operator
 from collections import Counter
@@ -44,20 +43,19 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, overload
 
 import numpy as np
-import optree
 import torch
 from torch.optim.optimizer import ParamsT
 
 from .base import Transform
+from .base import _has_schedule as has_schedule
 from .combine import chain
-from .engine import State, adjust, setup, update_
+from .engine import State, _flat_list_def, adjust, setup, update_
 from .rules.adadelta import adadelta
 from .rules.adagrad import adagrad
 from .rules.adam import adam, adamw
 from .rules.rmsprop import rmsprop
 from .rules.sgd import sgd
 from .transforms import scale
-from .tree import NAMESPACE
 
 __all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
 
@@ -83,11 +81,6 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 Spec = tuple[str, tuple[int, ...] | None]
 _PLAIN: Spec = ("np", None)
-
-
-@functools.lru_cache(maxsize=64)
-def _flat_list_def(n: int) -> Any:
-    return optree.tree_structure([0] * n, namespace=NAMESPACE)  # type: ignore[arg-type]
 
 
 def _step_dtype() -> torch.dtype:
@@ -150,11 +143,9 @@ def _plain(v: Any) -> Any:
 
 
 def _has_schedule(rule: Transform) -> bool:
-    for part in rule.flat_parts:
-        for v in part.hyperparameters().values():
-            if callable(v) or (isinstance(v, tuple) and any(map(callable, v))):
-                return True
-    return False
+    return any(
+        has_schedule(v) for part in rule.flat_parts for v in part.hyperparameters().values()
+    )
 
 
 def _state_step(st: dict[str, Any]) -> int:
