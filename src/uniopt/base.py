@@ -74,6 +74,8 @@ class Transform:
             else:
                 value = number(f.name, value)
             object.__setattr__(self, f.name, value)
+        if any(_traced(v) for v in _numbers(self)):
+            return  # under jax.jit (adjust-able hyperparameters): nothing to compare yet
         try:
             self.check()
         except ValueError as e:
@@ -107,6 +109,20 @@ class Transform:
         """The elementwise building blocks this transform runs, in order."""
         raise NotImplementedError
 
+    # hyperparameters whose value decides whether a block exists (zero: no block, no slot)
+    optional: ClassVar[tuple[str, ...]] = ()
+
+    def on(self, name: str) -> bool:
+        """Whether the optional block that hyperparameter ``name`` drives is needed (a schedule
+        may become non-zero later). Under ``jax.jit`` the values are traced, so the decision
+        made on the host travels with the state (see :func:`rebuild`)."""
+        assert name in self.optional, f"{self.name}.optional does not list {name!r}"
+        fixed = self.__dict__.get("_on_fixed")
+        if fixed is not None:
+            return name in fixed
+        v = getattr(self, name)
+        return callable(v) or v != 0
+
     @functools.cached_property
     def flat_parts(self) -> tuple[Elementwise, ...]:
         out: list[Elementwise] = []
@@ -138,6 +154,63 @@ class Transform:
         from .engine import optax_update
 
         return optax_update(self, grads, state, params)
+
+
+def _numbers(t: Transform) -> list[Any]:
+    return [x for v in t.hyperparameters().values() for x in (v if isinstance(v, tuple) else (v,))
+            if not callable(x)]
+
+
+def hyper_leaves(t: Transform) -> tuple[list[Any], Any]:
+    """``t``'s numeric hyperparameters (members' too) and a hashable skeleton of the rest.
+
+    The skeleton holds the type, the fixed fields, the schedules and every ``on`` decision, so
+    two rules with equal skeletons have the same parts and slots: under ``jax.jit`` the numbers
+    are traced inputs and :func:`uniopt.adjust` does not recompile."""
+    leaves: list[Any] = []
+    fields = []
+    for f in dataclasses.fields(t):
+        v = getattr(t, f.name)
+        if isinstance(v, Transform) or (isinstance(v, tuple) and v and all(
+                isinstance(m, Transform) for m in v)):
+            subs = [hyper_leaves(m) for m in (v if isinstance(v, tuple) else (v,))]
+            for sub_leaves, _ in subs:
+                leaves += sub_leaves
+            fields.append((f.name, "members" if isinstance(v, tuple) else "member",
+                           tuple(sk for _, sk in subs)))
+        elif "hyper" in f.metadata:
+            xs = v if isinstance(v, tuple) else (v,)
+            leaves += [x for x in xs if not callable(x)]
+            fields.append((f.name, "tuple" if isinstance(v, tuple) else "one",
+                           tuple(x if callable(x) else None for x in xs)))
+        else:
+            fields.append((f.name, "fixed", v))
+    on = frozenset(n for n in t.optional if t.on(n))
+    return leaves, (type(t), tuple(fields), on)
+
+
+def rebuild(skeleton: Any, leaves: Any) -> Transform:
+    """Inverse of :func:`hyper_leaves`: the values may be traced, so nothing is validated and
+    the ``on`` decisions come from the skeleton."""
+    it = iter(leaves)
+
+    def build(sk: Any) -> Transform:
+        cls, fields, on = sk
+        t = object.__new__(cls)
+        for name, kind, spec in fields:
+            if kind == "fixed":
+                v = spec
+            elif kind in ("member", "members"):
+                v = tuple(build(m) for m in spec)
+                v = v[0] if kind == "member" else v
+            else:
+                v = tuple(next(it) if x is None else x for x in spec)
+                v = v[0] if kind == "one" else v
+            object.__setattr__(t, name, v)
+        object.__setattr__(t, "_on_fixed", on)
+        return t
+
+    return build(skeleton)
 
 
 def _has_schedule(v: Any) -> bool:

@@ -15,7 +15,7 @@ from typing import Any, cast
 import optree
 
 from . import backend, fused
-from .base import Elementwise, Transform
+from .base import Elementwise, Transform, hyper_leaves, rebuild
 from .combine import chain
 from .hyper import _traced
 from .tree import NAMESPACE, flatten, path_str, unflatten
@@ -60,13 +60,24 @@ optree.register_pytree_node(
 
 @functools.cache
 def _register_with_jax() -> None:
-    """Make State a JAX pytree (step and slots are leaves), so ``jax.jit(uniopt.update)``
-    carries it; done on the first setup with JAX arrays, so JAX is never imported otherwise."""
+    """Make State a JAX pytree, so ``jax.jit(uniopt.update)`` carries it; done on the first
+    setup with JAX arrays, so JAX is never imported otherwise.
+
+    The leaves are the step, the slots and the rule's numeric hyperparameters; the rule's
+    skeleton (types, flags, schedules, which optional blocks are on) is static. So a run under
+    jit compiles once, and again only when :func:`adjust` changes the skeleton: a schedule for a
+    number, or a value to or from zero where zero removes a block."""
     import jax
 
-    jax.tree_util.register_pytree_node(
-        State, lambda s: _flatten_state(s)[:2], _unflatten_state
-    )
+    def flatten(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        values, skeleton = hyper_leaves(s.rule)
+        return (s.step, s.slots, values), (skeleton, s.treedef, s.state_dtype)
+
+    def unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
+        step, slots, values = children
+        return State(rebuild(aux[0], values), step, slots, aux[1], aux[2])
+
+    jax.tree_util.register_pytree_node(State, flatten, unflatten)
 
 
 def _plan(rule: Transform) -> list[tuple[Elementwise, tuple[str, ...]]]:

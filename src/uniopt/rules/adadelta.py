@@ -6,7 +6,6 @@ from typing import Any, ClassVar
 from ..base import Elementwise, Rule, ema_sq
 from ..hyper import NONNEG, UNIT, hyper
 from ..transforms import scale_by_lr, weight_decay
-from .sgd import _on
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,11 @@ class adadelta(Rule):
     eps: Any = hyper(1e-6, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
 
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
     def parts(self) -> tuple[Elementwise, ...]:
         return (
-            *([weight_decay(self.weight_decay)] if _on(self.weight_decay) else []),
+            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
             scale_by_adadelta(self.rho, self.eps),
             scale_by_lr(self.lr),
         )

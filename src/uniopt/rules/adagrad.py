@@ -6,7 +6,6 @@ from typing import Any, ClassVar
 from ..base import Elementwise, Rule, static
 from ..hyper import NONNEG, hyper
 from ..transforms import weight_decay
-from .sgd import _on
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,10 @@ class adagrad(Rule):
     initial_accumulator_value: float = static(0.0, NONNEG)
     eps: Any = hyper(1e-10, NONNEG)
 
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
     def parts(self) -> tuple[Elementwise, ...]:
         return (
-            *([weight_decay(self.weight_decay)] if _on(self.weight_decay) else []),
+            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
             scale_by_adagrad(self.lr, self.lr_decay, self.eps, self.initial_accumulator_value),
         )

@@ -6,7 +6,6 @@ from typing import Any, ClassVar
 from ..base import Elementwise, Rule, bias_correction, ema_sq, lerp, select
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..transforms import scale_by_lr, weight_decay
-from .sgd import _on
 
 
 @dataclass(frozen=True)
@@ -83,9 +82,11 @@ class adam(Rule):
     weight_decay: Any = hyper(0.0, NONNEG)
     amsgrad: bool = False
 
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
     def parts(self) -> tuple[Elementwise, ...]:
         return (
-            *([weight_decay(self.weight_decay)] if _on(self.weight_decay) else []),
+            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
             _adam_block(self.betas, self.eps, self.amsgrad),
             scale_by_lr(self.lr),
         )

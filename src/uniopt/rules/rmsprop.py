@@ -6,7 +6,6 @@ from typing import Any, ClassVar
 from ..base import Elementwise, Rule, ema_sq, lerp
 from ..hyper import NONNEG, UNIT, hyper
 from ..transforms import scale_by_lr, trace, weight_decay
-from .sgd import _on
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,13 @@ class rmsprop(Rule):
     momentum: Any = hyper(0.0, NONNEG)
     centered: bool = False
 
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
+
     def parts(self) -> tuple[Elementwise, ...]:
         rms = scale_by_centered_rms if self.centered else scale_by_rms
         return (
-            *([weight_decay(self.weight_decay)] if _on(self.weight_decay) else []),
+            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
             rms(self.alpha, self.eps),
-            *([trace(self.momentum)] if _on(self.momentum) else []),
+            *([trace(self.momentum)] if self.on("momentum") else []),
             scale_by_lr(self.lr),
         )

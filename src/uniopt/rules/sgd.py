@@ -1,16 +1,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base import Elementwise, Rule
 from ..hyper import NONNEG, UNIT, hyper
 from ..transforms import scale_by_lr, trace, weight_decay
-
-
-def _on(h: Any) -> bool:
-    """Whether an optional block is needed: a schedule may become non-zero later."""
-    return callable(h) or h != 0
 
 
 @dataclass(frozen=True)
@@ -44,9 +39,11 @@ class sgd(Rule):
                 f"got momentum={self.momentum!r}, dampening={self.dampening!r}"
             )
 
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
+
     def parts(self) -> tuple[Elementwise, ...]:
         return (
-            *([weight_decay(self.weight_decay)] if _on(self.weight_decay) else []),
-            *([trace(self.momentum, self.dampening, self.nesterov)] if _on(self.momentum) else []),
+            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
+            *([trace(self.momentum, self.dampening, self.nesterov)] if self.on("momentum") else []),
             scale_by_lr(self.lr),
         )
