@@ -44,6 +44,7 @@ RULES: dict[str, uo.Transform] = {
     "sgd-momentum-dampening-wd": uo.sgd(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2),
     "sgd-nesterov-wd": uo.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
     "adagrad": uo.adagrad(lr=0.1, lr_decay=1e-3, weight_decay=1e-2, initial_accumulator_value=0.1),
+    "adagrad-eps-in-sqrt": uo.adagrad(lr=0.1, eps=1e-7, eps_in_sqrt=True),
     "rmsprop": uo.rmsprop(lr=1e-2),
     "rmsprop-centered-momentum": uo.rmsprop(
         lr=1e-2, centered=True, momentum=0.9, weight_decay=1e-2
@@ -292,3 +293,14 @@ def test_params_from_two_libraries(entry: str, first: str) -> None:
     assert state.step == 0
     for a, b in zip(uo.trainables(mixed), init, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_adagrad_eps_in_sqrt_zero_gradient_is_zero(backend: Any) -> None:
+    """optax's placement with eps = 0: an element that has only had zero gradients has G = 0,
+    and its update is 0, with no 0/0 (nor a NumPy warning about one) on any backend."""
+    params = _convert(backend, [np.array([1.0, 2.0, 3.0])])
+    state = uo.setup(uo.adagrad(lr=0.5, eps=0.0, eps_in_sqrt=True), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state, params = uo.update(state, params, _convert(backend, [np.array([0.0, 4.0, -1.0])]))
+    np.testing.assert_array_equal(backend.to_numpy(params[0]), [1.0, 1.5, 3.5])

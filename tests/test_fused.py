@@ -17,6 +17,7 @@ RULES = {
     # a momentum that is 0 in float32 but not in double: both paths must branch alike
     "rmsprop-tiny-momentum": uo.rmsprop(lr=0.1, momentum=1e-300),
     "adagrad": uo.adagrad(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1),
+    "adagrad-eps-in-sqrt": uo.adagrad(lr=0.1, eps=0.0, eps_in_sqrt=True),
     "rmsprop": uo.rmsprop(lr=0.01),
     "rmsprop-centered-momentum": uo.rmsprop(
         lr=0.01, centered=True, momentum=0.5, weight_decay=1e-3

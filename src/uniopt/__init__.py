@@ -14,7 +14,7 @@ from .base import Elementwise, Rule, Transform
 from .combine import chain
 from .engine import State, adjust, setup, update, update_
 from .rules.adadelta import adadelta, scale_by_adadelta
-from .rules.adagrad import adagrad, scale_by_adagrad
+from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
 from .rules.adam import (
     adam,
     adamw,
@@ -56,6 +56,7 @@ __all__ = [
     "scale_by_lr",
     "scale_by_optimistic_gradient",
     "scale_by_rms",
+    "scale_by_rss",
     "schedules",
     "setup",
     "sgd",

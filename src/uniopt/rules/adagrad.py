@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Elementwise, Rule, static
+from ..base import Elementwise, Rule, select, static
 from ..hyper import NONNEG, hyper
 from ..transforms import weight_decay
 
@@ -31,12 +31,28 @@ class scale_by_adagrad(Elementwise):
 
 
 @dataclass(frozen=True)
+class scale_by_rss(scale_by_adagrad):
+    """optax's Adagrad direction: ``G <- G + u^2``; ``u <- clr * u/sqrt(G + eps)`` where
+    ``G > 0``, else 0 (then ``u`` is 0 too), so ``eps = 0`` never divides 0 by 0."""
+
+    def coeffs(self, step: int) -> tuple[float, ...]:
+        return (*super().coeffs(step), 1.0)
+
+    @staticmethod
+    def kernel(xp, c, p, u, acc):
+        acc = acc + u * u
+        return c[0] * (u / select(xp, acc > 0, xp.sqrt(acc + c[1]), c[2])), acc
+
+
+@dataclass(frozen=True)
 class adagrad(Rule):
     """Adagrad (Duchi et al., 2011) as torch writes it.
 
     ``g <- g + weight_decay*p``; ``G <- G + g^2``; ``p <- p - lr/(1+(t-1)*lr_decay) *
     g/(sqrt(G) + eps)``, ``G`` starting at ``initial_accumulator_value``; t counts from 1.
-    (optax and keras start ``G`` at 0.1 and put eps inside the root; see CONVENTIONS.)
+
+    ``eps_in_sqrt=True`` is optax's and keras's placement, ``g/sqrt(G + eps)`` (0 where
+    ``G = 0``); with ``initial_accumulator_value=0.1, eps=1e-7`` it is ``optax.adagrad``.
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -44,11 +60,14 @@ class adagrad(Rule):
     weight_decay: Any = hyper(0.0, NONNEG)
     initial_accumulator_value: float = static(0.0, NONNEG)
     eps: Any = hyper(1e-10, NONNEG)
+    eps_in_sqrt: bool = False
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     def parts(self) -> tuple[Elementwise, ...]:
         return (
             *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
-            scale_by_adagrad(self.lr, self.lr_decay, self.eps, self.initial_accumulator_value),
+            (scale_by_rss if self.eps_in_sqrt else scale_by_adagrad)(
+                self.lr, self.lr_decay, self.eps, self.initial_accumulator_value
+            ),
         )
