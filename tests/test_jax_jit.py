@@ -3,6 +3,7 @@ slots and the rule's numeric hyperparameters, so a run compiles once, adjust() i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -190,3 +191,70 @@ def test_float32_hyperparameters_under_jit_are_float32() -> None:
     assert ulps(runs["jit"], runs["eager fl32"]) <= 8
     # the difference from eager with the double-precision alpha is that rounding, not noise
     assert ulps(runs["jit"], runs["eager"]) > 4 * ulps(runs["jit"], runs["eager fl32"])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Linear:
+    """An equinox/flax-style module: array fields are children, ``act`` is static."""
+
+    w: jax.Array
+    b: jax.Array | None
+    act: str = dataclasses.field(default="relu", metadata={"static": True})
+
+
+def test_module_pytrees_under_jit() -> None:
+    """Parameters held in modules JAX knows as pytrees (and nested dicts of them): same leaf
+    order as JAX, gradients from jax.grad (modules too) or as a flat list, one compile."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+
+        def arr(*shape: int) -> jax.Array:
+            return jnp.asarray(rng.standard_normal(shape))
+
+        model = {
+            "encoder": [Linear(arr(4, 3), arr(3)), Linear(arr(3, 3), None, act="tanh")],
+            "head": {"out": Linear(arr(3, 1), arr(1), act="id"), "temperature": arr()},
+        }
+        x = arr(8, 4)
+
+        def loss(m):  # type: ignore[no-untyped-def]
+            h = x
+            for layer in m["encoder"]:
+                h = h @ layer.w + (0 if layer.b is None else layer.b)
+                h = jnp.tanh(h) if layer.act == "tanh" else jax.nn.relu(h)
+            out = m["head"]["out"]
+            return jnp.mean((h @ out.w + out.b) ** 2) * jnp.exp(m["head"]["temperature"])
+
+        assert [a.shape for a in uo.trainables(model)] == [
+            a.shape for a in jax.tree.leaves(model)
+        ]
+        rule = uo.adamw(lr=1e-2, weight_decay=1e-2)
+        state, params = uo.setup(rule, model), model
+        ref = [np.asarray(a) for a in jax.tree.leaves(model)]  # the same arrays, a flat list
+        ref_state = uo.setup(rule, ref)
+        traces = []
+
+        def step(state, params, grads):  # type: ignore[no-untyped-def]
+            traces.append(1)
+            return uo.update(state, params, grads)
+
+        jitted = jax.jit(step)
+        for k in range(100):
+            grads = jax.grad(loss)(params)
+            if k % 2:  # alternate: a module tree, then a flat list in trainables order
+                grads = uo.trainables(grads)
+            state, params = jitted(state, params, grads)
+            flat = [np.asarray(g) for g in jax.tree.leaves(grads)]
+            ref_state, ref = uo.update(ref_state, ref, flat)
+            for a, b in zip(jax.tree.leaves(params), ref, strict=True):
+                assert np.max(np.abs(np.asarray(a) - b)) <= 1e-12 * max(1.0, np.max(np.abs(b)))
+        assert len(traces) == 2  # one compile per gradient structure (module tree, flat list)
+        assert isinstance(params["encoder"][1], Linear) and params["encoder"][1].act == "tanh"
+        assert params["encoder"][1].b is None
+        assert float(loss(params)) < float(loss(model))
+
+
+def test_module_with_a_non_array_field_names_it() -> None:
+    with pytest.raises(TypeError, match=r"params\['layer'\]\['w'\] is a str, not an array"):
+        uo.setup(uo.sgd(), {"layer": Linear("oops", jnp.zeros(2))})  # type: ignore[arg-type]

@@ -1,15 +1,17 @@
 """Parameter trees, through optree.
 
 A params tree is any nesting of dicts, lists, tuples and namedtuples (and dataclasses once
-registered with :func:`register_dataclass`) whose leaves are arrays; ``None`` leaves are allowed
-and hold nothing. :func:`trainables` lists the arrays in optree's order: dict entries sorted by
-key, sequences and namedtuple/dataclass fields in order, depth first. A flat list of gradients
-must follow that order.
+registered with :func:`register_dataclass`, and any node type JAX knows: flax and equinox
+modules, ``jax.tree_util.register_dataclass`` classes) whose leaves are arrays; ``None`` leaves
+are allowed and hold nothing. :func:`trainables` lists the arrays in optree's order (JAX's too):
+dict entries sorted by key, sequences and namedtuple/dataclass fields in order, depth first. A
+flat list of gradients must follow that order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import optree
@@ -20,7 +22,51 @@ NAMESPACE = "uniopt"
 def flatten(tree: Any) -> tuple[list[Any], Any, list[tuple[Any, ...]]]:
     """``(leaves, treedef, paths)``; ``None`` is an empty subtree, not a leaf."""
     paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
+    while _adopt_jax_nodes(leaves):  # a module may hold modules of other types
+        paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
     return leaves, treedef, paths
+
+
+_NOT_NODES: set[type] = set()  # leaf types JAX does not flatten
+
+
+def _adopt_jax_nodes(leaves: list[Any]) -> bool:
+    """Register with optree every type among ``leaves`` that JAX flattens (a module of flax or
+    equinox, a ``jax.tree_util.register_dataclass``): JAX's own flattening, one level at a
+    time, so the leaves come in JAX's order. Whether any was new."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return False
+    tu = jax.tree_util
+    new: set[type] = set()
+    for leaf in leaves:
+        cls = type(leaf)
+        if cls in _NOT_NODES or cls in new or hasattr(leaf, "__array_namespace__"):
+            continue
+        if tu.treedef_is_leaf(tu.tree_structure(leaf)):
+            _NOT_NODES.add(cls)
+            continue
+
+        def one_level(x: Any) -> tuple[list[Any], Any, list[Any]]:
+            keyed, treedef = tu.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+            return [c for _, c in keyed], treedef, [_key(path[0]) for path, _ in keyed]
+
+        optree.register_pytree_node(
+            cls,
+            one_level,
+            lambda treedef, children: tu.tree_unflatten(treedef, children),
+            namespace=NAMESPACE,
+        )
+        new.add(cls)
+    return bool(new)
+
+
+def _key(k: Any) -> Any:
+    """The name or index inside a JAX key path entry (GetAttrKey, DictKey, SequenceKey...)."""
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
 
 
 def unflatten(treedef: Any, leaves: list[Any]) -> Any:
