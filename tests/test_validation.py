@@ -729,10 +729,10 @@ def test_adjust_non_state():
 @pytest.mark.parametrize(
     "args,match",
     [
-        ((uo.sgd(), 3), r"argument 1 is not a uniopt transform: 3"),
-        ((uo.adam,), r"argument 0 is not a uniopt transform: <class"),
-        ((uo.clip(1.0), "adam"), r"argument 1 is not a uniopt transform: 'adam'"),
-        ((None,), r"argument 0 is not a uniopt transform: None"),
+        ((uo.sgd(), 3), r"argument 1 is neither a uniopt transform nor an optax \S+: 3"),
+        ((uo.adam,), r"argument 0 is neither a uniopt transform nor an optax \S+: <class"),
+        ((uo.clip(1.0), "adam"), r"argument 1 is neither .* GradientTransformation: 'adam'"),
+        ((None,), r"argument 0 is neither a uniopt transform nor an optax \S+: None"),
     ],
 )
 def test_chain_of_non_transform(args, match):

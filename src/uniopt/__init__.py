@@ -11,7 +11,7 @@
 
 from . import schedules
 from .base import Elementwise, Rule, Transform
-from .combine import chain
+from .combine import chain, from_optax
 from .engine import State, adjust, setup, update, update_
 from .rules.adadelta import adadelta, scale_by_adadelta
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
@@ -43,6 +43,7 @@ __all__ = [
     "chain",
     "clip",
     "clip_by_global_norm",
+    "from_optax",
     "optimistic_adam",
     "pack",
     "register_dataclass",

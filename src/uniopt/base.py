@@ -105,8 +105,8 @@ class Transform:
         new._validate(f" (the value of its schedule at step {step})", resolved=True)
         return new
 
-    def parts(self) -> tuple[Elementwise, ...]:
-        """The elementwise building blocks this transform runs, in order."""
+    def parts(self) -> tuple[Part, ...]:
+        """The building blocks this transform runs, in order."""
         raise NotImplementedError
 
     # hyperparameters whose value decides whether a block exists (zero: no block, no slot)
@@ -124,10 +124,21 @@ class Transform:
         return callable(v) or v != 0
 
     @functools.cached_property
-    def flat_parts(self) -> tuple[Elementwise, ...]:
-        out: list[Elementwise] = []
+    def flat_parts(self) -> tuple[Part, ...]:
+        out: list[Part] = []
         for p in self.parts():
-            out.extend([p] if isinstance(p, Elementwise) else p.flat_parts)
+            out.extend([p] if isinstance(p, (Elementwise, WholeTree)) else p.flat_parts)
+        return tuple(out)
+
+    @functools.cached_property
+    def tree_layout(self) -> tuple[str, ...]:
+        """Names of the whole-tree parts, each with one state entry (``from_optax``...)."""
+        seen: dict[str, int] = {}
+        out = []
+        for p in self.flat_parts:
+            if isinstance(p, WholeTree):
+                n = seen[p.name] = seen.get(p.name, -1) + 1
+                out.append(p.name if n == 0 else f"{p.name}#{n}")
         return tuple(out)
 
     @functools.cached_property
@@ -136,7 +147,7 @@ class Transform:
         seen: dict[str, int] = {}
         out = []
         for p in self.flat_parts:
-            if not p.slot_names():
+            if isinstance(p, WholeTree) or not p.slot_names():
                 continue
             n = seen[p.name] = seen.get(p.name, -1) + 1
             out.append((p.name if n == 0 else f"{p.name}#{n}", p.slot_names()))
@@ -245,6 +256,30 @@ class Elementwise(Transform):
         raise NotImplementedError
 
     kernel: ClassVar[Kernel]
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeTree(Transform):
+    """A building block that sees every leaf's ``u`` at once, as a tree shaped like the params
+    (an optax transformation): the engine runs the elementwise parts before it on every leaf,
+    hands it the tree, and keeps its state, any pytree, in ``State.tree_states``."""
+
+    def parts(self) -> tuple[Part, ...]:
+        return (self,)
+
+    def slot_names(self) -> tuple[str, ...]:
+        return ()
+
+    def init_tree(self, params: Any) -> Any:
+        """The state for the params tree."""
+        raise NotImplementedError
+
+    def apply(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted)."""
+        raise NotImplementedError
+
+
+Part = Elementwise | WholeTree
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, cast
 import optree
 
 from . import backend, fused
-from .base import Elementwise, Transform, hyper_leaves, rebuild
+from .base import Elementwise, Part, Transform, WholeTree, hyper_leaves, rebuild
 from .combine import chain
 from .hyper import _traced
 from .tree import NAMESPACE, flatten, path_str, unflatten
@@ -26,8 +26,10 @@ class State:
     """An optimizer's state: the rule, the number of updates applied, and per-leaf slots.
 
     ``slots`` maps ``"<part>.<slot>"`` (e.g. ``"scale_by_adam.exp_avg"``) to one array per
-    trainable leaf, in :func:`uniopt.trainables` order. A state is a pytree whose leaves are
-    ``step`` and the slot arrays; ``rule`` and the params' tree structure are static.
+    trainable leaf, in :func:`uniopt.trainables` order; ``tree_states`` holds the state of each
+    whole-tree part (an optax transformation in the chain) by name. A state is a pytree whose
+    leaves are ``step``, the slot arrays and the tree states; ``rule`` and the params' tree
+    structure are static (under ``jax.jit`` the rule's numbers are leaves too).
     """
 
     rule: Transform
@@ -37,17 +39,20 @@ class State:
     # mixed precision: the dtype (a name, e.g. "float32") the slots are kept and the step is
     # computed in, when it differs from the params' (set by ``setup(..., state_dtype=...)``)
     state_dtype: str | None = None
+    tree_states: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
-        return f"State(rule={self.rule!r}, step={self.step}, slots={sorted(self.slots)})"
+        trees = f", tree_states={sorted(self.tree_states)}" if self.tree_states else ""
+        return f"State(rule={self.rule!r}, step={self.step}, slots={sorted(self.slots)}{trees})"
 
 
-def _flatten_state(s: State) -> tuple[tuple[Any, Any], tuple[Any, ...], tuple[str, str]]:
-    return (s.step, s.slots), (s.rule, s.treedef, s.state_dtype), ("step", "slots")
+def _flatten_state(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
+    children = (s.step, s.slots, s.tree_states)
+    return children, (s.rule, s.treedef, s.state_dtype), ("step", "slots", "tree_states")
 
 
-def _unflatten_state(aux: tuple[Any, ...], children: tuple[Any, Any]) -> State:
-    return State(aux[0], children[0], children[1], aux[1], aux[2])
+def _unflatten_state(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
+    return State(aux[0], children[0], children[1], aux[1], aux[2], children[2])
 
 
 optree.register_pytree_node(
@@ -71,22 +76,24 @@ def _register_with_jax() -> None:
 
     def flatten(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         values, skeleton = hyper_leaves(s.rule)
-        return (s.step, s.slots, values), (skeleton, s.treedef, s.state_dtype)
+        return (s.step, s.slots, s.tree_states, values), (skeleton, s.treedef, s.state_dtype)
 
     def unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
-        step, slots, values = children
-        return State(rebuild(aux[0], values), step, slots, aux[1], aux[2])
+        step, slots, trees, values = children
+        return State(rebuild(aux[0], values), step, slots, aux[1], aux[2], trees)
 
     jax.tree_util.register_pytree_node(State, flatten, unflatten)
 
 
-def _plan(rule: Transform) -> list[tuple[Elementwise, tuple[str, ...]]]:
-    """Each part with the state keys of its slots."""
-    names = iter(rule.layout)
+def _plan(rule: Transform) -> list[tuple[Part, tuple[str, ...]]]:
+    """Each part with the state keys of its slots (a whole-tree part: of its tree state)."""
+    names, trees = iter(rule.layout), iter(rule.tree_layout)
     out = []
     for part in rule.flat_parts:
         keys: tuple[str, ...] = ()
-        if part.slot_names():
+        if isinstance(part, WholeTree):
+            keys = (next(trees),)
+        elif part.slot_names():
             prefix, slots = next(names)
             keys = tuple(f"{prefix}.{s}" for s in slots)
         out.append((part, keys))
@@ -137,14 +144,26 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if state_dtype is not None and state_dtype not in ("float32", "float64"):
         raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
     slots: dict[str, list[Any]] = {}
+    trees: dict[str, Any] = {}
     for part, keys in _plan(rule):
-        if keys:
+        if isinstance(part, WholeTree):
+            _tree_library(leaves, part)
+            trees[keys[0]] = part.init_tree(params)
+        elif keys:
             per_leaf = [
                 part.init_slots(_compute(p, state_dtype), backend.namespace(p)) for p in leaves
             ]
             for k, key in enumerate(keys):
                 slots[key] = [s[k] for s in per_leaf]
-    return State(rule, 0, slots, treedef, state_dtype)
+    return State(rule, 0, slots, treedef, state_dtype, trees)
+
+
+def _tree_library(leaves: list[Any], part: WholeTree) -> None:
+    if leaves and not (backend.is_jax(leaves[0]) or backend.is_numpy(leaves[0])):
+        raise TypeError(
+            f"{part.name} runs optax, on JAX or NumPy arrays; these params are "
+            f"{backend.library(leaves[0])} arrays"
+        )
 
 
 def _compute(x: Any, state_dtype: str | None) -> Any:
@@ -193,6 +212,11 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any]) 
 def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) -> None:
     if not isinstance(state, State):
         raise TypeError(f"expected a uniopt State (from uniopt.setup), got {type(state).__name__}")
+    if sorted(state.tree_states) != sorted(state.rule.tree_layout):
+        raise ValueError(
+            f"this state holds tree states {sorted(state.tree_states)} but its rule has "
+            f"whole-tree parts {list(state.rule.tree_layout)}"
+        )
     if treedef != state.treedef:
         raise ValueError(
             "params do not have the tree structure this state was set up for: "
@@ -211,13 +235,16 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                 )
 
 
-Resolved = list[tuple[Elementwise, tuple[Any, ...], tuple[str, ...]]]
+Resolved = list[tuple[Any, tuple[Any, ...], tuple[str, ...]]]
 
 
 def _resolve(rule: Transform, step: int) -> Resolved:
     """Every part resolved and validated for this step, with its coefficients."""
     out: Resolved = []
     for part, keys in _plan(rule):
+        if isinstance(part, WholeTree):
+            out.append((part, (), keys))
+            continue
         try:
             resolved = cast(Elementwise, part.at(step))
         except (ValueError, TypeError) as e:
@@ -228,34 +255,57 @@ def _resolve(rule: Transform, step: int) -> Resolved:
 
 def _deltas(
     state: State, params: list[Any], grads: list[Any]
-) -> tuple[list[Any], dict[str, list[Any]]]:
-    """The update ``u`` of every leaf (``p_new = p - u``) and the new slots."""
+) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
+    """The update ``u`` of every leaf (``p_new = p - u``), the new slots and tree states.
+
+    Part by part over every leaf: a global norm or a whole-tree part needs every leaf's ``u``
+    before it can go on."""
     plan = _resolve(state.rule, state.step)
-    for j, (part, _, keys) in enumerate(plan):
+    xps = [backend.namespace(p) for p in params]
+    ps = [_compute(p, state.state_dtype) for p in params]
+    us = [_compute(g, state.state_dtype) for g in grads]
+    new_slots: dict[str, list[Any]] = {}
+    new_trees: dict[str, Any] = {}
+    for part, c, keys in plan:
+        if isinstance(part, WholeTree):
+            us, new_trees[keys[0]] = _apply_tree(part, us, state.tree_states[keys[0]], ps, state)
+            continue
         if part.needs_norm:
-            plan[j] = (part, part.norm_coeffs(_norm(plan[:j], state, params, grads)), keys)
-    new_slots: dict[str, list[Any]] = {k: [] for k in state.slots}
-    deltas = []
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        xp = backend.namespace(p)
-        p, u = _compute(p, state.state_dtype), _compute(g, state.state_dtype)
-        for part, c, keys in plan:
-            out = part.kernel(xp, c, p, u, *(state.slots[k][i] for k in keys))
-            u = out[0]
-            for k, s in zip(keys, out[1:], strict=True):
-                new_slots[k].append(s)
-        deltas.append(u)
-    return deltas, new_slots
+            c = part.norm_coeffs(_norm(us, xps))
+        outs = [
+            part.kernel(xp, c, p, u, *(state.slots[k][i] for k in keys))
+            for i, (xp, p, u) in enumerate(zip(xps, ps, us, strict=True))
+        ]
+        us = [o[0] for o in outs]
+        for j, k in enumerate(keys):
+            new_slots[k] = [o[j + 1] for o in outs]
+    return us, new_slots, new_trees
 
 
-def _norm(plan: Resolved, state: State, params: list[Any], grads: list[Any]) -> Any:
-    """The global norm of what ``plan`` makes of the gradients (nothing is written)."""
+def _apply_tree(part: WholeTree, us: list[Any], st: Any, ps: list[Any], state: State) -> Any:
+    """A whole-tree part on every leaf's ``u``; its outputs as arrays of the params' library."""
+    out, st = part.apply(unflatten(state.treedef, us), st, unflatten(state.treedef, ps))
+    leaves, treedef, _ = flatten(out)
+    if treedef != state.treedef:
+        raise ValueError(
+            f"{part.name} returned updates of structure {treedef}, the params are "
+            f"{state.treedef}"
+        )
+    return [x if backend.library(x) == backend.library(u) else _like(x, u)
+            for x, u in zip(leaves, us, strict=True)], st
+
+
+def _like(x: Any, like: Any) -> Any:
+    """``x`` (a JAX array from optax) as an array of ``like``'s library and dtype."""
+    import numpy as np
+
+    return np.asarray(x, dtype=like.dtype)
+
+
+def _norm(us: list[Any], xps: list[Any]) -> Any:
+    """The global norm of every leaf's ``u``."""
     total: Any = 0.0
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        xp = backend.namespace(p)
-        u = g
-        for part, c, keys in plan:
-            u = part.kernel(xp, c, p, u, *(state.slots[k][i] for k in keys))[0]
+    for xp, u in zip(xps, us, strict=True):
         # float64 sums where the library has it (JAX only with x64 enabled)
         wide = u.dtype if backend.is_jax(u) else xp.float64
         part = xp.sum(xp.astype(u, wide) ** 2)
@@ -285,6 +335,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     Only cheap whole-tree work happens here; every per-leaf check is compiled."""
     if not fused.AVAILABLE or not isinstance(state, State):
         return None
+    if state.tree_states:
+        return None  # an optax transform in the chain: JAX runs it, on the whole tree
     if type(params) is list and state.treedef == _flat_list_def(len(params)):
         leaves = params
     else:
@@ -324,7 +376,7 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     p_leaves, treedef, names = _leaves(params)
     _check_state(state, treedef, names, p_leaves)
     g_leaves = _align_grads(grads, treedef, names, p_leaves)
-    deltas, slots = _deltas(state, p_leaves, g_leaves)
+    deltas, slots, trees = _deltas(state, p_leaves, g_leaves)
     new_p = [
         _as_new_array(p - u, p, (p, g)) for p, g, u in zip(p_leaves, g_leaves, deltas, strict=True)
     ]
@@ -335,7 +387,8 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
         ]
     if fast:
         fused.warn_once(fast)
-    return dataclasses.replace(state, step=state.step + 1, slots=slots), unflatten(treedef, new_p)
+    new = dataclasses.replace(state, step=state.step + 1, slots=slots, tree_states=trees)
+    return new, unflatten(treedef, new_p)
 
 
 def update_(state: State, params: Any, grads: Any) -> State:
@@ -356,7 +409,7 @@ def update_(state: State, params: Any, grads: Any) -> State:
             reason = backend.immutable_reason(s)
             if reason:
                 raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
-    deltas, slots = _deltas(state, p_leaves, g_leaves)
+    deltas, slots, trees = _deltas(state, p_leaves, g_leaves)
     for p, u in zip(p_leaves, deltas, strict=True):
         backend.assign(p, p - u)
     for key, arrays in slots.items():
@@ -364,7 +417,7 @@ def update_(state: State, params: Any, grads: Any) -> State:
             backend.assign(old, new)
     if fast:
         fused.warn_once(fast)
-    return dataclasses.replace(state, step=state.step + 1)
+    return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
 
 
 def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tuple[Any, State]:
@@ -379,7 +432,7 @@ def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tupl
             f"{getattr(state, 'rule', state)!r}"
         )
     if params is None:
-        if any(p.uses_params for p in rule.flat_parts):
+        if any(isinstance(p, Elementwise) and p.uses_params for p in rule.flat_parts):
             raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
         g_leaves, treedef, names = _leaves(grads, "grads")
         p_leaves = g_leaves
@@ -387,14 +440,14 @@ def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tupl
         p_leaves, treedef, names = _leaves(params)
         g_leaves = _align_grads(grads, treedef, names, p_leaves)
     _check_state(state, treedef, names, p_leaves)
-    deltas, slots = _deltas(dataclasses.replace(state, rule=rule), p_leaves, g_leaves)
+    deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), p_leaves, g_leaves)
     updates = [_as_new_array(-u, g, ()) for u, g in zip(deltas, g_leaves, strict=True)]
     for key, arrays in slots.items():
         slots[key] = [
             _as_new_array(s, old, (g, p, old))
             for s, g, p, old in zip(arrays, g_leaves, p_leaves, state.slots[key], strict=True)
         ]
-    new = State(rule, state.step + 1, slots, state.treedef)
+    new = State(rule, state.step + 1, slots, state.treedef, state.state_dtype, trees)
     return unflatten(treedef, updates), new
 
 

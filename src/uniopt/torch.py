@@ -301,6 +301,11 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"uniopt.torch.Optimizer: expected a uniopt rule or chain, got {rule!r}"
             )
+        if rule.tree_layout:
+            raise TypeError(
+                "uniopt.torch.Optimizer: the rule holds an optax transformation "
+                f"({', '.join(rule.tree_layout)}), which runs on JAX or NumPy arrays, not tensors"
+            )
         self.rule = rule
         self._keys = tuple(hyperparameter_keys(rule))
         self._init(params, {**hyperparameter_keys(rule), "maximize": maximize})
