@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import array_api_compat as aac
@@ -54,6 +55,22 @@ def assign(dst: Any, src: Any) -> None:
             dst.copy_(src)
     else:
         dst[...] = src
+
+
+def outside_autograd(leaves: list[Any]) -> contextlib.AbstractContextManager[Any]:
+    """An optimizer step is not part of the model's graph: torch records nothing in it."""
+    if leaves and aac.is_torch_array(leaves[0]):
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def like_leaf(x: Any, like: Any) -> Any:
+    """A new parameter ``x`` made a leaf that requires grad where its old one did (torch)."""
+    if getattr(like, "requires_grad", False) and aac.is_torch_array(x):
+        x.requires_grad_(True)
+    return x
 
 
 def fresh(x: Any, xp: Any) -> Any:

@@ -376,10 +376,12 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     p_leaves, treedef, names = _leaves(params)
     _check_state(state, treedef, names, p_leaves)
     g_leaves = _align_grads(grads, treedef, names, p_leaves)
-    deltas, slots, trees = _deltas(state, p_leaves, g_leaves)
-    new_p = [
-        _as_new_array(p - u, p, (p, g)) for p, g, u in zip(p_leaves, g_leaves, deltas, strict=True)
-    ]
+    with backend.outside_autograd(p_leaves):
+        deltas, slots, trees = _deltas(state, p_leaves, g_leaves)
+        new_p = [
+            backend.like_leaf(_as_new_array(p - u, p, (p, g)), p)
+            for p, g, u in zip(p_leaves, g_leaves, deltas, strict=True)
+        ]
     for key, arrays in slots.items():
         slots[key] = [
             _as_new_array(s, old, (p, g, old))
@@ -409,7 +411,8 @@ def update_(state: State, params: Any, grads: Any) -> State:
             reason = backend.immutable_reason(s)
             if reason:
                 raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
-    deltas, slots, trees = _deltas(state, p_leaves, g_leaves)
+    with backend.outside_autograd(p_leaves):
+        deltas, slots, trees = _deltas(state, p_leaves, g_leaves)
     for p, u in zip(p_leaves, deltas, strict=True):
         backend.assign(p, p - u)
     for key, arrays in slots.items():
@@ -440,7 +443,8 @@ def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tupl
         p_leaves, treedef, names = _leaves(params)
         g_leaves = _align_grads(grads, treedef, names, p_leaves)
     _check_state(state, treedef, names, p_leaves)
-    deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), p_leaves, g_leaves)
+    with backend.outside_autograd(p_leaves):
+        deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), p_leaves, g_leaves)
     updates = [_as_new_array(-u, g, ()) for u, g in zip(deltas, g_leaves, strict=True)]
     for key, arrays in slots.items():
         slots[key] = [

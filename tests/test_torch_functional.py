@@ -1,0 +1,99 @@
+"""torch tensors through the functional API (no uniopt.torch): gradients from
+``torch.autograd.grad`` or from ``.grad``, pure and in-place updates, against torch.optim on the
+same model; dtype, device and autograd status preserved, and no autograd graph recorded."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import uniopt as uo  # noqa: E402
+
+STEPS = 100
+# float64: operation order only (measured 1.7e-16). float32: torch's vectorised sqrt is not
+# correctly rounded (test_backends.py), so single elements may differ by an ulp (measured 1)
+TOL = {torch.float64: 1e-12, torch.float32: 8 * 2**-23}
+
+
+def _model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    ).to(dtype)
+
+
+def _batch(k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(16, 6, generator=g, dtype=dtype)
+    return x, torch.sin(x.sum(1, keepdim=True))
+
+
+def _loss(model: torch.nn.Module, k: int, dtype: torch.dtype) -> torch.Tensor:
+    x, y = _batch(k, dtype)
+    return torch.mean((model(x) - y) ** 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("style", ["autograd.grad", ".grad", "pure"])
+def test_functional_api_on_a_torch_model_matches_torch_optim(style: str, dtype) -> None:  # type: ignore[no-untyped-def]
+    ours, theirs = _model(dtype), _model(dtype)
+    params = dict(ours.named_parameters())
+    state = uo.setup(uo.adam(lr=1e-2, weight_decay=1e-3), params)
+    opt = torch.optim.Adam(theirs.parameters(), lr=1e-2, weight_decay=1e-3, foreach=False)
+    originals = list(ours.parameters())
+    for k in range(STEPS):
+        loss = _loss(ours, k, dtype)
+        if style == "autograd.grad":  # a flat list in trainables order
+            grads = list(torch.autograd.grad(loss, uo.trainables(params)))
+            state = uo.update_(state, params, grads)
+        elif style == ".grad":  # a tree shaped like params
+            ours.zero_grad()
+            loss.backward()
+            state = uo.update_(state, params, {n: p.grad for n, p in params.items()})
+        else:  # pure: new leaf tensors, put back into the module
+            grads = list(torch.autograd.grad(loss, uo.trainables(params)))
+            old = params
+            state, params = uo.update(state, params, grads)
+            for n, p in params.items():
+                assert p is not old[n] and p.is_leaf and p.requires_grad and p.grad_fn is None
+            with torch.no_grad():
+                for n, p in ours.named_parameters():
+                    p.copy_(params[n])
+            params = dict(ours.named_parameters())
+        opt.zero_grad()
+        _loss(theirs, k, dtype).backward()
+        opt.step()
+        with torch.no_grad():
+            for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+                err = float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+                assert err <= TOL[dtype], (k, err)
+    for p, o in zip(ours.parameters(), originals, strict=True):
+        assert p is o and p.dtype == dtype and p.requires_grad
+    for slots in state.slots.values():
+        assert all(not s.requires_grad and s.dtype == dtype for s in slots)
+
+
+def test_the_step_records_no_autograd_graph() -> None:
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    frozen = torch.randn(4, dtype=torch.float64)  # a tensor that never required grad
+    state = uo.setup(uo.chain(uo.weight_decay(0.1), uo.sgd(lr=0.1, momentum=0.9)), [w, frozen])
+    g = [torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)]
+    state, (w2, f2) = uo.update(state, [w, frozen], g)
+    assert w2.grad_fn is None and w2.is_leaf and w2.requires_grad
+    assert not f2.requires_grad
+    state = uo.update_(state, [w, frozen], g)
+    assert w.grad_fn is None and w.is_leaf
+    (w * 2).sum().backward()  # w is still an ordinary leaf
+    assert w.grad is not None
+
+
+def test_device_is_preserved() -> None:
+    """On the meta device (shapes only) nothing may be created on the default device."""
+    params = {"w": torch.empty(3, 2, device="meta"), "b": torch.empty(2, device="meta")}
+    state = uo.setup(uo.adamw(lr=1e-3), params)
+    grads = {k: torch.empty_like(v) for k, v in params.items()}
+    state, new = uo.update(state, params, grads)
+    assert all(v.device.type == "meta" for v in new.values())
+    assert all(s.device.type == "meta" for v in state.slots.values() for s in v)
+
