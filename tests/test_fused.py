@@ -199,3 +199,58 @@ def test_global_norm_fast_path_agrees_with_reference(
         for k in fast:
             scale = max(float(np.max(np.abs(ref[k]), initial=0.0)), 1.0)
             assert np.max(np.abs(fast[k] - ref[k]), initial=0.0) <= 8 * eps * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["adam", "sgd-momentum-dampening-wd", "chain-clip-wd-adam"])
+def test_torch_cpu_tensors_take_the_fast_path(
+    name: str, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The functional API on CPU tensors runs the compiled loop on NumPy views of their memory:
+    bit for bit the NumPy reference; update_ writes the very tensors; update returns new leaf
+    tensors that require grad where the old ones did."""
+    torch = pytest.importorskip("torch")
+    calls = []
+    real = fused.run
+    monkeypatch.setattr(fused, "run", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(0)
+    rule = RULES[name]
+    ref = _params(rng, dtype)
+    params = {k: torch.tensor(v, requires_grad=(k != "x0")) for k, v in ref.items()}
+    objects = dict(params)
+    state, s_ref = uo.setup(rule, params), uo.setup(rule, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fused.FastPathUnavailable)
+        for step in range(10):
+            grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in ref.items()}
+            t_grads = {k: torch.from_numpy(g.copy()) for k, g in grads.items()}
+            if step % 2:
+                state = uo.update_(state, params, t_grads)
+                assert all(params[k] is objects[k] for k in params)
+            else:
+                state, params = uo.update(state, params, t_grads)
+                assert all(params[k] is not objects[k] for k in params)
+                objects = dict(params)
+                for k, t in params.items():
+                    assert t.is_leaf and t.requires_grad == (k != "x0")
+            s_ref = _reference(monkeypatch, uo.update_, s_ref, ref, grads)
+    assert len(calls) == 10
+    for k in ref:
+        assert isinstance(params[k], torch.Tensor) and params[k].dtype == torch.from_numpy(
+            ref[k]).dtype
+        np.testing.assert_array_equal(params[k].detach().numpy(), ref[k])
+    for key in s_ref.slots:
+        for a, b in zip(state.slots[key], s_ref.slots[key], strict=True):
+            assert isinstance(a, torch.Tensor)
+            np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_tensors_without_a_numpy_view_take_the_reference_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = pytest.importorskip("torch")
+    calls = []
+    monkeypatch.setattr(fused, "run", lambda *a: calls.append(1))
+    p = [torch.ones(N, dtype=torch.bfloat16)]
+    state = uo.update_(uo.setup(uo.sgd(lr=0.5), p), p, [torch.ones(N, dtype=torch.bfloat16)])
+    assert calls == [] and state.step == 1 and float(p[0][0]) == 0.5

@@ -30,6 +30,26 @@ def is_numpy(x: Any) -> bool:
     return bool(aac.is_numpy_array(x))
 
 
+def is_torch(x: Any) -> bool:
+    return bool(aac.is_torch_array(x))
+
+
+def numpy_views(lists: list[list[Any]]) -> list[list[Any]] | None:
+    """NumPy arrays sharing the memory of every tensor in ``lists`` (CPU tensors of a dtype
+    NumPy has, without lazy conjugate/negative bits), or None if one has no such view."""
+    try:
+        return [[x.detach().numpy() for x in xs] for xs in lists]
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def from_numpy(x: Any) -> Any:
+    """A tensor sharing ``x``'s memory (results of the compiled path, for tensor inputs)."""
+    import torch
+
+    return torch.from_numpy(x)
+
+
 def library(x: Any) -> str:
     """A short name of the library that owns array ``x``, for error messages."""
     if aac.is_jax_array(x):

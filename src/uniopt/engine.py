@@ -349,17 +349,33 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         g_leaves, g_def = optree.tree_flatten(grads, namespace=NAMESPACE)
         if g_def != state.treedef:
             return None
-    if not leaves or not backend.is_numpy(leaves[0]):
+    if not leaves:
+        return None
+    slots, tensors = state.slots, backend.is_torch(leaves[0])
+    if tensors:  # CPU tensors run as NumPy views of their memory; anything else says no here
+        views = backend.numpy_views([leaves, g_leaves, *slots.values()])
+        if views is None:
+            return None
+        leaves, g_leaves = views[0], views[1]
+        slots = dict(zip(slots, views[2:], strict=True))
+    if not backend.is_numpy(leaves[0]):
         return None
     if len(leaves) < fused.MIN_LEAVES and (
         not all(backend.is_numpy(x) for x in leaves)
         or sum(x.size for x in leaves) < fused.MIN_SIZE
     ):
         return None  # a tiny step: compiling a loop for it would cost more than it saves
-    out = fused.run(_resolve(state.rule, state.step), leaves, g_leaves, state.slots, inplace)
+    out = fused.run(_resolve(state.rule, state.step), leaves, g_leaves, slots, inplace)
     if isinstance(out, str):
         return out
     new_params, slots = out
+    if tensors and inplace:
+        slots = state.slots  # written through the views
+    elif tensors:
+        old = optree.tree_leaves(params, namespace=NAMESPACE)
+        new_params = [backend.like_leaf(backend.from_numpy(x), p)
+                      for x, p in zip(new_params, old, strict=True)]
+        slots = {k: [backend.from_numpy(x) for x in v] for k, v in slots.items()}
     new_state = dataclasses.replace(state, step=state.step + 1, slots=slots)
     return new_state if inplace else (new_state, unflatten(state.treedef, new_params))
 
