@@ -32,6 +32,8 @@ class Backend:
     # what the backend does to an array uniopt hands back before feeding it in again (read-only
     # NumPy makes it read-only, so every step's pure update sees read-only params and state)
     seal: Callable[[Any], None] = lambda x: None
+    # wraps uniopt.update: jax.jit for the jitted JAX backends
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda f: f
 
 
 def _numpy(dt: type[np.floating], read_only: bool) -> Backend:
@@ -84,10 +86,17 @@ def _torch(dt: type[np.floating]) -> Backend:
     )
 
 
-def _jax(dt: type[np.floating]) -> Backend:
+def _jax(dt: type[np.floating], jit: bool = False) -> Backend:
     jax = pytest.importorskip("jax")
     return Backend(
-        f"jax-{dt.__name__}", dt, np.dtype(dt), jax.Array, jax.numpy.asarray, np.array, "immutable"
+        f"jax{'-jit' if jit else ''}-{dt.__name__}",
+        dt,
+        np.dtype(dt),
+        jax.Array,
+        jax.numpy.asarray,
+        np.array,
+        "immutable",
+        wrap=jax.jit if jit else (lambda f: f),
     )
 
 
@@ -101,6 +110,8 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
     "torch-float32": lambda: _torch(np.float32),
     "jax-float64": lambda: _jax(np.float64),
     "jax-float32": lambda: _jax(np.float32),
+    "jax-jit-float64": lambda: _jax(np.float64, jit=True),
+    "jax-jit-float32": lambda: _jax(np.float32, jit=True),
 }
 
 
@@ -108,7 +119,7 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     b = BACKENDS[request.param]()
     with contextlib.ExitStack() as stack:
-        if b.name == "jax-float64":
+        if b.name in ("jax-float64", "jax-jit-float64"):
             # JAX makes float64 arrays only under x64; float32 runs under JAX's default config,
             # as its users run it
             stack.enter_context(pytest.importorskip("jax").enable_x64(True))

@@ -154,10 +154,11 @@ def test_matches_numpy(backend: Any, rule_id: str) -> None:
         ip_state = uo.setup(rule, ip_params)
         ip_arrays = _arrays(ip_state, ip_params)
     scales = [0.0] * len(ref[0])
+    update = backend.wrap(uo.update)
     for step, g in enumerate(_grads()):
         grads = _convert(backend, g)
         old = _arrays(state, params)
-        state, params = uo.update(state, params, grads)
+        state, params = update(state, params, grads)
         new = _arrays(state, params)
         for x, x0 in zip(new, old, strict=True):
             assert type(x) is type(x0) and isinstance(x, backend.array_type)

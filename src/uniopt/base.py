@@ -102,6 +102,8 @@ class Transform:
         new = object.__new__(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(new, f.name, values.get(f.name, getattr(self, f.name)))
+        kept = {k: c for k, c in self.__dict__.get("_one_minus", {}).items() if k not in values}
+        object.__setattr__(new, "_one_minus", kept)
         new._validate(f" (the value of its schedule at step {step})", resolved=True)
         return new
 
@@ -122,6 +124,13 @@ class Transform:
             return name in fixed
         v = getattr(self, name)
         return callable(v) or v != 0
+
+    def one_minus(self, name: str) -> Any:
+        """``1 - self.<name>``, computed in double precision on the host. Under ``jax.jit`` the
+        value is a traced float32 (without x64), where ``1 - 0.999`` would lose 5 digits, so the
+        host's complement travels with it as a leaf of the state (see :func:`hyper_leaves`)."""
+        c = self.__dict__.get("_one_minus", {}).get(name)
+        return 1.0 - getattr(self, name) if c is None else c
 
     @functools.cached_property
     def flat_parts(self) -> tuple[Part, ...]:
@@ -173,13 +182,15 @@ def _numbers(t: Transform) -> list[Any]:
 
 
 def hyper_leaves(t: Transform) -> tuple[list[Any], Any]:
-    """``t``'s numeric hyperparameters (members' too) and a hashable skeleton of the rest.
+    """``t``'s numeric hyperparameters (members' too), each followed by its complement
+    ``1 - x`` computed on the host, and a hashable skeleton of the rest.
 
     The skeleton holds the type, the fixed fields, the schedules and every ``on`` decision, so
     two rules with equal skeletons have the same parts and slots: under ``jax.jit`` the numbers
     are traced inputs and :func:`uniopt.adjust` does not recompile."""
     leaves: list[Any] = []
     fields = []
+    known = t.__dict__.get("_one_minus", {})
     for f in dataclasses.fields(t):
         v = getattr(t, f.name)
         if isinstance(v, Transform) or (isinstance(v, tuple) and v and all(
@@ -191,7 +202,11 @@ def hyper_leaves(t: Transform) -> tuple[list[Any], Any]:
                            tuple(sk for _, sk in subs)))
         elif "hyper" in f.metadata:
             xs = v if isinstance(v, tuple) else (v,)
-            leaves += [x for x in xs if not callable(x)]
+            for i, x in enumerate(xs):
+                if not callable(x):
+                    key = f.name if not isinstance(v, tuple) else (f.name, i)
+                    c = known.get(key)
+                    leaves += [x, 1.0 - x if c is None else c]
             fields.append((f.name, "tuple" if isinstance(v, tuple) else "one",
                            tuple(x if callable(x) else None for x in xs)))
         else:
@@ -201,13 +216,16 @@ def hyper_leaves(t: Transform) -> tuple[list[Any], Any]:
 
 
 def rebuild(skeleton: Any, leaves: Any) -> Transform:
-    """Inverse of :func:`hyper_leaves`: the values may be traced, so nothing is validated and
-    the ``on`` decisions come from the skeleton."""
+    """Inverse of :func:`hyper_leaves`. The values may be traced, so nothing is validated, the
+    ``on`` decisions come from the skeleton, and each part is handed the complements of the
+    values it was built from."""
     it = iter(leaves)
+    complements: dict[int, tuple[Any, Any]] = {}
 
     def build(sk: Any) -> Transform:
         cls, fields, on = sk
         t = object.__new__(cls)
+        known: dict[Any, Any] = {}
         for name, kind, spec in fields:
             if kind == "fixed":
                 v = spec
@@ -215,13 +233,38 @@ def rebuild(skeleton: Any, leaves: Any) -> Transform:
                 v = tuple(build(m) for m in spec)
                 v = v[0] if kind == "member" else v
             else:
-                v = tuple(next(it) if x is None else x for x in spec)
-                v = v[0] if kind == "one" else v
+                xs = []
+                for i, x in enumerate(spec):
+                    if x is None:
+                        x, c = next(it), next(it)
+                        known[name if kind == "one" else (name, i)] = c
+                        complements[id(x)] = (x, c)
+                    xs.append(x)
+                v = xs[0] if kind == "one" else tuple(xs)
             object.__setattr__(t, name, v)
         object.__setattr__(t, "_on_fixed", on)
+        object.__setattr__(t, "_one_minus", known)
         return t
 
-    return build(skeleton)
+    rule = build(skeleton)
+    for part in rule.flat_parts:  # parts pass the rule's values through: match them by identity
+        own = {}
+        for name, v in part.hyperparameters().items():
+            hit = complements.get(id(v))
+            if hit is not None and hit[0] is v:
+                own[name] = hit[1]
+        object.__setattr__(part, "_one_minus", own)
+    return rule
+
+
+def carry_complements(old: Transform, new: Transform, changed: str) -> Transform:
+    """``new`` (``old`` with field ``changed`` replaced) keeps the host complements ``old``
+    holds for its other fields (values that came back from ``jax.jit`` are float32)."""
+    kept = {k: c for k, c in old.__dict__.get("_one_minus", {}).items()
+            if k != changed and not (isinstance(k, tuple) and k[0] == changed)}
+    if kept:
+        object.__setattr__(new, "_one_minus", kept)
+    return new
 
 
 def _has_schedule(v: Any) -> bool:
@@ -314,6 +357,15 @@ def select(xp: Any, cond: Any, a: Any, b: Any) -> Any:
     return xp.where(cond, a, b)
 
 
-def bias_correction(decay: float, step: int) -> float:
-    """``1 - decay^t`` for the update numbered ``t = step + 1``."""
-    return 1.0 - decay ** (step + 1)
+def bias_correction(decay: Any, one_minus: Any, step: Any) -> Any:
+    """``1 - decay^t`` for the update numbered ``t = step + 1`` (``one_minus = 1 - decay``).
+
+    On the host, torch's formula in double precision. Traced (``jax.jit``, float32 without
+    x64) it is ``-expm1(t log1p(-(1 - decay)))`` from the host's complement: ``1 - decay^t``
+    from a float32 ``decay = 0.999`` would be off by 1e-5 at t = 1."""
+    if isinstance(decay, float) and isinstance(step, int):
+        return 1.0 - decay ** (step + 1)
+    import array_api_compat as aac
+
+    xp = aac.array_namespace(*(x for x in (one_minus, step) if not isinstance(x, (int, float))))
+    return -xp.expm1((step + 1) * xp.log1p(-one_minus))

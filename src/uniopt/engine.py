@@ -15,7 +15,15 @@ from typing import Any, cast
 import optree
 
 from . import backend, fused
-from .base import Elementwise, Part, Transform, WholeTree, hyper_leaves, rebuild
+from .base import (
+    Elementwise,
+    Part,
+    Transform,
+    WholeTree,
+    carry_complements,
+    hyper_leaves,
+    rebuild,
+)
 from .combine import chain
 from .hyper import _traced
 from .tree import NAMESPACE, flatten, path_str, unflatten
@@ -495,7 +503,8 @@ def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transfo
             found += f
         return chain(*members), found
     if len(path) == 1 and path[0] in t.hyperparameters():
-        return dataclasses.replace(t, **{path[0]: value}), [f"{where}{path[0]} ({t.name})"]
+        new = carry_complements(t, dataclasses.replace(t, **{path[0]: value}), path[0])
+        return new, [f"{where}{path[0]} ({t.name})"]
     return t, []
 
 

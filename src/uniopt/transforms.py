@@ -96,8 +96,8 @@ class trace(Elementwise):
         # Whether momentum is on is decided here, in double precision: a momentum that rounds
         # to 0 in the array's precision must not switch the compiled path onto another branch.
         first = step == 0
-        return (self.momentum, 1.0 - (1.0 - first) * self.dampening, float(self.nesterov),
-                self.momentum != 0)
+        damped = first + (1.0 - first) * self.one_minus("dampening")
+        return (self.momentum, damped, float(self.nesterov), self.momentum != 0)
 
     @staticmethod
     def kernel(xp, c, p, u, b):

@@ -18,7 +18,7 @@ class scale_by_adadelta(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("square_avg", "acc_delta")
 
     def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.rho, 1.0 - self.rho, self.eps)
+        return (self.rho, self.one_minus("rho"), self.eps)
 
     @staticmethod
     def kernel(xp, c, p, u, v, a):

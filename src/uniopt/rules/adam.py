@@ -25,14 +25,14 @@ class scale_by_adam(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
     def coeffs(self, step: int) -> tuple[float, ...]:
-        bc1, bc2 = bias_correction(self.b1, step), bias_correction(self.b2, step)
+        c1, c2 = self.one_minus("b1"), self.one_minus("b2")
+        bc1, bc2 = bias_correction(self.b1, c1, step), bias_correction(self.b2, c2, step)
         if self.nesterov:
-            cm, cu = self.b1 / bias_correction(self.b1, step + 1), (1.0 - self.b1) / bc1
+            cm, cu = self.b1 / bias_correction(self.b1, c1, step + 1), c1 / bc1
         else:
             cm, cu = 1.0 / bc1, 0.0
         # eps_root*bc2 under the root keeps torch's sqrt(v)/sqrt(bc2) order when eps_root = 0
-        b1, b2 = self.b1, self.b2
-        return (1.0 - b1, b2, 1.0 - b2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
+        return (c1, self.b2, c2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
 
     @staticmethod
     def kernel(xp, c, p, u, m, v):

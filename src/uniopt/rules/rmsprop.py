@@ -17,7 +17,7 @@ class scale_by_rms(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("square_avg",)
 
     def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.alpha, 1.0 - self.alpha, self.eps)
+        return (self.alpha, self.one_minus("alpha"), self.eps)
 
     @staticmethod
     def kernel(xp, c, p, u, v):
