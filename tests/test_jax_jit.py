@@ -253,3 +253,22 @@ def test_module_pytrees_under_jit() -> None:
 def test_module_with_a_non_array_field_names_it() -> None:
     with pytest.raises(TypeError, match=r"params\['layer'\]\['w'\] is a str, not an array"):
         uo.setup(uo.sgd(), {"layer": Linear("oops", jnp.zeros(2))})  # type: ignore[arg-type]
+
+
+def test_a_jitted_loop_reads_nothing_back_from_the_device() -> None:
+    """Between jitted steps (adjust aside) the state is rebuilt without reading a value back
+    from the device (which would make an accelerator wait every step): the rule's parts, whose
+    construction validates the numbers on the host, are made only when asked for."""
+    params = _tree(jnp, jnp.float32)
+    state = uo.setup(uo.chain(uo.clip_by_global_norm(1.0), uo.adam(lr=1e-2)), params)
+    step = jax.jit(uo.update, donate_argnums=(0, 1))
+    grads = _grads(params, 0)
+    for _ in range(3):
+        state, params = step(state, params, grads)
+        assert "flat_parts" not in state.rule.__dict__
+        assert all(isinstance(m.lr if hasattr(m, "lr") else m.max_norm, jax.Array)
+                   for m in state.rule.transforms)
+    # asked for, outside jit, the parts carry the host's complements
+    adam_part = state.rule.flat_parts[1]
+    assert adam_part.one_minus("b2") is not None and float(adam_part.one_minus("b2")) == float(
+        np.float32(1 - 0.999))

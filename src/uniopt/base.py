@@ -19,6 +19,7 @@ compiled kernel computes in the array's precision exactly as the reference does.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from typing import Any, ClassVar
 from .hyper import Interval, _traced, check, resolve
 
 Kernel = Callable[..., tuple[Any, ...]]
+# set while the parts of a rule rebuilt from a JAX pytree are made: nothing to check again
+_REBUILT: contextvars.ContextVar[bool] = contextvars.ContextVar("uniopt_rebuilt", default=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Transform:
         """Check every hyperparameter and store numbers as Python floats (tuples as tuples).
 
         ``resolved``: the values came from schedules, so each must be a number."""
+        if _REBUILT.get():
+            return
         for f in dataclasses.fields(self):
             valid = f.metadata.get("hyper") or f.metadata.get("static")
             if valid is None:
@@ -134,9 +139,25 @@ class Transform:
 
     @functools.cached_property
     def flat_parts(self) -> tuple[Part, ...]:
-        out: list[Part] = []
-        for p in self.parts():
-            out.extend([p] if isinstance(p, (Elementwise, WholeTree)) else p.flat_parts)
+        complements = self.__dict__.get("_complements")
+        # rebuilt from a JAX pytree: the values were checked before they went in, and may be
+        # traced or on a device, so the parts take them as they are (see rebuild)
+        token = _REBUILT.set(True) if complements is not None else None
+        try:
+            out: list[Part] = []
+            for p in self.parts():
+                out.extend([p] if isinstance(p, (Elementwise, WholeTree)) else p.flat_parts)
+        finally:
+            if token is not None:
+                _REBUILT.reset(token)
+        if complements:  # parts pass the rule's values through: match them by identity
+            for part in out:
+                own = {}
+                for name, v in part.hyperparameters().items():
+                    hit = complements.get(id(v))
+                    if hit is not None and hit[0] is v:
+                        own[name] = hit[1]
+                object.__setattr__(part, "_one_minus", own)
         return tuple(out)
 
     @functools.cached_property
@@ -247,13 +268,9 @@ def rebuild(skeleton: Any, leaves: Any) -> Transform:
         return t
 
     rule = build(skeleton)
-    for part in rule.flat_parts:  # parts pass the rule's values through: match them by identity
-        own = {}
-        for name, v in part.hyperparameters().items():
-            hit = complements.get(id(v))
-            if hit is not None and hit[0] is v:
-                own[name] = hit[1]
-        object.__setattr__(part, "_one_minus", own)
+    # the parts are made when first asked for (flat_parts), not here: making them validates
+    # the values, and concrete JAX values would each be copied to the host, after every step
+    object.__setattr__(rule, "_complements", complements)
     return rule
 
 
