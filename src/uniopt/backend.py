@@ -50,6 +50,11 @@ def from_numpy(x: Any) -> Any:
     return torch.from_numpy(x)
 
 
+def to_numpy(x: Any, dtype: Any) -> Any:
+    """``x`` from another library (optax's JAX output for NumPy params) as a NumPy array."""
+    return np.asarray(x, dtype=dtype)
+
+
 def library(x: Any) -> str:
     """A short name of the library that owns array ``x``, for error messages."""
     if aac.is_jax_array(x):
@@ -68,7 +73,7 @@ def immutable_reason(x: Any) -> str | None:
 
 def assign(dst: Any, src: Any) -> None:
     """``dst[...] = src`` for every mutable library (torch outside autograd)."""
-    if aac.is_torch_array(dst):
+    if is_torch(dst):
         import torch
 
         with torch.no_grad():
@@ -79,7 +84,7 @@ def assign(dst: Any, src: Any) -> None:
 
 def outside_autograd(leaves: list[Any]) -> contextlib.AbstractContextManager[Any]:
     """An optimizer step is not part of the model's graph: torch records nothing in it."""
-    if leaves and aac.is_torch_array(leaves[0]):
+    if leaves and is_torch(leaves[0]):
         import torch
 
         return torch.no_grad()
@@ -88,7 +93,7 @@ def outside_autograd(leaves: list[Any]) -> contextlib.AbstractContextManager[Any
 
 def like_leaf(x: Any, like: Any) -> Any:
     """A new parameter ``x`` made a leaf that requires grad where its old one did (torch)."""
-    if getattr(like, "requires_grad", False) and aac.is_torch_array(x):
+    if getattr(like, "requires_grad", False) and is_torch(x):
         x.requires_grad_(True)
     return x
 

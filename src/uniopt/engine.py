@@ -299,15 +299,9 @@ def _apply_tree(part: WholeTree, us: list[Any], st: Any, ps: list[Any], state: S
             f"{part.name} returned updates of structure {treedef}, the params are "
             f"{state.treedef}"
         )
-    return [x if backend.library(x) == backend.library(u) else _like(x, u)
+    # optax hands back JAX arrays; setup admits only JAX or NumPy params beside it
+    return [x if backend.library(x) == backend.library(u) else backend.to_numpy(x, u.dtype)
             for x, u in zip(leaves, us, strict=True)], st
-
-
-def _like(x: Any, like: Any) -> Any:
-    """``x`` (a JAX array from optax) as an array of ``like``'s library and dtype."""
-    import numpy as np
-
-    return np.asarray(x, dtype=like.dtype)
 
 
 def _norm(us: list[Any], xps: list[Any]) -> Any:
@@ -360,6 +354,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     if not leaves:
         return None
     slots, tensors = state.slots, backend.is_torch(leaves[0])
+    originals = leaves
     if tensors:  # CPU tensors run as NumPy views of their memory; anything else says no here
         views = backend.numpy_views([leaves, g_leaves, *slots.values()])
         if views is None:
@@ -380,9 +375,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     if tensors and inplace:
         slots = state.slots  # written through the views
     elif tensors:
-        old = optree.tree_leaves(params, namespace=NAMESPACE)
         new_params = [backend.like_leaf(backend.from_numpy(x), p)
-                      for x, p in zip(new_params, old, strict=True)]
+                      for x, p in zip(new_params, originals, strict=True)]
         slots = {k: [backend.from_numpy(x) for x in v] for k, v in slots.items()}
     new_state = dataclasses.replace(state, step=state.step + 1, slots=slots)
     return new_state if inplace else (new_state, unflatten(state.treedef, new_params))
