@@ -7,7 +7,7 @@ installed, on workloads W1-W4; it prints ms per step and the ratio to the floor.
 
 import sys
 
-from uniopt.cli import main
+from uniopt.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from uniopt.cli import DEFAULT_LR, RULES, main
-from uniopt.problems import PROBLEMS, Logistic, Quadratic, Rosenbrock
+from uniopt.tools.cli import DEFAULT_LR, RULES, main
+from uniopt.tools.problems import PROBLEMS, Logistic, Quadratic, Rosenbrock
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -288,7 +288,7 @@ def test_python_dash_m_runs_the_command():
 
 def test_compare_needs_no_optional_framework():
     code = (
-        "import sys; from uniopt.cli import main; main(['compare', '--steps', '2']); "
+        "import sys; from uniopt.tools.cli import main; main(['compare', '--steps', '2']); "
         "print(sorted(m for m in ('torch', 'jax', 'matplotlib', 'rich') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC)}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from uniopt import fused
+from uniopt import fast as ufast
+from uniopt.fast import cpu as fused
 
 RULES = {
     "sgd": uo.sgd(lr=0.1),
@@ -57,7 +58,7 @@ def test_fast_path_is_bitwise_the_reference(
     s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
     n_kernels = len(fused._FUSED)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fused.FastPathUnavailable)
+        warnings.simplefilter("error", ufast.FastPathUnavailable)
         for step in range(25):
             grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
             if step % 2:
@@ -97,8 +98,8 @@ def _fallback(params, grads, monkeypatch):  # type: ignore[no-untyped-def]
     """Run one in-place step on the fast path (expecting a warning) and on the reference."""
     ref = [np.array(p) for p in params]
     rule = uo.adam(lr=0.1)
-    fused._warned.clear()
-    with pytest.warns(fused.FastPathUnavailable, match="fast path not used"):
+    ufast._warned.clear()
+    with pytest.warns(ufast.FastPathUnavailable, match="fast path not used"):
         uo.update_(uo.setup(rule, params), params, grads)
     _reference(monkeypatch, uo.update_, uo.setup(rule, ref), ref, grads)
     for a, b in zip(params, ref, strict=True):
@@ -125,10 +126,10 @@ def test_float16_and_mixed_dtypes_fall_back(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_warning_is_given_once_per_reason() -> None:
-    fused._warned.clear()
+    ufast._warned.clear()
     p = [np.ones(N, np.float16)]
     state = uo.setup(uo.sgd(lr=0.1), p)
-    with pytest.warns(fused.FastPathUnavailable):
+    with pytest.warns(ufast.FastPathUnavailable):
         state = uo.update_(state, p, [np.ones(N, np.float16)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -141,9 +142,9 @@ def test_bad_input_on_the_fast_path_raises_without_warning_or_change() -> None:
     state = uo.update_(state, p, {"a": np.ones(N, np.float32), "b": np.ones(2, np.float32)})
     moments = state.slots["scale_by_adam.exp_avg"]
     before = ({k: v.copy() for k, v in p.items()}, [a.copy() for a in moments])
-    fused._warned.clear()
+    ufast._warned.clear()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fused.FastPathUnavailable)
+        warnings.simplefilter("error", ufast.FastPathUnavailable)
         with pytest.raises(ValueError, match=r"gradient for params\['b'\] has shape \(3,\)"):
             uo.update_(state, p, {"a": np.ones(N, np.float32), "b": np.ones(3, np.float32)})
         with pytest.raises(ValueError, match="dtype float64"):
@@ -163,7 +164,7 @@ def test_pure_update_of_read_only_params_stays_on_the_fast_path() -> None:
     p = [np.ones(N)]
     p[0].flags.writeable = False
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fused.FastPathUnavailable)
+        warnings.simplefilter("error", ufast.FastPathUnavailable)
         _, new = uo.update(uo.setup(uo.sgd(lr=0.5), p), p, [np.ones(N)])
     np.testing.assert_array_equal(new[0], 0.5)
     np.testing.assert_array_equal(p[0], 1.0)
@@ -220,7 +221,7 @@ def test_torch_cpu_tensors_take_the_fast_path(
     objects = dict(params)
     state, s_ref = uo.setup(rule, params), uo.setup(rule, ref)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fused.FastPathUnavailable)
+        warnings.simplefilter("error", ufast.FastPathUnavailable)
         for step in range(10):
             grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in ref.items()}
             t_grads = {k: torch.from_numpy(g.copy()) for k, g in grads.items()}

@@ -802,7 +802,7 @@ def test_compiled_path_matches_torch(
     leaves takes the compiled one (uniopt.fused), which must agree with torch just as well.
     (tests/test_fused.py holds it to the reference path bit for bit, for every rule; this is
     the end-to-end check on a few.)"""
-    fused = pytest.importorskip("uniopt.fused")
+    fused = pytest.importorskip("uniopt.fast.cpu")
     ran: list[bool] = []
     real = fused.run
 

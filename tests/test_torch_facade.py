@@ -30,7 +30,9 @@ F = torch.nn.functional
 
 import uniopt as uo  # noqa: E402
 import uniopt.torch as ut  # noqa: E402
-from uniopt import bench, fused  # noqa: E402
+from uniopt import fast as ufast  # noqa: E402
+from uniopt.fast import cpu as fused  # noqa: E402
+from uniopt.tools import bench  # noqa
 
 NAMES = ("SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW")
 SCHEDULERS = ("step", "cosine", "onecycle", "plateau")
@@ -606,7 +608,7 @@ def test_channels_last_parameters_run_on_the_fast_path(monkeypatch: Any) -> None
             x = torch.randn(2, 64, 6, 6, generator=g, dtype=torch.float64)
             conv(x.to(memory_format=torch.channels_last)).pow(2).mean().backward()
             with warnings.catch_warnings():
-                warnings.simplefilter("error", fused.FastPathUnavailable)
+                warnings.simplefilter("error", ufast.FastPathUnavailable)
                 opt.step()
         buf = opt.state[conv.weight]["momentum_buffer"]
         assert buf.is_contiguous(memory_format=torch.channels_last)

@@ -10,9 +10,9 @@
 """
 
 from . import schedules
-from .base import Elementwise, Rule, Transform
-from .combine import chain, from_optax
-from .engine import State, adjust, setup, update, update_
+from .base import Elementwise, PerLeaf, Rule, Transform, WholeTree, chain
+from .engine import adjust, setup, update, update_
+from .interop.optax import from_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
 from .rules.adam import (
@@ -25,16 +25,22 @@ from .rules.adam import (
 )
 from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
 from .rules.sgd import sgd
-from .transforms import clip, clip_by_global_norm, scale, scale_by_lr, trace, weight_decay
+from .state import State
+from .transforms.clip import clip, clip_by_global_norm
+from .transforms.decay import weight_decay
+from .transforms.momentum import trace
+from .transforms.scale import scale, scale_by_lr
 from .tree import pack, register_dataclass, trainables
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Elementwise",
+    "PerLeaf",
     "Rule",
     "State",
     "Transform",
+    "WholeTree",
     "adadelta",
     "adagrad",
     "adam",

@@ -34,13 +34,32 @@ def is_torch(x: Any) -> bool:
     return bool(aac.is_torch_array(x))
 
 
+# --- torch tensors written through NumPy views: the one place views are made and marked -----
+
+
+def numpy_view(t: Any) -> Any:
+    """A NumPy array sharing tensor ``t``'s memory (a CPU tensor of a dtype NumPy has, without
+    lazy conjugate/negative bits); raises TypeError/RuntimeError where it has none. Whoever
+    writes through it must call :func:`mark_written` on ``t`` afterwards."""
+    return t.detach().numpy()
+
+
 def numpy_views(lists: list[list[Any]]) -> list[list[Any]] | None:
-    """NumPy arrays sharing the memory of every tensor in ``lists`` (CPU tensors of a dtype
-    NumPy has, without lazy conjugate/negative bits), or None if one has no such view."""
+    """:func:`numpy_view` of every tensor in ``lists``, or None if one has no such view."""
     try:
-        return [[x.detach().numpy() for x in xs] for xs in lists]
+        return [[numpy_view(x) for x in xs] for xs in lists]
     except (AttributeError, TypeError, RuntimeError):
         return None
+
+
+def mark_written(tensors: list[Any]) -> None:
+    """Bump the autograd version counter of tensors written through NumPy views, as torch's
+    own in-place operations do: a graph that saved one of them then raises on ``backward()``
+    instead of silently using the new values."""
+    if tensors:
+        import torch
+
+        torch.autograd.graph.increment_version(tensors)
 
 
 def from_numpy(x: Any) -> Any:

@@ -1,96 +1,28 @@
 """setup / update / update_ / adjust: walk the tree, resolve hyperparameters once, run the parts.
 
-The engine knows nothing of any particular algorithm: it asks the rule for its elementwise
-parts, resolves each part's schedules for the current step (the one place that happens),
-validates everything, and only then touches an array, so a bad input never half-updates.
-Pure and in-place updates share one loop; only the final write differs.
+The engine knows nothing of any particular algorithm: it asks the rule for its parts, resolves
+each part's schedules for the current step (the one place that happens), validates everything,
+and only then touches an array, so a bad input never half-updates. A step goes to the first
+execution strategy that takes its arrays (:mod:`uniopt.fast`), else to the reference path here:
+each part on whole arrays of any library. Pure and in-place updates share one prologue and one
+loop; only the final write differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import optree
 
-from . import backend, fused
-from .base import (
-    Elementwise,
-    Part,
-    Transform,
-    WholeTree,
-    carry_complements,
-    hyper_leaves,
-    rebuild,
-)
-from .combine import chain
+from . import backend, fast
+from .base import Elementwise, Part, PerLeaf, Transform, WholeTree, chain
 from .hyper import _traced
+from .interop.jax import register_state
+from .state import State
 from .tree import NAMESPACE, flatten, path_str, unflatten
-
-
-@dataclasses.dataclass(frozen=True)
-class State:
-    """An optimizer's state: the rule, the number of updates applied, and per-leaf slots.
-
-    ``slots`` maps ``"<part>.<slot>"`` (e.g. ``"scale_by_adam.exp_avg"``) to one array per
-    trainable leaf, in :func:`uniopt.trainables` order; ``tree_states`` holds the state of each
-    whole-tree part (an optax transformation in the chain) by name. A state is a pytree whose
-    leaves are ``step``, the slot arrays and the tree states; ``rule`` and the params' tree
-    structure are static (under ``jax.jit`` the rule's numbers are leaves too).
-    """
-
-    rule: Transform
-    step: int
-    slots: dict[str, list[Any]]
-    treedef: Any
-    # mixed precision: the dtype (a name, e.g. "float32") the slots are kept and the step is
-    # computed in, when it differs from the params' (set by ``setup(..., state_dtype=...)``)
-    state_dtype: str | None = None
-    tree_states: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        trees = f", tree_states={sorted(self.tree_states)}" if self.tree_states else ""
-        return f"State(rule={self.rule!r}, step={self.step}, slots={sorted(self.slots)}{trees})"
-
-
-def _flatten_state(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
-    children = (s.step, s.slots, s.tree_states)
-    return children, (s.rule, s.treedef, s.state_dtype), ("step", "slots", "tree_states")
-
-
-def _unflatten_state(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
-    return State(aux[0], children[0], children[1], aux[1], aux[2], children[2])
-
-
-optree.register_pytree_node(
-    State,  # type: ignore[arg-type]
-    _flatten_state,  # type: ignore[arg-type]
-    _unflatten_state,  # type: ignore[arg-type]
-    namespace=NAMESPACE,
-)
-
-
-@functools.cache
-def _register_with_jax() -> None:
-    """Make State a JAX pytree, so ``jax.jit(uniopt.update)`` carries it; done on the first
-    setup with JAX arrays, so JAX is never imported otherwise.
-
-    The leaves are the step, the slots and the rule's numeric hyperparameters; the rule's
-    skeleton (types, flags, schedules, which optional blocks are on) is static. So a run under
-    jit compiles once, and again only when :func:`adjust` changes the skeleton: a schedule for a
-    number, or a value to or from zero where zero removes a block."""
-    import jax
-
-    def flatten(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        values, skeleton = hyper_leaves(s.rule)
-        return (s.step, s.slots, s.tree_states, values), (skeleton, s.treedef, s.state_dtype)
-
-    def unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
-        step, slots, trees, values = children
-        return State(rebuild(aux[0], values), step, slots, aux[1], aux[2], trees)
-
-    jax.tree_util.register_pytree_node(State, flatten, unflatten)
 
 
 def _plan(rule: Transform) -> list[tuple[Part, tuple[str, ...]]]:
@@ -101,7 +33,7 @@ def _plan(rule: Transform) -> list[tuple[Part, tuple[str, ...]]]:
         keys: tuple[str, ...] = ()
         if isinstance(part, WholeTree):
             keys = (next(trees),)
-        elif part.slot_names():
+        elif part.slots:
             prefix, slots = next(names)
             keys = tuple(f"{prefix}.{s}" for s in slots)
         out.append((part, keys))
@@ -148,7 +80,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         raise TypeError(f"setup: expected a uniopt rule or transform, got {rule!r}")
     leaves, treedef, _ = _leaves(params)
     if any(backend.is_jax(p) for p in leaves):
-        _register_with_jax()
+        register_state()
     if state_dtype is not None and state_dtype not in ("float32", "float64"):
         raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
     slots: dict[str, list[Any]] = {}
@@ -243,10 +175,10 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                 )
 
 
-Resolved = list[tuple[Any, tuple[Any, ...], tuple[str, ...]]]
+Resolved = list[tuple[Part, Any, tuple[str, ...]]]
 
 
-def _resolve(rule: Transform, step: int) -> Resolved:
+def _resolve(rule: Transform, step: Any) -> Resolved:
     """Every part resolved and validated for this step, with its coefficients."""
     out: Resolved = []
     for part, keys in _plan(rule):
@@ -254,9 +186,10 @@ def _resolve(rule: Transform, step: int) -> Resolved:
             out.append((part, (), keys))
             continue
         try:
-            resolved = cast(Elementwise, part.at(step))
+            resolved = part.at(step)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{rule.name}: {e}") from None
+        assert isinstance(resolved, Part)
         out.append((resolved, resolved.coeffs(step), keys))
     return out
 
@@ -267,7 +200,8 @@ def _deltas(
     """The update ``u`` of every leaf (``p_new = p - u``), the new slots and tree states.
 
     Part by part over every leaf: a global norm or a whole-tree part needs every leaf's ``u``
-    before it can go on."""
+    before it can go on. An elementwise part's kernel and a per-leaf part's ``apply`` are
+    called alike, on whole arrays."""
     plan = _resolve(state.rule, state.step)
     xps = [backend.namespace(p) for p in params]
     ps = [_compute(p, state.state_dtype) for p in params]
@@ -278,10 +212,16 @@ def _deltas(
         if isinstance(part, WholeTree):
             us, new_trees[keys[0]] = _apply_tree(part, us, state.tree_states[keys[0]], ps, state)
             continue
-        if part.needs_norm:
-            c = part.norm_coeffs(_norm(us, xps))
+        fn: Callable[..., tuple[Any, ...]]
+        if isinstance(part, Elementwise):
+            if part.needs_norm:
+                c = part.norm_coeffs(_norm(us, xps))
+            fn = part.kernel
+        else:
+            assert isinstance(part, PerLeaf)
+            fn = part.apply
         outs = [
-            part.kernel(xp, c, p, u, *(state.slots[k][i] for k in keys))
+            fn(xp, c, p, u, *(state.slots[k][i] for k in keys))
             for i, (xp, p, u) in enumerate(zip(xps, ps, us, strict=True))
         ]
         us = [o[0] for o in outs]
@@ -292,7 +232,7 @@ def _deltas(
 
 def _apply_tree(part: WholeTree, us: list[Any], st: Any, ps: list[Any], state: State) -> Any:
     """A whole-tree part on every leaf's ``u``; its outputs as arrays of the params' library."""
-    out, st = part.apply(unflatten(state.treedef, us), st, unflatten(state.treedef, ps))
+    out, st = part.apply_tree(unflatten(state.treedef, us), st, unflatten(state.treedef, ps))
     leaves, treedef, _ = flatten(out)
     if treedef != state.treedef:
         raise ValueError(
@@ -327,19 +267,19 @@ def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _flat_list_def(n: int) -> Any:
+def flat_list_def(n: int) -> Any:
+    """The tree structure of a flat list of ``n`` arrays."""
     return optree.tree_structure([0] * n, namespace=NAMESPACE)  # type: ignore[arg-type]
 
 
 def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
-    """The compiled path's result, or the reason it could not run (None: not worth a word).
+    """A strategy's result as ``(new_state, new_params)``, or the reason the one that took
+    these arrays declined (None: no strategy took them, nothing worth a word).
 
-    Only cheap whole-tree work happens here; every per-leaf check is compiled."""
-    if not fused.AVAILABLE or not isinstance(state, State):
-        return None
-    if state.tree_states:
+    Only cheap whole-tree work happens here; the strategies check each leaf."""
+    if not isinstance(state, State) or state.tree_states:
         return None  # an optax transform in the chain: JAX runs it, on the whole tree
-    if type(params) is list and state.treedef == _flat_list_def(len(params)):
+    if type(params) is list and state.treedef == flat_list_def(len(params)):
         leaves = params
     else:
         leaves, treedef = optree.tree_flatten(params, namespace=NAMESPACE)
@@ -353,33 +293,61 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             return None
     if not leaves:
         return None
-    slots, tensors = state.slots, backend.is_torch(leaves[0])
-    originals = leaves
-    if tensors:  # CPU tensors run as NumPy views of their memory; anything else says no here
-        views = backend.numpy_views([leaves, g_leaves, *slots.values()])
-        if views is None:
-            return None
-        leaves, g_leaves = views[0], views[1]
-        slots = dict(zip(slots, views[2:], strict=True))
-    if not backend.is_numpy(leaves[0]):
-        return None
-    if len(leaves) < fused.MIN_LEAVES and (
-        not all(backend.is_numpy(x) for x in leaves)
-        or sum(x.size for x in leaves) < fused.MIN_SIZE
-    ):
-        return None  # a tiny step: compiling a loop for it would cost more than it saves
-    out = fused.run(_resolve(state.rule, state.step), leaves, g_leaves, slots, inplace)
-    if isinstance(out, str):
-        return out
-    new_params, slots = out
-    if tensors and inplace:
-        slots = state.slots  # written through the views
-    elif tensors:
-        new_params = [backend.like_leaf(backend.from_numpy(x), p)
-                      for x, p in zip(new_params, originals, strict=True)]
-        slots = {k: [backend.from_numpy(x) for x in v] for k, v in slots.items()}
-    new_state = dataclasses.replace(state, step=state.step + 1, slots=slots)
-    return new_state if inplace else (new_state, unflatten(state.treedef, new_params))
+    for strategy in fast.STRATEGIES:
+        out = strategy(lambda: _resolve(state.rule, state.step), leaves, g_leaves, state.slots,
+                       inplace)
+        if out is None:
+            continue
+        if isinstance(out, str):
+            return out
+        new_params, slots = out
+        new_state = dataclasses.replace(state, step=state.step + 1,
+                                        slots=state.slots if inplace else slots)
+        return new_state, (None if inplace else unflatten(state.treedef, new_params))
+    return None
+
+
+@dataclasses.dataclass
+class _Step:
+    """What every entry point checks before it computes anything: the leaves, aligned."""
+
+    params: list[Any]
+    grads: list[Any]
+    treedef: Any
+
+
+def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _Step:
+    """Flatten and check everything, touching no array: the one prologue of :func:`update`,
+    :func:`update_` and the optax protocol. ``params=None`` (optax without params): the
+    gradients stand in for them."""
+    if params is None:
+        p_leaves, treedef, names = _leaves(grads, "grads")
+        g_leaves = p_leaves
+    else:
+        p_leaves, treedef, names = _leaves(params)
+    _check_state(state, treedef, names, p_leaves)
+    if params is not None:
+        g_leaves = _align_grads(grads, treedef, names, p_leaves)
+    if writes:
+        for name, p in zip(names, p_leaves, strict=True):
+            reason = backend.immutable_reason(p)
+            if reason:
+                raise TypeError(f"update_ cannot write {name} in place: {reason}")
+        for key, arrays in state.slots.items():
+            for name, s in zip(names, arrays, strict=True):
+                reason = backend.immutable_reason(s)
+                if reason:
+                    raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
+    return _Step(p_leaves, g_leaves, treedef)
+
+
+def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[str, list[Any]]:
+    """The new slots of a pure update, aliasing none of the inputs."""
+    return {
+        key: [_as_new_array(s, old, (p, g, old)) for s, p, g, old in
+              zip(arrays, step.params, step.grads, state.slots[key], strict=True)]
+        for key, arrays in slots.items()
+    }
 
 
 def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
@@ -388,60 +356,43 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     ``grads`` is a tree shaped like ``params`` or a flat list aligned with
     :func:`uniopt.trainables`.
     """
-    fast = _fast(state, params, grads, inplace=False)
-    if isinstance(fast, tuple):
-        return fast
-    p_leaves, treedef, names = _leaves(params)
-    _check_state(state, treedef, names, p_leaves)
-    g_leaves = _align_grads(grads, treedef, names, p_leaves)
-    with backend.outside_autograd(p_leaves):
-        deltas, slots, trees = _deltas(state, p_leaves, g_leaves)
+    fast_out = _fast(state, params, grads, inplace=False)
+    if isinstance(fast_out, tuple):
+        return fast_out
+    step = _prologue(state, params, grads)
+    with backend.outside_autograd(step.params):
+        deltas, slots, trees = _deltas(state, step.params, step.grads)
         new_p = [
             backend.like_leaf(_as_new_array(p - u, p, (p, g)), p)
-            for p, g, u in zip(p_leaves, g_leaves, deltas, strict=True)
+            for p, g, u in zip(step.params, step.grads, deltas, strict=True)
         ]
-    for key, arrays in slots.items():
-        slots[key] = [
-            _as_new_array(s, old, (p, g, old))
-            for s, p, g, old in zip(arrays, p_leaves, g_leaves, state.slots[key], strict=True)
-        ]
-    if fast:
-        fused.warn_once(fast)
-    new = dataclasses.replace(state, step=state.step + 1, slots=slots, tree_states=trees)
-    return new, unflatten(treedef, new_p)
+    if fast_out:
+        fast.warn_once(fast_out)
+    new = dataclasses.replace(state, step=state.step + 1, slots=_new_slots(state, slots, step),
+                              tree_states=trees)
+    return new, unflatten(step.treedef, new_p)
 
 
 def update_(state: State, params: Any, grads: Any) -> State:
     """One step in place: the arrays of ``params`` and of the state are written, and the state
     with its step advanced is returned. Bit for bit the same numbers as :func:`update`."""
-    fast = _fast(state, params, grads, inplace=True)
-    if isinstance(fast, State):
-        return fast
-    p_leaves, treedef, names = _leaves(params)
-    _check_state(state, treedef, names, p_leaves)
-    g_leaves = _align_grads(grads, treedef, names, p_leaves)
-    for name, p in zip(names, p_leaves, strict=True):
-        reason = backend.immutable_reason(p)
-        if reason:
-            raise TypeError(f"update_ cannot write {name} in place: {reason}")
-    for key, arrays in state.slots.items():
-        for name, s in zip(names, arrays, strict=True):
-            reason = backend.immutable_reason(s)
-            if reason:
-                raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
-    with backend.outside_autograd(p_leaves):
-        deltas, slots, trees = _deltas(state, p_leaves, g_leaves)
-    for p, u in zip(p_leaves, deltas, strict=True):
+    fast_out = _fast(state, params, grads, inplace=True)
+    if isinstance(fast_out, tuple):
+        return fast_out[0]
+    step = _prologue(state, params, grads, writes=True)
+    with backend.outside_autograd(step.params):
+        deltas, slots, trees = _deltas(state, step.params, step.grads)
+    for p, u in zip(step.params, deltas, strict=True):
         backend.assign(p, p - u)
     for key, arrays in slots.items():
         for old, new in zip(state.slots[key], arrays, strict=True):
             backend.assign(old, new)
-    if fast:
-        fused.warn_once(fast)
+    if fast_out:
+        fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
 
 
-def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tuple[Any, State]:
+def optax_update(rule: Transform, grads: Any, state: Any, params: Any) -> tuple[Any, State]:
     """The optax protocol for any uniopt transform: updates are to be *added* to params."""
     if (
         not isinstance(state, State)
@@ -452,25 +403,16 @@ def optax_update(rule: Transform, grads: Any, state: State, params: Any) -> tupl
             f"this state was not set up for {rule!r}: its rule is "
             f"{getattr(state, 'rule', state)!r}"
         )
-    if params is None:
-        if any(isinstance(p, Elementwise) and p.uses_params for p in rule.flat_parts):
-            raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
-        g_leaves, treedef, names = _leaves(grads, "grads")
-        p_leaves = g_leaves
-    else:
-        p_leaves, treedef, names = _leaves(params)
-        g_leaves = _align_grads(grads, treedef, names, p_leaves)
-    _check_state(state, treedef, names, p_leaves)
-    with backend.outside_autograd(p_leaves):
-        deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), p_leaves, g_leaves)
-    updates = [_as_new_array(-u, g, ()) for u, g in zip(deltas, g_leaves, strict=True)]
-    for key, arrays in slots.items():
-        slots[key] = [
-            _as_new_array(s, old, (g, p, old))
-            for s, g, p, old in zip(arrays, g_leaves, p_leaves, state.slots[key], strict=True)
-        ]
-    new = State(rule, state.step + 1, slots, state.treedef, state.state_dtype, trees)
-    return unflatten(treedef, updates), new
+    if params is None and any(p.uses_params for p in rule.flat_parts):
+        raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
+    step = _prologue(state, params, grads)
+    with backend.outside_autograd(step.params):
+        deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
+                                       step.grads)
+    updates = [_as_new_array(-u, g, ()) for u, g in zip(deltas, step.grads, strict=True)]
+    new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,
+                state.state_dtype, trees)
+    return unflatten(step.treedef, updates), new
 
 
 def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transform, list[str]]:
@@ -497,8 +439,7 @@ def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transfo
             found += f
         return chain(*members), found
     if len(path) == 1 and path[0] in t.hyperparameters():
-        new = carry_complements(t, dataclasses.replace(t, **{path[0]: value}), path[0])
-        return new, [f"{where}{path[0]} ({t.name})"]
+        return t.replace(**{path[0]: value}), [f"{where}{path[0]} ({t.name})"]
     return t, []
 
 
@@ -520,7 +461,8 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     for key, value in hyperparameters.items():
         rule, found = _set(rule, key.split("."), value, "")
         if not found:
-            names = sorted({n for p in _members(rule) for n in p.hyperparameters()})
+            members = rule.members() if isinstance(rule, chain) else [rule]
+            names = sorted({n for p in members for n in p.hyperparameters()})
             raise ValueError(
                 f"adjust: {key!r} is not a hyperparameter of {state.rule.name}; "
                 f"its hyperparameters are {names}"
@@ -538,7 +480,3 @@ def adjust(state: State, **hyperparameters: Any) -> State:
             "hyperparameter to a non-zero value or a schedule at set-up to keep its slot)"
         )
     return dataclasses.replace(state, rule=rule)
-
-
-def _members(t: Transform) -> list[Transform]:
-    return [m for x in t.transforms for m in _members(x)] if isinstance(t, chain) else [t]

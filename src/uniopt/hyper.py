@@ -12,14 +12,11 @@ import dataclasses
 import math
 import numbers
 import sys
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
-
-Schedule: TypeAlias = Callable[[int], float]
-Hyper: TypeAlias = "float | Schedule"
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,6 @@ class Interval:
 NONNEG = Interval()
 UNIT_OPEN = Interval(0.0, 1.0, hi_open=True)  # betas, momentum-like decays: 1 would never forget
 UNIT = Interval(0.0, 1.0)
-POSITIVE = Interval(0.0, lo_open=True)
 
 
 def hyper(default: Any = dataclasses.MISSING, valid: Interval = NONNEG) -> Any:
@@ -55,8 +51,42 @@ def hyper(default: Any = dataclasses.MISSING, valid: Interval = NONNEG) -> Any:
     return dataclasses.field(default=default, metadata={"hyper": valid})
 
 
-def is_schedule(h: object) -> bool:
-    return callable(h)
+def static(default: Any, valid: Interval) -> Any:
+    """A dataclass field that is a fixed number (not schedulable), e.g. an initial value."""
+    return dataclasses.field(default=default, metadata={"static": valid})
+
+
+# a hyperparameter's place in its record: the field's name, or (name, index) in a tuple (betas)
+Key = str | tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Complemented:
+    """A number that came out of a JAX state, with ``1 - value`` as the host computed it.
+
+    Under ``jax.jit`` without x64 a hyperparameter is a float32 tracer, where ``1 - 0.999``
+    keeps two digits; the complement computed in double before the number went in travels
+    beside it. Pairs exist only between a rule rebuilt from a JAX state and the parts it makes
+    (:meth:`uniopt.Transform.at` takes them apart): a rule's ``parts()`` passes its numbers
+    through untouched, so each part receives the pair of the value it was given."""
+
+    value: Any
+    one_minus: Any
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the host knew of a record's numbers when they went into a JAX state: each number's
+    complement ``1 - x`` in double precision, and which optional blocks exist (inside
+    ``jax.jit`` a traced value cannot be compared with 0)."""
+
+    complements: Mapping[Key, Any]
+    on: frozenset[str] | None = None
+
+
+def has_schedule(v: Any) -> bool:
+    """Whether hyperparameter value ``v`` (a number, a schedule or a tuple of them) schedules."""
+    return any(callable(x) for x in v) if isinstance(v, tuple) else callable(v)
 
 
 def _traced(value: object) -> bool:
@@ -71,8 +101,8 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
 
     Python floats keep float32 arrays float32 where a NumPy float64 scalar would promote them,
     so every number is normalised here, once."""
-    if _traced(value):
-        return value  # type: ignore[return-value]  # under jax.jit: no value to check yet
+    if _traced(value) or isinstance(value, Complemented):
+        return value  # type: ignore[return-value]  # from a JAX state: checked before it went in
     zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
     if zero_d and np.dtype(str(value.dtype)).kind in "fiu":  # type: ignore[attr-defined]
         value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number

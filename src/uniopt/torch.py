@@ -46,16 +46,16 @@ import numpy as np
 import torch
 from torch.optim.optimizer import ParamsT
 
-from .base import Transform
-from .base import _has_schedule as has_schedule
-from .combine import chain
-from .engine import State, _flat_list_def, adjust, setup, update_
+from .base import Transform, chain
+from .engine import adjust, flat_list_def, setup, update_
+from .hyper import has_schedule
 from .rules.adadelta import adadelta
 from .rules.adagrad import adagrad
 from .rules.adam import adam, adamw
 from .rules.rmsprop import rmsprop
 from .rules.sgd import sgd
-from .transforms import scale
+from .state import State
+from .transforms.scale import scale
 
 __all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
 
@@ -505,7 +505,7 @@ class Optimizer(torch.optim.Optimizer):
         rule, steps = job.rule, plan.steps
         for run, step in zip(plan.runs, plan.run_steps(), strict=True):
             grads = gviews if run.pos is None else [gviews[k] for k in run.pos]
-            state = State(rule, step, run.slots, _flat_list_def(len(run.params)))
+            state = State(rule, step, run.slots, flat_list_def(len(run.params)))
             update_(state, run.params, grads)
             if run.idx is None:
                 steps.np += 1
@@ -534,7 +534,7 @@ class Optimizer(torch.optim.Optimizer):
             pd = p.detach()
             rows = pd[index]
             slots = {key: [st[name][index]] for key, name in names}
-            update_(State(rule, int(steps.np[i]), slots, _flat_list_def(1)), [rows], [values])
+            update_(State(rule, int(steps.np[i]), slots, flat_list_def(1)), [rows], [values])
             pd[index] = rows
             for key, name in names:
                 st[name][index] = slots[key][0]

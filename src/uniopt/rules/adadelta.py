@@ -1,11 +1,21 @@
+"""Adadelta (Zeiler, 2012)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, ema_sq
+from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
-from ..transforms import scale_by_lr, weight_decay
+from ..moments import ema_sq
+from ..transforms.decay import weight_decay
+from ..transforms.scale import scale_by_lr
+
+
+class AdadeltaCoeffs(NamedTuple):
+    rho: Any
+    one_minus_rho: Any
+    eps: Any
 
 
 @dataclass(frozen=True)
@@ -17,14 +27,14 @@ class scale_by_adadelta(Elementwise):
     eps: Any = hyper(1e-6, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("square_avg", "acc_delta")
 
-    def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.rho, self.one_minus("rho"), self.eps)
+    def coeffs(self, step: int) -> AdadeltaCoeffs:
+        return AdadeltaCoeffs(rho=self.rho, one_minus_rho=self.one_minus("rho"), eps=self.eps)
 
     @staticmethod
-    def kernel(xp, c, p, u, v, a):
-        v = ema_sq(v, u, c[0], c[1])
-        d = xp.sqrt(a + c[2]) / xp.sqrt(v + c[2]) * u
-        return d, v, ema_sq(a, d, c[0], c[1])
+    def kernel(xp, c, p, u, square_avg, acc_delta):
+        square_avg = ema_sq(square_avg, u, c.rho, c.one_minus_rho)
+        delta = xp.sqrt(acc_delta + c.eps) / xp.sqrt(square_avg + c.eps) * u
+        return delta, square_avg, ema_sq(acc_delta, delta, c.rho, c.one_minus_rho)
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,8 @@ class adadelta(Rule):
     """Adadelta (Zeiler, 2012) with torch's learning rate: ``p <- p - lr*d``.
 
     ``d`` as in :class:`scale_by_adadelta`, after ``g <- g + weight_decay*p``. The default
-    ``lr=1.0`` is the paper's (and descends: optax 0.2.8's default does not; see CONVENTIONS).
+    ``lr=1.0`` is the paper's (and descends: optax 0.2.8's default does not; see the README's
+    conventions table).
     """
 
     lr: Any = hyper(1.0, NONNEG)
@@ -42,9 +53,9 @@ class adadelta(Rule):
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
-    def parts(self) -> tuple[Elementwise, ...]:
+    def parts(self) -> tuple[Transform, ...]:
         return (
-            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
-            scale_by_adadelta(self.rho, self.eps),
-            scale_by_lr(self.lr),
+            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
+            scale_by_adadelta(rho=self.rho, eps=self.eps),
+            scale_by_lr(lr=self.lr),
         )

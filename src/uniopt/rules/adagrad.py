@@ -1,11 +1,25 @@
+"""Adagrad (Duchi et al., 2011), with torch's and optax's placements of eps."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, select, static
-from ..hyper import NONNEG, hyper
-from ..transforms import weight_decay
+from ..base import Elementwise, Rule, Transform
+from ..hyper import NONNEG, hyper, static
+from ..moments import select
+from ..transforms.decay import weight_decay
+
+
+class AdagradCoeffs(NamedTuple):
+    clr: Any  # lr / (1 + (t - 1) lr_decay)
+    eps: Any
+
+
+class RssCoeffs(NamedTuple):
+    clr: Any
+    eps: Any
+    one: Any  # the denominator where G = 0 (so u = 0): eps = 0 never divides 0 by 0
 
 
 @dataclass(frozen=True)
@@ -21,13 +35,13 @@ class scale_by_adagrad(Elementwise):
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (xp.full_like(p, self.initial_accumulator_value),)
 
-    def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.lr / (1.0 + step * self.lr_decay), self.eps)
+    def coeffs(self, step: int) -> Any:
+        return AdagradCoeffs(clr=self.lr / (1.0 + step * self.lr_decay), eps=self.eps)
 
     @staticmethod
     def kernel(xp, c, p, u, acc):
         acc = acc + u * u
-        return c[0] * (u / (xp.sqrt(acc) + c[1])), acc
+        return c.clr * (u / (xp.sqrt(acc) + c.eps)), acc
 
 
 @dataclass(frozen=True)
@@ -35,13 +49,13 @@ class scale_by_rss(scale_by_adagrad):
     """optax's Adagrad direction: ``G <- G + u^2``; ``u <- clr * u/sqrt(G + eps)`` where
     ``G > 0``, else 0 (then ``u`` is 0 too), so ``eps = 0`` never divides 0 by 0."""
 
-    def coeffs(self, step: int) -> tuple[float, ...]:
-        return (*super().coeffs(step), 1.0)
+    def coeffs(self, step: int) -> Any:
+        return RssCoeffs(clr=self.lr / (1.0 + step * self.lr_decay), eps=self.eps, one=1.0)
 
     @staticmethod
     def kernel(xp, c, p, u, acc):
         acc = acc + u * u
-        return c[0] * (u / select(xp, acc > 0, xp.sqrt(acc + c[1]), c[2])), acc
+        return c.clr * (u / select(xp, acc > 0, xp.sqrt(acc + c.eps), c.one)), acc
 
 
 @dataclass(frozen=True)
@@ -64,10 +78,10 @@ class adagrad(Rule):
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
-    def parts(self) -> tuple[Elementwise, ...]:
+    def parts(self) -> tuple[Transform, ...]:
+        direction = scale_by_rss if self.eps_in_sqrt else scale_by_adagrad
         return (
-            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
-            (scale_by_rss if self.eps_in_sqrt else scale_by_adagrad)(
-                self.lr, self.lr_decay, self.eps, self.initial_accumulator_value
-            ),
+            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
+            direction(lr=self.lr, lr_decay=self.lr_decay, eps=self.eps,
+                      initial_accumulator_value=self.initial_accumulator_value),
         )

@@ -1,11 +1,26 @@
+"""Adam (Kingma & Ba, 2015) and its family: AMSGrad, AdamW, optimistic Adam."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, bias_correction, ema_sq, lerp, select
+from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
-from ..transforms import scale_by_lr, weight_decay
+from ..moments import bias_correction, ema_sq, lerp, select
+from ..transforms.decay import weight_decay
+from ..transforms.scale import scale_by_lr
+
+
+class AdamCoeffs(NamedTuple):
+    one_minus_b1: Any  # m's step towards u
+    b2: Any
+    one_minus_b2: Any
+    m_scale: Any  # m_hat = m_scale*m + u_scale*u: 1/(1 - b1^t) and 0, or NAdam's pair
+    u_scale: Any
+    sqrt_bc2: Any  # sqrt(1 - b2^t): v_hat's root is sqrt(v + eps_root_bc2) / sqrt_bc2
+    eps_root_bc2: Any  # eps_root*(1 - b2^t), so eps_root = 0 keeps torch's operation order
+    eps: Any
 
 
 @dataclass(frozen=True)
@@ -24,20 +39,24 @@ class scale_by_adam(Elementwise):
     nesterov: bool = False
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
-    def coeffs(self, step: int) -> tuple[float, ...]:
+    def coeffs(self, step: int) -> AdamCoeffs:
         c1, c2 = self.one_minus("b1"), self.one_minus("b2")
         bc1, bc2 = bias_correction(self.b1, c1, step), bias_correction(self.b2, c2, step)
         if self.nesterov:
-            cm, cu = self.b1 / bias_correction(self.b1, c1, step + 1), c1 / bc1
+            m_scale, u_scale = self.b1 / bias_correction(self.b1, c1, step + 1), c1 / bc1
         else:
-            cm, cu = 1.0 / bc1, 0.0
-        # eps_root*bc2 under the root keeps torch's sqrt(v)/sqrt(bc2) order when eps_root = 0
-        return (c1, self.b2, c2, cm, cu, bc2**0.5, self.eps_root * bc2, self.eps)
+            m_scale, u_scale = 1.0 / bc1, 0.0
+        return AdamCoeffs(
+            one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, m_scale=m_scale, u_scale=u_scale,
+            sqrt_bc2=bc2**0.5, eps_root_bc2=self.eps_root * bc2, eps=self.eps,
+        )
 
     @staticmethod
-    def kernel(xp, c, p, u, m, v):
-        m, v = lerp(m, u, c[0]), ema_sq(v, u, c[1], c[2])
-        return (c[3] * m + c[4] * u) / (xp.sqrt(v + c[6]) / c[5] + c[7]), m, v
+    def kernel(xp, c, p, u, exp_avg, exp_avg_sq):
+        m = lerp(exp_avg, u, c.one_minus_b1)
+        v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+        m_hat = c.m_scale * m + c.u_scale * u
+        return m_hat / (xp.sqrt(v + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v
 
 
 @dataclass(frozen=True)
@@ -50,14 +69,16 @@ class scale_by_amsgrad(scale_by_adam):
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     @staticmethod
-    def kernel(xp, c, p, u, m, v, vmax):
-        m, v = lerp(m, u, c[0]), ema_sq(v, u, c[1], c[2])
-        vmax = xp.maximum(vmax, v)
-        return (c[3] * m + c[4] * u) / (xp.sqrt(vmax + c[6]) / c[5] + c[7]), m, v, vmax
+    def kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
+        m = lerp(exp_avg, u, c.one_minus_b1)
+        v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+        v_max = xp.maximum(max_exp_avg_sq, v)
+        m_hat = c.m_scale * m + c.u_scale * u
+        return m_hat / (xp.sqrt(v_max + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v, v_max
 
 
 def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool) -> Elementwise:
-    return (scale_by_amsgrad if amsgrad else scale_by_adam)(betas[0], betas[1], eps)
+    return (scale_by_amsgrad if amsgrad else scale_by_adam)(b1=betas[0], b2=betas[1], eps=eps)
 
 
 @dataclass(frozen=True)
@@ -84,11 +105,11 @@ class adam(Rule):
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
-    def parts(self) -> tuple[Elementwise, ...]:
+    def parts(self) -> tuple[Transform, ...]:
         return (
-            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
+            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
             _adam_block(self.betas, self.eps, self.amsgrad),
-            scale_by_lr(self.lr),
+            scale_by_lr(lr=self.lr),
         )
 
 
@@ -110,11 +131,16 @@ class adamw(Rule):
     amsgrad: bool = False
     couple_lr: bool = True
 
-    def parts(self) -> tuple[Elementwise, ...]:
+    def parts(self) -> tuple[Transform, ...]:
         direction = _adam_block(self.betas, self.eps, self.amsgrad)
-        if self.couple_lr:
-            return (direction, weight_decay(self.weight_decay), scale_by_lr(self.lr))
-        return (direction, scale_by_lr(self.lr), weight_decay(self.weight_decay))
+        decay, lr = weight_decay(wd=self.weight_decay), scale_by_lr(lr=self.lr)
+        return (direction, decay, lr) if self.couple_lr else (direction, lr, decay)
+
+
+class OptimisticCoeffs(NamedTuple):
+    alpha_plus_beta: Any
+    beta: Any
+    first: Any  # the first update: u_prev = u
 
 
 @dataclass(frozen=True)
@@ -125,12 +151,13 @@ class scale_by_optimistic_gradient(Elementwise):
     beta: Any = hyper(1.0, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("prev_update",)
 
-    def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.alpha + self.beta, self.beta, step == 0)
+    def coeffs(self, step: int) -> OptimisticCoeffs:
+        return OptimisticCoeffs(alpha_plus_beta=self.alpha + self.beta, beta=self.beta,
+                                first=step == 0)
 
     @staticmethod
-    def kernel(xp, c, p, u, prev):
-        return c[0] * u - c[1] * select(xp, c[2], u, prev), u
+    def kernel(xp, c, p, u, prev_update):
+        return c.alpha_plus_beta * u - c.beta * select(xp, c.first, u, prev_update), u
 
 
 @dataclass(frozen=True)
@@ -151,9 +178,10 @@ class optimistic_adam(Rule):
     eps_root: Any = hyper(0.0, NONNEG)
     nesterov: bool = True
 
-    def parts(self) -> tuple[Elementwise, ...]:
+    def parts(self) -> tuple[Transform, ...]:
         return (
-            scale_by_adam(self.b1, self.b2, self.eps, self.eps_root, self.nesterov),
-            scale_by_optimistic_gradient(self.alpha, self.beta),
-            scale_by_lr(self.lr),
+            scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root,
+                          nesterov=self.nesterov),
+            scale_by_optimistic_gradient(alpha=self.alpha, beta=self.beta),
+            scale_by_lr(lr=self.lr),
         )

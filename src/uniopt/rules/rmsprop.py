@@ -1,11 +1,22 @@
+"""RMSprop (Hinton, 2012) as torch writes it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, ema_sq, lerp
+from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
-from ..transforms import scale_by_lr, trace, weight_decay
+from ..moments import ema_sq, lerp
+from ..transforms.decay import weight_decay
+from ..transforms.momentum import trace
+from ..transforms.scale import scale_by_lr
+
+
+class RmsCoeffs(NamedTuple):
+    alpha: Any
+    one_minus_alpha: Any
+    eps: Any
 
 
 @dataclass(frozen=True)
@@ -16,13 +27,13 @@ class scale_by_rms(Elementwise):
     eps: Any = hyper(1e-8, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("square_avg",)
 
-    def coeffs(self, step: int) -> tuple[float, ...]:
-        return (self.alpha, self.one_minus("alpha"), self.eps)
+    def coeffs(self, step: int) -> RmsCoeffs:
+        return RmsCoeffs(alpha=self.alpha, one_minus_alpha=self.one_minus("alpha"), eps=self.eps)
 
     @staticmethod
-    def kernel(xp, c, p, u, v):
-        v = ema_sq(v, u, c[0], c[1])
-        return u / (xp.sqrt(v) + c[2]), v
+    def kernel(xp, c, p, u, square_avg):
+        square_avg = ema_sq(square_avg, u, c.alpha, c.one_minus_alpha)
+        return u / (xp.sqrt(square_avg) + c.eps), square_avg
 
 
 @dataclass(frozen=True)
@@ -32,10 +43,10 @@ class scale_by_centered_rms(scale_by_rms):
     slots: ClassVar[tuple[str, ...]] = ("square_avg", "grad_avg")
 
     @staticmethod
-    def kernel(xp, c, p, u, v, gbar):
-        v = ema_sq(v, u, c[0], c[1])
-        gbar = lerp(gbar, u, c[1])
-        return u / (xp.sqrt(v - gbar * gbar) + c[2]), v, gbar
+    def kernel(xp, c, p, u, square_avg, grad_avg):
+        square_avg = ema_sq(square_avg, u, c.alpha, c.one_minus_alpha)
+        grad_avg = lerp(grad_avg, u, c.one_minus_alpha)
+        return u / (xp.sqrt(square_avg - grad_avg * grad_avg) + c.eps), square_avg, grad_avg
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,8 @@ class rmsprop(Rule):
 
     ``g <- g + weight_decay*p``; ``v <- alpha*v + (1-alpha)*g^2``; ``d = g/(sqrt(v) + eps)``
     (centered: ``sqrt(v - gbar^2)``); with momentum ``b <- momentum*b + d``, ``d <- b``;
-    ``p <- p - lr*d``. TensorFlow/keras/optax put eps inside the root; see CONVENTIONS.
+    ``p <- p - lr*d``. TensorFlow/keras/optax put eps inside the root (see the README's
+    conventions table).
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -56,11 +68,11 @@ class rmsprop(Rule):
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
 
-    def parts(self) -> tuple[Elementwise, ...]:
+    def parts(self) -> tuple[Transform, ...]:
         rms = scale_by_centered_rms if self.centered else scale_by_rms
         return (
-            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
-            rms(self.alpha, self.eps),
-            *([trace(self.momentum)] if self.on("momentum") else []),
-            scale_by_lr(self.lr),
+            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
+            rms(alpha=self.alpha, eps=self.eps),
+            *([trace(momentum=self.momentum)] if self.on("momentum") else []),
+            scale_by_lr(lr=self.lr),
         )

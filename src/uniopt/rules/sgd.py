@@ -1,11 +1,15 @@
+"""Stochastic gradient descent."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Elementwise, Rule
+from ..base import Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
-from ..transforms import scale_by_lr, trace, weight_decay
+from ..transforms.decay import weight_decay
+from ..transforms.momentum import check_nesterov, trace
+from ..transforms.scale import scale_by_lr
 
 
 @dataclass(frozen=True)
@@ -30,20 +34,15 @@ class sgd(Rule):
     weight_decay: Any = hyper(0.0, NONNEG)
     nesterov: bool = False
 
-    def check(self) -> None:
-        if self.nesterov and not callable(self.momentum) and not callable(self.dampening) and (
-            self.momentum <= 0 or self.dampening != 0
-        ):
-            raise ValueError(
-                "sgd: nesterov=True requires momentum > 0 and dampening = 0, "
-                f"got momentum={self.momentum!r}, dampening={self.dampening!r}"
-            )
-
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
 
-    def parts(self) -> tuple[Elementwise, ...]:
+    def check(self) -> None:
+        check_nesterov(self.name, self.nesterov, self.momentum, self.dampening)
+
+    def parts(self) -> tuple[Transform, ...]:
         return (
-            *([weight_decay(self.weight_decay)] if self.on("weight_decay") else []),
-            *([trace(self.momentum, self.dampening, self.nesterov)] if self.on("momentum") else []),
-            scale_by_lr(self.lr),
+            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
+            *([trace(momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov)]
+              if self.on("momentum") else []),
+            scale_by_lr(lr=self.lr),
         )

@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -210,7 +211,7 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
         return None
     optim: Any = torch.optim
     if mode == "uniopt.torch":
-        from . import torch as optim
+        optim = importlib.import_module("uniopt.torch")
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
            "rmsprop": optim.RMSprop}[rule]
     kw: dict[str, Any] = {"lr": 1e-3}

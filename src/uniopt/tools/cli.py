@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from . import engine
-from .base import Transform
+from .. import engine
+from ..base import Transform
+from ..rules.adadelta import adadelta
+from ..rules.adagrad import adagrad
+from ..rules.adam import adam, adamw, optimistic_adam
+from ..rules.rmsprop import rmsprop
+from ..rules.sgd import sgd
 from .problems import PROBLEMS, Problem
-from .rules.adadelta import adadelta
-from .rules.adagrad import adagrad
-from .rules.adam import adam, adamw, optimistic_adam
-from .rules.rmsprop import rmsprop
-from .rules.sgd import sgd
 
 # Every rule as built for the comparison; only lr varies by problem. Momentum 0.9 for the
 # two SGD variants (plain SGD is not interesting next to the adaptive rules); everything else

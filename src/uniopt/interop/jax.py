@@ -1,0 +1,109 @@
+"""A State as a JAX pytree, so ``jax.jit(uniopt.update)`` carries it.
+
+The leaves are the step, the slots, the whole-tree states and the rule's numbers, each number
+followed by its complement ``1 - x`` computed on the host in double precision (under ``jax.jit``
+without x64 a traced number is float32, where ``1 - 0.999`` keeps two digits). The rule's
+skeleton (types, flags, schedules, which optional blocks exist) is static: a run compiles once,
+and again only when :func:`uniopt.adjust` changes the skeleton (a schedule for a number, or a
+value to or from zero where zero removes a block).
+
+A rule rebuilt from the leaves is assembled without validation (the values were checked before
+they went in, and may be traced) and keeps the complements and the block decisions as
+:class:`~uniopt.hyper.HostFacts`; its parts are made only when asked for, so a jitted loop never
+reads a value back from the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from ..base import Transform, assemble, chain
+from ..hyper import HostFacts
+from ..state import State
+
+
+def _members_of(v: Any) -> tuple[Transform, ...] | None:
+    if isinstance(v, Transform):
+        return (v,)
+    if isinstance(v, tuple) and v and all(isinstance(m, Transform) for m in v):
+        return v
+    return None
+
+
+def flatten_rule(t: Transform) -> tuple[list[Any], Any]:
+    """``t``'s numbers (its members' too), each followed by its complement, and a hashable
+    skeleton of the rest: two rules with equal skeletons have the same parts and slots."""
+    leaves: list[Any] = []
+    fields = []
+    known = t.host.complements if t.host is not None else {}
+    for f in dataclasses.fields(t):
+        if not f.init:
+            continue
+        v = getattr(t, f.name)
+        members = _members_of(v)
+        if members is not None:
+            subs = [flatten_rule(m) for m in members]
+            for sub_leaves, _ in subs:
+                leaves += sub_leaves
+            fields.append((f.name, "member" if isinstance(v, Transform) else "members",
+                           tuple(sk for _, sk in subs)))
+        elif "hyper" in f.metadata:
+            xs = v if isinstance(v, tuple) else (v,)
+            for i, x in enumerate(xs):
+                if not callable(x):
+                    c = known.get(f.name if not isinstance(v, tuple) else (f.name, i))
+                    leaves += [x, 1.0 - x if c is None else c]
+            fields.append((f.name, "tuple" if isinstance(v, tuple) else "one",
+                           tuple(x if callable(x) else None for x in xs)))
+        else:
+            fields.append((f.name, "fixed", v))
+    on = frozenset(n for n in t.optional if t.on(n))
+    return leaves, (type(t), tuple(fields), on)
+
+
+def unflatten_rule(skeleton: Any, leaves: Any) -> Transform:
+    """The inverse of :func:`flatten_rule`."""
+    it = iter(leaves)
+
+    def build(sk: Any) -> Transform:
+        cls, spec, on = sk
+        values: dict[str, Any] = {}
+        complements: dict[Any, Any] = {}
+        for name, kind, sub in spec:
+            if kind == "fixed":
+                values[name] = sub
+            elif kind in ("member", "members"):
+                members = tuple(build(m) for m in sub)
+                values[name] = members[0] if kind == "member" else members
+            else:
+                xs = []
+                for i, x in enumerate(sub):
+                    if x is None:
+                        x = next(it)
+                        complements[name if kind == "one" else (name, i)] = next(it)
+                    xs.append(x)
+                values[name] = xs[0] if kind == "one" else tuple(xs)
+        if cls is chain:
+            return chain(*values["transforms"])
+        return assemble(cls, values, HostFacts(complements, on))
+
+    return build(skeleton)
+
+
+@functools.cache
+def register_state() -> None:
+    """Make State a JAX pytree; done on the first set-up with JAX arrays, so JAX is never
+    imported otherwise."""
+    import jax
+
+    def flatten(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        values, skeleton = flatten_rule(s.rule)
+        return (s.step, s.slots, s.tree_states, values), (skeleton, s.treedef, s.state_dtype)
+
+    def unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
+        step, slots, trees, values = children
+        return State(unflatten_rule(aux[0], values), step, slots, aux[1], aux[2], trees)
+
+    jax.tree_util.register_pytree_node(State, flatten, unflatten)

@@ -1,0 +1,34 @@
+"""Weight decay: adding the parameter to the update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ..base import Elementwise
+from ..hyper import NONNEG, hyper
+
+
+class Decay(NamedTuple):
+    wd: Any
+
+
+@dataclass(frozen=True)
+class weight_decay(Elementwise):
+    """``u <- u + wd * p``.
+
+    At the head of a chain this is L2 regularisation, the same as adding ``wd/2 * sum(p**2)``
+    to the loss: ``chain(weight_decay(wd), adam())`` is torch's ``Adam(weight_decay=wd)``, whose
+    decay passes through the moments. Placed after a rule, it is decoupled decay scaled by what
+    follows it: ``chain(adam(lr), weight_decay(wd))`` is Flux's ``p <- p - lr*A - wd*p``.
+    """
+
+    wd: Any = hyper(0.0, NONNEG)
+    uses_params = True
+
+    def coeffs(self, step: int) -> Decay:
+        return Decay(wd=self.wd)
+
+    @staticmethod
+    def kernel(xp, c, p, u):
+        return (u + c.wd * p,)
