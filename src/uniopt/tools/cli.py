@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run each rule on each problem with uniopt.setup + uniopt.update_ and report the "
             "final loss, its gap to the known minimum, the updates needed to bring the gap to "
             "TOL and the wall time of one update. Learning rates are hand-picked per problem "
-            "and rule (see uniopt.cli.DEFAULT_LR), not tuned per seed."
+            "and rule (see uniopt.tools.cli.DEFAULT_LR), not tuned per seed."
         ),
     )
     cmp.add_argument(
