@@ -1,5 +1,5 @@
 # mypy: disable-error-code="call-arg"
-"""The fast path: one compiled pass over memory per step, with no per-tensor Python work.
+"""The compiled CPU strategy: one pass over memory per step, with no per-tensor Python work.
 
 An optimizer step is memory-bound, and what costs the peers on many small tensors is Python
 bookkeeping per tensor. Here the rule's own kernels (the functions the reference path runs on
@@ -12,10 +12,12 @@ per-leaf loop would do (is it an ndarray, its dtype, shape, contiguity, alignmen
 does the gradient match its parameter) is read from NumPy's array struct, whose layout is part
 of NumPy's stable C ABI, as is CPython's list layout; a self-test at import checks every offset
 and disables this path if they ever disagree. The caller holds the GIL for the whole call, so
-no other thread can change the lists meanwhile. Anything
-the kernel does not handle (another array library, a dtype other than float32/float64, a
-non-contiguous or read-only array, a mismatch) sends the step to the reference path, which
-either raises the proper error or runs, after a one-time warning that names the reason.
+no other thread can change the lists meanwhile. Anything the loop does not handle (another
+array library, a dtype other than float32/float64, a non-contiguous or read-only array, a
+mismatch, a part that is not elementwise) sends the step to the engine's reference path, which
+either raises the proper error or runs, after a one-time warning that names the reason. CPU
+torch tensors come in as NumPy views of their memory (:func:`uniopt.backend.numpy_view`), and
+are marked written afterwards so that autograd sees the change.
 
 Work is split into chunks of at most ``CHUNK`` elements so that one large tensor still uses every
 thread, and many small tensors cost one loop iteration each.
