@@ -46,16 +46,16 @@ import numpy as np
 import torch
 from torch.optim.optimizer import ParamsT
 
-from .base import Transform, chain
-from .engine import adjust, flat_list_def, setup, update_
-from .hyper import has_schedule
-from .rules.adadelta import adadelta
-from .rules.adagrad import adagrad
-from .rules.adam import adam, adamw
-from .rules.rmsprop import rmsprop
-from .rules.sgd import sgd
-from .state import State
-from .transforms.scale import scale
+from ..base import Transform, chain
+from ..engine import adjust, flat_list_def, setup, update_
+from ..hyper import has_schedule
+from ..rules.adadelta import adadelta
+from ..rules.adagrad import adagrad
+from ..rules.adam import adam, adamw
+from ..rules.rmsprop import rmsprop
+from ..rules.sgd import sgd
+from ..state import State
+from ..transforms.scale import scale
 
 __all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
 
