@@ -33,6 +33,7 @@ import uniopt.torch as ut  # noqa: E402
 from uniopt import fast as ufast  # noqa: E402
 from uniopt.fast import cpu as fused  # noqa: E402
 from uniopt.tools import bench  # noqa
+from uniopt.torch import plans  # noqa: E402
 
 NAMES = ("SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW")
 SCHEDULERS = ("step", "cosine", "onecycle", "plateau")
@@ -668,7 +669,7 @@ def test_tensors_off_numpy_take_the_engine_reference_path(monkeypatch: Any) -> N
     tensors; forcing that path on CPU float64 gives the NumPy path's numbers bit for bit."""
     kw = CONFIG["RMSprop"]
     numpy_path, _ = run_small(lambda ps: ut.RMSprop(ps, **kw), 10, random_grads(12))
-    monkeypatch.setattr(ut.optimizer, "_spec", lambda p: ("torch", None))
+    monkeypatch.setattr(plans, "spec", lambda p: ("torch", None))
     torch_path, opt = run_small(lambda ps: ut.RMSprop(ps, **kw), 10, random_grads(12))
     for a, b in zip(torch_path, numpy_path, strict=True):
         assert torch.equal(a, b)

@@ -1,5 +1,39 @@
-"""The torch facade (its modules follow)."""
+"""Drop-in replacements for ``torch.optim``, run by uniopt's engine.
 
-from .optimizer import SGD, Adadelta, Adagrad, Adam, AdamW, Optimizer, RMSprop
+``uniopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam`` and ``AdamW`` take torch's
+constructor arguments and defaults and subclass :class:`torch.optim.Optimizer`, so torch's
+``lr_scheduler`` classes, ``clip_grad_norm_``, hooks and training frameworks accept them; their
+``state_dict`` is torch's, slot names included, and loads into (and from) the torch class of the
+same name. :class:`Optimizer` wraps any uniopt rule or chain the same way.
+
+This module is a skin over the engine, not a second implementation: each param group becomes a
+uniopt rule built from the group's values (numbers or uniopt schedules), and a step is one
+:func:`uniopt.update_` per set of parameters that share a step count (usually one). CPU tensors
+are handed to the engine as NumPy views of their memory, so the compiled one-pass loop updates
+them in place; tensors on other devices (or of other dtypes) go to the engine as torch tensors,
+through the reference path. Views of parameters and state, the grouping by step count and
+the rule are cached between steps and re-checked by identity; the per-tensor work of a step is
+reading ``p.grad``, ``Tensor.numpy()`` on it and those checks, each a C call mapped over the
+list (no Python loop per tensor).
+
+Differences from torch, each on purpose:
+
+* ``state[p]["step"]`` is a 0-d float tensor as in torch, for every class (torch's SGD keeps
+  none): uniopt schedules are evaluated at a parameter's step count, so SGD needs one too. The
+  step tensors of a group are views into one buffer, so counting a step is one operation. A
+  state from ``torch.optim.SGD`` (no ``step``) loads as step 1 where it has a momentum buffer.
+* A momentum buffer that becomes non-zero mid-run (a momentum schedule leaving 0) starts from
+  zeros where torch starts from the gradient; these agree except with ``dampening > 0``.
+* ``differentiable=True`` is rejected (updates are written outside autograd); ``foreach``,
+  ``fused`` and ``capturable`` are accepted and ignored (on CPU every step is already one fused
+  pass), and kept in the param groups so that states load into torch.
+* A parameter listed twice in one group is an error (torch only warns).
+* Sparse gradients: SGD and Adagrad accept them as torch does (Adagrad updates only the rows
+  present, SGD the dense equivalent; torch keeps SGD's momentum buffer sparse, this module keeps
+  it dense); the other classes raise torch's errors.
+"""
+
+from .named import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
+from .optimizer import Optimizer
 
 __all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]

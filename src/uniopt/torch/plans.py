@@ -1,0 +1,332 @@
+"""A param group's step plan: which parameters each engine call updates, and what it is handed.
+
+A plan is built when anything about its group changes and re-checked by identity at every step
+(the parameters, their storage, which have gradients, their state dicts and slots). CPU float
+tensors reach the engine as NumPy views of their memory, made once per plan for parameters and
+slots and once per step for gradients (:func:`uniopt.backend.numpy_views`, a C call per
+tensor), so the compiled loop writes them in place; other tensors reach it as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+from collections.abc import MutableMapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import backend
+from ..base import Transform
+from ..engine import flat_list_def, setup, update_
+from ..state import State
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+# how the engine sees a parameter: ("np", None) a NumPy view, ("np", perm) a NumPy view of the
+# parameter permuted into memory order, ("torch", None) the tensor itself
+Spec = tuple[str, tuple[int, ...] | None]
+PLAIN: Spec = ("np", None)
+
+# (uniopt key, state name) of each slot of a rule
+SlotNames = list[tuple[str, str]]
+
+
+def real(t: torch.Tensor) -> torch.Tensor:
+    """Complex tensors as torch's optimizers treat them: real and imaginary parts as pairs."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def spec(p: torch.Tensor) -> Spec:
+    """How the engine sees parameter ``p``: a NumPy view (CPU float32/float64, dense), in
+    memory order if its strides are permuted (channels_last), or else the tensor itself."""
+    t = real(p.detach())
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        if t.is_contiguous():
+            return PLAIN
+        strides = t.stride()
+        perm = tuple(sorted(range(t.dim()), key=lambda d: -strides[d]))
+        if t.permute(perm).is_contiguous():
+            return ("np", perm)
+    return ("torch", None)
+
+
+def _view(t: torch.Tensor, spec: Spec) -> Any:
+    """What the engine gets for ``t`` (a parameter or a slot laid out as its parameter)."""
+    t = real(t.detach())
+    kind, perm = spec
+    if kind == "torch":
+        return t
+    if perm is not None:
+        t = t.permute(perm).view(-1)
+    return backend.numpy_view(t)
+
+
+def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
+    """The engine's view of gradient ``g`` of ``p``, laid out as ``p``'s view (copied when it is
+    laid out otherwise); a sparse ``g`` made dense."""
+    if g.layout == torch.sparse_coo:
+        g = g.coalesce().to_dense()
+    g = real(g.detach().resolve_conj().resolve_neg())
+    kind, perm = spec
+    if kind == "torch":
+        return g
+    if perm is None:
+        return backend.numpy_view(g if g.is_contiguous() else g.contiguous())
+    pr = real(p.detach())
+    if g.stride() != pr.stride():
+        g = torch.empty_like(pr).copy_(g)
+    return backend.numpy_view(g.permute(perm).view(-1))
+
+
+def state_step(st: dict[str, Any]) -> int:
+    """Updates applied to a parameter, from its state (torch's SGD keeps no step: a momentum
+    buffer means at least one)."""
+    s = st.get("step")
+    if s is None:
+        return 1 if any(isinstance(v, torch.Tensor) for v in st.values()) else 0
+    return int(s)
+
+
+@dataclasses.dataclass
+class Steps:
+    """The step counts of one group's parameters: ``state[p]["step"]`` is ``views[i]``, a 0-d
+    view into ``buf``, so one NumPy operation on ``np`` counts a step for a whole run."""
+
+    params: list[torch.Tensor]
+    buf: torch.Tensor
+    np: Any
+    views: list[torch.Tensor]
+
+    @classmethod
+    def new(cls, params: list[torch.Tensor]) -> Steps:
+        # torch's dtype for state["step"] (torch.optim.optimizer._get_scalar_dtype)
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        buf = torch.zeros(len(params), dtype=dtype)
+        return cls(list(params), buf, backend.numpy_view(buf), list(buf.unbind()))
+
+    def of(self, ps: list[torch.Tensor]) -> bool:
+        """Whether these are the counts of parameters ``ps``."""
+        return len(ps) == len(self.params) and all(map(operator.is_, ps, self.params))
+
+    def count(self, idx: Any) -> None:
+        """One more step for the parameters at ``idx`` (None: every one)."""
+        if idx is None:
+            self.np += 1
+        else:
+            self.np[idx] += 1
+        backend.mark_written([self.buf])
+
+    def set(self, i: int, n: int) -> None:
+        """Parameter ``i`` has had ``n`` steps (its state came from elsewhere)."""
+        self.np[i] = n
+        backend.mark_written([self.buf])
+
+
+def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, rule: Transform,
+                 names: SlotNames, steps: Steps, i: int, spec: Spec | None) -> dict[str, Any]:
+    """``state[p]`` with its step in the group's buffer, every slot of ``rule`` (missing ones
+    as the rule initialises them), dense, and laid out as ``p``."""
+    st = state[p]
+    if st.get("step") is not steps.views[i]:
+        steps.set(i, state_step(st))
+        st["step"] = steps.views[i]
+    missing = [(key, name) for key, name in names if name not in st]
+    if missing:
+        fresh = setup(rule, [real(p.detach())]).slots
+        for key, name in missing:
+            s = fresh[key][0]
+            st[name] = torch.view_as_complex(s) if p.is_complex() else s
+    for _, name in names:
+        s = st[name]
+        if s.layout != torch.strided:  # torch's SGD keeps a sparse buffer for sparse grads
+            s = s.to_dense()
+        if spec == PLAIN and not s.is_contiguous():
+            s = s.contiguous()
+        elif spec is not None and spec[0] == "np" and s.stride() != p.stride():
+            s = torch.empty_like(p).copy_(s)  # laid out as p, so one view walks both
+        st[name] = s
+    return st
+
+
+@dataclasses.dataclass
+class Run:
+    """Parameters of one group that share a step count and a kind of view: one engine call."""
+
+    pos: list[int] | None  # positions in the plan's ``sel`` (None: all of them)
+    idx: Any  # their indices in the group, for the step buffer (None: the whole group)
+    params: list[Any]
+    slots: dict[str, list[Any]]
+    # the parameters, written through NumPy views where ``numpy``: their version counters are
+    # bumped (a graph may have saved them); slots are the optimizer's own, left unmarked
+    tensors: list[torch.Tensor]
+    numpy: bool
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a group's step needs, built when anything about it changes."""
+
+    group: dict[str, Any]
+    plist: list[torch.Tensor]
+    params: list[torch.Tensor]
+    has: list[bool]
+    ptrs: list[int]
+    state: MutableMapping[Any, dict[str, Any]]
+    layout: Any
+    names: SlotNames
+    sel: list[int]  # indices of the parameters the runs update (with a dense gradient)
+    sel_params: list[torch.Tensor]
+    specs: list[Spec]  # per entry of sel
+    fast: bool  # every entry of sel is a plain NumPy view: gradients via numpy_views
+    states: list[dict[str, Any]]
+    checks: list[tuple[str, list[torch.Tensor]]]  # slot name -> the tensors the views are of
+    runs: list[Run]
+    rows: list[int]  # parameters with sparse gradients updated row by row
+    sparse: list[bool]
+    steps: Steps
+
+    def still_valid(self, state: Any, group: dict[str, Any], ps: Any, has: list[bool],
+                    layout: Any) -> bool:
+        if not (
+            self.group is group
+            and self.plist is ps
+            and len(ps) == len(self.params)
+            and self.state is state
+            and self.layout == layout
+            and self.has == has
+            and all(map(operator.is_, ps, self.params))
+            and list(map(_DATA_PTR, ps)) == self.ptrs
+        ):
+            return False
+        sts: list[Any] = list(map(state.get, self.sel_params))
+        if not all(map(operator.is_, sts, self.states)):
+            return False
+        for name, tensors in self.checks:
+            if not all(map(operator.is_, map(dict.get, sts, itertools.repeat(name)), tensors)):
+                return False
+        steps = self.steps.np
+        for run in self.runs:
+            v = steps if run.idx is None else steps[run.idx]
+            if v.min() != v.max():
+                return False
+        return True
+
+    def run_steps(self) -> list[int]:
+        steps = self.steps.np
+        return [int(steps[0] if run.idx is None else steps[run.idx[0]]) for run in self.runs]
+
+    def counts(self) -> set[int]:
+        """The step counts this plan's parameters are at."""
+        return {*self.run_steps(), *(int(self.steps.np[i]) for i in self.rows)}
+
+    def fast_grads(self, grads: list[Any]) -> list[Any] | None:
+        """The engine's views of the gradients where every one is a plain NumPy view, else None
+        (on another device, sparse...). A strided gradient needs no check here: the compiled
+        path declines it and the engine's reference path runs the step (after a warning that
+        says why)."""
+        if not self.fast:
+            return None
+        sel = grads if len(self.sel) == len(grads) else [grads[i] for i in self.sel]
+        views = backend.numpy_views([sel])
+        return None if views is None else views[0]
+
+    def run(self, rule: Transform, grads: list[Any], views: list[Any] | None) -> None:
+        """One step: an engine call per run, then the parameters with sparse gradients."""
+        if views is None:
+            views = [_grad_view(grads[i], p, spec)
+                     for i, p, spec in zip(self.sel, self.sel_params, self.specs, strict=True)]
+        for run, step in zip(self.runs, self.run_steps(), strict=True):
+            gs = views if run.pos is None else [views[k] for k in run.pos]
+            update_(State(rule, step, run.slots, flat_list_def(len(run.params))), run.params, gs)
+            self.steps.count(run.idx)
+            if run.numpy:
+                backend.mark_written(run.tensors)
+        for i in self.rows:
+            self._rows_step(rule, i, grads[i])
+
+    def _rows_step(self, rule: Transform, i: int, g: torch.Tensor) -> None:
+        """A sparse gradient, as torch's Adagrad takes it: the engine updates the rows present
+        (gathered, duplicates summed), the others keep their values and state."""
+        p = self.params[i]
+        g = g.detach().coalesce()
+        index = tuple(g.indices())
+        values = g.values()
+        # not in the plan's identity checks: looked up at each step
+        st = ensure_state(self.state, p, rule, self.names, self.steps, i, None)
+        if values.numel():
+            pd = p.detach()
+            rows = pd[index]
+            slots = {key: [st[name][index]] for key, name in self.names}
+            update_(State(rule, int(self.steps.np[i]), slots, flat_list_def(1)), [rows], [values])
+            pd[index] = rows
+            for key, name in self.names:
+                st[name][index] = slots[key][0]
+        self.steps.count(i)
+
+
+def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bool],
+          sparse: list[bool], by_rows: bool, state: MutableMapping[Any, dict[str, Any]],
+          steps: Steps) -> Plan:
+    """The plan of ``group``; ``by_rows``: sparse gradients update only their rows."""
+    ps = group["params"]
+    sel: list[int] = []
+    specs: list[Spec] = []
+    states: list[dict[str, Any]] = []
+    rows: list[int] = []
+    runs: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(ps):
+        if not has[i]:
+            continue
+        if sparse[i] and by_rows:
+            ensure_state(state, p, rule, names, steps, i, None)
+            rows.append(i)
+            continue
+        s = spec(p)
+        st = ensure_state(state, p, rule, names, steps, i, s)
+        key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]))
+        runs.setdefault(key, []).append(len(sel))
+        sel.append(i)
+        specs.append(s)
+        states.append(st)
+    sel_params = [ps[i] for i in sel]
+    plan_runs = []
+    for (kind, _, _), pos in runs.items():
+        whole = len(pos) == len(sel)
+        idx = np.asarray([sel[k] for k in pos], dtype=np.intp)
+        plan_runs.append(
+            Run(
+                pos=None if whole else pos,
+                idx=None if whole and len(sel) == len(ps) else idx,
+                params=[_view(sel_params[k], specs[k]) for k in pos],
+                slots={key: [_view(states[k][name], specs[k]) for k in pos] for key, name in names},
+                tensors=[sel_params[k] for k in pos],
+                numpy=kind == "np",
+            )
+        )
+    checks = [(name, [st[name] for st in states]) for _, name in names]
+    checks.append(("step", [steps.views[i] for i in sel]))
+    return Plan(
+        group=group,
+        plist=ps,
+        params=list(ps),
+        has=has,
+        ptrs=list(map(_DATA_PTR, ps)),
+        state=state,
+        layout=rule.layout,
+        names=names,
+        sel=sel,
+        sel_params=sel_params,
+        specs=specs,
+        fast=not any(sparse)
+        and all(s == PLAIN for s in specs)
+        and not any(p.is_complex() for p in sel_params),
+        states=states,
+        checks=checks,
+        runs=plan_runs,
+        rows=rows,
+        sparse=sparse,
+        steps=steps,
+    )

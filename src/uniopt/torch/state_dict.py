@@ -1,0 +1,87 @@
+"""What ``load_state_dict`` checks before torch's loads anything: torch matches a state to the
+parameters by position without looking, so a state of another optimizer or model would load."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from ..base import Transform
+
+
+class Loading(Protocol):
+    """What the check reads of the optimizer (:class:`uniopt.torch.Optimizer`)."""
+
+    param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
+
+    @property
+    def _name(self) -> str: ...
+
+    def _group_rule(self, group: dict[str, Any]) -> Transform: ...
+
+    def _slot_names(self, rule: Transform) -> list[tuple[str, str]]: ...
+
+    def _known_slots(self, rule: Transform) -> set[str]: ...
+
+
+def check_loadable(opt: Loading, sd: Any) -> None:
+    """Raise unless ``sd`` has ``opt``'s groups and group sizes, valid group values, and for
+    each parameter the slots its group's rule keeps, shaped as the parameter."""
+    where = f"{opt._name}.load_state_dict"
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError(
+            f"{where}: expected a dict with 'state' and 'param_groups' (from state_dict()), "
+            f"got {type(sd).__name__}; nothing was loaded"
+        )
+    saved = sd["param_groups"]
+    if len(saved) != len(opt.param_groups):
+        raise ValueError(
+            f"{where}: the state has {len(saved)} parameter groups, this optimizer has "
+            f"{len(opt.param_groups)}; nothing was loaded"
+        )
+    owner: dict[Any, tuple[int, int, torch.Tensor, Transform]] = {}
+    for gi, (s, g) in enumerate(zip(saved, opt.param_groups, strict=True)):
+        if len(s["params"]) != len(g["params"]):
+            raise ValueError(
+                f"{where}: parameter group {gi} of the state has {len(s['params'])} "
+                f"parameters, this optimizer's has {len(g['params'])}; nothing was loaded"
+            )
+        values = {**opt.defaults, **{k: v for k, v in s.items() if k != "params"}}
+        try:
+            rule = opt._group_rule(values)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}: parameter group {gi} of the state: {e}") from None
+        for j, (k, p) in enumerate(zip(s["params"], g["params"], strict=True)):
+            owner[k] = (gi, j, p, rule)
+    for k, st in sd["state"].items():
+        if k not in owner or not st:
+            continue
+        gi, j, p, rule = owner[k]
+        what = f"the state of parameter {k} (group {gi}, position {j})"
+        known = opt._known_slots(rule) | {"step"}
+        extra = sorted(set(st) - known)
+        if extra:
+            raise ValueError(
+                f"{where}: {what} has slots {extra} that {opt._name} does not keep (it "
+                f"keeps {sorted(known)}): is it the state of another optimizer? nothing "
+                "was loaded"
+            )
+        names = {name for _, name in opt._slot_names(rule)}
+        needed = sorted(names - set(st) - {"momentum_buffer"})
+        if needed and set(st) - {"step"}:
+            raise ValueError(f"{where}: {what} lacks the slots {needed}; nothing was loaded")
+        for name, v in st.items():
+            if name == "step":
+                continue
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(
+                    f"{where}: {what} has {name} of type {type(v).__name__}, not a tensor; "
+                    "nothing was loaded"
+                )
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{where}: {what} has {name} of shape {tuple(v.shape)}, but that "
+                    f"parameter has shape {tuple(p.shape)}; nothing was loaded"
+                )
