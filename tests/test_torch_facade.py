@@ -687,6 +687,24 @@ def test_tensors_off_numpy_take_the_engine_reference_path(monkeypatch: Any) -> N
                for k, v in st.items() if k != "step")
 
 
+@pytest.mark.parametrize(("n", "dtype"), [(20_000, torch.float32), (10, torch.float32),
+                                         (10, torch.float16)],
+                         ids=["compiled", "reference", "tensors"])
+def test_a_step_is_seen_by_autograd(n: int, dtype: Any) -> None:
+    """As after torch.optim.SGD's step, a graph that saved a parameter raises on ``backward()``:
+    whether the engine wrote it through NumPy views (compiled or reference path) or as a
+    tensor (float16)."""
+    w = nn.Parameter(torch.ones(n, dtype=dtype))
+    y = (w * w).sum()
+    opt = ut.SGD([w], lr=0.1)
+    w.grad = torch.ones(n, dtype=dtype)
+    before = fused.STEPS
+    opt.step()
+    assert fused.STEPS - before == (n >= fused.MIN_SIZE)  # the path the case is named after
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
 def test_complex_parameters_as_torch() -> None:
     kw = dict(lr=0.01, weight_decay=0.01)
     g = torch.Generator().manual_seed(14)

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import uniopt as uo  # noqa: E402
+from uniopt.fast import cpu  # noqa: E402
 
 STEPS = 100
 # float64: operation order only (measured 1.7e-16). float32: torch's vectorised sqrt is not
@@ -97,3 +98,18 @@ def test_device_is_preserved() -> None:
     assert all(v.device.type == "meta" for v in new.values())
     assert all(s.device.type == "meta" for v in state.slots.values() for s in v)
 
+
+
+@pytest.mark.parametrize("n", [20_000, 10], ids=["compiled", "reference"])
+def test_an_update_in_place_is_seen_by_autograd(n: int) -> None:
+    """As after torch's own in-place updates, a graph that saved a parameter raises on
+    ``backward()`` once ``update_`` has written it: on the compiled path (which writes through
+    NumPy views, out of autograd's sight) as on the reference path."""
+    w = torch.nn.Parameter(torch.ones(n))
+    y = (w * w).sum()
+    state = uo.setup(uo.sgd(lr=0.1), [w])
+    before = cpu.STEPS
+    uo.update_(state, [w], [torch.ones(n)])
+    assert cpu.STEPS - before == (n >= cpu.MIN_SIZE)  # the path the case is named after
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
