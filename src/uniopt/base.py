@@ -219,6 +219,12 @@ class Transform:
             if not isinstance(p, WholeTree) and p.slots
         )
 
+    @functools.cached_property
+    def slot_keys(self) -> tuple[tuple[str, str], ...]:
+        """Each slot's key in ``State.slots``, ``"<part>.<slot>"``, with the slot's own name
+        (torch's name, where torch has the algorithm)."""
+        return tuple((f"{part}.{s}", s) for part, slots in self.layout for s in slots)
+
     # --- the optax protocol: updates are to be *added* -------------------------------------
     def init(self, params: Any) -> Any:
         """optax protocol: the state for ``params`` (same as ``uniopt.setup(self, params)``)."""
@@ -323,6 +329,14 @@ class WholeTree(Part):
 PART_KINDS = (Elementwise, PerLeaf, WholeTree)
 
 
+def members(t: Transform, path: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], Transform]]:
+    """The transforms of ``t`` with nested chains opened (``t`` itself if it is no chain), each
+    with the positions :func:`uniopt.adjust` names it by (``"1.lr"``)."""
+    if not isinstance(t, chain):
+        return [(path, t)]
+    return [m for i, x in enumerate(t.transforms) for m in members(x, (*path, i))]
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule(Transform):
     """A whole optimizer: a record of the user's hyperparameters and a recipe of parts."""
@@ -359,9 +373,5 @@ class chain(Transform):
     def replace(self, **changes: Any) -> Transform:
         return chain(*changes.get("transforms", self.transforms))
 
-    def members(self) -> list[Transform]:
-        """The transforms of this chain, with nested chains opened."""
-        return [m for t in self.transforms
-                for m in (t.members() if isinstance(t, chain) else [t])]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import optree
 
 from . import backend, fast
-from .base import Elementwise, Part, PerLeaf, Transform, WholeTree, chain
+from .base import Elementwise, Part, PerLeaf, Transform, WholeTree, chain, members
 from .hyper import _traced
 from .interop.jax import register_state
 from .state import State
@@ -27,15 +27,13 @@ from .tree import NAMESPACE, flatten, path_str, unflatten
 
 def _plan(rule: Transform) -> list[tuple[Part, tuple[str, ...]]]:
     """Each part with the state keys of its slots (a whole-tree part: of its tree state)."""
-    names, trees = iter(rule.layout), iter(rule.tree_layout)
+    slot_keys, trees = iter(rule.slot_keys), iter(rule.tree_layout)
     out = []
     for part in rule.flat_parts:
-        keys: tuple[str, ...] = ()
         if isinstance(part, WholeTree):
-            keys = (next(trees),)
-        elif part.slots:
-            prefix, slots = next(names)
-            keys = tuple(f"{prefix}.{s}" for s in slots)
+            keys: tuple[str, ...] = (next(trees),)
+        else:
+            keys = tuple(next(slot_keys)[0] for _ in part.slots)
         out.append((part, keys))
     return out
 
@@ -178,8 +176,9 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
 Resolved = list[tuple[Part, Any, tuple[str, ...]]]
 
 
-def _resolve(rule: Transform, step: Any) -> Resolved:
-    """Every part resolved and validated for this step, with its coefficients."""
+def resolve(rule: Transform, step: Any) -> Resolved:
+    """Every part of ``rule`` resolved and validated for ``step``, with its coefficients; raises
+    (naming the rule, the part and the step) where a schedule's value is invalid."""
     out: Resolved = []
     for part, keys in _plan(rule):
         if isinstance(part, WholeTree):
@@ -202,7 +201,7 @@ def _deltas(
     Part by part over every leaf: a global norm or a whole-tree part needs every leaf's ``u``
     before it can go on. An elementwise part's kernel and a per-leaf part's ``apply`` are
     called alike, on whole arrays."""
-    plan = _resolve(state.rule, state.step)
+    plan = resolve(state.rule, state.step)
     xps = [backend.namespace(p) for p in params]
     ps = [_compute(p, state.state_dtype) for p in params]
     us = [_compute(g, state.state_dtype) for g in grads]
@@ -294,7 +293,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     if not leaves:
         return None
     for strategy in fast.STRATEGIES:
-        out = strategy(lambda: _resolve(state.rule, state.step), leaves, g_leaves, state.slots,
+        out = strategy(lambda: resolve(state.rule, state.step), leaves, g_leaves, state.slots,
                        inplace)
         if out is None:
             continue
@@ -461,8 +460,7 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     for key, value in hyperparameters.items():
         rule, found = _set(rule, key.split("."), value, "")
         if not found:
-            members = rule.members() if isinstance(rule, chain) else [rule]
-            names = sorted({n for p in members for n in p.hyperparameters()})
+            names = sorted({n for _, m in members(rule) for n in m.hyperparameters()})
             raise ValueError(
                 f"adjust: {key!r} is not a hyperparameter of {state.rule.name}; "
                 f"its hyperparameters are {names}"

@@ -71,10 +71,10 @@ class _Named(Optimizer):
     def _slot_names(self, rule: Transform) -> plans.SlotNames:
         """(uniopt key, state name) of each slot of ``rule``: the state name is the slot's
         name on its block, which is torch's."""
-        return [(f"{prefix}.{s}", s) for prefix, slots in rule.layout for s in slots]
+        return list(rule.slot_keys)
 
     def _known_slots(self, rule: Transform) -> set[str]:
-        return {s for _, slots in (self._all_slots or self.rule).layout for s in slots}
+        return {s for _, s in (self._all_slots or self.rule).slot_keys}
 
 
 def _constructor(cls: type[_Named], defaults: dict[str, Any]) -> Any:

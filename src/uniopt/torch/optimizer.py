@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 import operator
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, overload
 
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ..base import Transform, chain
-from ..engine import adjust
+from ..base import Transform, chain, members
+from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
 from ..transforms.scale import scale
@@ -34,26 +34,15 @@ def plain(v: Any) -> Any:
     return v
 
 
-def _positions(t: Transform, path: tuple[str, ...] = ()
-               ) -> Iterator[tuple[tuple[str, ...], Transform]]:
-    """The members of ``t`` as :meth:`chain.members` lists them, each with the positions that
-    :func:`uniopt.adjust` names it by."""
-    if isinstance(t, chain):
-        for i, m in enumerate(t.transforms):
-            yield from _positions(m, (*path, str(i)))
-    else:
-        yield path, t
-
-
 def hyperparameter_keys(rule: Transform) -> dict[str, Any]:
     """The hyperparameters of ``rule`` by the names :func:`uniopt.adjust` takes: a name alone
     where one member of a chain has it, ``"<position>.<name>"`` where several do."""
-    members = list(_positions(rule))
-    count = Counter(n for _, t in members for n in t.hyperparameters())
+    found = members(rule)
+    count = Counter(n for _, t in found for n in t.hyperparameters())
     keys = {}
-    for path, t in members:
+    for path, t in found:
         for n, v in t.hyperparameters().items():
-            keys[n if count[n] == 1 else ".".join((*path, n))] = v
+            keys[n if count[n] == 1 else ".".join((*map(str, path), n))] = v
     return keys
 
 
@@ -203,7 +192,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _slot_names(self, rule: Transform) -> plans.SlotNames:
         """(uniopt key, state name) of each slot of ``rule``: here the key names both."""
-        return [(f"{prefix}.{s}",) * 2 for prefix, slots in rule.layout for s in slots]
+        return [(key, key) for key, _ in rule.slot_keys]
 
     def _known_slots(self, rule: Transform) -> set[str]:
         """The state names a loaded state of a parameter whose group has ``rule`` may hold."""
@@ -262,11 +251,7 @@ class Optimizer(torch.optim.Optimizer):
                 counts = {plans.state_step(self.state.get(q, {}))
                           for q, h in zip(ps, has, strict=True) if h}
             for s in sorted(counts):
-                for part in rule.flat_parts:
-                    try:
-                        part.at(s)
-                    except (ValueError, TypeError) as e:
-                        raise type(e)(f"{rule.name}: {e}") from None
+                resolve(rule, s)
         return _Job(gi, group, rule, grads, has, sparse, plan, views)
 
     def _check_sparse(self, group: dict[str, Any], grads: list[Any]) -> None:
