@@ -4,6 +4,10 @@
 A :class:`Backend` turns NumPy arrays into its own and back, and says what its arrays are and
 whether ``update_`` may write them. A library is imported only when a test asks for one of its
 backends, and the test is skipped where the library is missing.
+
+Fixtures live here; plain helpers (which path a step took, trees, bit-for-bit comparisons) in
+``helpers.py``, which test files import by name: under ``--import-mode=importlib`` a test file
+cannot import this module (pytest loads it under a name of its own choosing).
 """
 
 from __future__ import annotations
@@ -113,6 +117,18 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
     "jax-jit-float64": lambda: _jax(np.float64, jit=True),
     "jax-jit-float32": lambda: _jax(np.float32, jit=True),
 }
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one intra-op thread for a module's tests: on tensors this small (a sqrt of 2500
+    floats: 5 us on one thread, 140 us on two of a busy 2-core machine) its threads cost more
+    than they save, and elementwise results do not depend on the thread count."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=list(BACKENDS))

@@ -1,0 +1,106 @@
+"""Helpers shared by the test files: ``from helpers import ...``.
+
+The tests run under ``--import-mode=importlib``, where a test file can import neither another
+test file nor ``conftest`` (which is loaded under a name of pytest's choosing); pyproject's
+``pythonpath = ["tests"]`` puts this directory on ``sys.path`` so this module can be imported
+by name. Fixtures live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+import uniopt as uo
+from uniopt.fast import cpu
+
+# --- which path a step takes ----------------------------------------------------------------------
+
+# A step over at least cpu.MIN_LEAVES leaves (or cpu.MIN_SIZE elements) runs the compiled CPU loop,
+# a smaller one the reference path: a "wide" tree adds this many small leaves to take the first.
+WIDE_LEAVES = 40
+assert WIDE_LEAVES >= cpu.MIN_LEAVES
+
+
+@contextlib.contextmanager
+def expect_compiled(steps: int) -> Iterator[None]:
+    """Assert that the compiled loop ran exactly ``steps`` steps inside the block: 0 says that
+    every step there took the reference path. (It counts whole steps in this process, from
+    :data:`uniopt.fast.cpu.STEPS`; a step it declined, with or without a warning, is not one.)"""
+    before = cpu.STEPS
+    yield
+    ran = cpu.STEPS - before
+    assert ran == steps, f"the compiled loop ran {ran} steps here, expected {steps}"
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """Run the block with the compiled loop switched off: every step takes the reference path,
+    the ground truth the compiled loop is held to."""
+    saved = cpu.AVAILABLE
+    cpu.AVAILABLE = False
+    try:
+        yield
+    finally:
+        cpu.AVAILABLE = saved
+
+
+# --- trees, walked by hand (independent of uniopt's own tree code) -------------------------------
+
+
+def map_tree(f: Callable[[Any], Any], tree: Any) -> Any:
+    """``f`` of every leaf of a tree of dicts, lists, tuples, namedtuples and dataclasses, in the
+    same structure; ``None`` stays ``None``. Dicts are walked in insertion order."""
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return {k: map_tree(f, v) for k, v in tree.items()}
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return type(tree)(
+            **{x.name: map_tree(f, getattr(tree, x.name)) for x in dataclasses.fields(tree)}
+        )
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(map_tree(f, v) for v in tree))
+    if isinstance(tree, list | tuple):
+        return type(tree)(map_tree(f, v) for v in tree)
+    return f(tree)
+
+
+def copy_tree(tree: Any) -> Any:
+    """A copy of a tree of NumPy arrays (new arrays, same values)."""
+    return map_tree(lambda x: np.array(x, copy=True), tree)
+
+
+def grads_like(rng: np.random.Generator, params: Any) -> Any:
+    """A random gradient tree shaped like ``params``: standard normal, in each leaf's dtype."""
+    return map_tree(lambda x: rng.normal(size=x.shape).astype(x.dtype), params)
+
+
+# --- bit-for-bit comparisons -------------------------------------------------------------------
+
+
+def _bits(x: Any) -> np.ndarray:
+    a = np.asarray(x.detach() if hasattr(x, "detach") else x)
+    return np.ascontiguousarray(a).reshape(-1).view(f"u{a.dtype.itemsize}")
+
+
+def assert_same(xs: list[Any], ys: list[Any]) -> None:
+    """Two lists of arrays (NumPy or CPU tensors) with the same dtypes, shapes and bits (so
+    -0.0 is not 0.0, and a NaN must be the same NaN)."""
+    assert len(xs) == len(ys)
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        assert x.dtype == y.dtype, i
+        assert tuple(x.shape) == tuple(y.shape), i
+        assert np.array_equal(_bits(x), _bits(y)), f"leaf {i} differs: {x} != {y}"
+
+
+def assert_same_state(s1: uo.State, s2: uo.State) -> None:
+    """The same step count and slots, every slot bit for bit (:func:`assert_same`)."""
+    assert s1.step == s2.step
+    assert sorted(s1.slots) == sorted(s2.slots)
+    for k in s1.slots:
+        assert_same(s1.slots[k], s2.slots[k])
