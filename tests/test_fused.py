@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
+from helpers import assert_same, assert_same_state, expect_compiled, grads_like, reference_path
 from uniopt import fast as ufast
 from uniopt.fast import cpu as fused
 
@@ -40,88 +41,72 @@ def _params(rng: np.random.Generator, dtype: type) -> dict[str, np.ndarray]:
     return {f"x{i}": rng.standard_normal(s).astype(dtype) for i, s in enumerate(SHAPES)}
 
 
-def _reference(monkeypatch: pytest.MonkeyPatch, fn, *args):  # type: ignore[no-untyped-def]
-    with monkeypatch.context() as m:
-        m.setattr(fused, "AVAILABLE", False)
-        return fn(*args)
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(RULES))
-def test_fast_path_is_bitwise_the_reference(
-    name: str, dtype: type, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fast_path_is_bitwise_the_reference(name: str, dtype: type) -> None:
     rng = np.random.default_rng(0)
     rule = RULES[name]
     fast = _params(rng, dtype)
     ref = {k: v.copy() for k, v in fast.items()}
     s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
-    n_kernels = len(fused._FUSED)
-    with warnings.catch_warnings():
+    # every step of the fast run is the compiled loop's, pure and in place in turn
+    with warnings.catch_warnings(), expect_compiled(25):
         warnings.simplefilter("error", ufast.FastPathUnavailable)
         for step in range(25):
-            grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
+            grads = grads_like(rng, fast)
             if step % 2:
                 s_fast = uo.update_(s_fast, fast, grads)
             else:
                 s_fast, fast = uo.update(s_fast, fast, grads)
-            s_ref = _reference(monkeypatch, uo.update_, s_ref, ref, grads)
-    # the compiled path really ran (a kernel exists for this rule and dtype)
-    assert len(fused._FUSED) >= n_kernels and fused._FUSED
-    for k in fast:
-        assert isinstance(fast[k], np.ndarray) and fast[k].dtype == dtype
-        assert fast[k].shape == ref[k].shape
-        np.testing.assert_array_equal(fast[k], ref[k])
-    for key in s_ref.slots:
-        for a, b in zip(s_fast.slots[key], s_ref.slots[key], strict=True):
-            np.testing.assert_array_equal(a, b)
+            with reference_path():
+                s_ref = uo.update_(s_ref, ref, grads)
+    assert all(type(x) is np.ndarray for x in uo.trainables(fast))
+    assert_same(uo.trainables(fast), uo.trainables(ref))
+    assert_same_state(s_fast, s_ref)
 
 
-def test_fast_path_runs_for_plain_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = fused.run
-    monkeypatch.setattr(fused, "run", lambda *a: calls.append(1) or real(*a))
+def test_fast_path_runs_for_plain_arrays() -> None:
     big = [np.ones(fused.MIN_SIZE, np.float32), np.ones((2, 2), np.float32)]
     many = [np.ones(3, np.float32)] * fused.MIN_LEAVES
-    for p in (big, many):
-        state = uo.setup(uo.adam(), p)
-        state = uo.update_(state, p, [np.ones_like(x) for x in p])
-        state, _ = uo.update(state, p, [np.ones_like(x) for x in p])
-    assert len(calls) == 4
+    with expect_compiled(4):
+        for p in (big, many):
+            state = uo.setup(uo.adam(), p)
+            state = uo.update_(state, p, [np.ones_like(x) for x in p])
+            state, _ = uo.update(state, p, [np.ones_like(x) for x in p])
     # a tiny step stays on the reference path: no compile for a few numbers
     tiny = [np.ones(3, np.float32)]
-    uo.update_(uo.setup(uo.adam(), tiny), tiny, [np.ones(3, np.float32)])
-    assert len(calls) == 4
+    with expect_compiled(0):
+        uo.update_(uo.setup(uo.adam(), tiny), tiny, [np.ones(3, np.float32)])
 
 
-def _fallback(params, grads, monkeypatch):  # type: ignore[no-untyped-def]
-    """Run one in-place step on the fast path (expecting a warning) and on the reference."""
+def _fallback(params, grads):  # type: ignore[no-untyped-def]
+    """Run one in-place step where the fast path declines it (expecting a warning), and on the
+    reference path: the same result."""
     ref = [np.array(p) for p in params]
     rule = uo.adam(lr=0.1)
     ufast._warned.clear()
-    with pytest.warns(ufast.FastPathUnavailable, match="fast path not used"):
+    with pytest.warns(ufast.FastPathUnavailable, match="fast path not used"), expect_compiled(0):
         uo.update_(uo.setup(rule, params), params, grads)
-    _reference(monkeypatch, uo.update_, uo.setup(rule, ref), ref, grads)
-    for a, b in zip(params, ref, strict=True):
-        np.testing.assert_array_equal(a, b)
+    with reference_path():
+        uo.update_(uo.setup(rule, ref), ref, grads)
+    assert_same(params, ref)
 
 
 N = fused.MIN_SIZE  # large enough for the fast path to be tried
 
 
-def test_non_contiguous_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_contiguous_falls_back_with_a_warning() -> None:
     base = np.arange(8.0 * N).reshape(4, 2 * N)
     p = [base[:, ::2]]
-    _fallback(p, [np.ones_like(p[0])], monkeypatch)
+    _fallback(p, [np.ones_like(p[0])])
     assert base[0, 0] != 0.0  # the view was written in place, through to its base
 
 
-def test_float16_and_mixed_dtypes_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    _fallback([np.ones(N, np.float16)], [np.ones(N, np.float16)], monkeypatch)
+def test_float16_and_mixed_dtypes_fall_back() -> None:
+    _fallback([np.ones(N, np.float16)], [np.ones(N, np.float16)])
     _fallback(
         [np.ones(N, np.float32), np.ones(2, np.float64)],
         [np.ones(N, np.float32), np.ones(2, np.float64)],
-        monkeypatch,
     )
 
 
@@ -139,11 +124,12 @@ def test_warning_is_given_once_per_reason() -> None:
 def test_bad_input_on_the_fast_path_raises_without_warning_or_change() -> None:
     p = {"a": np.ones(N, np.float32), "b": np.ones(2, np.float32)}
     state = uo.setup(uo.adam(), p)
-    state = uo.update_(state, p, {"a": np.ones(N, np.float32), "b": np.ones(2, np.float32)})
+    with expect_compiled(1):  # a step of this size takes the fast path
+        state = uo.update_(state, p, {"a": np.ones(N, np.float32), "b": np.ones(2, np.float32)})
     moments = state.slots["scale_by_adam.exp_avg"]
     before = ({k: v.copy() for k, v in p.items()}, [a.copy() for a in moments])
     ufast._warned.clear()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), expect_compiled(0):
         warnings.simplefilter("error", ufast.FastPathUnavailable)
         with pytest.raises(ValueError, match=r"gradient for params\['b'\] has shape \(3,\)"):
             uo.update_(state, p, {"a": np.ones(N, np.float32), "b": np.ones(3, np.float32)})
@@ -163,7 +149,7 @@ def test_bad_input_on_the_fast_path_raises_without_warning_or_change() -> None:
 def test_pure_update_of_read_only_params_stays_on_the_fast_path() -> None:
     p = [np.ones(N)]
     p[0].flags.writeable = False
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), expect_compiled(1):
         warnings.simplefilter("error", ufast.FastPathUnavailable)
         _, new = uo.update(uo.setup(uo.sgd(lr=0.5), p), p, [np.ones(N)])
     np.testing.assert_array_equal(new[0], 0.5)
@@ -176,9 +162,7 @@ def test_offsets_self_test_passes_here() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("position", ["head", "after-adam"])
-def test_global_norm_fast_path_agrees_with_reference(
-    dtype: type, position: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_global_norm_fast_path_agrees_with_reference(dtype: type, position: str) -> None:
     # The two paths sum the squares in different orders (per chunk and thread, in float64, vs
     # per leaf), so the norm, and so the clip factor, may differ in the last bit of float64:
     # after rounding to the dtype that is at most a couple of ulps of each update.
@@ -194,9 +178,11 @@ def test_global_norm_fast_path_agrees_with_reference(
     s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
     eps = np.finfo(dtype).eps
     for _ in range(20):
-        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
-        s_fast = uo.update_(s_fast, fast, grads)
-        s_ref = _reference(monkeypatch, uo.update_, s_ref, ref, grads)
+        grads = grads_like(rng, fast)
+        with expect_compiled(1):
+            s_fast = uo.update_(s_fast, fast, grads)
+        with reference_path():
+            s_ref = uo.update_(s_ref, ref, grads)
         for k in fast:
             scale = max(float(np.max(np.abs(ref[k]), initial=0.0)), 1.0)
             assert np.max(np.abs(fast[k] - ref[k]), initial=0.0) <= 8 * eps * scale
@@ -204,26 +190,21 @@ def test_global_norm_fast_path_agrees_with_reference(
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ["adam", "sgd-momentum-dampening-wd", "chain-clip-wd-adam"])
-def test_torch_cpu_tensors_take_the_fast_path(
-    name: str, dtype: type, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_torch_cpu_tensors_take_the_fast_path(name: str, dtype: type) -> None:
     """The functional API on CPU tensors runs the compiled loop on NumPy views of their memory:
     bit for bit the NumPy reference; update_ writes the very tensors; update returns new leaf
     tensors that require grad where the old ones did."""
     torch = pytest.importorskip("torch")
-    calls = []
-    real = fused.run
-    monkeypatch.setattr(fused, "run", lambda *a: calls.append(1) or real(*a))
     rng = np.random.default_rng(0)
     rule = RULES[name]
     ref = _params(rng, dtype)
     params = {k: torch.tensor(v, requires_grad=(k != "x0")) for k, v in ref.items()}
     objects = dict(params)
     state, s_ref = uo.setup(rule, params), uo.setup(rule, ref)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), expect_compiled(10):
         warnings.simplefilter("error", ufast.FastPathUnavailable)
         for step in range(10):
-            grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in ref.items()}
+            grads = grads_like(rng, ref)
             t_grads = {k: torch.from_numpy(g.copy()) for k, g in grads.items()}
             if step % 2:
                 state = uo.update_(state, params, t_grads)
@@ -234,8 +215,8 @@ def test_torch_cpu_tensors_take_the_fast_path(
                 objects = dict(params)
                 for k, t in params.items():
                     assert t.is_leaf and t.requires_grad == (k != "x0")
-            s_ref = _reference(monkeypatch, uo.update_, s_ref, ref, grads)
-    assert len(calls) == 10
+            with reference_path():
+                s_ref = uo.update_(s_ref, ref, grads)
     for k in ref:
         assert isinstance(params[k], torch.Tensor) and params[k].dtype == torch.from_numpy(
             ref[k]).dtype
@@ -246,12 +227,9 @@ def test_torch_cpu_tensors_take_the_fast_path(
             np.testing.assert_array_equal(a.numpy(), b)
 
 
-def test_tensors_without_a_numpy_view_take_the_reference_path(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_tensors_without_a_numpy_view_take_the_reference_path() -> None:
     torch = pytest.importorskip("torch")
-    calls = []
-    monkeypatch.setattr(fused, "run", lambda *a: calls.append(1))
     p = [torch.ones(N, dtype=torch.bfloat16)]
-    state = uo.update_(uo.setup(uo.sgd(lr=0.5), p), p, [torch.ones(N, dtype=torch.bfloat16)])
-    assert calls == [] and state.step == 1 and float(p[0][0]) == 0.5
+    with expect_compiled(0):
+        state = uo.update_(uo.setup(uo.sgd(lr=0.5), p), p, [torch.ones(N, dtype=torch.bfloat16)])
+    assert state.step == 1 and float(p[0][0]) == 0.5
