@@ -39,6 +39,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import uniopt as uo  # noqa: E402
+from helpers import expect_compiled  # noqa: E402
+from uniopt.fast import cpu  # noqa: E402
 
 STEPS = 300
 RTOL64 = 1e-12
@@ -46,16 +48,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 F32_FACTOR, F32_FIRST = 2.0, 4  # see excess()
 PARAMS = ("bias", "layers0", "layers1", "w")  # Problem's parameters (trajectory names), in order
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # torch's intra-op threads cost more than they save on tensors this small (a sqrt of 2500
-    # floats: 5 us on one thread, 140 us on two of a busy 2-core machine); elementwise results
-    # do not depend on the thread count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # --- hyperparameters: the grid of switches and a seeded sampler ----------------------------------
@@ -795,29 +788,18 @@ def test_float32_adamw_torch_rounds_its_decay_factor() -> None:
         ("adam[amsgrad-weight_decay]", np.float64),
     ],
 )
-def test_compiled_path_matches_torch(
-    label: str, dtype: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_compiled_path_matches_torch(label: str, dtype: Any) -> None:
     """The grid's trees are small enough for uniopt's reference path; a model with many
-    leaves takes the compiled one (uniopt.fused), which must agree with torch just as well.
+    leaves takes the compiled one (uniopt.fast.cpu), which must agree with torch just as well.
     (tests/test_fused.py holds it to the reference path bit for bit, for every rule; this is
     the end-to-end check on a few.)"""
-    fused = pytest.importorskip("uniopt.fast.cpu")
-    ran: list[bool] = []
-    real = fused.run
-
-    def counted(*args: Any) -> Any:
-        out = real(*args)
-        ran.append(not isinstance(out, str))  # a string is the reason it fell back
-        return out
-
-    monkeypatch.setattr(fused, "run", counted)
     index = _grid_index(label)
     rule, hp, rng = config(index, 6, dtype)
     ours, theirs = RULES[rule]
-    problem = Problem(rng, dtype, "loss", extra=getattr(fused, "MIN_LEAVES", 16))
-    traj = run_pair(
-        ours(**hp), torch_opt(theirs, **hp), problem, reference=dtype == np.float32, **api(index)
-    )
-    assert ran == [True] * STEPS, "the compiled path did not run every step"
+    problem = Problem(rng, dtype, "loss", extra=cpu.MIN_LEAVES)
+    with expect_compiled(STEPS):  # every step
+        traj = run_pair(
+            ours(**hp), torch_opt(theirs, **hp), problem, reference=dtype == np.float32,
+            **api(index),
+        )
     assert_parity(traj)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import uniopt as uo
+from helpers import WIDE_LEAVES, expect_compiled
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -26,7 +27,11 @@ def _opt_adam(**kw):
 
 # A step over many leaves runs uniopt's compiled NumPy loop, a small one the reference code:
 # "wide" params add enough leaves for the first, and bad input must be caught on both.
-WIDE_LEAVES = 40
+
+
+def _on_path(width, steps):
+    """Expect the good steps before the bad input on the path the width is for."""
+    return expect_compiled(steps if width == "wide" else 0)
 
 
 def _params(width="narrow"):
@@ -82,8 +87,9 @@ def _stepped(rule, width="narrow", steps=2):
     """A state that has taken a few updates, so its slots are not all zero."""
     params = _params(width)
     state = uo.setup(rule, params)
-    for _ in range(steps):
-        state = uo.update_(state, params, _grads(params))
+    with _on_path(width, steps):
+        for _ in range(steps):
+            state = uo.update_(state, params, _grads(params))
     return state, params
 
 
@@ -353,11 +359,12 @@ SCHEDULE_CASES = [
 def test_schedule_invalid_at_step_3(build, match, inplace, width):
     params = _params(width)
     state = uo.setup(build(), params)
-    for _ in range(3):
-        if inplace:
-            state = uo.update_(state, params, _grads(params))
-        else:
-            state, params = uo.update(state, params, _grads(params))
+    with _on_path(width, 3):
+        for _ in range(3):
+            if inplace:
+                state = uo.update_(state, params, _grads(params))
+            else:
+                state, params = uo.update(state, params, _grads(params))
     assert state.step == 3
     _rejects(
         ValueError,
