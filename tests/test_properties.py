@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import namedtuple
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import uniopt as uo
+from helpers import (
+    WIDE_LEAVES,
+    assert_same,
+    assert_same_state,
+    copy_tree,
+    expect_compiled,
+    grads_like,
+    map_tree,
+)
 
 SETTINGS = settings(
     max_examples=6,
@@ -38,91 +48,163 @@ b2s = st.floats(0.5, 0.9999)
 wds = st.one_of(st.just(0.0), st.floats(1e-4, 0.1))
 seeds = st.integers(0, 2**32 - 1)
 
-
-@st.composite
-def sgd_kw(draw: Any) -> dict[str, Any]:
-    nesterov = draw(st.booleans())
-    momentum = draw(st.floats(0.1, 0.99) if nesterov else st.one_of(st.just(0.0), decay))
-    dampening = 0.0 if nesterov else draw(st.floats(0.0, 0.9))
-    return {
-        "lr": draw(lrs),
-        "momentum": momentum,
-        "dampening": dampening,
-        "weight_decay": draw(wds),
-        "nesterov": nesterov,
-    }
+Switches = frozenset[str]
 
 
-adam_kw = st.fixed_dictionaries(
-    {
-        "lr": lrs,
-        "betas": st.tuples(decay, b2s),
-        "eps": small,
-        "weight_decay": wds,
-        "amsgrad": st.booleans(),
-    }
-)
+def _switch(on: Switches, name: str, strategy: Any, off: Any = 0.0) -> Any:
+    """``strategy`` where switch ``name`` is on; else ``off``, the value that drops its block."""
+    return strategy if name in on else st.just(off)
+
+
+def sgd_kw(on: Switches) -> Any:
+    nesterov = "nesterov" in on
+    momentum = st.floats(0.1, 0.99) if nesterov else st.floats(0.0, 0.99, exclude_min=True)
+    return st.fixed_dictionaries(
+        {
+            "lr": lrs,
+            "momentum": _switch(on, "momentum", momentum),
+            "dampening": st.just(0.0) if nesterov else st.floats(0.0, 0.9),
+            "weight_decay": _switch(on, "weight_decay", st.floats(1e-4, 0.1)),
+            "nesterov": st.just(nesterov),
+        }
+    )
+
+
+SGD_SWITCHES = ("momentum", "nesterov", "weight_decay")
+
+
+def sgd_valid(on: Switches) -> bool:
+    return "nesterov" not in on or "momentum" in on
+
+
+def adam_kw(on: Switches, weight_decay: Any = None) -> Any:
+    """Adam's keywords; ``weight_decay`` is switch-driven unless a strategy is given."""
+    return st.fixed_dictionaries(
+        {
+            "lr": lrs,
+            "betas": st.tuples(decay, b2s),
+            "eps": small,
+            "weight_decay": (
+                _switch(on, "weight_decay", st.floats(1e-4, 0.1))
+                if weight_decay is None
+                else weight_decay
+            ),
+            "amsgrad": st.just("amsgrad" in on),
+        }
+    )
 
 
 def _adamw_kw(couple_lr: bool) -> Any:
-    return adam_kw.map(lambda kw: {**kw, "couple_lr": couple_lr})
+    # AdamW's decay is a block whatever its value: 0 is a value like any other
+    return lambda on: adam_kw(on, wds).map(lambda kw: {**kw, "couple_lr": couple_lr})
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A rule family: how to build it from keywords, and valid keywords (``lr`` always)."""
+    """A rule family: how to build it from keywords, and valid keywords (``lr`` always).
+
+    A switch turns a block of the rule on or picks its kernel (momentum, Nesterov, AMSGrad,
+    centered, weight decay); ``kwargs(on)`` draws valid values with the switches ``on`` set and
+    the others off. The blocks decide which compiled loop a step runs, the values do not: a
+    narrow (reference-path) test draws the switches too, a wide (compiled-path) one runs each
+    set of ``wide``, fixed. Together the sets turn every switch on and off, and each is a
+    configuration tests/test_fused.py compiles too, where it has one (the chains here that it
+    lacks are one loop each), so the wide tests compile a small bounded set of loops.
+    """
 
     name: str
     build: Any
-    kwargs: Any
+    kwargs: Callable[[Switches], Any]
+    switches: tuple[str, ...] = ()
+    wide: tuple[Switches, ...] = (frozenset(),)
+    valid: Callable[[Switches], bool] = lambda on: True
+
+    def keywords(self, on: Switches | None) -> Any:
+        """A strategy for valid keywords: with switches ``on``, or (None) with drawn ones."""
+        if on is not None:
+            assert self.valid(on) and on <= set(self.switches), (self.name, on)
+            return self.kwargs(on)
+        if not self.switches:
+            return self.kwargs(frozenset())
+        return st.frozensets(st.sampled_from(self.switches)).filter(self.valid).flatmap(self.kwargs)
 
     def __repr__(self) -> str:
         return self.name
 
 
+def _sets(*sets: str) -> tuple[Switches, ...]:
+    """Switch sets from their names joined by "-" ("" for none)."""
+    return tuple(frozenset(s.split("-")) - {""} for s in sets)
+
+
 CASES = [
-    Case("sgd", lambda kw: uo.sgd(**kw), sgd_kw()),
+    Case(
+        "sgd",
+        lambda kw: uo.sgd(**kw),
+        sgd_kw,
+        SGD_SWITCHES,
+        _sets("momentum-weight_decay", "momentum-nesterov"),
+        sgd_valid,
+    ),
     Case(
         "adagrad",
         lambda kw: uo.adagrad(**kw),
-        st.fixed_dictionaries(
+        lambda on: st.fixed_dictionaries(
             {
                 "lr": lrs,
                 "lr_decay": st.floats(0.0, 0.1),
-                "weight_decay": wds,
+                "weight_decay": _switch(on, "weight_decay", st.floats(1e-4, 0.1)),
                 "initial_accumulator_value": st.floats(0.0, 1.0),
                 "eps": small,
             }
         ),
+        ("weight_decay",),
+        _sets("weight_decay"),
     ),
     Case(
         "rmsprop",
         lambda kw: uo.rmsprop(**kw),
-        st.fixed_dictionaries(
+        lambda on: st.fixed_dictionaries(
             {
                 "lr": lrs,
                 "alpha": st.floats(0.5, 0.999),
                 "eps": small,
-                "weight_decay": wds,
-                "momentum": st.one_of(st.just(0.0), decay),
-                "centered": st.booleans(),
+                "weight_decay": _switch(on, "weight_decay", st.floats(1e-4, 0.1)),
+                "momentum": _switch(on, "momentum", st.floats(0.0, 0.99, exclude_min=True)),
+                "centered": st.just("centered" in on),
             }
         ),
+        ("centered", "momentum", "weight_decay"),
+        _sets("centered-momentum-weight_decay", ""),
     ),
     Case(
         "adadelta",
         lambda kw: uo.adadelta(**kw),
-        st.fixed_dictionaries(
-            {"lr": st.floats(0.1, 1.0), "rho": decay, "eps": small, "weight_decay": wds}
+        lambda on: st.fixed_dictionaries(
+            {
+                "lr": st.floats(0.1, 1.0),
+                "rho": decay,
+                "eps": small,
+                "weight_decay": _switch(on, "weight_decay", st.floats(1e-4, 0.1)),
+            }
         ),
+        ("weight_decay",),
+        _sets("weight_decay"),
     ),
-    Case("adam", lambda kw: uo.adam(**kw), adam_kw),
-    Case("adamw", lambda kw: uo.adamw(**kw), _adamw_kw(True)),
-    Case("adamw-decoupled", lambda kw: uo.adamw(**kw), _adamw_kw(False)),
+    Case(
+        "adam",
+        lambda kw: uo.adam(**kw),
+        adam_kw,
+        ("amsgrad", "weight_decay"),
+        _sets("amsgrad-weight_decay", ""),
+    ),
+    Case("adamw", lambda kw: uo.adamw(**kw), _adamw_kw(True), ("amsgrad",), _sets("")),
+    Case("adamw-decoupled", lambda kw: uo.adamw(**kw), _adamw_kw(False), ("amsgrad",), _sets("")),
     Case(
         "optimistic_adam",
         lambda kw: uo.optimistic_adam(**kw),
-        st.fixed_dictionaries(
+        # Nesterov and eps_root change the coefficients, not the kernels
+        lambda on: st.fixed_dictionaries(
             {
                 "lr": lrs,
                 "alpha": st.floats(0.0, 2.0),
@@ -138,19 +220,27 @@ CASES = [
     Case(
         "chain-l2-adam",
         lambda kw: uo.chain(uo.weight_decay(kw.pop("wd")), uo.adam(**kw)),
-        adam_kw.map(lambda kw: {**kw, "weight_decay": 0.0}).flatmap(
+        lambda on: adam_kw(on, st.just(0.0)).flatmap(
             lambda kw: st.floats(1e-4, 0.1).map(lambda wd: {**kw, "wd": wd})
         ),
+        ("amsgrad",),
+        _sets("amsgrad"),
     ),
     Case(
         "chain-clip-sgd",
         lambda kw: uo.chain(uo.clip(kw.pop("max_delta")), uo.sgd(**kw)),
-        sgd_kw().flatmap(lambda kw: st.floats(0.01, 2.0).map(lambda d: {**kw, "max_delta": d})),
+        lambda on: sgd_kw(on).flatmap(
+            lambda kw: st.floats(0.01, 2.0).map(lambda d: {**kw, "max_delta": d})
+        ),
+        SGD_SWITCHES,
+        # sgd's wide sets have momentum; this one has none
+        _sets("weight_decay"),
+        sgd_valid,
     ),
     Case(
         "chain-adam-decoupled-wd",
         lambda kw: uo.chain(uo.adam(kw["lr"], kw["betas"]), uo.weight_decay(kw["wd"])),
-        st.fixed_dictionaries({"lr": lrs, "betas": st.tuples(decay, b2s), "wd": wds}),
+        lambda on: st.fixed_dictionaries({"lr": lrs, "betas": st.tuples(decay, b2s), "wd": wds}),
     ),
     Case(
         "chain-optimistic-head",
@@ -158,7 +248,7 @@ CASES = [
         lambda kw: uo.chain(
             uo.scale_by_optimistic_gradient(kw["alpha"], kw["beta"]), uo.scale_by_lr(kw["lr"])
         ),
-        st.fixed_dictionaries(
+        lambda on: st.fixed_dictionaries(
             {"lr": lrs, "alpha": st.floats(0.0, 2.0), "beta": st.floats(0.0, 2.0)}
         ),
     ),
@@ -169,7 +259,7 @@ CASES = [
             uo.trace(kw["momentum"], nesterov=True),
             uo.scale_by_lr(kw["lr"]),
         ),
-        st.fixed_dictionaries(
+        lambda on: st.fixed_dictionaries(
             {
                 "lr": lrs,
                 "alpha": st.floats(0.5, 0.999),
@@ -186,11 +276,28 @@ CASES = [
             uo.scale_by_amsgrad(0.9, 0.999, kw["eps"], eps_root=kw["eps"]),
             uo.clip(0.5),
         ),
-        st.fixed_dictionaries({"lr": lrs, "eps": small, "rho": decay}),
+        lambda on: st.fixed_dictionaries({"lr": lrs, "eps": small, "rho": decay}),
     ),
 ]
 
+
+def by_case(argnames: str, variants: list[tuple[Any, ...]]) -> Any:
+    """Parametrize ``case``, ``argnames`` and ``on`` over every case and variant; a variant's
+    last value is its width: "narrow" draws the switches (``on`` is None), "wide" runs once per
+    fixed switch set of the case (:class:`Case`)."""
+    params = []
+    for case in CASES:
+        for variant in variants:
+            label = "-".join(str(v) for v in variant)
+            for on in case.wide if variant[-1] == "wide" else (None,):
+                sets = "" if on is None else f"[{'-'.join(sorted(on)) or 'plain'}]"
+                params.append(pytest.param(case, *variant, on, id=f"{case.name}-{label}{sets}"))
+    return pytest.mark.parametrize(f"case,{argnames},on", params)
+
+
 case_param = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+by_width = by_case("width", [("narrow",), ("wide",)])
+ADAM = next(c for c in CASES if c.name == "adam")
 
 
 # --- trees and data -----------------------------------------------------------------------------
@@ -203,6 +310,11 @@ Point = namedtuple("Point", "x y")
 class Layer:
     w: Any
     b: Any
+
+
+# A step over many leaves (or many elements) runs uniopt's compiled NumPy loop, a small one the
+# reference code: "wide" trees have enough leaves (WIDE_LEAVES more) for the first, "narrow" ones
+# take the second, and every property must hold on both. Each test checks which one ran.
 
 
 def _nested(rng: np.random.Generator, dtype: Any = np.float64, width: str = "narrow") -> Any:
@@ -222,28 +334,6 @@ def _nested(rng: np.random.Generator, dtype: Any = np.float64, width: str = "nar
     return tree
 
 
-def _like(rng: np.random.Generator, params: Any) -> Any:
-    """A gradient tree shaped like ``params`` (built by hand, independent of uniopt)."""
-    if params is None:
-        return None
-    if isinstance(params, np.ndarray):
-        return rng.normal(size=params.shape).astype(params.dtype)
-    if isinstance(params, dict):
-        return {k: _like(rng, v) for k, v in params.items()}
-    if isinstance(params, Layer):
-        return Layer(w=_like(rng, params.w), b=_like(rng, params.b))
-    if isinstance(params, Point):
-        return Point(*(_like(rng, v) for v in params))
-    return type(params)(_like(rng, v) for v in params)
-
-
-# A step over many leaves (or many elements) runs uniopt's compiled NumPy loop, a small one the
-# reference code: "wide" trees have enough leaves for the first, "narrow" ones take the second,
-# and every property must hold on both.
-WIDE_LEAVES = 40
-width_param = pytest.mark.parametrize("width", ["narrow", "wide"])
-
-
 def _simple(rng: np.random.Generator, dtype: Any = np.float64, width: str = "narrow") -> Any:
     tree = {"w": rng.normal(size=(3, 2)).astype(dtype), "b": [rng.normal(size=4).astype(dtype)]}
     if width == "wide":
@@ -251,26 +341,13 @@ def _simple(rng: np.random.Generator, dtype: Any = np.float64, width: str = "nar
     return tree
 
 
+def compiled(width: str, steps: int) -> Any:
+    """Expect ``steps`` steps of the compiled loop for a wide tree, none for a narrow one."""
+    return expect_compiled(steps if width == "wide" else 0)
+
+
 def _leaves(tree: Any) -> list[Any]:
     return uo.trainables(tree)
-
-
-def _copy_tree(tree: Any) -> Any:
-    return _like_map(tree, lambda x: np.array(x, copy=True))
-
-
-def _like_map(tree: Any, f: Any) -> Any:
-    if tree is None:
-        return None
-    if isinstance(tree, np.ndarray):
-        return f(tree)
-    if isinstance(tree, dict):
-        return {k: _like_map(v, f) for k, v in tree.items()}
-    if isinstance(tree, Layer):
-        return Layer(w=_like_map(tree.w, f), b=_like_map(tree.b, f))
-    if isinstance(tree, Point):
-        return Point(*(_like_map(v, f) for v in tree))
-    return type(tree)(_like_map(v, f) for v in tree)
 
 
 def _add(p: Any, u: Any) -> Any:
@@ -287,23 +364,8 @@ def _copy_state(state: uo.State) -> uo.State:
     return uo.State(state.rule, state.step, slots, state.treedef)
 
 
-def _same_arrays(xs: list[Any], ys: list[Any]) -> None:
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys, strict=True):
-        assert x.dtype == y.dtype
-        assert x.shape == y.shape
-        assert np.array_equal(x, y)
-
-
-def _same_state(s1: uo.State, s2: uo.State) -> None:
-    assert s1.step == s2.step
-    assert sorted(s1.slots) == sorted(s2.slots)
-    for k in s1.slots:
-        _same_arrays(s1.slots[k], s2.slots[k])
-
-
 def _grad_seq(rng: np.random.Generator, params: Any, n: int = STEPS) -> list[Any]:
-    return [_like(rng, params) for _ in range(n)]
+    return [grads_like(rng, params) for _ in range(n)]
 
 
 def _run(rule: uo.Transform, params: Any, grads: list[Any]) -> tuple[uo.State, Any]:
@@ -324,24 +386,24 @@ def _strided(x: np.ndarray) -> np.ndarray:
 
 
 # "numpy": C-contiguous arrays; "numpy-strided": params are strided views (in place they stay
-# strided, pure updates return fresh contiguous arrays), so the two forms may take different
-# code paths and must still agree; "torch": another library
-@case_param
-@pytest.mark.parametrize(
+# strided, pure updates return fresh contiguous arrays), so the two forms take different code
+# paths (the compiled loop runs the pure updates from the second on, never the in-place ones)
+# and must still agree; "torch": another library
+@by_case(
     "lib,width",
     [("numpy", "narrow"), ("numpy", "wide"), ("numpy-strided", "wide"), ("torch", "narrow")],
 )
 @SETTINGS
 @given(data=st.data(), seed=seeds, dtype=st.sampled_from([np.float32, np.float64]))
-def test_pure_and_inplace_agree_bit_for_bit(case, lib, width, data, seed, dtype):
-    kw = data.draw(case.kwargs)
+def test_pure_and_inplace_agree_bit_for_bit(case, lib, width, on, data, seed, dtype):
+    kw = data.draw(case.keywords(on))
     rng = np.random.default_rng(seed)
     params = _simple(rng, dtype, width)
     grads = _grad_seq(rng, params)
     conv = {"numpy": np.array, "numpy-strided": _strided, "torch": torch.from_numpy}[lib]
 
     def to_lib(tree: Any, c: Any = conv) -> Any:
-        return _like_map(tree, lambda x: c(np.array(x)))
+        return map_tree(lambda x: c(np.array(x)), tree)
 
     def to_np(xs: list[Any]) -> list[np.ndarray]:
         return [x.numpy() if isinstance(x, torch.Tensor) else x for x in xs]
@@ -352,13 +414,12 @@ def test_pure_and_inplace_agree_bit_for_bit(case, lib, width, data, seed, dtype)
     pure_s = uo.setup(case.build(dict(kw)), pure_p)
     inplace_s = uo.setup(case.build(dict(kw)), inplace_p)
     held_slots = {k: list(v) for k, v in inplace_s.slots.items()}
-    for g in grads:
-        pure_s, pure_p = uo.update(pure_s, pure_p, to_lib(g, gconv))
-        inplace_s = uo.update_(inplace_s, inplace_p, to_lib(g, gconv))
-        _same_arrays(to_np(_leaves(pure_p)), to_np(_leaves(inplace_p)))
-        assert pure_s.step == inplace_s.step
-        for k in pure_s.slots:
-            _same_arrays(to_np(pure_s.slots[k]), to_np(inplace_s.slots[k]))
+    with compiled(width, 2 * STEPS if lib == "numpy" else STEPS - 1):
+        for g in grads:
+            pure_s, pure_p = uo.update(pure_s, pure_p, to_lib(g, gconv))
+            inplace_s = uo.update_(inplace_s, inplace_p, to_lib(g, gconv))
+            assert_same(to_np(_leaves(pure_p)), to_np(_leaves(inplace_p)))
+            assert_same_state(pure_s, inplace_s)
     # in place means the very arrays the caller holds were written
     assert all(a is b for a, b in zip(held, _leaves(inplace_p), strict=True))
     for k, arrays in held_slots.items():
@@ -368,12 +429,11 @@ def test_pure_and_inplace_agree_bit_for_bit(case, lib, width, data, seed, dtype)
 # --- flat gradient lists ------------------------------------------------------------------------
 
 
-@case_param
-@width_param
+@by_width
 @SETTINGS
 @given(data=st.data(), seed=seeds)
-def test_flat_list_equals_tree(case, width, data, seed):
-    kw = data.draw(case.kwargs)
+def test_flat_list_equals_tree(case, width, on, data, seed):
+    kw = data.draw(case.keywords(on))
     rng = np.random.default_rng(seed)
     params = _nested(rng, width=width)
     grads = _grad_seq(rng, params)
@@ -386,22 +446,24 @@ def test_flat_list_equals_tree(case, width, data, seed):
 
     s_tree, p_tree = uo.setup(case.build(dict(kw)), params), params
     s_flat, p_flat = uo.setup(case.build(dict(kw)), params), params
-    for g, f in zip(grads, flats, strict=True):
-        s_tree, p_tree = uo.update(s_tree, p_tree, g)
-        s_flat, p_flat = uo.update(s_flat, p_flat, f)
-    _same_arrays(_leaves(p_tree), _leaves(p_flat))
-    _same_state(s_tree, s_flat)
+    with compiled(width, 2 * STEPS):
+        for g, f in zip(grads, flats, strict=True):
+            s_tree, p_tree = uo.update(s_tree, p_tree, g)
+            s_flat, p_flat = uo.update(s_flat, p_flat, f)
+    assert_same(_leaves(p_tree), _leaves(p_flat))
+    assert_same_state(s_tree, s_flat)
     # the result keeps the params' node types
     assert isinstance(p_flat["enc"][1], Layer) and p_flat["enc"][0].b is None
     assert isinstance(p_flat["head"], tuple) and isinstance(p_flat["head"][0], Point)
     assert p_flat["head"][0].y is None and p_flat["frozen"] is None
 
     # and in place, from the same start
-    p_in = _copy_tree(params)
+    p_in = copy_tree(params)
     s_in = uo.setup(case.build(dict(kw)), p_in)
-    for f in flats:
-        s_in = uo.update_(s_in, p_in, f)
-    _same_arrays(_leaves(p_tree), _leaves(p_in))
+    with compiled(width, STEPS):
+        for f in flats:
+            s_in = uo.update_(s_in, p_in, f)
+    assert_same(_leaves(p_tree), _leaves(p_in))
 
 
 def _like_map2(params: Any, grads: Any, out: dict[int, Any]) -> None:
@@ -424,22 +486,21 @@ def _like_map2(params: Any, grads: Any, out: dict[int, Any]) -> None:
 # --- pure means pure ----------------------------------------------------------------------------
 
 
-@case_param
-@width_param
+@by_width
 @SETTINGS
 @given(data=st.data(), seed=seeds)
-def test_pure_update_leaves_inputs_alone_and_returns_fresh_arrays(case, width, data, seed):
-    kw = data.draw(case.kwargs)
+def test_pure_update_leaves_inputs_alone_and_returns_fresh_arrays(case, width, on, data, seed):
+    kw = data.draw(case.keywords(on))
     rng = np.random.default_rng(seed)
     params = _simple(rng, width=width)
-    state, params = _run(case.build(dict(kw)), params, _grad_seq(rng, params, 2))
-    grads = _like(rng, params)
-
-    old_p, old_g, old_s = _copy_tree(params), _copy_tree(grads), _copy_state(state)
-    new_state, new_params = uo.update(state, params, grads)
-    _same_arrays(_leaves(params), _leaves(old_p))
-    _same_arrays(_leaves(grads), _leaves(old_g))
-    _same_state(state, old_s)
+    with compiled(width, 3):
+        state, params = _run(case.build(dict(kw)), params, _grad_seq(rng, params, 2))
+        grads = grads_like(rng, params)
+        old_p, old_g, old_s = copy_tree(params), copy_tree(grads), _copy_state(state)
+        new_state, new_params = uo.update(state, params, grads)
+    assert_same(_leaves(params), _leaves(old_p))
+    assert_same(_leaves(grads), _leaves(old_g))
+    assert_same_state(state, old_s)
 
     # writing into everything returned must not reach any input
     for a in _leaves(new_params):
@@ -449,12 +510,12 @@ def test_pure_update_leaves_inputs_alone_and_returns_fresh_arrays(case, width, d
             a[...] = -999.0
     # nor one another
     assert all(np.all(a == 1234.5) for a in _leaves(new_params))
-    _same_arrays(_leaves(params), _leaves(old_p))
-    _same_arrays(_leaves(grads), _leaves(old_g))
-    _same_state(state, old_s)
+    assert_same(_leaves(params), _leaves(old_p))
+    assert_same(_leaves(grads), _leaves(old_g))
+    assert_same_state(state, old_s)
 
 
-@width_param
+@pytest.mark.parametrize("width", ["narrow", "wide"])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.0, 0.5)])
 def test_optimistic_state_does_not_alias(alpha, beta, width):
     # optimistic_adam's state stores the previous update, a value that also flows onward
@@ -462,8 +523,9 @@ def test_optimistic_state_does_not_alias(alpha, beta, width):
     params = _simple(rng, width=width)
     state = uo.setup(uo.optimistic_adam(0.1, alpha=alpha, beta=beta), params)
     for _ in range(2):
-        g = _like(rng, params)
-        new_state, new_params = uo.update(state, params, g)
+        g = grads_like(rng, params)
+        with compiled(width, 1):
+            new_state, new_params = uo.update(state, params, g)
         prev = new_state.slots["scale_by_optimistic_gradient.prev_update"]
         leaves = [
             *_leaves(params),
@@ -489,60 +551,60 @@ def test_optax_protocol_state_does_not_alias_grads():
 # --- resuming -----------------------------------------------------------------------------------
 
 
-@case_param
-@width_param
+@by_width
 @SETTINGS
 @given(data=st.data(), seed=seeds, k=st.integers(1, 4))
-def test_resume_from_saved_state(case, width, data, seed, k):
-    kw = data.draw(case.kwargs)
+def test_resume_from_saved_state(case, width, on, data, seed, k):
+    kw = data.draw(case.keywords(on))
     rng = np.random.default_rng(seed)
     params = _simple(rng, width=width)
     grads = _grad_seq(rng, params, k + 3)
-    whole_s, whole_p = _run(case.build(dict(kw)), params, grads)
-
-    state, p = _run(case.build(dict(kw)), params, grads[:k])
+    with compiled(width, 2 * k + 3):
+        whole_s, whole_p = _run(case.build(dict(kw)), params, grads)
+        state, p = _run(case.build(dict(kw)), params, grads[:k])
     saved = uo.State(
         state.rule,
         state.step,
         {key: [a.copy() for a in v] for key, v in state.slots.items()},
         state.treedef,
     )
-    p = _copy_tree(p)
+    p = copy_tree(p)
     del state
-    for g in grads[k:]:
-        saved, p = uo.update(saved, p, g)
-    _same_arrays(_leaves(whole_p), _leaves(p))
-    _same_state(whole_s, saved)
+    with compiled(width, 3):
+        for g in grads[k:]:
+            saved, p = uo.update(saved, p, g)
+    assert_same(_leaves(whole_p), _leaves(p))
+    assert_same_state(whole_s, saved)
 
 
 # --- adjust -------------------------------------------------------------------------------------
 
 
-@case_param
-@width_param
+@by_width
 @SETTINGS
 @given(data=st.data(), seed=seeds, k=st.integers(1, 4), lr2=lrs)
-def test_adjust_lr_equals_switching_schedule(case, width, data, seed, k, lr2):
-    kw = data.draw(case.kwargs)
+def test_adjust_lr_equals_switching_schedule(case, width, on, data, seed, k, lr2):
+    kw = data.draw(case.keywords(on))
     lr1 = kw["lr"]
     rng = np.random.default_rng(seed)
     params = _simple(rng, width=width)
     grads = _grad_seq(rng, params, k + 3)
 
-    state, p = _run(case.build(dict(kw)), params, grads[:k])
+    with compiled(width, k):
+        state, p = _run(case.build(dict(kw)), params, grads[:k])
     adjusted = uo.adjust(state, lr=lr2)
     assert adjusted.step == state.step == k
     assert adjusted.slots.keys() == state.slots.keys()
     for key, arrays in state.slots.items():
         assert all(a is b for a, b in zip(arrays, adjusted.slots[key], strict=True))
     assert adjusted.rule != state.rule or lr1 == lr2
-    for g in grads[k:]:
-        adjusted, p = uo.update(adjusted, p, g)
-
     switching = case.build({**kw, "lr": lambda step: lr1 if step < k else lr2})
-    ref_s, ref_p = _run(switching, params, grads)
-    _same_arrays(_leaves(ref_p), _leaves(p))
-    _same_state(ref_s, adjusted)
+    with compiled(width, 3 + k + 3):
+        for g in grads[k:]:
+            adjusted, p = uo.update(adjusted, p, g)
+        ref_s, ref_p = _run(switching, params, grads)
+    assert_same(_leaves(ref_p), _leaves(p))
+    assert_same_state(ref_s, adjusted)
 
 
 # --- schedules ----------------------------------------------------------------------------------
@@ -566,7 +628,7 @@ def _with(kw: dict[str, Any], name: str, wrap: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("name", ADAM_HYPER)
 @pytest.mark.parametrize("kind", ["lambda", "schedules.constant"])
 @SETTINGS
-@given(kw=adam_kw, seed=seeds)
+@given(kw=ADAM.keywords(None), seed=seeds)
 def test_constant_schedule_equals_number(rule, name, kind, kw, seed):
     wrap = (lambda v: lambda step: v) if kind == "lambda" else (lambda v: uo.schedules.constant(v))
     rng = np.random.default_rng(seed)
@@ -574,31 +636,32 @@ def test_constant_schedule_equals_number(rule, name, kind, kw, seed):
     grads = _grad_seq(rng, params)
     s1, p1 = _run(rule(**kw), params, grads)
     s2, p2 = _run(rule(**_with(kw, name, wrap)), params, grads)
-    _same_arrays(_leaves(p1), _leaves(p2))
-    _same_state(s1, s2)
+    assert_same(_leaves(p1), _leaves(p2))
+    assert_same_state(s1, s2)
 
 
 # --- dtypes and 0-d arrays ----------------------------------------------------------------------
 
 
-@case_param
-@width_param
+@by_width
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @SETTINGS
 @given(data=st.data(), seed=seeds)
-def test_dtype_is_preserved(case, width, dtype, data, seed):
-    kw = data.draw(case.kwargs)
+def test_dtype_is_preserved(case, width, on, dtype, data, seed):
+    kw = data.draw(case.keywords(on))
     rng = np.random.default_rng(seed)
     params = _simple(rng, dtype, width)
     grads = _grad_seq(rng, params)
-    state, out = _run(case.build(dict(kw)), params, grads)
+    with compiled(width, STEPS):
+        state, out = _run(case.build(dict(kw)), params, grads)
     for a in _leaves(out) + [a for v in state.slots.values() for a in v]:
         assert type(a) is np.ndarray
         assert a.dtype == dtype
-    p_in = _copy_tree(params)
+    p_in = copy_tree(params)
     s_in = uo.setup(case.build(dict(kw)), p_in)
-    for g in grads:
-        s_in = uo.update_(s_in, p_in, g)
+    with compiled(width, STEPS):
+        for g in grads:
+            s_in = uo.update_(s_in, p_in, g)
     for a in _leaves(p_in) + [a for v in s_in.slots.values() for a in v]:
         assert a.dtype == dtype
 
@@ -615,8 +678,9 @@ def test_dtype_is_preserved(case, width, dtype, data, seed):
 )
 def test_numpy_scalar_hyperparameter_keeps_float32(rule, width):
     params = _simple(np.random.default_rng(0), np.float32, width)
-    grads = _like(np.random.default_rng(1), params)
-    state, out = uo.update(uo.setup(rule, params), params, grads)
+    grads = grads_like(np.random.default_rng(1), params)
+    with compiled(width, 1):
+        state, out = uo.update(uo.setup(rule, params), params, grads)
     assert all(a.dtype == np.float32 for a in _leaves(out))
     assert all(a.dtype == np.float32 for v in state.slots.values() for a in v)
 
@@ -626,7 +690,7 @@ def test_numpy_scalar_hyperparameter_keeps_float32(rule, width):
 @SETTINGS
 @given(data=st.data(), seed=seeds)
 def test_zero_d_params_compute_like_one_element_arrays(case, dtype, data, seed):
-    kw = data.draw(case.kwargs)
+    kw = data.draw(case.keywords(None))
     rng = np.random.default_rng(seed)
     gs = rng.normal(size=STEPS).astype(dtype)
     p0 = dtype(rng.normal())
@@ -647,7 +711,8 @@ def test_zero_d_params_stay_arrays(rule, dtype, width):
     params["s"] = np.array(1.5, dtype)
     state = uo.setup(rule, params)
     for _ in range(2):
-        state, params = uo.update(state, params, _like(rng, params))
+        with compiled(width, 1):
+            state, params = uo.update(state, params, grads_like(rng, params))
         assert type(params["s"]) is np.ndarray and params["s"].ndim == 0
         assert params["s"].dtype == dtype
         i = [k for k, a in enumerate(_leaves(params)) if a is params["s"]][0]
@@ -682,27 +747,27 @@ def test_trainables_order():
 # --- the optax protocol -------------------------------------------------------------------------
 
 
-@case_param
-@width_param
+@by_width
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @SETTINGS
 @given(data=st.data(), seed=seeds)
-def test_optax_protocol_equals_update(case, width, dtype, data, seed):
+def test_optax_protocol_equals_update(case, width, on, dtype, data, seed):
     # bit for bit, not 1 ulp: updates are -u, and IEEE 754 defines p - u as p + (-u), both
     # correctly rounded from the same exact value
-    kw = data.draw(case.kwargs)
+    kw = data.draw(case.keywords(on))
     rng = np.random.default_rng(seed)
     params = _simple(rng, dtype, width)
     grads = _grad_seq(rng, params)
-    ref_s, ref_p = _run(case.build(dict(kw)), params, grads)
+    with compiled(width, STEPS):
+        ref_s, ref_p = _run(case.build(dict(kw)), params, grads)
 
     rule = case.build(dict(kw))
     state, p = rule.init(params), params
     for g in grads:
         updates, state = rule.update(g, state, p)
         p = _add(p, updates)
-    _same_arrays(_leaves(ref_p), _leaves(p))
-    _same_state(ref_s, state)
+    assert_same(_leaves(ref_p), _leaves(p))
+    assert_same_state(ref_s, state)
 
 
 # --- convergence --------------------------------------------------------------------------------
