@@ -80,7 +80,30 @@ def grads_like(rng: np.random.Generator, params: Any) -> Any:
     return map_tree(lambda x: rng.normal(size=x.shape).astype(x.dtype), params)
 
 
-# --- bit-for-bit comparisons -------------------------------------------------------------------
+def jitted_optax_step(tx: Any) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """``step(params, state, grads) -> (params, state)``: one step of the optax transformation
+    ``tx``, its updates applied with ``optax.apply_updates``, under ``jax.jit``."""
+    import jax
+    import optax
+
+    @jax.jit
+    def step(p: Any, s: Any, g: Any) -> tuple[Any, Any]:
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return step
+
+
+# --- comparisons --------------------------------------------------------------------------------
+
+
+def rel_diff(a: Any, b: Any) -> float:
+    """The largest difference of arrays ``a`` and ``b``, exact (in float64), relative to the
+    largest magnitude in ``b`` or 1 where that is smaller: rounding errors are a few ulps of the
+    operands, which share the array's scale, and absolute below 1."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = float(np.max(np.abs(a - b), initial=0.0))
+    return diff / max(1.0, float(np.max(np.abs(b), initial=0.0)))
 
 
 def _bits(x: Any) -> np.ndarray:

@@ -13,6 +13,7 @@ optax = pytest.importorskip("optax")
 jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
+from helpers import jitted_optax_step  # noqa: E402
 
 STEPS = 300
 
@@ -64,12 +65,7 @@ def _run(ours, theirs, lib=jnp) -> float:  # type: ignore[no-untyped-def]
     o_params = jax.tree.map(jnp.asarray, _tree())
     state, o_state = uo.setup(ours, params), theirs.init(o_params)
     ours_step = jax.jit(uo.update) if lib is jnp else uo.update
-
-    @jax.jit
-    def theirs_step(p, s, g):  # type: ignore[no-untyped-def]
-        u, s = theirs.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
+    theirs_step = jitted_optax_step(theirs)
     worst = 0.0
     for _ in range(STEPS):
         g = jax.tree.map(lambda x: 3 * rng.standard_normal(x.shape), _tree())
