@@ -107,9 +107,10 @@ class Case:
     centered, weight decay); ``kwargs(on)`` draws valid values with the switches ``on`` set and
     the others off. The blocks decide which compiled loop a step runs, the values do not: a
     narrow (reference-path) test draws the switches too, a wide (compiled-path) one runs each
-    set of ``wide``, fixed. Together the sets turn every switch on and off, and each is a
-    configuration tests/test_fused.py compiles too, where it has one (the chains here that it
-    lacks are one loop each), so the wide tests compile a small bounded set of loops.
+    set of ``wide``, fixed, so the wide tests compile a small bounded set of loops. Between them
+    the sets put every block and kernel variant on the compiled path (a switch that is off only
+    drops a block); each is a configuration tests/test_fused.py compiles too, except the chains
+    of chain-clip-sgd and the last three cases (four loops each: two dtypes, pure and in place).
     """
 
     name: str
