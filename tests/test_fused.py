@@ -48,6 +48,7 @@ def _params(rng: np.random.Generator, dtype: type) -> dict[str, np.ndarray]:
     return {f"x{i}": rng.standard_normal(s).astype(dtype) for i, s in enumerate(SHAPES)}
 
 
+@pytest.mark.slow  # compiles a loop per rule, dtype and mode on a cold cache
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_fast_path_is_bitwise_the_reference(name: str, dtype: type) -> None:

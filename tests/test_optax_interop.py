@@ -78,6 +78,7 @@ def _run(ours, theirs, lib=jnp) -> float:  # type: ignore[no-untyped-def]
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["clip+adam", "trace+rms+trace", "adam+decay", "whole sgd"])
 def test_optax_inside_uniopt_chain_under_jit(name: str) -> None:
     with jax.enable_x64(True):

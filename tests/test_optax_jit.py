@@ -100,6 +100,7 @@ def _run(ours, theirs, seed: int = 0) -> float:  # type: ignore[no-untyped-def]
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lr_kind", ["constant", "cosine"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_optax_under_jit(name: str, lr_kind: str) -> None:

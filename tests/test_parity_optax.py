@@ -18,6 +18,8 @@ jnp = jax.numpy
 import uniopt as uo  # noqa: E402
 from helpers import jitted_optax_step, rel_diff  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test runs hundreds of steps against optax
+
 
 @pytest.fixture(autouse=True)
 def _x64():  # type: ignore[no-untyped-def]
