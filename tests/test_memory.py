@@ -11,11 +11,17 @@ import pytest
 import uniopt as uo
 from helpers import expect_compiled
 
+# configurations test_fused.py compiles too: in the whole suite this file compiles no loop
+RULES = {
+    "adam": uo.adam(lr=1e-3),
+    "sgd-momentum-wd": uo.sgd(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-4),
+    "rmsprop-centered-momentum-wd": uo.rmsprop(
+        lr=1e-3, centered=True, momentum=0.5, weight_decay=1e-4
+    ),
+}
 
-@pytest.mark.parametrize(
-    "rule", [uo.adam(lr=1e-3), uo.sgd(lr=1e-2, momentum=0.9), uo.rmsprop(lr=1e-3, centered=True)],
-    ids=["adam", "sgd-momentum", "rmsprop-centered"],
-)
+
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
 @pytest.mark.parametrize("shapes", [[(400, 500)], [(2_000,)] * 100], ids=["one", "many"])
 def test_peak_memory_of_in_place_steps(rule: uo.Transform, shapes: list[tuple[int, ...]]) -> None:
     rng = np.random.default_rng(0)

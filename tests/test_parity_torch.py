@@ -791,7 +791,7 @@ def test_float32_adamw_torch_rounds_its_decay_factor() -> None:
 @pytest.mark.parametrize(
     ("label", "dtype"),
     [
-        ("sgd[momentum-nesterov-weight_decay]", np.float64),
+        ("sgd[momentum-dampening-weight_decay]", np.float64),
         ("rmsprop[centered-momentum-weight_decay]", np.float32),
         ("adam[amsgrad-weight_decay]", np.float64),
     ],

@@ -311,6 +311,9 @@ def _bad_at_3(good, bad):
 
 
 
+# Where a block does not matter to what is checked, the rules here are configurations that
+# test_fused.py compiles too (weight decay on, a chain of its own): the wide variant then loads
+# their compiled loops instead of compiling more.
 SCHEDULE_CASES = [
     pytest.param(
         lambda: uo.sgd(lr=_bad_at_3(0.1, -0.1), momentum=0.9), r"lr must be >= 0", id="sgd-lr"
@@ -338,16 +341,22 @@ SCHEDULE_CASES = [
         id="rmsprop-alpha",
     ),
     pytest.param(
-        lambda: uo.adadelta(eps=_bad_at_3(1e-6, math.nan)), r"eps must be .*nan", id="adadelta-eps"
+        lambda: uo.adadelta(eps=_bad_at_3(1e-6, math.nan), weight_decay=0.1),
+        r"eps must be .*nan",
+        id="adadelta-eps",
     ),
-    pytest.param(lambda: uo.adagrad(lr=_bad_at_3(0.1, -0.1)), r"lr must be >= 0", id="adagrad-lr"),
+    pytest.param(
+        lambda: uo.adagrad(lr=_bad_at_3(0.1, -0.1), weight_decay=0.1),
+        r"lr must be >= 0",
+        id="adagrad-lr",
+    ),
     pytest.param(
         lambda: _opt_adam(b2=_bad_at_3(0.999, -0.5)),
         r"b2 must be in \[0, 1\)",
         id="optimistic-b2",
     ),
     pytest.param(
-        lambda: uo.chain(uo.clip(_bad_at_3(1.0, -1.0)), uo.sgd(lr=0.1)),
+        lambda: uo.chain(uo.clip(_bad_at_3(1.0, -1.0)), uo.weight_decay(1e-2), uo.adam(lr=1e-2)),
         r"max_delta must be >= 0",
         id="chain-clip",
     ),
@@ -391,7 +400,7 @@ def test_schedule_returning_non_number(bad):
 @pytest.fixture(params=["sgd", "adam", "adamw", "optimistic_adam"])
 def stepped(request, width):
     rule = {
-        "sgd": uo.sgd(lr=0.1, momentum=0.9),
+        "sgd": uo.sgd(lr=0.1, momentum=0.9, weight_decay=1e-2),
         "adam": uo.adam(lr=0.1),
         "adamw": uo.adamw(lr=0.1, amsgrad=True),
         "optimistic_adam": uo.optimistic_adam(lr=0.1),
