@@ -23,8 +23,9 @@ RULES = {
     "sgd": uo.sgd(lr=0.1),
     "sgd-momentum-dampening-wd": uo.sgd(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
     "sgd-nesterov": uo.sgd(lr=0.1, momentum=0.8, nesterov=True),
-    # a momentum that is 0 in float32 but not in double: both paths must branch alike
-    "rmsprop-tiny-momentum": uo.rmsprop(lr=0.1, momentum=1e-300),
+    # a momentum that is 0 in float32 but not in double: both paths must branch alike (the blocks
+    # of rmsprop-centered-momentum, so no loop of its own)
+    "rmsprop-tiny-momentum": uo.rmsprop(lr=0.1, momentum=1e-300, centered=True, weight_decay=1e-3),
     "adagrad": uo.adagrad(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1),
     "adagrad-eps-in-sqrt": uo.adagrad(lr=0.1, eps=0.0, eps_in_sqrt=True),
     "rmsprop": uo.rmsprop(lr=0.01),
