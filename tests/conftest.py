@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from uniopt.fast import cpu
+
 # XLA programs compiled in one run are reused by the next, as uniopt's compiled loops are: JAX's
 # persistent compilation cache lives beside them, in $UNIOPT_CACHE_DIR (a fresh directory is a
 # cold run of both). Set before any test module imports jax; a JAX_* variable already set wins.
@@ -30,6 +32,21 @@ _CACHE_ROOT = os.environ.get("UNIOPT_CACHE_DIR") or os.path.join(
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE_ROOT, "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+# uniopt compiles a loop for every step it sees; the suite's hundreds
+# of small configurations would each compile one, to check what test_fused checks bit for bit.
+# Here small steps keep the reference path (tests of the compiled loop on small trees lift this
+# with the ``small_steps_compiled`` fixture).
+SMALL = (16, 1 << 14)
+cpu.MIN_LEAVES, cpu.MIN_SIZE = SMALL
+
+
+@pytest.fixture
+def small_steps_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step takes the compiled loop, as it does outside the test suite."""
+    monkeypatch.setattr(cpu, "MIN_LEAVES", 0)
+    monkeypatch.setattr(cpu, "MIN_SIZE", 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from .hyper import Complemented, HostFacts, Interval, _traced, check, resolve
+from .hyper import Complemented, DeviceNumber, HostFacts, Interval, _traced, check, on_host, resolve
 
 Kernel = Callable[..., tuple[Any, ...]]
 
@@ -92,7 +92,7 @@ class Transform:
             else:
                 value = number(f.name, value)
             object.__setattr__(self, f.name, value)
-        if any(_traced(v) or isinstance(v, Complemented) for v in _numbers(self)):
+        if any(_traced(v) or isinstance(v, (Complemented, DeviceNumber)) for v in _numbers(self)):
             return  # from a JAX state: nothing to compare on the host
         try:
             self.check()
@@ -115,18 +115,23 @@ class Transform:
     def at(self, step: Any) -> Transform:
         """This record as its kernel sees it at ``step``: every schedule replaced by its value
         (validated), every :class:`~uniopt.hyper.Complemented` pair by its value."""
+        if self.fixed:
+            return self
         values: dict[str, Any] = {}
         complements: dict[Any, Any] = {}
         scheduled = False
         for name, v in self.hyperparameters().items():
             xs = v if isinstance(v, tuple) else (v,)
-            if not any(callable(x) or isinstance(x, Complemented) for x in xs):
+            if not any(callable(x) or isinstance(x, (Complemented, DeviceNumber)) for x in xs):
                 continue
             out = []
             for i, x in enumerate(xs):
                 if isinstance(x, Complemented):
-                    complements[name if not isinstance(v, tuple) else (name, i)] = x.one_minus
-                    x = x.value
+                    complements[name if not isinstance(v, tuple) else (name, i)] = on_host(
+                        x.one_minus)
+                    x = on_host(x.value)
+                elif isinstance(x, DeviceNumber):
+                    x = x.read()
                 elif callable(x):
                     scheduled = True
                     x = self._evaluate(x, step)
@@ -138,6 +143,23 @@ class Transform:
         if scheduled:
             new._validate(f" (the value of its schedule at step {step})", resolved=True)
         return new
+
+    @functools.cached_property
+    def fixed(self) -> bool:
+        """Whether :meth:`at` is this record at every step (no schedule, no complemented pair):
+        a step then neither resolves nor validates it again."""
+        return not any(callable(x) or isinstance(x, (Complemented, DeviceNumber))
+                       for x in _values(self))
+
+    @functools.cached_property
+    def memo(self) -> dict[Any, Any]:
+        """What the layers above derive from this record and keep while it lives (a step's
+        plan, a strategy's compiled loop): a record is immutable, so none of it goes stale.
+        Not copied with the record."""
+        return {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "memo"}
 
     def _evaluate(self, schedule: Any, step: Any) -> Any:
         try:
@@ -169,16 +191,16 @@ class Transform:
         if self.host is not None and self.host.on is not None:
             return name in self.host.on
         v = getattr(self, name)
-        return callable(v) or (v.value if isinstance(v, Complemented) else v) != 0
+        return callable(v) or on_host(v.value if isinstance(v, Complemented) else v) != 0
 
     def one_minus(self, name: str) -> Any:
         """``1 - self.<name>``, computed in double precision on the host (for a number that
         went through ``jax.jit``, the complement the host computed before it went in)."""
         v = getattr(self, name)
         if isinstance(v, Complemented):
-            return v.one_minus
+            return on_host(v.one_minus)
         c = None if self.host is None else self.host.complements.get(name)
-        return 1.0 - v if c is None else c
+        return 1.0 - on_host(v) if c is None else on_host(c)
 
     @functools.cached_property
     def flat_parts(self) -> tuple[Part, ...]:
@@ -204,6 +226,19 @@ class Transform:
         assert self.host is not None
         c = self.host.complements.get(key)
         return x if c is None or callable(x) else Complemented(x, c)
+
+    @functools.cached_property
+    def keyed_parts(self) -> tuple[tuple[Part, tuple[str, ...]], ...]:
+        """Each part with the state keys of its slots (a whole-tree part: of its tree state)."""
+        slot_keys, trees = iter(self.slot_keys), iter(self.tree_layout)
+        out = []
+        for part in self.flat_parts:
+            if isinstance(part, WholeTree):
+                keys: tuple[str, ...] = (next(trees),)
+            else:
+                keys = tuple(next(slot_keys)[0] for _ in part.slots)
+            out.append((part, keys))
+        return tuple(out)
 
     @functools.cached_property
     def tree_layout(self) -> tuple[str, ...]:
@@ -256,9 +291,12 @@ def assemble(cls: type[Transform], fields: dict[str, Any], host: HostFacts | Non
     return t
 
 
+def _values(t: Transform) -> list[Any]:
+    return [x for v in t.hyperparameters().values() for x in (v if isinstance(v, tuple) else (v,))]
+
+
 def _numbers(t: Transform) -> list[Any]:
-    return [x for v in t.hyperparameters().values() for x in (v if isinstance(v, tuple) else (v,))
-            if not callable(x)]
+    return [x for x in _values(t) if not callable(x)]
 
 
 class Part(Transform):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,19 +24,6 @@ from .hyper import _traced
 from .interop.jax import register_state
 from .state import State
 from .tree import NAMESPACE, flatten, path_str, unflatten
-
-
-def _plan(rule: Transform) -> list[tuple[Part, tuple[str, ...]]]:
-    """Each part with the state keys of its slots (a whole-tree part: of its tree state)."""
-    slot_keys, trees = iter(rule.slot_keys), iter(rule.tree_layout)
-    out = []
-    for part in rule.flat_parts:
-        if isinstance(part, WholeTree):
-            keys: tuple[str, ...] = (next(trees),)
-        else:
-            keys = tuple(next(slot_keys)[0] for _ in part.slots)
-        out.append((part, keys))
-    return out
 
 
 def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
@@ -83,7 +71,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
     slots: dict[str, list[Any]] = {}
     trees: dict[str, Any] = {}
-    for part, keys in _plan(rule):
+    for part, keys in rule.keyed_parts:
         if isinstance(part, WholeTree):
             _tree_library(leaves, part)
             trees[keys[0]] = part.init_tree(params)
@@ -180,7 +168,7 @@ def resolve(rule: Transform, step: Any) -> Resolved:
     """Every part of ``rule`` resolved and validated for ``step``, with its coefficients; raises
     (naming the rule, the part and the step) where a schedule's value is invalid."""
     out: Resolved = []
-    for part, keys in _plan(rule):
+    for part, keys in rule.keyed_parts:
         if isinstance(part, WholeTree):
             out.append((part, (), keys))
             continue
@@ -219,14 +207,30 @@ def _deltas(
         else:
             assert isinstance(part, PerLeaf)
             fn = part.apply
+        cs = _per_dtype(c, us)
         outs = [
-            fn(xp, c, p, u, *(state.slots[k][i] for k in keys))
+            fn(xp, cs.get(u.dtype, c), p, u, *(state.slots[k][i] for k in keys))
             for i, (xp, p, u) in enumerate(zip(xps, ps, us, strict=True))
         ]
         us = [o[0] for o in outs]
         for j, k in enumerate(keys):
             new_slots[k] = [o[j + 1] for o in outs]
     return us, new_slots, new_trees
+
+
+def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
+    """Coefficients that are JAX values (a rule that came through ``jax.jit`` holds its numbers
+    in one float32 array, or float64 with x64) in the dtype of each leaf they meet, by dtype: as
+    Python numbers would be, so bfloat16 params stay bfloat16 and x64 does not widen float32
+    ones. Empty where every coefficient is a host number."""
+    jax = sys.modules.get("jax")
+    if jax is None or not any(isinstance(x, jax.Array) for x in c):
+        return {}
+    out = {}
+    for dtype in {u.dtype for u in us}:
+        values = [x.astype(dtype) if isinstance(x, jax.Array) else x for x in c]
+        out[dtype] = type(c)(*values) if hasattr(c, "_fields") else tuple(values)
+    return out
 
 
 def _apply_tree(part: WholeTree, us: list[Any], st: Any, ps: list[Any], state: State) -> Any:
@@ -294,14 +298,14 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         return None
     for strategy in fast.STRATEGIES:
         out = strategy(lambda: resolve(state.rule, state.step), leaves, g_leaves, state.slots,
-                       inplace)
+                       inplace, state.rule.memo)
         if out is None:
             continue
         if isinstance(out, str):
             return out
         new_params, slots = out
-        new_state = dataclasses.replace(state, step=state.step + 1,
-                                        slots=state.slots if inplace else slots)
+        new_state = State(state.rule, state.step + 1, state.slots if inplace else slots,
+                          state.treedef, state.state_dtype, state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
 

@@ -84,6 +84,39 @@ class HostFacts:
     on: frozenset[str] | None = None
 
 
+class DeviceNumber:
+    """A hyperparameter of a state that came out of ``jax.jit``: element ``index`` of the one
+    array that carries all of the state's numbers (and their complements) through the jitted
+    step. Nothing is read from the device until the number is used on the host (``float(x)``,
+    an eager step, :func:`uniopt.adjust`); the next jitted step takes the array as it is."""
+
+    __slots__ = ("array", "index")
+
+    def __init__(self, array: Any, index: int) -> None:
+        self.array, self.index = array, index
+
+    def read(self) -> Any:
+        """The number, as a 0-d array of the array's library (one device operation)."""
+        return self.array[self.index]
+
+    def __float__(self) -> float:
+        return float(self.read())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        return np.asarray(self.read(), dtype=dtype)
+
+    def __jax_array__(self) -> Any:
+        return self.read()
+
+    def __repr__(self) -> str:
+        return repr(float(self))
+
+
+def on_host(x: Any) -> Any:
+    """``x``, with a :class:`DeviceNumber` replaced by its value."""
+    return x.read() if isinstance(x, DeviceNumber) else x
+
+
 def has_schedule(v: Any) -> bool:
     """Whether hyperparameter value ``v`` (a number, a schedule or a tuple of them) schedules."""
     return any(callable(x) for x in v) if isinstance(v, tuple) else callable(v)
@@ -101,7 +134,7 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
 
     Python floats keep float32 arrays float32 where a NumPy float64 scalar would promote them,
     so every number is normalised here, once."""
-    if _traced(value) or isinstance(value, Complemented):
+    if _traced(value) or isinstance(value, (Complemented, DeviceNumber)):
         return value  # type: ignore[return-value]  # from a JAX state: checked before it went in
     zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
     if zero_d and np.dtype(str(value.dtype)).kind in "fiu":  # type: ignore[attr-defined]

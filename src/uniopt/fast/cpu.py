@@ -47,9 +47,11 @@ from ..moments import select
 
 CHUNK = 1 << 15
 PARALLEL_MIN = 1 << 16  # elements; below this a step runs on one thread
-# steps with fewer leaves and elements than these run on the reference path: it costs tens of
-# microseconds, and compiling a loop costs seconds the first time
-MIN_LEAVES, MIN_SIZE = 16, 1 << 14
+# steps with fewer leaves and elements than these run on the reference path. None do: with the
+# loops cached on disk, compiling is a one-time cost per rule and machine, and a compiled step
+# of a small model costs a tenth of a reference one. (The test suite raises them: its hundreds
+# of small configurations would each compile a loop, to check what test_fused checks.)
+MIN_LEAVES, MIN_SIZE = 0, 0
 
 
 # machine code cached on disk is keyed by this module's source (the code generator and the
@@ -74,8 +76,9 @@ REASONS = {
     3: "is not C-contiguous, aligned and in native byte order",
     4: "is read-only",
     5: "has another shape than its parameter",
+    6: "has another number of leaves than the params",
 }
-_MISMATCH = 5
+_MISMATCH, _COUNT = 5, 6
 
 
 @intrinsic
@@ -106,46 +109,56 @@ def _item(lst: int, i: int) -> int:
 
 
 @numba.njit(cache=True)
-def _inspect(
-    lst: int, ref: int, ndarray_type: int, typenum: int, writeable: bool, sizes: Any
-) -> tuple[int, int]:
-    """Check every object in the list at ``lst``; if ``ref`` (a list address) is not 0, each
-    must have the shape of the object at the same index there. Fills ``sizes``. Returns
-    (bad index, reason)."""
-    for i in range(len(sizes)):
-        obj = _item(lst, i)
-        if _i64(obj + _TYPE) != ndarray_type:
-            return i, 1
-        descr = _i64(obj + _DESCR)
-        if _i32(descr + _DESCR_TYPENUM) != typenum:
-            return i, 2
-        flags = _i32(obj + _FLAGS)
-        bo = _i8(descr + _DESCR_BYTEORDER)
-        if (flags & 0x101) != 0x101 or not (bo == 61 or bo == 124):  # '=' or '|'
-            return i, 3
-        if writeable and not (flags & _WRITEABLE):
-            return i, 4
-        nd = _i32(obj + _ND)
-        dims = _i64(obj + _DIMS)
-        n = 1
-        for k in range(nd):
-            n *= _i64(dims + 8 * k)
-        if ref:
-            r = _item(ref, i)
+def _check(lists: Any, writes: Any, ndarray_type: int, typenum: int, sizes: Any) -> int:
+    """Check every object in every list at the addresses ``lists`` against the first list (the
+    params): as many items, each an ndarray of dtype ``typenum``, C-contiguous, aligned, native,
+    writeable where ``writes`` says, of its parameter's shape. Fills ``sizes``. Returns 0, or
+    ``(list + 1) << 32 | item << 3 | reason``."""
+    n = len(sizes)
+    for k in range(len(lists)):
+        lst = lists[k]
+        if _i64(lst + _LIST_SIZE) != n:
+            return ((k + 1) << 32) | _COUNT
+        for i in range(n):
+            obj = _item(lst, i)
+            if _i64(obj + _TYPE) != ndarray_type:
+                return ((k + 1) << 32) | (i << 3) | 1
+            descr = _i64(obj + _DESCR)
+            if _i32(descr + _DESCR_TYPENUM) != typenum:
+                return ((k + 1) << 32) | (i << 3) | 2
+            flags = _i32(obj + _FLAGS)
+            bo = _i8(descr + _DESCR_BYTEORDER)
+            if (flags & 0x101) != 0x101 or not (bo == 61 or bo == 124):  # '=' or '|'
+                return ((k + 1) << 32) | (i << 3) | 3
+            if writes[k] and not (flags & _WRITEABLE):
+                return ((k + 1) << 32) | (i << 3) | 4
+            nd = _i32(obj + _ND)
+            dims = _i64(obj + _DIMS)
+            if k == 0:
+                size = 1
+                for d in range(nd):
+                    size *= _i64(dims + 8 * d)
+                sizes[i] = size
+                continue
+            r = _item(lists[0], i)
             if _i32(r + _ND) != nd:
-                return i, _MISMATCH
+                return ((k + 1) << 32) | (i << 3) | _MISMATCH
             rdims = _i64(r + _DIMS)
-            for k in range(nd):
-                if _i64(rdims + 8 * k) != _i64(dims + 8 * k):
-                    return i, _MISMATCH
-        sizes[i] = n
-    return -1, 0
+            for d in range(nd):
+                if _i64(rdims + 8 * d) != _i64(dims + 8 * d):
+                    return ((k + 1) << 32) | (i << 3) | _MISMATCH
+    return 0
+
 
 @numba.njit(cache=True)
-def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any]:
-    count = 0
+def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
+    """Each leaf in chunks of at most ``chunk`` elements (leaf, start, stop), and the total.
+    (Not in the loop's own parallel function, where numba would run a reduction on the thread
+    pool: waking it costs more than a small step.)"""
+    count = total = 0
     for n in sizes:
         count += (n + chunk - 1) // chunk
+        total += n
     leaf = np.empty(count, np.int64)
     start = np.empty(count, np.int64)
     stop = np.empty(count, np.int64)
@@ -154,7 +167,7 @@ def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any]:
         for a in range(0, sizes[i], chunk):
             leaf[j], start[j], stop[j] = i, a, min(a + chunk, sizes[i])
             j += 1
-    return leaf, start, stop
+    return leaf, start, stop, total
 
 # the namespace kernels see when compiled: scalar functions with NumPy's semantics
 scalar_xp = types.ModuleType("uniopt_scalar_xp")
@@ -253,103 +266,103 @@ def _digest(kernels: tuple[tuple[Callable[..., Any], int], ...], records: tuple[
 
 def _source(
     kernels: tuple[tuple[Callable[..., Any], int], ...], dtype: Any, by_import: bool, mode: str,
-    digest: str = "",
+    records: tuple[Any, ...], digest: str = "",
 ) -> str:
-    """A module defining ``fused``: one loop over all chunks running every part in order.
+    """A module defining ``fused(L, CO, SIZES)``: one loop over all chunks of every leaf,
+    running every part in order.
 
-    Kernels are named by import (so the module stands alone and numba can cache it) or, for
-    kernels defined where no import reaches, taken from globals ``_K0, _K1, ...``. Modes:
-    ``inplace``: each operand is one array read and written (so the compiler sees fewer
-    pointers that might alias, and vectorizes); ``pure``: reads ``P``, ``S*`` and writes
-    ``PO``, ``SO*``; ``sumsq``: writes nothing and returns the sum of squares of the final
-    ``u`` (a global norm's one extra read pass)."""
+    ``L`` holds the addresses of the lists of leaves, ``CO`` every part's coefficients in
+    order (each part's record is rebuilt from it), ``SIZES`` each leaf's element count: three
+    arguments whatever the rule, so a call costs the same for every rule. Kernels are named by
+    import (so the module stands alone and numba can cache it) or, for kernels defined where no
+    import reaches, taken from globals ``_K0, _K1, ...``. Modes: ``inplace``: each operand is
+    one array read and written (so the compiler sees fewer pointers that might alias, and
+    vectorizes); ``pure``: reads ``p`` and the slots, writes ``po`` and ``so*``; ``sumsq``:
+    writes nothing and returns the sum of squares of the final ``u`` (a global norm's one
+    extra read pass). Steps under ``PARALLEL_MIN`` elements run on the calling thread, without
+    waking the thread pool (it costs more than a small step)."""
     inplace = mode != "pure"
     head = [
         f"# generated by uniopt {_VERSION} for kernels {digest}; safe to delete",
+        "import collections",
         "import numba",
         "import numpy as np",
-        "from uniopt.fast.cpu import _i64, _item, _voidptr, kernel_for",
+        "from uniopt.fast.cpu import CHUNK, PARALLEL_MIN, _chunks, _i64, _item, _voidptr",
+        "from uniopt.fast.cpu import kernel_for",
         "from uniopt.fast.cpu import scalar_xp as XP",
         f"DT = np.{np.dtype(dtype).name}",
     ]
+    lists: list[str] = []
 
     def view(name: str) -> str:
-        return f"{name.lower()} = numba.carray(_voidptr(_i64(_item({name}, t) + 16)), (b,), DT)"
+        lists.append(name)
+        return (f"{name} = numba.carray(_voidptr(_i64(_item(L[{len(lists) - 1}], t) + 16)), "
+                "(b,), DT)")
 
-    args, loads, body = ["P"], [view("P")], []
+    loads = [view("p")]
     if not inplace:
-        args.append("PO")
-        loads.append(view("PO"))
-    args.append("G")
-    loads.append(view("G"))
-    s = 0
-    for k, (kernel, nslots) in enumerate(kernels):
+        loads.append(view("po"))
+    loads.append(view("g"))
+    body, co, s = [], 0, 0
+    for k, ((kernel, nslots), (_, _, fields)) in enumerate(zip(kernels, records, strict=True)):
         if by_import:
             head.append(f"from {kernel.__module__} import {kernel.__qualname__.split('.')[0]}")
             head.append(f"K{k} = kernel_for({kernel.__qualname__})")
         else:
             head.append(f"K{k} = kernel_for(_K{k})")
+        width = len(fields) if isinstance(fields, tuple) else fields
+        values = ", ".join(f"CO[{co + j}]" for j in range(width))
+        co += width
+        if isinstance(fields, tuple) and fields:
+            head.append(f"R{k} = collections.namedtuple('R{k}', {fields!r})")
+            loads.append(f"C{k} = R{k}({values})")
+        else:
+            loads.append(f"C{k} = ({values}{',' if width else ''})")
         names = list(range(s, s + nslots))
         s += nslots
         for n in names:
-            args.append(f"S{n}")
-            loads.append(view(f"S{n}"))
+            loads.append(view(f"s{n}"))
             if not inplace:
-                args.append(f"SO{n}")
-                loads.append(view(f"SO{n}"))
+                loads.append(view(f"so{n}"))
         reads = "".join(f", s{n}[i]" for n in names)
         body.append(f"r = K{k}(XP, C{k}, x, u{reads})")
         body.append("u = r[0]")
         if mode != "sumsq":
             out = "s" if inplace else "so"
             body += [f"{out}{n}[i] = r[{j + 1}]" for j, n in enumerate(names)]
-    args += [f"C{k}" for k in range(len(kernels))] + ["LEAF", "START", "STOP"]
     if mode == "sumsq":
-        return "\n".join(
-            [
-                *head,
-                "",
-                "",
-                '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
-                f"def fused({', '.join(args)}):",
-                "    total = 0.0",
-                "    for j in numba.prange(len(LEAF)):",
-                "        t = LEAF[j]",
-                "        a = START[j]",
-                "        b = STOP[j]",
-                *[f"        {line}" for line in loads],
-                "        acc = 0.0",
-                "        for i in range(np.uint64(a), np.uint64(b)):",
-                "            x = p[i]",
-                "            u = g[i]",
-                *[f"            {line}" for line in body],
-                "            acc += np.float64(u) * np.float64(u)",
-                "        total += acc",
-                "    return total",
-                "",
-            ]
-        )
-    return "\n".join(
-        [
-            *head,
-            "",
-            "",
-            '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
-            f"def fused({', '.join(args)}):",
-            "    for j in numba.prange(len(LEAF)):",
-            "        t = LEAF[j]",
-            "        a = START[j]",
-            "        b = STOP[j]",
-            *[f"        {line}" for line in loads],
-            "        # unsigned indices: no negative-index wraparound, so the loop vectorizes",
-            "        for i in range(np.uint64(a), np.uint64(b)):",
-            "            x = p[i]",
-            "            u = g[i]",
-            *[f"            {line}" for line in body],
-            f"            {'p' if inplace else 'po'}[i] = x - u",
-            "",
-        ]
-    )
+        body.append("acc += np.float64(u) * np.float64(u)")
+    else:
+        body.append(f"{'p' if inplace else 'po'}[i] = x - u")
+    return "\n".join([
+        *head,
+        "",
+        "",
+        '@numba.njit(cache=CACHE, error_model="numpy")',
+        "def chunk(L, CO, t, a, b):",
+        *[f"    {line}" for line in loads],
+        "    acc = 0.0",
+        "    # unsigned indices: no negative-index wraparound, so the loop vectorizes",
+        "    for i in range(np.uint64(a), np.uint64(b)):",
+        "        x = p[i]",
+        "        u = g[i]",
+        *[f"        {line}" for line in body],
+        "    return acc",
+        "",
+        "",
+        '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
+        "def fused(L, CO, SIZES):",
+        "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
+        "    total = 0.0",
+        "    if len(leaf) < 2 or size < PARALLEL_MIN:",
+        "        for j in range(len(leaf)):",
+        "            total += chunk(L, CO, leaf[j], start[j], stop[j])",
+        "    else:",
+        "        for j in numba.prange(len(leaf)):",
+        "            total += chunk(L, CO, leaf[j], start[j], stop[j])",
+        "    return total",
+        "",
+    ])
 
 
 def _cache_dir() -> Path | None:
@@ -372,7 +385,7 @@ def _record(c: Any) -> Any:
 
 def fused_kernel(
     kernels: tuple[tuple[Callable[..., Any], int], ...], dtype: Any, mode: str,
-    records: tuple[Any, ...] = (),
+    records: tuple[Any, ...],
 ) -> Any:
     """The compiled loop for parts ``kernels`` (each: the kernel and its slot count), whose
     coefficient records are described by ``records`` (see :func:`_record`).
@@ -385,7 +398,8 @@ def fused_kernel(
         return _FUSED[key]
     where = _cache_dir() if all(_importable(k) for k, _ in kernels) else None
     digest = _digest(kernels, records) if where is not None else ""
-    src = _source(kernels, dtype, by_import=where is not None, mode=mode, digest=digest)
+    src = _source(kernels, dtype, by_import=where is not None, mode=mode, records=records,
+                  digest=digest)
     if where is None:
         # kernels defined in __main__ or a notebook: compile in memory, uncached
         g: dict[str, Any] = {"CACHE": False, **{f"_K{k}": kn for k, (kn, _) in enumerate(kernels)}}
@@ -444,84 +458,96 @@ def _as_list(x: Any) -> list[Any]:
     return x if type(x) is list else list(x)
 
 
-def _cast(c: Any, scalar: Any) -> Any:
-    """Coefficient record ``c`` with every number in the arrays' precision (a flag too: the
-    compiled select tests it as a number)."""
-    values = (scalar(x) for x in c)
-    return type(c)(*values) if hasattr(c, "_fields") else tuple(values)
+def _loop(
+    memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]], dtype: Any, mode: str
+) -> Any:
+    """The compiled loop for ``plan``'s parts, found once per rule (in the rule's ``memo``) and
+    by the records' types: a step looks it up in one small dict."""
+    key = ("cpu", dtype.char, mode, *[type(c) for _, c, _ in plan])
+    loop = memo.get(key)
+    if loop is None:
+        parts = tuple((part.kernel, len(keys)) for part, _, keys in plan)
+        loop = memo[key] = fused_kernel(parts, dtype, mode, tuple(_record(c) for _, c, _ in plan))
+    return loop
+
+
+def _coefficients(plan: list[tuple[Any, Any, tuple[str, ...]]], dtype: Any) -> Any:
+    """Every part's coefficients in order, in the arrays' precision (flags too: the compiled
+    select tests them as numbers)."""
+    return np.array([x for _, c, _ in plan for x in c], dtype)
+
+
+_WRITES = {(inplace, n): np.array([inplace, False, *[inplace] * n]) for inplace in (True, False)
+           for n in range(8)}
+
+
+def _addresses(lists: list[list[Any]]) -> Any:
+    return np.array(list(map(id, lists)), np.int64)
 
 
 def run(
-    plan: list[tuple[Any, tuple[Any, ...], tuple[str, ...]]],
+    plan: list[tuple[Any, Any, tuple[str, ...]]],
     params: list[Any],
     grads: list[Any],
     slots: dict[str, list[Any]],
     inplace: bool,
+    memo: dict[Any, Any] | None = None,
 ) -> tuple[list[Any], dict[str, list[Any]]] | str:
     """One step of ``plan`` (resolved parts, coefficients, slot keys) over the leaves.
 
     In place, writes params and slots and returns them; otherwise returns new arrays. If the
-    compiled path cannot run the step, returns the reason and has written nothing.
-    """
+    compiled path cannot run the step, returns the reason and has written nothing. ``memo``
+    (the rule's) keeps the loop found for it."""
     n = len(params)
-    if n == 0 or len(grads) != n:
-        return "no leaves" if n == 0 else "gradient count"
+    if n == 0:
+        return "no leaves"
     first = params[0]
-    if type(first) is not np.ndarray or first.dtype not in (np.float32, np.float64):
+    if type(first) is not np.ndarray or first.dtype.char not in "fd":
         return f"leaves of type {type(first).__name__} and dtype {getattr(first, 'dtype', '?')}"
     dtype = first.dtype
-    nd_type = id(np.ndarray)
-    sizes = np.empty(n, np.int64)
+    memo = {} if memo is None else memo
     # the compiled code reads these lists by address: they must be lists, alive and unchanged
     # for the call (it holds the GIL, so no other Python thread can change them meanwhile)
-    params, grads = _as_list(params), _as_list(grads)
-    slots = {k: _as_list(v) for k, v in slots.items()}
-    checks = [("params", params, None, inplace), ("grads", grads, params, False)]
-    checks += [(f"state slot {k}", v, params, inplace) for k, v in slots.items()]
-    for what, lst, ref, writeable in checks:
-        if len(lst) != n:
-            return f"{what} count"
-        bad, why = _inspect(id(lst), id(ref) if ref else 0, nd_type, dtype.num, writeable, sizes)
-        if bad >= 0:
-            return f"{what} leaf {bad} {REASONS[why]}"
-    leaf, start, stop = _chunks(sizes, CHUNK)
+    if type(params) is not list or type(grads) is not list:
+        params, grads = list(params), list(grads)
+    if not all(type(v) is list for v in slots.values()):
+        slots = {k: list(v) for k, v in slots.items()}
+    inputs = [params, grads, *slots.values()]
+    sizes = np.empty(n, np.int64)
+    writes = _WRITES.get((inplace, len(slots)))
+    if writes is None:
+        writes = np.array([inplace, False, *[inplace] * len(slots)])
+    code = _check(_addresses(inputs), writes, _NDARRAY, dtype.num, sizes)
+    if code:
+        k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7
+        what = ["params", "grads", *(f"state slot {key}" for key in slots)][k - 1]
+        return f"{what} count" if why == _COUNT else f"{what} leaf {i} {REASONS[why]}"
     if inplace:
         new_params, new_slots = params, slots
     else:
         new_params = [np.empty_like(p) for p in params]
         new_slots = {k: [np.empty_like(p) for p in params] for k in slots}
-    scalar = dtype.type
-    plan = list(plan)
     for j, (part, _, _) in enumerate(plan):
         if part.needs_norm:  # one extra read pass: the norm of what reaches this part
+            plan = list(plan)
             prefix = plan[:j]
-            cs = [_cast(c, scalar) for _, c, _ in prefix]
-            sumsq = fused_kernel(tuple((q.kernel, len(k)) for q, _, k in prefix), dtype, "sumsq",
-                                 tuple(map(_record, cs)))
-            reads = [id(slots[key]) for _, _, keys in prefix for key in keys]
-            norm = float(np.sqrt(sumsq(id(params), id(grads), *reads, *cs, leaf, start, stop)))
-            plan[j] = (part, part.norm_coeffs(norm), plan[j][2])
-    lists = [params] if inplace else [params, new_params]
-    lists.append(grads)
-    for _, _, keys in plan:
-        for key in keys:
-            lists += [slots[key]] if inplace else [slots[key], new_slots[key]]
-    coeffs = [_cast(c, scalar) for _, c, _ in plan]
-    parts = tuple((part.kernel, len(keys)) for part, _, keys in plan)
-    kernel = fused_kernel(parts, dtype, "inplace" if inplace else "pure",
-                          tuple(map(_record, coeffs)))
-    args = (*(id(x) for x in lists), *coeffs, leaf, start, stop)
-    if len(leaf) > 1 and int(sizes.sum()) >= PARALLEL_MIN:
-        kernel(*args)
+            sumsq = _loop(memo, prefix, dtype, "sumsq")
+            reads = [params, grads, *(slots[key] for _, _, keys in prefix for key in keys)]
+            total = sumsq(_addresses(reads), _coefficients(prefix, dtype), sizes)
+            plan[j] = (part, part.norm_coeffs(float(np.sqrt(total))), plan[j][2])
+    if inplace:  # in the plan's order (a state's dict of slots may come back sorted)
+        lists = [params, grads, *[slots[key] for _, _, keys in plan for key in keys]]
     else:
-        # waking the thread pool costs more than a small step (milliseconds on a busy machine)
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            kernel(*args)
-        finally:
-            numba.set_num_threads(threads)
+        lists = [params, new_params, grads]
+        for _, _, keys in plan:
+            for key in keys:
+                lists += [slots[key], new_slots[key]]
+    loop = _loop(memo, plan, dtype, "inplace" if inplace else "pure")
+    loop(_addresses(lists), _coefficients(plan, dtype), sizes)
     return new_params, new_slots
+
+
+_NDARRAY = id(np.ndarray)
 
 
 def step(
@@ -530,14 +556,15 @@ def step(
     grads: list[Any],
     slots: dict[str, list[Any]],
     inplace: bool,
+    memo: dict[Any, Any] | None = None,
 ) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
     """The engine's strategy entry: one step of the resolved plan ``resolve()`` over leaves
     (NumPy arrays, or CPU tensors as NumPy views of their memory), results in the caller's
-    library; None where these arrays are not this strategy's kind or the step is too small to
-    be worth a compiled loop; a string, the reason, where it declined and wrote nothing."""
+    library; None where these arrays are not this strategy's kind; a string, the reason, where
+    it declined and wrote nothing. ``memo``: the rule's, where the loop found for it is kept."""
     if not AVAILABLE:
         return None
-    tensors = backend.is_torch(params[0])
+    tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
     leaves, g_leaves, slots_in = params, grads, slots
     if tensors:
         views = backend.numpy_views([params, grads, *slots.values()])
@@ -545,16 +572,22 @@ def step(
             return None
         leaves, g_leaves = views[0], views[1]
         slots = dict(zip(slots, views[2:], strict=True))
-    if not backend.is_numpy(leaves[0]):
+    if type(leaves[0]) is not np.ndarray:
         return None
     if len(leaves) < MIN_LEAVES and (
-        not all(backend.is_numpy(x) for x in leaves) or sum(x.size for x in leaves) < MIN_SIZE
+        not all(type(x) is np.ndarray for x in leaves) or sum(x.size for x in leaves) < MIN_SIZE
     ):
-        return None  # a tiny step: compiling a loop for it would cost more than it saves
+        return None  # see MIN_LEAVES
     plan = resolve()
-    if not all(isinstance(part, Elementwise) for part, _, _ in plan):
+    if memo is None or "cpu" not in memo:
+        elementwise = all(isinstance(part, Elementwise) for part, _, _ in plan)
+        if memo is not None:
+            memo["cpu"] = elementwise
+    else:
+        elementwise = memo["cpu"]
+    if not elementwise:
         return "a part that is not elementwise (per-leaf parts run on the reference path)"
-    out = run(plan, leaves, g_leaves, slots, inplace)
+    out = run(plan, leaves, g_leaves, slots, inplace, memo)
     if isinstance(out, str):
         return out
     global STEPS

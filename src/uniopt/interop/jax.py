@@ -1,16 +1,20 @@
 """A State as a JAX pytree, so ``jax.jit(uniopt.update)`` carries it.
 
-The leaves are the step, the slots, the whole-tree states and the rule's numbers, each number
-followed by its complement ``1 - x`` computed on the host in double precision (under ``jax.jit``
-without x64 a traced number is float32, where ``1 - 0.999`` keeps two digits). The rule's
-skeleton (types, flags, schedules, which optional blocks exist) is static: a run compiles once,
-and again only when :func:`uniopt.adjust` changes the skeleton (a schedule for a number, or a
-value to or from zero where zero removes a block).
+The leaves are the step, the slots, the whole-tree states and one array of the rule's numbers,
+each number followed by its complement ``1 - x`` computed on the host in double precision
+(under ``jax.jit`` without x64 a traced number is float32, where ``1 - 0.999`` keeps two
+digits). One array, whatever the rule: a jitted step's arguments do not grow with its
+hyperparameters (each argument costs microseconds a call). The rule's skeleton (types, flags,
+schedules, which optional blocks exist) is static: a run compiles once, and again only when
+:func:`uniopt.adjust` changes the skeleton (a schedule for a number, or a value to or from zero
+where zero removes a block).
 
 A rule rebuilt from the leaves is assembled without validation (the values were checked before
 they went in, and may be traced) and keeps the complements and the block decisions as
-:class:`~uniopt.hyper.HostFacts`; its parts are made only when asked for, so a jitted loop never
-reads a value back from the device.
+:class:`~uniopt.hyper.HostFacts`. Inside ``jax.jit`` its numbers are elements of the traced
+array; coming out, they are :class:`~uniopt.hyper.DeviceNumber` s of the output array, read only
+when used on the host, so a jitted loop never reads a value back from the device, and the next
+step passes the array on as it came.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import dataclasses
 import functools
 from typing import Any
 
+import numpy as np
+
 from ..base import Transform, assemble, chain
-from ..hyper import HostFacts
+from ..hyper import DeviceNumber, HostFacts, _traced, on_host
 from ..state import State
 
 
@@ -92,6 +98,23 @@ def unflatten_rule(skeleton: Any, leaves: Any) -> Transform:
     return build(skeleton)
 
 
+def _pack(values: list[Any]) -> Any:
+    """The numbers as one array: NumPy where every one is on the host (jit converts it as any
+    argument), else one JAX array built from them (inside a trace, or after an adjust)."""
+    if not any(hasattr(v, "dtype") or isinstance(v, DeviceNumber) for v in values):
+        return np.asarray(values, dtype=np.float64)
+    import jax.numpy as jnp
+
+    return jnp.stack([jnp.asarray(on_host(v), dtype=jnp.result_type(float)) for v in values])
+
+
+def _numbers(packed: Any, n: int) -> list[Any]:
+    """The numbers in ``packed``: traced elements inside a trace, else device numbers."""
+    if _traced(packed):
+        return [packed[i] for i in range(n)]
+    return [DeviceNumber(packed, i) for i in range(n)]
+
+
 @functools.cache
 def register_state() -> None:
     """Make State a JAX pytree; done on the first set-up with JAX arrays, so JAX is never
@@ -99,11 +122,20 @@ def register_state() -> None:
     import jax
 
     def flatten(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        values, skeleton = flatten_rule(s.rule)
-        return (s.step, s.slots, s.tree_states, values), (skeleton, s.treedef, s.state_dtype)
+        # the rule's memo keeps its skeleton and its array: a state passed from one jitted step
+        # to the next is flattened with no work on its numbers
+        hit = s.rule.memo.get("jax")
+        if hit is None:
+            values, skeleton = flatten_rule(s.rule)
+            hit = s.rule.memo["jax"] = (_pack(values), (skeleton, len(values)))
+        packed, skeleton = hit
+        return (s.step, s.slots, s.tree_states, packed), (skeleton, s.treedef, s.state_dtype)
 
     def unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
-        step, slots, trees, values = children
-        return State(unflatten_rule(aux[0], values), step, slots, aux[1], aux[2], trees)
+        step, slots, trees, packed = children
+        (skeleton, n) = aux[0]
+        rule = unflatten_rule(skeleton, _numbers(packed, n))
+        rule.memo["jax"] = (packed, aux[0])
+        return State(rule, step, slots, aux[1], aux[2], trees)
 
     jax.tree_util.register_pytree_node(State, flatten, unflatten)

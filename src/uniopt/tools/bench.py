@@ -5,30 +5,26 @@ parameter. The floor is that traffic divided by the bandwidth measured first, in
 with a fused 4-read/3-write kernel over large buffers. Every implementation then runs the same
 workload in the same process (parameters as a plain list of separately allocated arrays,
 gradients fresh each step) and is reported in ms per step (median over repeats) and as a ratio to
-the floor. Peers that are not installed are skipped.
+the floor. Peers that are not installed are skipped. Each runs as it does by default (thread
+pools as they come); the bench pauses between implementations so that none starts while
+another's threads still spin.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import importlib
+import json
 import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
-# torch and numba each bring an OpenMP pool; by default each pool's threads spin for a while
-# after a parallel region, taking the cores from whichever runs next in this process. Passive
-# waiting measures each implementation as it runs alone (set before either pool starts).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
 
-import dataclasses  # noqa: E402
-import gc  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import uniopt as uo  # noqa: E402
+import uniopt as uo
 
 
 def _resnet50_shapes() -> list[tuple[int, ...]]:
@@ -46,7 +42,16 @@ def _resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
+def _small_cnn_shapes() -> list[tuple[int, ...]]:
+    """50 tensors from 1K to 64K elements, sizes evenly spaced in log scale (a small CNN's)."""
+    sizes = [round(1024 * 64 ** (i / 49)) for i in range(50)]
+    return [(n // 16, 16) if n % 16 == 0 else (n,) for n in sizes]
+
+
 WORKLOADS: dict[str, list[tuple[int, ...]]] = {
+    # small models, where a step's fixed costs are most of it: an MLP 20-64-64-3, a small CNN
+    "S1": [(64, 20), (64,), (64, 64), (64,), (3, 64), (3,)],
+    "S2": _small_cnn_shapes(),
     "W1": [(16_800_000,)],
     "W2": [(16_000,)] * 1_000,
     "W3": _resnet50_shapes(),
@@ -64,6 +69,9 @@ def _rule(name: str) -> uo.Transform:
         "sgd": uo.sgd(lr=1e-3, momentum=0.9),
         "rmsprop": uo.rmsprop(lr=1e-3),
     }[name]
+
+
+_QUIET_S = 0.2
 
 
 def _median_ms(step: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
@@ -267,6 +275,26 @@ def _optax(w: _Workload, rule: str) -> Callable[[], Any] | None:
     return step
 
 
+def _uniopt_jit(w: _Workload, rule: str) -> Callable[[], Any] | None:
+    """``uniopt.update`` under ``jax.jit``, state and params donated as in the optax row."""
+    try:
+        import jax
+    except ImportError:
+        return None
+    params = [jax.numpy.asarray(p) for p in w.params]
+    grads = [[jax.numpy.asarray(g) for g in gs] for gs in w.grads]
+    update = jax.jit(uo.update, donate_argnums=(0, 1))
+    carry = [uo.setup(_rule(rule), params), params]
+    k = [0]
+
+    def step() -> None:
+        k[0] ^= 1
+        carry[0], carry[1] = update(carry[0], carry[1], grads[k[0]])
+        jax.block_until_ready(carry[1])
+
+    return step
+
+
 IMPLEMENTATIONS: dict[str, Callable[[_Workload, str], Callable[[], Any] | None]] = {
     "uniopt": _uniopt,
     "uniopt packed": _uniopt_packed,
@@ -275,6 +303,7 @@ IMPLEMENTATIONS: dict[str, Callable[[_Workload, str], Callable[[], Any] | None]]
     "torch fused": lambda w, r: _torch(w, r, "fused"),
     "uniopt.torch": lambda w, r: _torch(w, r, "uniopt.torch"),
     "optax + jit": _optax,
+    "uniopt + jit": _uniopt_jit,
     "numpy per tensor": _numpy_per_tensor,
     "numpy flat": lambda w, r: _numpy_flat(w, r, None),
     "numpy flat 64K": lambda w, r: _numpy_flat(w, r, 1 << 16),
@@ -317,7 +346,7 @@ def run(
         for rule in rules:
             floor = 1e3 * w.size * TRAFFIC[rule] * 4 / bw
             for impl in implementations:
-                if impl == "optax + jit" and len(w.shapes) > 2_000 and not slow:
+                if impl.endswith("+ jit") and len(w.shapes) > 2_000 and not slow:
                     progress(f"{wname} {rule} {impl}: skipped (minutes to compile; --slow)")
                     continue
                 t0 = time.perf_counter()
@@ -331,6 +360,9 @@ def run(
                 progress(f"{wname} {rule} {impl}: {ms:.2f} ms ({ms / floor:.1f}x floor)")
                 del step
                 gc.collect()
+                # torch and numba each bring an OpenMP pool whose threads spin a while after
+                # a parallel region: let them go quiet before the next implementation runs
+                time.sleep(_QUIET_S)
     return bw, rows
 
 

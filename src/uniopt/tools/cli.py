@@ -308,7 +308,8 @@ def add_bench_parser(sub: Any) -> None:
         "--workloads",
         type=_names("workload", list(bench.WORKLOADS)),
         default=list(bench.WORKLOADS),
-        help="W1: 1 x 16.8M, W2: 1,000 x 16K, W3: ResNet-50's 161 tensors, W4: 10,000 x 100",
+        help=("S1: an MLP 20-64-64-3 (6 tensors), S2: 50 tensors of 1K-64K, W1: 1 x 16.8M, "
+              "W2: 1,000 x 16K, W3: ResNet-50's 161 tensors, W4: 10,000 x 100"),
     )
     b.add_argument(
         "--sizes",

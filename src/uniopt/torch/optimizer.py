@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, overload
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
 from ..base import Transform, chain, members
@@ -113,10 +114,12 @@ class Optimizer(torch.optim.Optimizer):
         if defaults.get("differentiable"):
             raise ValueError(self._no_differentiable())
         super().__init__(params, defaults)
+        self.state = plans.Versioned(dict, self.state)
 
     def _reset_caches(self) -> None:
         self._plans: dict[int, plans.Plan] = {}
-        self._rules: dict[int, tuple[dict[str, Any], tuple[Any, ...], Transform, bool]] = {}
+        # id(group) -> (group, its watched values, rule, scheduled, a value is a tensor, key)
+        self._rules: dict[int, tuple[Any, ...]] = {}
         self._steps: dict[int, plans.Steps] = {}
 
     def _no_differentiable(self) -> str:
@@ -137,6 +140,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if not isinstance(self.state, plans.Versioned):  # load_state_dict sets a new one
+            self.state = plans.Versioned(dict, self.state)
         if "rule" in state:
             self._keys = tuple(hyperparameter_keys(self.rule))
         self._reset_caches()
@@ -181,14 +186,28 @@ class Optimizer(torch.optim.Optimizer):
         return adjust(State(self.rule, 0, {}, None), **values).rule
 
     def _rule(self, group: dict[str, Any]) -> tuple[Transform, bool]:
-        """The group's rule and whether it holds a schedule, cached by the group's values."""
-        key = (*(plain(group[k]) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
+        """The group's rule and whether it holds a schedule, cached by the group's values: the
+        same objects as last step (a tensor's value is read again: it may have been written in
+        place), or else equal values."""
+        raw = [group.get(k) for k in self._watched]
         hit = self._rules.get(id(group))
-        if hit is not None and hit[0] is group and hit[1] == key:
-            return hit[2], hit[3]
-        rule = self._group_rule(group)
-        self._rules[id(group)] = (group, key, rule, _scheduled(rule))
-        return rule, self._rules[id(group)][3]
+        if hit is not None and hit[0] is group:
+            if not hit[4] and all(map(operator.is_, raw, hit[1])):
+                return hit[2], hit[3]
+        key = (*(plain(group[k]) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
+        if hit is not None and hit[0] is group and hit[5] == key:
+            rule, scheduled = hit[2], hit[3]
+        else:
+            rule = self._group_rule(group)
+            scheduled = _scheduled(rule)
+        # a tensor or a list may change in place: those are compared by value every step
+        tensors = any(isinstance(v, (torch.Tensor, list)) for v in raw)
+        self._rules[id(group)] = (group, raw, rule, scheduled, tensors, key)
+        return rule, scheduled
+
+    @property
+    def _watched(self) -> tuple[str, ...]:
+        return (*self._keys, *_RULE_FLAGS)
 
     def _slot_names(self, rule: Transform) -> plans.SlotNames:
         """(uniopt key, state name) of each slot of ``rule``: here the key names both."""
@@ -209,7 +228,23 @@ class Optimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter that has a gradient; with ``closure``, the loss it
         returns (evaluated first, with gradients enabled). Every check runs before any
-        parameter or state is written."""
+        parameter or state is written. Step hooks and the profiler see it as torch's own."""
+        if (
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _torch_optimizer._global_optimizer_pre_hooks
+            or _torch_optimizer._global_optimizer_post_hooks
+            or torch.autograd._profiler_enabled()
+        ):
+            return _HOOKED_STEP(self, closure)
+        return self._step(closure)
+
+    # torch wraps every subclass's step in its hooks and a profiler label, which costs about
+    # 10 us a step when there is neither (a small model's whole step is a few times that):
+    # step above takes torch's wrapper only where a hook or the profiler is there to see it
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -284,3 +319,7 @@ class Optimizer(torch.optim.Optimizer):
         shapes match this optimizer's parameters; nothing changes on an error."""
         check_loadable(self, state_dict)
         super().load_state_dict(state_dict)
+
+
+# torch's own wrapper (hooks, then the profiler's label and entry point) around the step
+_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(Optimizer._step)

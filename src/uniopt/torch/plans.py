@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import operator
+from collections import defaultdict
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -32,6 +33,47 @@ PLAIN: Spec = ("np", None)
 
 # (uniopt key, state name) of each slot of a rule
 SlotNames = list[tuple[str, str]]
+
+
+class Versioned(defaultdict[Any, Any]):
+    """torch's ``Optimizer.state`` (a defaultdict of per-parameter dicts) counting its own
+    changes, so a step tells in one comparison that no parameter's dict was replaced or
+    removed: looking each one up would hash every tensor, in Python (``Tensor.__hash__``)."""
+
+    version = 0
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._changed()
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> Versioned:  # type: ignore[misc]
+        self._changed()
+        super().update(other)
+        return self
+
+    def __missing__(self, key: Any) -> Any:
+        self._changed()
+        return super().__missing__(key)
+
+
+def _versioned_method(name: str) -> Any:
+    def method(self: Versioned, *args: Any, **kwargs: Any) -> Any:
+        self._changed()
+        return getattr(defaultdict, name)(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("clear", "pop", "popitem", "setdefault", "update"):
+    setattr(Versioned, _name, _versioned_method(_name))
 
 
 def real(t: torch.Tensor) -> torch.Tensor:
@@ -187,6 +229,8 @@ class Plan:
     rows: list[int]  # parameters with sparse gradients updated row by row
     sparse: list[bool]
     steps: Steps
+    counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
+    state_version: int | None = None  # the state's version when its dicts were last checked
 
     def still_valid(self, state: Any, group: dict[str, Any], ps: Any, has: list[bool],
                     layout: Any) -> bool:
@@ -201,17 +245,26 @@ class Plan:
             and list(map(_DATA_PTR, ps)) == self.ptrs
         ):
             return False
-        sts: list[Any] = list(map(state.get, self.sel_params))
-        if not all(map(operator.is_, sts, self.states)):
-            return False
-        for name, tensors in self.checks:
-            if not all(map(operator.is_, map(dict.get, sts, itertools.repeat(name)), tensors)):
+        version = getattr(state, "version", None)
+        if version is None or version != self.state_version:
+            sts: list[Any] = list(map(state.get, self.sel_params))
+            if not all(map(operator.is_, sts, self.states)):
                 return False
+            self.state_version = version
+        for name, tensors in self.checks:
+            got = map(dict.get, self.states, itertools.repeat(name))
+            if not all(map(operator.is_, got, tensors)):
+                return False
+        # the counts as this plan left them (one compare of bytes), else still one per run
+        counts = self.steps.np.tobytes()
+        if counts == self.counts_seen:
+            return True
         steps = self.steps.np
         for run in self.runs:
             v = steps if run.idx is None else steps[run.idx]
             if v.min() != v.max():
                 return False
+        self.counts_seen = counts
         return True
 
     def run_steps(self) -> list[int]:
@@ -246,6 +299,7 @@ class Plan:
                 backend.mark_written(run.tensors)
         for i in self.rows:
             self._rows_step(rule, i, grads[i])
+        self.counts_seen = self.steps.np.tobytes()
 
     def _rows_step(self, rule: Transform, i: int, g: torch.Tensor) -> None:
         """A sparse gradient, as torch's Adagrad takes it: the engine updates the rows present

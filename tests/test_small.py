@@ -1,0 +1,155 @@
+"""Small models: a step's Python work is a fixed amount, whatever the number of leaves; small
+trees take the compiled loop (bit for bit the reference path); uniopt.torch keeps torch's step
+hooks and profiler label; a jitted step's arguments do not grow with the hyperparameters."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+from helpers import assert_same, assert_same_state, expect_compiled, reference_path
+from uniopt.fast import FastPathUnavailable
+
+MLP = [(64, 20), (64,), (64, 64), (64,), (3, 64), (3,)]  # the bench's S1
+# rules whose loops test_fused compiles too
+RULES = {
+    "adamw": uo.adamw(lr=0.01, weight_decay=0.1),
+    "adam": uo.adam(lr=0.01),
+    "sgd-momentum": uo.sgd(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
+}
+
+
+def _tree(shapes: list[tuple[int, ...]], seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+def _python_calls(fn: Callable[[], Any]) -> int:
+    """Python-level function calls made while ``fn`` runs (C functions not counted)."""
+    count = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event == "call":
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count - 1  # fn itself
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_a_small_step_is_compiled_and_bitwise_the_reference(name: str) -> None:
+    params, ref = _tree(MLP), _tree(MLP)
+    s, s_ref = uo.setup(RULES[name], params), uo.setup(RULES[name], ref)
+    rng = np.random.default_rng(1)
+    with warnings.catch_warnings(), expect_compiled(20):
+        warnings.simplefilter("error", FastPathUnavailable)
+        for k in range(20):
+            grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+            if k % 2:
+                s = uo.update_(s, params, grads)
+            else:
+                s, params = uo.update(s, params, grads)
+            with reference_path():
+                s_ref = uo.update_(s_ref, ref, grads)
+    assert_same(params, ref)
+    assert_same_state(s, s_ref)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_python_work_per_step_does_not_grow_with_the_leaves() -> None:
+    """A step makes a fixed, small number of Python-level calls: none per leaf."""
+    counts = {}
+    for n in (6, 60):
+        params = _tree((MLP * 10)[:n])
+        grads = _tree((MLP * 10)[:n], seed=1)
+        state = uo.setup(RULES["adamw"], params)
+        for _ in range(3):  # compiled and memoised
+            state = uo.update_(state, params, grads)
+        with expect_compiled(1):
+            counts[n] = _python_calls(lambda: uo.update_(state, params, grads))  # noqa: B023
+    assert counts[6] == counts[60], counts
+    assert counts[6] <= 40, counts
+
+
+@pytest.mark.usefixtures("small_steps_compiled", "one_torch_thread")
+def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    counts = {}
+    for n in (6, 60):
+        ps = [torch.nn.Parameter(torch.from_numpy(x)) for x in _tree((MLP * 10)[:n])]
+        opt = ut.AdamW(ps, lr=1e-3)
+        grads = [torch.from_numpy(x) for x in _tree((MLP * 10)[:n], seed=1)]
+        for p, g in zip(ps, grads, strict=True):
+            p.grad = g
+        for _ in range(3):
+            opt.step()
+        with expect_compiled(1):
+            counts[n] = _python_calls(opt.step)
+    assert counts[6] == counts[60], counts
+    assert counts[6] <= 80, counts  # torch's no_grad, the coefficients, the engine: ~60 today
+
+    # torch's step hooks and profiler label, as torch.optim has them
+    seen: list[str] = []
+    pre = opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    post = opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    before = ps[0].detach().clone()
+    opt.step()
+    assert seen == ["pre", "post"] and not torch.equal(ps[0].detach(), before)
+    pre.remove()
+    post.remove()
+    opt.step()
+    assert seen == ["pre", "post"]
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: seen.append("global"))
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    assert seen[-1] == "global"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert any(e.name == "Optimizer.step#AdamW.step" for e in prof.events())
+    # an LR scheduler sees the step (no "lr_scheduler.step() before optimizer.step()" warning)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 5e-4
+
+
+def test_a_jitted_step_takes_one_array_of_numbers() -> None:
+    """However many hyperparameters a rule has, its numbers reach jax.jit as one array."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params = [jnp.asarray(x) for x in _tree(MLP)]
+    few = uo.setup(uo.sgd(lr=0.1), params)
+    many = uo.setup(uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-3, weight_decay=0.1,
+                                                                   amsgrad=True)), params)
+    for state in (few, many):
+        slots = sum(len(v) for v in state.slots.values())
+        assert len(jax.tree.leaves(state)) == 1 + slots + 1  # step, slots, the numbers
+    grads = [jnp.asarray(x) for x in _tree(MLP, seed=1)]
+    step = jax.jit(uo.update, donate_argnums=(0, 1))
+    state, p = step(many, params, grads)
+    numbers = jax.tree.leaves(state)[-1]
+    state, p = step(state, p, grads)
+    # passed on as it came out: the next step's flatten reused it, nothing was rebuilt
+    assert jax.tree.leaves(state)[-1].shape == numbers.shape
+    assert state.rule.memo["jax"][0] is jax.tree.leaves(state)[-1]
+    assert float(state.rule.transforms[1].lr) == pytest.approx(1e-3)
