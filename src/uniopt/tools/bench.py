@@ -377,7 +377,7 @@ def table(bw: float, rows: list[Row]) -> str:
         line = [wname, rule, f"{floor:.2f}"]
         for impl in impls:
             r = cell.get((wname, rule, impl))
-            line.append("-" if r is None else f"{r.ms:.2f} ({r.ratio:.1f}x)")
+            line.append("-" if r is None else f"{r.ms:.3g} ({r.ratio:.1f}x)")
         lines.append(line)
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     out = [f"bandwidth floor {bw / 1e9:.1f} GB/s (fused 4-read/3-write float32 pass); "
