@@ -153,3 +153,30 @@ def test_a_jitted_step_takes_one_array_of_numbers() -> None:
     assert jax.tree.leaves(state)[-1].shape == numbers.shape
     assert state.rule.memo["jax"][0] is jax.tree.leaves(state)[-1]
     assert float(state.rule.transforms[1].lr) == pytest.approx(1e-3)
+
+
+def test_device_numbers_read_where_the_host_needs_them() -> None:
+    """After jit the numbers stay on the device until used: float(), NumPy and JAX take them,
+    an eager step and adjust read them, and both agree with the jitted step."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from uniopt.hyper import DeviceNumber
+
+    params = [jnp.asarray(x) for x in _tree(MLP)]
+    grads = [jnp.asarray(x) for x in _tree(MLP, seed=1)]
+    state = uo.setup(uo.adamw(lr=1e-3, weight_decay=0.1), params)
+    state, params = jax.jit(uo.update)(state, params, grads)
+    lr = state.rule.lr
+    assert isinstance(lr, DeviceNumber)
+    assert float(lr) == pytest.approx(1e-3)
+    assert np.asarray(lr).item() == pytest.approx(1e-3)
+    assert float(jnp.asarray(lr) * 2) == pytest.approx(2e-3)
+    eager_state, eager = uo.update(state, params, grads)
+    jit_state, jitted = jax.jit(uo.update)(state, params, grads)
+    for a, b in zip(eager, jitted, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    adjusted = uo.adjust(jit_state, weight_decay=0.2)
+    assert float(adjusted.rule.weight_decay) == 0.2
+    assert float(adjusted.rule.lr) == pytest.approx(1e-3)
+    state, _ = jax.jit(uo.update)(adjusted, jitted, grads)
+    assert float(state.rule.weight_decay) == pytest.approx(0.2)
