@@ -16,15 +16,20 @@ class Momentum(NamedTuple):
     on: Any  # momentum is non-zero at this step (decided in double precision on the host)
 
 
+# The outgoing u is written in terms of the new buffer, not of its expression: XLA then reads
+# the buffer it wrote instead of recomputing it from the old one in the params' fusion (which,
+# with the state donated, made it copy every buffer first).
+
+
 def heavy_ball(xp, c, p, u, b):
-    b_new = c.momentum * b + c.weight * u
     # momentum off at this step (a schedule): torch leaves its buffer alone
-    return select(xp, c.on, b_new, u), select(xp, c.on, b_new, b)
+    b = select(xp, c.on, c.momentum * b + c.weight * u, b)
+    return select(xp, c.on, b, u), b
 
 
 def nesterov(xp, c, p, u, b):
-    b_new = c.momentum * b + c.weight * u
-    return select(xp, c.on, u + c.momentum * b_new, u), select(xp, c.on, b_new, b)
+    b = select(xp, c.on, c.momentum * b + c.weight * u, b)
+    return select(xp, c.on, u + c.momentum * b, u), b
 
 
 def check_nesterov(owner: str, nesterov: bool, momentum: Any, dampening: Any) -> None:
