@@ -285,9 +285,8 @@ def assemble(cls: type[Transform], fields: dict[str, Any], host: HostFacts | Non
     """A record of type ``cls`` from field values that need no validation (they were validated
     when they first entered a record, or they are traced)."""
     t = object.__new__(cls)
-    for name, v in fields.items():
-        object.__setattr__(t, name, v)
-    object.__setattr__(t, "host", host)
+    t.__dict__.update(fields)  # frozen: bypasses __setattr__, as object.__setattr__ would
+    t.__dict__["host"] = host
     return t
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,31 +72,55 @@ def flatten_rule(t: Transform) -> tuple[list[Any], Any]:
 
 def unflatten_rule(skeleton: Any, leaves: Any) -> Transform:
     """The inverse of :func:`flatten_rule`."""
-    it = iter(leaves)
+    rule, _ = _builder(skeleton)(leaves, 0)
+    return rule
 
-    def build(sk: Any) -> Transform:
-        cls, spec, on = sk
-        values: dict[str, Any] = {}
+
+@functools.lru_cache(maxsize=256)
+def _builder(skeleton: Any) -> Callable[[Any, int], tuple[Transform, int]]:
+    """A function building the record ``skeleton`` describes from ``numbers[k:]``, returning it
+    and the next ``k``: the skeleton is read once, and a state coming out of every jitted step
+    is rebuilt with no more than the assignments (JAX requires skeletons to be hashable)."""
+    cls, spec, on = skeleton
+    fixed: dict[str, Any] = {}
+    plan: list[tuple[str, str, Any]] = []
+    for name, kind, sub in spec:
+        if kind == "fixed":
+            fixed[name] = sub
+        elif kind in ("member", "members"):
+            plan.append((name, kind, tuple(_builder(m) for m in sub)))
+        else:
+            plan.append((name, kind, sub))
+
+    def build(numbers: Any, k: int) -> tuple[Transform, int]:
+        values = dict(fixed)
         complements: dict[Any, Any] = {}
-        for name, kind, sub in spec:
-            if kind == "fixed":
-                values[name] = sub
-            elif kind in ("member", "members"):
-                members = tuple(build(m) for m in sub)
-                values[name] = members[0] if kind == "member" else members
-            else:
+        for name, kind, sub in plan:
+            if kind == "one":
+                x = sub[0]
+                if x is None:
+                    x, complements[name] = numbers[k], numbers[k + 1]
+                    k += 2
+                values[name] = x
+            elif kind == "tuple":
                 xs = []
                 for i, x in enumerate(sub):
                     if x is None:
-                        x = next(it)
-                        complements[name if kind == "one" else (name, i)] = next(it)
+                        x, complements[(name, i)] = numbers[k], numbers[k + 1]
+                        k += 2
                     xs.append(x)
-                values[name] = xs[0] if kind == "one" else tuple(xs)
+                values[name] = tuple(xs)
+            else:
+                members = []
+                for b in sub:
+                    m, k = b(numbers, k)
+                    members.append(m)
+                values[name] = members[0] if kind == "member" else tuple(members)
         if cls is chain:
-            return chain(*values["transforms"])
-        return assemble(cls, values, HostFacts(complements, on))
+            return chain(*values["transforms"]), k
+        return assemble(cls, values, HostFacts(complements, on)), k
 
-    return build(skeleton)
+    return build
 
 
 def _pack(values: list[Any]) -> Any:
@@ -135,7 +160,7 @@ def register_state() -> None:
         step, slots, trees, packed = children
         (skeleton, n) = aux[0]
         rule = unflatten_rule(skeleton, _numbers(packed, n))
-        rule.memo["jax"] = (packed, aux[0])
+        rule.__dict__["memo"] = {"jax": (packed, aux[0])}  # a new record: its memo is this
         return State(rule, step, slots, aux[1], aux[2], trees)
 
     jax.tree_util.register_pytree_node(State, flatten, unflatten)
