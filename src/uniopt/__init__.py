@@ -73,3 +73,7 @@ __all__ = [
     "update_",
     "weight_decay",
 ]
+
+from .interop.jax import register_state as _register_state  # noqa: E402
+
+_register_state()  # where JAX or flax is already imported; never imports either

@@ -306,6 +306,11 @@ class Part(Transform):
     slots: ClassVar[tuple[str, ...]] = ()
     # reads the parameter (weight decay): the optax protocol then needs params
     uses_params: ClassVar[bool] = False
+    # applies the learning rate, so what comes out is a step, not a direction: under the optax
+    # protocol a transform holding such a part hands back the step negated, to be added (optax
+    # flips the sign in scale_by_learning_rate); any other hands back its direction as it is,
+    # as optax's gradient transformations do
+    makes_step: ClassVar[bool] = False
 
     def parts(self) -> tuple[Part, ...]:
         return (self,)

@@ -65,8 +65,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if not isinstance(rule, Transform):
         raise TypeError(f"setup: expected a uniopt rule or transform, got {rule!r}")
     leaves, treedef, _ = _leaves(params)
-    if any(backend.is_jax(p) for p in leaves):
-        register_state()
+    register_state()  # JAX (flax) knows a State from the first one made after its import
     if state_dtype is not None and state_dtype not in ("float32", "float64"):
         raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
     slots: dict[str, list[Any]] = {}
@@ -81,7 +80,13 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
             ]
             for k, key in enumerate(keys):
                 slots[key] = [s[k] for s in per_leaf]
-    return State(rule, 0, slots, treedef, state_dtype, trees)
+    # a JAX state counts in a JAX array, as optax's do: a Python int would be static to
+    # equinox's filter_jit (a recompile every step) and weakly typed to jax.jit
+    step: Any = 0
+    if leaves and backend.is_jax(leaves[0]):
+        xp = backend.namespace(leaves[0])
+        step = xp.asarray(0, dtype=xp.int32)
+    return State(rule, step, slots, treedef, state_dtype, trees)
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
@@ -396,7 +401,10 @@ def update_(state: State, params: Any, grads: Any) -> State:
 
 
 def optax_update(rule: Transform, grads: Any, state: Any, params: Any) -> tuple[Any, State]:
-    """The optax protocol for any uniopt transform: updates are to be *added* to params."""
+    """The optax protocol for any uniopt transform. A transform that applies a learning rate
+    (a rule, ``scale_by_lr``...) hands back its step negated, to be *added* to params; any
+    other hands back its direction as it is, as optax's gradient transformations do, so
+    ``optax.chain(uo.clip_by_global_norm(1.0), uo.adamw(...))`` means what it says."""
     if (
         not isinstance(state, State)
         or type(state.rule) is not type(rule)
@@ -412,7 +420,9 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any) -> tuple[
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
                                        step.grads)
-    updates = [_as_new_array(-u, g, ()) for u, g in zip(deltas, step.grads, strict=True)]
+    sign = -1 if any(p.makes_step for p in rule.flat_parts) else 1
+    updates = [_as_new_array(-u if sign < 0 else u, g, (g,))
+               for u, g in zip(deltas, step.grads, strict=True)]
     new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     return unflatten(step.treedef, updates), new

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -140,27 +141,63 @@ def _numbers(packed: Any, n: int) -> list[Any]:
     return [DeviceNumber(packed, i) for i in range(n)]
 
 
-@functools.cache
 def register_state() -> None:
-    """Make State a JAX pytree; done on the first set-up with JAX arrays, so JAX is never
-    imported otherwise."""
+    """Make State a JAX pytree (and a flax-serialisable state) once JAX (flax) is imported:
+    called when uniopt is imported and at every set-up, so whatever the leaves (JAX arrays,
+    flax ``Variable``s, NNX ``Param``s) a state meets JAX knowing its type, and JAX is never
+    imported by uniopt itself."""
+    if "jax" in sys.modules:
+        _register_jax()
+    if "flax" in sys.modules:
+        _register_flax()
+
+
+def _flatten_state(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    # the rule's memo keeps its skeleton and its array: a state passed from one jitted step
+    # to the next is flattened with no work on its numbers
+    hit = s.rule.memo.get("jax")
+    if hit is None:
+        values, skeleton = flatten_rule(s.rule)
+        hit = s.rule.memo["jax"] = (_pack(values), (skeleton, len(values)))
+    packed, skeleton = hit
+    return (s.step, s.slots, s.tree_states, packed), (skeleton, s.treedef, s.state_dtype)
+
+
+def _unflatten_state(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
+    """A state from any leaves, as JAX requires of a pytree (None, ShapeDtypeStruct, tracers,
+    other dtypes): nothing is read from the numbers until a step needs them."""
+    step, slots, trees, packed = children
+    (skeleton, n) = aux[0]
+    rule = unflatten_rule(skeleton, _numbers(packed, n))
+    rule.__dict__["memo"] = {"jax": (packed, aux[0])}  # a new record: its memo is this
+    return State(rule, step, slots, aux[1], aux[2], trees)
+
+
+@functools.cache
+def _register_jax() -> None:
     import jax
 
-    def flatten(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        # the rule's memo keeps its skeleton and its array: a state passed from one jitted step
-        # to the next is flattened with no work on its numbers
-        hit = s.rule.memo.get("jax")
-        if hit is None:
-            values, skeleton = flatten_rule(s.rule)
-            hit = s.rule.memo["jax"] = (_pack(values), (skeleton, len(values)))
-        packed, skeleton = hit
-        return (s.step, s.slots, s.tree_states, packed), (skeleton, s.treedef, s.state_dtype)
+    jax.tree_util.register_pytree_node(State, _flatten_state, _unflatten_state)
 
-    def unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
-        step, slots, trees, packed = children
-        (skeleton, n) = aux[0]
-        rule = unflatten_rule(skeleton, _numbers(packed, n))
-        rule.__dict__["memo"] = {"jax": (packed, aux[0])}  # a new record: its memo is this
-        return State(rule, step, slots, aux[1], aux[2], trees)
 
-    jax.tree_util.register_pytree_node(State, flatten, unflatten)
+@functools.cache
+def _register_flax() -> None:
+    """flax.serialization (``to_bytes``/``from_bytes``, ``to_state_dict``, and the
+    checkpointers built on them): a state as ``{step, slots, tree_states, numbers}``."""
+    from flax import serialization
+
+    def to_dict(s: State) -> dict[str, Any]:
+        (step, slots, trees, numbers), _ = _flatten_state(s)
+        return {"step": step, "slots": serialization.to_state_dict(slots),
+                "tree_states": serialization.to_state_dict(trees), "numbers": numbers}
+
+    def from_dict(target: State, d: dict[str, Any]) -> State:
+        (_, slots, trees, _), aux = _flatten_state(target)
+        missing = {"step", "slots", "tree_states", "numbers"} - set(d)
+        if missing:
+            raise ValueError(f"uniopt State: the state dict lacks {sorted(missing)}")
+        return _unflatten_state(aux, (
+            d["step"], serialization.from_state_dict(slots, d["slots"]),
+            serialization.from_state_dict(trees, d["tree_states"]), d["numbers"]))
+
+    serialization.register_serialization_state(State, to_dict, from_dict)

@@ -48,6 +48,8 @@ class from_optax(WholeTree):
         if not is_optax(self.tx):
             raise TypeError(f"from_optax: {self.tx!r} is not an optax GradientTransformation")
         super().__post_init__()
+        # a whole optax optimizer (negate=True) hands back steps
+        object.__setattr__(self, "makes_step", self.negate)
 
     def init_tree(self, params: Any) -> Any:
         return self.tx.init(params)

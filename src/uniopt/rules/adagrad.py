@@ -31,6 +31,7 @@ class scale_by_adagrad(Elementwise):
     eps: Any = hyper(1e-10, NONNEG)
     initial_accumulator_value: float = static(0.0, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("sum",)
+    makes_step: ClassVar[bool] = True  # its lr is applied here
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (xp.full_like(p, self.initial_accumulator_value),)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise
 from ..hyper import NONNEG, Interval, hyper
@@ -39,6 +39,7 @@ class scale_by_lr(Elementwise):
     """``u <- lr * u``: :class:`scale` for a learning rate, which must not be negative."""
 
     lr: Any = hyper(1e-3, NONNEG)
+    makes_step: ClassVar[bool] = True
 
     def coeffs(self, step: int) -> Factor:
         return Factor(factor=self.lr)
