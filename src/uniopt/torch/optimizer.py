@@ -22,6 +22,14 @@ from .state_dict import check_loadable
 
 _GRAD = operator.attrgetter("grad")
 
+# why torch.compile leaves the step alone: dynamo cannot trace the compiled loop (numba
+# machine code writing NumPy views of the tensors), and tracing the Python around it would
+# guard on each step's coefficients and recompile every step
+_NOT_TRACED = (
+    "uniopt's step runs its own compiled loop on NumPy views of the tensors; traced, its "
+    "per-step coefficients would recompile the graph every step"
+)
+
 # the group's flags that change its rule (decoupled_weight_decay: torch's Adam becomes AdamW)
 _RULE_FLAGS = ("maximize", "decoupled_weight_decay", "differentiable")
 
@@ -225,10 +233,12 @@ class Optimizer(torch.optim.Optimizer):
     @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
+    @torch.compiler.disable(reason=_NOT_TRACED)
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter that has a gradient; with ``closure``, the loss it
         returns (evaluated first, with gradients enabled). Every check runs before any
-        parameter or state is written. Step hooks and the profiler see it as torch's own."""
+        parameter or state is written. Step hooks and the profiler see it as torch's own.
+        Under ``torch.compile`` it runs as it does eagerly (one graph break, no recompiles)."""
         if (
             self._optimizer_step_pre_hooks
             or self._optimizer_step_post_hooks

@@ -1,0 +1,94 @@
+"""uniopt.torch under torch.compile: the step is left to run as it does eagerly (one graph
+break, no guards on its per-step coefficients), so a compiled loop never recompiles and its
+numbers are the eager run's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dynamo = pytest.importorskip("torch._dynamo")
+
+import uniopt.torch as ut  # noqa: E402
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    dynamo.reset()
+    yield
+    dynamo.config.error_on_recompile = False
+    dynamo.reset()
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+
+
+def _data(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + k)
+    return torch.randn(16, 20, generator=g), torch.randn(16, 3, generator=g)
+
+
+def _train(step: Callable[..., None], model: torch.nn.Module, n: int, strict_after: int) -> None:
+    for k in range(n):
+        if k == strict_after:  # warm-up done: any recompile from here on raises
+            dynamo.config.error_on_recompile = True
+        step(*_data(k))
+
+
+@pytest.mark.usefixtures("fresh_dynamo", "one_torch_thread")
+@pytest.mark.parametrize("make", [
+    lambda ps: ut.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: ut.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+], ids=["adamw", "sgd-nesterov"])
+def test_compiled_step_never_recompiles_and_matches_eager(
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+) -> None:
+    runs = {}
+    for compiled in (False, True):
+        model = _model()
+        opt = make(list(model.parameters()))
+
+        def opt_step() -> None:
+            opt.step()  # noqa: B023
+
+        run_step = torch.compile(opt_step) if compiled else opt_step
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            loss = torch.nn.functional.mse_loss(model(x), y)  # noqa: B023
+            opt.zero_grad()  # noqa: B023
+            loss.backward()
+            run_step()  # noqa: B023
+
+        _train(step, model, 25, strict_after=3)
+        runs[compiled] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(runs[False], runs[True], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.usefixtures("fresh_dynamo", "one_torch_thread")
+def test_a_whole_compiled_training_step_with_the_optimizer_inside() -> None:
+    """forward, backward, opt.step() and zero_grad in one torch.compile'd function: the model's
+    part compiles, the step runs eagerly between its graphs, and nothing recompiles."""
+    runs = {}
+    for compiled in (False, True):
+        model = _model()
+        opt = ut.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            loss = torch.nn.functional.mse_loss(model(x), y)  # noqa: B023
+            loss.backward()
+            opt.step()  # noqa: B023
+            opt.zero_grad()  # noqa: B023
+            return loss
+
+        # aot_eager: dynamo and AOTAutograd as torch.compile runs them, without waiting for
+        # inductor's C++ compiler (which changes nothing here)
+        run = torch.compile(step, backend="aot_eager") if compiled else step
+        _train(run, model, 25, strict_after=3)
+        runs[compiled] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(runs[False], runs[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
