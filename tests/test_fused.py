@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,19 +112,20 @@ def test_non_contiguous_falls_back_with_a_warning() -> None:
     assert base[0, 0] != 0.0  # the view was written in place, through to its base
 
 
-def test_float16_and_mixed_dtypes_fall_back() -> None:
-    _fallback([np.ones(N, np.float16)], [np.ones(N, np.float16)])
+def test_mixed_dtypes_fall_back() -> None:
     _fallback(
         [np.ones(N, np.float32), np.ones(2, np.float64)],
         [np.ones(N, np.float32), np.ones(2, np.float64)],
     )
+    _fallback([np.ones(N, np.float16), np.ones(2, np.float32)],
+              [np.ones(N, np.float16), np.ones(2, np.float32)])
 
 
 def test_warning_is_given_once_per_reason() -> None:
     ufast._warned.clear()
     p = [np.ones(N, np.float16)]
-    state = uo.setup(uo.sgd(lr=0.1), p)
-    with pytest.warns(ufast.FastPathUnavailable):
+    state = uo.setup(uo.adam(lr=0.1), p, state_dtype="float64")  # a pairing it declines
+    with pytest.warns(ufast.FastPathUnavailable, match="float16 and state as float64"):
         state = uo.update_(state, p, [np.ones(N, np.float16)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -235,9 +237,86 @@ def test_torch_cpu_tensors_take_the_fast_path(name: str, dtype: type) -> None:
             np.testing.assert_array_equal(a.numpy(), b)
 
 
-def test_tensors_without_a_numpy_view_take_the_reference_path() -> None:
+def test_bfloat16_tensors_take_the_compiled_loop_through_their_bits() -> None:
+    """NumPy has no bfloat16: a bfloat16 tensor reaches the loop as an int16 view of its bits,
+    read as bfloat16 and rounded back (nearest even, NaN kept), as torch rounds."""
     torch = pytest.importorskip("torch")
-    p = [torch.ones(N, dtype=torch.bfloat16)]
-    with expect_compiled(0):
-        state = uo.update_(uo.setup(uo.sgd(lr=0.5), p), p, [torch.ones(N, dtype=torch.bfloat16)])
-    assert state.step == 1 and float(p[0][0]) == 0.5
+    p = [torch.tensor([1.0, -3.0, float("nan"), 2.0**-130, 1e38] * 4000, dtype=torch.bfloat16)]
+    ref = [p[0].clone()]
+    grads = [torch.full_like(p[0], 0.3)]
+    with expect_compiled(1):
+        state = uo.update_(uo.setup(uo.sgd(lr=0.5), p), p, grads)
+    with reference_path():
+        uo.update_(uo.setup(uo.sgd(lr=0.5), ref), ref, grads)
+    assert state.step == 1 and p[0].dtype == torch.bfloat16
+    assert torch.equal(p[0].view(torch.int16), ref[0].view(torch.int16))
+
+
+# float16/bfloat16 params, slots of their own dtype or float32: computed in float32, rounded once
+LOW = {"adamw": RULES["adamw"], "rmsprop-centered-momentum": RULES["rmsprop-centered-momentum"]}
+
+
+def _raw(x: Any) -> np.ndarray:
+    """The bytes of an array or tensor (NaNs compared by their bits)."""
+    if hasattr(x, "detach"):
+        import torch
+
+        return x.detach().contiguous().view(torch.uint8).numpy()
+    return np.ascontiguousarray(x).view(np.uint8)
+
+
+@pytest.mark.slow  # a loop per rule, storage and mode
+@pytest.mark.parametrize("state_dtype", [None, "float32"])
+@pytest.mark.parametrize("lib", ["numpy-float16", "torch-float16", "torch-bfloat16"])
+@pytest.mark.parametrize("name", sorted(LOW))
+def test_16_bit_params_are_bitwise_the_reference(name: str, lib: str, state_dtype: str | None,
+                                                 small_steps_compiled: None) -> None:
+    rng = np.random.default_rng(1)
+    make: Any
+    if lib == "numpy-float16":
+        def make(a: np.ndarray) -> Any:
+            return a.astype(np.float16)
+    else:
+        torch = pytest.importorskip("torch")
+        dtype = torch.float16 if lib == "torch-float16" else torch.bfloat16
+
+        def make(a: np.ndarray) -> Any:
+            return torch.from_numpy(a.astype(np.float32)).to(dtype)
+    # the ground truth is NumPy's reference path (torch's own elementwise kernels are not
+    # NumPy's to the last bit). NumPy has no bfloat16: there it runs on float32 arrays, and
+    # what a bfloat16 run stores (params; slots without state_dtype) is rounded to bfloat16
+    # after each step, by torch's conversion
+    bf16 = lib == "torch-bfloat16"
+    def as_ref(x: Any) -> np.ndarray:
+        if lib == "numpy-float16":
+            return np.array(x)
+        return x.float().numpy() if bf16 else x.numpy().copy()
+
+    def rounded(xs: list[np.ndarray]) -> None:
+        for x in xs:
+            x[...] = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    shapes = [(3, 5), (fused.CHUNK + 7,), (1,)]
+    start = [rng.standard_normal(s) for s in shapes]
+    params, ref = [make(a) for a in start], [as_ref(make(a)) for a in start]
+    s_fast = uo.setup(LOW[name], params, state_dtype=state_dtype)
+    s_ref = uo.setup(LOW[name], ref, state_dtype=state_dtype)
+    with warnings.catch_warnings(), expect_compiled(12):
+        warnings.simplefilter("error", ufast.FastPathUnavailable)
+        for k in range(12):
+            grads = [make(rng.standard_normal(s) * 3) for s in shapes]
+            if k % 2:
+                s_fast = uo.update_(s_fast, params, grads)
+            else:
+                s_fast, params = uo.update(s_fast, params, grads)
+            with reference_path():
+                s_ref = uo.update_(s_ref, ref, [as_ref(g) for g in grads])
+            if bf16:
+                rounded(ref)
+                if state_dtype is None:
+                    rounded([x for v in s_ref.slots.values() for x in v])
+    wide = (lambda x: x.float()) if bf16 else (lambda x: x)
+    for a, b in zip(params, ref, strict=True):
+        np.testing.assert_array_equal(_raw(wide(a)), _raw(b))
+    for key in s_ref.slots:
+        for a, b in zip(s_fast.slots[key], s_ref.slots[key], strict=True):
+            np.testing.assert_array_equal(_raw(wide(a)), _raw(b))

@@ -376,15 +376,17 @@ def test_signature_and_defaults_are_torchs(name: str) -> None:
     ours, theirs = getattr(ut, name), getattr(torch.optim, name)
     sig_ours = inspect.signature(ours.__init__).parameters
     sig_theirs = dict(inspect.signature(theirs.__init__).parameters)
-    if name == "AdamW":
-        couple = sig_ours["couple_lr"]
-        assert couple.default is True and couple.kind is inspect.Parameter.KEYWORD_ONLY
-        sig_ours = {k: v for k, v in sig_ours.items() if k != "couple_lr"}
+    # uniopt's own keywords, after torch's: AdamW's couple_lr, every class's state_dtype
+    own = {"state_dtype": None, **({"couple_lr": True} if name == "AdamW" else {})}
+    for key, default in own.items():
+        assert sig_ours[key].default is default
+        assert sig_ours[key].kind is inspect.Parameter.KEYWORD_ONLY
+    sig_ours = {k: v for k, v in sig_ours.items() if k not in own}
     assert [(p.name, p.kind, p.default) for p in sig_ours.values()] == [
         (p.name, p.kind, p.default) for p in sig_theirs.values()
     ]
     w = [nn.Parameter(torch.zeros(2))]
-    extra = {"couple_lr": True} if name == "AdamW" else {}
+    extra = {"couple_lr": True} if name == "AdamW" else {}  # state_dtype only where set
     assert ours(w).defaults == {**theirs(w).defaults, **extra}
     assert isinstance(ours(w), torch.optim.Optimizer)
     assert issubclass(ut.AdamW, ut.Adam)
@@ -969,3 +971,45 @@ def test_tolerance_detects_a_small_change() -> None:
     ours, _ = run_small(lambda ps: ut.Adam(ps, **nudged), 20, random_grads(17))
     with pytest.raises(AssertionError, match="scaled error"):
         assert_close64(ours, theirs)
+
+
+def test_state_dtype_keeps_float32_slots_for_bfloat16_params() -> None:
+    """uniopt's own keyword: float32 slots for 16-bit params, the functional API's
+    ``state_dtype``; a bfloat16 state from torch.optim loads and is widened."""
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5).to(torch.bfloat16), torch.randn(40_000).to(torch.bfloat16)]
+    grads = [[torch.randn_like(p, dtype=torch.float32).to(torch.bfloat16) for p in start]
+             for _ in range(5)]
+    ps = [nn.Parameter(p.clone()) for p in start]
+    opt = ut.AdamW(ps, lr=1e-2, weight_decay=0.1, state_dtype="float32")
+    ref = [p.clone() for p in start]
+    state = uo.setup(uo.adamw(lr=1e-2, weight_decay=0.1), ref, state_dtype="float32")
+    for gs in grads:
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = g
+        opt.step()
+        state = uo.update_(state, ref, gs)
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.float32
+    for p, r in zip(ps, ref, strict=True):
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), r)
+    assert opt.state_dict()["param_groups"][0]["state_dtype"] == "float32"
+
+    theirs = torch.optim.AdamW([nn.Parameter(p.clone()) for p in start], lr=1e-2)
+    for p, g in zip(theirs.param_groups[0]["params"], grads[0], strict=True):
+        p.grad = g
+    theirs.step()
+    ours = ut.AdamW([nn.Parameter(p.clone()) for p in start], lr=1e-2, state_dtype="float32")
+    ours.load_state_dict(theirs.state_dict())
+    for p, g in zip(ours.param_groups[0]["params"], grads[1], strict=True):
+        p.grad = g
+    ours.step()
+    q = ours.param_groups[0]["params"][0]
+    assert ours.state[q]["exp_avg"].dtype == torch.float32 and int(ours.state[q]["step"]) == 2
+
+    for bad in ("bfloat16", "fp32", 32):
+        with pytest.raises(ValueError, match=f"state_dtype must be .* got {bad!r}"):
+            ut.AdamW([nn.Parameter(torch.zeros(2))], state_dtype=bad)
+    opt = ut.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="state_dtype must be"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "state_dtype": "half"})
+    assert len(opt.param_groups) == 1

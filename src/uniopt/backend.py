@@ -55,6 +55,11 @@ def numpy_views(lists: list[list[Any]]) -> list[list[Any]] | None:
 def _views(xs: list[Any]) -> list[Any]:
     import torch
 
+    if xs and xs[0].dtype == torch.bfloat16:
+        # NumPy has no bfloat16: the bits, as int16, which the compiled loop reads as bfloat16
+        if not all(x.dtype == torch.bfloat16 for x in xs):
+            raise TypeError("bfloat16 beside other dtypes")
+        return [x.detach().view(torch.int16).numpy() for x in xs]
     try:
         # C calls only, no Python frame per tensor: the per-tensor cost of a step of 10,000
         # gradients (detaching each would double it)
@@ -73,11 +78,18 @@ def mark_written(tensors: list[Any]) -> None:
         torch.autograd.graph.increment_version(tensors)
 
 
-def from_numpy(x: Any) -> Any:
-    """A tensor sharing ``x``'s memory (results of the compiled path, for tensor inputs)."""
+def from_numpy(x: Any, dtype: Any = None) -> Any:
+    """A tensor sharing ``x``'s memory (results of the compiled path, for tensor inputs), of
+    ``dtype`` where ``x`` holds its bits (bfloat16 as int16)."""
     import torch
 
-    return torch.from_numpy(x)
+    t = torch.from_numpy(x)
+    return t if dtype is None or t.dtype == dtype else t.view(dtype)
+
+
+def is_bfloat16(x: Any) -> bool:
+    """Whether tensor ``x`` is bfloat16 (its NumPy view holds its bits)."""
+    return str(x.dtype) == "torch.bfloat16"
 
 
 def to_numpy(x: Any, dtype: Any) -> Any:

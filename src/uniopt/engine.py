@@ -76,7 +76,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
             trees[keys[0]] = part.init_tree(params)
         elif keys:
             per_leaf = [
-                part.init_slots(_compute(p, state_dtype), backend.namespace(p)) for p in leaves
+                part.init_slots(_stored(p, state_dtype), backend.namespace(p)) for p in leaves
             ]
             for k, key in enumerate(keys):
                 slots[key] = [s[k] for s in per_leaf]
@@ -97,12 +97,28 @@ def _tree_library(leaves: list[Any], part: WholeTree) -> None:
         )
 
 
-def _compute(x: Any, state_dtype: str | None) -> Any:
-    """``x`` in the dtype the step is computed in."""
+def _stored(x: Any, state_dtype: str | None) -> Any:
+    """``x`` in the dtype the slots are kept in: the params' own, or ``state_dtype``."""
     if state_dtype is None:
         return x
     xp = backend.namespace(x)
     return xp.astype(x, getattr(xp, state_dtype))
+
+
+# float16/bfloat16 leaves compute each step in float32 (as torch's fused optimizers do), on
+# every path alike; only what is stored is rounded, once
+_LOW = ("float16", "bfloat16")
+
+
+def _compute(x: Any, state_dtype: str | None) -> Any:
+    """``x`` in the dtype the step is computed in: ``state_dtype`` if set, else float32 for
+    float16/bfloat16, else its own."""
+    name = state_dtype or ("float32" if str(x.dtype).rsplit(".", 1)[-1] in _LOW else None)
+    if name is None:
+        return x
+    xp = backend.namespace(x)
+    dtype = getattr(xp, name)
+    return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
 def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any]) -> list[Any]:
@@ -214,7 +230,8 @@ def _deltas(
             fn = part.apply
         cs = _per_dtype(c, us)
         outs = [
-            fn(xp, cs.get(u.dtype, c), p, u, *(state.slots[k][i] for k in keys))
+            fn(xp, cs.get(u.dtype, c), p, u,
+               *(_compute(state.slots[k][i], state.state_dtype) for k in keys))
             for i, (xp, p, u) in enumerate(zip(xps, ps, us, strict=True))
         ]
         us = [o[0] for o in outs]

@@ -38,6 +38,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types as nbtypes
 from numba.extending import intrinsic, overload, register_jitable
 
@@ -72,7 +73,7 @@ _C_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x1, 0x100, 0x400
 # reasons the compiled check can give, by code
 REASONS = {
     1: "is not a NumPy ndarray",
-    2: "has a dtype other than the float32/float64 of the first leaf",
+    2: "has another dtype than the first leaf of its kind",
     3: "is not C-contiguous, aligned and in native byte order",
     4: "is read-only",
     5: "has another shape than its parameter",
@@ -108,12 +109,58 @@ def _item(lst: int, i: int) -> int:
     return _i64(_i64(lst + _LIST_ITEMS) + 8 * i)
 
 
+# --- 16-bit storage: float16 and bfloat16 leaves are computed in float32, rounded once ---------
+
+
+@intrinsic
+def _f16(typingctx: Any, bits: Any) -> Any:
+    """IEEE half (its bits) to float32, exactly."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+@intrinsic
+def _to_f16(typingctx: Any, x: Any) -> Any:
+    """float32 to IEEE half bits, rounded to nearest even (as NumPy and torch round)."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return nbtypes.uint16(x), codegen
+
+@intrinsic
+def _bf16(typingctx: Any, bits: Any) -> Any:
+    """bfloat16 (its bits) to float32, exactly: the high half of a float32."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+@intrinsic
+def _f32_bits(typingctx: Any, x: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return nbtypes.uint32(x), codegen
+
+@numba.njit(inline="always")
+def _to_bf16(x: Any) -> Any:
+    """float32 to bfloat16 bits, rounded to nearest even, as torch's tensor conversion does
+    (NaN to 0xFFFF, as its vectorised conversion writes it; its scalar one writes 0x7FC0)."""
+    if x != x:
+        return np.uint16(0xFFFF)
+    bits: Any = _f32_bits(x)
+    return np.uint16((bits + (((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)))
+                     >> np.uint32(16))
+
+
 @numba.njit(cache=True)
-def _check(lists: Any, writes: Any, ndarray_type: int, typenum: int, sizes: Any) -> int:
+def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any) -> int:
     """Check every object in every list at the addresses ``lists`` against the first list (the
-    params): as many items, each an ndarray of dtype ``typenum``, C-contiguous, aligned, native,
-    writeable where ``writes`` says, of its parameter's shape. Fills ``sizes``. Returns 0, or
-    ``(list + 1) << 32 | item << 3 | reason``."""
+    params): as many items, each an ndarray of dtype ``typenums[list]``, C-contiguous, aligned,
+    native, writeable where ``writes`` says, of its parameter's shape. Fills ``sizes``.
+    Returns 0, or ``(list + 1) << 32 | item << 3 | reason``."""
     n = len(sizes)
     for k in range(len(lists)):
         lst = lists[k]
@@ -124,7 +171,7 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenum: int, sizes: Any)
             if _i64(obj + _TYPE) != ndarray_type:
                 return ((k + 1) << 32) | (i << 3) | 1
             descr = _i64(obj + _DESCR)
-            if _i32(descr + _DESCR_TYPENUM) != typenum:
+            if _i32(descr + _DESCR_TYPENUM) != typenums[k]:
                 return ((k + 1) << 32) | (i << 3) | 2
             flags = _i32(obj + _FLAGS)
             bo = _i8(descr + _DESCR_BYTEORDER)
@@ -264,16 +311,24 @@ def _digest(kernels: tuple[tuple[Callable[..., Any], int], ...], records: tuple[
     return h.hexdigest()[:16]
 
 
+# storage kinds: how a list's leaves hold their numbers, and how the loop reads and writes them
+_STORAGE = {"f4": "np.float32", "f8": "np.float64", "f2": "np.uint16", "b2": "np.uint16"}
+_READ = {"f4": "{}", "f8": "{}", "f2": "_f16({})", "b2": "_bf16({})"}
+_WRITE = {"f4": "{}", "f8": "{}", "f2": "_to_f16({})", "b2": "_to_bf16({})"}
+
+
 def _source(
-    kernels: tuple[tuple[Callable[..., Any], int], ...], dtype: Any, by_import: bool, mode: str,
-    records: tuple[Any, ...], digest: str = "",
+    kernels: tuple[tuple[Callable[..., Any], int], ...], storage: tuple[str, str],
+    by_import: bool, mode: str, records: tuple[Any, ...], digest: str = "",
 ) -> str:
     """A module defining ``fused(L, CO, SIZES)``: one loop over all chunks of every leaf,
     running every part in order.
 
     ``L`` holds the addresses of the lists of leaves, ``CO`` every part's coefficients in
     order (each part's record is rebuilt from it), ``SIZES`` each leaf's element count: three
-    arguments whatever the rule, so a call costs the same for every rule. Kernels are named by
+    arguments whatever the rule, so a call costs the same for every rule. ``storage``: the
+    kinds of the params (and grads) and of the slots (``f4``, ``f8``, or ``f2``/``b2`` for
+    float16/bfloat16, read into float32 and rounded once when written). Kernels are named by
     import (so the module stands alone and numba can cache it) or, for kernels defined where no
     import reaches, taken from globals ``_K0, _K1, ...``. Modes: ``inplace``: each operand is
     one array read and written (so the compiler sees fewer pointers that might alias, and
@@ -282,22 +337,24 @@ def _source(
     extra read pass). Steps under ``PARALLEL_MIN`` elements run on the calling thread, without
     waking the thread pool (it costs more than a small step)."""
     inplace = mode != "pure"
+    kp, ks = storage
     head = [
         f"# generated by uniopt {_VERSION} for kernels {digest}; safe to delete",
         "import collections",
         "import numba",
         "import numpy as np",
         "from uniopt.fast.cpu import CHUNK, PARALLEL_MIN, _chunks, _i64, _item, _voidptr",
-        "from uniopt.fast.cpu import kernel_for",
+        "from uniopt.fast.cpu import _bf16, _f16, _to_bf16, _to_f16, kernel_for",
         "from uniopt.fast.cpu import scalar_xp as XP",
-        f"DT = np.{np.dtype(dtype).name}",
+        f"PT = {_STORAGE[kp]}",
+        f"ST = {_STORAGE[ks]}",
     ]
     lists: list[str] = []
 
     def view(name: str) -> str:
         lists.append(name)
         return (f"{name} = numba.carray(_voidptr(_i64(_item(L[{len(lists) - 1}], t) + 16)), "
-                "(b,), DT)")
+                f"(b,), {'PT' if name[0] in 'pg' else 'ST'})")
 
     loads = [view("p")]
     if not inplace:
@@ -324,16 +381,17 @@ def _source(
             loads.append(view(f"s{n}"))
             if not inplace:
                 loads.append(view(f"so{n}"))
-        reads = "".join(f", s{n}[i]" for n in names)
+        reads = "".join(", " + _READ[ks].format(f"s{n}[i]") for n in names)
         body.append(f"r = K{k}(XP, C{k}, x, u{reads})")
         body.append("u = r[0]")
         if mode != "sumsq":
             out = "s" if inplace else "so"
-            body += [f"{out}{n}[i] = r[{j + 1}]" for j, n in enumerate(names)]
+            body += [f"{out}{n}[i] = {_WRITE[ks].format(f'r[{j + 1}]')}"
+                     for j, n in enumerate(names)]
     if mode == "sumsq":
         body.append("acc += np.float64(u) * np.float64(u)")
     else:
-        body.append(f"{'p' if inplace else 'po'}[i] = x - u")
+        body.append(f"{'p' if inplace else 'po'}[i] = {_WRITE[kp].format('x - u')}")
     return "\n".join([
         *head,
         "",
@@ -344,8 +402,8 @@ def _source(
         "    acc = 0.0",
         "    # unsigned indices: no negative-index wraparound, so the loop vectorizes",
         "    for i in range(np.uint64(a), np.uint64(b)):",
-        "        x = p[i]",
-        "        u = g[i]",
+        f"        x = {_READ[kp].format('p[i]')}",
+        f"        u = {_READ[kp].format('g[i]')}",
         *[f"        {line}" for line in body],
         "    return acc",
         "",
@@ -384,21 +442,22 @@ def _record(c: Any) -> Any:
 
 
 def fused_kernel(
-    kernels: tuple[tuple[Callable[..., Any], int], ...], dtype: Any, mode: str,
+    kernels: tuple[tuple[Callable[..., Any], int], ...], storage: tuple[str, str], mode: str,
     records: tuple[Any, ...],
 ) -> Any:
     """The compiled loop for parts ``kernels`` (each: the kernel and its slot count), whose
-    coefficient records are described by ``records`` (see :func:`_record`).
+    coefficient records are described by ``records`` (see :func:`_record`), over params and
+    slots stored as ``storage`` says (see :func:`_source`).
 
     Compiling costs a second or two; the machine code is cached on disk (in
     ``$UNIOPT_CACHE_DIR``, default ``~/.cache/uniopt``) whenever every kernel is importable,
     so later processes load it in milliseconds."""
-    key = (kernels, np.dtype(dtype).str, mode, records)
+    key = (kernels, storage, mode, records)
     if key in _FUSED:
         return _FUSED[key]
     where = _cache_dir() if all(_importable(k) for k, _ in kernels) else None
     digest = _digest(kernels, records) if where is not None else ""
-    src = _source(kernels, dtype, by_import=where is not None, mode=mode, records=records,
+    src = _source(kernels, storage, by_import=where is not None, mode=mode, records=records,
                   digest=digest)
     if where is None:
         # kernels defined in __main__ or a notebook: compile in memory, uncached
@@ -459,26 +518,35 @@ def _as_list(x: Any) -> list[Any]:
 
 
 def _loop(
-    memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]], dtype: Any, mode: str
+    memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]], storage: tuple[str, str],
+    mode: str,
 ) -> Any:
     """The compiled loop for ``plan``'s parts, found once per rule (in the rule's ``memo``) and
     by the records' types: a step looks it up in one small dict."""
-    key = ("cpu", dtype.char, mode, *[type(c) for _, c, _ in plan])
+    key = ("cpu", storage, mode, *[type(c) for _, c, _ in plan])
     loop = memo.get(key)
     if loop is None:
         parts = tuple((part.kernel, len(keys)) for part, _, keys in plan)
-        loop = memo[key] = fused_kernel(parts, dtype, mode, tuple(_record(c) for _, c, _ in plan))
+        loop = memo[key] = fused_kernel(parts, storage, mode,
+                                        tuple(_record(c) for _, c, _ in plan))
     return loop
 
 
 def _coefficients(plan: list[tuple[Any, Any, tuple[str, ...]]], dtype: Any) -> Any:
-    """Every part's coefficients in order, in the arrays' precision (flags too: the compiled
-    select tests them as numbers)."""
+    """Every part's coefficients in order, in the precision of the computation (flags too: the
+    compiled select tests them as numbers)."""
     return np.array([x for _, c, _ in plan for x in c], dtype)
 
 
 _WRITES = {(inplace, n): np.array([inplace, False, *[inplace] * n]) for inplace in (True, False)
            for n in range(8)}
+_KINDS = {"f": "f4", "d": "f8", "e": "f2"}
+
+
+def _kind(dtype: Any) -> str | None:
+    """The storage kind of NumPy ``dtype``: float32/64, float16, or bfloat16 (ml_dtypes')."""
+    kind = _KINDS.get(dtype.char)
+    return "b2" if kind is None and dtype.name == "bfloat16" else kind
 
 
 def _addresses(lists: list[list[Any]]) -> Any:
@@ -492,19 +560,30 @@ def run(
     slots: dict[str, list[Any]],
     inplace: bool,
     memo: dict[Any, Any] | None = None,
+    kinds: tuple[str, str] | None = None,
 ) -> tuple[list[Any], dict[str, list[Any]]] | str:
     """One step of ``plan`` (resolved parts, coefficients, slot keys) over the leaves.
 
     In place, writes params and slots and returns them; otherwise returns new arrays. If the
     compiled path cannot run the step, returns the reason and has written nothing. ``memo``
-    (the rule's) keeps the loop found for it."""
+    (the rule's) keeps the loop found for it. ``kinds``: the storage of params and of slots
+    where the arrays do not say it (16-bit integer views of bfloat16 tensors: ``"b2"``).
+
+    float16/bfloat16 params are computed in float32, with slots of their own dtype or float32,
+    and rounded once when stored, as the reference path does."""
     n = len(params)
     if n == 0:
         return "no leaves"
     first = params[0]
-    if type(first) is not np.ndarray or first.dtype.char not in "fd":
+    kp = None if type(first) is not np.ndarray else kinds[0] if kinds else _kind(first.dtype)
+    if kp is None:
         return f"leaves of type {type(first).__name__} and dtype {getattr(first, 'dtype', '?')}"
-    dtype = first.dtype
+    some = next(iter(slots.values()), None)
+    ks = kp if not some else kinds[1] if kinds else _kind(getattr(some[0], "dtype", first.dtype))
+    if ks != kp and not (ks == "f4" and kp in ("f2", "b2")):
+        return f"params stored as {first.dtype} and state as {some[0].dtype}"  # type: ignore[index]
+    compute = np.float64 if kp == "f8" else np.float32
+    storage = (kp, ks)
     memo = {} if memo is None else memo
     # the compiled code reads these lists by address: they must be lists, alive and unchanged
     # for the call (it holds the GIL, so no other Python thread can change them meanwhile)
@@ -517,7 +596,9 @@ def run(
     writes = _WRITES.get((inplace, len(slots)))
     if writes is None:
         writes = np.array([inplace, False, *[inplace] * len(slots)])
-    code = _check(_addresses(inputs), writes, _NDARRAY, dtype.num, sizes)
+    tn = first.dtype.num
+    typenums = np.array([tn, tn, *[some[0].dtype.num if some else tn] * len(slots)])
+    code = _check(_addresses(inputs), writes, _NDARRAY, typenums, sizes)
     if code:
         k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7
         what = ["params", "grads", *(f"state slot {key}" for key in slots)][k - 1]
@@ -526,14 +607,14 @@ def run(
         new_params, new_slots = params, slots
     else:
         new_params = [np.empty_like(p) for p in params]
-        new_slots = {k: [np.empty_like(p) for p in params] for k in slots}
+        new_slots = {k: [np.empty_like(x) for x in v] for k, v in slots.items()}
     for j, (part, _, _) in enumerate(plan):
         if part.needs_norm:  # one extra read pass: the norm of what reaches this part
             plan = list(plan)
             prefix = plan[:j]
-            sumsq = _loop(memo, prefix, dtype, "sumsq")
+            sumsq = _loop(memo, prefix, storage, "sumsq")
             reads = [params, grads, *(slots[key] for _, _, keys in prefix for key in keys)]
-            total = sumsq(_addresses(reads), _coefficients(prefix, dtype), sizes)
+            total = sumsq(_addresses(reads), _coefficients(prefix, compute), sizes)
             plan[j] = (part, part.norm_coeffs(float(np.sqrt(total))), plan[j][2])
     if inplace:  # in the plan's order (a state's dict of slots may come back sorted)
         lists = [params, grads, *[slots[key] for _, _, keys in plan for key in keys]]
@@ -542,8 +623,8 @@ def run(
         for _, _, keys in plan:
             for key in keys:
                 lists += [slots[key], new_slots[key]]
-    loop = _loop(memo, plan, dtype, "inplace" if inplace else "pure")
-    loop(_addresses(lists), _coefficients(plan, dtype), sizes)
+    loop = _loop(memo, plan, storage, "inplace" if inplace else "pure")
+    loop(_addresses(lists), _coefficients(plan, compute), sizes)
     return new_params, new_slots
 
 
@@ -566,12 +647,20 @@ def step(
         return None
     tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
     leaves, g_leaves, slots_in = params, grads, slots
+    kinds = None
     if tensors:
         views = backend.numpy_views([params, grads, *slots.values()])
         if views is None:
             return None
         leaves, g_leaves = views[0], views[1]
         slots = dict(zip(slots, views[2:], strict=True))
+        # bfloat16 tensors arrive as views of their bits (NumPy has no bfloat16)
+        some = next(iter(slots_in.values()), None)
+        kp = "b2" if backend.is_bfloat16(params[0]) else None
+        ks = "b2" if some and backend.is_bfloat16(some[0]) else None
+        if kp or ks:
+            kinds = (kp or _kind(leaves[0].dtype) or "?",
+                     ks or (_kind(views[2][0].dtype) if some else kp) or "?")
     if type(leaves[0]) is not np.ndarray:
         return None
     if len(leaves) < MIN_LEAVES and (
@@ -587,7 +676,7 @@ def step(
         elementwise = memo["cpu"]
     if not elementwise:
         return "a part that is not elementwise (per-leaf parts run on the reference path)"
-    out = run(plan, leaves, g_leaves, slots, inplace, memo)
+    out = run(plan, leaves, g_leaves, slots, inplace, memo, kinds)
     if isinstance(out, str):
         return out
     global STEPS
@@ -597,7 +686,9 @@ def step(
         backend.mark_written([*params, *(t for ts in slots_in.values() for t in ts)])
         return params, slots_in
     if tensors:
-        new_params = [backend.like_leaf(backend.from_numpy(x), p)
+        new_params = [backend.like_leaf(backend.from_numpy(x, p.dtype), p)
                       for x, p in zip(new_params, params, strict=True)]
-        new_slots = {k: [backend.from_numpy(x) for x in v] for k, v in new_slots.items()}
+        new_slots = {k: [backend.from_numpy(x, s.dtype) for x, s in zip(v, slots_in[k],
+                                                                          strict=True)]
+                     for k, v in new_slots.items()}
     return new_params, new_slots

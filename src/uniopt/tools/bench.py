@@ -58,7 +58,7 @@ WORKLOADS: dict[str, list[tuple[int, ...]]] = {
     "W4": [(100,)] * 10_000,
 }
 
-# bytes moved per parameter: (reads + writes) * itemsize, for float32
+# arrays read and written per parameter (times the itemsize: bytes moved)
 TRAFFIC = {"adam": 7, "adamw": 7, "sgd": 5, "rmsprop": 5}
 
 
@@ -112,19 +112,26 @@ def bandwidth(n: int = 16_800_000, repeats: int = 10) -> float:
 class _Workload:
     """Parameters as separately allocated arrays; fresh gradients drawn from a pool each step."""
 
-    def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0) -> None:
+    def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0,
+                 dtype: str = "float32") -> None:
         rng = np.random.default_rng(seed)
         self.shapes = shapes
-        self.params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        self.dtype = dtype  # of every implementation's arrays; NumPy has no bfloat16
+        np_dtype = np.float16 if dtype == "float16" else np.float32
+        self.params = [rng.standard_normal(s, dtype=np.float32).astype(np_dtype) for s in shapes]
         # two gradient sets, alternated, so every step sees other gradient arrays (as after a
         # backward pass) without timing the random number generator
         self.grads = [
-            [rng.standard_normal(s, dtype=np.float32) * 1e-3 for s in shapes] for _ in (0, 1)
+            [(rng.standard_normal(s, dtype=np.float32) * 1e-3).astype(np_dtype) for s in shapes]
+            for _ in (0, 1)
         ]
         self.size = sum(p.size for p in self.params)
+        self.itemsize = 4 if dtype == "float32" else 2
 
 
-def _uniopt(w: _Workload, rule: str) -> Callable[[], Any]:
+def _uniopt(w: _Workload, rule: str) -> Callable[[], Any] | None:
+    if w.dtype == "bfloat16":
+        return None
     params = [p.copy() for p in w.params]
     state = [uo.setup(_rule(rule), params)]
     k = [0]
@@ -136,8 +143,10 @@ def _uniopt(w: _Workload, rule: str) -> Callable[[], Any]:
     return step
 
 
-def _uniopt_packed(w: _Workload, rule: str) -> Callable[[], Any]:
+def _uniopt_packed(w: _Workload, rule: str) -> Callable[[], Any] | None:
     """The user keeps parameters and gradients in one buffer each (views per tensor)."""
+    if w.dtype == "bfloat16":
+        return None
     params = np.concatenate([p.ravel() for p in w.params])
     grads = [np.concatenate([g.ravel() for g in gs]) for gs in w.grads]
     state = [uo.setup(_rule(rule), [params])]
@@ -151,7 +160,7 @@ def _uniopt_packed(w: _Workload, rule: str) -> Callable[[], Any]:
 
 
 def _numpy_per_tensor(w: _Workload, rule: str) -> Callable[[], Any] | None:
-    if rule not in ("adam", "adamw"):
+    if rule not in ("adam", "adamw") or w.dtype != "float32":
         return None
     params = [p.copy() for p in w.params]
     m = [np.zeros_like(p) for p in params]
@@ -174,7 +183,7 @@ def _numpy_per_tensor(w: _Workload, rule: str) -> Callable[[], Any] | None:
 
 
 def _numpy_flat(w: _Workload, rule: str, chunk: int | None) -> Callable[[], Any] | None:
-    if rule not in ("adam", "adamw"):
+    if rule not in ("adam", "adamw") or w.dtype != "float32":
         return None
     p = np.concatenate([x.ravel() for x in w.params])
     grads = [np.concatenate([g.ravel() for g in gs]) for gs in w.grads]
@@ -233,8 +242,9 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
         kw["fused"] = True
     else:
         kw["foreach"] = mode == "foreach"
-    params = [torch.from_numpy(p.copy()) for p in w.params]
-    grads = [[torch.from_numpy(g) for g in gs] for gs in w.grads]
+    dtype = getattr(torch, w.dtype)
+    params = [torch.from_numpy(p.copy()).to(dtype) for p in w.params]
+    grads = [[torch.from_numpy(g).to(dtype) for g in gs] for gs in w.grads]
     opt = cls(params, **kw)
     k = [0]
 
@@ -255,8 +265,8 @@ def _optax(w: _Workload, rule: str) -> Callable[[], Any] | None:
         return None
     tx = {"adam": optax.adam(1e-3), "adamw": optax.adamw(1e-3, weight_decay=1e-2),
           "sgd": optax.sgd(1e-3, momentum=0.9), "rmsprop": optax.rmsprop(1e-3)}[rule]
-    params = [jax.numpy.asarray(p) for p in w.params]
-    grads = [[jax.numpy.asarray(g) for g in gs] for gs in w.grads]
+    params = [jax.numpy.asarray(p, dtype=w.dtype) for p in w.params]
+    grads = [[jax.numpy.asarray(g, dtype=w.dtype) for g in gs] for gs in w.grads]
 
     @jax.jit
     def update(params: Any, state: Any, grads: Any) -> Any:
@@ -281,8 +291,8 @@ def _uniopt_jit(w: _Workload, rule: str) -> Callable[[], Any] | None:
         import jax
     except ImportError:
         return None
-    params = [jax.numpy.asarray(p) for p in w.params]
-    grads = [[jax.numpy.asarray(g) for g in gs] for gs in w.grads]
+    params = [jax.numpy.asarray(p, dtype=w.dtype) for p in w.params]
+    grads = [[jax.numpy.asarray(g, dtype=w.dtype) for g in gs] for gs in w.grads]
     update = jax.jit(uo.update, donate_argnums=(0, 1))
     carry = [uo.setup(_rule(rule), params), params]
     k = [0]
@@ -332,19 +342,21 @@ def run(
     shapes: dict[str, list[tuple[int, ...]]] | None = None,
     progress: Callable[[str], None] = lambda s: None,
     slow: bool = False,
+    dtype: str = "float32",
 ) -> tuple[float, list[Row]]:
     """Bandwidth first, then every (workload, rule, implementation) in this process.
 
     optax + jit compiles for minutes on thousands of tensors (391 s on W4); it runs there only
-    with ``slow=True``."""
+    with ``slow=True``. ``dtype``: float32, or float16/bfloat16 params and gradients (the
+    implementations that have no such arrays are left out: NumPy has no bfloat16)."""
     bw = bandwidth()
     progress(f"bandwidth floor: {bw / 1e9:.1f} GB/s")
     all_shapes = {**WORKLOADS, **(shapes or {})}
     rows = []
     for wname in workloads:
-        w = _Workload(all_shapes[wname])
+        w = _Workload(all_shapes[wname], dtype=dtype)
         for rule in rules:
-            floor = 1e3 * w.size * TRAFFIC[rule] * 4 / bw
+            floor = 1e3 * w.size * TRAFFIC[rule] * w.itemsize / bw
             for impl in implementations:
                 if impl.endswith("+ jit") and len(w.shapes) > 2_000 and not slow:
                     progress(f"{wname} {rule} {impl}: skipped (minutes to compile; --slow)")

@@ -328,6 +328,12 @@ def add_bench_parser(sub: Any) -> None:
         default=list(bench.IMPLEMENTATIONS),
         help="comma-separated (default: every one installed)",
     )
+    b.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="of the params and gradients (bfloat16: the torch and JAX rows)",
+    )
     b.add_argument("--repeats", type=_positive(int, "a positive integer"), default=10)
     b.add_argument(
         "--slow", action="store_true", help="also run optax + jit on W4 (minutes to compile)"
@@ -351,7 +357,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         workloads.append("custom")
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     bw, rows = bench.run(
-        workloads, args.rules, args.implementations, args.repeats, shapes, log, args.slow
+        workloads, args.rules, args.implementations, args.repeats, shapes, log, args.slow,
+        args.dtype,
     )
     print(bench.to_json(bw, rows) if args.json else bench.table(bw, rows))
     return 0

@@ -86,6 +86,8 @@ def _constructor(cls: type[_Named], defaults: dict[str, Any]) -> Any:
     parameters = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
     parameters += [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in names[:star]]
     parameters += [P(n, P.KEYWORD_ONLY, default=defaults[n]) for n in names[star + 1:]]
+    # uniopt's own: slots in float32 for float16/bfloat16 params (see Optimizer)
+    parameters.append(P("state_dtype", P.KEYWORD_ONLY, default=None))
     signature = inspect.Signature(parameters)
 
     def __init__(self: _Named, *args: Any, **kwargs: Any) -> None:
@@ -129,7 +131,8 @@ class Adagrad(_Named):
             steps = self._steps_for(gi, group["params"])
             names = self._slot_names(rule)
             for i, p in enumerate(group["params"]):
-                plans.ensure_state(self.state, p, rule, names, steps, i, plans.spec(p))
+                plans.ensure_state(self.state, p, rule, names, steps, i, plans.spec(p),
+                                   group.get("state_dtype"))
 
 
 class RMSprop(_Named):

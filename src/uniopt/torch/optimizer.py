@@ -100,7 +100,8 @@ class Optimizer(torch.optim.Optimizer):
     rule: Transform
     _keys: tuple[str, ...]  # the group keys that are the rule's hyperparameters
 
-    def __init__(self, params: ParamsT, rule: Transform, *, maximize: bool = False) -> None:
+    def __init__(self, params: ParamsT, rule: Transform, *, maximize: bool = False,
+                 state_dtype: str | None = None) -> None:
         if not isinstance(rule, Transform):
             raise TypeError(
                 f"uniopt.torch.Optimizer: expected a uniopt rule or chain, got {rule!r}"
@@ -113,12 +114,14 @@ class Optimizer(torch.optim.Optimizer):
         self.rule = rule
         values = hyperparameter_keys(rule)
         self._keys = tuple(values)
-        self._init(params, {**values, "maximize": maximize})
+        self._init(params, {**values, "maximize": maximize, "state_dtype": state_dtype})
 
     # --- construction ----------------------------------------------------------------------
 
     def _init(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._reset_caches()
+        if defaults.get("state_dtype") is None:  # only where asked for: torch's groups otherwise
+            defaults = {k: v for k, v in defaults.items() if k != "state_dtype"}
         if defaults.get("differentiable"):
             raise ValueError(self._no_differentiable())
         super().__init__(params, defaults)
@@ -186,6 +189,11 @@ class Optimizer(torch.optim.Optimizer):
         """The rule a group's values make (raises on invalid values)."""
         if group.get("differentiable"):
             raise ValueError(self._no_differentiable())
+        if group.get("state_dtype") not in (None, "float32", "float64"):
+            raise ValueError(
+                f"{self._name}: state_dtype must be None, 'float32' or 'float64', got "
+                f"{group['state_dtype']!r}"
+            )
         rule = self._build_rule(group)
         return chain(scale(-1.0), rule) if group.get("maximize") else rule
 

@@ -82,10 +82,11 @@ def real(t: torch.Tensor) -> torch.Tensor:
 
 
 def spec(p: torch.Tensor) -> Spec:
-    """How the engine sees parameter ``p``: a NumPy view (CPU float32/float64, dense), in
-    memory order if its strides are permuted (channels_last), or else the tensor itself."""
+    """How the engine sees parameter ``p``: a NumPy view (CPU float32/float64/float16, dense), in
+    memory order if its strides are permuted (channels_last), or else the tensor itself
+    (bfloat16, which NumPy lacks, reaches the engine as a tensor and is viewed there)."""
     t = real(p.detach())
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
         if t.is_contiguous():
             return PLAIN
         strides = t.stride()
@@ -168,27 +169,34 @@ class Steps:
 
 
 def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, rule: Transform,
-                 names: SlotNames, steps: Steps, i: int, spec: Spec | None) -> dict[str, Any]:
+                 names: SlotNames, steps: Steps, i: int, spec: Spec | None,
+                 state_dtype: str | None = None) -> dict[str, Any]:
     """``state[p]`` with its step in the group's buffer, every slot of ``rule`` (missing ones
-    as the rule initialises them), dense, and laid out as ``p``."""
+    as the rule initialises them), dense, laid out as ``p``, and in ``state_dtype`` where the
+    group asks for one (a state loaded in the params' dtype is widened)."""
     st = state[p]
     if st.get("step") is not steps.views[i]:
         steps.set(i, state_step(st))
         st["step"] = steps.views[i]
     missing = [(key, name) for key, name in names if name not in st]
     if missing:
-        fresh = setup(rule, [real(p.detach())]).slots
+        sd = None if p.is_complex() else state_dtype
+        fresh = setup(rule, [real(p.detach())], state_dtype=sd).slots
         for key, name in missing:
             s = fresh[key][0]
             st[name] = torch.view_as_complex(s) if p.is_complex() else s
+    wanted = getattr(torch, state_dtype) if state_dtype and not p.is_complex() else None
     for _, name in names:
         s = st[name]
         if s.layout != torch.strided:  # torch's SGD keeps a sparse buffer for sparse grads
             s = s.to_dense()
+        if wanted is not None and s.dtype != wanted:
+            s = s.to(wanted)
         if spec == PLAIN and not s.is_contiguous():
             s = s.contiguous()
         elif spec is not None and spec[0] == "np" and s.stride() != p.stride():
-            s = torch.empty_like(p).copy_(s)  # laid out as p, so one view walks both
+            # laid out as p, so one view walks both
+            s = torch.empty_like(p, dtype=s.dtype).copy_(s)
         st[name] = s
     return st
 
@@ -309,7 +317,8 @@ class Plan:
         index = tuple(g.indices())
         values = g.values()
         # not in the plan's identity checks: looked up at each step
-        st = ensure_state(self.state, p, rule, self.names, self.steps, i, None)
+        st = ensure_state(self.state, p, rule, self.names, self.steps, i, None,
+                          self.group.get("state_dtype"))
         if values.numel():
             pd = p.detach()
             rows = pd[index]
@@ -335,11 +344,11 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         if not has[i]:
             continue
         if sparse[i] and by_rows:
-            ensure_state(state, p, rule, names, steps, i, None)
+            ensure_state(state, p, rule, names, steps, i, None, group.get("state_dtype"))
             rows.append(i)
             continue
         s = spec(p)
-        st = ensure_state(state, p, rule, names, steps, i, s)
+        st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
         key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]))
         runs.setdefault(key, []).append(len(sel))
         sel.append(i)
