@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 from typing import Any
 
 import array_api_compat as aac
@@ -52,14 +54,21 @@ def numpy_views(lists: list[list[Any]]) -> list[list[Any]] | None:
         return None
 
 
+_DTYPE = operator.attrgetter("dtype")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 def _views(xs: list[Any]) -> list[Any]:
     import torch
 
     if xs and xs[0].dtype == torch.bfloat16:
         # NumPy has no bfloat16: the bits, as int16, which the compiled loop reads as bfloat16
-        if not all(x.dtype == torch.bfloat16 for x in xs):
+        # (C calls only, as below; the dtype check too)
+        if not all(map(operator.eq, map(_DTYPE, xs), itertools.repeat(torch.bfloat16))):
             raise TypeError("bfloat16 beside other dtypes")
-        return [x.detach().view(torch.int16).numpy() for x in xs]
+        if any(map(_REQUIRES_GRAD, xs)):
+            xs = list(map(torch.Tensor.detach, xs))
+        return list(map(torch.Tensor.numpy, map(operator.methodcaller("view", torch.int16), xs)))
     try:
         # C calls only, no Python frame per tensor: the per-tensor cost of a step of 10,000
         # gradients (detaching each would double it)
