@@ -1013,3 +1013,34 @@ def test_state_dtype_keeps_float32_slots_for_bfloat16_params() -> None:
     with pytest.raises(ValueError, match="state_dtype must be"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "state_dtype": "half"})
     assert len(opt.param_groups) == 1
+
+
+def test_bfloat16_params_keep_cached_views_of_their_bits() -> None:
+    """bfloat16 params (slots bfloat16 too) take the compiled loop through views of their bits,
+    cached between steps as float32 ones are: the same numbers as the functional API."""
+    from uniopt import backend
+    from uniopt.fast import cpu
+
+    torch.manual_seed(1)
+    start = [torch.randn(30, 7).to(torch.bfloat16) for _ in range(20)]
+    ps = [nn.Parameter(p.clone()) for p in start]
+    opt = ut.AdamW(ps, lr=1e-2, weight_decay=0.1)
+    ref = [p.clone() for p in start]
+    state = uo.setup(uo.adamw(lr=1e-2, weight_decay=0.1), ref)
+    before = cpu.STEPS
+    for _ in range(4):
+        gs = [torch.randn(30, 7).to(torch.bfloat16) for _ in start]
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = g
+        opt.step()
+        state = uo.update_(state, ref, gs)
+    assert cpu.STEPS - before == 8  # the facade's steps and the functional ones
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.bfloat16
+    for p, r in zip(ps, ref, strict=True):
+        assert torch.equal(p.detach(), r)
+    # the bits are for the compiled loop only: where it declines, a clear error, nothing written
+    bits = backend.numpy_view(torch.ones(8, dtype=torch.bfloat16))[::2]
+    s = uo.setup(uo.sgd(lr=0.1), [np.zeros(4, np.float32)])
+    with pytest.raises(RuntimeError, match="declined bfloat16 tensors .*not C-contiguous"):
+        uo.update_(dataclasses.replace(s, slots={}), [bits], [bits])
+    assert (bits == backend.numpy_view(torch.ones(1, dtype=torch.bfloat16))[0]).all()

@@ -39,10 +39,26 @@ def is_torch(x: Any) -> bool:
 # --- torch tensors written through NumPy views: the one place views are made and marked -----
 
 
+# NumPy has no bfloat16: a bfloat16 tensor's NumPy view holds its bits, as uint16 tagged with
+# this dtype's metadata, which the compiled loop reads (and which nothing else takes for numbers)
+BFLOAT16_BITS = np.dtype(np.uint16, metadata={"uniopt": "bfloat16"})
+
+
+def is_bfloat16_bits(x: Any) -> bool:
+    """Whether NumPy array ``x`` is the bits of a bfloat16 tensor (:func:`numpy_view`)."""
+    md = x.dtype.metadata
+    return md is not None and md.get("uniopt") == "bfloat16"
+
+
 def numpy_view(t: Any) -> Any:
     """A NumPy array sharing tensor ``t``'s memory (a CPU tensor of a dtype NumPy has, without
-    lazy conjugate/negative bits); raises TypeError/RuntimeError where it has none. Whoever
-    writes through it must call :func:`mark_written` on ``t`` afterwards."""
+    lazy conjugate/negative bits, or bfloat16 as :data:`BFLOAT16_BITS`); raises
+    TypeError/RuntimeError where it has none. Whoever writes through it must call
+    :func:`mark_written` on ``t`` afterwards."""
+    if is_bfloat16(t):
+        import torch
+
+        return t.detach().view(torch.int16).numpy().view(BFLOAT16_BITS)
     return t.detach().numpy()
 
 
@@ -62,13 +78,14 @@ def _views(xs: list[Any]) -> list[Any]:
     import torch
 
     if xs and xs[0].dtype == torch.bfloat16:
-        # NumPy has no bfloat16: the bits, as int16, which the compiled loop reads as bfloat16
-        # (C calls only, as below; the dtype check too)
+        # NumPy has no bfloat16: its bits (BFLOAT16_BITS), which the compiled loop reads as
+        # bfloat16 (C calls only, as below; the dtype check too)
         if not all(map(operator.eq, map(_DTYPE, xs), itertools.repeat(torch.bfloat16))):
             raise TypeError("bfloat16 beside other dtypes")
         if any(map(_REQUIRES_GRAD, xs)):
             xs = list(map(torch.Tensor.detach, xs))
-        return list(map(torch.Tensor.numpy, map(operator.methodcaller("view", torch.int16), xs)))
+        bits = map(torch.Tensor.numpy, map(operator.methodcaller("view", torch.int16), xs))
+        return list(map(operator.methodcaller("view", BFLOAT16_BITS), bits))
     try:
         # C calls only, no Python frame per tensor: the per-tensor cost of a step of 10,000
         # gradients (detaching each would double it)

@@ -324,6 +324,11 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         if out is None:
             continue
         if isinstance(out, str):
+            if backend.is_numpy(leaves[0]) and backend.is_bfloat16_bits(leaves[0]):
+                raise RuntimeError(
+                    f"uniopt: the compiled loop declined bfloat16 tensors ({out}); NumPy has no "
+                    "bfloat16, so there is no reference path for their NumPy views"
+                )
             return out
         new_params, slots = out
         new_state = State(state.rule, state.step + 1, state.slots if inplace else slots,

@@ -544,7 +544,11 @@ _KINDS = {"f": "f4", "d": "f8", "e": "f2"}
 
 
 def _kind(dtype: Any) -> str | None:
-    """The storage kind of NumPy ``dtype``: float32/64, float16, or bfloat16 (ml_dtypes')."""
+    """The storage kind of NumPy ``dtype``: float32/64, float16, or bfloat16 (the bits of a
+    bfloat16 tensor, :data:`uniopt.backend.BFLOAT16_BITS`, or ml_dtypes' bfloat16)."""
+    md = dtype.metadata
+    if md is not None and md.get("uniopt") == "bfloat16":
+        return "b2"
     kind = _KINDS.get(dtype.char)
     return "b2" if kind is None and dtype.name == "bfloat16" else kind
 
@@ -560,14 +564,12 @@ def run(
     slots: dict[str, list[Any]],
     inplace: bool,
     memo: dict[Any, Any] | None = None,
-    kinds: tuple[str, str] | None = None,
 ) -> tuple[list[Any], dict[str, list[Any]]] | str:
     """One step of ``plan`` (resolved parts, coefficients, slot keys) over the leaves.
 
     In place, writes params and slots and returns them; otherwise returns new arrays. If the
     compiled path cannot run the step, returns the reason and has written nothing. ``memo``
-    (the rule's) keeps the loop found for it. ``kinds``: the storage of params and of slots
-    where the arrays do not say it (16-bit integer views of bfloat16 tensors: ``"b2"``).
+    (the rule's) keeps the loop found for it.
 
     float16/bfloat16 params are computed in float32, with slots of their own dtype or float32,
     and rounded once when stored, as the reference path does."""
@@ -575,11 +577,11 @@ def run(
     if n == 0:
         return "no leaves"
     first = params[0]
-    kp = None if type(first) is not np.ndarray else kinds[0] if kinds else _kind(first.dtype)
+    kp = None if type(first) is not np.ndarray else _kind(first.dtype)
     if kp is None:
         return f"leaves of type {type(first).__name__} and dtype {getattr(first, 'dtype', '?')}"
     some = next(iter(slots.values()), None)
-    ks = kp if not some else kinds[1] if kinds else _kind(getattr(some[0], "dtype", first.dtype))
+    ks = kp if not some else _kind(getattr(some[0], "dtype", first.dtype))
     if ks != kp and not (ks == "f4" and kp in ("f2", "b2")):
         return f"params stored as {first.dtype} and state as {some[0].dtype}"  # type: ignore[index]
     compute = np.float64 if kp == "f8" else np.float32
@@ -647,26 +649,18 @@ def step(
         return None
     tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
     leaves, g_leaves, slots_in = params, grads, slots
-    kinds = None
     if tensors:
         views = backend.numpy_views([params, grads, *slots.values()])
         if views is None:
             return None
         leaves, g_leaves = views[0], views[1]
         slots = dict(zip(slots, views[2:], strict=True))
-        # bfloat16 tensors arrive as views of their bits (NumPy has no bfloat16)
-        some = next(iter(slots_in.values()), None)
-        kp = "b2" if backend.is_bfloat16(params[0]) else None
-        ks = "b2" if some and backend.is_bfloat16(some[0]) else None
-        if kp or ks:
-            kinds = (kp or _kind(leaves[0].dtype) or "?",
-                     ks or (_kind(views[2][0].dtype) if some else kp) or "?")
     if type(leaves[0]) is not np.ndarray:
         return None
-    if len(leaves) < MIN_LEAVES and (
+    if len(leaves) < MIN_LEAVES and not backend.is_bfloat16_bits(leaves[0]) and (
         not all(type(x) is np.ndarray for x in leaves) or sum(x.size for x in leaves) < MIN_SIZE
     ):
-        return None  # see MIN_LEAVES
+        return None  # see MIN_LEAVES (bfloat16 bits have no reference path on NumPy)
     plan = resolve()
     if memo is None or "cpu" not in memo:
         elementwise = all(isinstance(part, Elementwise) for part, _, _ in plan)
@@ -676,7 +670,7 @@ def step(
         elementwise = memo["cpu"]
     if not elementwise:
         return "a part that is not elementwise (per-leaf parts run on the reference path)"
-    out = run(plan, leaves, g_leaves, slots, inplace, memo, kinds)
+    out = run(plan, leaves, g_leaves, slots, inplace, memo)
     if isinstance(out, str):
         return out
     global STEPS

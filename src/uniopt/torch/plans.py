@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import backend
-from ..base import Transform
+from .. import backend, fast
+from ..base import Elementwise, Transform
 from ..engine import flat_list_def, setup, update_
 from ..state import State
 
@@ -81,12 +81,17 @@ def real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+# dtypes whose CPU tensors the engine sees as NumPy views (bfloat16: of its bits, which only the
+# compiled loop reads; see build)
+_VIEWED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def spec(p: torch.Tensor) -> Spec:
-    """How the engine sees parameter ``p``: a NumPy view (CPU float32/float64/float16, dense), in
-    memory order if its strides are permuted (channels_last), or else the tensor itself
-    (bfloat16, which NumPy lacks, reaches the engine as a tensor and is viewed there)."""
+    """How the engine sees parameter ``p``: a NumPy view (CPU float32/float64/float16, and
+    bfloat16 as its bits; dense), in memory order if its strides are permuted (channels_last),
+    or else the tensor itself."""
     t = real(p.detach())
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
+    if t.device.type == "cpu" and t.dtype in _VIEWED:
         if t.is_contiguous():
             return PLAIN
         strides = t.stride()
@@ -335,6 +340,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
           steps: Steps) -> Plan:
     """The plan of ``group``; ``by_rows``: sparse gradients update only their rows."""
     ps = group["params"]
+    compiled = fast.cpu.AVAILABLE and all(isinstance(q, Elementwise) for q in rule.flat_parts)
     sel: list[int] = []
     specs: list[Spec] = []
     states: list[dict[str, Any]] = []
@@ -348,6 +354,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             rows.append(i)
             continue
         s = spec(p)
+        if s[0] == "np" and p.dtype == torch.bfloat16 and not compiled:
+            s = ("torch", None)  # the views of its bits are for the compiled loop only
         st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
         key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]))
         runs.setdefault(key, []).append(len(sel))
