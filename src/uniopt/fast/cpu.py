@@ -160,9 +160,8 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
     """Check every object in every list at the addresses ``lists`` against the first list (the
     params): as many items, each an ndarray of dtype ``typenums[list]``, C-contiguous, aligned,
     native, writeable where ``writes`` says, of its parameter's shape. Fills ``sizes``.
-    Returns minus the total size, or ``(list + 1) << 32 | item << 3 | reason``."""
+    Returns 0, or ``(list + 1) << 32 | item << 3 | reason``."""
     n = len(sizes)
-    total = 0
     for k in range(len(lists)):
         lst = lists[k]
         if _i64(lst + _LIST_SIZE) != n:
@@ -187,7 +186,6 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
                 for d in range(nd):
                     size *= _i64(dims + 8 * d)
                 sizes[i] = size
-                total += size
                 continue
             r = _item(lists[0], i)
             if _i32(r + _ND) != nd:
@@ -196,7 +194,7 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
             for d in range(nd):
                 if _i64(rdims + 8 * d) != _i64(dims + 8 * d):
                     return ((k + 1) << 32) | (i << 3) | _MISMATCH
-    return -total
+    return 0
 
 
 @numba.njit(cache=True)
@@ -323,9 +321,8 @@ def _source(
     kernels: tuple[tuple[Callable[..., Any], int], ...], storage: tuple[str, str],
     by_import: bool, mode: str, records: tuple[Any, ...], digest: str = "",
 ) -> str:
-    """A module defining ``serial(L, CO, SIZES)`` and ``parallel(L, CO, SIZES)``: one loop over
-    all chunks of every leaf, running every part in order, on the calling thread or on the
-    thread pool (each compiled when first called: small steps never pay for the parallel one).
+    """A module defining ``fused(L, CO, SIZES)``: one loop over all chunks of every leaf,
+    running every part in order.
 
     ``L`` holds the addresses of the lists of leaves, ``CO`` every part's coefficients in
     order (each part's record is rebuilt from it), ``SIZES`` each leaf's element count: three
@@ -337,7 +334,8 @@ def _source(
     one array read and written (so the compiler sees fewer pointers that might alias, and
     vectorizes); ``pure``: reads ``p`` and the slots, writes ``po`` and ``so*``; ``sumsq``:
     writes nothing and returns the sum of squares of the final ``u`` (a global norm's one
-    extra read pass)."""
+    extra read pass). Steps under ``PARALLEL_MIN`` elements run on the calling thread, without
+    waking the thread pool (it costs more than a small step)."""
     inplace = mode != "pure"
     kp, ks = storage
     head = [
@@ -410,21 +408,16 @@ def _source(
         "    return acc",
         "",
         "",
-        '@numba.njit(cache=CACHE, error_model="numpy")',
-        "def serial(L, CO, SIZES):",
-        "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-        "    total = 0.0",
-        "    for j in range(len(leaf)):",
-        "        total += chunk(L, CO, leaf[j], start[j], stop[j])",
-        "    return total",
-        "",
-        "",
         '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
-        "def parallel(L, CO, SIZES):",
+        "def fused(L, CO, SIZES):",
         "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
         "    total = 0.0",
-        "    for j in numba.prange(len(leaf)):",
-        "        total += chunk(L, CO, leaf[j], start[j], stop[j])",
+        "    if len(leaf) < 2 or size < PARALLEL_MIN:",
+        "        for j in range(len(leaf)):",
+        "            total += chunk(L, CO, leaf[j], start[j], stop[j])",
+        "    else:",
+        "        for j in numba.prange(len(leaf)):",
+        "            total += chunk(L, CO, leaf[j], start[j], stop[j])",
         "    return total",
         "",
     ])
@@ -454,7 +447,7 @@ def fused_kernel(
 ) -> Any:
     """The compiled loop for parts ``kernels`` (each: the kernel and its slot count), whose
     coefficient records are described by ``records`` (see :func:`_record`), over params and
-    slots stored as ``storage`` says: its serial and parallel forms (see :func:`_source`).
+    slots stored as ``storage`` says (see :func:`_source`).
 
     Compiling costs a second or two; the machine code is cached on disk (in
     ``$UNIOPT_CACHE_DIR``, default ``~/.cache/uniopt``) whenever every kernel is importable,
@@ -470,7 +463,7 @@ def fused_kernel(
         # kernels defined in __main__ or a notebook: compile in memory, uncached
         g: dict[str, Any] = {"CACHE": False, **{f"_K{k}": kn for k, (kn, _) in enumerate(kernels)}}
         exec(compile(src, "<uniopt fused loop>", "exec"), g)
-        _FUSED[key] = (g["serial"], g["parallel"])
+        _FUSED[key] = g["fused"]
         return _FUSED[key]
     name = "uniopt_fused_" + hashlib.sha1(src.encode()).hexdigest()[:16]
     path = where / f"{name}.py"
@@ -483,7 +476,7 @@ def fused_kernel(
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # numba's cache finds the module by name when it loads
     spec.loader.exec_module(module)
-    _FUSED[key] = (module.serial, module.parallel)
+    _FUSED[key] = module.fused
     return _FUSED[key]
 
 
@@ -608,10 +601,7 @@ def run(
     tn = first.dtype.num
     typenums = np.array([tn, tn, *[some[0].dtype.num if some else tn] * len(slots)])
     code = _check(_addresses(inputs), writes, _NDARRAY, typenums, sizes)
-    # steps under PARALLEL_MIN elements run on the calling thread: waking the thread pool costs
-    # more than a small step (and a loop is compiled in parallel form only once one is needed)
-    which = int(code <= -PARALLEL_MIN and n > 0)
-    if code > 0:
+    if code:
         k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7
         what = ["params", "grads", *(f"state slot {key}" for key in slots)][k - 1]
         return f"{what} count" if why == _COUNT else f"{what} leaf {i} {REASONS[why]}"
@@ -626,7 +616,7 @@ def run(
             prefix = plan[:j]
             sumsq = _loop(memo, prefix, storage, "sumsq")
             reads = [params, grads, *(slots[key] for _, _, keys in prefix for key in keys)]
-            total = sumsq[which](_addresses(reads), _coefficients(prefix, compute), sizes)
+            total = sumsq(_addresses(reads), _coefficients(prefix, compute), sizes)
             plan[j] = (part, part.norm_coeffs(float(np.sqrt(total))), plan[j][2])
     if inplace:  # in the plan's order (a state's dict of slots may come back sorted)
         lists = [params, grads, *[slots[key] for _, _, keys in plan for key in keys]]
@@ -636,7 +626,7 @@ def run(
             for key in keys:
                 lists += [slots[key], new_slots[key]]
     loop = _loop(memo, plan, storage, "inplace" if inplace else "pure")
-    loop[which](_addresses(lists), _coefficients(plan, compute), sizes)
+    loop(_addresses(lists), _coefficients(plan, compute), sizes)
     return new_params, new_slots
 
 
