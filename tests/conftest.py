@@ -34,12 +34,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-# uniopt compiles a loop for every step it sees; the suite's hundreds
-# of small configurations would each compile one, to check what test_fused checks bit for bit.
-# Here small steps keep the reference path (tests of the compiled loop on small trees lift this
-# with the ``small_steps_compiled`` fixture).
-SMALL = (16, 1 << 14)
-cpu.MIN_LEAVES, cpu.MIN_SIZE = SMALL
+# uniopt compiles a loop for small steps too (at once where it is on disk, else after a rule's
+# first COMPILE_AFTER of them); the suite's hundreds of small configurations would each compile
+# one, to check what test_fused checks bit for bit, and which path a small step took would
+# depend on the cache. Here small steps always keep the reference path (tests of the compiled
+# loop on small trees lift this with the ``small_steps_compiled`` fixture).
+cpu.COMPILE_AFTER = None
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from uniopt.fast import cpu
 
 # --- which path a step takes ----------------------------------------------------------------------
 
-# In the test suite (conftest.SMALL) a step over at least cpu.MIN_LEAVES leaves (or cpu.MIN_SIZE
-# elements) runs the compiled CPU loop, a smaller one the reference path: a "wide" tree adds this
-# many small leaves to take the first.
+# In the test suite (conftest: COMPILE_AFTER = None) a step over at least cpu.MIN_LEAVES leaves
+# (or cpu.MIN_SIZE elements) runs the compiled CPU loop, a smaller one the reference path: a
+# "wide" tree adds this many small leaves to take the first.
 WIDE_LEAVES = 40
 assert WIDE_LEAVES >= 16
 

@@ -180,3 +180,33 @@ def test_device_numbers_read_where_the_host_needs_them() -> None:
     assert float(adjusted.rule.lr) == pytest.approx(1e-3)
     state, _ = jax.jit(uo.update)(adjusted, jitted, grads)
     assert float(state.rule.weight_decay) == pytest.approx(0.2)
+
+
+def test_a_short_run_keeps_the_reference_path_until_compiling_pays(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A small step whose loop is not at hand runs on the reference path for its rule's first
+    COMPILE_AFTER small steps, then compiles; a rule whose loop is at hand takes it at once."""
+    from uniopt.fast import cpu
+
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", 3)
+    monkeypatch.setenv("UNIOPT_CACHE_DIR", str(tmp_path))  # nothing on disk
+    # a recipe no other test compiles
+    make = lambda: uo.chain(uo.scale_by_rms(alpha=0.5), uo.scale(0.25),  # noqa: E731
+                            uo.scale_by_adadelta(rho=0.5), uo.scale_by_lr(0.3))
+    params, ref = _tree(MLP), _tree(MLP)
+    grads = _tree(MLP, seed=1)
+    state, s_ref = uo.setup(make(), params), uo.setup(make(), ref)
+    with expect_compiled(0):
+        for _ in range(3):
+            state = uo.update_(state, params, grads)
+    with expect_compiled(2):
+        for _ in range(2):
+            state = uo.update_(state, params, grads)
+    with reference_path():
+        for _ in range(5):
+            s_ref = uo.update_(s_ref, ref, grads)
+    assert_same(params, ref)
+    assert_same_state(state, s_ref)
+    with expect_compiled(1):  # another record of the same recipe: its loop is at hand
+        uo.update_(uo.setup(make(), params), params, grads)

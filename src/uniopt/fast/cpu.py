@@ -48,11 +48,14 @@ from ..moments import select
 
 CHUNK = 1 << 15
 PARALLEL_MIN = 1 << 16  # elements; below this a step runs on one thread
-# steps with fewer leaves and elements than these run on the reference path. None do: with the
-# loops cached on disk, compiling is a one-time cost per rule and machine, and a compiled step
-# of a small model costs a tenth of a reference one. (The test suite raises them: its hundreds
-# of small configurations would each compile a loop, to check what test_fused checks.)
-MIN_LEAVES, MIN_SIZE = 0, 0
+# A step with fewer leaves and elements than these is small: it takes the compiled loop at once
+# where the loop is compiled already (in this process, or on disk from an earlier one), else
+# after COMPILE_AFTER small steps of its rule on the reference path. A compiled step of a small
+# model saves about 150 us, and compiling costs about a second: worth it from some 7,000 steps
+# on, so a training loop pays it once per rule and machine after its first 2,000 steps (0.3 s
+# on the reference path), and a short script (say, `uniopt compare`) never.
+MIN_LEAVES, MIN_SIZE = 16, 1 << 14
+COMPILE_AFTER: int | None = 2000  # None: small steps always take the reference path
 
 
 # machine code cached on disk is keyed by this module's source (the code generator and the
@@ -441,6 +444,38 @@ def _record(c: Any) -> Any:
     return (type(c).__module__, type(c).__qualname__, getattr(c, "_fields", len(c)))
 
 
+def _module(
+    kernels: tuple[tuple[Callable[..., Any], int], ...], storage: tuple[str, str], mode: str,
+    records: tuple[Any, ...],
+) -> tuple[Path | None, str, Path | None]:
+    """The cache directory (None: kernels no import reaches), the source and the file of the
+    loop for these parts."""
+    where = _cache_dir() if all(_importable(k) for k, _ in kernels) else None
+    digest = _digest(kernels, records) if where is not None else ""
+    src = _source(kernels, storage, by_import=where is not None, mode=mode, records=records,
+                  digest=digest)
+    if where is None:
+        return None, src, None
+    return where, src, where / f"uniopt_fused_{hashlib.sha1(src.encode()).hexdigest()[:16]}.py"
+
+
+def _compiled(memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]],
+              storage: tuple[str, str], mode: str) -> bool:
+    """Whether the loop for ``plan`` is at hand without compiling: loaded in this process, or
+    its module on disk (written by the process that compiled it)."""
+    key = ("cpu", storage, mode, *[type(c) for _, c, _ in plan])
+    if key in memo:
+        return True
+    seen = memo.get(("on disk", key))  # looked for once per rule: it costs the loop's source
+    if seen is None:
+        parts = tuple((part.kernel, len(keys)) for part, _, keys in plan)
+        records = tuple(_record(c) for _, c, _ in plan)
+        _, _, path = _module(parts, storage, mode, records)
+        seen = memo[("on disk", key)] = (parts, storage, mode, records) in _FUSED or (
+            path is not None and path.exists())
+    return bool(seen)
+
+
 def fused_kernel(
     kernels: tuple[tuple[Callable[..., Any], int], ...], storage: tuple[str, str], mode: str,
     records: tuple[Any, ...],
@@ -455,18 +490,15 @@ def fused_kernel(
     key = (kernels, storage, mode, records)
     if key in _FUSED:
         return _FUSED[key]
-    where = _cache_dir() if all(_importable(k) for k, _ in kernels) else None
-    digest = _digest(kernels, records) if where is not None else ""
-    src = _source(kernels, storage, by_import=where is not None, mode=mode, records=records,
-                  digest=digest)
+    where, src, path = _module(kernels, storage, mode, records)
     if where is None:
         # kernels defined in __main__ or a notebook: compile in memory, uncached
         g: dict[str, Any] = {"CACHE": False, **{f"_K{k}": kn for k, (kn, _) in enumerate(kernels)}}
         exec(compile(src, "<uniopt fused loop>", "exec"), g)
         _FUSED[key] = g["fused"]
         return _FUSED[key]
-    name = "uniopt_fused_" + hashlib.sha1(src.encode()).hexdigest()[:16]
-    path = where / f"{name}.py"
+    assert path is not None
+    name = path.stem
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(src.replace("cache=CACHE", "cache=True"))
@@ -564,12 +596,15 @@ def run(
     slots: dict[str, list[Any]],
     inplace: bool,
     memo: dict[Any, Any] | None = None,
-) -> tuple[list[Any], dict[str, list[Any]]] | str:
+    small: bool = False,
+) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
     """One step of ``plan`` (resolved parts, coefficients, slot keys) over the leaves.
 
     In place, writes params and slots and returns them; otherwise returns new arrays. If the
     compiled path cannot run the step, returns the reason and has written nothing. ``memo``
-    (the rule's) keeps the loop found for it.
+    (the rule's) keeps the loop found for it. ``small`` (see :data:`MIN_LEAVES`): returns None,
+    having written nothing, where the loop would have to be compiled for it, until the rule
+    has had :data:`COMPILE_AFTER` such steps.
 
     float16/bfloat16 params are computed in float32, with slots of their own dtype or float32,
     and rounded once when stored, as the reference path does."""
@@ -605,6 +640,12 @@ def run(
         k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7
         what = ["params", "grads", *(f"state slot {key}" for key in slots)][k - 1]
         return f"{what} count" if why == _COUNT else f"{what} leaf {i} {REASONS[why]}"
+    mode = "inplace" if inplace else "pure"
+    if small and memo.get("cpu-small", 0) < (COMPILE_AFTER or 0):
+        if not _compiled(memo, plan, storage, mode):
+            memo["cpu-small"] = memo.get("cpu-small", 0) + 1  # step() counts the next ones
+            return None
+        memo["cpu-small"] = COMPILE_AFTER  # at hand: every small step takes it
     if inplace:
         new_params, new_slots = params, slots
     else:
@@ -625,7 +666,7 @@ def run(
         for _, _, keys in plan:
             for key in keys:
                 lists += [slots[key], new_slots[key]]
-    loop = _loop(memo, plan, storage, "inplace" if inplace else "pure")
+    loop = _loop(memo, plan, storage, mode)
     loop(_addresses(lists), _coefficients(plan, compute), sizes)
     return new_params, new_slots
 
@@ -657,10 +698,18 @@ def step(
         slots = dict(zip(slots, views[2:], strict=True))
     if type(leaves[0]) is not np.ndarray:
         return None
-    if len(leaves) < MIN_LEAVES and not backend.is_bfloat16_bits(leaves[0]) and (
-        not all(type(x) is np.ndarray for x in leaves) or sum(x.size for x in leaves) < MIN_SIZE
-    ):
-        return None  # see MIN_LEAVES (bfloat16 bits have no reference path on NumPy)
+    small = False
+    if len(leaves) < MIN_LEAVES and not backend.is_bfloat16_bits(leaves[0]):
+        if not all(type(x) is np.ndarray for x in leaves):
+            return None  # the reference path says what is wrong
+        # (bfloat16 bits have no reference path on NumPy: never small)
+        small = sum(x.size for x in leaves) < MIN_SIZE
+        if small and memo is not None:
+            # a rule whose loop is not at hand yet: count the step, with no more work than that
+            waited = memo.get("cpu-small", 0)
+            if COMPILE_AFTER is None or 0 < waited < COMPILE_AFTER:
+                memo["cpu-small"] = waited + 1
+                return None
     plan = resolve()
     if memo is None or "cpu" not in memo:
         elementwise = all(isinstance(part, Elementwise) for part, _, _ in plan)
@@ -670,8 +719,8 @@ def step(
         elementwise = memo["cpu"]
     if not elementwise:
         return "a part that is not elementwise (per-leaf parts run on the reference path)"
-    out = run(plan, leaves, g_leaves, slots, inplace, memo)
-    if isinstance(out, str):
+    out = run(plan, leaves, g_leaves, slots, inplace, memo, small)
+    if out is None or isinstance(out, str):
         return out
     global STEPS
     STEPS += 1

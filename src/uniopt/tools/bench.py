@@ -349,6 +349,11 @@ def run(
     optax + jit compiles for minutes on thousands of tensors (391 s on W4); it runs there only
     with ``slow=True``. ``dtype``: float32, or float16/bfloat16 params and gradients (the
     implementations that have no such arrays are left out: NumPy has no bfloat16)."""
+    from ..fast import cpu
+
+    # a long run's steady state: small steps take the compiled loop from the first one, where a
+    # short run keeps the reference path for its first COMPILE_AFTER of them
+    cpu.COMPILE_AFTER = 0
     bw = bandwidth()
     progress(f"bandwidth floor: {bw / 1e9:.1f} GB/s")
     all_shapes = {**WORKLOADS, **(shapes or {})}
