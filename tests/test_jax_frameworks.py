@@ -25,7 +25,6 @@ optax = pytest.importorskip("optax")
 # the shapes a state takes: slots or none, a schedule, optional blocks, nested members, an
 # optax member's tree state (every rule is one of these to the pytree code)
 RULES = {
-    "sgd": uo.sgd(lr=0.1),
     "rmsprop": uo.rmsprop(lr=0.01, centered=True, momentum=0.5),
     "adam": uo.adam(lr=uo.schedules.cosine(1e-2, steps=10), amsgrad=True),
     "chain": uo.chain(uo.clip_by_global_norm(1.0), uo.weight_decay(1e-2), uo.adam(lr=1e-2)),
