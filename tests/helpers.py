@@ -50,6 +50,33 @@ def reference_path() -> Iterator[None]:
         cpu.AVAILABLE = saved
 
 
+def beside_reference(
+    state: uo.State, params: Any, ref_state: uo.State, ref: Any, steps: int,
+    grads: Callable[[int], Any], ref_grads: Callable[[Any], Any] = lambda g: g,
+    after_reference: Callable[[uo.State, Any], None] = lambda s, r: None,
+) -> tuple[uo.State, Any, uo.State]:
+    """``steps`` steps on the compiled loop, pure and in place in turn (each one asserted to be
+    the loop's, none declined with a warning), and beside each the same step in place on the
+    reference path on ``ref`` (with ``ref_grads`` of the gradients, then ``after_reference``).
+    Returns the compiled run's state and params, and the reference run's state."""
+    import warnings
+
+    from uniopt.fast import FastPathUnavailable
+
+    with warnings.catch_warnings(), expect_compiled(steps):
+        warnings.simplefilter("error", FastPathUnavailable)
+        for k in range(steps):
+            g = grads(k)
+            if k % 2:
+                state = uo.update_(state, params, g)
+            else:
+                state, params = uo.update(state, params, g)
+            with reference_path():
+                ref_state = uo.update_(ref_state, ref, ref_grads(g))
+            after_reference(ref_state, ref)
+    return state, params, ref_state
+
+
 # --- trees, walked by hand (independent of uniopt's own tree code) -------------------------------
 
 

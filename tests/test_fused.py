@@ -12,6 +12,7 @@ import uniopt as uo
 from helpers import (
     assert_same,
     assert_same_state,
+    beside_reference,
     expect_compiled,
     grads_like,
     reference_path,
@@ -65,17 +66,8 @@ def test_fast_path_is_bitwise_the_reference(name: str, dtype: type) -> None:
     fast = _params(rng, dtype)
     ref = {k: v.copy() for k, v in fast.items()}
     s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
-    # every step of the fast run is the compiled loop's, pure and in place in turn
-    with warnings.catch_warnings(), expect_compiled(25):
-        warnings.simplefilter("error", ufast.FastPathUnavailable)
-        for step in range(25):
-            grads = grads_like(rng, fast)
-            if step % 2:
-                s_fast = uo.update_(s_fast, fast, grads)
-            else:
-                s_fast, fast = uo.update(s_fast, fast, grads)
-            with reference_path():
-                s_ref = uo.update_(s_ref, ref, grads)
+    s_fast, fast, s_ref = beside_reference(s_fast, fast, s_ref, ref, 25,
+                                           lambda k: grads_like(rng, fast))
     assert all(type(x) is np.ndarray for x in uo.trainables(fast))
     assert_same(uo.trainables(fast), uo.trainables(ref))
     assert_same_state(s_fast, s_ref)
@@ -309,20 +301,16 @@ def test_16_bit_params_are_bitwise_the_reference(name: str, lib: str, state_dtyp
     params, ref = [make(a) for a in start], [as_ref(make(a)) for a in start]
     s_fast = uo.setup(LOW[name], params, state_dtype=state_dtype)
     s_ref = uo.setup(LOW[name], ref, state_dtype=state_dtype)
-    with warnings.catch_warnings(), expect_compiled(12):
-        warnings.simplefilter("error", ufast.FastPathUnavailable)
-        for k in range(12):
-            grads = [make(rng.standard_normal(s) * 3) for s in shapes]
-            if k % 2:
-                s_fast = uo.update_(s_fast, params, grads)
-            else:
-                s_fast, params = uo.update(s_fast, params, grads)
-            with reference_path():
-                s_ref = uo.update_(s_ref, ref, [as_ref(g) for g in grads])
-            if bf16:
-                rounded(ref)
-                if state_dtype is None:
-                    rounded([x for v in s_ref.slots.values() for x in v])
+    def round_stored(state: uo.State, ref: list[np.ndarray]) -> None:
+        if bf16:
+            rounded(ref)
+            if state_dtype is None:
+                rounded([x for v in state.slots.values() for x in v])
+
+    s_fast, params, s_ref = beside_reference(
+        s_fast, params, s_ref, ref, 12,
+        lambda k: [make(rng.standard_normal(s) * 3) for s in shapes],
+        lambda g: [as_ref(x) for x in g], round_stored)
     wide = (lambda x: x.float()) if bf16 else (lambda x: x)
     for a, b in zip(params, ref, strict=True):
         np.testing.assert_array_equal(_raw(wide(a)), _raw(b))

@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import assert_same, assert_same_state, expect_compiled, reference_path
-from uniopt.fast import FastPathUnavailable
+from helpers import (
+    assert_same,
+    assert_same_state,
+    beside_reference,
+    expect_compiled,
+    reference_path,
+)
 
 MLP = [(64, 20), (64,), (64, 64), (64,), (3, 64), (3,)]  # the bench's S1
 # rules whose loops test_fused compiles too
@@ -53,16 +58,9 @@ def test_a_small_step_is_compiled_and_bitwise_the_reference(name: str) -> None:
     params, ref = _tree(MLP), _tree(MLP)
     s, s_ref = uo.setup(RULES[name], params), uo.setup(RULES[name], ref)
     rng = np.random.default_rng(1)
-    with warnings.catch_warnings(), expect_compiled(20):
-        warnings.simplefilter("error", FastPathUnavailable)
-        for k in range(20):
-            grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
-            if k % 2:
-                s = uo.update_(s, params, grads)
-            else:
-                s, params = uo.update(s, params, grads)
-            with reference_path():
-                s_ref = uo.update_(s_ref, ref, grads)
+    s, params, s_ref = beside_reference(
+        s, params, s_ref, ref, 20,
+        lambda k: [rng.standard_normal(p.shape).astype(np.float32) for p in ref])
     assert_same(params, ref)
     assert_same_state(s, s_ref)
 

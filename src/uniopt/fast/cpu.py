@@ -545,10 +545,6 @@ def _self_test() -> bool:
 AVAILABLE = _self_test()
 
 
-def _as_list(x: Any) -> list[Any]:
-    return x if type(x) is list else list(x)
-
-
 def _loop(
     memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]], storage: tuple[str, str],
     mode: str,
