@@ -442,8 +442,8 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any) -> tuple[
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
                                        step.grads)
-    sign = -1 if any(p.makes_step for p in rule.flat_parts) else 1
-    updates = [_as_new_array(-u if sign < 0 else u, g, (g,))
+    negate = any(p.makes_step for p in rule.flat_parts)
+    updates = [_as_new_array(-u if negate else u, g, (g,))
                for u, g in zip(deltas, step.grads, strict=True)]
     new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
