@@ -77,7 +77,7 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 def _views(xs: list[Any]) -> list[Any]:
     import torch
 
-    if xs and xs[0].dtype == torch.bfloat16:
+    if xs and is_bfloat16(xs[0]):
         # NumPy has no bfloat16: its bits (BFLOAT16_BITS), which the compiled loop reads as
         # bfloat16 (C calls only, as below; the dtype check too)
         if not all(map(operator.eq, map(_DTYPE, xs), itertools.repeat(torch.bfloat16))):
@@ -106,7 +106,7 @@ def mark_written(tensors: list[Any]) -> None:
 
 def from_numpy(x: Any, dtype: Any = None) -> Any:
     """A tensor sharing ``x``'s memory (results of the compiled path, for tensor inputs), of
-    ``dtype`` where ``x`` holds its bits (bfloat16 as int16)."""
+    ``dtype`` where ``x`` holds its bits (bfloat16 as :data:`BFLOAT16_BITS`)."""
     import torch
 
     t = torch.from_numpy(x)

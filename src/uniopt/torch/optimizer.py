@@ -63,6 +63,17 @@ def _scheduled(rule: Transform) -> bool:
     )
 
 
+class _GroupRule(NamedTuple):
+    """A group's rule as last built, and what it was built from."""
+
+    group: dict[str, Any]
+    raw: list[Any]  # the group's watched values, the objects themselves
+    rule: Transform
+    scheduled: bool
+    by_value: bool  # a watched value may change in place (a tensor, a list): compare values
+    key: tuple[Any, ...]  # the values, as numbers
+
+
 class _Job(NamedTuple):
     """A group's step, checked: nothing is written before every group has one."""
 
@@ -129,8 +140,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _reset_caches(self) -> None:
         self._plans: dict[int, plans.Plan] = {}
-        # id(group) -> (group, its watched values, rule, scheduled, a value is a tensor, key)
-        self._rules: dict[int, tuple[Any, ...]] = {}
+        self._rules: dict[int, _GroupRule] = {}  # by id(group)
         self._steps: dict[int, plans.Steps] = {}
 
     def _no_differentiable(self) -> str:
@@ -207,18 +217,19 @@ class Optimizer(torch.optim.Optimizer):
         place), or else equal values."""
         raw = [group.get(k) for k in self._watched]
         hit = self._rules.get(id(group))
-        if hit is not None and hit[0] is group:
-            if not hit[4] and all(map(operator.is_, raw, hit[1])):
-                return hit[2], hit[3]
+        if hit is not None and hit.group is not group:
+            hit = None
+        if hit is not None and not hit.by_value and all(map(operator.is_, raw, hit.raw)):
+            return hit.rule, hit.scheduled
         key = (*(plain(group[k]) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
-        if hit is not None and hit[0] is group and hit[5] == key:
-            rule, scheduled = hit[2], hit[3]
+        if hit is not None and hit.key == key:
+            rule, scheduled = hit.rule, hit.scheduled
         else:
             rule = self._group_rule(group)
             scheduled = _scheduled(rule)
         # a tensor or a list may change in place: those are compared by value every step
-        tensors = any(isinstance(v, (torch.Tensor, list)) for v in raw)
-        self._rules[id(group)] = (group, raw, rule, scheduled, tensors, key)
+        by_value = any(isinstance(v, (torch.Tensor, list)) for v in raw)
+        self._rules[id(group)] = _GroupRule(group, raw, rule, scheduled, by_value, key)
         return rule, scheduled
 
     @property
