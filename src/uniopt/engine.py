@@ -110,15 +110,16 @@ def _stored(x: Any, state_dtype: str | None) -> Any:
 _LOW = ("float16", "bfloat16")
 
 
-def _compute(x: Any, state_dtype: str | None) -> Any:
-    """``x`` in the dtype the step is computed in: ``state_dtype`` if set, else float32 for
-    float16/bfloat16, else its own."""
-    name = state_dtype or ("float32" if str(x.dtype).rsplit(".", 1)[-1] in _LOW else None)
-    if name is None:
-        return x
-    xp = backend.namespace(x)
-    dtype = getattr(xp, name)
-    return x if x.dtype == dtype else xp.astype(x, dtype)
+def _compute_dtype(p: Any, xp: Any, state_dtype: str | None) -> Any:
+    """The dtype parameter ``p``'s step is computed in: ``state_dtype`` if set, else float32
+    for float16/bfloat16; None: its own."""
+    name = state_dtype or ("float32" if str(p.dtype).rsplit(".", 1)[-1] in _LOW else None)
+    return None if name is None else getattr(xp, name)
+
+
+def _in(x: Any, dtype: Any, xp: Any) -> Any:
+    """``x`` in ``dtype`` (None: as it is)."""
+    return x if dtype is None or x.dtype == dtype else xp.astype(x, dtype)
 
 
 def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any]) -> list[Any]:
@@ -212,8 +213,9 @@ def _deltas(
     called alike, on whole arrays."""
     plan = resolve(state.rule, state.step)
     xps = [backend.namespace(p) for p in params]
-    ps = [_compute(p, state.state_dtype) for p in params]
-    us = [_compute(g, state.state_dtype) for g in grads]
+    dts = [_compute_dtype(p, xp, state.state_dtype) for p, xp in zip(params, xps, strict=True)]
+    ps = [_in(p, dt, xp) for p, dt, xp in zip(params, dts, xps, strict=True)]
+    us = [_in(g, dt, xp) for g, dt, xp in zip(grads, dts, xps, strict=True)]
     new_slots: dict[str, list[Any]] = {}
     new_trees: dict[str, Any] = {}
     for part, c, keys in plan:
@@ -230,9 +232,8 @@ def _deltas(
             fn = part.apply
         cs = _per_dtype(c, us)
         outs = [
-            fn(xp, cs.get(u.dtype, c), p, u,
-               *(_compute(state.slots[k][i], state.state_dtype) for k in keys))
-            for i, (xp, p, u) in enumerate(zip(xps, ps, us, strict=True))
+            fn(xp, cs.get(u.dtype, c), p, u, *(_in(state.slots[k][i], dt, xp) for k in keys))
+            for i, (xp, dt, p, u) in enumerate(zip(xps, dts, ps, us, strict=True))
         ]
         us = [o[0] for o in outs]
         for j, k in enumerate(keys):
