@@ -823,31 +823,105 @@ def trained(name: str = "Adam", steps: int = 2, **kw: Any) -> tuple[Any, list[An
     return opt, ps
 
 
-def test_duplicate_parameters_are_rejected() -> None:
-    w = nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match="parameter 1 of this group is its parameter 0 again"):
-        ut.Adam([w, w])
+def test_a_duplicate_parameter_warns_as_torch_and_is_updated_once() -> None:
+    w, v = (nn.Parameter(torch.linspace(-1, 1, 4)) for _ in range(2))
+    with pytest.warns(UserWarning, match="a parameter group with duplicate parameters"):
+        opt = ut.Adam([w, v, w], lr=0.1)
+    assert opt.param_groups[0]["params"] == [w, v]
+    ref = torch.optim.Adam([ref_w := nn.Parameter(w.detach().clone())], lr=0.1)
+    for _ in range(3):
+        w.grad, v.grad, ref_w.grad = torch.ones(4), torch.ones(4), torch.ones(4)
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(w, ref_w)  # updated twice, it would be 2*lr away
     opt, ps = trained()
     before = snapshot(opt)
-    with pytest.raises(ValueError, match="parameter 2 of this group is its parameter 0 again"):
-        opt.add_param_group({"params": [w, nn.Parameter(torch.zeros(1)), w]})
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter"):
         opt.add_param_group({"params": [ps[0]]})
     assert_unchanged(opt, before)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_invalid_hyperparameters_name_the_value(name: str) -> None:
-    w = [nn.Parameter(torch.zeros(2))]
-    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.5"):
-        getattr(ut, name)(w, lr=-0.5)
-    with pytest.raises(ValueError, match="differentiable=True is not supported"):
-        getattr(ut, name)(w, differentiable=True)
+def test_invalid_hyperparameters_raise_torchs_errors_before_the_params_are_read(
+    name: str,
+) -> None:
+    """torch checks its values first, in its words: ``params=None`` with a bad ``lr`` is about
+    the ``lr``. (Every error input of torch's optim_db: tests/test_torch_optim_db.py.)"""
+    with pytest.raises(ValueError, match=r"^Invalid learning rate: -0\.5$"):
+        getattr(ut, name)(None, lr=-0.5)
+    with pytest.raises(ValueError, match=r"^Tensor lr must be 1-element$"):
+        getattr(ut, name)([nn.Parameter(torch.zeros(2))], lr=torch.tensor([0.1, 0.1]))
+    # values torch has no check for still get uniopt's, naming the value
     opt, _ = trained(name)
     before = snapshot(opt)
     with pytest.raises(ValueError, match=r"weight_decay must be >= 0, got -1"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "weight_decay": -1})
     assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad"])
+def test_fused_is_refused_where_torch_refuses_it(name: str) -> None:
+    w = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(RuntimeError, match="^`fused` does not support `differentiable`$"):
+        getattr(ut, name)(w, fused=True, differentiable=True)
+    with pytest.raises(RuntimeError, match="^`fused` and `foreach` cannot be `True` together.$"):
+        getattr(ut, name)(w, fused=True, foreach=True)
+    meta = nn.Parameter(torch.zeros(2, device="meta"))
+    opt = getattr(ut, name)([meta], fused=True)
+    meta.grad = torch.zeros(2, device="meta")
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating "
+                                           "point Tensors of supported devices"):
+        opt.step()
+
+
+def test_a_uniopt_schedule_and_a_torch_scheduler_on_one_value_is_an_error_naming_both() -> None:
+    w = nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match=r"cosine\(init=0\.1.*is a uniopt schedule, not a "
+                                        r"number \(torch's LambdaLR is scaling it\)"):
+        torch.optim.lr_scheduler.LambdaLR(ut.Adam([w], lr=uo.schedules.cosine(0.1, 9)),
+                                          lambda e: 0.5)
+    # StepLR scales nothing at its first epoch, and a plain function has no arithmetic to
+    # refuse: the step says it
+    opt = ut.SGD([w], lr=lambda s: 0.1)
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    w.grad = torch.ones(2)
+    before = w.detach().clone()
+    with pytest.raises(TypeError, match=r"param group 0's lr is the uniopt schedule <function"
+                                        r".*and a torch lr_scheduler drives it too"):
+        opt.step()
+    assert torch.equal(w, before)
+
+
+DIFFERENTIABLE = [
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    ("Adam", {"lr": 0.1, "weight_decay": 0.1, "amsgrad": True}),
+    ("AdamW", {"lr": 0.1}),
+    ("RMSprop", {"centered": True, "momentum": 0.5, "weight_decay": 0.1}),
+    ("Adagrad", {"lr_decay": 0.1}),
+    ("Adadelta", {"weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("name", "kw"), DIFFERENTIABLE)
+def test_differentiable_steps_have_the_true_derivatives(name: str, kw: dict[str, Any]) -> None:
+    """``differentiable=True``: three steps are recorded by autograd, and their first and
+    second derivatives with respect to the initial params and the gradients are those of the
+    arithmetic (finite differences, ``gradcheck``). torch's own record breaks after one step
+    for several classes (Adam's amsgrad, RMSprop's ``centered``: a saved tensor is then
+    written in place); uniopt's step reads copies of what it then overwrites."""
+    p0 = torch.linspace(-1, 1, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.linspace(0.1, 0.7, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(p0: Any, g: Any) -> Any:
+        p = p0.clone()
+        opt = getattr(ut, name)([p], differentiable=True, **kw)
+        for k in range(3):
+            p.grad = g * (k + 1) - 0.25
+            opt.step()
+        return p, *[v for v in opt.state[p].values() if v.requires_grad]
+
+    assert torch.autograd.gradcheck(run, (p0, g))
+    assert torch.autograd.gradgradcheck(run, (p0, g))
 
 
 def test_an_invalid_value_written_into_a_group_fails_the_step_before_any_write() -> None:

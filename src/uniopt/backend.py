@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import operator
 from typing import Any
@@ -139,20 +140,43 @@ def immutable_reason(x: Any) -> str | None:
     return None
 
 
+# set while a step is to be differentiated through (torch's differentiable=True): its
+# arithmetic and its writes are recorded by autograd like any other operations
+_TRACKED = contextvars.ContextVar("uniopt_tracked", default=False)
+
+
+@contextlib.contextmanager
+def tracked() -> Any:
+    """Steps in this context are part of torch's autograd graph: a meta-learning loop can
+    differentiate the new parameters with respect to the old ones, the gradients and the
+    state (torch tensors only; they take the reference path)."""
+    token = _TRACKED.set(True)
+    try:
+        yield
+    finally:
+        _TRACKED.reset(token)
+
+
+def is_tracked() -> bool:
+    return _TRACKED.get()
+
+
 def assign(dst: Any, src: Any) -> None:
-    """``dst[...] = src`` for every mutable library (torch outside autograd)."""
+    """``dst[...] = src`` for every mutable library (torch outside autograd, unless
+    :func:`tracked`)."""
     if is_torch(dst):
         import torch
 
-        with torch.no_grad():
+        with contextlib.nullcontext() if _TRACKED.get() else torch.no_grad():
             dst.copy_(src)
     else:
         dst[...] = src
 
 
 def outside_autograd(leaves: list[Any]) -> contextlib.AbstractContextManager[Any]:
-    """An optimizer step is not part of the model's graph: torch records nothing in it."""
-    if leaves and is_torch(leaves[0]):
+    """An optimizer step is not part of the model's graph: torch records nothing in it
+    (unless :func:`tracked`)."""
+    if leaves and is_torch(leaves[0]) and not _TRACKED.get():
         import torch
 
         return torch.no_grad()

@@ -216,6 +216,11 @@ def _deltas(
     dts = [_compute_dtype(p, xp, state.state_dtype) for p, xp in zip(params, xps, strict=True)]
     ps = [_in(p, dt, xp) for p, dt, xp in zip(params, dts, xps, strict=True)]
     us = [_in(g, dt, xp) for g, dt, xp in zip(grads, dts, xps, strict=True)]
+    # recorded by autograd, the step reads copies: what it saves for the backward pass must not
+    # be the params and slots it then overwrites
+    read = _copy if backend.is_tracked() else _in
+    if read is _copy:
+        ps = [_copy(p, None, None) for p in ps]
     new_slots: dict[str, list[Any]] = {}
     new_trees: dict[str, Any] = {}
     for part, c, keys in plan:
@@ -232,13 +237,18 @@ def _deltas(
             fn = part.apply
         cs = _per_dtype(c, us)
         outs = [
-            fn(xp, cs.get(u.dtype, c), p, u, *(_in(state.slots[k][i], dt, xp) for k in keys))
+            fn(xp, cs.get(u.dtype, c), p, u, *(read(state.slots[k][i], dt, xp) for k in keys))
             for i, (xp, dt, p, u) in enumerate(zip(xps, dts, ps, us, strict=True))
         ]
         us = [o[0] for o in outs]
         for j, k in enumerate(keys):
             new_slots[k] = [o[j + 1] for o in outs]
     return us, new_slots, new_trees
+
+
+def _copy(x: Any, dtype: Any, xp: Any) -> Any:
+    """A copy of torch tensor ``x`` in ``dtype`` (None: its own), in autograd's graph."""
+    return x.clone() if dtype is None else x.to(dtype, copy=True)
 
 
 def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
@@ -303,8 +313,10 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     these arrays declined (None: no strategy took them, nothing worth a word).
 
     Only cheap whole-tree work happens here; the strategies check each leaf."""
-    if not isinstance(state, State) or state.tree_states:
-        return None  # an optax transform in the chain: JAX runs it, on the whole tree
+    if not isinstance(state, State) or state.tree_states or backend.is_tracked():
+        # an optax transform in the chain: JAX runs it, on the whole tree; a step autograd
+        # records: the reference path's torch operations
+        return None
     if type(params) is list and state.treedef == flat_list_def(len(params)):
         leaves = params
     else:

@@ -66,6 +66,34 @@ class _Scalar:
         return a if cond else b
 
 
+class _Record:
+    """What the schedules here share: a schedule is not a number, so arithmetic on one (a
+    torch ``lr_scheduler`` scaling a group's ``lr`` that holds it) is an error that says so."""
+
+    def _not_a_number(self, other: Any) -> Any:
+        import sys
+
+        # the torch scheduler doing the arithmetic, if one is: its frame's ``self``
+        frame: Any = sys._getframe(2)
+        driver = ""
+        for _ in range(4):
+            if frame is None:
+                break
+            obj = frame.f_locals.get("self")
+            if type(obj).__module__.startswith("torch.optim.lr_scheduler"):
+                driver = f" (torch's {type(obj).__name__} is scaling it)"
+                break
+            frame = frame.f_back
+        raise TypeError(
+            f"{self!r} is a uniopt schedule, not a number{driver}: a param group's value is "
+            "driven by a uniopt schedule or by a torch lr_scheduler, not both; give the group a "
+            "number for the torch scheduler, or drop the scheduler"
+        )
+
+    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_number
+    __add__ = __radd__ = __sub__ = __rsub__ = __pow__ = _not_a_number
+
+
 def _namespace(step: Any) -> Any:
     if isinstance(step, numbers.Real):
         return _Scalar
@@ -96,7 +124,7 @@ def _check_count(owner: str, name: str, value: object, *, allow_zero: bool = Fal
 
 
 @dataclass(frozen=True)
-class constant:
+class constant(_Record):
     """Always ``value``.
 
     >>> from uniopt import schedules
@@ -114,7 +142,7 @@ class constant:
 
 
 @dataclass(frozen=True)
-class linear:
+class linear(_Record):
     """``init`` to ``end`` linearly over ``steps`` updates, then ``end`` (optax.linear_schedule).
 
     ``value(s) = init + (end - init) * min(s, steps) / steps``
@@ -142,7 +170,7 @@ class linear:
 
 
 @dataclass(frozen=True)
-class cosine:
+class cosine(_Record):
     """Cosine decay from ``init`` to ``floor`` over ``steps`` updates, then ``floor``.
 
     ``value(s) = floor + (init - floor) * (1 + cos(pi * min(s, steps) / steps)) / 2``
@@ -174,7 +202,7 @@ class cosine:
 
 
 @dataclass(frozen=True)
-class exponential:
+class exponential(_Record):
     """``init * rate ** (s / steps)``, or ``rate ** floor(s / steps)`` with ``staircase``.
 
     With ``end``, the value is clipped at ``end``: a lower bound when ``rate < 1``, an upper bound
@@ -228,7 +256,7 @@ class exponential:
 
 
 @dataclass(frozen=True)
-class piecewise_constant:
+class piecewise_constant(_Record):
     """``init`` until the first boundary; from step ``b`` on, ``boundaries_and_values[b]``.
 
     The values are *set*, not multiplied: optax.piecewise_constant_schedule takes scales that
@@ -266,7 +294,7 @@ class piecewise_constant:
 
 
 @dataclass(frozen=True)
-class warmup:
+class warmup(_Record):
     """Linear warm-up from ``init`` to ``then(0)`` over ``steps`` updates, then ``then(s - steps)``.
 
     ``value(s) = init + (then(0) - init) * s / steps`` for ``s < steps``, else ``then(s - steps)``.
@@ -301,7 +329,7 @@ class warmup:
 
 
 @dataclass(frozen=True)
-class join:
+class join(_Record):
     """``schedules[i]`` between ``boundaries[i-1]`` and ``boundaries[i]`` (optax.join_schedules).
 
     ``value(s) = schedules[i](s - start_i)`` where ``i`` is the number of boundaries ``<= s``,

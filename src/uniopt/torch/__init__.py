@@ -24,10 +24,13 @@ Differences from torch, each on purpose:
   state from ``torch.optim.SGD`` (no ``step``) loads as step 1 where it has a momentum buffer.
 * A momentum buffer that becomes non-zero mid-run (a momentum schedule leaving 0) starts from
   zeros where torch starts from the gradient; these agree except with ``dampening > 0``.
-* ``differentiable=True`` is rejected (updates are written outside autograd); ``foreach``,
-  ``fused`` and ``capturable`` are accepted and ignored (on CPU every step is already one fused
-  pass), and kept in the param groups so that states load into torch.
-* A parameter listed twice in one group is an error (torch only warns).
+* ``differentiable=True`` records the step in autograd (the reference path on the tensors
+  themselves); ``foreach``, ``fused`` and ``capturable`` change nothing (on CPU every step is
+  already one fused pass) but are refused where torch refuses them, and kept in the param groups
+  so that states load into torch.
+* A parameter listed twice in one group warns as torch does and is kept once (torch updates it
+  twice per step).
+* Validation is torch's, in its order and words; uniopt's own checks follow where torch has none.
 * Sparse gradients: SGD and Adagrad accept them as torch does (Adagrad updates only the rows
   present, SGD the dense equivalent; torch keeps SGD's momentum buffer sparse, this module keeps
   it dense); the other classes raise torch's errors.

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar
+
+import torch
 
 from ..base import Transform
 from ..rules.adadelta import adadelta
@@ -25,11 +28,37 @@ from .optimizer import Optimizer, plain
 TORCH_FLAGS: dict[str, Any] = {
     "maximize": False,
     "foreach": None,
-    "differentiable": False,  # True is rejected
+    "differentiable": False,  # True: the step runs on the reference path, under autograd
     "fused": None,
     "capturable": False,
     "decoupled_weight_decay": False,  # Adam: runs adamw
 }
+
+
+# torch's checks of its constructor's values, in torch's order and words: (value, test,
+# message). A schedule, which torch has not, is not a number to test: uniopt checks its values
+# at every step.
+Check = tuple[str, Callable[[Any], bool], str]
+
+
+def _at_least_0(name: str, words: str = "") -> Check:
+    return (name, lambda v: 0.0 <= v, f"Invalid {words or name + ' value'}: {{}}")
+
+
+LR = _at_least_0("lr", "learning rate")
+EPS = _at_least_0("eps", "epsilon value")
+WEIGHT_DECAY = _at_least_0("weight_decay")
+BETAS = tuple(
+    (f"betas[{i}]", lambda v: 0.0 <= v < 1.0, f"Invalid beta parameter at index {i}: {{}}")
+    for i in (0, 1)
+)
+
+
+def _value(values: dict[str, Any], name: str) -> Any:
+    if name.endswith("]"):
+        name, i = name[:-1].split("[")
+        return values[name][int(i)]
+    return values[name]
 
 
 class _Named(Optimizer):
@@ -41,6 +70,9 @@ class _Named(Optimizer):
     # the rule with every block that keeps state on, where ``rule`` lacks some: the names a
     # loaded state may hold
     _all_slots: ClassVar[Transform | None] = None
+    _checks: ClassVar[tuple[Check, ...]] = ()
+    # torch's Adam and AdamW: tensor lr and betas only with capturable or without foreach
+    _tensor_betas: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -50,7 +82,41 @@ class _Named(Optimizer):
             cls.__init__ = _constructor(cls, {**TORCH_FLAGS, **fields})  # type: ignore[method-assign]
 
     def _init(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._torch_checks(defaults)
         super()._init(params, {**defaults, **self._fixed})
+        if defaults.get("fused"):  # after the params, as torch
+            if defaults.get("differentiable"):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    def _torch_checks(self, values: dict[str, Any]) -> None:
+        """torch's checks of the constructor's values, before anything else is looked at (the
+        params included), raising torch's errors; uniopt's own follow where torch has none."""
+        lr, Tensor = values.get("lr"), torch.Tensor
+        foreach_only = values.get("foreach") and not values.get("capturable")
+        if isinstance(lr, Tensor):
+            if self._tensor_betas and foreach_only:
+                raise ValueError(
+                    "lr as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        for name, ok, message in self._checks:
+            v = _value(values, name)
+            if not callable(v) and not ok(v):
+                raise ValueError(message.format(v))
+        if self._tensor_betas:
+            tensors = [isinstance(b, Tensor) for b in values["betas"]]
+            if any(tensors) and not all(tensors):
+                raise ValueError("betas must be either both floats or both Tensors")
+            for i, b in enumerate(values["betas"]):
+                if isinstance(b, Tensor):
+                    if foreach_only:
+                        raise ValueError(f"betas[{i}] as a Tensor is not supported for "
+                                         "capturable=False and foreach=True")
+                    if b.numel() != 1:
+                        raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
     @property
     def _name(self) -> str:
@@ -113,6 +179,13 @@ class SGD(_Named):
                      "*", "maximize", "foreach", "differentiable", "fused")
     _all_slots = sgd(momentum=0.5)
     _sparse = "dense"
+    _checks = (LR, _at_least_0("momentum"), WEIGHT_DECAY)
+
+    def _torch_checks(self, values: dict[str, Any]) -> None:
+        super()._torch_checks(values)
+        m, d = values["momentum"], values["dampening"]
+        if values["nesterov"] and not (callable(m) or callable(d)) and (m <= 0 or d != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
 class Adagrad(_Named):
@@ -123,6 +196,8 @@ class Adagrad(_Named):
     _torch_params = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
                      "foreach", "*", "maximize", "differentiable", "fused")
     _sparse = "rows"
+    _checks = (LR, _at_least_0("lr_decay"), WEIGHT_DECAY,
+               _at_least_0("initial_accumulator_value"), EPS)
 
     def _init(self, params: Any, defaults: dict[str, Any]) -> None:
         super()._init(params, defaults)
@@ -143,6 +218,7 @@ class RMSprop(_Named):
                      "foreach", "maximize", "differentiable")
     _all_slots = rmsprop(momentum=0.5, centered=True)
     _sparse_error = "RMSprop does not support sparse gradients"
+    _checks = (LR, EPS, _at_least_0("momentum"), WEIGHT_DECAY, _at_least_0("alpha"))
 
 
 class Adadelta(_Named):
@@ -152,6 +228,7 @@ class Adadelta(_Named):
     _torch_params = ("lr", "rho", "eps", "weight_decay", "foreach",
                      "*", "capturable", "maximize", "differentiable")
     _sparse_error = "Adadelta does not support sparse gradients"
+    _checks = (LR, ("rho", lambda v: 0.0 <= v <= 1.0, "Invalid rho value: {}"), EPS, WEIGHT_DECAY)
 
 
 class Adam(_Named):
@@ -163,6 +240,8 @@ class Adam(_Named):
                      "capturable", "differentiable", "fused", "decoupled_weight_decay")
     _all_slots = adam(amsgrad=True)
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+    _checks = (LR, EPS, *BETAS, WEIGHT_DECAY)
+    _tensor_betas = True
 
     def _base_rule(self, group: dict[str, Any]) -> Transform:
         return adamw() if group.get("decoupled_weight_decay") else self.rule

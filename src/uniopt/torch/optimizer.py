@@ -133,8 +133,6 @@ class Optimizer(torch.optim.Optimizer):
         self._reset_caches()
         if defaults.get("state_dtype") is None:  # only where asked for: torch's groups otherwise
             defaults = {k: v for k, v in defaults.items() if k != "state_dtype"}
-        if defaults.get("differentiable"):
-            raise ValueError(self._no_differentiable())
         super().__init__(params, defaults)
         self.state = plans.Versioned(dict, self.state)
 
@@ -142,12 +140,6 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[int, plans.Plan] = {}
         self._rules: dict[int, _GroupRule] = {}  # by id(group)
         self._steps: dict[int, plans.Steps] = {}
-
-    def _no_differentiable(self) -> str:
-        return (
-            f"{self._name}: differentiable=True is not supported: uniopt writes its updates in "
-            "place, outside autograd"
-        )
 
     @property
     def _name(self) -> str:
@@ -172,33 +164,26 @@ class Optimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, after checking that the group's values build a valid
-        rule and that no parameter is listed twice in it (torch only warns); nothing changes on
-        an error."""
+        rule; nothing changes on an error. A parameter listed twice warns as torch does and is
+        kept once (torch's for-loop would update it twice per step)."""
         if isinstance(param_group, dict):
             params = param_group.get("params")
             if params is not None and not isinstance(params, (torch.Tensor, set, list, tuple)):
-                param_group["params"] = params = list(params)  # as torch: read a generator once
-            if isinstance(params, torch.Tensor):
-                params = [params]
-            if isinstance(params, (list, tuple)):
-                seen: dict[int, int] = {}
-                for j, q in enumerate(params):
-                    t = q[1] if isinstance(q, tuple) else q
-                    if id(t) in seen:
-                        raise ValueError(
-                            f"{self._name}: parameter {j} of this group is its parameter "
-                            f"{seen[id(t)]} again; a parameter may appear once"
-                        )
-                    seen[id(t)] = j
+                param_group["params"] = list(params)  # as torch: read a generator once
             self._group_rule({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        ps = group["params"]
+        if len({id(p) for p in ps}) != len(ps):
+            keep = [i for i, p in enumerate(ps) if all(q is not p for q in ps[:i])]
+            group["params"] = [ps[i] for i in keep]
+            if "param_names" in group:
+                group["param_names"] = [group["param_names"][i] for i in keep]
 
     # --- the rule of a group ---------------------------------------------------------------
 
     def _group_rule(self, group: dict[str, Any]) -> Transform:
         """The rule a group's values make (raises on invalid values)."""
-        if group.get("differentiable"):
-            raise ValueError(self._no_differentiable())
         if group.get("state_dtype") not in (None, "float32", "float64"):
             raise ValueError(
                 f"{self._name}: state_dtype must be None, 'float32' or 'float64', got "
@@ -302,6 +287,8 @@ class Optimizer(torch.optim.Optimizer):
             plan = None
         views = None if plan is None else plan.fast_grads(grads)
         sparse = None
+        if plan is None and group.get("fused"):
+            _check_fused(ps, has)
         if views is None:  # a new plan always comes this way
             sparse = [g is not None and g.layout != torch.strided for g in grads]
             if any(sparse):
@@ -309,6 +296,12 @@ class Optimizer(torch.optim.Optimizer):
             if plan is not None and plan.sparse != sparse:
                 plan = None
         if scheduled:
+            if "initial_lr" in group and callable(group.get("lr")):
+                raise TypeError(
+                    f"{self._name}: param group {gi}'s lr is the uniopt schedule "
+                    f"{group['lr']!r} and a torch lr_scheduler drives it too (it set the "
+                    "group's 'initial_lr'): drive it with one of them"
+                )
             if plan is not None:
                 counts = plan.counts()
             else:
@@ -348,6 +341,22 @@ class Optimizer(torch.optim.Optimizer):
         shapes match this optimizer's parameters; nothing changes on an error."""
         check_loadable(self, state_dict)
         super().load_state_dict(state_dict)
+
+
+# where torch has fused kernels (torch.utils._foreach_utils)
+_FUSED_DEVICES = ("mps", "cuda", "xpu", "hpu", "cpu", "mtia")
+
+
+def _check_fused(ps: list[torch.Tensor], has: list[bool]) -> None:
+    """torch refuses ``fused=True`` for a parameter that is not a floating point tensor on a
+    device with fused kernels, with this error, at its first step."""
+    devices = [*_FUSED_DEVICES, torch._C._get_privateuse1_backend_name()]
+    for p, h in zip(ps, has, strict=True):
+        if h and not (p.device.type in devices and torch.is_floating_point(p)):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of "
+                f"supported devices: {devices} but {p.dtype} and {p.device.type}"
+            )
 
 
 # torch's own wrapper (hooks, then the profiler's label and entry point) around the step

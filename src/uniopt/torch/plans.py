@@ -9,6 +9,7 @@ tensor), so the compiled loop writes them in place; other tensors reach it as th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import operator
@@ -27,9 +28,11 @@ from ..state import State
 _DATA_PTR = torch.Tensor.data_ptr
 
 # how the engine sees a parameter: ("np", None) a NumPy view, ("np", perm) a NumPy view of the
-# parameter permuted into memory order, ("torch", None) the tensor itself
+# parameter permuted into memory order, ("torch", None) the tensor itself, ("tracked", None) the
+# tensor itself in a step autograd records (differentiable=True)
 Spec = tuple[str, tuple[int, ...] | None]
 PLAIN: Spec = ("np", None)
+TRACKED: Spec = ("tracked", None)
 
 # (uniopt key, state name) of each slot of a rule
 SlotNames = list[tuple[str, str]]
@@ -103,6 +106,8 @@ def spec(p: torch.Tensor) -> Spec:
 
 def _view(t: torch.Tensor, spec: Spec) -> Any:
     """What the engine gets for ``t`` (a parameter or a slot laid out as its parameter)."""
+    if spec == TRACKED:
+        return real(t)
     t = real(t.detach())
     kind, perm = spec
     if kind == "torch":
@@ -117,6 +122,8 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     laid out otherwise); a sparse ``g`` made dense."""
     if g.layout == torch.sparse_coo:
         g = g.coalesce().to_dense()
+    if spec == TRACKED:
+        return real(g)
     g = real(g.detach().resolve_conj().resolve_neg())
     kind, perm = spec
     if kind == "torch":
@@ -242,6 +249,7 @@ class Plan:
     rows: list[int]  # parameters with sparse gradients updated row by row
     sparse: list[bool]
     steps: Steps
+    tracked: bool  # differentiable=True: autograd records the step
     counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
     state_version: int | None = None  # the state's version when its dicts were last checked
 
@@ -254,6 +262,7 @@ class Plan:
             and self.state is state
             and self.layout == layout
             and self.has == has
+            and self.tracked == bool(group.get("differentiable"))
             and all(map(operator.is_, ps, self.params))
             and list(map(_DATA_PTR, ps)) == self.ptrs
         ):
@@ -306,7 +315,10 @@ class Plan:
                      for i, p, spec in zip(self.sel, self.sel_params, self.specs, strict=True)]
         for run, step in zip(self.runs, self.run_steps(), strict=True):
             gs = views if run.pos is None else [views[k] for k in run.pos]
-            update_(State(rule, step, run.slots, flat_list_def(len(run.params))), run.params, gs)
+            with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
+                    torch.set_grad_enabled(self.tracked):
+                update_(State(rule, step, run.slots, flat_list_def(len(run.params))), run.params,
+                        gs)
             self.steps.count(run.idx)
             if run.numpy:
                 backend.mark_written(run.tensors)
@@ -340,6 +352,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
           steps: Steps) -> Plan:
     """The plan of ``group``; ``by_rows``: sparse gradients update only their rows."""
     ps = group["params"]
+    tracked = bool(group.get("differentiable"))
     compiled = fast.cpu.AVAILABLE and all(isinstance(q, Elementwise) for q in rule.flat_parts)
     sel: list[int] = []
     specs: list[Spec] = []
@@ -353,7 +366,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             ensure_state(state, p, rule, names, steps, i, None, group.get("state_dtype"))
             rows.append(i)
             continue
-        s = spec(p)
+        s = TRACKED if tracked else spec(p)
         if s[0] == "np" and p.dtype == torch.bfloat16 and not compiled:
             s = ("torch", None)  # the views of its bits are for the compiled loop only
         st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
@@ -400,4 +413,5 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         rows=rows,
         sparse=sparse,
         steps=steps,
+        tracked=tracked,
     )
