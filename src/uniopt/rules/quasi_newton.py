@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import backend
 from ..base import Minimizer, Rule, Transform
 from ..hyper import NONNEG, hyper
 
@@ -92,11 +93,11 @@ class lbfgs_step(Minimizer):
                 q = -g
                 for i in range(len(old_dirs) - 1, -1, -1):
                     al[i] = (old_stps[i] @ q) * ro[i]
-                    q = q + (-al[i]) * old_dirs[i]
+                    q = _axpy(-al[i], old_dirs[i], q)
                 d = q * h_diag
                 for i in range(len(old_dirs)):
                     be_i = (old_dirs[i] @ d) * ro[i]
-                    d = d + (al[i] - be_i) * old_stps[i]
+                    d = _axpy(al[i] - be_i, old_stps[i], d)
             prev_g, prev_loss = g, loss
             t = min(1.0, 1.0 / xp.sum(xp.abs(g))) * lr if st["n_iter"] == 1 else lr
             gtd = g @ d
@@ -105,17 +106,17 @@ class lbfgs_step(Minimizer):
             ls_evals = 0
             if self.line_search_fn == "strong_wolfe":
                 def along(step: Any, x0: Any = x, d0: Any = d) -> tuple[float, Any]:
-                    f_new, g_new = evaluate(x0 + step * d0)
+                    f_new, g_new = evaluate(_axpy(step, d0, x0))
                     return float(f_new), g_new
 
                 loss, g, t, ls_evals = _strong_wolfe(
                     xp, along, t, d, loss, g, gtd, tolerance_change=tol_change,
                     max_ls=max_eval - evals,
                 )
-                x = x + t * d
+                x = _axpy(t, d, x)
                 done = _amax(xp, g) <= self.tolerance_grad
             else:
-                x = x + t * d
+                x = _axpy(t, d, x)
                 done = False
                 if n != max_iter:  # the last iteration's point is the next step's first
                     f_new, g = evaluate(x)
@@ -134,6 +135,14 @@ class lbfgs_step(Minimizer):
         return x, st, orig_loss
 
 
+def _axpy(a: Any, v: Any, x: Any) -> Any:
+    """``x + a v``; on tensors torch's ``add(alpha=a)``, one rounding per element where torch
+    fuses it (CPU), so a step is torch's bit for bit."""
+    if backend.is_torch(x):
+        return x.add(v, alpha=a)
+    return x + a * v
+
+
 def _amax(xp: Any, v: Any) -> Any:
     return xp.max(xp.abs(v))
 
@@ -150,7 +159,7 @@ def _cubic_min(xp: Any, x1: Any, f1: Any, g1: Any, x2: Any, f2: Any, g2: Any,
     lo, hi = bounds if bounds is not None else ((x1, x2) if x1 <= x2 else (x2, x1))
     d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
     d2_square = d1**2 - g1 * g2
-    if d2_square < 0:
+    if not d2_square >= 0:  # no minimum (or nan): bisect
         return (lo + hi) / 2.0
     d2 = _sqrt(xp, d2_square)
     if x1 <= x2:

@@ -9,6 +9,7 @@ gathered (``skip_zeros=False``: every one is present, a stored 0 included, as in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -22,6 +23,10 @@ class SparseAdamCoeffs(NamedTuple):
     one_minus_b2: Any
     eps: Any
     step_size: Any  # lr sqrt(1 - b2^t) / (1 - b1^t): eps sits on the uncorrected sqrt(v)
+
+
+def _sqrt(x: Any) -> Any:
+    return math.sqrt(x) if isinstance(x, float) else x**0.5  # torch's math.sqrt on the host
 
 
 def _moments(xp: Any, c: Any, u: Any, m: Any, v: Any) -> tuple[Any, Any, Any]:
@@ -61,7 +66,7 @@ class scale_by_sparse_adam(Elementwise):
         c1, c2 = self.one_minus("b1"), self.one_minus("b2")
         bc1, bc2 = bias_correction(self.b1, c1, step), bias_correction(self.b2, c2, step)
         return SparseAdamCoeffs(one_minus_b1=c1, one_minus_b2=c2, eps=self.eps,
-                                step_size=self.lr * bc2**0.5 / bc1)
+                                step_size=self.lr * _sqrt(bc2) / bc1)
 
     @property
     def kernel(self) -> Any:  # type: ignore[override]

@@ -33,7 +33,9 @@ Differences from torch, each on purpose:
   it dense); the other classes raise torch's errors.
 """
 
-from .named import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
+from .named import LBFGS, SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop, SparseAdam
 from .optimizer import Optimizer
 
-__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
+__all__ = [
+    "LBFGS", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop", "SparseAdam",
+]

@@ -350,5 +350,9 @@ class Optimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
+def _own_step(self: Optimizer, closure: Callable[[], float] | None = None) -> float | None:
+    return self._step(closure)  # the class's own (LBFGS has another)
+
+
 # torch's own wrapper (hooks, then the profiler's label and entry point) around the step
-_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(Optimizer._step)
+_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(_own_step)
