@@ -312,3 +312,18 @@ def test_torchs_error_inputs(name: str) -> None:
             error, regex = ValueError, "a parameter may appear once"
         with pytest.raises(error, match=regex):
             getattr(ut, name)(params, **inp.kwargs)
+
+
+def test_step_hooks_see_lbfgs_own_step() -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    theirs, _ = torch_run(torch.optim.LBFGS, "logistic", 2)
+    seen: list[str] = []
+    handle = register_optimizer_step_post_hook(  # takes the hooked path
+        lambda o, a, k: seen.append(type(o).__name__))
+    try:
+        ours, _ = torch_run(ut.LBFGS, "logistic", 2)
+    finally:
+        handle.remove()
+    assert seen == ["LBFGS", "LBFGS"]
+    assert max_error(ours, theirs) <= TOL
