@@ -298,6 +298,7 @@ def test_signature_and_defaults_are_torchs() -> None:
     assert ut.LBFGS([w], max_iter=9).defaults["max_eval"] == 11  # torch's max_iter*5//4
 
 
+@pytest.mark.slow  # importing torch.testing._internal takes 7 s
 @pytest.mark.parametrize("name", ["LBFGS", "SparseAdam"])
 def test_torchs_error_inputs(name: str) -> None:
     pytest.importorskip("expecttest")
