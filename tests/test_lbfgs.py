@@ -328,3 +328,25 @@ def test_step_hooks_see_lbfgs_own_step() -> None:
         handle.remove()
     assert seen == ["LBFGS", "LBFGS"]
     assert max_error(ours, theirs) <= TOL
+
+
+def test_complex_parameters_as_torch() -> None:
+    def run(cls: Any) -> list[Any]:
+        g = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(3, dtype=torch.complex128, generator=g))
+        v = torch.nn.Parameter(torch.randn(2, dtype=torch.float64, generator=g))
+        a = torch.randn(3, 3, dtype=torch.complex128, generator=g)
+        opt = cls([w, v], line_search_fn="strong_wolfe")
+
+        def closure() -> Any:
+            opt.zero_grad()
+            loss = (a @ w - 1).abs().pow(2).sum() + ((v - 2) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        return [w.detach().clone(), v.detach().clone()]
+
+    for x, y in zip(run(ut.LBFGS), run(torch.optim.LBFGS), strict=True):
+        assert (x - y).abs().max() <= TOL
