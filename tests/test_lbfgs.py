@@ -350,3 +350,9 @@ def test_complex_parameters_as_torch() -> None:
 
     for x, y in zip(run(ut.LBFGS), run(torch.optim.LBFGS), strict=True):
         assert (x - y).abs().max() <= TOL
+
+
+def test_the_generic_torch_optimizer_points_to_the_lbfgs_class() -> None:
+    with pytest.raises(TypeError, match="lbfgs evaluates the closure at trial points; use "
+                                        "uniopt.torch.LBFGS"):
+        ut.Optimizer([torch.nn.Parameter(torch.zeros(2))], uo.lbfgs())
