@@ -10,8 +10,8 @@
 """
 
 from . import schedules
-from .base import Elementwise, PerLeaf, Rule, Transform, WholeTree, chain
-from .engine import adjust, setup, update, update_
+from .base import Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
+from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
@@ -23,8 +23,10 @@ from .rules.adam import (
     scale_by_amsgrad,
     scale_by_optimistic_gradient,
 )
+from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
 from .rules.sgd import sgd
+from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
 from .transforms.clip import clip, clip_by_global_norm
 from .transforms.decay import weight_decay
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Elementwise",
+    "Minimizer",
     "PerLeaf",
     "Rule",
     "State",
@@ -50,6 +53,10 @@ __all__ = [
     "clip",
     "clip_by_global_norm",
     "from_optax",
+    "lbfgs",
+    "lbfgs_step",
+    "minimize_step",
+    "minimize_step_",
     "optimistic_adam",
     "pack",
     "register_dataclass",
@@ -67,6 +74,8 @@ __all__ = [
     "schedules",
     "setup",
     "sgd",
+    "scale_by_sparse_adam",
+    "sparse_adam",
     "trace",
     "trainables",
     "update",

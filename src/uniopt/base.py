@@ -10,7 +10,8 @@ algorithm:
   loop (the fast path).
 * :class:`PerLeaf`: sees one whole tensor (row/column factors, a per-tensor norm, a matrix
   iteration); the reference path runs it leaf by leaf.
-* :class:`WholeTree`: sees every leaf at once (an optax member).
+* :class:`WholeTree`: sees every leaf at once (an optax member); a :class:`Minimizer` also
+  evaluates the objective itself, through a closure (a line search, L-BFGS).
 
 Sign convention: an update ``u`` is *subtracted* from the parameter, ``p <- p - u`` (torch,
 Optimisers.jl and the papers write it so). The optax protocol negates it on the way out.
@@ -365,6 +366,22 @@ class WholeTree(Part):
 
     def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
         """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Minimizer(WholeTree):
+    """A whole-tree part that evaluates the objective itself: it is handed the params as one
+    flat vector ``x`` (every leaf raveled, in :func:`uniopt.trainables` order) and
+    ``evaluate(x) -> (loss, flat_grad)``, and returns the new ``x``. It runs only through
+    :func:`uniopt.minimize_step` (which supplies the closure) and is its rule's only part:
+    a part before it would see only the first gradient, one after it nothing.
+
+    ``minimize(xp, x, state, evaluate) -> (x, state, loss)``: ``loss`` is the first
+    evaluation's, as the closure returned it (torch's ``step(closure)`` returns it)."""
+
+    def minimize(self, xp: Any, x: Any, state: Any,
+                 evaluate: Callable[[Any], tuple[Any, Any]]) -> tuple[Any, Any, Any]:
         raise NotImplementedError
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import optree
 
 from . import backend, fast
-from .base import Elementwise, Part, PerLeaf, Transform, WholeTree, chain, members
+from .base import Elementwise, Minimizer, Part, PerLeaf, Transform, WholeTree, chain, members
 from .hyper import _traced
 from .interop.jax import register_state
 from .state import State
@@ -65,6 +66,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if not isinstance(rule, Transform):
         raise TypeError(f"setup: expected a uniopt rule or transform, got {rule!r}")
     leaves, treedef, _ = _leaves(params)
+    _alone(rule)
     register_state()  # JAX (flax) knows a State from the first one made after its import
     if state_dtype is not None and state_dtype not in ("float32", "float64"):
         raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
@@ -72,7 +74,8 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
         if isinstance(part, WholeTree):
-            _tree_library(leaves, part)
+            if not isinstance(part, Minimizer):
+                _tree_library(leaves, part)
             trees[keys[0]] = part.init_tree(params)
         elif keys:
             per_leaf = [
@@ -87,6 +90,18 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         xp = backend.namespace(leaves[0])
         step = xp.asarray(0, dtype=xp.int32)
     return State(rule, step, slots, treedef, state_dtype, trees)
+
+
+def _alone(rule: Transform) -> None:
+    """A rule with a :class:`~uniopt.base.Minimizer` holds nothing else: a part before it would
+    see only the first of the gradients it computes, a part after it none."""
+    parts = rule.flat_parts
+    found = [p for p in parts if isinstance(p, Minimizer)]
+    if found and len(parts) > 1:
+        raise ValueError(
+            f"{rule.name}: {found[0].name} evaluates the closure itself and must be its rule's "
+            f"only part; this rule has {[p.name for p in parts]}"
+        )
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
@@ -224,6 +239,12 @@ def _deltas(
     new_slots: dict[str, list[Any]] = {}
     new_trees: dict[str, Any] = {}
     for part, c, keys in plan:
+        if isinstance(part, Minimizer):
+            raise TypeError(
+                f"{state.rule.name} evaluates the loss at trial points: step it with "
+                "uniopt.minimize_step(state, params, closure) (or minimize_step_), where "
+                "closure(params) returns (loss, grads)"
+            )
         if isinstance(part, WholeTree):
             us, new_trees[keys[0]] = _apply_tree(part, us, state.tree_states[keys[0]], ps, state)
             continue
@@ -433,6 +454,106 @@ def update_(state: State, params: Any, grads: Any) -> State:
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
+
+
+Closure = Callable[[Any], tuple[Any, Any]]
+
+
+def minimize_step(state: State, params: Any, closure: Closure) -> tuple[State, Any, Any]:
+    """One step that evaluates the objective itself, pure: ``(new_state, new_params, loss)``.
+
+    ``closure(params) -> (loss, grads)`` gives the loss and the gradients (a tree shaped like
+    ``params`` or a flat list) at any params it is handed; ``loss`` returned is its first
+    value, at ``params``, as torch's ``step(closure)`` returns it. A rule whose part is a
+    :class:`~uniopt.base.Minimizer` (:func:`uniopt.lbfgs`) calls it at trial points; any
+    other rule calls it once and takes an :func:`update`.
+    """
+    return _minimize(state, params, closure, inplace=False)
+
+
+def minimize_step_(state: State, params: Any, closure: Closure) -> tuple[State, Any]:
+    """:func:`minimize_step` in place: ``(new_state, loss)``. The params are written with each
+    trial point before the closure sees them (so a closure may read them from elsewhere, as
+    torch's do), and with the new point at the end; if the closure raises they are put
+    back."""
+    new, _, loss = _minimize(state, params, closure, inplace=True)
+    return new, loss
+
+
+def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any:
+    if not callable(closure):
+        raise TypeError(f"minimize_step: closure must be callable (params -> (loss, grads)), "
+                        f"got {closure!r}")
+    leaves, treedef, names = _leaves(params)
+    _check_state(state, treedef, names, leaves)
+    part = next((p for p in state.rule.flat_parts if isinstance(p, Minimizer)), None)
+    if part is None:
+        loss, grads = _evaluation(closure(params))
+        if inplace:
+            return update_(state, params, grads), None, loss
+        return (*update(state, params, grads), loss)
+    _alone(state.rule)
+    if inplace:
+        _prologue(state, params, params, writes=True)
+    (key,) = state.rule.tree_layout
+    resolved = resolve(state.rule, state.step)[0][0]
+    assert isinstance(resolved, Minimizer)
+    xp = backend.namespace(leaves[0])
+    with backend.outside_autograd(leaves):
+        x0 = _flat(xp, leaves)
+
+    def evaluate(x: Any) -> tuple[Any, Any]:
+        at = _split(xp, x, leaves)
+        if inplace:
+            with backend.outside_autograd(leaves):
+                for p, v in zip(leaves, at, strict=True):
+                    backend.assign(p, v)
+            loss, grads = _evaluation(closure(params))
+        else:
+            loss, grads = _evaluation(closure(unflatten(treedef, at)))
+        g = _align_grads(grads, treedef, names, leaves)
+        with backend.outside_autograd(leaves):
+            return loss, _flat(xp, g)
+
+    try:
+        x, tree, loss = resolved.minimize(xp, x0, state.tree_states[key], evaluate)
+    except BaseException:
+        if inplace:
+            with backend.outside_autograd(leaves):
+                for p, v in zip(leaves, _split(xp, x0, leaves), strict=True):
+                    backend.assign(p, v)
+        raise
+    new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
+    with backend.outside_autograd(leaves):
+        out = _split(xp, x, leaves)
+        if inplace:
+            for p, v in zip(leaves, out, strict=True):
+                backend.assign(p, v)
+            return new, None, loss
+    return new, unflatten(treedef, [backend.like_leaf(v, p) for v, p in
+                                    zip(out, leaves, strict=True)]), loss
+
+
+def _evaluation(out: Any) -> tuple[Any, Any]:
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise TypeError(f"minimize_step: closure must return (loss, grads), got {out!r}")
+    return out
+
+
+def _flat(xp: Any, leaves: list[Any]) -> Any:
+    """Every leaf raveled into one vector (a copy: the caller's arrays are never aliased)."""
+    return xp.concat([xp.reshape(v, (-1,)) for v in leaves])
+
+
+def _split(xp: Any, x: Any, like: list[Any]) -> list[Any]:
+    """Flat vector ``x`` cut into arrays shaped (and typed) as ``like``."""
+    out, at = [], 0
+    for p in like:
+        n = math.prod(p.shape)
+        v = xp.reshape(x[at:at + n], tuple(p.shape))
+        out.append(v if v.dtype == p.dtype else xp.astype(v, p.dtype))
+        at += n
+    return out
 
 
 def optax_update(rule: Transform, grads: Any, state: Any, params: Any) -> tuple[Any, State]:

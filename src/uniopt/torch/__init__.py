@@ -1,10 +1,11 @@
 """Drop-in replacements for ``torch.optim``, run by uniopt's engine.
 
-``uniopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam`` and ``AdamW`` take torch's
-constructor arguments and defaults and subclass :class:`torch.optim.Optimizer`, so torch's
-``lr_scheduler`` classes, ``clip_grad_norm_``, hooks and training frameworks accept them; their
-``state_dict`` is torch's, slot names included, and loads into (and from) the torch class of the
-same name. :class:`Optimizer` wraps any uniopt rule or chain the same way.
+``uniopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam``, ``AdamW``, ``SparseAdam``
+and ``LBFGS`` take torch's constructor arguments and defaults and subclass
+:class:`torch.optim.Optimizer`, so torch's ``lr_scheduler`` classes, ``clip_grad_norm_``, hooks
+and training frameworks accept them; their ``state_dict`` is torch's, slot names included, and
+loads into (and from) the torch class of the same name. :class:`Optimizer` wraps any uniopt
+rule or chain the same way.
 
 This module is a skin over the engine, not a second implementation: each param group becomes a
 uniopt rule built from the group's values (numbers or uniopt schedules), and a step is one
@@ -36,7 +37,9 @@ Differences from torch, each on purpose:
   it dense); the other classes raise torch's errors.
 """
 
-from .named import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
+from .named import LBFGS, SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop, SparseAdam
 from .optimizer import Optimizer
 
-__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
+__all__ = [
+    "LBFGS", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop", "SparseAdam",
+]

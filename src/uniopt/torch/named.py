@@ -15,11 +15,15 @@ from typing import Any, ClassVar
 import torch
 
 from ..base import Transform
+from ..engine import flat_list_def, minimize_step_
 from ..rules.adadelta import adadelta
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw
+from ..rules.quasi_newton import lbfgs
 from ..rules.rmsprop import rmsprop
 from ..rules.sgd import sgd
+from ..rules.sparse_adam import sparse_adam
+from ..state import State
 from . import plans
 from .optimizer import Optimizer, plain
 
@@ -256,3 +260,147 @@ class AdamW(Adam):
     _torch_params = ("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "maximize", "foreach",
                      "capturable", "differentiable", "fused", "couple_lr")
     _fixed = {"decoupled_weight_decay": True}  # as torch's AdamW
+
+
+def _torch_lr(name: str, lr: Any, strict: bool) -> None:
+    """torch's checks of ``lr``, with its messages (``strict``: 0 is invalid too)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if callable(lr) and not isinstance(lr, torch.Tensor):
+        raise TypeError(f"{name}: lr must be a number or a 1-element tensor, got {lr!r}")
+    if not (0.0 < lr if strict else 0.0 <= lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+class SparseAdam(_Named):
+    """``torch.optim.SparseAdam``, run by :func:`uniopt.sparse_adam`: sparse gradients only;
+    the moments and the parameter change only at the entries the gradient holds (gathered,
+    duplicates summed, as torch). The state's ``step`` is an int, as torch's."""
+
+    rule = sparse_adam(skip_zeros=False)  # the entries handed over are exactly those present
+    _torch_params = ("lr", "betas", "eps", "maximize")
+    _sparse = "rows"
+
+    def _init(self, params: Any, defaults: dict[str, Any]) -> None:
+        _torch_lr("SparseAdam", defaults["lr"], strict=True)
+        eps, betas = defaults["eps"], defaults["betas"]
+        if not 0.0 < eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i in (0, 1):
+            if not 0.0 <= betas[i] < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
+        super()._init(params, defaults)
+        where = [[gi, j] for gi, g in enumerate(self.param_groups)
+                 for j, p in enumerate(g["params"])]
+        sparse = [w for w in where if self.param_groups[w[0]]["params"][w[1]].is_sparse]
+        if sparse:
+            raise ValueError(
+                f"Sparse params at indices {sparse}: SparseAdam requires dense parameter tensors"
+            )
+        complex_ = [w for w in where if self.param_groups[w[0]]["params"][w[1]].is_complex()]
+        if complex_:
+            raise ValueError(f"Complex params at indices {complex_}: SparseAdam does not "
+                             "support complex parameters")
+
+    def _prepare(self, gi: int, group: dict[str, Any]) -> Any:
+        for p in group["params"]:
+            if p.grad is not None and not p.grad.is_sparse:
+                raise RuntimeError(
+                    "SparseAdam does not support dense gradients, please consider Adam instead"
+                )
+        return super()._prepare(gi, group)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"] = {k: {**st, "step": int(st["step"])} if "step" in st else st
+                       for k, st in sd["state"].items()}
+        return sd
+
+
+# LBFGS's state, under torch's names, kept in the state of the first parameter
+_LBFGS_KEYS = ("func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag",
+               "prev_flat_grad", "prev_loss", "al")
+
+
+class LBFGS(_Named):
+    """``torch.optim.LBFGS``, run by :func:`uniopt.lbfgs` through
+    :func:`uniopt.minimize_step_`: one parameter group, ``step(closure)`` with the closure
+    required; the state (``old_dirs``, ``old_stps``, ``ro``, ``d``, ``t``, ``H_diag``,
+    ``prev_flat_grad``, ``prev_loss``, ``al``, ``n_iter``, ``func_evals``) is torch's, in the
+    state of the first parameter. Complex parameters count as their real and imaginary
+    parts, and sparse gradients as dense, as in torch."""
+
+    rule = lbfgs()
+    _torch_params = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
+                     "history_size", "line_search_fn")
+
+    def _init(self, params: Any, defaults: dict[str, Any]) -> None:
+        _torch_lr("LBFGS", defaults["lr"], strict=False)
+        if defaults["max_eval"] is None:
+            defaults = {**defaults, "max_eval": defaults["max_iter"] * 5 // 4}
+        super()._init(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+
+    def _step(self, closure: Any = None) -> Any:
+        if closure is None:
+            raise TypeError(
+                "LBFGS.step needs a closure that clears the gradients, computes the loss, "
+                "calls backward() and returns the loss: opt.step(closure)"
+            )
+        if len(self.param_groups) != 1:
+            raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+        group = self.param_groups[0]
+        rule, _ = self._rule(group)
+        ps = group["params"]
+        leaves = [plans.real(p.detach()) for p in ps]
+        st = self.state[ps[0]]
+        tree = {"func_evals": 0, "n_iter": 0, **{k: st[k] for k in _LBFGS_KEYS if k in st}}
+        state = State(rule, 0, {}, flat_list_def(len(ps)), None, {rule.tree_layout[0]: tree})
+
+        def evaluate(_: Any) -> tuple[Any, list[torch.Tensor]]:
+            with torch.enable_grad():
+                loss = closure()
+            return loss, [_flat_grad(p, q) for p, q in zip(ps, leaves, strict=True)]
+
+        with torch.no_grad():
+            new, loss = minimize_step_(state, leaves, evaluate)
+        st.update(new.tree_states[rule.tree_layout[0]])
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` after checking that the state is an LBFGS state of as
+        many parameters, its history as long as theirs; nothing changes on an error."""
+        where = "LBFGS.load_state_dict"
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or len(groups) != 1 or "state" not in state_dict:
+            raise ValueError(f"{where}: expected the state_dict of an LBFGS (one parameter "
+                             "group); nothing was loaded")
+        ps = self.param_groups[0]["params"]
+        if len(groups[0]["params"]) != len(ps):
+            raise ValueError(f"{where}: the state has {len(groups[0]['params'])} parameters, "
+                             f"this optimizer {len(ps)}; nothing was loaded")
+        n = sum(plans.real(p).numel() for p in ps)
+        for k, st in state_dict["state"].items():
+            extra = sorted(set(st) - set(_LBFGS_KEYS))
+            if extra:
+                raise ValueError(f"{where}: the state of parameter {k} has {extra}, which "
+                                 "LBFGS does not keep; nothing was loaded")
+            vectors = [st.get("d"), st.get("prev_flat_grad"), *st.get("old_dirs", ()),
+                       *st.get("old_stps", ())]
+            for v in vectors:
+                if v is not None and (not isinstance(v, torch.Tensor) or v.numel() != n):
+                    raise ValueError(f"{where}: the state of parameter {k} holds a vector of "
+                                     f"{getattr(v, 'shape', v)}, these parameters have {n} "
+                                     "elements; nothing was loaded")
+        torch.optim.Optimizer.load_state_dict(self, state_dict)
+
+
+def _flat_grad(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``p``'s gradient as the engine sees ``p`` (0 where it has none; dense; complex as real)."""
+    g = p.grad
+    if g is None:
+        return torch.zeros_like(like)
+    if g.is_sparse:
+        g = g.to_dense()
+    return plans.real(g.detach())

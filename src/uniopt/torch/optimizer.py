@@ -12,7 +12,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
-from ..base import Transform, chain, members
+from ..base import Minimizer, Transform, chain, members
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
@@ -116,6 +116,11 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(rule, Transform):
             raise TypeError(
                 f"uniopt.torch.Optimizer: expected a uniopt rule or chain, got {rule!r}"
+            )
+        if any(isinstance(p, Minimizer) for p in rule.flat_parts):
+            raise TypeError(
+                f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
+                "use uniopt.torch.LBFGS"
             )
         if rule.tree_layout:
             raise TypeError(
@@ -359,5 +364,9 @@ def _check_fused(ps: list[torch.Tensor], has: list[bool]) -> None:
             )
 
 
+def _own_step(self: Optimizer, closure: Callable[[], float] | None = None) -> float | None:
+    return self._step(closure)  # the class's own (LBFGS has another)
+
+
 # torch's own wrapper (hooks, then the profiler's label and entry point) around the step
-_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(Optimizer._step)
+_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(_own_step)
