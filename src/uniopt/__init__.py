@@ -14,6 +14,7 @@ from .base import Elementwise, PerLeaf, Rule, Transform, WholeTree, chain
 from .engine import adjust, setup, update, update_
 from .interop.optax import from_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
+from .rules.adafactor import adafactor, scale_by_factored_rms, scale_by_param_scale
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
 from .rules.adam import (
     adam,
@@ -23,6 +24,7 @@ from .rules.adam import (
     scale_by_amsgrad,
     scale_by_optimistic_gradient,
 )
+from .rules.matrix import ema_momentum, muon, orthogonalize, scale_by_shape_lr
 from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
 from .rules.sgd import sgd
 from .state import State
@@ -42,6 +44,7 @@ __all__ = [
     "Transform",
     "WholeTree",
     "adadelta",
+    "adafactor",
     "adagrad",
     "adam",
     "adamw",
@@ -49,8 +52,11 @@ __all__ = [
     "chain",
     "clip",
     "clip_by_global_norm",
+    "ema_momentum",
     "from_optax",
+    "muon",
     "optimistic_adam",
+    "orthogonalize",
     "pack",
     "register_dataclass",
     "rmsprop",
@@ -60,10 +66,13 @@ __all__ = [
     "scale_by_adam",
     "scale_by_amsgrad",
     "scale_by_centered_rms",
+    "scale_by_factored_rms",
     "scale_by_lr",
     "scale_by_optimistic_gradient",
+    "scale_by_param_scale",
     "scale_by_rms",
     "scale_by_rss",
+    "scale_by_shape_lr",
     "schedules",
     "setup",
     "sgd",
