@@ -97,7 +97,7 @@ class orthogonalize(PerLeaf):
         a, b, c = self.ns_coefficients
         return NewtonSchulz(a=a, b=b, c=c, eps=self.eps)
 
-    def apply(self, xp, c, p, u):  # type: ignore[override]
+    def apply(self, xp, c, p, u):
         wide = u.shape[-2] <= u.shape[-1]
         x = u if wide else xp.matrix_transpose(u)
         norm = xp.sqrt(xp.sum(x * x, axis=(-2, -1), keepdims=True))

@@ -1,7 +1,8 @@
 """Drop-in replacements for ``torch.optim``, run by uniopt's engine.
 
-``uniopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam`` and ``AdamW`` take torch's
-constructor arguments and defaults and subclass :class:`torch.optim.Optimizer`, so torch's
+``uniopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam``, ``AdamW``, ``Adafactor``
+and ``Muon`` take torch's constructor arguments and defaults and subclass
+:class:`torch.optim.Optimizer`, so torch's
 ``lr_scheduler`` classes, ``clip_grad_norm_``, hooks and training frameworks accept them; their
 ``state_dict`` is torch's, slot names included, and loads into (and from) the torch class of the
 same name. :class:`Optimizer` wraps any uniopt rule or chain the same way.
@@ -33,7 +34,8 @@ Differences from torch, each on purpose:
   it dense); the other classes raise torch's errors.
 """
 
-from .named import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
+from .named import SGD, Adadelta, Adafactor, Adagrad, Adam, AdamW, Muon, RMSprop
 from .optimizer import Optimizer
 
-__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
+__all__ = ["SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Muon", "Optimizer",
+           "RMSprop"]
