@@ -68,8 +68,8 @@ def _check_adjust_lr_fn(owner: str, fn: Any) -> None:
 
 def _matrix_error(shape: tuple[int, ...]) -> str | None:
     return None if len(shape) == 2 else (
-        f"it is not a matrix (Muon orthogonalises 2-D updates; give {len(shape)}-D parameters "
-        "to another rule, e.g. with uniopt.torch param groups)"
+        "it is not a matrix (Muon orthogonalises 2-D updates; update other parameters with "
+        "another rule)"
     )
 
 
