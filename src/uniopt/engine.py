@@ -357,8 +357,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     Only cheap whole-tree work happens here; the strategies check each leaf."""
     if not isinstance(state, State) or state.tree_states:
         return None  # an optax transform in the chain: JAX runs it, on the whole tree
-    if state.rule.has_per_leaf:
-        return None  # the strategies run elementwise parts only: not their kind, no warning
+    if state.rule.has_per_leaf:  # decided here: a strategy would look at its slots first
+        return "a part that is not elementwise (per-leaf parts run on the reference path)"
     if type(params) is list and state.treedef == flat_list_def(len(params)):
         leaves = params
     else:
