@@ -14,6 +14,7 @@ from .base import Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, c
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
+from .rules.adafactor import adafactor, scale_by_factored_rms, scale_by_param_scale
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
 from .rules.adam import (
     adam,
@@ -23,6 +24,7 @@ from .rules.adam import (
     scale_by_amsgrad,
     scale_by_optimistic_gradient,
 )
+from .rules.matrix import ema_momentum, muon, orthogonalize, scale_by_shape_lr
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
 from .rules.sgd import sgd
@@ -45,6 +47,7 @@ __all__ = [
     "Transform",
     "WholeTree",
     "adadelta",
+    "adafactor",
     "adagrad",
     "adam",
     "adamw",
@@ -52,12 +55,15 @@ __all__ = [
     "chain",
     "clip",
     "clip_by_global_norm",
+    "ema_momentum",
     "from_optax",
     "lbfgs",
     "lbfgs_step",
     "minimize_step",
     "minimize_step_",
+    "muon",
     "optimistic_adam",
+    "orthogonalize",
     "pack",
     "register_dataclass",
     "rmsprop",
@@ -67,10 +73,13 @@ __all__ = [
     "scale_by_adam",
     "scale_by_amsgrad",
     "scale_by_centered_rms",
+    "scale_by_factored_rms",
     "scale_by_lr",
     "scale_by_optimistic_gradient",
+    "scale_by_param_scale",
     "scale_by_rms",
     "scale_by_rss",
+    "scale_by_shape_lr",
     "schedules",
     "setup",
     "sgd",

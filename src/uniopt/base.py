@@ -9,7 +9,9 @@ algorithm:
   it on whole arrays of any library (the reference path) and compiles runs of them into one
   loop (the fast path).
 * :class:`PerLeaf`: sees one whole tensor (row/column factors, a per-tensor norm, a matrix
-  iteration); the reference path runs it leaf by leaf.
+  iteration); the reference path runs it leaf by leaf, or, where it says it takes a batch,
+  once per set of same-shaped leaves stacked. Its slots may have other shapes than the leaf
+  (:meth:`Part.slot_shapes`).
 * :class:`WholeTree`: sees every leaf at once (an optax member); a :class:`Minimizer` also
   evaluates the objective itself, through a closure (a line search, L-BFGS).
 
@@ -32,6 +34,8 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
+
+import array_api_compat as aac
 
 from .hyper import Complemented, DeviceNumber, HostFacts, Interval, _traced, check, on_host, resolve
 
@@ -242,6 +246,12 @@ class Transform:
         return tuple(out)
 
     @functools.cached_property
+    def has_per_leaf(self) -> bool:
+        """Whether a part sees whole leaves: the compiled strategies, which run elementwise
+        parts, leave such a rule to the reference path."""
+        return any(isinstance(p, PerLeaf) for p in self.flat_parts)
+
+    @functools.cached_property
     def tree_layout(self) -> tuple[str, ...]:
         """Names of the whole-tree parts, each with one state entry (``from_optax``...)."""
         return tuple(name for name, p in _numbered(self.flat_parts) if isinstance(p, WholeTree))
@@ -254,6 +264,12 @@ class Transform:
             for name, p in _numbered(self.flat_parts)
             if not isinstance(p, WholeTree) and p.slots
         )
+
+    def slot_shapes_of(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
+        """The shape of each slot (by its key in ``State.slots``) of a leaf of ``shape``; None
+        where such a leaf keeps none."""
+        return {key: s for part, keys in self.keyed_parts if not isinstance(part, WholeTree)
+                for key, s in zip(keys, part.slot_shapes(tuple(shape)), strict=True)}
 
     @functools.cached_property
     def slot_keys(self) -> tuple[tuple[str, str], ...]:
@@ -316,8 +332,19 @@ class Part(Transform):
     def parts(self) -> tuple[Part, ...]:
         return (self,)
 
+    def slot_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...] | None, ...]:
+        """Each slot's shape for a leaf of ``shape``: the leaf's own, unless a part keeps
+        other statistics (Adafactor's row and column factors); None where a leaf of this shape
+        keeps no such slot (Adafactor's ``variance`` of a matrix)."""
+        return (tuple(shape),) * len(self.slots)
+
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
-        return tuple(xp.zeros_like(p) for _ in self.slots)
+        shape = tuple(p.shape)
+        return tuple(
+            None if s is None else xp.zeros_like(p) if s == shape
+            else xp.zeros(s, dtype=p.dtype, device=aac.device(p))
+            for s in self.slot_shapes(shape)
+        )
 
     def coeffs(self, step: Any) -> tuple[Any, ...]:
         """The numbers the kernel needs at ``step`` (self is already resolved), as a
@@ -348,6 +375,21 @@ class PerLeaf(Part):
     reduce over the leaf or reshape it (row/column statistics, a per-tensor norm, a matrix
     iteration). The reference path runs it leaf by leaf; a compiled strategy runs the
     elementwise parts around it."""
+
+    # ``apply`` takes leaves stacked along a new leading axis (a batch of one or more, the
+    # trailing axes each leaf's own): the engine then stacks the leaves of one shape and dtype
+    # into one call (Muon on a transformer's identical blocks: one batched matmul chain)
+    batched: ClassVar[bool] = False
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        """Why this part cannot update a leaf of ``shape`` (Muon: it is not a matrix), or None.
+        Asked at set-up and at every step, before anything is written."""
+        return None
+
+    def leaf_coeffs(self, c: Any, shape: tuple[int, ...]) -> Any:
+        """The coefficients for a leaf of ``shape``, from the step's ``c`` (Muon's learning
+        rate, adjusted to the matrix's aspect); the same for every leaf of one shape."""
+        return c
 
     @staticmethod
     def apply(xp: Any, c: Any, p: Any, u: Any, *slots: Any) -> tuple[Any, ...]:

@@ -65,8 +65,9 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     """
     if not isinstance(rule, Transform):
         raise TypeError(f"setup: expected a uniopt rule or transform, got {rule!r}")
-    leaves, treedef, _ = _leaves(params)
+    leaves, treedef, names = _leaves(params)
     _alone(rule)
+    _check_shapes(rule, names, leaves)
     register_state()  # JAX (flax) knows a State from the first one made after its import
     if state_dtype is not None and state_dtype not in ("float32", "float64"):
         raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
@@ -82,7 +83,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
                 part.init_slots(_stored(p, state_dtype), backend.namespace(p)) for p in leaves
             ]
             for k, key in enumerate(keys):
-                slots[key] = [s[k] for s in per_leaf]
+                slots[key] = [s[k] for s in per_leaf]  # None: a leaf of that shape keeps none
     # a JAX state counts in a JAX array, as optax's do: a Python int would be static to
     # equinox's filter_jit (a recompile every step) and weakly typed to jax.jit
     step: Any = 0
@@ -102,6 +103,18 @@ def _alone(rule: Transform) -> None:
             f"{rule.name}: {found[0].name} evaluates the closure itself and must be its rule's "
             f"only part; this rule has {[p.name for p in parts]}"
         )
+
+
+def _check_shapes(rule: Transform, names: list[str], leaves: list[Any]) -> None:
+    """Raise where a per-leaf part cannot take a leaf of its shape (Muon: not a matrix)."""
+    for part in rule.flat_parts:
+        if isinstance(part, PerLeaf):
+            for name, p in zip(names, leaves, strict=True):
+                reason = part.check_shape(tuple(p.shape))
+                if reason:
+                    raise ValueError(
+                        f"{rule.name}: {name} has shape {tuple(p.shape)}: {reason}"
+                    )
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
@@ -133,8 +146,8 @@ def _compute_dtype(p: Any, xp: Any, state_dtype: str | None) -> Any:
 
 
 def _in(x: Any, dtype: Any, xp: Any) -> Any:
-    """``x`` in ``dtype`` (None: as it is)."""
-    return x if dtype is None or x.dtype == dtype else xp.astype(x, dtype)
+    """``x`` in ``dtype`` (None: as it is); a slot a leaf does not keep stays None."""
+    return x if x is None or dtype is None or x.dtype == dtype else xp.astype(x, dtype)
 
 
 def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any]) -> list[Any]:
@@ -185,16 +198,24 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
             "params do not have the tree structure this state was set up for: "
             f"state has {state.treedef}, params are {treedef}"
         )
+    _check_shapes(state.rule, names, params)
+    shapes: dict[tuple[int, ...], dict[str, Any]] = {}  # the slots' shapes, by leaf shape
     for key, arrays in state.slots.items():
         for name, p, s in zip(names, params, arrays, strict=True):
             dtype = p.dtype
             if state.state_dtype is not None:
                 dtype = getattr(backend.namespace(p), state.state_dtype)
-            if tuple(s.shape) != tuple(p.shape) or s.dtype != dtype:
+            shape = tuple(p.shape)
+            want = shapes.get(shape)
+            if want is None:
+                want = shapes[shape] = state.rule.slot_shapes_of(shape)
+            if want.get(key, shape) is None and s is None:
+                continue
+            if s is None or tuple(s.shape) != want.get(key, shape) or s.dtype != dtype:
+                got = "none" if s is None else f"shape {tuple(s.shape)} and dtype {s.dtype}"
                 raise ValueError(
                     f"{name} has shape {tuple(p.shape)} and dtype {p.dtype}, but the state's "
-                    f"{key} for it has shape {tuple(s.shape)} and dtype {s.dtype}: this state "
-                    "was set up for other params"
+                    f"{key} for it has {got}: this state was set up for other params"
                 )
 
 
@@ -248,19 +269,21 @@ def _deltas(
         if isinstance(part, WholeTree):
             us, new_trees[keys[0]] = _apply_tree(part, us, state.tree_states[keys[0]], ps, state)
             continue
-        fn: Callable[..., tuple[Any, ...]]
-        if isinstance(part, Elementwise):
+        if isinstance(part, PerLeaf):
+            outs = _per_leaf(part, c, [[read(state.slots[k][i], dt, xp) for k in keys]
+                                       for i, (xp, dt) in enumerate(zip(xps, dts, strict=True))],
+                             xps, ps, us)
+        else:
+            assert isinstance(part, Elementwise)
             if part.needs_norm:
                 c = part.norm_coeffs(_norm(us, xps))
             fn = part.kernel
-        else:
-            assert isinstance(part, PerLeaf)
-            fn = part.apply
-        cs = _per_dtype(c, us)
-        outs = [
-            fn(xp, cs.get(u.dtype, c), p, u, *(read(state.slots[k][i], dt, xp) for k in keys))
-            for i, (xp, dt, p, u) in enumerate(zip(xps, dts, ps, us, strict=True))
-        ]
+            cs = _per_dtype(c, us)
+            outs = [
+                fn(xp, cs.get(u.dtype, c), p, u,
+                   *(read(state.slots[k][i], dt, xp) for k in keys))
+                for i, (xp, dt, p, u) in enumerate(zip(xps, dts, ps, us, strict=True))
+            ]
         us = [o[0] for o in outs]
         for j, k in enumerate(keys):
             new_slots[k] = [o[j + 1] for o in outs]
@@ -268,8 +291,42 @@ def _deltas(
 
 
 def _copy(x: Any, dtype: Any, xp: Any) -> Any:
-    """A copy of torch tensor ``x`` in ``dtype`` (None: its own), in autograd's graph."""
+    """A copy of torch tensor ``x`` in ``dtype`` (None: its own), in autograd's graph (a slot
+    a leaf does not keep: None)."""
+    if x is None:
+        return None
     return x.clone() if dtype is None else x.to(dtype, copy=True)
+
+
+def _per_leaf(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[Any], ps: list[Any],
+              us: list[Any]) -> list[tuple[Any, ...]]:
+    """A per-leaf part's ``(u, *slots)`` for every leaf: one call per leaf, or for a part that
+    takes a batch, one per set of leaves of one shape and dtype, stacked along a new leading
+    axis (a leaf alone is a batch of one, so batching never changes a number). Each call gets
+    the coefficients the part gives for its leaves' shape."""
+    groups: dict[Any, list[int]] = {}
+    for i, u in enumerate(us):
+        groups.setdefault((tuple(u.shape), u.dtype) if part.batched else i, []).append(i)
+    outs: list[Any] = [None] * len(us)
+    for idx in groups.values():
+        first, xp = us[idx[0]], xps[idx[0]]
+        lc = part.leaf_coeffs(c, tuple(first.shape))
+        lc = _per_dtype(lc, [first]).get(first.dtype, lc)
+        if not part.batched:
+            i = idx[0]
+            outs[i] = part.apply(xp, lc, ps[i], us[i], *slots[i])
+            continue
+
+        def stack(xs: list[Any], xp: Any = xp) -> Any:
+            if xs[0] is None:
+                return None
+            return xp.expand_dims(xs[0], axis=0) if len(xs) == 1 else xp.stack(xs)
+
+        out = part.apply(xp, lc, stack([ps[i] for i in idx]), stack([us[i] for i in idx]),
+                         *(stack([slots[i][k] for i in idx]) for k in range(len(slots[idx[0]]))))
+        for j, i in enumerate(idx):
+            outs[i] = tuple(None if o is None else o[j, ...] for o in out)
+    return outs
 
 
 def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
@@ -338,6 +395,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         # an optax transform in the chain: JAX runs it, on the whole tree; a step autograd
         # records: the reference path's torch operations
         return None
+    if state.rule.has_per_leaf:  # decided here: a strategy would look at its slots first
+        return "a part that is not elementwise (per-leaf parts run on the reference path)"
     if type(params) is list and state.treedef == flat_list_def(len(params)):
         leaves = params
     else:
@@ -399,7 +458,7 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
                 raise TypeError(f"update_ cannot write {name} in place: {reason}")
         for key, arrays in state.slots.items():
             for name, s in zip(names, arrays, strict=True):
-                reason = backend.immutable_reason(s)
+                reason = None if s is None else backend.immutable_reason(s)
                 if reason:
                     raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
     return _Step(p_leaves, g_leaves, treedef)
@@ -408,7 +467,7 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
 def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[str, list[Any]]:
     """The new slots of a pure update, aliasing none of the inputs."""
     return {
-        key: [_as_new_array(s, old, (p, g, old)) for s, p, g, old in
+        key: [None if old is None else _as_new_array(s, old, (p, g, old)) for s, p, g, old in
               zip(arrays, step.params, step.grads, state.slots[key], strict=True)]
         for key, arrays in slots.items()
     }
@@ -450,7 +509,8 @@ def update_(state: State, params: Any, grads: Any) -> State:
         backend.assign(p, p - u)
     for key, arrays in slots.items():
         for old, new in zip(state.slots[key], arrays, strict=True):
-            backend.assign(old, new)
+            if old is not None:
+                backend.assign(old, new)
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)

@@ -1,7 +1,7 @@
 """Drop-in replacements for ``torch.optim``, run by uniopt's engine.
 
-``uniopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam``, ``AdamW``, ``SparseAdam``
-and ``LBFGS`` take torch's constructor arguments and defaults and subclass
+``uniopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam``, ``AdamW``, ``SparseAdam``,
+``LBFGS``, ``Adafactor`` and ``Muon`` take torch's constructor arguments and defaults and subclass
 :class:`torch.optim.Optimizer`, so torch's ``lr_scheduler`` classes, ``clip_grad_norm_``, hooks
 and training frameworks accept them; their ``state_dict`` is torch's, slot names included, and
 loads into (and from) the torch class of the same name. :class:`Optimizer` wraps any uniopt
@@ -37,9 +37,21 @@ Differences from torch, each on purpose:
   it dense); the other classes raise torch's errors.
 """
 
-from .named import LBFGS, SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop, SparseAdam
+from .named import (
+    LBFGS,
+    SGD,
+    Adadelta,
+    Adafactor,
+    Adagrad,
+    Adam,
+    AdamW,
+    Muon,
+    RMSprop,
+    SparseAdam,
+)
 from .optimizer import Optimizer
 
 __all__ = [
-    "LBFGS", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop", "SparseAdam",
+    "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Muon", "Optimizer",
+    "RMSprop", "SparseAdam",
 ]

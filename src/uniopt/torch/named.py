@@ -17,8 +17,10 @@ import torch
 from ..base import Transform
 from ..engine import flat_list_def, minimize_step_
 from ..rules.adadelta import adadelta
+from ..rules.adafactor import adafactor
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw
+from ..rules.matrix import muon
 from ..rules.quasi_newton import lbfgs
 from ..rules.rmsprop import rmsprop
 from ..rules.sgd import sgd
@@ -404,3 +406,60 @@ def _flat_grad(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if g.is_sparse:
         g = g.to_dense()
     return plans.real(g.detach())
+
+
+def _check_params(cls_name: str, param_group: Any,
+                  why: Callable[[torch.Tensor], str | None]) -> None:
+    """Raise, naming the parameter, where ``why`` finds one of the group's parameters that the
+    class cannot update (before torch's ``add_param_group`` adds anything)."""
+    params = param_group.get("params") if isinstance(param_group, dict) else None
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif params is not None and not isinstance(params, (list, tuple, set)):
+        param_group["params"] = params = list(params)  # as torch: read a generator once
+    for j, q in enumerate(params or ()):
+        t = q[1] if isinstance(q, tuple) else q
+        reason = why(t) if isinstance(t, torch.Tensor) else None
+        if reason:
+            raise ValueError(f"{cls_name}: parameter {j} of this group {reason}")
+
+
+def _complex(t: torch.Tensor) -> str | None:
+    return f"is complex ({t.dtype}), which it does not support" if t.is_complex() else None
+
+
+class Adafactor(_Named):
+    """``torch.optim.Adafactor``, run by :func:`uniopt.adafactor`: ``row_var`` and ``col_var``
+    for parameters of two or more dimensions, ``variance`` for the others, as torch keeps
+    them. Complex parameters are rejected when added (torch: at the step)."""
+
+    rule = adafactor()
+    _torch_params = ("lr", "beta2_decay", "eps", "d", "weight_decay", "*", "foreach", "maximize")
+    _sparse_error = "Adafactor does not support sparse gradients"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_params(self._name, param_group, _complex)
+        super().add_param_group(param_group)
+
+
+def _not_matrix(t: torch.Tensor) -> str | None:
+    if t.ndim != 2:
+        return (f"has shape {tuple(t.shape)}; Muon updates 2-D parameters only (give biases "
+                "and embeddings to another optimizer, e.g. AdamW)")
+    return _complex(t)
+
+
+class Muon(_Named):
+    """``torch.optim.Muon``, run by :func:`uniopt.muon`; same-shaped matrices of a group are
+    orthogonalised in one batched matmul chain. As torch's, it rejects a parameter that is not
+    a matrix when it is added. The Newton-Schulz iteration runs in the parameter's dtype
+    (torch's rounds it to bfloat16), so steps differ from torch's by that rounding."""
+
+    rule = muon()
+    _torch_params = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
+                     "ns_steps", "adjust_lr_fn")
+    _sparse_error = "Muon does not support sparse gradients"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_params(self._name, param_group, _not_matrix)
+        super().add_param_group(param_group)

@@ -117,6 +117,11 @@ def _view(t: torch.Tensor, spec: Spec) -> Any:
     return backend.numpy_view(t)
 
 
+def _slot_view(t: torch.Tensor | None, spec: Spec) -> Any:
+    """:func:`_view` of a slot; None where the parameter keeps no such slot."""
+    return None if t is None else _view(t, spec)
+
+
 def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     """The engine's view of gradient ``g`` of ``p``, laid out as ``p``'s view (copied when it is
     laid out otherwise); a sparse ``g`` made dense."""
@@ -190,6 +195,10 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
     if st.get("step") is not steps.views[i]:
         steps.set(i, state_step(st))
         st["step"] = steps.views[i]
+    # a slot a parameter of this shape does not keep (Adafactor's variance of a matrix) is
+    # absent from its state, as in torch's
+    shapes = rule.slot_shapes_of(tuple(real(p).shape))
+    names = [(key, name) for key, name in names if shapes[key] is not None]
     missing = [(key, name) for key, name in names if name not in st]
     if missing:
         sd = None if p.is_complex() else state_dtype
@@ -206,7 +215,7 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
             s = s.to(wanted)
         if spec == PLAIN and not s.is_contiguous():
             s = s.contiguous()
-        elif spec is not None and spec[0] == "np" and s.stride() != p.stride():
+        elif spec is not None and spec[0] == "np" and s.stride() != real(p).stride():
             # laid out as p, so one view walks both
             s = torch.empty_like(p, dtype=s.dtype).copy_(s)
         st[name] = s
@@ -244,7 +253,8 @@ class Plan:
     specs: list[Spec]  # per entry of sel
     fast: bool  # every entry of sel is a plain NumPy view: gradients via numpy_views
     states: list[dict[str, Any]]
-    checks: list[tuple[str, list[torch.Tensor]]]  # slot name -> the tensors the views are of
+    # slot name -> the tensors the views are of (None: a parameter that keeps no such slot)
+    checks: list[tuple[str, list[torch.Tensor | None]]]
     runs: list[Run]
     rows: list[int]  # parameters with sparse gradients updated row by row
     sparse: list[bool]
@@ -367,8 +377,11 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             rows.append(i)
             continue
         s = TRACKED if tracked else spec(p)
-        if s[0] == "np" and p.dtype == torch.bfloat16 and not compiled:
-            s = ("torch", None)  # the views of its bits are for the compiled loop only
+        if s[0] == "np" and (rule.has_per_leaf or p.dtype == torch.bfloat16 and not compiled):
+            # per-leaf parts run on the reference path, where torch's own ops serve as well
+            # as NumPy's (and slots of other shapes need no relayout); the views of bfloat16
+            # bits are for the compiled loop only
+            s = ("torch", None)
         st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
         key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]))
         runs.setdefault(key, []).append(len(sel))
@@ -385,12 +398,13 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
                 pos=None if whole else pos,
                 idx=None if whole and len(sel) == len(ps) else idx,
                 params=[_view(sel_params[k], specs[k]) for k in pos],
-                slots={key: [_view(states[k][name], specs[k]) for k in pos] for key, name in names},
+                slots={key: [_slot_view(states[k].get(name), specs[k]) for k in pos]
+                       for key, name in names},
                 tensors=[sel_params[k] for k in pos],
                 numpy=kind == "np",
             )
         )
-    checks = [(name, [st[name] for st in states]) for _, name in names]
+    checks = [(name, [st.get(name) for st in states]) for _, name in names]
     checks.append(("step", [steps.views[i] for i in sel]))
     return Plan(
         group=group,

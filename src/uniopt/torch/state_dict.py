@@ -68,7 +68,9 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 f"keeps {sorted(known)}): is it the state of another optimizer? nothing "
                 "was loaded"
             )
-        names = {name for _, name in opt._slot_names(rule)}
+        shapes = rule.slot_shapes_of(tuple(p.shape))
+        expected = {name: shapes.get(key) for key, name in opt._slot_names(rule)}
+        names = {name for name, shape in expected.items() if shape is not None}
         needed = sorted(names - set(st) - {"momentum_buffer"})
         if needed and set(st) - {"step"}:
             raise ValueError(f"{where}: {what} lacks the slots {needed}; nothing was loaded")
@@ -80,8 +82,10 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                     f"{where}: {what} has {name} of type {type(v).__name__}, not a tensor; "
                     "nothing was loaded"
                 )
-            if tuple(v.shape) != tuple(p.shape):
+            want = expected.get(name, tuple(p.shape))
+            if want is None or tuple(v.shape) != want:
+                keeps = "keeps no such slot" if want is None else f"keeps it in shape {want}"
                 raise ValueError(
                     f"{where}: {what} has {name} of shape {tuple(v.shape)}, but that "
-                    f"parameter has shape {tuple(p.shape)}; nothing was loaded"
+                    f"parameter has shape {tuple(p.shape)} and {keeps}; nothing was loaded"
                 )

@@ -1,0 +1,188 @@
+"""Rules that treat a parameter as a matrix: Muon (Jordan et al., 2024)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from ..base import Elementwise, Kernel, PerLeaf, Rule, Transform
+from ..hyper import NONNEG, Interval, hyper
+from ..moments import lerp
+
+# Keller Jordan's quintic: the slope at 0 is as large as keeps the iteration's fixed band
+# around 1 (singular values end in about [0.7, 1.2], not exactly 1)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+class Ema(NamedTuple):
+    momentum: Any
+    one_minus_momentum: Any
+
+
+def _ema_heavy_ball(xp, c, p, u, b):
+    b = lerp(b, u, c.one_minus_momentum)
+    return b, b
+
+
+def _ema_nesterov(xp, c, p, u, b):
+    b = lerp(b, u, c.one_minus_momentum)
+    return lerp(u, b, c.momentum), b
+
+
+@dataclass(frozen=True)
+class ema_momentum(Elementwise):
+    """Momentum as a moving average (torch's Muon): ``b <- lerp(b, u, 1 - momentum)``,
+    ``u <- b``; with ``nesterov``, ``u <- lerp(u, b, momentum)``."""
+
+    momentum: Any = hyper(0.95, NONNEG)
+    nesterov: bool = True
+    slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+
+    def coeffs(self, step: Any) -> Ema:
+        return Ema(momentum=self.momentum, one_minus_momentum=self.one_minus("momentum"))
+
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return _ema_nesterov if self.nesterov else _ema_heavy_ball
+
+
+class NewtonSchulz(NamedTuple):
+    a: Any
+    b: Any
+    c: Any
+    eps: Any
+
+
+def _check_ns_steps(owner: str, n: Any) -> None:
+    # torch: "less than 100 for computational efficiency"
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 100:
+        raise ValueError(f"{owner}: ns_steps must be an integer in [0, 100), got {n!r}")
+
+
+def _check_adjust_lr_fn(owner: str, fn: Any) -> None:
+    if fn not in ADJUST_LR_FNS:
+        raise ValueError(f"{owner}: adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {fn!r}")
+
+
+def _matrix_error(shape: tuple[int, ...]) -> str | None:
+    return None if len(shape) == 2 else (
+        "it is not a matrix (Muon orthogonalises 2-D updates; update other parameters with "
+        "another rule)"
+    )
+
+
+@dataclass(frozen=True)
+class orthogonalize(PerLeaf):
+    """``u <- NS_k(u)``: ``ns_steps`` Newton-Schulz steps towards the orthogonal factor of
+    ``u = U S V^T`` (``U V^T``, singular values ending near 1). ``X <- u / max(|u|_F, eps)``,
+    transposed to be wide; each step ``A = X X^T``, ``X <- a X + (b A + c A A) X``.
+
+    Computed in the update's own dtype (torch's Muon rounds ``X`` to bfloat16 first). Leaves
+    of one shape are orthogonalised together, one batched matmul chain."""
+
+    ns_coefficients: tuple[Any, Any, Any] = hyper(NS_COEFFICIENTS, Interval(None))
+    eps: Any = hyper(1e-7, NONNEG)
+    ns_steps: int = 5
+    batched: ClassVar[bool] = True
+
+    def check(self) -> None:
+        _check_ns_steps(self.name, self.ns_steps)
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        return _matrix_error(shape)
+
+    def coeffs(self, step: Any) -> NewtonSchulz:
+        a, b, c = self.ns_coefficients
+        return NewtonSchulz(a=a, b=b, c=c, eps=self.eps)
+
+    def apply(self, xp, c, p, u):
+        wide = u.shape[-2] <= u.shape[-1]
+        x = u if wide else xp.matrix_transpose(u)
+        norm = xp.sqrt(xp.sum(x * x, axis=(-2, -1), keepdims=True))
+        x = x / xp.clip(norm, min=c.eps)
+        for _ in range(self.ns_steps):
+            gram = x @ xp.matrix_transpose(x)
+            x = c.a * x + (c.b * gram + c.c * (gram @ gram)) @ x
+        return (x if wide else xp.matrix_transpose(x),)
+
+
+class MatrixStep(NamedTuple):
+    lr: Any  # adjusted to the matrix's shape (leaf_coeffs)
+    lr_wd: Any  # decoupled decay, scaled by the unadjusted lr
+
+
+@dataclass(frozen=True)
+class scale_by_shape_lr(PerLeaf):
+    """``u <- lr * s(A, B) * u + lr*weight_decay*p`` for an ``A x B`` matrix, ``s`` torch's
+    ``adjust_lr_fn``: ``"original"`` (or None) ``sqrt(max(1, A/B))``, ``"match_rms_adamw"``
+    ``0.2 sqrt(max(A, B))`` (the update's RMS then matches AdamW's)."""
+
+    lr: Any = hyper(1e-3, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    adjust_lr_fn: str | None = None
+    uses_params: ClassVar[bool] = True
+    makes_step: ClassVar[bool] = True
+    batched: ClassVar[bool] = True
+
+    def check(self) -> None:
+        _check_adjust_lr_fn(self.name, self.adjust_lr_fn)
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        return _matrix_error(shape)
+
+    def coeffs(self, step: Any) -> MatrixStep:
+        return MatrixStep(lr=self.lr, lr_wd=self.lr * self.weight_decay)
+
+    def leaf_coeffs(self, c: MatrixStep, shape: tuple[int, ...]) -> MatrixStep:
+        rows, cols = shape
+        if self.adjust_lr_fn == "match_rms_adamw":
+            ratio = 0.2 * math.sqrt(max(rows, cols))
+        else:
+            ratio = math.sqrt(max(1.0, rows / cols))
+        return c._replace(lr=c.lr * ratio)
+
+    @staticmethod
+    def apply(xp, c, p, u):
+        return (c.lr * u + c.lr_wd * p,)
+
+
+@dataclass(frozen=True)
+class muon(Rule):
+    """Muon (Jordan et al., 2024) as torch 2.13's ``Muon`` writes it, for 2-D parameters.
+
+    ``b <- lerp(b, g, 1 - momentum)``; ``O = NS(lerp(g, b, momentum))`` (``nesterov``; else
+    ``NS(b)``), :class:`orthogonalize`; ``p <- p - lr*s(A, B)*O - lr*weight_decay*p`` with
+    ``s`` from ``adjust_lr_fn`` (:class:`scale_by_shape_lr`). A leaf that is not a matrix is
+    an error at set-up, as in torch: give biases and embeddings to another rule.
+
+    >>> import numpy as np, uniopt as uo
+    >>> p = [np.eye(2), 2 * np.eye(2)]  # one shape: orthogonalised in one batched call
+    >>> state = uo.setup(uo.muon(lr=0.1, weight_decay=0.0), p)
+    >>> state, p = uo.update(state, p, [np.eye(2), np.eye(2)])
+    >>> np.round(np.diag(p[1]), 4)  # 2 - 0.1*1.1081: NS leaves singular values near 1
+    array([1.8892, 1.8892])
+    """
+
+    lr: Any = hyper(1e-3, NONNEG)
+    weight_decay: Any = hyper(0.1, NONNEG)
+    momentum: Any = hyper(0.95, NONNEG)
+    nesterov: bool = True
+    ns_coefficients: tuple[Any, Any, Any] = hyper(NS_COEFFICIENTS, Interval(None))
+    eps: Any = hyper(1e-7, NONNEG)
+    ns_steps: int = 5
+    adjust_lr_fn: str | None = None
+
+    def parts(self) -> tuple[Transform, ...]:
+        return (
+            ema_momentum(momentum=self.momentum, nesterov=self.nesterov),
+            orthogonalize(ns_coefficients=self.ns_coefficients, eps=self.eps,
+                          ns_steps=self.ns_steps),
+            scale_by_shape_lr(lr=self.lr, weight_decay=self.weight_decay,
+                              adjust_lr_fn=self.adjust_lr_fn),
+        )
+
+    def check(self) -> None:
+        _check_ns_steps(self.name, self.ns_steps)
+        _check_adjust_lr_fn(self.name, self.adjust_lr_fn)
