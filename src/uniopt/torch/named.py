@@ -264,16 +264,6 @@ class AdamW(Adam):
     _fixed = {"decoupled_weight_decay": True}  # as torch's AdamW
 
 
-def _torch_lr(name: str, lr: Any, strict: bool) -> None:
-    """torch's checks of ``lr``, with its messages (``strict``: 0 is invalid too)."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if callable(lr) and not isinstance(lr, torch.Tensor):
-        raise TypeError(f"{name}: lr must be a number or a 1-element tensor, got {lr!r}")
-    if not (0.0 < lr if strict else 0.0 <= lr):
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
 class SparseAdam(_Named):
     """``torch.optim.SparseAdam``, run by :func:`uniopt.sparse_adam`: sparse gradients only;
     the moments and the parameter change only at the entries the gradient holds (gathered,
@@ -283,14 +273,10 @@ class SparseAdam(_Named):
     _torch_params = ("lr", "betas", "eps", "maximize")
     _sparse = "rows"
 
+    _checks = (("lr", lambda v: 0.0 < v, "Invalid learning rate: {}"),
+               ("eps", lambda v: 0.0 < v, "Invalid epsilon value: {}"), *BETAS)
+
     def _init(self, params: Any, defaults: dict[str, Any]) -> None:
-        _torch_lr("SparseAdam", defaults["lr"], strict=True)
-        eps, betas = defaults["eps"], defaults["betas"]
-        if not 0.0 < eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for i in (0, 1):
-            if not 0.0 <= betas[i] < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
         super()._init(params, defaults)
         where = [[gi, j] for gi, g in enumerate(self.param_groups)
                  for j, p in enumerate(g["params"])]
@@ -336,8 +322,12 @@ class LBFGS(_Named):
     _torch_params = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
                      "history_size", "line_search_fn")
 
+    _checks = (LR,)
+
     def _init(self, params: Any, defaults: dict[str, Any]) -> None:
-        _torch_lr("LBFGS", defaults["lr"], strict=False)
+        if callable(defaults["lr"]):  # its steps are not counted: a schedule has no step
+            raise TypeError(f"LBFGS: lr must be a number or a 1-element tensor, got "
+                            f"{defaults['lr']!r}")
         if defaults["max_eval"] is None:
             defaults = {**defaults, "max_eval": defaults["max_iter"] * 5 // 4}
         super()._init(params, defaults)
@@ -408,58 +398,63 @@ def _flat_grad(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return plans.real(g.detach())
 
 
-def _check_params(cls_name: str, param_group: Any,
-                  why: Callable[[torch.Tensor], str | None]) -> None:
-    """Raise, naming the parameter, where ``why`` finds one of the group's parameters that the
-    class cannot update (before torch's ``add_param_group`` adds anything)."""
-    params = param_group.get("params") if isinstance(param_group, dict) else None
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    elif params is not None and not isinstance(params, (list, tuple, set)):
-        param_group["params"] = params = list(params)  # as torch: read a generator once
-    for j, q in enumerate(params or ()):
-        t = q[1] if isinstance(q, tuple) else q
-        reason = why(t) if isinstance(t, torch.Tensor) else None
-        if reason:
-            raise ValueError(f"{cls_name}: parameter {j} of this group {reason}")
-
-
-def _complex(t: torch.Tensor) -> str | None:
-    return f"is complex ({t.dtype}), which it does not support" if t.is_complex() else None
+def _refuse_complex(name: str, group: dict[str, Any]) -> None:
+    """torch's error for a complex parameter with a gradient, at the step."""
+    if any(p.grad is not None and p.is_complex() for p in group["params"]):
+        raise RuntimeError(f"{name} does not support complex parameters")
 
 
 class Adafactor(_Named):
     """``torch.optim.Adafactor``, run by :func:`uniopt.adafactor`: ``row_var`` and ``col_var``
     for parameters of two or more dimensions, ``variance`` for the others, as torch keeps
-    them. Complex parameters are rejected when added (torch: at the step)."""
+    them."""
 
     rule = adafactor()
     _torch_params = ("lr", "beta2_decay", "eps", "d", "weight_decay", "*", "foreach", "maximize")
     _sparse_error = "Adafactor does not support sparse gradients"
+    _checks = (
+        ("lr", lambda v: 0.0 <= v, "Learning rate should be >= 0 but is: {}"),
+        ("beta2_decay", lambda v: 0.0 >= v, "beta2_decay should be <= 0 but is: {}"),
+        ("eps[0]", lambda v: v is None or 0.0 <= v, "epsilon1 should be >= 0 but is: {}"),
+        ("eps[1]", lambda v: 0.0 <= v, "epsilon2 should be >= 0 but is: {}"),
+        ("d", lambda v: 1.0 <= v, "Clipping threshold d should be >= 1 but is: {}"),
+        ("weight_decay", lambda v: 0.0 <= v, "weight_decay should be >= 0 but is: {}"),
+    )
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_params(self._name, param_group, _complex)
-        super().add_param_group(param_group)
-
-
-def _not_matrix(t: torch.Tensor) -> str | None:
-    if t.ndim != 2:
-        return (f"has shape {tuple(t.shape)}; Muon updates 2-D parameters only (give biases "
-                "and embeddings to another optimizer, e.g. AdamW)")
-    return _complex(t)
+    def _prepare(self, gi: int, group: dict[str, Any]) -> Any:
+        _refuse_complex("Adafactor", group)
+        return super()._prepare(gi, group)
 
 
 class Muon(_Named):
     """``torch.optim.Muon``, run by :func:`uniopt.muon`; same-shaped matrices of a group are
-    orthogonalised in one batched matmul chain. As torch's, it rejects a parameter that is not
-    a matrix when it is added. The Newton-Schulz iteration runs in the parameter's dtype
-    (torch's rounds it to bfloat16), so steps differ from torch's by that rounding."""
+    orthogonalised in one batched matmul chain. As torch's, it takes 2-D parameters only
+    (checked when a group is added, too); the Newton-Schulz iteration runs in bfloat16, as
+    torch's does."""
 
     rule = muon()
     _torch_params = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
                      "ns_steps", "adjust_lr_fn")
     _sparse_error = "Muon does not support sparse gradients"
+    _checks = (
+        ("lr", lambda v: 0.0 <= v, "Learning rate should be >= 0 but is: {}"),
+        ("momentum", lambda v: 0.0 <= v, "momentum should be >= 0 but is: {}"),
+        ("weight_decay", lambda v: 0.0 <= v, "weight decay should be >= 0 but is: {}"),
+        ("adjust_lr_fn", lambda v: v in (None, "original", "match_rms_adamw"),
+         "Adjust learning rate function {} is not supported"),
+    )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_params(self._name, param_group, _not_matrix)
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (torch.Tensor, list, tuple, set)):
+            param_group["params"] = params = list(params)  # as torch: read a generator once
+        for q in [params] if isinstance(params, torch.Tensor) else params or ():
+            t = q[1] if isinstance(q, tuple) else q
+            if isinstance(t, torch.Tensor) and t.ndim != 2:
+                raise ValueError("Muon only supports 2D parameters whereas we found a parameter "
+                                 f"with size: {t.size()}")
         super().add_param_group(param_group)
+
+    def _prepare(self, gi: int, group: dict[str, Any]) -> Any:
+        _refuse_complex("Muon", group)
+        return super()._prepare(gi, group)
