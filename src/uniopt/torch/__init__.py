@@ -33,7 +33,10 @@ Differences from torch, each on purpose:
   it dense); the other classes raise torch's errors.
 """
 
-from .named import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
+from .named import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop, Rprop
 from .optimizer import Optimizer
 
-__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop"]
+__all__ = [
+    "ASGD", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "Optimizer",
+    "RAdam", "RMSprop", "Rprop",
+]
