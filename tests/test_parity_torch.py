@@ -39,6 +39,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import uniopt as uo  # noqa: E402
+import uniopt.torch  # noqa: E402
 from helpers import expect_compiled  # noqa: E402
 from uniopt.fast import cpu  # noqa: E402
 
@@ -58,6 +59,19 @@ PARAMS = ("bias", "layers0", "layers1", "w")  # Problem's parameters (trajectory
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
+@pytest.fixture(autouse=True)
+def torch_scalars_in_double() -> Iterator[None]:
+    """torch keeps a parameter's scalar state (``step``, NAdam's ``mu_product``, ASGD's ``eta``
+    and ``mu``) in its default dtype, float32 unless set; uniopt derives those numbers from the
+    step count in double on the host, as torch does with a float64 default. With float32 scalars
+    NAdam and ASGD would differ by float32's rounding of them (1e-8 relative) in every dtype, so
+    the comparison here is with torch at its float64 default; tensors keep the dtypes given."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
 # --- hyperparameters: the grid of switches and a seeded sampler ----------------------------------
 
 RULES: dict[str, tuple[Callable[..., Any], type]] = {
@@ -67,6 +81,11 @@ RULES: dict[str, tuple[Callable[..., Any], type]] = {
     "adadelta": (uo.adadelta, torch.optim.Adadelta),
     "adam": (uo.adam, torch.optim.Adam),
     "adamw": (uo.adamw, torch.optim.AdamW),
+    "adamax": (uo.adamax, torch.optim.Adamax),
+    "nadam": (uo.nadam, torch.optim.NAdam),
+    "radam": (uo.radam, torch.optim.RAdam),
+    "asgd": (uo.asgd, torch.optim.ASGD),
+    "rprop": (uo.rprop, torch.optim.Rprop),
 }
 
 
@@ -134,6 +153,32 @@ def sample(
             weight_decay=wd if rule == "adam" else _logu(rng, 1e-3, 1e-1),
             amsgrad=on["amsgrad"],
         )
+    if rule in ("adamax", "nadam", "radam"):
+        decoupled = on.get("decoupled_weight_decay", False)
+        hp = dict(
+            lr=_logu(rng, 1e-4, 1e-2),
+            betas=(u(0.5, 0.95), u(0.9, 0.9999)),
+            eps=_logu(rng, 1e-10, 1e-6),
+            weight_decay=_logu(rng, 1e-3, 1e-1) if decoupled else wd,
+        )
+        if rule == "nadam":
+            hp["momentum_decay"] = _logu(rng, 1e-3, 1e-1)
+        return hp if rule == "adamax" else {**hp, "decoupled_weight_decay": decoupled}
+    if rule == "asgd":
+        return dict(
+            lr=_logu(rng, 1e-3, 1e-1),
+            lambd=_logu(rng, 1e-4, 1e-1),
+            alpha=u(0.5, 1.0),
+            # averaging from an early step on, or (torch's default) never
+            t0=float(rng.integers(5, 100)) if on["averaging"] else 1e6,
+            weight_decay=wd,
+        )
+    if rule == "rprop":
+        return dict(
+            lr=_logu(rng, 1e-4, 1e-2),
+            etas=(u(0.2, 0.8), u(1.05, 1.5)),
+            step_sizes=(_logu(rng, 1e-8, 1e-5), _logu(rng, 1e-2, 1.0)),
+        )
     raise AssertionError(rule)
 
 
@@ -142,6 +187,8 @@ def _switches(rule: str, names: tuple[str, ...]) -> Iterator[tuple[str, dict[str
         on = dict(zip(names, values, strict=True))
         if rule == "sgd" and on["nesterov"] and (not on["momentum"] or on["dampening"]):
             continue  # torch (and uniopt) reject Nesterov without momentum or with dampening
+        if on.get("decoupled_weight_decay") and not on["weight_decay"]:
+            continue  # no decay to decouple
         yield rule, on, f"{rule}[{'-'.join(n for n, v in on.items() if v) or 'plain'}]"
 
 
@@ -153,6 +200,11 @@ GRID = [
     *_switches("adadelta", ("weight_decay",)),
     *_switches("adam", ("amsgrad", "weight_decay")),
     *_switches("adamw", ("amsgrad",)),
+    *_switches("adamax", ("weight_decay",)),
+    *_switches("nadam", ("weight_decay", "decoupled_weight_decay")),
+    *_switches("radam", ("weight_decay", "decoupled_weight_decay")),
+    *_switches("asgd", ("averaging", "weight_decay")),
+    *_switches("rprop", ()),
 ]
 
 
@@ -290,7 +342,10 @@ def run_pair(
     if slots:  # the same slots on both sides: a slot torch keeps and uniopt lacks goes unchecked
         for ps, opt in zip(runs, opts, strict=True):
             for t in ps:
-                assert set(opt.state[t]) - {"step"} == set(slot_keys.values())
+                # NAdam's mu_product, ASGD's eta and mu: numbers uniopt derives from the step
+                # count (test_torch_facade checks them)
+                derived = getattr(getattr(uniopt.torch, type(opt).__name__), "_derived", ())
+                assert set(opt.state[t]) - {"step", *derived} == set(slot_keys.values())
                 if "step" in opt.state[t]:
                     assert int(opt.state[t]["step"]) == state.step == steps
     return {k: tuple(np.stack(v) for v in values) for k, values in rec.items()}
