@@ -94,10 +94,11 @@ _NEGLIGIBLE = 2.0**-60
 _PRODUCTS: dict[tuple[float, float], array] = {}
 
 
-def mu_product(b1: float, psi: float, t: int) -> float:
+def mu_product(b1: float, psi: float, t: int, exact: bool = False) -> float:
     """``mu_1 * ... * mu_t``, multiplied in order as torch's ``mu_product`` tensor accumulates
-    it (in double), kept per ``(b1, psi)`` until it is negligible next to 1 (at most about
-    ``40/(1-b1)`` numbers), so a step costs no loop over its history."""
+    it (in double). Kept per ``(b1, psi)`` until it is negligible next to 1 (at most about
+    ``40/(1-b1)`` numbers), so a step costs no loop over its history; past that the last kept
+    value is returned, which changes no coefficient, unless ``exact`` (for torch's state)."""
     prods = _PRODUCTS.get((b1, psi))
     if prods is None:
         if len(_PRODUCTS) >= 16:  # a schedule of b1 makes a new pair every step
@@ -105,7 +106,12 @@ def mu_product(b1: float, psi: float, t: int) -> float:
         prods = _PRODUCTS[(b1, psi)] = array("d", [1.0])
     while len(prods) <= t and prods[-1] >= _NEGLIGIBLE:
         prods.append(prods[-1] * _mu(b1, psi, float(len(prods))))
-    return prods[min(t, len(prods) - 1)]
+    if t < len(prods):
+        return prods[t]
+    x = prods[-1]
+    for i in range(len(prods), t + 1 if exact else 0):
+        x *= _mu(b1, psi, float(i))
+    return x
 
 
 class NadamCoeffs(NamedTuple):

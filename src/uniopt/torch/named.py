@@ -260,7 +260,8 @@ class NAdam(_Derived):
     _derived = ("mu_product",)
 
     def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
-        return {"mu_product": mu_product(group["betas"][0], group["momentum_decay"], step)}
+        b1, psi = group["betas"][0], group["momentum_decay"]
+        return {"mu_product": mu_product(b1, psi, step, exact=True)}
 
 
 class ASGD(_Derived):
