@@ -472,7 +472,8 @@ def _grid_index(label: str) -> int:
 # float64 resolves a relative change of 1e-6 (of 1 - rate for the decay rates; 1e-5 for eps,
 # whose effect is a further eps/sqrt(v) smaller). float32 resolves what changes the result by
 # more than ~eps32 per step: 1e-3 of a decay rate (it scales a slot at once), 1e-2 of a factor
-# of a small term (AdamW's lr*wd*p, Adagrad's lr_decay), a factor 11 of eps. Where the term is
+# of a small term (AdamW's lr*wd*p, Adagrad's lr_decay, ASGD's lambd), a factor 11 of eps,
+# 1e-1 of NAdam's momentum_decay (it moves mu_t through 0.96^(t*psi), slowly). Where the term is
 # too small at the sampled values to show in float32 at all, both sides get larger ones first.
 WRONG = [  # grid entry, set on both sides, the hyperparameter uniopt gets wrong, by f64, by f32
     ("adam[amsgrad-weight_decay]", {}, "betas[1]", 1e-6, 1e-3),
@@ -482,6 +483,9 @@ WRONG = [  # grid entry, set on both sides, the hyperparameter uniopt gets wrong
     ("rmsprop[centered-momentum]", {}, "alpha", 1e-6, 1e-3),
     ("adagrad[lr_decay-initial_accumulator_value]", {"lr": 0.1}, "lr_decay", 1e-6, 1e-2),
     ("adadelta[weight_decay]", {}, "rho", 1e-6, 1e-3),
+    ("nadam[weight_decay]", {"momentum_decay": 0.1}, "momentum_decay", 1e-6, 0.1),
+    ("radam[plain]", {}, "betas[1]", 1e-6, 1e-3),
+    ("asgd[averaging]", {"lambd": 0.1}, "lambd", 1e-6, 1e-2),
 ]
 
 
@@ -560,6 +564,10 @@ LR_SCHEDULES = [
         dict(lr=S.warmup(50, S.cosine(1e-2, steps=STEPS - 50)), weight_decay=1e-3, amsgrad=True),
     ),
     ("adamw", dict(lr=lambda s: 1e-2 / math.sqrt(1 + s), weight_decay=0.05, amsgrad=True)),
+    ("adamax", dict(lr=S.cosine(1e-2, steps=STEPS), weight_decay=1e-3)),
+    ("nadam", dict(lr=S.warmup(30, S.cosine(1e-2, steps=STEPS - 30)), weight_decay=0.05,
+                   decoupled_weight_decay=True)),
+    ("radam", dict(lr=S.exponential(1e-2, rate=0.99), weight_decay=1e-3)),
 ]
 OTHER_SCHEDULES = [
     (
@@ -587,6 +595,13 @@ OTHER_SCHEDULES = [
         ),
     ),
     ("adamw", dict(lr=1e-2, weight_decay=S.cosine(0.1, steps=STEPS, floor=0.01), amsgrad=True)),
+    # RAdam's rectification follows beta2 step by step, as torch's
+    ("radam", dict(lr=1e-2, betas=(S.linear(0.8, 0.95, steps=STEPS), lambda s: 0.99 + 1e-5 * s),
+                   weight_decay=S.linear(0.0, 1e-2, steps=STEPS), decoupled_weight_decay=True)),
+    ("rprop", dict(lr=1e-3, etas=(S.linear(0.3, 0.7, steps=STEPS), lambda s: 1.5 - s / 1000),
+                   step_sizes=(1e-6, S.cosine(0.1, steps=STEPS, floor=1e-3)))),
+    # ASGD's other numbers enter torch's eta at the step before (see uniopt.torch.ASGD)
+    ("asgd", dict(lr=0.02, t0=20, weight_decay=S.linear(1e-3, 1e-2, steps=STEPS))),
 ]
 
 
