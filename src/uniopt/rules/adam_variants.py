@@ -12,9 +12,10 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from ..backend import namespace
 from ..base import Elementwise, Rule, Transform
-from ..hyper import NONNEG, UNIT_OPEN, hyper
-from ..moments import ema_sq, lerp, select
+from ..hyper import NONNEG, UNIT_OPEN, _traced, hyper
+from ..moments import bias_correction, ema_sq, lerp, select
 from ..transforms.decay import decoupled_weight_decay, weight_decay
 
 
@@ -51,8 +52,9 @@ class scale_by_adamax(Elementwise):
     makes_step: ClassVar[bool] = True
 
     def coeffs(self, step: int) -> AdamaxCoeffs:
-        return AdamaxCoeffs(one_minus_b1=self.one_minus("b1"), b2=self.b2, eps=self.eps,
-                            clr=self.lr / (1.0 - self.b1 ** (step + 1)))
+        c1 = self.one_minus("b1")
+        return AdamaxCoeffs(one_minus_b1=c1, b2=self.b2, eps=self.eps,
+                            clr=self.lr / bias_correction(self.b1, c1, step))
 
     @staticmethod
     def kernel(xp, c, p, u, exp_avg, exp_inf):
@@ -141,12 +143,12 @@ class scale_by_nadam(Elementwise):
     makes_step: ClassVar[bool] = True
 
     def coeffs(self, step: int) -> NadamCoeffs:
-        if not isinstance(step, int):
+        if any(map(_traced, (step, self.b1, self.momentum_decay))):
             raise TypeError(
                 f"{self.name}: the product of NAdam's momenta is computed on the host, step by "
                 "step; it cannot be traced (jax.jit): run it eagerly"
             )
-        t, psi = step + 1, self.momentum_decay
+        t, psi = int(step) + 1, self.momentum_decay
         mu, mu_next = _mu(self.b1, psi, float(t)), _mu(self.b1, psi, float(t + 1))
         prod = mu_product(self.b1, psi, t)
         return NadamCoeffs(
@@ -217,17 +219,25 @@ class scale_by_radam(Elementwise):
     makes_step: ClassVar[bool] = True
 
     def coeffs(self, step: int) -> RadamCoeffs:
-        t, b2 = step + 1, self.b2
-        bc2 = 1.0 - b2**t
-        rho_inf = 2.0 / self.one_minus("b2") - 1.0
-        rho_t = rho_inf - 2.0 * t * (b2**t) / bc2
-        rectify = rho_t > 5.0
-        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
-                         / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) if rectify else 0.0
+        c1, c2 = self.one_minus("b1"), self.one_minus("b2")
+        traced = [x for x in (step, self.b1, self.b2) if _traced(x)]
+        t = step + 1 if traced else int(step) + 1
+        bc2 = bias_correction(self.b2, c2, t - 1)
+        # torch's b2^t on the host; traced (jax.jit), from the complement as bias_correction's
+        b2t = self.b2**t if not traced else 1.0 - bc2
+        rho_inf = 2.0 / c2 - 1.0
+        rho_t = rho_inf - 2.0 * t * b2t / bc2
+        ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        if traced:
+            xp = namespace(traced[0])
+            rectify = rho_t > 5.0
+            rect = xp.where(rectify, xp.sqrt(xp.maximum(ratio, 0.0)), 0.0)
+        else:
+            rectify = rho_t > 5.0
+            rect = math.sqrt(ratio) if rectify else 0.0
         return RadamCoeffs(
-            one_minus_b1=self.one_minus("b1"), b2=b2, one_minus_b2=self.one_minus("b2"),
-            bc1=1.0 - self.b1**t, lr=self.lr, sqrt_bc2=bc2**0.5, eps=self.eps, rect=rect,
-            rectify=rectify,
+            one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, bc1=bias_correction(self.b1, c1, t - 1),
+            lr=self.lr, sqrt_bc2=bc2**0.5, eps=self.eps, rect=rect, rectify=rectify,
         )
 
     @staticmethod

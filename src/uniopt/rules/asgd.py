@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from ..backend import namespace
 from ..base import Elementwise, Rule, Transform
-from ..hyper import NONNEG, hyper
+from ..hyper import NONNEG, _traced, hyper
 from ..moments import select
 from ..transforms.decay import weight_decay
 
@@ -19,6 +20,9 @@ def asgd_eta(lr: float, lambd: float, alpha: float, step: int) -> float:
 
 def asgd_mu(t0: float, step: int) -> float:
     """The averaging weight after ``step`` updates: ``1/max(1, step - t0)`` (torch's ``mu``)."""
+    traced = [x for x in (step, t0) if _traced(x)]
+    if traced:  # jax.jit
+        return 1 / namespace(traced[0]).maximum(1.0, step - t0)
     return 1 / max(1, step - t0)
 
 
