@@ -66,7 +66,9 @@ class asgd(Rule):
     ``g <- g + weight_decay*p``; ``p <- p*(1 - lambd*eta_t) - eta_t*g`` with
     ``eta_t = lr/(1 + lambd*lr*(t-1))^alpha``; the averaged iterate ``ax`` (slot ``ax``) follows
     ``p`` until update ``t0 + 1``, then averages it with weight ``mu_t = 1/(t - 1 - t0)``. The
-    parameters are the SGD iterate; read the average from the state.
+    parameters are the SGD iterate; read the average from the state. Under schedules, a step
+    uses its own values; torch computes ``eta`` and ``mu`` at the end of the step before, from
+    that step's (one step of lag where ``lr``, ``lambd``, ``alpha`` or ``t0`` change).
     """
 
     lr: Any = hyper(1e-2, NONNEG)
