@@ -804,6 +804,16 @@ def test_bench_runs_uniopt_torch_beside_torch() -> None:
         s()
 
 
+@pytest.mark.parametrize("rule", [r.lower() for r in MORE])
+def test_bench_takes_the_more_rules(rule: str) -> None:
+    assert rule in bench.TRAFFIC
+    w = bench._Workload([(50,)] * 3)
+    for impl in ("uniopt", "uniopt.torch", "torch for-loop"):
+        step = bench.IMPLEMENTATIONS[impl](w, rule)
+        assert step is not None, impl
+        step()
+
+
 # --- errors: the message, and nothing changed ------------------------------------------------
 
 
