@@ -94,6 +94,7 @@ def _mu(b1: float, psi: float, t: float) -> float:
 # Below this, 1 - x is 1.0 in double: the product of the mus no longer changes a coefficient.
 _NEGLIGIBLE = 2.0**-60
 _PRODUCTS: dict[tuple[float, float], array] = {}
+_ONE = array("d", [1.0])  # the empty product
 
 
 def mu_product(b1: float, psi: float, t: int, exact: bool = False) -> float:
@@ -101,13 +102,16 @@ def mu_product(b1: float, psi: float, t: int, exact: bool = False) -> float:
     it (in double). Kept per ``(b1, psi)`` until it is negligible next to 1 (at most about
     ``40/(1-b1)`` numbers), so a step costs no loop over its history; past that the last kept
     value is returned, which changes no coefficient, unless ``exact`` (for torch's state)."""
-    prods = _PRODUCTS.get((b1, psi))
-    if prods is None:
+    prods = _PRODUCTS.get((b1, psi), _ONE)
+    if len(prods) <= t and prods[-1] >= _NEGLIGIBLE:
+        # extended in a copy (to twice its length: copies cost O(1) a step), then published
+        # whole: another thread never sees, or appends to, a half-written list
+        more = array("d", prods)
+        while len(more) <= max(t, 2 * len(prods)) and more[-1] >= _NEGLIGIBLE:
+            more.append(more[-1] * _mu(b1, psi, float(len(more))))
         if len(_PRODUCTS) >= 16:  # a schedule of b1 makes a new pair every step
             _PRODUCTS.clear()
-        prods = _PRODUCTS[(b1, psi)] = array("d", [1.0])
-    while len(prods) <= t and prods[-1] >= _NEGLIGIBLE:
-        prods.append(prods[-1] * _mu(b1, psi, float(len(prods))))
+        _PRODUCTS[(b1, psi)] = prods = more
     if t < len(prods):
         return prods[t]
     x = prods[-1]
