@@ -46,6 +46,7 @@ class scale_by_asgd(Elementwise):
     t0: Any = hyper(1e6, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("ax",)
     makes_step: ClassVar[bool] = True
+    uses_params: ClassVar[bool] = True  # the decay lambd*eta*p and the average read p
 
     def coeffs(self, step: int) -> AsgdCoeffs:
         eta = asgd_eta(self.lr, self.lambd, self.alpha, step)
