@@ -42,6 +42,12 @@ RULES = {
     "optimistic_adam": uo.optimistic_adam(0.01, beta=0.5),
     "chain-clip-wd-adam": uo.chain(uo.clip(0.5), uo.weight_decay(1e-2), uo.adam(lr=1e-2)),
     "scheduled": uo.adam(lr=uo.schedules.cosine(1e-2, steps=20), betas=(lambda s: 0.8, 0.99)),
+    "adamax-l2": uo.adamax(lr=0.01, weight_decay=0.1),
+    "nadam-decoupled": uo.nadam(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    # the rectification switches on at step 6 of the 25
+    "radam-l2": uo.radam(lr=0.01, weight_decay=0.1),
+    "asgd-averaging": uo.asgd(lr=0.05, lambd=0.01, t0=5, weight_decay=1e-2),
+    "rprop": uo.rprop(lr=0.01, etas=(0.3, 1.4), step_sizes=(1e-4, 0.03)),
 }
 # a leaf larger than one chunk, so chunk boundaries inside a leaf are exercised
 SHAPES = [(), (1,), (3, 4), (fused.CHUNK * 2 + 17,), (5, 1, 7)]
@@ -54,7 +60,7 @@ def _params(rng: np.random.Generator, dtype: type) -> dict[str, np.ndarray]:
 # float64 for the rules whose arithmetic branches or schedules (the generated loop is the same
 # text for every dtype; a loop costs seconds to compile on a cold cache)
 FLOAT64 = ("rmsprop-tiny-momentum", "adagrad-eps-in-sqrt", "scheduled", "chain-clip-wd-adam",
-           "amsgrad-l2", "sgd-nesterov")
+           "amsgrad-l2", "sgd-nesterov", "rprop")
 
 
 @pytest.mark.slow  # compiles a loop per rule, dtype and mode on a cold cache

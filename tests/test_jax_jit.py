@@ -26,6 +26,11 @@ RULES = {
     "amsgrad": lambda: uo.adam(lr=1e-2, amsgrad=True),
     "optimistic_adam": lambda: uo.optimistic_adam(1e-2),
     "clip-global-adamw": lambda: uo.chain(uo.clip_by_global_norm(0.1), uo.adamw(lr=1e-2)),
+    "adamax": lambda: uo.adamax(lr=1e-2, weight_decay=1e-2),
+    # the rectification switches on at a traced step
+    "radam-decoupled": lambda: uo.radam(lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+    "asgd-averaging": lambda: uo.asgd(lr=0.05, lambd=1e-2, t0=10),
+    "rprop": lambda: uo.rprop(etas=(0.4, lambda s: 1.3), step_sizes=(1e-6, 0.1)),
 }
 
 
@@ -69,6 +74,21 @@ def test_jit_compiles_once_and_matches_numpy(name: str) -> None:
         assert len(traces) == 1, "the jitted update recompiled"
         assert int(state.step) == 100
         assert all(isinstance(x, jax.Array) for x in uo.trainables(params))
+
+
+def test_nadam_runs_eagerly_and_says_why_not_under_jit() -> None:
+    """NAdam's product of momenta is multiplied step by step on the host."""
+    params, ref = _tree(jnp, jnp.float32), _tree(np, np.float32)
+    state, ref_state = uo.setup(uo.nadam(lr=1e-2), params), uo.setup(uo.nadam(lr=1e-2), ref)
+    for k in range(3):
+        grads = _grads(params, k)
+        state, params = uo.update(state, params, grads)
+        ref_state, ref = uo.update(ref_state, ref, jax.tree.map(np.asarray, grads))
+    for a, b in zip(uo.trainables(params), uo.trainables(ref), strict=True):
+        assert rel_diff(a, b) <= 1e-6
+    with pytest.raises(TypeError, match="scale_by_nadam: the product of NAdam's momenta .* "
+                                        r"cannot be traced \(jax.jit\)"):
+        jax.jit(uo.update)(state, params, _grads(params, 3))
 
 
 def test_untraceable_schedule_gets_a_clear_error() -> None:

@@ -39,6 +39,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import uniopt as uo  # noqa: E402
+import uniopt.torch  # noqa: E402
 from helpers import expect_compiled  # noqa: E402
 from uniopt.fast import cpu  # noqa: E402
 
@@ -58,6 +59,19 @@ PARAMS = ("bias", "layers0", "layers1", "w")  # Problem's parameters (trajectory
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
+@pytest.fixture(autouse=True)
+def torch_scalars_in_double() -> Iterator[None]:
+    """torch keeps a parameter's scalar state (``step``, NAdam's ``mu_product``, ASGD's ``eta``
+    and ``mu``) in its default dtype, float32 unless set; uniopt derives those numbers from the
+    step count in double on the host, as torch does with a float64 default. With float32 scalars
+    NAdam and ASGD would differ by float32's rounding of them (1e-8 relative) in every dtype, so
+    the comparison here is with torch at its float64 default; tensors keep the dtypes given."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
 # --- hyperparameters: the grid of switches and a seeded sampler ----------------------------------
 
 RULES: dict[str, tuple[Callable[..., Any], type]] = {
@@ -67,6 +81,11 @@ RULES: dict[str, tuple[Callable[..., Any], type]] = {
     "adadelta": (uo.adadelta, torch.optim.Adadelta),
     "adam": (uo.adam, torch.optim.Adam),
     "adamw": (uo.adamw, torch.optim.AdamW),
+    "adamax": (uo.adamax, torch.optim.Adamax),
+    "nadam": (uo.nadam, torch.optim.NAdam),
+    "radam": (uo.radam, torch.optim.RAdam),
+    "asgd": (uo.asgd, torch.optim.ASGD),
+    "rprop": (uo.rprop, torch.optim.Rprop),
 }
 
 
@@ -134,6 +153,32 @@ def sample(
             weight_decay=wd if rule == "adam" else _logu(rng, 1e-3, 1e-1),
             amsgrad=on["amsgrad"],
         )
+    if rule in ("adamax", "nadam", "radam"):
+        decoupled = on.get("decoupled_weight_decay", False)
+        hp = dict(
+            lr=_logu(rng, 1e-4, 1e-2),
+            betas=(u(0.5, 0.95), u(0.9, 0.9999)),
+            eps=_logu(rng, 1e-10, 1e-6),
+            weight_decay=_logu(rng, 1e-3, 1e-1) if decoupled else wd,
+        )
+        if rule == "nadam":
+            hp["momentum_decay"] = _logu(rng, 1e-3, 1e-1)
+        return hp if rule == "adamax" else {**hp, "decoupled_weight_decay": decoupled}
+    if rule == "asgd":
+        return dict(
+            lr=_logu(rng, 1e-3, 1e-1),
+            lambd=_logu(rng, 1e-4, 1e-1),
+            alpha=u(0.5, 1.0),
+            # averaging from an early step on, or (torch's default) never
+            t0=float(rng.integers(5, 100)) if on["averaging"] else 1e6,
+            weight_decay=wd,
+        )
+    if rule == "rprop":
+        return dict(
+            lr=_logu(rng, 1e-4, 1e-2),
+            etas=(u(0.2, 0.8), u(1.05, 1.5)),
+            step_sizes=(_logu(rng, 1e-8, 1e-5), _logu(rng, 1e-2, 1.0)),
+        )
     raise AssertionError(rule)
 
 
@@ -142,6 +187,8 @@ def _switches(rule: str, names: tuple[str, ...]) -> Iterator[tuple[str, dict[str
         on = dict(zip(names, values, strict=True))
         if rule == "sgd" and on["nesterov"] and (not on["momentum"] or on["dampening"]):
             continue  # torch (and uniopt) reject Nesterov without momentum or with dampening
+        if on.get("decoupled_weight_decay") and not on["weight_decay"]:
+            continue  # no decay to decouple
         yield rule, on, f"{rule}[{'-'.join(n for n, v in on.items() if v) or 'plain'}]"
 
 
@@ -153,6 +200,11 @@ GRID = [
     *_switches("adadelta", ("weight_decay",)),
     *_switches("adam", ("amsgrad", "weight_decay")),
     *_switches("adamw", ("amsgrad",)),
+    *_switches("adamax", ("weight_decay",)),
+    *_switches("nadam", ("weight_decay", "decoupled_weight_decay")),
+    *_switches("radam", ("weight_decay", "decoupled_weight_decay")),
+    *_switches("asgd", ("averaging", "weight_decay")),
+    *_switches("rprop", ()),
 ]
 
 
@@ -290,7 +342,10 @@ def run_pair(
     if slots:  # the same slots on both sides: a slot torch keeps and uniopt lacks goes unchecked
         for ps, opt in zip(runs, opts, strict=True):
             for t in ps:
-                assert set(opt.state[t]) - {"step"} == set(slot_keys.values())
+                # NAdam's mu_product, ASGD's eta and mu: numbers uniopt derives from the step
+                # count (test_torch_facade checks them)
+                derived = getattr(getattr(uniopt.torch, type(opt).__name__), "_derived", ())
+                assert set(opt.state[t]) - {"step", *derived} == set(slot_keys.values())
                 if "step" in opt.state[t]:
                     assert int(opt.state[t]["step"]) == state.step == steps
     return {k: tuple(np.stack(v) for v in values) for k, values in rec.items()}
@@ -417,7 +472,8 @@ def _grid_index(label: str) -> int:
 # float64 resolves a relative change of 1e-6 (of 1 - rate for the decay rates; 1e-5 for eps,
 # whose effect is a further eps/sqrt(v) smaller). float32 resolves what changes the result by
 # more than ~eps32 per step: 1e-3 of a decay rate (it scales a slot at once), 1e-2 of a factor
-# of a small term (AdamW's lr*wd*p, Adagrad's lr_decay), a factor 11 of eps. Where the term is
+# of a small term (AdamW's lr*wd*p, Adagrad's lr_decay, ASGD's lambd), a factor 11 of eps,
+# 1e-1 of NAdam's momentum_decay (it moves mu_t through 0.96^(t*psi), slowly). Where the term is
 # too small at the sampled values to show in float32 at all, both sides get larger ones first.
 WRONG = [  # grid entry, set on both sides, the hyperparameter uniopt gets wrong, by f64, by f32
     ("adam[amsgrad-weight_decay]", {}, "betas[1]", 1e-6, 1e-3),
@@ -427,6 +483,9 @@ WRONG = [  # grid entry, set on both sides, the hyperparameter uniopt gets wrong
     ("rmsprop[centered-momentum]", {}, "alpha", 1e-6, 1e-3),
     ("adagrad[lr_decay-initial_accumulator_value]", {"lr": 0.1}, "lr_decay", 1e-6, 1e-2),
     ("adadelta[weight_decay]", {}, "rho", 1e-6, 1e-3),
+    ("nadam[weight_decay]", {"momentum_decay": 0.1}, "momentum_decay", 1e-6, 0.1),
+    ("radam[plain]", {}, "betas[1]", 1e-6, 1e-3),
+    ("asgd[averaging]", {"lambd": 0.1}, "lambd", 1e-6, 1e-2),
 ]
 
 
@@ -505,6 +564,10 @@ LR_SCHEDULES = [
         dict(lr=S.warmup(50, S.cosine(1e-2, steps=STEPS - 50)), weight_decay=1e-3, amsgrad=True),
     ),
     ("adamw", dict(lr=lambda s: 1e-2 / math.sqrt(1 + s), weight_decay=0.05, amsgrad=True)),
+    ("adamax", dict(lr=S.cosine(1e-2, steps=STEPS), weight_decay=1e-3)),
+    ("nadam", dict(lr=S.warmup(30, S.cosine(1e-2, steps=STEPS - 30)), weight_decay=0.05,
+                   decoupled_weight_decay=True)),
+    ("radam", dict(lr=S.exponential(1e-2, rate=0.99), weight_decay=1e-3)),
 ]
 OTHER_SCHEDULES = [
     (
@@ -532,6 +595,13 @@ OTHER_SCHEDULES = [
         ),
     ),
     ("adamw", dict(lr=1e-2, weight_decay=S.cosine(0.1, steps=STEPS, floor=0.01), amsgrad=True)),
+    # RAdam's rectification follows beta2 step by step, as torch's
+    ("radam", dict(lr=1e-2, betas=(S.linear(0.8, 0.95, steps=STEPS), lambda s: 0.99 + 1e-5 * s),
+                   weight_decay=S.linear(0.0, 1e-2, steps=STEPS), decoupled_weight_decay=True)),
+    ("rprop", dict(lr=1e-3, etas=(S.linear(0.3, 0.7, steps=STEPS), lambda s: 1.5 - s / 1000),
+                   step_sizes=(1e-6, S.cosine(0.1, steps=STEPS, floor=1e-3)))),
+    # ASGD's other numbers enter torch's eta at the step before (see uniopt.torch.ASGD)
+    ("asgd", dict(lr=0.02, t0=20, weight_decay=S.linear(1e-3, 1e-2, steps=STEPS))),
 ]
 
 

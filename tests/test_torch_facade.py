@@ -51,6 +51,16 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def torch_scalars_in_double() -> Iterator[None]:
+    """torch at its float64 default: it then keeps NAdam's ``mu_product`` and ASGD's ``eta``
+    and ``mu`` in double, as uniopt derives them (at float32 they differ by 1e-8)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
 # --- the model, the data and the training loop ---------------------------------------------
 
 
@@ -102,7 +112,16 @@ CONFIG: dict[str, dict[str, Any]] = {
     "Adadelta": dict(lr=1.0, weight_decay=1e-3),
     "Adam": dict(lr=1e-2, amsgrad=True, weight_decay=1e-3),
     "AdamW": dict(lr=1e-2, weight_decay=0.05),
+    "Adamax": dict(lr=1e-2, weight_decay=1e-3),
+    "NAdam": dict(lr=1e-2, weight_decay=1e-2, momentum_decay=1e-2, decoupled_weight_decay=True),
+    "RAdam": dict(lr=1e-2, weight_decay=1e-3),
+    "ASGD": dict(lr=0.05, lambd=1e-3, alpha=0.7, t0=10, weight_decay=1e-3),
+    "Rprop": dict(lr=1e-3, etas=(0.4, 1.3), step_sizes=(1e-6, 0.1)),
 }
+# torch.optim's elementwise classes added after the first six; NAdam and ASGD keep numbers
+# uniopt derives from the step count (their tests run torch at its float64 default, where
+# torch keeps those numbers in double, as uniopt does)
+MORE = ("Adamax", "NAdam", "RAdam", "ASGD", "Rprop")
 
 
 def param_groups(model: Net, lr: float) -> list[dict[str, Any]]:
@@ -371,7 +390,7 @@ def test_resume_equals_never_stopping_bitwise() -> None:
 # --- the torch.optim surface -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + MORE)
 def test_signature_and_defaults_are_torchs(name: str) -> None:
     ours, theirs = getattr(ut, name), getattr(torch.optim, name)
     sig_ours = inspect.signature(ours.__init__).parameters
@@ -435,8 +454,8 @@ def assert_close64(ours: list[Any], theirs: list[Any]) -> None:
         assert err <= RTOL64, f"scaled error {err:.3g}"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_maximize(name: str) -> None:
+@pytest.mark.parametrize("name", NAMES + MORE)
+def test_maximize(name: str, torch_scalars_in_double: None) -> None:
     kw = {**CONFIG[name], "maximize": True}
     theirs, _ = run_small(lambda ps: getattr(torch.optim, name)(ps, foreach=False, **kw), 20,
                           random_grads(5))
@@ -785,6 +804,16 @@ def test_bench_runs_uniopt_torch_beside_torch() -> None:
         s()
 
 
+@pytest.mark.parametrize("rule", [r.lower() for r in MORE])
+def test_bench_takes_the_more_rules(rule: str) -> None:
+    assert rule in bench.TRAFFIC
+    w = bench._Workload([(50,)] * 3)
+    for impl in ("uniopt", "uniopt.torch", "torch for-loop"):
+        step = bench.IMPLEMENTATIONS[impl](w, rule)
+        assert step is not None, impl
+        step()
+
+
 # --- errors: the message, and nothing changed ------------------------------------------------
 
 
@@ -1118,3 +1147,102 @@ def test_bfloat16_params_keep_cached_views_of_their_bits() -> None:
     with pytest.raises(RuntimeError, match="declined bfloat16 tensors .*not C-contiguous"):
         uo.update_(dataclasses.replace(s, slots={}), [bits], [bits])
     assert (bits == backend.numpy_view(torch.ones(1, dtype=torch.bfloat16))[0]).all()
+
+
+# --- Adamax, NAdam, RAdam, ASGD, Rprop -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "kind"), [("Adamax", "step"), ("NAdam", "cosine"),
+                                            ("RAdam", "plateau"), ("ASGD", None),
+                                            ("Rprop", "onecycle")])
+def test_more_classes_training_loop_float64(name: str, kind: str | None,
+                                            torch_scalars_in_double: None) -> None:
+    """The training loop of the first six, one scheduler each. ASGD runs without one: torch
+    computes a step's eta from the previous step's lr (see uniopt.torch.ASGD). NAdam's is not
+    onecycle, which cycles beta1: torch multiplies each step's own mu into its product."""
+    torch.manual_seed(0)
+    base = Net().double()
+    lr = CONFIG[name]["lr"]
+    theirs = side(copy.deepcopy(base), make(name, torch.optim), kind, lr)
+    ours = side(copy.deepcopy(base), make(name, ut), kind, lr)
+    train([theirs, ours], batches(STEPS), range(STEPS))
+    assert_float64_parity(ours, theirs)
+    assert ours.hyper == theirs.hyper
+    derived = getattr(ut, name).__dict__.get("_derived", ())
+    mine = ours.opt.state_dict()["state"]
+    for k, tst in theirs.opt.state_dict()["state"].items():
+        assert set(mine[k]) == set(tst)  # torch's names, the derived numbers included
+        for slot in set(tst) - {"step"}:
+            err = scaled_error(mine[k][slot][None], tst[slot][None])[0]
+            assert err <= (1e-15 if slot in derived else RTOL64), f"{k}.{slot}: {err:.3g}"
+            assert mine[k][slot].dtype == tst[slot].dtype
+
+
+@pytest.mark.parametrize("direction", ["torch->uniopt", "uniopt->torch"])
+@pytest.mark.parametrize("name", MORE)
+def test_more_classes_state_dict_loads_across(name: str, direction: str,
+                                              torch_scalars_in_double: None) -> None:
+    test_state_dict_loads_across_and_training_continues(name, direction)
+
+
+def test_derived_numbers_are_dropped_on_loading_and_rederived() -> None:
+    """A state without NAdam's mu_product (or with a wrong one) loads and steps as the step
+    count says; a state holding it as a plain number (torch's pre-tensor format) loads too."""
+    def run(sd_edit: Callable[[dict[str, Any]], None]) -> list[Any]:
+        ps, opt = run_small(lambda ps: ut.NAdam(ps, lr=0.01), 5, random_grads(3))
+        sd = copy.deepcopy(opt.state_dict())
+        sd_edit(sd)
+        opt2 = ut.NAdam([p.detach().clone() for p in ps], lr=0.01)
+        opt2.load_state_dict(sd)
+        for p in opt2.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        opt2.step()
+        assert "mu_product" not in opt2.state[opt2.param_groups[0]["params"][0]]
+        return [p.detach() for p in opt2.param_groups[0]["params"]]
+
+    def set_all(value: Any) -> Callable[[dict[str, Any]], None]:
+        def edit(sd: dict[str, Any]) -> None:
+            for st in sd["state"].values():
+                if value is None:
+                    del st["mu_product"]
+                else:
+                    st["mu_product"] = value
+        return edit
+
+    kept = run(lambda sd: None)
+    for value in (None, torch.tensor(0.5), 0.5):
+        for a, b in zip(run(set_all(value)), kept, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("name", "kw", "message"), [
+    ("Adamax", {"betas": (0.9, 1.0)}, r"betas\[1\] must be in \[0, 1\), got 1\.0"),
+    ("Adamax", {"eps": -1e-8}, r"eps must be >= 0, got -1e-08"),
+    ("NAdam", {"momentum_decay": -0.1}, r"momentum_decay must be >= 0, got -0\.1"),
+    ("NAdam", {"betas": (-0.1, 0.9)}, r"betas\[0\] must be in \[0, 1\), got -0\.1"),
+    ("RAdam", {"weight_decay": -1.0}, r"weight_decay must be >= 0, got -1\.0"),
+    ("ASGD", {"lambd": -1.0}, r"lambd must be >= 0, got -1\.0"),
+    ("ASGD", {"alpha": -0.5}, r"alpha must be >= 0, got -0\.5"),
+    ("ASGD", {"t0": -1.0}, r"t0 must be >= 0, got -1\.0"),
+    ("Rprop", {"etas": (1.5, 1.2)}, r"etas must satisfy 0 < etas\[0\] < 1 < etas\[1\], "
+                                    r"got \(1\.5, 1\.2\)"),
+    ("Rprop", {"etas": (0.0, 1.2)}, r"etas\[0\] must be > 0, got 0\.0"),
+    ("Rprop", {"step_sizes": (1.0, 0.1)}, r"step_sizes must be \(min, max\) with min <= max, "
+                                          r"got \(1\.0, 0\.1\)"),
+    ("Rprop", {"step_sizes": (-1.0, 0.1)}, r"step_sizes\[0\] must be >= 0, got -1\.0"),
+])
+def test_more_classes_invalid_values_name_them(name: str, kw: dict[str, Any],
+                                               message: str) -> None:
+    w = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match=message):
+        getattr(ut, name)(w, **kw)
+    opt, _ = trained(name)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], **kw})
+    kept = {k: opt.param_groups[0][k] for k in kw}
+    opt.param_groups[0].update(kw)  # written into a group: the next step fails, writing nothing
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    opt.param_groups[0].update(kept)
+    assert_unchanged(opt, before)

@@ -161,6 +161,13 @@ NONNEG_FIELDS = [
     (uo.scale_by_adadelta, "eps", "eps"),
     (uo.scale_by_optimistic_gradient, "alpha", "alpha"),
     (uo.scale_by_optimistic_gradient, "beta", "beta"),
+    *((rule, kw, kw) for rule in (uo.adamax, uo.nadam, uo.radam)
+      for kw in ("lr", "eps", "weight_decay")),
+    (uo.nadam, "momentum_decay", "momentum_decay"),
+    *((uo.asgd, kw, kw) for kw in ("lr", "lambd", "alpha", "t0", "weight_decay")),
+    (uo.rprop, "lr", "lr"),
+    (uo.decoupled_weight_decay, "lr", "lr"),
+    (uo.decoupled_weight_decay, "wd", "wd"),
 ]
 
 
@@ -200,7 +207,30 @@ UNIT_CASES = [
     (uo.scale_by_rms, {"alpha": 2.0}, "alpha", "2.0"),
     (uo.sgd, {"momentum": 0.9, "dampening": 1.5}, "dampening", "1.5"),
     (uo.trace, {"dampening": 1.5}, "dampening", "1.5"),
+    (uo.adamax, {"betas": (1.0, 0.999)}, r"betas\[0\]", "1.0"),
+    (uo.nadam, {"betas": (0.9, 1.0)}, r"betas\[1\]", "1.0"),
+    (uo.radam, {"betas": (-0.1, 0.999)}, r"betas\[0\]", "-0.1"),
+    (uo.scale_by_nadam, {"b2": 1.0}, "b2", "1.0"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"etas": (1.0, 1.2)},
+         r"etas must satisfy 0 < etas\[0\] < 1 < etas\[1\], got \(1\.0, 1\.2\)"),
+        ({"etas": (0.5, 1.0)}, r"etas must satisfy .*got \(0\.5, 1\.0\)"),
+        ({"etas": (0.0, 1.2)}, r"etas\[0\] must be > 0, got 0\.0"),
+        ({"step_sizes": (-1e-6, 50)}, r"step_sizes\[0\] must be >= 0, got -1e-06"),
+        ({"step_sizes": (1.0, 0.5)}, r"step_sizes must be \(min, max\) with min <= max, got "
+                                     r"\(1\.0, 0\.5\)"),
+        ({"etas": (0.5,)}, r"etas must be a tuple of 2 numbers or schedules, got \(0\.5,\)"),
+    ],
+)
+def test_rprop_etas_and_step_sizes(kw, match):
+    for ctor in (uo.rprop, uo.scale_by_rprop):
+        with pytest.raises(ValueError, match=match):
+            ctor(**kw)
 
 
 @pytest.mark.parametrize("ctor,kw,label,value", UNIT_CASES)
@@ -359,6 +389,22 @@ SCHEDULE_CASES = [
         lambda: uo.chain(uo.clip(_bad_at_3(1.0, -1.0)), uo.weight_decay(1e-2), uo.adam(lr=1e-2)),
         r"max_delta must be >= 0",
         id="chain-clip",
+    ),
+    pytest.param(
+        lambda: uo.rprop(lr=0.01, etas=(0.3, _bad_at_3(1.4, 0.9)), step_sizes=(1e-4, 0.03)),
+        r"etas must satisfy 0 < etas\[0\] < 1 < etas\[1\], got \(0\.3, 0\.9\)",
+        id="rprop-etas",
+    ),
+    pytest.param(
+        lambda: uo.nadam(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True,
+                         momentum_decay=_bad_at_3(4e-3, -1.0)),
+        r"momentum_decay must be >= 0",
+        id="nadam-momentum_decay",
+    ),
+    pytest.param(
+        lambda: uo.asgd(lr=0.05, lambd=_bad_at_3(0.01, -0.01), t0=5, weight_decay=1e-2),
+        r"lambd must be >= 0",
+        id="asgd-lambd",
     ),
 ]
 

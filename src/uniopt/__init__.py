@@ -24,14 +24,24 @@ from .rules.adam import (
     scale_by_amsgrad,
     scale_by_optimistic_gradient,
 )
+from .rules.adam_variants import (
+    adamax,
+    nadam,
+    radam,
+    scale_by_adamax,
+    scale_by_nadam,
+    scale_by_radam,
+)
+from .rules.asgd import asgd, scale_by_asgd
 from .rules.matrix import ema_momentum, muon, orthogonalize, scale_by_shape_lr
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
+from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
 from .transforms.clip import clip, clip_by_global_norm
-from .transforms.decay import weight_decay
+from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.momentum import trace
 from .transforms.scale import scale, scale_by_lr
 from .tree import pack, register_dataclass, trainables
@@ -50,8 +60,10 @@ __all__ = [
     "adafactor",
     "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "adjust",
+    "asgd",
     "chain",
     "clip",
     "clip_by_global_norm",
@@ -62,22 +74,32 @@ __all__ = [
     "minimize_step",
     "minimize_step_",
     "muon",
+    "decoupled_weight_decay",
+    "from_optax",
+    "nadam",
     "optimistic_adam",
     "orthogonalize",
     "pack",
+    "radam",
     "register_dataclass",
     "rmsprop",
+    "rprop",
     "scale",
     "scale_by_adadelta",
     "scale_by_adagrad",
     "scale_by_adam",
+    "scale_by_adamax",
     "scale_by_amsgrad",
+    "scale_by_asgd",
     "scale_by_centered_rms",
     "scale_by_factored_rms",
     "scale_by_lr",
+    "scale_by_nadam",
     "scale_by_optimistic_gradient",
     "scale_by_param_scale",
+    "scale_by_radam",
     "scale_by_rms",
+    "scale_by_rprop",
     "scale_by_rss",
     "scale_by_shape_lr",
     "schedules",

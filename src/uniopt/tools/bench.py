@@ -59,7 +59,8 @@ WORKLOADS: dict[str, list[tuple[int, ...]]] = {
 }
 
 # arrays read and written per parameter (times the itemsize: bytes moved)
-TRAFFIC = {"adam": 7, "adamw": 7, "sgd": 5, "rmsprop": 5}
+TRAFFIC = {"adam": 7, "adamw": 7, "sgd": 5, "rmsprop": 5, "adamax": 7, "nadam": 7, "radam": 7,
+           "asgd": 5, "rprop": 7}
 
 
 def _rule(name: str) -> uo.Transform:
@@ -68,6 +69,11 @@ def _rule(name: str) -> uo.Transform:
         "adamw": uo.adamw(lr=1e-3, weight_decay=1e-2),
         "sgd": uo.sgd(lr=1e-3, momentum=0.9),
         "rmsprop": uo.rmsprop(lr=1e-3),
+        "adamax": uo.adamax(lr=1e-3),
+        "nadam": uo.nadam(lr=1e-3),
+        "radam": uo.radam(lr=1e-3),
+        "asgd": uo.asgd(lr=1e-3),
+        "rprop": uo.rprop(lr=1e-3),
     }[name]
 
 
@@ -230,7 +236,8 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
     if mode == "uniopt.torch":
         optim = importlib.import_module("uniopt.torch")
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
-           "rmsprop": optim.RMSprop}[rule]
+           "rmsprop": optim.RMSprop, "adamax": optim.Adamax, "nadam": optim.NAdam,
+           "radam": optim.RAdam, "asgd": optim.ASGD, "rprop": optim.Rprop}[rule]
     kw: dict[str, Any] = {"lr": 1e-3}
     if rule == "sgd":
         kw["momentum"] = 0.9
@@ -264,7 +271,9 @@ def _optax(w: _Workload, rule: str) -> Callable[[], Any] | None:
     except ImportError:
         return None
     tx = {"adam": optax.adam(1e-3), "adamw": optax.adamw(1e-3, weight_decay=1e-2),
-          "sgd": optax.sgd(1e-3, momentum=0.9), "rmsprop": optax.rmsprop(1e-3)}[rule]
+          "sgd": optax.sgd(1e-3, momentum=0.9), "rmsprop": optax.rmsprop(1e-3)}.get(rule)
+    if tx is None:  # optax's NAdam and the others differ from torch's, or are missing
+        return None
     params = [jax.numpy.asarray(p, dtype=w.dtype) for p in w.params]
     grads = [[jax.numpy.asarray(g, dtype=w.dtype) for g in gs] for gs in w.grads]
 

@@ -1,11 +1,12 @@
 """Drop-in replacements for ``torch.optim``, run by uniopt's engine.
 
-``uniopt.torch.SGD``, ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam``, ``AdamW``, ``SparseAdam``,
-``LBFGS``, ``Adafactor`` and ``Muon`` take torch's constructor arguments and defaults and subclass
-:class:`torch.optim.Optimizer`, so torch's ``lr_scheduler`` classes, ``clip_grad_norm_``, hooks
-and training frameworks accept them; their ``state_dict`` is torch's, slot names included, and
-loads into (and from) the torch class of the same name. :class:`Optimizer` wraps any uniopt
-rule or chain the same way.
+``uniopt.torch`` has every optimizer of ``torch.optim``: ``SGD``, ``Adagrad``, ``RMSprop``,
+``Adadelta``, ``Adam``, ``AdamW``, ``Adamax``, ``NAdam``, ``RAdam``, ``ASGD``, ``Rprop``,
+``SparseAdam``, ``LBFGS``, ``Adafactor`` and ``Muon``. They take torch's constructor arguments and
+defaults and subclass :class:`torch.optim.Optimizer`, so torch's ``lr_scheduler`` classes,
+``clip_grad_norm_``, hooks and training frameworks accept them; their ``state_dict`` is torch's,
+slot names included, and loads into (and from) the torch class of the same name.
+:class:`Optimizer` wraps any uniopt rule or chain the same way.
 
 This module is a skin over the engine, not a second implementation: each param group becomes a
 uniopt rule built from the group's values (numbers or uniopt schedules), and a step is one
@@ -32,26 +33,43 @@ Differences from torch, each on purpose:
 * A parameter listed twice in one group warns as torch does and is kept once (torch updates it
   twice per step).
 * Validation is torch's, in its order and words; uniopt's own checks follow where torch has none.
+* NAdam's ``mu_product`` and ASGD's ``eta`` and ``mu`` are not kept in ``state[p]``: uniopt
+  derives them from the parameter's step count and the group's values at that step, in double.
+  ``state_dict()`` writes them as torch does (0-d tensors of torch's default dtype, worked out
+  at the saved step), and ``load_state_dict`` drops them (the step count gives them back), so
+  states load both ways. This is torch's arithmetic except: where NAdam's ``betas[0]`` or
+  ``momentum_decay`` change mid-run (torch multiplies each step's own momentum into its
+  product; uniopt recomputes the product with the current values); where ASGD's ``lr`` changes
+  (torch computes a step's ``eta`` at the end of the step before, from that step's ``lr``: one
+  step of lag); and at torch's float32 default dtype, where torch rounds these numbers to
+  float32 (a relative 1e-8) and uniopt does not.
+* Rprop, as torch: ``lr`` sets a parameter's step sizes when its state is made; later values
+  (a scheduler's) change nothing.
 * Sparse gradients: SGD and Adagrad accept them as torch does (Adagrad updates only the rows
   present, SGD the dense equivalent; torch keeps SGD's momentum buffer sparse, this module keeps
   it dense); the other classes raise torch's errors.
 """
 
 from .named import (
+    ASGD,
     LBFGS,
     SGD,
     Adadelta,
     Adafactor,
     Adagrad,
     Adam,
+    Adamax,
     AdamW,
     Muon,
+    NAdam,
+    RAdam,
     RMSprop,
+    Rprop,
     SparseAdam,
 )
 from .optimizer import Optimizer
 
 __all__ = [
-    "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Muon", "Optimizer",
-    "RMSprop", "SparseAdam",
+    "ASGD", "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Muon",
+    "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam",
 ]

@@ -16,13 +16,17 @@ import torch
 
 from ..base import Transform
 from ..engine import flat_list_def, minimize_step_
+from ..hyper import resolve
 from ..rules.adadelta import adadelta
 from ..rules.adafactor import adafactor
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw
+from ..rules.adam_variants import adamax, mu_product, nadam, radam
+from ..rules.asgd import asgd, asgd_eta, asgd_mu
 from ..rules.matrix import muon
 from ..rules.quasi_newton import lbfgs
 from ..rules.rmsprop import rmsprop
+from ..rules.rprop import rprop
 from ..rules.sgd import sgd
 from ..rules.sparse_adam import sparse_adam
 from ..state import State
@@ -458,3 +462,111 @@ class Muon(_Named):
     def _prepare(self, gi: int, group: dict[str, Any]) -> Any:
         _refuse_complex("Muon", group)
         return super()._prepare(gi, group)
+
+
+class Adamax(_Named):
+    """``torch.optim.Adamax``, run by :func:`uniopt.adamax`."""
+
+    rule = adamax()
+    _torch_params = ("lr", "betas", "eps", "weight_decay", "foreach",
+                     "*", "maximize", "differentiable", "capturable")
+    _checks = (LR, EPS, *BETAS, WEIGHT_DECAY)
+
+
+class RAdam(_Named):
+    """``torch.optim.RAdam``, run by :func:`uniopt.radam`."""
+
+    rule = radam()
+    _torch_params = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay",
+                     "*", "foreach", "maximize", "capturable", "differentiable")
+    _checks = (LR, EPS, *BETAS, WEIGHT_DECAY)
+
+
+class Rprop(_Named):
+    """``torch.optim.Rprop``, run by :func:`uniopt.rprop`. As torch's, a parameter's step sizes
+    start at the group's ``lr`` when its state is made; later values of ``lr`` change nothing."""
+
+    rule = rprop()
+    _torch_params = ("lr", "etas", "step_sizes",
+                     "*", "capturable", "foreach", "maximize", "differentiable")
+    _checks = (LR,)
+
+    def _torch_checks(self, values: dict[str, Any]) -> None:
+        super()._torch_checks(values)
+        etas = values["etas"]
+        if not any(map(callable, etas)) and not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+
+
+class _Derived(_Named):
+    """A class whose torch twin keeps per-parameter numbers that uniopt derives from the step
+    count: they are written into ``state_dict()`` as torch's 0-d tensors, worked out from the
+    group's values at the parameter's step, and dropped on loading (the step count gives them
+    back), so states load both ways."""
+
+    _derived: ClassVar[tuple[str, ...]]
+
+    def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        state = sd["state"]
+        for group in sd["param_groups"]:
+            for k in group["params"]:
+                st = state.get(k)
+                if not st or "step" not in st:
+                    continue
+                step = int(st["step"])
+                values = {n: resolve(plain(v), step) for n, v in group.items() if n != "params"}
+                extra = {n: torch.tensor(x, dtype=dtype)
+                         for n, x in self._scalars(values, step).items()}
+                state[k] = {**st, **extra}  # a new dict: the optimizer's own stays as it is
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; the numbers uniopt derives from the step count
+        (``_derived``) are read from it, not kept."""
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict):
+            state = {k: {n: v for n, v in st.items() if n not in self._derived}
+                     if isinstance(st, dict) else st for k, st in state_dict["state"].items()}
+            state_dict = {**state_dict, "state": state}
+        super().load_state_dict(state_dict)
+
+
+class NAdam(_Derived):
+    """``torch.optim.NAdam``, run by :func:`uniopt.nadam`. torch's ``state["mu_product"]`` is
+    derived from the step count and the group's ``betas[0]`` and ``momentum_decay``
+    (:func:`uniopt.rules.adam_variants.mu_product`): it appears in ``state_dict()`` and is
+    dropped on loading, which differs from torch only where those two changed mid-run."""
+
+    rule = nadam()
+    _torch_params = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
+                     "decoupled_weight_decay",
+                     "*", "foreach", "maximize", "capturable", "differentiable")
+    _derived = ("mu_product",)
+    _checks = (LR, EPS, *BETAS, WEIGHT_DECAY, _at_least_0("momentum_decay"))
+
+    def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
+        b1, psi = group["betas"][0], group["momentum_decay"]
+        return {"mu_product": mu_product(b1, psi, step, exact=True)}
+
+
+class ASGD(_Derived):
+    """``torch.optim.ASGD``, run by :func:`uniopt.asgd`; the average is ``state[p]["ax"]``.
+    torch's ``state["eta"]`` and ``state["mu"]`` are derived from the step count and the group's
+    values (:func:`uniopt.rules.asgd.asgd_eta`, :func:`~uniopt.rules.asgd.asgd_mu`): they appear
+    in ``state_dict()`` and are dropped on loading. torch computes ``eta`` at the end of a step
+    from that step's ``lr``; here the step's own ``lr`` is used, which differs only where ``lr``
+    changes (a scheduler): by one step of lag."""
+
+    rule = asgd()
+    _torch_params = ("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize",
+                     "differentiable", "capturable")
+    _derived = ("eta", "mu")
+    _checks = (LR, WEIGHT_DECAY)
+
+    def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
+        return {"eta": asgd_eta(group["lr"], group["lambd"], group["alpha"], step),
+                "mu": asgd_mu(group["t0"], step)}

@@ -32,3 +32,24 @@ class weight_decay(Elementwise):
     @staticmethod
     def kernel(xp, c, p, u):
         return (u + c.wd * p,)
+
+
+class LrDecay(NamedTuple):
+    lr_wd: Any  # lr*wd, in double on the host
+
+
+@dataclass(frozen=True)
+class decoupled_weight_decay(Elementwise):
+    """``u <- u + lr*wd * p``: torch's decoupled decay ``p <- p*(1 - lr*wd)`` beside a block
+    that applies the learning rate itself (NAdamW, RAdamW); ``lr`` and ``wd`` may be schedules."""
+
+    lr: Any = hyper(1e-3, NONNEG)
+    wd: Any = hyper(0.0, NONNEG)
+    uses_params = True
+
+    def coeffs(self, step: int) -> LrDecay:
+        return LrDecay(lr_wd=self.lr * self.wd)
+
+    @staticmethod
+    def kernel(xp, c, p, u):
+        return (u + c.lr_wd * p,)

@@ -1,0 +1,87 @@
+"""Averaged stochastic gradient descent (Polyak & Juditsky, 1992) as torch.optim writes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from ..backend import namespace
+from ..base import Elementwise, Rule, Transform
+from ..hyper import NONNEG, _traced, hyper
+from ..moments import select
+from ..transforms.decay import weight_decay
+
+
+def asgd_eta(lr: float, lambd: float, alpha: float, step: int) -> float:
+    """The step size after ``step`` updates: ``lr/(1 + lambd*lr*step)^alpha`` (torch's
+    ``eta``, which it stores after each update)."""
+    return lr / ((1 + lambd * lr * step) ** alpha)
+
+
+def asgd_mu(t0: float, step: int) -> float:
+    """The averaging weight after ``step`` updates: ``1/max(1, step - t0)`` (torch's ``mu``)."""
+    traced = [x for x in (step, t0) if _traced(x)]
+    if traced:  # jax.jit
+        return 1 / namespace(traced[0]).maximum(1.0, step - t0)
+    return 1 / max(1, step - t0)
+
+
+class AsgdCoeffs(NamedTuple):
+    eta: Any
+    lambd_eta: Any  # the decay of p, lambd*eta
+    mu: Any
+    average: Any  # mu != 1 (torch's test): else the average is the iterate itself
+
+
+@dataclass(frozen=True)
+class scale_by_asgd(Elementwise):
+    """ASGD's step and average: ``u <- lambd*eta*p + eta*u`` (``p <- p*(1 - lambd*eta) -
+    eta*g``), then ``ax <- ax + mu*(p - u - ax)`` (``ax <- p - u`` while ``mu = 1``), with
+    ``eta`` and ``mu`` of :func:`asgd_eta` and :func:`asgd_mu` at the step count. ``ax``
+    averages the iterate this block makes: place it last in a chain."""
+
+    lr: Any = hyper(1e-2, NONNEG)
+    lambd: Any = hyper(1e-4, NONNEG)
+    alpha: Any = hyper(0.75, NONNEG)
+    t0: Any = hyper(1e6, NONNEG)
+    slots: ClassVar[tuple[str, ...]] = ("ax",)
+    makes_step: ClassVar[bool] = True
+    uses_params: ClassVar[bool] = True  # the decay lambd*eta*p and the average read p
+
+    def coeffs(self, step: int) -> AsgdCoeffs:
+        eta = asgd_eta(self.lr, self.lambd, self.alpha, step)
+        mu = asgd_mu(self.t0, step)
+        return AsgdCoeffs(eta=eta, lambd_eta=self.lambd * eta, mu=mu, average=mu != 1)
+
+    @staticmethod
+    def kernel(xp, c, p, u, ax):
+        u = c.lambd_eta * p + c.eta * u
+        new = p - u  # the engine's own p - u, so ax averages the parameter it writes
+        return u, select(xp, c.average, ax + (new - ax) * c.mu, new)
+
+
+@dataclass(frozen=True)
+class asgd(Rule):
+    """Averaged SGD (Polyak & Juditsky, 1992) as torch writes it.
+
+    ``g <- g + weight_decay*p``; ``p <- p*(1 - lambd*eta_t) - eta_t*g`` with
+    ``eta_t = lr/(1 + lambd*lr*(t-1))^alpha``; the averaged iterate ``ax`` (slot ``ax``) follows
+    ``p`` until update ``t0 + 1``, then averages it with weight ``mu_t = 1/(t - 1 - t0)``. The
+    parameters are the SGD iterate; read the average from the state. Under schedules, a step
+    uses its own values; torch computes ``eta`` and ``mu`` at the end of the step before, from
+    that step's (one step of lag where ``lr``, ``lambd``, ``alpha`` or ``t0`` change).
+    """
+
+    lr: Any = hyper(1e-2, NONNEG)
+    lambd: Any = hyper(1e-4, NONNEG)
+    alpha: Any = hyper(0.75, NONNEG)
+    t0: Any = hyper(1e6, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    def parts(self) -> tuple[Transform, ...]:
+        return (
+            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
+            scale_by_asgd(lr=self.lr, lambd=self.lambd, alpha=self.alpha, t0=self.t0),
+        )
