@@ -3,7 +3,7 @@
     python benchmarks/muon.py [--n 24] [--size 1024] [--steps 3]
 
 ``n`` same-shaped ``size x size`` float32 matrices: uniopt orthogonalises them in one batched
-matmul chain (float32); torch runs one chain per matrix (bfloat16, its rounding). Prints the
+matmul chain, in bfloat16 as torch; torch runs one chain per matrix. Prints the
 median seconds per step of each and their ratio.
 """
 

@@ -40,3 +40,26 @@ def bias_correction(decay: Any, one_minus: Any, step: Any) -> Any:
 
     xp = aac.array_namespace(*(x for x in (one_minus, step) if not isinstance(x, (int, float))))
     return -xp.expm1((step + 1) * xp.log1p(-one_minus))
+
+
+def addmm(xp: Any, beta: Any, m: Any, alpha: Any, a: Any, b: Any) -> Any:
+    """``beta m + alpha (a @ b)`` for matrices or stacks of them: on torch tensors torch's
+    ``addmm``/``baddbmm``, which round once (bfloat16 products accumulate in float32), as torch's
+    Muon computes its Newton-Schulz steps; on other arrays, as written."""
+    if type(m).__module__.startswith("torch"):
+        import torch
+
+        fused = torch.addmm if m.ndim == 2 else torch.baddbmm
+        return fused(m, a, b, beta=beta, alpha=alpha)
+    return beta * m + alpha * (a @ b)
+
+
+def frobenius(xp: Any, x: Any) -> Any:
+    """The Frobenius norm of each matrix of ``x`` (the last two axes), kept as 1x1: on torch
+    tensors torch's norm (bfloat16 squares summed in float32, as torch's Muon normalises); on
+    other arrays ``sqrt(sum(x*x))``, which sums a stack of matrices as it sums each alone."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    return xp.sqrt(xp.sum(x * x, axis=(-2, -1), keepdims=True))

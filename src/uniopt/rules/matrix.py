@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Kernel, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper
-from ..moments import lerp
+from ..moments import addmm, frobenius, lerp
 
 # Keller Jordan's quintic: the slope at 0 is as large as keeps the iteration's fixed band
 # around 1 (singular values end in about [0.7, 1.2], not exactly 1)
@@ -66,6 +66,12 @@ def _check_adjust_lr_fn(owner: str, fn: Any) -> None:
         raise ValueError(f"{owner}: adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {fn!r}")
 
 
+def _check_ns_dtype(owner: str, dtype: Any) -> None:
+    if dtype not in (None, "bfloat16", "float16", "float32", "float64"):
+        raise ValueError(f"{owner}: ns_dtype must be None (the update's own dtype) or a float "
+                         f"dtype's name, got {dtype!r}")
+
+
 def _matrix_error(shape: tuple[int, ...]) -> str | None:
     return None if len(shape) == 2 else (
         "it is not a matrix (Muon orthogonalises 2-D updates; update other parameters with "
@@ -79,16 +85,20 @@ class orthogonalize(PerLeaf):
     ``u = U S V^T`` (``U V^T``, singular values ending near 1). ``X <- u / max(|u|_F, eps)``,
     transposed to be wide; each step ``A = X X^T``, ``X <- a X + (b A + c A A) X``.
 
-    Computed in the update's own dtype (torch's Muon rounds ``X`` to bfloat16 first). Leaves
-    of one shape are orthogonalised together, one batched matmul chain."""
+    Computed in the update's own dtype, or in ``ns_dtype`` (``"bfloat16"``: torch's Muon, whose
+    matmuls then run at bfloat16 speed; torch and JAX arrays), each step's two matrix products
+    with their sums rounded once on torch (:func:`uniopt.moments.addmm`), as torch's. Leaves of
+    one shape are orthogonalised together, one batched matmul chain."""
 
     ns_coefficients: tuple[Any, Any, Any] = hyper(NS_COEFFICIENTS, Interval(None))
     eps: Any = hyper(1e-7, NONNEG)
     ns_steps: int = 5
+    ns_dtype: str | None = None
     batched: ClassVar[bool] = True
 
     def check(self) -> None:
         _check_ns_steps(self.name, self.ns_steps)
+        _check_ns_dtype(self.name, self.ns_dtype)
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         return _matrix_error(shape)
@@ -100,12 +110,18 @@ class orthogonalize(PerLeaf):
     def apply(self, xp, c, p, u):
         wide = u.shape[-2] <= u.shape[-1]
         x = u if wide else xp.matrix_transpose(u)
-        norm = xp.sqrt(xp.sum(x * x, axis=(-2, -1), keepdims=True))
-        x = x / xp.clip(norm, min=c.eps)
+        if self.ns_dtype is not None:
+            dtype = getattr(xp, self.ns_dtype, None)
+            if dtype is None:
+                raise TypeError(f"{self.name}: ns_dtype={self.ns_dtype!r}, which "
+                                f"{xp.__name__} arrays do not have")
+            x = xp.astype(x, dtype)
+        x = x / xp.clip(frobenius(xp, x), min=c.eps)
         for _ in range(self.ns_steps):
             gram = x @ xp.matrix_transpose(x)
-            x = c.a * x + (c.b * gram + c.c * (gram @ gram)) @ x
-        return (x if wide else xp.matrix_transpose(x),)
+            x = addmm(xp, c.a, x, 1.0, addmm(xp, c.b, gram, c.c, gram, gram), x)
+        x = x if wide else xp.matrix_transpose(x)
+        return (x if x.dtype == u.dtype else xp.astype(x, u.dtype),)
 
 
 class MatrixStep(NamedTuple):
@@ -156,6 +172,8 @@ class muon(Rule):
     ``NS(b)``), :class:`orthogonalize`; ``p <- p - lr*s(A, B)*O - lr*weight_decay*p`` with
     ``s`` from ``adjust_lr_fn`` (:class:`scale_by_shape_lr`). A leaf that is not a matrix is
     an error at set-up, as in torch: give biases and embeddings to another rule.
+    ``ns_dtype="bfloat16"`` runs the iteration as torch's Muon does (``uniopt.torch.Muon``
+    does); the default runs it in the update's dtype, more exact and available on NumPy.
 
     >>> import numpy as np, uniopt as uo
     >>> p = [np.eye(2), 2 * np.eye(2)]  # one shape: orthogonalised in one batched call
@@ -173,12 +191,13 @@ class muon(Rule):
     eps: Any = hyper(1e-7, NONNEG)
     ns_steps: int = 5
     adjust_lr_fn: str | None = None
+    ns_dtype: str | None = None
 
     def parts(self) -> tuple[Transform, ...]:
         return (
             ema_momentum(momentum=self.momentum, nesterov=self.nesterov),
             orthogonalize(ns_coefficients=self.ns_coefficients, eps=self.eps,
-                          ns_steps=self.ns_steps),
+                          ns_steps=self.ns_steps, ns_dtype=self.ns_dtype),
             scale_by_shape_lr(lr=self.lr, weight_decay=self.weight_decay,
                               adjust_lr_fn=self.adjust_lr_fn),
         )
@@ -186,3 +205,4 @@ class muon(Rule):
     def check(self) -> None:
         _check_ns_steps(self.name, self.ns_steps)
         _check_adjust_lr_fn(self.name, self.adjust_lr_fn)
+        _check_ns_dtype(self.name, self.ns_dtype)

@@ -436,7 +436,7 @@ class Muon(_Named):
     (checked when a group is added, too); the Newton-Schulz iteration runs in bfloat16, as
     torch's does."""
 
-    rule = muon()
+    rule = muon(ns_dtype="bfloat16")
     _torch_params = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
                      "ns_steps", "adjust_lr_fn")
     _sparse_error = "Muon does not support sparse gradients"
