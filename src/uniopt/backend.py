@@ -193,3 +193,46 @@ def like_leaf(x: Any, like: Any) -> Any:
 def fresh(x: Any, xp: Any) -> Any:
     """A copy of ``x`` that no caller holds a reference to."""
     return xp.asarray(x, copy=True)
+
+
+# --- complex leaves: an optimizer sees a complex number as the pair of its parts (torch) -------
+
+
+def is_complex(x: Any) -> bool:
+    return bool(namespace(x).isdtype(x.dtype, "complex floating"))
+
+
+def as_real(x: Any, writable: bool = False) -> Any:
+    """Complex ``x`` as real pairs along a new last axis (torch's ``view_as_real``): a view of
+    its memory for NumPy and torch (``writable``: it must be one), a new array for the others."""
+    if is_torch(x):
+        import torch
+
+        return torch.view_as_real(x)
+    if is_numpy(x):
+        if x.flags.c_contiguous or x.strides and x.strides[-1] == x.itemsize:
+            return x.view(x.real.dtype).reshape(*x.shape, 2)
+        if writable:
+            raise TypeError(f"a complex array with strides {x.strides} has no real view to "
+                            "write; use uniopt.update, or a contiguous array")
+    xp = namespace(x)
+    return xp.stack([xp.real(x), xp.imag(x)], axis=-1)
+
+
+def as_complex(x: Any, like: Any) -> Any:
+    """Real pairs ``x`` (from :func:`as_real`) as a complex array of ``like``'s dtype."""
+    if is_torch(x):
+        import torch
+
+        return torch.view_as_complex(x.contiguous())
+    if is_jax(x):
+        import jax
+
+        return jax.lax.complex(x[..., 0], x[..., 1]).astype(like.dtype)
+    if is_numpy(x):
+        out = np.empty(x.shape[:-1], like.dtype)
+        out.real, out.imag = x[..., 0], x[..., 1]
+        return out
+    xp = namespace(x)
+    j = xp.asarray(1j, dtype=like.dtype)
+    return xp.astype(x[..., 0], like.dtype) + j * xp.astype(x[..., 1], like.dtype)

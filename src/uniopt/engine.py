@@ -46,8 +46,9 @@ def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str
                 "one optimizer must come from one array library"
             )
         xp = backend.namespace(leaf)
-        if not xp.isdtype(leaf.dtype, "real floating"):
-            raise TypeError(f"{name} has dtype {leaf.dtype}; uniopt updates real floating arrays")
+        if not xp.isdtype(leaf.dtype, ("real floating", "complex floating")):
+            raise TypeError(f"{name} has dtype {leaf.dtype}; uniopt updates floating arrays "
+                            "(real, or complex as the pairs of their parts)")
     return leaves, treedef, names
 
 
@@ -71,6 +72,9 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     register_state()  # JAX (flax) knows a State from the first one made after its import
     if state_dtype is not None and state_dtype not in ("float32", "float64"):
         raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
+    if state_dtype is not None and any(map(backend.is_complex, leaves)):
+        raise ValueError(f"setup: state_dtype={state_dtype!r} is for real params; these have "
+                         "complex leaves")
     slots: dict[str, list[Any]] = {}
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
@@ -79,9 +83,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
                 _tree_library(leaves, part)
             trees[keys[0]] = part.init_tree(params)
         elif keys:
-            per_leaf = [
-                part.init_slots(_stored(p, state_dtype), backend.namespace(p)) for p in leaves
-            ]
+            per_leaf = [_init_slots(part, p, state_dtype) for p in leaves]
             for k, key in enumerate(keys):
                 slots[key] = [s[k] for s in per_leaf]  # None: a leaf of that shape keeps none
     # a JAX state counts in a JAX array, as optax's do: a Python int would be static to
@@ -115,6 +117,16 @@ def _check_shapes(rule: Transform, names: list[str], leaves: list[Any]) -> None:
                     raise ValueError(
                         f"{rule.name}: {name} has shape {tuple(p.shape)}: {reason}"
                     )
+
+
+def _init_slots(part: Part, p: Any, state_dtype: str | None) -> tuple[Any, ...]:
+    """``part``'s slots for leaf ``p``; a complex leaf's are made for the pairs of its parts
+    (Adagrad's initial sum fills both) and kept complex, as torch keeps them."""
+    xp = backend.namespace(p)
+    if not backend.is_complex(p):
+        return part.init_slots(_stored(p, state_dtype), xp)
+    return tuple(s if s is None else backend.as_complex(s, p)
+                 for s in part.init_slots(backend.as_real(p), xp))
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
@@ -483,6 +495,8 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     if isinstance(fast_out, tuple):
         return fast_out
     step = _prologue(state, params, grads)
+    if any(map(backend.is_complex, step.params)):
+        return _as_pairs(state, step, inplace=False)
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(state, step.params, step.grads)
         new_p = [
@@ -503,6 +517,8 @@ def update_(state: State, params: Any, grads: Any) -> State:
     if isinstance(fast_out, tuple):
         return fast_out[0]
     step = _prologue(state, params, grads, writes=True)
+    if any(map(backend.is_complex, step.params)):
+        return _as_pairs(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(state, step.params, step.grads)
     for p, u in zip(step.params, deltas, strict=True):
@@ -514,6 +530,35 @@ def update_(state: State, params: Any, grads: Any) -> State:
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
+
+
+def _as_pairs(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
+    """A step of params some of which are complex, as torch takes them: each complex array
+    as the real pairs of its parts (views where the library has them, so an in-place step
+    writes through), its slots as well; the results back as complex arrays."""
+    n = len(step.params)
+
+    def pairs(xs: list[Any]) -> list[Any]:
+        return [x if x is None or not backend.is_complex(x) else backend.as_real(x, inplace)
+                for x in xs]
+
+    slots = {k: pairs(v) for k, v in state.slots.items()}
+    real = State(state.rule, state.step, slots, flat_list_def(n), state.state_dtype,
+                 state.tree_states)
+    if inplace:
+        new = update_(real, pairs(step.params), pairs(step.grads))
+        return dataclasses.replace(state, step=new.step, tree_states=new.tree_states), None
+
+    def back(xs: list[Any], like: list[Any]) -> list[Any]:
+        return [x if x is None or not backend.is_complex(c) else backend.as_complex(x, c)
+                for x, c in zip(xs, like, strict=True)]
+
+    new, params = update(real, pairs(step.params), pairs(step.grads))
+    out = dataclasses.replace(
+        state, step=new.step, tree_states=new.tree_states,
+        slots={k: back(v, state.slots[k]) for k, v in new.slots.items()},
+    )
+    return out, unflatten(step.treedef, back(params, step.params))
 
 
 Closure = Callable[[Any], tuple[Any, Any]]

@@ -1,0 +1,107 @@
+"""Complex parameters, as torch takes them: a complex number is the pair of its real and
+imaginary parts, each updated as a real parameter (torch's ``view_as_real``); the slots stay
+complex, as torch keeps them. Every rule torch runs on complex parameters, through the functional
+API on NumPy, torch and JAX arrays (in place and pure), against torch's class for 20 steps in
+complex128: the same arithmetic on the same pairs, so float64 rounding (1e-12 of the largest
+entry) is the tolerance. uniopt.torch's classes on complex tensors: tests/test_torch_optim_db.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import uniopt as uo  # noqa: E402
+
+# (uniopt rule, torch class, the values both take); initial_accumulator_value fills both parts
+RULES = [
+    (uo.sgd, "SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    (uo.adam, "Adam", {"lr": 0.1, "weight_decay": 0.1, "amsgrad": True}),
+    (uo.adamw, "AdamW", {"lr": 0.1}),
+    (uo.adagrad, "Adagrad", {"lr": 0.1, "initial_accumulator_value": 0.5, "lr_decay": 0.01}),
+    (uo.rmsprop, "RMSprop", {"lr": 0.01, "centered": True, "momentum": 0.5}),
+    (uo.adadelta, "Adadelta", {"lr": 0.5, "weight_decay": 0.1}),
+    (uo.adamax, "Adamax", {"lr": 0.05}),
+    (uo.nadam, "NAdam", {"lr": 0.05, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+    (uo.radam, "RAdam", {"lr": 0.05}),
+    (uo.asgd, "ASGD", {"lr": 0.05, "t0": 5.0}),
+]
+
+
+def _library(name: str) -> Any:
+    if name == "torch":
+        return torch.tensor
+    if name == "jax":
+        jax = pytest.importorskip("jax")
+        if not jax.config.read("jax_enable_x64"):
+            pytest.skip("complex128 needs jax_enable_x64")
+        return jax.numpy.asarray
+    return np.array
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _double() -> Any:
+    """complex128 on JAX needs x64; torch computes NAdam's and ASGD's per-parameter numbers in
+    its default dtype, which float64 makes as exact as uniopt's (test_parity_torch does so)."""
+    jax = None
+    try:
+        import jax
+    except ImportError:
+        pass
+    x64 = jax is not None and jax.config.read("jax_enable_x64")
+    if jax is not None:
+        jax.config.update("jax_enable_x64", True)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+    if jax is not None:
+        jax.config.update("jax_enable_x64", x64)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize(("rule", "cls", "kw"), RULES, ids=[r[1] for r in RULES])
+def test_complex_params_step_as_torchs_classes(rule: Any, cls: str, kw: dict[str, Any],
+                                               library: str) -> None:
+    conv = _library(library)
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal((3, 4)) + 1j * rng.standard_normal((3, 4))
+    params = {"w": conv(p0), "b": conv(rng.standard_normal(4))}  # a real leaf beside it
+    theirs = [torch.nn.Parameter(torch.tensor(np.asarray(v))) for v in params.values()]
+    opt = getattr(torch.optim, cls)(theirs, **kw)
+    state = uo.setup(rule(**kw), params)
+    assert state.slots and all(s.dtype == params["w"].dtype
+                               for v in state.slots.values() for s in v[1:])
+    for k in range(20):
+        g = {"w": rng.standard_normal((3, 4)) + 1j * rng.standard_normal((3, 4)),
+             "b": rng.standard_normal(4)}
+        if library == "jax" or k % 2:
+            state, params = uo.update(state, params, {n: conv(x) for n, x in g.items()})
+        else:
+            state = uo.update_(state, params, {n: conv(x) for n, x in g.items()})
+        for t, x in zip(theirs, g.values(), strict=True):
+            t.grad = torch.tensor(x)
+        opt.step()
+        for t, v in zip(theirs, params.values(), strict=True):
+            ref = t.detach().numpy()
+            assert np.asarray(v).dtype == ref.dtype
+            assert np.abs(np.asarray(v) - ref).max() <= 1e-12 * np.abs(ref).max(), (cls, k)
+
+
+def test_complex_errors_name_the_problem() -> None:
+    p = [np.ones((4, 4), complex)[:, ::2]]  # strided: no real view to write through
+    state = uo.setup(uo.adam(), p)
+    before = p[0].copy()
+    with pytest.raises(TypeError, match="complex array with strides .* has no real view"):
+        uo.update_(state, p, [np.ones((4, 2), complex)])
+    np.testing.assert_array_equal(p[0], before)
+    state, new = uo.update(state, p, [np.ones((4, 2), complex)])  # pure: a copy serves
+    assert new[0].dtype == complex and not np.array_equal(new[0], before)
+    with pytest.raises(ValueError, match="state_dtype='float32' is for real params"):
+        uo.setup(uo.adam(), [np.ones(2, np.complex64)], state_dtype="float32")
+    with pytest.raises(TypeError, match="has dtype int64; uniopt updates floating arrays"):
+        uo.setup(uo.adam(), [np.ones(2, np.int64)])
