@@ -25,13 +25,14 @@ difference divided by the largest magnitude torch's tensor has reached so far
 (:func:`helpers.scaled_error`), so that cancellation in a small value is not reported as
 disagreement. float64 and complex128 must agree to 1e-12 at every step: rounding differences
 of correct implementations stay below 1e-13 in 50 steps (the parity grid measures at most
-1.8e-14 over 300), far below what a wrong formula gives. float32 and complex64 are held to a
-float64 (complex128) run of torch's class from the same float32-valued inputs: uniopt may be off
-from it by ``F32_FACTOR * max((n + F32_FIRST) * eps32, torch's own float32 error on that tensor)``;
-both round every operation to float32, in different orders (torch fuses addcmul/addcdiv/lerp,
-uniopt rounds each product), each by about ``n * eps32`` after n steps, more where the problem
-amplifies rounding, which torch's own error shows. The state dicts are held to the same bounds
-(at step ``STEPS``).
+1.8e-14 over 300), far below what a wrong formula gives. float32 and complex64 are held to the
+float64 (complex128) run of torch's class, which starts from the same numbers (the problem's
+data are float32 numbers) and is the float64 test's comparison too: uniopt may be off from it by
+``F32_FACTOR * max((n + F32_FIRST) * eps32, torch's own float32 error on that tensor)``. Both
+float32 runs round every operation (and their gradients) to float32, in different orders (torch
+fuses addcmul/addcdiv/lerp, uniopt rounds each product), each by about ``n * eps32`` after n
+steps, more where the problem amplifies rounding, which torch's own error shows. The state
+dicts are held to the same bounds (at step ``STEPS``).
 
 What uniopt's ``state_dict`` may add to torch's, and nothing else: the param-group keys in
 :data:`ADDED_GROUP_KEYS`, and a ``step`` in a parameter's state where torch keeps none
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import re
 import unittest
@@ -76,6 +78,7 @@ SHAPES = ((4, 3), (3,), (2, 4))
 INFOS = {info.name: info for info in co.optim_db}
 EXACT = (torch.float64, torch.complex128)  # dtypes compared to torch alone, at RTOL64
 REFERENCE = {torch.float32: torch.float64, torch.complex64: torch.complex128}
+REFERENCE_OF = {v: k for k, v in REFERENCE.items()}
 
 
 def uniopt_class(info: Any) -> type:
@@ -110,7 +113,8 @@ def skip_as_torch(info: Any, test: str, dtype: Any) -> None:
 class Problem:
     """``loss_t(p) = sum(h/2 |p - c|^2 + Re(conj(xi_t) p))`` over the tensors: its gradient
     ``h (p - c) + xi_t`` (torch's convention for complex p), fresh noise ``xi_t`` per step;
-    float64 (complex128) tensors."""
+    float64 (complex128) tensors of float32 (complex64) numbers, so that a float32 run starts
+    from the same numbers as a float64 one."""
 
     p0: list[Any]
     h: list[Any]
@@ -124,32 +128,29 @@ class Problem:
 
         def draw(shape: tuple[int, ...], scale: float = 1.0) -> Any:
             x = rng.standard_normal(shape)
-            return torch.tensor(scale * (x + 1j * rng.standard_normal(shape) if complex_ else x))
+            x = torch.tensor(scale * (x + 1j * rng.standard_normal(shape) if complex_ else x))
+            return x.to(REFERENCE_OF[x.dtype]).to(x.dtype)
 
         def rows(n: int, dim: int) -> Any:
             return torch.tensor(rng.random(n) < 0.6, dtype=torch.float64).reshape(-1, *[1] * dim)
 
         return Problem(
             [draw(s) for s in SHAPES],
-            [torch.tensor(rng.uniform(0.5, 2.0, s)) for s in SHAPES],
+            [torch.tensor(rng.uniform(0.5, 2.0, s)).float().double() for s in SHAPES],
             [draw(s) for s in SHAPES],
             [[draw(s, 0.5) for s in SHAPES] for _ in range(steps)],
             [[rows(s[0], len(s) - 1) for s in SHAPES] for _ in range(steps)],
         )
 
-    def loss_grads(
-        self, t: int, params: list[Any], kept: tuple[int, ...], rounding: Any
-    ) -> tuple[Any, list[Any]]:
+    def loss_grads(self, t: int, params: list[Any], kept: tuple[int, ...]) -> tuple[Any, list[Any]]:
         """The loss and gradients at ``params`` (the tensors ``kept``) for step ``t``, computed
-        in float64 (complex128), rounded to ``rounding`` (the run's dtype, so that a float64
-        reference run of a float32 problem gets float32-valued gradients), delivered in the
-        params' dtype."""
+        in float64 (complex128), delivered in the params' dtype."""
         loss, grads = 0.0, []
         for p, i in zip(params, kept, strict=True):
             x = p.detach().to(self.c[i].dtype)
             d, xi = x - self.c[i], self.xi[t][i]
             loss = loss + (self.h[i] / 2 * d.abs() ** 2 + (xi.conj() * x).real).sum()
-            grads.append((self.h[i] * d + xi).to(rounding).to(p.dtype))
+            grads.append((self.h[i] * d + xi).to(p.dtype))
         return loss, grads
 
 
@@ -169,6 +170,7 @@ class Run:
     params: list[Any]
 
 
+@functools.cache
 def kept(info: Any) -> tuple[int, ...]:
     """The tensors of :data:`SHAPES` torch's class takes (Muon: the matrices)."""
     out = []
@@ -181,9 +183,9 @@ def kept(info: Any) -> tuple[int, ...]:
     return tuple(out)
 
 
-def new_params(problem: Problem, which: tuple[int, ...], dtype: Any, rounding: Any) -> list[Any]:
-    """The initial tensors ``which``, rounded to ``rounding``, in ``dtype``."""
-    return [problem.p0[i].to(rounding).to(dtype, copy=True) for i in which]
+def new_params(problem: Problem, which: tuple[int, ...], dtype: Any) -> list[Any]:
+    """The initial tensors ``which``, in ``dtype``."""
+    return [problem.p0[i].to(dtype, copy=True) for i in which]
 
 
 def one_cycle(opt: Any) -> Any:
@@ -196,7 +198,7 @@ def one_cycle(opt: Any) -> Any:
 
 def drive(
     info: Any, opt: Any, params: list[Any], problem: Problem, start: int, steps: int,
-    rounding: Any, schedulers: Any = (), metrics: list[float] | None = None,
+    schedulers: Any = (), metrics: list[float] | None = None,
 ) -> Run:
     """``steps`` steps of ``opt`` on ``params`` (the tensors ``kept(info)``) from problem step
     ``start``, fed as torch's class wants (a closure for LBFGS, sparse gradients for
@@ -208,7 +210,7 @@ def drive(
         t = start + k
 
         def closure(t: int = t) -> Any:
-            loss, grads = problem.loss_grads(t, params, which, rounding)
+            loss, grads = problem.loss_grads(t, params, which)
             for p, g, i in zip(params, grads, which, strict=True):
                 if info.only_supports_sparse_grads:
                     g = (g * problem.rows[t][i].to(g.dtype)).to_sparse(1)
@@ -234,12 +236,15 @@ def drive(
 # --- comparing runs ---------------------------------------------------------------------------
 
 
-def excess(ours: np.ndarray, theirs: np.ndarray, ref: np.ndarray | None) -> np.ndarray:
-    """Per step (axis 0), the difference as a multiple of what is allowed (> 1: fail): see the
-    module docstring. ``ref`` is the reference run, None for float64 and complex128."""
+def excess(
+    ours: np.ndarray, theirs: np.ndarray, ref: np.ndarray | None, first: int = 1
+) -> np.ndarray:
+    """Per step (axis 0; the first is step ``first``), the difference as a multiple of what
+    is allowed (> 1: fail): see the module docstring. ``ref`` is the reference run, None for
+    float64 and complex128."""
     if ref is None:
         return scaled_error(ours, theirs) / RTOL64
-    n = np.arange(1, len(ours) + 1)
+    n = np.arange(first, first + len(ours))
     allowed = F32_FACTOR * np.maximum((n + F32_FIRST) * EPS32, scaled_error(theirs, ref).max())
     return scaled_error(ours, ref) / allowed
 
@@ -311,7 +316,7 @@ def _value_problems(ours: Any, theirs: Any, ref: Any, path: str) -> list[str]:
     # a float64 run's values, or a value its state holds at float64 whatever the run (torch's
     # float32 step tensors hold integers, exact in both)
     exact = ref is None or not isinstance(ref, torch.Tensor) or ref.dtype == theirs.dtype
-    r = excess(arr(ours), arr(theirs), None if exact else arr(ref))
+    r = excess(arr(ours), arr(theirs), None if exact else arr(ref), first=STEPS)
     if r.max() > 1:
         return [f"{path}: off by {r.max():.3g}x the tolerance: ours {arr(ours).ravel()[:3]}, "
                 f"torch {arr(theirs).ravel()[:3]}"]
@@ -349,36 +354,47 @@ def schedulers(info: Any) -> list[tuple[str, list[Callable[[Any], Any]]]]:
 
 
 def run(
-    info: Any, cls: type, kwargs: dict[str, Any], ctors: list[Any], dtype: Any, rounding: Any,
+    info: Any, cls: type, kwargs: dict[str, Any], ctors: list[Any], dtype: Any,
     metrics: list[float] | None = None,
 ) -> Run:
-    """A fresh ``cls`` on the initial tensors in ``dtype`` (rounded to ``rounding``), with the
-    schedulers of ``ctors``, for STEPS steps."""
+    """A fresh ``cls`` on the initial tensors in ``dtype``, with the schedulers of ``ctors``,
+    for STEPS steps."""
     problem = PROBLEMS[dtype.is_complex]
-    params = new_params(problem, kept(info), dtype, rounding)
+    params = new_params(problem, kept(info), dtype)
     opt = cls(params, **copy.deepcopy(kwargs))
     scheds = [f(opt) for f in ctors]
-    return drive(info, opt, params, problem, 0, STEPS, rounding, scheds, metrics)
+    return drive(info, opt, params, problem, 0, STEPS, scheds, metrics)
+
+
+_TORCH_RUNS: dict[tuple[Any, ...], Run] = {}
 
 
 def torch_run(
-    info: Any, kwargs: dict[str, Any], ctors: list[Any], dtype: Any, rounding: Any
+    info: Any, kwargs: dict[str, Any], ctors: list[Any], dtype: Any, key: Any = None
 ) -> Run:
-    """torch's run, or a skip where torch's class itself rejects the configuration on CPU."""
+    """torch's run, or a skip where torch's class itself rejects the configuration on CPU.
+    A float64 run with a ``key`` is kept: it is both the float64 test's comparison and the
+    float32 test's reference."""
+    if key is not None and (key, dtype) in _TORCH_RUNS:
+        return _TORCH_RUNS[key, dtype]
     try:
-        return run(info, info.optim_cls, kwargs, ctors, dtype, rounding)
+        out = run(info, info.optim_cls, kwargs, ctors, dtype)
     except (ValueError, RuntimeError, TypeError) as e:
         pytest.skip(f"torch's {info.name} rejects this on CPU: {type(e).__name__}: {e}")
+    if key is not None and dtype in EXACT:
+        _TORCH_RUNS[key, dtype] = out
+    return out
 
 
 def compare_runs(
-    info: Any, cls: type, kwargs: dict[str, Any], ctors: list[Any], dtype: Any
+    info: Any, cls: type, kwargs: dict[str, Any], ctors: list[Any], dtype: Any, key: Any = None
 ) -> None:
     """uniopt's ``cls`` beside torch's class, params after every step and the state after the
-    run; float32 and complex64 against a float64 (complex128) run of torch's."""
-    theirs = torch_run(info, kwargs, ctors, dtype, dtype)
-    ref = None if dtype in EXACT else torch_run(info, kwargs, ctors, REFERENCE[dtype], dtype)
-    ours = run(info, cls, kwargs, ctors, dtype, dtype, metrics=theirs.losses)
+    run; float32 and complex64 against a float64 (complex128) run of torch's (``key``: see
+    :func:`torch_run`)."""
+    theirs = torch_run(info, kwargs, ctors, dtype, key)
+    ref = None if dtype in EXACT else torch_run(info, kwargs, ctors, REFERENCE[dtype], key)
+    ours = run(info, cls, kwargs, ctors, dtype, metrics=theirs.losses)
     assert_agree(
         trajectory_problems(ours, theirs, ref)
         + state_problems(ours.opt.state_dict(), theirs.opt.state_dict(),
@@ -411,7 +427,7 @@ def test_trajectory(name: str, config: int, scheduler: int, dtype: str) -> None:
     cls = uniopt_class(info)
     skip_as_torch(info, "test_forloop_goes_right_direction", FLOATS[dtype])
     compare_runs(info, cls, configs(info)[config].kwargs, schedulers(info)[scheduler][1],
-                 FLOATS[dtype])
+                 FLOATS[dtype], key=(name, config, scheduler))
 
 
 # --- 2. state dicts both ways -----------------------------------------------------------------
@@ -429,15 +445,15 @@ def test_state_dict_loads(name: str, direction: str) -> None:
     first, second = (info.optim_cls, cls) if to_uniopt else (cls, info.optim_cls)
     kwargs, half, dtype = default_kwargs(info), STEPS // 2, torch.float64
     problem = PROBLEMS[False]
-    params_a = new_params(problem, kept(info), dtype, dtype)
+    params_a = new_params(problem, kept(info), dtype)
     opt_a = first(params_a, **copy.deepcopy(kwargs))
-    drive(info, opt_a, params_a, problem, 0, half, dtype)
+    drive(info, opt_a, params_a, problem, 0, half)
     params_b = [p.detach().clone() for p in params_a]
     opt_b = second(params_b, **copy.deepcopy(kwargs))
     # a copy: load_state_dict keeps tensors of the right dtype as they are, shared with opt_a
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
-    run_a = drive(info, opt_a, params_a, problem, half, half, dtype)
-    run_b = drive(info, opt_b, params_b, problem, half, half, dtype)
+    run_a = drive(info, opt_a, params_a, problem, half, half)
+    run_b = drive(info, opt_b, params_b, problem, half, half)
     ours, theirs = (run_b, run_a) if to_uniopt else (run_a, run_b)
     assert_agree(
         trajectory_problems(ours, theirs, None, start=half)
@@ -587,7 +603,7 @@ def test_complex(name: str, dtype: Any) -> None:
     info = INFOS[name]
     cls = uniopt_class(info)
     skip_as_torch(info, "test_complex", dtype)
-    compare_runs(info, cls, default_kwargs(info), [], dtype)
+    compare_runs(info, cls, default_kwargs(info), [], dtype, key=(name, "complex"))
 
 
 # --- the comparison can fail ------------------------------------------------------------------
