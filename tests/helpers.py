@@ -134,6 +134,21 @@ def rel_diff(a: Any, b: Any) -> float:
     return diff / max(1.0, float(np.max(np.abs(b), initial=0.0)))
 
 
+def scaled_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two runs' values of one tensor, stacked over steps (axis 0): after each step, the
+    largest ``|a - b|`` over the tensor divided by the largest ``|b|`` reached so far. Rounding
+    errors are a few ulps of the operands, which share the tensor's scale; an elementwise
+    relative error would report cancellation in a small value as disagreement. A tensor that
+    has been exactly 0 so far must match exactly. Complex values are compared by modulus."""
+    n = len(a)
+    wide = np.result_type(a.dtype, b.dtype, np.float64)
+    a, b = a.astype(wide), b.astype(wide)
+    diff = np.abs(a - b).reshape(n, -1).max(axis=1, initial=0.0)
+    scale = np.maximum.accumulate(np.abs(b).reshape(n, -1).max(axis=1, initial=0.0))
+    zero = np.where(diff > 0, np.inf, 0.0)
+    return np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), zero)
+
+
 def _bits(x: Any) -> np.ndarray:
     a = np.asarray(x.detach() if hasattr(x, "detach") else x)
     return np.ascontiguousarray(a).reshape(-1).view(f"u{a.dtype.itemsize}")

@@ -40,7 +40,7 @@ torch = pytest.importorskip("torch")
 
 import uniopt as uo  # noqa: E402
 import uniopt.torch  # noqa: E402
-from helpers import expect_compiled  # noqa: E402
+from helpers import expect_compiled, scaled_error  # noqa: E402
 from uniopt.fast import cpu  # noqa: E402
 
 STEPS = 300
@@ -349,16 +349,6 @@ def run_pair(
                 if "step" in opt.state[t]:
                     assert int(opt.state[t]["step"]) == state.step == steps
     return {k: tuple(np.stack(v) for v in values) for k, values in rec.items()}
-
-
-def scaled_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """After each step, max |a - b| over the tensor, divided by the largest |b| reached so far
-    (see the module docstring). A tensor that has been exactly 0 so far must match exactly."""
-    n = len(a)
-    diff = np.abs(a.astype(np.float64) - b).reshape(n, -1).max(axis=1)
-    scale = np.maximum.accumulate(np.abs(b.astype(np.float64)).reshape(n, -1).max(axis=1))
-    zero = np.where(diff > 0, np.inf, 0.0)
-    return np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), zero)
 
 
 def excess(traj: Trajectories) -> dict[str, np.ndarray]:
