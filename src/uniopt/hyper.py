@@ -136,6 +136,11 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
     so every number is normalised here, once."""
     if _traced(value) or isinstance(value, (Complemented, DeviceNumber)):
         return value  # type: ignore[return-value]  # from a JAX state: checked before it went in
+    if getattr(value, "requires_grad", False) and getattr(value, "numel", lambda: 0)() == 1:
+        # a torch tensor that a differentiable step differentiates with respect to (a learned
+        # lr): checked by its value, kept as it is
+        check(owner, name, float(value), valid, where)  # type: ignore[arg-type]
+        return value  # type: ignore[return-value]
     zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
     if zero_d and np.dtype(str(value.dtype)).kind in "fiu":  # type: ignore[attr-defined]
         value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number

@@ -35,8 +35,9 @@ _RULE_FLAGS = ("maximize", "decoupled_weight_decay", "differentiable")
 
 
 def plain(v: Any) -> Any:
-    """A group value as a rule field: one-element tensors as numbers, lists as tuples."""
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
+    """A group value as a rule field: one-element tensors as numbers (kept where they require
+    grad: a differentiable step differentiates with respect to them), lists as tuples."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
         return v.item()
     if isinstance(v, (tuple, list)):
         return tuple(plain(x) for x in v)
@@ -157,7 +158,11 @@ class Optimizer(torch.optim.Optimizer):
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        defaults = state.get("defaults", vars(self).get("defaults", {}))
+        had = "differentiable" in defaults
         super().__setstate__(state)
+        if not had:  # torch adds it to every optimizer's defaults; its classes without it lack it
+            self.defaults.pop("differentiable", None)
         if not isinstance(self.state, plans.Versioned):  # load_state_dict sets a new one
             self.state = plans.Versioned(dict, self.state)
         if "rule" in state:
