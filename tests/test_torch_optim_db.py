@@ -266,24 +266,43 @@ def drive(
 # --- comparing runs ---------------------------------------------------------------------------
 
 
+# Muon's Newton-Schulz iteration runs in bfloat16 on both sides: an entry within rounding of a
+# bfloat16 tie may round either way after a last-bit difference upstream (torch's fused lerp),
+# moving that step's update by one bfloat16 rounding (2^-8 relative) times the adjusted lr;
+# each step may add one. Runs without such a tie agree to RTOL64 (most do: the default
+# configuration, every scheduler but one); this bound holds the rest, and a wrong lr or
+# coefficient is off by far more.
+def bf16_floor(info: Any, kwargs: dict[str, Any]) -> float:
+    """Per step, what one bfloat16 rounding of the orthogonalised update may move a param by,
+    relative (0 for every class but Muon). The adjusted lr of the matrices here is at most
+    sqrt(4/3) ("original") or 0.2 sqrt(4) ("match_rms_adamw"): 2 bounds both."""
+    if info.name != "Muon":
+        return 0.0
+    lr = float(_number(kwargs.get("lr", 1e-3)))
+    return 2 * lr * 2.0**-8
+
+
 def excess(
-    ours: np.ndarray, theirs: np.ndarray, ref: np.ndarray | None, first: int = 1
+    ours: np.ndarray, theirs: np.ndarray, ref: np.ndarray | None, first: int = 1,
+    floor: float = 0.0,
 ) -> np.ndarray:
     """Per step (axis 0; the first is step ``first``), the difference as a multiple of what
     is allowed (> 1: fail): see the module docstring. ``ref`` is the reference run, None for
-    float64 and complex128."""
-    if ref is None:
-        return scaled_error(ours, theirs) / RTOL64
+    float64 and complex128; ``floor``: :func:`bf16_floor`."""
     n = np.arange(first, first + len(ours))
+    if ref is None:
+        return scaled_error(ours, theirs) / np.maximum(RTOL64, floor * n)
     allowed = F32_FACTOR * np.maximum((n + F32_FIRST) * EPS32, scaled_error(theirs, ref).max())
-    return scaled_error(ours, ref) / allowed
+    return scaled_error(ours, ref) / np.maximum(allowed, floor * n)
 
 
-def trajectory_problems(ours: Run, theirs: Run, ref: Run | None, start: int = 0) -> list[str]:
+def trajectory_problems(ours: Run, theirs: Run, ref: Run | None, start: int = 0,
+                        floor: float = 0.0) -> list[str]:
     """Where the params part: the first step each tensor exceeds its tolerance."""
     out = []
     for i, (o, t) in enumerate(zip(ours.traj, theirs.traj, strict=True)):
-        r = excess(np.stack(o), np.stack(t), None if ref is None else np.stack(ref.traj[i]))
+        r = excess(np.stack(o), np.stack(t), None if ref is None else np.stack(ref.traj[i]),
+                   start + 1, floor)
         bad = np.flatnonzero(r > 1)
         if bad.size:
             k = int(bad[0])
@@ -298,7 +317,8 @@ def trajectory_problems(ours: Run, theirs: Run, ref: Run | None, start: int = 0)
 NO_REF = object()  # a value the reference run's state lacks (LBFGS's history can differ)
 
 
-def state_problems(ours: Any, theirs: Any, ref: Any, path: str = "") -> list[str]:
+def state_problems(ours: Any, theirs: Any, ref: Any, path: str = "", floor: float = 0.0
+                   ) -> list[str]:
     """Where two ``state_dict()``s differ: keys, types, dtypes, shapes, values beyond the
     tolerance at step STEPS (``ref``: the reference run's state, None for float64 and
     complex128 runs). Allowed additions: see the module docstring."""
@@ -317,7 +337,7 @@ def state_problems(ours: Any, theirs: Any, ref: Any, path: str = "") -> list[str
         if ours.dtype != theirs.dtype or ours.shape != theirs.shape:
             return [f"{path}: {ours.dtype}{tuple(ours.shape)} where torch has "
                     f"{theirs.dtype}{tuple(theirs.shape)}"]
-        return _value_problems(ours, theirs, ref, path)
+        return _value_problems(ours, theirs, ref, path, floor)
     if isinstance(theirs, dict):
         if not isinstance(ours, dict):
             return [f"{path}: {ours!r} where torch has a dict"]
@@ -333,24 +353,25 @@ def state_problems(ours: Any, theirs: Any, ref: Any, path: str = "") -> list[str
             out.append(f"{path}: no {sorted(map(str, missing))}")
         for k in set(theirs) & set(ours):
             where = f"{path}.{k}" if path else str(k)
-            out += state_problems(ours[k], theirs[k], sub(ref, k), where)
+            out += state_problems(ours[k], theirs[k], sub(ref, k), where, floor)
         return out
     if isinstance(theirs, list | tuple):
         if not isinstance(ours, list | tuple) or len(ours) != len(theirs):
             return [f"{path}: {ours!r} where torch has {theirs!r}"]
         return [
             x for k, (o, t) in enumerate(zip(ours, theirs, strict=True))
-            for x in state_problems(o, t, sub(ref, k), f"{path}[{k}]")
+            for x in state_problems(o, t, sub(ref, k), f"{path}[{k}]", floor)
         ]
     numbers = (float, int)  # by value: torch's defaults mix 0 and 0.0
     if all(isinstance(x, numbers) and not isinstance(x, bool) for x in (ours, theirs)):
-        return _value_problems(ours, theirs, ref, path)
+        return _value_problems(ours, theirs, ref, path, floor)
     if type(ours) is not type(theirs) or ours != theirs:
         return [f"{path}: {ours!r} where torch has {theirs!r}"]
     return []
 
 
-def _value_problems(ours: Any, theirs: Any, ref: Any, path: str) -> list[str]:
+def _value_problems(ours: Any, theirs: Any, ref: Any, path: str, floor: float = 0.0
+                    ) -> list[str]:
     """A value of a state beside torch's: see :func:`state_problems`. Where the reference run
     lacks it, both float32 values may be off from the exact one by the bound without torch's
     own error, so from each other by twice that."""
@@ -363,7 +384,8 @@ def _value_problems(ours: Any, theirs: Any, ref: Any, path: str) -> list[str]:
         allowed = 2 * F32_FACTOR * (STEPS + F32_FIRST) * EPS32
         r = scaled_error(arr(ours), arr(theirs)) / allowed
     else:
-        r = excess(arr(ours), arr(theirs), None if ref is None else arr(ref), first=STEPS)
+        r = excess(arr(ours), arr(theirs), None if ref is None else arr(ref), first=STEPS,
+                   floor=floor)
     if r.max() > 1:
         return [f"{path}: off by {r.max():.3g}x the tolerance: ours {arr(ours).ravel()[:3]}, "
                 f"torch {arr(theirs).ravel()[:3]}"]
@@ -449,7 +471,10 @@ def compare_runs(
     """uniopt's ``cls`` beside torch's class, params after every step and the state after the
     run; float32 and complex64 against a float64 (complex128) run of torch's (``key``: see
     :func:`torch_run`)."""
-    plain = {k: _number(v) for k, v in kwargs.items() if k not in SCALARS_IN_STEP_DTYPE}
+    # tensors as numbers only without a scheduler: a scheduler writes a tensor lr in place,
+    # rounding its values to float32, which uniopt reads each step as torch's class does
+    plain = {k: v if ctors else _number(v) for k, v in kwargs.items()
+             if k not in SCALARS_IN_STEP_DTYPE}
     changed = [k for k in kwargs if k not in plain or plain[k] is not kwargs[k]]
     if changed:
         # torch's differentiable and capturable modes compute the step's scalars (bias
@@ -474,13 +499,17 @@ def compare_runs(
     if changed:  # the flags and tensors as torch's run as given keeps them, the rest as its plain
         problems = state_problems(state["param_groups"], flagged.opt.state_dict()["param_groups"],
                                   None, "param_groups")
-        state = {**state, "param_groups": [{**g, **{k: t[k] for k in changed}} for g, t in zip(
-            state["param_groups"], theirs.opt.state_dict()["param_groups"], strict=True)]}
+        # the group values the flags and tensors touched (a scheduler's initial_lr too)
+        state = {**state, "param_groups": [
+            {**g, **{k: t[k] for k in t if k in changed or isinstance(f.get(k), torch.Tensor)}}
+            for g, t, f in zip(state["param_groups"], theirs.opt.state_dict()["param_groups"],
+                               flagged.opt.state_dict()["param_groups"], strict=True)]}
+    floor = bf16_floor(info, kwargs)
     assert_agree(
         problems
-        + trajectory_problems(ours, theirs, ref)
+        + trajectory_problems(ours, theirs, ref, floor=floor)
         + state_problems(state, theirs.opt.state_dict(),
-                         None if ref is None else ref.opt.state_dict())
+                         None if ref is None else ref.opt.state_dict(), floor=floor)
     )
 
 
@@ -497,9 +526,32 @@ def _trajectory_cases() -> Iterator[Any]:
             for s, (sname, _) in enumerate(schedulers(info)):
                 for dname in FLOATS:
                     desc = config.desc.replace(" ", "_")
+                    marks = [pytest.mark.slow] if c and s else []
+                    why = known_difference(info.name, config.kwargs, sname, dname)
+                    if why:
+                        marks.append(pytest.mark.xfail(reason=why, strict=True))
                     yield pytest.param(info.name, c, s, dname,
-                                       id=f"{info.name}-{desc}-{sname}-{dname}",
-                                       marks=[pytest.mark.slow] if c and s else [])
+                                       id=f"{info.name}-{desc}-{sname}-{dname}", marks=marks)
+
+
+def known_difference(name: str, kwargs: dict[str, Any], scheduler: str, dtype: str) -> str:
+    """Why uniopt's class differs from torch's in this configuration, where it does on purpose
+    (each is in the README's list of differences); the test must then fail (strict xfail), so
+    that a change on either side is noticed."""
+    tensor_lr = isinstance(kwargs.get("lr"), torch.Tensor)
+    if name == "ASGD" and scheduler != "no_scheduler":
+        return ("ASGD: uniopt takes a step's eta from that step's lr; torch from the lr of the "
+                "step before (it computes eta at the end of each step): one step of lag")
+    if name == "NAdam" and scheduler == "OneCycleLR":
+        return ("NAdam under OneCycleLR's cycling of beta1: torch multiplies each step's own "
+                "beta1 into its mu_product; uniopt derives the product from the current beta1")
+    if name == "LBFGS" and tensor_lr and scheduler != "no_scheduler":
+        return ("LBFGS: torch keeps a tensor lr itself as state['t'], which the scheduler then "
+                "rewrites in place")
+    if name == "SparseAdam" and tensor_lr and scheduler != "no_scheduler" and dtype == "float64":
+        return ("SparseAdam: torch computes its step size from a float32 tensor lr in float32; "
+                "uniopt reads the tensor's value and computes in double")
+    return ""
 
 
 @pytest.mark.parametrize(("name", "config", "scheduler", "dtype"), list(_trajectory_cases()))
