@@ -35,7 +35,7 @@ torch = pytest.importorskip("torch")
 import uniopt as uo  # noqa: E402
 import uniopt.torch as ut  # noqa: E402
 from helpers import assert_same, expect_compiled  # noqa: E402
-from uniopt.fast import FastPathUnavailable  # noqa: E402
+from uniopt.fast import FastPathUnavailable, _warned  # noqa: E402
 
 RTOL64 = 1e-12
 EPS32 = float(np.finfo(np.float32).eps)
@@ -368,15 +368,19 @@ def test_batched_is_leaf_by_leaf(library: str, rule: str) -> None:
 def test_per_leaf_rules_take_the_reference_path(library: str) -> None:
     """The compiled strategy runs elementwise parts only: a rule with a per-leaf part (on a
     tree wide enough for the compiled loop, slots of other shapes or none) runs on the
-    reference path, after the warning that says why."""
+    reference path: on NumPy arrays, which the compiled loop would otherwise take, after the
+    warning that says why; tensors (uniopt.torch's Muon and Adafactor) without a word."""
     conv = torch.ones if library == "torch" else np.ones
     params = [conv((3, 4)) for _ in range(40)]
     for r in (uo.muon(), uo.adafactor()):
         state = uo.setup(r, params)
-        with warnings.catch_warnings(record=True), expect_compiled(0):
+        _warned.clear()  # said once per reason in a process
+        with warnings.catch_warnings(record=True) as seen, expect_compiled(0):
             warnings.simplefilter("always", FastPathUnavailable)
             state = uo.update_(state, params, [conv((3, 4))] * 40)
             uo.update(state, params, [conv((3, 4))] * 40)
+        said = [w for w in seen if issubclass(w.category, FastPathUnavailable)]
+        assert bool(said) == (library == "numpy"), [str(w.message) for w in said]
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -167,16 +167,19 @@ class Problem:
             [[rows(s[0], len(s) - 1) for s in SHAPES] for _ in range(steps)],
         )
 
-    def loss_grads(self, t: int, params: list[Any], kept: tuple[int, ...]) -> tuple[Any, list[Any]]:
-        """The loss and gradients at ``params`` (the tensors ``kept``) for step ``t``, computed
-        in float64 (complex128), delivered in the params' dtype."""
-        loss, grads = 0.0, []
+    def loss_grads(self, t: int, params: list[Any], kept: tuple[int, ...], loss: bool = True
+                   ) -> tuple[Any, list[Any]]:
+        """The loss (if asked for: most runs need only the gradients) and gradients at
+        ``params`` (the tensors ``kept``) for step ``t``, computed in float64 (complex128),
+        delivered in the params' dtype."""
+        total, grads = 0.0, []
         for p, i in zip(params, kept, strict=True):
             x = p.detach().to(self.c[i].dtype)
             d, xi = x - self.c[i], self.xi[t][i]
-            loss = loss + (self.h[i] / 2 * d.abs() ** 2 + (xi.conj() * x).real).sum()
+            if loss:
+                total = total + (self.h[i] / 2 * d.abs() ** 2 + (xi.conj() * x).real).sum()
             grads.append((self.h[i] * d + xi).to(p.dtype))
-        return loss, grads
+        return total, grads
 
 
 PROBLEMS = {False: Problem.make(False), True: Problem.make(True)}
@@ -236,11 +239,14 @@ def drive(
     which = kept(info)
     traj: list[list[np.ndarray]] = [[] for _ in params]
     losses = []
+    # the loss is for LBFGS's closure and for a ReduceLROnPlateau not handed torch's
+    want = info.step_requires_closure or metrics is None and any(
+        isinstance(s, ReduceLROnPlateau) for s in schedulers)
     for k in range(steps):
         t = start + k
 
         def closure(t: int = t) -> Any:
-            loss, grads = problem.loss_grads(t, params, which)
+            loss, grads = problem.loss_grads(t, params, which, want)
             for p, g, i in zip(params, grads, which, strict=True):
                 if info.only_supports_sparse_grads:
                     g = (g * problem.rows[t][i].to(g.dtype)).to_sparse(1)

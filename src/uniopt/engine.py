@@ -407,14 +407,18 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         # an optax transform in the chain: JAX runs it, on the whole tree; a step autograd
         # records: the reference path's torch operations
         return None
-    if state.rule.has_per_leaf:  # decided here: a strategy would look at its slots first
-        return "a part that is not elementwise (per-leaf parts run on the reference path)"
     if type(params) is list and state.treedef == flat_list_def(len(params)):
         leaves = params
     else:
         leaves, treedef = optree.tree_flatten(params, namespace=NAMESPACE)
         if treedef != state.treedef:
             return None
+    if state.rule.has_per_leaf:  # decided here: a strategy would look at its slots first
+        # said once where the compiled loop would have taken the arrays (NumPy); tensors and
+        # JAX arrays take the reference path with their library's own operations anyway
+        if leaves and backend.is_numpy(leaves[0]):
+            return "a part that is not elementwise (per-leaf parts run on the reference path)"
+        return None
     if type(grads) is list and len(grads) == len(leaves):
         g_leaves = grads
     else:
