@@ -4,6 +4,7 @@ hooks and profiler label; a jitted step's arguments do not grow with the hyperpa
 
 from __future__ import annotations
 
+import gc
 import sys
 import warnings
 from collections.abc import Callable
@@ -44,11 +45,16 @@ def _python_calls(fn: Callable[[], Any]) -> int:
         if event == "call":
             count += 1
 
+    # a garbage collection inside fn would count the finalizers it runs (objects other tests
+    # left), which have nothing to do with the step
+    gc.collect()
+    gc.disable()
     sys.setprofile(profile)
     try:
         fn()
     finally:
         sys.setprofile(None)
+        gc.enable()
     return count - 1  # fn itself
 
 
