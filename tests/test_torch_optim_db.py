@@ -172,14 +172,17 @@ class Problem:
         """The loss (if asked for: most runs need only the gradients) and gradients at
         ``params`` (the tensors ``kept``) for step ``t``, computed in float64 (complex128),
         delivered in the params' dtype."""
-        total, grads = 0.0, []
-        for p, i in zip(params, kept, strict=True):
-            x = p.detach().to(self.c[i].dtype)
-            d, xi = x - self.c[i], self.xi[t][i]
-            if loss:
-                total = total + (self.h[i] / 2 * d.abs() ** 2 + (xi.conj() * x).real).sum()
-            grads.append((self.h[i] * d + xi).to(p.dtype))
-        return total, grads
+        # torch's multi-tensor ops: one call per operation for every tensor (the suite runs
+        # thousands of these)
+        xs = [p.detach().to(self.c[i].dtype) for p, i in zip(params, kept, strict=True)]
+        cs, hs, xis = ([v[i] for i in kept] for v in (self.c, self.h, self.xi[t]))
+        ds = torch._foreach_sub(xs, cs)
+        gs = torch._foreach_add(torch._foreach_mul(ds, hs), xis)
+        total: Any = 0.0
+        if loss:
+            for x, d, h, xi in zip(xs, ds, hs, xis, strict=True):
+                total = total + (h / 2 * d.abs() ** 2 + (xi.conj() * x).real).sum()
+        return total, [g.to(p.dtype) for g, p in zip(gs, params, strict=True)]
 
 
 PROBLEMS = {False: Problem.make(False), True: Problem.make(True)}
@@ -407,6 +410,7 @@ def assert_agree(problems: list[str]) -> None:
 # --- configurations ---------------------------------------------------------------------------
 
 
+@functools.cache
 def configs(info: Any) -> list[Any]:
     """Every CPU configuration torch's tests run for ``info``: optim_inputs_func's, each also
     with every foreach/fused/differentiable flag torch supports on CPU (torch's own helper)."""
@@ -418,6 +422,7 @@ def default_kwargs(info: Any) -> dict[str, Any]:
     return next((x for x in inputs if x.desc == "default"), inputs[0]).kwargs
 
 
+@functools.cache
 def schedulers(info: Any) -> list[tuple[str, list[Callable[[Any], Any]]]]:
     """(name, constructors): none, each of ``scheduler_inputs``, OneCycleLR."""
     probe = torch.optim.SGD([torch.zeros(1)], lr=0.1)
