@@ -140,7 +140,8 @@ class scale_by_shape_lr(PerLeaf):
     adjust_lr_fn: str | None = None
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
-    batched: ClassVar[bool] = True
+    # elementwise with a coefficient per shape: stacking its leaves would only copy them
+    batched: ClassVar[bool] = False
 
     def check(self) -> None:
         _check_adjust_lr_fn(self.name, self.adjust_lr_fn)
