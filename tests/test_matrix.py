@@ -341,10 +341,18 @@ def test_functional_on_every_backend(backend: Any, rule: str) -> None:
 # --- batching ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 @pytest.mark.parametrize("rule", ["adafactor", "muon"])
-def test_batched_is_leaf_by_leaf(library: str, rule: str) -> None:
-    """Same-shaped leaves stacked into one call give the bits each leaf gets alone."""
+def test_batched_is_leaf_by_leaf(library: str, rule: str, chunked: bool,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same-shaped leaves stacked into one call give the bits each leaf gets alone; so do
+    stacks cut at engine.BATCH_BYTES (``chunked``: the eight D x D matrices in stacks of 3,
+    3 and 2)."""
+    if chunked:
+        from uniopt import engine
+
+        monkeypatch.setattr(engine, "BATCH_BYTES", 3 * 8 * D * D)
     r = uo.adafactor(lr=0.05, weight_decay=0.01) if rule == "adafactor" else uo.muon(lr=0.02)
     shp = shapes(rule == "muon")
     prob = Problem(shp, 9, np.float32)
