@@ -550,9 +550,6 @@ def known_difference(name: str, kwargs: dict[str, Any], scheduler: str, dtype: s
     (each is in the README's list of differences); the test must then fail (strict xfail), so
     that a change on either side is noticed."""
     tensor_lr = isinstance(kwargs.get("lr"), torch.Tensor)
-    if name == "ASGD" and scheduler != "no_scheduler":
-        return ("ASGD: uniopt takes a step's eta from that step's lr; torch from the lr of the "
-                "step before (it computes eta at the end of each step): one step of lag")
     if name == "NAdam" and scheduler == "OneCycleLR":
         return ("NAdam under OneCycleLR's cycling of beta1: torch multiplies each step's own "
                 "beta1 into its mu_product; uniopt derives the product from the current beta1")

@@ -809,3 +809,10 @@ def test_chain_of_non_transform(args, match):
 def test_setup_with_non_rule(rule):
     with pytest.raises(TypeError, match=r"setup: expected a uniopt rule or transform, got "):
         uo.setup(rule, _params())
+
+
+def test_asgd_eta_lr_names_a_bad_value():
+    for bad in (-0.1, "0.1", True):
+        with pytest.raises(ValueError, match=r"asgd: eta_lr must be None or a number >= 0, got"):
+            uo.asgd(eta_lr=bad)
+    assert uo.asgd(eta_lr=0.5).eta_lr == 0.5

@@ -26,6 +26,12 @@ def asgd_mu(t0: float, step: int) -> float:
     return 1 / max(1, step - t0)
 
 
+def _check_eta_lr(owner: str, eta_lr: Any) -> None:
+    if eta_lr is not None and (isinstance(eta_lr, bool) or not isinstance(eta_lr, (int, float))
+                               or not eta_lr >= 0):
+        raise ValueError(f"{owner}: eta_lr must be None or a number >= 0, got {eta_lr!r}")
+
+
 class AsgdCoeffs(NamedTuple):
     eta: Any
     lambd_eta: Any  # the decay of p, lambd*eta
@@ -38,18 +44,25 @@ class scale_by_asgd(Elementwise):
     """ASGD's step and average: ``u <- lambd*eta*p + eta*u`` (``p <- p*(1 - lambd*eta) -
     eta*g``), then ``ax <- ax + mu*(p - u - ax)`` (``ax <- p - u`` while ``mu = 1``), with
     ``eta`` and ``mu`` of :func:`asgd_eta` and :func:`asgd_mu` at the step count. ``ax``
-    averages the iterate this block makes: place it last in a chain."""
+    averages the iterate this block makes: place it last in a chain. ``eta_lr``: the ``lr``
+    that ``eta`` is computed from after the first step (torch's: the previous step's, as
+    ``uniopt.torch.ASGD`` passes it); None: this step's ``lr``."""
 
     lr: Any = hyper(1e-2, NONNEG)
     lambd: Any = hyper(1e-4, NONNEG)
     alpha: Any = hyper(0.75, NONNEG)
     t0: Any = hyper(1e6, NONNEG)
+    eta_lr: float | None = None
     slots: ClassVar[tuple[str, ...]] = ("ax",)
     makes_step: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True  # the decay lambd*eta*p and the average read p
 
+    def check(self) -> None:
+        _check_eta_lr(self.name, self.eta_lr)
+
     def coeffs(self, step: int) -> AsgdCoeffs:
-        eta = asgd_eta(self.lr, self.lambd, self.alpha, step)
+        lr = self.lr if self.eta_lr is None or step == 0 else self.eta_lr
+        eta = asgd_eta(lr, self.lambd, self.alpha, step)
         mu = asgd_mu(self.t0, step)
         return AsgdCoeffs(eta=eta, lambd_eta=self.lambd * eta, mu=mu, average=mu != 1)
 
@@ -69,7 +82,9 @@ class asgd(Rule):
     ``p`` until update ``t0 + 1``, then averages it with weight ``mu_t = 1/(t - 1 - t0)``. The
     parameters are the SGD iterate; read the average from the state. Under schedules, a step
     uses its own values; torch computes ``eta`` and ``mu`` at the end of the step before, from
-    that step's (one step of lag where ``lr``, ``lambd``, ``alpha`` or ``t0`` change).
+    that step's (one step of lag where ``lr``, ``lambd``, ``alpha`` or ``t0`` change):
+    ``eta_lr`` (see :class:`scale_by_asgd`) gives a step that ``lr``, as ``uniopt.torch.ASGD``
+    does.
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -77,11 +92,16 @@ class asgd(Rule):
     alpha: Any = hyper(0.75, NONNEG)
     t0: Any = hyper(1e6, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
+    eta_lr: float | None = None
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    def check(self) -> None:
+        _check_eta_lr(self.name, self.eta_lr)
 
     def parts(self) -> tuple[Transform, ...]:
         return (
             *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
-            scale_by_asgd(lr=self.lr, lambd=self.lambd, alpha=self.alpha, t0=self.t0),
+            scale_by_asgd(lr=self.lr, lambd=self.lambd, alpha=self.alpha, t0=self.t0,
+                          eta_lr=self.eta_lr),
         )

@@ -509,11 +509,16 @@ class _Derived(_Named):
     def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
         raise NotImplementedError
 
+    def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
+        """The values the derived numbers of group ``gi`` are worked out from."""
+        return group
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state = sd["state"]
-        for group in sd["param_groups"]:
+        for gi, saved in enumerate(sd["param_groups"]):
+            group = self._values(gi, saved)
             for k in group["params"]:
                 st = state.get(k)
                 if not st or "step" not in st:
@@ -557,9 +562,13 @@ class ASGD(_Derived):
     """``torch.optim.ASGD``, run by :func:`uniopt.asgd`; the average is ``state[p]["ax"]``.
     torch's ``state["eta"]`` and ``state["mu"]`` are derived from the step count and the group's
     values (:func:`uniopt.rules.asgd.asgd_eta`, :func:`~uniopt.rules.asgd.asgd_mu`): they appear
-    in ``state_dict()`` and are dropped on loading. torch computes ``eta`` at the end of a step
-    from that step's ``lr``; here the step's own ``lr`` is used, which differs only where ``lr``
-    changes (a scheduler): by one step of lag."""
+    in ``state_dict()`` and are dropped on loading. As torch, which computes a step's ``eta`` at
+    the end of the step before, a parameter's step after its first takes ``eta`` from the
+    ``lr`` its group had at the group's previous step (``uo.asgd(eta_lr=...)``; a scheduler's
+    change shows one step later). Exact where a group's parameters step together; a parameter
+    that skipped the group's previous step takes that step's ``lr`` where torch takes the one
+    of its own last step. After ``load_state_dict`` the next step takes the group's current
+    ``lr``."""
 
     rule = asgd()
     _torch_params = ("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize",
@@ -570,3 +579,31 @@ class ASGD(_Derived):
     def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
         return {"eta": asgd_eta(group["lr"], group["lambd"], group["alpha"], step),
                 "mu": asgd_mu(group["t0"], step)}
+
+    def _eta_lrs(self) -> dict[int, Any]:
+        """Each group's ``lr`` at its last step, by ``id(group)``: the next step's ``eta``
+        comes from it (made lazily: an unpickled or freshly loaded optimizer has none)."""
+        return vars(self).setdefault("_eta_lr", {})
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        vars(self).pop("_eta_lr", None)
+
+    def _build_rule(self, group: dict[str, Any]) -> Transform:
+        rule = super()._build_rule(group)
+        lr = self._eta_lrs().get(id(group))
+        return rule if lr is None else dataclasses.replace(rule, **{"eta_lr": lr})
+
+    def _step(self, closure: Any = None) -> Any:
+        loss = super()._step(closure)
+        lrs = self._eta_lrs()
+        for group in self.param_groups:
+            lr = plain(group["lr"])
+            if id(group) not in lrs or lrs[id(group)] != lr:
+                lrs[id(group)] = lr
+                self._rules.pop(id(group), None)  # built with the lr of the step before
+        return loss
+
+    def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
+        lr = self._eta_lrs().get(id(self.param_groups[gi]))
+        return group if lr is None else {**group, "lr": lr}
