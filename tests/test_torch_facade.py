@@ -1158,14 +1158,14 @@ def test_bfloat16_params_keep_cached_views_of_their_bits() -> None:
 # --- Adamax, NAdam, RAdam, ASGD, Rprop -------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "kind"), [("Adamax", "step"), ("NAdam", "cosine"),
+@pytest.mark.parametrize(("name", "kind"), [("Adamax", "step"), ("NAdam", "onecycle"),
                                             ("RAdam", "plateau"), ("ASGD", "onecycle"),
                                             ("Rprop", "onecycle")])
 def test_more_classes_training_loop_float64(name: str, kind: str | None,
                                             torch_scalars_in_double: None) -> None:
-    """The training loop of the first six, one scheduler each (ASGD's eta from the lr of the
-    step before, as torch's). NAdam's is not onecycle, which cycles beta1: torch multiplies each
-    step's own mu into its product."""
+    """The training loop of the first six, one scheduler each: ASGD's eta from the lr of the
+    step before, and NAdam's mu_product under OneCycleLR's cycling of beta1 (each step's own
+    momentum multiplied in), as torch's."""
     torch.manual_seed(0)
     base = Net().double()
     lr = CONFIG[name]["lr"]

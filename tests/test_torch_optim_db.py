@@ -550,9 +550,6 @@ def known_difference(name: str, kwargs: dict[str, Any], scheduler: str, dtype: s
     (each is in the README's list of differences); the test must then fail (strict xfail), so
     that a change on either side is noticed."""
     tensor_lr = isinstance(kwargs.get("lr"), torch.Tensor)
-    if name == "NAdam" and scheduler == "OneCycleLR":
-        return ("NAdam under OneCycleLR's cycling of beta1: torch multiplies each step's own "
-                "beta1 into its mu_product; uniopt derives the product from the current beta1")
     if name == "LBFGS" and tensor_lr and scheduler != "no_scheduler":
         return ("LBFGS: torch keeps a tensor lr itself as state['t'], which the scheduler then "
                 "rewrites in place")

@@ -86,7 +86,7 @@ class adamax(Rule):
 # --- NAdam ---------------------------------------------------------------------------------------
 
 
-def _mu(b1: float, psi: float, t: float) -> float:
+def nadam_mu(b1: float, psi: float, t: float) -> float:
     """NAdam's momentum at update ``t``: ``b1*(1 - 0.5*0.96^(t*psi))`` (Dozat's schedule)."""
     return b1 * (1.0 - 0.5 * (0.96 ** (t * psi)))
 
@@ -108,7 +108,7 @@ def mu_product(b1: float, psi: float, t: int, exact: bool = False) -> float:
         # whole: another thread never sees, or appends to, a half-written list
         more = array("d", prods)
         while len(more) <= max(t, 2 * len(prods)) and more[-1] >= _NEGLIGIBLE:
-            more.append(more[-1] * _mu(b1, psi, float(len(more))))
+            more.append(more[-1] * nadam_mu(b1, psi, float(len(more))))
         if len(_PRODUCTS) >= 16:  # a schedule of b1 makes a new pair every step
             _PRODUCTS.clear()
         _PRODUCTS[(b1, psi)] = prods = more
@@ -116,7 +116,7 @@ def mu_product(b1: float, psi: float, t: int, exact: bool = False) -> float:
         return prods[t]
     x = prods[-1]
     for i in range(len(prods), t + 1 if exact else 0):
-        x *= _mu(b1, psi, float(i))
+        x *= nadam_mu(b1, psi, float(i))
     return x
 
 
@@ -136,13 +136,17 @@ class scale_by_nadam(Elementwise):
     ``u <- lr*(1-mu_t)/(1-P_t) * u/d + lr*mu_{t+1}/(1-P_{t+1}) * m/d``,
     ``d = sqrt(v/(1-b2^t)) + eps``, ``mu_t = b1*(1 - 0.5*0.96^(t*momentum_decay))``,
     ``P_t = mu_1*...*mu_t``. ``P_t`` is derived from the step count, for the values of ``b1``
-    and ``momentum_decay`` at this step (torch multiplies in each step's own)."""
+    and ``momentum_decay`` at this step; ``past_product``, pairs ``(n, P_n)`` of the product
+    of the momenta of the first ``n`` steps as they were (torch's ``mu_product``, which
+    multiplies in each step's own ``b1``), makes step ``n + 1`` take ``P_n * mu_{n+1}``
+    (``uniopt.torch.NAdam`` passes them; a step with no pair derives its product)."""
 
     lr: Any = hyper(2e-3, NONNEG)
     b1: Any = hyper(0.9, UNIT_OPEN)
     b2: Any = hyper(0.999, UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
     momentum_decay: Any = hyper(4e-3, NONNEG)
+    past_product: tuple[tuple[int, float], ...] | None = None
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     makes_step: ClassVar[bool] = True
 
@@ -153,8 +157,9 @@ class scale_by_nadam(Elementwise):
                 "step; it cannot be traced (jax.jit): run it eagerly"
             )
         t, psi = int(step) + 1, self.momentum_decay
-        mu, mu_next = _mu(self.b1, psi, float(t)), _mu(self.b1, psi, float(t + 1))
-        prod = mu_product(self.b1, psi, t)
+        mu, mu_next = nadam_mu(self.b1, psi, float(t)), nadam_mu(self.b1, psi, float(t + 1))
+        past = dict(self.past_product or ()).get(step)
+        prod = mu_product(self.b1, psi, t) if past is None else past * mu
         return NadamCoeffs(
             one_minus_b1=self.one_minus("b1"), b2=self.b2, one_minus_b2=self.one_minus("b2"),
             bc2=1.0 - self.b2**t, eps=self.eps,
@@ -182,12 +187,14 @@ class nadam(Rule):
     weight_decay: Any = hyper(0.0, NONNEG)
     momentum_decay: Any = hyper(4e-3, NONNEG)
     decoupled_weight_decay: bool = False
+    past_product: tuple[tuple[int, float], ...] | None = None  # see scale_by_nadam
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_nadam(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
-                                   momentum_decay=self.momentum_decay)
+                                   momentum_decay=self.momentum_decay,
+                                   past_product=self.past_product)
         return _decayed(direction, self.lr, self.weight_decay, self.decoupled_weight_decay,
                         self.on("weight_decay"))
 

@@ -37,11 +37,10 @@ Differences from torch, each on purpose:
   derives them from the parameter's step count and the group's values at that step, in double.
   ``state_dict()`` writes them as torch does (0-d tensors of torch's default dtype, worked out
   at the saved step), and ``load_state_dict`` drops them (the step count gives them back), so
-  states load both ways. This is torch's arithmetic except where NAdam's ``betas[0]`` or
-  ``momentum_decay`` change mid-run (torch multiplies each step's own momentum into its
-  product; uniopt recomputes the product with the current values), and at torch's float32
-  default dtype, where torch rounds these numbers to float32 (a relative 1e-8) and uniopt does
-  not. ASGD computes a step's ``eta`` from the ``lr`` of the group's step before, as torch.
+  states load both ways. NAdam keeps the product of each step's own momentum (per step count
+  in a group) and ASGD computes a step's ``eta`` from the ``lr`` of the group's step before,
+  as torch does; after loading, the next step derives them. At torch's float32 default dtype
+  torch rounds these numbers to float32 (a relative 1e-8); uniopt does not.
 * Rprop, as torch: ``lr`` sets a parameter's step sizes when its state is made; later values
   (a scheduler's) change nothing.
 * Sparse gradients: SGD and Adagrad accept them as torch does (Adagrad updates only the rows

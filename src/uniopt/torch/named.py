@@ -21,7 +21,7 @@ from ..rules.adadelta import adadelta
 from ..rules.adafactor import adafactor
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw
-from ..rules.adam_variants import adamax, mu_product, nadam, radam
+from ..rules.adam_variants import adamax, mu_product, nadam, nadam_mu, radam
 from ..rules.asgd import asgd, asgd_eta, asgd_mu
 from ..rules.matrix import muon
 from ..rules.quasi_newton import lbfgs
@@ -541,10 +541,12 @@ class _Derived(_Named):
 
 
 class NAdam(_Derived):
-    """``torch.optim.NAdam``, run by :func:`uniopt.nadam`. torch's ``state["mu_product"]`` is
-    derived from the step count and the group's ``betas[0]`` and ``momentum_decay``
-    (:func:`uniopt.rules.adam_variants.mu_product`): it appears in ``state_dict()`` and is
-    dropped on loading, which differs from torch only where those two changed mid-run."""
+    """``torch.optim.NAdam``, run by :func:`uniopt.nadam`. torch's ``state["mu_product"]``, the
+    product of each step's own momentum, is kept per group as steps go (``past_product`` of
+    :class:`uniopt.rules.adam_variants.scale_by_nadam`), so a ``betas[0]`` that a scheduler
+    cycles (OneCycleLR) is multiplied in as torch does; it appears in ``state_dict()`` and is
+    dropped on loading, after which it is derived from the step count and the group's values
+    (:func:`uniopt.rules.adam_variants.mu_product`) until the next step."""
 
     rule = nadam()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
@@ -554,8 +556,51 @@ class NAdam(_Derived):
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY, _at_least_0("momentum_decay"))
 
     def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
+        past = dict(group.get("past_product") or ()).get(step)
+        if past is not None and step:
+            return {"mu_product": past}
         b1, psi = group["betas"][0], group["momentum_decay"]
         return {"mu_product": mu_product(b1, psi, step, exact=True)}
+
+    def _products(self) -> dict[int, dict[int, float]]:
+        """Each group's ``{n: mu_1*...*mu_n}`` for the step counts its parameters are at, by
+        ``id(group)`` (parameters that joined late have counts of their own)."""
+        return vars(self).setdefault("_past_products", {})
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        vars(self).pop("_past_products", None)
+
+    def _build_rule(self, group: dict[str, Any]) -> Transform:
+        rule = super()._build_rule(group)
+        past = self._products().get(id(group))
+        changes: dict[str, Any] = {"past_product": tuple(sorted((past or {}).items()))}
+        return rule if past is None else dataclasses.replace(rule, **changes)
+
+    def _step(self, closure: Any = None) -> Any:
+        loss = super()._step(closure)
+        products = self._products()
+        for gi, group in enumerate(self.param_groups):
+            steps = self._steps.get(gi)
+            if steps is None:
+                continue
+            old = products.get(id(group), {0: 1.0})
+            new = {0: 1.0}
+            for n in {int(x) for x in steps.np} - {0}:
+                if n - 1 in old and n not in old:  # stepped from n - 1: this step's momentum
+                    b1 = resolve(plain(group["betas"]), n - 1)[0]
+                    psi = resolve(plain(group["momentum_decay"]), n - 1)
+                    new[n] = old[n - 1] * nadam_mu(b1, psi, float(n))  # torch's order
+                elif n in old:
+                    new[n] = old[n]
+            if new != old:
+                products[id(group)] = new
+                self._rules.pop(id(group), None)  # built with the products of the step before
+        return loss
+
+    def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
+        past = self._products().get(id(self.param_groups[gi]), {})
+        return {**group, "past_product": tuple(past.items())}
 
 
 class ASGD(_Derived):
