@@ -816,3 +816,10 @@ def test_asgd_eta_lr_names_a_bad_value():
         with pytest.raises(ValueError, match=r"asgd: eta_lr must be None or a number >= 0, got"):
             uo.asgd(eta_lr=bad)
     assert uo.asgd(eta_lr=0.5).eta_lr == 0.5
+
+
+def test_nadam_past_product_names_a_bad_value():
+    for bad in ((1, 0.5), ((1.0, 0.5),), "x"):
+        with pytest.raises(ValueError, match=r"nadam: past_product must be None or pairs"):
+            uo.nadam(past_product=bad)
+    assert uo.nadam(past_product=((0, 1.0), (3, 0.5))).past_product == ((0, 1.0), (3, 0.5))

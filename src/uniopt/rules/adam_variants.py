@@ -120,6 +120,16 @@ def mu_product(b1: float, psi: float, t: int, exact: bool = False) -> float:
     return x
 
 
+def _check_past_product(owner: str, past: Any) -> None:
+    def pair(x: Any) -> bool:
+        return (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], int)
+                and not isinstance(x[0], bool) and x[0] >= 0 and isinstance(x[1], float))
+
+    if past is not None and not (isinstance(past, tuple) and all(map(pair, past))):
+        raise ValueError(f"{owner}: past_product must be None or pairs (step count, product), "
+                         f"got {past!r}")
+
+
 class NadamCoeffs(NamedTuple):
     one_minus_b1: Any
     b2: Any
@@ -149,6 +159,9 @@ class scale_by_nadam(Elementwise):
     past_product: tuple[tuple[int, float], ...] | None = None
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     makes_step: ClassVar[bool] = True
+
+    def check(self) -> None:
+        _check_past_product(self.name, self.past_product)
 
     def coeffs(self, step: int) -> NadamCoeffs:
         if any(map(_traced, (step, self.b1, self.momentum_decay))):
@@ -190,6 +203,9 @@ class nadam(Rule):
     past_product: tuple[tuple[int, float], ...] | None = None  # see scale_by_nadam
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    def check(self) -> None:
+        _check_past_product(self.name, self.past_product)
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_nadam(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
