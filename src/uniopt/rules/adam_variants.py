@@ -171,7 +171,7 @@ class scale_by_nadam(Elementwise):
             )
         t, psi = int(step) + 1, self.momentum_decay
         mu, mu_next = nadam_mu(self.b1, psi, float(t)), nadam_mu(self.b1, psi, float(t + 1))
-        past = dict(self.past_product or ()).get(step)
+        past = dict(self.past_product or ()).get(t - 1)
         prod = mu_product(self.b1, psi, t) if past is None else past * mu
         return NadamCoeffs(
             one_minus_b1=self.one_minus("b1"), b2=self.b2, one_minus_b2=self.one_minus("b2"),
