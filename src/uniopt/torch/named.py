@@ -505,9 +505,49 @@ class _Derived(_Named):
     back), so states load both ways."""
 
     _derived: ClassVar[tuple[str, ...]]
+    # the rule field through which the group's history reaches its rule: what torch keeps per
+    # parameter from one step to the next (ASGD's lr of the step before, NAdam's products)
+    _carried: ClassVar[str]
 
     def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
         raise NotImplementedError
+
+    def _carry(self, gi: int, group: dict[str, Any], old: Any) -> Any:
+        """Group ``gi``'s history after a step, from ``old`` (None before its first; a None
+        result keeps ``old``)."""
+        raise NotImplementedError
+
+    def _field(self, history: Any) -> Any:
+        """The value of the rule field :attr:`_carried` for a group's history."""
+        return history
+
+    def _history(self) -> dict[int, Any]:
+        """Each group's history after its last step, by ``id(group)`` (made lazily: an
+        unpickled or freshly loaded optimizer has none, and derives what it needs)."""
+        return vars(self).setdefault("_carried_by_group", {})
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        vars(self).pop("_carried_by_group", None)
+
+    def _build_rule(self, group: dict[str, Any]) -> Transform:
+        rule = super()._build_rule(group)
+        history = self._history().get(id(group))
+        if history is None:
+            return rule
+        changes: dict[str, Any] = {self._carried: self._field(history)}
+        return dataclasses.replace(rule, **changes)
+
+    def _step(self, closure: Any = None) -> Any:
+        loss = super()._step(closure)
+        histories = self._history()
+        for gi, group in enumerate(self.param_groups):
+            old = histories.get(id(group))
+            new = self._carry(gi, group, old)
+            if new is not None and (old is None or new != old):
+                histories[id(group)] = new
+                self._rules.pop(id(group), None)  # its rule was built with the old history
+        return loss
 
     def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
         """The values the derived numbers of group ``gi`` are worked out from."""
@@ -553,6 +593,7 @@ class NAdam(_Derived):
                      "decoupled_weight_decay",
                      "*", "foreach", "maximize", "capturable", "differentiable")
     _derived = ("mu_product",)
+    _carried = "past_product"
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY, _at_least_0("momentum_decay"))
 
     def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
@@ -562,44 +603,28 @@ class NAdam(_Derived):
         b1, psi = group["betas"][0], group["momentum_decay"]
         return {"mu_product": mu_product(b1, psi, step, exact=True)}
 
-    def _products(self) -> dict[int, dict[int, float]]:
-        """Each group's ``{n: mu_1*...*mu_n}`` for the step counts its parameters are at, by
-        ``id(group)`` (parameters that joined late have counts of their own)."""
-        return vars(self).setdefault("_past_products", {})
+    def _carry(self, gi: int, group: dict[str, Any], old: Any) -> Any:
+        """``{n: mu_1*...*mu_n}`` for the step counts the group's parameters are at (parameters
+        that joined late have counts of their own)."""
+        steps = self._steps.get(gi)
+        if steps is None:
+            return None
+        old = old or {0: 1.0}
+        new = {0: 1.0}
+        for n in {int(x) for x in steps.np} - {0}:
+            if n - 1 in old and n not in old:  # stepped from n - 1: this step's momentum
+                b1 = resolve(plain(group["betas"]), n - 1)[0]
+                psi = resolve(plain(group["momentum_decay"]), n - 1)
+                new[n] = old[n - 1] * nadam_mu(b1, psi, float(n))  # torch's order
+            elif n in old:
+                new[n] = old[n]
+        return new
 
-    def _reset_caches(self) -> None:
-        super()._reset_caches()
-        vars(self).pop("_past_products", None)
-
-    def _build_rule(self, group: dict[str, Any]) -> Transform:
-        rule = super()._build_rule(group)
-        past = self._products().get(id(group))
-        changes: dict[str, Any] = {"past_product": tuple(sorted((past or {}).items()))}
-        return rule if past is None else dataclasses.replace(rule, **changes)
-
-    def _step(self, closure: Any = None) -> Any:
-        loss = super()._step(closure)
-        products = self._products()
-        for gi, group in enumerate(self.param_groups):
-            steps = self._steps.get(gi)
-            if steps is None:
-                continue
-            old = products.get(id(group), {0: 1.0})
-            new = {0: 1.0}
-            for n in {int(x) for x in steps.np} - {0}:
-                if n - 1 in old and n not in old:  # stepped from n - 1: this step's momentum
-                    b1 = resolve(plain(group["betas"]), n - 1)[0]
-                    psi = resolve(plain(group["momentum_decay"]), n - 1)
-                    new[n] = old[n - 1] * nadam_mu(b1, psi, float(n))  # torch's order
-                elif n in old:
-                    new[n] = old[n]
-            if new != old:
-                products[id(group)] = new
-                self._rules.pop(id(group), None)  # built with the products of the step before
-        return loss
+    def _field(self, history: Any) -> Any:
+        return tuple(sorted(history.items()))
 
     def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
-        past = self._products().get(id(self.param_groups[gi]), {})
+        past = self._history().get(id(self.param_groups[gi]), {})
         return {**group, "past_product": tuple(past.items())}
 
 
@@ -619,36 +644,16 @@ class ASGD(_Derived):
     _torch_params = ("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize",
                      "differentiable", "capturable")
     _derived = ("eta", "mu")
+    _carried = "eta_lr"
     _checks = (LR, WEIGHT_DECAY)
 
     def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
         return {"eta": asgd_eta(group["lr"], group["lambd"], group["alpha"], step),
                 "mu": asgd_mu(group["t0"], step)}
 
-    def _eta_lrs(self) -> dict[int, Any]:
-        """Each group's ``lr`` at its last step, by ``id(group)``: the next step's ``eta``
-        comes from it (made lazily: an unpickled or freshly loaded optimizer has none)."""
-        return vars(self).setdefault("_eta_lr", {})
-
-    def _reset_caches(self) -> None:
-        super()._reset_caches()
-        vars(self).pop("_eta_lr", None)
-
-    def _build_rule(self, group: dict[str, Any]) -> Transform:
-        rule = super()._build_rule(group)
-        lr = self._eta_lrs().get(id(group))
-        return rule if lr is None else dataclasses.replace(rule, **{"eta_lr": lr})
-
-    def _step(self, closure: Any = None) -> Any:
-        loss = super()._step(closure)
-        lrs = self._eta_lrs()
-        for group in self.param_groups:
-            lr = plain(group["lr"])
-            if id(group) not in lrs or lrs[id(group)] != lr:
-                lrs[id(group)] = lr
-                self._rules.pop(id(group), None)  # built with the lr of the step before
-        return loss
+    def _carry(self, gi: int, group: dict[str, Any], old: Any) -> Any:
+        return plain(group["lr"])  # the next step's eta comes from it
 
     def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
-        lr = self._eta_lrs().get(id(self.param_groups[gi]))
+        lr = self._history().get(id(self.param_groups[gi]))
         return group if lr is None else {**group, "lr": lr}
