@@ -224,6 +224,21 @@ def make(name: str, impl: Any, **kw: Any) -> Callable[[Any], Any]:
 # --- the training loop: float64 to 1e-12 at every step ---------------------------------------
 
 
+def float64_loop(name: str, kind: str | None) -> tuple[Side, Side, Any]:
+    """torch's class and uniopt's side by side on one float64 model for STEPS steps, agreeing
+    to RTOL64 at every step and driven alike by the scheduler; and the model they started
+    from."""
+    torch.manual_seed(0)
+    base = Net().double()
+    lr = CONFIG[name]["lr"]
+    theirs = side(copy.deepcopy(base), make(name, torch.optim), kind, lr)
+    ours = side(copy.deepcopy(base), make(name, ut), kind, lr)
+    train([theirs, ours], batches(STEPS), range(STEPS))
+    assert_float64_parity(ours, theirs)
+    assert ours.hyper == theirs.hyper  # the scheduler drove both the same way
+    return ours, theirs, base
+
+
 # each class under two of the four schedulers, each scheduler under three classes: every class
 # meets every scheduler in tests/test_torch_optim_db.py (50 steps, torch's own configurations);
 # here the long loop (frozen params, a head that joins late, a real module's backward)
@@ -232,15 +247,7 @@ LOOPS = [(n, SCHEDULERS[(i + k) % len(SCHEDULERS)]) for i, n in enumerate(NAMES)
 
 @pytest.mark.parametrize(("name", "kind"), LOOPS)
 def test_training_loop_float64(name: str, kind: str) -> None:
-    torch.manual_seed(0)
-    base = Net().double()
-    lr = CONFIG[name]["lr"]
-    theirs = side(copy.deepcopy(base), make(name, torch.optim), kind, lr)
-    ours = side(copy.deepcopy(base), make(name, ut), kind, lr)
-    train([theirs, ours], batches(STEPS), range(STEPS))
-
-    assert_float64_parity(ours, theirs)
-    assert ours.hyper == theirs.hyper  # the scheduler drove both the same way
+    ours, theirs, base = float64_loop(name, kind)
     frozen = zip(ours.model.frozen.parameters(), theirs.model.frozen.parameters(),
                  base.frozen.parameters(), strict=True)
     for p, q, p0 in frozen:
@@ -1170,14 +1177,7 @@ def test_more_classes_training_loop_float64(name: str, kind: str | None,
     """The training loop of the first six, one scheduler each: ASGD's eta from the lr of the
     step before, and NAdam's mu_product under OneCycleLR's cycling of beta1 (each step's own
     momentum multiplied in), as torch's."""
-    torch.manual_seed(0)
-    base = Net().double()
-    lr = CONFIG[name]["lr"]
-    theirs = side(copy.deepcopy(base), make(name, torch.optim), kind, lr)
-    ours = side(copy.deepcopy(base), make(name, ut), kind, lr)
-    train([theirs, ours], batches(STEPS), range(STEPS))
-    assert_float64_parity(ours, theirs)
-    assert ours.hyper == theirs.hyper
+    ours, theirs, _ = float64_loop(name, kind)
     derived = getattr(ut, name).__dict__.get("_derived", ())
     mine = ours.opt.state_dict()["state"]
     for k, tst in theirs.opt.state_dict()["state"].items():
