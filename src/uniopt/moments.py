@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .backend import is_torch
+
 
 def lerp(a: Any, b: Any, w: Any) -> Any:
     """``a + w (b - a)``: an exponential moving average step, in torch's operation order."""
@@ -46,7 +48,7 @@ def addmm(xp: Any, beta: Any, m: Any, alpha: Any, a: Any, b: Any) -> Any:
     """``beta m + alpha (a @ b)`` for matrices or stacks of them: on torch tensors torch's
     ``addmm``/``baddbmm``, which round once (bfloat16 products accumulate in float32), as torch's
     Muon computes its Newton-Schulz steps; on other arrays, as written."""
-    if type(m).__module__.startswith("torch"):
+    if is_torch(m):
         import torch
 
         fused = torch.addmm if m.ndim == 2 else torch.baddbmm
@@ -58,7 +60,7 @@ def frobenius(xp: Any, x: Any) -> Any:
     """The Frobenius norm of each matrix of ``x`` (the last two axes), kept as 1x1: on torch
     tensors torch's norm (bfloat16 squares summed in float32, as torch's Muon normalises); on
     other arrays ``sqrt(sum(x*x))``, which sums a stack of matrices as it sums each alone."""
-    if type(x).__module__.startswith("torch"):
+    if is_torch(x):
         import torch
 
         return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
