@@ -28,7 +28,7 @@ LAYERS = [
     {"state", "transforms", "rules"},
     {"interop.jax", "fast"},
     {"engine"},
-    {"interop.optax"},
+    {"interop.optax", "combine"},
     {"torch", "tools", "__init__", "__main__"},
 ]
 

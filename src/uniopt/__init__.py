@@ -10,7 +10,8 @@
 """
 
 from . import schedules
-from .base import Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
+from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
+from .combine import by_path, freeze, masked, partition, set_to_zero
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
@@ -49,6 +50,12 @@ from .tree import pack, register_dataclass, trainables
 __version__ = "0.1.0"
 
 __all__ = [
+    "Combinator",
+    "by_path",
+    "freeze",
+    "masked",
+    "partition",
+    "set_to_zero",
     "Elementwise",
     "Minimizer",
     "PerLeaf",

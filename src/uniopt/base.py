@@ -427,12 +427,45 @@ class Minimizer(WholeTree):
         raise NotImplementedError
 
 
+@dataclasses.dataclass(frozen=True)
+class Combinator(WholeTree):
+    """A whole-tree part that runs whole rules of its own, its ``members``, each with its own
+    :class:`~uniopt.state.State` kept in this part's tree state: on parts of the tree
+    (:func:`uniopt.partition`), once every few steps (:func:`uniopt.accumulate`), or only when
+    a test passes (:func:`uniopt.skip_nonfinite`). Inside a chain it is handed the updates
+    like any whole-tree part; as a rule's only part it takes the step itself
+    (:meth:`run`), so each member steps its leaves on the fast path.
+
+    A member is reached as ``"<name>.<hyperparameter>"`` by :func:`uniopt.adjust`. The
+    implementations run the engine on their members, so they live above it (uniopt.combine).
+    """
+
+    @property
+    def inner(self) -> dict[str, Transform]:
+        """The members, by name."""
+        raise NotImplementedError
+
+    def with_inner(self, name: str, member: Transform) -> Combinator:
+        """This record with member ``name`` replaced (by :func:`uniopt.adjust`)."""
+        raise NotImplementedError
+
+    def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
+            inplace: bool) -> tuple[Any, Any]:
+        """The step as a rule's only part: ``(tree, new_params)`` for the leaves of a params
+        tree of structure ``treedef`` (``new_params`` a list, None in place). The inputs
+        are checked; nothing is written yet."""
+        raise NotImplementedError
+
+
 PART_KINDS = (Elementwise, PerLeaf, WholeTree)
 
 
-def members(t: Transform, path: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], Transform]]:
-    """The transforms of ``t`` with nested chains opened (``t`` itself if it is no chain), each
-    with the positions :func:`uniopt.adjust` names it by (``"1.lr"``)."""
+def members(t: Transform, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Transform]]:
+    """The transforms of ``t`` with nested chains and combinators opened (``t`` itself if it
+    is neither), each with the positions or names :func:`uniopt.adjust` names it by
+    (``"1.lr"``, ``"decay.lr"``)."""
+    if isinstance(t, Combinator):
+        return [m for k, x in t.inner.items() for m in members(x, (*path, k))]
     if not isinstance(t, chain):
         return [(path, t)]
     return [m for i, x in enumerate(t.transforms) for m in members(x, (*path, i))]

@@ -20,7 +20,17 @@ from typing import Any
 import optree
 
 from . import backend, fast
-from .base import Elementwise, Minimizer, Part, PerLeaf, Transform, WholeTree, chain, members
+from .base import (
+    Combinator,
+    Elementwise,
+    Minimizer,
+    Part,
+    PerLeaf,
+    Transform,
+    WholeTree,
+    chain,
+    members,
+)
 from .hyper import _traced
 from .interop.jax import register_state
 from .state import State
@@ -79,7 +89,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
         if isinstance(part, WholeTree):
-            if not isinstance(part, Minimizer):
+            if not isinstance(part, (Minimizer, Combinator)):
                 _tree_library(leaves, part)
             trees[keys[0]] = part.init_tree(params)
         elif keys:
@@ -302,6 +312,31 @@ def _deltas(
     return us, new_slots, new_trees
 
 
+def member_step(state: State, params: list[Any], grads: list[Any]) -> tuple[list[Any], State]:
+    """A member rule's updates for its leaves and its new state, inside a combinator's step
+    (whose caller checked the leaves)."""
+    us, slots, trees = _deltas(state, params, grads)
+    step = _Step(params, grads, state.treedef)
+    new = dataclasses.replace(state, step=state.step + 1, tree_states=trees,
+                              slots={**state.slots, **_new_slots(state, slots, step)})
+    return us, new
+
+
+def _combinator(rule: Transform) -> Combinator | None:
+    """The combinator that is ``rule``'s only part, which then takes the whole step."""
+    parts = rule.flat_parts
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], Combinator) else None
+
+
+def _run(state: State, part: Combinator, step: _Step, inplace: bool) -> tuple[State, Any]:
+    (key,) = state.rule.tree_layout
+    with backend.outside_autograd(step.params):
+        tree, new_p = part.run(state.tree_states[key], step.treedef, step.params, step.grads,
+                               inplace)
+    new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
+    return new, None if inplace else unflatten(step.treedef, new_p)
+
+
 def _copy(x: Any, dtype: Any, xp: Any) -> Any:
     """A copy of torch tensor ``x`` in ``dtype`` (None: its own), in autograd's graph (a slot
     a leaf does not keep: None)."""
@@ -516,6 +551,9 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     step = _prologue(state, params, grads)
     if any(map(backend.is_complex, step.params)):
         return _as_pairs(state, step, inplace=False)
+    combinator = _combinator(state.rule)
+    if combinator is not None:
+        return _run(state, combinator, step, inplace=False)
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(state, step.params, step.grads)
         new_p = [
@@ -538,6 +576,9 @@ def update_(state: State, params: Any, grads: Any) -> State:
     step = _prologue(state, params, grads, writes=True)
     if any(map(backend.is_complex, step.params)):
         return _as_pairs(state, step, inplace=True)[0]
+    combinator = _combinator(state.rule)
+    if combinator is not None:
+        return _run(state, combinator, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(state, step.params, step.grads)
     for p, u in zip(step.params, deltas, strict=True):
@@ -731,6 +772,18 @@ def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transfo
             members.append(new)
             found += f
         return chain(*members), found
+    if isinstance(t, Combinator):
+        inner = t.inner
+        if len(path) > 1 and path[0] in inner:
+            new, found = _set(inner[path[0]], path[1:], value, f"{where}{path[0]}.")
+            return (t.with_inner(path[0], new) if found else t), found
+        found = []
+        for name, m in inner.items():
+            new, f = _set(m, path, value, f"{where}{name}.")
+            if f:
+                t = t.with_inner(name, new)
+            found += f
+        return t, found
     if len(path) == 1 and path[0] in t.hyperparameters():
         return t.replace(**{path[0]: value}), [f"{where}{path[0]} ({t.name})"]
     return t, []
@@ -762,7 +815,7 @@ def adjust(state: State, **hyperparameters: Any) -> State:
         if len(found) > 1:
             raise ValueError(
                 f"adjust: {key!r} is a hyperparameter of {len(found)} members of this chain "
-                f"({', '.join(found)}); name one by its position, e.g. "
+                f"({', '.join(found)}); name one by its position or label, e.g. "
                 f"adjust(state, **{{{found[0].split(' ')[0]!r}: ...}})"
             )
     if rule.layout != state.rule.layout:

@@ -1,0 +1,333 @@
+"""Recipes by path: rules that run other rules on parts of the tree.
+
+:func:`partition` hands each leaf to the rule its label names, :func:`masked` runs a rule on
+some leaves and passes the others' updates through, :func:`freeze` keeps some leaves where they
+are. Each member keeps its own state over its own leaves (so a frozen embedding keeps no
+moments), and as a rule's only part each member steps its leaves in one engine call, on the
+fast path where the member is elementwise.
+
+Leaves are named by dotted paths: ``{"encoder": {"layers": [{"bias": ...}]}}`` has the leaf
+``"encoder.layers.0.bias"``, as ``torch.nn.Module.named_parameters`` names a module's. A mask
+or a label is a glob over those paths (``"*.bias"``, ``"*norm*"``; ``fnmatch`` rules), a
+compiled regular expression (``re.compile(r".*\\.bias$")``, matched in full), a list of
+either (any matches), a function of the path and the leaf, or a tree like the params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import optree
+
+from . import backend
+from .base import Combinator, PerLeaf, Transform, chain
+from .engine import _as_new_array, member_step, setup, update, update_
+from .tree import NAMESPACE, flatten, path_str, unflatten
+
+
+def dotted(path: tuple[Any, ...]) -> str:
+    """A leaf's path as masks and labels see it: ``"encoder.layers.0.bias"``."""
+    return ".".join(str(k) for k in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class set_to_zero(PerLeaf):
+    """An update of zero: the leaves it is given stay where they are (optax's
+    ``set_to_zero``). As a member of :func:`partition` its leaves are not stepped at all."""
+
+    @staticmethod
+    def apply(xp: Any, c: Any, p: Any, u: Any) -> tuple[Any, ...]:
+        return (xp.zeros_like(u),)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TreeSpec:
+    """A tree of masks or labels, kept as its structure and its leaves (hashable, so a record
+    holding one stays a static part of a jitted state)."""
+
+    treedef: Any
+    leaves: tuple[Any, ...]
+
+
+def _selector(owner: str, what: str, spec: Any, label: bool) -> Any:
+    """``spec`` in the form a record keeps: a callable, patterns, or a :class:`_TreeSpec`."""
+    if isinstance(spec, (str, re.Pattern)):
+        return (spec,)
+    if isinstance(spec, (list, tuple)) and spec and all(
+            isinstance(s, (str, re.Pattern)) for s in spec) and not label:
+        return tuple(spec)
+    if callable(spec) and not isinstance(spec, (list, tuple, Mapping)):
+        return spec
+    leaves, treedef = optree.tree_flatten(spec, none_is_leaf=False, namespace=NAMESPACE)
+    for x in leaves:
+        ok = isinstance(x, str) if label else isinstance(x, bool) or _is_bool(x)
+        if not ok:
+            raise TypeError(
+                f"{owner}: {what} must be a glob, a regular expression, a list of them, a "
+                f"function of (path, leaf), or a tree like the params of "
+                f"{'labels (str)' if label else 'bools'}; it holds {x!r}"
+            )
+    return _TreeSpec(treedef, tuple(bool(x) if not label else x for x in leaves))
+
+
+def _is_bool(x: Any) -> bool:
+    return getattr(x, "dtype", None) is not None and getattr(x, "shape", None) == () and \
+        str(x.dtype) == "bool"
+
+
+def _matches(patterns: tuple[Any, ...], path: str) -> bool:
+    return any(p.fullmatch(path) is not None if isinstance(p, re.Pattern)
+               else fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any]) -> list[Any]:
+    """The value of selector ``spec`` at each leaf of a tree ``treedef``."""
+    paths = [dotted(p) for p in optree.treespec_paths(treedef)]
+    if isinstance(spec, _TreeSpec):
+        if spec.treedef != treedef:
+            raise ValueError(
+                f"{owner}: the {what} tree has structure {spec.treedef}, the params "
+                f"{treedef}"
+            )
+        return list(spec.leaves)
+    if isinstance(spec, tuple):
+        return [_matches(spec, p) for p in paths]
+    return [spec(p, x) for p, x in zip(paths, leaves, strict=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Routed(Combinator):
+    """What :func:`partition`, :func:`masked` and :func:`freeze` share: each leaf goes to one
+    member, by its label."""
+
+    def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
+        raise NotImplementedError
+
+    def route(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
+        """The leaves (their positions) each member takes, raising where a label names none.
+        Kept per tree structure and shapes: a step asks again and gets the same answer."""
+        key = ("route", treedef, tuple(tuple(x.shape) for x in leaves))
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
+        labels = self._labels(treedef, leaves)
+        names = list(self.inner)
+        out: dict[str, list[int]] = {n: [] for n in names}
+        paths = optree.treespec_paths(treedef)
+        for i, (label, path) in enumerate(zip(labels, paths, strict=True)):
+            if label not in out:
+                raise ValueError(
+                    f"{self.name}: {path_str(path)} is labelled {label!r}, which names none of "
+                    f"its rules {names}"
+                )
+            out[label].append(i)
+        routed = self.memo[key] = {n: tuple(ix) for n, ix in out.items()}
+        return routed
+
+    @property
+    def uses_params(self) -> bool:  # type: ignore[override]
+        return any(p.uses_params for m in self.inner.values() for p in m.flat_parts)
+
+    @property
+    def makes_step(self) -> bool:  # type: ignore[override]
+        return any(p.makes_step for m in self.inner.values() for p in m.flat_parts)
+
+    def init_tree(self, params: Any) -> Any:
+        leaves, treedef, _ = flatten(params)
+        routes = self.route(treedef, leaves)
+        return {n: setup(m, [leaves[i] for i in routes[n]]) for n, m in self.inner.items()}
+
+    def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        us, treedef, _ = flatten(u)
+        ps = flatten(params)[0]
+        routes = self.route(treedef, ps)
+        out = list(us)
+        new = {}
+        for name, member in self.inner.items():
+            idx = routes[name]
+            st = dataclasses.replace(state[name], rule=member)
+            if _frozen(member):
+                for i in idx:
+                    out[i] = backend.namespace(us[i]).zeros_like(us[i])
+                new[name] = st
+                continue
+            sub, new[name] = member_step(st, [ps[i] for i in idx], [us[i] for i in idx])
+            for i, x in zip(idx, sub, strict=True):
+                out[i] = x
+        return unflatten(treedef, out), new
+
+    def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
+            inplace: bool) -> tuple[Any, Any]:
+        routes = self.route(treedef, params)
+        new_p: list[Any] = list(params)
+        new = {}
+        for name, member in self.inner.items():
+            idx = routes[name]
+            st = dataclasses.replace(tree[name], rule=member)
+            if _frozen(member):
+                new[name] = st
+                if not inplace:
+                    for i in idx:
+                        new_p[i] = _as_new_array(params[i], params[i], (params[i],))
+                continue
+            ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+            if inplace:
+                new[name] = update_(st, ps, gs)
+                continue
+            new[name], out = update(st, ps, gs)
+            for i, x in zip(idx, out, strict=True):
+                new_p[i] = x
+        return new, None if inplace else new_p
+
+
+def _frozen(member: Transform) -> bool:
+    parts = member.flat_parts
+    return bool(parts) and all(isinstance(p, set_to_zero) for p in parts)
+
+
+def _rule(owner: str, what: str, t: Any) -> Transform:
+    if t is None:
+        return set_to_zero()
+    if not isinstance(t, Transform):
+        t = chain(t)  # an optax transformation, adopted (or a clear error)
+    return t
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class partition(_Routed):
+    """Each leaf stepped by the rule its label names (optax's ``multi_transform``; torch's
+    param groups, chosen by path). ``rules`` maps labels to rules (None: the leaves stay
+    where they are); ``labels`` gives each leaf's label: a function of (dotted path, leaf),
+    a tree like the params, or :func:`by_path`'s table of globs. A leaf whose label names no
+    rule is an error, never skipped.
+
+    >>> import numpy as np, uniopt as uo
+    >>> params = {"w": np.ones((2, 2)), "norm": {"scale": np.ones(2)}, "b": np.zeros(2)}
+    >>> opt = uo.partition(
+    ...     {"decay": uo.adamw(lr=1e-3, weight_decay=0.1), "plain": uo.adam(lr=1e-3)},
+    ...     uo.by_path({"b": "plain", "*norm*": "plain", "*": "decay"}))
+    >>> state = uo.setup(opt, params)
+    >>> members = state.tree_states["partition"]
+    >>> {k: len(s.slots["scale_by_adam.exp_avg"]) for k, s in members.items()}
+    {'decay': 1, 'plain': 2}
+    """
+
+    rules: tuple[Transform, ...]
+    names: tuple[str, ...]
+    labels: Any
+
+    def __init__(self, rules: Mapping[str, Any], labels: Any) -> None:
+        if not isinstance(rules, Mapping) or not rules:
+            raise TypeError(f"partition: rules must be a non-empty dict of label -> rule, "
+                            f"got {rules!r}")
+        for k in rules:
+            if not isinstance(k, str):
+                raise TypeError(f"partition: labels must be strings, got {k!r}")
+        object.__setattr__(self, "rules", tuple(_rule("partition", k, v)
+                                                for k, v in rules.items()))
+        object.__setattr__(self, "names", tuple(rules))
+        object.__setattr__(self, "labels", _selector("partition", "labels", labels, True))
+        object.__setattr__(self, "host", None)
+
+    @property
+    def inner(self) -> dict[str, Transform]:
+        return dict(zip(self.names, self.rules, strict=True))
+
+    def with_inner(self, name: str, member: Transform) -> Combinator:
+        rules = dict(self.inner)
+        rules[name] = member
+        return _rebuilt(self, rules=tuple(rules.values()))
+
+    def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
+        labels = _evaluate(self.name, "labels", self.labels, treedef, leaves)
+        for label, path in zip(labels, optree.treespec_paths(treedef), strict=True):
+            if not isinstance(label, str):
+                raise TypeError(f"partition: the label of {path_str(path)} is {label!r}, "
+                                "not a string")
+        return labels
+
+
+def _rebuilt(t: Transform, **changes: Any) -> Any:
+    new = object.__new__(type(t))
+    new.__dict__.update({**t.fields(), **changes, "host": None})
+    return new
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class masked(_Routed):
+    """``rule`` on the leaves ``mask`` selects; the other leaves' updates pass through as they
+    come (optax's ``masked``: at the head of a rule that is the raw gradient, so to keep
+    leaves still use :func:`freeze`). ``mask``: globs over dotted paths, regular
+    expressions, a function of (path, leaf) or a tree of bools like the params."""
+
+    rule: Transform
+    mask: Any
+
+    def __init__(self, rule: Any, mask: Any) -> None:
+        object.__setattr__(self, "rule", _rule("masked", "rule", rule))
+        object.__setattr__(self, "mask", _selector("masked", "mask", mask, False))
+        object.__setattr__(self, "host", None)
+
+    @property
+    def inner(self) -> dict[str, Transform]:
+        return {"masked": self.rule, "unmasked": chain()}
+
+    def with_inner(self, name: str, member: Transform) -> Combinator:
+        return _rebuilt(self, rule=member)
+
+    def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
+        picked = _evaluate(self.name, "mask", self.mask, treedef, leaves)
+        return ["masked" if bool(x) else "unmasked" for x in picked]
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class freeze(_Routed):
+    """``rule`` on every leaf but those ``paths`` selects, which stay where they are and keep
+    no state. ``paths``: globs over dotted paths, regular expressions, a function of (path,
+    leaf) or a tree of bools like the params."""
+
+    rule: Transform
+    paths: Any
+
+    def __init__(self, rule: Any, paths: Any) -> None:
+        object.__setattr__(self, "rule", _rule("freeze", "rule", rule))
+        object.__setattr__(self, "paths", _selector("freeze", "paths", paths, False))
+        object.__setattr__(self, "host", None)
+
+    @property
+    def inner(self) -> dict[str, Transform]:
+        return {"trainable": self.rule, "frozen": set_to_zero()}
+
+    def with_inner(self, name: str, member: Transform) -> Combinator:
+        return _rebuilt(self, rule=member)
+
+    def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
+        picked = _evaluate(self.name, "paths", self.paths, treedef, leaves)
+        return ["frozen" if bool(x) else "trainable" for x in picked]
+
+
+@dataclasses.dataclass(frozen=True)
+class by_path:
+    """Labels from a table of patterns, the first that matches a leaf's dotted path winning:
+    ``by_path({"*.bias": "no_decay", "*norm*": "no_decay", "*": "decay"})``. A leaf no
+    pattern matches is an error that names it."""
+
+    table: tuple[tuple[Any, str], ...]
+
+    def __init__(self, table: Mapping[Any, str]) -> None:
+        for k, v in table.items():
+            if not isinstance(k, (str, re.Pattern)) or not isinstance(v, str):
+                raise TypeError(f"by_path: the table maps globs or regular expressions to "
+                                f"labels (str); got {k!r}: {v!r}")
+        object.__setattr__(self, "table", tuple(table.items()))
+
+    def __call__(self, path: str, leaf: Any) -> str:
+        for pattern, label in self.table:
+            if _matches((pattern,), path):
+                return label
+        raise ValueError(f"by_path: {path!r} matches none of {[p for p, _ in self.table]}")
+

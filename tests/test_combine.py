@@ -1,0 +1,267 @@
+"""Recipes by path: partition, masked, freeze against optax's multi_transform and masked, on
+every backend; selectors; errors that name the leaf; members reached by adjust."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+from helpers import WIDE_LEAVES, assert_same, copy_tree, expect_compiled, grads_like, map_tree
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+optax = pytest.importorskip("optax")
+
+STEPS = 300
+
+
+def _params(rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "embed": {"weight": rng.normal(size=(6, 4))},
+        "layers": [{"w": rng.normal(size=(4, 4)), "bias": rng.normal(size=4),
+                    "norm": {"scale": rng.normal(size=4)}} for _ in range(2)],
+        "head": rng.normal(size=(4, 3)),
+    }
+
+
+def _labels(params: dict[str, Any]) -> Any:
+    """The same partition as a tree of labels, for optax."""
+    def label(path: str) -> str:
+        if path.startswith("embed"):
+            return "embed"
+        return "plain" if path.endswith("bias") or "norm" in path else "decay"
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in paths]
+    return jax.tree.unflatten(treedef, [label(n) for n in names])
+
+
+RECIPE = uo.by_path({"embed.*": "embed", "*.bias": "plain", "*norm*": "plain", "*": "decay"})
+
+
+def _uniopt_rule() -> uo.Transform:
+    return uo.partition({
+        "decay": uo.adamw(lr=1e-2, weight_decay=0.1),
+        "plain": uo.adam(lr=1e-2),
+        "embed": uo.adamw(lr=1e-3, weight_decay=0.1),
+    }, RECIPE)
+
+
+def _optax_rule(params: Any) -> Any:
+    return optax.multi_transform({
+        "decay": optax.adamw(1e-2, weight_decay=0.1),
+        "plain": optax.adam(1e-2),
+        "embed": optax.adamw(1e-3, weight_decay=0.1),
+    }, _labels(params))
+
+
+def _run_optax(tx: Any, params: Any, grads: list[Any]) -> list[Any]:
+    with jax.enable_x64(True):
+        p = map_tree(jnp.asarray, params)
+        s = tx.init(p)
+
+        @jax.jit
+        def step(p: Any, s: Any, g: Any) -> Any:
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        out = []
+        for g in grads:
+            p, s = step(p, s, map_tree(jnp.asarray, g))
+            out.append(map_tree(np.asarray, p))
+        return out
+
+
+def _close(a: Any, b: Any, tol: float = 1e-12) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert np.max(np.abs(x - y)) <= tol * max(1.0, np.max(np.abs(y))), (x, y)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_partition_matches_optax_multi_transform(library: str) -> None:
+    rng = np.random.default_rng(0)
+    params = _params(rng)
+    grads = [grads_like(rng, params) for _ in range(STEPS)]
+    want = _run_optax(_optax_rule(params), params, grads)
+    if library == "numpy":
+        p, pi = copy_tree(params), copy_tree(params)
+        state, state_i = uo.setup(_uniopt_rule(), p), uo.setup(_uniopt_rule(), pi)
+        for g, w in zip(grads, want, strict=True):
+            state, p = uo.update(state, p, g)
+            state_i = uo.update_(state_i, pi, g)
+            _close(p, w)
+        assert_same(jax.tree.leaves(p), jax.tree.leaves(pi))
+    elif library == "torch":
+        torch = pytest.importorskip("torch")
+        pt = map_tree(torch.from_numpy, copy_tree(params))
+        state = uo.setup(_uniopt_rule(), pt)
+        for g in grads:
+            state = uo.update_(state, pt, map_tree(torch.from_numpy, g))
+        _close(map_tree(lambda t: t.numpy(), pt), want[-1])
+    else:
+        with jax.enable_x64(True):
+            pj = map_tree(jnp.asarray, params)
+            state = uo.setup(_uniopt_rule(), pj)
+            traces = []
+
+            @jax.jit
+            def step(s: Any, p: Any, g: Any) -> Any:
+                traces.append(1)
+                return uo.update(s, p, g)
+
+            for g in grads:
+                state, pj = step(state, pj, map_tree(jnp.asarray, g))
+            assert len(traces) == 1
+            _close(pj, want[-1])
+
+
+def test_each_member_keeps_state_for_its_own_leaves_only() -> None:
+    params = _params(np.random.default_rng(1))
+    state = uo.setup(uo.freeze(uo.adam(lr=1e-3), "embed.*"), params)
+    members = state.tree_states["freeze"]
+    assert len(members["trainable"].slots["scale_by_adam.exp_avg"]) == 7
+    assert members["frozen"].slots == {}
+
+
+def test_masked_matches_optax_masked_in_a_chain() -> None:
+    rng = np.random.default_rng(2)
+    params = _params(rng)
+    grads = [grads_like(rng, params) for _ in range(STEPS)]
+    mask = jax.tree.map(lambda label: label == "decay", _labels(params))
+    tx = optax.chain(optax.masked(optax.add_decayed_weights(0.05), mask), optax.adam(1e-2))
+    want = _run_optax(tx, params, grads)
+    for spec in (mask, ["layers.*.w", "head"], re.compile(r"layers\.\d\.w|head"),
+                 lambda path, x: x.ndim == 2 and not path.startswith("embed")):
+        p = copy_tree(params)
+        state = uo.setup(uo.chain(uo.masked(uo.weight_decay(0.05), spec), uo.adam(lr=1e-2)), p)
+        for g in grads:
+            state = uo.update_(state, p, g)
+        _close(p, want[-1])
+
+
+def test_masked_alone_passes_the_other_updates_through() -> None:
+    """As optax's: at the head of a rule the unmasked leaves get the raw gradient."""
+    params = {"a": np.ones(3), "b": np.ones(3)}
+    g = {"a": np.full(3, 0.5), "b": np.full(3, 0.5)}
+    state = uo.setup(uo.masked(uo.sgd(lr=0.1), "a"), params)
+    _, new = uo.update(state, params, g)
+    np.testing.assert_array_equal(new["a"], 1 - 0.1 * 0.5)
+    np.testing.assert_array_equal(new["b"], 0.5)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_freeze_leaves_the_frozen_untouched(inplace: bool) -> None:
+    rng = np.random.default_rng(3)
+    params = _params(rng)
+    before = copy_tree(params)
+    opt = uo.freeze(uo.adamw(lr=1e-2, weight_decay=0.1), ["embed.*", "head"])
+    tx = optax.multi_transform(
+        {"t": optax.adamw(1e-2, weight_decay=0.1), "f": optax.set_to_zero()},
+        jax.tree.map(lambda lab: "f" if lab == "embed" else "t", _labels(params)) | {"head": "f"})
+    grads = [grads_like(rng, params) for _ in range(20)]
+    want = _run_optax(tx, params, grads)
+    state = uo.setup(opt, params)
+    for g in grads:
+        if inplace:
+            state = uo.update_(state, params, g)
+        else:
+            state, new = uo.update(state, params, g)
+            assert new["head"] is not params["head"]  # a pure step aliases no input
+            params = new
+    _close(params, want[-1])
+    assert_same([params["embed"]["weight"], params["head"]],
+                [before["embed"]["weight"], before["head"]])
+
+
+def test_a_frozen_member_in_a_chain_gives_zero_updates() -> None:
+    params = {"a": np.ones(2), "b": np.ones(2)}
+    g = {"a": np.full(2, np.inf), "b": np.ones(2)}
+    state = uo.setup(uo.chain(uo.freeze(uo.scale(2.0), "a"), uo.scale_by_lr(lr=0.5)), params)
+    _, new = uo.update(state, params, g)
+    np.testing.assert_array_equal(new["a"], 1.0)  # not inf * 0
+    np.testing.assert_array_equal(new["b"], 0.0)
+
+
+def test_members_step_on_the_compiled_loop() -> None:
+    """Each member steps its leaves in one engine call, so a wide tree takes the compiled
+    loop once per member and step, bit for bit as the reference path."""
+    rng = np.random.default_rng(4)
+    params = {f"l{i}": {"w": rng.normal(size=(3, 3)), "bias": rng.normal(size=3)}
+              for i in range(WIDE_LEAVES)}
+    grads = [grads_like(rng, params) for _ in range(3)]
+    opt = uo.partition({"d": uo.adamw(lr=1e-2, weight_decay=0.1), "p": uo.adam(lr=1e-2)},
+                       uo.by_path({"*.bias": "p", "*": "d"}))
+    fast, ref = copy_tree(params), copy_tree(params)
+    s_fast, s_ref = uo.setup(opt, fast), uo.setup(opt, ref)
+    with expect_compiled(2 * len(grads)):
+        for g in grads:
+            s_fast = uo.update_(s_fast, fast, g)
+    from helpers import reference_path
+    with reference_path():
+        for g in grads:
+            s_ref = uo.update_(s_ref, ref, g)
+    assert_same(jax.tree.leaves(fast), jax.tree.leaves(ref))
+
+
+def test_adjust_reaches_a_member_by_its_label() -> None:
+    state = uo.setup(_uniopt_rule(), _params(np.random.default_rng(5)))
+    new = uo.adjust(state, **{"embed.lr": 1e-4})
+    assert new.rule.inner["embed"].lr == 1e-4 and new.rule.inner["decay"].lr == 1e-2
+    with pytest.raises(ValueError, match=r"'lr' is a hyperparameter of 3 members.*decay\.lr"):
+        uo.adjust(state, lr=1e-4)
+
+
+def test_optax_protocol_in_an_optax_chain() -> None:
+    rng = np.random.default_rng(6)
+    params = _params(rng)
+    grads = [grads_like(rng, params) for _ in range(30)]
+    want = _run_optax(optax.chain(optax.clip(1.0), _optax_rule(params)), params, grads)
+    got = _run_optax(optax.chain(optax.clip(1.0), _uniopt_rule()), params, grads)
+    _close(got[-1], want[-1])
+
+
+def test_a_leaf_no_pattern_matches_is_an_error_naming_it() -> None:
+    params = {"w": np.ones(2), "extra": np.ones(2)}
+    with pytest.raises(ValueError, match=r"by_path: 'extra' matches none of \['w'\]"):
+        uo.setup(uo.partition({"a": uo.sgd(lr=0.1)}, uo.by_path({"w": "a"})), params)
+
+
+def test_a_label_without_a_rule_is_an_error_naming_the_leaf() -> None:
+    params = {"w": np.ones(2), "b": np.ones(2)}
+    with pytest.raises(ValueError, match=r"params\['b'\] is labelled 'bias', which names none"):
+        uo.setup(uo.partition({"a": uo.sgd(lr=0.1)}, {"w": "a", "b": "bias"}), params)
+
+
+def test_a_mask_shaped_unlike_the_params_is_an_error() -> None:
+    params = {"w": np.ones(2), "b": np.ones(2)}
+    with pytest.raises(ValueError, match=r"masked: the mask tree has structure"):
+        uo.setup(uo.masked(uo.sgd(lr=0.1), {"w": True}), params)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: uo.partition({}, {"w": "a"}), r"rules must be a non-empty dict"),
+    (lambda: uo.partition({1: uo.sgd(lr=0.1)}, {"w": "a"}), r"labels must be strings, got 1"),
+    (lambda: uo.partition({"a": uo.sgd(lr=0.1)}, {"w": 3}), r"labels \(str\).*holds 3"),
+    (lambda: uo.masked(uo.sgd(lr=0.1), {"w": "yes"}), r"tree like the params of bools.*'yes'"),
+    (lambda: uo.masked(uo.sgd(lr=0.1), 3.0), r"holds 3.0"),
+    (lambda: uo.by_path({"w": 1}), r"by_path: the table maps .* got 'w': 1"),
+    (lambda: uo.partition({"a": "adam"}, {"w": "a"}),
+     r"chain: argument 0 is neither a uniopt transform"),
+])
+def test_bad_recipes_are_clear_errors(call: Any, message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        call()
+
+
+def test_an_update_with_other_params_changes_nothing() -> None:
+    params = {"w": np.ones(2), "b": np.ones(2)}
+    state = uo.setup(uo.freeze(uo.adam(lr=0.1), "b"), params)
+    before = copy_tree(params)
+    with pytest.raises(ValueError, match=r"gradient for params\['w'\] has shape"):
+        uo.update_(state, params, {"w": np.ones(3), "b": np.ones(2)})
+    assert_same(jax.tree.leaves(params), jax.tree.leaves(before))
+    assert state.step == 0 and state.tree_states["freeze"]["trainable"].step == 0
