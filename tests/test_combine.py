@@ -59,7 +59,11 @@ def _optax_rule(params: Any) -> Any:
 
 
 def _run_optax(tx: Any, params: Any, grads: list[Any]) -> list[Any]:
+    """optax's params after every step; ``tx`` may be a function that builds it (under x64:
+    optax canonicalises dtypes such as ``accumulator_dtype`` when it is built)."""
     with jax.enable_x64(True):
+        if not hasattr(tx, "init"):
+            tx = tx()
         p = map_tree(jnp.asarray, params)
         s = tx.init(p)
 
@@ -265,3 +269,150 @@ def test_an_update_with_other_params_changes_nothing() -> None:
         uo.update_(state, params, {"w": np.ones(3), "b": np.ones(2)})
     assert_same(jax.tree.leaves(params), jax.tree.leaves(before))
     assert state.step == 0 and state.tree_states["freeze"]["trainable"].step == 0
+
+
+# --- accumulate, skip_nonfinite -------------------------------------------------------------
+
+
+def _poisoned(rng: np.random.Generator, params: Any, n: int, bad: set[int]) -> list[Any]:
+    """``n`` gradient trees, those at steps ``bad`` holding a NaN (and an inf)."""
+    out = []
+    for i in range(n):
+        g = grads_like(rng, params)
+        if i in bad:
+            g["head"][0, 0] = np.nan
+            g["layers"][1]["bias"][2] = np.inf
+        out.append(g)
+    return out
+
+
+def _run_uniopt(rule: uo.Transform, params: Any, grads: list[Any], library: str) -> tuple:
+    """The params after every step and the last state: pure NumPy steps (checked against
+    in-place ones bit for bit), torch tensors in place, or one jitted JAX step."""
+    if library == "jax":
+        with jax.enable_x64(True):
+            p = map_tree(jnp.asarray, params)
+            state = uo.setup(rule, p)
+            traces: list[int] = []
+
+            @jax.jit
+            def step(s: Any, p: Any, g: Any) -> Any:
+                traces.append(1)
+                return uo.update(s, p, g)
+
+            out = []
+            for g in grads:
+                state, p = step(state, p, map_tree(jnp.asarray, g))
+                out.append(map_tree(np.asarray, p))
+            assert len(traces) == 1
+            return out, state
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        pt = map_tree(torch.from_numpy, copy_tree(params))
+        state = uo.setup(rule, pt)
+        out = []
+        for g in grads:
+            state = uo.update_(state, pt, map_tree(torch.from_numpy, g))
+            out.append(map_tree(lambda t: t.numpy().copy(), pt))
+        return out, state
+    p, pi = copy_tree(params), copy_tree(params)
+    state, state_i = uo.setup(rule, p), uo.setup(rule, pi)
+    out = []
+    for g in grads:
+        state, p = uo.update(state, p, g)
+        state_i = uo.update_(state_i, pi, g)
+        out.append(p)
+    assert_same(jax.tree.leaves(p), jax.tree.leaves(pi))
+    return out, state
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_accumulate_matches_optax_multisteps(library: str) -> None:
+    rng = np.random.default_rng(7)
+    params = _params(rng)
+    grads = [grads_like(rng, params) for _ in range(STEPS)]
+    sched = uo.schedules.cosine(1e-2, steps=STEPS // 4)
+    want = _run_optax(lambda: optax.MultiSteps(optax.adamw(sched, weight_decay=0.1), 4,
+                                               accumulator_dtype=jnp.float64), params, grads)
+    got, state = _run_uniopt(uo.accumulate(uo.adamw(lr=sched, weight_decay=0.1), every=4),
+                             params, grads, library)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
+    assert int(state.tree_states["accumulate"]["inner"].step) == STEPS // 4
+
+
+def test_accumulate_every_may_be_a_schedule() -> None:
+    rng = np.random.default_rng(8)
+    params = _params(rng)
+    grads = [grads_like(rng, params) for _ in range(60)]
+    every = uo.schedules.piecewise_constant(2, {5: 4})  # 2 micro-batches, then 4
+    want = _run_optax(lambda: optax.MultiSteps(optax.sgd(0.1), lambda s: jnp.where(s < 5, 2, 4),
+                                               accumulator_dtype=jnp.float64), params, grads)
+    got, _ = _run_uniopt(uo.accumulate(uo.sgd(lr=0.1), every), params, grads, "numpy")
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_skip_nonfinite_matches_optax_apply_if_finite(library: str) -> None:
+    rng = np.random.default_rng(9)
+    params = _params(rng)
+    grads = _poisoned(rng, params, STEPS, {3, 37, 38, 39, 200})
+    want = _run_optax(optax.apply_if_finite(optax.adam(1e-2), 5), params, grads)
+    got, state = _run_uniopt(uo.skip_nonfinite(uo.adam(lr=1e-2), 5), params, grads, library)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
+    tree = state.tree_states["skip_nonfinite"]
+    assert int(tree["total_notfinite"]) == 5 and int(tree["inner"].step) == STEPS - 5
+
+
+def test_too_many_nonfinite_steps_in_a_row_is_an_error_that_changes_nothing() -> None:
+    rng = np.random.default_rng(10)
+    params = _params(rng)
+    state = uo.setup(uo.skip_nonfinite(uo.adam(lr=1e-2), max_consecutive=2), params)
+    bad = _poisoned(rng, params, 3, {0, 1, 2})
+    state = uo.update_(state, params, bad[0])
+    state = uo.update_(state, params, bad[1])
+    before = copy_tree(params)
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row .* first is "
+                                                 r"params\['head'\]"):
+        uo.update_(state, params, bad[2])
+    assert_same(jax.tree.leaves(params), jax.tree.leaves(before))
+    assert state.tree_states["skip_nonfinite"]["notfinite_count"] == 2
+
+
+@pytest.mark.parametrize("order", ["guard outside", "guard inside"])
+def test_a_nonfinite_micro_batch_does_not_spoil_the_accumulator(order: str) -> None:
+    """optax's MultiSteps resets its accumulator by multiplying it by zero, so a NaN that
+    reached it stays for good; ours is set to zero. Outside, the guard drops the micro-batch
+    (as if it never came); inside, the step it would have spoilt."""
+    rng = np.random.default_rng(11)
+    params = _params(rng)
+    grads = _poisoned(rng, params, 24, {5})
+    rule = (uo.skip_nonfinite(uo.accumulate(uo.sgd(lr=0.1), 4)) if order == "guard outside"
+            else uo.accumulate(uo.skip_nonfinite(uo.sgd(lr=0.1)), 4))
+    got, _ = _run_uniopt(rule, params, grads, "numpy")
+    kept = [g for i, g in enumerate(grads) if i != 5] if order == "guard outside" else \
+        [g for i, g in enumerate(grads) if i // 4 != 1]
+    want = _run_optax(lambda: optax.MultiSteps(optax.sgd(0.1), 4,
+                                               accumulator_dtype=jnp.float64), params, kept)
+    _close(got[-1], want[-1])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(got[-1]))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: uo.accumulate(uo.sgd(lr=0.1), 0), r"every must be an int >= 1 or a schedule, got 0"),
+    (lambda: uo.accumulate(uo.sgd(lr=0.1), 2.5), r"got 2.5"),
+    (lambda: uo.skip_nonfinite(uo.sgd(lr=0.1), -1), r"max_consecutive must be an int >= 0"),
+])
+def test_bad_wrappers_are_clear_errors(call: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_schedule_of_every_with_a_bad_value_is_an_error_naming_the_step() -> None:
+    params = {"w": np.ones(2)}
+    state = uo.setup(uo.accumulate(uo.sgd(lr=0.1), lambda s: 0), params)
+    with pytest.raises(ValueError, match=r"every is 0 at step 0"):
+        uo.update_(state, params, {"w": np.ones(2)})
+    np.testing.assert_array_equal(params["w"], 1.0)

@@ -11,7 +11,7 @@
 
 from . import schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
-from .combine import by_path, freeze, masked, partition, set_to_zero
+from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
@@ -50,6 +50,8 @@ from .tree import pack, register_dataclass, trainables
 __version__ = "0.1.0"
 
 __all__ = [
+    "accumulate",
+    "skip_nonfinite",
     "Combinator",
     "by_path",
     "freeze",

@@ -21,11 +21,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import optree
 
 from . import backend
 from .base import Combinator, PerLeaf, Transform, chain
 from .engine import _as_new_array, member_step, setup, update, update_
+from .hyper import _traced
+from .state import State
 from .tree import NAMESPACE, flatten, path_str, unflatten
 
 
@@ -99,8 +102,52 @@ def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any])
     return [spec(p, x) for p, x in zip(paths, leaves, strict=True)]
 
 
+# how a combinator's members step: inside a chain (what comes out is their updates), or as a
+# rule's only part, pure (the new params) or in place (nothing)
+CHAIN, PURE, INPLACE = "chain", "pure", "inplace"
+
+
+def _member(mode: str, state: State, ps: list[Any], gs: list[Any]) -> tuple[Any, State]:
+    """A member's step on its leaves: ``(out, state)``, ``out`` as ``mode`` says."""
+    if mode == CHAIN:
+        return member_step(state, ps, gs)
+    if mode == PURE:
+        new, out = update(state, ps, gs)
+        return out, new
+    return None, update_(state, ps, gs)
+
+
+def _still(mode: str, ps: list[Any], us: list[Any]) -> list[Any] | None:
+    """What :func:`_member` gives for leaves that do not move."""
+    if mode == CHAIN:
+        return [backend.namespace(u).zeros_like(u) for u in us]
+    if mode == PURE:
+        return [_as_new_array(p, p, (p,)) for p in ps]
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
-class _Routed(Combinator):
+class _Runs(Combinator):
+    """A combinator written once for the three ways it is run (:data:`CHAIN`, :data:`PURE`,
+    :data:`INPLACE`): its ``_step`` gets flat lists of leaves."""
+
+    def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
+              mode: str) -> tuple[Any, list[Any] | None]:
+        raise NotImplementedError
+
+    def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        us, treedef, _ = flatten(u)
+        tree, out = self._step(state, treedef, flatten(params)[0], us, CHAIN)
+        assert out is not None
+        return unflatten(treedef, out), tree
+
+    def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
+            inplace: bool) -> tuple[Any, Any]:
+        return self._step(tree, treedef, params, grads, INPLACE if inplace else PURE)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Routed(_Runs):
     """What :func:`partition`, :func:`masked` and :func:`freeze` share: each leaf goes to one
     member, by its label."""
 
@@ -141,47 +188,24 @@ class _Routed(Combinator):
         routes = self.route(treedef, leaves)
         return {n: setup(m, [leaves[i] for i in routes[n]]) for n, m in self.inner.items()}
 
-    def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        us, treedef, _ = flatten(u)
-        ps = flatten(params)[0]
+    def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
+              mode: str) -> tuple[Any, list[Any] | None]:
         routes = self.route(treedef, ps)
-        out = list(us)
+        out: list[Any] | None = None if mode == INPLACE else [None] * len(ps)
         new = {}
         for name, member in self.inner.items():
             idx = routes[name]
-            st = dataclasses.replace(state[name], rule=member)
-            if _frozen(member):
-                for i in idx:
-                    out[i] = backend.namespace(us[i]).zeros_like(us[i])
-                new[name] = st
-                continue
-            sub, new[name] = member_step(st, [ps[i] for i in idx], [us[i] for i in idx])
-            for i, x in zip(idx, sub, strict=True):
-                out[i] = x
-        return unflatten(treedef, out), new
-
-    def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
-            inplace: bool) -> tuple[Any, Any]:
-        routes = self.route(treedef, params)
-        new_p: list[Any] = list(params)
-        new = {}
-        for name, member in self.inner.items():
-            idx = routes[name]
+            sub_p, sub_g = [ps[i] for i in idx], [gs[i] for i in idx]
             st = dataclasses.replace(tree[name], rule=member)
             if _frozen(member):
-                new[name] = st
-                if not inplace:
-                    for i in idx:
-                        new_p[i] = _as_new_array(params[i], params[i], (params[i],))
-                continue
-            ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-            if inplace:
-                new[name] = update_(st, ps, gs)
-                continue
-            new[name], out = update(st, ps, gs)
-            for i, x in zip(idx, out, strict=True):
-                new_p[i] = x
-        return new, None if inplace else new_p
+                new[name], moved = st, _still(mode, sub_p, sub_g)
+            else:
+                moved, new[name] = _member(mode, st, sub_p, sub_g)
+            if out is not None:
+                assert moved is not None
+                for i, x in zip(idx, moved, strict=True):
+                    out[i] = x
+        return new, out
 
 
 def _frozen(member: Transform) -> bool:
@@ -331,3 +355,178 @@ class by_path:
                 return label
         raise ValueError(f"by_path: {path!r} matches none of {[p for p, _ in self.table]}")
 
+
+
+def _where(cond: Any, a: list[Any] | None, b: list[Any] | None) -> list[Any] | None:
+    """``a`` where the (JAX) scalar ``cond`` holds, else ``b``, leaf by leaf."""
+    if a is None or b is None:
+        return None
+    return [backend.namespace(x).where(cond, x, y) for x, y in zip(a, b, strict=True)]
+
+
+def _select(cond: Any, new: State, old: State) -> State:
+    """State ``new`` where the (JAX) scalar ``cond`` holds, else ``old`` (same structure)."""
+    import jax
+
+    return jax.tree.map(lambda x, y: jax.numpy.where(cond, x, y).astype(y.dtype), new, old)
+
+
+def _count(leaves: list[Any]) -> Any:
+    """A counter's zero: a JAX int32 array for JAX leaves (a Python int would be static to
+    equinox's filter_jit and weakly typed to jax.jit), else a Python int."""
+    if leaves and backend.is_jax(leaves[0]):
+        xp = backend.namespace(leaves[0])
+        return xp.asarray(0, dtype=xp.int32)
+    return 0
+
+
+def _wrapped(owner: str, rule: Any) -> Transform:
+    if not isinstance(rule, Transform):
+        rule = chain(rule)  # an optax transformation, adopted (or a clear error)
+    return rule
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class accumulate(_Runs):
+    """Gradient accumulation (optax's ``MultiSteps``): the mean of ``every`` micro-batch
+    gradients goes to ``rule`` once, and only then do the params move and ``rule`` (its step
+    count, its schedules) advance. ``every`` is an int or a schedule of ``rule``'s step.
+
+    The running mean is optax's, ``acc + (g - acc) / (n + 1)``. After each real step the
+    accumulator is set to zero, not multiplied by it, so a non-finite micro-batch spoils one
+    step at most: wrapped around it, :func:`skip_nonfinite` drops that micro-batch
+    (``skip_nonfinite(accumulate(rule, k))``, the order to prefer); inside it, it drops the
+    whole step (``accumulate(skip_nonfinite(rule), k)``)."""
+
+    rule: Transform
+    every: Any
+
+    def __init__(self, rule: Any, every: Any) -> None:
+        if not callable(every) and (isinstance(every, bool) or not isinstance(every, int)
+                                    or every < 1):
+            raise ValueError(f"accumulate: every must be an int >= 1 or a schedule, got "
+                             f"{every!r}")
+        object.__setattr__(self, "rule", _wrapped("accumulate", rule))
+        object.__setattr__(self, "every", every)
+        object.__setattr__(self, "host", None)
+
+    @property
+    def inner(self) -> dict[str, Transform]:
+        return {"inner": self.rule}
+
+    def with_inner(self, name: str, member: Transform) -> Combinator:
+        return _rebuilt(self, rule=member)
+
+    uses_params = property(lambda self: any(p.uses_params for p in self.rule.flat_parts))
+    makes_step = property(lambda self: any(p.makes_step for p in self.rule.flat_parts))
+
+    def init_tree(self, params: Any) -> Any:
+        leaves = flatten(params)[0]
+        xp = backend.namespace(leaves[0]) if leaves else None
+        return {"mini": _count(leaves), "acc": [xp.zeros_like(x) for x in leaves] if xp else [],
+                "inner": setup(self.rule, leaves)}
+
+    def _every(self, step: Any) -> Any:
+        if not callable(self.every):
+            return self.every
+        k = self.every(step)
+        if not _traced(k) and (int(k) != k or k < 1):
+            raise ValueError(f"accumulate: every is {k!r} at step {step}; it must be an "
+                             "int >= 1")
+        return k
+
+    def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
+              mode: str) -> tuple[Any, list[Any] | None]:
+        inner = dataclasses.replace(tree["inner"], rule=self.rule)
+        mini, k = tree["mini"], self._every(inner.step)
+        with np.errstate(invalid="ignore"):  # a NaN micro-batch: a guard inside handles it
+            acc = [a + (g - a) / (mini + 1) for a, g in zip(tree["acc"], gs, strict=True)]
+        zeros = [backend.namespace(a).zeros_like(a) for a in acc]
+        if not (ps and backend.is_jax(ps[0])):
+            if mini + 1 < k:
+                if mode == INPLACE:
+                    for old, new in zip(tree["acc"], acc, strict=True):
+                        backend.assign(old, new)
+                    acc = tree["acc"]
+                return {"mini": mini + 1, "acc": acc, "inner": inner}, _still(mode, ps, gs)
+            out, inner = _member(mode, inner, ps, acc)
+            if mode == INPLACE:
+                for old, zero in zip(tree["acc"], zeros, strict=True):
+                    backend.assign(old, zero)
+                zeros = tree["acc"]
+            return {"mini": 0, "acc": zeros, "inner": inner}, out
+        # JAX (traced or not): both outcomes, the one that holds selected, as optax does
+        emit = mini + 1 >= k
+        out, new_inner = _member(mode, inner, ps, acc)
+        xp = backend.namespace(ps[0])
+        return ({"mini": xp.where(emit, 0, mini + 1).astype(mini.dtype),
+                 "acc": _where(emit, zeros, acc), "inner": _select(emit, new_inner, inner)},
+                _where(emit, out, _still(mode, ps, gs)))
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class skip_nonfinite(_Runs):
+    """Skip a step whose gradients are not all finite (optax's ``apply_if_finite``): params
+    and ``rule``'s state stay as they were, and the state counts it (``notfinite_count`` in a
+    row, ``total_notfinite``, ``last_finite``). More than ``max_consecutive`` in a row is an
+    error that names the first leaf at fault, raised before anything is written. Under JAX
+    nothing can be raised inside a traced step: there, as optax does, the update is then
+    applied (what it spreads is the gradient's own NaN or inf)."""
+
+    rule: Transform
+    max_consecutive: int
+
+    def __init__(self, rule: Any, max_consecutive: int = 10) -> None:
+        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or \
+                max_consecutive < 0:
+            raise ValueError(f"skip_nonfinite: max_consecutive must be an int >= 0, got "
+                             f"{max_consecutive!r}")
+        object.__setattr__(self, "rule", _wrapped("skip_nonfinite", rule))
+        object.__setattr__(self, "max_consecutive", max_consecutive)
+        object.__setattr__(self, "host", None)
+
+    @property
+    def inner(self) -> dict[str, Transform]:
+        return {"inner": self.rule}
+
+    def with_inner(self, name: str, member: Transform) -> Combinator:
+        return _rebuilt(self, rule=member)
+
+    uses_params = property(lambda self: any(p.uses_params for p in self.rule.flat_parts))
+    makes_step = property(lambda self: any(p.makes_step for p in self.rule.flat_parts))
+
+    def init_tree(self, params: Any) -> Any:
+        leaves = flatten(params)[0]
+        zero = _count(leaves)
+        return {"notfinite_count": zero, "total_notfinite": zero,
+                "last_finite": True if isinstance(zero, int) else zero == 0,
+                "inner": setup(self.rule, leaves)}
+
+    def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
+              mode: str) -> tuple[Any, list[Any] | None]:
+        inner = dataclasses.replace(tree["inner"], rule=self.rule)
+        finite = [backend.namespace(g).all(backend.namespace(g).isfinite(g)) for g in gs]
+        if not (ps and backend.is_jax(ps[0])):
+            bad = next((i for i, f in enumerate(finite) if not bool(f)), None)
+            if bad is None:
+                out, inner = _member(mode, inner, ps, gs)
+                return {**tree, "notfinite_count": 0, "last_finite": True, "inner": inner}, out
+            count = tree["notfinite_count"] + 1
+            if count > self.max_consecutive:
+                path = optree.treespec_paths(treedef)[bad]
+                raise FloatingPointError(
+                    f"skip_nonfinite: {count} steps in a row with non-finite gradients "
+                    f"(max_consecutive={self.max_consecutive}); this one's first is "
+                    f"{path_str(path)}"
+                )
+            return ({"notfinite_count": count, "total_notfinite": tree["total_notfinite"] + 1,
+                     "last_finite": False, "inner": inner}, _still(mode, ps, gs))
+        xp = backend.namespace(ps[0])
+        ok = xp.all(xp.stack(finite)) if finite else xp.asarray(True)
+        count = xp.where(ok, 0, tree["notfinite_count"] + 1).astype(xp.int32)
+        take = ok | (count > self.max_consecutive)
+        out, new_inner = _member(mode, inner, ps, gs)
+        return ({"notfinite_count": count, "last_finite": ok,
+                 "total_notfinite": (tree["total_notfinite"] + (~ok)).astype(xp.int32),
+                 "inner": _select(take, new_inner, inner)},
+                _where(take, out, _still(mode, ps, gs)))
