@@ -19,7 +19,7 @@ import dataclasses
 import fnmatch
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import optree
@@ -143,13 +143,24 @@ class _Runs(Combinator):
 
     def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
             inplace: bool) -> tuple[Any, Any]:
+        if not self.routes and any(g is None for g in grads):
+            i = next(i for i, g in enumerate(grads) if g is None)
+            raise ValueError(
+                f"{self.name}: the gradient of {path_str(optree.treespec_paths(treedef)[i])} "
+                "is None; it steps every leaf together (pass zeros to leave one still)"
+            )
         return self._step(tree, treedef, params, grads, INPLACE if inplace else PURE)
+
+    # whether each leaf goes to one member alone, which then takes its None gradients
+    routes: ClassVar[bool] = False
 
 
 @dataclasses.dataclass(frozen=True)
 class _Routed(_Runs):
     """What :func:`partition`, :func:`masked` and :func:`freeze` share: each leaf goes to one
     member, by its label."""
+
+    routes = True
 
     def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
         raise NotImplementedError

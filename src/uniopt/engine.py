@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import optree
 
 from . import backend, fast
@@ -172,12 +173,22 @@ def _in(x: Any, dtype: Any, xp: Any) -> Any:
     return x if x is None or dtype is None or x.dtype == dtype else xp.astype(x, dtype)
 
 
-def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any]) -> list[Any]:
-    """Gradient leaves in trainables order, from a tree like params or a flat list."""
+def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
+                 none: bool = False) -> list[Any]:
+    """Gradient leaves in trainables order, from a tree like params or a flat list; with
+    ``none``, None where a leaf has no gradient (a frozen branch, a partial ``jax.grad``)."""
     g_leaves, g_def, _ = flatten(grads)
+    if g_def != treedef and none:
+        try:
+            up_to = treedef.flatten_up_to(grads)
+        except (ValueError, TypeError):
+            pass
+        else:
+            if all(g is None or backend.is_array(g) for g in up_to):
+                g_leaves, g_def = up_to, treedef
     if g_def != treedef:
         if not isinstance(grads, (list, tuple)) or any(
-            not backend.is_array(g) for g in grads
+            not backend.is_array(g) and not (none and g is None) for g in grads
         ):
             raise ValueError(
                 "grads must be a tree with the structure of params or a flat list of arrays "
@@ -190,6 +201,8 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any]) 
             )
         g_leaves = list(grads)
     for name, p, g in zip(names, params, g_leaves, strict=True):
+        if g is None and none:
+            continue
         if not backend.is_array(g):
             raise TypeError(f"gradient for {name} is a {type(g).__name__}, not an array")
         if backend.library(g) != backend.library(p):
@@ -221,6 +234,9 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
             f"state has {state.treedef}, params are {treedef}"
         )
     _check_shapes(state.rule, names, params)
+    if state.counts is not None and tuple(state.counts.shape) != (len(params),):
+        raise ValueError(f"this state counts steps for {state.counts.shape} leaves, the params "
+                         f"have {len(params)}: it was set up for other params")
     shapes: dict[tuple[int, ...], dict[str, Any]] = {}  # the slots' shapes, by leaf shape
     for key, arrays in state.slots.items():
         for name, p, s in zip(names, params, arrays, strict=True):
@@ -453,7 +469,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     these arrays declined (None: no strategy took them, nothing worth a word).
 
     Only cheap whole-tree work happens here; the strategies check each leaf."""
-    if not isinstance(state, State) or state.tree_states or backend.is_tracked():
+    if not isinstance(state, State) or state.tree_states or state.counts is not None or \
+            backend.is_tracked():
         # an optax transform in the chain: JAX runs it, on the whole tree; a step autograd
         # records: the reference path's torch operations
         return None
@@ -516,7 +533,7 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
         p_leaves, treedef, names = _leaves(params)
     _check_state(state, treedef, names, p_leaves)
     if params is not None:
-        g_leaves = _align_grads(grads, treedef, names, p_leaves)
+        g_leaves = _align_grads(grads, treedef, names, p_leaves, none=True)
     if writes:
         for name, p in zip(names, p_leaves, strict=True):
             reason = backend.immutable_reason(p)
@@ -554,6 +571,8 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     combinator = _combinator(state.rule)
     if combinator is not None:
         return _run(state, combinator, step, inplace=False)
+    if state.counts is not None or any(g is None for g in step.grads):
+        return _by_count(state, step, inplace=False)
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(state, step.params, step.grads)
         new_p = [
@@ -579,6 +598,8 @@ def update_(state: State, params: Any, grads: Any) -> State:
     combinator = _combinator(state.rule)
     if combinator is not None:
         return _run(state, combinator, step, inplace=True)[0]
+    if state.counts is not None or any(g is None for g in step.grads):
+        return _by_count(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(state, step.params, step.grads)
     for p, u in zip(step.params, deltas, strict=True):
@@ -590,6 +611,55 @@ def update_(state: State, params: Any, grads: Any) -> State:
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
+
+
+def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
+    """A step where leaves count their steps apart: those whose gradient is None stay as they
+    are (params, slots, count), as torch and Optimisers.jl leave them; the others step in one
+    engine call per count they share (on JAX, where counts are traced, one per leaf), at
+    that count: bias corrections and schedules see each leaf's own."""
+    n = len(step.params)
+    moving = [i for i, g in enumerate(step.grads) if g is not None]
+    if state.tree_states and len(moving) < n:
+        raise ValueError(
+            f"{state.rule.name}: a gradient is None, but whole-tree parts "
+            f"({', '.join(state.rule.tree_layout)}) see every leaf at once; pass zeros instead"
+        )
+    jax = bool(step.params) and backend.is_jax(step.params[0])
+    xp = backend.namespace(step.params[0]) if jax else np
+    counts = state.counts
+    if counts is None:
+        counts = xp.full(n, state.step, dtype=xp.int32 if jax else xp.int64)
+    groups: dict[Any, list[int]] = {}
+    for i in moving:
+        groups.setdefault(i if jax else int(counts[i]), []).append(i)
+    new_p = list(step.params)
+    slots = {k: list(v) for k, v in state.slots.items()}
+    trees = state.tree_states
+    for key, idx in groups.items():
+        sub = State(state.rule, counts[idx[0]] if jax else key,
+                    {k: [v[i] for i in idx] for k, v in state.slots.items()},
+                    flat_list_def(len(idx)), state.state_dtype, trees)
+        ps, gs = [step.params[i] for i in idx], [step.grads[i] for i in idx]
+        if inplace:
+            trees = update_(sub, ps, gs).tree_states
+            continue
+        sub, out = update(sub, ps, gs)
+        trees = sub.tree_states
+        for j, i in enumerate(idx):
+            new_p[i] = out[j]
+            for k in slots:
+                slots[k][i] = sub.slots[k][j]
+    if not inplace:  # a pure step aliases none of its inputs
+        still = set(range(n)) - set(moving)
+        new_p = [_as_new_array(p, p, (p,)) if i in still else p for i, p in enumerate(new_p)]
+        slots = {k: [s if s is None or i not in still else _as_new_array(s, s, (s,))
+                     for i, s in enumerate(v)] for k, v in slots.items()}
+    mask = np.zeros(n, dtype=np.int64)
+    mask[moving] = 1
+    new = dataclasses.replace(state, step=state.step + 1, slots=slots, tree_states=trees,
+                              counts=counts + (xp.asarray(mask, dtype=xp.int32) if jax else mask))
+    return new, None if inplace else unflatten(step.treedef, new_p)
 
 
 def _as_pairs(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
@@ -604,10 +674,11 @@ def _as_pairs(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
 
     slots = {k: pairs(v) for k, v in state.slots.items()}
     real = State(state.rule, state.step, slots, flat_list_def(n), state.state_dtype,
-                 state.tree_states)
+                 state.tree_states, state.counts)
     if inplace:
         new = update_(real, pairs(step.params), pairs(step.grads))
-        return dataclasses.replace(state, step=new.step, tree_states=new.tree_states), None
+        return dataclasses.replace(state, step=new.step, tree_states=new.tree_states,
+                                   counts=new.counts), None
 
     def back(xs: list[Any], like: list[Any]) -> list[Any]:
         return [x if x is None or not backend.is_complex(c) else backend.as_complex(x, c)
@@ -615,7 +686,7 @@ def _as_pairs(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
 
     new, params = update(real, pairs(step.params), pairs(step.grads))
     out = dataclasses.replace(
-        state, step=new.step, tree_states=new.tree_states,
+        state, step=new.step, tree_states=new.tree_states, counts=new.counts,
         slots={k: back(v, state.slots[k]) for k, v in new.slots.items()},
     )
     return out, unflatten(step.treedef, back(params, step.params))

@@ -31,6 +31,9 @@ class State:
     # computed in, when it differs from the params' (set by ``setup(..., state_dtype=...)``)
     state_dtype: str | None = None
     tree_states: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # each leaf's own step count, once a step has left some leaf out (its gradient was None):
+    # an integer array (JAX's int32, else NumPy's int64); None while every leaf's is ``step``
+    counts: Any = None
 
     def __repr__(self) -> str:
         trees = f", tree_states={sorted(self.tree_states)}" if self.tree_states else ""
@@ -38,12 +41,13 @@ class State:
 
 
 def _flatten(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
-    children = (s.step, s.slots, s.tree_states)
-    return children, (s.rule, s.treedef, s.state_dtype), ("step", "slots", "tree_states")
+    children = (s.step, s.slots, s.tree_states, s.counts)
+    return children, (s.rule, s.treedef, s.state_dtype), ("step", "slots", "tree_states",
+                                                          "counts")
 
 
 def _unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
-    return State(aux[0], children[0], children[1], aux[1], aux[2], children[2])
+    return State(aux[0], children[0], children[1], aux[1], aux[2], children[2], children[3])
 
 
 optree.register_pytree_node(

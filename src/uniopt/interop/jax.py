@@ -160,17 +160,18 @@ def _flatten_state(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         values, skeleton = flatten_rule(s.rule)
         hit = s.rule.memo["jax"] = (_pack(values), (skeleton, len(values)))
     packed, skeleton = hit
-    return (s.step, s.slots, s.tree_states, packed), (skeleton, s.treedef, s.state_dtype)
+    return (s.step, s.slots, s.tree_states, packed, s.counts), (skeleton, s.treedef,
+                                                                 s.state_dtype)
 
 
 def _unflatten_state(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
     """A state from any leaves, as JAX requires of a pytree (None, ShapeDtypeStruct, tracers,
     other dtypes): nothing is read from the numbers until a step needs them."""
-    step, slots, trees, packed = children
+    step, slots, trees, packed, counts = children
     (skeleton, n) = aux[0]
     rule = unflatten_rule(skeleton, _numbers(packed, n))
     rule.__dict__["memo"] = {"jax": (packed, aux[0])}  # a new record: its memo is this
-    return State(rule, step, slots, aux[1], aux[2], trees)
+    return State(rule, step, slots, aux[1], aux[2], trees, counts)
 
 
 @functools.cache
@@ -187,17 +188,19 @@ def _register_flax() -> None:
     from flax import serialization
 
     def to_dict(s: State) -> dict[str, Any]:
-        (step, slots, trees, numbers), _ = _flatten_state(s)
-        return {"step": step, "slots": serialization.to_state_dict(slots),
-                "tree_states": serialization.to_state_dict(trees), "numbers": numbers}
+        (step, slots, trees, numbers, counts), _ = _flatten_state(s)
+        out = {"step": step, "slots": serialization.to_state_dict(slots),
+               "tree_states": serialization.to_state_dict(trees), "numbers": numbers}
+        return out if counts is None else {**out, "counts": counts}
 
     def from_dict(target: State, d: dict[str, Any]) -> State:
-        (_, slots, trees, _), aux = _flatten_state(target)
+        (_, slots, trees, _, _), aux = _flatten_state(target)
         missing = {"step", "slots", "tree_states", "numbers"} - set(d)
         if missing:
             raise ValueError(f"uniopt State: the state dict lacks {sorted(missing)}")
         return _unflatten_state(aux, (
             d["step"], serialization.from_state_dict(slots, d["slots"]),
-            serialization.from_state_dict(trees, d["tree_states"]), d["numbers"]))
+            serialization.from_state_dict(trees, d["tree_states"]), d["numbers"],
+            d.get("counts")))
 
     serialization.register_serialization_state(State, to_dict, from_dict)

@@ -1,0 +1,154 @@
+"""A leaf whose gradient is None stays where it is, with its slots and its step count, as
+torch's optimizers and Optimisers.jl leave it: against torch.optim on every backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+from helpers import WIDE_LEAVES, assert_same, copy_tree, expect_compiled, reference_path
+
+torch = pytest.importorskip("torch")
+
+STEPS = 100
+NONE_AT = {"b": {1, 3, 4, 50, 51}, "c": set(range(20, 60))}
+
+
+def _setup() -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=3), "b": rng.normal(size=(2, 2)), "c": rng.normal(size=5)}
+    grads = []
+    for i in range(STEPS):
+        grads.append({k: None if i in NONE_AT.get(k, ()) else rng.normal(size=v.shape)
+                      for k, v in params.items()})
+    return params, grads
+
+
+CASES = {
+    "adam": (uo.adam(lr=0.1, amsgrad=True), lambda ps: torch.optim.Adam(ps, lr=0.1, amsgrad=True)),
+    "sgd": (uo.sgd(lr=0.1, momentum=0.9, nesterov=True),
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
+    "radam": (uo.radam(lr=0.1), lambda ps: torch.optim.RAdam(ps, lr=0.1)),
+}
+
+
+def _torch_run(make: Any, params: dict[str, np.ndarray], grads: list[dict[str, Any]]) -> Any:
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    opt = make(list(tp.values()))
+    for g in grads:
+        for k, t in tp.items():
+            t.grad = None if g[k] is None else torch.tensor(g[k])
+        opt.step()
+    return {k: t.detach().numpy() for k, t in tp.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_none_gradients_match_torch(name: str, library: str) -> None:
+    rule, make = CASES[name]
+    params, grads = _setup()
+    want = _torch_run(make, params, grads)
+    if library == "numpy":
+        p, pi = copy_tree(params), copy_tree(params)
+        state, state_i = uo.setup(rule, p), uo.setup(rule, pi)
+        for g in grads:
+            state, p = uo.update(state, p, g)
+            state_i = uo.update_(state_i, pi, g)
+        assert_same(list(p.values()), list(pi.values()))
+    elif library == "torch":
+        p = {k: torch.tensor(v) for k, v in params.items()}
+        state = uo.setup(rule, p)
+        for g in grads:
+            state = uo.update_(state, p, {k: None if v is None else torch.tensor(v)
+                                          for k, v in g.items()})
+        p = {k: t.numpy() for k, t in p.items()}
+    else:
+        jax = pytest.importorskip("jax")
+        with jax.enable_x64(True):
+            p = {k: jax.numpy.asarray(v) for k, v in params.items()}
+            state = uo.setup(rule, p)
+            traces: list[int] = []
+
+            @jax.jit
+            def step(s: Any, p: Any, g: Any) -> Any:
+                traces.append(1)
+                return uo.update(s, p, g)
+
+            for g in grads:
+                state, p = step(state, p, {k: None if v is None else jax.numpy.asarray(v)
+                                           for k, v in g.items()})
+            # one trace per pattern of None gradients, and one more when the counts first
+            # part (the state then carries them)
+            assert len(traces) <= 6
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=0, atol=1e-12)
+    assert state.step == STEPS
+    assert [int(c) for c in state.counts] == [STEPS - len(NONE_AT.get(k, ())) for k in "abc"]
+
+
+def test_a_leaf_without_gradient_keeps_its_slots_bit_for_bit() -> None:
+    params, grads = _setup()
+    state = uo.setup(uo.adam(lr=0.1), params)
+    state, params = uo.update(state, params, grads[0])
+    before = [np.copy(s[1]) for s in state.slots.values()]
+    p_before = np.copy(params["b"])
+    state, params = uo.update(state, params, grads[1])  # b's is None
+    assert_same([s[1] for s in state.slots.values()], before)
+    assert_same([params["b"]], [p_before])
+
+
+def test_a_flat_gradient_list_may_hold_none() -> None:
+    params, grads = _setup()
+    tree_state, flat_state = uo.setup(uo.adam(lr=0.1), params), uo.setup(uo.adam(lr=0.1), params)
+    p_tree, p_flat = copy_tree(params), copy_tree(params)
+    for g in grads[:10]:
+        tree_state = uo.update_(tree_state, p_tree, g)
+        flat_state = uo.update_(flat_state, p_flat, [g[k] for k in sorted(g)])
+    assert_same(list(p_tree.values()), list(p_flat.values()))
+
+
+def test_leaves_that_share_a_count_step_on_the_compiled_loop() -> None:
+    """One engine call per count the moving leaves share: a wide tree with a frozen branch
+    takes the compiled loop, bit for bit as the reference path."""
+    rng = np.random.default_rng(1)
+    params = [rng.normal(size=(3, 3)) for _ in range(2 * WIDE_LEAVES)]
+    grads = [[None if (i < WIDE_LEAVES and s % 2) else rng.normal(size=(3, 3))
+              for i in range(len(params))] for s in range(4)]
+    fast, ref = copy_tree(params), copy_tree(params)
+    s_fast, s_ref = uo.setup(uo.adamw(lr=0.1), fast), uo.setup(uo.adamw(lr=0.1), ref)
+    # steps 0, 1, 3: one group moves (at 1 and 3 the frozen half stays); step 2: every leaf,
+    # at two counts
+    with expect_compiled(5):
+        for g in grads:
+            s_fast = uo.update_(s_fast, fast, g)
+    with reference_path():
+        for g in grads:
+            s_ref = uo.update_(s_ref, ref, g)
+    assert_same(fast, ref)
+    assert [int(c) for c in s_fast.counts[::WIDE_LEAVES]] == [2, 4]
+
+
+def test_none_gradients_reach_the_members_of_a_partition() -> None:
+    params, grads = _setup()
+    want = _torch_run(lambda ps: torch.optim.Adam(ps, lr=0.1), params, grads)
+    rule = uo.partition({"x": uo.adam(lr=0.1), "y": uo.adam(lr=0.1)},
+                        uo.by_path({"a": "x", "*": "y"}))
+    state = uo.setup(rule, params)
+    for g in grads:
+        state = uo.update_(state, params, g)
+    for k in want:
+        np.testing.assert_allclose(params[k], want[k], rtol=0, atol=1e-12)
+
+
+def test_rules_that_step_every_leaf_together_refuse_a_none_gradient() -> None:
+    params, grads = _setup()
+    state = uo.setup(uo.accumulate(uo.adam(lr=0.1), 2), params)
+    with pytest.raises(ValueError, match=r"accumulate: the gradient of params\['b'\] is None"):
+        uo.update_(state, params, grads[1])
+    optax = pytest.importorskip("optax")
+    state = uo.setup(uo.chain(uo.from_optax(optax.scale(1.0)), uo.sgd(lr=0.1)), params)
+    with pytest.raises(ValueError, match=r"a gradient is None, but whole-tree parts"):
+        uo.update(state, params, grads[1])
