@@ -416,3 +416,93 @@ def test_a_schedule_of_every_with_a_bad_value_is_an_error_naming_the_step() -> N
     with pytest.raises(ValueError, match=r"every is 0 at step 0"):
         uo.update_(state, params, {"w": np.ones(2)})
     np.testing.assert_array_equal(params["w"], 1.0)
+
+
+# --- under uniopt.torch -----------------------------------------------------------------------
+
+
+def _model(torch: Any) -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(),
+                               torch.nn.Linear(8, 8), torch.nn.LayerNorm(8),
+                               torch.nn.Linear(8, 2)).double()
+
+
+def _loss(torch: Any, model: Any, step: int) -> Any:
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randint(0, 10, (16, 2), generator=gen)
+    return model(x).pow(2).mean()
+
+
+def test_a_partition_under_uniopt_torch_is_torchs_param_groups() -> None:
+    """No decay on biases and LayerNorm, embedding lr x 0.1, by globs over named_parameters:
+    torch's AdamW with three param groups, step for step; a state_dict saved mid-run (loaded
+    with weights_only=True) resumes bit for bit."""
+    import io
+
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    ours, theirs, resumed = _model(torch), _model(torch), _model(torch)
+    rule = uo.partition({"embed": uo.adamw(lr=1e-3, weight_decay=0.1),
+                         "plain": uo.adamw(lr=1e-2, weight_decay=0.0),
+                         "decay": uo.adamw(lr=1e-2, weight_decay=0.1)},
+                        uo.by_path({"0.*": "embed", "*.bias": "plain", "3.*": "plain",
+                                    "*": "decay"}))
+    opt = ut.Optimizer(ours.named_parameters(), rule)
+    named = dict(theirs.named_parameters())
+    ref = torch.optim.AdamW([
+        {"params": [named["0.weight"]], "lr": 1e-3, "weight_decay": 0.1},
+        {"params": [p for n, p in named.items() if n.endswith("bias") or n.startswith("3.")],
+         "weight_decay": 0.0},
+        {"params": [named["2.weight"], named["4.weight"]], "weight_decay": 0.1},
+    ], lr=1e-2)
+    for step in range(60):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            _loss(torch, model, step).backward()
+            o.step()
+        if step == 29:
+            buf = io.BytesIO()
+            torch.save(opt.state_dict(), buf)
+            resumed.load_state_dict(ours.state_dict())
+        if step > 29:
+            if step == 30:
+                buf.seek(0)
+                opt_r = ut.Optimizer(resumed.named_parameters(), rule)
+                opt_r.load_state_dict(torch.load(buf, weights_only=True))
+            opt_r.zero_grad()
+            _loss(torch, resumed, step).backward()
+            opt_r.step()
+    for a, b, c in zip(ours.parameters(), theirs.parameters(), resumed.parameters(),
+                       strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+        assert torch.equal(a, c)
+
+
+def test_accumulate_and_skip_nonfinite_under_uniopt_torch() -> None:
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    ours, theirs = _model(torch), _model(torch)
+    opt = ut.Optimizer(ours.parameters(),
+                       uo.skip_nonfinite(uo.accumulate(uo.adam(lr=1e-2), every=4)))
+    ref = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    kept = 0
+    for step in range(40):
+        opt.zero_grad()
+        _loss(torch, ours, step).backward()
+        if step == 13:
+            next(ours.parameters()).grad[0, 0] = float("nan")
+        opt.step()
+        if step == 13:
+            continue
+        _loss(torch, theirs, step).div(4).backward()  # the mean of 4 micro-batches
+        kept += 1
+        if kept % 4 == 0:
+            ref.step()
+            ref.zero_grad()
+    tree = opt.state["uniopt.group0"]["tree_states"]["skip_nonfinite"]
+    assert tree["total_notfinite"] == 1
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

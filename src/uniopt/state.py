@@ -56,3 +56,59 @@ optree.register_pytree_node(
     _unflatten,  # type: ignore[arg-type]
     namespace=NAMESPACE,
 )
+
+
+def to_tree(state: State) -> dict[str, Any]:
+    """``state`` as nested dicts and lists of its arrays and numbers (each whole-tree part's
+    state, a member's :class:`State` included, likewise): what a checkpoint or a torch
+    ``state_dict`` holds. The arrays are the state's own, not copies."""
+    out = {"step": state.step, "slots": {k: list(v) for k, v in state.slots.items()},
+           "tree_states": {k: _plain(v) for k, v in state.tree_states.items()}}
+    return out if state.counts is None else {**out, "counts": state.counts}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, State):
+        return to_tree(x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def from_tree(template: State, tree: Any, load: Any, where: str = "state") -> State:
+    """The state ``template`` (set up for the same rule and params) with the values of
+    ``tree`` (from :func:`to_tree`): each array through ``load(value, like, where)``, which
+    checks and converts it to the template's array ``like`` (None for the step counts, which
+    a template has not). Raises, naming the entry, where the two differ in structure."""
+    def walk(t: Any, v: Any, at: str) -> Any:
+        if isinstance(t, State):
+            if not isinstance(v, dict) or not {"step", "slots", "tree_states"} <= set(v):
+                raise ValueError(f"{at}: expected a state (step, slots, tree_states), got "
+                                 f"{type(v).__name__}")
+            return from_tree(t, v, load, at)
+        if isinstance(t, dict):
+            if not isinstance(v, dict) or set(v) != set(t):
+                got = sorted(v) if isinstance(v, dict) else type(v).__name__
+                raise ValueError(f"{at}: expected the entries {sorted(t)}, got {got}")
+            return {k: walk(t[k], v[k], f"{at}.{k}") for k in t}
+        if isinstance(t, (list, tuple)):
+            if not isinstance(v, (list, tuple)) or len(v) != len(t):
+                raise ValueError(f"{at}: expected {len(t)} entries, got "
+                                 f"{len(v) if isinstance(v, (list, tuple)) else type(v).__name__}")
+            return [walk(a, b, f"{at}[{i}]") for i, (a, b) in enumerate(zip(t, v, strict=True))]
+        if t is None:
+            if v is not None:
+                raise ValueError(f"{at}: expected nothing, got {type(v).__name__}")
+            return None
+        if isinstance(t, (bool, int, float)):
+            return type(t)(v)
+        return load(v, t, at)
+
+    counts = tree.get("counts")
+    return dataclasses.replace(
+        template, step=walk(template.step, tree["step"], f"{where}.step"),
+        slots=walk(template.slots, tree["slots"], f"{where}.slots"),
+        tree_states=walk(template.tree_states, tree["tree_states"], f"{where}.tree_states"),
+        counts=None if counts is None else load(counts, None, f"{where}.counts"))

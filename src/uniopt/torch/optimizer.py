@@ -12,12 +12,12 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
-from ..base import Minimizer, Transform, chain, members
+from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
 from ..transforms.scale import scale
-from . import plans
+from . import combined, plans
 from .state_dict import check_loadable
 
 _GRAD = operator.attrgetter("grad")
@@ -123,10 +123,12 @@ class Optimizer(torch.optim.Optimizer):
                 f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
                 "use uniopt.torch.LBFGS"
             )
-        if rule.tree_layout:
+        optax_parts = [p.name for p in rule.flat_parts
+                       if isinstance(p, WholeTree) and not isinstance(p, Combinator)]
+        if optax_parts:
             raise TypeError(
                 "uniopt.torch.Optimizer: the rule holds an optax transformation "
-                f"({', '.join(rule.tree_layout)}), which runs on JAX or NumPy arrays, not tensors"
+                f"({', '.join(optax_parts)}), which runs on JAX or NumPy arrays, not tensors"
             )
         self.rule = rule
         values = hyperparameter_keys(rule)
@@ -274,6 +276,10 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
+            if self.rule.tree_layout:
+                for gi, group in enumerate(self.param_groups):
+                    combined.step(self, gi, group, self._rule(group)[0])
+                return loss
             jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             for job in jobs:
                 plan = job.plan

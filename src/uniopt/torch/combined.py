@@ -1,0 +1,83 @@
+"""Rules that run other rules (``partition``, ``accumulate``, ``skip_nonfinite``...) under
+:class:`uniopt.torch.Optimizer`: each param group keeps one uniopt :class:`~uniopt.State`,
+stepped whole by the engine. Its arrays are shared with the tensors under
+``optimizer.state["uniopt.group<i>"]`` (nested dicts and lists, :func:`uniopt.state.to_tree`),
+which torch's ``state_dict`` saves and ``load_state_dict`` restores.
+
+Leaves are named for masks and labels by the group's ``param_names`` (torch keeps them when
+the optimizer is given ``model.named_parameters()``), else by their position in the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..base import Transform
+from ..engine import setup, update_
+from ..state import from_tree, to_tree
+from . import plans
+
+KEY = "uniopt.group{}"
+
+
+def _spec(p: torch.Tensor) -> plans.Spec:
+    # a NumPy view where it has the parameter's shape (masks and labels may read shapes)
+    s = plans.spec(p)
+    return s if s == plans.PLAIN else ("torch", None)
+
+
+def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform) -> None:
+    ps = group["params"]
+    specs = [_spec(p) for p in ps]
+    views = [plans._view(p, s) for p, s in zip(ps, specs, strict=True)]
+    grads = [None if p.grad is None else plans._grad_view(p.grad, p, s)
+             for p, s in zip(ps, specs, strict=True)]
+    names = group.get("param_names")
+
+    def tree(xs: list[Any]) -> Any:
+        return dict(zip(names, xs, strict=True)) if names else xs
+
+    key = KEY.format(gi)
+    held = opt.__dict__.setdefault("_combined", {}).get(gi)
+    entry = opt.state.get(key)
+    if held is None or held[1] != [id(p) for p in ps] or entry is not held[2]:
+        state = setup(rule, tree(views), state_dtype=group.get("state_dtype"))
+        if entry:
+            state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
+    else:
+        state = held[0]
+    state = update_(dataclasses.replace(state, rule=rule), tree(views), tree(grads))
+    entry = _shared(to_tree(state))
+    opt.state[key] = entry
+    opt._combined[gi] = (state, [id(p) for p in ps], entry)
+
+
+def _shared(x: Any) -> Any:
+    """``x`` with each NumPy array as a tensor sharing its memory."""
+    if isinstance(x, dict):
+        return {k: _shared(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_shared(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    return x
+
+
+def _load(value: Any, like: Any, where: str) -> Any:
+    """A saved tensor copied into the state's array ``like`` (None: the step counts)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: expected a tensor, got {type(value).__name__}")
+    if like is None:
+        return value.numpy().copy()
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(f"{where}: shape {tuple(value.shape)}, expected {tuple(like.shape)}")
+    if isinstance(like, np.ndarray):
+        like[...] = value.numpy()
+    else:
+        like.copy_(value)
+    return like
+
