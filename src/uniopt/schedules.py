@@ -635,12 +635,11 @@ class cyclic(_Record):
         s = xp.clip(step, 0)
         at = xp.remainder(s, up + down)
         x = xp.where(at <= up, at / up, (up + down - at) / down)
-        height = (self.peak - self.init) * x
         if self.mode == "triangular2":
-            height = height * xp.pow(0.5, xp.floor_divide(s, up + down))
+            x = x * xp.pow(0.5, xp.floor_divide(s, up + down))
         elif self.mode == "exp_range":
-            height = height * xp.pow(self.gamma, s)
-        return _result(xp, self.init + height)
+            x = x * xp.pow(self.gamma, s)
+        return _result(xp, _lerp(xp, self.init, self.peak, x))
 
 
 @dataclass(frozen=True)
