@@ -428,7 +428,7 @@ def test_polynomial_end() -> None:
         theirs = jax.vmap(optax.polynomial_schedule(LR, 0.0, 2.0, 8000))(jnp.asarray(ks))
         assert np.sum(np.asarray(jnp.asarray(ks) / 8000) != ks / 8000) > 10  # XLA's quotients
     assert 5e-13 < max_rel(closed["torch closed form"][ks], exact) < 1e-12
-    assert 1e-12 < max_rel(np.asarray(theirs), exact) < 1.2e-12
+    assert 1e-12 < max_rel(np.asarray(theirs), exact) < 2e-12
 
 
 def test_optax_polynomial_jit() -> None:
