@@ -18,9 +18,10 @@ import bisect
 import itertools
 import math
 import numbers
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, cast
+from typing import Any, Literal, TypeAlias, cast
 
 import array_api_compat
 
@@ -29,11 +30,18 @@ __all__ = [
     "as_schedule",
     "constant",
     "cosine",
+    "cyclic",
     "exponential",
+    "inverse_sqrt",
     "join",
     "linear",
+    "onecycle",
     "piecewise_constant",
+    "piecewise_interpolate",
+    "polynomial",
+    "sgdr",
     "warmup",
+    "wsd",
 ]
 
 Schedule: TypeAlias = Callable[[int], float]
@@ -48,6 +56,10 @@ class _Scalar:
 
     cos = staticmethod(math.cos)
     floor = staticmethod(math.floor)
+    floor_divide = staticmethod(operator.floordiv)
+    log = staticmethod(math.log)
+    remainder = staticmethod(operator.mod)
+    sqrt = staticmethod(math.sqrt)
 
     @staticmethod
     def clip(x: Any, lo: Any = None, hi: Any = None) -> Any:
@@ -116,6 +128,18 @@ def _check_number(owner: str, name: str, value: object) -> None:
         raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
 
 
+def _check_positive(owner: str, name: str, value: object) -> None:
+    _check_number(owner, name, value)
+    if cast(float, value) <= 0:
+        raise ValueError(f"{owner}: {name} must be positive, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, choices))}, got "
+                         f"{value!r}")
+
+
 def _check_count(owner: str, name: str, value: object, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not (ok and cast(int, value) >= (0 if allow_zero else 1)):
@@ -173,11 +197,12 @@ class linear(_Record):
 class cosine(_Record):
     """Cosine decay from ``init`` to ``floor`` over ``steps`` updates, then ``floor``.
 
-    ``value(s) = floor + (init - floor) * (1 + cos(pi * min(s, steps) / steps)) / 2``
+    ``value(s) = floor + (init - floor) * ((1 + cos(pi * min(s, steps) / steps)) / 2) ** exponent``
 
     ``floor`` is an absolute value, unlike optax.cosine_decay_schedule's ``alpha`` (a fraction
-    of ``init``: ``alpha = floor / init``). It equals torch's CosineAnnealingLR with
-    ``T_max=steps, eta_min=floor`` up to ``steps``; torch then rises again, this holds ``floor``.
+    of ``init``: ``alpha = floor / init``); ``exponent`` is optax's. It equals torch's
+    CosineAnnealingLR with ``T_max=steps, eta_min=floor`` up to ``steps``; torch then rises
+    again, this holds ``floor`` (``sgdr`` restarts instead).
 
     >>> from uniopt import schedules
     >>> schedules.cosine(1.0, steps=10)(5)
@@ -189,15 +214,19 @@ class cosine(_Record):
     init: float
     steps: int
     floor: float = 0.0
+    exponent: float = 1.0
 
     def __post_init__(self) -> None:
         _check_number("cosine", "init", self.init)
         _check_count("cosine", "steps", self.steps)
         _check_number("cosine", "floor", self.floor)
+        _check_positive("cosine", "exponent", self.exponent)
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         decay = 0.5 * (1 + xp.cos(math.pi * xp.clip(step, 0, self.steps) / self.steps))
+        if self.exponent != 1:
+            decay = xp.pow(xp.clip(decay, 0), self.exponent)  # a base a hair below 0: nan
         return _result(xp, _lerp(xp, self.floor, self.init, decay))
 
 
@@ -370,6 +399,324 @@ class join(_Record):
         for b, sched in zip(self.boundaries, scheds[1:], strict=True):
             value = xp.where(step < b, value, sched(step - b))
         return cast(float, value)
+
+
+@dataclass(frozen=True)
+class polynomial(_Record):
+    """``init`` to ``end`` along a power of the remaining fraction, then ``end``.
+
+    ``value(s) = end + (init - end) * (1 - min(s, steps) / steps) ** power``
+
+    optax.polynomial_schedule (its ``transition_begin=b`` is ``join([init, polynomial(...)],
+    [b])``); torch's PolynomialLR is ``polynomial(lr, 0.0, total_iters, power)``.
+
+    >>> from uniopt import schedules
+    >>> s = schedules.polynomial(1.0, 0.0, steps=4, power=2)
+    >>> [s(k) for k in range(6)]
+    [1.0, 0.5625, 0.25, 0.0625, 0.0, 0.0]
+    """
+
+    init: float
+    end: float
+    steps: int
+    power: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_number("polynomial", "init", self.init)
+        _check_number("polynomial", "end", self.end)
+        _check_count("polynomial", "steps", self.steps)
+        _check_positive("polynomial", "power", self.power)
+
+    def __call__(self, step: int) -> float:
+        xp = _namespace(step)
+        # (steps - s) / steps, not 1 - s / steps: no cancellation near the end, where it would
+        # cost ~steps ulps of the value (torch's and optax's last values), nor a hair below 0
+        # under jax.jit (an fma; optax's pow then gives nan)
+        left = (self.steps - xp.clip(step, 0, self.steps)) / self.steps
+        return _result(xp, _lerp(xp, self.end, self.init, xp.pow(left, self.power)))
+
+
+_Kind: TypeAlias = Literal["linear", "cosine"]
+
+
+@dataclass(frozen=True)
+class piecewise_interpolate(_Record):
+    """Through ``(0, init)`` and each ``(boundary, value)``, linearly or along a half cosine.
+
+    Between knots ``(a, u)`` and ``(b, v)``, with ``p = (s - a) / (b - a)``:
+    ``linear``: ``u + (v - u) * p``; ``cosine``: ``v + (u - v) * (1 + cos(pi * p)) / 2``. After the
+    last knot, its value. Boundaries may be fractional (torch's OneCycleLR puts its peak at
+    ``pct_start * total_steps - 1``); one at 0 replaces ``init``.
+
+    Values are *set*, as in ``piecewise_constant``: optax.piecewise_interpolate_schedule takes
+    scales instead, the value at each boundary being ``init`` times the product of the scales
+    so far.
+
+    >>> from uniopt import schedules
+    >>> s = schedules.piecewise_interpolate(1.0, {4: 0.2, 8: 0.1})
+    >>> [s(k) for k in range(0, 11, 2)]
+    [1.0, 0.6, 0.2, 0.15000000000000002, 0.1, 0.1]
+    >>> schedules.piecewise_interpolate(1.0, {4: 0.0}, kind="cosine")(1)
+    0.8535533905932737
+    """
+
+    init: float
+    boundaries_and_values: Mapping[float, float]
+    kind: _Kind = "linear"
+
+    def __post_init__(self) -> None:
+        _check_number("piecewise_interpolate", "init", self.init)
+        for b, v in self.boundaries_and_values.items():
+            _check_number("piecewise_interpolate", "each boundary", b)
+            if b < 0:
+                raise ValueError(
+                    f"piecewise_interpolate: each boundary must be non-negative, got {b!r}"
+                )
+            _check_number("piecewise_interpolate", f"the value at boundary {b}", v)
+        _check_choice("piecewise_interpolate", "kind", self.kind, ("linear", "cosine"))
+        object.__setattr__(
+            self, "boundaries_and_values", dict(sorted(self.boundaries_and_values.items()))
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.init, tuple(self.boundaries_and_values.items()), self.kind))
+
+    def __call__(self, step: int) -> float:
+        xp = _namespace(step)
+        s = xp.clip(step, 0)
+        knots = [(0, self.init), *self.boundaries_and_values.items()]
+        value: Any = knots[-1][1]
+        # from the last piece back, so the first piece that has not ended wins
+        for (a, u), (b, v) in reversed(list(itertools.pairwise(knots))):
+            if b == a:
+                continue  # a knot at 0: no piece before it
+            p = (s - a) / (b - a)
+            if self.kind == "linear":
+                piece = _lerp(xp, u, v, p)
+            else:
+                piece = _lerp(xp, v, u, 0.5 * (1 + xp.cos(math.pi * p)))
+            value = xp.where(s < b, piece, value)
+        return _result(xp, value)
+
+
+def onecycle(
+    peak: float,
+    steps: int,
+    pct_start: float = 0.3,
+    div: float = 25.0,
+    final_div: float = 1e4,
+    kind: _Kind = "cosine",
+    three_phase: bool = False,
+) -> piecewise_interpolate:
+    """torch's OneCycleLR: ``peak / div`` up to ``peak``, then down to ``peak / div / final_div``.
+
+    The peak is at step ``pct_start * steps - 1``, the end at ``steps - 1`` (the last of
+    ``steps`` updates); ``three_phase`` comes back to ``peak / div`` at ``2 * (pct_start * steps
+    - 1)`` first. The result is a ``piecewise_interpolate`` through those knots, which holds the
+    last value where torch raises (past ``steps``). optax's cosine/linear_onecycle_schedule put
+    their knots elsewhere (at ``int(pct_start * steps)`` and ``steps``): write them as
+    ``piecewise_interpolate`` directly (README).
+
+    >>> from uniopt import schedules
+    >>> s = schedules.onecycle(1.0, steps=10)
+    >>> [round(s(k), 6) for k in (0, 1, 2, 9)]
+    [0.04, 0.52, 1.0, 4e-06]
+    """
+    _check_number("onecycle", "peak", peak)
+    _check_count("onecycle", "steps", steps)
+    _check_positive("onecycle", "div", div)
+    _check_positive("onecycle", "final_div", final_div)
+    _check_number("onecycle", "pct_start", pct_start)
+    up = pct_start * steps - 1
+    if up <= 0:
+        raise ValueError(
+            f"onecycle: the peak's step pct_start * steps - 1 must be positive, got {up!r} "
+            f"(pct_start={pct_start!r}, steps={steps!r})"
+        )
+    last, name = (2 * up, "2 * (pct_start * steps - 1)") if three_phase else (up, "the peak's step")
+    if last >= steps - 1:
+        raise ValueError(
+            f"onecycle: {name} must be below steps - 1 = {steps - 1}, got {last!r} "
+            f"(pct_start={pct_start!r}, steps={steps!r})"
+        )
+    init = peak / div
+    knots = {up: peak, 2 * up: init} if three_phase else {up: peak}
+    return piecewise_interpolate(init, {**knots, steps - 1: init / final_div}, kind)
+
+
+@dataclass(frozen=True)
+class sgdr(_Record):
+    """Cosine from ``init`` to ``floor`` over ``steps`` updates, restarting at ``init`` each time,
+    every cycle ``mult`` times as long as the one before: SGDR (Loshchilov & Hutter, 2017).
+
+    Cycle ``i`` starts at ``c_i = steps * (1 + mult + ... + mult**(i-1))`` and lasts
+    ``T_i = steps * mult**i``; ``value(s) = floor + (init - floor) * (1 + cos(pi * (s - c_i) /
+    T_i)) / 2``. torch's CosineAnnealingWarmRestarts with ``T_0=steps, T_mult=mult,
+    eta_min=floor``. optax.sgdr_schedule joins a list of warm-up-cosine cycles: that is ``join``
+    of ``warmup``s.
+
+    >>> from uniopt import schedules
+    >>> s = schedules.sgdr(1.0, steps=2, mult=2)
+    >>> [s(k) for k in range(7)]
+    [1.0, 0.5, 1.0, 0.8535533905932737, 0.5, 0.14644660940672627, 1.0]
+    """
+
+    init: float
+    steps: int
+    mult: int = 1
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_number("sgdr", "init", self.init)
+        _check_count("sgdr", "steps", self.steps)
+        _check_count("sgdr", "mult", self.mult)
+        _check_number("sgdr", "floor", self.floor)
+
+    def __call__(self, step: int) -> float:
+        xp = _namespace(step)
+        s, n, m = xp.clip(step, 0), self.steps, self.mult
+        if m == 1:
+            start, length = s - xp.remainder(s, n), n
+        else:
+
+            def start_of(i: Any) -> Any:
+                return n * (xp.pow(m, i) - 1) / (m - 1)  # integers, exact in floats below 2**53
+
+            i = xp.floor(xp.log(s / n * (m - 1) + 1) / math.log(m))
+            # the rounded log may land one cycle off next to a restart
+            i = xp.where(s >= start_of(i + 1), i + 1, xp.where(s < start_of(i), i - 1, i))
+            start, length = start_of(i), n * xp.pow(m, i)
+        decay = 0.5 * (1 + xp.cos(math.pi * (s - start) / length))
+        return _result(xp, _lerp(xp, self.floor, self.init, decay))
+
+
+@dataclass(frozen=True)
+class cyclic(_Record):
+    """Triangle waves between ``init`` and ``peak``: torch's CyclicLR (Smith, 2017).
+
+    Each cycle rises over ``steps_up`` updates and falls over ``steps_down`` (default
+    ``steps_up``). With ``x`` the fraction of the current rise or fall climbed, ``value(s) =
+    init + (peak - init) * x * a``, where ``a`` is 1 (``triangular``), halves every cycle
+    (``triangular2``: ``0.5 ** cycle``, from 0) or is ``gamma ** s`` (``exp_range``). The position
+    in the cycle is an exact integer remainder. torch cycles momentum the other way round:
+    that is ``cyclic(max_momentum, base_momentum, ...)``.
+
+    >>> from uniopt import schedules
+    >>> s = schedules.cyclic(0.0, 1.0, steps_up=2, mode="triangular2")
+    >>> [s(k) for k in range(9)]
+    [0.0, 0.5, 1.0, 0.5, 0.0, 0.25, 0.5, 0.25, 0.0]
+    """
+
+    init: float
+    peak: float
+    steps_up: int
+    steps_down: int | None = None
+    mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_number("cyclic", "init", self.init)
+        _check_number("cyclic", "peak", self.peak)
+        _check_count("cyclic", "steps_up", self.steps_up)
+        if self.steps_down is not None:
+            _check_count("cyclic", "steps_down", self.steps_down)
+        _check_choice("cyclic", "mode", self.mode, ("triangular", "triangular2", "exp_range"))
+        _check_positive("cyclic", "gamma", self.gamma)
+        if self.gamma != 1 and self.mode != "exp_range":
+            raise ValueError(
+                f"cyclic: gamma applies to mode='exp_range' only, got gamma={self.gamma!r} with "
+                f"mode={self.mode!r}"
+            )
+
+    def __call__(self, step: int) -> float:
+        xp = _namespace(step)
+        up = self.steps_up
+        down = up if self.steps_down is None else self.steps_down
+        s = xp.clip(step, 0)
+        at = xp.remainder(s, up + down)
+        x = xp.where(at <= up, at / up, (up + down - at) / down)
+        if self.mode == "triangular2":
+            x = x * xp.pow(0.5, xp.floor_divide(s, up + down))
+        elif self.mode == "exp_range":
+            x = x * xp.pow(self.gamma, s)
+        return _result(xp, _lerp(xp, self.init, self.peak, x))
+
+
+@dataclass(frozen=True)
+class wsd(_Record):
+    """Warmup-stable-decay: ``init`` up to ``peak`` linearly over ``warmup`` updates, ``peak`` for
+    ``stable`` more, then down to ``floor`` over ``decay`` updates, then ``floor``.
+
+    With ``t = min(s - warmup - stable, decay) / decay`` in the decay phase, ``value(s) =
+    floor + (peak - floor) * f(t)``, ``f`` by ``shape``: ``"1-sqrt"``: ``1 - sqrt(t)``, the
+    cooldown Hägele et al. found best (Scaling Laws and Compute-Optimal Training Beyond Fixed
+    Training Durations, 2024); ``"linear"``: ``1 - t``; ``"cosine"``: ``(1 + cos(pi t)) / 2``
+    (the cooldown of ``cosine``). The schedule is MiniCPM's (Hu et al., 2024); transformers'
+    get_wsd_schedule computes the same with ``min_lr_ratio = floor / peak = init / peak``.
+
+    >>> from uniopt import schedules
+    >>> s = schedules.wsd(1.0, warmup=2, stable=2, decay=4)
+    >>> [s(k) for k in (0, 1, 2, 4, 5, 8, 9)]
+    [0.0, 0.5, 1.0, 1.0, 0.5, 0.0, 0.0]
+    """
+
+    peak: float
+    warmup: int
+    stable: int
+    decay: int
+    floor: float = 0.0
+    shape: Literal["1-sqrt", "linear", "cosine"] = "1-sqrt"
+    init: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_number("wsd", "peak", self.peak)
+        _check_count("wsd", "warmup", self.warmup, allow_zero=True)
+        _check_count("wsd", "stable", self.stable, allow_zero=True)
+        _check_count("wsd", "decay", self.decay)
+        _check_number("wsd", "floor", self.floor)
+        _check_choice("wsd", "shape", self.shape, ("1-sqrt", "linear", "cosine"))
+        _check_number("wsd", "init", self.init)
+
+    def __call__(self, step: int) -> float:
+        xp = _namespace(step)
+        k = xp.clip(step - self.warmup - self.stable, 0, self.decay)
+        left = (self.decay - k) / self.decay  # 1 - t, exact near the end (as in polynomial)
+        if self.shape == "1-sqrt":
+            f = left / (1 + xp.sqrt(k / self.decay))  # 1 - sqrt(t) without its cancellation
+        elif self.shape == "linear":
+            f = left
+        else:
+            f = 0.5 * (1 + xp.cos(math.pi * k / self.decay))
+        down = _lerp(xp, self.floor, self.peak, f)
+        up = _lerp(xp, self.init, self.peak, xp.clip(step, 0) / max(self.warmup, 1))
+        return _result(xp, xp.where(step < self.warmup, up, down))
+
+
+@dataclass(frozen=True)
+class inverse_sqrt(_Record):
+    """``init / sqrt(1 + s / timescale)``: ``init`` at step 0, then decaying as ``1 / sqrt(s)``.
+
+    After a warm-up, ``warmup(w, inverse_sqrt(peak, timescale=w))`` is ``peak * sqrt(w / s)``
+    from step ``w`` on: fairseq's inverse_sqrt and transformers' get_inverse_sqrt_schedule
+    (whose ``timescale`` is this one's, by default ``w``).
+
+    >>> from uniopt import schedules
+    >>> s = schedules.warmup(4, schedules.inverse_sqrt(1.0, timescale=4))
+    >>> [s(k) for k in (0, 2, 4, 16)]
+    [0.0, 0.5, 1.0, 0.5]
+    """
+
+    init: float
+    timescale: float
+
+    def __post_init__(self) -> None:
+        _check_number("inverse_sqrt", "init", self.init)
+        _check_positive("inverse_sqrt", "timescale", self.timescale)
+
+    def __call__(self, step: int) -> float:
+        xp = _namespace(step)
+        scale = self.timescale
+        return _result(xp, self.init / xp.sqrt((xp.clip(step, 0) + scale) / scale))
 
 
 def as_schedule(x: Schedule | float) -> Schedule:
