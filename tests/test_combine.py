@@ -506,3 +506,16 @@ def test_accumulate_and_skip_nonfinite_under_uniopt_torch() -> None:
     assert tree["total_notfinite"] == 1
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_accumulate_and_skip_nonfinite_as_optax_members() -> None:
+    rng = np.random.default_rng(12)
+    params = _params(rng)
+    grads = _poisoned(rng, params, 30, {5})
+    want = _run_optax(lambda: optax.chain(optax.clip(1.0), optax.apply_if_finite(
+        optax.MultiSteps(optax.adam(1e-2), 3, accumulator_dtype=jnp.float64), 10)),
+        params, grads)
+    got = _run_optax(optax.chain(optax.clip(1.0),
+                                 uo.skip_nonfinite(uo.accumulate(uo.adam(lr=1e-2), 3))),
+                     params, grads)
+    _close(got[-1], want[-1])
