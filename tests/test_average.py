@@ -305,6 +305,49 @@ def test_float32_debiased_read_of_a_jitted_state_uses_the_hosts_complement() -> 
         assert rel_diff(read(state, params)["w"], np.full(3, exact)) <= 4e-7
 
 
+# --- uniopt.torch ---------------------------------------------------------------------------
+
+
+def test_torch_facade_reads_the_ema_of_adamw_as_torchs_averaged_model() -> None:
+    torch = pytest.importorskip("torch")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    import uniopt.torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    model = model.double()
+    opt = uniopt.torch.Optimizer(model.parameters(),
+                                 uo.chain(uo.adamw(lr=1e-2, weight_decay=0.1), uo.ema(0.9)))
+    before = opt.averaged()  # no step yet: copies of the params
+    assert all(torch.equal(before[p], p) and before[p] is not p for p in model.parameters())
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.randn(16, 1, dtype=torch.float64)
+    for _ in range(50):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        ema.update_parameters(model)
+        avg = opt.averaged()
+        worst = _worst([avg[p] for p in model.parameters()], ema.module.parameters())
+        assert worst <= 1e-12, worst
+    assert all(not a.requires_grad for a in avg.values())
+    # what it hands out is the user's: writing it leaves the state alone
+    first = next(iter(model.parameters()))
+    avg[first].zero_()
+    assert not torch.equal(opt.averaged()[first], avg[first])
+
+
+def test_torch_facade_without_an_average_says_so() -> None:
+    torch = pytest.importorskip("torch")
+    import uniopt.torch
+
+    opt = uniopt.torch.Optimizer([torch.nn.Parameter(torch.ones(2))], uo.adam())
+    with pytest.raises(ValueError, match="adam keeps no averaged weights; end its chain"):
+        opt.averaged()
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
