@@ -48,6 +48,10 @@ RULES = {
     "radam-l2": uo.radam(lr=0.01, weight_decay=0.1),
     "asgd-averaging": uo.asgd(lr=0.05, lambd=0.01, t0=5, weight_decay=1e-2),
     "rprop": uo.rprop(lr=0.01, etas=(0.3, 1.4), step_sizes=(1e-4, 0.03)),
+    # every averaging part, each averaging the params the parts before it write: a sync at
+    # steps 3, 6..., members of the mean at steps 2, 5..., the EMA's first copy
+    "lookahead-polyak-ema": uo.chain(uo.lookahead(uo.sgd(lr=0.1, momentum=0.9), k=3, alpha=0.6),
+                                     uo.polyak(start=2, every=3), uo.ema(0.9)),
 }
 # a leaf larger than one chunk, so chunk boundaries inside a leaf are exercised
 SHAPES = [(), (1,), (3, 4), (fused.CHUNK * 2 + 17,), (5, 1, 7)]

@@ -41,6 +41,7 @@ from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
+from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
 from .transforms.clip import clip, clip_by_global_norm
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.momentum import trace
@@ -73,6 +74,7 @@ __all__ = [
     "adamw",
     "adjust",
     "asgd",
+    "averaged",
     "chain",
     "clip",
     "clip_by_global_norm",
@@ -80,15 +82,19 @@ __all__ = [
     "from_optax",
     "lbfgs",
     "lbfgs_step",
+    "lookahead",
+    "lookahead_sync",
     "minimize_step",
     "minimize_step_",
     "muon",
     "decoupled_weight_decay",
+    "ema",
     "from_optax",
     "nadam",
     "optimistic_adam",
     "orthogonalize",
     "pack",
+    "polyak",
     "radam",
     "register_dataclass",
     "rmsprop",

@@ -214,7 +214,9 @@ class Transform:
         source = self if self.host is None or not self.host.complements else self._paired()
         out: list[Part] = []
         for p in source.parts():
-            out.extend([p] if isinstance(p, PART_KINDS) else p.flat_parts)
+            # a part that is a member itself (of a chain) pairs its own numbers too
+            own = p is source or p.host is None or not p.host.complements
+            out.extend([p] if isinstance(p, PART_KINDS) and own else p.flat_parts)
         return tuple(out)
 
     def _paired(self) -> Transform:

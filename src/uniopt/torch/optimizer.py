@@ -16,6 +16,7 @@ from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
+from ..transforms.average import Averaging, find_average, read_average
 from ..transforms.scale import scale
 from . import combined, plans
 from .state_dict import check_loadable
@@ -348,6 +349,40 @@ class Optimizer(torch.optim.Optimizer):
         if steps is None or not steps.of(ps):
             steps = self._steps[gi] = plans.Steps.new(ps)
         return steps
+
+    # --- averaged weights --------------------------------------------------------------------
+
+    def averaged(self, name: str | None = None) -> dict[torch.Tensor, torch.Tensor]:
+        """The averaged weights the rule keeps (:func:`uniopt.ema`, :func:`uniopt.polyak`,
+        :func:`uniopt.lookahead`'s slow weights), as :func:`uniopt.averaged` reads them: each
+        parameter mapped to a new tensor of its dtype holding its average (one not updated
+        yet: a copy of itself, where every average starts). ``name`` picks one of several
+        averaging parts by its state name.
+
+        >>> import torch, uniopt as uo, uniopt.torch
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = uniopt.torch.Optimizer([w], uo.chain(uo.sgd(lr=1.0), uo.polyak()))
+        >>> for g in (1.0, 3.0):
+        ...     w.grad = torch.full((2,), g)
+        ...     opt.step()
+        >>> w.detach(), opt.averaged()[w]
+        (tensor([-4., -4.]), tensor([-2.5000, -2.5000]))
+        """
+        out = {}
+        for group in self.param_groups:
+            rule = self._rule(group)[0]
+            part, key = find_average(rule, name)
+            slot = dict(self._slot_names(rule))[key]
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if slot not in st:
+                    out[p] = p.detach().clone()
+                    continue
+                step = plans.state_step(st)
+                resolved = part.at(step)
+                assert isinstance(resolved, Averaging)
+                out[p] = read_average(resolved, st[slot], p.detach(), step)
+        return out
 
     # --- checkpoints -----------------------------------------------------------------------
 
