@@ -451,6 +451,11 @@ class Combinator(WholeTree):
         """This record with member ``name`` replaced (by :func:`uniopt.adjust`)."""
         raise NotImplementedError
 
+    def leaves_of(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
+        """The leaves (positions) each member's state covers: every one, unless the
+        combinator routes them (:func:`uniopt.partition`)."""
+        return {name: tuple(range(len(leaves))) for name in self.inner}
+
     def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
             inplace: bool) -> tuple[Any, Any]:
         """The step as a rule's only part: ``(tree, new_params)`` for the leaves of a params

@@ -111,10 +111,12 @@ def _member(mode: str, state: State, ps: list[Any], gs: list[Any]) -> tuple[Any,
     """A member's step on its leaves: ``(out, state)``, ``out`` as ``mode`` says."""
     if mode == CHAIN:
         return member_step(state, ps, gs)
+    # as trees of the member's structure, so a combinator inside sees the leaves' paths
+    p_tree, g_tree = unflatten(state.treedef, ps), unflatten(state.treedef, gs)
     if mode == PURE:
-        new, out = update(state, ps, gs)
-        return out, new
-    return None, update_(state, ps, gs)
+        new, out = update(state, p_tree, g_tree)
+        return flatten(out)[0], new
+    return None, update_(state, p_tree, g_tree)
 
 
 def _still(mode: str, ps: list[Any], us: list[Any]) -> list[Any] | None:
@@ -165,6 +167,9 @@ class _Routed(_Runs):
     def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
         raise NotImplementedError
 
+    def leaves_of(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
+        return self.route(treedef, leaves)
+
     def route(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
         """The leaves (their positions) each member takes, raising where a label names none.
         Kept per tree structure and shapes: a step asks again and gets the same answer."""
@@ -197,7 +202,11 @@ class _Routed(_Runs):
     def init_tree(self, params: Any) -> Any:
         leaves, treedef, _ = flatten(params)
         routes = self.route(treedef, leaves)
-        return {n: setup(m, [leaves[i] for i in routes[n]]) for n, m in self.inner.items()}
+        # each member's state is for the params' tree with the other leaves None: its leaves
+        # keep their paths (for a partition or mask inside it)
+        return {n: setup(m, unflatten(treedef, [x if i in set(routes[n]) else None
+                                                for i, x in enumerate(leaves)]))
+                for n, m in self.inner.items()}
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
               mode: str) -> tuple[Any, list[Any] | None]:
@@ -435,7 +444,7 @@ class accumulate(_Runs):
         leaves = flatten(params)[0]
         xp = backend.namespace(leaves[0]) if leaves else None
         return {"mini": _count(leaves), "acc": [xp.zeros_like(x) for x in leaves] if xp else [],
-                "inner": setup(self.rule, leaves)}
+                "inner": setup(self.rule, params)}
 
     def _every(self, step: Any) -> Any:
         if not callable(self.every):
@@ -511,7 +520,7 @@ class skip_nonfinite(_Runs):
         zero = _count(leaves)
         return {"notfinite_count": zero, "total_notfinite": zero,
                 "last_finite": True if isinstance(zero, int) else zero == 0,
-                "inner": setup(self.rule, leaves)}
+                "inner": setup(self.rule, params)}
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
               mode: str) -> tuple[Any, list[Any] | None]:

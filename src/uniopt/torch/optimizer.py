@@ -369,8 +369,11 @@ class Optimizer(torch.optim.Optimizer):
         (tensor([-4., -4.]), tensor([-2.5000, -2.5000]))
         """
         out = {}
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             rule = self._rule(group)[0]
+            if self.rule.tree_layout:
+                out.update(combined.averaged(self, gi, group, rule, name))
+                continue
             part, key = find_average(rule, name)
             slot = dict(self._slot_names(rule))[key]
             for p in group["params"]:

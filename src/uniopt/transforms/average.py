@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..backend import detached_copy, namespace
-from ..base import Elementwise, Transform, chain
+from ..base import Combinator, Elementwise, Transform, chain
 from ..hyper import UNIT, _traced, hyper
 from ..moments import bias_correction, lerp, select
 from ..state import State
@@ -293,14 +293,39 @@ def averaged(state: State, params: Any, name: str | None = None) -> Any:
     """
     if not isinstance(state, State):
         raise TypeError(f"averaged: expected a uniopt State, got {type(state).__name__}")
-    part, key = find_average(state.rule, name)
     leaves, treedef, _ = flatten(params)
     if treedef != state.treedef:
         raise ValueError(
             "averaged: params do not have the tree structure this state was set up for: "
             f"state has {state.treedef}, params are {treedef}"
         )
-    resolved = part.at(state.step)
-    assert isinstance(resolved, Averaging)
-    return unflatten(treedef, [read_average(resolved, a, p, state.step)
-                               for a, p in zip(state.slots[key], leaves, strict=True)])
+    out = _averages(state, treedef, leaves, name)
+    if out is None:
+        find_average(state.rule, name)  # raises, saying what is missing
+    assert out is not None
+    return unflatten(treedef, [detached_copy(p) if a is None else a
+                              for a, p in zip(out, leaves, strict=True)])
+
+
+def _averages(state: State, treedef: Any, leaves: list[Any], name: str | None) -> Any:
+    """Each leaf's average (None where none is kept), from ``state`` or, where its rule runs
+    other rules (accumulate, partition...), from their states; None if there is none."""
+    if any(isinstance(p, Averaging) for p in state.rule.flat_parts):
+        part, key = find_average(state.rule, name)
+        resolved = part.at(state.step)
+        assert isinstance(resolved, Averaging)
+        return [read_average(resolved, a, p, state.step)
+                for a, p in zip(state.slots[key], leaves, strict=True)]
+    out: list[Any] = [None] * len(leaves)
+    found = False
+    for part, keys in state.rule.keyed_parts:
+        if not isinstance(part, Combinator):
+            continue
+        for member, idx in part.leaves_of(treedef, leaves).items():
+            sub = state.tree_states[keys[0]][member]
+            got = _averages(sub, sub.treedef, [leaves[i] for i in idx], name)
+            if got is not None:
+                found = True
+                for i, a in zip(idx, got, strict=True):
+                    out[i] = a
+    return out if found else None
