@@ -318,10 +318,10 @@ def _averages(state: State, treedef: Any, leaves: list[Any], name: str | None) -
                 for a, p in zip(state.slots[key], leaves, strict=True)]
     out: list[Any] = [None] * len(leaves)
     found = False
-    for part, keys in state.rule.keyed_parts:
-        if not isinstance(part, Combinator):
+    for runner, keys in state.rule.keyed_parts:
+        if not isinstance(runner, Combinator):
             continue
-        for member, idx in part.leaves_of(treedef, leaves).items():
+        for member, idx in runner.leaves_of(treedef, leaves).items():
             sub = state.tree_states[keys[0]][member]
             got = _averages(sub, sub.treedef, [leaves[i] for i in idx], name)
             if got is not None:
