@@ -12,7 +12,7 @@
 from . import schedules
 from .base import Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
-from .interop.optax import from_optax
+from .interop.optax import from_optax, to_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
 from .rules.adafactor import adafactor, scale_by_factored_rms, scale_by_param_scale
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
@@ -107,6 +107,7 @@ __all__ = [
     "sgd",
     "scale_by_sparse_adam",
     "sparse_adam",
+    "to_optax",
     "trace",
     "trainables",
     "update",
