@@ -1,5 +1,7 @@
 """The rest of optax's protocol: extra arguments (``value=loss``), ``inject_hyperparams`` under
-``jax.jit``, ``optax.tree.map_params`` (placeholder params), a state rebuilt from any leaves.
+``jax.jit``, ``optax.tree.map_params`` (placeholder params), a state rebuilt from any leaves;
+and :class:`uniopt.reduce_on_plateau`, the transform that reads the loss, against optax's and
+torch's.
 
 Cheap by design: small trees, NumPy where the peer allows it, a handful of jit compiles.
 """
@@ -18,6 +20,16 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 jnp = jax.numpy
 
+PLATEAU = {"factor": 0.5, "patience": 5, "rtol": 1e-3, "atol": 1e-3, "cooldown": 3,
+           "accumulation_size": 2, "min_scale": 0.1}
+
+
+def _losses(n: int = 300) -> np.ndarray:
+    """Noisy, decreasing, then flat from step ~57 on: a plateau that triggers reductions."""
+    t = np.arange(n)
+    return np.maximum(2.0 * np.exp(-t / 30), 0.3) + 0.02 * np.random.default_rng(0).normal(size=n)
+
+
 def _problem(steps: int, seed: int = 1) -> tuple[dict[str, np.ndarray], list[Any]]:
     rng = np.random.default_rng(seed)
     params = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=2)}
@@ -33,6 +45,10 @@ def _jitted(tx: Any) -> Any:
         return optax.apply_updates(p, u), s
 
     return step
+
+
+def _scale(state: uo.State) -> float:
+    return float(state.tree_states["reduce_on_plateau"]["scale"])
 
 
 # --- extra arguments ------------------------------------------------------------------------
@@ -169,7 +185,7 @@ def test_the_placeholder_state_itself_does_not_step() -> None:
 
 def test_a_state_from_any_leaves_shows_and_shapes() -> None:
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-    tx = uo.chain(uo.adamw(lr=0.1), uo.trace())
+    tx = uo.chain(uo.adamw(lr=0.1), uo.reduce_on_plateau())
     state = tx.init(params)
     shapes = jax.eval_shape(tx.init, params)
     assert jax.tree.structure(shapes) == jax.tree.structure(state)
@@ -177,3 +193,153 @@ def test_a_state_from_any_leaves_shows_and_shapes() -> None:
         (jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(state)]
     for other in (jax.tree.map(lambda x: None, state), shapes):
         assert repr(other).startswith("State(rule=chain(transforms=(adamw(lr=")
+
+
+# --- reduce_on_plateau ----------------------------------------------------------------------
+
+
+def test_reduce_on_plateau_follows_optax() -> None:
+    """After Adam, 300 steps of a loss that stops improving, float64: natively on NumPy
+    (``value=``), and through the optax protocol inside optax.chain under jit (to_optax)."""
+    losses = _losses()
+    params, grads = _problem(len(losses))
+    with jax.enable_x64(True):
+        theirs = optax.chain(optax.adam(0.05), optax.contrib.reduce_on_plateau(**PLATEAU))
+        wrapped = optax.chain(uo.adam(lr=0.05), uo.to_optax(uo.reduce_on_plateau(**PLATEAU)))
+        native = uo.chain(uo.adam(lr=0.05), uo.reduce_on_plateau(**PLATEAU))
+        jp = jax.tree.map(jnp.asarray, params)
+        t, w = theirs.init(jp), wrapped.init(jp)
+        n = uo.setup(native, params)
+        step_t, step_w = _jitted(theirs), _jitted(wrapped)
+        q, pw, pn = jp, jp, params
+        scales = []
+        for k, (g, loss) in enumerate(zip(grads, losses, strict=True)):
+            q, t = step_t(q, t, g, loss)
+            pw, w = step_w(pw, w, g, loss)
+            n, pn = uo.update(n, pn, g, value=loss)
+            scales.append(float(t[1].scale))
+            assert _scale(w[1]) == _scale(n) == scales[-1]
+            worst = max(max(rel_diff(pw[x], q[x]), rel_diff(pn[x], q[x])) for x in params)
+            assert worst <= 1e-12, (k, worst)
+    assert sorted(set(scales)) == [0.1, 0.125, 0.25, 0.5, 1.0]  # reduced, down to min_scale
+    assert n.tree_states["reduce_on_plateau"]["best_value"].dtype == np.float64
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_from_torch_gives_torchs_learning_rates(mode: str) -> None:
+    torch = pytest.importorskip("torch")
+    losses = _losses() * (1 if mode == "min" else -1)
+    for threshold_mode, cooldown, min_lr in [("rel", 0, 0.0), ("abs", 2, 0.004)]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        kw = {"mode": mode, "factor": 0.5, "patience": 4, "threshold": 1e-2,
+              "threshold_mode": threshold_mode, "cooldown": cooldown, "min_lr": min_lr}
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
+        state, p = uo.setup(uo.reduce_on_plateau.from_torch(0.1, **kw), [np.zeros(1)]), [np.ones(1)]
+        theirs, ours = [], []
+        for loss in losses:
+            sched.step(float(loss))
+            theirs.append(opt.param_groups[0]["lr"])
+            state, p = uo.update(state, p, [np.ones(1)], value=loss)
+            ours.append(0.1 * _scale(state))
+        # without min_lr torch's eps (1e-8) ends the reductions, at the 24th learning rate
+        assert len(set(theirs)) == 24 if min_lr == 0 else len(set(theirs)) > 5
+        np.testing.assert_allclose(ours, theirs, rtol=1e-15, atol=0)
+
+
+def test_reduce_on_plateau_in_place_on_float32_and_torch() -> None:
+    """update_ is update; the state keeps the params' float32 and int32 counts; torch tensors
+    take the same steps."""
+    torch = pytest.importorskip("torch")
+    rule = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau(factor=0.5, patience=1))
+    a, b = [np.ones(3, np.float32)], [np.ones(3, np.float32)]
+    t = [torch.ones(3)]
+    sa, sb, st = uo.setup(rule, a), uo.setup(rule, b), uo.setup(rule, t)
+    for loss in [3.0, 2.0, 2.0, 2.0, 2.5]:
+        g = np.full(3, 0.5, np.float32)
+        sa, a = uo.update(sa, a, [g], value=loss)
+        sb = uo.update_(sb, b, [g], value=np.float32(loss))
+        st = uo.update_(st, t, [torch.from_numpy(g)], value=torch.tensor(loss))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[0], t[0].numpy())
+    assert _scale(sa) == _scale(st) == 0.125  # patience 1: each evaluation without a gain
+    dtypes = {k: str(v.dtype) for k, v in sa.tree_states["reduce_on_plateau"].items()}
+    assert dtypes == {"scale": "float32", "best_value": "float32", "avg_value": "float32",
+                      "plateau_count": "int32", "cooldown_count": "int32", "count": "int32"}
+
+
+def test_a_plateau_state_goes_through_a_checkpoint() -> None:
+    serialization = pytest.importorskip("flax.serialization")
+    params, grads = _problem(40)
+    rule = uo.chain(uo.adam(lr=0.05), uo.reduce_on_plateau(**PLATEAU))
+    state, p = uo.setup(rule, params), params
+    for g, loss in zip(grads[:20], _losses(20), strict=True):
+        state, p = uo.update(state, p, g, value=loss)
+    back = serialization.from_bytes(uo.setup(rule, params), serialization.to_bytes(state))
+    q = p
+    for g, loss in zip(grads[20:], _losses(20), strict=True):
+        state, p = uo.update(state, p, g, value=loss)
+        back, q = uo.update(back, q, g, value=loss)
+    for name in params:
+        np.testing.assert_array_equal(p[name], q[name])
+    assert jax.tree.map(np.array_equal, state.tree_states, back.tree_states) == jax.tree.map(
+        lambda _: True, state.tree_states)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"factor": 1.0}, ValueError, r"reduce_on_plateau: factor must be in \(0, 1\), got 1.0"),
+    ({"factor": 0}, ValueError, r"reduce_on_plateau: factor must be in \(0, 1\), got 0"),
+    ({"patience": -1}, ValueError, "reduce_on_plateau: patience must be >= 0, got -1"),
+    ({"patience": 2.5}, TypeError, "reduce_on_plateau: patience must be an integer, got 2.5"),
+    ({"cooldown": True}, TypeError, "reduce_on_plateau: cooldown must be an integer, got True"),
+    ({"accumulation_size": 0}, ValueError,
+     "reduce_on_plateau: accumulation_size must be >= 1, got 0"),
+    ({"rtol": 1.5}, ValueError, r"reduce_on_plateau: rtol must be in \[0, 1\], got 1.5"),
+    ({"atol": -1.0}, ValueError, "reduce_on_plateau: atol must be >= 0, got -1.0"),
+    ({"min_scale": 2.0}, ValueError, r"reduce_on_plateau: min_scale must be in \[0, 1\], got 2.0"),
+    ({"eps": -1e-8}, ValueError, "reduce_on_plateau: eps must be >= 0, got -1e-08"),
+    ({"mode": "mean"}, ValueError, "reduce_on_plateau: mode must be 'min' or 'max', got 'mean'"),
+])
+def test_bad_plateau_settings_are_named(kwargs: dict[str, Any], error: type,
+                                        message: str) -> None:
+    with pytest.raises(error, match=message):
+        uo.reduce_on_plateau(**kwargs)
+
+
+@pytest.mark.parametrize(("args", "kwargs", "error", "message"), [
+    ((0.0,), {}, ValueError, "lr must be the optimizer's learning rate, a number > 0, got 0.0"),
+    ((None,), {}, ValueError, "lr must be the optimizer's learning rate, a number > 0, got None"),
+    ((0.1,), {"min_lr": 0.2}, ValueError, r"min_lr must be in \[0, lr=0.1\], got 0.2"),
+    ((0.1,), {"threshold_mode": "relative"}, ValueError,
+     "threshold_mode must be 'rel' or 'abs', got 'relative'"),
+    ((0.1,), {"patience": -1}, ValueError, "patience must be >= 0, got -1"),
+    ((0.1,), {"mode": "up"}, ValueError, "mode must be 'min' or 'max', got 'up'"),
+])
+def test_bad_torch_settings_are_named(args: tuple[Any, ...], kwargs: dict[str, Any],
+                                      error: type, message: str) -> None:
+    with pytest.raises(error, match=f"reduce_on_plateau: {message}"):
+        uo.reduce_on_plateau.from_torch(*args, **kwargs)
+
+
+def test_the_loss_is_asked_for_and_must_be_one_number() -> None:
+    params = [np.ones(2)]
+    rule = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau())
+    state = uo.setup(rule, params)
+    with pytest.raises(TypeError, match=r"reduce_on_plateau reads the loss: pass it as "
+                                        r"uo.update\(state, params, grads, value=loss\)"):
+        uo.update_(state, params, [np.ones(2)])
+    with pytest.raises(ValueError, match=r"reduce_on_plateau: value must be one number \(the "
+                                         r"loss\), got an array of shape \(2,\)"):
+        uo.update_(state, params, [np.ones(2)], value=np.ones(2))
+    np.testing.assert_array_equal(params[0], [1.0, 1.0])
+    assert int(state.tree_states["reduce_on_plateau"]["count"]) == 0
+    # optax.chain keeps extra arguments from members that are not its own kind
+    tx = optax.chain(optax.scale(1.0), rule)
+    with pytest.raises(TypeError, match="in an optax.chain, wrap the uniopt transform in "
+                                        "uo.to_optax"):
+        tx.update([np.ones(2)], tx.init(params), params, value=1.0)
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    with pytest.raises(TypeError, match=r"reduce_on_plateau reads the loss, which step\(\) does "
+                                        "not take; use torch.optim.lr_scheduler.ReduceLROnPlateau"):
+        ut.Optimizer([torch.nn.Parameter(torch.zeros(2))], rule)

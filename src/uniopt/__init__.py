@@ -43,6 +43,7 @@ from .state import State
 from .transforms.clip import clip, clip_by_global_norm
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.momentum import trace
+from .transforms.plateau import reduce_on_plateau
 from .transforms.scale import scale, scale_by_lr
 from .tree import pack, register_dataclass, trainables
 
@@ -81,6 +82,7 @@ __all__ = [
     "orthogonalize",
     "pack",
     "radam",
+    "reduce_on_plateau",
     "register_dataclass",
     "rmsprop",
     "rprop",

@@ -89,10 +89,10 @@ def _takes_extra_args(update: Any) -> bool:
 def to_optax(t: Transform) -> Any:
     """``t`` as an optax ``GradientTransformationExtraArgs``: ``optax.chain`` hands the extra
     arguments of its update (``value=loss``) only to such members, so a uniopt transform that
-    reads them goes into an optax chain wrapped by this.
+    reads them (:class:`uniopt.reduce_on_plateau`) goes into an optax chain wrapped by this.
 
     >>> import optax, uniopt as uo
-    >>> tx = optax.chain(optax.clip(1.0), uo.to_optax(uo.adam(lr=1e-3)))
+    >>> tx = optax.chain(optax.adam(1e-3), uo.to_optax(uo.reduce_on_plateau(patience=5)))
     """
     if not isinstance(t, Transform):
         raise TypeError(f"to_optax: expected a uniopt transform, got {t!r}")

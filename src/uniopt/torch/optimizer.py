@@ -16,6 +16,7 @@ from ..base import Minimizer, Transform, chain, members
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
+from ..transforms.plateau import reduce_on_plateau
 from ..transforms.scale import scale
 from . import plans
 from .state_dict import check_loadable
@@ -122,6 +123,11 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
                 "use uniopt.torch.LBFGS"
+            )
+        if any(isinstance(p, reduce_on_plateau) for p in rule.flat_parts):
+            raise TypeError(
+                "uniopt.torch.Optimizer: reduce_on_plateau reads the loss, which step() does "
+                "not take; use torch.optim.lr_scheduler.ReduceLROnPlateau on this optimizer"
             )
         if rule.tree_layout:
             raise TypeError(
