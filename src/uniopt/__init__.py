@@ -13,7 +13,7 @@ from . import schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
-from .interop.optax import from_optax
+from .interop.optax import from_optax, to_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
 from .rules.adafactor import adafactor, scale_by_factored_rms, scale_by_param_scale
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
@@ -45,6 +45,7 @@ from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
 from .transforms.clip import clip, clip_by_global_norm
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.momentum import trace
+from .transforms.plateau import reduce_on_plateau
 from .transforms.scale import scale, scale_by_lr
 from .tree import pack, register_dataclass, trainables
 
@@ -96,6 +97,7 @@ __all__ = [
     "pack",
     "polyak",
     "radam",
+    "reduce_on_plateau",
     "register_dataclass",
     "rmsprop",
     "rprop",
@@ -122,6 +124,7 @@ __all__ = [
     "sgd",
     "scale_by_sparse_adam",
     "sparse_adam",
+    "to_optax",
     "trace",
     "trainables",
     "update",

@@ -37,7 +37,17 @@ from typing import Any, ClassVar
 
 import array_api_compat as aac
 
-from .hyper import Complemented, DeviceNumber, HostFacts, Interval, _traced, check, on_host, resolve
+from .hyper import (
+    Complemented,
+    DeviceNumber,
+    HostFacts,
+    Interval,
+    _jax_array,
+    _traced,
+    check,
+    on_host,
+    resolve,
+)
 
 Kernel = Callable[..., tuple[Any, ...]]
 
@@ -52,7 +62,8 @@ class Transform:
     """Base of every rule and building block: hyperparameters as fields, nothing else."""
 
     # Set only on a record rebuilt from a JAX state (see uniopt.interop.jax) or resolved from
-    # one: the host's complements of its numbers and its optional-block decisions.
+    # one, and on a record given a JAX array for a number that decides an optional block: the
+    # host's complements of its numbers and its optional-block decisions.
     host: HostFacts | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
@@ -76,6 +87,10 @@ class Transform:
         """Check every hyperparameter and store numbers as Python floats (tuples as tuples).
 
         ``resolved``: the values came from schedules, so each must be a number."""
+        # a JAX array where a number decides a block: the value may change with the record
+        # kept (optax.inject_hyperparams passes every number so and rebuilds the record with
+        # the array it holds, traced under jit), so the block is kept, as for a schedule
+        dynamic = [n for n in self.optional if _jax_array(getattr(self, n))]
         for f in dataclasses.fields(self):
             valid = f.metadata.get("hyper") or f.metadata.get("static")
             if valid is None:
@@ -97,6 +112,9 @@ class Transform:
             else:
                 value = number(f.name, value)
             object.__setattr__(self, f.name, value)
+        if dynamic:
+            on = frozenset(n for n in self.optional if n in dynamic or self.on(n))
+            object.__setattr__(self, "host", HostFacts({}, on))
         if any(_traced(v) or isinstance(v, (Complemented, DeviceNumber)) for v in _numbers(self)):
             return  # from a JAX state: nothing to compare on the host
         try:
@@ -109,12 +127,17 @@ class Transform:
 
     def replace(self, **changes: Any) -> Transform:
         """This record with some fields changed, validated; the host's complements of the
-        other numbers are kept (see :class:`~uniopt.hyper.HostFacts`)."""
+        other numbers, and the decisions of the blocks they drive, are kept (see
+        :class:`~uniopt.hyper.HostFacts`)."""
         new = dataclasses.replace(self, **changes)
         if self.host is not None:
             kept = {k: c for k, c in self.host.complements.items()
                     if (k if isinstance(k, str) else k[0]) not in changes}
-            object.__setattr__(new, "host", HostFacts(kept))
+            on = self.host.on
+            if on is not None:
+                on = frozenset(n for n in self.optional
+                               if (new.on(n) if n in changes else n in on))
+            object.__setattr__(new, "host", HostFacts(kept, on))
         return new
 
     def at(self, step: Any) -> Transform:
@@ -190,8 +213,9 @@ class Transform:
 
     def on(self, name: str) -> bool:
         """Whether the optional block that hyperparameter ``name`` drives is needed (a schedule
-        may become non-zero later). Decided on the host: a record rebuilt from a JAX state
-        carries the decision, since a traced value cannot be compared."""
+        may become non-zero later, and so may a JAX array). Decided on the host: a record
+        rebuilt from a JAX state carries the decision, since a traced value cannot be
+        compared."""
         assert name in self.optional, f"{self.name}.optional does not list {name!r}"
         if self.host is not None and self.host.on is not None:
             return name in self.host.on
@@ -284,9 +308,14 @@ class Transform:
         """optax protocol: the state for ``params`` (same as ``uniopt.setup(self, params)``)."""
         return OPTAX_PROTOCOL["init"](self, params)
 
-    def update(self, grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        """optax protocol: ``(updates, state)`` where ``params + updates`` is the new params."""
-        return OPTAX_PROTOCOL["update"](self, grads, state, params)
+    def update(self, grads: Any, state: Any, params: Any = None,
+               **extra_args: Any) -> tuple[Any, Any]:
+        """optax protocol: ``(updates, state)`` where ``params + updates`` is the new params.
+
+        Extra keyword arguments (optax's ``GradientTransformationExtraArgs``: ``value=loss``)
+        reach the parts that read them (:class:`~uniopt.reduce_on_plateau`, an optax member
+        that takes them); the others ignore them, as optax's transformations do."""
+        return OPTAX_PROTOCOL["update"](self, grads, state, params, **extra_args)
 
 
 def _numbered(parts: tuple[Part, ...]) -> list[tuple[str, Part]]:
@@ -404,12 +433,17 @@ class WholeTree(Part):
     transformation): the engine runs the parts before it on every leaf, hands it the tree, and
     keeps its state, any pytree, in ``State.tree_states``."""
 
+    # reads the step's extra arguments (the loss, ``value=``, of ``uniopt.update`` and of the
+    # optax protocol): ``apply_tree`` receives them as keywords
+    reads_value: ClassVar[bool] = False
+
     def init_tree(self, params: Any) -> Any:
         """The state for the params tree."""
         raise NotImplementedError
 
     def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted)."""
+        """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted); a part that
+        ``reads_value`` also takes the step's extra arguments as keywords."""
         raise NotImplementedError
 
 

@@ -17,6 +17,7 @@ from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
 from ..transforms.average import Averaging, find_average, read_average
+from ..transforms.plateau import reduce_on_plateau
 from ..transforms.scale import scale
 from . import combined, plans
 from .state_dict import check_loadable
@@ -123,6 +124,11 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
                 "use uniopt.torch.LBFGS"
+            )
+        if any(isinstance(p, reduce_on_plateau) for p in rule.flat_parts):
+            raise TypeError(
+                "uniopt.torch.Optimizer: reduce_on_plateau reads the loss, which step() does "
+                "not take; use torch.optim.lr_scheduler.ReduceLROnPlateau on this optimizer"
             )
         optax_parts = [p.name for p in rule.flat_parts
                        if isinstance(p, WholeTree) and not isinstance(p, Combinator)]
