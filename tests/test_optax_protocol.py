@@ -343,3 +343,26 @@ def test_the_loss_is_asked_for_and_must_be_one_number() -> None:
     with pytest.raises(TypeError, match=r"reduce_on_plateau reads the loss, which step\(\) does "
                                         "not take; use torch.optim.lr_scheduler.ReduceLROnPlateau"):
         ut.Optimizer([torch.nn.Parameter(torch.zeros(2))], rule)
+
+
+def test_the_loss_reaches_a_plateau_inside_rules_that_run_rules() -> None:
+    """accumulate and partition hand ``value`` on to their members: the scale follows optax's
+    MultiSteps(chain(adam, reduce_on_plateau)), fed the same losses."""
+    losses = _losses()
+    params, grads = _problem(len(losses))
+    with jax.enable_x64(True):
+        theirs = optax.MultiSteps(
+            optax.chain(optax.adam(0.05), optax.contrib.reduce_on_plateau(**PLATEAU)), 2,
+            accumulator_dtype=jnp.float64)
+        jp = jax.tree.map(jnp.asarray, params)
+        t = theirs.init(jp)
+        step_t = _jitted(theirs)
+        rule = uo.accumulate(uo.chain(uo.adam(lr=0.05), uo.reduce_on_plateau(**PLATEAU)), 2)
+        n = uo.setup(rule, params)
+        q, pn = jp, params
+        for g, loss in zip(grads, losses, strict=True):
+            q, t = step_t(q, t, g, loss)
+            n, pn = uo.update(n, pn, g, value=loss)
+        assert max(rel_diff(pn[x], q[x]) for x in params) <= 1e-12
+        inner = n.tree_states["accumulate"]["inner"]
+        assert float(inner.tree_states["reduce_on_plateau"]["scale"]) < 1.0

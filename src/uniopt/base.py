@@ -491,7 +491,7 @@ class Combinator(WholeTree):
         return {name: tuple(range(len(leaves))) for name in self.inner}
 
     def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
-            inplace: bool) -> tuple[Any, Any]:
+            inplace: bool, **extra: Any) -> tuple[Any, Any]:
         """The step as a rule's only part: ``(tree, new_params)`` for the leaves of a params
         tree of structure ``treedef`` (``new_params`` a list, None in place). The inputs
         are checked; nothing is written yet."""

@@ -337,10 +337,11 @@ def _deltas(
     return us, new_slots, new_trees
 
 
-def member_step(state: State, params: list[Any], grads: list[Any]) -> tuple[list[Any], State]:
+def member_step(state: State, params: list[Any], grads: list[Any],
+                extra: dict[str, Any]) -> tuple[list[Any], State]:
     """A member rule's updates for its leaves and its new state, inside a combinator's step
     (whose caller checked the leaves)."""
-    us, slots, trees = _deltas(state, params, grads, {})
+    us, slots, trees = _deltas(state, params, grads, extra)
     step = _Step(params, grads, state.treedef)
     new = dataclasses.replace(state, step=state.step + 1, tree_states=trees,
                               slots={**state.slots, **_new_slots(state, slots, step)})
@@ -353,11 +354,12 @@ def _combinator(rule: Transform) -> Combinator | None:
     return parts[0] if len(parts) == 1 and isinstance(parts[0], Combinator) else None
 
 
-def _run(state: State, part: Combinator, step: _Step, inplace: bool) -> tuple[State, Any]:
+def _run(state: State, part: Combinator, step: _Step, inplace: bool,
+         extra: dict[str, Any]) -> tuple[State, Any]:
     (key,) = state.rule.tree_layout
     with backend.outside_autograd(step.params):
         tree, new_p = part.run(state.tree_states[key], step.treedef, step.params, step.grads,
-                               inplace)
+                               inplace, **extra)
     new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
     return new, None if inplace else unflatten(step.treedef, new_p)
 
@@ -584,7 +586,7 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None) -> tuple
         return _as_pairs(state, step, inplace=False, extra=extra)
     combinator = _combinator(state.rule)
     if combinator is not None:
-        return _run(state, combinator, step, inplace=False)
+        return _run(state, combinator, step, inplace=False, extra=extra)
     if state.counts is not None or any(g is None for g in step.grads):
         return _by_count(state, step, inplace=False)
     with backend.outside_autograd(step.params):
@@ -613,7 +615,7 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None) -> Stat
         return _as_pairs(state, step, inplace=True, extra=extra)[0]
     combinator = _combinator(state.rule)
     if combinator is not None:
-        return _run(state, combinator, step, inplace=True)[0]
+        return _run(state, combinator, step, inplace=True, extra=extra)[0]
     if state.counts is not None or any(g is None for g in step.grads):
         return _by_count(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
