@@ -79,8 +79,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
         if isinstance(part, WholeTree):
-            if not isinstance(part, Minimizer):
-                _tree_library(leaves, part)
+            _tree_library(leaves, part)
             trees[keys[0]] = part.init_tree(params)
         elif keys:
             per_leaf = [_init_slots(part, p, state_dtype) for p in leaves]
@@ -130,7 +129,7 @@ def _init_slots(part: Part, p: Any, state_dtype: str | None) -> tuple[Any, ...]:
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
-    if leaves and not (backend.is_jax(leaves[0]) or backend.is_numpy(leaves[0])):
+    if leaves and part.libraries is not None and backend.library(leaves[0]) not in part.libraries:
         raise TypeError(
             f"{part.name} runs optax, on JAX or NumPy arrays; these params are "
             f"{backend.library(leaves[0])} arrays"
@@ -239,9 +238,6 @@ def resolve(rule: Transform, step: Any) -> Resolved:
     (naming the rule, the part and the step) where a schedule's value is invalid."""
     out: Resolved = []
     for part, keys in rule.keyed_parts:
-        if isinstance(part, WholeTree):
-            out.append((part, (), keys))
-            continue
         try:
             resolved = part.at(step)
         except (ValueError, TypeError) as e:
@@ -279,7 +275,8 @@ def _deltas(
                 "closure(params) returns (loss, grads)"
             )
         if isinstance(part, WholeTree):
-            us, new_trees[keys[0]] = _apply_tree(part, us, state.tree_states[keys[0]], ps, state)
+            us, new_trees[keys[0]] = _apply_tree(part, c, us, state.tree_states[keys[0]], ps,
+                                                 state)
             continue
         if isinstance(part, PerLeaf):
             outs = _per_leaf(part, c, [[read(state.slots[k][i], dt, xp) for k in keys]
@@ -287,14 +284,21 @@ def _deltas(
                              xps, ps, us)
         else:
             assert isinstance(part, Elementwise)
-            if part.needs_norm:
-                c = part.norm_coeffs(_norm(us, xps))
+            if part.needs_norm and part.norm_per_leaf:
+                leaf_cs = [part.norm_coeffs(_norm([u], [xp]), math.prod(u.shape))
+                           for xp, u in zip(xps, us, strict=True)]
+                leaf_cs = [_per_dtype(lc, [u]).get(u.dtype, lc)
+                           for lc, u in zip(leaf_cs, us, strict=True)]
+            else:
+                if part.needs_norm:
+                    c = part.norm_coeffs(_norm(us, xps), sum(math.prod(u.shape) for u in us))
+                cs = _per_dtype(c, us)
+                leaf_cs = [cs.get(u.dtype, c) for u in us]
             fn = part.kernel
-            cs = _per_dtype(c, us)
             outs = [
-                fn(xp, cs.get(u.dtype, c), p, u,
-                   *(read(state.slots[k][i], dt, xp) for k in keys))
-                for i, (xp, dt, p, u) in enumerate(zip(xps, dts, ps, us, strict=True))
+                fn(xp, lc, p, u, *(read(state.slots[k][i], dt, xp) for k in keys))
+                for i, (xp, dt, p, u, lc) in enumerate(zip(xps, dts, ps, us, leaf_cs,
+                                                          strict=True))
             ]
         us = [o[0] for o in outs]
         for j, k in enumerate(keys):
@@ -371,9 +375,10 @@ def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
     return out
 
 
-def _apply_tree(part: WholeTree, us: list[Any], st: Any, ps: list[Any], state: State) -> Any:
+def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
+                state: State) -> Any:
     """A whole-tree part on every leaf's ``u``; its outputs as arrays of the params' library."""
-    out, st = part.apply_tree(unflatten(state.treedef, us), st, unflatten(state.treedef, ps))
+    out, st = part.apply_tree(c, unflatten(state.treedef, us), st, unflatten(state.treedef, ps))
     leaves, treedef, _ = flatten(out)
     if treedef != state.treedef:
         raise ValueError(

@@ -10,7 +10,7 @@ directly).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base import OPTAX_PROTOCOL, Transform, WholeTree
 from ..engine import optax_update, setup
@@ -43,6 +43,7 @@ class from_optax(WholeTree):
 
     tx: Any
     negate: bool = False
+    libraries: ClassVar[tuple[str, ...] | None] = ("jax", "numpy")
 
     def __post_init__(self) -> None:
         if not is_optax(self.tx):
@@ -54,7 +55,7 @@ class from_optax(WholeTree):
     def init_tree(self, params: Any) -> Any:
         return self.tx.init(params)
 
-    def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
         out, state = self.tx.update(u, state, params)
         if self.negate:
             import jax

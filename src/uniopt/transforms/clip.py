@@ -45,7 +45,7 @@ class clip_by_global_norm(Elementwise):
     def coeffs(self, step: int) -> Factor:
         return Factor(factor=1.0)  # until the norm is known: see norm_coeffs
 
-    def norm_coeffs(self, norm: Any) -> Factor:
+    def norm_coeffs(self, norm: Any, size: Any) -> Factor:
         if isinstance(norm, float):
             return Factor(factor=self.max_norm / norm if norm > self.max_norm else 1.0)
         xp = namespace(norm)  # a traced norm, under jax.jit
