@@ -12,7 +12,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
-from ..base import Minimizer, Transform, chain, members
+from ..base import Minimizer, Transform, WholeTree, chain, members
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
@@ -54,6 +54,10 @@ def hyperparameter_keys(rule: Transform) -> dict[str, Any]:
         for n, v in t.hyperparameters().items():
             keys[n if count[n] == 1 else ".".join((*map(str, path), n))] = v
     return keys
+
+
+def _tree_parts(rule: Transform) -> list[WholeTree]:
+    return [p for p in rule.flat_parts if isinstance(p, WholeTree)]
 
 
 def _scheduled(rule: Transform) -> bool:
@@ -123,10 +127,12 @@ class Optimizer(torch.optim.Optimizer):
                 f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
                 "use uniopt.torch.LBFGS"
             )
-        if rule.tree_layout:
+        jax_only = [name for name, p in zip(rule.tree_layout, _tree_parts(rule), strict=True)
+                    if p.libraries is not None and "torch" not in p.libraries]
+        if jax_only:
             raise TypeError(
                 "uniopt.torch.Optimizer: the rule holds an optax transformation "
-                f"({', '.join(rule.tree_layout)}), which runs on JAX or NumPy arrays, not tensors"
+                f"({', '.join(jax_only)}), which runs on JAX or NumPy arrays, not tensors"
             )
         self.rule = rule
         values = hyperparameter_keys(rule)
@@ -236,8 +242,9 @@ class Optimizer(torch.optim.Optimizer):
         return [(key, key) for key, _ in rule.slot_keys]
 
     def _known_slots(self, rule: Transform) -> set[str]:
-        """The state names a loaded state of a parameter whose group has ``rule`` may hold."""
-        return {name for _, name in self._slot_names(rule)}
+        """The state names a loaded state of a parameter whose group has ``rule`` may hold
+        (the first parameter of a group also the states of its whole-tree parts)."""
+        return {name for _, name in self._slot_names(rule)} | set(rule.tree_layout)
 
     # --- the step --------------------------------------------------------------------------
 
