@@ -40,10 +40,18 @@ from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
-from .transforms.clip import clip, clip_by_global_norm
+from .transforms.centralize import centralize
+from .transforms.clip import (
+    adaptive_grad_clip,
+    clip,
+    clip_by_block_rms,
+    clip_by_global_norm,
+    clip_by_norm,
+)
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.momentum import trace
-from .transforms.scale import scale, scale_by_lr
+from .transforms.noise import add_noise
+from .transforms.scale import scale, scale_by_lr, scale_by_trust_ratio, sign
 from .tree import pack, register_dataclass, trainables
 
 __version__ = "0.1.0"
@@ -57,6 +65,8 @@ __all__ = [
     "Transform",
     "WholeTree",
     "adadelta",
+    "adaptive_grad_clip",
+    "add_noise",
     "adafactor",
     "adagrad",
     "adam",
@@ -64,9 +74,12 @@ __all__ = [
     "adamw",
     "adjust",
     "asgd",
+    "centralize",
     "chain",
     "clip",
+    "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_norm",
     "ema_momentum",
     "from_optax",
     "lbfgs",
@@ -102,9 +115,11 @@ __all__ = [
     "scale_by_rprop",
     "scale_by_rss",
     "scale_by_shape_lr",
+    "scale_by_trust_ratio",
     "schedules",
     "setup",
     "sgd",
+    "sign",
     "scale_by_sparse_adam",
     "sparse_adam",
     "trace",
