@@ -51,6 +51,7 @@ class add_noise(WholeTree):
                 0 <= self.seed < SEEDS):
             raise ValueError(f"{self.name}: seed must be an integer in [0, 2**32), got "
                              f"{self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
 
     def coeffs(self, step: Any) -> Noise:
         variance = self.eta / (step + 1) ** self.gamma
