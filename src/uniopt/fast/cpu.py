@@ -614,14 +614,16 @@ def _coefficients(plan: list[tuple[Any, Any, tuple[str, ...]]], dtype: Any, n: i
     """Every part's coefficients in order, in the precision of the computation (flags too: the
     compiled select tests them as numbers); then those that are one per leaf, a row for each
     of the ``n`` leaves."""
-    shared = np.array([x for part, c, _ in plan if not _per_leaf(part) for x in c], dtype)
-    columns = [x for part, c, _ in plan if _per_leaf(part) for x in c]
+    shared: list[Any] = []
+    columns: list[Any] = []
+    for part, c, _ in plan:  # no Python-level call per part: a small step counts them
+        (columns if part.needs_norm and part.norm_per_leaf else shared).extend(c)
     if not columns:
-        return shared
+        return np.array(shared, dtype)
     table = np.empty((n, len(columns)), dtype)
     for j, x in enumerate(columns):
         table[:, j] = x
-    return np.concatenate([shared, table.ravel()])
+    return np.concatenate([np.array(shared, dtype), table.ravel()])
 
 
 _WRITES = {(inplace, n): np.array([inplace, False, *[inplace] * n]) for inplace in (True, False)

@@ -323,7 +323,7 @@ class Plan:
         if views is None:
             views = [_grad_view(grads[i], p, spec)
                      for i, p, spec in zip(self.sel, self.sel_params, self.specs, strict=True)]
-        trees = self._tree_states(rule)
+        trees = self._tree_states(rule) if rule.tree_layout else {}
         for run, step in zip(self.runs, self.run_steps(), strict=True):
             gs = views if run.pos is None else [views[k] for k in run.pos]
             with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
@@ -342,8 +342,6 @@ class Plan:
     def _tree_states(self, rule: Transform) -> dict[str, Any]:
         """The states of the rule's whole-tree parts (a generator's), kept in the state of the
         group's first parameter, as torch's LBFGS keeps its own; made where missing."""
-        if not rule.tree_layout:
-            return {}
         st = self.state[self.plist[0]]
         leaves = [real(p.detach()) for p in self.plist]
         return {keys[0]: st[keys[0]] if keys[0] in st else part.init_tree(leaves)
