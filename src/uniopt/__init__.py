@@ -42,11 +42,19 @@ from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
 from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
-from .transforms.clip import clip, clip_by_global_norm
+from .transforms.centralize import centralize
+from .transforms.clip import (
+    adaptive_grad_clip,
+    clip,
+    clip_by_block_rms,
+    clip_by_global_norm,
+    clip_by_norm,
+)
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.momentum import trace
+from .transforms.noise import add_noise
 from .transforms.plateau import reduce_on_plateau
-from .transforms.scale import scale, scale_by_lr
+from .transforms.scale import scale, scale_by_lr, scale_by_trust_ratio, sign
 from .tree import pack, register_dataclass, trainables
 
 __version__ = "0.1.0"
@@ -68,6 +76,8 @@ __all__ = [
     "Transform",
     "WholeTree",
     "adadelta",
+    "adaptive_grad_clip",
+    "add_noise",
     "adafactor",
     "adagrad",
     "adam",
@@ -76,9 +86,12 @@ __all__ = [
     "adjust",
     "asgd",
     "averaged",
+    "centralize",
     "chain",
     "clip",
+    "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_norm",
     "ema_momentum",
     "from_optax",
     "lbfgs",
@@ -119,9 +132,11 @@ __all__ = [
     "scale_by_rprop",
     "scale_by_rss",
     "scale_by_shape_lr",
+    "scale_by_trust_ratio",
     "schedules",
     "setup",
     "sgd",
+    "sign",
     "scale_by_sparse_adam",
     "sparse_adam",
     "to_optax",

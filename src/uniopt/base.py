@@ -21,11 +21,11 @@ Optimisers.jl and the papers write it so). The optax protocol negates it on the 
 The kernel contract: ``coeffs(step)`` runs on the host and returns a named record (a
 ``NamedTuple``) of every number the kernel needs, ``1 - beta`` included, computed in double
 precision; ``kernel(xp, c, p, u, *slots) -> (u, *slots)`` uses only arithmetic and
-``xp.sqrt`` / ``xp.maximum`` / ``xp.minimum`` of the namespace it is given, and no constants, so
-one function runs on NumPy, torch or JAX arrays, and element by element under numba, in the
-array's precision. A kernel does not branch on its coefficients: a flag that changes the
-arithmetic (Nesterov or not) picks another kernel, and a switch that depends on the step (the
-first update) goes through :func:`uniopt.moments.select`.
+``xp.sqrt`` / ``xp.maximum`` / ``xp.minimum`` / ``xp.sign`` of the namespace it is given, and no
+constants, so one function runs on NumPy, torch or JAX arrays, and element by element under
+numba, in the array's precision. A kernel does not branch on its coefficients: a flag that
+changes the arithmetic (Nesterov or not) picks another kernel, and a switch that depends on the
+step (the first update) goes through :func:`uniopt.moments.select`.
 """
 
 from __future__ import annotations
@@ -387,12 +387,16 @@ class Part(Transform):
 class Elementwise(Part):
     """Acts on each element on its own: ``kernel(xp, c, p, u, *slots) -> (u, *slots)``."""
 
-    # a part that needs the global norm of its input over every leaf (clip_by_global_norm):
-    # the engine computes it in one extra read pass and asks norm_coeffs for the coefficients
+    # a part that needs the 2-norm of its input over every leaf (clip_by_global_norm), or with
+    # norm_per_leaf over each leaf on its own (clip_by_norm): the engine computes it in one
+    # extra read pass and asks norm_coeffs for the coefficients, per leaf where per leaf
     needs_norm: ClassVar[bool] = False
+    norm_per_leaf: ClassVar[bool] = False
 
-    def norm_coeffs(self, norm: Any) -> Any:
-        """For ``needs_norm`` parts: the coefficients, given the global norm of the input."""
+    def norm_coeffs(self, norm: Any, size: Any) -> Any:
+        """For ``needs_norm`` parts: the coefficients, given the norm of the input and the
+        number of elements it is over. Per leaf, the compiled path asks once for every leaf,
+        ``norm`` and ``size`` then float64 NumPy arrays, and expects a record of arrays."""
         raise NotImplementedError
 
     # a static method or a function defined at a module's top level (so the compiled loop can
@@ -430,8 +434,12 @@ class PerLeaf(Part):
 @dataclasses.dataclass(frozen=True)
 class WholeTree(Part):
     """Sees every leaf's ``u`` at once, as a tree shaped like the params (an optax
-    transformation): the engine runs the parts before it on every leaf, hands it the tree, and
-    keeps its state, any pytree, in ``State.tree_states``."""
+    transformation, a random generator's draw): the engine runs the parts before it on every
+    leaf, hands it the tree with the step's coefficients, and keeps its state, any pytree, in
+    ``State.tree_states``."""
+
+    # the array libraries it runs on (optax: JAX, and NumPy through JAX); None: any
+    libraries: ClassVar[tuple[str, ...] | None] = None
 
     # reads the step's extra arguments (the loss, ``value=``, of ``uniopt.update`` and of the
     # optax protocol): ``apply_tree`` receives them as keywords
@@ -441,9 +449,11 @@ class WholeTree(Part):
         """The state for the params tree."""
         raise NotImplementedError
 
-    def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted); a part that
-        ``reads_value`` also takes the step's extra arguments as keywords."""
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted), with the
+        step's coefficients ``c`` (:meth:`~Part.coeffs`); a part that ``reads_value`` also
+        takes the step's extra arguments as keywords."""
         raise NotImplementedError
 
 

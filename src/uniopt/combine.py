@@ -141,7 +141,8 @@ class _Runs(Combinator):
     # the step's extra arguments (the loss) go on to the members, whose parts may read them
     reads_value: ClassVar[bool] = True
 
-    def apply_tree(self, u: Any, state: Any, params: Any, **extra: Any) -> tuple[Any, Any]:
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
         us, treedef, _ = flatten(u)
         tree, out = self._step(state, treedef, flatten(params)[0], us, CHAIN, extra)
         assert out is not None

@@ -91,6 +91,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
         if isinstance(part, WholeTree):
+            _tree_library(leaves, part)
             trees[keys[0]] = part.init_tree(params)
         elif keys:
             per_leaf = [_init_slots(part, p, state_dtype) for p in leaves]
@@ -137,6 +138,14 @@ def _init_slots(part: Part, p: Any, state_dtype: str | None) -> tuple[Any, ...]:
         return part.init_slots(_stored(p, state_dtype), xp)
     return tuple(s if s is None else backend.as_complex(s, p)
                  for s in part.init_slots(backend.as_real(p), xp))
+
+
+def _tree_library(leaves: list[Any], part: WholeTree) -> None:
+    if leaves and part.libraries is not None and backend.library(leaves[0]) not in part.libraries:
+        raise TypeError(
+            f"{part.name} runs optax, on JAX or NumPy arrays; these params are "
+            f"{backend.library(leaves[0])} arrays"
+        )
 
 
 def _stored(x: Any, state_dtype: str | None) -> Any:
@@ -272,9 +281,6 @@ def resolve(rule: Transform, step: Any) -> Resolved:
     (naming the rule, the part and the step) where a schedule's value is invalid."""
     out: Resolved = []
     for part, keys in rule.keyed_parts:
-        if isinstance(part, WholeTree):
-            out.append((part, (), keys))
-            continue
         try:
             resolved = part.at(step)
         except (ValueError, TypeError) as e:
@@ -313,8 +319,8 @@ def _deltas(
                 "closure(params) returns (loss, grads)"
             )
         if isinstance(part, WholeTree):
-            us, new_trees[keys[0]] = _apply_tree(part, us, state.tree_states[keys[0]], ps, state,
-                                                 extra)
+            us, new_trees[keys[0]] = _apply_tree(part, c, us, state.tree_states[keys[0]], ps,
+                                                 state, extra)
             continue
         if isinstance(part, PerLeaf):
             outs = _per_leaf(part, c, [[read(state.slots[k][i], dt, xp) for k in keys]
@@ -322,14 +328,21 @@ def _deltas(
                              xps, ps, us)
         else:
             assert isinstance(part, Elementwise)
-            if part.needs_norm:
-                c = part.norm_coeffs(_norm(us, xps))
+            if part.needs_norm and part.norm_per_leaf:
+                leaf_cs = [part.norm_coeffs(_norm([u], [xp]), math.prod(u.shape))
+                           for xp, u in zip(xps, us, strict=True)]
+                leaf_cs = [_per_dtype(lc, [u]).get(u.dtype, lc)
+                           for lc, u in zip(leaf_cs, us, strict=True)]
+            else:
+                if part.needs_norm:
+                    c = part.norm_coeffs(_norm(us, xps), sum(math.prod(u.shape) for u in us))
+                cs = _per_dtype(c, us)
+                leaf_cs = [cs.get(u.dtype, c) for u in us]
             fn = part.kernel
-            cs = _per_dtype(c, us)
             outs = [
-                fn(xp, cs.get(u.dtype, c), p, u,
-                   *(read(state.slots[k][i], dt, xp) for k in keys))
-                for i, (xp, dt, p, u) in enumerate(zip(xps, dts, ps, us, strict=True))
+                fn(xp, lc, p, u, *(read(state.slots[k][i], dt, xp) for k in keys))
+                for i, (xp, dt, p, u, lc) in enumerate(zip(xps, dts, ps, us, leaf_cs,
+                                                          strict=True))
             ]
         us = [o[0] for o in outs]
         for j, k in enumerate(keys):
@@ -433,10 +446,10 @@ def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
     return out
 
 
-def _apply_tree(part: WholeTree, us: list[Any], st: Any, ps: list[Any], state: State,
-                extra: dict[str, Any]) -> Any:
+def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
+                state: State, extra: dict[str, Any]) -> Any:
     """A whole-tree part on every leaf's ``u``; its outputs as arrays of the params' library."""
-    out, st = part.apply_tree(unflatten(state.treedef, us), st, unflatten(state.treedef, ps),
+    out, st = part.apply_tree(c, unflatten(state.treedef, us), st, unflatten(state.treedef, ps),
                               **(extra if part.reads_value else {}))
     leaves, treedef, _ = flatten(out)
     if treedef != state.treedef:

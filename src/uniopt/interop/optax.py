@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import backend
 from ..base import OPTAX_PROTOCOL, Transform, WholeTree
@@ -51,6 +51,7 @@ class from_optax(WholeTree):
 
     tx: Any
     negate: bool = False
+    libraries: ClassVar[tuple[str, ...] | None] = ("jax", "numpy")
 
     def __post_init__(self) -> None:
         if not is_optax(self.tx):
@@ -69,7 +70,8 @@ class from_optax(WholeTree):
                             f"{backend.library(leaves[0])} arrays")
         return self.tx.init(params)
 
-    def apply_tree(self, u: Any, state: Any, params: Any, **extra: Any) -> tuple[Any, Any]:
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
         out, state = self.tx.update(u, state, params, **extra)
         if self.negate:
             import jax

@@ -58,6 +58,10 @@ def hyperparameter_keys(rule: Transform) -> dict[str, Any]:
     return keys
 
 
+def _tree_parts(rule: Transform) -> list[WholeTree]:
+    return [p for p in rule.flat_parts if isinstance(p, WholeTree)]
+
+
 def _scheduled(rule: Transform) -> bool:
     """Whether a part of ``rule`` holds a schedule: then each step's values are checked
     before anything is written."""
@@ -130,12 +134,12 @@ class Optimizer(torch.optim.Optimizer):
                 "uniopt.torch.Optimizer: reduce_on_plateau reads the loss, which step() does "
                 "not take; use torch.optim.lr_scheduler.ReduceLROnPlateau on this optimizer"
             )
-        optax_parts = [p.name for p in rule.flat_parts
-                       if isinstance(p, WholeTree) and not isinstance(p, Combinator)]
-        if optax_parts:
+        jax_only = [name for name, p in zip(rule.tree_layout, _tree_parts(rule), strict=True)
+                    if p.libraries is not None and "torch" not in p.libraries]
+        if jax_only:
             raise TypeError(
                 "uniopt.torch.Optimizer: the rule holds an optax transformation "
-                f"({', '.join(optax_parts)}), which runs on JAX or NumPy arrays, not tensors"
+                f"({', '.join(jax_only)}), which runs on JAX or NumPy arrays, not tensors"
             )
         self.rule = rule
         values = hyperparameter_keys(rule)
@@ -155,6 +159,12 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[int, plans.Plan] = {}
         self._rules: dict[int, _GroupRule] = {}  # by id(group)
         self._steps: dict[int, plans.Steps] = {}
+
+    @property
+    def _combined_rule(self) -> bool:
+        """Whether the rule runs other rules: each group then keeps one State, stepped whole
+        (uniopt.torch.combined)."""
+        return any(isinstance(p, Combinator) for p in self.rule.flat_parts)
 
     @property
     def _name(self) -> str:
@@ -245,8 +255,9 @@ class Optimizer(torch.optim.Optimizer):
         return [(key, key) for key, _ in rule.slot_keys]
 
     def _known_slots(self, rule: Transform) -> set[str]:
-        """The state names a loaded state of a parameter whose group has ``rule`` may hold."""
-        return {name for _, name in self._slot_names(rule)}
+        """The state names a loaded state of a parameter whose group has ``rule`` may hold
+        (the first parameter of a group also the states of its whole-tree parts)."""
+        return {name for _, name in self._slot_names(rule)} | set(rule.tree_layout)
 
     # --- the step --------------------------------------------------------------------------
 
@@ -283,7 +294,7 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            if self.rule.tree_layout:
+            if self._combined_rule:
                 for gi, group in enumerate(self.param_groups):
                     combined.step(self, gi, group, self._rule(group)[0])
                 return loss
@@ -377,7 +388,7 @@ class Optimizer(torch.optim.Optimizer):
         out = {}
         for gi, group in enumerate(self.param_groups):
             rule = self._rule(group)[0]
-            if self.rule.tree_layout:
+            if self._combined_rule:
                 out.update(combined.averaged(self, gi, group, rule, name))
                 continue
             part, key = find_average(rule, name)

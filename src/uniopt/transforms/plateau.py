@@ -112,7 +112,7 @@ class reduce_on_plateau(WholeTree):
                 "plateau_count": number(0, xp.int32), "cooldown_count": number(0, xp.int32),
                 "count": number(0, xp.int32), "avg_value": number(0.0, reals[-1])}
 
-    def apply_tree(self, u: Any, state: Any, params: Any, value: Any = None,
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any, value: Any = None,
                    **extra: Any) -> tuple[Any, dict[str, Any]]:
         if value is None:
             raise TypeError(
