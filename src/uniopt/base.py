@@ -495,6 +495,10 @@ class Combinator(WholeTree):
         """This record with member ``name`` replaced (by :func:`uniopt.adjust`)."""
         raise NotImplementedError
 
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
+        """Each member's state for its leaves (slots in ``state_dtype`` where given)."""
+        raise NotImplementedError
+
     def leaves_of(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
         """The leaves (positions) each member's state covers: every one, unless the
         combinator routes them (:func:`uniopt.partition`)."""

@@ -204,13 +204,14 @@ class _Routed(_Runs):
     def makes_step(self) -> bool:  # type: ignore[override]
         return any(p.makes_step for m in self.inner.values() for p in m.flat_parts)
 
-    def init_tree(self, params: Any) -> Any:
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves, treedef, _ = flatten(params)
         routes = self.route(treedef, leaves)
         # each member's state is for the params' tree with the other leaves None: its leaves
         # keep their paths (for a partition or mask inside it)
         return {n: setup(m, unflatten(treedef, [x if i in set(routes[n]) else None
-                                                for i, x in enumerate(leaves)]))
+                                                for i, x in enumerate(leaves)]),
+                         state_dtype=state_dtype)
                 for n, m in self.inner.items()}
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
@@ -405,6 +406,13 @@ def _count(leaves: list[Any]) -> Any:
     return 0
 
 
+def _like(xs: list[Any], ps: list[Any]) -> list[Any]:
+    """``xs`` in the dtypes of ``ps`` (an accumulator kept in a wider ``state_dtype`` hands
+    the rule gradients as the params are)."""
+    return [x if x.dtype == p.dtype else backend.namespace(x).astype(x, p.dtype)
+            for x, p in zip(xs, ps, strict=True)]
+
+
 def _wrapped(owner: str, rule: Any) -> Transform:
     if not isinstance(rule, Transform):
         rule = chain(rule)  # an optax transformation, adopted (or a clear error)
@@ -445,11 +453,13 @@ class accumulate(_Runs):
     uses_params = property(lambda self: any(p.uses_params for p in self.rule.flat_parts))
     makes_step = property(lambda self: any(p.makes_step for p in self.rule.flat_parts))
 
-    def init_tree(self, params: Any) -> Any:
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten(params)[0]
         xp = backend.namespace(leaves[0]) if leaves else None
-        return {"mini": _count(leaves), "acc": [xp.zeros_like(x) for x in leaves] if xp else [],
-                "inner": setup(self.rule, params)}
+        acc = [xp.zeros_like(x) if state_dtype is None else
+               xp.zeros(x.shape, dtype=getattr(xp, state_dtype)) for x in leaves] if xp else []
+        return {"mini": _count(leaves), "acc": acc,
+                "inner": setup(self.rule, params, state_dtype=state_dtype)}
 
     def _every(self, step: Any) -> Any:
         if not callable(self.every):
@@ -474,7 +484,7 @@ class accumulate(_Runs):
                         backend.assign(old, new)
                     acc = tree["acc"]
                 return {"mini": mini + 1, "acc": acc, "inner": inner}, _still(mode, ps, gs)
-            out, inner = _member(mode, inner, ps, acc, extra)
+            out, inner = _member(mode, inner, ps, _like(acc, ps), extra)
             if mode == INPLACE:
                 for old, zero in zip(tree["acc"], zeros, strict=True):
                     backend.assign(old, zero)
@@ -482,7 +492,7 @@ class accumulate(_Runs):
             return {"mini": 0, "acc": zeros, "inner": inner}, out
         # JAX (traced or not): both outcomes, the one that holds selected, as optax does
         emit = mini + 1 >= k
-        out, new_inner = _member(mode, inner, ps, acc, extra)
+        out, new_inner = _member(mode, inner, ps, _like(acc, ps), extra)
         xp = backend.namespace(ps[0])
         return ({"mini": xp.where(emit, 0, mini + 1).astype(mini.dtype),
                  "acc": _where(emit, zeros, acc), "inner": _select(emit, new_inner, inner)},
@@ -520,12 +530,12 @@ class skip_nonfinite(_Runs):
     uses_params = property(lambda self: any(p.uses_params for p in self.rule.flat_parts))
     makes_step = property(lambda self: any(p.makes_step for p in self.rule.flat_parts))
 
-    def init_tree(self, params: Any) -> Any:
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten(params)[0]
         zero = _count(leaves)
         return {"notfinite_count": zero, "total_notfinite": zero,
                 "last_finite": True if isinstance(zero, int) else zero == 0,
-                "inner": setup(self.rule, params)}
+                "inner": setup(self.rule, params, state_dtype=state_dtype)}
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
               mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:

@@ -92,7 +92,9 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     for part, keys in rule.keyed_parts:
         if isinstance(part, WholeTree):
             _tree_library(leaves, part)
-            trees[keys[0]] = part.init_tree(params)
+            # a combinator's members keep their slots in the dtype asked for, as the rule's
+            trees[keys[0]] = (part.init_tree(params, state_dtype) if isinstance(part, Combinator)
+                              else part.init_tree(params))
         elif keys:
             per_leaf = [_init_slots(part, p, state_dtype) for p in leaves]
             for k, key in enumerate(keys):
