@@ -538,3 +538,12 @@ def test_members_keep_their_slots_in_the_state_dtype(wrap: str) -> None:
     assert_same(jax.tree.leaves(plain), jax.tree.leaves(wrapped))
     slots = jax.tree.leaves(uo.state.to_tree(s_wrapped)["tree_states"])
     assert {str(x.dtype) for x in slots if hasattr(x, "dtype")} == {"float32"}
+
+
+def test_adjust_reaches_a_label_inside_wrappers_and_chains() -> None:
+    rule = uo.skip_nonfinite(uo.accumulate(uo.chain(_uniopt_rule(), uo.ema(0.99)), 2))
+    state = uo.adjust(uo.setup(rule, _params(np.random.default_rng(0))), **{"embed.lr": 5e-5})
+    inner = state.rule.rule.rule.transforms[0]
+    assert inner.inner["embed"].lr == 5e-5 and inner.inner["decay"].lr == 1e-2
+    with pytest.raises(ValueError, match=r"'nothing.lr' is not a hyperparameter"):
+        uo.adjust(state, **{"nothing.lr": 1.0})
