@@ -108,6 +108,7 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
 
         def run(tx, x64):
             with jax.enable_x64(x64):
+                tx = tx if hasattr(tx, "init") else tx()  # optax builds dtypes under x64
                 model = MLP(nnx.Rngs(0))
                 if x64:
                     nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64),
@@ -131,8 +132,19 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
         print("f32", diff(ours, run(optax.adamw(1e-2, weight_decay=1e-2), False)))
         print("f64", diff(run(uo.adamw(lr=1e-2, weight_decay=1e-2), True),
                           run(optax.adamw(1e-2, weight_decay=1e-2), True)))
+        # a recipe by path: NNX's params are named "l1.kernel", "l1.bias"...
+        recipe = uo.skip_nonfinite(uo.accumulate(uo.partition(
+            {"d": uo.adamw(lr=1e-2, weight_decay=0.1), "n": uo.adam(lr=1e-2)},
+            uo.by_path({"*bias*": "n", "*": "d"})), 2))
+        theirs = lambda: optax.apply_if_finite(optax.MultiSteps(optax.multi_transform(
+            {"d": optax.adamw(1e-2, weight_decay=0.1), "n": optax.adam(1e-2)},
+            lambda p: jax.tree_util.tree_map_with_path(
+                lambda path, _: "n" if "bias" in jax.tree_util.keystr(path) else "d", p)), 2,
+            accumulator_dtype=jnp.float64), 10)
+        print("recipe", diff(run(recipe, True), run(theirs, True)))
     """)
     got = dict(line.split() for line in out.splitlines())
+    assert float(got["recipe"]) <= 1e-12, got
     # float64: the same arithmetic; float32: uniopt forms 1 - beta in double (optax in
     # float32, where 1 - 0.999 is off by 1.3e-5), which over 100 steps moves the params ~1e-5
     assert float(got["f64"]) <= 1e-12, got

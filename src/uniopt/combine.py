@@ -394,7 +394,10 @@ def _select(cond: Any, new: State, old: State) -> State:
     """State ``new`` where the (JAX) scalar ``cond`` holds, else ``old`` (same structure)."""
     import jax
 
-    return jax.tree.map(lambda x, y: jax.numpy.where(cond, x, y).astype(y.dtype), new, old)
+    jnp = jax.numpy
+    # in the old leaf's dtype as JAX holds it (a host float64 array is float32 without x64)
+    return jax.tree.map(lambda x, y: jnp.where(cond, x, y).astype(jnp.asarray(y).dtype),
+                        new, old)
 
 
 def _count(leaves: list[Any]) -> Any:
