@@ -70,6 +70,26 @@ def test_lightning_and_hf_trainer_resume_bit_for_bit() -> None:
         again.fit(resumed, loader(), ckpt_path=root + "/half.ckpt")
         print("lightning", again.global_step, same(straight, resumed), same(straight, first))
 
+        # a recipe by path (no decay on biases, accumulation, a NaN guard): its state is one
+        # group entry of the optimizer's state_dict, which Lightning saves and restores
+        import uniopt as uo
+        class R(M):
+            def configure_optimizers(self):
+                return ut.Optimizer(self.named_parameters(), uo.skip_nonfinite(uo.accumulate(
+                    uo.partition({"d": uo.adamw(lr=1e-2, weight_decay=0.1),
+                                  "n": uo.adamw(lr=1e-2, weight_decay=0.0)},
+                                 uo.by_path({"*.bias": "n", "*": "d"})), every=2)))
+        straight = R()
+        L.Trainer(max_epochs=3, **kw).fit(straight, loader())
+        first = R()
+        trainer = L.Trainer(max_epochs=1, **kw)
+        trainer.fit(first, loader())
+        trainer.save_checkpoint(root + "/recipe.ckpt")
+        resumed = R()
+        again = L.Trainer(max_epochs=3, **kw)
+        again.fit(resumed, loader(), ckpt_path=root + "/recipe.ckpt")
+        print("recipe", same(straight, resumed), same(straight, first))
+
         class Net(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -96,5 +116,6 @@ def test_lightning_and_hf_trainer_resume_bit_for_bit() -> None:
         print("hf", same(straight, resumed), same(straight, first))
     """)
     got = {line.split()[0]: line.split()[1:] for line in out.splitlines()
-           if line.split() and line.split()[0] in ("lightning", "hf")}
-    assert got == {"lightning": ["24", "True", "False"], "hf": ["True", "False"]}, out
+           if line.split() and line.split()[0] in ("lightning", "hf", "recipe")}
+    assert got == {"lightning": ["24", "True", "False"], "hf": ["True", "False"],
+                   "recipe": ["True", "False"]}, out
