@@ -13,6 +13,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
 from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
+from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
@@ -351,10 +352,21 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- checkpoints -----------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, with each uniopt schedule in a group written as plain data
+        (its type's name and fields), so that ``torch.load(..., weights_only=True)`` reads it."""
+        sd = super().state_dict()
+        groups = [{k: plain_schedules(v) for k, v in g.items()} for g in sd["param_groups"]]
+        return {**sd, "param_groups": groups}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (a state saved by the torch class of the same name loads
         here, and the reverse), after checking that the groups, their sizes, the slots and their
         shapes match this optimizer's parameters; nothing changes on an error."""
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
+            groups = [{k: schedules_from_plain(v) for k, v in g.items()}
+                      if isinstance(g, dict) else g for g in state_dict["param_groups"]]
+            state_dict = {**state_dict, "param_groups": groups}
         check_loadable(self, state_dict)
         super().load_state_dict(state_dict)
 
