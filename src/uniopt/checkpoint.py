@@ -375,7 +375,9 @@ def _diff(a: Any, b: Any, at: str, lenient: bool = False) -> str | None:
         if a.get("type") != b.get("type"):
             return f"{at} is {a.get('type')} in the checkpoint, {b.get('type')} in like"
         lenient = "host" in a
-        fa, fb = a.get("fields", {}), b.get("fields", {})
+        fa, fb = a.get("fields"), b.get("fields")
+        if not isinstance(fa, dict) or not isinstance(fb, dict):
+            return f"{at}'s fields are {_short(fa)} in the checkpoint"
         for k in sorted(set(fa) | set(fb)):
             if k not in fa or k not in fb:
                 return f"{at}.{k} is only in {'like' if k in fb else 'the checkpoint'}"
@@ -770,7 +772,7 @@ def _open(f: Any, name: str) -> _File:
             raise CheckpointError(f"{at}: expected dtype, shape and data_offsets, got "
                                   f"{_short(d)}")
         code, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
-        if code not in ITEMSIZE:
+        if not isinstance(code, str) or code not in ITEMSIZE:
             raise CheckpointError(f"{at}: unknown dtype {_short(code)}")
         if not isinstance(shape, list) or len(shape) > MAX_RANK or \
                 not all(type(s) is int and s >= 0 for s in shape):
