@@ -519,3 +519,22 @@ def test_accumulate_and_skip_nonfinite_as_optax_members() -> None:
                                  uo.skip_nonfinite(uo.accumulate(uo.adam(lr=1e-2), 3))),
                      params, grads)
     _close(got[-1], want[-1])
+
+
+@pytest.mark.parametrize("wrap", ["partition", "accumulate"])
+def test_members_keep_their_slots_in_the_state_dtype(wrap: str) -> None:
+    """float16 params, float32 slots: the members are set up as the rule would be."""
+    params = {"w": np.ones(3, np.float16), "b": np.ones(2, np.float16)}
+    rule = uo.adam(lr=0.1)
+    outer = (uo.partition({"a": rule, "b": rule}, uo.by_path({"w": "a", "*": "b"}))
+             if wrap == "partition" else uo.accumulate(rule, 1))
+    plain, wrapped = copy_tree(params), copy_tree(params)
+    s_plain = uo.setup(rule, plain, state_dtype="float32")
+    s_wrapped = uo.setup(outer, wrapped, state_dtype="float32")
+    g = {"w": np.full(3, 0.3, np.float16), "b": np.full(2, -0.7, np.float16)}
+    for _ in range(3):
+        s_plain = uo.update_(s_plain, plain, g)
+        s_wrapped = uo.update_(s_wrapped, wrapped, g)
+    assert_same(jax.tree.leaves(plain), jax.tree.leaves(wrapped))
+    slots = jax.tree.leaves(uo.state.to_tree(s_wrapped)["tree_states"])
+    assert {str(x.dtype) for x in slots if hasattr(x, "dtype")} == {"float32"}

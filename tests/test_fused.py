@@ -48,6 +48,12 @@ RULES = {
     "radam-l2": uo.radam(lr=0.01, weight_decay=0.1),
     "asgd-averaging": uo.asgd(lr=0.05, lambd=0.01, t0=5, weight_decay=1e-2),
     "rprop": uo.rprop(lr=0.01, etas=(0.3, 1.4), step_sizes=(1e-4, 0.03)),
+    # every averaging part, each averaging the params the parts before it write: a sync at
+    # steps 3, 6..., members of the mean at steps 2, 5..., the EMA's first copy
+    "lookahead-polyak-ema": uo.chain(uo.lookahead(uo.sgd(lr=0.1, momentum=0.9), k=3, alpha=0.6),
+                                     uo.polyak(start=2, every=3), uo.ema(0.9)),
+    # signSGD: the compiled sign is NumPy's (+0.0 for either zero, NaN kept)
+    "sign": uo.chain(uo.sign(), uo.scale_by_lr(0.01)),
 }
 # a leaf larger than one chunk, so chunk boundaries inside a leaf are exercised
 SHAPES = [(), (1,), (3, 4), (fused.CHUNK * 2 + 17,), (5, 1, 7)]
@@ -77,6 +83,21 @@ def test_fast_path_is_bitwise_the_reference(name: str, dtype: type) -> None:
     assert all(type(x) is np.ndarray for x in uo.trainables(fast))
     assert_same(uo.trainables(fast), uo.trainables(ref))
     assert_same_state(s_fast, s_ref)
+
+
+def test_the_compiled_sign_is_numpys_at_zeros_and_nan(small_steps_compiled: None) -> None:
+    """np.sign gives +0.0 for -0.0 and keeps NaN; numba's scalar sign keeps -0.0 (and
+    ``-0.0 - 0.01*(-0.0)`` is +0.0 where ``-0.0 - 0.01*0.0`` is -0.0): the compiled loop's is
+    NumPy's, bit for bit (the loop of RULES["sign"], in place, float32)."""
+    g = [np.array([-0.0, 0.0, np.nan, -3.0, 2.0, -np.inf], np.float32)]
+    fast, ref = [np.full(6, -0.0, np.float32)], [np.full(6, -0.0, np.float32)]
+    rule = RULES["sign"]
+    with expect_compiled(1):
+        uo.update_(uo.setup(rule, fast), fast, g)
+    with reference_path():
+        uo.update_(uo.setup(rule, ref), ref, g)
+    assert_same(fast, ref)
+    assert np.signbit(fast[0][0]) and np.signbit(fast[0][1])
 
 
 def test_fast_path_runs_for_plain_arrays() -> None:

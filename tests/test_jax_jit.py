@@ -216,6 +216,19 @@ def test_float32_hyperparameters_under_jit_keep_their_precision() -> None:
             assert ulps(runs["eager fl32"], runs["eager"]) > 4 * ulps(runs["jit"], runs["eager"])
 
 
+def test_a_part_chained_on_its_own_keeps_its_complements_after_jit() -> None:
+    """A part that is a chain's member itself (not made by a rule's parts()) pairs its numbers
+    with the host's complements too: an eager step (or read) of a state that came out of
+    jax.jit computes with 1 - 0.999 from the host, not from float32 0.999."""
+    from uniopt.engine import resolve
+
+    params = {"w": jnp.ones(3, jnp.float32)}
+    state = uo.setup(uo.chain(uo.scale_by_adam(b2=0.999), uo.scale_by_lr(1e-3)), params)
+    state, params = jax.jit(uo.update)(state, params, {"w": jnp.ones(3, jnp.float32)})
+    coeffs = resolve(state.rule, state.step)[0][1]
+    assert float(coeffs.one_minus_b2) == float(np.float32(0.001))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Linear:

@@ -14,7 +14,7 @@ from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, 
 from .checkpoint import CheckpointError, load, save
 from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
-from .interop.optax import from_optax
+from .interop.optax import from_optax, to_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
 from .rules.adafactor import adafactor, scale_by_factored_rms, scale_by_param_scale
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
@@ -42,10 +42,20 @@ from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
-from .transforms.clip import clip, clip_by_global_norm
+from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
+from .transforms.centralize import centralize
+from .transforms.clip import (
+    adaptive_grad_clip,
+    clip,
+    clip_by_block_rms,
+    clip_by_global_norm,
+    clip_by_norm,
+)
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.momentum import trace
-from .transforms.scale import scale, scale_by_lr
+from .transforms.noise import add_noise
+from .transforms.plateau import reduce_on_plateau
+from .transforms.scale import scale, scale_by_lr, scale_by_trust_ratio, sign
 from .tree import pack, register_dataclass, trainables
 
 __version__ = "0.1.0"
@@ -71,6 +81,8 @@ __all__ = [
     "Transform",
     "WholeTree",
     "adadelta",
+    "adaptive_grad_clip",
+    "add_noise",
     "adafactor",
     "adagrad",
     "adam",
@@ -78,23 +90,32 @@ __all__ = [
     "adamw",
     "adjust",
     "asgd",
+    "averaged",
+    "centralize",
     "chain",
     "clip",
+    "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_norm",
     "ema_momentum",
     "from_optax",
     "lbfgs",
     "lbfgs_step",
+    "lookahead",
+    "lookahead_sync",
     "minimize_step",
     "minimize_step_",
     "muon",
     "decoupled_weight_decay",
+    "ema",
     "from_optax",
     "nadam",
     "optimistic_adam",
     "orthogonalize",
     "pack",
+    "polyak",
     "radam",
+    "reduce_on_plateau",
     "register_dataclass",
     "rmsprop",
     "rprop",
@@ -116,11 +137,14 @@ __all__ = [
     "scale_by_rprop",
     "scale_by_rss",
     "scale_by_shape_lr",
+    "scale_by_trust_ratio",
     "schedules",
     "setup",
     "sgd",
+    "sign",
     "scale_by_sparse_adam",
     "sparse_adam",
+    "to_optax",
     "trace",
     "trainables",
     "update",

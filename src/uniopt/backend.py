@@ -195,6 +195,14 @@ def fresh(x: Any, xp: Any) -> Any:
     return xp.asarray(x, copy=True)
 
 
+def detached_copy(x: Any) -> Any:
+    """A copy of ``x`` in memory of its own and, for a tensor that requires grad, outside
+    autograd's graph (a state slot that starts as the parameter)."""
+    if is_torch(x):
+        return x.detach().clone()
+    return fresh(x, namespace(x))
+
+
 # --- complex leaves: an optimizer sees a complex number as the pair of its parts (torch) -------
 
 

@@ -21,11 +21,11 @@ Optimisers.jl and the papers write it so). The optax protocol negates it on the 
 The kernel contract: ``coeffs(step)`` runs on the host and returns a named record (a
 ``NamedTuple``) of every number the kernel needs, ``1 - beta`` included, computed in double
 precision; ``kernel(xp, c, p, u, *slots) -> (u, *slots)`` uses only arithmetic and
-``xp.sqrt`` / ``xp.maximum`` / ``xp.minimum`` of the namespace it is given, and no constants, so
-one function runs on NumPy, torch or JAX arrays, and element by element under numba, in the
-array's precision. A kernel does not branch on its coefficients: a flag that changes the
-arithmetic (Nesterov or not) picks another kernel, and a switch that depends on the step (the
-first update) goes through :func:`uniopt.moments.select`.
+``xp.sqrt`` / ``xp.maximum`` / ``xp.minimum`` / ``xp.sign`` of the namespace it is given, and no
+constants, so one function runs on NumPy, torch or JAX arrays, and element by element under
+numba, in the array's precision. A kernel does not branch on its coefficients: a flag that
+changes the arithmetic (Nesterov or not) picks another kernel, and a switch that depends on the
+step (the first update) goes through :func:`uniopt.moments.select`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,17 @@ from typing import Any, ClassVar
 
 import array_api_compat as aac
 
-from .hyper import Complemented, DeviceNumber, HostFacts, Interval, _traced, check, on_host, resolve
+from .hyper import (
+    Complemented,
+    DeviceNumber,
+    HostFacts,
+    Interval,
+    _jax_array,
+    _traced,
+    check,
+    on_host,
+    resolve,
+)
 
 Kernel = Callable[..., tuple[Any, ...]]
 
@@ -52,7 +62,8 @@ class Transform:
     """Base of every rule and building block: hyperparameters as fields, nothing else."""
 
     # Set only on a record rebuilt from a JAX state (see uniopt.interop.jax) or resolved from
-    # one: the host's complements of its numbers and its optional-block decisions.
+    # one, and on a record given a JAX array for a number that decides an optional block: the
+    # host's complements of its numbers and its optional-block decisions.
     host: HostFacts | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
@@ -76,6 +87,10 @@ class Transform:
         """Check every hyperparameter and store numbers as Python floats (tuples as tuples).
 
         ``resolved``: the values came from schedules, so each must be a number."""
+        # a JAX array where a number decides a block: the value may change with the record
+        # kept (optax.inject_hyperparams passes every number so and rebuilds the record with
+        # the array it holds, traced under jit), so the block is kept, as for a schedule
+        dynamic = [n for n in self.optional if _jax_array(getattr(self, n))]
         for f in dataclasses.fields(self):
             valid = f.metadata.get("hyper") or f.metadata.get("static")
             if valid is None:
@@ -97,6 +112,9 @@ class Transform:
             else:
                 value = number(f.name, value)
             object.__setattr__(self, f.name, value)
+        if dynamic:
+            on = frozenset(n for n in self.optional if n in dynamic or self.on(n))
+            object.__setattr__(self, "host", HostFacts({}, on))
         if any(_traced(v) or isinstance(v, (Complemented, DeviceNumber)) for v in _numbers(self)):
             return  # from a JAX state: nothing to compare on the host
         try:
@@ -109,12 +127,17 @@ class Transform:
 
     def replace(self, **changes: Any) -> Transform:
         """This record with some fields changed, validated; the host's complements of the
-        other numbers are kept (see :class:`~uniopt.hyper.HostFacts`)."""
+        other numbers, and the decisions of the blocks they drive, are kept (see
+        :class:`~uniopt.hyper.HostFacts`)."""
         new = dataclasses.replace(self, **changes)
         if self.host is not None:
             kept = {k: c for k, c in self.host.complements.items()
                     if (k if isinstance(k, str) else k[0]) not in changes}
-            object.__setattr__(new, "host", HostFacts(kept))
+            on = self.host.on
+            if on is not None:
+                on = frozenset(n for n in self.optional
+                               if (new.on(n) if n in changes else n in on))
+            object.__setattr__(new, "host", HostFacts(kept, on))
         return new
 
     def at(self, step: Any) -> Transform:
@@ -190,8 +213,9 @@ class Transform:
 
     def on(self, name: str) -> bool:
         """Whether the optional block that hyperparameter ``name`` drives is needed (a schedule
-        may become non-zero later). Decided on the host: a record rebuilt from a JAX state
-        carries the decision, since a traced value cannot be compared."""
+        may become non-zero later, and so may a JAX array). Decided on the host: a record
+        rebuilt from a JAX state carries the decision, since a traced value cannot be
+        compared."""
         assert name in self.optional, f"{self.name}.optional does not list {name!r}"
         if self.host is not None and self.host.on is not None:
             return name in self.host.on
@@ -214,7 +238,9 @@ class Transform:
         source = self if self.host is None or not self.host.complements else self._paired()
         out: list[Part] = []
         for p in source.parts():
-            out.extend([p] if isinstance(p, PART_KINDS) else p.flat_parts)
+            # a part that is a member itself (of a chain) pairs its own numbers too
+            own = p is source or p.host is None or not p.host.complements
+            out.extend([p] if isinstance(p, PART_KINDS) and own else p.flat_parts)
         return tuple(out)
 
     def _paired(self) -> Transform:
@@ -282,9 +308,14 @@ class Transform:
         """optax protocol: the state for ``params`` (same as ``uniopt.setup(self, params)``)."""
         return OPTAX_PROTOCOL["init"](self, params)
 
-    def update(self, grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        """optax protocol: ``(updates, state)`` where ``params + updates`` is the new params."""
-        return OPTAX_PROTOCOL["update"](self, grads, state, params)
+    def update(self, grads: Any, state: Any, params: Any = None,
+               **extra_args: Any) -> tuple[Any, Any]:
+        """optax protocol: ``(updates, state)`` where ``params + updates`` is the new params.
+
+        Extra keyword arguments (optax's ``GradientTransformationExtraArgs``: ``value=loss``)
+        reach the parts that read them (:class:`~uniopt.reduce_on_plateau`, an optax member
+        that takes them); the others ignore them, as optax's transformations do."""
+        return OPTAX_PROTOCOL["update"](self, grads, state, params, **extra_args)
 
 
 def _numbered(parts: tuple[Part, ...]) -> list[tuple[str, Part]]:
@@ -356,12 +387,16 @@ class Part(Transform):
 class Elementwise(Part):
     """Acts on each element on its own: ``kernel(xp, c, p, u, *slots) -> (u, *slots)``."""
 
-    # a part that needs the global norm of its input over every leaf (clip_by_global_norm):
-    # the engine computes it in one extra read pass and asks norm_coeffs for the coefficients
+    # a part that needs the 2-norm of its input over every leaf (clip_by_global_norm), or with
+    # norm_per_leaf over each leaf on its own (clip_by_norm): the engine computes it in one
+    # extra read pass and asks norm_coeffs for the coefficients, per leaf where per leaf
     needs_norm: ClassVar[bool] = False
+    norm_per_leaf: ClassVar[bool] = False
 
-    def norm_coeffs(self, norm: Any) -> Any:
-        """For ``needs_norm`` parts: the coefficients, given the global norm of the input."""
+    def norm_coeffs(self, norm: Any, size: Any) -> Any:
+        """For ``needs_norm`` parts: the coefficients, given the norm of the input and the
+        number of elements it is over. Per leaf, the compiled path asks once for every leaf,
+        ``norm`` and ``size`` then float64 NumPy arrays, and expects a record of arrays."""
         raise NotImplementedError
 
     # a static method or a function defined at a module's top level (so the compiled loop can
@@ -399,15 +434,26 @@ class PerLeaf(Part):
 @dataclasses.dataclass(frozen=True)
 class WholeTree(Part):
     """Sees every leaf's ``u`` at once, as a tree shaped like the params (an optax
-    transformation): the engine runs the parts before it on every leaf, hands it the tree, and
-    keeps its state, any pytree, in ``State.tree_states``."""
+    transformation, a random generator's draw): the engine runs the parts before it on every
+    leaf, hands it the tree with the step's coefficients, and keeps its state, any pytree, in
+    ``State.tree_states``."""
+
+    # the array libraries it runs on (optax: JAX, and NumPy through JAX); None: any
+    libraries: ClassVar[tuple[str, ...] | None] = None
+
+    # reads the step's extra arguments (the loss, ``value=``, of ``uniopt.update`` and of the
+    # optax protocol): ``apply_tree`` receives them as keywords
+    reads_value: ClassVar[bool] = False
 
     def init_tree(self, params: Any) -> Any:
         """The state for the params tree."""
         raise NotImplementedError
 
-    def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted)."""
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted), with the
+        step's coefficients ``c`` (:meth:`~Part.coeffs`); a part that ``reads_value`` also
+        takes the step's extra arguments as keywords."""
         raise NotImplementedError
 
 
@@ -449,8 +495,17 @@ class Combinator(WholeTree):
         """This record with member ``name`` replaced (by :func:`uniopt.adjust`)."""
         raise NotImplementedError
 
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
+        """Each member's state for its leaves (slots in ``state_dtype`` where given)."""
+        raise NotImplementedError
+
+    def leaves_of(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
+        """The leaves (positions) each member's state covers: every one, unless the
+        combinator routes them (:func:`uniopt.partition`)."""
+        return {name: tuple(range(len(leaves))) for name in self.inner}
+
     def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
-            inplace: bool) -> tuple[Any, Any]:
+            inplace: bool, **extra: Any) -> tuple[Any, Any]:
         """The step as a rule's only part: ``(tree, new_params)`` for the leaves of a params
         tree of structure ``treedef`` (``new_params`` a list, None in place). The inputs
         are checked; nothing is written yet."""

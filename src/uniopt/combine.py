@@ -107,14 +107,17 @@ def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any])
 CHAIN, PURE, INPLACE = "chain", "pure", "inplace"
 
 
-def _member(mode: str, state: State, ps: list[Any], gs: list[Any]) -> tuple[Any, State]:
+def _member(mode: str, state: State, ps: list[Any], gs: list[Any],
+            extra: dict[str, Any]) -> tuple[Any, State]:
     """A member's step on its leaves: ``(out, state)``, ``out`` as ``mode`` says."""
     if mode == CHAIN:
-        return member_step(state, ps, gs)
+        return member_step(state, ps, gs, extra)
+    # as trees of the member's structure, so a combinator inside sees the leaves' paths
+    p_tree, g_tree = unflatten(state.treedef, ps), unflatten(state.treedef, gs)
     if mode == PURE:
-        new, out = update(state, ps, gs)
-        return out, new
-    return None, update_(state, ps, gs)
+        new, out = update(state, p_tree, g_tree, **extra)
+        return flatten(out)[0], new
+    return None, update_(state, p_tree, g_tree, **extra)
 
 
 def _still(mode: str, ps: list[Any], us: list[Any]) -> list[Any] | None:
@@ -132,24 +135,28 @@ class _Runs(Combinator):
     :data:`INPLACE`): its ``_step`` gets flat lists of leaves."""
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
-              mode: str) -> tuple[Any, list[Any] | None]:
+              mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
         raise NotImplementedError
 
-    def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    # the step's extra arguments (the loss) go on to the members, whose parts may read them
+    reads_value: ClassVar[bool] = True
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
         us, treedef, _ = flatten(u)
-        tree, out = self._step(state, treedef, flatten(params)[0], us, CHAIN)
+        tree, out = self._step(state, treedef, flatten(params)[0], us, CHAIN, extra)
         assert out is not None
         return unflatten(treedef, out), tree
 
     def run(self, tree: Any, treedef: Any, params: list[Any], grads: list[Any],
-            inplace: bool) -> tuple[Any, Any]:
+            inplace: bool, **extra: Any) -> tuple[Any, Any]:
         if not self.routes and any(g is None for g in grads):
             i = next(i for i, g in enumerate(grads) if g is None)
             raise ValueError(
                 f"{self.name}: the gradient of {path_str(optree.treespec_paths(treedef)[i])} "
                 "is None; it steps every leaf together (pass zeros to leave one still)"
             )
-        return self._step(tree, treedef, params, grads, INPLACE if inplace else PURE)
+        return self._step(tree, treedef, params, grads, INPLACE if inplace else PURE, extra)
 
     # whether each leaf goes to one member alone, which then takes its None gradients
     routes: ClassVar[bool] = False
@@ -164,6 +171,9 @@ class _Routed(_Runs):
 
     def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
         raise NotImplementedError
+
+    def leaves_of(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
+        return self.route(treedef, leaves)
 
     def route(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
         """The leaves (their positions) each member takes, raising where a label names none.
@@ -194,13 +204,18 @@ class _Routed(_Runs):
     def makes_step(self) -> bool:  # type: ignore[override]
         return any(p.makes_step for m in self.inner.values() for p in m.flat_parts)
 
-    def init_tree(self, params: Any) -> Any:
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves, treedef, _ = flatten(params)
         routes = self.route(treedef, leaves)
-        return {n: setup(m, [leaves[i] for i in routes[n]]) for n, m in self.inner.items()}
+        # each member's state is for the params' tree with the other leaves None: its leaves
+        # keep their paths (for a partition or mask inside it)
+        return {n: setup(m, unflatten(treedef, [x if i in set(routes[n]) else None
+                                                for i, x in enumerate(leaves)]),
+                         state_dtype=state_dtype)
+                for n, m in self.inner.items()}
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
-              mode: str) -> tuple[Any, list[Any] | None]:
+              mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
         routes = self.route(treedef, ps)
         out: list[Any] | None = None if mode == INPLACE else [None] * len(ps)
         new = {}
@@ -211,7 +226,7 @@ class _Routed(_Runs):
             if _frozen(member):
                 new[name], moved = st, _still(mode, sub_p, sub_g)
             else:
-                moved, new[name] = _member(mode, st, sub_p, sub_g)
+                moved, new[name] = _member(mode, st, sub_p, sub_g, extra)
             if out is not None:
                 assert moved is not None
                 for i, x in zip(idx, moved, strict=True):
@@ -391,6 +406,13 @@ def _count(leaves: list[Any]) -> Any:
     return 0
 
 
+def _like(xs: list[Any], ps: list[Any]) -> list[Any]:
+    """``xs`` in the dtypes of ``ps`` (an accumulator kept in a wider ``state_dtype`` hands
+    the rule gradients as the params are)."""
+    return [x if x.dtype == p.dtype else backend.namespace(x).astype(x, p.dtype)
+            for x, p in zip(xs, ps, strict=True)]
+
+
 def _wrapped(owner: str, rule: Any) -> Transform:
     if not isinstance(rule, Transform):
         rule = chain(rule)  # an optax transformation, adopted (or a clear error)
@@ -431,11 +453,13 @@ class accumulate(_Runs):
     uses_params = property(lambda self: any(p.uses_params for p in self.rule.flat_parts))
     makes_step = property(lambda self: any(p.makes_step for p in self.rule.flat_parts))
 
-    def init_tree(self, params: Any) -> Any:
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten(params)[0]
         xp = backend.namespace(leaves[0]) if leaves else None
-        return {"mini": _count(leaves), "acc": [xp.zeros_like(x) for x in leaves] if xp else [],
-                "inner": setup(self.rule, leaves)}
+        acc = [xp.zeros_like(x) if state_dtype is None else
+               xp.zeros(x.shape, dtype=getattr(xp, state_dtype)) for x in leaves] if xp else []
+        return {"mini": _count(leaves), "acc": acc,
+                "inner": setup(self.rule, params, state_dtype=state_dtype)}
 
     def _every(self, step: Any) -> Any:
         if not callable(self.every):
@@ -447,7 +471,7 @@ class accumulate(_Runs):
         return k
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
-              mode: str) -> tuple[Any, list[Any] | None]:
+              mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
         inner = dataclasses.replace(tree["inner"], rule=self.rule)
         mini, k = tree["mini"], self._every(inner.step)
         with np.errstate(invalid="ignore"):  # a NaN micro-batch: a guard inside handles it
@@ -460,7 +484,7 @@ class accumulate(_Runs):
                         backend.assign(old, new)
                     acc = tree["acc"]
                 return {"mini": mini + 1, "acc": acc, "inner": inner}, _still(mode, ps, gs)
-            out, inner = _member(mode, inner, ps, acc)
+            out, inner = _member(mode, inner, ps, _like(acc, ps), extra)
             if mode == INPLACE:
                 for old, zero in zip(tree["acc"], zeros, strict=True):
                     backend.assign(old, zero)
@@ -468,7 +492,7 @@ class accumulate(_Runs):
             return {"mini": 0, "acc": zeros, "inner": inner}, out
         # JAX (traced or not): both outcomes, the one that holds selected, as optax does
         emit = mini + 1 >= k
-        out, new_inner = _member(mode, inner, ps, acc)
+        out, new_inner = _member(mode, inner, ps, _like(acc, ps), extra)
         xp = backend.namespace(ps[0])
         return ({"mini": xp.where(emit, 0, mini + 1).astype(mini.dtype),
                  "acc": _where(emit, zeros, acc), "inner": _select(emit, new_inner, inner)},
@@ -506,21 +530,21 @@ class skip_nonfinite(_Runs):
     uses_params = property(lambda self: any(p.uses_params for p in self.rule.flat_parts))
     makes_step = property(lambda self: any(p.makes_step for p in self.rule.flat_parts))
 
-    def init_tree(self, params: Any) -> Any:
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten(params)[0]
         zero = _count(leaves)
         return {"notfinite_count": zero, "total_notfinite": zero,
                 "last_finite": True if isinstance(zero, int) else zero == 0,
-                "inner": setup(self.rule, leaves)}
+                "inner": setup(self.rule, params, state_dtype=state_dtype)}
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
-              mode: str) -> tuple[Any, list[Any] | None]:
+              mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
         inner = dataclasses.replace(tree["inner"], rule=self.rule)
         finite = [backend.namespace(g).all(backend.namespace(g).isfinite(g)) for g in gs]
         if not (ps and backend.is_jax(ps[0])):
             bad = next((i for i, f in enumerate(finite) if not bool(f)), None)
             if bad is None:
-                out, inner = _member(mode, inner, ps, gs)
+                out, inner = _member(mode, inner, ps, gs, extra)
                 return {**tree, "notfinite_count": 0, "last_finite": True, "inner": inner}, out
             count = tree["notfinite_count"] + 1
             if count > self.max_consecutive:
@@ -536,7 +560,7 @@ class skip_nonfinite(_Runs):
         ok = xp.all(xp.stack(finite)) if finite else xp.asarray(True)
         count = xp.where(ok, 0, tree["notfinite_count"] + 1).astype(xp.int32)
         take = ok | (count > self.max_consecutive)
-        out, new_inner = _member(mode, inner, ps, gs)
+        out, new_inner = _member(mode, inner, ps, gs, extra)
         return ({"notfinite_count": count, "last_finite": ok,
                  "total_notfinite": (tree["total_notfinite"] + (~ok)).astype(xp.int32),
                  "inner": _select(take, new_inner, inner)},

@@ -29,12 +29,13 @@ from .base import (
     PerLeaf,
     Transform,
     WholeTree,
+    assemble,
     chain,
     members,
 )
 from .hyper import _traced
 from .interop.jax import register_state
-from .state import State
+from .state import AnyParams, State
 from .tree import NAMESPACE, flatten, path_str, unflatten
 
 
@@ -90,9 +91,10 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
         if isinstance(part, WholeTree):
-            if not isinstance(part, (Minimizer, Combinator)):
-                _tree_library(leaves, part)
-            trees[keys[0]] = part.init_tree(params)
+            _tree_library(leaves, part)
+            # a combinator's members keep their slots in the dtype asked for, as the rule's
+            trees[keys[0]] = (part.init_tree(params, state_dtype) if isinstance(part, Combinator)
+                              else part.init_tree(params))
         elif keys:
             per_leaf = [_init_slots(part, p, state_dtype) for p in leaves]
             for k, key in enumerate(keys):
@@ -141,7 +143,7 @@ def _init_slots(part: Part, p: Any, state_dtype: str | None) -> tuple[Any, ...]:
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
-    if leaves and not (backend.is_jax(leaves[0]) or backend.is_numpy(leaves[0])):
+    if leaves and part.libraries is not None and backend.library(leaves[0]) not in part.libraries:
         raise TypeError(
             f"{part.name} runs optax, on JAX or NumPy arrays; these params are "
             f"{backend.library(leaves[0])} arrays"
@@ -223,6 +225,11 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
 def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) -> None:
     if not isinstance(state, State):
         raise TypeError(f"expected a uniopt State (from uniopt.setup), got {type(state).__name__}")
+    if isinstance(state.treedef, AnyParams) and not all(
+        isinstance(v, list) for v in state.slots.values()
+    ):
+        raise ValueError("this state was made for optax's placeholder params (by "
+                         "optax.tree.map_params), not for arrays: set one up with init(params)")
     if sorted(state.tree_states) != sorted(state.rule.tree_layout):
         raise ValueError(
             f"this state holds tree states {sorted(state.tree_states)} but its rule has "
@@ -239,6 +246,9 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                          f"have {len(params)}: it was set up for other params")
     shapes: dict[tuple[int, ...], dict[str, Any]] = {}  # the slots' shapes, by leaf shape
     for key, arrays in state.slots.items():
+        if len(arrays) != len(params):
+            raise ValueError(f"the state's {key} holds {len(arrays)} arrays, the params "
+                             f"{len(params)}: this state was set up for other params")
         for name, p, s in zip(names, params, arrays, strict=True):
             dtype = p.dtype
             if state.state_dtype is not None:
@@ -257,6 +267,14 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                 )
 
 
+def _with_structure(state: State, treedef: Any) -> State:
+    """``state``, with the params' structure where it had none (a state that
+    ``optax.tree.map_params`` mapped: it comes out with the placeholder's :class:`AnyParams`)."""
+    if isinstance(state.treedef, AnyParams):
+        return dataclasses.replace(state, treedef=treedef)
+    return state
+
+
 Resolved = list[tuple[Part, Any, tuple[str, ...]]]
 
 
@@ -265,9 +283,6 @@ def resolve(rule: Transform, step: Any) -> Resolved:
     (naming the rule, the part and the step) where a schedule's value is invalid."""
     out: Resolved = []
     for part, keys in rule.keyed_parts:
-        if isinstance(part, WholeTree):
-            out.append((part, (), keys))
-            continue
         try:
             resolved = part.at(step)
         except (ValueError, TypeError) as e:
@@ -278,9 +293,10 @@ def resolve(rule: Transform, step: Any) -> Resolved:
 
 
 def _deltas(
-    state: State, params: list[Any], grads: list[Any]
+    state: State, params: list[Any], grads: list[Any], extra: dict[str, Any]
 ) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
-    """The update ``u`` of every leaf (``p_new = p - u``), the new slots and tree states.
+    """The update ``u`` of every leaf (``p_new = p - u``), the new slots and tree states;
+    ``extra``, the step's extra arguments (the loss), goes to the parts that read it.
 
     Part by part over every leaf: a global norm or a whole-tree part needs every leaf's ``u``
     before it can go on. An elementwise part's kernel and a per-leaf part's ``apply`` are
@@ -305,7 +321,8 @@ def _deltas(
                 "closure(params) returns (loss, grads)"
             )
         if isinstance(part, WholeTree):
-            us, new_trees[keys[0]] = _apply_tree(part, us, state.tree_states[keys[0]], ps, state)
+            us, new_trees[keys[0]] = _apply_tree(part, c, us, state.tree_states[keys[0]], ps,
+                                                 state, extra)
             continue
         if isinstance(part, PerLeaf):
             outs = _per_leaf(part, c, [[read(state.slots[k][i], dt, xp) for k in keys]
@@ -313,14 +330,21 @@ def _deltas(
                              xps, ps, us)
         else:
             assert isinstance(part, Elementwise)
-            if part.needs_norm:
-                c = part.norm_coeffs(_norm(us, xps))
+            if part.needs_norm and part.norm_per_leaf:
+                leaf_cs = [part.norm_coeffs(_norm([u], [xp]), math.prod(u.shape))
+                           for xp, u in zip(xps, us, strict=True)]
+                leaf_cs = [_per_dtype(lc, [u]).get(u.dtype, lc)
+                           for lc, u in zip(leaf_cs, us, strict=True)]
+            else:
+                if part.needs_norm:
+                    c = part.norm_coeffs(_norm(us, xps), sum(math.prod(u.shape) for u in us))
+                cs = _per_dtype(c, us)
+                leaf_cs = [cs.get(u.dtype, c) for u in us]
             fn = part.kernel
-            cs = _per_dtype(c, us)
             outs = [
-                fn(xp, cs.get(u.dtype, c), p, u,
-                   *(read(state.slots[k][i], dt, xp) for k in keys))
-                for i, (xp, dt, p, u) in enumerate(zip(xps, dts, ps, us, strict=True))
+                fn(xp, lc, p, u, *(read(state.slots[k][i], dt, xp) for k in keys))
+                for i, (xp, dt, p, u, lc) in enumerate(zip(xps, dts, ps, us, leaf_cs,
+                                                          strict=True))
             ]
         us = [o[0] for o in outs]
         for j, k in enumerate(keys):
@@ -328,10 +352,11 @@ def _deltas(
     return us, new_slots, new_trees
 
 
-def member_step(state: State, params: list[Any], grads: list[Any]) -> tuple[list[Any], State]:
+def member_step(state: State, params: list[Any], grads: list[Any],
+                extra: dict[str, Any]) -> tuple[list[Any], State]:
     """A member rule's updates for its leaves and its new state, inside a combinator's step
     (whose caller checked the leaves)."""
-    us, slots, trees = _deltas(state, params, grads)
+    us, slots, trees = _deltas(state, params, grads, extra)
     step = _Step(params, grads, state.treedef)
     new = dataclasses.replace(state, step=state.step + 1, tree_states=trees,
                               slots={**state.slots, **_new_slots(state, slots, step)})
@@ -344,11 +369,12 @@ def _combinator(rule: Transform) -> Combinator | None:
     return parts[0] if len(parts) == 1 and isinstance(parts[0], Combinator) else None
 
 
-def _run(state: State, part: Combinator, step: _Step, inplace: bool) -> tuple[State, Any]:
+def _run(state: State, part: Combinator, step: _Step, inplace: bool,
+         extra: dict[str, Any]) -> tuple[State, Any]:
     (key,) = state.rule.tree_layout
     with backend.outside_autograd(step.params):
         tree, new_p = part.run(state.tree_states[key], step.treedef, step.params, step.grads,
-                               inplace)
+                               inplace, **extra)
     new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
     return new, None if inplace else unflatten(step.treedef, new_p)
 
@@ -422,9 +448,11 @@ def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
     return out
 
 
-def _apply_tree(part: WholeTree, us: list[Any], st: Any, ps: list[Any], state: State) -> Any:
+def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
+                state: State, extra: dict[str, Any]) -> Any:
     """A whole-tree part on every leaf's ``u``; its outputs as arrays of the params' library."""
-    out, st = part.apply_tree(unflatten(state.treedef, us), st, unflatten(state.treedef, ps))
+    out, st = part.apply_tree(c, unflatten(state.treedef, us), st, unflatten(state.treedef, ps),
+                              **(extra if part.reads_value else {}))
     leaves, treedef, _ = flatten(out)
     if treedef != state.treedef:
         raise ValueError(
@@ -469,8 +497,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     these arrays declined (None: no strategy took them, nothing worth a word).
 
     Only cheap whole-tree work happens here; the strategies check each leaf."""
-    if not isinstance(state, State) or state.tree_states or state.counts is not None or \
-            backend.is_tracked():
+    if (not isinstance(state, State) or state.tree_states or backend.is_tracked()
+            or state.counts is not None or isinstance(state.treedef, AnyParams)):
         # an optax transform in the chain: JAX runs it, on the whole tree; a step autograd
         # records: the reference path's torch operations
         return None
@@ -556,25 +584,28 @@ def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[s
     }
 
 
-def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
+def update(state: State, params: Any, grads: Any, *, value: Any = None) -> tuple[State, Any]:
     """One step, pure: returns ``(new_state, new_params)`` and leaves every input untouched.
 
     ``grads`` is a tree shaped like ``params`` or a flat list aligned with
-    :func:`uniopt.trainables`.
+    :func:`uniopt.trainables`. ``value``: the loss, for the parts that read it
+    (:class:`uniopt.reduce_on_plateau`); ignored by the others.
     """
     fast_out = _fast(state, params, grads, inplace=False)
     if isinstance(fast_out, tuple):
         return fast_out
     step = _prologue(state, params, grads)
+    state = _with_structure(state, step.treedef)
+    extra = {} if value is None else {"value": value}
     if any(map(backend.is_complex, step.params)):
-        return _as_pairs(state, step, inplace=False)
+        return _as_pairs(state, step, inplace=False, extra=extra)
     combinator = _combinator(state.rule)
     if combinator is not None:
-        return _run(state, combinator, step, inplace=False)
+        return _run(state, combinator, step, inplace=False, extra=extra)
     if state.counts is not None or any(g is None for g in step.grads):
         return _by_count(state, step, inplace=False)
     with backend.outside_autograd(step.params):
-        deltas, slots, trees = _deltas(state, step.params, step.grads)
+        deltas, slots, trees = _deltas(state, step.params, step.grads, extra)
         new_p = [
             backend.like_leaf(_as_new_array(p - u, p, (p, g)), p)
             for p, g, u in zip(step.params, step.grads, deltas, strict=True)
@@ -586,22 +617,24 @@ def update(state: State, params: Any, grads: Any) -> tuple[State, Any]:
     return new, unflatten(step.treedef, new_p)
 
 
-def update_(state: State, params: Any, grads: Any) -> State:
+def update_(state: State, params: Any, grads: Any, *, value: Any = None) -> State:
     """One step in place: the arrays of ``params`` and of the state are written, and the state
     with its step advanced is returned. Bit for bit the same numbers as :func:`update`."""
     fast_out = _fast(state, params, grads, inplace=True)
     if isinstance(fast_out, tuple):
         return fast_out[0]
     step = _prologue(state, params, grads, writes=True)
+    state = _with_structure(state, step.treedef)
+    extra = {} if value is None else {"value": value}
     if any(map(backend.is_complex, step.params)):
-        return _as_pairs(state, step, inplace=True)[0]
+        return _as_pairs(state, step, inplace=True, extra=extra)[0]
     combinator = _combinator(state.rule)
     if combinator is not None:
-        return _run(state, combinator, step, inplace=True)[0]
+        return _run(state, combinator, step, inplace=True, extra=extra)[0]
     if state.counts is not None or any(g is None for g in step.grads):
         return _by_count(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
-        deltas, slots, trees = _deltas(state, step.params, step.grads)
+        deltas, slots, trees = _deltas(state, step.params, step.grads, extra)
     for p, u in zip(step.params, deltas, strict=True):
         backend.assign(p, p - u)
     for key, arrays in slots.items():
@@ -662,7 +695,8 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
     return new, None if inplace else unflatten(step.treedef, new_p)
 
 
-def _as_pairs(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
+def _as_pairs(state: State, step: _Step, inplace: bool,
+              extra: dict[str, Any]) -> tuple[State, Any]:
     """A step of params some of which are complex, as torch takes them: each complex array
     as the real pairs of its parts (views where the library has them, so an in-place step
     writes through), its slots as well; the results back as complex arrays."""
@@ -676,7 +710,7 @@ def _as_pairs(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
     real = State(state.rule, state.step, slots, flat_list_def(n), state.state_dtype,
                  state.tree_states, state.counts)
     if inplace:
-        new = update_(real, pairs(step.params), pairs(step.grads))
+        new = update_(real, pairs(step.params), pairs(step.grads), **extra)
         return dataclasses.replace(state, step=new.step, tree_states=new.tree_states,
                                    counts=new.counts), None
 
@@ -684,7 +718,7 @@ def _as_pairs(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
         return [x if x is None or not backend.is_complex(c) else backend.as_complex(x, c)
                 for x, c in zip(xs, like, strict=True)]
 
-    new, params = update(real, pairs(step.params), pairs(step.grads))
+    new, params = update(real, pairs(step.params), pairs(step.grads), **extra)
     out = dataclasses.replace(
         state, step=new.step, tree_states=new.tree_states, counts=new.counts,
         slots={k: back(v, state.slots[k]) for k, v in new.slots.items()},
@@ -722,6 +756,7 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
                         f"got {closure!r}")
     leaves, treedef, names = _leaves(params)
     _check_state(state, treedef, names, leaves)
+    state = _with_structure(state, treedef)
     part = next((p for p in state.rule.flat_parts if isinstance(p, Minimizer)), None)
     if part is None:
         loss, grads = _evaluation(closure(params))
@@ -792,11 +827,15 @@ def _split(xp: Any, x: Any, like: list[Any]) -> list[Any]:
     return out
 
 
-def optax_update(rule: Transform, grads: Any, state: Any, params: Any) -> tuple[Any, State]:
+def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
+                 **extra_args: Any) -> tuple[Any, State]:
     """The optax protocol for any uniopt transform. A transform that applies a learning rate
     (a rule, ``scale_by_lr``...) hands back its step negated, to be *added* to params; any
     other hands back its direction as it is, as optax's gradient transformations do, so
-    ``optax.chain(uo.clip_by_global_norm(1.0), uo.adamw(...))`` means what it says."""
+    ``optax.chain(uo.clip_by_global_norm(1.0), uo.adamw(...))`` means what it says. Extra
+    arguments (``value=loss``) go to the parts that read them."""
+    if isinstance(state, State) and state.rule is not rule and type(state.rule) is type(rule):
+        rule = _fixed_at_setup(rule, state.rule)
     if (
         not isinstance(state, State)
         or type(state.rule) is not type(rule)
@@ -809,15 +848,34 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any) -> tuple[
     if params is None and any(p.uses_params for p in rule.flat_parts):
         raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
     step = _prologue(state, params, grads)
+    state = _with_structure(state, step.treedef)
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
-                                       step.grads)
+                                       step.grads, extra_args)
     negate = any(p.makes_step for p in rule.flat_parts)
     updates = [_as_new_array(-u if negate else u, g, (g,))
                for u, g in zip(deltas, step.grads, strict=True)]
     new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     return unflatten(step.treedef, updates), new
+
+
+def _fixed_at_setup(rule: Transform, like: Transform) -> Transform:
+    """``rule`` with each traced number of a field fixed at set-up (an initial value) taken from
+    ``like``, the record of the same type its state was set up with: optax.inject_hyperparams
+    hands every number back traced under ``jax.jit``, and a fixed one belongs to the skeleton
+    that jit keeps static."""
+    if isinstance(rule, chain):
+        assert isinstance(like, chain)
+        if len(rule.transforms) != len(like.transforms):
+            return rule  # not the state's rule: said by the caller
+        new = [_fixed_at_setup(m, o) if type(m) is type(o) else m
+               for m, o in zip(rule.transforms, like.transforms, strict=True)]
+        changed = any(a is not b for a, b in zip(new, rule.transforms, strict=True))
+        return chain(*new) if changed else rule
+    traced = {f.name: getattr(like, f.name) for f in dataclasses.fields(rule)
+              if "static" in f.metadata and _traced(getattr(rule, f.name))}
+    return assemble(type(rule), {**rule.fields(), **traced}, rule.host) if traced else rule
 
 
 def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transform, list[str]]:

@@ -109,7 +109,10 @@ class DeviceNumber:
         return self.read()
 
     def __repr__(self) -> str:
-        return repr(float(self))
+        try:
+            return repr(float(self))
+        except Exception:  # a state mapped to other leaves (None, ShapeDtypeStruct) holds none
+            return f"{type(self.array).__name__}[{self.index}]"
 
 
 def on_host(x: Any) -> Any:
@@ -126,6 +129,12 @@ def _traced(value: object) -> bool:
     """Whether ``value`` is a JAX tracer (a hyperparameter computed inside ``jax.jit``)."""
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(value, jax.core.Tracer)
+
+
+def _jax_array(value: object) -> bool:
+    """Whether ``value`` is a JAX array, concrete or traced."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.Array)
 
 
 def check(owner: str, name: str, value: object, valid: Interval, where: str = "") -> float:

@@ -12,6 +12,24 @@ from .base import Transform
 from .tree import NAMESPACE
 
 
+class AnyParams:
+    """The params structure of a state made for optax's placeholder params
+    (``optax.tree.map_params`` sets up with a stand-in for them, maps over the state made and
+    the state it is given together, and returns a state with the structure of the first):
+    equal to every structure, so that the placeholder's state is a prefix of every state of
+    its rule. The state that comes out takes the params' structure at its first step (its slots
+    are checked against the params, as every state's are)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "AnyParams()"
+
+
 @dataclasses.dataclass(frozen=True)
 class State:
     """An optimizer's state: the rule, the number of updates applied, and per-leaf slots.

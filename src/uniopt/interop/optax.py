@@ -1,19 +1,24 @@
 """optax both ways: every uniopt transform speaks the optax protocol, and an optax
 ``GradientTransformation`` stands inside a uniopt chain (:class:`from_optax`).
 
-optax is never imported here: a transformation is recognised by its protocol. The protocol's
-``init``/``update`` methods live on :class:`uniopt.Transform`, which delegates to the functions
-registered at the end of this module (the engine sits above ``base``, so ``base`` cannot call it
-directly).
+optax is imported only by :func:`to_optax`: a transformation is recognised by its protocol.
+The protocol's ``init``/``update`` methods live on :class:`uniopt.Transform`, which delegates to
+the functions registered at the end of this module (the engine sits above ``base``, so ``base``
+cannot call it directly).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from .. import backend
 from ..base import OPTAX_PROTOCOL, Transform, WholeTree
 from ..engine import optax_update, setup
+from ..state import AnyParams, State
+from ..tree import trainables
+from .jax import register_state
 
 
 def is_optax(t: Any) -> bool:
@@ -38,11 +43,15 @@ class from_optax(WholeTree):
     ``from_optax(tx, negate=True)``.
 
     optax computes with JAX: on NumPy params its outputs are converted back to NumPy (and
-    without ``jax_enable_x64`` JAX computes float64 inputs in float32).
+    without ``jax_enable_x64`` JAX computes float64 inputs in float32). A transformation whose
+    ``update`` takes extra keyword arguments (optax's ``GradientTransformationExtraArgs``)
+    receives the step's: ``uo.update(state, params, grads, value=loss)`` reaches
+    ``optax.contrib.reduce_on_plateau`` in the chain.
     """
 
     tx: Any
     negate: bool = False
+    libraries: ClassVar[tuple[str, ...] | None] = ("jax", "numpy")
 
     def __post_init__(self) -> None:
         if not is_optax(self.tx):
@@ -50,12 +59,20 @@ class from_optax(WholeTree):
         super().__post_init__()
         # a whole optax optimizer (negate=True) hands back steps
         object.__setattr__(self, "makes_step", self.negate)
+        object.__setattr__(self, "reads_value", _takes_extra_args(self.tx.update))
 
     def init_tree(self, params: Any) -> Any:
+        leaves = trainables(params)
+        if leaves and backend.is_array(leaves[0]) and not (
+            backend.is_jax(leaves[0]) or backend.is_numpy(leaves[0])
+        ):
+            raise TypeError(f"{self.name} runs optax, on JAX or NumPy arrays; these params are "
+                            f"{backend.library(leaves[0])} arrays")
         return self.tx.init(params)
 
-    def apply_tree(self, u: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        out, state = self.tx.update(u, state, params)
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        out, state = self.tx.update(u, state, params, **extra)
         if self.negate:
             import jax
 
@@ -63,8 +80,49 @@ class from_optax(WholeTree):
         return out, state
 
 
+def _takes_extra_args(update: Any) -> bool:
+    try:
+        kinds = [p.kind for p in inspect.signature(update).parameters.values()]
+    except (TypeError, ValueError):  # no signature to read: optax's plain protocol
+        return False
+    return inspect.Parameter.VAR_KEYWORD in kinds
+
+
+def to_optax(t: Transform) -> Any:
+    """``t`` as an optax ``GradientTransformationExtraArgs``: ``optax.chain`` hands the extra
+    arguments of its update (``value=loss``) only to such members, so a uniopt transform that
+    reads them (:class:`uniopt.reduce_on_plateau`) goes into an optax chain wrapped by this.
+
+    >>> import optax, uniopt as uo
+    >>> tx = optax.chain(optax.adam(1e-3), uo.to_optax(uo.reduce_on_plateau(patience=5)))
+    """
+    if not isinstance(t, Transform):
+        raise TypeError(f"to_optax: expected a uniopt transform, got {t!r}")
+    import optax
+
+    return optax.GradientTransformationExtraArgs(t.init, t.update)
+
+
+def _placeholder(params: Any) -> bool:
+    """Whether ``params`` is the stand-in ``optax.tree.map_params`` sets up with."""
+    cls = type(params)
+    return cls.__name__ == "_ParamsPlaceholder" and cls.__module__.startswith("optax.")
+
+
+def optax_init(rule: Transform, params: Any) -> State:
+    """The optax protocol's ``init``: :func:`uniopt.setup`, and for the placeholder of
+    ``optax.tree.map_params`` the state that marks where the params stand: each slot (a copy of
+    the params, one array per leaf) and each optax member's own placeholder state."""
+    if not _placeholder(params):
+        return setup(rule, params)
+    register_state()
+    trees = {keys[0]: part.init_tree(params)
+             for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
+    return State(rule, 0, {key: params for key, _ in rule.slot_keys}, AnyParams(), None, trees)
+
+
 OPTAX_PROTOCOL.update(
-    init=setup,
+    init=optax_init,
     update=optax_update,
     adopt=lambda t: from_optax(t) if is_optax(t) else None,
 )

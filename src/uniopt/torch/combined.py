@@ -18,7 +18,9 @@ import torch
 
 from ..base import Transform
 from ..engine import setup, update_
-from ..state import from_tree, to_tree
+from ..state import State, from_tree, to_tree
+from ..transforms.average import averaged as uo_averaged
+from ..tree import flatten
 from . import plans
 
 KEY = "uniopt.group{}"
@@ -30,27 +32,48 @@ def _spec(p: torch.Tensor) -> plans.Spec:
     return s if s == plans.PLAIN else ("torch", None)
 
 
+def _tree(group: dict[str, Any], xs: list[Any]) -> Any:
+    names = group.get("param_names")
+    return dict(zip(names, xs, strict=True)) if names else xs
+
+
+def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
+           views: list[Any]) -> State:
+    """The group's state: the one held since the last step, else one set up and filled from
+    ``optimizer.state`` (after a load_state_dict)."""
+    ps = group["params"]
+    held = opt.__dict__.setdefault("_combined", {}).get(gi)
+    key = KEY.format(gi)
+    entry = opt.state.get(key)
+    if held is None or held[1] != [id(p) for p in ps] or entry is not held[2]:
+        state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
+        if entry:
+            state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
+        return state
+    return held[0]
+
+
+def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
+             name: str | None) -> dict[torch.Tensor, torch.Tensor]:
+    """Each parameter of group ``gi`` mapped to its averaged weights (uniopt.averaged)."""
+    ps = group["params"]
+    views = [plans._view(p, _spec(p)) for p in ps]
+    state = _state(opt, gi, group, rule, views)
+    out = flatten(uo_averaged(state, _tree(group, views)))[0]
+    leaves = flatten(_tree(group, list(range(len(ps)))))[0]  # positions in the tree's order
+    return {ps[i]: torch.as_tensor(a).clone() for i, a in zip(leaves, out, strict=True)}
+
+
 def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform) -> None:
     ps = group["params"]
     specs = [_spec(p) for p in ps]
     views = [plans._view(p, s) for p, s in zip(ps, specs, strict=True)]
     grads = [None if p.grad is None else plans._grad_view(p.grad, p, s)
              for p, s in zip(ps, specs, strict=True)]
-    names = group.get("param_names")
-
-    def tree(xs: list[Any]) -> Any:
-        return dict(zip(names, xs, strict=True)) if names else xs
-
     key = KEY.format(gi)
-    held = opt.__dict__.setdefault("_combined", {}).get(gi)
-    entry = opt.state.get(key)
-    if held is None or held[1] != [id(p) for p in ps] or entry is not held[2]:
-        state = setup(rule, tree(views), state_dtype=group.get("state_dtype"))
-        if entry:
-            state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
-    else:
-        state = held[0]
-    state = update_(dataclasses.replace(state, rule=rule), tree(views), tree(grads))
+    state = _state(opt, gi, group, rule, views)
+    state = update_(dataclasses.replace(state, rule=rule), _tree(group, views),
+                    _tree(group, grads))
     entry = _shared(to_tree(state))
     opt.state[key] = entry
     opt._combined[gi] = (state, [id(p) for p in ps], entry)

@@ -17,6 +17,8 @@ from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
+from ..transforms.average import Averaging, find_average, read_average
+from ..transforms.plateau import reduce_on_plateau
 from ..transforms.scale import scale
 from . import combined, plans
 from .state_dict import check_loadable
@@ -55,6 +57,10 @@ def hyperparameter_keys(rule: Transform) -> dict[str, Any]:
         for n, v in t.hyperparameters().items():
             keys[n if count[n] == 1 else ".".join((*map(str, path), n))] = v
     return keys
+
+
+def _tree_parts(rule: Transform) -> list[WholeTree]:
+    return [p for p in rule.flat_parts if isinstance(p, WholeTree)]
 
 
 def _scheduled(rule: Transform) -> bool:
@@ -124,12 +130,17 @@ class Optimizer(torch.optim.Optimizer):
                 f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
                 "use uniopt.torch.LBFGS"
             )
-        optax_parts = [p.name for p in rule.flat_parts
-                       if isinstance(p, WholeTree) and not isinstance(p, Combinator)]
-        if optax_parts:
+        if any(isinstance(p, reduce_on_plateau) for p in rule.flat_parts):
+            raise TypeError(
+                "uniopt.torch.Optimizer: reduce_on_plateau reads the loss, which step() does "
+                "not take; use torch.optim.lr_scheduler.ReduceLROnPlateau on this optimizer"
+            )
+        jax_only = [name for name, p in zip(rule.tree_layout, _tree_parts(rule), strict=True)
+                    if p.libraries is not None and "torch" not in p.libraries]
+        if jax_only:
             raise TypeError(
                 "uniopt.torch.Optimizer: the rule holds an optax transformation "
-                f"({', '.join(optax_parts)}), which runs on JAX or NumPy arrays, not tensors"
+                f"({', '.join(jax_only)}), which runs on JAX or NumPy arrays, not tensors"
             )
         self.rule = rule
         values = hyperparameter_keys(rule)
@@ -149,6 +160,12 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[int, plans.Plan] = {}
         self._rules: dict[int, _GroupRule] = {}  # by id(group)
         self._steps: dict[int, plans.Steps] = {}
+
+    @property
+    def _combined_rule(self) -> bool:
+        """Whether the rule runs other rules: each group then keeps one State, stepped whole
+        (uniopt.torch.combined)."""
+        return any(isinstance(p, Combinator) for p in self.rule.flat_parts)
 
     @property
     def _name(self) -> str:
@@ -239,8 +256,9 @@ class Optimizer(torch.optim.Optimizer):
         return [(key, key) for key, _ in rule.slot_keys]
 
     def _known_slots(self, rule: Transform) -> set[str]:
-        """The state names a loaded state of a parameter whose group has ``rule`` may hold."""
-        return {name for _, name in self._slot_names(rule)}
+        """The state names a loaded state of a parameter whose group has ``rule`` may hold
+        (the first parameter of a group also the states of its whole-tree parts)."""
+        return {name for _, name in self._slot_names(rule)} | set(rule.tree_layout)
 
     # --- the step --------------------------------------------------------------------------
 
@@ -277,7 +295,7 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            if self.rule.tree_layout:
+            if self._combined_rule:
                 for gi, group in enumerate(self.param_groups):
                     combined.step(self, gi, group, self._rule(group)[0])
                 return loss
@@ -349,6 +367,43 @@ class Optimizer(torch.optim.Optimizer):
         if steps is None or not steps.of(ps):
             steps = self._steps[gi] = plans.Steps.new(ps)
         return steps
+
+    # --- averaged weights --------------------------------------------------------------------
+
+    def averaged(self, name: str | None = None) -> dict[torch.Tensor, torch.Tensor]:
+        """The averaged weights the rule keeps (:func:`uniopt.ema`, :func:`uniopt.polyak`,
+        :func:`uniopt.lookahead`'s slow weights), as :func:`uniopt.averaged` reads them: each
+        parameter mapped to a new tensor of its dtype holding its average (one not updated
+        yet: a copy of itself, where every average starts). ``name`` picks one of several
+        averaging parts by its state name.
+
+        >>> import torch, uniopt as uo, uniopt.torch
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = uniopt.torch.Optimizer([w], uo.chain(uo.sgd(lr=1.0), uo.polyak()))
+        >>> for g in (1.0, 3.0):
+        ...     w.grad = torch.full((2,), g)
+        ...     opt.step()
+        >>> w.detach(), opt.averaged()[w]
+        (tensor([-4., -4.]), tensor([-2.5000, -2.5000]))
+        """
+        out = {}
+        for gi, group in enumerate(self.param_groups):
+            rule = self._rule(group)[0]
+            if self._combined_rule:
+                out.update(combined.averaged(self, gi, group, rule, name))
+                continue
+            part, key = find_average(rule, name)
+            slot = dict(self._slot_names(rule))[key]
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if slot not in st:
+                    out[p] = p.detach().clone()
+                    continue
+                step = plans.state_step(st)
+                resolved = part.at(step)
+                assert isinstance(resolved, Averaging)
+                out[p] = read_average(resolved, st[slot], p.detach(), step)
+        return out
 
     # --- checkpoints -----------------------------------------------------------------------
 

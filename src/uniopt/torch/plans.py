@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import backend, fast
-from ..base import Elementwise, Transform
+from ..base import Elementwise, Transform, WholeTree
 from ..engine import flat_list_def, setup, update_
 from ..state import State
 
@@ -323,18 +323,29 @@ class Plan:
         if views is None:
             views = [_grad_view(grads[i], p, spec)
                      for i, p, spec in zip(self.sel, self.sel_params, self.specs, strict=True)]
+        trees = self._tree_states(rule) if rule.tree_layout else {}
         for run, step in zip(self.runs, self.run_steps(), strict=True):
             gs = views if run.pos is None else [views[k] for k in run.pos]
             with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
                     torch.set_grad_enabled(self.tracked):
-                update_(State(rule, step, run.slots, flat_list_def(len(run.params))), run.params,
-                        gs)
+                trees = update_(State(rule, step, run.slots, flat_list_def(len(run.params)),
+                                      None, trees), run.params, gs).tree_states
             self.steps.count(run.idx)
             if run.numpy:
                 backend.mark_written(run.tensors)
+        if trees:
+            self.state[self.plist[0]].update(trees)
         for i in self.rows:
             self._rows_step(rule, i, grads[i])
         self.counts_seen = self.steps.np.tobytes()
+
+    def _tree_states(self, rule: Transform) -> dict[str, Any]:
+        """The states of the rule's whole-tree parts (a generator's), kept in the state of the
+        group's first parameter, as torch's LBFGS keeps its own; made where missing."""
+        st = self.state[self.plist[0]]
+        leaves = [real(p.detach()) for p in self.plist]
+        return {keys[0]: st[keys[0]] if keys[0] in st else part.init_tree(leaves)
+                for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
 
     def _rows_step(self, rule: Transform, i: int, g: torch.Tensor) -> None:
         """A sparse gradient, as torch's Adagrad takes it: the engine updates the rows present
@@ -377,10 +388,11 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             rows.append(i)
             continue
         s = TRACKED if tracked else spec(p)
-        if s[0] == "np" and (rule.has_per_leaf or p.dtype == torch.bfloat16 and not compiled):
-            # per-leaf parts run on the reference path, where torch's own ops serve as well
-            # as NumPy's (and slots of other shapes need no relayout); the views of bfloat16
-            # bits are for the compiled loop only
+        if s[0] == "np" and (rule.has_per_leaf or rule.tree_layout
+                             or p.dtype == torch.bfloat16 and not compiled):
+            # per-leaf and whole-tree parts run on the reference path, where torch's own ops
+            # serve as well as NumPy's (slots of other shapes need no relayout, a generator's
+            # state is torch's); the views of bfloat16 bits are for the compiled loop only
             s = ("torch", None)
         st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
         key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]))

@@ -82,6 +82,8 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                     f"{where}: {what} has {name} of type {type(v).__name__}, not a tensor; "
                     "nothing was loaded"
                 )
+            if name in rule.tree_layout:  # a whole-tree part's state (a generator's): any shape
+                continue
             want = expected.get(name, tuple(p.shape))
             if want is None or tuple(v.shape) != want:
                 keeps = "keeps no such slot" if want is None else f"keeps it in shape {want}"

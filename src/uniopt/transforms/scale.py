@@ -1,11 +1,12 @@
-"""Multiplying the update by a number: a factor, a learning rate."""
+"""Multiplying the update by a number: a factor, a learning rate, a leaf's trust ratio; or
+keeping only its sign."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise
+from ..base import Elementwise, PerLeaf
 from ..hyper import NONNEG, Interval, hyper
 
 
@@ -45,3 +46,68 @@ class scale_by_lr(Elementwise):
         return Factor(factor=self.lr)
 
     kernel = staticmethod(scale_kernel)
+
+
+class NoCoefficients(NamedTuple):
+    pass
+
+
+@dataclass(frozen=True)
+class sign(Elementwise):
+    """``u <- sign(u)``, element by element (optax's ``scale_by_sign``; Lion's and signSGD's
+    direction). The sign of the array library: ``sign(0) = 0``; NaN stays NaN on NumPy, JAX
+    and the compiled path, where torch's ``sign`` makes it 0.
+
+    >>> import numpy as np, uniopt as uo
+    >>> g = [np.array([-2.0, 0.0, 0.5])]
+    >>> uo.update(uo.setup(uo.sign(), g), [np.zeros(3)], g)[1]
+    [array([ 1.,  0., -1.])]
+    """
+
+    def coeffs(self, step: Any) -> NoCoefficients:
+        return NoCoefficients()
+
+    @staticmethod
+    def kernel(xp, c, p, u):
+        return (xp.sign(u),)
+
+
+class TrustRatio(NamedTuple):
+    min_norm: Any
+    trust_coefficient: Any
+    eps: Any
+
+
+@dataclass(frozen=True)
+class scale_by_trust_ratio(PerLeaf):
+    """Each leaf's update scaled by its trust ratio (LARS, LAMB): ``u <- r u`` with
+    ``r = trust_coefficient * |p| / (|u| + eps)``, each norm raised to at least ``min_norm``,
+    and ``r = 1`` where either norm is 0 (a zero-initialised parameter moves at all). As
+    optax's ``scale_by_trust_ratio``."""
+
+    min_norm: Any = hyper(0.0, NONNEG)
+    trust_coefficient: Any = hyper(1.0, NONNEG)
+    eps: Any = hyper(0.0, NONNEG)
+    uses_params: ClassVar[bool] = True
+    batched: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> TrustRatio:
+        return TrustRatio(min_norm=self.min_norm, trust_coefficient=self.trust_coefficient,
+                          eps=self.eps)
+
+    @staticmethod
+    def apply(xp, c, p, u):
+        p_norm = xp.clip(leaf_norm(xp, p), min=c.min_norm)
+        u_norm = xp.clip(leaf_norm(xp, u), min=c.min_norm)
+        zero = (p_norm == 0) | (u_norm == 0)
+        # where a norm is 0 the ratio is not used: its denominator is kept from dividing by 0
+        ratio = c.trust_coefficient * p_norm / xp.where(zero, 1.0, u_norm + c.eps)
+        return (u * xp.where(zero, 1.0, ratio),)
+
+
+def leaf_norm(xp: Any, x: Any) -> Any:
+    """The 2-norm of each leaf of the batch ``x`` (stacked along the first axis), shaped to
+    broadcast against it."""
+    sq = x * x
+    axes = tuple(range(1, x.ndim))
+    return xp.sqrt(xp.sum(sq, axis=axes, keepdims=True) if axes else sq)

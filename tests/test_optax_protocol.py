@@ -1,0 +1,368 @@
+"""The rest of optax's protocol: extra arguments (``value=loss``), ``inject_hyperparams`` under
+``jax.jit``, ``optax.tree.map_params`` (placeholder params), a state rebuilt from any leaves;
+and :class:`uniopt.reduce_on_plateau`, the transform that reads the loss, against optax's and
+torch's.
+
+Cheap by design: small trees, NumPy where the peer allows it, a handful of jit compiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+from helpers import rel_diff
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+jnp = jax.numpy
+
+PLATEAU = {"factor": 0.5, "patience": 5, "rtol": 1e-3, "atol": 1e-3, "cooldown": 3,
+           "accumulation_size": 2, "min_scale": 0.1}
+
+
+def _losses(n: int = 300) -> np.ndarray:
+    """Noisy, decreasing, then flat from step ~57 on: a plateau that triggers reductions."""
+    t = np.arange(n)
+    return np.maximum(2.0 * np.exp(-t / 30), 0.3) + 0.02 * np.random.default_rng(0).normal(size=n)
+
+
+def _problem(steps: int, seed: int = 1) -> tuple[dict[str, np.ndarray], list[Any]]:
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=2)}
+    return params, [{k: rng.normal(size=v.shape) for k, v in params.items()}
+                    for _ in range(steps)]
+
+
+def _jitted(tx: Any) -> Any:
+    """One jitted optax step with the loss as the ``value`` extra argument."""
+    @jax.jit
+    def step(p: Any, s: Any, g: Any, value: Any) -> tuple[Any, Any]:
+        u, s = tx.update(g, s, p, value=value)
+        return optax.apply_updates(p, u), s
+
+    return step
+
+
+def _scale(state: uo.State) -> float:
+    return float(state.tree_states["reduce_on_plateau"]["scale"])
+
+
+# --- extra arguments ------------------------------------------------------------------------
+
+
+def test_extra_arguments_are_taken_and_ignored_as_optax_does() -> None:
+    params, (g,) = jax.tree.map(jnp.asarray, _problem(1))
+    rule = uo.adam(lr=0.1)
+    plain, _ = rule.update(g, rule.init(params), params)
+    extra, _ = rule.update(g, rule.init(params), params, value=1.0, key=None)
+    for name in params:
+        np.testing.assert_array_equal(plain[name], extra[name])
+    # an optax chain hands its extra arguments to every member
+    for tx in (optax.chain(optax.clip(10.0), rule), optax.with_extra_args_support(rule),
+               uo.to_optax(rule)):
+        u, _ = tx.update(g, tx.init(params), params, value=1.0)
+        for name in params:
+            np.testing.assert_allclose(u[name], plain[name], rtol=1e-6)
+    # and the other way: an optax member of a uniopt chain that takes extra arguments gets the
+    # step's (value=)
+    def times(u: Any, s: Any, p: Any = None, *, value: Any, **kw: Any) -> Any:
+        return jax.tree.map(lambda x: value * x, u), s
+
+    rule = uo.chain(uo.sgd(lr=0.1), optax.GradientTransformationExtraArgs(lambda p: (), times))
+    state, p = uo.update(uo.setup(rule, params), params, g, value=3.0)
+    for name in params:
+        np.testing.assert_allclose(p[name], params[name] - 0.3 * g[name], rtol=1e-6)
+
+
+def test_to_optax_takes_only_uniopt_transforms() -> None:
+    with pytest.raises(TypeError, match="to_optax: expected a uniopt transform, got 3"):
+        uo.to_optax(3)
+
+
+# --- optax.inject_hyperparams -------------------------------------------------------------
+
+
+def test_inject_hyperparams_under_jit_follows_optax_and_the_plain_rule() -> None:
+    """Our names, traced under jit; weight_decay starts at 0, so its block is kept for the
+    values set later; changes to state.hyperparams reach the step."""
+    params, grads = _problem(30)
+    with jax.enable_x64(True):
+        ours = optax.inject_hyperparams(uo.adamw)(lr=0.02, weight_decay=0.0)
+        theirs = optax.inject_hyperparams(optax.adamw)(learning_rate=0.02, weight_decay=0.0)
+        plain = uo.adamw(lr=0.02, weight_decay=0.0)  # on NumPy, no decay block
+        jp = jax.tree.map(jnp.asarray, params)
+        s, t, ps = ours.init(jp), theirs.init(jp), plain.init(params)
+        step_s, step_t = _jitted(ours), _jitted(theirs)
+        p, q, pp = jp, jp, params
+        for k, g in enumerate(grads):
+            if k == 10:
+                s.hyperparams["lr"] = t.hyperparams["learning_rate"] = jnp.asarray(0.01)
+            if k == 20:
+                s.hyperparams["weight_decay"] = t.hyperparams["weight_decay"] = jnp.asarray(0.1)
+            jg = jax.tree.map(jnp.asarray, g)
+            p, s = step_s(p, s, jg, 0.0)
+            q, t = step_t(q, t, jg, 0.0)
+            if k < 10:
+                u, ps = plain.update(g, ps, pp)
+                pp = {n: pp[n] + u[n] for n in pp}
+                assert max(rel_diff(p[n], pp[n]) for n in params) <= 1e-12
+            assert max(rel_diff(p[n], q[n]) for n in params) <= 1e-12
+    assert max(abs(np.asarray(p[n]) - params[n]).max() for n in params) > 0.1  # it moved
+
+
+def test_inject_hyperparams_keeps_blocks_with_slots_and_takes_fixed_values_from_set_up() -> None:
+    """sgd's momentum defaults to 0: as an array it keeps its buffer, and momentum set later
+    acts as a momentum schedule does; adagrad's initial value, fixed at set-up, comes back
+    traced and is taken from the state."""
+    params, grads = _problem(12)
+    with jax.enable_x64(True):
+        sgd = optax.inject_hyperparams(uo.sgd)(lr=0.1)
+        s = sgd.init(jax.tree.map(jnp.asarray, params))
+        assert "trace.momentum_buffer" in s.inner_state.slots
+        scheduled = uo.sgd(lr=0.1, momentum=lambda t: 0.0 if t < 6 else 0.9)
+        ref, pr = uo.setup(scheduled, params), params
+        step = _jitted(sgd)
+        p = jax.tree.map(jnp.asarray, params)
+        for k, g in enumerate(grads):
+            if k == 6:
+                s.hyperparams["momentum"] = jnp.asarray(0.9)
+            p, s = step(p, s, jax.tree.map(jnp.asarray, g), 0.0)
+            ref, pr = uo.update(ref, pr, g)
+            assert max(rel_diff(p[n], pr[n]) for n in params) <= 1e-12
+
+        ada = optax.inject_hyperparams(uo.adagrad)(lr=0.1, initial_accumulator_value=0.5)
+        a = ada.init(p)
+        _, a = _jitted(ada)(p, a, jax.tree.map(jnp.asarray, grads[0]), 0.0)
+        assert a.inner_state.rule.initial_accumulator_value == 0.5
+
+
+# --- optax.tree.map_params and states from any leaves ---------------------------------------
+
+
+def test_map_params_maps_the_slots_of_a_rule_and_of_a_rule_in_an_optax_chain() -> None:
+    params, (g,) = _problem(1)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+    for tx in (uo.adamw(lr=0.1), optax.chain(optax.scale_by_adam(), uo.sgd(lr=0.1, momentum=0.9))):
+        _, state = tx.update(g, tx.init(params), params)
+        moments = 4 if isinstance(tx, uo.Transform) else 6  # optax's mu and nu, our buffer
+        half = optax.tree.map_params(tx, lambda x: x.astype(jnp.bfloat16), state)
+        mapped = 0
+        for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(half), strict=True):
+            if y.dtype == jnp.bfloat16:  # a moment
+                mapped += 1
+                np.testing.assert_array_equal(np.asarray(x.astype(jnp.bfloat16)), y)
+            else:  # the step counts, the rule's numbers: untouched
+                assert x is y
+        assert mapped == moments
+        none = optax.tree.map_params(tx, lambda x: x, state, transform_non_params=lambda _: None)
+        assert len(jax.tree.leaves(none)) == moments
+        # a mapped state steps as the one it came from
+        same = optax.tree.map_params(tx, lambda x: x, state)
+        a, b = tx.update(g, same, params), tx.update(g, state, params)
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_the_placeholder_state_itself_does_not_step() -> None:
+    params, (g,) = _problem(1)
+    rule, made = uo.adam(), []
+
+    def init(p: Any) -> Any:  # what map_params sets up with its placeholder
+        made.append(rule.init(p))
+        return made[-1]
+
+    optax.tree.map_params(init, lambda x: x, rule.init(params))
+    with pytest.raises(ValueError, match=r"this state was made for optax's placeholder params "
+                                         r"\(by optax.tree.map_params\), not for arrays"):
+        uo.update(made[0], params, g)
+
+
+def test_a_state_from_any_leaves_shows_and_shapes() -> None:
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    tx = uo.chain(uo.adamw(lr=0.1), uo.reduce_on_plateau())
+    state = tx.init(params)
+    shapes = jax.eval_shape(tx.init, params)
+    assert jax.tree.structure(shapes) == jax.tree.structure(state)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)] == [
+        (jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(state)]
+    for other in (jax.tree.map(lambda x: None, state), shapes):
+        assert repr(other).startswith("State(rule=chain(transforms=(adamw(lr=")
+
+
+# --- reduce_on_plateau ----------------------------------------------------------------------
+
+
+def test_reduce_on_plateau_follows_optax() -> None:
+    """After Adam, 300 steps of a loss that stops improving, float64: natively on NumPy
+    (``value=``), and through the optax protocol inside optax.chain under jit (to_optax)."""
+    losses = _losses()
+    params, grads = _problem(len(losses))
+    with jax.enable_x64(True):
+        theirs = optax.chain(optax.adam(0.05), optax.contrib.reduce_on_plateau(**PLATEAU))
+        wrapped = optax.chain(uo.adam(lr=0.05), uo.to_optax(uo.reduce_on_plateau(**PLATEAU)))
+        native = uo.chain(uo.adam(lr=0.05), uo.reduce_on_plateau(**PLATEAU))
+        jp = jax.tree.map(jnp.asarray, params)
+        t, w = theirs.init(jp), wrapped.init(jp)
+        n = uo.setup(native, params)
+        step_t, step_w = _jitted(theirs), _jitted(wrapped)
+        q, pw, pn = jp, jp, params
+        scales = []
+        for k, (g, loss) in enumerate(zip(grads, losses, strict=True)):
+            q, t = step_t(q, t, g, loss)
+            pw, w = step_w(pw, w, g, loss)
+            n, pn = uo.update(n, pn, g, value=loss)
+            scales.append(float(t[1].scale))
+            assert _scale(w[1]) == _scale(n) == scales[-1]
+            worst = max(max(rel_diff(pw[x], q[x]), rel_diff(pn[x], q[x])) for x in params)
+            assert worst <= 1e-12, (k, worst)
+    assert sorted(set(scales)) == [0.1, 0.125, 0.25, 0.5, 1.0]  # reduced, down to min_scale
+    assert n.tree_states["reduce_on_plateau"]["best_value"].dtype == np.float64
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_from_torch_gives_torchs_learning_rates(mode: str) -> None:
+    torch = pytest.importorskip("torch")
+    losses = _losses() * (1 if mode == "min" else -1)
+    for threshold_mode, cooldown, min_lr in [("rel", 0, 0.0), ("abs", 2, 0.004)]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        kw = {"mode": mode, "factor": 0.5, "patience": 4, "threshold": 1e-2,
+              "threshold_mode": threshold_mode, "cooldown": cooldown, "min_lr": min_lr}
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
+        state, p = uo.setup(uo.reduce_on_plateau.from_torch(0.1, **kw), [np.zeros(1)]), [np.ones(1)]
+        theirs, ours = [], []
+        for loss in losses:
+            sched.step(float(loss))
+            theirs.append(opt.param_groups[0]["lr"])
+            state, p = uo.update(state, p, [np.ones(1)], value=loss)
+            ours.append(0.1 * _scale(state))
+        # without min_lr torch's eps (1e-8) ends the reductions, at the 24th learning rate
+        assert len(set(theirs)) == 24 if min_lr == 0 else len(set(theirs)) > 5
+        np.testing.assert_allclose(ours, theirs, rtol=1e-15, atol=0)
+
+
+def test_reduce_on_plateau_in_place_on_float32_and_torch() -> None:
+    """update_ is update; the state keeps the params' float32 and int32 counts; torch tensors
+    take the same steps."""
+    torch = pytest.importorskip("torch")
+    rule = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau(factor=0.5, patience=1))
+    a, b = [np.ones(3, np.float32)], [np.ones(3, np.float32)]
+    t = [torch.ones(3)]
+    sa, sb, st = uo.setup(rule, a), uo.setup(rule, b), uo.setup(rule, t)
+    for loss in [3.0, 2.0, 2.0, 2.0, 2.5]:
+        g = np.full(3, 0.5, np.float32)
+        sa, a = uo.update(sa, a, [g], value=loss)
+        sb = uo.update_(sb, b, [g], value=np.float32(loss))
+        st = uo.update_(st, t, [torch.from_numpy(g)], value=torch.tensor(loss))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[0], t[0].numpy())
+    assert _scale(sa) == _scale(st) == 0.125  # patience 1: each evaluation without a gain
+    dtypes = {k: str(v.dtype) for k, v in sa.tree_states["reduce_on_plateau"].items()}
+    assert dtypes == {"scale": "float32", "best_value": "float32", "avg_value": "float32",
+                      "plateau_count": "int32", "cooldown_count": "int32", "count": "int32"}
+
+
+def test_a_plateau_state_goes_through_a_checkpoint() -> None:
+    serialization = pytest.importorskip("flax.serialization")
+    params, grads = _problem(40)
+    rule = uo.chain(uo.adam(lr=0.05), uo.reduce_on_plateau(**PLATEAU))
+    state, p = uo.setup(rule, params), params
+    for g, loss in zip(grads[:20], _losses(20), strict=True):
+        state, p = uo.update(state, p, g, value=loss)
+    back = serialization.from_bytes(uo.setup(rule, params), serialization.to_bytes(state))
+    q = p
+    for g, loss in zip(grads[20:], _losses(20), strict=True):
+        state, p = uo.update(state, p, g, value=loss)
+        back, q = uo.update(back, q, g, value=loss)
+    for name in params:
+        np.testing.assert_array_equal(p[name], q[name])
+    assert jax.tree.map(np.array_equal, state.tree_states, back.tree_states) == jax.tree.map(
+        lambda _: True, state.tree_states)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"factor": 1.0}, ValueError, r"reduce_on_plateau: factor must be in \(0, 1\), got 1.0"),
+    ({"factor": 0}, ValueError, r"reduce_on_plateau: factor must be in \(0, 1\), got 0"),
+    ({"patience": -1}, ValueError, "reduce_on_plateau: patience must be >= 0, got -1"),
+    ({"patience": 2.5}, TypeError, "reduce_on_plateau: patience must be an integer, got 2.5"),
+    ({"cooldown": True}, TypeError, "reduce_on_plateau: cooldown must be an integer, got True"),
+    ({"accumulation_size": 0}, ValueError,
+     "reduce_on_plateau: accumulation_size must be >= 1, got 0"),
+    ({"rtol": 1.5}, ValueError, r"reduce_on_plateau: rtol must be in \[0, 1\], got 1.5"),
+    ({"atol": -1.0}, ValueError, "reduce_on_plateau: atol must be >= 0, got -1.0"),
+    ({"min_scale": 2.0}, ValueError, r"reduce_on_plateau: min_scale must be in \[0, 1\], got 2.0"),
+    ({"eps": -1e-8}, ValueError, "reduce_on_plateau: eps must be >= 0, got -1e-08"),
+    ({"mode": "mean"}, ValueError, "reduce_on_plateau: mode must be 'min' or 'max', got 'mean'"),
+])
+def test_bad_plateau_settings_are_named(kwargs: dict[str, Any], error: type,
+                                        message: str) -> None:
+    with pytest.raises(error, match=message):
+        uo.reduce_on_plateau(**kwargs)
+
+
+@pytest.mark.parametrize(("args", "kwargs", "error", "message"), [
+    ((0.0,), {}, ValueError, "lr must be the optimizer's learning rate, a number > 0, got 0.0"),
+    ((None,), {}, ValueError, "lr must be the optimizer's learning rate, a number > 0, got None"),
+    ((0.1,), {"min_lr": 0.2}, ValueError, r"min_lr must be in \[0, lr=0.1\], got 0.2"),
+    ((0.1,), {"threshold_mode": "relative"}, ValueError,
+     "threshold_mode must be 'rel' or 'abs', got 'relative'"),
+    ((0.1,), {"patience": -1}, ValueError, "patience must be >= 0, got -1"),
+    ((0.1,), {"mode": "up"}, ValueError, "mode must be 'min' or 'max', got 'up'"),
+])
+def test_bad_torch_settings_are_named(args: tuple[Any, ...], kwargs: dict[str, Any],
+                                      error: type, message: str) -> None:
+    with pytest.raises(error, match=f"reduce_on_plateau: {message}"):
+        uo.reduce_on_plateau.from_torch(*args, **kwargs)
+
+
+def test_the_loss_is_asked_for_and_must_be_one_number() -> None:
+    params = [np.ones(2)]
+    rule = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau())
+    state = uo.setup(rule, params)
+    with pytest.raises(TypeError, match=r"reduce_on_plateau reads the loss: pass it as "
+                                        r"uo.update\(state, params, grads, value=loss\)"):
+        uo.update_(state, params, [np.ones(2)])
+    with pytest.raises(ValueError, match=r"reduce_on_plateau: value must be one number \(the "
+                                         r"loss\), got an array of shape \(2,\)"):
+        uo.update_(state, params, [np.ones(2)], value=np.ones(2))
+    np.testing.assert_array_equal(params[0], [1.0, 1.0])
+    assert int(state.tree_states["reduce_on_plateau"]["count"]) == 0
+    # optax.chain keeps extra arguments from members that are not its own kind
+    tx = optax.chain(optax.scale(1.0), rule)
+    with pytest.raises(TypeError, match="in an optax.chain, wrap the uniopt transform in "
+                                        "uo.to_optax"):
+        tx.update([np.ones(2)], tx.init(params), params, value=1.0)
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    with pytest.raises(TypeError, match=r"reduce_on_plateau reads the loss, which step\(\) does "
+                                        "not take; use torch.optim.lr_scheduler.ReduceLROnPlateau"):
+        ut.Optimizer([torch.nn.Parameter(torch.zeros(2))], rule)
+
+
+def test_the_loss_reaches_a_plateau_inside_rules_that_run_rules() -> None:
+    """accumulate and partition hand ``value`` on to their members: the scale follows optax's
+    MultiSteps(chain(adam, reduce_on_plateau)), fed the same losses."""
+    losses = _losses()
+    params, grads = _problem(len(losses))
+    with jax.enable_x64(True):
+        theirs = optax.MultiSteps(
+            optax.chain(optax.adam(0.05), optax.contrib.reduce_on_plateau(**PLATEAU)), 2,
+            accumulator_dtype=jnp.float64)
+        jp = jax.tree.map(jnp.asarray, params)
+        t = theirs.init(jp)
+        step_t = _jitted(theirs)
+        rule = uo.accumulate(uo.chain(uo.adam(lr=0.05), uo.reduce_on_plateau(**PLATEAU)), 2)
+        n = uo.setup(rule, params)
+        q, pn = jp, params
+        for g, loss in zip(grads, losses, strict=True):
+            q, t = step_t(q, t, g, loss)
+            n, pn = uo.update(n, pn, g, value=loss)
+        assert max(rel_diff(pn[x], q[x]) for x in params) <= 1e-12
+        inner = n.tree_states["accumulate"]["inner"]
+        assert float(inner.tree_states["reduce_on_plateau"]["scale"]) < 1.0
