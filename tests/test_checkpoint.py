@@ -179,7 +179,7 @@ def test_every_rule_round_trips_through_a_file(rule: uo.Transform, path: str) ->
                 return sum(float(np.sum(x * x)) for x in uo.trainables(p)), p
             state, params, _ = uo.minimize_step(state, params, closure)
         else:
-            state, params = uo.update(state, params, grads(params, i))
+            state, params = uo.update(state, params, grads(params, i), value=1.0 + i)
     uo.save(path, state)
     back = uo.load(path, like=(rule, params))
     assert back.rule == rule

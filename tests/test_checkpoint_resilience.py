@@ -46,6 +46,7 @@ RULES = {
     # its leaf "m" has no gradient at the second step: the state counts steps per leaf
     "nesterov": lambda: uo.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adafactor": lambda: uo.adafactor(lr=1e-2),
+    "ema": lambda: uo.chain(uo.adamw(lr=1e-2, weight_decay=0.1), uo.ema(0.9)),
 }
 
 
@@ -116,6 +117,8 @@ def x64(case):
 CASES = [
     *[(r, "numpy", d, "fast") for r in ("adamw", "recipe", "nesterov", "adafactor")
       for d in ("float32", "float64")],
+    ("ema", "numpy", "float32", "fast"),
+    ("ema", "jax", "float64", "reference"),
     *[(r, "numpy", "float64", "reference") for r in ("adamw", "recipe", "nesterov")],
     *[(r, "torch", d, "fast") for r in ("adamw", "recipe") for d in ("float32", "float64")],
     ("nesterov", "torch", "float32", "fast"),

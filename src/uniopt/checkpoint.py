@@ -32,7 +32,7 @@ import numpy as np
 import optree
 
 from . import backend, schedules
-from .base import Transform, assemble, chain
+from .base import Elementwise, PerLeaf, Transform, WholeTree, assemble, chain
 from .combine import _TreeSpec, by_path, partition
 from .engine import setup
 from .hyper import Complemented, DeviceNumber, HostFacts, _traced
@@ -101,9 +101,16 @@ def _own() -> dict[str, type]:
         for c in todo.pop().__subclasses__():
             todo.append(c)
             if c.__module__.startswith("uniopt.") and not c.__name__.startswith("_") and \
-                    c.__name__ not in _ABSTRACT:
+                    c.__name__ not in _ABSTRACT and not _partial(c):
                 out[c.__name__] = c
     return out
+
+
+def _partial(cls: type) -> bool:
+    """A base its subclasses complete (no kernel, no ``apply``, no tree state of its own)."""
+    return (issubclass(cls, Elementwise) and not hasattr(cls, "kernel")) or \
+        (issubclass(cls, PerLeaf) and cls.apply is PerLeaf.apply) or \
+        (issubclass(cls, WholeTree) and cls.init_tree is WholeTree.init_tree)
 
 
 def _type_name(cls: type) -> str | None:
@@ -866,7 +873,7 @@ def _template(ck: _File, like: Any) -> tuple[State, Transform, Any, bool]:
         return tmpl, rule, None, False
     try:
         tmpl = setup(rule, like_params, state_dtype=state_dtype)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # whatever the file's rule raises on like's params
         raise CheckpointError(f"{ck.name}: the checkpoint's rule does not fit like's params: "
                               f"{e}") from None
     return tmpl, rule, like_params, True
