@@ -16,6 +16,7 @@ it reads an array: leaves are matched by path, and every difference is an error 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,7 +24,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -621,12 +621,9 @@ def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, lis
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data 8-byte aligned, as safetensors pads it
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = _new_file(folder, f".{os.path.basename(path)}.")
     try:
         with open(fd, "wb") as f:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.fchmod(fd, 0o666 & ~mask)  # as open() would have made it; mkstemp makes 0600
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
             for _, x, _, _ in order:
@@ -635,7 +632,7 @@ def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, lis
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _quiet():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     if os.name == "posix":  # the rename itself survives a crash once the directory is synced
@@ -646,12 +643,16 @@ def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, lis
             os.close(dfd)
 
 
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
+def _new_file(folder: str, prefix: str) -> tuple[int, str]:
+    """A new file of a random name in ``folder``, open for writing, with the permissions
+    ``open`` gives (``tempfile.mkstemp`` makes its files private)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        name = os.path.join(folder, f"{prefix}{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -1363,7 +1364,7 @@ def _load_torch(ck: _File, opt: Any) -> None:
         ck.read_into(info, backend.numpy_view(out))
     try:
         opt.load_state_dict(sd)
-    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+    except Exception as e:  # whatever torch's or uniopt's checks raise of it
         raise CheckpointError(f"{ck.name} does not fit this optimizer: {e}") from e
 
 
@@ -1385,5 +1386,5 @@ def schedules_from_plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(schedules_from_plain(v) for v in value)
     if isinstance(value, dict) and value.get("$") == "record":
-        return from_data(value)
+        return _Decode(patterns=False)(value, "a param group's schedule")
     return value
