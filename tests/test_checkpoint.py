@@ -905,10 +905,12 @@ def test_a_torch_optimizer_checkpoint_that_does_not_fit_is_named(tmp_path: Any) 
         uo.save(path, opt, params=[np.ones(2)])
 
 
-@pytest.mark.parametrize("name", ["AdamW with schedules", "a chain"])
+@pytest.mark.parametrize("name", ["AdamW with schedules", "a chain",
+                                  "a partition with accumulation"])
 def test_torch_distributed_checkpoint_in_one_process(name: str, tmp_path: Any) -> None:
     """get_optimizer_state_dict, dcp.save, dcp.load into a new optimizer's state dict,
-    set_optimizer_state_dict: the run resumes bit for bit."""
+    set_optimizer_state_dict: the run resumes bit for bit (a partition's one state per group
+    travels in its first parameter's)."""
     torch = pytest.importorskip("torch")
     import warnings
 
