@@ -3,6 +3,7 @@ torch's optimizers and Optimisers.jl leave it: against torch.optim on every back
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -45,12 +46,20 @@ def _torch_run(make: Any, params: dict[str, np.ndarray], grads: list[dict[str, A
     return {k: t.detach().numpy() for k, t in tp.items()}
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
-def test_none_gradients_match_torch(name: str, library: str) -> None:
-    rule, make = CASES[name]
+@functools.cache
+def _want(name: str) -> dict[str, np.ndarray]:
     params, grads = _setup()
-    want = _torch_run(make, params, grads)
+    return _torch_run(CASES[name][1], params, grads)
+
+
+# every rule on NumPy; the other libraries run the same engine code on their arrays
+@pytest.mark.parametrize("name, library", [
+    *((name, "numpy") for name in sorted(CASES)), ("adam", "torch"), ("sgd", "torch"),
+    ("adam", "jax")])
+def test_none_gradients_match_torch(name: str, library: str) -> None:
+    rule = CASES[name][0]
+    params, grads = _setup()
+    want = _want(name)
     if library == "numpy":
         p, pi = copy_tree(params), copy_tree(params)
         state, state_i = uo.setup(rule, p), uo.setup(rule, pi)

@@ -882,7 +882,9 @@ def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transfo
     """``t`` with hyperparameter ``path[-1]`` set in the member ``path[:-1]`` names, and where
     it was found."""
     if isinstance(t, chain):
-        if len(path) > 1:
+        # a label names a member of a combinator in the chain: searched for as a name is
+        labelled = not path[0].isdigit() and any(isinstance(p, Combinator) for p in t.flat_parts)
+        if len(path) > 1 and not labelled:
             if not path[0].isdigit():
                 raise ValueError(
                     f"adjust: {'.'.join(path)!r}: a member of a chain is named by its position "
