@@ -29,6 +29,7 @@ LAYERS = [
     {"interop.jax", "fast"},
     {"engine"},
     {"interop.optax", "combine"},
+    {"checkpoint"},
     {"torch", "tools", "__init__", "__main__"},
 ]
 

@@ -9,8 +9,9 @@
 1
 """
 
-from . import schedules
+from . import checkpoint, schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
+from .checkpoint import CheckpointError, load, save
 from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax, to_optax
@@ -60,6 +61,10 @@ from .tree import pack, register_dataclass, trainables
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "checkpoint",
+    "load",
+    "save",
     "accumulate",
     "skip_nonfinite",
     "Combinator",

@@ -13,6 +13,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
 from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
+from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
 from ..state import State
@@ -406,13 +407,72 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- checkpoints -----------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, with each uniopt schedule in a group written as plain data
+        (its type's name and fields), so that ``torch.load(..., weights_only=True)`` reads it.
+        A rule that runs other rules keeps one state per group: it is written in the state of
+        the group's first parameter, under ``"uniopt.group"``, the others' states empty, so
+        that ``state`` is keyed by parameter, each one there (as ``torch.distributed.checkpoint``
+        requires)."""
+        sd = super().state_dict()
+        groups = [{k: plain_schedules(v) for k, v in g.items()} for g in sd["param_groups"]]
+        return {**sd, "state": _group_states_out(sd["state"], groups), "param_groups": groups}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (a state saved by the torch class of the same name loads
         here, and the reverse), after checking that the groups, their sizes, the slots and their
         shapes match this optimizer's parameters; nothing changes on an error."""
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
+            groups = [{k: schedules_from_plain(v) for k, v in g.items()}
+                      if isinstance(g, dict) else g for g in state_dict["param_groups"]]
+            state_dict = {**state_dict, "param_groups": groups}
+            if isinstance(state_dict.get("state"), dict):
+                state_dict["state"] = _group_states_in(state_dict["state"], groups)
         check_loadable(self, state_dict)
         super().load_state_dict(state_dict)
 
+
+_GROUP = "uniopt.group"  # a group's one state, in state_dict(), under its first parameter
+
+
+def _group_states_out(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any, Any]:
+    """``state`` with each group's one state (uniopt.torch.combined) moved into its first
+    parameter's, and an empty one for each other parameter of the group."""
+    state = dict(state)
+    for gi, g in enumerate(groups):
+        if combined.KEY.format(gi) in state and g["params"]:
+            first, *others = g["params"]
+            state[first] = {**state.get(first, {}), _GROUP: state.pop(combined.KEY.format(gi))}
+            for k in others:
+                state.setdefault(k, {})
+    return state
+
+
+def _group_states_in(state: dict[Any, Any], groups: list[Any]) -> dict[Any, Any]:
+    """The inverse of :func:`_group_states_out` (a state saved before it loads as it is)."""
+    state = dict(state)
+    for gi, g in enumerate(groups):
+        ps = g.get("params") if isinstance(g, dict) else None
+        if not isinstance(ps, list) or not ps:
+            continue
+        st = state.get(ps[0])
+        if isinstance(st, dict) and _GROUP in st:
+            # new containers: the entry may be this optimizer's own, its numbers replaced in
+            # place (torch.distributed.checkpoint loads so), which its cache would not notice
+            state[combined.KEY.format(gi)] = _containers(st[_GROUP])
+            rest = {k: v for k, v in st.items() if k != _GROUP}
+            if rest:
+                state[ps[0]] = rest
+            else:
+                del state[ps[0]]
+    return state
+
+
+def _containers(x: Any) -> Any:
+    """``x`` with its dicts and lists new (the tensors in them the same)."""
+    if isinstance(x, dict):
+        return {k: _containers(v) for k, v in x.items()}
+    return [_containers(v) for v in x] if isinstance(x, list) else x
 
 # where torch has fused kernels (torch.utils._foreach_utils)
 _FUSED_DEVICES = ("mps", "cuda", "xpu", "hpu", "cpu", "mtia")

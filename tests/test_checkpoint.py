@@ -1,0 +1,962 @@
+"""uo.save / uo.load: round trips of every rule and schedule type and of random trees, loading
+across array libraries, match-by-path checks with their messages, a loader that refuses
+every malformed file with a CheckpointError, atomic writes; uniopt.torch's state dicts under
+weights_only, torch.distributed.checkpoint, and orbax for a JAX State."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import tracemalloc
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import uniopt as uo
+from uniopt import checkpoint
+from uniopt.checkpoint import CheckpointError
+
+S = uo.schedules
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def host(x: Any) -> np.ndarray:
+    """Array ``x`` (any library) as NumPy, on the host."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            import torch
+
+            return x.view(torch.int16).numpy()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    x, y = host(a), host(b)
+    return x.dtype == y.dtype and x.shape == y.shape and \
+        np.ascontiguousarray(x).tobytes() == np.ascontiguousarray(y).tobytes()
+
+
+def assert_same(a: uo.State, b: uo.State, library: bool = True) -> None:
+    """Two states equal: rule (as data), step, and every leaf's type, dtype, shape and bits."""
+    assert checkpoint.to_data(a.rule) == checkpoint.to_data(b.rule)
+    pa, la, da = checkpoint._flat(a)
+    pb, lb, db = checkpoint._flat(b)
+    assert pa == pb and da == db
+    for path, x, y in zip(pa, la, lb, strict=True):
+        if x is None or isinstance(x, (bool, int, float)):
+            assert type(x) is type(y) and x == y, (path, x, y)
+            continue
+        if library:
+            assert type(x) is type(y), path
+        assert same_bits(x, y), path
+
+
+def rng_tree(seed: int, dtype: Any = np.float64) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((3, 4)).astype(dtype),
+            "layer": [rng.standard_normal(2).astype(dtype), None,
+                      {"bias": rng.standard_normal(()).astype(dtype)}]}
+
+
+def grads(params: Any, seed: int) -> Any:
+    rng = np.random.default_rng(seed)
+    return uo.tree.unflatten(uo.tree.flatten(params)[1],
+                             [rng.standard_normal(x.shape).astype(x.dtype)
+                              for x in uo.trainables(params)])
+
+
+def stepped(rule: uo.Transform, params: Any, k: int = 3) -> tuple[uo.State, Any]:
+    state = uo.setup(rule, params)
+    for i in range(k):
+        state, params = uo.update(state, params, grads(params, i))
+    return state, params
+
+
+@pytest.fixture
+def path(tmp_path: Any) -> str:
+    return str(tmp_path / "ckpt.safetensors")
+
+
+RULE = uo.chain(uo.clip_by_global_norm(1.0),
+                uo.adamw(lr=S.warmup(2, S.cosine(1e-2, steps=10)), weight_decay=0.1))
+
+
+# --- round trips --------------------------------------------------------------------------------
+
+def test_a_state_and_its_params_round_trip_every_way_of_loading(path: str) -> None:
+    state, params = stepped(RULE, rng_tree(0))
+    uo.save(path, state, params=params)
+    for like in (state, (RULE, rng_tree(1)), rng_tree(2)):
+        assert_same(uo.load(path, like=like), state)
+    back, p = uo.load(path, like=rng_tree(3), params=True)
+    assert_same(back, state)
+    for x, y in zip(uo.trainables(p), uo.trainables(params), strict=True):
+        assert same_bits(x, y)
+    stepped_back, _ = uo.update(back, p, grads(p, 9))  # and it steps as the original does
+    assert_same(stepped_back, uo.update(state, params, grads(params, 9))[0])
+
+
+def test_the_file_is_safetensors_with_readable_names_and_the_format_in_its_metadata(
+        path: str) -> None:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    state, params = stepped(RULE, rng_tree(0))
+    uo.save(path, state, params=params)
+    arrays = load_file(path)
+    assert sorted(arrays) == [
+        "params/layer.0", "params/layer.2.bias", "params/w",
+        "slots/scale_by_adam.exp_avg/layer.0", "slots/scale_by_adam.exp_avg/layer.2.bias",
+        "slots/scale_by_adam.exp_avg/w", "slots/scale_by_adam.exp_avg_sq/layer.0",
+        "slots/scale_by_adam.exp_avg_sq/layer.2.bias", "slots/scale_by_adam.exp_avg_sq/w"]
+    np.testing.assert_array_equal(arrays["slots/scale_by_adam.exp_avg/w"],
+                                  state.slots["scale_by_adam.exp_avg"][2])
+    with safe_open(path, "np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "uniopt.checkpoint" and meta["version"] == "1"
+    doc = json.loads(meta["uniopt"])
+    assert doc["paths"] == [["layer", 0], ["layer", 2, "bias"], ["w"]]
+    assert doc["rule"]["fields"]["transforms"][1]["fields"]["lr"] == {
+        "$": "record", "type": "warmup", "fields": {
+            "steps": 2, "init": 0.0, "then": {"$": "record", "type": "cosine", "fields": {
+                "init": 0.01, "steps": 10, "floor": 0.0, "exponent": 1.0}}}}
+    assert ["step"] in [e[0] for e in doc["entries"]]
+
+
+def _every_rule() -> list[uo.Transform]:
+    """An instance of every rule and block uniopt has, and the recipes that hold others."""
+    defaults = []
+    for _, cls in sorted(checkpoint._own().items()):
+        if issubclass(cls, uo.Transform):
+            try:
+                defaults.append(cls())
+            except TypeError:
+                pass
+    recipes = [
+        uo.optimistic_adam(lr=S.linear(0.1, 0.01, 5)),
+        uo.partition({"a": uo.adam(lr=1e-2), "b": uo.sgd(lr=0.1, momentum=0.9), "c": None},
+                     uo.by_path({"w": "a", re.compile(r"layer\.0"): "c", "*": "b"})),
+        uo.masked(uo.adagrad(), {"w": True, "layer": [False, None, {"bias": True}]}),
+        uo.freeze(uo.rmsprop(centered=True, momentum=0.5), ["*bias"]),
+        uo.accumulate(uo.adam(amsgrad=True), S.piecewise_constant(2, {2: 3})),
+        uo.skip_nonfinite(uo.chain(uo.weight_decay(0.1), uo.sgd(momentum=0.9, nesterov=True))),
+        uo.skip_nonfinite(uo.accumulate(uo.nadam(), 2), max_consecutive=3),
+    ]
+    def types(d: Any) -> set[str]:
+        if isinstance(d, dict):
+            own = {d["type"]} if d.get("$") == "record" else set()
+            return own | {t for v in d.values() for t in types(v)}
+        return {t for v in d for t in types(v)} if isinstance(d, list) else set()
+
+    covered = {t for r in defaults + recipes for t in types(checkpoint.to_data(r))}
+    covered.add("from_optax")  # tested with optax below
+    missing = {n for n, c in checkpoint._own().items() if issubclass(c, uo.Transform)} - covered
+    assert not missing, f"give test_every_rule_round_trips an instance of {sorted(missing)}"
+    return defaults + recipes
+
+
+@pytest.mark.parametrize("rule", _every_rule(), ids=lambda r: type(r).__name__)
+def test_every_rule_round_trips_through_a_file(rule: uo.Transform, path: str) -> None:
+    """Set up, two steps (a minimizer's through its closure), saved, loaded with the rule from
+    the file: the same rule and state, bit for bit, and the next step the same."""
+    matrices = any(isinstance(p, uo.PerLeaf) and p.check_shape((5,)) for p in rule.flat_parts)
+    params = ({"w": np.ones((3, 4)), "layer": [np.ones((2, 2)), None, {"bias": np.ones((4, 2))}]}
+              if matrices else rng_tree(0))
+    minimizer = any(isinstance(p, uo.Minimizer) for p in rule.flat_parts)
+    state = uo.setup(rule, params)
+    for i in range(2):
+        if minimizer:
+            def closure(p: Any) -> Any:
+                return sum(float(np.sum(x * x)) for x in uo.trainables(p)), p
+            state, params, _ = uo.minimize_step(state, params, closure)
+        else:
+            state, params = uo.update(state, params, grads(params, i), value=1.0 + i)
+    uo.save(path, state)
+    back = uo.load(path, like=(rule, params))
+    assert back.rule == rule
+    assert_same(back, state)
+    if "regex" not in json.dumps(checkpoint.to_data(rule)):  # the rule from the file alone
+        assert_same(uo.load(path, like=params), state)
+
+
+def test_an_optax_member_round_trips_beside_its_rule(path: str) -> None:
+    """An optax transformation is code, so the file names it and like=(rule, params) gives it
+    back; its state (a tree of namedtuples) comes back into the same types."""
+    optax = pytest.importorskip("optax")
+    rule = uo.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(), uo.scale_by_lr(0.1))
+    state, params = stepped(rule, rng_tree(0, np.float32))
+    uo.save(path, state)
+    back = uo.load(path, like=(rule, rng_tree(1, np.float32)))
+    assert back.rule == rule
+    assert type(back.tree_states["from_optax#1"][0]) is type(state.tree_states["from_optax#1"][0])
+    assert_same(back, state)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "rule.transforms[0].tx: the checkpoint's rule holds an optax transformation, which "
+            "no file can hold (it is code); load it with like=(rule, params) or like=state")):
+        uo.load(path, like=rng_tree(1, np.float32))
+
+
+# every schedule type, with valid random fields
+_num = st.floats(-10, 10, allow_nan=False)
+_pos = st.floats(0.01, 10)
+_count = st.integers(1, 50)
+
+
+def _schedules(inner: Any) -> Any:
+    then = st.one_of(inner, _num)
+    return st.one_of(
+        st.builds(S.constant, _num),
+        st.builds(S.linear, _num, _num, _count),
+        st.builds(S.cosine, _num, _count, _num, _pos),
+        st.builds(S.exponential, _num, st.floats(0.1, 0.99), _count, st.booleans()),
+        st.builds(S.piecewise_constant, _num, st.dictionaries(st.integers(0, 50), _num,
+                                                              max_size=3)),
+        st.builds(S.polynomial, _num, _num, _count, _pos),
+        st.builds(S.piecewise_interpolate, _num,
+                  st.dictionaries(st.integers(0, 100).map(lambda k: k / 2), _num, max_size=3),
+                  st.sampled_from(["linear", "cosine"])),
+        st.builds(S.sgdr, _num, _count, st.integers(1, 3), _num),
+        st.builds(S.cyclic, _num, _num, _count, st.one_of(st.none(), _count),
+                  st.sampled_from(["triangular", "triangular2"])),
+        st.builds(S.wsd, _num, st.integers(0, 9), st.integers(0, 9), _count, _num,
+                  st.sampled_from(["1-sqrt", "linear", "cosine"]), _num),
+        st.builds(S.inverse_sqrt, _num, _pos),
+        st.builds(S.warmup, st.integers(0, 9), then, _num),
+        st.builds(lambda a, b, k: S.join([a, b], [k]), then, then, _count),
+    )
+
+
+SCHEDULES = st.recursive(st.builds(S.constant, _num), _schedules, max_leaves=4)
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True)
+@given(SCHEDULES)
+def test_every_schedule_type_is_data_and_back(schedule: Any) -> None:
+    data = checkpoint.to_data(schedule)
+    again = checkpoint.from_data(json.loads(json.dumps(data)))
+    assert again == schedule and type(again) is type(schedule)
+    assert again(7) == schedule(7) or (np.isnan(again(7)) and np.isnan(schedule(7)))
+
+
+def test_onecycle_and_a_schedule_in_a_tuple_go_through_a_file(path: str) -> None:
+    rule = uo.adam(lr=S.onecycle(1e-2, steps=20), betas=(S.linear(0.8, 0.9, 5), 0.999))
+    state, params = stepped(rule, rng_tree(0))
+    uo.save(path, state)
+    assert uo.load(path, like=params).rule == rule
+
+
+@st.composite
+def trees(draw: Any) -> Any:
+    dtype = draw(st.sampled_from([np.float16, np.float32, np.float64]))
+
+    def leaf(d: Any) -> Any:
+        shape = tuple(d(st.lists(st.integers(0, 3), max_size=4)))
+        return np.asarray(d(st.integers(0, 2**31)) % 97 / 7.0 - 3.0 +
+                          np.arange(int(np.prod(shape))).reshape(shape), dtype=dtype)
+
+    keys = st.text("abcxyz_", min_size=1, max_size=4)
+    node = st.recursive(
+        st.one_of(st.none(), st.builds(leaf, st.just(draw))),
+        lambda kids: st.one_of(st.lists(kids, max_size=3), st.tuples(kids, kids),
+                               st.dictionaries(keys, kids, max_size=3)),
+        max_leaves=6)
+    return draw(st.dictionaries(keys, node, min_size=1, max_size=3))
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(trees(), st.sampled_from([
+    uo.adam(lr=S.cosine(1e-2, steps=5)), uo.sgd(lr=0.1, momentum=0.9),
+    uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(weight_decay=0.1))]),
+    st.integers(0, 2))
+def test_random_trees_round_trip(tmp_path: Any, params: Any, rule: uo.Transform,
+                                 steps: int) -> None:
+    """Nested dicts, lists and tuples, 0-d to 4-d leaves, None leaves, float16 to float64."""
+    state = uo.setup(rule, params)
+    for i in range(steps if uo.trainables(params) else 0):
+        state, params = uo.update(state, params, grads(params, i))
+    path = str(tmp_path / "t.safetensors")
+    uo.save(path, state, params=params)
+    back, p = uo.load(path, like=(rule, params), params=True)
+    assert_same(back, state)
+    assert all(same_bits(x, y) for x, y in
+               zip(uo.trainables(p), uo.trainables(params), strict=True))
+    assert_same(uo.load(path, like=state), state)
+
+
+def test_per_leaf_step_counts_round_trip_and_are_matched_by_path(path: str) -> None:
+    """A leaf left out of a step (None gradient) counts its own steps; the counts follow the
+    leaves by path, here into params whose dict keys put the leaves in another order."""
+    params = {"a": np.ones(2), "b": np.ones(3), "c": np.ones(1)}
+    state = uo.setup(uo.adam(lr=1e-2), params)
+    state, params = uo.update(state, params, {"a": np.ones(2), "b": None, "c": np.ones(1)})
+    state, params = uo.update(state, params, {"a": np.ones(2), "b": np.ones(3), "c": None})
+    uo.save(path, state)
+    np.testing.assert_array_equal(uo.load(path, like=params).counts, [2, 1, 1])
+    # the same paths, another order: a list of pairs keyed as the dict was is not the same
+    # tree, so a renamed key shows where matching by path matters
+    renamed = {"a": np.ones(2), "b": np.ones(3), "d": np.ones(1)}
+    with pytest.raises(CheckpointError, match=re.escape(
+            "the params differ: it has no state for params['d'] (missing leaf); it holds state "
+            "for params['c'], which like lacks (extra leaf)")):
+        uo.load(path, like=renamed)
+
+
+@dataclasses.dataclass
+class _Box:
+    x: Any
+
+
+def test_slots_are_matched_by_path_not_by_position(path: str) -> None:
+    """The same leaves under the same paths, in another order (a registered dataclass whose
+    fields come in another order than the dict's sorted keys)."""
+    @dataclasses.dataclass
+    class Pair:
+        b: Any
+        a: Any
+
+    uo.register_dataclass(Pair)
+    params = {"a": np.arange(2.0), "b": np.arange(3.0)}
+    state, params = stepped(uo.adam(lr=1e-2), params)
+    uo.save(path, state)
+    back = uo.load(path, like=Pair(b=np.zeros(3), a=np.zeros(2)))
+    assert [x.shape for x in back.slots["scale_by_adam.exp_avg"]] == [(3,), (2,)]
+    assert same_bits(back.slots["scale_by_adam.exp_avg"][0],
+                     state.slots["scale_by_adam.exp_avg"][1])
+
+
+# --- across array libraries ---------------------------------------------------------------------
+
+def test_a_numpy_checkpoint_loads_into_torch_and_back(path: str) -> None:
+    torch = pytest.importorskip("torch")
+    state, params = stepped(RULE, rng_tree(0, np.float32))
+    uo.save(path, state, params=params)
+    tparams = {"w": torch.zeros(3, 4), "layer": [torch.zeros(2), None, {"bias": torch.zeros(())}]}
+    back, tp = uo.load(path, like=tparams, params=True)
+    assert isinstance(back.slots["scale_by_adam.exp_avg"][0], torch.Tensor)
+    assert_same(back, state, library=False)
+    g = grads(params, 5)
+    tg = {"w": torch.tensor(g["w"]), "layer": [torch.tensor(g["layer"][0]), None,
+                                               {"bias": torch.tensor(g["layer"][2]["bias"])}]}
+    # torch's step from the loaded state equals NumPy's from the saved one (the same kernels
+    # in float32; the reference path on both)
+    from helpers import reference_path
+    with reference_path():
+        s1, p1 = uo.update(back, tp, tg)
+        s2, p2 = uo.update(state, params, g)
+    assert all(same_bits(x, y) for x, y in zip(uo.trainables(p1), uo.trainables(p2), strict=True))
+    uo.save(path, s1, params=p1)  # and the other way
+    assert_same(uo.load(path, like=p2), s2, library=False)
+
+
+def test_a_numpy_checkpoint_loads_into_jax_and_a_jitted_one_back(path: str) -> None:
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    state, params = stepped(RULE, rng_tree(0, np.float32))
+    uo.save(path, state, params=params)
+    jparams = jax.tree.map(jnp.zeros_like, jax.tree.map(jnp.asarray, params))
+    back, jp = uo.load(path, like=jparams, params=True)
+    assert back.step.dtype == jnp.int32 and int(back.step) == 3
+    assert_same(dataclasses.replace(back, step=3), state, library=False)
+    back, jp = jax.jit(uo.update)(back, jp, jax.tree.map(jnp.asarray, grads(params, 5)))
+    uo.save(path, back)  # numbers that went through jit: float32, with their complements
+    doc = json.loads(_meta(path)["uniopt"])
+    adamw = doc["rule"]["fields"]["transforms"][1]
+    assert adamw["fields"]["betas"] == [float(np.float32(0.9)), float(np.float32(0.999))]
+    assert "host" in adamw
+    again = uo.load(path, like=params)  # into NumPy; the rule keeps the host's complements
+    assert again.step == 4 and isinstance(again.step, int)
+    assert again.rule.transforms[1].one_minus("weight_decay") == \
+        back.rule.transforms[1].one_minus("weight_decay")
+    # like's rule, with numbers jit did not round, is the same rule
+    assert_same(uo.load(path, like=(RULE, params)), again)
+
+
+def test_a_torch_state_on_another_device_saves_and_loads() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), "c.safetensors")
+    params = {"w": torch.randn(3, 4, device="cuda")}
+    state = uo.setup(uo.adam(lr=1e-2), params)
+    state, params = uo.update(state, params, {"w": torch.ones(3, 4, device="cuda")})
+    uo.save(path, state)
+    back = uo.load(path, like=params)
+    assert back.slots["scale_by_adam.exp_avg"][0].device.type == "cuda"
+    assert_same(back, state)
+
+
+# --- match by path: what differs, said exactly --------------------------------------------------
+
+def _saved(path: str, rule: uo.Transform = RULE, params: Any = None) -> tuple[uo.State, Any]:
+    state, params = stepped(rule, rng_tree(0) if params is None else params)
+    uo.save(path, state)
+    return state, params
+
+
+def test_a_missing_or_extra_leaf_is_named(path: str) -> None:
+    _saved(path)
+    more = {**rng_tree(0), "extra": np.ones(2)}
+    with pytest.raises(CheckpointError, match=re.escape(
+            "ckpt.safetensors: the params differ: it has no state for params['extra'] "
+            "(missing leaf)")):
+        uo.load(path, like=more)
+    less = rng_tree(0)
+    del less["w"]
+    with pytest.raises(CheckpointError, match=re.escape(
+            "ckpt.safetensors: the params differ: it holds state for params['w'], which like "
+            "lacks (extra leaf)")):
+        uo.load(path, like=less)
+
+
+def test_a_shape_or_dtype_that_differs_is_named(path: str) -> None:
+    _saved(path)
+    wide = rng_tree(0)
+    wide["w"] = np.ones((3, 5))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "ckpt.safetensors: slots['scale_by_adam.exp_avg'] of params['w'] has shape (3, 4) "
+            "in the checkpoint, (3, 5) in like")):
+        uo.load(path, like=wide)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "ckpt.safetensors: slots['scale_by_adam.exp_avg'] of params['layer'][0] is float64 "
+            "in the checkpoint, float32 in like")):
+        uo.load(path, like=rng_tree(0, np.float32))
+
+
+def test_a_state_for_another_rule_is_named(path: str) -> None:
+    state, params = _saved(path)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "ckpt.safetensors: a state for another rule: rule is chain in the checkpoint, adam "
+            "in like")):
+        uo.load(path, like=(uo.adam(), params))
+    other = uo.chain(uo.clip_by_global_norm(1.0),
+                     uo.adamw(lr=S.warmup(2, S.cosine(1e-3, steps=10)), weight_decay=0.1))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "a state for another rule: rule.transforms[1].lr.then.init is 0.01 in the "
+            "checkpoint, 0.001 in like")):
+        uo.load(path, like=(other, params))
+    with pytest.raises(CheckpointError, match=re.escape("is 0.01 in the checkpoint, 0.001")):
+        uo.load(path, like=uo.setup(other, params))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "ckpt.safetensors: state_dtype is None in the checkpoint, 'float32' in like")):
+        uo.load(path, like=uo.setup(RULE, params, state_dtype="float32"))
+
+
+def test_nothing_of_like_changes_on_an_error(path: str) -> None:
+    state, params = _saved(path)
+    before = uo.setup(RULE, params)
+    wide = {**params, "w": np.ones((3, 5))}
+    like_state = uo.setup(RULE, wide)
+    snapshot = [host(x).copy() for x in checkpoint._flat(like_state)[1] if hasattr(x, "shape")]
+    with pytest.raises(CheckpointError):
+        uo.load(path, like=like_state)
+    after = [host(x) for x in checkpoint._flat(like_state)[1] if hasattr(x, "shape")]
+    assert all(np.array_equal(a, b) for a, b in zip(snapshot, after, strict=True))
+    assert_same(uo.setup(RULE, params), before)
+
+
+def test_what_a_checkpoint_cannot_hold_is_refused_at_save_with_how_to_fix_it(path: str) -> None:
+    params = rng_tree(0)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "rule.lr is <function") + ".*" + re.escape(
+            "a Python function: a checkpoint stores no code. Use a uniopt.schedules record, or "
+            "write yours as a frozen dataclass with __call__ and register it with "
+            "uniopt.checkpoint.register")):
+        uo.save(path, uo.setup(uo.adam(lr=lambda step: 1e-3), params))
+    masked = uo.masked(uo.adam(), lambda path, leaf: path.endswith("bias"))
+    with pytest.raises(CheckpointError, match=re.escape("rule.mask is <function")):
+        uo.save(path, uo.setup(masked, params))
+
+    @dataclasses.dataclass(frozen=True)
+    class halving:
+        init: float
+
+        def __call__(self, step: int) -> float:
+            return self.init * 0.5**step
+
+    with pytest.raises(CheckpointError, match=re.escape(
+            "rule.lr is a test_what_a_checkpoint_cannot_hold_is_refused_at_save_with_how_to_fix_"
+            "it.<locals>.halving (from ") + r"[\w.]*test_checkpoint" + re.escape("), not one of "
+            "uniopt's records: register "
+            "it with uniopt.checkpoint.register(test_what_a_checkpoint_cannot_hold_is_refused_"
+            "at_save_with_how_to_fix_it.<locals>.halving) in the process that saves and in the "
+            "one that loads")):
+        uo.save(path, uo.setup(uo.adam(lr=halving(1e-2)), params))
+    assert not os.path.exists(path) and os.listdir(os.path.dirname(path)) == []
+    uo.checkpoint.register(halving)
+    state, _ = stepped(uo.adam(lr=halving(1e-2)), params)
+    uo.save(path, state)
+    assert uo.load(path, like=params).rule.lr == halving(1e-2)
+    with pytest.raises(TypeError, match="checkpoint.register: <class 'int'> is not a frozen"):
+        uo.checkpoint.register(int)
+
+
+def test_misuse_is_named(path: str) -> None:
+    state, params = _saved(path)
+    with pytest.raises(TypeError, match="save: expected a uniopt State or a torch optimizer, "
+                                        "got dict"):
+        uo.save(path, {"step": 1})
+    with pytest.raises(CheckpointError, match=re.escape("save: params have the structure")):
+        uo.save(path, state, params={"w": np.ones(2)})
+    with pytest.raises(TypeError, match=re.escape(
+            "load: params=True needs like=(rule, params) or like=params")):
+        uo.load(path, like=state, params=True)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "ckpt.safetensors holds no params (it was saved without params=)")):
+        uo.load(path, like=params, params=True)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "the checkpoint's rule does not fit like's params: muon: params['layer'][0] has "
+            "shape (2,)")):
+        uo.save(path, uo.setup(uo.muon(), {"w": np.ones((2, 2))}))
+        uo.load(path, like=rng_tree(0))
+
+
+# --- the hardened loader ------------------------------------------------------------------------
+
+def _parts(path: str) -> tuple[dict[str, Any], bytes]:
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _meta(path: str) -> dict[str, Any]:
+    return _parts(path)[0]["__metadata__"]
+
+
+def _write(path: str, header: Any, data: bytes, raw_header: bytes | None = None) -> None:
+    blob = raw_header if raw_header is not None else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob + data)
+
+
+def _edit(path: str, edit: Any) -> None:
+    header, data = _parts(path)
+    doc = json.loads(header["__metadata__"]["uniopt"])
+    out = edit(header, doc)
+    header["__metadata__"]["uniopt"] = json.dumps(doc)
+    _write(path, header, data if out is None else out)
+
+
+BAD = {
+    "too short": (lambda p: open(p, "wb").write(b"\x05\x00"),
+                  "ckpt.safetensors: 2 bytes, too short for a checkpoint (it begins with an "
+                  "8-byte header length)"),
+    "cut in the header": (lambda p: open(p, "r+b").truncate(40),
+                          "but only 32 follow (a truncated file, or not a checkpoint)"),
+    "cut in the data": (lambda p: open(p, "r+b").truncate(os.path.getsize(p) - 8),
+                        "its bytes end at"),
+    "a zip (torch.save)": (lambda p: _torch_save(p),
+                           "ckpt.safetensors is a zip archive (torch.save writes one around a "
+                           "pickle), not a uniopt checkpoint; uniopt never unpickles"),
+    "a pickle": (lambda p: open(p, "wb").write(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K"
+                                               b"\x01."),
+                 "ckpt.safetensors is a pickle, not a uniopt checkpoint; uniopt never unpickles"),
+    "plain safetensors": (lambda p: _plain_safetensors(p),
+                          "a safetensors file, but not a uniopt checkpoint (its metadata's "
+                          "format is None, not 'uniopt.checkpoint')"),
+    "newer version": (lambda p: _edit_meta(p, version="2"),
+                      "checkpoint format version '2'; this uniopt reads version 1 (the file is "
+                      "from a newer uniopt)"),
+    "not JSON": (lambda p: _write(p, None, b"", raw_header=b"{'a': 1}"),
+                 "ckpt.safetensors: the header is not valid JSON"),
+    "not UTF-8": (lambda p: _write(p, None, b"", raw_header=b'{"\xff": 1}'),
+                  "ckpt.safetensors: the header is not UTF-8"),
+    "a JSON constant": (lambda p: _write(p, None, b"", raw_header=b'{"a": NaN}'),
+                        "ckpt.safetensors: the header: the JSON holds NaN, which a checkpoint "
+                        "never writes"),
+    "a duplicate name": (lambda p: _duplicate(p), "the JSON names 'slots/scale_by_adam.exp_avg/w' "
+                                                  "twice"),
+    "a path-traversing name": (lambda p: _rename(p, "../../etc/passwd"),
+                               "tensor '../../etc/passwd': not a name a checkpoint writes"),
+    "a lie about the shape": (lambda p: _tensor(p, shape=[5, 4]),
+                              "shape [5, 4] of F64 is 160 bytes, its data 96"),
+    "a consistent lie about the shape": (lambda p: _tensor(p, shape=[4, 3]),
+                                         "slots['scale_by_adam.exp_avg'] of params['w'] has "
+                                         "shape (4, 3) in the checkpoint, (3, 4) in like"),
+    "a lie about the dtype": (lambda p: _tensor(p, dtype="I64"),
+                              "slots['scale_by_adam.exp_avg'] of params['w'] is int64 in the "
+                              "checkpoint, float64 in like"),
+    "an unknown dtype": (lambda p: _tensor(p, dtype="F128"), "unknown dtype 'F128'"),
+    "overlapping offsets": (lambda p: _shift(p, -8), "the tensors' bytes overlap at byte"),
+    "a gap": (lambda p: _shift(p, 8), "the tensors' bytes leave a gap at byte"),
+    "offsets past the end": (lambda p: _tensor(p, data_offsets=[0, 2**62]),
+                             "its bytes end at 4611686018427387904, past the"),
+    "a huge declared size": (lambda p: _tensor(p, shape=[2**40, 2**40]),
+                             "is 9671406556917033397649408 bytes, its data 96"),
+    "a huge header length": (lambda p: _huge_length(p), "the header length says "
+                                                        "18446744073709551615 bytes"),
+    "a tensor no leaf names": (lambda p: _orphan(p), "the tensor 'orphan' belongs to no leaf"),
+    "a leaf naming a missing tensor": (lambda p: _edit(p, _point("nowhere")),
+                                       "names the tensor 'nowhere', which the file does not "
+                                       "hold"),
+    "two leaves naming one tensor": (lambda p: _edit(p, _twice),
+                                     "is named twice"),
+    "an unknown record type": (lambda p: _edit(p, _rule_type("os.system")),
+                               "rule: unknown record type 'os.system': not one of uniopt's, nor "
+                               "registered"),
+    "an invalid hyperparameter": (lambda p: _edit(p, _lr(-1.0)),
+                                  "rule.transforms[1]: adamw: ValueError: adamw: lr must be >= 0"),
+    "deep nesting": (lambda p: _edit(p, _deep), "nested more than 64 levels deep"),
+    "a stranger's regular expression": (lambda p: _edit(p, _regex),
+                                        "rule.transforms[1].lr: the checkpoint's rule matches "
+                                        "paths with the regular expression '(a+)+$'"),
+    "a torch state_dict": (lambda p: _edit(p, _kind("torch")),
+                           "ckpt.safetensors holds a torch optimizer's state_dict: load it with "
+                           "like=optimizer"),
+}
+
+
+def _torch_save(p: str) -> None:
+    torch = pytest.importorskip("torch")
+    torch.save({"state": {}}, p)
+
+
+def _plain_safetensors(p: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.ones(3)}, p)
+
+
+def _edit_meta(p: str, **kv: str) -> None:
+    header, data = _parts(p)
+    header["__metadata__"].update(kv)
+    _write(p, header, data)
+
+
+def _duplicate(p: str) -> None:
+    header, data = _parts(p)
+    text = json.dumps(header)
+    entry = '"slots/scale_by_adam.exp_avg/w": ' + json.dumps(
+        header["slots/scale_by_adam.exp_avg/w"])
+    _write(p, None, data, raw_header=text[:-1].encode() + b", " + entry.encode() + b"}")
+
+
+def _rename(p: str, new: str) -> None:
+    def edit(header: dict[str, Any], doc: dict[str, Any]) -> None:
+        header[new] = header.pop("slots/scale_by_adam.exp_avg/w")
+        for e in doc["entries"]:
+            if isinstance(e[1], dict) and e[1].get("tensor") == "slots/scale_by_adam.exp_avg/w":
+                e[1]["tensor"] = new
+    _edit(p, edit)
+
+
+def _tensor(p: str, **kv: Any) -> None:
+    _edit(p, lambda h, d: h["slots/scale_by_adam.exp_avg/w"].update(kv))
+
+
+def _shift(p: str, by: int) -> None:
+    header, data = _parts(p)
+
+    def edit(h: dict[str, Any], d: dict[str, Any]) -> bytes:
+        last = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+        h[last]["data_offsets"] = [o + by for o in h[last]["data_offsets"]]
+        return data + b"\0" * max(by, 0)
+    _edit(p, edit)
+
+
+def _huge_length(p: str) -> None:
+    raw = bytearray(open(p, "rb").read())
+    raw[:8] = b"\xff" * 8
+    open(p, "wb").write(raw)
+
+
+def _orphan(p: str) -> None:
+    header, data = _parts(p)
+    header["orphan"] = {"dtype": "U8", "shape": [3], "data_offsets": [len(data), len(data) + 3]}
+    _write(p, header, data + b"abc")
+
+
+def _point(name: str) -> Any:
+    def edit(h: dict[str, Any], doc: dict[str, Any]) -> None:
+        for e in doc["entries"]:
+            if isinstance(e[1], dict) and "tensor" in e[1]:
+                e[1]["tensor"] = name
+                return
+    return edit
+
+
+def _twice(h: dict[str, Any], doc: dict[str, Any]) -> None:
+    tensors = [e[1] for e in doc["entries"] if isinstance(e[1], dict) and "tensor" in e[1]]
+    tensors[1]["tensor"] = tensors[0]["tensor"]
+
+
+def _rule_type(name: str) -> Any:
+    return lambda h, doc: doc["rule"].update(type=name)
+
+
+def _lr(v: float) -> Any:
+    return lambda h, doc: doc["rule"]["fields"]["transforms"][1]["fields"].update(lr=v)
+
+
+def _deep(h: dict[str, Any], doc: dict[str, Any]) -> None:
+    deep: Any = 1.0
+    for _ in range(100):
+        deep = [deep]
+    doc["rule"]["fields"]["transforms"][1]["fields"]["lr"] = deep
+
+
+def _regex(h: dict[str, Any], doc: dict[str, Any]) -> None:
+    doc["rule"]["fields"]["transforms"][1]["fields"]["lr"] = {
+        "$": "regex", "pattern": "(a+)+$", "flags": 32}
+
+
+def _kind(kind: str) -> Any:
+    return lambda h, doc: doc.update(kind=kind)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_malformed_file_is_a_checkpoint_error_that_says_why(case: str, path: str) -> None:
+    _saved(path, uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2)))
+    make, message = BAD[case]
+    make(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            uo.load(path, like=rng_tree(1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # nothing beyond the file's own size (and like's arrays) is allocated
+    assert peak < 2_000_000 + 20 * os.path.getsize(path), peak
+
+
+def test_the_loader_can_neither_unpickle_nor_evaluate() -> None:
+    """Nothing in the module imports a deserializer of code or calls eval, exec, compile or
+    __import__: there is nothing a file could ask it to run."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(checkpoint))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"pickle", "marshal", "shelve", "dill", "cloudpickle", "importlib",
+                           "joblib"}, imported
+    called = {n.func.id for n in ast.walk(tree)
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not called & {"eval", "exec", "compile", "__import__"}, called
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+def test_a_save_that_fails_midway_leaves_the_old_checkpoint_whole(
+        path: str, monkeypatch: Any) -> None:
+    old, params = _saved(path)
+    new, _ = stepped(RULE, params, 2)
+    calls = []
+    real = checkpoint._host_bytes
+
+    def failing(x: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(x)
+
+    monkeypatch.setattr(checkpoint, "_host_bytes", failing)
+    with pytest.raises(OSError, match="disk full"):
+        uo.save(path, new)
+    assert os.listdir(os.path.dirname(path)) == ["ckpt.safetensors"]  # no temporary file left
+    assert_same(uo.load(path, like=params), old)
+
+
+def test_a_save_syncs_the_file_then_renames_then_syncs_the_directory(
+        path: str, monkeypatch: Any) -> None:
+    state, params = stepped(RULE, rng_tree(0))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")
+                       if os.path.exists("/proc/self/fd") else None))
+        real_fsync(fd)
+
+    def replace(a: str, b: str) -> None:
+        events.append(("replace", os.path.dirname(a) == os.path.dirname(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    old = os.umask(0o022)
+    try:
+        uo.save(path, state)
+    finally:
+        os.umask(old)
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[1] == ("replace", True)  # the temporary file was beside the target
+    if events[0][1] is not None:
+        assert events[0][1] is False and events[2][1] is True  # the file, then its directory
+    assert os.stat(path).st_mode & 0o777 == 0o644  # as open() would have made it
+
+
+# --- uniopt.torch -------------------------------------------------------------------------------
+
+def _torch_model(torch: Any) -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _train(torch: Any, model: Any, opt: Any, steps: range) -> None:
+    for s in steps:
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(s))
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def _resumed(torch: Any, make: Any, save: Any, load: Any) -> None:
+    """Five steps, saved, loaded into a new model and optimizer; five more steps beside the
+    run that never stopped: the same parameters, bit for bit."""
+    m1 = _torch_model(torch)
+    o1 = make(m1)
+    _train(torch, m1, o1, range(5))
+    saved = save(m1, o1)
+    m2 = _torch_model(torch)
+    m2.load_state_dict(m1.state_dict())
+    o2 = make(m2)
+    load(m2, o2, saved)
+    _train(torch, m1, o1, range(5, 10))
+    _train(torch, m2, o2, range(5, 10))
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _makers(torch: Any) -> dict[str, Any]:
+    import uniopt.torch as ut
+
+    return {
+        "AdamW with schedules": lambda m: ut.AdamW(
+            m.parameters(), lr=S.cosine(1e-2, steps=20), betas=(S.linear(0.8, 0.9, 10), 0.999),
+            weight_decay=0.1),
+        "a chain": lambda m: ut.Optimizer(m.parameters(), uo.chain(
+            uo.clip(1.0), uo.sgd(lr=S.exponential(0.1, 0.9), momentum=0.9))),
+        "a partition with accumulation": lambda m: ut.Optimizer(m.named_parameters(), uo.partition(
+            {"a": uo.adam(lr=1e-2), "b": uo.accumulate(uo.skip_nonfinite(uo.nadam()), 2)},
+            uo.by_path({"0.*": "a", "*": "b"}))),
+        "torch's own Adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
+    }
+
+
+@pytest.mark.parametrize("name", ["AdamW with schedules", "a chain",
+                                  "a partition with accumulation"])
+def test_a_uniopt_torch_state_dict_with_schedules_loads_with_weights_only(name: str) -> None:
+    torch = pytest.importorskip("torch")
+
+    def save(m: Any, o: Any) -> bytes:
+        buf = io.BytesIO()
+        torch.save(o.state_dict(), buf)
+        return buf.getvalue()
+
+    def load(m: Any, o: Any, saved: bytes) -> None:
+        o.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
+
+    _resumed(torch, _makers(torch)[name], save, load)
+
+
+@pytest.mark.parametrize("name", ["AdamW with schedules", "a chain",
+                                  "a partition with accumulation", "torch's own Adam"])
+def test_uo_save_and_load_take_a_torch_optimizer(name: str, tmp_path: Any) -> None:
+    torch = pytest.importorskip("torch")
+    path = str(tmp_path / "opt.safetensors")
+
+    def save(m: Any, o: Any) -> str:
+        uo.save(path, o)
+        return path
+
+    def load(m: Any, o: Any, saved: str) -> None:
+        assert uo.load(saved, like=o) is o
+
+    _resumed(torch, _makers(torch)[name], save, load)
+
+
+def test_a_torch_optimizer_checkpoint_that_does_not_fit_is_named(tmp_path: Any) -> None:
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    path = str(tmp_path / "opt.safetensors")
+    m = _torch_model(torch)
+    opt = ut.Adam(m.parameters(), lr=1e-2)
+    _train(torch, m, opt, range(1))
+    uo.save(path, opt)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "opt.safetensors does not fit this optimizer: Adam.load_state_dict: parameter group "
+            "0 of the state has 4 parameters, this optimizer's has 1")):
+        uo.load(path, like=ut.Adam([torch.nn.Parameter(torch.ones(2))]))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "opt.safetensors holds a torch optimizer's state_dict: load it with like=optimizer")):
+        uo.load(path, like=[np.ones(2)])
+    state, _ = stepped(uo.adam(), rng_tree(0))
+    uo.save(path, state)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "opt.safetensors holds a uniopt State, not a torch optimizer's state_dict")):
+        uo.load(path, like=opt)
+    with pytest.raises(TypeError, match="save: params= goes with a uniopt State"):
+        uo.save(path, opt, params=[np.ones(2)])
+
+
+@pytest.mark.parametrize("name", ["AdamW with schedules", "a chain",
+                                  "a partition with accumulation"])
+def test_torch_distributed_checkpoint_in_one_process(name: str, tmp_path: Any) -> None:
+    """get_optimizer_state_dict, dcp.save, dcp.load into a new optimizer's state dict,
+    set_optimizer_state_dict: the run resumes bit for bit (a partition's one state per group
+    travels in its first parameter's)."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def save(m: Any, o: Any) -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+            dcp.save({"optim": get_optimizer_state_dict(m, o)}, checkpoint_id=str(tmp_path))
+        return str(tmp_path)
+
+    def load(m: Any, o: Any, saved: str) -> None:
+        target = {"optim": get_optimizer_state_dict(m, o)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(target, checkpoint_id=saved)
+        set_optimizer_state_dict(m, o, target["optim"])
+
+    _resumed(torch, _makers(torch)[name], save, load)
+
+
+# --- orbax ---------------------------------------------------------------------------------------
+
+def test_orbax_saves_and_restores_a_state(tmp_path: Any) -> None:
+    """A jitted run's State through orbax's StandardCheckpointer, as an ordinary pytree,
+    restored against an abstract template: it goes on as the run that never stopped."""
+    jax = pytest.importorskip("jax")
+    ocp = pytest.importorskip("orbax.checkpoint")
+    jnp = jax.numpy
+    rule = uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=S.cosine(1e-2, steps=20)))
+    params = jax.tree.map(jnp.asarray, rng_tree(0, np.float32))
+    g = jax.tree.map(jnp.asarray, grads(params, 1))
+    step = jax.jit(uo.update)
+    state = uo.setup(rule, params)
+    for _ in range(3):
+        state, params = step(state, params, g)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "orbax", state)
+    ckpt.wait_until_finished()
+    template = jax.tree.map(ocp.utils.to_shape_dtype_struct, uo.setup(rule, params))
+    back = ckpt.restore(tmp_path / "orbax", template)
+    ra, pa = step(state, params, g)
+    rb, pb = step(back, params, g)
+    assert all(same_bits(x, y) for x, y in zip(jax.tree.leaves((ra, pa)),
+                                               jax.tree.leaves((rb, pb)), strict=True))
