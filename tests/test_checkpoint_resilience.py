@@ -50,6 +50,29 @@ RULES = {
 }
 
 
+def _every():
+    """Every rule and block of uniopt's that takes its defaults and these params (vectors
+    and a matrix), steps without a closure or a loss: by its type's name."""
+    from uniopt import checkpoint
+    out = {}
+    for name, cls in sorted(checkpoint._own().items()):
+        if not issubclass(cls, uo.Transform):
+            continue
+        try:
+            rule = cls()
+        except TypeError:
+            continue
+        parts = rule.flat_parts
+        if any(isinstance(p, uo.Minimizer) or getattr(p, "reads_value", False)
+               or (isinstance(p, uo.PerLeaf) and p.check_shape((8,))) for p in parts):
+            continue
+        out["every." + name] = cls
+    return out
+
+
+RULES.update(_every())
+
+
 def library(lib, dtype):
     """(to array, namespace) for a library name and a dtype name."""
     if lib == "numpy":
@@ -127,6 +150,12 @@ CASES = [  # (rule, library, dtype, path): each rule fast and on the reference p
                                                     ("recipe", "float64"))],
     *[(r, "jax", "float64", "reference") for r in ("nesterov", "ema")],
 ]
+# and every rule and block, with its defaults, on NumPy and torch (the reference path, which the
+# compiled loop is held to bit for bit in test_fused)
+_env: dict[str, Any] = {}
+exec(COMMON, _env)
+CASES += [(r, lib, "float64", "reference") for r in sorted(_env["RULES"]) if r.startswith("every.")
+          for lib in ("numpy", "torch")]
 
 CHILD = COMMON + '''
 import json, sys
