@@ -17,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 import torch
-from transformers.optimization import get_inverse_sqrt_schedule, get_wsd_schedule
 
 from uniopt import schedules as us
 
@@ -60,6 +59,20 @@ def torch_(make: Callable[[Any], Any], n: int = N) -> Refs:
         return out
 
     return refs
+
+
+# transformers' schedules, imported when a case runs (its import costs every worker seconds at
+# collection)
+def get_wsd_schedule(*args: Any, **kwargs: Any) -> Any:
+    from transformers.optimization import get_wsd_schedule
+
+    return get_wsd_schedule(*args, **kwargs)
+
+
+def get_inverse_sqrt_schedule(*args: Any, **kwargs: Any) -> Any:
+    from transformers.optimization import get_inverse_sqrt_schedule
+
+    return get_inverse_sqrt_schedule(*args, **kwargs)
 
 
 def transformers_(make: Callable[[Any], Any]) -> Refs:
