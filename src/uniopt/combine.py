@@ -141,6 +141,14 @@ class _Runs(Combinator):
     # the step's extra arguments (the loss) go on to the members, whose parts may read them
     reads_value: ClassVar[bool] = True
 
+    @property
+    def uses_params(self) -> bool:  # type: ignore[override]
+        return any(p.uses_params for m in self.inner.values() for p in m.flat_parts)
+
+    @property
+    def makes_step(self) -> bool:  # type: ignore[override]
+        return any(p.makes_step for m in self.inner.values() for p in m.flat_parts)
+
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
         us, treedef, _ = flatten(u)
@@ -196,14 +204,6 @@ class _Routed(_Runs):
         routed = self.memo[key] = {n: tuple(ix) for n, ix in out.items()}
         return routed
 
-    @property
-    def uses_params(self) -> bool:  # type: ignore[override]
-        return any(p.uses_params for m in self.inner.values() for p in m.flat_parts)
-
-    @property
-    def makes_step(self) -> bool:  # type: ignore[override]
-        return any(p.makes_step for m in self.inner.values() for p in m.flat_parts)
-
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves, treedef, _ = flatten(params)
         routes = self.route(treedef, leaves)
@@ -239,12 +239,9 @@ def _frozen(member: Transform) -> bool:
     return bool(parts) and all(isinstance(p, set_to_zero) for p in parts)
 
 
-def _rule(owner: str, what: str, t: Any) -> Transform:
-    if t is None:
-        return set_to_zero()
-    if not isinstance(t, Transform):
-        t = chain(t)  # an optax transformation, adopted (or a clear error)
-    return t
+def _adopted(t: Any) -> Transform:
+    """``t``, an optax transformation adopted as a chain member (or a clear error)."""
+    return t if isinstance(t, Transform) else chain(t)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -277,8 +274,8 @@ class partition(_Routed):
         for k in rules:
             if not isinstance(k, str):
                 raise TypeError(f"partition: labels must be strings, got {k!r}")
-        object.__setattr__(self, "rules", tuple(_rule("partition", k, v)
-                                                for k, v in rules.items()))
+        object.__setattr__(self, "rules", tuple(set_to_zero() if v is None else _adopted(v)
+                                                for v in rules.values()))
         object.__setattr__(self, "names", tuple(rules))
         object.__setattr__(self, "labels", _selector("partition", "labels", labels, True))
         object.__setattr__(self, "host", None)
@@ -308,56 +305,62 @@ def _rebuilt(t: Transform, **changes: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class masked(_Routed):
+class _Selects(_Routed):
+    """What :func:`masked` and :func:`freeze` share: ``rule`` and a selector (the field
+    ``selector`` names), whose picked leaves and the others go to the two members."""
+
+    rule: Transform
+    selector: ClassVar[str]
+    picked: ClassVar[str]  # the label of the leaves the selector picks
+    others: ClassVar[str]
+
+    def _set(self, rule: Any, spec: Any) -> None:
+        object.__setattr__(self, "rule", _adopted(rule))
+        object.__setattr__(self, self.selector, _selector(self.name, self.selector, spec, False))
+        object.__setattr__(self, "host", None)
+
+    def with_inner(self, name: str, member: Transform) -> Combinator:
+        return _rebuilt(self, rule=member)
+
+    def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
+        spec = getattr(self, self.selector)
+        return [self.picked if bool(x) else self.others
+                for x in _evaluate(self.name, self.selector, spec, treedef, leaves)]
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class masked(_Selects):
     """``rule`` on the leaves ``mask`` selects; the other leaves' updates pass through as they
     come (optax's ``masked``: at the head of a rule that is the raw gradient, so to keep
     leaves still use :func:`freeze`). ``mask``: globs over dotted paths, regular
     expressions, a function of (path, leaf) or a tree of bools like the params."""
 
-    rule: Transform
     mask: Any
+    selector, picked, others = "mask", "masked", "unmasked"
 
     def __init__(self, rule: Any, mask: Any) -> None:
-        object.__setattr__(self, "rule", _rule("masked", "rule", rule))
-        object.__setattr__(self, "mask", _selector("masked", "mask", mask, False))
-        object.__setattr__(self, "host", None)
+        self._set(rule, mask)
 
     @property
     def inner(self) -> dict[str, Transform]:
         return {"masked": self.rule, "unmasked": chain()}
 
-    def with_inner(self, name: str, member: Transform) -> Combinator:
-        return _rebuilt(self, rule=member)
-
-    def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
-        picked = _evaluate(self.name, "mask", self.mask, treedef, leaves)
-        return ["masked" if bool(x) else "unmasked" for x in picked]
-
 
 @dataclasses.dataclass(frozen=True, init=False)
-class freeze(_Routed):
+class freeze(_Selects):
     """``rule`` on every leaf but those ``paths`` selects, which stay where they are and keep
     no state. ``paths``: globs over dotted paths, regular expressions, a function of (path,
     leaf) or a tree of bools like the params."""
 
-    rule: Transform
     paths: Any
+    selector, picked, others = "paths", "frozen", "trainable"
 
     def __init__(self, rule: Any, paths: Any) -> None:
-        object.__setattr__(self, "rule", _rule("freeze", "rule", rule))
-        object.__setattr__(self, "paths", _selector("freeze", "paths", paths, False))
-        object.__setattr__(self, "host", None)
+        self._set(rule, paths)
 
     @property
     def inner(self) -> dict[str, Transform]:
         return {"trainable": self.rule, "frozen": set_to_zero()}
-
-    def with_inner(self, name: str, member: Transform) -> Combinator:
-        return _rebuilt(self, rule=member)
-
-    def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
-        picked = _evaluate(self.name, "paths", self.paths, treedef, leaves)
-        return ["frozen" if bool(x) else "trainable" for x in picked]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,14 +419,22 @@ def _like(xs: list[Any], ps: list[Any]) -> list[Any]:
             for x, p in zip(xs, ps, strict=True)]
 
 
-def _wrapped(owner: str, rule: Any) -> Transform:
-    if not isinstance(rule, Transform):
-        rule = chain(rule)  # an optax transformation, adopted (or a clear error)
-    return rule
+@dataclasses.dataclass(frozen=True, init=False)
+class _Wraps(_Runs):
+    """What :func:`accumulate` and :func:`skip_nonfinite` share: one rule, stepped whole."""
+
+    rule: Transform
+
+    @property
+    def inner(self) -> dict[str, Transform]:
+        return {"inner": self.rule}
+
+    def with_inner(self, name: str, member: Transform) -> Combinator:
+        return _rebuilt(self, rule=member)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class accumulate(_Runs):
+class accumulate(_Wraps):
     """Gradient accumulation (optax's ``MultiSteps``): the mean of ``every`` micro-batch
     gradients goes to ``rule`` once, and only then do the params move and ``rule`` (its step
     count, its schedules) advance. ``every`` is an int or a schedule of ``rule``'s step.
@@ -434,7 +445,6 @@ class accumulate(_Runs):
     (``skip_nonfinite(accumulate(rule, k))``, the order to prefer); inside it, it drops the
     whole step (``accumulate(skip_nonfinite(rule), k)``)."""
 
-    rule: Transform
     every: Any
 
     def __init__(self, rule: Any, every: Any) -> None:
@@ -442,19 +452,9 @@ class accumulate(_Runs):
                                     or every < 1):
             raise ValueError(f"accumulate: every must be an int >= 1 or a schedule, got "
                              f"{every!r}")
-        object.__setattr__(self, "rule", _wrapped("accumulate", rule))
+        object.__setattr__(self, "rule", _adopted(rule))
         object.__setattr__(self, "every", every)
         object.__setattr__(self, "host", None)
-
-    @property
-    def inner(self) -> dict[str, Transform]:
-        return {"inner": self.rule}
-
-    def with_inner(self, name: str, member: Transform) -> Combinator:
-        return _rebuilt(self, rule=member)
-
-    uses_params = property(lambda self: any(p.uses_params for p in self.rule.flat_parts))
-    makes_step = property(lambda self: any(p.makes_step for p in self.rule.flat_parts))
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten(params)[0]
@@ -503,7 +503,7 @@ class accumulate(_Runs):
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class skip_nonfinite(_Runs):
+class skip_nonfinite(_Wraps):
     """Skip a step whose gradients are not all finite (optax's ``apply_if_finite``): params
     and ``rule``'s state stay as they were, and the state counts it (``notfinite_count`` in a
     row, ``total_notfinite``, ``last_finite``). More than ``max_consecutive`` in a row is an
@@ -511,7 +511,6 @@ class skip_nonfinite(_Runs):
     nothing can be raised inside a traced step: there, as optax does, the update is then
     applied (what it spreads is the gradient's own NaN or inf)."""
 
-    rule: Transform
     max_consecutive: int
 
     def __init__(self, rule: Any, max_consecutive: int = 10) -> None:
@@ -519,19 +518,9 @@ class skip_nonfinite(_Runs):
                 max_consecutive < 0:
             raise ValueError(f"skip_nonfinite: max_consecutive must be an int >= 0, got "
                              f"{max_consecutive!r}")
-        object.__setattr__(self, "rule", _wrapped("skip_nonfinite", rule))
+        object.__setattr__(self, "rule", _adopted(rule))
         object.__setattr__(self, "max_consecutive", max_consecutive)
         object.__setattr__(self, "host", None)
-
-    @property
-    def inner(self) -> dict[str, Transform]:
-        return {"inner": self.rule}
-
-    def with_inner(self, name: str, member: Transform) -> Combinator:
-        return _rebuilt(self, rule=member)
-
-    uses_params = property(lambda self: any(p.uses_params for p in self.rule.flat_parts))
-    makes_step = property(lambda self: any(p.makes_step for p in self.rule.flat_parts))
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten(params)[0]
