@@ -108,6 +108,19 @@ def grads_like(rng: np.random.Generator, params: Any) -> Any:
     return map_tree(lambda x: rng.normal(size=x.shape).astype(x.dtype), params)
 
 
+def counting_jit(**jit_options: Any) -> tuple[Callable[..., Any], list[int]]:
+    """``jax.jit(uo.update)`` and the list it appends to each time it traces (compiles)."""
+    import jax
+
+    traces: list[int] = []
+
+    def step(state: uo.State, params: Any, grads: Any) -> Any:
+        traces.append(1)
+        return uo.update(state, params, grads)
+
+    return jax.jit(step, **jit_options), traces
+
+
 def jitted_optax_step(tx: Any) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
     """``step(params, state, grads) -> (params, state)``: one step of the optax transformation
     ``tx``, its updates applied with ``optax.apply_updates``, under ``jax.jit``."""

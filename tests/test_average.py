@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import rel_diff
+from helpers import counting_jit, rel_diff
 
 SHAPES = [(), (3,), (4, 5), (2, 1, 3)]
 STEPS = 300
@@ -259,13 +259,7 @@ def test_all_three_under_one_jit_compile_once_and_match_numpy() -> None:
     jnp = jax.numpy
     rule = uo.chain(uo.sgd(lr=0.1, momentum=0.9), uo.lookahead_sync(k=3, alpha=0.5),
                     uo.polyak(start=5, every=2), uo.ema(0.9, debias=True))
-    traces: list[int] = []
-
-    def step(state: uo.State, params: Any, grads: Any) -> Any:
-        traces.append(1)
-        return uo.update(state, params, grads)
-
-    jitted = jax.jit(step)
+    jitted, traces = counting_jit()
     read = jax.jit(lambda s, p: uo.averaged(s, p, name="ema"))
     with jax.enable_x64(True):
         start, noise = _problem(4)

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import WIDE_LEAVES, assert_same, copy_tree, expect_compiled, grads_like, map_tree
+from helpers import (
+    WIDE_LEAVES,
+    assert_same,
+    copy_tree,
+    counting_jit,
+    expect_compiled,
+    grads_like,
+    map_tree,
+)
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -116,13 +124,7 @@ def test_partition_matches_optax_multi_transform(library: str) -> None:
         with jax.enable_x64(True):
             pj = map_tree(jnp.asarray, params)
             state = uo.setup(_uniopt_rule(), pj)
-            traces = []
-
-            @jax.jit
-            def step(s: Any, p: Any, g: Any) -> Any:
-                traces.append(1)
-                return uo.update(s, p, g)
-
+            step, traces = counting_jit()
             for g in grads:
                 state, pj = step(state, pj, map_tree(jnp.asarray, g))
             assert len(traces) == 1
@@ -299,13 +301,7 @@ def _run_uniopt(rule: uo.Transform, params: Any, grads: list[Any], library: str)
         with jax.enable_x64(True):
             p = map_tree(jnp.asarray, params)
             state = uo.setup(rule, p)
-            traces: list[int] = []
-
-            @jax.jit
-            def step(s: Any, p: Any, g: Any) -> Any:
-                traces.append(1)
-                return uo.update(s, p, g)
-
+            step, traces = counting_jit()
             out = []
             for g in grads:
                 state, p = step(state, p, map_tree(jnp.asarray, g))

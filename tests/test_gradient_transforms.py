@@ -23,7 +23,7 @@ optax = pytest.importorskip("optax")
 jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
-from helpers import expect_compiled, jitted_optax_step, reference_path, rel_diff  # noqa: E402
+from helpers import counting_jit, expect_compiled, jitted_optax_step, reference_path, rel_diff  # noqa: E402
 from uniopt.fast import cpu  # noqa: E402
 
 SHAPES = {"a": (3,), "b": (4, 5), "c": (2, 3, 4, 4)}
@@ -103,13 +103,7 @@ def test_under_jit_the_same_keys_as_optax_and_one_compile() -> None:
     optax does: the very same noise; the key is a leaf of the state, carried from one jitted
     step to the next."""
     ours, theirs = _all_in_one()
-    traces: list[int] = []
-
-    @jax.jit
-    def step(state: Any, params: Any, grads: Any) -> Any:
-        traces.append(1)
-        return uo.update(state, params, grads)
-
+    step, traces = counting_jit()
     rng = np.random.default_rng(1)
     params = {k: jnp.asarray(v) for k, v in _params(rng).items()}
     state = uo.setup(ours, params)

@@ -13,7 +13,7 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
-from helpers import rel_diff  # noqa: E402
+from helpers import counting_jit, rel_diff  # noqa: E402
 from uniopt.hyper import DeviceNumber  # noqa: E402
 
 RULES = {
@@ -34,17 +34,6 @@ RULES = {
 }
 
 
-def _counting_jit(**jit_options):  # type: ignore[no-untyped-def]
-    """``jax.jit(uo.update)`` and the list it appends to each time it traces (compiles)."""
-    traces: list[int] = []
-
-    def step(state, params, grads):  # type: ignore[no-untyped-def]
-        traces.append(1)
-        return uo.update(state, params, grads)
-
-    return jax.jit(step, **jit_options), traces
-
-
 def _tree(lib, dtype):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     tree = {"w": rng.standard_normal((3, 2)), "b": [rng.standard_normal(2), None, np.array(0.5)]}
@@ -58,7 +47,7 @@ def _grads(params, k):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_jit_compiles_once_and_matches_numpy(name: str) -> None:
     with jax.enable_x64(True):
-        jitted, traces = _counting_jit(donate_argnums=(0, 1))
+        jitted, traces = counting_jit(donate_argnums=(0, 1))
         params = _tree(jnp, jnp.float64)
         state = uo.setup(RULES[name](), params)
         ref = _tree(np, np.float64)
@@ -145,7 +134,7 @@ ADJUSTED = {
 def test_adjust_under_jit_does_not_recompile(name: str) -> None:
     make, changes = ADJUSTED[name]
     with jax.enable_x64(True):
-        jitted, traces = _counting_jit(donate_argnums=(0, 1))
+        jitted, traces = counting_jit(donate_argnums=(0, 1))
         params = _tree(jnp, jnp.float64)
         ref = _tree(np, np.float64)
         rule = make()
@@ -170,7 +159,7 @@ def test_adjust_under_jit_does_not_recompile(name: str) -> None:
 def test_adjust_that_adds_a_block_recompiles_once() -> None:
     """Weight decay 0 has no block; turning it on adds one: one more compile, right numbers."""
     params, ref = _tree(jnp, jnp.float32), _tree(np, np.float32)
-    jitted, traces = _counting_jit()
+    jitted, traces = counting_jit()
     state, ref_state = uo.setup(uo.adam(lr=1e-2), params), uo.setup(uo.adam(lr=1e-2), ref)
     grads = _fixed_grads(ref, 30, np.float32)
     for k in range(30):
@@ -269,7 +258,7 @@ def test_module_pytrees_under_jit() -> None:
         state, params = uo.setup(rule, model), model
         ref = [np.asarray(a) for a in jax.tree.leaves(model)]  # the same arrays, a flat list
         ref_state = uo.setup(rule, ref)
-        jitted, traces = _counting_jit()
+        jitted, traces = counting_jit()
         for k in range(100):
             grads = jax.grad(loss)(params)
             if k % 2:  # alternate: a module tree, then a flat list in trainables order

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import WIDE_LEAVES, assert_same, copy_tree, expect_compiled, reference_path
+from helpers import (
+    WIDE_LEAVES,
+    assert_same,
+    copy_tree,
+    counting_jit,
+    expect_compiled,
+    reference_path,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -79,13 +86,7 @@ def test_none_gradients_match_torch(name: str, library: str) -> None:
         with jax.enable_x64(True):
             p = {k: jax.numpy.asarray(v) for k, v in params.items()}
             state = uo.setup(rule, p)
-            traces: list[int] = []
-
-            @jax.jit
-            def step(s: Any, p: Any, g: Any) -> Any:
-                traces.append(1)
-                return uo.update(s, p, g)
-
+            step, traces = counting_jit()
             for g in grads:
                 state, p = step(state, p, {k: None if v is None else jax.numpy.asarray(v)
                                            for k, v in g.items()})

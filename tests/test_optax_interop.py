@@ -13,7 +13,7 @@ optax = pytest.importorskip("optax")
 jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
-from helpers import jitted_optax_step  # noqa: E402
+from helpers import counting_jit, jitted_optax_step  # noqa: E402
 
 STEPS = 300
 
@@ -100,13 +100,7 @@ def test_negate_is_needed_for_a_whole_optax_optimizer() -> None:
 
 def test_compiles_once_and_adjust_reaches_the_uniopt_members() -> None:
     with jax.enable_x64(True):
-        traces = []
-
-        def step(state, params, grads):  # type: ignore[no-untyped-def]
-            traces.append(1)
-            return uo.update(state, params, grads)
-
-        jitted = jax.jit(step, donate_argnums=(0, 1))
+        jitted, traces = counting_jit(donate_argnums=(0, 1))
         params = jax.tree.map(jnp.asarray, _tree())
         ref = jax.tree.map(jnp.asarray, _tree())
         rule = uo.chain(optax.clip_by_global_norm(1.0), uo.adam(lr=1e-2))

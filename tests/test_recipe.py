@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import assert_same
+from helpers import assert_same, counting_jit
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
@@ -170,13 +170,7 @@ def test_the_recipe_is_the_same_on_numpy_torch_and_jax(case: Any) -> None:
     with jax.enable_x64(True):
         p = {k: jax.numpy.asarray(v) for k, v in params.items()}
         state = uo.setup(_rule(), p)
-        traces: list[int] = []
-
-        @jax.jit
-        def step(s: Any, p: Any, g: Any) -> Any:
-            traces.append(1)
-            return uo.update(s, p, g)
-
+        step, traces = counting_jit()
         for g in grads:
             state, p = step(state, p, g)
         assert len(traces) == 1

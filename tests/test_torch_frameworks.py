@@ -59,16 +59,22 @@ def test_lightning_and_hf_trainer_resume_bit_for_bit() -> None:
         loader = lambda: torch.utils.data.DataLoader(data, batch_size=8)
         kw = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=False)
-        straight = M()
-        L.Trainer(max_epochs=3, **kw).fit(straight, loader())
-        first = M()
-        trainer = L.Trainer(max_epochs=1, **kw)
-        trainer.fit(first, loader())
-        trainer.save_checkpoint(root + "/half.ckpt")
-        resumed = M()
-        again = L.Trainer(max_epochs=3, **kw)
-        again.fit(resumed, loader(), ckpt_path=root + "/half.ckpt")
-        print("lightning", again.global_step, same(straight, resumed), same(straight, first))
+
+        # 3 epochs straight; 1, a checkpoint, resumed to 3: (the resuming trainer's step,
+        # resumed == straight, first half == straight)
+        def halves(cls, name):
+            straight = cls()
+            L.Trainer(max_epochs=3, **kw).fit(straight, loader())
+            first = cls()
+            trainer = L.Trainer(max_epochs=1, **kw)
+            trainer.fit(first, loader())
+            trainer.save_checkpoint(f"{root}/{name}.ckpt")
+            resumed = cls()
+            again = L.Trainer(max_epochs=3, **kw)
+            again.fit(resumed, loader(), ckpt_path=f"{root}/{name}.ckpt")
+            return again.global_step, same(straight, resumed), same(straight, first)
+
+        print("lightning", *halves(M, "half"))
 
         # a recipe by path (no decay on biases, accumulation, a NaN guard): its state is one
         # group entry of the optimizer's state_dict, which Lightning saves and restores
@@ -79,16 +85,7 @@ def test_lightning_and_hf_trainer_resume_bit_for_bit() -> None:
                     uo.partition({"d": uo.adamw(lr=1e-2, weight_decay=0.1),
                                   "n": uo.adamw(lr=1e-2, weight_decay=0.0)},
                                  uo.by_path({"*.bias": "n", "*": "d"})), every=2)))
-        straight = R()
-        L.Trainer(max_epochs=3, **kw).fit(straight, loader())
-        first = R()
-        trainer = L.Trainer(max_epochs=1, **kw)
-        trainer.fit(first, loader())
-        trainer.save_checkpoint(root + "/recipe.ckpt")
-        resumed = R()
-        again = L.Trainer(max_epochs=3, **kw)
-        again.fit(resumed, loader(), ckpt_path=root + "/recipe.ckpt")
-        print("recipe", same(straight, resumed), same(straight, first))
+        print("recipe", *halves(R, "recipe")[1:])
 
         class Net(torch.nn.Module):
             def __init__(self):
