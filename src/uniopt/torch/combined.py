@@ -60,8 +60,8 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     views = [plans._view(p, _spec(p)) for p in ps]
     state = _state(opt, gi, group, rule, views)
     out = flatten(uo_averaged(state, _tree(group, views)))[0]
-    leaves = flatten(_tree(group, list(range(len(ps)))))[0]  # positions in the tree's order
-    return {ps[i]: torch.as_tensor(a).clone() for i, a in zip(leaves, out, strict=True)}
+    return {p: torch.as_tensor(a).clone()
+            for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
 
 
 def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform) -> None:
