@@ -526,9 +526,45 @@ def members(t: Transform, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, .
     return [m for i, x in enumerate(t.transforms) for m in members(x, (*path, i))]
 
 
+FRAMEWORKS = ("torch", "optax", "keras", "flux", "paper")
+
+
+class _WithConventions(type):
+    """Builds a rule with its convention's defaults for the fields the caller left out: a
+    convention is a named set of the rule's own explicit options and hyperparameters (its
+    ``conventions`` table), never a hidden code path. A field given, by name or by position,
+    keeps the caller's value; a record rebuilt field by field (``dataclasses.replace``) keeps
+    every value it had."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        table = cls.__dict__.get("conventions") or getattr(cls, "conventions", None)
+        if table:
+            names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+            given = set(names[:len(args)]) | kwargs.keys()
+            name = kwargs.get("convention", args[names.index("convention")]
+                              if "convention" in names[:len(args)] else "torch")
+            if name not in table:
+                raise ValueError(
+                    f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "
+                    f"got {name!r}"
+                )
+            kwargs = {**{k: v for k, v in table[name].items() if k not in given}, **kwargs}
+        return super().__call__(*args, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
-class Rule(Transform):
-    """A whole optimizer: a record of the user's hyperparameters and a recipe of parts."""
+class Rule(Transform, metaclass=_WithConventions):
+    """A whole optimizer: a record of the user's hyperparameters and a recipe of parts.
+
+    A rule that several frameworks write differently has a ``convention`` field and a
+    ``conventions`` table: for each framework it names (see :data:`FRAMEWORKS`), the values of
+    the rule's explicit options (``eps_in_sqrt``, ``momentum_form``, ...) and defaults that
+    reproduce that framework's rule. ``adagrad(convention="keras")`` is ``adagrad`` with keras's
+    options and defaults; any of them given by the caller is kept.
+    """
+
+    # framework -> {field: value}; "torch" (the field defaults) first where torch has the rule
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {}
 
 
 @dataclasses.dataclass(frozen=True, init=False)

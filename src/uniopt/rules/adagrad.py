@@ -76,6 +76,14 @@ class adagrad(Rule):
     initial_accumulator_value: float = static(0.0, NONNEG)
     eps: Any = hyper(1e-10, NONNEG)
     eps_in_sqrt: bool = False
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"initial_accumulator_value": 0.1, "eps": 1e-7, "eps_in_sqrt": True},
+        "keras": {"lr": 1e-3, "initial_accumulator_value": 0.1, "eps": 1e-7,
+                  "eps_in_sqrt": True},
+    }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
