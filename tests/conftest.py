@@ -102,7 +102,6 @@ def _strict(dt: type[np.floating]) -> Backend:
         type(xs.asarray(0.0)),
         lambda a: xs.asarray(a, device=dev, copy=True),
         lambda x: np.array(np.from_dlpack(x)),
-        numpy_arithmetic=True,
     )
 
 

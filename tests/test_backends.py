@@ -66,18 +66,20 @@ RULES: dict[str, uo.Transform] = {
     "chain-clip_by_global_norm-adam": uo.chain(uo.clip_by_global_norm(4.5), uo.adam(lr=1e-2)),
 }
 
-# Where a backend does NumPy's arithmetic (NumPy itself; array-api-strict, which wraps it:
-# ``numpy_arithmetic``) the results must be the same bits. Elsewhere single operations differ
-# from NumPy's by up to one ulp, measured on this machine (torch 2.13 CPU, jax 0.10 CPU):
+# On NumPy itself (``numpy_arithmetic``) the results must be the same bits. Elsewhere single
+# operations differ from NumPy's by up to one ulp, measured on this machine (torch 2.13 CPU,
+# jax 0.10 CPU):
+# * uniopt's NumPy path rounds torch's multiply-adds once (lerp, addcmul, add with alpha: a
+#   hardware fused multiply-add), as torch's own operations, which the torch path calls, do;
+#   array-api-strict and JAX have no fused multiply-add, and round ``a*b + c`` twice;
 # * torch's vectorised sqrt is not correctly rounded: on 1e5 random floats it differs from
 #   NumPy's (which is) in 17.5% of float32 and 1.3% of float64 elements, by 1 ulp at most
 #   (AVX512 and AVX2 alike; 0-d and tensors shorter than 8 take an exact scalar path);
 # * XLA computes ``x / c`` for a scalar ``c`` as ``x * (1/c)``, 1/c rounded to x's dtype: 40% of
 #   float32 and 49% of float64 elements differ, by 1 ulp at most. The adam family divides by
 #   ``sqrt(1 - b2^t)``; every other kernel divides array by array and matches JAX bit for bit.
-# Everything else agrees with NumPy bit for bit: sgd (momentum's multiply-add every step) and
-# the clip chain are exact on every backend, so torch's CPU kernels do not contract into FMAs
-# here, and JAX's weak-typed Python scalars round each coefficient to float32 as NumPy 2 does.
+# Everything else agrees with NumPy bit for bit, and JAX's weak-typed Python scalars round each
+# coefficient to float32 as NumPy 2 does.
 # Those 1-ulp differences enter the slots and params every step, and the moments' decay keeps
 # them from piling up: over 200 steps the largest err_n measured is
 #   float64: torch 4.2e-16 (clip_by_global_norm+adam), jax 3.0e-16 (idem);

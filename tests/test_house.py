@@ -158,7 +158,7 @@ def test_the_compiled_loops_cache_key_is_the_kernels_source(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Editing a kernel, or a helper it calls, changes the key; editing the CLI does not."""
-    kernels = tuple((p.kernel, len(p.slots)) for p in uo.adam().flat_parts)
+    kernels = tuple((p.kernel, len(p.slots), None) for p in uo.adam().flat_parts)
     records = tuple(cpu._record(p, p.coeffs(0)) for p in uo.adam().flat_parts)
     key = cpu._digest(kernels, records)
     from uniopt import moments
@@ -177,6 +177,8 @@ def test_the_compiled_loops_cache_key_is_the_kernels_source(
     assert cpu._digest(kernels, records) != key
     monkeypatch.setattr(cpu.inspect, "getsource", real)
     assert cpu._digest(kernels, records[::-1]) != key  # coefficient records are part of it
+    finishing = (*kernels[:-1], (*kernels[-1][:2], uo.scale_by_lr.finish))
+    assert cpu._digest(finishing, records) != key  # and the finish that writes the params
 
 
 class _NormCoeffs(NamedTuple):

@@ -403,6 +403,14 @@ class Elementwise(Part):
     # import it); a flag that changes the arithmetic may make it a property choosing between two
     kernel: ClassVar[Kernel]
 
+    # The last part of a rule may write the parameter itself, rounded in its peer's order:
+    # torch's ``p.add_(u, alpha=-lr)`` is one fused multiply-add where ``p - lr*u`` rounds
+    # twice. ``finish(xp, c, p, u, *slots) -> p_new`` takes the part's *input* ``u`` and its new
+    # slots. Where the part ends the rule, the engine (every path) writes finish's value instead
+    # of ``p - kernel's u``; elsewhere (inside a chain, a combinator's member, the optax
+    # protocol) the kernel's ``u`` is the update, the same up to that last rounding.
+    finish: ClassVar[Kernel | None] = None
+
 
 @dataclasses.dataclass(frozen=True)
 class PerLeaf(Part):
@@ -524,6 +532,14 @@ def members(t: Transform, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, .
     if not isinstance(t, chain):
         return [(path, t)]
     return [m for i, x in enumerate(t.transforms) for m in members(x, (*path, i))]
+
+
+def makes_step(t: Transform) -> bool:
+    """Whether what ``t`` hands out is a step rather than a direction (under the optax
+    protocol a step is handed back negated, to be added): a rule, a whole optimizer, always
+    does, wherever its parts apply the learning rate; a chain or combinator does when a member
+    does; a part when it says so (``scale_by_lr``)."""
+    return any(isinstance(m, Rule) or m.makes_step for _, m in members(t))  # type: ignore[attr-defined]
 
 
 FRAMEWORKS = ("torch", "optax", "keras", "flux", "paper")

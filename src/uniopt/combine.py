@@ -25,7 +25,7 @@ import numpy as np
 import optree
 
 from . import backend
-from .base import Combinator, PerLeaf, Transform, chain
+from .base import Combinator, PerLeaf, Transform, chain, makes_step
 from .engine import _as_new_array, member_step, setup, update, update_
 from .hyper import _traced
 from .state import State
@@ -147,7 +147,7 @@ class _Runs(Combinator):
 
     @property
     def makes_step(self) -> bool:  # type: ignore[override]
-        return any(p.makes_step for m in self.inner.values() for p in m.flat_parts)
+        return any(map(makes_step, self.inner.values()))
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:

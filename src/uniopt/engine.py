@@ -31,6 +31,7 @@ from .base import (
     WholeTree,
     assemble,
     chain,
+    makes_step,
     members,
 )
 from .hyper import _traced
@@ -293,10 +294,13 @@ def resolve(rule: Transform, step: Any) -> Resolved:
 
 
 def _deltas(
-    state: State, params: list[Any], grads: list[Any], extra: dict[str, Any]
+    state: State, params: list[Any], grads: list[Any], extra: dict[str, Any],
+    finish: bool = False,
 ) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
     """The update ``u`` of every leaf (``p_new = p - u``), the new slots and tree states;
     ``extra``, the step's extra arguments (the loss), goes to the parts that read it.
+    ``finish``: in place of the updates, the new params (in the computation's dtype), written
+    by the last part's ``finish`` where it has one.
 
     Part by part over every leaf: a global norm or a whole-tree part needs every leaf's ``u``
     before it can go on. An elementwise part's kernel and a per-leaf part's ``apply`` are
@@ -346,9 +350,15 @@ def _deltas(
                 for i, (xp, dt, p, u, lc) in enumerate(zip(xps, dts, ps, us, leaf_cs,
                                                           strict=True))
             ]
+            if finish and part.finish is not None and part is plan[-1][0]:
+                new_slots.update({k: [o[j + 1] for o in outs] for j, k in enumerate(keys)})
+                return [part.finish(xp, lc, p, u, *o[1:]) for xp, lc, p, u, o in
+                        zip(xps, leaf_cs, ps, us, outs, strict=True)], new_slots, new_trees
         us = [o[0] for o in outs]
         for j, k in enumerate(keys):
             new_slots[k] = [o[j + 1] for o in outs]
+    if finish:
+        return [p - u for p, u in zip(ps, us, strict=True)], new_slots, new_trees
     return us, new_slots, new_trees
 
 
@@ -605,10 +615,10 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None) -> tuple
     if state.counts is not None or any(g is None for g in step.grads):
         return _by_count(state, step, inplace=False)
     with backend.outside_autograd(step.params):
-        deltas, slots, trees = _deltas(state, step.params, step.grads, extra)
+        news, slots, trees = _deltas(state, step.params, step.grads, extra, finish=True)
         new_p = [
-            backend.like_leaf(_as_new_array(p - u, p, (p, g)), p)
-            for p, g, u in zip(step.params, step.grads, deltas, strict=True)
+            backend.like_leaf(_as_new_array(new, p, (p, g)), p)
+            for p, g, new in zip(step.params, step.grads, news, strict=True)
         ]
     if fast_out:
         fast.warn_once(fast_out)
@@ -634,9 +644,9 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None) -> Stat
     if state.counts is not None or any(g is None for g in step.grads):
         return _by_count(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
-        deltas, slots, trees = _deltas(state, step.params, step.grads, extra)
-    for p, u in zip(step.params, deltas, strict=True):
-        backend.assign(p, p - u)
+        news, slots, trees = _deltas(state, step.params, step.grads, extra, finish=True)
+    for p, new in zip(step.params, news, strict=True):
+        backend.assign(p, new)
     for key, arrays in slots.items():
         for old, new in zip(state.slots[key], arrays, strict=True):
             if old is not None:
@@ -852,7 +862,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
                                        step.grads, extra_args)
-    negate = any(p.makes_step for p in rule.flat_parts)
+    negate = makes_step(rule)
     updates = [_as_new_array(-u if negate else u, g, (g,))
                for u, g in zip(deltas, step.grads, strict=True)]
     new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,

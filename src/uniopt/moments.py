@@ -1,24 +1,87 @@
 """The shared math of the kernels: every adaptive rule is written with these.
 
 Each works on arrays of any library and, compiled, on single elements; each keeps torch's
-operation order, so a rule written with them rounds as torch's for-loop does.
+operation order, with the fused multiply-adds of torch's vectorised CPU kernels (``lerp``,
+``addcmul``, ``add(x, alpha=a)``, each rounded once), so a rule written with them rounds as
+torch's for-loop does: on torch tensors they are torch's own operations; on NumPy arrays and
+on the compiled path, ``fma`` is one hardware fused multiply-add (LLVM's ``llvm.fma``); on
+other libraries (JAX) ``a*b + c`` as the library rounds it.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba.extending import intrinsic
 
 from .backend import is_torch
 
 
+@intrinsic
+def fused_multiply_add(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """``a*b + c`` rounded once, for numba code: three numbers of one float type."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        t = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
+        return builder.call(fn, args)
+
+    t = typingctx.unify_types(a, b, c)
+    return t(t, t, t), codegen
+
+
+@functools.cache
+def _fma_ufunc() -> Any:
+    import numba
+
+    @numba.vectorize(["float32(float32, float32, float32)", "float64(float64, float64, float64)"],
+                     cache=True)
+    def fma(a, b, c):
+        return fused_multiply_add(a, b, c)
+
+    return fma
+
+
+_NUMPY = (np.ndarray, np.floating)
+
+
+def fma(a: Any, b: Any, c: Any) -> Any:
+    """``a*b + c`` rounded once (``a`` a number or an array like ``b``), in the dtype of ``b``
+    and ``c``: torch's ``add(c, b, alpha=a)`` and ``addcmul(c, a, b)``."""
+    if is_torch(b):
+        import torch
+
+        if isinstance(a, torch.Tensor):
+            return torch.addcmul(c, a, b)
+        return torch.add(c, b, alpha=a)
+    if isinstance(b, _NUMPY) and b.dtype.char in "fd":  # 0-d arrays compute to NumPy scalars
+        dtype = np.result_type(b, c)
+        return _fma_ufunc()(a if isinstance(a, _NUMPY) else np.asarray(a, dtype), b, c,
+                            dtype=dtype)
+    return a * b + c
+
+
 def lerp(a: Any, b: Any, w: Any) -> Any:
-    """``a + w (b - a)``: an exponential moving average step, in torch's operation order."""
+    """``a + w (b - a)``, an exponential moving average step, as torch's ``lerp``: one fused
+    multiply-add from ``a`` where ``|w| < 0.5``, else from ``b`` (``b + (w - 1)(b - a)``),
+    ``w`` rounded to the arrays' precision first."""
+    if is_torch(a):
+        import torch
+
+        return torch.lerp(a, b, w)
+    if isinstance(a, _NUMPY) and a.dtype.char in "fd" and isinstance(w, (int, float,
+                                                                         np.floating)):
+        w = a.dtype.type(w)
+        return fma(w, b - a, a) if abs(w) < 0.5 else fma(w - 1, b - a, b)
     return a + w * (b - a)
 
 
 def ema_sq(v: Any, g: Any, decay: Any, weight: Any) -> Any:
-    """``decay v + weight g^2`` (``weight = 1 - decay``), in torch's ``mul_ + addcmul_`` order."""
-    return v * decay + weight * g * g
+    """``decay v + weight g^2`` (``weight = 1 - decay``), in torch's ``mul_ + addcmul_`` order:
+    ``(weight g) g + (v decay)`` with one rounding for the multiply-add."""
+    return fma(weight * g, g, v * decay)
 
 
 def select(xp: Any, cond: Any, a: Any, b: Any) -> Any:

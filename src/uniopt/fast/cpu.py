@@ -44,7 +44,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from .. import backend
 from ..base import Elementwise
-from ..moments import select
+from ..moments import fma, fused_multiply_add, lerp, select
 
 CHUNK = 1 << 15
 PARALLEL_MIN = 1 << 16  # elements; below this a step runs on one thread
@@ -274,6 +274,28 @@ def _select_scalar(xp, cond, a, b):  # numba wants the unannotated signature of 
 
 
 _REGISTERED.add(select)
+
+
+@overload(fma)
+def _fma_scalar(a, b, c):  # one hardware fused multiply-add, as the reference's on NumPy
+    def impl(a, b, c):
+        return fused_multiply_add(a, b, c)
+
+    return impl
+
+
+@overload(lerp)
+def _lerp_scalar(a, b, w):  # torch's lerp: the fused multiply-add from the nearer end
+    one = np.float32(1) if w == nbtypes.float32 else 1.0  # w - 1 stays in w's precision
+
+    def impl(a, b, w):
+        d = b - a
+        return fused_multiply_add(w, d, a) if abs(w) < 0.5 else fused_multiply_add(w - one, d, b)
+
+    return impl
+
+
+_REGISTERED.update((fma, lerp))
 _JITTED: dict[Any, Any] = {}
 _FUSED: dict[Any, Any] = {}
 
@@ -306,13 +328,34 @@ def _callees(fn: Callable[..., Any], seen: dict[Any, None]) -> dict[Any, None]:
     return seen
 
 
-def _digest(kernels: tuple[tuple[Callable[..., Any], int], ...], records: tuple[Any, ...]) -> str:
+# a part as the loop runs it: its kernel, its slot count, and the finish that writes p (or None)
+LoopPart = tuple[Callable[..., Any], int, Callable[..., Any] | None]
+
+
+def _parts(plan: list[tuple[Any, Any, tuple[str, ...]]], mode: str) -> tuple[LoopPart, ...]:
+    """Each part's kernel, slot count and, for the last where the loop writes the params,
+    its ``finish`` (None: the params become ``p - u``)."""
+    last = len(plan) - 1
+    return tuple((part.kernel, len(keys),
+                  part.finish if j == last and mode in ("inplace", "pure") else None)
+                 for j, (part, _, keys) in enumerate(plan))
+
+
+def _callees_of(kernels: tuple[LoopPart, ...]) -> dict[Any, None]:
+    seen: dict[Any, None] = {}
+    for kernel, _, finish in kernels:
+        _callees(kernel, seen)
+        if finish is not None:
+            _callees(finish, seen)
+    return seen
+
+
+def _digest(kernels: tuple[LoopPart, ...], records: tuple[Any, ...]) -> str:
     """What the machine code of a loop depends on beyond this module: the source of every
     kernel it inlines and of the helpers they call, and the fields of each coefficient record
     (read by position once compiled). Editing anything else in the package keeps the cache."""
     h = hashlib.sha1()
-    for kernel, _ in kernels:
-        for fn in _callees(kernel, {}):
+    for fn in _callees_of(kernels):
             h.update(f"{fn.__module__}.{fn.__qualname__}\n".encode())
             h.update(inspect.getsource(fn).encode())
     h.update(repr(records).encode())
@@ -326,7 +369,7 @@ _WRITE = {"f4": "{}", "f8": "{}", "f2": "_to_f16({})", "b2": "_to_bf16({})"}
 
 
 def _source(
-    kernels: tuple[tuple[Callable[..., Any], int], ...], storage: tuple[str, str],
+    kernels: tuple[LoopPart, ...], storage: tuple[str, str],
     by_import: bool, mode: str, records: tuple[Any, ...], digest: str = "",
 ) -> str:
     """A module defining ``fused(L, CO, SIZES)``: one loop over all chunks of every leaf,
@@ -375,6 +418,7 @@ def _source(
         loads.append(view("po"))
     loads.append(view("g"))
     body, co, s = [], 0, 0
+    end = "x - u"
 
     def width_of(fields: Any) -> int:
         return len(fields) if isinstance(fields, tuple) else fields
@@ -382,13 +426,18 @@ def _source(
     shared = sum(width_of(r[2]) for r in records if not r[3])  # then the table of rows
     row = sum(width_of(r[2]) for r in records if r[3])
     at_row = 0
-    for k, ((kernel, nslots), (_, _, fields, leafwise)) in enumerate(
+    for k, ((kernel, nslots, finish), (_, _, fields, leafwise)) in enumerate(
             zip(kernels, records, strict=True)):
         if by_import:
             head.append(f"from {kernel.__module__} import {kernel.__qualname__.split('.')[0]}")
             head.append(f"K{k} = kernel_for({kernel.__qualname__})")
         else:
             head.append(f"K{k} = kernel_for(_K{k})")
+        if finish is not None and by_import:
+            head.append(f"from {finish.__module__} import {finish.__qualname__.split('.')[0]}")
+            head.append(f"F{k} = kernel_for({finish.__qualname__})")
+        elif finish is not None:
+            head.append(f"F{k} = kernel_for(_F{k})")
         width = width_of(fields)
         if leafwise:
             values = ", ".join(f"CO[{shared + at_row + j} + t * {row}]" for j in range(width))
@@ -408,6 +457,9 @@ def _source(
             if not inplace:
                 loads.append(view(f"so{n}"))
         reads = "".join(", " + _READ[ks].format(f"s{n}[i]") for n in names)
+        if finish is not None:  # the last part writes p from its input: keep it
+            body.append("v = u")
+            end = f"F{k}(XP, C{k}, x, v{''.join(f', r[{j + 1}]' for j in range(nslots))})"
         body.append(f"r = K{k}(XP, C{k}, x, u{reads})")
         body.append("u = r[0]")
         if not reads_only:
@@ -417,7 +469,7 @@ def _source(
     if reads_only:
         body.append("acc += np.float64(u) * np.float64(u)")
     else:
-        body.append(f"{'p' if inplace else 'po'}[i] = {_WRITE[kp].format('x - u')}")
+        body.append(f"{'p' if inplace else 'po'}[i] = {_WRITE[kp].format(end)}")
     return "\n".join([
         *head,
         "",
@@ -495,12 +547,13 @@ def _per_leaf(part: Any) -> bool:
 
 
 def _module(
-    kernels: tuple[tuple[Callable[..., Any], int], ...], storage: tuple[str, str], mode: str,
+    kernels: tuple[LoopPart, ...], storage: tuple[str, str], mode: str,
     records: tuple[Any, ...],
 ) -> tuple[Path | None, str, Path | None]:
     """The cache directory (None: kernels no import reaches), the source and the file of the
     loop for these parts."""
-    where = _cache_dir() if all(_importable(k) for k, _ in kernels) else None
+    where = _cache_dir() if all(_importable(k) and (f is None or _importable(f))
+                                for k, _, f in kernels) else None
     digest = _digest(kernels, records) if where is not None else ""
     src = _source(kernels, storage, by_import=where is not None, mode=mode, records=records,
                   digest=digest)
@@ -518,7 +571,7 @@ def _compiled(memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]]
         return True
     seen = memo.get(("on disk", key))  # looked for once per rule: it costs the loop's source
     if seen is None:
-        parts = tuple((part.kernel, len(keys)) for part, _, keys in plan)
+        parts = _parts(plan, mode)
         records = tuple(_record(part, c) for part, c, _ in plan)
         _, _, path = _module(parts, storage, mode, records)
         seen = memo[("on disk", key)] = (parts, storage, mode, records) in _FUSED or (
@@ -527,7 +580,7 @@ def _compiled(memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]]
 
 
 def fused_kernel(
-    kernels: tuple[tuple[Callable[..., Any], int], ...], storage: tuple[str, str], mode: str,
+    kernels: tuple[LoopPart, ...], storage: tuple[str, str], mode: str,
     records: tuple[Any, ...],
 ) -> Any:
     """The compiled loop for parts ``kernels`` (each: the kernel and its slot count), whose
@@ -543,7 +596,9 @@ def fused_kernel(
     where, src, path = _module(kernels, storage, mode, records)
     if where is None:
         # kernels defined in __main__ or a notebook: compile in memory, uncached
-        g: dict[str, Any] = {"CACHE": False, **{f"_K{k}": kn for k, (kn, _) in enumerate(kernels)}}
+        g: dict[str, Any] = {"CACHE": False}
+        for k, (kernel, _, finish) in enumerate(kernels):
+            g[f"_K{k}"], g[f"_F{k}"] = kernel, finish
         exec(compile(src, "<uniopt fused loop>", "exec"), g)
         _FUSED[key] = g["fused"]
         return _FUSED[key]
@@ -604,7 +659,7 @@ def _loop(
     key = ("cpu", storage, mode, *[type(c) for _, c, _ in plan])
     loop = memo.get(key)
     if loop is None:
-        parts = tuple((part.kernel, len(keys)) for part, _, keys in plan)
+        parts = _parts(plan, mode)
         loop = memo[key] = fused_kernel(parts, storage, mode,
                                         tuple(_record(part, c) for part, c, _ in plan))
     return loop

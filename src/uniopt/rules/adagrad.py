@@ -7,7 +7,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, hyper, static
-from ..moments import select
+from ..moments import fma, select
 from ..transforms.decay import weight_decay
 
 
@@ -40,9 +40,9 @@ class scale_by_adagrad(Elementwise):
         return AdagradCoeffs(clr=self.lr / (1.0 + step * self.lr_decay), eps=self.eps)
 
     @staticmethod
-    def kernel(xp, c, p, u, acc):
-        acc = acc + u * u
-        return c.clr * (u / (xp.sqrt(acc) + c.eps)), acc
+    def kernel(xp, c, p, u, acc):  # torch's addcmul_(g, g) and addcdiv_(g, std, value=-clr)
+        acc = fma(u, u, acc)
+        return (c.clr * u) / (xp.sqrt(acc) + c.eps), acc
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import bias_correction, ema_sq, lerp, select
-from ..transforms.decay import weight_decay
+from ..transforms.decay import decoupled_weight_decay, weight_decay
 from ..transforms.scale import scale_by_lr
 
 
@@ -16,7 +16,7 @@ class AdamCoeffs(NamedTuple):
     one_minus_b1: Any  # m's step towards u
     b2: Any
     one_minus_b2: Any
-    m_scale: Any  # m_hat = m_scale*m + u_scale*u: 1/(1 - b1^t) and 0, or NAdam's pair
+    m_scale: Any  # lr*m_hat = m_scale*m + u_scale*u: lr/(1 - b1^t) and 0, or NAdam's pair
     u_scale: Any
     sqrt_bc2: Any  # sqrt(1 - b2^t): v_hat's root is sqrt(v + eps_root_bc2) / sqrt_bc2
     eps_root_bc2: Any  # eps_root*(1 - b2^t), so eps_root = 0 keeps torch's operation order
@@ -25,11 +25,13 @@ class AdamCoeffs(NamedTuple):
 
 @dataclass(frozen=True)
 class scale_by_adam(Elementwise):
-    """Adam's direction: ``u <- m_hat / (sqrt(v_hat + eps_root) + eps)``.
+    """Adam's direction: ``u <- lr * m_hat / (sqrt(v_hat + eps_root) + eps)``.
 
     ``m <- b1*m + (1-b1)*u``, ``v <- b2*v + (1-b2)*u^2``, ``m_hat = m/(1-b1^t)``,
     ``v_hat = v/(1-b2^t)``. ``nesterov=True`` uses optax's NAdam-style
-    ``m_hat = b1*m/(1-b1^(t+1)) + (1-b1)*u/(1-b1^t)``.
+    ``m_hat = b1*m/(1-b1^(t+1)) + (1-b1)*u/(1-b1^t)``. ``lr`` (1: the direction alone, as
+    optax's ``scale_by_adam``) is folded in as torch folds it, ``((lr/(1-b1^t))*m)/denom``,
+    so the rules that pass theirs round as torch's ``addcdiv`` does.
     """
 
     b1: Any = hyper(0.9, UNIT_OPEN)
@@ -37,15 +39,17 @@ class scale_by_adam(Elementwise):
     eps: Any = hyper(1e-8, NONNEG)
     eps_root: Any = hyper(0.0, NONNEG)
     nesterov: bool = False
+    lr: Any = hyper(1.0, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
     def coeffs(self, step: int) -> AdamCoeffs:
         c1, c2 = self.one_minus("b1"), self.one_minus("b2")
         bc1, bc2 = bias_correction(self.b1, c1, step), bias_correction(self.b2, c2, step)
         if self.nesterov:
-            m_scale, u_scale = self.b1 / bias_correction(self.b1, c1, step + 1), c1 / bc1
+            m_scale = self.lr * self.b1 / bias_correction(self.b1, c1, step + 1)
+            u_scale = self.lr * c1 / bc1
         else:
-            m_scale, u_scale = 1.0 / bc1, 0.0
+            m_scale, u_scale = self.lr / bc1, 0.0
         return AdamCoeffs(
             one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, m_scale=m_scale, u_scale=u_scale,
             sqrt_bc2=bc2**0.5, eps_root_bc2=self.eps_root * bc2, eps=self.eps,
@@ -77,8 +81,9 @@ class scale_by_amsgrad(scale_by_adam):
         return m_hat / (xp.sqrt(v_max + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v, v_max
 
 
-def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool) -> Elementwise:
-    return (scale_by_amsgrad if amsgrad else scale_by_adam)(b1=betas[0], b2=betas[1], eps=eps)
+def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool, lr: Any) -> Elementwise:
+    return (scale_by_amsgrad if amsgrad else scale_by_adam)(b1=betas[0], b2=betas[1], eps=eps,
+                                                             lr=lr)
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,7 @@ class adam(Rule):
     def parts(self) -> tuple[Transform, ...]:
         return (
             *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
-            _adam_block(self.betas, self.eps, self.amsgrad),
-            scale_by_lr(lr=self.lr),
+            _adam_block(self.betas, self.eps, self.amsgrad, self.lr),
         )
 
 
@@ -132,9 +136,10 @@ class adamw(Rule):
     couple_lr: bool = True
 
     def parts(self) -> tuple[Transform, ...]:
-        direction = _adam_block(self.betas, self.eps, self.amsgrad)
-        decay, lr = weight_decay(wd=self.weight_decay), scale_by_lr(lr=self.lr)
-        return (direction, decay, lr) if self.couple_lr else (direction, lr, decay)
+        step = _adam_block(self.betas, self.eps, self.amsgrad, self.lr)
+        if self.couple_lr:  # torch's p *= 1 - lr*wd, then the step
+            return (step, decoupled_weight_decay(lr=self.lr, wd=self.weight_decay))
+        return (step, weight_decay(wd=self.weight_decay))
 
 
 class OptimisticCoeffs(NamedTuple):

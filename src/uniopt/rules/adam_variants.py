@@ -187,6 +187,11 @@ class scale_by_nadam(Elementwise):
         d = xp.sqrt(v / c.bc2) + c.eps
         return (c.g_scale * u) / d + (c.m_scale * m) / d, m, v
 
+    @staticmethod
+    def finish(xp, c, p, u, exp_avg, exp_avg_sq):  # last: torch's two addcdiv_, each rounded
+        d = xp.sqrt(exp_avg_sq / c.bc2) + c.eps
+        return (p - (c.g_scale * u) / d) - (c.m_scale * exp_avg) / d
+
 
 @dataclass(frozen=True)
 class nadam(Rule):

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 from ..backend import namespace
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, _traced, hyper
-from ..moments import select
+from ..moments import fma, select
 from ..transforms.decay import weight_decay
 
 
@@ -32,9 +32,16 @@ def _check_eta_lr(owner: str, eta_lr: Any) -> None:
         raise ValueError(f"{owner}: eta_lr must be None or a number >= 0, got {eta_lr!r}")
 
 
+def asgd_param(c: Any, p: Any, u: Any) -> Any:
+    """torch's ``p.mul_(1 - lambd*eta).add_(g, alpha=-eta)``: the decay, then one fused
+    multiply-add."""
+    return fma(-c.eta, u, p * c.keep)
+
+
 class AsgdCoeffs(NamedTuple):
     eta: Any
     lambd_eta: Any  # the decay of p, lambd*eta
+    keep: Any  # 1 - lambd*eta (torch's p.mul_), in double on the host
     mu: Any
     average: Any  # mu != 1 (torch's test): else the average is the iterate itself
 
@@ -64,13 +71,18 @@ class scale_by_asgd(Elementwise):
         lr = self.lr if self.eta_lr is None or step == 0 else self.eta_lr
         eta = asgd_eta(lr, self.lambd, self.alpha, step)
         mu = asgd_mu(self.t0, step)
-        return AsgdCoeffs(eta=eta, lambd_eta=self.lambd * eta, mu=mu, average=mu != 1)
+        lambd_eta = self.lambd * eta
+        return AsgdCoeffs(eta=eta, lambd_eta=lambd_eta, keep=1.0 - lambd_eta, mu=mu,
+                          average=mu != 1)
 
     @staticmethod
     def kernel(xp, c, p, u, ax):
-        u = c.lambd_eta * p + c.eta * u
-        new = p - u  # the engine's own p - u, so ax averages the parameter it writes
-        return u, select(xp, c.average, ax + (new - ax) * c.mu, new)
+        new = asgd_param(c, p, u)  # the parameter the step writes, which ax averages
+        return p - new, select(xp, c.average, ax + (new - ax) * c.mu, new)
+
+    @staticmethod
+    def finish(xp, c, p, u, ax):
+        return asgd_param(c, p, u)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 from ..base import Elementwise
 from ..hyper import NONNEG, hyper
+from ..moments import fma
 
 
 class Decay(NamedTuple):
@@ -30,12 +31,13 @@ class weight_decay(Elementwise):
         return Decay(wd=self.wd)
 
     @staticmethod
-    def kernel(xp, c, p, u):
-        return (u + c.wd * p,)
+    def kernel(xp, c, p, u):  # torch's grad.add(param, alpha=wd): one fused multiply-add
+        return (fma(c.wd, p, u),)
 
 
 class LrDecay(NamedTuple):
     lr_wd: Any  # lr*wd, in double on the host
+    keep: Any  # 1 - lr*wd, likewise: torch's p.mul_(1 - lr*wd)
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,13 @@ class decoupled_weight_decay(Elementwise):
     uses_params = True
 
     def coeffs(self, step: int) -> LrDecay:
-        return LrDecay(lr_wd=self.lr * self.wd)
+        lr_wd = self.lr * self.wd
+        return LrDecay(lr_wd=lr_wd, keep=1.0 - lr_wd)
 
     @staticmethod
     def kernel(xp, c, p, u):
-        return (u + c.lr_wd * p,)
+        return (fma(c.lr_wd, p, u),)
+
+    @staticmethod
+    def finish(xp, c, p, u):  # last: torch's order, the decay first, then the block's step
+        return p * c.keep - u

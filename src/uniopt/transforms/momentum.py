@@ -7,7 +7,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Kernel
 from ..hyper import NONNEG, UNIT, hyper
-from ..moments import select
+from ..moments import fma, select
 
 
 class Momentum(NamedTuple):
@@ -21,15 +21,19 @@ class Momentum(NamedTuple):
 # with the state donated, made it copy every buffer first).
 
 
+# torch's buf.mul_(momentum).add_(u, alpha=weight) and u.add(buf, alpha=momentum): each add
+# one fused multiply-add
+
+
 def heavy_ball(xp, c, p, u, b):
     # momentum off at this step (a schedule): torch leaves its buffer alone
-    b = select(xp, c.on, c.momentum * b + c.weight * u, b)
+    b = select(xp, c.on, fma(c.weight, u, c.momentum * b), b)
     return select(xp, c.on, b, u), b
 
 
 def nesterov(xp, c, p, u, b):
-    b = select(xp, c.on, c.momentum * b + c.weight * u, b)
-    return select(xp, c.on, u + c.momentum * b, u), b
+    b = select(xp, c.on, fma(c.weight, u, c.momentum * b), b)
+    return select(xp, c.on, fma(c.momentum, b, u), u), b
 
 
 def check_nesterov(owner: str, nesterov: bool, momentum: Any, dampening: Any) -> None:

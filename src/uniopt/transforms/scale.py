@@ -8,6 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, PerLeaf
 from ..hyper import NONNEG, Interval, hyper
+from ..moments import fma
 
 
 class Factor(NamedTuple):
@@ -46,6 +47,10 @@ class scale_by_lr(Elementwise):
         return Factor(factor=self.lr)
 
     kernel = staticmethod(scale_kernel)
+
+    @staticmethod
+    def finish(xp, c, p, u):  # last: torch's p.add_(u, alpha=-lr), one fused multiply-add
+        return fma(-c.factor, u, p)
 
 
 class NoCoefficients(NamedTuple):
