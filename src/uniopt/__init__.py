@@ -12,8 +12,8 @@
 from . import checkpoint, conventions, schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .checkpoint import CheckpointError, load, save
-from .conventions import Translation, translate
 from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
+from .conventions import Translation, translate
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax, to_optax
 from .rules.adadelta import adadelta, scale_by_adadelta

@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import numbers
 import pkgutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from . import rules as _rules_package
@@ -346,7 +346,7 @@ def _table(cls: type[Rule]) -> dict[str, dict[str, Any]]:
 
 
 def _fields(cls: type[Rule]) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
