@@ -297,3 +297,39 @@ def test_compare_needs_no_optional_framework():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]"
+
+
+def test_translate_prints_the_target_rule_and_whether_it_is_exact(capsys):
+    rc = main(["translate", "adamw", "--from", "torch", "--to", "flux", "lr=1e-3",
+               "weight_decay=1e-2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "adamw: torch -> flux" in out and "couple_lr=False" in out
+    assert "weight_decay=1e-05" in out and "exact:       yes" in out and "explanation:" in out
+
+
+def test_translate_json_and_an_inexact_translation(capsys):
+    assert main(["translate", "adagrad", "--to", "optax", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["exact"] is False and "eps = 0" in doc["conditions"]
+    assert doc["rule"].startswith("uo.adagrad(convention='optax'") and doc["target"] == "optax"
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["translate", "adagrad", "--to", "tensorflow"], "'tensorflow'"),
+    (["translate", "adagrad", "--to", "flux"], "'flux'"),
+    (["translate", "adamz", "--to", "optax"], "'adamz'"),
+    (["translate", "adagrad", "--to", "optax", "lr"], "'lr'"),
+    (["translate", "adagrad", "--to", "optax", "lr=-1"], "lr"),
+])
+def test_translate_bad_input_is_a_usage_error(capsys, argv, named):
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_conventions_writes_the_page(tmp_path, capsys):
+    path = tmp_path / "conventions.md"
+    assert main(["conventions", "--write", str(path)]) == 0
+    assert path.read_text(encoding="utf-8") == uo.conventions.page()
+    assert main(["conventions"]) == 0
+    assert capsys.readouterr().out == uo.conventions.page() + "\n"

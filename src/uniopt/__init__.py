@@ -9,10 +9,11 @@
 1
 """
 
-from . import checkpoint, schedules
+from . import checkpoint, conventions, schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .checkpoint import CheckpointError, load, save
 from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
+from .conventions import Translation, translate
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax, to_optax
 from .rules.adadelta import adadelta, scale_by_adadelta
@@ -63,6 +64,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "checkpoint",
+    "conventions",
     "load",
     "save",
     "accumulate",
@@ -147,6 +149,8 @@ __all__ = [
     "to_optax",
     "trace",
     "trainables",
+    "translate",
+    "Translation",
     "update",
     "update_",
     "weight_decay",

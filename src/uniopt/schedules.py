@@ -28,6 +28,7 @@ import array_api_compat
 __all__ = [
     "Schedule",
     "as_schedule",
+    "bias_correction",
     "constant",
     "cosine",
     "cyclic",
@@ -39,6 +40,7 @@ __all__ = [
     "piecewise_constant",
     "piecewise_interpolate",
     "polynomial",
+    "product",
     "sgdr",
     "warmup",
     "wsd",
@@ -717,6 +719,70 @@ class inverse_sqrt(_Record):
         xp = _namespace(step)
         scale = self.timescale
         return _result(xp, self.init / xp.sqrt((xp.clip(step, 0) + scale) / scale))
+
+
+@dataclass(frozen=True)
+class product(_Record):
+    """The product of ``factors`` (numbers or schedules) at each step.
+
+    ``value(s) = f_1(s) * f_2(s) * ...``: torch's AdamW decay ``lr(t)*weight_decay`` as one
+    schedule, e.g. for Flux's ``couple=false`` form (see :func:`uniopt.translate`).
+
+    >>> from uniopt import schedules
+    >>> s = schedules.product(schedules.linear(1.0, 0.0, steps=4), 0.1)
+    >>> [round(s(k), 12) for k in range(5)]
+    [0.1, 0.075, 0.05, 0.025, 0.0]
+    """
+
+    factors: Sequence[Schedule | float]
+
+    def __init__(self, *factors: Schedule | float) -> None:
+        if not factors:
+            raise ValueError("product: needs at least one factor")
+        for f in factors:
+            if not callable(f):
+                _check_number("product", "each factor", f)
+        object.__setattr__(self, "factors", tuple(factors))
+
+    def __repr__(self) -> str:
+        return f"product({', '.join(map(repr, self.factors))})"
+
+    def __call__(self, step: int) -> float:
+        xp = _namespace(step)
+        value: Any = 1.0
+        for f in self.factors:
+            value = value * (f(step) if callable(f) else f)
+        return _result(xp, value)
+
+
+@dataclass(frozen=True)
+class bias_correction(_Record):
+    """``scale * (1 - beta**t) ** power`` at the update ``t = s + 1`` (``s`` updates applied).
+
+    Adam's bias correction as a schedule. keras's "epsilon hat" ``eps_hat`` sits on the
+    uncorrected ``sqrt(v)``, which is torch's ``eps`` on the corrected one at the value
+    ``bias_correction(b2, -0.5, eps_hat)`` = ``eps_hat / sqrt(1 - b2**t)``.
+
+    >>> from uniopt import schedules
+    >>> s = schedules.bias_correction(0.5, power=-1.0, scale=3.0)
+    >>> [s(k) for k in range(3)]
+    [6.0, 4.0, 3.4285714285714284]
+    """
+
+    beta: float
+    power: float = 1.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_number("bias_correction", "beta", self.beta)
+        if not 0 <= self.beta < 1:
+            raise ValueError(f"bias_correction: beta must be in [0, 1), got {self.beta!r}")
+        _check_number("bias_correction", "power", self.power)
+        _check_number("bias_correction", "scale", self.scale)
+
+    def __call__(self, step: int) -> float:
+        xp = _namespace(step)
+        return _result(xp, self.scale * xp.pow(1.0 - xp.pow(self.beta, step + 1), self.power))
 
 
 def as_schedule(x: Schedule | float) -> Schedule:

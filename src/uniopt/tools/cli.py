@@ -9,6 +9,7 @@ number of updates after which the gap first fell to ``--tol``, and the time of o
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import sys
@@ -293,7 +294,91 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true", help="print the results as JSON")
     cmp.set_defaults(func=_cmd_compare)
     add_bench_parser(sub)
+    add_conventions_parsers(sub)
     return parser
+
+
+def _assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``, the value a Python literal (``1e-3``, ``(0.9, 0.99)``, ``False``) or else
+    the text itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        parsed = value.strip()
+    return key.strip(), parsed
+
+
+_assignment.__name__ = "KEY=VALUE"
+
+
+def add_conventions_parsers(sub: Any) -> None:
+    from .. import conventions
+    from ..base import FRAMEWORKS
+
+    t = sub.add_parser(
+        "translate",
+        help="rewrite a rule from one framework's convention into another's",
+        description=(
+            "Build RULE as the --from framework writes it (with the KEY=VALUE hyperparameters), "
+            "rewrite it in the --to framework's convention, and print the target rule, whether "
+            "it is exact, under which conditions, and why (uniopt.translate)."
+        ),
+    )
+    t.add_argument("rule", choices=list(conventions.rules()), metavar="RULE",
+                   help=f"one of {', '.join(conventions.rules())}")
+    t.add_argument("hyper", nargs="*", type=_assignment, metavar="KEY=VALUE",
+                   help="hyperparameters of the source rule, e.g. lr=1e-3 weight_decay=1e-2")
+    t.add_argument("--from", dest="source", choices=FRAMEWORKS, default="torch",
+                   help="the framework the rule is written in (default: torch)")
+    t.add_argument("--to", dest="target", choices=FRAMEWORKS, required=True,
+                   help="the framework to rewrite it in")
+    t.add_argument("--set", dest="options", action="append", type=_assignment, default=[],
+                   metavar="KEY=VALUE", help="fix an option of the target, e.g. couple_lr=False")
+    t.add_argument("--json", action="store_true", help="print the translation as JSON")
+    t.set_defaults(func=_cmd_translate, extra=[])
+    c = sub.add_parser(
+        "conventions",
+        help="print or write the conventions page (docs/conventions.md)",
+        description="The conventions page, rendered from uniopt.conventions (uniopt's data).",
+    )
+    c.add_argument("--write", metavar="PATH", default=None,
+                   help="write the page to PATH instead of printing it")
+    c.set_defaults(func=_cmd_conventions)
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from .. import conventions
+
+    try:
+        rule = conventions.build(args.rule, args.source, **dict([*args.hyper, *args.extra]))
+        tr = conventions.translate(rule, args.source, args.target, **dict(args.options))
+    except (ValueError, TypeError) as e:
+        print(f"uniopt translate: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        doc = {"rule": conventions.call(tr.rule), "source": tr.source, "target": tr.target,
+               "exact": tr.exact, "conditions": tr.conditions, "explanation": tr.explanation,
+               "state": tr.state}
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        print(tr)
+    return 0
+
+
+def _cmd_conventions(args: argparse.Namespace) -> int:
+    from .. import conventions
+
+    text = conventions.page()
+    if args.write is None:
+        print(text)
+        return 0
+    with open(args.write, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.write}", file=sys.stderr)
+    return 0
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -395,7 +480,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # KEY=VALUE words may follow options (`translate adamw --to flux lr=1e-3`): argparse
+        # leaves them over, and the subcommand that takes them (``extra``) parses them
+        args, extra = parser.parse_known_args(argv)
+        if extra and not hasattr(args, "extra"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        for word in extra:
+            try:
+                args.extra.append(_assignment(word))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"argument KEY=VALUE: {e}")
     except SystemExit as e:  # --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     result: int = args.func(args)

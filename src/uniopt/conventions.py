@@ -1,0 +1,608 @@
+"""Conventions: how each framework writes each rule, and :func:`translate` between them.
+
+Everything here is data read by the code and by the docs alike: each rule's own ``conventions``
+table (framework -> the options and defaults that reproduce it, see :class:`uniopt.Rule`),
+:data:`FORMULAS` (each framework's update, as its sources write it), :data:`OPTIONS` (for each
+option that tells two conventions apart: how to move a rule across it, and when that is exact)
+and :data:`NO_EXACT` (why some rules have no exact translation at all). :func:`page` renders
+``docs/conventions.md`` from them (``uniopt conventions --write docs/conventions.md``).
+
+"Exact" means the same arithmetic: the two records give the same parameters step after step,
+up to the order of floating-point rounding, under the stated conditions.
+
+>>> import uniopt as uo
+>>> tr = uo.translate(uo.adamw(lr=1e-3, weight_decay=1e-2), source="torch", target="flux")
+>>> tr.rule.couple_lr, tr.rule.lr, round(tr.rule.weight_decay, 12), tr.exact
+(False, 0.001, 1e-05, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import numbers
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from . import rules as _rules_package
+from .base import FRAMEWORKS, Rule
+from .schedules import bias_correction, product
+
+__all__ = [
+    "FORMULAS",
+    "NO_EXACT",
+    "OPTIONS",
+    "TARGET_FORMS",
+    "Translation",
+    "build",
+    "call",
+    "page",
+    "rules",
+    "translate",
+]
+
+FRAMEWORK_NAMES = {
+    "torch": "PyTorch (torch.optim)",
+    "optax": "optax",
+    "keras": "keras 3",
+    "flux": "Optimisers.jl / Flux",
+    "paper": "the paper",
+}
+
+# Each framework's update as its own sources write it (CONVENTIONS.md, checked against torch 2.13,
+# optax 0.2.8, keras 3, Optimisers.jl 0.4.8). m, v: moments; m̂, v̂: bias-corrected; t from 1.
+FORMULAS: dict[str, dict[str, str]] = {
+    "sgd": {
+        "torch": "b = μb + (1−dampening)g (b = g at t=1); p −= lr·b; Nesterov p −= lr·(g + μb)",
+        "optax": "t = g + μt (Nesterov g + μt); p −= lr·t",
+        "keras": "m = μm − lr·g; p += m; Nesterov p += μm − lr·g",
+        "flux": "Momentum: v = ρv + ηg; p −= v. Nesterov: Δ = −ρ²v + (1+ρ)ηg; v = ρv − ηg",
+    },
+    "rmsprop": {
+        "torch": "v = αv + (1−α)g²; d = g/(√v + ε); momentum b = μb + d; p −= lr·b",
+        "optax": "v = ρv + (1−ρ)g²; d = g/√(v + ε) (eps_in_sqrt); momentum after lr: "
+                 "t = lr·d + μt",
+        "keras": "v = ρv + (1−ρ)g²; d = g/√(v + ε); momentum m = μm + lr·d; p −= m",
+        "flux": "v = ρv + (1−ρ)g²; p −= η·g/(√v + ε)",
+    },
+    "adagrad": {
+        "torch": "G = G₀ + Σg² (G₀ = 0); p −= lr/(1+(t−1)·lr_decay) · g/(√G + ε)",
+        "optax": "G = G₀ + Σg² (G₀ = 0.1); p −= lr·g/√(G + ε) where G > 0, else 0",
+        "keras": "G = G₀ + Σg² (G₀ = 0.1); p −= lr·g/√(G + ε)",
+        "flux": "G = ε + Σg²; p −= η·g/(√G + ε)",
+    },
+    "adadelta": {
+        "torch": "v = ρv + (1−ρ)g²; d = √(u+ε)/√(v+ε)·g; u = ρu + (1−ρ)d²; p −= lr·d",
+        "optax": "as torch; default lr None (adadelta() with it ascends, optax 0.2.8)",
+        "keras": "as torch, defaults lr 1e-3, ρ 0.95, ε 1e-7",
+        "flux": "as torch without lr (η = 1), ε 1e-8",
+    },
+    "adam": {
+        "torch": "p −= lr·m̂/(√v̂ + ε); AMSGrad: max of raw v, then corrected",
+        "optax": "p −= lr·m̂/(√(v̂ + eps_root) + ε); AMSGrad: max of corrected v̂",
+        "keras": "p −= lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε̂) (epsilon hat)",
+        "flux": "p −= η·m̂/(√v̂ + ε); AMSGrad: moments start at ε, no bias correction",
+    },
+    "adamw": {
+        "torch": "p *= 1 − lr·λ; then Adam",
+        "optax": "p −= lr·(Adam + λp)",
+        "keras": "p −= p·λ·lr; then Adam (epsilon hat)",
+        "flux": "couple=true: p −= η·(Adam + λp); couple=false: p −= η·Adam + λp",
+        "paper": "p −= η_t·(α·Adam + λp)",
+    },
+    "adamax": {
+        "torch": "u = max(β₂u, |g| + ε); p −= lr/(1−β₁ᵗ) · m/u",
+        "optax": "u = max(β₂u, |g| + ε); p −= lr/(1−β₁ᵗ) · m/u",
+        "keras": "u = max(β₂u, |g|); p −= lr/(1−β₁ᵗ) · m/(u + ε)",
+        "flux": "u = max(β₂u, |g|); p −= η/(1−β₁ᵗ) · m/(u + ε)",
+    },
+    "nadam": {
+        "torch": "μ_t = β₁(1 − ½·0.96^{tψ}), products of μ; ψ = momentum_decay 4e-3",
+        "optax": "constant-β₁ Dozat form, no β₂ factor",
+        "keras": "μ_t = β₁(1 − ½·0.96^t) (no ψ)",
+        "flux": "β₂ inside v̂: √(β₂·v̂)",
+    },
+    "radam": {
+        "torch": "rectify while ρ_t > 5, else p −= lr·m̂",
+        "optax": "rectify while ρ_t ≥ 5",
+        "flux": "rectify while ρ_t > 4",
+    },
+    "optimistic_adam": {
+        "optax": "v2: p −= η_t·((α+β)·r_t − β·r_{t−1}); v1: u = −lr·r_t − o·(r_t − r_{t−1})",
+        "flux": "OAdam: term = η·m̂/(√v̂+ε); Δ = 2·term − term_prev (term_prev starts at 0)",
+    },
+}
+
+# The form a framework's rule takes where the rule's own ``conventions`` table has no row for
+# it yet: options only (the rule's table, once it has the row, wins).
+TARGET_FORMS: dict[str, dict[str, dict[str, Any]]] = {
+    # Flux's original AdamW, chain(Adam(eta), WeightDecay(decay)): Optimisers.jl couple=false
+    "adamw": {"flux": {"couple_lr": False}},
+}
+
+# Why some rules cannot be moved exactly from one framework's form to another's.
+NO_EXACT: dict[str, str] = {
+    "nadam": (
+        "the frameworks use different momentum schedules: torch μ_t = β₁(1 − ½·0.96^{tψ}) with "
+        "ψ = momentum_decay, keras 3 0.96^t without ψ, optax a constant-β₁ (Dozat) form without "
+        "the β₂ factor, Optimisers.jl √(β₂·v̂); no choice of hyperparameters of one gives "
+        "another's μ sequence (torch vs optax differ 1.7e-2 after 20 steps)"
+    ),
+    "radam": (
+        "the rectification switches on at different steps (torch ρ_t > 5, optax ρ_t ≥ 5, "
+        "Optimisers.jl ρ_t > 4): the forms agree except at the steps between the thresholds, "
+        "which no hyperparameter moves"
+    ),
+    "optimistic_adam": (
+        "uniopt's optimistic_adam is optax's optimistic_adam_v2 (v1 at constant values is v2 "
+        "with lr=1, alpha=lr, beta=optimism); Optimisers.jl's OAdam starts the previous term at "
+        "0 (its first step is 2·term) and has no Nesterov moment: not reproducible exactly"
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """What moving one option costs: exact or not, when, why, and the state's translation."""
+
+    exact: bool
+    conditions: str = ""
+    explanation: str = ""
+    state: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How to move rules across one option that tells conventions apart.
+
+    ``apply(rule, hyper, old, new)`` changes ``hyper`` (the target's fields, the source's
+    values to start with) so the target reproduces ``rule`` and says whether it is exact."""
+
+    rules: tuple[str, ...]
+    field: str
+    summary: str
+    apply: Callable[[Rule, dict[str, Any], Any, Any], _Step]
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _times(a: Any, b: Any) -> Any:
+    return float(a * b) if _number(a) and _number(b) else product(a, b)
+
+
+def _couple_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    lr, wd = rule.lr, rule.weight_decay  # type: ignore[attr-defined]
+    if old and not new:  # torch's coupled decay -> Flux couple=false
+        hyper["weight_decay"] = _times(lr, wd)
+        return _Step(
+            True, "always (with an lr schedule, weight_decay becomes the schedule "
+            "lr(t)·weight_decay)",
+            "torch's AdamW decays by lr·weight_decay per step (p *= 1 − lr·λ); Flux's "
+            "couple=false decays by its λ alone, so eta = lr and λ = lr·weight_decay",
+        )
+    if isinstance(wd, product) and lr in wd.factors:
+        rest = list(wd.factors)
+        rest.remove(lr)
+        hyper["weight_decay"] = rest[0] if len(rest) == 1 else product(*rest)
+        return _Step(True, "always (weight_decay was lr(t)·λ)",
+                     "Flux's couple=false decay λ = lr·weight_decay: torch's weight_decay is λ/lr")
+    why = ("Flux's couple=false decays by λ per step, torch's AdamW by lr·weight_decay, so "
+           "torch's weight_decay = λ/lr")
+    if _number(lr) and lr != 0:
+        hyper["weight_decay"] = wd / lr if _number(wd) else product(wd, 1.0 / lr)
+        return _Step(True, "constant lr", why)
+    if _number(lr) and _number(wd) and wd == 0:
+        hyper["weight_decay"] = 0.0
+        return _Step(True, "always (no decay)", why)
+    if _number(lr):
+        return _Step(False, explanation=why + "; at lr = 0 torch's decay vanishes, λ does not")
+    return _Step(False, explanation=(
+        why + "; with an lr schedule torch's decay follows lr(t) and Flux's λ does not, so no "
+        "constant weight_decay reproduces it: keep couple_lr=False, or give weight_decay the "
+        "schedule λ/lr(t)"))
+
+
+def _eps_in_sqrt(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    eps = rule.eps  # type: ignore[attr-defined]
+    src, tgt = ("√(v + ε)", "√v + ε") if old else ("√v + ε", "√(v + ε)")
+    why = (f"the source divides by {src}, the target by {tgt}: eps inside vs outside the root. "
+           "They agree only when eps = 0; for eps > 0 no eps of the other form gives the same "
+           "step for every v (keeping eps, the steps differ where v is not ≫ eps², most at the "
+           "first steps and for small gradients; and at eps = 0, where an accumulator is still "
+           "0, torch's form divides 0 by 0)")
+    return _Step(_number(eps) and eps == 0, "eps = 0", why)
+
+
+def _momentum_form(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    mu = rule.momentum  # type: ignore[attr-defined]
+    if _number(mu) and mu == 0:
+        return _Step(True, "always (momentum = 0: no buffer)", "without momentum the forms agree")
+    inside = {"keras", "sutskever"}
+    if {old, new} <= inside:
+        return _Step(True, "always", "keras's and Sutskever's forms differ in the buffer's sign",
+                     "buffer: keras m = −(Sutskever/Flux v)")
+    lr = rule.lr  # type: ignore[attr-defined]
+    why = ("torch keeps lr out of the buffer (b = μb + g; p −= lr·b), keras and Sutskever/Flux "
+           "put it in (v = μv + lr·g; p −= v), so v = lr·b while lr is constant; under an lr "
+           "schedule the old velocity keeps the old lr and no hyperparameters of one form "
+           "reproduce the other")
+    lr_form = new if old == "torch" else old
+    sign = "−" if lr_form == "keras" else ""
+    state = (f"buffer: {lr_form} {'m' if lr_form == 'keras' else 'v'} = {sign}lr·b_torch"
+             if old == "torch" else f"buffer: b_torch = {sign}(the {old} buffer)/lr")
+    damp = getattr(rule, "dampening", 0.0)
+    if not (_number(damp) and damp == 0):
+        return _Step(False, explanation=why + "; keras and Flux have no dampening", state=state)
+    return _Step(_number(lr), "constant lr" + (", dampening = 0" if hasattr(rule, "dampening")
+                                                else ""), why, state)
+
+
+def _eps_hat(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    eps, b2 = rule.eps, rule.betas[1]  # type: ignore[attr-defined]
+    why = ("keras steps lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε̂), which is torch's lr·m̂/(√v̂ + ε) with "
+           "ε = ε̂/√(1−β₂ᵗ): eps becomes the schedule schedules.bias_correction(β₂, ∓0.5, eps)")
+    if not _number(b2) or not isinstance(old, bool) or not isinstance(new, bool):
+        return _Step(False, explanation=why + "; with a β₂ schedule the product of (1 − β₂ᵗ) is "
+                     "not a schedule of β₂(t), so it is not translated")
+    power = -0.5 if old else 0.5
+    hyper["eps"] = (bias_correction(b2, power, eps) if _number(eps)
+                    else product(eps, bias_correction(b2, power)))
+    return _Step(True, "constant β₂ (eps becomes a schedule)", why)
+
+
+def _amsgrad_max(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    if not getattr(rule, "amsgrad", False):
+        return _Step(True, "always (amsgrad off)", "the option acts only with amsgrad")
+    return _Step(False, explanation=(
+        "torch and keras take the max of the raw v and then bias-correct, optax the max of the "
+        "corrected v̂ = v/(1−β₂ᵗ); since the correction shrinks with t the two maxima follow "
+        "different histories (5.8e-3 apart after 20 steps) and no hyperparameter aligns them"))
+
+
+def _moments_init(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    return _Step(False, explanation=(
+        "Optimisers.jl starts the moments at ε, the others at 0: the first steps differ, by an "
+        "amount that fades as β^t, and no hyperparameter of the zero start reproduces it"))
+
+
+def _eps_in_max(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    eps = rule.eps  # type: ignore[attr-defined]
+    return _Step(_number(eps) and eps == 0, "eps = 0", (
+        "torch and optax take u = max(β₂u, |g| + ε) and divide by u; keras and Optimisers.jl "
+        "take u = max(β₂u, |g|) and divide by u + ε: they agree only when ε = 0"))
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(("adamw",), "couple_lr", "torch's coupled decay ↔ Flux couple=false: exact (λ = "
+           "lr·weight_decay, a product schedule under an lr schedule); back to torch exact at "
+           "constant lr", _couple_lr),
+    Option(("adagrad", "rmsprop"), "eps_in_sqrt", "eps outside ↔ inside the root: exact only "
+           "when eps = 0", _eps_in_sqrt),
+    Option(("sgd", "rmsprop"), "momentum_form", "lr outside (torch) ↔ inside the buffer (keras, "
+           "Sutskever/Flux): exact at constant lr, the buffer scaled by lr", _momentum_form),
+    Option(("adam", "adamw"), "eps_hat", "keras's epsilon hat ↔ torch's eps: exact with eps as "
+           "the schedule ε̂/√(1−β₂ᵗ) (or ε·√(1−β₂ᵗ))", _eps_hat),
+    Option(("adam", "adamw"), "amsgrad_max", "max of raw v ↔ of corrected v̂: exact only without "
+           "amsgrad", _amsgrad_max),
+    Option(("adam", "adamw"), "moments_init", "moments from 0 ↔ from ε: not exact",
+           _moments_init),
+    Option(("adamax",), "eps_in_max", "eps inside ↔ outside the max: exact only when eps = 0",
+           _eps_in_max),
+)
+_OPTION_OF = {(r, o.field): o for o in OPTIONS for r in o.rules}
+
+
+@dataclasses.dataclass(frozen=True)
+class Translation:
+    """A rule moved from one framework's convention to another's.
+
+    ``rule``: the target's record (``convention=target`` where the rule has conventions);
+    ``exact``: whether it reproduces the source's parameters step for step (up to rounding
+    order); ``conditions``: when it is exact; ``explanation``: why, or why not; ``state``: how
+    the optimizer state maps across, where it differs."""
+
+    rule: Rule
+    source: str
+    target: str
+    exact: bool
+    conditions: str
+    explanation: str
+    state: str = ""
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.rule.name}: {self.source} -> {self.target}",
+            f"  rule:        {call(self.rule)}",
+            f"  exact:       {'yes' if self.exact else 'no'}",
+            f"  conditions:  {self.conditions or '-'}",
+            f"  explanation: {self.explanation}",
+        ]
+        if self.state:
+            lines.append(f"  state:       {self.state}")
+        return "\n".join(lines)
+
+
+def rules() -> dict[str, type[Rule]]:
+    """Every rule class of :mod:`uniopt.rules`, by name (the names ``uniopt`` exports)."""
+    for m in pkgutil.iter_modules(_rules_package.__path__):
+        importlib.import_module(f"{_rules_package.__name__}.{m.name}")
+    found: dict[str, type[Rule]] = {}
+
+    def walk(cls: type[Rule]) -> None:
+        for sub in cls.__subclasses__():
+            if sub.__module__.startswith(_rules_package.__name__ + "."):
+                found.setdefault(sub.__name__, sub)
+            walk(sub)
+
+    walk(Rule)
+    return dict(sorted(found.items()))
+
+
+def _table(cls: type[Rule]) -> dict[str, dict[str, Any]]:
+    return dict(getattr(cls, "conventions", None) or {})
+
+
+def _fields(cls: type[Rule]) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _is_option(cls: type[Rule], name: str) -> bool:
+    """An option tells conventions apart by form (a flag or a name), not by a value."""
+    f = _fields(cls).get(name)
+    return f is not None and name != "convention" and isinstance(_default(f), (bool, str))
+
+
+def _framework(value: Any, what: str) -> str:
+    if value not in FRAMEWORKS:
+        raise ValueError(f"translate: {what} must be one of {', '.join(map(repr, FRAMEWORKS))}, "
+                         f"got {value!r}")
+    return str(value)
+
+
+def _rule_class(name: Any) -> type[Rule]:
+    known = rules()
+    if name not in known:
+        raise ValueError(f"unknown rule {name!r}; choose from {', '.join(known)}")
+    return known[name]
+
+
+def build(name: str, framework: str = "torch", **hyper: Any) -> Rule:
+    """The rule ``name`` as ``framework`` writes it: ``uniopt.<name>(convention=framework,
+    **hyper)`` where the rule has conventions, its form from :data:`TARGET_FORMS` otherwise."""
+    cls = _rule_class(name)
+    framework = _framework(framework, "framework")
+    table = _table(cls)
+    if framework in table:
+        return cls(**{"convention": framework, **hyper})
+    form = TARGET_FORMS.get(name, {}).get(framework)
+    if form is not None:
+        return cls(**{**form, **hyper})
+    if framework == "torch" and not table:
+        return cls(**hyper)
+    raise ValueError(f"{name} has no {framework!r} convention in this uniopt (it has "
+                     f"{', '.join(map(repr, table or {'torch': {}}))})")
+
+
+def translate(rule: Rule | str, source: str | None = None, target: str = "torch",
+              **options: Any) -> Translation:
+    """``rule`` written in ``source``'s convention, rewritten in ``target``'s.
+
+    ``rule`` is a uniopt rule record (its ``convention`` field, where it has one, is the
+    source when ``source`` is omitted; otherwise the source is torch) or a rule's name (built
+    with ``source``'s defaults). The target record keeps every value of the source and takes
+    the target's options (from the rule's ``conventions`` table, or :data:`TARGET_FORMS`, or
+    ``options``, which fix target options by name, e.g. ``couple_lr=False``); each option that
+    changes goes through its :data:`OPTIONS` entry, which adjusts the hyperparameters and says
+    whether the result is exact.
+
+    >>> import uniopt as uo
+    >>> tr = uo.translate(uo.adagrad(eps=0.0), target="keras")
+    >>> tr.exact, tr.conditions, tr.rule.eps_in_sqrt, tr.rule.lr
+    (True, 'eps = 0', True, 0.01)
+    """
+    if isinstance(rule, str):
+        rule = build(rule, _framework(source or "torch", "source"))
+    if not isinstance(rule, Rule):
+        raise ValueError(f"translate: rule must be a uniopt rule or a rule's name, got {rule!r}")
+    cls, name = type(rule), rule.name
+    fields = _fields(cls)
+    labelled = getattr(rule, "convention", None) if "convention" in fields else None
+    if source is None:
+        source = labelled or "torch"
+    source, target = _framework(source, "source"), _framework(target, "target")
+    if labelled is not None and labelled != source:
+        raise ValueError(f"translate: the rule says convention={labelled!r}, but source="
+                         f"{source!r}")
+    bad = [k for k in options if k not in fields]
+    if bad:
+        raise ValueError(f"translate: {name} has no option {bad[0]!r}")
+    table = _table(cls)
+    forms = {**({"torch": {}} if not table else {}), **TARGET_FORMS.get(name, {}), **table}
+    writes = set(forms)
+    if source not in writes:
+        raise ValueError(f"translate: {name} has no {source!r} convention (source); it has "
+                         f"{', '.join(map(repr, sorted(writes)))}")
+    if source == target and not options:
+        return Translation(rule, source, target, True, "always", "the same convention")
+
+    if target in forms:
+        keys = dict.fromkeys(k for r in forms.values() for k in r if _is_option(cls, k))
+        wanted = {k: forms[target].get(k, _default(fields[k])) for k in keys}
+    elif source == target:
+        wanted = {}
+    elif name in NO_EXACT:
+        return Translation(rule, source, target, False, "",
+                           f"no exact translation: {NO_EXACT[name]}")
+    else:
+        raise ValueError(f"translate: {name} has no {target!r} convention (target); it has "
+                         f"{', '.join(map(repr, sorted(writes)))}")
+    wanted.update(options)
+    missing = [k for k in wanted if k not in fields]
+    if missing:
+        raise ValueError(f"translate: this uniopt's {name} has no option {missing[0]!r} "
+                         f"(needed for {target}'s form)")
+
+    hyper = {k: v for k, v in rule.fields().items() if k != "convention"}
+    steps: list[tuple[str, _Step]] = []
+    for k, new in wanted.items():
+        old = getattr(rule, k)
+        hyper[k] = new
+        if old == new:
+            continue
+        opt = _OPTION_OF.get((name, k))
+        if opt is not None:
+            steps.append((k, opt.apply(rule, hyper, old, new)))
+        else:
+            extra = f" ({NO_EXACT[name]})" if name in NO_EXACT else ""
+            steps.append((k, _Step(False, explanation=(
+                f"{k}={old!r} in {source} and {new!r} in {target}: uniopt knows no exact "
+                f"translation between them{extra}"))))
+    if "convention" in fields:
+        hyper["convention"] = target
+    out = cls(**hyper)
+    if not steps:
+        differ = sorted(k for r in table.values() for k in r if not _is_option(cls, k))
+        why = (f"{source} and {target} write {name} alike; their defaults differ "
+               f"({', '.join(dict.fromkeys(differ))}) and the translation keeps the source's "
+               "values" if differ else f"{source} and {target} write {name} alike")
+        return Translation(out, source, target, True, "always", why)
+    exact = all(s.exact for _, s in steps)
+    conditions = "; ".join(dict.fromkeys(s.conditions for _, s in steps if s.conditions))
+    explanation = "; ".join(f"{k}: {s.explanation}" for k, s in steps)
+    if not exact:
+        explanation = "no exact translation: " + explanation
+        conditions = "; ".join(f"{k}: {s.conditions}" for k, s in steps
+                               if not s.exact and s.conditions)
+        conditions = f"would be exact with {conditions}" if conditions else ""
+    state = "; ".join(s.state for _, s in steps if s.state)
+    return Translation(out, source, target, exact, conditions, explanation, state)
+
+
+def _value(v: Any) -> str:
+    return repr(v)
+
+
+def call(rule: Rule) -> str:
+    """The call that builds ``rule``: ``uo.<name>(...)`` with the fields that differ from its
+    convention's defaults (every field without a default)."""
+    cls = type(rule)
+    fields = _fields(cls)
+    conv = getattr(rule, "convention", None) if "convention" in fields else None
+    row = _table(cls).get(conv or "", {})
+    args = [f"convention={conv!r}"] if conv not in (None, "torch") else []
+    for k, f in fields.items():
+        if k == "convention":
+            continue
+        v, d = getattr(rule, k), row.get(k, _default(f))
+        if d is dataclasses.MISSING or not _same(v, d):
+            args.append(f"{k}={_value(v)}")
+    return f"uo.{rule.name}({', '.join(args)})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b) or (_number(a) and _number(b) and a == b)
+    except Exception:
+        return False
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _options_cell(cls: type[Rule], fw: str) -> str:
+    table = _table(cls)
+    if fw in table:
+        row = table[fw]
+        return ", ".join(f"`{k}={_value(v)}`" for k, v in row.items()) or "the field defaults"
+    form = TARGET_FORMS.get(cls.__name__, {}).get(fw)
+    if form is not None:
+        return ", ".join(f"`{k}={_value(v)}`" for k, v in form.items())
+    return "the field defaults" if fw == "torch" and not table else "—"
+
+
+def _uniopt_cell(cls: type[Rule], fw: str) -> str:
+    name, table = cls.__name__, _table(cls)
+    if fw in table:
+        return f"`uo.{name}()`" if fw == "torch" else f"`uo.{name}(convention={fw!r})`"
+    form = TARGET_FORMS.get(name, {}).get(fw)
+    if form is not None:
+        return f"`uo.{name}({', '.join(f'{k}={_value(v)}' for k, v in form.items())})`"
+    if fw == "torch" and not table:
+        return f"`uo.{name}()`"
+    return "— (no convention yet)"
+
+
+def page() -> str:
+    """``docs/conventions.md``: for each rule and framework, its update, the options and
+    defaults that reproduce it, the uniopt call; and how translations between them behave."""
+    out = [
+        "# Conventions: one rule, several frameworks",
+        "",
+        "<!-- Generated from uniopt.conventions (the rules' `conventions` tables, FORMULAS, "
+        "OPTIONS, NO_EXACT): do not edit; run `uniopt conventions --write docs/conventions.md`. "
+        "-->",
+        "",
+        "A rule's `convention=` names a framework; the rule then takes that framework's options "
+        "and defaults for the fields the caller leaves out (a field given keeps its value). "
+        "`uo.translate(rule, source, target)` rewrites a rule written in one framework's "
+        "convention into another's and says whether the two give the same parameters step for "
+        "step, under which conditions, and why; `uniopt translate` does it from the command "
+        "line. Frameworks: "
+        + ", ".join(f"`{k}` ({v})" for k, v in FRAMEWORK_NAMES.items()) + ".",
+        "",
+        "Each framework's update is written as its own sources write it; `t` counts from 1, "
+        "`m̂`, `v̂` are bias-corrected, every rule subtracts its step.",
+        "",
+    ]
+    known = rules()
+    plain = []
+    for name, cls in known.items():
+        table, forms = _table(cls), FORMULAS.get(name, {})
+        frameworks = [fw for fw in FRAMEWORKS
+                      if fw in table or fw in forms or fw in TARGET_FORMS.get(name, {})]
+        if frameworks == ["torch"] or not frameworks:
+            plain.append(name)
+            continue
+        out += [f"## {name}", "", "| framework | update | options and defaults | in uniopt |",
+                "|---|---|---|---|"]
+        for fw in frameworks:
+            out.append(f"| {fw} | {_cell(forms.get(fw, '—'))} | {_options_cell(cls, fw)} | "
+                       f"{_uniopt_cell(cls, fw)} |")
+        notes = [f"- `{o.field}`: {o.summary}." for o in OPTIONS if name in o.rules
+                 and o.field in _fields(cls)]
+        if name in NO_EXACT:
+            notes.append(f"- No exact translation: {NO_EXACT[name]}.")
+        if notes:
+            out += ["", "Translations:", "", *notes]
+        out.append("")
+    if plain:
+        out += ["## Rules with torch's form only", "",
+                ", ".join(f"`{n}`" for n in plain) + ": no other framework's form is recorded; "
+                "`uo.<name>()` is torch's (or the paper's, where torch lacks the rule).", ""]
+    pending = [f"`{r}.{o.field}`" for o in OPTIONS for r in o.rules
+               if r in known and o.field not in _fields(known[r])]
+    if pending:
+        out += ["## Translations waiting for their option", "",
+                "These are written in `uniopt.conventions.OPTIONS` and apply once the rule has "
+                "the option: " + ", ".join(pending) + ".", ""]
+    out += ["## Checking a migration", "",
+            "Run the old and the new optimizer side by side on the same gradients. For rules "
+            "without a square root (SGD, momentum, weight decay) compare the parameters with "
+            "`torch.equal` after every step. For rules with one (Adam, RMSprop, Adagrad, ...) "
+            "count the fraction of differing elements: torch's CPU `sqrt` is not correctly "
+            "rounded, and torch's own fused and for-loop Adam differ on 0.01–3% of elements "
+            "after 20 float32 steps, so a small fraction of last-bit differences is expected "
+            "while a systematic difference is a wrong convention.", ""]
+    return "\n".join(out)

@@ -1,0 +1,261 @@
+"""Conventions: translate() between frameworks' forms of a rule, the generated conventions page,
+and no rule's default, in any convention, ascends."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+from uniopt import conventions, schedules
+from uniopt.base import FRAMEWORKS
+
+ROOT = Path(__file__).resolve().parents[1]
+A = np.array([1.0, 2.0, 0.5, 4.0])  # f(x) = 0.5*sum(A*x^2)
+
+
+def _has(rule: type, field: str) -> bool:
+    return field in {f.name for f in dataclasses.fields(rule)}
+
+
+def _needs(rule: type, field: str) -> None:
+    if not _has(rule, field):
+        pytest.skip(f"{rule.__name__} has no {field!r} option on this branch yet (another "
+                    "branch adds it); this test runs once it is merged")
+
+
+def _run(rule, steps=30, x0=(1.0, -2.0, 0.5, 3.0), shape=None):
+    """``steps`` updates of ``rule`` on the quadratic from ``x0``; the trajectory."""
+    x = np.array(x0, dtype=np.float64)
+    if shape is not None:
+        x = np.resize(x, shape)
+    a = np.resize(A, x.shape)
+    p = {"x": x}
+    state = uo.setup(rule, p)
+    out = []
+    for _ in range(steps):
+        state = uo.update_(state, p, {"x": a * p["x"]})
+        out.append(p["x"].copy())
+    return np.array(out)
+
+
+def _tables():
+    return {n: c for n, c in conventions.rules().items() if c.conventions}
+
+
+# --- translate -------------------------------------------------------------------------------
+
+def test_identity_is_exact_for_every_convention_of_every_rule():
+    assert "adagrad" in _tables()
+    for name, cls in _tables().items():
+        for fw in cls.conventions:
+            try:
+                rule = conventions.build(name, fw)
+            except TypeError:  # a rule with a required hyperparameter
+                continue
+            tr = uo.translate(rule, target=fw)
+            assert tr.exact and tr.rule == rule and tr.source == tr.target == fw, (name, fw)
+
+
+def test_every_exact_translation_between_conventions_gives_the_same_steps():
+    """Every ordered pair of every rule's conventions: the translated record keeps the source's
+    values and, where it says it is exact, the two records take the same steps."""
+    checked = 0
+    for name, cls in _tables().items():
+        for src, tgt in itertools.permutations(cls.conventions, 2):
+            try:
+                rule = conventions.build(name, src, lr=0.05)
+            except TypeError:
+                continue
+            tr = uo.translate(rule, target=tgt)
+            assert tr.rule.convention == tgt and tr.explanation, (name, src, tgt)
+            assert tr.exact == (tr.conditions != "" and not tr.conditions.startswith("would")), \
+                (name, src, tgt, tr)
+            if tr.exact:
+                np.testing.assert_allclose(_run(tr.rule), _run(rule), rtol=1e-12, atol=1e-15,
+                                           err_msg=f"{name}: {src} -> {tgt}")
+                checked += 1
+    assert checked >= 2  # adagrad: keras <-> optax at least
+
+
+def test_adamw_torch_to_flux_couple_false_is_exact_at_constant_lr_and_under_a_schedule():
+    torch_rule = uo.adamw(lr=1e-2, weight_decay=0.5)
+    tr = uo.translate(torch_rule, source="torch", target="flux", couple_lr=False)
+    assert tr.exact and tr.rule.couple_lr is False
+    assert tr.rule.lr == 1e-2 and tr.rule.weight_decay == pytest.approx(5e-3, rel=1e-15)
+    np.testing.assert_allclose(_run(tr.rule), _run(torch_rule), rtol=1e-12)
+
+    lr = schedules.cosine(1e-2, steps=30)
+    torch_rule = uo.adamw(lr=lr, weight_decay=0.5)
+    tr = uo.translate(torch_rule, target="flux", couple_lr=False)
+    assert tr.exact and tr.rule.weight_decay == schedules.product(lr, 0.5)
+    np.testing.assert_allclose(_run(tr.rule), _run(torch_rule), rtol=1e-12)
+    back = uo.translate(tr.rule, source="flux", target="torch")  # the product is undone
+    assert back.exact and back.rule == torch_rule
+
+
+def test_adamw_flux_to_torch_is_exact_only_at_constant_lr():
+    flux = uo.adamw(lr=1e-2, weight_decay=5e-3, couple_lr=False)
+    tr = uo.translate(flux, source="flux", target="torch")
+    assert tr.exact and tr.conditions == "constant lr" and tr.rule.couple_lr
+    np.testing.assert_allclose(_run(tr.rule), _run(flux), rtol=1e-12)
+    scheduled = uo.adamw(lr=schedules.cosine(1e-2, steps=30), weight_decay=5e-3,
+                         couple_lr=False)
+    tr = uo.translate(scheduled, source="flux", target="torch")
+    assert not tr.exact and "schedule" in tr.explanation
+
+
+def test_adagrad_torch_to_keras_and_optax_eps_placement():
+    tr = uo.translate(uo.adagrad(lr=0.1), target="optax")  # torch's eps=1e-10 outside the root
+    assert not tr.exact and "eps = 0" in tr.conditions and "root" in tr.explanation
+    # the source's values are kept, the target's option taken
+    assert tr.rule.eps_in_sqrt and tr.rule.initial_accumulator_value == 0.0
+    assert tr.rule.eps == 1e-10 and tr.rule.lr == 0.1
+    exact = uo.translate(uo.adagrad(lr=0.1, eps=0.0), target="keras")
+    assert exact.exact and exact.conditions == "eps = 0"
+    np.testing.assert_allclose(_run(exact.rule), _run(uo.adagrad(lr=0.1, eps=0.0)), rtol=1e-12)
+    back = uo.translate(uo.adagrad(convention="keras"), target="torch")
+    assert not back.exact and back.rule.initial_accumulator_value == 0.1 and back.rule.lr == 1e-3
+
+
+def test_keras_epsilon_hat_is_torch_adam_with_an_eps_schedule():
+    """keras's Adam, written from its formula, against uo.adam with the eps schedule
+    translate() gives: eps = eps_hat / sqrt(1 - b2^t)."""
+    lr, b1, b2, eps_hat = 1e-2, 0.9, 0.999, 0.5  # a large eps_hat: the forms differ visibly
+    x = np.array([1.0, -2.0, 0.5, 3.0])
+    m, v, keras = np.zeros(4), np.zeros(4), []
+    for t in range(1, 31):
+        g = A * x
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        x = x - lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps_hat)
+        keras.append(x)
+    eps = schedules.bias_correction(b2, -0.5, eps_hat)
+    np.testing.assert_allclose(_run(uo.adam(lr=lr, eps=eps)), np.array(keras), rtol=1e-12)
+    assert np.abs(_run(uo.adam(lr=lr, eps=eps_hat)) - keras).max() > 1e-3
+
+
+def test_keras_epsilon_hat_translation():
+    _needs(uo.adam, "eps_hat")
+    keras = uo.adam(lr=1e-2, eps=0.5, eps_hat=True)
+    tr = uo.translate(keras, source="keras" if _has(uo.adam, "convention") else None,
+                      target="torch", eps_hat=False)
+    assert tr.exact and tr.rule.eps == schedules.bias_correction(0.999, -0.5, 0.5)
+    np.testing.assert_allclose(_run(tr.rule), _run(keras), rtol=1e-12)
+
+
+def test_sgd_momentum_torch_to_keras_exact_at_constant_lr_with_the_buffer_scaled():
+    _needs(uo.sgd, "momentum_form")
+    torch_rule = uo.sgd(lr=0.05, momentum=0.9, nesterov=True)
+    tr = uo.translate(torch_rule, target="torch", momentum_form="keras")
+    assert tr.exact and tr.conditions.startswith("constant lr") and "lr·b_torch" in tr.state
+    np.testing.assert_allclose(_run(tr.rule), _run(torch_rule), rtol=1e-12)
+    scheduled = uo.sgd(lr=schedules.cosine(0.05, steps=30), momentum=0.9)
+    assert not uo.translate(scheduled, target="torch", momentum_form="keras").exact
+
+
+def test_rmsprop_eps_placement_exact_only_at_eps_zero():
+    _needs(uo.rmsprop, "eps_in_sqrt")
+    assert not uo.translate(uo.rmsprop(), target="torch", eps_in_sqrt=True).exact
+    rule = uo.rmsprop(lr=1e-2, eps=0.0)
+    tr = uo.translate(rule, target="torch", eps_in_sqrt=True)
+    assert tr.exact and tr.conditions == "eps = 0"
+    np.testing.assert_allclose(_run(tr.rule), _run(rule), rtol=1e-12)
+
+
+def test_no_exact_translation_is_explained():
+    tr = uo.translate(uo.nadam(), target="optax")
+    assert not tr.exact and "no exact translation" in tr.explanation and "μ" in tr.explanation
+
+
+def test_a_rule_name_is_built_in_the_source_convention():
+    tr = uo.translate("adagrad", source="keras", target="optax")
+    assert tr.exact and tr.rule == uo.adagrad(convention="optax", lr=1e-3)
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"target": "tensorflow"}, "'tensorflow'"),
+    ({"source": "caffe"}, "'caffe'"),
+    ({"target": "flux"}, "'flux'"),  # adagrad has no flux row
+    ({"source": "keras"}, "convention='torch'"),  # the record says otherwise
+    ({"target": "optax", "nope": 1}, "'nope'"),
+])
+def test_unknown_frameworks_and_options_raise_naming_the_value(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        uo.translate(uo.adagrad(), **kwargs)
+
+
+def test_unknown_rules_raise_naming_the_value():
+    with pytest.raises(ValueError, match="'adamz'"):
+        uo.translate("adamz", target="optax")
+    with pytest.raises(ValueError, match="uniopt rule"):
+        uo.translate(uo.schedules.constant(1.0), target="optax")
+
+
+# --- the page ---------------------------------------------------------------------------------
+
+def test_the_committed_conventions_page_is_the_generated_one():
+    page = conventions.page()
+    assert "uo.adagrad(convention='keras')" in page and "## adamw" in page
+    committed = (ROOT / "docs" / "conventions.md").read_text(encoding="utf-8")
+    assert committed == page, (
+        "docs/conventions.md is stale: regenerate it with "
+        "`uniopt conventions --write docs/conventions.md` (python -m uniopt ...) and commit it")
+
+
+def test_the_page_reproduces_every_convention_of_every_table():
+    page = conventions.page()
+    for name, cls in _tables().items():
+        for fw in cls.conventions:
+            if fw != "torch":
+                assert f"`uo.{name}(convention={fw!r})`" in page
+            assert fw in FRAMEWORKS
+
+
+# --- no default ascends -----------------------------------------------------------------------
+
+def _defaults():
+    """Every rule uniopt exports, in every convention of its table, built from its defaults."""
+    out = []
+    for name, cls in sorted(vars(uo).items()):
+        if not (isinstance(cls, type) and issubclass(cls, uo.Rule)) or cls is uo.Rule:
+            continue
+        for fw in cls.conventions or [None]:
+            out.append(pytest.param(cls, fw, id=f"{name}-{fw or 'torch'}"))
+    return out
+
+
+@pytest.mark.parametrize(("cls", "fw"), _defaults())
+def test_no_default_ascends(cls, fw):
+    try:
+        rule = cls(convention=fw) if fw else cls()
+    except TypeError as e:
+        pytest.skip(f"{cls.__name__} has no default for a required hyperparameter: {e}")
+    if any(isinstance(p, uo.Minimizer) for p in rule.flat_parts):
+        pytest.skip(f"{cls.__name__} is stepped with minimize_step (a closure)")
+    shape = (3, 4) if cls is uo.muon else None  # muon orthogonalizes matrices
+    x = _run(rule, steps=100, shape=shape)
+    x0 = np.resize(np.array([1.0, -2.0, 0.5, 3.0]), x.shape[1:])
+    loss = lambda x: 0.5 * float(np.sum(np.resize(A, x.shape) * x * x))  # noqa: E731
+    assert np.all(np.isfinite(x[-1])) and loss(x[-1]) < loss(x0), (cls.__name__, fw)
+
+
+def test_optax_adadelta_default_ascends():
+    """The contrast (CONVENTIONS.md): optax 0.2.8's adadelta() with its default learning rate
+    returns updates with the gradient's sign. If optax fixes it, this fails: say so in
+    CONVENTIONS.md and the page."""
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    tx = optax.adadelta()
+    x = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    a = jnp.asarray(A)
+    state = tx.init(x)
+    start = float(0.5 * jnp.sum(a * x * x))
+    for _ in range(5):  # it ascends from the first step
+        updates, state = tx.update(a * x, state, x)
+        x = optax.apply_updates(x, updates)
+    assert float(0.5 * jnp.sum(a * x * x)) > start
