@@ -52,7 +52,7 @@ from .transforms.clip import (
     clip_by_norm,
 )
 from .transforms.decay import decoupled_weight_decay, weight_decay
-from .transforms.momentum import trace
+from .transforms.momentum import keras_trace, sutskever_trace, trace
 from .transforms.noise import add_noise
 from .transforms.plateau import reduce_on_plateau
 from .transforms.scale import scale, scale_by_lr, scale_by_trust_ratio, sign
@@ -144,6 +144,8 @@ __all__ = [
     "sign",
     "scale_by_sparse_adam",
     "sparse_adam",
+    "sutskever_trace",
+    "keras_trace",
     "to_optax",
     "trace",
     "trainables",
