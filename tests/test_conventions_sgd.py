@@ -14,6 +14,7 @@ noise), so a wrong step anywhere shows in every later one.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import os
 import sys
@@ -301,7 +302,7 @@ def test_keras_golden_values(keras: Any, name: str) -> None:
         "np": np, "ops": keras.ops, "self": _Case(),
         "backend": type("backend", (), {"Variable": staticmethod(
             lambda v, **kw: np.array(v, dtype=np.float64))}),
-        **{n: (lambda n: lambda **kw: _OurOptimizer(n, **kw))(n) for n in KERAS_RULES},
+        **{n: functools.partial(_OurOptimizer, n) for n in KERAS_RULES},
     }
     exec(compile(ast.Module(body=test.body, type_ignores=[]), str(path), "exec"), namespace)
     assert namespace["self"].checked >= 5  # type: ignore[attr-defined]
