@@ -122,6 +122,7 @@ OPTAX_CASES: dict[str, Callable[[dict[str, Any], Any, int], tuple[Any, Any]]] = 
 }
 
 
+@pytest.mark.slow  # hundreds of steps beside a peer
 @pytest.mark.parametrize("name", sorted(OPTAX_CASES))
 def test_optax_convention_matches_optax(name: str) -> None:
     """A random draw at a constant lr and one under a cosine schedule (optax gets the same
@@ -227,6 +228,7 @@ KERAS_CASES: dict[str, Callable[[Any], tuple[Any, Any]]] = {
 }
 
 
+@pytest.mark.slow  # hundreds of steps beside a peer
 @pytest.mark.parametrize("name", sorted(KERAS_CASES))
 def test_keras_convention_matches_keras(keras: Any, name: str) -> None:
     """keras's defaults where the case gives none (SGD lr 1e-2; RMSprop lr 1e-3, rho 0.9, eps
@@ -345,6 +347,7 @@ def uniopt_peer(rule: uo.Transform) -> Callable[[list[np.ndarray]], Step]:
     return make
 
 
+@pytest.mark.slow  # hundreds of steps beside a peer
 def test_momentum_forms_differ_under_a_schedule(keras: Any) -> None:
     """At a constant lr torch's and keras's momentum are one algorithm; under a decaying
     schedule keras's velocity keeps the larger lr of its past steps. Each form matches its own
@@ -462,6 +465,7 @@ FLUX_CASES: dict[str, tuple[Any, Callable[[list[np.ndarray]], Step]]] = {
 }
 
 
+@pytest.mark.slow  # hundreds of steps beside a peer
 @pytest.mark.parametrize("name", sorted(FLUX_CASES))
 def test_flux_convention_matches_optimisers_jl(name: str) -> None:
     ours, theirs = FLUX_CASES[name]

@@ -37,7 +37,13 @@ from .rules.adam_variants import (
 from .rules.asgd import asgd, scale_by_asgd
 from .rules.matrix import ema_momentum, muon, orthogonalize, scale_by_shape_lr
 from .rules.quasi_newton import lbfgs, lbfgs_step
-from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
+from .rules.rmsprop import (
+    rmsprop,
+    scale_by_centered_rms,
+    scale_by_centered_rms_in_sqrt,
+    scale_by_rms,
+    scale_by_rms_in_sqrt,
+)
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
@@ -127,6 +133,7 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_asgd",
     "scale_by_centered_rms",
+    "scale_by_centered_rms_in_sqrt",
     "scale_by_factored_rms",
     "scale_by_lr",
     "scale_by_nadam",
@@ -134,6 +141,7 @@ __all__ = [
     "scale_by_param_scale",
     "scale_by_radam",
     "scale_by_rms",
+    "scale_by_rms_in_sqrt",
     "scale_by_rprop",
     "scale_by_rss",
     "scale_by_shape_lr",
