@@ -58,10 +58,10 @@ def _race(ours: uo.Transform, theirs: Callable[[list[np.ndarray]], Step], seed: 
     worst = 0.0
     for _ in range(steps):
         noise = [0.1 * rng.standard_normal(s) for s in SHAPES]
-        grads = [np.tanh(p) * 0.5 + n for p, n in zip(params, noise, strict=True)]
+        grads = [np.asarray(np.tanh(p) * 0.5 + n) for p, n in zip(params, noise, strict=True)]
         state, params = uo.update(state, params, grads)
-        other = their_step(other, [np.tanh(p) * 0.5 + n for p, n in zip(other, noise,
-                                                                         strict=True)])
+        other = their_step(other, [np.asarray(np.tanh(p) * 0.5 + n)
+                                   for p, n in zip(other, noise, strict=True)])
         worst = max(worst, *(rel_diff(a, b) for a, b in zip(params, other, strict=True)))
     return worst
 
