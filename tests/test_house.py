@@ -123,7 +123,9 @@ def _parts() -> list[type]:
             seen[value] = None
     for make in (uo.sgd(momentum=0.9, weight_decay=0.1), uo.sgd(momentum=0.9, nesterov=True),
                  uo.adagrad(eps_in_sqrt=True), uo.rmsprop(centered=True, momentum=0.5),
-                 uo.adam(amsgrad=True), uo.optimistic_adam(lr=0.1), uo.adadelta()):
+                 uo.adam(amsgrad=True), uo.optimistic_adam(lr=0.1), uo.adadelta(),
+                 uo.rmsprop(centered=True, momentum=0.5, convention="keras"),
+                 uo.rmsprop(momentum=0.5, convention="optax"), uo.adagrad(convention="flux")):
         for p in make.flat_parts:
             seen[type(p)] = None
     return list(seen)
@@ -133,7 +135,8 @@ def _parts() -> list[type]:
 def test_kernels_keep_the_contract(cls: type) -> None:
     """Named coefficients, no constants (they would change the compiled loop's precision),
     no branch on a coefficient (a flag picks a kernel)."""
-    instances = [cls()] if cls is not uo.trace else [cls(), cls(nesterov=True)]
+    momentum = (uo.trace, uo.sutskever_trace, uo.keras_trace)
+    instances = [cls()] if cls not in momentum else [cls(), cls(nesterov=True)]
     for part in instances:
         c = part.coeffs(0)
         assert hasattr(c, "_fields"), f"{cls.__name__}.coeffs returns {type(c).__name__}"

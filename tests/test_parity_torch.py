@@ -633,7 +633,11 @@ def test_constant_schedule_is_bitwise_the_number(index: int) -> None:
     rule, hp, rng = config(index, 0)
     make = RULES[rule][0]
     plain = make(**hp)
-    sched = make(**_constant(hp, list(plain.hyperparameters())))
+    # a 0 that decides a block stays a number: scheduled, the block is kept for the steps where
+    # it is not 0, and the rule is built as torch's is with it (RMSprop with momentum applies lr
+    # after the buffer, one rounding apart from its addcdiv without)
+    fixed = {k for k in plain.optional if not plain.on(k)}
+    sched = make(**_constant(hp, [k for k in plain.hyperparameters() if k not in fixed]))
     problem = Problem(rng, np.float64, "loss")
     a, b = (problem.tree([p.copy() for p in problem.p0]) for _ in range(2))
     sa, sb = uo.setup(plain, a), uo.setup(sched, b)
@@ -824,9 +828,10 @@ def test_adamw_uncoupled_is_torch_adamw_with_wd_over_lr(amsgrad: bool) -> None:
 
 def test_float32_adamw_torch_rounds_its_decay_factor() -> None:
     """torch's float32 AdamW multiplies p by ``1 - lr*wd`` rounded to float32: a relative error
-    of up to eps32/2 per step in p, biased the same way every step. uniopt adds ``lr*wd*p``,
-    whose rounding error is eps32 of a term 1e-3 of p. The float32 tolerance (see excess)
-    absorbs torch's drift; this shows that it is torch's, and where it comes from."""
+    of up to eps32/2 per step in p, biased the same way every step. uniopt does the same, on
+    purpose (its decay writes ``p*(1 - lr*wd)`` first, as torch's): both drift alike from the
+    float64 trajectory, and stay together (the float32 tolerance, see excess, is for the
+    square root's rounding)."""
     lr, wd = 1e-2, 0.02
     factor = float(np.float32(1 - lr * wd))
     drift = abs(factor - (1 - lr * wd))  # per step, relative to p
@@ -841,8 +846,9 @@ def test_float32_adamw_torch_rounds_its_decay_factor() -> None:
     assert_parity(traj)
     ours = max(scaled_error(traj[n][0], traj[n][2]).max() for n in PARAMS)
     theirs = max(scaled_error(traj[n][1], traj[n][2]).max() for n in PARAMS)
-    assert theirs > 5 * ours
-    assert 0.5 * STEPS * drift < theirs < 2 * STEPS * drift
+    for err in (ours, theirs):
+        assert 0.5 * STEPS * drift < err < 2 * STEPS * drift
+    assert abs(ours - theirs) < 0.1 * theirs
 
 
 # --- the compiled path ---------------------------------------------------------------------------

@@ -38,7 +38,13 @@ from .rules.adam_variants import (
 from .rules.asgd import asgd, scale_by_asgd
 from .rules.matrix import ema_momentum, muon, orthogonalize, scale_by_shape_lr
 from .rules.quasi_newton import lbfgs, lbfgs_step
-from .rules.rmsprop import rmsprop, scale_by_centered_rms, scale_by_rms
+from .rules.rmsprop import (
+    rmsprop,
+    scale_by_centered_rms,
+    scale_by_centered_rms_in_sqrt,
+    scale_by_rms,
+    scale_by_rms_in_sqrt,
+)
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
@@ -53,7 +59,7 @@ from .transforms.clip import (
     clip_by_norm,
 )
 from .transforms.decay import decoupled_weight_decay, weight_decay
-from .transforms.momentum import trace
+from .transforms.momentum import keras_trace, sutskever_trace, trace
 from .transforms.noise import add_noise
 from .transforms.plateau import reduce_on_plateau
 from .transforms.scale import scale, scale_by_lr, scale_by_trust_ratio, sign
@@ -129,6 +135,7 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_asgd",
     "scale_by_centered_rms",
+    "scale_by_centered_rms_in_sqrt",
     "scale_by_factored_rms",
     "scale_by_lr",
     "scale_by_nadam",
@@ -136,6 +143,7 @@ __all__ = [
     "scale_by_param_scale",
     "scale_by_radam",
     "scale_by_rms",
+    "scale_by_rms_in_sqrt",
     "scale_by_rprop",
     "scale_by_rss",
     "scale_by_shape_lr",
@@ -146,6 +154,8 @@ __all__ = [
     "sign",
     "scale_by_sparse_adam",
     "sparse_adam",
+    "sutskever_trace",
+    "keras_trace",
     "to_optax",
     "trace",
     "trainables",

@@ -42,14 +42,31 @@ class adadelta(Rule):
     """Adadelta (Zeiler, 2012) with torch's learning rate: ``p <- p - lr*d``.
 
     ``d`` as in :class:`scale_by_adadelta`, after ``g <- g + weight_decay*p``. The default
-    ``lr=1.0`` is the paper's (and descends: optax 0.2.8's default does not; see the README's
-    conventions table).
+    ``lr=1.0`` is the paper's. Every framework computes ``d`` alike; the conventions differ in
+    defaults only (no options):
+
+    Conventions: ``"torch"``: lr 1.0, rho 0.9, eps 1e-6; ``"optax"``, ``optax.adadelta``: rho
+    0.9, eps 1e-6 and lr 1.0, since optax 0.2.8's default ``learning_rate=None`` makes
+    ``scale_by_learning_rate`` a no-op that hands back the descent direction *as the update to
+    be added*, so it ascends; ``"keras"``: lr 1e-3, rho 0.95, eps 1e-7 (keras's
+    ``weight_decay`` is decoupled, ours torch's L2 term); ``"flux"``, Optimisers.jl's
+    ``AdaDelta``: no lr (1.0), rho 0.9, eps 1e-8; ``"paper"`` (Zeiler, 2012, section 4): no
+    lr (1.0), rho 0.95, eps 1e-6.
     """
 
     lr: Any = hyper(1.0, NONNEG)
     rho: Any = hyper(0.9, UNIT)
     eps: Any = hyper(1e-6, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {},
+        "keras": {"lr": 1e-3, "rho": 0.95, "eps": 1e-7},
+        "flux": {"eps": 1e-8},
+        "paper": {"rho": 0.95},
+    }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 

@@ -1,4 +1,5 @@
-"""Adagrad (Duchi et al., 2011), with torch's and optax's placements of eps."""
+"""Adagrad (Duchi et al., 2011), with torch's and optax's placements of eps and
+Optimisers.jl's start."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Rule, Transform
-from ..hyper import NONNEG, hyper, static
+from ..hyper import NONNEG, Complemented, hyper, on_host, static
 from ..moments import fma, select
 from ..transforms.decay import weight_decay
 
@@ -30,11 +31,15 @@ class scale_by_adagrad(Elementwise):
     lr_decay: Any = hyper(0.0, NONNEG)
     eps: Any = hyper(1e-10, NONNEG)
     initial_accumulator_value: float = static(0.0, NONNEG)
+    start_at_eps: bool = False  # G starts at eps instead (Optimisers.jl's AdaGrad)
     slots: ClassVar[tuple[str, ...]] = ("sum",)
     makes_step: ClassVar[bool] = True  # its lr is applied here
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
-        return (xp.full_like(p, self.initial_accumulator_value),)
+        if not self.start_at_eps:
+            return (xp.full_like(p, self.initial_accumulator_value),)
+        eps = self.eps.value if isinstance(self.eps, Complemented) else self.eps
+        return (xp.full_like(p, float(on_host(eps))),)
 
     def coeffs(self, step: int) -> Any:
         return AdagradCoeffs(clr=self.lr / (1.0 + step * self.lr_decay), eps=self.eps)
@@ -66,8 +71,16 @@ class adagrad(Rule):
     ``g <- g + weight_decay*p``; ``G <- G + g^2``; ``p <- p - lr/(1+(t-1)*lr_decay) *
     g/(sqrt(G) + eps)``, ``G`` starting at ``initial_accumulator_value``; t counts from 1.
 
-    ``eps_in_sqrt=True`` is optax's and keras's placement, ``g/sqrt(G + eps)`` (0 where
-    ``G = 0``); with ``initial_accumulator_value=0.1, eps=1e-7`` it is ``optax.adagrad``.
+    Options (the ``convention`` sets them, and the defaults, for the fields not given):
+
+    - ``eps_in_sqrt=True``: optax's and keras's placement, ``g/sqrt(G + eps)`` (0 where
+      ``G = 0``); with ``initial_accumulator_value=0.1, eps=1e-7`` it is ``optax.adagrad``.
+    - ``start_at_eps=True``: ``G`` starts at ``eps`` (Optimisers.jl's ``AdaGrad``), which must
+      then be a number, with ``initial_accumulator_value`` left at 0.
+
+    Conventions: ``"torch"`` (lr 1e-2, G from 0, eps 1e-10 outside the root); ``"optax"``: G
+    from 0.1, eps 1e-7 inside (optax requires a learning rate, ours keeps 1e-2); ``"keras"``:
+    lr 1e-3, G from 0.1, eps 1e-7 inside; ``"flux"``: lr 0.1, G from eps, eps 1e-8 outside.
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -76,6 +89,7 @@ class adagrad(Rule):
     initial_accumulator_value: float = static(0.0, NONNEG)
     eps: Any = hyper(1e-10, NONNEG)
     eps_in_sqrt: bool = False
+    start_at_eps: bool = False
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
@@ -83,14 +97,24 @@ class adagrad(Rule):
         "optax": {"initial_accumulator_value": 0.1, "eps": 1e-7, "eps_in_sqrt": True},
         "keras": {"lr": 1e-3, "initial_accumulator_value": 0.1, "eps": 1e-7,
                   "eps_in_sqrt": True},
+        "flux": {"lr": 0.1, "eps": 1e-8, "start_at_eps": True},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    def check(self) -> None:
+        if self.start_at_eps and (callable(self.eps) or self.initial_accumulator_value != 0):
+            raise ValueError(
+                f"{self.name}: start_at_eps=True starts the accumulator at eps, which must be "
+                f"a number, with initial_accumulator_value 0; got eps={self.eps!r}, "
+                f"initial_accumulator_value={self.initial_accumulator_value!r}"
+            )
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_rss if self.eps_in_sqrt else scale_by_adagrad
         return (
             *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
             direction(lr=self.lr, lr_decay=self.lr_decay, eps=self.eps,
-                      initial_accumulator_value=self.initial_accumulator_value),
+                      initial_accumulator_value=self.initial_accumulator_value,
+                      start_at_eps=self.start_at_eps),
         )

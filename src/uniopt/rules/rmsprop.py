@@ -1,4 +1,4 @@
-"""RMSprop (Hinton, 2012) as torch writes it."""
+"""RMSprop (Hinton, 2012) as torch writes it, and as optax, keras and Optimisers.jl do."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Rule, Transform
-from ..hyper import NONNEG, UNIT, hyper
+from ..hyper import NONNEG, UNIT, hyper, static
 from ..moments import ema_sq, fma, lerp
 from ..transforms.decay import weight_decay
-from ..transforms.momentum import trace
+from ..transforms.momentum import check_momentum_form, sutskever_trace, trace
 from ..transforms.scale import scale_by_lr
 
 
@@ -28,7 +28,11 @@ class scale_by_rms(Elementwise):
     alpha: Any = hyper(0.99, UNIT)
     eps: Any = hyper(1e-8, NONNEG)
     lr: Any = hyper(1.0, NONNEG)
+    initial_scale: float = static(0.0, NONNEG)  # where v starts (optax's initial_scale)
     slots: ClassVar[tuple[str, ...]] = ("square_avg",)
+
+    def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
+        return (xp.full_like(p, self.initial_scale), *super().init_slots(p, xp)[1:])
 
     def coeffs(self, step: int) -> RmsCoeffs:
         return RmsCoeffs(alpha=self.alpha, one_minus_alpha=self.one_minus("alpha"), eps=self.eps,
@@ -56,13 +60,53 @@ class scale_by_centered_rms(scale_by_rms):
 
 
 @dataclass(frozen=True)
+class scale_by_rms_in_sqrt(scale_by_rms):
+    """As :class:`scale_by_rms` with eps inside the root, ``u <- u/sqrt(v + eps)`` (optax's
+    ``eps_in_sqrt=True``, keras, TensorFlow)."""
+
+    @staticmethod
+    def kernel(xp, c, p, u, square_avg):
+        square_avg = ema_sq(square_avg, u, c.alpha, c.one_minus_alpha)
+        return (c.lr * u) / xp.sqrt(square_avg + c.eps), square_avg
+
+
+@dataclass(frozen=True)
+class scale_by_centered_rms_in_sqrt(scale_by_centered_rms):
+    """As :class:`scale_by_centered_rms` with eps inside the root, ``sqrt(v - gbar^2 + eps)``
+    (optax's ``eps_in_sqrt=True``, keras)."""
+
+    @staticmethod
+    def kernel(xp, c, p, u, square_avg, grad_avg):
+        square_avg = ema_sq(square_avg, u, c.alpha, c.one_minus_alpha)
+        grad_avg = lerp(grad_avg, u, c.one_minus_alpha)
+        den = xp.sqrt(fma(-grad_avg, grad_avg, square_avg) + c.eps)
+        return (c.lr * u) / den, square_avg, grad_avg
+
+
+@dataclass(frozen=True)
 class rmsprop(Rule):
     """RMSprop (Hinton, 2012) as torch writes it: eps outside the square root.
 
     ``g <- g + weight_decay*p``; ``v <- alpha*v + (1-alpha)*g^2``; ``d = g/(sqrt(v) + eps)``
     (centered: ``sqrt(v - gbar^2)``); with momentum ``b <- momentum*b + d``, ``d <- b``;
-    ``p <- p - lr*d``. TensorFlow/keras/optax put eps inside the root (see the README's
-    conventions table).
+    ``p <- p - lr*d``.
+
+    Options (the ``convention`` sets them, and the defaults, for the fields not given):
+
+    - ``eps_in_sqrt=True``: ``d = g/sqrt(v + eps)`` (centered ``sqrt(v - gbar^2 + eps)``), as
+      optax (its default), keras and TensorFlow; torch and Optimisers.jl add eps to the root.
+    - ``momentum_form="sutskever"``: the learning rate inside the buffer,
+      ``b <- momentum*b + lr*d``, ``p <- p - b``: keras's, and optax's (its ``trace`` after
+      ``scale_by_learning_rate``); ``"torch"``: ``b <- momentum*b + d``, ``p <- p - lr*b``.
+      They differ under a schedule only.
+    - ``initial_scale``: where ``v`` starts (optax's; 0 elsewhere).
+
+    Conventions: ``"torch"`` (lr 1e-2, alpha 0.99, eps 1e-8); ``"optax"``, ``optax.rmsprop``:
+    alpha 0.9, eps 1e-8, eps in the root, sutskever momentum; optax requires a learning rate,
+    ours keeps torch's 1e-2 (optax's ``nesterov`` and ``bias_correction`` are not offered);
+    ``"keras"``: lr 1e-3, alpha (keras's ``rho``) 0.9, eps 1e-7, eps in the root, sutskever
+    momentum; ``"flux"``, Optimisers.jl's ``RMSProp``: lr 1e-3, alpha 0.9, eps 1e-8 outside the
+    root (it has no momentum; ``centered`` is its ``centred``).
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -71,13 +115,33 @@ class rmsprop(Rule):
     weight_decay: Any = hyper(0.0, NONNEG)
     momentum: Any = hyper(0.0, NONNEG)
     centered: bool = False
+    eps_in_sqrt: bool = False
+    momentum_form: str = "torch"
+    initial_scale: float = static(0.0, NONNEG)
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"alpha": 0.9, "eps_in_sqrt": True, "momentum_form": "sutskever"},
+        "keras": {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7, "eps_in_sqrt": True,
+                  "momentum_form": "sutskever"},
+        "flux": {"lr": 1e-3, "alpha": 0.9},
+    }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
 
+    def check(self) -> None:
+        check_momentum_form(self.name, self.momentum_form, ("torch", "sutskever"))
+
     def parts(self) -> tuple[Transform, ...]:
-        rms = scale_by_centered_rms if self.centered else scale_by_rms
+        rms = ((scale_by_centered_rms_in_sqrt if self.eps_in_sqrt else scale_by_centered_rms)
+               if self.centered else
+               (scale_by_rms_in_sqrt if self.eps_in_sqrt else scale_by_rms))
         decay = [weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []
         if not self.on("momentum"):  # torch's p.addcdiv_(g, den, value=-lr)
-            return (*decay, rms(alpha=self.alpha, eps=self.eps, lr=self.lr))
-        return (*decay, rms(alpha=self.alpha, eps=self.eps), trace(momentum=self.momentum),
-                scale_by_lr(lr=self.lr))
+            return (*decay, rms(alpha=self.alpha, eps=self.eps, lr=self.lr,
+                                initial_scale=self.initial_scale))
+        direction = rms(alpha=self.alpha, eps=self.eps, initial_scale=self.initial_scale)
+        if self.momentum_form == "sutskever":
+            return (*decay, direction, sutskever_trace(lr=self.lr, momentum=self.momentum))
+        return (*decay, direction, trace(momentum=self.momentum), scale_by_lr(lr=self.lr))

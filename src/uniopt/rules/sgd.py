@@ -8,7 +8,13 @@ from typing import Any, ClassVar
 from ..base import Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
 from ..transforms.decay import weight_decay
-from ..transforms.momentum import check_nesterov, trace
+from ..transforms.momentum import (
+    check_momentum_form,
+    check_nesterov,
+    keras_trace,
+    sutskever_trace,
+    trace,
+)
 from ..transforms.scale import scale_by_lr
 
 
@@ -19,6 +25,24 @@ class sgd(Rule):
     ``g <- g + weight_decay*p``; with momentum ``b <- momentum*b + (1-dampening)*g`` (``b = g``
     on the first update) and ``g <- b`` (Nesterov: ``g + momentum*b``); ``p <- p - lr*g``.
     The momentum buffer exists only if ``momentum`` is non-zero or a schedule at set-up.
+
+    Options (the ``convention`` sets them, and the defaults, for the fields not given):
+
+    - ``momentum_form="torch"``: as above, the learning rate applied after the buffer.
+    - ``momentum_form="keras"``: the learning rate inside the buffer, ``m <- momentum*m - lr*g``,
+      ``p <- p + m`` (Nesterov ``p <- p + momentum*m - lr*g``); ``nesterov=True`` with
+      ``momentum=0`` is plain SGD, as in keras.
+    - ``momentum_form="sutskever"``: Optimisers.jl's ``Momentum``, ``v <- momentum*v + lr*g``,
+      ``p <- p - v``, and its ``Nesterov`` (see :class:`~uniopt.sutskever_trace`).
+      At a constant lr the three forms are one algorithm; under a schedule the keras and
+      sutskever velocities keep the lr of the steps that made them. ``dampening`` is torch's
+      alone (0 in the other forms).
+
+    Conventions: ``"torch"`` (lr 1e-3); ``"optax"``, ``optax.sgd``: torch's form (its ``trace``
+    is torch's with dampening 0); optax requires a learning rate, ours keeps 1e-3; ``"keras"``:
+    lr 1e-2, keras's form; ``"flux"``: Optimisers.jl's ``Descent`` lr 0.1, the sutskever form
+    (its ``Momentum`` defaults to lr 1e-2, ``Nesterov`` to 1e-3: give ``lr``). keras's
+    ``weight_decay`` is decoupled, ours is torch's L2 term.
 
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.array([1.0, -2.0])}
@@ -33,15 +57,35 @@ class sgd(Rule):
     dampening: Any = hyper(0.0, UNIT)
     weight_decay: Any = hyper(0.0, NONNEG)
     nesterov: bool = False
+    momentum_form: str = "torch"
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {},
+        "keras": {"lr": 1e-2, "momentum_form": "keras"},
+        "flux": {"lr": 0.1, "momentum_form": "sutskever"},
+    }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
 
     def check(self) -> None:
-        check_nesterov(self.name, self.nesterov, self.momentum, self.dampening)
+        check_momentum_form(self.name, self.momentum_form)
+        if self.momentum_form == "torch":
+            check_nesterov(self.name, self.nesterov, self.momentum, self.dampening)
+        elif callable(self.dampening) or self.dampening != 0:
+            raise ValueError(
+                f"{self.name}: dampening is torch's momentum form only, got "
+                f"dampening={self.dampening!r} with momentum_form={self.momentum_form!r}"
+            )
 
     def parts(self) -> tuple[Transform, ...]:
+        decay = [weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []
+        if self.on("momentum") and self.momentum_form != "torch":
+            inside = keras_trace if self.momentum_form == "keras" else sutskever_trace
+            return (*decay, inside(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov))
         return (
-            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
+            *decay,
             *([trace(momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov)]
               if self.on("momentum") else []),
             scale_by_lr(lr=self.lr),

@@ -1,4 +1,5 @@
-"""Heavy-ball and Nesterov momentum, in torch's form."""
+"""Heavy-ball and Nesterov momentum: torch's form (the learning rate applied after the buffer)
+and Sutskever's (the learning rate inside it: keras, Optimisers.jl)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,83 @@ class trace(Elementwise):
     @property
     def kernel(self) -> Kernel:  # type: ignore[override]
         return nesterov if self.nesterov else heavy_ball
+
+
+# --- the learning rate inside the buffer: Sutskever's form -------------------------------------
+#
+# Sutskever et al. (2013) keep the step itself, v <- momentum*v + lr*u, where torch keeps the
+# direction and multiplies by lr afterwards. At a constant lr the two are the same algorithm;
+# under a schedule they differ, since the velocity keeps the lr of the steps that made it.
+
+MOMENTUM_FORMS = ("torch", "keras", "sutskever")
+
+
+def check_momentum_form(owner: str, form: str, forms: tuple[str, ...] = MOMENTUM_FORMS) -> None:
+    if form not in forms:
+        raise ValueError(
+            f"{owner}: momentum_form must be one of {', '.join(map(repr, forms))}, got {form!r}"
+        )
+
+
+class LrMomentum(NamedTuple):
+    momentum: Any
+    lr: Any
+    momentum_sq: Any  # Optimisers.jl's Nesterov: momentum^2 times the old velocity
+    lr_ahead: Any  # ... plus (1 + momentum)*lr times u
+
+
+def sutskever_heavy_ball(xp, c, p, u, v):
+    v = c.momentum * v + c.lr * u
+    return v, v
+
+
+def sutskever_nesterov(xp, c, p, u, v):
+    # Optimisers.jl's Nesterov, from the old velocity: momentum*v_new + lr*u, rounded as it is
+    return c.momentum_sq * v + c.lr_ahead * u, c.momentum * v + c.lr * u
+
+
+def keras_heavy_ball(xp, c, p, u, m):
+    # keras keeps m = -v and adds it: p + m is p - (-m), exactly
+    m = m * c.momentum - u * c.lr
+    return -m, m
+
+
+def keras_nesterov(xp, c, p, u, m):
+    m = m * c.momentum - u * c.lr
+    return u * c.lr - m * c.momentum, m  # p + (momentum*m - lr*u), negated exactly
+
+
+@dataclass(frozen=True)
+class sutskever_trace(Elementwise):
+    """Momentum with the learning rate inside the buffer (Sutskever et al., 2013):
+    ``v <- momentum*v + lr*u``, ``u <- v``; Optimisers.jl's ``Momentum``, and keras's and
+    optax's RMSprop momentum (their ``trace`` after the learning rate). With ``nesterov=True``,
+    Optimisers.jl's ``Nesterov``: ``u <- momentum^2*v_old + (1+momentum)*lr*u`` (which is
+    ``momentum*v + lr*u``); Optimisers.jl stores ``-v`` there. The buffer starts at 0 and
+    ``momentum = 0`` needs no special case (plain ``lr*u``)."""
+
+    lr: Any = hyper(1e-3, NONNEG)
+    momentum: Any = hyper(0.9, NONNEG)
+    nesterov: bool = False
+    slots: ClassVar[tuple[str, ...]] = ("momentum",)
+    makes_step: ClassVar[bool] = True  # its lr is applied here
+
+    def coeffs(self, step: int) -> LrMomentum:
+        return LrMomentum(momentum=self.momentum, lr=self.lr,
+                          momentum_sq=self.momentum * self.momentum,
+                          lr_ahead=(1.0 + self.momentum) * self.lr)
+
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return sutskever_nesterov if self.nesterov else sutskever_heavy_ball
+
+
+@dataclass(frozen=True)
+class keras_trace(sutskever_trace):
+    """keras's SGD momentum, :class:`sutskever_trace` written as keras writes it: the buffer is
+    ``m = -v``, ``m <- momentum*m - lr*u``, ``p <- p + m`` (Nesterov
+    ``p <- p + momentum*m - lr*u``), so its state and rounding are keras's."""
+
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return keras_nesterov if self.nesterov else keras_heavy_ball
