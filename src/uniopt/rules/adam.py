@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
@@ -117,7 +117,7 @@ class scale_by_amsgrad_hat(scale_by_adam):
 
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def coeffs(self, step: int) -> AmsgradHatCoeffs:
+    def coeffs(self, step: int) -> Any:  # AmsgradHatCoeffs
         c = super().coeffs(step)
         return AmsgradHatCoeffs(
             one_minus_b1=c.one_minus_b1, b2=c.b2, one_minus_b2=c.one_minus_b2,
@@ -145,7 +145,8 @@ class scale_by_amsgrad_uncorrected(scale_by_amsgrad):
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         if self.moments_init == "zero":
             return super().init_slots(p, xp)
-        eps = self.at(0).eps  # a schedule's first value, as Optimisers.jl reads its eps at setup
+        # a schedule's first value: Optimisers.jl reads its eps once, at setup
+        eps = cast(scale_by_adam, self.at(0)).eps
         return tuple(xp.full_like(p, eps) for _ in self.slots)
 
     def coeffs(self, step: int) -> AdamCoeffs:

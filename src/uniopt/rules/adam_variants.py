@@ -85,7 +85,8 @@ class adamax(Rule):
     ``p <- p - lr/(1 - b1^t) * m/n``.
 
     Option: ``eps_in_max``: ``True``, eps inside the maximum (torch, optax); ``False``,
-    ``n <- max(b2*n, |g|)`` and ``m/(n + eps)`` (keras, Optimisers.jl; :class:`scale_by_adamax_eps_out`).
+    ``n <- max(b2*n, |g|)`` and ``m/(n + eps)`` (keras, Optimisers.jl:
+    :class:`scale_by_adamax_eps_out`).
 
     Conventions: ``"torch"`` (lr 2e-3); ``"optax"`` (lr 1e-3, where optax requires one);
     ``"keras"`` (lr 1e-3, eps 1e-7, ``eps_in_max=False``); ``"flux"`` (Optimisers.jl
