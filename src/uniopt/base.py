@@ -557,8 +557,11 @@ class _WithConventions(type):
         if table:
             names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
             given = set(names[:len(args)]) | kwargs.keys()
+            # the field's own default where none is given: "torch" where torch has the rule
+            default = next((f.default for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                            if f.name == "convention"), "torch")
             name = kwargs.get("convention", args[names.index("convention")]
-                              if "convention" in names[:len(args)] else "torch")
+                              if "convention" in names[:len(args)] else default)
             if name not in table:
                 raise ValueError(
                     f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "

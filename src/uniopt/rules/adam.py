@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
@@ -81,9 +81,126 @@ class scale_by_amsgrad(scale_by_adam):
         return m_hat / (xp.sqrt(v_max + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v, v_max
 
 
+def _eps_hat(c: AdamCoeffs) -> AdamCoeffs:
+    """keras's "epsilon hat": eps added to the uncorrected root, ``sqrt(v) + eps``, is
+    ``eps/sqrt(1 - b2^t)`` added to the corrected one."""
+    return c._replace(eps=c.eps / c.sqrt_bc2)
+
+
+@dataclass(frozen=True)
+class scale_by_adam_eps_hat(scale_by_adam):
+    """:class:`scale_by_adam` as keras writes it: ``sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v) + eps)``."""
+
+    def coeffs(self, step: int) -> AdamCoeffs:
+        return _eps_hat(super().coeffs(step))
+
+
+@dataclass(frozen=True)
+class scale_by_amsgrad_eps_hat(scale_by_amsgrad):
+    """:class:`scale_by_amsgrad` with keras's eps on the uncorrected root of ``v_max``."""
+
+    def coeffs(self, step: int) -> AdamCoeffs:
+        return _eps_hat(super().coeffs(step))
+
+
+class AmsgradHatCoeffs(NamedTuple):
+    one_minus_b1: Any
+    b2: Any
+    one_minus_b2: Any
+    m_scale: Any
+    u_scale: Any
+    bc2: Any  # 1 - b2^t: v_hat = v/bc2
+    eps_root: Any
+    eps: Any
+
+
+@dataclass(frozen=True)
+class scale_by_amsgrad_hat(scale_by_adam):
+    """optax's AMSGrad: ``v_max <- max(v_max, v_hat)`` of the *corrected* ``v_hat``;
+    ``u <- m_hat/(sqrt(v_max + eps_root) + eps)``."""
+
+    slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def coeffs(self, step: int) -> Any:  # AmsgradHatCoeffs
+        c = super().coeffs(step)
+        return AmsgradHatCoeffs(
+            one_minus_b1=c.one_minus_b1, b2=c.b2, one_minus_b2=c.one_minus_b2,
+            m_scale=c.m_scale, u_scale=c.u_scale,
+            bc2=bias_correction(self.b2, c.one_minus_b2, step), eps_root=self.eps_root, eps=c.eps,
+        )
+
+    @staticmethod
+    def kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
+        m = lerp(exp_avg, u, c.one_minus_b1)
+        v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+        v_max = xp.maximum(max_exp_avg_sq, v / c.bc2)
+        m_hat = c.m_scale * m + c.u_scale * u
+        return m_hat / (xp.sqrt(v_max + c.eps_root) + c.eps), m, v, v_max
+
+
+@dataclass(frozen=True)
+class scale_by_amsgrad_uncorrected(scale_by_amsgrad):
+    """Optimisers.jl's AMSGrad: neither moment bias-corrected, ``u <- m/(sqrt(v_max) + eps)``
+    (``v_max`` the maximum of the raw ``v``). ``moments_init="eps"``: ``m``, ``v`` and ``v_max``
+    start at ``eps``, as Optimisers.jl's do."""
+
+    moments_init: str = "zero"
+
+    def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
+        if self.moments_init == "zero":
+            return super().init_slots(p, xp)
+        # a schedule's first value: Optimisers.jl reads its eps once, at setup
+        eps = cast(scale_by_adam, self.at(0)).eps
+        return tuple(xp.full_like(p, eps) for _ in self.slots)
+
+    def coeffs(self, step: int) -> AdamCoeffs:
+        c = super().coeffs(step)
+        return c._replace(m_scale=self.lr, u_scale=0.0, sqrt_bc2=1.0,
+                          eps_root_bc2=self.eps_root)
+
+
 def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool, lr: Any) -> Elementwise:
     return (scale_by_amsgrad if amsgrad else scale_by_adam)(b1=betas[0], b2=betas[1], eps=eps,
                                                              lr=lr)
+
+
+AMSGRAD_MAX = ("raw", "corrected", "uncorrected")
+MOMENTS_INIT = ("zero", "eps")
+
+
+def _choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, allowed))}, "
+                         f"got {value!r}")
+
+
+def _check_adam_options(rule: Any) -> None:
+    _choice(rule.name, "amsgrad_max", rule.amsgrad_max, AMSGRAD_MAX)
+    _choice(rule.name, "moments_init", rule.moments_init, MOMENTS_INIT)
+    if not rule.amsgrad:
+        return  # the AMSGrad options are not used
+    if rule.moments_init == "eps" and rule.amsgrad_max != "uncorrected":
+        raise ValueError(f"{rule.name}: moments_init='eps' is Optimisers.jl's AMSGrad, with "
+                         f"amsgrad_max='uncorrected'; got amsgrad_max={rule.amsgrad_max!r}")
+    if rule.eps_hat and rule.amsgrad_max != "raw":
+        raise ValueError(f"{rule.name}: eps_hat (keras) takes the maximum of the raw v, "
+                         f"amsgrad_max='raw'; got amsgrad_max={rule.amsgrad_max!r}")
+
+
+def _direction(rule: Any) -> Elementwise:
+    """Adam's direction with the rule's options; torch's own block where they are torch's."""
+    plain = not (rule.eps_hat or rule.on("eps_root"))
+    if plain and (not rule.amsgrad or rule.amsgrad_max == "raw"):
+        return _adam_block(rule.betas, rule.eps, rule.amsgrad, rule.lr)
+    b1, b2 = rule.betas
+    kw = dict(b1=b1, b2=b2, eps=rule.eps, eps_root=rule.eps_root, lr=rule.lr)
+    if not rule.amsgrad:
+        return (scale_by_adam_eps_hat if rule.eps_hat else scale_by_adam)(**kw)
+    if rule.amsgrad_max == "corrected":
+        return scale_by_amsgrad_hat(**kw)
+    if rule.amsgrad_max == "uncorrected":
+        return scale_by_amsgrad_uncorrected(**kw, moments_init=rule.moments_init)
+    return (scale_by_amsgrad_eps_hat if rule.eps_hat else scale_by_amsgrad)(**kw)
 
 
 @dataclass(frozen=True)
@@ -93,6 +210,24 @@ class adam(Rule):
     ``g <- g + weight_decay*p`` (L2: the decay passes through the moments; that is *not*
     AdamW); ``p <- p - lr * m_hat/(sqrt(v_hat) + eps)`` with the moments of
     :class:`scale_by_adam` (``amsgrad``: :class:`scale_by_amsgrad`).
+
+    Options (``convention=`` sets them, and the defaults, as the framework it names has them;
+    an option given by the caller is kept):
+
+    - ``eps_root``: optax's eps inside the root, ``m_hat/(sqrt(v_hat + eps_root) + eps)``.
+    - ``eps_hat``: keras's ``lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v) + eps)``, eps on the
+      uncorrected root (torch's form with eps replaced by ``eps/sqrt(1-b2^t)``).
+    - ``amsgrad_max``: ``"raw"``: the maximum of the raw ``v``, then corrected (torch, keras);
+      ``"corrected"``: of ``v_hat`` (optax); ``"uncorrected"``: of the raw ``v``, neither
+      moment bias-corrected (Optimisers.jl's AMSGrad). Used with ``amsgrad=True``.
+    - ``moments_init``: ``"zero"``; ``"eps"``: AMSGrad's ``m``, ``v``, ``v_max`` start at
+      ``eps`` (Optimisers.jl; needs ``amsgrad_max="uncorrected"``).
+
+    Conventions: ``"torch"``; ``"optax"`` (``optax.adam``, ``optax.amsgrad``: max of ``v_hat``;
+    optax requires a learning rate, ours keeps 1e-3); ``"keras"`` (eps 1e-7, ``eps_hat``);
+    ``"flux"`` (Optimisers.jl >= 0.4 ``Adam``, ``AMSGrad``: uncorrected, moments from eps).
+    Optimisers.jl raises eps to ``max(Float16(1e-7), Float16(eps))`` (unless 0) for Float16
+    parameters; uniopt computes float16 leaves in float32 and keeps the eps given.
 
     >>> import numpy as np, uniopt as uo
     >>> p = [np.array([1.0, 2.0])]
@@ -107,13 +242,28 @@ class adam(Rule):
     eps: Any = hyper(1e-8, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
     amsgrad: bool = False
+    eps_root: Any = hyper(0.0, NONNEG)
+    eps_hat: bool = False
+    amsgrad_max: str = "raw"
+    moments_init: str = "zero"
+    convention: str = "torch"
 
-    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"amsgrad_max": "corrected"},
+        "keras": {"eps": 1e-7, "eps_hat": True},
+        "flux": {"amsgrad_max": "uncorrected", "moments_init": "eps"},
+    }
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
+
+    def check(self) -> None:
+        _check_adam_options(self)
 
     def parts(self) -> tuple[Transform, ...]:
         return (
             *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
-            _adam_block(self.betas, self.eps, self.amsgrad, self.lr),
+            _direction(self),
         )
 
 
@@ -126,6 +276,14 @@ class adamw(Rule):
     ``p <- p - lr*A - weight_decay*p``. ``A`` is Adam's direction (:class:`scale_by_adam`).
     The paper's ``p <- p - eta_t*(alpha*A + lam*p)`` is ``couple_lr=False`` with
     ``lr = eta_t*alpha`` and ``weight_decay = eta_t*lam`` as two schedules (see the README).
+    ``eps_root``, ``eps_hat``, ``amsgrad_max``, ``moments_init`` are :class:`adam`'s options.
+
+    Conventions: ``"torch"`` (weight_decay 1e-2); ``"optax"`` (``optax.adamw``, weight_decay
+    1e-4; optax requires a learning rate, ours keeps 1e-3); ``"keras"`` (eps 1e-7, weight_decay
+    4e-3, ``eps_hat``); ``"flux"`` (Optimisers.jl >= 0.4 ``AdamW``, lambda 0, ``couple=true``;
+    its ``couple=false`` is ``couple_lr=False``; its AdamW has no Float16 eps floor);
+    ``"paper"`` (``couple_lr=False``, weight_decay 1e-5: torch's default ``lr*weight_decay``
+    per step, the paper giving none).
     """
 
     lr: Any = hyper(1e-3, NONNEG)
@@ -134,9 +292,28 @@ class adamw(Rule):
     weight_decay: Any = hyper(1e-2, NONNEG)
     amsgrad: bool = False
     couple_lr: bool = True
+    eps_root: Any = hyper(0.0, NONNEG)
+    eps_hat: bool = False
+    amsgrad_max: str = "raw"
+    moments_init: str = "zero"
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        # optax.adamw requires a learning rate: ours keeps torch's 1e-3
+        "optax": {"weight_decay": 1e-4},
+        "keras": {"eps": 1e-7, "weight_decay": 4e-3, "eps_hat": True},
+        "flux": {"weight_decay": 0.0},
+        "paper": {"couple_lr": False, "weight_decay": 1e-5},
+    }
+
+    optional: ClassVar[tuple[str, ...]] = ("eps_root",)
+
+    def check(self) -> None:
+        _check_adam_options(self)
 
     def parts(self) -> tuple[Transform, ...]:
-        step = _adam_block(self.betas, self.eps, self.amsgrad, self.lr)
+        step = _direction(self)
         if self.couple_lr:  # torch's p *= 1 - lr*wd, then the step
             return (step, decoupled_weight_decay(lr=self.lr, wd=self.weight_decay))
         return (step, weight_decay(wd=self.weight_decay))
@@ -166,12 +343,35 @@ class scale_by_optimistic_gradient(Elementwise):
 
 
 @dataclass(frozen=True)
+class scale_by_optimistic_gradient_from_zero(scale_by_optimistic_gradient):
+    """As :class:`scale_by_optimistic_gradient` with ``u_prev = 0`` on the first update
+    (Optimisers.jl's ``OAdam``: its first step is ``2*term``)."""
+
+    def coeffs(self, step: int) -> OptimisticCoeffs:
+        return super().coeffs(step)._replace(first=False)
+
+
+FIRST_PREV = ("current", "zero")
+
+
+@dataclass(frozen=True)
 class optimistic_adam(Rule):
     """Optimistic Adam (Daskalakis et al., 2018) with optax's ``optimistic_adam_v2`` semantics.
 
     ``r_t`` is Adam's direction (:class:`scale_by_adam`, ``nesterov=True`` by default as in
     optax); ``p <- p - lr*((alpha + beta)*r_t - beta*r_{t-1})``, ``r_0 = r_1``. Every
     hyperparameter, ``lr`` included, may be a schedule (optax's v1 crashed on one).
+
+    Options:
+
+    - ``first_prev``: ``"current"``: ``r_0 = r_1`` (optax); ``"zero"``: ``r_0 = 0``, so the
+      first step is ``lr*(alpha + beta)*r_1`` (Optimisers.jl's ``OAdam``).
+    - ``remember_lr``: the remembered term is ``lr_{t-1}*r_{t-1}``, made with its own step's
+      learning rate (Optimisers.jl keeps ``term = eta*r``); the same at a constant lr.
+
+    Conventions: ``"optax"`` (``optax.optimistic_adam_v2``; lr required); ``"flux"``
+    (Optimisers.jl ``OAdam(eta=1e-3, beta=(0.5, 0.9))``: ``Δ = 2*term - term_prev``, so
+    ``alpha = beta = 1``, ``nesterov=False``, ``first_prev="zero"``, ``remember_lr``).
     """
 
     lr: Any = hyper(valid=NONNEG)
@@ -182,11 +382,24 @@ class optimistic_adam(Rule):
     eps: Any = hyper(1e-8, NONNEG)
     eps_root: Any = hyper(0.0, NONNEG)
     nesterov: bool = True
+    first_prev: str = "current"
+    remember_lr: bool = False
+    convention: str = "optax"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "optax": {},
+        "flux": {"lr": 1e-3, "b1": 0.5, "b2": 0.9, "nesterov": False, "first_prev": "zero",
+                 "remember_lr": True},
+    }
+
+    def check(self) -> None:
+        _choice(self.name, "first_prev", self.first_prev, FIRST_PREV)
 
     def parts(self) -> tuple[Transform, ...]:
-        return (
-            scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root,
-                          nesterov=self.nesterov),
-            scale_by_optimistic_gradient(alpha=self.alpha, beta=self.beta),
-            scale_by_lr(lr=self.lr),
-        )
+        direction = scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root,
+                                  nesterov=self.nesterov)
+        optimistic = (scale_by_optimistic_gradient if self.first_prev == "current"
+                      else scale_by_optimistic_gradient_from_zero)(alpha=self.alpha,
+                                                                   beta=self.beta)
+        lr = scale_by_lr(lr=self.lr)
+        return (direction, lr, optimistic) if self.remember_lr else (direction, optimistic, lr)

@@ -17,6 +17,8 @@ from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, _traced, hyper
 from ..moments import bias_correction, ema_sq, lerp, select
 from ..transforms.decay import decoupled_weight_decay, weight_decay
+from ..transforms.scale import scale_by_lr
+from .adam import AdamCoeffs, _choice, scale_by_adam
 
 
 def _decayed(direction: Elementwise, lr: Any, wd: Any, decoupled: bool, on: bool) -> tuple[
@@ -64,22 +66,52 @@ class scale_by_adamax(Elementwise):
 
 
 @dataclass(frozen=True)
+class scale_by_adamax_eps_out(scale_by_adamax):
+    """Adamax with eps outside the maximum, as keras and Optimisers.jl write it:
+    ``n <- max(b2*n, |u|)``, ``u <- lr/(1 - b1^t) * m/(n + eps)``."""
+
+    @staticmethod
+    def kernel(xp, c, p, u, exp_avg, exp_inf):
+        m = lerp(exp_avg, u, c.one_minus_b1)
+        n = xp.maximum(exp_inf * c.b2, xp.maximum(u, -u))
+        return (c.clr * m) / (n + c.eps), m, n
+
+
+@dataclass(frozen=True)
 class adamax(Rule):
     """Adamax (Kingma & Ba, 2015, section 7.1) as torch writes it: Adam with the infinity norm.
 
     ``g <- g + weight_decay*p``; ``m <- b1*m + (1-b1)*g``; ``n <- max(b2*n, |g| + eps)``;
     ``p <- p - lr/(1 - b1^t) * m/n``.
+
+    Option: ``eps_in_max``: ``True``, eps inside the maximum (torch, optax); ``False``,
+    ``n <- max(b2*n, |g|)`` and ``m/(n + eps)`` (keras, Optimisers.jl:
+    :class:`scale_by_adamax_eps_out`).
+
+    Conventions: ``"torch"`` (lr 2e-3); ``"optax"`` (lr 1e-3, where optax requires one);
+    ``"keras"`` (lr 1e-3, eps 1e-7, ``eps_in_max=False``); ``"flux"`` (Optimisers.jl
+    ``AdaMax``: lr 1e-3, ``eps_in_max=False``).
     """
 
     lr: Any = hyper(2e-3, NONNEG)
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
+    eps_in_max: bool = True
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"lr": 1e-3},
+        "keras": {"lr": 1e-3, "eps": 1e-7, "eps_in_max": False},
+        "flux": {"lr": 1e-3, "eps_in_max": False},
+    }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     def parts(self) -> tuple[Transform, ...]:
-        direction = scale_by_adamax(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps)
+        block = scale_by_adamax if self.eps_in_max else scale_by_adamax_eps_out
+        direction = block(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps)
         return _decayed(direction, self.lr, self.weight_decay, False, self.on("weight_decay"))
 
 
@@ -194,10 +226,39 @@ class scale_by_nadam(Elementwise):
 
 
 @dataclass(frozen=True)
+class scale_by_adam_b2_in_root(scale_by_adam):
+    """:class:`scale_by_adam` with ``b2`` inside the root, ``sqrt(b2*v_hat + eps_root)``:
+    Optimisers.jl's ``NAdam`` (with ``nesterov=True``)."""
+
+    def coeffs(self, step: int) -> AdamCoeffs:
+        c = super().coeffs(step)
+        return c._replace(sqrt_bc2=c.sqrt_bc2 / self.b2**0.5, eps_root_bc2=c.eps_root_bc2 / self.b2)
+
+
+MOMENTUM_SCHEDULES = ("dozat", "constant")
+
+
+@dataclass(frozen=True)
 class nadam(Rule):
     """NAdam (Dozat, 2016) as torch writes it: :class:`scale_by_nadam`, with
     ``g <- g + weight_decay*p`` before it, or with ``decoupled_weight_decay=True``
-    ``p <- p*(1 - lr*weight_decay)`` beside it (NAdamW)."""
+    ``p <- p*(1 - lr*weight_decay)`` beside it (NAdamW).
+
+    Options:
+
+    - ``momentum_schedule``: ``"dozat"``: ``mu_t = b1*(1 - 0.5*0.96^(t*momentum_decay))`` and
+      the products of the mus (torch; keras 3 is ``momentum_decay=1``, ``0.96^t``);
+      ``"constant"``: ``mu_t = b1``, i.e. ``m_hat = b1*m/(1-b1^(t+1)) + (1-b1)*g/(1-b1^t)``
+      over ``sqrt(v_hat + eps_root) + eps`` (optax's ``nadam``, ``adam(nesterov=True)``).
+    - ``b2_in_root``: ``sqrt(b2*v_hat) + eps`` in the denominator (Optimisers.jl; with
+      ``"constant"``).
+    - ``eps_root``: optax's eps inside the root (with ``"constant"``).
+
+    Conventions: ``"torch"`` (lr 2e-3, momentum_decay 4e-3); ``"optax"`` (``"constant"``;
+    optax requires a learning rate, ours keeps 2e-3); ``"keras"`` (lr 1e-3, eps 1e-7,
+    ``momentum_decay=1``); ``"flux"`` (Optimisers.jl ``NAdam``: lr 1e-3, ``"constant"``,
+    ``b2_in_root``).
+    """
 
     lr: Any = hyper(2e-3, NONNEG)
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
@@ -206,13 +267,37 @@ class nadam(Rule):
     momentum_decay: Any = hyper(4e-3, NONNEG)
     decoupled_weight_decay: bool = False
     past_product: tuple[tuple[int, float], ...] | None = None  # see scale_by_nadam
+    momentum_schedule: str = "dozat"
+    b2_in_root: bool = False
+    eps_root: Any = hyper(0.0, NONNEG)
+    convention: str = "torch"
 
-    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"momentum_schedule": "constant"},
+        "keras": {"lr": 1e-3, "eps": 1e-7, "momentum_decay": 1.0},
+        "flux": {"lr": 1e-3, "momentum_schedule": "constant", "b2_in_root": True},
+    }
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
 
     def check(self) -> None:
         _check_past_product(self.name, self.past_product)
+        _choice(self.name, "momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
+        if self.momentum_schedule == "dozat" and (self.b2_in_root or self.on("eps_root")):
+            raise ValueError(f"{self.name}: b2_in_root and eps_root are options of "
+                             "momentum_schedule='constant', got momentum_schedule='dozat'")
 
     def parts(self) -> tuple[Transform, ...]:
+        if self.momentum_schedule == "constant":
+            block = scale_by_adam_b2_in_root if self.b2_in_root else scale_by_adam
+            steps = (block(b1=self.betas[0], b2=self.betas[1], eps=self.eps,
+                           eps_root=self.eps_root, nesterov=True), scale_by_lr(lr=self.lr))
+            if not self.on("weight_decay"):
+                return steps
+            if self.decoupled_weight_decay:
+                return (*steps, decoupled_weight_decay(lr=self.lr, wd=self.weight_decay))
+            return (weight_decay(wd=self.weight_decay), *steps)
         direction = scale_by_nadam(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
                                    momentum_decay=self.momentum_decay,
                                    past_product=self.past_product)
@@ -281,21 +366,120 @@ class scale_by_radam(Elementwise):
         return select(xp, c.rectify, adaptive, step), m, v
 
 
+class RectifiedCoeffs(NamedTuple):
+    one_minus_b1: Any
+    b2: Any
+    one_minus_b2: Any
+    bc1: Any  # 1 - b1^t
+    lr: Any
+    bc2: Any  # 1 - b2^t
+    eps_root: Any
+    eps: Any  # on the corrected root: eps/sqrt(1 - b2^t) where eps_hat
+    rect: Any
+    rectify: Any
+
+
+@dataclass(frozen=True)
+class scale_by_rectified_adam(Elementwise):
+    """RAdam's step with its conventions as options: ``m_hat*lr*r_t/(sqrt(v_hat + eps_root)
+    + eps)`` where ``rho_t > threshold`` (``>=`` unless ``strict``), else ``m_hat*lr``;
+    ``eps_hat``: eps on the uncorrected root, ``sqrt(v) + eps`` (torch's placement).
+    :class:`scale_by_radam` is torch's (threshold 5, strict, eps_hat) in torch's order."""
+
+    lr: Any = hyper(1e-3, NONNEG)
+    b1: Any = hyper(0.9, UNIT_OPEN)
+    b2: Any = hyper(0.999, UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    eps_root: Any = hyper(0.0, NONNEG)
+    threshold: float = 5.0
+    strict: bool = True
+    eps_hat: bool = True
+    slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+    makes_step: ClassVar[bool] = True
+
+    def coeffs(self, step: int) -> RectifiedCoeffs:
+        c1, c2 = self.one_minus("b1"), self.one_minus("b2")
+        traced = [x for x in (step, self.b1, self.b2) if _traced(x)]
+        t = step + 1 if traced else int(step) + 1
+        bc2 = bias_correction(self.b2, c2, t - 1)
+        rho_inf = 2.0 / c2 - 1.0
+        rho_t = rho_inf - 2.0 * t * (1.0 - bc2) / bc2
+        ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        rectify = rho_t > self.threshold if self.strict else rho_t >= self.threshold
+        if traced:
+            xp = namespace(traced[0])
+            rect = xp.where(rectify, xp.sqrt(xp.maximum(ratio, 0.0)), 0.0)
+        else:
+            rect = math.sqrt(ratio) if rectify else 0.0
+        return RectifiedCoeffs(
+            one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, bc1=bias_correction(self.b1, c1, t - 1),
+            lr=self.lr, bc2=bc2, eps_root=self.eps_root,
+            eps=self.eps / bc2**0.5 if self.eps_hat else self.eps, rect=rect, rectify=rectify,
+        )
+
+    @staticmethod
+    def kernel(xp, c, p, u, exp_avg, exp_avg_sq):
+        m = lerp(exp_avg, u, c.one_minus_b1)
+        v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+        step = (m / c.bc1) * c.lr
+        adaptive = step * c.rect / (xp.sqrt(v / c.bc2 + c.eps_root) + c.eps)
+        return select(xp, c.rectify, adaptive, step), m, v
+
+
 @dataclass(frozen=True)
 class radam(Rule):
     """RAdam (Liu et al., 2020) as torch writes it: :class:`scale_by_radam`, with
     ``g <- g + weight_decay*p`` before it, or with ``decoupled_weight_decay=True``
-    ``p <- p*(1 - lr*weight_decay)`` beside it."""
+    ``p <- p*(1 - lr*weight_decay)`` beside it.
+
+    Options (:class:`scale_by_rectified_adam` where they are not torch's):
+
+    - ``rectify_threshold``: the adaptive step is taken while ``rho_t`` exceeds it (5;
+      Optimisers.jl 4).
+    - ``rectify_strict``: ``rho_t > threshold`` (torch, Optimisers.jl), else ``>=`` (optax).
+    - ``eps_hat``: ``True``, eps on the uncorrected root, ``sqrt(1-b2^t)/(sqrt(v) + eps)``
+      (torch); ``False``, ``1/(sqrt(v_hat + eps_root) + eps)`` (optax, Optimisers.jl).
+    - ``eps_root``: optax's eps inside the root.
+
+    Conventions: ``"torch"``; ``"optax"`` (``>= 5``, eps on ``v_hat``; optax requires a learning
+    rate, ours keeps 1e-3; its ``nesterov=True`` has no counterpart here); ``"flux"``
+    (Optimisers.jl ``RAdam``: ``> 4``, eps on ``v_hat``).
+    """
 
     lr: Any = hyper(1e-3, NONNEG)
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
     decoupled_weight_decay: bool = False
+    rectify_threshold: float = 5.0
+    rectify_strict: bool = True
+    eps_hat: bool = True
+    eps_root: Any = hyper(0.0, NONNEG)
+    convention: str = "torch"
 
-    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"rectify_strict": False, "eps_hat": False},
+        "flux": {"rectify_threshold": 4.0, "eps_hat": False},
+    }
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
+
+    def check(self) -> None:
+        t = self.rectify_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 2.0 <= t:
+            raise ValueError(f"{self.name}: rectify_threshold must be a number >= 2 (rho_t at "
+                             f"which r_t is real), got {t!r}")
 
     def parts(self) -> tuple[Transform, ...]:
-        direction = scale_by_radam(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps)
+        b1, b2 = self.betas
+        torch_form = (self.rectify_threshold == 5.0 and self.rectify_strict and self.eps_hat
+                      and not self.on("eps_root"))
+        direction = (
+            scale_by_radam(lr=self.lr, b1=b1, b2=b2, eps=self.eps) if torch_form else
+            scale_by_rectified_adam(lr=self.lr, b1=b1, b2=b2, eps=self.eps,
+                                    eps_root=self.eps_root, threshold=self.rectify_threshold,
+                                    strict=self.rectify_strict, eps_hat=self.eps_hat)
+        )
         return _decayed(direction, self.lr, self.weight_decay, self.decoupled_weight_decay,
                         self.on("weight_decay"))
