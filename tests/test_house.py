@@ -161,8 +161,8 @@ def test_the_compiled_loops_cache_key_is_the_kernels_source(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Editing a kernel, or a helper it calls, changes the key; editing the CLI does not."""
-    kernels = tuple((p.kernel, len(p.slots), None) for p in uo.adam().flat_parts)
-    records = tuple(cpu._record(p, p.coeffs(0)) for p in uo.adam().flat_parts)
+    kernels = tuple((p.kernel, len(p.slots), None) for p in uo.adamw().flat_parts)
+    records = tuple(cpu._record(p, p.coeffs(0)) for p in uo.adamw().flat_parts)
     key = cpu._digest(kernels, records)
     from uniopt import moments
     from uniopt.tools import cli
