@@ -771,7 +771,7 @@ def test_optimizer_with_a_chain_matches_the_functional_api_exactly() -> None:
     m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
     opt = ut.Optimizer(m1.parameters(), rule)
     assert set(opt.param_groups[0]) == {"params", "wd", "lr", "betas", "eps", "weight_decay",
-                                        "maximize"}
+                                        "eps_root", "maximize"}
     trainable = [p for p in m2.parameters() if p.requires_grad]
     views = [p.detach().numpy() for p in trainable]
     state = uo.setup(rule, views)

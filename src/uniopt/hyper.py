@@ -51,6 +51,23 @@ def hyper(default: Any = dataclasses.MISSING, valid: Interval = NONNEG) -> Any:
     return dataclasses.field(default=default, metadata={"hyper": valid})
 
 
+SCALAR_DTYPES = ("float64", "float32")
+
+
+def round_scalar(x: Any, dtype: str) -> Any:
+    """A host number as torch keeps it in a 0-d tensor of ``dtype`` (its default dtype: float32
+    unless set to float64), read back as a Python float; a traced number as it is."""
+    if dtype == "float32" and isinstance(x, float):
+        return float(np.float32(x))
+    return x
+
+
+def check_scalar_dtype(owner: str, dtype: Any) -> None:
+    if dtype not in SCALAR_DTYPES:
+        raise ValueError(f"{owner}: scalar_dtype must be one of "
+                         f"{', '.join(map(repr, SCALAR_DTYPES))}, got {dtype!r}")
+
+
 def static(default: Any, valid: Interval) -> Any:
     """A dataclass field that is a fixed number (not schedulable), e.g. an initial value."""
     return dataclasses.field(default=default, metadata={"static": valid})

@@ -7,15 +7,14 @@ kernel rounds in torch's order: ``addcdiv`` as ``(value*num)/den``.
 
 from __future__ import annotations
 
-import math
 from array import array
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..backend import namespace
 from ..base import Elementwise, Rule, Transform
-from ..hyper import NONNEG, UNIT_OPEN, _traced, hyper
-from ..moments import bias_correction, ema_sq, lerp, select
+from ..hyper import NONNEG, UNIT_OPEN, _traced, check_scalar_dtype, hyper, round_scalar
+from ..moments import bias_correction, ema_sq, fma, lerp, select
 from ..transforms.decay import decoupled_weight_decay, weight_decay
 from ..transforms.scale import scale_by_lr
 from .adam import AdamCoeffs, _choice, scale_by_adam
@@ -125,30 +124,38 @@ def nadam_mu(b1: float, psi: float, t: float) -> float:
 
 # Below this, 1 - x is 1.0 in double: the product of the mus no longer changes a coefficient.
 _NEGLIGIBLE = 2.0**-60
-_PRODUCTS: dict[tuple[float, float], array] = {}
+_PRODUCTS: dict[tuple[float, float, str], array] = {}
 _ONE = array("d", [1.0])  # the empty product
 
 
-def mu_product(b1: float, psi: float, t: int, exact: bool = False) -> float:
+def times_mu(product: float, mu: float, dtype: str) -> float:
+    """torch's ``mu_product *= mu``: in double, or on a float32 tensor (its default dtype),
+    ``mu`` rounded to float32 and the product rounded once."""
+    return round_scalar(product * round_scalar(mu, dtype), dtype)
+
+
+def mu_product(b1: float, psi: float, t: int, exact: bool = False,
+               dtype: str = "float64") -> float:
     """``mu_1 * ... * mu_t``, multiplied in order as torch's ``mu_product`` tensor accumulates
-    it (in double). Kept per ``(b1, psi)`` until it is negligible next to 1 (at most about
-    ``40/(1-b1)`` numbers), so a step costs no loop over its history; past that the last kept
-    value is returned, which changes no coefficient, unless ``exact`` (for torch's state)."""
-    prods = _PRODUCTS.get((b1, psi), _ONE)
+    it (in ``dtype``, see :func:`times_mu`). Kept per ``(b1, psi)`` until it is negligible next
+    to 1 (at most about ``40/(1-b1)`` numbers), so a step costs no loop over its history; past
+    that the last kept value is returned, which changes no coefficient, unless ``exact`` (for
+    torch's state)."""
+    prods = _PRODUCTS.get((b1, psi, dtype), _ONE)
     if len(prods) <= t and prods[-1] >= _NEGLIGIBLE:
         # extended in a copy (to twice its length: copies cost O(1) a step), then published
         # whole: another thread never sees, or appends to, a half-written list
         more = array("d", prods)
         while len(more) <= max(t, 2 * len(prods)) and more[-1] >= _NEGLIGIBLE:
-            more.append(more[-1] * nadam_mu(b1, psi, float(len(more))))
+            more.append(times_mu(more[-1], nadam_mu(b1, psi, float(len(more))), dtype))
         if len(_PRODUCTS) >= 16:  # a schedule of b1 makes a new pair every step
             _PRODUCTS.clear()
-        _PRODUCTS[(b1, psi)] = prods = more
+        _PRODUCTS[(b1, psi, dtype)] = prods = more
     if t < len(prods):
         return prods[t]
     x = prods[-1]
     for i in range(len(prods), t + 1 if exact else 0):
-        x *= nadam_mu(b1, psi, float(i))
+        x = times_mu(x, nadam_mu(b1, psi, float(i)), dtype)
     return x
 
 
@@ -170,6 +177,9 @@ class NadamCoeffs(NamedTuple):
     eps: Any
     g_scale: Any  # lr*(1 - mu_t)/(1 - mu_1...mu_t)
     m_scale: Any  # lr*mu_{t+1}/(1 - mu_1...mu_{t+1})
+    decays: Any  # decoupled weight decay on: lr*wd*p joins the update
+    lr_wd: Any
+    keep: Any  # 1 - lr*wd: torch's p.mul_ before its two addcdiv_
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,10 @@ class scale_by_nadam(Elementwise):
     and ``momentum_decay`` at this step; ``past_product``, pairs ``(n, P_n)`` of the product
     of the momenta of the first ``n`` steps as they were (torch's ``mu_product``, which
     multiplies in each step's own ``b1``), makes step ``n + 1`` take ``P_n * mu_{n+1}``
-    (``uniopt.torch.NAdam`` passes them; a step with no pair derives its product)."""
+    (``uniopt.torch.NAdam`` passes them; a step with no pair derives its product).
+    ``decoupled_wd``: torch's decoupled decay, ``p <- p*(1 - lr*decoupled_wd)`` before the
+    step (here, so the parameter is rounded in torch's order). ``scalar_dtype="float32"``:
+    the product kept as torch keeps it, in a float32 tensor (:func:`times_mu`)."""
 
     lr: Any = hyper(2e-3, NONNEG)
     b1: Any = hyper(0.9, UNIT_OPEN)
@@ -189,11 +202,14 @@ class scale_by_nadam(Elementwise):
     eps: Any = hyper(1e-8, NONNEG)
     momentum_decay: Any = hyper(4e-3, NONNEG)
     past_product: tuple[tuple[int, float], ...] | None = None
+    decoupled_wd: Any = hyper(0.0, NONNEG)
+    scalar_dtype: str = "float64"
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     makes_step: ClassVar[bool] = True
 
     def check(self) -> None:
         _check_past_product(self.name, self.past_product)
+        check_scalar_dtype(self.name, self.scalar_dtype)
 
     def coeffs(self, step: int) -> NadamCoeffs:
         if any(map(_traced, (step, self.b1, self.momentum_decay))):
@@ -204,12 +220,15 @@ class scale_by_nadam(Elementwise):
         t, psi = int(step) + 1, self.momentum_decay
         mu, mu_next = nadam_mu(self.b1, psi, float(t)), nadam_mu(self.b1, psi, float(t + 1))
         past = dict(self.past_product or ()).get(t - 1)
-        prod = mu_product(self.b1, psi, t) if past is None else past * mu
+        dt = self.scalar_dtype
+        prod = mu_product(self.b1, psi, t, dtype=dt) if past is None else times_mu(past, mu, dt)
+        lr_wd = self.lr * self.decoupled_wd
         return NadamCoeffs(
             one_minus_b1=self.one_minus("b1"), b2=self.b2, one_minus_b2=self.one_minus("b2"),
             bc2=1.0 - self.b2**t, eps=self.eps,
             g_scale=self.lr * (1.0 - mu) / (1.0 - prod),
             m_scale=self.lr * mu_next / (1.0 - prod * mu_next),
+            decays=lr_wd != 0, lr_wd=lr_wd, keep=1.0 - lr_wd,
         )
 
     @staticmethod
@@ -217,12 +236,13 @@ class scale_by_nadam(Elementwise):
         m = lerp(exp_avg, u, c.one_minus_b1)
         v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
         d = xp.sqrt(v / c.bc2) + c.eps
-        return (c.g_scale * u) / d + (c.m_scale * m) / d, m, v
+        step = (c.g_scale * u) / d + (c.m_scale * m) / d
+        return select(xp, c.decays, fma(c.lr_wd, p, step), step), m, v
 
     @staticmethod
     def finish(xp, c, p, u, exp_avg, exp_avg_sq):  # last: torch's two addcdiv_, each rounded
         d = xp.sqrt(exp_avg_sq / c.bc2) + c.eps
-        return (p - (c.g_scale * u) / d) - (c.m_scale * exp_avg) / d
+        return (p * c.keep - (c.g_scale * u) / d) - (c.m_scale * exp_avg) / d
 
 
 @dataclass(frozen=True)
@@ -267,6 +287,7 @@ class nadam(Rule):
     momentum_decay: Any = hyper(4e-3, NONNEG)
     decoupled_weight_decay: bool = False
     past_product: tuple[tuple[int, float], ...] | None = None  # see scale_by_nadam
+    scalar_dtype: str = "float64"  # see scale_by_nadam
     momentum_schedule: str = "dozat"
     b2_in_root: bool = False
     eps_root: Any = hyper(0.0, NONNEG)
@@ -283,6 +304,7 @@ class nadam(Rule):
 
     def check(self) -> None:
         _check_past_product(self.name, self.past_product)
+        check_scalar_dtype(self.name, self.scalar_dtype)
         _choice(self.name, "momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
         if self.momentum_schedule == "dozat" and (self.b2_in_root or self.on("eps_root")):
             raise ValueError(f"{self.name}: b2_in_root and eps_root are options of "
@@ -298,11 +320,15 @@ class nadam(Rule):
             if self.decoupled_weight_decay:
                 return (*steps, decoupled_weight_decay(lr=self.lr, wd=self.weight_decay))
             return (weight_decay(wd=self.weight_decay), *steps)
+        decoupled = self.decoupled_weight_decay and self.on("weight_decay")
         direction = scale_by_nadam(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
                                    momentum_decay=self.momentum_decay,
-                                   past_product=self.past_product)
-        return _decayed(direction, self.lr, self.weight_decay, self.decoupled_weight_decay,
-                        self.on("weight_decay"))
+                                   past_product=self.past_product,
+                                   decoupled_wd=self.weight_decay if decoupled else 0.0,
+                                   scalar_dtype=self.scalar_dtype)
+        if decoupled:  # in the block: p*(1 - lr*wd) first, then its two steps, as torch
+            return (direction,)
+        return _decayed(direction, self.lr, self.weight_decay, False, self.on("weight_decay"))
 
 
 # --- RAdam ---------------------------------------------------------------------------------------
@@ -318,6 +344,7 @@ class RadamCoeffs(NamedTuple):
     eps: Any
     rect: Any  # the variance rectification r_t (0 while rho_t <= 5)
     rectify: Any  # rho_t > 5: the adaptive step, else the momentum step
+    one: Any  # 1 in the computation's precision (a literal 1.0 would be a double)
 
 
 @dataclass(frozen=True)
@@ -351,10 +378,10 @@ class scale_by_radam(Elementwise):
             rect = xp.where(rectify, xp.sqrt(xp.maximum(ratio, 0.0)), 0.0)
         else:
             rectify = rho_t > 5.0
-            rect = math.sqrt(ratio) if rectify else 0.0
+            rect = ratio**0.5 if rectify else 0.0  # torch's pow, not sqrt: they round apart
         return RadamCoeffs(
             one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, bc1=bias_correction(self.b1, c1, t - 1),
-            lr=self.lr, sqrt_bc2=bc2**0.5, eps=self.eps, rect=rect, rectify=rectify,
+            lr=self.lr, sqrt_bc2=bc2**0.5, eps=self.eps, rect=rect, rectify=rectify, one=1.0,
         )
 
     @staticmethod
@@ -362,7 +389,8 @@ class scale_by_radam(Elementwise):
         m = lerp(exp_avg, u, c.one_minus_b1)
         v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
         step = (m / c.bc1) * c.lr
-        adaptive = step * (c.sqrt_bc2 / (xp.sqrt(v) + c.eps)) * c.rect
+        # torch's number / tensor is the tensor's reciprocal times the number: two roundings
+        adaptive = step * ((c.one / (xp.sqrt(v) + c.eps)) * c.sqrt_bc2) * c.rect
         return select(xp, c.rectify, adaptive, step), m, v
 
 
@@ -410,7 +438,7 @@ class scale_by_rectified_adam(Elementwise):
             xp = namespace(traced[0])
             rect = xp.where(rectify, xp.sqrt(xp.maximum(ratio, 0.0)), 0.0)
         else:
-            rect = math.sqrt(ratio) if rectify else 0.0
+            rect = ratio**0.5 if rectify else 0.0  # torch's pow, not sqrt: they round apart
         return RectifiedCoeffs(
             one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, bc1=bias_correction(self.b1, c1, t - 1),
             lr=self.lr, bc2=bc2, eps_root=self.eps_root,

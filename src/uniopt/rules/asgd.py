@@ -7,7 +7,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..backend import namespace
 from ..base import Elementwise, Rule, Transform
-from ..hyper import NONNEG, _traced, hyper
+from ..hyper import NONNEG, _traced, check_scalar_dtype, hyper, round_scalar
 from ..moments import fma, select
 from ..transforms.decay import weight_decay
 
@@ -53,24 +53,28 @@ class scale_by_asgd(Elementwise):
     ``eta`` and ``mu`` of :func:`asgd_eta` and :func:`asgd_mu` at the step count. ``ax``
     averages the iterate this block makes: place it last in a chain. ``eta_lr``: the ``lr``
     that ``eta`` is computed from after the first step (torch's: the previous step's, as
-    ``uniopt.torch.ASGD`` passes it); None: this step's ``lr``."""
+    ``uniopt.torch.ASGD`` passes it); None: this step's ``lr``. ``scalar_dtype="float32"``:
+    ``eta`` and ``mu`` rounded to float32, as torch keeps them (0-d tensors of its default
+    dtype) and steps even float64 params with them."""
 
     lr: Any = hyper(1e-2, NONNEG)
     lambd: Any = hyper(1e-4, NONNEG)
     alpha: Any = hyper(0.75, NONNEG)
     t0: Any = hyper(1e6, NONNEG)
     eta_lr: float | None = None
+    scalar_dtype: str = "float64"
     slots: ClassVar[tuple[str, ...]] = ("ax",)
     makes_step: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True  # the decay lambd*eta*p and the average read p
 
     def check(self) -> None:
         _check_eta_lr(self.name, self.eta_lr)
+        check_scalar_dtype(self.name, self.scalar_dtype)
 
     def coeffs(self, step: int) -> AsgdCoeffs:
         lr = self.lr if self.eta_lr is None or step == 0 else self.eta_lr
-        eta = asgd_eta(lr, self.lambd, self.alpha, step)
-        mu = asgd_mu(self.t0, step)
+        eta = round_scalar(asgd_eta(lr, self.lambd, self.alpha, step), self.scalar_dtype)
+        mu = round_scalar(asgd_mu(self.t0, step), self.scalar_dtype)
         lambd_eta = self.lambd * eta
         return AsgdCoeffs(eta=eta, lambd_eta=lambd_eta, keep=1.0 - lambd_eta, mu=mu,
                           average=mu != 1)
@@ -96,7 +100,7 @@ class asgd(Rule):
     uses its own values; torch computes ``eta`` and ``mu`` at the end of the step before, from
     that step's (one step of lag where ``lr``, ``lambd``, ``alpha`` or ``t0`` change):
     ``eta_lr`` (see :class:`scale_by_asgd`) gives a step that ``lr``, as ``uniopt.torch.ASGD``
-    does.
+    does; so does ``scalar_dtype`` (torch's float32 ``eta`` and ``mu``).
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -105,15 +109,17 @@ class asgd(Rule):
     t0: Any = hyper(1e6, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
     eta_lr: float | None = None
+    scalar_dtype: str = "float64"
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     def check(self) -> None:
         _check_eta_lr(self.name, self.eta_lr)
+        check_scalar_dtype(self.name, self.scalar_dtype)
 
     def parts(self) -> tuple[Transform, ...]:
         return (
             *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
             scale_by_asgd(lr=self.lr, lambd=self.lambd, alpha=self.alpha, t0=self.t0,
-                          eta_lr=self.eta_lr),
+                          eta_lr=self.eta_lr, scalar_dtype=self.scalar_dtype),
         )

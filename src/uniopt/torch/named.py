@@ -21,7 +21,7 @@ from ..rules.adadelta import adadelta
 from ..rules.adafactor import adafactor
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw
-from ..rules.adam_variants import adamax, mu_product, nadam, nadam_mu, radam
+from ..rules.adam_variants import adamax, mu_product, nadam, nadam_mu, radam, times_mu
 from ..rules.asgd import asgd, asgd_eta, asgd_mu
 from ..rules.matrix import muon
 from ..rules.quasi_newton import lbfgs
@@ -498,6 +498,12 @@ class Rprop(_Named):
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
 
 
+def _scalar_dtype() -> str:
+    """The dtype of torch's 0-d state tensors (ASGD's eta and mu, NAdam's mu_product): its
+    default dtype, float64 only where set so."""
+    return "float64" if torch.get_default_dtype() == torch.float64 else "float32"
+
+
 class _Derived(_Named):
     """A class whose torch twin keeps per-parameter numbers that uniopt derives from the step
     count: they are written into ``state_dict()`` as torch's 0-d tensors, worked out from the
@@ -531,7 +537,7 @@ class _Derived(_Named):
         vars(self).pop("_carried_by_group", None)
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
-        rule = super()._build_rule(group)
+        rule = dataclasses.replace(super()._build_rule(group), scalar_dtype=_scalar_dtype())
         history = self._history().get(id(group))
         if history is None:
             return rule
@@ -601,7 +607,7 @@ class NAdam(_Derived):
         if past is not None and step:
             return {"mu_product": past}
         b1, psi = group["betas"][0], group["momentum_decay"]
-        return {"mu_product": mu_product(b1, psi, step, exact=True)}
+        return {"mu_product": mu_product(b1, psi, step, exact=True, dtype=_scalar_dtype())}
 
     def _carry(self, gi: int, group: dict[str, Any], old: Any) -> Any:
         """``{n: mu_1*...*mu_n}`` for the step counts the group's parameters are at (parameters
@@ -615,7 +621,7 @@ class NAdam(_Derived):
             if n - 1 in old and n not in old:  # stepped from n - 1: this step's momentum
                 b1 = resolve(plain(group["betas"]), n - 1)[0]
                 psi = resolve(plain(group["momentum_decay"]), n - 1)
-                new[n] = old[n - 1] * nadam_mu(b1, psi, float(n))  # torch's order
+                new[n] = times_mu(old[n - 1], nadam_mu(b1, psi, float(n)), _scalar_dtype())
             elif n in old:
                 new[n] = old[n]
         return new
