@@ -315,7 +315,7 @@ def _start_at_eps(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Ste
     why = (f"Optimisers.jl starts the accumulator at eps, the source at "
            f"initial_accumulator_value={g0!r}, which Optimisers.jl cannot set")
     if g0 == eps:
-        return _Step(True, "initial_accumulator_value = eps", why)
+        return _Step(True, "initial_accumulator_value = eps", why + ", here equal to eps")
     return _Step(False, "initial_accumulator_value = eps", why + " (eps = "
                  f"{eps!r}): the steps differ, most at the first ones")
 
@@ -598,7 +598,9 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
         hyper["convention"] = target
     out = cls(**hyper)
     if not steps:
-        differ = sorted(k for r in table.values() for k in r if not _is_option(cls, k))
+        rows = (table.get(source, {}), table.get(target, {}))
+        differ = sorted(k for k in {**rows[0], **rows[1]} if not _is_option(cls, k)
+                        and not _same(*(r.get(k, _default(fields[k])) for r in rows)))
         why = (f"{source} and {target} write {name} alike; their defaults differ "
                f"({', '.join(dict.fromkeys(differ))}) and the translation keeps the source's "
                "values" if differ else f"{source} and {target} write {name} alike")
@@ -670,8 +672,8 @@ def page() -> str:
         "# Conventions: one rule, several frameworks",
         "",
         "<!-- Generated from uniopt.conventions (the rules' `conventions` tables, FORMULAS, "
-        "OPTIONS, FIXED, NO_EXACT): do not edit; run `uniopt conventions --write docs/conventions.md`. "
-        "-->",
+        "OPTIONS, FIXED, NO_EXACT): do not edit; run "
+        "`uniopt conventions --write docs/conventions.md`. -->",
         "",
         "A rule's `convention=` names a framework; the rule then takes that framework's options "
         "and defaults for the fields the caller leaves out (a field given keeps its value). "
@@ -700,9 +702,14 @@ def page() -> str:
                        f"{_uniopt_cell(cls, fw)} |")
         notes = [f"- `{o.field}`: {o.summary}." for o in OPTIONS if name in o.rules
                  and o.field in _fields(cls)]
-        notes += [f"- `{k}` is always `{_value(v)}` in {fw}: {FIXED_WHY.get((name, k), '')}; "
-                  "another source value is not exact." for fw, row in FIXED.get(name, {}).items()
-                  for k, v in row.items() if k in _fields(cls) and (name, k) not in _OPTION_OF]
+        fixed: dict[tuple[str, Any], list[str]] = {}
+        for fw, row in FIXED.get(name, {}).items():
+            for k, v in row.items():
+                if k in _fields(cls) and (name, k) not in _OPTION_OF:
+                    fixed.setdefault((k, v), []).append(fw)
+        notes += [f"- `{k}` is always `{_value(v)}` in {', '.join(fws)}: "
+                  f"{FIXED_WHY.get((name, k), 'the framework has no such hyperparameter')}; "
+                  "another source value is not exact." for (k, v), fws in fixed.items()]
         if name in NO_EXACT:
             notes.append(f"- No exact translation: {NO_EXACT[name]}.")
         if notes:
