@@ -18,16 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 A = np.array([1.0, 2.0, 0.5, 4.0])  # f(x) = 0.5*sum(A*x^2)
 
 
-def _has(rule: type, field: str) -> bool:
-    return field in {f.name for f in dataclasses.fields(rule)}
-
-
-def _needs(rule: type, field: str) -> None:
-    if not _has(rule, field):
-        pytest.skip(f"{rule.__name__} has no {field!r} option on this branch yet (another "
-                    "branch adds it); this test runs once it is merged")
-
-
 def _run(rule, steps=30, x0=(1.0, -2.0, 0.5, 3.0), shape=None):
     """``steps`` updates of ``rule`` on the quadratic from ``x0``; the trajectory."""
     x = np.array(x0, dtype=np.float64)
@@ -98,15 +88,42 @@ def test_adamw_torch_to_flux_couple_false_is_exact_at_constant_lr_and_under_a_sc
     assert back.exact and back.rule == torch_rule
 
 
+def test_adamw_torch_to_flux_is_optimisers_couple_true():
+    """Optimisers.jl >= 0.4 AdamW defaults to couple=true, torch's form: the translation keeps
+    every value; Flux's couple=false is reached by asking for it (the test above)."""
+    torch_rule = uo.adamw(lr=1e-2, weight_decay=0.5)
+    tr = uo.translate(torch_rule, target="flux")
+    assert tr.exact and tr.conditions == "always" and "weight_decay" in tr.explanation
+    assert tr.rule == dataclasses.replace(torch_rule, convention="flux") and tr.rule.couple_lr
+
+
 def test_adamw_flux_to_torch_is_exact_only_at_constant_lr():
-    flux = uo.adamw(lr=1e-2, weight_decay=5e-3, couple_lr=False)
-    tr = uo.translate(flux, source="flux", target="torch")
-    assert tr.exact and tr.conditions == "constant lr" and tr.rule.couple_lr
+    flux = uo.adamw(convention="flux", lr=1e-2, weight_decay=5e-3, couple_lr=False)
+    tr = uo.translate(flux, target="torch")
+    assert tr.source == "flux" and tr.exact and tr.conditions == "constant lr"
+    assert tr.rule.couple_lr and tr.rule.weight_decay == pytest.approx(0.5, rel=1e-15)
     np.testing.assert_allclose(_run(tr.rule), _run(flux), rtol=1e-12)
-    scheduled = uo.adamw(lr=schedules.cosine(1e-2, steps=30), weight_decay=5e-3,
-                         couple_lr=False)
+    scheduled = uo.adamw(convention="flux", lr=schedules.cosine(1e-2, steps=30),
+                         weight_decay=5e-3, couple_lr=False)
     tr = uo.translate(scheduled, source="flux", target="torch")
     assert not tr.exact and "schedule" in tr.explanation
+
+
+def test_a_record_is_its_own_convention_and_source_must_agree():
+    """A record's ``convention`` is its source; an explicit ``source`` naming another framework
+    raises (it would not apply that framework's defaults), saying how to build or relabel."""
+    torch_record = uo.adamw(lr=1e-2, weight_decay=5e-3, couple_lr=False)  # no convention=
+    assert uo.translate(torch_record, target="torch").source == "torch"
+    with pytest.raises(ValueError, match="convention='torch', but source='flux'") as e:
+        uo.translate(torch_record, source="flux", target="torch")
+    assert "dataclasses.replace(rule, convention='flux')" in str(e.value)
+    relabelled = dataclasses.replace(torch_record, convention="flux")
+    assert relabelled.couple_lr is False and relabelled.weight_decay == 5e-3
+    assert uo.translate(relabelled, source="flux", target="torch").conditions == "constant lr"
+    # the trap the rule prevents: torch's adagrad(lr=0.1) is not keras's Adagrad(0.1)
+    with pytest.raises(ValueError, match="uo.adagrad\\(convention='keras'"):
+        uo.translate(uo.adagrad(lr=0.1), source="keras", target="torch")
+    assert not uo.translate(uo.adagrad(convention="keras", lr=0.1), target="torch").exact
 
 
 def test_adagrad_torch_to_keras_and_optax_eps_placement():
@@ -139,31 +156,92 @@ def test_keras_epsilon_hat_is_torch_adam_with_an_eps_schedule():
 
 
 def test_keras_epsilon_hat_translation():
-    _needs(uo.adam, "eps_hat")
-    keras = uo.adam(lr=1e-2, eps=0.5, eps_hat=True)
-    tr = uo.translate(keras, source="keras" if _has(uo.adam, "convention") else None,
-                      target="torch", eps_hat=False)
-    assert tr.exact and tr.rule.eps == schedules.bias_correction(0.999, -0.5, 0.5)
+    keras = uo.adam(convention="keras", lr=1e-2, eps=0.5)
+    assert keras.eps_hat
+    tr = uo.translate(keras, target="torch")
+    assert tr.exact and tr.conditions.startswith("constant β₂") and not tr.rule.eps_hat
+    assert tr.rule.eps == schedules.bias_correction(0.999, -0.5, 0.5)
     np.testing.assert_allclose(_run(tr.rule), _run(keras), rtol=1e-12)
+    back = uo.translate(tr.rule, target="keras")  # eps*sqrt(1-b2^t) on the hat: the same steps
+    assert back.exact and back.rule.eps_hat
+    np.testing.assert_allclose(_run(back.rule), _run(keras), rtol=1e-12)
 
 
 def test_sgd_momentum_torch_to_keras_exact_at_constant_lr_with_the_buffer_scaled():
-    _needs(uo.sgd, "momentum_form")
     torch_rule = uo.sgd(lr=0.05, momentum=0.9, nesterov=True)
     tr = uo.translate(torch_rule, target="torch", momentum_form="keras")
     assert tr.exact and tr.conditions.startswith("constant lr") and "lr·b_torch" in tr.state
     np.testing.assert_allclose(_run(tr.rule), _run(torch_rule), rtol=1e-12)
+    to_keras = uo.translate(torch_rule, target="keras")
+    assert to_keras.exact and to_keras.rule.momentum_form == "keras"
+    np.testing.assert_allclose(_run(to_keras.rule), _run(torch_rule), rtol=1e-12)
     scheduled = uo.sgd(lr=schedules.cosine(0.05, steps=30), momentum=0.9)
     assert not uo.translate(scheduled, target="torch", momentum_form="keras").exact
 
 
+def test_sgd_dampening_has_no_counterpart_outside_torch():
+    damped = uo.sgd(lr=0.05, momentum=0.9, dampening=0.5)
+    for target in ("optax", "keras", "flux"):
+        tr = uo.translate(damped, target=target)
+        assert not tr.exact and tr.rule.dampening == 0.0 and "dampening" in tr.explanation
+    assert np.abs(_run(uo.translate(damped, target="optax").rule) - _run(damped)).max() > 1e-3
+
+
 def test_rmsprop_eps_placement_exact_only_at_eps_zero():
-    _needs(uo.rmsprop, "eps_in_sqrt")
     assert not uo.translate(uo.rmsprop(), target="torch", eps_in_sqrt=True).exact
     rule = uo.rmsprop(lr=1e-2, eps=0.0)
     tr = uo.translate(rule, target="torch", eps_in_sqrt=True)
     assert tr.exact and tr.conditions == "eps = 0"
     np.testing.assert_allclose(_run(tr.rule), _run(rule), rtol=1e-12)
+    momentum = uo.rmsprop(lr=1e-2, eps=0.0, momentum=0.9)
+    tr = uo.translate(momentum, target="optax")  # eps inside, momentum after lr (Sutskever)
+    assert tr.exact and tr.rule.momentum_form == "sutskever" and "constant lr" in tr.conditions
+    np.testing.assert_allclose(_run(tr.rule), _run(momentum), rtol=1e-12)
+
+
+def test_adagrad_flux_starts_at_eps():
+    """Optimisers.jl's accumulator starts at eps: from it, initial_accumulator_value = eps is
+    exact; into it, only a source that already starts at eps is."""
+    flux = uo.adagrad(convention="flux", lr=0.05)
+    tr = uo.translate(flux, target="torch")
+    assert tr.exact and tr.rule.initial_accumulator_value == 1e-8 and not tr.rule.start_at_eps
+    np.testing.assert_allclose(_run(tr.rule), _run(flux), rtol=1e-12)
+    same = uo.adagrad(lr=0.05, eps=1e-8, initial_accumulator_value=1e-8)
+    tr = uo.translate(same, target="flux")
+    assert tr.exact and tr.conditions == "initial_accumulator_value = eps"
+    assert tr.rule.start_at_eps and tr.rule.initial_accumulator_value == 0.0
+    np.testing.assert_allclose(_run(tr.rule), _run(same), rtol=1e-12)
+    keras = uo.adagrad(convention="keras", lr=0.05, eps=0.0)  # G from 0.1: flux cannot
+    tr = uo.translate(keras, target="flux")
+    assert not tr.exact and "initial_accumulator_value = eps" in tr.conditions
+    assert tr.rule.start_at_eps and tr.rule.initial_accumulator_value == 0.0
+    assert np.abs(_run(tr.rule) - _run(keras)).max() > 1e-3
+    torch = uo.adagrad(lr=0.05, lr_decay=0.1)  # only torch has lr_decay
+    tr = uo.translate(torch, target="keras")
+    assert not tr.exact and tr.rule.lr_decay == 0.0 and "lr_decay = 0.0" in tr.conditions
+    with pytest.raises(ValueError, match="must be a number"):
+        uo.translate(uo.adagrad(eps=schedules.cosine(1e-8, steps=5)), target="flux")
+
+
+def test_radam_is_exact_where_both_first_rectify_at_the_same_step():
+    rule = uo.radam(lr=0.05)  # beta2 0.999: rho_5 = 4.99..., rho_6 = 5.99...
+    tr = uo.translate(rule, target="optax")  # > 5 vs >= 5: both from t = 6
+    assert tr.exact and "first rectified step: 6" in tr.conditions and not tr.rule.eps_hat
+    np.testing.assert_allclose(_run(tr.rule), _run(rule), rtol=1e-12)
+    tr = uo.translate(rule, target="flux")  # > 4 rectifies from t = 5
+    assert not tr.exact and "6 vs 5" in tr.conditions and tr.rule.rectify_threshold == 4.0
+    assert np.abs(_run(tr.rule) - _run(rule)).max() > 1e-6
+
+
+def test_nadam_b2_in_root_and_keras_momentum_decay():
+    flux = uo.nadam(convention="flux", lr=schedules.cosine(0.05, steps=30))
+    tr = uo.translate(flux, target="optax")  # lr and eps over sqrt(b2)
+    assert tr.exact and not tr.rule.b2_in_root
+    np.testing.assert_allclose(_run(tr.rule), _run(flux), rtol=1e-12)
+    tr = uo.translate(uo.nadam(lr=0.05), target="keras")  # keras: momentum_decay is always 1
+    assert not tr.exact and tr.conditions == "would be exact with momentum_decay: " \
+        "momentum_decay = 1.0" and tr.rule.momentum_decay == 1.0
+    assert uo.translate(uo.nadam(lr=0.05, momentum_decay=1.0), target="keras").exact
 
 
 def test_no_exact_translation_is_explained():
@@ -179,13 +257,16 @@ def test_a_rule_name_is_built_in_the_source_convention():
 @pytest.mark.parametrize(("kwargs", "named"), [
     ({"target": "tensorflow"}, "'tensorflow'"),
     ({"source": "caffe"}, "'caffe'"),
-    ({"target": "flux"}, "'flux'"),  # adagrad has no flux row
     ({"source": "keras"}, "convention='torch'"),  # the record says otherwise
     ({"target": "optax", "nope": 1}, "'nope'"),
+    ({"target": "optax", "convention": "keras"}, "'convention'"),
+    ({"rule": "radam", "target": "keras"}, "'keras'"),  # radam has no keras row
+    ({"rule": "asgd", "target": "optax"}, "'optax'"),  # asgd has no table: torch's only
 ])
 def test_unknown_frameworks_and_options_raise_naming_the_value(kwargs, named):
+    rule = conventions.build(kwargs.pop("rule", "adagrad"))
     with pytest.raises(ValueError, match=named):
-        uo.translate(uo.adagrad(), **kwargs)
+        uo.translate(rule, **kwargs)
 
 
 def test_unknown_rules_raise_naming_the_value():

@@ -3,8 +3,9 @@
 Everything here is data read by the code and by the docs alike: each rule's own ``conventions``
 table (framework -> the options and defaults that reproduce it, see :class:`uniopt.Rule`),
 :data:`FORMULAS` (each framework's update, as its sources write it), :data:`OPTIONS` (for each
-option that tells two conventions apart: how to move a rule across it, and when that is exact)
-and :data:`NO_EXACT` (why some rules have no exact translation at all). :func:`page` renders
+option that tells two conventions apart: how to move a rule across it, and when that is exact),
+:data:`FIXED` (hyperparameters a framework's optimizer does not have, and the value it always
+uses) and :data:`NO_EXACT` (why some forms have no exact translation at all). :func:`page` renders
 ``docs/conventions.md`` from them (``uniopt conventions --write docs/conventions.md``).
 
 "Exact" means the same arithmetic: the two records give the same parameters step after step,
@@ -12,6 +13,9 @@ up to the order of floating-point rounding, under the stated conditions.
 
 >>> import uniopt as uo
 >>> tr = uo.translate(uo.adamw(lr=1e-3, weight_decay=1e-2), source="torch", target="flux")
+>>> tr.rule.couple_lr, tr.exact  # Optimisers.jl >= 0.4 AdamW: couple=true, torch's form
+(True, True)
+>>> tr = uo.translate(uo.adamw(lr=1e-3, weight_decay=1e-2), target="flux", couple_lr=False)
 >>> tr.rule.couple_lr, tr.rule.lr, round(tr.rule.weight_decay, 12), tr.exact
 (False, 0.001, 1e-05, True)
 """
@@ -32,8 +36,8 @@ from .schedules import bias_correction, product
 __all__ = [
     "FORMULAS",
     "NO_EXACT",
+    "FIXED",
     "OPTIONS",
-    "TARGET_FORMS",
     "Translation",
     "build",
     "call",
@@ -114,30 +118,50 @@ FORMULAS: dict[str, dict[str, str]] = {
     },
 }
 
-# The form a framework's rule takes where the rule's own ``conventions`` table has no row for
-# it yet: options only (the rule's table, once it has the row, wins).
-TARGET_FORMS: dict[str, dict[str, dict[str, Any]]] = {
-    # Flux's original AdamW, chain(Adam(eta), WeightDecay(decay)): Optimisers.jl couple=false
-    "adamw": {"flux": {"couple_lr": False}},
+# Hyperparameters a framework's own optimizer does not have: its rule always uses the value given
+# here. A translation into that framework sets it (through the field's OPTIONS entry where there
+# is one); a source value other than it is not exact.
+FIXED: dict[str, dict[str, dict[str, Any]]] = {
+    "sgd": {fw: {"dampening": 0.0} for fw in ("optax", "keras", "flux")},
+    "rmsprop": {"flux": {"momentum": 0.0}},
+    "adagrad": {fw: {"lr_decay": 0.0} for fw in ("optax", "keras", "flux")},
+    "adadelta": {"flux": {"lr": 1.0}},
+    "nadam": {"keras": {"momentum_decay": 1.0}},
+    "radam": {"torch": {"rectify_threshold": 5.0}, "optax": {"rectify_threshold": 5.0},
+              "flux": {"rectify_threshold": 4.0}},
+    "optimistic_adam": {"flux": {"alpha": 1.0, "beta": 1.0}},
 }
 
-# Why some rules cannot be moved exactly from one framework's form to another's.
+FIXED_WHY: dict[tuple[str, str], str] = {
+    ("sgd", "dampening"): "optax's trace, keras's SGD and Optimisers.jl's Momentum have no "
+                          "dampening",
+    ("rmsprop", "momentum"): "Optimisers.jl's RMSProp has no momentum",
+    ("adagrad", "lr_decay"): "only torch's Adagrad has lr_decay (elsewhere give lr the schedule "
+                             "lr/(1 + (t−1)·lr_decay))",
+    ("adadelta", "lr"): "Optimisers.jl's AdaDelta has no learning rate (η = 1)",
+    ("nadam", "momentum_decay"): "keras 3's Nadam has no momentum_decay: its μ_t uses 0.96^t, "
+                                 "momentum_decay = 1",
+    ("radam", "rectify_threshold"): "each framework's RAdam rectifies from its own threshold",
+    ("optimistic_adam", "alpha"): "Optimisers.jl's OAdam steps 2·term − term_prev: alpha = beta "
+                                  "= 1",
+    ("optimistic_adam", "beta"): "Optimisers.jl's OAdam steps 2·term − term_prev: alpha = beta "
+                                 "= 1",
+}
+
+# Why some rules cannot be moved exactly between some frameworks' forms (added to the
+# explanation of an inexact translation).
 NO_EXACT: dict[str, str] = {
     "nadam": (
-        "the frameworks use different momentum schedules: torch μ_t = β₁(1 − ½·0.96^{tψ}) with "
-        "ψ = momentum_decay, keras 3 0.96^t without ψ, optax a constant-β₁ (Dozat) form without "
-        "the β₂ factor, Optimisers.jl √(β₂·v̂); no choice of hyperparameters of one gives "
-        "another's μ sequence (torch vs optax differ 1.7e-2 after 20 steps)"
-    ),
-    "radam": (
-        "the rectification switches on at different steps (torch ρ_t > 5, optax ρ_t ≥ 5, "
-        "Optimisers.jl ρ_t > 4): the forms agree except at the steps between the thresholds, "
-        "which no hyperparameter moves"
+        "torch and keras 3 use Dozat's momentum schedule μ_t = β₁(1 − ½·0.96^{tψ}) and its "
+        "products (momentum_schedule='dozat'; keras ψ = 1), optax and Optimisers.jl a constant "
+        "β₁ (momentum_schedule='constant'): no choice of hyperparameters of one gives the "
+        "other's μ sequence (torch vs optax differ 1.7e-2 after 20 steps)"
     ),
     "optimistic_adam": (
         "uniopt's optimistic_adam is optax's optimistic_adam_v2 (v1 at constant values is v2 "
         "with lr=1, alpha=lr, beta=optimism); Optimisers.jl's OAdam starts the previous term at "
-        "0 (its first step is 2·term) and has no Nesterov moment: not reproducible exactly"
+        "0 (first_prev='zero': its first step is 2·term) and has no Nesterov moment "
+        "(nesterov=False): neither is reproducible by the other form's hyperparameters"
     ),
 }
 
@@ -242,8 +266,9 @@ def _momentum_form(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _St
 
 def _eps_hat(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
     eps, b2 = rule.eps, rule.betas[1]  # type: ignore[attr-defined]
-    why = ("keras steps lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε̂), which is torch's lr·m̂/(√v̂ + ε) with "
-           "ε = ε̂/√(1−β₂ᵗ): eps becomes the schedule schedules.bias_correction(β₂, ∓0.5, eps)")
+    why = ("eps on the uncorrected root (keras's epsilon hat, torch's RAdam), lr·√(1−β₂ᵗ)/(1−β₁ᵗ)"
+           " · m/(√v + ε̂), is lr·m̂/(√v̂ + ε) with ε = ε̂/√(1−β₂ᵗ): eps becomes the schedule "
+           "schedules.bias_correction(β₂, ∓0.5, eps)")
     if not _number(b2) or not isinstance(old, bool) or not isinstance(new, bool):
         return _Step(False, explanation=why + "; with a β₂ schedule the product of (1 − β₂ᵗ) is "
                      "not a schedule of β₂(t), so it is not translated")
@@ -263,6 +288,8 @@ def _amsgrad_max(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step
 
 
 def _moments_init(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    if not getattr(rule, "amsgrad", False):
+        return _Step(True, "always (amsgrad off)", "the option acts only with amsgrad")
     return _Step(False, explanation=(
         "Optimisers.jl starts the moments at ε, the others at 0: the first steps differ, by an "
         "amount that fades as β^t, and no hyperparameter of the zero start reproduces it"))
@@ -275,22 +302,107 @@ def _eps_in_max(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
         "take u = max(β₂u, |g|) and divide by u + ε: they agree only when ε = 0"))
 
 
+def _start_at_eps(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    eps, g0 = rule.eps, rule.initial_accumulator_value  # type: ignore[attr-defined]
+    if not new:  # Optimisers.jl's G₀ = ε is initial_accumulator_value = ε
+        hyper["initial_accumulator_value"] = float(eps)
+        return _Step(True, "always", "Optimisers.jl starts the accumulator at eps: "
+                     "initial_accumulator_value = eps", "accumulator: the same")
+    if not _number(eps):
+        raise ValueError(f"translate: {rule.name}'s start_at_eps (Optimisers.jl's AdaGrad) "
+                         f"starts the accumulator at eps, which must be a number; got {eps!r}")
+    hyper["initial_accumulator_value"] = 0.0
+    why = (f"Optimisers.jl starts the accumulator at eps, the source at "
+           f"initial_accumulator_value={g0!r}, which Optimisers.jl cannot set")
+    if g0 == eps:
+        return _Step(True, "initial_accumulator_value = eps", why + ", here equal to eps")
+    return _Step(False, "initial_accumulator_value = eps", why + " (eps = "
+                 f"{eps!r}): the steps differ, most at the first ones")
+
+
+def _first_rectified(b2: float, threshold: float, strict: bool) -> int | None:
+    """The first step t whose ρ_t passes RAdam's test (ρ_t rises with t towards ρ∞)."""
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    t, power = 1, b2
+    while power > 0.0:
+        rho_t = rho_inf - 2.0 * t * power / (1.0 - power)
+        if rho_t > threshold if strict else rho_t >= threshold:
+            return t
+        t, power = t + 1, power * b2
+    return None if not (rho_inf > threshold if strict else rho_inf >= threshold) else t
+
+
+def _rectify(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    b2 = rule.betas[1]  # type: ignore[attr-defined]
+    src = (rule.rectify_threshold, rule.rectify_strict)  # type: ignore[attr-defined]
+    tgt = (hyper["rectify_threshold"], hyper["rectify_strict"])
+    test = lambda th, strict: f"ρ_t {'>' if strict else '≥'} {th:g}"  # noqa: E731
+    why = (f"the source rectifies while {test(*src)}, the target while {test(*tgt)}; ρ_t rises "
+           "with t, so they agree exactly when both take their first rectified step at the "
+           "same t")
+    if not _number(b2):
+        return _Step(False, explanation=why + "; with a β₂ schedule uniopt cannot tell")
+    a, b = _first_rectified(b2, *src), _first_rectified(b2, *tgt)
+    if a == b:
+        return _Step(True, f"β₂ = {b2!r} (first rectified step: {a or 'never'})", why)
+    return _Step(False, f"the same first rectified step (here {a or 'never'} vs {b or 'never'})",
+                 why + f": here the source first rectifies at t = {a or 'never'}, the target "
+                 f"at t = {b or 'never'}, and the steps between differ")
+
+
+def _sqrt_b2_scaled(x: Any, c: float) -> Any:
+    return x * c if _number(x) else product(x, c)
+
+
+def _b2_in_root(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    b2 = rule.betas[1]  # type: ignore[attr-defined]
+    why = ("Optimisers.jl divides by √(β₂·v̂ + eps_root) + ε = √β₂·(√(v̂ + eps_root/β₂) + ε/√β₂): "
+           "its step is the other form's with lr, eps divided by √β₂ and eps_root by β₂")
+    if not _number(b2):
+        return _Step(False, explanation=why + "; with a β₂ schedule the factor changes every step "
+                     "and is not translated")
+    r = float(b2) ** 0.5 if new else 1.0 / float(b2) ** 0.5
+    for k, c in (("lr", r), ("eps", r), ("eps_root", r * r)):
+        hyper[k] = _sqrt_b2_scaled(getattr(rule, k), c)
+    return _Step(True, "constant β₂ (lr, eps, eps_root rescaled)", why)
+
+
+def _remember_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    lr = rule.lr  # type: ignore[attr-defined]
+    return _Step(_number(lr), "constant lr", (
+        "Optimisers.jl remembers the previous term with its own step's lr (term = η·r), optax "
+        "multiplies both terms by the current lr: the same while lr is constant"))
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(("adamw",), "couple_lr", "torch's coupled decay ↔ Flux couple=false: exact (λ = "
            "lr·weight_decay, a product schedule under an lr schedule); back to torch exact at "
            "constant lr", _couple_lr),
     Option(("adagrad", "rmsprop"), "eps_in_sqrt", "eps outside ↔ inside the root: exact only "
            "when eps = 0", _eps_in_sqrt),
+    Option(("adagrad",), "start_at_eps", "accumulator from eps (Optimisers.jl) ↔ from "
+           "initial_accumulator_value: to it exact (initial_accumulator_value = eps), from it "
+           "exact only when initial_accumulator_value = eps", _start_at_eps),
     Option(("sgd", "rmsprop"), "momentum_form", "lr outside (torch) ↔ inside the buffer (keras, "
            "Sutskever/Flux): exact at constant lr, the buffer scaled by lr", _momentum_form),
-    Option(("adam", "adamw"), "eps_hat", "keras's epsilon hat ↔ torch's eps: exact with eps as "
-           "the schedule ε̂/√(1−β₂ᵗ) (or ε·√(1−β₂ᵗ))", _eps_hat),
-    Option(("adam", "adamw"), "amsgrad_max", "max of raw v ↔ of corrected v̂: exact only without "
-           "amsgrad", _amsgrad_max),
-    Option(("adam", "adamw"), "moments_init", "moments from 0 ↔ from ε: not exact",
-           _moments_init),
+    Option(("adam", "adamw", "radam"), "eps_hat", "eps on the uncorrected √v (keras's epsilon "
+           "hat; torch's RAdam) ↔ on √v̂: exact with eps as the schedule ε̂/√(1−β₂ᵗ) (or "
+           "ε·√(1−β₂ᵗ))", _eps_hat),
+    Option(("adam", "adamw"), "amsgrad_max", "max of raw v ↔ of corrected v̂ ↔ uncorrected: "
+           "exact only without amsgrad", _amsgrad_max),
+    Option(("adam", "adamw"), "moments_init", "AMSGrad moments from 0 ↔ from ε: exact only "
+           "without amsgrad", _moments_init),
     Option(("adamax",), "eps_in_max", "eps inside ↔ outside the max: exact only when eps = 0",
            _eps_in_max),
+    Option(("nadam",), "b2_in_root", "√(β₂·v̂) (Optimisers.jl) ↔ √v̂: exact at constant β₂, "
+           "lr and eps scaled by √β₂ (eps_root by β₂)", _b2_in_root),
+    Option(("radam",), "rectify_threshold", "where rectification starts (torch ρ_t > 5, optax "
+           "ρ_t ≥ 5, Optimisers.jl ρ_t > 4): exact when both first rectify at the same step",
+           _rectify),
+    Option(("radam",), "rectify_strict", "> ↔ ≥ the threshold: see rectify_threshold",
+           _rectify),
+    Option(("optimistic_adam",), "remember_lr", "the previous term with its own lr ↔ the "
+           "current lr: exact at constant lr", _remember_lr),
 )
 _OPTION_OF = {(r, o.field): o for o in OPTIONS for r in o.rules}
 
@@ -379,37 +491,50 @@ def _rule_class(name: Any) -> type[Rule]:
 
 def build(name: str, framework: str = "torch", **hyper: Any) -> Rule:
     """The rule ``name`` as ``framework`` writes it: ``uniopt.<name>(convention=framework,
-    **hyper)`` where the rule has conventions, its form from :data:`TARGET_FORMS` otherwise."""
+    **hyper)`` where the rule has conventions; a rule without a table is torch's only."""
     cls = _rule_class(name)
     framework = _framework(framework, "framework")
     table = _table(cls)
     if framework in table:
         return cls(**{"convention": framework, **hyper})
-    form = TARGET_FORMS.get(name, {}).get(framework)
-    if form is not None:
-        return cls(**{**form, **hyper})
     if framework == "torch" and not table:
         return cls(**hyper)
     raise ValueError(f"{name} has no {framework!r} convention in this uniopt (it has "
                      f"{', '.join(map(repr, table or {'torch': {}}))})")
 
 
+def _is_fixed(cls: type[Rule], framework: str, name: str) -> bool:
+    return name in FIXED.get(cls.__name__, {}).get(framework, {})
+
+
 def translate(rule: Rule | str, source: str | None = None, target: str = "torch",
               **options: Any) -> Translation:
     """``rule`` written in ``source``'s convention, rewritten in ``target``'s.
 
-    ``rule`` is a uniopt rule record (its ``convention`` field, where it has one, is the
-    source when ``source`` is omitted; otherwise the source is torch) or a rule's name (built
-    with ``source``'s defaults). The target record keeps every value of the source and takes
-    the target's options (from the rule's ``conventions`` table, or :data:`TARGET_FORMS`, or
-    ``options``, which fix target options by name, e.g. ``couple_lr=False``); each option that
-    changes goes through its :data:`OPTIONS` entry, which adjusts the hyperparameters and says
-    whether the result is exact.
+    ``rule`` is a uniopt rule record or a rule's name (then built with ``source``'s
+    defaults, torch's when ``source`` is omitted). A record's ``convention`` field *is* its
+    source: ``source``, when given, must name the same framework, and a record built without
+    ``convention=`` is torch's. A different ``source`` raises ``ValueError`` rather than
+    relabel the record, because the record's values are the source's whole arithmetic:
+    ``uo.translate(uo.adagrad(lr=0.1), source="keras", ...)`` holds torch's accumulator and
+    eps placement, not keras's ``Adagrad(0.1)``; build that one with
+    ``uo.adagrad(convention="keras", lr=0.1)`` (or ``translate("adagrad", "keras", ...)``), and
+    relabel a record on purpose with ``dataclasses.replace(rule, convention=...)``.
+
+    The target record keeps every value of the source and takes the target's options (from
+    the rule's ``conventions`` table, the target's fixed values in :data:`FIXED`, and
+    ``options``, which fix target options by name, e.g. ``couple_lr=False`` for Flux's
+    ``AdamW(couple=false)``); each field that changes goes through its :data:`OPTIONS` entry,
+    which adjusts the hyperparameters and says whether the result is exact. A changed field
+    without one is not exact.
 
     >>> import uniopt as uo
     >>> tr = uo.translate(uo.adagrad(eps=0.0), target="keras")
     >>> tr.exact, tr.conditions, tr.rule.eps_in_sqrt, tr.rule.lr
     (True, 'eps = 0', True, 0.01)
+    >>> tr = uo.translate(uo.adamw(lr=1e-3, weight_decay=1e-2), target="flux", couple_lr=False)
+    >>> tr.rule.couple_lr, round(tr.rule.weight_decay, 12), tr.exact
+    (False, 1e-05, True)
     """
     if isinstance(rule, str):
         rule = build(rule, _framework(source or "torch", "source"))
@@ -422,47 +547,48 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
         source = labelled or "torch"
     source, target = _framework(source, "source"), _framework(target, "target")
     if labelled is not None and labelled != source:
-        raise ValueError(f"translate: the rule says convention={labelled!r}, but source="
-                         f"{source!r}")
-    bad = [k for k in options if k not in fields]
+        raise ValueError(
+            f"translate: the rule says convention={labelled!r}, but source={source!r}: a "
+            f"record's values are its convention's; build it as {source}'s with "
+            f"uo.{name}(convention={source!r}, ...), or relabel it with "
+            f"dataclasses.replace(rule, convention={source!r})")
+    bad = [k for k in options if k not in fields or k == "convention"]
     if bad:
         raise ValueError(f"translate: {name} has no option {bad[0]!r}")
     table = _table(cls)
-    forms = {**({"torch": {}} if not table else {}), **TARGET_FORMS.get(name, {}), **table}
-    writes = set(forms)
-    if source not in writes:
+    forms = table or {"torch": {}}
+    if source not in forms:
         raise ValueError(f"translate: {name} has no {source!r} convention (source); it has "
-                         f"{', '.join(map(repr, sorted(writes)))}")
+                         f"{', '.join(map(repr, sorted(forms)))}")
+    if target not in forms:
+        raise ValueError(f"translate: {name} has no {target!r} convention (target); it has "
+                         f"{', '.join(map(repr, sorted(forms)))}")
     if source == target and not options:
         return Translation(rule, source, target, True, "always", "the same convention")
 
-    if target in forms:
-        keys = dict.fromkeys(k for r in forms.values() for k in r if _is_option(cls, k))
-        wanted = {k: forms[target].get(k, _default(fields[k])) for k in keys}
-    elif source == target:
-        wanted = {}
-    elif name in NO_EXACT:
-        return Translation(rule, source, target, False, "",
-                           f"no exact translation: {NO_EXACT[name]}")
-    else:
-        raise ValueError(f"translate: {name} has no {target!r} convention (target); it has "
-                         f"{', '.join(map(repr, sorted(writes)))}")
+    keys = dict.fromkeys(k for r in forms.values() for k in r if _is_option(cls, k))
+    wanted = {k: forms[target].get(k, _default(fields[k])) for k in keys}
+    wanted.update(FIXED.get(name, {}).get(target, {}))
     wanted.update(options)
-    missing = [k for k in wanted if k not in fields]
-    if missing:
-        raise ValueError(f"translate: this uniopt's {name} has no option {missing[0]!r} "
-                         f"(needed for {target}'s form)")
 
     hyper = {k: v for k, v in rule.fields().items() if k != "convention"}
+    hyper.update(wanted)  # the target's whole form first: each option step sees it
     steps: list[tuple[str, _Step]] = []
+    applied: set[int] = set()
     for k, new in wanted.items():
         old = getattr(rule, k)
-        hyper[k] = new
-        if old == new:
+        if _same(old, new):
             continue
         opt = _OPTION_OF.get((name, k))
         if opt is not None:
+            if id(opt.apply) in applied:  # one step for options moved together (radam's)
+                continue
+            applied.add(id(opt.apply))
             steps.append((k, opt.apply(rule, hyper, old, new)))
+        elif _is_fixed(cls, target, k):
+            steps.append((k, _Step(False, f"{k} = {new!r}", (
+                f"{FIXED_WHY.get((name, k), f'{target} has no {k}')}: {target}'s is always "
+                f"{new!r}, the source's {old!r}"))))
         else:
             extra = f" ({NO_EXACT[name]})" if name in NO_EXACT else ""
             steps.append((k, _Step(False, explanation=(
@@ -472,7 +598,9 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
         hyper["convention"] = target
     out = cls(**hyper)
     if not steps:
-        differ = sorted(k for r in table.values() for k in r if not _is_option(cls, k))
+        rows = (table.get(source, {}), table.get(target, {}))
+        differ = sorted(k for k in {**rows[0], **rows[1]} if not _is_option(cls, k)
+                        and not _same(*(r.get(k, _default(fields[k])) for r in rows)))
         why = (f"{source} and {target} write {name} alike; their defaults differ "
                f"({', '.join(dict.fromkeys(differ))}) and the translation keeps the source's "
                "values" if differ else f"{source} and {target} write {name} alike")
@@ -524,11 +652,7 @@ def _cell(text: str) -> str:
 def _options_cell(cls: type[Rule], fw: str) -> str:
     table = _table(cls)
     if fw in table:
-        row = table[fw]
-        return ", ".join(f"`{k}={_value(v)}`" for k, v in row.items()) or "the field defaults"
-    form = TARGET_FORMS.get(cls.__name__, {}).get(fw)
-    if form is not None:
-        return ", ".join(f"`{k}={_value(v)}`" for k, v in form.items())
+        return ", ".join(f"`{k}={_value(v)}`" for k, v in table[fw].items()) or "the field defaults"
     return "the field defaults" if fw == "torch" and not table else "—"
 
 
@@ -536,9 +660,6 @@ def _uniopt_cell(cls: type[Rule], fw: str) -> str:
     name, table = cls.__name__, _table(cls)
     if fw in table:
         return f"`uo.{name}()`" if fw == "torch" else f"`uo.{name}(convention={fw!r})`"
-    form = TARGET_FORMS.get(name, {}).get(fw)
-    if form is not None:
-        return f"`uo.{name}({', '.join(f'{k}={_value(v)}' for k, v in form.items())})`"
     if fw == "torch" and not table:
         return f"`uo.{name}()`"
     return "— (no convention yet)"
@@ -551,8 +672,8 @@ def page() -> str:
         "# Conventions: one rule, several frameworks",
         "",
         "<!-- Generated from uniopt.conventions (the rules' `conventions` tables, FORMULAS, "
-        "OPTIONS, NO_EXACT): do not edit; run `uniopt conventions --write docs/conventions.md`. "
-        "-->",
+        "OPTIONS, FIXED, NO_EXACT): do not edit; run "
+        "`uniopt conventions --write docs/conventions.md`. -->",
         "",
         "A rule's `convention=` names a framework; the rule then takes that framework's options "
         "and defaults for the fields the caller leaves out (a field given keeps its value). "
@@ -570,8 +691,7 @@ def page() -> str:
     plain = []
     for name, cls in known.items():
         table, forms = _table(cls), FORMULAS.get(name, {})
-        frameworks = [fw for fw in FRAMEWORKS
-                      if fw in table or fw in forms or fw in TARGET_FORMS.get(name, {})]
+        frameworks = [fw for fw in FRAMEWORKS if fw in table or fw in forms]
         if frameworks == ["torch"] or not frameworks:
             plain.append(name)
             continue
@@ -582,6 +702,14 @@ def page() -> str:
                        f"{_uniopt_cell(cls, fw)} |")
         notes = [f"- `{o.field}`: {o.summary}." for o in OPTIONS if name in o.rules
                  and o.field in _fields(cls)]
+        fixed: dict[tuple[str, Any], list[str]] = {}
+        for fw, row in FIXED.get(name, {}).items():
+            for k, v in row.items():
+                if k in _fields(cls) and (name, k) not in _OPTION_OF:
+                    fixed.setdefault((k, v), []).append(fw)
+        notes += [f"- `{k}` is always `{_value(v)}` in {', '.join(fws)}: "
+                  f"{FIXED_WHY.get((name, k), 'the framework has no such hyperparameter')}; "
+                  "another source value is not exact." for (k, v), fws in fixed.items()]
         if name in NO_EXACT:
             notes.append(f"- No exact translation: {NO_EXACT[name]}.")
         if notes:
