@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -569,6 +570,13 @@ class _WithConventions(type):
                 )
             kwargs = {**{k: v for k, v in table[name].items() if k not in given}, **kwargs}
         return super().__call__(*args, **kwargs)
+
+    @property
+    def __signature__(cls) -> inspect.Signature:
+        # the constructor's, not this __call__'s (*args, **kwargs): callers that bind
+        # arguments by signature (optax.inject_hyperparams) see the fields
+        sig = inspect.signature(cls.__init__)  # type: ignore[misc]
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,9 +29,10 @@ class scale_by_adam(Elementwise):
 
     ``m <- b1*m + (1-b1)*u``, ``v <- b2*v + (1-b2)*u^2``, ``m_hat = m/(1-b1^t)``,
     ``v_hat = v/(1-b2^t)``. ``nesterov=True`` uses optax's NAdam-style
-    ``m_hat = b1*m/(1-b1^(t+1)) + (1-b1)*u/(1-b1^t)``. ``lr`` (1: the direction alone, as
-    optax's ``scale_by_adam``) is folded in as torch folds it, ``((lr/(1-b1^t))*m)/denom``,
-    so the rules that pass theirs round as torch's ``addcdiv`` does.
+    ``m_hat = b1*m/(1-b1^(t+1)) + (1-b1)*u/(1-b1^t)``. ``folded_lr`` (1: the direction alone,
+    as optax's ``scale_by_adam``) is a learning rate folded in as torch folds it,
+    ``((lr/(1-b1^t))*m)/denom``, so the rules that pass theirs round as torch's ``addcdiv``
+    does (a chain of blocks keeps ``scale_by_lr``, and one ``lr`` for :func:`uniopt.adjust`).
     """
 
     b1: Any = hyper(0.9, UNIT_OPEN)
@@ -39,17 +40,17 @@ class scale_by_adam(Elementwise):
     eps: Any = hyper(1e-8, NONNEG)
     eps_root: Any = hyper(0.0, NONNEG)
     nesterov: bool = False
-    lr: Any = hyper(1.0, NONNEG)
+    folded_lr: Any = hyper(1.0, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
     def coeffs(self, step: int) -> AdamCoeffs:
         c1, c2 = self.one_minus("b1"), self.one_minus("b2")
         bc1, bc2 = bias_correction(self.b1, c1, step), bias_correction(self.b2, c2, step)
         if self.nesterov:
-            m_scale = self.lr * self.b1 / bias_correction(self.b1, c1, step + 1)
-            u_scale = self.lr * c1 / bc1
+            m_scale = self.folded_lr * self.b1 / bias_correction(self.b1, c1, step + 1)
+            u_scale = self.folded_lr * c1 / bc1
         else:
-            m_scale, u_scale = self.lr / bc1, 0.0
+            m_scale, u_scale = self.folded_lr / bc1, 0.0
         return AdamCoeffs(
             one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, m_scale=m_scale, u_scale=u_scale,
             sqrt_bc2=bc2**0.5, eps_root_bc2=self.eps_root * bc2, eps=self.eps,
@@ -155,13 +156,13 @@ class scale_by_amsgrad_uncorrected(scale_by_amsgrad):
 
     def coeffs(self, step: int) -> AdamCoeffs:
         c = super().coeffs(step)
-        return c._replace(m_scale=self.lr, u_scale=0.0, sqrt_bc2=1.0,
+        return c._replace(m_scale=self.folded_lr, u_scale=0.0, sqrt_bc2=1.0,
                           eps_root_bc2=self.eps_root)
 
 
 def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool, lr: Any) -> Elementwise:
     return (scale_by_amsgrad if amsgrad else scale_by_adam)(b1=betas[0], b2=betas[1], eps=eps,
-                                                             lr=lr)
+                                                             folded_lr=lr)
 
 
 AMSGRAD_MAX = ("raw", "corrected", "uncorrected")
@@ -193,7 +194,7 @@ def _direction(rule: Any) -> Elementwise:
     if plain and (not rule.amsgrad or rule.amsgrad_max == "raw"):
         return _adam_block(rule.betas, rule.eps, rule.amsgrad, rule.lr)
     b1, b2 = rule.betas
-    kw = dict(b1=b1, b2=b2, eps=rule.eps, eps_root=rule.eps_root, lr=rule.lr)
+    kw = dict(b1=b1, b2=b2, eps=rule.eps, eps_root=rule.eps_root, folded_lr=rule.lr)
     if not rule.amsgrad:
         return (scale_by_adam_eps_hat if rule.eps_hat else scale_by_adam)(**kw)
     if rule.amsgrad_max == "corrected":

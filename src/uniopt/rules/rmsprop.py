@@ -22,12 +22,13 @@ class RmsCoeffs(NamedTuple):
 
 @dataclass(frozen=True)
 class scale_by_rms(Elementwise):
-    """``v <- alpha*v + (1-alpha)*u^2``; ``u <- lr*u/(sqrt(v) + eps)`` (eps outside the root;
-    ``lr`` 1: the direction alone), rounded as torch's ``addcdiv``: ``(lr*u)/den``."""
+    """``v <- alpha*v + (1-alpha)*u^2``; ``u <- lr*u/(sqrt(v) + eps)`` (eps outside the root),
+    ``lr`` the ``folded_lr`` (1: the direction alone) rounded in as torch's ``addcdiv``
+    does: ``(lr*u)/den``."""
 
     alpha: Any = hyper(0.99, UNIT)
     eps: Any = hyper(1e-8, NONNEG)
-    lr: Any = hyper(1.0, NONNEG)
+    folded_lr: Any = hyper(1.0, NONNEG)
     initial_scale: float = static(0.0, NONNEG)  # where v starts (optax's initial_scale)
     slots: ClassVar[tuple[str, ...]] = ("square_avg",)
 
@@ -36,7 +37,7 @@ class scale_by_rms(Elementwise):
 
     def coeffs(self, step: int) -> RmsCoeffs:
         return RmsCoeffs(alpha=self.alpha, one_minus_alpha=self.one_minus("alpha"), eps=self.eps,
-                         lr=self.lr)
+                         lr=self.folded_lr)
 
     @staticmethod
     def kernel(xp, c, p, u, square_avg):
@@ -139,7 +140,7 @@ class rmsprop(Rule):
                (scale_by_rms_in_sqrt if self.eps_in_sqrt else scale_by_rms))
         decay = [weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []
         if not self.on("momentum"):  # torch's p.addcdiv_(g, den, value=-lr)
-            return (*decay, rms(alpha=self.alpha, eps=self.eps, lr=self.lr,
+            return (*decay, rms(alpha=self.alpha, eps=self.eps, folded_lr=self.lr,
                                 initial_scale=self.initial_scale))
         direction = rms(alpha=self.alpha, eps=self.eps, initial_scale=self.initial_scale)
         if self.momentum_form == "sutskever":

@@ -537,7 +537,8 @@ class _Derived(_Named):
         vars(self).pop("_carried_by_group", None)
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
-        rule = dataclasses.replace(super()._build_rule(group), scalar_dtype=_scalar_dtype())
+        rule = dataclasses.replace(super()._build_rule(group),
+                                   **{"scalar_dtype": _scalar_dtype()})
         history = self._history().get(id(group))
         if history is None:
             return rule
