@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -537,8 +537,8 @@ class _Derived(_Named):
         vars(self).pop("_carried_by_group", None)
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
-        rule = dataclasses.replace(super()._build_rule(group),
-                                   **{"scalar_dtype": _scalar_dtype()})
+        rule = dataclasses.replace(cast(Any, super()._build_rule(group)),
+                                   scalar_dtype=_scalar_dtype())
         history = self._history().get(id(group))
         if history is None:
             return rule
