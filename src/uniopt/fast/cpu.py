@@ -372,8 +372,9 @@ def _source(
     kernels: tuple[LoopPart, ...], storage: tuple[str, str],
     by_import: bool, mode: str, records: tuple[Any, ...], digest: str = "",
 ) -> str:
-    """A module defining ``fused(L, CO, SIZES)``: one loop over all chunks of every leaf,
-    running every part in order.
+    """A module defining ``serial(L, CO, SIZES)`` and ``parallel(L, CO, SIZES)``: one loop
+    over all chunks of every leaf, running every part in order, on the calling thread or on the
+    thread pool.
 
     ``L`` holds the addresses of the lists of leaves, ``CO`` every part's coefficients in
     order (each part's record is rebuilt from it), ``SIZES`` each leaf's element count: three
@@ -386,8 +387,8 @@ def _source(
     vectorizes); ``pure``: reads ``p`` and the slots, writes ``po`` and ``so*``; ``sumsq``:
     writes nothing and returns the sum of squares of the final ``u`` (a global norm's one
     extra read pass); ``leafsq``: the same, one sum per leaf. Steps under ``PARALLEL_MIN``
-    elements run on the calling thread, without waking the thread pool (it costs more than a
-    small step).
+    elements take ``serial``, without waking the thread pool (it costs more than a small
+    step).
 
     A part whose record is per leaf (its last field in ``records``: a per-leaf norm's
     coefficients) reads its numbers from a table after the others' in ``CO``, one row per
@@ -470,6 +471,7 @@ def _source(
         body.append("acc += np.float64(u) * np.float64(u)")
     else:
         body.append(f"{'p' if inplace else 'po'}[i] = {_WRITE[kp].format(end)}")
+    sums = _PER_LEAF_SUMS if mode == "leafsq" else _SUM
     return "\n".join([
         *head,
         "",
@@ -486,34 +488,34 @@ def _source(
         "    return acc",
         "",
         "",
-        '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
-        "def fused(L, CO, SIZES):",
+        '@numba.njit(cache=CACHE, error_model="numpy")',
+        "def serial(L, CO, SIZES):",
         "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-        *(_PER_LEAF_SUMS if mode == "leafsq" else _SUM),
+        *[line.format(loop="range") for line in sums],
+        "",
+        "",
+        "# compiled at its first call, by the first step of PARALLEL_MIN elements or more: a",
+        "# parallel loop costs as much again to compile, and small steps never use it",
+        '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
+        "def parallel(L, CO, SIZES):",
+        "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
+        *[line.format(loop="numba.prange") for line in sums],
         "",
     ])
 
 
 _SUM = [
     "    total = 0.0",
-    "    if len(leaf) < 2 or size < PARALLEL_MIN:",
-    "        for j in range(len(leaf)):",
-    "            total += chunk(L, CO, leaf[j], start[j], stop[j])",
-    "    else:",
-    "        for j in numba.prange(len(leaf)):",
-    "            total += chunk(L, CO, leaf[j], start[j], stop[j])",
+    "    for j in {loop}(len(leaf)):",
+    "        total += chunk(L, CO, leaf[j], start[j], stop[j])",
     "    return total",
 ]
 # each chunk's sum in its own place (chunks of one leaf run on several threads), then added
 # up per leaf, in the chunks' order
 _PER_LEAF_SUMS = [
     "    sums = np.zeros(len(leaf))",
-    "    if len(leaf) < 2 or size < PARALLEL_MIN:",
-    "        for j in range(len(leaf)):",
-    "            sums[j] = chunk(L, CO, leaf[j], start[j], stop[j])",
-    "    else:",
-    "        for j in numba.prange(len(leaf)):",
-    "            sums[j] = chunk(L, CO, leaf[j], start[j], stop[j])",
+    "    for j in {loop}(len(leaf)):",
+    "        sums[j] = chunk(L, CO, leaf[j], start[j], stop[j])",
     "    total = np.zeros(len(SIZES))",
     "    for j in range(len(leaf)):",
     "        total[leaf[j]] += sums[j]",
@@ -583,9 +585,10 @@ def fused_kernel(
     kernels: tuple[LoopPart, ...], storage: tuple[str, str], mode: str,
     records: tuple[Any, ...],
 ) -> Any:
-    """The compiled loop for parts ``kernels`` (each: the kernel and its slot count), whose
-    coefficient records are described by ``records`` (see :func:`_record`), over params and
-    slots stored as ``storage`` says (see :func:`_source`).
+    """The compiled loops (serial, parallel) for parts ``kernels`` (each: the kernel, its slot
+    count and the finish that writes p), whose coefficient records are described by
+    ``records`` (see :func:`_record`), over params and slots stored as ``storage`` says (see
+    :func:`_source`).
 
     Compiling costs a second or two; the machine code is cached on disk (in
     ``$UNIOPT_CACHE_DIR``, default ``~/.cache/uniopt``) whenever every kernel is importable,
@@ -600,7 +603,7 @@ def fused_kernel(
         for k, (kernel, _, finish) in enumerate(kernels):
             g[f"_K{k}"], g[f"_F{k}"] = kernel, finish
         exec(compile(src, "<uniopt fused loop>", "exec"), g)
-        _FUSED[key] = g["fused"]
+        _FUSED[key] = g["serial"], g["parallel"]
         return _FUSED[key]
     assert path is not None
     name = path.stem
@@ -613,7 +616,7 @@ def fused_kernel(
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # numba's cache finds the module by name when it loads
     spec.loader.exec_module(module)
-    _FUSED[key] = module.fused
+    _FUSED[key] = module.serial, module.parallel
     return _FUSED[key]
 
 
@@ -762,6 +765,7 @@ def run(
     else:
         new_params = [np.empty_like(p) for p in params]
         new_slots = {k: [np.empty_like(x) for x in v] for k, v in slots.items()}
+    big = int(sizes.sum() >= PARALLEL_MIN)  # the loop on the thread pool, or on this thread
     for j, (part, _, _) in enumerate(plan):
         if part.needs_norm:  # one extra read pass: the norm of what reaches this part
             plan = list(plan)
@@ -769,7 +773,7 @@ def run(
             each = _per_leaf(part)
             sumsq = _loop(memo, prefix, storage, "leafsq" if each else "sumsq")
             reads = [params, grads, *(slots[key] for _, _, keys in prefix for key in keys)]
-            total = sumsq(_addresses(reads), _coefficients(prefix, compute, n), sizes)
+            total = sumsq[big](_addresses(reads), _coefficients(prefix, compute, n), sizes)
             c = (part.norm_coeffs(np.sqrt(total), sizes.astype(np.float64)) if each
                  else part.norm_coeffs(float(np.sqrt(total)), int(sizes.sum())))
             plan[j] = (part, c, plan[j][2])
@@ -781,7 +785,7 @@ def run(
             for key in keys:
                 lists += [slots[key], new_slots[key]]
     loop = _loop(memo, plan, storage, mode)
-    loop(_addresses(lists), _coefficients(plan, compute, n), sizes)
+    loop[big](_addresses(lists), _coefficients(plan, compute, n), sizes)
     return new_params, new_slots
 
 
