@@ -36,7 +36,14 @@ from .rules.adam_variants import (
     scale_by_radam,
 )
 from .rules.asgd import asgd, scale_by_asgd
-from .rules.matrix import ema_momentum, muon, orthogonalize, scale_by_shape_lr
+from .rules.matrix import (
+    ema_momentum,
+    ema_momentum_bias_corrected,
+    muon,
+    orthogonalize,
+    scale_by_shape_lr,
+    sum_momentum,
+)
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -106,6 +113,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm",
     "ema_momentum",
+    "ema_momentum_bias_corrected",
     "from_optax",
     "lbfgs",
     "lbfgs_step",
@@ -151,6 +159,7 @@ __all__ = [
     "schedules",
     "setup",
     "sgd",
+    "sum_momentum",
     "sign",
     "scale_by_sparse_adam",
     "sparse_adam",

@@ -112,6 +112,15 @@ FORMULAS: dict[str, dict[str, str]] = {
         "optax": "rectify while ρ_t ≥ 5",
         "flux": "rectify while ρ_t > 4",
     },
+    "muon": {
+        "torch": "b = μb + (1−μ)g; O = NS(b), Nesterov NS((1−μ)g + μb), X₀ = X/max(‖X‖_F, ε); "
+                 "p −= lr·√max(1, A/B)·O + lr·λp (A×B = out×in)",
+        "optax": "b = μb + (1−μ)g; O = NS(b/(1−μᵗ)), Nesterov NS(μb/(1−μᵗ⁺¹) + (1−μ)g/(1−μᵗ)), "
+                 "X₀ = X/(‖X‖_F + ε); p −= lr·(√max(1, B/A)·O + λp) (A×B = in×out); "
+                 "non-2-D leaves: AdamW",
+        "keras": "m = μm + g; O = NS(m), Nesterov NS(g + μm), X₀ = X/(‖X‖_F + 10⁻⁷); "
+                 "p −= lr·λp; p −= lr·0.2·√max(A, B)·O; non-2-D, embeddings: AdamW",
+    },
     "optimistic_adam": {
         "optax": "v2: p −= η_t·((α+β)·r_t − β·r_{t−1}); v1: u = −lr·r_t − o·(r_t − r_{t−1})",
         "flux": "OAdam: term = η·m̂/(√v̂+ε); Δ = 2·term − term_prev (term_prev starts at 0)",
@@ -130,6 +139,7 @@ FIXED: dict[str, dict[str, dict[str, Any]]] = {
     "radam": {"torch": {"rectify_threshold": 5.0}, "optax": {"rectify_threshold": 5.0},
               "flux": {"rectify_threshold": 4.0}},
     "optimistic_adam": {"flux": {"alpha": 1.0, "beta": 1.0}},
+    "muon": {"keras": {"eps": 1e-7}},
 }
 
 FIXED_WHY: dict[tuple[str, str], str] = {
@@ -142,6 +152,8 @@ FIXED_WHY: dict[tuple[str, str], str] = {
     ("nadam", "momentum_decay"): "keras 3's Nadam has no momentum_decay: its μ_t uses 0.96^t, "
                                  "momentum_decay = 1",
     ("radam", "rectify_threshold"): "each framework's RAdam rectifies from its own threshold",
+    ("muon", "eps"): "keras's Muon normalises by ‖X‖_F + 1e-7, a constant (its epsilon is "
+                     "AdamW's)",
     ("optimistic_adam", "alpha"): "Optimisers.jl's OAdam steps 2·term − term_prev: alpha = beta "
                                   "= 1",
     ("optimistic_adam", "beta"): "Optimisers.jl's OAdam steps 2·term − term_prev: alpha = beta "
@@ -151,6 +163,14 @@ FIXED_WHY: dict[tuple[str, str], str] = {
 # Why some rules cannot be moved exactly between some frameworks' forms (added to the
 # explanation of an inexact translation).
 NO_EXACT: dict[str, str] = {
+    "muon": (
+        "Newton–Schulz is blind to its input's scale, so the momentum forms differ only in how "
+        "far ε reaches (ε clamped vs added, a buffer over 1−μ for keras's sum), except optax's "
+        "Nesterov bias correction, which weighs g against b differently in the first steps; "
+        "the shape scalings agree on square matrices only (√max(1, A/B) of torch's out×in "
+        "weights, √max(1, B/A) of optax's in×out kernels, 0.2·√max(A, B) in keras): uniopt "
+        "records no exact translation between them"
+    ),
     "nadam": (
         "torch and keras 3 use Dozat's momentum schedule μ_t = β₁(1 − ½·0.96^{tψ}) and its "
         "products (momentum_schedule='dozat'; keras ψ = 1), optax and Optimisers.jl a constant "

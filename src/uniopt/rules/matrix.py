@@ -8,12 +8,14 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Kernel, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper
-from ..moments import addmm, frobenius, lerp
+from ..moments import addmm, bias_correction, frobenius, lerp
 
 # Keller Jordan's quintic: the slope at 0 is as large as keeps the iteration's fixed band
 # around 1 (singular values end in about [0.7, 1.2], not exactly 1)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+ADJUST_LR_FNS = (None, "original", "original_in_out", "match_rms_adamw")
+MOMENTUM_FORMS = ("ema", "ema_bias_corrected", "sum")
+EPS_FORMS = ("clamp", "add")
 
 
 class Ema(NamedTuple):
@@ -48,6 +50,77 @@ class ema_momentum(Elementwise):
         return _ema_nesterov if self.nesterov else _ema_heavy_ball
 
 
+class EmaCorrected(NamedTuple):
+    momentum: Any
+    one_minus_momentum: Any
+    bc: Any  # 1 - momentum^t
+    bc_next: Any  # 1 - momentum^(t+1)
+
+
+def _ema_corrected_heavy_ball(xp, c, p, u, b):
+    b = c.one_minus_momentum * u + c.momentum * b  # optax's update_moment, as it writes it
+    return b / c.bc, b
+
+
+def _ema_corrected_nesterov(xp, c, p, u, b):
+    b = c.one_minus_momentum * u + c.momentum * b
+    return c.momentum * (b / c.bc_next) + c.one_minus_momentum * (u / c.bc), b
+
+
+@dataclass(frozen=True)
+class ema_momentum_bias_corrected(Elementwise):
+    """optax's Muon momentum: ``b <- (1-momentum)*u + momentum*b``, ``u <- b/(1-momentum^t)``;
+    with ``nesterov`` (optax's NAdam form) ``u <- momentum*b/(1-momentum^(t+1)) +
+    (1-momentum)*u/(1-momentum^t)``."""
+
+    momentum: Any = hyper(0.95, NONNEG)
+    nesterov: bool = True
+    slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+
+    def coeffs(self, step: Any) -> EmaCorrected:
+        c = self.one_minus("momentum")
+        return EmaCorrected(momentum=self.momentum, one_minus_momentum=c,
+                            bc=bias_correction(self.momentum, c, step),
+                            bc_next=bias_correction(self.momentum, c, step + 1))
+
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return _ema_corrected_nesterov if self.nesterov else _ema_corrected_heavy_ball
+
+
+class SumMomentum(NamedTuple):
+    momentum: Any
+    momentum_minus_one: Any
+
+
+def _sum_heavy_ball(xp, c, p, u, b):
+    b = b + (u + b * c.momentum_minus_one)  # keras's assign_add(m, g + m*(momentum - 1))
+    return b, b
+
+
+def _sum_nesterov(xp, c, p, u, b):
+    b = b + (u + b * c.momentum_minus_one)
+    return u + c.momentum * b, b
+
+
+@dataclass(frozen=True)
+class sum_momentum(Elementwise):
+    """keras's Muon momentum, a sum rather than an average: ``b <- momentum*b + u``,
+    ``u <- b``; with ``nesterov``, ``u <- u + momentum*b``. It is :class:`ema_momentum`'s
+    buffer and update divided by ``1 - momentum``."""
+
+    momentum: Any = hyper(0.95, NONNEG)
+    nesterov: bool = True
+    slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+
+    def coeffs(self, step: Any) -> SumMomentum:
+        return SumMomentum(momentum=self.momentum, momentum_minus_one=-self.one_minus("momentum"))
+
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return _sum_nesterov if self.nesterov else _sum_heavy_ball
+
+
 class NewtonSchulz(NamedTuple):
     a: Any
     b: Any
@@ -66,6 +139,16 @@ def _check_adjust_lr_fn(owner: str, fn: Any) -> None:
         raise ValueError(f"{owner}: adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {fn!r}")
 
 
+def _check_momentum_form(owner: str, form: Any) -> None:
+    if form not in MOMENTUM_FORMS:
+        raise ValueError(f"{owner}: momentum_form must be one of {MOMENTUM_FORMS}, got {form!r}")
+
+
+def _check_eps_form(owner: str, form: Any) -> None:
+    if form not in EPS_FORMS:
+        raise ValueError(f"{owner}: eps_form must be one of {EPS_FORMS}, got {form!r}")
+
+
 def _check_ns_dtype(owner: str, dtype: Any) -> None:
     if dtype not in (None, "bfloat16", "float16", "float32", "float64"):
         raise ValueError(f"{owner}: ns_dtype must be None (the update's own dtype) or a float "
@@ -82,8 +165,9 @@ def _matrix_error(shape: tuple[int, ...]) -> str | None:
 @dataclass(frozen=True)
 class orthogonalize(PerLeaf):
     """``u <- NS_k(u)``: ``ns_steps`` Newton-Schulz steps towards the orthogonal factor of
-    ``u = U S V^T`` (``U V^T``, singular values ending near 1). ``X <- u / max(|u|_F, eps)``,
-    transposed to be wide; each step ``A = X X^T``, ``X <- a X + (b A + c A A) X``.
+    ``u = U S V^T`` (``U V^T``, singular values ending near 1). ``X <- u / max(|u|_F, eps)``
+    (``eps_form="add"``: ``u / (|u|_F + eps)``, optax's and keras's), transposed to be wide;
+    each step ``A = X X^T``, ``X <- a X + (b A + c A A) X``.
 
     Computed in the update's own dtype, or in ``ns_dtype`` (``"bfloat16"``: torch's Muon, whose
     matmuls then run at bfloat16 speed; torch and JAX arrays), each step's two matrix products
@@ -94,11 +178,13 @@ class orthogonalize(PerLeaf):
     eps: Any = hyper(1e-7, NONNEG)
     ns_steps: int = 5
     ns_dtype: str | None = None
+    eps_form: str = "clamp"
     batched: ClassVar[bool] = True
 
     def check(self) -> None:
         _check_ns_steps(self.name, self.ns_steps)
         _check_ns_dtype(self.name, self.ns_dtype)
+        _check_eps_form(self.name, self.eps_form)
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         return _matrix_error(shape)
@@ -116,7 +202,10 @@ class orthogonalize(PerLeaf):
                 raise TypeError(f"{self.name}: ns_dtype={self.ns_dtype!r}, which "
                                 f"{xp.__name__} arrays do not have")
             x = xp.astype(x, dtype)
-        x = x / xp.clip(frobenius(xp, x), min=c.eps)
+        if self.eps_form == "add":
+            x = x / (frobenius(xp, x) + c.eps)
+        else:
+            x = x / xp.clip(frobenius(xp, x), min=c.eps)
         for _ in range(self.ns_steps):
             gram = x @ xp.matrix_transpose(x)
             x = addmm(xp, c.a, x, 1.0, addmm(xp, c.b, gram, c.c, gram, gram), x)
@@ -132,8 +221,10 @@ class MatrixStep(NamedTuple):
 @dataclass(frozen=True)
 class scale_by_shape_lr(PerLeaf):
     """``u <- lr * s(A, B) * u + lr*weight_decay*p`` for an ``A x B`` matrix, ``s`` torch's
-    ``adjust_lr_fn``: ``"original"`` (or None) ``sqrt(max(1, A/B))``, ``"match_rms_adamw"``
-    ``0.2 sqrt(max(A, B))`` (the update's RMS then matches AdamW's)."""
+    ``adjust_lr_fn``: ``"original"`` (or None) ``sqrt(max(1, A/B))`` (torch's ``(out, in)``
+    weights: ``sqrt(max(1, fan_out/fan_in))``), ``"original_in_out"`` ``sqrt(max(1, B/A))``
+    (the same for optax's ``(in, out)`` kernels), ``"match_rms_adamw"`` ``0.2 sqrt(max(A, B))``
+    (the update's RMS then matches AdamW's; keras's ``rms_rate=0.2``)."""
 
     lr: Any = hyper(1e-3, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
@@ -156,6 +247,8 @@ class scale_by_shape_lr(PerLeaf):
         rows, cols = shape
         if self.adjust_lr_fn == "match_rms_adamw":
             ratio = 0.2 * math.sqrt(max(rows, cols))
+        elif self.adjust_lr_fn == "original_in_out":
+            ratio = math.sqrt(max(1.0, cols / rows))
         else:
             ratio = math.sqrt(max(1.0, rows / cols))
         return c._replace(lr=c.lr * ratio)
@@ -176,6 +269,36 @@ class muon(Rule):
     ``ns_dtype="bfloat16"`` runs the iteration as torch's Muon does (``uniopt.torch.Muon``
     does); the default runs it in the update's dtype, more exact and available on NumPy.
 
+    Options (the ``convention`` sets them, and the defaults, for the fields not given):
+
+    - ``momentum_form="ema"``: torch's moving average above (:class:`ema_momentum`).
+    - ``momentum_form="ema_bias_corrected"``: optax's, ``b/(1-momentum^t)``; Nesterov
+      ``momentum*b/(1-momentum^(t+1)) + (1-momentum)*g/(1-momentum^t)``.
+    - ``momentum_form="sum"``: keras's, ``b <- momentum*b + g``; Nesterov ``g + momentum*b``.
+    - ``eps_form="clamp"``: NS starts from ``X/max(|X|_F, eps)`` (torch); ``"add"``:
+      ``X/(|X|_F + eps)`` (optax, keras).
+    - ``adjust_lr_fn``: ``"original"`` (or None) ``sqrt(max(1, A/B))`` (torch);
+      ``"original_in_out"`` ``sqrt(max(1, B/A))`` (optax's width scaling of ``(in, out)`` kernels);
+      ``"match_rms_adamw"`` ``0.2*sqrt(max(A, B))`` (torch's option; keras's ``rms_rate=0.2``).
+    - ``ns_coefficients``, ``ns_steps``, ``eps``: the iteration's (optax ``ns_coeffs``, keras
+      ``muon_a/b/c``); the decay is ``lr*weight_decay*p`` in all three, unadjusted by ``s``.
+
+    The forms differ only in how far ``eps`` reaches (NS is blind to the scale of its input,
+    and ``"sum"``'s buffer is ``"ema"``'s over ``1 - momentum``), except optax's Nesterov
+    bias correction, which weighs ``g`` against ``b`` differently in the first steps.
+
+    Conventions: ``"torch"`` (lr 1e-3, weight_decay 0.1, eps 1e-7 clamped); ``"optax"``,
+    ``optax.contrib.muon`` on 2-D leaves (it gives the others to AdamW): eps 1e-8 added,
+    weight_decay 0, bias-corrected momentum, ``original_in_out``; optax requires a learning
+    rate, ours keeps 1e-3 (its ``adaptive``, ``preconditioning`` other than ``"frobenius"``,
+    per-step ``"dion"`` coefficients, ``weight_decay_mask``, ``mu_dtype`` and
+    ``consistent_rms`` are not offered: ``consistent_rms=0.2`` is ``match_rms_adamw``);
+    ``"keras"``, ``keras.optimizers.Muon`` on the matrices it gives Muon (it gives other
+    variables, embeddings and ``exclude_layers`` to its AdamW, at ``lr*adam_lr_ratio``): lr
+    1e-3, weight_decay 0.004, eps 1e-7 added (fixed in keras), sum momentum,
+    ``match_rms_adamw`` (keras's ``rms_rate=r`` is ``lr*r/0.2`` with ``weight_decay*0.2/r``;
+    ``rms_rate=None``, no scaling, is not offered).
+
     >>> import numpy as np, uniopt as uo
     >>> p = [np.eye(2), 2 * np.eye(2)]  # one shape: orthogonalised in one batched call
     >>> state = uo.setup(uo.muon(lr=0.1, weight_decay=0.0), p)
@@ -193,12 +316,31 @@ class muon(Rule):
     ns_steps: int = 5
     adjust_lr_fn: str | None = None
     ns_dtype: str | None = None
+    momentum_form: str = "ema"
+    eps_form: str = "clamp"
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"weight_decay": 0.0, "eps": 1e-8, "momentum_form": "ema_bias_corrected",
+                  "eps_form": "add", "adjust_lr_fn": "original_in_out"},
+        "keras": {"weight_decay": 0.004, "momentum_form": "sum", "eps_form": "add",
+                  "adjust_lr_fn": "match_rms_adamw"},
+    }
 
     def parts(self) -> tuple[Transform, ...]:
+        momentum: Transform
+        if self.momentum_form == "ema_bias_corrected":
+            momentum = ema_momentum_bias_corrected(momentum=self.momentum, nesterov=self.nesterov)
+        elif self.momentum_form == "sum":
+            momentum = sum_momentum(momentum=self.momentum, nesterov=self.nesterov)
+        else:
+            momentum = ema_momentum(momentum=self.momentum, nesterov=self.nesterov)
         return (
-            ema_momentum(momentum=self.momentum, nesterov=self.nesterov),
+            momentum,
             orthogonalize(ns_coefficients=self.ns_coefficients, eps=self.eps,
-                          ns_steps=self.ns_steps, ns_dtype=self.ns_dtype),
+                          ns_steps=self.ns_steps, ns_dtype=self.ns_dtype,
+                          eps_form=self.eps_form),
             scale_by_shape_lr(lr=self.lr, weight_decay=self.weight_decay,
                               adjust_lr_fn=self.adjust_lr_fn),
         )
@@ -207,3 +349,5 @@ class muon(Rule):
         _check_ns_steps(self.name, self.ns_steps)
         _check_adjust_lr_fn(self.name, self.adjust_lr_fn)
         _check_ns_dtype(self.name, self.ns_dtype)
+        _check_momentum_form(self.name, self.momentum_form)
+        _check_eps_form(self.name, self.eps_form)
