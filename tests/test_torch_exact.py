@@ -263,3 +263,20 @@ def test_rules_with_a_root_are_torchs_bits_but_for_the_root(name: str, dtype: st
     for step, (ours, theirs) in enumerate(_race(name, hp, getattr(torch, dtype), SMALL, STEPS,
                                                scheduled, {"foreach": False}, seed, ieee=True)):
         assert torch.equal(ours, theirs), (step, hp)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_muon_is_torchs_bits_on_matrices_of_distinct_shapes(dtype: str) -> None:
+    """Matrices of distinct shapes, each its own Newton-Schulz chain (torch's addmm in
+    bfloat16), then torch's decay and fused add: torch's bits. Matrices of one shape are
+    stacked into one baddbmm chain, which can round differently from torch's per-matrix addmm
+    (first seen at step 14 on two 13x5 matrices), so they are left out here."""
+    seed = zlib.crc32(f"Muon-{dtype}".encode())
+    rng = np.random.default_rng(seed)
+    hp = {"lr": _uniform(rng, 1e-3, 0.05), "weight_decay": _maybe(rng, lambda: 0.05),
+          "momentum": _uniform(rng, 0.8, 0.99), "nesterov": bool(rng.random() < 0.5),
+          "adjust_lr_fn": "match_rms_adamw" if rng.random() < 0.5 else None}
+    for step, (ours, theirs) in enumerate(_race("Muon", hp, getattr(torch, dtype),
+                                               ((7, 11), (16, 16), (13, 5)), 30, True, {},
+                                               seed)):
+        assert torch.equal(ours, theirs), (step, hp)
