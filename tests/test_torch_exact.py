@@ -86,7 +86,18 @@ def _adagrad(rng: np.random.Generator) -> dict[str, Any]:
             "weight_decay": _maybe(rng, lambda: _uniform(rng, 0.0, 0.1))}
 
 
-NO_ROOT = {"SGD": _sgd, "Adamax": _adamax, "ASGD": _asgd, "Rprop": _rprop}
+def _adafactor(rng: np.random.Generator) -> dict[str, Any]:
+    return {"lr": _uniform(rng, 1e-3, 0.3), "beta2_decay": _uniform(rng, -1.0, -0.3),
+            "eps": (None if rng.random() < 0.5 else 10 ** _uniform(rng, -30, -10),
+                    10 ** _uniform(rng, -4, -2)),
+            "d": _uniform(rng, 1.0, 2.0) if rng.random() < 0.5 else 1.0,
+            "weight_decay": _maybe(rng, lambda: _uniform(rng, 0.0, 0.1)), "maximize": False}
+
+
+# Adafactor has no sqrt: its root is torch's rsqrt, which on the CPU is an IEEE square root and
+# a division (two roundings; test_torchs_rsqrt_is_one_over_the_ieee_root)
+NO_ROOT = {"SGD": _sgd, "Adamax": _adamax, "ASGD": _asgd, "Rprop": _rprop,
+           "Adafactor": _adafactor}
 FUSED = {"Adam": _adam, "AdamW": _adam, "Adagrad": _adagrad, "SGD": _sgd}
 
 
@@ -100,7 +111,8 @@ def _schedule(opt: Any, scheduled: bool) -> Any:
 @contextlib.contextmanager
 def _ieee_sqrt() -> Iterator[None]:
     """torch's square roots replaced by the correctly rounded one (NumPy's), so that torch's
-    for-loop is torch's order of operations with nothing else changed."""
+    for-loop is torch's order of operations with nothing else changed. ``rsqrt`` (Adafactor's)
+    is left as it is: on the CPU it is already ``1 / sqrt(x)`` with IEEE's root."""
     def sqrt(x: Any) -> Any:
         return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
 
@@ -160,6 +172,30 @@ def test_rules_without_a_root_are_torchs_bits(name: str, dtype: str, scheduled: 
     for step, (ours, theirs) in enumerate(_race(name, hp, getattr(torch, dtype), SMALL, STEPS,
                                                scheduled, {"foreach": False}, seed)):
         assert torch.equal(ours, theirs), (step, hp)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adafactor_is_torchs_bits(dtype: str) -> None:
+    """Leaves of 0 to 3 dimensions, two of each shape (uniopt stacks them into one call) and
+    a matrix long enough for torch's vectorised reductions, with and without a schedule: torch's
+    norms, lerps, rsqrt and Python-float step sizes, bit for bit, with no root replaced."""
+    shapes = ((), (), (5,), (5,), (7, 11), (7, 11), (3, 4, 6), (3, 4, 6), (67, 129))
+    for scheduled in (False, True):
+        seed = zlib.crc32(f"Adafactor-{dtype}-{scheduled}".encode())
+        hp = _adafactor(np.random.default_rng(seed))
+        for step, (ours, theirs) in enumerate(_race("Adafactor", hp, getattr(torch, dtype),
+                                                   shapes, 40, scheduled, {"foreach": False},
+                                                   seed)):
+            assert torch.equal(ours, theirs), (step, hp)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torchs_rsqrt_is_one_over_the_ieee_root(dtype: str) -> None:
+    """What uniopt's Adafactor assumes (so _ieee_sqrt leaves rsqrt alone): torch's CPU rsqrt,
+    vectorised body and scalar tail, is ``1 / sqrt(x)`` with IEEE's root, rounded twice."""
+    rng = np.random.default_rng(5)
+    x = (rng.random(4099) * 10.0 ** rng.integers(-30, 30, 4099)).astype(dtype)
+    assert np.array_equal(torch.rsqrt(torch.from_numpy(x)).numpy(), 1 / np.sqrt(x))
 
 
 @pytest.mark.parametrize("name", list(NO_ROOT))
@@ -226,4 +262,21 @@ def test_rules_with_a_root_are_torchs_bits_but_for_the_root(name: str, dtype: st
     hp = ROOT[name](np.random.default_rng(seed))
     for step, (ours, theirs) in enumerate(_race(name, hp, getattr(torch, dtype), SMALL, STEPS,
                                                scheduled, {"foreach": False}, seed, ieee=True)):
+        assert torch.equal(ours, theirs), (step, hp)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_muon_is_torchs_bits_on_matrices_of_distinct_shapes(dtype: str) -> None:
+    """Matrices of distinct shapes, each its own Newton-Schulz chain (torch's addmm in
+    bfloat16), then torch's decay and fused add: torch's bits. Matrices of one shape are
+    stacked into one baddbmm chain, which can round differently from torch's per-matrix addmm
+    (first seen at step 14 on two 13x5 matrices), so they are left out here."""
+    seed = zlib.crc32(f"Muon-{dtype}".encode())
+    rng = np.random.default_rng(seed)
+    hp = {"lr": _uniform(rng, 1e-3, 0.05), "weight_decay": _maybe(rng, lambda: 0.05),
+          "momentum": _uniform(rng, 0.8, 0.99), "nesterov": bool(rng.random() < 0.5),
+          "adjust_lr_fn": "match_rms_adamw" if rng.random() < 0.5 else None}
+    for step, (ours, theirs) in enumerate(_race("Muon", hp, getattr(torch, dtype),
+                                               ((7, 11), (16, 16), (13, 5)), 15, True, {},
+                                               seed)):
         assert torch.equal(ours, theirs), (step, hp)

@@ -439,6 +439,13 @@ class PerLeaf(Part):
     def apply(xp: Any, c: Any, p: Any, u: Any, *slots: Any) -> tuple[Any, ...]:
         raise NotImplementedError
 
+    # As an elementwise part's: the last part of a rule may write the parameter itself, in its
+    # peer's order (Adafactor's decay, then ``p.add_(update, alpha=-alpha/denom)``).
+    # ``finish(xp, c, p, u, *slots) -> (p_new, *slots)`` is ``apply``'s twin, called in its
+    # place (batched alike) where the part ends the rule; elsewhere ``apply``'s ``u`` is the
+    # update, the same up to the last rounding.
+    finish: ClassVar[Callable[..., tuple[Any, ...]] | None] = None
+
 
 @dataclasses.dataclass(frozen=True)
 class WholeTree(Part):

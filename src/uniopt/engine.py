@@ -329,9 +329,13 @@ def _deltas(
                                                  state, extra)
             continue
         if isinstance(part, PerLeaf):
+            last = finish and part.finish is not None and part is plan[-1][0]
             outs = _per_leaf(part, c, [[read(state.slots[k][i], dt, xp) for k in keys]
                                        for i, (xp, dt) in enumerate(zip(xps, dts, strict=True))],
-                             xps, ps, us)
+                             xps, ps, us, last)
+            if last:  # finish's (p_new, *slots)
+                new_slots.update({k: [o[j + 1] for o in outs] for j, k in enumerate(keys)})
+                return [o[0] for o in outs], new_slots, new_trees
         else:
             assert isinstance(part, Elementwise)
             if part.needs_norm and part.norm_per_leaf:
@@ -398,11 +402,12 @@ def _copy(x: Any, dtype: Any, xp: Any) -> Any:
 
 
 def _per_leaf(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[Any], ps: list[Any],
-              us: list[Any]) -> list[tuple[Any, ...]]:
+              us: list[Any], finish: bool = False) -> list[tuple[Any, ...]]:
     """A per-leaf part's ``(u, *slots)`` for every leaf: one call per leaf, or for a part that
     takes a batch, one per set of leaves of one shape and dtype, stacked along a new leading
     axis (a leaf alone is a batch of one, so batching never changes a number). Each call gets
-    the coefficients the part gives for its leaves' shape."""
+    the coefficients the part gives for its leaves' shape. ``finish``: the part's ``finish``
+    in place of its ``apply``, ``(p_new, *slots)``."""
     groups: dict[Any, list[int]] = {}
     for i, u in enumerate(us):
         groups.setdefault((tuple(u.shape), u.dtype) if part.batched else i, []).append(i)
@@ -413,7 +418,7 @@ def _per_leaf(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[Any], ps:
         # 1024 x 1024 lost 10% to it), smaller ones are reused
         n = max(1, BATCH_BYTES // (8 * math.prod(us[whole[0]].shape) or 1))
         for at in range(0, len(whole), n):
-            _apply_batch(part, c, slots, xps, ps, us, whole[at:at + n], outs)
+            _apply_batch(part, c, slots, xps, ps, us, whole[at:at + n], outs, finish)
     return outs
 
 
@@ -422,14 +427,15 @@ BATCH_BYTES = 16 << 20
 
 
 def _apply_batch(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[Any], ps: list[Any],
-             us: list[Any], idx: list[int], outs: list[Any]) -> None:
+             us: list[Any], idx: list[int], outs: list[Any], finish: bool = False) -> None:
     """:func:`_per_leaf` on the leaves ``idx``, one call, its results into ``outs``."""
+    apply = part.finish if finish and part.finish is not None else part.apply
     first, xp = us[idx[0]], xps[idx[0]]
     lc = part.leaf_coeffs(c, tuple(first.shape))
     lc = _per_dtype(lc, [first]).get(first.dtype, lc)
     if not part.batched:
         i = idx[0]
-        outs[i] = part.apply(xp, lc, ps[i], us[i], *slots[i])
+        outs[i] = apply(xp, lc, ps[i], us[i], *slots[i])
         return
 
     def stack(xs: list[Any], xp: Any = xp) -> Any:
@@ -437,7 +443,7 @@ def _apply_batch(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[Any], 
             return None
         return xp.expand_dims(xs[0], axis=0) if len(xs) == 1 else xp.stack(xs)
 
-    out = part.apply(xp, lc, stack([ps[i] for i in idx]), stack([us[i] for i in idx]),
+    out = apply(xp, lc, stack([ps[i] for i in idx]), stack([us[i] for i in idx]),
                      *(stack([slots[i][k] for i in idx]) for k in range(len(slots[idx[0]]))))
     for j, i in enumerate(idx):
         outs[i] = tuple(None if o is None else o[j, ...] for o in out)

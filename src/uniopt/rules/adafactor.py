@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..backend import namespace
+from .. import backend
+from ..backend import is_torch, namespace
 from ..base import PerLeaf, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper
-from ..moments import lerp
+from ..moments import fma, lerp
 
 
 def _leaf_axes(x: Any) -> tuple[int, ...]:
@@ -16,21 +18,63 @@ def _leaf_axes(x: Any) -> tuple[int, ...]:
     return tuple(range(1, x.ndim))
 
 
-def _rms(xp: Any, x: Any) -> Any:
-    """Each leaf's root mean square, shaped to broadcast against the batch."""
+def _norm(xp: Any, x: Any, axis: int) -> Any:
+    """The 2-norm along ``axis``, kept: torch's ``norm(x, dim=axis, keepdim=True)`` on torch
+    tensors (its own reduction, as its Adafactor takes it), ``sqrt(sum(x*x))`` elsewhere."""
+    if is_torch(x):
+        import torch
+
+        return torch.linalg.vector_norm(x, dim=axis, keepdim=True)
+    return xp.sqrt(xp.sum(x * x, axis=axis, keepdims=True))
+
+
+def _mean_sq(xp: Any, g: Any, axis: int) -> Any:
+    """The mean of ``g^2`` along ``axis`` in torch's order: ``norm(g, dim).square_().div_(n)``
+    (its Adafactor never forms ``g*g`` for a matrix)."""
+    r = _norm(xp, g, axis)
+    return r * r / g.shape[axis]
+
+
+def _rsqrt(xp: Any, x: Any) -> Any:
+    """``1/sqrt(x)``: torch's CPU ``rsqrt`` is that, an IEEE square root and a division (two
+    roundings), on its vectorised and scalar paths alike."""
+    if is_torch(x):
+        import torch
+
+        return torch.rsqrt(x)
+    return 1 / xp.sqrt(x)
+
+
+def _leaf_norms(xp: Any, x: Any) -> Any:
+    """Each leaf's 2-norm: on torch tensors a list of Python floats, each leaf's own
+    ``norm(2).item()`` as torch's for-loop takes it (one reduction per leaf: a reduction over
+    the batch may split its sums elsewhere); on other arrays, shaped ``(batch, 1, ...)``."""
+    if is_torch(x):
+        return [float(x[b].norm(2)) for b in range(x.shape[0])]
     axes = _leaf_axes(x)
-    if not axes:  # a batch of 0-d leaves (torch reads an empty dim tuple as every axis)
-        return xp.abs(x)
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
-    return xp.sqrt(xp.sum(x * x, axis=axes, keepdims=True) / n)
+    return xp.sqrt(xp.sum(x * x, axis=axes, keepdims=True)) if axes else xp.abs(x)
+
+
+def _larger(xp: Any, floor: Any, x: Any) -> Any:
+    """Python's ``max(floor, x)``: ``x`` where it is larger (not NaN), else ``floor``."""
+    if isinstance(x, float):
+        return max(floor, x)
+    return xp.where(x > floor, x, floor)
+
+
+def _wide(xp: Any, x: Any) -> Any:
+    """``x`` in float64, as torch's ``.item()`` arithmetic is on the host, where the library
+    has it (JAX only with x64; there ``x`` as it is)."""
+    if backend.is_jax(x):
+        return x
+    return xp.astype(x, xp.float64)
 
 
 class FactoredCoeffs(NamedTuple):
     weight: Any  # t^beta2_decay: the weight of this step's squares in the moving averages
     eps1: Any  # floor of the variance estimate's root (None: the dtype's machine epsilon)
     d: Any  # clipping threshold of the update's RMS
+    clip: bool  # whether to clip here (adafactor clips in its last part, as torch)
 
 
 @dataclass(frozen=True)
@@ -40,12 +84,14 @@ class scale_by_factored_rms(PerLeaf):
     A leaf of two or more dimensions keeps the row and column means of ``g^2`` over its last
     two axes, ``R <- lerp(R, mean_cols(g^2), w)``, ``C <- lerp(C, mean_rows(g^2), w)``, and
     estimates ``v_hat = R C / max(mean(R), eps1)``; a smaller leaf keeps ``v <- lerp(v, g^2,
-    w)`` whole. ``w = t^beta2_decay``; ``u <- g / sqrt(max(v_hat, eps1^2))``, then
-    ``u <- u / max(1, rms(u)/d)``."""
+    w)`` whole. ``w = t^beta2_decay``; ``u <- rsqrt(max(v_hat, eps1^2)) g``, then
+    ``u <- u / max(1, rms(u)/d)`` (``clip=False``: no clipping). Each mean of ``g^2`` is
+    ``norm(g)^2 / n`` along its axis, as torch rounds it."""
 
     beta2_decay: Any = hyper(-0.8, Interval(None, 0.0))
     eps1: float | None = None
     d: Any = hyper(1.0, Interval(1.0))
+    clip: bool = True
     slots: ClassVar[tuple[str, ...]] = ("row_var", "col_var", "variance")
     batched: ClassVar[bool] = True
 
@@ -55,53 +101,113 @@ class scale_by_factored_rms(PerLeaf):
         return (*shape[:-1], 1), (*shape[:-2], 1, shape[-1]), None
 
     def coeffs(self, step: Any) -> FactoredCoeffs:
-        return FactoredCoeffs(weight=(step + 1) ** self.beta2_decay, eps1=self.eps1, d=self.d)
+        # torch's step_float**beta2_decay: the step a float
+        return FactoredCoeffs(weight=(step + 1.0) ** self.beta2_decay, eps1=self.eps1,
+                              d=self.d, clip=self.clip)
 
     @staticmethod
     def apply(xp, c, p, u, row_var, col_var, variance):
-        eps1 = xp.finfo(u.dtype).eps if c.eps1 is None else c.eps1
-        g2 = u * u
+        eps1 = float(xp.finfo(u.dtype).eps) if c.eps1 is None else c.eps1
         if variance is None:
-            row_var = lerp(row_var, xp.mean(g2, axis=-1, keepdims=True), c.weight)
-            col_var = lerp(col_var, xp.mean(g2, axis=-2, keepdims=True), c.weight)
+            row_var = lerp(row_var, _mean_sq(xp, u, -1), c.weight)
+            col_var = lerp(col_var, _mean_sq(xp, u, -2), c.weight)
+            # torch's row_var @ col_var: an outer product, each element one rounded product
             v_hat = row_var * col_var / xp.clip(
                 xp.mean(row_var, axis=-2, keepdims=True), min=eps1)
         else:
-            v_hat = variance = lerp(variance, g2, c.weight)
-        u = u / xp.sqrt(xp.clip(v_hat, min=eps1 * eps1))
-        return u / xp.clip(_rms(xp, u) / c.d, min=1.0), row_var, col_var, variance
+            v_hat = variance = lerp(variance, u * u, c.weight)
+        u = _rsqrt(xp, xp.clip(v_hat, min=eps1 * eps1)) * u
+        if c.clip:
+            n = math.prod(u.shape[1:])
+            u = u / xp.clip(_leaf_norms_array(xp, u) / (n**0.5 * c.d), min=1.0)
+        return u, row_var, col_var, variance
+
+
+def _leaf_norms_array(xp: Any, x: Any) -> Any:
+    """:func:`_leaf_norms` as an array shaped ``(batch, 1, ...)`` on every library."""
+    norms = _leaf_norms(xp, x)
+    if isinstance(norms, list):
+        return xp.reshape(xp.asarray(norms, dtype=x.dtype, device=x.device),
+                          (-1,) + (1,) * (x.ndim - 1))
+    return norms
 
 
 class RelativeStep(NamedTuple):
     rho: Any  # min(lr, 1/sqrt(t))
     eps2: Any  # floor of a parameter's RMS
     lr_wd: Any  # decoupled decay, scaled by lr (not by rho), as torch
+    keep: Any  # 1 - lr*weight_decay: torch's factor of the decay, in Python's double
+    d: Any  # clipping threshold of the update's RMS
+    clip: bool  # whether to clip it (False: d is not read)
 
 
 @dataclass(frozen=True)
 class scale_by_param_scale(PerLeaf):
     """Adafactor's step size, relative to each parameter's scale, and decoupled decay:
-    ``u <- max(eps2, rms(p)) * min(lr, 1/sqrt(t)) * u + lr*weight_decay*p``."""
+    ``u <- max(eps2, rms(p)) * min(lr, 1/sqrt(t)) * u / max(1, rms(u)/d) + lr*weight_decay*p``
+    (``clip=True``; by default no clipping here).
+
+    Last in a rule, it writes the parameter in torch's order: ``alpha = max(eps2, rms(p)) rho``
+    and ``denom = max(1, rms(u)/d)`` as torch's Python floats (each leaf's norms, its
+    ``.item()``), ``p <- p (1 - lr*weight_decay)``, then ``p <- p + (-alpha/denom) u`` with one
+    rounding (torch's ``p.add_(u, alpha=-alpha/denom)``)."""
 
     lr: Any = hyper(1e-2, NONNEG)
     eps2: Any = hyper(1e-3, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
+    d: Any = hyper(1.0, Interval(1.0))
+    clip: bool = False
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     batched: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> RelativeStep:
-        decay = (step + 1) ** -0.5
+        decay = 1 / (step + 1.0) ** 0.5  # torch's 1 / (step_float**0.5)
         if isinstance(decay, float) and isinstance(self.lr, float):
             rho = min(self.lr, decay)
         else:  # traced by jax.jit
             rho = namespace(decay if not isinstance(decay, float) else self.lr).minimum(
                 self.lr, decay)
-        return RelativeStep(rho=rho, eps2=self.eps2, lr_wd=self.lr * self.weight_decay)
+        lr_wd = self.lr * self.weight_decay
+        return RelativeStep(rho=rho, eps2=self.eps2, lr_wd=lr_wd, keep=1 - lr_wd, d=self.d,
+                            clip=self.clip)
+
+    @staticmethod
+    def _scales(xp: Any, c: RelativeStep, p: Any, u: Any) -> Any:
+        """Each leaf's ``alpha/denom``: Python floats on torch tensors, as torch computes them;
+        elsewhere an array shaped ``(batch, 1, ...)``, in float64 where the library has it."""
+        root_n = math.prod(p.shape[1:]) ** 0.5  # torch's numel() ** 0.5
+        pn = _leaf_norms(xp, p)
+        if isinstance(pn, list):
+            alphas = [_larger(xp, c.eps2, a / root_n) * c.rho for a in pn]
+            if not c.clip:
+                return alphas
+            return [a / _larger(xp, 1.0, b / (root_n * c.d))
+                    for a, b in zip(alphas, _leaf_norms(xp, u), strict=True)]
+        alpha = _larger(xp, c.eps2, _wide(xp, pn) / root_n) * c.rho
+        if not c.clip:
+            return alpha
+        return alpha / _larger(xp, 1.0, _wide(xp, _leaf_norms(xp, u)) / (root_n * c.d))
 
     @staticmethod
     def apply(xp, c, p, u):
-        return (xp.clip(_rms(xp, p), min=c.eps2) * c.rho * u + c.lr_wd * p,)
+        s = scale_by_param_scale._scales(xp, c, p, u)
+        if isinstance(s, list):
+            s = xp.reshape(xp.asarray(s, dtype=xp.float64, device=p.device),
+                           (-1,) + (1,) * (p.ndim - 1))
+        return (xp.astype(s, u.dtype) * u + c.lr_wd * p,)
+
+    @staticmethod
+    def finish(xp, c, p, u):
+        s = scale_by_param_scale._scales(xp, c, p, u)
+        decays = not (isinstance(c.lr_wd, (int, float)) and c.lr_wd == 0)
+        if isinstance(s, list):  # torch: leaf by leaf, its scalar alpha rounded by add_
+            import torch
+
+            return (torch.stack([
+                torch.add(p[b] * c.keep if decays else p[b], u[b], alpha=-s[b])
+                for b in range(p.shape[0])]),)
+        return (fma(xp.astype(-s, u.dtype), u, p * c.keep if decays else p),)
 
 
 @dataclass(frozen=True)
@@ -112,6 +218,16 @@ class adafactor(Rule):
     clipped, factored direction of :class:`scale_by_factored_rms` (row and column statistics
     for leaves of two or more dimensions, over their last two axes). ``eps = (eps1, eps2)``;
     ``eps1=None`` is the parameter dtype's machine epsilon.
+
+    It rounds as torch's for-loop (``foreach=False``): each mean of ``g^2`` is torch's
+    ``norm(g, dim)^2 / n``, the moving averages its ``lerp``, ``rsqrt`` an IEEE root and a
+    division; ``alpha``, ``rho`` and the clipping's ``denom`` are its Python floats from each
+    leaf's norms; the decay ``p (1 - lr*weight_decay)`` comes first and the step is one fused
+    ``p + (-alpha/denom) U``. On torch tensors the norms and means are torch's own reductions,
+    so ``uniopt.torch.Adafactor`` is torch's bits at every step (torch's square root is not
+    used). On NumPy the reductions are NumPy's pairwise sums, which need not add in torch's
+    order: a norm may differ in its last bit, and with it a step. (torch takes ``eps1=None``
+    from the first parameter of a group for all; here each leaf's own dtype.)
 
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.ones((2, 3))}
@@ -143,6 +259,9 @@ class adafactor(Rule):
 
     def parts(self) -> tuple[Transform, ...]:
         return (
-            scale_by_factored_rms(beta2_decay=self.beta2_decay, eps1=self.eps[0], d=self.d),
-            scale_by_param_scale(lr=self.lr, eps2=self.eps[1], weight_decay=self.weight_decay),
+            # torch clips in its last step (one scalar, -alpha/denom, for the fused add)
+            scale_by_factored_rms(beta2_decay=self.beta2_decay, eps1=self.eps[0], d=self.d,
+                                  clip=False),
+            scale_by_param_scale(lr=self.lr, eps2=self.eps[1], weight_decay=self.weight_decay,
+                                 d=self.d, clip=True),
         )

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Kernel, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper
-from ..moments import addmm, bias_correction, frobenius, lerp
+from ..moments import addmm, bias_correction, fma, frobenius, lerp
 
 # Keller Jordan's quintic: the slope at 0 is as large as keeps the iteration's fixed band
 # around 1 (singular values end in about [0.7, 1.2], not exactly 1)
@@ -224,7 +224,13 @@ class scale_by_shape_lr(PerLeaf):
     ``adjust_lr_fn``: ``"original"`` (or None) ``sqrt(max(1, A/B))`` (torch's ``(out, in)``
     weights: ``sqrt(max(1, fan_out/fan_in))``), ``"original_in_out"`` ``sqrt(max(1, B/A))``
     (the same for optax's ``(in, out)`` kernels), ``"match_rms_adamw"`` ``0.2 sqrt(max(A, B))``
-    (the update's RMS then matches AdamW's; keras's ``rms_rate=0.2``)."""
+    (the update's RMS then matches AdamW's; keras's ``rms_rate=0.2``).
+
+    Last in a rule it writes ``p (1 - lr*weight_decay) + (-lr s) u`` with one rounding for
+    the add, torch's ``mul_`` then ``add_(u, alpha=-lr)``: ``uniopt.torch.Muon`` is then
+    torch's bits where each matrix has a shape of its own; matrices of one shape share a
+    batched Newton-Schulz chain (baddbmm), whose bfloat16 products can round apart from
+    torch's per-matrix addmm."""
 
     lr: Any = hyper(1e-3, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
@@ -256,6 +262,10 @@ class scale_by_shape_lr(PerLeaf):
     @staticmethod
     def apply(xp, c, p, u):
         return (c.lr * u + c.lr_wd * p,)
+
+    @staticmethod
+    def finish(xp, c, p, u):  # last: torch's p.mul_(1 - lr*wd), then p.add_(u, alpha=-lr)
+        return (fma(-c.lr, u, p * (1 - c.lr_wd)),)
 
 
 @dataclass(frozen=True)
