@@ -515,7 +515,8 @@ def test_option_errors() -> None:
 
 @pytest.mark.parametrize("rule", [*RULES, uo.adam, uo.adamax], ids=lambda r: r.__name__)
 def test_bad_decay_form_is_named(rule: Any) -> None:
-    with pytest.raises(ValueError, match=r"decay_form must be one of 'l2', 'decoupled', got 'adamw'"):
+    with pytest.raises(ValueError, match=r"decay_form must be one of 'l2', 'decoupled', "
+                                         r"got 'adamw'"):
         rule(decay_form="adamw")
 
 
