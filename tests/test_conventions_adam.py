@@ -231,6 +231,20 @@ KERAS_CASES = {
                lambda: uo.adamax(2**-6, betas=(0.8, 0.9), eps=1e-3, convention="keras")),
     "Nadam": (dict(learning_rate=2**-7, beta_1=0.85, beta_2=0.95, epsilon=1e-4),
               lambda: uo.nadam(2**-7, betas=(0.85, 0.95), eps=1e-4, convention="keras")),
+    # keras's weight decay, p <- p - p*wd*lr before the step, for every optimizer: keras's
+    # Adam(weight_decay=) is its AdamW
+    "Adam_decay": (dict(learning_rate=2**-7, beta_1=0.8, beta_2=0.95, epsilon=1e-3,
+                        weight_decay=0.3),
+                   lambda: uo.adam(2**-7, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.3,
+                                   convention="keras")),
+    "Adamax_decay": (dict(learning_rate=2**-6, beta_1=0.8, beta_2=0.9, epsilon=1e-3,
+                          weight_decay=0.4),
+                     lambda: uo.adamax(2**-6, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.4,
+                                       convention="keras")),
+    "Nadam_decay": (dict(learning_rate=2**-7, beta_1=0.85, beta_2=0.95, epsilon=1e-4,
+                         weight_decay=0.2),
+                    lambda: uo.nadam(2**-7, betas=(0.85, 0.95), eps=1e-4, weight_decay=0.2,
+                                     convention="keras")),
 }
 
 
@@ -239,7 +253,7 @@ def test_keras_convention_matches_keras(keras: Any, jx: Any, name: str) -> None:
     """Large eps and betas far from 1, so that eps's placement and the forms of the momenta
     decide the result; float64 on both sides."""
     kwargs, ours = KERAS_CASES[name]
-    cls = getattr(keras.optimizers, "Adam" if name == "AMSGrad" else name)
+    cls = getattr(keras.optimizers, "Adam" if name == "AMSGrad" else name.removesuffix("_decay"))
     params, noises = _noises(7)
     variables = [keras.Variable(p.copy(), dtype="float64") for p in params.values()]
     opt = cls(**kwargs)
@@ -502,6 +516,8 @@ def test_conventions_set_defaults_and_keep_what_is_given() -> None:
     (lambda: uo.adam(amsgrad=True, eps_hat=True, amsgrad_max="corrected"), "'corrected'"),
     (lambda: uo.nadam(momentum_schedule="linear"), "'linear'"),
     (lambda: uo.nadam(b2_in_root=True), "'dozat'"),
+    (lambda: uo.adam(decay_form="coupled"), "'coupled'"),
+    (lambda: uo.adamax(decay_form="L2", convention="keras"), "'L2'"),
     (lambda: uo.optimistic_adam(0.1, first_prev="last"), "'last'"),
     (lambda: uo.radam(rectify_threshold=1.0), "1.0"),
 ])

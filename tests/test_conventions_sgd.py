@@ -225,6 +225,18 @@ KERAS_CASES: dict[str, Callable[[Any], tuple[Any, Any]]] = {
         k.optimizers.Adagrad(0.05, initial_accumulator_value=0.2, epsilon=1e-4)),
     "adadelta": lambda k: (uo.adadelta(0.5, rho=0.8, eps=1e-6, convention="keras"),
                               k.optimizers.Adadelta(0.5, rho=0.8, epsilon=1e-6)),
+    # keras's weight decay, p <- p - p*wd*lr before the step at the step's (scheduled) lr:
+    # decay_form="decoupled" in each keras row
+    "sgd_momentum_decay_scheduled": lambda k: (
+        uo.sgd(_cosine(KERAS_STEPS), momentum=0.9, weight_decay=0.3, convention="keras"),
+        k.optimizers.SGD(_KerasSchedule(k, _cosine(KERAS_STEPS)), momentum=0.9,
+                         weight_decay=0.3)),
+    "rmsprop_decay": lambda k: (uo.rmsprop(0.01, weight_decay=0.5, convention="keras"),
+                                k.optimizers.RMSprop(0.01, weight_decay=0.5)),
+    "adagrad_decay": lambda k: (uo.adagrad(0.05, weight_decay=0.4, convention="keras"),
+                                k.optimizers.Adagrad(0.05, weight_decay=0.4)),
+    "adadelta_decay": lambda k: (uo.adadelta(0.5, weight_decay=0.2, convention="keras"),
+                                 k.optimizers.Adadelta(0.5, weight_decay=0.2)),
 }
 
 
@@ -499,6 +511,24 @@ def test_option_errors() -> None:
     assert uo.sgd(nesterov=True, convention="keras").parts()[-1] == uo.scale_by_lr(lr=1e-2)
     with pytest.raises(ValueError, match=r"start_at_eps=True .*initial_accumulator_value=0.1"):
         uo.adagrad(convention="flux", initial_accumulator_value=0.1)
+
+
+@pytest.mark.parametrize("rule", [*RULES, uo.adam, uo.adamax], ids=lambda r: r.__name__)
+def test_bad_decay_form_is_named(rule: Any) -> None:
+    with pytest.raises(ValueError, match=r"decay_form must be one of 'l2', 'decoupled', "
+                                         r"got 'adamw'"):
+        rule(decay_form="adamw")
+
+
+def test_decay_forms() -> None:
+    """torch's L2 term stays torch's default; keras's rows decouple, and a given form wins."""
+    for rule in (*RULES, uo.adam, uo.adamax):
+        assert rule().decay_form == "l2" and rule(convention="keras").decay_form == "decoupled"
+        assert rule(convention="keras", decay_form="l2").decay_form == "l2"
+    assert uo.sgd(0.1, weight_decay=0.5).parts()[0] == uo.weight_decay(wd=0.5)
+    assert uo.sgd(0.1, weight_decay=0.5, convention="keras").parts()[-1] == \
+        uo.decoupled_weight_decay(lr=0.1, wd=0.5)
+    assert uo.nadam(convention="keras").decoupled_weight_decay is True
 
 
 def test_given_fields_win_and_torch_defaults_stay() -> None:

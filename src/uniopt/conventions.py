@@ -394,6 +394,22 @@ def _remember_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step
         "multiplies both terms by the current lr: the same while lr is constant"))
 
 
+def _decay_form(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    wd = rule.weight_decay  # type: ignore[attr-defined]
+    if _number(wd) and wd == 0:
+        return _Step(True, "weight_decay = 0", "without decay the forms agree")
+    why = ("torch's L2 term adds weight_decay·p to the gradient, which then passes through the "
+           "rule's momentum or statistics; keras (every optimizer) and torch's AdamW-style "
+           "decoupled decay take p −= lr·weight_decay·p before the step and leave the gradient "
+           "alone")
+    mu = getattr(rule, "momentum", None)
+    if rule.name == "sgd" and _number(mu) and mu == 0:
+        return _Step(True, "momentum = 0", why + "; plain SGD's step is linear in the gradient, "
+                     "so the two are one update, p −= lr·(g + weight_decay·p)")
+    return _Step(False, "weight_decay = 0" + (", or momentum = 0" if rule.name == "sgd" else ""),
+                 why + ": no weight_decay of one form reproduces the other")
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(("adamw",), "couple_lr", "torch's coupled decay ↔ Flux couple=false: exact (λ = "
            "lr·weight_decay, a product schedule under an lr schedule); back to torch exact at "
@@ -421,6 +437,13 @@ OPTIONS: tuple[Option, ...] = (
            _rectify),
     Option(("radam",), "rectify_strict", "> ↔ ≥ the threshold: see rectify_threshold",
            _rectify),
+    Option(("adadelta", "adagrad", "adam", "adamax", "rmsprop"), "decay_form",
+           "torch's L2 term g + λp ↔ keras's decoupled p −= lr·λ·p before the step: exact only "
+           "when λ = 0", _decay_form),
+    Option(("sgd",), "decay_form", "torch's L2 term g + λp ↔ keras's decoupled p −= lr·λ·p "
+           "before the step: exact when λ = 0 or without momentum", _decay_form),
+    Option(("nadam",), "decoupled_weight_decay", "L2 term ↔ decoupled p *= 1 − lr·λ (NAdamW, "
+           "keras): exact only when λ = 0", _decay_form),
     Option(("optimistic_adam",), "remember_lr", "the previous term with its own lr ↔ the "
            "current lr: exact at constant lr", _remember_lr),
 )
@@ -551,7 +574,7 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     >>> import uniopt as uo
     >>> tr = uo.translate(uo.adagrad(eps=0.0), target="keras")
     >>> tr.exact, tr.conditions, tr.rule.eps_in_sqrt, tr.rule.lr
-    (True, 'eps = 0', True, 0.01)
+    (True, 'eps = 0; weight_decay = 0', True, 0.01)
     >>> tr = uo.translate(uo.adamw(lr=1e-3, weight_decay=1e-2), target="flux", couple_lr=False)
     >>> tr.rule.couple_lr, round(tr.rule.weight_decay, 12), tr.exact
     (False, 1e-05, True)

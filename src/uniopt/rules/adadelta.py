@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
 from ..moments import ema_sq
-from ..transforms.decay import weight_decay
+from ..transforms.decay import check_decay_form, decayed
 from ..transforms.scale import scale_by_lr
 
 
@@ -43,36 +43,39 @@ class adadelta(Rule):
 
     ``d`` as in :class:`scale_by_adadelta`, after ``g <- g + weight_decay*p``. The default
     ``lr=1.0`` is the paper's. Every framework computes ``d`` alike; the conventions differ in
-    defaults only (no options):
+    defaults, and keras in its weight decay:
+
+    Option: ``decay_form="decoupled"``: keras's weight decay, ``p <- p - lr*weight_decay*p``
+    before the step, in place of torch's ``"l2"`` term.
 
     Conventions: ``"torch"``: lr 1.0, rho 0.9, eps 1e-6; ``"optax"``, ``optax.adadelta``: rho
     0.9, eps 1e-6 and lr 1.0, since optax 0.2.8's default ``learning_rate=None`` makes
     ``scale_by_learning_rate`` a no-op that hands back the descent direction *as the update to
-    be added*, so it ascends; ``"keras"``: lr 1e-3, rho 0.95, eps 1e-7 (keras's
-    ``weight_decay`` is decoupled, ours torch's L2 term); ``"flux"``, Optimisers.jl's
-    ``AdaDelta``: no lr (1.0), rho 0.9, eps 1e-8; ``"paper"`` (Zeiler, 2012, section 4): no
-    lr (1.0), rho 0.95, eps 1e-6.
+    be added*, so it ascends; ``"keras"``: lr 1e-3, rho 0.95, eps 1e-7, decoupled decay;
+    ``"flux"``, Optimisers.jl's ``AdaDelta``: no lr (1.0), rho 0.9, eps 1e-8; ``"paper"``
+    (Zeiler, 2012, section 4): no lr (1.0), rho 0.95, eps 1e-6.
     """
 
     lr: Any = hyper(1.0, NONNEG)
     rho: Any = hyper(0.9, UNIT)
     eps: Any = hyper(1e-6, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
+    decay_form: str = "l2"
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {},
-        "keras": {"lr": 1e-3, "rho": 0.95, "eps": 1e-7},
+        "keras": {"lr": 1e-3, "rho": 0.95, "eps": 1e-7, "decay_form": "decoupled"},
         "flux": {"eps": 1e-8},
         "paper": {"rho": 0.95},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
+    def check(self) -> None:
+        check_decay_form(self.name, self.decay_form)
+
     def parts(self) -> tuple[Transform, ...]:
-        return (
-            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
-            scale_by_adadelta(rho=self.rho, eps=self.eps),
-            scale_by_lr(lr=self.lr),
-        )
+        return decayed((scale_by_adadelta(rho=self.rho, eps=self.eps), scale_by_lr(lr=self.lr)),
+                       self.lr, self.weight_decay, self.decay_form, self.on("weight_decay"))

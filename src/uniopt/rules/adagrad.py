@@ -9,7 +9,7 @@ from typing import Any, ClassVar, NamedTuple
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, Complemented, hyper, on_host, static
 from ..moments import fma, select
-from ..transforms.decay import weight_decay
+from ..transforms.decay import check_decay_form, decayed
 
 
 class AdagradCoeffs(NamedTuple):
@@ -77,10 +77,13 @@ class adagrad(Rule):
       ``G = 0``); with ``initial_accumulator_value=0.1, eps=1e-7`` it is ``optax.adagrad``.
     - ``start_at_eps=True``: ``G`` starts at ``eps`` (Optimisers.jl's ``AdaGrad``), which must
       then be a number, with ``initial_accumulator_value`` left at 0.
+    - ``decay_form="decoupled"``: keras's weight decay, ``p <- p - lr*weight_decay*p`` (``lr``
+      without ``lr_decay``) before the step, in place of torch's ``"l2"`` term.
 
     Conventions: ``"torch"`` (lr 1e-2, G from 0, eps 1e-10 outside the root); ``"optax"``: G
     from 0.1, eps 1e-7 inside (optax requires a learning rate, ours keeps 1e-2); ``"keras"``:
-    lr 1e-3, G from 0.1, eps 1e-7 inside; ``"flux"``: lr 0.1, G from eps, eps 1e-8 outside.
+    lr 1e-3, G from 0.1, eps 1e-7 inside, decoupled decay; ``"flux"``: lr 0.1, G from eps, eps
+    1e-8 outside.
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -90,19 +93,21 @@ class adagrad(Rule):
     eps: Any = hyper(1e-10, NONNEG)
     eps_in_sqrt: bool = False
     start_at_eps: bool = False
+    decay_form: str = "l2"
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"initial_accumulator_value": 0.1, "eps": 1e-7, "eps_in_sqrt": True},
         "keras": {"lr": 1e-3, "initial_accumulator_value": 0.1, "eps": 1e-7,
-                  "eps_in_sqrt": True},
+                  "eps_in_sqrt": True, "decay_form": "decoupled"},
         "flux": {"lr": 0.1, "eps": 1e-8, "start_at_eps": True},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     def check(self) -> None:
+        check_decay_form(self.name, self.decay_form)
         if self.start_at_eps and (callable(self.eps) or self.initial_accumulator_value != 0):
             raise ValueError(
                 f"{self.name}: start_at_eps=True starts the accumulator at eps, which must be "
@@ -112,9 +117,8 @@ class adagrad(Rule):
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_rss if self.eps_in_sqrt else scale_by_adagrad
-        return (
-            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
-            direction(lr=self.lr, lr_decay=self.lr_decay, eps=self.eps,
-                      initial_accumulator_value=self.initial_accumulator_value,
-                      start_at_eps=self.start_at_eps),
-        )
+        step = direction(lr=self.lr, lr_decay=self.lr_decay, eps=self.eps,
+                         initial_accumulator_value=self.initial_accumulator_value,
+                         start_at_eps=self.start_at_eps)
+        return decayed((step,), self.lr, self.weight_decay, self.decay_form,
+                       self.on("weight_decay"))

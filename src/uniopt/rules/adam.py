@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple, cast
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import bias_correction, ema_sq, lerp, select
-from ..transforms.decay import decoupled_weight_decay, weight_decay
+from ..transforms.decay import check_decay_form, decayed, decoupled_weight_decay, weight_decay
 from ..transforms.scale import scale_by_lr
 
 
@@ -223,9 +223,12 @@ class adam(Rule):
       moment bias-corrected (Optimisers.jl's AMSGrad). Used with ``amsgrad=True``.
     - ``moments_init``: ``"zero"``; ``"eps"``: AMSGrad's ``m``, ``v``, ``v_max`` start at
       ``eps`` (Optimisers.jl; needs ``amsgrad_max="uncorrected"``).
+    - ``decay_form``: ``"l2"`` (torch's, above); ``"decoupled"``: keras's
+      ``p <- p - lr*weight_decay*p`` before the step (keras's ``Adam(weight_decay=)``, AdamW).
 
     Conventions: ``"torch"``; ``"optax"`` (``optax.adam``, ``optax.amsgrad``: max of ``v_hat``;
-    optax requires a learning rate, ours keeps 1e-3); ``"keras"`` (eps 1e-7, ``eps_hat``);
+    optax requires a learning rate, ours keeps 1e-3); ``"keras"`` (eps 1e-7, ``eps_hat``,
+    decoupled decay);
     ``"flux"`` (Optimisers.jl >= 0.4 ``Adam``, ``AMSGrad``: uncorrected, moments from eps).
     Optimisers.jl raises eps to ``max(Float16(1e-7), Float16(eps))`` (unless 0) for Float16
     parameters; uniopt computes float16 leaves in float32 and keeps the eps given.
@@ -247,12 +250,13 @@ class adam(Rule):
     eps_hat: bool = False
     amsgrad_max: str = "raw"
     moments_init: str = "zero"
+    decay_form: str = "l2"
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"amsgrad_max": "corrected"},
-        "keras": {"eps": 1e-7, "eps_hat": True},
+        "keras": {"eps": 1e-7, "eps_hat": True, "decay_form": "decoupled"},
         "flux": {"amsgrad_max": "uncorrected", "moments_init": "eps"},
     }
 
@@ -260,12 +264,11 @@ class adam(Rule):
 
     def check(self) -> None:
         _check_adam_options(self)
+        check_decay_form(self.name, self.decay_form)
 
     def parts(self) -> tuple[Transform, ...]:
-        return (
-            *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
-            _direction(self),
-        )
+        return decayed((_direction(self),), self.lr, self.weight_decay, self.decay_form,
+                       self.on("weight_decay"))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from ..backend import namespace
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, _traced, check_scalar_dtype, hyper, round_scalar
 from ..moments import bias_correction, ema_sq, fma, lerp, select
-from ..transforms.decay import decoupled_weight_decay, weight_decay
+from ..transforms.decay import check_decay_form, decayed, decoupled_weight_decay, weight_decay
 from ..transforms.scale import scale_by_lr
 from .adam import AdamCoeffs, _choice, scale_by_adam
 
@@ -83,13 +83,14 @@ class adamax(Rule):
     ``g <- g + weight_decay*p``; ``m <- b1*m + (1-b1)*g``; ``n <- max(b2*n, |g| + eps)``;
     ``p <- p - lr/(1 - b1^t) * m/n``.
 
-    Option: ``eps_in_max``: ``True``, eps inside the maximum (torch, optax); ``False``,
+    Options: ``eps_in_max``: ``True``, eps inside the maximum (torch, optax); ``False``,
     ``n <- max(b2*n, |g|)`` and ``m/(n + eps)`` (keras, Optimisers.jl:
-    :class:`scale_by_adamax_eps_out`).
+    :class:`scale_by_adamax_eps_out`). ``decay_form``: ``"l2"`` (torch's, above);
+    ``"decoupled"``: keras's ``p <- p - lr*weight_decay*p`` before the step.
 
     Conventions: ``"torch"`` (lr 2e-3); ``"optax"`` (lr 1e-3, where optax requires one);
-    ``"keras"`` (lr 1e-3, eps 1e-7, ``eps_in_max=False``); ``"flux"`` (Optimisers.jl
-    ``AdaMax``: lr 1e-3, ``eps_in_max=False``).
+    ``"keras"`` (lr 1e-3, eps 1e-7, ``eps_in_max=False``, decoupled decay); ``"flux"``
+    (Optimisers.jl ``AdaMax``: lr 1e-3, ``eps_in_max=False``).
     """
 
     lr: Any = hyper(2e-3, NONNEG)
@@ -97,21 +98,26 @@ class adamax(Rule):
     eps: Any = hyper(1e-8, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
     eps_in_max: bool = True
+    decay_form: str = "l2"
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"lr": 1e-3},
-        "keras": {"lr": 1e-3, "eps": 1e-7, "eps_in_max": False},
+        "keras": {"lr": 1e-3, "eps": 1e-7, "eps_in_max": False, "decay_form": "decoupled"},
         "flux": {"lr": 1e-3, "eps_in_max": False},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
+    def check(self) -> None:
+        check_decay_form(self.name, self.decay_form)
+
     def parts(self) -> tuple[Transform, ...]:
         block = scale_by_adamax if self.eps_in_max else scale_by_adamax_eps_out
         direction = block(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps)
-        return _decayed(direction, self.lr, self.weight_decay, False, self.on("weight_decay"))
+        return decayed((direction,), self.lr, self.weight_decay, self.decay_form,
+                       self.on("weight_decay"))
 
 
 # --- NAdam ---------------------------------------------------------------------------------------
@@ -276,8 +282,9 @@ class nadam(Rule):
 
     Conventions: ``"torch"`` (lr 2e-3, momentum_decay 4e-3); ``"optax"`` (``"constant"``;
     optax requires a learning rate, ours keeps 2e-3); ``"keras"`` (lr 1e-3, eps 1e-7,
-    ``momentum_decay=1``); ``"flux"`` (Optimisers.jl ``NAdam``: lr 1e-3, ``"constant"``,
-    ``b2_in_root``).
+    ``momentum_decay=1``, ``decoupled_weight_decay``: keras's ``p <- p - p*wd*lr`` before the
+    step is torch's NAdamW up to rounding); ``"flux"`` (Optimisers.jl ``NAdam``: lr 1e-3,
+    ``"constant"``, ``b2_in_root``).
     """
 
     lr: Any = hyper(2e-3, NONNEG)
@@ -296,7 +303,8 @@ class nadam(Rule):
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"momentum_schedule": "constant"},
-        "keras": {"lr": 1e-3, "eps": 1e-7, "momentum_decay": 1.0},
+        "keras": {"lr": 1e-3, "eps": 1e-7, "momentum_decay": 1.0,
+                  "decoupled_weight_decay": True},
         "flux": {"lr": 1e-3, "momentum_schedule": "constant", "b2_in_root": True},
     }
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 from ..base import Elementwise, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper, static
 from ..moments import ema_sq, fma, lerp
-from ..transforms.decay import weight_decay
+from ..transforms.decay import check_decay_form, decayed
 from ..transforms.momentum import check_momentum_form, sutskever_trace, trace
 from ..transforms.scale import scale_by_lr
 
@@ -101,13 +101,15 @@ class rmsprop(Rule):
       ``scale_by_learning_rate``); ``"torch"``: ``b <- momentum*b + d``, ``p <- p - lr*b``.
       They differ under a schedule only.
     - ``initial_scale``: where ``v`` starts (optax's; 0 elsewhere).
+    - ``decay_form="decoupled"``: keras's weight decay, ``p <- p - lr*weight_decay*p`` before
+      the step, in place of torch's ``"l2"`` term.
 
     Conventions: ``"torch"`` (lr 1e-2, alpha 0.99, eps 1e-8); ``"optax"``, ``optax.rmsprop``:
     alpha 0.9, eps 1e-8, eps in the root, sutskever momentum; optax requires a learning rate,
     ours keeps torch's 1e-2 (optax's ``nesterov`` and ``bias_correction`` are not offered);
     ``"keras"``: lr 1e-3, alpha (keras's ``rho``) 0.9, eps 1e-7, eps in the root, sutskever
-    momentum; ``"flux"``, Optimisers.jl's ``RMSProp``: lr 1e-3, alpha 0.9, eps 1e-8 outside the
-    root (it has no momentum; ``centered`` is its ``centred``).
+    momentum, decoupled decay; ``"flux"``, Optimisers.jl's ``RMSProp``: lr 1e-3, alpha 0.9,
+    eps 1e-8 outside the root (it has no momentum; ``centered`` is its ``centred``).
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -119,13 +121,14 @@ class rmsprop(Rule):
     eps_in_sqrt: bool = False
     momentum_form: str = "torch"
     initial_scale: float = static(0.0, NONNEG)
+    decay_form: str = "l2"
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"alpha": 0.9, "eps_in_sqrt": True, "momentum_form": "sutskever"},
         "keras": {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7, "eps_in_sqrt": True,
-                  "momentum_form": "sutskever"},
+                  "momentum_form": "sutskever", "decay_form": "decoupled"},
         "flux": {"lr": 1e-3, "alpha": 0.9},
     }
 
@@ -133,16 +136,19 @@ class rmsprop(Rule):
 
     def check(self) -> None:
         check_momentum_form(self.name, self.momentum_form, ("torch", "sutskever"))
+        check_decay_form(self.name, self.decay_form)
 
     def parts(self) -> tuple[Transform, ...]:
         rms = ((scale_by_centered_rms_in_sqrt if self.eps_in_sqrt else scale_by_centered_rms)
                if self.centered else
                (scale_by_rms_in_sqrt if self.eps_in_sqrt else scale_by_rms))
-        decay = [weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []
+        steps: tuple[Transform, ...]
         if not self.on("momentum"):  # torch's p.addcdiv_(g, den, value=-lr)
-            return (*decay, rms(alpha=self.alpha, eps=self.eps, folded_lr=self.lr,
-                                initial_scale=self.initial_scale))
-        direction = rms(alpha=self.alpha, eps=self.eps, initial_scale=self.initial_scale)
-        if self.momentum_form == "sutskever":
-            return (*decay, direction, sutskever_trace(lr=self.lr, momentum=self.momentum))
-        return (*decay, direction, trace(momentum=self.momentum), scale_by_lr(lr=self.lr))
+            steps = (rms(alpha=self.alpha, eps=self.eps, folded_lr=self.lr,
+                         initial_scale=self.initial_scale),)
+        else:
+            direction = rms(alpha=self.alpha, eps=self.eps, initial_scale=self.initial_scale)
+            steps = ((direction, sutskever_trace(lr=self.lr, momentum=self.momentum))
+                     if self.momentum_form == "sutskever" else
+                     (direction, trace(momentum=self.momentum), scale_by_lr(lr=self.lr)))
+        return decayed(steps, self.lr, self.weight_decay, self.decay_form, self.on("weight_decay"))

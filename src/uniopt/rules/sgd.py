@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from ..base import Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
-from ..transforms.decay import weight_decay
+from ..transforms.decay import check_decay_form, decayed
 from ..transforms.momentum import (
     check_momentum_form,
     check_nesterov,
@@ -37,12 +37,13 @@ class sgd(Rule):
       At a constant lr the three forms are one algorithm; under a schedule the keras and
       sutskever velocities keep the lr of the steps that made them. ``dampening`` is torch's
       alone (0 in the other forms).
+    - ``decay_form="decoupled"``: keras's weight decay, ``p <- p - lr*weight_decay*p`` before
+      the step, in place of torch's ``"l2"`` term (the same without momentum).
 
     Conventions: ``"torch"`` (lr 1e-3); ``"optax"``, ``optax.sgd``: torch's form (its ``trace``
     is torch's with dampening 0); optax requires a learning rate, ours keeps 1e-3; ``"keras"``:
-    lr 1e-2, keras's form; ``"flux"``: Optimisers.jl's ``Descent`` lr 0.1, the sutskever form
-    (its ``Momentum`` defaults to lr 1e-2, ``Nesterov`` to 1e-3: give ``lr``). keras's
-    ``weight_decay`` is decoupled, ours is torch's L2 term.
+    lr 1e-2, keras's form, decoupled decay; ``"flux"``: Optimisers.jl's ``Descent`` lr 0.1, the
+    sutskever form (its ``Momentum`` defaults to lr 1e-2, ``Nesterov`` to 1e-3: give ``lr``).
 
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.array([1.0, -2.0])}
@@ -58,12 +59,13 @@ class sgd(Rule):
     weight_decay: Any = hyper(0.0, NONNEG)
     nesterov: bool = False
     momentum_form: str = "torch"
+    decay_form: str = "l2"
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {},
-        "keras": {"lr": 1e-2, "momentum_form": "keras"},
+        "keras": {"lr": 1e-2, "momentum_form": "keras", "decay_form": "decoupled"},
         "flux": {"lr": 0.1, "momentum_form": "sutskever"},
     }
 
@@ -71,6 +73,7 @@ class sgd(Rule):
 
     def check(self) -> None:
         check_momentum_form(self.name, self.momentum_form)
+        check_decay_form(self.name, self.decay_form)
         if self.momentum_form == "torch":
             check_nesterov(self.name, self.nesterov, self.momentum, self.dampening)
         elif callable(self.dampening) or self.dampening != 0:
@@ -80,13 +83,14 @@ class sgd(Rule):
             )
 
     def parts(self) -> tuple[Transform, ...]:
-        decay = [weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []
+        steps: tuple[Transform, ...]
         if self.on("momentum") and self.momentum_form != "torch":
             inside = keras_trace if self.momentum_form == "keras" else sutskever_trace
-            return (*decay, inside(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov))
-        return (
-            *decay,
-            *([trace(momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov)]
-              if self.on("momentum") else []),
-            scale_by_lr(lr=self.lr),
-        )
+            steps = (inside(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov),)
+        else:
+            steps = (
+                *([trace(momentum=self.momentum, dampening=self.dampening,
+                         nesterov=self.nesterov)] if self.on("momentum") else []),
+                scale_by_lr(lr=self.lr),
+            )
+        return decayed(steps, self.lr, self.weight_decay, self.decay_form, self.on("weight_decay"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ..base import Elementwise
+from ..base import Elementwise, Transform
 from ..hyper import NONNEG, hyper
 from ..moments import fma
 
@@ -60,3 +60,26 @@ class decoupled_weight_decay(Elementwise):
     @staticmethod
     def finish(xp, c, p, u):  # last: torch's order, the decay first, then the block's step
         return p * c.keep - u
+
+
+DECAY_FORMS = ("l2", "decoupled")
+
+
+def check_decay_form(owner: str, form: Any) -> None:
+    if form not in DECAY_FORMS:
+        raise ValueError(f"{owner}: decay_form must be one of "
+                         f"{', '.join(map(repr, DECAY_FORMS))}, got {form!r}")
+
+
+def decayed(steps: tuple[Transform, ...], lr: Any, wd: Any, form: str, on: bool) -> tuple[
+        Transform, ...]:
+    """A rule's ``steps`` with its weight decay: ``form="l2"``, torch's ``g <- g + wd*p`` before
+    them; ``"decoupled"``, keras 3's ``p <- p - p*wd*lr`` before the step (every keras
+    optimizer's ``_apply_weight_decay``, at the step's lr), written as
+    :class:`decoupled_weight_decay` last: ``p*(1 - lr*wd) - u``, the same up to rounding, since
+    the step does not read ``p``."""
+    if not on:
+        return steps
+    if form == "decoupled":
+        return (*steps, decoupled_weight_decay(lr=lr, wd=wd))
+    return (weight_decay(wd=wd), *steps)
