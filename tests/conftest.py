@@ -167,3 +167,12 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
             # as its users run it
             stack.enter_context(pytest.importorskip("jax").enable_x64(True))
         yield b
+
+
+@pytest.fixture(scope="module")
+def jx() -> Iterator[Any]:
+    """JAX with x64 on, for a module's peers under jit (optax at 1e-12)."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    with jax.enable_x64(True):
+        yield jax

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 
 import uniopt as uo
 from uniopt.fast import cpu
@@ -183,3 +187,23 @@ def assert_same_state(s1: uo.State, s2: uo.State) -> None:
     assert sorted(s1.slots) == sorted(s2.slots)
     for k in s1.slots:
         assert_same(s1.slots[k], s2.slots[k])
+
+
+def keras_on_jax() -> Any:
+    """keras 3 on its JAX backend, or the test skipped: keras reads its backend once, at its
+    first import, so the variable is set only for that import (and put back after it)."""
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("keras is not installed")
+    saved = os.environ.get("KERAS_BACKEND")
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = "jax"
+    try:
+        import keras
+    finally:
+        if saved is None:
+            os.environ.pop("KERAS_BACKEND", None)
+        else:
+            os.environ["KERAS_BACKEND"] = saved
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"keras was imported with the {keras.backend.backend()} backend")
+    return keras

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import pathlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +24,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import rel_diff
+from helpers import keras_on_jax, rel_diff
 
 SHAPES = [(), (3,), (4, 5), (2, 3, 2)]
 STEPS = 300
@@ -54,14 +52,6 @@ def _wavy(base: float) -> Callable[[Any], Any]:
 
 
 # --- optax -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def jx():  # type: ignore[no-untyped-def]
-    jax = pytest.importorskip("jax")
-    pytest.importorskip("optax")
-    with jax.enable_x64(True):
-        yield jax
 
 
 def _noises(seed: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
@@ -197,22 +187,8 @@ def test_optax_convention_matches_optax(jx: Any, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def keras(jx: Any):  # type: ignore[no-untyped-def]
-    if importlib.util.find_spec("keras") is None:
-        pytest.skip("keras is not installed")
-    saved = os.environ.get("KERAS_BACKEND")
-    if "keras" not in sys.modules:  # keras reads its backend once, when first imported
-        os.environ["KERAS_BACKEND"] = "jax"
-    try:
-        import keras
-    finally:
-        if saved is None:
-            os.environ.pop("KERAS_BACKEND", None)
-        else:
-            os.environ["KERAS_BACKEND"] = saved
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"keras was imported with the {keras.backend.backend()} backend")
-    return keras
+def keras(jx: Any) -> Any:
+    return keras_on_jax()
 
 
 # keras keeps its learning rate in a float32 variable: a dyadic rate is the same number in

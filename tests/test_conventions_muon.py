@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import pathlib
-import sys
 from typing import Any
 
 import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import rel_diff
+from helpers import keras_on_jax, rel_diff
 
 SHAPES = [(4, 6), (6, 3), (5, 5)]  # wide, tall (transposed for NS), square
 STEPS = 120
@@ -75,14 +73,6 @@ def _run_jitted(jx: Any, update: Any, params: Any, state: Any,
         params, state = step(params, state, noise)
         path.append(params)
     return jx.device_get(path)
-
-
-@pytest.fixture(scope="module")
-def jx():  # type: ignore[no-untyped-def]
-    jax = pytest.importorskip("jax")
-    pytest.importorskip("optax")
-    with jax.enable_x64(True):
-        yield jax
 
 
 # --- optax -----------------------------------------------------------------------------------
@@ -132,22 +122,8 @@ def test_optax_defaults() -> None:
 
 
 @pytest.fixture(scope="module")
-def keras(jx: Any):  # type: ignore[no-untyped-def]
-    if importlib.util.find_spec("keras") is None:
-        pytest.skip("keras is not installed")
-    saved = os.environ.get("KERAS_BACKEND")
-    if "keras" not in sys.modules:  # keras reads its backend once, when first imported
-        os.environ["KERAS_BACKEND"] = "jax"
-    try:
-        import keras
-    finally:
-        if saved is None:
-            os.environ.pop("KERAS_BACKEND", None)
-        else:
-            os.environ["KERAS_BACKEND"] = saved
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"keras was imported with the {keras.backend.backend()} backend")
-    return keras
+def keras(jx: Any) -> Any:
+    return keras_on_jax()
 
 
 # keras keeps its learning rate in a float32 variable: a dyadic rate is the same in float64;

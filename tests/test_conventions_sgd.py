@@ -16,8 +16,6 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ optax = pytest.importorskip("optax")
 jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
-from helpers import jitted_optax_step, rel_diff  # noqa: E402
+from helpers import jitted_optax_step, keras_on_jax, rel_diff  # noqa: E402
 
 SHAPES = [(), (3, 4)]  # two leaves: each race is 300 steps of both sides, and each peer compiles
 STEPS = 300
@@ -166,11 +164,7 @@ def test_optax_defaults() -> None:
 def keras() -> Any:
     """keras 3 on its JAX backend, imported once, with float64 variables (its learning rate
     included: keras keeps it in a variable of ``floatx``)."""
-    if "keras" not in sys.modules:  # keras reads its backend once, when first imported
-        os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"keras was imported with the {keras.backend.backend()} backend")
+    keras = keras_on_jax()
     floatx = keras.config.floatx()
     keras.config.set_floatx("float64")
     yield keras

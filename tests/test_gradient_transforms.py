@@ -11,8 +11,6 @@ acts at some steps and not at others.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from typing import Any
 
 import numpy as np
@@ -23,7 +21,14 @@ optax = pytest.importorskip("optax")
 jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
-from helpers import counting_jit, expect_compiled, jitted_optax_step, reference_path, rel_diff  # noqa: E402
+from helpers import (  # noqa: E402
+    counting_jit,
+    expect_compiled,
+    jitted_optax_step,
+    keras_on_jax,
+    reference_path,
+    rel_diff,
+)
 from uniopt.fast import cpu  # noqa: E402
 
 SHAPES = {"a": (3,), "b": (4, 5), "c": (2, 3, 4, 4)}
@@ -149,18 +154,11 @@ def test_alone_through_the_optax_protocol_each_update_is_optaxs(name: str) -> No
     assert changed  # the transform did something
 
 
-def test_clip_by_norm_with_adam_matches_keras_clipnorm(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_clip_by_norm_with_adam_matches_keras_clipnorm() -> None:
     """keras 3 on its JAX backend, ``clipnorm=1``: each variable's gradient clipped to norm 1,
     then Adam. keras adds its epsilon to the root of the uncorrected second moment, torch
     (uo.adam) to the corrected one: with epsilon 0 both are ``m_hat / sqrt(v_hat)``."""
-    if importlib.util.find_spec("keras") is None:
-        pytest.skip("keras is not installed")
-    if "keras" not in sys.modules:  # keras reads its backend once, when first imported
-        monkeypatch.setenv("KERAS_BACKEND", "jax")
-    import keras
-
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"keras was imported with the {keras.backend.backend()} backend")
+    keras = keras_on_jax()
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(s) for s in SHAPES.values()]
     variables = [keras.Variable(p.copy(), dtype="float64") for p in params]  # JAX may alias
