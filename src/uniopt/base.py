@@ -561,15 +561,12 @@ class _WithConventions(type):
     every value it had."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        table = cls.__dict__.get("conventions") or getattr(cls, "conventions", None)
+        table = getattr(cls, "conventions", None)
         if table:
-            names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
-            given = set(names[:len(args)]) | kwargs.keys()
+            fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+            given = dict(zip(fields, args, strict=False)) | kwargs  # by position or by name
             # the field's own default where none is given: "torch" where torch has the rule
-            default = next((f.default for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-                            if f.name == "convention"), "torch")
-            name = kwargs.get("convention", args[names.index("convention")]
-                              if "convention" in names[:len(args)] else default)
+            name = given.get("convention", fields["convention"].default)
             if name not in table:
                 raise ValueError(
                     f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "
