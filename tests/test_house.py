@@ -28,7 +28,7 @@ LAYERS = [
     {"state", "transforms", "rules"},
     {"interop.jax", "fast"},
     {"engine"},
-    {"interop.optax", "combine", "conventions"},
+    {"interop.optax", "combine", "conventions", "registry"},
     {"checkpoint"},
     {"torch", "tools", "__init__", "__main__"},
 ]

@@ -9,7 +9,7 @@
 1
 """
 
-from . import checkpoint, conventions, schedules
+from . import checkpoint, conventions, registry, schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .checkpoint import CheckpointError, load, save
 from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
@@ -78,6 +78,7 @@ __all__ = [
     "CheckpointError",
     "checkpoint",
     "conventions",
+    "registry",
     "load",
     "save",
     "accumulate",

@@ -553,6 +553,35 @@ def makes_step(t: Transform) -> bool:
 FRAMEWORKS = ("torch", "optax", "keras", "flux", "paper")
 
 
+@dataclasses.dataclass(frozen=True)
+class Info:
+    """What the registry (:mod:`uniopt.registry`) and the generic test suite know about a
+    rule, as data: a rule declares it once, as its ``info``, and every generic test, the
+    README's rule table and ``uniopt rules`` read it, so nothing is special-cased by name.
+
+    ``family``: a short word the table groups by ("sgd", "adaptive", "adam", "sign", ...).
+    ``paper``: the reference, "Authors (year)". ``references``: the implementations the parity
+    tests hold it to, as the peer's import path ("torch.optim.Adam", "optax.lion",
+    "lion_pytorch.Lion"), or "formula" where the test writes the paper's algorithm itself.
+    ``example``: hyperparameters with which the rule solves the generic problems (an
+    ill-conditioned quadratic and Rosenbrock) within ``budget`` steps. ``needs_closure``: the
+    step evaluates the objective itself (L-BFGS, SAM). ``complex``: takes complex parameters
+    (as pairs of real numbers). ``backends``: the array libraries it runs on. ``rtol``: the
+    parity tolerance in float64 against ``references`` (1e-12 unless a reason is written next
+    to a larger one).
+    """
+
+    family: str
+    paper: str
+    references: tuple[str, ...] = ()
+    example: dict[str, Any] = dataclasses.field(default_factory=dict)
+    budget: int = 300
+    needs_closure: bool = False
+    complex: bool = True
+    backends: tuple[str, ...] = ("numpy", "torch", "jax", "array_api")
+    rtol: float = 1e-12
+
+
 class _WithConventions(type):
     """Builds a rule with its convention's defaults for the fields the caller left out: a
     convention is a named set of the rule's own explicit options and hyperparameters (its
@@ -596,6 +625,8 @@ class Rule(Transform, metaclass=_WithConventions):
 
     # framework -> {field: value}; "torch" (the field defaults) first where torch has the rule
     conventions: ClassVar[dict[str, dict[str, Any]]] = {}
+    # what the registry knows about the rule (uniopt.registry); None: not listed there
+    info: ClassVar[Info | None] = None
 
 
 @dataclasses.dataclass(frozen=True, init=False)

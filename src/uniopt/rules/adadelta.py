@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, Transform
+from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
 from ..moments import ema_sq
 from ..transforms.decay import check_decay_form, decayed
@@ -72,6 +72,19 @@ class adadelta(Rule):
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="adaptive",
+        paper="Zeiler (2012)",
+        references=(
+            "torch.optim.Adadelta",
+            "optax.adadelta",
+            "keras.optimizers.Adadelta",
+            "formula:Optimisers.AdaDelta",
+        ),
+        example={"lr": 50.0},
+        budget=1000,
+    )
 
     def check(self) -> None:
         check_decay_form(self.name, self.decay_form)

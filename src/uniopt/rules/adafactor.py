@@ -8,7 +8,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .. import backend
 from ..backend import is_torch, namespace
-from ..base import PerLeaf, Rule, Transform
+from ..base import Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper
 from ..moments import fma, lerp
 
@@ -244,6 +244,14 @@ class adafactor(Rule):
     eps: tuple[Any, Any] = (None, 1e-3)
     d: Any = hyper(1.0, Interval(1.0))
     weight_decay: Any = hyper(0.0, NONNEG)
+
+    info: ClassVar[Info] = Info(
+        family="factored",
+        paper="Shazeer & Stern (2018)",
+        references=("torch.optim.Adafactor", "optax.adafactor", "keras.optimizers.Adafactor"),
+        example={"lr": 0.05},
+        complex=False,
+    )
 
     def check(self) -> None:
         eps = self.eps

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, Transform
+from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, Complemented, hyper, on_host, static
 from ..moments import fma, select
 from ..transforms.decay import check_decay_form, decayed
@@ -105,6 +105,18 @@ class adagrad(Rule):
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="adaptive",
+        paper="Duchi et al. (2011)",
+        references=(
+            "torch.optim.Adagrad",
+            "optax.adagrad",
+            "keras.optimizers.Adagrad",
+            "formula:Optimisers.AdaGrad",
+        ),
+        example={"lr": 0.5},
+    )
 
     def check(self) -> None:
         check_decay_form(self.name, self.decay_form)

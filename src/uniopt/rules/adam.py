@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, cast
 
-from ..base import Elementwise, Rule, Transform
+from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import bias_correction, ema_sq, lerp, select
 from ..transforms.decay import check_decay_form, decayed, decoupled_weight_decay, weight_decay
@@ -262,6 +262,19 @@ class adam(Rule):
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
 
+    info: ClassVar[Info] = Info(
+        family="adam",
+        paper="Kingma & Ba (2015)",
+        references=(
+            "torch.optim.Adam",
+            "optax.adam",
+            "optax.amsgrad",
+            "keras.optimizers.Adam",
+            "formula:Optimisers.Adam",
+        ),
+        example={"lr": 0.05},
+    )
+
     def check(self) -> None:
         _check_adam_options(self)
         check_decay_form(self.name, self.decay_form)
@@ -312,6 +325,18 @@ class adamw(Rule):
     }
 
     optional: ClassVar[tuple[str, ...]] = ("eps_root",)
+
+    info: ClassVar[Info] = Info(
+        family="adam",
+        paper="Loshchilov & Hutter (2019)",
+        references=(
+            "torch.optim.AdamW",
+            "optax.adamw",
+            "keras.optimizers.AdamW",
+            "formula:Optimisers.AdamW",
+        ),
+        example={"lr": 0.05, "weight_decay": 0.0},
+    )
 
     def check(self) -> None:
         _check_adam_options(self)
@@ -395,6 +420,13 @@ class optimistic_adam(Rule):
         "flux": {"lr": 1e-3, "b1": 0.5, "b2": 0.9, "nesterov": False, "first_prev": "zero",
                  "remember_lr": True},
     }
+
+    info: ClassVar[Info] = Info(
+        family="adam",
+        paper="Daskalakis et al. (2018)",
+        references=("optax.optimistic_adam_v2", "formula:Optimisers.OAdam"),
+        example={"lr": 0.02},
+    )
 
     def check(self) -> None:
         _choice(self.name, "first_prev", self.first_prev, FIRST_PREV)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..backend import namespace
-from ..base import Elementwise, Rule, Transform
+from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, _traced, check_scalar_dtype, hyper, round_scalar
 from ..moments import bias_correction, ema_sq, fma, lerp, select
 from ..transforms.decay import check_decay_form, decayed, decoupled_weight_decay, weight_decay
@@ -109,6 +109,18 @@ class adamax(Rule):
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="adam",
+        paper="Kingma & Ba (2015), section 7",
+        references=(
+            "torch.optim.Adamax",
+            "optax.adamax",
+            "keras.optimizers.Adamax",
+            "formula:Optimisers.AdaMax",
+        ),
+        example={"lr": 0.05},
+    )
 
     def check(self) -> None:
         check_decay_form(self.name, self.decay_form)
@@ -310,6 +322,18 @@ class nadam(Rule):
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
 
+    info: ClassVar[Info] = Info(
+        family="adam",
+        paper="Dozat (2016)",
+        references=(
+            "torch.optim.NAdam",
+            "optax.nadam",
+            "keras.optimizers.Nadam",
+            "formula:Optimisers.NAdam",
+        ),
+        example={"lr": 0.05},
+    )
+
     def check(self) -> None:
         _check_past_product(self.name, self.past_product)
         check_scalar_dtype(self.name, self.scalar_dtype)
@@ -500,6 +524,13 @@ class radam(Rule):
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
+
+    info: ClassVar[Info] = Info(
+        family="adam",
+        paper="Liu et al. (2020)",
+        references=("torch.optim.RAdam", "optax.radam", "formula:Optimisers.RAdam"),
+        example={"lr": 0.05},
+    )
 
     def check(self) -> None:
         t = self.rectify_threshold

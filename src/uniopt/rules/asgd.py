@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..backend import namespace
-from ..base import Elementwise, Rule, Transform
+from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, _traced, check_scalar_dtype, hyper, round_scalar
 from ..moments import fma, select
 from ..transforms.decay import weight_decay
@@ -112,6 +112,13 @@ class asgd(Rule):
     scalar_dtype: str = "float64"
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="sgd",
+        paper="Polyak & Juditsky (1992)",
+        references=("torch.optim.ASGD",),
+        example={"lr": 0.002},
+    )
 
     def check(self) -> None:
         _check_eta_lr(self.name, self.eta_lr)

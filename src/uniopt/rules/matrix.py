@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Kernel, PerLeaf, Rule, Transform
+from ..base import Elementwise, Info, Kernel, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper
 from ..moments import addmm, bias_correction, fma, frobenius, lerp
 
@@ -337,6 +337,14 @@ class muon(Rule):
         "keras": {"weight_decay": 0.004, "momentum_form": "sum", "eps_form": "add",
                   "adjust_lr_fn": "match_rms_adamw"},
     }
+
+    info: ClassVar[Info] = Info(
+        family="matrix",
+        paper="Jordan et al. (2024)",
+        references=("torch.optim.Muon",),
+        example={"lr": 0.02},
+        complex=False,
+    )
 
     def parts(self) -> tuple[Transform, ...]:
         momentum: Transform

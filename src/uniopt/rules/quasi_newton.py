@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import backend
-from ..base import Minimizer, Rule, Transform
+from ..base import Info, Minimizer, Rule, Transform
 from ..hyper import NONNEG, hyper
 
 Evaluate = Callable[[Any], tuple[Any, Any]]
@@ -269,6 +269,15 @@ class lbfgs(Rule):
     tolerance_change: Any = hyper(1e-9, NONNEG)
     history_size: int = 100
     line_search_fn: str | None = None
+
+    info: ClassVar[Info] = Info(
+        family="quasi-newton",
+        paper="Liu & Nocedal (1989)",
+        references=("torch.optim.LBFGS",),
+        example={"lr": 1.0},
+        budget=100,
+        needs_closure=True,
+    )
 
     def check(self) -> None:
         _check_ints(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, Transform
+from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper, static
 from ..moments import ema_sq, fma, lerp
 from ..transforms.decay import check_decay_form, decayed
@@ -133,6 +133,18 @@ class rmsprop(Rule):
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
+
+    info: ClassVar[Info] = Info(
+        family="adaptive",
+        paper="Tieleman & Hinton (2012)",
+        references=(
+            "torch.optim.RMSprop",
+            "optax.rmsprop",
+            "keras.optimizers.RMSprop",
+            "formula:Optimisers.RMSProp",
+        ),
+        example={"lr": 0.01},
+    )
 
     def check(self) -> None:
         check_momentum_form(self.name, self.momentum_form, ("torch", "sutskever"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, Transform
+from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper, resolve
 from ..moments import select
 
@@ -69,6 +69,13 @@ class rprop(Rule):
     lr: Any = hyper(1e-2, NONNEG)
     etas: tuple[Any, Any] = hyper((0.5, 1.2), Interval(0.0, lo_open=True))
     step_sizes: tuple[Any, Any] = hyper((1e-6, 50), NONNEG)
+
+    info: ClassVar[Info] = Info(
+        family="sign",
+        paper="Riedmiller & Braun (1993)",
+        references=("torch.optim.Rprop",),
+        example={"lr": 0.01},
+    )
 
     def check(self) -> None:
         _check(self.name, self.etas, self.step_sizes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Rule, Transform
+from ..base import Info, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
 from ..transforms.decay import check_decay_form, decayed
 from ..transforms.momentum import (
@@ -70,6 +70,18 @@ class sgd(Rule):
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
+
+    info: ClassVar[Info] = Info(
+        family="sgd",
+        paper="Robbins & Monro (1951); Sutskever et al. (2013)",
+        references=(
+            "torch.optim.SGD",
+            "optax.sgd",
+            "keras.optimizers.SGD",
+            "formula:Optimisers.Momentum",
+        ),
+        example={"lr": 0.002, "momentum": 0.9},
+    )
 
     def check(self) -> None:
         check_momentum_form(self.name, self.momentum_form)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Rule, Transform
+from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import bias_correction, select
 
@@ -92,6 +92,14 @@ class sparse_adam(Rule):
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
     skip_zeros: bool = True
+
+    info: ClassVar[Info] = Info(
+        family="adam",
+        paper="Kingma & Ba (2015), lazy on sparse gradients",
+        references=("torch.optim.SparseAdam",),
+        example={"lr": 0.05},
+        complex=False,
+    )
 
     def parts(self) -> tuple[Transform, ...]:
         return (scale_by_sparse_adam(lr=self.lr, b1=self.betas[0], b2=self.betas[1],

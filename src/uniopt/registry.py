@@ -1,0 +1,82 @@
+"""Every rule uniopt has, as data: each rule's :class:`~uniopt.base.Info` (family, paper, the
+implementations it is held to, whether it needs a closure or takes complex numbers, its parity
+tolerance, hyperparameters for the generic problems) and the state slots its parts keep.
+
+The generic test suite, the README's rule table and ``uniopt rules`` read this, so a new rule is
+listed, documented and tested by declaring its ``info``, never by a special case by name.
+
+>>> from uniopt import registry
+>>> registry.entry("adam").references[:1]
+('torch.optim.Adam',)
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from . import rules as _rules_package
+from .base import Info, Part, Rule, Transform
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A rule's :class:`~uniopt.base.Info` with its name, class and the slots of its default
+    instance's parts."""
+
+    name: str
+    rule: type[Rule]
+    info: Info
+    slots: tuple[str, ...]
+
+    def __getattr__(self, field: str) -> Any:
+        return getattr(self.info, field)  # entry.family, entry.paper, ...
+
+
+def _slots(t: Transform) -> tuple[str, ...]:
+    if isinstance(t, Part):
+        return tuple(t.slots)
+    return tuple(s for p in t.parts() for s in _slots(p))
+
+
+@cache
+def entries() -> dict[str, Entry]:
+    """Every rule with an ``info``, by name, in the order of ``uniopt.rules``' modules."""
+    found: dict[str, Entry] = {}
+    for module in pkgutil.iter_modules(_rules_package.__path__):
+        mod = importlib.import_module(f"{_rules_package.__name__}.{module.name}")
+        for obj in vars(mod).values():
+            if (isinstance(obj, type) and issubclass(obj, Rule) and obj.__module__ == mod.__name__
+                    and obj.info is not None):
+                e = Entry(obj.__name__, obj, obj.info, _slots(obj(**obj.info.example)))
+                found[obj.__name__] = e
+    return found
+
+
+def entry(name: str) -> Entry:
+    """The registry's entry for the rule called ``name``; a KeyError naming the closest names."""
+    table = entries()
+    if name not in table:
+        import difflib
+
+        near = difflib.get_close_matches(name, table, n=3)
+        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+        raise KeyError(f"no rule named {name!r}{hint}")
+    return table[name]
+
+
+def names() -> list[str]:
+    return list(entries())
+
+
+def table() -> str:
+    """The README's rule table (Markdown), generated from the registry."""
+    rows = ["| rule | family | paper | held to | slots |", "|---|---|---|---|---|"]
+    for e in entries().values():
+        held = ", ".join(f"`{r}`" for r in e.references) or "—"
+        rows.append(f"| `{e.name}` | {e.family} | {e.paper} | {held} | "
+                    f"{', '.join(e.slots) or '—'} |")
+    return "\n".join(rows)
