@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
+
 from .. import backend
 from ..backend import is_torch, namespace
 from ..base import Info, PerLeaf, Rule, Transform
@@ -70,11 +72,28 @@ def _wide(xp: Any, x: Any) -> Any:
     return xp.astype(x, xp.float64)
 
 
+EPS_FORMS = ("clamp", "add")
+FACTORED_AXES = ("last", "largest")
+DECAY_FORMS = ("decoupled", "independent")
+
+
+def _check_forms(owner: str, eps_form: Any, axes: Any, min_dim: Any) -> None:
+    if eps_form not in EPS_FORMS:
+        raise ValueError(f"{owner}: eps_form must be one of {', '.join(map(repr, EPS_FORMS))}, "
+                         f"got {eps_form!r}")
+    if axes not in FACTORED_AXES:
+        raise ValueError(f"{owner}: factored_axes must be one of "
+                         f"{', '.join(map(repr, FACTORED_AXES))}, got {axes!r}")
+    if isinstance(min_dim, bool) or not isinstance(min_dim, int) or min_dim < 1:
+        raise ValueError(f"{owner}: min_dim_size_to_factor must be an int >= 1, got {min_dim!r}")
+
+
 class FactoredCoeffs(NamedTuple):
     weight: Any  # t^beta2_decay: the weight of this step's squares in the moving averages
     eps1: Any  # floor of the variance estimate's root (None: the dtype's machine epsilon)
     d: Any  # clipping threshold of the update's RMS
     clip: bool  # whether to clip here (adafactor clips in its last part, as torch)
+    add: bool  # eps_form="add": eps1 added to g^2, no floors (optax, keras)
 
 
 @dataclass(frozen=True)
@@ -92,31 +111,60 @@ class scale_by_factored_rms(PerLeaf):
     eps1: float | None = None
     d: Any = hyper(1.0, Interval(1.0))
     clip: bool = True
+    eps_form: str = "clamp"
+    min_dim_size_to_factor: int = 1
+    factored_axes: str = "last"
     slots: ClassVar[tuple[str, ...]] = ("row_var", "col_var", "variance")
     batched: ClassVar[bool] = True
 
+    def check(self) -> None:
+        _check_forms(self.name, self.eps_form, self.factored_axes, self.min_dim_size_to_factor)
+
+    def _factors(self, shape: tuple[int, ...]) -> bool:
+        # optax factors a leaf when its second-largest dimension reaches the threshold
+        return len(shape) >= 2 and sorted(shape)[-2] >= self.min_dim_size_to_factor
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        if self.factored_axes == "largest" and len(shape) > 2 and self._factors(shape):
+            top = {int(a) for a in np.argsort(shape)[-2:]}  # optax's choice of the two axes
+            if top != {len(shape) - 2, len(shape) - 1}:
+                return (f"factored_axes='largest' (optax) factors axes {sorted(top)} of this "
+                        "leaf; uniopt factors the last two axes only, so optax's statistics "
+                        "for it are not offered")
+        return None
+
     def slot_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...] | None, ...]:
-        if len(shape) < 2:
+        if not self._factors(shape):
             return None, None, tuple(shape)
         return (*shape[:-1], 1), (*shape[:-2], 1, shape[-1]), None
 
     def coeffs(self, step: Any) -> FactoredCoeffs:
         # torch's step_float**beta2_decay: the step a float
         return FactoredCoeffs(weight=(step + 1.0) ** self.beta2_decay, eps1=self.eps1,
-                              d=self.d, clip=self.clip)
+                              d=self.d, clip=self.clip, add=self.eps_form == "add")
 
     @staticmethod
     def apply(xp, c, p, u, row_var, col_var, variance):
         eps1 = float(xp.finfo(u.dtype).eps) if c.eps1 is None else c.eps1
-        if variance is None:
+        if c.add:  # optax's, keras's: v from g^2 + eps1, v_hat unfloored
+            sq = u * u + eps1
+            if variance is None:
+                row_var = lerp(row_var, xp.mean(sq, axis=-1, keepdims=True), c.weight)
+                col_var = lerp(col_var, xp.mean(sq, axis=-2, keepdims=True), c.weight)
+                v_hat = row_var * col_var / xp.mean(row_var, axis=-2, keepdims=True)
+            else:
+                v_hat = variance = lerp(variance, sq, c.weight)
+            u = _rsqrt(xp, v_hat) * u
+        elif variance is None:
             row_var = lerp(row_var, _mean_sq(xp, u, -1), c.weight)
             col_var = lerp(col_var, _mean_sq(xp, u, -2), c.weight)
             # torch's row_var @ col_var: an outer product, each element one rounded product
             v_hat = row_var * col_var / xp.clip(
                 xp.mean(row_var, axis=-2, keepdims=True), min=eps1)
+            u = _rsqrt(xp, xp.clip(v_hat, min=eps1 * eps1)) * u
         else:
             v_hat = variance = lerp(variance, u * u, c.weight)
-        u = _rsqrt(xp, xp.clip(v_hat, min=eps1 * eps1)) * u
+            u = _rsqrt(xp, xp.clip(v_hat, min=eps1 * eps1)) * u
         if c.clip:
             n = math.prod(u.shape[1:])
             u = u / xp.clip(_leaf_norms_array(xp, u) / (n**0.5 * c.d), min=1.0)
@@ -139,6 +187,7 @@ class RelativeStep(NamedTuple):
     keep: Any  # 1 - lr*weight_decay: torch's factor of the decay, in Python's double
     d: Any  # clipping threshold of the update's RMS
     clip: bool  # whether to clip it (False: d is not read)
+    scale: bool  # whether alpha has the factor max(eps2, rms(p))
 
 
 @dataclass(frozen=True)
@@ -157,20 +206,31 @@ class scale_by_param_scale(PerLeaf):
     weight_decay: Any = hyper(0.0, NONNEG)
     d: Any = hyper(1.0, Interval(1.0))
     clip: bool = False
+    relative_step: bool = True
+    param_scale: bool = True
+    decay_form: str = "decoupled"
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     batched: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> RelativeStep:
         decay = 1 / (step + 1.0) ** 0.5  # torch's 1 / (step_float**0.5)
-        if isinstance(decay, float) and isinstance(self.lr, float):
+        if not self.relative_step:
+            rho = self.lr
+        elif isinstance(decay, float) and isinstance(self.lr, float):
             rho = min(self.lr, decay)
         else:  # traced by jax.jit
             rho = namespace(decay if not isinstance(decay, float) else self.lr).minimum(
                 self.lr, decay)
-        lr_wd = self.lr * self.weight_decay
+        lr_wd = (self.weight_decay if self.decay_form == "independent"
+                 else self.lr * self.weight_decay)
         return RelativeStep(rho=rho, eps2=self.eps2, lr_wd=lr_wd, keep=1 - lr_wd, d=self.d,
-                            clip=self.clip)
+                            clip=self.clip, scale=self.param_scale)
+
+    def check(self) -> None:
+        if self.decay_form not in DECAY_FORMS:
+            raise ValueError(f"{self.name}: decay_form must be one of "
+                             f"{', '.join(map(repr, DECAY_FORMS))}, got {self.decay_form!r}")
 
     @staticmethod
     def _scales(xp: Any, c: RelativeStep, p: Any, u: Any) -> Any:
@@ -179,12 +239,13 @@ class scale_by_param_scale(PerLeaf):
         root_n = math.prod(p.shape[1:]) ** 0.5  # torch's numel() ** 0.5
         pn = _leaf_norms(xp, p)
         if isinstance(pn, list):
-            alphas = [_larger(xp, c.eps2, a / root_n) * c.rho for a in pn]
+            alphas = [(_larger(xp, c.eps2, a / root_n) if c.scale else 1.0) * c.rho for a in pn]
             if not c.clip:
                 return alphas
             return [a / _larger(xp, 1.0, b / (root_n * c.d))
                     for a, b in zip(alphas, _leaf_norms(xp, u), strict=True)]
-        alpha = _larger(xp, c.eps2, _wide(xp, pn) / root_n) * c.rho
+        alpha = (_larger(xp, c.eps2, _wide(xp, pn) / root_n) if c.scale
+                 else _wide(xp, xp.ones_like(pn))) * c.rho
         if not c.clip:
             return alpha
         return alpha / _larger(xp, 1.0, _wide(xp, _leaf_norms(xp, u)) / (root_n * c.d))
@@ -229,6 +290,32 @@ class adafactor(Rule):
     order: a norm may differ in its last bit, and with it a step. (torch takes ``eps1=None``
     from the first parameter of a group for all; here each leaf's own dtype.)
 
+    Options (the ``convention`` sets them, and the defaults, for the fields not given):
+
+    - ``eps_form="clamp"``: ``v_hat`` floored at ``eps1^2`` and ``mean(R)`` at ``eps1`` (torch);
+      ``"add"``: ``eps1`` added to ``g^2`` before the averages, nothing floored (optax, keras).
+    - ``relative_step=True``: ``rho = min(lr, 1/sqrt(t))`` (torch, keras); ``False``: ``lr``.
+    - ``param_scale=True``: the step has the factor ``max(eps2, rms(p))`` (optax's
+      ``multiply_by_parameter_scale``); ``False``: no factor, ``eps2`` unread.
+    - ``decay_form="decoupled"``: ``p (1 - lr*weight_decay)`` (torch, keras);
+      ``"independent"``: ``p (1 - weight_decay)`` (optax's ``weight_decay_rate``).
+    - ``min_dim_size_to_factor=1``: a leaf is factored when it has two or more dimensions and
+      its second-largest dimension is at least this (optax 128; its ``factored=False`` is a
+      threshold above every dimension).
+    - ``factored_axes="last"``: the last two axes (torch, keras); ``"largest"`` (optax) the
+      two largest, offered only where they are the last two: another leaf is refused at set-up.
+
+    Conventions: ``"torch"`` (the defaults above); ``"optax"``, ``optax.adafactor``: lr 1.0
+    (its ``learning_rate=None``), eps ``(1e-30, 1e-3)`` added, no relative step, independent
+    decay, factored from 128 over the largest axes (its ``momentum``, ``decay_offset``,
+    ``weight_decay_mask`` and ``dtype_momentum`` are not offered, nor its float32 ``t`` in
+    ``1 - t^-decay_rate``: ours is the parameters' dtype); ``"keras"``,
+    ``keras.optimizers.Adafactor``: lr 1e-3, eps ``(1e-30, 1e-3)`` added (``epsilon_1``,
+    ``epsilon_2``), ``beta_2_decay`` and ``clip_threshold`` as ``beta2_decay`` and ``d``; keras's
+    ``relative_step=False`` changes nothing in keras 3.15 (it takes ``min(lr, 1/sqrt(t))``
+    again for ``rho``), so its row keeps ``relative_step=True``. optax's ``decay_rate`` is
+    ``-beta2_decay``, its ``clipping_threshold`` ``d`` (``None``: ``d=inf``).
+
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.ones((2, 3))}
     >>> state = uo.setup(uo.adafactor(), p)
@@ -244,6 +331,21 @@ class adafactor(Rule):
     eps: tuple[Any, Any] = (None, 1e-3)
     d: Any = hyper(1.0, Interval(1.0))
     weight_decay: Any = hyper(0.0, NONNEG)
+    eps_form: str = "clamp"
+    relative_step: bool = True
+    param_scale: bool = True
+    decay_form: str = "decoupled"
+    min_dim_size_to_factor: int = 1
+    factored_axes: str = "last"
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"lr": 1.0, "eps": (1e-30, 1e-3), "eps_form": "add", "relative_step": False,
+                  "decay_form": "independent", "min_dim_size_to_factor": 128,
+                  "factored_axes": "largest"},
+        "keras": {"lr": 1e-3, "eps": (1e-30, 1e-3), "eps_form": "add"},
+    }
 
     info: ClassVar[Info] = Info(
         family="factored",
@@ -254,6 +356,14 @@ class adafactor(Rule):
     )
 
     def check(self) -> None:
+        _check_forms(self.name, self.eps_form, self.factored_axes, self.min_dim_size_to_factor)
+        if self.decay_form not in DECAY_FORMS:
+            raise ValueError(f"{self.name}: decay_form must be one of "
+                             f"{', '.join(map(repr, DECAY_FORMS))}, got {self.decay_form!r}")
+        for flag in ("relative_step", "param_scale"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{self.name}: {flag} must be True or False, "
+                                 f"got {getattr(self, flag)!r}")
         eps = self.eps
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"{self.name}: eps must be a pair (eps1, eps2), got {eps!r}")
@@ -269,7 +379,10 @@ class adafactor(Rule):
         return (
             # torch clips in its last step (one scalar, -alpha/denom, for the fused add)
             scale_by_factored_rms(beta2_decay=self.beta2_decay, eps1=self.eps[0], d=self.d,
-                                  clip=False),
+                                  clip=False, eps_form=self.eps_form,
+                                  min_dim_size_to_factor=self.min_dim_size_to_factor,
+                                  factored_axes=self.factored_axes),
             scale_by_param_scale(lr=self.lr, eps2=self.eps[1], weight_decay=self.weight_decay,
-                                 d=self.d, clip=True),
+                                 d=self.d, clip=True, relative_step=self.relative_step,
+                                 param_scale=self.param_scale, decay_form=self.decay_form),
         )
