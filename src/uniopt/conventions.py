@@ -121,6 +121,15 @@ FORMULAS: dict[str, dict[str, str]] = {
         "keras": "m = μm + g; O = NS(m), Nesterov NS(g + μm), X₀ = X/(‖X‖_F + 10⁻⁷); "
                  "p −= lr·λp; p −= lr·0.2·√max(A, B)·O; non-2-D, embeddings: AdamW",
     },
+    "adafactor": {
+        "torch": "v = lerp(v, g², t^−0.8) (R, C of 2-D+ leaves); U = g/√max(v̂, ε₁²), clipped "
+                 "to RMS d; p ·= 1 − lr·λ; p −= max(ε₂, rms p)·min(lr, 1/√t)·U",
+        "optax": "v from g² + 1e-30, factored if the 2nd-largest dim ≥ 128 (two largest axes); "
+                 "U = g/√v̂ clipped to RMS 1; p −= lr·max(1e-3, rms p)·U + λp (no relative "
+                 "step; momentum optional)",
+        "keras": "v from g² + ε₁, last two axes factored; U = g/√v̂ clipped to RMS d; "
+                 "p −= lr·λ·p; p −= max(ε₂, rms p)·min(lr, 1/√t)·U",
+    },
     "optimistic_adam": {
         "optax": "v2: p −= η_t·((α+β)·r_t − β·r_{t−1}); v1: u = −lr·r_t − o·(r_t − r_{t−1})",
         "flux": "OAdam: term = η·m̂/(√v̂+ε); Δ = 2·term − term_prev (term_prev starts at 0)",

@@ -314,7 +314,8 @@ class adafactor(Rule):
     ``epsilon_2``), ``beta_2_decay`` and ``clip_threshold`` as ``beta2_decay`` and ``d``; keras's
     ``relative_step=False`` changes nothing in keras 3.15 (it takes ``min(lr, 1/sqrt(t))``
     again for ``rho``), so its row keeps ``relative_step=True``. optax's ``decay_rate`` is
-    ``-beta2_decay``, its ``clipping_threshold`` ``d`` (``None``: ``d=inf``).
+    ``-beta2_decay``, its ``clipping_threshold`` ``d`` (``None`` and keras's values below 1
+    are not offered: ``d >= 1`` as in torch). keras's ``weight_decay`` is not verified.
 
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.ones((2, 3))}
