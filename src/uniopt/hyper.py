@@ -42,6 +42,7 @@ class Interval:
 
 
 NONNEG = Interval()
+POSITIVE = Interval(lo_open=True)
 UNIT_OPEN = Interval(0.0, 1.0, hi_open=True)  # betas, momentum-like decays: 1 would never forget
 UNIT = Interval(0.0, 1.0)
 

@@ -11,7 +11,7 @@ import numpy as np
 from .. import backend
 from ..backend import is_torch, namespace
 from ..base import Info, PerLeaf, Rule, Transform
-from ..hyper import NONNEG, Interval, hyper
+from ..hyper import NONNEG, POSITIVE, Interval, hyper
 from ..moments import fma, lerp
 
 
@@ -74,7 +74,7 @@ def _wide(xp: Any, x: Any) -> Any:
 
 EPS_FORMS = ("clamp", "add")
 FACTORED_AXES = ("last", "largest")
-DECAY_FORMS = ("decoupled", "independent")
+DECAY_FORMS = ("decoupled", "decoupled_first", "independent")
 
 
 def _check_forms(owner: str, eps_form: Any, axes: Any, min_dim: Any) -> None:
@@ -109,7 +109,7 @@ class scale_by_factored_rms(PerLeaf):
 
     beta2_decay: Any = hyper(-0.8, Interval(None, 0.0))
     eps1: float | None = None
-    d: Any = hyper(1.0, Interval(1.0))
+    d: Any = hyper(1.0, POSITIVE)
     clip: bool = True
     eps_form: str = "clamp"
     min_dim_size_to_factor: int = 1
@@ -188,6 +188,7 @@ class RelativeStep(NamedTuple):
     d: Any  # clipping threshold of the update's RMS
     clip: bool  # whether to clip it (False: d is not read)
     scale: bool  # whether alpha has the factor max(eps2, rms(p))
+    seen: Any  # the factor on rms(p): keep where p is decayed before its scale is read
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ class scale_by_param_scale(PerLeaf):
     lr: Any = hyper(1e-2, NONNEG)
     eps2: Any = hyper(1e-3, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
-    d: Any = hyper(1.0, Interval(1.0))
+    d: Any = hyper(1.0, POSITIVE)
     clip: bool = False
     relative_step: bool = True
     param_scale: bool = True
@@ -224,8 +225,9 @@ class scale_by_param_scale(PerLeaf):
                 self.lr, decay)
         lr_wd = (self.weight_decay if self.decay_form == "independent"
                  else self.lr * self.weight_decay)
+        seen = 1 - lr_wd if self.decay_form == "decoupled_first" else 1.0
         return RelativeStep(rho=rho, eps2=self.eps2, lr_wd=lr_wd, keep=1 - lr_wd, d=self.d,
-                            clip=self.clip, scale=self.param_scale)
+                            clip=self.clip, scale=self.param_scale, seen=seen)
 
     def check(self) -> None:
         if self.decay_form not in DECAY_FORMS:
@@ -239,12 +241,13 @@ class scale_by_param_scale(PerLeaf):
         root_n = math.prod(p.shape[1:]) ** 0.5  # torch's numel() ** 0.5
         pn = _leaf_norms(xp, p)
         if isinstance(pn, list):
-            alphas = [(_larger(xp, c.eps2, a / root_n) if c.scale else 1.0) * c.rho for a in pn]
+            alphas = [(_larger(xp, c.eps2, c.seen * a / root_n) if c.scale else 1.0) * c.rho
+                      for a in pn]
             if not c.clip:
                 return alphas
             return [a / _larger(xp, 1.0, b / (root_n * c.d))
                     for a, b in zip(alphas, _leaf_norms(xp, u), strict=True)]
-        alpha = (_larger(xp, c.eps2, _wide(xp, pn) / root_n) if c.scale
+        alpha = (_larger(xp, c.eps2, c.seen * _wide(xp, pn) / root_n) if c.scale
                  else _wide(xp, xp.ones_like(pn))) * c.rho
         if not c.clip:
             return alpha
@@ -297,8 +300,11 @@ class adafactor(Rule):
     - ``relative_step=True``: ``rho = min(lr, 1/sqrt(t))`` (torch, keras); ``False``: ``lr``.
     - ``param_scale=True``: the step has the factor ``max(eps2, rms(p))`` (optax's
       ``multiply_by_parameter_scale``); ``False``: no factor, ``eps2`` unread.
-    - ``decay_form="decoupled"``: ``p (1 - lr*weight_decay)`` (torch, keras);
-      ``"independent"``: ``p (1 - weight_decay)`` (optax's ``weight_decay_rate``).
+    - ``decay_form="decoupled"``: ``p (1 - lr*weight_decay)``, the parameter scale read from
+      ``p`` before it (torch); ``"decoupled_first"``: the same factor applied first, so the
+      scale is read from the decayed ``p`` (keras, whose ``apply`` decays every variable
+      before its ``update_step``); ``"independent"``: ``p (1 - weight_decay)`` (optax's
+      ``weight_decay_rate``).
     - ``min_dim_size_to_factor=1``: a leaf is factored when it has two or more dimensions and
       its second-largest dimension is at least this (optax 128; its ``factored=False`` is a
       threshold above every dimension).
@@ -314,8 +320,13 @@ class adafactor(Rule):
     ``epsilon_2``), ``beta_2_decay`` and ``clip_threshold`` as ``beta2_decay`` and ``d``; keras's
     ``relative_step=False`` changes nothing in keras 3.15 (it takes ``min(lr, 1/sqrt(t))``
     again for ``rho``), so its row keeps ``relative_step=True``. optax's ``decay_rate`` is
-    ``-beta2_decay``, its ``clipping_threshold`` ``d`` (``None`` and keras's values below 1
-    are not offered: ``d >= 1`` as in torch). keras's ``weight_decay`` is not verified.
+    ``-beta2_decay``, its ``clipping_threshold`` ``d`` (its ``None``, no clipping, is not
+    offered; any ``d > 0`` is, where torch asks ``d >= 1``: ``uniopt.torch.Adafactor`` keeps
+    torch's check). keras computes in float32 where it can: on its JAX backend ``ops.mean``
+    of a float64 array runs in float32 (keras 3.15's ``result_type(float64, float32)`` is
+    float32), on its NumPy backend the optimizer's ``velocity`` and the squares are float32;
+    with that one mean computed in float64, keras's 100-step trajectories equal ours to
+    1e-15.
 
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.ones((2, 3))}
@@ -330,7 +341,7 @@ class adafactor(Rule):
     lr: Any = hyper(1e-2, NONNEG)
     beta2_decay: Any = hyper(-0.8, Interval(None, 0.0))
     eps: tuple[Any, Any] = (None, 1e-3)
-    d: Any = hyper(1.0, Interval(1.0))
+    d: Any = hyper(1.0, POSITIVE)
     weight_decay: Any = hyper(0.0, NONNEG)
     eps_form: str = "clamp"
     relative_step: bool = True
@@ -345,7 +356,8 @@ class adafactor(Rule):
         "optax": {"lr": 1.0, "eps": (1e-30, 1e-3), "eps_form": "add", "relative_step": False,
                   "decay_form": "independent", "min_dim_size_to_factor": 128,
                   "factored_axes": "largest"},
-        "keras": {"lr": 1e-3, "eps": (1e-30, 1e-3), "eps_form": "add"},
+        "keras": {"lr": 1e-3, "eps": (1e-30, 1e-3), "eps_form": "add",
+                  "decay_form": "decoupled_first"},
     }
 
     info: ClassVar[Info] = Info(
