@@ -208,7 +208,8 @@ def test_adagrad_flux_starts_at_eps():
     np.testing.assert_allclose(_run(tr.rule), _run(flux), rtol=1e-12)
     same = uo.adagrad(lr=0.05, eps=1e-8, initial_accumulator_value=1e-8)
     tr = uo.translate(same, target="flux")
-    assert tr.exact and tr.conditions == "initial_accumulator_value = eps"
+    assert tr.exact and tr.conditions == ("initial_accumulator_value = eps; parameters not "
+                                          "float16")
     assert tr.rule.start_at_eps and tr.rule.initial_accumulator_value == 0.0
     np.testing.assert_allclose(_run(tr.rule), _run(same), rtol=1e-12)
     keras = uo.adagrad(convention="keras", lr=0.05, eps=0.0)  # G from 0.1: flux cannot
@@ -340,3 +341,67 @@ def test_optax_adadelta_default_ascends():
         updates, state = tx.update(a * x, state, x)
         x = optax.apply_updates(x, updates)
     assert float(0.5 * jnp.sum(a * x * x)) > start
+
+
+# Optimisers.jl's _eps: float16 parameters take max(Float16(1e-7), Float16(eps)), 0 staying 0
+FLOOR16 = ["adam", "optimistic_adam", "adamax", "nadam", "radam", "rmsprop", "adagrad",
+           "adadelta"]
+
+
+def _float16_run(rule: uo.Transform, lib: str) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    shapes = [(40, 3), (7,)]  # the first leaf large enough for the compiled loop
+    ps = [rng.standard_normal(s).astype(np.float16) for s in shapes]
+    gs = [[(1e-3 * rng.standard_normal(s)).astype(np.float16) for s in shapes]
+          for _ in range(4)]
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        ps = [torch.tensor(p) for p in ps]
+        gs = [[torch.tensor(g) for g in step] for step in gs]
+    elif lib == "jax":
+        jnp = pytest.importorskip("jax.numpy")
+        ps = [jnp.asarray(p) for p in ps]
+        gs = [[jnp.asarray(g) for g in step] for step in gs]
+    state = uo.setup(rule, ps)
+    for g in gs:
+        state, ps = uo.update(state, ps, g)
+    return [np.asarray(p, dtype=np.float32) for p in ps]
+
+
+@pytest.mark.parametrize("name", FLOOR16)
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax"])
+def test_flux_float16_eps_floor(name: str, lib: str) -> None:
+    """convention="flux" on float16 parameters steps as the same rule with eps = 2^-23
+    (Float16(1e-7)) given outright; eps_floor16=False as eps = Float16(1e-8) = 0 would."""
+    make = getattr(uo, name)
+    kw = {"lr": 1e-3} if name == "optimistic_adam" else {}
+    floored = _float16_run(make(convention="flux", eps=1e-8, **kw), lib)
+    if name == "adagrad":  # its accumulator starts at eps as given (Optimisers.jl's onevalue)
+        kw = {"start_at_eps": False, "initial_accumulator_value": 1e-8}
+    explicit = _float16_run(make(convention="flux", eps=2.0**-23, eps_floor16=False, **kw), lib)
+    for a, b in zip(floored, explicit, strict=True):
+        np.testing.assert_array_equal(a, b)
+    plain = {"lr": 1e-3} if name == "optimistic_adam" else {}
+    assert make(convention="flux").eps_floor16 and not make(**plain).eps_floor16
+
+
+def test_eps_floor16_leaves_other_dtypes_and_zero_alone() -> None:
+    part = uo.scale_by_adam(eps=1e-8, eps_floor16=True)
+    c = part.coeffs(0)
+    assert part.for_dtype(c, np.dtype("float32")) is c
+    assert part.for_dtype(c, np.dtype("float16")).eps == 2.0**-23
+    assert part.for_dtype(c, "torch.float16").eps == 2.0**-23
+    big = uo.scale_by_adam(eps=1e-3, eps_floor16=True)
+    assert big.for_dtype(big.coeffs(0), np.dtype("float16")).eps == float(np.float16(1e-3))
+    zero = uo.scale_by_adam(eps=0.0, eps_floor16=True)
+    assert zero.for_dtype(zero.coeffs(0), np.dtype("float16")).eps == 0.0
+    off = uo.scale_by_adam(eps=1e-8)
+    assert off.for_dtype(off.coeffs(0), np.dtype("float16")).eps == 1e-8
+    assert not uo.adamw(convention="flux").parts()[0].by_dtype  # Optimisers.jl's AdamW: T(eps)
+
+
+def test_switches_must_be_bools() -> None:
+    with pytest.raises(ValueError, match="eps_floor16 must be True or False, got 'yes'"):
+        uo.adam(eps_floor16="yes")
+    with pytest.raises(ValueError, match="nesterov must be True or False, got 1"):
+        uo.sgd(momentum=0.9, nesterov=1)

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import array_api_compat as aac
+import numpy as np
 
 from .hyper import (
     Complemented,
@@ -73,6 +74,11 @@ class Transform:
     optional: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a switch is a bool: "no" is truthy
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name),
+                                                              (bool, np.bool_)):
+                raise ValueError(f"{self.name}: {f.name} must be True or False, "
+                                 f"got {getattr(self, f.name)!r}")
         self._validate()
 
     @property
@@ -384,6 +390,11 @@ class Part(Transform):
         return ()
 
 
+def _to_float16(x: float) -> float:
+    """``x`` rounded to float16 (IEEE round to nearest even), as a Python float."""
+    return float(np.float16(x))
+
+
 @dataclasses.dataclass(frozen=True)
 class Elementwise(Part):
     """Acts on each element on its own: ``kernel(xp, c, p, u, *slots) -> (u, *slots)``."""
@@ -403,6 +414,25 @@ class Elementwise(Part):
     # a static method or a function defined at a module's top level (so the compiled loop can
     # import it); a flag that changes the arithmetic may make it a property choosing between two
     kernel: ClassVar[Kernel]
+
+    @property
+    def by_dtype(self) -> bool:
+        """Whether the coefficients depend on the dtype of the leaf they meet (the engine then
+        asks :meth:`for_dtype` for each): Optimisers.jl's float16 eps floor, a part's
+        ``eps_floor16`` option."""
+        return bool(getattr(self, "eps_floor16", False))
+
+    def for_dtype(self, c: Any, dtype: Any) -> Any:
+        """The coefficients ``c`` for leaves of ``dtype``. With ``eps_floor16``, float16 leaves
+        take Optimisers.jl's ``_eps``: ``max(Float16(1e-7), Float16(eps))``, 0 staying 0, so a
+        float16 denominator never rounds eps away; other dtypes keep ``c``."""
+        if not self.by_dtype or str(dtype) not in ("float16", "torch.float16"):
+            return c
+        if isinstance(c.eps, (int, float)):
+            return c._replace(eps=0.0 if c.eps == 0 else max(2.0**-23, _to_float16(c.eps)))
+        xp = aac.array_namespace(c.eps)  # a traced or device value: the same, as arrays
+        e16 = xp.astype(xp.astype(c.eps, xp.float16), c.eps.dtype)
+        return c._replace(eps=xp.where(c.eps == 0, c.eps, xp.maximum(e16, 2.0**-23)))
 
     # The last part of a rule may write the parameter itself, rounded in its peer's order:
     # torch's ``p.add_(u, alpha=-lr)`` is one fused multiply-add where ``p - lr*u`` rounds

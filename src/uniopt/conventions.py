@@ -403,6 +403,12 @@ def _remember_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step
         "multiplies both terms by the current lr: the same while lr is constant"))
 
 
+def _eps_floor16(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    return _Step(True, "parameters not float16", (
+        "Optimisers.jl raises eps to max(Float16(1e-7), Float16(eps)) for float16 parameters "
+        "only (its _eps); every other dtype takes eps as it is"))
+
+
 def _decay_form(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
     wd = rule.weight_decay  # type: ignore[attr-defined]
     if _number(wd) and wd == 0:
@@ -453,6 +459,10 @@ OPTIONS: tuple[Option, ...] = (
            "before the step: exact when λ = 0 or without momentum", _decay_form),
     Option(("nadam",), "decoupled_weight_decay", "L2 term ↔ decoupled p *= 1 − lr·λ (NAdamW, "
            "keras): exact only when λ = 0", _decay_form),
+    Option(("adadelta", "adagrad", "adam", "adamax", "nadam", "optimistic_adam", "radam",
+            "rmsprop"), "eps_floor16", "Optimisers.jl's float16 eps floor (max(Float16(1e-7), "
+           "Float16(eps)) on float16 parameters) ↔ eps as given: exact for other dtypes",
+           _eps_floor16),
     Option(("optimistic_adam",), "remember_lr", "the previous term with its own lr ↔ the "
            "current lr: exact at constant lr", _remember_lr),
 )

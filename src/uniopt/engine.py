@@ -348,6 +348,9 @@ def _deltas(
                     c = part.norm_coeffs(_norm(us, xps), sum(math.prod(u.shape) for u in us))
                 cs = _per_dtype(c, us)
                 leaf_cs = [cs.get(u.dtype, c) for u in us]
+            if part.by_dtype:  # the stored parameter's dtype: 16-bit leaves compute wider
+                leaf_cs = [part.for_dtype(lc, p.dtype)
+                           for lc, p in zip(leaf_cs, params, strict=True)]
             fn = part.kernel
             outs = [
                 fn(xp, lc, p, u, *(read(state.slots[k][i], dt, xp) for k in keys))

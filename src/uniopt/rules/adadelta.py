@@ -25,6 +25,7 @@ class scale_by_adadelta(Elementwise):
 
     rho: Any = hyper(0.9, UNIT)
     eps: Any = hyper(1e-6, NONNEG)
+    eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("square_avg", "acc_delta")
 
     def coeffs(self, step: int) -> AdadeltaCoeffs:
@@ -61,13 +62,15 @@ class adadelta(Rule):
     eps: Any = hyper(1e-6, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
     decay_form: str = "l2"
+    eps_floor16: bool = False
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {},
         "keras": {"lr": 1e-3, "rho": 0.95, "eps": 1e-7, "decay_form": "decoupled"},
-        "flux": {"eps": 1e-8},
+        "flux": {"eps": 1e-8,
+                 "eps_floor16": True},
         "paper": {"rho": 0.95},
     }
 
@@ -90,5 +93,6 @@ class adadelta(Rule):
         check_decay_form(self.name, self.decay_form)
 
     def parts(self) -> tuple[Transform, ...]:
-        return decayed((scale_by_adadelta(rho=self.rho, eps=self.eps), scale_by_lr(lr=self.lr)),
+        return decayed((scale_by_adadelta(rho=self.rho, eps=self.eps,
+                                           eps_floor16=self.eps_floor16), scale_by_lr(lr=self.lr)),
                        self.lr, self.weight_decay, self.decay_form, self.on("weight_decay"))

@@ -32,6 +32,7 @@ class scale_by_adagrad(Elementwise):
     eps: Any = hyper(1e-10, NONNEG)
     initial_accumulator_value: float = static(0.0, NONNEG)
     start_at_eps: bool = False  # G starts at eps instead (Optimisers.jl's AdaGrad)
+    eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("sum",)
     makes_step: ClassVar[bool] = True  # its lr is applied here
 
@@ -94,6 +95,7 @@ class adagrad(Rule):
     eps_in_sqrt: bool = False
     start_at_eps: bool = False
     decay_form: str = "l2"
+    eps_floor16: bool = False
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
@@ -101,7 +103,8 @@ class adagrad(Rule):
         "optax": {"initial_accumulator_value": 0.1, "eps": 1e-7, "eps_in_sqrt": True},
         "keras": {"lr": 1e-3, "initial_accumulator_value": 0.1, "eps": 1e-7,
                   "eps_in_sqrt": True, "decay_form": "decoupled"},
-        "flux": {"lr": 0.1, "eps": 1e-8, "start_at_eps": True},
+        "flux": {"lr": 0.1, "eps": 1e-8, "start_at_eps": True,
+                 "eps_floor16": True},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
@@ -131,6 +134,6 @@ class adagrad(Rule):
         direction = scale_by_rss if self.eps_in_sqrt else scale_by_adagrad
         step = direction(lr=self.lr, lr_decay=self.lr_decay, eps=self.eps,
                          initial_accumulator_value=self.initial_accumulator_value,
-                         start_at_eps=self.start_at_eps)
+                         start_at_eps=self.start_at_eps, eps_floor16=self.eps_floor16)
         return decayed((step,), self.lr, self.weight_decay, self.decay_form,
                        self.on("weight_decay"))

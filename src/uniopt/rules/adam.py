@@ -41,6 +41,7 @@ class scale_by_adam(Elementwise):
     eps_root: Any = hyper(0.0, NONNEG)
     nesterov: bool = False
     folded_lr: Any = hyper(1.0, NONNEG)
+    eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
     def coeffs(self, step: int) -> AdamCoeffs:
@@ -160,9 +161,11 @@ class scale_by_amsgrad_uncorrected(scale_by_amsgrad):
                           eps_root_bc2=self.eps_root)
 
 
-def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool, lr: Any) -> Elementwise:
+def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool, lr: Any,
+                eps_floor16: bool = False) -> Elementwise:
     return (scale_by_amsgrad if amsgrad else scale_by_adam)(b1=betas[0], b2=betas[1], eps=eps,
-                                                             folded_lr=lr)
+                                                             folded_lr=lr,
+                                                             eps_floor16=eps_floor16)
 
 
 AMSGRAD_MAX = ("raw", "corrected", "uncorrected")
@@ -191,10 +194,12 @@ def _check_adam_options(rule: Any) -> None:
 def _direction(rule: Any) -> Elementwise:
     """Adam's direction with the rule's options; torch's own block where they are torch's."""
     plain = not (rule.eps_hat or rule.on("eps_root"))
+    floor = getattr(rule, "eps_floor16", False)  # adamw has none: Optimisers.jl's AdamW
     if plain and (not rule.amsgrad or rule.amsgrad_max == "raw"):
-        return _adam_block(rule.betas, rule.eps, rule.amsgrad, rule.lr)
+        return _adam_block(rule.betas, rule.eps, rule.amsgrad, rule.lr, floor)
     b1, b2 = rule.betas
-    kw = dict(b1=b1, b2=b2, eps=rule.eps, eps_root=rule.eps_root, folded_lr=rule.lr)
+    kw = dict(b1=b1, b2=b2, eps=rule.eps, eps_root=rule.eps_root, folded_lr=rule.lr,
+              eps_floor16=floor)
     if not rule.amsgrad:
         return (scale_by_adam_eps_hat if rule.eps_hat else scale_by_adam)(**kw)
     if rule.amsgrad_max == "corrected":
@@ -229,7 +234,9 @@ class adam(Rule):
     Conventions: ``"torch"``; ``"optax"`` (``optax.adam``, ``optax.amsgrad``: max of ``v_hat``;
     optax requires a learning rate, ours keeps 1e-3); ``"keras"`` (eps 1e-7, ``eps_hat``,
     decoupled decay);
-    ``"flux"`` (Optimisers.jl >= 0.4 ``Adam``, ``AMSGrad``: uncorrected, moments from eps).
+    ``"flux"`` (Optimisers.jl >= 0.4 ``Adam``, ``AMSGrad``: uncorrected, moments from eps;
+    ``eps_floor16``: float16 leaves take eps ``max(Float16(1e-7), Float16(eps))``, its ``_eps``,
+    as do its RMSProp, AdaGrad, AdaDelta, AdaMax, NAdam, RAdam and OAdam).
     Optimisers.jl raises eps to ``max(Float16(1e-7), Float16(eps))`` (unless 0) for Float16
     parameters; uniopt computes float16 leaves in float32 and keeps the eps given.
 
@@ -251,13 +258,15 @@ class adam(Rule):
     amsgrad_max: str = "raw"
     moments_init: str = "zero"
     decay_form: str = "l2"
+    eps_floor16: bool = False
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"amsgrad_max": "corrected"},
         "keras": {"eps": 1e-7, "eps_hat": True, "decay_form": "decoupled"},
-        "flux": {"amsgrad_max": "uncorrected", "moments_init": "eps"},
+        "flux": {"amsgrad_max": "uncorrected", "moments_init": "eps",
+                 "eps_floor16": True},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
@@ -413,12 +422,13 @@ class optimistic_adam(Rule):
     nesterov: bool = True
     first_prev: str = "current"
     remember_lr: bool = False
+    eps_floor16: bool = False
     convention: str = "optax"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "optax": {},
         "flux": {"lr": 1e-3, "b1": 0.5, "b2": 0.9, "nesterov": False, "first_prev": "zero",
-                 "remember_lr": True},
+                 "remember_lr": True, "eps_floor16": True},
     }
 
     info: ClassVar[Info] = Info(
@@ -433,7 +443,7 @@ class optimistic_adam(Rule):
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root,
-                                  nesterov=self.nesterov)
+                                  nesterov=self.nesterov, eps_floor16=self.eps_floor16)
         optimistic = (scale_by_optimistic_gradient if self.first_prev == "current"
                       else scale_by_optimistic_gradient_from_zero)(alpha=self.alpha,
                                                                    beta=self.beta)

@@ -49,6 +49,7 @@ class scale_by_adamax(Elementwise):
     b1: Any = hyper(0.9, UNIT_OPEN)
     b2: Any = hyper(0.999, UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
+    eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_inf")
     makes_step: ClassVar[bool] = True
 
@@ -99,13 +100,15 @@ class adamax(Rule):
     weight_decay: Any = hyper(0.0, NONNEG)
     eps_in_max: bool = True
     decay_form: str = "l2"
+    eps_floor16: bool = False
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"lr": 1e-3},
         "keras": {"lr": 1e-3, "eps": 1e-7, "eps_in_max": False, "decay_form": "decoupled"},
-        "flux": {"lr": 1e-3, "eps_in_max": False},
+        "flux": {"lr": 1e-3, "eps_in_max": False,
+                 "eps_floor16": True},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
@@ -127,7 +130,8 @@ class adamax(Rule):
 
     def parts(self) -> tuple[Transform, ...]:
         block = scale_by_adamax if self.eps_in_max else scale_by_adamax_eps_out
-        direction = block(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps)
+        direction = block(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
+                          eps_floor16=self.eps_floor16)
         return decayed((direction,), self.lr, self.weight_decay, self.decay_form,
                        self.on("weight_decay"))
 
@@ -222,6 +226,7 @@ class scale_by_nadam(Elementwise):
     past_product: tuple[tuple[int, float], ...] | None = None
     decoupled_wd: Any = hyper(0.0, NONNEG)
     scalar_dtype: str = "float64"
+    eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     makes_step: ClassVar[bool] = True
 
@@ -310,6 +315,7 @@ class nadam(Rule):
     momentum_schedule: str = "dozat"
     b2_in_root: bool = False
     eps_root: Any = hyper(0.0, NONNEG)
+    eps_floor16: bool = False
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
@@ -317,7 +323,8 @@ class nadam(Rule):
         "optax": {"momentum_schedule": "constant"},
         "keras": {"lr": 1e-3, "eps": 1e-7, "momentum_decay": 1.0,
                   "decoupled_weight_decay": True},
-        "flux": {"lr": 1e-3, "momentum_schedule": "constant", "b2_in_root": True},
+        "flux": {"lr": 1e-3, "momentum_schedule": "constant", "b2_in_root": True,
+                 "eps_floor16": True},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
@@ -346,7 +353,8 @@ class nadam(Rule):
         if self.momentum_schedule == "constant":
             block = scale_by_adam_b2_in_root if self.b2_in_root else scale_by_adam
             steps = (block(b1=self.betas[0], b2=self.betas[1], eps=self.eps,
-                           eps_root=self.eps_root, nesterov=True), scale_by_lr(lr=self.lr))
+                           eps_root=self.eps_root, nesterov=True,
+                           eps_floor16=self.eps_floor16), scale_by_lr(lr=self.lr))
             if not self.on("weight_decay"):
                 return steps
             if self.decoupled_weight_decay:
@@ -354,6 +362,7 @@ class nadam(Rule):
             return (weight_decay(wd=self.weight_decay), *steps)
         decoupled = self.decoupled_weight_decay and self.on("weight_decay")
         direction = scale_by_nadam(lr=self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
+                                   eps_floor16=self.eps_floor16,
                                    momentum_decay=self.momentum_decay,
                                    past_product=self.past_product,
                                    decoupled_wd=self.weight_decay if decoupled else 0.0,
@@ -391,6 +400,7 @@ class scale_by_radam(Elementwise):
     b1: Any = hyper(0.9, UNIT_OPEN)
     b2: Any = hyper(0.999, UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
+    eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     makes_step: ClassVar[bool] = True
 
@@ -454,6 +464,7 @@ class scale_by_rectified_adam(Elementwise):
     threshold: float = 5.0
     strict: bool = True
     eps_hat: bool = True
+    eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     makes_step: ClassVar[bool] = True
 
@@ -515,12 +526,14 @@ class radam(Rule):
     rectify_strict: bool = True
     eps_hat: bool = True
     eps_root: Any = hyper(0.0, NONNEG)
+    eps_floor16: bool = False
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"rectify_strict": False, "eps_hat": False},
-        "flux": {"rectify_threshold": 4.0, "eps_hat": False},
+        "flux": {"rectify_threshold": 4.0, "eps_hat": False,
+                 "eps_floor16": True},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
@@ -543,8 +556,10 @@ class radam(Rule):
         torch_form = (self.rectify_threshold == 5.0 and self.rectify_strict and self.eps_hat
                       and not self.on("eps_root"))
         direction = (
-            scale_by_radam(lr=self.lr, b1=b1, b2=b2, eps=self.eps) if torch_form else
+            scale_by_radam(lr=self.lr, b1=b1, b2=b2, eps=self.eps,
+                           eps_floor16=self.eps_floor16) if torch_form else
             scale_by_rectified_adam(lr=self.lr, b1=b1, b2=b2, eps=self.eps,
+                                    eps_floor16=self.eps_floor16,
                                     eps_root=self.eps_root, threshold=self.rectify_threshold,
                                     strict=self.rectify_strict, eps_hat=self.eps_hat)
         )

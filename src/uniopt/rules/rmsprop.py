@@ -30,6 +30,7 @@ class scale_by_rms(Elementwise):
     eps: Any = hyper(1e-8, NONNEG)
     folded_lr: Any = hyper(1.0, NONNEG)
     initial_scale: float = static(0.0, NONNEG)  # where v starts (optax's initial_scale)
+    eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("square_avg",)
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
@@ -122,6 +123,7 @@ class rmsprop(Rule):
     momentum_form: str = "torch"
     initial_scale: float = static(0.0, NONNEG)
     decay_form: str = "l2"
+    eps_floor16: bool = False
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
@@ -129,7 +131,8 @@ class rmsprop(Rule):
         "optax": {"alpha": 0.9, "eps_in_sqrt": True, "momentum_form": "sutskever"},
         "keras": {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7, "eps_in_sqrt": True,
                   "momentum_form": "sutskever", "decay_form": "decoupled"},
-        "flux": {"lr": 1e-3, "alpha": 0.9},
+        "flux": {"lr": 1e-3, "alpha": 0.9,
+                 "eps_floor16": True},
     }
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
@@ -157,9 +160,10 @@ class rmsprop(Rule):
         steps: tuple[Transform, ...]
         if not self.on("momentum"):  # torch's p.addcdiv_(g, den, value=-lr)
             steps = (rms(alpha=self.alpha, eps=self.eps, folded_lr=self.lr,
-                         initial_scale=self.initial_scale),)
+                         initial_scale=self.initial_scale, eps_floor16=self.eps_floor16),)
         else:
-            direction = rms(alpha=self.alpha, eps=self.eps, initial_scale=self.initial_scale)
+            direction = rms(alpha=self.alpha, eps=self.eps, initial_scale=self.initial_scale,
+                            eps_floor16=self.eps_floor16)
             steps = ((direction, sutskever_trace(lr=self.lr, momentum=self.momentum))
                      if self.momentum_form == "sutskever" else
                      (direction, trace(momentum=self.momentum), scale_by_lr(lr=self.lr)))
