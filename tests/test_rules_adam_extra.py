@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import jitted_optax_step, rel_diff
+from helpers import rel_diff
 
 SHAPES = [(), (4,), (5, 3)]
 STEPS = 300
@@ -22,7 +22,7 @@ TOL = 1e-12  # float64 on both sides: operation order only, a few ulps a step
 
 
 def _grad(p: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    return np.tanh(p) * 0.5 + noise
+    return np.asarray(np.tanh(p) * 0.5 + noise)
 
 
 def _start(seed: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
@@ -50,16 +50,25 @@ def _worst(ours: list[dict[str, np.ndarray]], theirs: list[dict[str, Any]]) -> f
 
 
 def _optax(jx: Any, tx: Any, seed: int) -> list[dict[str, Any]]:
+    """optax's path: every step under one ``jax.jit`` (a ``lax.scan`` over the noises), each
+    gradient computed at optax's own params."""
+    import optax
+
     jnp = jx.numpy
     params, noises = _start(seed)
     p = {k: jnp.asarray(v) for k, v in params.items()}
-    s = tx.init(p)
-    step = jitted_optax_step(tx)
-    path = []
-    for noise in noises:
-        p, s = step(p, s, {k: jnp.tanh(v) * 0.5 + noise[k] for k, v in p.items()})
-        path.append(p)
-    return [{k: np.asarray(v) for k, v in q.items()} for q in jx.device_get(path)]
+    stacked = {k: jnp.asarray(np.stack([n[k] for n in noises])) for k in params}
+
+    def step(carry: Any, noise: Any) -> Any:
+        p, s = carry
+        g = {k: jnp.tanh(v) * 0.5 + noise[k] for k, v in p.items()}
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), p
+
+    path = jx.device_get(jx.jit(lambda p, n: jx.lax.scan(step, (p, tx.init(p)), n)[1])(
+        p, stacked))
+    return [{k: np.asarray(path[k][i]) for k in path} for i in range(STEPS)]
 
 
 def _torch(make: Callable[[list[Any]], Any], seed: int,
