@@ -27,14 +27,6 @@ from .rules.adam import (
     scale_by_amsgrad,
     scale_by_optimistic_gradient,
 )
-from .rules.adam_variants import (
-    adamax,
-    nadam,
-    radam,
-    scale_by_adamax,
-    scale_by_nadam,
-    scale_by_radam,
-)
 from .rules.adam_extra import (
     adabelief,
     adamaxw,
@@ -43,6 +35,14 @@ from .rules.adam_extra import (
     scale_by_belief,
     scale_by_yogi,
     yogi,
+)
+from .rules.adam_variants import (
+    adamax,
+    nadam,
+    radam,
+    scale_by_adamax,
+    scale_by_nadam,
+    scale_by_radam,
 )
 from .rules.asgd import asgd, scale_by_asgd
 from .rules.matrix import (
