@@ -89,6 +89,7 @@ class adabelief(Rule):
         paper="Zhuang et al. (2020)",
         references=("optax.adabelief",),
         example={"lr": 0.05},
+        budget=1000,
     )
 
     def parts(self) -> tuple[Transform, ...]:
@@ -158,7 +159,8 @@ class yogi(Rule):
         family="adam",
         paper="Zaheer et al. (2018)",
         references=("optax.yogi",),
-        example={"lr": 0.05},
+        example={"lr": 0.1},
+        budget=1000,
     )
 
     def parts(self) -> tuple[Transform, ...]:
@@ -202,7 +204,8 @@ class amsgrad(Rule):
         family="adam",
         paper="Reddi et al. (2018)",
         references=("optax.amsgrad", "torch.optim.Adam"),
-        example={"lr": 0.05},
+        example={"lr": 2.0},  # the maximum of v keeps Rosenbrock's first, large, gradients
+        budget=2000,
     )
 
     def check(self) -> None:
@@ -233,7 +236,8 @@ class adamaxw(Rule):
         family="adam",
         paper="Kingma & Ba (2015); Loshchilov & Hutter (2019)",
         references=("optax.adamaxw",),
-        example={"lr": 0.05, "weight_decay": 0.0},
+        example={"lr": 0.1, "weight_decay": 0.0},
+        budget=2000,
     )
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
@@ -280,6 +284,7 @@ class nadamw(Rule):
         paper="Dozat (2016); Loshchilov & Hutter (2019)",
         references=("optax.nadamw", "torch.optim.NAdam"),
         example={"lr": 0.05, "weight_decay": 0.0},
+        budget=1000,
     )
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay", "eps_root")
@@ -297,8 +302,11 @@ class nadamw(Rule):
             return (scale_by_nadam(lr=self.lr, b1=b1, b2=b2, eps=self.eps,
                                    momentum_decay=self.momentum_decay,
                                    decoupled_wd=self.weight_decay if decays else 0.0),)
-        steps = (scale_by_adam(b1=b1, b2=b2, eps=self.eps, eps_root=self.eps_root,
-                               nesterov=True), scale_by_lr(lr=self.lr))
+        # lr folded into the block (no scale_by_lr, whose last rounding is a fused
+        # multiply-add): p - u with the decay off, p*(1 - lr*wd) - u with it on, the same
+        # numbers where wd is 0
+        step = scale_by_adam(b1=b1, b2=b2, eps=self.eps, eps_root=self.eps_root,
+                             nesterov=True, folded_lr=self.lr)
         if not decays:
-            return steps
-        return (*steps, decoupled_weight_decay(lr=self.lr, wd=self.weight_decay))
+            return (step,)
+        return (step, decoupled_weight_decay(lr=self.lr, wd=self.weight_decay))
