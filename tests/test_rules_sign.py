@@ -39,11 +39,11 @@ def _start(seed: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]
     return params, noises
 
 
-def _ours(rule: uo.Transform, seed: int) -> list[dict[str, np.ndarray]]:
+def _ours(rule: uo.Transform, seed: int, steps: int = STEPS) -> list[dict[str, np.ndarray]]:
     params, noises = _start(seed)
     state = uo.setup(rule, params)
     path = []
-    for noise in noises:
+    for noise in noises[:steps]:
         state, params = uo.update(state, params, {k: _grad(v, noise[k])
                                                   for k, v in params.items()})
         path.append(params)
@@ -54,7 +54,7 @@ def _worst(ours: list[dict[str, np.ndarray]], theirs: list[dict[str, Any]]) -> f
     return max(rel_diff(p[k], q[k]) for p, q in zip(ours, theirs, strict=True) for k in p)
 
 
-def _optax(jx: Any, tx: Any, seed: int) -> list[dict[str, Any]]:
+def _optax(jx: Any, tx: Any, seed: int, steps: int = STEPS) -> list[dict[str, Any]]:
     """optax's path: every step under one ``jax.jit`` (a ``lax.scan`` over the noises), each
     gradient computed at optax's own params."""
     import optax
@@ -62,7 +62,7 @@ def _optax(jx: Any, tx: Any, seed: int) -> list[dict[str, Any]]:
     jnp = jx.numpy
     params, noises = _start(seed)
     p = {k: jnp.asarray(v) for k, v in params.items()}
-    stacked = {k: jnp.asarray(np.stack([n[k] for n in noises])) for k in params}
+    stacked = {k: jnp.asarray(np.stack([n[k] for n in noises[:steps]])) for k in params}
 
     def step(carry: Any, noise: Any) -> Any:
         p, s = carry
@@ -73,7 +73,7 @@ def _optax(jx: Any, tx: Any, seed: int) -> list[dict[str, Any]]:
 
     path = jx.device_get(jx.jit(lambda p, n: jx.lax.scan(step, (p, tx.init(p)), n)[1])(
         p, stacked))
-    return [{k: np.asarray(path[k][i]) for k in path} for i in range(STEPS)]
+    return [{k: np.asarray(path[k][i]) for k in path} for i in range(steps)]
 
 
 def _torch(make: Callable[[list[Any]], Any], seed: int,
@@ -110,7 +110,7 @@ def _optax_schedule(optax: Any) -> Any:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_lion_optax_convention_matches_optax(jx: Any, seed: int) -> None:
     optax = pytest.importorskip("optax")
     h = _hp(seed)
