@@ -27,6 +27,15 @@ from .rules.adam import (
     scale_by_amsgrad,
     scale_by_optimistic_gradient,
 )
+from .rules.adam_extra import (
+    adabelief,
+    adamaxw,
+    amsgrad,
+    nadamw,
+    scale_by_belief,
+    scale_by_yogi,
+    yogi,
+)
 from .rules.adam_variants import (
     adamax,
     nadam,
@@ -54,6 +63,7 @@ from .rules.rmsprop import (
 )
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
+from .rules.sign import lion, scale_by_lion, scale_by_signum, sign_sgd, signum
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
 from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
@@ -174,6 +184,18 @@ __all__ = [
     "update",
     "update_",
     "weight_decay",
+    "adabelief",
+    "adamaxw",
+    "amsgrad",
+    "nadamw",
+    "scale_by_belief",
+    "scale_by_yogi",
+    "yogi",
+    "lion",
+    "scale_by_lion",
+    "scale_by_signum",
+    "sign_sgd",
+    "signum",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402

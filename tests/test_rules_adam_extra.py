@@ -1,0 +1,292 @@
+"""adabelief, yogi, amsgrad, adamaxw and nadamw against optax (under ``jax.jit``, x64) and,
+where torch has the algorithm (AMSGrad, NAdamW), against torch.optim in float64.
+
+Both sides run free for 300 steps in float64, each computing its gradient at its own
+parameters, so a wrong step anywhere shows in every later one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+from helpers import rel_diff
+
+SHAPES = [(), (4,), (5, 3)]
+STEPS = 300
+TOL = 1e-12  # float64 on both sides: operation order only, a few ulps a step
+
+
+def _grad(p: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    return np.asarray(np.tanh(p) * 0.5 + noise)
+
+
+def _start(seed: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """The starting params and every step's gradient noise."""
+    rng = np.random.default_rng(seed)
+    params = {f"x{i}": rng.standard_normal(s) for i, s in enumerate(SHAPES)}
+    noises = [{k: 0.1 * rng.standard_normal(v.shape) for k, v in params.items()}
+              for _ in range(STEPS)]
+    return params, noises
+
+
+def _ours(rule: uo.Transform, seed: int, steps: int = STEPS) -> list[dict[str, np.ndarray]]:
+    params, noises = _start(seed)
+    state = uo.setup(rule, params)
+    path = []
+    for noise in noises[:steps]:
+        state, params = uo.update(state, params, {k: _grad(v, noise[k])
+                                                  for k, v in params.items()})
+        path.append(params)
+    return path
+
+
+def _worst(ours: list[dict[str, np.ndarray]], theirs: list[dict[str, Any]]) -> float:
+    return max(rel_diff(p[k], q[k]) for p, q in zip(ours, theirs, strict=True) for k in p)
+
+
+def _optax(jx: Any, tx: Any, seed: int, steps: int = STEPS) -> list[dict[str, Any]]:
+    """optax's path: every step under one ``jax.jit`` (a ``lax.scan`` over the noises), each
+    gradient computed at optax's own params."""
+    import optax
+
+    jnp = jx.numpy
+    params, noises = _start(seed)
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    stacked = {k: jnp.asarray(np.stack([n[k] for n in noises[:steps]])) for k in params}
+
+    def step(carry: Any, noise: Any) -> Any:
+        p, s = carry
+        g = {k: jnp.tanh(v) * 0.5 + noise[k] for k, v in p.items()}
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), p
+
+    path = jx.device_get(jx.jit(lambda p, n: jx.lax.scan(step, (p, tx.init(p)), n)[1])(
+        p, stacked))
+    return [{k: np.asarray(path[k][i]) for k in path} for i in range(steps)]
+
+
+def _torch(make: Callable[[list[Any]], Any], seed: int,
+           lr: Callable[[int], float] | None = None) -> list[dict[str, np.ndarray]]:
+    torch = pytest.importorskip("torch")
+    params, noises = _start(seed)
+    ts = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    opt = make(list(ts.values()))
+    path = []
+    for k, noise in enumerate(noises):
+        if lr is not None:
+            opt.param_groups[0]["lr"] = lr(k)
+        for key, t in ts.items():
+            t.grad = torch.as_tensor(_grad(t.detach().numpy(), noise[key]))
+        opt.step()
+        path.append({key: t.detach().numpy().copy() for key, t in ts.items()})
+    return path
+
+
+def _hp(seed: int) -> dict[str, float]:
+    """Random valid hyperparameters: betas far from 1 and large eps, so the moments' forms and
+    eps's placement decide the result."""
+    rng = np.random.default_rng(2000 + seed)
+    return dict(lr=float(rng.uniform(1e-3, 3e-2)), b1=float(rng.uniform(0.5, 0.95)),
+                b2=float(rng.uniform(0.8, 0.999)), eps=float(10 ** rng.uniform(-8, -2)),
+                eps_root=float(rng.choice([0.0, 10 ** rng.uniform(-8, -3)])),
+                wd=float(rng.uniform(0.0, 0.5)))
+
+
+LR_SCHEDULE = uo.schedules.cosine(0.05, steps=STEPS, floor=0.001)
+
+
+def _optax_schedule(optax: Any) -> Any:
+    return optax.cosine_decay_schedule(0.05, STEPS, alpha=0.001 / 0.05)
+
+
+# --- against optax -----------------------------------------------------------------------------
+
+
+def _pair(name: str, optax: Any, lr: Any, their_lr: Any, h: dict[str, float]) -> tuple[Any, Any]:
+    """Our rule and optax's, with the hyperparameters ``h``."""
+    betas, b = (h["b1"], h["b2"]), dict(b1=h["b1"], b2=h["b2"])
+    eps, root, wd = h["eps"], h["eps_root"], h["wd"]
+    if name == "adabelief":
+        return (uo.adabelief(lr, betas=betas, eps=eps, eps_root=root),
+                optax.adabelief(their_lr, **b, eps=eps, eps_root=root))
+    if name == "adabelief_nesterov":
+        return (uo.adabelief(lr, betas=betas, eps=eps, eps_root=root, nesterov=True),
+                optax.adabelief(their_lr, **b, eps=eps, eps_root=root, nesterov=True))
+    if name == "yogi":  # optax.yogi passes neither eps_root nor the initial value
+        return (uo.yogi(lr, betas=betas, eps=eps), optax.yogi(their_lr, **b, eps=eps))
+    if name == "amsgrad":
+        return (uo.amsgrad(lr, betas=betas, eps=eps, eps_root=root),
+                optax.amsgrad(their_lr, **b, eps=eps, eps_root=root))
+    if name == "adamaxw":
+        return (uo.adamaxw(lr, betas=betas, eps=eps, weight_decay=wd),
+                optax.adamaxw(their_lr, **b, eps=eps, weight_decay=wd))
+    assert name == "nadamw"
+    return (uo.nadamw(lr, betas=betas, eps=eps, eps_root=root, weight_decay=wd),
+            optax.nadamw(their_lr, **b, eps=eps, eps_root=root, weight_decay=wd))
+
+
+NAMES = ["adabelief", "adabelief_nesterov", "yogi", "amsgrad", "adamaxw", "nadamw"]
+
+
+def _defaults(name: str, optax: Any, lr: Any, their_lr: Any) -> tuple[Any, Any]:
+    """Our rule and optax's with optax's defaults (AdaBelief's eps and eps_root 1e-16, Yogi's
+    eps 1e-3 and moments from 1e-6, AdamaxW's and NAdamW's weight_decay 1e-4)."""
+    ours = {"adabelief": uo.adabelief, "adabelief_nesterov": uo.adabelief, "yogi": uo.yogi,
+            "amsgrad": uo.amsgrad, "adamaxw": uo.adamaxw, "nadamw": uo.nadamw}[name]
+    theirs = getattr(optax, name.removesuffix("_nesterov"))
+    if name.endswith("_nesterov"):
+        return ours(lr, nesterov=True), theirs(their_lr, nesterov=True)
+    return ours(lr), theirs(their_lr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_optax(jx: Any, name: str) -> None:
+    """Two random hyperparameter sets at a constant lr, and optax's defaults under the cosine
+    schedule."""
+    optax = pytest.importorskip("optax")
+    for seed in (0, 1):
+        h = _hp(seed)
+        ours, theirs = _pair(name, optax, h["lr"], h["lr"], h)
+        err = _worst(_ours(ours, seed), _optax(jx, theirs, seed))
+        assert err < TOL, (name, h, err)
+    ours, theirs = _defaults(name, optax, LR_SCHEDULE, _optax_schedule(optax))
+    err = _worst(_ours(ours, 2), _optax(jx, theirs, 2))
+    assert err < TOL, (name, err)
+
+
+@pytest.mark.slow
+def test_a_different_form_is_caught(jx: Any) -> None:
+    """The comparison sees the forms these rules exist for: torch's AMSGrad maximum (of the
+    raw v), Yogi's moments from 0, AdaBelief without eps_root, NAdamW without Nesterov."""
+    optax = pytest.importorskip("optax")
+    h = _hp(4)
+    b = dict(b1=h["b1"], b2=h["b2"])
+    cases = [
+        (uo.amsgrad(0.01, convention="torch"), optax.amsgrad(0.01)),
+        (uo.yogi(0.01, initial_accumulator_value=0.0), optax.yogi(0.01)),
+        (uo.adabelief(0.01, eps=1e-3, eps_root=1e-4),
+         optax.adabelief(0.01, eps=1e-3 + 1e-4**0.5, eps_root=0.0)),
+        (uo.nadamw(0.01, betas=(h["b1"], h["b2"])), optax.adamw(0.01, **b)),
+    ]
+    for ours, theirs in cases:  # 60 steps show it
+        assert _worst(_ours(ours, 4, 60), _optax(jx, theirs, 4, 60)) > 1e-9, ours
+
+
+@pytest.mark.slow
+def test_adamaxw_mask_is_a_partition(jx: Any) -> None:
+    """optax's ``mask`` on the decay: ``uo.partition`` of a decayed and an undecayed record."""
+    optax = pytest.importorskip("optax")
+    mask = {k: k != "x1" for k in ("x0", "x1", "x2")}
+    ours = uo.partition({"decay": uo.adamaxw(0.02, weight_decay=0.3),
+                         "plain": uo.adamaxw(0.02, weight_decay=0.0)},
+                        {k: "decay" if v else "plain" for k, v in mask.items()})
+    theirs = optax.adamaxw(0.02, weight_decay=0.3, mask=mask)
+    assert _worst(_ours(ours, 5), _optax(jx, theirs, 5)) < TOL
+
+
+# --- against torch ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_amsgrad_torch_convention_matches_torch() -> None:
+    torch = pytest.importorskip("torch")
+    h = _hp(6)
+    ours = uo.amsgrad(h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"], convention="torch")
+    theirs = _torch(lambda ps: torch.optim.Adam(ps, lr=h["lr"], betas=(h["b1"], h["b2"]),
+                                                eps=h["eps"], amsgrad=True), 6)
+    assert _worst(_ours(ours, 6), theirs) < TOL
+
+
+@pytest.mark.slow
+def test_nadamw_torch_convention_matches_torch() -> None:
+    torch = pytest.importorskip("torch")
+    h = _hp(7)
+    kw = dict(lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"], weight_decay=h["wd"])
+    ours = uo.nadamw(**kw, momentum_decay=0.01, convention="torch")
+    # torch keeps NAdam's product of momenta in a tensor of its default dtype: float64 here,
+    # as ours (uniopt.nadam's scalar_dtype="float32" follows torch's float32 default)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        theirs = _torch(lambda ps: torch.optim.NAdam(ps, **kw, momentum_decay=0.01,
+                                                     decoupled_weight_decay=True), 7)
+    finally:
+        torch.set_default_dtype(saved)
+    assert _worst(_ours(ours, 7), theirs) < TOL
+
+
+def test_defaults_per_convention() -> None:
+    assert uo.amsgrad().amsgrad_max == "corrected"
+    assert uo.amsgrad(convention="torch").amsgrad_max == "raw"
+    assert uo.nadamw(convention="torch").lr == 2e-3
+    assert uo.nadamw(convention="torch").momentum_schedule == "dozat"
+    assert uo.nadamw().weight_decay == uo.adamaxw().weight_decay == 1e-4
+    assert (uo.yogi().eps, uo.yogi().initial_accumulator_value) == (1e-3, 1e-6)
+    assert (uo.adabelief().eps, uo.adabelief().eps_root) == (1e-16, 1e-16)
+
+
+# --- the other array libraries, the in-place update ---------------------------------------------
+
+
+RULES = {
+    "adabelief": lambda: uo.adabelief(0.01, eps=1e-6, eps_root=1e-8, nesterov=True),
+    "yogi": lambda: uo.yogi(0.01, betas=(0.8, 0.9)),
+    "amsgrad": lambda: uo.amsgrad(0.01, eps_root=1e-6),
+    "adamaxw": lambda: uo.adamaxw(0.01, weight_decay=0.3),
+    "nadamw": lambda: uo.nadamw(0.01, weight_decay=0.3),
+    "nadamw_torch": lambda: uo.nadamw(0.01, weight_decay=0.3, convention="torch"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_torch_jax_and_in_place_match_numpy(jx: Any, name: str) -> None:
+    torch = pytest.importorskip("torch")
+    jnp = jx.numpy
+    rule = RULES[name]()
+    params, noises = _start(8)
+    ref = _ours(rule, 8)[:20]
+    runs: dict[str, Any] = {
+        "torch": {k: torch.tensor(v) for k, v in params.items()},
+        "jax": {k: jnp.asarray(v) for k, v in params.items()},
+        "in_place": {k: v.copy() for k, v in params.items()},
+    }
+    for label, p in runs.items():
+        if label == "jax" and name == "nadamw_torch":
+            continue  # NAdam's momentum products are computed on the host from a Python step
+        state = uo.setup(rule, p)
+        for i, noise in enumerate(noises[:20]):
+            g = {k: _grad(np.asarray(v), noise[k]) for k, v in p.items()}
+            if label == "in_place":
+                state = uo.update_(state, p, g)
+            else:
+                as_lib = torch.tensor if label == "torch" else jnp.asarray
+                state, p = uo.update(state, p, {k: as_lib(v) for k, v in g.items()})
+            assert max(rel_diff(np.asarray(p[k]), ref[i][k]) for k in p) < TOL, (label, i)
+
+
+# --- bad hyperparameters ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: uo.adabelief(lr=-1.0), "lr"),
+    (lambda: uo.adabelief(betas=(0.9, 1.0)), "betas"),
+    (lambda: uo.adabelief(eps_root=-1e-16), "eps_root"),
+    (lambda: uo.yogi(eps=-1e-3), "eps"),
+    (lambda: uo.yogi(initial_accumulator_value=-1.0), "initial_accumulator_value"),
+    (lambda: uo.amsgrad(amsgrad_max="uncorrected"), "amsgrad_max"),
+    (lambda: uo.amsgrad(convention="keras"), "convention"),
+    (lambda: uo.adamaxw(weight_decay=-0.1), "weight_decay"),
+    (lambda: uo.nadamw(momentum_schedule="linear"), "momentum_schedule"),
+    (lambda: uo.nadamw(eps_root=1e-8, convention="torch"), "eps_root"),
+    (lambda: uo.nadamw(momentum_decay=-1.0), "momentum_decay"),
+])
+def test_bad_hyperparameters_are_named(make: Callable[[], Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
