@@ -44,6 +44,7 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
+from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -68,6 +69,7 @@ from .transforms.clip import (
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.momentum import keras_trace, sutskever_trace, trace
 from .transforms.noise import add_noise
+from .transforms.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
 from .transforms.plateau import reduce_on_plateau
 from .transforms.scale import scale, scale_by_lr, scale_by_trust_ratio, sign
 from .tree import pack, register_dataclass, trainables
@@ -118,6 +120,11 @@ __all__ = [
     "from_optax",
     "lbfgs",
     "lbfgs_step",
+    "lbfgs_linesearch",
+    "scale_by_lbfgs",
+    "value_and_grad_from_state",
+    "scale_by_zoom_linesearch",
+    "scale_by_backtracking_linesearch",
     "lookahead",
     "lookahead_sync",
     "minimize_step",
