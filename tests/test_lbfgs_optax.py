@@ -112,7 +112,7 @@ def test_numpy_matches_optax_lbfgs(jx: Any, search: str, m: int) -> None:
         tx, rule = _pair(optax, search, m)
         ref = _optax_run(jx, f, p0, tx)
         ours = _uniopt_run(_numpy_objective(jx, f), p0, rule)
-        if name.startswith("rosen"):  # the valley amplifies the last bits: see the module's docstring
+        if name.startswith("rosen"):  # the valley amplifies the last bits: see the docstring
             assert _worst(ours, ref, 30) <= 1e-10, (name, _worst(ours, ref, 30))
             assert _worst(ours, ref, STEPS) <= 1e-6, (name, _worst(ours, ref, STEPS))
         else:

@@ -36,6 +36,7 @@ from .rules.adam_variants import (
     scale_by_radam,
 )
 from .rules.asgd import asgd, scale_by_asgd
+from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.matrix import (
     ema_momentum,
     ema_momentum_bias_corrected,
@@ -44,7 +45,6 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
-from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -67,9 +67,9 @@ from .transforms.clip import (
     clip_by_norm,
 )
 from .transforms.decay import decoupled_weight_decay, weight_decay
+from .transforms.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
 from .transforms.momentum import keras_trace, sutskever_trace, trace
 from .transforms.noise import add_noise
-from .transforms.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
 from .transforms.plateau import reduce_on_plateau
 from .transforms.scale import scale, scale_by_lr, scale_by_trust_ratio, sign
 from .tree import pack, register_dataclass, trainables

@@ -20,9 +20,9 @@ from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
 from ..hyper import NONNEG, _traced, hyper
 from ..transforms.linesearch import (
+    evaluator,
     scale_by_backtracking_linesearch,
     scale_by_zoom_linesearch,
-    evaluator,
     sq_norm,
     vdot,
 )

@@ -41,7 +41,7 @@ from ..hyper import NONNEG, Interval, _traced, static
 from ..tree import flatten, unflatten
 
 Leaves = list[Any]
-Evaluate = Callable[[Leaves], tuple[Any, Leaves]]
+Evaluate = Callable[[Leaves], tuple[Any, Leaves | None]]
 
 _POSITIVE = Interval(0.0, None, lo_open=True)
 _OPEN_UNIT = Interval(0.0, 1.0, lo_open=True, hi_open=True)
