@@ -45,6 +45,7 @@ from .rules.adam_variants import (
     scale_by_radam,
 )
 from .rules.asgd import asgd, scale_by_asgd
+from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.matrix import (
     ema_momentum,
     ema_momentum_bias_corrected,
@@ -76,6 +77,7 @@ from .transforms.clip import (
     clip_by_norm,
 )
 from .transforms.decay import decoupled_weight_decay, weight_decay
+from .transforms.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
 from .transforms.momentum import keras_trace, sutskever_trace, trace
 from .transforms.noise import add_noise
 from .transforms.plateau import reduce_on_plateau
@@ -128,6 +130,11 @@ __all__ = [
     "from_optax",
     "lbfgs",
     "lbfgs_step",
+    "lbfgs_linesearch",
+    "scale_by_lbfgs",
+    "value_and_grad_from_state",
+    "scale_by_zoom_linesearch",
+    "scale_by_backtracking_linesearch",
     "lookahead",
     "lookahead_sync",
     "minimize_step",

@@ -603,19 +603,22 @@ def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[s
     }
 
 
-def update(state: State, params: Any, grads: Any, *, value: Any = None) -> tuple[State, Any]:
+def update(state: State, params: Any, grads: Any, *, value: Any = None,
+           **extra: Any) -> tuple[State, Any]:
     """One step, pure: returns ``(new_state, new_params)`` and leaves every input untouched.
 
     ``grads`` is a tree shaped like ``params`` or a flat list aligned with
     :func:`uniopt.trainables`. ``value``: the loss, for the parts that read it
-    (:class:`uniopt.reduce_on_plateau`); ignored by the others.
+    (:class:`uniopt.reduce_on_plateau`); ignored by the others. Other keyword arguments go
+    with it to those parts (a line search's ``grad=`` and ``value_fn=``:
+    :class:`uniopt.lbfgs_linesearch`).
     """
     fast_out = _fast(state, params, grads, inplace=False)
     if isinstance(fast_out, tuple):
         return fast_out
     step = _prologue(state, params, grads)
     state = _with_structure(state, step.treedef)
-    extra = {} if value is None else {"value": value}
+    extra = _extra(value, extra)
     if any(map(backend.is_complex, step.params)):
         return _as_pairs(state, step, inplace=False, extra=extra)
     combinator = _combinator(state.rule)
@@ -636,7 +639,8 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None) -> tuple
     return new, unflatten(step.treedef, new_p)
 
 
-def update_(state: State, params: Any, grads: Any, *, value: Any = None) -> State:
+def update_(state: State, params: Any, grads: Any, *, value: Any = None,
+            **extra: Any) -> State:
     """One step in place: the arrays of ``params`` and of the state are written, and the state
     with its step advanced is returned. Bit for bit the same numbers as :func:`update`."""
     fast_out = _fast(state, params, grads, inplace=True)
@@ -644,7 +648,7 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None) -> Stat
         return fast_out[0]
     step = _prologue(state, params, grads, writes=True)
     state = _with_structure(state, step.treedef)
-    extra = {} if value is None else {"value": value}
+    extra = _extra(value, extra)
     if any(map(backend.is_complex, step.params)):
         return _as_pairs(state, step, inplace=True, extra=extra)[0]
     combinator = _combinator(state.rule)
@@ -663,6 +667,12 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None) -> Stat
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
+
+
+def _extra(value: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The step's extra arguments for the parts that read them: ``value`` where given, and
+    the others."""
+    return extra if value is None else {"value": value, **extra}
 
 
 def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
