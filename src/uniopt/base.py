@@ -568,7 +568,9 @@ class Info:
     step evaluates the objective itself (L-BFGS, SAM). ``complex``: takes complex parameters
     (as pairs of real numbers). ``backends``: the array libraries it runs on. ``rtol``: the
     parity tolerance in float64 against ``references`` (1e-12 unless a reason is written next
-    to a larger one).
+    to a larger one). ``jit``: the example's step traces under ``jax.jit`` (False: the step
+    computes something on the host from the step before, and refuses to be traced with a
+    TypeError that says so).
     """
 
     family: str
@@ -580,6 +582,7 @@ class Info:
     complex: bool = True
     backends: tuple[str, ...] = ("numpy", "torch", "jax", "array_api")
     rtol: float = 1e-12
+    jit: bool = True
 
 
 class _WithConventions(type):
