@@ -53,9 +53,9 @@ NAMES = registry.names()
 by_rule = pytest.mark.parametrize("name", NAMES)
 
 # the small tree of the quick tests: leaves of 2, 1 and 2 dimensions; a rule whose per-leaf
-# part refuses a shape (Muon: matrices only) gets the leaves it takes
+# part refuses a shape (Muon: matrices only) gets the leaves it takes; the last leaf kept is
+# the one held still in the partition, freeze and masked test
 SHAPES = {"a": (3, 4), "b": (5,), "c": (2, 3)}
-FROZEN = "c"  # the leaf held still in the partition, freeze and masked tests
 STEPS = 5
 
 
@@ -124,7 +124,7 @@ def _drive(e: registry.Entry, state: uo.State, params: Any, problem: Any, steps:
 
 def _shapes(rule: Transform) -> dict[str, tuple[int, ...]]:
     shapes = {k: s for k, s in SHAPES.items() if _takes(rule, s)}
-    assert FROZEN in shapes and len(shapes) >= 2, f"{rule.name} takes too few of {SHAPES}"
+    assert len(shapes) >= 2, f"{rule.name} takes too few of {SHAPES}"
     return shapes
 
 
@@ -326,7 +326,7 @@ def test_a_constant_schedule_is_the_number(name: str) -> None:
     e = registry.entry(name)
     rule = _build(e)
     numbers = _numbers(rule)
-    assert numbers
+    assert numbers, f"{name}'s example has no number to schedule"
     _, ref = _run(e, rule, steps=4)
     for field, i in numbers:
         _, params = _run(e, _scheduled(rule, field, i), steps=4)
@@ -343,27 +343,28 @@ def test_partition_freeze_and_masked(name: str) -> None:
         pytest.skip("a rule that evaluates the objective itself steps the whole tree")
     rule = _build(e)
     shapes = _shapes(rule)
+    frozen_key = list(shapes)[-1]  # held still, or handed its raw gradient (masked)
     problem = Problem(shapes)
-    rest = Problem({k: s for k, s in shapes.items() if k != FROZEN})
-    rest.init, rest.c, rest.t = ({k: v for k, v in d.items() if k != FROZEN}
+    rest = Problem({k: s for k, s in shapes.items() if k != frozen_key})
+    rest.init, rest.c, rest.t = ({k: v for k, v in d.items() if k != frozen_key}
                                  for d in (problem.init, problem.c, problem.t))
     _, plain = _drive(e, uo.setup(rule, rest.params()), rest.params(), rest, 3)
     wrapped = {
         "partition": uo.partition({"on": rule, "off": None},
-                                  lambda path, leaf: "off" if path == FROZEN else "on"),
-        "freeze": uo.freeze(rule, FROZEN),
-        "masked": uo.masked(rule, lambda path, leaf: path != FROZEN),
+                                  lambda path, leaf: "off" if path == frozen_key else "on"),
+        "freeze": uo.freeze(rule, frozen_key),
+        "masked": uo.masked(rule, lambda path, leaf: path != frozen_key),
     }
     for kind, opt in wrapped.items():
         params = problem.params()
         state = uo.setup(opt, params)
-        frozen = params[FROZEN].copy()
+        frozen = params[frozen_key].copy()
         for _ in range(3):
             g = problem.grad(params)
             state, params = uo.update(state, params, g)
             if kind == "masked":  # the unmasked leaf's update is its gradient as it comes
-                frozen = frozen - g[FROZEN]
-        assert_same([params[FROZEN]], [frozen])
+                frozen = frozen - g[frozen_key]
+        assert_same([params[frozen_key]], [frozen])
         assert_same([params[k] for k in plain], list(plain.values()))
 
 
@@ -390,6 +391,9 @@ def test_complex_params_step_as_their_real_pairs(name: str) -> None:
     real.t = {k: _pairs(v) for k, v in problem.t.items()}
     rparams = real.params()
     rstate, rparams = _drive(e, uo.setup(rule, rparams), rparams, real, STEPS)
+    written = problem.params()  # in place: written through the arrays' real views
+    _drive(e, uo.setup(rule, written), written, problem, STEPS, inplace=True)
+    assert_same([_pairs(v) for v in written.values()], [_pairs(v) for v in params.values()])
     for k, v in params.items():
         assert v.dtype == np.complex128 and np.all(np.isfinite(v))
         assert rel_diff(_pairs(v), rparams[k]) <= 1e-12, k
