@@ -327,10 +327,12 @@ def test_a_constant_schedule_is_the_number(name: str) -> None:
     rule = _build(e)
     numbers = _numbers(rule)
     assert numbers, f"{name}'s example has no number to schedule"
-    _, ref = _run(e, rule, steps=4)
+    ref_state, ref = _run(e, rule, steps=4)
     for field, i in numbers:
-        _, params = _run(e, _scheduled(rule, field, i), steps=4)
+        state, params = _run(e, _scheduled(rule, field, i), steps=4)
         assert_same(list(params.values()), list(ref.values()))
+        assert list(state.slots) == list(ref_state.slots), (field, i)
+        assert_same(_state_arrays(state), _state_arrays(ref_state))
 
 
 # --- combinators --------------------------------------------------------------------------------
