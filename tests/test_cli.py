@@ -336,3 +336,80 @@ def test_conventions_writes_the_page(tmp_path, capsys):
     assert path.read_text(encoding="utf-8") == uo.conventions.page()
     assert main(["conventions"]) == 0
     assert capsys.readouterr().out == uo.conventions.page() + "\n"
+
+
+# --- uniopt rules -------------------------------------------------------------------------------
+
+
+def test_rules_prints_the_registry_table(capsys):
+    from uniopt import registry
+
+    assert main(["rules"]) == 0
+    assert capsys.readouterr().out.strip() == registry.table()
+
+
+def test_rules_json_lists_every_entry(capsys):
+    from uniopt import registry
+
+    assert main(["rules", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in doc] == registry.names()
+    for d in doc:
+        e = registry.entry(d["name"])
+        assert d["slots"] == list(e.slots) and d["budget"] == e.budget
+        assert d["needs_closure"] == e.needs_closure and d["references"] == list(e.references)
+
+
+def test_rules_name_prints_the_entry_and_the_docstring(capsys):
+    import inspect
+
+    from uniopt import registry
+
+    name = registry.names()[0]
+    assert main(["rules", name]) == 0
+    out = capsys.readouterr().out
+    assert f"name:          {name}" in out
+    assert inspect.getdoc(registry.entry(name).rule) in out
+    assert main(["rules", name, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["name"] == name and doc["doc"] == inspect.getdoc(registry.entry(name).rule)
+
+
+def test_rules_misspelled_suggests_the_closest_names(capsys):
+    from uniopt import registry
+
+    name = registry.names()[0]
+    assert main(["rules", name[:-1] + "q"]) == 2
+    err = capsys.readouterr().err
+    assert f"no rule named {name[:-1] + 'q'!r}; did you mean" in err and repr(name) in err
+
+
+# --- uniopt bench --rules: every elementwise rule of the registry ------------------------------
+
+
+def test_bench_takes_every_elementwise_rule_and_skips_the_others():
+    from uniopt import registry
+    from uniopt.base import Elementwise
+    from uniopt.tools import bench
+    from uniopt.tools.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--rules", "all"])
+    assert args.rules == registry.names()
+    w = bench._Workload([(6,), (2, 3)])
+    for name in registry.names():
+        parts = bench._rule(name).flat_parts
+        if all(isinstance(p, Elementwise) for p in parts):
+            assert bench.skip_reason(name) is None and name in bench.TRAFFIC
+            assert bench.TRAFFIC[name] == 3 + 2 * sum(len(p.slots) for p in parts)
+            step = bench.IMPLEMENTATIONS["uniopt"](w, name)
+            assert step is not None
+            step()
+        else:
+            why = bench.skip_reason(name)
+            assert name not in bench.TRAFFIC and why is not None
+            assert all(p.name in why for p in parts if not isinstance(p, Elementwise))
+
+
+def test_bench_rejects_an_unknown_rule(capsys):
+    assert main(["bench", "--rules", "adam,nosuchrule"]) == 2
+    assert "unknown rule 'nosuchrule'" in capsys.readouterr().err

@@ -593,12 +593,16 @@ class Info:
     ``paper``: the reference, "Authors (year)". ``references``: the implementations the parity
     tests hold it to, as the peer's import path ("torch.optim.Adam", "optax.lion",
     "lion_pytorch.Lion"), or "formula" where the test writes the paper's algorithm itself.
-    ``example``: hyperparameters with which the rule solves the generic problems (an
-    ill-conditioned quadratic and Rosenbrock) within ``budget`` steps. ``needs_closure``: the
+    ``example``: hyperparameters with which the rule solves the generic problems within
+    ``budget`` steps (tests/test_registry.py: the 10-D quadratic of curvatures 1..100 from 0 to
+    1e-4 of its initial loss, and Rosenbrock from (-1.5, 2) to a loss of 0.1; a value may be a
+    schedule, e.g. a warm-up). ``needs_closure``: the
     step evaluates the objective itself (L-BFGS, SAM). ``complex``: takes complex parameters
     (as pairs of real numbers). ``backends``: the array libraries it runs on. ``rtol``: the
     parity tolerance in float64 against ``references`` (1e-12 unless a reason is written next
-    to a larger one).
+    to a larger one). ``jit``: the example's step traces under ``jax.jit`` (False: the step
+    computes something on the host from the step before, and refuses to be traced with a
+    TypeError that says so).
     """
 
     family: str
@@ -610,6 +614,7 @@ class Info:
     complex: bool = True
     backends: tuple[str, ...] = ("numpy", "torch", "jax", "array_api")
     rtol: float = 1e-12
+    jit: bool = True
 
 
 class _WithConventions(type):

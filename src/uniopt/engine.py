@@ -841,17 +841,24 @@ def _evaluation(out: Any) -> tuple[Any, Any]:
 
 
 def _flat(xp: Any, leaves: list[Any]) -> Any:
-    """Every leaf raveled into one vector (a copy: the caller's arrays are never aliased)."""
-    return xp.concat([xp.reshape(v, (-1,)) for v in leaves])
+    """Every leaf raveled into one vector (a copy: the caller's arrays are never aliased); a
+    complex leaf as the real pairs of its parts, as :func:`update` takes it (a minimizer's
+    norms and dot products are then those of the pairs)."""
+    return xp.concat([xp.reshape(backend.as_real(v) if backend.is_complex(v) else v, (-1,))
+                      for v in leaves])
 
 
 def _split(xp: Any, x: Any, like: list[Any]) -> list[Any]:
     """Flat vector ``x`` cut into arrays shaped (and typed) as ``like``."""
     out, at = [], 0
     for p in like:
-        n = math.prod(p.shape)
-        v = xp.reshape(x[at:at + n], tuple(p.shape))
-        out.append(v if v.dtype == p.dtype else xp.astype(v, p.dtype))
+        pairs = backend.is_complex(p)
+        n = math.prod(p.shape) * (2 if pairs else 1)
+        v = xp.reshape(x[at:at + n], (*p.shape, 2) if pairs else tuple(p.shape))
+        if pairs:
+            out.append(backend.as_complex(v, p))
+        else:
+            out.append(v if v.dtype == p.dtype else xp.astype(v, p.dtype))
         at += n
     return out
 

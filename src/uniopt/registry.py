@@ -72,11 +72,51 @@ def names() -> list[str]:
     return list(entries())
 
 
+# the array libraries a rule runs on unless its info says fewer
+ALL_BACKENDS: tuple[str, ...] = Info(family="", paper="").backends
+
+
+def notes(e: Entry) -> str:
+    """What sets a rule apart from the run of them, in words: a closure, real params only, no
+    ``jax.jit``, array libraries it does not run on."""
+    out = []
+    if e.needs_closure:
+        out.append("closure (`minimize_step`)")
+    if not e.complex:
+        out.append("real only")
+    if not e.jit:
+        out.append("no `jax.jit`")
+    missing = [b for b in ALL_BACKENDS if b not in e.backends]
+    if missing:
+        out.append(f"not on {', '.join(missing)}")
+    return "; ".join(out)
+
+
 def table() -> str:
     """The README's rule table (Markdown), generated from the registry."""
-    rows = ["| rule | family | paper | held to | slots |", "|---|---|---|---|---|"]
+    rows = ["| rule | family | paper | held to | state slots | notes |",
+            "|---|---|---|---|---|---|"]
     for e in entries().values():
         held = ", ".join(f"`{r}`" for r in e.references) or "—"
         rows.append(f"| `{e.name}` | {e.family} | {e.paper} | {held} | "
-                    f"{', '.join(e.slots) or '—'} |")
+                    f"{', '.join(e.slots) or '—'} | {notes(e) or '—'} |")
     return "\n".join(rows)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return repr(v)  # a schedule: its record, as Python would build it
+
+
+def as_dict(e: Entry) -> dict[str, Any]:
+    """``e`` as plain data (JSON): the info's fields, the slots, and the rule's module; a
+    schedule among the example's values as its ``repr``."""
+    import dataclasses
+
+    info = {f.name: _plain(getattr(e.info, f.name)) for f in dataclasses.fields(e.info)}
+    info["example"] = {k: _plain(v) for k, v in e.info.example.items()}
+    return {"name": e.name, "module": e.rule.__module__, **info, "slots": list(e.slots),
+            "notes": notes(e)}

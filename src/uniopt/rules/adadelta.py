@@ -85,8 +85,8 @@ class adadelta(Rule):
             "keras.optimizers.Adadelta",
             "formula:Optimisers.AdaDelta",
         ),
-        example={"lr": 50.0},
-        budget=1000,
+        example={"lr": 0.3},
+        budget=2000,
     )
 
     def check(self) -> None:

@@ -364,7 +364,8 @@ class adafactor(Rule):
         family="factored",
         paper="Shazeer & Stern (2018)",
         references=("torch.optim.Adafactor", "optax.adafactor", "keras.optimizers.Adafactor"),
-        example={"lr": 0.05},
+        example={"lr": 0.03},
+        budget=2000,
         complex=False,
     )
 

@@ -118,7 +118,8 @@ class adagrad(Rule):
             "keras.optimizers.Adagrad",
             "formula:Optimisers.AdaGrad",
         ),
-        example={"lr": 0.5},
+        example={"lr": 1.0},
+        budget=2000,
     )
 
     def check(self) -> None:

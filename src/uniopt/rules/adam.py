@@ -281,7 +281,8 @@ class adam(Rule):
             "keras.optimizers.Adam",
             "formula:Optimisers.Adam",
         ),
-        example={"lr": 0.05},
+        example={"lr": 0.1},
+        budget=500,
     )
 
     def check(self) -> None:
@@ -344,7 +345,8 @@ class adamw(Rule):
             "keras.optimizers.AdamW",
             "formula:Optimisers.AdamW",
         ),
-        example={"lr": 0.05, "weight_decay": 0.0},
+        example={"lr": 0.1, "weight_decay": 0.0},
+        budget=500,
     )
 
     def check(self) -> None:
@@ -435,7 +437,8 @@ class optimistic_adam(Rule):
         family="adam",
         paper="Daskalakis et al. (2018)",
         references=("optax.optimistic_adam_v2", "formula:Optimisers.OAdam"),
-        example={"lr": 0.02},
+        example={"lr": 0.03},
+        budget=1000,
     )
 
     def check(self) -> None:

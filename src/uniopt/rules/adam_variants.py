@@ -15,6 +15,7 @@ from ..backend import namespace
 from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, _traced, check_scalar_dtype, hyper, round_scalar
 from ..moments import bias_correction, ema_sq, fma, lerp, select
+from ..schedules import join
 from ..transforms.decay import check_decay_form, decayed, decoupled_weight_decay, weight_decay
 from ..transforms.scale import scale_by_lr
 from .adam import AdamCoeffs, _choice, scale_by_adam
@@ -122,7 +123,8 @@ class adamax(Rule):
             "keras.optimizers.Adamax",
             "formula:Optimisers.AdaMax",
         ),
-        example={"lr": 0.05},
+        example={"lr": 1.0},
+        budget=1000,
     )
 
     def check(self) -> None:
@@ -338,7 +340,9 @@ class nadam(Rule):
             "keras.optimizers.Nadam",
             "formula:Optimisers.NAdam",
         ),
-        example={"lr": 0.05},
+        example={"lr": 0.03},
+        budget=1000,
+        jit=False,  # the product of the momenta is multiplied on the host, step by step
     )
 
     def check(self) -> None:
@@ -542,7 +546,9 @@ class radam(Rule):
         family="adam",
         paper="Liu et al. (2020)",
         references=("torch.optim.RAdam", "optax.radam", "formula:Optimisers.RAdam"),
-        example={"lr": 0.05},
+        # the first steps, before the rectification, are momentum SGD: small ones
+        example={"lr": join([1e-4, 0.1], boundaries=[5])},
+        budget=1000,
     )
 
     def check(self) -> None:

@@ -118,6 +118,7 @@ class asgd(Rule):
         paper="Polyak & Juditsky (1992)",
         references=("torch.optim.ASGD",),
         example={"lr": 0.002},
+        budget=1000,
     )
 
     def check(self) -> None:

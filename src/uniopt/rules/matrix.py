@@ -342,7 +342,8 @@ class muon(Rule):
         family="matrix",
         paper="Jordan et al. (2024)",
         references=("torch.optim.Muon",),
-        example={"lr": 0.02},
+        example={"lr": 0.03},
+        budget=500,
         complex=False,
     )
 

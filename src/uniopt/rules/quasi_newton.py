@@ -277,6 +277,7 @@ class lbfgs(Rule):
         example={"lr": 1.0},
         budget=100,
         needs_closure=True,
+        jit=False,  # the line search and the stopping tests branch on the loss
     )
 
     def check(self) -> None:

@@ -147,6 +147,7 @@ class rmsprop(Rule):
             "formula:Optimisers.RMSProp",
         ),
         example={"lr": 0.01},
+        budget=1000,
     )
 
     def check(self) -> None:

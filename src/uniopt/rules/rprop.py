@@ -74,7 +74,8 @@ class rprop(Rule):
         family="sign",
         paper="Riedmiller & Braun (1993)",
         references=("torch.optim.Rprop",),
-        example={"lr": 0.01},
+        example={"lr": 0.001},
+        budget=500,
     )
 
     def check(self) -> None:

@@ -80,7 +80,8 @@ class sgd(Rule):
             "keras.optimizers.SGD",
             "formula:Optimisers.Momentum",
         ),
-        example={"lr": 0.002, "momentum": 0.9},
+        example={"lr": 0.001, "momentum": 0.9},
+        budget=500,
     )
 
     def check(self) -> None:

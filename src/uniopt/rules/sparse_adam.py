@@ -97,7 +97,8 @@ class sparse_adam(Rule):
         family="adam",
         paper="Kingma & Ba (2015), lazy on sparse gradients",
         references=("torch.optim.SparseAdam",),
-        example={"lr": 0.05},
+        example={"lr": 0.1},
+        budget=500,
         complex=False,
     )
 

@@ -26,6 +26,9 @@ import numpy as np
 
 import uniopt as uo
 
+from .. import registry
+from ..base import Elementwise, PerLeaf
+
 
 def _resnet50_shapes() -> list[tuple[int, ...]]:
     """The 161 parameter tensors of torchvision's ResNet-50 (25,557,032 parameters)."""
@@ -58,23 +61,50 @@ WORKLOADS: dict[str, list[tuple[int, ...]]] = {
     "W4": [(100,)] * 10_000,
 }
 
-# arrays read and written per parameter (times the itemsize: bytes moved)
-TRAFFIC = {"adam": 7, "adamw": 7, "sgd": 5, "rmsprop": 5, "adamax": 7, "nadam": 7, "radam": 7,
-           "asgd": 5, "rprop": 7}
+# the rules with a peer row, built as their peers are below (the same numbers, the same blocks:
+# adamw's decay, sgd's momentum); any other rule of the registry runs with its example's
+# hyperparameters (uniopt.registry: the rule needs no more to be built)
+PEER_SETTINGS: dict[str, dict[str, Any]] = {
+    "adam": {"lr": 1e-3},
+    "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
+    "sgd": {"lr": 1e-3, "momentum": 0.9},
+    "rmsprop": {"lr": 1e-3},
+    "adamax": {"lr": 1e-3},
+    "nadam": {"lr": 1e-3},
+    "radam": {"lr": 1e-3},
+    "asgd": {"lr": 1e-3},
+    "rprop": {"lr": 1e-3},
+}
 
 
 def _rule(name: str) -> uo.Transform:
-    return {
-        "adam": uo.adam(lr=1e-3),
-        "adamw": uo.adamw(lr=1e-3, weight_decay=1e-2),
-        "sgd": uo.sgd(lr=1e-3, momentum=0.9),
-        "rmsprop": uo.rmsprop(lr=1e-3),
-        "adamax": uo.adamax(lr=1e-3),
-        "nadam": uo.nadam(lr=1e-3),
-        "radam": uo.radam(lr=1e-3),
-        "asgd": uo.asgd(lr=1e-3),
-        "rprop": uo.rprop(lr=1e-3),
-    }[name]
+    e = registry.entry(name)
+    return e.rule(**PEER_SETTINGS.get(name, e.example))
+
+
+def skip_reason(name: str) -> str | None:
+    """Why the bench does not run registry rule ``name`` (its floor counts the arrays an
+    elementwise step reads and writes; a part that sees a whole leaf or tree has no such
+    floor), or None where every part of it is elementwise."""
+    other = [p for p in _rule(name).flat_parts if not isinstance(p, Elementwise)]
+    if not other:
+        return None
+    kinds = ", ".join(f"{p.name} ({_kind(p)})" for p in other)
+    return f"not every part is elementwise: {kinds}"
+
+
+def _kind(p: Any) -> str:
+    return "per-leaf" if isinstance(p, PerLeaf) else "whole-tree"
+
+
+def traffic(name: str) -> int:
+    """Arrays read and written per parameter by an elementwise step (times the itemsize:
+    bytes moved): p read and written, g read, each slot read and written."""
+    return 3 + 2 * sum(len(p.slots) for p in _rule(name).flat_parts)
+
+
+# every registry rule the bench takes, with its traffic
+TRAFFIC = {n: traffic(n) for n in registry.names() if skip_reason(n) is None}
 
 
 _QUIET_S = 0.2
@@ -237,10 +267,10 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
         optim = importlib.import_module("uniopt.torch")
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
            "rmsprop": optim.RMSprop, "adamax": optim.Adamax, "nadam": optim.NAdam,
-           "radam": optim.RAdam, "asgd": optim.ASGD, "rprop": optim.Rprop}[rule]
-    kw: dict[str, Any] = {"lr": 1e-3}
-    if rule == "sgd":
-        kw["momentum"] = 0.9
+           "radam": optim.RAdam, "asgd": optim.ASGD, "rprop": optim.Rprop}.get(rule)
+    if cls is None:  # no torch class of these settings
+        return None
+    kw: dict[str, Any] = dict(PEER_SETTINGS[rule])
     if mode == "uniopt.torch":
         pass
     elif mode == "fused":
@@ -370,6 +400,9 @@ def run(
     for wname in workloads:
         w = _Workload(all_shapes[wname], dtype=dtype)
         for rule in rules:
+            if rule not in TRAFFIC:
+                progress(f"{wname} {rule}: skipped ({skip_reason(rule)})")
+                continue
             floor = 1e3 * w.size * TRAFFIC[rule] * w.itemsize / bw
             for impl in implementations:
                 if impl.endswith("+ jit") and len(w.shapes) > 2_000 and not slow:

@@ -295,7 +295,53 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=_cmd_compare)
     add_bench_parser(sub)
     add_conventions_parsers(sub)
+    add_rules_parser(sub)
     return parser
+
+
+def add_rules_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "rules",
+        help="every rule uniopt has (the README's table), or one rule's entry and docstring",
+        description=(
+            "The registry of rules (uniopt.registry): with no NAME, the table of every rule "
+            "(family, paper, the implementations its tests hold it to, state slots, notes); "
+            "with NAME, that rule's entry and its docstring."
+        ),
+    )
+    r.add_argument("name", nargs="?", default=None, metavar="NAME", help="one rule, e.g. adamw")
+    r.add_argument("--json", action="store_true", help="print the entries as JSON")
+    r.set_defaults(func=_cmd_rules)
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    import inspect
+
+    from .. import registry
+
+    if args.name is None:
+        if args.json:
+            print(json.dumps([registry.as_dict(e) for e in registry.entries().values()],
+                             indent=2, ensure_ascii=False))
+        else:
+            print(registry.table())
+        return 0
+    try:
+        e = registry.entry(args.name)
+    except KeyError as err:
+        print(f"uniopt rules: {err.args[0]}", file=sys.stderr)
+        return 2
+    doc = registry.as_dict(e)
+    if args.json:
+        print(json.dumps({**doc, "doc": inspect.getdoc(e.rule) or ""}, indent=2,
+                         ensure_ascii=False))
+        return 0
+    for k, v in doc.items():
+        shown = ", ".join(map(str, v)) if isinstance(v, list) else v
+        print(f"{k + ':':<15}{shown if shown not in ('', None) else '-'}")
+    print()
+    print(inspect.getdoc(e.rule) or "")
+    return 0
 
 
 def _assignment(text: str) -> tuple[str, Any]:
@@ -381,6 +427,18 @@ def _cmd_conventions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_rules(text: str) -> list[str]:
+    """``all`` (every rule of the registry) or a list of registry names."""
+    from .. import registry
+
+    if text.strip() == "all":
+        return registry.names()
+    return _names("rule", registry.names())(text)
+
+
+_bench_rules.__name__ = "rule list"
+
+
 def add_bench_parser(sub: Any) -> None:
     from . import bench
 
@@ -403,9 +461,10 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument(
         "--rules",
-        type=_names("rule", list(bench.TRAFFIC)),
+        type=_bench_rules,
         default=["adam"],
-        help=f"comma-separated, from {','.join(bench.TRAFFIC)} (default: adam)",
+        help=("'all', or comma-separated names of uniopt rules (`uniopt rules`); a rule whose "
+              "parts are not all elementwise is reported as skipped (default: adam)"),
     )
     b.add_argument(
         "--implementations",
@@ -441,8 +500,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         shapes["custom"] = [(size,)] * count
         workloads.append("custom")
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    rules = []
+    for name in args.rules:
+        why = bench.skip_reason(name)
+        if why is None:
+            rules.append(name)
+        else:
+            print(f"uniopt bench: {name} skipped: {why}", file=sys.stderr)
+    if not rules:
+        print("uniopt bench: none of the rules is elementwise", file=sys.stderr)
+        return 2
     bw, rows = bench.run(
-        workloads, args.rules, args.implementations, args.repeats, shapes, log, args.slow,
+        workloads, rules, args.implementations, args.repeats, shapes, log, args.slow,
         args.dtype,
     )
     print(bench.to_json(bw, rows) if args.json else bench.table(bw, rows))

@@ -1,0 +1,417 @@
+"""One generic suite over every rule of :mod:`uniopt.registry`: a rule declares its
+:class:`~uniopt.base.Info` and is tested here with no line written for it. Nothing below names
+a rule; where rules differ, the difference is a field of ``Info`` (``needs_closure``,
+``complex``, ``jit``, ``backends``, ``rtol``, ``example``, ``budget``) or a capability their
+parts declare (a per-leaf part refusing a leaf's shape, :meth:`~uniopt.base.PerLeaf.check_shape`).
+
+Every rule is built from ``info.example`` and driven by the gradient of a problem (a rule that
+``needs_closure`` through :func:`uniopt.minimize_step`, handed the loss and gradient as a
+closure). What is checked, per rule:
+
+* convergence, within ``info.budget`` steps from the stated start:
+  the quadratic ``f(x) = 1/2 sum_i d_i (x_i - 1)^2``, ``d = linspace(1, 100, 10)`` (condition
+  number 100), from ``x = 0``, to ``f <= 1e-4 f(0)``; and Rosenbrock
+  ``f(x, y) = (1 - x)^2 + 100 (y - x^2)^2`` from ``(-1.5, 2)`` (``f = 12.5``), to
+  ``f <= 0.1``: through the curved valley, past its bend (``f = 1`` at the origin), to within
+  about 0.3 of the minimum ``(1, 1)``;
+* float32 and float64 params keep their dtype, and so does every array of the state;
+* the pure ``uo.update`` and the in-place ``uo.update_`` agree bit for bit on NumPy;
+* NumPy, torch, JAX (x64) and array-api-strict agree to ``info.rtol`` over 10 steps in
+  float64, for the libraries in ``info.backends``;
+* every number among the hyperparameters replaced by ``uo.schedules.constant`` of itself gives
+  the same trajectory, bit for bit on NumPy;
+* ``jax.jit(uo.update)`` compiles once over those 10 steps (a rule with ``info.jit`` false
+  instead refuses with a TypeError that says so, and runs eagerly);
+* inside ``uo.partition`` and ``uo.freeze`` a frozen leaf stays bit for bit where it was and
+  inside ``uo.masked`` an unmasked leaf takes the raw gradient, while the other leaves step
+  exactly as the plain rule on them alone;
+* complex params (where ``info.complex``) step as the pairs of their real and imaginary parts
+  (torch's ``view_as_real``, see tests/test_complex.py), slots included;
+* the registry's ``slots`` are the state's slot names after setup;
+
+and the README's rule table is ``registry.table()``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import array_api_compat as aac
+import numpy as np
+import pytest
+
+import uniopt as uo
+from helpers import assert_same, counting_jit, rel_diff
+from uniopt import registry
+from uniopt.base import PerLeaf, Transform
+
+NAMES = registry.names()
+by_rule = pytest.mark.parametrize("name", NAMES)
+
+# the small tree of the quick tests: leaves of 2, 1 and 2 dimensions; a rule whose per-leaf
+# part refuses a shape (Muon: matrices only) gets the leaves it takes; the last leaf kept is
+# the one held still in the partition, freeze and masked test
+SHAPES = {"a": (3, 4), "b": (5,), "c": (2, 3)}
+STEPS = 5
+
+
+def _build(e: registry.Entry, **changes: Any) -> Transform:
+    return e.rule(**{**e.example, **changes})
+
+
+def _takes(rule: Transform, shape: tuple[int, ...]) -> bool:
+    return all(p.check_shape(shape) is None for p in rule.flat_parts if isinstance(p, PerLeaf))
+
+
+def _shape(rule: Transform, n: int) -> tuple[int, ...]:
+    """A leaf of ``n`` elements the rule takes: a vector, else a matrix of one row."""
+    shape = next((s for s in [(n,), (1, n)] if _takes(rule, s)), None)
+    assert shape is not None, f"{rule.name} takes neither a vector nor a matrix of {n}"
+    return shape
+
+
+class Problem:
+    """``f(p) = sum over leaves of 1/2 sum C |p - T|^2``, C in [0.5, 2], T random: its
+    gradient ``C (p - T)`` (for complex leaves, the one torch takes: ``C (z - T)``), and the
+    closure ``p -> (f, grad)`` that a rule which ``needs_closure`` is stepped with. ``conv``
+    turns the NumPy constants into the library's arrays."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: Any = np.float64,
+                 conv: Callable[[np.ndarray], Any] = np.asarray, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        cplx = np.issubdtype(dtype, np.complexfloating)
+        self.init: dict[str, np.ndarray] = {}
+        self.c: dict[str, Any] = {}
+        self.t: dict[str, Any] = {}
+        for k, s in shapes.items():
+            p, t = (rng.standard_normal(s) + 1j * rng.standard_normal(s) if cplx
+                    else rng.standard_normal(s) for _ in range(2))
+            self.init[k] = np.asarray(p, dtype)
+            self.c[k] = conv(rng.uniform(0.5, 2.0, s).astype(np.finfo(dtype).dtype))
+            self.t[k] = conv(np.asarray(t, dtype))
+        self.conv = conv
+
+    def params(self) -> dict[str, Any]:
+        return {k: self.conv(v.copy()) for k, v in self.init.items()}
+
+    def grad(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {k: self.c[k] * (p[k] - self.t[k]) for k in p}
+
+    def closure(self, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        loss = sum(aac.array_namespace(v).sum(0.5 * self.c[k] * abs(v - self.t[k]) ** 2)
+                   for k, v in p.items())
+        return loss, self.grad(p)
+
+
+def _drive(e: registry.Entry, state: uo.State, params: Any, problem: Any, steps: int,
+           inplace: bool = False) -> tuple[uo.State, Any]:
+    """``steps`` steps on ``problem`` (pure, or in place with ``inplace``)."""
+    for _ in range(steps):
+        if e.needs_closure and inplace:
+            state, _ = uo.minimize_step_(state, params, problem.closure)
+        elif e.needs_closure:
+            state, params, _ = uo.minimize_step(state, params, problem.closure)
+        elif inplace:
+            state = uo.update_(state, params, problem.grad(params))
+        else:
+            state, params = uo.update(state, params, problem.grad(params))
+    return state, params
+
+
+def _shapes(rule: Transform) -> dict[str, tuple[int, ...]]:
+    shapes = {k: s for k, s in SHAPES.items() if _takes(rule, s)}
+    assert len(shapes) >= 2, f"{rule.name} takes too few of {SHAPES}"
+    return shapes
+
+
+def _run(e: registry.Entry, rule: Transform | None = None, steps: int = STEPS,
+         dtype: Any = np.float64, inplace: bool = False) -> tuple[uo.State, dict[str, Any]]:
+    rule = _build(e) if rule is None else rule
+    problem = Problem(_shapes(rule), dtype)
+    params = problem.params()
+    return _drive(e, uo.setup(rule, params), params, problem, steps, inplace)
+
+
+def _state_arrays(state: uo.State) -> list[Any]:
+    import optree
+
+    from uniopt.tree import NAMESPACE
+
+    out = [a for v in state.slots.values() for a in v if a is not None]
+    return out + [a for a in optree.tree_leaves(state.tree_states, namespace=NAMESPACE)
+                  if hasattr(a, "dtype")]
+
+
+# --- convergence --------------------------------------------------------------------------------
+
+
+class Quadratic:
+    d = np.linspace(1.0, 100.0, 10)
+    start = np.zeros(10)
+    threshold = 1e-4 * 0.5 * float(np.sum(d))  # 1e-4 of f(start)
+
+    def loss(self, x: np.ndarray) -> float:
+        return 0.5 * float(np.sum(self.d * (x.ravel() - 1.0) ** 2))
+
+    def gradient(self, x: np.ndarray) -> np.ndarray:
+        return (self.d * (x.ravel() - 1.0)).reshape(x.shape)
+
+
+class Rosenbrock:
+    start = np.array([-1.5, 2.0])
+    threshold = 0.1
+
+    def loss(self, x: np.ndarray) -> float:
+        a, b = x.ravel()
+        return float((1 - a) ** 2 + 100 * (b - a * a) ** 2)
+
+    def gradient(self, x: np.ndarray) -> np.ndarray:
+        a, b = x.ravel()
+        return np.array([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)]).reshape(x.shape)
+
+
+class _OneLeaf:
+    """A problem on one leaf ``x`` as :func:`_drive` takes it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def grad(self, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"x": self.f.gradient(p["x"])}
+
+    def closure(self, p: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        return self.f.loss(p["x"]), self.grad(p)
+
+
+@by_rule
+@pytest.mark.parametrize("problem", [Quadratic, Rosenbrock], ids=lambda p: p.__name__)
+def test_converges_within_its_budget(name: str, problem: type) -> None:
+    e = registry.entry(name)
+    f = problem()
+    rule = _build(e)
+    params = {"x": f.start.reshape(_shape(rule, f.start.size)).copy()}
+    with np.errstate(over="ignore", invalid="ignore"):  # a failing run says so below
+        _, params = _drive(e, uo.setup(rule, params), params, _OneLeaf(f), e.budget)
+    loss = f.loss(params["x"])
+    assert math.isfinite(loss) and loss <= f.threshold, (
+        f"{name} with {e.example} reached {loss:.3g} after {e.budget} steps "
+        f"(threshold {f.threshold:.3g})")
+
+
+# --- dtypes, pure and in place, slots -----------------------------------------------------------
+
+
+@by_rule
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_dtype_is_kept(name: str, dtype: Any) -> None:
+    e = registry.entry(name)
+    for inplace in (False, True):
+        state, params = _run(e, steps=3, dtype=dtype, inplace=inplace)
+        for a in params.values():
+            assert type(a) is np.ndarray and a.dtype == dtype, inplace
+        for a in _state_arrays(state):  # a minimizer's numbers may be NumPy scalars
+            if np.issubdtype(a.dtype, np.floating):
+                assert a.dtype == dtype, (inplace, a.dtype)
+
+
+@by_rule
+def test_update_and_update_in_place_agree_bit_for_bit(name: str) -> None:
+    e = registry.entry(name)
+    s1, p1 = _run(e)
+    s2, p2 = _run(e, inplace=True)
+    assert_same(list(p1.values()), list(p2.values()))
+    assert s1.step == s2.step and list(s1.slots) == list(s2.slots)
+    assert_same(_state_arrays(s1), _state_arrays(s2))
+
+
+@by_rule
+def test_slots_are_the_states(name: str) -> None:
+    e = registry.entry(name)
+    rule = _build(e)
+    state = uo.setup(rule, Problem(_shapes(rule)).params())
+    assert tuple(k.rsplit(".", 1)[-1] for k in state.slots) == e.slots
+
+
+# --- array libraries ----------------------------------------------------------------------------
+
+
+def _library(lib: str) -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
+    """``(to the library, back to NumPy)`` for a name of ``Info.backends``."""
+    if lib == "numpy":
+        return np.array, np.asarray
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        return (lambda a: torch.asarray(a, copy=True)), (lambda x: x.numpy())
+    if lib == "jax":
+        jnp = pytest.importorskip("jax").numpy
+        return jnp.asarray, np.asarray
+    if lib == "array_api":
+        xs = pytest.importorskip("array_api_strict")
+        dev = xs.Device("device1")  # not the default: an array made without device= shows
+        return (lambda a: xs.asarray(a, device=dev, copy=True)), (
+            lambda x: np.array(np.from_dlpack(x)))
+    raise AssertionError(f"unknown library {lib!r} in Info.backends")
+
+
+@by_rule
+def test_array_libraries_agree(name: str, jx: Any) -> None:
+    """JAX runs under ``jax.jit`` where the rule traces (it must compile once), eagerly where
+    not: a jitted step runs the same arithmetic in one program, and compiles in a fraction of
+    the time that eager JAX takes to dispatch (and compile) a rule's operations one by one."""
+    e = registry.entry(name)
+    rule = _build(e)
+    ref_state, ref = _run(e, rule, steps=10)
+    for lib in e.backends:
+        to, back = _library(lib)
+        problem = Problem(_shapes(rule), conv=to)
+        params = problem.params()
+        state = uo.setup(rule, params)
+        if lib == "jax" and e.jit and not e.needs_closure:
+            jitted, traces = counting_jit()
+            for _ in range(10):
+                state, params = jitted(state, params, problem.grad(params))
+            assert len(traces) == 1, "the jitted update recompiled"
+        else:
+            state, params = _drive(e, state, params, problem, 10)
+        for k, v in params.items():
+            assert rel_diff(back(v), ref[k]) <= e.rtol, (lib, k)
+        for key, arrays in state.slots.items():
+            for a, b in zip(arrays, ref_state.slots[key], strict=True):
+                assert (a is None) == (b is None)
+                assert a is None or rel_diff(back(a), b) <= e.rtol, (lib, key)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not registry.entry(n).jit
+                                  and not registry.entry(n).needs_closure])
+def test_a_rule_that_does_not_trace_says_so(name: str, jx: Any) -> None:
+    e = registry.entry(name)
+    rule = _build(e)
+    problem = Problem(_shapes(rule), conv=jx.numpy.asarray)
+    params = problem.params()
+    with pytest.raises(TypeError, match=r"jax\.jit"):
+        jx.jit(uo.update)(uo.setup(rule, params), params, problem.grad(params))
+
+
+# --- schedules ----------------------------------------------------------------------------------
+
+
+def _numbers(rule: Transform) -> list[tuple[str, int | None]]:
+    """Every hyperparameter that is a number, as (field, index in its tuple or None); but not
+    one at the value that drops an optional block (a schedule keeps the block: another
+    recipe, which a rule may refuse beside other options)."""
+    out: list[tuple[str, int | None]] = []
+    for k, v in rule.hyperparameters().items():
+        if k in rule.optional and not rule.on(k):
+            continue
+        for i, x in enumerate(v) if isinstance(v, tuple) else [(None, v)]:
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                out.append((k, i))
+    return out
+
+
+def _scheduled(rule: Transform, field: str, i: int | None) -> Transform:
+    v = getattr(rule, field)
+    if i is None:
+        return rule.replace(**{field: uo.schedules.constant(v)})
+    return rule.replace(**{field: tuple(uo.schedules.constant(x) if j == i else x
+                                        for j, x in enumerate(v))})
+
+
+@by_rule
+def test_a_constant_schedule_is_the_number(name: str) -> None:
+    e = registry.entry(name)
+    rule = _build(e)
+    numbers = _numbers(rule)
+    assert numbers, f"{name}'s example has no number to schedule"
+    ref_state, ref = _run(e, rule, steps=4)
+    for field, i in numbers:
+        state, params = _run(e, _scheduled(rule, field, i), steps=4)
+        assert_same(list(params.values()), list(ref.values()))
+        assert list(state.slots) == list(ref_state.slots), (field, i)
+        assert_same(_state_arrays(state), _state_arrays(ref_state))
+
+
+# --- combinators --------------------------------------------------------------------------------
+
+
+@by_rule
+def test_partition_freeze_and_masked(name: str) -> None:
+    e = registry.entry(name)
+    if e.needs_closure:
+        pytest.skip("a rule that evaluates the objective itself steps the whole tree")
+    rule = _build(e)
+    shapes = _shapes(rule)
+    frozen_key = list(shapes)[-1]  # held still, or handed its raw gradient (masked)
+    problem = Problem(shapes)
+    rest = Problem({k: s for k, s in shapes.items() if k != frozen_key})
+    rest.init, rest.c, rest.t = ({k: v for k, v in d.items() if k != frozen_key}
+                                 for d in (problem.init, problem.c, problem.t))
+    _, plain = _drive(e, uo.setup(rule, rest.params()), rest.params(), rest, 3)
+    wrapped = {
+        "partition": uo.partition({"on": rule, "off": None},
+                                  lambda path, leaf: "off" if path == frozen_key else "on"),
+        "freeze": uo.freeze(rule, frozen_key),
+        "masked": uo.masked(rule, lambda path, leaf: path != frozen_key),
+    }
+    for kind, opt in wrapped.items():
+        params = problem.params()
+        state = uo.setup(opt, params)
+        frozen = params[frozen_key].copy()
+        for _ in range(3):
+            g = problem.grad(params)
+            state, params = uo.update(state, params, g)
+            if kind == "masked":  # the unmasked leaf's update is its gradient as it comes
+                frozen = frozen - g[frozen_key]
+        assert_same([params[frozen_key]], [frozen])
+        assert_same([params[k] for k in plain], list(plain.values()))
+
+
+# --- complex numbers ----------------------------------------------------------------------------
+
+
+def _pairs(z: np.ndarray) -> np.ndarray:
+    return np.stack([z.real, z.imag], axis=-1)
+
+
+@by_rule
+def test_complex_params_step_as_their_real_pairs(name: str) -> None:
+    e = registry.entry(name)
+    if not e.complex:
+        pytest.skip("Info.complex is False")
+    rule = _build(e)
+    shapes = _shapes(rule)
+    problem = Problem(shapes, np.complex128)
+    params = problem.params()
+    state, params = _drive(e, uo.setup(rule, params), params, problem, STEPS)
+    real = Problem({k: (*s, 2) for k, s in shapes.items()})
+    real.init = {k: _pairs(v) for k, v in problem.init.items()}
+    real.c = {k: np.stack([v, v], axis=-1) for k, v in problem.c.items()}
+    real.t = {k: _pairs(v) for k, v in problem.t.items()}
+    rparams = real.params()
+    rstate, rparams = _drive(e, uo.setup(rule, rparams), rparams, real, STEPS)
+    written = problem.params()  # in place: written through the arrays' real views
+    _drive(e, uo.setup(rule, written), written, problem, STEPS, inplace=True)
+    assert_same([_pairs(v) for v in written.values()], [_pairs(v) for v in params.values()])
+    for k, v in params.items():
+        assert v.dtype == np.complex128 and np.all(np.isfinite(v))
+        assert rel_diff(_pairs(v), rparams[k]) <= 1e-12, k
+    for key, arrays in state.slots.items():
+        for a, b in zip(arrays, rstate.slots[key], strict=True):
+            assert a is None or rel_diff(_pairs(a) if np.iscomplexobj(a) else a, b) <= 1e-12
+
+
+# --- the README ---------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_rule_table_is_the_registrys() -> None:
+    text = README.read_text(encoding="utf-8")
+    found = re.search(r"<!-- rules:start -->\n(.*?)\n<!-- rules:end -->", text, re.S)
+    assert found, "README.md lacks the <!-- rules:start --> ... <!-- rules:end --> markers"
+    assert found.group(1).strip() == registry.table(), (
+        "README.md's rule table is stale: paste `uniopt rules` between its markers")
