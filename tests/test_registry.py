@@ -111,14 +111,19 @@ def _drive(e: registry.Entry, state: uo.State, params: Any, problem: Any, steps:
            inplace: bool = False) -> tuple[uo.State, Any]:
     """``steps`` steps on ``problem`` (pure, or in place with ``inplace``)."""
     for _ in range(steps):
+        extra: dict[str, Any] = {}
+        if e.step_args:  # what the rule reads of the objective, beside the gradient
+            loss, g = problem.closure(params)
+            given = {"value": loss, "grad": g, "value_fn": problem.closure}
+            extra = {k: given[k] for k in e.step_args}
         if e.needs_closure and inplace:
             state, _ = uo.minimize_step_(state, params, problem.closure)
         elif e.needs_closure:
             state, params, _ = uo.minimize_step(state, params, problem.closure)
         elif inplace:
-            state = uo.update_(state, params, problem.grad(params))
+            state = uo.update_(state, params, problem.grad(params), **extra)
         else:
-            state, params = uo.update(state, params, problem.grad(params))
+            state, params = uo.update(state, params, problem.grad(params), **extra)
     return state, params
 
 
@@ -270,7 +275,7 @@ def test_array_libraries_agree(name: str, jx: Any) -> None:
         problem = Problem(_shapes(rule), conv=to)
         params = problem.params()
         state = uo.setup(rule, params)
-        if lib == "jax" and e.jit and not e.needs_closure:
+        if lib == "jax" and e.jit and not e.needs_closure and not e.step_args:
             jitted, traces = counting_jit()
             for _ in range(10):
                 state, params = jitted(state, params, problem.grad(params))
@@ -341,7 +346,7 @@ def test_a_constant_schedule_is_the_number(name: str) -> None:
 @by_rule
 def test_partition_freeze_and_masked(name: str) -> None:
     e = registry.entry(name)
-    if e.needs_closure:
+    if e.needs_closure or e.step_args:
         pytest.skip("a rule that evaluates the objective itself steps the whole tree")
     rule = _build(e)
     shapes = _shapes(rule)

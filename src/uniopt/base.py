@@ -602,7 +602,9 @@ class Info:
     parity tolerance in float64 against ``references`` (1e-12 unless a reason is written next
     to a larger one). ``jit``: the example's step traces under ``jax.jit`` (False: the step
     computes something on the host from the step before, and refuses to be traced with a
-    TypeError that says so).
+    TypeError that says so). ``step_args``: the step's extra arguments the rule reads
+    (``"value"``, the loss at params; ``"grad"``, its gradient; ``"value_fn"``, the objective,
+    returning ``(loss, grads)``), which a caller must pass to ``uo.update``.
     """
 
     family: str
@@ -615,6 +617,7 @@ class Info:
     backends: tuple[str, ...] = ("numpy", "torch", "jax", "array_api")
     rtol: float = 1e-12
     jit: bool = True
+    step_args: tuple[str, ...] = ()
 
 
 class _WithConventions(type):
