@@ -27,6 +27,17 @@ from .rules.adam import (
     scale_by_amsgrad,
     scale_by_optimistic_gradient,
 )
+from .rules.adam_modern import (
+    ademamix,
+    ademamix_alpha,
+    ademamix_b3,
+    adopt,
+    scale_by_ademamix,
+    scale_by_adopt,
+    scale_by_simplified_ademamix,
+    simplified_ademamix,
+    step_power,
+)
 from .rules.adam_variants import (
     adamax,
     nadam,
@@ -36,6 +47,7 @@ from .rules.adam_variants import (
     scale_by_radam,
 )
 from .rules.asgd import asgd, scale_by_asgd
+from .rules.madgrad import madgrad, scale_by_madgrad
 from .rules.matrix import (
     ema_momentum,
     ema_momentum_bias_corrected,
@@ -174,6 +186,18 @@ __all__ = [
     "update",
     "update_",
     "weight_decay",
+    # modern rules: ADOPT, AdEMAMix, MADGRAD, SAM, Sophia
+    "ademamix",
+    "ademamix_alpha",
+    "ademamix_b3",
+    "adopt",
+    "madgrad",
+    "scale_by_ademamix",
+    "scale_by_adopt",
+    "scale_by_madgrad",
+    "scale_by_simplified_ademamix",
+    "simplified_ademamix",
+    "step_power",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402
