@@ -66,6 +66,7 @@ from .rules.rmsprop import (
 )
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
+from .rules.sharpness import sam, sam_step
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
 from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
@@ -196,6 +197,8 @@ __all__ = [
     "scale_by_adopt",
     "scale_by_madgrad",
     "scale_by_simplified_ademamix",
+    "sam",
+    "sam_step",
     "simplified_ademamix",
     "step_power",
 ]
