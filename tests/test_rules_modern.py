@@ -526,3 +526,66 @@ def test_sam_base_errors() -> None:
         uo.sam(uo.lbfgs())
     with pytest.raises(ValueError, match="rho"):
         uo.sam(uo.sgd(0.1), rho=-0.05)
+
+
+# --- Sophia ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_sophia_matches_optax_with_its_hutchinson_estimates(optax_x64: Any,
+                                                            clip: float | None) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    def loss(p: Any, noise: Any) -> Any:
+        return sum(jnp.sum(0.5 * jnp.log(jnp.cosh(v)) + noise[k] * v) for k, v in p.items())
+
+    every, lr = 3, 0.02
+    hp = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, gamma=0.05)
+    theirs = optax_x64.contrib.sophia(lr, clip_threshold=clip, update_interval=every, **hp)
+    ours = uo.sophia(lr, clip_threshold=clip or 1.0, use_clipping=clip is not None, **hp)
+
+    @jax.jit
+    def their_step(p: Any, s: Any, noise: Any) -> tuple[Any, Any]:
+        u, s = theirs.update(jax.grad(loss)(p, noise), s, p,
+                             obj_fn=lambda q: loss(q, noise))
+        return optax_x64.apply_updates(p, u), s
+
+    @jax.jit
+    def hutchinson(p: Any, key: Any, noise: Any) -> Any:
+        # optax's estimator, written here: its key split, its Rademacher signs, r * (H r)
+        _, sub = jax.random.split(key)
+        r = optax_x64.tree.random_like(sub, p, jax.random.rademacher, dtype=jnp.float32)
+        r = jax.tree.map(lambda x: x.astype(jnp.float64), r)
+        hvp = jax.jvp(lambda q: jax.grad(loss)(q, noise), (p,), (r,))[1]
+        return jax.tree.map(lambda h, x: h * x, hvp, r)
+
+    rng = np.random.default_rng(14)
+    params = _params(rng)
+    state = uo.setup(ours, params)
+    jparams = {k: jnp.asarray(v) for k, v in params.items()}
+    jstate = theirs.init(jparams)
+    worst = 0.0
+    for k in range(STEPS):
+        noise = {n: 0.1 * rng.standard_normal(s) for n, s in SHAPES.items()}
+        key = jstate[0].hessian_fn_state.key  # the key optax draws this step's signs with
+        estimate = hutchinson({n: jnp.asarray(v) for n, v in params.items()}, key, noise)
+        state, params = uo.update(state, params, _grads(params, noise))
+        if k % every == 0:
+            state = uo.sophia_hessian(state, {n: np.asarray(v) for n, v in estimate.items()})
+        jparams, jstate = their_step(jparams, jstate, noise)
+        worst = max(worst, *(rel_diff(params[n], jparams[n]) for n in params))
+    assert worst < 1e-12
+
+
+def test_sophia_hessian_errors() -> None:
+    p = {"w": np.ones(3)}
+    with pytest.raises(ValueError, match="has no Sophia part"):
+        uo.sophia_hessian(uo.setup(uo.adam(), p), p)
+    with pytest.raises(ValueError, match=r"got shapes \[\(2,\)\], expected \[\(3,\)\]"):
+        uo.sophia_hessian(uo.setup(uo.sophia(), p), {"w": np.ones(2)})
+    with pytest.raises(ValueError, match="clip_threshold"):
+        uo.sophia(clip_threshold=0.0)
+    with pytest.raises(ValueError, match="gamma"):
+        uo.sophia(gamma=-1.0)

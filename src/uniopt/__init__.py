@@ -67,6 +67,7 @@ from .rules.rmsprop import (
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
 from .rules.sharpness import sam, sam_step
+from .rules.sophia import scale_by_sophia, sophia, sophia_hessian
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
 from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
@@ -199,7 +200,10 @@ __all__ = [
     "scale_by_simplified_ademamix",
     "sam",
     "sam_step",
+    "scale_by_sophia",
     "simplified_ademamix",
+    "sophia",
+    "sophia_hessian",
     "step_power",
 ]
 

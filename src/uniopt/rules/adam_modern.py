@@ -238,7 +238,8 @@ class adopt(Rule):
         family="adam",
         paper="Taniguchi et al. (2024)",
         references=("optax.contrib.adopt", "pytorch_optimizer.ADOPT"),
-        example={"lr": 0.05},
+        example={"lr": 0.1, "b2": 0.99},
+        budget=1000,
     )
 
     def check(self) -> None:
@@ -343,7 +344,8 @@ class ademamix(Rule):
         family="adam",
         paper="Pagliardini et al. (2024)",
         references=("optax.contrib.ademamix", "pytorch_optimizer.AdEMAMix"),
-        example={"lr": 0.02, "b3": 0.999, "alpha": 2.0},
+        example={"lr": 0.05, "b3": 0.95, "alpha": 1.0},
+        budget=1000,
     )
 
     def check(self) -> None:

@@ -114,8 +114,10 @@ class sam(Rule):
         family="sharpness",
         paper="Foret et al. (2021)",
         references=("optax.contrib.sam", "pytorch_optimizer.SAM", "formula"),
-        example={"base": sgd(lr=0.002, momentum=0.9), "rho": 0.01},
+        example={"base": sgd(lr=0.002, momentum=0.9), "rho": 0.001},
         needs_closure=True,
+        # the perturbation squares the gradient (and ASAM the parameter) as real numbers
+        complex=False,
     )
 
     def check(self) -> None:
