@@ -524,6 +524,8 @@ def test_sam_base_errors() -> None:
         uo.sam(0.1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="base must take gradients"):
         uo.sam(uo.lbfgs())
+    with pytest.raises(ValueError, match="base must make a step"):
+        uo.sam(uo.scale_by_adam())  # a direction: added as a step it would ascend
     with pytest.raises(ValueError, match="rho"):
         uo.sam(uo.sgd(0.1), rho=-0.05)
 

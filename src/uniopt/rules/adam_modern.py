@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
@@ -167,8 +167,9 @@ class scale_by_adopt(Elementwise):
     def coeffs(self, step: Any) -> AdoptCoeffs:
         first, later = step == 0, step != 0
         # the first update as optax writes it (b1 -> 1, b2 -> 0), as products with the
-        # step's switch, so a traced step (jax.jit) needs no branch
-        bound = self.clip if self.use_clipping else math.inf
+        # step's switch, so a traced step (jax.jit) needs no branch. (at: a block built by
+        # hand and not yet resolved by the engine still holds its default schedule)
+        bound = cast(scale_by_adopt, self.at(step)).clip if self.use_clipping else math.inf
         return AdoptCoeffs(
             one_minus_b1=later * self.one_minus("b1"), b2=later * self.b2,
             one_minus_b2=first * 1.0 + later * self.one_minus("b2"), eps=self.eps,

@@ -6,7 +6,9 @@ A step takes two gradients, at ``w`` and at the perturbed ``w + e``, so it is a
 rule runs as it would on its own, with its own :class:`~uniopt.State` kept in this part's tree
 state, on the gradient at ``w + e``. The engine hands a minimizer the params as one flat
 vector; the base rule sees them as their own tree again (per-leaf rules such as Muon see their
-matrices), rebuilt from the leaf shapes kept beside its state.
+matrices), rebuilt from the leaf shapes kept beside its state. The base rule is stepped through
+the optax protocol every transform speaks (``init``, ``update``: the engine sits above the
+rules, which reach it only so), its step added to the params.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Info, Minimizer, Rule, Transform
+from ..base import Info, Minimizer, Rule, Transform, makes_step
 from ..hyper import NONNEG, hyper
+from ..tree import trainables, unflatten
 from .sgd import sgd
 
 
@@ -27,6 +30,9 @@ def _check_base(owner: str, base: Any) -> None:
     if any(isinstance(p, Minimizer) for p in base.flat_parts):
         raise ValueError(f"{owner}: base must take gradients (an update rule), not evaluate the "
                          f"objective itself; got {base!r}")
+    if not makes_step(base):
+        raise ValueError(f"{owner}: base must make a step (apply a learning rate), not only a "
+                         f"direction; got {base!r}")
 
 
 @dataclass(frozen=True)
@@ -44,17 +50,11 @@ class sam_step(Minimizer):
         _check_base(self.name, self.base)
 
     def init_tree(self, params: Any) -> Any:
-        from ..engine import setup  # the engine runs rules: it sits above them
-        from ..tree import trainables
-
         shapes = tuple(tuple(int(n) for n in leaf.shape) for leaf in trainables(params))
-        return {"base": setup(self.base, params), "shapes": shapes}
+        return {"base": self.base.init(params), "shapes": shapes}
 
     def minimize(self, xp: Any, x: Any, state: Any,
                  evaluate: Callable[[Any], tuple[Any, Any]]) -> tuple[Any, Any, Any]:
-        from ..engine import update
-        from ..tree import trainables, unflatten
-
         base, shapes = state["base"], tuple(tuple(int(n) for n in s) for s in state["shapes"])
         loss, g = evaluate(x)
         if self.adaptive:
@@ -64,9 +64,9 @@ class sam_step(Minimizer):
             e = g * (self.rho / (xp.sqrt(xp.sum(g * g)) + self.eps))
         _, g_adv = evaluate(x + e)
         params = unflatten(base.treedef, _split(xp, x, shapes))
-        base, new = update(base, params, _split(xp, g_adv, shapes))
-        flat = xp.concat([xp.reshape(v, (-1,)) for v in trainables(new)])
-        return flat, {"base": base, "shapes": state["shapes"]}, loss
+        step, base = self.base.update(_split(xp, g_adv, shapes), base, params)
+        x = x + xp.concat([xp.reshape(v, (-1,)) for v in trainables(step)])
+        return x, {"base": base, "shapes": state["shapes"]}, loss
 
 
 def _split(xp: Any, x: Any, shapes: tuple[tuple[int, ...], ...]) -> list[Any]:
