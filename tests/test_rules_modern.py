@@ -591,3 +591,23 @@ def test_sophia_hessian_errors() -> None:
         uo.sophia(clip_threshold=0.0)
     with pytest.raises(ValueError, match="gamma"):
         uo.sophia(gamma=-1.0)
+
+
+# --- the compiled loop ----------------------------------------------------------------------------
+# (MADGRAD keeps the reference path: its cube root is a power, rounded differently there)
+
+
+@pytest.mark.slow  # compiles a loop per rule on a cold cache
+@pytest.mark.parametrize("rule", [*RULES[:3], uo.adopt(0.05, use_clipping=False),
+                                  uo.sophia(0.01)], ids=lambda r: r.name)
+def test_the_compiled_loop_is_bitwise_the_reference(rule: uo.Transform) -> None:
+    from helpers import WIDE_LEAVES, assert_same, assert_same_state, beside_reference, grads_like
+
+    rng = np.random.default_rng(2)
+    fast = {f"x{i}": rng.standard_normal((3, 4)) for i in range(WIDE_LEAVES)}
+    ref = {k: v.copy() for k, v in fast.items()}
+    s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
+    s_fast, fast, s_ref = beside_reference(s_fast, fast, s_ref, ref, 12,
+                                           lambda k: grads_like(rng, fast))
+    assert_same(uo.trainables(fast), uo.trainables(ref))
+    assert_same_state(s_fast, s_ref)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Info, Rule, Transform
+from ..base import Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper
 from ..moments import fma, lerp
 from ..transforms.decay import weight_decay
@@ -18,19 +18,27 @@ class MadgradCoeffs(NamedTuple):
     one_minus_momentum: Any  # the step of p towards the dual-averaging point z
 
 
-def _z(xp: Any, c: Any, grad_sum_sq: Any, s: Any, x0: Any) -> Any:
-    """The dual-averaging point ``x0 - s/(cbrt(sum lamb g^2) + eps)`` (torch's ``addcdiv``
-    with value -1)."""
-    return x0 - s / (grad_sum_sq ** c.third + c.eps)
+def _step(xp: Any, c: Any, p: Any, u: Any, grad_sum_sq: Any, s: Any, x0: Any) -> tuple[
+        Any, Any, Any]:
+    """``(p_new, S, s)``: the sums, the dual-averaging point ``z = x0 - s/(S^(1/3) + eps)``
+    (torch's ``addcdiv`` with value -1) and pytorch-optimizer's ``p.lerp_(z, 1 - momentum)``."""
+    gss = fma(c.lamb * u, u, grad_sum_sq)  # torch's addcmul_(g, g, value=lamb)
+    s = fma(c.lamb, u, s)
+    z = x0 - s / (gss ** c.third + c.eps)
+    return lerp(p, z, c.one_minus_momentum), gss, s
 
 
 @dataclass(frozen=True)
-class scale_by_madgrad(Elementwise):
+class scale_by_madgrad(PerLeaf):
     """MADGRAD's step, the learning rate inside it.
 
     ``lamb = (lr + eps)*sqrt(t)``; ``S <- S + lamb*u^2``; ``s <- s + lamb*u``;
     ``z = x0 - s/(S^(1/3) + eps)``; ``p <- (1 - momentum)*z + momentum*p``, so the update is
-    ``p - p_new``. ``x0`` is the parameter as it was at set-up."""
+    ``p - p_new``. ``x0`` is the parameter as it was at set-up.
+
+    Elementwise in its arithmetic, but a per-leaf part: the cube root is a power, which the
+    compiled loop (LLVM's ``pow``) and NumPy (its vectorised ``power``) round differently in
+    the last bit, so it keeps the reference path, the ground truth."""
 
     lr: Any = hyper(1e-2, NONNEG)
     momentum: Any = hyper(0.9, Interval(0.0, 1.0, hi_open=True))
@@ -47,14 +55,15 @@ class scale_by_madgrad(Elementwise):
                              eps=self.eps, one_minus_momentum=self.one_minus("momentum"))
 
     @staticmethod
-    def kernel(xp, c, p, u, grad_sum_sq, s, x0):
-        gss = fma(c.lamb * u, u, grad_sum_sq)  # torch's addcmul_(g, g, value=lamb)
-        s = fma(c.lamb, u, s)
-        return p - lerp(p, _z(xp, c, gss, s, x0), c.one_minus_momentum), gss, s, x0
+    def apply(xp: Any, c: Any, p: Any, u: Any, *slots: Any) -> tuple[Any, ...]:
+        p_new, gss, s = _step(xp, c, p, u, *slots)
+        return p - p_new, gss, s, slots[2]
 
     @staticmethod
-    def finish(xp, c, p, u, grad_sum_sq, s, x0):  # last: pytorch-optimizer's p.lerp_(z, w)
-        return lerp(p, _z(xp, c, grad_sum_sq, s, x0), c.one_minus_momentum)
+    def finish(xp: Any, c: Any, p: Any, u: Any, *slots: Any) -> tuple[Any, ...]:
+        # last: the parameter written as pytorch-optimizer writes it, p.lerp_(z, 1 - momentum)
+        p_new, gss, s = _step(xp, c, p, u, *slots)
+        return p_new, gss, s, slots[2]
 
 
 @dataclass(frozen=True)
