@@ -490,8 +490,8 @@ def test_sam_matches_pytorch_optimizer(pto: Any, adaptive: bool) -> None:
         worst = max(worst, *(rel_diff(mine[k], tensors[k].numpy()) for k in mine))
     # pytorch-optimizer sums the squared norms in float32 (get_global_gradient_norm's .float()),
     # even for float64 tensors: its perturbation carries a float32 rounding, ~6e-8 of rho*g,
-    # which reaches the params through the gradient at w + e
-    assert worst < 1e-7
+    # which reaches the params through the gradient at w + e (measured: 9e-10 over 100 steps)
+    assert worst < 1e-8
     assert worst > 1e-12  # the float32 norm shows: were it gone, tighten the tolerance
 
 
