@@ -36,6 +36,17 @@ from .rules.adam_extra import (
     scale_by_yogi,
     yogi,
 )
+from .rules.adam_modern import (
+    ademamix,
+    ademamix_alpha,
+    ademamix_b3,
+    adopt,
+    scale_by_ademamix,
+    scale_by_adopt,
+    scale_by_simplified_ademamix,
+    simplified_ademamix,
+    step_power,
+)
 from .rules.adam_variants import (
     adamax,
     nadam,
@@ -46,6 +57,7 @@ from .rules.adam_variants import (
 )
 from .rules.asgd import asgd, scale_by_asgd
 from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
+from .rules.madgrad import madgrad, scale_by_madgrad
 from .rules.matrix import (
     ema_momentum,
     ema_momentum_bias_corrected,
@@ -64,7 +76,9 @@ from .rules.rmsprop import (
 )
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
+from .rules.sharpness import sam, sam_step
 from .rules.sign import lion, scale_by_lion, scale_by_signum, sign_sgd, signum
+from .rules.sophia import scale_by_sophia, sophia, sophia_hessian
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
 from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
@@ -203,6 +217,23 @@ __all__ = [
     "scale_by_signum",
     "sign_sgd",
     "signum",
+    # modern rules: ADOPT, AdEMAMix, MADGRAD, SAM, Sophia
+    "ademamix",
+    "ademamix_alpha",
+    "ademamix_b3",
+    "adopt",
+    "madgrad",
+    "scale_by_ademamix",
+    "scale_by_adopt",
+    "scale_by_madgrad",
+    "scale_by_simplified_ademamix",
+    "sam",
+    "sam_step",
+    "scale_by_sophia",
+    "simplified_ademamix",
+    "sophia",
+    "sophia_hessian",
+    "step_power",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402

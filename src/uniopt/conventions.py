@@ -130,6 +130,19 @@ FORMULAS: dict[str, dict[str, str]] = {
         "keras": "v from g² + ε₁, last two axes factored; U = g/√v̂ clipped to RMS d; "
                  "p −= lr·λ·p; p −= max(ε₂, rms p)·min(lr, 1/√t)·U",
     },
+    "adopt": {
+        "torch": "pytorch_optimizer.ADOPT: v = g² at t=1 (no step); then "
+                 "m = lerp(m, clip(g/max(√v, ε), ±t^¼), 1−β₁); p −= lr·m; v = β₂v + (1−β₂)g² "
+                 "(t counted from 1 with the first step)",
+        "optax": "contrib.adopt: the same with the bound count^¼, count from 0 (1 at the first "
+                 "step that moves)",
+    },
+    "ademamix": {
+        "torch": "pytorch_optimizer.AdEMAMix: g += wd·p; p −= lr·(m̂₁ + α_t·m₂)/(√v̂ + ε), "
+                 "m₂ = β₃_t·m₂ + (1−β₃_t)·g; warm-ups over t_alpha_beta3 steps, t from 1",
+        "optax": "contrib.ademamix: p −= lr·((m̂₁ + α·m₂)/(√(v̂ + ε̄) + ε) + wd·p); b3, alpha "
+                 "schedules of the count (from 0)",
+    },
     "optimistic_adam": {
         "optax": "v2: p −= η_t·((α+β)·r_t − β·r_{t−1}); v1: u = −lr·r_t − o·(r_t − r_{t−1})",
         "flux": "OAdam: term = η·m̂/(√v̂+ε); Δ = 2·term − term_prev (term_prev starts at 0)",
@@ -720,8 +733,9 @@ def _options_cell(cls: type[Rule], fw: str) -> str:
 
 def _uniopt_cell(cls: type[Rule], fw: str) -> str:
     name, table = cls.__name__, _table(cls)
-    if fw in table:
-        return f"`uo.{name}()`" if fw == "torch" else f"`uo.{name}(convention={fw!r})`"
+    if fw in table:  # torch's needs no argument where it is the rule's default
+        plain = fw == "torch" == _default(_fields(cls)["convention"])
+        return f"`uo.{name}()`" if plain else f"`uo.{name}(convention={fw!r})`"
     if fw == "torch" and not table:
         return f"`uo.{name}()`"
     return "— (no convention yet)"
