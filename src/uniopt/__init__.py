@@ -44,6 +44,7 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
+from .rules.preconditioned import merged_shape, scale_by_lr_decay_after, scale_by_soap, soap
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -118,6 +119,10 @@ __all__ = [
     "from_optax",
     "lbfgs",
     "lbfgs_step",
+    "merged_shape",
+    "scale_by_lr_decay_after",
+    "scale_by_soap",
+    "soap",
     "lookahead",
     "lookahead_sync",
     "minimize_step",
