@@ -178,7 +178,7 @@ class scale_by_soap(PerLeaf):
 
     def _power_iteration(self, xp: Any, ggs: list[Any], qs: list[Any],
                          v: Any) -> tuple[Any, ...]:
-        out = []
+        out: list[Any] = []
         for i, (s, q) in enumerate(zip(ggs, qs, strict=True)):
             if s is None:
                 out.append(None)
@@ -216,7 +216,8 @@ def _device(x: Any) -> Any:
 
 
 def _unpack(xp: Any, flat: Any, sides: list[int | None]) -> list[Any]:
-    out, at = [], 0
+    out: list[Any] = []
+    at = 0
     for d in sides:
         if d is None or flat is None:
             out.append(None)
