@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Info, Kernel, PerLeaf, Rule, Transform
-from ..hyper import NONNEG, Interval, hyper
+from ..base import Elementwise, Info, Kernel, PerLeaf, Rule, Transform, chain
+from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper
 from ..moments import addmm, bias_correction, fma, frobenius, lerp
+from ..transforms.decay import weight_decay
+from ..transforms.scale import scale_by_lr
+from .adam import scale_by_adam
 
 # Keller Jordan's quintic: the slope at 0 is as large as keeps the iteration's fixed band
 # around 1 (singular values end in about [0.7, 1.2], not exactly 1)
@@ -155,6 +159,10 @@ def _check_ns_dtype(owner: str, dtype: Any) -> None:
                          f"dtype's name, got {dtype!r}")
 
 
+def _muon_or_adam(path: str, leaf: Any) -> str:
+    return "muon" if leaf.ndim == 2 else "adam"
+
+
 def _matrix_error(shape: tuple[int, ...]) -> str | None:
     return None if len(shape) == 2 else (
         "it is not a matrix (Muon orthogonalises 2-D updates; update other parameters with "
@@ -172,13 +180,16 @@ class orthogonalize(PerLeaf):
     Computed in the update's own dtype, or in ``ns_dtype`` (``"bfloat16"``: torch's Muon, whose
     matmuls then run at bfloat16 speed; torch and JAX arrays), each step's two matrix products
     with their sums rounded once on torch (:func:`uniopt.moments.addmm`), as torch's. Leaves of
-    one shape are orthogonalised together, one batched matmul chain."""
+    one shape are orthogonalised together, one batched matmul chain. ``adaptive`` (optax's):
+    the result scaled by the dual norm of the input, ``<u, O> O`` (``<.,.>`` the sum of the
+    elementwise products, Bernstein and Newhouse, 2024)."""
 
     ns_coefficients: tuple[Any, Any, Any] = hyper(NS_COEFFICIENTS, Interval(None))
     eps: Any = hyper(1e-7, NONNEG)
     ns_steps: int = 5
     ns_dtype: str | None = None
     eps_form: str = "clamp"
+    adaptive: bool = False
     batched: ClassVar[bool] = True
 
     def check(self) -> None:
@@ -210,7 +221,10 @@ class orthogonalize(PerLeaf):
             gram = x @ xp.matrix_transpose(x)
             x = addmm(xp, c.a, x, 1.0, addmm(xp, c.b, gram, c.c, gram, gram), x)
         x = x if wide else xp.matrix_transpose(x)
-        return (x if x.dtype == u.dtype else xp.astype(x, u.dtype),)
+        x = x if x.dtype == u.dtype else xp.astype(x, u.dtype)
+        if self.adaptive:  # optax's dual-norm scaling, <u, O> O
+            x = xp.sum(u * x, axis=(-2, -1), keepdims=True) * x
+        return (x,)
 
 
 class MatrixStep(NamedTuple):
@@ -290,6 +304,13 @@ class muon(Rule):
     - ``adjust_lr_fn``: ``"original"`` (or None) ``sqrt(max(1, A/B))`` (torch);
       ``"original_in_out"`` ``sqrt(max(1, B/A))`` (optax's width scaling of ``(in, out)`` kernels);
       ``"match_rms_adamw"`` ``0.2*sqrt(max(A, B))`` (torch's option; keras's ``rms_rate=0.2``).
+    - ``adaptive``: ``O`` scaled by ``<m, O>`` (the sum of the products of the
+      orthogonalised momentum ``m`` and ``O``), optax's option (:class:`orthogonalize`).
+    - ``others="error"``: a leaf that is not a matrix is an error (torch); ``"adamw"``:
+      optax's, each such leaf stepped by AdamW instead, ``p <- p - adam_lr*(A + adam_wd*p)``,
+      ``A`` Adam's direction with ``adam_betas``, ``eps``, ``adam_eps_root`` and (with
+      ``nesterov``) optax's NAdam-style ``m_hat``; ``adam_lr`` None is ``lr``. The rule is
+      then a :func:`uniopt.partition` of members ``"muon"`` and ``"adam"``.
     - ``ns_coefficients``, ``ns_steps``, ``eps``: the iteration's (optax ``ns_coeffs``, keras
       ``muon_a/b/c``); the decay is ``lr*weight_decay*p`` in all three, unadjusted by ``s``.
 
@@ -300,9 +321,11 @@ class muon(Rule):
     Conventions: ``"torch"`` (lr 1e-3, weight_decay 0.1, eps 1e-7 clamped); ``"optax"``,
     ``optax.contrib.muon`` on 2-D leaves (it gives the others to AdamW): eps 1e-8 added,
     weight_decay 0, bias-corrected momentum, ``original_in_out``; optax requires a learning
-    rate, ours keeps 1e-3 (its ``adaptive``, ``preconditioning`` other than ``"frobenius"``,
-    per-step ``"dion"`` coefficients, ``weight_decay_mask``, ``mu_dtype`` and
-    ``consistent_rms`` are not offered: ``consistent_rms=0.2`` is ``match_rms_adamw``);
+    rate, ours keeps 1e-3; it sets ``others="adamw"`` (below), as optax's ``muon`` does; its
+    ``preconditioning`` other than ``"frobenius"``, per-step ``"dion"`` coefficients,
+    ``weight_decay_mask``, ``mu_dtype`` and ``muon_weight_dimension_numbers`` (matrices made
+    of other axes than a 2-D leaf's) are not offered: ``consistent_rms=0.2`` is
+    ``match_rms_adamw``;
     ``"keras"``, ``keras.optimizers.Muon`` on the matrices it gives Muon (it gives other
     variables, embeddings and ``exclude_layers`` to its AdamW, at ``lr*adam_lr_ratio``): lr
     1e-3, weight_decay 0.004, eps 1e-7 added (fixed in keras), sum momentum,
@@ -328,12 +351,18 @@ class muon(Rule):
     ns_dtype: str | None = None
     momentum_form: str = "ema"
     eps_form: str = "clamp"
+    adaptive: bool = False
+    others: str = "error"
+    adam_betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    adam_eps_root: Any = hyper(0.0, NONNEG)
+    adam_weight_decay: Any = hyper(0.0, NONNEG)
+    adam_lr: Any = None
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"weight_decay": 0.0, "eps": 1e-8, "momentum_form": "ema_bias_corrected",
-                  "eps_form": "add", "adjust_lr_fn": "original_in_out"},
+                  "eps_form": "add", "adjust_lr_fn": "original_in_out", "others": "adamw"},
         "keras": {"weight_decay": 0.004, "momentum_form": "sum", "eps_form": "add",
                   "adjust_lr_fn": "match_rms_adamw"},
     }
@@ -347,6 +376,16 @@ class muon(Rule):
     )
 
     def parts(self) -> tuple[Transform, ...]:
+        if self.others == "adamw":
+            from ..combine import partition  # above the rules: it runs the engine
+
+            lr = self.lr if self.adam_lr is None else self.adam_lr
+            b1, b2 = self.adam_betas
+            adam = chain(scale_by_adam(b1=b1, b2=b2, eps=self.eps, eps_root=self.adam_eps_root,
+                                       nesterov=self.nesterov),
+                         weight_decay(wd=self.adam_weight_decay), scale_by_lr(lr=lr))
+            return (partition({"muon": dataclasses.replace(self, others="error"), "adam": adam},
+                              _muon_or_adam),)
         momentum: Transform
         if self.momentum_form == "ema_bias_corrected":
             momentum = ema_momentum_bias_corrected(momentum=self.momentum, nesterov=self.nesterov)
@@ -358,7 +397,7 @@ class muon(Rule):
             momentum,
             orthogonalize(ns_coefficients=self.ns_coefficients, eps=self.eps,
                           ns_steps=self.ns_steps, ns_dtype=self.ns_dtype,
-                          eps_form=self.eps_form),
+                          eps_form=self.eps_form, adaptive=self.adaptive),
             scale_by_shape_lr(lr=self.lr, weight_decay=self.weight_decay,
                               adjust_lr_fn=self.adjust_lr_fn),
         )
@@ -369,3 +408,11 @@ class muon(Rule):
         _check_ns_dtype(self.name, self.ns_dtype)
         _check_momentum_form(self.name, self.momentum_form)
         _check_eps_form(self.name, self.eps_form)
+        if self.others not in ("error", "adamw"):
+            raise ValueError(f"{self.name}: others must be 'error' or 'adamw', got "
+                             f"{self.others!r}")
+        lr = self.adam_lr
+        if lr is not None and not callable(lr) and not (
+                isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0):
+            raise ValueError(f"{self.name}: adam_lr must be None (lr), a non-negative number "
+                             f"or a schedule, got {lr!r}")
