@@ -44,7 +44,14 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
-from .rules.preconditioned import merged_shape, scale_by_lr_decay_after, scale_by_soap, soap
+from .rules.preconditioned import (
+    merged_shape,
+    scale_by_lr_decay_after,
+    scale_by_shampoo,
+    scale_by_soap,
+    shampoo,
+    soap,
+)
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -121,7 +128,9 @@ __all__ = [
     "lbfgs_step",
     "merged_shape",
     "scale_by_lr_decay_after",
+    "scale_by_shampoo",
     "scale_by_soap",
+    "shampoo",
     "soap",
     "lookahead",
     "lookahead_sync",

@@ -1,4 +1,5 @@
-"""Rules that precondition a tensor along each of its axes: SOAP (Vyas et al., 2024).
+"""Rules that precondition a tensor along each of its axes: SOAP (Vyas et al., 2024) and
+Shampoo (Gupta et al., 2018).
 
 Each axis of a leaf (of size at most ``max_precond_dim``) keeps a ``d x d`` statistic, the
 moving average of the gradient's products over the other axes (Shampoo's factors), packed one
@@ -16,6 +17,8 @@ from typing import Any, ClassVar, NamedTuple
 from ..base import Elementwise, Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import bias_correction, fma, lerp
+from ..transforms.decay import decoupled_weight_decay
+from ..transforms.scale import scale_by_lr
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -350,3 +353,139 @@ class soap(Rule):
                           qr_dtype=self.qr_dtype),
             scale_by_lr_decay_after(lr=self.lr, weight_decay=self.weight_decay, skip_first=True),
         )
+
+
+class ShampooCoeffs(NamedTuple):
+    momentum: Any
+    wd: Any  # the L2 term added to the momentum-mixed gradient
+    matrix_eps: Any
+    first: Any  # the first step: the buffer starts at the gradient, the statistics at eps*I
+    refresh: Any  # this step recomputes the inverse roots
+
+
+@dataclass(frozen=True)
+class scale_by_shampoo(PerLeaf):
+    """Shampoo's preconditioned direction (Gupta et al., 2018), per leaf of ``k`` axes.
+
+    ``g <- lerp(g, b, momentum) + wd*p`` (``b`` the previous direction, the first gradient at
+    the first step); for each axis ``i``: ``H_i <- H_i + G_(i) G_(i)^T`` (``H_i`` starting at
+    ``matrix_eps*I``; ``G_(i)`` the axis against all others), every
+    ``preconditioning_compute_steps`` steps ``P_i = H_i^(-1/(2k))`` (eigendecomposition:
+    ``V diag(lambda^(-1/(2k))) V^T``), zero until the first; ``u <- g x_1 P_1 ... x_k P_k``
+    (each axis multiplied by its ``P_i``), and ``b <- u``. A scalar is not preconditioned."""
+
+    momentum: Any = hyper(0.0, UNIT_OPEN)
+    wd: Any = hyper(0.0, NONNEG)
+    matrix_eps: Any = hyper(1e-6, NONNEG)
+    preconditioning_compute_steps: int = 1
+    uses_params: ClassVar[bool] = True
+    slots: ClassVar[tuple[str, ...]] = ("momentum_buffer", "pre_cond", "inv_pre_cond")
+
+    def check(self) -> None:
+        _check_compute_steps(self.name, self.preconditioning_compute_steps)
+
+    def slot_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...] | None, ...]:
+        n = sum(d * d for d in shape)
+        return (tuple(shape), (n,) if n else None, (n,) if n else None)
+
+    def coeffs(self, step: Any) -> ShampooCoeffs:
+        return ShampooCoeffs(momentum=self.momentum, wd=self.wd, matrix_eps=self.matrix_eps,
+                             first=step == 0,
+                             refresh=(step + 1) % self.preconditioning_compute_steps == 0)
+
+    def apply(self, xp, c, p, u, buf, pre, inv):
+        first = _flag(c.first)
+        buf = _pick(xp, first, lambda: (u,), lambda: (buf,))[0]
+        g = lerp(u, buf, c.momentum) + c.wd * p
+        if pre is None:
+            return g, g, None, None
+        sides = list(u.shape)
+        hs = []
+        for i, h in enumerate(_unpack(xp, pre, sides)):
+            eye = xp.eye(h.shape[0], dtype=h.dtype, device=_device(h))
+            h = _pick(xp, first, lambda h=h, e=eye: (e * c.matrix_eps,), lambda h=h: (h,))[0]
+            hs.append(h + _outer(xp, g, i))
+        power = -1.0 / (2 * u.ndim)
+        ps = _pick(xp, _flag(c.refresh), lambda: tuple(_inverse_root(xp, h, power) for h in hs),
+                   lambda: tuple(_unpack(xp, inv, sides)))
+        out = _project(xp, g, list(ps))
+        return out, out, _pack(xp, hs), _pack(xp, list(ps))
+
+
+def _check_compute_steps(owner: str, n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{owner}: preconditioning_compute_steps must be a positive integer, "
+                         f"got {n!r}")
+
+
+def _inverse_root(xp: Any, h: Any, power: float) -> Any:
+    """``h^power`` of a symmetric positive definite ``h``, from its eigendecomposition."""
+    w, v = xp.linalg.eigh(h)
+    return (v * w**power) @ xp.matrix_transpose(v)
+
+
+@dataclass(frozen=True)
+class shampoo(Rule):
+    """Shampoo (Gupta et al., 2018), as ``pytorch_optimizer.Shampoo`` (4.1) writes it:
+    :class:`scale_by_shampoo`, then ``p <- p - lr*u``.
+
+    Each axis of a ``k``-axis leaf keeps the sum of the gradient's products over the other
+    axes, from ``matrix_eps*I``, and the leaf's direction is the gradient multiplied along each
+    axis by that sum's ``-1/(2k)`` power (a matrix: ``L^(-1/4) G R^(-1/4)``), recomputed every
+    ``preconditioning_compute_steps`` steps, by eigendecomposition (theirs by SVD: the same
+    matrix, rounded apart by 1e-15). ``momentum``: ``g <- lerp(g, b, momentum)`` where ``b`` is
+    the previous *direction* (the first gradient at the first step), theirs.
+
+    - ``weight_decay`` with ``decay_form="l2"``: ``g <- g + weight_decay*p`` after the momentum
+      mix (theirs, ``weight_decouple=False``); ``"decoupled"``: ``p <- p (1 - lr*weight_decay)``
+      before the step; ``"fixed"``: ``p <- p (1 - weight_decay)`` (``fixed_decay=True``).
+
+    As theirs, the inverse roots are zero until the first recomputation: with
+    ``preconditioning_compute_steps=n`` the first ``n - 1`` steps do not move. Not offered:
+    blocking of large axes, grafting, and the other options of ``ScalableShampoo`` (Anil et
+    al., 2020).
+
+    >>> import numpy as np, uniopt as uo
+    >>> state = uo.setup(uo.shampoo(lr=0.1, matrix_eps=0.0), {"w": np.eye(2)})
+    >>> state, p = uo.update(state, {"w": np.eye(2)}, {"w": 4 * np.eye(2)})
+    >>> p["w"]  # L = R = 16 I: 16^(-1/4) 4 I 16^(-1/4) = I
+    array([[0.9, 0. ],
+           [0. , 0.9]])
+    """
+
+    lr: Any = hyper(1e-3, NONNEG)
+    momentum: Any = hyper(0.0, UNIT_OPEN)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    decay_form: str = "l2"
+    preconditioning_compute_steps: int = 1
+    matrix_eps: Any = hyper(1e-6, NONNEG)
+
+    info: ClassVar[Info] = Info(
+        family="matrix",
+        paper="Gupta et al. (2018)",
+        references=("pytorch_optimizer.Shampoo",),
+        example={"lr": 0.05},
+        complex=False,
+    )
+
+    def check(self) -> None:
+        _check_compute_steps(self.name, self.preconditioning_compute_steps)
+        if self.decay_form not in SHAMPOO_DECAY_FORMS:
+            raise ValueError(f"{self.name}: decay_form must be one of {SHAMPOO_DECAY_FORMS}, "
+                             f"got {self.decay_form!r}")
+
+    def parts(self) -> tuple[Transform, ...]:
+        l2 = self.weight_decay if self.decay_form == "l2" else 0.0
+        direction = scale_by_shampoo(momentum=self.momentum, wd=l2, matrix_eps=self.matrix_eps,
+                                     preconditioning_compute_steps=(
+                                         self.preconditioning_compute_steps))
+        if self.decay_form == "decoupled":
+            return (direction, scale_by_lr(lr=self.lr),
+                    decoupled_weight_decay(lr=self.lr, wd=self.weight_decay))
+        if self.decay_form == "fixed":
+            return (direction, scale_by_lr(lr=self.lr),
+                    decoupled_weight_decay(lr=1.0, wd=self.weight_decay))
+        return (direction, scale_by_lr(lr=self.lr))
+
+
+SHAMPOO_DECAY_FORMS = ("l2", "decoupled", "fixed")
