@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Info, Kernel, PerLeaf, Rule, Transform, chain
+from ..base import COMBINATORS, Elementwise, Info, Kernel, PerLeaf, Rule, Transform, chain
 from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper
 from ..moments import addmm, bias_correction, fma, frobenius, lerp
 from ..transforms.decay import weight_decay
@@ -377,15 +377,13 @@ class muon(Rule):
 
     def parts(self) -> tuple[Transform, ...]:
         if self.others == "adamw":
-            from ..combine import partition  # above the rules: it runs the engine
-
             lr = self.lr if self.adam_lr is None else self.adam_lr
             b1, b2 = self.adam_betas
             adam = chain(scale_by_adam(b1=b1, b2=b2, eps=self.eps, eps_root=self.adam_eps_root,
                                        nesterov=self.nesterov),
                          weight_decay(wd=self.adam_weight_decay), scale_by_lr(lr=lr))
-            return (partition({"muon": dataclasses.replace(self, others="error"), "adam": adam},
-                              _muon_or_adam),)
+            members = {"muon": dataclasses.replace(self, others="error"), "adam": adam}
+            return (COMBINATORS["partition"](members, _muon_or_adam),)
         momentum: Transform
         if self.momentum_form == "ema_bias_corrected":
             momentum = ema_momentum_bias_corrected(momentum=self.momentum, nesterov=self.nesterov)
