@@ -464,7 +464,8 @@ class shampoo(Rule):
         family="matrix",
         paper="Gupta et al. (2018)",
         references=("pytorch_optimizer.Shampoo",),
-        example={"lr": 0.05},
+        example={"lr": 1.0},  # Adagrad-like steps shrink: a large lr (Rosenbrock 2e-2 in 2000)
+        budget=2000,
         complex=False,
     )
 
