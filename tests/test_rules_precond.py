@@ -298,7 +298,28 @@ def test_shampoo_on_jax_under_jit() -> None:
     (dict(decay_form="adamw"), "decay_form"),
     (dict(momentum=1.0), "momentum"),
     (dict(matrix_eps=-1.0), "matrix_eps"),
+    (dict(block_size=0), "block_size"),
 ])
 def test_shampoo_rejects(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         uo.shampoo(**kwargs)
+
+
+def test_shampoo_blocks_are_separate_leaves() -> None:
+    """A (5, 7) matrix in blocks of 3 (rows 3+2, columns 3+3+1) and a vector of 4 (3+1) step as
+    their blocks would as leaves of their own (momentum and decay included)."""
+    params, grads = _problem(13, 12, {"w": (5, 7), "b": (4,)})
+    rule = uo.shampoo(lr=0.05, momentum=0.5, weight_decay=0.01, block_size=3, matrix_eps=1e-3)
+    ours = _ours(rule, params, grads)
+    cuts = {"w": [(slice(r, r + 3), slice(c, c + 3)) for r in (0, 3) for c in (0, 3, 6)],
+            "b": [(slice(0, 3),), (slice(3, 4),)]}
+
+    def split(tree: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {f"{k}{i}": tree[k][s] for k, ss in cuts.items() for i, s in enumerate(ss)}
+
+    plain = _ours(uo.shampoo(lr=0.05, momentum=0.5, weight_decay=0.01, matrix_eps=1e-3),
+                  split(params), [split(g) for g in grads])
+    assert _worst(split(ours), plain) < 1e-15
+    state = uo.setup(rule, {"w": params["w"]})
+    packed = sum(r * r + c * c for r in (3, 2) for c in (3, 3, 1))  # each block's two factors
+    assert state.slots["scale_by_shampoo.pre_cond"][0].shape == (packed,)

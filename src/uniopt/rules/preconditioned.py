@@ -9,6 +9,7 @@ basis keeps neither slot.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
-from ..moments import bias_correction, fma, lerp
+from ..moments import bias_correction, fma, lerp, select
 from ..transforms.decay import decoupled_weight_decay
 from ..transforms.scale import scale_by_lr
 
@@ -372,20 +373,33 @@ class scale_by_shampoo(PerLeaf):
     ``matrix_eps*I``; ``G_(i)`` the axis against all others), every
     ``preconditioning_compute_steps`` steps ``P_i = H_i^(-1/(2k))`` (eigendecomposition:
     ``V diag(lambda^(-1/(2k))) V^T``), zero until the first; ``u <- g x_1 P_1 ... x_k P_k``
-    (each axis multiplied by its ``P_i``), and ``b <- u``. A scalar is not preconditioned."""
+    (each axis multiplied by its ``P_i``), and ``b <- u``. A scalar is not preconditioned.
+    ``block_size`` (Anil et al., 2020): each axis longer than it is cut into runs of
+    ``block_size`` (the last shorter) and each block of the leaf is preconditioned on its own,
+    its statistics packed after the previous block's."""
 
     momentum: Any = hyper(0.0, UNIT_OPEN)
     wd: Any = hyper(0.0, NONNEG)
     matrix_eps: Any = hyper(1e-6, NONNEG)
     preconditioning_compute_steps: int = 1
+    block_size: int | None = None
     uses_params: ClassVar[bool] = True
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer", "pre_cond", "inv_pre_cond")
 
     def check(self) -> None:
         _check_compute_steps(self.name, self.preconditioning_compute_steps)
+        _check_block_size(self.name, self.block_size)
+
+    def _blocks(self, shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
+        """The leaf's blocks, as slices, in row-major order of their positions: each axis
+        longer than ``block_size`` cut into runs of ``block_size`` (the last shorter)."""
+        b = self.block_size
+        runs = [[slice(0, d)] if b is None or d <= b else
+                [slice(i, min(i + b, d)) for i in range(0, d, b)] for d in shape]
+        return [tuple(x) for x in itertools.product(*runs)]
 
     def slot_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...] | None, ...]:
-        n = sum(d * d for d in shape)
+        n = sum((s.stop - s.start) ** 2 for block in self._blocks(tuple(shape)) for s in block)
         return (tuple(shape), (n,) if n else None, (n,) if n else None)
 
     def coeffs(self, step: Any) -> ShampooCoeffs:
@@ -395,21 +409,53 @@ class scale_by_shampoo(PerLeaf):
 
     def apply(self, xp, c, p, u, buf, pre, inv):
         first = _flag(c.first)
-        buf = _pick(xp, first, lambda: (u,), lambda: (buf,))[0]
+        buf = select(xp, first, u, buf)
         g = lerp(u, buf, c.momentum) + c.wd * p
         if pre is None:
             return g, g, None, None
-        sides = list(u.shape)
+        blocks = self._blocks(tuple(u.shape))
+        if len(blocks) == 1:
+            out, hs, ps = self._block(xp, c, g, pre, inv)
+            return out, out, hs, ps
+        outs, hs, ps, at = [], [], [], 0
+        for block in blocks:
+            n = sum((s.stop - s.start) ** 2 for s in block)
+            o, h, q = self._block(xp, c, g[block], pre[at:at + n], inv[at:at + n])
+            outs.append(o)
+            hs.append(h)
+            ps.append(q)
+            at += n
+        out = _assemble(xp, outs, [len(range(0, d, self.block_size or d)) if d else 1
+                                   for d in u.shape])
+        return out, out, xp.concat(hs), xp.concat(ps)
+
+    def _block(self, xp: Any, c: Any, g: Any, pre: Any, inv: Any) -> tuple[Any, Any, Any]:
+        """One block's direction and its new packed statistics and inverse roots."""
+        first = _flag(c.first)
+        sides: list[int | None] = list(g.shape)
         hs = []
         for i, h in enumerate(_unpack(xp, pre, sides)):
             eye = xp.eye(h.shape[0], dtype=h.dtype, device=_device(h))
-            h = _pick(xp, first, lambda h=h, e=eye: (e * c.matrix_eps,), lambda h=h: (h,))[0]
-            hs.append(h + _outer(xp, g, i))
-        power = -1.0 / (2 * u.ndim)
+            hs.append(select(xp, first, eye * c.matrix_eps, h) + _outer(xp, g, i))
+        power = -1.0 / (2 * g.ndim)
         ps = _pick(xp, _flag(c.refresh), lambda: tuple(_inverse_root(xp, h, power) for h in hs),
                    lambda: tuple(_unpack(xp, inv, sides)))
-        out = _project(xp, g, list(ps))
-        return out, out, _pack(xp, hs), _pack(xp, list(ps))
+        return _project(xp, g, list(ps)), _pack(xp, hs), _pack(xp, list(ps))
+
+
+def _assemble(xp: Any, parts: list[Any], counts: list[int]) -> Any:
+    """The blocks (row-major by position, ``counts`` along each axis) joined into one array."""
+    if len(counts) == 1:
+        return xp.concat(parts, axis=-1)
+    step = len(parts) // counts[0]
+    rows = [_assemble(xp, parts[i:i + step], counts[1:]) for i in range(0, len(parts), step)]
+    return xp.concat(rows, axis=-len(counts))
+
+
+def _check_block_size(owner: str, b: Any) -> None:
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ValueError(f"{owner}: block_size must be None (no blocks) or a positive integer, "
+                         f"got {b!r}")
 
 
 def _check_compute_steps(owner: str, n: Any) -> None:
@@ -440,10 +486,13 @@ class shampoo(Rule):
       mix (theirs, ``weight_decouple=False``); ``"decoupled"``: ``p <- p (1 - lr*weight_decay)``
       before the step; ``"fixed"``: ``p <- p (1 - weight_decay)`` (``fixed_decay=True``).
 
+    - ``block_size``: axes longer than it are cut into blocks, each block of the leaf
+      preconditioned on its own (Anil et al., 2020, as ``ScalableShampoo``'s ``block_size``;
+      theirs has no blocks: None, the default).
+
     As theirs, the inverse roots are zero until the first recomputation: with
     ``preconditioning_compute_steps=n`` the first ``n - 1`` steps do not move. Not offered:
-    blocking of large axes, grafting, and the other options of ``ScalableShampoo`` (Anil et
-    al., 2020).
+    grafting and the other options of ``ScalableShampoo``.
 
     >>> import numpy as np, uniopt as uo
     >>> state = uo.setup(uo.shampoo(lr=0.1, matrix_eps=0.0), {"w": np.eye(2)})
@@ -459,6 +508,7 @@ class shampoo(Rule):
     decay_form: str = "l2"
     preconditioning_compute_steps: int = 1
     matrix_eps: Any = hyper(1e-6, NONNEG)
+    block_size: int | None = None
 
     info: ClassVar[Info] = Info(
         family="matrix",
@@ -471,6 +521,7 @@ class shampoo(Rule):
 
     def check(self) -> None:
         _check_compute_steps(self.name, self.preconditioning_compute_steps)
+        _check_block_size(self.name, self.block_size)
         if self.decay_form not in SHAMPOO_DECAY_FORMS:
             raise ValueError(f"{self.name}: decay_form must be one of {SHAMPOO_DECAY_FORMS}, "
                              f"got {self.decay_form!r}")
@@ -479,7 +530,8 @@ class shampoo(Rule):
         l2 = self.weight_decay if self.decay_form == "l2" else 0.0
         direction = scale_by_shampoo(momentum=self.momentum, wd=l2, matrix_eps=self.matrix_eps,
                                      preconditioning_compute_steps=(
-                                         self.preconditioning_compute_steps))
+                                         self.preconditioning_compute_steps),
+                                     block_size=self.block_size)
         if self.decay_form == "decoupled":
             return (direction, scale_by_lr(lr=self.lr),
                     decoupled_weight_decay(lr=self.lr, wd=self.weight_decay))
