@@ -1,5 +1,6 @@
-"""Muon's ``convention=`` against the frameworks it names, on 2-D parameters only (the matrix
-part: optax and keras give every other leaf to AdamW, which uniopt's muon does not do).
+"""Muon's ``convention=`` against the frameworks it names: on 2-D parameters, and for optax
+also on trees with other leaves, which optax's muon (and ours with ``others="adamw"``, set by
+the convention) gives to AdamW; keras's AdamW branch is not compared.
 
 - ``"optax"``: against ``optax.contrib.muon`` under ``jax.jit`` in float64, 120 free-running
   steps, Nesterov and heavy ball, each compiled once.
@@ -101,6 +102,111 @@ def test_optax_convention_matches_optax_contrib_muon(jx: Any, nesterov: bool) ->
     # the convention is what makes it agree: torch's form is far off
     torch_form = uo.muon(lr, momentum=beta, eps=eps, weight_decay=wd, nesterov=nesterov)
     assert _worst(_ours(torch_form, params, noises[:5]), theirs[:5]) > 1e-4
+
+
+# optax gives every leaf that is not a matrix to its AdamW branch (NAdam-style with nesterov):
+# ours with others="adamw", which the convention sets
+MIXED = [(4, 6), (6, 3), (4,), ()]
+OPTAX_MIXED_CASES = {
+    "adaptive": (dict(adaptive=True), dict(adaptive=True)),
+    "adam_options": (dict(nesterov=False, weight_decay=0.05, adam_b1=0.8, adam_b2=0.95,
+                          adam_eps_root=1e-3, adam_weight_decay=0.1, adam_learning_rate=0.01),
+                     dict(nesterov=False, weight_decay=0.05, adam_betas=(0.8, 0.95),
+                          adam_eps_root=1e-3, adam_weight_decay=0.1, adam_lr=0.01)),
+    "scheduled": (dict(), dict()),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(OPTAX_MIXED_CASES))
+def test_optax_convention_on_a_mixed_tree(jx: Any, case: str) -> None:
+    """Matrices, a vector and a scalar, 120 steps against optax.contrib.muon (measured 1e-15:
+    these trajectories stay far below the bound the module docstring explains)."""
+    import optax
+
+    theirs_kw, ours_kw = OPTAX_MIXED_CASES[case]
+    lr: Any = 0.02
+    ours_lr: Any = 0.02
+    if case == "scheduled":
+        lr = optax.cosine_decay_schedule(0.02, STEPS, alpha=0.1)
+        ours_lr = uo.schedules.cosine(0.02, steps=STEPS, floor=0.002)
+    opt = optax.contrib.muon(lr, beta=0.8, eps=1e-2, **theirs_kw)
+    params, noises = _problem(11, MIXED)
+
+    def update(p: Any, s: Any, g: Any) -> Any:
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    theirs_p = {k: jx.numpy.asarray(v) for k, v in params.items()}
+    theirs = _run_jitted(jx, update, theirs_p, opt.init(theirs_p), noises)
+    ours = uo.muon(ours_lr, momentum=0.8, eps=1e-2, convention="optax", **ours_kw)
+    assert _worst(_ours(ours, params, noises), theirs) < 1e-12
+
+
+MATRIX_AXES_CASES = {
+    # optax's MuonDimensionNumbers -> ours; one spec for every leaf of two or more axes
+    "batch_first": ({"k": (2, 4, 6), "w": (3, 5), "b": (4,)}, (0, -1), {}),
+    "merged_rows": ({"k": (3, 4, 5), "j": (2, 2, 6)}, ((0, 1), 2), dict(adaptive=True)),
+    "swapped": ({"k": (5, 2, 3)}, (2, 0), dict(weight_decay=0.1)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(MATRIX_AXES_CASES))
+def test_optax_matrix_axes(jx: Any, case: str) -> None:
+    """``matrix_axes`` against ``muon_weight_dimension_numbers`` (batch axes, several
+    reduction axes, output before reduction), 120 steps, then 5 steps on torch tensors."""
+    import optax
+    from optax.contrib import MuonDimensionNumbers
+
+    shapes, axes, kw = MATRIX_AXES_CASES[case]
+    spec = MuonDimensionNumbers(*axes)
+    dims = {k: spec if len(s) >= 2 else None for k, s in shapes.items()}
+    opt = optax.contrib.muon(0.02, beta=0.8, eps=1e-2, muon_weight_dimension_numbers=dims, **kw)
+    params, noises = _problem(12, list(shapes.values()))
+    params = dict(zip(shapes, params.values(), strict=True))
+    noises = [dict(zip(shapes, n.values(), strict=True)) for n in noises]
+
+    def update(p: Any, s: Any, g: Any) -> Any:
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    theirs_p = {k: jx.numpy.asarray(v) for k, v in params.items()}
+    theirs = _run_jitted(jx, update, theirs_p, opt.init(theirs_p), noises)
+    ours = uo.muon(0.02, momentum=0.8, eps=1e-2, convention="optax", matrix_axes=axes, **kw)
+    path = _ours(ours, params, noises)
+    assert _worst(path, theirs) < 1e-12  # measured 3e-15
+    torch = pytest.importorskip("torch")
+    ps = {k: torch.tensor(v) for k, v in params.items()}
+    state = uo.setup(ours, ps)
+    for noise in noises[:5]:
+        g = {k: torch.tensor(v) for k, v in _grads({k: p.numpy() for k, p in ps.items()},
+                                                    noise).items()}
+        state, ps = uo.update(state, ps, g)
+    assert max(rel_diff(ps[k].numpy(), path[4][k]) for k in ps) < 1e-12
+
+
+def test_matrix_axes_errors() -> None:
+    with pytest.raises(ValueError, match="matrix_axes"):
+        uo.muon(matrix_axes=(0,))
+    with pytest.raises(ValueError, match="matrix_axes"):
+        uo.muon(matrix_axes=(0, (1.5,)))
+    with pytest.raises(ValueError, match="name an axis twice"):
+        uo.setup(uo.muon(matrix_axes=(0, -2)), {"w": np.ones((2, 3))})
+    with pytest.raises(ValueError, match="fewer than the 2"):
+        uo.setup(uo.muon(matrix_axes=(0, 1)), {"b": np.ones(3)})
+
+
+def test_others_error_and_adamw() -> None:
+    params = {"w": np.ones((2, 3)), "b": np.ones(3)}
+    with pytest.raises(ValueError, match="not a matrix"):
+        uo.setup(uo.muon(), params)
+    state = uo.setup(uo.muon(convention="optax"), params)
+    assert set(state.tree_states["partition"]) == {"muon", "adam"}
+    with pytest.raises(ValueError, match="others"):
+        uo.muon(others="adam")
+    with pytest.raises(ValueError, match="adam_lr"):
+        uo.muon(others="adamw", adam_lr=-1.0)
 
 
 def test_optax_defaults() -> None:

@@ -66,6 +66,14 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
+from .rules.preconditioned import (
+    merged_shape,
+    scale_by_lr_decay_after,
+    scale_by_shampoo,
+    scale_by_soap,
+    shampoo,
+    soap,
+)
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -149,6 +157,12 @@ __all__ = [
     "value_and_grad_from_state",
     "scale_by_zoom_linesearch",
     "scale_by_backtracking_linesearch",
+    "merged_shape",
+    "scale_by_lr_decay_after",
+    "scale_by_shampoo",
+    "scale_by_soap",
+    "shampoo",
+    "soap",
     "lookahead",
     "lookahead_sync",
     "minimize_step",

@@ -58,6 +58,10 @@ Kernel = Callable[..., tuple[Any, ...]]
 # (uniopt.interop.optax, imported by ``import uniopt``) registers it here.
 OPTAX_PROTOCOL: dict[str, Callable[..., Any]] = {}
 
+# The combinators a rule may be made of (``muon(others="adamw")`` is a partition of Muon and
+# AdamW): they run the engine, one layer up, so uniopt.combine registers them here by name.
+COMBINATORS: dict[str, Callable[..., Any]] = {}
+
 
 @dataclasses.dataclass(frozen=True)
 class Transform:

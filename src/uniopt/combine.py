@@ -25,7 +25,7 @@ import numpy as np
 import optree
 
 from . import backend
-from .base import Combinator, PerLeaf, Transform, chain, makes_step
+from .base import COMBINATORS, Combinator, PerLeaf, Transform, chain, makes_step
 from .engine import _as_new_array, member_step, setup, update, update_
 from .hyper import _traced
 from .state import State
@@ -557,3 +557,6 @@ class skip_nonfinite(_Wraps):
                  "total_notfinite": (tree["total_notfinite"] + (~ok)).astype(xp.int32),
                  "inner": _select(take, new_inner, inner)},
                 _where(take, out, _still(mode, ps, gs)))
+
+
+COMBINATORS["partition"] = partition

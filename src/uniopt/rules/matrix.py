@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Info, Kernel, PerLeaf, Rule, Transform
-from ..hyper import NONNEG, Interval, hyper
+from ..base import COMBINATORS, Elementwise, Info, Kernel, PerLeaf, Rule, Transform, chain
+from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper
 from ..moments import addmm, bias_correction, fma, frobenius, lerp
+from ..transforms.decay import weight_decay
+from ..transforms.scale import scale_by_lr
+from .adam import scale_by_adam
 
 # Keller Jordan's quintic: the slope at 0 is as large as keeps the iteration's fixed band
 # around 1 (singular values end in about [0.7, 1.2], not exactly 1)
@@ -155,11 +159,55 @@ def _check_ns_dtype(owner: str, dtype: Any) -> None:
                          f"dtype's name, got {dtype!r}")
 
 
-def _matrix_error(shape: tuple[int, ...]) -> str | None:
-    return None if len(shape) == 2 else (
-        "it is not a matrix (Muon orthogonalises 2-D updates; update other parameters with "
-        "another rule)"
-    )
+def _muon_or_adam(path: str, leaf: Any) -> str:
+    return "muon" if leaf.ndim == 2 else "adam"
+
+
+def _muon_or_adam_nd(path: str, leaf: Any) -> str:
+    return "muon" if leaf.ndim >= 2 else "adam"
+
+
+def _matrix_error(shape: tuple[int, ...], axes: Any = None) -> str | None:
+    if axes is None:
+        return None if len(shape) == 2 else (
+            "it is not a matrix (Muon orthogonalises 2-D updates; update other parameters with "
+            "another rule, or name their matrix_axes)"
+        )
+    if len(shape) < 2:
+        return f"it has {len(shape)} axes, fewer than the 2 of a matrix"
+    red, out = _axes(axes, len(shape))
+    if set(red) & set(out):
+        return f"its matrix_axes {axes} name an axis twice"
+    return None
+
+
+def _axes(axes: Any, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """optax's ``MuonDimensionNumbers`` normalised: (reduction axes, output axes), each a
+    tuple of axes counted from 0 (negative ones from the end)."""
+    return tuple(tuple(a % ndim for a in ((x,) if isinstance(x, int) else x))  # type: ignore[return-value]
+                 for x in axes)
+
+
+def _matrix_view(shape: tuple[int, ...], axes: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The permutation that puts a leaf's batch axes, then its reduction axes, then its output
+    axes in order, and the (batch, rows, cols) shape it is then reshaped to."""
+    red, out = _axes(axes, len(shape))
+    batch = tuple(sorted(set(range(len(shape))) - set(red) - set(out)))
+    size = lambda ax: math.prod(shape[a] for a in ax)  # noqa: E731
+    return (*batch, *red, *out), (size(batch), size(red), size(out))
+
+
+def _check_matrix_axes(owner: str, axes: Any) -> None:
+    def ok(x: Any) -> bool:
+        xs = (x,) if isinstance(x, int) else x
+        return (isinstance(xs, tuple) and len(xs) > 0
+                and all(isinstance(a, int) and not isinstance(a, bool) for a in xs))
+
+    if axes is not None and not (isinstance(axes, tuple) and len(axes) == 2
+                                 and all(ok(x) for x in axes)):
+        raise ValueError(f"{owner}: matrix_axes must be None (a 2-D leaf's rows and columns) or "
+                         f"(reduction axes, output axes), each an int or a tuple of ints, got "
+                         f"{axes!r}")
 
 
 @dataclass(frozen=True)
@@ -172,28 +220,52 @@ class orthogonalize(PerLeaf):
     Computed in the update's own dtype, or in ``ns_dtype`` (``"bfloat16"``: torch's Muon, whose
     matmuls then run at bfloat16 speed; torch and JAX arrays), each step's two matrix products
     with their sums rounded once on torch (:func:`uniopt.moments.addmm`), as torch's. Leaves of
-    one shape are orthogonalised together, one batched matmul chain."""
+    one shape are orthogonalised together, one batched matmul chain. ``adaptive`` (optax's):
+    the result scaled by the dual norm of the input, ``<u, O> O`` (``<.,.>`` the sum of the
+    elementwise products over the whole leaf, Bernstein and Newhouse, 2024). ``matrix_axes``
+    (optax's ``MuonDimensionNumbers``): ``(reduction axes, output axes)`` of a leaf of any
+    rank, each an int or a tuple; the leaf is seen as ``(batch, rows, cols)``, its other axes
+    the batch, each matrix orthogonalised on its own."""
 
     ns_coefficients: tuple[Any, Any, Any] = hyper(NS_COEFFICIENTS, Interval(None))
     eps: Any = hyper(1e-7, NONNEG)
     ns_steps: int = 5
     ns_dtype: str | None = None
     eps_form: str = "clamp"
+    adaptive: bool = False
+    matrix_axes: tuple[Any, Any] | None = None
     batched: ClassVar[bool] = True
 
     def check(self) -> None:
         _check_ns_steps(self.name, self.ns_steps)
         _check_ns_dtype(self.name, self.ns_dtype)
         _check_eps_form(self.name, self.eps_form)
+        _check_matrix_axes(self.name, self.matrix_axes)
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
-        return _matrix_error(shape)
+        return _matrix_error(shape, self.matrix_axes)
 
     def coeffs(self, step: Any) -> NewtonSchulz:
         a, b, c = self.ns_coefficients
         return NewtonSchulz(a=a, b=b, c=c, eps=self.eps)
 
     def apply(self, xp, c, p, u):
+        if self.matrix_axes is None:
+            x = self._orthogonalize(xp, c, u)
+        else:
+            # leaves stacked along axis 0; each leaf's matrices are (batch, rows, cols), all
+            # of the stack's in one (stack*batch, rows, cols) chain
+            perm, flat = _matrix_view(tuple(u.shape[1:]), self.matrix_axes)
+            order = (0, *[a + 1 for a in perm])
+            moved = xp.permute_dims(u, order)
+            x = self._orthogonalize(xp, c, xp.reshape(moved, (-1, *flat[1:])))
+            back = sorted(range(len(order)), key=lambda i: order[i])
+            x = xp.permute_dims(xp.reshape(x, moved.shape), tuple(back))
+        if self.adaptive:  # optax's dual-norm scaling, <u, O> O, over each whole leaf
+            x = xp.sum(u * x, axis=tuple(range(1, u.ndim)), keepdims=True) * x
+        return (x,)
+
+    def _orthogonalize(self, xp: Any, c: Any, u: Any) -> Any:
         wide = u.shape[-2] <= u.shape[-1]
         x = u if wide else xp.matrix_transpose(u)
         if self.ns_dtype is not None:
@@ -210,7 +282,7 @@ class orthogonalize(PerLeaf):
             gram = x @ xp.matrix_transpose(x)
             x = addmm(xp, c.a, x, 1.0, addmm(xp, c.b, gram, c.c, gram, gram), x)
         x = x if wide else xp.matrix_transpose(x)
-        return (x if x.dtype == u.dtype else xp.astype(x, u.dtype),)
+        return x if x.dtype == u.dtype else xp.astype(x, u.dtype)
 
 
 class MatrixStep(NamedTuple):
@@ -235,6 +307,7 @@ class scale_by_shape_lr(PerLeaf):
     lr: Any = hyper(1e-3, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
     adjust_lr_fn: str | None = None
+    matrix_axes: tuple[Any, Any] | None = None
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     # elementwise with a coefficient per shape: stacking its leaves would only copy them
@@ -242,15 +315,17 @@ class scale_by_shape_lr(PerLeaf):
 
     def check(self) -> None:
         _check_adjust_lr_fn(self.name, self.adjust_lr_fn)
+        _check_matrix_axes(self.name, self.matrix_axes)
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
-        return _matrix_error(shape)
+        return _matrix_error(shape, self.matrix_axes)
 
     def coeffs(self, step: Any) -> MatrixStep:
         return MatrixStep(lr=self.lr, lr_wd=self.lr * self.weight_decay)
 
     def leaf_coeffs(self, c: MatrixStep, shape: tuple[int, ...]) -> MatrixStep:
-        rows, cols = shape
+        rows, cols = shape if self.matrix_axes is None else _matrix_view(
+            shape, self.matrix_axes)[1][1:]
         if self.adjust_lr_fn == "match_rms_adamw":
             ratio = 0.2 * math.sqrt(max(rows, cols))
         elif self.adjust_lr_fn == "original_in_out":
@@ -290,6 +365,19 @@ class muon(Rule):
     - ``adjust_lr_fn``: ``"original"`` (or None) ``sqrt(max(1, A/B))`` (torch);
       ``"original_in_out"`` ``sqrt(max(1, B/A))`` (optax's width scaling of ``(in, out)`` kernels);
       ``"match_rms_adamw"`` ``0.2*sqrt(max(A, B))`` (torch's option; keras's ``rms_rate=0.2``).
+    - ``adaptive``: ``O`` scaled by ``<m, O>`` (the sum of the products of the
+      orthogonalised momentum ``m`` and ``O``), optax's option (:class:`orthogonalize`).
+    - ``others="error"``: a leaf that is not a matrix is an error (torch); ``"adamw"``:
+      optax's, each such leaf stepped by AdamW instead, ``p <- p - adam_lr*(A + adam_wd*p)``,
+      ``A`` Adam's direction with ``adam_betas``, ``eps``, ``adam_eps_root`` and (with
+      ``nesterov``) optax's NAdam-style ``m_hat``; ``adam_lr`` None is ``lr``. The rule is
+      then a :func:`uniopt.partition` of members ``"muon"`` and ``"adam"``.
+    - ``matrix_axes``: optax's ``MuonDimensionNumbers(reduction_axis, output_axis)`` for every
+      leaf Muon steps (None: a 2-D leaf's rows and columns); the other axes are a batch of
+      matrices (:class:`orthogonalize`), ``A`` and ``B`` the products of the reduction and
+      output axes' sizes. With ``others="adamw"``, every leaf of two or more axes goes to Muon
+      then (optax takes a tree of them; give leaves different ones with
+      :func:`uniopt.partition`).
     - ``ns_coefficients``, ``ns_steps``, ``eps``: the iteration's (optax ``ns_coeffs``, keras
       ``muon_a/b/c``); the decay is ``lr*weight_decay*p`` in all three, unadjusted by ``s``.
 
@@ -300,9 +388,11 @@ class muon(Rule):
     Conventions: ``"torch"`` (lr 1e-3, weight_decay 0.1, eps 1e-7 clamped); ``"optax"``,
     ``optax.contrib.muon`` on 2-D leaves (it gives the others to AdamW): eps 1e-8 added,
     weight_decay 0, bias-corrected momentum, ``original_in_out``; optax requires a learning
-    rate, ours keeps 1e-3 (its ``adaptive``, ``preconditioning`` other than ``"frobenius"``,
-    per-step ``"dion"`` coefficients, ``weight_decay_mask``, ``mu_dtype`` and
-    ``consistent_rms`` are not offered: ``consistent_rms=0.2`` is ``match_rms_adamw``);
+    rate, ours keeps 1e-3; it sets ``others="adamw"`` (below), as optax's ``muon`` does; its
+    ``preconditioning`` other than ``"frobenius"``, per-step ``"dion"`` coefficients,
+    ``weight_decay_mask`` and ``mu_dtype`` are not offered (a tree of
+    ``muon_weight_dimension_numbers`` is one ``matrix_axes`` per :func:`uniopt.partition`
+    member): ``consistent_rms=0.2`` is ``match_rms_adamw``;
     ``"keras"``, ``keras.optimizers.Muon`` on the matrices it gives Muon (it gives other
     variables, embeddings and ``exclude_layers`` to its AdamW, at ``lr*adam_lr_ratio``): lr
     1e-3, weight_decay 0.004, eps 1e-7 added (fixed in keras), sum momentum,
@@ -328,12 +418,19 @@ class muon(Rule):
     ns_dtype: str | None = None
     momentum_form: str = "ema"
     eps_form: str = "clamp"
+    adaptive: bool = False
+    others: str = "error"
+    adam_betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    adam_eps_root: Any = hyper(0.0, NONNEG)
+    adam_weight_decay: Any = hyper(0.0, NONNEG)
+    adam_lr: Any = None
+    matrix_axes: tuple[Any, Any] | None = None
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
         "torch": {},
         "optax": {"weight_decay": 0.0, "eps": 1e-8, "momentum_form": "ema_bias_corrected",
-                  "eps_form": "add", "adjust_lr_fn": "original_in_out"},
+                  "eps_form": "add", "adjust_lr_fn": "original_in_out", "others": "adamw"},
         "keras": {"weight_decay": 0.004, "momentum_form": "sum", "eps_form": "add",
                   "adjust_lr_fn": "match_rms_adamw"},
     }
@@ -348,6 +445,15 @@ class muon(Rule):
     )
 
     def parts(self) -> tuple[Transform, ...]:
+        if self.others == "adamw":
+            lr = self.lr if self.adam_lr is None else self.adam_lr
+            b1, b2 = self.adam_betas
+            adam = chain(scale_by_adam(b1=b1, b2=b2, eps=self.eps, eps_root=self.adam_eps_root,
+                                       nesterov=self.nesterov),
+                         weight_decay(wd=self.adam_weight_decay), scale_by_lr(lr=lr))
+            members = {"muon": dataclasses.replace(self, others="error"), "adam": adam}
+            labels = _muon_or_adam if self.matrix_axes is None else _muon_or_adam_nd
+            return (COMBINATORS["partition"](members, labels),)
         momentum: Transform
         if self.momentum_form == "ema_bias_corrected":
             momentum = ema_momentum_bias_corrected(momentum=self.momentum, nesterov=self.nesterov)
@@ -359,9 +465,10 @@ class muon(Rule):
             momentum,
             orthogonalize(ns_coefficients=self.ns_coefficients, eps=self.eps,
                           ns_steps=self.ns_steps, ns_dtype=self.ns_dtype,
-                          eps_form=self.eps_form),
+                          eps_form=self.eps_form, adaptive=self.adaptive,
+                          matrix_axes=self.matrix_axes),
             scale_by_shape_lr(lr=self.lr, weight_decay=self.weight_decay,
-                              adjust_lr_fn=self.adjust_lr_fn),
+                              adjust_lr_fn=self.adjust_lr_fn, matrix_axes=self.matrix_axes),
         )
 
     def check(self) -> None:
@@ -370,3 +477,12 @@ class muon(Rule):
         _check_ns_dtype(self.name, self.ns_dtype)
         _check_momentum_form(self.name, self.momentum_form)
         _check_eps_form(self.name, self.eps_form)
+        _check_matrix_axes(self.name, self.matrix_axes)
+        if self.others not in ("error", "adamw"):
+            raise ValueError(f"{self.name}: others must be 'error' or 'adamw', got "
+                             f"{self.others!r}")
+        lr = self.adam_lr
+        if lr is not None and not callable(lr) and not (
+                isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0):
+            raise ValueError(f"{self.name}: adam_lr must be None (lr), a non-negative number "
+                             f"or a schedule, got {lr!r}")
