@@ -55,6 +55,7 @@ from .rules.rmsprop import (
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
+from .rules.trust import fromage, lamb, lars, novograd, scale_by_fromage, scale_by_novograd
 from .state import State
 from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
 from .transforms.centralize import centralize
@@ -174,6 +175,13 @@ __all__ = [
     "update",
     "update_",
     "weight_decay",
+    # rules/trust.py
+    "fromage",
+    "lamb",
+    "lars",
+    "novograd",
+    "scale_by_fromage",
+    "scale_by_novograd",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402
