@@ -35,6 +35,7 @@ from .rules.adam_variants import (
     scale_by_nadam,
     scale_by_radam,
 )
+from .rules.adan import adan, proximal_weight_decay, scale_by_adan
 from .rules.asgd import asgd, scale_by_asgd
 from .rules.matrix import (
     ema_momentum,
@@ -54,6 +55,13 @@ from .rules.rmsprop import (
 )
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
+from .rules.sgd_variants import (
+    noisy_sgd,
+    optimistic_gradient_descent,
+    polyak_sgd,
+    scale_by_polyak,
+)
+from .rules.sm3 import scale_by_sm3, sm3
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .rules.trust import fromage, lamb, lars, novograd, scale_by_fromage, scale_by_novograd
 from .state import State
@@ -182,6 +190,16 @@ __all__ = [
     "novograd",
     "scale_by_fromage",
     "scale_by_novograd",
+    # rules/adan.py, rules/sm3.py, rules/sgd_variants.py
+    "adan",
+    "proximal_weight_decay",
+    "scale_by_adan",
+    "scale_by_sm3",
+    "sm3",
+    "noisy_sgd",
+    "optimistic_gradient_descent",
+    "polyak_sgd",
+    "scale_by_polyak",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402
