@@ -232,3 +232,102 @@ def test_polyak_sgd_under_jit_matches_numpy() -> None:
         jstate, jp = step(jstate, jp, {k: jnp.asarray(v) for k, v in g.items()}, loss)
     for k in params:
         assert rel_diff(np.asarray(jp[k]), params[k]) < 1e-12
+
+
+# --- rmsprop: every option of optax.rmsprop ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+def test_rmsprop_every_option_matches_optax(centered: bool, eps_in_sqrt: bool) -> None:
+    # each combination of momentum (none, heavy ball, Nesterov) and bias correction, with
+    # centered and eps_in_sqrt as parametrized: 24 runs, so 100 steps each (a wrong formula
+    # shows within a few); the random and scheduled runs below go 300
+    for momentum, nesterov, bias_correction in [(None, False, False), (None, False, True),
+                                                (0.8, False, False), (0.8, False, True),
+                                                (0.8, True, False), (0.8, True, True)]:
+        hp = dict(centered=centered, eps_in_sqrt=eps_in_sqrt, nesterov=nesterov,
+                  bias_correction=bias_correction, initial_scale=0.1)
+        ours = uo.rmsprop(0.02, alpha=0.85, eps=1e-3, momentum=momentum or 0.0, **hp,
+                          convention="optax")
+        theirs = optax.rmsprop(0.02, decay=0.85, eps=1e-3, momentum=momentum, **hp)
+        err = run(ours, theirs, 11, steps=100)
+        assert err < 1e-12, (momentum, nesterov, bias_correction, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rmsprop_random_and_scheduled_match_optax(seed: int) -> None:
+    rng = _random(10 + seed)
+    decay, eps, momentum = (float(rng.uniform(0.8, 0.99)), float(10 ** rng.uniform(-6, -2)),
+                            float(rng.uniform(0.5, 0.95)))
+    hp = dict(centered=bool(seed), nesterov=bool(seed), bias_correction=True,
+              initial_scale=float(rng.uniform(0, 1)))
+    lr, their_lr = _cosine(0.01) if seed else (0.01, 0.01)
+    err = run(uo.rmsprop(lr, alpha=decay, eps=eps, momentum=momentum, **hp, convention="optax"),
+              optax.rmsprop(their_lr, decay=decay, eps=eps, momentum=momentum, **hp), seed)
+    assert err < 1e-12, err
+
+
+def test_rmsprop_bias_correction_is_adam_without_momentum() -> None:
+    # optax's note: scale_by_rms(eps_in_sqrt=False, bias_correction=True) is Adam with b1 = 0
+    rng = np.random.default_rng(3)
+    p = [rng.normal(size=5)]
+    a = uo.setup(uo.rmsprop(0.01, alpha=0.9, bias_correction=True), p)
+    b = uo.setup(uo.adam(0.01, betas=(0.0, 0.9)), p)
+    pa, pb = p, p
+    for _ in range(20):
+        g = [rng.normal(size=5)]
+        a, pa = uo.update(a, pa, g)
+        b, pb = uo.update(b, pb, g)
+    assert rel_diff(pa[0], pb[0]) < 1e-14
+
+
+def test_rmsprop_nesterov_needs_momentum() -> None:
+    with pytest.raises(ValueError, match="nesterov=True requires momentum > 0"):
+        uo.rmsprop(nesterov=True)
+
+
+# --- rprop in optax's form ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rprop_optax_convention_matches_optax(seed: int) -> None:
+    rng = _random(20 + seed)
+    eta_minus, eta_plus = float(rng.uniform(0.2, 0.8)), float(rng.uniform(1.05, 1.5))
+    # seed 1: lr outside the step sizes, which optax keeps on the first step and torch clamps
+    lo, hi = (1e-6, 50.0) if seed == 0 else (0.01, 0.2)
+    lr = float(rng.uniform(1e-3, 0.1)) if seed == 0 else 0.5
+    ours = uo.rprop(lr, etas=(eta_minus, eta_plus), step_sizes=(lo, hi), convention="optax")
+    theirs = optax.rprop(lr, eta_minus=eta_minus, eta_plus=eta_plus, min_step_size=lo,
+                         max_step_size=hi)
+    assert run(ours, theirs, seed) < 1e-12
+
+
+def test_rprop_optax_update_is_one_step_stale() -> None:
+    # optax 0.2.8 hands out the previous update's step (optax pull request 1725): the first
+    # update is 0 and each later one is the step torch took one update earlier
+    g = [np.array([1.0]), np.array([1.0]), np.array([1.0]), np.array([-1.0]), np.array([1.0])]
+    moves = {}
+    for convention in ("torch", "optax"):
+        p = [np.array([0.0])]
+        state = uo.setup(uo.rprop(0.1, convention=convention), p)
+        out = []
+        for x in g:
+            state, new = uo.update(state, p, [x])
+            out.append(float(p[0][0] - new[0][0]))
+            p = new
+        moves[convention] = out
+    assert moves["torch"] == pytest.approx([0.1, 0.12, 0.144, 0.0, 0.072])
+    assert moves["optax"] == pytest.approx([0.0, 0.1, 0.12, 0.0, 0.0])
+
+
+def test_rprop_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="remember must be one of"):
+        uo.rprop(remember="grad")
+    with pytest.raises(ValueError, match="stale_update=True.*remember='step'"):
+        uo.rprop(stale_update=True)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        uo.rprop(convention="keras")

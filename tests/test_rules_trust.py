@@ -199,3 +199,33 @@ def test_torch_and_jax_match_numpy(rule: uo.Transform) -> None:
     for lib, p in runs.items():
         for k in params:
             assert rel_diff(p[k], runs["numpy"][k]) < 1e-12, (lib, k)
+
+
+def test_masks_take_a_function_of_the_params_and_a_prefix() -> None:
+    params = {"w": np.ones((2, 2)), "layer": {"b": np.ones(2), "c": np.ones(3)}}
+    grads = {"w": np.ones((2, 2)), "layer": {"b": np.ones(2), "c": np.ones(3)}}
+    by_fn = uo.lamb(0.1, weight_decay=0.5, mask=lambda p: {k: k == "w" for k in p})
+    by_prefix = uo.lamb(0.1, weight_decay=0.5, mask={"w": True, "layer": False})
+    a = uo.update(uo.setup(by_fn, params), params, grads)[1]
+    b = uo.update(uo.setup(by_prefix, params), params, grads)[1]
+    for k in ("w",):
+        assert np.array_equal(a[k], b[k])
+    assert np.array_equal(a["layer"]["b"], b["layer"]["b"])
+    with pytest.raises(ValueError, match="mask is not shaped like the params"):
+        uo.update(uo.setup(uo.lamb(0.1, weight_decay=0.5, mask=[True]), params), params, grads)
+
+
+def test_masked_lamb_and_lars_under_jit_match_numpy() -> None:
+    rng = np.random.default_rng(8)
+    params = {"w": rng.normal(size=(5, 3)), "b": rng.normal(size=4), "s": np.array(0.3)}
+    for rule in (uo.lamb(uo.schedules.cosine(0.05, steps=10), weight_decay=0.1, mask=MASK),
+                 uo.lars(0.1, weight_decay=0.1, weight_decay_mask=MASK, trust_ratio_mask=MASK)):
+        p, jp = dict(params), {k: jnp.asarray(v) for k, v in params.items()}
+        state, jstate = uo.setup(rule, p), uo.setup(rule, jp)
+        step = jax.jit(uo.update)
+        for _ in range(4):
+            g = {k: rng.normal(size=v.shape) for k, v in params.items()}
+            state, p = uo.update(state, p, g)
+            jstate, jp = step(jstate, jp, {k: jnp.asarray(v) for k, v in g.items()})
+        for k in params:
+            assert rel_diff(np.asarray(jp[k]), p[k]) < 1e-12, (rule.name, k)

@@ -75,6 +75,7 @@ from .transforms.clip import (
     clip_by_norm,
 )
 from .transforms.decay import decoupled_weight_decay, weight_decay
+from .transforms.mask import masked_block
 from .transforms.momentum import keras_trace, sutskever_trace, trace
 from .transforms.noise import add_noise
 from .transforms.plateau import reduce_on_plateau
@@ -190,6 +191,7 @@ __all__ = [
     "novograd",
     "scale_by_fromage",
     "scale_by_novograd",
+    "masked_block",
     # rules/adan.py, rules/sm3.py, rules/sgd_variants.py
     "adan",
     "proximal_weight_decay",

@@ -9,9 +9,9 @@ from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import bias_correction, ema_sq, lerp, select
 from ..transforms.decay import weight_decay
+from ..transforms.mask import frozen_mask, masked_by
 from ..transforms.scale import scale_by_lr
 from .adam import _choice
-from .trust import masked_by
 
 
 class AdanCoeffs(NamedTuple):
@@ -117,7 +117,8 @@ class adan(Rule):
       (the authors' default, ``pytorch_optimizer.Adan``); ``"decoupled"``,
       ``p <- p - lr*(r + weight_decay*p)`` (optax; pytorch_optimizer's
       ``weight_decouple=True``, ``p*(1 - lr*wd)`` first, is the same up to rounding).
-    - ``mask``: the leaves to decay, as :func:`uniopt.masked` takes them (optax's ``mask``).
+    - ``mask``: the leaves to decay, a tree of bools or a function of the params returning
+      one, as optax's ``mask`` (:class:`~uniopt.masked_block`).
     - ``eps_root``: eps inside the root, ``sqrt(n_hat + eps_root) + eps`` (optax's default is
       1e-8; the paper has none).
 
@@ -158,6 +159,7 @@ class adan(Rule):
     def check(self) -> None:
         _choice(self.name, "diff_weight", self.diff_weight, DIFF_WEIGHTS)
         _choice(self.name, "decay_form", self.decay_form, DECAY_FORMS)
+        object.__setattr__(self, "mask", frozen_mask(self.mask))
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_adan(b1=self.b1, b2=self.b2, b3=self.b3, eps=self.eps,

@@ -10,18 +10,10 @@ from ..base import Elementwise, Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import fma, select
 from ..transforms.decay import weight_decay
+from ..transforms.mask import frozen_mask, masked_by
 from ..transforms.momentum import check_nesterov, trace
 from ..transforms.scale import leaf_norm, scale_by_lr, scale_by_trust_ratio
-
-
-def masked_by(block: Transform, mask: Any) -> Transform:
-    """``block`` on the leaves ``mask`` selects (None or True: every leaf), the others passed
-    through: optax's ``masked`` / the ``mask=`` of its ``add_decayed_weights``."""
-    if mask is None or mask is True:
-        return block
-    from ..combine import masked  # the combinators run the engine: one layer up
-
-    return masked(block, mask)
+from .adam import scale_by_adam
 
 
 @dataclass(frozen=True)
@@ -34,9 +26,9 @@ class lamb(Rule):
     (:class:`~uniopt.scale_by_trust_ratio`, ratio 1 where either norm is 0);
     ``p <- p - lr*d``.
 
-    ``mask``: the leaves to decay, as :func:`uniopt.masked` takes it (globs over dotted paths,
-    a function of (path, leaf), or a tree of bools like the params; optax's callable takes the
-    params instead). optax requires ``learning_rate``; ``lr`` here defaults to 1e-3.
+    ``mask``: the leaves to decay, as optax takes it: a tree of bools like the params (or a
+    prefix of it), or a function of the params that returns one (:class:`~uniopt.masked_block`).
+    optax requires ``learning_rate``; ``lr`` here defaults to 1e-3.
     """
 
     lr: Any = hyper(1e-3, NONNEG)
@@ -57,9 +49,10 @@ class lamb(Rule):
         complex=False,
     )
 
-    def parts(self) -> tuple[Transform, ...]:
-        from .adam import scale_by_adam
+    def check(self) -> None:
+        object.__setattr__(self, "mask", frozen_mask(self.mask))
 
+    def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root)
         decay = ((masked_by(weight_decay(wd=self.weight_decay), self.mask),)
                  if self.on("weight_decay") else ())
@@ -77,9 +70,9 @@ class lars(Rule):
 
     The learning rate is applied before the momentum buffer, as optax does (Sutskever's form:
     under a schedule the buffer keeps the learning rate of the steps that made it). The masks
-    are as :func:`uniopt.masked` takes them (None or True: every leaf). ``nesterov`` needs
-    ``momentum > 0`` (optax allows it with 0, where it is plain SGD). optax requires
-    ``learning_rate``; ``lr`` here defaults to 1e-3.
+    are as optax takes them (:class:`~uniopt.masked_block`; None or True: every leaf).
+    ``nesterov`` needs ``momentum > 0`` (optax allows it with 0, where it is plain SGD).
+    optax requires ``learning_rate``; ``lr`` here defaults to 1e-3.
     """
 
     lr: Any = hyper(1e-3, NONNEG)
@@ -103,6 +96,8 @@ class lars(Rule):
 
     def check(self) -> None:
         check_nesterov(self.name, self.nesterov, self.momentum, 0.0)
+        for name in ("weight_decay_mask", "trust_ratio_mask"):
+            object.__setattr__(self, name, frozen_mask(getattr(self, name)))
 
     def parts(self) -> tuple[Transform, ...]:
         decay = ((masked_by(weight_decay(wd=self.weight_decay), self.weight_decay_mask),)
