@@ -152,7 +152,7 @@ class adan(Rule):
         family="adam",
         paper="Xie et al. (2022)",
         references=("optax.adan", "pytorch_optimizer.Adan"),
-        example={"lr": 0.02},
+        example={"lr": 0.05},
         complex=False,
     )
 

@@ -35,7 +35,10 @@ class noisy_sgd(Rule):
         family="sgd",
         paper="Neelakantan et al. (2015)",
         references=("optax.noisy_sgd",),
-        example={"lr": 0.01, "eta": 1e-6},
+        # no noise, so the array libraries (each with its own generator) agree; plain gradient
+        # descent needs a small lr and many steps through Rosenbrock's valley
+        example={"lr": 0.0019, "eta": 0.0},
+        budget=3000,
         complex=False,
     )
 
@@ -127,7 +130,7 @@ class polyak_sgd(Rule):
         family="sgd",
         paper="Loizou et al. (2021)",
         references=("optax.polyak_sgd",),
-        example={"max_learning_rate": 0.1},
+        example={"max_learning_rate": 0.1},  # stepped with value=loss
         complex=False,
     )
 
@@ -156,7 +159,8 @@ class optimistic_gradient_descent(Rule):
         family="sgd",
         paper="Mokhtari et al. (2019)",
         references=("optax.optimistic_gradient_descent",),
-        example={"lr": 0.01},
+        example={"lr": 0.0018, "beta": 0.05},
+        budget=3000,
     )
 
     def parts(self) -> tuple[Transform, ...]:

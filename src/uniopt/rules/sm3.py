@@ -77,7 +77,8 @@ class sm3(Rule):
         family="adaptive",
         paper="Anil et al. (2019)",
         references=("optax.sm3",),
-        example={"lr": 0.1},
+        example={"lr": 1.0, "momentum": 0.9},
+        budget=1000,
         complex=False,
     )
 

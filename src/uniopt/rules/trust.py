@@ -9,6 +9,7 @@ from typing import Any, ClassVar, NamedTuple
 from ..base import Elementwise, Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import fma, select
+from ..schedules import cosine
 from ..transforms.decay import weight_decay
 from ..transforms.mask import frozen_mask, masked_by
 from ..transforms.momentum import check_nesterov, trace
@@ -45,7 +46,9 @@ class lamb(Rule):
         family="trust",
         paper="You et al. (2020)",
         references=("optax.lamb",),
-        example={"lr": 0.05},
+        # a normalised step keeps its size near the optimum: the lr must decay to reach it
+        example={"lr": cosine(0.05, steps=1000)},
+        budget=1000,
         complex=False,
     )
 
@@ -222,7 +225,8 @@ class fromage(Rule):
         family="trust",
         paper="Bernstein et al. (2020)",
         references=("optax.fromage",),
-        example={"lr": 0.01},
+        example={"lr": 0.05},
+        budget=1000,
         complex=False,
     )
 
