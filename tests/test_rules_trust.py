@@ -229,3 +229,18 @@ def test_masked_lamb_and_lars_under_jit_match_numpy() -> None:
             jstate, jp = step(jstate, jp, {k: jnp.asarray(v) for k, v in g.items()})
         for k in params:
             assert rel_diff(np.asarray(jp[k]), p[k]) < 1e-12, (rule.name, k)
+
+
+def test_a_masked_rule_checkpoints(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    params = {"w": np.ones((2, 2)), "b": np.ones(2)}
+    grads = {"w": np.full((2, 2), 0.5), "b": np.full(2, -0.5)}
+    rule = uo.lars(0.1, weight_decay=0.1, weight_decay_mask={"w": True, "b": False},
+                   trust_ratio_mask={"w": False, "b": True})
+    state, params = uo.update(uo.setup(rule, params), params, grads)
+    uo.save(tmp_path / "s.safetensors", state)
+    loaded = uo.load(tmp_path / "s.safetensors", state)
+    assert loaded.rule == state.rule
+    a = uo.update(state, params, grads)[1]
+    b = uo.update(loaded, params, grads)[1]
+    for k in params:
+        assert np.array_equal(a[k], b[k])

@@ -34,6 +34,7 @@ import optree
 from . import backend, schedules
 from .base import Elementwise, PerLeaf, Transform, WholeTree, assemble, chain
 from .combine import _TreeSpec, by_path, partition
+from .transforms.mask import Mask
 from .engine import setup
 from .hyper import Complemented, DeviceNumber, HostFacts, _traced
 from .interop.optax import is_optax
@@ -168,7 +169,7 @@ class _Encode:
                     "items": [self(v, f"{at}.{k}") for k, v in zip(x._fields, x, strict=True)]}
         if is_optax(x) and not isinstance(x, type):
             return {"$": "optax", "type": type(x).__qualname__}
-        if isinstance(x, _TreeSpec):  # a tree of masks or labels: the tree itself
+        if isinstance(x, (_TreeSpec, Mask)):  # a tree of masks or labels: the tree itself
             return self(optree.tree_unflatten(x.treedef, list(x.leaves)), at)
         if isinstance(x, tuple) and not hasattr(x, "_fields"):
             return [self(v, f"{at}[{i}]") for i, v in enumerate(x)]
