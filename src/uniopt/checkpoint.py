@@ -34,11 +34,11 @@ import optree
 from . import backend, schedules
 from .base import Elementwise, PerLeaf, Transform, WholeTree, assemble, chain
 from .combine import _TreeSpec, by_path, partition
-from .transforms.mask import Mask
 from .engine import setup
 from .hyper import Complemented, DeviceNumber, HostFacts, _traced
 from .interop.optax import is_optax
 from .state import State
+from .transforms.mask import Mask
 from .tree import NAMESPACE, _adopt_jax_nodes, flatten, path_str
 
 FORMAT = "uniopt.checkpoint"
