@@ -55,6 +55,7 @@ from .rules.adam_variants import (
     scale_by_nadam,
     scale_by_radam,
 )
+from .rules.adan import adan, proximal_weight_decay, scale_by_adan
 from .rules.asgd import asgd, scale_by_asgd
 from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.madgrad import madgrad, scale_by_madgrad
@@ -84,10 +85,18 @@ from .rules.rmsprop import (
 )
 from .rules.rprop import rprop, scale_by_rprop
 from .rules.sgd import sgd
+from .rules.sgd_variants import (
+    noisy_sgd,
+    optimistic_gradient_descent,
+    polyak_sgd,
+    scale_by_polyak,
+)
 from .rules.sharpness import sam, sam_step
 from .rules.sign import lion, scale_by_lion, scale_by_signum, sign_sgd, signum
+from .rules.sm3 import scale_by_sm3, sm3
 from .rules.sophia import scale_by_sophia, sophia, sophia_hessian
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
+from .rules.trust import fromage, lamb, lars, novograd, scale_by_fromage, scale_by_novograd
 from .state import State
 from .transforms.average import averaged, ema, lookahead, lookahead_sync, polyak
 from .transforms.centralize import centralize
@@ -100,6 +109,7 @@ from .transforms.clip import (
 )
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
+from .transforms.mask import masked_block
 from .transforms.momentum import keras_trace, sutskever_trace, trace
 from .transforms.noise import add_noise
 from .transforms.plateau import reduce_on_plateau
@@ -248,6 +258,24 @@ __all__ = [
     "sophia",
     "sophia_hessian",
     "step_power",
+    # rules/trust.py
+    "fromage",
+    "lamb",
+    "lars",
+    "novograd",
+    "scale_by_fromage",
+    "scale_by_novograd",
+    "masked_block",
+    # rules/adan.py, rules/sm3.py, rules/sgd_variants.py
+    "adan",
+    "proximal_weight_decay",
+    "scale_by_adan",
+    "scale_by_sm3",
+    "sm3",
+    "noisy_sgd",
+    "optimistic_gradient_descent",
+    "polyak_sgd",
+    "scale_by_polyak",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402

@@ -38,6 +38,7 @@ from .engine import setup
 from .hyper import Complemented, DeviceNumber, HostFacts, _traced
 from .interop.optax import is_optax
 from .state import State
+from .transforms.mask import Mask
 from .tree import NAMESPACE, _adopt_jax_nodes, flatten, path_str
 
 FORMAT = "uniopt.checkpoint"
@@ -168,7 +169,7 @@ class _Encode:
                     "items": [self(v, f"{at}.{k}") for k, v in zip(x._fields, x, strict=True)]}
         if is_optax(x) and not isinstance(x, type):
             return {"$": "optax", "type": type(x).__qualname__}
-        if isinstance(x, _TreeSpec):  # a tree of masks or labels: the tree itself
+        if isinstance(x, (_TreeSpec, Mask)):  # a tree of masks or labels: the tree itself
             return self(optree.tree_unflatten(x.treedef, list(x.leaves)), at)
         if isinstance(x, tuple) and not hasattr(x, "_fields"):
             return [self(v, f"{at}[{i}]") for i, v in enumerate(x)]

@@ -147,6 +147,18 @@ FORMULAS: dict[str, dict[str, str]] = {
         "optax": "v2: p −= η_t·((α+β)·r_t − β·r_{t−1}); v1: u = −lr·r_t − o·(r_t − r_{t−1})",
         "flux": "OAdam: term = η·m̂/(√v̂+ε); Δ = 2·term − term_prev (term_prev starts at 0)",
     },
+    "adan": {
+        "paper": "d = g − g_prev; m = b₁m + (1−b₁)g; v = b₂v + (1−b₂)d; "
+                 "n = b₃n + (1−b₃)(g + b₂d)²; p = (p − lr·(m̂ + b₂v̂)/(√n̂ + ε))/(1 + lr·λ)",
+        "optax": "as the paper with (1−b₂) for b₂ in both (optax PR 1715); √(n̂ + eps_root) + ε; "
+                 "p −= lr·(… + λp)",
+    },
+    "rprop": {
+        "torch": "s = clamp(s·η₊ or s·η₋ by sign(g·g_prev); kept but clamped where 0); "
+                 "p −= s·sign(g), 0 where the sign flipped",
+        "optax": "s clamped only where it grew or shrank; p −= the previous update's step, 0 "
+                 "where the sign flips now (one update late, the first 0: optax PR 1725)",
+    },
 }
 
 # Hyperparameters a framework's own optimizer does not have: its rule always uses the value given

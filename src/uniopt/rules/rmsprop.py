@@ -7,9 +7,9 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper, static
-from ..moments import ema_sq, fma, lerp
+from ..moments import bias_correction, ema_sq, fma, lerp
 from ..transforms.decay import check_decay_form, decayed
-from ..transforms.momentum import check_momentum_form, sutskever_trace, trace
+from ..transforms.momentum import check_momentum_form, check_nesterov, sutskever_trace, trace
 from ..transforms.scale import scale_by_lr
 
 
@@ -18,32 +18,36 @@ class RmsCoeffs(NamedTuple):
     one_minus_alpha: Any
     eps: Any
     lr: Any
+    bc: Any  # 1 - alpha^t with bias_correction (optax's), else 1: v_hat = v/bc, exactly v at 1
 
 
 @dataclass(frozen=True)
 class scale_by_rms(Elementwise):
     """``v <- alpha*v + (1-alpha)*u^2``; ``u <- lr*u/(sqrt(v) + eps)`` (eps outside the root),
     ``lr`` the ``folded_lr`` (1: the direction alone) rounded in as torch's ``addcdiv``
-    does: ``(lr*u)/den``."""
+    does: ``(lr*u)/den``. ``bias_correction``: ``v`` (centered: and ``gbar``) divided by
+    ``1 - alpha^t`` first, as optax's ``bias_correction=True``."""
 
     alpha: Any = hyper(0.99, UNIT)
     eps: Any = hyper(1e-8, NONNEG)
     folded_lr: Any = hyper(1.0, NONNEG)
     initial_scale: float = static(0.0, NONNEG)  # where v starts (optax's initial_scale)
     eps_floor16: bool = False
+    bias_correction: bool = False
     slots: ClassVar[tuple[str, ...]] = ("square_avg",)
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (xp.full_like(p, self.initial_scale), *super().init_slots(p, xp)[1:])
 
     def coeffs(self, step: int) -> RmsCoeffs:
-        return RmsCoeffs(alpha=self.alpha, one_minus_alpha=self.one_minus("alpha"), eps=self.eps,
-                         lr=self.folded_lr)
+        c = self.one_minus("alpha")
+        return RmsCoeffs(alpha=self.alpha, one_minus_alpha=c, eps=self.eps, lr=self.folded_lr,
+                         bc=bias_correction(self.alpha, c, step) if self.bias_correction else 1.0)
 
     @staticmethod
     def kernel(xp, c, p, u, square_avg):
         square_avg = ema_sq(square_avg, u, c.alpha, c.one_minus_alpha)
-        return (c.lr * u) / (xp.sqrt(square_avg) + c.eps), square_avg
+        return (c.lr * u) / (xp.sqrt(square_avg / c.bc) + c.eps), square_avg
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class scale_by_centered_rms(scale_by_rms):
         square_avg = ema_sq(square_avg, u, c.alpha, c.one_minus_alpha)
         grad_avg = lerp(grad_avg, u, c.one_minus_alpha)
         # torch's square_avg.addcmul(grad_avg, grad_avg, value=-1): one fused multiply-add
-        den = xp.sqrt(fma(-grad_avg, grad_avg, square_avg)) + c.eps
+        mean = grad_avg / c.bc
+        den = xp.sqrt(fma(-mean, mean, square_avg / c.bc)) + c.eps
         return (c.lr * u) / den, square_avg, grad_avg
 
 
@@ -69,7 +74,7 @@ class scale_by_rms_in_sqrt(scale_by_rms):
     @staticmethod
     def kernel(xp, c, p, u, square_avg):
         square_avg = ema_sq(square_avg, u, c.alpha, c.one_minus_alpha)
-        return (c.lr * u) / xp.sqrt(square_avg + c.eps), square_avg
+        return (c.lr * u) / xp.sqrt(square_avg / c.bc + c.eps), square_avg
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,8 @@ class scale_by_centered_rms_in_sqrt(scale_by_centered_rms):
     def kernel(xp, c, p, u, square_avg, grad_avg):
         square_avg = ema_sq(square_avg, u, c.alpha, c.one_minus_alpha)
         grad_avg = lerp(grad_avg, u, c.one_minus_alpha)
-        den = xp.sqrt(fma(-grad_avg, grad_avg, square_avg) + c.eps)
+        mean = grad_avg / c.bc
+        den = xp.sqrt(fma(-mean, mean, square_avg / c.bc) + c.eps)
         return (c.lr * u) / den, square_avg, grad_avg
 
 
@@ -102,12 +108,17 @@ class rmsprop(Rule):
       ``scale_by_learning_rate``); ``"torch"``: ``b <- momentum*b + d``, ``p <- p - lr*b``.
       They differ under a schedule only.
     - ``initial_scale``: where ``v`` starts (optax's; 0 elsewhere).
+    - ``nesterov=True``: Nesterov momentum, ``d + momentum*b`` after the buffer (optax's
+      ``nesterov``; in the sutskever form ``lr*d + momentum*b``); needs ``momentum > 0``.
+    - ``bias_correction=True``: ``v`` (centered: and ``gbar``) divided by ``1 - alpha^t``
+      before the root (optax's ``bias_correction``; with ``initial_scale`` 0 and eps
+      outside the root, Adam with ``b1 = 0``).
     - ``decay_form="decoupled"``: keras's weight decay, ``p <- p - lr*weight_decay*p`` before
       the step, in place of torch's ``"l2"`` term.
 
     Conventions: ``"torch"`` (lr 1e-2, alpha 0.99, eps 1e-8); ``"optax"``, ``optax.rmsprop``:
     alpha 0.9, eps 1e-8, eps in the root, sutskever momentum; optax requires a learning rate,
-    ours keeps torch's 1e-2 (optax's ``nesterov`` and ``bias_correction`` are not offered);
+    ours keeps torch's 1e-2;
     ``"keras"``: lr 1e-3, alpha (keras's ``rho``) 0.9, eps 1e-7, eps in the root, sutskever
     momentum, decoupled decay; ``"flux"``, Optimisers.jl's ``RMSProp``: lr 1e-3, alpha 0.9,
     eps 1e-8 outside the root (it has no momentum; ``centered`` is its ``centred``).
@@ -122,6 +133,8 @@ class rmsprop(Rule):
     eps_in_sqrt: bool = False
     momentum_form: str = "torch"
     initial_scale: float = static(0.0, NONNEG)
+    nesterov: bool = False
+    bias_correction: bool = False
     decay_form: str = "l2"
     eps_floor16: bool = False
     convention: str = "torch"
@@ -153,6 +166,7 @@ class rmsprop(Rule):
     def check(self) -> None:
         check_momentum_form(self.name, self.momentum_form, ("torch", "sutskever"))
         check_decay_form(self.name, self.decay_form)
+        check_nesterov(self.name, self.nesterov, self.momentum, 0.0)
 
     def parts(self) -> tuple[Transform, ...]:
         rms = ((scale_by_centered_rms_in_sqrt if self.eps_in_sqrt else scale_by_centered_rms)
@@ -161,11 +175,14 @@ class rmsprop(Rule):
         steps: tuple[Transform, ...]
         if not self.on("momentum"):  # torch's p.addcdiv_(g, den, value=-lr)
             steps = (rms(alpha=self.alpha, eps=self.eps, folded_lr=self.lr,
-                         initial_scale=self.initial_scale, eps_floor16=self.eps_floor16),)
+                         initial_scale=self.initial_scale, eps_floor16=self.eps_floor16,
+                         bias_correction=self.bias_correction),)
         else:
             direction = rms(alpha=self.alpha, eps=self.eps, initial_scale=self.initial_scale,
-                            eps_floor16=self.eps_floor16)
-            steps = ((direction, sutskever_trace(lr=self.lr, momentum=self.momentum))
+                            eps_floor16=self.eps_floor16, bias_correction=self.bias_correction)
+            steps = ((direction, sutskever_trace(lr=self.lr, momentum=self.momentum,
+                                                 nesterov=self.nesterov))
                      if self.momentum_form == "sutskever" else
-                     (direction, trace(momentum=self.momentum), scale_by_lr(lr=self.lr)))
+                     (direction, trace(momentum=self.momentum, nesterov=self.nesterov),
+                      scale_by_lr(lr=self.lr)))
         return decayed(steps, self.lr, self.weight_decay, self.decay_form, self.on("weight_decay"))

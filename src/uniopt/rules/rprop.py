@@ -1,4 +1,4 @@
-"""Resilient backpropagation (Riedmiller & Braun, 1993) as torch.optim writes it."""
+"""Resilient backpropagation (Riedmiller & Braun, 1993) as torch.optim and optax write it."""
 
 from __future__ import annotations
 
@@ -16,9 +16,22 @@ class RpropCoeffs(NamedTuple):
     lo: Any  # step_sizes: the clamp of the step size
     hi: Any
     zero: Any
+    clamp_kept: Any  # clamp the step size where it is kept (the sign product is 0): torch
+    remember_step: Any  # the memory is the signed step (optax), not the gradient (torch)
+    stale: Any  # hand out the memory's step from before this update (optax 0.2.8)
 
 
-def _check(owner: str, etas: Any, step_sizes: Any) -> None:
+REMEMBER = ("gradient", "step")
+
+
+def _check(owner: str, etas: Any, step_sizes: Any, remember: Any = "gradient",
+           stale: bool = False) -> None:
+    if remember not in REMEMBER:
+        raise ValueError(f"{owner}: remember must be one of {', '.join(map(repr, REMEMBER))}, "
+                         f"got {remember!r}")
+    if stale and remember != "step":
+        raise ValueError(f"{owner}: stale_update=True hands out the remembered step: it needs "
+                         f"remember='step', got remember={remember!r}")
     if not any(map(callable, etas)) and not 0.0 < etas[0] < 1.0 < etas[1]:
         raise ValueError(f"{owner}: etas must satisfy 0 < etas[0] < 1 < etas[1], got {etas!r}")
     if not any(map(callable, step_sizes)) and step_sizes[0] > step_sizes[1]:
@@ -31,55 +44,103 @@ class scale_by_rprop(Elementwise):
     """Rprop's step: where ``u`` keeps the sign of ``prev``, the step size ``s`` grows by
     ``etas[1]``; where it flips, ``s`` shrinks by ``etas[0]`` and ``u`` counts as 0; ``s`` is
     clamped to ``step_sizes``; ``u <- sign(u)*s``; ``prev <- u`` (0 where it flipped).
-    ``s`` starts at ``lr`` (its value at step 0: later values change nothing, as in torch)."""
+    ``s`` starts at ``lr`` (its value at step 0: later values change nothing, as in torch).
+
+    ``clamp_kept=False``: where the sign product is 0 (the first update, a zero gradient)
+    ``s`` is kept as it is, not clamped (optax); ``remember="step"``: ``prev`` holds the
+    signed step ``sign(u)*s`` (0 where it flipped) instead of the gradient (optax); only the
+    sign of ``prev`` is read, so this differs only where a product underflows to 0.
+    ``stale_update=True`` (needs ``remember="step"``): the update handed out is the step
+    remembered from the previous update, 0 where the sign flips now, as optax 0.2.8's
+    ``scale_by_rprop`` emits it (its first update is 0)."""
 
     lr: Any = hyper(1e-2, NONNEG)
     etas: tuple[Any, Any] = hyper((0.5, 1.2), Interval(0.0, lo_open=True))
     step_sizes: tuple[Any, Any] = hyper((1e-6, 50), NONNEG)
+    clamp_kept: bool = True
+    remember: str = "gradient"
+    stale_update: bool = False
     slots: ClassVar[tuple[str, ...]] = ("prev", "step_size")
     makes_step: ClassVar[bool] = True
 
     def check(self) -> None:
-        _check(self.name, self.etas, self.step_sizes)
+        _check(self.name, self.etas, self.step_sizes, self.remember, self.stale_update)
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return xp.zeros_like(p), xp.full_like(p, resolve(self.lr, 0))
 
     def coeffs(self, step: int) -> RpropCoeffs:
         return RpropCoeffs(etaminus=self.etas[0], etaplus=self.etas[1], lo=self.step_sizes[0],
-                           hi=self.step_sizes[1], zero=0.0)
+                           hi=self.step_sizes[1], zero=0.0, clamp_kept=self.clamp_kept,
+                           remember_step=self.remember == "step", stale=self.stale_update)
 
     @staticmethod
     def kernel(xp, c, p, u, prev, step_size):
         agree = u * prev
         # agree == 0 keeps s (and a NaN makes it NaN, as torch's sign does)
+        kept = step_size + agree * c.zero
         s = select(xp, agree > 0, step_size * c.etaplus,
-                   select(xp, agree < 0, step_size * c.etaminus, step_size + agree * c.zero))
-        s = xp.minimum(xp.maximum(s, c.lo), c.hi)
+                   select(xp, agree < 0, step_size * c.etaminus, kept))
+        clamped = xp.minimum(xp.maximum(s, c.lo), c.hi)
+        s = select(xp, c.clamp_kept, clamped, select(xp, agree != 0, clamped, kept))
         g = select(xp, agree < 0, s * c.zero, u)
-        return select(xp, g > 0, s, select(xp, g < 0, -s, g * c.zero)), g, s
+        out = select(xp, g > 0, s, select(xp, g < 0, -s, g * c.zero))
+        late = select(xp, agree < 0, s * c.zero, prev)
+        return select(xp, c.stale, late, out), select(xp, c.remember_step, out, g), s
 
 
 @dataclass(frozen=True)
 class rprop(Rule):
     """Rprop (Riedmiller & Braun, 1993) as torch writes it: :class:`scale_by_rprop`, each
     element moving by its own step size against the sign of its gradient; ``lr`` is the initial
-    step size."""
+    step size.
+
+    Options (``convention=`` sets them):
+
+    - ``clamp_kept``: torch clamps the step size to ``step_sizes`` at every update, also where
+      the sign product is 0 (so the first step is ``lr`` clamped); ``False``: optax clamps
+      only a step size it grew or shrank, so the first step is ``lr`` itself, even outside
+      ``step_sizes``, and an element whose gradient is 0 keeps its step size unclamped.
+    - ``remember``: ``"gradient"`` (torch: the last gradient, 0 where the sign flipped) or
+      ``"step"`` (optax: the last signed step); only the sign is read, so they differ only
+      where the product of a tiny gradient and the memory underflows to 0.
+    - ``stale_update``: optax 0.2.8 hands out the step computed at the *previous* update
+      (zeroed where the gradient's sign flips now), not this update's, so its first update
+      is 0 and each later one lags a step: a slip, reported in optax pull request 1725
+      (open). Needs ``remember="step"``.
+
+    Conventions: ``"torch"``; ``"optax"`` (``optax.rprop(learning_rate, eta_minus, eta_plus,
+    min_step_size, max_step_size)`` is ``rprop(lr, etas=(eta_minus, eta_plus),
+    step_sizes=(min_step_size, max_step_size), convention="optax")``; the same defaults).
+    Otherwise they agree: a flip shrinks the step size and skips the element's update for that
+    step, and the next update sees no previous sign there.
+    """
 
     lr: Any = hyper(1e-2, NONNEG)
     etas: tuple[Any, Any] = hyper((0.5, 1.2), Interval(0.0, lo_open=True))
     step_sizes: tuple[Any, Any] = hyper((1e-6, 50), NONNEG)
+    clamp_kept: bool = True
+    remember: str = "gradient"
+    stale_update: bool = False
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {},
+        "optax": {"clamp_kept": False, "remember": "step", "stale_update": True},
+    }
 
     info: ClassVar[Info] = Info(
         family="sign",
         paper="Riedmiller & Braun (1993)",
-        references=("torch.optim.Rprop",),
+        references=("torch.optim.Rprop", "optax.rprop"),
         example={"lr": 0.001},
         budget=500,
     )
 
     def check(self) -> None:
-        _check(self.name, self.etas, self.step_sizes)
+        _check(self.name, self.etas, self.step_sizes, self.remember, self.stale_update)
 
     def parts(self) -> tuple[Transform, ...]:
-        return (scale_by_rprop(lr=self.lr, etas=self.etas, step_sizes=self.step_sizes),)
+        return (scale_by_rprop(lr=self.lr, etas=self.etas, step_sizes=self.step_sizes,
+                               clamp_kept=self.clamp_kept, remember=self.remember,
+                               stale_update=self.stale_update),)
