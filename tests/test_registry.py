@@ -285,6 +285,8 @@ def test_array_libraries_agree(name: str, jx: Any) -> None:
         for k, v in params.items():
             assert rel_diff(back(v), ref[k]) <= e.rtol, (lib, k)
         for key, arrays in state.slots.items():
+            if key.rsplit(".", 1)[-1] in e.free_slots:
+                continue  # the solver's own choice: held through the params
             for a, b in zip(arrays, ref_state.slots[key], strict=True):
                 assert (a is None) == (b is None)
                 assert a is None or rel_diff(back(a), b) <= e.rtol, (lib, key)

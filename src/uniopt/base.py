@@ -608,7 +608,10 @@ class Info:
     computes something on the host from the step before, and refuses to be traced with a
     TypeError that says so). ``step_args``: the step's extra arguments the rule reads
     (``"value"``, the loss at params; ``"grad"``, its gradient; ``"value_fn"``, the objective,
-    returning ``(loss, grads)``), which a caller must pass to ``uo.update``.
+    returning ``(loss, grads)``), which a caller must pass to ``uo.update``. ``free_slots``:
+    slots that the rule's solver fixes only up to a choice of its own (an eigenbasis's signs:
+    LAPACK, torch and XLA choose differently), compared across libraries through the params
+    they produce, not entry by entry.
     """
 
     family: str
@@ -622,6 +625,7 @@ class Info:
     rtol: float = 1e-12
     jit: bool = True
     step_args: tuple[str, ...] = ()
+    free_slots: tuple[str, ...] = ()
 
 
 class _WithConventions(type):
