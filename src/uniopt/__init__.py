@@ -53,6 +53,13 @@ from .rules.rmsprop import (
     scale_by_rms_in_sqrt,
 )
 from .rules.rprop import rprop, scale_by_rprop
+from .rules.schedule_free import (
+    scale_by_bias_corrected_rms,
+    scale_by_schedule_free,
+    schedule_free_adamw,
+    schedule_free_eval,
+    schedule_free_sgd,
+)
 from .rules.sgd import sgd
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .state import State
@@ -162,6 +169,11 @@ __all__ = [
     "sgd",
     "sum_momentum",
     "sign",
+    "scale_by_bias_corrected_rms",
+    "scale_by_schedule_free",
+    "schedule_free_adamw",
+    "schedule_free_eval",
+    "schedule_free_sgd",
     "scale_by_sparse_adam",
     "sparse_adam",
     "sutskever_trace",

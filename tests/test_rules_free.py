@@ -1,0 +1,288 @@
+"""Schedule-free and parameter-free rules against their authors' code and optax.contrib.
+
+The torch references (Meta's ``schedulefree``, the authors' ``prodigyopt``) run on float64
+tensors; optax runs under ``jax.jit`` in x64; ours on NumPy (the reference path). Each side
+runs free, its gradients taken at its own parameters, so a wrong step shows in every later one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+torch = pytest.importorskip("torch")
+jnp = jax.numpy
+
+import uniopt as uo  # noqa: E402
+from helpers import jitted_optax_step, rel_diff  # noqa: E402
+
+SHAPES = {"a": (5, 3), "b": (4,), "c": ()}
+KEYS = sorted(SHAPES)
+STEPS = 300
+TOL = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _x64():  # type: ignore[no-untyped-def]
+    with jax.enable_x64(True):
+        yield
+
+
+def _grad(x: Any, noise: np.ndarray) -> Any:
+    return np.tanh(x) * 0.5 + noise
+
+
+def _run(ours: uo.Transform, steps: int = STEPS, seed: int = 0, *,
+         torch_opt: Callable[[list[Any]], Any] | None = None, tx: Any = None,
+         check: Callable[[uo.State, dict[str, Any], Any, Any], None] | None = None,
+         ) -> tuple[float, float]:
+    """Largest relative difference of the params from the torch reference and from optax."""
+    rng = np.random.default_rng(seed)
+    params = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    state = uo.setup(ours, params)
+    tp = [torch.tensor(params[k], dtype=torch.float64, requires_grad=True) for k in KEYS]
+    topt = torch_opt(tp) if torch_opt else None
+    if topt is not None and hasattr(topt, "train"):
+        topt.train()
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    js = tx.init(jp) if tx is not None else None
+    jstep = jitted_optax_step(tx) if tx is not None else None
+    worst_t = worst_j = 0.0
+    for _ in range(steps):
+        noise = {k: 0.1 * rng.standard_normal(s) for k, s in SHAPES.items()}
+        state, params = uo.update(state, params, {k: _grad(params[k], noise[k]) for k in KEYS})
+        if topt is not None:
+            for t, k in zip(tp, KEYS, strict=True):
+                t.grad = torch.as_tensor(np.asarray(_grad(t.detach().numpy(), noise[k])))
+            topt.step()
+            worst_t = max(worst_t, *(rel_diff(params[k], t.detach().numpy())
+                                     for t, k in zip(tp, KEYS, strict=True)))
+        if jstep is not None:
+            jp, js = jstep(jp, js, {k: _grad(jp[k], noise[k]) for k in KEYS})
+            worst_j = max(worst_j, *(rel_diff(params[k], jp[k]) for k in KEYS))
+    if check is not None:
+        check(state, params, topt if topt is not None else tp, js)
+    return worst_t, worst_j
+
+
+# --- schedule-free -------------------------------------------------------------------------------
+
+
+def _sf_torch(kind: str, reference: bool = True) -> Any:
+    import schedulefree
+    from schedulefree.adamw_schedulefree_reference import AdamWScheduleFreeReference
+    from schedulefree.sgd_schedulefree_reference import SGDScheduleFreeReference
+
+    if kind == "sgd":
+        return SGDScheduleFreeReference if reference else schedulefree.SGDScheduleFree
+    return AdamWScheduleFreeReference if reference else schedulefree.AdamWScheduleFree
+
+
+def _sf_hypers(kind: str, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    h: dict[str, Any] = {"lr": float(rng.uniform(0.05, 0.5) if kind == "sgd"
+                                     else rng.uniform(1e-3, 3e-2)),
+                         "weight_decay": float(rng.uniform(0, 0.05)),
+                         "warmup_steps": int(rng.integers(0, 30)),
+                         "r": float(rng.uniform(0, 1)),
+                         "weight_lr_power": float(rng.uniform(0, 3))}
+    beta = float(rng.uniform(0.5, 0.98))
+    if kind == "sgd":
+        h["momentum"] = beta
+    else:
+        h["betas"] = (beta, float(rng.uniform(0.9, 0.9999)))
+        h["eps"] = float(10 ** rng.uniform(-8, -4))
+    return h
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_schedule_free_matches_meta_reference(kind: str, seed: int) -> None:
+    h = _sf_hypers(kind, seed)
+    rule = uo.schedule_free_sgd if kind == "sgd" else uo.schedule_free_adamw
+
+    def eval_weights(state: uo.State, params: Any, topt: Any, js: Any) -> None:
+        # Meta's eval() puts x into the model; ours reads it from the state
+        ours = uo.schedule_free_eval(state, params)
+        topt.eval()
+        for k, t in zip(KEYS, topt.param_groups[0]["params"], strict=True):
+            assert rel_diff(ours[k], t.detach().numpy()) < TOL
+
+    worst, _ = _run(rule(**h), torch_opt=lambda p: _sf_torch(kind)(p, **h), check=eval_weights)
+    assert worst < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_schedule_free_matches_meta_fast_form(kind: str) -> None:
+    # SGDScheduleFree/AdamWScheduleFree keep y and z only (x eliminated), as ours do
+    h = _sf_hypers(kind, 7)
+    rule = uo.schedule_free_sgd if kind == "sgd" else uo.schedule_free_adamw
+    worst, _ = _run(rule(**h), torch_opt=lambda p: _sf_torch(kind, reference=False)(
+        p, **h, foreach=False))
+    assert worst < TOL
+
+
+def _sf_optax(kind: str, h: dict[str, Any], lr: Any) -> Any:
+    common = {"learning_rate": lr, "warmup_steps": h.get("warmup_steps") or None,
+              "weight_decay": h.get("weight_decay", 0.0),
+              "weight_lr_power": h["weight_lr_power"]}
+    if kind == "sgd":
+        return optax.contrib.schedule_free_sgd(b1=h["momentum"], **common)
+    return optax.contrib.schedule_free_adamw(b1=h["betas"][0], b2=h["betas"][1], eps=h["eps"],
+                                             **common)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_schedule_free_matches_optax(kind: str, seed: int) -> None:
+    h = _sf_hypers(kind, seed)
+    h.pop("r")  # optax has no polynomial weighting
+    # optax's warmup_constant_schedule computes in float32 even under x64: a learning rate and
+    # a warm-up length that float32 holds exactly (2**-k, t/8) keep the comparison in float64
+    h["lr"] = 2.0 ** -3 if kind == "sgd" else 2.0 ** -7
+    h["warmup_steps"] = 8 * seed
+    rule = uo.schedule_free_sgd if kind == "sgd" else uo.schedule_free_adamw
+
+    def eval_weights(state: uo.State, params: Any, topt: Any, js: Any) -> None:
+        ours = uo.schedule_free_eval(state, params)
+        theirs = optax.contrib.schedule_free_eval_params(
+            js, {k: jnp.asarray(v) for k, v in params.items()})
+        for k in KEYS:
+            assert rel_diff(ours[k], theirs[k]) < TOL
+
+    _, worst = _run(rule(**h, convention="optax"), tx=_sf_optax(kind, h, h["lr"]),
+                    check=eval_weights)
+    assert worst < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_schedule_free_scheduled_lr_matches_optax(kind: str) -> None:
+    h = _sf_hypers(kind, 3)
+    h.pop("r")
+    h["warmup_steps"] = 0
+    peak = 0.2 if kind == "sgd" else 0.01
+    ours = uo.schedules.cosine(peak, steps=STEPS, floor=0.1 * peak)
+    theirs = optax.cosine_decay_schedule(peak, STEPS, alpha=0.1)
+    rule = uo.schedule_free_sgd if kind == "sgd" else uo.schedule_free_adamw
+    _, worst = _run(rule(**{**h, "lr": ours}, convention="optax"),
+                    tx=_sf_optax(kind, h, theirs))
+    assert worst < TOL
+
+
+def test_schedule_free_conventions_differ_only_under_warmup() -> None:
+    # at a constant lr the two conventions are one rule; under warm-up optax's z step lags
+    h = _sf_hypers("sgd", 4)
+    h["warmup_steps"] = 0
+    a, b = (_run_np(uo.schedule_free_sgd(**h, convention=c), 20) for c in ("torch", "optax"))
+    assert max(rel_diff(a[k], b[k]) for k in KEYS) == 0.0
+    h["warmup_steps"] = 5
+    a, b = (_run_np(uo.schedule_free_sgd(**h, convention=c), 20) for c in ("torch", "optax"))
+    assert max(rel_diff(a[k], b[k]) for k in KEYS) > 1e-3
+
+
+def _run_np(rule: uo.Transform, steps: int, params: Any = None,
+            inplace: bool = False) -> dict[str, Any]:
+    rng = np.random.default_rng(5)
+    p = params if params is not None else {
+        k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    state = uo.setup(rule, p)
+    for _ in range(steps):
+        g = {k: _like(0.5 * np.asarray(p[k]) + rng.standard_normal(SHAPES[k]), p[k])
+             for k in KEYS}
+        if inplace:
+            state = uo.update_(state, p, g)
+        else:
+            state, p = uo.update(state, p, g)
+    return {k: np.asarray(v) for k, v in p.items()}
+
+
+def _like(x: np.ndarray, p: Any) -> Any:
+    if isinstance(p, torch.Tensor):
+        return torch.as_tensor(x)
+    return jnp.asarray(x) if isinstance(p, jax.Array) else x
+
+
+def test_schedule_free_eval_doc_example() -> None:
+    p = {"w": np.array([1.0])}
+    state = uo.setup(uo.schedule_free_sgd(lr=0.5, momentum=0.5), p)
+    for _ in range(2):
+        state, p = uo.update(state, p, {"w": np.array([1.0])})
+    # z: 1 -> 0.5 -> 0; x: 0.5, then the mean of the z's 0.25; y = (x + z)/2
+    assert p["w"][0] == 0.125
+    assert uo.schedule_free_eval(state, p)["w"][0] == 0.25
+
+
+def test_schedule_free_errors() -> None:
+    with pytest.raises(ValueError, match="momentum"):
+        uo.schedule_free_sgd(momentum=0.0)
+    with pytest.raises(ValueError, match="betas"):
+        uo.schedule_free_adamw(betas=(0.0, 0.999))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        uo.schedule_free_sgd(warmup_steps=-1)
+    with pytest.raises(ValueError, match="convention"):
+        uo.schedule_free_sgd(convention="keras")
+    with pytest.raises(ValueError, match="warm-up"):
+        uo.schedule_free_sgd(lr=uo.schedules.cosine(1.0, steps=10), warmup_steps=3,
+                             convention="optax")
+    state = uo.setup(uo.sgd(lr=0.1), {"w": np.zeros(2)})
+    with pytest.raises(ValueError, match="not a schedule-free rule"):
+        uo.schedule_free_eval(state, {"w": np.zeros(2)})
+    with pytest.raises(TypeError, match="State"):
+        uo.schedule_free_eval({"w": np.zeros(2)}, {"w": np.zeros(2)})
+
+
+# --- every rule of this file: backends, in place, jax.jit --------------------------------------
+
+RULES: dict[str, Callable[[], uo.Transform]] = {
+    "schedule_free_sgd": lambda: uo.schedule_free_sgd(lr=0.1, weight_decay=0.01,
+                                                      warmup_steps=3),
+    "schedule_free_adamw": lambda: uo.schedule_free_adamw(lr=0.01, weight_decay=0.01,
+                                                          warmup_steps=3),
+}
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_backends_and_inplace_agree(name: str) -> None:
+    rule = RULES[name]()
+    rng = np.random.default_rng(0)
+    p0 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    ref = _run_np(rule, 20, {k: v.copy() for k, v in p0.items()})
+    inplace = _run_np(rule, 20, {k: v.copy() for k, v in p0.items()}, inplace=True)
+    on_torch = _run_np(rule, 20, {k: torch.tensor(v) for k, v in p0.items()})
+    on_jax = _run_np(rule, 20, {k: jnp.asarray(v) for k, v in p0.items()})
+    for k in KEYS:
+        assert rel_diff(inplace[k], ref[k]) == 0.0
+        assert rel_diff(on_torch[k], ref[k]) < TOL
+        assert rel_diff(on_jax[k], ref[k]) < TOL
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_jit_compiles_once(name: str) -> None:
+    rule = RULES[name]()
+    p = {k: jnp.ones(s) for k, s in SHAPES.items()}
+    state = uo.setup(rule, p)
+    traces = 0
+
+    @jax.jit
+    def step(state: uo.State, p: Any, g: Any) -> Any:
+        nonlocal traces
+        traces += 1
+        return uo.update(state, p, g)
+
+    ref_state, ref = uo.setup(rule, p), p
+    for _ in range(5):
+        g = {k: 0.3 * v + 0.1 for k, v in p.items()}
+        state, p = step(state, p, g)
+        ref_state, ref = uo.update(ref_state, ref, {k: 0.3 * v + 0.1 for k, v in ref.items()})
+    assert traces == 1
+    for k in KEYS:
+        assert rel_diff(p[k], ref[k]) < TOL
