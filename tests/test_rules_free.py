@@ -240,6 +240,95 @@ def test_schedule_free_errors() -> None:
         uo.schedule_free_eval({"w": np.zeros(2)}, {"w": np.zeros(2)})
 
 
+# --- Prodigy, DoG -------------------------------------------------------------------------------
+
+
+def _prodigy_hypers(seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {"lr": float(rng.uniform(0.3, 1.0)),
+            "betas": (float(rng.uniform(0.5, 0.95)), float(rng.uniform(0.9, 0.9999))),
+            "eps": float(10 ** rng.uniform(-8, -5)), "d0": float(10 ** rng.uniform(-6, -3)),
+            "d_coef": float(rng.uniform(0.5, 2.0))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prodigy_matches_prodigyopt(seed: int) -> None:
+    import prodigyopt
+
+    h = _prodigy_hypers(seed)
+    extra = [{}, {"weight_decay": 0.02, "decouple": False, "safeguard_warmup": True,
+                  "growth_rate": 1.05}, {"use_bias_correction": True, "beta3": 0.99}][seed]
+    worst, _ = _run(uo.prodigy(**h, **extra),
+                    torch_opt=lambda p: prodigyopt.Prodigy(p, **h, **extra))
+    assert worst < TOL
+
+
+@pytest.mark.slow
+def test_prodigy_decoupled_decay_matches_prodigyopt() -> None:
+    import prodigyopt
+
+    h = {**_prodigy_hypers(3), "weight_decay": 0.01}
+    worst, _ = _run(uo.prodigy(**h), torch_opt=lambda p: prodigyopt.Prodigy(p, **h))
+    # prodigyopt writes p twice (p -= wd*dlr*p, then the step), we write p - u once: a one-ulp
+    # difference in p. Early on the steps are d0-sized (1e-6 of |p|), so p0 - p in the
+    # estimate's inner product carries a relative error of about 1e-10 from that ulp, and the
+    # estimate d feeds it into every later step. optax writes p + u once, as we do, and agrees
+    # to 1e-15 (test_prodigy_matches_optax); without the decay prodigyopt agrees to 1e-15.
+    assert worst < 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prodigy_matches_optax(seed: int) -> None:
+    h = _prodigy_hypers(seed)
+    wd = 0.01 * seed
+    tx = optax.contrib.prodigy(h["lr"], betas=h["betas"], eps=h["eps"], estim_lr0=h["d0"],
+                               estim_lr_coef=h["d_coef"], weight_decay=wd,
+                               safeguard_warmup=bool(seed))
+    _, worst = _run(uo.prodigy(**h, weight_decay=wd, safeguard_warmup=bool(seed),
+                               convention="optax"), tx=tx)
+    assert worst < TOL
+
+
+@pytest.mark.slow
+def test_prodigy_scheduled_lr_matches_optax() -> None:
+    h = _prodigy_hypers(4)
+    ours = uo.schedules.cosine(h["lr"], steps=STEPS, floor=0.1 * h["lr"])
+    theirs = optax.cosine_decay_schedule(h["lr"], STEPS, alpha=0.1)
+    tx = optax.contrib.prodigy(theirs, betas=h["betas"], eps=h["eps"], estim_lr0=h["d0"],
+                               estim_lr_coef=h["d_coef"])
+    _, worst = _run(uo.prodigy(**{**h, "lr": ours}, convention="optax"), tx=tx)
+    assert worst < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init_step", [("heuristic", 1e-4), ("distance", 1e-2),
+                                       ("learning_rate", 1e-2)])
+def test_dog_matches_optax(init_step: tuple[str, float]) -> None:
+    lr = uo.schedules.cosine(0.8, steps=STEPS) if init_step[0] == "distance" else 0.8
+    theirs = optax.cosine_decay_schedule(0.8, STEPS) if callable(lr) else lr
+    wd = 0.01 if init_step[0] == "learning_rate" else None
+    tx = optax.contrib.dog(theirs, init_step=init_step, weight_decay=wd)
+    _, worst = _run(uo.dog(lr=lr, init_step=init_step, weight_decay=wd or 0.0), tx=tx)
+    assert worst < TOL
+
+
+def test_parameter_free_errors() -> None:
+    with pytest.raises(ValueError, match="d0"):
+        uo.prodigy(d0=0.0)
+    with pytest.raises(ValueError, match="beta3"):
+        uo.prodigy(beta3=1.0)
+    with pytest.raises(ValueError, match="growth_rate"):
+        uo.prodigy(growth_rate=0.5)
+    with pytest.raises(ValueError, match="convention"):
+        uo.prodigy(convention="keras")
+    with pytest.raises(ValueError, match="init_step"):
+        uo.dog(init_step=("nope", 1.0))
+    with pytest.raises(ValueError, match="init_step"):
+        uo.dog(init_step=("distance", 0.0))
+
+
 # --- every rule of this file: backends, in place, jax.jit --------------------------------------
 
 RULES: dict[str, Callable[[], uo.Transform]] = {
@@ -247,6 +336,8 @@ RULES: dict[str, Callable[[], uo.Transform]] = {
                                                       warmup_steps=3),
     "schedule_free_adamw": lambda: uo.schedule_free_adamw(lr=0.01, weight_decay=0.01,
                                                           warmup_steps=3),
+    "prodigy": lambda: uo.prodigy(weight_decay=0.01, d0=1e-3, use_bias_correction=True),
+    "dog": lambda: uo.dog(lr=0.5, weight_decay=0.01),
 }
 
 

@@ -44,6 +44,7 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
+from .rules.parameter_free import dog, prodigy, scale_by_dog, scale_by_prodigy
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -170,6 +171,10 @@ __all__ = [
     "sum_momentum",
     "sign",
     "scale_by_bias_corrected_rms",
+    "dog",
+    "prodigy",
+    "scale_by_dog",
+    "scale_by_prodigy",
     "scale_by_schedule_free",
     "schedule_free_adamw",
     "schedule_free_eval",
