@@ -314,6 +314,43 @@ def test_dog_matches_optax(init_step: tuple[str, float]) -> None:
     assert worst < TOL
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dadapt_adamw_matches_optax(seed: int) -> None:
+    h = _prodigy_hypers(seed)
+    h.pop("d_coef")
+    wd = 0.01 * seed
+    lr = uo.schedules.cosine(h["lr"], steps=STEPS) if seed else h["lr"]
+    theirs = optax.cosine_decay_schedule(h["lr"], STEPS) if seed else h["lr"]
+    tx = optax.contrib.dadapt_adamw(theirs, betas=h["betas"], eps=h["eps"], estim_lr0=h["d0"],
+                                    weight_decay=wd)
+    _, worst = _run(uo.dadapt_adamw(**{**h, "lr": lr}, weight_decay=wd), tx=tx)
+    assert worst < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cocob_matches_optax(seed: int) -> None:
+    h = {} if seed == 0 else {"lr": 0.5, "alpha": 50.0, "eps": 1e-6, "weight_decay": 0.01}
+    tx = optax.contrib.cocob(**{{"lr": "learning_rate"}.get(k, k): v for k, v in h.items()})
+    _, worst = _run(uo.cocob(**h), tx=tx)
+    assert worst < TOL
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_cocob_compiled_loop_matches_reference() -> None:
+    from helpers import reference_path
+
+    rule = uo.cocob(lr=0.5, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    p0 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    fast = _run_np(rule, 20, {k: v.copy() for k, v in p0.items()}, inplace=True)
+    with reference_path():
+        ref = _run_np(rule, 20, {k: v.copy() for k, v in p0.items()}, inplace=True)
+    for k in KEYS:
+        assert rel_diff(fast[k], ref[k]) < TOL
+
+
 def test_parameter_free_errors() -> None:
     with pytest.raises(ValueError, match="d0"):
         uo.prodigy(d0=0.0)
@@ -327,6 +364,12 @@ def test_parameter_free_errors() -> None:
         uo.dog(init_step=("nope", 1.0))
     with pytest.raises(ValueError, match="init_step"):
         uo.dog(init_step=("distance", 0.0))
+    with pytest.raises(ValueError, match="d0"):
+        uo.dadapt_adamw(d0=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        uo.cocob(eps=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        uo.cocob(alpha=-1.0)
 
 
 # --- every rule of this file: backends, in place, jax.jit --------------------------------------
@@ -338,6 +381,8 @@ RULES: dict[str, Callable[[], uo.Transform]] = {
                                                           warmup_steps=3),
     "prodigy": lambda: uo.prodigy(weight_decay=0.01, d0=1e-3, use_bias_correction=True),
     "dog": lambda: uo.dog(lr=0.5, weight_decay=0.01),
+    "dadapt_adamw": lambda: uo.dadapt_adamw(weight_decay=0.01, d0=1e-3),
+    "cocob": lambda: uo.cocob(lr=0.5, weight_decay=0.01),
 }
 
 

@@ -44,7 +44,16 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
-from .rules.parameter_free import dog, prodigy, scale_by_dog, scale_by_prodigy
+from .rules.parameter_free import (
+    cocob,
+    dadapt_adamw,
+    dog,
+    prodigy,
+    scale_by_cocob,
+    scale_by_dadapt_adam,
+    scale_by_dog,
+    scale_by_prodigy,
+)
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -171,8 +180,12 @@ __all__ = [
     "sum_momentum",
     "sign",
     "scale_by_bias_corrected_rms",
+    "cocob",
+    "dadapt_adamw",
     "dog",
     "prodigy",
+    "scale_by_cocob",
+    "scale_by_dadapt_adam",
     "scale_by_dog",
     "scale_by_prodigy",
     "scale_by_schedule_free",

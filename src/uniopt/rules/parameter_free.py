@@ -1,9 +1,10 @@
-"""Parameter-free step sizes: Prodigy (Mishchenko & Defazio, 2023) and DoG (Ivgi et al., 2023).
+"""Parameter-free step sizes: Prodigy (Mishchenko & Defazio, 2023), D-Adaptation AdamW
+(Defazio & Mishchenko, 2023), DoG (Ivgi et al., 2023) and COCOB (Orabona & Tommasi, 2017).
 
-Each estimates its step size from sums over the whole tree (an inner product with the distance
-travelled, a sum of absolute values, a global norm), so its step is a whole-tree part whose
-tree state holds the per-leaf statistics and the global scalars; a coupled weight decay before
-it stays elementwise.
+Prodigy, D-Adaptation and DoG estimate their step size from sums over the whole tree (an inner
+product with the distance travelled, a sum of absolute values, a global norm), so each step is
+a whole-tree part whose tree state holds the per-leaf statistics and the global scalars; a
+coupled weight decay before it stays elementwise. COCOB bets per element: elementwise.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from .. import backend
-from ..base import Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host
+from ..base import Elementwise, Info, Rule, Transform, WholeTree
+from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host, static
 from ..transforms.decay import weight_decay
-from ..transforms.scale import scale_by_lr
+from ..transforms.scale import scale, scale_by_lr
 from ..tree import flatten, unflatten
 from .schedule_free import as_dtype, scalar_like
 
@@ -180,6 +181,7 @@ class prodigy(Rule):
         paper="Mishchenko & Defazio (2023)",
         references=("prodigyopt.Prodigy", "optax.contrib.prodigy"),
         example={"lr": 1.0, "d0": 1e-3},
+        budget=2000,
         complex=False,
     )
 
@@ -282,6 +284,7 @@ class dog(Rule):
         paper="Ivgi et al. (2023)",
         references=("optax.contrib.dog",),
         example={"lr": 1.0, "init_step": ("distance", 0.1)},
+        budget=3000,
         complex=False,
     )
 
@@ -300,3 +303,179 @@ class dog(Rule):
         kind, value = self.init_step
         return (*decay, scale_by_dog(eps=self.eps, start=kind, init_value=float(value)),
                 scale_by_lr(lr=self.lr))
+
+
+class DAdaptCoeffs(NamedTuple):
+    lr: Any
+    b1: Any
+    b2: Any
+    sqrt_b2: Any  # the weighting of s and the numerator
+    bc: Any  # sqrt(1 - b2^t)/(1 - b1^t)
+    eps: Any
+    wd: Any
+
+
+@dataclass(frozen=True)
+class scale_by_dadapt_adam(WholeTree):
+    """D-Adaptation's Adam step (Defazio & Mishchenko, 2023, Algorithm 4), as
+    ``optax.contrib.dadapt_adamw`` writes it, given the gradient ``g``:
+
+    ``dlr = d*lr*bc`` (``bc = sqrt(1 - b2^t)/(1 - b1^t)``);
+    ``num <- sqrt(b2)*num + (1 - sqrt(b2))*dlr*<g, s/(sqrt(v) + eps)>`` (the old ``s``, ``v``);
+    ``m <- b1*m + (1-b1)*dlr*g``; ``v <- b2*v + (1-b2)*g^2``;
+    ``s <- sqrt(b2)*s + (1 - sqrt(b2))*dlr*g``; ``d <- max(d, num/((1 - sqrt(b2))*sum|s|))``;
+    ``u = wd*dlr*p + m/(sqrt(v) + eps)``.
+
+    Tree state: ``exp_avg``, ``exp_avg_sq``, ``s`` (one array per leaf), ``d``,
+    ``d_numerator``."""
+
+    lr: Any = hyper(1.0, NONNEG)
+    betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    d0: float = 1e-6
+
+    uses_params: ClassVar[bool] = True
+    makes_step: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> DAdaptCoeffs:
+        b1, b2 = self.betas
+        t = step + 1.0
+        return DAdaptCoeffs(lr=self.lr, b1=b1, b2=b2, sqrt_b2=b2 ** 0.5,
+                            bc=(1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t), eps=self.eps,
+                            wd=self.weight_decay)
+
+    def init_tree(self, params: Any) -> dict[str, Any]:
+        leaves, _, _ = flatten(params)
+
+        def zeros() -> list[Any]:
+            return [backend.namespace(p).zeros_like(p) for p in leaves]
+
+        return {"exp_avg": zeros(), "exp_avg_sq": zeros(), "s": zeros(),
+                "d": scalar_like(leaves, self.d0), "d_numerator": scalar_like(leaves, 0.0)}
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        gs, treedef, _ = flatten(u)
+        ps, _, _ = flatten(params)
+        d = state["d"]
+        xp = backend.namespace(d)
+        dlr = d * c.lr * c.bc
+        rest = 1.0 - c.sqrt_b2
+        dots, ms, vs, ss, abs_sums = [], [], [], [], []
+        for g, m, v, s in zip(gs, state["exp_avg"], state["exp_avg_sq"], state["s"],
+                              strict=True):
+            dots.append(xp.sum(xp.astype(g * (s / (xp.sqrt(v) + c.eps)), d.dtype)))
+            ms.append(c.b1 * m + as_dtype((1.0 - c.b1) * dlr, g) * g)
+            vs.append(c.b2 * v + (1.0 - c.b2) * g * g)
+            s = c.sqrt_b2 * s + as_dtype(rest * dlr, g) * g
+            ss.append(s)
+            abs_sums.append(xp.sum(xp.astype(xp.abs(s), d.dtype)))
+        numerator = c.sqrt_b2 * state["d_numerator"] + rest * dlr * _total(dots)
+        new_d = xp.maximum(d, numerator / (rest * _total(abs_sums)))
+        out = [as_dtype(c.wd * dlr, p) * p + m / (xp.sqrt(v) + c.eps)
+               for p, m, v in zip(ps, ms, vs, strict=True)]
+        return unflatten(treedef, out), {"exp_avg": ms, "exp_avg_sq": vs, "s": ss, "d": new_d,
+                                         "d_numerator": numerator}
+
+
+@dataclass(frozen=True)
+class dadapt_adamw(Rule):
+    """D-Adaptation AdamW (Defazio & Mishchenko, 2023): Adam with the step size ``d*lr``,
+    ``d`` a lower bound on the distance to the solution that grows from ``d0``, and decay
+    decoupled (``p <- p - weight_decay*d*lr*bc*p``); see :class:`scale_by_dadapt_adam`.
+    ``optax.contrib.dadapt_adamw(learning_rate=lr, betas, eps, estim_lr0=d0,
+    weight_decay)``, to which it is held. Before any gradient the estimate divides 0 by 0
+    (NaN), as optax's does.
+    """
+
+    lr: Any = hyper(1.0, NONNEG)
+    betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    d0: float = 1e-6
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    info: ClassVar[Info] = Info(
+        family="parameter-free",
+        paper="Defazio & Mishchenko (2023)",
+        references=("optax.contrib.dadapt_adamw",),
+        example={"lr": 1.0, "d0": 1e-3},
+        budget=2000,
+        complex=False,
+    )
+
+    def check(self) -> None:
+        d0 = self.d0
+        if isinstance(d0, bool) or not isinstance(d0, (int, float)) or not 0 < d0 < math.inf:
+            raise ValueError(f"{self.name}: d0 must be a number > 0, got {d0!r}")
+
+    def parts(self) -> tuple[Transform, ...]:
+        return (scale_by_dadapt_adam(lr=self.lr, betas=self.betas, eps=self.eps,
+                                     weight_decay=self.weight_decay, d0=float(self.d0)),)
+
+
+class CocobCoeffs(NamedTuple):
+    alpha: Any
+    zero: Any
+
+
+@dataclass(frozen=True)
+class scale_by_cocob(Elementwise):
+    """COCOB-Backprop (Orabona & Tommasi, 2017, Algorithm 2), per element, for the gradient
+    ``g``: ``L <- max(L, |g|)``; ``G <- G + |g|``; ``R <- max(R - g*(p - p0), 0)``;
+    ``C <- C - g``; the new parameter is ``p0 + C/(L*max(G + L, alpha*L))*(L + R)``, so
+    ``u = p - that``. Slots (optax's names): ``init_particles`` (``p0``, the params at
+    set-up), ``cumulative_gradients``, ``scale`` (from ``eps``), ``subgradients``,
+    ``reward``."""
+
+    alpha: Any = hyper(100.0, NONNEG)
+    eps: float = static(1e-8, POSITIVE)
+    slots: ClassVar[tuple[str, ...]] = ("init_particles", "cumulative_gradients", "scale",
+                                        "subgradients", "reward")
+    uses_params: ClassVar[bool] = True
+
+    def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
+        return (backend.detached_copy(p), xp.zeros_like(p), xp.full_like(p, self.eps),
+                xp.zeros_like(p), xp.zeros_like(p))
+
+    def coeffs(self, step: Any) -> CocobCoeffs:
+        return CocobCoeffs(alpha=self.alpha, zero=0.0)
+
+    @staticmethod
+    def kernel(xp, c, p, u, init_particles, cumulative_gradients, scale, subgradients, reward):
+        size = xp.maximum(u, -u)  # |u|: the compiled loop's scalar namespace has no abs
+        scale = xp.maximum(scale, size)
+        subgradients = subgradients + size
+        reward = xp.maximum(reward - u * (p - init_particles), c.zero)
+        cumulative_gradients = cumulative_gradients - u
+        bet = cumulative_gradients / (scale * xp.maximum(subgradients + scale, c.alpha * scale))
+        new = init_particles + bet * (scale + reward)
+        return p - new, init_particles, cumulative_gradients, scale, subgradients, reward
+
+
+@dataclass(frozen=True)
+class cocob(Rule):
+    """COCOB-Backprop (Orabona & Tommasi, 2017): coin betting, no learning rate to tune
+    (:class:`scale_by_cocob`), after ``g <- lr*(g + weight_decay*p)``; ``lr`` (1: the paper's)
+    scales the gradient, as ``optax.contrib.cocob(learning_rate, alpha, eps, weight_decay)``
+    does, to which it is held."""
+
+    lr: Any = hyper(1.0, NONNEG)
+    alpha: Any = hyper(100.0, NONNEG)
+    eps: float = static(1e-8, POSITIVE)
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="parameter-free",
+        paper="Orabona & Tommasi (2017)",
+        references=("optax.contrib.cocob",),
+        example={"alpha": 100.0},
+        budget=3000,
+        complex=False,
+    )
+
+    def parts(self) -> tuple[Transform, ...]:
+        decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
+        return (*decay, scale(factor=self.lr), scale_by_cocob(alpha=self.alpha, eps=self.eps))

@@ -239,7 +239,8 @@ class schedule_free_sgd(Rule):
         paper="Defazio et al. (2024)",
         references=("schedulefree.SGDScheduleFreeReference", "schedulefree.SGDScheduleFree",
                     "optax.contrib.schedule_free_sgd"),
-        example={"lr": 0.05},
+        example={"lr": 5e-3},
+        budget=3000,  # the params hold y, which settles no faster than its average x
         complex=False,
     )
 
@@ -280,7 +281,8 @@ class schedule_free_adamw(Rule):
         paper="Defazio et al. (2024)",
         references=("schedulefree.AdamWScheduleFreeReference", "schedulefree.AdamWScheduleFree",
                     "optax.contrib.schedule_free_adamw"),
-        example={"lr": 0.05},
+        example={"lr": 0.05, "betas": (0.95, 0.999)},
+        budget=3000,
         complex=False,
     )
 
