@@ -337,6 +337,42 @@ def test_cocob_matches_optax(seed: int) -> None:
     assert worst < TOL
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mechanize_matches_optax(seed: int) -> None:
+    if seed == 0:
+        ours = uo.mechanize(uo.adam(lr=1e-2, convention="optax"))
+        tx = optax.contrib.mechanize(optax.adam(1e-2))
+    else:
+        ours = uo.mechanize(uo.sgd(lr=0.1, momentum=0.9), weight_decay=0.05, s_init=1e-4,
+                            num_betas=3)
+        tx = optax.contrib.mechanize(optax.sgd(0.1, momentum=0.9), weight_decay=0.05,
+                                     s_init=1e-4, num_betas=3)
+    _, worst = _run(ours, seed=seed, tx=tx)
+    # Mechanic rebuilds the sum of the rule's updates as (x0 - p)/sum(s), sum(s) starting at
+    # num_betas*s_init: one ulp of p becomes 1e-16/6e-6 of it, and the wealth recursion feeds
+    # that back. optax's mechanize against itself with p moved by one ulp after its first step
+    # differs by 5e-8 within 100 steps (measured); here the two sides differ by the order of
+    # their sums (numpy's pairwise vs XLA's) and adam's rounding, about 1e-12 after 300 steps
+    # with optax.adam (7e-13 with optax.adam itself as the member, via uo.from_optax).
+    assert worst < (1e-10 if seed == 0 else TOL)
+
+
+def test_mechanize_in_a_chain_and_adjust() -> None:
+    # inside a chain it hands on its updates; alone it writes the params: the same step
+    rule = uo.mechanize(uo.sgd(lr=0.1, momentum=0.9))
+    alone = _run_np(rule, 10)
+    chained = _run_np(uo.chain(uo.scale(1.0), rule), 10)
+    for k in KEYS:
+        assert rel_diff(chained[k], alone[k]) < TOL
+    state = uo.adjust(uo.setup(rule, {"w": np.zeros(2)}), **{"inner.lr": 0.5})
+    assert state.rule.flat_parts[0].rule.lr == 0.5
+    with pytest.raises(ValueError, match="num_betas"):
+        uo.mechanize(uo.sgd(lr=0.1), num_betas=0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        uo.mechanize(uo.sgd(lr=0.1), weight_decay=-1.0)
+
+
 @pytest.mark.usefixtures("small_steps_compiled")
 def test_cocob_compiled_loop_matches_reference() -> None:
     from helpers import reference_path
@@ -383,6 +419,7 @@ RULES: dict[str, Callable[[], uo.Transform]] = {
     "dog": lambda: uo.dog(lr=0.5, weight_decay=0.01),
     "dadapt_adamw": lambda: uo.dadapt_adamw(weight_decay=0.01, d0=1e-3),
     "cocob": lambda: uo.cocob(lr=0.5, weight_decay=0.01),
+    "mechanize": lambda: uo.mechanize(uo.adam(lr=1e-2)),
 }
 
 

@@ -12,7 +12,16 @@
 from . import checkpoint, conventions, registry, schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .checkpoint import CheckpointError, load, save
-from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
+from .combine import (
+    accumulate,
+    by_path,
+    freeze,
+    masked,
+    mechanize,
+    partition,
+    set_to_zero,
+    skip_nonfinite,
+)
 from .conventions import Translation, translate
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax, to_optax
@@ -181,6 +190,7 @@ __all__ = [
     "sign",
     "scale_by_bias_corrected_rms",
     "cocob",
+    "mechanize",
     "dadapt_adamw",
     "dog",
     "prodigy",
