@@ -315,6 +315,16 @@ def test_dog_matches_optax(init_step: tuple[str, float]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("start", [None, 0.05])
+def test_dowg_matches_optax(start: float | None) -> None:
+    wd = 0.01 if start else None
+    tx = optax.contrib.dowg(0.7, init_estim_sq_dist=start, eps=1e-5, weight_decay=wd)
+    _, worst = _run(uo.dowg(lr=0.7, init_estim_sq_dist=start, eps=1e-5,
+                            weight_decay=wd or 0.0), tx=tx)
+    assert worst < TOL
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dadapt_adamw_matches_optax(seed: int) -> None:
     h = _prodigy_hypers(seed)
@@ -402,6 +412,8 @@ def test_parameter_free_errors() -> None:
         uo.dog(init_step=("distance", 0.0))
     with pytest.raises(ValueError, match="d0"):
         uo.dadapt_adamw(d0=-1.0)
+    with pytest.raises(ValueError, match="init_estim_sq_dist"):
+        uo.dowg(init_estim_sq_dist=0.0)
     with pytest.raises(ValueError, match="eps"):
         uo.cocob(eps=0.0)
     with pytest.raises(ValueError, match="alpha"):
@@ -419,6 +431,7 @@ RULES: dict[str, Callable[[], uo.Transform]] = {
     "dog": lambda: uo.dog(lr=0.5, weight_decay=0.01),
     "dadapt_adamw": lambda: uo.dadapt_adamw(weight_decay=0.01, d0=1e-3),
     "cocob": lambda: uo.cocob(lr=0.5, weight_decay=0.01),
+    "dowg": lambda: uo.dowg(lr=0.5, weight_decay=0.01),
     "mechanize": lambda: uo.mechanize(uo.adam(lr=1e-2)),
 }
 

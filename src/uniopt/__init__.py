@@ -57,10 +57,12 @@ from .rules.parameter_free import (
     cocob,
     dadapt_adamw,
     dog,
+    dowg,
     prodigy,
     scale_by_cocob,
     scale_by_dadapt_adam,
     scale_by_dog,
+    scale_by_dowg,
     scale_by_prodigy,
 )
 from .rules.quasi_newton import lbfgs, lbfgs_step
@@ -193,7 +195,9 @@ __all__ = [
     "mechanize",
     "dadapt_adamw",
     "dog",
+    "dowg",
     "prodigy",
+    "scale_by_dowg",
     "scale_by_cocob",
     "scale_by_dadapt_adam",
     "scale_by_dog",

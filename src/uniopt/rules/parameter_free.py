@@ -399,7 +399,7 @@ class dadapt_adamw(Rule):
         family="parameter-free",
         paper="Defazio & Mishchenko (2023)",
         references=("optax.contrib.dadapt_adamw",),
-        example={"lr": 1.0, "d0": 1e-3},
+        example={"lr": 0.3, "d0": 1e-3},
         budget=2000,
         complex=False,
     )
@@ -479,3 +479,86 @@ class cocob(Rule):
     def parts(self) -> tuple[Transform, ...]:
         decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
         return (*decay, scale(factor=self.lr), scale_by_cocob(alpha=self.alpha, eps=self.eps))
+
+
+class DowgCoeffs(NamedTuple):
+    eps: Any
+
+
+@dataclass(frozen=True)
+class scale_by_dowg(WholeTree):
+    """DoWG's step size (Khaled, Mishchenko & Jin, 2023), as ``optax.contrib.scale_by_dowg``:
+    ``r2 <- max(r2, ||p - p0||^2)``; ``V <- V + r2*||g||^2``; ``u = r2/(sqrt(V) + eps)*g``.
+    Tree state: ``p0``, ``estim_sq_dist`` (from ``init_estim_sq_dist``),
+    ``weighted_sq_norm_grads``."""
+
+    eps: Any = hyper(1e-4, NONNEG)
+    init_estim_sq_dist: float | None = None  # None: eps
+
+    uses_params: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> DowgCoeffs:
+        return DowgCoeffs(eps=self.eps)
+
+    def init_tree(self, params: Any) -> dict[str, Any]:
+        leaves, _, _ = flatten(params)
+        r = self.init_estim_sq_dist
+        return {"p0": [backend.detached_copy(p) for p in leaves],
+                "estim_sq_dist": scalar_like(leaves, on_host(self.eps) if r is None else r),
+                "weighted_sq_norm_grads": scalar_like(leaves, 0.0)}
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        gs, treedef, _ = flatten(u)
+        ps, _, _ = flatten(params)
+        r2 = state["estim_sq_dist"]
+        xp = backend.namespace(r2)
+        r2 = xp.maximum(r2, _total([xp.sum(xp.astype((p0 - p) ** 2, r2.dtype))
+                                    for p0, p in zip(state["p0"], ps, strict=True)]))
+        total = state["weighted_sq_norm_grads"] + r2 * _total(
+            [xp.sum(xp.astype(g * g, r2.dtype)) for g in gs])
+        lr = r2 / (xp.sqrt(total) + c.eps)
+        return unflatten(treedef, [as_dtype(lr, g) * g for g in gs]), {
+            "p0": state["p0"], "estim_sq_dist": r2, "weighted_sq_norm_grads": total}
+
+
+@dataclass(frozen=True)
+class dowg(Rule):
+    """DoWG, "Distance over Weighted Gradients" (Khaled, Mishchenko & Jin, 2023): SGD with
+    the step size ``lr * r2_t/(sqrt(sum_s r2_s*||g_s||^2) + eps)``, ``r2_t`` the largest
+    squared distance from the start so far (:class:`scale_by_dowg`), after
+    ``g <- g + weight_decay*p``. ``init_estim_sq_dist`` (None: ``eps``) is where ``r2``
+    starts. Matches ``optax.contrib.dowg``."""
+
+    lr: Any = hyper(1.0, NONNEG)
+    init_estim_sq_dist: float | None = None
+    eps: Any = hyper(1e-4, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="parameter-free",
+        paper="Khaled, Mishchenko & Jin (2023)",
+        references=("optax.contrib.dowg",),
+        example={"lr": 1.0, "init_estim_sq_dist": 0.01},
+        budget=3000,
+        complex=False,
+    )
+
+    def check(self) -> None:
+        r = self.init_estim_sq_dist
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
+                              or not 0 < r < math.inf):
+            raise ValueError(f"{self.name}: init_estim_sq_dist must be None (eps) or a number "
+                             f"> 0, got {r!r}")
+        if r is None and callable(self.eps):
+            raise ValueError(f"{self.name}: init_estim_sq_dist=None starts at eps, which must "
+                             "then be a number, not a schedule")
+
+    def parts(self) -> tuple[Transform, ...]:
+        decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
+        r = self.init_estim_sq_dist
+        return (*decay, scale_by_dowg(eps=self.eps,
+                                      init_estim_sq_dist=None if r is None else float(r)),
+                scale_by_lr(lr=self.lr))
