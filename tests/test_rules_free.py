@@ -472,3 +472,24 @@ def test_jit_compiles_once(name: str) -> None:
     assert traces == 1
     for k in KEYS:
         assert rel_diff(p[k], ref[k]) < TOL
+
+
+def test_checkpoint_resumes_every_rule(tmp_path: Any) -> None:
+    # the whole-tree scalars stay 0-d arrays (a checkpoint keeps them as tensors) and every
+    # option is a finite number or None (prodigyopt's growth_rate=inf is stored as None)
+    assert uo.prodigy(growth_rate=float("inf")).growth_rate is None
+    for name, make in RULES.items():
+        rule = make()
+        rng = np.random.default_rng(1)
+        p = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+        state = uo.setup(rule, p)
+        for _ in range(3):
+            state, p = uo.update(state, p, {k: np.tanh(v) for k, v in p.items()})
+        uo.save(tmp_path / f"{name}.ckpt", state)
+        loaded = uo.load(tmp_path / f"{name}.ckpt", (rule, p))
+        a, b = dict(p), {k: v.copy() for k, v in p.items()}
+        for _ in range(3):
+            state, a = uo.update(state, a, {k: np.tanh(v) for k, v in a.items()})
+            loaded, b = uo.update(loaded, b, {k: np.tanh(v) for k, v in b.items()})
+        for k in KEYS:
+            assert rel_diff(a[k], b[k]) == 0.0, name

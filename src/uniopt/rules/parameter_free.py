@@ -19,7 +19,7 @@ from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host, static
 from ..transforms.decay import weight_decay
 from ..transforms.scale import scale, scale_by_lr
 from ..tree import flatten, unflatten
-from .schedule_free import as_dtype, scalar_like
+from .schedule_free import arrays, as_dtype, kept, scalar_like
 
 POSITIVE = Interval(0.0, None, lo_open=True)
 
@@ -52,9 +52,9 @@ class scale_by_prodigy(WholeTree):
     ``dlr = d*lr*bc``; ``m <- b1*m + d*(1-b1)*g``; ``v <- b2*v + d^2*(1-b2)*g^2``;
     ``s <- beta3*s + (d/d0)*dlr*g`` (``safeguard_warmup``: ``(d/d0)*d*g``);
     ``num <- beta3*num + (d/d0)*dlr*<g, p0 - p>``; ``d_hat = d_coef*num/sum|s|``;
-    ``d_max <- max(d_max, d_hat)``, ``d <- min(d_max, d*growth_rate)`` (the first raise:
-    ``max(d, d_hat)``); ``u = wd*dlr*p + dlr*m/(sqrt(v) + d*eps)`` with the new ``d`` in the
-    denominator (``b1 = 0``: ``dlr*d*g/(sqrt(v) + d*eps)``). Where ``sum|s|`` is 0 (no
+    ``d_max <- max(d_max, d_hat)``, ``d <- min(d_max, d*growth_rate)`` (None: ``d_max``; the
+    first raise: ``max(d, d_hat)``); ``u = wd*dlr*p + dlr*m/(sqrt(v) + d*eps)`` with the new
+    ``d`` in the denominator (``b1 = 0``: ``dlr*d*g/(sqrt(v) + d*eps)``). Where ``sum|s|`` is 0 (no
     gradient yet) ``d`` stays and the step is 0, as ``prodigyopt`` returns early.
 
     Tree state: ``exp_avg`` (absent where ``b1 = 0``), ``exp_avg_sq``, ``s``, ``p0`` (one array
@@ -68,7 +68,7 @@ class scale_by_prodigy(WholeTree):
     weight_decay: Any = hyper(0.0, NONNEG)
     d0: Any = hyper(1e-6, POSITIVE)
     d_coef: Any = hyper(1.0, NONNEG)
-    growth_rate: float = math.inf
+    growth_rate: float | None = None  # None: no limit
     use_bias_correction: bool = False
     safeguard_warmup: bool = False
 
@@ -123,7 +123,8 @@ class scale_by_prodigy(WholeTree):
         d_hat = c.d_coef * numerator / xp.where(moved, denominator, xp.ones_like(d))
         raised = xp.where(d == c.d0, xp.maximum(d, d_hat), d)
         new_max = xp.maximum(d_max, d_hat)
-        new_d = xp.minimum(new_max, raised * self.growth_rate)
+        new_d = new_max if self.growth_rate is None else xp.minimum(new_max,
+                                                                      raised * self.growth_rate)
         new_d, new_max = xp.where(moved, new_d, d), xp.where(moved, new_max, d_max)
         numerator = xp.where(moved, numerator, state["d_numerator"])
         step = xp.where(moved, dlr, xp.zeros_like(dlr))
@@ -132,9 +133,9 @@ class scale_by_prodigy(WholeTree):
             den = xp.sqrt(vs[i]) + as_dtype(new_d * c.eps, p)
             direction = ms[i] if first else as_dtype(new_d, g) * g
             out.append(as_dtype(step * c.wd, p) * p + as_dtype(step, p) * direction / den)
-        new = {"exp_avg": ms} if first else {}
-        new.update({"exp_avg_sq": vs, "s": ss, "p0": state["p0"], "d": new_d, "d_max": new_max,
-                    "d_numerator": numerator})
+        new = {"exp_avg": arrays(ms)} if first else {}
+        new.update({"exp_avg_sq": arrays(vs), "s": arrays(ss), "p0": state["p0"],
+                    "d": kept(xp, new_d, d), "d_max": kept(xp, new_max, d), "d_numerator": kept(xp, numerator, d)})
         return unflatten(treedef, out), new
 
 
@@ -146,7 +147,8 @@ class prodigy(Rule):
     Options, with ``prodigyopt.Prodigy``'s names and defaults: ``beta3`` (None:
     ``sqrt(betas[1])``), ``weight_decay`` with ``decouple=True`` (``p <- p - wd*dlr*p``) or
     ``False`` (``g <- g + wd*p``, an L2 term that reaches the estimate too),
-    ``use_bias_correction``, ``safeguard_warmup``, ``d0``, ``d_coef``, ``growth_rate``.
+    ``use_bias_correction``, ``safeguard_warmup``, ``d0``, ``d_coef``, ``growth_rate`` (None,
+    or prodigyopt's ``inf``: no limit).
     ``slice_p`` (estimating from every n-th element) and FSDP are not offered.
 
     Conventions:
@@ -169,7 +171,7 @@ class prodigy(Rule):
     safeguard_warmup: bool = False
     d0: Any = hyper(1e-6, POSITIVE)
     d_coef: Any = hyper(1.0, NONNEG)
-    growth_rate: float = math.inf
+    growth_rate: float | None = None
     convention: str = "torch"
 
     conventions: ClassVar[dict[str, dict[str, Any]]] = {
@@ -190,9 +192,13 @@ class prodigy(Rule):
             raise ValueError(f"{self.name}: beta3 must be None (sqrt(betas[1])) or a number in "
                              f"[0, 1), got {self.beta3!r}")
         g = self.growth_rate
+        if g is None:
+            return
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 1:
-            raise ValueError(f"{self.name}: growth_rate must be a number >= 1 (inf: no limit), "
-                             f"got {g!r}")
+            raise ValueError(f"{self.name}: growth_rate must be None (no limit) or a number "
+                             f">= 1, got {g!r}")
+        if g == math.inf:  # prodigyopt's default, as None: a checkpoint stores finite numbers
+            object.__setattr__(self, "growth_rate", None)
 
     def parts(self) -> tuple[Transform, ...]:
         coupled = self.on("weight_decay") and not self.decouple
@@ -234,7 +240,7 @@ class scale_by_dog(WholeTree):
         if self.start == "heuristic":
             xp = backend.namespace(r0)
             squares = _total([xp.sum(xp.astype(p * p, r0.dtype)) for p in leaves])
-            r0 = self.init_value * (1.0 + xp.sqrt(r0 + squares))
+            r0 = kept(xp, self.init_value * (1.0 + xp.sqrt(r0 + squares)), r0)
         return {"p0": [backend.detached_copy(p) for p in leaves], "max_dist": r0,
                 "sum_sq_norm_grads": scalar_like(leaves, 0.0), "first": scalar_like(leaves, 1.0)}
 
@@ -253,8 +259,8 @@ class scale_by_dog(WholeTree):
         if self.start == "learning_rate":
             lr = xp.where(state["first"] > 0, xp.asarray(c.first_lr, dtype=r.dtype), lr)
         out = [as_dtype(lr, g) * g for g in gs]
-        return unflatten(treedef, out), {"p0": state["p0"], "max_dist": r,
-                                         "sum_sq_norm_grads": total,
+        return unflatten(treedef, out), {"p0": state["p0"], "max_dist": kept(xp, r, r),
+                                         "sum_sq_norm_grads": kept(xp, total, r),
                                          "first": xp.zeros_like(state["first"])}
 
 
@@ -375,8 +381,10 @@ class scale_by_dadapt_adam(WholeTree):
         new_d = xp.maximum(d, numerator / (rest * _total(abs_sums)))
         out = [as_dtype(c.wd * dlr, p) * p + m / (xp.sqrt(v) + c.eps)
                for p, m, v in zip(ps, ms, vs, strict=True)]
-        return unflatten(treedef, out), {"exp_avg": ms, "exp_avg_sq": vs, "s": ss, "d": new_d,
-                                         "d_numerator": numerator}
+        return unflatten(treedef, out), {"exp_avg": arrays(ms),
+                                         "exp_avg_sq": arrays(vs), "s": arrays(ss),
+                                         "d": kept(xp, new_d, d),
+                                         "d_numerator": kept(xp, numerator, d)}
 
 
 @dataclass(frozen=True)
@@ -519,7 +527,8 @@ class scale_by_dowg(WholeTree):
             [xp.sum(xp.astype(g * g, r2.dtype)) for g in gs])
         lr = r2 / (xp.sqrt(total) + c.eps)
         return unflatten(treedef, [as_dtype(lr, g) * g for g in gs]), {
-            "p0": state["p0"], "estim_sq_dist": r2, "weighted_sq_norm_grads": total}
+            "p0": state["p0"], "estim_sq_dist": kept(xp, r2, r2),
+            "weighted_sq_norm_grads": kept(xp, total, r2)}
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,18 @@ def as_dtype(x: Any, like: Any) -> Any:
     return xp.astype(x, like.dtype) if x.dtype != like.dtype else x
 
 
+def kept(xp: Any, x: Any, like: Any) -> Any:
+    """A whole-tree scalar as its state keeps it: a 0-d array of ``like``'s dtype (NumPy's
+    arithmetic on 0-d arrays hands back NumPy scalars, which a checkpoint would store as
+    numbers)."""
+    return xp.asarray(x, dtype=like.dtype)
+
+
+def arrays(xs: list[Any]) -> list[Any]:
+    """Per-leaf state as arrays: NumPy's arithmetic on a 0-d leaf hands back a NumPy scalar."""
+    return [np.asarray(x) if isinstance(x, np.generic) else x for x in xs]
+
+
 def _ramp(step: Any, warmup: int) -> Any:
     """Meta's warm-up factor for the update numbered ``step + 1``: ``min((step + 1)/W, 1)``."""
     if warmup == 0:
@@ -140,7 +152,9 @@ class scale_by_schedule_free(WholeTree):
         for d, y, z in zip(ds, ys, state["z"], strict=True):
             out.append(as_dtype(ck, y) * (y - z) + as_dtype(step_scale, y) * d)
             zs.append(z - c.lr * d)
-        return unflatten(treedef, out), {"z": zs, "weight_sum": total, "lr_max": lr_max}
+        return unflatten(treedef, out), {"z": arrays(zs),
+                                         "weight_sum": kept(xp, total, lr_max),
+                                         "lr_max": kept(xp, lr_max, lr_max)}
 
 
 class RmsCoeffs(NamedTuple):
