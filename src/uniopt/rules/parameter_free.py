@@ -135,7 +135,8 @@ class scale_by_prodigy(WholeTree):
             out.append(as_dtype(step * c.wd, p) * p + as_dtype(step, p) * direction / den)
         new = {"exp_avg": arrays(ms)} if first else {}
         new.update({"exp_avg_sq": arrays(vs), "s": arrays(ss), "p0": state["p0"],
-                    "d": kept(xp, new_d, d), "d_max": kept(xp, new_max, d), "d_numerator": kept(xp, numerator, d)})
+                    "d": kept(xp, new_d, d), "d_max": kept(xp, new_max, d),
+                    "d_numerator": kept(xp, numerator, d)})
         return unflatten(treedef, out), new
 
 
