@@ -28,6 +28,7 @@ from . import backend
 from .base import Combinator, PerLeaf, Transform, chain, makes_step
 from .engine import _as_new_array, member_step, setup, update, update_
 from .hyper import _traced
+from .rules.schedule_free import scalar_like
 from .state import State
 from .tree import NAMESPACE, flatten, path_str, unflatten
 
@@ -559,18 +560,6 @@ class skip_nonfinite(_Wraps):
                 _where(take, out, _still(mode, ps, gs)))
 
 
-def _wide_scalars(leaves: list[Any], values: Any) -> Any:
-    """``values`` (a sequence of numbers) as a 1-d array of the leaves' library, device and
-    widest float dtype."""
-    import array_api_compat as aac
-
-    first = leaves[0] if leaves else np.zeros(0)
-    xp = backend.namespace(first)
-    reals = [xp.real(xp.zeros((), dtype=x.dtype)).dtype for x in leaves] or [xp.float64]
-    dtype = max(reals, key=lambda d: xp.finfo(d).bits)
-    return xp.asarray(list(values), dtype=dtype, device=aac.device(first))
-
-
 def _tree_sum(xp: Any, terms: list[Any], dtype: Any) -> Any:
     total = xp.zeros((), dtype=dtype)
     for t in terms:
@@ -625,9 +614,8 @@ class mechanize(_Wraps):
         n = self.num_betas
         return {"inner": setup(self.rule, params, state_dtype=state_dtype),
                 "x0": [backend.detached_copy(p) for p in leaves],
-                "m": _wide_scalars(leaves, [0.0] * n), "v": _wide_scalars(leaves, [0.0] * n),
-                "r": _wide_scalars(leaves, [0.0] * n),
-                "s": _wide_scalars(leaves, [self.s_init] * n)}
+                "m": scalar_like(leaves, [0.0] * n), "v": scalar_like(leaves, [0.0] * n),
+                "r": scalar_like(leaves, [0.0] * n), "s": scalar_like(leaves, [self.s_init] * n)}
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
               mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:

@@ -133,8 +133,9 @@ class scale_by_prodigy(WholeTree):
             den = xp.sqrt(vs[i]) + as_dtype(new_d * c.eps, p)
             direction = ms[i] if first else as_dtype(new_d, g) * g
             out.append(as_dtype(step * c.wd, p) * p + as_dtype(step, p) * direction / den)
-        new = {"exp_avg": arrays(ms)} if first else {}
-        new.update({"exp_avg_sq": arrays(vs), "s": arrays(ss), "p0": state["p0"],
+        new = {"exp_avg": arrays(ms, state["exp_avg"])} if first else {}
+        new.update({"exp_avg_sq": arrays(vs, state["exp_avg_sq"]), "s": arrays(ss, state["s"]),
+                    "p0": state["p0"],
                     "d": kept(xp, new_d, d), "d_max": kept(xp, new_max, d),
                     "d_numerator": kept(xp, numerator, d)})
         return unflatten(treedef, out), new
@@ -382,8 +383,9 @@ class scale_by_dadapt_adam(WholeTree):
         new_d = xp.maximum(d, numerator / (rest * _total(abs_sums)))
         out = [as_dtype(c.wd * dlr, p) * p + m / (xp.sqrt(v) + c.eps)
                for p, m, v in zip(ps, ms, vs, strict=True)]
-        return unflatten(treedef, out), {"exp_avg": arrays(ms),
-                                         "exp_avg_sq": arrays(vs), "s": arrays(ss),
+        return unflatten(treedef, out), {"exp_avg": arrays(ms, state["exp_avg"]),
+                                         "exp_avg_sq": arrays(vs, state["exp_avg_sq"]),
+                                         "s": arrays(ss, state["s"]),
                                          "d": kept(xp, new_d, d),
                                          "d_numerator": kept(xp, numerator, d)}
 

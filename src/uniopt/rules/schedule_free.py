@@ -30,12 +30,14 @@ OPEN_UNIT = Interval(0.0, 1.0, lo_open=True, hi_open=True)  # beta = 0 would div
 CONVENTIONS = ("torch", "optax")
 
 
-def scalar_like(leaves: list[Any], value: float) -> Any:
-    """``value`` as a 0-d array of the leaves' library, device and widest float dtype: the
-    whole-tree scalars (a weight sum, a step size estimate) of a state."""
+def scalar_like(leaves: list[Any], value: Any) -> Any:
+    """``value`` (a number, or a list of them) as an array of the leaves' library and device
+    in their widest float dtype, float32 at least: the whole-tree scalars of a state (a
+    weight sum, a step size estimate), which bfloat16 could not accumulate (a sum of 1e-6
+    steps stalls at 8 bits)."""
     first = leaves[0] if leaves else np.zeros(0)
     xp = backend.namespace(first)
-    reals = [xp.real(xp.zeros((), dtype=x.dtype)).dtype for x in leaves] or [xp.float64]
+    reals = [xp.real(xp.zeros((), dtype=x.dtype)).dtype for x in leaves] + [xp.float32]
     dtype = max(reals, key=lambda d: xp.finfo(d).bits)
     return xp.asarray(value, dtype=dtype, device=aac.device(first))
 
@@ -56,9 +58,15 @@ def kept(xp: Any, x: Any, like: Any) -> Any:
     return xp.asarray(x, dtype=like.dtype)
 
 
-def arrays(xs: list[Any]) -> list[Any]:
-    """Per-leaf state as arrays: NumPy's arithmetic on a 0-d leaf hands back a NumPy scalar."""
-    return [np.asarray(x) if isinstance(x, np.generic) else x for x in xs]
+def arrays(xs: list[Any], old: list[Any]) -> list[Any]:
+    """New per-leaf state as arrays in the dtypes of the ``old``: NumPy's arithmetic on a 0-d
+    leaf hands back a NumPy scalar, and a step computed in a wider ``state_dtype`` than the
+    state's would widen it (and recompile a jitted step)."""
+    out = []
+    for x, o in zip(xs, old, strict=True):
+        x = np.asarray(x) if isinstance(x, np.generic) else x
+        out.append(x if x.dtype == o.dtype else backend.namespace(o).astype(x, o.dtype))
+    return out
 
 
 def _ramp(step: Any, warmup: int) -> Any:
@@ -152,7 +160,7 @@ class scale_by_schedule_free(WholeTree):
         for d, y, z in zip(ds, ys, state["z"], strict=True):
             out.append(as_dtype(ck, y) * (y - z) + as_dtype(step_scale, y) * d)
             zs.append(z - c.lr * d)
-        return unflatten(treedef, out), {"z": arrays(zs),
+        return unflatten(treedef, out), {"z": arrays(zs, state["z"]),
                                          "weight_sum": kept(xp, total, lr_max),
                                          "lr_max": kept(xp, lr_max, lr_max)}
 
