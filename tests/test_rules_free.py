@@ -129,6 +129,16 @@ def test_schedule_free_matches_meta_fast_form(kind: str) -> None:
     assert worst < TOL
 
 
+@pytest.mark.slow
+def test_schedule_free_adamw_paper_matches_meta_paper_form() -> None:
+    from schedulefree import AdamWScheduleFreePaper
+
+    h = _sf_hypers("adamw", 8)
+    worst, _ = _run(uo.schedule_free_adamw(**h, convention="paper"),
+                    torch_opt=lambda p: AdamWScheduleFreePaper(p, **h, foreach=False))
+    assert worst < TOL
+
+
 def _sf_optax(kind: str, h: dict[str, Any], lr: Any) -> Any:
     common = {"learning_rate": lr, "warmup_steps": h.get("warmup_steps") or None,
               "weight_decay": h.get("weight_decay", 0.0),

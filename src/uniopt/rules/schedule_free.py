@@ -25,9 +25,9 @@ from ..moments import bias_correction, ema_sq
 from ..state import State
 from ..transforms.decay import weight_decay
 from ..tree import flatten, unflatten
+from .rmsprop import scale_by_rms
 
 OPEN_UNIT = Interval(0.0, 1.0, lo_open=True, hi_open=True)  # beta = 0 would divide by zero
-CONVENTIONS = ("torch", "optax")
 
 
 def scalar_like(leaves: list[Any], value: Any) -> Any:
@@ -109,7 +109,8 @@ class scale_by_schedule_free(WholeTree):
     0); ``y <- (1 - c)*y + c*z_old - lr*(1 - beta*(1 - c))*d``, which is
     ``x <- (1 - c)*x + c*z``, ``y = beta*x + (1 - beta)*z`` with ``x`` eliminated (the form of
     Meta's ``SGDScheduleFree``). ``lr`` and ``weight_lr`` are multiplied by the warm-up factor
-    ``min((t + 1 - lag)/warmup_steps, 1)`` and ``min((t + 1)/warmup_steps, 1)``.
+    ``min((t + 1 - lag)/warmup_steps, 1)`` and ``min((t + 1)/warmup_steps, 1)``, and both by
+    ``sqrt(1 - b2^t)`` (``b2 = 0``: 1; Meta's ``AdamWScheduleFreePaper``).
 
     The tree state: ``z`` (one array per leaf), ``weight_sum`` and ``lr_max`` (0-d, the widest
     float dtype of the params).
@@ -120,6 +121,7 @@ class scale_by_schedule_free(WholeTree):
     momentum: Any = hyper(0.9, OPEN_UNIT)
     r: Any = hyper(0.0, NONNEG)
     weight_lr_power: Any = hyper(2.0, NONNEG)
+    b2: Any = hyper(0.0, UNIT_OPEN)
     warmup_steps: int = 0
     lag: int = 0
 
@@ -133,9 +135,12 @@ class scale_by_schedule_free(WholeTree):
                 raise ValueError(f"{self.name}: {name} must be an integer >= 0, got {v!r}")
 
     def coeffs(self, step: Any) -> ScheduleFreeCoeffs:
+        # AdamWScheduleFreePaper folds Adam's sqrt(1 - b2^t) into the learning rate (b2 = 0:
+        # no factor, the other forms)
+        bc2 = bias_correction(self.b2, self.one_minus("b2"), step) ** 0.5
         return ScheduleFreeCoeffs(
-            lr=self.lr * _ramp(step - self.lag, self.warmup_steps),
-            weight_lr=self.weight_lr * _ramp(step, self.warmup_steps),
+            lr=self.lr * bc2 * _ramp(step - self.lag, self.warmup_steps),
+            weight_lr=self.weight_lr * bc2 * _ramp(step, self.warmup_steps),
             momentum=self.momentum, poly=(step + 1.0) ** self.r,
             weight_lr_power=self.weight_lr_power)
 
@@ -194,9 +199,9 @@ class scale_by_bias_corrected_rms(Elementwise):
 
 
 def _check_convention(rule: Any) -> None:
-    if rule.convention not in CONVENTIONS:
+    if rule.convention not in rule.conventions:
         raise ValueError(f"{rule.name}: convention must be one of "
-                         f"{', '.join(map(repr, CONVENTIONS))}, got {rule.convention!r}")
+                         f"{', '.join(map(repr, rule.conventions))}, got {rule.convention!r}")
     w = rule.warmup_steps
     if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0:
         raise ValueError(f"{rule.name}: warmup_steps must be an integer >= 0, got {w!r}")
@@ -207,11 +212,11 @@ def _check_convention(rule: Any) -> None:
                          "in the lr schedule instead")
 
 
-def _schedule_free(rule: Any, momentum: Any) -> scale_by_schedule_free:
+def _schedule_free(rule: Any, momentum: Any, b2: Any = 0.0) -> scale_by_schedule_free:
     optax = rule.convention == "optax"
     weight_lr = _next_step(rule.lr) if optax and callable(rule.lr) else rule.lr
     return scale_by_schedule_free(lr=rule.lr, weight_lr=weight_lr, momentum=momentum, r=rule.r,
-                                  weight_lr_power=rule.weight_lr_power,
+                                  weight_lr_power=rule.weight_lr_power, b2=b2,
                                   warmup_steps=rule.warmup_steps, lag=int(optax))
 
 
@@ -284,6 +289,11 @@ class schedule_free_adamw(Rule):
 
     Defaults are Meta's ``schedulefree.AdamWScheduleFree`` (lr 0.0025, betas (0.9, 0.999),
     eps 1e-8), the same as ``optax.contrib.schedule_free_adamw``'s.
+
+    ``convention="paper"``: Meta's ``AdamWScheduleFreePaper``, the form of the paper's
+    experiments (before schedulefree 1.3): ``d = g/(sqrt(v) + eps) + weight_decay*y`` (no
+    correction under the root) and ``lr_t`` times ``sqrt(1 - b2^t)``, in the ``z`` step, the
+    decay and the averaging weights alike.
     """
 
     lr: Any = hyper(0.0025, NONNEG)
@@ -295,13 +305,14 @@ class schedule_free_adamw(Rule):
     weight_lr_power: Any = hyper(2.0, NONNEG)
     convention: str = "torch"
 
-    conventions: ClassVar[dict[str, dict[str, Any]]] = {"torch": {}, "optax": {}}
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {"torch": {}, "optax": {}, "paper": {}}
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     info: ClassVar[Info] = Info(
         family="schedule-free",
         paper="Defazio et al. (2024)",
         references=("schedulefree.AdamWScheduleFreeReference", "schedulefree.AdamWScheduleFree",
+                    "schedulefree.AdamWScheduleFreePaper",
                     "optax.contrib.schedule_free_adamw"),
         example={"lr": 0.05, "betas": (0.95, 0.999)},
         budget=3000,
@@ -317,6 +328,9 @@ class schedule_free_adamw(Rule):
 
     def parts(self) -> tuple[Transform, ...]:
         decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
+        if self.convention == "paper":
+            return (scale_by_rms(alpha=self.betas[1], eps=self.eps), *decay,
+                    _schedule_free(self, self.betas[0], b2=self.betas[1]))
         return (scale_by_bias_corrected_rms(b2=self.betas[1], eps=self.eps), *decay,
                 _schedule_free(self, self.betas[0]))
 
