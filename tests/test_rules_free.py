@@ -102,7 +102,7 @@ def _sf_hypers(kind: str, seed: int) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_schedule_free_matches_meta_reference(kind: str, seed: int) -> None:
     h = _sf_hypers(kind, seed)
     rule = uo.schedule_free_sgd if kind == "sgd" else uo.schedule_free_adamw
@@ -313,10 +313,9 @@ def test_prodigy_scheduled_lr_matches_optax() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init_step", [("heuristic", 1e-4), ("distance", 1e-2),
-                                       ("learning_rate", 1e-2)])
+@pytest.mark.parametrize("init_step", [("heuristic", 1e-4), ("learning_rate", 1e-2)])
 def test_dog_matches_optax(init_step: tuple[str, float]) -> None:
-    lr = uo.schedules.cosine(0.8, steps=STEPS) if init_step[0] == "distance" else 0.8
+    lr = uo.schedules.cosine(0.8, steps=STEPS) if init_step[0] == "heuristic" else 0.8
     theirs = optax.cosine_decay_schedule(0.8, STEPS) if callable(lr) else lr
     wd = 0.01 if init_step[0] == "learning_rate" else None
     tx = optax.contrib.dog(theirs, init_step=init_step, weight_decay=wd)
@@ -325,12 +324,11 @@ def test_dog_matches_optax(init_step: tuple[str, float]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("start", [None, 0.05])
-def test_dowg_matches_optax(start: float | None) -> None:
-    wd = 0.01 if start else None
+def test_dowg_matches_optax() -> None:
+    start, wd = 0.05, 0.01
     tx = optax.contrib.dowg(0.7, init_estim_sq_dist=start, eps=1e-5, weight_decay=wd)
-    _, worst = _run(uo.dowg(lr=0.7, init_estim_sq_dist=start, eps=1e-5,
-                            weight_decay=wd or 0.0), tx=tx)
+    _, worst = _run(uo.dowg(lr=0.7, init_estim_sq_dist=start, eps=1e-5, weight_decay=wd),
+                    tx=tx)
     assert worst < TOL
 
 
@@ -349,9 +347,8 @@ def test_dadapt_adamw_matches_optax(seed: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cocob_matches_optax(seed: int) -> None:
-    h = {} if seed == 0 else {"lr": 0.5, "alpha": 50.0, "eps": 1e-6, "weight_decay": 0.01}
+def test_cocob_matches_optax() -> None:
+    h = {"lr": 0.5, "alpha": 50.0, "eps": 1e-6, "weight_decay": 0.01}
     tx = optax.contrib.cocob(**{{"lr": "learning_rate"}.get(k, k): v for k, v in h.items()})
     _, worst = _run(uo.cocob(**h), tx=tx)
     assert worst < TOL
@@ -482,6 +479,29 @@ def test_jit_compiles_once(name: str) -> None:
     assert traces == 1
     for k in KEYS:
         assert rel_diff(p[k], ref[k]) < TOL
+    if name.startswith("schedule_free"):  # the eval weights of a state that went through jit
+        x, ref_x = uo.schedule_free_eval(state, p), uo.schedule_free_eval(ref_state, ref)
+        assert all(rel_diff(x[k], ref_x[k]) < TOL for k in KEYS)
+
+
+def test_prodigy_zero_gradients_then_steps_match_prodigyopt() -> None:
+    # no gradient yet: prodigyopt returns before its estimate (0/0) and leaves p; so do we
+    import prodigyopt
+
+    rng = np.random.default_rng(3)
+    p = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    tp = [torch.tensor(p[k], requires_grad=True) for k in KEYS]
+    topt = prodigyopt.Prodigy(tp, d0=1e-3)
+    state = uo.setup(uo.prodigy(d0=1e-3), p)
+    for i in range(12):
+        g = {k: (i >= 2) * _grad(p[k], 0.0) for k in KEYS}
+        state, p = uo.update(state, p, g)
+        for t in tp:
+            t.grad = torch.as_tensor(np.asarray((i >= 2) * _grad(t.detach().numpy(), 0.0)))
+        topt.step()
+        assert all(np.isfinite(p[k]).all() for k in KEYS)
+        assert max(rel_diff(p[k], t.detach().numpy()) for t, k in zip(tp, KEYS,
+                                                                       strict=True)) < TOL
 
 
 def test_checkpoint_resumes_every_rule(tmp_path: Any) -> None:
