@@ -198,22 +198,22 @@ class scale_by_bias_corrected_rms(Elementwise):
         return u / (xp.sqrt(v / c.bc2) + c.eps), v
 
 
-def _check_convention(rule: Any) -> None:
-    if rule.convention not in rule.conventions:
-        raise ValueError(f"{rule.name}: convention must be one of "
-                         f"{', '.join(map(repr, rule.conventions))}, got {rule.convention!r}")
+def _check_options(rule: Any) -> None:
+    if not isinstance(rule.lagged_step_lr, bool):
+        raise ValueError(f"{rule.name}: lagged_step_lr must be True or False, got "
+                         f"{rule.lagged_step_lr!r}")
     w = rule.warmup_steps
     if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0:
         raise ValueError(f"{rule.name}: warmup_steps must be an integer >= 0, got {w!r}")
     scheduled = callable(rule.lr)
-    if scheduled and rule.convention == "optax" and rule.warmup_steps:
-        raise ValueError(f"{rule.name}: with convention='optax', warmup_steps is optax's "
-                         "warmup_constant_schedule of a constant learning rate; put the warm-up "
-                         "in the lr schedule instead")
+    if scheduled and rule.lagged_step_lr and rule.warmup_steps:
+        raise ValueError(f"{rule.name}: with lagged_step_lr (optax's form), warmup_steps is "
+                         "optax's warmup_constant_schedule of a constant learning rate; put the "
+                         "warm-up in the lr schedule instead")
 
 
 def _schedule_free(rule: Any, momentum: Any, b2: Any = 0.0) -> scale_by_schedule_free:
-    optax = rule.convention == "optax"
+    optax = rule.lagged_step_lr
     weight_lr = _next_step(rule.lr) if optax and callable(rule.lr) else rule.lr
     return scale_by_schedule_free(lr=rule.lr, weight_lr=weight_lr, momentum=momentum, r=rule.r,
                                   weight_lr_power=rule.weight_lr_power, b2=b2,
@@ -221,15 +221,15 @@ def _schedule_free(rule: Any, momentum: Any, b2: Any = 0.0) -> scale_by_schedule
 
 
 _CONVENTIONS_DOC = """
-    Conventions (the same arithmetic at a constant learning rate without warm-up):
+    Option ``lagged_step_lr``: False (Meta's ``schedulefree`` package, the authors' PyTorch
+    code): update ``t`` (from 1) steps ``z`` with ``lr_t*min(t/warmup_steps, 1)`` and weights
+    the average with the running maximum of that same value. True (optax's
+    ``contrib.schedule_free_*``): the base optimizer inside reads the learning rate (and
+    optax's ``warmup_constant_schedule``) at its own count ``t - 1``, the weights at ``t``: the
+    ``z`` step lags the weights by one step of the schedule (its first step under warm-up is
+    0). The same arithmetic at a constant learning rate without warm-up. optax has no ``r``.
 
-    * ``"torch"``: Meta's ``schedulefree`` package (the authors' PyTorch code): update ``t``
-      (from 1) steps ``z`` with ``lr_t*min(t/warmup_steps, 1)`` and weights the average with
-      the running maximum of that same value.
-    * ``"optax"``: ``optax.contrib.schedule_free_*``: the base optimizer inside reads the
-      learning rate (and optax's ``warmup_constant_schedule``) at its own count ``t - 1``, the
-      weights at ``t``: the ``z`` step lags the weights by one step of the schedule (its first
-      step under warm-up is 0). optax has no ``r``.
+    Conventions: ``"torch"`` (Meta's), ``"optax"`` (``lagged_step_lr=True``).
 """
 
 
@@ -256,9 +256,11 @@ class schedule_free_sgd(Rule):
     warmup_steps: int = 0
     r: Any = hyper(0.0, NONNEG)
     weight_lr_power: Any = hyper(2.0, NONNEG)
+    lagged_step_lr: bool = False
     convention: str = "torch"
 
-    conventions: ClassVar[dict[str, dict[str, Any]]] = {"torch": {}, "optax": {}}
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {"torch": {},
+                                                         "optax": {"lagged_step_lr": True}}
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     info: ClassVar[Info] = Info(
@@ -272,7 +274,7 @@ class schedule_free_sgd(Rule):
     )
 
     def check(self) -> None:
-        _check_convention(self)
+        _check_options(self)
 
     def parts(self) -> tuple[Transform, ...]:
         decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
@@ -290,10 +292,11 @@ class schedule_free_adamw(Rule):
     Defaults are Meta's ``schedulefree.AdamWScheduleFree`` (lr 0.0025, betas (0.9, 0.999),
     eps 1e-8), the same as ``optax.contrib.schedule_free_adamw``'s.
 
-    ``convention="paper"``: Meta's ``AdamWScheduleFreePaper``, the form of the paper's
-    experiments (before schedulefree 1.3): ``d = g/(sqrt(v) + eps) + weight_decay*y`` (no
-    correction under the root) and ``lr_t`` times ``sqrt(1 - b2^t)``, in the ``z`` step, the
-    decay and the averaging weights alike.
+    Option ``bias_correction``: ``"root"`` (above), or ``"lr"``, Meta's
+    ``AdamWScheduleFreePaper``, the form of the paper's experiments (before schedulefree 1.3):
+    ``d = g/(sqrt(v) + eps) + weight_decay*y`` (no correction under the root) and ``lr_t``
+    times ``sqrt(1 - b2^t)``, in the ``z`` step, the decay and the averaging weights alike
+    (convention ``"paper"``).
     """
 
     lr: Any = hyper(0.0025, NONNEG)
@@ -303,9 +306,12 @@ class schedule_free_adamw(Rule):
     warmup_steps: int = 0
     r: Any = hyper(0.0, NONNEG)
     weight_lr_power: Any = hyper(2.0, NONNEG)
+    lagged_step_lr: bool = False
+    bias_correction: str = "root"
     convention: str = "torch"
 
-    conventions: ClassVar[dict[str, dict[str, Any]]] = {"torch": {}, "optax": {}, "paper": {}}
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {}, "optax": {"lagged_step_lr": True}, "paper": {"bias_correction": "lr"}}
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     info: ClassVar[Info] = Info(
@@ -320,7 +326,10 @@ class schedule_free_adamw(Rule):
     )
 
     def check(self) -> None:
-        _check_convention(self)
+        _check_options(self)
+        if self.bias_correction not in ("root", "lr"):
+            raise ValueError(f"{self.name}: bias_correction must be 'root' or 'lr', got "
+                             f"{self.bias_correction!r}")
         b1 = self.betas[0]
         if not callable(b1) and not 0.0 < on_host(b1) < 1.0:
             raise ValueError(f"{self.name}: betas[0] must be in (0, 1) (y = beta*x + "
@@ -328,7 +337,7 @@ class schedule_free_adamw(Rule):
 
     def parts(self) -> tuple[Transform, ...]:
         decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
-        if self.convention == "paper":
+        if self.bias_correction == "lr":
             return (scale_by_rms(alpha=self.betas[1], eps=self.eps), *decay,
                     _schedule_free(self, self.betas[0], b2=self.betas[1]))
         return (scale_by_bias_corrected_rms(b2=self.betas[1], eps=self.eps), *decay,
