@@ -231,6 +231,19 @@ def test_schedule_free_eval_doc_example() -> None:
     assert uo.schedule_free_eval(state, p)["w"][0] == 0.25
 
 
+def test_schedule_free_eval_inside_masked_and_partition() -> None:
+    p = {"w": np.array([1.0]), "b": np.array([2.0])}
+    sf = uo.schedule_free_sgd(lr=0.5, momentum=0.5)
+    for rule in (uo.masked(sf, "w"), uo.partition({"a": sf, "b": uo.sgd(lr=0.1)},
+                                                  uo.by_path({"w": "a", "b": "b"}))):
+        q = {k: v.copy() for k, v in p.items()}
+        state = uo.setup(rule, q)
+        for _ in range(2):
+            state, q = uo.update(state, q, {"w": np.array([1.0]), "b": np.array([1.0])})
+        x = uo.schedule_free_eval(state, q)
+        assert x["w"][0] == 0.25 and x["b"][0] == q["b"][0] and x["b"] is not q["b"]
+
+
 def test_schedule_free_errors() -> None:
     with pytest.raises(ValueError, match="momentum"):
         uo.schedule_free_sgd(momentum=0.0)

@@ -19,7 +19,7 @@ import array_api_compat as aac
 import numpy as np
 
 from .. import backend
-from ..base import Elementwise, Info, Rule, Transform, WholeTree
+from ..base import Combinator, Elementwise, Info, Rule, Transform, WholeTree
 from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host
 from ..moments import bias_correction, ema_sq
 from ..state import State
@@ -350,10 +350,13 @@ for _rule in (schedule_free_sgd, schedule_free_adamw):
 
 def schedule_free_eval(state: State, params: Any) -> Any:
     """The weights to evaluate a schedule-free rule at, ``x = (y - (1 - beta)*z)/beta``, from
-    the params ``y`` and the state's ``z``: a tree shaped like ``params`` of new arrays.
+    the params ``y`` and the state's ``z``: a tree shaped like ``params`` of new arrays (a copy
+    of the params for leaves a schedule-free rule does not step, inside :func:`uniopt.masked`
+    or :func:`uniopt.partition`).
 
     Meta's ``optimizer.eval()`` puts these in the model (and ``train()`` takes them out);
     ``optax.contrib.schedule_free_eval_params(state, params)`` returns them, as this does.
+    The params themselves always hold ``y``: there is no mode to switch.
 
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.array([1.0])}
@@ -366,20 +369,41 @@ def schedule_free_eval(state: State, params: Any) -> Any:
     if not isinstance(state, State):
         raise TypeError(f"schedule_free_eval: expected a uniopt State, got "
                         f"{type(state).__name__}")
-    found = [(p, keys[0]) for p, keys in state.rule.keyed_parts
-             if isinstance(p, scale_by_schedule_free)]
-    if not found:
-        raise ValueError(f"schedule_free_eval: {state.rule.name} is not a schedule-free rule "
-                         "(uo.schedule_free_sgd, uo.schedule_free_adamw)")
-    part, key = found[0]
     leaves, treedef, _ = flatten(params)
     if treedef != state.treedef:
         raise ValueError(
             "schedule_free_eval: params do not have the tree structure this state was set up "
             f"for: state has {state.treedef}, params are {treedef}")
-    beta = part.at(state.step).momentum  # type: ignore[attr-defined]
-    out = []
-    for y, z in zip(leaves, state.tree_states[key]["z"], strict=True):
-        x = (y - (1.0 - beta) * z) / beta
-        out.append(x if x.dtype == y.dtype else backend.namespace(y).astype(x, y.dtype))
-    return unflatten(treedef, out)
+    out = _eval_weights(state, treedef, leaves)
+    if out is None:
+        raise ValueError(f"schedule_free_eval: {state.rule.name} is not a schedule-free rule "
+                         "(uo.schedule_free_sgd, uo.schedule_free_adamw) and runs none")
+    return unflatten(treedef, [backend.detached_copy(p) if x is None else x
+                              for x, p in zip(out, leaves, strict=True)])
+
+
+def _eval_weights(state: State, treedef: Any, leaves: list[Any]) -> list[Any] | None:
+    """Each leaf's x (None where no schedule-free part steps it), from ``state`` or from the
+    states of the rules it runs; None if there is none."""
+    for part, keys in state.rule.keyed_parts:
+        if isinstance(part, scale_by_schedule_free):
+            beta = part.at(state.step).momentum  # type: ignore[attr-defined]
+            out = []
+            for y, z in zip(leaves, state.tree_states[keys[0]]["z"], strict=True):
+                x = (y - (1.0 - beta) * z) / beta
+                out.append(x if x.dtype == y.dtype
+                           else backend.namespace(y).astype(x, y.dtype))
+            return out
+    found: list[Any] = [None] * len(leaves)
+    any_found = False
+    for part, keys in state.rule.keyed_parts:
+        if not isinstance(part, Combinator):
+            continue
+        for member, idx in part.leaves_of(treedef, leaves).items():
+            sub = state.tree_states[keys[0]][member]
+            got = _eval_weights(sub, sub.treedef, [leaves[i] for i in idx])
+            if got is not None:
+                any_found = True
+                for i, x in zip(idx, got, strict=True):
+                    found[i] = x
+    return found if any_found else None
