@@ -482,7 +482,7 @@ class cocob(Rule):
         family="parameter-free",
         paper="Orabona & Tommasi (2017)",
         references=("optax.contrib.cocob",),
-        example={"alpha": 100.0},
+        example={"alpha": 10.0},
         budget=3000,
         complex=False,
     )
