@@ -12,7 +12,16 @@
 from . import checkpoint, conventions, registry, schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .checkpoint import CheckpointError, load, save
-from .combine import accumulate, by_path, freeze, masked, partition, set_to_zero, skip_nonfinite
+from .combine import (
+    accumulate,
+    by_path,
+    freeze,
+    masked,
+    mechanize,
+    partition,
+    set_to_zero,
+    skip_nonfinite,
+)
 from .conventions import Translation, translate
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax, to_optax
@@ -67,6 +76,18 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
+from .rules.parameter_free import (
+    cocob,
+    dadapt_adamw,
+    dog,
+    dowg,
+    prodigy,
+    scale_by_cocob,
+    scale_by_dadapt_adam,
+    scale_by_dog,
+    scale_by_dowg,
+    scale_by_prodigy,
+)
 from .rules.preconditioned import (
     merged_shape,
     scale_by_lr_decay_after,
@@ -84,6 +105,13 @@ from .rules.rmsprop import (
     scale_by_rms_in_sqrt,
 )
 from .rules.rprop import rprop, scale_by_rprop
+from .rules.schedule_free import (
+    scale_by_bias_corrected_rms,
+    scale_by_schedule_free,
+    schedule_free_adamw,
+    schedule_free_eval,
+    schedule_free_sgd,
+)
 from .rules.sgd import sgd
 from .rules.sgd_variants import (
     noisy_sgd,
@@ -217,6 +245,22 @@ __all__ = [
     "sgd",
     "sum_momentum",
     "sign",
+    "scale_by_bias_corrected_rms",
+    "cocob",
+    "mechanize",
+    "dadapt_adamw",
+    "dog",
+    "dowg",
+    "prodigy",
+    "scale_by_dowg",
+    "scale_by_cocob",
+    "scale_by_dadapt_adam",
+    "scale_by_dog",
+    "scale_by_prodigy",
+    "scale_by_schedule_free",
+    "schedule_free_adamw",
+    "schedule_free_eval",
+    "schedule_free_sgd",
     "scale_by_sparse_adam",
     "sparse_adam",
     "sutskever_trace",

@@ -28,6 +28,7 @@ from . import backend
 from .base import COMBINATORS, Combinator, PerLeaf, Transform, chain, makes_step
 from .engine import _as_new_array, member_step, setup, update, update_
 from .hyper import _traced
+from .rules.schedule_free import scalar_like
 from .state import State
 from .tree import NAMESPACE, flatten, path_str, unflatten
 
@@ -560,3 +561,97 @@ class skip_nonfinite(_Wraps):
 
 
 COMBINATORS["partition"] = partition
+def _tree_sum(xp: Any, terms: list[Any], dtype: Any) -> Any:
+    total = xp.zeros((), dtype=dtype)
+    for t in terms:
+        total = total + xp.sum(xp.astype(t, dtype))
+    return total
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class mechanize(_Wraps):
+    """Mechanic (Cutkosky, Defazio & Mehta, 2023) around ``rule``: the rule's updates ``u``
+    are scaled by a learned factor ``sum(s)``, ``p = x0 - sum(s)*Delta``, ``Delta`` the sum
+    of the rule's updates so far (``x0`` the params at set-up); ``s`` holds one estimate per
+    decay ``beta_i = 1 - 0.1**i``, ``i = 1..num_betas``. With ``S = sum(s)``,
+    ``g' = g + weight_decay*S*||g||/(||p|| + eps)*p`` and ``Delta = (x0 - p)/(S + eps)``:
+
+    ``h = <g', Delta>``; ``m <- max(beta*m, |h| + eps)``; ``v <- beta^2*v + h^2``;
+    ``r <- beta*r + clip(h, -m_old, m_old)*s``; ``W = s_init/num_betas*m + max(r, 0)``;
+    ``s <- W/(sqrt(v) + eps)``; ``p <- x0 - sum(s)*(Delta + u)``.
+
+    As ``optax.contrib.mechanize(base, weight_decay, eps, s_init, num_betas)``, with the rule
+    as the base optimizer (``uo.adam(..., convention="optax")`` for ``optax.adam``). The
+    rule's hyperparameters are reached as ``"inner.<name>"`` by :func:`uniopt.adjust`. The
+    tree state: the rule's state (``inner``), ``x0``, and ``m``, ``v``, ``r``, ``s`` (each
+    ``num_betas`` numbers).
+    """
+
+    weight_decay: float
+    eps: float
+    s_init: float
+    num_betas: int
+
+    def __init__(self, rule: Any, weight_decay: float = 1e-2, eps: float = 1e-8,
+                 s_init: float = 1e-6, num_betas: int = 6) -> None:
+        for name, v in (("weight_decay", weight_decay), ("eps", eps), ("s_init", s_init)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < np.inf:
+                raise ValueError(f"mechanize: {name} must be a number >= 0, got {v!r}")
+        if isinstance(num_betas, bool) or not isinstance(num_betas, int) or num_betas < 1:
+            raise ValueError(f"mechanize: num_betas must be an int >= 1, got {num_betas!r}")
+        object.__setattr__(self, "rule", _adopted(rule))
+        object.__setattr__(self, "weight_decay", float(weight_decay))
+        object.__setattr__(self, "eps", float(eps))
+        object.__setattr__(self, "s_init", float(s_init))
+        object.__setattr__(self, "num_betas", num_betas)
+        object.__setattr__(self, "host", None)
+
+    @property
+    def uses_params(self) -> bool:  # type: ignore[override]
+        return True
+
+    def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
+        leaves = flatten(params)[0]
+        n = self.num_betas
+        return {"inner": setup(self.rule, params, state_dtype=state_dtype),
+                "x0": [backend.detached_copy(p) for p in leaves],
+                "m": scalar_like(leaves, [0.0] * n), "v": scalar_like(leaves, [0.0] * n),
+                "r": scalar_like(leaves, [0.0] * n), "s": scalar_like(leaves, [self.s_init] * n)}
+
+    def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
+              mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
+        inner = dataclasses.replace(tree["inner"], rule=self.rule)
+        us, inner = member_step(inner, ps, gs, extra)
+        m, v, r, s = tree["m"], tree["v"], tree["r"], tree["s"]
+        xp, dtype = backend.namespace(s), s.dtype
+        s_sum = xp.sum(s)
+        grad_norm = xp.sqrt(_tree_sum(xp, [g * g for g in gs], dtype))
+        param_norm = xp.sqrt(_tree_sum(xp, [p * p for p in ps], dtype))
+        decay = self.weight_decay * s_sum * grad_norm / (param_norm + self.eps)
+        deltas = [(x0 - p) / _as(s_sum + self.eps, p) for x0, p in zip(tree["x0"], ps,
+                                                                         strict=True)]
+        h = _tree_sum(xp, [(g + _as(decay, p) * p) * d
+                           for g, p, d in zip(gs, ps, deltas, strict=True)], dtype)
+        betas = 1.0 - 0.1 ** xp.arange(1, self.num_betas + 1, dtype=dtype)
+        clipped = xp.minimum(xp.maximum(h, -m), m)
+        m = xp.maximum(betas * m, xp.abs(h) + self.eps)
+        v = betas ** 2 * v + h ** 2
+        r = betas * r + clipped * s
+        wealth = self.s_init / self.num_betas * m + xp.maximum(r, xp.zeros_like(r))
+        s = wealth / (xp.sqrt(v) + self.eps)
+        scale_ = xp.sum(s)
+        new = [x0 - _as(scale_, p) * (d + u)
+               for x0, p, d, u in zip(tree["x0"], ps, deltas, us, strict=True)]
+        state = {"inner": inner, "x0": tree["x0"], "m": m, "v": v, "r": r, "s": s}
+        if mode == CHAIN:
+            return state, [p - n for p, n in zip(ps, new, strict=True)]
+        if mode == PURE:
+            return state, new
+        for p, n in zip(ps, new, strict=True):
+            backend.assign(p, n)
+        return state, None
+
+
+def _as(x: Any, like: Any) -> Any:
+    """A 0-d ``x`` in leaf ``like``'s dtype (NumPy would widen a float32 leaf)."""
+    return x if x.dtype == like.dtype else backend.namespace(like).astype(x, like.dtype)

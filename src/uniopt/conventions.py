@@ -159,6 +159,23 @@ FORMULAS: dict[str, dict[str, str]] = {
         "optax": "s clamped only where it grew or shrank; p −= the previous update's step, 0 "
                  "where the sign flips now (one update late, the first 0: optax PR 1725)",
     },
+    "schedule_free_sgd": {
+        "torch": "schedulefree: z −= lr_t·d; x = (1−c)x + c·z; y = βx + (1−β)z; the weights and "
+                 "the z step read lr_t (warm-up included) at update t",
+        "optax": "contrib.schedule_free_sgd: the z step reads the schedule at t − 1, the weights "
+                 "at t",
+    },
+    "schedule_free_adamw": {
+        "torch": "schedulefree: d = g/(√(v/(1−β₂ᵗ)) + ε) + λy; z −= lr_t·d; x, y as SGD's",
+        "optax": "contrib.schedule_free_adamw: the z step reads the schedule at t − 1, the "
+                 "weights at t",
+        "paper": "AdamWScheduleFreePaper: d = g/(√v + ε) + λy; lr_t·√(1−β₂ᵗ) in the step, the "
+                 "decay and the weights",
+    },
+    "prodigy": {
+        "torch": "prodigyopt: dlr = d·lr (no bias correction); d = max over d̂ (growth_rate)",
+        "optax": "contrib.prodigy: dlr = d·lr·√(1−β₂ᵗ)/(1−β₁ᵗ); d = max(d, d̂)",
+    },
 }
 
 # Hyperparameters a framework's own optimizer does not have: its rule always uses the value given

@@ -1,0 +1,576 @@
+"""Parameter-free step sizes: Prodigy (Mishchenko & Defazio, 2023), D-Adaptation AdamW
+(Defazio & Mishchenko, 2023), DoG (Ivgi et al., 2023) and COCOB (Orabona & Tommasi, 2017).
+
+Prodigy, D-Adaptation and DoG estimate their step size from sums over the whole tree (an inner
+product with the distance travelled, a sum of absolute values, a global norm), so each step is
+a whole-tree part whose tree state holds the per-leaf statistics and the global scalars; a
+coupled weight decay before it stays elementwise. COCOB bets per element: elementwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from .. import backend
+from ..base import Elementwise, Info, Rule, Transform, WholeTree
+from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host, static
+from ..transforms.decay import weight_decay
+from ..transforms.scale import scale, scale_by_lr
+from ..tree import flatten, unflatten
+from .schedule_free import arrays, as_dtype, kept, scalar_like
+
+POSITIVE = Interval(0.0, None, lo_open=True)
+
+
+def _total(terms: list[Any]) -> Any:
+    """The sum of per-leaf 0-d sums, as one 0-d array (0.0 for no leaves)."""
+    out: Any = 0.0
+    for t in terms:
+        out = out + t
+    return out
+
+
+class ProdigyCoeffs(NamedTuple):
+    lr: Any
+    b1: Any
+    b2: Any
+    beta3: Any
+    bc: Any  # sqrt(1 - b2^t)/(1 - b1^t), or 1 without bias correction
+    eps: Any
+    wd: Any  # decoupled decay, scaled by d*lr*bc
+    d0: Any
+    d_coef: Any
+
+
+@dataclass(frozen=True)
+class scale_by_prodigy(WholeTree):
+    """Prodigy's step (Mishchenko & Defazio, 2023, Algorithm 4 as ``prodigyopt.Prodigy``
+    writes it), given the gradient ``g`` and with ``d`` the current estimate:
+
+    ``dlr = d*lr*bc``; ``m <- b1*m + d*(1-b1)*g``; ``v <- b2*v + d^2*(1-b2)*g^2``;
+    ``s <- beta3*s + (d/d0)*dlr*g`` (``safeguard_warmup``: ``(d/d0)*d*g``);
+    ``num <- beta3*num + (d/d0)*dlr*<g, p0 - p>``; ``d_hat = d_coef*num/sum|s|``;
+    ``d_max <- max(d_max, d_hat)``, ``d <- min(d_max, d*growth_rate)`` (None: ``d_max``; the
+    first raise: ``max(d, d_hat)``); ``u = wd*dlr*p + dlr*m/(sqrt(v) + d*eps)`` with the new
+    ``d`` in the denominator (``b1 = 0``: ``dlr*d*g/(sqrt(v) + d*eps)``). Where ``sum|s|`` is 0 (no
+    gradient yet) ``d`` stays and the step is 0, as ``prodigyopt`` returns early.
+
+    Tree state: ``exp_avg`` (absent where ``b1 = 0``), ``exp_avg_sq``, ``s``, ``p0`` (one array
+    per leaf) and the scalars ``d``, ``d_max``, ``d_numerator``.
+    """
+
+    lr: Any = hyper(1.0, NONNEG)
+    betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    beta3: float | None = None  # None: sqrt(betas[1]) at each step
+    eps: Any = hyper(1e-8, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    d0: Any = hyper(1e-6, POSITIVE)
+    d_coef: Any = hyper(1.0, NONNEG)
+    growth_rate: float | None = None  # None: no limit
+    use_bias_correction: bool = False
+    safeguard_warmup: bool = False
+
+    uses_params: ClassVar[bool] = True
+    makes_step: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> ProdigyCoeffs:
+        b1, b2 = self.betas
+        if self.use_bias_correction:
+            t = step + 1.0  # a float first: JAX divides int32 in float32
+            bc = (1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t)
+        else:
+            bc = 1.0
+        beta3 = b2 ** 0.5 if self.beta3 is None else self.beta3
+        return ProdigyCoeffs(lr=self.lr, b1=b1, b2=b2, beta3=beta3, bc=bc, eps=self.eps,
+                             wd=self.weight_decay, d0=self.d0, d_coef=self.d_coef)
+
+    def init_tree(self, params: Any) -> dict[str, Any]:
+        leaves, _, _ = flatten(params)
+        zeros = [backend.namespace(p).zeros_like(p) for p in leaves]
+        first = {} if on_host(self.betas[0]) == 0 and not callable(self.betas[0]) else {
+            "exp_avg": [backend.namespace(p).zeros_like(p) for p in leaves]}
+        return {**first, "exp_avg_sq": zeros,
+                "s": [backend.namespace(p).zeros_like(p) for p in leaves],
+                "p0": [backend.detached_copy(p) for p in leaves],
+                "d": scalar_like(leaves, self.d0), "d_max": scalar_like(leaves, self.d0),
+                "d_numerator": scalar_like(leaves, 0.0)}
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        gs, treedef, _ = flatten(u)
+        ps, _, _ = flatten(params)
+        d, d_max = state["d"], state["d_max"]
+        xp = backend.namespace(d)
+        dlr = d * c.lr * c.bc
+        ratio = d / c.d0
+        s_scale = ratio * (d if self.safeguard_warmup else dlr)
+        first = "exp_avg" in state
+        ms, vs, ss, dots, abs_sums = [], [], [], [], []
+        for i, (g, p) in enumerate(zip(gs, ps, strict=True)):
+            p0 = state["p0"][i]
+            dots.append(xp.sum(xp.astype(g * (p0 - p), d.dtype)))
+            if first:
+                ms.append(state["exp_avg"][i] * c.b1 + as_dtype(d * (1.0 - c.b1), g) * g)
+            vs.append(state["exp_avg_sq"][i] * c.b2 + as_dtype(d * d * (1.0 - c.b2), g) * g * g)
+            s = state["s"][i] * c.beta3 + as_dtype(s_scale, g) * g
+            ss.append(s)
+            abs_sums.append(xp.sum(xp.astype(xp.abs(s), d.dtype)))
+        denominator = _total(abs_sums)
+        numerator = state["d_numerator"] * c.beta3 + ratio * dlr * _total(dots)
+        moved = denominator > 0
+        d_hat = c.d_coef * numerator / xp.where(moved, denominator, xp.ones_like(d))
+        raised = xp.where(d == c.d0, xp.maximum(d, d_hat), d)
+        new_max = xp.maximum(d_max, d_hat)
+        new_d = new_max if self.growth_rate is None else xp.minimum(new_max,
+                                                                      raised * self.growth_rate)
+        new_d, new_max = xp.where(moved, new_d, d), xp.where(moved, new_max, d_max)
+        numerator = xp.where(moved, numerator, state["d_numerator"])
+        step = xp.where(moved, dlr, xp.zeros_like(dlr))
+        out = []
+        for i, (g, p) in enumerate(zip(gs, ps, strict=True)):
+            den = xp.sqrt(vs[i]) + as_dtype(new_d * c.eps, p)
+            direction = ms[i] if first else as_dtype(new_d, g) * g
+            out.append(as_dtype(step * c.wd, p) * p + as_dtype(step, p) * direction / den)
+        new = {"exp_avg": arrays(ms, state["exp_avg"])} if first else {}
+        new.update({"exp_avg_sq": arrays(vs, state["exp_avg_sq"]), "s": arrays(ss, state["s"]),
+                    "p0": state["p0"],
+                    "d": kept(xp, new_d, d), "d_max": kept(xp, new_max, d),
+                    "d_numerator": kept(xp, numerator, d)})
+        return unflatten(treedef, out), new
+
+
+@dataclass(frozen=True)
+class prodigy(Rule):
+    """Prodigy (Mishchenko & Defazio, 2023): Adam whose step size ``d*lr`` estimates the
+    distance to the solution, ``d`` growing from ``d0`` (:class:`scale_by_prodigy`).
+
+    Options, with ``prodigyopt.Prodigy``'s names and defaults: ``beta3`` (None:
+    ``sqrt(betas[1])``), ``weight_decay`` with ``decouple=True`` (``p <- p - wd*dlr*p``) or
+    ``False`` (``g <- g + wd*p``, an L2 term that reaches the estimate too),
+    ``use_bias_correction``, ``safeguard_warmup``, ``d0``, ``d_coef``, ``growth_rate`` (None,
+    or prodigyopt's ``inf``: no limit).
+    ``slice_p`` (estimating from every n-th element) and FSDP are not offered.
+
+    Conventions:
+
+    * ``"torch"``: the authors' ``prodigyopt.Prodigy`` (``use_bias_correction=False``).
+    * ``"optax"``: ``optax.contrib.prodigy(learning_rate, betas, beta3, eps, estim_lr0=d0,
+      estim_lr_coef=d_coef, weight_decay, safeguard_warmup)``: bias correction on, decay
+      decoupled, no growth limit. Known differences: with ``betas[0] = 0`` optax scales the
+      gradient by the old ``d`` (``prodigyopt`` and this rule by the new one); before any
+      gradient (``sum|s| = 0``) optax's estimate is NaN.
+    """
+
+    lr: Any = hyper(1.0, NONNEG)
+    betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    beta3: Any = None
+    eps: Any = hyper(1e-8, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    decouple: bool = True
+    use_bias_correction: bool = False
+    safeguard_warmup: bool = False
+    d0: Any = hyper(1e-6, POSITIVE)
+    d_coef: Any = hyper(1.0, NONNEG)
+    growth_rate: float | None = None
+    convention: str = "torch"
+
+    conventions: ClassVar[dict[str, dict[str, Any]]] = {
+        "torch": {}, "optax": {"use_bias_correction": True}}
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="parameter-free",
+        paper="Mishchenko & Defazio (2023)",
+        references=("prodigyopt.Prodigy", "optax.contrib.prodigy"),
+        example={"lr": 1.0, "d0": 1e-3},
+        budget=2000,
+        complex=False,
+    )
+
+    def check(self) -> None:
+        if self.beta3 is not None and (callable(self.beta3) or not 0 <= self.beta3 < 1):
+            raise ValueError(f"{self.name}: beta3 must be None (sqrt(betas[1])) or a number in "
+                             f"[0, 1), got {self.beta3!r}")
+        g = self.growth_rate
+        if g is None:
+            return
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 1:
+            raise ValueError(f"{self.name}: growth_rate must be None (no limit) or a number "
+                             f">= 1, got {g!r}")
+        if g == math.inf:  # prodigyopt's default, as None: a checkpoint stores finite numbers
+            object.__setattr__(self, "growth_rate", None)
+
+    def parts(self) -> tuple[Transform, ...]:
+        coupled = self.on("weight_decay") and not self.decouple
+        return (*((weight_decay(wd=self.weight_decay),) if coupled else ()),
+                scale_by_prodigy(lr=self.lr, betas=self.betas, beta3=self.beta3,
+                                 eps=self.eps, weight_decay=0.0 if coupled else self.weight_decay,
+                                 d0=self.d0, d_coef=self.d_coef, growth_rate=self.growth_rate,
+                                 use_bias_correction=self.use_bias_correction,
+                                 safeguard_warmup=self.safeguard_warmup))
+
+
+class DogCoeffs(NamedTuple):
+    eps: Any
+    first_lr: Any  # init_step=("learning_rate", v): the first step's size
+
+
+@dataclass(frozen=True)
+class scale_by_dog(WholeTree):
+    """DoG's step size (Ivgi et al., 2023): ``r <- max(r, ||p - p0||)``;
+    ``G <- G + ||g||^2``; ``u = r/sqrt(G + eps) * g``, norms over the whole tree.
+
+    ``r`` starts at ``init_value`` (``start="distance"``), at ``init_value*(1 + ||p0||)``
+    (``start="heuristic"``), or at 0 with ``init_value`` the first step's size
+    (``"learning_rate"``). Tree state: ``p0`` (one array per leaf), ``max_dist``,
+    ``sum_sq_norm_grads``, ``first``."""
+
+    eps: Any = hyper(1e-8, NONNEG)
+    start: str = "heuristic"
+    init_value: float = 1e-6
+
+    uses_params: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> DogCoeffs:
+        return DogCoeffs(eps=self.eps, first_lr=self.init_value)
+
+    def init_tree(self, params: Any) -> dict[str, Any]:
+        leaves, _, _ = flatten(params)
+        r0 = scalar_like(leaves, self.init_value if self.start == "distance" else 0.0)
+        if self.start == "heuristic":
+            xp = backend.namespace(r0)
+            squares = _total([xp.sum(xp.astype(p * p, r0.dtype)) for p in leaves])
+            r0 = kept(xp, self.init_value * (1.0 + xp.sqrt(r0 + squares)), r0)
+        return {"p0": [backend.detached_copy(p) for p in leaves], "max_dist": r0,
+                "sum_sq_norm_grads": scalar_like(leaves, 0.0), "first": scalar_like(leaves, 1.0)}
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        gs, treedef, _ = flatten(u)
+        ps, _, _ = flatten(params)
+        r = state["max_dist"]
+        xp = backend.namespace(r)
+        dist = xp.sqrt(_total([xp.sum(xp.astype((p0 - p) ** 2, r.dtype))
+                               for p0, p in zip(state["p0"], ps, strict=True)]))
+        r = xp.maximum(r, dist)
+        total = state["sum_sq_norm_grads"] + _total([xp.sum(xp.astype(g * g, r.dtype))
+                                                     for g in gs])
+        lr = r / xp.sqrt(total + c.eps)
+        if self.start == "learning_rate":
+            lr = xp.where(state["first"] > 0, xp.asarray(c.first_lr, dtype=r.dtype), lr)
+        out = [as_dtype(lr, g) * g for g in gs]
+        return unflatten(treedef, out), {"p0": state["p0"], "max_dist": kept(xp, r, r),
+                                         "sum_sq_norm_grads": kept(xp, total, r),
+                                         "first": xp.zeros_like(state["first"])}
+
+
+DOG_INITS = ("heuristic", "distance", "learning_rate")
+
+
+@dataclass(frozen=True)
+class dog(Rule):
+    """DoG, "Distance over Gradients" (Ivgi et al., 2023): SGD with the step size
+    ``lr * max_s ||p_s - p_0|| / sqrt(sum_s ||g_s||^2 + eps)`` (:class:`scale_by_dog`), after
+    ``g <- g + weight_decay*p``; ``lr`` is a multiplier (1: the paper's).
+
+    ``init_step=(kind, value)`` as optax's: ``("heuristic", 1e-6)`` starts the distance at
+    ``1e-6*(1 + ||p_0||)``, ``("distance", r)`` at ``r``, ``("learning_rate", eta)`` makes
+    the first step ``eta*g``. Matches ``optax.contrib.dog``.
+    """
+
+    lr: Any = hyper(1.0, NONNEG)
+    init_step: tuple[str, float] = ("heuristic", 1e-6)
+    eps: Any = hyper(1e-8, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="parameter-free",
+        paper="Ivgi et al. (2023)",
+        references=("optax.contrib.dog",),
+        example={"lr": 1.0, "init_step": ("distance", 0.1)},
+        budget=3000,
+        complex=False,
+    )
+
+    def check(self) -> None:
+        kind_value = self.init_step
+        if (not isinstance(kind_value, (tuple, list)) or len(kind_value) != 2
+                or kind_value[0] not in DOG_INITS):
+            raise ValueError(f"{self.name}: init_step must be (kind, value) with kind one of "
+                             f"{', '.join(map(repr, DOG_INITS))}, got {kind_value!r}")
+        v = kind_value[1]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"{self.name}: init_step's value must be a number > 0, got {v!r}")
+
+    def parts(self) -> tuple[Transform, ...]:
+        decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
+        kind, value = self.init_step
+        return (*decay, scale_by_dog(eps=self.eps, start=kind, init_value=float(value)),
+                scale_by_lr(lr=self.lr))
+
+
+class DAdaptCoeffs(NamedTuple):
+    lr: Any
+    b1: Any
+    b2: Any
+    sqrt_b2: Any  # the weighting of s and the numerator
+    bc: Any  # sqrt(1 - b2^t)/(1 - b1^t)
+    eps: Any
+    wd: Any
+
+
+@dataclass(frozen=True)
+class scale_by_dadapt_adam(WholeTree):
+    """D-Adaptation's Adam step (Defazio & Mishchenko, 2023, Algorithm 4), as
+    ``optax.contrib.dadapt_adamw`` writes it, given the gradient ``g``:
+
+    ``dlr = d*lr*bc`` (``bc = sqrt(1 - b2^t)/(1 - b1^t)``);
+    ``num <- sqrt(b2)*num + (1 - sqrt(b2))*dlr*<g, s/(sqrt(v) + eps)>`` (the old ``s``, ``v``);
+    ``m <- b1*m + (1-b1)*dlr*g``; ``v <- b2*v + (1-b2)*g^2``;
+    ``s <- sqrt(b2)*s + (1 - sqrt(b2))*dlr*g``; ``d <- max(d, num/((1 - sqrt(b2))*sum|s|))``;
+    ``u = wd*dlr*p + m/(sqrt(v) + eps)``.
+
+    Tree state: ``exp_avg``, ``exp_avg_sq``, ``s`` (one array per leaf), ``d``,
+    ``d_numerator``."""
+
+    lr: Any = hyper(1.0, NONNEG)
+    betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    d0: float = 1e-6
+
+    uses_params: ClassVar[bool] = True
+    makes_step: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> DAdaptCoeffs:
+        b1, b2 = self.betas
+        t = step + 1.0
+        return DAdaptCoeffs(lr=self.lr, b1=b1, b2=b2, sqrt_b2=b2 ** 0.5,
+                            bc=(1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t), eps=self.eps,
+                            wd=self.weight_decay)
+
+    def init_tree(self, params: Any) -> dict[str, Any]:
+        leaves, _, _ = flatten(params)
+
+        def zeros() -> list[Any]:
+            return [backend.namespace(p).zeros_like(p) for p in leaves]
+
+        return {"exp_avg": zeros(), "exp_avg_sq": zeros(), "s": zeros(),
+                "d": scalar_like(leaves, self.d0), "d_numerator": scalar_like(leaves, 0.0)}
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        gs, treedef, _ = flatten(u)
+        ps, _, _ = flatten(params)
+        d = state["d"]
+        xp = backend.namespace(d)
+        dlr = d * c.lr * c.bc
+        rest = 1.0 - c.sqrt_b2
+        dots, ms, vs, ss, abs_sums = [], [], [], [], []
+        for g, m, v, s in zip(gs, state["exp_avg"], state["exp_avg_sq"], state["s"],
+                              strict=True):
+            dots.append(xp.sum(xp.astype(g * (s / (xp.sqrt(v) + c.eps)), d.dtype)))
+            ms.append(c.b1 * m + as_dtype((1.0 - c.b1) * dlr, g) * g)
+            vs.append(c.b2 * v + (1.0 - c.b2) * g * g)
+            s = c.sqrt_b2 * s + as_dtype(rest * dlr, g) * g
+            ss.append(s)
+            abs_sums.append(xp.sum(xp.astype(xp.abs(s), d.dtype)))
+        numerator = c.sqrt_b2 * state["d_numerator"] + rest * dlr * _total(dots)
+        new_d = xp.maximum(d, numerator / (rest * _total(abs_sums)))
+        out = [as_dtype(c.wd * dlr, p) * p + m / (xp.sqrt(v) + c.eps)
+               for p, m, v in zip(ps, ms, vs, strict=True)]
+        return unflatten(treedef, out), {"exp_avg": arrays(ms, state["exp_avg"]),
+                                         "exp_avg_sq": arrays(vs, state["exp_avg_sq"]),
+                                         "s": arrays(ss, state["s"]),
+                                         "d": kept(xp, new_d, d),
+                                         "d_numerator": kept(xp, numerator, d)}
+
+
+@dataclass(frozen=True)
+class dadapt_adamw(Rule):
+    """D-Adaptation AdamW (Defazio & Mishchenko, 2023): Adam with the step size ``d*lr``,
+    ``d`` a lower bound on the distance to the solution that grows from ``d0``, and decay
+    decoupled (``p <- p - weight_decay*d*lr*bc*p``); see :class:`scale_by_dadapt_adam`.
+    ``optax.contrib.dadapt_adamw(learning_rate=lr, betas, eps, estim_lr0=d0,
+    weight_decay)``, to which it is held. Before any gradient the estimate divides 0 by 0
+    (NaN), as optax's does.
+    """
+
+    lr: Any = hyper(1.0, NONNEG)
+    betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    d0: float = 1e-6
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    info: ClassVar[Info] = Info(
+        family="parameter-free",
+        paper="Defazio & Mishchenko (2023)",
+        references=("optax.contrib.dadapt_adamw",),
+        example={"lr": 0.3, "d0": 1e-3},
+        budget=2000,
+        complex=False,
+    )
+
+    def check(self) -> None:
+        d0 = self.d0
+        if isinstance(d0, bool) or not isinstance(d0, (int, float)) or not 0 < d0 < math.inf:
+            raise ValueError(f"{self.name}: d0 must be a number > 0, got {d0!r}")
+
+    def parts(self) -> tuple[Transform, ...]:
+        return (scale_by_dadapt_adam(lr=self.lr, betas=self.betas, eps=self.eps,
+                                     weight_decay=self.weight_decay, d0=float(self.d0)),)
+
+
+class CocobCoeffs(NamedTuple):
+    alpha: Any
+    zero: Any
+
+
+@dataclass(frozen=True)
+class scale_by_cocob(Elementwise):
+    """COCOB-Backprop (Orabona & Tommasi, 2017, Algorithm 2), per element, for the gradient
+    ``g``: ``L <- max(L, |g|)``; ``G <- G + |g|``; ``R <- max(R - g*(p - p0), 0)``;
+    ``C <- C - g``; the new parameter is ``p0 + C/(L*max(G + L, alpha*L))*(L + R)``, so
+    ``u = p - that``. Slots (optax's names): ``init_particles`` (``p0``, the params at
+    set-up), ``cumulative_gradients``, ``scale`` (from ``eps``), ``subgradients``,
+    ``reward``."""
+
+    alpha: Any = hyper(100.0, NONNEG)
+    eps: float = static(1e-8, POSITIVE)
+    slots: ClassVar[tuple[str, ...]] = ("init_particles", "cumulative_gradients", "scale",
+                                        "subgradients", "reward")
+    uses_params: ClassVar[bool] = True
+
+    def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
+        return (backend.detached_copy(p), xp.zeros_like(p), xp.full_like(p, self.eps),
+                xp.zeros_like(p), xp.zeros_like(p))
+
+    def coeffs(self, step: Any) -> CocobCoeffs:
+        return CocobCoeffs(alpha=self.alpha, zero=0.0)
+
+    @staticmethod
+    def kernel(xp, c, p, u, init_particles, cumulative_gradients, scale, subgradients, reward):
+        size = xp.maximum(u, -u)  # |u|: the compiled loop's scalar namespace has no abs
+        scale = xp.maximum(scale, size)
+        subgradients = subgradients + size
+        reward = xp.maximum(reward - u * (p - init_particles), c.zero)
+        cumulative_gradients = cumulative_gradients - u
+        bet = cumulative_gradients / (scale * xp.maximum(subgradients + scale, c.alpha * scale))
+        new = init_particles + bet * (scale + reward)
+        return p - new, init_particles, cumulative_gradients, scale, subgradients, reward
+
+
+@dataclass(frozen=True)
+class cocob(Rule):
+    """COCOB-Backprop (Orabona & Tommasi, 2017): coin betting, no learning rate to tune
+    (:class:`scale_by_cocob`), after ``g <- lr*(g + weight_decay*p)``; ``lr`` (1: the paper's)
+    scales the gradient, as ``optax.contrib.cocob(learning_rate, alpha, eps, weight_decay)``
+    does, to which it is held."""
+
+    lr: Any = hyper(1.0, NONNEG)
+    alpha: Any = hyper(100.0, NONNEG)
+    eps: float = static(1e-8, POSITIVE)
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="parameter-free",
+        paper="Orabona & Tommasi (2017)",
+        references=("optax.contrib.cocob",),
+        example={"alpha": 10.0},
+        budget=3000,
+        complex=False,
+    )
+
+    def parts(self) -> tuple[Transform, ...]:
+        decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
+        return (*decay, scale(factor=self.lr), scale_by_cocob(alpha=self.alpha, eps=self.eps))
+
+
+class DowgCoeffs(NamedTuple):
+    eps: Any
+
+
+@dataclass(frozen=True)
+class scale_by_dowg(WholeTree):
+    """DoWG's step size (Khaled, Mishchenko & Jin, 2023), as ``optax.contrib.scale_by_dowg``:
+    ``r2 <- max(r2, ||p - p0||^2)``; ``V <- V + r2*||g||^2``; ``u = r2/(sqrt(V) + eps)*g``.
+    Tree state: ``p0``, ``estim_sq_dist`` (from ``init_estim_sq_dist``),
+    ``weighted_sq_norm_grads``."""
+
+    eps: Any = hyper(1e-4, NONNEG)
+    init_estim_sq_dist: float | None = None  # None: eps
+
+    uses_params: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> DowgCoeffs:
+        return DowgCoeffs(eps=self.eps)
+
+    def init_tree(self, params: Any) -> dict[str, Any]:
+        leaves, _, _ = flatten(params)
+        r = self.init_estim_sq_dist
+        return {"p0": [backend.detached_copy(p) for p in leaves],
+                "estim_sq_dist": scalar_like(leaves, on_host(self.eps) if r is None else r),
+                "weighted_sq_norm_grads": scalar_like(leaves, 0.0)}
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        gs, treedef, _ = flatten(u)
+        ps, _, _ = flatten(params)
+        r2 = state["estim_sq_dist"]
+        xp = backend.namespace(r2)
+        r2 = xp.maximum(r2, _total([xp.sum(xp.astype((p0 - p) ** 2, r2.dtype))
+                                    for p0, p in zip(state["p0"], ps, strict=True)]))
+        total = state["weighted_sq_norm_grads"] + r2 * _total(
+            [xp.sum(xp.astype(g * g, r2.dtype)) for g in gs])
+        lr = r2 / (xp.sqrt(total) + c.eps)
+        return unflatten(treedef, [as_dtype(lr, g) * g for g in gs]), {
+            "p0": state["p0"], "estim_sq_dist": kept(xp, r2, r2),
+            "weighted_sq_norm_grads": kept(xp, total, r2)}
+
+
+@dataclass(frozen=True)
+class dowg(Rule):
+    """DoWG, "Distance over Weighted Gradients" (Khaled, Mishchenko & Jin, 2023): SGD with
+    the step size ``lr * r2_t/(sqrt(sum_s r2_s*||g_s||^2) + eps)``, ``r2_t`` the largest
+    squared distance from the start so far (:class:`scale_by_dowg`), after
+    ``g <- g + weight_decay*p``. ``init_estim_sq_dist`` (None: ``eps``) is where ``r2``
+    starts. Matches ``optax.contrib.dowg``."""
+
+    lr: Any = hyper(1.0, NONNEG)
+    init_estim_sq_dist: float | None = None
+    eps: Any = hyper(1e-4, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="parameter-free",
+        paper="Khaled, Mishchenko & Jin (2023)",
+        references=("optax.contrib.dowg",),
+        example={"lr": 1.0, "init_estim_sq_dist": 0.01},
+        budget=3000,
+        complex=False,
+    )
+
+    def check(self) -> None:
+        r = self.init_estim_sq_dist
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
+                              or not 0 < r < math.inf):
+            raise ValueError(f"{self.name}: init_estim_sq_dist must be None (eps) or a number "
+                             f"> 0, got {r!r}")
+        if r is None and callable(self.eps):
+            raise ValueError(f"{self.name}: init_estim_sq_dist=None starts at eps, which must "
+                             "then be a number, not a schedule")
+
+    def parts(self) -> tuple[Transform, ...]:
+        decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
+        r = self.init_estim_sq_dist
+        return (*decay, scale_by_dowg(eps=self.eps,
+                                      init_estim_sq_dist=None if r is None else float(r)),
+                scale_by_lr(lr=self.lr))
