@@ -66,7 +66,7 @@ class scale_by_prodigy(WholeTree):
     beta3: float | None = None  # None: sqrt(betas[1]) at each step
     eps: Any = hyper(1e-8, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
-    d0: Any = hyper(1e-6, POSITIVE)
+    d0: Any = static(1e-6, POSITIVE)  # the initial estimate: read once, at set-up
     d_coef: Any = hyper(1.0, NONNEG)
     growth_rate: float | None = None  # None: no limit
     use_bias_correction: bool = False
@@ -171,7 +171,7 @@ class prodigy(Rule):
     decouple: bool = True
     use_bias_correction: bool = False
     safeguard_warmup: bool = False
-    d0: Any = hyper(1e-6, POSITIVE)
+    d0: Any = static(1e-6, POSITIVE)  # the initial estimate: read once, at set-up
     d_coef: Any = hyper(1.0, NONNEG)
     growth_rate: float | None = None
     convention: str = "torch"
@@ -291,7 +291,7 @@ class dog(Rule):
         family="parameter-free",
         paper="Ivgi et al. (2023)",
         references=("optax.contrib.dog",),
-        example={"lr": 1.0, "init_step": ("distance", 0.1)},
+        example={"lr": 0.5, "init_step": ("distance", 3.0)},
         budget=3000,
         complex=False,
     )
@@ -553,7 +553,7 @@ class dowg(Rule):
         family="parameter-free",
         paper="Khaled, Mishchenko & Jin (2023)",
         references=("optax.contrib.dowg",),
-        example={"lr": 1.0, "init_estim_sq_dist": 0.01},
+        example={"lr": 1.0, "init_estim_sq_dist": 1.0},
         budget=3000,
         complex=False,
     )

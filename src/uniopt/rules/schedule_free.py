@@ -55,7 +55,7 @@ def kept(xp: Any, x: Any, like: Any) -> Any:
     """A whole-tree scalar as its state keeps it: a 0-d array of ``like``'s dtype (NumPy's
     arithmetic on 0-d arrays hands back NumPy scalars, which a checkpoint would store as
     numbers)."""
-    return xp.asarray(x, dtype=like.dtype)
+    return xp.asarray(x, dtype=like.dtype, device=aac.device(like))
 
 
 def arrays(xs: list[Any], old: list[Any]) -> list[Any]:
@@ -155,7 +155,8 @@ class scale_by_schedule_free(WholeTree):
         ys, _, _ = flatten(params)
         total, lr_max = state["weight_sum"], state["lr_max"]
         xp = backend.namespace(total)
-        lr_max = xp.maximum(lr_max, xp.asarray(c.weight_lr, dtype=lr_max.dtype))
+        lr_max = xp.maximum(lr_max, xp.asarray(c.weight_lr, dtype=lr_max.dtype,
+                                               device=aac.device(lr_max)))
         weight = c.poly * lr_max ** c.weight_lr_power
         total = total + weight
         # w/W, and 0 before any weight (Meta catches the ZeroDivisionError, optax its NaN)
@@ -268,7 +269,7 @@ class schedule_free_sgd(Rule):
         paper="Defazio et al. (2024)",
         references=("schedulefree.SGDScheduleFreeReference", "schedulefree.SGDScheduleFree",
                     "optax.contrib.schedule_free_sgd"),
-        example={"lr": 5e-3},
+        example={"lr": 2e-3},
         budget=3000,  # the params hold y, which settles no faster than its average x
         complex=False,
     )
