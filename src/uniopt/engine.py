@@ -575,8 +575,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
 
     Only cheap whole-tree work happens here; the strategies check each leaf."""
     if (not isinstance(state, State) or state.tree_states or backend.is_tracked()
-            or state.counts is not None or isinstance(state.treedef, AnyParams)
-            or state.state_dtype == "q8"):
+            or state.counts is not None or isinstance(state.treedef, AnyParams)):
         # an optax transform in the chain: JAX runs it, on the whole tree; a step autograd
         # records: the reference path's torch operations
         return None
@@ -600,7 +599,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             return None
     if not leaves:
         return None
-    for strategy in fast.STRATEGIES:
+    for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
         out = strategy(lambda: resolve(state.rule, state.step), leaves, g_leaves, state.slots,
                        inplace, state.rule.memo)
         if out is None:
