@@ -27,6 +27,9 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types as nbtypes
+from numba.extending import intrinsic
 
 from .. import backend, quant
 from ..base import Elementwise
@@ -38,51 +41,70 @@ SHIFT = 16
 LAST = 0x3F800000 >> SHIFT
 
 
-def _starts(mids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The table of codes by leading bits, and the midpoints with +inf after them (so a step
-    from the largest code stays there)."""
-    lo = (np.arange(LAST + 1, dtype=np.uint32) << SHIFT).view(np.float32)
-    first = np.searchsorted(mids, lo, side="left")
-    hi = ((np.arange(LAST + 1, dtype=np.uint32) << SHIFT) + ((1 << SHIFT) - 1)).view(np.float32)
-    last = np.searchsorted(mids, np.minimum(hi, np.float32(1)), side="left")
-    assert int((last - first).max()) <= 2, "the compiled loop's two steps do not reach the code"
-    return first.astype(np.uint8), np.concatenate([mids, [np.inf]]).astype(np.float32)
+def _starts(mids: np.ndarray) -> np.ndarray:
+    """For each bucket of magnitudes sharing their leading bits (``bits >> SHIFT``): the code
+    of its smallest, shifted left 16 bits, or'ed with the low 16 bits of the one midpoint in the
+    bucket (0xFFFF where it has none, so that no magnitude is above it)."""
+    first = np.searchsorted(mids, (np.arange(LAST + 1, dtype=np.uint32) << SHIFT).view(
+        np.float32), side="left").astype(np.uint32)
+    bits = mids.view(np.uint32)
+    bucket = bits >> SHIFT
+    assert np.bincount(bucket).max() <= 1, "a bucket holds two midpoints"
+    low = np.full(LAST + 1, 0xFFFF, np.uint32)
+    low[bucket] = bits & 0xFFFF
+    return (first << 16) | low
 
 
-START_S, MIDS_S = _starts(quant.MID_S)
-START_U, MIDS_U = _starts(quant.MID_U)
-VALUE_S, VALUE_U = quant.VALUE_S, quant.MAG_U
+START_S = _starts(quant.MID_S)
+START_U = _starts(quant.MID_U)
 
 
 @numba.njit(inline="always")
-def _magnitude_code(bits: Any, m: Any, start: Any, mids: Any) -> Any:
-    """The code of magnitude ``m`` (its bits ``bits``, sign cleared)."""
-    c = np.int64(start[min(bits >> np.uint32(SHIFT), np.uint32(LAST))])
-    c += mids[c] < m
-    c += mids[c] < m
-    return c
+def _magnitude_code(bits: Any, start: Any) -> Any:
+    """The code of the magnitude whose bits (sign cleared) are ``bits``."""
+    e = start[min(bits >> np.uint32(SHIFT), np.uint32(LAST))]
+    return (e >> np.uint32(16)) + np.uint32((bits & np.uint32(0xFFFF)) > (e & np.uint32(0xFFFF)))
 
 
 @numba.njit(inline="always")
 def code_s(y: Any) -> Any:
-    """The signed code of ``y`` (a float32 in [-1, 1])."""
-    bits = cpu._f32_bits(y) & np.uint32(0x7FFFFFFF)
-    c = _magnitude_code(bits, abs(y), START_S, MIDS_S)
-    return np.int8(-c if y < 0 else c)
+    """The signed code of ``y`` (a float32 in [-1, 1]), as its byte."""
+    c = np.int32(_magnitude_code(cpu._f32_bits(y) & np.uint32(0x7FFFFFFF), START_S))
+    return np.uint8((-c if y < 0 else c) & 0xFF)
 
 
 @numba.njit(inline="always")
 def code_u(y: Any) -> Any:
     """The unsigned code of ``y`` (a float32 in [-1, 1]; a negative one codes as 0)."""
-    if y < 0:
-        return np.uint8(0)
-    bits = cpu._f32_bits(y) & np.uint32(0x7FFFFFFF)
-    return np.uint8(_magnitude_code(bits, y, START_U, MIDS_U))
+    c = _magnitude_code(cpu._f32_bits(y) & np.uint32(0x7FFFFFFF), START_U)
+    return np.uint8(0 if y < 0 else c)
 
 
 @numba.njit(inline="always")
-def larger(a: Any, b: Any) -> Any:  # NaN-propagating from either side, as np.max
-    return a if (a != a or a > b) else b
+def abs_bits(x: Any) -> Any:
+    """The bits of ``|x|``: ordered as the magnitudes (NaN above every number), so the largest
+    is an integer maximum, which vectorizes."""
+    return cpu._f32_bits(x) & np.uint32(0x7FFFFFFF)
+
+
+@intrinsic
+def _f32(typingctx: Any, bits: Any) -> Any:
+    """The float32 whose bits are ``bits`` (a uint32)."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+
+@numba.njit(inline="always")
+def from_bits(bits: Any) -> Any:
+    return _f32(np.uint32(bits))
+
+
+# each code's value by its byte (a signed code's two's complement), so that the loop reads
+# codes as unsigned bytes and indexes with no check for a negative index
+VALUE_S = np.concatenate([quant.MAG_S, [-1.0], -quant.MAG_S[:0:-1]]).astype(np.float32)
+VALUE_U = quant.MAG_U
 
 
 def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
@@ -101,7 +123,7 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
         "import numpy as np",
         "from uniopt.fast.cpu import CHUNK, _chunks, _i64, _item, _voidptr, kernel_for",
         "from uniopt.fast.cpu import scalar_xp as XP",
-        "from uniopt.fast.q8 import VALUE_S, VALUE_U, code_s, code_u, larger",
+        "from uniopt.fast.q8 import VALUE_S, VALUE_U, abs_bits, code_s, code_u, from_bits",
         f"PT = {pt}",
         f"BLOCK = {quant.BLOCK}",
     ]
@@ -144,7 +166,7 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
         reads = []
         for n in names:
             signed = signs[n]
-            codes = "np.int8" if signed else "np.uint8"
+            codes = "np.uint8"  # a signed code as its byte
             loads.append(view(f"c{n}", codes))
             if not inplace:
                 loads.append(view(f"co{n}", codes))
@@ -152,27 +174,27 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
             if not inplace:
                 loads.append(view(f"mo{n}", "np.float32", nb))
             loads.append(f"w{n} = np.empty(BLOCK, np.float32)")
-            reads.append(f"VALUE_S[np.int64(c{n}[i]) + 128] * f{n}" if signed
-                         else f"VALUE_U[np.int64(c{n}[i])] * f{n}")
+            reads.append(f"{'VALUE_S' if signed else 'VALUE_U'}[c{n}[i]] * f{n}")
         if finish is not None:  # the last part writes p from its input: keep it
             body.append("v = u")
             end = f"F{k}(XP, C{k}, x, v{''.join(f', r[{j + 1}]' for j in range(nslots))})"
         body.append(f"r = K{k}(XP, C{k}, x, u{''.join(', ' + r for r in reads)})")
         body.append("u = r[0]")
         for j, n in enumerate(names):
-            body.append(f"w{n}[i - lo] = r[{j + 1}]")
-            body.append(f"a{n} = larger(abs(r[{j + 1}]), a{n})")
+            body.append(f"w{n}[i - ulo] = r[{j + 1}]")
+            body.append(f"a{n} = max(a{n}, np.uint32(abs_bits(r[{j + 1}])))")
     body.append(f"{'p' if inplace else 'po'}[i] = PT({end})")
     starts, finals = [], []
     for n in range(s):
-        starts += [f"f{n} = m{n}[lo // BLOCK]", f"a{n} = np.float32(0)"]
+        starts += [f"f{n} = m{n}[lo // BLOCK]", f"a{n} = np.uint32(0)"]
         out = ("c", "m") if inplace else ("co", "mo")
         code = "code_s" if signs[n] else "code_u"
         finals += [
-            f"{out[1]}{n}[lo // BLOCK] = a{n}",
-            f"d{n} = a{n} if a{n} > 0 else np.float32(1)",
-            "for i in range(lo, hi):",
-            f"    {out[0]}{n}[i] = {code}(w{n}[i - lo] / d{n})",
+            f"e{n} = from_bits(a{n})",
+            f"{out[1]}{n}[lo // BLOCK] = e{n}",
+            f"d{n} = e{n} if e{n} > 0 else np.float32(1)",
+            "for i in range(ulo, uhi):",
+            f"    {out[0]}{n}[i] = {code}(w{n}[i - ulo] / d{n})",
         ]
     ends += finals
     return "\n".join([
@@ -184,8 +206,9 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
         *[f"    {line}" for line in loads],
         "    for lo in range(a, b, BLOCK):",
         "        hi = min(lo + BLOCK, b)",
+        "        ulo, uhi = np.uint64(lo), np.uint64(hi)",
         *[f"        {line}" for line in starts],
-        "        for i in range(lo, hi):",
+        "        for i in range(ulo, uhi):",
         "            x = np.float32(p[i])",
         "            u = np.float32(g[i])",
         *[f"            {line}" for line in body],
