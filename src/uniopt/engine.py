@@ -157,8 +157,19 @@ def _init_slots(part: Part, p: Any, state_dtype: str | None) -> tuple[Any, ...]:
 def _quantised(names: tuple[str, ...], slots: tuple[Any, ...], p: Any) -> tuple[Any, ...]:
     """Slots (float32) in 8 bits, each with the map its name asks for (:mod:`uniopt.quant`)."""
     xp = backend.namespace(p)
-    return tuple(None if s is None else quant.quantise(xp, s, name not in quant.NONNEGATIVE)
-                 for name, s in zip(names, slots, strict=True))
+    out: list[Any] = []
+    for name, s in zip(names, slots, strict=True):
+        signed = name not in quant.NONNEGATIVE
+        if s is None:
+            out.append(None)
+        elif backend.is_jax(s) and not _traced(s):
+            # on the host: JAX compiles each of quantise's operations for each new shape when
+            # run one by one, seconds for a small model's set-up
+            q = quant.quantise(np, np.asarray(s), signed)
+            out.append(quant.Q8(xp.asarray(q.codes), xp.asarray(q.absmax)))
+        else:
+            out.append(quant.quantise(xp, s, signed))
+    return tuple(out)
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:

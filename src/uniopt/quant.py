@@ -100,10 +100,18 @@ class Q8:
         return f"Q8({kind}, shape={self.shape})"
 
 
+def _flatten(q: Q8) -> tuple[tuple[Any, Any], None, tuple[str, str]]:
+    return (q.codes, q.absmax), None, ("codes", "absmax")
+
+
+def _unflatten(_: Any, children: Any) -> Q8:
+    return Q8(*children)
+
+
 optree.register_pytree_node(
     Q8,  # type: ignore[arg-type]
-    lambda q: ((q.codes, q.absmax), None, ("codes", "absmax")),
-    lambda _, children: Q8(*children),
+    _flatten,  # type: ignore[arg-type]
+    _unflatten,  # type: ignore[arg-type]
     namespace=NAMESPACE,
 )
 
