@@ -39,18 +39,24 @@ SHIFT = 16
 # the bucket of 1.0: a larger magnitude (NaN, inf) is clamped to it, and codes as the largest,
 # as the reference path's search puts NaN after every midpoint
 LAST = 0x3F800000 >> SHIFT
+# the first bucket: magnitudes from 2**-25 (below the smallest midpoint of either map), so
+# that the tables (13 KB each) stay in the L1 cache
+BASE = LAST - 25 * (1 << (23 - SHIFT))
 
 
 def _starts(mids: np.ndarray) -> np.ndarray:
-    """For each bucket of magnitudes sharing their leading bits (``bits >> SHIFT``): the code
-    of its smallest, shifted left 16 bits, or'ed with the low 16 bits of the one midpoint in the
-    bucket (0xFFFF where it has none, so that no magnitude is above it)."""
-    first = np.searchsorted(mids, (np.arange(LAST + 1, dtype=np.uint32) << SHIFT).view(
-        np.float32), side="left").astype(np.uint32)
+    """For each bucket of magnitudes sharing their leading bits (``bits >> SHIFT``, from
+    :data:`BASE` up): the code of its smallest, shifted left 16 bits, or'ed with the low 16 bits
+    of the one midpoint in the bucket (0xFFFF where it has none, so that no magnitude is above
+    it). Every magnitude below the first bucket is below the first midpoint: code 0."""
+    buckets = np.arange(BASE, LAST + 1, dtype=np.uint32)
+    first = np.searchsorted(mids, (buckets << SHIFT).view(np.float32),
+                            side="left").astype(np.uint32)
     bits = mids.view(np.uint32)
-    bucket = bits >> SHIFT
+    bucket = (bits >> SHIFT) - BASE
+    assert bits.min() >> SHIFT > BASE and first[0] == 0, "a midpoint below the first bucket"
     assert np.bincount(bucket).max() <= 1, "a bucket holds two midpoints"
-    low = np.full(LAST + 1, 0xFFFF, np.uint32)
+    low = np.full(len(buckets), 0xFFFF, np.uint32)
     low[bucket] = bits & 0xFFFF
     return (first << 16) | low
 
@@ -62,7 +68,8 @@ START_U = _starts(quant.MID_U)
 @numba.njit(inline="always")
 def _magnitude_code(bits: Any, start: Any) -> Any:
     """The code of the magnitude whose bits (sign cleared) are ``bits``."""
-    e = start[min(bits >> np.uint32(SHIFT), np.uint32(LAST))]
+    e = start[min(max(bits >> np.uint32(SHIFT), np.uint32(BASE)), np.uint32(LAST))
+              - np.uint32(BASE)]
     return (e >> np.uint32(16)) + np.uint32((bits & np.uint32(0xFFFF)) > (e & np.uint32(0xFFFF)))
 
 
@@ -76,8 +83,11 @@ def code_s(y: Any) -> Any:
 @numba.njit(inline="always")
 def code_u(y: Any) -> Any:
     """The unsigned code of ``y`` (a float32 in [-1, 1]; a negative one codes as 0)."""
-    c = _magnitude_code(cpu._f32_bits(y) & np.uint32(0x7FFFFFFF), START_U)
-    return np.uint8(0 if y < 0 else c)
+    bits = cpu._f32_bits(y)
+    c = _magnitude_code(bits & np.uint32(0x7FFFFFFF), START_U)
+    # zero where the sign bit is set (a negative number; -0.0 codes as 0 either way), in
+    # integer operations: a float comparison here kept the loop from vectorizing
+    return np.uint8(c * (np.uint32(1) - (bits >> np.uint32(31))))
 
 
 @numba.njit(inline="always")
@@ -174,7 +184,7 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
             if not inplace:
                 loads.append(view(f"mo{n}", "np.float32", nb))
             loads.append(f"w{n} = np.empty(BLOCK, np.float32)")
-            reads.append(f"{'VALUE_S' if signed else 'VALUE_U'}[c{n}[i]] * f{n}")
+            reads.append(f"w{n}[i - ulo]")
         if finish is not None:  # the last part writes p from its input: keep it
             body.append("v = u")
             end = f"F{k}(XP, C{k}, x, v{''.join(f', r[{j + 1}]' for j in range(nslots))})"
@@ -182,14 +192,21 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
         body.append("u = r[0]")
         for j, n in enumerate(names):
             body.append(f"w{n}[i - ulo] = r[{j + 1}]")
-            body.append(f"a{n} = max(a{n}, np.uint32(abs_bits(r[{j + 1}])))")
     body.append(f"{'p' if inplace else 'po'}[i] = PT({end})")
     starts, finals = [], []
     for n in range(s):
-        starts += [f"f{n} = m{n}[lo // BLOCK]", f"a{n} = np.uint32(0)"]
+        # each loop simple enough to vectorize: codes to values, the kernels, the maximum,
+        # values to codes (the block's buffers stay in the L1 cache between them)
+        value = "VALUE_S" if signs[n] else "VALUE_U"
+        starts += [f"f{n} = m{n}[lo // BLOCK]",
+                   "for i in range(ulo, uhi):",
+                   f"    w{n}[i - ulo] = {value}[c{n}[i]] * f{n}"]
         out = ("c", "m") if inplace else ("co", "mo")
         code = "code_s" if signs[n] else "code_u"
         finals += [
+            f"a{n} = np.uint32(0)",
+            "for i in range(ulo, uhi):",
+            f"    a{n} = max(a{n}, np.uint32(abs_bits(w{n}[i - ulo])))",
             f"e{n} = from_bits(a{n})",
             f"{out[1]}{n}[lo // BLOCK] = e{n}",
             f"d{n} = e{n} if e{n} > 0 else np.float32(1)",
