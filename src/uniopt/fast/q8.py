@@ -1,19 +1,19 @@
 # mypy: disable-error-code="call-arg"
-"""The compiled CPU loop for 8-bit state (:mod:`uniopt.quant`): one pass per block.
+"""The compiled CPU loop for 8-bit state (:mod:`uniopt.quant`): one pass over memory per step.
 
-As :mod:`uniopt.fast.cpu`'s loop, with the slots kept as codes and block scales: for each block
-of :data:`~uniopt.quant.BLOCK` elements the loop reads each element's codes, turns them into
-float32 values (a table of 256 values times the block's scale), runs the rule's kernels, writes
-the parameter, keeps the new slot values in a block-sized buffer (which stays in the L1 cache)
-with their largest magnitude, and then writes the block's new scale and each element's nearest
-code. Memory sees p, g and one byte per slot read and written: 10 bytes per element for Adam
-in place, where float32 state moves 28.
+As :mod:`uniopt.fast.cpu`'s loop, with the slots kept as codes and block scales. For each block
+of :data:`~uniopt.quant.BLOCK` elements, four simple loops that each vectorize, over buffers of
+one block per slot that stay in the L1 cache: the codes into float32 values (a table of 256
+values times the block's scale); the rule's kernels on p, g and the buffers, writing p; each
+buffer's largest magnitude (an integer maximum of the bits of ``|x|``), the block's new scale;
+and each new value's nearest code. Memory sees p, g and one byte per slot read and written: 10
+bytes per element for Adam in place, where float32 state moves 28.
 
 The nearest code without a search: the magnitude's float32 bits shifted right by
-:data:`SHIFT` index a table of the code of the smallest magnitude with those leading bits; at
-most two more codes lie within the magnitudes sharing them (checked when the tables are made),
-so two compare-and-steps against the midpoints reach the first midpoint at or above the
-magnitude, the code the reference path's search finds, bit for bit.
+:data:`SHIFT` (from the bucket of 2**-25 up: 13 KB a map) index a table that holds the code of
+the bucket's smallest magnitude and the low bits of the one midpoint inside the bucket, if any
+(checked when the table is made): one look-up and one integer comparison give the first
+midpoint at or above the magnitude, the code the reference path's search finds, bit for bit.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def code_s(y: Any) -> Any:
 @numba.njit(inline="always")
 def code_u(y: Any) -> Any:
     """The unsigned code of ``y`` (a float32 in [-1, 1]; a negative one codes as 0)."""
-    bits = cpu._f32_bits(y)
+    bits: Any = cpu._f32_bits(y)
     c = _magnitude_code(bits & np.uint32(0x7FFFFFFF), START_U)
     # zero where the sign bit is set (a negative number; -0.0 codes as 0 either way), in
     # integer operations: a float comparison here kept the loop from vectorizing
@@ -175,11 +175,9 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
         s += nslots
         reads = []
         for n in names:
-            signed = signs[n]
-            codes = "np.uint8"  # a signed code as its byte
-            loads.append(view(f"c{n}", codes))
+            loads.append(view(f"c{n}", "np.uint8"))  # a signed code as its byte
             if not inplace:
-                loads.append(view(f"co{n}", codes))
+                loads.append(view(f"co{n}", "np.uint8"))
             loads.append(view(f"m{n}", "np.float32", nb))
             if not inplace:
                 loads.append(view(f"mo{n}", "np.float32", nb))
