@@ -404,3 +404,17 @@ def test_mlp_converges_as_float32_adam_does() -> None:
     assert f32.max() < 0.2 * _mlp_run(0, None, 0)  # it learned
     assert abs(q8.mean() - f32.mean()) <= spread, (f32, q8)
     assert q8.max() <= f32.max() + spread, (f32, q8)
+
+
+def test_leaves_without_gradients_and_half_precision_params() -> None:
+    p = {"a": np.ones(5, np.float32), "b": np.ones(3, np.float32)}
+    s = uo.setup(uo.adam(lr=0.1), p, state_dtype="q8")
+    s, q = uo.update(s, p, {"a": np.ones(5, np.float32), "b": None})
+    np.testing.assert_array_equal(q["b"], p["b"])  # a leaf without a gradient stays
+    assert abs(q["a"][0] - 0.9) < 1e-6 and list(s.counts) == [1, 0]
+    codes = s.slots["scale_by_adam.exp_avg"][1].codes
+    assert np.all(codes == 0)  # and so do its slots
+    h = [np.ones(4, np.float16)]
+    s = uo.setup(uo.adam(lr=0.1), h, state_dtype="q8")
+    s, out = uo.update(s, h, [np.ones(4, np.float16)])
+    assert out[0].dtype == np.float16 and np.all(out[0] == np.float16(0.9))
