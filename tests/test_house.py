@@ -25,7 +25,7 @@ SRC = Path(uo.__file__).parent
 LAYERS = [
     {"hyper", "schedules", "tree", "backend", "moments"},
     {"base"},
-    {"state", "transforms", "rules"},
+    {"state", "quant", "transforms", "rules"},
     {"interop.jax", "fast"},
     {"engine"},
     {"interop.optax", "combine", "conventions", "registry"},

@@ -68,5 +68,6 @@ def test_torch_bfloat16_and_jax_bfloat16() -> None:
 
 
 def test_bad_state_dtype() -> None:
-    with pytest.raises(ValueError, match="state_dtype must be 'float32' or 'float64', got 'int8'"):
+    with pytest.raises(ValueError,
+                       match="state_dtype must be 'float32', 'float64' or 'q8', got 'int8'"):
         uo.setup(uo.adam(), [np.ones(2)], state_dtype="int8")

@@ -504,14 +504,15 @@ def _flat(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any], Any]:
 def _at(path: tuple[Any, ...], params: list[list[Any]]) -> list[Any]:
     """A state leaf's place: its path, with a slot's position among the params replaced by
     that param's path (so a state is matched to params by path, not by position)."""
-    if len(path) == 3 and path[0] == "slots":
-        return ["slots", path[1], params[path[2]]]
+    if len(path) >= 3 and path[0] == "slots":  # an 8-bit slot: its codes and its scales
+        return ["slots", path[1], params[path[2]], *path[3:]]
     return [_key(k) for k in path]
 
 
 def _show(at: list[Any]) -> str:
-    if len(at) == 3 and at[0] == "slots" and isinstance(at[2], list):
-        return f"slots[{at[1]!r}] of {path_str(tuple(at[2]))}"
+    if len(at) >= 3 and at[0] == "slots" and isinstance(at[2], list):
+        part = "".join(f".{k}" for k in at[3:])
+        return f"slots[{at[1]!r}]{part} of {path_str(tuple(at[2]))}"
     if len(at) == 2 and at[0] == "params" and isinstance(at[1], list):
         return path_str(tuple(at[1]))
     return "state" + "".join(f"[{k!r}]" for k in at)
@@ -852,7 +853,7 @@ def _template(ck: _File, like: Any) -> tuple[State, Transform, Any, bool]:
     template's arrays are this load's own (then they are read into)."""
     doc = ck.doc
     state_dtype = doc.get("state_dtype")
-    if state_dtype not in (None, "float32", "float64"):
+    if state_dtype not in (None, "float32", "float64", "q8"):
         raise CheckpointError(f"{ck.name}: state_dtype {_short(state_dtype)}")
     if isinstance(like, State):
         tmpl, like_rule, like_params = like, like.rule, None

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import optree
 
-from . import backend, fast
+from . import backend, fast, quant
 from .base import (
     Combinator,
     Elementwise,
@@ -70,7 +70,9 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
 
     ``state_dtype`` (e.g. ``"float32"``) keeps the slots in that dtype and computes each step in
     it, rounding only the new parameters to their own dtype: float16/bfloat16 parameters with
-    float32 moments, without overflow in ``g**2``.
+    float32 moments, without overflow in ``g**2``. ``state_dtype="q8"`` keeps each slot in 8
+    bits (:mod:`uniopt.quant`: one byte per element and a float32 scale per block of 2048) and
+    computes each step in float32.
 
     >>> import numpy as np, uniopt as uo
     >>> state = uo.setup(uo.adam(), {"w": np.zeros(3)})
@@ -83,8 +85,14 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     _alone(rule)
     _check_shapes(rule, names, leaves)
     register_state()  # JAX (flax) knows a State from the first one made after its import
-    if state_dtype is not None and state_dtype not in ("float32", "float64"):
-        raise ValueError(f"setup: state_dtype must be 'float32' or 'float64', got {state_dtype!r}")
+    if state_dtype is not None and state_dtype not in ("float32", "float64", "q8"):
+        raise ValueError(f"setup: state_dtype must be 'float32', 'float64' or 'q8', got "
+                         f"{state_dtype!r}")
+    if state_dtype == "q8" and rule.tree_layout:
+        raise ValueError(f"setup: state_dtype='q8' quantises per-leaf slots; {rule.name} has "
+                         f"whole-tree parts ({', '.join(rule.tree_layout)})")
+    if state_dtype == "q8":
+        quant.register_jax()
     if state_dtype is not None and any(map(backend.is_complex, leaves)):
         raise ValueError(f"setup: state_dtype={state_dtype!r} is for real params; these have "
                          "complex leaves")
@@ -98,6 +106,9 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
                               else part.init_tree(params))
         elif keys:
             per_leaf = [_init_slots(part, p, state_dtype) for p in leaves]
+            if state_dtype == "q8":
+                per_leaf = [_quantised(part.slots, s, p) for s, p in zip(per_leaf, leaves,
+                                                                          strict=True)]
             for k, key in enumerate(keys):
                 slots[key] = [s[k] for s in per_leaf]  # None: a leaf of that shape keeps none
     # a JAX state counts in a JAX array, as optax's do: a Python int would be static to
@@ -138,9 +149,27 @@ def _init_slots(part: Part, p: Any, state_dtype: str | None) -> tuple[Any, ...]:
     (Adagrad's initial sum fills both) and kept complex, as torch keeps them."""
     xp = backend.namespace(p)
     if not backend.is_complex(p):
-        return part.init_slots(_stored(p, state_dtype), xp)
+        return part.init_slots(_stored(p, "float32" if state_dtype == "q8" else state_dtype), xp)
     return tuple(s if s is None else backend.as_complex(s, p)
                  for s in part.init_slots(backend.as_real(p), xp))
+
+
+def _quantised(names: tuple[str, ...], slots: tuple[Any, ...], p: Any) -> tuple[Any, ...]:
+    """Slots (float32) in 8 bits, each with the map its name asks for (:mod:`uniopt.quant`)."""
+    xp = backend.namespace(p)
+    out: list[Any] = []
+    for name, s in zip(names, slots, strict=True):
+        signed = name not in quant.NONNEGATIVE
+        if s is None:
+            out.append(None)
+        elif backend.is_jax(s) and not _traced(s):
+            # on the host: JAX compiles each of quantise's operations for each new shape when
+            # run one by one, seconds for a small model's set-up
+            q = quant.quantise(np, np.asarray(s), signed)
+            out.append(quant.Q8(xp.asarray(q.codes), xp.asarray(q.absmax)))
+        else:
+            out.append(quant.quantise(xp, s, signed))
+    return tuple(out)
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
@@ -167,6 +196,8 @@ _LOW = ("float16", "bfloat16")
 def _compute_dtype(p: Any, xp: Any, state_dtype: str | None) -> Any:
     """The dtype parameter ``p``'s step is computed in: ``state_dtype`` if set, else float32
     for float16/bfloat16; None: its own."""
+    if state_dtype == "q8":
+        return xp.float32
     name = state_dtype or ("float32" if str(p.dtype).rsplit(".", 1)[-1] in _LOW else None)
     return None if name is None else getattr(xp, name)
 
@@ -252,6 +283,9 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                              f"{len(params)}: this state was set up for other params")
         for name, p, s in zip(names, params, arrays, strict=True):
             dtype = p.dtype
+            if state.state_dtype == "q8":
+                _check_q8(state, key, name, p, s, shapes)
+                continue
             if state.state_dtype is not None:
                 dtype = getattr(backend.namespace(p), state.state_dtype)
             shape = tuple(p.shape)
@@ -266,6 +300,24 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                     f"{name} has shape {tuple(p.shape)} and dtype {p.dtype}, but the state's "
                     f"{key} for it has {got}: this state was set up for other params"
                 )
+
+
+def _check_q8(state: State, key: str, name: str, p: Any, s: Any,
+              shapes: dict[tuple[int, ...], dict[str, Any]]) -> None:
+    """Raise unless ``s`` is the 8-bit slot ``key`` of a leaf shaped as ``p`` (or None where
+    such a leaf keeps none)."""
+    shape = tuple(p.shape)
+    want = shapes.get(shape)
+    if want is None:
+        want = shapes[shape] = state.rule.slot_shapes_of(shape)
+    slot = want.get(key, shape)
+    if slot is None and s is None:
+        return
+    if (not isinstance(s, quant.Q8) or slot is None or s.shape != slot
+            or tuple(s.absmax.shape) != (quant.blocks(math.prod(slot)),)):
+        got = "none" if s is None else repr(s)
+        raise ValueError(f"{name} has shape {shape}, but the state's 8-bit {key} for it is "
+                         f"{got}: this state was set up for other params")
 
 
 def _with_structure(state: State, treedef: Any) -> State:
@@ -297,6 +349,19 @@ def _deltas(
     state: State, params: list[Any], grads: list[Any], extra: dict[str, Any],
     finish: bool = False,
 ) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
+    """:func:`_float_deltas`, its new slots in 8 bits where the state keeps them so."""
+    us, slots, trees = _float_deltas(state, params, grads, extra, finish)
+    if state.state_dtype == "q8":
+        slots = {k: [s if s is None else quant.quantise(backend.namespace(s), s, old.signed)
+                     for s, old in zip(v, state.slots[k], strict=True)]
+                 for k, v in slots.items()}
+    return us, slots, trees
+
+
+def _float_deltas(
+    state: State, params: list[Any], grads: list[Any], extra: dict[str, Any],
+    finish: bool = False,
+) -> tuple[list[Any], dict[str, list[Any]], dict[str, Any]]:
     """The update ``u`` of every leaf (``p_new = p - u``), the new slots and tree states;
     ``extra``, the step's extra arguments (the loss), goes to the parts that read it.
     ``finish``: in place of the updates, the new params (in the computation's dtype), written
@@ -315,6 +380,8 @@ def _deltas(
     read = _copy if backend.is_tracked() else _in
     if read is _copy:
         ps = [_copy(p, None, None) for p in ps]
+    if state.state_dtype == "q8":  # fresh float32 arrays: nothing to copy
+        read = _dequantised
     new_slots: dict[str, list[Any]] = {}
     new_trees: dict[str, Any] = {}
     for part, c, keys in plan:
@@ -394,6 +461,11 @@ def _run(state: State, part: Combinator, step: _Step, inplace: bool,
                                inplace, **extra)
     new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
     return new, None if inplace else unflatten(step.treedef, new_p)
+
+
+def _dequantised(x: Any, dtype: Any, xp: Any) -> Any:
+    """An 8-bit slot's float32 values (a slot a leaf does not keep: None)."""
+    return None if x is None else quant.dequantise(xp, x)
 
 
 def _copy(x: Any, dtype: Any, xp: Any) -> Any:
@@ -541,7 +613,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             return None
     if not leaves:
         return None
-    for strategy in fast.STRATEGIES:
+    for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
         out = strategy(lambda: resolve(state.rule, state.step), leaves, g_leaves, state.slots,
                        inplace, state.rule.memo)
         if out is None:
@@ -588,7 +660,8 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
                 raise TypeError(f"update_ cannot write {name} in place: {reason}")
         for key, arrays in state.slots.items():
             for name, s in zip(names, arrays, strict=True):
-                reason = None if s is None else backend.immutable_reason(s)
+                reason = None if s is None else backend.immutable_reason(
+                    s.codes if isinstance(s, quant.Q8) else s)
                 if reason:
                     raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
     return _Step(p_leaves, g_leaves, treedef)
@@ -597,7 +670,8 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
 def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[str, list[Any]]:
     """The new slots of a pure update, aliasing none of the inputs."""
     return {
-        key: [None if old is None else _as_new_array(s, old, (p, g, old)) for s, p, g, old in
+        key: [None if old is None else s if isinstance(s, quant.Q8) else
+              _as_new_array(s, old, (p, g, old)) for s, p, g, old in
               zip(arrays, step.params, step.grads, state.slots[key], strict=True)]
         for key, arrays in slots.items()
     }
@@ -662,7 +736,10 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
         backend.assign(p, new)
     for key, arrays in slots.items():
         for old, new in zip(state.slots[key], arrays, strict=True):
-            if old is not None:
+            if isinstance(old, quant.Q8):
+                backend.assign(old.codes, new.codes)
+                backend.assign(old.absmax, new.absmax)
+            elif old is not None:
                 backend.assign(old, new)
     if fast_out:
         fast.warn_once(fast_out)
@@ -715,13 +792,21 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
     if not inplace:  # a pure step aliases none of its inputs
         still = set(range(n)) - set(moving)
         new_p = [_as_new_array(p, p, (p,)) if i in still else p for i, p in enumerate(new_p)]
-        slots = {k: [s if s is None or i not in still else _as_new_array(s, s, (s,))
+        slots = {k: [s if s is None or i not in still else _fresh_slot(s)
                      for i, s in enumerate(v)] for k, v in slots.items()}
     mask = np.zeros(n, dtype=np.int64)
     mask[moving] = 1
     new = dataclasses.replace(state, step=state.step + 1, slots=slots, tree_states=trees,
                               counts=counts + (xp.asarray(mask, dtype=xp.int32) if jax else mask))
     return new, None if inplace else unflatten(step.treedef, new_p)
+
+
+def _fresh_slot(s: Any) -> Any:
+    """A copy of slot ``s`` (an 8-bit one: of its arrays)."""
+    if isinstance(s, quant.Q8):
+        return quant.Q8(_as_new_array(s.codes, s.codes, (s.codes,)),
+                        _as_new_array(s.absmax, s.absmax, (s.absmax,)))
+    return _as_new_array(s, s, (s,))
 
 
 def _as_pairs(state: State, step: _Step, inplace: bool,

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import warnings
 
-from . import cpu
+from . import cpu, q8
 
 STRATEGIES = (cpu.step,)
+# for states kept in 8 bits (setup's state_dtype='q8')
+Q8_STRATEGIES = (q8.step,)
 
 
 class FastPathUnavailable(UserWarning):

@@ -1,0 +1,420 @@
+"""8-bit state (setup(..., state_dtype="q8")): blockwise dynamic-tree quantised slots."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import tracemalloc
+from typing import Any
+
+import numpy as np
+import optree
+import pytest
+
+import uniopt as uo
+from uniopt import fast, quant
+from uniopt.fast import cpu
+from uniopt.tree import NAMESPACE
+
+BLOCK = 2048
+
+
+def _tree(rng: np.random.Generator, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    # a partial last block (5000 = 2 * 2048 + 904), a leaf smaller than a block, a scalar
+    return {"w": rng.standard_normal((50, 100)).astype(dtype),
+            "b": rng.standard_normal(300).astype(dtype),
+            "s": np.asarray(rng.standard_normal(), dtype=dtype)}
+
+
+def _grads(rng: np.random.Generator, like: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+    # per-block scales that differ by orders of magnitude, as real gradients' do
+    return [{k: (rng.standard_normal(v.shape) * 10.0 ** rng.integers(-4, 1)).astype(v.dtype)
+             for k, v in like.items()} for _ in range(steps)]
+
+
+# --- the map and the round trip, written from the paper's description ------------------------
+
+
+def _magnitudes(decades: int) -> np.ndarray:
+    """0; in decade i (0 the smallest) of [10**-(decades-i), 10**-(decades-i-1)], the
+    midpoints of 2**(i+1) equal parts; 1."""
+    vals = [0.0, 1.0]
+    for i in range(decades):
+        lo, hi = 10.0 ** -(decades - i), 10.0 ** -(decades - i - 1)
+        k = 2 ** (i + 1)
+        vals += [lo + (j + 0.5) * (hi - lo) / k for j in range(k)]
+    return np.sort(np.array(vals))
+
+
+def test_the_maps() -> None:
+    np.testing.assert_allclose(quant.MAG_U, _magnitudes(7), rtol=1e-7)
+    np.testing.assert_allclose(quant.MAG_S, _magnitudes(6), rtol=1e-7)
+    assert len(quant.MAG_U) == 256 and len(quant.MAG_S) == 128
+    assert np.all(np.diff(quant.MAG_U) > 0) and np.all(np.diff(quant.MAG_S) > 0)
+
+
+def _bracket(table: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The map's values either side of each magnitude ``m``."""
+    hi = np.clip(np.searchsorted(table, m, side="left"), 1, len(table) - 1)
+    return table[hi - 1].astype(np.float64), table[hi].astype(np.float64)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_round_trip_error_is_at_most_half_a_code_step_of_the_block(signed: bool) -> None:
+    rng = np.random.default_rng(1)
+    n = 5 * BLOCK + 123
+    x = rng.standard_normal(n) * np.repeat(10.0 ** rng.integers(-6, 3, 6), BLOCK)[:n]
+    x[:50] = 0.0
+    x[BLOCK:2 * BLOCK] = 0.0  # a block of zeros: scale 0, codes 0, values exactly 0
+    if not signed:
+        x = np.abs(x) ** 2
+    x = x.astype(np.float32).reshape(-1, 1)
+    q = quant.quantise(np, x, signed)
+    assert q.codes.dtype == (np.int8 if signed else np.uint8) and q.codes.shape == x.shape
+    assert q.absmax.shape == (6,) and q.absmax.dtype == np.float32
+    back = quant.dequantise(np, q).astype(np.float64).ravel()
+    xs = x.astype(np.float64).ravel()
+    absmax = np.repeat(q.absmax.astype(np.float64), BLOCK)[:n]
+    np.testing.assert_array_equal(absmax.reshape(-1, BLOCK)[:, 0] if n % BLOCK == 0 else
+                                  q.absmax, [np.abs(xs[i:i + BLOCK]).max()
+                                             for i in range(0, n, BLOCK)])
+    table = quant.MAG_S if signed else quant.MAG_U
+    scale = np.where(absmax > 0, absmax, 1.0)
+    lo, hi = _bracket(table, np.abs(xs) / scale)
+    err = np.abs(back - xs)
+    # half the step between the map's two values around x/absmax, times the block's absmax
+    # (plus the float32 rounding of x/absmax and of code * absmax: a few ulps of absmax)
+    bound = 0.5 * (hi - lo) * absmax + 4 * 2.0**-24 * absmax
+    assert np.all(err <= bound)
+    # and the coarsest step of the map bounds every error: 0.9/64 (signed), 0.9/128 (unsigned)
+    assert np.all(err <= (0.5 * 0.9 / (64 if signed else 128) + 1e-6) * absmax)
+    assert np.all(back[BLOCK:2 * BLOCK] == 0) and np.all(back[:50] == 0)
+    # nearest: no other value of the map is closer than the one chosen
+    vals = np.asarray(table, np.float64)
+    y = np.abs(xs) / scale
+    best = np.abs(y[:, None] - vals[None, :]).min(axis=1)
+    assert np.all(np.abs(np.abs(back) / scale - y) <= best + 1e-6)
+
+
+def test_signed_map_is_symmetric_and_unsigned_rounds_negatives_to_zero() -> None:
+    x = np.linspace(-1, 1, 4001, dtype=np.float32)
+    q = quant.quantise(np, x, True)
+    np.testing.assert_array_equal(q.codes, -q.codes[::-1])
+    assert q.codes.min() == -127 and q.codes.max() == 127
+    u = quant.quantise(np, x, False)
+    assert np.all(u.codes[x < 0] == 0) and u.codes.max() == 255
+
+
+# --- memory -------------------------------------------------------------------------------
+
+
+def _mlp_shapes() -> list[tuple[int, ...]]:
+    return [(256, 512), (512,), (512, 512), (512,), (512, 10), (10,)]
+
+
+def test_state_bytes_per_parameter() -> None:
+    params = [np.zeros(s, np.float32) for s in _mlp_shapes()]
+    n = sum(p.size for p in params)
+    state = uo.setup(uo.adam(), params, state_dtype="q8")
+    leaves = optree.tree_leaves(state.slots, namespace=NAMESPACE)
+    assert {str(x.dtype) for x in leaves} == {"int8", "uint8", "float32"}
+    per = sum(x.nbytes for x in leaves) / n
+    assert per <= 2.1, per  # 2 codes + 2 scales per 2048: 2.004 (float32 state: 8)
+    assert sum(quant.nbytes(q) for v in state.slots.values() for q in v) / n == per
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = uo.setup(uo.adam(), params, state_dtype="q8")
+        after = tracemalloc.get_traced_memory()[0]
+        f32 = uo.setup(uo.adam(), params)
+        full = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert (after - before) / n <= 2.1, (after - before) / n
+    assert (full - after) / n >= 8  # the float32 state, for scale
+    del kept, f32
+
+
+# --- one step against the recipe, written here --------------------------------------------
+
+
+def _quantise(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Blockwise absmax, nearest value of the map by brute force (codes as signed indices)."""
+    table = _magnitudes(6 if signed else 7).astype(np.float32).astype(np.float64)
+    flat = x.ravel().astype(np.float64)
+    nb = max(1, math.ceil(flat.size / BLOCK))
+    absmax = np.array([np.abs(flat[i * BLOCK:(i + 1) * BLOCK]).max() for i in range(nb)])
+    scale = np.repeat(np.where(absmax > 0, absmax, 1.0), BLOCK)[:flat.size]
+    y = (flat.astype(np.float32) / scale.astype(np.float32)).astype(np.float64)
+    mag = np.abs(y) if signed else np.maximum(y, 0)
+    code = np.abs(mag[:, None] - table[None, :]).argmin(axis=1)
+    code = np.where(y < 0, -code, code) if signed else code
+    return code.reshape(x.shape), absmax.astype(np.float32)
+
+
+def _dequantise(codes: np.ndarray, absmax: np.ndarray, signed: bool) -> np.ndarray:
+    table = _magnitudes(6 if signed else 7).astype(np.float32)
+    c = codes.ravel().astype(np.int64)
+    v = np.sign(c).astype(np.float32) * table[np.abs(c)]
+    return (v * np.repeat(absmax, BLOCK)[:c.size]).reshape(codes.shape)
+
+
+def test_a_step_is_dequantise_then_float32_adam_then_quantise() -> None:
+    rng = np.random.default_rng(2)
+    params = _tree(rng)
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
+    state = uo.setup(uo.adam(lr=lr, betas=(b1, b2), eps=eps), params, state_dtype="q8")
+    grads = _grads(rng, params, 4)
+    for g in grads[:3]:
+        state, params = uo.update(state, params, g)
+    new_state, new_params = uo.update(state, params, grads[3])
+    t = 4
+    f = np.float32
+    for i, k in enumerate(sorted(params)):
+        qm, qv = state.slots["scale_by_adam.exp_avg"][i], state.slots["scale_by_adam.exp_avg_sq"][i]
+        m = _dequantise(qm.codes, qm.absmax, True)
+        v = _dequantise(qv.codes, qv.absmax, False)
+        np.testing.assert_array_equal(m, quant.dequantise(np, qm))
+        np.testing.assert_array_equal(v, quant.dequantise(np, qv))
+        g = grads[3][k]
+        m = f(b1) * m + f(1 - b1) * g
+        v = f(b2) * v + f(1 - b2) * g * g
+        step = f(lr / (1 - b1**t)) * m / (np.sqrt(v) / f(math.sqrt(1 - b2**t)) + f(eps))
+        # the kernel rounds m once (a fused lerp) and v's terms in its own order: float32
+        # rounding apart, so the params agree to a few ulps and a code may sit one apart
+        np.testing.assert_allclose(new_params[k], params[k] - step, rtol=2e-6, atol=1e-7)
+        for new, want, signed in ((new_state.slots["scale_by_adam.exp_avg"][i], m, True),
+                                  (new_state.slots["scale_by_adam.exp_avg_sq"][i], v, False)):
+            codes, absmax = _quantise(want, signed)
+            np.testing.assert_allclose(new.absmax, absmax, rtol=1e-6)
+            diff = np.abs(new.codes.astype(np.int64) - codes)
+            assert diff.max() <= 1 and np.mean(diff) < 1e-3, (k, signed, diff.max(), diff.mean())
+
+
+# --- paths and backends -------------------------------------------------------------------
+
+
+def _big(rng: np.random.Generator) -> list[np.ndarray]:
+    # above the compiled loop's small-step size, with a partial block
+    return [rng.standard_normal((130, 200)).astype(np.float32),
+            rng.standard_normal(1000).astype(np.float32)]
+
+
+def _equal_states(a: uo.State, b: uo.State) -> None:
+    for key in a.slots:
+        for x, y in zip(a.slots[key], b.slots[key], strict=True):
+            np.testing.assert_array_equal(np.asarray(x.codes), np.asarray(y.codes))
+            np.testing.assert_array_equal(np.asarray(x.absmax), np.asarray(y.absmax))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_loop_equals_the_reference_path(dtype: Any, monkeypatch: Any) -> None:
+    rng = np.random.default_rng(3)
+    params = [p.astype(dtype) for p in _big(rng)]
+    grads = [[(rng.standard_normal(p.shape) * 1e-2).astype(dtype) for p in params]
+             for _ in range(3)]
+    rule = uo.adamw(lr=1e-2, weight_decay=0.1)
+    fast_s, fast_p = uo.setup(rule, params, state_dtype="q8"), params
+    inplace_p = [p.copy() for p in params]
+    inplace_s = uo.setup(rule, inplace_p, state_dtype="q8")
+    before = cpu.STEPS
+    for g in grads:
+        fast_s, fast_p = uo.update(fast_s, fast_p, g)
+        inplace_s = uo.update_(inplace_s, inplace_p, g)
+    assert cpu.STEPS - before == 6
+    monkeypatch.setattr(fast, "Q8_STRATEGIES", ())
+    ref_s, ref_p = uo.setup(rule, params, state_dtype="q8"), params
+    for g in grads:
+        ref_s, ref_p = uo.update(ref_s, ref_p, g)
+    for a, b, c in zip(fast_p, inplace_p, ref_p, strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+    _equal_states(fast_s, ref_s)
+    _equal_states(inplace_s, ref_s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", [uo.adam(lr=1e-2, amsgrad=True), uo.adamax(), uo.nadam(),
+                                  uo.radam(), uo.rmsprop(lr=1e-3), uo.sgd(lr=1e-2, momentum=0.9)],
+                         ids=lambda r: r.name + ("_ams" if getattr(r, "amsgrad", 0) else ""))
+def test_every_elementwise_rule_compiled_equals_reference(rule: Any, monkeypatch: Any) -> None:
+    rng = np.random.default_rng(4)
+    params = _big(rng)
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(3)]
+    s, p = uo.setup(rule, params, state_dtype="q8"), params
+    for g in grads:
+        s, p = uo.update(s, p, g)
+    monkeypatch.setattr(fast, "Q8_STRATEGIES", ())
+    r, q = uo.setup(rule, params, state_dtype="q8"), params
+    for g in grads:
+        r, q = uo.update(r, q, g)
+    for a, b in zip(p, q, strict=True):
+        np.testing.assert_array_equal(a, b)
+    _equal_states(s, r)
+
+
+def _numpy_run() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], uo.State,
+                            dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    params = _tree(rng)
+    grads = _grads(rng, params, 3)
+    s, p = uo.setup(uo.adam(lr=1e-2), params, state_dtype="q8"), params
+    for g in grads:
+        s, p = uo.update(s, p, g)
+    return params, grads, s, p
+
+
+def test_numpy_and_torch_agree() -> None:
+    torch = pytest.importorskip("torch")
+    params, grads, s, p = _numpy_run()
+    ts = uo.setup(uo.adam(lr=1e-2), {k: torch.tensor(v) for k, v in params.items()},
+                  state_dtype="q8")
+    tp = {k: torch.tensor(v) for k, v in params.items()}
+    for g in grads:
+        ts = uo.update_(ts, tp, {k: torch.tensor(v) for k, v in g.items()})
+    assert ts.slots["scale_by_adam.exp_avg"][0].codes.dtype == torch.int8
+    _agree(s, p, ts, {k: v.numpy() for k, v in tp.items()})
+
+
+@pytest.mark.slow  # JAX compiles the step twice: some seconds
+def test_numpy_and_jax_under_jit_agree() -> None:
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params, grads, s, p = _numpy_run()
+    step = jax.jit(uo.update)
+    js = uo.setup(uo.adam(lr=1e-2), {k: jnp.asarray(v) for k, v in params.items()},
+                  state_dtype="q8")
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    for g in grads:
+        js, jp = step(js, jp, {k: jnp.asarray(v) for k, v in g.items()})
+    assert isinstance(js.slots["scale_by_adam.exp_avg"][0], quant.Q8)
+    _agree(s, p, js, jp)
+
+
+def _agree(s: uo.State, p: dict[str, np.ndarray], other_s: uo.State, other_p: Any) -> None:
+    # torch's lerp and XLA's fusions round the kernel's float32 arithmetic in their own
+    # order (as with float32 state): a few ulps on the params, and a new slot value that falls
+    # within those ulps of a midpoint between codes takes the neighbouring code
+    for k in p:
+        np.testing.assert_allclose(np.asarray(other_p[k]), p[k], rtol=1e-5, atol=1e-6)
+    for key in s.slots:
+        for a, b in zip(s.slots[key], other_s.slots[key], strict=True):
+            diff = np.abs(np.asarray(a.codes, np.int64) - np.asarray(b.codes, np.int64))
+            assert diff.max() <= 1 and diff.mean() < 1e-2
+            np.testing.assert_allclose(np.asarray(b.absmax), a.absmax, rtol=1e-5)
+
+
+def test_pure_and_in_place_agree_and_pure_aliases_nothing() -> None:
+    rng = np.random.default_rng(6)
+    params = _tree(rng)
+    g = _grads(rng, params, 1)[0]
+    s0 = uo.setup(uo.adam(lr=1e-2), params, state_dtype="q8")
+    codes = s0.slots["scale_by_adam.exp_avg"][0].codes.copy()
+    s1, p1 = uo.update(s0, params, g)
+    np.testing.assert_array_equal(s0.slots["scale_by_adam.exp_avg"][0].codes, codes)
+    p2 = {k: v.copy() for k, v in params.items()}
+    s2 = uo.update_(uo.setup(uo.adam(lr=1e-2), params, state_dtype="q8"), p2, g)
+    for k in params:
+        np.testing.assert_array_equal(p1[k], p2[k])
+    _equal_states(s1, s2)
+
+
+# --- checkpoints and errors ----------------------------------------------------------------
+
+
+def test_checkpoint_round_trip() -> None:
+    rng = np.random.default_rng(7)
+    params = _tree(rng)
+    rule = uo.adam(lr=1e-2)
+    state = uo.setup(rule, params, state_dtype="q8")
+    for g in _grads(rng, params, 3):
+        state, params = uo.update(state, params, g)
+    path = os.path.join(tempfile.mkdtemp(), "q8.safetensors")
+    uo.save(path, state)
+    back = uo.load(path, (rule, params))
+    assert back.state_dtype == "q8" and back.step == 3
+    _equal_states(state, back)
+    into = uo.load(path, uo.setup(rule, params, state_dtype="q8"))
+    _equal_states(state, into)
+    g = _grads(rng, params, 1)[0]
+    a, pa = uo.update(state, params, g)
+    b, pb = uo.update(back, params, g)
+    for k in params:
+        np.testing.assert_array_equal(pa[k], pb[k])
+    with pytest.raises(ValueError, match="state_dtype is 'q8' in the checkpoint, None in like"):
+        uo.load(path, uo.setup(rule, params))
+
+
+def test_errors() -> None:
+    params = [np.zeros(3, np.float32)]
+    with pytest.raises(ValueError, match="'float32', 'float64' or 'q8', got 'int8'"):
+        uo.setup(uo.adam(), params, state_dtype="int8")
+    with pytest.raises(ValueError, match="for real params"):
+        uo.setup(uo.adam(), [np.zeros(3, np.complex64)], state_dtype="q8")
+    with pytest.raises(ValueError, match="whole-tree parts"):
+        uo.setup(uo.partition({"a": uo.adam()}, lambda path, leaf: "a"), params,
+                 state_dtype="q8")
+    state = uo.setup(uo.adam(), params, state_dtype="q8")
+    with pytest.raises(ValueError, match="8-bit scale_by_adam.exp_avg for it is"):
+        uo.update(state, [np.zeros(5000, np.float32)], [np.zeros(5000, np.float32)])
+    plain = uo.setup(uo.adam(), params)
+    mixed = uo.State(plain.rule, 0, plain.slots, plain.treedef, "q8")
+    with pytest.raises(ValueError, match="for it is none|for it is"):
+        uo.update(mixed, params, params)
+
+
+# --- convergence --------------------------------------------------------------------------
+
+
+def _mlp_run(seed: int, state_dtype: str | None, steps: int) -> float:
+    """A 2-layer tanh MLP on a synthetic regression task; the final loss."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((256, 8)).astype(np.float32)
+    teacher = rng.standard_normal((8, 1)).astype(np.float32)
+    y = np.sin(x @ teacher) + 0.1 * x[:, :1] ** 2
+    params = {"w1": (rng.standard_normal((8, 64)) / np.sqrt(8)).astype(np.float32),
+              "b1": np.zeros(64, np.float32),
+              "w2": (rng.standard_normal((64, 1)) / 8).astype(np.float32),
+              "b2": np.zeros(1, np.float32)}
+    state = uo.setup(uo.adam(lr=3e-3), params, state_dtype=state_dtype)
+
+    def loss_grad(p: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        h = np.tanh(x @ p["w1"] + p["b1"])
+        r = h @ p["w2"] + p["b2"] - y
+        d = 2 * r / len(x)
+        dh = (d @ p["w2"].T) * (1 - h**2)
+        return float(np.mean(r**2)), {"w1": x.T @ dh, "b1": dh.sum(0), "w2": h.T @ d,
+                                      "b2": d.sum(0)}
+
+    for _ in range(steps):
+        _, g = loss_grad(params)
+        state = uo.update_(state, params, g)
+    return loss_grad(params)[0]
+
+
+@pytest.mark.slow
+def test_mlp_converges_as_float32_adam_does() -> None:
+    seeds, steps = range(5), 400
+    f32 = np.array([_mlp_run(s, None, steps) for s in seeds])
+    q8 = np.array([_mlp_run(s, "q8", steps) for s in seeds])
+    spread = f32.max() - f32.min()
+    assert f32.max() < 0.2 * _mlp_run(0, None, 0)  # it learned
+    assert abs(q8.mean() - f32.mean()) <= spread, (f32, q8)
+    assert q8.max() <= f32.max() + spread, (f32, q8)
+
+
+def test_leaves_without_gradients_and_half_precision_params() -> None:
+    p = {"a": np.ones(5, np.float32), "b": np.ones(3, np.float32)}
+    s = uo.setup(uo.adam(lr=0.1), p, state_dtype="q8")
+    s, q = uo.update(s, p, {"a": np.ones(5, np.float32), "b": None})
+    np.testing.assert_array_equal(q["b"], p["b"])  # a leaf without a gradient stays
+    assert abs(q["a"][0] - 0.9) < 1e-6 and list(s.counts) == [1, 0]
+    codes = s.slots["scale_by_adam.exp_avg"][1].codes
+    assert np.all(codes == 0)  # and so do its slots
+    h = [np.ones(4, np.float16)]
+    s = uo.setup(uo.adam(lr=0.1), h, state_dtype="q8")
+    s, out = uo.update(s, h, [np.ones(4, np.float16)])
+    assert out[0].dtype == np.float16 and np.all(out[0] == np.float16(0.9))
