@@ -153,7 +153,9 @@ def _every_rule() -> list[uo.Transform]:
         uo.accumulate(uo.adam(amsgrad=True), S.piecewise_constant(2, {2: 3})),
         uo.skip_nonfinite(uo.chain(uo.weight_decay(0.1), uo.sgd(momentum=0.9, nesterov=True))),
         uo.skip_nonfinite(uo.accumulate(uo.nadam(), 2), max_consecutive=3),
+        uo.mechanize(uo.adam(lr=1e-2, convention="optax")),
     ]
+
     def types(d: Any) -> set[str]:
         if isinstance(d, dict):
             own = {d["type"]} if d.get("$") == "record" else set()
@@ -182,7 +184,13 @@ def test_every_rule_round_trips_through_a_file(rule: uo.Transform, path: str) ->
                 return sum(float(np.sum(x * x)) for x in uo.trainables(p)), p
             state, params, _ = uo.minimize_step(state, params, closure)
         else:
-            state, params = uo.update(state, params, grads(params, i), value=1.0 + i)
+            g = grads(params, i)
+
+            def value_fn(p: Any, g: Any = g) -> Any:  # a linear objective whose gradient is g
+                pairs = zip(uo.trainables(p), uo.trainables(g), strict=True)
+                return float(sum(np.sum(a * b) for a, b in pairs)), g
+            state, params = uo.update(state, params, g, value=value_fn(params)[0], grad=g,
+                                      value_fn=value_fn)
     uo.save(path, state)
     back = uo.load(path, like=(rule, params))
     assert back.rule == rule

@@ -400,7 +400,7 @@ def test_per_leaf_rules_take_the_reference_path(library: str) -> None:
 @pytest.mark.parametrize(("make", "match"), [
     (lambda: uo.adafactor(lr=-1.0), r"lr must be >= 0, got -1.0"),
     (lambda: uo.adafactor(beta2_decay=0.5), r"beta2_decay must be in \[-inf, 0\], got 0.5"),
-    (lambda: uo.adafactor(d=0.5), r"d must be >= 1, got 0.5"),
+    (lambda: uo.adafactor(d=0.0), r"d must be > 0, got 0.0"),
     (lambda: uo.adafactor(eps=(-1.0, 1e-3)), r"eps\[0\] must be a number >= 0 or None, got -1.0"),
     (lambda: uo.adafactor(eps=(None, None)), r"eps\[1\] must be a number >= 0, got None"),
     (lambda: uo.adafactor(eps=1e-3), r"eps must be a pair \(eps1, eps2\), got 0.001"),

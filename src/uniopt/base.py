@@ -79,8 +79,8 @@ class Transform:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a switch is a bool: "no" is truthy
-            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name),
-                                                              (bool, np.bool_)):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name),
+                                                          (bool, np.bool_)):
                 raise ValueError(f"{self.name}: {f.name} must be True or False, "
                                  f"got {getattr(self, f.name)!r}")
         self._validate()
@@ -419,12 +419,15 @@ class Elementwise(Part):
     # import it); a flag that changes the arithmetic may make it a property choosing between two
     kernel: ClassVar[Kernel]
 
-    @property
-    def by_dtype(self) -> bool:
-        """Whether the coefficients depend on the dtype of the leaf they meet (the engine then
-        asks :meth:`for_dtype` for each): Optimisers.jl's float16 eps floor, a part's
-        ``eps_floor16`` option."""
-        return bool(getattr(self, "eps_floor16", False))
+    # whether the coefficients depend on the dtype of the leaf they meet (the engine then asks
+    # for_dtype for each): Optimisers.jl's float16 eps floor, a part's eps_floor16 option; an
+    # attribute set once, since the compiled step reads it every step
+    by_dtype: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if getattr(self, "eps_floor16", False):
+            object.__setattr__(self, "by_dtype", True)
 
     def for_dtype(self, c: Any, dtype: Any) -> Any:
         """The coefficients ``c`` for leaves of ``dtype``. With ``eps_floor16``, float16 leaves

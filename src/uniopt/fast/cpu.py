@@ -766,9 +766,11 @@ def run(
         new_params = [np.empty_like(p) for p in params]
         new_slots = {k: [np.empty_like(x) for x in v] for k, v in slots.items()}
     big = int(sizes.sum() >= PARALLEL_MIN)  # the loop on the thread pool, or on this thread
-    if any(getattr(part, "by_dtype", False) for part, _, _ in plan):  # leaves of one dtype
-        plan = [(part, part.for_dtype(c, first.dtype) if getattr(part, "by_dtype", False)
-                 else c, keys) for part, c, keys in plan]
+    for part, _, _ in plan:  # a loop, not any(): no generator's frame on every step
+        if getattr(part, "by_dtype", False):  # every leaf here has first's dtype
+            plan = [(p, p.for_dtype(c, first.dtype) if getattr(p, "by_dtype", False) else c, k)
+                    for p, c, k in plan]
+            break
     for j, (part, _, _) in enumerate(plan):
         if part.needs_norm:  # one extra read pass: the norm of what reaches this part
             plan = list(plan)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import array_api_compat as aac
 import numpy as np
 
 from .. import backend
@@ -122,7 +123,9 @@ class scale_by_lbfgs(WholeTree):
         r = [x if x.dtype == u0.dtype else xp.astype(x, u0.dtype) for x, u0 in
              zip(r, us, strict=True)]
         # copies: an in-place step writes the params it was handed
-        new = {"count": s["count"] + 1, "params": [xp.asarray(p, copy=True) for p in ps],
+        # NumPy's 0-d arithmetic hands back a scalar: the state keeps arrays (checkpoints)
+        count = xp.asarray(s["count"] + 1, dtype=xp.int32, device=aac.device(s["count"]))
+        new = {"count": count, "params": [xp.asarray(p, copy=True) for p in ps],
                "updates": [xp.asarray(x, copy=True) for x in us],
                "diff_params_memory": mem_p, "diff_updates_memory": mem_u,
                "weights_memory": rhos}
