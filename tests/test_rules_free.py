@@ -471,7 +471,10 @@ def test_backends_and_inplace_agree(name: str) -> None:
         assert rel_diff(on_jax[k], ref[k]) < TOL
 
 
-@pytest.mark.parametrize("name", list(RULES))
+# every rule's single compile under jax.jit is tests/test_registry.py's; here the eval weights
+# of a state that went through jit, against the same run on NumPy (eager JAX compiles each
+# operation on first use: seconds per rule)
+@pytest.mark.parametrize("name", [n for n in RULES if n.startswith("schedule_free")])
 def test_jit_compiles_once(name: str) -> None:
     rule = RULES[name]()
     p = {k: jnp.ones(s) for k, s in SHAPES.items()}
@@ -484,7 +487,8 @@ def test_jit_compiles_once(name: str) -> None:
         traces += 1
         return uo.update(state, p, g)
 
-    ref_state, ref = uo.setup(rule, p), p
+    ref = {k: np.ones(s) for k, s in SHAPES.items()}
+    ref_state = uo.setup(rule, ref)
     for _ in range(5):
         g = {k: 0.3 * v + 0.1 for k, v in p.items()}
         state, p = step(state, p, g)
