@@ -25,6 +25,7 @@ from .combine import (
 from .conventions import Translation, translate
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax, to_optax
+from .rules.acprop import acprop, scale_by_acprop
 from .rules.adadelta import adadelta, scale_by_adadelta
 from .rules.adafactor import adafactor, scale_by_factored_rms, scale_by_param_scale
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
@@ -76,6 +77,7 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
+from .rules.momo import momo, momo_adam, scale_by_momo, scale_by_momo_adam
 from .rules.parameter_free import (
     cocob,
     dadapt_adamw,
@@ -320,6 +322,14 @@ __all__ = [
     "optimistic_gradient_descent",
     "polyak_sgd",
     "scale_by_polyak",
+    # rules/acprop.py
+    "acprop",
+    "scale_by_acprop",
+    # rules/momo.py
+    "momo",
+    "momo_adam",
+    "scale_by_momo",
+    "scale_by_momo_adam",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402
