@@ -98,6 +98,11 @@ from .rules.preconditioned import (
     shampoo,
     soap,
 )
+from .rules.private import (
+    differentially_private_aggregate,
+    dpsgd,
+    per_example_global_norm_clip,
+)
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
     rmsprop,
@@ -330,6 +335,10 @@ __all__ = [
     "momo_adam",
     "scale_by_momo",
     "scale_by_momo_adam",
+    # rules/private.py
+    "differentially_private_aggregate",
+    "dpsgd",
+    "per_example_global_norm_clip",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402
