@@ -37,9 +37,9 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: float) -> tuple[Any, 
     :class:`dpsgd` takes as its gradient. Any array library.
 
     >>> import numpy as np, uniopt as uo
-    >>> total, n = uo.per_example_global_norm_clip([np.array([[0., 0.], [3., 4.]])], 1.0)
+    >>> total, n = uo.per_example_global_norm_clip([np.array([[0., 0.], [3., 4.]])], 2.5)
     >>> total[0].tolist(), int(n)
-    ([0.6, 0.8], 1)
+    ([1.5, 2.0], 1)
     """
     leaves, treedef, _ = flatten(grads)
     if not leaves or any(x.ndim == 0 for x in leaves) or len({x.shape[0] for x in leaves}) > 1:
@@ -156,7 +156,9 @@ class dpsgd(Rule):
     )
 
     def check(self) -> None:
-        differentially_private_aggregate(batch_size=self.batch_size, seed=self.seed)
+        part = differentially_private_aggregate(batch_size=self.batch_size, seed=self.seed)
+        object.__setattr__(self, "batch_size", part.batch_size)
+        object.__setattr__(self, "seed", part.seed)
         if self.nesterov and not self.on("momentum"):
             raise ValueError(f"{self.name}: nesterov needs a momentum > 0, got "
                              f"{self.momentum!r}")
