@@ -1,9 +1,9 @@
-"""acprop, momo, momo_adam and dpsgd against optax.contrib 0.2.8.
+"""acprop, momo, momo_adam, dpsgd and galore against optax.contrib 0.2.8.
 
 Every run is float64 on both sides (``jax.enable_x64``), optax under ``jax.jit``, ours on the
-NumPy reference path (dpsgd on JAX arrays under ``jax.jit``, whose noise is optax's); the
-tolerance is 1e-12 relative: the two differ in operation order only (a few ulps a step).
-100 steps suffice: a wrong step shows in every later one.
+NumPy reference path (dpsgd and galore on JAX arrays under ``jax.jit``: optax's noise, JAX's
+SVD); the tolerance is 1e-12 relative: the two differ in operation order only (a few ulps a
+step). 100 steps suffice (40 for galore): a wrong step shows in every later one.
 """
 
 from __future__ import annotations
@@ -167,6 +167,50 @@ def test_dpsgd_refuses_gradients_without_the_batch_axis() -> None:
         uo.per_example_global_norm_clip([np.ones((2, 4)), np.ones((3,))], 1.0)
 
 
+# --- galore -------------------------------------------------------------------------------------
+
+GALORE_SHAPES = {"w": (5, 3), "v": (2, 6), "b": (4,), "s": ()}
+
+
+def test_galore_on_jax_matches_optax() -> None:
+    # on JAX arrays the SVD is JAX's, as optax's: the same projectors. rank 2 < min(m, n); with
+    # the dimension numbers "t" is (3, 8) (a right projector), "u" is (6, 2) (a left one);
+    # refreshed every 7 steps; a scheduled lr, a masked decay
+    ours, theirs = _cosine(0.05)
+    hp = dict(rank=2, update_proj_gap=7, weight_decay=0.1, mask={"t": True, "u": True, "b": False})
+    err = run(uo.galore(ours, **hp, weight_dimension_numbers=uo.GaLoreDimensionNumbers(0, (1, 2))),
+              optax.contrib.galore(theirs, **hp,
+                                   weight_dimension_numbers=optax.contrib.GaLoreDimensionNumbers(
+                                       0, (1, 2))),
+              9, 40, on_jax=True, shapes={"t": (3, 4, 2), "u": (6, 1, 2), "b": (4,)})
+    assert err < 1e-12, err
+
+
+def test_galore_on_numpy_differs_from_optax_by_its_float32_svd() -> None:
+    # optax takes the SVD in float32: LAPACK's (NumPy's) and XLA's float32 singular vectors
+    # differ in their last bits, so with one SVD (no refresh) the runs agree to float32's
+    # digits only; at a refresh, where the two may choose other signs for a singular vector
+    # while Adam's moments stay in the old basis, they part altogether (see uo.galore)
+    hp = dict(rank=2, update_proj_gap=1000)
+    err = run(uo.galore(0.01, **hp), optax.contrib.galore(0.01, **hp), 11, 40,
+              shapes=GALORE_SHAPES)
+    assert 1e-12 < err < 1e-6, err
+
+
+def test_galore_keeps_low_rank_moments() -> None:
+    state = uo.setup(uo.galore(rank=2), {"w": np.ones((5, 3)), "v": np.ones((2, 6)),
+                                         "b": np.ones(4)})
+    (tree,) = state.tree_states.values()
+    assert [x.shape for x in tree["exp_avg"]] == [(4,), (2, 2), (2, 3)]
+    assert [x.shape for x in tree["projector"]] == [(0, 0), (6, 2), (5, 2)]
+
+
+def test_galore_refuses_axes_that_do_not_split_the_leaf() -> None:
+    rule = uo.galore(weight_dimension_numbers=uo.GaLoreDimensionNumbers(0, 0))
+    with pytest.raises(ValueError, match="split"):
+        uo.setup(rule, {"w": np.ones((3, 2))})
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
@@ -180,6 +224,9 @@ def test_dpsgd_refuses_gradients_without_the_batch_axis() -> None:
     (uo.dpsgd, {"batch_size": 0}),
     (uo.dpsgd, {"batch_size": 2.5}),
     (uo.dpsgd, {"seed": -3}),
+    (uo.galore, {"rank": 0}),
+    (uo.galore, {"update_proj_gap": 2.5}),
+    (uo.galore, {"b1": 1.0}),
 ])
 def test_bad_hyperparameters_are_named(make: Any, bad: dict[str, Any]) -> None:
     ((name, value),) = bad.items()

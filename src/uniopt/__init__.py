@@ -67,6 +67,7 @@ from .rules.adam_variants import (
 )
 from .rules.adan import adan, proximal_weight_decay, scale_by_adan
 from .rules.asgd import asgd, scale_by_asgd
+from .rules.galore import GaLoreDimensionNumbers, galore, scale_by_galore
 from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.madgrad import madgrad, scale_by_madgrad
 from .rules.matrix import (
@@ -339,6 +340,10 @@ __all__ = [
     "differentially_private_aggregate",
     "dpsgd",
     "per_example_global_norm_clip",
+    # rules/galore.py
+    "GaLoreDimensionNumbers",
+    "galore",
+    "scale_by_galore",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402
