@@ -25,6 +25,7 @@ from .combine import (
 from .conventions import Translation, translate
 from .engine import adjust, minimize_step, minimize_step_, setup, update, update_
 from .interop.optax import from_optax, to_optax
+from .rules.acprop import acprop, scale_by_acprop
 from .rules.adadelta import adadelta, scale_by_adadelta
 from .rules.adafactor import adafactor, scale_by_factored_rms, scale_by_param_scale
 from .rules.adagrad import adagrad, scale_by_adagrad, scale_by_rss
@@ -66,6 +67,7 @@ from .rules.adam_variants import (
 )
 from .rules.adan import adan, proximal_weight_decay, scale_by_adan
 from .rules.asgd import asgd, scale_by_asgd
+from .rules.galore import GaLoreDimensionNumbers, galore, scale_by_galore
 from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.madgrad import madgrad, scale_by_madgrad
 from .rules.matrix import (
@@ -76,6 +78,7 @@ from .rules.matrix import (
     scale_by_shape_lr,
     sum_momentum,
 )
+from .rules.momo import momo, momo_adam, scale_by_momo, scale_by_momo_adam
 from .rules.parameter_free import (
     cocob,
     dadapt_adamw,
@@ -95,6 +98,11 @@ from .rules.preconditioned import (
     scale_by_soap,
     shampoo,
     soap,
+)
+from .rules.private import (
+    differentially_private_aggregate,
+    dpsgd,
+    per_example_global_norm_clip,
 )
 from .rules.quasi_newton import lbfgs, lbfgs_step
 from .rules.rmsprop import (
@@ -320,6 +328,22 @@ __all__ = [
     "optimistic_gradient_descent",
     "polyak_sgd",
     "scale_by_polyak",
+    # rules/acprop.py
+    "acprop",
+    "scale_by_acprop",
+    # rules/momo.py
+    "momo",
+    "momo_adam",
+    "scale_by_momo",
+    "scale_by_momo_adam",
+    # rules/private.py
+    "differentially_private_aggregate",
+    "dpsgd",
+    "per_example_global_norm_clip",
+    # rules/galore.py
+    "GaLoreDimensionNumbers",
+    "galore",
+    "scale_by_galore",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402

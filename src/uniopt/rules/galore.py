@@ -1,0 +1,257 @@
+"""GaLore (Zhao et al., 2024): Adam on a low-rank projection of each matrix's gradient.
+
+Each projected leaf's moments have the projection's shape, not the leaf's, and the projector is
+refreshed from an SVD of the gradient every few steps: one whole-tree part keeps the projectors
+and the moments in its tree state and runs Adam's kernel (:class:`~uniopt.scale_by_adam`'s, so
+the arithmetic is written once) on the low-rank gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from .. import backend
+from ..base import Info, Rule, Transform, WholeTree
+from ..hyper import NONNEG, UNIT_OPEN, hyper
+from ..transforms.decay import weight_decay
+from ..transforms.mask import frozen_mask, masked_by
+from ..transforms.scale import scale_by_lr
+from ..tree import flatten, unflatten
+from .adam import scale_by_adam
+from .schedule_free import arrays
+
+
+class GaLoreDimensionNumbers(NamedTuple):
+    """The axes of a leaf that form the rows (``reduction_axis``) and the columns
+    (``output_axis``) of the matrix GaLore projects, as optax's ``GaLoreDimensionNumbers``:
+    an attention weight ``(embed, heads, head_dim)`` is ``GaLoreDimensionNumbers(0, (1, 2))``."""
+
+    reduction_axis: int | tuple[int, ...] = 0
+    output_axis: int | tuple[int, ...] = 1
+
+
+def _axes(a: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    return tuple(x % ndim for x in ((a,) if isinstance(a, int) else a))
+
+
+class _Matrix(NamedTuple):
+    """How a leaf is seen as a matrix: its permutation, the matrix's shape, the way back."""
+
+    order: tuple[int, ...]
+    rows: int
+    cols: int
+    permuted: tuple[int, ...]
+    back: tuple[int, ...]
+
+    @property
+    def left(self) -> bool:  # project the rows (a tall matrix), else the columns
+        return self.rows >= self.cols
+
+    def to(self, xp: Any, x: Any) -> Any:
+        return xp.reshape(xp.permute_dims(x, self.order), (self.rows, self.cols))
+
+    def from_(self, xp: Any, x: Any) -> Any:
+        return xp.permute_dims(xp.reshape(x, self.permuted), self.back)
+
+
+def _matrix(shape: tuple[int, ...], dims: GaLoreDimensionNumbers) -> _Matrix:
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"GaLore projects leaves of 2 axes or more, got shape {shape}")
+    red, out = _axes(dims.reduction_axis, ndim), _axes(dims.output_axis, ndim)
+    if set(red) & set(out) or len(set(red) | set(out)) != ndim or len(red + out) != ndim:
+        raise ValueError(f"GaLore's reduction axes {red} and output axes {out} must split the "
+                         f"{ndim} axes of shape {shape} between them")
+    order = red + out
+    return _Matrix(order, math.prod(shape[a] for a in red), math.prod(shape[a] for a in out),
+                   tuple(shape[a] for a in order),
+                   tuple(sorted(range(ndim), key=lambda i: order[i])))
+
+
+class GaloreCoeffs(NamedTuple):
+    adam: Any  # scale_by_adam's coefficients for the step
+    refresh: Any  # the projectors are recomputed at this step
+    scale: Any
+
+
+@dataclass(frozen=True)
+class scale_by_galore(WholeTree):
+    """GaLore's direction, optax's ``contrib.scale_by_galore`` with its default base
+    (``scale_by_adam``): each projected leaf seen as a matrix ``G`` (``m x n``), ``P`` the
+    first ``r = min(rank, m, n)`` left singular vectors of ``G`` (``m >= n``) or right ones,
+    recomputed every ``update_proj_gap`` steps from the first; Adam's direction ``A`` of the
+    low-rank gradient ``P^T G`` (or ``G P``); ``u = scale * P A`` (or ``A P^T``), back in the
+    leaf's shape. Other leaves take Adam's direction of their gradient.
+
+    ``weight_dimension_numbers``: None (2-D leaves projected, as optax's default) or one
+    :class:`GaLoreDimensionNumbers` for every leaf of 2 axes or more. ``svd_in_float32``
+    (optax: always): the SVD of a float64 gradient in float32, the projector cast back.
+    Tree state: ``projector``, ``exp_avg`` and ``exp_avg_sq`` (one array per leaf; a leaf not
+    projected keeps a ``(0, 0)`` projector)."""
+
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: Any = hyper(1.0, NONNEG)
+    b1: Any = hyper(0.9, UNIT_OPEN)
+    b2: Any = hyper(0.999, UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    eps_root: Any = hyper(0.0, NONNEG)
+    weight_dimension_numbers: GaLoreDimensionNumbers | None = None
+    svd_in_float32: bool = True
+
+    def check(self) -> None:
+        for name in ("rank", "update_proj_gap"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{self.name}: {name} must be a whole number >= 1, got {v!r}")
+        d = self.weight_dimension_numbers
+        if d is not None and not isinstance(d, GaLoreDimensionNumbers):
+            raise ValueError(f"{self.name}: weight_dimension_numbers must be None or a "
+                             f"GaLoreDimensionNumbers, got {d!r}")
+
+    def _adam(self) -> scale_by_adam:
+        return scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root)
+
+    def coeffs(self, step: Any) -> GaloreCoeffs:
+        return GaloreCoeffs(adam=self._adam().coeffs(step),
+                            refresh=step % self.update_proj_gap == 0, scale=self.scale)
+
+    def _plan(self, shape: tuple[int, ...]) -> _Matrix | None:
+        d = self.weight_dimension_numbers
+        if d is None:
+            return _matrix(shape, GaLoreDimensionNumbers()) if len(shape) == 2 else None
+        return _matrix(shape, d) if len(shape) >= 2 else None
+
+    def init_tree(self, params: Any) -> dict[str, Any]:
+        leaves, _, _ = flatten(params)
+        projectors, moments = [], []
+        for p in leaves:
+            xp = backend.namespace(p)
+            plan = self._plan(tuple(p.shape))
+            if plan is None:
+                projectors.append(xp.zeros((0, 0), dtype=p.dtype, device=_device(p)))
+                moments.append(tuple(p.shape))
+                continue
+            r = min(self.rank, plan.rows, plan.cols)
+            side = plan.rows if plan.left else plan.cols
+            projectors.append(xp.zeros((side, r), dtype=p.dtype, device=_device(p)))
+            moments.append((r, plan.cols) if plan.left else (plan.rows, r))
+        zeros = [[backend.namespace(p).zeros(s, dtype=p.dtype, device=_device(p))
+                  for p, s in zip(leaves, moments, strict=True)] for _ in range(2)]
+        return {"projector": projectors, "exp_avg": zeros[0], "exp_avg_sq": zeros[1]}
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        gs, treedef, _ = flatten(u)
+        kernel = scale_by_adam.kernel
+        out, projectors, ms, vs = [], [], [], []
+        for i, g in enumerate(gs):
+            xp = backend.namespace(g)
+            plan, proj = self._plan(tuple(g.shape)), state["projector"][i]
+            low = g
+            if plan is not None:
+                g2 = plan.to(xp, g)
+                proj = self._refreshed(xp, c.refresh, g2, proj, plan)
+                low = proj.T @ g2 if plan.left else g2 @ proj
+            d, m, v = kernel(xp, c.adam, None, low, state["exp_avg"][i], state["exp_avg_sq"][i])
+            if plan is not None:
+                d = plan.from_(xp, proj @ d if plan.left else d @ proj.T)
+            out.append(c.scale * d)
+            projectors.append(proj)
+            ms.append(m)
+            vs.append(v)
+        return unflatten(treedef, out), {
+            "projector": arrays(projectors, state["projector"]),
+            "exp_avg": arrays(ms, state["exp_avg"]), "exp_avg_sq": arrays(vs, state["exp_avg_sq"])}
+
+    def _refreshed(self, xp: Any, refresh: Any, g2: Any, old: Any, plan: _Matrix) -> Any:
+        """The projector for this step: ``old``, or at a refresh the SVD's singular vectors."""
+        r = old.shape[1]
+
+        def svd() -> Any:
+            a = xp.astype(g2, xp.float32) if self.svd_in_float32 else g2
+            left, _, right = xp.linalg.svd(a, full_matrices=False)
+            vectors = left[:, :r] if plan.left else right[:r, :].T
+            return xp.astype(vectors, g2.dtype)
+
+        if isinstance(refresh, bool):
+            return svd() if refresh else old
+        if backend.is_jax(g2):  # traced under jax.jit: one SVD only where the step refreshes
+            import jax
+
+            return jax.lax.cond(refresh, svd, lambda: old)
+        return xp.where(refresh, svd(), old)
+
+
+def _device(x: Any) -> Any:
+    import array_api_compat as aac
+
+    return aac.device(x)
+
+
+@dataclass(frozen=True)
+class galore(Rule):
+    """GaLore (Zhao et al., 2024) as ``optax.contrib.galore`` with its default base optimizer
+    (``scale_by_adam``): ``p <- p - lr*(d + weight_decay*p)`` with ``d`` Adam's direction
+    computed on a rank-``rank`` projection of each matrix's gradient and projected back
+    (:class:`scale_by_galore`), the projection refreshed from an SVD every ``update_proj_gap``
+    steps (from the first).
+
+    Options, with optax's names and defaults: ``rank``, ``update_proj_gap``, ``scale``,
+    ``weight_decay`` and ``mask`` (decoupled, in the full space), ``weight_dimension_numbers``
+    (None: 2-D leaves; one :class:`GaLoreDimensionNumbers` for every leaf of 2 axes or more;
+    optax's per-leaf trees and functions are not offered: partition the params with
+    :func:`uniopt.partition` instead); Adam's ``b1``, ``b2``, ``eps``, ``eps_root`` (optax's
+    ``base_optimizer``, any gradient transformation there, is Adam here);
+    ``svd_in_float32``: optax computes the SVD in float32 whatever the gradient's dtype (so a
+    float64 projector is float32-accurate); False: in the gradient's dtype. optax requires a
+    learning rate; ``lr`` here defaults to 1e-3.
+
+    On JAX arrays the SVD is JAX's, as optax's: the same projector to rounding. On NumPy and
+    torch, LAPACK's and torch's SVDs may choose other signs for the singular vectors and, in
+    float32, other last bits; the step ``P (P^T G)`` does not depend on the signs until the
+    projector is refreshed with Adam's moments kept in the old basis.
+    """
+
+    lr: Any = hyper(1e-3, NONNEG)
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: Any = hyper(1.0, NONNEG)
+    b1: Any = hyper(0.9, UNIT_OPEN)
+    b2: Any = hyper(0.999, UNIT_OPEN)
+    eps: Any = hyper(1e-8, NONNEG)
+    eps_root: Any = hyper(0.0, NONNEG)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    mask: Any = None
+    weight_dimension_numbers: GaLoreDimensionNumbers | None = None
+    svd_in_float32: bool = True
+
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    info: ClassVar[Info] = Info(
+        family="adam",
+        paper="Zhao et al. (2024)",
+        references=("optax.contrib.galore",),
+        # the SVD in float64, so the array libraries agree beyond float32's digits
+        example={"lr": 0.1, "b2": 0.9, "svd_in_float32": False},
+        budget=1000,
+        complex=False,
+    )
+
+    def check(self) -> None:
+        self._direction()
+        object.__setattr__(self, "mask", frozen_mask(self.mask))
+
+    def _direction(self) -> scale_by_galore:
+        return scale_by_galore(rank=self.rank, update_proj_gap=self.update_proj_gap,
+                               scale=self.scale, b1=self.b1, b2=self.b2, eps=self.eps,
+                               eps_root=self.eps_root,
+                               weight_dimension_numbers=self.weight_dimension_numbers,
+                               svd_in_float32=self.svd_in_float32)
+
+    def parts(self) -> tuple[Transform, ...]:
+        decay = ((masked_by(weight_decay(wd=self.weight_decay), self.mask),)
+                 if self.on("weight_decay") else ())
+        return (self._direction(), *decay, scale_by_lr(lr=self.lr))
