@@ -190,5 +190,17 @@ def resolve(h: Any, step: int) -> Any:
     if isinstance(h, tuple):
         return tuple(resolve(x, step) for x in h)
     if callable(h):
-        return h(step)
+        return h(_float_step(step))
     return h
+
+
+def _float_step(step: Any) -> Any:
+    """A traced JAX step (an int32 array in the state) as the default float: arithmetic on the
+    integer would be float32 even under x64 (a linear schedule 3e-7 off, an exponential 3e-6);
+    a host step stays the Python int it is, exact in any arithmetic."""
+    if isinstance(step, int) or not _jax_array(step):
+        return step
+    import jax.numpy as jnp
+
+    return step.astype(jnp.result_type(float)) if jnp.issubdtype(step.dtype, jnp.integer) \
+        else step
