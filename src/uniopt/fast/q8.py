@@ -115,6 +115,15 @@ magnitude_code_s = _coder(quant.MID_S, 7)
 magnitude_code_u = _coder(quant.MID_U, 8)
 
 
+@numba.njit(cache=True)
+def magnitude_codes(bits: Any, signed: bool) -> Any:
+    """The code of each magnitude (float32 bits, sign cleared) in ``bits`` (for the tests)."""
+    out = np.empty(len(bits), np.int32)
+    for i in range(len(bits)):
+        out[i] = magnitude_code_s(bits[i]) if signed else magnitude_code_u(bits[i])
+    return out
+
+
 @numba.njit(inline="always")
 def code_s(y: Any) -> Any:
     """The signed code of ``y`` (a float32 in [-1, 1]), as its byte."""
