@@ -72,20 +72,19 @@ def _coder_source(mids: np.ndarray, bits: int) -> str:
         "    a = from_bits(b)",
         f"    m = a > np.float32({cuts[0]!r})",
         "    two = np.float32(2.0) if m else np.float32(1.0)",
-        f"    p = np.float32({scale[0]!r})",
+        f"    p = np.float32({0.5 * scale[0]!r})",  # halved: h below is twice the half-way point
     ]
     for i in range(1, decades + 1):
+        # the last piece (the code of 1) takes p = 0: s < 0, clamped to its one code
         lines += [f"    m = a > np.float32({cuts[i]!r})",
-                  f"    two = np.float32({2.0 ** (i + 1)!r}) if m else two"]
-        if i < decades:
-            lines.append(f"    p = np.float32({scale[i]!r}) if m else p")
+                  f"    two = np.float32({2.0 ** (i + 1)!r}) if m else two",
+                  f"    p = np.float32({0.5 * scale[i] if i < decades else 0.0!r}) if m else p"]
     lines += [
         "    h = np.float64(a) + np.float64(from_bits(max(b, np.uint32(1)) - np.uint32(1)))",
-        "    s = (h * (0.5 * np.float64(p)) - 1.0) * (np.float64(two) * (1.0 / 9.0))",
+        "    s = (h * np.float64(p) - 1.0) * (np.float64(two) * (1.0 / 9.0))",
         "    c = np.float32(np.ceil(s)) - np.float32(1.0)",
-        f"    top = two - np.float32(1.0) if two < np.float32({2.0 ** (decades + 1)!r}) else "
-        "np.float32(0.0)",
-        "    return two - np.float32(1.0) + min(max(c, np.float32(0.0)), top)",
+        "    top = two - np.float32(1.0)",
+        "    return top + min(max(c, np.float32(0.0)), top)",
     ]
     return "\n".join(lines)
 
