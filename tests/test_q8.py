@@ -485,3 +485,9 @@ def test_torch_optimizer_class_with_8_bit_state_and_its_state_dict() -> None:
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="state_dtype"):
         uniopt.torch.AdamW(ps, state_dtype="q4")
+    w = torch.nn.Parameter(torch.zeros(4, 2))
+    opt = uniopt.torch.Adagrad([w], state_dtype="q8")
+    w.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2), check_invariants=True)
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert torch.equal(w, torch.zeros(4, 2))

@@ -328,6 +328,9 @@ class Optimizer(torch.optim.Optimizer):
             sparse = [g is not None and g.layout != torch.strided for g in grads]
             if any(sparse):
                 self._check_sparse(group, grads)
+                if plans.is_q8(group):
+                    raise ValueError(f"{self._name}: sparse gradients with state_dtype='q8': "
+                                     "the rows of an 8-bit slot share their block's scale")
             if plan is not None and plan.sparse != sparse:
                 plan = None
         if scheduled:

@@ -388,9 +388,6 @@ class Plan:
     def _rows_step(self, rule: Transform, i: int, g: torch.Tensor) -> None:
         """A sparse gradient, as torch's Adagrad takes it: the engine updates the rows present
         (gathered, duplicates summed), the others keep their values and state."""
-        if is_q8(self.group):
-            raise ValueError("sparse gradients with state_dtype='q8': the rows of an 8-bit slot "
-                             "share their block's scale")
         p = self.params[i]
         g = g.detach().coalesce()
         index = tuple(g.indices())
