@@ -106,6 +106,21 @@ def test_signed_map_is_symmetric_and_unsigned_rounds_negatives_to_zero() -> None
     assert np.all(u.codes[x < 0] == 0) and u.codes.max() == 255
 
 
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_compiled_code_equals_the_search_at_every_midpoint(signed: bool) -> None:
+    # the compiled code is monotone in the magnitude: equal to the search at each midpoint and
+    # at the float32 just above it, it is equal everywhere (the ends and NaN too)
+    from uniopt.fast import q8
+
+    mids = quant.MID_S if signed else quant.MID_U
+    bits = mids.view(np.uint32)
+    x = np.concatenate([bits, bits + 1, bits - 1, np.array([0, 1, 0x3F800000, 0x3F800001,
+                                                            0x7F800000, 0x7FC00000])])
+    x = x.astype(np.uint32)
+    want = np.searchsorted(mids, x.view(np.float32), side="left")
+    np.testing.assert_array_equal(q8.magnitude_codes(x, signed), want)
+
 # --- memory -------------------------------------------------------------------------------
 
 
@@ -418,3 +433,61 @@ def test_leaves_without_gradients_and_half_precision_params() -> None:
     s = uo.setup(uo.adam(lr=0.1), h, state_dtype="q8")
     s, out = uo.update(s, h, [np.ones(4, np.float16)])
     assert out[0].dtype == np.float16 and np.all(out[0] == np.float16(0.9))
+
+
+def test_torch_optimizer_class_with_8_bit_state_and_its_state_dict() -> None:
+    import io
+
+    import torch
+
+    import uniopt.torch
+
+    rng = np.random.default_rng(5)
+    tree = _tree(rng)
+    grads = _grads(rng, tree, 6)
+
+    def make() -> tuple[list[torch.nn.Parameter], Any]:
+        ps = [torch.nn.Parameter(torch.tensor(v)) for v in tree.values()]
+        return ps, uniopt.torch.AdamW(ps, lr=1e-2, state_dtype="q8")
+
+    def step(opt: Any, ps: list[torch.nn.Parameter], g: dict[str, np.ndarray]) -> None:
+        for p, v in zip(ps, g.values(), strict=True):
+            p.grad = torch.tensor(v)
+        opt.step()
+
+    ps, opt = make()
+    # the engine's own 8-bit run of the group's rule, on NumPy arrays
+    params = [v.copy() for v in tree.values()]
+    state = uo.setup(opt._group_rule(opt.param_groups[0]), params, state_dtype="q8")
+    for g in grads[:3]:
+        step(opt, ps, g)
+        state = uo.update_(state, params, list(g.values()))
+    for p, q in zip(ps, params, strict=True):
+        np.testing.assert_array_equal(p.detach().numpy(), q)
+    st = opt.state[ps[0]]
+    assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
+    assert st["exp_avg.absmax"].dtype == torch.float32 and st["exp_avg.absmax"].shape == (3,)
+    np.testing.assert_array_equal(st["exp_avg"].numpy(), state.slots["scale_by_adam.exp_avg"][0]
+                                  .codes)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    ps2, opt2 = make()
+    with torch.no_grad():
+        for p, q in zip(ps2, ps, strict=True):
+            p.copy_(q)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.state[ps2[0]]["exp_avg"].dtype == torch.int8
+    for g in grads[3:]:
+        step(opt, ps, g)
+        step(opt2, ps2, g)
+    for p, q in zip(ps, ps2, strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="state_dtype"):
+        uniopt.torch.AdamW(ps, state_dtype="q4")
+    w = torch.nn.Parameter(torch.zeros(4, 2))
+    opt = uniopt.torch.Adagrad([w], state_dtype="q8")
+    w.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2), check_invariants=True)
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert torch.equal(w, torch.zeros(4, 2))

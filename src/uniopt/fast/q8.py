@@ -2,18 +2,20 @@
 """The compiled CPU loop for 8-bit state (:mod:`uniopt.quant`): one pass over memory per step.
 
 As :mod:`uniopt.fast.cpu`'s loop, with the slots kept as codes and block scales. For each block
-of :data:`~uniopt.quant.BLOCK` elements, four simple loops that each vectorize, over buffers of
-one block per slot that stay in the L1 cache: the codes into float32 values (a table of 256
+of :data:`~uniopt.quant.BLOCK` elements, four simple loops (the last three vectorize) over buffers
+of one block per slot that stay in the L1 cache: the codes into float32 values (a table of 256
 values times the block's scale); the rule's kernels on p, g and the buffers, writing p; each
 buffer's largest magnitude (an integer maximum of the bits of ``|x|``), the block's new scale;
 and each new value's nearest code. Memory sees p, g and one byte per slot read and written: 10
 bytes per element for Adam in place, where float32 state moves 28.
 
-The nearest code without a search: the magnitude's float32 bits shifted right by
-:data:`SHIFT` (from the bucket of 2**-25 up: 13 KB a map) index a table that holds the code of
-the bucket's smallest magnitude and the low bits of the one midpoint inside the bucket, if any
-(checked when the table is made): one look-up and one integer comparison give the first
-midpoint at or above the magnitude, the code the reference path's search finds, bit for bit.
+The nearest code without a search, and without a table (a look-up per element keeps a loop
+from vectorizing: it was most of the step): the piece of the map a magnitude falls in (the
+code of 0, one of the decades, the code of 1) from comparisons with the float32 midpoints
+between pieces, then, the codes of a decade being equally spaced, the count of its midpoints
+below the magnitude from a linear formula in float64 (:func:`_coder_source`). The same code
+as the reference path's search, bit for bit: checked over every float32 once, and by
+tests/test_q8.py at every midpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -35,66 +38,62 @@ from .. import backend, quant
 from ..base import Elementwise
 from . import cpu
 
-SHIFT = 16
-# the bucket of 1.0: a larger magnitude (NaN, inf) is clamped to it, and codes as the largest,
-# as the reference path's search puts NaN after every midpoint
-LAST = 0x3F800000 >> SHIFT
-# the first bucket: magnitudes from 2**-25 (below the smallest midpoint of either map), so
-# that the tables (13 KB each) stay in the L1 cache
-BASE = LAST - 25 * (1 << (23 - SHIFT))
+# the generated loops inline this module's functions: their cached machine code is keyed by
+# this module's source as well as cpu's
+_VERSION = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
-def _starts(mids: np.ndarray) -> np.ndarray:
-    """For each bucket of magnitudes sharing their leading bits (``bits >> SHIFT``, from
-    :data:`BASE` up): the code of its smallest, shifted left 16 bits, or'ed with the low 16 bits
-    of the one midpoint in the bucket (0xFFFF where it has none, so that no magnitude is above
-    it). Every magnitude below the first bucket is below the first midpoint: code 0."""
-    buckets = np.arange(BASE, LAST + 1, dtype=np.uint32)
-    first = np.searchsorted(mids, (buckets << SHIFT).view(np.float32),
-                            side="left").astype(np.uint32)
-    bits = mids.view(np.uint32)
-    bucket = (bits >> SHIFT) - BASE
-    assert bits.min() >> SHIFT > BASE and first[0] == 0, "a midpoint below the first bucket"
-    assert np.bincount(bucket).max() <= 1, "a bucket holds two midpoints"
-    low = np.full(len(buckets), 0xFFFF, np.uint32)
-    low[bucket] = bits & 0xFFFF
-    return (first << 16) | low
+def _coder_source(mids: np.ndarray, bits: int) -> str:
+    """The source of ``_code(b)``: the code of the magnitude whose float32 bits (sign cleared)
+    are ``b``, the index of the first of ``mids`` (the map's float32 midpoints) at or above it.
+
+    Pieces ``k`` = 0..``bits``: piece k holds the codes 2**k - 1 .. 2**(k+1) - 2 (piece 0 the
+    code of 0, the last the code of 1, piece k in between the 2**k codes of decade k - 1, whose
+    top is 10 / p). The piece: how many of the midpoints between pieces are below the
+    magnitude ``a`` (float32 comparisons, exact). In a decade the midpoints are equally spaced,
+    those below ``a`` number ``ceil(s) - 1``, ``s`` linear in ``a``, clamped to the piece;
+    ``s`` is taken at ``h``, half-way between ``a`` and the float32 below it, in float64: a
+    float32 midpoint is below ``a`` when its float64 value (the table's, rounded) is below
+    ``h``. Every step is monotone in ``a``, so the count agrees with the search everywhere if
+    it does at each midpoint and at the float32 above it (tests/test_q8.py checks those; every
+    non-negative float32 was checked once, NaN and infinities included: they take the last
+    code, as the search puts them). Branch-free and table-free: the loops calling it
+    vectorize."""
+    decades = bits - 1
+    cuts = [float(mids[2 ** i - 2]) for i in range(1, decades + 2)]
+    # the decade's scale: its top is 10 / p
+    scale = [10.0 ** (decades + 1 - k) for k in range(1, decades + 1)]
+    # in float32 but for s (integers and powers of ten below 2**24 are exact): numba widens
+    # integer arithmetic to 64 bits, half the lanes of 32; s needs float64, its integer
+    # crossings finer than a float32 step of a
+    lines = [
+        "def _code(b):",
+        "    b = min(b, np.uint32(0x3F800000))",  # NaN (any magnitude above 1): the last code
+        "    a = from_bits(b)",
+        f"    m = a > np.float32({cuts[0]!r})",
+        "    two = np.float32(2.0) if m else np.float32(1.0)",
+        f"    p = np.float32({0.5 * scale[0]!r})",  # halved: h below is twice the half-way point
+    ]
+    for i in range(1, decades + 1):
+        # the last piece (the code of 1) takes p = 0: s < 0, clamped to its one code
+        lines += [f"    m = a > np.float32({cuts[i]!r})",
+                  f"    two = np.float32({2.0 ** (i + 1)!r}) if m else two",
+                  f"    p = np.float32({0.5 * scale[i] if i < decades else 0.0!r}) if m else p"]
+    lines += [
+        "    h = np.float64(a) + np.float64(from_bits(max(b, np.uint32(1)) - np.uint32(1)))",
+        "    s = (h * np.float64(p) - 1.0) * (np.float64(two) * (1.0 / 9.0))",
+        "    c = np.float32(np.ceil(s)) - np.float32(1.0)",
+        "    top = two - np.float32(1.0)",
+        "    return top + min(max(c, np.float32(0.0)), top)",
+    ]
+    return "\n".join(lines)
 
 
-START_S = _starts(quant.MID_S)
-START_U = _starts(quant.MID_U)
-
-
-@numba.njit(inline="always")
-def _magnitude_code(bits: Any, start: Any) -> Any:
-    """The code of the magnitude whose bits (sign cleared) are ``bits``."""
-    e = start[min(max(bits >> np.uint32(SHIFT), np.uint32(BASE)), np.uint32(LAST))
-              - np.uint32(BASE)]
-    return (e >> np.uint32(16)) + np.uint32((bits & np.uint32(0xFFFF)) > (e & np.uint32(0xFFFF)))
-
-
-@numba.njit(inline="always")
-def code_s(y: Any) -> Any:
-    """The signed code of ``y`` (a float32 in [-1, 1]), as its byte."""
-    c = np.int32(_magnitude_code(cpu._f32_bits(y) & np.uint32(0x7FFFFFFF), START_S))
-    return np.uint8((-c if y < 0 else c) & 0xFF)
-
-
-@numba.njit(inline="always")
-def code_u(y: Any) -> Any:
-    """The unsigned code of ``y`` (a float32 in [-1, 1]; a negative one codes as 0)."""
-    bits: Any = cpu._f32_bits(y)
-    c = _magnitude_code(bits & np.uint32(0x7FFFFFFF), START_U)
-    # zero where the sign bit is set (a negative number; -0.0 codes as 0 either way), in
-    # integer operations: a float comparison here kept the loop from vectorizing
-    return np.uint8(c * (np.uint32(1) - (bits >> np.uint32(31))))
-
-
-@numba.njit(inline="always")
-def abs_bits(x: Any) -> Any:
-    """The bits of ``|x|``: ordered as the magnitudes (NaN above every number), so the largest
-    is an integer maximum, which vectorizes."""
-    return cpu._f32_bits(x) & np.uint32(0x7FFFFFFF)
+def _coder(mids: np.ndarray, bits: int) -> Any:
+    """``_code`` for the map with midpoints ``mids``, compiled (inlined where it is called)."""
+    g: dict[str, Any] = {"np": np, "from_bits": from_bits}
+    exec(compile(_coder_source(mids, bits), f"<uniopt 8-bit code, {bits} bits>", "exec"), g)
+    return numba.njit(inline="always")(g["_code"])
 
 
 @intrinsic
@@ -109,6 +108,45 @@ def _f32(typingctx: Any, bits: Any) -> Any:
 @numba.njit(inline="always")
 def from_bits(bits: Any) -> Any:
     return _f32(np.uint32(bits))
+
+
+magnitude_code_s = _coder(quant.MID_S, 7)
+magnitude_code_u = _coder(quant.MID_U, 8)
+
+
+@numba.njit(cache=True)
+def magnitude_codes(bits: Any, signed: bool) -> Any:
+    """The code of each magnitude (float32 bits, sign cleared) in ``bits`` (for the tests)."""
+    out = np.empty(len(bits), np.int32)
+    for i in range(len(bits)):
+        out[i] = magnitude_code_s(bits[i]) if signed else magnitude_code_u(bits[i])
+    return out
+
+
+@numba.njit(inline="always")
+def code_s(y: Any) -> Any:
+    """The signed code of ``y`` (a float32 in [-1, 1]), as its byte."""
+    bits: Any = cpu._f32_bits(y)
+    c = magnitude_code_s(bits & np.uint32(0x7FFFFFFF))
+    # negated where the sign bit is set (-0.0 codes as 0 either way)
+    return np.uint8(np.int32(-c if bits >> np.uint32(31) else c) & np.int32(0xFF))
+
+
+@numba.njit(inline="always")
+def code_u(y: Any) -> Any:
+    """The unsigned code of ``y`` (a float32 in [-1, 1]; a negative one codes as 0)."""
+    bits: Any = cpu._f32_bits(y)
+    c = magnitude_code_u(bits & np.uint32(0x7FFFFFFF))
+    # zero where the sign bit is set (a negative number; -0.0 codes as 0 either way), in
+    # integer operations: a float comparison here kept the loop from vectorizing
+    return np.uint8(np.int32(np.float32(0.0) if bits >> np.uint32(31) else c))
+
+
+@numba.njit(inline="always")
+def abs_bits(x: Any) -> Any:
+    """The bits of ``|x|``: ordered as the magnitudes (NaN above every number), so the largest
+    is an integer maximum, which vectorizes."""
+    return cpu._f32_bits(x) & np.uint32(0x7FFFFFFF)
 
 
 # each code's value by its byte (a signed code's two's complement), so that the loop reads
@@ -126,8 +164,8 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
     inplace = mode == "inplace"
     pt = "np.float32" if kp == "f4" else "np.float64"
     head = [
-        f"# generated by uniopt {cpu._VERSION} (8-bit state) for kernels {digest}; safe to "
-        "delete",
+        f"# generated by uniopt {cpu._VERSION}-{_VERSION} (8-bit state) for kernels {digest}; "
+        "safe to delete",
         "import collections",
         "import numba",
         "import numpy as np",

@@ -214,9 +214,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _group_rule(self, group: dict[str, Any]) -> Transform:
         """The rule a group's values make (raises on invalid values)."""
-        if group.get("state_dtype") not in (None, "float32", "float64"):
+        if group.get("state_dtype") not in (None, "float32", "float64", "q8"):
             raise ValueError(
-                f"{self._name}: state_dtype must be None, 'float32' or 'float64', got "
+                f"{self._name}: state_dtype must be None, 'float32', 'float64' or 'q8', got "
                 f"{group['state_dtype']!r}"
             )
         rule = self._build_rule(group)
@@ -328,6 +328,9 @@ class Optimizer(torch.optim.Optimizer):
             sparse = [g is not None and g.layout != torch.strided for g in grads]
             if any(sparse):
                 self._check_sparse(group, grads)
+                if plans.is_q8(group):
+                    raise ValueError(f"{self._name}: sparse gradients with state_dtype='q8': "
+                                     "the rows of an 8-bit slot share their block's scale")
             if plan is not None and plan.sparse != sparse:
                 plan = None
         if scheduled:
@@ -430,6 +433,23 @@ class Optimizer(torch.optim.Optimizer):
                 state_dict["state"] = _group_states_in(state_dict["state"], groups)
         check_loadable(self, state_dict)
         super().load_state_dict(state_dict)
+        self._restore_q8(state_dict)
+
+    def _restore_q8(self, state_dict: dict[str, Any]) -> None:
+        """torch's load casts a float parameter's state to its dtype: an 8-bit slot's codes
+        and scales are put back as saved (copies, on the parameter's device)."""
+        for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            if not plans.is_q8(group):
+                continue
+            for k, p in zip(saved["params"], group["params"], strict=True):
+                st = state_dict["state"].get(k, {})
+                for name, v in st.items():
+                    if not name.endswith(plans.ABSMAX) or name[:-len(plans.ABSMAX)] not in st:
+                        continue
+                    codes = st[name[:-len(plans.ABSMAX)]]
+                    if codes.dtype in (torch.int8, torch.uint8):
+                        self.state[p][name[:-len(plans.ABSMAX)]] = codes.to(p.device, copy=True)
+                    self.state[p][name] = v.to(p.device, torch.float32, copy=True)
 
 
 _GROUP = "uniopt.group"  # a group's one state, in state_dict(), under its first parameter

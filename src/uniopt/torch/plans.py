@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import backend, fast
+from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
 from ..engine import flat_list_def, setup, update_
 from ..state import State
@@ -36,6 +36,14 @@ TRACKED: Spec = ("tracked", None)
 
 # (uniopt key, state name) of each slot of a rule
 SlotNames = list[tuple[str, str]]
+
+# with state_dtype="q8" a slot is two tensors in the parameter's state: its codes under the
+# slot's name (int8 or uint8, shaped as the parameter) and its block scales under this suffix
+ABSMAX = ".absmax"
+
+
+def is_q8(group: dict[str, Any]) -> bool:
+    return group.get("state_dtype") == "q8"
 
 
 class Versioned(defaultdict[Any, Any]):
@@ -122,6 +130,13 @@ def _slot_view(t: torch.Tensor | None, spec: Spec) -> Any:
     return None if t is None else _view(t, spec)
 
 
+def _q8_view(st: dict[str, Any], name: str, spec: Spec) -> Any:
+    """The engine's 8-bit slot ``name`` of a parameter's state ``st``; None where it keeps none."""
+    codes = st.get(name)
+    return None if codes is None else quant.Q8(_view(codes, spec),
+                                                _view(st[name + ABSMAX], spec))
+
+
 def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     """The engine's view of gradient ``g`` of ``p``, laid out as ``p``'s view (copied when it is
     laid out otherwise); a sparse ``g`` made dense."""
@@ -199,13 +214,21 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
     # absent from its state, as in torch's
     shapes = rule.slot_shapes_of(tuple(real(p).shape))
     names = [(key, name) for key, name in names if shapes[key] is not None]
+    q8 = state_dtype == "q8" and not p.is_complex()
     missing = [(key, name) for key, name in names if name not in st]
     if missing:
         sd = None if p.is_complex() else state_dtype
         fresh = setup(rule, [real(p.detach())], state_dtype=sd).slots
         for key, name in missing:
             s = fresh[key][0]
-            st[name] = torch.view_as_complex(s) if p.is_complex() else s
+            if isinstance(s, quant.Q8):
+                st[name], st[name + ABSMAX] = s.codes, s.absmax
+            else:
+                st[name] = torch.view_as_complex(s) if p.is_complex() else s
+    if q8:
+        for key, name in names:
+            _q8_slot(st, key, name)
+        return st
     wanted = getattr(torch, state_dtype) if state_dtype and not p.is_complex() else None
     for _, name in names:
         s = st[name]
@@ -220,6 +243,20 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
             s = torch.empty_like(p, dtype=s.dtype).copy_(s)
         st[name] = s
     return st
+
+
+def _q8_slot(st: dict[str, Any], key: str, name: str) -> None:
+    """Slot ``name`` of ``st`` as 8-bit codes and scales, contiguous. torch's
+    ``load_state_dict`` casts a float parameter's state to its dtype: codes come back as floats
+    (integers: cast back), and a slot without scales is a float state (quantised)."""
+    signed = key.rsplit(".", 1)[-1] not in quant.NONNEGATIVE
+    codes, absmax = st[name], st.get(name + ABSMAX)
+    if absmax is None:
+        q = quant.quantise(backend.namespace(codes), codes.to(torch.float32), signed)
+        codes, absmax = q.codes, q.absmax
+    codes = codes.to(torch.int8 if signed else torch.uint8)
+    absmax = absmax.to(torch.float32)
+    st[name], st[name + ABSMAX] = codes.contiguous(), absmax.contiguous()
 
 
 @dataclasses.dataclass
@@ -329,7 +366,8 @@ class Plan:
             with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
                     torch.set_grad_enabled(self.tracked):
                 trees = update_(State(rule, step, run.slots, flat_list_def(len(run.params)),
-                                      None, trees), run.params, gs).tree_states
+                                      "q8" if is_q8(self.group) else None, trees),
+                                run.params, gs).tree_states
             self.steps.count(run.idx)
             if run.numpy:
                 backend.mark_written(run.tensors)
@@ -374,6 +412,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     """The plan of ``group``; ``by_rows``: sparse gradients update only their rows."""
     ps = group["params"]
     tracked = bool(group.get("differentiable"))
+    q8 = is_q8(group)
     compiled = fast.cpu.AVAILABLE and all(isinstance(q, Elementwise) for q in rule.flat_parts)
     sel: list[int] = []
     specs: list[Spec] = []
@@ -388,6 +427,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             rows.append(i)
             continue
         s = TRACKED if tracked else spec(p)
+        if q8 and s[0] == "np" and s[1] is not None:
+            s = ("torch", None)  # the codes are in C order, not the parameter's memory order
         if s[0] == "np" and (rule.has_per_leaf or rule.tree_layout
                              or p.dtype == torch.bfloat16 and not compiled):
             # per-leaf and whole-tree parts run on the reference path, where torch's own ops
@@ -410,13 +451,16 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
                 pos=None if whole else pos,
                 idx=None if whole and len(sel) == len(ps) else idx,
                 params=[_view(sel_params[k], specs[k]) for k in pos],
-                slots={key: [_slot_view(states[k].get(name), specs[k]) for k in pos]
+                slots={key: [_q8_view(states[k], name, specs[k]) if q8 else
+                             _slot_view(states[k].get(name), specs[k]) for k in pos]
                        for key, name in names},
                 tensors=[sel_params[k] for k in pos],
                 numpy=kind == "np",
             )
         )
     checks = [(name, [st.get(name) for st in states]) for _, name in names]
+    if q8:
+        checks += [(name + ABSMAX, [st.get(name + ABSMAX) for st in states]) for _, name in names]
     checks.append(("step", [steps.views[i] for i in sel]))
     return Plan(
         group=group,

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import quant
 from ..base import Transform
 
 
@@ -41,7 +42,7 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             f"{where}: the state has {len(saved)} parameter groups, this optimizer has "
             f"{len(opt.param_groups)}; nothing was loaded"
         )
-    owner: dict[Any, tuple[int, int, torch.Tensor, Transform]] = {}
+    owner: dict[Any, tuple[int, int, torch.Tensor, Transform, dict[str, Any]]] = {}
     for gi, (s, g) in enumerate(zip(saved, opt.param_groups, strict=True)):
         if len(s["params"]) != len(g["params"]):
             raise ValueError(
@@ -54,13 +55,16 @@ def check_loadable(opt: Loading, sd: Any) -> None:
         except (ValueError, TypeError) as e:
             raise type(e)(f"{where}: parameter group {gi} of the state: {e}") from None
         for j, (k, p) in enumerate(zip(s["params"], g["params"], strict=True)):
-            owner[k] = (gi, j, p, rule)
+            owner[k] = (gi, j, p, rule, values)
     for k, st in sd["state"].items():
         if k not in owner or not st:
             continue
-        gi, j, p, rule = owner[k]
+        gi, j, p, rule, values = owner[k]
         what = f"the state of parameter {k} (group {gi}, position {j})"
         known = opt._known_slots(rule) | {"step"}
+        q8 = values.get("state_dtype") == "q8"
+        if q8:  # an 8-bit slot's block scales (uniopt.torch.plans.ABSMAX)
+            known |= {f"{n}.absmax" for n in known - {"step"}}
         extra = sorted(set(st) - known)
         if extra:
             raise ValueError(
@@ -85,6 +89,8 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             if name in rule.tree_layout:  # a whole-tree part's state (a generator's): any shape
                 continue
             want = expected.get(name, tuple(p.shape))
+            if q8 and name.endswith(".absmax"):
+                want = (quant.blocks(p.numel()),)
             if want is None or tuple(v.shape) != want:
                 keeps = "keeps no such slot" if want is None else f"keeps it in shape {want}"
                 raise ValueError(
