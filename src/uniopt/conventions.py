@@ -821,9 +821,10 @@ def page() -> str:
             out += ["", "Translations:", "", *notes]
         out.append("")
     if plain:
-        out += ["## Rules with torch's form only", "",
-                ", ".join(f"`{n}`" for n in plain) + ": no other framework's form is recorded; "
-                "`uo.<name>()` is torch's (or the paper's, where torch lacks the rule).", ""]
+        out += ["## Rules with one form", "",
+                ", ".join(f"`{n}`" for n in plain) + ": no second framework's form is recorded; "
+                "`uo.<name>()` is the one its docstring and `uniopt rules <name>` name: torch's "
+                "where torch has the rule, else optax's or the authors' implementation.", ""]
     pending = [f"`{r}.{o.field}`" for o in OPTIONS for r in o.rules
                if r in known and o.field not in _fields(known[r])]
     if pending:
