@@ -15,6 +15,8 @@ closure). What is checked, per rule:
   ``f <= 0.1``: through the curved valley, past its bend (``f = 1`` at the origin), to within
   about 0.3 of the minimum ``(1, 1)``;
 * float32 and float64 params keep their dtype, and so does every array of the state;
+* the optax protocol (``rule.init``/``rule.update``, updates added) and
+  ``uniopt.torch.Optimizer(params, rule)`` land where ``uo.update`` does;
 * the pure ``uo.update`` and the in-place ``uo.update_`` agree bit for bit on NumPy;
 * NumPy, torch, JAX (x64) and array-api-strict agree to ``info.rtol`` over 10 steps in
   float64, for the libraries in ``info.backends``;
@@ -422,3 +424,59 @@ def test_readme_rule_table_is_the_registrys() -> None:
     assert found, "README.md lacks the <!-- rules:start --> ... <!-- rules:end --> markers"
     assert found.group(1).strip() == registry.table(), (
         "README.md's rule table is stale: paste `uniopt rules` between its markers")
+
+
+# --- where users drive it: the optax protocol, uniopt.torch.Optimizer ---------------------------
+
+
+@by_rule
+def test_the_optax_protocol_steps_as_update(name: str) -> None:
+    """``rule.init`` / ``rule.update`` (updates to be added, as optax's), the step's extra
+    arguments passed as optax passes them, land where ``uo.update`` does, to rounding: the
+    protocol hands back ``-u`` and the caller adds it, where the engine may write ``p`` in a
+    peer's order (a fused multiply-add)."""
+    e = registry.entry(name)
+    if e.needs_closure:
+        pytest.skip("a rule that evaluates the objective itself is stepped with minimize_step")
+    rule = _build(e)
+    problem = Problem(_shapes(rule))
+    _, ref = _drive(e, uo.setup(rule, problem.params()), problem.params(), problem, STEPS)
+    params = problem.params()
+    state = rule.init(params)
+    for _ in range(STEPS):
+        loss, g = problem.closure(params)
+        given = {"value": loss, "grad": g, "value_fn": problem.closure}
+        updates, state = rule.update(g, state, params, **{k: given[k] for k in e.step_args})
+        params = {k: params[k] + updates[k] for k in params}
+    for k, v in params.items():
+        assert rel_diff(v, ref[k]) <= 1e-14, k
+
+
+@by_rule
+def test_uniopt_torch_optimizer_steps_as_update(name: str) -> None:
+    """``uniopt.torch.Optimizer(params, rule)``, the torch.optim-style class any rule drops
+    into, over torch tensors: the functional step's numbers on the same tensors."""
+    torch = pytest.importorskip("torch")
+    e = registry.entry(name)
+    if e.needs_closure or e.step_args:
+        pytest.skip("the step needs the objective: uo.minimize_step / uo.update(value=...)")
+    if "torch" not in e.backends:
+        pytest.skip("Info.backends has no torch")
+    from uniopt.torch import Optimizer
+
+    rule = _build(e)
+    problem = Problem(_shapes(rule), conv=torch.tensor)
+    ref = problem.params()
+    ref_state = uo.setup(rule, ref)
+    tensors = {k: v.clone().requires_grad_(True) for k, v in problem.params().items()}
+    opt = Optimizer(list(tensors.values()), rule)
+    for _ in range(STEPS):
+        g = problem.grad(ref)
+        ref_state, ref = uo.update(ref_state, ref, g)
+        with torch.no_grad():
+            grads = problem.grad({k: t.detach() for k, t in tensors.items()})
+        for k, t in tensors.items():
+            t.grad = grads[k].clone()
+        opt.step()
+    for k, t in tensors.items():
+        assert rel_diff(t.detach().numpy(), ref[k].numpy()) <= max(e.rtol, 1e-14), k
