@@ -368,6 +368,29 @@ _READ = {"f4": "{}", "f8": "{}", "f2": "_f16({})", "b2": "_bf16({})"}
 _WRITE = {"f4": "{}", "f8": "{}", "f2": "_to_f16({})", "b2": "_to_bf16({})"}
 
 
+
+def _width(fields: Any) -> int:
+    """How many coefficients a part's record holds (its fields, or a count)."""
+    return len(fields) if isinstance(fields, tuple) else fields
+
+
+def _bind_kernels(k: int, kernel: Any, finish: Any, by_import: bool) -> list[str]:
+    """The generated module's lines binding part ``k``'s kernel as ``K{k}`` (and its finish as
+    ``F{k}``): imported by name where the module is cached on disk, else handed in."""
+    lines = []
+    if by_import:
+        lines.append(f"from {kernel.__module__} import {kernel.__qualname__.split('.')[0]}")
+        lines.append(f"K{k} = kernel_for({kernel.__qualname__})")
+    else:
+        lines.append(f"K{k} = kernel_for(_K{k})")
+    if finish is not None and by_import:
+        lines.append(f"from {finish.__module__} import {finish.__qualname__.split('.')[0]}")
+        lines.append(f"F{k} = kernel_for({finish.__qualname__})")
+    elif finish is not None:
+        lines.append(f"F{k} = kernel_for(_F{k})")
+    return lines
+
+
 def _source(
     kernels: tuple[LoopPart, ...], storage: tuple[str, str],
     by_import: bool, mode: str, records: tuple[Any, ...], digest: str = "",
@@ -421,25 +444,13 @@ def _source(
     body, co, s = [], 0, 0
     end = "x - u"
 
-    def width_of(fields: Any) -> int:
-        return len(fields) if isinstance(fields, tuple) else fields
-
-    shared = sum(width_of(r[2]) for r in records if not r[3])  # then the table of rows
-    row = sum(width_of(r[2]) for r in records if r[3])
+    shared = sum(_width(r[2]) for r in records if not r[3])  # then the table of rows
+    row = sum(_width(r[2]) for r in records if r[3])
     at_row = 0
     for k, ((kernel, nslots, finish), (_, _, fields, leafwise)) in enumerate(
             zip(kernels, records, strict=True)):
-        if by_import:
-            head.append(f"from {kernel.__module__} import {kernel.__qualname__.split('.')[0]}")
-            head.append(f"K{k} = kernel_for({kernel.__qualname__})")
-        else:
-            head.append(f"K{k} = kernel_for(_K{k})")
-        if finish is not None and by_import:
-            head.append(f"from {finish.__module__} import {finish.__qualname__.split('.')[0]}")
-            head.append(f"F{k} = kernel_for({finish.__qualname__})")
-        elif finish is not None:
-            head.append(f"F{k} = kernel_for(_F{k})")
-        width = width_of(fields)
+        head += _bind_kernels(k, kernel, finish, by_import)
+        width = _width(fields)
         if leafwise:
             values = ", ".join(f"CO[{shared + at_row + j} + t * {row}]" for j in range(width))
             at_row += width

@@ -191,17 +191,8 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
     end = "x - u"
     for k, ((kernel, nslots, finish), (_, _, fields, _)) in enumerate(
             zip(kernels, records, strict=True)):
-        if by_import:
-            head.append(f"from {kernel.__module__} import {kernel.__qualname__.split('.')[0]}")
-            head.append(f"K{k} = kernel_for({kernel.__qualname__})")
-        else:
-            head.append(f"K{k} = kernel_for(_K{k})")
-        if finish is not None and by_import:
-            head.append(f"from {finish.__module__} import {finish.__qualname__.split('.')[0]}")
-            head.append(f"F{k} = kernel_for({finish.__qualname__})")
-        elif finish is not None:
-            head.append(f"F{k} = kernel_for(_F{k})")
-        width = len(fields) if isinstance(fields, tuple) else fields
+        head += cpu._bind_kernels(k, kernel, finish, by_import)
+        width = cpu._width(fields)
         values = ", ".join(f"CO[{co + j}]" for j in range(width))
         co += width
         if isinstance(fields, tuple) and fields:
