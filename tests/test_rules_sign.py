@@ -19,91 +19,38 @@ import numpy as np
 import pytest
 
 import uniopt as uo
+from free_run import (
+    LR_SCHEDULE,
+    TOL,
+)
+from free_run import (
+    grad_at as _grad,
+)
+from free_run import (
+    optax_schedule as _optax_schedule,
+)
+from free_run import (
+    run_optax as _optax,
+)
+from free_run import (
+    run_ours as _ours,
+)
+from free_run import (
+    run_torch as _torch,
+)
+from free_run import (
+    start_of as _start,
+)
+from free_run import (
+    worst_of as _worst,
+)
 from helpers import keras_on_jax, rel_diff
-
-SHAPES = [(), (4,), (5, 3)]
-STEPS = 300
-TOL = 1e-12  # float64 on both sides: operation order only, a few ulps a step
-
-
-def _grad(p: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    return np.asarray(np.tanh(p) * 0.5 + noise)
-
-
-def _start(seed: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-    """The starting params and every step's gradient noise."""
-    rng = np.random.default_rng(seed)
-    params = {f"x{i}": rng.standard_normal(s) for i, s in enumerate(SHAPES)}
-    noises = [{k: 0.1 * rng.standard_normal(v.shape) for k, v in params.items()}
-              for _ in range(STEPS)]
-    return params, noises
-
-
-def _ours(rule: uo.Transform, seed: int, steps: int = STEPS) -> list[dict[str, np.ndarray]]:
-    params, noises = _start(seed)
-    state = uo.setup(rule, params)
-    path = []
-    for noise in noises[:steps]:
-        state, params = uo.update(state, params, {k: _grad(v, noise[k])
-                                                  for k, v in params.items()})
-        path.append(params)
-    return path
-
-
-def _worst(ours: list[dict[str, np.ndarray]], theirs: list[dict[str, Any]]) -> float:
-    return max(rel_diff(p[k], q[k]) for p, q in zip(ours, theirs, strict=True) for k in p)
-
-
-def _optax(jx: Any, tx: Any, seed: int, steps: int = STEPS) -> list[dict[str, Any]]:
-    """optax's path: every step under one ``jax.jit`` (a ``lax.scan`` over the noises), each
-    gradient computed at optax's own params."""
-    import optax
-
-    jnp = jx.numpy
-    params, noises = _start(seed)
-    p = {k: jnp.asarray(v) for k, v in params.items()}
-    stacked = {k: jnp.asarray(np.stack([n[k] for n in noises[:steps]])) for k in params}
-
-    def step(carry: Any, noise: Any) -> Any:
-        p, s = carry
-        g = {k: jnp.tanh(v) * 0.5 + noise[k] for k, v in p.items()}
-        u, s = tx.update(g, s, p)
-        p = optax.apply_updates(p, u)
-        return (p, s), p
-
-    path = jx.device_get(jx.jit(lambda p, n: jx.lax.scan(step, (p, tx.init(p)), n)[1])(
-        p, stacked))
-    return [{k: np.asarray(path[k][i]) for k in path} for i in range(steps)]
-
-
-def _torch(make: Callable[[list[Any]], Any], seed: int,
-           lr: Callable[[int], float] | None = None) -> list[dict[str, np.ndarray]]:
-    torch = pytest.importorskip("torch")
-    params, noises = _start(seed)
-    ts = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
-    opt = make(list(ts.values()))
-    path = []
-    for k, noise in enumerate(noises):
-        if lr is not None:
-            opt.param_groups[0]["lr"] = lr(k)
-        for key, t in ts.items():
-            t.grad = torch.as_tensor(_grad(t.detach().numpy(), noise[key]))
-        opt.step()
-        path.append({key: t.detach().numpy().copy() for key, t in ts.items()})
-    return path
 
 
 def _hp(seed: int) -> dict[str, float]:
     rng = np.random.default_rng(1000 + seed)
     return dict(lr=float(rng.uniform(1e-3, 3e-2)), b1=float(rng.uniform(0.5, 0.95)),
                 b2=float(rng.uniform(0.9, 0.999)), wd=float(rng.choice([0.0, rng.uniform(0, 1)])))
-
-
-LR_SCHEDULE = uo.schedules.cosine(0.05, steps=STEPS, floor=0.001)
-
-
-def _optax_schedule(optax: Any) -> Any:
-    return optax.cosine_decay_schedule(0.05, STEPS, alpha=0.001 / 0.05)
 
 
 # --- lion ------------------------------------------------------------------------------------
