@@ -17,27 +17,13 @@ import uniopt as uo
 from free_run import (
     LR_SCHEDULE,
     TOL,
-)
-from free_run import (
-    grad_at as _grad,
-)
-from free_run import (
-    optax_schedule as _optax_schedule,
-)
-from free_run import (
-    run_optax as _optax,
-)
-from free_run import (
-    run_ours as _ours,
-)
-from free_run import (
-    run_torch as _torch,
-)
-from free_run import (
-    start_of as _start,
-)
-from free_run import (
-    worst_of as _worst,
+    grad_at,
+    optax_schedule,
+    run_optax,
+    run_ours,
+    run_torch,
+    start_of,
+    worst_of,
 )
 from helpers import rel_diff
 
@@ -101,10 +87,10 @@ def test_matches_optax(jx: Any, name: str) -> None:
     for seed in (0, 1):
         h = _hp(seed)
         ours, theirs = _pair(name, optax, h["lr"], h["lr"], h)
-        err = _worst(_ours(ours, seed), _optax(jx, theirs, seed))
+        err = worst_of(run_ours(ours, seed), run_optax(jx, theirs, seed))
         assert err < TOL, (name, h, err)
-    ours, theirs = _defaults(name, optax, LR_SCHEDULE, _optax_schedule(optax))
-    err = _worst(_ours(ours, 2), _optax(jx, theirs, 2))
+    ours, theirs = _defaults(name, optax, LR_SCHEDULE, optax_schedule(optax))
+    err = worst_of(run_ours(ours, 2), run_optax(jx, theirs, 2))
     assert err < TOL, (name, err)
 
 
@@ -123,7 +109,7 @@ def test_a_different_form_is_caught(jx: Any) -> None:
         (uo.nadamw(0.01, betas=(h["b1"], h["b2"])), optax.adamw(0.01, **b)),
     ]
     for ours, theirs in cases:  # 60 steps show it
-        assert _worst(_ours(ours, 4, 60), _optax(jx, theirs, 4, 60)) > 1e-9, ours
+        assert worst_of(run_ours(ours, 4, 60), run_optax(jx, theirs, 4, 60)) > 1e-9, ours
 
 
 @pytest.mark.slow
@@ -135,7 +121,7 @@ def test_adamaxw_mask_is_a_partition(jx: Any) -> None:
                          "plain": uo.adamaxw(0.02, weight_decay=0.0)},
                         {k: "decay" if v else "plain" for k, v in mask.items()})
     theirs = optax.adamaxw(0.02, weight_decay=0.3, mask=mask)
-    assert _worst(_ours(ours, 5), _optax(jx, theirs, 5)) < TOL
+    assert worst_of(run_ours(ours, 5), run_optax(jx, theirs, 5)) < TOL
 
 
 # --- against torch ------------------------------------------------------------------------------
@@ -146,9 +132,9 @@ def test_amsgrad_torch_convention_matches_torch() -> None:
     torch = pytest.importorskip("torch")
     h = _hp(6)
     ours = uo.amsgrad(h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"], convention="torch")
-    theirs = _torch(lambda ps: torch.optim.Adam(ps, lr=h["lr"], betas=(h["b1"], h["b2"]),
+    theirs = run_torch(lambda ps: torch.optim.Adam(ps, lr=h["lr"], betas=(h["b1"], h["b2"]),
                                                 eps=h["eps"], amsgrad=True), 6)
-    assert _worst(_ours(ours, 6), theirs) < TOL
+    assert worst_of(run_ours(ours, 6), theirs) < TOL
 
 
 @pytest.mark.slow
@@ -162,11 +148,11 @@ def test_nadamw_torch_convention_matches_torch() -> None:
     saved = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        theirs = _torch(lambda ps: torch.optim.NAdam(ps, **kw, momentum_decay=0.01,
+        theirs = run_torch(lambda ps: torch.optim.NAdam(ps, **kw, momentum_decay=0.01,
                                                      decoupled_weight_decay=True), 7)
     finally:
         torch.set_default_dtype(saved)
-    assert _worst(_ours(ours, 7), theirs) < TOL
+    assert worst_of(run_ours(ours, 7), theirs) < TOL
 
 
 def test_defaults_per_convention() -> None:
@@ -197,8 +183,8 @@ def test_torch_jax_and_in_place_match_numpy(jx: Any, name: str) -> None:
     torch = pytest.importorskip("torch")
     jnp = jx.numpy
     rule = RULES[name]()
-    params, noises = _start(8)
-    ref = _ours(rule, 8)[:20]
+    params, noises = start_of(8)
+    ref = run_ours(rule, 8)[:20]
     runs: dict[str, Any] = {
         "torch": {k: torch.tensor(v) for k, v in params.items()},
         "jax": {k: jnp.asarray(v) for k, v in params.items()},
@@ -209,7 +195,7 @@ def test_torch_jax_and_in_place_match_numpy(jx: Any, name: str) -> None:
             continue  # NAdam's momentum products are computed on the host from a Python step
         state = uo.setup(rule, p)
         for i, noise in enumerate(noises[:20]):
-            g = {k: _grad(np.asarray(v), noise[k]) for k, v in p.items()}
+            g = {k: grad_at(np.asarray(v), noise[k]) for k, v in p.items()}
             if label == "in_place":
                 state = uo.update_(state, p, g)
             else:

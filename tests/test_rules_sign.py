@@ -22,27 +22,13 @@ import uniopt as uo
 from free_run import (
     LR_SCHEDULE,
     TOL,
-)
-from free_run import (
-    grad_at as _grad,
-)
-from free_run import (
-    optax_schedule as _optax_schedule,
-)
-from free_run import (
-    run_optax as _optax,
-)
-from free_run import (
-    run_ours as _ours,
-)
-from free_run import (
-    run_torch as _torch,
-)
-from free_run import (
-    start_of as _start,
-)
-from free_run import (
-    worst_of as _worst,
+    grad_at,
+    optax_schedule,
+    run_optax,
+    run_ours,
+    run_torch,
+    start_of,
+    worst_of,
 )
 from helpers import keras_on_jax, rel_diff
 
@@ -63,17 +49,17 @@ def test_lion_optax_convention_matches_optax(jx: Any, seed: int) -> None:
     h = _hp(seed)
     ours = uo.lion(h["lr"], betas=(h["b1"], h["b2"]), weight_decay=h["wd"], convention="optax")
     theirs = optax.lion(h["lr"], b1=h["b1"], b2=h["b2"], weight_decay=h["wd"])
-    assert _worst(_ours(ours, seed), _optax(jx, theirs, seed)) < TOL
+    assert worst_of(run_ours(ours, seed), run_optax(jx, theirs, seed)) < TOL
 
 
 @pytest.mark.slow
 def test_lion_scheduled_lr_and_defaults_match_optax(jx: Any) -> None:
     optax = pytest.importorskip("optax")
     ours = uo.lion(LR_SCHEDULE, convention="optax")  # optax's weight_decay 1e-3, betas
-    theirs = optax.lion(_optax_schedule(optax))
-    assert _worst(_ours(ours, 3), _optax(jx, theirs, 3)) < TOL
+    theirs = optax.lion(optax_schedule(optax))
+    assert worst_of(run_ours(ours, 3), run_optax(jx, theirs, 3)) < TOL
     # a wrong default shows: weight decay is not negligible at this scale
-    assert _worst(_ours(uo.lion(LR_SCHEDULE), 3), _optax(jx, theirs, 3)) > 1e-6
+    assert worst_of(run_ours(uo.lion(LR_SCHEDULE), 3), run_optax(jx, theirs, 3)) > 1e-6
 
 
 @pytest.mark.slow
@@ -86,10 +72,10 @@ def test_lion_matches_lion_pytorch(seed: int, couple_lr: bool) -> None:
     if not couple_lr:
         wd *= h["lr"]  # lion_pytorch divides it by the initial lr: the same decay per step
     ours = uo.lion(h["lr"], betas=(h["b1"], h["b2"]), weight_decay=wd, couple_lr=couple_lr)
-    theirs = _torch(lambda ps: lion_pytorch.Lion(
+    theirs = run_torch(lambda ps: lion_pytorch.Lion(
         ps, lr=h["lr"], betas=(h["b1"], h["b2"]), weight_decay=wd,
         decoupled_weight_decay=not couple_lr), seed)
-    err = _worst(_ours(ours, seed), theirs)
+    err = worst_of(run_ours(ours, seed), theirs)
     # coupled: lion_pytorch's own operation order (p*(1 - lr*wd), then one fused
     # multiply-add), bit for bit; decoupled: its 1 - lr*(wd/lr) is 1 - wd up to an ulp
     assert err == 0.0 if couple_lr else err < TOL, err
@@ -103,8 +89,8 @@ def test_lion_scheduled_lr_matches_lion_pytorch() -> None:
     def schedule(k: int) -> float:
         return float(LR_SCHEDULE(k))
 
-    theirs = _torch(lambda ps: lion_pytorch.Lion(ps, lr=0.05, weight_decay=0.5), 4, schedule)
-    assert _worst(_ours(ours, 4), theirs) < TOL
+    theirs = run_torch(lambda ps: lion_pytorch.Lion(ps, lr=0.05, weight_decay=0.5), 4, schedule)
+    assert worst_of(run_ours(ours, 4), theirs) < TOL
 
 
 def test_lion_defaults_per_convention() -> None:
@@ -127,7 +113,7 @@ def test_lion_keras_convention_matches_keras(keras: Any, jx: Any, wd: float) -> 
     variable, so that it is the same number on both sides."""
     lr = 2**-7
     ours = uo.lion(lr, betas=(0.8, 0.95), weight_decay=wd, convention="keras")
-    params, noises = _start(5)
+    params, noises = start_of(5)
     variables = [keras.Variable(v.copy(), dtype="float64") for v in params.values()]
     opt = keras.optimizers.Lion(learning_rate=lr, beta_1=0.8, beta_2=0.95,
                                 weight_decay=wd or None)
@@ -143,7 +129,7 @@ def test_lion_keras_convention_matches_keras(keras: Any, jx: Any, wd: float) -> 
     for noise in noises:
         p, s = step(p, s, list(noise.values()))
         theirs.append(dict(zip(params, p, strict=True)))
-    assert _worst(_ours(ours, 5), theirs) < TOL
+    assert worst_of(run_ours(ours, 5), theirs) < TOL
 
 
 def _keras_lion_golden() -> dict[str, Any]:
@@ -215,11 +201,11 @@ def test_lion_keras_convention_reproduces_keras_golden_values() -> None:
 def test_sign_sgd_and_signum_match_optax(jx: Any, scheduled: bool) -> None:
     optax = pytest.importorskip("optax")
     lr: Any = LR_SCHEDULE if scheduled else 0.02
-    their_lr = _optax_schedule(optax) if scheduled else 0.02
-    assert _worst(_ours(uo.sign_sgd(lr), 6), _optax(jx, optax.sign_sgd(their_lr), 6)) < TOL
+    their_lr = optax_schedule(optax) if scheduled else 0.02
+    assert worst_of(run_ours(uo.sign_sgd(lr), 6), run_optax(jx, optax.sign_sgd(their_lr), 6)) < TOL
     beta = 0.9 if scheduled else 0.75
-    err = _worst(_ours(uo.signum(lr, beta=beta), 7),
-                 _optax(jx, optax.signum(their_lr, beta=beta), 7))
+    err = worst_of(run_ours(uo.signum(lr, beta=beta), 7),
+                 run_optax(jx, optax.signum(their_lr, beta=beta), 7))
     assert err < TOL
 
 
@@ -239,8 +225,8 @@ def test_torch_jax_and_in_place_match_numpy(jx: Any, name: str) -> None:
     torch = pytest.importorskip("torch")
     jnp = jx.numpy
     rule = RULES[name]()
-    params, noises = _start(8)
-    ref = _ours(rule, 8)[:20]
+    params, noises = start_of(8)
+    ref = run_ours(rule, 8)[:20]
     runs: dict[str, Any] = {
         "torch": {k: torch.tensor(v) for k, v in params.items()},
         "jax": {k: jnp.asarray(v) for k, v in params.items()},
@@ -249,7 +235,7 @@ def test_torch_jax_and_in_place_match_numpy(jx: Any, name: str) -> None:
     for label, p in runs.items():
         state = uo.setup(rule, p)
         for i, noise in enumerate(noises[:20]):
-            g = {k: _grad(np.asarray(v), noise[k]) for k, v in p.items()}
+            g = {k: grad_at(np.asarray(v), noise[k]) for k, v in p.items()}
             if label == "in_place":
                 state = uo.update_(state, p, g)
             else:
