@@ -16,7 +16,7 @@ jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
 from helpers import rel_diff  # noqa: E402
-from optax_parity import run  # noqa: E402
+from optax_parity import assert_libraries_agree, run  # noqa: E402
 
 MASK = {"w": True, "b": False, "s": True}
 
@@ -180,26 +180,7 @@ def test_bad_hyperparameters_are_refused(rule: type, bad: dict[str, float]) -> N
     uo.novograd(0.01, weight_decay=0.1), uo.fromage(0.1),
 ])
 def test_torch_and_jax_match_numpy(rule: uo.Transform) -> None:
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(5)
-    params = {"w": rng.normal(size=(5, 3)), "b": rng.normal(size=4), "s": np.array(0.3)}
-    grads = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(4)]
-    runs = {}
-    for lib, conv in [("numpy", np.asarray), ("torch", torch.tensor), ("jax", jnp.asarray)]:
-        p = {k: conv(v) for k, v in params.items()}
-        state = uo.setup(rule, p)
-        step = jax.jit(uo.update) if lib == "jax" else uo.update  # eager JAX: slow dispatches
-        for g in grads:
-            state, p = step(state, p, {k: conv(v) for k, v in g.items()})
-        runs[lib] = {k: np.asarray(v) for k, v in p.items()}
-    inplace = {k: v.copy() for k, v in params.items()}
-    state = uo.setup(rule, inplace)
-    for g in grads:
-        state = uo.update_(state, inplace, g)
-    runs["in place"] = inplace
-    for lib, p in runs.items():
-        for k in params:
-            assert rel_diff(p[k], runs["numpy"][k]) < 1e-12, (lib, k)
+    assert_libraries_agree(rule)
 
 
 def test_masks_take_a_function_of_the_params_and_a_prefix() -> None:
