@@ -137,11 +137,15 @@ def compare_figure(results: Sequence[Result], problems: Mapping[str, Any]) -> An
         optimum = problem.optimum
         signed = False
         seen: set[str] = set()
+        # a diverging run is drawn up to a million times the largest start, then cut (its
+        # last point is not finite): matplotlib's log scale overflows near 1e300
+        cap = 1e6 * max(abs(r.losses[0] - (optimum or 0.0)) for r in runs) + 1.0
         for r in runs:
             y = np.asarray(r.losses, dtype=float)
             if optimum is not None:
                 # the gap, floored where it reaches rounding (a log scale has no 0)
                 y = np.maximum(y - optimum, 1e-16 * max(1.0, abs(optimum)))
+            y = np.where(np.isfinite(y), np.clip(y, -cap, cap), np.nan)
             signed = signed or bool(np.any(y[np.isfinite(y)] <= 0))
             label = r.rule if r.rule not in seen else None
             seen.add(r.rule)
