@@ -615,6 +615,19 @@ def test_progress_bar_shows_after_its_delay_and_only_with_rich(monkeypatch):
     assert plain.bar is None
 
 
+def test_compare_shows_the_bar_on_a_terminal(capsys, monkeypatch):
+    from uniopt.tools import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["compare", "--steps", "200", "--rules", "adam", "--problems", "quadratic"]) == 0
+    captured = capsys.readouterr()
+    assert "quadratic adam" in captured.err and "quadratic adam" not in captured.out
+    assert main(["compare", "--steps", "200", "--rules", "adam", "--problems", "quadratic",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_compare_ticks_every_update(monkeypatch):
     from uniopt.tools import cli
 

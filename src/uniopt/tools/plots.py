@@ -217,5 +217,7 @@ def bench_figure(bandwidth: float, rows: Sequence[Row]) -> Any:
     ax.invert_yaxis()
     ax.set_xlabel("time per step / memory-bandwidth floor (1 = memory speed)")
     ax.set_title(f"uniopt bench: floor {bandwidth / 1e9:.1f} GB/s", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    # below the axes: inside, it would cover the longest bars
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center",
+               ncols=min(len(impls), 4), fontsize=8)
     return fig
