@@ -18,7 +18,9 @@ from .parse import UsageError
 
 if TYPE_CHECKING:
     from .bench import Row
-    from .cli import Result
+
+# cli.Result, as the figures read it (cli imports this module, not the other way round)
+Result = Any
 
 EXTRA = "plot"
 
