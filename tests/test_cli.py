@@ -543,6 +543,13 @@ def test_any_registry_rule_runs_closures_and_step_arguments_included(capsys):
     assert doc["results"][0]["lr"] == "cosine(0.03, 1000)"  # lion's registry example
 
 
+def test_a_rule_that_cannot_take_the_problem_says_so_before_running(capsys):
+    assert main(["compare", "--rules", "adam,muon", "--problems", "rosenbrock"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("uniopt compare: muon cannot run on rosenbrock: ")
+    assert "not a matrix" in captured.err and captured.out == ""
+
+
 @pytest.mark.parametrize(("rules", "said"), [
     ("adamw:weight_decy=0.1", "unknown hyperparameter of adamw 'weight_decy'; did you mean "
                               "'weight_decay'"),
