@@ -702,6 +702,11 @@ def test_a_1d_problem_has_no_path_panel_and_a_diverged_curve_stops():
     (ax,) = fig.axes
     (curve,) = _gid_lines(ax, "curve")
     assert len(curve.get_xdata()) == results[0].diverged_at + 1
+    y = curve.get_ydata()
+    k = int(np.argmax(np.isnan(y))) - 1  # drawn up to a thousand times the start, then cut
+    assert k > 0 and np.all(np.isnan(y[k + 1:])) and y[k] <= 1e3 * y[0] + 1
+    (cross,) = _gid_lines(ax, "diverged")
+    assert list(cross.get_xdata()) == [k]
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):

@@ -59,14 +59,10 @@ def _colors(labels: Sequence[str]) -> dict[str, Any]:
 
 
 def _box(points: np.ndarray, anchors: np.ndarray) -> tuple[float, float, float, float]:
-    """A window over the paths that keeps the start and the minimum in view and leaves out a
-    diverging run's far points."""
-    lo, hi = anchors.min(0), anchors.max(0)
-    span = np.maximum(hi - lo, 1.0)
-    pts = points[np.all(np.isfinite(points), axis=1)]
-    pts = pts[np.all(np.abs(pts - (lo + hi) / 2) <= 2.0 * span, axis=1)]
-    if len(pts):
-        lo, hi = np.minimum(lo, pts.min(0)), np.maximum(hi, pts.max(0))
+    """A window over ``points`` (the paths of the runs that did not blow up) that keeps the
+    start and the minimum in view."""
+    pts = np.concatenate([anchors, points[np.all(np.isfinite(points), axis=1)]])
+    lo, hi = pts.min(0), pts.max(0)
     pad = 0.15 * np.maximum(hi - lo, 0.5)
     return lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1]
 
@@ -77,7 +73,10 @@ def _contours(ax: Any, problem: Any, results: Sequence[Result], colors: Mapping[
     anchors = [start]
     if argmin is not None:
         anchors.append(np.ravel(np.asarray(argmin[0] if isinstance(argmin, list) else argmin)))
-    points = np.concatenate([np.asarray(r.path, dtype=float) for r in results])
+    # the window follows the runs that ended below their start; one that blew up leaves it
+    settled = [np.asarray(r.path, dtype=float) for r in results
+               if r.final_loss is not None and r.final_loss <= r.initial_loss]
+    points = np.concatenate(settled) if settled else np.empty((0, 2))
     x0, x1, y0, y1 = _box(points, np.array(anchors))
     xs, ys = np.linspace(x0, x1, 120), np.linspace(y0, y1, 120)
     z = np.empty((len(ys), len(xs)))
@@ -139,19 +138,26 @@ def compare_figure(results: Sequence[Result], problems: Mapping[str, Any]) -> An
         optimum = problem.optimum
         signed = False
         seen: set[str] = set()
-        # a diverging run is drawn up to a million times the largest start, then cut (its
-        # last point is not finite): matplotlib's log scale overflows near 1e300
-        cap = 1e6 * max(abs(r.losses[0] - (optimum or 0.0)) for r in runs) + 1.0
+        # a diverging run is drawn up to a thousand times the largest start, then ends in a
+        # cross: matplotlib's log scale overflows near 1e300, and a clipped flat line would
+        # read as a plateau
+        cap = 1e3 * max(abs(r.losses[0] - (optimum or 0.0)) for r in runs) + 1.0
         for r in runs:
             y = np.asarray(r.losses, dtype=float)
             if optimum is not None:
                 # the gap, floored where it reaches rounding (a log scale has no 0)
                 y = np.maximum(y - optimum, 1e-16 * max(1.0, abs(optimum)))
-            y = np.where(np.isfinite(y), np.clip(y, -cap, cap), np.nan)
+            out = ~(np.abs(y) <= cap)  # beyond the cap, or not finite
+            if out.any():
+                y[int(np.argmax(out)):] = np.nan
             signed = signed or bool(np.any(y[np.isfinite(y)] <= 0))
             label = r.rule if r.rule not in seen else None
             seen.add(r.rule)
             ax.plot(np.arange(len(y)), y, color=colors[r.rule], lw=1.2, label=label, gid="curve")
+            if out.any() and out.argmax() > 0:
+                k = int(out.argmax()) - 1
+                ax.plot([k], [y[k]], marker="x", ms=8, mew=2, color=colors[r.rule],
+                        gid="diverged")
         ax.set_yscale("symlog" if signed else "log")
         ax.set_xlabel("update")
         ax.set_ylabel("loss - minimum" if optimum is not None else "loss")
