@@ -696,7 +696,8 @@ def test_a_1d_problem_has_no_path_panel_and_a_diverged_curve_stops():
     pytest.importorskip("matplotlib")
     from uniopt.tools import cli, plots
 
-    results = cli.compare(["sgd"], ["quadratic"], 300, [0], 1e-6, lr=3.0, track=True)
+    # heavy ball at lr * lambda_max = 5: the loss grows ~8x a step, to inf within 400
+    results = cli.compare(["sgd"], ["quadratic"], 400, [0], 1e-6, lr=5e-3, track=True)
     assert results[0].diverged_at is not None
     fig = plots.compare_figure(results, PROBLEMS)
     (ax,) = fig.axes
