@@ -581,14 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=(f"comma-separated rules, each NAME or NAME:KEY=VALUE,KEY=VALUE (e.g. "
               f"'adamw:lr=3e-4,weight_decay=0.1,sgd'; values are numbers, True/False, tuples "
               f"or schedule calls such as lr='warmup(100,cosine(0.1,2000))'); the presets "
-              f"{','.join(RULES)} (default: these) or any rule of `uniopt rules`; repeatable"),
+              f"{', '.join(RULES)} (default: these) or any rule of `uniopt rules`; "
+              f"repeatable"),
     )
     cmp.add_argument(
         "--problems",
         type=_usage(_problems, "problem list"),
         default=None,
         metavar="PROBLEMS",
-        help=(f"comma-separated, from {','.join(PROBLEMS)}, 'all', or MODULE:FUNCTION, a "
+        help=(f"comma-separated, from {', '.join(PROBLEMS)}, 'all', or MODULE:FUNCTION, a "
               f"function params -> (loss, grads) of your own with a start in FUNCTION.x0 "
               f"(default: {','.join(DEFAULT_PROBLEMS)})"),
     )
@@ -706,7 +707,8 @@ def add_schedule_parser(sub: Any) -> None:
                         "'wsd(peak=1e-3, warmup=100, stable=800, decay=100)'")
     s.add_argument("--steps", type=_usage(_step_list, "step list"), default=None,
                    metavar="STEPS", help="comma-separated steps to print the value at "
-                                         "(default: 11 steps from 0 to the horizon)")
+                                         "(default: 0 to the horizon in ten even steps, and "
+                                         "the steps where the schedule changes course)")
     s.add_argument("--until", type=_positive(int, "a positive integer"), default=None,
                    metavar="N", help="the horizon: steps drawn and printed run from 0 to N "
                                      "(default: guessed from the schedule, e.g. the warm-up "
