@@ -599,7 +599,7 @@ def test_problems_all(capsys):
 def test_progress_bar_shows_after_its_delay_and_only_with_rich(monkeypatch):
     import io
 
-    from rich.console import Console
+    Console = pytest.importorskip("rich.console").Console
 
     from uniopt.tools.cli import Progress
 
@@ -623,6 +623,7 @@ def test_progress_bar_shows_after_its_delay_and_only_with_rich(monkeypatch):
 
 
 def test_compare_shows_the_bar_on_a_terminal(capsys, monkeypatch):
+    pytest.importorskip("rich")
     from uniopt.tools import cli
 
     monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0.0)
