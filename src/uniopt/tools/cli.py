@@ -123,7 +123,7 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
         "adam": 0.1,
         "amsgrad": 0.1,
         "adamw": 0.1,
-        "optimistic_adam": 1e-2,
+        "optimistic_adam": 0.1,
     },
 }
 FALLBACK_LR = 1e-3  # for a problem added to PROBLEMS without a row above
