@@ -60,13 +60,32 @@ def run_blocks(name: str, text: str) -> None:
             exec(compile(body, where, "exec"), globs)
 
 
-# pages whose blocks start flax, equinox and orbax or torch's training loop: seconds each
-SLOW_PAGES = {"jax.md", "recipes.md"}
+# pages whose blocks import torch, keras, flax, equinox or orbax and compile JAX programs: 5 to
+# 20 s each on a 2-core machine, most of it the imports
+SLOW_PAGES = {"jax.md", "recipes.md", "torch.md", "coming-from/torch.md", "coming-from/optax.md",
+              "coming-from/keras.md"}
+
+
+@pytest.fixture
+def framework_settings() -> Any:
+    """Puts back what a page may set for its own comparisons: JAX's x64, keras's backend."""
+    import os
+
+    backend = os.environ.get("KERAS_BACKEND")
+    jax = sys.modules.get("jax")
+    x64 = bool(jax.config.jax_enable_x64) if jax else False
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_enable_x64", x64)
+    if backend is None:
+        os.environ.pop("KERAS_BACKEND", None)
+    else:
+        os.environ["KERAS_BACKEND"] = backend
 
 
 @pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES
                                   else p for p in PAGES])
-def test_page_code_runs(page: str) -> None:
+def test_page_code_runs(page: str, framework_settings: Any) -> None:
     run_blocks(page, (DOCS / page).read_text(encoding="utf-8"))
 
 

@@ -79,7 +79,7 @@ def _default_of(f: dataclasses.Field[Any]) -> str:
 def hyperparameter_table(cls: type[Rule]) -> str:
     """Each field of the rule: its default and what it takes (the valid range of a number)."""
     rows = ["| argument | default | takes |", "|---|---|---|"]
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         if f.init:
             rows.append(f"| `{f.name}` | {_default_of(f)} | {_range(f)} |")
     return "\n".join(rows)
@@ -162,7 +162,7 @@ def example(name: str) -> str:
 
 def _signature(cls: type[Rule]) -> str:
     args = []
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         if f.init:
             args.append(f.name if f.default is dataclasses.MISSING else f"{f.name}={f.default!r}")
     return f"uo.{cls.__name__}({', '.join(args)})"
