@@ -139,6 +139,8 @@ def test_docstring_roles_become_code_and_rule_links() -> None:
     assert "[`adamw`](adamw.md)" in text and "`setup`" in text
     assert "```python\n>>> 1 + 1\n2\n\n```" in text
     assert "[`adam`]" not in docs.markdown_docstring(":class:`adam`", here="adam")
+    math = docs.markdown_docstring("Where\n$$\nx^2\n$$\nafter.")
+    assert math == "Where\n\n$$\nx^2\n$$\n\nafter."
 
 
 @pytest.mark.parametrize("name", ["adam", "lbfgs", "lbfgs_linesearch", "radam"])

@@ -1,4 +1,5 @@
-// MathJax 3 for pymdownx.arithmatex (generic mode): \( \) inline, \[ \] display.
+// MathJax 3 for pymdownx.arithmatex (generic mode): \( \) inline, \[ \] display. Each page is a
+// full load (the theme's instant navigation is off), so MathJax typesets it once at start-up.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
@@ -11,15 +12,3 @@ window.MathJax = {
     processHtmlClass: "arithmatex"
   }
 };
-
-// mkdocs-material's instant navigation swaps pages without reloading: typeset each new one.
-if (typeof document$ !== "undefined") {
-  document$.subscribe(() => {
-    if (window.MathJax.typesetPromise) {
-      MathJax.startup.output.clearCache();
-      MathJax.typesetClear();
-      MathJax.texReset();
-      MathJax.typesetPromise();
-    }
-  });
-}

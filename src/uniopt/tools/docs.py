@@ -42,7 +42,8 @@ def _code_ref(target: str, here: str) -> str:
 
 
 def markdown_docstring(doc: str, here: str = "") -> str:
-    """A docstring as Markdown: roles as code (rules linked), doctest lines fenced as Python."""
+    """A docstring as Markdown: roles as code (rules linked), doctest lines fenced as Python,
+    ``$$`` display formulas set apart by blank lines (arithmatex takes them as blocks only so)."""
     text = _ROLE.sub(lambda m: _code_ref(m.group(1), here), inspect.cleandoc(doc))
     out: list[str] = []
     lines = text.splitlines()
@@ -55,6 +56,10 @@ def markdown_docstring(doc: str, here: str = "") -> str:
                              else lines[i])
                 i += 1
             out += ["```python", *block, "", "```"]
+        elif lines[i].strip() == "$$":  # a display formula: a block of its own, blank-lined
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "$$"), i)
+            out += ["", *lines[i:end + 1], ""]
+            i = end + 1
         else:
             out.append(lines[i])
             i += 1
@@ -165,7 +170,10 @@ def _signature(cls: type[Rule]) -> str:
     for f in dataclasses.fields(cls):
         if f.init:
             args.append(f.name if f.default is dataclasses.MISSING else f"{f.name}={f.default!r}")
-    return f"uo.{cls.__name__}({', '.join(args)})"
+    one_line = f"uo.{cls.__name__}({', '.join(args)})"
+    if len(one_line) <= 88:
+        return one_line
+    return "\n".join([f"uo.{cls.__name__}(", *(f"    {a}," for a in args), ")"])
 
 
 def _facts(e: registry.Entry) -> list[str]:
