@@ -143,17 +143,19 @@ def test_docstring_roles_become_code_and_rule_links() -> None:
     assert math == "Where\n\n$$\nx^2\n$$\n\nafter."
 
 
-@pytest.mark.parametrize("name", ["adam", "lbfgs", "lbfgs_linesearch", "radam"])
-def test_rule_example_runs(name: str) -> None:
-    """One of each way a rule is driven: update, minimize_step, the step's extra arguments,
-    a schedule among the example's hyperparameters."""
+@pytest.mark.parametrize("name", ["adam", "lbfgs", "lbfgs_linesearch", "radam", "sam"])
+def test_rule_page_runs(name: str) -> None:
+    """The whole page, its example to the end of the budget, for one of each way a rule is
+    driven: update, minimize_step, the step's extra arguments; a schedule and a rule among
+    the example's hyperparameters. That every rule's example converges within its budget is
+    tests/test_registry.py's convergence test, on the same problem."""
     run_blocks(f"rules/{name}.md", docs.rule_page(name))
 
 
-@pytest.mark.slow
-def test_every_rule_page_runs() -> None:
+def test_every_rule_example_starts() -> None:
+    """Every rule's example builds its rule and takes two steps (the code of every page)."""
     for name in registry.names():
-        run_blocks(f"rules/{name}.md", docs.rule_page(name))
+        run_blocks(f"rules/{name}.md", f"```python\n{docs.example(name, steps=2)}\n\n```\n")
 
 
 def test_a_rule_no_leaf_fits_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,8 +191,11 @@ def anchors(text: str) -> set[str]:
     return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", outside, re.M)}
 
 
+SHORT_README = "_README_short.md"  # the README proposed for the repository's root: not a page
+
+
 def all_pages() -> dict[str, str]:
-    out = {p: (DOCS / p).read_text(encoding="utf-8") for p in PAGES}
+    out = {p: (DOCS / p).read_text(encoding="utf-8") for p in PAGES if p != SHORT_README}
     return out | docs.pages()
 
 
@@ -250,3 +255,33 @@ def test_hook_without_mathjax_says_what_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "mathjax", None)
     with pytest.raises(RuntimeError, match=r"\.\[docs\]"):
         _hooks()._mathjax_root()
+
+
+# --- the short README ---------------------------------------------------------------------------
+
+
+def test_short_readme_keeps_the_set_up_commands_and_the_rule_table() -> None:
+    text = (DOCS / SHORT_README).read_text(encoding="utf-8")
+    first = FENCE.search(text)
+    assert first and first.group(2) == "bash"
+    commands = [line.split("#")[0].strip() for line in first.group(3).splitlines()]
+    assert commands == ["pip install . && uniopt compare", 'pip install -e ".[test]" && pytest']
+    found = re.search(r"<!-- rules:start -->\n(.*?)\n<!-- rules:end -->", text, re.S)
+    assert found and found.group(1).strip() == registry.table(), (
+        "docs/_README_short.md's rule table is stale: paste `uniopt rules` between its markers")
+
+
+def test_short_readme_links_resolve_from_the_root() -> None:
+    """Its links are written for the repository's root, where it will stand."""
+    text = (DOCS / SHORT_README).read_text(encoding="utf-8")
+    bad = []
+    for target in LINK.findall(FENCE.sub("", text)):
+        path, _, anchor = target.partition("#")
+        if re.match(r"[a-z]+:", target) or not path:
+            continue
+        if not (ROOT / path).exists():
+            bad.append(target)
+        elif anchor and path.endswith(".md"):
+            if anchor not in anchors((ROOT / path).read_text(encoding="utf-8")):
+                bad.append(target)
+    assert bad == []

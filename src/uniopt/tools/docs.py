@@ -24,7 +24,7 @@ from functools import cache
 from typing import Any
 
 from .. import registry
-from ..base import PerLeaf, Rule
+from ..base import PerLeaf, Rule, Transform
 
 # the page of the rules' overview, and the folder of the rule pages, inside docs/
 RULES_DIR = "rules"
@@ -131,13 +131,23 @@ def _schedule_names(example: dict[str, Any]) -> list[str]:
     return sorted({n for n in found if hasattr(schedules, n)})
 
 
-def example(name: str) -> str:
+def _argument(v: Any) -> str:
+    """An example's value as Python: a rule as the call that builds it (``uo.sgd(lr=0.1)``),
+    a schedule as its record (its names imported), anything else as its ``repr``."""
+    if isinstance(v, Transform):
+        from ..conventions import call
+
+        return call(v) if isinstance(v, Rule) else f"uo.{v!r}"
+    return repr(v)
+
+
+def example(name: str, steps: int | None = None) -> str:
     """A doctest: the registry's example hyperparameters of ``name`` solving the generic
     quadratic (curvatures 1..100, minimum at 1) to 1e-4 of its initial loss within the
     rule's budget, stepped as the rule is driven (``update``, its extra arguments, or
-    ``minimize_step``)."""
+    ``minimize_step``). ``steps``: that many steps instead, and no check of the loss."""
     e = registry.entry(name)
-    args = ", ".join(f"{k}={v!r}" for k, v in e.example.items())
+    args = ", ".join(f"{k}={_argument(v)}" for k, v in e.example.items())
     uses = _schedule_names(e.example)
     shape = _leaf_shape(e.rule(**e.example), 10)
     lines = [
@@ -152,7 +162,7 @@ def example(name: str) -> str:
         f">>> params = {{'x': np.zeros({shape})}}",
         ">>> start, _ = loss_and_grad(params)",
         f">>> state = uo.setup(uo.{name}({args}), params)",
-        f">>> for _ in range({e.budget}):",
+        f">>> for _ in range({e.budget if steps is None else steps}):",
     ]
     if e.needs_closure:
         lines.append("...     state, params, loss = uo.minimize_step(state, params, loss_and_grad)")
@@ -161,7 +171,8 @@ def example(name: str) -> str:
         given = {"value": "value=loss", "grad": "grad=grads", "value_fn": "value_fn=loss_and_grad"}
         extra = "".join(f", {given[k]}" for k in e.step_args)
         lines.append(f"...     state, params = uo.update(state, params, grads{extra})")
-    lines += [">>> bool(loss_and_grad(params)[0] <= 1e-4 * start)", "True"]
+    if steps is None:
+        lines += [">>> bool(loss_and_grad(params)[0] <= 1e-4 * start)", "True"]
     return "\n".join(lines)
 
 
