@@ -62,7 +62,8 @@ def run_blocks(name: str, text: str) -> None:
 
 # pages whose blocks import torch, keras, flax, equinox or orbax and compile JAX programs: 5 to
 # 20 s each on a 2-core machine, most of it the imports
-SLOW_PAGES = {"jax.md", "recipes.md", "torch.md", "coming-from/torch.md", "coming-from/optax.md",
+SLOW_PAGES = {"jax.md", "recipes.md", "torch.md", "optax.md", "coming-from/torch.md",
+              "coming-from/optax.md",
               "coming-from/keras.md"}
 
 

@@ -271,13 +271,17 @@ def index_page() -> str:
     out = ["# Every rule", "",
            "<!-- Generated from uniopt.registry by docs/hooks.py. -->", "",
            "Each rule has a page generated from its docstring and its registry entry; the "
-           "[rules overview](../rules.md) has the formulas side by side.", ""]
+           "[rules overview](../rules.md) has the formulas side by side. \"held to\": the "
+           "implementations its parity tests compare it with (`formula:` where the test writes "
+           "the published algorithm itself).", ""]
     for family, names in families().items():
-        out += [f"## {family}", "", "| rule | paper | held to |", "|---|---|---|"]
+        out += [f"## {family}", "", "| rule | paper | held to | state slots | notes |",
+                "|---|---|---|---|---|"]
         for n in names:
             e = registry.entry(n)
             held = ", ".join(f"`{r}`" for r in e.references) or "—"
-            out.append(f"| [`{n}`]({n}.md) | {e.paper} | {held} |")
+            out.append(f"| [`{n}`]({n}.md) | {e.paper} | {held} | "
+                       f"{', '.join(e.slots) or '—'} | {registry.notes(e) or '—'} |")
         out.append("")
     return "\n".join(out)
 
