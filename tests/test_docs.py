@@ -124,7 +124,7 @@ def test_every_rule_has_a_page_in_the_nav() -> None:
 def test_rule_page_lists_ranges_and_conventions() -> None:
     page = docs.rule_page("adam")
     assert "| `betas` | `(0.9, 0.999)` | number or schedule, in [0, 1) |" in page
-    assert "| `amsgrad` | `False` | option |" in page
+    assert "| `amsgrad` | `False` | fixed value (not a schedule) |" in page
     assert "`uo.adam(convention='keras')`" in page
     assert "`Optimisers.Adam`'s formula" in page
     assert "One form" in docs.rule_page("fromage")
@@ -140,6 +140,10 @@ def test_docstring_roles_become_code_and_rule_links() -> None:
     assert "[`adamw`](adamw.md)" in text and "`setup`" in text
     assert "```python\n>>> 1 + 1\n2\n\n```" in text
     assert "[`adam`]" not in docs.markdown_docstring(":class:`adam`", here="adam")
+    # the API reference (docs/griffe_markdown.py) links from the site's root
+    assert docs.markdown_docstring(":class:`adam`", rules_dir="rules/") == "[`adam`](rules/adam.md)"
+    listed = docs.markdown_docstring("Options:\n- ``a``: one,\n  two.\n- ``b``.")
+    assert listed == "Options:\n\n- ``a``: one,\n  two.\n- ``b``."
     math = docs.markdown_docstring("Where\n$$\nx^2\n$$\nafter.")
     assert math == "Where\n\n$$\nx^2\n$$\n\nafter."
 

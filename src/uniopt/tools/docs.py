@@ -33,18 +33,20 @@ RULES_DIR = "rules"
 _ROLE = re.compile(r":(?:class|func|data|mod|meth|attr|obj):`~?([^`]+)`")
 
 
-def _code_ref(target: str, here: str) -> str:
+def _code_ref(target: str, here: str, rules_dir: str) -> str:
     """A role's target as Markdown: ``name`` in code, a link to its page when it is a rule."""
     short = target.rsplit(".", 1)[-1]
     if short in registry.entries() and short != here:
-        return f"[`{short}`]({short}.md)"
+        return f"[`{short}`]({rules_dir}{short}.md)"
     return f"`{short}`"
 
 
-def markdown_docstring(doc: str, here: str = "") -> str:
+def markdown_docstring(doc: str, here: str = "", rules_dir: str = "") -> str:
     """A docstring as Markdown: roles as code (rules linked), doctest lines fenced as Python,
-    ``$$`` display formulas set apart by blank lines (arithmatex takes them as blocks only so)."""
-    text = _ROLE.sub(lambda m: _code_ref(m.group(1), here), inspect.cleandoc(doc))
+    ``$$`` display formulas set apart by blank lines (arithmatex takes them as blocks only so).
+    ``here``: the rule whose page this is (not linked to itself); ``rules_dir``: the rule pages'
+    folder as seen from the page."""
+    text = _ROLE.sub(lambda m: _code_ref(m.group(1), here, rules_dir), inspect.cleandoc(doc))
     out: list[str] = []
     lines = text.splitlines()
     i = 0
@@ -61,6 +63,10 @@ def markdown_docstring(doc: str, here: str = "") -> str:
             out += ["", *lines[i:end + 1], ""]
             i = end + 1
         else:
+            # Markdown starts a list only after a blank line; docstrings often omit it
+            if (lines[i].startswith("- ") and out and out[-1].strip()
+                    and not out[-1].startswith(("- ", " "))):
+                out.append("")
             out.append(lines[i])
             i += 1
     return "\n".join(out)
@@ -70,7 +76,7 @@ def _range(f: dataclasses.Field[Any]) -> str:
     for kind, what in (("hyper", "number or schedule"), ("static", "number")):
         if kind in f.metadata:
             return f"{what}, {f.metadata[kind]}"
-    return "option"
+    return "fixed value (not a schedule)"
 
 
 def _default_of(f: dataclasses.Field[Any]) -> str:
