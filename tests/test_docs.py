@@ -231,6 +231,15 @@ def test_broken_links_are_found() -> None:
                                    "a.md: c.md (no page c.md)"]
 
 
+def test_no_two_pages_share_an_address() -> None:
+    """With directory URLs ``a.md`` and ``a/index.md`` are both ``a/``: one would be lost."""
+    urls: dict[str, str] = {}
+    for page in all_pages():
+        url = page.removesuffix(".md").removesuffix("index").rstrip("/")
+        assert url not in urls, f"{page} and {urls[url]} are both served at {url}/"
+        urls[url] = page
+
+
 def test_nav_names_every_page() -> None:
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     for page in PAGES:
@@ -250,9 +259,9 @@ def _hooks() -> Any:
 
 
 def test_hook_puts_the_rules_in_the_nav() -> None:
-    config = {"nav": [{"Home": "index.md"}, {"Rules": [{"Overview": "rules.md"}]}]}
+    config = {"nav": [{"Home": "index.md"}, {"Rules": [{"Overview": "rules-overview.md"}]}]}
     rules = _hooks().on_config(config)["nav"][1]["Rules"]
-    assert rules[:2] == [{"Overview": "rules.md"}, {"Every rule": "rules/index.md"}]
+    assert rules[:2] == [{"Overview": "rules-overview.md"}, {"Every rule": "rules/index.md"}]
     assert len(rules) == 2 + len(docs.families())
 
 

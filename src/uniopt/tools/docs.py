@@ -277,7 +277,7 @@ def index_page() -> str:
     out = ["# Every rule", "",
            "<!-- Generated from uniopt.registry by docs/hooks.py. -->", "",
            "Each rule has a page generated from its docstring and its registry entry; the "
-           "[rules overview](../rules.md) has the formulas side by side. \"held to\": the "
+           "[rules overview](../rules-overview.md) has the formulas side by side. \"held to\": the "
            "implementations its parity tests compare it with (`formula:` where the test writes "
            "the published algorithm itself).", ""]
     for family, names in families().items():
