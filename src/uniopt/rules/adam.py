@@ -307,11 +307,21 @@ class adam(Rule):
 
 @dataclass(frozen=True)
 class adamw(Rule):
-    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
     ``couple_lr=True`` (default) is torch's AdamW: ``p <- p - lr*(A + weight_decay*p)``.
     ``couple_lr=False`` is Flux's original form, decay independent of the learning rate:
-    ``p <- p - lr*A - weight_decay*p``. ``A`` is Adam's direction (:class:`scale_by_adam`).
+    ``p <- p - lr*A - weight_decay*p``. ``A`` is Adam's direction (:class:`scale_by_adam`),
+    with ``lambda = weight_decay``:
+
+    $$
+    A_t = \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}, \qquad
+    p_t = \begin{cases}
+    p_{t-1} - \mathrm{lr}\,(A_t + \lambda\, p_{t-1}) & \texttt{couple\_lr=True} \\
+    p_{t-1} - \mathrm{lr}\, A_t - \lambda\, p_{t-1} & \texttt{couple\_lr=False}
+    \end{cases}
+    $$
+
     The paper's ``p <- p - eta_t*(alpha*A + lam*p)`` is ``couple_lr=False`` with
     ``lr = eta_t*alpha`` and ``weight_decay = eta_t*lam`` as two schedules (see the README).
     ``eps_root``, ``eps_hat``, ``amsgrad_max``, ``moments_init`` are :class:`adam`'s options.
