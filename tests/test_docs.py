@@ -121,6 +121,15 @@ def test_every_rule_has_a_page_in_the_nav() -> None:
     assert in_nav == {f"rules/{n}.md" for n in registry.names()}
 
 
+def test_docstring_formulas_are_closed() -> None:
+    """Every ``$$`` that opens a display formula in a rule's docstring closes it: an unclosed
+    one would swallow the rest of the page into the formula."""
+    for name in registry.names():
+        doc = registry.entry(name).rule.__doc__ or ""
+        fences = [line for line in doc.splitlines() if line.strip() == "$$"]
+        assert len(fences) % 2 == 0, name
+
+
 def test_rule_page_lists_ranges_and_conventions() -> None:
     page = docs.rule_page("adam")
     assert "| `betas` | `(0.9, 0.999)` | number or schedule, in [0, 1) |" in page

@@ -317,8 +317,8 @@ class adamw(Rule):
     $$
     A_t = \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}, \qquad
     p_t = \begin{cases}
-    p_{t-1} - \mathrm{lr}\,(A_t + \lambda\, p_{t-1}) & \texttt{couple\_lr=True} \\
-    p_{t-1} - \mathrm{lr}\, A_t - \lambda\, p_{t-1} & \texttt{couple\_lr=False}
+    p_{t-1} - \mathrm{lr}\,(A_t + \lambda\, p_{t-1}) & \texttt{couple_lr=True} \\
+    p_{t-1} - \mathrm{lr}\, A_t - \lambda\, p_{t-1} & \texttt{couple_lr=False}
     \end{cases}
     $$
 
