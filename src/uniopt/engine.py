@@ -614,8 +614,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     if not leaves:
         return None
     for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
-        out = strategy(lambda: resolve(state.rule, state.step), leaves, g_leaves, state.slots,
-                       inplace, state.rule.memo)
+        out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
+                       state.slots, inplace, state.rule.memo)
         if out is None:
             continue
         if isinstance(out, str):
@@ -626,10 +626,18 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                 )
             return out
         new_params, slots = out
-        new_state = State(state.rule, state.step + 1, state.slots if inplace else slots,
+        new_state = State(state.rule, _next(state.step, inplace), state.slots if inplace else slots,
                           state.treedef, state.state_dtype, state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
+
+
+def _next(step: Any, inplace: bool) -> Any:
+    """The step count after ``step``: a torch tensor (a counter kept on the device, which a
+    captured graph reads) counted in place by an in-place step."""
+    if inplace and backend.is_torch(step):
+        return step.add_(1)
+    return step + 1
 
 
 @dataclasses.dataclass
