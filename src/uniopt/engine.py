@@ -626,8 +626,9 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                 )
             return out
         new_params, slots = out
-        new_state = State(state.rule, _next(state.step, inplace), state.slots if inplace else slots,
-                          state.treedef, state.state_dtype, state.tree_states)
+        new_state = State(state.rule, _next(state.step, inplace),
+                          state.slots if inplace else slots, state.treedef, state.state_dtype,
+                          state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
 

@@ -387,6 +387,7 @@ def _run(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
     for j, (part, c, keys) in enumerate(plan):
         if part.by_dtype:
             c = part.for_dtype(c, dtype)
+        c = _in_dtype(c, dtype)
         ins = [new.get(k, slots[k]) for k in keys]
         out = part.kernel(XP, c, p, u, *ins)
         outs = [_as_lists(o, p) for o in out]
@@ -406,6 +407,16 @@ def _run(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
     fresh = {k: Lists(torch._foreach_mul(s.ts, 1.0)) if any(s is x for x in inputs) else s
              for k, s in new.items()}
     return p_new, {**slots, **fresh}
+
+
+def _in_dtype(c: Any, dtype: Any) -> Any:
+    """Coefficients computed on the device (from a step counted there), in the lists' dtype:
+    torch rounds a Python number to it alike, and its fused ``.Tensor`` forms want it."""
+    if not any(isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype
+               for x in c):
+        return c
+    return type(c)(*(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                     else x for x in c))
 
 
 def _as_lists(x: Any, like: Lists) -> Lists:
