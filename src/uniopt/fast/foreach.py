@@ -20,7 +20,9 @@ added after this one, generating its kernel from the same functions.
 
 Value-dependent choices (``select(xp, u > 0, a, b)``: Rprop, optax's Adagrad) become 0/1
 masks (``sign`` of the difference, clamped) and ``lerp(b, a, mask)``: exact wherever both
-branches are finite, and a NaN compares false as it does in the reference path.
+branches are finite. torch's ``sign`` of a NaN is 0, so a NaN compares as 0 does: false for
+``>`` and ``<`` (as in the reference path), but true for ``>=``, ``<=`` and ``==`` (which no
+kernel uses on values).
 
 A step whose counter is a 0-d tensor on the params' device (``capturable``: what a CUDA graph
 replays) computes its coefficients on that device, from the rule's own ``coeffs``, and hands
@@ -49,6 +51,7 @@ from ..base import Elementwise
 from ..moments import Batch
 
 aten = torch.ops.aten
+Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]  # what the _foreach ops take and give
 Number = (int, float, bool)
 
 # steps run by this strategy in this process (tests assert that it ran)
@@ -82,7 +85,7 @@ class Lists(Batch):
     __slots__ = ("ts",)
     __array_priority__ = 1000  # NumPy scalars hand their operators to ours
 
-    def __init__(self, ts: list[torch.Tensor]) -> None:
+    def __init__(self, ts: Tensors) -> None:
         self.ts = ts
 
     def __len__(self) -> int:
@@ -140,22 +143,22 @@ class Lists(Batch):
         return Lists(torch._foreach_pow(self.ts, other.ts if isinstance(other, Lists)
                                         else float(other)))
 
-    # comparisons are 0/1 masks of the lists' dtype, from the sign of the difference: a NaN
-    # has sign 0 in torch, so it compares false, as in the reference path
+    # comparisons are 0/1 masks of the lists' dtype, from the sign of the difference (a NaN
+    # has sign 0 in torch: it compares as 0 does, see the module's docstring)
     def _sign_of_difference(self, other: Any) -> Lists:
         d = self if _scalar(other) and float(other) == 0 else self - other
         return Lists(torch._foreach_sign(d.ts))
 
-    def __gt__(self, other: Any) -> Lists:  # type: ignore[override]
+    def __gt__(self, other: Any) -> Lists:
         return Lists(torch._foreach_clamp_min(self._sign_of_difference(other).ts, 0.0))
 
-    def __lt__(self, other: Any) -> Lists:  # type: ignore[override]
+    def __lt__(self, other: Any) -> Lists:
         return Lists(torch._foreach_clamp_min((-self._sign_of_difference(other)).ts, 0.0))
 
-    def __ge__(self, other: Any) -> Lists:  # type: ignore[override]
+    def __ge__(self, other: Any) -> Lists:
         return 1.0 - (self < other)
 
-    def __le__(self, other: Any) -> Lists:  # type: ignore[override]
+    def __le__(self, other: Any) -> Lists:
         return 1.0 - (self > other)
 
     def __ne__(self, other: Any) -> Lists:  # type: ignore[override]
@@ -277,7 +280,7 @@ class _HostRead(RuntimeError):
 def _resolved(resolve: Callable[[], Any], memo: dict[Any, Any] | None) -> Any:
     """The resolved plan. With the step counter a tensor on the device, checked (once per
     rule) to compute its coefficients without reading anything back to the host."""
-    args = getattr(resolve, "args", ())
+    args: tuple[Any, ...] = getattr(resolve, "args", ())
     if (len(args) < 2 or not isinstance(args[1], torch.Tensor)
             or (memo is not None and memo.get("foreach-device"))):
         return resolve()

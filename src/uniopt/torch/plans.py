@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from .. import backend, fast, quant
-from ..fast import foreach
 from ..base import Elementwise, Transform, WholeTree
 from ..engine import flat_list_def, setup, update_
+from ..fast import foreach
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
