@@ -326,7 +326,8 @@ def test_a_rule_whose_coefficients_need_the_host_is_refused_capture(make: Any) -
 # --- what the path leaves to the reference path, and its errors -------------------------------
 
 
-def test_what_it_declines_runs_on_the_reference_path() -> None:
+def test_what_it_declines_runs_on_the_reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast, "_warned", set())  # each reason is said once per process
     ps = [torch.ones(3, dtype=torch.float16)]
     state = uo.setup(uo.adam(), ps)
     before = foreach.STEPS
