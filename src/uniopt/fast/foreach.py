@@ -284,19 +284,21 @@ def _resolved(resolve: Callable[[], Any], memo: dict[Any, Any] | None) -> Any:
     if (len(args) < 2 or not isinstance(args[1], torch.Tensor)
             or (memo is not None and memo.get("foreach-device"))):
         return resolve()
-    try:
-        with _NoSync():
-            plan = resolve()
-    except _HostRead:
-        raise TypeError(
-            "uniopt: this rule computes its coefficients on the host (a Python branch on the "
-            "step, or a number read from it), so its step cannot be captured in a graph "
-            "(capturable=True); the rules whose coefficients are arithmetic on the step "
-            "(Adam, AdamW, SGD, ...) can"
-        ) from None
+    rule, at = args[:2]
+    for part in rule.flat_parts:  # each on its own: the error names the part
+        try:
+            with _NoSync():
+                part.at(at).coeffs(at)
+        except _HostRead:
+            raise TypeError(
+                f"uniopt: {rule.name}'s part {part.name} computes its coefficients on the host "
+                "(a Python branch on the step, or a number read from it), so its step cannot "
+                "be captured in a graph (capturable=True); the rules whose coefficients are "
+                "arithmetic on the step (Adam, AdamW, SGD, ...) can"
+            ) from None
     if memo is not None:
         memo["foreach-device"] = True
-    return plan
+    return resolve()
 
 
 def _group(params: list[Any]) -> dict[tuple[Any, Any], list[int]]:
@@ -390,7 +392,7 @@ def _run(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
     for j, (part, c, keys) in enumerate(plan):
         if part.by_dtype:
             c = part.for_dtype(c, dtype)
-        c = _in_dtype(c, dtype)
+        c = _on(c, p.ts[0].device, dtype)
         ins = [new.get(k, slots[k]) for k in keys]
         out = part.kernel(XP, c, p, u, *ins)
         outs = [_as_lists(o, p) for o in out]
@@ -412,14 +414,19 @@ def _run(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
     return p_new, {**slots, **fresh}
 
 
-def _in_dtype(c: Any, dtype: Any) -> Any:
-    """Coefficients computed on the device (from a step counted there), in the lists' dtype:
-    torch rounds a Python number to it alike, and its fused ``.Tensor`` forms want it."""
-    if not any(isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype
-               for x in c):
+def _on(c: Any, device: Any, dtype: Any) -> Any:
+    """Coefficients computed on a device (from a step counted there), on the lists' device and
+    in their dtype: torch rounds a Python number to that dtype alike, and its ``.Tensor`` forms
+    want it."""
+    def moved(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x
+        return x if x.dtype == dtype and x.device == device else x.to(device, dtype)
+
+    if not any(isinstance(x, torch.Tensor) for x in c):
         return c
-    return type(c)(*(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
-                     else x for x in c))
+    values = list(map(moved, c))
+    return type(c)(*values) if hasattr(c, "_fields") else tuple(values)
 
 
 def _as_lists(x: Any, like: Lists) -> Lists:

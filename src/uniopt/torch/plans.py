@@ -427,6 +427,13 @@ class Plan:
         self.steps.count(i)
 
 
+def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
+    """A run's step count on its parameters' device (``capturable=True``), in float64 where
+    the device has it: the coefficients computed from it are then the host's to rounding."""
+    dtype = torch.float32 if p.device.type == "mps" else torch.float64
+    return torch.tensor(count, dtype=dtype, device=p.device)
+
+
 def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bool],
           sparse: list[bool], by_rows: bool, state: MutableMapping[Any, dict[str, Any]],
           steps: Steps) -> Plan:
@@ -480,8 +487,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
                        for key, name in names},
                 tensors=[sel_params[k] for k in pos],
                 numpy=kind == "np",
-                device_step=torch.tensor(float(steps.np[sel[pos[0]]]), dtype=torch.float64,
-                                         device=sel_params[pos[0]].device)
+                device_step=_device_step(float(steps.np[sel[pos[0]]]), sel_params[pos[0]])
                 if group.get("capturable") and kind == "torch" else None,
             )
         )
