@@ -270,6 +270,8 @@ CAPTURABLE: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "RMSprop": lambda ps, **kw: ut.RMSprop(ps, lr=0.01, **kw),
     "Adamax": lambda ps, **kw: ut.Adamax(ps, lr=0.01, **kw),
     "lion": lambda ps, **kw: ut.Optimizer(ps, uo.lion(lr=0.01), **kw),
+    # a per-leaf part: the reference path, with the device's count (counted out of place)
+    "lamb": lambda ps, **kw: ut.Optimizer(ps, uo.lamb(lr=0.01), **kw),
 }
 
 

@@ -386,9 +386,11 @@ class Plan:
                     torch.set_grad_enabled(self.tracked),\
                     (foreach.forced() if multi else contextlib.nullcontext()):
                 at = step if run.device_step is None else run.device_step
-                trees = update_(State(rule, at, run.slots, flat_list_def(len(run.params)),
-                                      "q8" if is_q8(self.group) else None, trees),
-                                run.params, gs).tree_states
+                new = update_(State(rule, at, run.slots, flat_list_def(len(run.params)),
+                                    "q8" if is_q8(self.group) else None, trees), run.params, gs)
+            trees = new.tree_states
+            if run.device_step is not None and new.step is not run.device_step:
+                run.device_step.copy_(new.step)  # a path that counts out of place
             self.steps.count(run.idx)
             if run.numpy:
                 backend.mark_written(run.tensors)
