@@ -188,11 +188,13 @@ def _engine_ops(rule: Transform, n: int, device: str) -> int:
     return len(c.ops)
 
 
-def _facade_ops(make: Callable[..., torch.optim.Optimizer], n: int, device: str) -> int:
+def _facade_ops(make: Callable[..., torch.optim.Optimizer], n: int, device: str,
+                **flags: Any) -> int:
     ps = [torch.nn.Parameter(torch.zeros(4, device=device)) for _ in range(n)]
     for p in ps:
         p.grad = torch.ones(4, device=device)
-    opt = make(ps, foreach=True)
+    # off the CPU the multi-tensor path is the default; on it, foreach=True asks for it
+    opt = make(ps, **(flags or ({"foreach": True} if device == "cpu" else {})))
     opt.step()  # the state is made
     with _Count() as c:
         opt.step()
@@ -232,6 +234,11 @@ def test_an_engine_step_dispatches_as_many_operations_for_any_number_of_tensors(
 def test_a_uniopt_torch_step_dispatches_as_many_operations_for_any_number_of_tensors(
         device: str, name: str, sizes: tuple[int, ...]) -> None:
     _constant([_facade_ops(FACADE[name], n, device) for n in sizes])
+
+
+def test_a_capturable_step_dispatches_as_many_operations_for_any_number_of_tensors() -> None:
+    # the coefficients computed on the device add a fixed number: AdamW 18 + 16
+    _constant([_facade_ops(ut.AdamW, n, "cpu", capturable=True) for n in SIZES])
 
 
 def test_the_reference_path_dispatches_per_tensor() -> None:
@@ -323,6 +330,21 @@ def test_a_rule_whose_coefficients_need_the_host_is_refused_capture(make: Any) -
     with pytest.raises(TypeError, match="part scale_by_.* computes its coefficients on the host"):
         opt.step()
     assert torch.equal(ps[0].detach(), torch.ones(3))  # nothing written
+
+
+def test_the_options_of_uniopt_torch_optimizer() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    assert "foreach" not in ut.Optimizer([w], uo.sgd()).param_groups[0]  # as it was
+    opt = ut.Optimizer([w], uo.sgd(lr=0.5), foreach=True)
+    assert opt.param_groups[0]["foreach"] is True
+    w.grad = torch.ones(3)
+    before = foreach.STEPS
+    opt.step()
+    assert foreach.STEPS == before + 1
+    opt.param_groups[0]["foreach"] = False  # the plan is rebuilt: the compiled loop's again
+    opt.step()
+    assert foreach.STEPS == before + 1
+    assert torch.equal(w.detach(), torch.zeros(3))
 
 
 # --- what the path leaves to the reference path, and its errors -------------------------------
