@@ -626,19 +626,19 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                 )
             return out
         new_params, slots = out
-        new_state = State(state.rule, _next(state.step, inplace),
-                          state.slots if inplace else slots, state.treedef, state.state_dtype,
-                          state.tree_states)
+        step = state.step
+        # (inline: the small step's Python work is counted)
+        step = step + 1 if type(step) is int or not inplace else _counted_in_place(step)
+        new_state = State(state.rule, step, state.slots if inplace else slots, state.treedef,
+                          state.state_dtype, state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
 
 
-def _next(step: Any, inplace: bool) -> Any:
-    """The step count after ``step``: a torch tensor (a counter kept on the device, which a
-    captured graph reads) counted in place by an in-place step."""
-    if inplace and backend.is_torch(step):
-        return step.add_(1)
-    return step + 1
+def _counted_in_place(step: Any) -> Any:
+    """The step count after ``step`` of an in-place step: a torch tensor (a counter kept on
+    the device, which a captured graph reads) counted in place."""
+    return step.add_(1) if backend.is_torch(step) else step + 1
 
 
 @dataclasses.dataclass

@@ -15,17 +15,23 @@ from its ``args`` (a step counted on the device, by the multi-tensor path).
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import warnings
 from typing import Any
 
 from . import cpu, q8
 
+# whether torch tensors on the CPU take the multi-tensor path too (uniopt.fast.foreach.forced)
+FORCED: contextvars.ContextVar[bool] = contextvars.ContextVar("uniopt_foreach", default=False)
+
 
 def _foreach(resolve: Any, params: list[Any], *args: Any) -> Any:
-    """:func:`uniopt.fast.foreach.step`, imported (with torch) only for torch tensors."""
+    """:func:`uniopt.fast.foreach.step`, imported (with torch) only for torch tensors, and
+    called only for those off the CPU or where :data:`FORCED`."""
     torch = sys.modules.get("torch")
-    if torch is None or not isinstance(params[0], torch.Tensor):
+    if (torch is None or not isinstance(params[0], torch.Tensor)
+            or (params[0].device.type == "cpu" and not FORCED.get())):
         return None
     from . import foreach
 

@@ -38,7 +38,6 @@ and slots kept in another dtype than the params.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -49,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import backend
 from ..base import Elementwise
 from ..moments import Batch
+from . import FORCED
 
 aten = torch.ops.aten
 Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]  # what the _foreach ops take and give
@@ -57,19 +57,16 @@ Number = (int, float, bool)
 # steps run by this strategy in this process (tests assert that it ran)
 STEPS = 0
 
-_FORCED: contextvars.ContextVar[bool] = contextvars.ContextVar("uniopt_foreach", default=False)
-
-
 @contextlib.contextmanager
 def forced() -> Iterator[None]:
     """Steps in this context take the multi-tensor path for torch tensors on every device, the
     CPU included (where the compiled loop takes them otherwise): ``uniopt.torch``'s
     ``foreach=True``, and how the tests hold this path to the reference path without a GPU."""
-    token = _FORCED.set(True)
+    token = FORCED.set(True)
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        FORCED.reset(token)
 
 
 def _scalar(x: Any) -> bool:
@@ -338,7 +335,7 @@ def step(
     first = params[0]
     if not isinstance(first, torch.Tensor):
         return None
-    if first.device.type == "cpu" and not _FORCED.get():
+    if first.device.type == "cpu" and not FORCED.get():
         return None  # the compiled loop's
     if not _matches(params, params) or not _matches(grads, params):
         return None

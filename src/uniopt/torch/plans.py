@@ -23,7 +23,6 @@ import torch
 from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
 from ..engine import flat_list_def, setup, update_
-from ..fast import foreach
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -314,6 +313,7 @@ class Plan:
     steps: Steps
     tracked: bool  # differentiable=True: autograd records the step
     multi: bool  # foreach=True or capturable=True: the multi-tensor path on every device
+    flags: tuple[Any, Any]  # the group's foreach and capturable when the plan was built
     counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
     state_version: int | None = None  # the state's version when its dicts were last checked
 
@@ -327,7 +327,7 @@ class Plan:
             and self.layout == layout
             and self.has == has
             and self.tracked == bool(group.get("differentiable"))
-            and self.multi == multi_tensor(group)
+            and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
             and list(map(_DATA_PTR, ps)) == self.ptrs
         ):
@@ -379,21 +379,26 @@ class Plan:
             views = [_grad_view(grads[i], p, spec)
                      for i, p, spec in zip(self.sel, self.sel_params, self.specs, strict=True)]
         trees = self._tree_states(rule) if rule.tree_layout else {}
-        multi = self.multi
-        for run, step in zip(self.runs, self.run_steps(), strict=True):
-            gs = views if run.pos is None else [views[k] for k in run.pos]
-            with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
-                    torch.set_grad_enabled(self.tracked),\
-                    (foreach.forced() if multi else contextlib.nullcontext()):
-                at = step if run.device_step is None else run.device_step
-                new = update_(State(rule, at, run.slots, flat_list_def(len(run.params)),
-                                    "q8" if is_q8(self.group) else None, trees), run.params, gs)
-            trees = new.tree_states
-            if run.device_step is not None and new.step is not run.device_step:
-                run.device_step.copy_(new.step)  # a path that counts out of place
-            self.steps.count(run.idx)
-            if run.numpy:
-                backend.mark_written(run.tensors)
+        # foreach=True / capturable=True: CPU tensors too take the multi-tensor path (a
+        # context variable set here: no Python call on the compiled loop's steps)
+        forced = fast.FORCED.set(self.multi)
+        try:
+            for run, step in zip(self.runs, self.run_steps(), strict=True):
+                gs = views if run.pos is None else [views[k] for k in run.pos]
+                with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
+                        torch.set_grad_enabled(self.tracked):
+                    at = step if run.device_step is None else run.device_step
+                    new = update_(State(rule, at, run.slots, flat_list_def(len(run.params)),
+                                        "q8" if is_q8(self.group) else None, trees),
+                                  run.params, gs)
+                trees = new.tree_states
+                if run.device_step is not None and new.step is not run.device_step:
+                    run.device_step.copy_(new.step)  # a path that counts out of place
+                self.steps.count(run.idx)
+                if run.numpy:
+                    backend.mark_written(run.tensors)
+        finally:
+            fast.FORCED.reset(forced)
         if trees:
             self.state[self.plist[0]].update(trees)
         for i in self.rows:
@@ -520,4 +525,5 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         steps=steps,
         tracked=tracked,
         multi=multi,
+        flags=(group.get("foreach"), group.get("capturable")),
     )
