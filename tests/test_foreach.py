@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import pytest
 import torch
@@ -393,6 +393,35 @@ def test_a_kernel_that_branches_on_values_is_told_to_select() -> None:
         foreach.XP.where(1.0, xs, xs)
     with pytest.raises(TypeError, match="coefficient on the device"):
         foreach.XP.maximum(xs, torch.tensor(1.0))
+
+
+class _Shift(NamedTuple):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _shift(Elementwise):
+    """A kernel whose new slot ``b`` is the old ``a``, and whose ``a`` is the old parameter."""
+
+    slots: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    def coeffs(self, step: Any) -> _Shift:
+        return _Shift()
+
+    @staticmethod
+    def kernel(xp, c, p, u, a, b):  # type: ignore[no-untyped-def]
+        return u, p, a
+
+
+def test_a_slot_that_is_an_old_value_keeps_it() -> None:
+    ps = [torch.full((2,), 3.0)]
+    state = uo.setup(_shift(), ps)
+    state.slots["_shift.a"][0].fill_(5.0)
+    with foreach.forced():
+        uo.update_(state, ps, [torch.ones(2)])
+    assert ps[0].tolist() == [2.0, 2.0]
+    assert state.slots["_shift.a"][0].tolist() == [3.0, 3.0]
+    assert state.slots["_shift.b"][0].tolist() == [5.0, 5.0]
 
 
 def test_comparisons_are_masks_and_select_is_exact() -> None:

@@ -341,7 +341,7 @@ def step(
         return None
     if any(not _matches(v, params) for v in slots.values()):
         return None
-    if first.is_complex() or any(p.is_complex() for p in params):
+    if any(p.is_complex() for p in params):
         return None  # the engine takes complex params as pairs of reals, and comes back
     dtypes = set(map(_DTYPE, params))
     if not dtypes <= set(_FLOATS):
@@ -400,6 +400,12 @@ def _run(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
     if p_new is None:
         p_new = p - u
     if inplace:
+        # a new slot that is the old value of an array written here (a parameter, another
+        # slot) is copied first: the reference path computes every value before any write
+        written = [p, *(slots[k] for k, s in new.items() if s is not slots[k])]
+        for k, s in new.items():
+            if s is not slots[k] and any(s is w for w in written):
+                new[k] = Lists(torch._foreach_mul(s.ts, 1.0))
         torch._foreach_copy_(p.ts, p_new.ts)
         for k, s in new.items():
             if s is not slots[k]:
