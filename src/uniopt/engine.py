@@ -614,8 +614,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     if not leaves:
         return None
     for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
-        out = strategy(lambda: resolve(state.rule, state.step), leaves, g_leaves, state.slots,
-                       inplace, state.rule.memo)
+        out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
+                       state.slots, inplace, state.rule.memo)
         if out is None:
             continue
         if isinstance(out, str):
@@ -626,10 +626,19 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                 )
             return out
         new_params, slots = out
-        new_state = State(state.rule, state.step + 1, state.slots if inplace else slots,
-                          state.treedef, state.state_dtype, state.tree_states)
+        step = state.step
+        # (inline: the small step's Python work is counted)
+        step = step + 1 if type(step) is int or not inplace else _counted_in_place(step)
+        new_state = State(state.rule, step, state.slots if inplace else slots, state.treedef,
+                          state.state_dtype, state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
+
+
+def _counted_in_place(step: Any) -> Any:
+    """The step count after ``step`` of an in-place step: a torch tensor (a counter kept on
+    the device, which a captured graph reads) counted in place."""
+    return step.add_(1) if backend.is_torch(step) else step + 1
 
 
 @dataclasses.dataclass
