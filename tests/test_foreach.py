@@ -102,11 +102,12 @@ def test_equals_the_reference_path_bit_for_bit(rule: Transform, dtype: torch.dty
     _parity(rule, dtype, steps=4)
 
 
+# what only a long run shows is in the step-dependent coefficients (bias corrections, warm-ups,
+# RAdam's switch), the same numbers for either dtype: float32's 300 steps, float64's 4 above
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rule", [r for _, r in CASES], ids=IDS)
-def test_equals_the_reference_path_for_300_steps(rule: Transform, dtype: torch.dtype) -> None:
-    _parity(rule, dtype, steps=300)
+def test_equals_the_reference_path_for_300_steps(rule: Transform) -> None:
+    _parity(rule, torch.float32, steps=300)
 
 
 @pytest.mark.parametrize("label", ["adamw[torch]", "chain(weight_decay, adam)", "rprop[torch]",
