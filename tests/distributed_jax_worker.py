@@ -15,6 +15,10 @@ import re
 import sys
 from typing import Any
 
+# host devices on a few busy cores can be slow to meet in a collective: XLA's 40 s before it
+# aborts the process is too short on a loaded test machine
+SLOW_PEERS = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+
 # which collectives a compiled step holds; a shape such as f64[] or (f64[], f64[]) follows "="
 COLLECTIVE = re.compile(
     r"=\s*(?P<shape>\([^)]*\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
@@ -190,8 +194,8 @@ def process_run(rank: int, port: int) -> dict[str, Any]:
 
 if __name__ == "__main__":
     if sys.argv[1] == "mesh":
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + SLOW_PEERS
         print(json.dumps(mesh_run()))
     else:
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 " + SLOW_PEERS
         print(json.dumps(process_run(int(sys.argv[2]), int(sys.argv[3]))))

@@ -148,3 +148,13 @@ def test_two_processes_of_jax_distributed_on_cpu() -> None:
         assert out["shards"] == 2  # this process's two of the four
         assert out["worst"] <= 1e-12, out
         assert out["cache"] == 1
+
+
+def test_the_mesh_example_runs() -> None:
+    """examples/jax_mesh.py, the README's: trains, keeps the layout, compiles one step."""
+    example = WORKER.parents[1] / "examples" / "jax_mesh.py"
+    proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "w1 and its exp_avg: P('data', 'model') P('data', 'model')" in proc.stdout
+    assert "compiled steps: 1" in proc.stdout
