@@ -52,7 +52,10 @@ def train_step(state, params):
 train_step = jax.jit(train_step, donate_argnums=(0, 1))
 start = float(loss(params))
 for _ in range(300):
-    state, params = train_step(state, params)
+    # one step at a time on a CPU: two steps in flight can starve each other of the threads
+    # their collectives wait on where 8 host devices share 2 cores (seen to hang); on
+    # accelerators let them queue
+    state, params = jax.block_until_ready(train_step(state, params))
 
 print(f"loss {start:.1f} -> {float(loss(params)):.2e}")
 print("w1 and its exp_avg:", params["w1"].sharding.spec,

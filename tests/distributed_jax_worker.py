@@ -94,7 +94,9 @@ def mesh_run() -> dict[str, Any]:
         first = None
         for i in range(steps):
             given = params
-            state, params = jitted(state, params, place(grads[i]))
+            # one step at a time: two in flight can starve each other's collectives of
+            # threads where 8 host devices share 2 cores (seen to hang)
+            state, params = jax.block_until_ready(jitted(state, params, place(grads[i])))
             first = given["w"].is_deleted() if first is None else first
             if i == steps // 2:  # a new number, the same skeleton: the same compiled step
                 state = uo.adjust(state, lr=5e-3)
@@ -169,7 +171,7 @@ def process_run(rank: int, port: int) -> dict[str, Any]:
     state = uo.setup(rule, params)
     step = jax.jit(uo.update, donate_argnums=(0, 1))
     for g in grads:
-        state, params = step(state, params, global_arrays(g))
+        state, params = jax.block_until_ready(step(state, params, global_arrays(g)))
     # each process reads back its own shards
     local = {k: [(str(s.index), np.asarray(s.data).tolist()) for s in v.addressable_shards]
              for k, v in params.items()}

@@ -79,7 +79,6 @@ def test_a_sharded_step_gathers_nothing(mesh: dict[str, Any], name: str) -> None
     """The compiled step's only collectives are all-reduces of scalars: the global norm's
     partial sums (clip_by_global_norm) or each leaf's norms (LAMB's and LARS's trust ratios);
     no parameter or slot is gathered, scattered or moved."""
-    sys.path.insert(0, str(WORKER.parent))
     from distributed_jax_worker import scalar_shapes
 
     found = mesh[name]["mesh"]["collectives"]
@@ -103,7 +102,6 @@ def test_sharded_trust_ratios_equal_the_unsharded_run(mesh: dict[str, Any], name
 
 
 def test_the_worker_reads_collectives_and_scalars() -> None:
-    sys.path.insert(0, str(WORKER.parent))
     from distributed_jax_worker import collectives, scalar_shapes
 
     hlo = ("%all-reduce.4 = (f64[], f64[]) all-reduce(%a, %b), channel_id=3\n"
@@ -150,6 +148,7 @@ def test_two_processes_of_jax_distributed_on_cpu() -> None:
         assert out["cache"] == 1
 
 
+@pytest.mark.slow
 def test_the_mesh_example_runs() -> None:
     """examples/jax_mesh.py, the README's: trains, keeps the layout, compiles one step."""
     example = WORKER.parents[1] / "examples" / "jax_mesh.py"
