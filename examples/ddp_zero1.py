@@ -44,8 +44,10 @@ for _ in range(200):
     loss.backward()
     opt.step()
 
-shares = [0] * world
-dist.all_gather_object(shares, sum(p.numel() for g in opt.optim.param_groups for p in g["params"]))
+mine = torch.tensor([sum(p.numel() for g in opt.optim.param_groups for p in g["params"])])
+shares = [torch.zeros_like(mine) for _ in range(world)]
+dist.all_gather(shares, mine)
 if rank == 0:
-    print(f"loss {loss.item():.4f}; parameters per rank's optimizer state: {shares}")
+    print(f"loss {loss.item():.4f}; parameters per rank's optimizer state: "
+          f"{[int(s) for s in shares]}")
 dist.destroy_process_group()
