@@ -9,7 +9,7 @@
 1
 """
 
-from . import checkpoint, conventions, registry, schedules
+from . import checkpoint, conventions, memory, registry, schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .checkpoint import CheckpointError, load, save
 from .combine import (
@@ -249,6 +249,7 @@ __all__ = [
     "scale_by_shape_lr",
     "scale_by_trust_ratio",
     "schedules",
+    "memory",
     "setup",
     "sgd",
     "sum_momentum",

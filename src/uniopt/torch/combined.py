@@ -34,6 +34,14 @@ def _spec(p: torch.Tensor) -> plans.Spec:
 
 def _tree(group: dict[str, Any], xs: list[Any]) -> Any:
     names = group.get("param_names")
+    if names and len(names) != len(xs):
+        # ZeroRedundancyOptimizer hands each rank a share of a group's parameters in a copy
+        # of the group that keeps every name
+        raise ValueError(
+            f"uniopt.torch.Optimizer: a param group has {len(xs)} parameters and "
+            f"{len(names)} param_names, which cannot name them (a ZeroRedundancyOptimizer "
+            "rank's share of a group keeps all its names): label the leaves by a function of "
+            "(path, leaf) instead of their names")
     return dict(zip(names, xs, strict=True)) if names else xs
 
 
