@@ -345,6 +345,9 @@ __all__ = [
     "GaLoreDimensionNumbers",
     "galore",
     "scale_by_galore",
+    # rules/sophia_h.py
+    "scale_by_hutchinson_sophia",
+    "sophia_h",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402
