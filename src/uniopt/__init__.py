@@ -68,6 +68,7 @@ from .rules.adam_variants import (
 from .rules.adan import adan, proximal_weight_decay, scale_by_adan
 from .rules.asgd import asgd, scale_by_asgd
 from .rules.galore import GaLoreDimensionNumbers, galore, scale_by_galore
+from .rules.kron import kron, psgd_update_probability, scale_by_kron
 from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.madgrad import madgrad, scale_by_madgrad
 from .rules.matrix import (
@@ -348,6 +349,10 @@ __all__ = [
     # rules/sophia_h.py
     "scale_by_hutchinson_sophia",
     "sophia_h",
+    # rules/kron.py
+    "kron",
+    "psgd_update_probability",
+    "scale_by_kron",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402
