@@ -369,3 +369,19 @@ def test_torch_class_errors() -> None:
         opt.step(flat)
     with pytest.raises(ValueError, match="distribution must be one of"):
         SophiaH([w], hessian_distribution="uniform")
+
+
+def test_a_checkpoint_resumes_the_same_draws(tmp_path: Any) -> None:
+    rule = uo.sophia_h(lr=0.1, clip_threshold=1.0, update_period=2)
+    hvp = lambda v: [2.0 * x for x in v]  # noqa: E731
+    p = [np.ones((3, 2)), np.ones(4)]
+    state = uo.setup(rule, p)
+    for _ in range(3):
+        state, p = uo.update(state, p, [np.sin(x) for x in p], hvp=hvp)
+    uo.save(tmp_path / "sophia_h", state)
+    loaded = uo.load(tmp_path / "sophia_h", state)
+    q = [x.copy() for x in p]
+    for _ in range(5):
+        state, p = uo.update(state, p, [np.sin(x) for x in p], hvp=hvp)
+        loaded, q = uo.update(loaded, q, [np.sin(x) for x in q], hvp=hvp)
+    assert all(np.array_equal(a, b) for a, b in zip(p, q, strict=True))

@@ -18,6 +18,7 @@ import numpy as np
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
 from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, hyper
+from ..schedules import _Record
 from ..transforms.noise import SEEDS, _pcg_state
 from ..transforms.scale import scale_by_lr
 from ..tree import flatten, unflatten
@@ -29,7 +30,7 @@ TINY = 2.0 ** -126
 
 
 @dataclass(frozen=True)
-class psgd_update_probability:
+class psgd_update_probability(_Record):
     """The share of steps that update the preconditioner (kron_torch's default schedule):
     ``clip(max_prob * exp(-decay*(step - flat_start)), min_prob, max_prob)``, so 1 for the
     first ``flat_start`` steps, then decaying to ``min_prob``."""
