@@ -133,7 +133,7 @@ def test_torch_tensors_match_pytorch_optimizer(monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.slow
 def test_numpy_and_jax_with_the_same_probes_match(monkeypatch: pytest.MonkeyPatch,
                                                   jx: Any) -> None:
-    """NumPy (SciPy's triangular solve), fed torch's probes for the seed: 1e-12 of
+    """NumPy (LAPACK's triangular solve), fed torch's probes for the seed: 1e-12 of
     pytorch-optimizer over every step; JAX (eager; jax.scipy's solve) likewise over 5."""
     import jax.numpy as jnp
 
