@@ -135,7 +135,7 @@ class scale_by_kron(WholeTree):
             xp = backend.namespace(p)
             shape = tuple(p.shape)
             if not shape:
-                qs.append([xp.ones_like(p) * self.precond_init_scale])
+                qs.append([xp.asarray(xp.ones_like(p) * self.precond_init_scale)])
                 continue
             s = self.precond_init_scale ** (1.0 / len(shape))
             qs.append([s * (xp.ones((n,), dtype=p.dtype, device=_device(p)) if d else
@@ -181,9 +181,10 @@ class scale_by_kron(WholeTree):
             d = d * xp.minimum(shrink, xp.ones_like(shrink))
             if g.ndim >= 2 and self.weight_decouple:
                 d = d + c.wd * p
-            ms.append(m)
-            qs_out.append(qs)
-            out.append(d)
+            # NumPy makes a 0-d leaf's arithmetic a scalar: kept as arrays, as set up
+            ms.append(xp.asarray(m))
+            qs_out.append([xp.asarray(q) for q in qs])
+            out.append(xp.asarray(d))
         new = {"momentum_buffer": ms, "Q": qs_out,
                "update_counter": np.asarray(0 if update else counter, dtype=np.int64),
                "generator": gen, "balance_generator": _pcg_state(bits.bit_generator)}

@@ -119,7 +119,9 @@ class scale_by_hutchinson_sophia(WholeTree):
                 zhz = [(c.weight * a) * b for a, b in zip(hz, z, strict=True)]
                 d = zhz if d is None else [x + y for x, y in zip(d, zhz, strict=True)]
             assert d is not None
-            return [lerp(m, x, c.one_minus_b2) for m, x in zip(h, d, strict=True)], gen
+            # as arrays: NumPy makes a 0-d leaf's arithmetic a scalar
+            return [backend.namespace(m).asarray(lerp(m, x, c.one_minus_b2))
+                    for m, x in zip(h, d, strict=True)], gen
 
         if traced:
             import jax
@@ -128,7 +130,7 @@ class scale_by_hutchinson_sophia(WholeTree):
         elif bool(c.refresh):
             h, gen = refresh((h, gen))
         xp = backend.namespace(first) if leaves else np
-        out = [xp.minimum(xp.maximum(m / xp.maximum(v, c.eps), c.neg_clip), c.clip)
+        out = [xp.asarray(xp.minimum(xp.maximum(m / xp.maximum(v, c.eps), c.neg_clip), c.clip))
                for m, v in zip(leaves, h, strict=True)]
         return unflatten(treedef, out), {"hessian_moment": h, "generator": gen}
 
