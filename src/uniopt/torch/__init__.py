@@ -6,6 +6,8 @@
 defaults and subclass :class:`torch.optim.Optimizer`, so torch's ``lr_scheduler`` classes,
 ``clip_grad_norm_``, hooks and training frameworks accept them; their ``state_dict`` is torch's,
 slot names included, and loads into (and from) the torch class of the same name.
+``SophiaH`` is pytorch-optimizer's Sophia-H (:func:`uniopt.sophia_h`), stepped with a closure
+that calls ``loss.backward(create_graph=True)``.
 :class:`Optimizer` wraps any uniopt rule or chain the same way.
 
 This module is a skin over the engine, not a second implementation: each param group becomes a
@@ -61,6 +63,7 @@ tests/test_torch_optim_db.py holds every class to torch's own ``optim_db``; each
 above that shows in it is a strict xfail naming it.
 """
 
+from .hessian import SophiaH
 from .named import (
     ASGD,
     LBFGS,
@@ -82,5 +85,5 @@ from .optimizer import Optimizer
 
 __all__ = [
     "ASGD", "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Muon",
-    "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam",
+    "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam", "SophiaH",
 ]

@@ -72,16 +72,20 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
             for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
 
 
-def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform) -> None:
+def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: bool = False,
+         **extra: Any) -> None:
+    """One step of group ``gi``; ``tensors``: the engine sees the tensors themselves, not
+    NumPy views (a rule that draws random numbers then draws torch's); ``extra``: the step's
+    extra arguments (``hvp=``)."""
     ps = group["params"]
-    specs = [_spec(p) for p in ps]
+    specs = [("torch", None) if tensors else _spec(p) for p in ps]
     views = [plans._view(p, s) for p, s in zip(ps, specs, strict=True)]
     grads = [None if p.grad is None else plans._grad_view(p.grad, p, s)
              for p, s in zip(ps, specs, strict=True)]
     key = KEY.format(gi)
     state = _state(opt, gi, group, rule, views)
     state = update_(dataclasses.replace(state, rule=rule), _tree(group, views),
-                    _tree(group, grads))
+                    _tree(group, grads), **extra)
     entry = _shared(to_tree(state))
     opt.state[key] = entry
     opt._combined[gi] = (state, [id(p) for p in ps], entry)
