@@ -89,18 +89,18 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_torch_class_matches_pytorch_optimizer(case: int) -> None:
-    """200 steps, every step's params: to the last bit in practice (1e-12 allowed for the
-    order of float64 operations)."""
+    """100 steps (ten refreshes of the estimate at the default period), every step's params:
+    to the last bit in practice (1e-12 allowed for the order of float64 operations)."""
     po = pytest.importorskip("pytorch_optimizer")
     from uniopt.torch import SophiaH
 
     kw = CASES[case]
-    theirs = _run_class(po.SophiaH, 200, kw, seed=case, schedule=case == 1)
-    ours = _run_class(SophiaH, 200, {**kw, "seed": case}, seed=case, schedule=case == 1)
+    theirs = _run_class(po.SophiaH, 100, kw, seed=case, schedule=case == 1)
+    ours = _run_class(SophiaH, 100, {**kw, "seed": case}, seed=case, schedule=case == 1)
     assert max(rel_diff(a, b) for t, o in zip(theirs, ours, strict=True)
                for a, b in zip(t, o, strict=True)) <= 1e-12
     moved = np.abs(theirs[-1][0] - INIT[0]).max()
-    assert moved > 0.1  # the run goes somewhere
+    assert moved > 0.05  # the run goes somewhere (0.06 in 100 steps at the defaults' clip)
 
 
 def _record_probes(monkeypatch: pytest.MonkeyPatch) -> list[list[np.ndarray]]:
