@@ -156,8 +156,8 @@ class prodigy(Rule):
     s_t &= \beta_3 s_{t-1} + \frac{d_t}{d_0}\, \gamma_t\, g_t, \qquad
     r_t = \beta_3 r_{t-1} + \frac{d_t}{d_0}\, \gamma_t\, \langle g_t, p_0 - p_{t-1} \rangle \\
     \hat d_t &= \text{d_coef}\, \frac{r_t}{\lVert s_t \rVert_1}, \qquad
-    D_t = \max(D_{t-1}, \hat d_t)\ (D_0 = d_0), \qquad
-    d_{t+1} = \min\left(D_t,\ \text{growth_rate}\cdot d_t\right) \\
+    D_t = \max(D_{t-1}, \hat d_t) \quad (D_0 = d_0) \\
+    d_{t+1} &= \min\left(D_t,\ \text{growth_rate}\cdot d_t\right) \\
     p_t &= p_{t-1} - \gamma_t \left(\lambda\, p_{t-1}
     + \frac{m_t}{\sqrt{v_t} + d_{t+1}\, \epsilon}\right)
     \end{aligned}
