@@ -429,8 +429,8 @@ class optimistic_adam(Rule):
     m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
     v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
     \hat m_t &= \frac{\beta_1 m_t}{1 - \beta_1^{t+1}} + \frac{(1 - \beta_1)\, g_t}{1 - \beta_1^t}
-    \quad \left(\text{not nesterov: } \frac{m_t}{1 - \beta_1^t}\right), \qquad
-    r_t = \frac{\hat m_t}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} \\
+    \quad \left(\text{not nesterov: } \frac{m_t}{1 - \beta_1^t}\right) \\
+    r_t &= \frac{\hat m_t}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} \\
     p_t &= p_{t-1} - \mathrm{lr}\left((\alpha + \beta)\, r_t - \beta\, r_{t-1}\right)
     \end{aligned}
     $$

@@ -331,8 +331,8 @@ class ademamix(Rule):
     $$
     \begin{aligned}
     m^{(1)}_t &= \beta_1 m^{(1)}_{t-1} + (1 - \beta_1)\, g_t, \qquad
-    m^{(2)}_t = \beta_3 m^{(2)}_{t-1} + (1 - \beta_3)\, g_t, \qquad
-    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    m^{(2)}_t = \beta_3 m^{(2)}_{t-1} + (1 - \beta_3)\, g_t \\
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
     p_t &= p_{t-1} - \mathrm{lr} \left(
     \frac{m^{(1)}_t / (1 - \beta_1^t) + \alpha\, m^{(2)}_t}
     {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}

@@ -359,8 +359,8 @@ class muon(Rule):
     M_t = \begin{cases} (1 - \mu)\, G_t + \mu\, B_t & \text{Nesterov} \\
     B_t & \text{otherwise} \end{cases} \\
     X_0 &= \frac{M_t}{\max(\lVert M_t \rVert_F,\ \epsilon)}
-    \quad \text{(transposed if } A > B\text{)}, \qquad
-    X_{k+1} = a X_k + \left(b\, X_k X_k^\top + c\, (X_k X_k^\top)^2\right) X_k \\
+    \quad \text{(transposed if } A > B\text{)} \\
+    X_{k+1} &= a X_k + \left(b\, X_k X_k^\top + c\, (X_k X_k^\top)^2\right) X_k \\
     O_t &= X_K, \qquad s = \sqrt{\max(1, A/B)} \\
     P_t &= (1 - \mathrm{lr}\,\lambda)\, P_{t-1} - \mathrm{lr}\, s\, O_t
     \end{aligned}

@@ -260,8 +260,9 @@ class lbfgs(Rule):
     \quad \text{(kept if } y_{k-1}^\top s_{k-1} > 10^{-10}\text{)} \\
     q &\leftarrow -g_k; \quad \text{for } i \text{ newest to oldest: }
     \alpha_i = \rho_i\, s_i^\top q, \quad q \leftarrow q - \alpha_i\, y_i \\
-    d_k &\leftarrow \gamma\, q, \quad \gamma = \frac{y^\top s}{y^\top y}
-    \text{ (the newest pair)}; \quad \text{for } i \text{ oldest to newest: }
+    d_k &\leftarrow \gamma\, q, \qquad \gamma = \frac{y^\top s}{y^\top y}
+    \text{ of the newest pair} \\
+    &\text{for } i \text{ oldest to newest: }
     d_k \leftarrow d_k + (\alpha_i - \rho_i\, y_i^\top d_k)\, s_i \\
     x_{k+1} &= x_k + t_k\, d_k, \qquad t_k = \mathrm{lr}
     \ \left(\text{first: } \min(1, 1/\lVert g_1 \rVert_1)\, \mathrm{lr}\right)
