@@ -148,8 +148,8 @@ class momo(Rule):
     $$
     \begin{aligned}
     \bar f_t &= \beta \bar f_{t-1} + (1 - \beta)\, f_t, \qquad
-    m_t = \beta\, m_{t-1} + (1 - \beta)\, g_t, \qquad
-    \gamma_t = \beta\, \gamma_{t-1} + (1 - \beta) \langle g_t, p_{t-1} \rangle \\
+    m_t = \beta\, m_{t-1} + (1 - \beta)\, g_t \\
+    \gamma_t &= \beta\, \gamma_{t-1} + (1 - \beta) \langle g_t, p_{t-1} \rangle \\
     \tau_t &= \min\left(\mathrm{lr},\ \frac{\max\left((1 + \mathrm{lr}\,\lambda)
     (\bar f_t - \mathrm{lb} - \gamma_t) + \langle m_t, p_{t-1} \rangle,\ 0\right)}
     {\lVert m_t \rVert^2}\right) \\
