@@ -69,10 +69,21 @@ class scale_by_acprop(Elementwise):
 
 @dataclass(frozen=True)
 class acprop(Rule):
-    """ACProp (Zhuang et al., 2021) as ``optax.contrib.acprop``:
+    r"""ACProp (Zhuang et al., 2021) as ``optax.contrib.acprop``:
     ``p <- p - lr*(g/(sqrt(s_hat_{t-1}) + eps) + weight_decay*p)`` with ``s`` AdaBelief's
     centred second moment, ``s <- b2*s + (1-b2)*(g - m_{t-1})^2 + eps_root``, bias-corrected
     and read one step late (:class:`scale_by_acprop`; the first update is ``g/(1 + eps)``).
+    At step ``t`` (from 1), with ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    p_t &= p_{t-1} - \mathrm{lr} \left(\frac{g_t}{\sqrt{s_{t-1} / (1 - \beta_2^{t-1})}
+    + \epsilon} + \lambda\, p_{t-1}\right)
+    \quad \left(t = 1\!: \frac{g_1}{1 + \epsilon}\right) \\
+    s_t &= \beta_2 s_{t-1} + (1 - \beta_2)\, (g_t - m_{t-1})^2 + \epsilon_{root}, \qquad
+    m_t = \beta_1 m_{t-1} + (1 - \beta_1)\, g_t
+    \end{aligned}
+    $$
 
     Options, with optax's names and defaults: ``b1``, ``b2``, ``eps`` and ``eps_root`` (both
     1e-16; ``eps_root`` accumulates in ``s``, as in optax), ``weight_decay`` (coupled to the

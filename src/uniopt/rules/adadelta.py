@@ -40,11 +40,24 @@ class scale_by_adadelta(Elementwise):
 
 @dataclass(frozen=True)
 class adadelta(Rule):
-    """Adadelta (Zeiler, 2012) with torch's learning rate: ``p <- p - lr*d``.
+    r"""Adadelta (Zeiler, 2012) with torch's learning rate: ``p <- p - lr*d``.
 
-    ``d`` as in :class:`scale_by_adadelta`, after ``g <- g + weight_decay*p``. The default
-    ``lr=1.0`` is the paper's. Every framework computes ``d`` alike; the conventions differ in
-    defaults, and keras in its weight decay:
+    ``d`` as in :class:`scale_by_adadelta`, after ``g <- g + weight_decay*p``. With
+    ``lambda = weight_decay``, ``v`` the average of the squared gradients and ``a`` that of
+    the squared steps:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    v_t &= \rho\, v_{t-1} + (1 - \rho)\, g_t^2 \\
+    d_t &= \frac{\sqrt{a_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t, \qquad
+    a_t = \rho\, a_{t-1} + (1 - \rho)\, d_t^2 \\
+    p_t &= p_{t-1} - \mathrm{lr}\, d_t
+    \end{aligned}
+    $$
+
+    The default ``lr=1.0`` is the paper's. Every framework computes ``d`` alike; the
+    conventions differ in defaults, and keras in its weight decay:
 
     Option: ``decay_form="decoupled"``: keras's weight decay, ``p <- p - lr*weight_decay*p``
     before the step, in place of torch's ``"l2"`` term.

@@ -276,12 +276,28 @@ class scale_by_param_scale(PerLeaf):
 
 @dataclass(frozen=True)
 class adafactor(Rule):
-    """Adafactor (Shazeer & Stern, 2018) as torch 2.13's ``Adafactor`` writes it.
+    r"""Adafactor (Shazeer & Stern, 2018) as torch 2.13's ``Adafactor`` writes it.
 
     ``p <- p - max(eps2, rms(p)) min(lr, 1/sqrt(t)) U - lr*weight_decay*p`` with ``U`` the
     clipped, factored direction of :class:`scale_by_factored_rms` (row and column statistics
     for leaves of two or more dimensions, over their last two axes). ``eps = (eps1, eps2)``;
-    ``eps1=None`` is the parameter dtype's machine epsilon.
+    ``eps1=None`` is the parameter dtype's machine epsilon. At step ``t`` (from 1), with
+    ``lambda = weight_decay``, for a matrix leaf ``G = g_t`` (``R`` its row statistics, ``C``
+    its column statistics; a smaller leaf keeps ``V_t = (1 - w_t) V_{t-1} + w_t G^2`` whole):
+
+    $$
+    \begin{aligned}
+    w_t &= t^{\,\text{beta2_decay}} \\
+    R_t &= (1 - w_t)\, R_{t-1} + w_t \operatorname{mean}_{\text{cols}}(G^2), \qquad
+    C_t = (1 - w_t)\, C_{t-1} + w_t \operatorname{mean}_{\text{rows}}(G^2) \\
+    \hat V_t &= \frac{R_t C_t}{\max(\operatorname{mean}(R_t),\ \epsilon_1)}, \qquad
+    U_t = \frac{G}{\sqrt{\max(\hat V_t,\ \epsilon_1^2)}} \\
+    \alpha_t &= \max\left(\epsilon_2, \operatorname{rms}(p_{t-1})\right)
+    \min\left(\mathrm{lr}, \frac{1}{\sqrt t}\right) \\
+    p_t &= (1 - \mathrm{lr}\,\lambda)\, p_{t-1}
+    - \frac{\alpha_t}{\max\left(1, \operatorname{rms}(U_t)/d\right)}\, U_t
+    \end{aligned}
+    $$
 
     It rounds as torch's for-loop (``foreach=False``): each mean of ``g^2`` is torch's
     ``norm(g, dim)^2 / n``, the moving averages its ``lerp``, ``rsqrt`` an IEEE root and a

@@ -417,11 +417,23 @@ FIRST_PREV = ("current", "zero")
 
 @dataclass(frozen=True)
 class optimistic_adam(Rule):
-    """Optimistic Adam (Daskalakis et al., 2018) with optax's ``optimistic_adam_v2`` semantics.
+    r"""Optimistic Adam (Daskalakis et al., 2018) with optax's ``optimistic_adam_v2`` semantics.
 
     ``r_t`` is Adam's direction (:class:`scale_by_adam`, ``nesterov=True`` by default as in
     optax); ``p <- p - lr*((alpha + beta)*r_t - beta*r_{t-1})``, ``r_0 = r_1``. Every
-    hyperparameter, ``lr`` included, may be a schedule (optax's v1 crashed on one).
+    hyperparameter, ``lr`` included, may be a schedule (optax's v1 crashed on one). At step
+    ``t`` (from 1):
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    \hat m_t &= \frac{\beta_1 m_t}{1 - \beta_1^{t+1}} + \frac{(1 - \beta_1)\, g_t}{1 - \beta_1^t}
+    \quad \left(\text{not nesterov: } \frac{m_t}{1 - \beta_1^t}\right) \\
+    r_t &= \frac{\hat m_t}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} \\
+    p_t &= p_{t-1} - \mathrm{lr}\left((\alpha + \beta)\, r_t - \beta\, r_{t-1}\right)
+    \end{aligned}
+    $$
 
     Options:
 

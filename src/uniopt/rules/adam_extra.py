@@ -65,8 +65,21 @@ class scale_by_belief(Elementwise):
 
 @dataclass(frozen=True)
 class adabelief(Rule):
-    """AdaBelief (Zhuang et al., 2020) as ``optax.adabelief``: Adam with the variance of the
+    r"""AdaBelief (Zhuang et al., 2020) as ``optax.adabelief``: Adam with the variance of the
     gradient around its mean, ``p <- p - lr*m_hat/(sqrt(s_hat) + eps)`` (:class:`scale_by_belief`).
+    At step ``t`` (from 1), with ``(b1, b2) = betas``:
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+    s_t &= \beta_2 s_{t-1} + (1 - \beta_2)\, (g_t - m_t)^2 + \epsilon_{root} \\
+    \hat m_t &= \begin{cases}
+    \dfrac{\beta_1 m_t}{1 - \beta_1^{t+1}} + \dfrac{(1 - \beta_1)\, g_t}{1 - \beta_1^t}
+    & \text{nesterov} \\[1ex]
+    \dfrac{m_t}{1 - \beta_1^t} & \text{otherwise} \end{cases} \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \frac{\hat m_t}{\sqrt{s_t / (1 - \beta_2^t)} + \epsilon}
+    \end{aligned}
+    $$
 
     ``eps_root`` is added to ``s`` itself every step, where it accumulates, as optax and the
     authors' ``adabelief_pytorch`` (and ``pytorch_optimizer.AdaBelief``) do: their single
@@ -140,9 +153,19 @@ class scale_by_yogi(Elementwise):
 
 @dataclass(frozen=True)
 class yogi(Rule):
-    """Yogi (Zaheer et al., 2018) as ``optax.yogi``: Adam whose second moment moves towards
+    r"""Yogi (Zaheer et al., 2018) as ``optax.yogi``: Adam whose second moment moves towards
     ``g^2`` by at most ``(1-b2)*g^2`` a step (:class:`scale_by_yogi`),
-    ``p <- p - lr*m_hat/(sqrt(v_hat + eps_root) + eps)``.
+    ``p <- p - lr*m_hat/(sqrt(v_hat + eps_root) + eps)``. At step ``t`` (from 1), with
+    ``(b1, b2) = betas`` and ``m_0 = v_0 = initial_accumulator_value``:
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+    v_t &= v_{t-1} - (1 - \beta_2)\, \operatorname{sign}(v_{t-1} - g_t^2)\, g_t^2 \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \frac{m_t / (1 - \beta_1^t)}
+    {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+    \end{aligned}
+    $$
 
     As optax (and ``pytorch_optimizer.Yogi``), both moments start at
     ``initial_accumulator_value`` and both are bias-corrected; the paper's Algorithm 2 corrects
@@ -175,10 +198,25 @@ AMSGRAD_FORMS = ("corrected", "raw")
 
 @dataclass(frozen=True)
 class amsgrad(Rule):
-    """AMSGrad (Reddi et al., 2018) as ``optax.amsgrad``: Adam with
+    r"""AMSGrad (Reddi et al., 2018) as ``optax.amsgrad``: Adam with
     ``v_max <- max(v_max, v_hat)`` of the bias-corrected ``v_hat``,
     ``p <- p - lr*m_hat/(sqrt(v_max + eps_root) + eps)``. It is :class:`~uniopt.adam` with
-    ``amsgrad=True, amsgrad_max="corrected"`` (its blocks), under optax's name.
+    ``amsgrad=True, amsgrad_max="corrected"`` (its blocks), under optax's name. At step ``t``
+    (from 1), with ``(b1, b2) = betas``:
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    \hat m_t &= \frac{m_t}{1 - \beta_1^t}, \qquad
+    \hat v^{\max}_t = \max\left(\hat v^{\max}_{t-1},\ \frac{v_t}{1 - \beta_2^t}\right) \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \frac{\hat m_t}{\sqrt{\hat v^{\max}_t + \epsilon_{root}}
+    + \epsilon}
+    \end{aligned}
+    $$
+
+    (``amsgrad_max="raw"``: ``v_max_t = max(v_max_{t-1}, v_t)``, then
+    ``sqrt(v_max_t/(1 - b2^t) + eps_root)`` in the denominator.)
 
     Option: ``amsgrad_max``: ``"corrected"``: the maximum of ``v_hat`` (optax); ``"raw"``: of
     the raw ``v``, corrected afterwards (torch's ``Adam(amsgrad=True)``).
@@ -219,9 +257,19 @@ class amsgrad(Rule):
 
 @dataclass(frozen=True)
 class adamaxw(Rule):
-    """Adamax with decoupled weight decay, as ``optax.adamaxw``:
+    r"""Adamax with decoupled weight decay, as ``optax.adamaxw``:
     ``p <- p - lr*(m/((1-b1^t)*n) + weight_decay*p)``, ``n <- max(b2*n, |g| + eps)``
-    (:class:`~uniopt.adamax`'s block, with optax's decay).
+    (:class:`~uniopt.adamax`'s block, with optax's decay). With ``(b1, b2) = betas`` and
+    ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    n_t = \max\left(\beta_2 n_{t-1},\ |g_t| + \epsilon\right) \\
+    p_t &= p_{t-1} - \mathrm{lr} \left(\frac{m_t}{(1 - \beta_1^t)\, n_t}
+    + \lambda\, p_{t-1}\right)
+    \end{aligned}
+    $$
 
     optax's ``mask`` (which leaves decay) is ``uniopt.partition`` of two ``adamaxw`` records,
     one with ``weight_decay=0``. optax requires a learning rate; ours keeps 1e-3.
@@ -251,10 +299,22 @@ class adamaxw(Rule):
 
 @dataclass(frozen=True)
 class nadamw(Rule):
-    """NAdam with decoupled weight decay, as ``optax.nadamw`` (``optax.adamw(nesterov=True)``):
+    r"""NAdam with decoupled weight decay, as ``optax.nadamw`` (``optax.adamw(nesterov=True)``):
     ``p <- p - lr*(m_hat/(sqrt(v_hat + eps_root) + eps) + weight_decay*p)`` with
     ``m_hat = b1*m/(1-b1^(t+1)) + (1-b1)*g/(1-b1^t)`` (the blocks of :class:`~uniopt.nadam`
-    with ``momentum_schedule="constant"`` and ``decoupled_weight_decay=True``).
+    with ``momentum_schedule="constant"`` and ``decoupled_weight_decay=True``). With
+    ``(b1, b2) = betas`` and ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    \hat m_t &= \frac{\beta_1 m_t}{1 - \beta_1^{t+1}} + \frac{(1 - \beta_1)\, g_t}{1 - \beta_1^t},
+    \qquad \hat v_t = \frac{v_t}{1 - \beta_2^t} \\
+    p_t &= p_{t-1} - \mathrm{lr} \left(\frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{root}}
+    + \epsilon} + \lambda\, p_{t-1}\right)
+    \end{aligned}
+    $$
 
     Option: ``momentum_schedule``: ``"constant"`` (optax, above); ``"dozat"``: torch's NAdam
     momenta, i.e. ``torch.optim.NAdam(decoupled_weight_decay=True)`` (``momentum_decay`` is its

@@ -197,12 +197,27 @@ def _adopt_nesterov_kernel(xp, c, p, u, exp_avg, exp_avg_sq):
 
 @dataclass(frozen=True)
 class adopt(Rule):
-    """ADOPT (Taniguchi et al., 2024): Adam with the gradient normalised by the previous
+    r"""ADOPT (Taniguchi et al., 2024): Adam with the gradient normalised by the previous
     second moment, then averaged, so it converges with any ``b2``.
 
     ``g <- g + weight_decay*p`` (``decay_form="l2"``); ``n = clip(g/max(sqrt(v), eps), c_t)``;
     ``m <- b1*m + (1-b1)*n``; ``p <- p - lr*m``; ``v <- b2*v + (1-b2)*g^2``. The first update
-    only sets ``v = g^2`` (the parameters do not move). See :class:`scale_by_adopt`.
+    only sets ``v = g^2`` (the parameters do not move). See :class:`scale_by_adopt`. At
+    update ``t >= 2``, with ``lambda = weight_decay`` (``v_1 = g_1^2``, ``m_1 = 0``,
+    ``p_1 = p_0``; by default ``c_t = (t - 1)^(1/4)``):
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    n_t &= \operatorname{clip}\left(\frac{g_t}{\max(\sqrt{v_{t-1}},\ \epsilon)},\
+    -c_t,\ c_t\right) \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, n_t \\
+    p_t &= p_{t-1} - \mathrm{lr} \cdot
+    \begin{cases} \beta_1 m_t + (1 - \beta_1)\, n_t & \text{nesterov} \\
+    m_t & \text{otherwise} \end{cases} \\
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2
+    \end{aligned}
+    $$
 
     Options: ``clip``: the bound ``c_t``, a number or a schedule (default
     ``step_power(0.25)``: ``c_t = s**0.25`` after ``s`` updates, optax's ``clip_value_fn``);
@@ -307,10 +322,23 @@ class scale_by_ademamix(Elementwise):
 
 @dataclass(frozen=True)
 class ademamix(Rule):
-    """AdEMAMix (Pagliardini et al., 2024): Adam whose numerator mixes a fast and a slow EMA.
+    r"""AdEMAMix (Pagliardini et al., 2024): Adam whose numerator mixes a fast and a slow EMA.
 
     ``m1 <- b1*m1 + (1-b1)*g``; ``m2 <- b3*m2 + (1-b3)*g``; ``v <- b2*v + (1-b2)*g^2``;
     ``p <- p - lr*((m1/(1-b1^t) + alpha*m2)/(sqrt(v/(1-b2^t) + eps_root) + eps) + wd*p)``.
+    At step ``t`` (from 1), with ``lambda = weight_decay`` (``decay_form="decoupled"``):
+
+    $$
+    \begin{aligned}
+    m^{(1)}_t &= \beta_1 m^{(1)}_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    m^{(2)}_t = \beta_3 m^{(2)}_{t-1} + (1 - \beta_3)\, g_t \\
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    p_t &= p_{t-1} - \mathrm{lr} \left(
+    \frac{m^{(1)}_t / (1 - \beta_1^t) + \alpha\, m^{(2)}_t}
+    {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+    + \lambda\, p_{t-1}\right)
+    \end{aligned}
+    $$
     The paper warms ``alpha`` and ``b3`` up over ``T`` steps: pass
     ``alpha=ademamix_alpha(alpha, T)`` and ``b3=ademamix_b3(b3, T, start=b1)`` (the authors'
     optax schedulers; ``offset=1`` for pytorch-optimizer's ``t_alpha_beta3=T``).
@@ -402,11 +430,21 @@ class scale_by_simplified_ademamix(Elementwise):
 
 @dataclass(frozen=True)
 class simplified_ademamix(Rule):
-    """Simplified AdEMAMix (Morwani et al., 2025), as ``optax.contrib.simplified_ademamix``.
+    r"""Simplified AdEMAMix (Morwani et al., 2025), as ``optax.contrib.simplified_ademamix``.
 
     ``m <- b1*m + g`` (no ``1-b1`` factor); ``v <- b2*v + (1-b2)*g^2``;
     ``p <- p - lr*((m + alpha*g)/(sqrt(v/(1-b2^t) + eps_root) + eps) + wd*p)``. ``alpha = 0``
-    is Adam with ``lr/(1-b1)`` and no first-moment bias correction.
+    is Adam with ``lr/(1-b1)`` and no first-moment bias correction. At step ``t`` (from 1),
+    with ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + g_t, \qquad v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    p_t &= p_{t-1} - \mathrm{lr} \left(
+    \frac{m_t + \alpha\, g_t}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+    + \lambda\, p_{t-1}\right)
+    \end{aligned}
+    $$
 
     ``pytorch_optimizer.SimplifiedAdEMAMix`` is another algorithm under that name (a damped
     EMA, a running sum of bias corrections in its denominator, a ``b1`` warm-up), not this one.

@@ -80,10 +80,20 @@ class scale_by_adamax_eps_out(scale_by_adamax):
 
 @dataclass(frozen=True)
 class adamax(Rule):
-    """Adamax (Kingma & Ba, 2015, section 7.1) as torch writes it: Adam with the infinity norm.
+    r"""Adamax (Kingma & Ba, 2015, section 7.1) as torch writes it: Adam with the infinity norm.
 
     ``g <- g + weight_decay*p``; ``m <- b1*m + (1-b1)*g``; ``n <- max(b2*n, |g| + eps)``;
-    ``p <- p - lr/(1 - b1^t) * m/n``.
+    ``p <- p - lr/(1 - b1^t) * m/n``. At step ``t`` (from 1), with ``(b1, b2) = betas`` and
+    ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    n_t = \max\left(\beta_2 n_{t-1},\ |g_t| + \epsilon\right) \\
+    p_t &= p_{t-1} - \frac{\mathrm{lr}}{1 - \beta_1^t}\, \frac{m_t}{n_t}
+    \end{aligned}
+    $$
 
     Options: ``eps_in_max``: ``True``, eps inside the maximum (torch, optax); ``False``,
     ``n <- max(b2*n, |g|)`` and ``m/(n + eps)`` (keras, Optimisers.jl:
@@ -285,9 +295,28 @@ MOMENTUM_SCHEDULES = ("dozat", "constant")
 
 @dataclass(frozen=True)
 class nadam(Rule):
-    """NAdam (Dozat, 2016) as torch writes it: :class:`scale_by_nadam`, with
+    r"""NAdam (Dozat, 2016) as torch writes it: :class:`scale_by_nadam`, with
     ``g <- g + weight_decay*p`` before it, or with ``decoupled_weight_decay=True``
-    ``p <- p*(1 - lr*weight_decay)`` beside it (NAdamW).
+    ``p <- p*(1 - lr*weight_decay)`` beside it (NAdamW). At step ``t`` (from 1), with
+    ``(b1, b2) = betas``, ``psi = momentum_decay``, ``lambda = weight_decay`` and
+    ``P_t = mu_1*...*mu_t`` (the products of the momenta):
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1}
+    \quad \text{(or } p_{t-1} \leftarrow (1 - \mathrm{lr}\,\lambda)\, p_{t-1}
+    \text{ with decoupled_weight_decay)} \\
+    \mu_t &= \beta_1 \left(1 - \tfrac{1}{2}\, 0.96^{t\psi}\right), \qquad
+    P_t = \prod_{i=1}^{t} \mu_i \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2, \qquad
+    d_t = \sqrt{\frac{v_t}{1 - \beta_2^t}} + \epsilon \\
+    p_t &= p_{t-1} - \mathrm{lr} \left(\frac{1 - \mu_t}{1 - P_t}\, \frac{g_t}{d_t}
+    + \frac{\mu_{t+1}}{1 - P_{t+1}}\, \frac{m_t}{d_t}\right)
+    \end{aligned}
+    $$
+
+    The momentum ``m`` is Adam's, with ``b1`` (not ``mu_t``), as torch keeps it.
 
     Options:
 
@@ -503,9 +532,28 @@ class scale_by_rectified_adam(Elementwise):
 
 @dataclass(frozen=True)
 class radam(Rule):
-    """RAdam (Liu et al., 2020) as torch writes it: :class:`scale_by_radam`, with
+    r"""RAdam (Liu et al., 2020) as torch writes it: :class:`scale_by_radam`, with
     ``g <- g + weight_decay*p`` before it, or with ``decoupled_weight_decay=True``
-    ``p <- p*(1 - lr*weight_decay)`` beside it.
+    ``p <- p*(1 - lr*weight_decay)`` beside it. At step ``t`` (from 1), with
+    ``(b1, b2) = betas`` and ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2, \qquad
+    \hat m_t = \frac{m_t}{1 - \beta_1^t} \\
+    \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+    \rho_t = \rho_\infty - \frac{2 t\, \beta_2^t}{1 - \beta_2^t}, \qquad
+    r_t = \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\, \rho_\infty}
+    {(\rho_\infty - 4)(\rho_\infty - 2)\, \rho_t}} \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \hat m_t \cdot
+    \begin{cases}
+    r_t\, \dfrac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon} & \rho_t > 5 \\
+    1 & \text{otherwise (momentum SGD)}
+    \end{cases}
+    \end{aligned}
+    $$
 
     Options (:class:`scale_by_rectified_adam` where they are not torch's):
 

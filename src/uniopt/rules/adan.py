@@ -104,8 +104,24 @@ class proximal_weight_decay(Elementwise):
 
 @dataclass(frozen=True)
 class adan(Rule):
-    """Adan (Xie et al., 2022): :class:`scale_by_adan`'s direction ``r``, ``p <- p - lr*r``,
-    with weight decay.
+    r"""Adan (Xie et al., 2022): :class:`scale_by_adan`'s direction ``r``, ``p <- p - lr*r``,
+    with weight decay. At step ``t`` (from 1), with ``w`` the weight of the gradient
+    difference (``b2``, or ``1 - b2``: ``diff_weight``) and ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    \Delta_t &= g_t - g_{t-1} \quad (\Delta_1 = 0) \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, \Delta_t \\
+    n_t &= \beta_3 n_{t-1} + (1 - \beta_3)\, (g_t + w\, \Delta_t)^2 \\
+    r_t &= \frac{m_t / (1 - \beta_1^t) + w\, v_t / (1 - \beta_2^t)}
+    {\sqrt{n_t / (1 - \beta_3^t) + \epsilon_{root}} + \epsilon} \\
+    p_t &= \begin{cases}
+    \dfrac{p_{t-1} - \mathrm{lr}\, r_t}{1 + \mathrm{lr}\,\lambda} & \text{proximal} \\[1ex]
+    p_{t-1} - \mathrm{lr}\,(r_t + \lambda\, p_{t-1}) & \text{decoupled}
+    \end{cases}
+    \end{aligned}
+    $$
 
     Options (``convention=`` sets them, and the defaults):
 

@@ -91,7 +91,19 @@ class scale_by_asgd(Elementwise):
 
 @dataclass(frozen=True)
 class asgd(Rule):
-    """Averaged SGD (Polyak & Juditsky, 1992) as torch writes it.
+    r"""Averaged SGD (Polyak & Juditsky, 1992) as torch writes it. At update ``t`` (from 1),
+    with ``lambda = weight_decay`` and ``lambd``, ``alpha``, ``t0`` the fields of those names:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    \eta_t &= \frac{\mathrm{lr}}{\left(1 + \mathrm{lambd}\cdot\mathrm{lr}\,(t - 1)\right)^\alpha},
+    \qquad \mu_t = \frac{1}{\max(1,\ t - 1 - t_0)} \\
+    p_t &= (1 - \mathrm{lambd}\cdot\eta_t)\, p_{t-1} - \eta_t\, g_t \\
+    \bar x_t &= \begin{cases} p_t & \mu_t = 1 \\
+    \bar x_{t-1} + \mu_t\, (p_t - \bar x_{t-1}) & \text{otherwise} \end{cases}
+    \end{aligned}
+    $$
 
     ``g <- g + weight_decay*p``; ``p <- p*(1 - lambd*eta_t) - eta_t*g`` with
     ``eta_t = lr/(1 + lambd*lr*(t-1))^alpha``; the averaged iterate ``ax`` (slot ``ax``) follows

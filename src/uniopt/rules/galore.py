@@ -193,11 +193,27 @@ def _device(x: Any) -> Any:
 
 @dataclass(frozen=True)
 class galore(Rule):
-    """GaLore (Zhao et al., 2024) as ``optax.contrib.galore`` with its default base optimizer
+    r"""GaLore (Zhao et al., 2024) as ``optax.contrib.galore`` with its default base optimizer
     (``scale_by_adam``): ``p <- p - lr*(d + weight_decay*p)`` with ``d`` Adam's direction
     computed on a rank-``rank`` projection of each matrix's gradient and projected back
     (:class:`scale_by_galore`), the projection refreshed from an SVD every ``update_proj_gap``
-    steps (from the first).
+    steps (from the first). For an ``m x n`` matrix leaf with ``m >= n`` (a wide one projects
+    its columns: ``G P``, ``A P^T``), ``r = min(rank, m, n)``, ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    P_t &= \begin{cases} U_{:, :r} \text{ of } G_t = U \Sigma V^\top
+    & t \equiv 1 \pmod{\text{update_proj_gap}} \\
+    P_{t-1} & \text{otherwise} \end{cases}, \qquad R_t = P_t^\top G_t \\
+    M_t &= \beta_1 M_{t-1} + (1 - \beta_1)\, R_t, \qquad
+    V_t = \beta_2 V_{t-1} + (1 - \beta_2)\, R_t^2 \\
+    A_t &= \frac{M_t / (1 - \beta_1^t)}{\sqrt{V_t / (1 - \beta_2^t) + \epsilon_{root}}
+    + \epsilon} \\
+    W_t &= W_{t-1} - \mathrm{lr} \left(\text{scale}\cdot P_t A_t + \lambda\, W_{t-1}\right)
+    \end{aligned}
+    $$
+
+    A leaf that is not projected takes Adam's direction of its own gradient.
 
     Options, with optax's names and defaults: ``rank``, ``update_proj_gap``, ``scale``,
     ``weight_decay`` and ``mask`` (decoupled, in the full space), ``weight_dimension_numbers``

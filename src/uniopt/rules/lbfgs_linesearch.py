@@ -145,10 +145,28 @@ def _device(x: Any) -> Any:
 
 @dataclass(frozen=True)
 class lbfgs_linesearch(Rule):
-    """L-BFGS in optax's form (``optax.lbfgs``): one iteration per step, the line search a
+    r"""L-BFGS in optax's form (``optax.lbfgs``): one iteration per step, the line search a
     block of the chain, ``chain(scale_by_lbfgs(memory_size, scale_init_precond),
     scale_by_lr(lr), linesearch)``; the step ``p <- p - eta lr H g`` with ``H g`` the two-loop
-    recursion (:class:`scale_by_lbfgs`) and ``eta`` the line search's.
+    recursion (:class:`scale_by_lbfgs`) and ``eta`` the line search's. At step ``t``, with
+    inner products over the whole tree and the last ``memory_size`` pairs
+    ``(s_i, y_i) = (p_i - p_{i-1}, g_i - g_{i-1})``, ``rho_i = 1/<y_i, s_i>`` (0 where that is
+    0):
+
+    $$
+    \begin{aligned}
+    q &\leftarrow g_t; \quad \text{for } i \text{ newest to oldest: }
+    \alpha_i = \rho_i \langle s_i, q \rangle, \quad q \leftarrow q - \alpha_i\, y_i \\
+    r &\leftarrow \gamma_t\, q, \qquad
+    \gamma_t = \frac{\langle y, s \rangle}{\langle y, y \rangle} \text{ (newest pair)},
+    \quad \gamma_1 = \min\left(1, \frac{1}{\lVert g_1 \rVert}\right) \\
+    &\text{for } i \text{ oldest to newest: }
+    r \leftarrow r + \left(\alpha_i - \rho_i \langle y_i, r \rangle\right) s_i \\
+    p_t &= p_{t-1} - \eta_t\, \mathrm{lr}\, r
+    \end{aligned}
+    $$
+
+    (``scale_init_precond=False``: ``gamma_t = 1``.)
 
     Each step takes the step's extra arguments, as optax's does::
 

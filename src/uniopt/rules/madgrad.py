@@ -68,13 +68,24 @@ class scale_by_madgrad(PerLeaf):
 
 @dataclass(frozen=True)
 class madgrad(Rule):
-    """MADGRAD (Defazio & Jelassi, 2021): dual averaging with a cube-root adaptive scale and
+    r"""MADGRAD (Defazio & Jelassi, 2021): dual averaging with a cube-root adaptive scale and
     momentum as an average of iterates.
 
     ``g <- g + weight_decay*p`` (L2, as optax); ``lamb_t = (lr + eps)*sqrt(t)``;
     ``S <- S + lamb_t*g^2``; ``s <- s + lamb_t*g``; ``z = x0 - s/(S^(1/3) + eps)``;
     ``p <- momentum*p + (1 - momentum)*z``, ``x0`` the initial parameters
-    (:class:`scale_by_madgrad`).
+    (:class:`scale_by_madgrad`). At step ``t`` (from 1), with ``lambda = weight_decay``,
+    ``mu = momentum`` and ``S_0 = s_0 = 0``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1}, \qquad
+    \ell_t = (\mathrm{lr} + \epsilon) \sqrt{t} \\
+    S_t &= S_{t-1} + \ell_t\, g_t^2, \qquad s_t = s_{t-1} + \ell_t\, g_t \\
+    z_t &= x_0 - \frac{s_t}{S_t^{1/3} + \epsilon} \\
+    p_t &= \mu\, p_{t-1} + (1 - \mu)\, z_t
+    \end{aligned}
+    $$
 
     Matches ``optax.contrib.madgrad`` and ``pytorch_optimizer.MADGRAD`` (defaults: the
     authors', lr 1e-2; pytorch-optimizer's lr is 1e-3, optax requires one). Known differences:

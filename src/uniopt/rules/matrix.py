@@ -345,11 +345,29 @@ class scale_by_shape_lr(PerLeaf):
 
 @dataclass(frozen=True)
 class muon(Rule):
-    """Muon (Jordan et al., 2024) as torch 2.13's ``Muon`` writes it, for 2-D parameters.
+    r"""Muon (Jordan et al., 2024) as torch 2.13's ``Muon`` writes it, for 2-D parameters.
 
     ``b <- lerp(b, g, 1 - momentum)``; ``O = NS(lerp(g, b, momentum))`` (``nesterov``; else
     ``NS(b)``), :class:`orthogonalize`; ``p <- p - lr*s(A, B)*O - lr*weight_decay*p`` with
-    ``s`` from ``adjust_lr_fn`` (:class:`scale_by_shape_lr`). A leaf that is not a matrix is
+    ``s`` from ``adjust_lr_fn`` (:class:`scale_by_shape_lr`). For an ``A x B`` matrix, with
+    ``mu = momentum``, ``lambda = weight_decay``, ``(a, b, c) = ns_coefficients`` and
+    ``K = ns_steps``:
+
+    $$
+    \begin{aligned}
+    B_t &= \mu\, B_{t-1} + (1 - \mu)\, G_t, \qquad
+    M_t = \begin{cases} (1 - \mu)\, G_t + \mu\, B_t & \text{Nesterov} \\
+    B_t & \text{otherwise} \end{cases} \\
+    X_0 &= \frac{M_t}{\max(\lVert M_t \rVert_F,\ \epsilon)}
+    \quad \text{(transposed if } A > B\text{)} \\
+    X_{k+1} &= a X_k + \left(b\, X_k X_k^\top + c\, (X_k X_k^\top)^2\right) X_k \\
+    O_t &= X_K, \qquad s = \sqrt{\max(1, A/B)} \\
+    P_t &= (1 - \mathrm{lr}\,\lambda)\, P_{t-1} - \mathrm{lr}\, s\, O_t
+    \end{aligned}
+    $$
+
+    ``NS`` is the Newton-Schulz iteration on the second line: ``O`` is near ``U V^T`` for
+    ``M = U S V^T``. A leaf that is not a matrix is
     an error at set-up, as in torch: give biases and embeddings to another rule.
     ``ns_dtype="bfloat16"`` runs the iteration as torch's Muon does (``uniopt.torch.Muon``
     does); the default runs it in the update's dtype, more exact and available on NumPy.

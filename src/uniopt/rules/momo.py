@@ -138,9 +138,26 @@ class scale_by_momo(WholeTree):
 
 @dataclass(frozen=True)
 class momo(Rule):
-    """MoMo (Schaipp et al., 2023) as ``optax.contrib.momo``: SGD with momentum whose step
+    r"""MoMo (Schaipp et al., 2023) as ``optax.contrib.momo``: SGD with momentum whose step
     size is ``min(lr, <a Polyak-type step from a model of the loss>)``
-    (:class:`scale_by_momo`), with the decay ``p <- p/(1 + lr*weight_decay)`` folded in.
+    (:class:`scale_by_momo`), with the decay ``p <- p/(1 + lr*weight_decay)`` folded in. With
+    ``f_t`` the loss at ``p_{t-1}``, ``lambda = weight_decay``, ``lb`` the lower bound,
+    inner products and norms over the whole tree, and each average starting at its first
+    value (``beta = 0`` at ``t = 1``):
+
+    $$
+    \begin{aligned}
+    \bar f_t &= \beta \bar f_{t-1} + (1 - \beta)\, f_t, \qquad
+    m_t = \beta\, m_{t-1} + (1 - \beta)\, g_t \\
+    \gamma_t &= \beta\, \gamma_{t-1} + (1 - \beta) \langle g_t, p_{t-1} \rangle \\
+    \tau_t &= \min\left(\mathrm{lr},\ \frac{\max\left((1 + \mathrm{lr}\,\lambda)
+    (\bar f_t - \mathrm{lb} - \gamma_t) + \langle m_t, p_{t-1} \rangle,\ 0\right)}
+    {\lVert m_t \rVert^2}\right) \\
+    p_t &= \frac{p_{t-1}}{1 + \mathrm{lr}\,\lambda} - \tau_t\, m_t
+    \end{aligned}
+    $$
+
+    (``tau_t = 0`` where ``|m_t|^2`` is at most float64's machine epsilon.)
 
     Each step needs the loss: ``uo.update(state, params, grads, value=loss)``.
     ``lower_bound`` must be a lower bound of the loss (0 for most losses);
@@ -255,10 +272,26 @@ class scale_by_momo_adam(WholeTree):
 
 @dataclass(frozen=True)
 class momo_adam(Rule):
-    """MoMo-Adam (Schaipp et al., 2023) as ``optax.contrib.momo_adam``: Adam whose step size
+    r"""MoMo-Adam (Schaipp et al., 2023) as ``optax.contrib.momo_adam``: Adam whose step size
     is ``min(lr/(1 - b1^t), <a Polyak-type step in Adam's metric>)``
     (:class:`scale_by_momo_adam`), with AdamW's kind of decay folded in as
-    ``p <- p/(1 + lr*weight_decay)``.
+    ``p <- p/(1 + lr*weight_decay)``. With ``f_t`` the loss at ``p_{t-1}``,
+    ``lambda = weight_decay``, ``lb`` the lower bound and inner products over the whole tree:
+
+    $$
+    \begin{aligned}
+    \bar f_t &= \beta_1 \bar f_{t-1} + (1 - \beta_1)\, f_t, \qquad
+    \gamma_t = \beta_1 \gamma_{t-1} + (1 - \beta_1) \langle g_t, p_{t-1} \rangle \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2, \qquad
+    d_t = \epsilon + \sqrt{v_t / (1 - \beta_2^t)} \\
+    \tau_t &= \min\left(\frac{\mathrm{lr}}{1 - \beta_1^t},\
+    \frac{\max\left((1 + \mathrm{lr}\,\lambda)
+    (\bar f_t - (1 - \beta_1^t)\, \mathrm{lb} - \gamma_t) + \langle m_t, p_{t-1} \rangle,\
+    0\right)}{\langle m_t, m_t / d_t \rangle}\right) \\
+    p_t &= \frac{p_{t-1}}{1 + \mathrm{lr}\,\lambda} - \tau_t\, \frac{m_t}{d_t}
+    \end{aligned}
+    $$
 
     Each step needs the loss: ``uo.update(state, params, grads, value=loss)``.
     ``lower_bound`` and ``adapt_lower_bound`` as :class:`momo`. Names and defaults are optax's

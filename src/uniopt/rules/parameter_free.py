@@ -143,8 +143,30 @@ class scale_by_prodigy(WholeTree):
 
 @dataclass(frozen=True)
 class prodigy(Rule):
-    """Prodigy (Mishchenko & Defazio, 2023): Adam whose step size ``d*lr`` estimates the
-    distance to the solution, ``d`` growing from ``d0`` (:class:`scale_by_prodigy`).
+    r"""Prodigy (Mishchenko & Defazio, 2023): Adam whose step size ``d*lr`` estimates the
+    distance to the solution, ``d`` growing from ``d0`` (:class:`scale_by_prodigy`). At step
+    ``t`` (from 1), with ``d_t`` the estimate before it (``d_1 = d0``), ``lambda =
+    weight_decay`` (decoupled), ``<., .>`` and ``|.|_1`` over the whole tree, ``bc = 1`` (with
+    ``use_bias_correction``: ``sqrt(1 - b2^t)/(1 - b1^t)``) and ``gamma_t = d_t lr bc``:
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + d_t (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + d_t^2 (1 - \beta_2)\, g_t^2 \\
+    s_t &= \beta_3 s_{t-1} + \frac{d_t}{d_0}\, \gamma_t\, g_t, \qquad
+    r_t = \beta_3 r_{t-1} + \frac{d_t}{d_0}\, \gamma_t\, \langle g_t, p_0 - p_{t-1} \rangle \\
+    \hat d_t &= \text{d_coef}\, \frac{r_t}{\lVert s_t \rVert_1}, \qquad
+    D_t = \max(D_{t-1}, \hat d_t) \quad (D_0 = d_0) \\
+    d_{t+1} &= \min\left(D_t,\ \text{growth_rate}\cdot d_t\right) \\
+    p_t &= p_{t-1} - \gamma_t \left(\lambda\, p_{t-1}
+    + \frac{m_t}{\sqrt{v_t} + d_{t+1}\, \epsilon}\right)
+    \end{aligned}
+    $$
+
+    ``beta3`` defaults to ``sqrt(b2)``; ``growth_rate=None``: ``d_{t+1} = D_t`` (the first
+    raise of a limited growth is ``max(d_t, d_hat_t)``); ``safeguard_warmup`` puts ``d_t`` for
+    ``gamma_t`` in ``s``'s increment; ``b1 = 0`` keeps no ``m`` and steps ``d_{t+1} g_t`` in
+    its place. While ``|s|_1 = 0`` (no gradient yet) ``d`` stays and the step is 0.
 
     Options, with ``prodigyopt.Prodigy``'s names and defaults: ``beta3`` (None:
     ``sqrt(betas[1])``), ``weight_decay`` with ``decouple=True`` (``p <- p - wd*dlr*p``) or
@@ -271,9 +293,19 @@ DOG_INITS = ("heuristic", "distance", "learning_rate")
 
 @dataclass(frozen=True)
 class dog(Rule):
-    """DoG, "Distance over Gradients" (Ivgi et al., 2023): SGD with the step size
+    r"""DoG, "Distance over Gradients" (Ivgi et al., 2023): SGD with the step size
     ``lr * max_s ||p_s - p_0|| / sqrt(sum_s ||g_s||^2 + eps)`` (:class:`scale_by_dog`), after
-    ``g <- g + weight_decay*p``; ``lr`` is a multiplier (1: the paper's).
+    ``g <- g + weight_decay*p``; ``lr`` is a multiplier (1: the paper's). With norms over the
+    whole tree and ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    \bar r_t &= \max\left(\bar r_{t-1},\ \lVert p_{t-1} - p_0 \rVert\right), \qquad
+    G_t = G_{t-1} + \lVert g_t \rVert^2 \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \frac{\bar r_t}{\sqrt{G_t + \epsilon}}\, g_t
+    \end{aligned}
+    $$
 
     ``init_step=(kind, value)`` as optax's: ``("heuristic", 1e-6)`` starts the distance at
     ``1e-6*(1 + ||p_0||)``, ``("distance", r)`` at ``r``, ``("learning_rate", eta)`` makes
@@ -392,9 +424,24 @@ class scale_by_dadapt_adam(WholeTree):
 
 @dataclass(frozen=True)
 class dadapt_adamw(Rule):
-    """D-Adaptation AdamW (Defazio & Mishchenko, 2023): Adam with the step size ``d*lr``,
+    r"""D-Adaptation AdamW (Defazio & Mishchenko, 2023): Adam with the step size ``d*lr``,
     ``d`` a lower bound on the distance to the solution that grows from ``d0``, and decay
-    decoupled (``p <- p - weight_decay*d*lr*bc*p``); see :class:`scale_by_dadapt_adam`.
+    decoupled (``p <- p - weight_decay*d*lr*bc*p``); see :class:`scale_by_dadapt_adam`. At
+    step ``t`` (from 1), with ``d_t`` the estimate before it (``d_1 = d0``),
+    ``lambda = weight_decay``, ``<., .>`` and ``|.|_1`` over the whole tree and
+    ``gamma_t = d_t lr sqrt(1 - b2^t)/(1 - b1^t)``:
+
+    $$
+    \begin{aligned}
+    r_t &= \sqrt{\beta_2}\, r_{t-1} + (1 - \sqrt{\beta_2})\, \gamma_t
+    \left\langle g_t, \frac{s_{t-1}}{\sqrt{v_{t-1}} + \epsilon} \right\rangle \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, \gamma_t\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    s_t &= \sqrt{\beta_2}\, s_{t-1} + (1 - \sqrt{\beta_2})\, \gamma_t\, g_t, \qquad
+    d_{t+1} = \max\left(d_t,\ \frac{r_t}{(1 - \sqrt{\beta_2})\, \lVert s_t \rVert_1}\right) \\
+    p_t &= p_{t-1} - \lambda\, \gamma_t\, p_{t-1} - \frac{m_t}{\sqrt{v_t} + \epsilon}
+    \end{aligned}
+    $$
     ``optax.contrib.dadapt_adamw(learning_rate=lr, betas, eps, estim_lr0=d0,
     weight_decay)``, to which it is held. Before any gradient the estimate divides 0 by 0
     (NaN), as optax's does.
@@ -466,10 +513,21 @@ class scale_by_cocob(Elementwise):
 
 @dataclass(frozen=True)
 class cocob(Rule):
-    """COCOB-Backprop (Orabona & Tommasi, 2017): coin betting, no learning rate to tune
+    r"""COCOB-Backprop (Orabona & Tommasi, 2017): coin betting, no learning rate to tune
     (:class:`scale_by_cocob`), after ``g <- lr*(g + weight_decay*p)``; ``lr`` (1: the paper's)
     scales the gradient, as ``optax.contrib.cocob(learning_rate, alpha, eps, weight_decay)``
-    does, to which it is held."""
+    does, to which it is held. Elementwise, with ``lambda = weight_decay``, ``L_0 = eps`` and
+    ``G_0 = R_0 = C_0 = 0``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow \mathrm{lr}\,(g_t + \lambda\, p_{t-1}) \\
+    L_t &= \max(L_{t-1}, |g_t|), \qquad G_t = G_{t-1} + |g_t|, \qquad C_t = C_{t-1} - g_t \\
+    R_t &= \max\left(R_{t-1} - g_t\, (p_{t-1} - p_0),\ 0\right) \\
+    p_t &= p_0 + \frac{C_t}{L_t \max(G_t + L_t,\ \alpha L_t)}\, (L_t + R_t)
+    \end{aligned}
+    $$
+    """
 
     lr: Any = hyper(1.0, NONNEG)
     alpha: Any = hyper(100.0, NONNEG)
@@ -536,11 +594,22 @@ class scale_by_dowg(WholeTree):
 
 @dataclass(frozen=True)
 class dowg(Rule):
-    """DoWG, "Distance over Weighted Gradients" (Khaled, Mishchenko & Jin, 2023): SGD with
+    r"""DoWG, "Distance over Weighted Gradients" (Khaled, Mishchenko & Jin, 2023): SGD with
     the step size ``lr * r2_t/(sqrt(sum_s r2_s*||g_s||^2) + eps)``, ``r2_t`` the largest
     squared distance from the start so far (:class:`scale_by_dowg`), after
     ``g <- g + weight_decay*p``. ``init_estim_sq_dist`` (None: ``eps``) is where ``r2``
-    starts. Matches ``optax.contrib.dowg``."""
+    starts. Matches ``optax.contrib.dowg``. With norms over the whole tree and
+    ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    \bar r^2_t &= \max\left(\bar r^2_{t-1},\ \lVert p_{t-1} - p_0 \rVert^2\right), \qquad
+    V_t = V_{t-1} + \bar r^2_t\, \lVert g_t \rVert^2 \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \frac{\bar r^2_t}{\sqrt{V_t} + \epsilon}\, g_t
+    \end{aligned}
+    $$
+    """
 
     lr: Any = hyper(1.0, NONNEG)
     init_estim_sq_dist: float | None = None

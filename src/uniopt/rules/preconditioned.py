@@ -279,11 +279,30 @@ class scale_by_lr_decay_after(Elementwise):
 
 @dataclass(frozen=True)
 class soap(Rule):
-    """SOAP (Vyas et al., 2024): Adam run in the eigenbasis of Shampoo's preconditioner.
+    r"""SOAP (Vyas et al., 2024): Adam run in the eigenbasis of Shampoo's preconditioner.
 
     :class:`scale_by_soap` (every option below is its), then
     ``p <- (p - lr*u)(1 - lr*weight_decay)`` (:class:`scale_by_lr_decay_after`). The first step
-    only gathers the statistics: the parameters change from the second.
+    only gathers the statistics: the parameters change from the second. For a matrix leaf
+    ``G = g_t`` at step ``t >= 2``, with ``Q_L``, ``Q_R`` the eigenbases held before the step,
+    ``beta_s = shampoo_beta``, ``lambda = weight_decay`` and ``n = t - 1`` moment updates:
+
+    $$
+    \begin{aligned}
+    M_t &= \beta_1 M_{t-1} + (1 - \beta_1)\, G, \qquad
+    V_t = \beta_2 V_{t-1} + (1 - \beta_2) \left(Q_L^\top G\, Q_R\right)^2 \\
+    D_t &= Q_L \left(\frac{Q_L^\top M_t\, Q_R}{\sqrt{V_t} + \epsilon}\right) Q_R^\top,
+    \qquad s_t = \frac{\sqrt{1 - \beta_2^{\,n}}}{1 - \beta_1^{\,n}} \\
+    p_t &= \left(p_{t-1} - \mathrm{lr}\, s_t\, D_t\right) (1 - \mathrm{lr}\,\lambda) \\
+    L_t &= \beta_s L_{t-1} + (1 - \beta_s)\, G G^\top, \qquad
+    R_t = \beta_s R_{t-1} + (1 - \beta_s)\, G^\top G
+    \end{aligned}
+    $$
+
+    (squares and the division elementwise). Step 1 sets ``L_1 = (1 - beta_s) G G^T`` (and
+    ``R_1``) and ``Q_L``, ``Q_R`` to their eigenvectors; every ``precondition_frequency`` steps
+    after it, one power iteration ``Q <- QR(L Q)`` refreshes each basis (``V`` re-sorted with
+    it). A tensor of more axes turns each kept axis by its ``Q_i``.
 
     - ``betas``: Adam's moments in the eigenbasis; ``shampoo_beta`` (None: ``betas[1]``) the
       statistics' average; ``eps`` Adam's, added to ``sqrt(v)``.
@@ -477,8 +496,22 @@ def _inverse_root(xp: Any, h: Any, power: float) -> Any:
 
 @dataclass(frozen=True)
 class shampoo(Rule):
-    """Shampoo (Gupta et al., 2018), as ``pytorch_optimizer.Shampoo`` (4.1) writes it:
-    :class:`scale_by_shampoo`, then ``p <- p - lr*u``.
+    r"""Shampoo (Gupta et al., 2018), as ``pytorch_optimizer.Shampoo`` (4.1) writes it:
+    :class:`scale_by_shampoo`, then ``p <- p - lr*u``. For a matrix leaf, with
+    ``mu = momentum``, ``lambda = weight_decay`` (``decay_form="l2"``), ``B`` the previous
+    direction (``B_0 = G_1``) and ``L_0 = R_0 = matrix_eps*I``:
+
+    $$
+    \begin{aligned}
+    \tilde G_t &= (1 - \mu)\, G_t + \mu\, B_{t-1} + \lambda\, P_{t-1} \\
+    L_t &= L_{t-1} + \tilde G_t \tilde G_t^\top, \qquad
+    R_t = R_{t-1} + \tilde G_t^\top \tilde G_t \\
+    B_t &= L_t^{-1/4}\, \tilde G_t\, R_t^{-1/4}, \qquad P_t = P_{t-1} - \mathrm{lr}\, B_t
+    \end{aligned}
+    $$
+
+    (the inverse roots recomputed every ``preconditioning_compute_steps`` steps, else the
+    last ones kept).
 
     Each axis of a ``k``-axis leaf keeps the sum of the gradient's products over the other
     axes, from ``matrix_eps*I``, and the leaf's direction is the gradient multiplied along each

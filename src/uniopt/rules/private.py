@@ -118,11 +118,23 @@ def _draw_jax(state: Any, leaves: list[Any]) -> tuple[list[Any], Any]:
 
 @dataclass(frozen=True)
 class dpsgd(Rule):
-    """DP-SGD (Abadi et al., 2016) as ``optax.contrib.dpsgd``: each example's gradient
+    r"""DP-SGD (Abadi et al., 2016) as ``optax.contrib.dpsgd``: each example's gradient
     clipped to norm ``l2_norm_clip`` (over the whole tree), summed, Gaussian noise of standard
     deviation ``l2_norm_clip*noise_multiplier`` added, divided by the batch size; then
     momentum (optax's ``trace``: ``m <- momentum*m + g``, ``nesterov``: ``g + momentum*m``; 0:
-    none, optax's None) and ``p <- p - lr*m``.
+    none, optax's None) and ``p <- p - lr*m``. With ``g_{t,i}`` example ``i``'s gradient,
+    ``C = l2_norm_clip``, ``sigma = noise_multiplier``, ``B = batch_size``, ``mu = momentum``:
+
+    $$
+    \begin{aligned}
+    \bar g_t &= \frac{1}{B} \left(\sum_{i=1}^{B}
+    \frac{g_{t,i}}{\max\left(1, \lVert g_{t,i} \rVert / C\right)}
+    + \sigma C\, z_t\right), \qquad z_t \sim \mathcal N(0, I) \\
+    m_t &= \mu\, m_{t-1} + \bar g_t \\
+    p_t &= p_{t-1} - \mathrm{lr} \cdot
+    \begin{cases} \bar g_t + \mu\, m_t & \text{nesterov} \\ m_t & \text{otherwise} \end{cases}
+    \end{aligned}
+    $$
 
     **Input.** optax takes the per-example gradients (a leading batch axis on every leaf).
     uniopt's gradient is shaped like the params, so the clipping and summing happen before

@@ -242,7 +242,7 @@ def _strong_wolfe(
 
 @dataclass(frozen=True)
 class lbfgs(Rule):
-    """L-BFGS with torch's defaults, iterations and (``line_search_fn="strong_wolfe"``) line
+    r"""L-BFGS with torch's defaults, iterations and (``line_search_fn="strong_wolfe"``) line
     search; a step needs the closure: :func:`uniopt.minimize_step`.
 
     Each of up to ``max_iter`` iterations (and ``max_eval`` closure calls, default
@@ -250,7 +250,27 @@ class lbfgs(Rule):
     ``s = t d``, ``y = g_new - g`` with ``y.s > 1e-10`` (two-loop recursion, ``H_0 = y.s/y.y``),
     and ``x <- x + t d``: ``t = lr`` (the first iteration ever: ``min(1, 1/|g|_1) lr``), or
     the strong-Wolfe step. It stops when ``max|g| <= tolerance_grad``, when ``g.d``,
-    ``max|t d|`` or the change of loss falls below ``tolerance_change``.
+    ``max|t d|`` or the change of loss falls below ``tolerance_change``. One iteration ``k``,
+    with ``x`` the parameters flattened into one vector and ``(s_i, y_i)``, ``rho_i = 1/y_i.s_i``
+    the kept pairs, oldest first:
+
+    $$
+    \begin{aligned}
+    s_{k-1} &= t_{k-1} d_{k-1}, \qquad y_{k-1} = g_k - g_{k-1}
+    \quad \text{(kept if } y_{k-1}^\top s_{k-1} > 10^{-10}\text{)} \\
+    q &\leftarrow -g_k; \quad \text{for } i \text{ newest to oldest: }
+    \alpha_i = \rho_i\, s_i^\top q, \quad q \leftarrow q - \alpha_i\, y_i \\
+    d_k &\leftarrow \gamma\, q, \qquad \gamma = \frac{y^\top s}{y^\top y}
+    \text{ of the newest pair} \\
+    &\text{for } i \text{ oldest to newest: }
+    d_k \leftarrow d_k + (\alpha_i - \rho_i\, y_i^\top d_k)\, s_i \\
+    x_{k+1} &= x_k + t_k\, d_k, \qquad t_k = \mathrm{lr}
+    \ \left(\text{first: } \min(1, 1/\lVert g_1 \rVert_1)\, \mathrm{lr}\right)
+    \text{ or the strong-Wolfe step}
+    \end{aligned}
+    $$
+
+    The first iteration ever is ``d = -g`` (no pairs yet).
 
     >>> import numpy as np, uniopt as uo
     >>> def closure(p):  # (loss, grads) at the params p

@@ -91,9 +91,22 @@ class scale_by_rprop(Elementwise):
 
 @dataclass(frozen=True)
 class rprop(Rule):
-    """Rprop (Riedmiller & Braun, 1993) as torch writes it: :class:`scale_by_rprop`, each
+    r"""Rprop (Riedmiller & Braun, 1993) as torch writes it: :class:`scale_by_rprop`, each
     element moving by its own step size against the sign of its gradient; ``lr`` is the initial
-    step size.
+    step size. Elementwise, with ``(eta-, eta+) = etas``, ``(s_min, s_max) = step_sizes``,
+    ``s_0 = lr`` and ``h_0 = 0`` (``h`` the remembered gradient):
+
+    $$
+    \begin{aligned}
+    s_t &= \operatorname{clip}\left(\begin{cases}
+    \eta_+\, s_{t-1} & g_t h_{t-1} > 0 \\
+    \eta_-\, s_{t-1} & g_t h_{t-1} < 0 \\
+    s_{t-1} & g_t h_{t-1} = 0
+    \end{cases},\ s_{\min},\ s_{\max}\right) \\
+    h_t &= \begin{cases} 0 & g_t h_{t-1} < 0 \\ g_t & \text{otherwise} \end{cases} \\
+    p_t &= p_{t-1} - \operatorname{sign}(h_t)\, s_t
+    \end{aligned}
+    $$
 
     Options (``convention=`` sets them):
 

@@ -236,13 +236,30 @@ _CONVENTIONS_DOC = """
 
 @dataclass(frozen=True)
 class schedule_free_sgd(Rule):
-    """Schedule-free SGD (Defazio et al., 2024): with ``d = g + weight_decay*y`` (``y`` the
+    r"""Schedule-free SGD (Defazio et al., 2024): with ``d = g + weight_decay*y`` (``y`` the
     params, where the gradient is taken),
 
     ``z <- z - lr_t*d``; ``x <- (1 - c_t)*x + c_t*z``; ``y <- momentum*x + (1 - momentum)*z``;
 
     ``c_t = w_t / sum(w_1..w_t)``, ``w_t = t**r * max(lr_1..lr_t)**weight_lr_power``, and
-    ``lr_t = lr * min(t/warmup_steps, 1)`` (see :class:`scale_by_schedule_free`). ``x``, the
+    ``lr_t = lr * min(t/warmup_steps, 1)`` (see :class:`scale_by_schedule_free`). At update
+    ``t`` (from 1), with ``beta = momentum``, ``lambda = weight_decay``, ``W = warmup_steps``
+    and ``q = weight_lr_power`` (``x_0 = y_0 = z_0``, the initial params):
+
+    $$
+    \begin{aligned}
+    d_t &= g_t + \lambda\, y_{t-1}, \qquad
+    \gamma_t = \mathrm{lr}_t \min\left(\tfrac{t}{W}, 1\right) \\
+    z_t &= z_{t-1} - \gamma_t\, d_t \\
+    w_t &= t^{\,r} \left(\max_{i \le t} \gamma_i\right)^{q}, \qquad
+    c_t = \frac{w_t}{\sum_{i=1}^{t} w_i} \\
+    x_t &= (1 - c_t)\, x_{t-1} + c_t\, z_t, \qquad
+    y_t = \beta\, x_t + (1 - \beta)\, z_t
+    \end{aligned}
+    $$
+
+    The params hold ``y``, stepped without ``x`` as
+    ``y_t = (1 - c_t) y_{t-1} + c_t z_{t-1} - gamma_t (1 - beta (1 - c_t)) d_t``. ``x``, the
     weights to evaluate, is read with :func:`schedule_free_eval` (the params always hold
     ``y``: there is no train/eval mode switch to call).
 
@@ -284,11 +301,26 @@ class schedule_free_sgd(Rule):
 
 @dataclass(frozen=True)
 class schedule_free_adamw(Rule):
-    """Schedule-free AdamW (Defazio et al., 2024): :class:`schedule_free_sgd` with the
+    r"""Schedule-free AdamW (Defazio et al., 2024): :class:`schedule_free_sgd` with the
     direction ``d = g/(sqrt(v/(1 - b2^t)) + eps) + weight_decay*y``,
     ``v <- b2*v + (1-b2)*g^2`` (:class:`scale_by_bias_corrected_rms`), and ``betas[0]`` as the
     interpolation ``beta``. The decay is taken at ``y`` and scaled by ``lr_t`` (Meta's
-    ``decay_at_z=False``, optax's ``add_decayed_weights`` before the learning rate).
+    ``decay_at_z=False``, optax's ``add_decayed_weights`` before the learning rate). At update
+    ``t`` (from 1), with ``(beta, b2) = betas``, ``lambda = weight_decay``,
+    ``W = warmup_steps`` and ``q = weight_lr_power``:
+
+    $$
+    \begin{aligned}
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2, \qquad
+    d_t = \frac{g_t}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon} + \lambda\, y_{t-1} \\
+    \gamma_t &= \mathrm{lr}_t \min\left(\tfrac{t}{W}, 1\right), \qquad
+    z_t = z_{t-1} - \gamma_t\, d_t \\
+    w_t &= t^{\,r} \left(\max_{i \le t} \gamma_i\right)^{q}, \qquad
+    c_t = \frac{w_t}{\sum_{i=1}^{t} w_i} \\
+    x_t &= (1 - c_t)\, x_{t-1} + c_t\, z_t, \qquad
+    y_t = \beta\, x_t + (1 - \beta)\, z_t
+    \end{aligned}
+    $$
 
     Defaults are Meta's ``schedulefree.AdamWScheduleFree`` (lr 0.0025, betas (0.9, 0.999),
     eps 1e-8), the same as ``optax.contrib.schedule_free_adamw``'s.

@@ -19,12 +19,18 @@ from .adam import scale_by_optimistic_gradient
 
 @dataclass(frozen=True)
 class noisy_sgd(Rule):
-    """SGD with annealed Gaussian noise (Neelakantan et al., 2015) as ``optax.noisy_sgd``:
+    r"""SGD with annealed Gaussian noise (Neelakantan et al., 2015) as ``optax.noisy_sgd``:
     ``p <- p - lr*(g + sqrt(eta/t^gamma)*z)``, ``z`` standard normal, ``t`` the update's number
-    (:class:`~uniopt.add_noise`, then ``lr``). On JAX arrays the noise is optax's for
-    ``key=seed``, draw for draw; on NumPy and torch, their own generators' (see
-    :class:`~uniopt.add_noise`). optax requires ``learning_rate``; ``lr`` here defaults to
-    1e-3.
+    (:class:`~uniopt.add_noise`, then ``lr``):
+
+    $$
+    p_t = p_{t-1} - \mathrm{lr} \left(g_t + \sqrt{\frac{\eta}{t^{\gamma}}}\, z_t\right),
+    \qquad z_t \sim \mathcal N(0, I)
+    $$
+
+    On JAX arrays the noise is optax's for ``key=seed``, draw for draw; on NumPy and torch,
+    their own generators' (see :class:`~uniopt.add_noise`). optax requires ``learning_rate``;
+    ``lr`` here defaults to 1e-3.
     """
 
     lr: Any = hyper(1e-3, NONNEG)
@@ -113,12 +119,22 @@ class scale_by_polyak(WholeTree):
 
 @dataclass(frozen=True)
 class polyak_sgd(Rule):
-    """SGD with Polyak's step size (Loizou et al., 2021) as ``optax.polyak_sgd``:
+    r"""SGD with Polyak's step size (Loizou et al., 2021) as ``optax.polyak_sgd``:
     ``p <- p - s*scaling*g`` with ``s = min((f - f_min)/(scaling^2*|g|^2 + eps),
     max_learning_rate)`` (:class:`scale_by_polyak` after ``scaling``, as optax orders them, so
-    its norm is of ``scaling*g``). Each step needs the loss: ``uo.update(state, params, grads,
-    value=loss)``. ``variant="sps+"``: the gap ``f - f_min`` clipped at 0 (Garrigos et al.,
-    2023). ``f_min`` must be a lower bound of the loss, or the step can climb.
+    its norm is of ``scaling*g``). With ``f_t`` the loss at ``p_{t-1}``, ``c = scaling`` and
+    the norm over the whole tree:
+
+    $$
+    s_t = \min\left(\frac{f_t - f_{\min}}{c^2 \lVert g_t \rVert^2 + \epsilon},\
+    \text{max_learning_rate}\right), \qquad
+    p_t = p_{t-1} - s_t\, c\, g_t
+    $$
+
+    (``s_t = 0`` where the denominator is at most float64's machine epsilon). Each step needs
+    the loss: ``uo.update(state, params, grads, value=loss)``. ``variant="sps+"``: the gap
+    ``f - f_min`` clipped at 0 (Garrigos et al., 2023). ``f_min`` must be a lower bound of the
+    loss, or the step can climb.
     """
 
     max_learning_rate: Any = hyper(1.0, NONNEG)
@@ -147,10 +163,15 @@ class polyak_sgd(Rule):
 
 @dataclass(frozen=True)
 class optimistic_gradient_descent(Rule):
-    """Optimistic gradient descent (Mokhtari et al., 2019) as
+    r"""Optimistic gradient descent (Mokhtari et al., 2019) as
     ``optax.optimistic_gradient_descent``: ``p <- p - lr*((alpha + beta)*g_t - beta*g_{t-1})``
     with ``g_0 = g_1`` (:class:`~uniopt.scale_by_optimistic_gradient`). optax requires
     ``learning_rate``; ``lr`` here defaults to 1e-3.
+
+    $$
+    p_t = p_{t-1} - \mathrm{lr}\left((\alpha + \beta)\, g_t - \beta\, g_{t-1}\right),
+    \qquad g_0 = g_1
+    $$
     """
 
     lr: Any = hyper(1e-3, NONNEG)

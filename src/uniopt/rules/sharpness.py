@@ -80,7 +80,7 @@ def _split(xp: Any, x: Any, shapes: tuple[tuple[int, ...], ...]) -> list[Any]:
 
 @dataclass(frozen=True)
 class sam(Rule):
-    """Sharpness-aware minimisation (Foret et al., 2021) around the rule ``base``; a step
+    r"""Sharpness-aware minimisation (Foret et al., 2021) around the rule ``base``; a step
     needs the closure: :func:`uniopt.minimize_step`.
 
     ``g = grad(w)``; ``e = rho*g/(|g| + eps)`` (``|.|`` the 2-norm over every leaf);
@@ -88,7 +88,19 @@ class sam(Rule):
     the perturbed point. ``adaptive=True`` is ASAM (Kwon et al., 2021) as the authors'
     PyTorch code writes it: ``e = rho*w^2 g/(|w g| + eps)``. ``rho`` and ``eps`` may be
     schedules; the base rule's own hyperparameters are fixed once it is built (give it
-    schedules).
+    schedules). With ``L`` the loss and norms over the whole tree:
+
+    $$
+    \begin{aligned}
+    g_t &= \nabla L(w_{t-1}), \qquad
+    e_t = \begin{cases}
+    \rho\, \dfrac{g_t}{\lVert g_t \rVert + \epsilon} & \text{SAM} \\[1ex]
+    \rho\, \dfrac{w_{t-1}^2\, g_t}{\lVert\, |w_{t-1}|\, g_t \rVert + \epsilon}
+    & \text{adaptive (ASAM)}
+    \end{cases} \\
+    w_t &= \operatorname{base}\left(w_{t-1},\ \nabla L(w_{t-1} + e_t)\right)
+    \end{aligned}
+    $$
 
     Matches ``optax.contrib.sam`` (driven through its two calls per step, ``eps=0``: optax
     normalises with no eps) and ``pytorch_optimizer.SAM`` (eps 1e-12), which sums the squared

@@ -48,10 +48,21 @@ class scale_by_lion(Elementwise):
 
 @dataclass(frozen=True)
 class lion(Rule):
-    """Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
+    r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
 
     ``c = b1*m + (1-b1)*g``; ``p <- p - lr*(sign(c) + weight_decay*p)``;
-    ``m <- b2*m + (1-b2)*g`` (:class:`scale_by_lion`). The decay is the paper's (Program 1:
+    ``m <- b2*m + (1-b2)*g`` (:class:`scale_by_lion`). With ``(b1, b2) = betas`` and
+    ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    c_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+    p_t &= (1 - \mathrm{lr}\,\lambda)\, p_{t-1} - \mathrm{lr}\, \operatorname{sign}(c_t) \\
+    m_t &= \beta_2 m_{t-1} + (1 - \beta_2)\, g_t
+    \end{aligned}
+    $$
+
+    The decay is the paper's (Program 1:
     ``update += w*lambda; update *= lr``), written as ``p <- p*(1 - lr*wd) - lr*sign(c)``:
     lion_pytorch's, optax's (``add_decayed_weights`` before ``scale_by_learning_rate``) and
     keras's (``p - p*wd*lr`` before the step) are this one formula, rounded apart.
@@ -112,8 +123,13 @@ class lion(Rule):
 
 @dataclass(frozen=True)
 class sign_sgd(Rule):
-    """signSGD (Bernstein et al., 2018): ``p <- p - lr*sign(g)`` (``sign(0) = 0``), as
-    ``optax.sign_sgd`` (which requires a learning rate; ours keeps 1e-3)."""
+    r"""signSGD (Bernstein et al., 2018): ``p <- p - lr*sign(g)`` (``sign(0) = 0``), as
+    ``optax.sign_sgd`` (which requires a learning rate; ours keeps 1e-3):
+
+    $$
+    p_t = p_{t-1} - \mathrm{lr}\, \operatorname{sign}(g_t)
+    $$
+    """
 
     lr: Any = hyper(1e-3, NONNEG)
 
@@ -154,10 +170,16 @@ class scale_by_signum(Elementwise):
 
 @dataclass(frozen=True)
 class signum(Rule):
-    """Signum (Bernstein et al., 2018): ``m <- beta*m + (1-beta)*g``; ``p <- p - lr*sign(m)``
+    r"""Signum (Bernstein et al., 2018): ``m <- beta*m + (1-beta)*g``; ``p <- p - lr*sign(m)``
     (:class:`scale_by_signum`), as ``optax.signum`` (its ``ema(beta, debias=False)``, then
     ``scale_by_sign``; optax requires a learning rate, ours keeps 1e-3; its
-    ``accumulator_dtype`` is ``uniopt.setup``'s ``state_dtype``)."""
+    ``accumulator_dtype`` is ``uniopt.setup``'s ``state_dtype``):
+
+    $$
+    m_t = \beta\, m_{t-1} + (1 - \beta)\, g_t, \qquad
+    p_t = p_{t-1} - \mathrm{lr}\, \operatorname{sign}(m_t)
+    $$
+    """
 
     lr: Any = hyper(1e-3, NONNEG)
     beta: Any = hyper(0.9, UNIT_OPEN)

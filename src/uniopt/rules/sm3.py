@@ -60,8 +60,20 @@ class scale_by_sm3(PerLeaf):
 
 @dataclass(frozen=True)
 class sm3(Rule):
-    """SM3 (Anil et al., 2019) as ``optax.sm3``: :class:`scale_by_sm3` (SM3-II with an
-    exponential moving average ``momentum``), then ``p <- p - lr*m``.
+    r"""SM3 (Anil et al., 2019) as ``optax.sm3``: :class:`scale_by_sm3` (SM3-II with an
+    exponential moving average ``momentum``), then ``p <- p - lr*m``. For a matrix leaf
+    (one accumulator ``r_i`` per row, ``c_j`` per column; a vector keeps ``a`` itself), with
+    ``beta = momentum``:
+
+    $$
+    \begin{aligned}
+    a_{t,ij} &= g_{t,ij}^2 + \min(r_{t-1,i},\ c_{t-1,j}), \qquad
+    r_{t,i} = \max_j a_{t,ij}, \qquad c_{t,j} = \max_i a_{t,ij} \\
+    m_t &= \beta\, m_{t-1} + (1 - \beta)\, \frac{g_t}{\sqrt{a_t + \epsilon}}
+    \quad (0 \text{ where } a_t = 0) \\
+    p_t &= p_{t-1} - \mathrm{lr}\, m_t
+    \end{aligned}
+    $$
 
     Its memory is that of momentum plus ``sum(shape)`` numbers per leaf, where Adagrad keeps
     ``prod(shape)``. optax requires ``learning_rate`` and takes no schedule for it (it

@@ -75,10 +75,20 @@ class scale_by_sparse_adam(Elementwise):
 
 @dataclass(frozen=True)
 class sparse_adam(Rule):
-    """SparseAdam as torch writes it: Adam (eps added to the uncorrected ``sqrt(v)``, the step
+    r"""SparseAdam as torch writes it: Adam (eps added to the uncorrected ``sqrt(v)``, the step
     ``lr sqrt(1-b2^t)/(1-b1^t)``) on the entries present only; see
     :class:`scale_by_sparse_adam`. On dense arrays an entry is present where its gradient is
-    non-zero (``skip_zeros=False``: everywhere).
+    non-zero (``skip_zeros=False``: everywhere). At step ``t`` (from 1), on each entry present
+    (the others keep their value and their moments):
+
+    $$
+    \begin{aligned}
+    m_t &= m_{t-1} + (1 - \beta_1)\, (g_t - m_{t-1}), \qquad
+    v_t = v_{t-1} + (1 - \beta_2)\, (g_t^2 - v_{t-1}) \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,
+    \frac{m_t}{\sqrt{v_t} + \epsilon}
+    \end{aligned}
+    $$
 
     >>> import numpy as np, uniopt as uo
     >>> p = [np.array([1.0, 2.0])]

@@ -19,13 +19,23 @@ from .adam import scale_by_adam
 
 @dataclass(frozen=True)
 class lamb(Rule):
-    """LAMB (You et al., 2020) as ``optax.lamb``: Adam's direction plus decoupled decay, scaled
+    r"""LAMB (You et al., 2020) as ``optax.lamb``: Adam's direction plus decoupled decay, scaled
     leaf by leaf by its trust ratio.
 
     ``r = m_hat/(sqrt(v_hat + eps_root) + eps)`` (:class:`~uniopt.scale_by_adam`);
     ``d = r + weight_decay*p`` (on the leaves ``mask`` selects); ``d <- |p|/|d| * d`` per leaf
     (:class:`~uniopt.scale_by_trust_ratio`, ratio 1 where either norm is 0);
-    ``p <- p - lr*d``.
+    ``p <- p - lr*d``. With ``lambda = weight_decay`` and ``|.|`` a leaf's 2-norm:
+
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    r_t &= \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}}
+    + \epsilon}, \qquad d_t = r_t + \lambda\, p_{t-1} \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \frac{\lVert p_{t-1} \rVert}{\lVert d_t \rVert}\, d_t
+    \end{aligned}
+    $$
 
     ``mask``: the leaves to decay, as optax takes it: a tree of bools like the params (or a
     prefix of it), or a function of the params that returns one (:class:`~uniopt.masked_block`).
@@ -64,12 +74,25 @@ class lamb(Rule):
 
 @dataclass(frozen=True)
 class lars(Rule):
-    """LARS (You et al., 2017) as ``optax.lars``.
+    r"""LARS (You et al., 2017) as ``optax.lars``.
 
     ``d = g + weight_decay*p`` (on the leaves ``weight_decay_mask`` selects);
     ``d <- trust_coefficient*|p|/(|d| + eps) * d`` per leaf (on the leaves
     ``trust_ratio_mask`` selects; ratio 1 where either norm is 0); ``d <- lr*d``;
-    ``b <- momentum*b + d``, ``p <- p - b`` (Nesterov ``p <- p - (d + momentum*b)``).
+    ``b <- momentum*b + d``, ``p <- p - b`` (Nesterov ``p <- p - (d + momentum*b)``). With
+    ``lambda = weight_decay``, ``eta = trust_coefficient``, ``mu = momentum`` and ``|.|`` a
+    leaf's 2-norm:
+
+    $$
+    \begin{aligned}
+    d_t &= g_t + \lambda\, p_{t-1} \\
+    d_t &\leftarrow \mathrm{lr}\, \frac{\eta\, \lVert p_{t-1} \rVert}
+    {\lVert d_t \rVert + \epsilon}\, d_t \\
+    b_t &= \mu\, b_{t-1} + d_t \quad (b_1 = d_1) \\
+    p_t &= p_{t-1} -
+    \begin{cases} d_t + \mu\, b_t & \text{Nesterov} \\ b_t & \text{otherwise} \end{cases}
+    \end{aligned}
+    $$
 
     The learning rate is applied before the momentum buffer, as optax does (Sutskever's form:
     under a schedule the buffer keeps the learning rate of the steps that made it). The masks
@@ -157,8 +180,18 @@ class scale_by_novograd(PerLeaf):
 
 @dataclass(frozen=True)
 class novograd(Rule):
-    """NovoGrad (Ginsburg et al., 2019) as ``optax.novograd``: :class:`scale_by_novograd`, then
-    ``p <- p - lr*m``.
+    r"""NovoGrad (Ginsburg et al., 2019) as ``optax.novograd``: :class:`scale_by_novograd`, then
+    ``p <- p - lr*m``. With ``lambda = weight_decay`` and ``|g|`` a leaf's 2-norm:
+
+    $$
+    \begin{aligned}
+    \nu_t &= \beta_2\, \nu_{t-1} + (1 - \beta_2)\, \lVert g_t \rVert^2
+    \quad (\nu_1 = \lVert g_1 \rVert^2) \\
+    m_t &= \beta_1 m_{t-1} + \frac{g_t}{\sqrt{\nu_t + \epsilon_{root}} + \epsilon}
+    + \lambda\, p_{t-1} \quad (m_0 = 0) \\
+    p_t &= p_{t-1} - \mathrm{lr}\, m_t
+    \end{aligned}
+    $$
 
     The second moment is one number per leaf (the squared norm of its gradient, averaged),
     so the state is half Adam's; ``weight_decay`` is added inside the moment, after the
@@ -211,11 +244,17 @@ class scale_by_fromage(Elementwise):
 
 @dataclass(frozen=True)
 class fromage(Rule):
-    """Fromage (Bernstein et al., 2020) as ``optax.fromage``: each leaf's gradient scaled to
+    r"""Fromage (Bernstein et al., 2020) as ``optax.fromage``: each leaf's gradient scaled to
     the parameter's norm, ``d = |p|/|g| * g`` (each norm raised to at least ``min_norm``,
     :class:`~uniopt.scale_by_trust_ratio`), then ``p <- (p - lr*d)/sqrt(1 + lr^2)``
     (:class:`scale_by_fromage`). optax requires ``learning_rate``; ``lr`` here defaults to
-    1e-2.
+    1e-2. With ``|.|`` a leaf's 2-norm:
+
+    $$
+    d_t = \frac{\max(\lVert p_{t-1} \rVert, \text{min_norm})}
+    {\max(\lVert g_t \rVert, \text{min_norm})}\, g_t, \qquad
+    p_t = \frac{p_{t-1} - \mathrm{lr}\, d_t}{\sqrt{1 + \mathrm{lr}^2}}
+    $$
     """
 
     lr: Any = hyper(1e-2, NONNEG)
