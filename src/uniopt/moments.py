@@ -125,7 +125,9 @@ def bias_correction(decay: Any, one_minus: Any, step: Any) -> Any:
     import array_api_compat as aac
 
     if isinstance(one_minus, float):  # a step counted on a device (a captured torch step)
-        return -aac.array_namespace(step).expm1((step + 1) * math.log1p(-one_minus))
+        # decay 0 (schedule-free's b2 = 0): log(0) is -inf, and 1 - 0^t is 1
+        log_decay = math.log1p(-one_minus) if one_minus < 1.0 else -math.inf
+        return -aac.array_namespace(step).expm1((step + 1) * log_decay)
 
     xp = aac.array_namespace(*(x for x in (one_minus, step) if not isinstance(x, (int, float))))
     return -xp.expm1((step + 1) * xp.log1p(-one_minus))

@@ -15,15 +15,12 @@ from its ``args`` (a step counted on the device, by the multi-tensor path).
 
 from __future__ import annotations
 
-import contextvars
 import sys
 import warnings
 from typing import Any
 
 from . import cpu, q8
-
-# whether torch tensors on the CPU take the multi-tensor path too (uniopt.fast.foreach.forced)
-FORCED: contextvars.ContextVar[bool] = contextvars.ContextVar("uniopt_foreach", default=False)
+from .options import FORCED
 
 
 def _foreach(resolve: Any, params: list[Any], *args: Any) -> Any:

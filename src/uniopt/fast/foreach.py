@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import backend
 from ..base import Elementwise
 from ..moments import Batch
-from . import FORCED
+from .options import FORCED
 
 aten = torch.ops.aten
 Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]  # what the _foreach ops take and give
