@@ -9,25 +9,26 @@ which vectorizes), the block's new scale; and each new value's nearest code. Mem
 and one byte per slot read and written: 10 bytes per element for Adam in place, where float32
 state moves 28.
 
-Reading and writing codes are table look-ups, 16 at a time (:func:`_ir`): numba's compiler does
-not vectorize a loop that reads a table at computed indices (a gather), and a scalar look-up
-per element, or a search, was most of the step. The two loops are written in LLVM's IR with
-explicit vectors and gathers (``llvm.masked.gather``: one instruction where the CPU has
-AVX2/AVX-512, element by element where not, the same numbers either way) and linked into each
-generated loop. A code's value: the map's float32 value at the code, times the block's scale.
+Reading and writing codes are table look-ups: numba's compiler does not vectorize a loop that
+reads a table at computed indices (a gather), and a scalar look-up per element, or a search, was
+most of the step. The two loops are written in LLVM's IR with explicit vectors and linked into
+each generated loop: with AVX-512 VBMI's byte permutes, 64 at a time (:func:`_ir_vbmi`), or
+else with gathers, 16 at a time (:func:`_ir_gather`: ``llvm.masked.gather``, one instruction
+where the CPU has AVX2/AVX-512, element by element where not), the same numbers either way.
+A code's value: the map's float32 value at the code, times the block's scale.
 A value's code: the nearest code of ``x / scale`` (the float32 quotient), found from the
-magnitude's float32 bits (sign cleared, all above 1, NaN and infinity too, taken as 1) by one
-look-up and one comparison: the bits shifted right by ``shift`` index a table whose entry
-holds ``c0``, the number of the map's float32 midpoints below the values of that index, and the
-low bits of the one midpoint at most among them (``shift`` is chosen so that there is at most
-one; none: all ones, which no value of the index exceeds); the code is ``c0``, plus one if the
-magnitude is above that midpoint. That is the index of the first midpoint at or above it, as
-the reference path's search finds (a value exactly on a midpoint takes the smaller magnitude).
-:func:`code_table` checks the table against the midpoints when it is built, and
+magnitude's float32 bits (sign cleared, all above 1, NaN and infinity too, taken as 1); with
+gathers by one look-up and one comparison: the bits shifted right by ``shift`` index a table
+whose entry holds ``c0``, the number of the map's float32 midpoints below the values of that
+index, and the low bits of the one midpoint at most among them (``shift`` is chosen so that
+there is at most one; none: all ones, which no value of the index exceeds); the code is ``c0``,
+plus one if the magnitude is above that midpoint. That is the index of the first midpoint at or
+above it, as the reference path's search finds (a value exactly on a midpoint takes the smaller
+magnitude). :func:`code_table` checks the table against the midpoints when it is built, and
 tests/test_q8.py checks the codes against the search at every midpoint and either side of it;
 the codes of every float32 were checked once. A negative value takes the negated code in the
-signed map and code 0 in the unsigned one, by its sign bit (-0.0 and NaNs with the sign bit
-set included).
+signed map and code 0 in the unsigned one, by its sign bit (-0.0 and NaNs with the sign bit set
+included).
 """
 
 from __future__ import annotations
@@ -97,11 +98,12 @@ def _splat(kind: str, value: int) -> str:
     return "<" + ", ".join([f"{kind} {value}"] * _LANES) + ">"
 
 
-def _ir(tag: str) -> str:
+def _ir_gather(tag: str) -> str:
     """The IR of ``uniopt_q8_{codes,values}_{s,u}_<tag>(src, dst, n, scale)``: ``n`` codes at
     ``src`` to values at ``dst`` (times ``scale``), or ``n`` values at ``src`` to codes at
-    ``dst`` (of the value over ``scale``), 16 at a time. The codes' last 16 are read and
-    written under a mask; the values' buffer holds whole 16s (a block's buffer: 2,048)."""
+    ``dst`` (of the value over ``scale``), 16 at a time by gathers (any CPU). The codes' last
+    16 are read and written under a mask; the values' buffer holds whole 16s (64s for
+    :func:`_ir_vbmi`'s: a block's buffer, 2,048, does)."""
     v16 = _LANES
     lanes = "<" + ", ".join(f"i64 {j}" for j in range(v16)) + ">"
     on = "<" + ", ".join(["i1 true"] * v16) + ">"
@@ -225,9 +227,280 @@ done:
     return "\n".join(out)
 
 
+
+# --- the same functions with AVX-512 VBMI's byte permutes, 64 elements at a time ---------------
+#
+# A gather loads its 16 elements one by one on some CPUs (AMD's Zen 4: a 16-lane gather costs
+# about as much as 16 loads), and was then most of the step. With VBMI, a table of 256 bytes is
+# read for 64 indices by two two-register byte permutes (128 entries each) and a blend on the
+# index's top bit; a table of 256 float32 is four such byte tables (one per byte of the
+# float32), interleaved back into float32s. A code's value is that look-up. A value's code:
+# the piece of the map (code 0, one decade, code 1) from the binade of the magnitude (its
+# exponent: a binade holds at most one piece's end, so a 32-entry table of the piece below and
+# the cut inside, and one comparison); in the piece, whose midpoints are equally spaced but for
+# their float32 rounding, ``c' = floor(a / step + offset)`` clamped to the piece's codes (float32,
+# the fraction at each midpoint is 1/2: c' is the code or the code less one, whatever the
+# rounding of a few units in the last place); then the float32 midpoint at ``c'`` (the look-up
+# above) says which: the code is ``c'``, plus one if the magnitude is above it. The same code
+# as the gather's, for every float32 (checked once over all 2**32; tests/test_q8.py checks
+# each piece's ends and every midpoint and either side of it).
+
+_LOW_BINADE = 96  # binades from 2**-31 up (2**-31 < every map's first midpoint); below: the first
+
+
+def piece_tables(mids: np.ndarray, bits: int) -> tuple[list[int], list[float], list[float],
+                                                          list[float], list[int], list[int]]:
+    """For the map of ``2**bits`` magnitudes with float32 midpoints ``mids``: per binade
+    (exponent ``_LOW_BINADE + j``, j < 32) the number of piece cuts below it and the cut inside
+    it (2.0, above every magnitude, where none); per piece (code 0; the decades; code 1) the
+    slope and offset of ``c'`` and its least and largest code. Raises ValueError where a binade
+    holds two cuts."""
+    decades = bits - 1
+    cuts = np.array([mids[2 ** k - 2] for k in range(1, bits + 1)], np.float32)
+    below, inside = [], []
+    for j in range(32):
+        low = np.uint32((_LOW_BINADE + j) << 23).view(np.float32) if j else np.float32(0.0)
+        high = np.uint32((_LOW_BINADE + j + 1) << 23).view(np.float32)
+        there = cuts[(cuts >= low) & (cuts < high)]
+        if len(there) > 1:
+            raise ValueError(f"binade {j} holds {len(there)} cuts")
+        below.append(int(np.sum(cuts < low)))
+        inside.append(float(there[0]) if len(there) else 2.0)
+    last = 2 ** bits - 1
+    slope, offset = [0.0] * 16, [0.5] + [0.0] * 15
+    least, most = [0] * 16, [0] * 16
+    for k in range(1, decades + 1):
+        step = 0.9 * 10.0 ** (k - decades) / 2 ** k
+        first = float(mids[2 ** k - 1])  # the piece's first midpoint: c' = 2**k - 1 + 1/2 there
+        slope[k], offset[k] = 1.0 / step, 2 ** k - 1 + 0.5 - first / step
+        least[k], most[k] = 2 ** k - 2, 2 ** (k + 1) - 2
+    offset[bits], least[bits], most[bits] = last + 0.5, last, last
+    return below, inside, slope, offset, least, most
+
+
+def _vector(kind: str, values: Any) -> str:
+    if kind == "float":
+        return "<" + ", ".join(f"float 0x{np.float64(np.float32(x)).view(np.uint64):016X}"
+                               for x in values) + ">"
+    if kind == "i8":
+        values = np.asarray(values, np.uint8).view(np.int8)
+    return "<" + ", ".join(f"{kind} {int(x)}" for x in values) + ">"
+
+
+def _interleave(n: int) -> str:
+    return "<" + ", ".join(f"i32 {j}" for i in range(n) for j in (i, i + n)) + ">"
+
+
+def _lookup(name: str, index: str, table: np.ndarray) -> list[str]:
+    """IR: ``%{name}`` (64 x i32) the float32 bits of ``table`` (256 float32) at the 64 byte
+    indices ``%{index}``."""
+    planes = np.ascontiguousarray(table.astype(np.float32)).view(np.uint8).reshape(256, 4)
+    out = [f"  %{name}top = icmp slt <64 x i8> %{index}, zeroinitializer"]
+    for p in range(4):
+        t = planes[:, p]
+        out += [f"  %{name}lo{p} = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512("
+                f"<64 x i8> {_vector('i8', t[0:64])}, <64 x i8> %{index}, "
+                f"<64 x i8> {_vector('i8', t[64:128])})",
+                f"  %{name}hi{p} = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512("
+                f"<64 x i8> {_vector('i8', t[128:192])}, <64 x i8> %{index}, "
+                f"<64 x i8> {_vector('i8', t[192:256])})",
+                f"  %{name}p{p} = select <64 x i1> %{name}top, <64 x i8> %{name}hi{p}, "
+                f"<64 x i8> %{name}lo{p}"]
+    return out + [
+        f"  %{name}q01 = shufflevector <64 x i8> %{name}p0, <64 x i8> %{name}p1, "
+        f"<128 x i32> {_interleave(64)}",
+        f"  %{name}q23 = shufflevector <64 x i8> %{name}p2, <64 x i8> %{name}p3, "
+        f"<128 x i32> {_interleave(64)}",
+        f"  %{name}h01 = bitcast <128 x i8> %{name}q01 to <64 x i16>",
+        f"  %{name}h23 = bitcast <128 x i8> %{name}q23 to <64 x i16>",
+        f"  %{name}d = shufflevector <64 x i16> %{name}h01, <64 x i16> %{name}h23, "
+        f"<128 x i32> {_interleave(64)}",
+        f"  %{name} = bitcast <128 x i16> %{name}d to <64 x i32>",
+    ]
+
+
+def _ir_vbmi(tag: str) -> str:
+    """:func:`_ir_gather`'s functions, 64 elements at a time with VBMI's byte permutes."""
+    out = [
+        "declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)",
+        "declare <16 x i32> @llvm.x86.avx512.vpermi2var.d.512(<16 x i32>, <16 x i32>, "
+        "<16 x i32>)",
+        "declare <16 x float> @llvm.x86.avx512.vpermi2var.ps.512(<16 x float>, <16 x i32>, "
+        "<16 x float>)",
+        "declare <16 x float> @llvm.x86.avx512.permvar.sf.512(<16 x float>, <16 x i32>)",
+        "declare <16 x i32> @llvm.x86.avx512.permvar.si.512(<16 x i32>, <16 x i32>)",
+        "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)",
+        "declare <16 x i32> @llvm.umax.v16i32(<16 x i32>, <16 x i32>)",
+        "declare <16 x i32> @llvm.smax.v16i32(<16 x i32>, <16 x i32>)",
+        "declare <16 x i32> @llvm.smin.v16i32(<16 x i32>, <16 x i32>)",
+        "declare <64 x i32> @llvm.umin.v64i32(<64 x i32>, <64 x i32>)",
+        "declare <64 x i8> @llvm.masked.load.v64i8.p0(ptr, i32, <64 x i1>, <64 x i8>)",
+        "declare void @llvm.masked.store.v64i8.p0(<64 x i8>, ptr, i32, <64 x i1>)",
+    ]
+    lanes = _vector("i64", range(64))
+    for k, mids, bits, values in (("s", quant.MID_S, 7, VALUE_S), ("u", quant.MID_U, 8, VALUE_U)):
+        below, inside, slope, offset, least, most = piece_tables(mids, bits)
+        padded = np.full(256, 2.0, np.float32)  # c' may be the last code: no midpoint above
+        padded[:len(mids)] = mids
+        body = []
+        for j in range(4):  # the quarters, 16 lanes each: the piece, c'
+            body += [
+                f"  %a{j} = shufflevector <64 x i32> %a, <64 x i32> poison, "
+                f"<16 x i32> {_vector('i32', range(16 * j, 16 * j + 16))}",
+                f"  %af{j} = bitcast <16 x i32> %a{j} to <16 x float>",
+                f"  %e{j} = lshr <16 x i32> %a{j}, {_splat('i32', 23)}",
+                # the permutes read the low five bits: exponents 96..127 are entries 0..31
+                f"  %ej{j} = call <16 x i32> @llvm.umax.v16i32(<16 x i32> %e{j}, "
+                f"<16 x i32> {_splat('i32', _LOW_BINADE)})",
+                f"  %pb{j} = call <16 x i32> @llvm.x86.avx512.vpermi2var.d.512(<16 x i32> "
+                f"{_vector('i32', below[:16])}, <16 x i32> %ej{j}, <16 x i32> "
+                f"{_vector('i32', below[16:])})",
+                f"  %cut{j} = call <16 x float> @llvm.x86.avx512.vpermi2var.ps.512(<16 x float> "
+                f"{_vector('float', inside[:16])}, <16 x i32> %ej{j}, <16 x float> "
+                f"{_vector('float', inside[16:])})",
+                f"  %past{j} = fcmp ogt <16 x float> %af{j}, %cut{j}",
+                f"  %pz{j} = zext <16 x i1> %past{j} to <16 x i32>",
+                f"  %pc{j} = add <16 x i32> %pb{j}, %pz{j}",
+                f"  %sl{j} = call <16 x float> @llvm.x86.avx512.permvar.sf.512(<16 x float> "
+                f"{_vector('float', slope)}, <16 x i32> %pc{j})",
+                f"  %of{j} = call <16 x float> @llvm.x86.avx512.permvar.sf.512(<16 x float> "
+                f"{_vector('float', offset)}, <16 x i32> %pc{j})",
+                f"  %le{j} = call <16 x i32> @llvm.x86.avx512.permvar.si.512(<16 x i32> "
+                f"{_vector('i32', least)}, <16 x i32> %pc{j})",
+                f"  %mo{j} = call <16 x i32> @llvm.x86.avx512.permvar.si.512(<16 x i32> "
+                f"{_vector('i32', most)}, <16 x i32> %pc{j})",
+                f"  %t{j} = call <16 x float> @llvm.fma.v16f32(<16 x float> %af{j}, "
+                f"<16 x float> %sl{j}, <16 x float> %of{j})",
+                # truncation: floor where t >= 0, and where not the least code (>= 0) wins
+                f"  %ti{j} = fptosi <16 x float> %t{j} to <16 x i32>",
+                f"  %tl{j} = call <16 x i32> @llvm.smax.v16i32(<16 x i32> %ti{j}, "
+                f"<16 x i32> %le{j})",
+                f"  %c{j} = call <16 x i32> @llvm.smin.v16i32(<16 x i32> %tl{j}, "
+                f"<16 x i32> %mo{j})",
+            ]
+        body += [
+            f"  %c01 = shufflevector <16 x i32> %c0, <16 x i32> %c1, "
+            f"<32 x i32> {_vector('i32', range(32))}",
+            f"  %c23 = shufflevector <16 x i32> %c2, <16 x i32> %c3, "
+            f"<32 x i32> {_vector('i32', range(32))}",
+            f"  %cq = shufflevector <32 x i32> %c01, <32 x i32> %c23, "
+            f"<64 x i32> {_vector('i32', range(64))}",
+            "  %cq8 = trunc <64 x i32> %cq to <64 x i8>",
+            *_lookup("mid", "cq8", padded),
+            # non-negative float32s compare as their bits
+            "  %above = icmp sgt <64 x i32> %a, %mid",
+            "  %one = zext <64 x i1> %above to <64 x i32>",
+            "  %code = add <64 x i32> %cq, %one",
+        ]
+        sign = ("  %negated = sub <64 x i32> zeroinitializer, %code\n"
+                "  %r = select <64 x i1> %neg, <64 x i32> %negated, <64 x i32> %code"
+                if k == "s" else
+                "  %r = select <64 x i1> %neg, <64 x i32> zeroinitializer, <64 x i32> %code")
+        reads = "\n".join(_lookup("val", "cb", values))
+        codes = "\n".join(body)
+        out.append(f"""
+define void @uniopt_q8_codes_{k}_{tag}(ptr noalias nocapture readonly %w, ptr noalias nocapture %c,
+                                    i64 %n, float %d) {{
+entry:
+  %d0 = insertelement <64 x float> poison, float %d, i64 0
+  %dv = shufflevector <64 x float> %d0, <64 x float> poison, <64 x i32> zeroinitializer
+  br label %loop
+loop:
+  %i = phi i64 [0, %entry], [%next, %latch]
+  %rem = sub i64 %n, %i
+  %more = icmp sgt i64 %rem, 0
+  br i1 %more, label %body, label %done
+body:
+  %pw = getelementptr float, ptr %w, i64 %i
+  %x = load <64 x float>, ptr %pw, align 4
+  %y = fdiv <64 x float> %x, %dv
+  %b = bitcast <64 x float> %y to <64 x i32>
+  %neg = icmp slt <64 x i32> %b, zeroinitializer
+  %mag = and <64 x i32> %b, {_vector("i32", [0x7FFFFFFF] * 64)}
+  %a = call <64 x i32> @llvm.umin.v64i32(<64 x i32> %mag, <64 x i32> {_vector("i32", [_ONE] * 64)})
+{codes}
+{sign}
+  %r8 = trunc <64 x i32> %r to <64 x i8>
+  %pc = getelementptr i8, ptr %c, i64 %i
+  %whole = icmp sge i64 %rem, 64
+  br i1 %whole, label %all, label %part
+all:
+  store <64 x i8> %r8, ptr %pc, align 1
+  br label %latch
+part:
+  %r0 = insertelement <64 x i64> poison, i64 %rem, i64 0
+  %rv = shufflevector <64 x i64> %r0, <64 x i64> poison, <64 x i32> zeroinitializer
+  %mask = icmp slt <64 x i64> {lanes}, %rv
+  call void @llvm.masked.store.v64i8.p0(<64 x i8> %r8, ptr %pc, i32 1, <64 x i1> %mask)
+  br label %latch
+latch:
+  %next = add i64 %i, 64
+  br label %loop
+done:
+  ret void
+}}
+
+define void @uniopt_q8_values_{k}_{tag}(ptr noalias nocapture readonly %c, ptr noalias nocapture %w,
+                                     i64 %n, float %f) {{
+entry:
+  %f0 = insertelement <64 x float> poison, float %f, i64 0
+  %fv = shufflevector <64 x float> %f0, <64 x float> poison, <64 x i32> zeroinitializer
+  br label %loop
+loop:
+  %i = phi i64 [0, %entry], [%next, %read]
+  %rem = sub i64 %n, %i
+  %more = icmp sgt i64 %rem, 0
+  br i1 %more, label %body, label %done
+body:
+  %pc = getelementptr i8, ptr %c, i64 %i
+  %whole = icmp sge i64 %rem, 64
+  br i1 %whole, label %all, label %part
+all:
+  %ca = load <64 x i8>, ptr %pc, align 1
+  br label %read
+part:
+  %r0 = insertelement <64 x i64> poison, i64 %rem, i64 0
+  %rv = shufflevector <64 x i64> %r0, <64 x i64> poison, <64 x i32> zeroinitializer
+  %mask = icmp slt <64 x i64> {lanes}, %rv
+  %cp = call <64 x i8> @llvm.masked.load.v64i8.p0(ptr %pc, i32 1, <64 x i1> %mask,
+                                                   <64 x i8> zeroinitializer)
+  br label %read
+read:
+  %cb = phi <64 x i8> [%ca, %all], [%cp, %part]
+{reads}
+  %vf = bitcast <64 x i32> %val to <64 x float>
+  %x = fmul <64 x float> %vf, %fv
+  %pw = getelementptr float, ptr %w, i64 %i
+  store <64 x float> %x, ptr %pw, align 4
+  %next = add i64 %i, 64
+  br label %loop
+done:
+  ret void
+}}""")
+    return "\n".join(out)
+
+
+def _has_vbmi() -> bool:
+    """Whether numba compiles for this CPU (not a named one) and it has AVX-512 VBMI and BW."""
+    from numba.core import config
+
+    if getattr(config, "CPU_NAME", None) or getattr(config, "CPU_FEATURES", None):
+        return False
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vbmi") and features.get("avx512bw"))
+
+
+# which IR the loops link: VBMI's where the CPU has it; or UNIOPT_Q8_GATHER=1, the gathers
+VBMI = _has_vbmi() and not os.environ.get("UNIOPT_Q8_GATHER")
+
+
+def _ir(tag: str) -> str:
+    return _ir_vbmi(tag) if VBMI else _ir_gather(tag)
+
+
 # the functions' names carry a digest of their IR: a loop cached by an older version links
 # its own copy, never another's of the same name
-_TAG = hashlib.sha1(_ir("").encode()).hexdigest()[:12]
+_TAG = hashlib.sha1(_ir("").encode()).hexdigest()[:12] + ("v" if VBMI else "g")
 _LIBRARIES: dict[int, Any] = {}
 
 
@@ -288,13 +561,15 @@ def from_bits(bits: Any) -> Any:
     return _f32(np.uint32(bits))
 
 
-@numba.njit(cache=True)
+# the tests' helpers are not cached: the IR they link differs with UNIOPT_Q8_GATHER, which
+# numba's cache does not see
+@numba.njit
 def codes(x: Any, scale: Any, signed: bool) -> Any:
     """The codes of the float32 values ``x`` over ``scale`` (as the loop writes them; for the
     tests), as bytes."""
     out = np.empty(len(x), np.uint8)
     for a in range(0, len(x), 2048):
-        # the function reads whole 16s of its buffer: a copy of each 2,048
+        # the functions read whole 64s of their buffer: a copy of each 2,048
         n = min(2048, len(x) - a)
         buf = np.zeros(2048, np.float32)
         buf[:n] = x[a:a + n]
@@ -305,11 +580,12 @@ def codes(x: Any, scale: Any, signed: bool) -> Any:
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit
 def values(c: Any, scale: Any, signed: bool) -> Any:
     """The values of the codes ``c`` (bytes) times ``scale`` (as the loop reads them; for the
     tests)."""
-    out = np.empty(len(c) + 16, np.float32)
+    # the functions write whole 64s of values
+    out = np.empty((len(c) + 63) // 64 * 64, np.float32)
     if signed:
         values_s(c.ctypes.data, out.ctypes.data, len(c), scale)
     else:
@@ -333,7 +609,8 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
     inplace = mode == "inplace"
     pt = "np.float32" if kp == "f4" else "np.float64"
     head = [
-        f"# generated by uniopt {cpu._VERSION}-{_VERSION} (8-bit state) for kernels {digest}; "
+        f"# generated by uniopt {cpu._VERSION}-{_VERSION}-{_TAG} (8-bit state) for kernels "
+        f"{digest}; "
         "safe to delete",
         "import collections",
         "import numba",
