@@ -238,7 +238,7 @@ done:
 # the piece of the map (code 0, one decade, code 1) from the binade of the magnitude (its
 # exponent: a binade holds at most one piece's end, so a 32-entry table of the piece below and
 # the cut inside, and one comparison); in the piece, whose midpoints are equally spaced but for
-# their float32 rounding, ``c' = floor(a / step + offset)`` clamped to the piece's codes (float32,
+# their float32 rounding, ``c' = floor(a / step + offset)`` held to the piece's codes (float32,
 # the fraction at each midpoint is 1/2: c' is the code or the code less one, whatever the
 # rounding of a few units in the last place); then the float32 midpoint at ``c'`` (the look-up
 # above) says which: the code is ``c'``, plus one if the magnitude is above it. The same code
@@ -249,12 +249,12 @@ _LOW_BINADE = 96  # binades from 2**-31 up (2**-31 < every map's first midpoint)
 
 
 def piece_tables(mids: np.ndarray, bits: int) -> tuple[list[int], list[float], list[float],
-                                                          list[float], list[int], list[int]]:
+                                                          list[float], list[int]]:
     """For the map of ``2**bits`` magnitudes with float32 midpoints ``mids``: per binade
     (exponent ``_LOW_BINADE + j``, j < 32) the number of piece cuts below it and the cut inside
     it (2.0, above every magnitude, where none); per piece (code 0; the decades; code 1) the
-    slope and offset of ``c'`` and its least and largest code. Raises ValueError where a binade
-    holds two cuts."""
+    slope and offset of ``c'`` and its largest code. Raises ValueError where a binade holds two
+    cuts."""
     decades = bits - 1
     cuts = np.array([mids[2 ** k - 2] for k in range(1, bits + 1)], np.float32)
     below, inside = [], []
@@ -268,14 +268,14 @@ def piece_tables(mids: np.ndarray, bits: int) -> tuple[list[int], list[float], l
         inside.append(float(there[0]) if len(there) else 2.0)
     last = 2 ** bits - 1
     slope, offset = [0.0] * 16, [0.5] + [0.0] * 15
-    least, most = [0] * 16, [0] * 16
+    most = [0] * 16
     for k in range(1, decades + 1):
         step = 0.9 * 10.0 ** (k - decades) / 2 ** k
         first = float(mids[2 ** k - 1])  # the piece's first midpoint: c' = 2**k - 1 + 1/2 there
         slope[k], offset[k] = 1.0 / step, 2 ** k - 1 + 0.5 - first / step
-        least[k], most[k] = 2 ** k - 2, 2 ** (k + 1) - 2
-    offset[bits], least[bits], most[bits] = last + 0.5, last, last
-    return below, inside, slope, offset, least, most
+        most[k] = 2 ** (k + 1) - 2
+    offset[bits], most[bits] = last + 0.5, last
+    return below, inside, slope, offset, most
 
 
 def _vector(kind: str, values: Any) -> str:
@@ -292,20 +292,21 @@ def _interleave(n: int) -> str:
 
 
 def _lookup(name: str, index: str, table: np.ndarray) -> list[str]:
-    """IR: ``%{name}`` (64 x i32) the float32 bits of ``table`` (256 float32) at the 64 byte
-    indices ``%{index}``."""
-    planes = np.ascontiguousarray(table.astype(np.float32)).view(np.uint8).reshape(256, 4)
+    """IR: ``%{name}`` (64 x i32) the float32 bits of ``table`` (256 float32, or 128: the
+    indices are below 128) at the 64 byte indices ``%{index}``."""
+    planes = np.ascontiguousarray(table.astype(np.float32)).view(np.uint8).reshape(-1, 4)
     out = [f"  %{name}top = icmp slt <64 x i8> %{index}, zeroinitializer"]
     for p in range(4):
         t = planes[:, p]
-        out += [f"  %{name}lo{p} = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512("
-                f"<64 x i8> {_vector('i8', t[0:64])}, <64 x i8> %{index}, "
-                f"<64 x i8> {_vector('i8', t[64:128])})",
-                f"  %{name}hi{p} = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512("
-                f"<64 x i8> {_vector('i8', t[128:192])}, <64 x i8> %{index}, "
-                f"<64 x i8> {_vector('i8', t[192:256])})",
-                f"  %{name}p{p} = select <64 x i1> %{name}top, <64 x i8> %{name}hi{p}, "
-                f"<64 x i8> %{name}lo{p}"]
+        out.append(f"  %{name}{'lo' if len(t) > 128 else 'p'}{p} = call <64 x i8> "
+                   f"@llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {_vector('i8', t[0:64])}, "
+                   f"<64 x i8> %{index}, <64 x i8> {_vector('i8', t[64:128])})")
+        if len(t) > 128:
+            out += [f"  %{name}hi{p} = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512("
+                    f"<64 x i8> {_vector('i8', t[128:192])}, <64 x i8> %{index}, "
+                    f"<64 x i8> {_vector('i8', t[192:256])})",
+                    f"  %{name}p{p} = select <64 x i1> %{name}top, <64 x i8> %{name}hi{p}, "
+                    f"<64 x i8> %{name}lo{p}"]
     return out + [
         f"  %{name}q01 = shufflevector <64 x i8> %{name}p0, <64 x i8> %{name}p1, "
         f"<128 x i32> {_interleave(64)}",
@@ -331,7 +332,6 @@ def _ir_vbmi(tag: str) -> str:
         "declare <16 x i32> @llvm.x86.avx512.permvar.si.512(<16 x i32>, <16 x i32>)",
         "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)",
         "declare <16 x i32> @llvm.umax.v16i32(<16 x i32>, <16 x i32>)",
-        "declare <16 x i32> @llvm.smax.v16i32(<16 x i32>, <16 x i32>)",
         "declare <16 x i32> @llvm.smin.v16i32(<16 x i32>, <16 x i32>)",
         "declare <64 x i32> @llvm.umin.v64i32(<64 x i32>, <64 x i32>)",
         "declare <64 x i8> @llvm.masked.load.v64i8.p0(ptr, i32, <64 x i1>, <64 x i8>)",
@@ -339,8 +339,9 @@ def _ir_vbmi(tag: str) -> str:
     ]
     lanes = _vector("i64", range(64))
     for k, mids, bits, values in (("s", quant.MID_S, 7, VALUE_S), ("u", quant.MID_U, 8, VALUE_U)):
-        below, inside, slope, offset, least, most = piece_tables(mids, bits)
-        padded = np.full(256, 2.0, np.float32)  # c' may be the last code: no midpoint above
+        below, inside, slope, offset, most = piece_tables(mids, bits)
+        # c' may be the last code: no midpoint above it (a signed c' is below 128)
+        padded = np.full(len(mids) + 1, 2.0, np.float32)
         padded[:len(mids)] = mids
         body = []
         for j in range(4):  # the quarters, 16 lanes each: the piece, c'
@@ -365,17 +366,15 @@ def _ir_vbmi(tag: str) -> str:
                 f"{_vector('float', slope)}, <16 x i32> %pc{j})",
                 f"  %of{j} = call <16 x float> @llvm.x86.avx512.permvar.sf.512(<16 x float> "
                 f"{_vector('float', offset)}, <16 x i32> %pc{j})",
-                f"  %le{j} = call <16 x i32> @llvm.x86.avx512.permvar.si.512(<16 x i32> "
-                f"{_vector('i32', least)}, <16 x i32> %pc{j})",
                 f"  %mo{j} = call <16 x i32> @llvm.x86.avx512.permvar.si.512(<16 x i32> "
                 f"{_vector('i32', most)}, <16 x i32> %pc{j})",
                 f"  %t{j} = call <16 x float> @llvm.fma.v16f32(<16 x float> %af{j}, "
                 f"<16 x float> %sl{j}, <16 x float> %of{j})",
-                # truncation: floor where t >= 0, and where not the least code (>= 0) wins
+                # t > 2**k - 1.4 > 0 in piece k (its lower cut is 0.8 of a step below its first
+                # midpoint, 0.86 in the first decade): truncation is floor, and c' is at least
+                # the code less one; above the piece's last midpoint c' is held to its last code
                 f"  %ti{j} = fptosi <16 x float> %t{j} to <16 x i32>",
-                f"  %tl{j} = call <16 x i32> @llvm.smax.v16i32(<16 x i32> %ti{j}, "
-                f"<16 x i32> %le{j})",
-                f"  %c{j} = call <16 x i32> @llvm.smin.v16i32(<16 x i32> %tl{j}, "
+                f"  %c{j} = call <16 x i32> @llvm.smin.v16i32(<16 x i32> %ti{j}, "
                 f"<16 x i32> %mo{j})",
             ]
         body += [
