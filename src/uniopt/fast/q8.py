@@ -288,36 +288,57 @@ def _vector(kind: str, values: Any) -> str:
     return "<" + ", ".join(f"{kind} {int(x)}" for x in values) + ">"
 
 
-def _interleave(n: int) -> str:
-    return "<" + ", ".join(f"i32 {j}" for i in range(n) for j in (i, i + n)) + ">"
+def _unpack(half: int, lane: int) -> str:
+    """The mask of AVX-512's unpack within 128-bit lanes of two vectors of ``4 * lane``
+    elements: each lane's low (``half`` 0) or high half of the first and the second,
+    interleaved."""
+    n, h = 4 * lane, lane // 2
+    return "<" + ", ".join(f"i32 {lane * q + half * h + i + side * n}" for q in range(4)
+                           for i in range(h) for side in (0, 1)) + ">"
+
+
+# the unpacks below leave element 16 r + 4 q + j of their four results (r) in lane q, place j:
+# the indices are put there first, so that the results come out in order
+_SPREAD = "<" + ", ".join(f"i32 {16 * r + 4 * q + j}" for q in range(4) for r in range(4)
+                          for j in range(4)) + ">"
 
 
 def _lookup(name: str, index: str, table: np.ndarray) -> list[str]:
     """IR: ``%{name}`` (64 x i32) the float32 bits of ``table`` (256 float32, or 128: the
-    indices are below 128) at the 64 byte indices ``%{index}``."""
+    indices are below 128) at the 64 byte indices ``%{index}``: each byte of the float32 from
+    its own table, the four bytes then put together by unpacks."""
     planes = np.ascontiguousarray(table.astype(np.float32)).view(np.uint8).reshape(-1, 4)
-    out = [f"  %{name}top = icmp slt <64 x i8> %{index}, zeroinitializer"]
+    x = f"%{name}x"
+    out = [f"  {x} = shufflevector <64 x i8> %{index}, <64 x i8> poison, <64 x i32> {_SPREAD}",
+           f"  %{name}top = icmp slt <64 x i8> {x}, zeroinitializer"]
     for p in range(4):
         t = planes[:, p]
         out.append(f"  %{name}{'lo' if len(t) > 128 else 'p'}{p} = call <64 x i8> "
                    f"@llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {_vector('i8', t[0:64])}, "
-                   f"<64 x i8> %{index}, <64 x i8> {_vector('i8', t[64:128])})")
+                   f"<64 x i8> {x}, <64 x i8> {_vector('i8', t[64:128])})")
         if len(t) > 128:
             out += [f"  %{name}hi{p} = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512("
-                    f"<64 x i8> {_vector('i8', t[128:192])}, <64 x i8> %{index}, "
+                    f"<64 x i8> {_vector('i8', t[128:192])}, <64 x i8> {x}, "
                     f"<64 x i8> {_vector('i8', t[192:256])})",
                     f"  %{name}p{p} = select <64 x i1> %{name}top, <64 x i8> %{name}hi{p}, "
                     f"<64 x i8> %{name}lo{p}"]
+    for half in (0, 1):  # bytes 0, 1 and 2, 3 of each float32 as 16-bit halves
+        for pair in ("01", "23"):
+            out += [f"  %{name}b{pair}{half} = shufflevector <64 x i8> %{name}p{pair[0]}, "
+                    f"<64 x i8> %{name}p{pair[1]}, <64 x i32> {_unpack(half, 16)}",
+                    f"  %{name}w{pair}{half} = bitcast <64 x i8> %{name}b{pair}{half} "
+                    "to <32 x i16>"]
+    for r in range(4):  # result r: elements 16 r .. 16 r + 15
+        out += [f"  %{name}d{r} = shufflevector <32 x i16> %{name}w01{r // 2}, "
+                f"<32 x i16> %{name}w23{r // 2}, <32 x i32> {_unpack(r % 2, 8)}",
+                f"  %{name}e{r} = bitcast <32 x i16> %{name}d{r} to <16 x i32>"]
     return out + [
-        f"  %{name}q01 = shufflevector <64 x i8> %{name}p0, <64 x i8> %{name}p1, "
-        f"<128 x i32> {_interleave(64)}",
-        f"  %{name}q23 = shufflevector <64 x i8> %{name}p2, <64 x i8> %{name}p3, "
-        f"<128 x i32> {_interleave(64)}",
-        f"  %{name}h01 = bitcast <128 x i8> %{name}q01 to <64 x i16>",
-        f"  %{name}h23 = bitcast <128 x i8> %{name}q23 to <64 x i16>",
-        f"  %{name}d = shufflevector <64 x i16> %{name}h01, <64 x i16> %{name}h23, "
-        f"<128 x i32> {_interleave(64)}",
-        f"  %{name} = bitcast <128 x i16> %{name}d to <64 x i32>",
+        f"  %{name}e01 = shufflevector <16 x i32> %{name}e0, <16 x i32> %{name}e1, "
+        f"<32 x i32> {_vector('i32', range(32))}",
+        f"  %{name}e23 = shufflevector <16 x i32> %{name}e2, <16 x i32> %{name}e3, "
+        f"<32 x i32> {_vector('i32', range(32))}",
+        f"  %{name} = shufflevector <32 x i32> %{name}e01, <32 x i32> %{name}e23, "
+        f"<64 x i32> {_vector('i32', range(64))}",
     ]
 
 
