@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import tracemalloc
 from typing import Any
@@ -107,19 +109,104 @@ def test_signed_map_is_symmetric_and_unsigned_rounds_negatives_to_zero() -> None
 
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_compiled_code_equals_the_search_at_every_midpoint(signed: bool) -> None:
-    # the compiled code is monotone in the magnitude: equal to the search at each midpoint and
-    # at the float32 just above it, it is equal everywhere (the ends and NaN too)
+def _searched(x: np.ndarray, signed: bool) -> np.ndarray:
+    """The codes (as bytes) of float32 ``x`` by the search over the midpoints, a negative value
+    (its sign bit, NaN included) taking the negated code (signed) or 0 (unsigned), as the
+    compiled loop does."""
+    mids = quant.MID_S if signed else quant.MID_U
+    mag = np.searchsorted(mids, np.abs(x), side="left")
+    neg = np.signbit(x)
+    code = np.where(neg, -mag, mag) if signed else np.where(neg, 0, mag)
+    return code.astype(np.int64).astype(np.uint8)
+
+
+def _edges(signed: bool) -> np.ndarray:
+    """Float32 bits where a compiled code could go wrong first: each midpoint and those either
+    side; each binade's and each table entry's first (the piece, the look-up); 0, the
+    subnormals' ends, 1, past 1, infinity, NaNs; with both signs."""
     from uniopt.fast import q8
 
+    mids = (quant.MID_S if signed else quant.MID_U).view(np.uint32).astype(np.int64)
+    shift = q8.SHIFT_S if signed else q8.SHIFT_U
+    lo, table = q8.code_table(quant.MID_S if signed else quant.MID_U, shift)
+    entries = (np.arange(lo, lo + len(table)) << shift).astype(np.int64)
+    binades = np.arange(256, dtype=np.int64) << 23
+    x = np.concatenate([mids + d for d in (-2, -1, 0, 1, 2)]
+                       + [e + d for e in (entries, binades) for d in (-1, 0, 1)]
+                       + [np.array([0, 1, 0x7FFFFF, 0x800000, 0x3F7FFFFF, 0x3F800000,
+                                    0x3F800001, 0x7F7FFFFF, 0x7F800000, 0x7F800001,
+                                    0x7FC00000, 0x7FFFFFFF])])
+    x = x[(x >= 0) & (x <= 0x7FFFFFFF)]
+    return np.concatenate([x, x | 0x80000000]).astype(np.uint32)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_compiled_code_equals_the_search_at_every_midpoint(signed: bool) -> None:
+    # the compiled code is monotone in the magnitude within each table entry and each piece of
+    # the map: equal to the search at each midpoint and either side of it, and at the ends of
+    # every entry and binade, it is equal everywhere (the ends and NaN too; every float32 was
+    # checked once, both ways the loop finds codes)
+    from uniopt.fast import q8
+
+    x = _edges(signed).view(np.float32)
+    np.testing.assert_array_equal(q8.codes(x, np.float32(1), signed), _searched(x, signed))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_compiled_codes_of_random_blocks_with_ties_zeros_and_non_finite_values(
+        signed: bool) -> None:
+    # the loop's codes of x / scale: random magnitudes over the map's decades, values exactly
+    # on a midpoint times the scale (a power of two: the quotient is the midpoint, a tie), zeros,
+    # infinities and NaNs of either sign; random bit patterns; lengths not a multiple of 64
+    from uniopt.fast import q8
+
+    rng = np.random.default_rng(11)
     mids = quant.MID_S if signed else quant.MID_U
-    bits = mids.view(np.uint32)
-    x = np.concatenate([bits, bits + 1, bits - 1, np.array([0, 1, 0x3F800000, 0x3F800001,
-                                                            0x7F800000, 0x7FC00000])])
-    x = x.astype(np.uint32)
-    want = np.searchsorted(mids, x.view(np.float32), side="left")
-    np.testing.assert_array_equal(q8.magnitude_codes(x, signed), want)
+    for n in (1, 15, 63, 64, 65, 1000, 2047, 2048, 2049, 5000):
+        scale = np.float32(2.0 ** rng.integers(-20, 20))
+        x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 0, n)).astype(np.float32) * scale
+        ties = rng.random(n) < 0.2
+        x[ties] = rng.choice(mids, ties.sum()) * scale * rng.choice([-1, 1], ties.sum())
+        special = rng.random(n) < 0.05
+        x[special] = rng.choice(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan],
+                                         np.float32), special.sum())
+        if n > 2000:
+            x[:200] = rng.integers(0, 2 ** 32, 200, dtype=np.uint64).astype(np.uint32).view(
+                np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = _searched(x / scale, signed)
+        np.testing.assert_array_equal(q8.codes(x, scale, signed), want)
+        back = q8.values(want, scale, signed)
+        table = q8.VALUE_S if signed else q8.VALUE_U
+        np.testing.assert_array_equal(back, table[want] * scale)
+
+
+@pytest.mark.slow  # a process of its own: 15 s, most of it compiling
+def test_the_gathers_give_the_same_codes(tmp_path: Any) -> None:
+    # the other way the loop finds codes (a CPU without VBMI), in a process that takes it
+    from uniopt.fast import q8
+
+    if not q8.VBMI:
+        pytest.skip("the gathers are this CPU's way: the tests above ran them")
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = (f"import sys; sys.path.insert(0, {here!r}); import test_q8; "
+              "from uniopt.fast import q8; assert not q8.VBMI\n"
+              "for s in (True, False):\n"
+              "    test_q8.test_compiled_code_equals_the_search_at_every_midpoint(s)\n"
+              "    test_q8.test_compiled_codes_of_random_blocks_with_ties_zeros_and_non_finite_"
+              "values(s)\n")
+    env = {**os.environ, "UNIOPT_Q8_GATHER": "1", "UNIOPT_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, timeout=300, check=True)
+
+
+def test_the_look_up_tables_are_checked_when_built() -> None:
+    from uniopt.fast import q8
+
+    with pytest.raises(ValueError, match="two midpoints"):
+        q8.code_table(quant.MID_U, q8.SHIFT_U + 1)
+    with pytest.raises(ValueError, match="holds 2 cuts"):
+        q8.piece_tables(np.linspace(0.01, 0.99, 255).astype(np.float32), 8)
+
 
 # --- memory -------------------------------------------------------------------------------
 
