@@ -168,13 +168,17 @@ def example(name: str, steps: int | None = None) -> str:
         f">>> params = {{'x': np.zeros({shape})}}",
         ">>> start, _ = loss_and_grad(params)",
         f">>> state = uo.setup(uo.{name}({args}), params)",
+        *([">>> def hvp(v):  # Hessian-vector products: the quadratic's Hessian is diag(d)",
+           "...     return {'x': (d * v['x'].ravel()).reshape(v['x'].shape)}"]
+          if "hvp" in e.step_args else []),
         f">>> for _ in range({e.budget if steps is None else steps}):",
     ]
     if e.needs_closure:
         lines.append("...     state, params, loss = uo.minimize_step(state, params, loss_and_grad)")
     else:
         lines.append("...     loss, grads = loss_and_grad(params)")
-        given = {"value": "value=loss", "grad": "grad=grads", "value_fn": "value_fn=loss_and_grad"}
+        given = {"value": "value=loss", "grad": "grad=grads", "value_fn": "value_fn=loss_and_grad",
+                 "hvp": "hvp=hvp"}
         extra = "".join(f", {given[k]}" for k in e.step_args)
         lines.append(f"...     state, params = uo.update(state, params, grads{extra})")
     if steps is None:
