@@ -403,3 +403,67 @@ def test_tensor_parallel_clip(tmp_path: Path) -> None:
                 assert v == [], (key, v)
             elif key != "norm":
                 assert v <= _ROUNDING, (key, v)
+
+
+# --- what shards cannot do: refused, with nothing written -----------------------------------
+
+
+def _errors(rank: int, world: int) -> dict[str, str]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = init_device_mesh("cpu", (world,))
+    out: dict[str, str] = {}
+    m = _fsdp(_model("mlp"), mesh)
+    m(_batch("mlp", 0)).pow(2).mean().backward()
+    before = _full(m)
+    params = dict(m.named_parameters())
+    grads = {k: p.grad for k, p in params.items()}
+
+    def closure() -> Any:
+        return m(_batch("mlp", 0)).pow(2).mean()
+
+    attempts: dict[str, Callable[[], Any]] = {
+        "lbfgs": lambda: uniopt.torch.LBFGS(m.parameters()).step(closure),
+        "partition": lambda: uniopt.torch.Optimizer(
+            m.parameters(), uo.partition({"a": uo.sgd(lr=0.1)}, lambda path, x: "a")).step(),
+        "functional partition": lambda: uo.update_(
+            uo.setup(uo.partition({"a": uo.sgd(lr=0.1)}, lambda path, x: "a"), params),
+            params, grads),
+        "q8": lambda: uniopt.torch.AdamW(m.parameters(), state_dtype="q8").step(),
+        "differentiable": lambda: uniopt.torch.AdamW(m.parameters(),
+                                                     differentiable=True).step(),
+        "plain grad": lambda: uo.update_(uo.setup(uo.adam(), params), params,
+                                         {k: g.full_tensor() for k, g in grads.items()}),
+        "partial": lambda: uo.update_(
+            uo.setup(uo.adam(), [DTensor.from_local(torch.ones(2), mesh, [Partial()])]),
+            [DTensor.from_local(torch.ones(2), mesh, [Partial()])],
+            [DTensor.from_local(torch.ones(2), mesh, [Partial()])]),
+    }
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            out[name] = "no error"
+        except (TypeError, ValueError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    out["unchanged"] = str(_diff(_full(m), before) == 0.0)
+    return out
+
+
+def test_refused_on_shards(tmp_path: Path) -> None:
+    """Whole-tree parts (L-BFGS, combinators), 8-bit state, differentiable steps, a plain
+    gradient for a DTensor parameter and a Partial parameter raise, naming the cause, and
+    leave every parameter as it was."""
+    r = launch(_errors, 2, tmp_path)[0]
+    assert r.pop("unchanged") == "True"
+    want = {
+        "lbfgs": "TypeError: uniopt: lbfgs has whole-tree parts",
+        "partition": "TypeError: uniopt: partition has whole-tree parts",
+        "functional partition": "TypeError: uniopt: partition has whole-tree parts",
+        "q8": "ValueError: uniopt.torch: state_dtype='q8'",
+        "differentiable": "ValueError: uniopt.torch: differentiable=True",
+        "plain grad": "TypeError: uniopt: a DTensor parameter of shape (16,) has a plain tensor",
+        "partial": "ValueError: uniopt: params leaf 0 is a DTensor with placements (Partial",
+    }
+    for name, start in want.items():
+        assert r[name].startswith(start), (name, r[name])

@@ -812,6 +812,7 @@ def _sharded(state: State, step: _Step, inplace: bool,
     if state.state_dtype == "q8":
         raise ValueError("setup: state_dtype='q8' keeps block scales of whole tensors; "
                          "these params are DTensors, sharded")
+    dtensor.check_rule(state.rule)
     loc = dtensor.localize(step.params, step.grads, state.slots)
     sub = State(state.rule, state.step, loc.slots, flat_list_def(len(loc.params)),
                 state.state_dtype, state.tree_states, state.counts)
@@ -954,6 +955,8 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
     leaves, treedef, names = _leaves(params)
     _check_state(state, treedef, names, leaves)
     state = _with_structure(state, treedef)
+    if dtensor.any_dtensor(leaves):
+        dtensor.check_rule(state.rule)
     part = next((p for p in state.rule.flat_parts if isinstance(p, Minimizer)), None)
     if part is None:
         loss, grads = _evaluation(closure(params))

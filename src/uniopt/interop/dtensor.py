@@ -315,6 +315,18 @@ def same_layout_locals(grads: list[Any], params: list[Any]) -> list[Any] | None:
     return out
 
 
+def check_rule(rule: Any) -> None:
+    """Raise where ``rule`` has a whole-tree part: it would see this rank's shards only."""
+    if rule.tree_layout:
+        raise TypeError(
+            f"uniopt: {rule.name} has whole-tree parts ({', '.join(rule.tree_layout)}), which "
+            "see every leaf at once (a combinator, a closure-driven minimizer such as L-BFGS, "
+            "an optax member, a rule that takes dot products over the tree); on DTensor "
+            "(sharded) parameters they would see this rank's shards only, and are not "
+            "supported there"
+        )
+
+
 def check_group(params: list[Any], q8: bool, tracked: bool) -> None:
     """Raise where a param group of DTensors asks for what their shards cannot do."""
     if q8:

@@ -452,6 +452,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     q8 = is_q8(group)
     sharded = dtensor.any_dtensor(ps)
     if sharded:
+        dtensor.check_rule(rule)
         dtensor.check_group(ps, q8, tracked)
     compiled = fast.cpu.AVAILABLE and all(isinstance(q, Elementwise) for q in rule.flat_parts)
     sel: list[int] = []
