@@ -217,6 +217,10 @@ def _classes(rank: int, world: int, kinds: list[str], names: list[str],
                     row["torch"] = _diff(ours, _full(tm))
                 except (RuntimeError, NotImplementedError) as e:  # torch's own, on DTensors
                     row["torch"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                if rank == 0:
+                    tp = copy.deepcopy(base)
+                    _train(tp, getattr(torch.optim, name)(_params(tp, name), **kw), kind, STEPS)
+                    row["torch unsharded"] = _diff(ours, _full(tp))
             out[f"{kind}/{name}"] = row
     for name, rule in _FUNCTIONAL.items():  # uo.update_ on the tree of FSDP2's DTensors
         m = _fsdp(_model("mlp"), mesh)
@@ -286,8 +290,17 @@ def _check_classes(results: list[dict[str, Any]]) -> None:
             assert r[key]["placements"] == [], (key, r[key]["placements"])
         assert row["unsharded"] <= (0.0 if name in _EXACT else _ROUNDING), (key, row)
         theirs = row.get("torch")
-        if isinstance(theirs, float):
-            assert theirs <= (_BF16 if name == "Muon" else _TORCH), (key, row)
+        if name == "Muon" and theirs is not None:
+            # torch's own Muon on FSDP2's DTensors multiplies the bfloat16 shards, summing
+            # partial products across the ranks: on the transformer it lands 2% from its own
+            # unsharded run, which uniopt's (on whole matrices, gathered) equals bit for bit
+            assert row["torch unsharded"] <= _BF16, (key, row)
+        elif isinstance(theirs, float):
+            # where the problem amplifies rounding, uniopt and torch part ways unsharded as
+            # well (attention's key bias: its gradient is rounding noise, about 1e-9, which
+            # Adagrad and Adam normalise to steps of the learning rate's size); what sharding
+            # must not change is how far they are apart
+            assert theirs <= max(_TORCH, row["torch unsharded"]), (key, row)
         elif theirs is not None:
             # torch 2.13's Rprop and Adafactor write DTensors in place where the sharding would
             # change (index_put_, pow_ of a norm's Partial): they raise; uniopt's run
@@ -306,7 +319,8 @@ def test_fsdp2_classes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fsdp2_transformer_and_torch(tmp_path: Path) -> None:
     """As :func:`test_fsdp2_classes` on a transformer block too, and each class against
-    torch.optim's own on the same FSDP2 model, where torch's runs on DTensors."""
+    torch.optim's own on the same FSDP2 model, where torch's runs on DTensors (measured: as
+    far apart as unsharded, to the last bit, for every elementwise class)."""
     _check_classes(launch(_classes, 2, tmp_path, ["mlp", "transformer"], list(CLASSES), True))
 
 
