@@ -40,6 +40,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # depend on the cache. Here small steps always keep the reference path (tests of the compiled
 # loop on small trees lift this with the ``small_steps_compiled`` fixture).
 cpu.COMPILE_AFTER = None
+# The same goes for the thread-pool form of each loop (compiled at the first step of
+# PARALLEL_MIN elements, costing as much again as the loop itself): here every compiled step
+# runs on one thread. The two forms run the same chunks in the same code; test_fused.py sends
+# steps to the pool and holds them to the one-thread run.
+cpu.PARALLEL_MIN = 1 << 62
 
 
 @pytest.fixture

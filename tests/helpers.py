@@ -57,12 +57,15 @@ def reference_path() -> Iterator[None]:
 def beside_reference(
     state: uo.State, params: Any, ref_state: uo.State, ref: Any, steps: int,
     grads: Callable[[int], Any], ref_grads: Callable[[Any], Any] = lambda g: g,
-    after_reference: Callable[[uo.State, Any], None] = lambda s, r: None,
+    after_reference: Callable[[uo.State, Any], None] = lambda s, r: None, pure: bool = True,
 ) -> tuple[uo.State, Any, uo.State]:
     """``steps`` steps on the compiled loop, pure and in place in turn (each one asserted to be
     the loop's, none declined with a warning), and beside each the same step in place on the
     reference path on ``ref`` (with ``ref_grads`` of the gradients, then ``after_reference``).
-    Returns the compiled run's state and params, and the reference run's state."""
+    Returns the compiled run's state and params, and the reference run's state.
+
+    ``pure=False``: every step in place (the pure loop is another loop to compile, and its text
+    differs from the in-place one's only in where it writes, alike for every rule)."""
     import warnings
 
     from uniopt.fast import FastPathUnavailable
@@ -71,7 +74,7 @@ def beside_reference(
         warnings.simplefilter("error", FastPathUnavailable)
         for k in range(steps):
             g = grads(k)
-            if k % 2:
+            if k % 2 or not pure:
                 state = uo.update_(state, params, g)
             else:
                 state, params = uo.update(state, params, g)

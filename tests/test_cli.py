@@ -1,4 +1,5 @@
-"""The built-in problems and the ``uniopt compare`` command."""
+"""The built-in problems and the ``uniopt`` command: compare, schedule, bench, rules, translate,
+conventions, and the plots (matplotlib) and progress bar (rich) of the optional extras."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 import uniopt as uo
 from uniopt.tools.cli import DEFAULT_LR, RULES, main
-from uniopt.tools.problems import PROBLEMS, Logistic, Quadratic, Rosenbrock
+from uniopt.tools.problems import DEFAULT_PROBLEMS, PROBLEMS, Logistic, Quadratic, Rosenbrock
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -155,9 +156,11 @@ def test_compare_prints_a_row_per_rule_and_problem(capsys):
     assert "final loss" in out and "steps to 1e-06" in out
 
 
-def test_compare_defaults_cover_every_rule_and_problem(capsys):
+def test_compare_defaults_cover_every_preset_and_default_problem(capsys):
     assert main(["compare", "--steps", "20"]) == 0
-    assert _table_pairs(capsys.readouterr().out) == {(p, r) for p in PROBLEMS for r in RULES}
+    assert _table_pairs(capsys.readouterr().out) == {
+        (p, r) for p in DEFAULT_PROBLEMS for r in RULES
+    }
     assert set(DEFAULT_LR) == set(PROBLEMS)
     assert all(set(row) == set(RULES) for row in DEFAULT_LR.values())
 
@@ -237,7 +240,7 @@ def test_lr_override_and_divergence_are_reported(capsys):
 @pytest.mark.parametrize(
     ("flag", "value", "bad"),
     [
-        ("--rules", "adam,adamax", "adamax"),
+        ("--rules", "adam,adamz", "adamz"),
         ("--problems", "quadratic,himmelblau", "himmelblau"),
         ("--steps", "0", "0"),
         ("--tol", "-1", "-1"),
@@ -251,10 +254,11 @@ def test_bad_arguments_are_usage_errors(capsys, flag, value, bad):
     assert f"argument {flag}" in captured.err and repr(bad) in captured.err
 
 
-def test_unknown_rule_lists_the_choices(capsys):
+def test_unknown_rule_suggests_the_closest_name(capsys):
     assert main(["compare", "--rules", "sgdd"]) == 2
     err = capsys.readouterr().err
-    assert "unknown rule 'sgdd'" in err and all(r in err for r in RULES)
+    assert "unknown rule 'sgdd'; did you mean 'sgd'" in err and "uniopt rules" in err
+    assert "Traceback" not in err
 
 
 def test_no_subcommand_is_a_usage_error(capsys):
@@ -275,7 +279,7 @@ def test_python_dash_m_runs_the_command():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert _table_pairs(proc.stdout) == {(p, r) for p in PROBLEMS for r in RULES}
+    assert _table_pairs(proc.stdout) == {(p, r) for p in DEFAULT_PROBLEMS for r in RULES}
     bad = subprocess.run(
         [sys.executable, "-m", "uniopt", "compare", "--rules", "nope"],
         capture_output=True,
@@ -413,3 +417,492 @@ def test_bench_takes_every_elementwise_rule_and_skips_the_others():
 def test_bench_rejects_an_unknown_rule(capsys):
     assert main(["bench", "--rules", "adam,nosuchrule"]) == 2
     assert "unknown rule 'nosuchrule'" in capsys.readouterr().err
+
+
+# --- new problems: Beale, the MLP on two moons, a problem of your own ---------------------------
+
+
+def test_beale_minimum_and_start():
+    from uniopt.tools.problems import Beale
+
+    p = Beale()
+    assert p.loss(p.argmin) == 0.0 and np.all(p.grad(p.argmin)[0] == 0.0)
+    # (1.5 - 1 + 1)^2 + (2.25 - 1 + 1)^2 + (2.625 - 1 + 1)^2 at the start (1, 1)
+    assert p.loss(p.init(5)) == pytest.approx(1.5**2 + 2.25**2 + 2.625**2, rel=1e-15)
+
+
+def test_two_moons_and_the_mlp_are_deterministic():
+    from uniopt.tools.problems import MLP, two_moons
+
+    x, y = two_moons(200, 0.1, 0)
+    assert x.shape == (200, 2) and sorted(set(y)) == [-1.0, 1.0] and y.sum() == 0
+    np.testing.assert_array_equal(x, two_moons(200, 0.1, 0)[0])
+    assert not np.array_equal(x, two_moons(200, 0.1, 1)[0])
+    p = MLP()
+    a, b = p.init(3), p.init(3)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and p.optimum is None
+    assert p.loss(a) == pytest.approx(math.log(2), rel=0.3)  # small outputs at the start
+    with pytest.raises(ValueError, match="hidden"):
+        MLP(hidden=0)
+
+
+def test_compare_mlp_reports_no_gap(capsys):
+    (r,) = _compare_json(capsys, "--steps", "30", "--rules", "adam", "--problems", "mlp")[
+        "results"
+    ]
+    assert r["optimum"] is None and r["gap"] is None and r["steps_to_tol"] is None
+    assert r["final_loss"] < r["initial_loss"]
+    assert main(["compare", "--steps", "5", "--rules", "adam", "--problems", "mlp"]) == 0
+    assert "minimum unknown" in capsys.readouterr().out
+
+
+_USER_MODULE = '''
+import numpy as np
+
+def bowl(x):
+    """A bowl centred on (1, -2)."""
+    d = x - np.array([1.0, -2.0])
+    return float(d @ d) + 3.0, 2.0 * d
+
+bowl.x0 = [0.0, 0.0]
+bowl.optimum = 3.0
+
+def nostart(x):
+    return float(x @ x), 2.0 * x
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    name = f"uniopt_user_problem_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)  # the command looks in the current directory first
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_compare_runs_a_problem_of_your_own(capsys, user_module):
+    doc = _compare_json(capsys, "--steps", "200", "--rules", "adam:lr=0.1,sgd:lr=0.1",
+                        "--problems", f"{user_module}:bowl")
+    assert [r["rule"] for r in doc["results"]] == ["adam:lr=0.1", "sgd:lr=0.1"]
+    for r in doc["results"]:
+        assert r["problem"] == f"{user_module}:bowl" and r["optimum"] == 3.0
+        assert r["initial_loss"] == 8.0 and 0 <= r["gap"] < 1e-6
+    assert main(["compare", "--steps", "5", "--problems", f"{user_module}:bowl"]) == 0
+    assert "A bowl centred on (1, -2).; minimum 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("spec", "said"), [
+    ("{m}:bowel", "did you mean 'bowl'"),
+    ("{m}:nostart", "nostart.x0 = [...]"),
+    ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+])
+def test_a_bad_problem_of_your_own_is_a_usage_error(capsys, user_module, spec, said):
+    assert main(["compare", "--problems", spec.format(m=user_module)]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "argument --problems" in err and "Traceback" not in err
+
+
+# --- rules with hyperparameters, registry rules, seeds ------------------------------------------
+
+
+def test_rules_take_hyperparameters(capsys):
+    doc = _compare_json(capsys, "--steps", "40", "--problems", "quadratic", "--rules",
+                        "adamw:lr=3e-4,weight_decay=0.1,sgd",
+                        "--rules", "adam:betas=(0.8,0.99),amsgrad=True")
+    rows = doc["results"]
+    assert [r["rule"] for r in rows] == [
+        "adamw:lr=3e-4,weight_decay=0.1", "sgd", "adam:betas=(0.8,0.99),amsgrad=True"]
+    assert rows[0]["hyperparameters"] == {"lr": 3e-4, "weight_decay": 0.1}
+    assert rows[2]["hyperparameters"] == {"betas": [0.8, 0.99], "amsgrad": True}
+    assert rows[0]["lr"] == 3e-4 and rows[1]["lr"] == DEFAULT_LR["quadratic"]["sgd"]
+    p = PROBLEMS["quadratic"]
+    for r, rule in zip(rows, [uo.adamw(lr=3e-4, weight_decay=0.1),
+                              uo.sgd(lr=DEFAULT_LR["quadratic"]["sgd"], momentum=0.9),
+                              uo.adam(lr=0.1, betas=(0.8, 0.99), amsgrad=True)], strict=True):
+        params = p.init(0)
+        state = uo.setup(rule, params)
+        for _ in range(40):
+            state, params = uo.update(state, params, p.grad(params))
+        assert r["final_loss"] == p.loss(params)  # bit for bit
+
+
+def test_a_schedule_as_a_hyperparameter(capsys):
+    (r,) = _compare_json(capsys, "--steps", "20", "--problems", "rosenbrock", "--rules",
+                         "adam:lr=warmup(5, cosine(0.1, 100))")["results"]
+    assert r["lr"] == "warmup(5, cosine(0.1, 100))"
+    assert r["hyperparameters"] == {"lr": "warmup(5, cosine(0.1, 100))"}
+
+
+def test_any_registry_rule_runs_closures_and_step_arguments_included(capsys):
+    doc = _compare_json(capsys, "--steps", "10", "--problems", "quadratic", "--rules",
+                        "lion,lbfgs,polyak_sgd")
+    assert [r["rule"] for r in doc["results"]] == ["lion", "lbfgs", "polyak_sgd"]
+    for r in doc["results"]:
+        assert r["diverged"] is False and r["final_loss"] < r["initial_loss"], r["rule"]
+    assert doc["results"][0]["lr"] == "cosine(0.03, 1000)"  # lion's registry example
+
+
+def test_a_rule_that_cannot_take_the_problem_says_so_before_running(capsys):
+    assert main(["compare", "--rules", "adam,muon", "--problems", "rosenbrock"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("uniopt compare: muon cannot run on rosenbrock: ")
+    assert "not a matrix" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize(("rules", "said"), [
+    ("adamw:weight_decy=0.1", "unknown hyperparameter of adamw 'weight_decy'; did you mean "
+                              "'weight_decay'"),
+    ("lr=0.1,adam", "comes before any rule"),
+    ("adam:lr", "expected KEY=VALUE"),
+    ("adam:lr=1,lr=2", "lr given twice"),
+    ("adam:lr=cosin(1,2)", "unknown schedule 'cosin'; did you mean 'cosine'"),
+    ("adam:lr=__import__('os')", "unknown schedule '__import__'"),
+])
+def test_bad_rule_specs_are_usage_errors(capsys, rules, said):
+    assert main(["compare", "--rules", rules]) == 2
+    captured = capsys.readouterr()
+    assert said in captured.err and "argument --rules" in captured.err
+    assert captured.out == "" and "Traceback" not in captured.err
+
+
+def test_a_bad_hyperparameter_value_is_an_error_naming_it(capsys):
+    assert main(["compare", "--rules", "adamw:lr=-1", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uniopt compare: adamw:lr=-1: ") and "lr" in err and "-1" in err
+
+
+def test_seeds_give_a_row_each(capsys):
+    doc = _compare_json(capsys, "--steps", "5", "--rules", "adam", "--problems", "quadratic",
+                        "--seeds", "0-2")
+    assert doc["settings"]["seeds"] == [0, 1, 2]
+    assert [r["seed"] for r in doc["results"]] == [0, 1, 2]
+    assert len({r["initial_loss"] for r in doc["results"]}) == 3
+    assert main(["compare", "--steps", "5", "--rules", "adam", "--problems", "quadratic",
+                 "--seed", "4,7"]) == 0
+    out = capsys.readouterr().out
+    assert "from seeds 4,7" in out and " seed " in out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("quadratic ")]
+    assert [row[2] for row in rows] == ["4", "7"]
+    assert main(["compare", "--seeds", "a-b"]) == 2
+    assert "seeds are integers" in capsys.readouterr().err
+
+
+def test_problems_all(capsys):
+    doc = _compare_json(capsys, "--steps", "2", "--rules", "sgd", "--problems", "all")
+    assert [r["problem"] for r in doc["results"]] == list(PROBLEMS)
+
+
+# --- the progress bar ---------------------------------------------------------------------------
+
+
+def test_progress_bar_shows_after_its_delay_and_only_with_rich(monkeypatch):
+    import io
+
+    Console = pytest.importorskip("rich.console").Console
+
+    from uniopt.tools.cli import Progress
+
+    out = io.StringIO()
+    bar = Progress(100, enabled=True, delay=0.0,
+                   console=Console(file=out, force_terminal=True, width=80))
+    bar.describe("quadratic adam")
+    bar.advance(50)
+    assert bar.bar is not None
+    bar.advance(50)
+    bar.close()
+    assert "quadratic adam" in out.getvalue() and bar.bar is None
+    quick = Progress(100, enabled=True, delay=60.0, console=Console(file=io.StringIO()))
+    quick.advance(100)
+    assert quick.bar is None  # under a second: no bar
+    monkeypatch.setitem(sys.modules, "rich.progress", None)  # rich not installed
+    plain = Progress(100, enabled=True, delay=0.0)
+    plain.advance(100)
+    plain.close()
+    assert plain.bar is None
+
+
+def test_compare_shows_the_bar_on_a_terminal(capsys, monkeypatch):
+    pytest.importorskip("rich")
+    from uniopt.tools import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["compare", "--steps", "200", "--rules", "adam", "--problems", "quadratic"]) == 0
+    captured = capsys.readouterr()
+    assert "quadratic adam" in captured.err and "quadratic adam" not in captured.out
+    assert main(["compare", "--steps", "200", "--rules", "adam", "--problems", "quadratic",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_compare_ticks_every_update(monkeypatch):
+    from uniopt.tools import cli
+
+    seen = []
+
+    class Count(cli.Progress):
+        def advance(self, n):
+            seen.append(n)
+
+    cli.compare(["adam", "sgd"], ["quadratic"], 250, [0, 1], 1e-6,
+                progress=Count(0, enabled=False))
+    assert sum(seen) == 2 * 2 * 250
+
+
+# --- plots (matplotlib) -------------------------------------------------------------------------
+
+
+def _png_pixels(path, size):
+    from matplotlib import image
+
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = image.imread(str(path))
+    assert img.shape[:2] == (size[1], size[0])
+    assert img[..., :3].std() > 0.05  # not blank
+    return img
+
+
+def _gid_lines(ax, gid):
+    return [ln for ln in ax.get_lines() if ln.get_gid() == gid]
+
+
+def test_compare_plot_draws_every_curve_and_2d_path(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from uniopt.tools import cli, plots
+
+    rules = ["adam", "sgd:lr=2e-3"]
+    results = cli.compare([uo.tools.parse.rules([r])[0] for r in rules],
+                          ["rosenbrock", "quadratic"], 60, [0, 1], 1e-6, track=True)
+    fig = plots.compare_figure(results, PROBLEMS)
+    loss_r, path_r, loss_q = fig.axes
+    for ax in (loss_r, loss_q):
+        curves = _gid_lines(ax, "curve")
+        assert len(curves) == 4 and all(len(c.get_xdata()) == 61 for c in curves)
+        assert ax.get_yscale() == "log"
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["adam", "sgd:lr=2e-3"]
+    paths = _gid_lines(path_r, "path")
+    assert len(paths) == 4 and len(path_r.collections) > 0  # over the contours
+    x, y = paths[0].get_data()
+    assert (x[0], y[0]) == (-1.2, 1.0) and len(x) == 61
+    png = tmp_path / "cmp.png"
+    assert main(["compare", "--steps", "60", "--rules", ",".join(rules), "--problems",
+                 "rosenbrock,quadratic", "--seeds", "0,1", "--plot", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().err
+    w, h = fig.get_size_inches() * 100
+    _png_pixels(png, (round(w), round(h)))
+
+
+def test_a_1d_problem_has_no_path_panel_and_a_diverged_curve_stops():
+    pytest.importorskip("matplotlib")
+    from uniopt.tools import cli, plots
+
+    # heavy ball at lr * lambda_max = 5: the loss grows ~8x a step, to inf within 400
+    results = cli.compare(["sgd"], ["quadratic"], 400, [0], 1e-6, lr=5e-3, track=True)
+    assert results[0].diverged_at is not None
+    fig = plots.compare_figure(results, PROBLEMS)
+    (ax,) = fig.axes
+    (curve,) = _gid_lines(ax, "curve")
+    assert len(curve.get_xdata()) == results[0].diverged_at + 1
+    y = curve.get_ydata()
+    k = int(np.argmax(np.isnan(y))) - 1  # drawn up to a thousand times the start, then cut
+    assert k > 0 and np.all(np.isnan(y[k + 1:])) and y[k] <= 1e3 * y[0] + 1
+    (cross,) = _gid_lines(ax, "diverged")
+    assert list(cross.get_xdata()) == [k]
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    png = tmp_path / "x.png"
+    for argv in (["compare", "--plot", str(png)], ["schedule", "cosine(1, 10)", "--plot",
+                                                   str(png)],
+                 ["bench", "--sizes", "1x10", "--plot", str(png)]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert "pip install 'uniopt[plot]'" in captured.err and "Traceback" not in captured.err
+        assert captured.out == "" and not png.exists()
+
+
+def test_plot_to_an_unwritable_path_is_a_usage_error(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["schedule", "cosine(1, 10)", "--plot", str(tmp_path / "no" / "x.png")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+# --- uniopt schedule ----------------------------------------------------------------------------
+
+
+def test_schedule_prints_values_at_the_even_steps_and_the_knots(capsys):
+    s = uo.schedules.warmup(1000, uo.schedules.cosine(3e-4, 100_000))
+    assert main(["schedule", "warmup(1000, cosine(3e-4, 100_000))"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == repr(s)
+    rows = [ln.split() for ln in lines[2:]]
+    steps = [int(k.replace(",", "")) for k, _ in rows]
+    assert steps == [0, 1000, *range(10_100, 101_001, 10_100)]
+    assert [float(v) for _, v in rows] == pytest.approx([s(k) for k in steps], rel=1e-5)
+
+
+def test_schedule_json_steps_and_until(capsys):
+    assert main(["schedule", "uo.wsd(peak=1e-3, warmup=10, stable=80, decay=10)", "--json",
+                 "--steps", "0,5,10,95,100,200"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    s = uo.schedules.wsd(peak=1e-3, warmup=10, stable=80, decay=10)
+    assert doc["schedule"] == repr(s) and doc["until"] == 100
+    assert [(v["step"], v["value"]) for v in doc["values"]] == [
+        (k, s(k)) for k in (0, 5, 10, 95, 100, 200)]
+    assert main(["schedule", "0.1", "--json", "--until", "50"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schedule"] == "constant(value=0.1)" and doc["values"][-1]["step"] == 50
+
+
+def test_schedule_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from uniopt.tools import plots
+
+    png = tmp_path / "lr.png"
+    assert main(["schedule", "sgdr(0.1, 100, mult=2)", "--plot", str(png), "--log"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("sgdr(")
+    fig = plots.schedule_figure(np.arange(11), [1.0] * 5 + [0.5] * 6, [0, 10], [1.0, 0.5], "t")
+    (curve,) = _gid_lines(fig.axes[0], "curve")
+    assert list(curve.get_ydata()) == [1.0] * 5 + [0.5] * 6
+    _png_pixels(png, (750, 400))
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("cosin(3e-4, 100)", "unknown schedule 'cosin'; did you mean 'cosine'"),
+    ("cosine(3e-4, 100, flor=0.1)", "unknown argument of cosine 'flor'; did you mean 'floor'"),
+    ("cosine(3e-4)", "cosine(init, steps, floor, exponent)"),
+    ("cosine(3e-4, 1e5)", "cosine: steps must be"),
+    ("__import__('os').system('true')", "is not a schedule"),
+    ("os.system('true')", "is not a schedule"),
+    ("cosine(3e-4, 2**20)", "is not a number"),
+    ("cosine(x, 100)", "unknown name 'x'"),
+    ("cosine(3e-4, *a)", "no * arguments"),
+    ("'abc'", "is not a schedule"),
+    ("cosine(3e-4,", "is not an expression"),
+])
+def test_bad_schedule_expressions_are_usage_errors(capsys, text, said):
+    assert main(["schedule", text]) == 2
+    captured = capsys.readouterr()
+    assert said in captured.err and captured.out == "" and "Traceback" not in captured.err
+
+
+def test_schedule_bad_steps(capsys):
+    assert main(["schedule", "cosine(1, 10)", "--steps", "1,x"]) == 2
+    assert "steps are integers" in capsys.readouterr().err
+    assert main(["schedule", "cosine(1, 10)", "--steps", "-1"]) == 2
+
+
+def test_horizon_covers_each_schedule():
+    from uniopt import schedules as S
+    from uniopt.tools.cli import horizon
+
+    assert horizon(S.warmup(100, S.cosine(1.0, 900))) == (1000, [100, 1000])
+    assert horizon(S.join([S.linear(0.0, 1.0, 10), S.cosine(1.0, 90)], [10])) == (100, [10, 100])
+    assert horizon(S.wsd(1.0, 10, 80, 10)) == (100, [10, 90, 100])
+    assert horizon(S.sgdr(1.0, 10, mult=2)) == (70, [10, 30, 70])
+    assert horizon(S.cyclic(0.1, 1.0, 5)) == (20, [5, 10, 15, 20])
+    assert horizon(S.onecycle(1.0, 100))[0] == 99
+    assert horizon(S.exponential(1.0, 0.5, 10))[0] == 66  # down to 1%
+    assert horizon(S.constant(1.0)) == (0, [])
+    assert horizon(S.inverse_sqrt(1.0, 10.0))[0] == 1000
+    assert horizon(S.product(S.cosine(1.0, 50), 2.0))[0] == 50
+    assert horizon(S.bias_correction(0.9))[0] == 50
+    assert horizon(lambda k: 1.0) == (1000, [])
+
+
+def test_parse_helpers():
+    from uniopt.tools import parse
+
+    assert parse.split_top("a:b=(1,2),c=[3,4],d='x,y',e") == ["a:b=(1,2)", "c=[3,4]", "d='x,y'",
+                                                              "e"]
+    assert parse.value("-1e-3") == -1e-3 and parse.value("None") is None
+    assert parse.value("1-sqrt") == "1-sqrt" and parse.value("{10: 0.1}") == {10: 0.1}
+    assert parse.value("uniopt.schedules.constant(2)") == uo.schedules.constant(2)
+    assert parse.short(uo.schedules.cosine(0.1, 10, floor=0.01)) == "cosine(0.1, 10, floor=0.01)"
+    assert parse.short(uo.schedules.join([0.1, uo.schedules.constant(1.0)], [5])) == \
+        "join((constant(0.1), constant(1.0)), (5,))"
+    assert parse.short(parse.schedule("product(cosine(1, 10), 0.5)")) == \
+        "product(cosine(1, 10), 0.5)"
+
+
+# --- uniopt bench: --sizes, --plot --------------------------------------------------------------
+
+
+def test_bench_sizes_run_only_the_sizes_asked_for(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from uniopt.fast import cpu
+    from uniopt.tools import bench
+
+    monkeypatch.setattr(bench, "bandwidth", lambda *a, **k: 1e10)  # the 268 MB pass: not here
+    monkeypatch.setattr(bench, "_QUIET_S", 0.0)
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", cpu.COMPILE_AFTER)  # bench.run sets it to 0
+    png = tmp_path / "bench.png"
+    # the NumPy baselines: no kernel to compile, so this stays quick
+    impls = "numpy per tensor,numpy flat"
+    assert main(["bench", "--sizes", "3x100,2x50", "--implementations", impls,
+                 "--repeats", "1", "--json", "--plot", str(png)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(r["workload"], r["implementation"]) for r in doc["rows"]] == [
+        (w, i) for w in ("3x100", "2x50") for i in impls.split(",")]
+    _png_pixels(png, (800, 240))
+    assert main(["bench", "--sizes", "3x100", "--workloads", "S1", "--implementations",
+                 "numpy flat", "--repeats", "1", "--json"]) == 0
+    assert [r["workload"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["S1", "3x100"]
+    assert main(["bench", "--sizes", "3y100"]) == 2
+    assert "COUNTxSIZE" in capsys.readouterr().err
+
+
+def test_bench_figure_has_a_bar_per_row():
+    pytest.importorskip("matplotlib")
+    from uniopt.tools import bench, plots
+
+    rows = [bench.Row(w, "adam", impl, ms, 1.0, 0.0)
+            for w, ms0 in (("S1", 3.0), ("W1", 1.2))
+            for impl, ms in (("uniopt", ms0), ("torch fused", 2 * ms0))]
+    fig = plots.bench_figure(2e10, rows)
+    (ax,) = fig.axes
+    widths = sorted(p.get_width() for p in ax.patches)
+    assert widths == sorted(r.ratio for r in rows)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["S1 adam", "W1 adam"]
+
+
+# --- packaging: --version, help everywhere, py.typed, extras ------------------------------------
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"uniopt {uo.__version__}"
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from uniopt.tools.cli import build_parser
+
+    def walk(parser, where):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{where} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield where, action
+
+    missing = [(w, a.dest) for w, a in walk(build_parser(), "uniopt") if not a.help]
+    assert missing == []
+
+
+def test_py_typed_and_the_extras():
+    import tomllib
+
+    root = SRC.parent
+    assert (SRC / "uniopt" / "py.typed").exists()
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    assert extras["plot"] == ["matplotlib>=3.7"] and extras["cli"] == ["rich>=13"]
+    assert {"matplotlib>=3.7", "rich>=13"} <= set(extras["test"])
+    assert not any(d.startswith(("matplotlib", "rich")) for d in project["project"]["dependencies"])
+    # hatchling puts every file under the package folder in the wheel, py.typed included
+    assert project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == ["src/uniopt"]

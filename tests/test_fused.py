@@ -66,6 +66,11 @@ def _params(rng: np.random.Generator, dtype: type) -> dict[str, np.ndarray]:
 # float64 for the rules whose arithmetic branches or schedules (the generated loop is the same
 # text for every dtype; a loop costs seconds to compile on a cold cache)
 FLOAT64 = ("rmsprop-tiny-momentum", "adagrad-eps-in-sqrt", "scheduled", "rprop")
+# the pure loop (new arrays out) for every count of slots, and for each kind of finish (the
+# part that writes p: scale_by_lr's, the decay's, NAdam's with its slots, ASGD's averaging);
+# the other rules in place only (see helpers.beside_reference)
+PURE = ("sgd", "sgd-momentum-dampening-wd", "adam", "amsgrad-l2", "chain-clip-wd-adam",
+        "nadam-decoupled", "asgd-averaging", "lookahead-polyak-ema", "scheduled")
 
 
 @pytest.mark.slow  # compiles a loop per rule, dtype and mode on a cold cache
@@ -78,7 +83,8 @@ def test_fast_path_is_bitwise_the_reference(name: str, dtype: type) -> None:
     ref = {k: v.copy() for k, v in fast.items()}
     s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
     s_fast, fast, s_ref = beside_reference(s_fast, fast, s_ref, ref, 25,
-                                           lambda k: grads_like(rng, fast))
+                                           lambda k: grads_like(rng, fast),
+                                           pure=name in PURE and dtype == np.float32)
     assert all(type(x) is np.ndarray for x in uo.trainables(fast))
     assert_same(uo.trainables(fast), uo.trainables(ref))
     assert_same_state(s_fast, s_ref)
@@ -343,3 +349,52 @@ def test_16_bit_params_are_bitwise_the_reference(name: str, lib: str, state_dtyp
     for key in s_ref.slots:
         for a, b in zip(s_fast.slots[key], s_ref.slots[key], strict=True):
             np.testing.assert_array_equal(_raw(wide(a)), _raw(b))
+
+
+# --- the thread-pool form of each loop ---------------------------------------------------------
+
+# The suite runs every compiled step on one thread (conftest.py); these send a step to the
+# thread pool and hold it to the one-thread run: bit for bit where nothing is summed, to a few
+# ulps where a norm's squares are summed per thread (in another order)
+PARALLEL_CASES = {
+    "adamw": (RULES["adamw"], None, 0),
+    "lookahead-polyak-ema": (RULES["lookahead-polyak-ema"], None, 0),
+    "global-norm": (uo.chain(uo.clip_by_global_norm(0.5), uo.adam(lr=1e-2)), None, 8),
+    "leaf-norms": (uo.chain(uo.clip_by_norm(3.0), uo.scale_by_adam(), uo.clip_by_block_rms(0.9),
+                            uo.scale_by_lr(1e-2)), None, 8),
+    "adam-q8": (uo.adam(lr=1e-2), "q8", 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARALLEL_CASES))
+def test_the_thread_pool_loop_is_the_one_thread_loop(name: str) -> None:
+    rule, state_dtype, ulps = PARALLEL_CASES[name]
+    rng = np.random.default_rng(3)
+    one = _params(rng, np.float32)
+    pool = {k: v.copy() for k, v in one.items()}
+    s_one = uo.setup(rule, one, state_dtype=state_dtype)
+    s_pool = uo.setup(rule, pool, state_dtype=state_dtype)
+    for k in range(6):
+        grads = grads_like(rng, one)
+        with expect_compiled(1):
+            s_one = uo.update_(s_one, one, grads)
+        with pytest.MonkeyPatch.context() as mp, expect_compiled(1):
+            mp.setattr(fused, "PARALLEL_MIN", 0)
+            if k % 2:
+                s_pool = uo.update_(s_pool, pool, grads)
+            else:
+                s_pool, pool = uo.update(s_pool, pool, grads)
+    if ulps:
+        eps = np.finfo(np.float32).eps
+        for key in one:
+            assert rel_diff(pool[key], one[key]) <= ulps * eps
+    else:
+        assert_same(uo.trainables(pool), uo.trainables(one))
+        assert s_pool.step == s_one.step and s_pool.slots.keys() == s_one.slots.keys()
+        for key in s_one.slots:  # 8-bit slots as their codes and block scales
+            a, b = s_pool.slots[key], s_one.slots[key]
+            assert_same([y for x in a for y in _arrays(x)], [y for x in b for y in _arrays(x)])
+
+
+def _arrays(slot: Any) -> tuple[Any, ...]:
+    return (slot.codes, slot.absmax) if hasattr(slot, "codes") else (slot,)

@@ -28,7 +28,7 @@ LAYERS = [
     {"state", "quant", "transforms", "rules"},
     {"interop.jax", "interop.dtensor", "fast"},
     {"engine"},
-    {"interop.optax", "combine", "conventions", "registry"},
+    {"interop.optax", "combine", "conventions", "registry", "memory"},
     {"checkpoint"},
     {"torch", "tools", "__init__", "__main__"},
 ]

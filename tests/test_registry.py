@@ -103,6 +103,10 @@ class Problem:
     def grad(self, p: dict[str, Any]) -> dict[str, Any]:
         return {k: self.c[k] * (p[k] - self.t[k]) for k in p}
 
+    def hvp(self, p: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """The Hessian-vector product at ``p`` (``C v``), for a rule that reads ``hvp``."""
+        return lambda v: {k: self.c[k] * v[k] for k in v}
+
     def closure(self, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         loss = sum(aac.array_namespace(v).sum(0.5 * self.c[k] * abs(v - self.t[k]) ** 2)
                    for k, v in p.items())
@@ -116,7 +120,8 @@ def _drive(e: registry.Entry, state: uo.State, params: Any, problem: Any, steps:
         extra: dict[str, Any] = {}
         if e.step_args:  # what the rule reads of the objective, beside the gradient
             loss, g = problem.closure(params)
-            given = {"value": loss, "grad": g, "value_fn": problem.closure}
+            given = {"value": loss, "grad": g, "value_fn": problem.closure,
+                     "hvp": problem.hvp(params)}
             extra = {k: given[k] for k in e.step_args}
         if e.needs_closure and inplace:
             state, _ = uo.minimize_step_(state, params, problem.closure)
@@ -167,6 +172,9 @@ class Quadratic:
     def gradient(self, x: np.ndarray) -> np.ndarray:
         return (self.d * (x.ravel() - 1.0)).reshape(x.shape)
 
+    def hessian(self, x: np.ndarray) -> np.ndarray:
+        return np.diag(self.d)
+
 
 class Rosenbrock:
     start = np.array([-1.5, 2.0])
@@ -180,6 +188,10 @@ class Rosenbrock:
         a, b = x.ravel()
         return np.array([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)]).reshape(x.shape)
 
+    def hessian(self, x: np.ndarray) -> np.ndarray:
+        a, b = x.ravel()
+        return np.array([[2 - 400 * (b - 3 * a * a), -400 * a], [-400 * a, 200.0]])
+
 
 class _OneLeaf:
     """A problem on one leaf ``x`` as :func:`_drive` takes it."""
@@ -192,6 +204,10 @@ class _OneLeaf:
 
     def closure(self, p: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
         return self.f.loss(p["x"]), self.grad(p)
+
+    def hvp(self, p: dict[str, np.ndarray]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        h = self.f.hessian(p["x"])
+        return lambda v: {"x": (h @ v["x"].ravel()).reshape(v["x"].shape)}
 
 
 @by_rule
@@ -445,7 +461,8 @@ def test_the_optax_protocol_steps_as_update(name: str) -> None:
     state = rule.init(params)
     for _ in range(STEPS):
         loss, g = problem.closure(params)
-        given = {"value": loss, "grad": g, "value_fn": problem.closure}
+        given = {"value": loss, "grad": g, "value_fn": problem.closure,
+                 "hvp": problem.hvp(params)}
         updates, state = rule.update(g, state, params, **{k: given[k] for k in e.step_args})
         params = {k: params[k] + updates[k] for k in params}
     for k, v in params.items():

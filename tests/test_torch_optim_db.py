@@ -91,6 +91,11 @@ STEPS = 50
 # LBFGS's step runs up to max_iter (20) iterations, each evaluating the closure: a tenth as many
 # steps is still twice as many updates
 CLOSURE_STEPS = STEPS // 10
+# the product of configurations and schedulers (every configuration is run STEPS steps without
+# a scheduler, and the default one under each scheduler): enough steps for each scheduler to act
+# (StepLR's step_size and ReduceLROnPlateau's patience are 10 in torch's table), on each
+# configuration's arithmetic already held to STEPS steps
+PRODUCT_STEPS = 20
 RTOL64 = 1e-12
 EPS32 = float(np.finfo(np.float32).eps)
 F32_FACTOR, F32_FIRST = 2.0, 4
@@ -435,15 +440,15 @@ def schedulers(info: Any) -> list[tuple[str, list[Callable[[Any], Any]]]]:
 
 def run(
     info: Any, cls: type, kwargs: dict[str, Any], ctors: list[Any], dtype: Any,
-    metrics: list[float] | None = None,
+    metrics: list[float] | None = None, n: int | None = None,
 ) -> Run:
     """A fresh ``cls`` on the initial tensors in ``dtype``, with the schedulers of ``ctors``,
-    for :func:`steps` steps."""
+    for ``n`` steps (default :func:`steps`)."""
     problem = PROBLEMS[dtype.is_complex]
     params = new_params(problem, kept(info), dtype)
     opt = cls(params, **copy.deepcopy(kwargs))
     scheds = [f(opt) for f in ctors]
-    return drive(info, opt, params, problem, 0, steps(info), scheds, metrics)
+    return drive(info, opt, params, problem, 0, steps(info) if n is None else n, scheds, metrics)
 
 
 _TORCH_RUNS: dict[tuple[Any, ...], Run] = {}
@@ -460,28 +465,30 @@ def _number(v: Any) -> Any:
 
 
 def torch_run(
-    info: Any, kwargs: dict[str, Any], ctors: list[Any], dtype: Any, key: Any = None
+    info: Any, kwargs: dict[str, Any], ctors: list[Any], dtype: Any, key: Any = None,
+    n: int | None = None,
 ) -> Run:
     """torch's run, or a skip where torch's class itself rejects the configuration on CPU.
     A float64 run with a ``key`` is kept: it is both the float64 test's comparison and the
     float32 test's reference."""
-    if key is not None and (key, dtype) in _TORCH_RUNS:
-        return _TORCH_RUNS[key, dtype]
+    if key is not None and (key, dtype, n) in _TORCH_RUNS:
+        return _TORCH_RUNS[key, dtype, n]
     try:
-        out = run(info, info.optim_cls, kwargs, ctors, dtype)
+        out = run(info, info.optim_cls, kwargs, ctors, dtype, n=n)
     except (ValueError, RuntimeError, TypeError) as e:
         pytest.skip(f"torch's {info.name} rejects this on CPU: {type(e).__name__}: {e}")
     if key is not None and dtype in EXACT:
-        _TORCH_RUNS[key, dtype] = out
+        _TORCH_RUNS[key, dtype, n] = out
     return out
 
 
 def compare_runs(
-    info: Any, cls: type, kwargs: dict[str, Any], ctors: list[Any], dtype: Any, key: Any = None
+    info: Any, cls: type, kwargs: dict[str, Any], ctors: list[Any], dtype: Any, key: Any = None,
+    n: int | None = None,
 ) -> None:
     """uniopt's ``cls`` beside torch's class, params after every step and the state after the
-    run; float32 and complex64 against a float64 (complex128) run of torch's (``key``: see
-    :func:`torch_run`)."""
+    run (of ``n`` steps, default :func:`steps`); float32 and complex64 against a float64
+    (complex128) run of torch's (``key``: see :func:`torch_run`)."""
     # tensors as numbers only without a scheduler: a scheduler writes a tensor lr in place,
     # rounding its values to float32, which uniopt reads each step as torch's class does
     plain = {k: v if ctors else _number(v) for k, v in kwargs.items()
@@ -494,17 +501,17 @@ def compare_runs(
         # double in every mode, from the tensors' values, so its run is torch's with numbers
         # and without the flags, and torch's run as given is that up to float32 rounding of
         # those scalars
-        flagged = torch_run(info, kwargs, ctors, dtype)
+        flagged = torch_run(info, kwargs, ctors, dtype, n=n)
         key = None if key is None else (*key, "without")
-        theirs = torch_run(info, plain, ctors, dtype, key)
+        theirs = torch_run(info, plain, ctors, dtype, key, n)
         for f, t in zip(flagged.traj, theirs.traj, strict=True):
-            n = np.arange(1, len(f) + 1)
-            gap = scaled_error(np.stack(f), np.stack(t)) / ((n + F32_FIRST) * EPS32 * F32_FACTOR)
+            at = np.arange(1, len(f) + 1)
+            gap = scaled_error(np.stack(f), np.stack(t)) / ((at + F32_FIRST) * EPS32 * F32_FACTOR)
             assert gap.max() <= 1, f"torch's {info.name}{kwargs} strays from its plain run"
     else:
-        theirs = torch_run(info, kwargs, ctors, dtype, key)
-    ref = None if dtype in EXACT else torch_run(info, plain, ctors, REFERENCE[dtype], key)
-    ours = run(info, cls, kwargs, ctors, dtype, metrics=theirs.losses)
+        theirs = torch_run(info, kwargs, ctors, dtype, key, n)
+    ref = None if dtype in EXACT else torch_run(info, plain, ctors, REFERENCE[dtype], key, n)
+    ours = run(info, cls, kwargs, ctors, dtype, metrics=theirs.losses, n=n)
     state = ours.opt.state_dict()
     problems = []
     if changed:  # the flags and tensors as torch's run as given keeps them, the rest as its plain
@@ -531,7 +538,8 @@ FLOATS = {"float64": torch.float64, "float32": torch.float32}
 
 def _trajectory_cases() -> Iterator[Any]:
     """Every configuration without a scheduler and the first (torch's default) under each
-    scheduler; the rest of the product is ``slow`` (about 4 times as many runs)."""
+    scheduler, :func:`steps` steps; the rest of the product is ``slow`` (about 4 times as many
+    runs) and runs PRODUCT_STEPS."""
     for info in co.optim_db:
         for c, config in enumerate(configs(info)):
             for s, (sname, _) in enumerate(schedulers(info)):
@@ -566,8 +574,10 @@ def test_trajectory(name: str, config: int, scheduler: int, dtype: str) -> None:
     info = INFOS[name]
     cls = uniopt_class(info)
     skip_as_torch(info, "test_forloop_goes_right_direction", FLOATS[dtype])
+    product = bool(config and scheduler)  # see _trajectory_cases
     compare_runs(info, cls, configs(info)[config].kwargs, schedulers(info)[scheduler][1],
-                 FLOATS[dtype], key=(name, config, scheduler))
+                 FLOATS[dtype], key=(name, config, scheduler),
+                 n=min(steps(info), PRODUCT_STEPS) if product else None)
 
 
 # --- 2. state dicts both ways -----------------------------------------------------------------

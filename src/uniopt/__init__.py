@@ -9,7 +9,7 @@
 1
 """
 
-from . import checkpoint, conventions, registry, schedules
+from . import checkpoint, conventions, memory, registry, schedules
 from .base import Combinator, Elementwise, Minimizer, PerLeaf, Rule, Transform, WholeTree, chain
 from .checkpoint import CheckpointError, load, save
 from .combine import (
@@ -68,6 +68,7 @@ from .rules.adam_variants import (
 from .rules.adan import adan, proximal_weight_decay, scale_by_adan
 from .rules.asgd import asgd, scale_by_asgd
 from .rules.galore import GaLoreDimensionNumbers, galore, scale_by_galore
+from .rules.kron import kron, psgd_update_probability, scale_by_kron
 from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
 from .rules.madgrad import madgrad, scale_by_madgrad
 from .rules.matrix import (
@@ -131,6 +132,7 @@ from .rules.sharpness import sam, sam_step
 from .rules.sign import lion, scale_by_lion, scale_by_signum, sign_sgd, signum
 from .rules.sm3 import scale_by_sm3, sm3
 from .rules.sophia import scale_by_sophia, sophia, sophia_hessian
+from .rules.sophia_h import scale_by_hutchinson_sophia, sophia_h
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .rules.trust import fromage, lamb, lars, novograd, scale_by_fromage, scale_by_novograd
 from .state import State
@@ -249,6 +251,7 @@ __all__ = [
     "scale_by_shape_lr",
     "scale_by_trust_ratio",
     "schedules",
+    "memory",
     "setup",
     "sgd",
     "sum_momentum",
@@ -344,6 +347,13 @@ __all__ = [
     "GaLoreDimensionNumbers",
     "galore",
     "scale_by_galore",
+    # rules/sophia_h.py
+    "scale_by_hutchinson_sophia",
+    "sophia_h",
+    # rules/kron.py
+    "kron",
+    "psgd_update_probability",
+    "scale_by_kron",
 ]
 
 from .interop.jax import register_state as _register_state  # noqa: E402

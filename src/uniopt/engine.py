@@ -36,7 +36,7 @@ from .base import (
 )
 from .hyper import _traced
 from .interop import dtensor
-from .interop.jax import register_state
+from .interop.jax import register_state, replicated
 from .state import AnyParams, State
 from .tree import NAMESPACE, flatten, path_str, unflatten
 
@@ -117,7 +117,9 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     step: Any = 0
     if leaves and backend.is_jax(leaves[0]):
         xp = backend.namespace(leaves[0])
-        step = xp.asarray(0, dtype=xp.int32)
+        # sharded params (a mesh): the counter replicated on their mesh, as a jitted step
+        # returns it, so the second step does not compile again
+        step = replicated(xp.asarray(0, dtype=xp.int32), leaves[0])
     return State(rule, step, slots, treedef, state_dtype, trees)
 
 
@@ -668,8 +670,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     if not leaves:
         return None
     for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
-        out = strategy(lambda: resolve(state.rule, state.step), leaves, g_leaves, state.slots,
-                       inplace, state.rule.memo)
+        out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
+                       state.slots, inplace, state.rule.memo)
         if out is None:
             continue
         if isinstance(out, str):
@@ -680,10 +682,19 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                 )
             return out
         new_params, slots = out
-        new_state = State(state.rule, state.step + 1, state.slots if inplace else slots,
-                          state.treedef, state.state_dtype, state.tree_states)
+        step = state.step
+        # (inline: the small step's Python work is counted)
+        step = step + 1 if type(step) is int or not inplace else _counted_in_place(step)
+        new_state = State(state.rule, step, state.slots if inplace else slots, state.treedef,
+                          state.state_dtype, state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
+
+
+def _counted_in_place(step: Any) -> Any:
+    """The step count after ``step`` of an in-place step: a torch tensor (a counter kept on
+    the device, which a captured graph reads) counted in place."""
+    return step.add_(1) if backend.is_torch(step) else step + 1
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ other libraries (JAX) ``a*b + c`` as the library rounds it.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,22 @@ def _fma_ufunc() -> Any:
 _NUMPY = (np.ndarray, np.floating)
 
 
+class Batch:
+    """Many arrays computed as one operand (the lists of tensors of
+    :mod:`uniopt.fast.foreach`): the helpers below hand a batch to its own fused forms, so a
+    kernel runs unchanged on it and rounds as it does on each array."""
+
+    __slots__ = ()
+
+    def fma(self, a: Any, b: Any) -> Any:
+        """``self + a*b`` rounded as :func:`fma` rounds it."""
+        raise NotImplementedError
+
+    def lerp(self, end: Any, w: Any) -> Any:
+        """``self + w (end - self)`` rounded as :func:`lerp` rounds it."""
+        raise NotImplementedError
+
+
 def fma(a: Any, b: Any, c: Any) -> Any:
     """``a*b + c`` rounded once (``a`` a number or an array like ``b``), in the dtype of ``b``
     and ``c``: torch's ``add(c, b, alpha=a)`` and ``addcmul(c, a, b)``."""
@@ -56,6 +73,8 @@ def fma(a: Any, b: Any, c: Any) -> Any:
         if isinstance(a, torch.Tensor):
             return torch.addcmul(c, a, b)
         return torch.add(c, b, alpha=a)
+    if isinstance(c, Batch):
+        return c.fma(a, b)
     if isinstance(b, _NUMPY) and b.dtype.char in "fd":  # 0-d arrays compute to NumPy scalars
         dtype = np.result_type(b, c)
         return _fma_ufunc()(a if isinstance(a, _NUMPY) else np.asarray(a, dtype), b, c,
@@ -71,6 +90,8 @@ def lerp(a: Any, b: Any, w: Any) -> Any:
         import torch
 
         return torch.lerp(a, b, w)
+    if isinstance(a, Batch):
+        return a.lerp(b, w)
     if isinstance(a, _NUMPY) and a.dtype.char in "fd" and isinstance(w, (int, float,
                                                                          np.floating)):
         w = a.dtype.type(w)
@@ -102,6 +123,9 @@ def bias_correction(decay: Any, one_minus: Any, step: Any) -> Any:
     if isinstance(decay, float) and isinstance(step, int):
         return 1.0 - decay ** (step + 1)
     import array_api_compat as aac
+
+    if isinstance(one_minus, float):  # a step counted on a device (a captured torch step)
+        return -aac.array_namespace(step).expm1((step + 1) * math.log1p(-one_minus))
 
     xp = aac.array_namespace(*(x for x in (one_minus, step) if not isinstance(x, (int, float))))
     return -xp.expm1((step + 1) * xp.log1p(-one_minus))

@@ -6,17 +6,39 @@ the arrays are not its kind, or a reason where it declined and wrote nothing. Th
 them in order, and its reference path (each part's kernel on whole arrays, any library) runs
 what none takes: it is the ground truth every strategy is held to, bit for bit.
 
-Today: the compiled CPU loop (:mod:`uniopt.fast.cpu`, NumPy arrays and CPU tensors). A torch
-multi-tensor path for other devices plugs in here.
+Today: the multi-tensor path (:mod:`uniopt.fast.foreach`, torch tensors off the CPU: one
+``torch._foreach_*`` call per array operation of the rule's kernels, whatever the number of
+tensors), then the compiled CPU loop (:mod:`uniopt.fast.cpu`, NumPy arrays and CPU tensors).
+``resolve`` is ``functools.partial(engine.resolve, rule, step)``: a strategy reads the step
+from its ``args`` (a step counted on the device, by the multi-tensor path).
 """
 
 from __future__ import annotations
 
+import contextvars
+import sys
 import warnings
+from typing import Any
 
 from . import cpu, q8
 
-STRATEGIES = (cpu.step,)
+# whether torch tensors on the CPU take the multi-tensor path too (uniopt.fast.foreach.forced)
+FORCED: contextvars.ContextVar[bool] = contextvars.ContextVar("uniopt_foreach", default=False)
+
+
+def _foreach(resolve: Any, params: list[Any], *args: Any) -> Any:
+    """:func:`uniopt.fast.foreach.step`, imported (with torch) only for torch tensors, and
+    called only for those off the CPU or where :data:`FORCED`."""
+    torch = sys.modules.get("torch")
+    if (torch is None or not isinstance(params[0], torch.Tensor)
+            or (params[0].device.type == "cpu" and not FORCED.get())):
+        return None
+    from . import foreach
+
+    return foreach.step(resolve, params, *args)
+
+
+STRATEGIES = (_foreach, cpu.step)
 # for states kept in 8 bits (setup's state_dtype='q8')
 Q8_STRATEGIES = (q8.step,)
 

@@ -134,6 +134,30 @@ def _pack(values: list[Any]) -> Any:
     return jnp.stack([jnp.asarray(on_host(v), dtype=jnp.result_type(float)) for v in values])
 
 
+def mesh_of(x: Any) -> Any:
+    """The mesh a JAX array is laid out over when it spans more than one device (a
+    ``NamedSharding``'s), else None."""
+    if _traced(x) or not hasattr(x, "sharding"):
+        return None
+    mesh = getattr(x.sharding, "mesh", None)
+    return mesh if mesh is not None and len(x.sharding.device_set) > 1 else None
+
+
+def replicated(x: Any, like: Any) -> Any:
+    """``x`` replicated over the mesh ``like`` is sharded over (unchanged where ``like`` is on one
+    device). The state's step counter and its numbers are replicated so: a jitted step returns
+    them so, and an argument laid out as it comes back is a signature seen before, where one on
+    a single device (or a NumPy array) would compile the step a second time."""
+    mesh = mesh_of(like)
+    if mesh is None:
+        return x
+    import jax
+
+    # every axis named None, as the outputs of jit name a replicated array's
+    spec = jax.sharding.PartitionSpec(*([None] * np.ndim(x)))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+
 def _numbers(packed: Any, n: int) -> list[Any]:
     """The numbers in ``packed``: traced elements inside a trace, else device numbers."""
     if _traced(packed):
@@ -160,6 +184,14 @@ def _flatten_state(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         values, skeleton = flatten_rule(s.rule)
         hit = s.rule.memo["jax"] = (_pack(values), (skeleton, len(values)))
     packed, skeleton = hit
+    if isinstance(packed, np.ndarray) and mesh_of(s.step) is not None:
+        # a state set up for sharded params: its numbers replicated on their mesh, once per
+        # mesh (the record, and its host numbers, may serve states on other devices)
+        key = ("jax", mesh_of(s.step))
+        placed = s.rule.memo.get(key)
+        if placed is None:
+            placed = s.rule.memo[key] = replicated(packed, s.step)
+        packed = placed
     return (s.step, s.slots, s.tree_states, packed, s.counts), (skeleton, s.treedef,
                                                                  s.state_dtype)
 

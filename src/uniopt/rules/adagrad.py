@@ -67,10 +67,16 @@ class scale_by_rss(scale_by_adagrad):
 
 @dataclass(frozen=True)
 class adagrad(Rule):
-    """Adagrad (Duchi et al., 2011) as torch writes it.
+    r"""Adagrad (Duchi et al., 2011) as torch writes it.
 
     ``g <- g + weight_decay*p``; ``G <- G + g^2``; ``p <- p - lr/(1+(t-1)*lr_decay) *
-    g/(sqrt(G) + eps)``, ``G`` starting at ``initial_accumulator_value``; t counts from 1.
+    g/(sqrt(G) + eps)``, ``G`` starting at ``initial_accumulator_value``; t counts from 1:
+
+    $$
+    G_t = G_{t-1} + g_t^2, \qquad
+    p_t = p_{t-1} - \frac{\mathrm{lr}}{1 + (t - 1)\,\mathrm{lr\_decay}}\,
+    \frac{g_t}{\sqrt{G_t} + \epsilon}
+    $$
 
     Options (the ``convention`` sets them, and the defaults, for the fields not given):
 

@@ -211,11 +211,22 @@ def _direction(rule: Any) -> Elementwise:
 
 @dataclass(frozen=True)
 class adam(Rule):
-    """Adam (Kingma & Ba, 2015) as torch writes it.
+    r"""Adam (Kingma & Ba, 2015) as torch writes it.
 
     ``g <- g + weight_decay*p`` (L2: the decay passes through the moments; that is *not*
     AdamW); ``p <- p - lr * m_hat/(sqrt(v_hat) + eps)`` with the moments of
-    :class:`scale_by_adam` (``amsgrad``: :class:`scale_by_amsgrad`).
+    :class:`scale_by_adam` (``amsgrad``: :class:`scale_by_amsgrad`). At step ``t`` (from 1),
+    with ``(b1, b2) = betas`` and ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    \hat m_t &= \frac{m_t}{1 - \beta_1^t}, \qquad \hat v_t = \frac{v_t}{1 - \beta_2^t} \\
+    p_t &= p_{t-1} - \mathrm{lr}\, \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+    \end{aligned}
+    $$
 
     Options (``convention=`` sets them, and the defaults, as the framework it names has them;
     an option given by the caller is kept):
@@ -296,11 +307,21 @@ class adam(Rule):
 
 @dataclass(frozen=True)
 class adamw(Rule):
-    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
     ``couple_lr=True`` (default) is torch's AdamW: ``p <- p - lr*(A + weight_decay*p)``.
     ``couple_lr=False`` is Flux's original form, decay independent of the learning rate:
-    ``p <- p - lr*A - weight_decay*p``. ``A`` is Adam's direction (:class:`scale_by_adam`).
+    ``p <- p - lr*A - weight_decay*p``. ``A`` is Adam's direction (:class:`scale_by_adam`),
+    with ``lambda = weight_decay``:
+
+    $$
+    A_t = \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}, \qquad
+    p_t = \begin{cases}
+    p_{t-1} - \mathrm{lr}\,(A_t + \lambda\, p_{t-1}) & \texttt{couple_lr=True} \\
+    p_{t-1} - \mathrm{lr}\, A_t - \lambda\, p_{t-1} & \texttt{couple_lr=False}
+    \end{cases}
+    $$
+
     The paper's ``p <- p - eta_t*(alpha*A + lam*p)`` is ``couple_lr=False`` with
     ``lr = eta_t*alpha`` and ``weight_decay = eta_t*lam`` as two schedules (see the README).
     ``eps_root``, ``eps_hat``, ``amsgrad_max``, ``moments_init`` are :class:`adam`'s options.

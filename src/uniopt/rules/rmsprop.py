@@ -93,11 +93,23 @@ class scale_by_centered_rms_in_sqrt(scale_by_centered_rms):
 
 @dataclass(frozen=True)
 class rmsprop(Rule):
-    """RMSprop (Hinton, 2012) as torch writes it: eps outside the square root.
+    r"""RMSprop (Hinton, 2012) as torch writes it: eps outside the square root.
 
     ``g <- g + weight_decay*p``; ``v <- alpha*v + (1-alpha)*g^2``; ``d = g/(sqrt(v) + eps)``
     (centered: ``sqrt(v - gbar^2)``); with momentum ``b <- momentum*b + d``, ``d <- b``;
-    ``p <- p - lr*d``.
+    ``p <- p - lr*d``. With ``mu = momentum``, ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1}, \qquad
+    v_t = \alpha\, v_{t-1} + (1 - \alpha)\, g_t^2 \\
+    d_t &= \frac{g_t}{\sqrt{v_t} + \epsilon} \quad
+    \text{(centered: } \sqrt{v_t - \bar g_t^2}\text{, }
+    \bar g_t = \alpha\, \bar g_{t-1} + (1 - \alpha)\, g_t) \\
+    b_t &= \mu\, b_{t-1} + d_t, \qquad p_t = p_{t-1} - \mathrm{lr}\, b_t
+    \quad (\mu = 0\text{: } p_t = p_{t-1} - \mathrm{lr}\, d_t)
+    \end{aligned}
+    $$
 
     Options (the ``convention`` sets them, and the defaults, for the fields not given):
 

@@ -20,10 +20,21 @@ from ..transforms.scale import scale_by_lr
 
 @dataclass(frozen=True)
 class sgd(Rule):
-    """Stochastic gradient descent with torch's momentum, dampening and Nesterov.
+    r"""Stochastic gradient descent with torch's momentum, dampening and Nesterov.
 
     ``g <- g + weight_decay*p``; with momentum ``b <- momentum*b + (1-dampening)*g`` (``b = g``
     on the first update) and ``g <- b`` (Nesterov: ``g + momentum*b``); ``p <- p - lr*g``.
+    With ``mu = momentum``, ``tau = dampening``, ``lambda = weight_decay``:
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    b_t &= \mu\, b_{t-1} + (1 - \tau)\, g_t \quad (b_1 = g_1) \\
+    p_t &= p_{t-1} - \mathrm{lr} \cdot
+    \begin{cases} g_t + \mu\, b_t & \text{Nesterov} \\ b_t & \text{otherwise} \end{cases}
+    \end{aligned}
+    $$
+
     The momentum buffer exists only if ``momentum`` is non-zero or a schedule at set-up.
 
     Options (the ``convention`` sets them, and the defaults, for the fields not given):

@@ -1,55 +1,73 @@
 """The ``uniopt`` command.
 
-``uniopt compare`` runs rules on the built-in problems (:mod:`uniopt.problems`) with the
-functional API and prints, for each pair, the final loss, its gap to the known minimum, the
-number of updates after which the gap first fell to ``--tol``, and the time of one
-``uniopt.update_`` call. Subcommands are argparse sub-parsers, so more can be added beside it.
+``uniopt compare`` runs rules (with hyperparameters of your choice) on the built-in problems
+(:mod:`uniopt.tools.problems`) or one of your own with the functional API and prints, for each
+run, the final loss, its gap to the known minimum, the number of updates after which the gap
+first fell to ``--tol``, and the time of one ``uniopt.update_`` call; ``--plot`` draws the loss
+curves and, on 2-D problems, the paths over the contours. ``uniopt schedule`` evaluates and
+draws a schedule expression. Subcommands are argparse sub-parsers, so more can be added beside
+them. Nothing the user types is evaluated: :mod:`uniopt.tools.parse` reads it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import itertools
 import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .. import engine
+from .. import __version__, engine, tree
 from ..base import Transform
+from ..fast import FastPathUnavailable
 from ..rules.adadelta import adadelta
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw, optimistic_adam
 from ..rules.rmsprop import rmsprop
 from ..rules.sgd import sgd
-from .problems import PROBLEMS, Problem
+from . import parse as parse_
+from .parse import RuleSpec, UsageError
+from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem
 
 # Every rule as built for the comparison; only lr varies by problem. Momentum 0.9 for the
 # two SGD variants (plain SGD is not interesting next to the adaptive rules); everything else
 # is the rule's own default, adamw's decoupled weight_decay=1e-2 included, so adamw settles at
-# the minimum of a slightly different problem and shows a small gap.
-RULES: dict[str, Callable[[float], Transform]] = {
-    "sgd": lambda lr: sgd(lr=lr, momentum=0.9),
-    "nesterov": lambda lr: sgd(lr=lr, momentum=0.9, nesterov=True),
-    "adagrad": lambda lr: adagrad(lr=lr),
-    "rmsprop": lambda lr: rmsprop(lr=lr),
-    "adadelta": lambda lr: adadelta(lr=lr),
-    "adam": lambda lr: adam(lr=lr),
-    "amsgrad": lambda lr: adam(lr=lr, amsgrad=True),
-    "adamw": lambda lr: adamw(lr=lr),
-    "optimistic_adam": lambda lr: optimistic_adam(lr=lr),
+# the minimum of a slightly different problem and shows a small gap. Any other rule of the
+# registry (`uniopt rules`) runs too, with its registry example's hyperparameters.
+PRESETS: dict[str, tuple[Callable[..., Transform], dict[str, Any]]] = {
+    "sgd": (sgd, {"momentum": 0.9}),
+    "nesterov": (sgd, {"momentum": 0.9, "nesterov": True}),
+    "adagrad": (adagrad, {}),
+    "rmsprop": (rmsprop, {}),
+    "adadelta": (adadelta, {}),
+    "adam": (adam, {}),
+    "amsgrad": (adam, {"amsgrad": True}),
+    "adamw": (adamw, {}),
+    "optimistic_adam": (optimistic_adam, {}),
 }
 
-# Learning rates picked by hand, once: for each problem and rule, a value from the grid
-# 1e-4, 3e-4, ..., 1, 3 that did well over 2000 steps from seeds 0-2, a notch below where runs
-# start to oscillate or diverge. Not tuned per seed, and not the best possible; adadelta keeps
-# its own lr=1.0 throughout (the point of that rule). torch's defaults would leave most rules
-# crawling along Rosenbrock's valley.
+
+def _preset(name: str) -> Callable[..., Transform]:
+    cls, kwargs = PRESETS[name]
+
+    def build(lr: Any, **hyper: Any) -> Transform:
+        return cls(**{**kwargs, "lr": lr, **hyper})
+
+    return build
+
+
+# RULES[name](lr, **hyperparameters): the preset rules as compare builds them
+RULES: dict[str, Callable[..., Transform]] = {name: _preset(name) for name in PRESETS}
+
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "rosenbrock": {
         "sgd": 1e-3,
@@ -84,6 +102,29 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
         "adamw": 0.1,
         "optimistic_adam": 1e-2,
     },
+    "beale": {
+        "sgd": 3e-3,
+        "nesterov": 3e-3,
+        "adagrad": 0.3,
+        "rmsprop": 3e-3,
+        "adadelta": 1.0,
+        "adam": 0.1,
+        "amsgrad": 0.1,
+        "adamw": 0.1,
+        "optimistic_adam": 3e-2,
+    },
+    # judged by the worst of seeds 0-2 (the MLP's start depends on the seed)
+    "mlp": {
+        "sgd": 0.3,
+        "nesterov": 0.3,
+        "adagrad": 0.3,
+        "rmsprop": 3e-2,
+        "adadelta": 1.0,
+        "adam": 0.1,
+        "amsgrad": 0.1,
+        "adamw": 0.1,
+        "optimistic_adam": 0.1,
+    },
 }
 FALLBACK_LR = 1e-3  # for a problem added to PROBLEMS without a row above
 
@@ -91,25 +132,36 @@ FALLBACK_LR = 1e-3  # for a problem added to PROBLEMS without a row above
 @dataclass(frozen=True)
 class Result:
     problem: str
-    rule: str
-    lr: float
+    rule: str  # as written: the name, and the hyperparameters given (adamw:lr=0.001)
+    lr: float | None  # None where lr is a schedule or the rule has none
     steps: int
     initial_loss: float
     final_loss: float | None  # None when the run diverged
-    optimum: float
+    optimum: float | None  # None where the problem's minimum is not known
     steps_to_tol: int | None  # updates applied when the gap first was <= tol
     diverged_at: int | None  # updates applied when the loss first was not finite
     us_per_update: float
+    seed: int = 0
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # as given, JSON-able
+    lr_text: str = "-"
+    # for --plot: the loss before each update and after the last; a 2-D problem's points
+    losses: tuple[float, ...] = field(default=(), repr=False, compare=False)
+    path: tuple[tuple[float, float], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def gap(self) -> float | None:
-        return None if self.final_loss is None else self.final_loss - self.optimum
+        if self.final_loss is None or self.optimum is None:
+            return None
+        return self.final_loss - self.optimum
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "problem": self.problem,
             "rule": self.rule,
-            "lr": self.lr,
+            "seed": self.seed,
+            "hyperparameters": self.hyperparameters,
+            "lr": self.lr if self.lr is not None else None if self.lr_text == "-" else
+            self.lr_text,
             "steps": self.steps,
             "initial_loss": self.initial_loss,
             "final_loss": self.final_loss,
@@ -126,56 +178,251 @@ def default_lr(problem: str, rule: str) -> float:
     return DEFAULT_LR.get(problem, {}).get(rule, FALLBACK_LR)
 
 
-def run_one(problem: Problem, rule: str, lr: float, steps: int, seed: int, tol: float) -> Result:
-    """``steps`` updates of ``rule`` on ``problem`` from ``problem.init(seed)``, in place."""
-    params = problem.init(seed)
-    state = engine.setup(RULES[rule](lr), params)
-    loss = initial = problem.loss(params)
-    hit = 0 if loss - problem.optimum <= tol else None
-    diverged_at = None
-    spent = 0.0
-    done = 0
-    # a diverging run overflows on its way to inf/nan; that is reported, not warned about
-    with np.errstate(all="ignore"):
-        for k in range(1, steps + 1):
-            grads = problem.grad(params)
-            t0 = time.perf_counter()
-            state = engine.update_(state, params, grads)
-            spent += time.perf_counter() - t0
-            done = k
-            loss = problem.loss(params)
-            if not math.isfinite(loss):
-                diverged_at = k
-                break
-            if hit is None and loss - problem.optimum <= tol:
-                hit = k
-    return Result(
-        problem=problem.name,
-        rule=rule,
-        lr=lr,
-        steps=steps,
-        initial_loss=initial,
-        final_loss=None if diverged_at is not None else loss,
-        optimum=problem.optimum,
-        steps_to_tol=hit,
-        diverged_at=diverged_at,
-        us_per_update=spent / max(done, 1) * 1e6,
-    )
+def _json_value(v: Any) -> Any:
+    if isinstance(v, bool | int | float | str) or v is None:
+        return v
+    if isinstance(v, tuple | list):
+        return [_json_value(x) for x in v]
+    return parse_.short(v)  # a schedule, as the call that builds it
 
 
-def compare(
-    rules: Sequence[str],
-    problems: Sequence[str],
+@dataclass(frozen=True)
+class Run:
+    """A rule built for one problem, with what its step needs beside the gradient."""
+
+    spec: RuleSpec
+    rule: Transform
+    lr: Any
+    step_args: tuple[str, ...] = ()
+    needs_closure: bool = False
+
+    @property
+    def lr_text(self) -> str:
+        if self.lr is None:
+            return "-"
+        return f"{self.lr:g}" if isinstance(self.lr, int | float) else parse_.short(self.lr)
+
+
+def _known_rule(name: str) -> tuple[Callable[..., Transform], dict[str, Any], Any]:
+    """``(class, base hyperparameters, registry entry or None)`` of a rule name."""
+    if name in PRESETS:
+        cls, kwargs = PRESETS[name]
+        return cls, kwargs, None
+    from .. import registry
+
+    if name not in registry.entries():
+        raise parse_.unknown("rule", name, [*PRESETS, *registry.names()],
+                            " (`uniopt rules` lists them all)")
+    e = registry.entry(name)
+    return e.rule, dict(e.info.example), e
+
+
+def check_spec(spec: RuleSpec) -> None:
+    """A UsageError for an unknown rule or a hyperparameter the rule does not have."""
+    cls, _, _ = _known_rule(spec.name)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    for key in spec.hyper:
+        if key not in names:
+            raise parse_.unknown(f"hyperparameter of {spec.name}", key, names)
+
+
+def build_run(spec: RuleSpec, problem: str, lr: float | None = None) -> Run:
+    """``spec`` built for ``problem``: the hyperparameters given, else ``lr`` (``--lr``), else
+    the hand-picked lr of a preset or the registry example's hyperparameters."""
+    cls, kwargs, entry = _known_rule(spec.name)
+    if entry is None:
+        kwargs = {**kwargs, "lr": default_lr(problem, spec.name) if lr is None else lr}
+    elif lr is not None:
+        kwargs = {**kwargs, "lr": lr}
+    kwargs = {**kwargs, **spec.hyper}
+    try:
+        rule = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{spec.label}: {e}") from None
+    if entry is None:
+        return Run(spec, rule, kwargs.get("lr"))
+    return Run(spec, rule, kwargs.get("lr"), tuple(entry.step_args), entry.needs_closure)
+
+
+def _closure(problem: Problem) -> Callable[[Any], tuple[float, Any]]:
+    own = getattr(problem, "closure", None)
+    if callable(own):
+        return own
+    return lambda params: (problem.loss(params), problem.grad(params))
+
+
+def _point(params: Any) -> tuple[float, float] | None:
+    """The two coordinates of a 2-D problem's params, else None."""
+    leaves = tree.trainables(params) if not isinstance(params, np.ndarray) else [params]
+    if len(leaves) == 1 and np.size(leaves[0]) == 2:
+        x, y = np.asarray(leaves[0], dtype=np.float64).ravel()
+        return float(x), float(y)
+    return None
+
+
+def run_one(
+    problem: Problem,
+    run: Run | str,
+    lr: float | None,
     steps: int,
     seed: int,
     tol: float,
+    tick: Callable[[int], None] = lambda n: None,
+    track: bool = False,
+) -> Result:
+    """``steps`` updates of ``run`` on ``problem`` from ``problem.init(seed)``, in place; ``run``
+    may be a preset's name (with ``lr``). ``tick(n)`` hears of every n updates done; ``track``
+    keeps a 2-D problem's points for the plot."""
+    if isinstance(run, str):
+        run = build_run(RuleSpec(run), problem.name, lr)
+    closure = _closure(problem)
+    params = problem.init(seed)
+    state = engine.setup(run.rule, params)
+    optimum = problem.optimum
+    loss, grads = closure(params)
+    initial = loss
+    losses = [loss]
+    path = [] if not track or _point(params) is None else [_point(params)]
+    hit = 0 if optimum is not None and loss - optimum <= tol else None
+    diverged_at = None
+    spent = 0.0
+    done = 0
+    every = 100
+    # a diverging run overflows on its way to inf/nan; that is reported, not warned about
+    with np.errstate(all="ignore"):
+        for k in range(1, steps + 1):
+            t0 = time.perf_counter()
+            if run.needs_closure:
+                state, _ = engine.minimize_step_(state, params, closure)
+            else:
+                given = {"value": loss, "grad": grads, "value_fn": closure}
+                extra = {a: given[a] for a in run.step_args}
+                state = engine.update_(state, params, grads, **extra)
+            spent += time.perf_counter() - t0
+            done = k
+            loss, grads = closure(params)
+            losses.append(loss)
+            if path:
+                path.append(_point(params))
+            if k % every == 0:
+                tick(every)
+            if not math.isfinite(loss):
+                diverged_at = k
+                break
+            if hit is None and optimum is not None and loss - optimum <= tol:
+                hit = k
+    tick(done % every + (steps - done))
+    return Result(
+        problem=problem.name,
+        rule=run.spec.label,
+        lr=float(run.lr) if isinstance(run.lr, int | float) else None,
+        steps=steps,
+        initial_loss=initial,
+        final_loss=None if diverged_at is not None else loss,
+        optimum=optimum,
+        steps_to_tol=hit,
+        diverged_at=diverged_at,
+        us_per_update=spent / max(done, 1) * 1e6,
+        seed=seed,
+        hyperparameters={k: _json_value(v) for k, v in run.spec.hyper.items()},
+        lr_text=run.lr_text,
+        losses=tuple(losses),
+        path=tuple(p for p in path if p is not None),
+    )
+
+
+PROGRESS_DELAY_S = 1.0  # a command quicker than this shows no bar
+
+
+class Progress:
+    """A rich progress bar on stderr that shows itself once the work has taken ``delay``
+    seconds (a quick command prints no bar); nothing at all without rich or when disabled."""
+
+    def __init__(self, total: int, enabled: bool, delay: float | None = None,
+                 console: Any = None):
+        self.total, self.done = total, 0
+        self.delay = PROGRESS_DELAY_S if delay is None else delay
+        self.t0 = time.perf_counter()
+        self.bar: Any = None
+        self.label = ""
+        self._make: Callable[[], Any] | None = None
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as Bar
+        except ImportError:  # the `cli` extra is not installed: no bar
+            return
+        console = console if console is not None else Console(stderr=True)
+        self._make = lambda: Bar(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(),
+                                 console=console, transient=True)
+
+    def describe(self, label: str) -> None:
+        self.label = label
+        if self.bar is not None:
+            self.bar.update(self.task, description=label)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is None and self._make is not None:
+            if time.perf_counter() - self.t0 < self.delay:
+                return
+            self.bar = self._make()
+            self.task = self.bar.add_task(self.label, total=self.total)
+            self.bar.start()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def compare(
+    rules: Sequence[RuleSpec | str],
+    problems: Sequence[Problem | str],
+    steps: int,
+    seeds: Sequence[int] | int,
+    tol: float,
     lr: float | None = None,
+    progress: Progress | None = None,
+    track: bool = False,
 ) -> list[Result]:
-    return [
-        run_one(PROBLEMS[p], r, default_lr(p, r) if lr is None else lr, steps, seed, tol)
-        for p in problems
-        for r in rules
-    ]
+    """Every rule on every problem from every seed; a UsageError for a rule that cannot be
+    built, before anything runs."""
+    specs = [RuleSpec(r) if isinstance(r, str) else r for r in rules]
+    probs = [PROBLEMS[p] if isinstance(p, str) else p for p in problems]
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    runs = {(p.name, s.label): build_run(s, p.name, lr) for p in probs for s in specs}
+    for p in probs:  # a rule that cannot take a problem's params says so before anything runs
+        for s in specs:
+            try:
+                engine.setup(runs[p.name, s.label].rule, p.init(seeds[0]))
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"{s.label} cannot run on {p.name}: {e}") from None
+    bar = progress or Progress(0, enabled=False)
+    out = []
+    with warnings.catch_warnings():
+        # a rule with per-leaf parts runs on the reference path: its time per update in the
+        # table says so, and a warning between the rows would only clutter them
+        warnings.simplefilter("ignore", FastPathUnavailable)
+        for p in probs:
+            for s in specs:
+                for seed in seeds:
+                    bar.describe(f"{p.name} {s.label}"
+                                 + (f" seed {seed}" if len(seeds) > 1 else ""))
+                    out.append(run_one(p, runs[p.name, s.label], lr, steps, seed, tol,
+                                       bar.advance, track))
+    bar.close()
+    return out
 
 
 def _fmt(x: float | None) -> str:
@@ -183,8 +430,11 @@ def _fmt(x: float | None) -> str:
 
 
 def format_table(results: Sequence[Result], tol: float) -> str:
-    """A plain-text table, one block of rows per problem."""
-    head = ("problem", "rule", "lr", "final loss", "gap", f"steps to {tol:g}", "us/update")
+    """A plain-text table, one block of rows per problem (a seed column if there are several
+    seeds)."""
+    seeds = len({r.seed for r in results}) > 1
+    head = ("problem", "rule", *(("seed",) if seeds else ()), "lr", "final loss", "gap",
+            f"steps to {tol:g}", "us/update")
     rows: list[tuple[str, ...]] = []
     for r in results:
         if r.diverged_at is not None:
@@ -192,7 +442,8 @@ def format_table(results: Sequence[Result], tol: float) -> str:
         else:
             loss, gap = _fmt(r.final_loss), _fmt(r.gap)
         steps = "-" if r.steps_to_tol is None else str(r.steps_to_tol)
-        rows.append((r.problem, r.rule, f"{r.lr:g}", loss, gap, steps, f"{r.us_per_update:.1f}"))
+        rows.append((r.problem, r.rule, *((str(r.seed),) if seeds else ()), r.lr_text, loss,
+                     gap, steps, f"{r.us_per_update:.1f}"))
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     left = {0, 1}  # names left-aligned, numbers right-aligned
 
@@ -219,12 +470,12 @@ def _names(kind: str, known: Sequence[str]) -> Callable[[str], list[str]]:
         names = [n.strip() for n in text.split(",") if n.strip()]
         if not names:
             raise argparse.ArgumentTypeError(f"no {kind} named in {text!r}")
-        bad = [n for n in names if n not in known]
-        if bad:
-            raise argparse.ArgumentTypeError(
-                f"unknown {kind}{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}; "
-                f"choose from {', '.join(known)}"
-            )
+        for n in names:
+            if n not in known:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {kind} {n!r}{parse_.suggest(n, known)} (choose from "
+                    f"{', '.join(known)})"
+                )
         return list(dict.fromkeys(names))
 
     parse.__name__ = f"{kind} list"  # what argparse calls the type in its messages
@@ -245,10 +496,70 @@ def _positive(cast: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     return parse
 
 
+def _usage(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse type from a parser that raises UsageError."""
+
+    def convert(text: str) -> Any:
+        try:
+            return fn(text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _rule_specs(text: str) -> list[RuleSpec]:
+    specs = parse_.rules([text])
+    for spec in specs:
+        check_spec(spec)
+    return specs
+
+
+def _problems(text: str) -> list[Problem]:
+    """``all``, names of built-in problems, or ``module:function`` problems of your own."""
+    from . import problems
+
+    out: list[Problem] = []
+    for name in parse_.split_top(text):
+        if not name:
+            continue
+        if name == "all":
+            out += PROBLEMS.values()
+        elif ":" in name:
+            try:
+                out.append(problems.load(name))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        elif name in PROBLEMS:
+            out.append(PROBLEMS[name])
+        else:
+            raise parse_.unknown("problem", name, PROBLEMS)
+    if not out:
+        raise UsageError(f"no problem named in {text!r}")
+    return list({p.name: p for p in out}.values())
+
+
+def _seeds(text: str) -> list[int]:
+    """``0``, ``0,1,2`` or ``0-4`` (both ends in)."""
+    out: list[int] = []
+    for piece in text.split(","):
+        lo, dash, hi = piece.strip().partition("-")
+        try:
+            out += range(int(lo), int(hi) + 1) if dash and lo else [int(piece)]
+        except ValueError:
+            raise UsageError(f"seeds are integers, as 0, 0,1,2 or 0-4; got {text!r}") from None
+    if not out:
+        raise UsageError(f"no seed in {text!r}")
+    return list(dict.fromkeys(out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uniopt", description="uniopt: one optimizer library for every array framework."
     )
+    parser.add_argument("--version", action="version", version=f"uniopt {__version__}",
+                        help="print uniopt's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cmp = sub.add_parser(
         "compare",
@@ -257,20 +568,30 @@ def build_parser() -> argparse.ArgumentParser:
             "Run each rule on each problem with uniopt.setup + uniopt.update_ and report the "
             "final loss, its gap to the known minimum, the updates needed to bring the gap to "
             "TOL and the wall time of one update. Learning rates are hand-picked per problem "
-            "and rule (see uniopt.tools.cli.DEFAULT_LR), not tuned per seed."
+            "and rule (see uniopt.tools.cli.DEFAULT_LR), not tuned per seed; any other rule "
+            "of `uniopt rules` runs with its registry example's hyperparameters."
         ),
     )
     cmp.add_argument(
         "--rules",
-        type=_names("rule", list(RULES)),
-        default=list(RULES),
-        help=f"comma-separated, from {','.join(RULES)} (default: all)",
+        type=_usage(_rule_specs, "rule list"),
+        action="extend",
+        default=None,
+        metavar="RULES",
+        help=(f"comma-separated rules, each NAME or NAME:KEY=VALUE,KEY=VALUE (e.g. "
+              f"'adamw:lr=3e-4,weight_decay=0.1,sgd'; values are numbers, True/False, tuples "
+              f"or schedule calls such as lr='warmup(100,cosine(0.1,2000))'); the presets "
+              f"{', '.join(RULES)} (default: these) or any rule of `uniopt rules`; "
+              f"repeatable"),
     )
     cmp.add_argument(
         "--problems",
-        type=_names("problem", list(PROBLEMS)),
-        default=list(PROBLEMS),
-        help=f"comma-separated, from {','.join(PROBLEMS)} (default: all)",
+        type=_usage(_problems, "problem list"),
+        default=None,
+        metavar="PROBLEMS",
+        help=(f"comma-separated, from {', '.join(PROBLEMS)}, 'all', or MODULE:FUNCTION, a "
+              f"function params -> (loss, grads) of your own with a start in FUNCTION.x0 "
+              f"(default: {','.join(DEFAULT_PROBLEMS)})"),
     )
     cmp.add_argument(
         "--steps",
@@ -278,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="updates per run (default: 2000)",
     )
-    cmp.add_argument("--seed", type=int, default=0, help="seed of the starting points (default: 0)")
+    cmp.add_argument("--seeds", "--seed", dest="seeds", type=_usage(_seeds, "seed list"),
+                     default=[0], metavar="SEEDS",
+                     help="seeds of the starting points: 0, 0,1,2 or 0-4 (default: 0)")
     cmp.add_argument(
         "--tol",
         type=_positive(float, "a positive number"),
@@ -292,11 +615,150 @@ def build_parser() -> argparse.ArgumentParser:
         help="one learning rate for every run, in place of the hand-picked ones",
     )
     cmp.add_argument("--json", action="store_true", help="print the results as JSON")
+    cmp.add_argument("--plot", metavar="FILE.png", default=None,
+                     help=("draw the loss curves (log scale) and, on 2-D problems, the paths "
+                           "over the contours, to FILE.png (needs matplotlib: uniopt[plot])"))
+    cmp.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bar (shown on a terminal for runs over a second, "
+                          "with rich: uniopt[cli])")
     cmp.set_defaults(func=_cmd_compare)
+    add_schedule_parser(sub)
     add_bench_parser(sub)
     add_conventions_parsers(sub)
     add_rules_parser(sub)
     return parser
+
+
+def horizon(schedule: Any) -> tuple[int, list[int]]:
+    """``(steps, knots)``: how many steps show what ``schedule`` does (its warm-ups, decays and
+    boundaries; three restarts of a restarting one, two cycles of a cyclic one; 1000 for a
+    callable that is not one of uniopt's schedules), and the steps where it changes course."""
+    from .. import schedules as S
+
+    s = schedule
+
+    def inner(t: Any) -> tuple[int, list[int]]:
+        return horizon(t) if callable(t) else (0, [])
+
+    if isinstance(s, S.constant):
+        return 0, []
+    if isinstance(s, S.linear | S.polynomial | S.cosine):
+        return int(s.steps), [int(s.steps)]
+    if isinstance(s, S.exponential):
+        if s.end is not None and s.rate != 1 and s.end > 0 and s.init > 0:
+            n = int(s.steps * max(1.0, math.log(s.end / s.init) / math.log(s.rate)))
+            return n, [n]
+        return int(s.steps * (math.log(0.01) / math.log(s.rate) if 0 < s.rate < 1 else 10)), []
+    if isinstance(s, S.piecewise_constant | S.piecewise_interpolate):
+        knots = sorted(int(k) for k in s.boundaries_and_values)
+        return (knots[-1] if knots else 0), knots
+    if isinstance(s, S.warmup):
+        n, knots = inner(s.then)
+        return int(s.steps) + n, [int(s.steps), *(int(s.steps) + k for k in knots)]
+    if isinstance(s, S.join):
+        knots = [int(b) for b in s.boundaries]
+        for start, t in zip([0, *knots], s.schedules, strict=False):
+            knots += [start + k for k in inner(t)[1]]
+        return knots[len(s.boundaries) - 1] + inner(s.schedules[-1])[0], sorted(set(knots))
+    if isinstance(s, S.sgdr):
+        ends = list(itertools.accumulate(int(s.steps * s.mult**i) for i in range(3)))
+        return ends[-1], ends
+    if isinstance(s, S.cyclic):
+        down = s.steps_up if s.steps_down is None else s.steps_down
+        period = int(s.steps_up + down)
+        return 2 * period, [int(s.steps_up), period, period + int(s.steps_up), 2 * period]
+    if isinstance(s, S.wsd):
+        knots = list(itertools.accumulate(int(x) for x in (s.warmup, s.stable, s.decay)))
+        return knots[-1], knots
+    if isinstance(s, S.inverse_sqrt):
+        return int(100 * s.timescale), []
+    if isinstance(s, S.product):
+        parts = [inner(f) for f in s.factors]
+        return max((n for n, _ in parts), default=0), sorted({k for _, ks in parts for k in ks})
+    if isinstance(s, S.bias_correction):
+        return (round(5 / (1 - s.beta)) if s.beta < 1 else 0), []
+    return 1000, []
+
+
+def _step_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"steps are integers, as 0,100,1000; got {text!r}") from None
+    if not out or min(out) < 0:
+        raise UsageError(f"steps are integers >= 0, as 0,100,1000; got {text!r}")
+    return out
+
+
+def add_schedule_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "schedule",
+        help="evaluate (and draw) a schedule expression, e.g. 'warmup(1000, cosine(3e-4, "
+             "100_000))'",
+        description=(
+            "Build the schedule that EXPRESSION writes with uniopt's schedules ("
+            + ", ".join(parse_.SCHEDULES) + "; positional or keyword arguments, nested, as in "
+            "Python; nothing is evaluated), and print its value at a few steps (the value the "
+            "update after that many updates sees)."
+        ),
+    )
+    s.add_argument("expression", type=_usage(parse_.schedule, "schedule"), metavar="EXPRESSION",
+                   help="e.g. 'warmup(1000, cosine(3e-4, 100_000))' or "
+                        "'wsd(peak=1e-3, warmup=100, stable=800, decay=100)'")
+    s.add_argument("--steps", type=_usage(_step_list, "step list"), default=None,
+                   metavar="STEPS", help="comma-separated steps to print the value at "
+                                         "(default: 0 to the horizon in ten even steps, and "
+                                         "the steps where the schedule changes course)")
+    s.add_argument("--until", type=_positive(int, "a positive integer"), default=None,
+                   metavar="N", help="the horizon: steps drawn and printed run from 0 to N "
+                                     "(default: guessed from the schedule, e.g. the warm-up "
+                                     "plus the decay)")
+    s.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw the schedule over 0..N to FILE.png (needs matplotlib: "
+                        "uniopt[plot])")
+    s.add_argument("--log", action="store_true", help="a log scale for the values in the plot")
+    s.add_argument("--json", action="store_true", help="print the values as JSON")
+    s.set_defaults(func=_cmd_schedule)
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    sched = args.expression
+    end, knots = horizon(sched)
+    until = args.until if args.until is not None else max(10, end)
+    steps = args.steps
+    if steps is None:  # ten even steps and the knots up to the horizon
+        even = [round(until * i / 10) for i in range(11)]
+        steps = sorted({*even, *(k for k in knots if 0 <= k <= until)})
+    if args.plot is not None:
+        from . import plots
+
+        plots.require()
+    try:
+        values = [float(sched(k)) for k in steps]
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+        raise UsageError(f"{sched!r}: {e}") from None
+    if args.plot is not None:
+        last = max(until, *steps)
+        grid = np.linspace(0, last, min(last + 1, 2001)).round().astype(int)
+        grid = np.unique(np.concatenate([grid, [k for k in knots if k <= last], steps]))
+        try:
+            curve = [float(sched(int(k))) for k in grid]
+        except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+            raise UsageError(f"{sched!r}: {e}") from None
+        fig = plots.schedule_figure(grid, curve, steps, values, repr(sched), log=args.log)
+        plots.save(fig, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        doc = {"schedule": repr(sched), "until": until,
+               "values": [{"step": k, "value": v} for k, v in zip(steps, values, strict=True)]}
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(repr(sched))
+    width = max(len("step"), *(len(f"{k:,}") for k in steps))
+    print(f"{'step':>{width}}  value")
+    for k, v in zip(steps, values, strict=True):
+        print(f"{k:>{width},}  {v:.6g}")
+    return 0
 
 
 def add_rules_parser(sub: Any) -> None:
@@ -450,14 +912,18 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument(
         "--workloads",
         type=_names("workload", list(bench.WORKLOADS)),
-        default=list(bench.WORKLOADS),
+        default=None,
         help=("S1: an MLP 20-64-64-3 (6 tensors), S2: 50 tensors of 1K-64K, W1: 1 x 16.8M, "
-              "W2: 1,000 x 16K, W3: ResNet-50's 161 tensors, W4: 10,000 x 100"),
+              "W2: 1,000 x 16K, W3: ResNet-50's 161 tensors, W4: 10,000 x 100 (default: all, "
+              "or none when --sizes is given)"),
     )
     b.add_argument(
         "--sizes",
+        type=_usage(_sizes, "size list"),
         default=None,
-        help="a workload of your own: COUNTxSIZE, e.g. 500x4096 (added as 'custom')",
+        metavar="SIZES",
+        help=("workloads of your own, comma-separated COUNTxSIZE (COUNT tensors of SIZE "
+              "elements), e.g. 500x4096,1x1000000; only these run unless --workloads is given"),
     )
     b.add_argument(
         "--rules",
@@ -478,27 +944,43 @@ def add_bench_parser(sub: Any) -> None:
         default="float32",
         help="of the params and gradients (bfloat16: the torch and JAX rows)",
     )
-    b.add_argument("--repeats", type=_positive(int, "a positive integer"), default=10)
+    b.add_argument("--repeats", type=_positive(int, "a positive integer"), default=10,
+                   help="timed steps per implementation, after 2 warm-up steps; the median is "
+                        "reported (default: 10)")
     b.add_argument(
         "--slow", action="store_true", help="also run optax + jit on W4 (minutes to compile)"
     )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw each implementation's ratio to the floor as bars, to FILE.png "
+                        "(needs matplotlib: uniopt[plot])")
     b.set_defaults(func=_cmd_bench)
+
+
+def _sizes(text: str) -> dict[str, list[tuple[int, ...]]]:
+    """``COUNTxSIZE[,COUNTxSIZE...]``: a workload named by its text for each."""
+    out: dict[str, list[tuple[int, ...]]] = {}
+    for piece in text.split(","):
+        name = piece.strip().lower()
+        try:
+            count, size = (int(x) for x in name.split("x"))
+        except ValueError:
+            raise UsageError(f"sizes are COUNTxSIZE, e.g. 500x4096; got {piece!r}") from None
+        if count < 1 or size < 1:
+            raise UsageError(f"COUNT and SIZE must be positive, got {piece!r}")
+        out[name] = [(size,)] * count
+    return out
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    shapes: dict[str, list[tuple[int, ...]]] = {}
-    workloads = list(args.workloads)
-    if args.sizes:
-        try:
-            count, size = (int(x) for x in args.sizes.lower().split("x"))
-        except ValueError:
-            print(f"uniopt bench: --sizes must be COUNTxSIZE, got {args.sizes!r}", file=sys.stderr)
-            return 2
-        shapes["custom"] = [(size,)] * count
-        workloads.append("custom")
+    shapes: dict[str, list[tuple[int, ...]]] = dict(args.sizes or {})
+    workloads = list(args.workloads or ([] if shapes else bench.WORKLOADS)) + list(shapes)
+    if args.plot is not None:
+        from . import plots
+
+        plots.require()
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     rules = []
     for name in args.rules:
@@ -514,19 +996,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         workloads, rules, args.implementations, args.repeats, shapes, log, args.slow,
         args.dtype,
     )
+    if args.plot is not None:
+        plots.save(plots.bench_figure(bw, rows), args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     print(bench.to_json(bw, rows) if args.json else bench.table(bw, rows))
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    results = compare(args.rules, args.problems, args.steps, args.seed, args.tol, args.lr)
+    specs = args.rules or [RuleSpec(n) for n in RULES]
+    problems = args.problems or [PROBLEMS[n] for n in DEFAULT_PROBLEMS]
+    if args.plot is not None:
+        from . import plots
+
+        plots.require()  # before the runs, not after
+    total = len(specs) * len(problems) * len(args.seeds) * args.steps
+    bar = Progress(total, enabled=args.progress and sys.stderr.isatty())
+    results = compare(specs, problems, args.steps, args.seeds, args.tol, args.lr, bar,
+                      track=args.plot is not None)
+    if args.plot is not None:
+        plots.save(plots.compare_figure(results, {p.name: p for p in problems}), args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         doc = {
             "settings": {
-                "rules": args.rules,
-                "problems": args.problems,
+                "rules": [s.label for s in specs],
+                "problems": [p.name for p in problems],
                 "steps": args.steps,
-                "seed": args.seed,
+                "seeds": args.seeds,
                 "tol": args.tol,
                 "lr": args.lr,
             },
@@ -534,10 +1031,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, indent=2, allow_nan=False))
         return 0
-    for name in args.problems:
-        p = PROBLEMS[name]
-        print(f"{name}: {p.description}; minimum {p.optimum:.10g}")
-    print(f"{args.steps} updates from seed {args.seed}\n")
+    for p in problems:
+        minimum = "unknown" if p.optimum is None else f"{p.optimum:.10g}"
+        print(f"{p.name}: {p.description}; minimum {minimum}")
+    seeds = ",".join(map(str, args.seeds))
+    print(f"{args.steps} updates from seed{'s' if len(args.seeds) > 1 else ''} {seeds}\n")
     print(format_table(results, args.tol))
     return 0
 
@@ -561,6 +1059,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"argument KEY=VALUE: {e}")
     except SystemExit as e:  # --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except UsageError as e:
+        print(f"uniopt {args.command}: {e}", file=sys.stderr)
+        return 2
     sys.stdout.flush()
     return result

@@ -6,8 +6,9 @@ many places while its minimum stays the same. Params are float64 NumPy arrays in
 dict for :class:`Logistic`, so the comparison also walks a tree with more than one leaf.
 
 ``optimum`` is the minimum loss and ``argmin`` a point that attains it: exact for
-:class:`Rosenbrock` and :class:`Quadratic`, from Newton's method (computed once per instance and
-cached) for :class:`Logistic`.
+:class:`Rosenbrock`, :class:`Beale` and :class:`Quadratic`, from Newton's method (computed once
+per instance and cached) for :class:`Logistic`; ``None`` where no one knows it (:class:`MLP`, and
+a problem of the user's own, :class:`UserProblem`, that does not say).
 
 >>> p = PROBLEMS["logistic"]
 >>> params = p.init(0)
@@ -39,7 +40,7 @@ class Problem(Protocol):
     def description(self) -> str: ...
 
     @property
-    def optimum(self) -> float: ...
+    def optimum(self) -> float | None: ...
 
     def init(self, seed: int) -> Any: ...
 
@@ -244,4 +245,221 @@ class Logistic:
         return self.loss(self.argmin)
 
 
-PROBLEMS: dict[str, Problem] = {p.name: p for p in (Rosenbrock(), Quadratic(), Logistic())}
+@dataclass(frozen=True)
+class Beale:
+    """Beale's function, ``sum_i (c_i - x + x y^i)^2`` for ``c = (1.5, 2.25, 2.625)``; minimum 0
+    at ``(3, 0.5)``, in a narrow curved valley between steep walls.
+
+    Every start is ``(1, 1)`` (seed ignored, as for :class:`Rosenbrock`): from there the valley
+    bends through a quarter turn on its way to the minimum.
+    """
+
+    name: str = "beale"
+
+    @property
+    def description(self) -> str:
+        return "2-d Beale from (1, 1)"
+
+    @property
+    def optimum(self) -> float:
+        return 0.0
+
+    @property
+    def argmin(self) -> list[Array]:
+        return [np.array([3.0, 0.5])]
+
+    def init(self, seed: int) -> list[Array]:
+        return [np.array([1.0, 1.0])]
+
+    @staticmethod
+    def _terms(x: np.float64, y: np.float64) -> list[tuple[np.float64, int]]:
+        """``(r_i, i)``: each residual ``c_i - x + x y^i`` with its power of ``y`` (NumPy
+        scalars: a diverging run overflows to inf, as arrays do, not to an OverflowError)."""
+        return [(c - x + x * y**i, i) for i, c in ((1, 1.5), (2, 2.25), (3, 2.625))]
+
+    def loss(self, params: list[Array]) -> float:
+        (p,) = params
+        return float(sum(r * r for r, _ in self._terms(p[0], p[1])))
+
+    def grad(self, params: list[Array]) -> list[Array]:
+        (p,) = params
+        x, y = p[0], p[1]
+        gx = gy = np.float64(0.0)
+        for r, i in self._terms(x, y):
+            gx += 2.0 * r * (y**i - 1.0)
+            gy += 2.0 * r * x * i * y ** (i - 1)
+        return [np.array([gx, gy])]
+
+
+def two_moons(samples: int, noise: float, seed: int) -> tuple[Array, Array]:
+    """Two interleaved half circles in the plane, ``(x (samples, 2), y in {-1, 1})``, with
+    Gaussian noise of scale ``noise``, drawn from ``seed`` (scikit-learn's ``make_moons`` data,
+    generated here so that NumPy is all it takes)."""
+    rng = np.random.default_rng(seed)
+    upper = samples // 2
+    t = np.concatenate([np.linspace(0.0, np.pi, upper), np.linspace(0.0, np.pi, samples - upper)])
+    x = np.stack([np.cos(t), np.sin(t)], axis=1)
+    x[upper:] = np.stack([1.0 - np.cos(t[upper:]), 0.5 - np.sin(t[upper:])], axis=1)
+    x += noise * rng.standard_normal(x.shape)
+    y = np.where(np.arange(samples) < upper, 1.0, -1.0)
+    return x, y
+
+
+@dataclass(frozen=True)
+class MLP:
+    """A small network on the two moons: ``2 -> hidden -> hidden -> 1``, tanh, the logistic loss
+    ``mean_i log(1 + exp(-y_i f(x_i)))``; params ``{"w1", "b1", "w2", "b2", "w3", "b3"}``
+    (weights as ``(out, in)``, torch's layout). Starts: Glorot-normal weights and zero biases
+    drawn from the seed. Non-convex, and its minimum is unknown (the loss tends to 0 on
+    separable data as the weights grow), so ``optimum`` is ``None``.
+    """
+
+    samples: int = 200
+    hidden: int = 16
+    noise: float = 0.1
+    data_seed: int = 0
+    name: str = "mlp"
+
+    def __post_init__(self) -> None:
+        if self.samples < 2 or self.hidden < 1 or not self.noise >= 0:
+            raise ValueError(
+                "mlp: need samples >= 2, hidden >= 1 and noise >= 0, got "
+                f"samples={self.samples}, hidden={self.hidden}, noise={self.noise}"
+            )
+
+    @property
+    def description(self) -> str:
+        h = self.hidden
+        return f"MLP 2-{h}-{h}-1 (tanh) on {self.samples} two-moons points, logistic loss"
+
+    @property
+    def optimum(self) -> None:
+        return None
+
+    @functools.cached_property
+    def _data(self) -> tuple[Array, Array]:
+        return two_moons(self.samples, self.noise, self.data_seed)
+
+    def init(self, seed: int) -> dict[str, Array]:
+        rng = np.random.default_rng(seed)
+        h = self.hidden
+
+        def glorot(fan_out: int, fan_in: int) -> Array:
+            return rng.standard_normal((fan_out, fan_in)) * np.sqrt(2.0 / (fan_in + fan_out))
+
+        return {
+            "w1": glorot(h, 2), "b1": np.zeros(h),
+            "w2": glorot(h, h), "b2": np.zeros(h),
+            "w3": glorot(1, h), "b3": np.zeros(1),
+        }  # fmt: skip
+
+    def _forward(self, p: dict[str, Array]) -> tuple[Array, Array, Array]:
+        x, _ = self._data
+        h1 = np.tanh(x @ p["w1"].T + p["b1"])
+        h2 = np.tanh(h1 @ p["w2"].T + p["b2"])
+        return h1, h2, (h2 @ p["w3"].T + p["b3"])[:, 0]
+
+    def loss(self, params: dict[str, Array]) -> float:
+        _, y = self._data
+        return float(np.mean(_log1pexp(-y * self._forward(params)[2])))
+
+    def grad(self, params: dict[str, Array]) -> dict[str, Array]:
+        x, y = self._data
+        h1, h2, f = self._forward(params)
+        df = (-y * _sigmoid(-y * f) / self.samples)[:, None]  # dloss/df, (samples, 1)
+        d2 = (df @ params["w3"]) * (1.0 - h2 * h2)
+        d1 = (d2 @ params["w2"]) * (1.0 - h1 * h1)
+        return {
+            "w1": d1.T @ x, "b1": d1.sum(0),
+            "w2": d2.T @ h1, "b2": d2.sum(0),
+            "w3": df.T @ h2, "b3": df.sum(0),
+        }  # fmt: skip
+
+
+PROBLEMS: dict[str, Problem] = {
+    p.name: p for p in (Rosenbrock(), Quadratic(), Logistic(), Beale(), MLP())
+}
+# what ``uniopt compare`` runs when no --problems are given: the quick ones
+DEFAULT_PROBLEMS: tuple[str, ...] = ("rosenbrock", "quadratic", "logistic")
+
+
+@dataclass(frozen=True)
+class UserProblem:
+    """A problem of the user's own, ``module:function`` on the command line (see :func:`load`):
+    ``function(params) -> (loss, grads)``, started from ``function.x0`` (an array, a list of
+    numbers, or a tree of arrays) or from ``function.init(seed)``; ``function.optimum``, if set,
+    is its minimum loss."""
+
+    name: str
+    function: Any
+    optimum: float | None = None
+
+    @property
+    def description(self) -> str:
+        doc = (getattr(self.function, "__doc__", None) or "").strip().split("\n")[0]
+        return doc or "a problem of your own"
+
+    def init(self, seed: int) -> Any:
+        init = getattr(self.function, "init", None)
+        x0 = init(seed) if callable(init) else self.function.x0
+        if isinstance(x0, list | tuple) and all(isinstance(v, int | float) for v in x0):
+            return np.array(x0, dtype=np.float64)
+        import optree
+
+        return optree.tree_map(lambda a: np.array(a, dtype=np.float64), x0)
+
+    def closure(self, params: Any) -> tuple[float, Any]:
+        loss, grads = self.function(params)
+        return float(loss), grads
+
+    def loss(self, params: Any) -> float:
+        return self.closure(params)[0]
+
+    def grad(self, params: Any) -> Any:
+        return self.closure(params)[1]
+
+
+def load(spec: str) -> Problem:
+    """The problem ``module:function`` names: an object with ``init``, ``loss`` and ``grad``
+    used as it is, or a function ``params -> (loss, grads)`` (:class:`UserProblem`). The
+    current directory is searched first, as ``python -m`` does. ValueError on a bad name."""
+    import difflib
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"a problem of your own is MODULE:FUNCTION, got {spec!r}")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name!r} (from {spec!r}): {e}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            near = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")],
+                                             n=3)
+            hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
+            raise ValueError(f"{module_name} has no {attr!r}{hint}")
+        obj = getattr(obj, part)
+    if all(callable(getattr(obj, m, None)) for m in ("init", "loss", "grad")) and hasattr(
+        obj, "optimum"
+    ):
+        return obj
+    if not callable(obj):
+        raise ValueError(f"{spec} is not a function params -> (loss, grads)")
+    if not (callable(getattr(obj, "init", None)) or hasattr(obj, "x0")):
+        raise ValueError(
+            f"{spec}: say where to start, as an attribute of the function: "
+            f"{attr}.x0 = [...] (the first params) or {attr}.init = lambda seed: ..."
+        )
+    optimum = getattr(obj, "optimum", None)
+    return UserProblem(spec, obj, None if optimum is None else float(optimum))

@@ -6,17 +6,19 @@
 defaults and subclass :class:`torch.optim.Optimizer`, so torch's ``lr_scheduler`` classes,
 ``clip_grad_norm_``, hooks and training frameworks accept them; their ``state_dict`` is torch's,
 slot names included, and loads into (and from) the torch class of the same name.
+``SophiaH`` is pytorch-optimizer's Sophia-H (:func:`uniopt.sophia_h`), stepped with a closure
+that calls ``loss.backward(create_graph=True)``.
 :class:`Optimizer` wraps any uniopt rule or chain the same way.
 
 This module is a skin over the engine, not a second implementation: each param group becomes a
 uniopt rule built from the group's values (numbers or uniopt schedules), and a step is one
 :func:`uniopt.update_` per set of parameters that share a step count (usually one). CPU tensors
 are handed to the engine as NumPy views of their memory, so the compiled one-pass loop updates
-them in place; tensors on other devices (or of other dtypes) go to the engine as torch tensors,
-through the reference path. Views of parameters and state, the grouping by step count and
-the rule are cached between steps and re-checked by identity; the per-tensor work of a step is
-reading ``p.grad``, ``Tensor.numpy()`` on it and those checks, each a C call mapped over the
-list (no Python loop per tensor).
+them in place; tensors on other devices go to the engine as torch tensors, through the
+multi-tensor path (float32/float64; the reference path for the rest). Views of parameters and
+state, the grouping by step count and the rule are cached between steps and re-checked by
+identity; the per-tensor work of a step is reading ``p.grad``, ``Tensor.numpy()`` on it and
+those checks, each a C call mapped over the list (no Python loop per tensor).
 
 Differences from torch, each on purpose:
 
@@ -27,9 +29,13 @@ Differences from torch, each on purpose:
 * A momentum buffer that becomes non-zero mid-run (a momentum schedule leaving 0) starts from
   zeros where torch starts from the gradient; these agree except with ``dampening > 0``.
 * ``differentiable=True`` records the step in autograd (the reference path on the tensors
-  themselves); ``foreach``, ``fused`` and ``capturable`` change nothing (on CPU every step is
-  already one fused pass) but are refused where torch refuses them, and kept in the param groups
-  so that states load into torch.
+  themselves); ``fused`` changes nothing (on CPU every step is already one fused pass, off it
+  the multi-tensor path runs) but is refused where torch refuses it; ``foreach=True`` takes the
+  multi-tensor path (:mod:`uniopt.fast.foreach`) on every device, the CPU included;
+  ``capturable=True`` takes it with each run's step count on the parameters' device, so that a
+  step reads nothing back to the host (a CUDA graph can capture it; rules whose coefficients
+  need the host, NAdam, RAdam, ASGD, are refused). All are kept in the param groups so that
+  states load into torch.
 * A parameter listed twice in one group warns as torch does and is kept once (torch updates it
   twice per step).
 * Validation is torch's, in its order and words; uniopt's own checks follow where torch has none.
@@ -57,6 +63,7 @@ tests/test_torch_optim_db.py holds every class to torch's own ``optim_db``; each
 above that shows in it is a strict xfail naming it.
 """
 
+from .hessian import SophiaH
 from .named import (
     ASGD,
     LBFGS,
@@ -78,5 +85,5 @@ from .optimizer import Optimizer
 
 __all__ = [
     "ASGD", "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Muon",
-    "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam",
+    "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam", "SophiaH",
 ]

@@ -35,6 +35,14 @@ def _spec(p: torch.Tensor) -> plans.Spec:
 
 def _tree(group: dict[str, Any], xs: list[Any]) -> Any:
     names = group.get("param_names")
+    if names and len(names) != len(xs):
+        # ZeroRedundancyOptimizer hands each rank a share of a group's parameters in a copy
+        # of the group that keeps every name
+        raise ValueError(
+            f"uniopt.torch.Optimizer: a param group has {len(xs)} parameters and "
+            f"{len(names)} param_names, which cannot name them (a ZeroRedundancyOptimizer "
+            "rank's share of a group keeps all its names): label the leaves by a function of "
+            "(path, leaf) instead of their names")
     return dict(zip(names, xs, strict=True)) if names else xs
 
 
@@ -65,18 +73,22 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
             for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
 
 
-def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform) -> None:
+def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: bool = False,
+         **extra: Any) -> None:
+    """One step of group ``gi``; ``tensors``: the engine sees the tensors themselves, not
+    NumPy views (a rule that draws random numbers then draws torch's); ``extra``: the step's
+    extra arguments (``hvp=``)."""
     ps = group["params"]
     if dtensor.any_dtensor(ps):
         dtensor.check_rule(rule)  # raises: a combinator is a whole-tree part
-    specs = [_spec(p) for p in ps]
+    specs = [("torch", None) if tensors else _spec(p) for p in ps]
     views = [plans._view(p, s) for p, s in zip(ps, specs, strict=True)]
     grads = [None if p.grad is None else plans._grad_view(p.grad, p, s)
              for p, s in zip(ps, specs, strict=True)]
     key = KEY.format(gi)
     state = _state(opt, gi, group, rule, views)
     state = update_(dataclasses.replace(state, rule=rule), _tree(group, views),
-                    _tree(group, grads))
+                    _tree(group, grads), **extra)
     entry = _shared(to_tree(state))
     opt.state[key] = entry
     opt._combined[gi] = (state, [id(p) for p in ps], entry)

@@ -34,7 +34,8 @@ from . import plans
 from .optimizer import Optimizer, plain
 
 # torch's options that are not hyperparameters of a rule, with torch's defaults: kept in the
-# param groups so that states load into torch; foreach, fused and capturable change nothing
+# param groups so that states load into torch; fused changes nothing, foreach=True and
+# capturable=True take the multi-tensor path on every device (plans.multi_tensor)
 TORCH_FLAGS: dict[str, Any] = {
     "maximize": False,
     "foreach": None,

@@ -120,7 +120,8 @@ class Optimizer(torch.optim.Optimizer):
     _keys: tuple[str, ...]  # the group keys that are the rule's hyperparameters
 
     def __init__(self, params: ParamsT, rule: Transform, *, maximize: bool = False,
-                 state_dtype: str | None = None) -> None:
+                 state_dtype: str | None = None, foreach: bool | None = None,
+                 capturable: bool = False) -> None:
         if not isinstance(rule, Transform):
             raise TypeError(
                 f"uniopt.torch.Optimizer: expected a uniopt rule or chain, got {rule!r}"
@@ -145,7 +146,10 @@ class Optimizer(torch.optim.Optimizer):
         self.rule = rule
         values = hyperparameter_keys(rule)
         self._keys = tuple(values)
-        self._init(params, {**values, "maximize": maximize, "state_dtype": state_dtype})
+        # the multi-tensor options only where asked for, so groups stay as they were
+        options = {k: v for k, v in (("foreach", foreach), ("capturable", capturable)) if v}
+        self._init(params, {**values, "maximize": maximize, "state_dtype": state_dtype,
+                            **options})
 
     # --- construction ----------------------------------------------------------------------
 

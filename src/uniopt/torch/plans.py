@@ -145,6 +145,9 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
         g = g.coalesce().to_dense()
     if spec == TRACKED:
         return real(g)
+    if spec[0] == "torch" and not (g.requires_grad or g.is_complex() or g.is_conj()
+                                   or g.is_neg()):
+        return g  # as it is: a detach would be a device operation per tensor
     g = real(g.detach().resolve_conj().resolve_neg())
     kind, perm = spec
     if kind == "torch":
@@ -155,6 +158,15 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     if g.stride() != pr.stride():
         g = torch.empty_like(pr).copy_(g)
     return backend.numpy_view(g.permute(perm).view(-1))
+
+
+def multi_tensor(group: dict[str, Any]) -> bool:
+    """Whether the group asks for the multi-tensor path on every device (``foreach=True``, or
+    ``capturable=True``, which counts its steps on the device): CPU tensors then take it too
+    (:mod:`uniopt.fast.foreach`) instead of the compiled loop. Not with slots in another dtype
+    than the params (``state_dtype``), nor for float16/bfloat16 params (see :func:`build`),
+    which that path leaves to the others."""
+    return bool(group.get("foreach") or group.get("capturable")) and not group.get("state_dtype")
 
 
 def state_step(st: dict[str, Any]) -> int:
@@ -290,6 +302,9 @@ class Run:
     # bumped (a graph may have saved them); slots are the optimizer's own, left unmarked
     tensors: list[torch.Tensor]
     numpy: bool
+    # capturable=True: the run's step count on its parameters' device, counted there by the
+    # step (a captured graph reads and advances it); the host's count follows step() calls
+    device_step: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -316,6 +331,8 @@ class Plan:
     sparse: list[bool]
     steps: Steps
     tracked: bool  # differentiable=True: autograd records the step
+    multi: bool  # foreach=True or capturable=True: the multi-tensor path on every device
+    flags: tuple[Any, Any]  # the group's foreach and capturable when the plan was built
     # the parameters are DTensors: which arrays of the runs are shards of which (None: none)
     sharding: dtensor.Sharding | None = None
     counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
@@ -331,6 +348,7 @@ class Plan:
             and self.layout == layout
             and self.has == has
             and self.tracked == bool(group.get("differentiable"))
+            and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
             and _ptrs(ps, self.sharding is not None) == self.ptrs
         ):
@@ -391,18 +409,28 @@ class Plan:
             views = [_grad_view(g, p, spec)
                      for g, p, spec in zip(gs, self.sel_params, self.specs, strict=True)]
         trees = self._tree_states(rule) if rule.tree_layout else {}
-        for run, step in zip(self.runs, self.run_steps(), strict=True):
-            gs = views if run.pos is None else [views[k] for k in run.pos]
-            with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
-                    torch.set_grad_enabled(self.tracked),\
-                    (contextlib.nullcontext() if self.sharding is None
-                     else backend.sharded(self.sharding)):
-                trees = update_(State(rule, step, run.slots, flat_list_def(len(run.params)),
-                                      "q8" if is_q8(self.group) else None, trees),
-                                run.params, gs).tree_states
-            self.steps.count(run.idx)
-            if run.numpy:
-                backend.mark_written(run.tensors)
+        # foreach=True / capturable=True: CPU tensors too take the multi-tensor path (a
+        # context variable set here: no Python call on the compiled loop's steps)
+        forced = fast.FORCED.set(self.multi)
+        try:
+            for run, step in zip(self.runs, self.run_steps(), strict=True):
+                gs = views if run.pos is None else [views[k] for k in run.pos]
+                with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
+                        torch.set_grad_enabled(self.tracked),\
+                        (contextlib.nullcontext() if self.sharding is None
+                         else backend.sharded(self.sharding)):
+                    at = step if run.device_step is None else run.device_step
+                    new = update_(State(rule, at, run.slots, flat_list_def(len(run.params)),
+                                        "q8" if is_q8(self.group) else None, trees),
+                                  run.params, gs)
+                trees = new.tree_states
+                if run.device_step is not None and new.step is not run.device_step:
+                    run.device_step.copy_(new.step)  # a path that counts out of place
+                self.steps.count(run.idx)
+                if run.numpy:
+                    backend.mark_written(run.tensors)
+        finally:
+            fast.FORCED.reset(forced)
         if trees:
             self.state[self.plist[0]].update(trees)
         for i in self.rows:
@@ -443,6 +471,13 @@ def _ptrs(ps: list[torch.Tensor], sharded: bool) -> list[int]:
     return list(map(_DATA_PTR, map(dtensor.local, ps) if sharded else ps))
 
 
+def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
+    """A run's step count on its parameters' device (``capturable=True``), in float64 where
+    the device has it: the coefficients computed from it are then the host's to rounding."""
+    dtype = torch.float32 if p.device.type == "mps" else torch.float64
+    return torch.tensor(count, dtype=dtype, device=p.device)
+
+
 def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bool],
           sparse: list[bool], by_rows: bool, state: MutableMapping[Any, dict[str, Any]],
           steps: Steps) -> Plan:
@@ -454,6 +489,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     if sharded:
         dtensor.check_rule(rule)
         dtensor.check_group(ps, q8, tracked)
+    multi = multi_tensor(group)
     compiled = fast.cpu.AVAILABLE and all(isinstance(q, Elementwise) for q in rule.flat_parts)
     sel: list[int] = []
     specs: list[Spec] = []
@@ -468,6 +504,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             rows.append(i)
             continue
         s = TRACKED if tracked else spec(p)
+        if s[0] == "np" and multi and p.dtype in (torch.float32, torch.float64):
+            s = ("torch", None)  # the tensors themselves, for the multi-tensor path
         if q8 and s[0] == "np" and s[1] is not None:
             s = ("torch", None)  # the codes are in C order, not the parameter's memory order
         if s[0] == "np" and (rule.has_per_leaf or rule.tree_layout
@@ -503,6 +541,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
                 tensors=[sel_params[k] for k in pos] if not sharded else
                 [t for k in pos for t in (sel_params[k], dtensor.local(sel_params[k]))],
                 numpy=kind == "np",
+                device_step=_device_step(float(steps.np[sel[pos[0]]]), sel_params[pos[0]])
+                if group.get("capturable") and kind == "torch" else None,
             )
         )
     checks = [(name, [st.get(name) for st in states]) for _, name in names]
@@ -531,5 +571,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         sparse=sparse,
         steps=steps,
         tracked=tracked,
+        multi=multi,
+        flags=(group.get("foreach"), group.get("capturable")),
         sharding=dtensor.Sharding(shards) if sharded else None,
     )

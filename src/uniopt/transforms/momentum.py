@@ -68,8 +68,9 @@ class trace(Elementwise):
         check_nesterov(self.name, self.nesterov, self.momentum, self.dampening)
 
     def coeffs(self, step: int) -> Momentum:
-        # arithmetic, not branches, so a traced step (jax.jit) works; exact for step 0 / not 0
-        first = step == 0
+        # arithmetic, not branches, so a traced step (jax.jit) or one counted on a torch device
+        # works; exact for step 0 / not 0 (a number: torch has no 1 - a bool tensor)
+        first = (step == 0) * 1.0
         return Momentum(
             momentum=self.momentum,
             weight=first + (1.0 - first) * self.one_minus("dampening"),

@@ -1,0 +1,53 @@
+"""Data parallel training with ZeRO-1 and a uniopt optimizer.
+
+    torchrun --nproc_per_node 2 examples/ddp_zero1.py [--recipe]
+
+gloo on CPU, as here; the same code with NCCL on GPUs (``init_process_group("nccl")`` and the
+model and batches on ``cuda:LOCAL_RANK``). Each rank keeps AdamW's moments for its share of the
+parameters only (ZeRO stage 1); DDP averages the gradients, ZeRO broadcasts the updated shards.
+"""
+
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import uniopt as uo
+import uniopt.torch as ut
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+model = DDP(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)))
+
+if "--recipe" not in sys.argv:
+    # a uniopt.torch class as ZeRO's local optimizer, with its own arguments
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ut.AdamW, lr=1e-2,
+                                  weight_decay=0.1)
+else:
+    # any rule: here no decay on vectors (labels read the leaf: ZeRO hands each rank its
+    # share of the parameters without their names)
+    rule = uo.partition({"decay": uo.adamw(lr=1e-2, weight_decay=0.1),
+                         "no_decay": uo.adamw(lr=1e-2)},
+                        lambda path, p: "no_decay" if p.ndim == 1 else "decay")
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ut.Optimizer, rule=rule)
+
+gen = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+w_true = torch.arange(16.0) / 16
+for _ in range(200):
+    x = torch.randn(64, 16, generator=gen)
+    loss = ((model(x).squeeze(-1) - x @ w_true) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+mine = torch.tensor([sum(p.numel() for g in opt.optim.param_groups for p in g["params"])])
+shares = [torch.zeros_like(mine) for _ in range(world)]
+dist.all_gather(shares, mine)
+if rank == 0:
+    print(f"loss {loss.item():.4f}; parameters per rank's optimizer state: "
+          f"{[int(s) for s in shares]}")
+dist.destroy_process_group()

@@ -1,0 +1,402 @@
+"""Kron: preconditioned SGD with Kronecker-factored preconditioners (Li, 2018), as Evan
+Walters' ``kron_torch`` popularised it and ``pytorch_optimizer.Kron`` writes it.
+
+Each leaf keeps one factor ``Q_i`` per axis (upper triangular, or diagonal where the axis is
+long, of length 1, the leaf has too few axes, or the memory-save mode says so); the
+preconditioner is ``P = Q^T Q`` with ``Q = Q_1 (x) ... (x) Q_k``, fitted to random probes
+``v`` by Li's multiplicative update, on a step-dependent share of the steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from .. import backend
+from ..base import Info, Rule, Transform, WholeTree
+from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, hyper
+from ..schedules import _Record
+from ..transforms.noise import SEEDS, _pcg_state
+from ..transforms.scale import scale_by_lr
+from ..tree import flatten, unflatten
+from .sophia_h import _DRAW
+
+MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "all_diag")
+# the floor of Li's step normaliser: bfloat16's smallest normal number, as kron_torch's
+TINY = 2.0 ** -126
+
+
+@dataclass(frozen=True)
+class psgd_update_probability(_Record):
+    """The share of steps that update the preconditioner (kron_torch's default schedule):
+    ``clip(max_prob * exp(-decay*(step - flat_start)), min_prob, max_prob)``, so 1 for the
+    first ``flat_start`` steps, then decaying to ``min_prob``."""
+
+    max_prob: float = 1.0
+    min_prob: float = 0.03
+    decay: float = 0.001
+    flat_start: int = 500
+
+    def __call__(self, step: Any) -> float:
+        prob = self.max_prob * math.exp(-self.decay * (float(step) - self.flat_start))
+        return min(max(prob, self.min_prob), self.max_prob)
+
+
+class KronCoeffs(NamedTuple):
+    momentum: Any
+    one_minus_momentum: Any
+    bc: Any  # 1 - momentum^t
+    probability: Any
+    precond_lr: Any
+    wd: Any
+
+
+@dataclass(frozen=True)
+class scale_by_kron(WholeTree):
+    """Kron's direction; for each leaf ``p`` with gradient ``g``:
+
+    ``g <- g + wd*p`` for leaves of 2+ axes unless ``weight_decouple``;
+    ``m <- momentum*m + (1-momentum)*g``, ``m_hat = m/(1 - momentum^t)``;
+    on an updating step (a counter reaches ``1/prob``, ``prob`` the step's
+    ``preconditioner_update_probability``, then restarts), with ``v`` standard normal and
+    ``h = m_hat`` (``g`` with ``momentum_into_precondition_update=False``):
+    ``A = Q h`` (each axis by its factor), ``B = v Q^-T`` (each axis by its factor's inverse,
+    a triangular solve), and for each factor ``Q_i``, with ``T1 = A_(i) A_(i)^T`` and
+    ``T2 = B_(i) B_(i)^T`` (the axis against all others; their diagonals for a diagonal
+    factor): ``Q_i <- Q_i - precond_lr*triu(T1 - T2) Q_i / (||T1 + T2|| + tiny)`` (``||.||``
+    a lower bound of the spectral norm; a diagonal factor: elementwise, the largest entry);
+    before it, with probability ``balance_prob``, every leaf's factors are rescaled to the
+    geometric mean of their largest entries (the preconditioner is unchanged);
+    ``u = P m_hat`` (``P = Q^T Q``), ``u <- u * min(1.1/(rms(u) + 1e-6), 1)``, and
+    ``u <- u + wd*p`` for leaves of 2+ axes with ``weight_decouple``.
+
+    The tree state holds ``momentum_buffer`` and ``Q`` (per leaf: its factors), the update
+    counter, the probes' generator (as :class:`~uniopt.scale_by_hutchinson_sophia`'s: NumPy's
+    PCG64 or torch's, seeded with ``seed``) and the balancing draws' (NumPy's PCG64, seeded
+    with ``seed``, one uniform number a step)."""
+
+    momentum: Any = hyper(0.9, UNIT_OPEN)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    weight_decouple: bool = True
+    preconditioner_update_probability: Any = hyper(psgd_update_probability(),
+                                                   Interval(0.0, 1.0))
+    max_size_triangular: int = 8192
+    min_ndim_triangular: int = 2
+    memory_save_mode: str | None = None
+    momentum_into_precondition_update: bool = True
+    precond_lr: Any = hyper(0.1, NONNEG)
+    precond_init_scale: float = 1.0
+    balance_prob: float = 0.01
+    seed: int = 0
+    uses_params: ClassVar[bool] = True
+
+    def check(self) -> None:
+        _check_kron(self.name, self)
+
+    def coeffs(self, step: Any) -> KronCoeffs:
+        c = self.one_minus("momentum")
+        return KronCoeffs(momentum=self.momentum, one_minus_momentum=c,
+                          bc=1.0 - self.momentum ** (step + 1),
+                          probability=self.preconditioner_update_probability,
+                          precond_lr=self.precond_lr, wd=self.weight_decay)
+
+    def diagonal(self, shape: tuple[int, ...]) -> list[bool]:
+        """Which axes of a leaf of ``shape`` keep a diagonal factor."""
+        n = len(shape)
+        diag = [False] * n
+        if n and self.memory_save_mode == "all_diag":
+            diag = [True] * n
+        elif n and self.memory_save_mode in ("one_diag", "smart_one_diag"):
+            longest = int(np.argsort(shape)[::-1][0])
+            ordered = sorted(shape)
+            if self.memory_save_mode == "one_diag" or (n >= 2 and ordered[-1] > ordered[-2]):
+                diag[longest] = True
+        return [d or s == 1 or s > self.max_size_triangular or n < self.min_ndim_triangular
+                for s, d in zip(shape, diag, strict=True)]
+
+    def init_tree(self, params: Any) -> Any:
+        leaves = flatten(params)[0]
+        first = leaves[0] if leaves else np.zeros(0)
+        if backend.is_jax(first):
+            import jax
+
+            gen: Any = jax.random.key_data(jax.random.key(self.seed))
+        elif backend.is_torch(first):
+            import torch
+
+            gen = torch.Generator(first.device).manual_seed(self.seed).get_state()
+        else:
+            gen = _pcg_state(np.random.PCG64(self.seed))
+        qs = []
+        for p in leaves:
+            xp = backend.namespace(p)
+            shape = tuple(p.shape)
+            if not shape:
+                qs.append([xp.asarray(xp.ones_like(p) * self.precond_init_scale)])
+                continue
+            s = self.precond_init_scale ** (1.0 / len(shape))
+            qs.append([s * (xp.ones((n,), dtype=p.dtype, device=_device(p)) if d else
+                            xp.eye(n, dtype=p.dtype, device=_device(p)))
+                       for n, d in zip(shape, self.diagonal(shape), strict=True)])
+        return {"momentum_buffer": [backend.namespace(p).zeros_like(p) for p in leaves],
+                "Q": qs, "update_counter": np.zeros((), dtype=np.int64), "generator": gen,
+                "balance_generator": _pcg_state(np.random.PCG64(self.seed))}
+
+    def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
+                   **extra: Any) -> tuple[Any, Any]:
+        leaves, treedef, _ = flatten(u)
+        ps = flatten(params)[0]
+        if any(_traced(x) for x in (c.probability, c.bc, *leaves[:1])):
+            raise TypeError(f"{self.name}: the step decides on the host whether to update the "
+                            "preconditioner (a counter, a random draw): it does not run under "
+                            "jax.jit")
+        first = leaves[0] if leaves else np.zeros(0)
+        kind = "jax" if backend.is_jax(first) else "torch" if backend.is_torch(first) else "numpy"
+        counter = int(state["update_counter"]) + 1
+        prob = float(c.probability)
+        update = prob > 0 and counter >= 1.0 / prob
+        # every step draws, as kron_torch's rng.random() < balance_prob and do_update
+        bits = _generator(state["balance_generator"])
+        balance = bits.random() < self.balance_prob and update
+        gen = state["generator"]
+        ms, qs_out, out = [], [], []
+        for p, g, m, qs in zip(ps, leaves, state["momentum_buffer"], state["Q"], strict=True):
+            xp = backend.namespace(g)
+            if g.ndim >= 2 and not self.weight_decouple:
+                g = g + c.wd * p
+            m = m * c.momentum + c.one_minus_momentum * g
+            m_hat = m / c.bc
+            qs = list(qs)
+            if g.ndim > 1 and balance:
+                qs = _balance(xp, qs)
+            if update:
+                (v,), gen = _DRAW[kind](gen, [m_hat], "gaussian")
+                h = m_hat if self.momentum_into_precondition_update else g
+                qs = _update_q(xp, qs, v, h, c.precond_lr)
+            d = _precondition(xp, qs, m_hat)
+            shrink = 1.1 / (xp.sqrt(xp.mean(d * d)) + 1e-6)
+            d = d * xp.minimum(shrink, xp.ones_like(shrink))
+            if g.ndim >= 2 and self.weight_decouple:
+                d = d + c.wd * p
+            # NumPy makes a 0-d leaf's arithmetic a scalar: kept as arrays, as set up
+            ms.append(xp.asarray(m))
+            qs_out.append([xp.asarray(q) for q in qs])
+            out.append(xp.asarray(d))
+        new = {"momentum_buffer": ms, "Q": qs_out,
+               "update_counter": np.asarray(0 if update else counter, dtype=np.int64),
+               "generator": gen, "balance_generator": _pcg_state(bits.bit_generator)}
+        return unflatten(treedef, out), new
+
+
+def _device(x: Any) -> Any:
+    import array_api_compat as aac
+
+    return aac.device(x)
+
+
+def _generator(words: Any) -> np.random.Generator:
+    w = [int(x) for x in words]
+    bits = np.random.PCG64(0)
+    bits.state = {"bit_generator": "PCG64",
+                  "state": {"state": w[0] << 64 | w[1], "inc": w[2] << 64 | w[3]},
+                  "has_uint32": w[4], "uinteger": w[5]}
+    return np.random.Generator(bits)
+
+
+def _along(xp: Any, q: Any, x: Any, i: int) -> Any:
+    """``x`` with axis ``i`` multiplied by factor ``q`` (a matrix: ``sum_b q[a, b] x[..b..]``;
+    a vector: elementwise)."""
+    if q.ndim < 2:
+        shape = [1] * x.ndim
+        shape[i] = -1
+        return x * xp.reshape(q, tuple(shape))
+    return xp.moveaxis(xp.tensordot(q, x, axes=([1], [i])), 0, i)
+
+
+def _gram(xp: Any, x: Any, i: int, diagonal: bool) -> Any:
+    """``X X^T`` for ``X`` the axis ``i`` of ``x`` against all others (its diagonal where
+    ``diagonal``)."""
+    rows = xp.reshape(xp.moveaxis(x, i, 0), (x.shape[i], -1))
+    if diagonal:
+        return xp.sum(rows * rows, axis=1)
+    return rows @ xp.matrix_transpose(rows)
+
+
+def _right_solve(xp: Any, x: Any, q: Any) -> Any:
+    """``x @ inv(q)`` for an upper triangular ``q``."""
+    if backend.is_torch(x):
+        import torch
+
+        return torch.linalg.solve_triangular(q, x, upper=True, left=False)
+    if backend.is_jax(x):
+        import jax.scipy.linalg
+
+        return jax.scipy.linalg.solve_triangular(q, x.T, trans="T", lower=False).T
+    from scipy.linalg import lapack
+
+    # LAPACK's trtrs itself (solve_triangular's own routine, bit for bit): scipy's wrapper
+    # costs milliseconds a call, far more than a factor's solve
+    dtype = np.float64 if q.dtype == np.float64 else np.float32  # float16: in float32
+    solve = lapack.dtrtrs if dtype == np.float64 else lapack.strtrs
+    y = solve(np.asarray(q, dtype), np.asarray(x.T, dtype), lower=0, trans=1)[0]
+    return y.T.astype(x.dtype, copy=False)
+
+
+def _inverse_along(xp: Any, q: Any, x: Any, i: int) -> Any:
+    """``x`` with axis ``i`` multiplied by ``inv(q)`` from the right (``sum_a x[..a..]
+    inv(q)[a, b]``; a vector factor: divided elementwise)."""
+    if q.ndim < 2:
+        shape = [1] * x.ndim
+        shape[i] = -1
+        return x / xp.reshape(q, tuple(shape))
+    y = xp.moveaxis(x, i, -1)
+    flat = xp.reshape(y, (-1, y.shape[-1]))
+    return xp.moveaxis(xp.reshape(_right_solve(xp, flat, q), y.shape), -1, i)
+
+
+def _norm_lower_bound(xp: Any, a: Any) -> Any:
+    """A lower bound of the spectral norm of the square matrix ``a`` (Li's: the largest
+    row or column, by sum of squares, pushed once through ``a``)."""
+    big = xp.max(xp.abs(a))
+    a = a / xp.where(big > 0, big, xp.ones_like(big))
+    aa = a * a
+    cols, rows = xp.sum(aa, axis=0), xp.sum(aa, axis=1)
+    i, j = int(xp.argmax(cols)), int(xp.argmax(rows))
+    tiny = xp.asarray(xp.finfo(a.dtype).smallest_normal, dtype=a.dtype)
+    if float(cols[i]) > float(rows[j]):
+        x0 = a[:, i] @ a
+        x0 = x0 / xp.maximum(xp.linalg.vector_norm(x0), tiny)
+        return big * xp.linalg.vector_norm(x0 @ xp.matrix_transpose(a))
+    x1 = a @ a[j, :]
+    x1 = x1 / xp.maximum(xp.linalg.vector_norm(x1), tiny)
+    return big * xp.linalg.vector_norm(xp.matrix_transpose(a) @ x1)
+
+
+def _update_q(xp: Any, qs: list[Any], v: Any, h: Any, lr: Any) -> list[Any]:
+    if h.ndim == 0:
+        a, b = qs[0] * h, v / qs[0]
+        t1, t2 = a * a, b * b
+        step = (t1 - t2) * lr * qs[0] / (xp.abs(t1 + t2) + TINY)
+        return [qs[0] - step]
+    a, b = h, v
+    for i, q in enumerate(qs):
+        a = _along(xp, q, a, i)
+        b = _inverse_along(xp, q, b, i)
+    out = []
+    for i, q in enumerate(qs):
+        diagonal = q.ndim < 2
+        t1, t2 = _gram(xp, a, i, diagonal), _gram(xp, b, i, diagonal)
+        step = (t1 - t2) * lr
+        if diagonal:
+            step = step * q / (xp.max(xp.abs(t1 + t2)) + TINY)
+        else:
+            step = (xp.triu(step) / (_norm_lower_bound(xp, t1 + t2) + TINY)) @ q
+        out.append(q - step)
+    return out
+
+
+def _precondition(xp: Any, qs: list[Any], g: Any) -> Any:
+    """``Q^T Q g``, axis by axis."""
+    if g.ndim == 0:
+        return qs[0] * qs[0] * g
+    for i, q in enumerate(qs):
+        g = _along(xp, q, g, i)
+    for i, q in enumerate(qs):
+        g = _along(xp, q if q.ndim < 2 else xp.matrix_transpose(q), g, i)
+    return g
+
+
+def _balance(xp: Any, qs: list[Any]) -> list[Any]:
+    norms = [xp.max(xp.abs(q)) for q in qs]
+    mean = math.prod(float(n) for n in norms) ** (1.0 / len(qs))
+    return [q * (mean / n) for q, n in zip(qs, norms, strict=True)]
+
+
+def _check_kron(owner: str, t: Any) -> None:
+    for name, least in (("max_size_triangular", 1), ("min_ndim_triangular", 0)):
+        v = getattr(t, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+            raise ValueError(f"{owner}: {name} must be an integer >= {least}, got {v!r}")
+    if t.memory_save_mode not in MEMORY_SAVE_MODES:
+        raise ValueError(f"{owner}: memory_save_mode must be one of "
+                         f"{', '.join(map(repr, MEMORY_SAVE_MODES))}, got {t.memory_save_mode!r}")
+    if not isinstance(t.balance_prob, (int, float)) or not 0.0 <= t.balance_prob <= 1.0:
+        raise ValueError(f"{owner}: balance_prob must be a number in [0, 1], got "
+                         f"{t.balance_prob!r}")
+    if not isinstance(t.precond_init_scale, (int, float)) or not t.precond_init_scale > 0:
+        raise ValueError(f"{owner}: precond_init_scale must be a number > 0, got "
+                         f"{t.precond_init_scale!r}")
+    s = t.seed
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < SEEDS:
+        raise ValueError(f"{owner}: seed must be an integer in [0, 2**32), got {s!r}")
+
+
+@dataclass(frozen=True)
+class kron(Rule):
+    """Kron (Li, 2018; Kronecker-factored PSGD as ``kron_torch`` writes it), with
+    ``pytorch_optimizer.Kron``'s names and defaults: ``p <- p - lr*u``, ``u`` from
+    :class:`scale_by_kron` (its formulas). Options: ``weight_decouple`` (decay added to the
+    preconditioned direction, else to the gradient; leaves of 2+ axes only, as kron_torch),
+    ``preconditioner_update_probability`` (a number or a schedule; default
+    :class:`psgd_update_probability`: 1 for 500 steps, then decaying to 0.03),
+    ``max_size_triangular`` / ``min_ndim_triangular`` / ``memory_save_mode`` (which factors
+    are diagonal), ``momentum_into_precondition_update`` (fit ``P`` to the momentum, else to
+    the gradient), ``precond_lr``, ``precond_init_scale``, ``balance_prob``, ``seed``.
+
+    Differences from pytorch-optimizer, on purpose: the factors are kept in the leaf's dtype
+    (its ``precondition_dtype`` defaults to float32; ``mu_dtype`` is not offered) and the
+    triangular solves run in it (pytorch-optimizer and kron_torch solve in float32); the
+    update probability is computed in double (theirs in float32); the probes come from a
+    generator in the state seeded with ``seed`` (theirs: torch's global generator; after
+    ``torch.manual_seed(seed)`` the same on torch tensors) and the balancing draws from
+    NumPy's PCG64 seeded with ``seed`` (theirs: ``np.random.random()``). Runs on NumPy
+    (LAPACK's triangular solve, through SciPy), torch and JAX (its own generator), not under
+    ``jax.jit``.
+    """
+
+    lr: Any = hyper(1e-3, NONNEG)
+    momentum: Any = hyper(0.9, UNIT_OPEN)
+    weight_decay: Any = hyper(0.0, NONNEG)
+    weight_decouple: bool = True
+    preconditioner_update_probability: Any = hyper(psgd_update_probability(),
+                                                   Interval(0.0, 1.0))
+    max_size_triangular: int = 8192
+    min_ndim_triangular: int = 2
+    memory_save_mode: str | None = None
+    momentum_into_precondition_update: bool = True
+    precond_lr: Any = hyper(0.1, NONNEG)
+    precond_init_scale: float = 1.0
+    balance_prob: float = 0.01
+    seed: int = 0
+
+    info: ClassVar[Info] = Info(
+        family="second-order",
+        paper="Li (2018)",
+        references=("pytorch_optimizer.Kron",),
+        # no preconditioner updates: each array library draws its probes from its own
+        # generator, so only then do they agree; the parity tests fit the preconditioner
+        example={"lr": 0.01, "preconditioner_update_probability": 0.0},
+        budget=1000,
+        complex=False,
+        backends=("numpy", "torch", "jax"),
+        jit=False,
+    )
+
+    def check(self) -> None:
+        _check_kron(self.name, self)
+
+    def parts(self) -> tuple[Transform, ...]:
+        return (scale_by_kron(
+            momentum=self.momentum, weight_decay=self.weight_decay,
+            weight_decouple=self.weight_decouple,
+            preconditioner_update_probability=self.preconditioner_update_probability,
+            max_size_triangular=self.max_size_triangular,
+            min_ndim_triangular=self.min_ndim_triangular,
+            memory_save_mode=self.memory_save_mode,
+            momentum_into_precondition_update=self.momentum_into_precondition_update,
+            precond_lr=self.precond_lr, precond_init_scale=self.precond_init_scale,
+            balance_prob=self.balance_prob, seed=self.seed),
+            scale_by_lr(lr=self.lr))

@@ -1,0 +1,203 @@
+"""Run by tests/test_distributed_jax.py in a fresh process: JAX takes its device count from
+``XLA_FLAGS`` when it is imported, so 8 host devices (or a process of a ``jax.distributed``
+group) need a process of their own. Prints one JSON line of findings; the test judges them.
+
+    python distributed_jax_worker.py mesh
+    python distributed_jax_worker.py process ID PORT
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+# host devices on a few busy cores can be slow to meet in a collective: XLA's 40 s before it
+# aborts the process is too short on a loaded test machine
+SLOW_PEERS = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+
+# which collectives a compiled step holds; a shape such as f64[] or (f64[], f64[]) follows "="
+COLLECTIVE = re.compile(
+    r"=\s*(?P<shape>\([^)]*\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"collective-permute)(-start)?\("
+)
+
+
+def collectives(hlo: str) -> list[tuple[str, str]]:
+    """(op, result shape) of each collective in a compiled module's text."""
+    return [(m["op"], m["shape"]) for m in COLLECTIVE.finditer(hlo)]
+
+
+def scalar_shapes(shape: str) -> bool:
+    """Whether an HLO result shape holds only scalars: ``f64[]``, ``f64[1]{0}`` or a tuple of
+    them."""
+    return all(re.fullmatch(r"[a-z0-9]+\[1?\](\{0?\})?", s.strip())
+               for s in shape.strip("()").split(",") if s.strip())
+
+
+def mesh_run() -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+    import uniopt as uo
+
+    # jax_log_compiles logs every XLA compilation by function name: the step's are counted
+    compiles: list[str] = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "XLA compilation of jit(sharded_step)" in record.getMessage():
+                compiles.append(record.getMessage())
+
+    logger = logging.getLogger("jax")
+    logger.addHandler(Compiles())
+    logger.propagate = False
+    jax.config.update("jax_log_compiles", True)
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    # a replicated matrix written P(None, None), as jit returns it: written P() (the same
+    # layout), the second step's arguments would differ from the first's in spelling, one more
+    # entry in jit's dispatch cache (JAX's, not a compilation: the compile count stays 1)
+    layout = {"w": ((16, 8), P("data", "model")), "e": ((32, 6), P("data", None)),
+              "b": ((8,), P("model")), "r": ((5, 3), P(None, None)), "s": ((), P())}
+    shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in layout.items()}
+    rng = np.random.default_rng(0)
+    start = {k: rng.standard_normal(shape) for k, (shape, _) in layout.items()}
+    grads = [{k: rng.standard_normal(shape) for k, (shape, _) in layout.items()}
+             for _ in range(100)]
+
+    def sharded(tree: dict[str, Any]) -> dict[str, Any]:
+        return {k: jax.device_put(jnp.asarray(v), shardings[k]) for k, v in tree.items()}
+
+    def run(rule: uo.Transform, steps: int, on_mesh: bool) -> dict[str, Any]:
+        traces = [0]
+
+        def sharded_step(state: uo.State, params: Any, g: Any) -> Any:
+            traces[0] += 1
+            return uo.update(state, params, g)
+
+        place = sharded if on_mesh else (lambda t: {k: jnp.asarray(v) for k, v in t.items()})
+        params = place(start)
+        state = uo.setup(rule, params)
+        slot_layout = {k: [str(getattr(x.sharding, "spec", None)) for x in v]
+                       for k, v in state.slots.items()}
+        jitted = jax.jit(sharded_step, donate_argnums=(0, 1))
+        before = len(compiles)
+        hlo = jitted.lower(state, params, place(grads[0])).compile().as_text()
+        first = None
+        for i in range(steps):
+            given = params
+            # one step at a time: two in flight can starve each other's collectives of
+            # threads where 8 host devices share 2 cores (seen to hang)
+            state, params = jax.block_until_ready(jitted(state, params, place(grads[i])))
+            first = given["w"].is_deleted() if first is None else first
+            if i == steps // 2:  # a new number, the same skeleton: the same compiled step
+                state = uo.adjust(state, lr=5e-3)
+        same = {k: bool(params[k].sharding.is_equivalent_to(shardings[k], len(layout[k][0])))
+                for k in params} if on_mesh else {}
+        slots_same = {
+            name: [bool(x.sharding.is_equivalent_to(shardings[k], x.ndim))
+                   for k, x in zip(sorted(params), xs, strict=True)]
+            for name, xs in state.slots.items()} if on_mesh else {}
+        return {"params": {k: np.asarray(v).tolist() for k, v in params.items()},
+                "traces": traces[0], "cache": jitted._cache_size(),
+                "compiles": len(compiles) - before, "collectives": collectives(hlo),
+                "donated": first, "params_sharding_kept": same, "slots_sharding_kept": slots_same,
+                "slots_at_setup": slot_layout}
+
+    def numpy_run(rule: uo.Transform, steps: int) -> dict[str, Any]:
+        """The eager NumPy reference path on the same data and the same adjust."""
+        params = {k: v.copy() for k, v in start.items()}
+        state = uo.setup(rule, params)
+        for i in range(steps):
+            state, params = uo.update(state, params, grads[i])
+            if i == steps // 2:
+                state = uo.adjust(state, lr=5e-3)
+        return {k: np.asarray(v).tolist() for k, v in params.items()}
+
+    adamw = uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2, weight_decay=1e-2))
+    out: dict[str, Any] = {
+        "devices": len(jax.devices()),
+        # the unsharded run: the same jitted step on one device
+        "adamw-clip": {"mesh": run(adamw, 100, True), "one": run(adamw, 100, False)["params"],
+                       "numpy": numpy_run(adamw, 100)},
+    }
+    # per-tensor norms (trust ratios) of sharded leaves
+    for name, rule in {"lamb": uo.lamb(lr=1e-2, weight_decay=1e-2),
+                       "lars": uo.lars(lr=1e-2, momentum=0.9, weight_decay=1e-3)}.items():
+        out[name] = {"mesh": run(rule, 20, True), "numpy": numpy_run(rule, 20)}
+    return out
+
+
+def process_run(rank: int, port: int) -> dict[str, Any]:
+    """One process of two in a ``jax.distributed`` group on CPU (2 devices each): AdamW with
+    global-norm clipping over a mesh of the four devices, each process feeding its shards."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=rank, initialization_timeout=60)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import uniopt as uo
+
+    mesh = jax.make_mesh((4,), ("data",))
+    # every axis spelled, as jit returns them: one entry in jit's dispatch cache
+    layout = {"w": ((8, 3), P("data", None)), "b": ((4,), P("data")), "r": ((3,), P(None))}
+    rng = np.random.default_rng(0)  # every process draws the same global arrays
+    start = {k: rng.standard_normal(shape) for k, (shape, _) in layout.items()}
+    grads = [{k: rng.standard_normal(shape) for k, (shape, _) in layout.items()}
+             for _ in range(20)]
+
+    def global_arrays(tree: dict[str, Any]) -> dict[str, Any]:
+        # each process gives only the shards of its own devices
+        return {k: jax.make_array_from_callback(v.shape, NamedSharding(mesh, layout[k][1]),
+                                                lambda idx, v=v: v[idx])
+                for k, v in tree.items()}
+
+    rule = uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2, weight_decay=1e-2))
+    params = global_arrays(start)
+    state = uo.setup(rule, params)
+    step = jax.jit(uo.update, donate_argnums=(0, 1))
+    for g in grads:
+        state, params = jax.block_until_ready(step(state, params, global_arrays(g)))
+    # each process reads back its own shards
+    local = {k: [(str(s.index), np.asarray(s.data).tolist()) for s in v.addressable_shards]
+             for k, v in params.items()}
+    ref_params = {k: jnp.asarray(v) for k, v in start.items()}
+    ref_state = uo.setup(rule, ref_params)
+    for g in grads:
+        ref_state, ref_params = uo.update(ref_state, ref_params,
+                                          {k: jnp.asarray(v) for k, v in g.items()})
+    worst = 0.0
+    for k, v in params.items():
+        for s in v.addressable_shards:
+            want = np.asarray(ref_params[k])[s.index]
+            got = np.asarray(s.data)
+            worst = max(worst, float(np.max(np.abs(got - want) / np.maximum(np.abs(want),
+                                                                             1e-300))))
+    out = {"rank": rank, "processes": jax.process_count(), "devices": len(jax.devices()),
+           "local_devices": len(jax.local_devices()), "worst": worst, "shards": len(local["w"]),
+           "cache": step._cache_size()}
+    jax.distributed.shutdown()
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "mesh":
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + SLOW_PEERS
+        print(json.dumps(mesh_run()))
+    else:
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 " + SLOW_PEERS
+        print(json.dumps(process_run(int(sys.argv[2]), int(sys.argv[3]))))

@@ -1,0 +1,260 @@
+"""Run by tests/test_distributed_ddp.py: one rank of a 2-process gloo group on CPU.
+
+    python distributed_torch_worker.py SCENARIO RANK WORLD PORT
+
+Every scenario trains a small float64 model under ``DistributedDataParallel``, each rank on its
+own batches, and holds the parameters it ends with to a single-process run of the same
+optimizer on the mean of the ranks' gradients (formed as DDP forms it: each divided by the world
+size, then summed; both exact in float64 for two ranks, so the runs agree bit for bit). Prints
+one JSON line of findings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+STEPS = 3
+
+
+def _classes() -> dict[str, tuple[Any, dict[str, Any], str]]:
+    """Every ``uniopt.torch`` class: its arguments, and the parameters it takes ("all", or
+    "matrices" for Muon)."""
+    import uniopt.torch as ut
+
+    return {
+        "SGD": (ut.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}, "all"),
+        "Adagrad": (ut.Adagrad, {"lr": 0.05}, "all"),
+        "RMSprop": (ut.RMSprop, {"lr": 0.01, "centered": True, "momentum": 0.5}, "all"),
+        "Adadelta": (ut.Adadelta, {"lr": 1.0}, "all"),
+        "Adam": (ut.Adam, {"lr": 0.01, "amsgrad": True}, "all"),
+        "AdamW": (ut.AdamW, {"lr": 0.01, "weight_decay": 0.1}, "all"),
+        "Adamax": (ut.Adamax, {"lr": 0.01}, "all"),
+        "NAdam": (ut.NAdam, {"lr": 0.01}, "all"),
+        "RAdam": (ut.RAdam, {"lr": 0.01}, "all"),
+        "ASGD": (ut.ASGD, {"lr": 0.01}, "all"),
+        "Rprop": (ut.Rprop, {"lr": 0.01}, "all"),
+        "Adafactor": (ut.Adafactor, {"lr": 0.01}, "all"),
+        "Muon": (ut.Muon, {"lr": 0.02}, "matrices"),
+        "SparseAdam": (ut.SparseAdam, {"lr": 0.01}, "embedding"),
+        "LBFGS": (ut.LBFGS, {"lr": 0.5, "max_iter": 1}, "all"),
+    }
+
+
+def _model(seed: int, sparse: bool = False) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    if sparse:
+        return torch.nn.EmbeddingBag(12, 4, mode="sum", sparse=True).double()
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3)).double()
+
+
+def _batch(step: int, rank: int, sparse: bool = False) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    if sparse:
+        return torch.randint(0, 12, (5, 3), generator=g)
+    return torch.randn(8, 6, generator=g, dtype=torch.float64)
+
+
+def _loss(model: Any, x: Any) -> Any:
+    y = model(x)
+    return (y**2).mean() + y.sum() * 0.1
+
+
+def _chosen(model: Any, which: str) -> list[Any]:
+    ps = list(model.parameters())
+    return [p for p in ps if p.ndim == 2] if which == "matrices" else ps
+
+
+def _needs_closure(opt: Any) -> bool:
+    return type(opt).__name__ == "LBFGS"
+
+
+def _reference(make: Callable[[list[Any]], Any], which: str, world: int, sparse: bool) -> Any:
+    """One process: the mean of every rank's gradient, as DDP forms it, then the step."""
+    import torch
+
+    model = _model(0, sparse)
+    opt = make(_chosen(model, which))
+    for step in range(STEPS):
+
+        def closure(step: int = step) -> Any:
+            grads: list[Any] = [None] * len(list(model.parameters()))
+            total = torch.zeros((), dtype=torch.float64)
+            for rank in range(world):
+                model.zero_grad()
+                loss = _loss(model, _batch(step, rank, sparse))
+                loss.backward()
+                total = total + loss.detach() / world
+                for i, p in enumerate(model.parameters()):
+                    g = p.grad / world
+                    grads[i] = g if grads[i] is None else grads[i] + g
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.coalesce() if g.is_sparse else g
+            return total
+
+        if _needs_closure(opt):
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+    return model
+
+
+def _run(make: Callable[[list[Any]], Any], which: str, rank: int, sparse: bool,
+         zero: Any = None) -> tuple[Any, Any]:
+    """DDP on this rank (``zero``: a ZeroRedundancyOptimizer of ``make``'s class)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model(0, sparse)
+    ddp = DDP(model)
+    opt = zero(_chosen(model, which)) if zero is not None else make(_chosen(model, which))
+    for step in range(STEPS):
+        x = _batch(step, rank, sparse)
+
+        def closure(x: Any = x) -> Any:
+            opt.zero_grad()
+            loss = _loss(ddp, x)
+            loss.backward()
+            return loss
+
+        if _needs_closure(getattr(opt, "optim", opt)):
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+    return model, opt
+
+
+def _same(a: Any, b: Any) -> float:
+    """The largest difference between two models' parameters (0.0: the same bits)."""
+    import torch
+
+    with torch.no_grad():
+        return max(float((p - q).abs().max()) if not torch.equal(p, q) else 0.0
+                   for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def _state_bytes(opt: Any) -> int:
+    import torch
+
+    total = 0
+
+    def walk(x: Any) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    for p, s in opt.state.items():
+        # the step counters are bookkeeping, not optimizer state proper
+        walk({k: v for k, v in s.items() if k != "step"} if isinstance(p, torch.Tensor) else s)
+    return total
+
+
+def classes(rank: int, world: int) -> dict[str, Any]:
+    """Every class under DDP alone, and under ZeRO-1 over DDP (but L-BFGS: see the test)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import uniopt as uo
+    from uniopt.memory import footprint
+
+    declared = {"SGD": uo.sgd(lr=0.05, momentum=0.9), "RMSprop": uo.rmsprop(
+        centered=True, momentum=0.5), "Adam": uo.adam(amsgrad=True), "AdamW": uo.adamw(),
+        "Adafactor": uo.adafactor()}
+    out: dict[str, Any] = {}
+    for name, (cls, kw, which) in _classes().items():
+        sparse = which == "embedding"
+
+        def make(ps: list[Any], cls: Any = cls, kw: dict[str, Any] = kw) -> Any:
+            return cls(ps, **kw)
+
+        ref = _reference(make, which, world, sparse)
+        model, _ = _run(make, which, rank, sparse)
+        found: dict[str, Any] = {"ddp": _same(model, ref)}
+        if name != "LBFGS":
+            def zero(ps: list[Any], cls: Any = cls, kw: dict[str, Any] = kw) -> Any:
+                return ZeroRedundancyOptimizer(ps, optimizer_class=cls, **kw)
+
+            model, opt = _run(make, which, rank, sparse, zero)
+            found["zero"] = _same(model, ref)
+            found["local_params"] = sum(p.numel() for g in opt.optim.param_groups
+                                        for p in g["params"])
+            found["local_state_bytes"] = _state_bytes(opt.optim)
+            found["all_params"] = sum(p.numel() for p in _chosen(model, which))
+            if name in declared:
+                # what uniopt.memory counts for this rank's share, in the params' float64
+                shapes = [tuple(p.shape) for g in opt.optim.param_groups for p in g["params"]]
+                found["footprint"] = footprint(declared[name], shapes,
+                                               state_dtype="float64").state
+        out[name] = found
+    return out
+
+
+def recipe(rank: int, world: int) -> dict[str, Any]:
+    """``uniopt.torch.Optimizer`` with a partition (no decay on vectors) and a masked rule,
+    under ZeRO-1: labels and masks that read the leaf, which every rank can."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import uniopt as uo
+    import uniopt.torch as ut
+
+    rules = {
+        "partition": uo.partition(
+            {"decay": uo.adamw(lr=0.01, weight_decay=0.1),
+             "no_decay": uo.adamw(lr=0.01, weight_decay=0.0)},
+            lambda path, p: "no_decay" if p.ndim == 1 else "decay"),
+        "masked": uo.chain(uo.masked(uo.weight_decay(1e-2), lambda path, p: p.ndim == 2),
+                           uo.adam(lr=0.01)),
+    }
+    out: dict[str, Any] = {}
+    for name, rule in rules.items():
+        def make(ps: list[Any], rule: Any = rule) -> Any:
+            return ut.Optimizer(ps, rule)
+
+        def zero(ps: list[Any], rule: Any = rule) -> Any:
+            return ZeroRedundancyOptimizer(ps, optimizer_class=ut.Optimizer, rule=rule)
+
+        ref = _reference(make, "all", world, False)
+        model, _ = _run(make, "all", rank, False, zero)
+        out[name] = _same(model, ref)
+    out["overlap_error"] = _overlap()
+    return out
+
+
+def _overlap() -> str | None:
+    """``overlap_with_ddp=True``: what torch says of a class it has no functional twin for."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import uniopt.torch as ut
+
+    model = _model(0)
+    try:
+        ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ut.AdamW,
+                                overlap_with_ddp=True, lr=0.01)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    scenario, rank, world, port = sys.argv[1], *map(int, sys.argv[2:5])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        print(json.dumps({"rank": rank, **globals()[scenario](rank, world)}))
+    finally:
+        dist.destroy_process_group()

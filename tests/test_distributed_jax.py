@@ -1,0 +1,159 @@
+"""Sharded JAX parameters: a state laid out as its parameters, a jitted step that keeps the
+layout, compiles once and gathers nothing, global and per-tensor norms reduced across shards;
+and a two-process ``jax.distributed`` group on CPU.
+
+JAX fixes its device count when it is imported (``XLA_FLAGS``), so each scenario runs in a
+process of its own (tests/distributed_jax_worker.py), which prints its findings as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+
+WORKER = Path(__file__).with_name("distributed_jax_worker.py")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _env() -> dict[str, str]:
+    # the worker imports this checkout's uniopt, whatever the caller's path
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _rel(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+
+
+def _worst(got: dict[str, Any], want: dict[str, Any]) -> float:
+    assert sorted(got) == sorted(want)
+    return max(_rel(got[k], want[k]) for k in got)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(WORKER), "mesh"], capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    return out
+
+
+@pytest.mark.parametrize("name", ["adamw-clip", "lamb", "lars"])
+def test_a_sharded_step_keeps_the_layout_and_compiles_once(mesh: dict[str, Any],
+                                                          name: str) -> None:
+    """8 host devices, a (4, 2) mesh: the slots are set up with their parameter's sharding, the
+    donated jitted step returns parameters and slots so, and compiles once over 100 (20) steps
+    and an ``adjust``."""
+    run = mesh[name]["mesh"]
+    assert all(run["params_sharding_kept"].values()), run["params_sharding_kept"]
+    for slot, kept in run["slots_sharding_kept"].items():
+        assert all(kept), (slot, kept)
+    # set up already laid out (trainables order: b, e, r, s, w)
+    for slot, specs in run["slots_at_setup"].items():
+        assert [x.replace("PartitionSpec", "P") for x in specs] == [
+            "P('model',)", "P('data', None)", "P(None, None)", "P()", "P('data', 'model')"
+        ], (slot, specs)
+    assert run["donated"], "the donated parameters were copied, not reused"
+    assert run["traces"] == 1
+    assert run["compiles"] == 1
+    assert run["cache"] == 1
+
+
+@pytest.mark.parametrize("name", ["adamw-clip", "lamb", "lars"])
+def test_a_sharded_step_gathers_nothing(mesh: dict[str, Any], name: str) -> None:
+    """The compiled step's only collectives are all-reduces of scalars: the global norm's
+    partial sums (clip_by_global_norm) or each leaf's norms (LAMB's and LARS's trust ratios);
+    no parameter or slot is gathered, scattered or moved."""
+    from distributed_jax_worker import scalar_shapes
+
+    found = mesh[name]["mesh"]["collectives"]
+    assert found, "the norms of sharded leaves need a reduction across shards"
+    for op, shape in found:
+        assert op == "all-reduce", (op, shape)
+        assert scalar_shapes(shape), shape
+
+
+def test_sharded_adamw_with_clipping_equals_the_unsharded_run(mesh: dict[str, Any]) -> None:
+    """100 jitted steps of ``chain(clip_by_global_norm(1.0), adamw)`` on the mesh (x64) equal
+    the same jitted step on one device, and the eager NumPy run, to 1e-12."""
+    run = mesh["adamw-clip"]
+    assert _worst(run["mesh"]["params"], run["one"]) <= 1e-12
+    assert _worst(run["mesh"]["params"], run["numpy"]) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_sharded_trust_ratios_equal_the_unsharded_run(mesh: dict[str, Any], name: str) -> None:
+    assert _worst(mesh[name]["mesh"]["params"], mesh[name]["numpy"]) <= 1e-12
+
+
+def test_the_worker_reads_collectives_and_scalars() -> None:
+    from distributed_jax_worker import collectives, scalar_shapes
+
+    hlo = ("%all-reduce.4 = (f64[], f64[]) all-reduce(%a, %b), channel_id=3\n"
+           "%all-gather = f32[16,8]{1,0} all-gather(%p), dimensions={0}\n"
+           "%ar = f64[1]{0} all-reduce-start(%x)\n")
+    assert collectives(hlo) == [("all-reduce", "(f64[], f64[])"), ("all-gather", "f32[16,8]{1,0}"),
+                                ("all-reduce", "f64[1]{0}")]
+    assert scalar_shapes("(f64[], f32[1]{0})") and scalar_shapes("f64[]")
+    assert not scalar_shapes("f32[16,8]{1,0}") and not scalar_shapes("(f64[], f64[2]{0})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.slow
+def test_two_processes_of_jax_distributed_on_cpu() -> None:
+    """Two processes, two CPU devices each, one mesh of four (gloo collectives): each process
+    feeds its shards, and the clipped AdamW of 20 jitted steps equals the one-process run."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "process", str(rank), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env())
+             for rank in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=240)
+            assert p.returncode == 0, stderr[-3000:]
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, out in enumerate(outs):
+        assert out["rank"] == rank
+        assert (out["processes"], out["devices"], out["local_devices"]) == (2, 4, 2)
+        assert out["shards"] == 2  # this process's two of the four
+        assert out["worst"] <= 1e-12, out
+        assert out["cache"] == 1
+
+
+@pytest.mark.slow
+def test_the_mesh_example_runs() -> None:
+    """examples/jax_mesh.py, the README's: trains, keeps the layout, compiles one step."""
+    example = WORKER.parents[1] / "examples" / "jax_mesh.py"
+    proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "w1 and its exp_avg: P('data', 'model') P('data', 'model')" in proc.stdout
+    assert "compiled steps: 1" in proc.stdout

@@ -1,0 +1,441 @@
+"""The multi-tensor path (uniopt.fast.foreach), on CPU tensors where it is forced (no GPU here):
+the rule's own kernels over lists of tensors, one ``torch._foreach_*`` call per operation.
+
+Held to the reference path bit for bit (on the CPU each ``_foreach`` op is torch's per-tensor
+op), to torch's own ``foreach=True`` classes bit for bit where torch's foreach equals its
+for-loop, and counted: a step dispatches as many operations for 1,000 tensors as for 10, on the
+CPU and on the ``meta`` device. With ``capturable=True`` a step reads nothing back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, NamedTuple
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import uniopt as uo
+import uniopt.torch as ut
+from uniopt import fast, registry
+from uniopt.base import Elementwise, Transform
+from uniopt.fast import foreach
+
+SHAPES = [(3, 2), (4,), ()]
+
+
+def _cases() -> list[tuple[str, Transform]]:
+    """Every registry rule whose parts are all elementwise, in each of its conventions, and a
+    few chains."""
+    out = []
+    for name, e in registry.entries().items():
+        if e.needs_closure or "torch" not in e.backends or e.step_args:
+            continue
+        for conv in list(getattr(e.rule, "conventions", {}) or {}) or [None]:
+            kw = dict(e.example) | ({} if conv is None else {"convention": conv})
+            rule = e.rule(**kw)
+            if all(isinstance(p, Elementwise) and not p.needs_norm for p in rule.flat_parts):
+                out.append((name if conv is None else f"{name}[{conv}]", rule))
+    out += [
+        ("chain(weight_decay, adam)", uo.chain(uo.weight_decay(0.1), uo.adam(lr=0.01))),
+        ("chain(clip, sgd, ema)", uo.chain(uo.clip(0.5), uo.sgd(lr=0.1, momentum=0.9),
+                                           uo.ema(0.9))),
+        ("chain(sign, scale)", uo.chain(uo.sign(), uo.scale(0.01))),
+    ]
+    return out
+
+
+CASES = _cases()
+IDS = [label for label, _ in CASES]
+DTYPES = [torch.float32, torch.float64]
+
+
+@contextlib.contextmanager
+def _reference() -> Iterator[None]:
+    """Steps in this context run the engine's reference path: no strategy takes them."""
+    saved = fast.STRATEGIES
+    fast.STRATEGIES = ()
+    try:
+        yield
+    finally:
+        fast.STRATEGIES = saved
+
+
+def _run(rule: Transform, path: Callable[[], Any], dtype: torch.dtype, steps: int,
+         inplace: bool = True) -> tuple[list[torch.Tensor], uo.State]:
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+    state = uo.setup(rule, ps)
+    with path(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a schedule's value warnings are the rule's own
+        for _ in range(steps):
+            gs = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+            if inplace:
+                state = uo.update_(state, ps, gs)
+            else:
+                state, ps = uo.update(state, ps, gs)
+    return ps, state
+
+
+def _same(a: tuple[list[torch.Tensor], uo.State], b: tuple[list[torch.Tensor], uo.State]) -> None:
+    for x, y in zip(a[0], b[0], strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()
+    for key, xs in a[1].slots.items():
+        for x, y in zip(xs, b[1].slots[key], strict=True):
+            assert torch.equal(x, y), key
+
+
+def _parity(rule: Transform, dtype: torch.dtype, steps: int) -> None:
+    before = foreach.STEPS
+    ours = _run(rule, foreach.forced, dtype, steps)
+    assert foreach.STEPS - before == steps  # every step took the multi-tensor path
+    _same(ours, _run(rule, _reference, dtype, steps))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rule", [r for _, r in CASES], ids=IDS)
+def test_equals_the_reference_path_bit_for_bit(rule: Transform, dtype: torch.dtype) -> None:
+    _parity(rule, dtype, steps=4)
+
+
+# what only a long run shows is in the step-dependent coefficients (bias corrections, warm-ups,
+# RAdam's switch), the same numbers for either dtype: float32's 300 steps, float64's 4 above
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", [r for _, r in CASES], ids=IDS)
+def test_equals_the_reference_path_for_300_steps(rule: Transform) -> None:
+    _parity(rule, torch.float32, steps=300)
+
+
+@pytest.mark.parametrize("label", ["adamw[torch]", "chain(weight_decay, adam)", "rprop[torch]",
+                                   "chain(clip, sgd, ema)"])
+def test_a_pure_step_equals_the_in_place_one_and_aliases_nothing(label: str) -> None:
+    rule = dict(CASES)[label]
+    ps, state = _run(rule, foreach.forced, torch.float32, 3, inplace=False)
+    _same((ps, state), _run(rule, foreach.forced, torch.float32, 3))
+    given = [torch.ones(s) for s in SHAPES]
+    grads = [torch.ones(s) for s in SHAPES]
+    state = uo.setup(rule, given)
+    with foreach.forced():
+        new_state, new = uo.update(state, given, grads)
+    inputs = {x.data_ptr() for x in [*given, *grads, *(s for v in state.slots.values()
+                                                      for s in v)] if x.numel()}
+    outputs = [*new, *(s for v in new_state.slots.values() for s in v)]
+    assert not inputs & {x.data_ptr() for x in outputs if x.numel()}
+
+
+# torch's own foreach classes, bit for bit where torch's foreach is its for-loop's arithmetic
+# (NAdam, RAdam and ASGD's foreach implementations order their operations otherwise, and
+# differ from torch's own for-loop on 4-100% of elements after 50 steps; uniopt follows the
+# for-loop there, as tests/test_torch_exact.py holds it)
+TORCH_FOREACH = [
+    ("AdamW", {"lr": 0.01}), ("Adam", {"lr": 0.01, "weight_decay": 0.1}),
+    ("Adam", {"lr": 0.01, "amsgrad": True}), ("SGD", {"lr": 0.01, "momentum": 0.9}),
+    ("SGD", {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    ("RMSprop", {"lr": 0.01, "centered": True}), ("Adagrad", {"lr": 0.1}),
+    ("Adamax", {"lr": 0.01}), ("Adadelta", {}), ("Rprop", {}),
+]
+
+
+def _train(cls: Any, dtype: torch.dtype, steps: int = 30, **kw: Any) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in SHAPES]
+    opt = cls(ps, **kw)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g, dtype=dtype)
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("name", "kw"), TORCH_FOREACH,
+                         ids=[f"{n}{sorted(k)}" for n, k in TORCH_FOREACH])
+def test_equals_torch_foreach_bit_for_bit(name: str, kw: dict[str, Any],
+                                          dtype: torch.dtype) -> None:
+    before = foreach.STEPS
+    ours = _train(getattr(ut, name), dtype, foreach=True, **kw)
+    assert foreach.STEPS - before == 30
+    theirs = _train(getattr(torch.optim, name), dtype, foreach=True, **kw)
+    for x, y in zip(ours, theirs, strict=True):
+        assert torch.equal(x, y)
+
+
+# --- the number of device operations ------------------------------------------------------------
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _engine_ops(rule: Transform, n: int, device: str) -> int:
+    ps = [torch.zeros(4, device=device) for _ in range(n)]
+    gs = [torch.ones(4, device=device) for _ in range(n)]
+    state = uo.setup(rule, ps)
+    with foreach.forced():
+        state = uo.update_(state, ps, gs)
+        with _Count() as c:
+            uo.update_(state, ps, gs)
+    return len(c.ops)
+
+
+def _facade_ops(make: Callable[..., torch.optim.Optimizer], n: int, device: str,
+                **flags: Any) -> int:
+    ps = [torch.nn.Parameter(torch.zeros(4, device=device)) for _ in range(n)]
+    for p in ps:
+        p.grad = torch.ones(4, device=device)
+    # off the CPU the multi-tensor path is the default; on it, foreach=True asks for it
+    opt = make(ps, **(flags or ({"foreach": True} if device == "cpu" else {})))
+    opt.step()  # the state is made
+    with _Count() as c:
+        opt.step()
+    return len(c.ops)
+
+
+ENGINE = {"adamw": uo.adamw(), "adam": uo.adam(), "sgd_momentum": uo.sgd(lr=0.1, momentum=0.9)}
+FACADE: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": ut.AdamW, "adam": ut.Adam,
+    "sgd_momentum": lambda ps, **kw: ut.SGD(ps, lr=0.1, momentum=0.9, **kw),
+}
+
+
+# On the meta device each _foreach op is torch's Python decomposition, a millisecond per
+# tensor: the suite counts 10 and 100 tensors there for AdamW, and 1,000 in the slow run
+SIZES = (10, 100, 1000)
+COUNTS = [("cpu", name, SIZES) for name in ENGINE] + [("meta", "adamw", SIZES[:2])]
+SLOW_COUNTS = [("meta", name, SIZES) for name in ENGINE]
+
+
+def _constant(counts: list[int]) -> None:
+    assert max(counts) - min(counts) <= 2, counts
+
+
+WITH_SLOW = [*COUNTS, *(pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_COUNTS)]
+
+
+@pytest.mark.parametrize(("device", "name", "sizes"), WITH_SLOW)
+def test_an_engine_step_dispatches_as_many_operations_for_any_number_of_tensors(
+        device: str, name: str, sizes: tuple[int, ...]) -> None:
+    counts = [_engine_ops(ENGINE[name], n, device) for n in sizes]
+    _constant(counts)
+    assert counts[0] < 30, counts  # AdamW 18, Adam 16, SGD with momentum 6
+
+
+@pytest.mark.parametrize(("device", "name", "sizes"), WITH_SLOW)
+def test_a_uniopt_torch_step_dispatches_as_many_operations_for_any_number_of_tensors(
+        device: str, name: str, sizes: tuple[int, ...]) -> None:
+    _constant([_facade_ops(FACADE[name], n, device) for n in sizes])
+
+
+def test_a_capturable_step_dispatches_as_many_operations_for_any_number_of_tensors() -> None:
+    # the coefficients computed on the device add a fixed number: AdamW 18 + 16
+    _constant([_facade_ops(ut.AdamW, n, "cpu", capturable=True) for n in SIZES])
+
+
+def test_the_reference_path_dispatches_per_tensor() -> None:
+    # what the multi-tensor path saves: the reference path's count grows with the tensors
+    with _reference():
+        counts = [_engine_ops(uo.adamw(), n, "cpu") for n in (10, 100)]
+    assert counts[1] > 5 * counts[0]
+
+
+def test_meta_tensors_take_the_multi_tensor_path_unforced() -> None:
+    ps = [torch.zeros(3, device="meta")]
+    state = uo.setup(uo.adam(), ps)
+    before = foreach.STEPS
+    uo.update_(state, ps, [torch.ones(3, device="meta")])
+    assert foreach.STEPS == before + 1
+
+
+# --- capturable: no host synchronisation ------------------------------------------------------
+
+
+class _NoSync(TorchDispatchMode):
+    """Fails on any read of a tensor's value by the host: ``.item()``, ``float(t)``,
+    ``bool(t)`` (a Python branch on a tensor), ``.tolist()``."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+CAPTURABLE: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdamW": lambda ps, **kw: ut.AdamW(ps, lr=0.01, **kw),
+    "Adam_amsgrad": lambda ps, **kw: ut.Adam(ps, lr=0.01, amsgrad=True, weight_decay=0.1, **kw),
+    "SGD_momentum": lambda ps, **kw: ut.Optimizer(ps, uo.sgd(lr=0.01, momentum=0.9), **kw),
+    "RMSprop": lambda ps, **kw: ut.RMSprop(ps, lr=0.01, **kw),
+    "Adamax": lambda ps, **kw: ut.Adamax(ps, lr=0.01, **kw),
+    "lion": lambda ps, **kw: ut.Optimizer(ps, uo.lion(lr=0.01), **kw),
+    # a per-leaf part: the reference path, with the device's count (counted out of place)
+    "lamb": lambda ps, **kw: ut.Optimizer(ps, uo.lamb(lr=0.01), **kw),
+}
+
+
+def _steps(make: Callable[..., torch.optim.Optimizer], steps: int,
+           **kw: Any) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
+    opt = make(ps, **kw)
+    for i in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        with _NoSync() if kw.get("capturable") and i else contextlib.nullcontext():
+            opt.step()
+    return [p.detach() for p in ps], opt
+
+
+@pytest.mark.parametrize("name", list(CAPTURABLE))
+def test_a_capturable_step_reads_nothing_back_to_the_host(name: str) -> None:
+    ours, opt = _steps(CAPTURABLE[name], 20, capturable=True)
+    # the coefficients come from the device's count, -expm1(t log1p(-(1 - b))) where the
+    # host takes 1 - b**t: the same to float64 rounding
+    theirs, _ = _steps(CAPTURABLE[name], 20, foreach=True)
+    for x, y in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-14, atol=0)
+    run = opt._plans[0].runs[0]
+    assert run.device_step is not None and float(run.device_step) == 20.0
+    assert [float(opt.state[p]["step"]) for p in opt.param_groups[0]["params"]] == [20.0] * 3
+
+
+def test_a_device_counted_engine_step_counts_in_place() -> None:
+    ps = [torch.zeros(3)]
+    step = torch.zeros((), dtype=torch.float64)
+    state = dataclasses.replace(uo.setup(uo.adam(lr=0.1), ps), step=step)
+    with foreach.forced(), _NoSync():
+        state = uo.update_(state, ps, [torch.ones(3)])
+        state = uo.update_(state, ps, [torch.ones(3)])
+    assert state.step is step and float(step) == 2.0
+    torch.testing.assert_close(ps[0], torch.full((3,), -0.2), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda ps, **kw: ut.NAdam(ps, **kw),
+                                  lambda ps, **kw: ut.RAdam(ps, **kw),
+                                  lambda ps, **kw: ut.ASGD(ps, **kw)], ids=["NAdam", "RAdam",
+                                                                           "ASGD"])
+def test_a_rule_whose_coefficients_need_the_host_is_refused_capture(make: Any) -> None:
+    ps = [torch.nn.Parameter(torch.ones(3))]
+    ps[0].grad = torch.ones(3)
+    opt = make(ps, capturable=True)
+    with pytest.raises(TypeError, match="part scale_by_.* computes its coefficients on the host"):
+        opt.step()
+    assert torch.equal(ps[0].detach(), torch.ones(3))  # nothing written
+
+
+def test_the_options_of_uniopt_torch_optimizer() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    assert "foreach" not in ut.Optimizer([w], uo.sgd()).param_groups[0]  # as it was
+    opt = ut.Optimizer([w], uo.sgd(lr=0.5), foreach=True)
+    assert opt.param_groups[0]["foreach"] is True
+    w.grad = torch.ones(3)
+    before = foreach.STEPS
+    opt.step()
+    assert foreach.STEPS == before + 1
+    opt.param_groups[0]["foreach"] = False  # the plan is rebuilt: the compiled loop's again
+    opt.step()
+    assert foreach.STEPS == before + 1
+    assert torch.equal(w.detach(), torch.zeros(3))
+
+
+# --- what the path leaves to the reference path, and its errors -------------------------------
+
+
+def test_what_it_declines_runs_on_the_reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast, "_warned", set())  # each reason is said once per process
+    ps = [torch.ones(3, dtype=torch.float16)]
+    state = uo.setup(uo.adam(), ps)
+    before = foreach.STEPS
+    with foreach.forced(), pytest.warns(fast.FastPathUnavailable, match="float16"):
+        uo.update_(state, ps, [torch.ones(3, dtype=torch.float16)])
+    assert foreach.STEPS == before
+    ps = [torch.ones(3)]
+    state = uo.setup(uo.chain(uo.clip_by_global_norm(1.0), uo.sgd()), ps)
+    with foreach.forced(), pytest.warns(fast.FastPathUnavailable, match="norm"):
+        uo.update_(state, ps, [torch.ones(3)])
+    assert foreach.STEPS == before
+
+
+def test_a_bad_gradient_gets_the_engines_error() -> None:
+    ps = [torch.ones(3)]
+    state = uo.setup(uo.adam(), ps)
+    with foreach.forced(), pytest.raises(ValueError, match="has shape"):
+        uo.update_(state, ps, [torch.ones(4)])
+    assert torch.equal(ps[0], torch.ones(3))
+
+
+def test_mixed_dtypes_run_as_one_list_each() -> None:
+    ps = [torch.ones(3), torch.ones(2, dtype=torch.float64), torch.ones(1)]
+    ref = [p.clone() for p in ps]
+    gs = [torch.full_like(p, 0.5) for p in ps]
+    with foreach.forced(), _Count() as c:
+        uo.update_(uo.setup(uo.adam(lr=0.1), ps), ps, gs)
+    with _reference():
+        uo.update_(uo.setup(uo.adam(lr=0.1), ref), ref, gs)
+    assert all(map(torch.equal, ps, ref))
+    assert c.ops.count("aten._foreach_sqrt.default") == 2  # a list of float32, one of float64
+
+
+def test_a_kernel_that_branches_on_values_is_told_to_select() -> None:
+    xs = foreach.Lists([torch.ones(2)])
+    with pytest.raises(TypeError, match="select"):
+        bool(xs > 0)
+    with pytest.raises(TypeError, match="condition"):
+        foreach.XP.where(1.0, xs, xs)
+    with pytest.raises(TypeError, match="coefficient on the device"):
+        foreach.XP.maximum(xs, torch.tensor(1.0))
+
+
+class _Shift(NamedTuple):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _shift(Elementwise):
+    """A kernel whose new slot ``b`` is the old ``a``, and whose ``a`` is the old parameter."""
+
+    slots: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    def coeffs(self, step: Any) -> _Shift:
+        return _Shift()
+
+    @staticmethod
+    def kernel(xp, c, p, u, a, b):  # type: ignore[no-untyped-def]
+        return u, p, a
+
+
+def test_a_slot_that_is_an_old_value_keeps_it() -> None:
+    ps = [torch.full((2,), 3.0)]
+    state = uo.setup(_shift(), ps)
+    state.slots["_shift.a"][0].fill_(5.0)
+    with foreach.forced():
+        uo.update_(state, ps, [torch.ones(2)])
+    assert ps[0].tolist() == [2.0, 2.0]
+    assert state.slots["_shift.a"][0].tolist() == [3.0, 3.0]
+    assert state.slots["_shift.b"][0].tolist() == [5.0, 5.0]
+
+
+def test_comparisons_are_masks_and_select_is_exact() -> None:
+    x = torch.tensor([-2.0, 0.0, 3.0, float("nan")])
+    xs = foreach.Lists([x])
+    for got, want in [(xs > 0, x > 0), (xs < 0, x < 0), (xs > 1.0, x > 1.0)]:
+        assert torch.equal(got.ts[0], want.to(x.dtype))  # NaN: false, as the reference's
+    x, xs = x[:3], foreach.Lists([x[:3]])  # a NaN has sign 0: it compares as 0 does below
+    for got, want in [(xs >= 0, x >= 0), (xs <= 0, x <= 0), (xs == 0, x == 0),
+                      (xs != 0, x != 0), (xs < xs, x < x)]:
+        assert torch.equal(got.ts[0], want.to(x.dtype))
+    x = torch.tensor([-2.0, 0.0, 3.0, float("nan")])
+    xs = foreach.Lists([x])
+    a, b = torch.tensor([1e-30, 5.0, -7.0, 2.0]), torch.tensor([1.0, 1e30, 3.0, -0.5])
+    picked = foreach.XP.where(xs > 0, foreach.Lists([a]), foreach.Lists([b]))
+    assert torch.equal(picked.ts[0], torch.where(x > 0, a, b))
