@@ -350,7 +350,8 @@ class Plan:
             and self.tracked == bool(group.get("differentiable"))
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
-            and _ptrs(ps, self.sharding is not None) == self.ptrs
+            and list(map(_DATA_PTR, ps if self.sharding is None else
+                          map(dtensor.local, ps))) == self.ptrs
         ):
             return False
         version = getattr(state, "version", None)
@@ -412,13 +413,14 @@ class Plan:
         # foreach=True / capturable=True: CPU tensors too take the multi-tensor path (a
         # context variable set here: no Python call on the compiled loop's steps)
         forced = fast.FORCED.set(self.multi)
+        # DTensor parameters: which arrays are shards, for norms and per-leaf parts (set as
+        # the variable itself, not backend.sharded: a small step makes no extra Python call)
+        shards = backend.SHARDED.set(self.sharding)
         try:
             for run, step in zip(self.runs, self.run_steps(), strict=True):
                 gs = views if run.pos is None else [views[k] for k in run.pos]
                 with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
-                        torch.set_grad_enabled(self.tracked),\
-                        (contextlib.nullcontext() if self.sharding is None
-                         else backend.sharded(self.sharding)):
+                        torch.set_grad_enabled(self.tracked):
                     at = step if run.device_step is None else run.device_step
                     new = update_(State(rule, at, run.slots, flat_list_def(len(run.params)),
                                         "q8" if is_q8(self.group) else None, trees),
@@ -430,6 +432,7 @@ class Plan:
                 if run.numpy:
                     backend.mark_written(run.tensors)
         finally:
+            backend.SHARDED.reset(shards)
             fast.FORCED.reset(forced)
         if trees:
             self.state[self.plist[0]].update(trees)
