@@ -26,7 +26,7 @@ LAYERS = [
     {"hyper", "schedules", "tree", "backend", "moments"},
     {"base"},
     {"state", "quant", "transforms", "rules"},
-    {"interop.jax", "fast"},
+    {"interop.jax", "interop.dtensor", "fast"},
     {"engine"},
     {"interop.optax", "combine", "conventions", "registry", "memory"},
     {"checkpoint"},

@@ -161,6 +161,31 @@ def is_tracked() -> bool:
     return _TRACKED.get()
 
 
+# set while a step updates local shards of distributed tensors (uniopt.interop.dtensor): which
+# of the arrays the engine is handed are shards of bigger tensors, for the parts that need more
+# than one element (a norm, a whole leaf); set directly (a C call) where a step must make no
+# Python call of its own (uniopt.torch's plans)
+SHARDED: contextvars.ContextVar[Any] = contextvars.ContextVar("uniopt_sharded", default=None)
+
+
+@contextlib.contextmanager
+def sharded(sharding: Any) -> Any:
+    """Steps in this context update local shards: ``sharding.of(leaves)`` says which of a
+    step's leaves are shards of which tensors (:class:`uniopt.interop.dtensor.Sharding`)."""
+    token = SHARDED.set(sharding)
+    try:
+        yield
+    finally:
+        SHARDED.reset(token)
+
+
+def shards_of(leaves: list[Any]) -> Any:
+    """The :class:`uniopt.interop.dtensor.Shards` of a step's ``leaves`` (the arrays it was
+    handed); None outside :func:`sharded`, or where none of them is a shard."""
+    sharding = SHARDED.get()
+    return None if sharding is None else sharding.of(leaves)
+
+
 def assign(dst: Any, src: Any) -> None:
     """``dst[...] = src`` for every mutable library (torch outside autograd, unless
     :func:`tracked`)."""

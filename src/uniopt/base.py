@@ -405,7 +405,8 @@ class Elementwise(Part):
 
     # a part that needs the 2-norm of its input over every leaf (clip_by_global_norm), or with
     # norm_per_leaf over each leaf on its own (clip_by_norm): the engine computes it in one
-    # extra read pass and asks norm_coeffs for the coefficients, per leaf where per leaf
+    # extra read pass (on DTensor shards, every rank's sums added: uniopt.interop.dtensor) and
+    # asks norm_coeffs for the coefficients, per leaf where per leaf
     needs_norm: ClassVar[bool] = False
     norm_per_leaf: ClassVar[bool] = False
 
@@ -455,7 +456,10 @@ class PerLeaf(Part):
     """Sees one whole leaf: ``apply(xp, c, p, u, *slots) -> (u, *slots)`` on arrays, free to
     reduce over the leaf or reshape it (row/column statistics, a per-tensor norm, a matrix
     iteration). The reference path runs it leaf by leaf; a compiled strategy runs the
-    elementwise parts around it."""
+    elementwise parts around it. On shards of DTensors (FSDP2, tensor parallel) the engine
+    all-gathers each leaf whole on every rank (``p``, ``u`` and the slots shaped as ``p``; other
+    slots are whole already), runs ``apply`` on it and keeps each rank's shard of the results
+    (:mod:`uniopt.interop.dtensor`)."""
 
     # ``apply`` takes leaves stacked along a new leading axis (a batch of one or more, the
     # trailing axes each leaf's own): the engine then stacks the leaves of one shape and dtype

@@ -35,6 +35,7 @@ from .base import (
     members,
 )
 from .hyper import _traced
+from .interop import dtensor
 from .interop.jax import register_state, replicated
 from .state import AnyParams, State
 from .tree import NAMESPACE, flatten, path_str, unflatten
@@ -138,12 +139,18 @@ def _check_shapes(rule: Transform, names: list[str], leaves: list[Any]) -> None:
     """Raise where a per-leaf part cannot take a leaf of its shape (Muon: not a matrix)."""
     for part in rule.flat_parts:
         if isinstance(part, PerLeaf):
-            for name, p in zip(names, leaves, strict=True):
-                reason = part.check_shape(tuple(p.shape))
+            for name, shape in zip(names, _shapes(leaves), strict=True):
+                reason = part.check_shape(shape)
                 if reason:
-                    raise ValueError(
-                        f"{rule.name}: {name} has shape {tuple(p.shape)}: {reason}"
-                    )
+                    raise ValueError(f"{rule.name}: {name} has shape {shape}: {reason}")
+
+
+def _shapes(leaves: list[Any]) -> list[tuple[int, ...]]:
+    """Each leaf's shape: a local shard's is its whole tensor's (:func:`backend.sharded`)."""
+    shards = backend.shards_of(leaves)
+    if shards is None:
+        return [tuple(p.shape) for p in leaves]
+    return [shards.shape(i, p) for i, p in enumerate(leaves)]
 
 
 def _init_slots(part: Part, p: Any, state_dtype: str | None) -> tuple[Any, ...]:
@@ -279,24 +286,26 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
         raise ValueError(f"this state counts steps for {state.counts.shape} leaves, the params "
                          f"have {len(params)}: it was set up for other params")
     shapes: dict[tuple[int, ...], dict[str, Any]] = {}  # the slots' shapes, by leaf shape
+    leaf_shapes = _shapes(params)
     for key, arrays in state.slots.items():
         if len(arrays) != len(params):
             raise ValueError(f"the state's {key} holds {len(arrays)} arrays, the params "
                              f"{len(params)}: this state was set up for other params")
-        for name, p, s in zip(names, params, arrays, strict=True):
+        for name, p, s, shape in zip(names, params, arrays, leaf_shapes, strict=True):
             dtype = p.dtype
             if state.state_dtype == "q8":
                 _check_q8(state, key, name, p, s, shapes)
                 continue
             if state.state_dtype is not None:
                 dtype = getattr(backend.namespace(p), state.state_dtype)
-            shape = tuple(p.shape)
             want = shapes.get(shape)
             if want is None:
                 want = shapes[shape] = state.rule.slot_shapes_of(shape)
             if want.get(key, shape) is None and s is None:
                 continue
-            if s is None or tuple(s.shape) != want.get(key, shape) or s.dtype != dtype:
+            # a local shard's slot shaped as its parameter is a shard too
+            local = tuple(p.shape) if want.get(key, shape) == shape else want.get(key, shape)
+            if s is None or tuple(s.shape) != local or s.dtype != dtype:
                 got = "none" if s is None else f"shape {tuple(s.shape)} and dtype {s.dtype}"
                 raise ValueError(
                     f"{name} has shape {tuple(p.shape)} and dtype {p.dtype}, but the state's "
@@ -373,6 +382,8 @@ def _float_deltas(
     before it can go on. An elementwise part's kernel and a per-leaf part's ``apply`` are
     called alike, on whole arrays."""
     plan = resolve(state.rule, state.step)
+    # local shards of distributed tensors: norms and per-leaf parts see the whole tensors
+    shards = backend.shards_of(params)
     xps = [backend.namespace(p) for p in params]
     dts = [_compute_dtype(p, xp, state.state_dtype) for p, xp in zip(params, xps, strict=True)]
     ps = [_in(p, dt, xp) for p, dt, xp in zip(params, dts, xps, strict=True)]
@@ -394,20 +405,31 @@ def _float_deltas(
                 "closure(params) returns (loss, grads)"
             )
         if isinstance(part, WholeTree):
+            if shards is not None:
+                raise TypeError(
+                    f"{state.rule.name}: {part.name} sees every leaf at once; on shards of "
+                    "distributed tensors (DTensor) it would see this rank's shards only, and "
+                    "is not supported there"
+                )
             us, new_trees[keys[0]] = _apply_tree(part, c, us, state.tree_states[keys[0]], ps,
                                                  state, extra)
             continue
         if isinstance(part, PerLeaf):
             last = finish and part.finish is not None and part is plan[-1][0]
-            outs = _per_leaf(part, c, [[read(state.slots[k][i], dt, xp) for k in keys]
-                                       for i, (xp, dt) in enumerate(zip(xps, dts, strict=True))],
-                             xps, ps, us, last)
+            leaf_slots = [[read(state.slots[k][i], dt, xp) for k in keys]
+                          for i, (xp, dt) in enumerate(zip(xps, dts, strict=True))]
+            if shards is None:
+                outs = _per_leaf(part, c, leaf_slots, xps, ps, us, last)
+            else:
+                outs = _per_leaf_sharded(part, c, leaf_slots, xps, ps, us, last, shards)
             if last:  # finish's (p_new, *slots)
                 new_slots.update({k: [o[j + 1] for o in outs] for j, k in enumerate(keys)})
                 return [o[0] for o in outs], new_slots, new_trees
         else:
             assert isinstance(part, Elementwise)
-            if part.needs_norm and part.norm_per_leaf:
+            if part.needs_norm and shards is not None:
+                leaf_cs = _sharded_norm_coeffs(part, us, xps, shards)
+            elif part.needs_norm and part.norm_per_leaf:
                 leaf_cs = [part.norm_coeffs(_norm([u], [xp]), math.prod(u.shape))
                            for xp, u in zip(xps, us, strict=True)]
                 leaf_cs = [_per_dtype(lc, [u]).get(u.dtype, lc)
@@ -499,6 +521,38 @@ def _jitted(fn: Callable[..., Any], xp: Any, kind: type, dynamic: tuple[int, ...
         return fn(xp, c, p, u, *slots)
 
     return jax.jit(run)
+
+
+def _sharded_norm_coeffs(part: Elementwise, us: list[Any], xps: list[Any],
+                         shards: Any) -> list[Any]:
+    """A norm-needing part's coefficients for each leaf, where leaves are shards: each leaf's
+    sum of squares over its whole tensor (the ranks' sums added, :meth:`Shards.sums`), over
+    its global number of elements."""
+    sums = shards.sums(np.array([float(xp.sum(xp.astype(u, xp.float64) ** 2))
+                                 for xp, u in zip(xps, us, strict=True)], np.float64))
+    sizes = shards.sizes([math.prod(u.shape) for u in us])
+    if part.norm_per_leaf:
+        return [part.norm_coeffs(float(math.sqrt(t)), int(n))
+                for t, n in zip(sums, sizes, strict=True)]
+    c = part.norm_coeffs(float(math.sqrt(math.fsum(sums))), int(sizes.sum()))
+    return [c] * len(us)
+
+
+def _per_leaf_sharded(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[Any],
+                      ps: list[Any], us: list[Any], finish: bool,
+                      shards: Any) -> list[tuple[Any, ...]]:
+    """:func:`_per_leaf` where leaves are shards: on the whole tensors (each gathered on every
+    rank: the parameter, the update and the slots shaped as the parameter; slots of other
+    shapes are whole already), each rank keeping its shard of the results."""
+    full_ps = [shards.gather(i, p) for i, p in enumerate(ps)]
+    full_us = [shards.gather(i, u) for i, u in enumerate(us)]
+    shaped = [[s == tuple(p.shape) for s in part.slot_shapes(tuple(p.shape))] for p in full_ps]
+    full_slots = [[shards.gather(i, s) if same else s for s, same in zip(ss, sh, strict=True)]
+                  for i, (ss, sh) in enumerate(zip(slots, shaped, strict=True))]
+    outs = _per_leaf(part, c, full_slots, xps, full_ps, full_us, finish)
+    return [(shards.cut(i, o[0]),
+             *(shards.cut(i, x) if same else x for x, same in zip(o[1:], shaped[i], strict=True)))
+            for i, o in enumerate(outs)]
 
 
 def member_step(state: State, params: list[Any], grads: list[Any],
@@ -767,6 +821,8 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
     step = _prologue(state, params, grads)
     state = _with_structure(state, step.treedef)
     extra = _extra(value, extra)
+    if dtensor.any_dtensor(step.params):
+        return _sharded(state, step, inplace=False, extra=extra)
     if any(map(backend.is_complex, step.params)):
         return _as_pairs(state, step, inplace=False, extra=extra)
     combinator = _combinator(state.rule)
@@ -797,6 +853,8 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     step = _prologue(state, params, grads, writes=True)
     state = _with_structure(state, step.treedef)
     extra = _extra(value, extra)
+    if dtensor.any_dtensor(step.params):
+        return _sharded(state, step, inplace=True, extra=extra)[0]
     if any(map(backend.is_complex, step.params)):
         return _as_pairs(state, step, inplace=True, extra=extra)[0]
     combinator = _combinator(state.rule)
@@ -818,6 +876,32 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
+
+
+def _sharded(state: State, step: _Step, inplace: bool,
+             extra: dict[str, Any]) -> tuple[State, Any]:
+    """A step of DTensor params (FSDP2, tensor parallel): the engine on each rank's local
+    shards (:mod:`uniopt.interop.dtensor`), on the compiled path where they are CPU tensors;
+    a pure step's results are DTensors laid out as their inputs."""
+    if state.state_dtype == "q8":
+        raise ValueError("setup: state_dtype='q8' keeps block scales of whole tensors; "
+                         "these params are DTensors, sharded")
+    dtensor.check_rule(state.rule)
+    loc = dtensor.localize(step.params, step.grads, state.slots)
+    sub = State(state.rule, state.step, loc.slots, flat_list_def(len(loc.params)),
+                state.state_dtype, state.tree_states, state.counts)
+    with backend.sharded(loc.sharding):
+        if inplace:
+            new = update_(sub, loc.params, loc.grads, **extra)
+            return dataclasses.replace(state, step=new.step, tree_states=new.tree_states,
+                                       counts=new.counts), None
+        new, ps = update(sub, loc.params, loc.grads, **extra)
+    slots = {k: loc.wrap(v, state.slots[k]) for k, v in new.slots.items()}
+    out = dataclasses.replace(state, step=new.step, slots=slots, tree_states=new.tree_states,
+                              counts=new.counts)
+    return out, unflatten(step.treedef, [backend.like_leaf(x, p) for x, p in
+                                         zip(loc.wrap(ps, step.params), step.params,
+                                             strict=True)])
 
 
 def _extra(value: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -945,6 +1029,8 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
     leaves, treedef, names = _leaves(params)
     _check_state(state, treedef, names, leaves)
     state = _with_structure(state, treedef)
+    if dtensor.any_dtensor(leaves):
+        dtensor.check_rule(state.rule)
     part = next((p for p in state.rule.flat_parts if isinstance(p, Minimizer)), None)
     if part is None:
         loss, grads = _evaluation(closure(params))

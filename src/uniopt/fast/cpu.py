@@ -29,6 +29,7 @@ import ctypes
 import hashlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 import types
@@ -722,6 +723,7 @@ def run(
     inplace: bool,
     memo: dict[Any, Any] | None = None,
     small: bool = False,
+    shards: Any = None,
 ) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
     """One step of ``plan`` (resolved parts, coefficients, slot keys) over the leaves.
 
@@ -729,7 +731,8 @@ def run(
     compiled path cannot run the step, returns the reason and has written nothing. ``memo``
     (the rule's) keeps the loop found for it. ``small`` (see :data:`MIN_LEAVES`): returns None,
     having written nothing, where the loop would have to be compiled for it, until the rule
-    has had :data:`COMPILE_AFTER` such steps.
+    has had :data:`COMPILE_AFTER` such steps. ``shards`` (:func:`uniopt.backend.shards_of`):
+    the leaves are local shards of bigger tensors, whose norms are summed across the ranks.
 
     float16/bfloat16 params are computed in float32, with slots of their own dtype or float32,
     and rounded once when stored, as the reference path does."""
@@ -787,11 +790,17 @@ def run(
             plan = list(plan)
             prefix = plan[:j]
             each = _per_leaf(part)
-            sumsq = _loop(memo, prefix, storage, "leafsq" if each else "sumsq")
+            sumsq = _loop(memo, prefix, storage,
+                          "leafsq" if each or shards is not None else "sumsq")
             reads = [params, grads, *(slots[key] for _, _, keys in prefix for key in keys)]
             total = sumsq[big](_addresses(reads), _coefficients(prefix, compute, n), sizes)
-            c = (part.norm_coeffs(np.sqrt(total), sizes.astype(np.float64)) if each
-                 else part.norm_coeffs(float(np.sqrt(total)), int(sizes.sum())))
+            counts = sizes
+            if shards is not None:  # each leaf's sum over its whole tensor, every rank's added
+                total, counts = shards.sums(total), shards.sizes(sizes)
+                if not each:
+                    total = math.fsum(total)
+            c = (part.norm_coeffs(np.sqrt(total), counts.astype(np.float64)) if each
+                 else part.norm_coeffs(float(np.sqrt(total)), int(counts.sum())))
             plan[j] = (part, c, plan[j][2])
     if inplace:  # in the plan's order (a state's dict of slots may come back sorted)
         lists = [params, grads, *[slots[key] for _, _, keys in plan for key in keys]]
@@ -822,6 +831,7 @@ def step(
     it declined and wrote nothing. ``memo``: the rule's, where the loop found for it is kept."""
     if not AVAILABLE:
         return None
+    shards = backend.shards_of(params)  # before views: the leaves are known by identity
     tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
     leaves, g_leaves, slots_in = params, grads, slots
     if tensors:
@@ -833,7 +843,10 @@ def step(
     if type(leaves[0]) is not np.ndarray:
         return None
     small = False
-    if len(leaves) < MIN_LEAVES and not backend.is_bfloat16_bits(leaves[0]):
+    # (shards: never small, every rank takes the compiled loop, so a replicated leaf's norm is
+    # summed in one order on every rank and its replicas stay equal)
+    if (len(leaves) < MIN_LEAVES and not backend.is_bfloat16_bits(leaves[0])
+            and shards is None):
         if not all(type(x) is np.ndarray for x in leaves):
             return None  # the reference path says what is wrong
         # (bfloat16 bits have no reference path on NumPy: never small)
@@ -853,7 +866,7 @@ def step(
         elementwise = memo["cpu"]
     if not elementwise:
         return "a part that is not elementwise (per-leaf parts run on the reference path)"
-    out = run(plan, leaves, g_leaves, slots, inplace, memo, small)
+    out = run(plan, leaves, g_leaves, slots, inplace, memo, small, shards)
     if out is None or isinstance(out, str):
         return out
     global STEPS

@@ -105,7 +105,11 @@ class scale_by_factored_rms(PerLeaf):
     estimates ``v_hat = R C / max(mean(R), eps1)``; a smaller leaf keeps ``v <- lerp(v, g^2,
     w)`` whole. ``w = t^beta2_decay``; ``u <- rsqrt(max(v_hat, eps1^2)) g``, then
     ``u <- u / max(1, rms(u)/d)`` (``clip=False``: no clipping). Each mean of ``g^2`` is
-    ``norm(g)^2 / n`` along its axis, as torch rounds it."""
+    ``norm(g)^2 / n`` along its axis, as torch rounds it.
+
+    On DTensor shards (FSDP2, tensor parallel) each leaf's gradient, parameter and slots shaped
+    as it are all-gathered whole on every rank, the factors computed there (kept whole,
+    replicated) and each rank keeps its shard of the update (:mod:`uniopt.interop.dtensor`)."""
 
     beta2_decay: Any = hyper(-0.8, Interval(None, 0.0))
     eps1: float | None = None

@@ -225,7 +225,11 @@ class orthogonalize(PerLeaf):
     elementwise products over the whole leaf, Bernstein and Newhouse, 2024). ``matrix_axes``
     (optax's ``MuonDimensionNumbers``): ``(reduction axes, output axes)`` of a leaf of any
     rank, each an int or a tuple; the leaf is seen as ``(batch, rows, cols)``, its other axes
-    the batch, each matrix orthogonalised on its own."""
+    the batch, each matrix orthogonalised on its own.
+
+    On DTensor shards (FSDP2, tensor parallel) each matrix is all-gathered whole on every rank,
+    which iterates on it, and keeps its own shard of the result (:mod:`uniopt.interop.dtensor`):
+    the numbers of an unsharded run."""
 
     ns_coefficients: tuple[Any, Any, Any] = hyper(NS_COEFFICIENTS, Interval(None))
     eps: Any = hyper(1e-7, NONNEG)

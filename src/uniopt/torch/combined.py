@@ -18,6 +18,7 @@ import torch
 
 from ..base import Transform
 from ..engine import setup, update_
+from ..interop import dtensor
 from ..state import State, from_tree, to_tree
 from ..transforms.average import averaged as uo_averaged
 from ..tree import flatten
@@ -78,6 +79,8 @@ def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: boo
     NumPy views (a rule that draws random numbers then draws torch's); ``extra``: the step's
     extra arguments (``hvp=``)."""
     ps = group["params"]
+    if dtensor.any_dtensor(ps):
+        dtensor.check_rule(rule)  # raises: a combinator is a whole-tree part
     specs = [("torch", None) if tensors else _spec(p) for p in ps]
     views = [plans._view(p, s) for p, s in zip(ps, specs, strict=True)]
     grads = [None if p.grad is None else plans._grad_view(p.grad, p, s)

@@ -23,6 +23,7 @@ import torch
 from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
 from ..engine import flat_list_def, setup, update_
+from ..interop import dtensor
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -101,7 +102,7 @@ def spec(p: torch.Tensor) -> Spec:
     """How the engine sees parameter ``p``: a NumPy view (CPU float32/float64/float16, and
     bfloat16 as its bits; dense), in memory order if its strides are permuted (channels_last),
     or else the tensor itself."""
-    t = real(p.detach())
+    t = real(dtensor.local(p).detach())  # a DTensor: its local shard
     if t.device.type == "cpu" and t.dtype in _VIEWED:
         if t.is_contiguous():
             return PLAIN
@@ -116,7 +117,7 @@ def _view(t: torch.Tensor, spec: Spec) -> Any:
     """What the engine gets for ``t`` (a parameter or a slot laid out as its parameter)."""
     if spec == TRACKED:
         return real(t)
-    t = real(t.detach())
+    t = real(dtensor.local(t).detach())
     kind, perm = spec
     if kind == "torch":
         return t
@@ -153,7 +154,7 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
         return g
     if perm is None:
         return backend.numpy_view(g if g.is_contiguous() else g.contiguous())
-    pr = real(p.detach())
+    pr = real(dtensor.local(p).detach())
     if g.stride() != pr.stride():
         g = torch.empty_like(pr).copy_(g)
     return backend.numpy_view(g.permute(perm).view(-1))
@@ -237,6 +238,8 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
                 st[name], st[name + ABSMAX] = s.codes, s.absmax
             else:
                 st[name] = torch.view_as_complex(s) if p.is_complex() else s
+    if dtensor.is_dtensor(p):
+        _dtensor_slots(st, p, names, shapes)
     if q8:
         for key, name in names:
             _q8_slot(st, key, name)
@@ -248,13 +251,29 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
             s = s.to_dense()
         if wanted is not None and s.dtype != wanted:
             s = s.to(wanted)
-        if spec == PLAIN and not s.is_contiguous():
+        ls, lp = dtensor.local(s), dtensor.local(p)  # a DTensor's shard is what is viewed
+        if spec == PLAIN and not ls.is_contiguous():
             s = s.contiguous()
-        elif spec is not None and spec[0] == "np" and s.stride() != real(p).stride():
+        elif spec is not None and spec[0] == "np" and ls.stride() != real(lp).stride():
             # laid out as p, so one view walks both
             s = torch.empty_like(p, dtype=s.dtype).copy_(s)
         st[name] = s
     return st
+
+
+def _dtensor_slots(st: dict[str, Any], p: Any, names: SlotNames,
+                   shapes: dict[str, tuple[int, ...] | None]) -> None:
+    """The slots of DTensor parameter ``p`` as DTensors: laid out as ``p`` where shaped as it
+    (a whole tensor loaded from an unsharded state: this rank's shard of it), else whole and
+    replicated on its mesh (Adafactor's factors), so that torch.distributed.checkpoint saves
+    and reshards them."""
+    shape = tuple(p.shape)
+    for key, name in names:
+        s = st.get(name)
+        if s is None or dtensor.is_dtensor(s):
+            continue
+        st[name] = (dtensor.sharded_like(s, p) if shapes[key] == shape
+                    else dtensor.replicated(s.to(dtensor.local(p).device), p))
 
 
 def _q8_slot(st: dict[str, Any], key: str, name: str) -> None:
@@ -314,6 +333,8 @@ class Plan:
     tracked: bool  # differentiable=True: autograd records the step
     multi: bool  # foreach=True or capturable=True: the multi-tensor path on every device
     flags: tuple[Any, Any]  # the group's foreach and capturable when the plan was built
+    # the parameters are DTensors: which arrays of the runs are shards of which (None: none)
+    sharding: dtensor.Sharding | None = None
     counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
     state_version: int | None = None  # the state's version when its dicts were last checked
 
@@ -329,7 +350,8 @@ class Plan:
             and self.tracked == bool(group.get("differentiable"))
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
-            and list(map(_DATA_PTR, ps)) == self.ptrs
+            and list(map(_DATA_PTR, ps if self.sharding is None else
+                          map(dtensor.local, ps))) == self.ptrs
         ):
             return False
         version = getattr(state, "version", None)
@@ -370,18 +392,30 @@ class Plan:
         if not self.fast:
             return None
         sel = grads if len(self.sel) == len(grads) else [grads[i] for i in self.sel]
+        if self.sharding is not None:
+            # their local shards; one to be redistributed (communication) goes through run
+            local = dtensor.same_layout_locals(sel, self.sel_params)
+            if local is None:
+                return None
+            sel = local
         views = backend.numpy_views([sel])
         return None if views is None else views[0]
 
     def run(self, rule: Transform, grads: list[Any], views: list[Any] | None) -> None:
         """One step: an engine call per run, then the parameters with sparse gradients."""
         if views is None:
-            views = [_grad_view(grads[i], p, spec)
-                     for i, p, spec in zip(self.sel, self.sel_params, self.specs, strict=True)]
+            gs = [grads[i] for i in self.sel]
+            if self.sharding is not None:
+                gs = dtensor.local_grads(gs, self.sel_params)
+            views = [_grad_view(g, p, spec)
+                     for g, p, spec in zip(gs, self.sel_params, self.specs, strict=True)]
         trees = self._tree_states(rule) if rule.tree_layout else {}
         # foreach=True / capturable=True: CPU tensors too take the multi-tensor path (a
         # context variable set here: no Python call on the compiled loop's steps)
         forced = fast.FORCED.set(self.multi)
+        # DTensor parameters: which arrays are shards, for norms and per-leaf parts (set as
+        # the variable itself, not backend.sharded: a small step makes no extra Python call)
+        shards = backend.SHARDED.set(self.sharding)
         try:
             for run, step in zip(self.runs, self.run_steps(), strict=True):
                 gs = views if run.pos is None else [views[k] for k in run.pos]
@@ -398,6 +432,7 @@ class Plan:
                 if run.numpy:
                     backend.mark_written(run.tensors)
         finally:
+            backend.SHARDED.reset(shards)
             fast.FORCED.reset(forced)
         if trees:
             self.state[self.plist[0]].update(trees)
@@ -434,6 +469,11 @@ class Plan:
         self.steps.count(i)
 
 
+def _ptrs(ps: list[torch.Tensor], sharded: bool) -> list[int]:
+    """Where the parameters' memory is (a DTensor's: its local shard's)."""
+    return list(map(_DATA_PTR, map(dtensor.local, ps) if sharded else ps))
+
+
 def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
     """A run's step count on its parameters' device (``capturable=True``), in float64 where
     the device has it: the coefficients computed from it are then the host's to rounding."""
@@ -448,6 +488,10 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     ps = group["params"]
     tracked = bool(group.get("differentiable"))
     q8 = is_q8(group)
+    sharded = dtensor.any_dtensor(ps)
+    if sharded:
+        dtensor.check_rule(rule)
+        dtensor.check_group(ps, q8, tracked)
     multi = multi_tensor(group)
     compiled = fast.cpu.AVAILABLE and all(isinstance(q, Elementwise) for q in rule.flat_parts)
     sel: list[int] = []
@@ -481,18 +525,24 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         states.append(st)
     sel_params = [ps[i] for i in sel]
     plan_runs = []
+    shards: list[tuple[Any, dtensor.Spec | None]] = []  # each view, and its DTensor's layout
     for (kind, _, _), pos in runs.items():
         whole = len(pos) == len(sel)
         idx = np.asarray([sel[k] for k in pos], dtype=np.intp)
+        views = [_view(sel_params[k], specs[k]) for k in pos]
+        if sharded:
+            shards += [(v, dtensor.Spec.of(sel_params[k]) if dtensor.is_dtensor(sel_params[k])
+                        else None) for v, k in zip(views, pos, strict=True)]
         plan_runs.append(
             Run(
                 pos=None if whole else pos,
                 idx=None if whole and len(sel) == len(ps) else idx,
-                params=[_view(sel_params[k], specs[k]) for k in pos],
+                params=views,
                 slots={key: [_q8_view(states[k], name, specs[k]) if q8 else
                              _slot_view(states[k].get(name), specs[k]) for k in pos]
                        for key, name in names},
-                tensors=[sel_params[k] for k in pos],
+                tensors=[sel_params[k] for k in pos] if not sharded else
+                [t for k in pos for t in (sel_params[k], dtensor.local(sel_params[k]))],
                 numpy=kind == "np",
                 device_step=_device_step(float(steps.np[sel[pos[0]]]), sel_params[pos[0]])
                 if group.get("capturable") and kind == "torch" else None,
@@ -507,7 +557,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         plist=ps,
         params=list(ps),
         has=has,
-        ptrs=list(map(_DATA_PTR, ps)),
+        ptrs=_ptrs(ps, sharded),
         state=state,
         layout=rule.layout,
         names=names,
@@ -526,4 +576,5 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         tracked=tracked,
         multi=multi,
         flags=(group.get("foreach"), group.get("capturable")),
+        sharding=dtensor.Sharding(shards) if sharded else None,
     )

@@ -40,6 +40,11 @@ class clip_by_global_norm(Elementwise):
     As optax's ``clip_by_global_norm``; torch's ``clip_grad_norm_`` divides by
     ``||u|| + 1e-6`` and so scales by a hair less. Costs one extra read pass over whatever
     precedes it in the chain (at the head: the gradients).
+
+    On DTensor shards (FSDP2, tensor parallel) each rank sums the squares of its shards, one
+    float64 number per leaf, and one ``all_reduce`` per mesh dimension adds them over the
+    ranks a leaf is split across; a replicated leaf (a ``RowwiseParallel`` bias) is counted
+    once, not once per rank.
     """
 
     max_norm: Any = hyper(1.0, NONNEG)
@@ -76,7 +81,8 @@ class clip_by_norm(Elementwise):
     for rounding; its ``clipnorm=0`` turns clipping off, here ``max_norm`` must be positive)
     and Flux's ``ClipNorm(max_norm)``; torch's ``clip_grad_norm_`` on one tensor at a time
     divides by ``|u| + 1e-6``. On the compiled path the norms cost one extra read pass, as
-    :class:`clip_by_global_norm`'s does.
+    :class:`clip_by_global_norm`'s does, and on DTensor shards the same ``all_reduce`` of each
+    leaf's sum of squares over the ranks it is split across.
 
     >>> import numpy as np, uniopt as uo
     >>> g = [np.array([3.0, 4.0]), np.array([0.3, 0.4])]  # norms 5 and 0.5
@@ -109,7 +115,9 @@ def divide_kernel(xp, c, p, u):
 class clip_by_block_rms(Elementwise):
     """Each leaf's update to root mean square at most ``threshold``:
     ``u <- u / max(1, rms(u)/threshold)``, ``rms(u) = |u| / sqrt(u.size)``; as optax's
-    ``clip_by_block_rms``. ``threshold`` must be positive (optax divides by it)."""
+    ``clip_by_block_rms``. ``threshold`` must be positive (optax divides by it). On DTensor
+    shards, as :class:`clip_by_norm`: each leaf's sum of squares ``all_reduce``-d over the ranks
+    it is split across, over its global number of elements."""
 
     threshold: Any = hyper(1.0, POSITIVE)
     needs_norm = True

@@ -88,7 +88,9 @@ class scale_by_trust_ratio(PerLeaf):
     """Each leaf's update scaled by its trust ratio (LARS, LAMB): ``u <- r u`` with
     ``r = trust_coefficient * |p| / (|u| + eps)``, each norm raised to at least ``min_norm``,
     and ``r = 1`` where either norm is 0 (a zero-initialised parameter moves at all). As
-    optax's ``scale_by_trust_ratio``."""
+    optax's ``scale_by_trust_ratio``. On DTensor shards (FSDP2, tensor parallel) the leaf's
+    parameter and update are all-gathered whole on every rank, as for every per-leaf part
+    (:mod:`uniopt.interop.dtensor`)."""
 
     min_norm: Any = hyper(0.0, NONNEG)
     trust_coefficient: Any = hyper(1.0, NONNEG)
