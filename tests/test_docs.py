@@ -205,11 +205,8 @@ def anchors(text: str) -> set[str]:
     return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", outside, re.M)}
 
 
-SHORT_README = "_README_short.md"  # the README proposed for the repository's root: not a page
-
-
 def all_pages() -> dict[str, str]:
-    out = {p: (DOCS / p).read_text(encoding="utf-8") for p in PAGES if p != SHORT_README}
+    out = {p: (DOCS / p).read_text(encoding="utf-8") for p in PAGES}
     return out | docs.pages()
 
 
@@ -280,29 +277,27 @@ def test_hook_without_mathjax_says_what_to_install(monkeypatch: pytest.MonkeyPat
         _hooks()._mathjax_root()
 
 
-# --- the short README ---------------------------------------------------------------------------
+# --- the README: what a newcomer needs first, and links to the site ------------------------------
 
 
-def short_readme() -> str:
-    """The proposed README, or the README once it has taken its place."""
-    path = DOCS / SHORT_README
-    return (path if path.exists() else ROOT / "README.md").read_text(encoding="utf-8")
+def readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def test_short_readme_keeps_the_set_up_commands_and_the_rule_table() -> None:
-    text = short_readme()
+def test_readme_keeps_the_set_up_commands_and_the_rule_table() -> None:
+    text = readme()
     first = FENCE.search(text)
     assert first and first.group(2) == "bash"
     commands = [line.split("#")[0].strip() for line in first.group(3).splitlines()]
     assert commands == ["pip install . && uniopt compare", 'pip install -e ".[test]" && pytest']
     found = re.search(r"<!-- rules:start -->\n(.*?)\n<!-- rules:end -->", text, re.S)
     assert found and found.group(1).strip() == registry.table(), (
-        "the short README's rule table is stale: paste `uniopt rules` between its markers")
+        "the README's rule table is stale: paste `uniopt rules` between its markers")
 
 
-def test_short_readme_links_resolve_from_the_root() -> None:
-    """Its links are written for the repository's root, where it will stand."""
-    text = short_readme()
+def test_readme_links_resolve_from_the_root() -> None:
+    """Its links are written for the repository's root, where it stands."""
+    text = readme()
     bad = []
     for target in LINK.findall(FENCE.sub("", text)):
         path, _, anchor = target.partition("#")

@@ -1,7 +1,7 @@
 """uniopt.memory: the bytes a rule's state takes per rank, read from its declared slots, held to
-the state that ``uo.setup`` and ``uniopt.torch`` actually build; and the README's memory table
-is ``memory.table()``. (The ZeRO-1 ranks' own states are measured against it in
-tests/test_distributed_ddp.py.)"""
+the state that ``uo.setup`` and ``uniopt.torch`` actually build; and the memory table of the
+docs' Scaling out page (docs/scaling-out.md) is ``memory.table()``. (The ZeRO-1 ranks' own
+states are measured against it in tests/test_distributed_ddp.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import uniopt as uo
 from uniopt import memory
 from uniopt.memory import Footprint, footprint, state_bytes
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "scaling-out.md"
 
 # a long vector (three 8-bit blocks, the last one short), a matrix (Adafactor factors it), a
 # scalar
@@ -92,12 +92,14 @@ def test_strategies_split_what_they_split() -> None:
     assert q8.state == 2 * (4096 + 4 * 2)
 
 
-def test_readme_memory_table_is_the_functions() -> None:
-    text = README.read_text(encoding="utf-8")
+def test_docs_memory_table_is_the_functions() -> None:
+    text = PAGE.read_text(encoding="utf-8")
     found = re.search(r"<!-- memory:start -->\n(.*?)\n<!-- memory:end -->", text, re.S)
-    assert found, "README.md lacks the <!-- memory:start --> ... <!-- memory:end --> markers"
+    assert found, ("docs/scaling-out.md lacks the <!-- memory:start --> ... <!-- memory:end --> "
+                   "markers")
     assert found.group(1).strip() == memory.table(), (
-        "README.md's memory table is stale: paste uniopt.memory.table() between its markers")
+        "docs/scaling-out.md's memory table is stale: paste uniopt.memory.table() between its "
+        "markers")
 
 
 def test_the_table_reads_as_the_arithmetic_says() -> None:
