@@ -4,8 +4,8 @@ trace and lower it, to compile it, and the median of later steps.
     python benchmarks/jax_many_leaves.py [N ...] [--no-optax]
 
 XLA:CPU compiles each output buffer of the program on its own (every leaf's new parameter and
-slots), so compile time grows with N whatever the traced program looks like; README "JAX, and
-other array libraries" has the numbers.
+slots), so compile time grows with N whatever the traced program looks like; the docs' page "JAX,
+and other array libraries" (docs/jax.md) has the numbers.
 """
 
 from __future__ import annotations

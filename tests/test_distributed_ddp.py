@@ -114,7 +114,7 @@ def test_every_class_under_ddp_and_zero1_equals_one_process() -> None:
 
 @pytest.mark.slow
 def test_the_torchrun_example_runs() -> None:
-    """examples/ddp_zero1.py, the README's, under ``torchrun --nproc_per_node 2``."""
+    """examples/ddp_zero1.py, docs/scaling-out.md's, under ``torchrun --nproc_per_node 2``."""
     example = WORKER.parents[1] / "examples" / "ddp_zero1.py"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])

@@ -150,7 +150,7 @@ def test_two_processes_of_jax_distributed_on_cpu() -> None:
 
 @pytest.mark.slow
 def test_the_mesh_example_runs() -> None:
-    """examples/jax_mesh.py, the README's: trains, keeps the layout, compiles one step."""
+    """examples/jax_mesh.py, docs/scaling-out.md's: trains, keeps the layout, compiles one step."""
     example = WORKER.parents[1] / "examples" / "jax_mesh.py"
     proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
                           timeout=300, env=_env())

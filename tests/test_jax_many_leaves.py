@@ -145,8 +145,8 @@ def test_the_trace_holds_one_call_per_leaf_and_part() -> None:
     called on every leaf: the jaxpr grows by one equation per leaf and part (optax's AdamW:
     18), and the lowered program's own operations do not grow at all. XLA:CPU then inlines the
     calls and compiles a kernel for each output buffer (every leaf's new parameter and slots),
-    so its compile time still grows with the leaves (README, "JAX, and other array
-    libraries")."""
+    so its compile time still grows with the leaves (the docs' page "JAX, and
+    other array libraries", docs/jax.md)."""
     tx = optax.adamw(1e-2, weight_decay=1e-2)
 
     def optax_step(s: Any, p: Any, g: Any) -> Any:

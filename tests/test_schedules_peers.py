@@ -1,7 +1,7 @@
 """uniopt.schedules against their peers at every one of 10,000 steps, to 1e-12 relative (float64):
 torch.optim.lr_scheduler (stepped as a training loop steps it, and torch's closed forms),
 optax (float64) and transformers. Where a peer is off, the exact value decides: the tests at the
-end measure each such disagreement (README, "Where the peers are off")."""
+end measure each such disagreement (docs/schedules.md, "Where the peers are off")."""
 
 from __future__ import annotations
 

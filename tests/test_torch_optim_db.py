@@ -69,7 +69,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 # torch keeps these classes' per-parameter scalars (NAdam's mu_product, ASGD's eta and mu) in its
 # default dtype, float32 unless set, even for float64 params; uniopt derives them in double from
 # the step count. Their tests run with torch's default dtype float64, where torch's are as exact
-# (at float32 the two differ by a relative 1e-8: the README lists it)
+# (at float32 the two differ by a relative 1e-8: docs/torch.md lists it)
 SCALARS_IN_DEFAULT_DTYPE = ("NAdam", "ASGD")
 
 
@@ -99,7 +99,7 @@ PRODUCT_STEPS = 20
 RTOL64 = 1e-12
 EPS32 = float(np.finfo(np.float32).eps)
 F32_FACTOR, F32_FIRST = 2.0, 4
-# AdamW's couple_lr: the switch to Flux's decay, independent of lr (see the README)
+# AdamW's couple_lr: the switch to Flux's decay, independent of lr (see docs/weight-decay.md)
 ADDED_GROUP_KEYS = frozenset({"couple_lr"})
 # the parameters: shapes of a small model (a weight, its bias, a second matrix for the classes
 # that take matrices only)
@@ -555,7 +555,7 @@ def _trajectory_cases() -> Iterator[Any]:
 
 def known_difference(name: str, kwargs: dict[str, Any], scheduler: str, dtype: str) -> str:
     """Why uniopt's class differs from torch's in this configuration, where it does on purpose
-    (each is in the README's list of differences); the test must then fail (strict xfail), so
+    (each is in the list of differences of docs/torch.md); the test must then fail (strict xfail), so
     that a change on either side is noticed."""
     tensor_lr = isinstance(kwargs.get("lr"), torch.Tensor)
     if name == "LBFGS" and tensor_lr and scheduler != "no_scheduler":

@@ -181,8 +181,9 @@ def _gb(n: int) -> str:
 
 
 def table() -> str:
-    """The README's memory table (Markdown): optimizer state and, after the slash, parameters
-    + gradients + state, in GB per rank of 8, for 1B, 7B and 70B parameters."""
+    """The memory table of the docs' Scaling out page (docs/scaling-out.md), in Markdown:
+    optimizer state and, after the slash, parameters + gradients + state, in GB per rank of 8,
+    for 1B, 7B and 70B parameters."""
     names = {"ddp": "DDP", "zero1": "ZeRO-1", "fsdp2": "FSDP2"}
     head = ["rule", "state"] + [f"{size} {names[s]}" for size in SIZES for s in STRATEGIES]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -517,7 +517,7 @@ def onecycle(
     - 1)`` first. The result is a ``piecewise_interpolate`` through those knots, which holds the
     last value where torch raises (past ``steps``). optax's cosine/linear_onecycle_schedule put
     their knots elsewhere (at ``int(pct_start * steps)`` and ``steps``): write them as
-    ``piecewise_interpolate`` directly (README).
+    ``piecewise_interpolate`` directly (the docs' Schedules page, docs/schedules.md).
 
     >>> from uniopt import schedules
     >>> s = schedules.onecycle(1.0, steps=10)

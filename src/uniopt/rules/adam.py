@@ -323,7 +323,8 @@ class adamw(Rule):
     $$
 
     The paper's ``p <- p - eta_t*(alpha*A + lam*p)`` is ``couple_lr=False`` with
-    ``lr = eta_t*alpha`` and ``weight_decay = eta_t*lam`` as two schedules (see the README).
+    ``lr = eta_t*alpha`` and ``weight_decay = eta_t*lam`` as two schedules (see the docs'
+    Weight decay page, docs/weight-decay.md).
     ``eps_root``, ``eps_hat``, ``amsgrad_max``, ``moments_init`` are :class:`adam`'s options.
 
     Conventions: ``"torch"`` (weight_decay 1e-2); ``"optax"`` (``optax.adamw``, weight_decay

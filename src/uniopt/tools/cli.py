@@ -764,7 +764,8 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 def add_rules_parser(sub: Any) -> None:
     r = sub.add_parser(
         "rules",
-        help="every rule uniopt has (the README's table), or one rule's entry and docstring",
+        help=("every rule uniopt has (the README's table, the site's rules/ pages), or one "
+              "rule's entry and docstring"),
         description=(
             "The registry of rules (uniopt.registry): with no NAME, the table of every rule "
             "(family, paper, the implementations its tests hold it to, state slots, notes); "

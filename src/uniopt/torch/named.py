@@ -261,7 +261,7 @@ class Adam(_Named):
 class AdamW(Adam):
     """``torch.optim.AdamW``, run by :func:`uniopt.adamw`, plus ``couple_lr``: ``False`` makes
     the decay independent of the learning rate, ``p <- p - lr*A - weight_decay*p`` (Flux's
-    form; see the README)."""
+    form; see the docs' Weight decay page, docs/weight-decay.md)."""
 
     rule = adamw()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "maximize", "foreach",
