@@ -555,7 +555,7 @@ def _trajectory_cases() -> Iterator[Any]:
 
 def known_difference(name: str, kwargs: dict[str, Any], scheduler: str, dtype: str) -> str:
     """Why uniopt's class differs from torch's in this configuration, where it does on purpose
-    (each is in the list of differences of docs/torch.md); the test must then fail (strict xfail), so
+    (each is in docs/torch.md's list of differences); the test must then fail (strict xfail), so
     that a change on either side is noticed."""
     tensor_lr = isinstance(kwargs.get("lr"), torch.Tensor)
     if name == "LBFGS" and tensor_lr and scheduler != "no_scheduler":
