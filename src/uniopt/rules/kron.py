@@ -19,7 +19,7 @@ from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
 from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, hyper
 from ..schedules import _Record
-from ..transforms.noise import SEEDS, _pcg_state
+from ..transforms.noise import SEEDS, _pcg_generator, _pcg_state, seeded_state
 from ..transforms.scale import scale_by_lr
 from ..tree import flatten, unflatten
 from .sophia_h import _DRAW
@@ -119,17 +119,7 @@ class scale_by_kron(WholeTree):
 
     def init_tree(self, params: Any) -> Any:
         leaves = flatten(params)[0]
-        first = leaves[0] if leaves else np.zeros(0)
-        if backend.is_jax(first):
-            import jax
-
-            gen: Any = jax.random.key_data(jax.random.key(self.seed))
-        elif backend.is_torch(first):
-            import torch
-
-            gen = torch.Generator(first.device).manual_seed(self.seed).get_state()
-        else:
-            gen = _pcg_state(np.random.PCG64(self.seed))
+        gen = seeded_state(leaves, self.seed)
         qs = []
         for p in leaves:
             xp = backend.namespace(p)
@@ -159,7 +149,7 @@ class scale_by_kron(WholeTree):
         prob = float(c.probability)
         update = prob > 0 and counter >= 1.0 / prob
         # every step draws, as kron_torch's rng.random() < balance_prob and do_update
-        bits = _generator(state["balance_generator"])
+        bits = _pcg_generator(state["balance_generator"])
         balance = bits.random() < self.balance_prob and update
         gen = state["generator"]
         ms, qs_out, out = [], [], []
@@ -195,15 +185,6 @@ def _device(x: Any) -> Any:
     import array_api_compat as aac
 
     return aac.device(x)
-
-
-def _generator(words: Any) -> np.random.Generator:
-    w = [int(x) for x in words]
-    bits = np.random.PCG64(0)
-    bits.state = {"bit_generator": "PCG64",
-                  "state": {"state": w[0] << 64 | w[1], "inc": w[2] << 64 | w[3]},
-                  "has_uint32": w[4], "uinteger": w[5]}
-    return np.random.Generator(bits)
 
 
 def _along(xp: Any, q: Any, x: Any, i: int) -> Any:

@@ -23,7 +23,15 @@ from ..base import Info, Rule, Transform, WholeTree
 from ..hyper import NONNEG, UNIT_OPEN, _traced, hyper
 from ..moments import lerp
 from ..transforms.decay import decoupled_weight_decay, weight_decay
-from ..transforms.noise import SEEDS, _kind, _normal_dtype, _pcg_state, _to
+from ..transforms.noise import (
+    SEEDS,
+    _kind,
+    _normal_dtype,
+    _pcg_generator,
+    _pcg_state,
+    _to,
+    seeded_state,
+)
 from ..transforms.scale import scale_by_lr
 from ..tree import flatten, unflatten
 from .matrix import ema_momentum
@@ -77,17 +85,7 @@ class scale_by_hutchinson_sophia(WholeTree):
 
     def init_tree(self, params: Any) -> Any:
         leaves = flatten(params)[0]
-        first = leaves[0] if leaves else np.zeros(0)
-        if backend.is_jax(first):
-            import jax
-
-            gen: Any = jax.random.key_data(jax.random.key(self.seed))
-        elif backend.is_torch(first):
-            import torch
-
-            gen = torch.Generator(first.device).manual_seed(self.seed).get_state()
-        else:
-            gen = _pcg_state(np.random.PCG64(self.seed))
+        gen = seeded_state(leaves, self.seed)
         h = [backend.namespace(p).zeros_like(p) for p in leaves]
         return {"hessian_moment": h, "generator": gen}
 
@@ -184,12 +182,7 @@ def _draw_torch(state: Any, leaves: list[Any], dist: str) -> tuple[list[Any], An
 
 
 def _draw_numpy(state: Any, leaves: list[Any], dist: str) -> tuple[list[Any], Any]:
-    words = [int(w) for w in state]
-    bits = np.random.PCG64(0)
-    bits.state = {"bit_generator": "PCG64",
-                  "state": {"state": words[0] << 64 | words[1], "inc": words[2] << 64 | words[3]},
-                  "has_uint32": words[4], "uinteger": words[5]}
-    gen = np.random.Generator(bits)
+    gen = _pcg_generator(state)
     z = []
     for x in leaves:
         dtype = _normal_dtype(x)
@@ -198,7 +191,7 @@ def _draw_numpy(state: Any, leaves: list[Any], dist: str) -> tuple[list[Any], An
         else:
             n = (gen.integers(0, 2, tuple(x.shape)) * 2 - 1).astype(dtype)
         z.append(n if isinstance(x, np.ndarray) else _to(x, n))
-    return z, _pcg_state(bits)
+    return z, _pcg_state(gen.bit_generator)
 
 
 _DRAW: dict[str, Callable[[Any, list[Any], str], tuple[list[Any], Any]]] = {

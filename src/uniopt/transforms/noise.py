@@ -60,17 +60,7 @@ class add_noise(WholeTree):
         return Noise(std=aac.array_namespace(variance).sqrt(variance))  # a JAX step
 
     def init_tree(self, params: Any) -> Any:
-        leaves, _, _ = flatten(params)
-        first = leaves[0] if leaves else np.zeros(0)
-        if backend.is_jax(first):
-            import jax
-
-            return jax.random.key_data(jax.random.key(self.seed))
-        if backend.is_torch(first):
-            import torch
-
-            return torch.Generator(first.device).manual_seed(self.seed).get_state()
-        return _pcg_state(np.random.PCG64(self.seed))
+        return seeded_state(flatten(params)[0], self.seed)
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
@@ -114,17 +104,12 @@ def _draw_torch(state: Any, leaves: list[Any]) -> tuple[list[Any], Any]:
 
 
 def _draw_numpy(state: Any, leaves: list[Any]) -> tuple[list[Any], Any]:
-    words = [int(w) for w in state]
-    bits = np.random.PCG64(0)
-    bits.state = {"bit_generator": "PCG64",
-                  "state": {"state": words[0] << 64 | words[1], "inc": words[2] << 64 | words[3]},
-                  "has_uint32": words[4], "uinteger": words[5]}
-    gen = np.random.Generator(bits)
+    gen = _pcg_generator(state)
     z = []
     for x in leaves:
         n = gen.standard_normal(tuple(x.shape), dtype=_normal_dtype(x))
         z.append(n if isinstance(x, np.ndarray) else _to(x, n))
-    return z, _pcg_state(bits)
+    return z, _pcg_state(gen.bit_generator)
 
 
 def _normal_dtype(x: Any) -> Any:
@@ -135,6 +120,32 @@ def _to(like: Any, x: np.ndarray) -> Any:
     """``x`` as an array of ``like``'s library, dtype and device (array-api-strict...)."""
     xp = backend.namespace(like)
     return xp.astype(xp.asarray(x, device=aac.device(like)), like.dtype)
+
+
+def seeded_state(leaves: list[Any], seed: int) -> Any:
+    """A generator's state seeded with ``seed``, in the library of ``leaves`` (a JAX key's data,
+    a torch generator's bytes on their device, or NumPy's PCG64 as :func:`_pcg_state`'s
+    words): what a rule that draws keeps in its state."""
+    first = leaves[0] if leaves else np.zeros(0)
+    if backend.is_jax(first):
+        import jax
+
+        return jax.random.key_data(jax.random.key(seed))
+    if backend.is_torch(first):
+        import torch
+
+        return torch.Generator(first.device).manual_seed(seed).get_state()
+    return _pcg_state(np.random.PCG64(seed))
+
+
+def _pcg_generator(words: Any) -> np.random.Generator:
+    """A NumPy generator from PCG64's state as :func:`_pcg_state` writes it."""
+    w = [int(x) for x in words]
+    bits = np.random.PCG64(0)
+    bits.state = {"bit_generator": "PCG64",
+                  "state": {"state": w[0] << 64 | w[1], "inc": w[2] << 64 | w[3]},
+                  "has_uint32": w[4], "uinteger": w[5]}
+    return np.random.Generator(bits)
 
 
 def _pcg_state(bits: Any) -> np.ndarray:
