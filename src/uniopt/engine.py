@@ -221,7 +221,8 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
     """Gradient leaves in trainables order, from a tree like params or a flat list; with
     ``none``, None where a leaf has no gradient (a frozen branch, a partial ``jax.grad``)."""
     g_leaves, g_def, _ = flatten(grads)
-    if g_def != treedef and none:
+    # a flat list is not tried as a tree first: optree's error for it formats every array
+    if g_def != treedef and none and not _flat_list(grads, len(params)):
         try:
             up_to = treedef.flatten_up_to(grads)
         except (ValueError, TypeError):
@@ -261,6 +262,11 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
         if g.dtype != p.dtype:
             raise ValueError(f"gradient for {name} has dtype {g.dtype}, its parameter {p.dtype}")
     return g_leaves
+
+
+def _flat_list(grads: Any, n: int) -> bool:
+    return (isinstance(grads, (list, tuple)) and len(grads) == n
+            and all(g is None or backend.is_array(g) for g in grads))
 
 
 def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) -> None:
