@@ -355,20 +355,22 @@ def test_16_bit_params_are_bitwise_the_reference(name: str, lib: str, state_dtyp
 
 # The suite runs every compiled step on one thread (conftest.py); these send a step to the
 # thread pool and hold it to the one-thread run: bit for bit where nothing is summed, to a few
-# ulps where a norm's squares are summed per thread (in another order)
-PARALLEL_CASES = {
-    "adamw": (RULES["adamw"], None, 0),
-    "lookahead-polyak-ema": (RULES["lookahead-polyak-ema"], None, 0),
-    "global-norm": (uo.chain(uo.clip_by_global_norm(0.5), uo.adam(lr=1e-2)), None, 8),
+# ulps where a norm's squares are summed per thread (in another order). One case per form of
+# the pool's driver (each costs a compile of its own): the elementwise loop, in place and pure
+# (the driver is the same text for every elementwise rule), the global norm's sum, the per-leaf
+# sums and the 8-bit loop
+PARALLEL_CASES = {  # rule, state_dtype, ulps, whether pure steps alternate with in-place ones
+    "adamw": (RULES["adamw"], None, 0, True),
+    "global-norm": (uo.chain(uo.clip_by_global_norm(0.5), uo.adam(lr=1e-2)), None, 8, False),
     "leaf-norms": (uo.chain(uo.clip_by_norm(3.0), uo.scale_by_adam(), uo.clip_by_block_rms(0.9),
-                            uo.scale_by_lr(1e-2)), None, 8),
-    "adam-q8": (uo.adam(lr=1e-2), "q8", 0),
+                            uo.scale_by_lr(1e-2)), None, 8, False),
+    "adam-q8": (uo.adam(lr=1e-2), "q8", 0, False),
 }
 
 
 @pytest.mark.parametrize("name", sorted(PARALLEL_CASES))
 def test_the_thread_pool_loop_is_the_one_thread_loop(name: str) -> None:
-    rule, state_dtype, ulps = PARALLEL_CASES[name]
+    rule, state_dtype, ulps, pure = PARALLEL_CASES[name]
     rng = np.random.default_rng(3)
     one = _params(rng, np.float32)
     pool = {k: v.copy() for k, v in one.items()}
@@ -380,7 +382,7 @@ def test_the_thread_pool_loop_is_the_one_thread_loop(name: str) -> None:
             s_one = uo.update_(s_one, one, grads)
         with pytest.MonkeyPatch.context() as mp, expect_compiled(1):
             mp.setattr(fused, "PARALLEL_MIN", 0)
-            if k % 2:
+            if k % 2 or not pure:
                 s_pool = uo.update_(s_pool, pool, grads)
             else:
                 s_pool, pool = uo.update(s_pool, pool, grads)

@@ -41,7 +41,6 @@ RTOL64 = 1e-12
 EPS32 = float(np.finfo(np.float32).eps)
 D, V = 8, 12
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shapes(matrices_only: bool = False) -> dict[str, tuple[int, ...]]:

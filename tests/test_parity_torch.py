@@ -55,8 +55,8 @@ EPS32 = float(np.finfo(np.float32).eps)
 F32_FACTOR, F32_FIRST = 2.0, 4  # see excess()
 PARAMS = ("bias", "layers0", "layers1", "w")  # Problem's parameters (trajectory names), in order
 
-# one_torch_thread: conftest.py; every test here runs hundreds of steps against torch
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
+# every test here runs hundreds of steps against torch
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)

@@ -87,7 +87,7 @@ def test_python_work_per_step_does_not_grow_with_the_leaves() -> None:
     assert counts[6] <= 40, counts
 
 
-@pytest.mark.usefixtures("small_steps_compiled", "one_torch_thread")
+@pytest.mark.usefixtures("small_steps_compiled")
 def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
     torch = pytest.importorskip("torch")
     import uniopt.torch as ut

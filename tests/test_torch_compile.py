@@ -39,7 +39,7 @@ def _train(step: Callable[..., None], model: torch.nn.Module, n: int, strict_aft
         step(*_data(k))
 
 
-@pytest.mark.usefixtures("fresh_dynamo", "one_torch_thread")
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("make", [
     lambda ps: ut.AdamW(ps, lr=1e-2, weight_decay=0.1),
     lambda ps: ut.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
@@ -69,7 +69,7 @@ def test_compiled_step_never_recompiles_and_matches_eager(
         assert torch.equal(a, b)
 
 
-@pytest.mark.usefixtures("fresh_dynamo", "one_torch_thread")
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_a_whole_compiled_training_step_with_the_optimizer_inside() -> None:
     """forward, backward, opt.step() and zero_grad in one torch.compile'd function: the model's
     part compiles, the step runs eagerly between its graphs, and nothing recompiles."""

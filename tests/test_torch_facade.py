@@ -47,15 +47,6 @@ EPS32 = float(np.finfo(np.float32).eps)
 STEPS, LATE = 200, 120
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # the model is tiny: intra-op threads cost more than they save; results do not depend on it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def torch_scalars_in_double() -> Iterator[None]:
     """torch at its float64 default: it then keeps NAdam's ``mu_product`` and ASGD's ``eta``

@@ -64,8 +64,6 @@ from torch.testing._internal import common_optimizers as co  # noqa: E402
 import uniopt.torch as ut  # noqa: E402
 from helpers import scaled_error  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
-
 # torch keeps these classes' per-parameter scalars (NAdam's mu_product, ASGD's eta and mu) in its
 # default dtype, float32 unless set, even for float64 params; uniopt derives them in double from
 # the step count. Their tests run with torch's default dtype float64, where torch's are as exact

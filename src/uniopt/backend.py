@@ -11,13 +11,22 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
+# an array's namespace, by its exact type where the type alone decides it (NumPy, torch, JAX):
+# array_api_compat's lookup walks every library's checks, and the reference path asks per leaf
+_NAMESPACES: dict[type, Any] = {}
+
 
 def namespace(x: Any) -> Any:
-    return aac.array_namespace(x)
+    xp = _NAMESPACES.get(type(x))
+    if xp is None:
+        xp = aac.array_namespace(x)
+        if aac.is_numpy_array(x) or aac.is_torch_array(x) or aac.is_jax_array(x):
+            _NAMESPACES[type(x)] = xp
+    return xp
 
 
 def is_array(x: Any) -> bool:
-    return bool(aac.is_array_api_obj(x))
+    return type(x) in _NAMESPACES or bool(aac.is_array_api_obj(x))
 
 
 def is_numpy_scalar(x: Any) -> bool:
@@ -126,9 +135,16 @@ def to_numpy(x: Any, dtype: Any) -> Any:
 
 def library(x: Any) -> str:
     """A short name of the library that owns array ``x``, for error messages."""
-    if aac.is_jax_array(x):
-        return "jax"  # its arrays live in jaxlib
-    return type(x).__module__.split(".")[0]
+    name = _LIBRARIES.get(type(x))
+    if name is None:
+        # JAX's arrays live in jaxlib
+        name = "jax" if aac.is_jax_array(x) else type(x).__module__.split(".")[0]
+        if type(x) in _NAMESPACES:
+            _LIBRARIES[type(x)] = name
+    return name
+
+
+_LIBRARIES: dict[type, str] = {}
 
 
 def immutable_reason(x: Any) -> str | None:
