@@ -29,7 +29,9 @@ import ctypes
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import math
+import operator
 import os
 import sys
 import types
@@ -754,7 +756,7 @@ def run(
     # for the call (it holds the GIL, so no other Python thread can change them meanwhile)
     if type(params) is not list or type(grads) is not list:
         params, grads = list(params), list(grads)
-    if not all(type(v) is list for v in slots.values()):
+    if not all(map(operator.is_, map(type, slots.values()), itertools.repeat(list))):
         slots = {k: list(v) for k, v in slots.items()}
     inputs = [params, grads, *slots.values()]
     sizes = np.empty(n, np.int64)
@@ -779,7 +781,8 @@ def run(
     else:
         new_params = [np.empty_like(p) for p in params]
         new_slots = {k: [np.empty_like(x) for x in v] for k, v in slots.items()}
-    big = int(sizes.sum() >= PARALLEL_MIN)  # the loop on the thread pool, or on this thread
+    # the loop on the thread pool, or on this thread (a sum of Python ints: NumPy's costs more)
+    big = int(sum(sizes.tolist()) >= PARALLEL_MIN)
     for part, _, _ in plan:  # a loop, not any(): no generator's frame on every step
         if getattr(part, "by_dtype", False):  # every leaf here has first's dtype
             plan = [(p, p.for_dtype(c, first.dtype) if getattr(p, "by_dtype", False) else c, k)
@@ -815,6 +818,7 @@ def run(
 
 
 _NDARRAY = id(np.ndarray)
+_SIZE = operator.attrgetter("size")
 
 
 def step(
@@ -847,10 +851,11 @@ def step(
     # summed in one order on every rank and its replicas stay equal)
     if (len(leaves) < MIN_LEAVES and not backend.is_bfloat16_bits(leaves[0])
             and shards is None):
-        if not all(type(x) is np.ndarray for x in leaves):
+        # (C calls only here and below: no generator's frame per leaf)
+        if not all(map(operator.is_, map(type, leaves), itertools.repeat(np.ndarray))):
             return None  # the reference path says what is wrong
         # (bfloat16 bits have no reference path on NumPy: never small)
-        small = sum(x.size for x in leaves) < MIN_SIZE
+        small = sum(map(_SIZE, leaves)) < MIN_SIZE
         if small and memo is not None:
             # a rule whose loop is not at hand yet: count the step, with no more work than that
             waited = memo.get("cpu-small", 0)
