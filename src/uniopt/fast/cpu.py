@@ -701,6 +701,7 @@ def _coefficients(plan: list[tuple[Any, Any, tuple[str, ...]]], dtype: Any, n: i
 _WRITES = {(inplace, n): np.array([inplace, False, *[inplace] * n]) for inplace in (True, False)
            for n in range(8)}
 _KINDS = {"f": "f4", "d": "f8", "e": "f2"}
+_TYPENUMS: dict[tuple[int, int, int], Any] = {}
 
 
 def _kind(dtype: Any) -> str | None:
@@ -763,8 +764,10 @@ def run(
     writes = _WRITES.get((inplace, len(slots)))
     if writes is None:
         writes = np.array([inplace, False, *[inplace] * len(slots)])
-    tn = first.dtype.num
-    typenums = np.array([tn, tn, *[some[0].dtype.num if some else tn] * len(slots)])
+    kinds = (first.dtype.num, some[0].dtype.num if some else first.dtype.num, len(slots))
+    typenums = _TYPENUMS.get(kinds)
+    if typenums is None:  # made once per dtypes and slot count, as _WRITES
+        typenums = _TYPENUMS[kinds] = np.array([kinds[0], kinds[0], *[kinds[1]] * kinds[2]])
     code = _check(_addresses(inputs), writes, _NDARRAY, typenums, sizes)
     if code:
         k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7

@@ -235,7 +235,7 @@ class Optimizer(torch.optim.Optimizer):
         """The group's rule and whether it holds a schedule, cached by the group's values: the
         same objects as last step (a tensor's value is read again: it may have been written in
         place), or else equal values."""
-        raw = [group.get(k) for k in self._watched]
+        raw = list(map(group.get, self._watched))
         hit = self._rules.get(id(group))
         if hit is not None and hit.group is not group:
             hit = None

@@ -4,7 +4,8 @@ A plan is built when anything about its group changes and re-checked by identity
 (the parameters, their storage, which have gradients, their state dicts and slots). CPU float
 tensors reach the engine as NumPy views of their memory, made once per plan for parameters and
 slots and once per step for gradients (:func:`uniopt.backend.numpy_views`, a C call per
-tensor), so the compiled loop writes them in place; other tensors reach it as they are.
+tensor; a small group keeps them while the gradients are the same tensors, :class:`SeenGrads`),
+so the compiled loop writes them in place; other tensors reach it as they are.
 """
 
 from __future__ import annotations
