@@ -4,6 +4,7 @@ hooks and profiler label; a jitted step's arguments do not grow with the hyperpa
 
 from __future__ import annotations
 
+import copy
 import gc
 import sys
 import warnings
@@ -84,7 +85,7 @@ def test_python_work_per_step_does_not_grow_with_the_leaves() -> None:
         with expect_compiled(1):
             counts[n] = _python_calls(lambda: uo.update_(state, params, grads))  # noqa: B023
     assert counts[6] == counts[60], counts
-    assert counts[6] <= 40, counts
+    assert counts[6] <= 35, counts  # ~30 today
 
 
 @pytest.mark.usefixtures("small_steps_compiled")
@@ -101,10 +102,14 @@ def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
             p.grad = g
         for _ in range(3):
             opt.step()
-        with expect_compiled(1):
+        with expect_compiled(2):
+            # the same gradient tensors as the last step (their views kept), then new ones
             counts[n] = _python_calls(opt.step)
-    assert counts[6] == counts[60], counts
-    assert counts[6] <= 80, counts  # torch's no_grad, the coefficients, the engine: ~60 today
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+            counts[-n] = _python_calls(opt.step)
+    assert counts[6] == counts[60] and counts[-6] == counts[-60], counts
+    assert max(counts.values()) <= 60, counts  # the rule, the coefficients, the engine: ~55
 
     # torch's step hooks and profiler label, as torch.optim has them
     seen: list[str] = []
@@ -135,6 +140,87 @@ def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == 5e-4
+
+
+@pytest.mark.usefixtures("small_steps_compiled", "one_torch_thread")
+def test_torch_gradient_views_are_kept_while_the_tensors_are_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A small model's gradient views are kept from step to step while each gradient is the
+    same tensor at the same address (zero_grad(set_to_none=False)), and made anew when one is
+    replaced, its memory swapped or its shape changed; the parameters' when their memory is
+    swapped, the slots' when a state is loaded. Every step's numbers are those of an optimizer
+    handed new gradient tensors each step, bit for bit, and autograd sees each write."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    from uniopt import backend
+
+    made: list[int] = []
+    real_views = backend.numpy_views
+    monkeypatch.setattr(backend, "numpy_views",
+                        lambda lists: made.append(len(lists[0])) or real_views(lists))
+    start = _tree(MLP)
+    kept = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    fresh = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    opt = ut.SGD(kept, lr=0.1, momentum=0.9, weight_decay=0.01)
+    ref = ut.SGD(fresh, lr=0.1, momentum=0.9, weight_decay=0.01)
+    for p in kept:
+        p.grad = torch.zeros_like(p)
+    rng = np.random.default_rng(3)
+
+    def step(k: int, change: Callable[[list[Any]], None] | None = None) -> None:
+        values = [torch.from_numpy(rng.standard_normal(p.shape).astype(np.float32))
+                  for p in kept]
+        for p, v in zip(kept, values, strict=True):
+            p.grad.copy_(v)  # in place, as backward accumulates
+        if change is not None:
+            change(values)
+        for q, v in zip(fresh, values, strict=True):
+            q.grad = v.clone()
+        made.clear()
+        opt.step()
+        ref.step()
+        for p, q in zip(kept, fresh, strict=True):
+            assert torch.equal(p.detach(), q.detach()), k
+            assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+
+    step(0)
+    step(1)  # the plan is built at the first step: its gradient views kept from the second
+    step(2)
+    assert made == [6]  # ref's only
+    y = (kept[0] * kept[0]).sum()
+    step(3)
+    assert made == [6]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    # one gradient's memory swapped (the old memory freed), then one gradient replaced
+    step(4, lambda v: kept[2].grad.set_(v[2].clone()))
+    assert made == [6, 6]
+    step(5)
+    step(6, lambda v: setattr(kept[4], "grad", v[4].clone()))
+    assert made == [6, 6]
+    # one resized in place (the same address): seen, refused, nothing written
+    before = [p.detach().clone() for p in kept]
+    kept[5].grad.resize_(1)
+    with pytest.raises(ValueError, match=r"params\[5\] has shape \(1,\)"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(kept, before, strict=True))
+    kept[5].grad.resize_(3)
+    step(7)
+    assert made == [6, 6]
+    # a parameter's memory swapped, in both: new plans, gradients viewed anew
+    for p, q in zip(kept[:2], fresh[:2], strict=True):
+        p.data, q.data = p.detach().clone(), q.detach().clone()
+    step(8)
+    step(9)
+    step(10)
+    assert made == [6]
+    # the state loaded from the other optimizer: a new plan
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # (torch's load keeps its tensors)
+    step(11)
+    step(12)
+    step(13)
+    assert made == [6]
 
 
 def test_a_jitted_step_takes_one_array_of_numbers() -> None:

@@ -29,7 +29,9 @@ import ctypes
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import math
+import operator
 import os
 import sys
 import types
@@ -699,6 +701,7 @@ def _coefficients(plan: list[tuple[Any, Any, tuple[str, ...]]], dtype: Any, n: i
 _WRITES = {(inplace, n): np.array([inplace, False, *[inplace] * n]) for inplace in (True, False)
            for n in range(8)}
 _KINDS = {"f": "f4", "d": "f8", "e": "f2"}
+_TYPENUMS: dict[tuple[int, int, int], Any] = {}
 
 
 def _kind(dtype: Any) -> str | None:
@@ -754,15 +757,17 @@ def run(
     # for the call (it holds the GIL, so no other Python thread can change them meanwhile)
     if type(params) is not list or type(grads) is not list:
         params, grads = list(params), list(grads)
-    if not all(type(v) is list for v in slots.values()):
+    if not all(map(operator.is_, map(type, slots.values()), itertools.repeat(list))):
         slots = {k: list(v) for k, v in slots.items()}
     inputs = [params, grads, *slots.values()]
     sizes = np.empty(n, np.int64)
     writes = _WRITES.get((inplace, len(slots)))
     if writes is None:
         writes = np.array([inplace, False, *[inplace] * len(slots)])
-    tn = first.dtype.num
-    typenums = np.array([tn, tn, *[some[0].dtype.num if some else tn] * len(slots)])
+    kinds = (first.dtype.num, some[0].dtype.num if some else first.dtype.num, len(slots))
+    typenums = _TYPENUMS.get(kinds)
+    if typenums is None:  # made once per dtypes and slot count, as _WRITES
+        typenums = _TYPENUMS[kinds] = np.array([kinds[0], kinds[0], *[kinds[1]] * kinds[2]])
     code = _check(_addresses(inputs), writes, _NDARRAY, typenums, sizes)
     if code:
         k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7
@@ -779,7 +784,8 @@ def run(
     else:
         new_params = [np.empty_like(p) for p in params]
         new_slots = {k: [np.empty_like(x) for x in v] for k, v in slots.items()}
-    big = int(sizes.sum() >= PARALLEL_MIN)  # the loop on the thread pool, or on this thread
+    # the loop on the thread pool, or on this thread (a sum of Python ints: NumPy's costs more)
+    big = int(sum(sizes.tolist()) >= PARALLEL_MIN)
     for part, _, _ in plan:  # a loop, not any(): no generator's frame on every step
         if getattr(part, "by_dtype", False):  # every leaf here has first's dtype
             plan = [(p, p.for_dtype(c, first.dtype) if getattr(p, "by_dtype", False) else c, k)
@@ -815,6 +821,7 @@ def run(
 
 
 _NDARRAY = id(np.ndarray)
+_SIZE = operator.attrgetter("size")
 
 
 def step(
@@ -847,10 +854,11 @@ def step(
     # summed in one order on every rank and its replicas stay equal)
     if (len(leaves) < MIN_LEAVES and not backend.is_bfloat16_bits(leaves[0])
             and shards is None):
-        if not all(type(x) is np.ndarray for x in leaves):
+        # (C calls only here and below: no generator's frame per leaf)
+        if not all(map(operator.is_, map(type, leaves), itertools.repeat(np.ndarray))):
             return None  # the reference path says what is wrong
         # (bfloat16 bits have no reference path on NumPy: never small)
-        small = sum(x.size for x in leaves) < MIN_SIZE
+        small = sum(map(_SIZE, leaves)) < MIN_SIZE
         if small and memo is not None:
             # a rule whose loop is not at hand yet: count the step, with no more work than that
             waited = memo.get("cpu-small", 0)

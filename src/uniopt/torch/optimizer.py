@@ -169,7 +169,8 @@ class Optimizer(torch.optim.Optimizer):
     def _combined_rule(self) -> bool:
         """Whether the rule runs other rules: each group then keeps one State, stepped whole
         (uniopt.torch.combined)."""
-        return any(isinstance(p, Combinator) for p in self.rule.flat_parts)
+        # (C calls only: every step asks)
+        return any(map(isinstance, self.rule.flat_parts, itertools.repeat(Combinator)))
 
     @property
     def _name(self) -> str:
@@ -234,7 +235,7 @@ class Optimizer(torch.optim.Optimizer):
         """The group's rule and whether it holds a schedule, cached by the group's values: the
         same objects as last step (a tensor's value is read again: it may have been written in
         place), or else equal values."""
-        raw = [group.get(k) for k in self._watched]
+        raw = list(map(group.get, self._watched))
         hit = self._rules.get(id(group))
         if hit is not None and hit.group is not group:
             hit = None
@@ -298,7 +299,10 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
+        # torch.no_grad() without its context manager's Python frames (a small step's cost)
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             if self._combined_rule:
                 for gi, group in enumerate(self.param_groups):
                     combined.step(self, gi, group, self._rule(group)[0])
@@ -313,6 +317,8 @@ class Optimizer(torch.optim.Optimizer):
                         self._sparse == "rows", self.state,
                         self._steps_for(job.gi, job.group["params"]))
                 plan.run(job.rule, job.grads, job.views)
+        finally:
+            torch._C._set_grad_enabled(enabled)
         return loss
 
     def _prepare(self, gi: int, group: dict[str, Any]) -> _Job:

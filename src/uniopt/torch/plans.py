@@ -4,12 +4,12 @@ A plan is built when anything about its group changes and re-checked by identity
 (the parameters, their storage, which have gradients, their state dicts and slots). CPU float
 tensors reach the engine as NumPy views of their memory, made once per plan for parameters and
 slots and once per step for gradients (:func:`uniopt.backend.numpy_views`, a C call per
-tensor), so the compiled loop writes them in place; other tensors reach it as they are.
+tensor; a small group keeps them while the gradients are the same tensors, :class:`SeenGrads`),
+so the compiled loop writes them in place; other tensors reach it as they are.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import operator
@@ -27,6 +27,12 @@ from ..interop import dtensor
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
+_SHAPE = operator.attrgetter("shape")
+
+# a plan whose gradients hold at most this many elements keeps the last step's gradients and
+# their views (:class:`SeenGrads`): at most 4 MB of float32 kept past a step, where the views
+# (about 1 us per tensor) are a fair part of the step; a bigger model's step is its arithmetic
+KEEP_GRADS = 1 << 20
 
 # how the engine sees a parameter: ("np", None) a NumPy view, ("np", perm) a NumPy view of the
 # parameter permuted into memory order, ("torch", None) the tensor itself, ("tracked", None) the
@@ -201,11 +207,15 @@ class Steps:
 
     def count(self, idx: Any) -> None:
         """One more step for the parameters at ``idx`` (None: every one)."""
+        self.add(idx)
+        backend.mark_written([self.buf])
+
+    def add(self, idx: Any) -> None:
+        """:meth:`count`, leaving the buffer for the caller to mark written."""
         if idx is None:
             self.np += 1
         else:
             self.np[idx] += 1
-        backend.mark_written([self.buf])
 
     def set(self, i: int, n: int) -> None:
         """Parameter ``i`` has had ``n`` steps (its state came from elsewhere)."""
@@ -291,6 +301,33 @@ def _q8_slot(st: dict[str, Any], key: str, name: str) -> None:
 
 
 @dataclasses.dataclass
+class SeenGrads:
+    """The gradients of a plan's last step and their NumPy views, reused while each gradient
+    is the same tensor, at the same address, of the same shape: with
+    ``zero_grad(set_to_none=False)`` backward accumulates into the same tensors every step.
+    Their values may have changed (the views show them); their version counters need no
+    check. A tensor whose memory was replaced (``set_``, ``.data =``, a resized storage) has
+    another address, or another shape, and is viewed anew: a view never outlives the memory
+    it reads (it holds the tensor, which holds that memory until its address changes)."""
+
+    tensors: list[torch.Tensor]
+    views: list[Any]
+    # where the views read, found when first needed: a step whose gradients are new tensors
+    # (zero_grad's default) pays for no more than the identity check
+    ptrs: list[int] | None = None
+
+    def views_of(self, grads: list[torch.Tensor]) -> list[Any] | None:
+        if not all(map(operator.is_, grads, self.tensors)):
+            return None
+        if self.ptrs is None:
+            self.ptrs = [v.ctypes.data for v in self.views]
+        if (list(map(_DATA_PTR, grads)) == self.ptrs
+                and list(map(_SHAPE, grads)) == list(map(_SHAPE, self.views))):
+            return self.views
+        return None
+
+
+@dataclasses.dataclass
 class Run:
     """Parameters of one group that share a step count and a kind of view: one engine call."""
 
@@ -298,10 +335,9 @@ class Run:
     idx: Any  # their indices in the group, for the step buffer (None: the whole group)
     params: list[Any]
     slots: dict[str, list[Any]]
-    # the parameters, written through NumPy views where ``numpy``: their version counters are
-    # bumped (a graph may have saved them); slots are the optimizer's own, left unmarked
-    tensors: list[torch.Tensor]
-    numpy: bool
+    # what a step marks written, in one call: the step buffer and, where written through NumPy
+    # views, the parameters (a graph may have saved them; slots are the optimizer's own)
+    written: list[torch.Tensor]
     # capturable=True: the run's step count on its parameters' device, counted there by the
     # step (a captured graph reads and advances it); the host's count follows step() calls
     device_step: torch.Tensor | None = None
@@ -336,6 +372,10 @@ class Plan:
     # the parameters are DTensors: which arrays of the runs are shards of which (None: none)
     sharding: dtensor.Sharding | None = None
     counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
+    state_dtype: str | None = None  # the engine's (q8)
+    keep_grads: bool = False  # small: the last step's gradient views are kept (SeenGrads)
+    seen: SeenGrads | None = None
+    treedefs: list[Any] = dataclasses.field(default_factory=list)  # each run's flat list
     state_version: int | None = None  # the state's version when its dicts were last checked
 
     def still_valid(self, state: Any, group: dict[str, Any], ps: Any, has: list[bool],
@@ -398,8 +438,18 @@ class Plan:
             if local is None:
                 return None
             sel = local
-        views = backend.numpy_views([sel])
-        return None if views is None else views[0]
+        seen = self.seen
+        if seen is not None:
+            views = seen.views_of(sel)
+            if views is not None:
+                return views
+            self.seen = None  # the old gradients are let go now, not at the end of this step
+        made = backend.numpy_views([sel])
+        if made is None:
+            return None
+        if self.keep_grads:
+            self.seen = SeenGrads(list(sel), made[0])
+        return made[0]
 
     def run(self, rule: Transform, grads: list[Any], views: list[Any] | None) -> None:
         """One step: an engine call per run, then the parameters with sparse gradients."""
@@ -417,20 +467,21 @@ class Plan:
         # the variable itself, not backend.sharded: a small step makes no extra Python call)
         shards = backend.SHARDED.set(self.sharding)
         try:
-            for run, step in zip(self.runs, self.run_steps(), strict=True):
+            for run, step, treedef in zip(self.runs, self.run_steps(), self.treedefs,
+                                                strict=True):
                 gs = views if run.pos is None else [views[k] for k in run.pos]
-                with (backend.tracked() if self.tracked else contextlib.nullcontext()),\
-                        torch.set_grad_enabled(self.tracked):
-                    at = step if run.device_step is None else run.device_step
-                    new = update_(State(rule, at, run.slots, flat_list_def(len(run.params)),
-                                        "q8" if is_q8(self.group) else None, trees),
-                                  run.params, gs)
+                at = step if run.device_step is None else run.device_step
+                state = State(rule, at, run.slots, treedef, self.state_dtype, trees)
+                if self.tracked:
+                    with backend.tracked(), torch.enable_grad():
+                        new = update_(state, run.params, gs)
+                else:  # the step runs without autograd (Optimizer.step)
+                    new = update_(state, run.params, gs)
                 trees = new.tree_states
                 if run.device_step is not None and new.step is not run.device_step:
                     run.device_step.copy_(new.step)  # a path that counts out of place
-                self.steps.count(run.idx)
-                if run.numpy:
-                    backend.mark_written(run.tensors)
+                self.steps.add(run.idx)
+                backend.mark_written(run.written)
         finally:
             backend.SHARDED.reset(shards)
             fast.FORCED.reset(forced)
@@ -533,6 +584,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         if sharded:
             shards += [(v, dtensor.Spec.of(sel_params[k]) if dtensor.is_dtensor(sel_params[k])
                         else None) for v, k in zip(views, pos, strict=True)]
+        tensors = ([sel_params[k] for k in pos] if not sharded else
+                   [t for k in pos for t in (sel_params[k], dtensor.local(sel_params[k]))])
         plan_runs.append(
             Run(
                 pos=None if whole else pos,
@@ -541,9 +594,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
                 slots={key: [_q8_view(states[k], name, specs[k]) if q8 else
                              _slot_view(states[k].get(name), specs[k]) for k in pos]
                        for key, name in names},
-                tensors=[sel_params[k] for k in pos] if not sharded else
-                [t for k in pos for t in (sel_params[k], dtensor.local(sel_params[k]))],
-                numpy=kind == "np",
+                written=[*tensors, steps.buf] if kind == "np" else [steps.buf],
                 device_step=_device_step(float(steps.np[sel[pos[0]]]), sel_params[pos[0]])
                 if group.get("capturable") and kind == "torch" else None,
             )
@@ -577,4 +628,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         multi=multi,
         flags=(group.get("foreach"), group.get("capturable")),
         sharding=dtensor.Sharding(shards) if sharded else None,
+        state_dtype="q8" if q8 else None,
+        keep_grads=not sharded and sum(p.numel() for p in sel_params) <= KEEP_GRADS,
+        treedefs=[flat_list_def(len(r.params)) for r in plan_runs],
     )
