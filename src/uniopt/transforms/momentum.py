@@ -74,7 +74,7 @@ class trace(Elementwise):
         return Momentum(
             momentum=self.momentum,
             weight=first + (1.0 - first) * self.one_minus("dampening"),
-            on=self.momentum != 0,
+            on=self.nonzero("momentum"),
         )
 
     @property
