@@ -300,6 +300,20 @@ def test_a_jitted_loop_reads_nothing_back_from_the_device() -> None:
         np.float32(1 - 0.999))
 
 
+def test_what_the_host_knows_is_compiled_as_known() -> None:
+    """A number that keeps a block (SGD's momentum) is non-zero in the program compiled for
+    it: no per-element switch between the buffer and the gradient (which read the gradient a
+    second time); a state out of the step builds its rule only when asked for."""
+    params = [jnp.ones((4, 3)), jnp.ones(3)]
+    state = uo.setup(uo.sgd(lr=0.1, momentum=0.9, dampening=0.1), params)
+    assert "select" not in jax.jit(uo.update).lower(state, params, params).as_text()
+    state, params = jax.jit(uo.update)(state, params, params)
+    state, params = jax.jit(uo.update)(state, params, params)
+    assert "rule" not in state.__dict__
+    assert float(state.rule.momentum) == float(np.float32(0.9))
+    assert state.rule.nonzero("momentum") is True
+
+
 def test_schedules_under_jit_compute_in_the_default_float() -> None:
     """The state's step is an int32 array under jit: schedules are handed it as the default
     float (float64 with x64), so a linear or exponential schedule is the host's to rounding,

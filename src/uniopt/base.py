@@ -148,7 +148,10 @@ class Transform:
             if on is not None:
                 on = frozenset(n for n in self.optional
                                if (new.on(n) if n in changes else n in on))
-            object.__setattr__(new, "host", HostFacts(kept, on))
+            nonzero = frozenset(n for n in self.optional if (
+                n in changes and on is not None and n in on and held_nonzero(new, n)
+                or n not in changes and n in self.host.nonzero))
+            object.__setattr__(new, "host", HostFacts(kept, on, nonzero))
         return new
 
     def at(self, step: Any) -> Transform:
@@ -158,6 +161,7 @@ class Transform:
             return self
         values: dict[str, Any] = {}
         complements: dict[Any, Any] = {}
+        nonzero = set()
         scheduled = False
         for name, v in self.hyperparameters().items():
             xs = v if isinstance(v, tuple) else (v,)
@@ -168,6 +172,8 @@ class Transform:
                 if isinstance(x, Complemented):
                     complements[name if not isinstance(v, tuple) else (name, i)] = on_host(
                         x.one_minus)
+                    if x.nonzero:
+                        nonzero.add(name)
                     x = on_host(x.value)
                 elif isinstance(x, DeviceNumber):
                     x = x.read()
@@ -178,7 +184,8 @@ class Transform:
             values[name] = tuple(out) if isinstance(v, tuple) else out[0]
         if not values:
             return self
-        new = assemble(type(self), {**self.fields(), **values}, HostFacts(complements))
+        new = assemble(type(self), {**self.fields(), **values},
+                       HostFacts(complements, nonzero=frozenset(nonzero)))
         if scheduled:
             new._validate(f" (the value of its schedule at step {step})", resolved=True)
         return new
@@ -233,6 +240,14 @@ class Transform:
         v = getattr(self, name)
         return callable(v) or on_host(v.value if isinstance(v, Complemented) else v) != 0
 
+    def nonzero(self, name: str) -> Any:
+        """Whether number ``name`` is not 0: a bool where the host knows (a host number; one
+        of a JAX state that drives an optional block the host kept for a non-zero value, which
+        keeps a jitted step free of a switch per element), else a traced comparison."""
+        if self.host is not None and name in self.host.nonzero:
+            return True
+        return getattr(self, name) != 0
+
     def one_minus(self, name: str) -> Any:
         """``1 - self.<name>``, computed in double precision on the host (for a number that
         went through ``jax.jit``, the complement the host computed before it went in)."""
@@ -267,7 +282,9 @@ class Transform:
     def _pair(self, key: Any, x: Any) -> Any:
         assert self.host is not None
         c = self.host.complements.get(key)
-        return x if c is None or callable(x) else Complemented(x, c)
+        if c is None or callable(x):
+            return x
+        return Complemented(x, c, nonzero=key in self.host.nonzero)
 
     @functools.cached_property
     def keyed_parts(self) -> tuple[tuple[Part, tuple[str, ...]], ...]:
@@ -347,6 +364,14 @@ def assemble(cls: type[Transform], fields: dict[str, Any], host: HostFacts | Non
     t.__dict__.update(fields)  # frozen: bypasses __setattr__, as object.__setattr__ would
     t.__dict__["host"] = host
     return t
+
+
+def held_nonzero(t: Transform, name: str) -> bool:
+    """Whether optional number ``name`` of ``t`` is a number the host holds (not a schedule, a
+    JAX array or a number of a JAX state) and is not 0: what :attr:`HostFacts.nonzero` lists."""
+    v = getattr(t, name)
+    return not (callable(v) or _jax_array(v) or isinstance(v, (Complemented, DeviceNumber))
+                ) and on_host(v) != 0
 
 
 def _values(t: Transform) -> list[Any]:

@@ -90,16 +90,23 @@ class Complemented:
 
     value: Any
     one_minus: Any
+    # known not to be 0 (HostFacts.nonzero)
+    nonzero: bool = False
 
 
 @dataclass(frozen=True)
 class HostFacts:
     """What the host knew of a record's numbers when they went into a JAX state: each number's
-    complement ``1 - x`` in double precision, and which optional blocks exist (inside
-    ``jax.jit`` a traced value cannot be compared with 0)."""
+    complement ``1 - x`` in double precision, which optional blocks exist (inside ``jax.jit`` a
+    traced value cannot be compared with 0), and which numbers of a resolved record are known
+    not to be 0 (:meth:`uniopt.Transform.nonzero`)."""
 
     complements: Mapping[Key, Any]
     on: frozenset[str] | None = None
+    # numbers (by field name) that drive an optional block the host kept for a value it saw
+    # was not 0: a jitted step is compiled for the block, so the value stays non-zero there
+    # (an adjust to 0 is a new skeleton, a new compilation)
+    nonzero: frozenset[str] = frozenset()
 
 
 class DeviceNumber:

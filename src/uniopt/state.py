@@ -4,7 +4,7 @@ parts' states, with the rule and the params' structure alongside."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optree
 
@@ -52,6 +52,21 @@ class State:
     # each leaf's own step count, once a step has left some leaf out (its gradient was None):
     # an integer array (JAX's int32, else NumPy's int64); None while every leaf's is ``step``
     counts: Any = None
+
+    if not TYPE_CHECKING:  # (for the type checker, no attribute is missing)
+        def __getattr__(self, name: str) -> Any:
+            # a state rebuilt from a JAX pytree's leaves (uniopt.interop.jax) builds its rule
+            # when first asked: a jitted loop hands the state from step to step unlooked-at
+            lazy = self.__dict__.get("_lazy_rule") if name == "rule" else None
+            if lazy is None:
+                raise AttributeError(f"'State' object has no attribute {name!r}")
+            build, *args = lazy
+            rule = self.__dict__["rule"] = build(*args)
+            return rule
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"rule": self.rule,
+                **{k: v for k, v in self.__dict__.items() if k != "_lazy_rule"}}
 
     def __repr__(self) -> str:
         trees = f", tree_states={sorted(self.tree_states)}" if self.tree_states else ""

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import Transform, assemble, chain
+from ..base import Transform, assemble, chain, held_nonzero
 from ..hyper import DeviceNumber, HostFacts, _traced, on_host
 from ..state import State
 
@@ -68,7 +68,11 @@ def flatten_rule(t: Transform) -> tuple[list[Any], Any]:
         else:
             fields.append((f.name, "fixed", v))
     on = frozenset(n for n in t.optional if t.on(n))
-    return leaves, (type(t), tuple(fields), on)
+    if t.host is not None and t.host.on is not None:  # decided before: what it knew then
+        nonzero = t.host.nonzero & on
+    else:
+        nonzero = frozenset(n for n in on if held_nonzero(t, n))
+    return leaves, (type(t), tuple(fields), on, nonzero)
 
 
 def unflatten_rule(skeleton: Any, leaves: Any) -> Transform:
@@ -82,7 +86,7 @@ def _builder(skeleton: Any) -> Callable[[Any, int], tuple[Transform, int]]:
     """A function building the record ``skeleton`` describes from ``numbers[k:]``, returning it
     and the next ``k``: the skeleton is read once, and a state coming out of every jitted step
     is rebuilt with no more than the assignments (JAX requires skeletons to be hashable)."""
-    cls, spec, on = skeleton
+    cls, spec, on, nonzero = skeleton
     fixed: dict[str, Any] = {}
     plan: list[tuple[str, str, Any]] = []
     for name, kind, sub in spec:
@@ -119,7 +123,7 @@ def _builder(skeleton: Any) -> Callable[[Any, int], tuple[Transform, int]]:
                 values[name] = members[0] if kind == "member" else tuple(members)
         if cls is chain:
             return chain(*values["transforms"]), k
-        return assemble(cls, values, HostFacts(complements, on)), k
+        return assemble(cls, values, HostFacts(complements, on, nonzero)), k
 
     return build
 
@@ -176,7 +180,36 @@ def register_state() -> None:
         _register_flax()
 
 
-def _flatten_state(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+class _Static:
+    """A state's static part, beside its leaves: the rule's skeleton and count of numbers, the
+    params' structure, the state dtype. JAX hashes it at every jitted call (the call's
+    signature), so the hash is computed once; a state coming out of a step hands on the one
+    it came in with, which then compares by identity."""
+
+    __slots__ = ("skeleton", "treedef", "state_dtype", "_hash")
+
+    def __init__(self, skeleton: Any, treedef: Any, state_dtype: str | None) -> None:
+        self.skeleton, self.treedef, self.state_dtype = skeleton, treedef, state_dtype
+        self._hash = hash((skeleton, treedef, state_dtype))
+
+    def __eq__(self, other: object) -> bool:
+        # no comparison of hashes first: AnyParams is equal to every structure
+        return self is other or (isinstance(other, _Static)
+                                 and (self.skeleton, self.treedef, self.state_dtype)
+                                 == (other.skeleton, other.treedef, other.state_dtype))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"_Static({self.skeleton[0][0].__name__}, {self.treedef}, {self.state_dtype})"
+
+
+def _flatten_state(s: State) -> tuple[tuple[Any, ...], _Static]:
+    lazy = s.__dict__.get("_lazy_rule")
+    if lazy is not None:  # out of a jitted step, its rule unbuilt: its leaves as they came
+        _, static, packed = lazy
+        return (s.step, s.slots, s.tree_states, packed, s.counts), static
     # the rule's memo keeps its skeleton and its array: a state passed from one jitted step
     # to the next is flattened with no work on its numbers
     hit = s.rule.memo.get("jax")
@@ -192,18 +225,28 @@ def _flatten_state(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         if placed is None:
             placed = s.rule.memo[key] = replicated(packed, s.step)
         packed = placed
-    return (s.step, s.slots, s.tree_states, packed, s.counts), (skeleton, s.treedef,
-                                                                 s.state_dtype)
+    return (s.step, s.slots, s.tree_states, packed, s.counts), _Static(skeleton, s.treedef,
+                                                                       s.state_dtype)
 
 
-def _unflatten_state(aux: tuple[Any, ...], children: tuple[Any, ...]) -> State:
+def _unflatten_state(static: _Static, children: tuple[Any, ...]) -> State:
     """A state from any leaves, as JAX requires of a pytree (None, ShapeDtypeStruct, tracers,
-    other dtypes): nothing is read from the numbers until a step needs them."""
+    other dtypes): nothing is read from the numbers until a step needs them, and the rule is
+    built only when asked for (:class:`~uniopt.state.State` builds it then)."""
     step, slots, trees, packed, counts = children
-    (skeleton, n) = aux[0]
+    s = object.__new__(State)
+    s.__dict__.update(step=step, slots=slots, treedef=static.treedef,
+                      state_dtype=static.state_dtype, tree_states=trees, counts=counts,
+                      _lazy_rule=(_rule_of, static, packed))
+    return s
+
+
+def _rule_of(static: _Static, packed: Any) -> Transform:
+    """The rule of a state rebuilt from leaves, its numbers those of ``packed``."""
+    skeleton, n = static.skeleton
     rule = unflatten_rule(skeleton, _numbers(packed, n))
-    rule.__dict__["memo"] = {"jax": (packed, aux[0])}  # a new record: its memo is this
-    return State(rule, step, slots, aux[1], aux[2], trees, counts)
+    rule.__dict__["memo"] = {"jax": (packed, static.skeleton)}  # a new record: its memo is this
+    return rule
 
 
 @functools.cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, cast
 
-from ..base import Elementwise, Info, Rule, Transform
+from ..base import Elementwise, Info, Kernel, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import bias_correction, ema_sq, lerp, select
 from ..transforms.decay import check_decay_form, decayed, decoupled_weight_decay, weight_decay
@@ -54,15 +54,37 @@ class scale_by_adam(Elementwise):
             m_scale, u_scale = self.folded_lr / bc1, 0.0
         return AdamCoeffs(
             one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, m_scale=m_scale, u_scale=u_scale,
-            sqrt_bc2=bc2**0.5, eps_root_bc2=self.eps_root * bc2, eps=self.eps,
+            sqrt_bc2=bc2**0.5, eps_root_bc2=_times_bc2(self.eps_root, bc2), eps=self.eps,
         )
 
-    @staticmethod
-    def kernel(xp, c, p, u, exp_avg, exp_avg_sq):
-        m = lerp(exp_avg, u, c.one_minus_b1)
-        v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
-        m_hat = c.m_scale * m + c.u_scale * u
-        return m_hat / (xp.sqrt(v + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return nadam_kernel if self.nesterov else adam_kernel
+
+
+def _times_bc2(eps_root: Any, bc2: Any) -> Any:
+    """``eps_root*(1 - b2^t)``, a host 0 where ``eps_root`` is one (torch's Adam has none): under
+    ``jax.jit`` XLA drops ``v + 0``, where ``0*bc2``, a traced value, is an addition per
+    element."""
+    return 0.0 if isinstance(eps_root, float) and eps_root == 0.0 else eps_root * bc2
+
+
+# Adam's kernel and NAdam-style one (optax's nesterov): the second adds u_scale*u, which the
+# first leaves out (u_scale is 0) rather than compute: under jax.jit, 0*u is an operation per
+# element, and it makes the params' fusion read u a second time
+
+
+def adam_kernel(xp, c, p, u, exp_avg, exp_avg_sq):
+    m = lerp(exp_avg, u, c.one_minus_b1)
+    v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+    return c.m_scale * m / (xp.sqrt(v + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v
+
+
+def nadam_kernel(xp, c, p, u, exp_avg, exp_avg_sq):
+    m = lerp(exp_avg, u, c.one_minus_b1)
+    v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+    m_hat = c.m_scale * m + c.u_scale * u
+    return m_hat / (xp.sqrt(v + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ..transforms.decay import weight_decay
 from ..transforms.mask import frozen_mask, masked_by
 from ..transforms.scale import scale_by_lr
 from ..tree import flatten, unflatten
-from .adam import scale_by_adam
+from .adam import adam_kernel, scale_by_adam
 from .schedule_free import arrays
 
 
@@ -145,7 +145,7 @@ class scale_by_galore(WholeTree):
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
         gs, treedef, _ = flatten(u)
-        kernel = scale_by_adam.kernel
+        kernel = adam_kernel  # its scale_by_adam is Adam's, not NAdam's
         out, projectors, ms, vs = [], [], [], []
         for i, g in enumerate(gs):
             xp = backend.namespace(g)

@@ -80,7 +80,9 @@ class sgd(Rule):
         "flux": {"lr": 0.1, "momentum_form": "sutskever"},
     }
 
-    optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum")
+    # dampening 0 is the block of torch's first update alone: the jitted step multiplies u by
+    # nothing (a traced 1 - dampening would be a multiplication per element)
+    optional: ClassVar[tuple[str, ...]] = ("weight_decay", "momentum", "dampening")
 
     info: ClassVar[Info] = Info(
         family="sgd",
@@ -113,7 +115,8 @@ class sgd(Rule):
             steps = (inside(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov),)
         else:
             steps = (
-                *([trace(momentum=self.momentum, dampening=self.dampening,
+                *([trace(momentum=self.momentum,
+                         dampening=self.dampening if self.on("dampening") else 0.0,
                          nesterov=self.nesterov)] if self.on("momentum") else []),
                 scale_by_lr(lr=self.lr),
             )

@@ -71,11 +71,10 @@ class trace(Elementwise):
         # arithmetic, not branches, so a traced step (jax.jit) or one counted on a torch device
         # works; exact for step 0 / not 0 (a number: torch has no 1 - a bool tensor)
         first = (step == 0) * 1.0
-        return Momentum(
-            momentum=self.momentum,
-            weight=first + (1.0 - first) * self.one_minus("dampening"),
-            on=self.momentum != 0,
-        )
+        undamped = self.one_minus("dampening")
+        if not (isinstance(undamped, float) and undamped == 1.0):  # a host 1: 1 at every step
+            undamped = first + (1.0 - first) * undamped
+        return Momentum(momentum=self.momentum, weight=undamped, on=self.nonzero("momentum"))
 
     @property
     def kernel(self) -> Kernel:  # type: ignore[override]

@@ -1,0 +1,85 @@
+"""A jitted step on small models, uniopt against optax, interleaved: ``uniopt bench``'s rows
+"optax + jit" and "uniopt + jit" (the same arrays, donation and ``block_until_ready``), run in
+alternating rounds in one process so that a noisy machine weighs on both alike.
+
+    python benchmarks/jax_small.py [--workloads S1,S2] [--rules adamw,sgd,adam]
+                                   [--rounds 40] [--steps 25]
+
+Prints, per workload and rule, the min and median over rounds of each round's median step (ms)
+and uniopt's ratio to optax (of the medians; of the mins). Also the floor under both: a jitted
+function of the same arguments that returns them untouched (donated: nothing is copied), the
+cost of one call with that many arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from uniopt.tools import bench
+
+
+def _noop(w: bench._Workload) -> Callable[[], Any]:
+    """A jitted call of optax's arguments (params, Adam's state, grads) that computes nothing."""
+    import optax
+
+    params = [jax.numpy.asarray(p) for p in w.params]
+    grads = [[jax.numpy.asarray(g) for g in gs] for gs in w.grads]
+    f = jax.jit(lambda p, s, g: (p, s), donate_argnums=(0, 1))
+    carry = [params, optax.adam(1e-3).init(params)]
+    k = [0]
+
+    def step() -> None:
+        k[0] ^= 1
+        carry[0], carry[1] = f(carry[0], carry[1], grads[k[0]])
+        jax.block_until_ready(carry[0])
+
+    return step
+
+
+def _round(step: Callable[[], Any], steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", default="S1,S2")
+    ap.add_argument("--rules", default="adamw,sgd,adam")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=25)
+    a = ap.parse_args()
+    print(f"jax {jax.__version__}, {a.rounds} rounds of {a.steps} steps each; ms per step "
+          "(min and median over rounds of a round's median)")
+    for wname in a.workloads.split(","):
+        w = bench._Workload(bench.WORKLOADS[wname])
+        noop = _noop(w)
+        for rule in a.rules.split(","):
+            runs = {"no-op": noop, "optax": bench._optax(w, rule),
+                    "uniopt": bench._uniopt_jit(w, rule)}
+            for f in runs.values():
+                for _ in range(5):
+                    f()
+            meds: dict[str, list[float]] = {k: [] for k in runs}
+            for _ in range(a.rounds):
+                for k, f in runs.items():
+                    meds[k].append(1e3 * _round(f, a.steps))
+            mn = {k: min(v) for k, v in meds.items()}
+            md = {k: statistics.median(v) for k, v in meds.items()}
+            print(f"{wname} {rule:6s} " + "  ".join(
+                f"{k} {mn[k]:.4f}/{md[k]:.4f}" for k in runs)
+                + f"  uniopt/optax {md['uniopt'] / md['optax']:.2f}x median, "
+                  f"{mn['uniopt'] / mn['optax']:.2f}x min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
