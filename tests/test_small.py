@@ -142,7 +142,7 @@ def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
     assert opt.param_groups[0]["lr"] == 5e-4
 
 
-@pytest.mark.usefixtures("small_steps_compiled", "one_torch_thread")
+@pytest.mark.usefixtures("small_steps_compiled")
 def test_torch_gradient_views_are_kept_while_the_tensors_are_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
