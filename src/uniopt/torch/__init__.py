@@ -87,3 +87,7 @@ __all__ = [
     "ASGD", "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Muon",
     "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam", "SophiaH",
 ]
+
+from . import functional as _functional  # noqa: E402  (registered once every class is here)
+
+_functional.install()
