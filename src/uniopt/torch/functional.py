@@ -8,9 +8,11 @@ twin that ``torch.distributed.optim.utils.functional_optim_map`` maps an optimiz
 the class over the rank's parameters, so the numbers, the compiled CPU loop and the state are
 the class's own. Each class is mapped to a subclass that names it (``Functional.of``).
 
-A bucket's step hands gradients for some of the parameters and ``None`` for the others; the
-wrapped optimizer steps those with a gradient only, so each parameter keeps its own step count
-(``state[p]["step"]``), as torch's functional optimizers do. The twin's ``param_group`` is the
+A bucket's step hands gradients for some of the parameters and ``None`` for the others: those
+with a gradient step, so each parameter keeps its own step count (``state[p]["step"]``), as
+torch's functional optimizers do. Each set of parameters stepped together (a bucket's share,
+one parameter under DDP's fused step) is stepped by an instance of the class of its own that
+shares the one state, so that its step plan, built once, is not rebuilt for every bucket. The twin's ``param_group`` is the
 wrapped optimizer's one group: ZeRO writes its own groups' values into it before each step, so
 an LR scheduler on the ZeRO optimizer reaches it (torch's own twins read the constructor's
 values instead).
@@ -102,7 +104,9 @@ class Functional:
         if why is not None:
             raise TypeError(f"{name} cannot be a functional optimizer of an overlapped "
                             f"DDP or ZeRO step: {why}")
-        self._known = set(map(id, params))
+        self._args, self._kwargs = args, kwargs
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._subsets: dict[tuple[int, ...], Optimizer] = {}
 
     @classmethod
     def of(cls, optimizer_class: type[Optimizer]) -> type[Functional]:
@@ -140,29 +144,51 @@ class Functional:
         if len(gradients) != len(params):
             raise ValueError(f"functional {_public_name(self.optimizer_class)}.step: "
                              f"{len(gradients)} gradients for {len(params)} parameters")
-        self._step(params, list(gradients))
+        idx = tuple(i for i, g in enumerate(gradients) if g is not None)
+        self._step(idx, [g for g in gradients if g is not None])
 
     def step_param(self, param: torch.Tensor, grad: torch.Tensor | None) -> None:
         """One step of ``param`` alone (DDP's ``_register_fused_optim`` calls it for each
         parameter as its bucket is reduced); a parameter met for the first time joins the
         group."""
-        if id(param) not in self._known:
+        i = self._index.get(id(param))
+        if i is None:
+            i = self._index[id(param)] = len(self.param_group["params"])
             self.param_group["params"] = [*self.param_group["params"], param]
-            self._known.add(id(param))
-        params = self.param_group["params"]
-        self._step(params, [grad if p is param else None for p in params])
+        if grad is not None:
+            self._step((i,), [grad])
 
-    def _step(self, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    def _step(self, idx: tuple[int, ...], grads: list[torch.Tensor]) -> None:
+        if not idx:
+            return
+        params = self.param_group["params"]
+        opt = self.optim if len(idx) == len(params) else self._subset(idx)
+        ps = [params[i] for i in idx]
         # the class reads gradients from .grad: lent for the step, then given back (DDP's
         # reducer keeps its own references to the gradients it writes)
-        held = [p.grad for p in params]
+        held = [p.grad for p in ps]
         try:
-            for p, g in zip(params, grads, strict=True):
+            for p, g in zip(ps, grads, strict=True):
                 p.grad = g
-            self.optim.step()
+            opt.step()
         finally:
-            for p, g in zip(params, held, strict=True):
+            for p, g in zip(ps, held, strict=True):
                 p.grad = g
+
+    def _subset(self, idx: tuple[int, ...]) -> Optimizer:
+        """The class over the parameters at ``idx`` alone, with this one's state and its
+        group's values: a bucket steps the same parameters every iteration, and an optimizer
+        of its own keeps its step plan (one over every parameter would rebuild its plan for
+        each bucket, the set of parameters with a gradient changed)."""
+        sub = self._subsets.get(idx)
+        if sub is None:
+            params = self.param_group["params"]
+            sub = self._subsets[idx] = self.optimizer_class(
+                [{"params": [params[i] for i in idx]}], *self._args, **self._kwargs)
+        sub.param_groups[0].update(
+            (k, v) for k, v in self.param_group.items() if k != "params")
+        sub.state = self.optim.state  # one state, keyed by parameter (a load may replace it)
+        return sub
 
 
 _TWINS: dict[type[Optimizer], type[Functional]] = {}
