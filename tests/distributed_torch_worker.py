@@ -238,10 +238,10 @@ WARMUP = 2  # iterations in which ZeRO learns DDP's buckets and steps nothing (t
 
 
 def _overlap_reference(make: Callable[[list[Any]], Any], world: int, skip: int,
-                       scheduler: Any = None) -> Any:
+                       scheduler: Any = None) -> tuple[Any, Any]:
     """One process on the whole model, stepping on the mean gradient from iteration ``skip``
-    on (the parameters do not move before it, so the earlier gradients are not needed)."""
-    import torch
+    on (the parameters do not move before it, so the earlier gradients are not needed); the
+    model and the optimizer."""
 
     model = _model(0)
     opt = make(list(model.parameters()))
@@ -257,8 +257,7 @@ def _overlap_reference(make: Callable[[list[Any]], Any], world: int, skip: int,
         opt.step()
         if sched is not None:
             sched.step()
-    with torch.no_grad():
-        return model
+    return model, opt
 
 
 def _zero_overlap(cls: Any, kw: dict[str, Any], rank: int, interleaved: bool = False,
@@ -310,7 +309,7 @@ def overlap(rank: int, world: int) -> dict[str, Any]:
         def make(ps: list[Any], ucls: Any = ucls, kw: dict[str, Any] = kw) -> Any:
             return ucls(ps, **kw)
 
-        ref = _overlap_reference(make, world, WARMUP)
+        ref, ref_opt = _overlap_reference(make, world, WARMUP)
         model, zero = _zero_overlap(ucls, kw, rank)
         theirs, _ = _zero_overlap(tcls, kw, rank)
         local = zero.optim.param_group["params"]
@@ -318,18 +317,33 @@ def overlap(rank: int, world: int) -> dict[str, Any]:
             "ref": _same(model, ref), "torch": _rel(model, theirs),
             "steps": sorted({int(zero.optim.state[p]["step"]) for p in local}),
             "local_params": len(local), "twin": type(zero.optim).__name__,
+            "state": _consolidated(zero, ref_opt, rank),
         }
 
     def decay(opt: Any) -> Any:
         return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)
 
     kw = {"lr": 0.01, "weight_decay": 0.1}
-    ref = _overlap_reference(lambda ps: ut.AdamW(ps, **kw), world, WARMUP, decay)
+    ref, _ = _overlap_reference(lambda ps: ut.AdamW(ps, **kw), world, WARMUP, decay)
     model, zero = _zero_overlap(ut.AdamW, kw, rank, scheduler=decay)
     out["scheduled"] = {"ref": _same(model, ref), "lr": zero.optim.param_group["lr"]}
     out["fused"] = _fused(rank, world)
     out["errors"] = _overlap_errors()
     return out
+
+
+def _consolidated(zero: Any, ref: Any, rank: int) -> bool | None:
+    """Whether ZeRO's state, gathered on rank 0 from the twins, is the one-process
+    optimizer's, tensor for tensor (None on the other rank)."""
+    import torch
+
+    zero.consolidate_state_dict(to=0)
+    if rank != 0:
+        return None
+    ours, theirs = zero.state_dict()["state"], ref.state_dict()["state"]
+    return ours.keys() == theirs.keys() and all(
+        ours[k].keys() == theirs[k].keys()
+        and all(torch.equal(ours[k][n], theirs[k][n]) for n in ours[k]) for k in ours)
 
 
 def _rel(a: Any, b: Any) -> float:
@@ -355,7 +369,7 @@ def _fused(rank: int, world: int) -> float:
     for step in range(OVERLAP_STEPS):
         ddp.zero_grad()
         _loss(ddp, _batch(step, rank)).backward()
-    return _same(model, _overlap_reference(lambda ps: ut.AdamW(ps, **kw), world, 0))
+    return _same(model, _overlap_reference(lambda ps: ut.AdamW(ps, **kw), world, 0)[0])
 
 
 def _overlap_errors() -> dict[str, str | None]:

@@ -92,8 +92,10 @@ def test_zero_overlapped_with_ddp_equals_one_process_and_torch(
         assert found["ref"] == 0.0, found
         assert found["torch"] <= (0.0 if name == "SGD" else 1e-12), found
         assert found["steps"] == [8], found
-    # each rank holds a share: together, the model's four parameters once
+    # each rank holds a share: together, the model's four parameters once; gathered on rank 0
+    # (ZeRO's consolidate_state_dict, through the twins' state_dict), the one process's state
     assert sum(o["overlap"][name]["local_params"] for o in recipes) == 4
+    assert [o["overlap"][name]["state"] for o in recipes] == [True, None]
     # registered when torch.distributed.optim was imported, after uniopt.torch
     assert all(o["lazy"] for o in recipes)
 

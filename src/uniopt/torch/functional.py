@@ -12,10 +12,12 @@ A bucket's step hands gradients for some of the parameters and ``None`` for the 
 with a gradient step, so each parameter keeps its own step count (``state[p]["step"]``), as
 torch's functional optimizers do. Each set of parameters stepped together (a bucket's share,
 one parameter under DDP's fused step) is stepped by an instance of the class of its own that
-shares the one state, so that its step plan, built once, is not rebuilt for every bucket. The twin's ``param_group`` is the
-wrapped optimizer's one group: ZeRO writes its own groups' values into it before each step, so
-an LR scheduler on the ZeRO optimizer reaches it (torch's own twins read the constructor's
-values instead).
+shares the one state, so that its step plan, built once, is not rebuilt for every bucket.
+
+The twin's ``param_group`` is the wrapped optimizer's one group: ZeRO writes its own groups'
+values into it before each step, so an LR scheduler on the ZeRO optimizer reaches it (torch's
+own twins read the constructor's values instead). Its ``state_dict()`` is the wrapped
+optimizer's, so ZeRO's ``consolidate_state_dict`` gathers the class's state.
 
 The classes that cannot step this way raise, naming the class and why, when the twin is made:
 those whose step needs a closure (``LBFGS``, ``SophiaH``), ``SparseAdam`` (sparse gradients
