@@ -1,10 +1,12 @@
 """Data parallel training with ZeRO-1 and a uniopt optimizer.
 
-    torchrun --nproc_per_node 2 examples/ddp_zero1.py [--recipe]
+    torchrun --nproc_per_node 2 examples/ddp_zero1.py [--recipe | --fused]
 
 gloo on CPU, as here; the same code with NCCL on GPUs (``init_process_group("nccl")`` and the
 model and batches on ``cuda:LOCAL_RANK``). Each rank keeps AdamW's moments for its share of the
 parameters only (ZeRO stage 1); DDP averages the gradients, ZeRO broadcasts the updated shards.
+With ``--fused``, no ZeRO: DDP steps each parameter as soon as its gradient bucket is reduced,
+inside its communication hook (``_register_fused_optim``), and the loop has no ``step()``.
 """
 
 
@@ -23,7 +25,11 @@ rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts rank 0's)
 model = DDP(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)))
 
-if "--recipe" not in sys.argv:
+fused = "--fused" in sys.argv
+if fused:
+    # uniopt.torch.AdamW's functional twin, stepped by DDP's hook (no optimizer to step here)
+    model._register_fused_optim(ut.AdamW, lr=1e-2, weight_decay=0.1)
+elif "--recipe" not in sys.argv:
     # a uniopt.torch class as ZeRO's local optimizer, with its own arguments
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ut.AdamW, lr=1e-2,
                                   weight_decay=0.1)
@@ -40,14 +46,18 @@ w_true = torch.arange(16.0) / 16
 for _ in range(200):
     x = torch.randn(64, 16, generator=gen)
     loss = ((model(x).squeeze(-1) - x @ w_true) ** 2).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    model.zero_grad()
+    loss.backward()  # with --fused, the step runs in here
+    if not fused:
+        opt.step()
 
-mine = torch.tensor([sum(p.numel() for g in opt.optim.param_groups for p in g["params"])])
-shares = [torch.zeros_like(mine) for _ in range(world)]
-dist.all_gather(shares, mine)
+if fused:
+    where = "stepped in DDP's communication hook"
+else:
+    mine = torch.tensor([sum(p.numel() for g in opt.optim.param_groups for p in g["params"])])
+    shares = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(shares, mine)
+    where = f"parameters per rank's optimizer state: {[int(s) for s in shares]}"
 if rank == 0:
-    print(f"loss {loss.item():.4f}; parameters per rank's optimizer state: "
-          f"{[int(s) for s in shares]}")
+    print(f"loss {loss.item():.4f}; {where}")
 dist.destroy_process_group()

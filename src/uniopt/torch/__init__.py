@@ -9,6 +9,9 @@ slot names included, and loads into (and from) the torch class of the same name.
 ``SophiaH`` is pytorch-optimizer's Sophia-H (:func:`uniopt.sophia_h`), stepped with a closure
 that calls ``loss.backward(create_graph=True)``.
 :class:`Optimizer` wraps any uniopt rule or chain the same way.
+Under ``ZeroRedundancyOptimizer(..., overlap_with_ddp=True)`` and DDP's ``_register_fused_optim``
+each class steps through its functional twin (:mod:`uniopt.torch.functional`), registered in
+torch's ``functional_optim_map`` when ``torch.distributed.optim`` is imported.
 
 This module is a skin over the engine, not a second implementation: each param group becomes a
 uniopt rule built from the group's values (numbers or uniopt schedules), and a step is one
@@ -87,3 +90,7 @@ __all__ = [
     "ASGD", "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Muon",
     "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam", "SophiaH",
 ]
+
+from . import functional as _functional  # noqa: E402  (registered once every class is here)
+
+_functional.install()
