@@ -245,6 +245,13 @@ def test_a_per_leaf_part_on_many_leaves_runs_beside_the_compiled_loop() -> None:
     assert cpu.STEPS == before + 1
     np.testing.assert_allclose(leaves[0], 1.0 - 0.5 / np.sqrt(cpu.MIN_SIZE), rtol=1e-6)
     np.testing.assert_array_equal(state.slots["scale_to_norm.calls"][1], 1.0)
+    # a slot of the per-leaf part that cannot be written: declined before any pass has run
+    state.slots["scale_to_norm.calls"][1].flags.writeable = False
+    old = [x.copy() for x in leaves]
+    with pytest.raises(TypeError, match="cannot write the state's scale_to_norm.calls"):
+        uo.update_(state, leaves, [np.ones_like(x) for x in leaves])
+    for x, y in zip(leaves, old, strict=True):
+        np.testing.assert_array_equal(x, y)
     alone = scale_to_norm(target=1.0)
     state = uo.setup(alone, leaves)
     fast._warned.clear()

@@ -993,9 +993,10 @@ def _leaf_slots_reason(part: Any, keys: tuple[str, ...], params: list[Any],
             x = slots[k][i]
             if s is None and x is None:
                 continue
-            if (type(x) is not np.ndarray or x.shape != s or x.dtype != p.dtype
-                    or (inplace and not x.flags.writeable)):
+            if type(x) is not np.ndarray or x.shape != s or x.dtype != p.dtype:
                 return f"state slot {k} leaf {i} is not as {part.name} keeps it"
+            if inplace and not x.flags.writeable:
+                return f"state slot {k} leaf {i} {REASONS[4]}"
     return None
 
 
