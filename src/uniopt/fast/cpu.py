@@ -921,7 +921,7 @@ def segmented(
     new_params = params
     new_slots = slots if inplace else {}
     us = grads
-    xps = [np] * n
+    xps = [backend.namespace(first)] * n  # the reference path's, for the per-leaf parts
     for j, ((compiled, seg), mode) in enumerate(zip(segments, modes, strict=True)):
         keys = [key for _, _, ks in seg for key in ks]
         if compiled:
