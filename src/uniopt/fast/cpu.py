@@ -14,10 +14,13 @@ of NumPy's stable C ABI, as is CPython's list layout; a self-test at import chec
 and disables this path if they ever disagree. The caller holds the GIL for the whole call, so
 no other thread can change the lists meanwhile. Anything the loop does not handle (another
 array library, a dtype other than float32/float64, a non-contiguous or read-only array, a
-mismatch, a part that is not elementwise) sends the step to the engine's reference path, which
+mismatch, a whole-tree part) sends the step to the engine's reference path, which
 either raises the proper error or runs, after a one-time warning that names the reason. CPU
 torch tensors come in as NumPy views of their memory (:func:`uniopt.backend.numpy_view`), and
 are marked written afterwards so that autograd sees the change.
+
+A rule with per-leaf parts (Muon, LAMB) runs as segments (:func:`segmented`): a compiled pass
+per run of elementwise parts, each per-leaf part between them as the reference path runs it.
 
 Work is split into chunks of at most ``CHUNK`` elements so that one large tensor still uses every
 thread, and many small tensors cost one loop iteration each.
