@@ -90,6 +90,45 @@ def test_fast_path_is_bitwise_the_reference(name: str, dtype: type) -> None:
     assert_same_state(s_fast, s_ref)
 
 
+# Rules with per-leaf parts (fast.cpu.segmented): each run of elementwise parts one compiled
+# pass, the per-leaf parts between them as the reference path runs them, the update handed on
+# in arrays of its own
+SEGMENTED = {
+    # an elementwise prefix (the momentum), then per-leaf parts only, the last writing p;
+    # matrices wide and tall (orthogonalize works on the transpose: u comes back transposed),
+    # one over two chunks, and a stack of same-shaped ones (one batched call)
+    "muon": (uo.muon(lr=0.02, weight_decay=0.01),
+             [(2, fused.CHUNK + 20000), (7, 3), (3, 7), *[(4, 5)] * 3]),
+    # a per-leaf part first and between two runs; a global norm inside a run, of the u that
+    # reaches it (Adam's, from the centred gradient); an elementwise suffix writing p
+    "centralize-adam-clip-trust-wd": (
+        uo.chain(uo.centralize(), uo.scale_by_adam(), uo.clip_by_global_norm(1.0),
+                 uo.scale_by_trust_ratio(), uo.weight_decay(0.01), uo.scale_by_lr(0.1)),
+        SHAPES),
+}
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("muon", np.float32), ("muon", np.float64),
+                                             ("centralize-adam-clip-trust-wd", np.float32)])
+def test_per_leaf_parts_between_compiled_runs_are_bitwise_the_reference(
+        name: str, dtype: type) -> None:
+    rng = np.random.default_rng(1)
+    rule, shapes = SEGMENTED[name]
+    fast = {f"x{i}": rng.standard_normal(s).astype(dtype) for i, s in enumerate(shapes)}
+    ref = {k: v.copy() for k, v in fast.items()}
+    first, before = fast, {k: v.copy() for k, v in fast.items()}
+    s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
+    s_first = s_fast
+    s_fast, fast, s_ref = beside_reference(s_fast, fast, s_ref, ref, 8,
+                                           lambda k: grads_like(rng, fast))
+    assert all(type(x) is np.ndarray for x in uo.trainables(fast))
+    assert_same(uo.trainables(fast), uo.trainables(ref))
+    assert_same_state(s_fast, s_ref)
+    # the first step was pure: it wrote neither the caller's params nor their slots
+    assert_same(uo.trainables(first), uo.trainables(before))
+    assert_same_state(s_first, uo.setup(rule, before))
+
+
 def test_the_compiled_sign_is_numpys_at_zeros_and_nan(small_steps_compiled: None) -> None:
     """np.sign gives +0.0 for -0.0 and keeps NaN; numba's scalar sign keeps -0.0 (and
     ``-0.0 - 0.01*(-0.0)`` is +0.0 where ``-0.0 - 0.01*0.0`` is -0.0): the compiled loop's is

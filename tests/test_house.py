@@ -231,17 +231,34 @@ def test_a_per_leaf_part_runs_between_elementwise_parts() -> None:
         np.testing.assert_array_equal(state.slots["scale_to_norm.calls"][k == "w"], 2.0)
 
 
-def test_a_per_leaf_part_on_many_leaves_takes_the_reference_path_and_says_why() -> None:
-    leaves = [np.ones(cpu.MIN_SIZE, np.float32)] * 2
-    leaves = [x.copy() for x in leaves]
+def test_a_per_leaf_part_on_many_leaves_runs_beside_the_compiled_loop() -> None:
+    """A per-leaf part of one's own runs as the reference path runs it, between the compiled
+    passes of the elementwise parts around it; a rule of per-leaf parts only has nothing to
+    compile, and takes the reference path after saying why."""
+    leaves = [np.ones(cpu.MIN_SIZE, np.float32) for _ in range(2)]
     opt = uo.chain(scale_to_norm(target=1.0), uo.scale_by_lr(0.5))
     state = uo.setup(opt, leaves)
-    fast._warned.clear()
     before = cpu.STEPS
-    with pytest.warns(fast.FastPathUnavailable, match="not elementwise"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         state = uo.update_(state, leaves, [np.ones_like(x) for x in leaves])
-    assert cpu.STEPS == before
+    assert cpu.STEPS == before + 1
     np.testing.assert_allclose(leaves[0], 1.0 - 0.5 / np.sqrt(cpu.MIN_SIZE), rtol=1e-6)
+    np.testing.assert_array_equal(state.slots["scale_to_norm.calls"][1], 1.0)
+    # a slot of the per-leaf part that cannot be written: declined before any pass has run
+    state.slots["scale_to_norm.calls"][1].flags.writeable = False
+    old = [x.copy() for x in leaves]
+    with pytest.raises(TypeError, match="cannot write the state's scale_to_norm.calls"):
+        uo.update_(state, leaves, [np.ones_like(x) for x in leaves])
+    for x, y in zip(leaves, old, strict=True):
+        np.testing.assert_array_equal(x, y)
+    alone = scale_to_norm(target=1.0)
+    state = uo.setup(alone, leaves)
+    fast._warned.clear()
+    with pytest.warns(fast.FastPathUnavailable, match="no elementwise part"):
+        state = uo.update_(state, leaves, [np.ones_like(x) for x in leaves])
+    assert cpu.STEPS == before + 1
+    np.testing.assert_allclose(leaves[0], 1.0 - 1.5 / np.sqrt(cpu.MIN_SIZE), rtol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         uo.update_(state, leaves, [np.ones_like(x) for x in leaves])  # reported once

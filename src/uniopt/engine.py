@@ -724,11 +724,10 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         leaves, treedef = optree.tree_flatten(params, namespace=NAMESPACE)
         if treedef != state.treedef:
             return None
-    if state.rule.has_per_leaf:  # decided here: a strategy would look at its slots first
-        # said once where the compiled loop would have taken the arrays (NumPy); tensors and
-        # JAX arrays take the reference path with their library's own operations anyway
-        if leaves and backend.is_numpy(leaves[0]):
-            return "a part that is not elementwise (per-leaf parts run on the reference path)"
+    if state.rule.has_per_leaf and not (leaves and backend.is_numpy(leaves[0])):
+        # decided here (a strategy would look at its slots first): tensors and JAX arrays take
+        # the reference path, per-leaf parts with their library's own reductions; NumPy arrays
+        # the compiled loop for the elementwise parts around them (fast.cpu.segmented)
         return None
     if type(grads) is list and len(grads) == len(leaves):
         g_leaves = grads
@@ -740,7 +739,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         return None
     for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
         out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
-                       state.slots, inplace, state.rule.memo)
+                       state.slots, inplace, state.rule.memo, _per_leaf)
         if out is None:
             continue
         if isinstance(out, str):

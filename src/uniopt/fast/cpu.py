@@ -14,10 +14,13 @@ of NumPy's stable C ABI, as is CPython's list layout; a self-test at import chec
 and disables this path if they ever disagree. The caller holds the GIL for the whole call, so
 no other thread can change the lists meanwhile. Anything the loop does not handle (another
 array library, a dtype other than float32/float64, a non-contiguous or read-only array, a
-mismatch, a part that is not elementwise) sends the step to the engine's reference path, which
+mismatch, a whole-tree part) sends the step to the engine's reference path, which
 either raises the proper error or runs, after a one-time warning that names the reason. CPU
 torch tensors come in as NumPy views of their memory (:func:`uniopt.backend.numpy_view`), and
 are marked written afterwards so that autograd sees the change.
+
+A rule with per-leaf parts (Muon, LAMB) runs as segments (:func:`segmented`): a compiled pass
+per run of elementwise parts, each per-leaf part between them as the reference path runs it.
 
 Work is split into chunks of at most ``CHUNK`` elements so that one large tensor still uses every
 thread, and many small tensors cost one loop iteration each.
@@ -46,7 +49,7 @@ from numba import types as nbtypes
 from numba.extending import intrinsic, overload, register_jitable
 
 from .. import backend
-from ..base import Elementwise
+from ..base import Elementwise, PerLeaf
 from ..moments import fma, fused_multiply_add, lerp, select
 
 CHUNK = 1 << 15
@@ -410,11 +413,12 @@ def _source(
     import (so the module stands alone and numba can cache it) or, for kernels defined where no
     import reaches, taken from globals ``_K0, _K1, ...``. Modes: ``inplace``: each operand is
     one array read and written (so the compiler sees fewer pointers that might alias, and
-    vectorizes); ``pure``: reads ``p`` and the slots, writes ``po`` and ``so*``; ``sumsq``:
-    writes nothing and returns the sum of squares of the final ``u`` (a global norm's one
-    extra read pass); ``leafsq``: the same, one sum per leaf. Steps under ``PARALLEL_MIN``
-    elements take ``serial``, without waking the thread pool (it costs more than a small
-    step).
+    vectorizes); ``pure``: reads ``p`` and the slots, writes ``po`` and ``so*``; ``update``:
+    the slots as ``inplace``, and in place of ``p`` the final ``u`` into ``uo`` (the list after
+    ``g``): a run of elementwise parts that a per-leaf part follows; ``sumsq``: writes nothing
+    and returns the sum of squares of the final ``u`` (a global norm's one extra read pass);
+    ``leafsq``: the same, one sum per leaf. Steps under ``PARALLEL_MIN`` elements take
+    ``serial``, without waking the thread pool (it costs more than a small step).
 
     A part whose record is per leaf (its last field in ``records``: a per-leaf norm's
     coefficients) reads its numbers from a table after the others' in ``CO``, one row per
@@ -438,12 +442,14 @@ def _source(
     def view(name: str) -> str:
         lists.append(name)
         return (f"{name} = numba.carray(_voidptr(_i64(_item(L[{len(lists) - 1}], t) + 16)), "
-                f"(b,), {'PT' if name[0] in 'pg' else 'ST'})")
+                f"(b,), {'PT' if name[0] in 'pgu' else 'ST'})")
 
     loads = [view("p")]
     if not inplace:
         loads.append(view("po"))
     loads.append(view("g"))
+    if mode == "update":
+        loads.append(view("uo"))
     body, co, s = [], 0, 0
     end = "x - u"
 
@@ -483,6 +489,8 @@ def _source(
                      for j, n in enumerate(names)]
     if reads_only:
         body.append("acc += np.float64(u) * np.float64(u)")
+    elif mode == "update":
+        body.append("uo[i] = u")
     else:
         body.append(f"{'p' if inplace else 'po'}[i] = {_WRITE[kp].format(end)}")
     sums = _PER_LEAF_SUMS if mode == "leafsq" else _SUM
@@ -579,10 +587,11 @@ def _module(
 
 
 def _compiled(memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]],
-              storage: tuple[str, str], mode: str) -> bool:
-    """Whether the loop for ``plan`` is at hand without compiling: loaded in this process, or
-    its module on disk (written by the process that compiled it)."""
-    key = ("cpu", storage, mode, *[type(c) for _, c, _ in plan])
+              storage: tuple[str, str], mode: str, seg: int = 0) -> bool:
+    """Whether the loop for ``plan`` (segment ``seg`` of its rule) is at hand without
+    compiling: loaded in this process, or its module on disk (written by the process that
+    compiled it)."""
+    key = ("cpu", storage, mode, seg, *[type(c) for _, c, _ in plan])
     if key in memo:
         return True
     seen = memo.get(("on disk", key))  # looked for once per rule: it costs the loop's source
@@ -669,11 +678,12 @@ AVAILABLE = _self_test()
 
 def _loop(
     memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]], storage: tuple[str, str],
-    mode: str,
+    mode: str, seg: int = 0,
 ) -> Any:
     """The compiled loop for ``plan``'s parts, found once per rule (in the rule's ``memo``) and
-    by the records' types: a step looks it up in one small dict."""
-    key = ("cpu", storage, mode, *[type(c) for _, c, _ in plan])
+    by the records' types and segment ``seg`` (a run of elementwise parts between per-leaf
+    ones: two runs may hold records of one type): a step looks it up in one small dict."""
+    key = ("cpu", storage, mode, seg, *[type(c) for _, c, _ in plan])
     loop = memo.get(key)
     if loop is None:
         parts = _parts(plan, mode)
@@ -750,7 +760,6 @@ def run(
     ks = kp if not some else _kind(getattr(some[0], "dtype", first.dtype))
     if ks != kp and not (ks == "f4" and kp in ("f2", "b2")):
         return f"params stored as {first.dtype} and state as {some[0].dtype}"  # type: ignore[index]
-    compute = np.float64 if kp == "f8" else np.float32
     storage = (kp, ks)
     memo = {} if memo is None else memo
     # the compiled code reads these lists by address: they must be lists, alive and unchanged
@@ -784,6 +793,22 @@ def run(
     else:
         new_params = [np.empty_like(p) for p in params]
         new_slots = {k: [np.empty_like(x) for x in v] for k, v in slots.items()}
+    _pass(plan, params, grads, slots, new_params, new_slots, mode, memo, storage, sizes,
+          shards)
+    return new_params, new_slots
+
+
+def _pass(
+    plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any], grads: list[Any],
+    slots: dict[str, list[Any]], out: list[Any], new_slots: dict[str, list[Any]], mode: str,
+    memo: dict[Any, Any], storage: tuple[str, str], sizes: Any, shards: Any = None,
+    seg: int = 0,
+) -> None:
+    """One compiled pass of ``plan`` over checked leaves: ``out`` receives the new params
+    (``inplace``: they are ``params``; ``pure``) or the final ``u`` (``update``), and
+    ``new_slots`` the slots (``slots`` themselves but for ``pure``)."""
+    n, first = len(params), params[0]
+    compute = np.float64 if storage[0] == "f8" else np.float32
     # the loop on the thread pool, or on this thread (a sum of Python ints: NumPy's costs more)
     big = int(sum(sizes.tolist()) >= PARALLEL_MIN)
     for part, _, _ in plan:  # a loop, not any(): no generator's frame on every step
@@ -797,7 +822,7 @@ def run(
             prefix = plan[:j]
             each = _per_leaf(part)
             sumsq = _loop(memo, prefix, storage,
-                          "leafsq" if each or shards is not None else "sumsq")
+                          "leafsq" if each or shards is not None else "sumsq", seg)
             reads = [params, grads, *(slots[key] for _, _, keys in prefix for key in keys)]
             total = sumsq[big](_addresses(reads), _coefficients(prefix, compute, n), sizes)
             counts = sizes
@@ -808,20 +833,174 @@ def run(
             c = (part.norm_coeffs(np.sqrt(total), counts.astype(np.float64)) if each
                  else part.norm_coeffs(float(np.sqrt(total)), int(counts.sum())))
             plan[j] = (part, c, plan[j][2])
-    if inplace:  # in the plan's order (a state's dict of slots may come back sorted)
-        lists = [params, grads, *[slots[key] for _, _, keys in plan for key in keys]]
-    else:
-        lists = [params, new_params, grads]
+    if mode == "pure":
+        lists = [params, out, grads]
         for _, _, keys in plan:
             for key in keys:
                 lists += [slots[key], new_slots[key]]
-    loop = _loop(memo, plan, storage, mode)
+    else:  # in the plan's order (a state's dict of slots may come back sorted)
+        lists = [params, grads, *([out] if mode == "update" else []),
+                 *[slots[key] for _, _, keys in plan for key in keys]]
+    loop = _loop(memo, plan, storage, mode, seg)
     loop[big](_addresses(lists), _coefficients(plan, compute, n), sizes)
-    return new_params, new_slots
 
 
 _NDARRAY = id(np.ndarray)
 _SIZE = operator.attrgetter("size")
+
+# A plan as segments: runs of elementwise parts (True, [entries]) and per-leaf parts, each
+# alone (False, [entry]).
+Segments = list[tuple[bool, list[tuple[Any, Any, tuple[str, ...]]]]]
+
+
+def _segments(plan: list[tuple[Any, Any, tuple[str, ...]]]) -> Segments:
+    out: Segments = []
+    for entry in plan:
+        if isinstance(entry[0], Elementwise) and out and out[-1][0]:
+            out[-1][1].append(entry)
+        else:
+            out.append((isinstance(entry[0], Elementwise), [entry]))
+    return out
+
+
+def segmented(
+    plan: list[tuple[Any, Any, tuple[str, ...]]],
+    params: list[Any],
+    grads: list[Any],
+    slots: dict[str, list[Any]],
+    inplace: bool,
+    per_leaf: Callable[..., list[tuple[Any, ...]]],
+    memo: dict[Any, Any] | None = None,
+    small: bool = False,
+) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
+    """One step of a plan of elementwise and per-leaf parts (see :func:`run`, whose contract
+    it keeps): each run of elementwise parts is one compiled pass, each per-leaf part runs as
+    the reference path runs it, ``per_leaf(part, c, slots, xps, ps, us, finish)`` (the
+    engine's: one call per leaf or per stack of same-shaped leaves). The update flows between
+    them through arrays of its own (one per leaf): a run followed by a per-leaf part writes
+    ``u`` there in place of the params (mode ``update``), and the next run reads it as its
+    gradient. Only the last segment writes the params; a global norm in a run is that of the
+    ``u`` reaching it. NumPy float32/float64 leaves, their slots of their dtype."""
+    n = len(params)
+    if n == 0:
+        return "no leaves"
+    first = params[0]
+    kp = None if type(first) is not np.ndarray else _kind(first.dtype)
+    if kp not in ("f4", "f8"):
+        return (f"per-leaf parts with leaves of dtype {getattr(first, 'dtype', '?')} run on the "
+                "reference path")
+    memo = {} if memo is None else memo
+    segments = _segments(plan)
+    if not any(compiled for compiled, _ in segments):
+        return "no elementwise part (per-leaf parts run on the reference path)"
+    # lists of our own: the per-leaf parts release the GIL between the compiled passes, which
+    # read the lists checked here by address
+    params, grads = list(params), list(grads)
+    slots = {k: list(v) for k, v in slots.items()}
+    looped = [key for compiled, seg in segments if compiled for _, _, keys in seg
+              for key in keys]
+    sizes = np.empty(n, np.int64)
+    tn = first.dtype.num
+    code = _check(_addresses([params, grads, *(slots[k] for k in looped)]),
+                  np.array([inplace, False, *[inplace] * len(looped)]), _NDARRAY,
+                  np.array([tn] * (2 + len(looped))), sizes)
+    if code:
+        k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7
+        what = ["params", "grads", *(f"state slot {key}" for key in looped)][k - 1]
+        return f"{what} count" if why == _COUNT else f"{what} leaf {i} {REASONS[why]}"
+    for compiled, seg in segments:  # before anything is written: the reference path says why
+        if not compiled:
+            reason = _leaf_slots_reason(seg[0][0], seg[0][2], params, slots, inplace)
+            if reason:
+                return reason
+    storage = (kp, kp)
+    modes = ["update"] * (len(segments) - 1) + ["inplace" if inplace else "pure"]
+    if small and memo.get("cpu-small", 0) < (COMPILE_AFTER or 0):
+        if not all(_compiled(memo, seg, storage, mode, j) for j, ((compiled, seg), mode)
+                   in enumerate(zip(segments, modes, strict=True)) if compiled):
+            memo["cpu-small"] = memo.get("cpu-small", 0) + 1  # step() counts the next ones
+            return None
+        memo["cpu-small"] = COMPILE_AFTER  # at hand: every small step takes it
+    new_params = params
+    new_slots = slots if inplace else {}
+    us = grads
+    xps = [backend.namespace(first)] * n  # the reference path's, for the per-leaf parts
+    for j, ((compiled, seg), mode) in enumerate(zip(segments, modes, strict=True)):
+        keys = [key for _, _, ks in seg for key in ks]
+        if compiled:
+            now = {k: slots[k] for k in keys}
+            if mode == "update":
+                out = [np.empty_like(p) for p in params]
+                if not inplace:  # the caller's slots stay as they are
+                    now = {k: [x.copy() for x in v] for k, v in now.items()}
+                    new_slots.update(now)
+                _pass(seg, params, us, now, out, now, mode, memo, storage, sizes, seg=j)
+                us = out
+            elif inplace:
+                _pass(seg, params, us, now, params, now, mode, memo, storage, sizes, seg=j)
+            else:
+                new_params = [np.empty_like(p) for p in params]
+                made = {k: [np.empty_like(x) for x in v] for k, v in now.items()}
+                _pass(seg, params, us, now, new_params, made, mode, memo, storage, sizes, seg=j)
+                new_slots.update(made)
+            continue
+        ((part, c, ks),) = seg
+        last = mode != "update"
+        outs = per_leaf(part, c, [[slots[k][i] for k in ks] for i in range(n)], xps, params,
+                        us, last and part.finish is not None)
+        for at, key in enumerate(ks, 1):
+            olds = slots[key]
+            if inplace:
+                for old, new in zip(olds, (o[at] for o in outs), strict=True):
+                    if old is not None and new is not old:
+                        old[...] = new
+            else:  # new arrays: a slot handed back as it came is copied
+                new_slots[key] = [x.copy() if x is not None and (x is old or x is p or x is g)
+                                else x for x, old, p, g in zip((o[at] for o in outs), olds,
+                                                                params, grads, strict=True)]
+        if not last:
+            us = [_update_array(o[0], p, part) for o, p in zip(outs, params, strict=True)]
+            continue
+        news = ([o[0] for o in outs] if part.finish is not None
+                else [p - u for p, u in zip(params, us, strict=True)])
+        if inplace:
+            for p, x in zip(params, news, strict=True):
+                p[...] = x
+        else:
+            new_params = [np.array(x, p.dtype, copy=True if x is p or x is g else None)
+                          for x, p, g in zip(news, params, grads, strict=True)]
+    return new_params, (new_slots if inplace else {k: new_slots[k] for k in slots})
+
+
+def _update_array(u: Any, p: Any, part: Any) -> Any:
+    """A per-leaf part's ``u`` as the next run reads it: a C-contiguous array of ``p``'s
+    shape and dtype (a transposed view, say, laid out anew)."""
+    if tuple(np.shape(u)) != p.shape:
+        raise ValueError(f"{part.name} returned an update of shape {np.shape(u)} for a leaf of "
+                         f"shape {p.shape}")
+    return np.array(u, p.dtype, copy=None, order="C")
+
+
+def _leaf_slots_reason(part: Any, keys: tuple[str, ...], params: list[Any],
+                       slots: dict[str, list[Any]], inplace: bool) -> str | None:
+    """Why per-leaf ``part`` cannot run on these leaves and slots (its shape check, a slot of
+    another shape or dtype than its own, a read-only one to be written), or None."""
+    want: dict[tuple[int, ...], Any] = {}
+    for i, p in enumerate(params):
+        shape = p.shape
+        if shape not in want:
+            if part.check_shape(shape):
+                return f"params leaf {i} has a shape {part.name} does not take"
+            want[shape] = part.slot_shapes(shape)
+        for k, s in zip(keys, want[shape], strict=True):
+            x = slots[k][i]
+            if s is None and x is None:
+                continue
+            if type(x) is not np.ndarray or x.shape != s or x.dtype != p.dtype:
+                return f"state slot {k} leaf {i} is not as {part.name} keeps it"
+            if inplace and not x.flags.writeable:
+                return f"state slot {k} leaf {i} {REASONS[4]}"
+    return None
 
 
 def step(
@@ -831,11 +1010,14 @@ def step(
     slots: dict[str, list[Any]],
     inplace: bool,
     memo: dict[Any, Any] | None = None,
+    per_leaf: Callable[..., list[tuple[Any, ...]]] | None = None,
 ) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
     """The engine's strategy entry: one step of the resolved plan ``resolve()`` over leaves
     (NumPy arrays, or CPU tensors as NumPy views of their memory), results in the caller's
     library; None where these arrays are not this strategy's kind; a string, the reason, where
-    it declined and wrote nothing. ``memo``: the rule's, where the loop found for it is kept."""
+    it declined and wrote nothing. ``memo``: the rule's, where the loop found for it is kept.
+    ``per_leaf``: the engine's runner of a per-leaf part (see :func:`segmented`); without it,
+    or on tensors, a rule with per-leaf parts is declined."""
     if not AVAILABLE:
         return None
     shards = backend.shards_of(params)  # before views: the leaves are known by identity
@@ -867,14 +1049,21 @@ def step(
                 return None
     plan = resolve()
     if memo is None or "cpu" not in memo:
-        elementwise = all(isinstance(part, Elementwise) for part, _, _ in plan)
+        kind = ("elementwise" if all(isinstance(part, Elementwise) for part, _, _ in plan)
+                else "segments" if all(isinstance(part, (Elementwise, PerLeaf))
+                                       for part, _, _ in plan) else "whole tree")
         if memo is not None:
-            memo["cpu"] = elementwise
+            memo["cpu"] = kind
     else:
-        elementwise = memo["cpu"]
-    if not elementwise:
+        kind = memo["cpu"]
+    if kind == "elementwise":
+        out = run(plan, leaves, g_leaves, slots, inplace, memo, small, shards)
+    elif kind == "segments" and tensors:
+        return None  # per-leaf parts on tensors: the reference path, torch's own reductions
+    elif kind == "segments" and per_leaf is not None and shards is None:
+        out = segmented(plan, leaves, g_leaves, slots, inplace, per_leaf, memo, small)
+    else:
         return "a part that is not elementwise (per-leaf parts run on the reference path)"
-    out = run(plan, leaves, g_leaves, slots, inplace, memo, small, shards)
     if out is None or isinstance(out, str):
         return out
     global STEPS

@@ -328,10 +328,12 @@ def step(
     slots: dict[str, list[Any]],
     inplace: bool,
     memo: dict[Any, Any] | None = None,
+    per_leaf: Any = None,
 ) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
     """The engine's strategy entry (see :mod:`uniopt.fast`): one step over torch tensors off
     the CPU (on the CPU too in :func:`forced`); None where these are not such tensors, a
-    reason where it declined, having written nothing."""
+    reason where it declined, having written nothing. (``per_leaf``: unused; tensors with
+    per-leaf parts take the reference path.)"""
     first = params[0]
     if not isinstance(first, torch.Tensor):
         return None

@@ -835,10 +835,12 @@ def step(
     slots: dict[str, list[Any]],
     inplace: bool,
     memo: dict[Any, Any] | None = None,
+    per_leaf: Any = None,
 ) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
     """The engine's strategy for 8-bit states, as :func:`uniopt.fast.cpu.step`: NumPy arrays
-    or CPU tensors (float32 or float64 params), every part elementwise, every slot the leaf's
-    shape. Small steps (:data:`uniopt.fast.cpu.MIN_SIZE`) go to the reference path."""
+    or CPU tensors (float32 or float64 params), every part elementwise (``per_leaf``: unused),
+    every slot the leaf's shape. Small steps (:data:`uniopt.fast.cpu.MIN_SIZE`) go to the
+    reference path."""
     if not cpu.AVAILABLE or not params:
         return None
     tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
