@@ -71,3 +71,33 @@ def test_bad_state_dtype() -> None:
     with pytest.raises(ValueError,
                        match="state_dtype must be 'float32', 'float64' or 'q8', got 'int8'"):
         uo.setup(uo.adam(), [np.ones(2)], state_dtype="int8")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_a_wider_state_dtype_computes_in_it_on_every_path(
+    inplace: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 params with state_dtype="float64": every step is computed in float64 and the
+    params rounded once, whether or not the rule keeps slots (the compiled loop computes in the
+    params' float32, so such a state takes the reference path; a rule without slots had nothing
+    that made it decline, and was computed in float32)."""
+    from uniopt.fast import cpu
+
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal(50).astype(np.float32) for _ in range(20)]
+    grads = [rng.standard_normal(50).astype(np.float32) for _ in range(20)]
+    for rule in (uo.chain(uo.scale_by_lr(0.1)), uo.sgd(lr=0.1, momentum=0.9)):
+        # one step: float64 arithmetic, rounded once
+        _, got = _run([p.copy() for p in params], lambda k: grads, rule, 1, "float64", inplace)
+        _, wide = _run([p.astype(np.float64) for p in params],
+                       lambda k: [g.astype(np.float64) for g in grads], rule, 1, None)
+        for a, b in zip(got, wide, strict=True):
+            np.testing.assert_array_equal(a, b.astype(np.float32))
+        # three steps: the reference path's, bit for bit
+        _, got = _run([p.copy() for p in params], lambda k: grads, rule, 3, "float64", inplace)
+        with monkeypatch.context() as m:
+            m.setattr(cpu, "AVAILABLE", False)
+            _, ref = _run([p.copy() for p in params], lambda k: grads, rule, 3, "float64")
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(a, b)
