@@ -737,11 +737,16 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             return None
     if not leaves:
         return None
-    if state.state_dtype not in (None, "q8") and state.state_dtype != (
-            "float64" if str(leaves[0].dtype).endswith("float64") else "float32"):
+    if state.state_dtype not in (None, "q8"):
         # the compiled paths compute in float64 for float64 params, float32 otherwise; a state
         # kept in another dtype is computed in that dtype (_compute_dtype), on the reference path
-        return None
+        # (but bfloat16 tensors' NumPy views, which have none)
+        stored = str(leaves[0].dtype).rsplit(".", 1)[-1]
+        if state.state_dtype != ("float64" if stored == "float64" else "float32") and not (
+                backend.is_numpy(leaves[0]) and backend.is_bfloat16_bits(leaves[0])):
+            if backend.is_numpy(leaves[0]) or backend.is_torch(leaves[0]):
+                return f"params stored as {stored} and state as {state.state_dtype}"
+            return None
     for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
         out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
                        state.slots, inplace, state.rule.memo, _per_leaf)
