@@ -313,13 +313,22 @@ def _optax(w: _Workload, rule: str) -> Callable[[], Any] | None:
         return optax.apply_updates(params, updates), state
 
     update = jax.jit(update.__wrapped__, donate_argnums=(0, 1))  # type: ignore[attr-defined]
-    carry = [params, tx.init(params)]
+    return donated_steps(update, [params, tx.init(params)], grads, ready=0)
+
+
+def donated_steps(update: Callable[..., Any], carry: list[Any], grads: list[Any],
+                  ready: int) -> Callable[[], None]:
+    """A step of jitted ``update(carry[0], carry[1], g)``, its two arguments donated and
+    replaced by what it returns, on the two gradient sets in turn; it waits for
+    ``carry[ready]``."""
+    import jax
+
     k = [0]
 
     def step() -> None:
         k[0] ^= 1
         carry[0], carry[1] = update(carry[0], carry[1], grads[k[0]])
-        jax.block_until_ready(carry[0])
+        jax.block_until_ready(carry[ready])
 
     return step
 
@@ -333,15 +342,7 @@ def _uniopt_jit(w: _Workload, rule: str) -> Callable[[], Any] | None:
     params = [jax.numpy.asarray(p, dtype=w.dtype) for p in w.params]
     grads = [[jax.numpy.asarray(g, dtype=w.dtype) for g in gs] for gs in w.grads]
     update = jax.jit(uo.update, donate_argnums=(0, 1))
-    carry = [uo.setup(_rule(rule), params), params]
-    k = [0]
-
-    def step() -> None:
-        k[0] ^= 1
-        carry[0], carry[1] = update(carry[0], carry[1], grads[k[0]])
-        jax.block_until_ready(carry[1])
-
-    return step
+    return donated_steps(update, [uo.setup(_rule(rule), params), params], grads, ready=1)
 
 
 IMPLEMENTATIONS: dict[str, Callable[[_Workload, str], Callable[[], Any] | None]] = {
