@@ -69,9 +69,9 @@ def _times_bc2(eps_root: Any, bc2: Any) -> Any:
     return 0.0 if isinstance(eps_root, float) and eps_root == 0.0 else eps_root * bc2
 
 
-# Adam's kernel and NAdam-style one (optax's nesterov): the second adds u_scale*u, which the
-# first leaves out (u_scale is 0) rather than compute: under jax.jit, 0*u is an operation per
-# element, and it makes the params' fusion read u a second time
+# Each Adam-family block has two kernels, plain and NAdam-style (optax's nesterov): the second
+# adds u_scale*u, which the first leaves out (u_scale is 0) rather than compute: under jax.jit,
+# 0*u is an operation per element, and it makes the params' fusion read u a second time
 
 
 def adam_kernel(xp, c, p, u, exp_avg, exp_avg_sq):
@@ -96,13 +96,24 @@ class scale_by_amsgrad(scale_by_adam):
 
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    @staticmethod
-    def kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
-        m = lerp(exp_avg, u, c.one_minus_b1)
-        v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
-        v_max = xp.maximum(max_exp_avg_sq, v)
-        m_hat = c.m_scale * m + c.u_scale * u
-        return m_hat / (xp.sqrt(v_max + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v, v_max
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return amsgrad_nadam_kernel if self.nesterov else amsgrad_kernel
+
+
+def amsgrad_kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
+    m = lerp(exp_avg, u, c.one_minus_b1)
+    v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+    v_max = xp.maximum(max_exp_avg_sq, v)
+    return c.m_scale * m / (xp.sqrt(v_max + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v, v_max
+
+
+def amsgrad_nadam_kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
+    m = lerp(exp_avg, u, c.one_minus_b1)
+    v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+    v_max = xp.maximum(max_exp_avg_sq, v)
+    m_hat = c.m_scale * m + c.u_scale * u
+    return m_hat / (xp.sqrt(v_max + c.eps_root_bc2) / c.sqrt_bc2 + c.eps), m, v, v_max
 
 
 def _eps_hat(c: AdamCoeffs) -> AdamCoeffs:
@@ -153,13 +164,24 @@ class scale_by_amsgrad_hat(scale_by_adam):
             bc2=bias_correction(self.b2, c.one_minus_b2, step), eps_root=self.eps_root, eps=c.eps,
         )
 
-    @staticmethod
-    def kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
-        m = lerp(exp_avg, u, c.one_minus_b1)
-        v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
-        v_max = xp.maximum(max_exp_avg_sq, v / c.bc2)
-        m_hat = c.m_scale * m + c.u_scale * u
-        return m_hat / (xp.sqrt(v_max + c.eps_root) + c.eps), m, v, v_max
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return amsgrad_hat_nadam_kernel if self.nesterov else amsgrad_hat_kernel
+
+
+def amsgrad_hat_kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
+    m = lerp(exp_avg, u, c.one_minus_b1)
+    v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+    v_max = xp.maximum(max_exp_avg_sq, v / c.bc2)
+    return c.m_scale * m / (xp.sqrt(v_max + c.eps_root) + c.eps), m, v, v_max
+
+
+def amsgrad_hat_nadam_kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
+    m = lerp(exp_avg, u, c.one_minus_b1)
+    v = ema_sq(exp_avg_sq, u, c.b2, c.one_minus_b2)
+    v_max = xp.maximum(max_exp_avg_sq, v / c.bc2)
+    m_hat = c.m_scale * m + c.u_scale * u
+    return m_hat / (xp.sqrt(v_max + c.eps_root) + c.eps), m, v, v_max
 
 
 @dataclass(frozen=True)

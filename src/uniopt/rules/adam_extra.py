@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..base import Elementwise, Info, Rule, Transform
+from ..base import Elementwise, Info, Kernel, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper, static
 from ..moments import bias_correction, ema_sq, lerp
 from ..transforms.decay import decoupled_weight_decay
@@ -55,12 +55,25 @@ class scale_by_belief(Elementwise):
                             m_scale=m_scale, u_scale=u_scale,
                             bc2=bias_correction(self.b2, c2, step), eps=self.eps)
 
-    @staticmethod
-    def kernel(xp, c, p, u, exp_avg, exp_avg_var):
-        m = lerp(exp_avg, u, c.one_minus_b1)
-        s = ema_sq(exp_avg_var, u - m, c.b2, c.one_minus_b2) + c.eps_root
-        m_hat = c.m_scale * m + c.u_scale * u
-        return m_hat / (xp.sqrt(s / c.bc2) + c.eps), m, s
+    @property
+    def kernel(self) -> Kernel:  # type: ignore[override]
+        return belief_nadam_kernel if self.nesterov else belief_kernel
+
+
+# the plain kernel leaves out u_scale*u (u_scale is 0), as adam_kernel does
+
+
+def belief_kernel(xp, c, p, u, exp_avg, exp_avg_var):
+    m = lerp(exp_avg, u, c.one_minus_b1)
+    s = ema_sq(exp_avg_var, u - m, c.b2, c.one_minus_b2) + c.eps_root
+    return c.m_scale * m / (xp.sqrt(s / c.bc2) + c.eps), m, s
+
+
+def belief_nadam_kernel(xp, c, p, u, exp_avg, exp_avg_var):
+    m = lerp(exp_avg, u, c.one_minus_b1)
+    s = ema_sq(exp_avg_var, u - m, c.b2, c.one_minus_b2) + c.eps_root
+    m_hat = c.m_scale * m + c.u_scale * u
+    return m_hat / (xp.sqrt(s / c.bc2) + c.eps), m, s
 
 
 @dataclass(frozen=True)
