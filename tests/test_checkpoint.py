@@ -395,6 +395,40 @@ def test_a_numpy_checkpoint_loads_into_jax_and_a_jitted_one_back(path: str) -> N
     assert_same(uo.load(path, like=(RULE, params)), again)
 
 
+def test_a_jitted_state_loads_into_the_program_it_was_compiled_for(path: str) -> None:
+    """What the host knew went into the file: SGD's momentum, kept non-zero (no per-element
+    switch), is known so after a load, and the loaded state runs the program already compiled.
+    A file that claims a number is non-zero where it is 0 is refused."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    traces = []
+
+    def f(s: Any, p: Any, g: Any) -> Any:
+        traces.append(1)
+        return uo.update(s, p, g)
+
+    step = jax.jit(f)
+    params = [jnp.ones((4, 3)), jnp.ones(3)]
+    state = uo.setup(uo.sgd(lr=0.1, momentum=0.9, dampening=0.1), params)
+    for _ in range(2):
+        state, params = step(state, params, params)
+    compiled = len(traces)
+    uo.save(path, state, params=params)
+    back, bp = uo.load(path, like=params, params=True)
+    assert back.rule.nonzero("momentum") is True
+    s1, p1 = step(back, bp, bp)
+    s2, p2 = step(state, params, params)
+    assert len(traces) == compiled
+    assert all(same_bits(np.asarray(x), np.asarray(y)) for x, y in zip(p1, p2, strict=True))
+
+    def claim_zero(header: Any, doc: Any) -> None:
+        doc["rule"]["fields"]["momentum"] = 0.0
+    _edit(path, claim_zero)
+    with pytest.raises(CheckpointError, match=r"rule.host: nonzero lists 'momentum', which is "
+                                              r"not a non-zero number"):
+        uo.load(path, like=params)
+
+
 def test_a_torch_state_on_another_device_saves_and_loads() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

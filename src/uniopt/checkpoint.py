@@ -204,10 +204,13 @@ class _Encode:
         out = {"$": "record", "type": name, "fields": fields}
         host = getattr(x, "host", None) if isinstance(x, Transform) else None
         if host is not None:  # through jax.jit: its numbers' complements, its blocks
-            out["host"] = {
+            facts: dict[str, Any] = {
                 "complements": [[self(k, at), self(c, f"{at} (complement of {k})")]
                                 for k, c in host.complements.items()],
                 "on": None if host.on is None else sorted(host.on)}
+            if host.nonzero:  # a loaded state then compiles the same program as before
+                facts["nonzero"] = sorted(host.nonzero)
+            out["host"] = facts
         return out
 
 
@@ -330,8 +333,10 @@ class _Decode:
     def _host(self, obj: Any, d: Any, at: str, depth: int) -> Any:
         if not isinstance(obj, Transform) or isinstance(obj, chain):
             raise CheckpointError(f"{at}: only a rule's records carry host facts")
-        pairs = _get(d, "complements", list, at, {"complements", "on"})
-        on = _get(d, "on", (list, type(None)), at, {"complements", "on"})
+        keys = {"complements", "on", "nonzero"}
+        pairs = _get(d, "complements", list, at, keys)
+        on = _get(d, "on", (list, type(None)), at, keys)
+        nonzero = _get(d, "nonzero", list, at, keys) if "nonzero" in d else []
         complements: dict[Any, Any] = {}
         for kv in pairs:
             k = self(kv[0], at, _UNSET, depth + 1) if isinstance(kv, list) and len(kv) == 2 \
@@ -343,11 +348,17 @@ class _Decode:
             complements[k] = float(kv[1])
         if on is not None and not all(isinstance(n, str) for n in on):
             raise CheckpointError(f"{at}: on must list names, got {_short(on)}")
+        for n in nonzero:
+            # a program compiled for a number known not to be 0 computes wrongly with a 0
+            if not (isinstance(n, str) and on is not None and n in on
+                    and isinstance(v := getattr(obj, n, None), (int, float)) and v != 0):
+                raise CheckpointError(f"{at}: nonzero lists {_short(n)}, which is not a "
+                                      "non-zero number of an optional block that is on")
         cached = {n for n in dir(type(obj))
                   if isinstance(getattr(type(obj), n, None), functools.cached_property)}
         fields = {k: v for k, v in vars(obj).items() if k != "host" and k not in cached}
-        return assemble(type(obj), fields, HostFacts(complements,
-                                                     None if on is None else frozenset(on)))
+        return assemble(type(obj), fields, HostFacts(
+            complements, None if on is None else frozenset(on), frozenset(nonzero)))
 
 
 def from_data(d: Any, at: str = "value") -> Any:
