@@ -56,17 +56,22 @@ def _solve_in_its_dtype(x: Any, a: Any) -> Any:
 
 
 def _theirs(monkeypatch: pytest.MonkeyPatch, kw: dict[str, Any], seed: int,
-            lr_factor: Any = None) -> list[list[np.ndarray]]:
+            lr_factor: Any = None, steps: int = STEPS, cls: Any = None,
+            groups: Any = None) -> list[list[np.ndarray]]:
+    """pytorch-optimizer's Kron (or the class ``cls`` given its arguments) over ``steps``
+    steps, from a generator seeded with ``seed``; ``groups`` makes its param groups of the
+    parameters."""
     balance = np.random.Generator(np.random.PCG64(seed))
     monkeypatch.setattr(psgd, "solve_triangular_right", _solve_in_its_dtype)
     monkeypatch.setattr(psgd, "np", types.SimpleNamespace(
         random=types.SimpleNamespace(random=balance.random), argsort=np.argsort))
     ps = [torch.nn.Parameter(torch.tensor(a)) for a in INIT]
-    opt = po.Kron(ps, precondition_dtype=torch.float64, **kw)
+    opt = (cls or po.Kron)(ps if groups is None else groups(ps),
+                           precondition_dtype=torch.float64, **kw)
     sched = None if lr_factor is None else torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     torch.manual_seed(seed)
     out = []
-    for t in range(STEPS):
+    for t in range(steps):
         for p, g in zip(ps, _grads([p.detach().numpy() for p in ps], t), strict=True):
             p.grad = torch.tensor(g)
         opt.step()
@@ -301,3 +306,90 @@ def test_float32_stays_float32_under_jit_with_x64(jx: Any) -> None:
     floats = [x.dtype for x in jx.tree_util.tree_leaves(state.tree_states)  # m, 7 factors
               if jnp.issubdtype(x.dtype, jnp.floating)]
     assert len(floats) == 4 + 7 and set(floats) == {np.dtype(np.float32)}
+
+
+# --- uniopt.torch.Kron --------------------------------------------------------------------------
+
+
+def test_torch_class_matches_pytorch_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``uniopt.torch.Kron`` given pytorch-optimizer's arguments, 10 steps in float64 (the
+    rule's 100 are above), within 1e-12 of it at every step: one group with a LambdaLR, its
+    probes from its own generator (seeded as torch's global one is for theirs); two groups
+    of different ``lr``, ``weight_decay`` and ``weight_decouple``, its probes drawn from
+    torch's global generator in order (as theirs: each group of ours has its own generator)."""
+    from uniopt.torch import Kron
+
+    kw = {"lr": 0.01, "balance_prob": 0.5, "pre_conditioner_update_probability": 0.5}
+    theirs = _theirs(monkeypatch, kw, 5, _f, 10)
+    assert _worst(theirs, _theirs(monkeypatch, {**kw, "seed": 5}, 5, _f, 10, Kron)) <= 1e-12
+
+    def groups(ps: list[Any]) -> list[dict[str, Any]]:
+        return [{"params": ps[:2], "lr": 0.02, "weight_decay": 0.1},
+                {"params": ps[2:], "weight_decay": 0.05, "weight_decouple": False}]
+
+    theirs = _theirs(monkeypatch, kw, 6, steps=10, groups=groups)
+    monkeypatch.setitem(draws._DRAW, "torch", lambda s, leaves, d: (
+        [torch.randn_like(x) for x in leaves], s))
+    ours = _theirs(monkeypatch, kw, 6, steps=10, cls=Kron, groups=groups)
+    assert _worst(theirs, ours) <= 1e-12
+    assert np.abs(theirs[-1][3] - INIT[3]).max() > 0.05  # the second group moves
+
+
+def _kron_steps(opt: Any, ps: list[Any], steps: int) -> None:
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.sin(p.detach()) + 0.1
+        opt.step()
+
+
+def test_torch_class_state_dict_resumes_the_same_run() -> None:
+    """``state_dict`` through ``torch.save`` / ``torch.load(weights_only=True)``: factors,
+    momentum, counter and both generators (the balancing one's 64-bit words exactly) come
+    back, and the loaded optimizer continues bit for bit, in two groups."""
+    import io
+
+    from uniopt.torch import Kron
+
+    def make() -> tuple[Any, list[Any]]:
+        ps = [torch.nn.Parameter(torch.tensor(a)) for a in INIT]
+        return Kron([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02}], lr=0.01,
+                    balance_prob=0.5, pre_conditioner_update_probability=0.5, seed=3), ps
+
+    opt, ps = make()
+    _kron_steps(opt, ps, 3)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded, qs = make()
+    with torch.no_grad():
+        for q, p in zip(qs, ps, strict=True):
+            q.copy_(p)
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
+    _kron_steps(opt, ps, 4)
+    _kron_steps(loaded, qs, 4)
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
+    assert set(opt.state_dict()["param_groups"][1]) >= {
+        "pre_conditioner_update_probability", "precondition_lr", "balance_prob", "seed"}
+
+
+def test_torch_class_errors() -> None:
+    """A dtype other than the parameter's for the momentum or the factors, a bad value, a
+    parameter without a gradient: each names itself, and nothing is written."""
+    from uniopt.torch import Kron
+
+    w = torch.nn.Parameter(torch.ones(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"precondition_dtype=torch.float32: .*float64"):
+        Kron([w], precondition_dtype=torch.float32)
+    with pytest.raises(ValueError, match="mu_dtype=torch.bfloat16"):
+        Kron([w], mu_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="memory_save_mode must be one of"):
+        Kron([w], memory_save_mode="some_diag")
+    opt = Kron([w], precondition_dtype=torch.float64)  # the parameter's own: taken
+    with pytest.raises(ValueError, match="precondition_dtype"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
+    v = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt.add_param_group({"params": [v], "lr": 0.1})
+    w.grad = torch.ones(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"parameter\(s\) \[0\] of param group 1 have no"):
+        opt.step()
+    assert torch.equal(w, torch.ones(2, 2, dtype=torch.float64)) and not opt.state
