@@ -387,9 +387,20 @@ def test_torch_class_errors() -> None:
     opt = Kron([w], precondition_dtype=torch.float64)  # the parameter's own: taken
     with pytest.raises(ValueError, match="precondition_dtype"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
+    assert len(opt.param_groups) == 1
     v = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     opt.add_param_group({"params": [v], "lr": 0.1})
     w.grad = torch.ones(2, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"parameter\(s\) \[0\] of param group 1 have no"):
         opt.step()
     assert torch.equal(w, torch.ones(2, 2, dtype=torch.float64)) and not opt.state
+
+
+def test_a_state_set_up_for_other_arrays_is_refused(jx: Any) -> None:
+    """A state whose generators are NumPy's, stepped with JAX arrays: an error naming both,
+    not draws from the wrong generator."""
+    jnp = jx.numpy
+    np_state = uo.setup(uo.kron(), [np.ones((2, 2))])
+    with pytest.raises(TypeError, match="holds a numpy generator, the updates are jax arrays"):
+        uo.update(np_state, [jnp.ones((2, 2))], [jnp.ones((2, 2))])
+    assert int(np_state.tree_states["scale_by_kron"]["update_counter"]) == 0
