@@ -25,6 +25,7 @@ within 2e-14 over 300 steps.
 
 from __future__ import annotations
 
+import logging
 import types
 from typing import Any
 
@@ -240,10 +241,13 @@ def test_a_checkpoint_resumes_the_same_run(tmp_path: Any) -> None:
 
 
 def test_jit_compiles_once_and_is_eager_jax_and_numpy(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture,
                                                       jx: Any) -> None:
     """Under ``jax.jit`` the update decision (a counter in the state against a scheduled
     probability), the balancing draws and the probes (JAX keys in the state) run in the
-    program, under ``lax.cond``: 20 steps compile once. The jitted steps are eager JAX's over
+    program, under ``lax.cond``: 20 steps trace once and compile once (JAX's log of its
+    compilations: a state array committed to a device where the params are not compiled
+    the step again without tracing it). The jitted steps are eager JAX's over
     the first 5 (within 1e-15, measured 9e-17; eager JAX dispatches op by op, so few steps)
     and NumPy's, its probes and balancing draws taken from the same JAX keys (the draw
     functions patched), over all 20 within 1e-14 (measured 2.2e-16 at step 20). With this
@@ -258,11 +262,13 @@ def test_jit_compiles_once_and_is_eager_jax_and_numpy(monkeypatch: pytest.Monkey
     jitted, traces = counting_jit()
     p = [jnp.asarray(a) for a in INIT]
     state, ours = uo.setup(rule, p), []
-    for t in range(steps):
-        state, p = jitted(state, p, [jnp.asarray(g) for g in _grads(
-            [np.asarray(x) for x in p], t)])
-        ours.append([np.asarray(x) for x in p])
-    assert len(traces) == 1, "the jitted update recompiled"
+    with caplog.at_level(logging.WARNING), jx.log_compiles(True):
+        for t in range(steps):
+            state, p = jitted(state, p, [jnp.asarray(g) for g in _grads(
+                [np.asarray(x) for x in p], t)])
+            ours.append([np.asarray(x) for x in p])
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
+    assert len(traces) == 1 and len(compiles) == 1, "the jitted update recompiled"
 
     p = [jnp.asarray(a) for a in INIT]
     state = uo.setup(rule, p)
