@@ -57,6 +57,7 @@ class _Scalar:
     """
 
     cos = staticmethod(math.cos)
+    exp = staticmethod(math.exp)
     floor = staticmethod(math.floor)
     floor_divide = staticmethod(operator.floordiv)
     log = staticmethod(math.log)

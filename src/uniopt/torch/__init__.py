@@ -7,7 +7,8 @@ defaults and subclass :class:`torch.optim.Optimizer`, so torch's ``lr_scheduler`
 ``clip_grad_norm_``, hooks and training frameworks accept them; their ``state_dict`` is torch's,
 slot names included, and loads into (and from) the torch class of the same name.
 ``SophiaH`` is pytorch-optimizer's Sophia-H (:func:`uniopt.sophia_h`), stepped with a closure
-that calls ``loss.backward(create_graph=True)``.
+that calls ``loss.backward(create_graph=True)``; ``Kron`` is pytorch-optimizer's Kron
+(:func:`uniopt.kron`).
 :class:`Optimizer` wraps any uniopt rule or chain the same way.
 Under ``ZeroRedundancyOptimizer(..., overlap_with_ddp=True)`` and DDP's ``_register_fused_optim``
 each class steps through its functional twin (:mod:`uniopt.torch.functional`), registered in
@@ -85,10 +86,11 @@ from .named import (
     SparseAdam,
 )
 from .optimizer import Optimizer
+from .psgd import Kron
 
 __all__ = [
-    "ASGD", "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Muon",
-    "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam", "SophiaH",
+    "ASGD", "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Kron",
+    "Muon", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam", "SophiaH",
 ]
 
 from . import functional as _functional  # noqa: E402  (registered once every class is here)
