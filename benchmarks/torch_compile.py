@@ -122,6 +122,7 @@ def s1(rounds: int, steps: int) -> None:
         "uniopt compiled": recipe(opt),
         "compiled no-op, then uniopt eager": after_compiled_noop,
         "in the graph instead: a custom op doing nothing": custom_op_floor(opt),
+        "a hand-written AdamW traced whole (constants)": traced_adamw(opt),
     }, rounds, steps))
     print("S1 in a training loop (batch 32: forward, backward, step, zero_grad)")
     show(compare({name: loop(*how) for name, how in (
@@ -144,6 +145,26 @@ def custom_op_floor(opt: torch.optim.Optimizer) -> Callable[[], object]:
     ps = [p for g in opt.param_groups for p in g["params"]]
     gs, ms, vs = ([torch.zeros_like(p) for p in ps] for _ in range(3))
     return torch.compile(lambda: nothing(ps, gs, ms, vs, 1e-3))
+
+
+def traced_adamw(opt: torch.optim.Optimizer) -> Callable[[], object]:
+    """AdamW written in torch and compiled whole (one graph, one fused loop): the step count a
+    tensor, so no step recompiles, the hyperparameters constants of the graph."""
+    ps = [p.detach() for g in opt.param_groups for p in g["params"]]
+    gs = [p.grad for g in opt.param_groups for p in g["params"]]
+    ms, vs = ([torch.zeros_like(p) for p in ps] for _ in range(2))
+    count = torch.zeros(())
+
+    def step(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, wd: float = 1e-2) -> None:
+        count.add_(1)
+        bc1, bc2 = 1 - b1 ** count, 1 - b2 ** count
+        for p, g, m, v in zip(ps, gs, ms, vs, strict=True):
+            p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.sub_(lr / bc1 * m / ((v / bc2).sqrt() + 1e-8))
+
+    return torch.compile(step)
 
 
 def loop(kind: str, compiled: str) -> Callable[[], None]:
