@@ -2,18 +2,17 @@
 against the eager step, for ``uniopt.torch.AdamW`` and torch's own AdamW, on one torch thread,
 in alternating rounds in one process (a noisy machine weighs on every row alike).
 
-    [NUMBA_NUM_THREADS=1] python benchmarks/torch_compile.py [--rounds 15] [--steps 1000]
+    python benchmarks/torch_compile.py [--rounds 15] [--steps 1000]
         [--workloads S1,MLP128,MLP256,MLP512,MLP1024,S2]
 
 Prints, per workload, the min and median over rounds of the CPU time per step (µs: a round's
-``time.process_time``, which counts numba's threads, where uniopt's loop runs from 65,536
-elements on; ``NUMBA_NUM_THREADS=1`` keeps it on one, for a reading on a busy machine) and
-compiled/eager. ``MLPn`` is an MLP 20-n-n-3 (six tensors, as S1). Then, on S1, where the
-recipe's fixed cost goes: a ``torch.compiler.disable``'d no-op eager and compiled (dynamo's
-wrapper, the frame's guards, the graph break), a compiled function of no graph (the wrapper
-alone), the eager step right after a compiled no-op (the step's own slowdown after dynamo's
-code ran), the least a step inside the graph costs (a custom op that computes nothing); and S1
-in a training loop, where no step runs on caches its last call left warm.
+``time.thread_time``; torch and numba on one thread each) and compiled/eager. ``MLPn`` is an
+MLP 20-n-n-3 (six tensors, as S1). Then, on S1, where the recipe's fixed cost goes: a
+``torch.compiler.disable``'d no-op eager and compiled (dynamo's wrapper, the frame's guards, the
+graph break), a compiled function of no graph (the wrapper alone), the eager step right after a
+compiled no-op (the step's own slowdown after dynamo's code ran), the least a step inside the
+graph costs (a custom op that computes nothing) and AdamW written in torch and traced whole;
+and S1 in a training loop, where no step runs on caches its last call left warm.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import time
 import types
 from collections.abc import Callable
 
+import numba
 import torch
 
 import uniopt.torch as ut
@@ -58,15 +58,15 @@ def recipe(opt: torch.optim.Optimizer) -> Callable[[], object]:
 def compare(runs: dict[str, Callable[[], object]], rounds: int,
             steps: int) -> dict[str, list[float]]:
     for f in runs.values():
-        for _ in range(5):  # compile, fault in
+        for _ in range(20):  # compile, fault in (a graph's first few calls may take ms each)
             f()
     out: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for k, f in runs.items():
-            t = time.process_time()
+            t = time.thread_time()
             for _ in range(steps):
                 f()
-            out[k].append((time.process_time() - t) / steps * 1e6)
+            out[k].append((time.thread_time() - t) / steps * 1e6)
     return out
 
 
@@ -81,7 +81,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=1000)
     a = ap.parse_args()
+    # one thread each (uniopt's loop runs on numba's threads from 65,536 elements on): CPU time
+    # of this thread is then the step's, and no pool's spinning threads (OpenMP's, numba's,
+    # inductor's kernels') weigh on the rows measured after them on a small machine
     torch.set_num_threads(1)
+    numba.set_num_threads(1)
     print(f"torch {torch.__version__}, one thread, {a.rounds} rounds; CPU µs per step")
     for w in a.workloads.split(","):
         shp = shapes(w)
