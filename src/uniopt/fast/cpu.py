@@ -494,26 +494,31 @@ def _source(
     else:
         body.append(f"{'p' if inplace else 'po'}[i] = {_WRITE[kp].format(end)}")
     sums = _PER_LEAF_SUMS if mode == "leafsq" else _SUM
+    one_chunk = [
+        *loads,
+        "acc = 0.0",
+        "# unsigned indices: no negative-index wraparound, so the loop vectorizes",
+        "for i in range(np.uint64(a), np.uint64(b)):",
+        f"    x = {_READ[kp].format('p[i]')}",
+        f"    u = {_READ[kp].format('g[i]')}",
+        *[f"    {line}" for line in body],
+    ]
+    # serial holds the chunk's code itself, not a call to chunk: numba would type and
+    # optimise chunk on its own and then again inside serial, twice the compile
     return "\n".join([
         *head,
         "",
         "",
         '@numba.njit(cache=CACHE, error_model="numpy")',
         "def chunk(L, CO, t, a, b):",
-        *[f"    {line}" for line in loads],
-        "    acc = 0.0",
-        "    # unsigned indices: no negative-index wraparound, so the loop vectorizes",
-        "    for i in range(np.uint64(a), np.uint64(b)):",
-        f"        x = {_READ[kp].format('p[i]')}",
-        f"        u = {_READ[kp].format('g[i]')}",
-        *[f"        {line}" for line in body],
+        *[f"    {line}" for line in one_chunk],
         "    return acc",
         "",
         "",
         '@numba.njit(cache=CACHE, error_model="numpy")',
         "def serial(L, CO, SIZES):",
         "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-        *[line.format(loop="range") for line in sums],
+        *_driver(sums, "range", one_chunk),
         "",
         "",
         "# compiled at its first call, by the first step of PARALLEL_MIN elements or more: a",
@@ -521,15 +526,33 @@ def _source(
         '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
         "def parallel(L, CO, SIZES):",
         "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-        *[line.format(loop="numba.prange") for line in sums],
+        *_driver(sums, "numba.prange"),
         "",
     ])
 
 
+def _driver(sums: list[str], loop: str, chunk_code: list[str] | None = None) -> list[str]:
+    """The body of a loop over the chunks, ``sums``, calling ``chunk`` for each or, given
+    ``chunk_code``, running that code in its place (its sum is ``acc``)."""
+    out = []
+    for line in sums:
+        if line == _CHUNK_CODE:
+            if chunk_code is not None:
+                out += [f"        {c}" for c in ["t, a, b = leaf[j], start[j], stop[j]",
+                                                  *chunk_code]]
+        else:
+            line = line.format(loop=loop)
+            out.append(line if chunk_code is None else line.replace(_CALL, "acc"))
+    return out
+
+
+_CALL = "chunk(L, CO, leaf[j], start[j], stop[j])"
+_CHUNK_CODE = "CHUNK_CODE"
 _SUM = [
     "    total = 0.0",
     "    for j in {loop}(len(leaf)):",
-    "        total += chunk(L, CO, leaf[j], start[j], stop[j])",
+    _CHUNK_CODE,
+    f"        total += {_CALL}",
     "    return total",
 ]
 # each chunk's sum in its own place (chunks of one leaf run on several threads), then added
@@ -537,7 +560,8 @@ _SUM = [
 _PER_LEAF_SUMS = [
     "    sums = np.zeros(len(leaf))",
     "    for j in {loop}(len(leaf)):",
-    "        sums[j] = chunk(L, CO, leaf[j], start[j], stop[j])",
+    _CHUNK_CODE,
+    f"        sums[j] = {_CALL}",
     "    total = np.zeros(len(SIZES))",
     "    for j in range(len(leaf)):",
     "        total[leaf[j]] += sums[j]",
