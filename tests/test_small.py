@@ -146,19 +146,23 @@ def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
 def test_torch_gradient_views_are_kept_while_the_tensors_are_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A small model's gradient views are kept from step to step while each gradient is the
-    same tensor at the same address (zero_grad(set_to_none=False)), and made anew when one is
-    replaced, its memory swapped or its shape changed; the parameters' when their memory is
-    swapped, the slots' when a state is loaded. Every step's numbers are those of an optimizer
-    handed new gradient tensors each step, bit for bit, and autograd sees each write."""
+    """A small model's gradients as the engine gets them (their addresses) are kept from step
+    to step while each gradient is the same tensor at the same address
+    (zero_grad(set_to_none=False)), and looked at anew when one is replaced, its memory swapped
+    or its shape changed; the parameters' views when their memory is swapped, the slots' when a
+    state is loaded. Every step's numbers are those of an optimizer handed new gradient tensors
+    each step, bit for bit, and autograd sees each write."""
     torch = pytest.importorskip("torch")
     import uniopt.torch as ut
     from uniopt import backend
+    from uniopt.torch import plans
 
     made: list[int] = []
-    real_views = backend.numpy_views
+    real_views, real_addresses = backend.numpy_views, plans.addresses
     monkeypatch.setattr(backend, "numpy_views",
                         lambda lists: made.append(len(lists[0])) or real_views(lists))
+    monkeypatch.setattr(plans, "addresses",
+                        lambda gs, *a: made.append(len(gs)) or real_addresses(gs, *a))
     start = _tree(MLP)
     kept = [torch.nn.Parameter(torch.tensor(x)) for x in start]
     fresh = [torch.nn.Parameter(torch.tensor(x)) for x in start]

@@ -931,7 +931,8 @@ def add_bench_parser(sub: Any) -> None:
         type=_bench_rules,
         default=["adam"],
         help=("'all', or comma-separated names of uniopt rules (`uniopt rules`); a rule whose "
-              "parts are not all elementwise is reported as skipped (default: adam)"),
+              "parts are not all elementwise runs without a floor, one that reads the loss is "
+              "reported as skipped (default: adam)"),
     )
     b.add_argument(
         "--implementations",
@@ -991,7 +992,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(f"uniopt bench: {name} skipped: {why}", file=sys.stderr)
     if not rules:
-        print("uniopt bench: none of the rules is elementwise", file=sys.stderr)
+        print("uniopt bench: none of the rules takes a step from gradients alone",
+              file=sys.stderr)
         return 2
     bw, rows = bench.run(
         workloads, rules, args.implementations, args.repeats, shapes, log, args.slow,
