@@ -227,6 +227,69 @@ def test_torch_gradient_views_are_kept_while_the_tensors_are_the_same(
     assert made == [6]
 
 
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_torch_gradients_go_by_address_only_where_each_is_plain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Gradients reach the compiled loop by the addresses of their memory only where each is a
+    plain, dense, contiguous CPU tensor of its parameter's dtype and shape, with memory: with a
+    transposed, an expanded (stride 0), a negative-bit, a ZeroTensor or a subclass's gradient
+    among them, none goes by address, and every step equals that of an optimizer handed plain
+    copies, bit for bit; so does a group whose parameters are at two step counts (two engine
+    calls, each handed its own gradients' addresses)."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    from uniopt import backend
+    from uniopt.torch import plans
+
+    got: list[Any] = []
+    real = plans.addresses
+    monkeypatch.setattr(plans, "addresses", lambda gs, *a: got.append(real(gs, *a)) or got[-1])
+    shapes = (MLP * 4)[:20]  # more leaves than a small step has
+    start = _tree(shapes)
+    ps = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    qs = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    opt = ut.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01)
+    ref = ut.SGD(qs, lr=0.1, momentum=0.9, weight_decay=0.01)
+    rng = np.random.default_rng(4)
+
+    def step(odd: dict[int, Callable[[Any], Any]], only: range = range(20)) -> None:
+        for i in range(20):
+            g = torch.from_numpy(rng.standard_normal(start[i].shape).astype(np.float32))
+            ps[i].grad = odd[i](g) if i in odd else g if i in only else None
+            h = ps[i].grad
+            qs[i].grad = (None if h is None else torch.zeros(h.shape) if h._is_zerotensor()
+                          else torch.tensor(h.tolist(), dtype=torch.float32))
+        ref.step()
+        got.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the transposed one: the reference path
+            opt.step()
+        for p, q in zip(ps, qs, strict=True):
+            assert torch.equal(p.detach(), q.detach())
+            if q in ref.state:
+                assert torch.equal(opt.state[p]["momentum_buffer"],
+                                   ref.state[q]["momentum_buffer"])
+
+    step({}, only=range(0, 20, 2))  # half the parameters: their first step
+    step({})  # the others' first, their second (a new plan: its first step looks at each)
+    step({})
+    assert [type(a) for a in got] == [backend.Addressed]
+    assert len(opt._plans[0].runs) == 2  # one per step count
+    odd = {
+        0: lambda g: torch.from_numpy(np.ascontiguousarray(g.numpy().T)).t(),  # (64, 20)
+        1: lambda g: g[:1].expand(64),
+        3: lambda g: torch._neg_view(-g),
+        4: lambda g: torch._efficientzerotensor(g.shape),
+        5: lambda g: torch.nn.Parameter(g, requires_grad=False),
+    }
+    for i, make in odd.items():
+        step({i: make})
+        assert got == [None], i
+    step({})
+    assert [type(a) for a in got] == [backend.Addressed]
+
+
 def test_a_jitted_step_takes_one_array_of_numbers() -> None:
     """However many hyperparameters a rule has, its numbers reach jax.jit as one array."""
     jax = pytest.importorskip("jax")

@@ -155,7 +155,7 @@ def _q8_view(st: dict[str, Any], name: str, spec: Spec) -> Any:
 
 def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     """The engine's view of gradient ``g`` of ``p``, laid out as ``p``'s view (copied when it is
-    laid out otherwise); a sparse ``g`` made dense."""
+    laid out otherwise); a sparse ``g`` made dense, a ZeroTensor zeros."""
     if g.layout == torch.sparse_coo:
         g = g.coalesce().to_dense()
     if spec == TRACKED:
@@ -167,6 +167,8 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     kind, perm = spec
     if kind == "torch":
         return g
+    if g._is_zerotensor():  # no memory to view
+        g = torch.zeros(g.shape, dtype=g.dtype)
     if perm is None:
         return backend.numpy_view(g if g.is_contiguous() else g.contiguous())
     pr = real(dtensor.local(p).detach())
