@@ -317,14 +317,15 @@ def addresses(grads: list[Any], shapes: list[Any], dtype: torch.dtype, nonempty:
     (``torch.Tensor`` itself: no subclass's ``data_ptr``), of ``dtype``, on the CPU, dense and
     contiguous, without a negative bit, of its parameter's shape (``shapes``) and with memory
     where it has elements (``nonempty``: not a ZeroTensor); else None. C calls only, a few per
-    tensor: the per-tensor cost of a step of 10,000 gradients."""
+    tensor: the per-tensor cost of a step of 10,000 gradients. (Each shape is compared as it is
+    made: a list of 10,000 of them, tuples, would set off the garbage collector's passes.)"""
     try:
         if not (all(map(operator.is_, map(type, grads), itertools.repeat(torch.Tensor)))
                 and all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(dtype)))
                 and all(map(_IS_CPU, grads))
                 and all(map(torch.Tensor.is_contiguous, grads))
                 and not any(map(torch.Tensor.is_neg, grads))
-                and list(map(_SHAPE, grads)) == shapes):
+                and all(map(operator.eq, map(_SHAPE, grads), shapes))):
             return None
         ptrs = np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
     except (RuntimeError, TypeError):  # a tensor without storage (functorch's, a lazy one)
@@ -362,7 +363,8 @@ class SeenGrads:
             else:
                 self.ptrs = [v.ctypes.data for v in views]
                 self.shapes = list(map(_SHAPE, views))
-        if list(map(_DATA_PTR, grads)) == self.ptrs and list(map(_SHAPE, grads)) == self.shapes:
+        if (list(map(_DATA_PTR, grads)) == self.ptrs
+                and all(map(operator.eq, map(_SHAPE, grads), self.shapes))):
             return views
         return None
 
