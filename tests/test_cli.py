@@ -444,6 +444,16 @@ def test_bench_runs_rules_with_per_leaf_parts_without_a_floor(monkeypatch, capsy
     lamb = next(x for x in text.splitlines() if "mats |      lamb" in x)
     assert "x)" not in lamb and " - " in lamb
     assert json.loads(bench.to_json(bw, rows))["rows"][0]["ratio"] is None
+    # matrices of one's own: COUNTxROWSxCOLS
+    capsys.readouterr()
+    assert main(["bench", "--sizes", "2x4x3", "--rules", "muon", "--implementations", "uniopt",
+                 "--repeats", "1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert (row["workload"], row["rule"], row["floor_ms"], row["ratio"]) == (
+        "2x4x3", "muon", None, None)
+    for bad, said in (("2x0x3", "must be positive"), ("2x3x4x5", "COUNTxROWSxCOLS")):
+        assert main(["bench", "--sizes", bad]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_bench_rejects_an_unknown_rule(capsys):

@@ -924,7 +924,8 @@ def add_bench_parser(sub: Any) -> None:
         default=None,
         metavar="SIZES",
         help=("workloads of your own, comma-separated COUNTxSIZE (COUNT tensors of SIZE "
-              "elements), e.g. 500x4096,1x1000000; only these run unless --workloads is given"),
+              "elements) or COUNTxROWSxCOLS (matrices), e.g. 500x4096,1x1000000,24x1024x1024; "
+              "only these run unless --workloads is given"),
     )
     b.add_argument(
         "--rules",
@@ -960,17 +961,21 @@ def add_bench_parser(sub: Any) -> None:
 
 
 def _sizes(text: str) -> dict[str, list[tuple[int, ...]]]:
-    """``COUNTxSIZE[,COUNTxSIZE...]``: a workload named by its text for each."""
+    """``COUNTxSIZE[,COUNTxSIZE...]``: a workload named by its text for each; COUNTxROWSxCOLS
+    for matrices (Muon's)."""
     out: dict[str, list[tuple[int, ...]]] = {}
     for piece in text.split(","):
         name = piece.strip().lower()
         try:
-            count, size = (int(x) for x in name.split("x"))
+            count, *shape = (int(x) for x in name.split("x"))
         except ValueError:
-            raise UsageError(f"sizes are COUNTxSIZE, e.g. 500x4096; got {piece!r}") from None
-        if count < 1 or size < 1:
+            shape = []
+        if len(shape) not in (1, 2):
+            raise UsageError("sizes are COUNTxSIZE or COUNTxROWSxCOLS, e.g. 500x4096 or "
+                             f"24x1024x1024; got {piece!r}")
+        if count < 1 or min(shape) < 1:
             raise UsageError(f"COUNT and SIZE must be positive, got {piece!r}")
-        out[name] = [(size,)] * count
+        out[name] = [tuple(shape)] * count
     return out
 
 

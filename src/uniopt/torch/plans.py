@@ -363,6 +363,7 @@ class SeenGrads:
             else:
                 self.ptrs = [v.ctypes.data for v in views]
                 self.shapes = list(map(_SHAPE, views))
+        assert self.shapes is not None
         if (list(map(_DATA_PTR, grads)) == self.ptrs
                 and all(map(operator.eq, map(_SHAPE, grads), self.shapes))):
             return views
