@@ -729,12 +729,15 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         # the reference path, per-leaf parts with their library's own reductions; NumPy arrays
         # the compiled loop for the elementwise parts around them (fast.cpu.segmented)
         return None
-    if type(grads) is backend.Addressed and state.state_dtype == "q8":
-        grads = grads.arrays()  # the compiled loop of float slots alone reads addresses
     g_leaves: Any
-    if (type(grads) is list or type(grads) is backend.Addressed) and len(grads) == len(leaves):
+    if type(grads) is list and len(grads) == len(leaves):
+        g_leaves = grads
+    elif (type(grads) is backend.Addressed and len(grads.tensors) == len(leaves)
+          and state.state_dtype != "q8"):  # the compiled loop of float slots reads addresses
         g_leaves = grads
     else:
+        if type(grads) is backend.Addressed:
+            grads = grads.arrays()
         g_leaves, g_def = optree.tree_flatten(grads, namespace=NAMESPACE)
         if g_def != state.treedef:
             return None

@@ -783,7 +783,7 @@ def run(
     if type(params) is not list:
         params = list(params)
     if type(grads) is Addressed:  # checked by its maker, but for its count and dtype
-        if len(grads) != n or grads.dtype != first.dtype:
+        if len(grads.tensors) != n or grads.dtype != first.dtype:
             grads = grads.arrays()  # _check says what is wrong
     elif type(grads) is not list:
         grads = list(grads)
