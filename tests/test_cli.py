@@ -388,10 +388,10 @@ def test_rules_misspelled_suggests_the_closest_names(capsys):
     assert f"no rule named {name[:-1] + 'q'!r}; did you mean" in err and repr(name) in err
 
 
-# --- uniopt bench --rules: every elementwise rule of the registry ------------------------------
+# --- uniopt bench --rules: every rule of the registry that steps from gradients alone ----------
 
 
-def test_bench_takes_every_elementwise_rule_and_skips_the_others():
+def test_bench_takes_every_rule_that_steps_from_gradients_alone():
     from uniopt import registry
     from uniopt.base import Elementwise
     from uniopt.tools import bench
@@ -408,10 +408,52 @@ def test_bench_takes_every_elementwise_rule_and_skips_the_others():
             step = bench.IMPLEMENTATIONS["uniopt"](w, name)
             assert step is not None
             step()
-        else:
-            why = bench.skip_reason(name)
+        else:  # no floor; run unless it reads the loss
+            why = bench.no_floor(name)
             assert name not in bench.TRAFFIC and why is not None
             assert all(p.name in why for p in parts if not isinstance(p, Elementwise))
+    skipped = {n for n in registry.names() if bench.skip_reason(n) is not None}
+    assert {"lbfgs", "sam", "polyak_sgd", "momo"} <= skipped
+    assert not skipped & {"lamb", "lars", "adafactor", "muon", "novograd", "prodigy"}
+    assert "loss" in bench.skip_reason("polyak_sgd")
+
+
+def test_bench_runs_rules_with_per_leaf_parts_without_a_floor(monkeypatch, capsys):
+    """LAMB, Adafactor and Muon run (no floor: their parts are not all elementwise); Muon
+    where every tensor is a matrix, and skipped with its error where one is not."""
+    from uniopt.fast import cpu
+    from uniopt.tools import bench
+
+    monkeypatch.setattr(bench, "bandwidth", lambda *a, **k: 1e10)
+    monkeypatch.setattr(bench, "_QUIET_S", 0.0)
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", cpu.COMPILE_AFTER)  # bench.run sets it to 0
+    monkeypatch.setattr(cpu, "AVAILABLE", False)  # the reference path: nothing to compile
+    said: list[str] = []
+    shapes = {"mats": [(4, 3), (3, 3)], "mixed": [(4, 3), (5,)]}
+    bw, rows = bench.run(["mats", "mixed"], ["lamb", "adafactor", "muon", "polyak_sgd", "sgd"],
+                         ["uniopt", "uniopt packed"], 1, shapes, said.append)
+    got = {(r.workload, r.rule, r.implementation): r for r in rows}
+    assert set(got) == {(w, r, i) for w in shapes for r in ("lamb", "adafactor", "sgd")
+                        for i in ("uniopt", "uniopt packed") if i == "uniopt" or r == "sgd"
+                        } | {("mats", "muon", "uniopt")}
+    assert all((r.floor_ms is None) == (r.rule != "sgd") for r in rows)
+    assert any(s.startswith("mixed muon uniopt: skipped (muon: params[1] has shape (5,)")
+               for s in said), said
+    assert any(s.startswith("mats polyak_sgd: skipped (") and "loss" in s for s in said), said
+    text = bench.table(bw, rows)
+    lamb = next(x for x in text.splitlines() if "mats |      lamb" in x)
+    assert "x)" not in lamb and " - " in lamb
+    assert json.loads(bench.to_json(bw, rows))["rows"][0]["ratio"] is None
+    # matrices of one's own: COUNTxROWSxCOLS
+    capsys.readouterr()
+    assert main(["bench", "--sizes", "2x4x3", "--rules", "muon", "--implementations", "uniopt",
+                 "--repeats", "1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert (row["workload"], row["rule"], row["floor_ms"], row["ratio"]) == (
+        "2x4x3", "muon", None, None)
+    for bad, said in (("2x0x3", "must be positive"), ("2x3x4x5", "COUNTxROWSxCOLS")):
+        assert main(["bench", "--sizes", bad]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_bench_rejects_an_unknown_rule(capsys):

@@ -92,9 +92,10 @@ def test_python_work_per_step_does_not_grow_with_the_leaves() -> None:
 def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
     torch = pytest.importorskip("torch")
     import uniopt.torch as ut
+    from uniopt.torch import plans
 
     counts = {}
-    for n in (6, 60):
+    for n in (6, 12, 30, 60):  # gradients as views, and (from plans.ADDRESS_MIN) by address
         ps = [torch.nn.Parameter(torch.from_numpy(x)) for x in _tree((MLP * 10)[:n])]
         opt = ut.AdamW(ps, lr=1e-3)
         grads = [torch.from_numpy(x) for x in _tree((MLP * 10)[:n], seed=1)]
@@ -108,7 +109,9 @@ def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
             for p, g in zip(ps, grads, strict=True):
                 p.grad = g.clone()
             counts[-n] = _python_calls(opt.step)
-    assert counts[6] == counts[60] and counts[-6] == counts[-60], counts
+    assert 12 < plans.ADDRESS_MIN <= 30
+    for a, b in ((6, 12), (30, 60)):
+        assert counts[a] == counts[b] and counts[-a] == counts[-b], counts
     assert max(counts.values()) <= 60, counts  # the rule, the coefficients, the engine: ~55
 
     # torch's step hooks and profiler label, as torch.optim has them
@@ -146,19 +149,24 @@ def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
 def test_torch_gradient_views_are_kept_while_the_tensors_are_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A small model's gradient views are kept from step to step while each gradient is the
-    same tensor at the same address (zero_grad(set_to_none=False)), and made anew when one is
-    replaced, its memory swapped or its shape changed; the parameters' when their memory is
-    swapped, the slots' when a state is loaded. Every step's numbers are those of an optimizer
-    handed new gradient tensors each step, bit for bit, and autograd sees each write."""
+    """A small model's gradients as the engine gets them (their views; a bigger group's
+    addresses, kept alike) are kept from step to step while each gradient is the same tensor
+    at the same address (zero_grad(set_to_none=False)), and looked at anew when one is
+    replaced, its memory swapped or its shape changed; the parameters' views when their memory
+    is swapped, the slots' when a state is loaded. Every step's numbers are those of an
+    optimizer handed new gradient tensors each step, bit for bit, and autograd sees each
+    write."""
     torch = pytest.importorskip("torch")
     import uniopt.torch as ut
     from uniopt import backend
+    from uniopt.torch import plans
 
     made: list[int] = []
-    real_views = backend.numpy_views
+    real_views, real_addresses = backend.numpy_views, plans.addresses
     monkeypatch.setattr(backend, "numpy_views",
                         lambda lists: made.append(len(lists[0])) or real_views(lists))
+    monkeypatch.setattr(plans, "addresses",
+                        lambda gs, *a: made.append(len(gs)) or real_addresses(gs, *a))
     start = _tree(MLP)
     kept = [torch.nn.Parameter(torch.tensor(x)) for x in start]
     fresh = [torch.nn.Parameter(torch.tensor(x)) for x in start]
@@ -221,6 +229,69 @@ def test_torch_gradient_views_are_kept_while_the_tensors_are_the_same(
     step(12)
     step(13)
     assert made == [6]
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_torch_gradients_go_by_address_only_where_each_is_plain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Gradients reach the compiled loop by the addresses of their memory only where each is a
+    plain, dense, contiguous CPU tensor of its parameter's dtype and shape, with memory: with a
+    transposed, an expanded (stride 0), a negative-bit, a ZeroTensor or a subclass's gradient
+    among them, none goes by address, and every step equals that of an optimizer handed plain
+    copies, bit for bit; so does a group whose parameters are at two step counts (two engine
+    calls, each handed its own gradients' addresses)."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    from uniopt import backend
+    from uniopt.torch import plans
+
+    got: list[Any] = []
+    real = plans.addresses
+    monkeypatch.setattr(plans, "addresses", lambda gs, *a: got.append(real(gs, *a)) or got[-1])
+    shapes = (MLP * 5)[:plans.ADDRESS_MIN]  # as few as go by address
+    start = _tree(shapes)
+    ps = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    qs = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    opt = ut.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01)
+    ref = ut.SGD(qs, lr=0.1, momentum=0.9, weight_decay=0.01)
+    rng = np.random.default_rng(4)
+
+    def step(odd: dict[int, Callable[[Any], Any]], only: range = range(100)) -> None:
+        for i in range(len(shapes)):
+            g = torch.from_numpy(rng.standard_normal(start[i].shape).astype(np.float32))
+            ps[i].grad = odd[i](g) if i in odd else g if i in only else None
+            h = ps[i].grad
+            qs[i].grad = (None if h is None else torch.zeros(h.shape) if h._is_zerotensor()
+                          else torch.tensor(h.tolist(), dtype=torch.float32))
+        ref.step()
+        got.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the transposed one: the reference path
+            opt.step()
+        for p, q in zip(ps, qs, strict=True):
+            assert torch.equal(p.detach(), q.detach())
+            if q in ref.state:
+                assert torch.equal(opt.state[p]["momentum_buffer"],
+                                   ref.state[q]["momentum_buffer"])
+
+    step({}, only=range(0, len(shapes), 2))  # half the parameters: their first step
+    step({})  # the others' first, their second (a new plan: its first step looks at each)
+    step({})
+    assert [type(a) for a in got] == [backend.Addressed]
+    assert len(opt._plans[0].runs) == 2  # one per step count
+    odd = {
+        0: lambda g: torch.from_numpy(np.ascontiguousarray(g.numpy().T)).t(),  # (64, 20)
+        1: lambda g: g[:1].expand(64),
+        3: lambda g: torch._neg_view(-g),
+        4: lambda g: torch._efficientzerotensor(g.shape),
+        5: lambda g: torch.nn.Parameter(g, requires_grad=False),
+    }
+    for i, make in odd.items():
+        step({i: make})
+        assert got == [None], i
+    step({})
+    assert [type(a) for a in got] == [backend.Addressed]
 
 
 def test_a_jitted_step_takes_one_array_of_numbers() -> None:

@@ -104,6 +104,38 @@ def _views(xs: list[Any]) -> list[Any]:
         return list(map(numpy_view, xs))
 
 
+class Addressed:
+    """Leaves handed to the compiled loop by the addresses of their memory, in place of a list
+    of NumPy views: ``uniopt.torch``'s gradients, new tensors at every step, whose views cost
+    about 0.8 us each (:func:`numpy_views`) where an address costs 0.05. Whoever makes one has
+    checked that each tensor is dense, C-contiguous, on the CPU, of NumPy dtype ``dtype`` and of
+    its parameter's shape (the loop reads as many numbers from each address as the parameter
+    has), and that ``ptrs`` are their ``data_ptr()``. ``tensors`` keep that memory alive;
+    :meth:`arrays` are their views, made for any other path."""
+
+    __slots__ = ("tensors", "ptrs", "dtype", "address", "_arrays")
+
+    def __init__(self, tensors: list[Any], ptrs: Any, dtype: Any) -> None:
+        self.tensors, self.ptrs, self.dtype = tensors, ptrs, dtype
+        # the table's own address, negated: how the compiled loop tells it from a list's
+        # (uniopt.fast.cpu._leaf); read without a Python call (ndarray.ctypes makes two)
+        self.address = -ptrs.__array_interface__["data"][0]
+        self._arrays: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def take(self, pos: list[int]) -> Addressed:
+        """The leaves at positions ``pos``."""
+        return Addressed([self.tensors[k] for k in pos], self.ptrs[pos], self.dtype)
+
+    def arrays(self) -> list[Any]:
+        """The leaves as NumPy views."""
+        if self._arrays is None:
+            self._arrays = list(map(numpy_view, self.tensors))
+        return self._arrays
+
+
 def mark_written(tensors: list[Any]) -> None:
     """Bump the autograd version counter of tensors written through NumPy views, as torch's
     own in-place operations do: a graph that saved one of them then raises on ``backward()``

@@ -729,9 +729,15 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         # the reference path, per-leaf parts with their library's own reductions; NumPy arrays
         # the compiled loop for the elementwise parts around them (fast.cpu.segmented)
         return None
+    g_leaves: Any
     if type(grads) is list and len(grads) == len(leaves):
         g_leaves = grads
+    elif (type(grads) is backend.Addressed and len(grads.tensors) == len(leaves)
+          and state.state_dtype != "q8"):  # the compiled loop of float slots reads addresses
+        g_leaves = grads
     else:
+        if type(grads) is backend.Addressed:
+            grads = grads.arrays()
         g_leaves, g_def = optree.tree_flatten(grads, namespace=NAMESPACE)
         if g_def != state.treedef:
             return None
@@ -833,6 +839,8 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
     fast_out = _fast(state, params, grads, inplace=False)
     if isinstance(fast_out, tuple):
         return fast_out
+    if type(grads) is backend.Addressed:
+        grads = grads.arrays()
     step = _prologue(state, params, grads)
     state = _with_structure(state, step.treedef)
     extra = _extra(value, extra)
@@ -865,6 +873,8 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     fast_out = _fast(state, params, grads, inplace=True)
     if isinstance(fast_out, tuple):
         return fast_out[0]
+    if type(grads) is backend.Addressed:
+        grads = grads.arrays()
     step = _prologue(state, params, grads, writes=True)
     state = _with_structure(state, step.treedef)
     extra = _extra(value, extra)

@@ -49,6 +49,7 @@ from numba import types as nbtypes
 from numba.extending import intrinsic, overload, register_jitable
 
 from .. import backend
+from ..backend import Addressed
 from ..base import Elementwise, PerLeaf
 from ..moments import fma, fused_multiply_add, lerp, select
 
@@ -117,6 +118,13 @@ def _item(lst: int, i: int) -> int:
     """The address of item ``i`` of the Python list at address ``lst``."""
     return _i64(_i64(lst + _LIST_ITEMS) + 8 * i)
 
+@numba.njit(inline="always")
+def _leaf(lst: int, i: int) -> int:
+    """Where the numbers of leaf ``i`` are: ``lst`` is the address of a list of ndarrays, or
+    minus that of a table of addresses (:class:`uniopt.backend.Addressed`, checked by whoever
+    made it)."""
+    return _i64(8 * i - lst) if lst < 0 else _i64(_item(lst, i) + _DATA)
+
 
 # --- 16-bit storage: float16 and bfloat16 leaves are computed in float32, rounded once ---------
 
@@ -173,6 +181,8 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
     n = len(sizes)
     for k in range(len(lists)):
         lst = lists[k]
+        if lst < 0:  # a table of addresses (backend.Addressed): checked where it was made
+            continue
         if _i64(lst + _LIST_SIZE) != n:
             return ((k + 1) << 32) | _COUNT
         for i in range(n):
@@ -431,7 +441,7 @@ def _source(
         "import collections",
         "import numba",
         "import numpy as np",
-        "from uniopt.fast.cpu import CHUNK, PARALLEL_MIN, _chunks, _i64, _item, _voidptr",
+        "from uniopt.fast.cpu import CHUNK, PARALLEL_MIN, _chunks, _leaf, _voidptr",
         "from uniopt.fast.cpu import _bf16, _f16, _to_bf16, _to_f16, kernel_for",
         "from uniopt.fast.cpu import scalar_xp as XP",
         f"PT = {_STORAGE[kp]}",
@@ -441,7 +451,7 @@ def _source(
 
     def view(name: str) -> str:
         lists.append(name)
-        return (f"{name} = numba.carray(_voidptr(_i64(_item(L[{len(lists) - 1}], t) + 16)), "
+        return (f"{name} = numba.carray(_voidptr(_leaf(L[{len(lists) - 1}], t)), "
                 f"(b,), {'PT' if name[0] in 'pgu' else 'ST'})")
 
     loads = [view("p")]
@@ -748,8 +758,14 @@ def _kind(dtype: Any) -> str | None:
     return "b2" if kind is None and dtype.name == "bfloat16" else kind
 
 
-def _addresses(lists: list[list[Any]]) -> Any:
-    return np.array(list(map(id, lists)), np.int64)
+def _addresses(lists: list[Any]) -> Any:
+    """The address of each list (of a table of addresses, negated: :func:`_leaf`)."""
+    out = np.array(list(map(id, lists)), np.int64)
+    if Addressed in map(type, lists):  # (no Python call where there is none: small steps)
+        for k, x in enumerate(lists):
+            if type(x) is Addressed:
+                out[k] = x.address
+    return out
 
 
 def run(
@@ -788,8 +804,13 @@ def run(
     memo = {} if memo is None else memo
     # the compiled code reads these lists by address: they must be lists, alive and unchanged
     # for the call (it holds the GIL, so no other Python thread can change them meanwhile)
-    if type(params) is not list or type(grads) is not list:
-        params, grads = list(params), list(grads)
+    if type(params) is not list:
+        params = list(params)
+    if type(grads) is Addressed:  # checked by its maker, but for its count and dtype
+        if len(grads.tensors) != n or grads.dtype != first.dtype:
+            grads = grads.arrays()  # _check says what is wrong
+    elif type(grads) is not list:
+        grads = list(grads)
     if not all(map(operator.is_, map(type, slots.values()), itertools.repeat(list))):
         slots = {k: list(v) for k, v in slots.items()}
     inputs = [params, grads, *slots.values()]
@@ -1080,6 +1101,8 @@ def step(
             memo["cpu"] = kind
     else:
         kind = memo["cpu"]
+    if type(g_leaves) is Addressed and kind != "elementwise":
+        g_leaves = g_leaves.arrays()
     if kind == "elementwise":
         out = run(plan, leaves, g_leaves, slots, inplace, memo, small, shards)
     elif kind == "segments" and tensors:

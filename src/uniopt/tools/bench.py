@@ -13,8 +13,10 @@ another's threads still spin.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import importlib
+import inspect
 import json
 import os
 import statistics
@@ -74,6 +76,10 @@ PEER_SETTINGS: dict[str, dict[str, Any]] = {
     "radam": {"lr": 1e-3},
     "asgd": {"lr": 1e-3},
     "rprop": {"lr": 1e-3},
+    "adagrad": {"lr": 1e-2},
+    "adadelta": {"lr": 1.0},
+    "adafactor": {"lr": 1e-2},
+    "muon": {"lr": 1e-3},
 }
 
 
@@ -82,15 +88,32 @@ def _rule(name: str) -> uo.Transform:
     return e.rule(**PEER_SETTINGS.get(name, e.example))
 
 
+@functools.cache
 def skip_reason(name: str) -> str | None:
-    """Why the bench does not run registry rule ``name`` (its floor counts the arrays an
-    elementwise step reads and writes; a part that sees a whole leaf or tree has no such
-    floor), or None where every part of it is elementwise."""
+    """Why the bench does not run registry rule ``name`` (it takes no step from gradients
+    alone: it reads the loss, or evaluates it at trial points), found by a step on one small
+    matrix (on the reference path: nothing is compiled for it), or None."""
+    from ..fast import cpu
+
+    params = [np.ones((2, 3), np.float32)]
+    after, cpu.COMPILE_AFTER = cpu.COMPILE_AFTER, None
+    try:
+        uo.update_(uo.setup(_rule(name), params), params, [np.full((2, 3), 0.1, np.float32)])
+    except (TypeError, ValueError) as e:
+        return str(e).split("\n")[0]
+    finally:
+        cpu.COMPILE_AFTER = after
+    return None
+
+
+def no_floor(name: str) -> str | None:
+    """Why registry rule ``name`` has no floor (a floor counts the arrays an elementwise step
+    reads and writes; a part that sees a whole leaf or tree has other work), or None."""
     other = [p for p in _rule(name).flat_parts if not isinstance(p, Elementwise)]
     if not other:
         return None
-    kinds = ", ".join(f"{p.name} ({_kind(p)})" for p in other)
-    return f"not every part is elementwise: {kinds}"
+    return "not every part is elementwise: " + ", ".join(f"{p.name} ({_kind(p)})"
+                                                          for p in other)
 
 
 def _kind(p: Any) -> str:
@@ -103,8 +126,8 @@ def traffic(name: str) -> int:
     return 3 + 2 * sum(len(p.slots) for p in _rule(name).flat_parts)
 
 
-# every registry rule the bench takes, with its traffic
-TRAFFIC = {n: traffic(n) for n in registry.names() if skip_reason(n) is None}
+# every elementwise rule of the registry, with its traffic (the others run without a floor)
+TRAFFIC = {n: traffic(n) for n in registry.names() if no_floor(n) is None}
 
 
 _QUIET_S = 0.2
@@ -181,7 +204,7 @@ def _uniopt(w: _Workload, rule: str, state_dtype: str | None = None) -> Callable
 
 def _uniopt_packed(w: _Workload, rule: str) -> Callable[[], Any] | None:
     """The user keeps parameters and gradients in one buffer each (views per tensor)."""
-    if w.dtype == "bfloat16":
+    if w.dtype == "bfloat16" or rule not in TRAFFIC:  # one buffer: another rule per leaf
         return None
     params = np.concatenate([p.ravel() for p in w.params])
     grads = [np.concatenate([g.ravel() for g in gs]) for gs in w.grads]
@@ -267,18 +290,23 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
         optim = importlib.import_module("uniopt.torch")
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
            "rmsprop": optim.RMSprop, "adamax": optim.Adamax, "nadam": optim.NAdam,
-           "radam": optim.RAdam, "asgd": optim.ASGD, "rprop": optim.Rprop}.get(rule)
+           "radam": optim.RAdam, "asgd": optim.ASGD, "rprop": optim.Rprop,
+           "adagrad": optim.Adagrad, "adadelta": optim.Adadelta, "adafactor": optim.Adafactor,
+           "muon": optim.Muon}.get(rule)
     if cls is None:  # no torch class of these settings
         return None
     kw: dict[str, Any] = dict(PEER_SETTINGS[rule])
+    takes = inspect.signature(cls).parameters
     if mode == "uniopt.torch":
         pass
     elif mode == "fused":
-        if rule not in ("adam", "adamw", "sgd"):
+        if rule not in ("adam", "adamw", "sgd", "adagrad"):
             return None
         kw["fused"] = True
-    else:
+    elif "foreach" in takes:
         kw["foreach"] = mode == "foreach"
+    elif mode == "foreach":  # Muon: one implementation, the for-loop
+        return None
     dtype = getattr(torch, w.dtype)
     params = [torch.from_numpy(p.copy()).to(dtype) for p in w.params]
     grads = [[torch.from_numpy(g).to(dtype) for g in gs] for gs in w.grads]
@@ -369,12 +397,12 @@ class Row:
     rule: str
     implementation: str
     ms: float
-    floor_ms: float
+    floor_ms: float | None  # None: a rule with parts that are not elementwise (no_floor)
     first_step_s: float
 
     @property
-    def ratio(self) -> float:
-        return self.ms / self.floor_ms
+    def ratio(self) -> float | None:
+        return None if self.floor_ms is None else self.ms / self.floor_ms
 
 
 def run(
@@ -390,8 +418,10 @@ def run(
     """Bandwidth first, then every (workload, rule, implementation) in this process.
 
     optax + jit compiles for minutes on thousands of tensors (391 s on W4); it runs there only
-    with ``slow=True``. ``dtype``: float32, or float16/bfloat16 params and gradients (the
-    implementations that have no such arrays are left out: NumPy has no bfloat16)."""
+    with ``slow=True``. A rule with parts that are not elementwise has no floor, and is skipped
+    where a workload's shapes are not its own (Muon's matrices) with the error that says so.
+    ``dtype``: float32, or float16/bfloat16 params and gradients (the implementations that have
+    no such arrays are left out: NumPy has no bfloat16)."""
     from ..fast import cpu
 
     # a long run's steady state: small steps take the compiled loop from the first one, where a
@@ -404,23 +434,32 @@ def run(
     for wname in workloads:
         w = _Workload(all_shapes[wname], dtype=dtype)
         for rule in rules:
-            if rule not in TRAFFIC:
-                progress(f"{wname} {rule}: skipped ({skip_reason(rule)})")
+            why = skip_reason(rule)
+            if why is not None:
+                progress(f"{wname} {rule}: skipped ({why})")
                 continue
-            floor = 1e3 * w.size * TRAFFIC[rule] * w.itemsize / bw
+            floor = (1e3 * w.size * TRAFFIC[rule] * w.itemsize / bw if rule in TRAFFIC
+                     else None)
             for impl in implementations:
                 if impl.endswith("+ jit") and len(w.shapes) > 2_000 and not slow:
                     progress(f"{wname} {rule} {impl}: skipped (minutes to compile; --slow)")
                     continue
                 t0 = time.perf_counter()
-                step = IMPLEMENTATIONS[impl](w, rule)
-                if step is None:
+                try:
+                    step = IMPLEMENTATIONS[impl](w, rule)
+                    if step is None:
+                        continue
+                    step()
+                except (TypeError, ValueError) as e:
+                    if floor is not None:  # an elementwise rule takes every workload
+                        raise
+                    progress(f"{wname} {rule} {impl}: skipped ({str(e).splitlines()[0]})")
                     continue
-                step()
                 first = time.perf_counter() - t0
                 ms = _median_ms(step, repeats)
                 rows.append(Row(wname, rule, impl, ms, floor, first))
-                progress(f"{wname} {rule} {impl}: {ms:.2f} ms ({ms / floor:.1f}x floor)")
+                progress(f"{wname} {rule} {impl}: {ms:.2f} ms"
+                         + ("" if floor is None else f" ({ms / floor:.1f}x floor)"))
                 del step
                 gc.collect()
                 # torch and numba each bring an OpenMP pool whose threads spin a while after
@@ -437,14 +476,16 @@ def table(bw: float, rows: list[Row]) -> str:
     lines = [head]
     for wname, rule in keys:
         floor = next(r.floor_ms for r in rows if (r.workload, r.rule) == (wname, rule))
-        line = [wname, rule, f"{floor:.2f}"]
+        line = [wname, rule, "-" if floor is None else f"{floor:.2f}"]
         for impl in impls:
             r = cell.get((wname, rule, impl))
-            line.append("-" if r is None else f"{r.ms:.3g} ({r.ratio:.1f}x)")
+            line.append("-" if r is None else f"{r.ms:.3g}" if r.ratio is None
+                        else f"{r.ms:.3g} ({r.ratio:.1f}x)")
         lines.append(line)
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     out = [f"bandwidth floor {bw / 1e9:.1f} GB/s (fused 4-read/3-write float32 pass); "
-           f"ms per step, median; (ratio to floor); {os.cpu_count()} CPUs"]
+           f"ms per step, median; (ratio to floor; none for a rule whose parts are not all "
+           f"elementwise); {os.cpu_count()} CPUs"]
     for i, line in enumerate(lines):
         out.append(" | ".join(x.rjust(wd) for x, wd in zip(line, widths, strict=True)))
         if i == 0:

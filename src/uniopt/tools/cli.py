@@ -924,14 +924,16 @@ def add_bench_parser(sub: Any) -> None:
         default=None,
         metavar="SIZES",
         help=("workloads of your own, comma-separated COUNTxSIZE (COUNT tensors of SIZE "
-              "elements), e.g. 500x4096,1x1000000; only these run unless --workloads is given"),
+              "elements) or COUNTxROWSxCOLS (matrices), e.g. 500x4096,1x1000000,24x1024x1024; "
+              "only these run unless --workloads is given"),
     )
     b.add_argument(
         "--rules",
         type=_bench_rules,
         default=["adam"],
         help=("'all', or comma-separated names of uniopt rules (`uniopt rules`); a rule whose "
-              "parts are not all elementwise is reported as skipped (default: adam)"),
+              "parts are not all elementwise runs without a floor, one that reads the loss is "
+              "reported as skipped (default: adam)"),
     )
     b.add_argument(
         "--implementations",
@@ -959,17 +961,21 @@ def add_bench_parser(sub: Any) -> None:
 
 
 def _sizes(text: str) -> dict[str, list[tuple[int, ...]]]:
-    """``COUNTxSIZE[,COUNTxSIZE...]``: a workload named by its text for each."""
+    """``COUNTxSIZE[,COUNTxSIZE...]``: a workload named by its text for each; COUNTxROWSxCOLS
+    for matrices (Muon's)."""
     out: dict[str, list[tuple[int, ...]]] = {}
     for piece in text.split(","):
         name = piece.strip().lower()
         try:
-            count, size = (int(x) for x in name.split("x"))
+            count, *shape = (int(x) for x in name.split("x"))
         except ValueError:
-            raise UsageError(f"sizes are COUNTxSIZE, e.g. 500x4096; got {piece!r}") from None
-        if count < 1 or size < 1:
+            shape = []
+        if len(shape) not in (1, 2):
+            raise UsageError("sizes are COUNTxSIZE or COUNTxROWSxCOLS, e.g. 500x4096 or "
+                             f"24x1024x1024; got {piece!r}")
+        if count < 1 or min(shape) < 1:
             raise UsageError(f"COUNT and SIZE must be positive, got {piece!r}")
-        out[name] = [(size,)] * count
+        out[name] = [tuple(shape)] * count
     return out
 
 
@@ -991,7 +997,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(f"uniopt bench: {name} skipped: {why}", file=sys.stderr)
     if not rules:
-        print("uniopt bench: none of the rules is elementwise", file=sys.stderr)
+        print("uniopt bench: none of the rules takes a step from gradients alone",
+              file=sys.stderr)
         return 2
     bw, rows = bench.run(
         workloads, rules, args.implementations, args.repeats, shapes, log, args.slow,

@@ -200,10 +200,12 @@ def _wrap(text: str, width: int = 90) -> str:
 
 def bench_figure(bandwidth: float, rows: Sequence[Row]) -> Any:
     """Horizontal bars, one group per (workload, rule), one bar per implementation: its time
-    over the floor (1 = memory speed), on a log scale with the floor drawn at 1."""
-    keys = list(dict.fromkeys((r.workload, r.rule) for r in rows))
-    impls = list(dict.fromkeys(r.implementation for r in rows))
-    cell = {(r.workload, r.rule, r.implementation): r for r in rows}
+    over the floor (1 = memory speed), on a log scale with the floor drawn at 1. Rows without
+    a floor (rules whose parts are not all elementwise) are left out."""
+    cell = {(r.workload, r.rule, r.implementation): r.ms / r.floor_ms for r in rows
+            if r.floor_ms is not None}
+    keys = list(dict.fromkeys(k[:2] for k in cell))
+    impls = list(dict.fromkeys(k[2] for k in cell))
     colors = _colors(impls)
     height = 0.8 / max(len(impls), 1)
     fig = _figure(8.0, 1.0 + 0.35 * max(len(keys) * len(impls), 3))
@@ -211,16 +213,16 @@ def bench_figure(bandwidth: float, rows: Sequence[Row]) -> Any:
     for j, impl in enumerate(impls):
         ys, ratios = [], []
         for i, key in enumerate(keys):
-            r = cell.get((*key, impl))
-            if r is not None:
+            x = cell.get((*key, impl))
+            if x is not None:
                 ys.append(i + (j - (len(impls) - 1) / 2) * height)
-                ratios.append(r.ratio)
+                ratios.append(x)
         bars = ax.barh(ys, ratios, height=height, color=colors[impl], label=impl, gid="bars")
         ax.bar_label(bars, labels=[f"{x:.1f}x" for x in ratios], fontsize=7, padding=2)
     ax.axvline(1.0, color="black", lw=1, ls="--")
     ax.set_xscale("log")
-    top = max((r.ratio for r in rows), default=1.0)
-    ax.set_xlim(min(0.5, min((r.ratio for r in rows), default=1.0) / 1.5), top * 3)
+    every = list(cell.values())
+    ax.set_xlim(min(0.5, min(every, default=1.0) / 1.5), max(every, default=1.0) * 3)
     ax.set_yticks(range(len(keys)), [f"{w} {rule}" for w, rule in keys])
     ax.invert_yaxis()
     ax.set_xlabel("time per step / memory-bandwidth floor (1 = memory speed)")

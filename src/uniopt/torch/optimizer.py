@@ -12,6 +12,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
+from .. import backend
 from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
 from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import adjust, resolve
@@ -95,7 +96,8 @@ class _Job(NamedTuple):
     has: list[bool]
     sparse: list[bool] | None  # None: the plan's fast path took the gradients unlooked-at
     plan: plans.Plan | None  # None: to be built
-    views: list[Any] | None  # the gradients' views, where the fast path took them
+    # the gradients as the engine gets them (views, addresses), where the fast path took them
+    views: list[Any] | backend.Addressed | None
 
 
 class Optimizer(torch.optim.Optimizer):
