@@ -387,14 +387,13 @@ def test_dcp_reshard(four: tuple[list[Any], list[Any]]) -> None:
 
 
 STEPS_2D = 10
-# elementwise classes, a global-norm chain, per-leaf parts (gathered whole): classes by name,
-# recipes through uniopt.torch.Optimizer
+# elementwise classes, a per-leaf rule (Adafactor: gathered whole, its factors replicated) and
+# a global-norm chain: classes by name, recipes through uniopt.torch.Optimizer
 _2D: dict[str, Any] = {
     "SGD": None, "AdamW": None, "Adam": None, "Adafactor": None,
     # SGD, not Adam: Adam's step does not change with the scale of its gradients (but by eps),
     # so a wrong clipping factor would hardly show
     "clip+sgd": uo.chain(uo.clip_by_global_norm(0.05), uo.sgd(lr=0.1, momentum=0.9)),
-    "lamb": uo.lamb(lr=1e-2, weight_decay=0.01),
 }
 _2D_NORM = {"clip+sgd"}
 # a global norm summed in another order (each rank's float64 sums of its shards, then theirs
@@ -493,8 +492,8 @@ def _mesh2d(rank: int, world: int) -> dict[str, Any]:
 
 
 def test_2d_meshes(four: tuple[list[Any], list[Any]]) -> None:
-    """HSDP and FSDP2 over tensor parallel on a (2, 2) mesh of 4 ranks: elementwise classes,
-    Adafactor and LAMB (per-leaf parts, gathered whole) equal the unsharded run bit for bit;
+    """HSDP and FSDP2 over tensor parallel on a (2, 2) mesh of 4 ranks: elementwise classes
+    and Adafactor (per-leaf parts, gathered whole) equal the unsharded run bit for bit;
     ``clip_by_global_norm`` to float32 rounding (_ROUNDING_2D), its norm summed over each mesh
     dimension a leaf is split across and not over one it is replicated on (HSDP's first
     dimension, the RowwiseParallel bias's second, the LayerNorm's, on the first
