@@ -426,7 +426,7 @@ if __name__ == "__main__":
         # issued asynchronously): no rank closes its connections while its peer may still use
         # them. Without it, groups that ran DDP(static_graph=True) were seen to abort at exit
         # ("terminate called without an active exception", after their results) in 5 of 10
-        # runs on a busy machine, and in none of 30 later; the cause is not known, this the
+        # runs on a busy machine, and in none of 40 later; the cause is not known, this the
         # likeliest
         dist.barrier()
     finally:
