@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 examples/fsdp2.py          # gloo, on CPU
     torchrun --nproc_per_node 2 examples/fsdp2.py --cuda   # NCCL, one GPU per process
     torchrun --nproc_per_node 2 examples/fsdp2.py --offload
+    torchrun --nproc_per_node 4 examples/fsdp2.py --hsdp   # a 2-D mesh: replicated x sharded
 
 The optimizer is built on the sharded parameters (DTensors) exactly as on a plain model; each
 rank steps its own shards, and the state comes out as DTensors laid out as the parameters, which
@@ -29,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--hsdp", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--checkpoint", default="/tmp/uniopt_fsdp2_example")
     a = ap.parse_args()
@@ -36,7 +38,10 @@ def main() -> None:
     if a.cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if a.cuda else "gloo")
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    # HSDP: parameters sharded over the second dimension, replicated over the first
+    mesh = (init_device_mesh(device, (2, world // 2), mesh_dim_names=("replicate", "shard"))
+            if a.hsdp else init_device_mesh(device, (world,)))
 
     torch.manual_seed(0)  # the same initial weights on every rank
     model = torch.nn.Sequential(*[torch.nn.TransformerEncoderLayer(

@@ -112,6 +112,23 @@ def test_an_lr_scheduler_on_zero_reaches_the_functional_twin(
         assert found["lr"] == pytest.approx(0.01 * 0.7**7, rel=1e-12)
 
 
+def test_zero_overlap_with_static_graph_and_shard_buckets(
+        recipes: list[dict[str, Any]]) -> None:
+    """ZeRO overlapped with a ``DDP(static_graph=True)`` model (ZeRO learns the buckets one
+    iteration later: 3 warm-up iterations, 7 steps of 10), and ``hook_with_zero_step(...,
+    shard_buckets=True)`` over one bucket of all four parameters, which ZeRO splits between
+    the ranks (three on one, one on the other: each rank's step hands the twin gradients for
+    part of a bucket): uniopt.torch.AdamW's twin gives one process's bits in both."""
+    static = [o["overlap"]["static_graph"] for o in recipes]
+    shared = [o["overlap"]["shard_buckets"] for o in recipes]
+    for found in static + shared:
+        assert found["ref"] == 0.0, found
+    assert all(f["steps"] == [7] for f in static), static
+    assert all(f["steps"] == [8] for f in shared), shared
+    assert all(f["buckets"] == [[0, 1]] for f in shared), shared  # one bucket, both ranks'
+    assert sorted(f["local_params"] for f in shared) == [1, 3]
+
+
 def test_ddp_fused_optimizer_equals_a_separate_step(recipes: list[dict[str, Any]]) -> None:
     """``ddp._register_fused_optim(uniopt.torch.AdamW, lr=...)``: DDP steps each parameter
     (``step_param``) as its bucket is reduced; the same bits as one process stepping after

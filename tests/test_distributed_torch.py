@@ -357,16 +357,170 @@ def _dcp(rank: int, world: int, path: str, save: bool) -> dict[str, Any]:
     return out
 
 
-def test_dcp_reshard(tmp_path: Path) -> None:
+def _four(rank: int, world: int, path: str) -> dict[str, Any]:
+    """The file's scenarios on 4 ranks, in one group: the DCP load and the 2-D meshes."""
+    return {"dcp": _dcp(rank, world, path, False), "mesh2d": _mesh2d(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], list[Any]]:
+    """A DCP checkpoint saved by 2 ranks; then one group of 4 that loads it and runs the 2-D
+    mesh scenarios. What each rank found, by rank: (the 2, the 4)."""
+    tmp = tmp_path_factory.mktemp("four")
+    saved = launch(_dcp, 2, tmp / "two", str(tmp / "ckpt"), True)
+    return saved, launch(_four, 4, tmp / "four", str(tmp / "ckpt"))
+
+
+def test_dcp_reshard(four: tuple[list[Any], list[Any]]) -> None:
     """A DCP checkpoint of FSDP2 shards (model and uniopt state) saved on 2 ranks and loaded on
     4 (resharded: the last layer's 3 rows leave one rank none) continues exactly as the run
     that saved it: the same params, bit for bit, the state laid out as the params."""
-    saved = launch(_dcp, 2, tmp_path / "two", str(tmp_path / "ckpt"), True)
-    loaded = launch(_dcp, 4, tmp_path / "four", str(tmp_path / "ckpt"), False)
+    saved, found = four
+    loaded = [r["dcp"] for r in found]
     for name in _DCP:
         assert loaded[0][name]["params"] == saved[0][name]["params"], name
         assert all(r[name]["placements"] == [] for r in loaded), name
         assert loaded[0][name]["steps"] == saved[0][name]["steps"] == [10], name
+
+
+# --- 2-D meshes (4 ranks): HSDP, and FSDP2 over tensor parallel --------------------------------
+
+
+STEPS_2D = 10
+# elementwise classes, a per-leaf rule (Adafactor: gathered whole, its factors replicated) and
+# a global-norm chain: classes by name, recipes through uniopt.torch.Optimizer
+_2D: dict[str, Any] = {
+    "SGD": None, "AdamW": None, "Adam": None, "Adafactor": None,
+    # SGD, not Adam: Adam's step does not change with the scale of its gradients (but by eps),
+    # so a wrong clipping factor would hardly show
+    "clip+sgd": uo.chain(uo.clip_by_global_norm(0.05), uo.sgd(lr=0.1, momentum=0.9)),
+}
+_2D_NORM = {"clip+sgd"}
+# a global norm summed in another order (each rank's float64 sums of its shards, then theirs
+# over each mesh dimension, against one float64 sum over each whole tensor) may differ in its
+# last float64 bits; the clipping factor, then rounded to float32 in the update, may round
+# the other way: an ulp of each element a step, carried forward
+_ROUNDING_2D = 4 * STEPS_2D * EPS32
+
+
+def _model_2d() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # one output: FSDP2's first dimension leaves one rank of each pair an empty shard of the
+    # last layer (a weight of one row, its bias of one element)
+    return torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 1))
+
+
+def _opt_2d(name: str, params: Any) -> Any:
+    rule = _2D[name]
+    if rule is None:
+        return getattr(uniopt.torch, name)(params, **CLASSES[name])
+    return uniopt.torch.Optimizer(params, rule)
+
+
+def _given(model: torch.nn.Module, step: int) -> None:
+    """Gradients that do not depend on the model's layout: the same whole tensors, each rank
+    given its shard of them, laid out as its parameter."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    for i, p in enumerate(model.parameters()):
+        g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            g = DTensor.from_local(g, mesh, [Replicate()] * mesh.ndim, run_check=False
+                                   ).redistribute(mesh, p.placements)
+        p.grad = g
+
+
+def _grads_2d(model: torch.nn.Module, step: int, trained: bool) -> None:
+    if trained:
+        model(_batch("mlp", step)).pow(2).mean().backward()
+    else:
+        _given(model, step)
+
+
+def _run_2d(model: torch.nn.Module, opt: Any, trained: bool) -> None:
+    for t in range(STEPS_2D):
+        opt.zero_grad()
+        _grads_2d(model, t, trained)
+        opt.step()
+
+
+def _mesh2d(rank: int, world: int) -> dict[str, Any]:
+    """Each of _2D on a (2, 2) mesh laid out two ways, against the same on the whole model:
+    HSDP (``fully_shard`` on the 2-D mesh: replicated over its first dimension, sharded over
+    its second), trained, every rank on the same batch (the same arithmetic as one process);
+    and FSDP2 over tensor parallel (``ColwiseParallel``/``RowwiseParallel`` over the mesh's
+    second dimension, ``fully_shard`` over its first; the LayerNorm, not tensor-parallel, on
+    the first dimension's mesh alone), given the same whole gradients (tensor parallel's
+    matrix products sum partial products in another order: its gradients are not one
+    process's to the bit), and once trained."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    plan = {"1": ColwiseParallel(), "3": RowwiseParallel()}
+
+    def hsdp() -> torch.nn.Module:
+        return _fsdp(_model_2d(), mesh)
+
+    def fsdp_tp() -> torch.nn.Module:
+        return _fsdp(parallelize_module(_model_2d(), mesh["tp"], plan), mesh["dp"])
+
+    out: dict[str, Any] = {}
+    runs = [("hsdp", hsdp, True), ("fsdp+tp", fsdp_tp, False)]
+    runs += [("fsdp+tp trained", fsdp_tp, True)]
+    for layout, build, trained in runs:
+        for name in _2D if layout != "fsdp+tp trained" else ["clip+sgd"]:
+            m = build()
+            opt = _opt_2d(name, m.parameters())
+            _run_2d(m, opt, trained)
+            plain = _model_2d()
+            _run_2d(plain, _opt_2d(name, plain.parameters()), trained)
+            out[f"{layout}/{name}"] = {"unsharded": _diff(_full(m), _full(plain)),
+                                       "placements": _placements(opt)}
+        out[f"{layout} layout"] = [[type(q).__name__ for q in p.placements]
+                                   for p in m.parameters()]
+    # the clipping is active in every run: the first step's global norm is above 0.05
+    for trained in (True, False):
+        plain = _model_2d()
+        _grads_2d(plain, 0, trained)
+        out[f"norm {'trained' if trained else 'given'}"] = float(torch.linalg.vector_norm(
+            torch.cat([p.grad.ravel() for p in plain.parameters()])))
+    return out
+
+
+def test_2d_meshes(four: tuple[list[Any], list[Any]]) -> None:
+    """HSDP and FSDP2 over tensor parallel on a (2, 2) mesh of 4 ranks: elementwise classes
+    and Adafactor (per-leaf parts, gathered whole) equal the unsharded run bit for bit;
+    ``clip_by_global_norm`` to float32 rounding (_ROUNDING_2D), its norm summed over each mesh
+    dimension a leaf is split across and not over one it is replicated on (HSDP's first
+    dimension, the RowwiseParallel bias's second, the LayerNorm's, on the first
+    dimension's mesh alone): counted twice, the clipping factor would be off by up to
+    sqrt(2) at the first step. FSDP2 over tensor parallel trained (its own gradients) within
+    _ROUNDING_2D as well. The state is laid out as the parameters."""
+    results = [r["mesh2d"] for r in four[1]]
+    layouts = results[0]
+    assert layouts["hsdp layout"] == [["Replicate", "Shard"]] * 6
+    # the LayerNorm on the first dimension's mesh; the column-parallel Linear split over both
+    # dimensions (FSDP2's strided shard of tensor parallel's rows), the row-parallel one's
+    # weight too, its bias replicated over the second
+    assert layouts["fsdp+tp layout"] == [
+        ["Shard"], ["Shard"], ["_StridedShard", "Shard"], ["_StridedShard", "Shard"],
+        ["Shard", "Shard"], ["Shard", "Replicate"]]
+    for r in results:
+        assert r.pop("norm trained") > 0.05 and r.pop("norm given") > 0.05
+        for key, row in r.items():
+            if key.endswith("layout"):
+                continue
+            assert row["placements"] == [], (key, row)
+            name = key.split("/")[1]
+            bound = _ROUNDING_2D if name in _2D_NORM or "trained" in key else 0.0
+            assert row["unsharded"] <= bound, (key, row)
 
 
 # --- tensor parallel: a Linear pair, global-norm clipping --------------------------------------

@@ -15,7 +15,10 @@ What a step communicates, and only where a part needs more than one element:
   :func:`uniopt.clip_by_block_rms`): each leaf's local sum of squares (float64), summed over the
   mesh dimensions its tensor is split across, one ``all_reduce`` of a vector of one number per
   leaf per mesh dimension. A replicated dimension is not summed over (every rank holds the
-  same numbers there: summing would count them again);
+  same numbers there: summing would count them again). On a 2-D mesh (HSDP's
+  ``(Replicate(), Shard(0))``, FSDP2 over tensor parallel's ``(_StridedShard(0), Shard(0))``)
+  a leaf split across both dimensions is summed over the first, then those totals over the
+  second; a leaf on a 1-D sub-mesh (``mesh["dp"]``) over that mesh's dimension alone;
 * a per-leaf part (Adafactor's factors, Muon's Newton-Schulz iteration, LAMB's and LARS's trust
   ratios, centralisation...): the whole tensor, all-gathered on every rank (the parameter, the
   update, the slots shaped like the parameter), the part run on it, and each rank's own
