@@ -22,8 +22,9 @@ closure). What is checked, per rule:
   float64, for the libraries in ``info.backends``;
 * every number among the hyperparameters replaced by ``uo.schedules.constant`` of itself gives
   the same trajectory, bit for bit on NumPy;
-* ``jax.jit(uo.update)`` compiles once over those 10 steps (a rule with ``info.jit`` false
-  instead refuses with a TypeError that says so, and runs eagerly);
+* ``jax.jit(uo.update)`` traces once and compiles once (counted in JAX's compile log) over
+  those 10 steps (a rule with ``info.jit`` false instead refuses with a TypeError that says
+  so, and runs eagerly);
 * inside ``uo.partition`` and ``uo.freeze`` a frozen leaf stays bit for bit where it was and
   inside ``uo.masked`` an unmasked leaf takes the raw gradient, while the other leaves step
   exactly as the plain rule on them alone;
@@ -47,7 +48,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import assert_same, counting_jit, rel_diff
+from helpers import assert_same, compilations, counting_jit, rel_diff
 from uniopt import registry
 from uniopt.base import PerLeaf, Transform
 
@@ -295,9 +296,10 @@ def test_array_libraries_agree(name: str, jx: Any) -> None:
         state = uo.setup(rule, params)
         if lib == "jax" and e.jit and not e.needs_closure and not e.step_args:
             jitted, traces = counting_jit()
-            for _ in range(10):
-                state, params = jitted(state, params, problem.grad(params))
-            assert len(traces) == 1, "the jitted update recompiled"
+            with compilations() as compiles:
+                for _ in range(10):
+                    state, params = jitted(state, params, problem.grad(params))
+            assert len(traces) == len(compiles) == 1, "the jitted update recompiled"
         else:
             state, params = _drive(e, state, params, problem, 10)
         for k, v in params.items():

@@ -25,6 +25,19 @@ def namespace(x: Any) -> Any:
     return xp
 
 
+def device(x: Any) -> Any:
+    """Where to make arrays like ``x``: its device, but none for a JAX array not committed to
+    one, or traced (the compiler places those). JAX hands a jitted step's outputs back
+    committed when any input was: a slot made committed beside uncommitted params would make
+    the second call's inputs differ from the first's, and compile the step a second time."""
+    if is_jax(x):
+        import jax
+
+        if isinstance(x, jax.core.Tracer) or not x.committed:
+            return None
+    return aac.device(x)
+
+
 def is_array(x: Any) -> bool:
     return type(x) in _NAMESPACES or bool(aac.is_array_api_obj(x))
 

@@ -119,7 +119,7 @@ def _normal_dtype(x: Any) -> Any:
 def _to(like: Any, x: np.ndarray) -> Any:
     """``x`` as an array of ``like``'s library, dtype and device (array-api-strict...)."""
     xp = backend.namespace(like)
-    return xp.astype(xp.asarray(x, device=aac.device(like)), like.dtype)
+    return xp.astype(xp.asarray(x, device=backend.device(like)), like.dtype)
 
 
 def seeded_state(leaves: list[Any], seed: int) -> Any:
