@@ -142,8 +142,9 @@ class scale_by_kron(WholeTree):
             import jax
             import jax.numpy as jnp
 
-            counter: Any = jnp.zeros((), dtype=jnp.int32)
-            balance: Any = jax.random.key_data(jax.random.fold_in(jax.random.key(self.seed), 1))
+            counter: Any = backend.placed(jnp.zeros((), dtype=jnp.int32), leaves[0])
+            balance: Any = backend.placed(jax.random.key_data(
+                jax.random.fold_in(jax.random.key(self.seed), 1)), leaves[0])
         else:
             counter = np.zeros((), dtype=np.int64)
             balance = _pcg_state(np.random.PCG64(self.seed))

@@ -130,7 +130,7 @@ def seeded_state(leaves: list[Any], seed: int) -> Any:
     if backend.is_jax(first):
         import jax
 
-        return jax.random.key_data(jax.random.key(seed))
+        return backend.placed(jax.random.key_data(jax.random.key(seed)), first)
     if backend.is_torch(first):
         import torch
 
