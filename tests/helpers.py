@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -126,6 +127,30 @@ def counting_jit(**jit_options: Any) -> tuple[Callable[..., Any], list[int]]:
         return uo.update(state, params, grads)
 
     return jax.jit(step, **jit_options), traces
+
+
+@contextlib.contextmanager
+def compilations(name: str = "step") -> Iterator[list[str]]:
+    """The XLA compilations of ``jax.jit`` functions named ``name`` in the context, from JAX's
+    compile log: a step that traces once still compiles again where its second call's
+    arguments are placed or typed otherwise than its first's (committed to a device, weakly
+    typed, NumPy), which counting traces does not see."""
+    import jax
+
+    found: list[str] = []
+
+    class Log(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith(f"Compiling jit({name})"):
+                found.append(record.getMessage())
+
+    logger, handler = logging.getLogger("jax"), Log(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield found
+    finally:
+        logger.removeHandler(handler)
 
 
 def jitted_optax_step(tx: Any) -> Callable[[Any, Any, Any], tuple[Any, Any]]:

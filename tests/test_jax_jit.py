@@ -13,7 +13,7 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
-from helpers import counting_jit, rel_diff  # noqa: E402
+from helpers import compilations, counting_jit, rel_diff  # noqa: E402
 from uniopt.hyper import DeviceNumber  # noqa: E402
 
 # options and schedules over 100 steps; every rule as its registry example builds it compiles
@@ -298,6 +298,32 @@ def test_a_jitted_loop_reads_nothing_back_from_the_device() -> None:
     adam_part = state.rule.flat_parts[1]
     assert adam_part.one_minus("b2") is not None and float(adam_part.one_minus("b2")) == float(
         np.float32(1 - 0.999))
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["uncommitted", "committed"])
+def test_a_fresh_state_goes_into_jit_as_a_step_hands_it_back(committed: bool) -> None:
+    """A state fresh from setup flattens to the leaves a jitted step returns: JAX arrays of the
+    same dtypes and placement (the rule's numbers in JAX's default float, not NumPy's float64;
+    counter, slots and numbers committed where the params are). Otherwise the second call is
+    a signature not seen before: it misses jit's fast dispatch, and beside params committed to
+    a device compiles the step a second time."""
+    def leaves(state):  # type: ignore[no-untyped-def]
+        return [(isinstance(x, jax.Array), x.dtype, getattr(x, "weak_type", None),
+                 getattr(x, "committed", None), getattr(x, "sharding", None))
+                for x in jax.tree.leaves(state)]
+
+    params = _tree(jnp, jnp.float32)
+    if committed:
+        params = jax.device_put(params, jax.devices()[0])
+    for rule in (uo.adamw(lr=1e-3), uo.sgd(lr=0.1, momentum=0.9), uo.adam(lr=1e-3)):
+        state, p = uo.setup(rule, params), params
+        jitted, traces = counting_jit()
+        with compilations() as compiles:
+            for k in range(3):
+                out, p = jitted(state, p, _grads(p, k))
+                assert leaves(out) == leaves(state), rule.name
+                state = out
+        assert len(traces) == len(compiles) == 1, rule.name
 
 
 def test_what_the_host_knows_is_compiled_as_known() -> None:

@@ -22,8 +22,10 @@ closure). What is checked, per rule:
   float64, for the libraries in ``info.backends``;
 * every number among the hyperparameters replaced by ``uo.schedules.constant`` of itself gives
   the same trajectory, bit for bit on NumPy;
-* ``jax.jit(uo.update)`` compiles once over those 10 steps (a rule with ``info.jit`` false
-  instead refuses with a TypeError that says so, and runs eagerly);
+* ``jax.jit(uo.update)`` traces once and compiles once (counted in JAX's compile log) over
+  those 10 steps (a rule with ``info.jit`` false instead refuses with a TypeError that says
+  so, and runs eagerly), and every leaf of its JAX state is committed to a device where the
+  params are, and only there (else a second compilation beside committed params);
 * inside ``uo.partition`` and ``uo.freeze`` a frozen leaf stays bit for bit where it was and
   inside ``uo.masked`` an unmasked leaf takes the raw gradient, while the other leaves step
   exactly as the plain rule on them alone;
@@ -47,7 +49,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import assert_same, counting_jit, rel_diff
+from helpers import assert_same, compilations, counting_jit, rel_diff
 from uniopt import registry
 from uniopt.base import PerLeaf, Transform
 
@@ -295,9 +297,10 @@ def test_array_libraries_agree(name: str, jx: Any) -> None:
         state = uo.setup(rule, params)
         if lib == "jax" and e.jit and not e.needs_closure and not e.step_args:
             jitted, traces = counting_jit()
-            for _ in range(10):
-                state, params = jitted(state, params, problem.grad(params))
-            assert len(traces) == 1, "the jitted update recompiled"
+            with compilations() as compiles:
+                for _ in range(10):
+                    state, params = jitted(state, params, problem.grad(params))
+            assert len(traces) == len(compiles) == 1, "the jitted update recompiled"
         else:
             state, params = _drive(e, state, params, problem, 10)
         for k, v in params.items():
@@ -308,6 +311,25 @@ def test_array_libraries_agree(name: str, jx: Any) -> None:
             for a, b in zip(arrays, ref_state.slots[key], strict=True):
                 assert (a is None) == (b is None)
                 assert a is None or rel_diff(back(a), b) <= e.rtol, (lib, key)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if (e := registry.entry(n)).jit
+                                  and "jax" in e.backends and not e.needs_closure
+                                  and not e.step_args])
+def test_a_jax_state_is_placed_as_its_params(name: str, jx: Any) -> None:
+    """Every leaf of a JAX state from setup, the rule's numbers too, is a JAX array committed
+    to a device exactly where the params are: a jitted step hands back every output committed
+    when any input was, so one leaf placed otherwise makes the second call's arguments new to
+    ``jit`` (a second XLA compilation beside committed params, the test above for the
+    others). Set-up only: no step is compiled."""
+    rule = _build(registry.entry(name))
+    params = Problem(_shapes(rule), conv=jx.numpy.asarray).params()
+    for committed in (False, True):
+        if committed:
+            params = jx.device_put(params, jx.devices()[0])
+        leaves = jx.tree.leaves(uo.setup(rule, params))
+        assert all(isinstance(x, jx.Array) for x in leaves), name
+        assert [x.committed for x in leaves] == [committed] * len(leaves), (name, committed)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if not registry.entry(n).jit

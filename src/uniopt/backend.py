@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import itertools
 import operator
+import sys
 from typing import Any
 
 import array_api_compat as aac
@@ -23,6 +24,57 @@ def namespace(x: Any) -> Any:
         if aac.is_numpy_array(x) or aac.is_torch_array(x) or aac.is_jax_array(x):
             _NAMESPACES[type(x)] = xp
     return xp
+
+
+def device(x: Any) -> Any:
+    """Where to make arrays like ``x``: its device, but none for a JAX array not committed to
+    one, or traced (the compiler places those). JAX hands a jitted step's outputs back
+    committed when any input was: a slot made committed beside uncommitted params would make
+    the second call's inputs differ from the first's, and compile the step a second time."""
+    if is_jax(x) and (_traced(x) or not x.committed):
+        return None
+    return aac.device(x)
+
+
+def _traced(x: Any) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.core.Tracer)
+
+
+def mesh_of(x: Any) -> Any:
+    """The mesh a JAX array is laid out over when it spans more than one device (a
+    ``NamedSharding``'s), else None."""
+    if _traced(x) or not hasattr(x, "sharding"):
+        return None
+    mesh = getattr(x.sharding, "mesh", None)
+    return mesh if mesh is not None and len(x.sharding.device_set) > 1 else None
+
+
+def placement(x: Any) -> Any:
+    """Where a jitted step hands back an array made beside ``x``: the mesh ``x`` spans, the
+    device ``x`` is committed to, or None (uncommitted: wherever JAX puts it)."""
+    if _traced(x) or not getattr(x, "committed", False):
+        return None
+    mesh = mesh_of(x)
+    return mesh if mesh is not None else next(iter(x.sharding.device_set))
+
+
+def placed(x: Any, like: Any) -> Any:
+    """``x`` placed as ``like`` (:func:`placement`): replicated over its mesh, committed to its
+    device, else left as it is. A state's arrays not made from a parameter (the step counter,
+    the rule's numbers, a generator's key) are placed so: a jitted step returns them so, and
+    an argument laid out as it comes back is a signature seen before, where one uncommitted
+    beside committed params (or a NumPy array) would compile the step a second time."""
+    where = placement(like)
+    if where is None:
+        return x
+    import jax
+
+    if not isinstance(where, jax.sharding.Mesh):
+        return jax.device_put(x, where)
+    # every axis named None, as the outputs of jit name a replicated array's
+    spec = jax.sharding.PartitionSpec(*([None] * np.ndim(x)))
+    return jax.device_put(x, jax.sharding.NamedSharding(where, spec))
 
 
 def is_array(x: Any) -> bool:

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import array_api_compat as aac
 import numpy as np
 
+from . import backend
 from .hyper import (
     Complemented,
     DeviceNumber,
@@ -409,7 +410,7 @@ class Part(Transform):
         shape = tuple(p.shape)
         return tuple(
             None if s is None else xp.zeros_like(p) if s == shape
-            else xp.zeros(s, dtype=p.dtype, device=aac.device(p))
+            else xp.zeros(s, dtype=p.dtype, device=backend.device(p))
             for s in self.slot_shapes(shape)
         )
 

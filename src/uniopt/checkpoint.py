@@ -27,7 +27,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat as aac
 import numpy as np
 import optree
 
@@ -1203,7 +1202,7 @@ def _to_library(host: np.ndarray, like: Any, dtype: str) -> Any:
     if backend.is_numpy(like):
         return host
     xp = backend.namespace(like)
-    return xp.asarray(host, device=aac.device(like), copy=True)
+    return xp.asarray(host, device=backend.device(like), copy=True)
 
 
 def _fit(a: np.ndarray, dtype: Any, ck: _File, at: list[Any]) -> np.ndarray:
@@ -1347,7 +1346,7 @@ def _put(host: Any, leaf: Any) -> Any:
             return jax.device_put(np.asarray(host, dtype=leaf.dtype), leaf.sharding)
         return jax.numpy.asarray(host, dtype=leaf.dtype)
     xp = backend.namespace(leaf)
-    return xp.asarray(np.asarray(host), dtype=leaf.dtype, device=aac.device(leaf), copy=True)
+    return xp.asarray(np.asarray(host), dtype=leaf.dtype, device=backend.device(leaf), copy=True)
 
 
 def _load_torch(ck: _File, opt: Any) -> None:

@@ -36,7 +36,7 @@ from .base import (
 )
 from .hyper import _traced
 from .interop import dtensor
-from .interop.jax import register_state, replicated
+from .interop.jax import register_state
 from .state import AnyParams, State
 from .tree import NAMESPACE, flatten, path_str, unflatten
 
@@ -117,9 +117,9 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     step: Any = 0
     if leaves and backend.is_jax(leaves[0]):
         xp = backend.namespace(leaves[0])
-        # sharded params (a mesh): the counter replicated on their mesh, as a jitted step
-        # returns it, so the second step does not compile again
-        step = replicated(xp.asarray(0, dtype=xp.int32), leaves[0])
+        # the counter placed as a jitted step returns it beside these params (replicated on
+        # their mesh, committed to their device), so the second step does not compile again
+        step = backend.placed(xp.asarray(0, dtype=xp.int32), leaves[0])
     return State(rule, step, slots, treedef, state_dtype, trees)
 
 

@@ -38,10 +38,10 @@ import math
 import sys
 from typing import Any
 
-import array_api_compat as aac
 import numpy as np
 import optree
 
+from . import backend
 from .tree import NAMESPACE
 
 BLOCK = 2048
@@ -141,14 +141,14 @@ def _padded(xp: Any, flat: Any, size: int) -> Any:
     nb = blocks(size)
     pad = nb * BLOCK - size
     if pad:
-        flat = xp.concat([flat, xp.zeros(pad, dtype=flat.dtype, device=aac.device(flat))])
+        flat = xp.concat([flat, xp.zeros(pad, dtype=flat.dtype, device=backend.device(flat))])
     return xp.reshape(flat, (nb, BLOCK))
 
 
 def quantise(xp: Any, x: Any, signed: bool) -> Q8:
     """``x`` (float32) in 8 bits: each block's absmax, each element's nearest code."""
     shape, size = tuple(x.shape), math.prod(x.shape)
-    dev = aac.device(x)
+    dev = backend.device(x)
     grid = _padded(xp, xp.reshape(x, (-1,)), size)
     absmax = xp.max(xp.abs(grid), axis=1)
     # an all-zero block codes as zeros with any scale: divided by one, not by zero
@@ -167,7 +167,7 @@ def dequantise(xp: Any, q: Q8) -> Any:
     """``q``'s values, float32, shaped as its slot."""
     shape = q.shape
     size = math.prod(shape)
-    dev = aac.device(q.codes)
+    dev = backend.device(q.codes)
     flat = xp.reshape(q.codes, (-1,))
     if q.signed:
         table = xp.asarray(VALUE_S, device=dev)
@@ -181,7 +181,7 @@ def dequantise(xp: Any, q: Q8) -> Any:
 
 def zeros(xp: Any, like: Any, signed: bool) -> Q8:
     """The 8-bit slot of zeros for a leaf shaped as ``like``, on its device."""
-    dev = aac.device(like)
+    dev = backend.device(like)
     shape = tuple(like.shape)
     return Q8(xp.zeros(shape, dtype=xp.int8 if signed else xp.uint8, device=dev),
               xp.zeros(blocks(math.prod(shape)), dtype=xp.float32, device=dev))

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend
+from ..backend import placed, placement
 from ..base import Transform, assemble, chain, held_nonzero
 from ..hyper import DeviceNumber, HostFacts, _traced, on_host
 from ..state import State
@@ -129,37 +131,14 @@ def _builder(skeleton: Any) -> Callable[[Any, int], tuple[Transform, int]]:
 
 
 def _pack(values: list[Any]) -> Any:
-    """The numbers as one array: NumPy where every one is on the host (jit converts it as any
-    argument), else one JAX array built from them (inside a trace, or after an adjust)."""
+    """The numbers as one array: NumPy where every one is on the host (a JAX state hands jit
+    them put on its device, :func:`_flatten_state`), else one JAX array built from them
+    (inside a trace, or after an adjust)."""
     if not any(hasattr(v, "dtype") or isinstance(v, DeviceNumber) for v in values):
         return np.asarray(values, dtype=np.float64)
     import jax.numpy as jnp
 
     return jnp.stack([jnp.asarray(on_host(v), dtype=jnp.result_type(float)) for v in values])
-
-
-def mesh_of(x: Any) -> Any:
-    """The mesh a JAX array is laid out over when it spans more than one device (a
-    ``NamedSharding``'s), else None."""
-    if _traced(x) or not hasattr(x, "sharding"):
-        return None
-    mesh = getattr(x.sharding, "mesh", None)
-    return mesh if mesh is not None and len(x.sharding.device_set) > 1 else None
-
-
-def replicated(x: Any, like: Any) -> Any:
-    """``x`` replicated over the mesh ``like`` is sharded over (unchanged where ``like`` is on one
-    device). The state's step counter and its numbers are replicated so: a jitted step returns
-    them so, and an argument laid out as it comes back is a signature seen before, where one on
-    a single device (or a NumPy array) would compile the step a second time."""
-    mesh = mesh_of(like)
-    if mesh is None:
-        return x
-    import jax
-
-    # every axis named None, as the outputs of jit name a replicated array's
-    spec = jax.sharding.PartitionSpec(*([None] * np.ndim(x)))
-    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _numbers(packed: Any, n: int) -> list[Any]:
@@ -217,14 +196,23 @@ def _flatten_state(s: State) -> tuple[tuple[Any, ...], _Static]:
         values, skeleton = flatten_rule(s.rule)
         hit = s.rule.memo["jax"] = (_pack(values), (skeleton, len(values)))
     packed, skeleton = hit
-    if isinstance(packed, np.ndarray) and mesh_of(s.step) is not None:
-        # a state set up for sharded params: its numbers replicated on their mesh, once per
-        # mesh (the record, and its host numbers, may serve states on other devices)
-        key = ("jax", mesh_of(s.step))
-        placed = s.rule.memo.get(key)
-        if placed is None:
-            placed = s.rule.memo[key] = replicated(packed, s.step)
-        packed = placed
+    if isinstance(packed, np.ndarray) and backend.is_jax(s.step) and not _traced(s.step):
+        # a JAX state's numbers as a jitted step hands them back: JAX's default float, placed
+        # as the step counter. NumPy float64 would be a signature a jitted loop sees once,
+        # whose second call misses jit's fast dispatch (and compiles again beside committed
+        # params). Once per placement and float (x64 on or off): the record, and its host
+        # numbers, may serve states on other devices
+        import jax
+        import jax.numpy as jnp
+
+        dtype = jnp.result_type(float)
+        key = ("jax", placement(s.step), dtype)
+        numbers = s.rule.memo.get(key)
+        if numbers is None:
+            # cast on the host and put, as jit puts an argument: a cast on the device, or
+            # jnp.asarray while jit flattens its arguments, compiles a program of its own
+            numbers = s.rule.memo[key] = placed(jax.device_put(packed.astype(dtype)), s.step)
+        packed = numbers
     return (s.step, s.slots, s.tree_states, packed, s.counts), _Static(skeleton, s.treedef,
                                                                        s.state_dtype)
 

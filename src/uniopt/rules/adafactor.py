@@ -179,7 +179,7 @@ def _leaf_norms_array(xp: Any, x: Any) -> Any:
     """:func:`_leaf_norms` as an array shaped ``(batch, 1, ...)`` on every library."""
     norms = _leaf_norms(xp, x)
     if isinstance(norms, list):
-        return xp.reshape(xp.asarray(norms, dtype=x.dtype, device=x.device),
+        return xp.reshape(xp.asarray(norms, dtype=x.dtype, device=backend.device(x)),
                           (-1,) + (1,) * (x.ndim - 1))
     return norms
 
@@ -261,7 +261,7 @@ class scale_by_param_scale(PerLeaf):
     def apply(xp, c, p, u):
         s = scale_by_param_scale._scales(xp, c, p, u)
         if isinstance(s, list):
-            s = xp.reshape(xp.asarray(s, dtype=xp.float64, device=p.device),
+            s = xp.reshape(xp.asarray(s, dtype=xp.float64, device=backend.device(p)),
                            (-1,) + (1,) * (p.ndim - 1))
         return (xp.astype(s, u.dtype) * u + c.lr_wd * p,)
 

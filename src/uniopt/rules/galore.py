@@ -131,14 +131,14 @@ class scale_by_galore(WholeTree):
             xp = backend.namespace(p)
             plan = self._plan(tuple(p.shape))
             if plan is None:
-                projectors.append(xp.zeros((0, 0), dtype=p.dtype, device=_device(p)))
+                projectors.append(xp.zeros((0, 0), dtype=p.dtype, device=backend.device(p)))
                 moments.append(tuple(p.shape))
                 continue
             r = min(self.rank, plan.rows, plan.cols)
             side = plan.rows if plan.left else plan.cols
-            projectors.append(xp.zeros((side, r), dtype=p.dtype, device=_device(p)))
+            projectors.append(xp.zeros((side, r), dtype=p.dtype, device=backend.device(p)))
             moments.append((r, plan.cols) if plan.left else (plan.rows, r))
-        zeros = [[backend.namespace(p).zeros(s, dtype=p.dtype, device=_device(p))
+        zeros = [[backend.namespace(p).zeros(s, dtype=p.dtype, device=backend.device(p))
                   for p, s in zip(leaves, moments, strict=True)] for _ in range(2)]
         return {"projector": projectors, "exp_avg": zeros[0], "exp_avg_sq": zeros[1]}
 
@@ -183,12 +183,6 @@ class scale_by_galore(WholeTree):
 
             return jax.lax.cond(refresh, svd, lambda: old)
         return xp.where(refresh, svd(), old)
-
-
-def _device(x: Any) -> Any:
-    import array_api_compat as aac
-
-    return aac.device(x)
 
 
 @dataclass(frozen=True)

@@ -133,8 +133,8 @@ class scale_by_kron(WholeTree):
                 qs.append([xp.asarray(xp.ones_like(p) * self.precond_init_scale)])
                 continue
             s = self.precond_init_scale ** (1.0 / len(shape))
-            qs.append([s * (xp.ones((n,), dtype=p.dtype, device=_device(p)) if d else
-                            xp.eye(n, dtype=p.dtype, device=_device(p)))
+            qs.append([s * (xp.ones((n,), dtype=p.dtype, device=backend.device(p)) if d else
+                            xp.eye(n, dtype=p.dtype, device=backend.device(p)))
                        for n, d in zip(shape, self.diagonal(shape), strict=True)])
         if leaves and backend.is_jax(leaves[0]):
             # on JAX the counter and the balancing draws' key are JAX arrays, which jax.jit
@@ -142,8 +142,9 @@ class scale_by_kron(WholeTree):
             import jax
             import jax.numpy as jnp
 
-            counter: Any = jnp.zeros((), dtype=jnp.int32)
-            balance: Any = jax.random.key_data(jax.random.fold_in(jax.random.key(self.seed), 1))
+            counter: Any = backend.placed(jnp.zeros((), dtype=jnp.int32), leaves[0])
+            balance: Any = backend.placed(jax.random.key_data(
+                jax.random.fold_in(jax.random.key(self.seed), 1)), leaves[0])
         else:
             counter = np.zeros((), dtype=np.int64)
             balance = _pcg_state(np.random.PCG64(self.seed))
@@ -242,15 +243,6 @@ def _balance_draw(kind: str, state: Any) -> tuple[Any, Any]:
         return jax.random.uniform(sample), jax.random.key_data(key)
     bits = _pcg_generator(state)
     return bits.random(), _pcg_state(bits.bit_generator)
-
-
-def _device(x: Any) -> Any:
-    """Where to make arrays like ``x``: its device, but none for a JAX array not committed to
-    one (a factor committed beside uncommitted params compiles a jitted step twice: the
-    step's outputs come back committed)."""
-    import array_api_compat as aac
-
-    return None if getattr(x, "committed", True) is False else aac.device(x)
 
 
 def _along(xp: Any, q: Any, x: Any, i: int) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import array_api_compat as aac
 import numpy as np
 
 from .. import backend
@@ -68,7 +67,7 @@ class scale_by_lbfgs(WholeTree):
     def init_tree(self, params: Any) -> dict[str, Any]:
         ps = flatten(params)[0]
         xp = backend.namespace(ps[0])
-        dev = _device(ps[0])
+        dev = backend.device(ps[0])
         dt = xp.real(xp.zeros((), dtype=ps[0].dtype)).dtype
         stacked = [xp.zeros((self.memory_size, *p.shape), dtype=p.dtype, device=dev)
                    for p in ps]
@@ -124,7 +123,7 @@ class scale_by_lbfgs(WholeTree):
              zip(r, us, strict=True)]
         # copies: an in-place step writes the params it was handed
         # NumPy's 0-d arithmetic hands back a scalar: the state keeps arrays (checkpoints)
-        count = xp.asarray(s["count"] + 1, dtype=xp.int32, device=aac.device(s["count"]))
+        count = xp.asarray(s["count"] + 1, dtype=xp.int32, device=backend.device(s["count"]))
         new = {"count": count, "params": [xp.asarray(p, copy=True) for p in ps],
                "updates": [xp.asarray(x, copy=True) for x in us],
                "diff_params_memory": mem_p, "diff_updates_memory": mem_u,
@@ -135,12 +134,6 @@ class scale_by_lbfgs(WholeTree):
 def _push(xp: Any, stack: Any, x: Any) -> Any:
     """``stack`` with its oldest entry (first) dropped and ``x`` appended."""
     return xp.concat([stack[1:], xp.expand_dims(xp.astype(x, stack.dtype), axis=0)], axis=0)
-
-
-def _device(x: Any) -> Any:
-    import array_api_compat as aac
-
-    return aac.device(x)
 
 
 @dataclass(frozen=True)

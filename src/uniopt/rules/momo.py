@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-import array_api_compat as aac
 import numpy as np
 
 from .. import backend
@@ -48,7 +47,7 @@ def _step_size(xp: Any, c: Any, barf: Any, gamma: Any, lb: Any, iprod: Any, norm
     """MoMo's ``(tau, lb)``: the step along the (preconditioned) average and the next lower
     bound, as optax computes them (``bc1 = 1`` for plain MoMo)."""
     def number(x: Any) -> Any:
-        return xp.asarray(x, dtype=norm.dtype, device=aac.device(norm))
+        return xp.asarray(x, dtype=norm.dtype, device=backend.device(norm))
 
     shrink = 1.0 + c.lr_wd
     if adapt:
@@ -120,7 +119,7 @@ class scale_by_momo(WholeTree):
         ps, _, _ = flatten(params)
         barf0 = state["barf"]
         xp = backend.namespace(barf0)
-        f = xp.asarray(value, dtype=barf0.dtype, device=aac.device(barf0))
+        f = xp.asarray(value, dtype=barf0.dtype, device=backend.device(barf0))
         barf = c.beta * barf0 + c.one_minus_beta * f
         ms = [as_dtype(c.beta, g) * m + as_dtype(c.one_minus_beta, g) * g
               for m, g in zip(state["exp_avg"], gs, strict=True)]
@@ -249,7 +248,7 @@ class scale_by_momo_adam(WholeTree):
         ps, _, _ = flatten(params)
         barf0 = state["barf"]
         xp = backend.namespace(barf0)
-        f = xp.asarray(value, dtype=barf0.dtype, device=aac.device(barf0))
+        f = xp.asarray(value, dtype=barf0.dtype, device=backend.device(barf0))
         barf = c.b1 * barf0 + c.one_minus_b1 * f
         ms = [c.b1 * m + c.one_minus_b1 * g for m, g in zip(state["exp_avg"], gs, strict=True)]
         vs = [c.b2 * v + c.one_minus_b2 * g * g
@@ -259,7 +258,7 @@ class scale_by_momo_adam(WholeTree):
         norm = _dot(xp, ms, directions, barf0)
         gamma = c.b1 * state["gamma"] + c.one_minus_b1 * _dot(xp, gs, ps, barf0)
         iprod = _dot(xp, ms, ps, barf0)
-        bc1 = xp.asarray(c.bc1, dtype=barf0.dtype, device=aac.device(barf0))
+        bc1 = xp.asarray(c.bc1, dtype=barf0.dtype, device=backend.device(barf0))
         tau, lb = _step_size(xp, c, barf, gamma, state["lb"], iprod, norm, bc1,
                              self.adapt_lower_bound)
         out = [as_dtype(c.decay, p) * p + as_dtype(tau, n) * n

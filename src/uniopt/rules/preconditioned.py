@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from .. import backend
 from ..base import Elementwise, Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..moments import bias_correction, fma, lerp, select
@@ -209,14 +210,8 @@ def _eigenbasis(xp: Any, s: Any) -> Any:
     # the authors' tiny shift (it keeps an all-zero statistic's eigenvectors defined for
     # solvers that need it; it vanishes beside any other entry); columns by descending eigenvalue
     n = s.shape[0]
-    shift = xp.eye(n, dtype=s.dtype, device=_device(s)) * 1e-30
+    shift = xp.eye(n, dtype=s.dtype, device=backend.device(s)) * 1e-30
     return xp.flip(xp.linalg.eigh(s + shift)[1], axis=1)
-
-
-def _device(x: Any) -> Any:
-    import array_api_compat as aac
-
-    return aac.device(x)
 
 
 def _unpack(xp: Any, flat: Any, sides: list[int | None]) -> list[Any]:
@@ -459,7 +454,7 @@ class scale_by_shampoo(PerLeaf):
         sides: list[int | None] = list(g.shape)
         hs = []
         for i, h in enumerate(_unpack(xp, pre, sides)):
-            eye = xp.eye(h.shape[0], dtype=h.dtype, device=_device(h))
+            eye = xp.eye(h.shape[0], dtype=h.dtype, device=backend.device(h))
             hs.append(select(xp, first, eye * c.matrix_eps, h) + _outer(xp, g, i))
         power = -1.0 / (2 * g.ndim)
         ps = _pick(xp, _flag(c.refresh), lambda: tuple(_inverse_root(xp, h, power) for h in hs),

@@ -39,7 +39,7 @@ def scalar_like(leaves: list[Any], value: Any) -> Any:
     xp = backend.namespace(first)
     reals = [xp.real(xp.zeros((), dtype=x.dtype)).dtype for x in leaves] + [xp.float32]
     dtype = max(reals, key=lambda d: xp.finfo(d).bits)
-    return xp.asarray(value, dtype=dtype, device=aac.device(first))
+    return xp.asarray(value, dtype=dtype, device=backend.device(first))
 
 
 def as_dtype(x: Any, like: Any) -> Any:
@@ -55,7 +55,7 @@ def kept(xp: Any, x: Any, like: Any) -> Any:
     """A whole-tree scalar as its state keeps it: a 0-d array of ``like``'s dtype (NumPy's
     arithmetic on 0-d arrays hands back NumPy scalars, which a checkpoint would store as
     numbers)."""
-    return xp.asarray(x, dtype=like.dtype, device=aac.device(like))
+    return xp.asarray(x, dtype=like.dtype, device=backend.device(like))
 
 
 def arrays(xs: list[Any], old: list[Any]) -> list[Any]:
@@ -156,7 +156,7 @@ class scale_by_schedule_free(WholeTree):
         total, lr_max = state["weight_sum"], state["lr_max"]
         xp = backend.namespace(total)
         lr_max = xp.maximum(lr_max, xp.asarray(c.weight_lr, dtype=lr_max.dtype,
-                                               device=aac.device(lr_max)))
+                                               device=backend.device(lr_max)))
         weight = c.poly * lr_max ** c.weight_lr_power
         total = total + weight
         # w/W, and 0 before any weight (Meta catches the ZeroDivisionError, optax its NaN)

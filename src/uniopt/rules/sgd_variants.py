@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-import array_api_compat as aac
 import numpy as np
 
 from .. import backend
@@ -106,14 +105,14 @@ class scale_by_polyak(WholeTree):
             return u, state
         xp = backend.namespace(leaves[0])
         sq = sum(xp.sum(x * x) for x in leaves)
-        gap = xp.asarray(value, dtype=sq.dtype, device=aac.device(sq)) - c.f_min
+        gap = xp.asarray(value, dtype=sq.dtype, device=backend.device(sq)) - c.f_min
         if self.variant == "sps+":
             gap = xp.maximum(gap, xp.zeros_like(gap))
         den = sq + c.eps
         small = den <= TINY
         s = xp.where(small, xp.zeros_like(gap),
                      xp.minimum(gap / xp.where(small, xp.ones_like(den), den),
-                                xp.asarray(c.max_lr, dtype=sq.dtype, device=aac.device(sq))))
+                                xp.asarray(c.max_lr, dtype=sq.dtype, device=backend.device(sq))))
         return unflatten(treedef, [s * x for x in leaves]), state
 
 

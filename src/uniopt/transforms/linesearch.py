@@ -222,13 +222,7 @@ def _real(xp: Any, dtype: Any) -> Any:
 
 
 def _scalar(xp: Any, v: Any, dtype: Any, like: Any) -> Any:
-    return xp.asarray(v, dtype=dtype, device=_device(like))
-
-
-def _device(x: Any) -> Any:
-    import array_api_compat as aac
-
-    return aac.device(x)
+    return xp.asarray(v, dtype=dtype, device=backend.device(like))
 
 
 def _split(u: Any, params: Any) -> tuple[Leaves, Leaves, Any, Any]:

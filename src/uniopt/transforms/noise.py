@@ -119,7 +119,7 @@ def _normal_dtype(x: Any) -> Any:
 def _to(like: Any, x: np.ndarray) -> Any:
     """``x`` as an array of ``like``'s library, dtype and device (array-api-strict...)."""
     xp = backend.namespace(like)
-    return xp.astype(xp.asarray(x, device=aac.device(like)), like.dtype)
+    return xp.astype(xp.asarray(x, device=backend.device(like)), like.dtype)
 
 
 def seeded_state(leaves: list[Any], seed: int) -> Any:
@@ -130,7 +130,7 @@ def seeded_state(leaves: list[Any], seed: int) -> Any:
     if backend.is_jax(first):
         import jax
 
-        return jax.random.key_data(jax.random.key(seed))
+        return backend.placed(jax.random.key_data(jax.random.key(seed)), first)
     if backend.is_torch(first):
         import torch
 

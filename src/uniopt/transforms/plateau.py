@@ -99,7 +99,7 @@ class reduce_on_plateau(WholeTree):
     def init_tree(self, params: Any) -> dict[str, Any]:
         arrays = [x for x in trainables(params) if backend.is_array(x)]
         xp: Any = backend.namespace(arrays[0]) if arrays else aac.array_namespace(np.zeros(0))
-        device = aac.device(arrays[0]) if arrays else None
+        device = backend.device(arrays[0]) if arrays else None
         # as optax: the scale in the params' narrowest float type, the losses in the widest
         reals = sorted({xp.real(xp.zeros((), dtype=x.dtype)).dtype for x in arrays},
                        key=lambda d: xp.finfo(d).bits) or [xp.float64]
