@@ -60,8 +60,10 @@ import numpy as np
 from .. import quant
 
 # numbers in an 8-bit slot's row of scales per dimension of its parameter: the shard's offset
-# and length (float32: exact below 2**24)
-HEADER = 2
+# and length, each as two float32 halves (n // 4096, n % 4096): exact up to 2**36, where one
+# float32 is exact only below 2**24
+HEADER = 4
+_HALF = 4096
 
 
 def dtensor_type() -> Any:
@@ -320,7 +322,7 @@ def q8_layout(p: Any) -> tuple[Spec, Any]:
         most[dim] = -(-most[dim] // mesh.size(d))
     width = HEADER * len(spec.shape) + quant.blocks(math.prod(most))
     shape, offset = compute_local_shape_and_global_offset(spec.shape, mesh, spec.placements)
-    header = np.array([*offset, *shape], np.float32)
+    header = np.array([h for n in (*offset, *shape) for h in divmod(n, _HALF)], np.float32)
     rows = math.prod(mesh.size(d) for d in spec.dims)
     placements = tuple(Shard(0) if d in spec.dims else Replicate() for d in range(mesh.ndim))
     return Spec(mesh, placements, (rows, width), (width, 1), spec.dims), header
@@ -351,6 +353,11 @@ def local_q8(q: quant.Q8, p: Any) -> quant.Q8:
     return quant.Q8(local(q.codes), local_scales(q.absmax, p))
 
 
+def _numbers(header: list[float]) -> list[int]:
+    """The integers of a header (:data:`HEADER`), from their halves."""
+    return [int(hi) * _HALF + int(lo) for hi, lo in zip(header[::2], header[1::2], strict=True)]
+
+
 def check_q8(absmax: Any, p: Any, what: str) -> None:
     """Raise unless ``absmax`` is the DTensor of block scales of an 8-bit slot of DTensor
     ``p`` as this rank holds it: its shape, and its row's header this rank's shard's."""
@@ -360,10 +367,11 @@ def check_q8(absmax: Any, p: Any, what: str) -> None:
             local(absmax)[0, :len(header)].cpu().numpy(), header):
         had = (f"shape {got}" if not is_dtensor(absmax) or got != layout.shape else
                f"this rank's row for the shard at offset, shape "
-               f"{local(absmax)[0, :len(header)].tolist()}")
+               f"{_numbers(local(absmax)[0, :len(header)].tolist())}")
         raise ValueError(
             f"uniopt: {what}: 8-bit block scales of {had}, but this rank holds the shard at "
-            f"offset, shape {header.tolist()} of a parameter of shape {tuple(p.shape)} "
+            f"offset, shape {_numbers(header.tolist())} of a parameter of shape "
+            f"{tuple(p.shape)} "
             f"(scales of shape {layout.shape}): 8-bit state keeps a scale per block of each "
             "rank's shard and loads only into the layout it was saved from (the same mesh "
             "and placements); load it there and save it unquantised to change the layout"
