@@ -123,6 +123,10 @@ def launch(fn: Callable[..., Any], world: int, out: Path, *args: Any,
 
 def _model(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    if kind == "q8":
+        # on 2 ranks every shard a whole number of 8-bit blocks: 4096 and 2048 elements
+        return torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False), torch.nn.Tanh(),
+                                   torch.nn.Linear(128, 32, bias=False))
     if kind == "mlp":
         return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     return torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0,
@@ -131,7 +135,26 @@ def _model(kind: str) -> torch.nn.Module:
 
 def _batch(kind: str, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(step)
-    return torch.randn((6, 8) if kind == "mlp" else (3, 5, 16), generator=g)
+    shape = {"mlp": (6, 8), "q8": (6, 64)}.get(kind, (3, 5, 16))
+    return torch.randn(shape, generator=g)
+
+
+def _q8_functional(model: torch.nn.Module) -> None:
+    """6 steps of ``uo.adamw`` with 8-bit state on the tree of ``model``'s parameters, in
+    place and pure in turns."""
+    params = dict(model.named_parameters())
+    state = uo.setup(uo.adamw(lr=1e-2, weight_decay=0.1), params, state_dtype="q8")
+    for t in range(6):
+        model.zero_grad()
+        model(_batch("q8", t)).pow(2).mean().backward()
+        grads = {k: p.grad for k, p in params.items()}
+        if t % 2:
+            state = uo.update_(state, params, grads)
+            continue
+        state, new = uo.update(state, params, grads)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(new[k])
 
 
 def _fsdp(model: torch.nn.Module, mesh: Any, **kw: Any) -> torch.nn.Module:
@@ -170,7 +193,7 @@ def _diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def _placements(opt: Any) -> list[str]:
     """Each slot whose layout is not its parameter's (shaped as it) or replicated (else)."""
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     bad = []
     for group in opt.param_groups:
@@ -180,6 +203,11 @@ def _placements(opt: Any) -> list[str]:
                     continue
                 if not isinstance(s, DTensor):
                     bad.append(f"{name}: a {type(s).__name__}")
+                elif name.endswith(".absmax"):  # 8-bit scales: a row per shard
+                    want = tuple(Replicate() if isinstance(q, Replicate) else Shard(0)
+                                 for q in p.placements)
+                    if s.placements != want:
+                        bad.append(f"{name}: {s.placements} for a parameter {p.placements}")
                 elif s.shape == p.shape and s.placements != p.placements:
                     bad.append(f"{name}: {s.placements} for a parameter {p.placements}")
                 elif s.shape != p.shape and any(not isinstance(q, Replicate)
@@ -235,6 +263,37 @@ def _classes(rank: int, world: int, kinds: list[str], names: list[str],
                 state = uo.update_(state, params, {k: p.grad for k, p in params.items()})
             runs.append(_full(model))
         out[f"functional/{name}"] = {"placements": [], "unsharded": _diff(*runs)}
+    # 8-bit state: each rank's shard in blocks of its own, which are the unsharded run's
+    # blocks where every shard but the last holds a multiple of quant.BLOCK elements (the
+    # shards of a Shard(0) layout are consecutive in the raveled tensor): so every block
+    # quantises the same numbers, and the runs are equal bit for bit
+    for name in ("AdamW", "functional AdamW", "unsharded state AdamW") if "mlp" in kinds else ():
+        m, plain = _fsdp(_model("q8"), mesh), _model("q8")
+        row = {}
+        if name == "AdamW":
+            opt = uniopt.torch.AdamW(m.parameters(), state_dtype="q8", **CLASSES["AdamW"])
+            _train(m, opt, "q8", 10)
+            _train(plain, uniopt.torch.AdamW(plain.parameters(), state_dtype="q8",
+                                             **CLASSES["AdamW"]), "q8", 10)
+            row["placements"] = _placements(opt)
+        elif name.startswith("unsharded state"):
+            # an unsharded run's state loaded on the shards: read whole, cut, quantised in
+            # each shard's blocks (here the same blocks: the same codes and scales)
+            opt_plain = uniopt.torch.AdamW(plain.parameters(), state_dtype="q8",
+                                           **CLASSES["AdamW"])
+            _train(plain, opt_plain, "q8", 5)
+            m = _fsdp(copy.deepcopy(plain), mesh)
+            opt = uniopt.torch.AdamW(m.parameters(), state_dtype="q8", **CLASSES["AdamW"])
+            opt.load_state_dict(copy.deepcopy(opt_plain.state_dict()))
+            _train(m, opt, "q8", 5, start=5)
+            _train(plain, opt_plain, "q8", 5, start=5)
+            row["placements"] = _placements(opt)
+        else:
+            _q8_functional(m)
+            _q8_functional(plain)
+            row["placements"] = []
+        row["unsharded"] = _diff(_full(m), _full(plain))
+        out[f"q8/{name}"] = row
     # FSDP2's CPU offload: parameters, gradients and state in CPU memory (here the mesh is the
     # CPU's too, so what is checked is the policy's code path, not a device's)
     from torch.distributed.fsdp import CPUOffloadPolicy
@@ -354,7 +413,50 @@ def _dcp(rank: int, world: int, path: str, save: bool) -> dict[str, Any]:
         _train(m, opt, "mlp", 5, start=5)
         out[name] = {"params": [x.tolist() for x in _full(m)], "placements": _placements(opt),
                      "steps": sorted({int(st["step"]) for st in opt.state.values()})}
+    out["q8"] = _dcp_q8(mesh, os.path.join(path, "q8"), save)
     return out
+
+
+def _dcp_q8(mesh: Any, where: str, save: bool) -> dict[str, Any]:
+    """8-bit state (a row of block scales per shard) through DCP: on the layout that saved it
+    (``save``: 2 ranks) a load continues as the run that saved it; on another (4 ranks) the
+    load is refused, the model and optimizer left as they were."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def made() -> tuple[torch.nn.Module, Any]:
+        m = _fsdp(_model("mlp"), mesh)
+        return m, uniopt.torch.AdamW(m.parameters(), state_dtype="q8", **CLASSES["AdamW"])
+
+    def load(m: torch.nn.Module, opt: Any) -> None:
+        msd, osd = get_state_dict(m, opt)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=where)
+        set_state_dict(m, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+    m, opt = made()
+    if save:
+        _train(m, opt, "mlp", 5)
+        msd, osd = get_state_dict(m, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
+        _train(m, opt, "mlp", 5, start=5)
+        m2, opt2 = made()
+        load(m2, opt2)
+        _train(m2, opt2, "mlp", 5, start=5)
+        return {"continued": _diff(_full(m2), _full(m)), "placements": _placements(opt2)}
+    _train(m, opt, "mlp", 2)
+    before = [t.to_local().clone() for t in [*m.parameters(), *(
+        v for st in opt.state.values() for k, v in st.items() if k != "step")]]
+    try:
+        load(m, opt)
+        error = "no error"
+    except (CheckpointException, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+    after = [t.to_local() for t in [*m.parameters(), *(
+        v for st in opt.state.values() for k, v in st.items() if k != "step")]]
+    return {"error": error, "unchanged": len(before) == len(after) and all(
+        torch.equal(a, b) for a, b in zip(before, after, strict=True))}
 
 
 def _four(rank: int, world: int, path: str) -> dict[str, Any]:
@@ -374,9 +476,17 @@ def four(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], list[Any]
 def test_dcp_reshard(four: tuple[list[Any], list[Any]]) -> None:
     """A DCP checkpoint of FSDP2 shards (model and uniopt state) saved on 2 ranks and loaded on
     4 (resharded: the last layer's 3 rows leave one rank none) continues exactly as the run
-    that saved it: the same params, bit for bit, the state laid out as the params."""
+    that saved it: the same params, bit for bit, the state laid out as the params. 8-bit
+    state continues bit for bit where loaded on the 2 ranks that saved it, and its load on
+    4 is refused with nothing written."""
     saved, found = four
     loaded = [r["dcp"] for r in found]
+    for r in saved:  # 8-bit state on the layout that saved it: bit for bit
+        assert r["q8"] == {"continued": 0.0, "placements": []}, r["q8"]
+    for r in loaded:  # on another: refused by DCP's planner (the scales' shape), every rank
+        assert r["q8"]["unchanged"], r["q8"]
+        assert "Size mismatch between saved torch.Size([2, 9]) and current: torch.Size([4, 9])" \
+            in r["q8"]["error"] and ".exp_avg.absmax" in r["q8"]["error"], r["q8"]["error"]
     for name in _DCP:
         assert loaded[0][name]["params"] == saved[0][name]["params"], name
         assert all(r[name]["placements"] == [] for r in loaded), name
@@ -485,6 +595,15 @@ def _mesh2d(rank: int, world: int) -> dict[str, Any]:
                                        "placements": _placements(opt)}
         out[f"{layout} layout"] = [[type(q).__name__ for q in p.placements]
                                    for p in m.parameters()]
+    # 8-bit state on HSDP (replicated over "dp": each row of scales twice, the same): every
+    # shard a whole number of blocks (4096 and 2048 elements), as in _classes
+    m, plain = _fsdp(_model("q8"), mesh), _model("q8")
+    opt = uniopt.torch.AdamW(m.parameters(), state_dtype="q8", **CLASSES["AdamW"])
+    _train(m, opt, "q8", STEPS_2D)
+    _train(plain, uniopt.torch.AdamW(plain.parameters(), state_dtype="q8", **CLASSES["AdamW"]),
+           "q8", STEPS_2D)
+    out["hsdp/q8 AdamW"] = {"unsharded": _diff(_full(m), _full(plain)),
+                            "placements": _placements(opt)}
     # the clipping is active in every run: the first step's global norm is above 0.05
     for trained in (True, False):
         plain = _model_2d()
@@ -607,7 +726,7 @@ def test_tensor_parallel_clip(tmp_path: Path) -> None:
 
 def _errors(rank: int, world: int) -> dict[str, str]:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     out: dict[str, str] = {}
@@ -620,6 +739,27 @@ def _errors(rank: int, world: int) -> dict[str, str]:
     def closure() -> Any:
         return m(_batch("mlp", 0)).pow(2).mean()
 
+    def swapped(a: Any) -> Any:
+        """DTensor of 8-bit scales ``a`` with its rows swapped: the same shape, each rank
+        given the other's shard's row, as a state saved with another placement would be."""
+        return distribute_tensor(a.full_tensor().flip(0), a.device_mesh, a.placements)
+
+    # an 8-bit AdamW's state dict (made by the functional API: a step would load the compiled
+    # loop, a second of this group's time), the scales of the first parameter's exp_avg swapped
+    q8 = uniopt.torch.AdamW(m.parameters(), state_dtype="q8")
+    slots = uo.setup(uo.adamw(), list(m.parameters()), state_dtype="q8").slots
+    q8_sd = {"param_groups": q8.state_dict()["param_groups"], "state": {
+        i: {"step": torch.tensor(1.0), **{
+            name + end: getattr(slots[f"scale_by_adam.{name}"][i], part)
+            for name in ("exp_avg", "exp_avg_sq")
+            for end, part in (("", "codes"), (".absmax", "absmax"))}}
+        for i in range(len(params))}}
+    q8_sd["state"][0]["exp_avg.absmax"] = swapped(q8_sd["state"][0]["exp_avg.absmax"])
+    q8_state = uo.setup(uo.adamw(), params, state_dtype="q8")
+    key = "scale_by_adam.exp_avg"
+    first = q8_state.slots[key][0]
+    q8_state.slots[key][0] = type(first)(first.codes, swapped(first.absmax))
+
     attempts: dict[str, Callable[[], Any]] = {
         "lbfgs": lambda: uniopt.torch.LBFGS(m.parameters()).step(closure),
         "partition": lambda: uniopt.torch.Optimizer(
@@ -627,7 +767,10 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         "functional partition": lambda: uo.update_(
             uo.setup(uo.partition({"a": uo.sgd(lr=0.1)}, lambda path, x: "a"), params),
             params, grads),
-        "q8": lambda: uniopt.torch.AdamW(m.parameters(), state_dtype="q8").step(),
+        "q8 other layout": lambda: q8.load_state_dict(q8_sd),
+        "functional q8 other layout": lambda: uo.update_(q8_state, params, grads),
+        "q8 lamb": lambda: uniopt.torch.Optimizer(m.parameters(), uo.lamb(),
+                                                  state_dtype="q8").step(),
         "differentiable": lambda: uniopt.torch.AdamW(m.parameters(),
                                                      differentiable=True).step(),
         "plain grad": lambda: uo.update_(uo.setup(uo.adam(), params), params,
@@ -643,21 +786,31 @@ def _errors(rank: int, world: int) -> dict[str, str]:
             out[name] = "no error"
         except (TypeError, ValueError) as e:
             out[name] = f"{type(e).__name__}: {e}"
-    out["unchanged"] = str(_diff(_full(m), before) == 0.0)
+    out["unchanged"] = str(_diff(_full(m), before) == 0.0 and not q8.state)
     return out
 
 
 def test_refused_on_shards(tmp_path: Path) -> None:
-    """Whole-tree parts (L-BFGS, combinators), 8-bit state, differentiable steps, a plain
-    gradient for a DTensor parameter and a Partial parameter raise, naming the cause, and
-    leave every parameter as it was."""
+    """Whole-tree parts (L-BFGS, combinators), 8-bit state with per-leaf parts or scales of
+    another layout, differentiable steps, a plain gradient for a DTensor parameter and a
+    Partial parameter raise, naming the cause, and leave every parameter (and the 8-bit
+    state) as it was."""
     r = launch(_errors, 2, tmp_path)[0]
     assert r.pop("unchanged") == "True"
     want = {
         "lbfgs": "TypeError: uniopt: lbfgs has whole-tree parts",
         "partition": "TypeError: uniopt: partition has whole-tree parts",
         "functional partition": "TypeError: uniopt: partition has whole-tree parts",
-        "q8": "ValueError: uniopt.torch: state_dtype='q8'",
+        # 8-bit scales of another layout: a row per shard, each rank's of its own shard
+        "q8 other layout": "ValueError: uniopt: AdamW.load_state_dict: the state of "
+                           "parameter 0 (group 0, position 0): exp_avg.absmax; nothing was "
+                           "loaded: 8-bit block scales of this rank's row for the shard at "
+                           "offset, shape",
+        "functional q8 other layout": "ValueError: uniopt: the state's scale_by_adam.exp_avg "
+                                      "of params['0.bias']: 8-bit block scales of this "
+                                      "rank's row",
+        "q8 lamb": "ValueError: uniopt: state_dtype='q8' on DTensor (sharded) parameters "
+                   "takes elementwise rules",
         "differentiable": "ValueError: uniopt.torch: differentiable=True",
         "plain grad": "TypeError: uniopt: a DTensor parameter of shape (16,) has a plain tensor",
         "partial": "ValueError: uniopt: params leaf 0 is a DTensor with placements (Partial",

@@ -94,6 +94,8 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
                          f"whole-tree parts ({', '.join(rule.tree_layout)})")
     if state_dtype == "q8":
         quant.register_jax()
+        if dtensor.any_dtensor(leaves):
+            dtensor.check_q8_rule(rule)
     if state_dtype is not None and any(map(backend.is_complex, leaves)):
         raise ValueError(f"setup: state_dtype={state_dtype!r} is for real params; these have "
                          "complex leaves")
@@ -171,6 +173,8 @@ def _quantised(names: tuple[str, ...], slots: tuple[Any, ...], p: Any) -> tuple[
         signed = name not in quant.NONNEGATIVE
         if s is None:
             out.append(None)
+        elif dtensor.is_dtensor(p):  # each rank's shard in blocks of its own
+            out.append(dtensor.quantised(xp, s, p, signed))
         elif backend.is_jax(s) and not _traced(s):
             # on the host: JAX compiles each of quantise's operations for each new shape when
             # run one by one, seconds for a small model's set-up
@@ -329,6 +333,9 @@ def _check_q8(state: State, key: str, name: str, p: Any, s: Any,
         want = shapes[shape] = state.rule.slot_shapes_of(shape)
     slot = want.get(key, shape)
     if slot is None and s is None:
+        return
+    if isinstance(s, quant.Q8) and s.shape == slot and dtensor.is_dtensor(p):
+        dtensor.check_q8(s.absmax, p, f"the state's {key} of {name}")
         return
     if (not isinstance(s, quant.Q8) or slot is None or s.shape != slot
             or tuple(s.absmax.shape) != (quant.blocks(math.prod(slot)),)):
@@ -908,10 +915,9 @@ def _sharded(state: State, step: _Step, inplace: bool,
     """A step of DTensor params (FSDP2, tensor parallel): the engine on each rank's local
     shards (:mod:`uniopt.interop.dtensor`), on the compiled path where they are CPU tensors;
     a pure step's results are DTensors laid out as their inputs."""
-    if state.state_dtype == "q8":
-        raise ValueError("setup: state_dtype='q8' keeps block scales of whole tensors; "
-                         "these params are DTensors, sharded")
     dtensor.check_rule(state.rule)
+    if state.state_dtype == "q8":
+        dtensor.check_q8_rule(state.rule)
     loc = dtensor.localize(step.params, step.grads, state.slots)
     sub = State(state.rule, state.step, loc.slots, flat_list_def(len(loc.params)),
                 state.state_dtype, state.tree_states, state.counts)

@@ -27,6 +27,18 @@ What a step communicates, and only where a part needs more than one element:
 * gradients whose placements differ from their parameter's (a ``Partial`` sum) are
   redistributed to the parameter's placements first.
 
+8-bit state (``state_dtype="q8"``, :mod:`uniopt.quant`): each rank quantises its own shard,
+raveled, in blocks of :data:`~uniopt.quant.BLOCK` that never cross a shard's edge, with no
+communication. The codes are DTensors laid out as the parameter. The block scales depend on the
+local shard's size, so they are no one global tensor: they are a DTensor of one row per shard
+(shape: the shards, by ``Shard(0)`` over each mesh dimension the parameter is split across,
+``Replicate()`` over the others; then :data:`HEADER` numbers per dimension of the parameter and
+the most blocks a shard can have), each row this rank's shard's offset and shape (its header)
+and its scales, zeros after them. ``torch.distributed.checkpoint`` saves every row, and a load
+into another layout (world size, mesh or placements) is refused: a mesh of another size by
+DCP's planner (the scales' shape differs), the same shape by the header (:func:`check_q8`).
+Only elementwise rules (norms included) keep 8-bit state on shards.
+
 Whole-tree parts (an optax member, a closure-driven minimizer such as L-BFGS, parameter-free
 rules that take dot products over the tree) are refused on sharded leaves with an error.
 
@@ -44,6 +56,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from .. import quant
+
+# numbers in an 8-bit slot's row of scales per dimension of its parameter: the shard's offset
+# and length, each as two float32 halves (n // 4096, n % 4096): exact up to 2**36, where one
+# float32 is exact only below 2**24
+HEADER = 4
+_HALF = 4096
 
 
 def dtensor_type() -> Any:
@@ -249,7 +269,13 @@ class Local:
         the parameter's layout, or a plain tensor kept plain)."""
         out = []
         for x, old, s in zip(xs, like, self.specs, strict=True):
-            if x is None or s is None or not is_dtensor(old):
+            if isinstance(old, quant.Q8) and s is not None:
+                # a new row of scales: the old one's header, the new scales
+                row = local(old.absmax).clone()
+                start = HEADER * len(s.shape)
+                row[0, start:start + x.absmax.shape[0]] = x.absmax
+                out.append(quant.Q8(s.wrap(x.codes), Spec.of(old.absmax, "scales").wrap(row)))
+            elif x is None or s is None or not is_dtensor(old):
                 out.append(x)
             elif old.placements == s.placements and tuple(old.shape) == s.shape:
                 out.append(s.wrap(x))
@@ -267,14 +293,89 @@ def localize(params: list[Any], grads: list[Any], slots: dict[str, list[Any]]) -
         specs.append(Spec.of(p, f"params leaf {i}") if is_dtensor(p) else None)
     lps = [local(p) for p in params]
     lgs = [None if g is None else local_grad(g, p) for g, p in zip(grads, params, strict=True)]
-    lslots = {k: [None if s is None else _local_slot(s) for s in v] for k, v in slots.items()}
+    lslots = {k: [None if s is None else _local_slot(s, p)
+                  for s, p in zip(v, params, strict=True)] for k, v in slots.items()}
     return Local(lps, lgs, lslots, specs, Sharding(zip(lps, specs, strict=True)))
 
 
-def _local_slot(s: Any) -> Any:
+def _local_slot(s: Any, p: Any) -> Any:
+    if isinstance(s, quant.Q8):
+        return local_q8(s, p) if is_dtensor(p) else s
     if is_dtensor(s) and any(pl.is_partial() for pl in s.placements):
         raise ValueError(f"uniopt: a state slot is a DTensor with placements {s.placements}")
     return local(s)
+
+
+def q8_layout(p: Any) -> tuple[Spec, Any]:
+    """The layout of the block scales of an 8-bit slot of DTensor ``p`` (module docstring),
+    and this rank's header: its shard's offset and shape, float32."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    spec = Spec.of(p)
+    mesh = spec.mesh
+    # the most blocks a shard can have, the same number on every rank (no communication):
+    # each split dimension's length over its mesh dimension's size, rounded up
+    most = list(spec.shape)
+    for d in spec.dims:
+        dim = spec.placements[d].dim
+        most[dim] = -(-most[dim] // mesh.size(d))
+    width = HEADER * len(spec.shape) + quant.blocks(math.prod(most))
+    shape, offset = compute_local_shape_and_global_offset(spec.shape, mesh, spec.placements)
+    header = np.array([h for n in (*offset, *shape) for h in divmod(n, _HALF)], np.float32)
+    rows = math.prod(mesh.size(d) for d in spec.dims)
+    placements = tuple(Shard(0) if d in spec.dims else Replicate() for d in range(mesh.ndim))
+    return Spec(mesh, placements, (rows, width), (width, 1), spec.dims), header
+
+
+def quantised(xp: Any, s: Any, p: Any, signed: bool) -> quant.Q8:
+    """Slot ``s`` (a float32 DTensor laid out as DTensor ``p``) in 8 bits: its local shard
+    quantised, the codes laid out as ``p``, the scales in this rank's row (:func:`q8_layout`)."""
+    import torch
+
+    layout, header = q8_layout(p)
+    q = quant.quantise(xp, local(s), signed)
+    row = torch.zeros((1, layout.shape[1]), dtype=torch.float32, device=q.absmax.device)
+    row[0, :len(header)] = torch.from_numpy(header)
+    row[0, len(header):len(header) + q.absmax.shape[0]] = q.absmax
+    return quant.Q8(Spec.of(p).wrap(q.codes), layout.wrap(row))
+
+
+def local_scales(absmax: Any, p: Any) -> Any:
+    """This rank's block scales of an 8-bit slot of DTensor ``p`` from its DTensor of scales:
+    a view of its row (writes reach the DTensor)."""
+    start = HEADER * p.ndim
+    return local(absmax)[0, start:start + quant.blocks(local(p).numel())]
+
+
+def local_q8(q: quant.Q8, p: Any) -> quant.Q8:
+    """The local arrays of the 8-bit slot ``q`` of DTensor ``p`` (views)."""
+    return quant.Q8(local(q.codes), local_scales(q.absmax, p))
+
+
+def _numbers(header: list[float]) -> list[int]:
+    """The integers of a header (:data:`HEADER`), from their halves."""
+    return [int(hi) * _HALF + int(lo) for hi, lo in zip(header[::2], header[1::2], strict=True)]
+
+
+def check_q8(absmax: Any, p: Any, what: str) -> None:
+    """Raise unless ``absmax`` is the DTensor of block scales of an 8-bit slot of DTensor
+    ``p`` as this rank holds it: its shape, and its row's header this rank's shard's."""
+    layout, header = q8_layout(p)
+    got = tuple(absmax.shape)
+    if not is_dtensor(absmax) or got != layout.shape or not np.array_equal(
+            local(absmax)[0, :len(header)].cpu().numpy(), header):
+        had = (f"shape {got}" if not is_dtensor(absmax) or got != layout.shape else
+               f"this rank's row for the shard at offset, shape "
+               f"{_numbers(local(absmax)[0, :len(header)].tolist())}")
+        raise ValueError(
+            f"uniopt: {what}: 8-bit block scales of {had}, but this rank holds the shard at "
+            f"offset, shape {_numbers(header.tolist())} of a parameter of shape "
+            f"{tuple(p.shape)} "
+            f"(scales of shape {layout.shape}): 8-bit state keeps a scale per block of each "
+            "rank's shard and loads only into the layout it was saved from (the same mesh "
+            "and placements); load it there and save it unquantised to change the layout"
+        )
 
 
 def local_grad(g: Any, p: Any) -> Any:
@@ -330,11 +431,18 @@ def check_rule(rule: Any) -> None:
         )
 
 
-def check_group(params: list[Any], q8: bool, tracked: bool) -> None:
+def check_q8_rule(rule: Any) -> None:
+    """Raise where ``rule`` has per-leaf parts: 8-bit state on shards is for elementwise
+    rules."""
+    if rule.has_per_leaf:
+        raise ValueError(
+            f"uniopt: state_dtype='q8' on DTensor (sharded) parameters takes elementwise rules "
+            f"(norms included); {rule.name} has per-leaf parts, which gather whole tensors"
+        )
+
+
+def check_group(params: list[Any], tracked: bool) -> None:
     """Raise where a param group of DTensors asks for what their shards cannot do."""
-    if q8:
-        raise ValueError("uniopt.torch: state_dtype='q8' keeps a scale per block of a whole "
-                         "tensor; these parameters are DTensors, sharded")
     if tracked:
         raise ValueError("uniopt.torch: differentiable=True records the step in autograd on "
                          "whole tensors; these parameters are DTensors")

@@ -17,6 +17,7 @@ from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
 from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import adjust, resolve
 from ..hyper import has_schedule
+from ..interop import dtensor
 from ..state import State
 from ..transforms.average import Averaging, find_average, read_average
 from ..transforms.plateau import reduce_on_plateau
@@ -434,7 +435,8 @@ class Optimizer(torch.optim.Optimizer):
         requires)."""
         sd = super().state_dict()
         groups = [{k: plain_schedules(v) for k, v in g.items()} for g in sd["param_groups"]]
-        return {**sd, "state": _group_states_out(sd["state"], groups), "param_groups": groups}
+        return {**sd, "state": _group_states_out(_q8_copies(sd["state"], groups), groups),
+                "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (a state saved by the torch class of the same name loads
@@ -465,6 +467,16 @@ class Optimizer(torch.optim.Optimizer):
                     if codes.dtype in (torch.int8, torch.uint8):
                         self.state[p][name[:-len(plans.ABSMAX)]] = codes.to(p.device, copy=True)
                     self.state[p][name] = v.to(p.device, torch.float32, copy=True)
+
+
+def _q8_copies(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any, Any]:
+    """``state`` with the 8-bit slots of DTensor parameters copied: torch.distributed.checkpoint
+    loads into the tensors of a state dict in place, and a load refused afterwards (scales of
+    another layout, :func:`uniopt.interop.dtensor.check_q8`) must leave the optimizer's own
+    as they were; ``load_state_dict`` puts the loaded copies in."""
+    q8 = {k for g in groups if plans.is_q8(g) for k in g["params"]}
+    return {k: {n: v.clone() if dtensor.is_dtensor(v) and n != "step" else v
+                for n, v in st.items()} if k in q8 else st for k, st in state.items()}
 
 
 _GROUP = "uniopt.group"  # a group's one state, in state_dict(), under its first parameter

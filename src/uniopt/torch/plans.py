@@ -151,11 +151,16 @@ def _slot_view(t: torch.Tensor | None, spec: Spec) -> Any:
     return None if t is None else _view(t, spec)
 
 
-def _q8_view(st: dict[str, Any], name: str, spec: Spec) -> Any:
-    """The engine's 8-bit slot ``name`` of a parameter's state ``st``; None where it keeps none."""
+def _q8_view(st: dict[str, Any], name: str, spec: Spec, p: torch.Tensor) -> Any:
+    """The engine's 8-bit slot ``name`` of parameter ``p``'s state ``st``; None where it keeps
+    none. A DTensor's: its local codes, and its scales in this rank's row."""
     codes = st.get(name)
-    return None if codes is None else quant.Q8(_view(codes, spec),
-                                                _view(st[name + ABSMAX], spec))
+    if codes is None:
+        return None
+    absmax = st[name + ABSMAX]
+    if dtensor.is_dtensor(absmax):
+        absmax = dtensor.local_scales(absmax, p)
+    return quant.Q8(_view(codes, spec), _view(absmax, spec))
 
 
 def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
@@ -264,12 +269,12 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
                 st[name], st[name + ABSMAX] = s.codes, s.absmax
             else:
                 st[name] = torch.view_as_complex(s) if p.is_complex() else s
-    if dtensor.is_dtensor(p):
-        _dtensor_slots(st, p, names, shapes)
     if q8:
         for key, name in names:
-            _q8_slot(st, key, name)
+            _q8_slot(st, key, name, p)
         return st
+    if dtensor.is_dtensor(p):
+        _dtensor_slots(st, p, names, shapes)
     wanted = getattr(torch, state_dtype) if state_dtype and not p.is_complex() else None
     for _, name in names:
         s = st[name]
@@ -302,13 +307,27 @@ def _dtensor_slots(st: dict[str, Any], p: Any, names: SlotNames,
                     else dtensor.replicated(s.to(dtensor.local(p).device), p))
 
 
-def _q8_slot(st: dict[str, Any], key: str, name: str) -> None:
-    """Slot ``name`` of ``st`` as 8-bit codes and scales, contiguous. torch's
-    ``load_state_dict`` casts a float parameter's state to its dtype: codes come back as floats
-    (integers: cast back), and a slot without scales is a float state (quantised)."""
+def _q8_slot(st: dict[str, Any], key: str, name: str, p: torch.Tensor) -> None:
+    """Slot ``name`` of parameter ``p``'s state ``st`` as 8-bit codes and scales, contiguous.
+    torch's ``load_state_dict`` casts a float parameter's state to its dtype: codes come back
+    as floats (integers: cast back), and a slot without scales is a float state (quantised).
+    A DTensor ``p``'s slot is each rank's shard quantised (:func:`uniopt.interop.dtensor.
+    quantised`); one loaded whole (an unsharded state) is read whole and cut to this rank's
+    shard first; one loaded as DTensors must be of this rank's layout (else: raises)."""
     signed = key.rsplit(".", 1)[-1] not in quant.NONNEGATIVE
     codes, absmax = st[name], st.get(name + ABSMAX)
-    if absmax is None:
+    if dtensor.is_dtensor(p):
+        if dtensor.is_dtensor(codes) and absmax is not None:
+            dtensor.check_q8(absmax, p, f"the state's {name}")
+        else:
+            x = codes.to(torch.float32) if absmax is None else quant.dequantise(
+                backend.namespace(codes), quant.Q8(codes.to(torch.int8 if signed else
+                                                            torch.uint8), absmax))
+            q = dtensor.quantised(backend.namespace(dtensor.local(p)),
+                                  x if dtensor.is_dtensor(x) else dtensor.sharded_like(x, p),
+                                  p, signed)
+            codes, absmax = q.codes, q.absmax
+    elif absmax is None:
         q = quant.quantise(backend.namespace(codes), codes.to(torch.float32), signed)
         codes, absmax = q.codes, q.absmax
     codes = codes.to(torch.int8 if signed else torch.uint8)
@@ -604,7 +623,9 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     sharded = dtensor.any_dtensor(ps)
     if sharded:
         dtensor.check_rule(rule)
-        dtensor.check_group(ps, q8, tracked)
+        dtensor.check_group(ps, tracked)
+        if q8:
+            dtensor.check_q8_rule(rule)
     multi = multi_tensor(group)
     compiled = fast.cpu.AVAILABLE and all(isinstance(q, Elementwise) for q in rule.flat_parts)
     sel: list[int] = []
@@ -653,7 +674,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
                 pos=None if whole else pos,
                 idx=None if whole and len(sel) == len(ps) else idx,
                 params=views,
-                slots={key: [_q8_view(states[k], name, specs[k]) if q8 else
+                slots={key: [_q8_view(states[k], name, specs[k], sel_params[k]) if q8 else
                              _slot_view(states[k].get(name), specs[k]) for k in pos]
                        for key, name in names},
                 written=[*tensors, steps.buf] if kind == "np" else [steps.buf],

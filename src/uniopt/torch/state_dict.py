@@ -9,6 +9,7 @@ import torch
 
 from .. import quant
 from ..base import Transform
+from ..interop import dtensor
 
 
 class Loading(Protocol):
@@ -90,6 +91,10 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 continue
             want = expected.get(name, tuple(p.shape))
             if q8 and name.endswith(".absmax"):
+                if dtensor.is_dtensor(p) and dtensor.is_dtensor(v):
+                    # a row of scales per shard: this rank's must be of its own shard
+                    dtensor.check_q8(v, p, f"{where}: {what}: {name}; nothing was loaded")
+                    continue
                 want = (quant.blocks(p.numel()),)
             if want is None or tuple(v.shape) != want:
                 keeps = "keeps no such slot" if want is None else f"keeps it in shape {want}"
