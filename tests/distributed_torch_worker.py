@@ -12,6 +12,7 @@ one JSON line of findings.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import sys
 from collections.abc import Callable
@@ -422,12 +423,14 @@ if __name__ == "__main__":
     try:
         print(json.dumps({"rank": rank, "lazy": lazy, **globals()[scenario](rank, world)}),
               flush=True)
-        # gloo's barrier waits for every operation queued before it (DDP's and ZeRO's own,
-        # issued asynchronously): no rank closes its connections while its peer may still use
-        # them. Without it, groups that ran DDP(static_graph=True) were seen to abort at exit
-        # ("terminate called without an active exception", after their results) in 5 of 10
-        # runs on a busy machine, and in none of 40 later; the cause is not known, this the
-        # likeliest
+        # the scenario's DDP models and ZeRO optimizers hold the group, some in reference
+        # cycles: collected before it is destroyed. Left to the interpreter's exit, torch
+        # 2.13's gloo teardown aborts the process ("terminate called without an active
+        # exception", after its results) in about one run in four, with torch's own AdamW
+        # under DDP and ZeRO too (examples/ddp_zero1.py: 4 of 16; none of 16 released first).
+        # The barrier waits for every operation queued before it (DDP's and ZeRO's own, issued
+        # asynchronously): no rank closes its connections while its peer may still use them
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
