@@ -74,6 +74,25 @@ _ROUNDING = 4 * STEPS * EPS32
 # --- launching ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_before_forking() -> None:
+    """The ranks are forked from this process, so a loop compiled here is every rank's: one
+    step of each class (and of 8-bit AdamW) on the unsharded models compiles the loops the
+    ranks run, where each rank would compile the same code beside the others (twice or four
+    times the CPU, on a machine whose cores the other test processes share)."""
+    old = cpu.MIN_LEAVES, cpu.MIN_SIZE
+    cpu.MIN_LEAVES = cpu.MIN_SIZE = 0
+    try:
+        for name, kw in CLASSES.items():
+            m = _model("mlp")
+            _train(m, getattr(uniopt.torch, name)(_params(m, name), **kw), "mlp", 1)
+        m = _model("q8")
+        _train(m, uniopt.torch.AdamW(m.parameters(), state_dtype="q8", **CLASSES["AdamW"]),
+               "q8", 1)
+    finally:
+        cpu.MIN_LEAVES, cpu.MIN_SIZE = old
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
