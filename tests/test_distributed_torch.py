@@ -158,14 +158,17 @@ def _batch(kind: str, step: int) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
-def _q8_functional(model: torch.nn.Module) -> None:
-    """6 steps of ``uo.adamw`` with 8-bit state on the tree of ``model``'s parameters, in
-    place and pure in turns."""
+def _functional_train(model: torch.nn.Module, rule: Any, kind: str, steps: int,
+                      **setup: Any) -> None:
+    """``steps`` steps of ``rule`` through the functional API on the tree of ``model``'s
+    parameters, in place and pure in turns; a pure step's DTensors keep their placements."""
+    from torch.distributed.tensor import DTensor
+
     params = dict(model.named_parameters())
-    state = uo.setup(uo.adamw(lr=1e-2, weight_decay=0.1), params, state_dtype="q8")
-    for t in range(6):
+    state = uo.setup(rule, params, **setup)
+    for t in range(steps):
         model.zero_grad()
-        model(_batch("q8", t)).pow(2).mean().backward()
+        model(_batch(kind, t)).pow(2).mean().backward()
         grads = {k: p.grad for k, p in params.items()}
         if t % 2:
             state = uo.update_(state, params, grads)
@@ -173,7 +176,15 @@ def _q8_functional(model: torch.nn.Module) -> None:
         state, new = uo.update(state, params, grads)
         with torch.no_grad():
             for k, p in params.items():
+                if isinstance(p, DTensor):
+                    assert isinstance(new[k], DTensor)
+                    assert new[k].placements == p.placements
                 p.copy_(new[k])
+
+
+def _q8_functional(model: torch.nn.Module) -> None:
+    """6 steps of ``uo.adamw`` with 8-bit state, in place and pure in turns."""
+    _functional_train(model, uo.adamw(lr=1e-2, weight_decay=0.1), "q8", 6, state_dtype="q8")
 
 
 def _fsdp(model: torch.nn.Module, mesh: Any, **kw: Any) -> torch.nn.Module:
@@ -674,7 +685,6 @@ def _tp(rank: int, world: int) -> dict[str, Any]:
     ``uniopt.torch.Optimizer`` with a recipe that clips by the global norm, and by the
     functional API on the tree of its DTensors, vs the same on the whole model."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -698,25 +708,8 @@ def _tp(rank: int, world: int) -> dict[str, Any]:
         # the functional API on the tree of DTensors, in place and pure
         tp = parallelize_module(_tp_model(), mesh, plan)
         plain = _tp_model()
-        trees = []
         for model in (tp, plain):
-            params = dict(model.named_parameters())
-            state = uo.setup(rule, params)
-            for t in range(20):
-                model.zero_grad()
-                model(_batch("mlp", t)).pow(2).mean().backward()
-                grads = {k: p.grad for k, p in params.items()}
-                if t % 2:
-                    state = uo.update_(state, params, grads)
-                else:
-                    state, new = uo.update(state, params, grads)
-                    with torch.no_grad():
-                        for k, p in params.items():
-                            if isinstance(p, DTensor):
-                                assert isinstance(new[k], DTensor)
-                                assert new[k].placements == p.placements
-                            p.copy_(new[k])
-            trees.append(model)
+            _functional_train(model, rule, "mlp", 20)
         out[f"functional {name}"] = _diff(_full(tp), _full(plain))
     # the clipping is active: the first step's global norm is above 0.05
     plain = _tp_model()
