@@ -6,11 +6,12 @@ import contextlib
 import contextvars
 import itertools
 import operator
-import sys
 from typing import Any
 
 import array_api_compat as aac
 import numpy as np
+
+from .hyper import _traced
 
 # an array's namespace, by its exact type where the type alone decides it (NumPy, torch, JAX):
 # array_api_compat's lookup walks every library's checks, and the reference path asks per leaf
@@ -34,11 +35,6 @@ def device(x: Any) -> Any:
     if is_jax(x) and (_traced(x) or not x.committed):
         return None
     return aac.device(x)
-
-
-def _traced(x: Any) -> bool:
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(x, jax.core.Tracer)
 
 
 def mesh_of(x: Any) -> Any:
