@@ -648,16 +648,23 @@ def test_channels_last_parameters_run_on_the_fast_path(monkeypatch: Any) -> None
 
 
 def spy_fused(monkeypatch: Any) -> list[str]:
-    """Record whether each call of the compiled path ran (or the reason it declined)."""
+    """Record whether each call of the compiled path ran (or the reason it declined), by the
+    engine's strategy or by the loop a plan bound after its first compiled step."""
     outcomes: list[str] = []
-    real = fused.run
+    real, bound = fused.run, fused.Bound.__call__
 
     def run(*args: Any, **kwargs: Any) -> Any:
         out = real(*args, **kwargs)
         outcomes.append(out if isinstance(out, str) else "ran")
         return out
 
+    def call(self: Any, *args: Any) -> bool:
+        out = bound(self, *args)
+        outcomes.append("ran" if out else "bound loop declined")
+        return out
+
     monkeypatch.setattr(fused, "run", run)
+    monkeypatch.setattr(fused.Bound, "__call__", call)
     return outcomes
 
 

@@ -890,6 +890,92 @@ def _pass(
     loop[big](_addresses(lists), _coefficients(plan, compute, n), sizes)
 
 
+class Bound:
+    """The compiled in-place step of a rule, bound to params and slots that stay the same
+    objects from step to step (a ``uniopt.torch`` plan's NumPy views of its tensors, which the
+    plan re-checks by identity and address before every step). They are checked once, when
+    bound; a step checks only its gradients, computes its coefficients and calls the loop:
+    about a third of :func:`run`'s Python work, which is most of a small model's step."""
+
+    __slots__ = ("params", "grads", "seen", "lists", "pair", "sizes", "scratch", "typenums",
+                 "dtype", "memo", "storage", "compute", "big")
+
+    def __init__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any],
+                 slots: dict[str, list[Any]], memo: dict[Any, Any]) -> None:
+        first = params[0]
+        self.params, self.grads, self.memo = params, list(params), memo
+        # the list of gradient arrays last checked, held (so no other list takes its address):
+        # a list the caller reuses unchanged, as uniopt.torch's of gradients it has seen
+        self.seen: list[Any] | None = None
+        kp = _kind(first.dtype)
+        some = next(iter(slots.values()), None)
+        self.storage = (kp, kp if not some else _kind(some[0].dtype))
+        self.compute = np.float64 if kp == "f8" else np.float32
+        self.dtype = first.dtype
+        # the gradients' list is this object's own, refilled at every step: its address stays
+        self.lists = _addresses([params, self.grads,
+                                 *(slots[key] for _, _, keys in plan for key in keys)])
+        self.pair = self.lists[:2].copy()
+        self.sizes = np.array([p.size for p in params], np.int64)
+        self.scratch = np.empty_like(self.sizes)
+        self.typenums = np.array([first.dtype.num] * 2)
+        self.big = int(sum(self.sizes.tolist()) >= PARALLEL_MIN)
+
+    def __call__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], grads: Any) -> bool:
+        """One step of ``plan`` (resolved as :func:`bind`'s) with gradients ``grads`` (a list
+        of NumPy arrays or an :class:`~uniopt.backend.Addressed`); False, having written
+        nothing, where they are not the params' kind or the loop is not at hand (the caller's
+        engine step then runs it, or says what is wrong)."""
+        if type(grads) is Addressed:
+            if len(grads.tensors) != len(self.params) or grads.dtype != self.dtype:
+                return False
+            self.lists[1] = grads.address
+        elif grads is not self.seen:  # (the caller's list of last step: its arrays checked)
+            self.grads[:] = grads
+            self.lists[1] = self.pair[1]
+            self.seen = None
+            if _check(self.pair, _READS, _NDARRAY, self.typenums, self.scratch):
+                return False
+            self.seen = grads
+        else:
+            self.lists[1] = self.pair[1]
+        loop = self.memo.get(("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan]))
+        if loop is None:
+            return False
+        loop[self.big](self.lists, _coefficients(plan, self.compute, len(self.params)),
+                       self.sizes)
+        global STEPS
+        STEPS += 1
+        return True
+
+
+def bind(plan: list[tuple[Any, Any, tuple[str, ...]]], params: Any, slots: Any,
+         memo: dict[Any, Any]) -> Bound | None:
+    """A :class:`Bound` step of ``plan`` on ``params`` and ``slots`` (lists of NumPy arrays,
+    the params written in place), where :func:`run` takes them as they are; None for a plan
+    with a norm's extra pass or coefficients by dtype, or leaves the loop does not take."""
+    if (not AVAILABLE or type(params) is not list or not params
+            or any(part.needs_norm or getattr(part, "by_dtype", False) for part, _, _ in plan)
+            or not all(type(v) is list for v in slots.values())):
+        return None
+    first = params[0]
+    if type(first) is not np.ndarray or _kind(first.dtype) is None:
+        return None
+    bound = Bound(plan, params, slots, memo)
+    some = next(iter(slots.values()), None)
+    if bound.storage[1] is None or bound.storage[0] != bound.storage[1] and not (
+            bound.storage == ("f2", "f4") or bound.storage == ("b2", "f4")):
+        return None
+    lists = [params, params, *(slots[key] for _, _, keys in plan for key in keys)]
+    typenums = np.array([first.dtype.num, first.dtype.num,
+                         *[(some[0].dtype.num if some else first.dtype.num)] * (len(lists) - 2)])
+    writes = np.array([True, False, *[True] * (len(lists) - 2)])
+    if _check(_addresses(lists), writes, _NDARRAY, typenums, bound.scratch):
+        return None
+    return bound
+
+
+_READS = np.zeros(2, bool)
 _NDARRAY = id(np.ndarray)
 _SIZE = operator.attrgetter("size")
 

@@ -24,7 +24,7 @@ import torch
 
 from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
-from ..engine import flat_list_def, setup, update_
+from ..engine import flat_list_def, resolve, setup, update_
 from ..interop import dtensor
 from ..state import State
 
@@ -448,6 +448,11 @@ class Plan:
     nonempty: Any = None  # which parameters of sel have elements
     treedefs: list[Any] = dataclasses.field(default_factory=list)  # each run's flat list
     state_version: int | None = None  # the state's version when its dicts were last checked
+    # one engine call on NumPy views (no multi-tensor path, autograd, shards, 8 bits or
+    # whole-tree parts): after a step the compiled loop ran, its loop bound to the views
+    # (fast.cpu.Bound), which this plan's checks keep valid; False: not bound (yet)
+    bindable: bool = False
+    lane: Any = None
 
     def still_valid(self, state: Any, group: dict[str, Any], ps: Any, has: list[bool],
                     layout: Any) -> bool:
@@ -538,6 +543,15 @@ class Plan:
                 gs = dtensor.local_grads(gs, self.sel_params)
             views = [_grad_view(g, p, spec)
                      for g, p, spec in zip(gs, self.sel_params, self.specs, strict=True)]
+        # (bound to a rule's loops: a group whose rule changed, say nesterov=True, binds anew)
+        if self.lane is not None and self.lane.memo is rule.memo:
+            run = self.runs[0]
+            if self.lane(resolve(rule, self.run_steps()[0]), views):
+                self.steps.add(run.idx)
+                backend.mark_written(run.written)
+                self._after(rule, grads)
+                return
+        ran = fast.cpu.STEPS
         trees = self._tree_states(rule) if rule.tree_layout else {}
         # foreach=True / capturable=True: CPU tensors too take the multi-tensor path (a
         # context variable set here: no Python call on the compiled loop's steps)
@@ -566,8 +580,18 @@ class Plan:
         finally:
             backend.SHARDED.reset(shards)
             fast.FORCED.reset(forced)
+        if (self.bindable and fast.cpu.STEPS == ran + 1
+                and (self.lane is None or self.lane.memo is not rule.memo)):
+            run = self.runs[0]
+            self.lane = fast.cpu.bind(resolve(rule, self.run_steps()[0] - 1), run.params,
+                                      run.slots, rule.memo)
+            self.bindable = self.lane is not None
         if trees:
             self.state[self.plist[0]].update(trees)
+        self._after(rule, grads)
+
+    def _after(self, rule: Transform, grads: list[Any]) -> None:
+        """The parameters with sparse gradients, after the runs."""
         for i in self.rows:
             self._rows_step(rule, i, grads[i])
         self.counts_seen = self.steps.np.tobytes()
@@ -719,4 +743,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         shapes=[p.shape for p in sel_params],
         nonempty=np.array([p.numel() > 0 for p in sel_params], bool),
         treedefs=[flat_list_def(len(r.params)) for r in plan_runs],
+        bindable=(len(plan_runs) == 1 and plan_runs[0].pos is None and not tracked
+                  and not multi and not sharded and not q8 and not rule.tree_layout
+                  and specs[0][0] == "np"),
     )
