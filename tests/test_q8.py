@@ -181,6 +181,28 @@ def test_compiled_codes_of_random_blocks_with_ties_zeros_and_non_finite_values(
         np.testing.assert_array_equal(back, table[want] * scale)
 
 
+@pytest.mark.parametrize("lib", ["numpy", "array_api_strict", "torch", "jax"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_reference_codes_are_the_loops_at_signs_zeros_and_non_finite_values(
+        lib: str, signed: bool) -> None:
+    # quantise on every library (the reference path's) reads a value's sign from its sign bit,
+    # a NaN's too, as the compiled loop does: -0.0 and -NaN take the negated code or 0. A
+    # block holding a NaN has a NaN scale on every library (XLA's row maximum drops NaNs), so
+    # its values divide by one: x itself is coded.
+    x = _edges(signed).view(np.float32)
+    x = x[np.isnan(x) | (np.abs(x) <= 1) | np.isinf(x)]
+    assert np.isnan(x).any() and np.signbit(x[np.isnan(x)]).any()
+    x = np.concatenate([x, np.float32([np.nan])])  # a NaN in every block
+    x = np.concatenate([x[i:i + quant.BLOCK - 1].tolist() + [np.nan]
+                        for i in range(0, len(x), quant.BLOCK - 1)]).astype(np.float32)
+    mod = pytest.importorskip(lib)
+    a = (mod.numpy if lib == "jax" else mod).asarray(x)
+    q = quant.quantise(uo.backend.namespace(a), a, signed)
+    codes = np.array(np.from_dlpack(q.codes))
+    assert np.isnan(np.from_dlpack(q.absmax)).all()
+    np.testing.assert_array_equal(codes.view(np.uint8), _searched(x, signed))
+
+
 @pytest.mark.slow  # a process of its own: 15 s, most of it compiling
 def test_the_gathers_give_the_same_codes(tmp_path: Any) -> None:
     # the other way the loop finds codes (a CPU without VBMI), in a process that takes it

@@ -151,14 +151,18 @@ def quantise(xp: Any, x: Any, signed: bool) -> Q8:
     dev = backend.device(x)
     grid = _padded(xp, xp.reshape(x, (-1,)), size)
     absmax = xp.max(xp.abs(grid), axis=1)
+    # a block holding a NaN has a NaN scale, as NumPy's maximum and the compiled loop give it:
+    # XLA's CPU row reduction drops NaNs (jax 0.10: the max of rows [1, ..., 1, nan] is -inf)
+    absmax = xp.where(xp.any(xp.isnan(grid), axis=1), xp.full_like(absmax, xp.nan), absmax)
     # an all-zero block codes as zeros with any scale: divided by one, not by zero
     scale = xp.where(absmax > 0, absmax, xp.ones_like(absmax))
     y = xp.reshape(grid / scale[:, None], (-1,))
     mids = xp.asarray(MID_S if signed else MID_U, device=dev)
-    mag = xp.searchsorted(mids, xp.abs(y) if signed else xp.maximum(y, xp.zeros_like(y)),
-                          side="left")
-    if signed:
-        mag = xp.where(y < 0, -mag, mag)
+    mag = xp.searchsorted(mids, xp.abs(y), side="left")
+    # the sign is the sign bit, a NaN's too, as the compiled loop reads it: a negative value
+    # takes the negated code (signed) or 0 (unsigned), -0.0 and a negative NaN included
+    neg = xp.signbit(y)
+    mag = xp.where(neg, -mag, mag) if signed else xp.where(neg, xp.zeros_like(mag), mag)
     codes = xp.astype(mag, xp.int8 if signed else xp.uint8)
     return Q8(xp.reshape(codes[:size], shape), absmax)
 
