@@ -131,7 +131,7 @@ from .rules.sgd_variants import (
 from .rules.sharpness import sam, sam_step
 from .rules.sign import lion, scale_by_lion, scale_by_signum, sign_sgd, signum
 from .rules.sm3 import scale_by_sm3, sm3
-from .rules.sophia import scale_by_sophia, sophia, sophia_hessian
+from .rules.sophia import scale_by_sophia, scale_by_sophia_g, sophia, sophia_g, sophia_hessian
 from .rules.sophia_h import scale_by_hutchinson_sophia, sophia_h
 from .rules.sparse_adam import scale_by_sparse_adam, sparse_adam
 from .rules.trust import fromage, lamb, lars, novograd, scale_by_fromage, scale_by_novograd
@@ -309,8 +309,10 @@ __all__ = [
     "sam",
     "sam_step",
     "scale_by_sophia",
+    "scale_by_sophia_g",
     "simplified_ademamix",
     "sophia",
+    "sophia_g",
     "sophia_hessian",
     "step_power",
     # rules/trust.py

@@ -7,8 +7,9 @@ defaults and subclass :class:`torch.optim.Optimizer`, so torch's ``lr_scheduler`
 ``clip_grad_norm_``, hooks and training frameworks accept them; their ``state_dict`` is torch's,
 slot names included, and loads into (and from) the torch class of the same name.
 ``SophiaH`` is pytorch-optimizer's Sophia-H (:func:`uniopt.sophia_h`), stepped with a closure
-that calls ``loss.backward(create_graph=True)``; ``Kron`` is pytorch-optimizer's Kron
-(:func:`uniopt.kron`).
+that calls ``loss.backward(create_graph=True)``; ``SophiaG`` is its authors' Sophia-G
+(:func:`uniopt.sophia_g`: ``update_hessian()`` after a backward at sampled labels,
+``step(bs=...)``); ``Kron`` is pytorch-optimizer's Kron (:func:`uniopt.kron`).
 :class:`Optimizer` wraps any uniopt rule or chain the same way.
 Under ``ZeroRedundancyOptimizer(..., overlap_with_ddp=True)`` and DDP's ``_register_fused_optim``
 each class steps through its functional twin (:mod:`uniopt.torch.functional`), registered in
@@ -67,7 +68,7 @@ tests/test_torch_optim_db.py holds every class to torch's own ``optim_db``; each
 above that shows in it is a strict xfail naming it.
 """
 
-from .hessian import SophiaH
+from .hessian import SophiaG, SophiaH
 from .named import (
     ASGD,
     LBFGS,
@@ -90,7 +91,7 @@ from .psgd import Kron
 
 __all__ = [
     "ASGD", "LBFGS", "SGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Kron",
-    "Muon", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam", "SophiaH",
+    "Muon", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SparseAdam", "SophiaG", "SophiaH",
 ]
 
 from . import functional as _functional  # noqa: E402  (registered once every class is here)

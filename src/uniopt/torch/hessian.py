@@ -1,17 +1,20 @@
-"""Optimizers whose step reads Hessian-vector products, taken by autograd from a closure."""
+"""Optimizers whose step reads Hessian estimates: Hessian-vector products taken by autograd from
+a closure (SophiaH), or the Gauss-Newton-Bartlett estimate folded in by the caller (SophiaG)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch.optim.optimizer import ParamsT
 
+from ..rules.sophia import scale_by_sophia_g, sophia_g
 from ..rules.sophia_h import sophia_h
 from ..tree import flatten
-from . import combined
-from .optimizer import Optimizer
+from . import combined, plans
+from .named import BETAS, LR, WEIGHT_DECAY, _Named
+from .optimizer import Optimizer, plain
 
 
 class SophiaH(Optimizer):
@@ -102,3 +105,78 @@ def _hvp(params: Any) -> Callable[[Any], list[torch.Tensor]]:
         return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs, strict=True)]
 
     return hvp
+
+
+class SophiaG(_Named):
+    """Sophia-G (:func:`uniopt.sophia_g`) with its authors' ``SophiaG`` constructor
+    (github.com/Liuhong99/Sophia: ``lr``, ``betas``, ``rho``, ``weight_decay``, ``maximize``,
+    ``capturable``), ``update_hessian()`` and ``step(closure=None, bs=5120)``; state
+    ``exp_avg`` and ``hessian`` per parameter, as theirs. Their training loop, every ``k``
+    steps after the step: the loss at labels sampled from the model's own predictions,
+    backward, ``update_hessian()`` (which folds ``p.grad * p.grad`` into ``hessian``), then
+    ``zero_grad()``. ``bs`` (the examples that loss averaged over) is kept in each group.
+
+    >>> import torch, uniopt.torch
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    >>> opt = uniopt.torch.SophiaG([w], lr=0.1, rho=1.0, weight_decay=0.0)
+    >>> w.grad = torch.tensor([2.0, 20.0], dtype=torch.float64)  # at sampled labels
+    >>> opt.update_hessian()
+    >>> w.grad = torch.tensor([2.0, -4.0], dtype=torch.float64)
+    >>> opt.step(bs=1)
+    >>> w.detach()
+    tensor([ 0.9000, -1.9965], dtype=torch.float64)
+    """
+
+    rule = sophia_g()
+    _torch_params = ("lr", "betas", "rho", "weight_decay", "*", "maximize", "capturable")
+    _group_only = ("bs",)
+    _fixed = {"bs": 5120}
+    _sparse_error = "SophiaG does not support sparse gradients"
+    _checks = (LR, *BETAS, ("rho", lambda v: 0.0 <= v, "Invalid rho parameter at index 1: {}"),
+               WEIGHT_DECAY)
+
+    @overload
+    def step(self, closure: None = None, bs: Any = 5120) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float], bs: Any = 5120) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None, bs: Any = 5120) -> float | None:
+        """One update of every parameter that has a gradient, ``bs`` the examples the Hessian
+        estimate's sampled loss averaged over (theirs: an argument of every step)."""
+        for group in self.param_groups:
+            group["bs"] = bs
+        return super().step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]  # (the base class's step runs the hooks)
+
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """``hessian <- b2*hessian + (1-b2)*grad*grad`` for every parameter with a gradient,
+        ``b2`` the group's (at the parameter's step, for a schedule), as theirs: call it after
+        the backward of the loss at sampled labels. A parameter's state is made here where it
+        has none yet."""
+        for group in self.param_groups:
+            if group.get("state_dtype") is not None:
+                raise ValueError("SophiaG.update_hessian: the Hessian estimate is folded into a "
+                                 "float state only (state_dtype=None)")
+            part = next(q for q in self._rule(group)[0].flat_parts
+                        if isinstance(q, scale_by_sophia_g))
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.layout != torch.strided:
+                    raise RuntimeError(self._sparse_error)
+                if p.is_complex():
+                    raise TypeError("SophiaG.update_hessian: complex parameters are not taken")
+                st = self.state[p]
+                if "hessian" not in st:
+                    dtype = (torch.float64 if torch.get_default_dtype() == torch.float64
+                             else torch.float32)
+                    st.setdefault("step", torch.tensor(0.0, dtype=dtype))
+                    for name in ("exp_avg", "hessian"):
+                        st.setdefault(name, torch.zeros_like(p))
+                now = part.at(plans.state_step(st))
+                assert isinstance(now, scale_by_sophia_g)
+                st["hessian"].mul_(plain(now.b2)).addcmul_(g, g, value=now.one_minus("b2"))

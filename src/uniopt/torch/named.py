@@ -84,12 +84,15 @@ class _Named(Optimizer):
     _checks: ClassVar[tuple[Check, ...]] = ()
     # torch's Adam and AdamW: tensor lr and betas only with capturable or without foreach
     _tensor_betas: ClassVar[bool] = False
+    # rule fields kept in the groups that are no constructor parameter (set by ``_fixed``, or
+    # by the class's ``step``: SophiaG's ``bs``)
+    _group_only: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "_torch_params" in vars(cls):
             fields = {f.name: f.default for f in dataclasses.fields(cls.rule) if f.init}
-            cls._keys = tuple(n for n in cls._torch_params if n in fields)
+            cls._keys = (*(n for n in cls._torch_params if n in fields), *cls._group_only)
             cls.__init__ = _constructor(cls, {**TORCH_FLAGS, **fields})  # type: ignore[method-assign]
 
     def _init(self, params: Any, defaults: dict[str, Any]) -> None:
