@@ -240,8 +240,9 @@ def test_a_torch_group_bound_to_its_loop_steps_as_the_engine_does(
     views (fast.cpu.Bound) and later steps call it directly. Every step equals that of an
     optimizer whose groups never bind, bit for bit: with gradients kept or new, after the lr
     changes, after nesterov is switched on (the same slots, another kernel: the bound loop of
-    the old rule must not run), after a slot or a parameter's memory is replaced; and a bad
-    gradient is refused by both alike, with nothing written."""
+    the old rule must not run), after a slot is replaced, after a parameter's or a slot's
+    memory is swapped under the same tensor; and a bad gradient is refused by both alike, with
+    nothing written."""
     torch = pytest.importorskip("torch")
     import uniopt.torch as ut
     from uniopt.fast import cpu
@@ -299,6 +300,11 @@ def test_a_torch_group_bound_to_its_loop_steps_as_the_engine_does(
         p.data, q.data = p.detach().clone(), q.detach().clone()
     step(11, bound=False)
     step(12)
+    for p in ps[3:5]:  # the same numbers in new memory, the old freed: a new plan, new views
+        buf = opt.state[p]["momentum_buffer"]
+        buf.set_(buf.clone())
+    step(13, bound=False)
+    step(14)
     before = [p.detach().clone() for p in ps]
     slots = [opt.state[p]["momentum_buffer"].clone() for p in ps]
     ps[3].grad.resize_(2)  # (the same memory: a step that looked only at it would run)
@@ -306,7 +312,7 @@ def test_a_torch_group_bound_to_its_loop_steps_as_the_engine_does(
         opt.step()
     for p, b, s in zip(ps, before, slots, strict=True):
         assert torch.equal(p.detach(), b) and torch.equal(opt.state[p]["momentum_buffer"], s)
-    step(13)
+    step(15)
 
 
 @pytest.mark.usefixtures("small_steps_compiled")

@@ -897,8 +897,8 @@ class Bound:
     bound; a step checks only its gradients, computes its coefficients and calls the loop:
     about a third of :func:`run`'s Python work, which is most of a small model's step."""
 
-    __slots__ = ("params", "grads", "seen", "lists", "pair", "sizes", "scratch", "typenums",
-                 "dtype", "memo", "storage", "compute", "big")
+    __slots__ = ("params", "grads", "seen", "held", "lists", "pair", "sizes", "scratch",
+                 "typenums", "dtype", "memo", "storage", "compute", "big")
 
     def __init__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any],
                  slots: dict[str, list[Any]], memo: dict[Any, Any]) -> None:
@@ -912,9 +912,10 @@ class Bound:
         self.storage = (kp, kp if not some else _kind(some[0].dtype))
         self.compute = np.float64 if kp == "f8" else np.float32
         self.dtype = first.dtype
-        # the gradients' list is this object's own, refilled at every step: its address stays
-        self.lists = _addresses([params, self.grads,
-                                 *(slots[key] for _, _, keys in plan for key in keys)])
+        # the gradients' list is this object's own, refilled at every step: its address stays;
+        # the lists the loop reads by address are held here, alive while it may read them
+        self.held = [params, self.grads, *(slots[key] for _, _, keys in plan for key in keys)]
+        self.lists = _addresses(self.held)
         self.pair = self.lists[:2].copy()
         self.sizes = np.array([p.size for p in params], np.int64)
         self.scratch = np.empty_like(self.sizes)

@@ -427,8 +427,10 @@ class Plan:
     specs: list[Spec]  # per entry of sel
     fast: bool  # every entry of sel is a plain NumPy view: gradients via numpy_views
     states: list[dict[str, Any]]
-    # slot name -> the tensors the views are of (None: a parameter that keeps no such slot)
-    checks: list[tuple[str, list[torch.Tensor | None]]]
+    # slot name -> the tensors the views are of (None: a parameter that keeps no such slot),
+    # and where their memory was (None where one is missing): a slot whose storage was swapped
+    # (``set_``, ``resize_``) is viewed anew, never written through a view of freed memory
+    checks: list[tuple[str, list[torch.Tensor | None], list[int] | None]]
     runs: list[Run]
     rows: list[int]  # parameters with sparse gradients updated row by row
     sparse: list[bool]
@@ -476,9 +478,11 @@ class Plan:
             if not all(map(operator.is_, sts, self.states)):
                 return False
             self.state_version = version
-        for name, tensors in self.checks:
+        for name, tensors, ptrs in self.checks:
             got = map(dict.get, self.states, itertools.repeat(name))
-            if not all(map(operator.is_, got, tensors)):
+            if not all(map(operator.is_, got, tensors)) or (
+                    ptrs is not None
+                    and list(map(_DATA_PTR, tensors)) != ptrs):  # type: ignore[arg-type]
                 return False
         # the counts as this plan left them (one compare of bytes), else still one per run
         counts = self.steps.np.tobytes()
@@ -706,10 +710,13 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
                 if group.get("capturable") and kind == "torch" else None,
             )
         )
-    checks = [(name, [st.get(name) for st in states]) for _, name in names]
-    if q8:
-        checks += [(name + ABSMAX, [st.get(name + ABSMAX) for st in states]) for _, name in names]
-    checks.append(("step", [steps.views[i] for i in sel]))
+    found = [name for _, name in names] + ([name + ABSMAX for _, name in names] if q8 else [])
+    checks: list[tuple[str, list[torch.Tensor | None], list[int] | None]] = []
+    for name in found:
+        tensors = [st.get(name) for st in states]
+        checks.append((name, tensors, None if None in tensors or sharded
+                       else list(map(_DATA_PTR, tensors))))
+    checks.append(("step", [steps.views[i] for i in sel], None))
     fast_ = (not any(sparse) and all(s == PLAIN for s in specs)
              and not any(p.is_complex() for p in sel_params))
     dtypes = {p.dtype for p in sel_params}
