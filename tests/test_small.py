@@ -455,3 +455,33 @@ def test_a_short_run_keeps_the_reference_path_until_compiling_pays(
     assert_same_state(state, s_ref)
     with expect_compiled(1):  # another record of the same recipe: its loop is at hand
         uo.update_(uo.setup(make(), params), params, grads)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+@pytest.mark.parametrize("name", ["NAdam", "ASGD"])
+def test_torch_classes_with_carried_numbers_keep_their_rule(name: str) -> None:
+    """NAdam's product of momenta and ASGD's eta carry numbers from step to step. With constant
+    hyperparameters the group's rule stays the same object from step to step (a new one each
+    step cost a small model's step some 200 us: no compiled loop stays bound, and the rule is
+    built and validated anew), past the step where NAdam's product becomes negligible; the
+    numbers stay torch's."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    start = _tree(MLP)
+    ps = [torch.nn.Parameter(torch.tensor(x, dtype=torch.float64)) for x in start]
+    qs = [torch.nn.Parameter(torch.tensor(x, dtype=torch.float64)) for x in start]
+    opt, ref = getattr(ut, name)(ps, lr=0.01), getattr(torch.optim, name)(qs, lr=0.01)
+    rng = np.random.default_rng(6)
+    rules = []
+    for _ in range(100):  # NAdam's product is below 2**-60 from about step 60
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.from_numpy(rng.standard_normal(p.shape))
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        rules.append(opt._rule(opt.param_groups[0])[0])
+    assert all(r is rules[2] for r in rules[2:])
+    assert opt._plans[0].lane is not None
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)

@@ -628,14 +628,24 @@ def _compiled(memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]]
     key = ("cpu", storage, mode, seg, *[type(c) for _, c, _ in plan])
     if key in memo:
         return True
-    seen = memo.get(("on disk", key))  # looked for once per rule: it costs the loop's source
+    seen = memo.get(("on disk", key))  # looked for once per rule
     if seen is None:
         parts = _parts(plan, mode)
         records = tuple(_record(part, c) for part, c, _ in plan)
-        _, _, path = _module(parts, storage, mode, records)
-        seen = memo[("on disk", key)] = (parts, storage, mode, records) in _FUSED or (
-            path is not None and path.exists())
+        full = (parts, storage, mode, records)
+        seen = full in _FUSED
+        if not seen:
+            # the file's name costs the loop's source (milliseconds): found once per process,
+            # not once per rule (torch's NAdam and ASGD have a new rule at every step)
+            path = _PATHS[full] if full in _PATHS else _PATHS.setdefault(
+                full, _module(parts, storage, mode, records)[2])
+            seen = path is not None and path.exists()
+        memo[("on disk", key)] = seen
     return bool(seen)
+
+
+# the cache file of each loop looked for, by its parts, storage, mode and records
+_PATHS: dict[tuple[Any, ...], Path | None] = {}
 
 
 def fused_kernel(

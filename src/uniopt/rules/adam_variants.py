@@ -193,6 +193,13 @@ def mu_product(b1: float, psi: float, t: int, exact: bool = False,
     return x
 
 
+def derivable(b1: float, psi: float, t: int, product: float, dtype: str) -> bool:
+    """Whether ``product``, the momenta's product after ``t`` steps, gives the coefficients
+    :func:`mu_product` derives for ``(b1, psi)``: equal to it, or both negligible next to 1."""
+    derived = mu_product(b1, psi, t, dtype=dtype)
+    return product == derived or (product < _NEGLIGIBLE and derived < _NEGLIGIBLE)
+
+
 def _check_past_product(owner: str, past: Any) -> None:
     def pair(x: Any) -> bool:
         return (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], int)
