@@ -606,7 +606,10 @@ class NAdam(_Derived):
     :class:`uniopt.rules.adam_variants.scale_by_nadam`), so a ``betas[0]`` that a scheduler
     cycles (OneCycleLR) is multiplied in as torch does; it appears in ``state_dict()`` and is
     dropped on loading, after which it is derived from the step count and the group's values
-    (:func:`uniopt.rules.adam_variants.mu_product`) until the next step."""
+    (:func:`uniopt.rules.adam_variants.mu_product`) until the next step. Only products the
+    step count does not give reach the rule, so with constant ``betas`` and
+    ``momentum_decay`` the group's rule, and the compiled loop bound to it, stay the same from
+    step to step."""
 
     rule = nadam()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
