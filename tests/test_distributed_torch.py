@@ -634,6 +634,27 @@ def _mesh2d(rank: int, world: int) -> dict[str, Any]:
            "q8", STEPS_2D)
     out["hsdp/q8 AdamW"] = {"unsharded": _diff(_full(m), _full(plain)),
                             "placements": _placements(opt)}
+    # 8-bit state on FSDP2 over tensor parallel: each rank quantises its own shards, blocks of
+    # their local elements, with no communication, so they step as a plain 8-bit AdamW of the
+    # local tensors does (the shards here, some empty, are no whole numbers of blocks)
+    m = fsdp_tp()
+    opt = uniopt.torch.AdamW(m.parameters(), state_dtype="q8", **CLASSES["AdamW"])
+    local = [torch.nn.Parameter(p.to_local().detach().clone()) for p in m.parameters()]
+    ref = uniopt.torch.AdamW(local, state_dtype="q8", **CLASSES["AdamW"])
+    for t in range(STEPS_2D):
+        opt.zero_grad()
+        _given(m, t)
+        opt.step()
+        for q, p in zip(local, m.parameters(), strict=True):
+            q.grad = p.grad.to_local().clone()
+        ref.step()
+    out["fsdp+tp/q8 AdamW"] = {
+        "params": all(torch.equal(p.to_local(), q) for p, q in zip(m.parameters(), local,
+                                                                    strict=True)),
+        "codes": all(torch.equal(opt.state[p][k].to_local(), ref.state[q][k])
+                     for p, q in zip(m.parameters(), local, strict=True)
+                     for k in ("exp_avg", "exp_avg_sq")),
+        "sizes": sorted({q.numel() for q in local}), "placements": _placements(opt)}
     # the clipping is active in every run: the first step's global norm is above 0.05
     for trained in (True, False):
         plain = _model_2d()
@@ -651,7 +672,8 @@ def test_2d_meshes(four: tuple[list[Any], list[Any]]) -> None:
     dimension, the RowwiseParallel bias's second, the LayerNorm's, on the first
     dimension's mesh alone): counted twice, the clipping factor would be off by up to
     sqrt(2) at the first step. FSDP2 over tensor parallel trained (its own gradients) within
-    _ROUNDING_2D as well. The state is laid out as the parameters."""
+    _ROUNDING_2D as well. The state is laid out as the parameters. 8-bit AdamW on FSDP2 over
+    tensor parallel: each rank's shards step bit for bit as a plain 8-bit AdamW of them."""
     results = [r["mesh2d"] for r in four[1]]
     layouts = results[0]
     assert layouts["hsdp layout"] == [["Replicate", "Shard"]] * 6
@@ -661,8 +683,12 @@ def test_2d_meshes(four: tuple[list[Any], list[Any]]) -> None:
     assert layouts["fsdp+tp layout"] == [
         ["Shard"], ["Shard"], ["_StridedShard", "Shard"], ["_StridedShard", "Shard"],
         ["Shard", "Shard"], ["Shard", "Replicate"]]
+    sizes = set()
     for r in results:
         assert r.pop("norm trained") > 0.05 and r.pop("norm given") > 0.05
+        q8 = r.pop("fsdp+tp/q8 AdamW")
+        assert q8["params"] and q8["codes"] and q8["placements"] == [], q8
+        sizes |= set(q8["sizes"])
         for key, row in r.items():
             if key.endswith("layout"):
                 continue
@@ -670,6 +696,7 @@ def test_2d_meshes(four: tuple[list[Any], list[Any]]) -> None:
             name = key.split("/")[1]
             bound = _ROUNDING_2D if name in _2D_NORM or "trained" in key else 0.0
             assert row["unsharded"] <= bound, (key, row)
+    assert 0 in sizes and max(sizes) < 2048, sizes  # an empty shard; the others part blocks
 
 
 # --- tensor parallel: a Linear pair, global-norm clipping --------------------------------------
