@@ -29,6 +29,7 @@ from ..interop import dtensor
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
+_INCREMENT_VERSION = torch.autograd.graph.increment_version
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _IS_CPU = operator.attrgetter("is_cpu")
@@ -550,9 +551,10 @@ class Plan:
         # (bound to a rule's loops: a group whose rule changed, say nesterov=True, binds anew)
         if self.lane is not None and self.lane.memo is rule.memo:
             run = self.runs[0]
-            if self.lane(resolve(rule, self.run_steps()[0]), views):
+            count = int(self.steps.np[0 if run.idx is None else run.idx[0]])
+            if self.lane(resolve(rule, count), views):
                 self.steps.add(run.idx)
-                backend.mark_written(run.written)
+                _INCREMENT_VERSION(run.written)  # (backend.mark_written, one call less)
                 self._after(rule, grads)
                 return
         ran = fast.cpu.STEPS
