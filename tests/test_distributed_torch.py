@@ -262,7 +262,9 @@ def _classes(rank: int, world: int, kinds: list[str], names: list[str],
             opt = getattr(uniopt.torch, name)(_params(m, name), **kw)
             _train(m, opt, kind, STEPS)
             ours = _full(m)
-            row: dict[str, Any] = {"placements": _placements(opt)}
+            # elementwise classes step their shards through the loop bound to their views
+            row: dict[str, Any] = {"placements": _placements(opt), "bound": any(
+                getattr(plan, "lane", None) is not None for plan in opt._plans.values())}
             if rank == 0:
                 plain = copy.deepcopy(base)
                 _train(plain, getattr(uniopt.torch, name)(_params(plain, name), **kw), kind,
@@ -377,6 +379,8 @@ def _check_classes(results: list[dict[str, Any]]) -> None:
         name = key.split("/")[1].split()[-1]
         for r in results:
             assert r[key]["placements"] == [], (key, r[key]["placements"])
+            if "bound" in r[key] and name in ("SGD", "Adam", "AdamW", "RMSprop"):
+                assert r[key]["bound"], key  # (a class's row; the functional rows have none)
         assert row["unsharded"] <= (0.0 if name in _EXACT else _ROUNDING), (key, row)
         theirs = row.get("torch")
         if name == "Muon" and theirs is not None:

@@ -470,7 +470,7 @@ class Plan:
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
             and list(map(_DATA_PTR, ps if self.sharding is None else
-                          map(dtensor.local, ps))) == self.ptrs
+                          dtensor.locals_of(ps))) == self.ptrs
         ):
             return False
         version = getattr(state, "version", None)
@@ -722,7 +722,9 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     fast_ = (not any(sparse) and all(s == PLAIN for s in specs)
              and not any(p.is_complex() for p in sel_params))
     dtypes = {p.dtype for p in sel_params}
-    address = dtypes.pop() if fast_ and not sharded and not q8 and len(dtypes) == 1 else None
+    address = dtypes.pop() if fast_ and not q8 and len(dtypes) == 1 else None
+    # what the views are of: a DTensor's local shard (its gradients go by address as theirs)
+    viewed = dtensor.locals_of(sel_params) if sharded else sel_params
     return Plan(
         group=group,
         plist=ps,
@@ -749,10 +751,11 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         state_dtype="q8" if q8 else None,
         keep_grads=not sharded and sum(p.numel() for p in sel_params) <= KEEP_GRADS,
         address=address if address in _ADDRESSED and len(sel) >= ADDRESS_MIN else None,
-        shapes=[p.shape for p in sel_params],
-        nonempty=np.array([p.numel() > 0 for p in sel_params], bool),
+        shapes=[p.shape for p in viewed],
+        nonempty=np.array([p.numel() > 0 for p in viewed], bool),
         treedefs=[flat_list_def(len(r.params)) for r in plan_runs],
+        # (shards too: a rule with a norm, summed across the ranks, is never bound)
         bindable=(len(plan_runs) == 1 and plan_runs[0].pos is None and not tracked
-                  and not multi and not sharded and not q8 and not rule.tree_layout
+                  and not multi and not q8 and not rule.tree_layout
                   and specs[0][0] == "np"),
     )
