@@ -938,7 +938,9 @@ class Bound:
         """One step of ``plan`` (resolved as :func:`bind`'s) with gradients ``grads`` (a list
         of NumPy arrays or an :class:`~uniopt.backend.Addressed`); False, having written
         nothing, where they are not the params' kind or the loop is not at hand (the caller's
-        engine step then runs it, or says what is wrong)."""
+        engine step then runs it, or says what is wrong). The list of the last step, passed
+        again, is not checked again: a caller reuses a list only while it holds the same
+        arrays (uniopt.torch's of gradients it has seen, its own)."""
         if type(grads) is Addressed:
             if len(grads.tensors) != len(self.params) or grads.dtype != self.dtype:
                 return False
