@@ -429,8 +429,9 @@ class Plan:
     fast: bool  # every entry of sel is a plain NumPy view: gradients via numpy_views
     states: list[dict[str, Any]]
     # slot name -> the tensors the views are of (None: a parameter that keeps no such slot),
-    # and where their memory was (None where one is missing): a slot whose storage was swapped
-    # (``set_``, ``resize_``) is viewed anew, never written through a view of freed memory
+    # and where their memory was (None where one is missing, and for DTensors, checked by
+    # identity only): a slot whose storage was swapped (``set_``, ``resize_``) is viewed
+    # anew, never written through a view of freed memory
     checks: list[tuple[str, list[torch.Tensor | None], list[int] | None]]
     runs: list[Run]
     rows: list[int]  # parameters with sparse gradients updated row by row
@@ -451,9 +452,9 @@ class Plan:
     nonempty: Any = None  # which parameters of sel have elements
     treedefs: list[Any] = dataclasses.field(default_factory=list)  # each run's flat list
     state_version: int | None = None  # the state's version when its dicts were last checked
-    # one engine call on NumPy views (no multi-tensor path, autograd, shards, 8 bits or
-    # whole-tree parts): after a step the compiled loop ran, its loop bound to the views
-    # (fast.cpu.Bound), which this plan's checks keep valid; False: not bound (yet)
+    # one engine call on NumPy views (a DTensor's: of its local shard; no multi-tensor path,
+    # autograd, 8 bits or whole-tree parts): after a step the compiled loop ran, its loop bound
+    # to the views (fast.cpu.Bound), which this plan's checks keep valid; False: not bound
     bindable: bool = False
     lane: Any = None
 
