@@ -897,6 +897,39 @@ def test_bench_sizes_run_only_the_sizes_asked_for(capsys, monkeypatch, tmp_path)
     assert "COUNTxSIZE" in capsys.readouterr().err
 
 
+def test_bench_on_a_device_runs_the_torch_rows_there(capsys, monkeypatch):
+    """``--device``: the torch rows on that device, each step synchronised, against a copy's
+    bandwidth there; the other rows left out, saying so. ``cpu:0`` is not the default "cpu",
+    so it takes that path on this CPU-only machine. A device torch cannot use is refused
+    before anything runs."""
+    torch = pytest.importorskip("torch")
+    from uniopt.fast import cpu
+    from uniopt.tools import bench
+
+    monkeypatch.setattr(bench, "_QUIET_S", 0.0)
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", cpu.COMPILE_AFTER)  # bench.run sets it to 0
+    monkeypatch.setattr(bench, "bandwidth", lambda *a, **k: pytest.fail("the CPU's pass ran"))
+    seen = []
+    real = bench.synchronizer
+    monkeypatch.setattr(bench, "synchronizer", lambda d: seen.append(d) or real(d))
+    impls = "numpy flat,torch for-loop,uniopt.torch,uniopt.torch foreach"
+    assert main(["bench", "--device", "cpu:0", "--sizes", "3x100", "--implementations", impls,
+                 "--rules", "sgd", "--repeats", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "numpy flat: left out (not torch tensors on cpu:0)" in err
+    assert "(a copy on cpu:0)" in out and "numpy flat" not in out
+    for impl in impls.split(",")[1:]:
+        assert impl in out
+    assert seen == ["cpu:0"] * 4  # the bandwidth's copy, then each row's steps
+    for device, why in (("meta", "nothing to time"), ("nonsense", "device type"),
+                        ("cuda", "no such device")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        assert main(["bench", "--device", device, "--workloads", "S1"]) == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith(f"uniopt bench: --device {device}: ") and why in last, last
+
+
 def test_bench_figure_has_a_bar_per_row():
     pytest.importorskip("matplotlib")
     from uniopt.tools import bench, plots

@@ -168,13 +168,48 @@ def bandwidth(n: int = 16_800_000, repeats: int = 10) -> float:
     return 28 * n / (min(best) / 1e3)
 
 
+def device_bandwidth(device: str, n: int = 16_800_000, repeats: int = 10) -> float:
+    """Bytes per second that torch moves on ``device`` (an accelerator: ``"cuda"``...): the
+    median of a copy of ``n`` float32 numbers, 8 bytes each, synchronised. A copy, not a fused
+    4-read/3-write pass (torch has none to launch): the floor it gives is a copy's speed."""
+    import torch
+
+    src = torch.full((n,), 0.5, device=device)
+    dst = torch.empty_like(src)
+    sync = synchronizer(device)
+
+    def copy() -> None:
+        dst.copy_(src)
+        sync()
+
+    return 8 * n / (_median_ms(copy, repeats) / 1e3)
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits for ``device``'s queued work (``torch.cuda.synchronize`` and the like; nothing
+    on the CPU, whose operations return done)."""
+    import torch
+
+    kind = torch.device(device).type
+    module = getattr(torch, kind, None)
+    sync = getattr(module, "synchronize", None) if kind != "cpu" else None
+    return (lambda: None) if sync is None else sync
+
+
+# the implementations that take torch tensors, and so run on an accelerator (--device)
+ON_DEVICE = ("torch for-loop", "torch foreach", "torch fused", "uniopt.torch",
+             "uniopt.torch foreach")
+
+
 class _Workload:
-    """Parameters as separately allocated arrays; fresh gradients drawn from a pool each step."""
+    """Parameters as separately allocated arrays; fresh gradients drawn from a pool each step.
+    ``device``: where the torch implementations put their tensors."""
 
     def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", device: str = "cpu") -> None:
         rng = np.random.default_rng(seed)
         self.shapes = shapes
+        self.device = device
         self.dtype = dtype  # of every implementation's arrays; NumPy has no bfloat16
         np_dtype = np.float16 if dtype == "float16" else np.float32
         self.params = [rng.standard_normal(s, dtype=np.float32).astype(np_dtype) for s in shapes]
@@ -280,13 +315,15 @@ def _numpy_flat(w: _Workload, rule: str, chunk: int | None) -> Callable[[], Any]
 
 def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
     """torch.optim in ``mode`` (for-loop, foreach, fused), or ``uniopt.torch``'s class of the
-    same name: the same tensors, the same ``p.grad = g; opt.step()`` loop."""
+    same name (``uniopt.torch foreach``: its multi-tensor path, which tensors off the CPU take
+    by default): the same tensors, on ``w.device``, the same ``p.grad = g; opt.step()`` loop,
+    synchronised with the device after each step."""
     try:
         import torch
     except ImportError:
         return None
     optim: Any = torch.optim
-    if mode == "uniopt.torch":
+    if mode.startswith("uniopt.torch"):
         optim = importlib.import_module("uniopt.torch")
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
            "rmsprop": optim.RMSprop, "adamax": optim.Adamax, "nadam": optim.NAdam,
@@ -299,6 +336,10 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
     takes = inspect.signature(cls).parameters
     if mode == "uniopt.torch":
         pass
+    elif mode == "uniopt.torch foreach":
+        if "foreach" not in takes:
+            return None
+        kw["foreach"] = True
     elif mode == "fused":
         if rule not in ("adam", "adamw", "sgd", "adagrad"):
             return None
@@ -308,9 +349,10 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
     elif mode == "foreach":  # Muon: one implementation, the for-loop
         return None
     dtype = getattr(torch, w.dtype)
-    params = [torch.from_numpy(p.copy()).to(dtype) for p in w.params]
-    grads = [[torch.from_numpy(g).to(dtype) for g in gs] for gs in w.grads]
+    params = [torch.from_numpy(p.copy()).to(w.device, dtype) for p in w.params]
+    grads = [[torch.from_numpy(g).to(w.device, dtype) for g in gs] for gs in w.grads]
     opt = cls(params, **kw)
+    sync = synchronizer(w.device)
     k = [0]
 
     def step() -> None:
@@ -318,6 +360,7 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
         for p, g in zip(params, grads[k[0]], strict=True):
             p.grad = g
         opt.step()
+        sync()
 
     return step
 
@@ -383,6 +426,7 @@ IMPLEMENTATIONS: dict[str, Callable[[_Workload, str], Callable[[], Any] | None]]
     "torch foreach": lambda w, r: _torch(w, r, "foreach"),
     "torch fused": lambda w, r: _torch(w, r, "fused"),
     "uniopt.torch": lambda w, r: _torch(w, r, "uniopt.torch"),
+    "uniopt.torch foreach": lambda w, r: _torch(w, r, "uniopt.torch foreach"),
     "optax + jit": _optax,
     "uniopt + jit": _uniopt_jit,
     "numpy per tensor": _numpy_per_tensor,
@@ -414,8 +458,11 @@ def run(
     progress: Callable[[str], None] = lambda s: None,
     slow: bool = False,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> tuple[float, list[Row]]:
     """Bandwidth first, then every (workload, rule, implementation) in this process.
+    ``device`` other than the CPU: the torch implementations (:data:`ON_DEVICE`) on it, against
+    a copy's bandwidth there; the others are left out.
 
     optax + jit compiles for minutes on thousands of tensors (391 s on W4); it runs there only
     with ``slow=True``. A rule with parts that are not elementwise has no floor, and is skipped
@@ -427,12 +474,19 @@ def run(
     # a long run's steady state: small steps take the compiled loop from the first one, where a
     # short run keeps the reference path for its first COMPILE_AFTER of them
     cpu.COMPILE_AFTER = 0
-    bw = bandwidth()
-    progress(f"bandwidth floor: {bw / 1e9:.1f} GB/s")
+    on_cpu = device == "cpu"
+    if not on_cpu:
+        for impl in implementations:
+            if impl not in ON_DEVICE:
+                progress(f"{impl}: left out (not torch tensors on {device})")
+        implementations = [i for i in implementations if i in ON_DEVICE]
+    bw = bandwidth() if on_cpu else device_bandwidth(device)
+    progress(f"bandwidth floor: {bw / 1e9:.1f} GB/s"
+             + ("" if on_cpu else f" (a copy on {device})"))
     all_shapes = {**WORKLOADS, **(shapes or {})}
     rows = []
     for wname in workloads:
-        w = _Workload(all_shapes[wname], dtype=dtype)
+        w = _Workload(all_shapes[wname], dtype=dtype, device=device)
         for rule in rules:
             why = skip_reason(rule)
             if why is not None:
@@ -468,7 +522,7 @@ def run(
     return bw, rows
 
 
-def table(bw: float, rows: list[Row]) -> str:
+def table(bw: float, rows: list[Row], device: str = "cpu") -> str:
     impls = list(dict.fromkeys(r.implementation for r in rows))
     keys = list(dict.fromkeys((r.workload, r.rule) for r in rows))
     cell = {(r.workload, r.rule, r.implementation): r for r in rows}
@@ -483,7 +537,8 @@ def table(bw: float, rows: list[Row]) -> str:
                         else f"{r.ms:.3g} ({r.ratio:.1f}x)")
         lines.append(line)
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
-    out = [f"bandwidth floor {bw / 1e9:.1f} GB/s (fused 4-read/3-write float32 pass); "
+    how = "fused 4-read/3-write float32 pass" if device == "cpu" else f"a copy on {device}"
+    out = [f"bandwidth floor {bw / 1e9:.1f} GB/s ({how}); "
            f"ms per step, median; (ratio to floor; none for a rule whose parts are not all "
            f"elementwise); {os.cpu_count()} CPUs"]
     for i, line in enumerate(lines):

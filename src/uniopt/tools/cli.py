@@ -947,6 +947,12 @@ def add_bench_parser(sub: Any) -> None:
         default="float32",
         help="of the params and gradients (bfloat16: the torch and JAX rows)",
     )
+    b.add_argument(
+        "--device",
+        default="cpu",
+        help=("where the torch rows' tensors live, e.g. cuda (default: cpu); off the CPU only "
+              "the torch rows run, each step synchronised, against a copy's bandwidth there"),
+    )
     b.add_argument("--repeats", type=_positive(int, "a positive integer"), default=10,
                    help="timed steps per implementation, after 2 warm-up steps; the median is "
                         "reported (default: 10)")
@@ -958,6 +964,25 @@ def add_bench_parser(sub: Any) -> None:
                    help="draw each implementation's ratio to the floor as bars, to FILE.png "
                         "(needs matplotlib: uniopt[plot])")
     b.set_defaults(func=_cmd_bench)
+
+
+def _device_problem(device: str) -> str | None:
+    """Why torch cannot time steps on ``device`` (None: it can)."""
+    try:
+        import torch
+    except ImportError:
+        return "the torch rows need torch (pip install torch)"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as e:
+        return str(e).splitlines()[0]
+    if kind == "meta":
+        return "meta tensors hold no numbers: nothing to time"
+    try:
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as e:  # (an unavailable CUDA raises AssertionError)
+        return f"torch has no such device here ({str(e).splitlines()[0]})"
+    return None
 
 
 def _sizes(text: str) -> dict[str, list[tuple[int, ...]]]:
@@ -1000,14 +1025,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("uniopt bench: none of the rules takes a step from gradients alone",
               file=sys.stderr)
         return 2
+    if args.device != "cpu":
+        why = _device_problem(args.device)
+        if why is not None:
+            print(f"uniopt bench: --device {args.device}: {why}", file=sys.stderr)
+            return 2
     bw, rows = bench.run(
         workloads, rules, args.implementations, args.repeats, shapes, log, args.slow,
-        args.dtype,
+        args.dtype, args.device,
     )
     if args.plot is not None:
         plots.save(plots.bench_figure(bw, rows), args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-    print(bench.to_json(bw, rows) if args.json else bench.table(bw, rows))
+    print(bench.to_json(bw, rows) if args.json else bench.table(bw, rows, args.device))
     return 0
 
 
