@@ -908,7 +908,7 @@ class Bound:
     about a third of :func:`run`'s Python work, which is most of a small model's step."""
 
     __slots__ = ("params", "grads", "seen", "held", "lists", "pair", "sizes", "scratch",
-                 "typenums", "dtype", "memo", "storage", "compute", "big", "types", "loop")
+                 "typenums", "dtype", "memo", "storage", "compute", "big")
 
     def __init__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any],
                  slots: dict[str, list[Any]], memo: dict[Any, Any]) -> None:
@@ -931,8 +931,6 @@ class Bound:
         self.scratch = np.empty_like(self.sizes)
         self.typenums = np.array([first.dtype.num] * 2)
         self.big = int(sum(self.sizes.tolist()) >= PARALLEL_MIN)
-        self.types: tuple[type, ...] | None = None  # the records' types of the loop found last
-        self.loop: Any = None
 
     def __call__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], grads: Any) -> bool:
         """One step of ``plan`` (resolved as :func:`bind`'s) with gradients ``grads`` (a list
@@ -954,13 +952,9 @@ class Bound:
             self.seen = grads
         else:
             self.lists[1] = self.pair[1]
-        types = tuple(type(c) for _, c, _ in plan)
-        if types != self.types:  # the loop of these records, looked up once it is compiled
-            found = self.memo.get(("cpu", self.storage, "inplace", 0, *types))
-            if found is None:
-                return False
-            self.loop, self.types = found, types
-        loop = self.loop
+        loop = self.memo.get(("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan]))
+        if loop is None:
+            return False
         loop[self.big](self.lists, _coefficients(plan, self.compute, len(self.params)),
                        self.sizes)
         global STEPS

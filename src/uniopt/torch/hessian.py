@@ -13,7 +13,7 @@ from ..rules.sophia import scale_by_sophia_g, sophia_g
 from ..rules.sophia_h import sophia_h
 from ..tree import flatten
 from . import combined, plans
-from .named import BETAS, LR, WEIGHT_DECAY, _Named
+from .named import BETAS, LR, WEIGHT_DECAY, _Named, _scalar_dtype
 from .optimizer import Optimizer, plain
 
 
@@ -172,9 +172,7 @@ class SophiaG(_Named):
                     raise TypeError("SophiaG.update_hessian: complex parameters are not taken")
                 st = self.state[p]
                 if "hessian" not in st:
-                    dtype = (torch.float64 if torch.get_default_dtype() == torch.float64
-                             else torch.float32)
-                    st.setdefault("step", torch.tensor(0.0, dtype=dtype))
+                    st.setdefault("step", torch.tensor(0.0, dtype=getattr(torch, _scalar_dtype())))
                     for name in ("exp_avg", "hessian"):
                         st.setdefault(name, torch.zeros_like(p))
                 now = part.at(plans.state_step(st))

@@ -29,7 +29,6 @@ from ..interop import dtensor
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
-_INCREMENT_VERSION = torch.autograd.graph.increment_version
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _IS_CPU = operator.attrgetter("is_cpu")
@@ -552,10 +551,9 @@ class Plan:
         # (bound to a rule's loops: a group whose rule changed, say nesterov=True, binds anew)
         if self.lane is not None and self.lane.memo is rule.memo:
             run = self.runs[0]
-            count = int(self.steps.np[0 if run.idx is None else run.idx[0]])
-            if self.lane(resolve(rule, count), views):
+            if self.lane(resolve(rule, self.run_steps()[0]), views):
                 self.steps.add(run.idx)
-                _INCREMENT_VERSION(run.written)  # (backend.mark_written, one call less)
+                backend.mark_written(run.written)
                 self._after(rule, grads)
                 return
         ran = fast.cpu.STEPS
@@ -634,7 +632,7 @@ class Plan:
 
 def _ptrs(ps: list[torch.Tensor], sharded: bool) -> list[int]:
     """Where the parameters' memory is (a DTensor's: its local shard's)."""
-    return list(map(_DATA_PTR, map(dtensor.local, ps) if sharded else ps))
+    return list(map(_DATA_PTR, dtensor.locals_of(ps) if sharded else ps))
 
 
 def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
