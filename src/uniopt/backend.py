@@ -163,11 +163,13 @@ class Addressed:
 
     __slots__ = ("tensors", "ptrs", "dtype", "address", "_arrays")
 
-    def __init__(self, tensors: list[Any], ptrs: Any, dtype: Any) -> None:
+    def __init__(self, tensors: list[Any], ptrs: Any, dtype: Any, address: int | None = None
+                 ) -> None:
         self.tensors, self.ptrs, self.dtype = tensors, ptrs, dtype
         # the table's own address, negated: how the compiled loop tells it from a list's
-        # (uniopt.fast.cpu._leaf); read without a Python call (ndarray.ctypes makes two)
-        self.address = -ptrs.__array_interface__["data"][0]
+        # (uniopt.fast.cpu._leaf); given by a maker that refills one table step after step
+        # (reading it costs about 0.8 us)
+        self.address = -ptrs.__array_interface__["data"][0] if address is None else address
         self._arrays: list[Any] | None = None
 
     def __len__(self) -> int:

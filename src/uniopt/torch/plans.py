@@ -34,9 +34,9 @@ _DTYPE = operator.attrgetter("dtype")
 _IS_CPU = operator.attrgetter("is_cpu")
 
 # a plan of fewer gradients than this takes their views: checking a tensor and taking its
-# address costs about 0.35 us where a view costs 0.75, but the checks cost some 7 us a step
-# (an MLP's 6 tensors: 5 us more than their views, on a 45 us step)
-ADDRESS_MIN = 24
+# address costs about 0.37 us where a view costs 0.56, but the checks cost some 2 us a step
+# where the views cost 1.2 (measured on a step's fast_grads: equal at about 5 tensors)
+ADDRESS_MIN = 6
 
 # the dtypes whose gradients reach the compiled loop by address (backend.Addressed), with
 # their NumPy views' dtypes; bfloat16's views are of its bits, made as views
@@ -335,14 +335,16 @@ def _q8_slot(st: dict[str, Any], key: str, name: str, p: torch.Tensor) -> None:
     st[name], st[name + ABSMAX] = codes.contiguous(), absmax.contiguous()
 
 
-def addresses(grads: list[Any], shapes: list[Any], dtype: torch.dtype, nonempty: Any
-              ) -> backend.Addressed | None:
+def addresses(grads: list[Any], shapes: list[Any], dtype: torch.dtype, nonempty: Any,
+              table: Any, address: int) -> backend.Addressed | None:
     """Gradients ``grads`` by the addresses of their memory, where each is a plain tensor
     (``torch.Tensor`` itself: no subclass's ``data_ptr``), of ``dtype``, on the CPU, dense and
     contiguous, without a negative bit, of its parameter's shape (``shapes``) and with memory
     where it has elements (``nonempty``: not a ZeroTensor); else None. C calls only, a few per
     tensor: the per-tensor cost of a step of 10,000 gradients. (Each shape is compared as it is
-    made: a list of 10,000 of them, tuples, would set off the garbage collector's passes.)"""
+    made: a list of 10,000 of them, tuples, would set off the garbage collector's passes.)
+    The addresses are written to ``table`` (the plan's own, at ``address``, negated), which
+    only the latest :class:`~uniopt.backend.Addressed` made of it reads."""
     try:
         if not (all(map(operator.is_, map(type, grads), itertools.repeat(torch.Tensor)))
                 and all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(dtype)))
@@ -351,12 +353,13 @@ def addresses(grads: list[Any], shapes: list[Any], dtype: torch.dtype, nonempty:
                 and not any(map(torch.Tensor.is_neg, grads))
                 and all(map(operator.eq, map(_SHAPE, grads), shapes))):
             return None
-        ptrs = np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
+        ptrs = list(map(_DATA_PTR, grads))
     except (RuntimeError, TypeError):  # a tensor without storage (functorch's, a lazy one)
         return None
-    if 0 in ptrs and nonempty[ptrs == 0].any():
+    if 0 in ptrs and nonempty[np.equal(ptrs, 0)].any():
         return None
-    return backend.Addressed(grads, ptrs, _ADDRESSED[dtype])
+    table[:] = ptrs
+    return backend.Addressed(grads, table, _ADDRESSED[dtype], address)
 
 
 @dataclasses.dataclass
@@ -427,11 +430,13 @@ class Plan:
     specs: list[Spec]  # per entry of sel
     fast: bool  # every entry of sel is a plain NumPy view: gradients via numpy_views
     states: list[dict[str, Any]]
-    # slot name -> the tensors the views are of (None: a parameter that keeps no such slot),
-    # and where their memory was (None where one is missing, and for DTensors, checked by
-    # identity only): a slot whose storage was swapped (``set_``, ``resize_``) is viewed
-    # anew, never written through a view of freed memory
-    checks: list[tuple[str, list[torch.Tensor | None], list[int] | None]]
+    # what the views are of, looked up in the states at each step: each state dict and slot
+    # name (step included) beside the tensor it held when the plan was built (None: none),
+    # in one flat list; then those with memory of their own and where it was (not DTensors,
+    # checked by identity only): a slot whose storage was swapped (``set_``, ``resize_``) is
+    # viewed anew, never written through a view of freed memory
+    checks: tuple[list[dict[str, Any]], list[str], list[torch.Tensor | None]]
+    addressed: tuple[list[torch.Tensor], list[int]]
     runs: list[Run]
     rows: list[int]  # parameters with sparse gradients updated row by row
     sparse: list[bool]
@@ -449,6 +454,10 @@ class Plan:
     address: torch.dtype | None = None
     shapes: list[Any] = dataclasses.field(default_factory=list)  # of the parameters of sel
     nonempty: Any = None  # which parameters of sel have elements
+    # the gradients' addresses, refilled at each step that takes them by address, and where
+    # that table is (negated, as backend.Addressed holds it)
+    table: Any = None
+    table_address: int = 0
     treedefs: list[Any] = dataclasses.field(default_factory=list)  # each run's flat list
     state_version: int | None = None  # the state's version when its dicts were last checked
     # one engine call on NumPy views (a DTensor's: of its local shard; no multi-tensor path,
@@ -479,12 +488,12 @@ class Plan:
             if not all(map(operator.is_, sts, self.states)):
                 return False
             self.state_version = version
-        for name, tensors, ptrs in self.checks:
-            got = map(dict.get, self.states, itertools.repeat(name))
-            if not all(map(operator.is_, got, tensors)) or (
-                    ptrs is not None
-                    and list(map(_DATA_PTR, tensors)) != ptrs):  # type: ignore[arg-type]
-                return False
+        dicts, names, tensors = self.checks
+        if not all(map(operator.is_, map(dict.get, dicts, names), tensors)):
+            return False
+        held, ptrs = self.addressed
+        if list(map(_DATA_PTR, held)) != ptrs:
+            return False
         # the counts as this plan left them (one compare of bytes), else still one per run
         counts = self.steps.np.tobytes()
         if counts == self.counts_seen:
@@ -527,7 +536,8 @@ class Plan:
                 return views
             self.seen = None  # the old gradients are let go now, not at the end of this step
         if self.address is not None:
-            found = addresses(sel, self.shapes, self.address, self.nonempty)
+            found = addresses(sel, self.shapes, self.address, self.nonempty, self.table,
+                              self.table_address)
             if found is not None:
                 if self.keep_grads:
                     self.seen = SeenGrads(list(sel), found, shapes=self.shapes)
@@ -712,18 +722,25 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             )
         )
     found = [name for _, name in names] + ([name + ABSMAX for _, name in names] if q8 else [])
-    checks: list[tuple[str, list[torch.Tensor | None], list[int] | None]] = []
+    dicts: list[dict[str, Any]] = []
+    keys: list[str] = []
+    held: list[torch.Tensor | None] = []
     for name in found:
         tensors = [st.get(name) for st in states]
-        checks.append((name, tensors, None if None in tensors or sharded
-                       else list(map(_DATA_PTR, tensors))))
-    checks.append(("step", [steps.views[i] for i in sel], None))
+        dicts += states
+        keys += [name] * len(states)
+        held += tensors
+    addressed = [] if sharded else [t for t in held if isinstance(t, torch.Tensor)]
+    dicts += states
+    keys += ["step"] * len(states)
+    held += [steps.views[i] for i in sel]
     fast_ = (not any(sparse) and all(s == PLAIN for s in specs)
              and not any(p.is_complex() for p in sel_params))
     dtypes = {p.dtype for p in sel_params}
     address = dtypes.pop() if fast_ and not q8 and len(dtypes) == 1 else None
     # what the views are of: a DTensor's local shard (its gradients go by address as theirs)
     viewed = dtensor.locals_of(sel_params) if sharded else sel_params
+    table = np.zeros(len(sel), np.int64)
     return Plan(
         group=group,
         plist=ps,
@@ -738,7 +755,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         specs=specs,
         fast=fast_,
         states=states,
-        checks=checks,
+        checks=(dicts, keys, held),
+        addressed=(addressed, list(map(_DATA_PTR, addressed))),
         runs=plan_runs,
         rows=rows,
         sparse=sparse,
@@ -752,6 +770,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         address=address if address in _ADDRESSED and len(sel) >= ADDRESS_MIN else None,
         shapes=[p.shape for p in viewed],
         nonempty=np.array([p.numel() > 0 for p in viewed], bool),
+        table=table,
+        table_address=-table.__array_interface__["data"][0],
         treedefs=[flat_list_def(len(r.params)) for r in plan_runs],
         # (shards too: a rule with a norm, summed across the ranks, is never bound)
         bindable=(len(plan_runs) == 1 and plan_runs[0].pos is None and not tracked
