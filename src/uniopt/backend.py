@@ -193,7 +193,8 @@ def mark_written(tensors: list[Any]) -> None:
     if tensors:
         import torch
 
-        torch.autograd.graph.increment_version(tensors)
+        # (torch.autograd.graph.increment_version's own call, without its Python frame)
+        torch._C._increment_version(tensors)
 
 
 def from_numpy(x: Any, dtype: Any = None) -> Any:

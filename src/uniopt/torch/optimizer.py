@@ -175,8 +175,13 @@ class Optimizer(torch.optim.Optimizer):
     def _combined_rule(self) -> bool:
         """Whether the rule runs other rules: each group then keeps one State, stepped whole
         (uniopt.torch.combined)."""
-        # (C calls only: every step asks)
-        return any(map(isinstance, self.rule.flat_parts, itertools.repeat(Combinator)))
+        # (once per rule: every step asks)
+        rule = self.rule
+        known = vars(self).get("_combined_of")
+        if known is None or known[0] is not rule:
+            known = self._combined_of = (
+                rule, any(map(isinstance, rule.flat_parts, itertools.repeat(Combinator))))
+        return known[1]
 
     @property
     def _name(self) -> str:
@@ -260,7 +265,12 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def _watched(self) -> tuple[str, ...]:
-        return (*self._keys, *_RULE_FLAGS)
+        # (made once per tuple of keys: every step reads it)
+        keys = self._keys
+        made = vars(self).get("_watched_of")
+        if made is None or made[0] is not keys:
+            made = self._watched_of = (keys, (*keys, *_RULE_FLAGS))
+        return made[1]
 
     def _slot_names(self, rule: Transform) -> plans.SlotNames:
         """(uniopt key, state name) of each slot of ``rule``: here the key names both."""
