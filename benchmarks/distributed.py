@@ -11,11 +11,12 @@ times, in turn and in step with the others (a barrier before each timing, so tha
 contends for memory alike): ``uniopt.torch.AdamW.step()`` on its shard and the same class on a
 plain tensors of the shards' sizes (the unsharded step on ``size / world`` parameters), in turns
 for ``rounds`` rounds (the median of each), then
-torch's AdamW (foreach, and fused) on its shard. The optimizer step only: the gradients are
-set once (two sets, alternated). Prints, on rank 0, the median wall and CPU milliseconds per
-step (CPU: this process's threads, steadier on a busy machine) and each row's ratios to the
-unsharded uniopt step; the sharded uniopt step should be within 1.2x of it (what it adds is
-the plan's per-step look at each DTensor gradient, about a microsecond a tensor).
+torch's AdamW (foreach, and fused) on its shard, and DeepSpeed's ``DeepSpeedCPUAdam`` (where
+``deepspeed`` is installed) on plain tensors of the shard's sizes. The optimizer step only:
+the gradients are set once (two sets, alternated). Prints, on rank 0, the median wall and CPU
+milliseconds per step (CPU: this process's threads, steadier on a busy machine) and each row's
+ratios to the unsharded uniopt step; the sharded uniopt step should be within 1.2x of it (what
+it adds is the plan's per-step look at each DTensor gradient, about a microsecond a tensor).
 
 ``--offload``: the parameters, gradients and state stay in CPU memory
 (``CPUOffloadPolicy``), as FSDP2 does for models larger than the accelerators' memory; with
@@ -149,8 +150,9 @@ def _run(rank: int, world: int, port: int, size: int, tensors: int, repeats: int
         DeepSpeedCPUAdam = None
     if DeepSpeedCPUAdam is not None:
         ps = [torch.nn.Parameter(s.detach().clone()) for s in shards]
-        rows["DeepSpeedCPUAdam, plain tensors"] = _timed(DeepSpeedCPUAdam(ps, lr=1e-3), ps,
-                                                         plain_grads, repeats)
+        # the same AdamW (its adamw_mode is on by default); it takes no DTensors
+        ds = DeepSpeedCPUAdam(ps, lr=1e-3, weight_decay=1e-2)
+        rows["DeepSpeedCPUAdam, plain tensors"] = _timed(ds, ps, plain_grads, repeats)
     if rank == 0:
         base = rows[unsharded]
         print(f"{world} processes, {backend}, {torch.get_num_threads()} threads each, "
