@@ -133,6 +133,25 @@ def mesh_run() -> dict[str, Any]:
     for name, rule in {"lamb": uo.lamb(lr=1e-2, weight_decay=1e-2),
                        "lars": uo.lars(lr=1e-2, momentum=0.9, weight_decay=1e-3)}.items():
         out[name] = {"mesh": run(rule, 20, True), "numpy": numpy_run(rule, 20)}
+    # 8-bit slots: refused for a leaf split over the mesh (its blocks would cross the shards);
+    # a replicated tree steps under jit as on one device
+    try:
+        uo.setup(uo.adamw(lr=1e-2), sharded(start), state_dtype="q8")
+        out["q8-sharded"] = "set up"
+    except ValueError as e:
+        out["q8-sharded"] = str(e)
+    replicated = {k: jax.device_put(jnp.asarray(v, jnp.float32), NamedSharding(mesh, P()))
+                  for k, v in start.items()}
+    state = uo.setup(uo.adamw(lr=1e-2), replicated, state_dtype="q8")
+    jitted = jax.jit(uo.update, donate_argnums=(0, 1))
+    plain = {k: np.asarray(v, np.float32) for k, v in start.items()}
+    ref = uo.setup(uo.adamw(lr=1e-2), plain, state_dtype="q8")
+    for i in range(5):
+        g = {k: np.asarray(v, np.float32) for k, v in grads[i].items()}
+        state, replicated = jax.block_until_ready(jitted(state, replicated, g))
+        ref = uo.update_(ref, plain, g)
+    out["q8-replicated"] = max(float(np.max(np.abs(np.asarray(replicated[k]) - plain[k])))
+                               for k in plain)
     return out
 
 

@@ -96,6 +96,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         quant.register_jax()
         if dtensor.any_dtensor(leaves):
             dtensor.check_q8_rule(rule)
+        _refuse_q8_on_meshes(names, leaves)
     if state_dtype is not None and any(map(backend.is_complex, leaves)):
         raise ValueError(f"setup: state_dtype={state_dtype!r} is for real params; these have "
                          "complex leaves")
@@ -321,6 +322,20 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                     f"{name} has shape {tuple(p.shape)} and dtype {p.dtype}, but the state's "
                     f"{key} for it has {got}: this state was set up for other params"
                 )
+
+
+def _refuse_q8_on_meshes(names: list[str], leaves: list[Any]) -> None:
+    """8-bit slots for JAX arrays laid out over a mesh of several devices: not offered. Their
+    blocks of 2048 run over the raveled leaf, across its shards, and a jitted step on such a
+    leaf fails inside JAX (its sorted search takes no sharded query); torch's DTensors quantise
+    each rank's shard (:mod:`uniopt.interop.dtensor`), JAX has no such path yet."""
+    for name, x in zip(names, leaves, strict=True):
+        if (backend.is_jax(x) and backend.mesh_of(x) is not None
+                and not x.sharding.is_fully_replicated):
+            raise ValueError(
+                f"setup: state_dtype='q8' is not offered for JAX arrays sharded over a mesh "
+                f"({name} is laid out as {x.sharding}): its 8-bit blocks would cross the shards; "
+                "use state_dtype=None, 'float32' or 'float64' with sharded params")
 
 
 def _check_q8(state: State, key: str, name: str, p: Any, s: Any,
