@@ -13,7 +13,6 @@ they are the same tensors (:class:`SeenGrads`).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import operator
 from collections import defaultdict
 from collections.abc import MutableMapping
@@ -31,7 +30,9 @@ from ..state import State
 _DATA_PTR = torch.Tensor.data_ptr
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
-_IS_CPU = operator.attrgetter("is_cpu")
+# what a gradient must be to go by address, read in one C call: its class (a subclass's
+# data_ptr may not be its memory), dtype, whether on the CPU, and shape
+_KIND = operator.attrgetter("__class__", "dtype", "is_cpu", "shape")
 
 # a plan of fewer gradients than this takes their views: checking a tensor and taking its
 # address costs about 0.37 us where a view costs 0.56, but the checks cost some 2 us a step
@@ -335,23 +336,21 @@ def _q8_slot(st: dict[str, Any], key: str, name: str, p: torch.Tensor) -> None:
     st[name], st[name + ABSMAX] = codes.contiguous(), absmax.contiguous()
 
 
-def addresses(grads: list[Any], shapes: list[Any], dtype: torch.dtype, nonempty: Any,
-              table: Any, address: int) -> backend.Addressed | None:
+def addresses(grads: list[Any], expect: list[tuple[Any, ...]], dtype: torch.dtype,
+              nonempty: Any, table: Any, address: int) -> backend.Addressed | None:
     """Gradients ``grads`` by the addresses of their memory, where each is a plain tensor
-    (``torch.Tensor`` itself: no subclass's ``data_ptr``), of ``dtype``, on the CPU, dense and
-    contiguous, without a negative bit, of its parameter's shape (``shapes``) and with memory
-    where it has elements (``nonempty``: not a ZeroTensor); else None. C calls only, a few per
-    tensor: the per-tensor cost of a step of 10,000 gradients. (Each shape is compared as it is
-    made: a list of 10,000 of them, tuples, would set off the garbage collector's passes.)
+    (``torch.Tensor`` itself: no subclass's ``data_ptr``), of ``dtype``, on the CPU, of its
+    parameter's shape (``expect``: each one's ``(torch.Tensor, dtype, True, shape)``, as
+    :data:`_KIND` reads a tensor), dense and contiguous, without a negative bit, and with
+    memory where it has elements (``nonempty``: not a ZeroTensor); else None. C calls only, a
+    few per tensor: the per-tensor cost of a step of 10,000 gradients. (Each tensor's kind is
+    compared as it is read: a list of 10,000 tuples would set off the garbage collector.)
     The addresses are written to ``table`` (the plan's own, at ``address``, negated), which
     only the latest :class:`~uniopt.backend.Addressed` made of it reads."""
     try:
-        if not (all(map(operator.is_, map(type, grads), itertools.repeat(torch.Tensor)))
-                and all(map(operator.is_, map(_DTYPE, grads), itertools.repeat(dtype)))
-                and all(map(_IS_CPU, grads))
+        if not (all(map(operator.eq, map(_KIND, grads), expect))
                 and all(map(torch.Tensor.is_contiguous, grads))
-                and not any(map(torch.Tensor.is_neg, grads))
-                and all(map(operator.eq, map(_SHAPE, grads), shapes))):
+                and not any(map(torch.Tensor.is_neg, grads))):
             return None
         ptrs = list(map(_DATA_PTR, grads))
     except (RuntimeError, TypeError):  # a tensor without storage (functorch's, a lazy one)
@@ -454,6 +453,7 @@ class Plan:
     address: torch.dtype | None = None
     shapes: list[Any] = dataclasses.field(default_factory=list)  # of the parameters of sel
     nonempty: Any = None  # which parameters of sel have elements
+    expect: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)  # (addresses)
     # the gradients' addresses, refilled at each step that takes them by address, and where
     # that table is (negated, as backend.Addressed holds it)
     table: Any = None
@@ -536,7 +536,7 @@ class Plan:
                 return views
             self.seen = None  # the old gradients are let go now, not at the end of this step
         if self.address is not None:
-            found = addresses(sel, self.shapes, self.address, self.nonempty, self.table,
+            found = addresses(sel, self.expect, self.address, self.nonempty, self.table,
                               self.table_address)
             if found is not None:
                 if self.keep_grads:
@@ -769,6 +769,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         keep_grads=not sharded and sum(p.numel() for p in sel_params) <= KEEP_GRADS,
         address=address if address in _ADDRESSED and len(sel) >= ADDRESS_MIN else None,
         shapes=[p.shape for p in viewed],
+        expect=[(torch.Tensor, p.dtype, True, p.shape) for p in viewed],
         nonempty=np.array([p.numel() > 0 for p in viewed], bool),
         table=table,
         table_address=-table.__array_interface__["data"][0],
