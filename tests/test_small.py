@@ -485,3 +485,44 @@ def test_torch_classes_with_carried_numbers_keep_their_rule(name: str) -> None:
     assert opt._plans[0].lane is not None
     for p, q in zip(ps, qs, strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+@pytest.mark.parametrize(("count", "shape"), [
+    (6, (64, 64)),  # by address: known again through weak references only
+    (2, (256, 256)),  # as views, too large to keep
+    (2, (8, 8)),  # as views, small enough to keep (the views keep the memory, not the tensor)
+])
+def test_zero_grad_frees_the_gradients_of_the_last_step(count: int,
+                                                        shape: tuple[int, int]) -> None:
+    """``zero_grad()``'s default (``set_to_none=True``) frees the last step's gradient tensors,
+    as after torch.optim's step, so the next backward can reuse their memory (a small group's
+    views, at most plans.KEEP_VIEWS elements, keep theirs until the next step); the same
+    gradients stepped again are known again, and the numbers are those of new tensors."""
+    torch = pytest.importorskip("torch")
+    import weakref
+
+    import uniopt.torch as ut
+
+    ps = [torch.nn.Parameter(torch.ones(shape)) for _ in range(count)]
+    opt = ut.AdamW(ps, lr=1e-3)
+    refs = []
+    for k in range(3):
+        for p in ps:
+            p.grad = torch.full(shape, float(k + 1))
+        opt.step()
+        refs = [weakref.ref(p.grad) for p in ps]
+        opt.zero_grad()
+    assert all(r() is None for r in refs)
+    # the same gradients stepped twice (set_to_none=False): the second step knows them again
+    for p in ps:
+        p.grad = torch.full(shape, 0.5)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    opt.step()
+    ref = ut.AdamW([torch.nn.Parameter(torch.ones(shape))], lr=1e-3)
+    for g in (1.0, 2.0, 3.0, 0.5, 0.5):
+        ref.param_groups[0]["params"][0].grad = torch.full(shape, g)
+        ref.step()
+    assert all(torch.equal(p.detach(), ref.param_groups[0]["params"][0].detach()) for p in ps)
+    assert not torch.equal(ps[0].detach(), before[0])

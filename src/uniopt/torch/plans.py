@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import weakref
 from collections import defaultdict
 from collections.abc import MutableMapping
 from typing import Any
@@ -28,6 +29,7 @@ from ..interop import dtensor
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
+_DEREF = weakref.ref.__call__  # (operator.call is Python 3.11's)
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 # what a gradient must be to go by address, read in one C call: its class (a subclass's
@@ -44,10 +46,14 @@ ADDRESS_MIN = 6
 _ADDRESSED = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
               torch.float16: np.dtype(np.float16)}
 
-# a plan whose gradients hold at most this many elements keeps the last step's gradients and
-# their views (:class:`SeenGrads`): at most 4 MB of float32 kept past a step, where the views
-# (about 1 us per tensor) are a fair part of the step; a bigger model's step is its arithmetic
+# a plan whose gradients hold at most this many elements knows the last step's gradients
+# again (:class:`SeenGrads`), where their checks (about 0.6 us per tensor) are a fair part of
+# the step; a bigger model's step is its arithmetic. It keeps their NumPy views, which hold
+# them, only up to KEEP_VIEWS elements: 128 KB of float32, under the C allocator's threshold
+# for memory of its own (a larger gradient held past zero_grad() makes the next backward's
+# new gradient fresh memory, page by page)
 KEEP_GRADS = 1 << 20
+KEEP_VIEWS = 1 << 15
 
 # how the engine sees a parameter: ("np", None) a NumPy view, ("np", perm) a NumPy view of the
 # parameter permuted into memory order, ("torch", None) the tensor itself, ("tracked", None) the
@@ -363,37 +369,49 @@ def addresses(grads: list[Any], expect: list[tuple[Any, ...]], dtype: torch.dtyp
 
 @dataclasses.dataclass
 class SeenGrads:
-    """The gradients of a plan's last step and what the engine got for them (their NumPy
-    views, or their addresses), reused while each gradient is the same tensor, at the same
-    address, of the same shape: with ``zero_grad(set_to_none=False)`` backward accumulates
-    into the same tensors every step. Their values may have changed (the views show them);
-    their version counters need no check. A tensor whose memory was replaced (``set_``,
-    ``.data =``, a resized storage) has another address, or another shape, and is looked at
-    anew: a view or an address never outlives the memory it reads (it holds the tensor, which
-    holds that memory until its address changes)."""
+    """The gradients of a plan's last step and what the engine got for them, reused while
+    each gradient is the same tensor, at the same address, of the same shape: with
+    ``zero_grad(set_to_none=False)`` backward accumulates into the same tensors every step.
+    Their values may have changed (the views show them); their version counters need no
+    check. A tensor whose memory was replaced (``set_``, ``.data =``, a resized storage) has
+    another address, or another shape, and is looked at anew.
 
-    tensors: list[torch.Tensor]
-    views: list[Any] | backend.Addressed
+    The gradients are held weakly, so ``zero_grad()``'s default (``set_to_none=True``) frees
+    them as it does after torch.optim's step and the next backward reuses their memory:
+    holding them made a 670K-parameter MLP's forward and backward about 7% slower, every
+    gradient in new memory. Gradients that went by address are found again in the plan's
+    table (``views`` None), which only a new set of addresses refills; NumPy views hold their
+    tensors, so a plan keeps views only of gradients small enough to cost nothing held
+    (:data:`KEEP_VIEWS`). A view or an address never outlives the memory it reads."""
+
+    refs: list[weakref.ref[torch.Tensor]]
+    views: list[Any] | None  # None: by address, the plan's table
     # where the views read and their shapes, found when first needed: a step whose gradients
     # are new tensors (zero_grad's default) pays for no more than the identity check
     ptrs: list[int] | None = None
     shapes: list[Any] | None = None
 
-    def views_of(self, grads: list[torch.Tensor]) -> list[Any] | backend.Addressed | None:
-        if not all(map(operator.is_, grads, self.tensors)):
+    def views_of(self, grads: list[torch.Tensor], plan: Plan
+                 ) -> list[Any] | backend.Addressed | None:
+        if len(grads) != len(self.refs) or not all(
+                map(operator.is_, grads, map(_DEREF, self.refs))):
             return None
         views = self.views
         if self.ptrs is None:
-            if isinstance(views, backend.Addressed):
-                self.ptrs = views.ptrs.tolist()
+            if views is None:
+                self.ptrs = plan.table.tolist()
             else:
                 self.ptrs = [v.ctypes.data for v in views]
                 self.shapes = list(map(_SHAPE, views))
         assert self.shapes is not None
-        if (list(map(_DATA_PTR, grads)) == self.ptrs
-                and all(map(operator.eq, map(_SHAPE, grads), self.shapes))):
-            return views
-        return None
+        if (list(map(_DATA_PTR, grads)) != self.ptrs
+                or not all(map(operator.eq, map(_SHAPE, grads), self.shapes))):
+            return None
+        if views is None:
+            assert plan.address is not None
+            return backend.Addressed(grads, plan.table, _ADDRESSED[plan.address],
+                                     plan.table_address)
+        return views
 
 
 @dataclasses.dataclass
@@ -447,7 +465,8 @@ class Plan:
     sharding: dtensor.Sharding | None = None
     counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
     state_dtype: str | None = None  # the engine's (q8)
-    keep_grads: bool = False  # small: the last step's gradient views are kept (SeenGrads)
+    keep_grads: bool = False  # the last step's gradients are known again (SeenGrads)
+    keep_views: bool = False  # and their views kept, where they are small (KEEP_VIEWS)
     seen: SeenGrads | None = None
     # the dtype of every parameter of sel where their gradients go by address (None: as views)
     address: torch.dtype | None = None
@@ -531,7 +550,7 @@ class Plan:
             sel = local
         seen = self.seen
         if seen is not None:
-            views = seen.views_of(sel)
+            views = seen.views_of(sel, self)
             if views is not None:
                 return views
             self.seen = None  # the old gradients are let go now, not at the end of this step
@@ -540,13 +559,14 @@ class Plan:
                               self.table_address)
             if found is not None:
                 if self.keep_grads:
-                    self.seen = SeenGrads(list(sel), found, shapes=self.shapes)
+                    self.seen = SeenGrads(list(map(weakref.ref, sel)), None,
+                                          shapes=self.shapes)
                 return found
         made = backend.numpy_views([sel])
         if made is None:
             return None
-        if self.keep_grads:
-            self.seen = SeenGrads(list(sel), made[0])
+        if self.keep_views:
+            self.seen = SeenGrads(list(map(weakref.ref, sel)), made[0])
         return made[0]
 
     def run(self, rule: Transform, grads: list[Any],
@@ -767,6 +787,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         sharding=dtensor.Sharding(shards) if sharded else None,
         state_dtype="q8" if q8 else None,
         keep_grads=not sharded and sum(p.numel() for p in sel_params) <= KEEP_GRADS,
+        keep_views=not sharded and sum(p.numel() for p in sel_params) <= KEEP_VIEWS,
         address=address if address in _ADDRESSED and len(sel) >= ADDRESS_MIN else None,
         shapes=[p.shape for p in viewed],
         expect=[(torch.Tensor, p.dtype, True, p.shape) for p in viewed],
