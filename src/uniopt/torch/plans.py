@@ -54,6 +54,10 @@ _ADDRESSED = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.fl
 # new gradient fresh memory, page by page)
 KEEP_GRADS = 1 << 20
 KEEP_VIEWS = 1 << 15
+# nor of more gradients than this: each is held by a weak reference made at every step, about
+# 0.06 us, and those are objects the garbage collector counts (10,000 a step set off its
+# passes: W4's step took 13-14 ms without them, 14-15 with, its median twice as long)
+KEEP_TENSORS = 256
 
 # how the engine sees a parameter: ("np", None) a NumPy view, ("np", perm) a NumPy view of the
 # parameter permuted into memory order, ("torch", None) the tensor itself, ("tracked", None) the
@@ -381,7 +385,7 @@ class SeenGrads:
     holding them made a 670K-parameter MLP's forward and backward about 7% slower, every
     gradient in new memory. Gradients that went by address are found again in the plan's
     table (``views`` None), which only a new set of addresses refills; NumPy views hold their
-    tensors, so a plan keeps views only of gradients small enough to cost nothing held
+    tensors' memory, so a plan keeps views only of gradients small enough to cost nothing held
     (:data:`KEEP_VIEWS`). A view or an address never outlives the memory it reads."""
 
     refs: list[weakref.ref[torch.Tensor]]
@@ -761,6 +765,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     # what the views are of: a DTensor's local shard (its gradients go by address as theirs)
     viewed = dtensor.locals_of(sel_params) if sharded else sel_params
     table = np.zeros(len(sel), np.int64)
+    elements = sum(p.numel() for p in sel_params)
+    keep = not sharded and len(sel) <= KEEP_TENSORS
     return Plan(
         group=group,
         plist=ps,
@@ -786,8 +792,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         flags=(group.get("foreach"), group.get("capturable")),
         sharding=dtensor.Sharding(shards) if sharded else None,
         state_dtype="q8" if q8 else None,
-        keep_grads=not sharded and sum(p.numel() for p in sel_params) <= KEEP_GRADS,
-        keep_views=not sharded and sum(p.numel() for p in sel_params) <= KEEP_VIEWS,
+        keep_grads=keep and elements <= KEEP_GRADS,
+        keep_views=keep and elements <= KEEP_VIEWS,
         address=address if address in _ADDRESSED and len(sel) >= ADDRESS_MIN else None,
         shapes=[p.shape for p in viewed],
         expect=[(torch.Tensor, p.dtype, True, p.shape) for p in viewed],
