@@ -738,21 +738,22 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
         body.append(f"r = K{k}(XP, C{k}, x, u{''.join(', ' + r for r in reads)})")
         body.append("u = r[0]")
         for j, n in enumerate(names):
-            body.append(f"w{n}[i - ulo] = r[{j + 1}]")
+            # the block's maximum as its values are made (a max of integers: any order, the
+            # same bits), not in a pass of its own
+            body += [f"w{n}[i - ulo] = r[{j + 1}]",
+                     f"a{n} = max(a{n}, np.uint32(abs_bits(w{n}[i - ulo])))"]
     body.append(f"{'p' if inplace else 'po'}[i] = PT({end})")
     starts, finals = [], []
     for n in range(s):
-        # each loop simple enough to vectorize: codes to values, the kernels, the maximum,
+        # each loop simple enough to vectorize: codes to values, the kernels and the maximum,
         # values to codes (the block's buffers stay in the L1 cache between them)
         value = "values_s" if signs[n] else "values_u"
         starts += [f"f{n} = m{n}[lo // BLOCK]",
-                   f"{value}(c{n} + lo, wa{n}, hi - lo, f{n})"]
+                   f"{value}(c{n} + lo, wa{n}, hi - lo, f{n})",
+                   f"a{n} = np.uint32(0)"]
         out = ("c", "m") if inplace else ("co", "mo")
         code = "codes_s" if signs[n] else "codes_u"
         finals += [
-            f"a{n} = np.uint32(0)",
-            "for i in range(ulo, uhi):",
-            f"    a{n} = max(a{n}, np.uint32(abs_bits(w{n}[i - ulo])))",
             f"e{n} = from_bits(a{n})",
             f"{out[1]}{n}[lo // BLOCK] = e{n}",
             f"d{n} = e{n} if e{n} > 0 else np.float32(1)",
