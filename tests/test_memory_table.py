@@ -92,14 +92,13 @@ def test_strategies_split_what_they_split() -> None:
     assert q8.state == 2 * (4096 + 4 * 2)
 
 
-def test_docs_memory_table_is_the_functions() -> None:
-    text = PAGE.read_text(encoding="utf-8")
+@pytest.mark.parametrize("page", [PAGE, PAGE.parents[1] / "README.md"], ids=lambda p: p.name)
+def test_docs_memory_table_is_the_functions(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
     found = re.search(r"<!-- memory:start -->\n(.*?)\n<!-- memory:end -->", text, re.S)
-    assert found, ("docs/scaling-out.md lacks the <!-- memory:start --> ... <!-- memory:end --> "
-                   "markers")
+    assert found, f"{page.name} lacks the <!-- memory:start --> ... <!-- memory:end --> markers"
     assert found.group(1).strip() == memory.table(), (
-        "docs/scaling-out.md's memory table is stale: paste uniopt.memory.table() between its "
-        "markers")
+        f"{page.name}'s memory table is stale: paste uniopt.memory.table() between its markers")
 
 
 def test_the_table_reads_as_the_arithmetic_says() -> None:
