@@ -31,7 +31,6 @@ from ..state import State
 _DATA_PTR = torch.Tensor.data_ptr
 _DEREF = weakref.ref.__call__  # (operator.call is Python 3.11's)
 _SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
 # what a gradient must be to go by address, read in one C call: its class (a subclass's
 # data_ptr may not be its memory), dtype, whether on the CPU, and shape
 _KIND = operator.attrgetter("__class__", "dtype", "is_cpu", "shape")
