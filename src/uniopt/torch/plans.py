@@ -6,8 +6,8 @@ tensors reach the engine as NumPy views of their memory, made once per plan for 
 slots, so the compiled loop writes them in place; other tensors reach it as they are. Gradients,
 new tensors at every step (``zero_grad()``'s default), reach it by the addresses of their memory
 (:func:`addresses`: a few C calls per tensor where a view costs about 0.8 us); bfloat16 ones as
-views (:func:`uniopt.backend.numpy_views`). A small group keeps the last step's gradients while
-they are the same tensors (:class:`SeenGrads`).
+views (:func:`uniopt.backend.numpy_views`). A small group knows the last step's gradients
+again while they are the same tensors, holding them weakly (:class:`SeenGrads`).
 """
 
 from __future__ import annotations
