@@ -30,9 +30,17 @@ them to the ``.Tensor`` forms of the ``_foreach`` ops: nothing is read back to t
 rule whose ``coeffs`` needs the host (a Python branch on the step) is refused with an error that
 names its part.
 
+float16 and bfloat16 params compute in float32, as on the reference path and the compiled
+loop, their slots kept in their dtype or in float32 (``state_dtype="float32"``): each 16-bit
+list is widened into float32 temporaries made of one allocation (viewed as each tensor: a view
+is no device operation, but costs the host about a microsecond a tensor) by one converting
+``torch._foreach_copy_``, and written back, rounded once to the nearest, by another. The
+numbers are the reference path's bit for bit, and torch's fused Adam's way of computing (in
+float32) rather than its foreach Adam's (each operation rounded to bfloat16).
+
 Not taken here (the reference path runs them, after a one-time warning): per-leaf and
-whole-tree parts, parts that need a norm (``clip_by_global_norm``), float16/bfloat16 params
-and slots kept in another dtype than the params.
+whole-tree parts, parts that need a norm (``clip_by_global_norm``), and slots kept in a dtype
+other than the params' or their compute dtype's.
 """
 
 from __future__ import annotations
@@ -257,6 +265,8 @@ def _extremum(a: Any, b: Any, name: str) -> Lists:
 XP = Namespace()
 
 _FLOATS = (torch.float32, torch.float64)
+# params of these dtypes compute in float32 (the engine's _compute_dtype)
+_NARROW = (torch.float16, torch.bfloat16)
 
 
 class _NoSync(TorchDispatchMode):
@@ -310,13 +320,19 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 
 
-def _matches(xs: list[Any], params: list[Any]) -> bool:
-    """Whether every ``xs[i]`` is a dense tensor laid out as ``params[i]``: the engine's
-    reference path says what is wrong otherwise."""
+def _matches(xs: list[Any], params: list[Any], slot: bool = False) -> bool:
+    """Whether every ``xs[i]`` is a dense tensor laid out as ``params[i]``, of its dtype (a
+    ``slot`` of a 16-bit parameter: or of float32, its compute dtype): the engine's reference
+    path says what is wrong otherwise."""
     if len(xs) != len(params) or not all(isinstance(x, torch.Tensor) for x in xs):
         return False
+    dtypes = list(map(_DTYPE, xs))
+    expected = list(map(_DTYPE, params))
+    if dtypes != expected and not (slot and all(
+            d == e or (d == torch.float32 and e in _NARROW)
+            for d, e in zip(dtypes, expected, strict=True))):
+        return False
     return (list(map(_SHAPE, xs)) == list(map(_SHAPE, params))
-            and list(map(_DTYPE, xs)) == list(map(_DTYPE, params))
             and list(map(_DEVICE, xs)) == list(map(_DEVICE, params))
             and all(x.layout == torch.strided for x in xs))
 
@@ -341,14 +357,13 @@ def step(
         return None  # the compiled loop's
     if not _matches(params, params) or not _matches(grads, params):
         return None
-    if any(not _matches(v, params) for v in slots.values()):
+    if any(not _matches(v, params, slot=True) for v in slots.values()):
         return None
     if any(p.is_complex() for p in params):
         return None  # the engine takes complex params as pairs of reals, and comes back
     dtypes = set(map(_DTYPE, params))
-    if not dtypes <= set(_FLOATS):
-        return (f"{', '.join(sorted(map(str, dtypes - set(_FLOATS))))} tensors (computed in "
-                "float32 on the reference path)")
+    if not dtypes <= {*_FLOATS, *_NARROW}:
+        return None  # (integers: the engine's reference path says why not)
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         ctx: contextlib.AbstractContextManager[Any] = torch.no_grad()
     else:
@@ -367,8 +382,9 @@ def step(
             def pick(xs: list[Any], idx: list[int] = idx) -> list[Any]:
                 return xs if len(idx) == len(xs) else [xs[i] for i in idx]
 
-            p_out, s_out = _run(plan, Lists(pick(params)), Lists(pick(grads)),
-                                {k: Lists(pick(v)) for k, v in slots.items()}, dtype, inplace)
+            run = _run_wide if dtype in _NARROW else _run
+            p_out, s_out = run(plan, Lists(pick(params)), Lists(pick(grads)),
+                               {k: Lists(pick(v)) for k, v in slots.items()}, dtype, inplace)
             if not inplace:
                 for j, i in enumerate(idx):
                     new_params[i] = backend.like_leaf(p_out.ts[j], params[i])
@@ -381,17 +397,18 @@ def step(
     return new_params, new_slots
 
 
-def _run(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
-         slots: dict[str, Lists], dtype: Any, inplace: bool) -> tuple[Lists, dict[str, Lists]]:
-    """Every part's kernel, then the writes, for one set of tensors of one device and dtype."""
-    inputs = (p, u, *slots.values())
+def _kernels(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
+             slots: dict[str, Lists], stored: Any) -> tuple[Lists, dict[str, Lists]]:
+    """Every part's kernel on lists of one device and dtype (the params' ``stored`` dtype, or
+    float32 for 16-bit ones): the new params and the slots the kernels made."""
+    compute = p.ts[0].dtype
     new: dict[str, Lists] = {}
     last = len(plan) - 1
     p_new = None
     for j, (part, c, keys) in enumerate(plan):
-        if part.by_dtype:
-            c = part.for_dtype(c, dtype)
-        c = _on(c, p.ts[0].device, dtype)
+        if part.by_dtype:  # the stored dtype, as the engine gives it (16-bit: computed wider)
+            c = part.for_dtype(c, stored)
+        c = _on(c, p.ts[0].device, compute)
         ins = [new.get(k, slots[k]) for k in keys]
         out = part.kernel(XP, c, p, u, *ins)
         outs = [_as_lists(o, p) for o in out]
@@ -399,24 +416,67 @@ def _run(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
             p_new = _as_lists(part.finish(XP, c, p, u, *outs[1:]), p)
         u = outs[0]
         new.update(zip(keys, outs[1:], strict=True))
-    if p_new is None:
-        p_new = p - u
+    return (p - u if p_new is None else p_new), new
+
+
+def _write(p: Lists, slots: dict[str, Lists], p_new: Lists, new: dict[str, Lists],
+           read: dict[str, Lists]) -> None:
+    """The new params and slots into the old ones, in place (``read``: the slot lists the
+    kernels read, the old ones or their float32 copies), each rounded once to its dtype."""
+    # a new slot that is the old value of an array written here (a parameter, another slot)
+    # is copied first: the reference path computes every value before any write
+    written = [p, *(slots[k] for k, s in new.items() if s is not read[k])]
+    for k, s in new.items():
+        if s is not read[k] and any(s is w for w in written):
+            new[k] = Lists(torch._foreach_mul(s.ts, 1.0))
+    torch._foreach_copy_(p.ts, p_new.ts)
+    for k, s in new.items():
+        if s is not read[k]:
+            torch._foreach_copy_(slots[k].ts, s.ts)
+
+
+def _run(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
+         slots: dict[str, Lists], dtype: Any, inplace: bool) -> tuple[Lists, dict[str, Lists]]:
+    """Every part's kernel, then the writes, for one set of tensors of one device and dtype."""
+    p_new, new = _kernels(plan, p, u, slots, dtype)
     if inplace:
-        # a new slot that is the old value of an array written here (a parameter, another
-        # slot) is copied first: the reference path computes every value before any write
-        written = [p, *(slots[k] for k, s in new.items() if s is not slots[k])]
-        for k, s in new.items():
-            if s is not slots[k] and any(s is w for w in written):
-                new[k] = Lists(torch._foreach_mul(s.ts, 1.0))
-        torch._foreach_copy_(p.ts, p_new.ts)
-        for k, s in new.items():
-            if s is not slots[k]:
-                torch._foreach_copy_(slots[k].ts, s.ts)
+        _write(p, slots, p_new, new, slots)
         return p, slots
     # a pure step hands back no array it was given (a slot a kernel kept, a gradient kept)
+    inputs = (p, u, *slots.values())
     fresh = {k: Lists(torch._foreach_mul(s.ts, 1.0)) if any(s is x for x in inputs) else s
              for k, s in new.items()}
     return p_new, {**slots, **fresh}
+
+
+def _run_wide(plan: list[tuple[Any, Any, tuple[str, ...]]], p: Lists, u: Lists,
+              slots: dict[str, Lists], dtype: Any, inplace: bool
+              ) -> tuple[Lists, dict[str, Lists]]:
+    """:func:`_run` for 16-bit params: the kernels on float32 copies of the params, the
+    gradients and the 16-bit slots (float32 slots as they are), the results rounded once
+    into the params' and the slots' dtypes."""
+    wide = {k: s if s.ts[0].dtype == torch.float32 else _converted(s, torch.float32)
+            for k, s in slots.items()}
+    p_new, new = _kernels(plan, _converted(p, torch.float32), _converted(u, torch.float32),
+                          wide, dtype)
+    if inplace:
+        _write(p, slots, p_new, new, wide)
+        return p, slots
+    # fresh arrays in the stored dtypes; a float32 slot handed back as it was given is copied
+    given = (u, *slots.values())
+    out = {k: (_converted(s, slots[k].ts[0].dtype) if slots[k].ts[0].dtype != torch.float32
+               else Lists(torch._foreach_mul(s.ts, 1.0)) if any(s is x for x in given) else s)
+           for k, s in new.items()}
+    return _converted(p_new, dtype), {**slots, **out}
+
+
+def _converted(x: Lists, dtype: Any) -> Lists:
+    """New tensors shaped as ``x``'s, of ``dtype``, holding its values (rounded to nearest):
+    one allocation for them all, viewed as each tensor, and one ``_foreach_copy_``."""
+    flat = torch.empty(sum(map(torch.Tensor.numel, x.ts)), dtype=dtype, device=x.ts[0].device)
+    ts = torch._utils._unflatten_dense_tensors(flat, list(x.ts))
+    torch._foreach_copy_(ts, x.ts)
+    return Lists(ts)
 
 
 def _on(c: Any, device: Any, dtype: Any) -> Any:

@@ -200,10 +200,11 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
 def multi_tensor(group: dict[str, Any]) -> bool:
     """Whether the group asks for the multi-tensor path on every device (``foreach=True``, or
     ``capturable=True``, which counts its steps on the device): CPU tensors then take it too
-    (:mod:`uniopt.fast.foreach`) instead of the compiled loop. Not with slots in another dtype
-    than the params (``state_dtype``), nor for float16/bfloat16 params (see :func:`build`),
-    which that path leaves to the others."""
-    return bool(group.get("foreach") or group.get("capturable")) and not group.get("state_dtype")
+    (:mod:`uniopt.fast.foreach`) instead of the compiled loop. Not with slots of 8 bits or in
+    another dtype than the params' compute dtype (``state_dtype``: float32 for float16/bfloat16
+    params), which that path leaves to the others."""
+    return (bool(group.get("foreach") or group.get("capturable"))
+            and group.get("state_dtype") in (None, "float32"))
 
 
 def state_step(st: dict[str, Any]) -> int:
@@ -703,7 +704,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             rows.append(i)
             continue
         s = TRACKED if tracked else spec(p)
-        if s[0] == "np" and multi and p.dtype in (torch.float32, torch.float64):
+        if s[0] == "np" and multi:
             s = ("torch", None)  # the tensors themselves, for the multi-tensor path
         if q8 and s[0] == "np" and s[1] is not None:
             s = ("torch", None)  # the codes are in C order, not the parameter's memory order
