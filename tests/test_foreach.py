@@ -409,6 +409,65 @@ def test_uniopt_torch_16_bit_groups_take_the_path_and_equal_the_default_one(
                                    rtol=4 * slot_ulp, atol=0)
 
 
+# hyperparameters as one-element tensors on the device, which a scheduler writes in place: a
+# captured graph replays with their new values, so a step reads them there (not on the host)
+TENSOR_VALUES: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
+    "AdamW": (ut.AdamW, {"lr": 0.01, "betas": (0.8, 0.99), "weight_decay": 0.1}),
+    "Adam_amsgrad": (lambda ps, **kw: ut.Adam(ps, amsgrad=True, **kw), {"lr": 0.01}),
+    "RMSprop": (ut.RMSprop, {"lr": 0.01, "alpha": 0.9}),
+    "Adamax": (ut.Adamax, {"lr": 0.01}),
+    "Adadelta": (ut.Adadelta, {"lr": 0.5}),
+    "Rprop": (ut.Rprop, {"lr": 0.01}),
+    "lion": (lambda ps, capturable, foreach, **values: ut.Optimizer(
+        [{"params": ps, **values}], uo.lion(), capturable=capturable, foreach=foreach),
+             {"lr": 0.01, "b1": 0.8}),
+}
+
+
+def _tensor_run(name: str, tensors: bool) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    make, values = TENSOR_VALUES[name]
+
+    def value(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return tuple(map(value, v))
+        return torch.tensor(v, dtype=torch.float64) if tensors else v
+
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
+    opt = make(ps, capturable=tensors, foreach=not tensors,
+               **{k: value(v) for k, v in values.items()})
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.7)
+    for i in range(8):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        with _NoSync() if tensors and i else contextlib.nullcontext():
+            opt.step()
+        sched.step()  # a tensor lr: written in place (fill_)
+    return [p.detach() for p in ps], opt
+
+
+@pytest.mark.parametrize("name", list(TENSOR_VALUES))
+def test_a_capturable_step_reads_tensor_hyperparameters_where_they_are(name: str) -> None:
+    ours, opt = _tensor_run(name, tensors=True)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    # the group's rule holds the tensors, not their values: made once, never again
+    rule = opt._rule(opt.param_groups[0])[0]
+    assert opt._rule(opt.param_groups[0])[0] is rule
+    theirs, _ = _tensor_run(name, tensors=False)
+    for x, y in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-14, atol=0)
+
+
+def test_a_capturable_groups_tensor_values_are_checked_when_its_rule_is_made() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    opt = ut.Optimizer([{"params": [w], "lr": torch.tensor(0.1)}], uo.adam(), capturable=True)
+    opt.param_groups[0]["lr"] = torch.tensor(-0.1)
+    with pytest.raises(ValueError, match="lr must be >= 0, got -0.1"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(3))
+
+
 def test_a_device_counted_16_bit_step_computes_its_coefficients_in_float32() -> None:
     # steps of the size of the params, whose last 16-bit bit then depends on the last bits of
     # the bias corrections: those the device computes from its count differ from the host's

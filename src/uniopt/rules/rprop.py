@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from ..backend import is_torch
 from ..base import Elementwise, Info, Rule, Transform
-from ..hyper import NONNEG, Interval, hyper, resolve
+from ..hyper import NONNEG, DeviceNumber, Interval, hyper, resolve
 from ..moments import select
 
 
@@ -67,7 +68,13 @@ class scale_by_rprop(Elementwise):
         _check(self.name, self.etas, self.step_sizes, self.remember, self.stale_update)
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
-        return xp.zeros_like(p), xp.full_like(p, resolve(self.lr, 0))
+        lr = resolve(self.lr, 0)
+        if isinstance(lr, DeviceNumber):
+            # torch's full_like takes a Python number: a tensor read on the device (a capturable
+            # group's) is read on the host once, here, where the state is made
+            lr = lr.read()
+            lr = lr.item() if is_torch(lr) else lr
+        return xp.zeros_like(p), xp.full_like(p, lr)
 
     def coeffs(self, step: int) -> RpropCoeffs:
         return RpropCoeffs(etaminus=self.etas[0], etaplus=self.etas[1], lo=self.step_sizes[0],

@@ -39,7 +39,7 @@ from ..rules.sgd import sgd
 from ..rules.sparse_adam import sparse_adam
 from ..state import State
 from . import plans
-from .optimizer import Optimizer, plain
+from .optimizer import Optimizer, field, plain
 
 # torch's options that are not hyperparameters of a rule, with torch's defaults: kept in the
 # param groups so that states load into torch; fused changes nothing, foreach=True and
@@ -153,7 +153,7 @@ class _Named(Optimizer):
         return self.rule
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
-        values = {k: plain(group[k]) for k in self._keys}
+        values = {k: field(group, k) for k in self._keys}
         return dataclasses.replace(self._base_rule(group), **values)
 
     def _slot_names(self, rule: Transform) -> plans.SlotNames:

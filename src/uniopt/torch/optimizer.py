@@ -16,7 +16,7 @@ from .. import backend
 from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
 from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import adjust, resolve
-from ..hyper import has_schedule
+from ..hyper import DeviceNumber, has_schedule
 from ..interop import dtensor
 from ..state import State
 from ..transforms.average import Averaging, find_average, read_average
@@ -50,6 +50,35 @@ def plain(v: Any) -> Any:
     if isinstance(v, (tuple, list)):
         return tuple(plain(x) for x in v)
     return v
+
+
+def _on_device(v: Any) -> Any:
+    """A one-element tensor as a number the step reads where it is (:func:`field`)."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+        return DeviceNumber(v.reshape(1), 0)
+    return plain(v)
+
+
+def field(group: dict[str, Any], key: str) -> Any:
+    """A group's value ``key`` as a rule field: :func:`plain`, but in a ``capturable`` group a
+    one-element tensor is a :class:`~uniopt.hyper.DeviceNumber` of it, which each step reads
+    where it is, on the device: a captured graph replays with the value a scheduler writes into
+    the tensor, and nothing is read back to the host."""
+    v = group[key]
+    if not group.get("capturable"):
+        return plain(v)
+    if isinstance(v, (tuple, list)):
+        return tuple(map(_on_device, v))
+    return _on_device(v)
+
+
+def _key(group: dict[str, Any], key: str) -> Any:
+    """What a group's cached rule is keyed by for value ``key``: :func:`field`'s value, a
+    tensor read on the device by its identity (the rule reads it at each step)."""
+    v = field(group, key)
+    if isinstance(v, tuple):
+        return tuple(("tensor", id(x.array)) if isinstance(x, DeviceNumber) else x for x in v)
+    return ("tensor", id(group[key])) if isinstance(v, DeviceNumber) else v
 
 
 def hyperparameter_keys(rule: Transform) -> dict[str, Any]:
@@ -235,11 +264,16 @@ class Optimizer(torch.optim.Optimizer):
                 f"{self._name}: state_dtype must be None, 'float32', 'float64' or 'q8', got "
                 f"{group['state_dtype']!r}"
             )
+        if group.get("capturable") and any(isinstance(field(group, k), (DeviceNumber, tuple))
+                                           for k in self._keys):
+            # a value read on the device is not checked there: checked here by its value now
+            # (a host read, when the rule is made)
+            self._build_rule({**group, "capturable": False})
         rule = self._build_rule(group)
         return chain(scale(-1.0), rule) if group.get("maximize") else rule
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
-        values = {k: plain(group[k]) for k in self._keys}
+        values = {k: field(group, k) for k in self._keys}
         return adjust(State(self.rule, 0, {}, None), **values).rule
 
     def _rule(self, group: dict[str, Any]) -> tuple[Transform, bool]:
@@ -252,14 +286,17 @@ class Optimizer(torch.optim.Optimizer):
             hit = None
         if hit is not None and not hit.by_value and all(map(operator.is_, raw, hit.raw)):
             return hit.rule, hit.scheduled
-        key = (*(plain(group[k]) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
+        key = (*(_key(group, k) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
         if hit is not None and hit.key == key:
             rule, scheduled = hit.rule, hit.scheduled
         else:
             rule = self._group_rule(group)
             scheduled = _scheduled(rule)
-        # a tensor or a list may change in place: those are compared by value every step
-        by_value = any(isinstance(v, (torch.Tensor, list)) for v in raw)
+        # a tensor or a list may change in place: those are compared by value every step (a
+        # tensor a capturable group's rule holds, by identity: the step reads its value)
+        by_value = any(isinstance(v, list) or isinstance(v, torch.Tensor)
+                       and not (isinstance(k, tuple) and k[:1] == ("tensor",))
+                       for v, k in zip(raw, key, strict=False))
         self._rules[id(group)] = _GroupRule(group, raw, rule, scheduled, by_value, key)
         return rule, scheduled
 
