@@ -146,6 +146,7 @@ from .transforms.clip import (
     clip_by_norm,
 )
 from .transforms.decay import decoupled_weight_decay, weight_decay
+from .transforms.kahan import kahan_summation
 from .transforms.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
 from .transforms.mask import masked_block
 from .transforms.momentum import keras_trace, sutskever_trace, trace
@@ -250,6 +251,7 @@ __all__ = [
     "scale_by_rss",
     "scale_by_shape_lr",
     "scale_by_trust_ratio",
+    "kahan_summation",
     "schedules",
     "memory",
     "setup",
