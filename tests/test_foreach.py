@@ -458,6 +458,26 @@ def test_a_capturable_step_reads_tensor_hyperparameters_where_they_are(name: str
         torch.testing.assert_close(x, y, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("state_dtype", ["q8", "float64"])
+def test_a_capturable_group_off_the_multi_tensor_path_reads_tensor_values_on_the_host(
+        state_dtype: str) -> None:
+    # 8-bit slots take the compiled loop, float64 ones of float32 params the reference path:
+    # neither reads numbers on a device, and a tensor lr is its value there, as without capture
+    runs = []
+    for lr in (torch.tensor(0.01, dtype=torch.float64), 0.01):
+        g = torch.Generator().manual_seed(2)
+        ps = [torch.nn.Parameter(torch.randn(64, 40, generator=g)) for _ in range(2)]
+        opt = ut.AdamW(ps, lr=lr, capturable=True, state_dtype=state_dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fast.FastPathUnavailable)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+        runs.append([p.detach() for p in ps])
+    assert all(map(torch.equal, *runs))
+
+
 def test_a_capturable_groups_tensor_values_are_checked_when_its_rule_is_made() -> None:
     w = torch.nn.Parameter(torch.ones(3))
     w.grad = torch.ones(3)

@@ -1124,6 +1124,28 @@ def test_state_dtype_keeps_float32_slots_for_bfloat16_params() -> None:
     q = ours.param_groups[0]["params"][0]
     assert ours.state[q]["exp_avg"].dtype == torch.float32 and int(ours.state[q]["step"]) == 2
 
+    # float64 slots for float32 params: the step computed in float64, as the functional API's
+    # (on the reference path: the compiled loops compute in the params' float32); it raised
+    # "this state was set up for other params" at the first step
+    for flags in ({}, {"foreach": True}, {"capturable": True}):
+        g = torch.Generator().manual_seed(1)
+        start = [torch.randn(7, 5, generator=g), torch.randn(3, generator=g)]
+        ps = [nn.Parameter(p.clone()) for p in start]
+        ref = [p.clone() for p in start]
+        opt = ut.AdamW(ps, lr=1e-2, state_dtype="float64", **flags)
+        state = uo.setup(uo.adamw(lr=1e-2), ref, state_dtype="float64")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ufast.FastPathUnavailable)
+            for _ in range(5):
+                gs = [torch.randn(p.shape, generator=g) for p in start]
+                for p, grad in zip(ps, gs, strict=True):
+                    p.grad = grad
+                opt.step()
+                state = uo.update_(state, ref, gs)
+        assert opt.state[ps[0]]["exp_avg"].dtype == torch.float64
+        for p, r in zip(ps, ref, strict=True):
+            assert p.dtype == torch.float32 and torch.equal(p.detach(), r), flags
+
     for bad in ("bfloat16", "fp32", 32):
         with pytest.raises(ValueError, match=f"state_dtype must be .* got {bad!r}"):
             ut.AdamW([nn.Parameter(torch.zeros(2))], state_dtype=bad)

@@ -65,11 +65,16 @@ def field(group: dict[str, Any], key: str) -> Any:
     where it is, on the device: a captured graph replays with the value a scheduler writes into
     the tensor, and nothing is read back to the host."""
     v = group[key]
-    if not group.get("capturable"):
-        return plain(v)
+    if not (group.get("capturable") and plans.multi_tensor(group)):
+        return plain(v)  # (a capturable group of 8-bit state takes the compiled loop)
     if isinstance(v, (tuple, list)):
         return tuple(map(_on_device, v))
     return _on_device(v)
+
+
+def _read_on_device(v: Any) -> bool:
+    """Whether a field's value (a tuple's element) is a number read on the device."""
+    return any(isinstance(x, DeviceNumber) for x in (v if isinstance(v, tuple) else (v,)))
 
 
 def _key(group: dict[str, Any], key: str) -> Any:
@@ -264,8 +269,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"{self._name}: state_dtype must be None, 'float32', 'float64' or 'q8', got "
                 f"{group['state_dtype']!r}"
             )
-        if group.get("capturable") and any(isinstance(field(group, k), (DeviceNumber, tuple))
-                                           for k in self._keys):
+        if any(map(_read_on_device, (field(group, k) for k in self._keys))):
             # a value read on the device is not checked there: checked here by its value now
             # (a host read, when the rule is made)
             self._build_rule({**group, "capturable": False})

@@ -468,7 +468,7 @@ class Plan:
     # the parameters are DTensors: which arrays of the runs are shards of which (None: none)
     sharding: dtensor.Sharding | None = None
     counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
-    state_dtype: str | None = None  # the engine's (q8)
+    state_dtype: str | None = None  # the group's, as the engine's State takes it
     keep_grads: bool = False  # the last step's gradients are known again (SeenGrads)
     keep_views: bool = False  # and their views kept, where they are small (KEEP_VIEWS)
     seen: SeenGrads | None = None
@@ -791,7 +791,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         multi=multi,
         flags=(group.get("foreach"), group.get("capturable")),
         sharding=dtensor.Sharding(shards) if sharded else None,
-        state_dtype="q8" if q8 else None,
+        state_dtype=group.get("state_dtype"),
         keep_grads=keep and elements <= KEEP_GRADS,
         keep_views=keep and elements <= KEEP_VIEWS,
         address=address if address in _ADDRESSED and len(sel) >= ADDRESS_MIN else None,
