@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,21 +17,12 @@ import torch
 
 import uniopt as uo
 import uniopt.torch as ut
-from uniopt import backend, fast
+from helpers import reference_path
+from uniopt import backend
 from uniopt.fast import cpu, foreach
 from uniopt.transforms import kahan
 
 SLOT = "kahan_summation.compensation"
-
-
-@contextlib.contextmanager
-def _reference() -> Iterator[None]:
-    saved = fast.STRATEGIES
-    fast.STRATEGIES = ()
-    try:
-        yield
-    finally:
-        fast.STRATEGIES = saved
 
 
 def _float32s() -> torch.Tensor:
@@ -108,7 +99,7 @@ def _ours(rule: uo.Transform, ws: list[Any], grads: list[list[Any]], path: Calla
     return ws, state
 
 
-PATHS = {"reference": _reference, "compiled": contextlib.nullcontext, "multi-tensor":
+PATHS = {"reference": reference_path, "compiled": contextlib.nullcontext, "multi-tensor":
          foreach.forced}
 
 
