@@ -16,9 +16,10 @@ The rounding to the parameter's dtype is done in the arithmetic of the step itse
 16-bit parameters), so every path (the compiled loop, the multi-tensor path, the reference path
 on NumPy, torch and JAX) computes the same bits: Veltkamp's split ``s*x - (s*x - x)`` with ``s =
 2^16 + 1`` rounds a float32 to the 8 significant bits of bfloat16, to nearest with ties to even
-as torch's conversion does (checked against it on every float32 of a binade, its negatives and
-binades near the ends of the range); with ``s = 2^13 + 1`` to float16's 11, and below float16's
-smallest normal number a float32 sum with ``0.75`` rounds to its subnormal spacing, 2^-24. The
+as torch's conversion does (checked against it on every float32 of a binade, ties included,
+and on a sixteenth of them negated and near the ends of the range); with ``s = 2^13 + 1`` to
+float16's 11, and below float16's smallest normal number a float32 sum with ``0.75`` rounds to
+its subnormal spacing, 2^-24. The
 written value ``t`` is then exactly a value of the parameter's dtype. For float32 and float64
 parameters ``s = 0``: ``t`` is the sum as computed, and ``c`` the classic Kahan compensation of
 that rounding. Magnitudes past 2^100 are not rounded (no bfloat16 parameter is that large; it
