@@ -156,6 +156,26 @@ def test_jax_bfloat16_under_jit_writes_torchs_bits() -> None:
         assert np.array_equal(np.asarray(x.astype(jnp.float32)), y.float().numpy())
 
 
+def test_through_the_optax_protocol_as_flax_and_equinox_step_it() -> None:
+    # updates = p - t, added by optax.apply_updates in bfloat16: exact (p and t are close
+    # bfloat16 numbers), so the written weights are uo.update's
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    jnp = jax.numpy
+    rule = uo.chain(uo.adamw(lr=1e-3), uo.kahan_summation())
+    key = jax.random.PRNGKey(0)
+    params = [jax.random.normal(key, (6, 4)).astype(jnp.bfloat16)]
+    ours, state = list(params), uo.setup(rule, params)
+    opt_state = rule.init(params)
+    for i in range(50):
+        grads = [jax.random.normal(jax.random.PRNGKey(i + 1), (6, 4)).astype(jnp.bfloat16)]
+        updates, opt_state = rule.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        state, ours = uo.update(state, ours, grads)
+    assert params[0].dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(params[0], np.float32), np.asarray(ours[0], np.float32))
+
+
 # --- what it is for ---------------------------------------------------------------------------
 
 
