@@ -70,12 +70,13 @@ def _run(rule: Transform, path: Callable[[], Any], dtype: torch.dtype, steps: in
          ) -> tuple[list[torch.Tensor], uo.State]:
     g = torch.Generator().manual_seed(7)
     # 16-bit: float32 draws rounded, as a model's would be
-    ps = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+    draw = dtype if dtype in DTYPES else torch.float32
+    ps = [torch.randn(s, generator=g, dtype=draw).to(dtype) for s in SHAPES]
     state = uo.setup(rule, ps, state_dtype=state_dtype)
     with path(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a schedule's value warnings are the rule's own
         for _ in range(steps):
-            gs = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+            gs = [torch.randn(s, generator=g, dtype=draw).to(dtype) for s in SHAPES]
             if inplace:
                 state = uo.update_(state, ps, gs)
             else:
