@@ -109,9 +109,10 @@ class lbfgs_step(Minimizer):
                     f_new, g_new = evaluate(_axpy(step, d0, x0))
                     return float(f_new), g_new
 
+                # torch's step hands its line search no tolerance_change: the search stops
+                # on a bracket narrower than its own default, 1e-9, whatever the optimizer's
                 loss, g, t, ls_evals = _strong_wolfe(
-                    xp, along, t, d, loss, g, gtd, tolerance_change=tol_change,
-                    max_ls=max_eval - evals,
+                    xp, along, t, d, loss, g, gtd, max_ls=max_eval - evals,
                 )
                 x = _axpy(t, d, x)
                 done = _amax(xp, g) <= self.tolerance_grad
