@@ -251,7 +251,8 @@ class lbfgs(Rule):
     ``s = t d``, ``y = g_new - g`` with ``y.s > 1e-10`` (two-loop recursion, ``H_0 = y.s/y.y``),
     and ``x <- x + t d``: ``t = lr`` (the first iteration ever: ``min(1, 1/|g|_1) lr``), or
     the strong-Wolfe step. It stops when ``max|g| <= tolerance_grad``, when ``g.d``,
-    ``max|t d|`` or the change of loss falls below ``tolerance_change``. One iteration ``k``,
+    ``max|t d|`` or the change of loss falls below ``tolerance_change`` (the line search ends a
+    bracket narrower than 1e-9 whatever ``tolerance_change`` is, as torch's). One iteration ``k``,
     with ``x`` the parameters flattened into one vector and ``(s_i, y_i)``, ``rho_i = 1/y_i.s_i``
     the kept pairs, oldest first:
 
