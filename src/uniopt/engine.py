@@ -1094,14 +1094,14 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
         x0 = _flat(xp, leaves)
 
     def evaluate(x: Any) -> tuple[Any, Any]:
-        at = _split(xp, x, leaves)
         if inplace:
-            with backend.outside_autograd(leaves):
-                for p, v in zip(leaves, at, strict=True):
-                    backend.assign(p, v)
+            if x is not x0:  # (the params hold x0 itself: the first evaluation, as torch's)
+                with backend.outside_autograd(leaves):
+                    for p, v in zip(leaves, _split(xp, x, leaves), strict=True):
+                        backend.assign(p, v)
             loss, grads = _evaluation(closure(params))
         else:
-            loss, grads = _evaluation(closure(unflatten(treedef, at)))
+            loss, grads = _evaluation(closure(unflatten(treedef, _split(xp, x, leaves))))
         g = _align_grads(grads, treedef, names, leaves)
         with backend.outside_autograd(leaves):
             return loss, _flat(xp, g)
