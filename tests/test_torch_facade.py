@@ -1124,27 +1124,32 @@ def test_state_dtype_keeps_float32_slots_for_bfloat16_params() -> None:
     q = ours.param_groups[0]["params"][0]
     assert ours.state[q]["exp_avg"].dtype == torch.float32 and int(ours.state[q]["step"]) == 2
 
-    # float64 slots for float32 params: the step computed in float64, as the functional API's
-    # (on the reference path: the compiled loops compute in the params' float32); it raised
-    # "this state was set up for other params" at the first step
-    for flags in ({}, {"foreach": True}, {"capturable": True}):
+    # float64 slots for float32 params, and float32 ones for float64 params: the step computed
+    # in the state's dtype, as the functional API's (on the reference path: the compiled loops
+    # compute in the params' dtype); both raised "this state was set up for other params" at
+    # the first step
+    for dtype, sd, flags in ((torch.float32, "float64", {}),
+                             (torch.float32, "float64", {"foreach": True}),
+                             (torch.float32, "float64", {"capturable": True}),
+                             (torch.float64, "float32", {})):
         g = torch.Generator().manual_seed(1)
-        start = [torch.randn(7, 5, generator=g), torch.randn(3, generator=g)]
+        start = [torch.randn(7, 5, generator=g, dtype=dtype),
+                 torch.randn(3, generator=g, dtype=dtype)]
         ps = [nn.Parameter(p.clone()) for p in start]
         ref = [p.clone() for p in start]
-        opt = ut.AdamW(ps, lr=1e-2, state_dtype="float64", **flags)
-        state = uo.setup(uo.adamw(lr=1e-2), ref, state_dtype="float64")
+        opt = ut.AdamW(ps, lr=1e-2, state_dtype=sd, **flags)
+        state = uo.setup(uo.adamw(lr=1e-2), ref, state_dtype=sd)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ufast.FastPathUnavailable)
             for _ in range(5):
-                gs = [torch.randn(p.shape, generator=g) for p in start]
+                gs = [torch.randn(p.shape, generator=g, dtype=dtype) for p in start]
                 for p, grad in zip(ps, gs, strict=True):
                     p.grad = grad
                 opt.step()
                 state = uo.update_(state, ref, gs)
-        assert opt.state[ps[0]]["exp_avg"].dtype == torch.float64
+        assert opt.state[ps[0]]["exp_avg"].dtype == getattr(torch, sd)
         for p, r in zip(ps, ref, strict=True):
-            assert p.dtype == torch.float32 and torch.equal(p.detach(), r), flags
+            assert p.dtype == dtype and torch.equal(p.detach(), r), (dtype, flags)
 
     for bad in ("bfloat16", "fp32", 32):
         with pytest.raises(ValueError, match=f"state_dtype must be .* got {bad!r}"):
