@@ -459,6 +459,22 @@ def test_a_capturable_step_reads_tensor_hyperparameters_where_they_are(name: str
         torch.testing.assert_close(x, y, rtol=1e-14, atol=0)
 
 
+def test_a_capturable_groups_rule_holds_a_list_of_tensors_once() -> None:
+    # a list may change in place, so it is looked at every step: its tensors by their identity
+    # (an earlier key took the identity of a view made anew each time: a new rule every step)
+    ps = [torch.nn.Parameter(torch.ones(3))]
+    opt = ut.AdamW(ps, lr=torch.tensor(0.01), betas=[torch.tensor(0.9), torch.tensor(0.99)],
+                   capturable=True)
+    rules = set()
+    for _ in range(4):
+        ps[0].grad = torch.ones(3)
+        opt.step()
+        rules.add(id(opt._rule(opt.param_groups[0])[0]))
+    assert len(rules) == 1
+    opt.param_groups[0]["betas"][1] = torch.tensor(0.999)  # replaced: a rule of its own
+    assert id(opt._rule(opt.param_groups[0])[0]) not in rules
+
+
 @pytest.mark.parametrize("state_dtype", ["q8", "float64"])
 def test_a_capturable_group_off_the_multi_tensor_path_reads_tensor_values_on_the_host(
         state_dtype: str) -> None:

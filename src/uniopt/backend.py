@@ -104,7 +104,12 @@ BFLOAT16_BITS = np.dtype(np.uint16, metadata={"uniopt": "bfloat16"})
 
 def is_bfloat16_bits(x: Any) -> bool:
     """Whether NumPy array ``x`` is the bits of a bfloat16 tensor (:func:`numpy_view`)."""
-    md = x.dtype.metadata
+    return is_bfloat16_bits_dtype(x.dtype)
+
+
+def is_bfloat16_bits_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` is :data:`BFLOAT16_BITS` (a dtype of any library: False)."""
+    md = getattr(dtype, "metadata", None)
     return md is not None and md.get("uniopt") == "bfloat16"
 
 

@@ -69,11 +69,10 @@ class scale_by_rprop(Elementwise):
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         lr = resolve(self.lr, 0)
-        if isinstance(lr, DeviceNumber):
+        if isinstance(lr, DeviceNumber) and is_torch(lr.array):
             # torch's full_like takes a Python number: a tensor read on the device (a capturable
             # group's) is read on the host once, here, where the state is made
-            lr = lr.read()
-            lr = lr.item() if is_torch(lr) else lr
+            lr = float(lr)
         return xp.zeros_like(p), xp.full_like(p, lr)
 
     def coeffs(self, step: int) -> RpropCoeffs:

@@ -79,11 +79,13 @@ def _read_on_device(v: Any) -> bool:
 
 def _key(group: dict[str, Any], key: str) -> Any:
     """What a group's cached rule is keyed by for value ``key``: :func:`field`'s value, a
-    tensor read on the device by its identity (the rule reads it at each step)."""
-    v = field(group, key)
+    tensor read on the device by the identity of the group's tensor (the rule reads it at each
+    step)."""
+    v, raw = field(group, key), group[key]
     if isinstance(v, tuple):
-        return tuple(("tensor", id(x.array)) if isinstance(x, DeviceNumber) else x for x in v)
-    return ("tensor", id(group[key])) if isinstance(v, DeviceNumber) else v
+        return tuple(("tensor", id(r)) if isinstance(x, DeviceNumber) else x
+                     for x, r in zip(v, raw, strict=True))
+    return ("tensor", id(raw)) if isinstance(v, DeviceNumber) else v
 
 
 def hyperparameter_keys(rule: Transform) -> dict[str, Any]:
