@@ -116,11 +116,24 @@ def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
 
     # torch's step hooks and profiler label, as torch.optim has them
     seen: list[str] = []
-    pre = opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
-    post = opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    calls: list[Any] = []  # the hooks' arguments, as torch's wrapper hands them over
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(o: Any, a: Any, k: Any) -> None:  # (a pair returned would replace a, k)
+            seen.append(name)
+            calls.append((o, a, k))
+
+        return record
+
+    pre = opt.register_step_pre_hook(hook("pre"))
+    post = opt.register_step_post_hook(hook("post"))
     before = ps[0].detach().clone()
     opt.step()
     assert seen == ["pre", "post"] and not torch.equal(ps[0].detach(), before)
+    assert calls == [(opt, (opt,), {})] * 2  # torch's: no closure, none in the arguments
+    closure = lambda: 1.0  # noqa: E731
+    assert opt.step(closure) == 1.0 and calls[2:] == [(opt, (opt, closure), {})] * 2
+    del seen[2:]
     pre.remove()
     post.remove()
     opt.step()

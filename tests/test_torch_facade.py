@@ -409,12 +409,15 @@ def test_signature_and_defaults_are_torchs(name: str) -> None:
         assert sig_ours[key].default is default
         assert sig_ours[key].kind is inspect.Parameter.KEYWORD_ONLY
     sig_ours = {k: v for k, v in sig_ours.items() if k not in own}
-    assert [(p.name, p.kind, p.default) for p in sig_ours.values()] == [
-        (p.name, p.kind, p.default) for p in sig_theirs.values()
+    # the defaults' types too: torch's int 0s stay ints (a repr or a logged config shows them)
+    assert [(p.name, p.kind, type(p.default), p.default) for p in sig_ours.values()] == [
+        (p.name, p.kind, type(p.default), p.default) for p in sig_theirs.values()
     ]
     w = [nn.Parameter(torch.zeros(2))]
     extra = {"couple_lr": True} if name == "AdamW" else {}  # state_dtype only where set
-    assert ours(w).defaults == {**theirs(w).defaults, **extra}
+    typed = lambda d: {k: (type(v), v) for k, v in d.items()}  # noqa: E731
+    assert typed(ours(w).defaults) == typed({**theirs(w).defaults, **extra})
+    assert typed(ours(w).param_groups[0]) == typed({**theirs(w).param_groups[0], **extra})
     assert isinstance(ours(w), torch.optim.Optimizer)
     assert issubclass(ut.AdamW, ut.Adam)
 

@@ -95,13 +95,18 @@ class _Named(Optimizer):
     # rule fields kept in the groups that are no constructor parameter (set by ``_fixed``, or
     # by the class's ``step``: SophiaG's ``bs``)
     _group_only: ClassVar[tuple[str, ...]] = ()
+    # torch's defaults where they are not the rule's field defaults as written: its int 0s
+    # (a repr, a logged config or a signature shows them; the class's own, not inherited)
+    _torch_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "_torch_params" in vars(cls):
             fields = {f.name: f.default for f in dataclasses.fields(cls.rule) if f.init}
             cls._keys = (*(n for n in cls._torch_params if n in fields), *cls._group_only)
-            cls.__init__ = _constructor(cls, {**TORCH_FLAGS, **fields})  # type: ignore[method-assign]
+            own = vars(cls).get("_torch_defaults", {})
+            cls.__init__ = _constructor(  # type: ignore[method-assign]
+                cls, {**TORCH_FLAGS, **fields, **own})
 
     def _init(self, params: Any, defaults: dict[str, Any]) -> None:
         self._torch_checks(defaults)
@@ -199,6 +204,7 @@ class SGD(_Named):
     rule = sgd()
     _torch_params = ("lr", "momentum", "dampening", "weight_decay", "nesterov",
                      "*", "maximize", "foreach", "differentiable", "fused")
+    _torch_defaults = {"momentum": 0, "dampening": 0, "weight_decay": 0}
     _all_slots = sgd(momentum=0.5)
     _sparse = "dense"
     _checks = (LR, _at_least_0("momentum"), WEIGHT_DECAY)
@@ -217,6 +223,7 @@ class Adagrad(_Named):
     rule = adagrad()
     _torch_params = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
                      "foreach", "*", "maximize", "differentiable", "fused")
+    _torch_defaults = {"lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0}
     _sparse = "rows"
     _checks = (LR, _at_least_0("lr_decay"), WEIGHT_DECAY,
                _at_least_0("initial_accumulator_value"), EPS)
@@ -238,6 +245,7 @@ class RMSprop(_Named):
     rule = rmsprop()
     _torch_params = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "capturable",
                      "foreach", "maximize", "differentiable")
+    _torch_defaults = {"weight_decay": 0, "momentum": 0}
     _all_slots = rmsprop(momentum=0.5, centered=True)
     _sparse_error = "RMSprop does not support sparse gradients"
     _checks = (LR, EPS, _at_least_0("momentum"), WEIGHT_DECAY, _at_least_0("alpha"))
@@ -249,6 +257,7 @@ class Adadelta(_Named):
     rule = adadelta()
     _torch_params = ("lr", "rho", "eps", "weight_decay", "foreach",
                      "*", "capturable", "maximize", "differentiable")
+    _torch_defaults = {"weight_decay": 0}
     _sparse_error = "Adadelta does not support sparse gradients"
     _checks = (LR, ("rho", lambda v: 0.0 <= v <= 1.0, "Invalid rho value: {}"), EPS, WEIGHT_DECAY)
 
@@ -260,6 +269,7 @@ class Adam(_Named):
     rule: Transform = adam()  # AdamW's is adamw
     _torch_params = ("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "foreach", "maximize",
                      "capturable", "differentiable", "fused", "decoupled_weight_decay")
+    _torch_defaults = {"weight_decay": 0}
     _all_slots = adam(amsgrad=True)
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY)
@@ -337,6 +347,7 @@ class LBFGS(_Named):
     rule = lbfgs()
     _torch_params = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
                      "history_size", "line_search_fn")
+    _torch_defaults = {"lr": 1}
 
     _checks = (LR,)
 
@@ -482,6 +493,7 @@ class Adamax(_Named):
     rule = adamax()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "foreach",
                      "*", "maximize", "differentiable", "capturable")
+    _torch_defaults = {"weight_decay": 0}
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY)
 
 
@@ -491,6 +503,7 @@ class RAdam(_Named):
     rule = radam()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay",
                      "*", "foreach", "maximize", "capturable", "differentiable")
+    _torch_defaults = {"weight_decay": 0}
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY)
 
 
@@ -615,6 +628,7 @@ class NAdam(_Derived):
     _torch_params = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
                      "decoupled_weight_decay",
                      "*", "foreach", "maximize", "capturable", "differentiable")
+    _torch_defaults = {"weight_decay": 0}
     _derived = ("mu_product",)
     _carried = "past_product"
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY, _at_least_0("momentum_decay"))
@@ -676,6 +690,7 @@ class ASGD(_Derived):
     rule = asgd()
     _torch_params = ("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize",
                      "differentiable", "capturable")
+    _torch_defaults = {"weight_decay": 0}
     _derived = ("eta", "mu")
     _carried = "eta_lr"
     _checks = (LR, WEIGHT_DECAY)

@@ -348,7 +348,8 @@ class Optimizer(torch.optim.Optimizer):
             or _torch_optimizer._global_optimizer_post_hooks
             or torch.autograd._profiler_enabled()
         ):
-            return _HOOKED_STEP(self, closure)
+            # the hooks see the call's arguments as torch's do: (self,) for step()
+            return _HOOKED_STEP(self) if closure is None else _HOOKED_STEP(self, closure)
         return self._step(closure)
 
     # torch wraps every subclass's step in its hooks and a profiler label, which costs about
