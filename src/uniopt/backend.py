@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import itertools
 import operator
+import sys
 from typing import Any
 
 import array_api_compat as aac
@@ -84,6 +85,18 @@ def is_numpy_scalar(x: Any) -> bool:
 
 def is_jax(x: Any) -> bool:
     return bool(aac.is_jax_array(x))
+
+
+def jax_array_of(x: Any) -> Any:
+    """The JAX array ``x`` is or holds: ``x`` itself, or the one array of a JAX node that
+    wraps it (a flax ``nnx.Variable``, which forwards the array's attributes); else None."""
+    if aac.is_jax_array(x):
+        return x
+    jax = sys.modules.get("jax")
+    if jax is None or is_numpy(x) or is_torch(x):
+        return None
+    leaves = jax.tree_util.tree_leaves(x)
+    return leaves[0] if len(leaves) == 1 and leaves[0] is not x and is_jax(leaves[0]) else None
 
 
 def is_numpy(x: Any) -> bool:

@@ -118,11 +118,13 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     # a JAX state counts in a JAX array, as optax's do: a Python int would be static to
     # equinox's filter_jit (a recompile every step) and weakly typed to jax.jit
     step: Any = 0
-    if leaves and backend.is_jax(leaves[0]):
-        xp = backend.namespace(leaves[0])
+    # (flax NNX sets up from its Params, and steps with the arrays they hold)
+    first = backend.jax_array_of(leaves[0]) if leaves else None
+    if first is not None:
+        xp = backend.namespace(first)
         # the counter placed as a jitted step returns it beside these params (replicated on
         # their mesh, committed to their device), so the second step does not compile again
-        step = backend.placed(xp.asarray(0, dtype=xp.int32), leaves[0])
+        step = backend.placed(xp.asarray(0, dtype=xp.int32), first)
     return State(rule, step, slots, treedef, state_dtype, trees)
 
 
