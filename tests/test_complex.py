@@ -105,3 +105,41 @@ def test_complex_errors_name_the_problem() -> None:
         uo.setup(uo.adam(), [np.ones(2, np.complex64)], state_dtype="float32")
     with pytest.raises(TypeError, match="has dtype int64; uniopt updates floating arrays"):
         uo.setup(uo.adam(), [np.ones(2, np.int64)])
+
+
+@pytest.mark.parametrize("library", ["numpy", "jax"])
+def test_the_optax_protocol_steps_complex_params_as_update_does(library: str) -> None:
+    """``rule.update`` (optax's protocol, as flax and equinox call it) takes a complex leaf as
+    ``uo.update`` does, as the pair of its parts: the same numbers over several steps, slots
+    included, a global norm over a chain too (it had updated no imaginary part for Adam)."""
+    make = _library(library)
+    rng = np.random.default_rng(7)
+    p = {"z": make(rng.standard_normal(3) + 1j * rng.standard_normal(3)),
+         "r": make(rng.standard_normal(2))}
+    for rule in (uo.adam(lr=0.1, amsgrad=True), uo.rmsprop(lr=0.01, centered=True),
+                 uo.lion(lr=0.1), uo.chain(uo.clip_by_global_norm(0.5), uo.adamw(lr=0.1))):
+        ours, theirs = uo.setup(rule, p), rule.init(p)
+        q, w = p, p
+        for _ in range(4):
+            g = {k: make(rng.standard_normal(v.shape) * (1 + 1j if k == "z" else 1))
+                 for k, v in p.items()}
+            ours, q = uo.update(ours, q, g)
+            u, theirs = rule.update(g, theirs, w)
+            w = {k: w[k] + u[k] for k in w}  # optax.apply_updates, staying NumPy on NumPy
+        for k in p:
+            assert w[k].dtype == q[k].dtype
+            np.testing.assert_allclose(np.asarray(w[k]), np.asarray(q[k]), rtol=0, atol=1e-15)
+        for key, slots in ours.slots.items():
+            for a, b in zip(slots, theirs.slots[key], strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_optax_protocol_names_a_none_gradient() -> None:
+    """optax's transforms refuse a None gradient too; the error names the leaf, and says that
+    ``uo.update`` leaves such a leaf as it is."""
+    p = {"w": np.ones(2), "b": np.ones(2)}
+    for rule in (uo.adam(lr=0.1), uo.partition({"a": uo.sgd(lr=0.1), "b": uo.adam(lr=0.1)},
+                                               {"w": "a", "b": "b"})):
+        with pytest.raises(ValueError, match=r"the gradient of params\['b'\] is None; the optax "
+                                             r"protocol updates every leaf"):
+            rule.update({"w": np.ones(2), "b": None}, rule.init(p), p)

@@ -1177,7 +1177,16 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     if params is None and any(p.uses_params for p in rule.flat_parts):
         raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
     step = _prologue(state, params, grads)
+    if any(g is None for g in step.grads):
+        # optax's transforms refuse these too (uo.update leaves such a leaf as it is)
+        names = _leaves(params)[2]
+        missing = [n for n, g in zip(names, step.grads, strict=True) if g is None]
+        raise ValueError(
+            f"{rule.name}: the gradient of {', '.join(missing)} is None; the optax protocol "
+            "updates every leaf (pass zeros), uniopt.update leaves such a leaf as it is")
     state = _with_structure(state, step.treedef)
+    if any(map(backend.is_complex, step.params)):
+        return _protocol_pairs(rule, state, step, extra_args)
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
                                        step.grads, extra_args)
@@ -1187,6 +1196,28 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     return unflatten(step.treedef, updates), new
+
+
+def _protocol_pairs(rule: Transform, state: State, step: _Step,
+                    extra: dict[str, Any]) -> tuple[Any, State]:
+    """:func:`optax_update` of complex params as :func:`update` steps them (:func:`_as_pairs`):
+    each complex array as the real pairs of its parts, the updates and slots back as complex
+    arrays."""
+    def pairs(xs: list[Any]) -> list[Any]:
+        return [x if x is None or not backend.is_complex(x) else backend.as_real(x, False)
+                for x in xs]
+
+    def back(xs: list[Any], like: list[Any]) -> list[Any]:
+        return [x if x is None or not backend.is_complex(c) else backend.as_complex(x, c)
+                for x, c in zip(xs, like, strict=True)]
+
+    flat = flat_list_def(len(step.params))
+    real = State(state.rule, state.step, {k: pairs(v) for k, v in state.slots.items()}, flat,
+                 state.state_dtype, state.tree_states, state.counts)
+    updates, new = optax_update(rule, pairs(step.grads), real, pairs(step.params), **extra)
+    slots = {k: back(v, state.slots[k]) for k, v in new.slots.items()}
+    return (unflatten(step.treedef, back(updates, step.grads)),
+            dataclasses.replace(new, slots=slots, treedef=state.treedef))
 
 
 def _fixed_at_setup(rule: Transform, like: Transform) -> Transform:
