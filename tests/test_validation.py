@@ -356,14 +356,16 @@ SCHEDULE_CASES = [
         r"nesterov=True requires momentum > 0",
         id="sgd-nesterov",
     ),
-    pytest.param(lambda: uo.adam(lr=_bad_at_3(1e-2, -1e-2)), r"lr must be >= 0", id="adam-lr"),
+    pytest.param(lambda: uo.adam(lr=_bad_at_3(1e-2, -1e-2)), r"adam: lr must be >= 0",
+                 id="adam-lr"),
     pytest.param(
         lambda: uo.adam(betas=(_bad_at_3(0.9, 1.0), 0.999)),
-        r"b1 must be in \[0, 1\)",
+        r"adam: betas\[0\] must be in \[0, 1\)",  # the rule's own words, not its part's b1
         id="adam-beta1",
     ),
     pytest.param(
-        lambda: uo.adamw(weight_decay=_bad_at_3(0.01, -0.01)), r"wd must be >= 0", id="adamw-wd"
+        lambda: uo.adamw(weight_decay=_bad_at_3(0.01, -0.01)), r"adamw: weight_decay must be >= 0",
+        id="adamw-wd"
     ),
     pytest.param(
         lambda: uo.rmsprop(alpha=_bad_at_3(0.9, 1.5)),

@@ -509,8 +509,9 @@ class skip_nonfinite(_Wraps):
     and ``rule``'s state stay as they were, and the state counts it (``notfinite_count`` in a
     row, ``total_notfinite``, ``last_finite``). More than ``max_consecutive`` in a row is an
     error that names the first leaf at fault, raised before anything is written. Under JAX
-    nothing can be raised inside a traced step: there, as optax does, the update is then
-    applied (what it spreads is the gradient's own NaN or inf)."""
+    nothing can be raised inside a traced step: on JAX arrays, jitted or eager (one program
+    either way), the update is then applied, as optax does (what it spreads is the
+    gradient's own NaN or inf)."""
 
     max_consecutive: int
 

@@ -380,10 +380,21 @@ def resolve(rule: Transform, step: Any) -> Resolved:
         try:
             resolved = part.at(step)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"{rule.name}: {e}") from None
+            raise _in_users_words(rule, step, e) from None
         assert isinstance(resolved, Part)
         out.append((resolved, resolved.coeffs(step), keys))
     return out
+
+
+def _in_users_words(rule: Transform, step: Any, e: Exception) -> Exception:
+    """A part's error at ``step`` as the rule the user wrote would word it: the value of its
+    own field (adam's ``lr``, not its part's ``folded_lr``) where that is what is wrong."""
+    for record in (rule, *(rule.transforms if isinstance(rule, chain) else ())):
+        try:
+            record.at(step)
+        except (ValueError, TypeError) as own:
+            return type(own)(own if record is rule else f"{rule.name}: {own}")
+    return type(e)(f"{rule.name}: {e}")
 
 
 def _deltas(
