@@ -72,6 +72,23 @@ def test_grad_has_the_params_structure_and_float64(name):
         assert g.shape == p.shape and g.dtype == p.dtype == np.float64
 
 
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_hvp_matches_central_differences_of_the_gradient(name):
+    import optree
+
+    problem, h = PROBLEMS[name], 1e-5
+    rng = np.random.default_rng(7)
+    for params in _points(problem):
+        v = optree.tree_map(lambda x: rng.standard_normal(np.shape(x)), params)
+        hv = problem.hvp(params)(v)
+        assert optree.tree_structure(hv) == optree.tree_structure(params)
+        up, down = (problem.grad(optree.tree_map(lambda x, d, s=s: x + s * h * d, params, v))
+                    for s in (1, -1))
+        fd = optree.tree_map(lambda a, b: (a - b) / (2 * h), up, down)
+        a, n = (np.concatenate([np.ravel(x) for x in optree.tree_leaves(t)]) for t in (hv, fd))
+        assert np.linalg.norm(a - n) <= 1e-6 * np.linalg.norm(n)
+
+
 def test_logistic_params_are_a_tree():
     params = Logistic().init(0)
     assert sorted(params) == ["b", "w"]
@@ -290,6 +307,20 @@ def test_python_dash_m_runs_the_command():
     assert bad.returncode == 2 and "'nope'" in bad.stderr
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """``uniopt rules | head -1``: the pipe is closed before the command writes; it exits with
+    141 (128 + SIGPIPE, as a tool stopped by SIGPIPE does) and prints no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    argvs = [["rules"], ["rules", "adamw"], ["rules", "--json"], ["schedule", "cosine(-1, 100)"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "uniopt", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env) for argv in argvs]
+    for proc in procs:
+        proc.stdout.close()  # long before the command has imported uniopt
+    for argv, proc in zip(argvs, procs, strict=True):
+        _, err = proc.communicate(timeout=120)
+        assert (proc.returncode, err.decode()) == (141, ""), argv
+
+
 def test_compare_needs_no_optional_framework():
     code = (
         "import sys; from uniopt.tools.cli import main; main(['compare', '--steps', '2']); "
@@ -334,12 +365,41 @@ def test_translate_bad_input_is_a_usage_error(capsys, argv, named):
     assert named in capsys.readouterr().err
 
 
+def test_translate_reads_schedules_as_compare_does(capsys):
+    assert main(["translate", "adam", "lr=cosine(1e-3,100)", "--to", "optax", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rule"] == ("uo.adam(convention='optax', lr=cosine(init=0.001, steps=100, "
+                           "floor=0.0, exponent=1.0))") and doc["exact"] is True
+    # Flux's uncoupled decay under an lr schedule: the decay becomes a schedule too
+    assert main(["translate", "adamw", "--to", "flux", "--set", "couple_lr=False",
+                 "lr=warmup(10, cosine(1e-3, 100))", "weight_decay=1e-2"]) == 0
+    out = capsys.readouterr().out
+    assert "weight_decay=product(warmup(" in out and "exact:       yes" in out
+    # a schedule the target cannot follow exactly says so, and why
+    assert main(["translate", "sgd", "lr=cosine(1e-3, 100)", "momentum=0.9", "--to",
+                 "keras"]) == 0
+    out = capsys.readouterr().out
+    assert "exact:       no" in out and "constant lr" in out and "lr schedule" in out
+    assert main(["translate", "adam", "lr=cosin(1e-3, 100)", "--to", "optax"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown schedule 'cosin'; did you mean 'cosine'" in err and "Traceback" not in err
+
+
 def test_conventions_writes_the_page(tmp_path, capsys):
     path = tmp_path / "conventions.md"
     assert main(["conventions", "--write", str(path)]) == 0
     assert path.read_text(encoding="utf-8") == uo.conventions.page()
     assert main(["conventions"]) == 0
     assert capsys.readouterr().out == uo.conventions.page() + "\n"
+
+
+def test_conventions_to_an_unwritable_path_is_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "no" / "conventions.md"
+    assert main(["conventions", "--write", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"uniopt conventions: cannot write {path}: No such file or "
+                            "directory\n")
+    assert captured.out == "" and not path.exists()
 
 
 # --- uniopt rules -------------------------------------------------------------------------------
@@ -511,6 +571,21 @@ bowl.optimum = 3.0
 
 def nostart(x):
     return float(x @ x), 2.0 * x
+
+def floaty(x):
+    return float(x @ x)
+
+floaty.x0 = [1.0, 2.0]
+
+def misshapen(x):
+    return float(x @ x), np.ones(5)
+
+misshapen.x0 = [1.0, 2.0]
+
+def late(x):  # keeps its contract at the start only
+    return (float(x @ x), 2.0 * x) if x[0] == 1.0 else 1.0
+
+late.x0 = [1.0, 2.0]
 '''
 
 
@@ -543,6 +618,21 @@ def test_a_bad_problem_of_your_own_is_a_usage_error(capsys, user_module, spec, s
     assert main(["compare", "--problems", spec.format(m=user_module)]) == 2
     err = capsys.readouterr().err
     assert said in err and "argument --problems" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("function", "said"), [
+    ("floaty", "it returned float"),
+    ("misshapen", "its grads have shapes [(5,)] where the params have [(2,)]"),
+    ("late", "it returned float"),
+])
+def test_a_function_that_breaks_its_contract_is_a_usage_error(capsys, user_module, function,
+                                                              said):
+    spec = f"{user_module}:{function}"
+    assert main(["compare", "--steps", "3", "--rules", "adam", "--problems", spec]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"uniopt compare: {spec} must return (loss, grads), the loss a number "
+                            f"and grads a tree shaped like params; {said}\n")
+    assert captured.out == ""
 
 
 # --- rules with hyperparameters, registry rules, seeds ------------------------------------------
@@ -583,6 +673,49 @@ def test_any_registry_rule_runs_closures_and_step_arguments_included(capsys):
     for r in doc["results"]:
         assert r["diverged"] is False and r["final_loss"] < r["initial_loss"], r["rule"]
     assert doc["results"][0]["lr"] == "cosine(0.03, 1000)"  # lion's registry example
+
+
+def test_a_rule_that_reads_hvp_runs_on_every_built_in_problem(capsys):
+    doc = _compare_json(capsys, "--steps", "30", "--problems", "all", "--rules", "sophia_h")
+    assert [r["problem"] for r in doc["results"]] == list(PROBLEMS)
+    assert not any(r["diverged"] for r in doc["results"])
+    p, e = PROBLEMS["quadratic"], uo.registry.entry("sophia_h")
+    params = p.init(0)
+    state = uo.setup(e.rule(**e.example), params)
+    for _ in range(30):
+        state, params = uo.update(state, params, p.grad(params), hvp=p.hvp(params))
+    assert doc["results"][1]["final_loss"] == p.loss(params)  # bit for bit
+
+
+def test_a_rule_whose_step_needs_what_the_problem_lacks_says_so(capsys, user_module):
+    assert main(["compare", "--rules", "adam,sophia_h", "--problems", f"{user_module}:bowl"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"uniopt compare: sophia_h cannot run on {user_module}:bowl: its step "
+                            "needs hvp= (the Hessian-vector product, v -> H v at the params), "
+                            f"which {user_module}:bowl does not give\n")
+    assert captured.out == ""
+
+
+def test_us_per_update_leaves_out_one_off_costs(capsys, monkeypatch):
+    """The first update (which loads the compiled loop) and a slow one later (a compile after
+    COMPILE_AFTER updates) do not count in the time per update."""
+    import time
+
+    import uniopt.engine
+
+    update_ = uniopt.engine.update_
+    calls = []
+
+    def slow_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in (1, 5):
+            time.sleep(0.3)
+        return update_(*args, **kwargs)
+
+    monkeypatch.setattr(uniopt.engine, "update_", slow_once)
+    (r,) = _compare_json(capsys, "--steps", "9", "--rules", "adam", "--problems",
+                         "quadratic")["results"]
+    assert len(calls) == 9 and r["us_per_update"] < 0.1 * 0.3e6 / 9
 
 
 def test_a_rule_that_cannot_take_the_problem_says_so_before_running(capsys):

@@ -3,20 +3,21 @@
 ``uniopt compare`` runs rules (with hyperparameters of your choice) on the built-in problems
 (:mod:`uniopt.tools.problems`) or one of your own with the functional API and prints, for each
 run, the final loss, its gap to the known minimum, the number of updates after which the gap
-first fell to ``--tol``, and the time of one ``uniopt.update_`` call; ``--plot`` draws the loss
-curves and, on 2-D problems, the paths over the contours. ``uniopt schedule`` evaluates and
-draws a schedule expression. Subcommands are argparse sub-parsers, so more can be added beside
-them. Nothing the user types is evaluated: :mod:`uniopt.tools.parse` reads it.
+first fell to ``--tol``, and the median time of one ``uniopt.update_`` call (the first left
+out: see :func:`run_one`); ``--plot`` draws the loss curves and, on 2-D problems, the paths
+over the contours. ``uniopt schedule`` evaluates and draws a schedule expression. Subcommands
+are argparse sub-parsers, so more can be added beside them. Nothing the user types is
+evaluated: :mod:`uniopt.tools.parse` reads it.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import itertools
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -36,7 +37,7 @@ from ..rules.rmsprop import rmsprop
 from ..rules.sgd import sgd
 from . import parse as parse_
 from .parse import RuleSpec, UsageError
-from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem
+from .problems import DEFAULT_PROBLEMS, PROBLEMS, BadProblem, Problem
 
 # Every rule as built for the comparison; only lr varies by problem. Momentum 0.9 for the
 # two SGD variants (plain SGD is not interesting next to the adaptive rules); everything else
@@ -140,7 +141,7 @@ class Result:
     optimum: float | None  # None where the problem's minimum is not known
     steps_to_tol: int | None  # updates applied when the gap first was <= tol
     diverged_at: int | None  # updates applied when the loss first was not finite
-    us_per_update: float
+    us_per_update: float  # the median time of one update, the first left out (see run_one)
     seed: int = 0
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # as given, JSON-able
     lr_text: str = "-"
@@ -244,6 +245,27 @@ def build_run(spec: RuleSpec, problem: str, lr: float | None = None) -> Run:
     return Run(spec, rule, kwargs.get("lr"), tuple(entry.step_args), entry.needs_closure)
 
 
+# what a rule's step may read beside the gradient (its registry entry's step_args): the loss,
+# the gradient and the objective, which every problem gives, and the Hessian-vector product,
+# which a problem gives where it has an ``hvp`` method (the built-in ones do)
+STEP_ARGS = {
+    "value": "the loss",
+    "grad": "the gradient",
+    "value_fn": "the objective, params -> (loss, grads)",
+    "hvp": "the Hessian-vector product, v -> H v at the params",
+}
+
+
+def _check_step_args(problem: Problem, run: Run) -> None:
+    """A UsageError where ``run``'s step reads an argument that ``problem`` cannot give."""
+    lacking = [a for a in run.step_args if a not in STEP_ARGS
+               or (a == "hvp" and not callable(getattr(problem, "hvp", None)))]
+    if lacking:
+        needs = "; ".join(f"{a}= ({STEP_ARGS.get(a, 'unknown to compare')})" for a in lacking)
+        raise UsageError(f"{run.spec.label} cannot run on {problem.name}: its step needs "
+                         f"{needs}, which {problem.name} does not give")
+
+
 def _closure(problem: Problem) -> Callable[[Any], tuple[float, Any]]:
     own = getattr(problem, "closure", None)
     if callable(own):
@@ -272,10 +294,20 @@ def run_one(
 ) -> Result:
     """``steps`` updates of ``run`` on ``problem`` from ``problem.init(seed)``, in place; ``run``
     may be a preset's name (with ``lr``). ``tick(n)`` hears of every n updates done; ``track``
-    keeps a 2-D problem's points for the plot."""
+    keeps a 2-D problem's points for the plot.
+
+    Each update is timed alone (``uniopt.update_``, or ``uniopt.minimize_step_`` for a rule that
+    evaluates the objective itself, with the objective's evaluations in it), and the time
+    reported is the median over the updates after the first. The first pays the process's and
+    the rule's one-off costs (loading the compiled loop from the disk cache: some 0.4 s in a
+    fresh process), and a rule whose loop is not on disk compiles it, once, about a second long,
+    after its first :data:`uniopt.fast.cpu.COMPILE_AFTER` updates: the median leaves that out
+    of a longer run. A run of one update reports that update."""
     if isinstance(run, str):
         run = build_run(RuleSpec(run), problem.name, lr)
+    _check_step_args(problem, run)
     closure = _closure(problem)
+    hvp = getattr(problem, "hvp", None)
     params = problem.init(seed)
     state = engine.setup(run.rule, params)
     optimum = problem.optimum
@@ -285,20 +317,23 @@ def run_one(
     path = [] if not track or _point(params) is None else [_point(params)]
     hit = 0 if optimum is not None and loss - optimum <= tol else None
     diverged_at = None
-    spent = 0.0
+    times: list[float] = []
     done = 0
     every = 100
     # a diverging run overflows on its way to inf/nan; that is reported, not warned about
     with np.errstate(all="ignore"):
         for k in range(1, steps + 1):
-            t0 = time.perf_counter()
             if run.needs_closure:
+                t0 = time.perf_counter()
                 state, _ = engine.minimize_step_(state, params, closure)
             else:
                 given = {"value": loss, "grad": grads, "value_fn": closure}
+                if hvp is not None and "hvp" in run.step_args:  # (made only where it is read)
+                    given["hvp"] = hvp(params)
                 extra = {a: given[a] for a in run.step_args}
+                t0 = time.perf_counter()
                 state = engine.update_(state, params, grads, **extra)
-            spent += time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
             done = k
             loss, grads = closure(params)
             losses.append(loss)
@@ -322,7 +357,7 @@ def run_one(
         optimum=optimum,
         steps_to_tol=hit,
         diverged_at=diverged_at,
-        us_per_update=spent / max(done, 1) * 1e6,
+        us_per_update=float(np.median(times[1:] or times)) * 1e6,
         seed=seed,
         hyperparameters={k: _json_value(v) for k, v in run.spec.hyper.items()},
         lr_text=run.lr_text,
@@ -402,10 +437,18 @@ def compare(
     probs = [PROBLEMS[p] if isinstance(p, str) else p for p in problems]
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     runs = {(p.name, s.label): build_run(s, p.name, lr) for p in probs for s in specs}
-    for p in probs:  # a rule that cannot take a problem's params says so before anything runs
+    # a rule that cannot take a problem's params, or its step an argument the problem cannot
+    # give, and a problem of your own that breaks its contract say so before anything runs
+    for p in probs:
+        start = p.init(seeds[0])
+        try:
+            _closure(p)(start)
+        except BadProblem as e:
+            raise UsageError(str(e)) from None
         for s in specs:
+            _check_step_args(p, runs[p.name, s.label])
             try:
-                engine.setup(runs[p.name, s.label].rule, p.init(seeds[0]))
+                engine.setup(runs[p.name, s.label].rule, start)
             except (TypeError, ValueError) as e:
                 raise UsageError(f"{s.label} cannot run on {p.name}: {e}") from None
     bar = progress or Progress(0, enabled=False)
@@ -419,8 +462,11 @@ def compare(
                 for seed in seeds:
                     bar.describe(f"{p.name} {s.label}"
                                  + (f" seed {seed}" if len(seeds) > 1 else ""))
-                    out.append(run_one(p, runs[p.name, s.label], lr, steps, seed, tol,
-                                       bar.advance, track))
+                    try:
+                        out.append(run_one(p, runs[p.name, s.label], lr, steps, seed, tol,
+                                           bar.advance, track))
+                    except BadProblem as e:  # (a function that breaks its contract later on)
+                        raise UsageError(str(e)) from None
     bar.close()
     return out
 
@@ -567,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run each rule on each problem with uniopt.setup + uniopt.update_ and report the "
             "final loss, its gap to the known minimum, the updates needed to bring the gap to "
-            "TOL and the wall time of one update. Learning rates are hand-picked per problem "
+            "TOL and the median wall time of one update (each timed alone, the first left out: it "
+            "loads the compiled loop). Learning rates are hand-picked per problem "
             "and rule (see uniopt.tools.cli.DEFAULT_LR), not tuned per seed; any other rule "
             "of `uniopt rules` runs with its registry example's hyperparameters."
         ),
@@ -808,16 +855,16 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 def _assignment(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE``, the value a Python literal (``1e-3``, ``(0.9, 0.99)``, ``False``) or else
-    the text itself."""
+    """``KEY=VALUE``, the value read as compare's ``--rules`` reads one (:func:`parse.value`):
+    a number, ``True``/``False``/``None``, a tuple, a schedule call (``cosine(1e-3, 100)``) or
+    else the text itself."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip().isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        parsed = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-        parsed = value.strip()
-    return key.strip(), parsed
+        return key.strip(), parse_.value(value)
+    except UsageError as e:  # a misspelled schedule, or one with bad arguments
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 _assignment.__name__ = "KEY=VALUE"
@@ -884,8 +931,11 @@ def _cmd_conventions(args: argparse.Namespace) -> int:
     if args.write is None:
         print(text)
         return 0
-    with open(args.write, "w", encoding="utf-8") as f:
-        f.write(text)
+    try:
+        with open(args.write, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise UsageError(f"cannot write {args.write}: {e.strerror or e}") from None
     print(f"wrote {args.write}", file=sys.stderr)
     return 0
 
@@ -1081,8 +1131,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    Usage errors print argparse's message to stderr and return 2 instead of raising.
+    Usage errors print argparse's message to stderr and return 2 instead of raising; output cut
+    short by its reader (``uniopt rules | head -1``) returns 141 with nothing printed.
     """
+    try:
+        result = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # stdout pointed at /dev/null, so that the interpreter's own flush at exit finds no
+        # pipe to fail on. 141 = 128 + SIGPIPE, what the shell reports for cat, yes or any tool
+        # that SIGPIPE stops: under `set -o pipefail` the pipeline fails alike, and a caller
+        # can tell that the output was cut short, which 0 would hide
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return result
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         # KEY=VALUE words may follow options (`translate adamw --to flux lr=1e-3`): argparse
@@ -1102,5 +1167,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"uniopt {args.command}: {e}", file=sys.stderr)
         return 2
-    sys.stdout.flush()
     return result

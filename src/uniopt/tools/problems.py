@@ -5,6 +5,10 @@ the seed of its data); ``init(seed)`` gives a starting point, so one problem can
 many places while its minimum stays the same. Params are float64 NumPy arrays in a list, or in a
 dict for :class:`Logistic`, so the comparison also walks a tree with more than one leaf.
 
+``hvp(params)`` is the Hessian-vector product at ``params``, a function ``v -> H v`` (a tree like
+the params), exact, for a rule whose step reads ``hvp=`` (:func:`uniopt.sophia_h`); a problem
+of the user's own may go without one.
+
 ``optimum`` is the minimum loss and ``argmin`` a point that attains it: exact for
 :class:`Rosenbrock`, :class:`Beale` and :class:`Quadratic`, from Newton's method (computed once
 per instance and cached) for :class:`Logistic`; ``None`` where no one knows it (:class:`MLP`, and
@@ -21,6 +25,7 @@ True
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,6 +96,19 @@ class Rosenbrock:
         g[1:] += 200.0 * r
         return [g]
 
+    def hvp(self, params: list[Array]) -> Callable[[list[Array]], list[Array]]:
+        (x,) = params
+
+        def hv(v: list[Array]) -> list[Array]:
+            (u,) = v
+            a = x[:-1]
+            out = np.zeros_like(x)  # H is tridiagonal, -400 x[i] beside its diagonal
+            out[:-1] = (2.0 + 1200.0 * a * a - 400.0 * x[1:]) * u[:-1] - 400.0 * a * u[1:]
+            out[1:] += 200.0 * u[1:] - 400.0 * a * u[:-1]
+            return [out]
+
+        return hv
+
 
 @dataclass(frozen=True)
 class Quadratic:
@@ -150,6 +168,10 @@ class Quadratic:
         (x,) = params
         a, b, _, _ = self._data
         return [a @ x - b]
+
+    def hvp(self, params: list[Array]) -> Callable[[list[Array]], list[Array]]:
+        a = self._data[0]
+        return lambda v: [a @ v[0]]
 
 
 def _log1pexp(z: Array) -> Array:
@@ -221,6 +243,19 @@ class Logistic:
         r = -y * _sigmoid(-self._margins(w, b)) / self.samples
         return {"w": x.T @ r + self.l2 * w, "b": np.asarray(np.sum(r) + self.l2 * b)}
 
+    def hvp(self, params: dict[str, Array]) -> Callable[[dict[str, Array]], dict[str, Array]]:
+        x, _ = self._data
+        w, b = params["w"], params["b"]
+
+        def hv(v: dict[str, Array]) -> dict[str, Array]:
+            # H = X^T diag(s (1 - s)) X / samples + l2 I over (w, b), s the sigmoid of margins
+            s = _sigmoid(self._margins(w, b))
+            d = s * (1.0 - s) / self.samples * (x @ v["w"] + v["b"])
+            return {"w": x.T @ d + self.l2 * v["w"],
+                    "b": np.asarray(np.sum(d) + self.l2 * v["b"])}
+
+        return hv
+
     @functools.cached_property
     def argmin(self) -> dict[str, Array]:
         """The minimiser by Newton's method on ``(w, b)``, from zero."""
@@ -289,6 +324,23 @@ class Beale:
             gx += 2.0 * r * (y**i - 1.0)
             gy += 2.0 * r * x * i * y ** (i - 1)
         return [np.array([gx, gy])]
+
+    def hvp(self, params: list[Array]) -> Callable[[list[Array]], list[Array]]:
+        (p,) = params
+
+        def hv(v: list[Array]) -> list[Array]:
+            x, y = p[0], p[1]
+            hxx = hxy = hyy = np.float64(0.0)
+            for r, i in self._terms(x, y):
+                rx, ry = y**i - 1.0, x * i * y ** (i - 1)  # the residual's gradient
+                hxx += 2.0 * rx * rx
+                hxy += 2.0 * (rx * ry + r * i * y ** (i - 1))
+                # (i - 1) y^(i - 2), written so that i = 1 at y = 0 is 0, not 0 / 0
+                hyy += 2.0 * (ry * ry + r * x * i * (i - 1) * y ** max(i - 2, 0))
+            (u,) = v
+            return [np.array([hxx * u[0] + hxy * u[1], hxy * u[0] + hyy * u[1]])]
+
+        return hv
 
 
 def two_moons(samples: int, noise: float, seed: int) -> tuple[Array, Array]:
@@ -375,12 +427,44 @@ class MLP:
             "w3": df.T @ h2, "b3": df.sum(0),
         }  # fmt: skip
 
+    def hvp(self, params: dict[str, Array]) -> Callable[[dict[str, Array]], dict[str, Array]]:
+        """Pearlmutter's R-operator: :meth:`grad`'s forward and backward passes differentiated
+        along ``v``, so ``H v`` costs two passes and is exact."""
+        p = params
+
+        def hv(v: dict[str, Array]) -> dict[str, Array]:
+            x, y = self._data
+            h1, h2, f = self._forward(p)
+            rh1 = (1.0 - h1 * h1) * (x @ v["w1"].T + v["b1"])
+            rh2 = (1.0 - h2 * h2) * (rh1 @ p["w2"].T + h1 @ v["w2"].T + v["b2"])
+            rf = rh2 @ p["w3"].T + h2 @ v["w3"].T + v["b3"]
+            s = _sigmoid(-y * f)[:, None]
+            df = -y[:, None] * s / self.samples
+            rdf = s * (1.0 - s) / self.samples * rf
+            e2 = df @ p["w3"]
+            d2 = e2 * (1.0 - h2 * h2)
+            rd2 = (rdf @ p["w3"] + df @ v["w3"]) * (1.0 - h2 * h2) - 2.0 * e2 * h2 * rh2
+            e1 = d2 @ p["w2"]
+            rd1 = (rd2 @ p["w2"] + d2 @ v["w2"]) * (1.0 - h1 * h1) - 2.0 * e1 * h1 * rh1
+            return {
+                "w1": rd1.T @ x, "b1": rd1.sum(0),
+                "w2": rd2.T @ h1 + d2.T @ rh1, "b2": rd2.sum(0),
+                "w3": rdf.T @ h2 + df.T @ rh2, "b3": rdf.sum(0),
+            }  # fmt: skip
+
+        return hv
+
 
 PROBLEMS: dict[str, Problem] = {
     p.name: p for p in (Rosenbrock(), Quadratic(), Logistic(), Beale(), MLP())
 }
 # what ``uniopt compare`` runs when no --problems are given: the quick ones
 DEFAULT_PROBLEMS: tuple[str, ...] = ("rosenbrock", "quadratic", "logistic")
+
+
+class BadProblem(ValueError):
+    """A problem of the user's own whose function breaks its contract, ``params -> (loss,
+    grads)``: the message names the function and what it returned."""
 
 
 @dataclass(frozen=True)
@@ -409,8 +493,33 @@ class UserProblem:
         return optree.tree_map(lambda a: np.array(a, dtype=np.float64), x0)
 
     def closure(self, params: Any) -> tuple[float, Any]:
-        loss, grads = self.function(params)
-        return float(loss), grads
+        out = self.function(params)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise self._broken(f"it returned {type(out).__name__}")
+        loss, grads = out
+        if np.ndim(loss) != 0:
+            raise self._broken(f"its loss has shape {np.shape(loss)}")
+        try:
+            value = float(loss)
+        except (TypeError, ValueError):
+            raise self._broken(f"its loss is {type(loss).__name__}") from None
+        import optree
+
+        # checked here, where the user's function can be named: the engine would report a
+        # gradient that does not fit only as a leaf of "params"
+        p_leaves, p_def = optree.tree_flatten(params)
+        g_leaves, g_def = optree.tree_flatten(grads)
+        p_shapes, g_shapes = [np.shape(x) for x in p_leaves], [np.shape(x) for x in g_leaves]
+        if p_shapes != g_shapes:
+            raise self._broken(f"its grads have shapes {g_shapes} where the params have "
+                               f"{p_shapes}")
+        if p_def != g_def:
+            raise self._broken(f"its grads are {g_def} where the params are {p_def}")
+        return value, grads
+
+    def _broken(self, what: str) -> BadProblem:
+        return BadProblem(f"{self.name} must return (loss, grads), the loss a number and grads "
+                          f"a tree shaped like params; {what}")
 
     def loss(self, params: Any) -> float:
         return self.closure(params)[0]
