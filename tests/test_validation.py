@@ -309,16 +309,26 @@ def test_nan_hyperparameter(ctor, kw, label):
         (uo.scale, {"factor": np.array([2.0])}, "factor"),
         pytest.param(uo.sgd, {"lr": "0.1"}, "lr"),
         pytest.param(uo.adam, {"betas": (0.9, "0.999")}, r"betas\[1\]"),
-        pytest.param(
-            uo.adagrad,
-            {"initial_accumulator_value": "0.1"},
-            "initial_accumulator_value",
-        ),
     ],
 )
 def test_non_number_hyperparameter(ctor, kw, label):
     with pytest.raises(TypeError, match=rf"{label} must be a number or a schedule, got "):
         ctor(**kw)
+
+
+@pytest.mark.parametrize("make, label", [
+    (lambda v: uo.adagrad(initial_accumulator_value=v), "adagrad: initial_accumulator_value"),
+    (lambda v: uo.rmsprop(initial_scale=v), "rmsprop: initial_scale"),
+    (lambda v: uo.cocob(eps=v), "cocob: eps"),
+])
+def test_a_field_that_takes_no_schedule_says_so(make, label):
+    """A fixed number (an initial value, a tolerance) is asked for as a number: the message
+    does not offer a schedule, and one given is refused as a schedule."""
+    with pytest.raises(TypeError, match=rf"^{label} must be a number, got '0.1'$"):
+        make("0.1")
+    with pytest.raises(TypeError, match=rf"^{label} must be a number, not a schedule \(it takes "
+                                        r"none\), got constant\(value=0.1\)$"):
+        make(uo.schedules.constant(0.1))
 
 
 @pytest.mark.parametrize("ctor,kw", [(uo.sgd, {"lr": True}), (uo.adam, {"eps": False})])

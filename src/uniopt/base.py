@@ -110,8 +110,10 @@ class Transform:
             value = getattr(self, f.name)
             schedulable = "hyper" in f.metadata and not resolved
 
-            def number(label: str, v: Any, ok: Interval = valid, sched: bool = schedulable) -> Any:
-                return v if sched and callable(v) else check(self.name, label, v, ok, where)
+            def number(label: str, v: Any, ok: Interval = valid, sched: bool = schedulable,
+                       static: bool = "static" in f.metadata) -> Any:
+                return v if sched and callable(v) else check(self.name, label, v, ok, where,
+                                                             schedulable=not static)
 
             if isinstance(f.default, tuple):
                 if not isinstance(value, (tuple, list)) or len(value) != len(f.default):

@@ -162,7 +162,8 @@ def _jax_array(value: object) -> bool:
     return jax is not None and isinstance(value, jax.Array)
 
 
-def check(owner: str, name: str, value: object, valid: Interval, where: str = "") -> float:
+def check(owner: str, name: str, value: object, valid: Interval, where: str = "",
+          schedulable: bool = True) -> float:
     """``value`` as a Python float, or a TypeError/ValueError naming ``owner``, ``name``, the
     value and ``where`` it came from.
 
@@ -178,8 +179,12 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
     zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
     if zero_d and np.dtype(str(value.dtype)).kind in "fiu":  # type: ignore[attr-defined]
         value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number
+    if callable(value) and not schedulable:
+        raise TypeError(f"{owner}: {name} must be a number, not a schedule (it takes none), "
+                        f"got {value!r}{where}")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a number or a schedule, got {value!r}{where}")
+        kinds = "a number or a schedule" if schedulable else "a number"
+        raise TypeError(f"{owner}: {name} must be {kinds}, got {value!r}{where}")
     x = float(value)
     if not math.isfinite(x):
         raise ValueError(f"{owner}: {name} must be finite, got {value!r}{where}")
