@@ -3,6 +3,8 @@ every backend; selectors; errors that name the leaf; members reached by adjust."
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import re
 from typing import Any
 
@@ -552,3 +554,31 @@ def test_adjust_reaches_a_label_inside_wrappers_and_chains() -> None:
     assert inner.inner["embed"].lr == 5e-5 and inner.inner["decay"].lr == 1e-2
     with pytest.raises(ValueError, match=r"'nothing.lr' is not a hyperparameter"):
         uo.adjust(state, **{"nothing.lr": 1.0})
+
+
+def test_a_namedtuples_fields_are_named_in_paths_as_a_dataclasses_are() -> None:
+    """Masks and labels see a namedtuple's fields by their names, as a registered dataclass's
+    (``"*.bias"`` froze a dataclass's bias and trained the namedtuple's, whose path was
+    ``layer.1``); a frozen pattern that matches no leaf is a typo, refused at set-up."""
+    NT = collections.namedtuple("NT", "w bias")
+
+    @uo.register_dataclass
+    @dataclasses.dataclass
+    class DC:
+        w: Any
+        bias: Any
+
+    for layer in (NT(np.ones(2), np.ones(1)), DC(np.ones(2), np.ones(1))):
+        params = {"layer": layer, "out": [np.ones(1)]}
+        seen: list[str] = []
+        rule = uo.freeze(uo.sgd(lr=0.1), "*.bias")
+        state = uo.setup(uo.masked(rule, lambda path, x: seen.append(path) or True), params)
+        state, new = uo.update(state, params, {"layer": type(layer)(np.ones(2), np.ones(1)),
+                                               "out": [np.ones(1)]})
+        assert seen[:3] == ["layer.w", "layer.bias", "out.0"]
+        np.testing.assert_array_equal(new["layer"].bias, [1.0])
+        np.testing.assert_array_equal(new["layer"].w, [0.9, 0.9])
+        with pytest.raises(ValueError, match=r"freeze: '\*\.biass' matches no leaf of these "
+                                             r"params \(their paths: layer\.w, layer\.bias, "
+                                             r"out\.0\)"):
+            uo.setup(uo.freeze(uo.sgd(lr=0.1), ["*.w", "*.biass"]), params)

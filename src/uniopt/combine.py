@@ -7,10 +7,12 @@ moments), and as a rule's only part each member steps its leaves in one engine c
 fast path where the member is elementwise.
 
 Leaves are named by dotted paths: ``{"encoder": {"layers": [{"bias": ...}]}}`` has the leaf
-``"encoder.layers.0.bias"``, as ``torch.nn.Module.named_parameters`` names a module's. A mask
-or a label is a glob over those paths (``"*.bias"``, ``"*norm*"``; ``fnmatch`` rules), a
-compiled regular expression (``re.compile(r".*\\.bias$")``, matched in full), a list of
-either (any matches), a function of the path and the leaf, or a tree like the params.
+``"encoder.layers.0.bias"``, as ``torch.nn.Module.named_parameters`` names a module's (a
+namedtuple's or a dataclass's fields by their names). A mask or a label is a glob over those
+paths (``"*.bias"``, ``"*norm*"``; ``fnmatch`` rules), a compiled regular expression
+(``re.compile(r".*\\.bias$")``, matched in full), a list of either (any matches), a function of
+the path and the leaf, or a tree like the params. A :func:`freeze` pattern that matches no leaf
+is an error (a typo would train what was to stay still).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .engine import _as_new_array, member_step, setup, update, update_
 from .hyper import _traced
 from .rules.schedule_free import scalar_like
 from .state import State
-from .tree import NAMESPACE, flatten, path_str, unflatten
+from .tree import NAMESPACE, flatten, named_paths, path_str, unflatten
 
 
 def dotted(path: tuple[Any, ...]) -> str:
@@ -90,7 +92,7 @@ def _matches(patterns: tuple[Any, ...], path: str) -> bool:
 
 def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any]) -> list[Any]:
     """The value of selector ``spec`` at each leaf of a tree ``treedef``."""
-    paths = [dotted(p) for p in optree.treespec_paths(treedef)]
+    paths = [dotted(p) for p in named_paths(treedef)]
     if isinstance(spec, _TreeSpec):
         if spec.treedef != treedef:
             raise ValueError(
@@ -362,6 +364,17 @@ class freeze(_Selects):
     @property
     def inner(self) -> dict[str, Transform]:
         return {"trainable": self.rule, "frozen": set_to_zero()}
+
+    def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
+        # a pattern that freezes nothing is a typo that would train what was to stay still
+        if isinstance(self.paths, tuple):
+            paths = [dotted(p) for p in named_paths(treedef)]
+            for pattern in self.paths:
+                if not any(_matches((pattern,), p) for p in paths):
+                    shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+                    raise ValueError(f"freeze: {pattern!r} matches no leaf of these params "
+                                     f"(their paths: {shown})")
+        return super()._labels(treedef, leaves)
 
 
 @dataclasses.dataclass(frozen=True)

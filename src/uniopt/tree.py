@@ -73,6 +73,13 @@ def unflatten(treedef: Any, leaves: list[Any]) -> Any:
     return optree.tree_unflatten(treedef, leaves)
 
 
+def named_paths(treedef: Any) -> list[tuple[Any, ...]]:
+    """Each leaf's path in ``treedef``, a namedtuple's fields by their names (optree's paths
+    index them, where a dataclass's are named): what masks and labels match."""
+    return [tuple(e.field if isinstance(e, optree.NamedTupleEntry) else e.entry for e in a)
+            for a in optree.treespec_accessors(treedef)]
+
+
 def path_str(path: tuple[Any, ...]) -> str:
     """``params['layer'][0]``: how error messages name a leaf."""
     return "params" + "".join(f"[{k!r}]" for k in path)
