@@ -135,6 +135,19 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
                           run(optax.adamw(1e-2, weight_decay=1e-2), True)))
         print("eager", diff(run(uo.adamw(lr=1e-2, weight_decay=1e-2), True, True),
                             run(optax.adamw(1e-2, weight_decay=1e-2), True, True)))
+        # uo.adjust on the Optimizer's state: the next jitted step takes its lr
+        model = MLP(nnx.Rngs(1))
+        opt = nnx.Optimizer(model, uo.sgd(lr=0.1), wrt=nnx.Param)
+
+        @nnx.jit
+        def ones_step(model, opt):
+            opt.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+
+        ones_step(model, opt)
+        nnx.update(opt.opt_state, nnx.state(uo.adjust(nnx.as_pure(opt.opt_state), lr=0.5)))
+        before = np.asarray(model.l1.bias[...])
+        ones_step(model, opt)
+        print("adjusted", float(np.max(np.abs(np.asarray(model.l1.bias[...]) - before + 0.5))))
         # a recipe by path: NNX's params are named "l1.kernel", "l1.bias"...
         recipe = uo.skip_nonfinite(uo.accumulate(uo.partition(
             {"d": uo.adamw(lr=1e-2, weight_decay=0.1), "n": uo.adam(lr=1e-2)},
@@ -153,6 +166,7 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
     assert float(got["f64"]) <= 1e-12, got
     assert float(got["f32"]) <= 3e-5, got
     assert float(got["eager"]) <= 1e-12, got
+    assert float(got["adjusted"]) <= 1e-7, got  # a step of 0.5, not the rule's 0.1
 
 
 def test_equinox_loop_in_a_fresh_process() -> None:

@@ -366,3 +366,43 @@ def test_the_loss_reaches_a_plateau_inside_rules_that_run_rules() -> None:
         assert max(rel_diff(pn[x], q[x]) for x in params) <= 1e-12
         inner = n.tree_states["accumulate"]["inner"]
         assert float(inner.tree_states["reduce_on_plateau"]["scale"]) < 1.0
+
+
+@pytest.mark.parametrize("library", ["numpy", "jax"])
+def test_an_adjusted_state_keeps_its_numbers_under_the_protocol(
+        library: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``uo.adjust`` on a state that ``rule.update`` steps (a flax TrainState's, an NNX
+    Optimizer's): the state's numbers win over the transformation's from then on, eagerly and
+    under ``jax.jit``, where the first adjust compiles nothing anew: the same bits as handing
+    the protocol a transformation with the new numbers. Before, the transformation's numbers
+    were used and written back over the state's, silently."""
+    make = np.asarray if library == "numpy" else jnp.asarray
+    tx, later = uo.adamw(lr=0.1, weight_decay=0.1), uo.adamw(lr=0.01, weight_decay=0.5)
+    params = {"w": make(np.linspace(-1.0, 1.0, 6).reshape(3, 2)), "b": make(np.ones(2))}
+    grads = [{k: make(np.cos(np.arange(v.size) + i).reshape(v.shape)) for k, v in params.items()}
+             for i in range(6)]
+    jit = (lambda f: f) if library == "numpy" else jax.jit
+    step, new_step = jit(tx.update), jit(later.update)
+    state, theirs, p, q = tx.init(params), tx.init(params), params, params
+    for i, g in enumerate(grads):
+        if i == 2:
+            state = uo.adjust(state, lr=0.01, weight_decay=0.5)
+        u, state = step(g, state, p)
+        v, theirs = (step if i < 2 else new_step)(g, theirs, q)
+        p, q = {k: p[k] + u[k] for k in p}, {k: q[k] + v[k] for k in q}
+        assert float(state.rule.lr) == pytest.approx(0.01 if i >= 2 else 0.1, rel=1e-7)
+        for k in p:
+            np.testing.assert_array_equal(np.asarray(p[k]), np.asarray(q[k]))
+    if library == "jax":
+        assert step._cache_size() == 1  # the adjust changed numbers, not the program
+    # a state never adjusted takes the transformation's numbers, as optax's protocol does
+    # (optax.inject_hyperparams rebuilds the rule with new ones at every step)
+    u, _ = uo.sgd(lr=0.5).update(grads[0], uo.sgd(lr=0.1).init(params), params)
+    np.testing.assert_array_equal(np.asarray(u["b"]), -0.5 * np.asarray(grads[0]["b"]))
+    # and a checkpoint keeps the state's say
+    path = tmp_path_factory.mktemp("adjusted") / "state.uo" if library == "numpy" else None
+    if path is not None:
+        uo.save(path, state)
+        u, _ = tx.update(grads[0], uo.load(path, like=state), p)
+        v, _ = later.update(grads[0], state, p)
+        np.testing.assert_array_equal(u["w"], v["w"])

@@ -34,7 +34,8 @@ from . import backend, schedules
 from .base import Elementwise, PerLeaf, Transform, WholeTree, assemble, chain
 from .combine import _TreeSpec, by_path, partition
 from .engine import setup
-from .hyper import Complemented, DeviceNumber, HostFacts, _traced
+from .hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host
+from .interop.jax import adjusted
 from .interop.optax import is_optax
 from .state import State
 from .transforms.mask import Mask
@@ -546,7 +547,9 @@ def _state_doc(state: State, params: Any, tensors: _Tensors) -> dict[str, Any]:
                                   f"set up for {state.treedef}")
         for p, leaf in zip(paths, leaves, strict=True):
             entries.append([["params", p], _entry(leaf, ["params", p], tensors)])
-    return {"kind": "state", "rule": _Encode()(state.rule, "rule"),
+    # set by uniopt.adjust: the optax protocol then steps with the state's numbers
+    flag = {"adjusted": True} if on_host(adjusted(state.rule)) else {}
+    return {"kind": "state", "rule": _Encode()(state.rule, "rule"), **flag,
             "state_dtype": state.state_dtype, "paths": paths, "entries": entries,
             "tree_states": _Encode(tensor=functools.partial(_named, tensors))(
                 state.tree_states, "tree_states"),
@@ -879,6 +882,8 @@ def _template(ck: _File, like: Any) -> tuple[State, Transform, Any, bool]:
                                                    _UNSET if like_rule is None else like_rule)
     if not isinstance(rule, Transform):
         raise CheckpointError(f"{ck.name}: the rule is {_short(rule)}, not a uniopt rule")
+    if doc.get("adjusted") is True:
+        rule.memo["adjusted"] = True
     if tmpl is not None:
         if tmpl.state_dtype != state_dtype:
             raise CheckpointError(f"{ck.name}: state_dtype is {state_dtype!r} in the checkpoint, "

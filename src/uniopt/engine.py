@@ -34,9 +34,9 @@ from .base import (
     makes_step,
     members,
 )
-from .hyper import _traced
+from .hyper import _traced, on_host
 from .interop import dtensor
-from .interop.jax import register_state
+from .interop.jax import adjusted, flatten_rule, register_state, unflatten_rule
 from .state import AnyParams, State
 from .tree import NAMESPACE, flatten, path_str, unflatten
 
@@ -1185,6 +1185,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
             f"this state was not set up for {rule!r}: its rule is "
             f"{getattr(state, 'rule', state)!r}"
         )
+    rule = _adjusted_values(rule, state.rule)
     if params is None and any(p.uses_params for p in rule.flat_parts):
         raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
     step = _prologue(state, params, grads)
@@ -1207,6 +1208,28 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     return unflatten(step.treedef, updates), new
+
+
+def _adjusted_values(rule: Transform, own: Transform) -> Transform:
+    """The rule the optax protocol steps with: the transformation it was handed, ``rule``, or
+    where :func:`adjust` set the state's numbers, the state's rule ``own`` (which stays the
+    state's, so later steps keep its numbers). Under ``jax.jit`` whether the state was adjusted
+    is a traced number: each of the rule's numbers is chosen by it, where the two rules have
+    one skeleton (an adjust that gave a schedule for a number is not seen there)."""
+    flag = adjusted(own)
+    if flag is False or rule is own:
+        return rule
+    if not _traced(flag):
+        return own if on_host(flag) else rule
+    values, skeleton = flatten_rule(rule)
+    theirs, own_skeleton = flatten_rule(own)
+    if own_skeleton != skeleton:
+        return rule
+    xp = backend.namespace(flag)
+    mixed = unflatten_rule(skeleton, [xp.where(flag != 0, b, a)
+                                      for a, b in zip(values, theirs, strict=True)])
+    mixed.memo["adjusted"] = flag
+    return mixed
 
 
 def _protocol_pairs(rule: Transform, state: State, step: _Step,
@@ -1326,4 +1349,7 @@ def adjust(state: State, **hyperparameters: Any) -> State:
             f"{state.rule.layout} to {rule.layout}; that needs a new uniopt.setup (set the "
             "hyperparameter to a non-zero value or a schedule at set-up to keep its slot)"
         )
+    if rule is not state.rule:
+        # the state's numbers now win over the transformation's under the optax protocol
+        rule.memo["adjusted"] = True
     return dataclasses.replace(state, rule=rule)

@@ -194,7 +194,11 @@ def _flatten_state(s: State) -> tuple[tuple[Any, ...], _Static]:
     hit = s.rule.memo.get("jax")
     if hit is None:
         values, skeleton = flatten_rule(s.rule)
-        hit = s.rule.memo["jax"] = (_pack(values), (skeleton, len(values)))
+        # and last, whether uniopt.adjust set the numbers (a number, not the skeleton's: the
+        # first adjust compiles nothing anew)
+        flag = adjusted(s.rule)
+        flag = float(flag) if isinstance(flag, bool) else flag
+        hit = s.rule.memo["jax"] = (_pack([*values, flag]), (skeleton, len(values)))
     packed, skeleton = hit
     if isinstance(packed, np.ndarray) and backend.is_jax(s.step) and not _traced(s.step):
         # a JAX state's numbers as a jitted step hands them back: JAX's default float, placed
@@ -233,8 +237,17 @@ def _rule_of(static: _Static, packed: Any) -> Transform:
     """The rule of a state rebuilt from leaves, its numbers those of ``packed``."""
     skeleton, n = static.skeleton
     rule = unflatten_rule(skeleton, _numbers(packed, n))
-    rule.__dict__["memo"] = {"jax": (packed, static.skeleton)}  # a new record: its memo is this
+    memo = rule.__dict__["memo"] = {"jax": (packed, static.skeleton)}  # a new record's memo
+    # (a state saved before the flag was kept has none; a mapped state's may be no array)
+    if len(getattr(packed, "shape", ())) == 1 and packed.shape[0] > n:
+        memo["adjusted"] = packed[n] if _traced(packed) else DeviceNumber(packed, n)
     return rule
+
+
+def adjusted(rule: Transform) -> Any:
+    """Whether :func:`uniopt.adjust` set ``rule``'s numbers: a bool, or where the rule came from
+    a JAX state's leaves, the number it kept (1.0: adjusted), traced under ``jax.jit``."""
+    return rule.memo.get("adjusted", False)
 
 
 @functools.cache
