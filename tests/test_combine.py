@@ -547,6 +547,36 @@ def test_members_keep_their_slots_in_the_state_dtype(wrap: str) -> None:
     assert {str(x.dtype) for x in slots if hasattr(x, "dtype")} == {"float32"}
 
 
+@pytest.mark.parametrize("chained", [False, True], ids=["alone", "in_a_chain"])
+def test_a_float32_accumulator_for_float64_params_stays_float32(chained: bool,
+                                                                 tmp_path: Any) -> None:
+    """state_dtype="float32" on float64 params: the accumulator set up in float32 stays so at
+    every step, pure as in place (the pure step's state is the in-place one's, bit for bit),
+    and a checkpoint loads into a state set up afresh."""
+    acc = uo.accumulate(uo.sgd(lr=0.5, momentum=0.9), 3)
+    rule = uo.chain(uo.clip(1.0), acc) if chained else acc
+    rng = np.random.default_rng(0)
+    pure, written = {"w": rng.standard_normal(5)}, {"w": np.zeros(5)}
+    written["w"][:] = pure["w"]
+    s_pure = uo.setup(rule, pure, state_dtype="float32")
+    s_written = uo.setup(rule, written, state_dtype="float32")
+    for _ in range(4):
+        g = {"w": rng.standard_normal(5)}
+        s_pure, pure = uo.update(s_pure, pure, g)
+        s_written = uo.update_(s_written, written, g)
+        (tree,), (tree_written,) = s_pure.tree_states.values(), s_written.tree_states.values()
+        assert tree["acc"][0].dtype == np.float32 and tree["mini"] == tree_written["mini"]
+        assert_same(_arrays(s_pure), _arrays(s_written))
+    assert_same([pure["w"]], [written["w"]])
+    uo.save(tmp_path / "acc.safetensors", s_pure, params=pure)
+    back = uo.load(tmp_path / "acc.safetensors", like=(rule, {"w": np.zeros(5)}))
+    assert_same(_arrays(back), _arrays(s_pure))
+
+
+def _arrays(state: uo.State) -> list[Any]:
+    return [x for x in jax.tree.leaves(uo.state.to_tree(state)) if hasattr(x, "dtype")]
+
+
 def test_adjust_reaches_a_label_inside_wrappers_and_chains() -> None:
     rule = uo.skip_nonfinite(uo.accumulate(uo.chain(_uniopt_rule(), uo.ema(0.99)), 2))
     state = uo.adjust(uo.setup(rule, _params(np.random.default_rng(0))), **{"embed.lr": 5e-5})
@@ -572,7 +602,8 @@ def test_a_namedtuples_fields_are_named_in_paths_as_a_dataclasses_are() -> None:
         params = {"layer": layer, "out": [np.ones(1)]}
         seen: list[str] = []
         rule = uo.freeze(uo.sgd(lr=0.1), "*.bias")
-        state = uo.setup(uo.masked(rule, lambda path, x: seen.append(path) or True), params)
+        state = uo.setup(uo.masked(rule, lambda path, x, seen=seen: seen.append(path) or True),
+                         params)
         state, new = uo.update(state, params, {"layer": type(layer)(np.ones(2), np.ones(1)),
                                                "out": [np.ones(1)]})
         assert seen[:3] == ["layer.w", "layer.bias", "out.0"]

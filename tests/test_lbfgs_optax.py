@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import optree
 import pytest
 
 import uniopt as uo
@@ -177,6 +178,31 @@ def test_torch_matches_numpy() -> None:
                 v, g = uo.value_and_grad_from_state(f_pair, p, s)
                 s, p = uo.update(s, p, g, value=v, grad=g, value_fn=fn)
                 assert rel_diff(p["x"].numpy(), ref[i][0]["x"]) <= tol
+
+
+def test_torch_float16_params_step_and_keep_their_state_dtypes() -> None:
+    """float16 params step in float32 beside a float16 history and line-search state: the
+    products take the two alike (torch's tensordot and matmul refused the mix, where NumPy
+    and JAX promote), and the state keeps the dtypes setup gave it."""
+    torch = pytest.importorskip("torch")
+    c = torch.tensor([1.0, 4.0, 0.5], dtype=torch.float16)
+
+    def f(p: Any) -> tuple[float, Any]:
+        x = p["x"]
+        return float((0.5 * c.double() * (x.double() - 3.0) ** 2).sum()), {"x": c * (x - 3.0)}
+
+    for rule in (uo.lbfgs_linesearch(memory_size=3), uo.lbfgs_linesearch(
+            memory_size=3, linesearch=uo.scale_by_backtracking_linesearch(10, store_grad=True))):
+        p = {"x": torch.zeros(3, dtype=torch.float16)}
+        s = uo.setup(rule, p)
+        dtypes = [x.dtype for x in optree.tree_leaves(uo.state.to_tree(s))
+                  if isinstance(x, torch.Tensor)]
+        for _ in range(12):
+            v, g = uo.value_and_grad_from_state(f, p, s)
+            s, p = uo.update(s, p, g, value=v, grad=g, value_fn=f)
+        assert [x.dtype for x in optree.tree_leaves(uo.state.to_tree(s))
+                if isinstance(x, torch.Tensor)] == dtypes
+        assert p["x"].tolist() == [3.0, 3.0, 3.0]
 
 
 def test_update_in_place_matches_pure() -> None:

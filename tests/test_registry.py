@@ -15,6 +15,8 @@ closure). What is checked, per rule:
   ``f <= 0.1``: through the curved valley, past its bend (``f = 1`` at the origin), to within
   about 0.3 of the minimum ``(1, 1)``;
 * float32 and float64 params keep their dtype, and so does every array of the state;
+* every array of the state keeps the dtype setup gave it, for float16, float32 and float64
+  params and each ``state_dtype`` (None, ``"float32"``, ``"float64"``);
 * the optax protocol (``rule.init``/``rule.update``, updates added) and
   ``uniopt.torch.Optimizer(params, rule)`` land where ``uo.update`` does;
 * the pure ``uo.update`` and the in-place ``uo.update_`` agree bit for bit on NumPy;
@@ -241,6 +243,39 @@ def test_dtype_is_kept(name: str, dtype: Any) -> None:
         for a in _state_arrays(state):  # a minimizer's numbers may be NumPy scalars
             if np.issubdtype(a.dtype, np.floating):
                 assert a.dtype == dtype, (inplace, a.dtype)
+
+
+def _dtypes(state: uo.State) -> dict[str, str]:
+    """Each array of ``state`` (a member's state's, a generator's too) by its path."""
+    import optree
+
+    from uniopt.tree import NAMESPACE
+
+    paths, leaves, _ = optree.tree_flatten_with_path(state, namespace=NAMESPACE)
+    return {"/".join(map(str, p)): str(x.dtype) for p, x in zip(paths, leaves, strict=True)
+            if hasattr(x, "dtype")}
+
+
+@by_rule
+def test_the_state_keeps_the_dtypes_setup_gave_it(name: str) -> None:
+    """After steps, pure and in place, every array of the state has the dtype it had after
+    setup, for float16, float32 and float64 params and each ``state_dtype``: a checkpoint
+    saved at any step loads with ``like=(rule, params)``, which sets the state up afresh.
+    (A minimizer's history, made at its first step, has no dtype from setup to keep.)"""
+    e = registry.entry(name)
+    rule = _build(e)
+    for dtype in (np.float16, np.float32, np.float64):
+        problem = Problem(_shapes(rule), dtype)
+        for state_dtype in (None, "float32", "float64"):
+            want = _dtypes(uo.setup(rule, problem.params(), state_dtype=state_dtype))
+            for inplace in (False, True):
+                params = problem.params()
+                with np.errstate(all="ignore"):  # float16 may overflow: dtypes are the point
+                    state, _ = _drive(e, uo.setup(rule, params, state_dtype=state_dtype),
+                                      params, problem, 2, inplace)
+                got = _dtypes(state)
+                assert {k: got.get(k) for k in want} == want, (
+                    np.dtype(dtype).name, state_dtype, inplace)
 
 
 @by_rule

@@ -305,6 +305,29 @@ def test_shampoo_rejects(kwargs: dict[str, Any], match: str) -> None:
         uo.shampoo(**kwargs)
 
 
+@pytest.mark.parametrize("dtype,state_dtype", [(np.float32, None), (np.float16, None),
+                                               (np.float16, "float32")])
+def test_shampoo_stays_finite_where_a_statistic_is_rank_deficient(dtype: Any,
+                                                                   state_dtype: Any) -> None:
+    """A 16 x 8 gradient: L = eps*I + G G^T has a null space of 8 at eps = 1e-6, below float32's
+    precision beside its largest eigenvalue (~40), and eigh returns it at -6e-8: its -1/4 power
+    was NaN at the second step (at the first in float16 slots). Every eigenvalue is at least
+    eps, and one below it is taken as eps."""
+    p = [np.random.default_rng(0).standard_normal((16, 8)).astype(dtype)]
+    state = uo.setup(uo.shampoo(lr=1.0), p, state_dtype=state_dtype)
+    start = float(np.abs(p[0].astype(np.float64) - 0.3).mean())
+    for _ in range(5):
+        state = uo.update_(state, p, [p[0] - dtype(0.3)])
+        assert np.isfinite(p[0]).all()
+    assert float(np.abs(p[0].astype(np.float64) - 0.3).mean()) < start / 2
+
+
+def test_shampoo_refuses_8_bit_statistics() -> None:
+    with pytest.raises(ValueError, match=r"state_dtype='q8' is not offered for shampoo: its "
+                       r"pre_cond and inv_pre_cond are matrices"):
+        uo.setup(uo.shampoo(), [np.ones((4, 3), np.float32)], state_dtype="q8")
+
+
 def test_shampoo_blocks_are_separate_leaves() -> None:
     """A (5, 7) matrix in blocks of 3 (rows 3+2, columns 3+3+1) and a vector of 4 (3+1) step as
     their blocks would as leaves of their own (momentum and decay included)."""

@@ -218,6 +218,33 @@ def test_jax_under_jit_is_eager_jax(jx: Any) -> None:
     assert float(jnp.abs(h1[0]).max()) > 0
 
 
+def test_float16_params_under_jit_keep_a_float16_moment(jx: Any) -> None:
+    """float16 params step in float32: the refresh's ``lax.cond`` hands back h in the one
+    dtype either way (it failed to trace, float32 against float16), and the state keeps h
+    in float16 as set up, so the jitted step traces once."""
+    import jax.numpy as jnp
+
+    traces = []
+    c = jnp.asarray([4.0, 100.0, 1.0], jnp.float16)
+
+    def step(state: uo.State, ps: list[Any]) -> Any:
+        traces.append(1)
+        return uo.update(state, ps, [c * (ps[0] - 0.5)], hvp=lambda v: [c * v[0]])
+
+    rule = uo.sophia_h(lr=0.1, clip_threshold=1.0, distribution="rademacher",
+                       update_period=2)
+    p1 = p2 = [jnp.asarray([1.0, -1.0, 2.0], jnp.float16)]
+    s1 = s2 = uo.setup(rule, p1)
+    for _ in range(4):
+        s1, p1 = jx.jit(step)(s1, p1)
+        s2, p2 = step(s2, p2)
+        h = s1.tree_states["scale_by_hutchinson_sophia"]["hessian_moment"][0]
+        assert h.dtype == jnp.float16 and p1[0].dtype == jnp.float16
+    assert len(traces) == 1 + 4  # one trace, then the eager calls
+    # XLA may round the fused float32 arithmetic otherwise: one float16 ulp at most
+    assert rel_diff(np.asarray(p1[0]), np.asarray(p2[0])) <= 2.0**-10
+
+
 def test_numpy_probes_are_the_seeded_pcg64_stream() -> None:
     """The formula on NumPy: at steps 0 and k, ``h <- b2 h + (1-b2) z*(H z)`` with ``z`` the
     next standard normals of ``default_rng(seed)``, leaf after leaf; between them h stays."""

@@ -391,6 +391,8 @@ class Part(Transform):
     host once per step."""
 
     slots: ClassVar[tuple[str, ...]] = ()
+    # why its slots cannot be kept in 8 bits (state_dtype="q8"), or None where they can
+    no_q8: ClassVar[str | None] = None
     # reads the parameter (weight decay): the optax protocol then needs params
     uses_params: ClassVar[bool] = False
     # applies the learning rate, so what comes out is a step, not a direction: under the optax

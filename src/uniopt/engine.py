@@ -92,6 +92,10 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if state_dtype == "q8" and rule.tree_layout:
         raise ValueError(f"setup: state_dtype='q8' quantises per-leaf slots; {rule.name} has "
                          f"whole-tree parts ({', '.join(rule.tree_layout)})")
+    refused = [p for p in rule.flat_parts if state_dtype == "q8" and getattr(p, "no_q8", None)]
+    if refused:
+        raise ValueError(f"setup: state_dtype='q8' is not offered for {rule.name}: "
+                         f"{refused[0].no_q8}; use state_dtype=None or 'float32'")
     if state_dtype == "q8":
         quant.register_jax()
         if dtensor.any_dtensor(leaves):
@@ -619,6 +623,7 @@ def _run(state: State, part: Combinator, step: _Step, inplace: bool,
     with backend.outside_autograd(step.params):
         tree, new_p = part.run(state.tree_states[key], step.treedef, step.params, step.grads,
                                inplace, **extra)
+    tree = _kept_dtypes(tree, state.tree_states[key])
     new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
     return new, None if inplace else unflatten(step.treedef, new_p)
 
@@ -702,8 +707,9 @@ def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
 def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
                 state: State, extra: dict[str, Any]) -> Any:
     """A whole-tree part on every leaf's ``u``; its outputs as arrays of the params' library."""
-    out, st = part.apply_tree(c, unflatten(state.treedef, us), st, unflatten(state.treedef, ps),
-                              **(extra if part.reads_value else {}))
+    out, new_st = part.apply_tree(c, unflatten(state.treedef, us), st,
+                                  unflatten(state.treedef, ps),
+                                  **(extra if part.reads_value else {}))
     leaves, treedef, _ = flatten(out)
     if treedef != state.treedef:
         raise ValueError(
@@ -712,7 +718,43 @@ def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
         )
     # optax hands back JAX arrays; setup admits only JAX or NumPy params beside it
     return [x if backend.library(x) == backend.library(u) else backend.to_numpy(x, u.dtype)
-            for x, u in zip(leaves, us, strict=True)], st
+            for x, u in zip(leaves, us, strict=True)], _kept_dtypes(new_st, st)
+
+
+def _kept_dtypes(new: Any, old: Any) -> Any:
+    """A whole-tree part's new state ``new`` with each floating array in the dtype of the one
+    it replaces in ``old``. The part computes in the step's dtype (float32 for 16-bit params,
+    or the ``state_dtype``) and hands back its state in it; the state keeps the dtypes setup
+    gave it, so a checkpoint loads into a state set up afresh, a jitted loop's state keeps its
+    signature, and a pure step's state is an in-place step's, which writes into the old
+    arrays. A member's :class:`State` is its own steps' to keep; a state that changed shape
+    (a minimizer's history, None until its first step) has nothing to keep to."""
+    def node(x: Any) -> bool:
+        return isinstance(x, State)
+
+    new_leaves, new_def = optree.tree_flatten(new, is_leaf=node, none_is_leaf=True,
+                                              namespace=NAMESPACE)
+    old_leaves, old_def = optree.tree_flatten(old, is_leaf=node, none_is_leaf=True,
+                                              namespace=NAMESPACE)
+    if new_def != old_def:
+        return new
+    out = [_dtype_of(x, like) for x, like in zip(new_leaves, old_leaves, strict=True)]
+    return new if all(x is y for x, y in zip(out, new_leaves, strict=True)) else \
+        optree.tree_unflatten(new_def, out)
+
+
+def _dtype_of(x: Any, like: Any) -> Any:
+    """Array ``x`` in the real floating dtype of array ``like`` (else ``x``, untouched)."""
+    if not (_real_float(x) and _real_float(like)) or x.dtype == like.dtype:
+        return x
+    if backend.is_numpy_scalar(x):  # NumPy's 0-d arithmetic: the state keeps arrays
+        return np.asarray(x, dtype=like.dtype)
+    return backend.namespace(x).astype(x, like.dtype)
+
+
+def _real_float(x: Any) -> bool:
+    return (backend.is_array(x) or backend.is_numpy_scalar(x)) and bool(
+        backend.namespace(x).isdtype(x.dtype, "real floating"))
 
 
 def _norm(us: list[Any], xps: list[Any]) -> Any:
@@ -1127,7 +1169,8 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
                 for p, v in zip(leaves, _split(xp, x0, leaves), strict=True):
                     backend.assign(p, v)
         raise
-    new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
+    new = dataclasses.replace(state, step=state.step + 1,
+                              tree_states={key: _kept_dtypes(tree, state.tree_states[key])})
     with backend.outside_autograd(leaves):
         out = _split(xp, x, leaves)
         if inplace:

@@ -404,6 +404,12 @@ class scale_by_shampoo(PerLeaf):
     block_size: int | None = None
     uses_params: ClassVar[bool] = True
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer", "pre_cond", "inv_pre_cond")
+    # 8-bit codes keep two digits of a block's largest entry: the statistics' small
+    # eigenvalues, the directions the inverse roots amplify most, are lost to them
+    no_q8: ClassVar[str | None] = (
+        "its pre_cond and inv_pre_cond are matrices (the preconditioner's statistics and their "
+        "inverse roots), and 8 bits per block of 2048 entries round away their small "
+        "eigenvalues, which the inverse roots amplify")
 
     def check(self) -> None:
         _check_compute_steps(self.name, self.preconditioning_compute_steps)
@@ -457,7 +463,8 @@ class scale_by_shampoo(PerLeaf):
             eye = xp.eye(h.shape[0], dtype=h.dtype, device=backend.device(h))
             hs.append(select(xp, first, eye * c.matrix_eps, h) + _outer(xp, g, i))
         power = -1.0 / (2 * g.ndim)
-        ps = _pick(xp, _flag(c.refresh), lambda: tuple(_inverse_root(xp, h, power) for h in hs),
+        ps = _pick(xp, _flag(c.refresh),
+                   lambda: tuple(_inverse_root(xp, h, power, c.matrix_eps) for h in hs),
                    lambda: tuple(_unpack(xp, inv, sides)))
         return _project(xp, g, list(ps)), _pack(xp, hs), _pack(xp, list(ps))
 
@@ -483,10 +490,14 @@ def _check_compute_steps(owner: str, n: Any) -> None:
                          f"got {n!r}")
 
 
-def _inverse_root(xp: Any, h: Any, power: float) -> Any:
-    """``h^power`` of a symmetric positive definite ``h``, from its eigendecomposition."""
+def _inverse_root(xp: Any, h: Any, power: float, floor: Any) -> Any:
+    """``h^power`` of a symmetric ``h`` whose eigenvalues are at least ``floor`` (``eps*I``
+    plus sums of outer products), from its eigendecomposition: an eigenvalue below it is
+    rounding (with a spread beyond the dtype's precision, a rank-deficient sum's null space
+    comes out of eigh at +-1e-7 of the largest in float32, negative, and its root NaN), and is
+    taken as ``floor``."""
     w, v = xp.linalg.eigh(h)
-    return (v * w**power) @ xp.matrix_transpose(v)
+    return (v * xp.maximum(w, floor)**power) @ xp.matrix_transpose(v)
 
 
 @dataclass(frozen=True)
@@ -522,6 +533,13 @@ class shampoo(Rule):
     - ``block_size``: axes longer than it are cut into blocks, each block of the leaf
       preconditioned on its own (Anil et al., 2020, as ``ScalableShampoo``'s ``block_size``;
       theirs has no blocks: None, the default).
+
+    An eigenvalue of a statistic below ``matrix_eps`` (where the spread of its spectrum
+    passes the dtype's precision, a rank-deficient one's null space comes out of the
+    eigendecomposition at about zero, either sign) is taken as ``matrix_eps``, the least it
+    can be. ``state_dtype="q8"`` is refused (8 bits would round away the small eigenvalues the
+    roots amplify); float16/bfloat16 params keep the statistics in their own dtype unless
+    ``state_dtype="float32"`` says otherwise, the advised setting for them.
 
     As theirs, the inverse roots are zero until the first recomputation: with
     ``preconditioning_compute_steps=n`` the first ``n - 1`` steps do not move. Not offered:

@@ -92,13 +92,17 @@ class scale_by_hutchinson_sophia(WholeTree):
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
         leaves, treedef, _ = flatten(u)
-        h, gen = list(state["hessian_moment"]), state["generator"]
+        gen = state["generator"]
         first = leaves[0] if leaves else np.zeros(0)
         kind = _kind(gen)
         lib = "jax" if backend.is_jax(first) else "torch" if backend.is_torch(first) else "numpy"
         if kind != lib:
             raise TypeError(f"{self.name}: its state holds a {kind} generator, the updates are "
                             f"{backend.library(first)} arrays: set the state up for these params")
+        # read in the step's dtype (wider than 16-bit params), as a slot is: the engine keeps
+        # the state in its own, and under jax.lax.cond both branches hand back h alike
+        h = [m if m.dtype == x.dtype else backend.namespace(x).astype(m, x.dtype)
+             for m, x in zip(state["hessian_moment"], leaves, strict=True)]
         hvp = extra.get("hvp")
         traced = _traced(c.refresh)
         if (traced or bool(c.refresh)) and not callable(hvp):
@@ -117,8 +121,9 @@ class scale_by_hutchinson_sophia(WholeTree):
                 zhz = [(c.weight * a) * b for a, b in zip(hz, z, strict=True)]
                 d = zhz if d is None else [x + y for x, y in zip(d, zhz, strict=True)]
             assert d is not None
-            # as arrays: NumPy makes a 0-d leaf's arithmetic a scalar
-            return [backend.namespace(m).asarray(lerp(m, x, c.one_minus_b2))
+            # as arrays (NumPy makes a 0-d leaf's arithmetic a scalar), in h's dtype whatever
+            # the dtype of hvp's result
+            return [backend.namespace(m).asarray(lerp(m, x, c.one_minus_b2), dtype=m.dtype)
                     for m, x in zip(h, d, strict=True)], gen
 
         if traced:

@@ -54,8 +54,12 @@ def vdot(a: Leaves, b: Leaves) -> Any:
     ``optax.tree.vdot`` sums them."""
     total: Any = 0
     for x, y in zip(a, b, strict=True):
+        xp = backend.namespace(x)
+        if x.dtype != y.dtype:  # a 16-bit leaf's against the step's float32: torch's
+            wide = xp.result_type(x, y)  # tensordot promotes neither, NumPy's and JAX's do
+            x, y = xp.astype(x, wide), xp.astype(y, wide)
         # a contraction, as optax's (XLA's dot, not a sum of products: another rounding)
-        total = total + backend.namespace(x).tensordot(x, y, axes=x.ndim)
+        total = total + xp.tensordot(x, y, axes=x.ndim)
     return total
 
 
@@ -346,13 +350,15 @@ class scale_by_zoom_linesearch(WholeTree):
 
     def _search(self, xp: Any, us: Leaves, ps: Leaves, g0: Leaves, value: Any,
                 state: dict[str, Any], evaluate: Evaluate) -> tuple[Leaves, dict[str, Any]]:
-        dt = state["value"].dtype
+        # the step's dtype (float32 for 16-bit params), the loss's at trial points: torch
+        # mixes no dtypes in a product of matrices; the state keeps its own (_cast_like)
+        dt = _real(xp, us[0].dtype)
         # optax's direction is the update to add: d = -u, negated exactly
         d = [-x for x in us]
         value_init = xp.reshape(xp.asarray(value, dtype=dt), ())
         slope_init = vdot(d, g0)
         guess = (_scalar(xp, 1.0, dt, ps[0]) if self.initial_guess_strategy == "one"
-                 else state["learning_rate"])
+                 else xp.astype(state["learning_rate"], dt))
         zero, inf = _scalar(xp, 0.0, dt, ps[0]), _scalar(xp, math.inf, dt, ps[0])
         false = xp.asarray(False)
         s0 = {
@@ -545,7 +551,7 @@ class scale_by_backtracking_linesearch(WholeTree):
     def _search(self, xp: Any, us: Leaves, ps: Leaves, g0: Leaves, value: Any,
                 state: dict[str, Any], evaluate: Callable[[Leaves], tuple[Any, Any]],
                 ) -> tuple[Leaves, dict[str, Any]]:
-        dt = state["value"].dtype
+        dt = _real(xp, us[0].dtype)  # the step's, as the zoom search's
         d = [-x for x in us]
         value = xp.reshape(xp.asarray(value, dtype=dt), ())
         slope = vdot(d, g0)
