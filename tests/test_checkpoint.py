@@ -1008,3 +1008,48 @@ def test_orbax_saves_and_restores_a_state(tmp_path: Any) -> None:
     rb, pb = step(back, params, g)
     assert all(same_bits(x, y) for x, y in zip(jax.tree.leaves((ra, pa)),
                                                jax.tree.leaves((rb, pb)), strict=True))
+
+
+def _tree_state_rules() -> list[str]:
+    """The registry's rules with a whole-tree part that step from gradients alone."""
+    from uniopt import registry
+
+    return [name for name, e in registry.entries().items()
+            if e.rule(**e.example).tree_layout and not e.needs_closure and not e.step_args]
+
+
+@pytest.mark.parametrize("name", _tree_state_rules())
+def test_a_uniopt_torch_optimizer_with_whole_tree_state_resumes(name: str, tmp_path: Any) -> None:
+    """``uniopt.torch.Optimizer`` of a rule whose state is a whole-tree part's (schedule-free,
+    Prodigy, GaLore, Kron...; kept by a group's first parameter): its state dict goes through
+    ``torch.save`` and ``torch.load(weights_only=True)``, and ``uo.save``/``uo.load``, and the
+    run resumes bit for bit. (Its own state dict was refused, as a dict where a tensor was
+    due.)"""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    from uniopt import registry
+
+    e = registry.entry(name)
+
+    def make(m: Any) -> Any:
+        return ut.Optimizer(m.parameters(), e.rule(**e.example))
+
+    def save(m: Any, o: Any) -> bytes:
+        buf = io.BytesIO()
+        torch.save(o.state_dict(), buf)
+        return buf.getvalue()
+
+    def load(m: Any, o: Any, saved: bytes) -> None:
+        o.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
+
+    _resumed(torch, make, save, load)
+    path = str(tmp_path / "opt.safetensors")
+
+    def save_file(m: Any, o: Any) -> str:
+        uo.save(path, o)
+        return path
+
+    def load_file(m: Any, o: Any, saved: str) -> None:
+        assert uo.load(saved, like=o) is o
+
+    _resumed(torch, make, save_file, load_file)

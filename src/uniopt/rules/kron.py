@@ -148,6 +148,11 @@ class scale_by_kron(WholeTree):
         else:
             counter = np.zeros((), dtype=np.int64)
             balance = _pcg_state(np.random.PCG64(self.seed))
+            if leaves and backend.is_torch(leaves[0]):
+                # torch tensors, so that a torch state dict loads with weights_only=True
+                import torch
+
+                counter, balance = torch.from_numpy(counter), _torch_words(balance)
         return {"momentum_buffer": [backend.namespace(p).zeros_like(p) for p in leaves],
                 "Q": qs, "update_counter": counter, "generator": gen,
                 "balance_generator": balance}
@@ -242,7 +247,16 @@ def _balance_draw(kind: str, state: Any) -> tuple[Any, Any]:
         key, sample = jax.random.split(jax.random.wrap_key_data(state))
         return jax.random.uniform(sample), jax.random.key_data(key)
     bits = _pcg_generator(state)
-    return bits.random(), _pcg_state(bits.bit_generator)
+    draw, words = bits.random(), _pcg_state(bits.bit_generator)
+    return draw, _torch_words(words) if kind == "torch" else words
+
+
+def _torch_words(words: np.ndarray) -> Any:
+    """PCG64's unsigned words as a torch int64 tensor of their bits (torch has no uint64 that
+    its state dicts load with weights_only=True)."""
+    import torch
+
+    return torch.from_numpy(words.view(np.int64).copy())
 
 
 def _along(xp: Any, q: Any, x: Any, i: int) -> Any:

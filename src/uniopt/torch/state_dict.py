@@ -80,15 +80,14 @@ def check_loadable(opt: Loading, sd: Any) -> None:
         if needed and set(st) - {"step"}:
             raise ValueError(f"{where}: {what} lacks the slots {needed}; nothing was loaded")
         for name, v in st.items():
-            if name == "step":
+            # (a whole-tree part's state, kept by the group's first parameter: any tree)
+            if name == "step" or name in rule.tree_layout:
                 continue
             if not isinstance(v, torch.Tensor):
                 raise TypeError(
                     f"{where}: {what} has {name} of type {type(v).__name__}, not a tensor; "
                     "nothing was loaded"
                 )
-            if name in rule.tree_layout:  # a whole-tree part's state (a generator's): any shape
-                continue
             want = expected.get(name, tuple(p.shape))
             if q8 and name.endswith(".absmax"):
                 if dtensor.is_dtensor(p) and dtensor.is_dtensor(v):

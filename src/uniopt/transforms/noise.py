@@ -139,8 +139,9 @@ def seeded_state(leaves: list[Any], seed: int) -> Any:
 
 
 def _pcg_generator(words: Any) -> np.random.Generator:
-    """A NumPy generator from PCG64's state as :func:`_pcg_state` writes it."""
-    w = [int(x) for x in words]
+    """A NumPy generator from PCG64's state as :func:`_pcg_state` writes it (or its bits as
+    signed 64-bit words, as a torch state keeps them)."""
+    w = [int(x) & (1 << 64) - 1 for x in words]
     bits = np.random.PCG64(0)
     bits.state = {"bit_generator": "PCG64",
                   "state": {"state": w[0] << 64 | w[1], "inc": w[2] << 64 | w[3]},
