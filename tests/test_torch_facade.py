@@ -50,7 +50,7 @@ STEPS, LATE = 200, 120
 @pytest.fixture
 def torch_scalars_in_double() -> Iterator[None]:
     """torch at its float64 default: it then keeps NAdam's ``mu_product`` and ASGD's ``eta``
-    and ``mu`` in double, as uniopt derives them (at float32 they differ by 1e-8)."""
+    and ``mu`` in double (as uniopt.torch then does), as exact as the rest of a float64 run."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
@@ -1223,34 +1223,137 @@ def test_more_classes_state_dict_loads_across(name: str, direction: str,
     test_state_dict_loads_across_and_training_continues(name, direction)
 
 
-def test_derived_numbers_are_dropped_on_loading_and_rederived() -> None:
-    """A state without NAdam's mu_product (or with a wrong one) loads and steps as the step
-    count says; a state holding it as a plain number (torch's pre-tensor format) loads too."""
-    def run(sd_edit: Callable[[dict[str, Any]], None]) -> list[Any]:
+def test_loaded_numbers_are_kept_and_missing_ones_derived(torch_scalars_in_double: None) -> None:
+    """A loaded state's NAdam mu_product, a tensor or a plain number (torch's pre-tensor
+    format), is the one the next step takes, as in torch; a state without it steps as the step
+    count says (betas constant: as if it were there). Bit for bit: the same arithmetic."""
+    def run(lib: Any, sd_edit: Callable[[dict[str, Any]], None]) -> tuple[list[Any], Any]:
         ps, opt = run_small(lambda ps: ut.NAdam(ps, lr=0.01), 5, random_grads(3))
         sd = copy.deepcopy(opt.state_dict())
         sd_edit(sd)
-        opt2 = ut.NAdam([p.detach().clone() for p in ps], lr=0.01)
+        opt2 = lib.NAdam([p.detach().clone() for p in ps], lr=0.01)
         opt2.load_state_dict(sd)
         for p in opt2.param_groups[0]["params"]:
             p.grad = torch.ones_like(p)
         opt2.step()
-        assert "mu_product" not in opt2.state[opt2.param_groups[0]["params"][0]]
-        return [p.detach() for p in opt2.param_groups[0]["params"]]
+        return [p.detach() for p in opt2.param_groups[0]["params"]], opt2.state_dict()["state"]
 
     def set_all(value: Any) -> Callable[[dict[str, Any]], None]:
         def edit(sd: dict[str, Any]) -> None:
             for st in sd["state"].values():
                 if value is None:
                     del st["mu_product"]
-                else:
-                    st["mu_product"] = value
+                else:  # a tensor each (torch multiplies a shared one in place once per param)
+                    st["mu_product"] = value.clone() if isinstance(value, torch.Tensor) else value
         return edit
 
-    kept = run(lambda sd: None)
-    for value in (None, torch.tensor(0.5), 0.5):
-        for a, b in zip(run(set_all(value)), kept, strict=True):
-            assert torch.equal(a, b)
+    kept, kept_state = run(ut, lambda sd: None)
+    missing, missing_state = run(ut, set_all(None))
+    assert all(map(torch.equal, missing, kept))
+    assert all(torch.equal(missing_state[k]["mu_product"], st["mu_product"])
+               for k, st in kept_state.items())
+    for value in (torch.tensor(0.5), 0.5):
+        (ours, ours_state), (theirs, theirs_state) = (run(lib, set_all(value))
+                                                      for lib in (ut, torch.optim))
+        assert all(map(torch.equal, ours, theirs))
+        assert not torch.equal(ours[0], kept[0])
+        assert all(torch.equal(ours_state[k]["mu_product"], st["mu_product"])
+                   for k, st in theirs_state.items())
+    with pytest.raises(ValueError, match="has mu_product 'x', not a number; nothing was loaded"):
+        run(ut, set_all("x"))
+
+
+# torch's per-parameter numbers under the values a scheduler changes (ASGD's eta and mu from the
+# lr, lambd, alpha and t0 of each parameter's step before; NAdam's product of each step's own
+# momentum): (class, its values, the change after step t of the group's values)
+CARRIED: dict[str, tuple[str, dict[str, Any], Callable[[int, dict[str, Any]], Any]]] = {
+    "ASGD-lr": ("ASGD", dict(lr=0.1, t0=2.0), lambda t, g: g.update(lr=g["lr"] * 0.5)),
+    "ASGD-lambd": ("ASGD", dict(lr=0.1, t0=2.0), lambda t, g: t == 2 and g.update(lambd=0.1)),
+    "ASGD-alpha": ("ASGD", dict(lr=0.1, t0=2.0), lambda t, g: t == 2 and g.update(alpha=0.5)),
+    "ASGD-t0": ("ASGD", dict(lr=0.1, t0=2.0), lambda t, g: t == 3 and g.update(t0=0.0)),
+    "NAdam-betas": ("NAdam", dict(lr=0.01),
+                    lambda t, g: g.update(betas=(g["betas"][0] - 0.02, g["betas"][1]))),
+}
+# which of three parameters have a gradient at each step: every one, or each skipping some, so
+# that at steps 3, 5 and 7 two of them are at one step count with numbers of other histories
+# (runs of their own)
+EVERY = ((1, 1, 1),) * 9
+SKIPS = ((1, 1, 1), (1, 0, 1), (0, 1, 1), (1, 1, 0), (1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 1),
+         (1, 1, 1))
+
+
+def carried_run(case: str, pattern: tuple[tuple[int, ...], ...], first: Any, then: Any = None,
+                reload_at: int = 4) -> tuple[Any, dict[Any, Any]]:
+    """Each step's parameters, and the last state (ASGD's average too), of ``first``'s class
+    (``then``'s, loaded from its state after step ``reload_at``)."""
+    name, kw, change = CARRIED[case]
+    g = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(3)]
+    opt = getattr(first, name)(ps, **kw)
+    out = []
+    for t, has in enumerate(pattern):
+        for i, (p, h) in enumerate(zip(ps, has, strict=True)):
+            p.grad = torch.sin(torch.arange(3.0) + t + i) + 0.1 * p.detach() if h else None
+        opt.step()
+        out.append(torch.stack([p.detach().clone() for p in ps]))
+        change(t, opt.param_groups[0])
+        if then is not None and t == reload_at:
+            sd = opt.state_dict()
+            opt = getattr(then, name)(ps, **kw)
+            opt.load_state_dict(sd)
+    return torch.stack(out), opt.state_dict()["state"]
+
+
+def assert_same_state(ours: dict[Any, Any], theirs: dict[Any, Any]) -> None:
+    assert ours.keys() == theirs.keys()
+    for k, st in theirs.items():
+        assert ours[k].keys() == st.keys()
+        for name, v in st.items():
+            assert torch.equal(ours[k][name], v), f"{k}.{name}"
+            assert ours[k][name].dtype == v.dtype
+
+
+@pytest.mark.parametrize("pattern", [EVERY, SKIPS], ids=["every", "skips"])
+@pytest.mark.parametrize("case", CARRIED)
+def test_carried_numbers_follow_changed_values(case: str, pattern: Any,
+                                               torch_scalars_in_double: None) -> None:
+    """Each parameter's numbers come from the values of its own steps, as torch's: equal bit
+    for bit (the same arithmetic), at every step and in the state."""
+    ours, ours_state = carried_run(case, pattern, ut)
+    theirs, their_state = carried_run(case, pattern, torch.optim)
+    assert torch.equal(ours, theirs)
+    assert_same_state(ours_state, their_state)
+
+
+@pytest.mark.parametrize(("first", "then"), [(ut, ut), (torch.optim, ut), (ut, torch.optim)],
+                         ids=["uniopt->uniopt", "torch->uniopt", "uniopt->torch"])
+@pytest.mark.parametrize("case", ["ASGD-lr", "ASGD-lambd", "NAdam-betas"])
+def test_carried_numbers_resume_from_a_checkpoint(case: str, first: Any, then: Any,
+                                                  torch_scalars_in_double: None) -> None:
+    """A state saved mid-run, its values changed on the way, resumes as torch's run that
+    never stopped: the loaded numbers are the next steps' (bit for bit)."""
+    ours, ours_state = carried_run(case, SKIPS, first, then)
+    theirs, their_state = carried_run(case, SKIPS, torch.optim)
+    assert torch.equal(ours, theirs)
+    assert_same_state(ours_state, their_state)
+
+
+def test_carried_numbers_survive_pickling(torch_scalars_in_double: None) -> None:
+    """A pickled optimizer keeps them, as torch's keeps its state."""
+    ours, _ = carried_run("NAdam-betas", SKIPS, ut)
+    name, kw, change = CARRIED["NAdam-betas"]
+    g = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(3)]
+    opt = ut.NAdam(ps, **kw)
+    for t, has in enumerate(SKIPS):
+        for i, (p, h) in enumerate(zip(ps, has, strict=True)):
+            p.grad = torch.sin(torch.arange(3.0) + t + i) + 0.1 * p.detach() if h else None
+        opt.step()
+        change(t, opt.param_groups[0])
+        if t == 4:
+            opt = copy.deepcopy(opt)
+            ps = opt.param_groups[0]["params"]
+    assert torch.equal(torch.stack([p.detach() for p in ps]), ours[-1])
 
 
 # (class, values, torch's constructor error where torch checks them, uniopt's error)

@@ -65,9 +65,8 @@ import uniopt.torch as ut  # noqa: E402
 from helpers import scaled_error  # noqa: E402
 
 # torch keeps these classes' per-parameter scalars (NAdam's mu_product, ASGD's eta and mu) in its
-# default dtype, float32 unless set, even for float64 params; uniopt derives them in double from
-# the step count. Their tests run with torch's default dtype float64, where torch's are as exact
-# (at float32 the two differ by a relative 1e-8: docs/torch.md lists it)
+# default dtype, float32 unless set, even for float64 params, as uniopt.torch does. Their tests
+# run with torch's default dtype float64, where those scalars are as exact as the rest
 SCALARS_IN_DEFAULT_DTYPE = ("NAdam", "ASGD")
 
 

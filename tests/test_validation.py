@@ -830,6 +830,13 @@ def test_asgd_eta_lr_names_a_bad_value():
     assert uo.asgd(eta_lr=0.5).eta_lr == 0.5
 
 
+def test_asgd_past_eta_mu_names_a_bad_value():
+    for bad in (((1, 0.1),), ((1, 0.1, 1),), ((-1, 0.1, 1.0),), [(1, 0.1, 1.0)]):
+        with pytest.raises(ValueError, match=r"asgd: past_eta_mu must be None or triples"):
+            uo.asgd(past_eta_mu=bad)
+    assert uo.asgd(past_eta_mu=((3, 0.1, 0.5),)).past_eta_mu == ((3, 0.1, 0.5),)
+
+
 def test_nadam_past_product_names_a_bad_value():
     for bad in ((1, 0.5), ((1.0, 0.5),), "x"):
         with pytest.raises(ValueError, match=r"nadam: past_product must be None or pairs"):

@@ -32,6 +32,17 @@ def _check_eta_lr(owner: str, eta_lr: Any) -> None:
         raise ValueError(f"{owner}: eta_lr must be None or a number >= 0, got {eta_lr!r}")
 
 
+def _check_past_eta_mu(owner: str, past: Any) -> None:
+    def triple(x: Any) -> bool:
+        return (isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], int)
+                and not isinstance(x[0], bool) and x[0] >= 0
+                and all(isinstance(v, float) for v in x[1:]))
+
+    if past is not None and not (isinstance(past, tuple) and all(map(triple, past))):
+        raise ValueError(f"{owner}: past_eta_mu must be None or triples (step count, eta, mu), "
+                         f"got {past!r}")
+
+
 def asgd_param(c: Any, p: Any, u: Any) -> Any:
     """torch's ``p.mul_(1 - lambd*eta).add_(g, alpha=-eta)``: the decay, then one fused
     multiply-add."""
@@ -52,16 +63,20 @@ class scale_by_asgd(Elementwise):
     eta*g``), then ``ax <- ax + mu*(p - u - ax)`` (``ax <- p - u`` while ``mu = 1``), with
     ``eta`` and ``mu`` of :func:`asgd_eta` and :func:`asgd_mu` at the step count. ``ax``
     averages the iterate this block makes: place it last in a chain. ``eta_lr``: the ``lr``
-    that ``eta`` is computed from after the first step (torch's: the previous step's, as
-    ``uniopt.torch.ASGD`` passes it); None: this step's ``lr``. ``scalar_dtype="float32"``:
-    ``eta`` and ``mu`` rounded to float32, as torch keeps them (0-d tensors of its default
-    dtype) and steps even float64 params with them."""
+    that ``eta`` is computed from after the first step (torch's: the previous step's); None:
+    this step's ``lr``. ``past_eta_mu``, triples ``(n, eta, mu)`` of torch's
+    ``state["eta"]`` and ``state["mu"]`` after update ``n`` (computed from that step's values),
+    makes step ``n + 1`` take them as they are (``uniopt.torch.ASGD`` passes them; a step with
+    none derives its own). ``scalar_dtype="float32"``: ``eta`` and ``mu`` rounded to float32,
+    as torch keeps them (0-d tensors of its default dtype) and steps even float64 params with
+    them."""
 
     lr: Any = hyper(1e-2, NONNEG)
     lambd: Any = hyper(1e-4, NONNEG)
     alpha: Any = hyper(0.75, NONNEG)
     t0: Any = hyper(1e6, NONNEG)
     eta_lr: float | None = None
+    past_eta_mu: tuple[tuple[int, float, float], ...] | None = None
     scalar_dtype: str = "float64"
     slots: ClassVar[tuple[str, ...]] = ("ax",)
     makes_step: ClassVar[bool] = True
@@ -69,12 +84,22 @@ class scale_by_asgd(Elementwise):
 
     def check(self) -> None:
         _check_eta_lr(self.name, self.eta_lr)
+        _check_past_eta_mu(self.name, self.past_eta_mu)
         check_scalar_dtype(self.name, self.scalar_dtype)
 
     def coeffs(self, step: int) -> AsgdCoeffs:
-        lr = self.lr if self.eta_lr is None or step == 0 else self.eta_lr
-        eta = round_scalar(asgd_eta(lr, self.lambd, self.alpha, step), self.scalar_dtype)
-        mu = round_scalar(asgd_mu(self.t0, step), self.scalar_dtype)
+        past = None
+        if self.past_eta_mu:
+            if _traced(step):
+                raise TypeError(f"{self.name}: past_eta_mu is looked up by the step count on "
+                                "the host; it cannot be traced (jax.jit): run it eagerly")
+            past = next((em for n, *em in self.past_eta_mu if n == step), None)
+        if past is not None:
+            eta, mu = past
+        else:
+            lr = self.lr if self.eta_lr is None or step == 0 else self.eta_lr
+            eta = round_scalar(asgd_eta(lr, self.lambd, self.alpha, step), self.scalar_dtype)
+            mu = round_scalar(asgd_mu(self.t0, step), self.scalar_dtype)
         lambd_eta = self.lambd * eta
         return AsgdCoeffs(eta=eta, lambd_eta=lambd_eta, keep=1.0 - lambd_eta, mu=mu,
                           average=mu != 1)
@@ -111,8 +136,9 @@ class asgd(Rule):
     parameters are the SGD iterate; read the average from the state. Under schedules, a step
     uses its own values; torch computes ``eta`` and ``mu`` at the end of the step before, from
     that step's (one step of lag where ``lr``, ``lambd``, ``alpha`` or ``t0`` change):
-    ``eta_lr`` (see :class:`scale_by_asgd`) gives a step that ``lr``, as ``uniopt.torch.ASGD``
-    does; so does ``scalar_dtype`` (torch's float32 ``eta`` and ``mu``).
+    ``eta_lr`` (see :class:`scale_by_asgd`) gives a step that ``lr``; ``past_eta_mu`` gives it
+    torch's numbers themselves, as ``uniopt.torch.ASGD`` does; ``scalar_dtype`` rounds them as
+    torch does (its float32 ``eta`` and ``mu``).
     """
 
     lr: Any = hyper(1e-2, NONNEG)
@@ -121,6 +147,7 @@ class asgd(Rule):
     t0: Any = hyper(1e6, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
     eta_lr: float | None = None
+    past_eta_mu: tuple[tuple[int, float, float], ...] | None = None  # see scale_by_asgd
     scalar_dtype: str = "float64"
 
     optional: ClassVar[tuple[str, ...]] = ("weight_decay",)
@@ -135,11 +162,13 @@ class asgd(Rule):
 
     def check(self) -> None:
         _check_eta_lr(self.name, self.eta_lr)
+        _check_past_eta_mu(self.name, self.past_eta_mu)
         check_scalar_dtype(self.name, self.scalar_dtype)
 
     def parts(self) -> tuple[Transform, ...]:
         return (
             *([weight_decay(wd=self.weight_decay)] if self.on("weight_decay") else []),
             scale_by_asgd(lr=self.lr, lambd=self.lambd, alpha=self.alpha, t0=self.t0,
-                          eta_lr=self.eta_lr, scalar_dtype=self.scalar_dtype),
+                          eta_lr=self.eta_lr, past_eta_mu=self.past_eta_mu,
+                          scalar_dtype=self.scalar_dtype),
         )

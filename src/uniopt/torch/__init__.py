@@ -44,14 +44,14 @@ Differences from torch, each on purpose:
 * A parameter listed twice in one group warns as torch does and is kept once (torch updates it
   twice per step).
 * Validation is torch's, in its order and words; uniopt's own checks follow where torch has none.
-* NAdam's ``mu_product`` and ASGD's ``eta`` and ``mu`` are not kept in ``state[p]``: uniopt
-  derives them from the parameter's step count and the group's values at that step, in double.
-  ``state_dict()`` writes them as torch does (0-d tensors of torch's default dtype, worked out
-  at the saved step), and ``load_state_dict`` drops them (the step count gives them back), so
-  states load both ways. NAdam keeps the product of each step's own momentum (per step count
-  in a group) and ASGD computes a step's ``eta`` from the ``lr`` of the group's step before,
-  as torch does; after loading, the next step derives them. At torch's float32 default dtype
-  torch rounds these numbers to float32 (a relative 1e-8); uniopt does not.
+* NAdam's ``mu_product`` (the product of each step's own momentum) and ASGD's ``eta`` and
+  ``mu`` (computed at the end of a step, from its ``lr``, ``lambd``, ``alpha``, ``t0``, for the
+  next) are numbers torch keeps per parameter from step to step; uniopt keeps them per
+  parameter too, beside ``state[p]``, rounded to torch's default dtype as torch keeps them.
+  ``state_dict()`` writes them as torch does (0-d tensors of that dtype) and ``load_state_dict``
+  reads them, so states load both ways and a run resumes as torch's under any scheduler; a
+  parameter that skipped steps keeps its own. A state without them, or a parameter whose state
+  was replaced, derives them from its step count and the group's values.
 * Rprop, as torch: ``lr`` sets a parameter's step sizes when its state is made; later values
   (a scheduler's) change nothing.
 * Sparse gradients: SGD and Adagrad accept them as torch does (Adagrad updates only the rows

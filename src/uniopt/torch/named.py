@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
+import numpy as np
 import torch
 
 from ..base import Transform
 from ..engine import flat_list_def, minimize_step_
-from ..hyper import resolve
+from ..hyper import resolve, round_scalar
 from ..rules.adadelta import adadelta
 from ..rules.adafactor import adafactor
 from ..rules.adagrad import adagrad
@@ -529,100 +531,231 @@ def _scalar_dtype() -> str:
     return "float64" if torch.get_default_dtype() == torch.float64 else "float32"
 
 
+# the key under which a group handed to _build_rule holds the numbers a run's step takes (see
+# _Derived._carrying: a maximize group's rule is a chain, built anew): no torch group has it
+_CARRIED = "uniopt.carried"
+
+
+def _number(v: Any) -> Any:
+    """A group value as the host number the kept numbers are computed from (a tensor that
+    requires grad, differentiable=True: its value; the numbers are kept as numbers)."""
+    if isinstance(v, tuple):
+        return tuple(map(_number, v))
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+# a run of a step under way: its positions in the group (a slice: all), its step count, the
+# values it steps with and the numbers it takes
+_Stepping = tuple[Any, int, dict[str, Any], tuple[float, ...]]
+
+
+@dataclasses.dataclass
+class _Carried:
+    """torch's per-parameter numbers of one group, by position in ``params``: ``values[i]`` as
+    torch held them after parameter ``i``'s ``counts[i]``-th step. Where ``counts[i]`` is not
+    the parameter's step count (-1: never known) they are derived from it."""
+
+    params: list[torch.Tensor]
+    values: Any  # (len(params), numbers) float64 array
+    counts: Any  # float64 array
+
+    @classmethod
+    def new(cls, params: list[torch.Tensor], width: int) -> _Carried:
+        return cls(params, np.zeros((len(params), width)), np.full(len(params), -1.0))
+
+
 class _Derived(_Named):
-    """A class whose torch twin keeps per-parameter numbers that uniopt derives from the step
-    count: they are written into ``state_dict()`` as torch's 0-d tensors, worked out from the
-    group's values at the parameter's step, and dropped on loading (the step count gives them
-    back), so states load both ways."""
+    """A class whose torch twin keeps per-parameter numbers from one step to the next, each
+    computed from the group's values at that parameter's own steps (ASGD's ``eta`` and ``mu``,
+    NAdam's ``mu_product``). uniopt keeps them per parameter too, beside the state, so that a
+    value a scheduler changed, a parameter that skipped steps, and a loaded state step as in
+    torch; ``state_dict()`` writes them as torch's 0-d tensors, ``load_state_dict`` reads them
+    (a state without them: derived from the step count and the group's values, as are those
+    of a parameter whose state was replaced). Parameters at one step count with other numbers
+    step in runs of their own. Only numbers the step count does not give reach a rule (the
+    field ``_carried``), so with constant values the group's rule, and the compiled loop bound
+    to it, stay the same from step to step (a new rule each step cost a small model's step
+    some 200 us)."""
 
-    _derived: ClassVar[tuple[str, ...]]
-    # the rule field through which the group's history reaches its rule: what torch keeps per
-    # parameter from one step to the next (ASGD's lr of the step before, NAdam's products)
-    _carried: ClassVar[str]
+    _derived: ClassVar[tuple[str, ...]]  # torch's names of the numbers, in their order
+    _carried: ClassVar[str]  # the rule field that takes them: tuples (step count, *numbers)
+    _uses: ClassVar[tuple[str, ...]]  # the group values they are computed from
 
-    def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
+    def _derive(self, values: dict[str, Any], step: int) -> tuple[float, ...]:
+        """The numbers after ``step`` steps, each of them with ``values``."""
         raise NotImplementedError
 
-    def _carry(self, gi: int, group: dict[str, Any], old: Any) -> Any:
-        """Group ``gi``'s history after a step, from ``old`` (None before its first; a None
-        result keeps ``old``)."""
+    def _advance(self, values: dict[str, Any], step: int,
+                 old: tuple[float, ...]) -> tuple[float, ...]:
+        """The numbers after the step from ``step`` steps, which took ``values``, from
+        ``old``, those before it."""
         raise NotImplementedError
 
-    def _field(self, history: Any, group: dict[str, Any]) -> Any:
-        """The value of the rule field :attr:`_carried` for a group's history."""
-        return history
+    def _derivable(self, values: dict[str, Any], step: int, numbers: tuple[float, ...]) -> bool:
+        """Whether a rule of ``values`` steps from ``step`` as ``numbers`` make it."""
+        return numbers == self._derive(values, step)
 
-    def _history(self) -> dict[int, Any]:
-        """Each group's history after its last step, by ``id(group)`` (made lazily: an
-        unpickled or freshly loaded optimizer has none, and derives what it needs)."""
-        return vars(self).setdefault("_carried_by_group", {})
+    def _values_at(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        values = {}
+        for k in self._uses:
+            v = group[k]  # (a float as it is: at every step, a fair part of its cost)
+            values[k] = v if type(v) is float else _number(resolve(plain(v), step))
+        return values
 
-    def _reset_caches(self) -> None:
-        super()._reset_caches()
-        vars(self).pop("_carried_by_group", None)
+    def _records(self) -> dict[int, _Carried]:
+        """Each group's numbers, by its index (pickled with the optimizer, as torch's state)."""
+        return vars(self).setdefault("_carried_numbers", {})
+
+    def _record(self, gi: int, params: list[torch.Tensor]) -> _Carried:
+        """Group ``gi``'s numbers for ``params``, a list the record then holds (a plan's: never
+        changed; a parameter's numbers follow it to its new position)."""
+        records = self._records()
+        rec = records.get(gi)
+        if rec is not None and rec.params is params:
+            return rec
+        if rec is None or not (len(rec.params) == len(params)
+                               and all(map(operator.is_, rec.params, params))):
+            new = _Carried.new(params, len(self._derived))
+            if rec is not None:
+                where = {id(p): i for i, p in enumerate(rec.params)}
+                for j, p in enumerate(params):
+                    i = where.get(id(p))
+                    if i is not None:
+                        new.values[j], new.counts[j] = rec.values[i], rec.counts[i]
+            rec = new
+        rec.params = params
+        records[gi] = rec
+        return rec
+
+    def _numbers(self, rec: _Carried, i: int, group: dict[str, Any],
+                 step: int) -> tuple[float, ...]:
+        """Parameter ``i``'s numbers at ``step`` steps: as kept, else derived (and kept)."""
+        if rec.counts[i] != step:
+            rec.values[i] = self._derive(self._values_at(group, step), step)
+            rec.counts[i] = step
+        return tuple(rec.values[i].tolist())
+
+    def _run_tags(self, gi: int, group: dict[str, Any], has: list[bool]) -> list[Any] | None:
+        ps = group["params"]
+        rec = self._record(gi, list(ps))
+        return [self._numbers(rec, i, group, plans.state_step(self.state.get(p, {})))
+                if h else None for i, (p, h) in enumerate(zip(ps, has, strict=True))]
+
+    def _run_rules(self, gi: int, plan: plans.Plan, rule: Transform) -> list[Transform] | None:
+        group = plan.group
+        rec = self._record(gi, plan.params)
+        steps = plan.run_steps()
+        fields: list[tuple[Any, ...] | None] = []  # None: the step count gives the numbers
+        stepping: list[_Stepping] = []  # what _step advances each run's numbers from
+        for run, step in zip(plan.runs, steps, strict=True):
+            first, at = (0, slice(None)) if run.idx is None else (int(run.idx[0]), run.idx)
+            numbers = self._numbers(rec, first, group, step)
+            values = self._values_at(group, step)
+            stepping.append((at, step, values, numbers))
+            fields.append(None if self._derivable(values, step, numbers) else (step, *numbers))
+        self._stepping()[gi] = (rec, stepping)
+        if not any(fields):
+            return None
+        by_step = {f[0]: f for f in fields if f is not None}
+        if all(by_step.get(step) == f for step, f in zip(steps, fields, strict=True)):
+            # no two runs at one step count take other numbers: one rule serves them all
+            return [self._carrying(group, rule, tuple(sorted(by_step.values())))]
+        made = {f: self._carrying(group, rule, (f,)) for f in set(fields) - {None}}
+        return [rule if f is None else made[f] for f in fields]
+
+    def _carrying(self, group: dict[str, Any], rule: Transform, carried: Any) -> Transform:
+        """The group's ``rule`` taking the numbers ``carried``."""
+        if group.get("maximize"):  # a chain: built anew (a third of the time more)
+            return self._group_rule({**group, _CARRIED: carried})
+        return dataclasses.replace(cast(Any, rule), **{self._carried: carried})
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
         rule = dataclasses.replace(cast(Any, super()._build_rule(group)),
                                    scalar_dtype=_scalar_dtype())
-        history = self._history().get(id(group))
-        if history is None:
-            return rule
-        changes: dict[str, Any] = {self._carried: self._field(history, group)}
-        return dataclasses.replace(rule, **changes)
+        carried = group.get(_CARRIED)
+        return rule if carried is None else dataclasses.replace(rule, **{self._carried: carried})
+
+    def _stepping(self) -> dict[int, tuple[_Carried, list[_Stepping]]]:
+        """Each group's record and runs in the step under way (see :meth:`_run_rules`)."""
+        return vars(self).setdefault("_stepping_runs", {})
 
     def _step(self, closure: Any = None) -> Any:
+        stepping = self._stepping()
+        stepping.clear()
         loss = super()._step(closure)
-        histories = self._history()
-        for gi, group in enumerate(self.param_groups):
-            old = histories.get(id(group))
-            new = self._carry(gi, group, old)
-            if new is not None and (old is None or new != old):
-                histories[id(group)] = new
-                if old is None or self._field(new, group) != self._field(old, group):
-                    self._rules.pop(id(group), None)  # built with the old history
+        for rec, runs in stepping.values():
+            for at, step, values, numbers in runs:
+                rec.values[at] = self._advance(values, step, numbers)
+                rec.counts[at] = step + 1
+        stepping.clear()
         return loss
 
-    def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
-        """The values the derived numbers of group ``gi`` are worked out from."""
-        return group
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_carried_numbers": self._records()}
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state = sd["state"]
-        for gi, saved in enumerate(sd["param_groups"]):
-            group = self._values(gi, saved)
-            for k in group["params"]:
+        for gi, (saved, group) in enumerate(zip(sd["param_groups"], self.param_groups,
+                                                strict=True)):
+            rec = self._records().get(gi)
+            for j, (k, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
                 st = state.get(k)
                 if not st or "step" not in st:
                     continue
                 step = int(st["step"])
-                values = {n: resolve(plain(v), step) for n, v in group.items() if n != "params"}
+                if (rec is not None and j < len(rec.params) and rec.params[j] is p
+                        and rec.counts[j] == step):
+                    numbers = tuple(rec.values[j].tolist())
+                else:
+                    numbers = self._derive(self._values_at(group, step), step)
                 extra = {n: torch.tensor(x, dtype=dtype)
-                         for n, x in self._scalars(values, step).items()}
+                         for n, x in zip(self._derived, numbers, strict=True)}
                 state[k] = {**st, **extra}  # a new dict: the optimizer's own stays as it is
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``; the numbers uniopt derives from the step count
-        (``_derived``) are read from it, not kept."""
+        """torch's ``load_state_dict``; the numbers of ``_derived`` are kept per parameter,
+        beside its state (a parameter's state without them: derived from its step count)."""
+        kept: dict[Any, tuple[float, ...]] = {}
         if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict):
-            state = {k: {n: v for n, v in st.items() if n not in self._derived}
-                     if isinstance(st, dict) else st for k, st in state_dict["state"].items()}
+            state = {}
+            for k, st in state_dict["state"].items():
+                if isinstance(st, dict):
+                    if all(n in st for n in self._derived):
+                        kept[k] = tuple(self._loaded_number(k, n, st[n]) for n in self._derived)
+                    st = {n: v for n, v in st.items() if n not in self._derived}
+                state[k] = st
             state_dict = {**state_dict, "state": state}
         super().load_state_dict(state_dict)
+        records = self._records()
+        records.clear()
+        for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups,
+                                                strict=True)):
+            rec = records[gi] = _Carried.new(list(group["params"]), len(self._derived))
+            for j, (k, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                if k in kept:
+                    rec.values[j] = kept[k]
+                    rec.counts[j] = plans.state_step(self.state.get(p, {}))
+
+    def _loaded_number(self, k: Any, name: str, x: Any) -> float:
+        """A loaded state's number, as this session's torch keeps it (its default dtype)."""
+        if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
+            x = x.item()
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise ValueError(f"{self._name}.load_state_dict: the state of parameter {k} has "
+                             f"{name} {x!r}, not a number; nothing was loaded")
+        return float(round_scalar(float(x), _scalar_dtype()))
 
 
 class NAdam(_Derived):
     """``torch.optim.NAdam``, run by :func:`uniopt.nadam`. torch's ``state["mu_product"]``, the
-    product of each step's own momentum, is kept per group as steps go (``past_product`` of
-    :class:`uniopt.rules.adam_variants.scale_by_nadam`), so a ``betas[0]`` that a scheduler
-    cycles (OneCycleLR) is multiplied in as torch does; it appears in ``state_dict()`` and is
-    dropped on loading, after which it is derived from the step count and the group's values
-    (:func:`uniopt.rules.adam_variants.mu_product`) until the next step. Only products the
-    step count does not give reach the rule, so with constant ``betas`` and
-    ``momentum_decay`` the group's rule, and the compiled loop bound to it, stay the same from
-    step to step."""
+    product of each step's own momentum (a ``betas[0]`` that a scheduler cycles, OneCycleLR's,
+    multiplied in at each step as it was), is kept per parameter (see :class:`_Derived`) and
+    reaches the rule as its ``past_product``
+    (:class:`uniopt.rules.adam_variants.scale_by_nadam`) where the step count does not give it
+    (:func:`uniopt.rules.adam_variants.mu_product`)."""
 
     rule = nadam()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
@@ -631,77 +764,55 @@ class NAdam(_Derived):
     _torch_defaults = {"weight_decay": 0}
     _derived = ("mu_product",)
     _carried = "past_product"
+    _uses = ("betas", "momentum_decay")
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY, _at_least_0("momentum_decay"))
 
-    def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
-        past = dict(group.get("past_product") or ()).get(step)
-        if past is not None and step:
-            return {"mu_product": past}
-        b1, psi = group["betas"][0], group["momentum_decay"]
-        return {"mu_product": mu_product(b1, psi, step, exact=True, dtype=_scalar_dtype())}
+    def _derive(self, values: dict[str, Any], step: int) -> tuple[float, ...]:
+        return (mu_product(values["betas"][0], values["momentum_decay"], step, exact=True,
+                           dtype=_scalar_dtype()),)
 
-    def _carry(self, gi: int, group: dict[str, Any], old: Any) -> Any:
-        """``{n: mu_1*...*mu_n}`` for the step counts the group's parameters are at (parameters
-        that joined late have counts of their own)."""
-        steps = self._steps.get(gi)
-        if steps is None:
-            return None
-        old = old or {0: 1.0}
-        new = {0: 1.0}
-        for n in {int(x) for x in steps.np} - {0}:
-            if n - 1 in old and n not in old:  # stepped from n - 1: this step's momentum
-                b1 = resolve(plain(group["betas"]), n - 1)[0]
-                psi = resolve(plain(group["momentum_decay"]), n - 1)
-                new[n] = times_mu(old[n - 1], nadam_mu(b1, psi, float(n)), _scalar_dtype())
-            elif n in old:
-                new[n] = old[n]
-        return new
+    def _advance(self, values: dict[str, Any], step: int,
+                 old: tuple[float, ...]) -> tuple[float, ...]:
+        mu = nadam_mu(values["betas"][0], values["momentum_decay"], float(step + 1))
+        return (times_mu(old[0], mu, _scalar_dtype()),)
 
-    def _field(self, history: Any, group: dict[str, Any]) -> Any:
-        # only the products that the step count does not give (a b1 or momentum_decay that
-        # changed on the way): with constant values the rule, its compiled loop and the loop
-        # bound to the group stay the same from step to step (a new rule each step cost a
-        # small model's step some 200 us)
-        b1, psi = plain(group["betas"])[0], plain(group["momentum_decay"])
-        if callable(b1) or callable(psi):
-            return tuple(sorted(history.items()))
-        dt = _scalar_dtype()
-        kept = tuple((n, x) for n, x in sorted(history.items())
-                     if n and not derivable(b1, psi, n, x, dt))
-        return kept or None
-
-    def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
-        past = self._history().get(id(self.param_groups[gi]), {})
-        return {**group, "past_product": tuple(past.items())}
+    def _derivable(self, values: dict[str, Any], step: int, numbers: tuple[float, ...]) -> bool:
+        # (a product negligible next to 1 changes no coefficient: no new rule for it)
+        return derivable(values["betas"][0], values["momentum_decay"], step, numbers[0],
+                         _scalar_dtype())
 
 
 class ASGD(_Derived):
     """``torch.optim.ASGD``, run by :func:`uniopt.asgd`; the average is ``state[p]["ax"]``.
-    torch's ``state["eta"]`` and ``state["mu"]`` are derived from the step count and the group's
-    values (:func:`uniopt.rules.asgd.asgd_eta`, :func:`~uniopt.rules.asgd.asgd_mu`): they appear
-    in ``state_dict()`` and are dropped on loading. As torch, which computes a step's ``eta`` at
-    the end of the step before, a parameter's step after its first takes ``eta`` from the
-    ``lr`` its group had at the group's previous step (``uo.asgd(eta_lr=...)``; a scheduler's
-    change shows one step later). Exact where a group's parameters step together; a parameter
-    that skipped the group's previous step takes that step's ``lr`` where torch takes the one
-    of its own last step. After ``load_state_dict`` the next step takes the group's current
-    ``lr``."""
+    torch's ``state["eta"]`` and ``state["mu"]``, which it computes at the end of a
+    parameter's step from that step's ``lr``, ``lambd``, ``alpha`` and ``t0`` for the
+    parameter's next step (a scheduler's change shows one step later), are kept per parameter
+    (see :class:`_Derived`) and reach the rule as its ``past_eta_mu``
+    (:class:`uniopt.rules.asgd.scale_by_asgd`) where the step count does not give them
+    (:func:`uniopt.rules.asgd.asgd_eta`, :func:`~uniopt.rules.asgd.asgd_mu`)."""
 
     rule = asgd()
     _torch_params = ("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize",
                      "differentiable", "capturable")
     _torch_defaults = {"weight_decay": 0}
     _derived = ("eta", "mu")
-    _carried = "eta_lr"
+    _carried = "past_eta_mu"
+    _uses = ("lr", "lambd", "alpha", "t0")
     _checks = (LR, WEIGHT_DECAY)
 
-    def _scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
-        return {"eta": asgd_eta(group["lr"], group["lambd"], group["alpha"], step),
-                "mu": asgd_mu(group["t0"], step)}
+    def _derive(self, values: dict[str, Any], step: int) -> tuple[float, ...]:
+        dt = _scalar_dtype()
+        # (the numbers a step makes are those the next step is checked against: made once)
+        key = (step, dt, *values.values())
+        last = vars(self).get("_last_derived")
+        if last is not None and last[0] == key:
+            return last[1]
+        numbers = (round_scalar(asgd_eta(values["lr"], values["lambd"], values["alpha"], step),
+                                dt),
+                   round_scalar(asgd_mu(values["t0"], step), dt))  # (step 0: lr and 1, torch's)
+        self._last_derived = (key, numbers)
+        return numbers
 
-    def _carry(self, gi: int, group: dict[str, Any], old: Any) -> Any:
-        return plain(group["lr"])  # the next step's eta comes from it
-
-    def _values(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
-        lr = self._history().get(id(self.param_groups[gi]))
-        return group if lr is None else {**group, "lr": lr}
+    def _advance(self, values: dict[str, Any], step: int,
+                 old: tuple[float, ...]) -> tuple[float, ...]:
+        return self._derive(values, step + 1)

@@ -378,8 +378,9 @@ class Optimizer(torch.optim.Optimizer):
                     plan = self._plans[job.gi] = plans.build(
                         job.group, job.rule, self._slot_names(job.rule), job.has, job.sparse,
                         self._sparse == "rows", self.state,
-                        self._steps_for(job.gi, job.group["params"]))
-                plan.run(job.rule, job.grads, job.views)
+                        self._steps_for(job.gi, job.group["params"]),
+                        self._run_tags(job.gi, job.group, job.has))
+                plan.run(job.rule, job.grads, job.views, self._run_rules(job.gi, plan, job.rule))
         finally:
             torch._C._set_grad_enabled(enabled)
         return loss
@@ -421,6 +422,16 @@ class Optimizer(torch.optim.Optimizer):
             for s in sorted(counts):
                 resolve(rule, s)
         return _Job(gi, group, rule, grads, has, sparse, plan, views)
+
+    def _run_tags(self, gi: int, group: dict[str, Any], has: list[bool]) -> list[Any] | None:
+        """Per parameter of group ``gi``, what its run must share besides its step count (see
+        :func:`plans.build`); None: nothing."""
+        return None
+
+    def _run_rules(self, gi: int, plan: plans.Plan, rule: Transform) -> list[Transform] | None:
+        """The rule of each run of group ``gi``'s step (see :meth:`plans.Plan.run`); None: the
+        group's ``rule`` for each."""
+        return None
 
     def _check_sparse(self, group: dict[str, Any], grads: list[Any]) -> None:
         for g in grads:

@@ -420,7 +420,8 @@ class SeenGrads:
 
 @dataclasses.dataclass
 class Run:
-    """Parameters of one group that share a step count and a kind of view: one engine call."""
+    """Parameters of one group that share a step count, a kind of view and a tag (see
+    :func:`build`): one engine call."""
 
     pos: list[int] | None  # positions in the plan's ``sel`` (None: all of them)
     idx: Any  # their indices in the group, for the step buffer (None: the whole group)
@@ -574,8 +575,13 @@ class Plan:
         return made[0]
 
     def run(self, rule: Transform, grads: list[Any],
-            views: list[Any] | backend.Addressed | None) -> None:
-        """One step: an engine call per run, then the parameters with sparse gradients."""
+            views: list[Any] | backend.Addressed | None,
+            rules: list[Transform] | None = None) -> None:
+        """One step: an engine call per run, then the parameters with sparse gradients.
+        ``rules``: one per run, where runs that share a step count differ in their numbers
+        (None: ``rule`` for each)."""
+        if rules is not None and len(rules) == 1:
+            rule, rules = rules[0], None  # bound to the compiled loop as a group's rule is
         if views is None:
             gs = [grads[i] for i in self.sel]
             if self.sharding is not None:
@@ -599,13 +605,14 @@ class Plan:
         # the variable itself, not backend.sharded: a small step makes no extra Python call)
         shards = backend.SHARDED.set(self.sharding)
         try:
-            for run, step, treedef in zip(self.runs, self.run_steps(), self.treedefs,
-                                                strict=True):
+            for r, (run, step, treedef) in enumerate(zip(self.runs, self.run_steps(),
+                                                         self.treedefs, strict=True)):
                 leaves: Any = (views if run.pos is None else views.take(run.pos)
                                if isinstance(views, backend.Addressed)
                                else [views[k] for k in run.pos])
                 at = step if run.device_step is None else run.device_step
-                state = State(rule, at, run.slots, treedef, self.state_dtype, trees)
+                state = State(rule if rules is None else rules[r], at, run.slots, treedef,
+                              self.state_dtype, trees)
                 if self.tracked:
                     with backend.tracked(), torch.enable_grad():
                         new = update_(state, run.params, leaves)
@@ -678,8 +685,11 @@ def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
 
 def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bool],
           sparse: list[bool], by_rows: bool, state: MutableMapping[Any, dict[str, Any]],
-          steps: Steps) -> Plan:
-    """The plan of ``group``; ``by_rows``: sparse gradients update only their rows."""
+          steps: Steps, tags: list[Any] | None = None) -> Plan:
+    """The plan of ``group``; ``by_rows``: sparse gradients update only their rows. ``tags``:
+    per parameter, what else its run must share (hashable): parameters at one step count whose
+    step takes other numbers (torch's per-parameter ``mu_product`` of NAdam) go in runs of
+    their own."""
     ps = group["params"]
     tracked = bool(group.get("differentiable"))
     q8 = is_q8(group)
@@ -715,7 +725,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             # state is torch's); the views of bfloat16 bits are for the compiled loop only
             s = ("torch", None)
         st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
-        key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]))
+        key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]),
+               None if tags is None else tags[i])
         runs.setdefault(key, []).append(len(sel))
         sel.append(i)
         specs.append(s)
@@ -723,7 +734,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     sel_params = [ps[i] for i in sel]
     plan_runs = []
     shards: list[tuple[Any, dtensor.Spec | None]] = []  # each view, and its DTensor's layout
-    for (kind, _, _), pos in runs.items():
+    for (kind, *_), pos in runs.items():
         whole = len(pos) == len(sel)
         idx = np.asarray([sel[k] for k in pos], dtype=np.intp)
         views = [_view(sel_params[k], specs[k]) for k in pos]
