@@ -540,3 +540,34 @@ def test_checkpoint_resumes_every_rule(tmp_path: Any) -> None:
             loaded, b = uo.update(loaded, b, {k: np.tanh(v) for k, v in b.items()})
         for k in KEYS:
             assert rel_diff(a[k], b[k]) == 0.0, name
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_schedule_free_eval_under_a_momentum_schedule_is_metas(jit: bool) -> None:
+    """A momentum schedule: params and eval weights after every update as Meta's
+    ``SGDScheduleFree`` gives them with its group's momentum set before each step; the eval
+    reads the momentum of the update that made y (it read the next update's: 22% off at the
+    change)."""
+    schedulefree = pytest.importorskip("schedulefree")
+    mom = uo.schedules.piecewise_constant(0.9, {3: 0.5})
+    rng = np.random.default_rng(0)
+    p0, grads = rng.standard_normal(6), [rng.standard_normal(6) for _ in range(5)]
+    w = torch.tensor(p0, requires_grad=True)
+    meta = schedulefree.SGDScheduleFree([w], lr=0.1, momentum=0.9, foreach=False)
+    meta.train()
+    make = jnp.asarray if jit else np.asarray
+    p, rule = {"w": make(p0)}, uo.schedule_free_sgd(lr=0.1, momentum=mom)
+    state = uo.setup(rule, p)
+    step = jax.jit(uo.update) if jit else uo.update
+    read = jax.jit(uo.schedule_free_eval) if jit else uo.schedule_free_eval
+    for t, g in enumerate(grads):
+        meta.param_groups[0]["momentum"] = mom(t)
+        w.grad = torch.tensor(g)
+        meta.step()
+        state, p = step(state, p, {"w": make(g)})
+        meta.eval()
+        np.testing.assert_allclose(np.asarray(read(state, p)["w"]), w.detach().numpy(),
+                                   rtol=1e-6 if jit else 1e-14)
+        meta.train()
+        np.testing.assert_allclose(np.asarray(p["w"]), w.detach().numpy(),
+                                   rtol=1e-6 if jit else 1e-14)

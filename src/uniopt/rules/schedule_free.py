@@ -266,6 +266,12 @@ class schedule_free_sgd(Rule):
     Defaults are Meta's ``schedulefree.SGDScheduleFree`` (lr 1.0, momentum 0.9); ``optax``:
     ``optax.contrib.schedule_free_sgd(learning_rate, warmup_steps, b1=momentum,
     weight_decay, weight_lr_power)``.
+
+    A schedule of ``momentum`` is taken as Meta's form takes a changed momentum: the step
+    above with each update's own ``beta``, which is the recurrence of ``x`` and ``y`` only
+    while ``beta`` is constant (with ``x`` eliminated, a new ``beta`` does not re-mix the
+    ``y`` already made); :func:`schedule_free_eval` reads ``x`` with the ``beta`` of the
+    update that made ``y``, as Meta's ``eval()`` does.
     """
 
     lr: Any = hyper(1.0, NONNEG)
@@ -420,7 +426,12 @@ def _eval_weights(state: State, treedef: Any, leaves: list[Any]) -> list[Any] | 
     states of the rules it runs; None if there is none."""
     for part, keys in state.rule.keyed_parts:
         if isinstance(part, scale_by_schedule_free):
-            beta = part.at(state.step).momentum  # type: ignore[attr-defined]
+            # the momentum that made y: the last update's, at step - 1 (before any, y = z
+            # and any momentum gives x = z)
+            step = state.step - 1
+            step = max(step, 0) if isinstance(step, int) else backend.namespace(step).maximum(
+                step, 0)
+            beta = part.at(step).momentum  # type: ignore[attr-defined]
             out = []
             for y, z in zip(leaves, state.tree_states[keys[0]]["z"], strict=True):
                 x = (y - (1.0 - beta) * z) / beta
