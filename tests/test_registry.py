@@ -554,3 +554,20 @@ def test_uniopt_torch_optimizer_steps_as_update(name: str) -> None:
         opt.step()
     for k, t in tensors.items():
         assert rel_diff(t.detach().numpy(), ref[k].numpy()) <= max(e.rtol, 1e-14), k
+
+
+@by_rule
+def test_an_empty_leaf_and_a_scalar_leaf_step_beside_the_others(name: str) -> None:
+    """A tree with a leaf of no elements and a 0-d one (where the rule takes their shapes):
+    each keeps its shape, the others step as they would alone, pure and in place (sm3 gave an
+    empty vector an accumulator of one and could not reshape it back)."""
+    e = registry.entry(name)
+    rule = _build(e)
+    odd = {k: s for k, s in {"empty": (0,), "scalar": ()}.items() if _takes(rule, s)}
+    shapes = {**_shapes(rule), **odd}
+    for inplace in (False, True):
+        problem = Problem(shapes)
+        params = problem.params()
+        state, out = _drive(e, uo.setup(rule, params), params, problem, 2, inplace)
+        assert {k: np.shape(v) for k, v in out.items()} == shapes
+        assert all(np.all(np.isfinite(v)) for v in out.values()), inplace

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -27,14 +26,15 @@ class scale_by_sm3(PerLeaf):
     ``mu_i`` becomes the maximum of ``a`` over the other axes. A vector keeps ``a`` itself (it
     is Adagrad), and so does a scalar (where optax fails). Then ``d = g/sqrt(a + eps)`` (0
     where ``a = 0``), ``m <- b1*m + (1-b1)*d``, ``u <- m``. The accumulators of a leaf lie
-    end to end in one slot, ``accumulator``, of ``sum(shape)`` numbers (1 for a scalar)."""
+    end to end in one slot, ``accumulator``, of ``sum(shape)`` numbers (1 for a scalar, none for
+    an empty vector)."""
 
     b1: Any = hyper(0.9, UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("accumulator", "momentum_buffer")
 
     def slot_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...] | None, ...]:
-        return (max(sum(shape), 1),), tuple(shape)
+        return ((sum(shape),) if shape else (1,)), tuple(shape)
 
     def coeffs(self, step: Any) -> Sm3Coeffs:
         return Sm3Coeffs(b1=self.b1, one_minus_b1=self.one_minus("b1"), eps=self.eps)
@@ -44,7 +44,7 @@ class scale_by_sm3(PerLeaf):
         shape, k = tuple(u.shape), u.ndim
         if k < 2:
             a = u * u + xp.reshape(accumulator, shape)
-            new = xp.reshape(a, (max(math.prod(shape), 1),))
+            new = xp.reshape(a, (shape[0] if shape else 1,))
         else:
             ends = [sum(shape[:i + 1]) for i in range(k)]
             mus = [xp.reshape(accumulator[e - n:e], (1,) * i + (n,) + (1,) * (k - i - 1))
