@@ -571,3 +571,21 @@ def test_an_empty_leaf_and_a_scalar_leaf_step_beside_the_others(name: str) -> No
         state, out = _drive(e, uo.setup(rule, params), params, problem, 2, inplace)
         assert {k: np.shape(v) for k, v in out.items()} == shapes
         assert all(np.all(np.isfinite(v)) for v in out.values()), inplace
+
+
+@by_rule
+def test_torch_bfloat16_params_step_and_keep_their_dtypes(name: str) -> None:
+    """Every rule steps torch bfloat16 params, computing in float32, and its state keeps the
+    dtypes setup gave it (GaLore mixed its bfloat16 moments with the float32 step in lerp)."""
+    torch = pytest.importorskip("torch")
+    e = registry.entry(name)
+    rule = _build(e)
+    problem = Problem(_shapes(rule), np.float32,
+                      conv=lambda x: torch.as_tensor(x).to(torch.bfloat16))
+    params = problem.params()
+    want = _dtypes(uo.setup(rule, params))
+    state, out = _drive(e, uo.setup(rule, params), params, problem, 2)
+    assert all(v.dtype == torch.bfloat16 and bool(torch.isfinite(v).all()) for v in out.values())
+    got = _dtypes(state)
+    assert {k: got.get(k) for k in want} == want
+

@@ -149,13 +149,20 @@ class scale_by_galore(WholeTree):
         out, projectors, ms, vs = [], [], [], []
         for i, g in enumerate(gs):
             xp = backend.namespace(g)
-            plan, proj = self._plan(tuple(g.shape)), state["projector"][i]
+
+            def read(x: Any, g: Any = g, xp: Any = xp) -> Any:
+                # in the step's dtype (float32 for 16-bit params; the engine keeps the state in
+                # the dtype setup gave it): torch mixes no dtypes in lerp or matmul
+                return x if x.dtype == g.dtype else xp.astype(x, g.dtype)
+
+            plan, proj = self._plan(tuple(g.shape)), read(state["projector"][i])
             low = g
             if plan is not None:
                 g2 = plan.to(xp, g)
                 proj = self._refreshed(xp, c.refresh, g2, proj, plan)
                 low = proj.T @ g2 if plan.left else g2 @ proj
-            d, m, v = kernel(xp, c.adam, None, low, state["exp_avg"][i], state["exp_avg_sq"][i])
+            d, m, v = kernel(xp, c.adam, None, low, read(state["exp_avg"][i]),
+                             read(state["exp_avg_sq"][i]))
             if plan is not None:
                 d = plan.from_(xp, proj @ d if plan.left else d @ proj.T)
             out.append(c.scale * d)
