@@ -496,6 +496,9 @@ def test_conventions_set_defaults_and_keep_what_is_given() -> None:
     (lambda: uo.adamax(decay_form="L2", convention="keras"), "'L2'"),
     (lambda: uo.optimistic_adam(0.1, first_prev="last"), "'last'"),
     (lambda: uo.radam(rectify_threshold=1.0), "1.0"),
+    # in [2, 4) the rectifier is imaginary where rho_t is: a silent zero step, or a complex one
+    (lambda: uo.radam(rectify_threshold=3.0, convention="optax"),
+     r"rectify_threshold must be a number >= 4 \(r_t is real where rho_t >= 4\), got 3.0"),
 ])
 def test_bad_conventions_and_options_raise(make: Callable[[], Any], value: str) -> None:
     with pytest.raises(ValueError, match=value):

@@ -608,9 +608,10 @@ class radam(Rule):
 
     def check(self) -> None:
         t = self.rectify_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 2.0 <= t:
-            raise ValueError(f"{self.name}: rectify_threshold must be a number >= 2 (rho_t at "
-                             f"which r_t is real), got {t!r}")
+        # r_t = sqrt((rho_t - 4)(rho_t - 2)...): real, for a step taken, where rho_t >= 4
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 4.0 <= t:
+            raise ValueError(f"{self.name}: rectify_threshold must be a number >= 4 (r_t is "
+                             f"real where rho_t >= 4), got {t!r}")
 
     def parts(self) -> tuple[Transform, ...]:
         b1, b2 = self.betas
