@@ -842,3 +842,18 @@ def test_nadam_past_product_names_a_bad_value():
         with pytest.raises(ValueError, match=r"nadam: past_product must be None or pairs"):
             uo.nadam(past_product=bad)
     assert uo.nadam(past_product=((0, 1.0), (3, 0.5))).past_product == ((0, 1.0), (3, 0.5))
+
+
+def test_a_0d_array_of_any_library_is_taken_as_its_number() -> None:
+    """``lr=torch.tensor(0.1)`` (or a NumPy or JAX 0-d array) is the number it holds, at
+    construction and in ``adjust`` (torch's dtype names are no NumPy dtypes: it raised
+    "data type 'torch.float32' not understood"); a 0-d bool is refused as a bool is."""
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    for lr in (torch.tensor(0.25), torch.tensor(0.25, dtype=torch.bfloat16), np.float32(0.25),
+               np.array(0.25), jnp.asarray(0.25)):
+        assert uo.sgd(lr=lr).lr == 0.25
+        state = uo.adjust(uo.setup(uo.sgd(lr=0.1), [np.ones(2)]), lr=lr)
+        assert state.rule.lr == 0.25
+    with pytest.raises(TypeError, match=r"lr must be a number or a schedule, got tensor\(True\)"):
+        uo.sgd(lr=torch.tensor(True))

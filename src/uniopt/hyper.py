@@ -177,7 +177,9 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
         check(owner, name, float(value), valid, where)  # type: ignore[arg-type]
         return value  # type: ignore[return-value]
     zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
-    if zero_d and np.dtype(str(value.dtype)).kind in "fiu":  # type: ignore[attr-defined]
+    # (by the dtype's name: torch's "torch.float32" and bfloat16 are no NumPy dtypes)
+    if zero_d and str(value.dtype).rsplit(".", 1)[-1].startswith(  # type: ignore[attr-defined]
+            ("float", "bfloat", "int", "uint")):
         value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number
     if callable(value) and not schedulable:
         raise TypeError(f"{owner}: {name} must be a number, not a schedule (it takes none), "
