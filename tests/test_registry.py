@@ -557,6 +557,7 @@ def test_uniopt_torch_optimizer_steps_as_update(name: str) -> None:
 
 
 @by_rule
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # (a mean of nothing: Kron's NumPy warned)
 def test_an_empty_leaf_and_a_scalar_leaf_step_beside_the_others(name: str) -> None:
     """A tree with a leaf of no elements and a 0-d one (where the rule takes their shapes):
     each keeps its shape, the others step as they would alone, pure and in place (sm3 gave an

@@ -170,7 +170,7 @@ class scale_by_factored_rms(PerLeaf):
             v_hat = variance = lerp(variance, u * u, c.weight)
             u = _rsqrt(xp, xp.clip(v_hat, min=eps1 * eps1)) * u
         if c.clip:
-            n = math.prod(u.shape[1:])
+            n = math.prod(u.shape[1:]) or 1  # (an empty leaf: nothing to clip)
             u = u / xp.clip(_leaf_norms_array(xp, u) / (n**0.5 * c.d), min=1.0)
         return u, row_var, col_var, variance
 
@@ -242,7 +242,8 @@ class scale_by_param_scale(PerLeaf):
     def _scales(xp: Any, c: RelativeStep, p: Any, u: Any) -> Any:
         """Each leaf's ``alpha/denom``: Python floats on torch tensors, as torch computes them;
         elsewhere an array shaped ``(batch, 1, ...)``, in float64 where the library has it."""
-        root_n = math.prod(p.shape[1:]) ** 0.5  # torch's numel() ** 0.5
+        # torch's numel() ** 0.5 (an empty leaf's RMS reads as 0: it scales no element)
+        root_n = math.prod(p.shape[1:]) ** 0.5 or 1.0
         pn = _leaf_norms(xp, p)
         if isinstance(pn, list):
             alphas = [(_larger(xp, c.eps2, c.seen * a / root_n) if c.scale else 1.0) * c.rho

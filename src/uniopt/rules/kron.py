@@ -221,8 +221,9 @@ class scale_by_kron(WholeTree):
         out = []
         for p, g, q, m_hat in zip(ps, leaves, qs, m_hats, strict=True):
             d = _precondition(xp, q, m_hat)
-            shrink = 1.1 / (xp.sqrt(xp.mean(d * d)) + 1e-6)
-            d = d * xp.minimum(shrink, xp.ones_like(shrink))
+            if math.prod(d.shape):  # (an empty leaf has no RMS: NumPy warns of its mean)
+                shrink = 1.1 / (xp.sqrt(xp.mean(d * d)) + 1e-6)
+                d = d * xp.minimum(shrink, xp.ones_like(shrink))
             if g.ndim >= 2 and self.weight_decouple:
                 d = _like(xp, d + c.wd * p, d)
             out.append(xp.asarray(d))
