@@ -416,3 +416,22 @@ def test_averages_in_a_wider_state_dtype_come_back_in_the_params_dtype() -> None
     (avg,) = uo.averaged(state, p)
     assert state.slots["polyak.average"][0].dtype == np.float32 and avg.dtype == np.float16
     np.testing.assert_array_equal(avg, np.float16(np.float32(1) - np.float32(1e-3)))
+
+
+@pytest.mark.parametrize("block", [uo.ema(0.9), uo.ema(0.9, debias=True), uo.polyak(),
+                                   uo.lookahead_sync(k=2, alpha=0.5)],
+                         ids=["ema", "ema-debias", "polyak", "lookahead"])
+def test_averaged_reads_an_8_bit_state(block: Any) -> None:
+    """``uo.averaged`` of a state kept in 8 bits: the average's float32 values (it raised on
+    the codes), within the 8-bit rounding of the same run's float32 state, in the params'
+    dtype and memory."""
+    rule = uo.chain(uo.adam(lr=1e-2), block)
+    runs = {}
+    for state_dtype in (None, "q8"):
+        p = {"w": np.linspace(-1, 1, 300, dtype=np.float32)}
+        state = uo.setup(rule, p, state_dtype=state_dtype)
+        for i in range(5):
+            state = uo.update_(state, p, {"w": np.cos(np.arange(300, dtype=np.float32) + i)})
+        runs[state_dtype] = uo.averaged(state, p)["w"]
+        assert runs[state_dtype].dtype == np.float32 and runs[state_dtype] is not p["w"]
+    np.testing.assert_allclose(runs["q8"], runs[None], rtol=0.02, atol=0.02)

@@ -18,6 +18,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from .. import quant
 from ..backend import detached_copy, namespace
 from ..base import Combinator, Elementwise, Transform, chain
 from ..hyper import UNIT, _traced, hyper
@@ -272,8 +273,10 @@ def read_average(part: Averaging, average: Any, p: Any, step: Any) -> Any:
     """One leaf's averaged weights (``part`` resolved at ``step``), in the leaf's dtype and in
     memory of its own (a slot that the next update writes is never handed out)."""
     xp = namespace(p)
+    if isinstance(average, quant.Q8):  # state_dtype="q8": its float32 values
+        average = quant.dequantise(xp, average)
     out = part.read(xp, average, p, step)
-    if out.dtype != p.dtype:  # kept in a wider state_dtype
+    if out.dtype != p.dtype:  # kept in a wider (or 8-bit) state_dtype
         return xp.astype(out, p.dtype)
     return detached_copy(out) if out is average or out is p else out
 
