@@ -229,10 +229,41 @@ def recipe(rank: int, world: int) -> dict[str, Any]:
             return ZeroRedundancyOptimizer(ps, optimizer_class=ut.Optimizer, rule=rule)
 
         ref = _reference(make, "all", world, False)
-        model, _ = _run(make, "all", rank, False, zero)
+        model, opt = _run(make, "all", rank, False, zero)
         out[name] = _same(model, ref)
+        out[f"{name} resumed"] = _resumed(model, opt, zero, rank)
     out["overlap"] = overlap(rank, world)
     return out
+
+
+def _resumed(model: Any, opt: Any, zero: Callable[[list[Any]], Any], rank: int) -> float:
+    """ZeRO's state consolidated on rank 0, through a file read as plain data
+    (``weights_only``), loaded into a fresh ZeRO optimizer on every rank: how far two more
+    steps of it land from the run that never stopped (both on one batch, so every rank's
+    gradients are the same without DDP)."""
+    import io
+
+    import torch
+    import torch.distributed as dist
+
+    opt.consolidate_state_dict(to=0)
+    sd: list[Any] = [None]
+    if rank == 0:
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        sd = [torch.load(buf, weights_only=True)]
+    dist.broadcast_object_list(sd, src=0)
+    again = _model(0)
+    again.load_state_dict(model.state_dict())
+    resumed = zero(list(again.parameters()))
+    resumed.load_state_dict(sd[0])
+    for m, o in ((model, opt), (again, resumed)):
+        for step in range(STEPS, STEPS + 2):
+            o.zero_grad()
+            _loss(m, _batch(step, 0)).backward()
+            o.step()
+    return _same(model, again)
 
 
 OVERLAP_STEPS = 10

@@ -7,6 +7,7 @@ sums (both exact in float64 for two ranks), so the runs agree bit for bit.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -68,9 +69,11 @@ def test_zero1_of_a_recipe_equals_one_process(recipes: list[dict[str, Any]], nam
     """``ZeroRedundancyOptimizer(params, optimizer_class=uniopt.torch.Optimizer, rule=...)``
     with a partition (no decay on vectors) and a masked decay, over DDP: the same bits as one
     process. Labels and masks read the leaf: ZeRO hands each rank its share of a group's
-    parameters without their names, so a rule by path would see positions."""
+    parameters without their names, so a rule by path would see positions. Its state,
+    consolidated and saved as plain data, resumes on both ranks bit for bit."""
     for out in recipes:
         assert out[name] == 0.0, out
+        assert out[f"{name} resumed"] == 0.0, out
 
 
 @pytest.mark.parametrize("name", ["AdamW", "SGD", "Adam"])
@@ -259,3 +262,140 @@ def test_every_class_is_registered_and_a_whole_group_rule_is_refused() -> None:
     with pytest.raises(TypeError, match=r"uniopt.torch.Optimizer cannot be a functional "
                                         r"optimizer .*clip_by_global_norm sees every parameter"):
         functional_optim_map[ut.Optimizer]([torch.zeros(2)], rule=rule)
+
+
+# --- ZeRO-1 checkpoints, in one gloo process ------------------------------------------------
+
+
+@pytest.fixture
+def one_rank() -> Any:
+    """A gloo group of this process alone: ZeRO's state dicts and loads run as on many ranks
+    (the rank's share is every parameter)."""
+    import gc
+
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        gc.collect()  # the ZeRO optimizers hold the group
+        dist.destroy_process_group()
+
+
+def _zero_run(rule: Any, steps: range, model: Any = None, opt: Any = None) -> tuple[Any, Any]:
+    """``steps`` steps of ``docs/scaling-out.md``'s recipe, ``ZeroRedundancyOptimizer(params,
+    optimizer_class=uniopt.torch.Optimizer, rule=rule)`` (a fresh model and optimizer if not
+    given)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import uniopt.torch as ut
+
+    if model is None:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 1)).double()
+    if opt is None:
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ut.Optimizer,
+                                      rule=rule)
+    for i in steps:
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+def _saved(opt: Any) -> Any:
+    """``opt``'s consolidated state dict through a file, read as plain data."""
+    import io
+
+    opt.consolidate_state_dict(to=0)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _rules() -> dict[str, Any]:
+    import uniopt as uo
+
+    adamw = {"decay": uo.adamw(lr=1e-2, weight_decay=0.1), "no_decay": uo.adamw(lr=1e-2)}
+    return {
+        "docs' recipe": uo.partition(adamw, lambda path, p: "no_decay" if p.ndim == 1
+                                     else "decay"),
+        "by_path": uo.partition(adamw, uo.by_path({"*": "decay"})),
+        "accumulate": uo.accumulate(uo.adam(lr=1e-2), 2),
+        "elementwise": uo.adamw(lr=1e-2, weight_decay=0.1),
+    }
+
+
+def test_zero_recipe_state_dicts_are_plain_data(one_rank: None) -> None:
+    """ZeRO copies its keywords, the rule too, into its param groups and the local
+    optimizer's: the rule is not written there (a lambda label pickles not at all, and
+    ``torch.load(weights_only=True)`` reads no rule), so the consolidated state dict and the
+    local one are plain data."""
+    import pickle
+
+    for name, rule in _rules().items():
+        _, opt = _zero_run(rule, range(1))
+        sd = _saved(opt)  # raised (lambda: pickling; by_path: weights_only) before
+        assert [g["rule"] for g in sd["param_groups"]] == [None], name
+        pickle.dumps(opt.optim.state_dict())  # what consolidating sends from other ranks
+
+
+def test_zero_resume_is_bit_for_bit(one_rank: None) -> None:
+    """A consolidated ZeRO state dict loaded through ZeRO's ``load_state_dict`` (which writes
+    each parameter's state into the local optimizer's itself) resumes the run bit for bit:
+    with a combinator's group state too, into a fresh optimizer and into one that stepped on
+    since (the loaded state, not the one it held, is stepped)."""
+    for name, rule in _rules().items():
+        model, opt = _zero_run(rule, range(3))
+        sd, weights = _saved(opt), {k: v.clone() for k, v in model.state_dict().items()}
+        _zero_run(rule, range(3, 6), model, opt)  # the run that never stopped
+        again, resumed = _zero_run(rule, range(0))
+        again.load_state_dict(weights)
+        # (copies: ZeRO's load keeps a state dict's tensors on their device as they are)
+        resumed.load_state_dict(copy.deepcopy(sd))
+        _zero_run(rule, range(3, 6), again, resumed)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters(),
+                                                     strict=True)), name
+        end = [p.clone() for p in model.parameters()]
+        model.load_state_dict(weights)
+        opt.load_state_dict(copy.deepcopy(sd))
+        _zero_run(rule, range(3, 6), model, opt)
+        assert all(map(torch.equal, model.parameters(), end)), name
+
+
+def test_zero_group_state_of_another_layout_is_refused(one_rank: None) -> None:
+    """A group's state is kept by the group's first parameter; found in another's (a state
+    saved by a ZeRO of another world size), the step raises and changes nothing."""
+    import uniopt as uo
+
+    rule = uo.accumulate(uo.adam(lr=1e-2), 2)
+    _, opt = _zero_run(rule, range(1))
+    sd = _saved(opt)
+    sd["state"][1] = {"uniopt.group": sd["state"][0].pop("uniopt.group")}
+    model, fresh = _zero_run(rule, range(0))
+    fresh.load_state_dict(sd)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"parameter 1 of group 0 holds a group's state "
+                                         r"\('uniopt.group'\), which the group's first"):
+        _zero_run(rule, range(1), model, fresh)
+    assert all(map(torch.equal, model.parameters(), before))
+
+
+def test_zero_overlap_of_a_rule_saves_plain_data(one_rank: None) -> None:
+    """The same with ``overlap_with_ddp=True``: the functional twin's group, which ZeRO copies
+    into its own once it builds the twin, holds no rule either."""
+    import importlib.util
+
+    import uniopt as uo
+    import uniopt.torch as ut
+
+    spec = importlib.util.spec_from_file_location("distributed_torch_worker", WORKER)
+    assert spec is not None and spec.loader is not None
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    _, zero = worker._zero_overlap(ut.Optimizer, {"rule": uo.adamw(lr=0.01)}, 0)
+    assert [g["rule"] for g in _saved(zero)["param_groups"]] == [None]

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -823,21 +824,25 @@ def _errors(rank: int, world: int) -> dict[str, str]:
             [DTensor.from_local(torch.ones(2), mesh, [Partial()])],
             [DTensor.from_local(torch.ones(2), mesh, [Partial()])]),
     }
+    folder = Path(tempfile.mkdtemp())
+    attempts["uo.save"] = lambda: uo.save(folder / "opt.safetensors",
+                                          uniopt.torch.AdamW(m.parameters()))
     for name, attempt in attempts.items():
         try:
             attempt()
             out[name] = "no error"
         except (TypeError, ValueError) as e:
             out[name] = f"{type(e).__name__}: {e}"
-    out["unchanged"] = str(_diff(_full(m), before) == 0.0 and not q8.state)
+    out["unchanged"] = str(_diff(_full(m), before) == 0.0 and not q8.state
+                           and not any(folder.iterdir()))
     return out
 
 
 def test_refused_on_shards(tmp_path: Path) -> None:
     """Whole-tree parts (L-BFGS, combinators), 8-bit state with per-leaf parts or scales of
-    another layout, differentiable steps, a plain gradient for a DTensor parameter and a
-    Partial parameter raise, naming the cause, and leave every parameter (and the 8-bit
-    state) as it was."""
+    another layout, differentiable steps, a plain gradient for a DTensor parameter, a
+    Partial parameter and ``uo.save`` of a sharded optimizer raise, naming the cause, and
+    leave every parameter (and the 8-bit state) as it was, with no file written."""
     r = launch(_errors, 2, tmp_path)[0]
     assert r.pop("unchanged") == "True"
     want = {
@@ -857,6 +862,8 @@ def test_refused_on_shards(tmp_path: Path) -> None:
         "differentiable": "ValueError: uniopt.torch: differentiable=True",
         "plain grad": "TypeError: uniopt: a DTensor parameter of shape (16,) has a plain tensor",
         "partial": "ValueError: uniopt: params leaf 0 is a DTensor with placements (Partial",
+        # one process's file cannot hold a rank's shards: DCP, with nothing written
+        "uo.save": "CheckpointError: save: the optimizer's parameters or state are DTensors",
     }
     for name, start in want.items():
         assert r[name].startswith(start), (name, r[name])

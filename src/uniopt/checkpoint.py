@@ -35,6 +35,7 @@ from .base import Elementwise, PerLeaf, Transform, WholeTree, assemble, chain
 from .combine import _TreeSpec, by_path, partition
 from .engine import setup
 from .hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host
+from .interop import dtensor
 from .interop.jax import adjusted
 from .interop.optax import is_optax
 from .state import State
@@ -579,6 +580,19 @@ def _entry(leaf: Any, at: list[Any], tensors: _Tensors) -> Any:
 
 
 def _torch_doc(opt: Any, tensors: _Tensors) -> dict[str, Any]:
+    sharded = [t for g in opt.param_groups for t in g["params"]]
+    sharded += [v for st in opt.state.values() if isinstance(st, dict) for v in st.values()]
+    if dtensor.any_dtensor(sharded):
+        # a file holds one process's tensors, and each rank holds shards: the ranks' files
+        # would each be a part that loads on its own layout alone, and gathering whole
+        # tensors is a collective every rank must enter, which save() on one rank would hang
+        raise CheckpointError(
+            "save: the optimizer's parameters or state are DTensors (FSDP2, tensor parallel), "
+            "each rank holding shards, and a uniopt checkpoint holds one process's tensors: "
+            "save and load a sharded optimizer with torch.distributed.checkpoint, which "
+            "writes every rank's shards and reshards them on load (model_sd, optim_sd = "
+            "get_state_dict(model, opt); dcp.save({'model': model_sd, 'optim': optim_sd}, "
+            "checkpoint_id=path)); nothing was written")
     encode = _Encode(tensor=functools.partial(_named, tensors))
     return {"kind": "torch", "state_dict": encode(opt.state_dict(), "")}
 

@@ -25,6 +25,7 @@ from ..tree import flatten
 from . import plans
 
 KEY = "uniopt.group{}"
+GROUP = "uniopt.group"  # a group's one state, in state_dict(), under its first parameter
 
 
 def _spec(p: torch.Tensor) -> plans.Spec:
@@ -60,6 +61,51 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
             state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
         return state
     return held[0]
+
+
+def adopt(opt: Any) -> None:
+    """Each group's state that a load left in a parameter's state (under :data:`GROUP`, as
+    ``state_dict()`` writes it) moved to where the step reads it: the newest the optimizer
+    has. ``ZeroRedundancyOptimizer.load_state_dict`` writes each parameter's saved state into
+    its local optimizer's ``state`` itself, never calling ``load_state_dict``."""
+    state = opt.state
+    seen = vars(opt).get("_adopted")
+    version = getattr(state, "version", None)
+    if seen is not None and seen[0] is state and version is not None and seen[1] == version:
+        return  # (nothing written since: every step asks)
+    for gi, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            st = state.get(p)
+            if not isinstance(st, dict) or GROUP not in st:
+                continue
+            if j:
+                # a group's state is a tree over its parameters: read by other ones, it
+                # would step them with the wrong numbers
+                raise ValueError(
+                    f"{opt._name}: parameter {j} of group {gi} holds a group's state "
+                    f"({GROUP!r}), which the group's first parameter keeps: the state was "
+                    "saved with the parameters grouped otherwise (a ZeroRedundancyOptimizer "
+                    "of another world size shares them out otherwise); load it on the "
+                    "layout that saved it")
+            state[KEY.format(gi)] = containers(st[GROUP])
+            rest = {k: v for k, v in st.items() if k != GROUP}
+            if rest:
+                state[p] = rest
+            else:
+                del state[p]
+    adopted(opt)
+
+
+def adopted(opt: Any) -> None:
+    """Notes that ``opt.state`` holds no group's state in a parameter's (:func:`adopt`)."""
+    opt._adopted = (opt.state, getattr(opt.state, "version", None))
+
+
+def containers(x: Any) -> Any:
+    """``x`` with its dicts and lists new (the tensors in them the same)."""
+    if isinstance(x, dict):
+        return {k: containers(v) for k, v in x.items()}
+    return [containers(v) for v in x] if isinstance(x, list) else x
 
 
 def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,

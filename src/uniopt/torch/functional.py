@@ -102,6 +102,10 @@ class Functional:
             raise ValueError(f"functional {name}: optimizer got an empty parameter list")
         # one group, which may start empty (DDP's fused step adds parameters as it meets them)
         self.optim = self.optimizer_class([{"params": params}], *args, **kwargs)
+        if "rule" in kwargs:
+            # ZeRO's groups hold its keywords, the rule too, and take ours once we are built:
+            # None there keeps its state_dict() plain data (see optimizer._drop_rule)
+            self.optim.param_groups[0]["rule"] = None
         why = why_not(self.optim)
         if why is not None:
             raise TypeError(f"{name} cannot be a functional optimizer of an overlapped "

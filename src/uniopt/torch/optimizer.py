@@ -255,6 +255,7 @@ class Optimizer(torch.optim.Optimizer):
             self._group_rule({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        _drop_rule(group)
         ps = group["params"]
         if len({id(p) for p in ps}) != len(ps):
             keep = [i for i, p in enumerate(ps) if all(q is not p for q in ps[:i])]
@@ -286,6 +287,8 @@ class Optimizer(torch.optim.Optimizer):
         """The group's rule and whether it holds a schedule, cached by the group's values: the
         same objects as last step (a tensor's value is read again: it may have been written in
         place), or else equal values."""
+        if group.get("rule") is not None:  # ZeRO's, of a group added or loaded since
+            _drop_rule(group)
         raw = list(map(group.get, self._watched))
         hit = self._rules.get(id(group))
         if hit is not None and hit.group is not group:
@@ -367,8 +370,10 @@ class Optimizer(torch.optim.Optimizer):
         torch._C._set_grad_enabled(False)
         try:
             if self._combined_rule:
+                combined.adopt(self)
                 for gi, group in enumerate(self.param_groups):
                     combined.step(self, gi, group, self._rule(group)[0])
+                combined.adopted(self)
                 return loss
             jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             for job in jobs:
@@ -474,6 +479,8 @@ class Optimizer(torch.optim.Optimizer):
         (tensor([-4., -4.]), tensor([-2.5000, -2.5000]))
         """
         out = {}
+        if self._combined_rule:
+            combined.adopt(self)
         for gi, group in enumerate(self.param_groups):
             rule = self._rule(group)[0]
             if self._combined_rule:
@@ -501,6 +508,8 @@ class Optimizer(torch.optim.Optimizer):
         the group's first parameter, under ``"uniopt.group"``, the others' states empty, so
         that ``state`` is keyed by parameter, each one there (as ``torch.distributed.checkpoint``
         requires)."""
+        if self._combined_rule:
+            combined.adopt(self)
         sd = super().state_dict()
         groups = [{k: plain_schedules(v) for k, v in g.items()} for g in sd["param_groups"]]
         return {**sd, "state": _group_states_out(_q8_copies(sd["state"], groups), groups),
@@ -547,7 +556,17 @@ def _q8_copies(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any,
                 for n, v in st.items()} if k in q8 else st for k, st in state.items()}
 
 
-_GROUP = "uniopt.group"  # a group's one state, in state_dict(), under its first parameter
+_GROUP = combined.GROUP
+
+
+def _drop_rule(group: dict[str, Any]) -> None:
+    """``ZeroRedundancyOptimizer(params, optimizer_class=Optimizer, rule=...)`` copies its
+    keywords, ``rule`` among them, into each of its param groups and so into ours, and copies
+    ours back into its own after building us and after each step: ``None`` there keeps its
+    ``state_dict()`` plain data (a rule may hold a lambda, which pickles not at all, and
+    ``torch.load(weights_only=True)`` reads no rule). A group's rule is the optimizer's."""
+    if "rule" in group:
+        group["rule"] = None
 
 
 def _group_states_out(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any, Any]:
@@ -574,7 +593,7 @@ def _group_states_in(state: dict[Any, Any], groups: list[Any]) -> dict[Any, Any]
         if isinstance(st, dict) and _GROUP in st:
             # new containers: the entry may be this optimizer's own, its numbers replaced in
             # place (torch.distributed.checkpoint loads so), which its cache would not notice
-            state[combined.KEY.format(gi)] = _containers(st[_GROUP])
+            state[combined.KEY.format(gi)] = combined.containers(st[_GROUP])
             rest = {k: v for k, v in st.items() if k != _GROUP}
             if rest:
                 state[ps[0]] = rest
@@ -582,12 +601,6 @@ def _group_states_in(state: dict[Any, Any], groups: list[Any]) -> dict[Any, Any]
                 del state[ps[0]]
     return state
 
-
-def _containers(x: Any) -> Any:
-    """``x`` with its dicts and lists new (the tensors in them the same)."""
-    if isinstance(x, dict):
-        return {k: _containers(v) for k, v in x.items()}
-    return [_containers(v) for v in x] if isinstance(x, list) else x
 
 # where torch has fused kernels (torch.utils._foreach_utils)
 _FUSED_DEVICES = ("mps", "cuda", "xpu", "hpu", "cpu", "mtia")
