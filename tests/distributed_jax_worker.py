@@ -86,8 +86,9 @@ def mesh_run() -> dict[str, Any]:
         place = sharded if on_mesh else (lambda t: {k: jnp.asarray(v) for k, v in t.items()})
         params = place(start)
         state = uo.setup(rule, params)
-        slot_layout = {k: [str(getattr(x.sharding, "spec", None)) for x in v]
+        slot_layout = {k: [str(getattr(getattr(x, "sharding", None), "spec", None)) for x in v]
                        for k, v in state.slots.items()}
+        set_up = {k: [None if x is None else x.sharding for x in v] for k, v in state.slots.items()}
         jitted = jax.jit(sharded_step, donate_argnums=(0, 1))
         before = len(compiles)
         hlo = jitted.lower(state, params, place(grads[0])).compile().as_text()
@@ -103,14 +104,18 @@ def mesh_run() -> dict[str, Any]:
         same = {k: bool(params[k].sharding.is_equivalent_to(shardings[k], len(layout[k][0])))
                 for k in params} if on_mesh else {}
         slots_same = {
-            name: [bool(x.sharding.is_equivalent_to(shardings[k], x.ndim))
+            name: [x is None or bool(x.sharding.is_equivalent_to(shardings[k], x.ndim))
                    for k, x in zip(sorted(params), xs, strict=True)]
             for name, xs in state.slots.items()} if on_mesh else {}
+        # every slot as set up, those of another shape than their leaf's included
+        slots_kept = {name: [x is None or bool(x.sharding.is_equivalent_to(was, x.ndim))
+                             for x, was in zip(xs, set_up[name], strict=True)]
+                      for name, xs in state.slots.items()} if on_mesh else {}
         return {"params": {k: np.asarray(v).tolist() for k, v in params.items()},
                 "traces": traces[0], "cache": jitted._cache_size(),
                 "compiles": len(compiles) - before, "collectives": collectives(hlo),
                 "donated": first, "params_sharding_kept": same, "slots_sharding_kept": slots_same,
-                "slots_at_setup": slot_layout}
+                "slots_at_setup": slot_layout, "slots_kept_from_setup": slots_kept}
 
     def numpy_run(rule: uo.Transform, steps: int) -> dict[str, Any]:
         """The eager NumPy reference path on the same data and the same adjust."""
@@ -133,6 +138,36 @@ def mesh_run() -> dict[str, Any]:
     for name, rule in {"lamb": uo.lamb(lr=1e-2, weight_decay=1e-2),
                        "lars": uo.lars(lr=1e-2, momentum=0.9, weight_decay=1e-3)}.items():
         out[name] = {"mesh": run(rule, 20, True), "numpy": numpy_run(rule, 20)}
+    # a whole-tree rule's numbers (schedule-free's weight sum) and Adafactor's factors, of
+    # other shapes than the (sharded) first leaf and matrices: set up, then stepped as the
+    # eager NumPy run; or why not
+    for name, rule in {"schedule-free": uo.schedule_free_adamw(lr=1e-2),
+                       "adafactor": uo.adafactor(lr=1e-2)}.items():
+        try:
+            out[name] = {"mesh": run(rule, 6, True), "numpy": numpy_run(rule, 6)}
+        except Exception as e:  # reported: the other scenarios still run
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    # the other rules whose slots or whole-tree numbers differ in shape from their leaves: how
+    # set-up lays out each of those, or why it failed
+    placed: dict[str, Any] = {}
+    for name, rule in {"prodigy": uo.prodigy(), "momo": uo.momo(), "lbfgs": uo.scale_by_lbfgs(),
+                       "plateau": uo.chain(uo.adam(), uo.reduce_on_plateau()),
+                       "linesearch": uo.chain(uo.sgd(), uo.scale_by_backtracking_linesearch()),
+                       "sm3": uo.sm3(), "novograd": uo.novograd(), "soap": uo.soap(),
+                       "shampoo": uo.shampoo()}.items():
+        try:
+            state = uo.setup(rule, sharded(start))
+        except Exception as e:  # reported: the other scenarios still run
+            placed[name] = f"{type(e).__name__}: {e}"
+            continue
+        shapes = [start[k].shape for k in sorted(start)]  # trainables order
+        other = [x for xs in state.slots.values() for x, shape in zip(xs, shapes, strict=True)
+                 if x is not None and x.shape != shape]
+        # a whole-tree state's numbers: scalars, L-BFGS's weights (b is the only 1-d leaf)
+        other += [x for x in jax.tree.leaves(state.tree_states) if isinstance(x, jax.Array)
+                  and (x.ndim == 0 or (x.ndim == 1 and x.shape != start["b"].shape))]
+        placed[name] = [len(other), all(x.sharding.is_fully_replicated for x in other)]
+    out["other-shapes"] = placed
     # 8-bit slots: refused for a leaf split over the mesh (its blocks would cross the shards);
     # a replicated tree steps under jit as on one device
     try:

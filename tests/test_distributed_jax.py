@@ -101,6 +101,34 @@ def test_sharded_trust_ratios_equal_the_unsharded_run(mesh: dict[str, Any], name
     assert _worst(mesh[name]["mesh"]["params"], mesh[name]["numpy"]) <= 1e-12
 
 
+@pytest.mark.parametrize("name", ["schedule-free", "adafactor"])
+def test_state_of_other_shapes_than_sharded_leaves(mesh: dict[str, Any], name: str) -> None:
+    """Schedule-free's whole-tree numbers beside a sharded first leaf, and Adafactor's row and
+    column factors of sharded matrices, are set up replicated on the mesh; 6 jitted steps keep
+    every slot's layout as set up, compile once, and equal the eager NumPy run."""
+    assert "error" not in mesh[name], mesh[name]
+    run = mesh[name]["mesh"]
+    if name == "adafactor":  # w, e, r factored (trainables order b, e, r, s, w)
+        for slot in ("row_var", "col_var"):
+            specs = run["slots_at_setup"][f"scale_by_factored_rms.{slot}"]
+            assert [x.replace("PartitionSpec", "P") for x in specs] == [
+                "None", "P(None, None)", "P(None, None)", "None", "P(None, None)"], (slot, specs)
+    for slot, kept in run["slots_kept_from_setup"].items():
+        assert all(kept), (slot, kept)
+    assert all(run["params_sharding_kept"].values()), run["params_sharding_kept"]
+    assert (run["traces"], run["compiles"], run["cache"]) == (1, 1, 1)
+    assert _worst(run["params"], mesh[name]["numpy"]) <= 1e-12
+
+
+def test_other_rules_set_up_state_of_other_shapes_replicated(mesh: dict[str, Any]) -> None:
+    """Every rule whose slots or whole-tree numbers differ in shape from their (sharded) leaves
+    sets up on the mesh, those replicated over it."""
+    for name, got in mesh["other-shapes"].items():
+        assert isinstance(got, list), (name, got)
+        count, replicated = got
+        assert count and replicated, (name, got)
+
+
 def test_the_worker_reads_collectives_and_scalars() -> None:
     from distributed_jax_worker import collectives, scalar_shapes
 

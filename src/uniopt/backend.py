@@ -74,6 +74,34 @@ def placed(x: Any, like: Any) -> Any:
     return jax.device_put(x, jax.sharding.NamedSharding(where, spec))
 
 
+def number(xp: Any, value: Any, dtype: Any, like: Any) -> Any:
+    """``value`` (a number, or a list of them) as an array of ``dtype`` beside array ``like``:
+    on its device, or replicated on its mesh (:func:`placed`, as the step counter), where
+    ``like``'s own sharding may split an axis these lack."""
+    if mesh_of(like) is not None:
+        return placed(xp.asarray(value, dtype=dtype), like)
+    return xp.asarray(value, dtype=dtype, device=device(like))
+
+
+def laid_out_as(x: Any, like: Any) -> Any:
+    """JAX array ``x`` resharded as JAX array ``like`` where ``like``'s type names axes of an
+    explicit mesh (``jax.make_mesh``'s default), else ``x``. A new slot keeps its old one's
+    layout: a kernel may return it otherwise (a sharded matrix's row factor comes back split,
+    its slot set up whole), and a jitted step's outputs laid out otherwise than its inputs
+    make the next call's arguments new to ``jit``, a second compilation."""
+    if not (is_jax(x) and is_jax(like)):
+        return x
+    import jax
+
+    typeof = getattr(jax, "typeof", None)  # JAX before explicit meshes: nothing to keep
+    if typeof is None:
+        return x
+    want = typeof(like).sharding
+    if not getattr(want.mesh, "explicit_axes", ()) or typeof(x).sharding == want:
+        return x
+    return jax.sharding.reshard(x, want)
+
+
 def is_array(x: Any) -> bool:
     return type(x) in _NAMESPACES or bool(aac.is_array_api_obj(x))
 

@@ -894,10 +894,11 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
 
 
 def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[str, list[Any]]:
-    """The new slots of a pure update, aliasing none of the inputs."""
+    """The new slots of a pure update, aliasing none of the inputs, a JAX slot laid out as
+    it came (:func:`backend.laid_out_as`)."""
     return {
         key: [None if old is None else s if isinstance(s, quant.Q8) else
-              _as_new_array(s, old, (p, g, old)) for s, p, g, old in
+              _as_new_array(backend.laid_out_as(s, old), old, (p, g, old)) for s, p, g, old in
               zip(arrays, step.params, step.grads, state.slots[key], strict=True)]
         for key, arrays in slots.items()
     }

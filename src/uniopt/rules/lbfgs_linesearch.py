@@ -67,16 +67,15 @@ class scale_by_lbfgs(WholeTree):
     def init_tree(self, params: Any) -> dict[str, Any]:
         ps = flatten(params)[0]
         xp = backend.namespace(ps[0])
-        dev = backend.device(ps[0])
         dt = xp.real(xp.zeros((), dtype=ps[0].dtype)).dtype
-        stacked = [xp.zeros((self.memory_size, *p.shape), dtype=p.dtype, device=dev)
-                   for p in ps]
-        return {"count": xp.asarray(0, dtype=xp.int32, device=dev),
+        # stacked from each leaf's zeros: on its device, a sharded leaf's history split as it
+        stacked = [xp.stack([xp.zeros_like(p)] * self.memory_size) for p in ps]
+        return {"count": backend.number(xp, 0, xp.int32, ps[0]),
                 "params": [xp.zeros_like(p) for p in ps],
                 "updates": [xp.zeros_like(p) for p in ps],
                 "diff_params_memory": stacked,
                 "diff_updates_memory": [xp.zeros_like(s) for s in stacked],
-                "weights_memory": xp.zeros((self.memory_size,), dtype=dt, device=dev)}
+                "weights_memory": backend.number(xp, [0.0] * self.memory_size, dt, ps[0])}
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, dict[str, Any]]:

@@ -39,7 +39,7 @@ def scalar_like(leaves: list[Any], value: Any) -> Any:
     xp = backend.namespace(first)
     reals = [xp.real(xp.zeros((), dtype=x.dtype)).dtype for x in leaves] + [xp.float32]
     dtype = max(reals, key=lambda d: xp.finfo(d).bits)
-    return xp.asarray(value, dtype=dtype, device=backend.device(first))
+    return backend.number(xp, value, dtype, first)
 
 
 def as_dtype(x: Any, like: Any) -> Any:

@@ -226,7 +226,7 @@ def _real(xp: Any, dtype: Any) -> Any:
 
 
 def _scalar(xp: Any, v: Any, dtype: Any, like: Any) -> Any:
-    return xp.asarray(v, dtype=dtype, device=backend.device(like))
+    return backend.number(xp, v, dtype, like)
 
 
 def _split(u: Any, params: Any) -> tuple[Leaves, Leaves, Any, Any]:

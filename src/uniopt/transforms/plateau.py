@@ -99,13 +99,14 @@ class reduce_on_plateau(WholeTree):
     def init_tree(self, params: Any) -> dict[str, Any]:
         arrays = [x for x in trainables(params) if backend.is_array(x)]
         xp: Any = backend.namespace(arrays[0]) if arrays else aac.array_namespace(np.zeros(0))
-        device = backend.device(arrays[0]) if arrays else None
         # as optax: the scale in the params' narrowest float type, the losses in the widest
         reals = sorted({xp.real(xp.zeros((), dtype=x.dtype)).dtype for x in arrays},
                        key=lambda d: xp.finfo(d).bits) or [xp.float64]
 
         def number(v: Any, dtype: Any) -> Any:
-            return xp.asarray(v, dtype=dtype, device=device)
+            if not arrays:
+                return xp.asarray(v, dtype=dtype)
+            return backend.number(xp, v, dtype, arrays[0])
 
         best = math.inf if self.mode == "min" else -math.inf
         return {"scale": number(1.0, reals[0]), "best_value": number(best, reals[-1]),
