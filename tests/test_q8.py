@@ -604,3 +604,27 @@ def test_torch_optimizer_class_with_8_bit_state_and_its_state_dict() -> None:
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
     assert torch.equal(w, torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize("flags", [{}, {"foreach": True}], ids=["default", "foreach"])
+def test_torch_classes_keep_bfloat16_params_in_8_bits(flags: dict[str, Any]) -> None:
+    """``state_dtype="q8"`` on bfloat16 parameters (it raised: the 8-bit loop was handed the
+    tensor's bits as uint16): the reference path's steps, as the functional API takes them on
+    the same tensors, bit for bit, the slots codes and scales."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    gen = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(3000, generator=gen).to(torch.bfloat16))
+    q = p.detach().clone()
+    opt = ut.AdamW([p], lr=0.01, weight_decay=0.1, state_dtype="q8", **flags)
+    state = uo.setup(uo.adamw(lr=0.01, weight_decay=0.1), [q], state_dtype="q8")
+    for _ in range(4):
+        g = torch.randn(3000, generator=gen).to(torch.bfloat16)
+        p.grad = g.clone()
+        opt.step()
+        state = uo.update_(state, [q], [g])
+    assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), q)
+    st = opt.state[p]
+    assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
+    assert torch.equal(st["exp_avg"], state.slots["scale_by_adam.exp_avg"][0].codes)

@@ -716,8 +716,10 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         s = TRACKED if tracked else spec(p)
         if s[0] == "np" and multi:
             s = ("torch", None)  # the tensors themselves, for the multi-tensor path
-        if q8 and s[0] == "np" and s[1] is not None:
-            s = ("torch", None)  # the codes are in C order, not the parameter's memory order
+        if q8 and s[0] == "np" and (s[1] is not None or p.dtype == torch.bfloat16):
+            # the codes are in C order, not the parameter's memory order; and the 8-bit loop
+            # reads float32/float64 params, not a bfloat16 tensor's bits
+            s = ("torch", None)
         if s[0] == "np" and (rule.has_per_leaf or rule.tree_layout
                              or p.dtype == torch.bfloat16 and not compiled):
             # per-leaf and whole-tree parts run on the reference path, where torch's own ops
