@@ -166,3 +166,22 @@ def test_functional_rule_validates() -> None:
         uo.sparse_adam(betas=(0.9, 1))
     with pytest.raises(ValueError, match=r"sparse_adam: lr must be >= 0, got -1"):
         uo.sparse_adam(lr=-1)
+
+
+@pytest.mark.filterwarnings("ignore::uniopt.fast.FastPathUnavailable")
+@pytest.mark.parametrize("cls, kw", [(ut.Adagrad, {"lr": 0.1}), (ut.SparseAdam, {"lr": 0.01})])
+def test_float32_state_on_float64_params_with_sparse_rows(cls: Any, kw: dict[str, Any]) -> None:
+    """``state_dtype="float32"`` on float64 params that take sparse gradients (it raised that
+    the state was set up for other params: the rows' step was handed no state dtype): the
+    rows step as the functional API steps them, the state kept in float32."""
+    p = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
+    opt = cls([p], **kw, state_dtype="float32")
+    for step in range(3):
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[1, step % 4]]),
+                                         torch.ones(2, 3, dtype=torch.float64) * (step + 1),
+                                         (4, 3))
+        opt.step()
+    assert all(v.dtype == torch.float32 for k, v in opt.state[p].items() if k != "step")
+    assert bool(torch.isfinite(p).all()) and p.dtype == torch.float64
+    assert torch.equal(p.detach()[3], torch.zeros(3, dtype=torch.float64))  # never a row
+    assert not torch.equal(p.detach()[1], torch.zeros(3, dtype=torch.float64))

@@ -664,7 +664,8 @@ class Plan:
             pd = p.detach()
             rows = pd[index]
             slots = {key: [st[name][index]] for key, name in self.names}
-            update_(State(rule, int(self.steps.np[i]), slots, flat_list_def(1)), [rows], [values])
+            update_(State(rule, int(self.steps.np[i]), slots, flat_list_def(1),
+                          self.state_dtype), [rows], [values])
             pd[index] = rows
             for key, name in self.names:
                 st[name][index] = slots[key][0]
