@@ -173,7 +173,7 @@ def test_functional_rule_validates() -> None:
 def test_float32_state_on_float64_params_with_sparse_rows(cls: Any, kw: dict[str, Any]) -> None:
     """``state_dtype="float32"`` on float64 params that take sparse gradients (it raised that
     the state was set up for other params: the rows' step was handed no state dtype): the
-    rows step as the functional API steps them, the state kept in float32."""
+    rows present step, the others keep their values, and the state stays float32."""
     p = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
     opt = cls([p], **kw, state_dtype="float32")
     for step in range(3):
