@@ -185,3 +185,19 @@ def test_float32_state_on_float64_params_with_sparse_rows(cls: Any, kw: dict[str
     assert bool(torch.isfinite(p).all()) and p.dtype == torch.float64
     assert torch.equal(p.detach()[3], torch.zeros(3, dtype=torch.float64))  # never a row
     assert not torch.equal(p.detach()[1], torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls, kw", [(ut.Adagrad, {"lr": 0.1, "differentiable": True})])
+def test_differentiable_with_sparse_rows_is_refused_before_any_write(
+        cls: Any, kw: dict[str, Any]) -> None:
+    """A step of sparse rows is not recorded in autograd: ``differentiable=True`` with sparse
+    gradients is refused (it stepped in place, unrecorded, silently), nothing written."""
+    p = torch.ones(4, 3, requires_grad=True)
+    opt = cls([p], **kw)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 2]]), torch.ones(2, 3), (4, 3))
+    with pytest.raises(RuntimeError, match="differentiable=True with sparse gradients is not "
+                                           "offered"):
+        opt.step()
+    st = opt.state[p]  # (Adagrad's, made at construction, as torch's)
+    assert torch.equal(p.detach(), torch.ones(4, 3)) and float(st["step"]) == 0
+    assert torch.equal(st["sum"], torch.zeros(4, 3))

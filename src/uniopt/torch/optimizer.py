@@ -453,6 +453,14 @@ class Optimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"{self._name}: weight_decay option is not compatible with sparse gradients"
                 )
+            if self._sparse == "rows" and group.get("differentiable"):
+                # the rows are gathered and written back in place, outside autograd: a step
+                # that differentiable=True asks to record would go unrecorded, silently
+                raise RuntimeError(
+                    f"{self._name}: differentiable=True with sparse gradients is not offered "
+                    "(a step of the gradient's rows is not recorded in autograd); use dense "
+                    "gradients, or differentiable=False"
+                )
 
     def _steps_for(self, gi: int, ps: list[torch.Tensor]) -> plans.Steps:
         steps = self._steps.get(gi)
