@@ -628,3 +628,12 @@ def test_torch_classes_keep_bfloat16_params_in_8_bits(flags: dict[str, Any]) -> 
     st = opt.state[p]
     assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
     assert torch.equal(st["exp_avg"], state.slots["scale_by_adam.exp_avg"][0].codes)
+
+
+def test_acprop_refuses_8_bit_state() -> None:
+    """ACProp divides the raw gradient by the root of its variance plus 1e-16: a variance that
+    8 bits round to 0 made a step of g/1e-16 (NaN in its registry example by step 5). Refused
+    at set-up, naming why."""
+    with pytest.raises(ValueError, match=r"state_dtype='q8' is not offered for acprop: its step "
+                                         r"divides the raw gradient"):
+        uo.setup(uo.acprop(lr=1e-2), [np.ones(4, np.float32)], state_dtype="q8")

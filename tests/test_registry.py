@@ -590,3 +590,23 @@ def test_torch_bfloat16_params_step_and_keep_their_dtypes(name: str) -> None:
     got = _dtypes(state)
     assert {k: got.get(k) for k in want} == want
 
+
+
+@by_rule
+def test_a_state_made_for_params_that_require_grad_records_no_graph(name: str) -> None:
+    """Torch params that require grad (a model's): no array of the state set up for them, or
+    stepped once, is in autograd's graph, and the state deep-copies (MADGRAD's x0 was the
+    params' clone, recorded)."""
+    torch = pytest.importorskip("torch")
+    import copy
+
+    e = registry.entry(name)
+    rule = _build(e)
+    problem = Problem(_shapes(rule), conv=torch.as_tensor)
+    params = {k: v.requires_grad_() for k, v in problem.params().items()}
+    state = uo.setup(rule, params)
+    with torch.no_grad():
+        state, _ = _drive(e, state, params, problem, 1)
+    for a in _state_arrays(state):
+        assert not (isinstance(a, torch.Tensor) and a.grad_fn is not None), name
+    copy.deepcopy(state)

@@ -49,6 +49,11 @@ class scale_by_acprop(Elementwise):
     eps: Any = hyper(1e-16, NONNEG)
     eps_root: Any = hyper(1e-16, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_var")
+    # the raw gradient over the root of s plus an eps of 1e-16: an s that 8 bits round to 0
+    # (1e-8 of its block's largest) makes a step of g/1e-16
+    no_q8: ClassVar[str | None] = (
+        "its step divides the raw gradient by the root of exp_avg_var plus an eps of 1e-16, "
+        "and 8 bits round the small values of exp_avg_var to 0")
 
     def coeffs(self, step: Any) -> AcpropCoeffs:
         c2 = self.one_minus("b2")

@@ -123,8 +123,10 @@ class scale_by_lbfgs(WholeTree):
         # copies: an in-place step writes the params it was handed
         # NumPy's 0-d arithmetic hands back a scalar: the state keeps arrays (checkpoints)
         count = xp.asarray(s["count"] + 1, dtype=xp.int32, device=backend.device(s["count"]))
-        new = {"count": count, "params": [xp.asarray(p, copy=True) for p in ps],
-               "updates": [xp.asarray(x, copy=True) for x in us],
+        # copies outside autograd's graph (of params that require grad: torch's asarray
+        # would keep requires_grad)
+        new = {"count": count, "params": [backend.detached_copy(p) for p in ps],
+               "updates": [backend.detached_copy(x) for x in us],
                "diff_params_memory": mem_p, "diff_updates_memory": mem_u,
                "weights_memory": rhos}
         return unflatten(treedef, r), new

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from .. import backend
 from ..base import Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, Interval, hyper
 from ..moments import fma, lerp
@@ -48,7 +49,8 @@ class scale_by_madgrad(PerLeaf):
     makes_step: ClassVar[bool] = True
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
-        return (xp.zeros_like(p), xp.zeros_like(p), xp.asarray(p, copy=True))
+        # x0 a copy outside autograd's graph (of a param that requires grad: no record)
+        return (xp.zeros_like(p), xp.zeros_like(p), backend.detached_copy(p))
 
     def coeffs(self, step: Any) -> MadgradCoeffs:
         return MadgradCoeffs(lamb=(self.lr + self.eps) * (step + 1) ** 0.5, third=1.0 / 3.0,
