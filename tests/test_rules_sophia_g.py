@@ -113,9 +113,22 @@ def test_torch_class_has_their_signature_and_checks() -> None:
             ut.SophiaG(w, **kw)
     opt = ut.SophiaG(w, state_dtype="q8")
     w[0].grad = torch.ones(2)
-    with pytest.raises(ValueError, match="float state only"):
+    with pytest.raises(ValueError, match=r"kept in the params' dtype only \(state_dtype=None\), "
+                                         r"got state_dtype='q8'"):
         opt.update_hessian()
     assert not opt.state
+    # a refusal in a later group or parameter writes no estimate before it (one pass of checks)
+    a, z = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, dtype=torch.cfloat))
+    for groups in ([{"params": [a]}, {"params": [z]}],
+                   [{"params": [a]}, {"params": [torch.nn.Parameter(torch.ones(2))],
+                                      "state_dtype": "float32"}]):
+        opt = ut.SophiaG(groups)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                p.grad = torch.ones_like(p)
+        with pytest.raises((TypeError, ValueError)):
+            opt.update_hessian()
+        assert not opt.state
     emb = torch.nn.Embedding(4, 2, sparse=True)
     emb(torch.tensor([1])).sum().backward()
     opt = ut.SophiaG(emb.parameters())

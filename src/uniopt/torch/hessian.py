@@ -156,10 +156,13 @@ class SophiaG(_Named):
         ``b2`` the group's (at the parameter's step, for a schedule), as theirs: call it after
         the backward of the loss at sampled labels. A parameter's state is made here where it
         has none yet."""
+        # every check over every group first: a refusal writes no estimate
+        todo: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
             if group.get("state_dtype") is not None:
-                raise ValueError("SophiaG.update_hessian: the Hessian estimate is folded into a "
-                                 "float state only (state_dtype=None)")
+                raise ValueError("SophiaG.update_hessian: the Hessian estimate is kept in the "
+                                 "params' dtype only (state_dtype=None), got state_dtype="
+                                 f"{group['state_dtype']!r}")
             part = next(q for q in self._rule(group)[0].flat_parts
                         if isinstance(q, scale_by_sophia_g))
             for p in group["params"]:
@@ -170,11 +173,13 @@ class SophiaG(_Named):
                     raise RuntimeError(self._sparse_error)
                 if p.is_complex():
                     raise TypeError("SophiaG.update_hessian: complex parameters are not taken")
-                st = self.state[p]
-                if "hessian" not in st:
-                    st.setdefault("step", torch.tensor(0.0, dtype=getattr(torch, _scalar_dtype())))
-                    for name in ("exp_avg", "hessian"):
-                        st.setdefault(name, torch.zeros_like(p))
-                now = part.at(plans.state_step(st))
-                assert isinstance(now, scale_by_sophia_g)
-                st["hessian"].mul_(plain(now.b2)).addcmul_(g, g, value=now.one_minus("b2"))
+                todo.append((part, p, g))
+        for part, p, g in todo:
+            st = self.state[p]
+            if "hessian" not in st:
+                st.setdefault("step", torch.tensor(0.0, dtype=getattr(torch, _scalar_dtype())))
+                for name in ("exp_avg", "hessian"):
+                    st.setdefault(name, torch.zeros_like(p))
+            now = part.at(plans.state_step(st))
+            assert isinstance(now, scale_by_sophia_g)
+            st["hessian"].mul_(plain(now.b2)).addcmul_(g, g, value=now.one_minus("b2"))
