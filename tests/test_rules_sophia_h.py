@@ -412,3 +412,26 @@ def test_a_checkpoint_resumes_the_same_draws(tmp_path: Any) -> None:
         state, p = uo.update(state, p, [np.sin(x) for x in p], hvp=hvp)
         loaded, q = uo.update(loaded, q, [np.sin(x) for x in q], hvp=hvp)
     assert all(np.array_equal(a, b) for a, b in zip(p, q, strict=True))
+
+
+def test_torch_class_names_a_parameter_without_a_gradient() -> None:
+    """A parameter the loss does not reach (its gradient None): the group steps as one tree,
+    so the step refuses, naming it and how pytorch-optimizer differs, before anything is
+    written (it said only "pass zeros", which a closure's caller cannot)."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    unused = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = ut.SophiaH([a, unused], lr=0.1, p=1.0)
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = (a**4).sum()
+        loss.backward(create_graph=True)
+        return loss
+
+    with pytest.raises(ValueError, match=r"parameter\(s\) \[1\] of param group 0 have no "
+                                         r"gradient.*where pytorch-optimizer leaves them out"):
+        opt.step(closure)
+    assert torch.equal(a.detach(), torch.ones(3, dtype=torch.float64)) and not opt.state
