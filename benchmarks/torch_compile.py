@@ -136,7 +136,7 @@ def s1(rounds: int, steps: int) -> None:
         ("uniopt, forward+backward compiled alone", ("uniopt", "model")),
         ("uniopt, the whole step compiled", ("uniopt", "all")),
         ("torch for-loop, the whole step compiled", ("torch for-loop", "all")))},
-        rounds, steps // 4))
+        rounds, max(1, steps // 4)))
 
 def custom_op_floor(opt: torch.optim.Optimizer) -> Callable[[], object]:
     """The least a step in the graph costs: a ``torch.library.custom_op`` that mutates the

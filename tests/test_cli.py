@@ -1114,3 +1114,21 @@ def test_py_typed_and_the_extras():
     assert not any(d.startswith(("matplotlib", "rich")) for d in project["project"]["dependencies"])
     # hatchling puts every file under the package folder in the wheel, py.typed included
     assert project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == ["src/uniopt"]
+
+
+def test_bench_gives_a_rule_that_does_not_trace_no_jit_row(monkeypatch):
+    """NAdam's products of momenta are the host's: its ``uniopt + jit`` row is left out (it
+    raised, losing every row measured before it), the other rows run."""
+    pytest.importorskip("jax")
+    from uniopt.fast import cpu
+    from uniopt.tools import bench
+
+    monkeypatch.setattr(bench, "bandwidth", lambda *a, **k: 1e10)
+    monkeypatch.setattr(bench, "_QUIET_S", 0.0)
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", cpu.COMPILE_AFTER)
+    monkeypatch.setattr(cpu, "AVAILABLE", False)
+    _, rows = bench.run(["s"], ["nadam", "adam"], ["uniopt", "uniopt + jit"], 1,
+                        {"s": [(4,), (3,)]}, lambda s: None)
+    got = {(r.rule, r.implementation) for r in rows}
+    assert got == {("nadam", "uniopt"), ("adam", "uniopt"), ("adam", "uniopt + jit")}
+    assert "0.00 " not in bench.table(1e10, rows)  # a floor of microseconds shows its digits

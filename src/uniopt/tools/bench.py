@@ -410,6 +410,8 @@ def _uniopt_jit(w: _Workload, rule: str) -> Callable[[], Any] | None:
         import jax
     except ImportError:
         return None
+    if rule in registry.names() and not registry.entry(rule).jit:
+        return None  # (NAdam: its products of momenta are the host's, step by step)
     params = [jax.numpy.asarray(p, dtype=w.dtype) for p in w.params]
     grads = [[jax.numpy.asarray(g, dtype=w.dtype) for g in gs] for gs in w.grads]
     update = jax.jit(uo.update, donate_argnums=(0, 1))
@@ -530,7 +532,7 @@ def table(bw: float, rows: list[Row], device: str = "cpu") -> str:
     lines = [head]
     for wname, rule in keys:
         floor = next(r.floor_ms for r in rows if (r.workload, r.rule) == (wname, rule))
-        line = [wname, rule, "-" if floor is None else f"{floor:.2f}"]
+        line = [wname, rule, "-" if floor is None else f"{floor:.3g}"]
         for impl in impls:
             r = cell.get((wname, rule, impl))
             line.append("-" if r is None else f"{r.ms:.3g}" if r.ratio is None
