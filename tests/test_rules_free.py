@@ -571,3 +571,14 @@ def test_schedule_free_eval_under_a_momentum_schedule_is_metas(jit: bool) -> Non
         meta.train()
         np.testing.assert_allclose(np.asarray(p["w"]), w.detach().numpy(),
                                    rtol=1e-6 if jit else 1e-14)
+
+
+def test_dadapt_adamw_on_float16_params_stays_finite() -> None:
+    """D-Adaptation's dot product is taken in its ``d``'s dtype: in float16 its eps (1e-8) is 0
+    and the first step's ``s/sqrt(v)`` 0/0, which made every parameter NaN."""
+    for dtype in (np.float16, np.float32):
+        p = [np.ones((8, 8), dtype)]
+        state = uo.setup(uo.dadapt_adamw(lr=0.3, d0=1e-3), p)
+        for _ in range(5):
+            state = uo.update_(state, p, [np.full((8, 8), 1e-3, dtype)])
+        assert p[0].dtype == dtype and np.all(np.isfinite(p[0])) and np.all(p[0] < 1), dtype

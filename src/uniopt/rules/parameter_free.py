@@ -405,7 +405,10 @@ class scale_by_dadapt_adam(WholeTree):
         dots, ms, vs, ss, abs_sums = [], [], [], [], []
         for g, m, v, s in zip(gs, state["exp_avg"], state["exp_avg_sq"], state["s"],
                               strict=True):
-            dots.append(xp.sum(xp.astype(g * (s / (xp.sqrt(v) + c.eps)), d.dtype)))
+            # in d's dtype, the widest of the params': eps (1e-8) is 0 in float16, and the
+            # first step's s/sqrt(v) 0/0
+            gw, sw, vw = (xp.astype(x, d.dtype) for x in (g, s, v))
+            dots.append(xp.sum(gw * (sw / (xp.sqrt(vw) + c.eps))))
             ms.append(c.b1 * m + as_dtype((1.0 - c.b1) * dlr, g) * g)
             vs.append(c.b2 * v + (1.0 - c.b2) * g * g)
             s = c.sqrt_b2 * s + as_dtype(rest * dlr, g) * g
