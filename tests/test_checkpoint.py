@@ -900,7 +900,12 @@ def _makers(torch: Any) -> dict[str, Any]:
                                   "a partition with accumulation"])
 def test_a_uniopt_torch_state_dict_with_schedules_loads_with_weights_only(name: str) -> None:
     torch = pytest.importorskip("torch")
+    _resumed_through_torch_save(torch, _makers(torch)[name])
 
+
+def _resumed_through_torch_save(torch: Any, make: Any) -> None:
+    """:func:`_resumed` with the state dict through ``torch.save`` and
+    ``torch.load(weights_only=True)``."""
     def save(m: Any, o: Any) -> bytes:
         buf = io.BytesIO()
         torch.save(o.state_dict(), buf)
@@ -909,15 +914,11 @@ def test_a_uniopt_torch_state_dict_with_schedules_loads_with_weights_only(name: 
     def load(m: Any, o: Any, saved: bytes) -> None:
         o.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
 
-    _resumed(torch, _makers(torch)[name], save, load)
+    _resumed(torch, make, save, load)
 
 
-@pytest.mark.parametrize("name", ["AdamW with schedules", "a chain",
-                                  "a partition with accumulation", "torch's own Adam"])
-def test_uo_save_and_load_take_a_torch_optimizer(name: str, tmp_path: Any) -> None:
-    torch = pytest.importorskip("torch")
-    path = str(tmp_path / "opt.safetensors")
-
+def _resumed_through_a_file(torch: Any, make: Any, path: str) -> None:
+    """:func:`_resumed` with the optimizer through ``uo.save`` and ``uo.load(like=opt)``."""
     def save(m: Any, o: Any) -> str:
         uo.save(path, o)
         return path
@@ -925,7 +926,14 @@ def test_uo_save_and_load_take_a_torch_optimizer(name: str, tmp_path: Any) -> No
     def load(m: Any, o: Any, saved: str) -> None:
         assert uo.load(saved, like=o) is o
 
-    _resumed(torch, _makers(torch)[name], save, load)
+    _resumed(torch, make, save, load)
+
+
+@pytest.mark.parametrize("name", ["AdamW with schedules", "a chain",
+                                  "a partition with accumulation", "torch's own Adam"])
+def test_uo_save_and_load_take_a_torch_optimizer(name: str, tmp_path: Any) -> None:
+    torch = pytest.importorskip("torch")
+    _resumed_through_a_file(torch, _makers(torch)[name], str(tmp_path / "opt.safetensors"))
 
 
 def test_a_torch_optimizer_checkpoint_that_does_not_fit_is_named(tmp_path: Any) -> None:
@@ -1034,22 +1042,5 @@ def test_a_uniopt_torch_optimizer_with_whole_tree_state_resumes(name: str, tmp_p
     def make(m: Any) -> Any:
         return ut.Optimizer(m.parameters(), e.rule(**e.example))
 
-    def save(m: Any, o: Any) -> bytes:
-        buf = io.BytesIO()
-        torch.save(o.state_dict(), buf)
-        return buf.getvalue()
-
-    def load(m: Any, o: Any, saved: bytes) -> None:
-        o.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
-
-    _resumed(torch, make, save, load)
-    path = str(tmp_path / "opt.safetensors")
-
-    def save_file(m: Any, o: Any) -> str:
-        uo.save(path, o)
-        return path
-
-    def load_file(m: Any, o: Any, saved: str) -> None:
-        assert uo.load(saved, like=o) is o
-
-    _resumed(torch, make, save_file, load_file)
+    _resumed_through_torch_save(torch, make)
+    _resumed_through_a_file(torch, make, str(tmp_path / "opt.safetensors"))

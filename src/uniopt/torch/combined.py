@@ -119,6 +119,16 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
             for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
 
 
+def every_gradient(opt: Any, name: str, why: str) -> None:
+    """A ValueError naming the parameters without a gradient, group by group, before any group
+    is written: a class whose groups step as one tree (``why``: what that means for it)."""
+    for gi, group in enumerate(opt.param_groups):
+        missing = [i for i, p in enumerate(group["params"]) if p.grad is None]
+        if missing:
+            raise ValueError(f"uniopt.torch.{name}: parameter(s) {missing} of param group {gi} "
+                             f"have no gradient: {why}")
+
+
 def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: bool = False,
          **extra: Any) -> None:
     """One step of group ``gi``; ``tensors``: the engine sees the tensors themselves, not

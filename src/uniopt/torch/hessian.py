@@ -77,14 +77,10 @@ class SophiaH(Optimizer):
                 "opt.step(closure)")
         with torch.enable_grad():
             loss = closure()
-        for gi, group in enumerate(self.param_groups):  # before any group is written
-            missing = [i for i, p in enumerate(group["params"]) if p.grad is None]
-            if missing:
-                raise ValueError(
-                    f"uniopt.torch.SophiaH: parameter(s) {missing} of param group {gi} have no "
-                    "gradient: a group steps as one tree, its Hessian estimate over every "
-                    "parameter (give them zeros in the closure, or leave them out of the "
-                    "optimizer), where pytorch-optimizer leaves them out")
+        combined.every_gradient(
+            self, "SophiaH", "a group steps as one tree, its Hessian estimate over every "
+            "parameter (give them zeros in the closure, or leave them out of the optimizer), "
+            "where pytorch-optimizer leaves them out")
         with torch.no_grad():
             for gi, group in enumerate(self.param_groups):
                 rule = self._rule(group)[0]

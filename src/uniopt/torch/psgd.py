@@ -133,13 +133,9 @@ class Kron(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rules = [self._rule(group)[0] for group in self.param_groups]
-        for gi, group in enumerate(self.param_groups):  # before any group is written
-            missing = [i for i, p in enumerate(group["params"]) if p.grad is None]
-            if missing:
-                raise ValueError(
-                    f"uniopt.torch.Kron: parameter(s) {missing} of param group {gi} have no "
-                    "gradient: a group steps as one tree, every parameter with a gradient "
-                    "(set zeros), where pytorch-optimizer leaves them out")
+        combined.every_gradient(
+            self, "Kron", "a group steps as one tree, every parameter with a gradient (set "
+            "zeros), where pytorch-optimizer leaves them out")
         with torch.no_grad():
             for gi, group in enumerate(self.param_groups):
                 # the tensors themselves: the probes are torch's draws
