@@ -401,6 +401,11 @@ def _strided(x: np.ndarray) -> np.ndarray:
 @SETTINGS
 @given(data=st.data(), seed=seeds, dtype=st.sampled_from([np.float32, np.float64]))
 def test_pure_and_inplace_agree_bit_for_bit(case, lib, width, on, data, seed, dtype):
+    if width == "wide":
+        # the two forms' loops differ in their generated driver, not in the rule's kernels, which
+        # tests/test_fused.py holds to the reference in both dtypes: each dtype here would be
+        # two more loops to compile per case (about a minute of the suite with a cold cache)
+        dtype = np.float64
     kw = data.draw(case.keywords(on))
     rng = np.random.default_rng(seed)
     params = _simple(rng, dtype, width)
