@@ -439,3 +439,51 @@ def test_the_thread_pool_loop_is_the_one_thread_loop(name: str) -> None:
 
 def _arrays(slot: Any) -> tuple[Any, ...]:
     return (slot.codes, slot.absmax) if hasattr(slot, "codes") else (slot,)
+
+
+_COMPILE_ONCE = """
+import pathlib, sys, time
+import numpy as np
+import uniopt as uo
+from uniopt.fast import cpu
+cpu.MIN_LEAVES = cpu.MIN_SIZE = cpu.COMPILE_AFTER = 0
+here = pathlib.Path(sys.argv[1])
+(here / f"ready{sys.argv[2]}").touch()
+while not (here / "go").exists():
+    time.sleep(0.005)
+params = [np.ones(64, np.float32), np.ones(8, np.float32)]
+state = uo.setup(uo.sgd(lr=0.1, momentum=0.9), params)
+uo.update_(state, params, [np.full(64, 0.5, np.float32), np.ones(8, np.float32)])
+(serial, _), = cpu._FUSED.values()
+print(sum(serial.stats.cache_misses.values()), sum(serial.stats.cache_hits.values()))
+"""
+
+
+def test_processes_meeting_a_new_loop_together_compile_it_once(tmp_path: Any) -> None:
+    """Two processes (the ranks of a job on one machine) take their first step of a loop that
+    is not in the cache at the same moment: one compiles it, the other loads its machine code
+    from the disk."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "UNIOPT_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", _COMPILE_ONCE, str(tmp_path), str(k)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{k}").exists() for k in range(2)):
+            assert time.monotonic() < deadline, "the processes did not start"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert all(p.returncode == 0 for p in procs), outs
+    counts = sorted(tuple(map(int, out.split())) for out, _ in outs)
+    assert counts == [(0, 1), (1, 0)], counts  # (compiled, loaded) in each process

@@ -28,6 +28,7 @@ thread, and many small tensors cost one loop iteration each.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
@@ -38,7 +39,7 @@ import operator
 import os
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -683,8 +684,32 @@ def fused_kernel(
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # numba's cache finds the module by name when it loads
     spec.loader.exec_module(module)
+    # the one-thread loop compiled now, by one process at a time: the ranks of a job on one
+    # machine (or a test suite's workers) that meet a loop new to the cache together compile it
+    # once, and the others load its machine code, in milliseconds, when the lock is theirs
+    compute = numba.float64 if storage[0] == "f8" else numba.float32
+    with _locked(path.with_suffix(".lock")):
+        module.serial.compile((numba.int64[::1], compute[::1], numba.int64[::1]))
     _FUSED[key] = module.serial, module.parallel
     return _FUSED[key]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on file ``path`` across processes (released by the system if its
+    holder dies); where there is no ``fcntl`` (Windows) or the file cannot be opened, none."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _self_test() -> bool:
