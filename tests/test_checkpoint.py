@@ -5,6 +5,7 @@ weights_only, torch.distributed.checkpoint, and orbax for a JAX State."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -1044,3 +1045,67 @@ def test_a_uniopt_torch_optimizer_with_whole_tree_state_resumes(name: str, tmp_p
 
     _resumed_through_torch_save(torch, make)
     _resumed_through_a_file(torch, make, str(tmp_path / "opt.safetensors"))
+
+
+def _rosenbrock_closure(xp: Any) -> Any:
+    """(loss, grads) of Rosenbrock's function at a one-leaf params list, in library ``xp``."""
+
+    def closure(params: list[Any]) -> tuple[Any, list[Any]]:
+        x = params[0]
+        a, b = x[:-1], x[1:]
+        loss = xp.sum((1 - a) ** 2) + 100 * xp.sum((b - a**2) ** 2)
+        g_a = -2 * (1 - a) - 400 * a * (b - a**2)
+        g_b = 200 * (b - a**2)
+        zero = xp.zeros(1, dtype=x.dtype)
+        return loss, [xp.concat([g_a, zero]) + xp.concat([zero, g_b])]
+
+    return closure
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+def test_a_grown_history_loads_into_like_a_fresh_state_in_its_library(
+        lib: str, tmp_path: Any) -> None:
+    """L-BFGS set up fresh holds no array (its history grows as it runs): like=state of a
+    fresh state has no library to make the loaded history in, so the file says which."""
+    with contextlib.ExitStack() as stack:
+        _grown_history_resumes(lib, tmp_path, stack)
+
+
+def _grown_history_resumes(lib: str, tmp_path: Any, stack: contextlib.ExitStack) -> None:
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        xp, asarray = torch, lambda v: torch.tensor(v, dtype=torch.float64)
+    else:
+        jax = pytest.importorskip("jax")
+        stack.enter_context(jax.enable_x64(True))  # for this test only
+        xp = jax.numpy
+        asarray = lambda v: xp.asarray(v, dtype=xp.float64)  # noqa: E731
+    closure = _rosenbrock_closure(xp)
+    rule = uo.lbfgs(lr=0.1, max_iter=2, history_size=4)
+    start = [asarray([-1.0, 0.5, 2.0])]
+    state, params = uo.setup(rule, start), start
+    for _ in range(3):
+        state, params, _ = uo.minimize_step(state, params, closure)
+    path = tmp_path / "lbfgs.uo"
+    uo.save(path, state)
+    loaded = uo.load(path, like=uo.setup(rule, start))
+    on, never_stopped = (loaded, params), (state, params)
+    for _ in range(3):
+        on = uo.minimize_step(*on, closure)[:2]
+        never_stopped = uo.minimize_step(*never_stopped, closure)[:2]
+    assert type(on[1][0]) is type(params[0])
+    np.testing.assert_array_equal(np.asarray(on[1][0]), np.asarray(never_stopped[1][0]))
+
+
+def test_a_grown_history_of_another_library_needs_its_params(tmp_path: Any) -> None:
+    xp = pytest.importorskip("array_api_strict")
+    closure = _rosenbrock_closure(xp)
+    rule = uo.lbfgs(lr=0.1, max_iter=2)
+    start = [xp.asarray([-1.0, 0.5, 2.0], dtype=xp.float64)]
+    state, params, _ = uo.minimize_step(uo.setup(rule, start), start, closure)
+    path = tmp_path / "lbfgs.uo"
+    uo.save(path, state)
+    with pytest.raises(CheckpointError, match=r"array_api_strict's.*like=\(rule, params\)"):
+        uo.load(path, like=uo.setup(rule, start))
+    loaded = uo.load(path, like=(rule, start))
+    assert uo.minimize_step(loaded, params, closure)[1][0].shape == (3,)

@@ -550,7 +550,13 @@ def _state_doc(state: State, params: Any, tensors: _Tensors) -> dict[str, Any]:
             entries.append([["params", p], _entry(leaf, ["params", p], tensors)])
     # set by uniopt.adjust: the optax protocol then steps with the state's numbers
     flag = {"adjusted": True} if on_host(adjusted(state.rule)) else {}
-    return {"kind": "state", "rule": _Encode()(state.rule, "rule"), **flag,
+    # where the whole-tree parts' arrays live: a state set up fresh for like may hold none (an
+    # L-BFGS history grows as it runs), and its arrays are then made in this library
+    grown: list[Any] = optree.tree_leaves(state.tree_states)  # type: ignore[arg-type]
+    some = next((x for x in grown if backend.is_array(x) and not backend.is_numpy(x)), None)
+    where = {} if some is None else {"library": {"name": backend.library(some),
+                                                 "device": str(backend.device(some))}}
+    return {"kind": "state", "rule": _Encode()(state.rule, "rule"), **flag, **where,
             "state_dtype": state.state_dtype, "paths": paths, "entries": entries,
             "tree_states": _Encode(tensor=functools.partial(_named, tensors))(
                 state.tree_states, "tree_states"),
@@ -934,6 +940,8 @@ def _load_state(ck: _File, like: Any, want_params: bool) -> Any:
 
     t_paths, t_leaves, t_def = _flat(tmpl)
     arrays = [x for x in t_leaves if backend.is_array(x)]
+    if not arrays and not own and tmpl.tree_states:
+        arrays = _saved_library(ck)
     reader = _Reader(ck, own, flatten(like_params)[0] if own else [], arrays)
     jobs: list[Callable[[], Any]] = []
     for path, leaf in zip(t_paths, t_leaves, strict=True):
@@ -980,6 +988,33 @@ def _load_state(ck: _File, like: Any, want_params: bool) -> Any:
     if not want_params:
         return state
     return state, optree.tree_unflatten(tmpl.treedef, values[n:])
+
+
+def _saved_library(ck: _File) -> list[Any]:
+    """An empty array of the library (on the device) the checkpoint's whole-tree arrays were
+    saved from, where it is not NumPy: like=state of a fresh state has none of its own."""
+    lib = ck.doc.get("library")
+    if lib is None:
+        return []
+    if not isinstance(lib, dict) or set(lib) != {"name", "device"} or not all(
+            isinstance(v, str) for v in lib.values()):
+        raise CheckpointError(f"{ck.name}: library is {_short(lib)}, not a name and a device")
+    name, device = lib["name"], lib["device"]
+    try:
+        if name == "torch":
+            import torch
+
+            return [torch.empty(0, device=device)]
+        if name == "jax":
+            import jax
+
+            found = [d for d in jax.devices() if str(d) == device]
+            return [jax.device_put(jax.numpy.zeros(0), found[0] if found else None)]
+    except (ImportError, RuntimeError) as e:
+        raise CheckpointError(f"{ck.name}: its state's arrays are {name}'s, on {device}, "
+                              f"which cannot be had here ({e})") from None
+    raise CheckpointError(f"{ck.name}: its state's arrays are {name}'s, and like=state holds "
+                          "no array to make them like: load with like=(rule, params)")
 
 
 def _match_paths(ck: _File, paths: list[list[Any]]) -> list[int]:
