@@ -487,3 +487,21 @@ def test_processes_meeting_a_new_loop_together_compile_it_once(tmp_path: Any) ->
     assert all(p.returncode == 0 for p in procs), outs
     counts = sorted(tuple(map(int, out.split())) for out, _ in outs)
     assert counts == [(0, 1), (1, 0)], counts  # (compiled, loaded) in each process
+
+
+def test_a_file_system_without_locks_compiles_unlocked(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Any) -> None:
+    """Where flock fails (some network file systems), the loop compiles without the lock
+    instead of the step raising."""
+    fcntl = pytest.importorskip("fcntl")
+    calls = []
+
+    def no_locks(fd: int, op: int) -> None:
+        calls.append(op)
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = False
+    with fused._locked(tmp_path / "x.lock"):
+        ran = True
+    assert ran and calls == [fcntl.LOCK_EX]

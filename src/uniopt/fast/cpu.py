@@ -706,7 +706,10 @@ def _locked(path: Path) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network ones): compile unlocked
+            pass
         yield
     finally:
         os.close(fd)  # closing releases the lock
