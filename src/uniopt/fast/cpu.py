@@ -701,18 +701,18 @@ def _locked(path: Path) -> Iterator[None]:
     try:
         import fcntl
 
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except (ImportError, OSError):
-        yield
-        return
+        fd = None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some network ones): compile unlocked
-            pass
+        if fd is not None:
+            # a file system without locks (some network ones) raises: compile unlocked
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
 
 
 def _self_test() -> bool:
