@@ -354,7 +354,7 @@ def _parts(plan: list[tuple[Any, Any, tuple[str, ...]]], mode: str) -> tuple[Loo
     its ``finish`` (None: the params become ``p - u``)."""
     last = len(plan) - 1
     return tuple((part.kernel, len(keys),
-                  part.finish if j == last and mode in ("inplace", "pure") else None)
+                  part.finish if j == last and mode == "inplace" else None)
                  for j, (part, _, keys) in enumerate(plan))
 
 
@@ -424,7 +424,7 @@ def _source(
     import (so the module stands alone and numba can cache it) or, for kernels defined where no
     import reaches, taken from globals ``_K0, _K1, ...``. Modes: ``inplace``: each operand is
     one array read and written (so the compiler sees fewer pointers that might alias, and
-    vectorizes); ``pure``: reads ``p`` and the slots, writes ``po`` and ``so*``; ``update``:
+    vectorizes; a pure step runs it on copies); ``update``:
     the slots as ``inplace``, and in place of ``p`` the final ``u`` into ``uo`` (the list after
     ``g``): a run of elementwise parts that a per-leaf part follows; ``sumsq``: writes nothing
     and returns the sum of squares of the final ``u`` (a global norm's one extra read pass);
@@ -434,7 +434,6 @@ def _source(
     A part whose record is per leaf (its last field in ``records``: a per-leaf norm's
     coefficients) reads its numbers from a table after the others' in ``CO``, one row per
     leaf."""
-    inplace = mode != "pure"
     reads_only = mode in ("sumsq", "leafsq")
     kp, ks = storage
     head = [
@@ -455,10 +454,7 @@ def _source(
         return (f"{name} = numba.carray(_voidptr(_leaf(L[{len(lists) - 1}], t)), "
                 f"(b,), {'PT' if name[0] in 'pgu' else 'ST'})")
 
-    loads = [view("p")]
-    if not inplace:
-        loads.append(view("po"))
-    loads.append(view("g"))
+    loads = [view("p"), view("g")]
     if mode == "update":
         loads.append(view("uo"))
     body, co, s = [], 0, 0
@@ -484,10 +480,7 @@ def _source(
             loads.append(f"C{k} = ({values}{',' if width else ''})")
         names = list(range(s, s + nslots))
         s += nslots
-        for n in names:
-            loads.append(view(f"s{n}"))
-            if not inplace:
-                loads.append(view(f"so{n}"))
+        loads += [view(f"s{n}") for n in names]
         reads = "".join(", " + _READ[ks].format(f"s{n}[i]") for n in names)
         if finish is not None:  # the last part writes p from its input: keep it
             body.append("v = u")
@@ -495,15 +488,14 @@ def _source(
         body.append(f"r = K{k}(XP, C{k}, x, u{reads})")
         body.append("u = r[0]")
         if not reads_only:
-            out = "s" if inplace else "so"
-            body += [f"{out}{n}[i] = {_WRITE[ks].format(f'r[{j + 1}]')}"
+            body += [f"s{n}[i] = {_WRITE[ks].format(f'r[{j + 1}]')}"
                      for j, n in enumerate(names)]
     if reads_only:
         body.append("acc += np.float64(u) * np.float64(u)")
     elif mode == "update":
         body.append("uo[i] = u")
     else:
-        body.append(f"{'p' if inplace else 'po'}[i] = {_WRITE[kp].format(end)}")
+        body.append(f"p[i] = {_WRITE[kp].format(end)}")
     sums = _PER_LEAF_SUMS if mode == "leafsq" else _SUM
     one_chunk = [
         *loads,
@@ -865,31 +857,29 @@ def run(
         k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7
         what = ["params", "grads", *(f"state slot {key}" for key in slots)][k - 1]
         return f"{what} count" if why == _COUNT else f"{what} leaf {i} {REASONS[why]}"
-    mode = "inplace" if inplace else "pure"
     if small and memo.get("cpu-small", 0) < (COMPILE_AFTER or 0):
-        if not _compiled(memo, plan, storage, mode):
+        if not _compiled(memo, plan, storage, "inplace"):
             memo["cpu-small"] = memo.get("cpu-small", 0) + 1  # step() counts the next ones
             return None
         memo["cpu-small"] = COMPILE_AFTER  # at hand: every small step takes it
-    if inplace:
-        new_params, new_slots = params, slots
-    else:
-        new_params = [np.empty_like(p) for p in params]
-        new_slots = {k: [np.empty_like(x) for x in v] for k, v in slots.items()}
-    _pass(plan, params, grads, slots, new_params, new_slots, mode, memo, storage, sizes,
-          shards)
-    return new_params, new_slots
+    if not inplace:
+        # a pure step is the in-place loop run on copies: one compiled loop serves both
+        # (half the compiling), and the copies cost little beside the new memory a pure step
+        # writes anyway (its pages faulted in: most of its time)
+        params = [p.copy() for p in params]
+        slots = {k: [x.copy() for x in v] for k, v in slots.items()}
+    _pass(plan, params, grads, slots, params, "inplace", memo, storage, sizes, shards)
+    return params, slots
 
 
 def _pass(
     plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any], grads: list[Any],
-    slots: dict[str, list[Any]], out: list[Any], new_slots: dict[str, list[Any]], mode: str,
+    slots: dict[str, list[Any]], out: list[Any], mode: str,
     memo: dict[Any, Any], storage: tuple[str, str], sizes: Any, shards: Any = None,
     seg: int = 0,
 ) -> None:
-    """One compiled pass of ``plan`` over checked leaves: ``out`` receives the new params
-    (``inplace``: they are ``params``; ``pure``) or the final ``u`` (``update``), and
-    ``new_slots`` the slots (``slots`` themselves but for ``pure``)."""
+    """One compiled pass of ``plan`` over checked leaves, writing ``params`` and ``slots`` in
+    place (``inplace``), or the slots in place and the final ``u`` to ``out`` (``update``)."""
     n, first = len(params), params[0]
     compute = np.float64 if storage[0] == "f8" else np.float32
     # the loop on the thread pool, or on this thread (a sum of Python ints: NumPy's costs more)
@@ -916,14 +906,9 @@ def _pass(
             c = (part.norm_coeffs(np.sqrt(total), counts.astype(np.float64)) if each
                  else part.norm_coeffs(float(np.sqrt(total)), int(counts.sum())))
             plan[j] = (part, c, plan[j][2])
-    if mode == "pure":
-        lists = [params, out, grads]
-        for _, _, keys in plan:
-            for key in keys:
-                lists += [slots[key], new_slots[key]]
-    else:  # in the plan's order (a state's dict of slots may come back sorted)
-        lists = [params, grads, *([out] if mode == "update" else []),
-                 *[slots[key] for _, _, keys in plan for key in keys]]
+    # in the plan's order (a state's dict of slots may come back sorted)
+    lists = [params, grads, *([out] if mode == "update" else []),
+             *[slots[key] for _, _, keys in plan for key in keys]]
     loop = _loop(memo, plan, storage, mode, seg)
     loop[big](_addresses(lists), _coefficients(plan, compute, n), sizes)
 
@@ -1086,7 +1071,7 @@ def segmented(
             if reason:
                 return reason
     storage = (kp, kp)
-    modes = ["update"] * (len(segments) - 1) + ["inplace" if inplace else "pure"]
+    modes = ["update"] * (len(segments) - 1) + ["inplace"]
     if small and memo.get("cpu-small", 0) < (COMPILE_AFTER or 0):
         if not all(_compiled(memo, seg, storage, mode, j) for j, ((compiled, seg), mode)
                    in enumerate(zip(segments, modes, strict=True)) if compiled):
@@ -1106,14 +1091,15 @@ def segmented(
                 if not inplace:  # the caller's slots stay as they are
                     now = {k: [x.copy() for x in v] for k, v in now.items()}
                     new_slots.update(now)
-                _pass(seg, params, us, now, out, now, mode, memo, storage, sizes, seg=j)
+                _pass(seg, params, us, now, out, mode, memo, storage, sizes, seg=j)
                 us = out
             elif inplace:
-                _pass(seg, params, us, now, params, now, mode, memo, storage, sizes, seg=j)
-            else:
-                new_params = [np.empty_like(p) for p in params]
-                made = {k: [np.empty_like(x) for x in v] for k, v in now.items()}
-                _pass(seg, params, us, now, new_params, made, mode, memo, storage, sizes, seg=j)
+                _pass(seg, params, us, now, params, mode, memo, storage, sizes, seg=j)
+            else:  # the in-place loop on copies, as run's pure step
+                new_params = [p.copy() for p in params]
+                made = {k: [x.copy() for x in v] for k, v in now.items()}
+                _pass(seg, new_params, us, made, new_params, mode, memo, storage, sizes,
+                      seg=j)
                 new_slots.update(made)
             continue
         ((part, c, ks),) = seg
