@@ -236,6 +236,42 @@ def test_pure_update_of_read_only_params_stays_on_the_fast_path() -> None:
     np.testing.assert_array_equal(p[0], 1.0)
 
 
+def test_update_and_update_in_place_share_one_compiled_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pure step is the in-place loop run on copies of the params and the state: a rule asks
+    for the same loop from ``update`` as from ``update_`` (one compile, not two), the pure step
+    leaves its inputs as they were, and both give the same bits."""
+    asked = []
+    real = fused.fused_kernel
+
+    def recording(*args: Any) -> Any:
+        asked.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(fused, "fused_kernel", recording)
+    rule = uo.chain(uo.clip(0.7), uo.adamw(lr=1e-2, weight_decay=0.1))  # a loop of 3 parts
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(N).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
+    grads = [rng.standard_normal(x.shape).astype(np.float32) for x in params]
+    pure_state, pure = uo.setup(rule, params), [x.copy() for x in params]
+    ip_state, ip = uo.setup(rule, params), [x.copy() for x in params]
+    before = [x.copy() for x in pure] + [x.copy() for v in pure_state.slots.values() for x in v]
+    with expect_compiled(4):
+        for _ in range(2):
+            new_state, new = uo.update(pure_state, pure, grads)
+            after = pure + [x for v in pure_state.slots.values() for x in v]
+            assert_same(after, before)  # the inputs of a pure step are left as they were
+            pure_state, pure = new_state, new
+            before = [x.copy() for x in pure] + [x.copy() for v in pure_state.slots.values()
+                                                 for x in v]
+            ip_state = uo.update_(ip_state, ip, grads)
+    assert_same(pure, ip)
+    for key in ip_state.slots:
+        assert_same(pure_state.slots[key], ip_state.slots[key])
+    assert len(asked) >= 1 and len({a[:3] for a in asked}) == 1, [a[1:3] for a in asked]
+    assert asked[0][2] == "inplace"
+
+
 def test_offsets_self_test_passes_here() -> None:
     assert fused.AVAILABLE, "NumPy's array struct layout is not the one the fast path reads"
 
