@@ -127,6 +127,35 @@ def mesh_run() -> dict[str, Any]:
                 state = uo.adjust(state, lr=5e-3)
         return {k: np.asarray(v).tolist() for k, v in params.items()}
 
+    def matrix_run(rule: uo.Transform, keys: tuple[str, ...], steps: int = 4) -> dict[str, Any]:
+        """``steps`` jitted, donated steps on the mesh of the leaves ``keys``: the largest
+        difference from the eager NumPy run, whether params and slots kept their layout, and
+        the step's compilations."""
+        params = {k: v for k, v in sharded(start).items() if k in keys}
+        state = uo.setup(rule, params)
+        set_up = {k: [None if x is None else x.sharding for x in v]
+                  for k, v in state.slots.items()}
+        ref = {k: start[k].copy() for k in keys}
+        ref_state = uo.setup(rule, ref)
+
+        def sharded_step(state: uo.State, params: Any, g: Any) -> Any:
+            return uo.update(state, params, g)
+
+        jitted = jax.jit(sharded_step, donate_argnums=(0, 1))
+        before = len(compiles)
+        for i in range(steps):
+            g = {k: v for k, v in grads[i].items() if k in keys}
+            state, params = jax.block_until_ready(jitted(state, params, sharded(g)))
+            ref_state, ref = uo.update(ref_state, ref, g)
+        return {"diff": max(float(np.max(np.abs(np.asarray(params[k]) - ref[k])
+                                      / np.maximum(np.abs(ref[k]), 1e-300))) for k in keys),
+                "params_kept": all(bool(params[k].sharding.is_equivalent_to(
+                    shardings[k], len(layout[k][0]))) for k in keys),
+                "slots_kept": all(x is None or bool(x.sharding.is_equivalent_to(was, x.ndim))
+                                  for name, xs in state.slots.items()
+                                  for x, was in zip(xs, set_up[name], strict=True)),
+                "compiles": len(compiles) - before}
+
     adamw = uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2, weight_decay=1e-2))
     out: dict[str, Any] = {
         "devices": len(jax.devices()),
@@ -168,6 +197,21 @@ def mesh_run() -> dict[str, Any]:
                   and (x.ndim == 0 or (x.ndim == 1 and x.shape != start["b"].shape))]
         placed[name] = [len(other), all(x.sharding.is_fully_replicated for x in other)]
     out["other-shapes"] = placed
+    # rules whose per-leaf or whole-tree parts contract split axes or mix layouts (matrix
+    # products, per-axis maxima, dot products of trees): on the explicit mesh they run on whole
+    # arrays and hand each one back laid out as it came, as the eager NumPy run
+    explicit: dict[str, Any] = {}
+    for name, (rule, keys) in {
+            "muon": (uo.muon(lr=2e-2), ("e", "r", "w")),
+            "shampoo": (uo.shampoo(lr=1e-2), tuple(layout)),
+            "soap": (uo.soap(lr=1e-2), tuple(layout)),
+            "sm3": (uo.sm3(lr=1e-1), tuple(layout)),
+            "lbfgs": (uo.chain(uo.scale_by_lbfgs(), uo.scale(-0.1)), tuple(layout))}.items():
+        try:
+            explicit[name] = matrix_run(rule, keys)
+        except Exception as e:  # reported: the other scenarios still run
+            explicit[name] = {"error": f"{type(e).__name__}: {e}"}
+    out["explicit"] = explicit
     # 8-bit slots: refused for a leaf split over the mesh (its blocks would cross the shards);
     # a replicated tree steps under jit as on one device
     try:

@@ -102,6 +102,26 @@ def laid_out_as(x: Any, like: Any) -> Any:
     return jax.sharding.reshard(x, want)
 
 
+def gathered(x: Any) -> Any:
+    """JAX array ``x`` replicated over its mesh where its type splits an axis of an explicit
+    mesh, else ``x``. An operation that contracts a split axis or mixes layouts (a matrix
+    product, a concatenation of per-axis maxima) is refused on such arrays until told its
+    output's layout; a per-leaf or whole-tree part runs on whole arrays instead, as on a
+    DTensor's gathered shards, and its results are laid out again (:func:`laid_out_as`)."""
+    if not is_jax(x):
+        return x
+    import jax
+
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return x
+    have = typeof(x).sharding
+    if not getattr(have.mesh, "explicit_axes", ()) or all(a is None for a in have.spec):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(have.mesh,
+                                                              jax.sharding.PartitionSpec()))
+
+
 def is_array(x: Any) -> bool:
     return type(x) in _NAMESPACES or bool(aac.is_array_api_obj(x))
 

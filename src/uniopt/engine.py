@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -464,7 +465,7 @@ def _float_deltas(
             leaf_slots = [[read(state.slots[k][i], dt, xp) for k in keys]
                           for i, (xp, dt) in enumerate(zip(xps, dts, strict=True))]
             if shards is None:
-                outs = _per_leaf(part, c, leaf_slots, xps, ps, us, last)
+                outs = _per_leaf_gathered(part, c, leaf_slots, xps, ps, us, last)
             else:
                 outs = _per_leaf_sharded(part, c, leaf_slots, xps, ps, us, last, shards)
             if last:  # finish's (p_new, *slots)
@@ -600,6 +601,37 @@ def _per_leaf_sharded(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[A
             for i, o in enumerate(outs)]
 
 
+def _per_leaf_gathered(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[Any],
+                       ps: list[Any], us: list[Any], finish: bool) -> list[tuple[Any, ...]]:
+    """:func:`_per_leaf`; where JAX refuses it on leaves split over an explicit mesh (an
+    operation that contracts a split axis or mixes layouts asks for its output's layout), on
+    the whole leaves (replicated: :func:`backend.gathered`), each result laid out again as the
+    array it replaces. Only such parts gather: a per-leaf norm's sum needs no more than an
+    all-reduce of a scalar, which JAX does on its own."""
+    try:
+        return _per_leaf(part, c, slots, xps, ps, us, finish)
+    except Exception as e:
+        if not _layout_refused(e):
+            raise
+        error = e
+    g = backend.gathered
+    whole = [[g(s) for s in ss] for ss in slots]
+    full_ps, full_us = [g(p) for p in ps], [g(u) for u in us]
+    if all(map(operator.is_, full_ps, ps)) and all(map(operator.is_, full_us, us)) and all(
+            map(operator.is_, (s for ss in whole for s in ss), (s for ss in slots for s in ss))):
+        raise error  # nothing was split
+    outs = _per_leaf(part, c, whole, xps, full_ps, full_us, finish)
+    lay = backend.laid_out_as
+    return [(lay(o[0], p if finish else u), *(lay(x, s) for x, s in zip(o[1:], ss, strict=True)))
+            for o, p, u, ss in zip(outs, ps, us, slots, strict=True)]
+
+
+def _layout_refused(e: Exception) -> bool:
+    """Whether JAX refused an operation for its operands' layouts on an explicit mesh (its
+    ``ShardingTypeError``, not a public name)."""
+    return type(e).__name__ == "ShardingTypeError"
+
+
 def member_step(state: State, params: list[Any], grads: list[Any],
                 extra: dict[str, Any]) -> tuple[list[Any], State]:
     """A member rule's updates for its leaves and its new state, inside a combinator's step
@@ -706,19 +738,60 @@ def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
 
 def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
                 state: State, extra: dict[str, Any]) -> Any:
-    """A whole-tree part on every leaf's ``u``; its outputs as arrays of the params' library."""
-    out, new_st = part.apply_tree(c, unflatten(state.treedef, us), st,
-                                  unflatten(state.treedef, ps),
-                                  **(extra if part.reads_value else {}))
+    """A whole-tree part on every leaf's ``u``; its outputs as arrays of the params' library.
+    Where JAX refuses it on leaves split over an explicit mesh (a dot product of two trees
+    contracts split axes), the leaves and the part's state go in whole
+    (:func:`backend.gathered`) and come out laid out as they went in."""
+    kwargs = extra if part.reads_value else {}
+    whole = False
+    try:
+        out, new_st = part.apply_tree(c, unflatten(state.treedef, us), st,
+                                      unflatten(state.treedef, ps), **kwargs)
+    except Exception as e:
+        if not _layout_refused(e):
+            raise
+        g = backend.gathered
+        full_us, full_ps = [g(u) for u in us], [g(p) for p in ps]
+        if all(map(operator.is_, full_us, us)) and all(map(operator.is_, full_ps, ps)):
+            raise
+        whole = True
+        out, new_st = part.apply_tree(c, unflatten(state.treedef, full_us),
+                                      _tree_map_arrays(g, st),
+                                      unflatten(state.treedef, full_ps), **kwargs)
     leaves, treedef, _ = flatten(out)
     if treedef != state.treedef:
         raise ValueError(
             f"{part.name} returned updates of structure {treedef}, the params are "
             f"{state.treedef}"
         )
+    if whole:
+        leaves = [backend.laid_out_as(x, u) for x, u in zip(leaves, us, strict=True)]
+        new_st = _laid_out_as(new_st, st)
     # optax hands back JAX arrays; setup admits only JAX or NumPy params beside it
     return [x if backend.library(x) == backend.library(u) else backend.to_numpy(x, u.dtype)
             for x, u in zip(leaves, us, strict=True)], _kept_dtypes(new_st, st)
+
+
+def _tree_map_arrays(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``fn`` on every leaf of a whole-tree state (a member's :class:`State` is a leaf)."""
+    return optree.tree_map(fn, tree, is_leaf=lambda x: isinstance(x, State), none_is_leaf=True,
+                           namespace=NAMESPACE)
+
+
+def _laid_out_as(new: Any, old: Any) -> Any:
+    """A whole-tree part's new state with each JAX array laid out as the one it replaces in
+    ``old`` (:func:`backend.laid_out_as`), where the two have one structure."""
+    def node(x: Any) -> bool:
+        return isinstance(x, State)
+
+    new_leaves, new_def = optree.tree_flatten(new, is_leaf=node, none_is_leaf=True,
+                                              namespace=NAMESPACE)
+    old_leaves, old_def = optree.tree_flatten(old, is_leaf=node, none_is_leaf=True,
+                                              namespace=NAMESPACE)
+    if new_def != old_def:
+        return new
+    return optree.tree_unflatten(new_def, [backend.laid_out_as(x, y) for x, y in
+                                           zip(new_leaves, old_leaves, strict=True)])
 
 
 def _kept_dtypes(new: Any, old: Any) -> Any:
