@@ -766,32 +766,34 @@ def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
         )
     if whole:
         leaves = [backend.laid_out_as(x, u) for x, u in zip(leaves, us, strict=True)]
-        new_st = _laid_out_as(new_st, st)
+        new_st = _map_like(backend.laid_out_as, new_st, st)
     # optax hands back JAX arrays; setup admits only JAX or NumPy params beside it
     return [x if backend.library(x) == backend.library(u) else backend.to_numpy(x, u.dtype)
             for x, u in zip(leaves, us, strict=True)], _kept_dtypes(new_st, st)
 
 
+def _is_state(x: Any) -> bool:
+    return isinstance(x, State)
+
+
 def _tree_map_arrays(fn: Callable[[Any], Any], tree: Any) -> Any:
     """``fn`` on every leaf of a whole-tree state (a member's :class:`State` is a leaf)."""
-    return optree.tree_map(fn, tree, is_leaf=lambda x: isinstance(x, State), none_is_leaf=True,
-                           namespace=NAMESPACE)
+    return optree.tree_map(fn, tree, is_leaf=_is_state, none_is_leaf=True, namespace=NAMESPACE)
 
 
-def _laid_out_as(new: Any, old: Any) -> Any:
-    """A whole-tree part's new state with each JAX array laid out as the one it replaces in
-    ``old`` (:func:`backend.laid_out_as`), where the two have one structure."""
-    def node(x: Any) -> bool:
-        return isinstance(x, State)
-
-    new_leaves, new_def = optree.tree_flatten(new, is_leaf=node, none_is_leaf=True,
+def _map_like(fn: Callable[[Any, Any], Any], new: Any, old: Any) -> Any:
+    """A whole-tree part's new state ``new`` with each leaf ``x`` as ``fn(x, y)``, ``y`` the
+    leaf it replaces in ``old``, where the two have one structure (else ``new``); ``new``
+    itself where ``fn`` changed nothing. A member's :class:`State` is a leaf."""
+    new_leaves, new_def = optree.tree_flatten(new, is_leaf=_is_state, none_is_leaf=True,
                                               namespace=NAMESPACE)
-    old_leaves, old_def = optree.tree_flatten(old, is_leaf=node, none_is_leaf=True,
+    old_leaves, old_def = optree.tree_flatten(old, is_leaf=_is_state, none_is_leaf=True,
                                               namespace=NAMESPACE)
     if new_def != old_def:
         return new
-    return optree.tree_unflatten(new_def, [backend.laid_out_as(x, y) for x, y in
-                                           zip(new_leaves, old_leaves, strict=True)])
+    out = [fn(x, y) for x, y in zip(new_leaves, old_leaves, strict=True)]
+    return new if all(x is y for x, y in zip(out, new_leaves, strict=True)) else \
+        optree.tree_unflatten(new_def, out)
 
 
 def _kept_dtypes(new: Any, old: Any) -> Any:
@@ -802,18 +804,7 @@ def _kept_dtypes(new: Any, old: Any) -> Any:
     signature, and a pure step's state is an in-place step's, which writes into the old
     arrays. A member's :class:`State` is its own steps' to keep; a state that changed shape
     (a minimizer's history, None until its first step) has nothing to keep to."""
-    def node(x: Any) -> bool:
-        return isinstance(x, State)
-
-    new_leaves, new_def = optree.tree_flatten(new, is_leaf=node, none_is_leaf=True,
-                                              namespace=NAMESPACE)
-    old_leaves, old_def = optree.tree_flatten(old, is_leaf=node, none_is_leaf=True,
-                                              namespace=NAMESPACE)
-    if new_def != old_def:
-        return new
-    out = [_dtype_of(x, like) for x, like in zip(new_leaves, old_leaves, strict=True)]
-    return new if all(x is y for x, y in zip(out, new_leaves, strict=True)) else \
-        optree.tree_unflatten(new_def, out)
+    return _map_like(_dtype_of, new, old)
 
 
 def _dtype_of(x: Any, like: Any) -> Any:
