@@ -272,6 +272,37 @@ def test_update_and_update_in_place_share_one_compiled_loop(
     assert asked[0][2] == "inplace"
 
 
+@pytest.mark.parametrize("sizes", [
+    [round(1024 * 64 ** (i / 49)) for i in range(50)],  # a small CNN's: 1K to 64K
+    [70_000, 3, 0, 65_536, 1, 200_000, 17],
+    [5_000] * 37,
+    [int(x) for x in np.random.default_rng(0).integers(0, 300_000, 101)],
+])
+def test_the_thread_pools_chunks_are_dealt_evenly(sizes: list[int]) -> None:
+    """The thread-pool loop takes every chunk of :func:`_chunks` once (the rest of its places
+    empty), in an order where numba's split into one run of places per thread gives 2, 4 or 8
+    threads shares of elements within one chunk of each other (before, two threads on a small
+    CNN's leaves did a quarter and three quarters of the work)."""
+    sz = np.array(sizes, np.int64)
+    leaf, start, stop, total = fused._dealt(sz, fused.CHUNK)
+    want = fused._chunks(sz, fused.CHUNK)
+    assert total == want[3] == sum(sizes)
+    m = len(leaf)
+    assert m & (m - 1) == 0 and m >= len(want[0])
+    got = sorted((int(i), int(a), int(b)) for i, a, b in zip(leaf, start, stop, strict=True)
+                 if b > a)
+    assert got == sorted(zip(want[0].tolist(), want[1].tolist(), want[2].tolist(), strict=True))
+    for threads in (2, 4, 8):
+        if m < threads:
+            continue
+        shares = [int((stop - start)[k * m // threads:(k + 1) * m // threads].sum())
+                  for k in range(threads)]
+        assert max(shares) - min(shares) <= fused.CHUNK, (threads, shares)
+    if len(sizes) == 50:  # the first half of _chunks' order held about a quarter
+        half = len(want[0]) // 2
+        assert int((want[2] - want[1])[:half].sum()) < total // 3
+
+
 def test_offsets_self_test_passes_here() -> None:
     assert fused.AVAILABLE, "NumPy's array struct layout is not the one the fast path reads"
 

@@ -236,6 +236,36 @@ def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
             j += 1
     return leaf, start, stop, total
 
+@numba.njit(cache=True)
+def _dealt(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
+    """:func:`_chunks` in the order the thread pool's loop takes them: numba splits a loop's
+    chunks into one run of consecutive ones per thread, and a tree's leaves differ in size (a
+    small CNN's from 1K to 64K elements: the first half of its chunks held a quarter of its
+    elements, and one thread did three quarters of the work). Sorted by size, the k-th largest
+    goes to the place whose index is k's bits reversed (empty chunks filling the places up to
+    a power of two), so every run a power-of-two count of threads gets holds every size alike:
+    two threads' shares differ by less than one chunk. Each element's result is the same
+    whichever thread computes it; the loops that add sums across chunks keep the order of
+    :func:`_chunks`, so their sums are the one-thread loop's."""
+    leaf, start, stop, total = _chunks(sizes, chunk)
+    n = len(leaf)
+    bits = 0
+    while (1 << bits) < n:
+        bits += 1
+    order = np.argsort(start - stop, kind="mergesort")  # largest first; ties as they come
+    out_leaf = np.zeros(1 << bits, np.int64)
+    out_start = np.zeros(1 << bits, np.int64)
+    out_stop = np.zeros(1 << bits, np.int64)
+    for k in range(n):
+        r, x = 0, k
+        for _ in range(bits):
+            r = (r << 1) | (x & 1)
+            x >>= 1
+        j = order[k]
+        out_leaf[r], out_start[r], out_stop[r] = leaf[j], start[j], stop[j]
+    return out_leaf, out_start, out_stop, total
+
+
 # the namespace kernels see when compiled: scalar functions with NumPy's semantics
 scalar_xp = types.ModuleType("uniopt_scalar_xp")
 
@@ -441,7 +471,7 @@ def _source(
         "import collections",
         "import numba",
         "import numpy as np",
-        "from uniopt.fast.cpu import CHUNK, PARALLEL_MIN, _chunks, _leaf, _voidptr",
+        "from uniopt.fast.cpu import CHUNK, PARALLEL_MIN, _chunks, _dealt, _leaf, _voidptr",
         "from uniopt.fast.cpu import _bf16, _f16, _to_bf16, _to_f16, kernel_for",
         "from uniopt.fast.cpu import scalar_xp as XP",
         f"PT = {_STORAGE[kp]}",
@@ -528,7 +558,7 @@ def _source(
         "# parallel loop costs as much again to compile, and small steps never use it",
         '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
         "def parallel(L, CO, SIZES):",
-        "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
+        f"    leaf, start, stop, size = {'_chunks' if reads_only else '_dealt'}(SIZES, CHUNK)",
         *_driver(sums, "numba.prange"),
         "",
     ])
