@@ -743,18 +743,20 @@ def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
     contracts split axes), the leaves and the part's state go in whole
     (:func:`backend.gathered`) and come out laid out as they went in."""
     kwargs = extra if part.reads_value else {}
-    whole = False
+    error = None
     try:
         out, new_st = part.apply_tree(c, unflatten(state.treedef, us), st,
                                       unflatten(state.treedef, ps), **kwargs)
     except Exception as e:
         if not _layout_refused(e):
             raise
+        error = e
+    whole = error is not None
+    if error is not None:  # (out of the except clause: an error here is not "during" it)
         g = backend.gathered
         full_us, full_ps = [g(u) for u in us], [g(p) for p in ps]
         if all(map(operator.is_, full_us, us)) and all(map(operator.is_, full_ps, ps)):
-            raise
-        whole = True
+            raise error  # nothing was split
         out, new_st = part.apply_tree(c, unflatten(state.treedef, full_us),
                                       _tree_map_arrays(g, st),
                                       unflatten(state.treedef, full_ps), **kwargs)
