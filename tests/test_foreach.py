@@ -309,6 +309,26 @@ def test_meta_tensors_take_the_multi_tensor_path_unforced() -> None:
     assert foreach.STEPS == before + 1
 
 
+@pytest.mark.parametrize("rule", [uo.noisy_sgd(lr=0.1, seed=3),
+                                  uo.chain(uo.add_noise(0.1, 0.55, seed=3), uo.adam())],
+                         ids=["noisy_sgd", "add_noise-adam"])
+def test_rules_that_draw_noise_step_on_the_meta_device(rule: uo.Transform) -> None:
+    """The meta device has no generator: a rule that draws keeps a CPU generator's state for
+    its seed (the one a CPU run starts from), and a step on meta tensors, shapes only, draws
+    nothing and leaves it as it was. (Set-up raised "META device type not an accelerator".)"""
+    ps = [torch.zeros(3, 2, device="meta"), torch.zeros(4, device="meta", dtype=torch.float64)]
+    gs = [torch.ones_like(p) for p in ps]
+    state = uo.setup(rule, ps)
+    seeded = uo.setup(rule, [torch.zeros(3, 2), torch.zeros(4, dtype=torch.float64)])
+    (key,) = state.tree_states
+    assert torch.equal(state.tree_states[key], seeded.tree_states[key])
+    new, out = uo.update(state, ps, gs)
+    assert [(x.device.type, x.shape, x.dtype) for x in out] == [
+        ("meta", p.shape, p.dtype) for p in ps]
+    assert torch.equal(new.tree_states[key], seeded.tree_states[key])
+    assert int(uo.update_(new, ps, gs).step) == 2
+
+
 # --- capturable: no host synchronisation ------------------------------------------------------
 
 

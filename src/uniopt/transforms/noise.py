@@ -95,6 +95,8 @@ def _draw_torch(state: Any, leaves: list[Any]) -> tuple[list[Any], Any]:
 
     if not leaves:
         return [], state
+    if leaves[0].device.type == "meta":  # shapes only: nothing to draw, the state as it was
+        return [torch.empty_like(x) for x in leaves], state
     g = torch.Generator(leaves[0].device)
     # torch's load_state_dict moves a state's tensors to their parameter's device and dtype:
     # the generator's bytes, 0 to 255, come back exactly from any float
@@ -134,7 +136,9 @@ def seeded_state(leaves: list[Any], seed: int) -> Any:
     if backend.is_torch(first):
         import torch
 
-        return torch.Generator(first.device).manual_seed(seed).get_state()
+        # (the meta device has no generator: a CPU one's state, the bytes any device's is)
+        device = "cpu" if str(first.device) == "meta" else first.device
+        return torch.Generator(device).manual_seed(seed).get_state()
     return _pcg_state(np.random.PCG64(seed))
 
 
