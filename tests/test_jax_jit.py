@@ -326,6 +326,28 @@ def test_a_fresh_state_goes_into_jit_as_a_step_hands_it_back(committed: bool) ->
         assert len(traces) == len(compiles) == 1, rule.name
 
 
+def test_states_of_one_rule_keep_their_own_numbers_under_donation() -> None:
+    """Two states set up from one rule object (two models, or a run set up again), stepped by
+    a jitted update that donates its state: each has its own array of the rule's numbers, so
+    donating one state's deletes nothing of the other's. (They shared one, and the second
+    state's step, or any new set-up of the rule, raised "Array has been deleted".)"""
+    rule = uo.adamw(lr=1e-2, weight_decay=0.1)
+    step = jax.jit(uo.update, donate_argnums=(0, 1))
+    p1, p2 = [jnp.ones(3)], [jnp.full(4, 2.0)]
+    s1, s2 = uo.setup(rule, p1), uo.setup(rule, p2)
+    for _ in range(2):
+        s1, p1 = step(s1, p1, [jnp.ones(3)])
+        s2, p2 = step(s2, p2, [jnp.ones(4)])
+    again = uo.setup(rule, [jnp.ones(3)])  # after the first state's arrays were donated
+    again, p3 = step(again, [jnp.ones(3)], [jnp.ones(3)])
+    again, p3 = step(again, p3, [jnp.ones(3)])
+    np.testing.assert_array_equal(np.asarray(p3[0]), np.asarray(p1[0]))
+    ref_state, ref = uo.setup(rule, [np.full(4, 2.0)]), [np.full(4, 2.0)]
+    for _ in range(2):
+        ref_state, ref = uo.update(ref_state, ref, [np.ones(4)])
+    assert rel_diff(np.asarray(p2[0]), ref[0]) <= 1e-6
+
+
 def test_what_the_host_knows_is_compiled_as_known() -> None:
     """A number that keeps a block (SGD's momentum) is non-zero in the program compiled for
     it: no per-element switch between the buffer and the gradient (which read the gradient a

@@ -65,8 +65,9 @@ class State:
             return rule
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"rule": self.rule,
-                **{k: v for k, v in self.__dict__.items() if k != "_lazy_rule"}}
+        # (not the JAX numbers' array that flattening keeps: a cache, made again when needed)
+        return {"rule": self.rule, **{k: v for k, v in self.__dict__.items()
+                                      if k not in ("_lazy_rule", "_numbers")}}
 
     def __repr__(self) -> str:
         trees = f", tree_states={sorted(self.tree_states)}" if self.tree_states else ""

@@ -204,19 +204,22 @@ def _flatten_state(s: State) -> tuple[tuple[Any, ...], _Static]:
         # a JAX state's numbers as a jitted step hands them back: JAX's default float, placed
         # as the step counter. NumPy float64 would be a signature a jitted loop sees once,
         # whose second call misses jit's fast dispatch (and compiles again beside committed
-        # params). Once per placement and float (x64 on or off): the record, and its host
-        # numbers, may serve states on other devices
+        # params). Once per state, placement and float (x64 on or off), in the state's own
+        # array: states set up from one rule share its record, and a jitted step that donates
+        # one state's arrays would delete an array they shared (the other state's next step,
+        # or a new set-up of the rule, raised "Array has been deleted")
         import jax
         import jax.numpy as jnp
 
         dtype = jnp.result_type(float)
-        key = ("jax", placement(s.step), dtype)
-        numbers = s.rule.memo.get(key)
-        if numbers is None:
+        key = (placement(s.step), dtype)
+        numbers = s.__dict__.get("_numbers")
+        if numbers is None or numbers[0] != key:
             # cast on the host and put, as jit puts an argument: a cast on the device, or
             # jnp.asarray while jit flattens its arguments, compiles a program of its own
-            numbers = s.rule.memo[key] = placed(jax.device_put(packed.astype(dtype)), s.step)
-        packed = numbers
+            numbers = s.__dict__["_numbers"] = (
+                key, placed(jax.device_put(packed.astype(dtype)), s.step))
+        packed = numbers[1]
     return (s.step, s.slots, s.tree_states, packed, s.counts), _Static(skeleton, s.treedef,
                                                                        s.state_dtype)
 
