@@ -211,6 +211,45 @@ def mesh_run() -> dict[str, Any]:
             explicit[name] = matrix_run(rule, keys)
         except Exception as e:  # reported: the other scenarios still run
             explicit[name] = {"error": f"{type(e).__name__}: {e}"}
+    # the line searches, whose state holds trees shaped as the params and whose step reads the
+    # gradient it is given: 10 jitted steps on the mesh against the same on one device
+    def search_run(make: Any, keeps: bool, on_mesh: bool) -> dict[str, Any]:
+        target = {k: rng.standard_normal(start[k].shape) for k in ("w", "b")}
+
+        def f(p: Any) -> Any:
+            return (jnp.sum((p["w"] - target["w"]) ** 2 * (1 + jnp.arange(8)))
+                    + jnp.sum((p["b"] - target["b"]) ** 4))
+
+        vg = jax.value_and_grad(f)
+
+        @jax.jit
+        def search_step(p: Any, s: Any) -> Any:
+            v, g = uo.value_and_grad_from_state(vg, p, s) if keeps else vg(p)
+            s, p = uo.update(s, p, g, value=v, grad=g, value_fn=f)
+            return p, s, v
+
+        p = {k: jnp.asarray(start[k]) for k in ("w", "b")}
+        if on_mesh:
+            p = {k: jax.device_put(v, shardings[k]) for k, v in p.items()}
+        s = uo.setup(make(), p)
+        for _ in range(10):
+            p, s, v = jax.block_until_ready(search_step(p, s))
+        return {"params": {k: np.asarray(v).tolist() for k, v in p.items()},
+                "kept": all(bool(p[k].sharding.is_equivalent_to(shardings[k], p[k].ndim))
+                            for k in p) if on_mesh else True}
+
+    for name, make, keeps in (
+            ("lbfgs-zoom", uo.lbfgs_linesearch, True),
+            ("backtracking", lambda: uo.chain(
+                uo.sgd(lr=1.0), uo.scale_by_backtracking_linesearch(max_backtracking_steps=15)),
+             False)):
+        rng = np.random.default_rng(1)
+        try:
+            mesh_side = search_run(make, keeps, True)
+            rng = np.random.default_rng(1)
+            explicit[name] = {"mesh": mesh_side, "one": search_run(make, keeps, False)}
+        except Exception as e:  # reported: the other scenarios still run
+            explicit[name] = {"error": f"{type(e).__name__}: {e}"}
     out["explicit"] = explicit
     # 8-bit slots: refused for a leaf split over the mesh (its blocks would cross the shards);
     # a replicated tree steps under jit as on one device

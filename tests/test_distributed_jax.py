@@ -142,6 +142,16 @@ def test_matrix_and_tree_parts_step_on_an_explicit_mesh(mesh: dict[str, Any], na
     assert run["diff"] <= 1e-12, run
 
 
+@pytest.mark.parametrize("name", ["lbfgs-zoom", "backtracking"])
+def test_line_searches_step_on_an_explicit_mesh(mesh: dict[str, Any], name: str) -> None:
+    """L-BFGS with its zoom line search and a backtracking one, 10 jitted steps on the explicit
+    (4, 2) mesh: the parameters keep their layout and equal the same steps on one device."""
+    run = mesh["explicit"][name]
+    assert "error" not in run, run
+    assert run["mesh"]["kept"], run
+    assert _worst(run["mesh"]["params"], run["one"]["params"]) <= 1e-12
+
+
 def test_the_worker_reads_collectives_and_scalars() -> None:
     from distributed_jax_worker import collectives, scalar_shapes
 

@@ -757,9 +757,11 @@ def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
         full_us, full_ps = [g(u) for u in us], [g(p) for p in ps]
         if all(map(operator.is_, full_us, us)) and all(map(operator.is_, full_ps, ps)):
             raise error  # nothing was split
+        # (the step's own arguments too: a line search's gradient at the params)
         out, new_st = part.apply_tree(c, unflatten(state.treedef, full_us),
                                       _tree_map_arrays(g, st),
-                                      unflatten(state.treedef, full_ps), **kwargs)
+                                      unflatten(state.treedef, full_ps),
+                                      **_tree_map_arrays(g, kwargs))
     leaves, treedef, _ = flatten(out)
     if treedef != state.treedef:
         raise ValueError(
