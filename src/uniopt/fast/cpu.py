@@ -840,12 +840,13 @@ def run(
 ) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
     """One step of ``plan`` (resolved parts, coefficients, slot keys) over the leaves.
 
-    In place, writes params and slots and returns them; otherwise returns new arrays. If the
-    compiled path cannot run the step, returns the reason and has written nothing. ``memo``
-    (the rule's) keeps the loop found for it. ``small`` (see :data:`MIN_LEAVES`): returns None,
-    having written nothing, where the loop would have to be compiled for it, until the rule
-    has had :data:`COMPILE_AFTER` such steps. ``shards`` (:func:`uniopt.backend.shards_of`):
-    the leaves are local shards of bigger tensors, whose norms are summed across the ranks.
+    In place, writes params and slots and returns them; otherwise returns new arrays (copies,
+    stepped in place by the same loop). If the compiled path cannot run the step, returns the
+    reason and has written nothing. ``memo`` (the rule's) keeps the loop found for it.
+    ``small`` (see :data:`MIN_LEAVES`): returns None, having written nothing, where the loop
+    would have to be compiled for it, until the rule has had :data:`COMPILE_AFTER` such steps.
+    ``shards`` (:func:`uniopt.backend.shards_of`): the leaves are local shards of bigger
+    tensors, whose norms are summed across the ranks.
 
     float16/bfloat16 params are computed in float32, with slots of their own dtype or float32,
     and rounded once when stored, as the reference path does."""
