@@ -614,16 +614,20 @@ def _per_leaf_gathered(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[
         if not _layout_refused(e):
             raise
         error = e
-    g = backend.gathered
-    whole = [[g(s) for s in ss] for ss in slots]
-    full_ps, full_us = [g(p) for p in ps], [g(u) for u in us]
-    if all(map(operator.is_, full_ps, ps)) and all(map(operator.is_, full_us, us)) and all(
-            map(operator.is_, (s for ss in whole for s in ss), (s for ss in slots for s in ss))):
+    (full_ps, split_p), (full_us, split_u) = _whole(ps), _whole(us)
+    whole = [_whole(ss) for ss in slots]
+    if not (split_p or split_u or any(split for _, split in whole)):
         raise error  # nothing was split
-    outs = _per_leaf(part, c, whole, xps, full_ps, full_us, finish)
+    outs = _per_leaf(part, c, [ss for ss, _ in whole], xps, full_ps, full_us, finish)
     lay = backend.laid_out_as
     return [(lay(o[0], p if finish else u), *(lay(x, s) for x, s in zip(o[1:], ss, strict=True)))
             for o, p, u, ss in zip(outs, ps, us, slots, strict=True)]
+
+
+def _whole(xs: list[Any]) -> tuple[list[Any], bool]:
+    """Arrays ``xs`` each whole (:func:`backend.gathered`), and whether any was split."""
+    out = [backend.gathered(x) for x in xs]
+    return out, any(map(operator.is_not, out, xs))
 
 
 def _layout_refused(e: Exception) -> bool:
@@ -751,13 +755,12 @@ def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
         if not _layout_refused(e):
             raise
         error = e
-    whole = error is not None
     if error is not None:  # (out of the except clause: an error here is not "during" it)
-        g = backend.gathered
-        full_us, full_ps = [g(u) for u in us], [g(p) for p in ps]
-        if all(map(operator.is_, full_us, us)) and all(map(operator.is_, full_ps, ps)):
+        (full_us, split_u), (full_ps, split_p) = _whole(us), _whole(ps)
+        if not (split_u or split_p):
             raise error  # nothing was split
         # (the step's own arguments too: a line search's gradient at the params)
+        g = backend.gathered
         out, new_st = part.apply_tree(c, unflatten(state.treedef, full_us),
                                       _tree_map_arrays(g, st),
                                       unflatten(state.treedef, full_ps),
@@ -768,7 +771,7 @@ def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
             f"{part.name} returned updates of structure {treedef}, the params are "
             f"{state.treedef}"
         )
-    if whole:
+    if error is not None:
         leaves = [backend.laid_out_as(x, u) for x, u in zip(leaves, us, strict=True)]
         new_st = _map_like(backend.laid_out_as, new_st, st)
     # optax hands back JAX arrays; setup admits only JAX or NumPy params beside it

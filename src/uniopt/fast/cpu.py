@@ -236,6 +236,7 @@ def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
             j += 1
     return leaf, start, stop, total
 
+
 @numba.njit(cache=True)
 def _dealt(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     """:func:`_chunks` in the order the thread pool's loop takes them: numba splits a loop's
@@ -246,7 +247,7 @@ def _dealt(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     a power of two), so every run a power-of-two count of threads gets holds every size alike:
     two threads' shares differ by less than one chunk. Each element's result is the same
     whichever thread computes it; the loops that add sums across chunks keep the order of
-    :func:`_chunks`, so their sums are the one-thread loop's."""
+    :func:`_chunks`, so their sums are as they were."""
     leaf, start, stop, total = _chunks(sizes, chunk)
     n = len(leaf)
     bits = 0
