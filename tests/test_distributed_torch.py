@@ -37,7 +37,7 @@ import uniopt as uo  # noqa: E402
 import uniopt.torch  # noqa: E402
 from uniopt.fast import cpu  # noqa: E402
 
-STEPS = 50
+STEPS = 20
 EPS32 = float(np.finfo(np.float32).eps)
 
 # torch.optim's 15 classes, less the two FSDP2 cannot run: LBFGS evaluates a closure at trial
