@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 import operator
 import sys
@@ -14,8 +15,10 @@ import numpy as np
 
 from .hyper import _traced
 
-# an array's namespace, by its exact type where the type alone decides it (NumPy, torch, JAX):
-# array_api_compat's lookup walks every library's checks, and the reference path asks per leaf
+# an array's namespace, by its exact type: array_api_compat's lookup walks every library's
+# checks (array-api-strict's also resets its flags), and the reference path asks per leaf. The
+# type alone decides it, but for NumPy's float0 arrays (JAX's gradients of integers), which
+# array_api_compat counts as JAX's and which are not cached.
 _NAMESPACES: dict[type, Any] = {}
 
 
@@ -23,9 +26,41 @@ def namespace(x: Any) -> Any:
     xp = _NAMESPACES.get(type(x))
     if xp is None:
         xp = aac.array_namespace(x)
-        if aac.is_numpy_array(x) or aac.is_torch_array(x) or aac.is_jax_array(x):
+        if type(x) is not np.ndarray or aac.is_numpy_array(x):
             _NAMESPACES[type(x)] = xp
     return xp
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Kind:
+    """What a step asks of an array, the same for every array of its type and dtype."""
+
+    library: str  # as :func:`library` names it
+    xp: Any
+    floating: bool  # real or complex floating: a dtype uniopt updates
+    complex: bool
+    low: bool  # float16 or bfloat16: its step is computed in float32
+
+
+_KINDS: dict[tuple[type, Any], Kind] = {}
+
+
+def kind(x: Any) -> Kind:
+    """:class:`Kind` of array ``x``, looked up by its type and dtype after the first time."""
+    try:
+        key = (type(x), x.dtype)
+        found = _KINDS.get(key)
+    except TypeError:  # a dtype that cannot be hashed
+        key, found = None, None
+    if found is None:
+        xp = namespace(x)
+        found = Kind(library(x), xp, bool(xp.isdtype(x.dtype, ("real floating",
+                                                               "complex floating"))),
+                     bool(xp.isdtype(x.dtype, "complex floating")),
+                     str(x.dtype).rsplit(".", 1)[-1] in ("float16", "bfloat16"))
+        if key is not None and type(x) in _NAMESPACES:
+            _KINDS[key] = found
+    return found
 
 
 def device(x: Any) -> Any:
@@ -89,7 +124,7 @@ def laid_out_as(x: Any, like: Any) -> Any:
     layout: a kernel may return it otherwise (a sharded matrix's row factor comes back split,
     its slot set up whole), and a jitted step's outputs laid out otherwise than its inputs
     make the next call's arguments new to ``jit``, a second compilation."""
-    if not (is_jax(x) and is_jax(like)):
+    if type(x) is np.ndarray or not (is_jax(x) and is_jax(like)):  # (NumPy's first: per slot)
         return x
     import jax
 
@@ -298,6 +333,8 @@ _LIBRARIES: dict[type, str] = {}
 
 def immutable_reason(x: Any) -> str | None:
     """Why ``x`` cannot be written in place, or None if it can."""
+    if type(x) is np.ndarray and x.flags.writeable:  # (the common case, first)
+        return None
     if aac.is_jax_array(x):
         return "JAX arrays are immutable; use uniopt.update"
     if aac.is_numpy_array(x) and not x.flags.writeable:
@@ -354,7 +391,9 @@ def shards_of(leaves: list[Any]) -> Any:
 def assign(dst: Any, src: Any) -> None:
     """``dst[...] = src`` for every mutable library (torch outside autograd, unless
     :func:`tracked`)."""
-    if is_torch(dst):
+    if type(dst) is np.ndarray:  # (the common case, first)
+        dst[...] = src
+    elif is_torch(dst):
         import torch
 
         with contextlib.nullcontext() if _TRACKED.get() else torch.no_grad():
@@ -397,7 +436,7 @@ def detached_copy(x: Any) -> Any:
 
 
 def is_complex(x: Any) -> bool:
-    return bool(namespace(x).isdtype(x.dtype, "complex floating"))
+    return kind(x).complex
 
 
 def as_real(x: Any, writable: bool = False) -> Any:

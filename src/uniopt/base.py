@@ -33,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import array_api_compat as aac
@@ -322,11 +323,16 @@ class Transform:
             if not isinstance(p, WholeTree) and p.slots
         )
 
-    def slot_shapes_of(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
+    def slot_shapes_of(self, shape: tuple[int, ...]) -> Mapping[str, tuple[int, ...] | None]:
         """The shape of each slot (by its key in ``State.slots``) of a leaf of ``shape``; None
-        where such a leaf keeps none."""
-        return {key: s for part, keys in self.keyed_parts if not isinstance(part, WholeTree)
-                for key, s in zip(keys, part.slot_shapes(tuple(shape)), strict=True)}
+        where such a leaf keeps none. (Kept in :attr:`memo`: every step checks the slots.)"""
+        shape = tuple(shape)
+        found = self.memo.get(("slot shapes", shape))
+        if found is None:
+            found = self.memo["slot shapes", shape] = MappingProxyType(
+                {key: s for part, keys in self.keyed_parts if not isinstance(part, WholeTree)
+                 for key, s in zip(keys, part.slot_shapes(shape), strict=True)})
+        return found
 
     @functools.cached_property
     def slot_keys(self) -> tuple[tuple[str, str], ...]:

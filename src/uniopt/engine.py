@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import operator
 import sys
@@ -39,30 +40,28 @@ from .hyper import _traced, on_host
 from .interop import dtensor
 from .interop.jax import adjusted, flatten_rule, register_state, unflatten_rule
 from .state import AnyParams, State
-from .tree import NAMESPACE, flatten, path_str, unflatten
+from .tree import NAMESPACE, flatten, flatten_named, unflatten
 
 
 def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
-    leaves, treedef, paths = flatten(params)
-    names = [path_str(p) for p in paths]
+    leaves, treedef, names = flatten_named(params)
     first = None
-    for leaf, name in zip(leaves, names, strict=True):
+    for i, leaf in enumerate(leaves):
         if not backend.is_array(leaf):
             raise TypeError(
-                f"{name} is a {type(leaf).__name__}, not an array: {what} leaves must be arrays "
-                "(or None)"
+                f"{names[i]} is a {type(leaf).__name__}, not an array: {what} leaves must be "
+                "arrays (or None)"
             )
-        lib = backend.library(leaf)
+        k = backend.kind(leaf)
         if first is None:
-            first = (lib, name)
-        elif lib != first[0]:
+            first = (k.library, names[i])
+        elif k.library != first[0]:
             raise TypeError(
-                f"{name} is a {lib} array but {first[1]} is a {first[0]} array: the {what} of "
-                "one optimizer must come from one array library"
+                f"{names[i]} is a {k.library} array but {first[1]} is a {first[0]} array: the "
+                f"{what} of one optimizer must come from one array library"
             )
-        xp = backend.namespace(leaf)
-        if not xp.isdtype(leaf.dtype, ("real floating", "complex floating")):
-            raise TypeError(f"{name} has dtype {leaf.dtype}; uniopt updates floating arrays "
+        if not k.floating:
+            raise TypeError(f"{names[i]} has dtype {leaf.dtype}; uniopt updates floating arrays "
                             "(real, or complex as the pairs of their parts)")
     return leaves, treedef, names
 
@@ -209,17 +208,13 @@ def _stored(x: Any, state_dtype: str | None) -> Any:
     return xp.astype(x, getattr(xp, state_dtype))
 
 
-# float16/bfloat16 leaves compute each step in float32 (as torch's fused optimizers do), on
-# every path alike; only what is stored is rounded, once
-_LOW = ("float16", "bfloat16")
-
-
 def _compute_dtype(p: Any, xp: Any, state_dtype: str | None) -> Any:
     """The dtype parameter ``p``'s step is computed in: ``state_dtype`` if set, else float32
-    for float16/bfloat16; None: its own."""
+    for float16/bfloat16 (as torch's fused optimizers do, on every path alike; only what is
+    stored is rounded, once); None: its own."""
     if state_dtype == "q8":
         return xp.float32
-    name = state_dtype or ("float32" if str(p.dtype).rsplit(".", 1)[-1] in _LOW else None)
+    name = state_dtype or ("float32" if backend.kind(p).low else None)
     return None if name is None else getattr(xp, name)
 
 
@@ -256,23 +251,24 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
                 "trainable arrays (see uniopt.trainables)"
             )
         g_leaves = list(grads)
-    for name, p, g in zip(names, params, g_leaves, strict=True):
+    for i, (p, g) in enumerate(zip(params, g_leaves, strict=True)):
         if g is None and none:
             continue
         if not backend.is_array(g):
-            raise TypeError(f"gradient for {name} is a {type(g).__name__}, not an array")
-        if backend.library(g) != backend.library(p):
+            raise TypeError(f"gradient for {names[i]} is a {type(g).__name__}, not an array")
+        if type(g) is not type(p) and backend.library(g) != backend.library(p):
             raise TypeError(
-                f"gradient for {name} is a {backend.library(g)} array but its parameter is a "
-                f"{backend.library(p)} array"
+                f"gradient for {names[i]} is a {backend.library(g)} array but its parameter is "
+                f"a {backend.library(p)} array"
             )
-        if tuple(g.shape) != tuple(p.shape):
+        if g.shape != p.shape and tuple(g.shape) != tuple(p.shape):
             raise ValueError(
-                f"gradient for {name} has shape {tuple(g.shape)}, its parameter "
+                f"gradient for {names[i]} has shape {tuple(g.shape)}, its parameter "
                 f"{tuple(p.shape)}"
             )
         if g.dtype != p.dtype:
-            raise ValueError(f"gradient for {name} has dtype {g.dtype}, its parameter {p.dtype}")
+            raise ValueError(f"gradient for {names[i]} has dtype {g.dtype}, its parameter "
+                             f"{p.dtype}")
     return g_leaves
 
 
@@ -303,31 +299,29 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
     if state.counts is not None and tuple(state.counts.shape) != (len(params),):
         raise ValueError(f"this state counts steps for {state.counts.shape} leaves, the params "
                          f"have {len(params)}: it was set up for other params")
-    shapes: dict[tuple[int, ...], dict[str, Any]] = {}  # the slots' shapes, by leaf shape
     leaf_shapes = _shapes(params)
+    wants = [state.rule.slot_shapes_of(shape) for shape in leaf_shapes]
     for key, arrays in state.slots.items():
         if len(arrays) != len(params):
             raise ValueError(f"the state's {key} holds {len(arrays)} arrays, the params "
                              f"{len(params)}: this state was set up for other params")
-        for name, p, s, shape in zip(names, params, arrays, leaf_shapes, strict=True):
-            dtype = p.dtype
+        for i, (p, s) in enumerate(zip(params, arrays, strict=True)):
             if state.state_dtype == "q8":
-                _check_q8(state, key, name, p, s, shapes)
+                _check_q8(state, key, names[i], p, s)
                 continue
-            if state.state_dtype is not None:
-                dtype = getattr(backend.namespace(p), state.state_dtype)
-            want = shapes.get(shape)
-            if want is None:
-                want = shapes[shape] = state.rule.slot_shapes_of(shape)
-            if want.get(key, shape) is None and s is None:
+            shape = leaf_shapes[i]
+            slot = wants[i].get(key, shape)
+            if slot is None and s is None:
                 continue
             # a local shard's slot shaped as its parameter is a shard too
-            local = tuple(p.shape) if want.get(key, shape) == shape else want.get(key, shape)
+            local = tuple(p.shape) if slot == shape else slot
+            dtype = p.dtype if state.state_dtype is None else getattr(backend.namespace(p),
+                                                                       state.state_dtype)
             if s is None or tuple(s.shape) != local or s.dtype != dtype:
                 got = "none" if s is None else f"shape {tuple(s.shape)} and dtype {s.dtype}"
                 raise ValueError(
-                    f"{name} has shape {tuple(p.shape)} and dtype {p.dtype}, but the state's "
-                    f"{key} for it has {got}: this state was set up for other params"
+                    f"{names[i]} has shape {tuple(p.shape)} and dtype {p.dtype}, but the "
+                    f"state's {key} for it has {got}: this state was set up for other params"
                 )
 
 
@@ -345,15 +339,11 @@ def _refuse_q8_on_meshes(names: list[str], leaves: list[Any]) -> None:
                 "use state_dtype=None, 'float32' or 'float64' with sharded params")
 
 
-def _check_q8(state: State, key: str, name: str, p: Any, s: Any,
-              shapes: dict[tuple[int, ...], dict[str, Any]]) -> None:
+def _check_q8(state: State, key: str, name: str, p: Any, s: Any) -> None:
     """Raise unless ``s`` is the 8-bit slot ``key`` of a leaf shaped as ``p`` (or None where
     such a leaf keeps none)."""
     shape = tuple(p.shape)
-    want = shapes.get(shape)
-    if want is None:
-        want = shapes[shape] = state.rule.slot_shapes_of(shape)
-    slot = want.get(key, shape)
+    slot = state.rule.slot_shapes_of(shape).get(key, shape)
     if slot is None and s is None:
         return
     if isinstance(s, quant.Q8) and s.shape == slot and dtensor.is_dtensor(p):
@@ -432,8 +422,11 @@ def _float_deltas(
     shards = backend.shards_of(params)
     xps = [backend.namespace(p) for p in params]
     dts = [_compute_dtype(p, xp, state.state_dtype) for p, xp in zip(params, xps, strict=True)]
-    ps = [_in(p, dt, xp) for p, dt, xp in zip(params, dts, xps, strict=True)]
-    us = [_in(g, dt, xp) for g, dt, xp in zip(grads, dts, xps, strict=True)]
+    widened = any(dt is not None for dt in dts)
+    ps = [_in(p, dt, xp) for p, dt, xp in zip(params, dts, xps, strict=True)] if widened else \
+        list(params)
+    us = [_in(g, dt, xp) for g, dt, xp in zip(grads, dts, xps, strict=True)] if widened else \
+        list(grads)
     # recorded by autograd, the step reads copies: what it saves for the backward pass must not
     # be the params and slots it then overwrites
     read = _copy if backend.is_tracked() else _in
@@ -492,11 +485,14 @@ def _float_deltas(
             if len(ps) >= TRACE_ONCE and _traced(ps[0]):
                 fn = _traced_once(fn)
                 end = None if end is None else _traced_once(end)
-            outs = [
-                fn(xp, lc, p, u, *(read(state.slots[k][i], dt, xp) for k in keys))
-                for i, (xp, dt, p, u, lc) in enumerate(zip(xps, dts, ps, us, leaf_cs,
-                                                          strict=True))
-            ]
+            if read is _in and not widened:  # the slots as they are
+                slots_in: Any = zip(*(state.slots[k] for k in keys)) if keys else \
+                    itertools.repeat(())
+            else:
+                slots_in = ([read(state.slots[k][i], dt, xp) for k in keys]
+                            for i, (xp, dt) in enumerate(zip(xps, dts, strict=True)))
+            outs = [fn(xp, lc, p, u, *sl) for xp, p, u, lc, sl in zip(xps, ps, us, leaf_cs,
+                                                                       slots_in)]
             if finish and end is not None and part is plan[-1][0]:
                 new_slots.update({k: [o[j + 1] for o in outs] for j, k in enumerate(keys)})
                 return [end(xp, lc, p, u, *o[1:]) for xp, lc, p, u, o in
@@ -842,12 +838,15 @@ def _norm(us: list[Any], xps: list[Any]) -> Any:
 def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
     """Results of pure updates: arrays (NumPy turns 0-d results into scalars) that alias none
     of the caller's inputs."""
-    xp = backend.namespace(like)
-    if not backend.is_array(x) or backend.is_numpy_scalar(x):
-        return xp.asarray(x, dtype=like.dtype)
+    if type(x) is not type(like) and (not backend.is_array(x)
+                                      or backend.is_numpy_scalar(x)):
+        return backend.namespace(like).asarray(x, dtype=like.dtype)
     if x.dtype != like.dtype:  # a step computed in a wider state_dtype
-        return xp.astype(x, like.dtype)
-    return backend.fresh(x, xp) if any(x is a for a in inputs) else x
+        return backend.namespace(like).astype(x, like.dtype)
+    for a in inputs:
+        if x is a:
+            return backend.fresh(x, backend.namespace(like))
+    return x
 
 
 @functools.lru_cache(maxsize=64)
@@ -967,12 +966,17 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
 def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[str, list[Any]]:
     """The new slots of a pure update, aliasing none of the inputs, a JAX slot laid out as
     it came (:func:`backend.laid_out_as`)."""
+    relay = backend.laid_out_as if step.params and backend.is_jax(step.params[0]) else _as_is
     return {
         key: [None if old is None else s if isinstance(s, quant.Q8) else
-              _as_new_array(backend.laid_out_as(s, old), old, (p, g, old)) for s, p, g, old in
+              _as_new_array(relay(s, old), old, (p, g, old)) for s, p, g, old in
               zip(arrays, step.params, step.grads, state.slots[key], strict=True)]
         for key, arrays in slots.items()
     }
+
+
+def _as_is(x: Any, like: Any) -> Any:
+    return x
 
 
 def update(state: State, params: Any, grads: Any, *, value: Any = None,

@@ -42,7 +42,9 @@ def _fma_ufunc() -> Any:
     def fma(a, b, c):
         return fused_multiply_add(a, b, c)
 
-    return fma
+    # NumPy's ufunc of the two compiled loops: numba's wrapper adds a Python call that looks
+    # for arguments overriding ufuncs, which NumPy's own call does too
+    return fma.ufunc
 
 
 _NUMPY = (np.ndarray, np.floating)
@@ -67,18 +69,21 @@ class Batch:
 def fma(a: Any, b: Any, c: Any) -> Any:
     """``a*b + c`` rounded once (``a`` a number or an array like ``b``), in the dtype of ``b``
     and ``c``: torch's ``add(c, b, alpha=a)`` and ``addcmul(c, a, b)``."""
-    if is_torch(b):
+    if isinstance(b, _NUMPY):  # 0-d arrays compute to NumPy scalars
+        if b.dtype.char in "fd":
+            dtype = b.dtype
+            if not (isinstance(c, _NUMPY) and c.dtype == dtype):
+                dtype = np.result_type(b, c)
+            return _fma_ufunc()(a if isinstance(a, _NUMPY) else np.asarray(a, dtype), b, c,
+                                dtype=dtype)
+    elif is_torch(b):
         import torch
 
         if isinstance(a, torch.Tensor):
             return torch.addcmul(c, a, b)
         return torch.add(c, b, alpha=a)
-    if isinstance(c, Batch):
+    elif isinstance(c, Batch):
         return c.fma(a, b)
-    if isinstance(b, _NUMPY) and b.dtype.char in "fd":  # 0-d arrays compute to NumPy scalars
-        dtype = np.result_type(b, c)
-        return _fma_ufunc()(a if isinstance(a, _NUMPY) else np.asarray(a, dtype), b, c,
-                            dtype=dtype)
     return a * b + c
 
 
@@ -86,16 +91,16 @@ def lerp(a: Any, b: Any, w: Any) -> Any:
     """``a + w (b - a)``, an exponential moving average step, as torch's ``lerp``: one fused
     multiply-add from ``a`` where ``|w| < 0.5``, else from ``b`` (``b + (w - 1)(b - a)``),
     ``w`` rounded to the arrays' precision first."""
-    if is_torch(a):
+    if isinstance(a, _NUMPY):
+        if a.dtype.char in "fd" and isinstance(w, (int, float, np.floating)):
+            w = a.dtype.type(w)
+            return fma(w, b - a, a) if abs(w) < 0.5 else fma(w - 1, b - a, b)
+    elif is_torch(a):
         import torch
 
         return torch.lerp(a, b, w)
-    if isinstance(a, Batch):
+    elif isinstance(a, Batch):
         return a.lerp(b, w)
-    if isinstance(a, _NUMPY) and a.dtype.char in "fd" and isinstance(w, (int, float,
-                                                                         np.floating)):
-        w = a.dtype.type(w)
-        return fma(w, b - a, a) if abs(w) < 0.5 else fma(w - 1, b - a, b)
     return a + w * (b - a)
 
 

@@ -11,6 +11,7 @@ flat list of gradients must follow that order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Any
 
@@ -25,6 +26,24 @@ def flatten(tree: Any) -> tuple[list[Any], Any, list[tuple[Any, ...]]]:
     while _adopt_jax_nodes(leaves):  # a module may hold modules of other types
         paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
     return leaves, treedef, paths
+
+
+def flatten_named(tree: Any) -> tuple[list[Any], Any, list[str]]:
+    """``(leaves, treedef, names)``, each leaf's name as :func:`path_str` writes it: the
+    names are made once per tree structure (a step's error messages use them)."""
+    leaves, treedef = optree.tree_flatten(tree, namespace=NAMESPACE)
+    while _adopt_jax_nodes(leaves):
+        leaves, treedef = optree.tree_flatten(tree, namespace=NAMESPACE)
+    try:
+        return leaves, treedef, _names(treedef)
+    except TypeError:  # a node whose metadata cannot be hashed
+        return leaves, treedef, _names.__wrapped__(treedef)
+
+
+@functools.lru_cache(maxsize=256)
+def _names(treedef: Any) -> list[str]:
+    # (callers only read it)
+    return [path_str(p) for p in optree.treespec_paths(treedef)]
 
 
 _NOT_NODES: set[type] = set()  # leaf types JAX does not flatten

@@ -16,7 +16,7 @@ import dataclasses
 import operator
 import weakref
 from collections import defaultdict
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -304,7 +304,7 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
 
 
 def _dtensor_slots(st: dict[str, Any], p: Any, names: SlotNames,
-                   shapes: dict[str, tuple[int, ...] | None]) -> None:
+                   shapes: Mapping[str, tuple[int, ...] | None]) -> None:
     """The slots of DTensor parameter ``p`` as DTensors: laid out as ``p`` where shaped as it
     (a whole tensor loaded from an unsharded state: this rank's shard of it), else whole and
     replicated on its mesh (Adafactor's factors), so that torch.distributed.checkpoint saves
