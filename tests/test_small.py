@@ -88,19 +88,26 @@ def test_python_work_per_step_does_not_grow_with_the_leaves() -> None:
     assert counts[6] <= 35, counts  # ~30 today
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
 @pytest.mark.parametrize("pure", [True, False], ids=["update", "update_"])
 @pytest.mark.parametrize("name", sorted(RULES))
-def test_the_reference_path_does_little_python_work_per_leaf(name: str, pure: bool) -> None:
+def test_the_reference_path_does_little_python_work_per_leaf(name: str, pure: bool,
+                                                              lib: str) -> None:
     """On the reference path (JAX, torch off the CPU, any array-API library, a small model's
     first steps) a leaf costs its kernels' calls and a few checks: the names of the leaves,
     the slots' expected shapes and each array's library and dtype are found once per tree
-    structure, rule and (type, dtype), not per step (86 calls a leaf for Adam before)."""
+    structure, rule and (type, dtype), not per step (Adam made 86 calls a leaf on NumPy
+    arrays before, 90 on torch tensors in place; AdamW 98 and 97)."""
+    convert: Callable[[np.ndarray], Any] = lambda a: a  # noqa: E731
+    if lib == "torch":
+        convert = pytest.importorskip("torch").from_numpy
     counts = {}
     for n in (6, 12):
-        params, grads = _tree((MLP * 2)[:n]), _tree((MLP * 2)[:n], seed=1)
+        params = [convert(a) for a in _tree((MLP * 2)[:n])]
+        grads = [convert(a) for a in _tree((MLP * 2)[:n], seed=1)]
         state = uo.setup(RULES[name], params)
 
-        def step() -> None:
+        def step(grads: list[Any] = grads) -> None:
             nonlocal state, params
             if pure:
                 state, params = uo.update(state, params, grads)
@@ -111,9 +118,9 @@ def test_the_reference_path_does_little_python_work_per_leaf(name: str, pure: bo
             step()
             counts[n] = _python_calls(step)
     per_leaf = (counts[12] - counts[6]) / 6
-    # the kernels' own calls (Adam: its kernel, lerp, ema_sq, two fma) and ~17 of the engine's
-    assert per_leaf <= 25, counts
-    assert counts[6] <= 250, counts  # ~210 today: ~80 for the step whatever its leaves
+    # the kernels' own calls (Adam: its kernel, lerp, ema_sq, fma) and ~20 of the engine's
+    assert per_leaf <= 36, counts  # 22-33 today
+    assert counts[6] <= 300, counts  # ~200-275 today: ~80 for the step whatever its leaves
 
 
 @pytest.mark.usefixtures("small_steps_compiled")

@@ -167,7 +167,18 @@ def is_numpy_scalar(x: Any) -> bool:
 
 
 def is_jax(x: Any) -> bool:
-    return bool(aac.is_jax_array(x))
+    if type(x) is np.ndarray:  # (a float0 array, JAX's gradient of integers, counts as JAX's)
+        return bool(aac.is_jax_array(x))
+    found = _JAX_TYPES.get(type(x))
+    if found is None:
+        found = _JAX_TYPES[type(x)] = bool(aac.is_jax_array(x))
+    return found
+
+
+# whether arrays of a type are JAX's, torch's (an instance check, so the type decides it; a
+# type seen before its library was imported is not one of its arrays): asked per leaf and slot
+_JAX_TYPES: dict[type, bool] = {}
+_TORCH_TYPES: dict[type, bool] = {}
 
 
 def jax_array_of(x: Any) -> Any:
@@ -187,7 +198,10 @@ def is_numpy(x: Any) -> bool:
 
 
 def is_torch(x: Any) -> bool:
-    return bool(aac.is_torch_array(x))
+    found = _TORCH_TYPES.get(type(x))
+    if found is None:
+        found = _TORCH_TYPES[type(x)] = bool(aac.is_torch_array(x))
+    return found
 
 
 # --- torch tensors written through NumPy views: the one place views are made and marked -----
@@ -333,9 +347,9 @@ _LIBRARIES: dict[type, str] = {}
 
 def immutable_reason(x: Any) -> str | None:
     """Why ``x`` cannot be written in place, or None if it can."""
-    if type(x) is np.ndarray and x.flags.writeable:  # (the common case, first)
+    if type(x) is np.ndarray and x.flags.writeable or is_torch(x):  # (the common cases first)
         return None
-    if aac.is_jax_array(x):
+    if is_jax(x):
         return "JAX arrays are immutable; use uniopt.update"
     if aac.is_numpy_array(x) and not x.flags.writeable:
         return "the NumPy array is read-only; use uniopt.update"
@@ -396,8 +410,11 @@ def assign(dst: Any, src: Any) -> None:
     elif is_torch(dst):
         import torch
 
-        with contextlib.nullcontext() if _TRACKED.get() else torch.no_grad():
+        if _TRACKED.get() or not torch.is_grad_enabled():
             dst.copy_(src)
+        else:
+            with torch.no_grad():
+                dst.copy_(src)
     else:
         dst[...] = src
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import operator
 import sys
@@ -486,13 +485,13 @@ def _float_deltas(
                 fn = _traced_once(fn)
                 end = None if end is None else _traced_once(end)
             if read is _in and not widened:  # the slots as they are
-                slots_in: Any = zip(*(state.slots[k] for k in keys)) if keys else \
-                    itertools.repeat(())
+                slots_in: Any = zip(*(state.slots[k] for k in keys), strict=True) if keys \
+                    else [()] * len(ps)
             else:
                 slots_in = ([read(state.slots[k][i], dt, xp) for k in keys]
                             for i, (xp, dt) in enumerate(zip(xps, dts, strict=True)))
             outs = [fn(xp, lc, p, u, *sl) for xp, p, u, lc, sl in zip(xps, ps, us, leaf_cs,
-                                                                       slots_in)]
+                                                                       slots_in, strict=True)]
             if finish and end is not None and part is plan[-1][0]:
                 new_slots.update({k: [o[j + 1] for o in outs] for j, k in enumerate(keys)})
                 return [end(xp, lc, p, u, *o[1:]) for xp, lc, p, u, o in
@@ -1042,15 +1041,15 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
         return _by_count(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
         news, slots, trees = _deltas(state, step.params, step.grads, extra, finish=True)
-    for p, new in zip(step.params, news, strict=True):
-        backend.assign(p, new)
-    for key, arrays in slots.items():
-        for old, new in zip(state.slots[key], arrays, strict=True):
-            if isinstance(old, quant.Q8):
-                backend.assign(old.codes, new.codes)
-                backend.assign(old.absmax, new.absmax)
-            elif old is not None:
-                backend.assign(old, new)
+        for p, new in zip(step.params, news, strict=True):
+            backend.assign(p, new)
+        for key, arrays in slots.items():
+            for old, new in zip(state.slots[key], arrays, strict=True):
+                if isinstance(old, quant.Q8):
+                    backend.assign(old.codes, new.codes)
+                    backend.assign(old.absmax, new.absmax)
+                elif old is not None:
+                    backend.assign(old, new)
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
