@@ -36,7 +36,6 @@ class Kind:
     """What a step asks of an array, the same for every array of its type and dtype."""
 
     library: str  # as :func:`library` names it
-    xp: Any
     floating: bool  # real or complex floating: a dtype uniopt updates
     complex: bool
     low: bool  # float16 or bfloat16: its step is computed in float32
@@ -54,9 +53,8 @@ def kind(x: Any) -> Kind:
         key, found = None, None
     if found is None:
         xp = namespace(x)
-        found = Kind(library(x), xp, bool(xp.isdtype(x.dtype, ("real floating",
-                                                               "complex floating"))),
-                     bool(xp.isdtype(x.dtype, "complex floating")),
+        floating = bool(xp.isdtype(x.dtype, ("real floating", "complex floating")))
+        found = Kind(library(x), floating, bool(xp.isdtype(x.dtype, "complex floating")),
                      str(x.dtype).rsplit(".", 1)[-1] in ("float16", "bfloat16"))
         if key is not None and type(x) in _NAMESPACES:
             _KINDS[key] = found
