@@ -75,23 +75,29 @@ _ROUNDING = 4 * STEPS * EPS32
 # --- launching ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compiled_before_forking() -> None:
+def _compile_before_forking(*names: str) -> None:
     """The ranks are forked from this process, so a loop compiled here is every rank's: one
-    step of each class (and of 8-bit AdamW) on the unsharded models compiles the loops the
-    ranks run, where each rank would compile the same code beside the others (twice or four
-    times the CPU, on a machine whose cores the other test processes share)."""
+    step of each class ``names`` (and of 8-bit AdamW) on the unsharded models compiles the
+    loops the ranks run, where each rank would compile the same code beside the others (twice
+    or four times the CPU, on a machine whose cores the other test processes share). Each test
+    asks for its own classes: with the suite's processes sharing this module's tests, one that
+    asked for every class would compile (or wait for) loops its ranks never run."""
     old = cpu.MIN_LEAVES, cpu.MIN_SIZE
     cpu.MIN_LEAVES = cpu.MIN_SIZE = 0
     try:
-        for name, kw in CLASSES.items():
+        for name in names:
             m = _model("mlp")
-            _train(m, getattr(uniopt.torch, name)(_params(m, name), **kw), "mlp", 1)
+            _train(m, getattr(uniopt.torch, name)(_params(m, name), **CLASSES[name]), "mlp", 1)
         m = _model("q8")
         _train(m, uniopt.torch.AdamW(m.parameters(), state_dtype="q8", **CLASSES["AdamW"]),
                "q8", 1)
     finally:
         cpu.MIN_LEAVES, cpu.MIN_SIZE = old
+
+
+@pytest.fixture(scope="module")
+def every_class_compiled() -> None:
+    _compile_before_forking(*CLASSES)
 
 
 def _free_port() -> int:
@@ -401,6 +407,7 @@ def _check_classes(results: list[dict[str, Any]]) -> None:
             assert name in ("Rprop", "Adafactor"), (key, theirs)
 
 
+@pytest.mark.usefixtures("every_class_compiled")
 def test_fsdp2_classes(tmp_path: Path) -> None:
     """Every class of uniopt.torch (but LBFGS and SparseAdam, see SKIPPED) on an FSDP2 MLP,
     STEPS steps: the state laid out as the params (each slot shaped as its parameter a DTensor
@@ -411,6 +418,7 @@ def test_fsdp2_classes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("every_class_compiled")
 def test_fsdp2_transformer_and_torch(tmp_path: Path) -> None:
     """As :func:`test_fsdp2_classes` on a transformer block (the MLP is that test's), and each
     class against torch.optim's own on the same FSDP2 model, where torch's runs on DTensors
@@ -504,6 +512,7 @@ def four(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], list[Any]
     """A DCP checkpoint saved by 2 ranks; then one group of 4 that loads it and runs the 2-D
     mesh scenarios. What each rank found, by rank: (the 2, the 4)."""
     tmp = tmp_path_factory.mktemp("four")
+    _compile_before_forking("AdamW")
     saved = launch(_dcp, 2, tmp / "two", str(tmp / "ckpt"), True)
     return saved, launch(_four, 4, tmp / "four", str(tmp / "ckpt"))
 
