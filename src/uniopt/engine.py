@@ -39,7 +39,7 @@ from .hyper import _traced, on_host
 from .interop import dtensor
 from .interop.jax import adjusted, flatten_rule, register_state, unflatten_rule
 from .state import AnyParams, State
-from .tree import NAMESPACE, flatten, flatten_named, unflatten
+from .tree import NAMESPACE, flatten, flatten_leaves, flatten_named, unflatten
 
 
 def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
@@ -226,7 +226,7 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
                  none: bool = False) -> list[Any]:
     """Gradient leaves in trainables order, from a tree like params or a flat list; with
     ``none``, None where a leaf has no gradient (a frozen branch, a partial ``jax.grad``)."""
-    g_leaves, g_def, _ = flatten(grads)
+    g_leaves, g_def = flatten_leaves(grads)
     # a flat list is not tried as a tree first: optree's error for it formats every array
     if g_def != treedef and none and not _flat_list(grads, len(params)):
         try:

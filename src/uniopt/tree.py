@@ -28,12 +28,18 @@ def flatten(tree: Any) -> tuple[list[Any], Any, list[tuple[Any, ...]]]:
     return leaves, treedef, paths
 
 
-def flatten_named(tree: Any) -> tuple[list[Any], Any, list[str]]:
-    """``(leaves, treedef, names)``, each leaf's name as :func:`path_str` writes it: the
-    names are made once per tree structure (a step's error messages use them)."""
+def flatten_leaves(tree: Any) -> tuple[list[Any], Any]:
+    """``(leaves, treedef)``: :func:`flatten` without the paths."""
     leaves, treedef = optree.tree_flatten(tree, namespace=NAMESPACE)
     while _adopt_jax_nodes(leaves):
         leaves, treedef = optree.tree_flatten(tree, namespace=NAMESPACE)
+    return leaves, treedef
+
+
+def flatten_named(tree: Any) -> tuple[list[Any], Any, list[str]]:
+    """``(leaves, treedef, names)``, each leaf's name as :func:`path_str` writes it: the
+    names are made once per tree structure (a step's error messages use them)."""
+    leaves, treedef = flatten_leaves(tree)
     try:
         return leaves, treedef, _names(treedef)
     except TypeError:  # a node whose metadata cannot be hashed
