@@ -122,7 +122,7 @@ def laid_out_as(x: Any, like: Any) -> Any:
     layout: a kernel may return it otherwise (a sharded matrix's row factor comes back split,
     its slot set up whole), and a jitted step's outputs laid out otherwise than its inputs
     make the next call's arguments new to ``jit``, a second compilation."""
-    if type(x) is np.ndarray or not (is_jax(x) and is_jax(like)):  # (NumPy's first: per slot)
+    if not (is_jax(x) and is_jax(like)):
         return x
     import jax
 

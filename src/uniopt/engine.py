@@ -39,7 +39,7 @@ from .hyper import _traced, on_host
 from .interop import dtensor
 from .interop.jax import adjusted, flatten_rule, register_state, unflatten_rule
 from .state import AnyParams, State
-from .tree import NAMESPACE, flatten, flatten_leaves, flatten_named, unflatten
+from .tree import NAMESPACE, flatten_leaves, flatten_named, unflatten
 
 
 def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
@@ -760,7 +760,7 @@ def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
                                       _tree_map_arrays(g, st),
                                       unflatten(state.treedef, full_ps),
                                       **_tree_map_arrays(g, kwargs))
-    leaves, treedef, _ = flatten(out)
+    leaves, treedef = flatten_leaves(out)
     if treedef != state.treedef:
         raise ValueError(
             f"{part.name} returned updates of structure {treedef}, the params are "
