@@ -40,7 +40,7 @@ from .interop.jax import adjusted
 from .interop.optax import is_optax
 from .state import State
 from .transforms.mask import Mask
-from .tree import NAMESPACE, _adopt_jax_nodes, flatten, path_str
+from .tree import NAMESPACE, _adopt_jax_nodes, flatten_leaves, path_str
 
 FORMAT = "uniopt.checkpoint"
 VERSION = 1
@@ -542,7 +542,7 @@ def _state_doc(state: State, params: Any, tensors: _Tensors) -> dict[str, Any]:
             at = _at(path, paths)
             entries.append([at, _entry(leaf, at, tensors)])
     if params is not None:
-        leaves, treedef, _ = flatten(params)
+        leaves, treedef = flatten_leaves(params)
         if treedef != state.treedef:
             raise CheckpointError(f"save: params have the structure {treedef}, the state was "
                                   f"set up for {state.treedef}")
@@ -942,7 +942,7 @@ def _load_state(ck: _File, like: Any, want_params: bool) -> Any:
     arrays = [x for x in t_leaves if backend.is_array(x)]
     if not arrays and not own and tmpl.tree_states:
         arrays = _saved_library(ck)
-    reader = _Reader(ck, own, flatten(like_params)[0] if own else [], arrays)
+    reader = _Reader(ck, own, flatten_leaves(like_params)[0] if own else [], arrays)
     jobs: list[Callable[[], Any]] = []
     for path, leaf in zip(t_paths, t_leaves, strict=True):
         if path[0] == "tree_states":
@@ -969,7 +969,7 @@ def _load_state(ck: _File, like: Any, want_params: bool) -> Any:
     if want_params:
         if doc.get("params") is not True:
             raise CheckpointError(f"{ck.name} holds no params (it was saved without params=)")
-        for p, leaf in zip(paths, flatten(like_params)[0], strict=True):
+        for p, leaf in zip(paths, flatten_leaves(like_params)[0], strict=True):
             found = stored.pop(json.dumps(["params", p]), None)
             if found is None:
                 raise CheckpointError(f"{ck.name}: the checkpoint has no {path_str(tuple(p))} "

@@ -32,7 +32,7 @@ from .engine import _as_new_array, member_step, setup, update, update_
 from .hyper import _traced
 from .rules.schedule_free import scalar_like
 from .state import State
-from .tree import NAMESPACE, flatten, named_paths, path_str, unflatten
+from .tree import NAMESPACE, flatten_leaves, named_paths, path_str, unflatten
 
 
 def dotted(path: tuple[Any, ...]) -> str:
@@ -119,7 +119,7 @@ def _member(mode: str, state: State, ps: list[Any], gs: list[Any],
     p_tree, g_tree = unflatten(state.treedef, ps), unflatten(state.treedef, gs)
     if mode == PURE:
         new, out = update(state, p_tree, g_tree, **extra)
-        return flatten(out)[0], new
+        return flatten_leaves(out)[0], new
     return None, update_(state, p_tree, g_tree, **extra)
 
 
@@ -154,8 +154,8 @@ class _Runs(Combinator):
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        us, treedef, _ = flatten(u)
-        tree, out = self._step(state, treedef, flatten(params)[0], us, CHAIN, extra)
+        us, treedef = flatten_leaves(u)
+        tree, out = self._step(state, treedef, flatten_leaves(params)[0], us, CHAIN, extra)
         assert out is not None
         return unflatten(treedef, out), tree
 
@@ -208,7 +208,7 @@ class _Routed(_Runs):
         return routed
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
-        leaves, treedef, _ = flatten(params)
+        leaves, treedef = flatten_leaves(params)
         routes = self.route(treedef, leaves)
         # each member's state is for the params' tree with the other leaves None: its leaves
         # keep their paths (for a partition or mask inside it)
@@ -471,7 +471,7 @@ class accumulate(_Wraps):
         object.__setattr__(self, "host", None)
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
-        leaves = flatten(params)[0]
+        leaves = flatten_leaves(params)[0]
         xp = backend.namespace(leaves[0]) if leaves else None
         acc = [xp.zeros_like(x) if state_dtype is None else
                xp.zeros(x.shape, dtype=getattr(xp, state_dtype)) for x in leaves] if xp else []
@@ -538,7 +538,7 @@ class skip_nonfinite(_Wraps):
         object.__setattr__(self, "host", None)
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
-        leaves = flatten(params)[0]
+        leaves = flatten_leaves(params)[0]
         zero = _count(leaves)
         return {"notfinite_count": zero, "total_notfinite": zero,
                 "last_finite": True if isinstance(zero, int) else zero == 0,
@@ -625,7 +625,7 @@ class mechanize(_Wraps):
         return True
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
-        leaves = flatten(params)[0]
+        leaves = flatten_leaves(params)[0]
         n = self.num_betas
         return {"inner": setup(self.rule, params, state_dtype=state_dtype),
                 "x0": [backend.detached_copy(p) for p in leaves],

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from . import quant
 from .base import Transform
-from .tree import flatten
+from .tree import flatten_leaves
 
 STRATEGIES = ("ddp", "zero1", "fsdp2")
 ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -71,7 +71,7 @@ def _shapes(params: Any) -> list[tuple[int, ...]]:
                     raise ValueError(f"footprint: a shape is a tuple of sizes >= 0, got {s!r}")
             return items
         params = items
-    leaves, _, _ = flatten(params)
+    leaves, _ = flatten_leaves(params)
     if not leaves or not all(hasattr(x, "shape") for x in leaves):
         raise TypeError("footprint: params must be a number of parameters, a list of shapes or "
                         f"a tree of arrays (anything with a shape), got {params!r}")
@@ -141,7 +141,7 @@ def state_bytes(state: Any) -> int:
     from .state import State
 
     slots = state.slots if isinstance(state, State) else state
-    leaves, _, _ = flatten(slots)
+    leaves, _ = flatten_leaves(slots)
     total = 0
     for x in leaves:
         if x is None:

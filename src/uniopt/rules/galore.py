@@ -18,7 +18,7 @@ from ..hyper import NONNEG, UNIT_OPEN, hyper
 from ..transforms.decay import weight_decay
 from ..transforms.mask import frozen_mask, masked_by
 from ..transforms.scale import scale_by_lr
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 from .adam import adam_kernel, scale_by_adam
 from .schedule_free import arrays
 
@@ -125,7 +125,7 @@ class scale_by_galore(WholeTree):
         return _matrix(shape, d) if len(shape) >= 2 else None
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        leaves, _, _ = flatten(params)
+        leaves, _ = flatten_leaves(params)
         projectors, moments = [], []
         for p in leaves:
             xp = backend.namespace(p)
@@ -144,7 +144,7 @@ class scale_by_galore(WholeTree):
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        gs, treedef, _ = flatten(u)
+        gs, treedef = flatten_leaves(u)
         kernel = adam_kernel  # its scale_by_adam is Adam's, not NAdam's
         out, projectors, ms, vs = [], [], [], []
         for i, g in enumerate(gs):

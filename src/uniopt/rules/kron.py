@@ -21,7 +21,7 @@ from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, hyper
 from ..schedules import _namespace, _Record, _result
 from ..transforms.noise import SEEDS, _kind, _pcg_generator, _pcg_state, seeded_state
 from ..transforms.scale import scale_by_lr
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 from .sophia_h import _DRAW
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "all_diag")
@@ -123,7 +123,7 @@ class scale_by_kron(WholeTree):
                 for s, d in zip(shape, diag, strict=True)]
 
     def init_tree(self, params: Any) -> Any:
-        leaves = flatten(params)[0]
+        leaves = flatten_leaves(params)[0]
         gen = seeded_state(leaves, self.seed)
         qs = []
         for p in leaves:
@@ -159,8 +159,8 @@ class scale_by_kron(WholeTree):
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        leaves, treedef, _ = flatten(u)
-        ps = flatten(params)[0]
+        leaves, treedef = flatten_leaves(u)
+        ps = flatten_leaves(params)[0]
         first = leaves[0] if leaves else np.zeros(0)
         kind = "jax" if backend.is_jax(first) else "torch" if backend.is_torch(first) else "numpy"
         gen, held = state["generator"], _kind(state["generator"])

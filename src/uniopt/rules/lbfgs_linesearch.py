@@ -27,7 +27,7 @@ from ..transforms.linesearch import (
     vdot,
 )
 from ..transforms.scale import scale_by_lr
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class scale_by_lbfgs(WholeTree):
                              f"{self.scale_init_precond!r}")
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        ps = flatten(params)[0]
+        ps = flatten_leaves(params)[0]
         xp = backend.namespace(ps[0])
         dt = xp.real(xp.zeros((), dtype=ps[0].dtype)).dtype
         # stacked from each leaf's zeros: on its device, a sharded leaf's history split as it
@@ -83,8 +83,8 @@ class scale_by_lbfgs(WholeTree):
             return self._apply(u, state, params)
 
     def _apply(self, u: Any, state: Any, params: Any) -> tuple[Any, dict[str, Any]]:
-        us, treedef, _ = flatten(u)
-        ps = flatten(params)[0]
+        us, treedef = flatten_leaves(u)
+        ps = flatten_leaves(params)[0]
         xp = backend.namespace(us[0])
         s = state
         later = s["count"] > 0
@@ -257,7 +257,7 @@ def value_and_grad_from_state(value_fn: Any, params: Any, state: Any,
     if len(stored) != 1:
         raise ValueError("value_and_grad_from_state: the state must hold exactly one line "
                          f"search that keeps the value and gradient; it holds {len(stored)}")
-    leaves, treedef, _ = flatten(params)
+    leaves, treedef = flatten_leaves(params)
     evaluate = evaluator("value_and_grad_from_state", value_fn, kwargs, treedef, leaves,
                          with_grad=True)
     value, grad = stored[0]["value"], stored[0]["grad"]

@@ -17,7 +17,7 @@ import numpy as np
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
 from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host, static
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 from .schedule_free import arrays, as_dtype, kept, scalar_like
 
 ANY = Interval(None)
@@ -107,7 +107,7 @@ class scale_by_momo(WholeTree):
                           lower_bound=self.lower_bound)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        leaves, _, _ = flatten(params)
+        leaves, _ = flatten_leaves(params)
         zero = scalar_like(leaves, 0.0)
         return {"exp_avg": [backend.namespace(p).zeros_like(p) for p in leaves],
                 "barf": zero, "gamma": zero, "lb": scalar_like(leaves, on_host(self.lower_bound))}
@@ -115,8 +115,8 @@ class scale_by_momo(WholeTree):
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
         value = _needs_value(self.name, extra)
-        gs, treedef, _ = flatten(u)
-        ps, _, _ = flatten(params)
+        gs, treedef = flatten_leaves(u)
+        ps, _ = flatten_leaves(params)
         barf0 = state["barf"]
         xp = backend.namespace(barf0)
         f = xp.asarray(value, dtype=barf0.dtype, device=backend.device(barf0))
@@ -235,7 +235,7 @@ class scale_by_momo_adam(WholeTree):
                               lower_bound=self.lower_bound)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        leaves, _, _ = flatten(params)
+        leaves, _ = flatten_leaves(params)
         zero = scalar_like(leaves, 0.0)
         return {"exp_avg": [backend.namespace(p).zeros_like(p) for p in leaves],
                 "exp_avg_sq": [backend.namespace(p).zeros_like(p) for p in leaves],
@@ -244,8 +244,8 @@ class scale_by_momo_adam(WholeTree):
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
         value = _needs_value(self.name, extra)
-        gs, treedef, _ = flatten(u)
-        ps, _, _ = flatten(params)
+        gs, treedef = flatten_leaves(u)
+        ps, _ = flatten_leaves(params)
         barf0 = state["barf"]
         xp = backend.namespace(barf0)
         f = xp.asarray(value, dtype=barf0.dtype, device=backend.device(barf0))

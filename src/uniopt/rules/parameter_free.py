@@ -18,7 +18,7 @@ from ..base import Elementwise, Info, Rule, Transform, WholeTree
 from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host, static
 from ..transforms.decay import weight_decay
 from ..transforms.scale import scale, scale_by_lr
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 from .schedule_free import arrays, as_dtype, kept, scalar_like
 
 POSITIVE = Interval(0.0, None, lo_open=True)
@@ -87,7 +87,7 @@ class scale_by_prodigy(WholeTree):
                              wd=self.weight_decay, d0=self.d0, d_coef=self.d_coef)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        leaves, _, _ = flatten(params)
+        leaves, _ = flatten_leaves(params)
         zeros = [backend.namespace(p).zeros_like(p) for p in leaves]
         first = {} if on_host(self.betas[0]) == 0 and not callable(self.betas[0]) else {
             "exp_avg": [backend.namespace(p).zeros_like(p) for p in leaves]}
@@ -99,8 +99,8 @@ class scale_by_prodigy(WholeTree):
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        gs, treedef, _ = flatten(u)
-        ps, _, _ = flatten(params)
+        gs, treedef = flatten_leaves(u)
+        ps, _ = flatten_leaves(params)
         d, d_max = state["d"], state["d_max"]
         xp = backend.namespace(d)
         dlr = d * c.lr * c.bc
@@ -259,7 +259,7 @@ class scale_by_dog(WholeTree):
         return DogCoeffs(eps=self.eps, first_lr=self.init_value)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        leaves, _, _ = flatten(params)
+        leaves, _ = flatten_leaves(params)
         r0 = scalar_like(leaves, self.init_value if self.start == "distance" else 0.0)
         if self.start == "heuristic":
             xp = backend.namespace(r0)
@@ -270,8 +270,8 @@ class scale_by_dog(WholeTree):
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        gs, treedef, _ = flatten(u)
-        ps, _, _ = flatten(params)
+        gs, treedef = flatten_leaves(u)
+        ps, _ = flatten_leaves(params)
         r = state["max_dist"]
         xp = backend.namespace(r)
         dist = xp.sqrt(_total([xp.sum(xp.astype((p0 - p) ** 2, r.dtype))
@@ -386,7 +386,7 @@ class scale_by_dadapt_adam(WholeTree):
                             wd=self.weight_decay)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        leaves, _, _ = flatten(params)
+        leaves, _ = flatten_leaves(params)
 
         def zeros() -> list[Any]:
             return [backend.namespace(p).zeros_like(p) for p in leaves]
@@ -396,8 +396,8 @@ class scale_by_dadapt_adam(WholeTree):
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        gs, treedef, _ = flatten(u)
-        ps, _, _ = flatten(params)
+        gs, treedef = flatten_leaves(u)
+        ps, _ = flatten_leaves(params)
         d = state["d"]
         xp = backend.namespace(d)
         dlr = d * c.lr * c.bc
@@ -573,7 +573,7 @@ class scale_by_dowg(WholeTree):
         return DowgCoeffs(eps=self.eps)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        leaves, _, _ = flatten(params)
+        leaves, _ = flatten_leaves(params)
         r = self.init_estim_sq_dist
         return {"p0": [backend.detached_copy(p) for p in leaves],
                 "estim_sq_dist": scalar_like(leaves, on_host(self.eps) if r is None else r),
@@ -581,8 +581,8 @@ class scale_by_dowg(WholeTree):
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        gs, treedef, _ = flatten(u)
-        ps, _, _ = flatten(params)
+        gs, treedef = flatten_leaves(u)
+        ps, _ = flatten_leaves(params)
         r2 = state["estim_sq_dist"]
         xp = backend.namespace(r2)
         r2 = xp.maximum(r2, _total([xp.sum(xp.astype((p0 - p) ** 2, r2.dtype))

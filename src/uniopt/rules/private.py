@@ -24,7 +24,7 @@ from ..hyper import NONNEG, Interval, hyper, static
 from ..transforms.momentum import trace
 from ..transforms.noise import _DRAW, SEEDS, _kind, add_noise  # add_noise's generators
 from ..transforms.scale import scale_by_lr
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 
 COUNT = Interval(1.0, None)
 
@@ -41,7 +41,7 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: float) -> tuple[Any, 
     >>> total[0].tolist(), int(n)
     ([1.5, 2.0], 1)
     """
-    leaves, treedef, _ = flatten(grads)
+    leaves, treedef = flatten_leaves(grads)
     if not leaves or any(x.ndim == 0 for x in leaves) or len({x.shape[0] for x in leaves}) > 1:
         raise ValueError("per_example_global_norm_clip: every leaf needs the examples along "
                          "its leading axis, the same number in each, got shapes "
@@ -94,7 +94,7 @@ class differentially_private_aggregate(WholeTree):
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        leaves, treedef, _ = flatten(u)
+        leaves, treedef = flatten_leaves(u)
         first = leaves[0] if leaves else np.zeros(0)
         kind = _kind(state)
         lib = "jax" if backend.is_jax(first) else "torch" if backend.is_torch(first) else "numpy"
@@ -178,7 +178,7 @@ class dpsgd(Rule):
     def aggregate(self, per_example_grads: Any) -> Any:
         """The step's gradient from per-example gradients (each leaf ``(batch_size, *shape)``):
         their sum, each clipped to norm ``l2_norm_clip``."""
-        leaves, _, _ = flatten(per_example_grads)
+        leaves, _ = flatten_leaves(per_example_grads)
         if leaves and any(x.ndim == 0 or x.shape[0] != self.batch_size for x in leaves):
             raise ValueError(f"{self.name}: per-example gradients need {self.batch_size} "
                              f"examples (batch_size) along each leaf's leading axis, got "

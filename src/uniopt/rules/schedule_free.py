@@ -24,7 +24,7 @@ from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host
 from ..moments import bias_correction, ema_sq
 from ..state import State
 from ..transforms.decay import weight_decay
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 from .rmsprop import scale_by_rms
 
 OPEN_UNIT = Interval(0.0, 1.0, lo_open=True, hi_open=True)  # beta = 0 would divide by zero
@@ -145,14 +145,14 @@ class scale_by_schedule_free(WholeTree):
             weight_lr_power=self.weight_lr_power)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        leaves, _, _ = flatten(params)
+        leaves, _ = flatten_leaves(params)
         return {"z": [backend.detached_copy(p) for p in leaves],
                 "weight_sum": scalar_like(leaves, 0.0), "lr_max": scalar_like(leaves, 0.0)}
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        ds, treedef, _ = flatten(u)
-        ys, _, _ = flatten(params)
+        ds, treedef = flatten_leaves(u)
+        ys, _ = flatten_leaves(params)
         total, lr_max = state["weight_sum"], state["lr_max"]
         xp = backend.namespace(total)
         lr_max = xp.maximum(lr_max, xp.asarray(c.weight_lr, dtype=lr_max.dtype,
@@ -408,7 +408,7 @@ def schedule_free_eval(state: State, params: Any) -> Any:
     if not isinstance(state, State):
         raise TypeError(f"schedule_free_eval: expected a uniopt State, got "
                         f"{type(state).__name__}")
-    leaves, treedef, _ = flatten(params)
+    leaves, treedef = flatten_leaves(params)
     if treedef != state.treedef:
         raise ValueError(
             "schedule_free_eval: params do not have the tree structure this state was set up "

@@ -12,7 +12,7 @@ from ..base import Info, Rule, Transform, WholeTree
 from ..hyper import NONNEG, Interval, hyper
 from ..transforms.noise import add_noise
 from ..transforms.scale import scale_by_lr
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 from .adam import scale_by_optimistic_gradient
 
 
@@ -100,7 +100,7 @@ class scale_by_polyak(WholeTree):
             raise TypeError(
                 f"{self.name} reads the loss of each step: pass it as uo.update(state, params, "
                 "grads, value=loss), or as tx.update(grads, state, params, value=loss)")
-        leaves, treedef, _ = flatten(u)
+        leaves, treedef = flatten_leaves(u)
         if not leaves:
             return u, state
         xp = backend.namespace(leaves[0])

@@ -22,7 +22,7 @@ from ..moments import bias_correction, lerp
 from ..state import State
 from ..transforms.decay import decayed
 from ..transforms.scale import scale_by_lr
-from ..tree import flatten
+from ..tree import flatten_leaves
 
 
 class SophiaCoeffs(NamedTuple):
@@ -214,7 +214,7 @@ def sophia_hessian(state: State, diagonal: Any) -> State:
             if isinstance(part, (scale_by_sophia, scale_by_sophia_g))]
     if not keys:
         raise ValueError(f"sophia_hessian: the state's rule has no Sophia part: {state.rule!r}")
-    leaves = diagonal if isinstance(diagonal, list) else flatten(diagonal)[0]
+    leaves = diagonal if isinstance(diagonal, list) else flatten_leaves(diagonal)[0]
     slots = dict(state.slots)
     for part, key in keys:
         old = slots[key]

@@ -33,7 +33,7 @@ from ..transforms.noise import (
     seeded_state,
 )
 from ..transforms.scale import scale_by_lr
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 from .matrix import ema_momentum
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -84,14 +84,14 @@ class scale_by_hutchinson_sophia(WholeTree):
                              weight=1.0 / self.num_samples)
 
     def init_tree(self, params: Any) -> Any:
-        leaves = flatten(params)[0]
+        leaves = flatten_leaves(params)[0]
         gen = seeded_state(leaves, self.seed)
         h = [backend.namespace(p).zeros_like(p) for p in leaves]
         return {"hessian_moment": h, "generator": gen}
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        leaves, treedef, _ = flatten(u)
+        leaves, treedef = flatten_leaves(u)
         gen = state["generator"]
         first = leaves[0] if leaves else np.zeros(0)
         kind = _kind(gen)
@@ -152,7 +152,7 @@ def _check_statics(owner: str, period: Any, samples: Any, distribution: Any,
 
 
 def _leaves_of(owner: str, hz: Any, like: list[Any]) -> list[Any]:
-    out = hz if isinstance(hz, list) else flatten(hz)[0]
+    out = hz if isinstance(hz, list) else flatten_leaves(hz)[0]
     if len(out) != len(like) or any(tuple(a.shape) != tuple(b.shape)
                                     for a, b in zip(out, like, strict=True)):
         raise ValueError(

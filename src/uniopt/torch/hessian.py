@@ -11,7 +11,7 @@ from torch.optim.optimizer import ParamsT
 
 from ..rules.sophia import scale_by_sophia_g, sophia_g
 from ..rules.sophia_h import sophia_h
-from ..tree import flatten
+from ..tree import flatten_leaves
 from . import combined, plans
 from .named import BETAS, LR, WEIGHT_DECAY, _Named, _scalar_dtype
 from .optimizer import Optimizer, plain
@@ -92,10 +92,10 @@ class SophiaH(Optimizer):
 def _hvp(params: Any) -> Callable[[Any], list[torch.Tensor]]:
     """``v -> H v`` for the gradients of ``params`` taken with ``create_graph=True`` (a
     tree of vectors ``v`` ordered as the tree of ``params``)."""
-    ps = flatten(params)[0]
+    ps = flatten_leaves(params)[0]
 
     def hvp(v: Any) -> list[torch.Tensor]:
-        vs = flatten(v)[0]
+        vs = flatten_leaves(v)[0]
         graphed = [i for i, p in enumerate(ps) if p.grad is not None and p.grad.requires_grad]
         if not graphed:
             raise RuntimeError(

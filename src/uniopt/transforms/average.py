@@ -24,7 +24,7 @@ from ..base import Combinator, Elementwise, Transform, chain
 from ..hyper import UNIT, _traced, hyper
 from ..moments import bias_correction, lerp, select
 from ..state import State
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 
 
 class Averaging(Elementwise):
@@ -296,7 +296,7 @@ def averaged(state: State, params: Any, name: str | None = None) -> Any:
     """
     if not isinstance(state, State):
         raise TypeError(f"averaged: expected a uniopt State, got {type(state).__name__}")
-    leaves, treedef, _ = flatten(params)
+    leaves, treedef = flatten_leaves(params)
     if treedef != state.treedef:
         raise ValueError(
             "averaged: params do not have the tree structure this state was set up for: "

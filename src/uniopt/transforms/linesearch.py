@@ -38,7 +38,7 @@ import numpy as np
 from .. import backend
 from ..base import WholeTree
 from ..hyper import NONNEG, Interval, _traced, static
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 
 Leaves = list[Any]
 Evaluate = Callable[[Leaves], tuple[Any, Leaves | None]]
@@ -173,7 +173,7 @@ def _needs(owner: str, value: Any, grad: Any, value_fn: Any) -> None:
 
 def grad_leaves(owner: str, grad: Any, treedef: Any, n: int) -> Leaves:
     """The leaves of ``grad``, a tree like params or a flat list of ``n`` arrays."""
-    leaves, g_def, _ = flatten(grad)
+    leaves, g_def = flatten_leaves(grad)
     if g_def != treedef and not (isinstance(grad, (list, tuple)) and len(grad) == n):
         raise ValueError(f"{owner}: grad must be a tree like params or a flat list of {n} "
                          f"arrays; params are {treedef}, grad is {g_def}")
@@ -230,8 +230,8 @@ def _scalar(xp: Any, v: Any, dtype: Any, like: Any) -> Any:
 
 
 def _split(u: Any, params: Any) -> tuple[Leaves, Leaves, Any, Any]:
-    us, treedef, _ = flatten(u)
-    ps, _, _ = flatten(params)
+    us, treedef = flatten_leaves(u)
+    ps, _ = flatten_leaves(params)
     return us, ps, treedef, backend.namespace(us[0])
 
 
@@ -326,7 +326,7 @@ class scale_by_zoom_linesearch(WholeTree):
                              f"got {self.initial_guess_strategy!r}")
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        ps = [p for p in flatten(params)[0]]
+        ps = [p for p in flatten_leaves(params)[0]]
         xp = backend.namespace(ps[0])
         dt = _real(xp, ps[0].dtype)
         return {"learning_rate": _scalar(xp, 1.0, dt, ps[0]),
@@ -524,7 +524,7 @@ class scale_by_backtracking_linesearch(WholeTree):
                              f"{self.store_grad!r}")
 
     def init_tree(self, params: Any) -> dict[str, Any]:
-        ps = [p for p in flatten(params)[0]]
+        ps = [p for p in flatten_leaves(params)[0]]
         xp = backend.namespace(ps[0])
         dt = _real(xp, ps[0].dtype)
         out = {"learning_rate": _scalar(xp, 1.0, dt, ps[0]),

@@ -10,7 +10,7 @@ import optree
 
 from .. import backend
 from ..base import Elementwise, PerLeaf, Transform, WholeTree
-from ..tree import NAMESPACE, flatten, unflatten
+from ..tree import NAMESPACE, flatten_leaves, unflatten
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def frozen_mask(mask: Any) -> Any:
     a :class:`Mask`."""
     if mask is None or mask is True or callable(mask) or isinstance(mask, Mask):
         return mask
-    leaves, treedef, _ = flatten(mask)
+    leaves, treedef = flatten_leaves(mask)
     return Mask(treedef, tuple(bool(x) for x in leaves))
 
 
@@ -70,12 +70,12 @@ class masked_block(WholeTree):
         except ValueError as e:
             raise ValueError(f"{self.name}: the mask is not shaped like the params (or a prefix "
                              f"of them): {e}") from None
-        return [bool(x) for x in flatten(flags)[0]]
+        return [bool(x) for x in flatten_leaves(flags)[0]]
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        leaves, treedef, _ = flatten(u)
-        ps = flatten(params)[0]
+        leaves, treedef = flatten_leaves(u)
+        ps = flatten_leaves(params)[0]
         out = []
         for x, p, on in zip(leaves, ps, self.selected(params, u), strict=True):
             if on:

@@ -13,7 +13,7 @@ import numpy as np
 from .. import backend
 from ..base import WholeTree
 from ..hyper import NONNEG, hyper
-from ..tree import flatten, unflatten
+from ..tree import flatten_leaves, unflatten
 
 SEEDS = 1 << 32  # JAX takes a larger seed modulo 2**32 without x64: refused here instead
 
@@ -60,11 +60,11 @@ class add_noise(WholeTree):
         return Noise(std=aac.array_namespace(variance).sqrt(variance))  # a JAX step
 
     def init_tree(self, params: Any) -> Any:
-        return seeded_state(flatten(params)[0], self.seed)
+        return seeded_state(flatten_leaves(params)[0], self.seed)
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
-        leaves, treedef, _ = flatten(u)
+        leaves, treedef = flatten_leaves(u)
         first = leaves[0] if leaves else np.zeros(0)
         kind = _kind(state)
         lib = "jax" if backend.is_jax(first) else "torch" if backend.is_torch(first) else "numpy"
