@@ -1,11 +1,14 @@
 """A jitted AdamW step on many small leaves (N x 100 float32), uniopt against optax: the time to
 trace and lower it, to compile it, and the median of later steps.
 
-    python benchmarks/jax_many_leaves.py [N ...] [--no-optax]
+    python benchmarks/jax_many_leaves.py [N ...] [--no-optax] [--floor]
 
 XLA:CPU compiles each output buffer of the program on its own (every leaf's new parameter and
 slots), so compile time grows with N whatever the traced program looks like; the docs' page "JAX,
-and other array libraries" (docs/jax.md) has the numbers.
+and other array libraries" (docs/jax.md) has the numbers. ``--floor`` adds the program that does
+no arithmetic at all: the same arguments (AdamW's state, params and gradients, state and params
+donated), the state and params handed back as they came. What XLA takes to compile and run
+that is what any step over one buffer per leaf and slot costs before its arithmetic.
 """
 
 from __future__ import annotations
@@ -69,10 +72,22 @@ def optax_step(n: int) -> tuple[float, float, float]:
     return _time(step, tx.init(params), params, grads)
 
 
+def floor_step(n: int) -> tuple[float, float, float]:
+    params = _tree(n)
+    grads = [p * 0.5 for p in params]
+    state = uo.setup(uo.adamw(lr=1e-3, weight_decay=1e-2), params)
+
+    def step(state: Any, params: Any, grads: Any) -> tuple[Any, Any]:
+        return state, params
+
+    return _time(step, state, params, grads)
+
+
 if __name__ == "__main__":
     sizes = [int(a) for a in sys.argv[1:] if a.isdigit()] or [1000, 3000]
     runs = [("uniopt", uniopt_step)] + ([] if "--no-optax" in sys.argv else
                                         [("optax", optax_step)])
+    runs += [("floor", floor_step)] if "--floor" in sys.argv else []
     for n in sizes:
         for name, run in runs:
             lower, compile_s, step = run(n)
