@@ -278,29 +278,27 @@ def test_update_and_update_in_place_share_one_compiled_loop(
     [5_000] * 37,
     [int(x) for x in np.random.default_rng(0).integers(0, 300_000, 101)],
 ])
-def test_the_thread_pools_chunks_are_dealt_evenly(sizes: list[int]) -> None:
-    """The thread-pool loop takes every chunk of :func:`_chunks` once (the rest of its places
-    empty), in an order where numba's split into one run of places per thread gives 2, 4 or 8
-    threads shares of elements within one chunk of each other (before, two threads on a small
-    CNN's leaves did a quarter and three quarters of the work)."""
+def test_the_thread_pools_runs_hold_equal_shares(sizes: list[int]) -> None:
+    """The thread-pool loop walks :func:`_chunks`' chunks in :data:`RUNS` runs of consecutive
+    chunks, each within one chunk of an equal share of the elements, so that numba's split of
+    the runs into one group per thread gives 2, 4 or 8 threads shares of elements within two
+    chunks of each other (split by chunks, two threads on a small CNN's leaves would do a quarter
+    and three quarters of the work)."""
     sz = np.array(sizes, np.int64)
-    leaf, start, stop, total = fused._dealt(sz, fused.CHUNK)
-    want = fused._chunks(sz, fused.CHUNK)
-    assert total == want[3] == sum(sizes)
-    m = len(leaf)
-    assert m & (m - 1) == 0 and m >= len(want[0])
-    got = sorted((int(i), int(a), int(b)) for i, a, b in zip(leaf, start, stop, strict=True)
-                 if b > a)
-    assert got == sorted(zip(want[0].tolist(), want[1].tolist(), want[2].tolist(), strict=True))
+    leaf, start, stop, total = fused._chunks(sz, fused.CHUNK)
+    assert total == sum(sizes)
+    bounds = fused._shares(start, stop, fused.RUNS)
+    assert len(bounds) == fused.RUNS + 1 and bounds[0] == 0 and bounds[-1] == len(leaf)
+    assert (np.diff(bounds) >= 0).all()  # every chunk in exactly one run
+    done = np.concatenate([[0], np.cumsum(stop - start)])
+    runs = done[bounds[1:]] - done[bounds[:-1]]
+    assert (np.abs(runs * fused.RUNS - total) < fused.CHUNK * fused.RUNS).all(), runs
     for threads in (2, 4, 8):
-        if m < threads:
-            continue
-        shares = [int((stop - start)[k * m // threads:(k + 1) * m // threads].sum())
-                  for k in range(threads)]
-        assert max(shares) - min(shares) <= fused.CHUNK, (threads, shares)
-    if len(sizes) == 50:  # the first half of _chunks' order held about a quarter
-        half = len(want[0]) // 2
-        assert int((want[2] - want[1])[:half].sum()) < total // 3
+        shares = runs.reshape(threads, -1).sum(axis=1)
+        assert max(shares) - min(shares) < 2 * fused.CHUNK, (threads, shares)
+    if len(sizes) == 50:  # the first half of _chunks' order holds about a quarter
+        half = len(leaf) // 2
+        assert int((stop - start)[:half].sum()) < total // 3
 
 
 def test_offsets_self_test_passes_here() -> None:
