@@ -287,7 +287,7 @@ def test_the_thread_pools_runs_hold_equal_shares(sizes: list[int]) -> None:
     sz = np.array(sizes, np.int64)
     leaf, start, stop, total = fused._chunks(sz, fused.CHUNK)
     assert total == sum(sizes)
-    bounds = fused._shares(start, stop, fused.RUNS)
+    bounds = fused._shares(start, stop, total, fused.RUNS)
     assert len(bounds) == fused.RUNS + 1 and bounds[0] == 0 and bounds[-1] == len(leaf)
     assert (np.diff(bounds) >= 0).all()  # every chunk in exactly one run
     done = np.concatenate([[0], np.cumsum(stop - start)])

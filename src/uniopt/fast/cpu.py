@@ -243,18 +243,16 @@ def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
 
 
 @numba.njit(cache=True)
-def _shares(start: Any, stop: Any, parts: int) -> Any:
-    """Where each of ``parts`` runs of consecutive chunks (``start``, ``stop``: :func:`_chunks`)
-    begins, and the last ends: runs of equal element counts to within one chunk, one per thread
-    of the pool. A tree's leaves differ in size (a small CNN's from 1K to 64K elements: the first
+def _shares(start: Any, stop: Any, total: int, parts: int) -> Any:
+    """Where each of ``parts`` runs of consecutive chunks (``start``, ``stop`` and their
+    ``total`` element count: :func:`_chunks`) begins, and the last ends: runs of equal element
+    counts to within one chunk, which the pool deals out to its threads in equal consecutive
+    groups. A tree's leaves differ in size (a small CNN's from 1K to 64K elements: the first
     half of its chunks hold a quarter of its elements), so the runs are cut by elements, not by
-    chunks. Each thread then walks its run as the one-thread loop walks all of them: per chunk a
-    few loads and no call, where a parallel loop over the chunks themselves cost a call and the
-    pool's bookkeeping per chunk (10,000 leaves of 100 elements: 3.5 times the one-thread loop's
-    time, on one thread). Each element's result is the same whichever thread computes it."""
-    total = 0
-    for j in range(len(start)):
-        total += stop[j] - start[j]
+    chunks. Each run is walked as the one-thread loop walks all of them: per chunk a few loads
+    and no call, where a parallel loop over the chunks themselves cost a call and the pool's
+    bookkeeping per chunk (10,000 leaves of 100 elements: 3.5 times the one-thread loop's time,
+    on one thread). Each element's result is the same whichever thread computes it."""
     bounds = np.full(parts + 1, len(start), np.int64)
     bounds[0] = 0
     k, done = 1, 0
@@ -536,13 +534,10 @@ def _source(
         f"    u = {_READ[kp].format('g[i]')}",
         *[f"    {line}" for line in body],
     ]
-    # serial holds the chunk's code itself, not a call to chunk: numba would type and
-    # optimise chunk on its own and then again inside serial, twice the compile
     if reads_only:
-        return "\n".join([
-            *head,
-            "",
-            "",
+        # serial holds the chunk's code itself, not a call to chunk: numba would type and
+        # optimise chunk on its own and then again inside serial, twice the compile
+        loops = [
             '@numba.njit(cache=CACHE, error_model="numpy")',
             "def chunk(L, CO, t, a, b):",
             *[f"    {line}" for line in one_chunk],
@@ -553,34 +548,31 @@ def _source(
             "def serial(L, CO, SIZES):",
             "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
             *_driver(sums, "range", one_chunk),
+        ]
+        pool = _driver(sums, "numba.prange")
+    else:
+        # a loop that writes walks runs of chunks: all of them on the calling thread, or one
+        # run per thread of the pool (see _shares), one call per run
+        loops = [
+            '@numba.njit(cache=CACHE, error_model="numpy")',
+            "def walk(L, CO, leaf, start, stop, lo, hi):",
+            "    for j in range(lo, hi):",
+            "        t, a, b = leaf[j], start[j], stop[j]",
+            *[f"        {line}" for line in one_chunk],
+            "    return 0.0",
             "",
             "",
-            "# compiled at its first call, by the first step of PARALLEL_MIN elements or more:",
-            "# a parallel loop costs as much again to compile, and small steps never use it",
-            '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
-            "def parallel(L, CO, SIZES):",
+            '@numba.njit(cache=CACHE, error_model="numpy")',
+            "def serial(L, CO, SIZES):",
             "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-            *_driver(sums, "numba.prange"),
-            "",
-        ])
-    # a loop that writes walks runs of chunks (walk): all of them on the calling thread, or one
-    # run per thread of the pool (see _shares), one call per run
+            "    return walk(L, CO, leaf, start, stop, 0, len(leaf))",
+        ]
+        pool = _runs("walk(L, CO, leaf, start, stop, bounds[k], bounds[k + 1])")
     return "\n".join([
         *head,
         "",
         "",
-        '@numba.njit(cache=CACHE, error_model="numpy")',
-        "def walk(L, CO, leaf, start, stop, lo, hi):",
-        "    for j in range(lo, hi):",
-        "        t, a, b = leaf[j], start[j], stop[j]",
-        *[f"        {line}" for line in one_chunk],
-        "    return 0.0",
-        "",
-        "",
-        '@numba.njit(cache=CACHE, error_model="numpy")',
-        "def serial(L, CO, SIZES):",
-        "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-        "    return walk(L, CO, leaf, start, stop, 0, len(leaf))",
+        *loops,
         "",
         "",
         "# compiled at its first call, by the first step of PARALLEL_MIN elements or more: a",
@@ -588,7 +580,7 @@ def _source(
         '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
         "def parallel(L, CO, SIZES):",
         "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-        *_runs("walk(L, CO, leaf, start, stop, bounds[k], bounds[k + 1])"),
+        *pool,
         "",
     ])
 
@@ -598,7 +590,7 @@ def _runs(call: str) -> list[str]:
     (:func:`_shares`), :data:`RUNS` runs, which the pool deals out to its threads in equal
     consecutive groups."""
     return [
-        "    bounds = _shares(start, stop, RUNS)",
+        "    bounds = _shares(start, stop, size, RUNS)",
         "    for k in numba.prange(len(bounds) - 1):",
         f"        {call}",
         "    return 0.0",
