@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -225,8 +226,8 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
 @numba.njit(cache=True)
 def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     """Each leaf in chunks of at most ``chunk`` elements (leaf, start, stop), and the total.
-    (Not in the loop's own parallel function, where numba would run a reduction on the thread
-    pool: waking it costs more than a small step.)"""
+    (A function of its own, not in the body of :func:`_parallel`, where numba would run its
+    sums as a reduction on the thread pool.)"""
     count = total = 0
     for n in sizes:
         count += (n + chunk - 1) // chunk
@@ -263,6 +264,117 @@ def _shares(start: Any, stop: Any, total: int, parts: int) -> Any:
             k += 1
     return bounds
 
+
+
+# Every generated loop is one C function of this signature, ``walk(L, CO, nco, leaf, start,
+# stop, first, last, sums)``: the addresses of the lists' table, of the coefficients (and their
+# count), of the chunk table, the range of chunks to walk, and where a loop that sums writes
+# each chunk's sum. The drivers below call it by address; they are compiled once per machine
+# for every rule. (numba links a jitted callee into each caller and optimises it again there:
+# a loop called by its own one-thread and thread-pool drivers was compiled three times over.)
+SIGNATURE = nbtypes.float64(*[nbtypes.int64] * 9)
+
+
+@intrinsic
+def _call(typingctx: Any, fn: Any, L: Any, CO: Any, leaf: Any, start: Any, stop: Any,
+          first: Any, last: Any, sums: Any) -> Any:
+    """Call the loop at address ``fn`` with ``(L, CO, leaf, start, stop, first, last, sums)``:
+    an array passes its data's address (``CO`` its length after it), an integer itself."""
+    sig = nbtypes.float64(fn, L, CO, leaf, start, stop, first, last, sums)
+
+    def codegen(context: Any, builder: Any, signature: Any, values: Any) -> Any:
+        i64 = ir.IntType(64)
+        out = []
+        for k, (ty, v) in enumerate(zip(signature.args[1:], values[1:], strict=True)):
+            if isinstance(ty, nbtypes.Array):
+                ary = context.make_array(ty)(context, builder, v)
+                out.append(builder.ptrtoint(ary.data, i64))
+                if k == 1:  # CO: its count too
+                    out.append(ary.nitems)
+            else:
+                out.append(context.cast(builder, v, ty, nbtypes.int64))
+        fnty = ir.FunctionType(ir.DoubleType(), [i64] * len(out))
+        target = builder.inttoptr(context.cast(builder, values[0], signature.args[0],
+                                               nbtypes.int64), fnty.as_pointer())
+        return builder.call(target, out)
+
+    return sig, codegen
+
+
+@numba.njit(cache=True)
+def _serial(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
+    """The loop at ``fn`` over every chunk, on this thread."""
+    leaf, start, stop, _ = _chunks(SIZES, CHUNK)
+    return _call(fn, L, CO, leaf, start, stop, 0, len(leaf), 0)
+
+
+# compiled at its first call, by the first step of PARALLEL_MIN elements or more: a parallel
+# function costs several times a plain one to compile, and small steps never use it
+@numba.njit(parallel=True, cache=True)
+def _parallel(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
+    """The loop at ``fn`` over every chunk, on the thread pool, one call per run of chunks
+    (:func:`_shares`)."""
+    leaf, start, stop, size = _chunks(SIZES, CHUNK)
+    bounds = _shares(start, stop, size, RUNS)
+    for k in numba.prange(len(bounds) - 1):
+        _call(fn, L, CO, leaf, start, stop, bounds[k], bounds[k + 1], 0)
+    return 0.0
+
+
+@numba.njit(cache=True)
+def _sums(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
+    """The sums the loop at ``fn`` (one that reads only) makes, on this thread: each leaf's
+    where ``each``, else one, in an array."""
+    leaf, start, stop, _ = _chunks(SIZES, CHUNK)
+    sums = np.zeros(len(leaf))
+    _call(fn, L, CO, leaf, start, stop, 0, len(leaf), sums)
+    return _added(sums, leaf, len(SIZES), each)
+
+
+@numba.njit(parallel=True, cache=True)
+def _sums_parallel(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
+    """:func:`_sums` on the thread pool: each chunk's sum in its own place, added up in the
+    chunks' order as on one thread, so the sums are the same bits on any number of threads."""
+    leaf, start, stop, size = _chunks(SIZES, CHUNK)
+    sums = np.zeros(len(leaf))
+    bounds = _shares(start, stop, size, RUNS)
+    for k in numba.prange(len(bounds) - 1):
+        _call(fn, L, CO, leaf, start, stop, bounds[k], bounds[k + 1], sums)
+    return _added(sums, leaf, len(SIZES), each)
+
+
+@numba.njit(cache=True)
+def _added(sums: Any, leaf: Any, n: int, each: bool) -> Any:
+    total = np.zeros(n if each else 1)
+    for j in range(len(sums)):
+        total[leaf[j] if each else 0] += sums[j]
+    return total
+
+
+def _prologue(lists: int, compute: str, sums: bool) -> list[str]:
+    """The first lines of a generated loop: its decorator, its signature and arrays over the
+    addresses it is given (``lists`` lists of leaves, coefficients of dtype ``compute``, and,
+    where it sums, each chunk's sum)."""
+    return [
+        '@numba.cfunc(SIGNATURE, cache=CACHE, error_model="numpy")',
+        "def walk(Lp, COp, nco, leafp, startp, stopp, first, last, sumsp):",
+        f"    L = numba.carray(_voidptr(Lp), ({lists},), np.int64)",
+        f"    CO = numba.carray(_voidptr(COp), (nco,), {compute})",
+        *[f"    {name} = numba.carray(_voidptr({name}p), (last,), np.int64)"
+          for name in ("leaf", "start", "stop")],
+        *(["    sums = numba.carray(_voidptr(sumsp), (last,), np.float64)"] if sums else []),
+        "    for j in range(first, last):",
+        "        t, a, b = leaf[j], start[j], stop[j]",
+    ]
+
+
+def drivers(fn: int, mode: str) -> tuple[Any, Any]:
+    """The one-thread and thread-pool calls of the loop at address ``fn``, taking ``(L, CO,
+    SIZES)``: ``sumsq``'s return the sum in an array of one, ``leafsq``'s each leaf's."""
+    if mode in ("sumsq", "leafsq"):
+        each = mode == "leafsq"
+        return (functools.partial(_sums, fn, each), functools.partial(_sums_parallel, fn, each))
+    return functools.partial(_serial, fn), functools.partial(_parallel, fn)
 
 # the namespace kernels see when compiled: scalar functions with NumPy's semantics
 scalar_xp = types.ModuleType("uniopt_scalar_xp")
@@ -440,13 +552,13 @@ def _source(
     kernels: tuple[LoopPart, ...], storage: tuple[str, str],
     by_import: bool, mode: str, records: tuple[Any, ...], digest: str = "",
 ) -> str:
-    """A module defining ``serial(L, CO, SIZES)`` and ``parallel(L, CO, SIZES)``: one loop
-    over all chunks of every leaf, running every part in order, on the calling thread or on the
-    thread pool.
+    """A module defining ``walk``, a C function (:data:`SIGNATURE`) that runs every part in
+    order over a range of chunks of the leaves; :func:`drivers` run it over all of them, on the
+    calling thread or on the thread pool.
 
     ``L`` holds the addresses of the lists of leaves, ``CO`` every part's coefficients in
-    order (each part's record is rebuilt from it), ``SIZES`` each leaf's element count: three
-    arguments whatever the rule, so a call costs the same for every rule. ``storage``: the
+    order (each part's record is rebuilt from it); the drivers add each leaf's element count:
+    three arguments whatever the rule, so a call costs the same for every rule. ``storage``: the
     kinds of the params (and grads) and of the slots (``f4``, ``f8``, or ``f2``/``b2`` for
     float16/bfloat16, read into float32 and rounded once when written). Kernels are named by
     import (so the module stands alone and numba can cache it) or, for kernels defined where no
@@ -455,9 +567,10 @@ def _source(
     vectorizes; a pure step runs it on copies); ``update``:
     the slots as ``inplace``, and in place of ``p`` the final ``u`` into ``uo`` (the list after
     ``g``): a run of elementwise parts that a per-leaf part follows; ``sumsq``: writes nothing
-    and returns the sum of squares of the final ``u`` (a global norm's one extra read pass);
-    ``leafsq``: the same, one sum per leaf. Steps under ``PARALLEL_MIN`` elements take
-    ``serial``, without waking the thread pool (it costs more than a small step).
+    and sums the squares of the final ``u`` (a global norm's one extra read pass), each chunk's
+    into ``sums``; ``leafsq``: the same, the drivers adding them per leaf. Steps under
+    ``PARALLEL_MIN`` elements stay on the calling thread, without waking the thread pool (it
+    costs more than a small step).
 
     A part whose record is per leaf (its last field in ``records``: a per-leaf norm's
     coefficients) reads its numbers from a table after the others' in ``CO``, one row per
@@ -469,7 +582,7 @@ def _source(
         "import collections",
         "import numba",
         "import numpy as np",
-        "from uniopt.fast.cpu import CHUNK, PARALLEL_MIN, RUNS, _chunks, _leaf, _shares, _voidptr",
+        "from uniopt.fast.cpu import SIGNATURE, _leaf, _voidptr",
         "from uniopt.fast.cpu import _bf16, _f16, _to_bf16, _to_f16, kernel_for",
         "from uniopt.fast.cpu import scalar_xp as XP",
         f"PT = {_STORAGE[kp]}",
@@ -524,7 +637,6 @@ def _source(
         body.append("uo[i] = u")
     else:
         body.append(f"p[i] = {_WRITE[kp].format(end)}")
-    sums = _PER_LEAF_SUMS if mode == "leafsq" else _SUM
     one_chunk = [
         *loads,
         "acc = 0.0",
@@ -533,106 +645,17 @@ def _source(
         f"    x = {_READ[kp].format('p[i]')}",
         f"    u = {_READ[kp].format('g[i]')}",
         *[f"    {line}" for line in body],
+        *(["sums[j] = acc"] if reads_only else []),
     ]
-    if reads_only:
-        # serial holds the chunk's code itself, not a call to chunk: numba would type and
-        # optimise chunk on its own and then again inside serial, twice the compile
-        loops = [
-            '@numba.njit(cache=CACHE, error_model="numpy")',
-            "def chunk(L, CO, t, a, b):",
-            *[f"    {line}" for line in one_chunk],
-            "    return acc",
-            "",
-            "",
-            '@numba.njit(cache=CACHE, error_model="numpy")',
-            "def serial(L, CO, SIZES):",
-            "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-            *_driver(sums, "range", one_chunk),
-        ]
-        pool = _driver(sums, "numba.prange")
-    else:
-        # a loop that writes walks runs of chunks: all of them on the calling thread, or one
-        # run per thread of the pool (see _shares), one call per run
-        loops = [
-            '@numba.njit(cache=CACHE, error_model="numpy")',
-            "def walk(L, CO, leaf, start, stop, lo, hi):",
-            "    for j in range(lo, hi):",
-            "        t, a, b = leaf[j], start[j], stop[j]",
-            *[f"        {line}" for line in one_chunk],
-            "    return 0.0",
-            "",
-            "",
-            '@numba.njit(cache=CACHE, error_model="numpy")',
-            "def serial(L, CO, SIZES):",
-            "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-            "    return walk(L, CO, leaf, start, stop, 0, len(leaf))",
-        ]
-        pool = _runs("walk(L, CO, leaf, start, stop, bounds[k], bounds[k + 1])")
     return "\n".join([
         *head,
         "",
         "",
-        *loops,
-        "",
-        "",
-        "# compiled at its first call, by the first step of PARALLEL_MIN elements or more: a",
-        "# parallel loop costs as much again to compile, and small steps never use it",
-        '@numba.njit(parallel=True, cache=CACHE, error_model="numpy")',
-        "def parallel(L, CO, SIZES):",
-        "    leaf, start, stop, size = _chunks(SIZES, CHUNK)",
-        *pool,
+        *_prologue(len(lists), "np.float64" if kp == "f8" else "np.float32", reads_only),
+        *[f"        {line}" for line in one_chunk],
+        "    return 0.0",
         "",
     ])
-
-
-def _runs(call: str) -> list[str]:
-    """The body of a parallel loop that writes: ``call`` once per run of chunks
-    (:func:`_shares`), :data:`RUNS` runs, which the pool deals out to its threads in equal
-    consecutive groups."""
-    return [
-        "    bounds = _shares(start, stop, size, RUNS)",
-        "    for k in numba.prange(len(bounds) - 1):",
-        f"        {call}",
-        "    return 0.0",
-    ]
-
-
-def _driver(sums: list[str], loop: str, chunk_code: list[str] | None = None) -> list[str]:
-    """The body of a loop over the chunks, ``sums``, calling ``chunk`` for each or, given
-    ``chunk_code``, running that code in its place (its sum is ``acc``)."""
-    out = []
-    for line in sums:
-        if line == _CHUNK_CODE:
-            if chunk_code is not None:
-                out += [f"        {c}" for c in ["t, a, b = leaf[j], start[j], stop[j]",
-                                                  *chunk_code]]
-        else:
-            line = line.format(loop=loop)
-            out.append(line if chunk_code is None else line.replace(_CALL, "acc"))
-    return out
-
-
-_CALL = "chunk(L, CO, leaf[j], start[j], stop[j])"
-_CHUNK_CODE = "CHUNK_CODE"
-_SUM = [
-    "    total = 0.0",
-    "    for j in {loop}(len(leaf)):",
-    _CHUNK_CODE,
-    f"        total += {_CALL}",
-    "    return total",
-]
-# each chunk's sum in its own place (chunks of one leaf run on several threads), then added
-# up per leaf, in the chunks' order
-_PER_LEAF_SUMS = [
-    "    sums = np.zeros(len(leaf))",
-    "    for j in {loop}(len(leaf)):",
-    _CHUNK_CODE,
-    f"        sums[j] = {_CALL}",
-    "    total = np.zeros(len(SIZES))",
-    "    for j in range(len(leaf)):",
-    "        total[leaf[j]] += sums[j]",
-    "    return total",
-]
 
 
 def _cache_dir() -> Path | None:
@@ -708,10 +731,10 @@ def fused_kernel(
     kernels: tuple[LoopPart, ...], storage: tuple[str, str], mode: str,
     records: tuple[Any, ...],
 ) -> Any:
-    """The compiled loops (serial, parallel) for parts ``kernels`` (each: the kernel, its slot
-    count and the finish that writes p), whose coefficient records are described by
-    ``records`` (see :func:`_record`), over params and slots stored as ``storage`` says (see
-    :func:`_source`).
+    """The one-thread and thread-pool calls (:func:`drivers`) of the loop for parts
+    ``kernels`` (each: the kernel, its slot count and the finish that writes p), whose
+    coefficient records are described by ``records`` (see :func:`_record`), over params and
+    slots stored as ``storage`` says (see :func:`_source`).
 
     Compiling costs a second or two; the machine code is cached on disk (in
     ``$UNIOPT_CACHE_DIR``, default ``~/.cache/uniopt``) whenever every kernel is importable,
@@ -719,16 +742,24 @@ def fused_kernel(
     key = (kernels, storage, mode, records)
     if key in _FUSED:
         return _FUSED[key]
-    where, src, path = _module(kernels, storage, mode, records)
-    if where is None:
-        # kernels defined in __main__ or a notebook: compile in memory, uncached
-        g: dict[str, Any] = {"CACHE": False}
-        for k, (kernel, _, finish) in enumerate(kernels):
-            g[f"_K{k}"], g[f"_F{k}"] = kernel, finish
+    walk = load(*_module(kernels, storage, mode, records)[1:],
+                {f"_{x}{k}": f for k, (kernel, _, finish) in enumerate(kernels)
+                 for x, f in (("K", kernel), ("F", finish))})
+    _FUSED[key] = drivers(walk.address, mode)
+    return _FUSED[key]
+
+
+def load(src: str, path: Path | None, names: dict[str, Any]) -> Any:
+    """The ``walk`` of generated module ``src``: imported from ``path`` in the cache directory
+    (written there first if new; numba caches its machine code beside it), or, with no path
+    (kernels defined in __main__ or a notebook), compiled in memory from ``src`` with
+    ``names`` as its globals. Held for the life of the process: the drivers call it by
+    address."""
+    if path is None:
+        g: dict[str, Any] = {"CACHE": False, **names}
         exec(compile(src, "<uniopt fused loop>", "exec"), g)
-        _FUSED[key] = g["serial"], g["parallel"]
-        return _FUSED[key]
-    assert path is not None
+        _HELD.append(g["walk"])
+        return g["walk"]
     name = path.stem
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -738,15 +769,16 @@ def fused_kernel(
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # numba's cache finds the module by name when it loads
-    spec.loader.exec_module(module)
-    # the one-thread loop compiled now, by one process at a time: the ranks of a job on one
-    # machine (or a test suite's workers) that meet a loop new to the cache together compile it
-    # once, and the others load its machine code, in milliseconds, when the lock is theirs
-    compute = numba.float64 if storage[0] == "f8" else numba.float32
+    # compiled as it is imported, by one process at a time: the ranks of a job on one machine
+    # (or a test suite's workers) that meet a loop new to the cache together compile it once,
+    # and the others load its machine code, in milliseconds, when the lock is theirs
     with _locked(path.with_suffix(".lock")):
-        module.serial.compile((numba.int64[::1], compute[::1], numba.int64[::1]))
-    _FUSED[key] = module.serial, module.parallel
-    return _FUSED[key]
+        spec.loader.exec_module(module)
+    _HELD.append(module.walk)
+    return module.walk
+
+
+_HELD: list[Any] = []
 
 
 @contextlib.contextmanager
@@ -962,6 +994,8 @@ def _pass(
                           "leafsq" if each or shards is not None else "sumsq", seg)
             reads = [params, grads, *(slots[key] for _, _, keys in prefix for key in keys)]
             total = sumsq[big](_addresses(reads), _coefficients(prefix, compute, n), sizes)
+            if not each and shards is None:
+                total = total[0]
             counts = sizes
             if shards is not None:  # each leaf's sum over its whole tensor, every rank's added
                 total, counts = shards.sums(total), shards.sizes(sizes)
