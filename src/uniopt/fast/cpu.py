@@ -265,7 +265,6 @@ def _shares(start: Any, stop: Any, total: int, parts: int) -> Any:
     return bounds
 
 
-
 # Every generated loop is one C function of this signature, ``walk(L, CO, nco, leaf, start,
 # stop, first, last, sums)``: the addresses of the lists' table, of the coefficients (and their
 # count), of the chunk table, the range of chunks to walk, and where a loop that sums writes
@@ -375,6 +374,7 @@ def drivers(fn: int, mode: str) -> tuple[Any, Any]:
         each = mode == "leafsq"
         return (functools.partial(_sums, fn, each), functools.partial(_sums_parallel, fn, each))
     return functools.partial(_serial, fn), functools.partial(_parallel, fn)
+
 
 # the namespace kernels see when compiled: scalar functions with NumPy's semantics
 scalar_xp = types.ModuleType("uniopt_scalar_xp")
