@@ -367,7 +367,7 @@ def _prologue(lists: int, compute: str, sums: bool) -> list[str]:
     ]
 
 
-def drivers(fn: int, mode: str) -> tuple[Any, Any]:
+def _drivers(fn: int, mode: str) -> tuple[Any, Any]:
     """The one-thread and thread-pool calls of the loop at address ``fn``, taking ``(L, CO,
     SIZES)``: ``sumsq``'s return the sum in an array of one, ``leafsq``'s each leaf's."""
     if mode in ("sumsq", "leafsq"):
@@ -553,7 +553,7 @@ def _source(
     by_import: bool, mode: str, records: tuple[Any, ...], digest: str = "",
 ) -> str:
     """A module defining ``walk``, a C function (:data:`SIGNATURE`) that runs every part in
-    order over a range of chunks of the leaves; :func:`drivers` run it over all of them, on the
+    order over a range of chunks of the leaves; :func:`_drivers` run it over all of them, on the
     calling thread or on the thread pool.
 
     ``L`` holds the addresses of the lists of leaves, ``CO`` every part's coefficients in
@@ -731,7 +731,7 @@ def fused_kernel(
     kernels: tuple[LoopPart, ...], storage: tuple[str, str], mode: str,
     records: tuple[Any, ...],
 ) -> Any:
-    """The one-thread and thread-pool calls (:func:`drivers`) of the loop for parts
+    """The one-thread and thread-pool calls (:func:`_drivers`) of the loop for parts
     ``kernels`` (each: the kernel, its slot count and the finish that writes p), whose
     coefficient records are described by ``records`` (see :func:`_record`), over params and
     slots stored as ``storage`` says (see :func:`_source`).
@@ -742,24 +742,31 @@ def fused_kernel(
     key = (kernels, storage, mode, records)
     if key in _FUSED:
         return _FUSED[key]
-    walk = load(*_module(kernels, storage, mode, records)[1:],
+    walk = _load(*_module(kernels, storage, mode, records)[1:],
                 {f"_{x}{k}": f for k, (kernel, _, finish) in enumerate(kernels)
                  for x, f in (("K", kernel), ("F", finish))})
-    _FUSED[key] = drivers(walk.address, mode)
+    _FUSED[key] = _drivers(walk.address, mode)
     return _FUSED[key]
 
 
-def load(src: str, path: Path | None, names: dict[str, Any]) -> Any:
+def _load(src: str, path: Path | None, names: dict[str, Any]) -> Any:
     """The ``walk`` of generated module ``src``: imported from ``path`` in the cache directory
-    (written there first if new; numba caches its machine code beside it), or, with no path
-    (kernels defined in __main__ or a notebook), compiled in memory from ``src`` with
-    ``names`` as its globals. Held for the life of the process: the drivers call it by
-    address."""
+    (:func:`_imported`), or, with no path (kernels defined in __main__ or a notebook),
+    compiled in memory from ``src`` with ``names`` as its globals. Held for the life of the
+    process: the drivers call it by address."""
     if path is None:
         g: dict[str, Any] = {"CACHE": False, **names}
         exec(compile(src, "<uniopt fused loop>", "exec"), g)
-        _HELD.append(g["walk"])
-        return g["walk"]
+        walk = g["walk"]
+    else:
+        walk = _imported(src, path).walk
+    _HELD.append(walk)
+    return walk
+
+
+def _imported(src: str, path: Path) -> Any:
+    """Generated module ``src`` (its functions' ``cache=CACHE``) imported from ``path`` in the
+    cache directory, written there first if new; numba caches its machine code beside it."""
     name = path.stem
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -774,8 +781,7 @@ def load(src: str, path: Path | None, names: dict[str, Any]) -> Any:
     # and the others load its machine code, in milliseconds, when the lock is theirs
     with _locked(path.with_suffix(".lock")):
         spec.loader.exec_module(module)
-    _HELD.append(module.walk)
-    return module.walk
+    return module
 
 
 _HELD: list[Any] = []

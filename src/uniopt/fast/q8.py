@@ -34,9 +34,7 @@ included).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -645,16 +643,7 @@ def _module(src: str, names: dict[str, Any] | None = None) -> Any:
         module.__dict__.update(names or {}, CACHE=False)
         exec(compile(src, "<uniopt 8-bit loop>", "exec"), module.__dict__)
     else:
-        path = where / f"uniopt_q8_{key}.py"
-        if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(src.replace("cache=CACHE", "cache=True"))
-            os.replace(tmp, path)
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
+        module = cpu._imported(src, where / f"uniopt_q8_{key}.py")
     if names is None:  # the same text names the same functions
         _MODULES[key] = module
     return module
@@ -776,7 +765,7 @@ _LOOPS: dict[Any, Any] = {}
 
 def _loop(plan: list[tuple[Any, Any, tuple[str, ...]]], signs: tuple[bool, ...], kp: str,
           memo: dict[Any, Any]) -> Any:
-    """The one-thread and thread-pool calls (:func:`uniopt.fast.cpu.drivers`) of the loop for
+    """The one-thread and thread-pool calls (:func:`uniopt.fast.cpu._drivers`) of the loop for
     ``plan``: found once per rule (``memo``),
     compiled once per process, cached on disk as :mod:`uniopt.fast.cpu`'s are."""
     key = ("q8", signs, kp, *[type(c) for _, c, _ in plan])
@@ -800,7 +789,7 @@ def _loop(plan: list[tuple[Any, Any, tuple[str, ...]]], signs: tuple[bool, ...],
             names[f"_K{k}"], names[f"_F{k}"] = kernel, finish
     module = _module(src, names)
     cpu._HELD.append(module.walk)  # called by address
-    _LOOPS[full] = cpu.drivers(module.walk.address, "inplace")
+    _LOOPS[full] = cpu._drivers(module.walk.address, "inplace")
     memo[key] = _LOOPS[full]
     return memo[key]
 
