@@ -574,3 +574,84 @@ def test_zero_grad_frees_the_gradients_of_the_last_step(count: int,
         ref.step()
     assert all(torch.equal(p.detach(), ref.param_groups[0]["params"][0].detach()) for p in ps)
     assert not torch.equal(ps[0].detach(), before[0])
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_numbers_a_torch_lr_scheduler_writes_are_read_not_remade(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch ``lr_scheduler`` writes a new lr (OneCycleLR new betas too) into the group at
+    every step. The group's rule is made once and reads them, on the compiled loop, bit for bit
+    the rule made anew for each value (a group that never reads live); numbers that stop
+    changing go back into a rule of their own after ``STEADY`` steps; a number that becomes or
+    stops being 0 (a block comes or goes) or becomes a tensor makes the rule anew; a bad value
+    is refused before anything is written, saying where it came from."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    from uniopt.torch import optimizer
+
+    monkeypatch.setattr(optimizer, "STEADY", 5)
+    made: dict[str, int] = {"live": 0, "remade": 0}
+    real = ut.AdamW._group_rule
+
+    def counted(self: Any, group: dict[str, Any]) -> Any:
+        made["remade" if vars(self).get("_live_keys") else "live"] += 1
+        return real(self, group)
+
+    monkeypatch.setattr(ut.AdamW, "_group_rule", counted)
+    start = _tree(MLP)
+    ps = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    qs = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    opt = ut.AdamW(ps, lr=0.01, weight_decay=0.1)
+    ref = ut.AdamW(qs, lr=0.01, weight_decay=0.1)
+    monkeypatch.setattr(ref, "_live_keys", lambda group: frozenset())  # remade for each value
+    rng = np.random.default_rng(3)
+
+    def steps(n: int, *scheds: Any) -> None:
+        for _ in range(n):
+            for p, q in zip(ps, qs, strict=True):
+                g = torch.from_numpy(rng.standard_normal(tuple(p.shape)).astype(np.float32))
+                p.grad, q.grad = g, g.clone()
+            opt.step()
+            ref.step()
+            for s in scheds:
+                s.step()
+        for p, q in zip(ps, qs, strict=True):
+            assert torch.equal(p.detach(), q.detach())
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt.state[p][name], ref.state[q][name])
+
+    one_cycle = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=200)
+                 for o in (opt, ref)]
+    with expect_compiled(40):
+        steps(20, *one_cycle)  # lr and betas[0] change at every step
+    # made: checking the constructor's values, at the first step, then once or twice more
+    # (lr and betas read live; OneCycleLR's first steps may change one of them alone)
+    assert made["live"] <= 4 and made["remade"] >= 20, made
+    group = opt.param_groups[0]
+    assert opt._rules[id(group)].steady is not None  # reading them
+    steps(6)  # unchanged for STEADY steps: a rule holding them again
+    assert opt._rules[id(group)].steady is None
+    before = made["live"]
+    for o in (opt, ref):
+        o.param_groups[0]["weight_decay"] = 0.0  # the decay block goes: a rule anew
+    steps(2)
+    for o in (opt, ref):
+        o.param_groups[0]["weight_decay"] = 0.05
+        o.param_groups[0]["lr"] = torch.tensor(0.02)  # a tensor lr: read by value, not live
+    steps(2)
+    for o in (opt, ref):
+        o.param_groups[0]["lr"] = 0.02
+    cosine = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=30) for o in (opt, ref)]
+    steps(10, *cosine)
+    assert made["live"] - before <= 5, made
+
+    # a value the rule reads is checked at each step, before anything is written
+    saved = [p.detach().clone() for p in ps]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    group["lr"] = -0.5
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.5 \(the value its param "
+                                         r"group holds at step 40\)"):
+        opt.step()
+    assert all(torch.equal(p.detach(), s) for p, s in zip(ps, saved, strict=True))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[i][k], v) for i, st in state.items() for k, v in st.items())

@@ -1395,3 +1395,41 @@ def test_more_classes_invalid_values_name_them(name: str, kw: dict[str, Any], th
         opt.step()
     opt.param_groups[0].update(kept)
     assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("mode", [{}, {"fused": True}], ids=["default", "fused"])
+def test_a_grad_scaler_drives_it_as_torch_optim(mode: dict[str, Any]) -> None:
+    """Mixed precision as torch users train: ``torch.amp.GradScaler`` unscales the gradients
+    (the ``fused=True`` classes do not claim torch's in-kernel unscaling, so the scaler does it
+    first for them too), skips the step whose gradients overflowed and lowers its scale, as
+    for torch's AdamW. Scaling by a power of two is exact, so the run is bit for bit the one
+    without a scaler that skips that step itself; and it is torch's to float32 rounding."""
+
+    def run(make: Callable[..., Any], scaled: bool = True) -> tuple[list[Any], float, float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        opt = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=scaled)
+        x, y = torch.randn(32, 8), torch.randn(32, 1)
+        for i in range(30):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.mse_loss(model(x).float(), y)
+            if i == 5 and not scaled:
+                continue  # the step the scaler skips
+            if i == 5:
+                loss = loss * float("inf")  # overflowed gradients: the step is skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return ([p.detach().clone() for p in model.parameters()], scaler.get_scale(),
+                float(opt.state_dict()["state"][0]["step"]))
+
+    ours = run(lambda ps: ut.AdamW(ps, lr=1e-2, **mode))
+    theirs = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    assert ours[1] == theirs[1] == 2.0**15  # the overflow halved the scale
+    assert ours[2] == theirs[2] == 29  # and its step was skipped
+    unscaled = run(lambda ps: ut.AdamW(ps, lr=1e-2, **mode), scaled=False)
+    assert all(map(torch.equal, ours[0], unscaled[0]))
+    for a, b in zip(ours[0], theirs[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -93,21 +93,23 @@ class Transform:
 
     def hyperparameters(self) -> dict[str, Any]:
         """The fields that accept a number or a schedule, by name."""
-        fields = dataclasses.fields(self)
-        return {f.name: getattr(self, f.name) for f in fields if "hyper" in f.metadata}
+        return {n: getattr(self, n) for n in _hyper_names(type(self))}
 
-    def _validate(self, where: str = "", resolved: bool = False) -> None:
+    def _validate(self, where: str = "", resolved: bool = False,
+                  only: Collection[str] | None = None, foreign: bool = False) -> None:
         """Check every hyperparameter and store numbers as Python floats (tuples as tuples).
 
-        ``resolved``: the values came from schedules, so each must be a number."""
+        ``resolved``: the values came from schedules, so each must be a number. ``only``: the
+        fields to check (the others were checked when they entered a record), and ``foreign``
+        whether one of the others holds a number the host cannot compare (see
+        :attr:`_foreign`); the constraints between fields are checked whatever ``only`` holds."""
         # a JAX array where a number decides a block: the value may change with the record
         # kept (optax.inject_hyperparams passes every number so and rebuilds the record with
         # the array it holds, traced under jit), so the block is kept, as for a schedule
         dynamic = [n for n in self.optional if _jax_array(getattr(self, n))]
-        for f in dataclasses.fields(self):
+        checked = _checked_fields(type(self))
+        for f in checked.values() if only is None else map(checked.__getitem__, only):
             valid = f.metadata.get("hyper") or f.metadata.get("static")
-            if valid is None:
-                continue
             value = getattr(self, f.name)
             schedulable = "hyper" in f.metadata and not resolved
 
@@ -130,7 +132,10 @@ class Transform:
         if dynamic:
             on = frozenset(n for n in self.optional if n in dynamic or self.on(n))
             object.__setattr__(self, "host", HostFacts({}, on))
-        if any(_traced(v) or isinstance(v, (Complemented, DeviceNumber)) for v in _numbers(self)):
+        numbers = _numbers(self) if only is None else [
+            x for n in only for x in _flat(getattr(self, n)) if not callable(x)]
+        if foreign or any(_traced(v) or isinstance(v, (Complemented, DeviceNumber))
+                          for v in numbers):
             return  # from a JAX state: nothing to compare on the host
         try:
             self.check()
@@ -166,11 +171,10 @@ class Transform:
         values: dict[str, Any] = {}
         complements: dict[Any, Any] = {}
         nonzero = set()
-        scheduled = False
-        for name, v in self.hyperparameters().items():
+        scheduled: Any = False  # or what the first value that is no number's own was
+        for name in self._moving:
+            v = getattr(self, name)
             xs = v if isinstance(v, tuple) else (v,)
-            if not any(callable(x) or isinstance(x, (Complemented, DeviceNumber)) for x in xs):
-                continue
             out = []
             for i, x in enumerate(xs):
                 if isinstance(x, Complemented):
@@ -182,24 +186,44 @@ class Transform:
                 elif isinstance(x, DeviceNumber):
                     x = x.read()
                 elif callable(x):
-                    scheduled = True
+                    # a schedule's value, or one read where it is kept (a param group's)
+                    scheduled = (getattr(x, "source", None) or scheduled
+                                 or "the value of its schedule")
                     x = self._evaluate(x, step)
                 out.append(x)
             values[name] = tuple(out) if isinstance(v, tuple) else out[0]
         if not values:
             return self
-        new = assemble(type(self), {**self.fields(), **values},
-                       HostFacts(complements, nonzero=frozenset(nonzero)))
+        facts = (HostFacts(complements, nonzero=frozenset(nonzero)) if complements or nonzero
+                 else _NO_FACTS)
+        new = assemble(type(self), {**self.fields(), **values}, facts)
         if scheduled:
-            new._validate(f" (the value of its schedule at step {step})", resolved=True)
+            new._validate(f" ({scheduled} at step {step})", resolved=True, only=values,
+                          foreign=self._foreign)
         return new
+
+    @functools.cached_property
+    def _foreign(self) -> bool:
+        """Whether a number :meth:`at` keeps as it is was traced by JAX: the constraints
+        between the numbers of a resolved record cannot then be checked on the host."""
+        moving = self._moving
+        return any(_traced(x) or isinstance(x, (Complemented, DeviceNumber))
+                   for n, v in self.hyperparameters().items() if n not in moving
+                   for x in _flat(v))
+
+    @functools.cached_property
+    def _moving(self) -> tuple[str, ...]:
+        """The hyperparameters :meth:`at` replaces: those holding a schedule or a complemented
+        pair, or reading a number where it is."""
+        return tuple(name for name, v in self.hyperparameters().items()
+                     if any(callable(x) or isinstance(x, (Complemented, DeviceNumber))
+                            for x in (v if isinstance(v, tuple) else (v,))))
 
     @functools.cached_property
     def fixed(self) -> bool:
         """Whether :meth:`at` is this record at every step (no schedule, no complemented pair):
         a step then neither resolves nor validates it again."""
-        return not any(callable(x) or isinstance(x, (Complemented, DeviceNumber))
-                       for x in _values(self))
+        return not self._moving
 
     @functools.cached_property
     def memo(self) -> dict[Any, Any]:
@@ -225,7 +249,7 @@ class Transform:
 
     def fields(self) -> dict[str, Any]:
         """The record's own fields (those its constructor takes), by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return {n: getattr(self, n) for n in _init_names(type(self))}
 
     def parts(self) -> tuple[Transform, ...]:
         """The building blocks this transform runs, in order: parts, or transforms whose parts
@@ -383,8 +407,53 @@ def held_nonzero(t: Transform, name: str) -> bool:
                 ) and on_host(v) != 0
 
 
+def _by_class(make: Callable[[type], Any]) -> Callable[[type], Any]:
+    """``make(cls)``, made once per class: what a record's fields are never changes. (A dict,
+    not functools.cache, whose wrapper mypy will not give a dataclass type: frozen records
+    hash by value.)"""
+    made: dict[type, Any] = {}
+
+    def of(cls: type) -> Any:
+        found = made.get(cls)
+        if found is None:
+            found = made[cls] = make(cls)
+        return found
+
+    return of
+
+
+@_by_class
+def _checked_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    """The fields of ``cls`` that :meth:`Transform._validate` checks (numbers, schedules), by
+    name, in the record's order."""
+    return {f.name: f for f in dataclasses.fields(cls)
+            if "hyper" in f.metadata or "static" in f.metadata}
+
+
+@_by_class
+def _init_names(cls: type) -> tuple[str, ...]:
+    """The names of the fields the constructor of ``cls`` takes."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+@_by_class
+def _hyper_names(cls: type) -> tuple[str, ...]:
+    """The names of the fields of ``cls`` that accept a number or a schedule."""
+    return tuple(f.name for f in dataclasses.fields(cls) if "hyper" in f.metadata)
+
+
+# the host facts of a resolved record whose numbers were all the host's own (shared: a record
+# never changes its facts)
+_NO_FACTS = HostFacts(MappingProxyType({}), nonzero=frozenset())
+
+
+def _flat(v: Any) -> tuple[Any, ...]:
+    """A hyperparameter's numbers: a tuple's elements, or the value alone."""
+    return v if isinstance(v, tuple) else (v,)
+
+
 def _values(t: Transform) -> list[Any]:
-    return [x for v in t.hyperparameters().values() for x in (v if isinstance(v, tuple) else (v,))]
+    return [x for v in t.hyperparameters().values() for x in _flat(v)]
 
 
 def _numbers(t: Transform) -> list[Any]:

@@ -169,6 +169,12 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
 
     Python floats keep float32 arrays float32 where a NumPy float64 scalar would promote them,
     so every number is normalised here, once."""
+    if type(value) is float:  # the usual case, a schedule's or a group's value: at once
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be finite, got {value!r}{where}")
+        if value not in valid:
+            raise ValueError(f"{owner}: {name} must be {valid}, got {value!r}{where}")
+        return value
     if _traced(value) or isinstance(value, (Complemented, DeviceNumber)):
         return value  # type: ignore[return-value]  # from a JAX state: checked before it went in
     if getattr(value, "requires_grad", False) and getattr(value, "numel", lambda: 0)() == 1:

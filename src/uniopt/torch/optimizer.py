@@ -121,6 +121,73 @@ class _GroupRule(NamedTuple):
     scheduled: bool
     by_value: bool  # a watched value may change in place (a tensor, a list): compare values
     key: tuple[Any, ...]  # the values, as numbers
+    form: tuple[Any, ...]  # the key with each number that may be read live as whether it is 0
+    # the positions in the key (and in raw) of the numbers the rule reads from the group at each
+    # step (:class:`_GroupNumber`), and how many steps in a row they have stayed the same
+    # objects since (one element, counted in place); None: the rule holds every number
+    read: frozenset[int] = frozenset()
+    steady: list[int] | None = None
+
+
+# a rule reading its group's numbers at each step that has seen them unchanged this many steps
+# in a row is made holding them again: resolving them costs a small model's step about a third
+# (a learning rate that a StepLR or ReduceLROnPlateau changed, now and then)
+STEADY = 64
+
+
+class _GroupNumber:
+    """A number of a param group as the group's rule reads it: at each step, the value the
+    group holds then. A torch ``lr_scheduler`` writes a new learning rate (and OneCycleLR new
+    betas) into the group at every step; a rule made for each value costs a small model's step
+    ten times over, so while only such numbers change the rule reads them, resolved and checked
+    at each step as a schedule's values are (the numbers' kind and which are 0 are the rule's
+    cache key: a change there makes the rule anew)."""
+
+    __slots__ = ("group", "key", "index")
+
+    def __init__(self, group: dict[str, Any], key: str, index: int | None) -> None:
+        self.group, self.key, self.index = group, key, index
+
+    def __call__(self, step: Any) -> Any:
+        v = self.group[self.key]
+        return v if self.index is None else v[self.index]
+
+    def __repr__(self) -> str:
+        return f"group[{self.key!r}]" + ("" if self.index is None else f"[{self.index}]")
+
+    source = "the value its param group holds"
+
+
+def _readers(group: dict[str, Any], key: str) -> Any:
+    """What reads ``group[key]`` (a number, or a tuple of them) at each step."""
+    v = group[key]
+    if type(v) is tuple:
+        return tuple(_GroupNumber(group, key, i) for i in range(len(v)))
+    return _GroupNumber(group, key, None)
+
+
+def _only_read(raw: list[Any], hit: _GroupRule) -> bool:
+    """Whether the group's values ``raw`` differ from those ``hit`` was made from only in
+    numbers its rule reads at each step, each still of its form (see :func:`_form`)."""
+    for i, (a, b) in enumerate(zip(raw, hit.raw, strict=True)):
+        if a is not b and (i not in hit.read or _form(a) != _form(b)):
+            return False
+    return True
+
+
+def _is_number(v: Any) -> bool:
+    """A plain number (no bool: a flag is no hyperparameter's value)."""
+    return type(v) is float or type(v) is int
+
+
+def _form(v: Any) -> Any:
+    """What a live number's key is (whether it is 0, which may decide a block), or None where
+    ``v`` is not one a rule reads live (a tensor, a schedule, a list, which may change in place)."""
+    if _is_number(v):
+        return ("number", v == 0)
+    if type(v) is tuple and v and all(map(_is_number, v)):
+        return ("numbers", *(x == 0 for x in v))
+    return None
 
 
 class _Job(NamedTuple):
@@ -135,6 +202,9 @@ class _Job(NamedTuple):
     plan: plans.Plan | None  # None: to be built
     # the gradients as the engine gets them (views, addresses), where the fast path took them
     views: list[Any] | backend.Addressed | None
+    # a scheduled rule resolved at each step count its plan's runs are at (checked here, before
+    # anything is written; the step then reuses it), or None
+    resolved: dict[int, Any] | None = None
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -293,11 +363,34 @@ class Optimizer(torch.optim.Optimizer):
         hit = self._rules.get(id(group))
         if hit is not None and hit.group is not group:
             hit = None
-        if hit is not None and not hit.by_value and all(map(operator.is_, raw, hit.raw)):
-            return hit.rule, hit.scheduled
+        if hit is not None and not hit.by_value:
+            if all(map(operator.is_, raw, hit.raw)):
+                if hit.steady is None:
+                    return hit.rule, hit.scheduled
+                hit.steady[0] += 1
+                if hit.steady[0] < STEADY:
+                    return hit.rule, hit.scheduled
+                hit = None  # numbers that stopped changing: a rule holding them again
+            elif hit.steady is not None and _only_read(raw, hit):
+                hit.raw[:] = raw  # (the rule reads the new values)
+                hit.steady[0] = 0
+                return hit.rule, hit.scheduled
         key = (*(_key(group, k) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
+        eligible = self._live_keys(group)
+        form = tuple(_form(group[k]) or v if k in eligible else v
+                     for k, v in zip(self._keys, key, strict=False)) + key[len(self._keys):]
+        read: frozenset[int] = frozenset()
+        steady = None
         if hit is not None and hit.key == key:
-            rule, scheduled = hit.rule, hit.scheduled
+            rule, scheduled, steady, read = hit.rule, hit.scheduled, hit.steady, hit.read
+        elif hit is not None and hit.form == form:
+            # only numbers changed (a torch lr_scheduler's): a rule that reads them, and those
+            # it read already, from the group at each step
+            read = hit.read | {i for i, (a, b) in enumerate(zip(key, hit.key, strict=True))
+                               if a != b}
+            readers = {self._keys[i]: _readers(group, self._keys[i]) for i in read}
+            rule = self._group_rule({**group, **readers})
+            scheduled, steady = True, [0]
         else:
             rule = self._group_rule(group)
             scheduled = _scheduled(rule)
@@ -306,8 +399,15 @@ class Optimizer(torch.optim.Optimizer):
         by_value = any(isinstance(v, list) or isinstance(v, torch.Tensor)
                        and not (isinstance(k, tuple) and k[:1] == ("tensor",))
                        for v, k in zip(raw, key, strict=False))
-        self._rules[id(group)] = _GroupRule(group, raw, rule, scheduled, by_value, key)
+        self._rules[id(group)] = _GroupRule(group, raw, rule, scheduled, by_value, key, form,
+                                            read, steady)
         return rule, scheduled
+
+    def _live_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        """The group keys whose plain numbers the group's rule may read at each step (see
+        :class:`_GroupNumber`): hyperparameters that take a schedule. None in a capturable
+        group, whose numbers a captured graph holds."""
+        return frozenset() if group.get("capturable") else frozenset(self._keys)
 
     @property
     def _watched(self) -> tuple[str, ...]:
@@ -385,7 +485,8 @@ class Optimizer(torch.optim.Optimizer):
                         self._sparse == "rows", self.state,
                         self._steps_for(job.gi, job.group["params"]),
                         self._run_tags(job.gi, job.group, job.has))
-                plan.run(job.rule, job.grads, job.views, self._run_rules(job.gi, plan, job.rule))
+                plan.run(job.rule, job.grads, job.views, self._run_rules(job.gi, plan, job.rule),
+                         job.resolved)
         finally:
             torch._C._set_grad_enabled(enabled)
         return loss
@@ -424,8 +525,8 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 counts = {plans.state_step(self.state.get(q, {}))
                           for q, h in zip(ps, has, strict=True) if h}
-            for s in sorted(counts):
-                resolve(rule, s)
+            resolved = {s: resolve(rule, s) for s in sorted(counts)}
+            return _Job(gi, group, rule, grads, has, sparse, plan, views, resolved)
         return _Job(gi, group, rule, grads, has, sparse, plan, views)
 
     def _run_tags(self, gi: int, group: dict[str, Any], has: list[bool]) -> list[Any] | None:

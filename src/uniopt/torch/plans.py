@@ -576,12 +576,16 @@ class Plan:
 
     def run(self, rule: Transform, grads: list[Any],
             views: list[Any] | backend.Addressed | None,
-            rules: list[Transform] | None = None) -> None:
+            rules: list[Transform] | None = None,
+            resolved: dict[int, Any] | None = None) -> None:
         """One step: an engine call per run, then the parameters with sparse gradients.
         ``rules``: one per run, where runs that share a step count differ in their numbers
-        (None: ``rule`` for each)."""
-        if rules is not None and len(rules) == 1:
-            rule, rules = rules[0], None  # bound to the compiled loop as a group's rule is
+        (None: ``rule`` for each). ``resolved``: ``rule`` resolved at some step counts (a
+        scheduled rule, resolved by the checks before the step), or None."""
+        if rules is not None:
+            resolved = None  # of the group's rule, not of these
+            if len(rules) == 1:
+                rule, rules = rules[0], None  # bound to the compiled loop as a group's rule is
         if views is None:
             gs = [grads[i] for i in self.sel]
             if self.sharding is not None:
@@ -591,7 +595,9 @@ class Plan:
         # (bound to a rule's loops: a group whose rule changed, say nesterov=True, binds anew)
         if self.lane is not None and self.lane.memo is rule.memo:
             run = self.runs[0]
-            if self.lane(resolve(rule, self.run_steps()[0]), views):
+            step = self.run_steps()[0]
+            at = None if resolved is None else resolved.get(step)
+            if self.lane(resolve(rule, step) if at is None else at, views):
                 self.steps.add(run.idx)
                 backend.mark_written(run.written)
                 self._after(rule, grads)

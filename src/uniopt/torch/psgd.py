@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +119,10 @@ class Kron(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._keys = (*_KRON_KEYS, *_DTYPE_KEYS)
+
+    def _live_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        hyper = {f.name for f in dataclasses.fields(kron) if "hyper" in f.metadata}
+        return frozenset(k for k, f in _KRON_KEYS.items() if f in hyper)
 
     @property
     def _name(self) -> str:
