@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-import uniopt.torch as ut
 from uniopt.tools import bench
 
 SCHEDULERS: dict[str, Callable[[Any], Any] | None] = {
@@ -29,30 +28,6 @@ SCHEDULERS: dict[str, Callable[[Any], Any] | None] = {
     "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2,
                                                                  total_steps=10**7),
 }
-CLASSES = {"adamw": "AdamW", "sgd": "SGD", "adam": "Adam"}
-
-
-def stepper(w: bench._Workload, rule: str, impl: str, sched: str) -> Callable[[], None]:
-    params = [torch.from_numpy(p.copy()) for p in w.params]
-    grads = [[torch.from_numpy(g) for g in gs] for gs in w.grads]
-    kw: dict[str, Any] = dict(bench.PEER_SETTINGS[rule])
-    if impl == "uniopt.torch":
-        opt = getattr(ut, CLASSES[rule])(params, **kw)
-    else:
-        opt = getattr(torch.optim, CLASSES[rule])(params, **kw, **{impl: True})
-    make = SCHEDULERS[sched]
-    s = None if make is None else make(opt)
-    k = [0]
-
-    def step() -> None:
-        k[0] ^= 1
-        for p, g in zip(params, grads[k[0]], strict=True):
-            p.grad = g
-        opt.step()
-        if s is not None:
-            s.step()
-
-    return step
 
 
 def main() -> None:
@@ -68,8 +43,11 @@ def main() -> None:
         w = bench._Workload(bench.WORKLOADS[name])
         for rule in a.rules.split(","):
             for sched in SCHEDULERS:
-                runs = {impl: stepper(w, rule, impl, sched)
-                        for impl in ("uniopt.torch", "fused", "foreach")}
+                runs = {}
+                for impl in ("uniopt.torch", "fused", "foreach"):
+                    f = bench._torch(w, rule, impl, SCHEDULERS[sched])
+                    assert f is not None, (rule, impl)
+                    runs[impl] = f
                 best = dict.fromkeys(runs, float("inf"))
                 for f in runs.values():
                     for _ in range(a.steps // 3):

@@ -313,11 +313,13 @@ def _numpy_flat(w: _Workload, rule: str, chunk: int | None) -> Callable[[], Any]
     return step
 
 
-def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
+def _torch(w: _Workload, rule: str, mode: str,
+           scheduler: Callable[[Any], Any] | None = None) -> Callable[[], Any] | None:
     """torch.optim in ``mode`` (for-loop, foreach, fused), or ``uniopt.torch``'s class of the
     same name (``uniopt.torch foreach``: its multi-tensor path, which tensors off the CPU take
     by default): the same tensors, on ``w.device``, the same ``p.grad = g; opt.step()`` loop,
-    synchronised with the device after each step."""
+    synchronised with the device after each step. ``scheduler``: makes a torch lr_scheduler of
+    the optimizer, stepped after it."""
     try:
         import torch
     except ImportError:
@@ -352,6 +354,7 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
     params = [torch.from_numpy(p.copy()).to(w.device, dtype) for p in w.params]
     grads = [[torch.from_numpy(g).to(w.device, dtype) for g in gs] for gs in w.grads]
     opt = cls(params, **kw)
+    sched = None if scheduler is None else scheduler(opt)
     sync = synchronizer(w.device)
     k = [0]
 
@@ -360,6 +363,8 @@ def _torch(w: _Workload, rule: str, mode: str) -> Callable[[], Any] | None:
         for p, g in zip(params, grads[k[0]], strict=True):
             p.grad = g
         opt.step()
+        if sched is not None:
+            sched.step()
         sync()
 
     return step
