@@ -217,7 +217,7 @@ class Transform:
         pair, or reading a number where it is."""
         return tuple(name for name, v in self.hyperparameters().items()
                      if any(callable(x) or isinstance(x, (Complemented, DeviceNumber))
-                            for x in (v if isinstance(v, tuple) else (v,))))
+                            for x in _flat(v)))
 
     @functools.cached_property
     def fixed(self) -> bool:

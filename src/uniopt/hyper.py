@@ -169,30 +169,27 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
 
     Python floats keep float32 arrays float32 where a NumPy float64 scalar would promote them,
     so every number is normalised here, once."""
-    if type(value) is float:  # the usual case, a schedule's or a group's value: at once
-        if not math.isfinite(value):
-            raise ValueError(f"{owner}: {name} must be finite, got {value!r}{where}")
-        if value not in valid:
-            raise ValueError(f"{owner}: {name} must be {valid}, got {value!r}{where}")
-        return value
-    if _traced(value) or isinstance(value, (Complemented, DeviceNumber)):
-        return value  # type: ignore[return-value]  # from a JAX state: checked before it went in
-    if getattr(value, "requires_grad", False) and getattr(value, "numel", lambda: 0)() == 1:
-        # a torch tensor that a differentiable step differentiates with respect to (a learned
-        # lr): checked by its value, kept as it is
-        check(owner, name, float(value), valid, where)  # type: ignore[arg-type]
-        return value  # type: ignore[return-value]
-    zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
-    # (by the dtype's name: torch's "torch.float32" and bfloat16 are no NumPy dtypes)
-    if zero_d and str(value.dtype).rsplit(".", 1)[-1].startswith(  # type: ignore[attr-defined]
-            ("float", "bfloat", "int", "uint")):
-        value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number
-    if callable(value) and not schedulable:
-        raise TypeError(f"{owner}: {name} must be a number, not a schedule (it takes none), "
-                        f"got {value!r}{where}")
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        kinds = "a number or a schedule" if schedulable else "a number"
-        raise TypeError(f"{owner}: {name} must be {kinds}, got {value!r}{where}")
+    # (a Python float, a schedule's or a param group's value, needs none of this)
+    if type(value) is not float:
+        if _traced(value) or isinstance(value, (Complemented, DeviceNumber)):
+            # from a JAX state: checked before it went in
+            return value  # type: ignore[return-value]
+        if getattr(value, "requires_grad", False) and getattr(value, "numel", lambda: 0)() == 1:
+            # a torch tensor that a differentiable step differentiates with respect to (a learned
+            # lr): checked by its value, kept as it is
+            check(owner, name, float(value), valid, where)  # type: ignore[arg-type]
+            return value  # type: ignore[return-value]
+        zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
+        # (by the dtype's name: torch's "torch.float32" and bfloat16 are no NumPy dtypes)
+        kind = str(value.dtype).rsplit(".", 1)[-1] if zero_d else ""  # type: ignore[attr-defined]
+        if kind.startswith(("float", "bfloat", "int", "uint")):
+            value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number
+        if callable(value) and not schedulable:
+            raise TypeError(f"{owner}: {name} must be a number, not a schedule (it takes none), "
+                            f"got {value!r}{where}")
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            kinds = "a number or a schedule" if schedulable else "a number"
+            raise TypeError(f"{owner}: {name} must be {kinds}, got {value!r}{where}")
     x = float(value)
     if not math.isfinite(x):
         raise ValueError(f"{owner}: {name} must be finite, got {value!r}{where}")

@@ -100,16 +100,12 @@ class _Named(Optimizer):
     # torch's defaults where they are not the rule's field defaults as written: its int 0s
     # (a repr, a logged config or a signature shows them; the class's own, not inherited)
     _torch_defaults: ClassVar[dict[str, Any]] = {}
-    _readable: ClassVar[frozenset[str]] = frozenset()  # see _live_keys
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "_torch_params" in vars(cls):
             fields = {f.name: f.default for f in dataclasses.fields(cls.rule) if f.init}
             cls._keys = (*(n for n in cls._torch_params if n in fields), *cls._group_only)
-            # the keys of hyperparameters (they take a schedule, so a number read at each step)
-            cls._readable = frozenset(f.name for f in dataclasses.fields(cls.rule)
-                                      if "hyper" in f.metadata and f.name in cls._keys)
             own = vars(cls).get("_torch_defaults", {})
             cls.__init__ = _constructor(  # type: ignore[method-assign]
                 cls, {**TORCH_FLAGS, **fields, **own})
@@ -166,7 +162,7 @@ class _Named(Optimizer):
     def _live_keys(self, group: dict[str, Any]) -> frozenset[str]:
         if group.get("capturable"):
             return frozenset()
-        return self._readable
+        return frozenset(self._keys) & self.rule.hyperparameters().keys()
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
         values = {k: field(group, k) for k in self._keys}

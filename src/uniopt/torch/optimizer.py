@@ -377,8 +377,9 @@ class Optimizer(torch.optim.Optimizer):
                 return hit.rule, hit.scheduled
         key = (*(_key(group, k) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
         eligible = self._live_keys(group)
-        form = tuple(_form(group[k]) or v if k in eligible else v
-                     for k, v in zip(self._keys, key, strict=False)) + key[len(self._keys):]
+        form = tuple(_form(r) or v if k in eligible else v
+                     for k, r, v in zip(self._keys, raw, key, strict=False)
+                     ) + key[len(self._keys):]
         read: frozenset[int] = frozenset()
         steady = None
         if hit is not None and hit.key == key:
@@ -388,8 +389,11 @@ class Optimizer(torch.optim.Optimizer):
             # it read already, from the group at each step
             read = hit.read | {i for i, (a, b) in enumerate(zip(key, hit.key, strict=True))
                                if a != b}
-            readers = {self._keys[i]: _readers(group, self._keys[i]) for i in read}
-            rule = self._group_rule({**group, **readers})
+            if read == hit.read:  # (another number, equal, written where none is read)
+                rule = hit.rule
+            else:
+                readers = {self._keys[i]: _readers(group, self._keys[i]) for i in read}
+                rule = self._group_rule({**group, **readers})
             scheduled, steady = True, [0]
         else:
             rule = self._group_rule(group)
@@ -405,7 +409,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _live_keys(self, group: dict[str, Any]) -> frozenset[str]:
         """The group keys whose plain numbers the group's rule may read at each step (see
-        :class:`_GroupNumber`): hyperparameters that take a schedule. None in a capturable
+        :class:`_GroupNumber`): hyperparameters that take a schedule. No key in a capturable
         group, whose numbers a captured graph holds."""
         return frozenset() if group.get("capturable") else frozenset(self._keys)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -121,7 +120,7 @@ class Kron(Optimizer):
         self._keys = (*_KRON_KEYS, *_DTYPE_KEYS)
 
     def _live_keys(self, group: dict[str, Any]) -> frozenset[str]:
-        hyper = {f.name for f in dataclasses.fields(kron) if "hyper" in f.metadata}
+        hyper = self.rule.hyperparameters()
         return frozenset(k for k, f in _KRON_KEYS.items() if f in hyper)
 
     @property
