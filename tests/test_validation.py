@@ -443,6 +443,30 @@ def test_schedule_invalid_at_step_3(build, match, inplace, width):
     )
 
 
+@pytest.mark.parametrize("build", [
+    *(case.values[0] for case in SCHEDULE_CASES),
+    lambda: uo.adamw(lr=lambda s: 1e-3 / (1 + s), betas=(lambda s: 0.9 - 0.1 * s, 0.999)),
+    lambda: uo.sgd(lr=lambda s: 0.1 * s, momentum=0.9, weight_decay=jnp.asarray(0.01)),
+    lambda: uo.sgd(lr=lambda s: 0.1 if s < 2 else 1),  # an int from a schedule
+], ids=[*(case.id for case in SCHEDULE_CASES), "adamw-betas0", "sgd-jax-wd", "sgd-int-lr"])
+def test_a_host_step_resolves_a_record_as_the_general_path_does(build):
+    """At a host step (a Python int) a scheduled record is resolved by a short path
+    (Transform._at_host); any other step takes the general one. Same values, same facts, and
+    where a value is bad, the same error naming the step."""
+    for part, _ in build().keyed_parts:
+        for s in range(6):
+            try:
+                general = part.at(np.int64(s))
+            except (TypeError, ValueError) as e:
+                with pytest.raises(type(e), match=re.escape(str(e))):
+                    part.at(s)
+                continue
+            short = part.at(s)
+            assert short.fields() == general.fields() and short.host == general.host
+            assert [type(v) for v in short.fields().values()] == [
+                type(v) for v in general.fields().values()]
+
+
 @pytest.mark.parametrize("bad", ["fast", None])
 def test_schedule_returning_non_number(bad):
     params = _params()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -168,6 +169,10 @@ class Transform:
         (validated), every :class:`~uniopt.hyper.Complemented` pair by its value."""
         if self.fixed:
             return self
+        if type(step) is int and self._read_on_host is not None:
+            new = self._at_host(step)
+            if new is not None:
+                return new
         values: dict[str, Any] = {}
         complements: dict[Any, Any] = {}
         nonzero = set()
@@ -201,6 +206,48 @@ class Transform:
             new._validate(f" ({scheduled} at step {step})", resolved=True, only=values,
                           foreign=self._foreign)
         return new
+
+    def _at_host(self, step: int) -> Transform | None:
+        """:meth:`at` where every value comes out a valid Python float and no pair or device
+        number is in play (a torch lr_scheduler's, every step of a small model): the same
+        record, without the general path's bookkeeping. None: take the general path, which
+        normalises other values or raises naming the step."""
+        values: dict[str, Any] = {}
+        assert self._read_on_host is not None
+        for name, xs, valid in self._read_on_host:
+            if type(xs) is tuple:
+                v: Any = tuple(x(step) if callable(x) else x for x in xs)
+                if not all(type(x) is float and math.isfinite(x) and x in valid for x in v):
+                    return None
+            else:
+                v = xs(step)
+                if not (type(v) is float and math.isfinite(v) and v in valid):
+                    return None
+            values[name] = v
+        new = assemble(type(self), {**self.fields(), **values}, _NO_FACTS)
+        if not self._foreign:
+            try:
+                new.check()
+            except ValueError:
+                return None
+        return new
+
+    @functools.cached_property
+    def _read_on_host(self) -> tuple[tuple[str, Any, Interval], ...] | None:
+        """For :meth:`_at_host`, each moving field with its value and valid range; None where
+        a moving value is a pair or a device number, or where a kept optional number is a JAX
+        array (whose block the general path decides)."""
+        moving = self._moving
+        checked = _checked_fields(type(self))
+        out = []
+        for name in moving:
+            v = getattr(self, name)
+            if any(isinstance(x, (Complemented, DeviceNumber)) for x in _flat(v)):
+                return None
+            out.append((name, v, checked[name].metadata["hyper"]))
+        if any(_jax_array(getattr(self, n)) for n in self.optional if n not in moving):
+            return None
+        return tuple(out)
 
     @functools.cached_property
     def _foreign(self) -> bool:

@@ -170,7 +170,14 @@ def _only_read(raw: list[Any], hit: _GroupRule) -> bool:
     """Whether the group's values ``raw`` differ from those ``hit`` was made from only in
     numbers its rule reads at each step, each still of its form (see :func:`_form`)."""
     for i, (a, b) in enumerate(zip(raw, hit.raw, strict=True)):
-        if a is not b and (i not in hit.read or _form(a) != _form(b)):
+        if a is b:
+            continue
+        if i not in hit.read:
+            return False
+        if type(a) is float and type(b) is float:  # (a scheduler's lr: every step)
+            if (a == 0) != (b == 0):
+                return False
+        elif _form(a) != _form(b):
             return False
     return True
 
