@@ -4,6 +4,9 @@ numbers are the eager run's."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -92,3 +95,28 @@ def test_a_whole_compiled_training_step_with_the_optimizer_inside() -> None:
         runs[compiled] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(runs[False], runs[True], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_the_step_is_one_graph_break() -> None:
+    model = _model()
+    opt = ut.AdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        opt.step()
+        return y + 1
+
+    explained = dynamo.explain(f)(torch.ones(3))
+    assert (explained.graph_count, explained.graph_break_count) == (2, 1)
+    assert "_UNTRACED_STEP" in explained.break_reasons[0].reason
+
+
+def test_importing_uniopt_torch_leaves_dynamo_unimported() -> None:
+    """dynamo costs about 1.5 s to import: it is imported at the first traced step."""
+    code = "import sys, uniopt.torch; print('torch._dynamo' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=os.environ, timeout=120)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "False"), proc.stderr

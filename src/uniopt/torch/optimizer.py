@@ -33,10 +33,6 @@ _GRAD = operator.attrgetter("grad")
 # a call (about 10 us); the step as an op in the graph costs more (a custom op of a small
 # model's 24 tensors, computing nothing, takes longer compiled than its whole eager step):
 # benchmarks/torch_compile.py, docs/torch.md
-_NOT_TRACED = (
-    "uniopt's step runs its own compiled loop on NumPy views of the tensors; traced, its "
-    "per-step coefficients would recompile the graph every step"
-)
 
 # the group's flags that change its rule (decoupled_weight_decay: torch's Adam becomes AdamW)
 _RULE_FLAGS = ("maximize", "decoupled_weight_decay", "differentiable")
@@ -742,7 +738,11 @@ def _own_step(self: Optimizer, closure: Callable[[], float] | None = None) -> fl
     return self._step(closure)  # the class's own (LBFGS has another)
 
 
-@torch.compiler.disable(reason=_NOT_TRACED)
+# torch.compiler.disable in the lazy form torch.optim marks its own methods with: dynamo is
+# imported at the first traced step, not with uniopt.torch (about 1.5 s of a 4 s import). What
+# it costs: dynamo's explanation of the break names this function as one it skips, without a
+# reason of ours (docs/torch.md gives it)
+@torch._disable_dynamo
 def _UNTRACED_STEP(self: Optimizer, closure: Callable[[], float] | None = None) -> float | None:
     return self.step(closure)
 
