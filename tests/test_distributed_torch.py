@@ -1,27 +1,34 @@
 """uniopt on torch.distributed: FSDP2 (``fully_shard``), tensor parallel and
 ``torch.distributed.checkpoint``, with gloo on this machine's CPU.
 
-Each scenario is one group of processes (forked: they inherit the imports, so a group starts
-in a fraction of a second), bounded in time, which measures everything it checks and writes
-it to a JSON file per rank; the assertions run here, in the test. Every rank trains on the
-same batch, so a sharded run computes exactly the unsharded run's gradients (FSDP2 averages
-equal gradients: ``(g + g) / 2 = g`` in binary floating point), and a uniopt class on FSDP2
-shards must equal the same class on the whole model bit for bit: both run the same compiled
-loop over the same numbers, element by element. Parts that need more than one element (a
+Each scenario is one group of processes (forked from a fresh interpreter running this file,
+see :class:`Launcher`: the ranks inherit its imports and compiled loops), bounded in time,
+which measures everything it checks and writes it to a JSON file per rank; the assertions
+run here, in the test. Every rank trains on the same batch, so a sharded run computes
+exactly the unsharded run's gradients (FSDP2 averages equal gradients: ``(g + g) / 2 = g``
+in binary floating point), and a uniopt class on FSDP2 shards must equal the same class on
+the whole model bit for bit: both run the same compiled loop over the same numbers, element
+by element. Parts that need more than one element (a
 global norm, Adafactor's factors, Muon's iteration, trust ratios) sum or gather across the
 ranks; their results equal the unsharded run's to float32 rounding (see _ROUNDING).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
 import os
+import queue
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +83,7 @@ _ROUNDING = 4 * STEPS * EPS32
 
 
 def _compile_before_forking(*names: str) -> None:
-    """The ranks are forked from this process, so a loop compiled here is every rank's: one
+    """The ranks are forked from the launcher, so a loop compiled there is every rank's: one
     step of each class ``names`` (and of 8-bit AdamW) on the unsharded models compiles the
     loops the ranks run, where each rank would compile the same code beside the others (twice
     or four times the CPU, on a machine whose cores the other test processes share). Each test
@@ -93,11 +100,6 @@ def _compile_before_forking(*names: str) -> None:
                "q8", 1)
     finally:
         cpu.MIN_LEAVES, cpu.MIN_SIZE = old
-
-
-@pytest.fixture(scope="module")
-def every_class_compiled() -> None:
-    _compile_before_forking(*CLASSES)
 
 
 def _free_port() -> int:
@@ -122,26 +124,123 @@ def _entry(rank: int, fn: Callable[..., None], world: int, port: int, out: str,
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], world: int, out: Path, *args: Any,
-           timeout: float = 240.0) -> list[Any]:
-    """``fn(rank, world, *args)`` on ``world`` forked processes in a gloo group; what each
-    returns (JSON), by rank. Raises the first process's error; kills all of them on timeout."""
+class Launcher:
+    """Groups of ranks forked from a fresh interpreter that runs this file (:func:`_serve`),
+    not from the test process: a fork copies only the forking thread, and a test process has
+    others (JAX's, OpenMP's) whose half-copied state crashed a rank (SIGSEGV in a collective,
+    once in some ten CI runs). One such launcher serves a test process's groups in turn, so
+    its imports and compiled loops are paid for once."""
+
+    DONE = "uniopt-launcher-done"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+
+    def _start(self) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        self.lines = queue.Queue()
+
+        def read(out: Any, lines: queue.Queue[str | None]) -> None:
+            for line in out:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, args=(proc.stdout, self.lines), daemon=True).start()
+        return proc
+
+    def __call__(self, fn: Callable[..., Any], world: int, out: Path, *args: Any,
+                 compiled: tuple[str, ...] = (), timeout: float = 240.0) -> list[Any]:
+        """``fn(rank, world, *args)`` (``args`` JSON) on ``world`` processes in a gloo group;
+        what each returns (JSON), by rank. ``compiled``: the classes whose loops the launcher
+        compiles before it forks (:func:`_compile_before_forking`). Raises with the group's
+        output where a rank failed; kills the launcher and every rank on timeout."""
+        out.mkdir(parents=True, exist_ok=True)
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = self._start()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"fn": fn.__name__, "world": world, "out": str(out),
+                                          "args": args, "compiled": compiled,
+                                          "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        said: list[str] = []
+        deadline = time.monotonic() + timeout + 60
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close()
+                raise TimeoutError(f"{fn.__name__} on {world} processes took over "
+                                   f"{timeout} s") from None
+            if line is None or line.startswith(self.DONE):
+                break
+            said.append(line)
+        if line is None or line.split()[1] != "ok":
+            raise RuntimeError(f"{fn.__name__} on {world} processes failed:\n"
+                               + "".join(said)[-6000:])
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.close()  # the launcher's loop ends
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # and any rank it left
+        self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def launch() -> Iterator[Launcher]:
+    launcher = Launcher()
+    yield launcher
+    launcher.close()
+
+
+def _serve() -> None:
+    """The launcher: the test suite's settings (conftest's), then for each group asked for on
+    stdin, its loops compiled (once) and its ranks forked, bounded in time; a line saying how
+    it ended after each."""
+    import traceback
+
     import torch.multiprocessing as mp
 
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), str(out), args),
-                             nprocs=world, join=False, start_method="fork")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__} on {world} processes took over {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    cpu.COMPILE_AFTER, cpu.PARALLEL_MIN = None, 1 << 62
+    done: set[str] = set()
+    for line in sys.stdin:
+        spec = json.loads(line)
+        try:
+            todo = [n for n in spec["compiled"] if n not in done]
+            if todo:
+                _compile_before_forking(*todo)
+                done.update(todo)
+            fn, world = globals()[spec["fn"]], spec["world"]
+            ctx = mp.start_processes(
+                _entry, args=(fn, world, _free_port(), spec["out"], tuple(spec["args"])),
+                nprocs=world, join=False, start_method="fork")
+            deadline = time.monotonic() + spec["timeout"]
+            try:
+                while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{fn.__name__} on {world} processes took over "
+                                           f"{spec['timeout']} s")
+            finally:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                    p.join(5)
+            status = "ok"
+        except Exception:
+            traceback.print_exc(file=sys.stdout)
+            status = "failed"
+        print(Launcher.DONE, status, flush=True)
 
 
 # --- models and runs (in the processes) ----------------------------------------------------
@@ -407,23 +506,23 @@ def _check_classes(results: list[dict[str, Any]]) -> None:
             assert name in ("Rprop", "Adafactor"), (key, theirs)
 
 
-@pytest.mark.usefixtures("every_class_compiled")
-def test_fsdp2_classes(tmp_path: Path) -> None:
+def test_fsdp2_classes(launch: Launcher, tmp_path: Path) -> None:
     """Every class of uniopt.torch (but LBFGS and SparseAdam, see SKIPPED) on an FSDP2 MLP,
     STEPS steps: the state laid out as the params (each slot shaped as its parameter a DTensor
     of its placements, Adafactor's factors replicated), and the params bit for bit those of
     the unsharded run for elementwise classes, to float32 rounding for Adafactor, Muon, LAMB,
     LARS and the clipping recipes (which sum or gather across the ranks)."""
-    _check_classes(launch(_classes, 2, tmp_path, ["mlp"], list(CLASSES), False))
+    _check_classes(launch(_classes, 2, tmp_path, ["mlp"], list(CLASSES), False,
+                          compiled=tuple(CLASSES)))
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("every_class_compiled")
-def test_fsdp2_transformer_and_torch(tmp_path: Path) -> None:
+def test_fsdp2_transformer_and_torch(launch: Launcher, tmp_path: Path) -> None:
     """As :func:`test_fsdp2_classes` on a transformer block (the MLP is that test's), and each
     class against torch.optim's own on the same FSDP2 model, where torch's runs on DTensors
     (measured: as far apart as unsharded, to the last bit, for every elementwise class)."""
-    _check_classes(launch(_classes, 2, tmp_path, ["transformer"], list(CLASSES), True))
+    _check_classes(launch(_classes, 2, tmp_path, ["transformer"], list(CLASSES), True,
+                          compiled=tuple(CLASSES)))
 
 
 # --- torch.distributed.checkpoint: saved on 2 ranks, loaded on 4 ---------------------------
@@ -508,13 +607,13 @@ def _four(rank: int, world: int, path: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], list[Any]]:
+def four(launch: Launcher, tmp_path_factory: pytest.TempPathFactory
+         ) -> tuple[list[Any], list[Any]]:
     """A DCP checkpoint saved by 2 ranks; then one group of 4 that loads it and runs the 2-D
     mesh scenarios. What each rank found, by rank: (the 2, the 4)."""
     tmp = tmp_path_factory.mktemp("four")
-    _compile_before_forking("AdamW")
-    saved = launch(_dcp, 2, tmp / "two", str(tmp / "ckpt"), True)
-    return saved, launch(_four, 4, tmp / "four", str(tmp / "ckpt"))
+    saved = launch(_dcp, 2, tmp / "two", str(tmp / "ckpt"), True, compiled=("AdamW",))
+    return saved, launch(_four, 4, tmp / "four", str(tmp / "ckpt"), compiled=("AdamW",))
 
 
 def test_dcp_reshard(four: tuple[list[Any], list[Any]]) -> None:
@@ -760,7 +859,7 @@ def _tp(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-def test_tensor_parallel_clip(tmp_path: Path) -> None:
+def test_tensor_parallel_clip(launch: Launcher, tmp_path: Path) -> None:
     """A tensor-parallel Linear pair with uo.clip_by_global_norm in a recipe equals the
     unsharded run: the norm sums each sharded leaf across the ranks and the replicated bias
     once (summed twice, the clipping factor would differ and the runs part at once)."""
@@ -847,7 +946,7 @@ def _errors(rank: int, world: int) -> dict[str, str]:
     return out
 
 
-def test_refused_on_shards(tmp_path: Path) -> None:
+def test_refused_on_shards(launch: Launcher, tmp_path: Path) -> None:
     """Whole-tree parts (L-BFGS, combinators), 8-bit state with per-leaf parts or scales of
     another layout, differentiable steps, a plain gradient for a DTensor parameter, a
     Partial parameter and ``uo.save`` of a sharded optimizer raise, naming the cause, and
@@ -876,3 +975,7 @@ def test_refused_on_shards(tmp_path: Path) -> None:
     }
     for name, start in want.items():
         assert r[name].startswith(start), (name, r[name])
+
+
+if __name__ == "__main__":
+    _serve()
