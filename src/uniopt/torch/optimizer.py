@@ -741,8 +741,9 @@ def _own_step(self: Optimizer, closure: Callable[[], float] | None = None) -> fl
 # torch.compiler.disable in the lazy form torch.optim marks its own methods with: dynamo is
 # imported at the first traced step, not with uniopt.torch (about 1.5 s of a 4 s import). What
 # it costs: dynamo's explanation of the break names this function as one it skips, without a
-# reason of ours (docs/torch.md gives it)
-@torch._disable_dynamo
+# reason of ours (docs/torch.md gives it). (A private name of torch's: where a release drops
+# it, the public decorator, which imports dynamo with uniopt.torch.)
+@getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 def _UNTRACED_STEP(self: Optimizer, closure: Callable[[], float] | None = None) -> float | None:
     return self.step(closure)
 
