@@ -536,6 +536,8 @@ class Plan:
 
     def counts(self) -> set[int]:
         """The step counts this plan's parameters are at."""
+        if not self.rows:  # (a scheduled group's every step: no generator where none is read)
+            return set(self.run_steps())
         return {*self.run_steps(), *(int(self.steps.np[i]) for i in self.rows)}
 
     def fast_grads(self, grads: list[Any]) -> list[Any] | backend.Addressed | None:
@@ -595,9 +597,14 @@ class Plan:
         # (bound to a rule's loops: a group whose rule changed, say nesterov=True, binds anew)
         if self.lane is not None and self.lane.memo is rule.memo:
             run = self.runs[0]
-            step = self.run_steps()[0]
-            at = None if resolved is None else resolved.get(step)
-            if self.lane(resolve(rule, step) if at is None else at, views):
+            if resolved is not None and len(resolved) == 1:  # (at the run's one count)
+                [at] = resolved.values()
+            else:
+                step = self.run_steps()[0]
+                at = None if resolved is None else resolved.get(step)
+                if at is None:
+                    at = resolve(rule, step)
+            if self.lane(at, views):
                 self.steps.add(run.idx)
                 backend.mark_written(run.written)
                 self._after(rule, grads)
