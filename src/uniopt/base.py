@@ -217,11 +217,11 @@ class Transform:
         for name, xs, valid in self._read_on_host:
             if type(xs) is tuple:
                 v: Any = tuple(x(step) if callable(x) else x for x in xs)
-                if not all(type(x) is float and math.isfinite(x) and x in valid for x in v):
+                if not all(_checked_float(x, valid) for x in v):
                     return None
             else:
                 v = xs(step)
-                if not (type(v) is float and math.isfinite(v) and v in valid):
+                if not _checked_float(v, valid):
                     return None
             values[name] = v
         new = assemble(type(self), {**self.fields(), **values}, _NO_FACTS)
@@ -492,6 +492,12 @@ def _hyper_names(cls: type) -> tuple[str, ...]:
 # the host facts of a resolved record whose numbers were all the host's own (shared: a record
 # never changes its facts)
 _NO_FACTS = HostFacts(MappingProxyType({}), nonzero=frozenset())
+
+
+def _checked_float(x: Any, valid: Interval) -> bool:
+    """Whether ``x`` is a Python float that :func:`~uniopt.hyper.check` passes unchanged
+    (finite, in ``valid``)."""
+    return type(x) is float and math.isfinite(x) and x in valid
 
 
 def _flat(v: Any) -> tuple[Any, ...]:

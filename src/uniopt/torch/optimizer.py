@@ -532,9 +532,7 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 counts = {plans.state_step(self.state.get(q, {}))
                           for q, h in zip(ps, has, strict=True) if h}
-            # (the lowest count first: its error is the one raised)
-            resolved = {s: resolve(rule, s) for s in (counts if len(counts) == 1
-                                                       else sorted(counts))}
+            resolved = {s: resolve(rule, s) for s in sorted(counts)}
             return _Job(gi, group, rule, grads, has, sparse, plan, views, resolved)
         return _Job(gi, group, rule, grads, has, sparse, plan, views)
 
