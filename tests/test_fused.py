@@ -547,6 +547,52 @@ def test_processes_meeting_a_new_loop_together_compile_it_once(tmp_path: Any) ->
     assert counts == [(0, 1), (1, 0)], counts  # (compiled, loaded) in each process
 
 
+_LOADS_QUICKLY = """
+import hashlib, sys
+import numpy as np
+import uniopt as uo
+from uniopt.fast import cpu
+
+cpu.COMPILE_AFTER = 0  # a small step takes the loop at once
+rng = np.random.default_rng(0)
+cases = {  # the one-thread loop and its check; the pool's with a norm's sum; 8 bits; per-leaf
+    "adamw": (uo.adamw(lr=1e-2, weight_decay=0.1), [(20, 64), (64,), (64, 3)], None),
+    "clip-adam": (uo.chain(uo.clip_by_global_norm(1.0), uo.adam(lr=1e-2)), [(300, 300)], None),
+    "q8": (uo.adam(lr=1e-2), [(300, 300)], "q8"),
+    "lamb": (uo.lamb(lr=1e-2), [(40, 40), (40,)], None),
+}
+for name, (rule, shapes, dtype) in cases.items():
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    state = uo.setup(rule, params, state_dtype=dtype)
+    for _ in range(3):
+        state = uo.update_(state, params, [rng.standard_normal(s).astype(np.float32)
+                                           for s in shapes])
+    print(name, hashlib.sha1(b"".join(p.tobytes() for p in params)).hexdigest())
+print("compiled", cpu.STEPS, "numba's implementations", "numba.np.arraymath" in sys.modules)
+"""
+
+
+def test_a_process_loads_cached_loops_without_numbas_start_up(tmp_path: Any) -> None:
+    """A second process steps with the loops the first compiled (one-thread, thread-pool,
+    a norm's sum, 8-bit, per-leaf segments) loaded from the cache without numba importing the
+    implementations it compiles with (uniopt.jitcache), to the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "UNIOPT_CACHE_DIR": str(tmp_path)}
+    outs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _LOADS_QUICKLY], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(proc.stdout.splitlines())
+    first, second = outs
+    assert first[:-1] == second[:-1]  # the same bits
+    assert second[-1] == "compiled 12 numba's implementations False", second[-1]
+    assert first[-1] == "compiled 12 numba's implementations True", first[-1]  # it compiled
+
+
 def test_a_file_system_without_locks_compiles_unlocked(monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Any) -> None:
     """Where flock fails (some network file systems), the loop compiles without the lock

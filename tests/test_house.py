@@ -23,7 +23,7 @@ SRC = Path(uo.__file__).parent
 
 # Layers, bottom up: a module may import modules of its own layer or below, never above.
 LAYERS = [
-    {"hyper", "schedules", "tree", "backend", "moments"},
+    {"hyper", "schedules", "tree", "backend", "moments", "jitcache"},
     {"base"},
     {"state", "quant", "transforms", "rules"},
     {"interop.jax", "interop.dtensor", "fast"},

@@ -50,7 +50,7 @@ from llvmlite import ir
 from numba import types as nbtypes
 from numba.extending import intrinsic, overload, register_jitable
 
-from .. import backend
+from .. import backend, jitcache
 from ..backend import Addressed
 from ..base import Elementwise, PerLeaf
 from ..moments import fma, fused_multiply_add, lerp, select
@@ -179,6 +179,7 @@ def _to_bf16(x: Any) -> Any:
                      >> np.uint32(16))
 
 
+@jitcache.quick
 @numba.njit(cache=True)
 def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any) -> int:
     """Check every object in every list at the addresses ``lists`` against the first list (the
@@ -223,6 +224,7 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
     return 0
 
 
+@jitcache.quick
 @numba.njit(cache=True)
 def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     """Each leaf in chunks of at most ``chunk`` elements (leaf, start, stop), and the total.
@@ -243,6 +245,7 @@ def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     return leaf, start, stop, total
 
 
+@jitcache.quick
 @numba.njit(cache=True)
 def _shares(start: Any, stop: Any, total: int, parts: int) -> Any:
     """Where each of ``parts`` runs of consecutive chunks (``start``, ``stop`` and their
@@ -300,6 +303,7 @@ def _call(typingctx: Any, fn: Any, L: Any, CO: Any, leaf: Any, start: Any, stop:
     return sig, codegen
 
 
+@jitcache.quick
 @numba.njit(cache=True)
 def _serial(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
     """The loop at ``fn`` over every chunk, on this thread."""
@@ -309,6 +313,7 @@ def _serial(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
 
 # compiled at its first call, by the first step of PARALLEL_MIN elements or more: a parallel
 # function costs several times a plain one to compile, and small steps never use it
+@jitcache.quick
 @numba.njit(parallel=True, cache=True)
 def _parallel(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
     """The loop at ``fn`` over every chunk, on the thread pool, one call per run of chunks
@@ -320,6 +325,7 @@ def _parallel(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
     return 0.0
 
 
+@jitcache.quick
 @numba.njit(cache=True)
 def _sums(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     """The sums the loop at ``fn`` (one that reads only) makes, on this thread: each leaf's
@@ -330,6 +336,7 @@ def _sums(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     return _added(sums, leaf, len(SIZES), each)
 
 
+@jitcache.quick
 @numba.njit(parallel=True, cache=True)
 def _sums_parallel(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     """:func:`_sums` on the thread pool: each chunk's sum in its own place, added up in the
@@ -342,6 +349,7 @@ def _sums_parallel(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     return _added(sums, leaf, len(SIZES), each)
 
 
+@jitcache.quick
 @numba.njit(cache=True)
 def _added(sums: Any, leaf: Any, n: int, each: bool) -> Any:
     total = np.zeros(n if each else 1)
@@ -355,7 +363,7 @@ def _prologue(lists: int, compute: str, sums: bool) -> list[str]:
     addresses it is given (``lists`` lists of leaves, coefficients of dtype ``compute``, and,
     where it sums, each chunk's sum)."""
     return [
-        '@numba.cfunc(SIGNATURE, cache=CACHE, error_model="numpy")',
+        '@cfunc(SIGNATURE, cache=CACHE, error_model="numpy")',
         "def walk(Lp, COp, nco, leafp, startp, stopp, first, last, sumsp):",
         f"    L = numba.carray(_voidptr(Lp), ({lists},), np.int64)",
         f"    CO = numba.carray(_voidptr(COp), (nco,), {compute})",
@@ -585,6 +593,7 @@ def _source(
         "from uniopt.fast.cpu import SIGNATURE, _leaf, _voidptr",
         "from uniopt.fast.cpu import _bf16, _f16, _to_bf16, _to_f16, kernel_for",
         "from uniopt.fast.cpu import scalar_xp as XP",
+        "from uniopt.jitcache import cfunc",
         f"PT = {_STORAGE[kp]}",
         f"ST = {_STORAGE[ks]}",
     ]

@@ -1,0 +1,84 @@
+"""Machine code numba compiled in an earlier process, loaded without numba's start-up.
+
+Before numba loads a function's machine code from its cache, it imports the implementations of
+everything it can compile (its target context's ``refresh``): about 150 modules, and
+``scipy.linalg`` where SciPy is installed (numba looks for a BLAS). Loading uses none of them;
+compiling does. On the 2-core machine of docs/speed.md that import was 0.24-0.31 s, or
+0.42-0.46 s with SciPy, of a process's first step of 0.32-0.5 s with every loop cached.
+uniopt's compiled functions load through :func:`cache_of` instead, which initialises only
+numba's runtime (loaded code links to its functions) first. A function not in the cache is
+compiled as numba compiles, importing them then.
+
+Not for ufuncs (``numba.vectorize``, the NumPy reference path's fused multiply-add): numba
+builds a ufunc's wrapper anew whenever it loads one, and that building needs the
+implementations. numba is imported only when a function is made. Where a numba release no
+longer has what this relies on (:func:`_quick_class` says what), its own cache is used, as
+before."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+
+@functools.cache
+def _quick_class() -> Any:
+    """numba's function cache, loading without ``refresh``; None where this numba lacks the
+    parts it is made of."""
+    try:
+        from numba.core.caching import FunctionCache
+        from numba.core.runtime import rtsys
+    except ImportError:
+        return None
+    if not all(hasattr(FunctionCache, name) for name in (
+            "load_overload", "_load_overload", "_guard_against_spurious_io_errors")):
+        return None
+
+    class QuickCache(FunctionCache):
+        def load_overload(self, sig: Any, target_context: Any) -> Any:
+            rtsys.initialize(target_context)  # (once per process)
+            with self._guard_against_spurious_io_errors():
+                return self._load_overload(sig, target_context)
+            return None  # an I/O error, which the guard swallowed: compiled anew
+
+    return QuickCache
+
+
+def cache_of(py_func: Callable[..., Any]) -> Any:
+    """The cache of ``py_func``'s machine code, as numba's ``enable_caching`` makes it, but
+    loading without numba's start-up where it can."""
+    from numba.core.caching import FunctionCache
+
+    return (_quick_class() or FunctionCache)(py_func)
+
+
+def quick(dispatcher: Any) -> Any:
+    """``dispatcher`` (``numba.njit(cache=True)``'s), loading from its cache by
+    :func:`cache_of`; one without a cache is left as it is."""
+    from numba.core.caching import FunctionCache
+
+    if type(dispatcher._cache) is FunctionCache:
+        dispatcher._cache = cache_of(dispatcher.py_func)
+    return dispatcher
+
+
+def cfunc(sig: Any, cache: bool = False, **options: Any) -> Callable[[Any], Any]:
+    """``numba.cfunc(sig, cache=cache, **options)``, loading from its cache by
+    :func:`cache_of`. (numba's decorator compiles, or loads, at once: the cache is set before
+    that, as its own ``enable_caching`` sets it.)"""
+    import numba
+
+    if not cache:
+        return numba.cfunc(sig, **options)
+    from numba.core import sigutils
+    from numba.core.ccallback import CFunc
+
+    def make(fn: Callable[..., Any]) -> Any:
+        res = CFunc(fn, sigutils.normalize_signature(sig), locals={}, options=options)
+        res._cache = cache_of(fn)  # type: ignore[attr-defined]
+        res.compile()
+        return res
+
+    return make
+
