@@ -593,6 +593,23 @@ def test_a_process_loads_cached_loops_without_numbas_start_up(tmp_path: Any) -> 
     assert first[-1] == "compiled 12 numba's implementations True", first[-1]  # it compiled
 
 
+def test_a_numba_without_the_parts_jitcache_uses_keeps_its_own_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a numba release lacks what the quick cache is made of, a compiled function gets
+    numba's own cache, as ``enable_caching`` gives it; a function without one is left alone."""
+    from numba.core.caching import FunctionCache
+
+    from uniopt import jitcache
+
+    def f(x: float) -> float:
+        return x + 1
+
+    assert type(jitcache.cache_of(f)) is not FunctionCache  # the quick one, on this numba
+    monkeypatch.setattr(jitcache, "_quick_class", lambda: None)
+    assert type(jitcache.cache_of(f)) is FunctionCache
+    assert jitcache.quick(f) is f
+
+
 def test_a_file_system_without_locks_compiles_unlocked(monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Any) -> None:
     """Where flock fails (some network file systems), the loop compiles without the lock

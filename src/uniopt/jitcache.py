@@ -58,7 +58,7 @@ def quick(dispatcher: Any) -> Any:
     :func:`cache_of`; one without a cache is left as it is."""
     from numba.core.caching import FunctionCache
 
-    if type(dispatcher._cache) is FunctionCache:
+    if type(getattr(dispatcher, "_cache", None)) is FunctionCache:
         dispatcher._cache = cache_of(dispatcher.py_func)
     return dispatcher
 
