@@ -601,9 +601,8 @@ def test_a_process_loads_cached_loops_without_numbas_start_up(tmp_path: Any) -> 
 
 def test_a_numba_without_the_parts_jitcache_uses_keeps_its_own_cache(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where a numba release lacks what the quick cache is made of, a compiled function or
-    ufunc gets numba's own cache, as ``enable_caching`` gives it; a function without one is
-    left alone."""
+    """Where a numba release lacks what the quick cache is made of, a compiled function gets
+    numba's own cache, as ``enable_caching`` gives it; a function without one is left alone."""
     from numba.core.caching import FunctionCache
 
     from uniopt import jitcache
@@ -615,10 +614,6 @@ def test_a_numba_without_the_parts_jitcache_uses_keeps_its_own_cache(
     monkeypatch.setattr(jitcache, "_quick_class", lambda: None)
     assert type(jitcache.cache_of(f)) is FunctionCache
     assert jitcache.quick(f) is f
-    # a ufunc: numba.vectorize's, with its own cache
-    made = jitcache.vectorize(["float64(float64)"], f)
-    assert type(made._dispatcher.cache) is FunctionCache
-    assert made.ufunc(np.array([1.0, 2.0])).tolist() == [2.0, 3.0]
 
 
 def test_a_file_system_without_locks_compiles_unlocked(monkeypatch: pytest.MonkeyPatch,
