@@ -555,11 +555,6 @@ from uniopt.fast import cpu
 
 cpu.COMPILE_AFTER = 0  # a small step takes the loop at once
 rng = np.random.default_rng(0)
-# first, the reference path's fused multiply-add (a numba ufunc) in both precisions
-x = rng.standard_normal(1000)
-fmas = [uo.moments.fma(dtype(0.3), x.astype(dtype), x[::-1].astype(dtype))
-        for dtype in (np.float32, np.float64)]
-print("fma", hashlib.sha1(b"".join(f.tobytes() for f in fmas)).hexdigest())
 cases = {  # the one-thread loop and its check; the pool's with a norm's sum; 8 bits; per-leaf
     "adamw": (uo.adamw(lr=1e-2, weight_decay=0.1), [(20, 64), (64,), (64, 3)], None),
     "clip-adam": (uo.chain(uo.clip_by_global_norm(1.0), uo.adam(lr=1e-2)), [(300, 300)], None),
@@ -579,9 +574,8 @@ print("compiled", cpu.STEPS, "numba's implementations", "numba.np.arraymath" in 
 
 def test_a_process_loads_cached_loops_without_numbas_start_up(tmp_path: Any) -> None:
     """A second process steps with the loops the first compiled (one-thread, thread-pool,
-    a norm's sum, 8-bit, per-leaf segments), and the reference path's fused multiply-add
-    ufunc, loaded from the cache without numba importing the implementations it compiles
-    with (uniopt.jitcache), to the same bits."""
+    a norm's sum, 8-bit, per-leaf segments) loaded from the cache without numba importing the
+    implementations it compiles with (uniopt.jitcache), to the same bits."""
     import os
     import subprocess
     import sys

@@ -9,11 +9,11 @@ uniopt's compiled functions load through :func:`cache_of` instead, which initial
 numba's runtime (loaded code links to its functions) first. A function not in the cache is
 compiled as numba compiles, importing them then.
 
-A ufunc (:func:`vectorize`: the NumPy reference path's fused multiply-add) is loaded so too,
-but numba builds its wrapper anew, in LLVM, at every load: that takes numba's lowering of
-constants, installed first. numba is imported only when a function is made. Where a numba
-release no longer has what this relies on (:func:`_quick_class` says what), its own cache is
-used, as before."""
+Not for ufuncs (``numba.vectorize``, the NumPy reference path's fused multiply-add): numba
+builds a ufunc's wrapper anew whenever it loads one, and that building needs the
+implementations. numba is imported only when a function is made. Where a numba release no
+longer has what this relies on (:func:`_quick_class` says what), its own cache is used, as
+before."""
 
 from __future__ import annotations
 
@@ -82,35 +82,3 @@ def cfunc(sig: Any, cache: bool = False, **options: Any) -> Callable[[Any], Any]
 
     return make
 
-
-
-def vectorize(sigs: list[str], fn: Callable[..., Any]) -> Any:
-    """``numba.vectorize(sigs, cache=True)(fn)`` (a ufunc of these signatures only), loading
-    from its cache by :func:`cache_of`."""
-    import numba
-
-    try:
-        return _quick_ufunc(sigs, fn)
-    except Exception:  # (a numba whose wrapper needs more, or renamed what this uses)
-        return numba.vectorize(sigs, cache=True)(fn)
-
-
-def _quick_ufunc(sigs: list[str], fn: Callable[..., Any]) -> Any:
-    if _quick_class() is None:
-        raise LookupError("numba's own cache")
-    import numba.cpython.numbers  # noqa: F401  (registers the lowering of int and float constants)
-    from numba.core.compiler_lock import global_compiler_lock
-    from numba.core.imputils import builtin_registry
-    from numba.core.registry import cpu_target
-    from numba.np.ufunc.dufunc import DUFunc
-
-    with global_compiler_lock:  # (as numba's refresh installs registries: one thread at a time)
-        # what the wrapper's code generation lowers (its loop's integer constants); a later
-        # refresh installs the rest of the registry beside these
-        cpu_target.target_context.install_registry(builtin_registry)
-        ufunc = DUFunc(fn, cache=True)
-        ufunc._dispatcher.cache = cache_of(fn)  # type: ignore[attr-defined]
-        for sig in sigs:
-            ufunc.add(sig)
-        ufunc.disable_compile()
-    return ufunc

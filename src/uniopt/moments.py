@@ -35,15 +35,16 @@ def fused_multiply_add(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
 
 @functools.cache
 def _fma_ufunc() -> Any:
-    from . import jitcache
+    import numba
 
+    @numba.vectorize(["float32(float32, float32, float32)", "float64(float64, float64, float64)"],
+                     cache=True)
     def fma(a, b, c):
         return fused_multiply_add(a, b, c)
 
     # NumPy's ufunc of the two compiled loops: numba's wrapper adds a Python call that looks
     # for arguments overriding ufuncs, which NumPy's own call does too
-    return jitcache.vectorize(["float32(float32, float32, float32)",
-                               "float64(float64, float64, float64)"], fma).ufunc
+    return fma.ufunc
 
 
 _NUMPY = (np.ndarray, np.floating)
