@@ -547,6 +547,23 @@ def test_processes_meeting_a_new_loop_together_compile_it_once(tmp_path: Any) ->
     assert counts == [(0, 1), (1, 0)], counts  # (compiled, loaded) in each process
 
 
+# numba's start-up (as a compile runs it), then which implementation lowers each function and
+# signature, written to the file argv[1]
+_LOWERING = """
+import json
+import re
+import sys
+from numba.core.registry import cpu_target
+
+ctx = cpu_target.target_context
+ctx.refresh()
+name = lambda x: re.sub(" at 0x[0-9a-f]+", "", f"{getattr(x, '__module__', '')}.{x!r}")
+lowering = {(name(key), str(sig)): name(impl) for key, sel in ctx._defns.items()
+            for sig, impl in sel.versions}
+with open(sys.argv[1], "w") as f:
+    json.dump([[*k, v] for k, v in lowering.items()], f)
+"""
+
 _LOADS_QUICKLY = """
 import hashlib, sys
 import numpy as np
@@ -568,29 +585,41 @@ for name, (rule, shapes, dtype) in cases.items():
         state = uo.update_(state, params, [rng.standard_normal(s).astype(np.float32)
                                            for s in shapes])
     print(name, hashlib.sha1(b"".join(p.tobytes() for p in params)).hexdigest())
-print("compiled", cpu.STEPS, "numba's implementations", "numba.np.arraymath" in sys.modules)
+started = "numba.np.arraymath" in sys.modules
+""" + _LOWERING + """
+print("compiled", cpu.STEPS, "numba's implementations", started)
 """
 
 
 def test_a_process_loads_cached_loops_without_numbas_start_up(tmp_path: Any) -> None:
     """A second process steps with the loops the first compiled (one-thread, thread-pool,
     a norm's sum, 8-bit, per-leaf segments) loaded from the cache without numba importing the
-    implementations it compiles with (uniopt.jitcache), to the same bits."""
+    implementations it compiles with (uniopt.jitcache), to the same bits; numba's start-up
+    later leaves the same implementation lowering each function as where it ran first."""
+    import json
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "UNIOPT_CACHE_DIR": str(tmp_path)}
-    outs = []
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", _LOADS_QUICKLY], env=env,
+    env = {**os.environ, "UNIOPT_CACHE_DIR": str(tmp_path / "cache")}
+    outs, tables = [], []
+    # numba alone, its start-up first; then a process that compiles, one that loads
+    for k, script in enumerate([_LOWERING, _LOADS_QUICKLY, _LOADS_QUICKLY]):
+        table = tmp_path / f"lowering{k}.json"
+        proc = subprocess.run([sys.executable, "-c", script, str(table)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(proc.stdout.splitlines())
-    first, second = outs
+        tables.append({tuple(row[:2]): row[2] for row in json.loads(table.read_text())})
+    _, first, second = outs
     assert first[:-1] == second[:-1]  # the same bits
     assert second[-1] == "compiled 12 numba's implementations False", second[-1]
     assert first[-1] == "compiled 12 numba's implementations True", first[-1]  # it compiled
+    # numba's own lowering as numba alone has it (the others have more: what they compiled)
+    numba_alone = tables[0]
+    assert len(numba_alone) > 900
+    for table in tables[1:]:
+        assert {k: table.get(k) for k in numba_alone} == numba_alone
 
 
 def test_a_numba_without_the_parts_jitcache_uses_keeps_its_own_cache(

@@ -10,8 +10,13 @@ numba's runtime (loaded code links to its functions) first. A function not in th
 compiled as numba compiles, importing them then.
 
 Not for ufuncs (``numba.vectorize``, the NumPy reference path's fused multiply-add): numba
-builds a ufunc's wrapper anew whenever it loads one, and that building needs the
-implementations. numba is imported only when a function is made. Where a numba release no
+builds a ufunc's wrapper anew whenever it loads one, and that building needs some of the
+implementations. Installing those few first would put numba's registries out of the order its
+start-up installs them in, and where two implement one signature the later wins: ``pow`` of
+two floats was then lowered by ``mathimpl.pow_impl`` instead of ``numbers.real_power_impl``
+in every later compile of the process. Loading without the start-up leaves numba's lowering
+as its start-up makes it (the tests compare every function's implementation with a process
+that ran it first). numba is imported only when a function is made. Where a numba release no
 longer has what this relies on (:func:`_quick_class` says what), its own cache is used, as
 before."""
 
