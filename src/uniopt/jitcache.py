@@ -5,9 +5,11 @@ everything it can compile (its target context's ``refresh``): about 150 modules,
 ``scipy.linalg`` where SciPy is installed (numba looks for a BLAS). Loading uses none of them;
 compiling does. On the 2-core machine of docs/speed.md that import was 0.24-0.31 s, or
 0.42-0.46 s with SciPy, of a process's first step of 0.32-0.5 s with every loop cached.
-uniopt's compiled functions load through :func:`cache_of` instead, which initialises only
-numba's runtime (loaded code links to its functions) first. A function not in the cache is
-compiled as numba compiles, importing them then.
+uniopt's compiled functions that Python calls (the loops, their drivers and check) load
+through :func:`cache_of` instead, which initialises only numba's runtime (loaded code links to
+its functions) first. A function not in the cache is compiled as numba compiles, importing
+them then; the jitted helpers the drivers call are compiled into them. numba is imported only
+when a function is made.
 
 Not for ufuncs (``numba.vectorize``, the NumPy reference path's fused multiply-add): numba
 builds a ufunc's wrapper anew whenever it loads one, and that building needs some of the
@@ -16,9 +18,8 @@ start-up installs them in, and where two implement one signature the later wins:
 two floats was then lowered by ``mathimpl.pow_impl`` instead of ``numbers.real_power_impl``
 in every later compile of the process. Loading without the start-up leaves numba's lowering
 as its start-up makes it (the tests compare every function's implementation with a process
-that ran it first). numba is imported only when a function is made. Where a numba release no
-longer has what this relies on (:func:`_quick_class` says what), its own cache is used, as
-before."""
+that ran it first). Where a numba release no longer has what this relies on
+(:func:`_quick_class` says what), its own cache is used, as before."""
 
 from __future__ import annotations
 
@@ -86,4 +87,3 @@ def cfunc(sig: Any, cache: bool = False, **options: Any) -> Callable[[Any], Any]
         return res
 
     return make
-

@@ -224,7 +224,6 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
     return 0
 
 
-@jitcache.quick
 @numba.njit(cache=True)
 def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     """Each leaf in chunks of at most ``chunk`` elements (leaf, start, stop), and the total.
@@ -245,7 +244,6 @@ def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     return leaf, start, stop, total
 
 
-@jitcache.quick
 @numba.njit(cache=True)
 def _shares(start: Any, stop: Any, total: int, parts: int) -> Any:
     """Where each of ``parts`` runs of consecutive chunks (``start``, ``stop`` and their
@@ -349,7 +347,6 @@ def _sums_parallel(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     return _added(sums, leaf, len(SIZES), each)
 
 
-@jitcache.quick
 @numba.njit(cache=True)
 def _added(sums: Any, leaf: Any, n: int, each: bool) -> Any:
     total = np.zeros(n if each else 1)
