@@ -980,6 +980,33 @@ def test_an_invalid_value_written_into_a_group_fails_the_step_before_any_write()
     assert_unchanged(opt, before)
 
 
+@pytest.mark.parametrize(("key", "value", "shape"), [
+    ("lr", torch.tensor([0.1, 0.2]), r"\(2,\)"),
+    ("lr", torch.tensor([]), r"\(0,\)"),
+    ("betas", (0.9, torch.tensor([[0.99, 0.999]])), r"\(1, 2\)"),
+])
+def test_a_tensor_of_other_than_one_element_written_into_a_group_is_named(
+        key: str, value: Any, shape: str) -> None:
+    """The constructor refuses such a tensor as torch does ("Tensor lr must be 1-element"); one
+    written into a group later fails the step, naming it (torch's own step fails inside its
+    arithmetic, or not at all), and the step after the value is put back is the one that was
+    due."""
+    opt, ps = trained("Adam", lr=0.1)
+    old = opt.param_groups[1][key]
+    opt.param_groups[1][key] = value
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=rf"Adam: param group's {key} must be a number or a "
+                                         rf"1-element tensor, got a tensor of shape {shape}"):
+        opt.step()
+    assert_unchanged(opt, before)
+    opt.param_groups[1][key] = old
+    opt.step()
+    twin, twin_ps = trained("Adam", lr=0.1)
+    twin.step()
+    for p, q in zip(ps, twin_ps, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_a_schedule_invalid_at_a_step_fails_it_before_any_write() -> None:
     opt, ps = trained("Adam", steps=3, lr=lambda s: 0.1 - 0.04 * s)
     opt.param_groups[0]["lr"] = 0.1  # group 0 is fine; group 1's schedule goes negative

@@ -68,6 +68,14 @@ def field(group: dict[str, Any], key: str) -> Any:
     return _on_device(v)
 
 
+def _not_one_element(v: Any) -> torch.Tensor | None:
+    """A tensor of other than one element in a group's value (a tuple's element), or None."""
+    for x in v if isinstance(v, (tuple, list)) else (v,):
+        if isinstance(x, torch.Tensor) and x.numel() != 1:
+            return x
+    return None
+
+
 def _read_on_device(v: Any) -> bool:
     """Whether a field's value (a tuple's element) is a number read on the device."""
     return any(isinstance(x, DeviceNumber) for x in (v if isinstance(v, tuple) else (v,)))
@@ -378,6 +386,12 @@ class Optimizer(torch.optim.Optimizer):
                 hit.raw[:] = raw  # (the rule reads the new values)
                 hit.steady[0] = 0
                 return hit.rule, hit.scheduled
+        for k, v in zip(self._keys, raw, strict=False):
+            bad = _not_one_element(v)
+            if bad is not None:  # (before the key: comparing such tensors raises of itself)
+                raise ValueError(f"{self._name}: param group's {k} must be a number or a "
+                                 f"1-element tensor, got a tensor of shape "
+                                 f"{tuple(bad.shape)}: {bad!r}")
         key = (*(_key(group, k) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
         eligible = self._live_keys(group)
         form = tuple(_form(r) or v if k in eligible else v
