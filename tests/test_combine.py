@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 import numpy as np
+import optree
 import pytest
 
 import uniopt as uo
@@ -281,6 +282,65 @@ def test_an_update_with_other_params_changes_nothing() -> None:
     assert state.step == 0 and state.tree_states["freeze"]["trainable"].step == 0
 
 
+def _nan_from_step_1(step: Any) -> float:
+    return 1e-2 if step < 1 else float("nan")
+
+
+@pytest.mark.parametrize("rule", [
+    uo.partition({"a": uo.sgd(lr=0.1, momentum=0.9), "b": uo.adam(lr=_nan_from_step_1)},
+                 {"w": "a", "v": "b", "u": "b"}),
+    # the invalid member two levels down, after a member of the outer one
+    uo.partition({"a": uo.sgd(lr=0.1, momentum=0.9),
+                  "b": uo.partition({"c": uo.adam(lr=0.1), "d": uo.adam(lr=_nan_from_step_1)},
+                                    {"w": None, "v": "c", "u": "d"})},
+                 {"w": "a", "v": "b", "u": "b"}),
+], ids=["flat", "nested"])
+def test_a_member_invalid_at_a_step_fails_it_before_any_member_writes(rule: Any) -> None:
+    """The members of a partition step one after another; an in-place step whose last member
+    has a schedule invalid at that step raises before the first writes its leaves and state
+    (it did write them: a retry then stepped the first member twice)."""
+    params = {"w": np.ones(3), "v": np.ones(2), "u": np.ones(2)}
+    grads = {k: np.full(v.shape, 0.5) for k, v in params.items()}
+    state = uo.update_(uo.setup(rule, params), params, grads)
+    before, before_state = copy_tree(params), copy_tree(_numpy_arrays(state))
+    with pytest.raises(ValueError, match=r"adam: lr must be finite, got nan \(the value of its "
+                                         r"schedule at step 1\)"):
+        uo.update_(state, params, grads)
+    assert_same(jax.tree.leaves(params), jax.tree.leaves(before))
+    assert_same(_numpy_arrays(state), before_state)
+
+
+def _numpy_arrays(tree: Any) -> list[np.ndarray]:
+    """The NumPy arrays of ``tree``, a state's (its members' states too) included."""
+    return [x for x in optree.tree_leaves(tree, namespace="uniopt")
+            if isinstance(x, np.ndarray)]
+
+
+@pytest.mark.parametrize(("rule", "grad"), [
+    (uo.accumulate(uo.adam(lr=0.1), every=2), 0.5),  # a micro-batch: the rule does not step
+    (uo.skip_nonfinite(uo.adam(lr=0.1)), np.nan),  # a skipped step
+    (uo.freeze(uo.adam(lr=0.1), "b"), 0.5),  # a frozen member
+    (uo.mechanize(uo.adam(lr=0.1)), 0.5),  # the params at set-up, kept
+], ids=["accumulate", "skip_nonfinite", "freeze", "mechanize"])
+def test_a_pure_step_of_a_member_that_does_not_move_aliases_nothing(rule: Any,
+                                                                    grad: float) -> None:
+    """What a pure step returns shares no memory with what it was given, where a member
+    keeps its state as it was too: a later in-place step of the new state wrote the old
+    state's arrays (a wrapped rule's slots, mechanize's ``x0``)."""
+    params = {"w": np.ones(3), "b": np.ones(2)}
+    state = uo.setup(rule, params)
+    grads = {"w": np.full(3, grad), "b": np.full(2, 0.5)}
+    given = _numpy_arrays(state) + _numpy_arrays(params) + _numpy_arrays(grads)
+    before = copy_tree(given)
+    new_state, new_params = uo.update(state, params, grads)
+    for x in _numpy_arrays(new_state) + _numpy_arrays(new_params):
+        assert not any(np.shares_memory(x, y) for y in given)
+    for _ in range(2):
+        new_state = uo.update_(new_state, new_params, {"w": np.full(3, 0.5), "b": np.ones(2)})
+    assert_same(given, before)
+
+
+# --- accumulate, skip_nonfinite -------------------------------------------------------------
 # --- accumulate, skip_nonfinite -------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ import optree
 
 from . import backend
 from .base import COMBINATORS, Combinator, PerLeaf, Transform, chain, makes_step
-from .engine import _as_new_array, member_step, setup, update, update_
+from .engine import _as_new_array, member_step, resolve, setup, update, update_
 from .hyper import _traced
 from .rules.schedule_free import scalar_like
 from .state import State
@@ -132,6 +132,30 @@ def _still(mode: str, ps: list[Any], us: list[Any]) -> list[Any] | None:
     return None
 
 
+def _unmoved(mode: str, state: State) -> State:
+    """A member's state after a step it does not take: in a pure step a copy of its arrays (a
+    later in-place step of the new state must not write the caller's), else itself."""
+    if mode != PURE:
+        return state
+    return optree.tree_map(lambda x: _as_new_array(x, x, (x,)) if backend.is_array(x) else x,
+                           state, namespace=NAMESPACE)
+
+
+def _validate(rule: Transform, state: State) -> None:
+    """Raise what ``rule``'s step from ``state`` would raise first where a number of it is
+    invalid at that step (a schedule's value), and so for every member of a routing
+    combinator in it: those all step, one after another, so each is checked before the first
+    writes anything."""
+    if not all(part.fixed for part in rule.flat_parts):
+        resolve(rule, state.step)
+    for part, keys in rule.keyed_parts:
+        if isinstance(part, _Routed):
+            tree = state.tree_states[keys[0]]
+            for name, member in part.inner.items():
+                if not _frozen(member):
+                    _validate(member, tree[name])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Runs(Combinator):
     """A combinator written once for the three ways it is run (:data:`CHAIN`, :data:`PURE`,
@@ -221,13 +245,17 @@ class _Routed(_Runs):
               mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
         routes = self.route(treedef, ps)
         out: list[Any] | None = None if mode == INPLACE else [None] * len(ps)
+        if mode == INPLACE:  # (pure, or in a chain, the members write nothing of the caller's)
+            for name, member in self.inner.items():
+                if not _frozen(member):
+                    _validate(member, tree[name])
         new = {}
         for name, member in self.inner.items():
             idx = routes[name]
             sub_p, sub_g = [ps[i] for i in idx], [gs[i] for i in idx]
             st = dataclasses.replace(tree[name], rule=member)
             if _frozen(member):
-                new[name], moved = st, _still(mode, sub_p, sub_g)
+                new[name], moved = _unmoved(mode, st), _still(mode, sub_p, sub_g)
             else:
                 moved, new[name] = _member(mode, st, sub_p, sub_g, extra)
             if out is not None:
@@ -500,7 +528,8 @@ class accumulate(_Wraps):
                     for old, new in zip(tree["acc"], acc, strict=True):
                         backend.assign(old, new)
                     acc = tree["acc"]
-                return {"mini": mini + 1, "acc": acc, "inner": inner}, _still(mode, ps, gs)
+                return ({"mini": mini + 1, "acc": acc, "inner": _unmoved(mode, inner)},
+                        _still(mode, ps, gs))
             out, inner = _member(mode, inner, ps, _like(acc, ps), extra)
             if mode == INPLACE:
                 for old, zero in zip(tree["acc"], zeros, strict=True):
@@ -562,7 +591,7 @@ class skip_nonfinite(_Wraps):
                     f"{path_str(path)}"
                 )
             return ({"notfinite_count": count, "total_notfinite": tree["total_notfinite"] + 1,
-                     "last_finite": False, "inner": inner}, _still(mode, ps, gs))
+                     "last_finite": False, "inner": _unmoved(mode, inner)}, _still(mode, ps, gs))
         xp = backend.namespace(ps[0])
         ok = xp.all(xp.stack(finite)) if finite else xp.asarray(True)
         count = xp.where(ok, 0, tree["notfinite_count"] + 1).astype(xp.int32)
@@ -656,7 +685,8 @@ class mechanize(_Wraps):
         scale_ = xp.sum(s)
         new = [x0 - _as(scale_, p) * (d + u)
                for x0, p, d, u in zip(tree["x0"], ps, deltas, us, strict=True)]
-        state = {"inner": inner, "x0": tree["x0"], "m": m, "v": v, "r": r, "s": s}
+        x0 = tree["x0"] if mode != PURE else [_as_new_array(x, x, (x,)) for x in tree["x0"]]
+        state = {"inner": inner, "x0": x0, "m": m, "v": v, "r": r, "s": s}
         if mode == CHAIN:
             return state, [p - n for p, n in zip(ps, new, strict=True)]
         if mode == PURE:
