@@ -21,7 +21,7 @@ import dataclasses
 import fnmatch
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import optree
@@ -137,8 +137,9 @@ def _unmoved(mode: str, state: State) -> State:
     later in-place step of the new state must not write the caller's), else itself."""
     if mode != PURE:
         return state
-    return optree.tree_map(lambda x: _as_new_array(x, x, (x,)) if backend.is_array(x) else x,
-                           state, namespace=NAMESPACE)
+    return cast(State, optree.tree_map(
+        lambda x: _as_new_array(x, x, (x,)) if backend.is_array(x) else x, cast(Any, state),
+        namespace=NAMESPACE))
 
 
 def _validate(rule: Transform, state: State) -> None:
