@@ -139,8 +139,11 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
         model = MLP(nnx.Rngs(1))
         opt = nnx.Optimizer(model, uo.sgd(lr=0.1), wrt=nnx.Param)
 
+        traces = []
+
         @nnx.jit
         def ones_step(model, opt):
+            traces.append(1)
             opt.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
 
         ones_step(model, opt)
@@ -148,6 +151,17 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
         before = np.asarray(model.l1.bias[...])
         ones_step(model, opt)
         print("adjusted", float(np.max(np.abs(np.asarray(model.l1.bias[...]) - before + 0.5))))
+        # and assigned back as it comes (its numbers in NNX's OptArray, as the other leaves)
+        opt.opt_state = uo.adjust(opt.opt_state, lr=0.25)
+        before = np.asarray(model.l1.bias[...])
+        ones_step(model, opt)
+        print("assigned", float(np.max(np.abs(np.asarray(model.l1.bias[...]) - before + 0.25))))
+        print("traces", len(traces))
+        opt.opt_state = uo.adjust(opt.opt_state, lr=0.125)
+        before = np.asarray(model.l1.bias[...])
+        opt.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))  # eagerly
+        print("eager_adjusted",
+              float(np.max(np.abs(np.asarray(model.l1.bias[...]) - before + 0.125))))
         # a recipe by path: NNX's params are named "l1.kernel", "l1.bias"...
         recipe = uo.skip_nonfinite(uo.accumulate(uo.partition(
             {"d": uo.adamw(lr=1e-2, weight_decay=0.1), "n": uo.adam(lr=1e-2)},
@@ -167,6 +181,8 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
     assert float(got["f32"]) <= 3e-5, got
     assert float(got["eager"]) <= 1e-12, got
     assert float(got["adjusted"]) <= 1e-7, got  # a step of 0.5, not the rule's 0.1
+    assert float(got["assigned"]) <= 1e-7 and float(got["eager_adjusted"]) <= 1e-7, got
+    assert got["traces"] == "1", got  # an adjust compiles nothing anew
 
 
 def test_equinox_loop_in_a_fresh_process() -> None:

@@ -37,7 +37,7 @@ from .base import (
 )
 from .hyper import _traced, on_host
 from .interop import dtensor
-from .interop.jax import adjusted, flatten_rule, register_state, unflatten_rule
+from .interop.jax import adjusted, flatten_rule, register_state, rewrapped, unflatten_rule
 from .state import AnyParams, State
 from .tree import NAMESPACE, flatten_leaves, flatten_named, unflatten
 
@@ -1470,4 +1470,4 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     if rule is not state.rule:
         # the state's numbers now win over the transformation's under the optax protocol
         rule.memo["adjusted"] = True
-    return dataclasses.replace(state, rule=rule)
+    return rewrapped(state, dataclasses.replace(state, rule=rule))

@@ -247,6 +247,23 @@ def _rule_of(static: _Static, packed: Any) -> Transform:
     return rule
 
 
+def rewrapped(old: State, new: State) -> State:
+    """``new``, the state :func:`uniopt.adjust` made of ``old``, with its numbers held as
+    ``old``'s were where a framework rebuilt ``old`` from leaves of its own (an NNX
+    ``Optimizer``'s ``opt_state``: ``OptArray`` variables, each with ``replace``): assigned
+    back, a bare array among them failed the next update (flax: "Cannot set key 3 on
+    immutable node of type State")."""
+    lazy = old.__dict__.get("_lazy_rule")
+    # (such a variable passes for an array: it hands on its value's attributes; no array has
+    # a replace method and a value)
+    if lazy is None or not (callable(getattr(lazy[2], "replace", None))
+                            and hasattr(lazy[2], "value")):
+        return new
+    (step, slots, trees, numbers, counts), static = _flatten_state(new)
+    return _unflatten_state(static, (step, slots, trees, lazy[2].replace(value=numbers),
+                                     counts))
+
+
 def adjusted(rule: Transform) -> Any:
     """Whether :func:`uniopt.adjust` set ``rule``'s numbers: a bool, or where the rule came from
     a JAX state's leaves, the number it kept (1.0: adjusted), traced under ``jax.jit``."""
