@@ -162,3 +162,26 @@ def test_rules_that_step_every_leaf_together_refuse_a_none_gradient() -> None:
     state = uo.setup(uo.chain(uo.from_optax(optax.scale(1.0)), uo.sgd(lr=0.1)), params)
     with pytest.raises(ValueError, match=r"a gradient is None, but whole-tree parts"):
         uo.update(state, params, grads[1])
+
+
+@pytest.mark.parametrize("rule", [
+    uo.adam(lr=lambda s: 0.1 if s < 2 else float("nan")),
+    uo.chain(uo.clip_by_global_norm(1.0), uo.sgd(lr=lambda s: 0.1 if s < 2 else -1.0,
+                                                 momentum=0.9)),
+], ids=["adam", "clip-sgd"])
+def test_a_schedule_invalid_at_one_leafs_count_fails_before_any_leaf_moves(rule: Any) -> None:
+    """Leaves at counts 1 and 2 step in one call per count; a schedule invalid at count 2 is
+    an error before the leaves at count 1 are written (they were, and their slots, while the
+    state's counts said they had not moved)."""
+    params = {"a": np.linspace(-1, 1, 12).reshape(3, 4), "b": np.linspace(0, 1, 5)}
+    grads = {"a": np.full((3, 4), 0.3), "b": np.full(5, -0.2)}
+    state = uo.update_(uo.setup(rule, params), params, grads)
+    state = uo.update_(state, params, {"a": None, "b": grads["b"]})
+    assert state.counts.tolist() == [1, 2]
+    before = copy_tree(params), copy_tree(state.slots)
+    with pytest.raises(ValueError, match=r"at step 2\)"):
+        uo.update_(state, params, grads)
+    assert_same(list(params.values()), list(before[0].values()))
+    assert_same([x for v in state.slots.values() for x in v],
+                [x for v in before[1].values() for x in v])
+    assert state.counts.tolist() == [1, 2]

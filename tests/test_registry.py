@@ -289,6 +289,31 @@ def test_update_and_update_in_place_agree_bit_for_bit(name: str) -> None:
 
 
 @by_rule
+def test_a_pure_step_hands_back_nothing_it_was_given(name: str) -> None:
+    """``uo.update`` aliases none of its inputs: no array of the new state (slots, whole-tree
+    states, members' states) or of the new params shares memory with the state, params or
+    gradients it was given. Parts that hand their state on unchanged (DoG's initial params,
+    Kron's preconditioners between refreshes) or as a view (SOAP's reshaped second moment)
+    did, so that a caller writing the new state wrote the old one."""
+    import optree
+
+    e = registry.entry(name)
+    rule = _build(e)
+    problem = Problem(_shapes(rule), np.float64)
+    params = problem.params()
+    state = uo.setup(rule, params)
+    arrays = lambda tree: [x for x in optree.tree_leaves(tree, namespace="uniopt")  # noqa: E731
+                           if isinstance(x, np.ndarray)]
+    for _ in range(3):
+        grads = problem.grad(params)
+        given = arrays((state, params, grads))
+        new_state, new_params = _drive(e, state, params, problem, 1)
+        for x in arrays((new_state, new_params)):
+            assert not any(np.shares_memory(x, y) for y in given), name
+        state, params = new_state, new_params
+
+
+@by_rule
 def test_slots_are_the_states(name: str) -> None:
     e = registry.entry(name)
     rule = _build(e)

@@ -988,6 +988,42 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
     with it to those parts (a line search's ``grad=`` and ``value_fn=``:
     :class:`uniopt.lbfgs_linesearch`).
     """
+    new, out = _pure(state, params, grads, value, extra)
+    leaves = optree.tree_leaves(params, namespace=NAMESPACE)
+    if leaves and backend.is_jax(leaves[0]):  # (immutable: sharing is no aliasing)
+        return new, out
+    # what a part handed on as it was, or as a view of it, copied: nothing returned aliases
+    # an input (a tree state, a member's state that did not step, a slot reshaped)
+    given = (state.slots, state.tree_states, leaves, grads)
+    slots, trees = _unshared(new.slots, given), _unshared(new.tree_states, given)
+    if slots is new.slots and trees is new.tree_states:
+        return new, out
+    return dataclasses.replace(new, slots=slots, tree_states=trees), out
+
+
+def _unshared(new: Any, given: Any) -> Any:
+    """``new`` with each NumPy array or torch tensor whose memory is that of an array of
+    ``given`` (the array itself, or a view of its owner) copied."""
+    kinds = (np.ndarray, sys.modules["torch"].Tensor) if "torch" in sys.modules else np.ndarray
+    leaves, treedef = optree.tree_flatten(new, namespace=NAMESPACE)
+    if not leaves:
+        return new
+    # (the memory's owner: a NumPy view's base, a torch view's _base, else the array)
+    held = {id(x if (b := getattr(x, "base" if type(x) is np.ndarray else "_base", None))
+                is None else b)
+            for x in optree.tree_leaves(given, namespace=NAMESPACE) if isinstance(x, kinds)}
+    hits = [isinstance(x, kinds) and id(
+        x if (b := getattr(x, "base" if type(x) is np.ndarray else "_base", None)) is None
+        else b) in held for x in leaves]
+    if not any(hits):
+        return new
+    return treedef.unflatten([backend.fresh(x, backend.namespace(x)) if hit else x
+                              for x, hit in zip(leaves, hits, strict=True)])
+
+
+def _pure(state: State, params: Any, grads: Any, value: Any,
+          extra: dict[str, Any]) -> tuple[State, Any]:
+    """:func:`update`, before its results are made to alias nothing of its inputs."""
     fast_out = _fast(state, params, grads, inplace=False)
     if isinstance(fast_out, tuple):
         return fast_out
@@ -1106,6 +1142,11 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
     groups: dict[Any, list[int]] = {}
     for i in moving:
         groups.setdefault(i if jax else int(counts[i]), []).append(i)
+    if inplace and len(groups) > 1 and not all(p.fixed for p in state.rule.flat_parts):
+        # each group's numbers at its count, before the first group writes: a schedule invalid
+        # at one count must not leave the leaves at another stepped
+        for key in groups:
+            resolve(state.rule, key)
     new_p = list(step.params)
     slots = {k: list(v) for k, v in state.slots.items()}
     trees = state.tree_states
@@ -1244,8 +1285,10 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
                 for p, v in zip(leaves, _split(xp, x0, leaves), strict=True):
                     backend.assign(p, v)
         raise
-    new = dataclasses.replace(state, step=state.step + 1,
-                              tree_states={key: _kept_dtypes(tree, state.tree_states[key])})
+    tree = _kept_dtypes(tree, state.tree_states[key])
+    if not (inplace or backend.is_jax(leaves[0])):  # (as update: nothing given handed back)
+        tree = _unshared(tree, (state.tree_states, leaves))
+    new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
     with backend.outside_autograd(leaves):
         out = _split(xp, x, leaves)
         if inplace:
