@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -224,6 +225,13 @@ def to_data(x: Any, at: str = "value") -> Any:
 _UNSET = object()
 
 
+@functools.cache
+def _var_positional(cls: type) -> str | None:
+    """The field a record's constructor takes as ``*name``, or None."""
+    return next((p.name for p in inspect.signature(cls).parameters.values()
+                 if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+
+
 class _Decode:
     """The inverse of :class:`_Encode`: records are rebuilt by their constructors (which
     validate them), only from the registry; an optax transformation is taken from ``like``
@@ -324,7 +332,9 @@ class _Decode:
             elif cls is by_path:
                 obj = by_path(dict(values["table"]))
             else:
-                obj = cls(**values)
+                many = _var_positional(cls)  # (schedules.product(*factors))
+                obj = (cls(**values) if many is None or many not in values else
+                       cls(*values.pop(many), **values))
         except Exception as e:  # a constructor's validation, whatever it raises
             raise CheckpointError(f"{at}: {name}: {type(e).__name__}: {e}") from None
         if "host" in d:
