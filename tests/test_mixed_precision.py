@@ -101,3 +101,34 @@ def test_a_wider_state_dtype_computes_in_it_on_every_path(
             _, ref = _run([p.copy() for p in params], lambda k: grads, rule, 3, "float64")
         for a, b in zip(got, ref, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_float32_state_of_float64_params_steps_them_in_float64(lib: str, inplace: bool) -> None:
+    """float64 params with state_dtype="float32": the slots are kept in float32, the step is
+    computed in float64, so the params keep their float64 digits (the step was computed in
+    float32: a zero gradient moved 1 + 1e-12 to 1.0 and 0.1 to 0.10000000149011612): the float64
+    run whose momentum is stored in float32 between steps, bit for bit."""
+    conv = (lambda a: a) if lib == "numpy" else pytest.importorskip("torch").from_numpy
+    back = np.asarray if lib == "numpy" else (lambda t: t.numpy())
+    rule = uo.sgd(lr=0.1, momentum=0.9)
+    start = np.array([1.0 + 1e-12, 0.1, -3.0])
+    for g in (np.zeros(3), np.array([1e-3, 2.5e-4, -7.0])):
+        got = _run([conv(start.copy())], lambda k, g=g: [conv(g.copy())], rule, 2, "float32",
+                   inplace)
+        state, params = got
+        new = back(params[0])  # (in place: the array passed in)
+        # the float64 run whose momentum is rounded to float32 after every step (optax's
+        # mu_dtype: the step reads the float32 slot, computes in float64, stores it rounded)
+        ref = uo.setup(rule, [start.copy()])
+        p = [start.copy()]
+        for _ in range(2):
+            ref = uo.update_(ref, p, [g.copy()])
+            m = ref.slots["trace.momentum_buffer"][0]
+            m[...] = m.astype(np.float32)
+        p = p[0]
+        np.testing.assert_array_equal(new, p)
+        assert back(state.slots["trace.momentum_buffer"][0]).dtype == np.float32
+        if not g.any():
+            np.testing.assert_array_equal(p, start)

@@ -69,10 +69,12 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     """The initial state of ``rule`` for ``params`` (any pytree of arrays).
 
     ``state_dtype`` (e.g. ``"float32"``) keeps the slots in that dtype and computes each step in
-    it, rounding only the new parameters to their own dtype: float16/bfloat16 parameters with
-    float32 moments, without overflow in ``g**2``. ``state_dtype="q8"`` keeps each slot in 8
-    bits (:mod:`uniopt.quant`: one byte per element and a float32 scale per block of 2048) and
-    computes each step in float32.
+    the wider of it and the parameters' dtype, rounding only the new parameters to their own
+    dtype: float16/bfloat16 parameters with float32 moments, without overflow in ``g**2``;
+    float64 parameters with float32 moments, stepped in float64. ``state_dtype="q8"`` keeps
+    each slot in 8 bits (:mod:`uniopt.quant`: one byte per element and a float32 scale per
+    block of 2048) and computes each step in float32, float64 parameters too (their values
+    then carry float32's precision).
 
     >>> import numpy as np, uniopt as uo
     >>> state = uo.setup(uo.adam(), {"w": np.zeros(3)})
@@ -208,11 +210,15 @@ def _stored(x: Any, state_dtype: str | None) -> Any:
 
 
 def _compute_dtype(p: Any, xp: Any, state_dtype: str | None) -> Any:
-    """The dtype parameter ``p``'s step is computed in: ``state_dtype`` if set, else float32
-    for float16/bfloat16 (as torch's fused optimizers do, on every path alike; only what is
-    stored is rounded, once); None: its own."""
+    """The dtype parameter ``p``'s step is computed in: the wider of ``state_dtype`` and its
+    own (float32 slots of float64 params are read as float64: computed in float32, the params
+    themselves lost their float64 digits at every step), float32 for float16/bfloat16 (as
+    torch's fused optimizers do, on every path alike; only what is stored is rounded, once),
+    float32 for 8-bit slots; None: its own."""
     if state_dtype == "q8":
         return xp.float32
+    if state_dtype == "float32" and p.dtype == xp.float64:
+        return xp.float64  # (the slots read as float64: not None, their own)
     name = state_dtype or ("float32" if backend.kind(p).low else None)
     return None if name is None else getattr(xp, name)
 
