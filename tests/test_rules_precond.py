@@ -322,10 +322,14 @@ def test_shampoo_stays_finite_where_a_statistic_is_rank_deficient(dtype: Any,
     assert float(np.abs(p[0].astype(np.float64) - 0.3).mean()) < start / 2
 
 
-def test_shampoo_refuses_8_bit_statistics() -> None:
-    with pytest.raises(ValueError, match=r"state_dtype='q8' is not offered for shampoo: its "
-                       r"pre_cond and inv_pre_cond are matrices"):
-        uo.setup(uo.shampoo(), [np.ones((4, 3), np.float32)], state_dtype="q8")
+@pytest.mark.parametrize(("rule", "match"), [
+    (uo.shampoo(), r"shampoo: its pre_cond and inv_pre_cond are matrices"),
+    # (SOAP took 8 bits: its Q lost orthogonality and a least-squares run diverged)
+    (uo.soap(), r"soap: its GG and Q are matrices"),
+])
+def test_matrix_statistics_refuse_8_bits(rule: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=r"state_dtype='q8' is not offered for " + match):
+        uo.setup(rule, [np.ones((4, 3), np.float32)], state_dtype="q8")
 
 
 def test_shampoo_blocks_are_separate_leaves() -> None:

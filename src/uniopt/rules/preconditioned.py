@@ -109,6 +109,12 @@ class scale_by_soap(PerLeaf):
     correct_bias: bool = True
     qr_dtype: str | None = None
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "GG", "Q")
+    # as Shampoo's: its step takes the eigenvectors of GG, which 8 bits per block do not keep
+    # (a least-squares run diverged, Q no longer orthogonal: |Q^T Q - I| 0.016)
+    no_q8: ClassVar[str | None] = (
+        "its GG and Q are matrices (the preconditioner's statistics and their eigenbases), and "
+        "8 bits per block of 2048 entries round away the small eigenvalues and leave Q "
+        "no longer orthogonal")
 
     def check(self) -> None:
         _check_soap(self.name, self.precondition_frequency, self.max_precond_dim, self.qr_dtype)
