@@ -637,3 +637,20 @@ def test_acprop_refuses_8_bit_state() -> None:
     with pytest.raises(ValueError, match=r"state_dtype='q8' is not offered for acprop: its step "
                                          r"divides the raw gradient"):
         uo.setup(uo.acprop(lr=1e-2), [np.ones(4, np.float32)], state_dtype="q8")
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, ut: ut.Optimizer(ps, uo.prodigy(), state_dtype="q8"),
+    lambda ps, ut: ut.Optimizer(ps, uo.kron(lr=1e-2), state_dtype="q8"),
+    lambda ps, ut: ut.Optimizer([{"params": ps, "state_dtype": "q8"}], uo.galore(lr=0.1)),
+    lambda ps, ut: ut.LBFGS(ps, state_dtype="q8"),
+], ids=["prodigy", "kron", "galore-group", "LBFGS"])
+def test_torch_classes_refuse_8_bits_for_whole_tree_parts_as_setup_does(make: Any) -> None:
+    """uniopt.setup refuses 8-bit state for a rule with whole-tree parts; the torch classes
+    took the option and kept their state in float32, silently."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    with pytest.raises(ValueError, match=r"state_dtype='q8' quantises per-leaf slots; \w+ has "
+                                         r"whole-tree parts"):
+        make([torch.nn.Parameter(torch.ones(4, 3))], ut)

@@ -358,6 +358,10 @@ class Optimizer(torch.optim.Optimizer):
             # (a host read, when the rule is made)
             self._build_rule({**group, "capturable": False})
         rule = self._build_rule(group)
+        if group.get("state_dtype") == "q8" and rule.tree_layout:
+            # (as uniopt.setup: such a state was kept in float32, silently)
+            raise ValueError(f"{self._name}: state_dtype='q8' quantises per-leaf slots; "
+                             f"{rule.name} has whole-tree parts ({', '.join(rule.tree_layout)})")
         return chain(scale(-1.0), rule) if group.get("maximize") else rule
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
