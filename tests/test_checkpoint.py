@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tracemalloc
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -1129,3 +1130,33 @@ def test_a_grown_history_of_another_library_needs_its_params(tmp_path: Any) -> N
         uo.load(path, like=uo.setup(rule, start))
     loaded = uo.load(path, like=(rule, start))
     assert uo.minimize_step(loaded, params, closure)[1][0].shape == (3,)
+
+
+@pytest.mark.parametrize("dtype", [[], {}, 3])
+def test_a_scalar_record_of_no_dtype_name_is_a_checkpoint_error(path: str, dtype: Any) -> None:
+    """A number the header keeps as a record (L-BFGS's history scalars) whose dtype is not a
+    name: a CheckpointError naming it (a list or a dict raised TypeError: unhashable)."""
+    params = {"w": np.ones((4, 3), np.float32)}
+    state = uo.setup(uo.lbfgs(lr=1.0), params)
+    closure = lambda p: (float((p["w"].astype(np.float64) ** 2).sum()),  # noqa: E731
+                         {"w": 2.0 * p["w"]})
+    for _ in range(2):
+        state, params, _ = uo.minimize_step(state, params, closure)
+    uo.save(path, state)
+
+    def scalars(x: Any) -> Iterator[dict[str, Any]]:
+        if isinstance(x, dict):
+            if x.get("$") == "scalar":
+                yield x
+            for v in x.values():
+                yield from scalars(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from scalars(v)
+
+    def spoil(header: Any, doc: Any) -> None:
+        next(scalars(doc))["dtype"] = dtype
+
+    _edit(path, spoil)
+    with pytest.raises(checkpoint.CheckpointError, match=r"not a number"):
+        uo.load(path, like=(uo.lbfgs(lr=1.0), params))

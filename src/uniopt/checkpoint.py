@@ -1205,7 +1205,8 @@ def _scalar_data(ck: _File, d: Any, at: list[Any]) -> Any:
     tag = d.get("$") if isinstance(d, dict) else None
     if tag == "float" and set(d) == {"$", "value"} and d["value"] in ("nan", "inf", "-inf"):
         return float(d["value"])
-    if tag != "scalar" or set(d) != {"$", "dtype", "value"} or d["dtype"] not in CODES:
+    if (tag != "scalar" or set(d) != {"$", "dtype", "value"} or not isinstance(d["dtype"], str)
+            or d["dtype"] not in CODES):  # (a list or a dict is no key of CODES: unhashable)
         raise CheckpointError(f"{where} is {_short(d)}, not a number")
     v = d["value"]
     if isinstance(v, dict):
