@@ -314,6 +314,39 @@ def test_a_pure_step_hands_back_nothing_it_was_given(name: str) -> None:
 
 
 @by_rule
+def test_a_schedule_past_the_rules_own_range_fails_the_step_before_any_write(name: str) -> None:
+    """Each number of the rule, where its constructor refuses -1 or 1.5, given as a schedule
+    that reaches that value at step 1: the step raises, naming the rule's own field, and
+    leaves the params as they were. A part may take a wider range than its rule (cocob's lr
+    is a scale's factor, sophia_h's b1 an ema's momentum): such values ran silently."""
+    e = registry.entry(name)
+    rule = _build(e)
+    fields = [k for k, v in rule.hyperparameters().items() if type(v) is float]
+    for field, bad in [(f, x) for f in fields for x in (-1.0, 1.5) if _refused(e, f, x)]:
+        value = rule.hyperparameters()[field]
+        try:
+            scheduled = _build(e, **{field: lambda s, v=value, x=bad: v if s < 1 else x})
+        except (TypeError, ValueError):  # a number no schedule may give
+            continue
+        problem = Problem(_shapes(scheduled), np.float64)
+        params = problem.params()
+        state, _ = _drive(e, uo.setup(scheduled, params), params, problem, 1, inplace=True)
+        before = {k: v.copy() for k, v in params.items()}
+        with pytest.raises(ValueError, match=rf"{re.escape(field)}.*\(the value of its schedule "
+                                             r"at step 1\)"):
+            _drive(e, state, params, problem, 1, inplace=True)
+        assert_same(list(params.values()), list(before.values()))
+
+
+def _refused(e: registry.Entry, field: str, value: float) -> bool:
+    try:
+        _build(e, **{field: value})
+    except ValueError:
+        return True
+    return False
+
+
+@by_rule
 def test_slots_are_the_states(name: str) -> None:
     e = registry.entry(name)
     rule = _build(e)

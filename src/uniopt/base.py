@@ -232,6 +232,20 @@ class Transform:
                 return None
         return new
 
+    def check_at(self, step: Any) -> None:
+        """Raise what :meth:`at` raises where a value at ``step`` is out of this record's own
+        ranges; on the host, each moving value read and compared, no record made."""
+        if self.fixed:
+            return
+        if type(step) is int and self._read_on_host is not None:
+            for _, xs, valid in self._read_on_host:
+                for x in xs if type(xs) is tuple else (xs,):
+                    if not _checked_float(x(step) if callable(x) else x, valid):
+                        self.at(step)  # (which says what is wrong, in the record's words)
+                        return
+            return
+        self.at(step)
+
     @functools.cached_property
     def _read_on_host(self) -> tuple[tuple[str, Any, Interval], ...] | None:
         """For :meth:`_at_host`, each moving field with its value and valid range; None where

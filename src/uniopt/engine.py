@@ -375,6 +375,11 @@ Resolved = list[tuple[Part, Any, tuple[str, ...]]]
 def resolve(rule: Transform, step: Any) -> Resolved:
     """Every part of ``rule`` resolved and validated for ``step``, with its coefficients; raises
     (naming the rule, the part and the step) where a schedule's value is invalid."""
+    # the rule's own ranges first, where a schedule moves a number: a part may take wider ones
+    # (cocob's lr >= 0 is a scale's factor, which may be negative; sophia_h's b1 < 1 an ema's
+    # momentum >= 0), and a value past them ran silently
+    for record in _records(rule):
+        record.check_at(step)
     out: Resolved = []
     for part, keys in rule.keyed_parts:
         try:
@@ -384,6 +389,13 @@ def resolve(rule: Transform, step: Any) -> Resolved:
         assert isinstance(resolved, Part)
         out.append((resolved, resolved.coeffs(step), keys))
     return out
+
+
+def _records(rule: Transform) -> tuple[Transform, ...]:
+    """The records a user wrote in ``rule``: itself, or a chain's members (and theirs)."""
+    if isinstance(rule, chain):
+        return tuple(r for t in rule.transforms for r in _records(t))
+    return (rule,)
 
 
 def _in_users_words(rule: Transform, step: Any, e: Exception) -> Exception:
