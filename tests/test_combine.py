@@ -644,6 +644,11 @@ def test_adjust_reaches_a_label_inside_wrappers_and_chains() -> None:
     assert inner.inner["embed"].lr == 5e-5 and inner.inner["decay"].lr == 1e-2
     with pytest.raises(ValueError, match=r"'nothing.lr' is not a hyperparameter"):
         uo.adjust(state, **{"nothing.lr": 1.0})
+    # inside masked, whose other member (the leaves passed through) is an empty chain: that
+    # chain said a chain's member is named by its position
+    masked = uo.masked(_uniopt_rule(), lambda path, leaf: True)
+    state = uo.adjust(uo.setup(masked, _params(np.random.default_rng(0))), **{"embed.lr": 5e-5})
+    assert state.rule.rule.inner["embed"].lr == 5e-5
 
 
 def test_a_namedtuples_fields_are_named_in_paths_as_a_dataclasses_are() -> None:

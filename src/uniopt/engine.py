@@ -1451,13 +1451,17 @@ def _fixed_at_setup(rule: Transform, like: Transform) -> Transform:
     return assemble(type(rule), {**rule.fields(), **traced}, rule.host) if traced else rule
 
 
-def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transform, list[str]]:
+def _set(t: Transform, path: list[str], value: Any, where: str,
+         searching: bool = False) -> tuple[Transform, list[str]]:
     """``t`` with hyperparameter ``path[-1]`` set in the member ``path[:-1]`` names, and where
-    it was found."""
+    it was found. ``searching``: ``t`` is one of a combinator's members looked through for a
+    label, where a chain that the path cannot name is no error (masked's pass-through)."""
     if isinstance(t, chain):
         # a label names a member of a combinator in the chain: searched for as a name is
         labelled = not path[0].isdigit() and any(isinstance(p, Combinator) for p in t.flat_parts)
         if len(path) > 1 and not labelled:
+            if searching and not path[0].isdigit():
+                return t, []
             if not path[0].isdigit():
                 raise ValueError(
                     f"adjust: {'.'.join(path)!r}: a member of a chain is named by its position "
@@ -1483,7 +1487,7 @@ def _set(t: Transform, path: list[str], value: Any, where: str) -> tuple[Transfo
             return (t.with_inner(path[0], new) if found else t), found
         found = []
         for name, m in inner.items():
-            new, f = _set(m, path, value, f"{where}{name}.")
+            new, f = _set(m, path, value, f"{where}{name}.", searching=True)
             if f:
                 t = t.with_inner(name, new)
             found += f
