@@ -1160,3 +1160,22 @@ def test_a_scalar_record_of_no_dtype_name_is_a_checkpoint_error(path: str, dtype
     _edit(path, spoil)
     with pytest.raises(checkpoint.CheckpointError, match=r"not a number"):
         uo.load(path, like=(uo.lbfgs(lr=1.0), params))
+
+
+def test_an_lbfgs_state_for_params_of_another_size_is_a_checkpoint_error(path: str) -> None:
+    """L-BFGS keeps no per-leaf slot, only vectors of all the params raveled: a state saved for
+    15 elements loaded for 18 loaded, and the next step failed inside NumPy's broadcasting."""
+    closure = lambda p: (float(sum((v ** 2).sum() for v in p.values())),  # noqa: E731
+                         {k: 2.0 * v for k, v in p.items()})
+    params = {"w": np.ones((4, 3)), "b": np.full(3, 0.5)}
+    state = uo.setup(uo.lbfgs(lr=1.0), params)
+    for _ in range(2):
+        state, params, _ = uo.minimize_step(state, params, closure)
+    uo.save(path, state)
+    other = {"w": np.ones((5, 3)), "b": np.full(3, 0.5)}
+    with pytest.raises(CheckpointError, match=r"its state of lbfgs_step is for other params: its "
+                                              r"d holds a vector of shape \(15,\), where these "
+                                              r"params make vectors of 18 elements"):
+        uo.load(path, like=(uo.lbfgs(lr=1.0), other))
+    back = uo.load(path, like=(uo.lbfgs(lr=1.0), params))  # its own size loads
+    assert back.tree_states["lbfgs_step"]["d"].shape == (15,)

@@ -682,6 +682,11 @@ class WholeTree(Part):
         """The state for the params tree."""
         raise NotImplementedError
 
+    def check_tree(self, state: Any, leaves: list[Any]) -> str | None:
+        """What makes ``state`` (one loaded from a checkpoint) no state of this part for params
+        ``leaves``, or None: what a checkpoint's per-leaf shapes cannot tell."""
+        return None
+
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
         """``(u, state)`` for the tree ``u`` of incoming updates (to be subtracted), with the

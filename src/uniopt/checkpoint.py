@@ -995,6 +995,14 @@ def _load_state(ck: _File, like: Any, want_params: bool) -> Any:
     n = len(t_leaves)
     state: Any = optree.tree_unflatten(t_def, values[:n])
     state = dataclasses.replace(state, rule=rule, tree_states=trees())
+    if like_params is not None:  # what per-leaf shapes cannot tell (L-BFGS's flat vectors)
+        leaves = flatten_leaves(like_params)[0]
+        for part, keys in rule.keyed_parts:
+            said = part.check_tree(state.tree_states[keys[0]], leaves) \
+                if isinstance(part, WholeTree) else None
+            if said:
+                raise CheckpointError(f"{ck.name}: its state of {keys[0]} is for other params: "
+                                      f"{said}")
     if not want_params:
         return state
     return state, optree.tree_unflatten(tmpl.treedef, values[n:])

@@ -56,6 +56,18 @@ class lbfgs_step(Minimizer):
     def init_tree(self, params: Any) -> Any:
         return {"func_evals": 0, "n_iter": 0}
 
+    def check_tree(self, state: Any, leaves: list[Any]) -> str | None:
+        # its vectors are the params raveled into one (a complex leaf as its real pairs)
+        n = sum(int(math.prod(p.shape)) * (2 if backend.is_complex(p) else 1) for p in leaves)
+        for key in ("d", "prev_flat_grad", "old_dirs", "old_stps"):
+            v = state.get(key) if isinstance(state, dict) else None
+            for x in v if isinstance(v, list) else [] if v is None else [v]:
+                if tuple(getattr(x, "shape", ())) != (n,):
+                    return (f"its {key} holds a vector of shape "
+                            f"{tuple(getattr(x, 'shape', ()))}, where these params make vectors "
+                            f"of {n} elements")
+        return None
+
     def minimize(self, xp: Any, x: Any, state: Any, evaluate: Evaluate) -> tuple[Any, Any, Any]:
         st = dict(state)
         lr, tol_change = self.lr, self.tolerance_change
