@@ -1179,3 +1179,27 @@ def test_an_lbfgs_state_for_params_of_another_size_is_a_checkpoint_error(path: s
         uo.load(path, like=(uo.lbfgs(lr=1.0), other))
     back = uo.load(path, like=(uo.lbfgs(lr=1.0), params))  # its own size loads
     assert back.tree_states["lbfgs_step"]["d"].shape == (15,)
+
+
+def test_an_lbfgs_checkpoint_from_numpy_continues_on_torch(path: str) -> None:
+    """Its history's scalars are NumPy's in the file; a torch state made of it cast its new
+    ones to NumPy dtypes at the first step, which torch's ``to()`` refused (float32). It now
+    continues as the NumPy run does."""
+    torch = pytest.importorskip("torch")
+
+    def closure(p: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        w = p["w"]
+        wide = w.astype(np.float64) if isinstance(w, np.ndarray) else w.double()
+        return float((wide ** 2).sum()), {"w": w * 1.0}
+
+    rule = uo.lbfgs(lr=1.0)
+    params = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)}
+    state = uo.setup(rule, params)
+    for _ in range(3):
+        state, params, _ = uo.minimize_step(state, params, closure)
+    uo.save(path, state, params=params)
+    state, params, _ = uo.minimize_step(state, params, closure)
+    tstate, tparams = uo.load(path, like=(rule, {"w": torch.zeros(4, 3)}), params=True)
+    tstate, tparams, _ = uo.minimize_step(tstate, tparams, closure)
+    # (float32: the two libraries' dot products round apart)
+    np.testing.assert_allclose(tparams["w"].numpy(), params["w"], rtol=1e-5, atol=1e-6)

@@ -833,7 +833,10 @@ def _dtype_of(x: Any, like: Any) -> Any:
         return x
     if backend.is_numpy_scalar(x):  # NumPy's 0-d arithmetic: the state keeps arrays
         return np.asarray(x, dtype=like.dtype)
-    return backend.namespace(x).astype(x, like.dtype)
+    xp = backend.namespace(x)
+    if xp is not backend.namespace(like):  # (a state loaded from another library's file)
+        return xp.astype(x, getattr(xp, str(like.dtype).rsplit(".", 1)[-1]))
+    return xp.astype(x, like.dtype)
 
 
 def _real_float(x: Any) -> bool:
