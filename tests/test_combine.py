@@ -294,7 +294,12 @@ def _nan_from_step_1(step: Any) -> float:
                   "b": uo.partition({"c": uo.adam(lr=0.1), "d": uo.adam(lr=_nan_from_step_1)},
                                     {"w": None, "v": "c", "u": "d"})},
                  {"w": "a", "v": "b", "u": "b"}),
-], ids=["flat", "nested"])
+    # a wrapper as the later member: what it wraps steps at this step
+    *[uo.partition({"a": uo.sgd(lr=0.1, momentum=0.9),
+                    "b": wrap(uo.sgd(lr=_nan_from_step_1, momentum=0.5))},
+                   {"w": "a", "v": "b", "u": "b"})
+      for wrap in (lambda r: uo.accumulate(r, 1), uo.skip_nonfinite, uo.mechanize)],
+], ids=["flat", "nested", "accumulate", "skip_nonfinite", "mechanize"])
 def test_a_member_invalid_at_a_step_fails_it_before_any_member_writes(rule: Any) -> None:
     """The members of a partition step one after another; an in-place step whose last member
     has a schedule invalid at that step raises before the first writes its leaves and state
@@ -303,9 +308,25 @@ def test_a_member_invalid_at_a_step_fails_it_before_any_member_writes(rule: Any)
     grads = {k: np.full(v.shape, 0.5) for k, v in params.items()}
     state = uo.update_(uo.setup(rule, params), params, grads)
     before, before_state = copy_tree(params), copy_tree(_numpy_arrays(state))
-    with pytest.raises(ValueError, match=r"adam: lr must be finite, got nan \(the value of its "
-                                         r"schedule at step 1\)"):
+    with pytest.raises(ValueError, match=r"(adam|sgd): lr must be finite, got nan \(the value "
+                                         r"of its schedule at step 1\)"):
         uo.update_(state, params, grads)
+    assert_same(jax.tree.leaves(params), jax.tree.leaves(before))
+    assert_same(_numpy_arrays(state), before_state)
+
+
+def test_a_later_members_nonfinite_limit_fails_the_step_before_any_member_writes() -> None:
+    """skip_nonfinite past its limit raises before anything is written, as it says: inside a
+    partition too, where the members before it had written their leaves."""
+    rule = uo.partition({"a": uo.adam(lr=0.1), "b": uo.skip_nonfinite(uo.sgd(lr=0.1), 0)},
+                        {"w": "a", "v": "b"})
+    params = {"w": np.ones(3), "v": np.ones(2)}
+    state = uo.update_(uo.setup(rule, params), params, {"w": np.ones(3), "v": np.ones(2)})
+    before, before_state = copy_tree(params), copy_tree(_numpy_arrays(state))
+    with pytest.raises(FloatingPointError, match=r"1 steps in a row with non-finite gradients "
+                                                 r"\(max_consecutive=0\); this one's first is "
+                                                 r"params\['v'\]"):
+        uo.update_(state, params, {"w": np.ones(3), "v": np.array([1.0, np.nan])})
     assert_same(jax.tree.leaves(params), jax.tree.leaves(before))
     assert_same(_numpy_arrays(state), before_state)
 

@@ -142,19 +142,20 @@ def _unmoved(mode: str, state: State) -> State:
         namespace=NAMESPACE))
 
 
-def _validate(rule: Transform, state: State) -> None:
-    """Raise what ``rule``'s step from ``state`` would raise first where a number of it is
-    invalid at that step (a schedule's value), and so for every member of a routing
-    combinator in it: those all step, one after another, so each is checked before the first
-    writes anything."""
+def _validate(rule: Transform, state: State, ps: list[Any] | None = None,
+              gs: list[Any] | None = None) -> None:
+    """Raise what ``rule``'s in-place step from ``state`` would raise before it writes: a
+    number invalid at that step (a schedule's value), and what each combinator in it checks
+    first (:meth:`_Runs.precheck`), given the leaves ``ps`` and their gradients ``gs`` where
+    the rule is that combinator alone (None: what it sees is not known here). A partition's
+    members step one after another: each is checked so before the first writes anything."""
     if not all(part.fixed for part in rule.flat_parts):
         resolve(rule, state.step)
+    alone = len(rule.keyed_parts) == 1
     for part, keys in rule.keyed_parts:
-        if isinstance(part, _Routed):
-            tree = state.tree_states[keys[0]]
-            for name, member in part.inner.items():
-                if not _frozen(member):
-                    _validate(member, tree[name])
+        if isinstance(part, _Runs):
+            part.precheck(state.tree_states[keys[0]], state.treedef,
+                          ps if alone else None, gs if alone else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +169,15 @@ class _Runs(Combinator):
 
     # the step's extra arguments (the loss) go on to the members, whose parts may read them
     reads_value: ClassVar[bool] = True
+
+    def precheck(self, tree: Any, treedef: Any, ps: list[Any] | None,
+                 gs: list[Any] | None) -> None:
+        """Raise what an in-place step of leaves ``ps`` with gradients ``gs`` (None: not known
+        here) would raise before it writes (see :func:`_validate`); the members' numbers at
+        their steps where they will step."""
+        for name, member in self.inner.items():
+            if not _frozen(member):
+                _validate(member, tree[name])
 
     @property
     def uses_params(self) -> bool:  # type: ignore[override]
@@ -242,14 +252,24 @@ class _Routed(_Runs):
                          state_dtype=state_dtype)
                 for n, m in self.inner.items()}
 
+    def precheck(self, tree: Any, treedef: Any, ps: list[Any] | None,
+                 gs: list[Any] | None) -> None:
+        routes = None if ps is None else self.route(treedef, ps)
+        for name, member in self.inner.items():
+            if _frozen(member):
+                continue
+            if routes is None or ps is None or gs is None:
+                _validate(member, tree[name])
+            else:
+                _validate(member, tree[name], [ps[i] for i in routes[name]],
+                          [gs[i] for i in routes[name]])
+
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
               mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
         routes = self.route(treedef, ps)
         out: list[Any] | None = None if mode == INPLACE else [None] * len(ps)
         if mode == INPLACE:  # (pure, or in a chain, the members write nothing of the caller's)
-            for name, member in self.inner.items():
-                if not _frozen(member):
-                    _validate(member, tree[name])
+            self.precheck(tree, treedef, ps, gs)
         new = {}
         for name, member in self.inner.items():
             idx = routes[name]
@@ -516,6 +536,11 @@ class accumulate(_Wraps):
                              "int >= 1")
         return k
 
+    def precheck(self, tree: Any, treedef: Any, ps: list[Any] | None,
+                 gs: list[Any] | None) -> None:
+        if tree["mini"] + 1 >= self._every(tree["inner"].step):  # (the mean: no leaves here)
+            _validate(self.rule, tree["inner"])
+
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
               mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
         inner = dataclasses.replace(tree["inner"], rule=self.rule)
@@ -574,6 +599,23 @@ class skip_nonfinite(_Wraps):
                 "last_finite": True if isinstance(zero, int) else zero == 0,
                 "inner": setup(self.rule, params, state_dtype=state_dtype)}
 
+    def _too_many(self, count: int, treedef: Any, bad: int) -> FloatingPointError:
+        return FloatingPointError(
+            f"skip_nonfinite: {count} steps in a row with non-finite gradients "
+            f"(max_consecutive={self.max_consecutive}); this one's first is "
+            f"{path_str(optree.treespec_paths(treedef)[bad])}")
+
+    def precheck(self, tree: Any, treedef: Any, ps: list[Any] | None,
+                 gs: list[Any] | None) -> None:
+        if gs is None or ps is None or (ps and backend.is_jax(ps[0])):
+            return  # (whether the rule steps is not known here; under JAX nothing raises)
+        bad = next((i for i, g in enumerate(gs) if not bool(
+            backend.namespace(g).all(backend.namespace(g).isfinite(g)))), None)
+        if bad is None:
+            _validate(self.rule, tree["inner"], ps, gs)
+        elif tree["notfinite_count"] + 1 > self.max_consecutive:
+            raise self._too_many(tree["notfinite_count"] + 1, treedef, bad)
+
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
               mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:
         inner = dataclasses.replace(tree["inner"], rule=self.rule)
@@ -585,12 +627,7 @@ class skip_nonfinite(_Wraps):
                 return {**tree, "notfinite_count": 0, "last_finite": True, "inner": inner}, out
             count = tree["notfinite_count"] + 1
             if count > self.max_consecutive:
-                path = optree.treespec_paths(treedef)[bad]
-                raise FloatingPointError(
-                    f"skip_nonfinite: {count} steps in a row with non-finite gradients "
-                    f"(max_consecutive={self.max_consecutive}); this one's first is "
-                    f"{path_str(path)}"
-                )
+                raise self._too_many(count, treedef, bad)
             return ({"notfinite_count": count, "total_notfinite": tree["total_notfinite"] + 1,
                      "last_finite": False, "inner": _unmoved(mode, inner)}, _still(mode, ps, gs))
         xp = backend.namespace(ps[0])
