@@ -16,6 +16,7 @@ import math
 import operator
 import sys
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -863,8 +864,11 @@ def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
         return backend.namespace(like).asarray(x, dtype=like.dtype)
     if x.dtype != like.dtype:  # a step computed in a wider state_dtype
         return backend.namespace(like).astype(x, like.dtype)
+    # (a view of an input's memory too: SOAP hands back a slot reshaped)
+    base = x.base if type(x) is np.ndarray else getattr(x, "_base", None)
     for a in inputs:
-        if x is a:
+        if x is a or base is not None and (base is a or base is getattr(
+                a, "base" if type(a) is np.ndarray else "_base", None)):
             return backend.fresh(x, backend.namespace(like))
     return x
 
@@ -1010,29 +1014,43 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
     :class:`uniopt.lbfgs_linesearch`).
     """
     new, out = _pure(state, params, grads, value, extra)
+    # what a whole-tree part handed on as it was, or as a view of it, copied: nothing returned
+    # aliases an input (a tree state, a member's state that did not step in a chain); the
+    # slots are new arrays where they are made (_as_new_array), and a combinator taking the
+    # whole step steps its members by this function, each then checked, or copies the state
+    # of one that does not move (combine._unmoved)
+    if not new.tree_states or _combinator(state.rule) is not None:
+        return new, out
     leaves = optree.tree_leaves(params, namespace=NAMESPACE)
     if leaves and backend.is_jax(leaves[0]):  # (immutable: sharing is no aliasing)
         return new, out
-    # what a part handed on as it was, or as a view of it, copied: nothing returned aliases
-    # an input (a tree state, a member's state that did not step, a slot reshaped)
-    given = (state.slots, state.tree_states, leaves, grads)
-    slots, trees = _unshared(new.slots, given), _unshared(new.tree_states, given)
-    if slots is new.slots and trees is new.tree_states:
-        return new, out
-    return dataclasses.replace(new, slots=slots, tree_states=trees), out
+    trees = _unshared(new.tree_states, (state.slots, state.tree_states, leaves, grads))
+    return (new, out) if trees is new.tree_states else (
+        dataclasses.replace(new, tree_states=trees), out)
+
+
+_IS_NOT_NONE = functools.partial(operator.is_not, None)
 
 
 def _unshared(new: Any, given: Any) -> Any:
     """``new`` with each NumPy array or torch tensor whose memory is that of an array of
     ``given`` (the array itself, or a view of its owner) copied."""
-    kinds = (np.ndarray, sys.modules["torch"].Tensor) if "torch" in sys.modules else np.ndarray
     leaves, treedef = optree.tree_flatten(new, namespace=NAMESPACE)
     if not leaves:
+        return new
+    kinds = (np.ndarray, sys.modules["torch"].Tensor) if "torch" in sys.modules else np.ndarray
+    given_leaves = [x for x in optree.tree_leaves(given, namespace=NAMESPACE)
+                    if isinstance(x, kinds)]  # (a count, an int, is no memory)
+    # the common case in C calls: no leaf is an array given, and none is a view (NumPy's base,
+    # torch's _base)
+    if set(map(id, given_leaves)).isdisjoint(map(id, leaves)) and not any(
+            map(_IS_NOT_NONE, map(getattr, leaves, repeat("base"), repeat(None)))) and not any(
+            map(_IS_NOT_NONE, map(getattr, leaves, repeat("_base"), repeat(None)))):
         return new
     # (the memory's owner: a NumPy view's base, a torch view's _base, else the array)
     held = {id(x if (b := getattr(x, "base" if type(x) is np.ndarray else "_base", None))
                 is None else b)
-            for x in optree.tree_leaves(given, namespace=NAMESPACE) if isinstance(x, kinds)}
+            for x in given_leaves}
     hits = [isinstance(x, kinds) and id(
         x if (b := getattr(x, "base" if type(x) is np.ndarray else "_base", None)) is None
         else b) in held for x in leaves]
