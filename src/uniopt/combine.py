@@ -149,13 +149,24 @@ def _validate(rule: Transform, state: State, ps: list[Any] | None = None,
     first (:meth:`_Runs.precheck`), given the leaves ``ps`` and their gradients ``gs`` where
     the rule is that combinator alone (None: what it sees is not known here). A partition's
     members step one after another: each is checked so before the first writes anything."""
-    if not all(part.fixed for part in rule.flat_parts):
+    moving, runs, alone = _checks(rule)
+    if moving:
         resolve(rule, state.step)
-    alone = len(rule.keyed_parts) == 1
-    for part, keys in rule.keyed_parts:
-        if isinstance(part, _Runs):
-            part.precheck(state.tree_states[keys[0]], state.treedef,
-                          ps if alone else None, gs if alone else None)
+    for part, keys in runs:
+        part.precheck(state.tree_states[keys[0]], state.treedef,
+                      ps if alone else None, gs if alone else None)
+
+
+def _checks(rule: Transform) -> tuple[bool, list[tuple[Any, Any]], bool]:
+    """What :func:`_validate` looks at in ``rule`` (a record never changes: kept in its memo):
+    whether a number moves, its combinators, and whether one of them is its only part."""
+    hit = rule.memo.get("combine.checks")
+    if hit is None:
+        hit = rule.memo["combine.checks"] = (
+            not all(part.fixed for part in rule.flat_parts),
+            [(p, k) for p, k in rule.keyed_parts if isinstance(p, _Runs)],
+            len(rule.keyed_parts) == 1)
+    return hit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,10 +265,13 @@ class _Routed(_Runs):
 
     def precheck(self, tree: Any, treedef: Any, ps: list[Any] | None,
                  gs: list[Any] | None) -> None:
-        routes = None if ps is None else self.route(treedef, ps)
+        routes = None
         for name, member in self.inner.items():
-            if _frozen(member):
+            moving, runs, _ = _checks(member)
+            if not (moving or runs) or _frozen(member):
                 continue
+            if runs and ps is not None and routes is None:
+                routes = self.route(treedef, ps)
             if routes is None or ps is None or gs is None:
                 _validate(member, tree[name])
             else:
