@@ -343,6 +343,13 @@ def library(x: Any) -> str:
 _LIBRARIES: dict[type, str] = {}
 
 
+def owner(x: Any) -> Any:
+    """The object whose memory array ``x`` is: a NumPy view's ``base``, a torch view's
+    ``_base``, else ``x`` itself (anything else: itself)."""
+    base = getattr(x, "base" if type(x) is np.ndarray else "_base", None)
+    return x if base is None else base
+
+
 def immutable_reason(x: Any) -> str | None:
     """Why ``x`` cannot be written in place, or None if it can."""
     if type(x) is np.ndarray and x.flags.writeable or is_torch(x):  # (the common cases first)

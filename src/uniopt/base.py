@@ -212,6 +212,20 @@ class Transform:
         number is in play (a torch lr_scheduler's, every step of a small model): the same
         record, without the general path's bookkeeping. None: take the general path, which
         normalises other values or raises naming the step."""
+        values = self._host_values(step)
+        if values is None:
+            return None
+        new = assemble(type(self), {**self.fields(), **values}, _NO_FACTS)
+        if not self._foreign:
+            try:
+                new.check()
+            except ValueError:
+                return None
+        return new
+
+    def _host_values(self, step: int) -> dict[str, Any] | None:
+        """Each moving field's value at host step ``step`` (:attr:`_read_on_host`); None where
+        one is not a valid Python float in its range."""
         values: dict[str, Any] = {}
         assert self._read_on_host is not None
         for name, xs, valid in self._read_on_host:
@@ -224,27 +238,15 @@ class Transform:
                 if not _checked_float(v, valid):
                     return None
             values[name] = v
-        new = assemble(type(self), {**self.fields(), **values}, _NO_FACTS)
-        if not self._foreign:
-            try:
-                new.check()
-            except ValueError:
-                return None
-        return new
+        return values
 
     def check_at(self, step: Any) -> None:
         """Raise what :meth:`at` raises where a value at ``step`` is out of this record's own
         ranges; on the host, each moving value read and compared, no record made."""
-        if self.fixed:
+        if self.fixed or (type(step) is int and self._read_on_host is not None
+                          and self._host_values(step) is not None):
             return
-        if type(step) is int and self._read_on_host is not None:
-            for _, xs, valid in self._read_on_host:
-                for x in xs if type(xs) is tuple else (xs,):
-                    if not _checked_float(x(step) if callable(x) else x, valid):
-                        self.at(step)  # (which says what is wrong, in the record's words)
-                        return
-            return
-        self.at(step)
+        self.at(step)  # (which checks them, and says what is wrong in the record's words)
 
     @functools.cached_property
     def _read_on_host(self) -> tuple[tuple[str, Any, Interval], ...] | None:

@@ -92,8 +92,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         raise ValueError(f"setup: state_dtype must be 'float32', 'float64' or 'q8', got "
                          f"{state_dtype!r}")
     if state_dtype == "q8" and rule.tree_layout:
-        raise ValueError(f"setup: state_dtype='q8' quantises per-leaf slots; {rule.name} has "
-                         f"whole-tree parts ({', '.join(rule.tree_layout)})")
+        raise ValueError(f"setup: {no_q8_for_trees(rule)}")
     refused = [p for p in rule.flat_parts if state_dtype == "q8" and getattr(p, "no_q8", None)]
     if refused:
         raise ValueError(f"setup: state_dtype='q8' is not offered for {rule.name}: "
@@ -144,6 +143,12 @@ def _alone(rule: Transform) -> None:
             f"{rule.name}: {found[0].name} evaluates the closure itself and must be its rule's "
             f"only part; this rule has {[p.name for p in parts]}"
         )
+
+
+def no_q8_for_trees(rule: Transform) -> str:
+    """Why ``rule``, which has whole-tree parts, takes no 8-bit state."""
+    return (f"state_dtype='q8' quantises per-leaf slots; {rule.name} has whole-tree parts "
+            f"({', '.join(rule.tree_layout)})")
 
 
 def _check_shapes(rule: Transform, names: list[str], leaves: list[Any]) -> None:
@@ -379,7 +384,11 @@ def resolve(rule: Transform, step: Any) -> Resolved:
     # the rule's own ranges first, where a schedule moves a number: a part may take wider ones
     # (cocob's lr >= 0 is a scale's factor, which may be negative; sophia_h's b1 < 1 an ema's
     # momentum >= 0), and a value past them ran silently
-    for record in _records(rule):
+    moving = rule.memo.get("engine.moving_records")
+    if moving is None:  # (a record never changes: kept in its memo, none for a fixed rule)
+        moving = rule.memo["engine.moving_records"] = tuple(
+            r for r in _records(rule) if not r.fixed)
+    for record in moving:
         record.check_at(step)
     out: Resolved = []
     for part, keys in rule.keyed_parts:
@@ -865,10 +874,9 @@ def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
     if x.dtype != like.dtype:  # a step computed in a wider state_dtype
         return backend.namespace(like).astype(x, like.dtype)
     # (a view of an input's memory too: SOAP hands back a slot reshaped)
-    base = x.base if type(x) is np.ndarray else getattr(x, "_base", None)
+    owner = backend.owner(x)
     for a in inputs:
-        if x is a or base is not None and (base is a or base is getattr(
-                a, "base" if type(a) is np.ndarray else "_base", None)):
+        if x is a or owner is not x and owner is backend.owner(a):
             return backend.fresh(x, backend.namespace(like))
     return x
 
@@ -1047,13 +1055,8 @@ def _unshared(new: Any, given: Any) -> Any:
             map(_IS_NOT_NONE, map(getattr, leaves, repeat("base"), repeat(None)))) and not any(
             map(_IS_NOT_NONE, map(getattr, leaves, repeat("_base"), repeat(None)))):
         return new
-    # (the memory's owner: a NumPy view's base, a torch view's _base, else the array)
-    held = {id(x if (b := getattr(x, "base" if type(x) is np.ndarray else "_base", None))
-                is None else b)
-            for x in given_leaves}
-    hits = [isinstance(x, kinds) and id(
-        x if (b := getattr(x, "base" if type(x) is np.ndarray else "_base", None)) is None
-        else b) in held for x in leaves]
+    held = set(map(id, map(backend.owner, given_leaves)))
+    hits = [isinstance(x, kinds) and id(backend.owner(x)) in held for x in leaves]
     if not any(hits):
         return new
     return treedef.unflatten([backend.fresh(x, backend.namespace(x)) if hit else x

@@ -1085,13 +1085,6 @@ class Bound:
         return True
 
 
-def _views(x: Any, *arrays: Any) -> bool:
-    """Whether array ``x``, a view, is one of the memory of one of ``arrays`` (SOAP hands back
-    a slot reshaped)."""
-    return any(x.base is a or x.base is getattr(a, "base", None) for a in arrays
-               if a is not None)
-
-
 def bind(plan: list[tuple[Any, Any, tuple[str, ...]]], params: Any, slots: Any,
          memo: dict[Any, Any]) -> Bound | None:
     """A :class:`Bound` step of ``plan`` on ``params`` and ``slots`` (lists of NumPy arrays,
@@ -1229,9 +1222,10 @@ def segmented(
                 for old, new in zip(olds, (o[at] for o in outs), strict=True):
                     if old is not None and new is not old:
                         old[...] = new
-            else:  # new arrays: a slot handed back as it came is copied
+            else:  # new arrays: a slot handed back as it came, or a view of it, is copied
                 new_slots[key] = [x.copy() if x is not None and (
-                    x is old or x is p or x is g or x.base is not None and _views(x, old, p, g))
+                    x is old or x is p or x is g or x.base is not None and any(
+                        x.base is backend.owner(a) for a in (old, p, g) if a is not None))
                     else x for x, old, p, g in zip((o[at] for o in outs), olds, params, grads,
                                                    strict=True)]
         if not last:

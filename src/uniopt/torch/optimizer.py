@@ -15,7 +15,7 @@ from torch.optim.optimizer import ParamsT
 from .. import backend
 from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
 from ..checkpoint import plain_schedules, schedules_from_plain
-from ..engine import adjust, resolve
+from ..engine import adjust, no_q8_for_trees, resolve
 from ..hyper import DeviceNumber, has_schedule
 from ..interop import dtensor
 from ..state import State
@@ -360,8 +360,7 @@ class Optimizer(torch.optim.Optimizer):
         rule = self._build_rule(group)
         if group.get("state_dtype") == "q8" and rule.tree_layout:
             # (as uniopt.setup: such a state was kept in float32, silently)
-            raise ValueError(f"{self._name}: state_dtype='q8' quantises per-leaf slots; "
-                             f"{rule.name} has whole-tree parts ({', '.join(rule.tree_layout)})")
+            raise ValueError(f"{self._name}: {no_q8_for_trees(rule)}")
         return chain(scale(-1.0), rule) if group.get("maximize") else rule
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
