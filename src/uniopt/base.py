@@ -240,7 +240,7 @@ class Transform:
             values[name] = v
         return values
 
-    def check_at(self, step: Any) -> None:
+    def _check_at(self, step: Any) -> None:
         """Raise what :meth:`at` raises where a value at ``step`` is out of this record's own
         ranges; on the host, each moving value read and compared, no record made."""
         if self.fixed or (type(step) is int and self._read_on_host is not None

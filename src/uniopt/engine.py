@@ -389,7 +389,7 @@ def resolve(rule: Transform, step: Any) -> Resolved:
         moving = rule.memo["engine.moving_records"] = tuple(
             r for r in _records(rule) if not r.fixed)
     for record in moving:
-        record.check_at(step)
+        record._check_at(step)
     out: Resolved = []
     for part, keys in rule.keyed_parts:
         try:
