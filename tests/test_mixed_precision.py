@@ -1,4 +1,5 @@
-"""float16/bfloat16 parameters with float32 state: setup(..., state_dtype="float32")."""
+"""float16/bfloat16 parameters (NumPy's bfloat16 is ml_dtypes'), with slots of their own dtype
+or float32 (setup(..., state_dtype="float32")); narrower floats refused."""
 
 from __future__ import annotations
 
@@ -65,6 +66,67 @@ def test_torch_bfloat16_and_jax_bfloat16() -> None:
         assert q[0].dtype == dt
         assert all(str(x.dtype).endswith("float32") for v in s.slots.values() for x in v)
         assert abs(float(q[0][0]) - 0.5) < 0.02  # five Adam steps of lr 0.1 against the gradient
+
+
+@pytest.mark.parametrize("state_dtype", [None, "float32"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_numpy_bfloat16_is_torchs_bfloat16_bit_for_bit(
+        state_dtype: str | None, inplace: bool, compiled: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ml_dtypes' bfloat16 NumPy arrays (what JAX hands NumPy) step as torch's bfloat16
+    tensors do: computed in float32 and rounded once, on the reference path and the compiled
+    loop alike; 30 steps of AdamW (weight decay, bias corrections, a root)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    torch = pytest.importorskip("torch")
+    from uniopt.fast import cpu
+
+    if compiled:
+        monkeypatch.setattr(cpu, "MIN_LEAVES", 0)
+        monkeypatch.setattr(cpu, "MIN_SIZE", 0)
+    rng = np.random.default_rng(3)
+    shapes = [(3, 5), (300,), (1,)]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    bf16 = ml_dtypes.bfloat16
+    rule = uo.adamw(lr=1e-2, weight_decay=0.1)
+    ours = [a.astype(bf16) for a in start]
+    theirs = [torch.from_numpy(a).to(torch.bfloat16) for a in start]
+    s_np = uo.setup(rule, ours, state_dtype=state_dtype)
+    s_t = uo.setup(rule, theirs, state_dtype=state_dtype)
+    before = cpu.STEPS
+    for _ in range(30):
+        g = [(3 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+        g_np = [x.astype(bf16) for x in g]
+        if inplace:
+            s_np = uo.update_(s_np, ours, g_np)
+        else:
+            s_np, ours = uo.update(s_np, ours, g_np)
+        s_t = uo.update_(s_t, theirs, [torch.from_numpy(x).to(torch.bfloat16) for x in g])
+    # the torch side takes the loop, through its bits; the NumPy side too where asked
+    assert cpu.STEPS - before == (60 if compiled else 30)
+    assert all(p.dtype == bf16 for p in ours)
+    want_slot = np.dtype(bf16) if state_dtype is None else np.dtype(np.float32)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a.view(np.int16), b.view(torch.int16).numpy())
+    for key, xs in s_np.slots.items():
+        for a, b in zip(xs, s_t.slots[key], strict=True):
+            assert a.dtype == want_slot
+            np.testing.assert_array_equal(a.astype(np.float32), b.float().numpy())
+
+
+def test_floats_of_8_bits_are_refused_by_name() -> None:
+    """An 8-bit float's moments underflow (Adam's ``g**2`` in float8_e4m3fn is 0 below 0.04,
+    and it has no infinity: the step was NaN on JAX), and torch has no arithmetic in them."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    leaves = [np.ones(3, ml_dtypes.float8_e4m3fn)]
+    jax = pytest.importorskip("jax")
+    leaves.append(jax.numpy.ones(3, jax.numpy.float8_e5m2))
+    torch = pytest.importorskip("torch")
+    leaves.append(torch.ones(3, dtype=torch.float8_e4m3fn))
+    for leaf in leaves:
+        with pytest.raises(TypeError, match=r"params\['w'\] has dtype \S*float8_e\dm\d\w*; "
+                                            "uniopt updates floats of 16 bits or more"):
+            uo.setup(uo.adam(), {"w": leaf})
 
 
 def test_bad_state_dtype() -> None:

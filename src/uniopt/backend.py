@@ -38,10 +38,34 @@ class Kind:
     library: str  # as :func:`library` names it
     floating: bool  # real or complex floating: a dtype uniopt updates
     complex: bool
-    low: bool  # float16 or bfloat16: its step is computed in float32
+    low: bool  # narrower than float32 (float16, bfloat16): its step is computed in float32
 
 
 _KINDS: dict[tuple[type, Any], Kind] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """A dtype's name without its library's prefix: ``"float32"`` for NumPy's, torch's
+    (``torch.float32``), JAX's and array-api-strict's alike."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def float_bits(dtype: Any) -> int:
+    """The width of a real floating dtype, read off its name (array-api-strict's dtypes have no
+    ``itemsize``): 16 for bfloat16, 8 for ``float8_e4m3fn``."""
+    digits = dtype_name(dtype).removeprefix("b").removeprefix("float").split("_", 1)[0]
+    return int(digits) if digits.isdigit() else 64
+
+
+def _floats(x: Any, xp: Any) -> tuple[bool, bool]:
+    """Whether ``x``'s dtype is floating, and complex."""
+    try:
+        return (bool(xp.isdtype(x.dtype, ("real floating", "complex floating"))),
+                bool(xp.isdtype(x.dtype, "complex floating")))
+    except TypeError:
+        # NumPy holds ml_dtypes' numbers (bfloat16 and the 8-bit floats, as JAX hands its
+        # arrays to NumPy; int4) as opaque dtypes, which its isdtype refuses
+        return dtype_name(x.dtype).startswith(("float", "bfloat")), False
 
 
 def kind(x: Any) -> Kind:
@@ -52,10 +76,9 @@ def kind(x: Any) -> Kind:
     except TypeError:  # a dtype that cannot be hashed
         key, found = None, None
     if found is None:
-        xp = namespace(x)
-        floating = bool(xp.isdtype(x.dtype, ("real floating", "complex floating")))
-        found = Kind(library(x), floating, bool(xp.isdtype(x.dtype, "complex floating")),
-                     str(x.dtype).rsplit(".", 1)[-1] in ("float16", "bfloat16"))
+        floating, complex_ = _floats(x, namespace(x))
+        found = Kind(library(x), floating, complex_,
+                     floating and not complex_ and float_bits(x.dtype) < 32)
         if key is not None and type(x) in _NAMESPACES:
             _KINDS[key] = found
     return found

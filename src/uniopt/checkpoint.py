@@ -445,13 +445,9 @@ def _show_data(d: Any) -> str:
 
 # --- arrays -------------------------------------------------------------------------------------
 
-def _dtype_name(x: Any) -> str:
-    return str(x.dtype).rsplit(".", 1)[-1]
-
-
 def _stored(x: Any, at: str) -> tuple[str, list[int], bool]:
     """How array ``x`` is stored: its safetensors dtype, its shape, whether it is complex."""
-    name = _dtype_name(x)
+    name = backend.dtype_name(x.dtype)
     real = COMPLEX.get(name)
     code = CODES.get(real or name)
     if code is None:
@@ -1309,7 +1305,7 @@ def _leaf(ck: _File, spec: Any, leaf: Any, at: list[Any], own: bool) -> Callable
         return _scalar(ck, spec, type(leaf), at)
     if isinstance(spec, dict) and set(spec) == {"value"}:  # a counter a Python number held
         v = spec["value"]
-        kind = _dtype_name(leaf)
+        kind = backend.dtype_name(leaf.dtype)
         ok = (kind == "bool" and type(v) is bool) or \
             (kind.startswith(("int", "uint")) and type(v) is int)
         if tuple(leaf.shape) != () or not ok:
@@ -1318,7 +1314,7 @@ def _leaf(ck: _File, spec: Any, leaf: Any, at: list[Any], own: bool) -> Callable
         xp = backend.namespace(leaf)
         return lambda: _fit_scalar(xp, v, leaf, ck, at)
     info = _tensor(ck, spec, at)
-    name = _dtype_name(leaf)
+    name = backend.dtype_name(leaf.dtype)
     real = COMPLEX.get(name)
     shape = tuple(int(d) for d in leaf.shape) + ((2,) if real else ())
     if bool(spec.get("complex")) != bool(real):
@@ -1369,7 +1365,7 @@ def _scalar(ck: _File, spec: Any, kind: type, at: list[Any]) -> Callable[[], Any
 
 def _fit_scalar(xp: Any, v: Any, leaf: Any, ck: _File, at: list[Any]) -> Any:
     if not isinstance(v, bool):
-        info = np.iinfo(np.dtype(_dtype_name(leaf)))
+        info = np.iinfo(np.dtype(backend.dtype_name(leaf.dtype)))
         if not info.min <= v <= info.max:
             raise CheckpointError(f"{ck.name}: {_show(at)} is {v}, past {info.dtype}")
     return _put(xp.asarray(v, dtype=leaf.dtype), leaf)
@@ -1379,7 +1375,7 @@ def _read_leaf(ck: _File, info: _Info, leaf: Any, own: bool, at: list[Any]) -> A
     """A new array like ``leaf`` (library, dtype, device) holding the tensor ``info``, read
     straight into its memory where it is on the host: into ``leaf`` itself where it is
     this load's own (a NumPy or CPU torch template), else into a new one."""
-    name = _dtype_name(leaf)
+    name = backend.dtype_name(leaf.dtype)
     if DTYPES[info.code] != (COMPLEX.get(name) or name):  # an integer of another width
         dtype, shape = _as_host(info)
         host = np.empty(shape, dtype)

@@ -63,6 +63,12 @@ def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str
         if not k.floating:
             raise TypeError(f"{names[i]} has dtype {leaf.dtype}; uniopt updates floating arrays "
                             "(real, or complex as the pairs of their parts)")
+        if k.low and backend.float_bits(leaf.dtype) < 16:
+            # their moments would underflow (Adam's g**2 in float8_e4m3fn is 0 below 0.04, and
+            # it has no infinity: m / sqrt(v) is NaN), and torch has no arithmetic in them
+            raise TypeError(f"{names[i]} has dtype {leaf.dtype}; uniopt updates floats of 16 "
+                            "bits or more: keep the parameters in bfloat16 or float32 and cast "
+                            "them to 8 bits where the model reads them")
     return leaves, treedef, names
 
 
@@ -845,7 +851,7 @@ def _dtype_of(x: Any, like: Any) -> Any:
         return np.asarray(x, dtype=like.dtype)
     xp = backend.namespace(x)
     if xp is not backend.namespace(like):  # (a state loaded from another library's file)
-        return xp.astype(x, getattr(xp, str(like.dtype).rsplit(".", 1)[-1]))
+        return xp.astype(x, getattr(xp, backend.dtype_name(like.dtype)))
     return xp.astype(x, like.dtype)
 
 
@@ -926,7 +932,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         # the compiled paths compute in float64 for float64 params, float32 otherwise; a state
         # kept in another dtype is computed in that dtype (_compute_dtype), on the reference path
         # (but bfloat16 tensors' NumPy views, which have none)
-        stored = str(leaves[0].dtype).rsplit(".", 1)[-1]
+        stored = backend.dtype_name(leaves[0].dtype)
         if state.state_dtype != ("float64" if stored == "float64" else "float32") and not (
                 backend.is_numpy(leaves[0]) and backend.is_bfloat16_bits(leaves[0])):
             if backend.is_numpy(leaves[0]) or backend.is_torch(leaves[0]):

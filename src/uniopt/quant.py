@@ -93,7 +93,7 @@ class Q8:
 
     @property
     def signed(self) -> bool:
-        return str(self.codes.dtype).rsplit(".", 1)[-1] == "int8"
+        return backend.dtype_name(self.codes.dtype) == "int8"
 
     def __repr__(self) -> str:
         kind = "signed" if self.signed else "unsigned"

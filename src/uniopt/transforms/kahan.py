@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..backend import is_bfloat16_bits_dtype
+from ..backend import dtype_name, is_bfloat16_bits_dtype
 from ..base import Elementwise
 from ..moments import select
 
@@ -53,7 +53,7 @@ class Compensation(NamedTuple):
 def _stored(dtype: Any) -> str:
     """The name of ``dtype`` as the parameter stores it: a bfloat16 tensor's NumPy view of its
     bits (:data:`uniopt.backend.BFLOAT16_BITS`) is bfloat16."""
-    return "bfloat16" if is_bfloat16_bits_dtype(dtype) else str(dtype).rsplit(".", 1)[-1]
+    return "bfloat16" if is_bfloat16_bits_dtype(dtype) else dtype_name(dtype)
 
 
 def _rounded(xp: Any, c: Compensation, x: Any) -> Any:

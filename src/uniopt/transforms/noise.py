@@ -115,7 +115,7 @@ def _draw_numpy(state: Any, leaves: list[Any]) -> tuple[list[Any], Any]:
 
 
 def _normal_dtype(x: Any) -> Any:
-    return np.float32 if np.dtype(str(x.dtype).rsplit(".", 1)[-1]) == np.float32 else np.float64
+    return np.float32 if np.dtype(backend.dtype_name(x.dtype)) == np.float32 else np.float64
 
 
 def _to(like: Any, x: np.ndarray) -> Any:
