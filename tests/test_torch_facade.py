@@ -580,6 +580,39 @@ def test_add_param_group_mid_training() -> None:
     assert results[1][2] == results[0][2]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("how", ["data", "t_"])
+@pytest.mark.parametrize(("name", "kw"), [("SGD", {"lr": 0.1, "momentum": 0.9}),
+                                          ("Adam", {"lr": 0.1})])
+def test_a_parameter_transposed_in_place_is_stepped_as_it_is_now(
+        name: str, kw: dict[str, Any], how: str, compiled: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A square weight transposed where it is (``w.data = w.data.t()``, ``w.t_()``) keeps its
+    address and shape: a step's views made before it would take the new gradients in the old
+    order (8.2 from torch's SGD after 6 steps)."""
+    if compiled:
+        monkeypatch.setattr(fused, "MIN_LEAVES", 0)
+        monkeypatch.setattr(fused, "MIN_SIZE", 0)
+    out = []
+    for impl in (torch.optim, ut):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+        opt = getattr(impl, name)([w], **kw)
+        target = torch.arange(16.0, dtype=torch.float64).reshape(4, 4)
+        for k in range(6):
+            if k == 3:
+                with torch.no_grad():
+                    if how == "data":
+                        w.data = w.data.t()
+                    else:
+                        w.t_()
+            opt.zero_grad()
+            ((w - target) ** 2 * (1 + target)).sum().backward()
+            opt.step()
+        out.append(w.detach())
+    assert_close64([out[1]], [out[0]])
+
+
 # --- sparse gradients ------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from ..interop import dtensor
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
+_STRIDE = torch.Tensor.stride
 _DEREF = weakref.ref.__call__  # (operator.call is Python 3.11's)
 _SHAPE = operator.attrgetter("shape")
 # what a gradient must be to go by address, read in one C call: its class (a subclass's
@@ -443,7 +444,7 @@ class Plan:
     plist: list[torch.Tensor]
     params: list[torch.Tensor]
     has: list[bool]
-    ptrs: list[int]
+    ptrs: list[Any]  # _ptrs
     state: MutableMapping[Any, dict[str, Any]]
     layout: Any
     names: SlotNames
@@ -502,8 +503,7 @@ class Plan:
             and self.tracked == bool(group.get("differentiable"))
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
-            and list(map(_DATA_PTR, ps if self.sharding is None else
-                          dtensor.locals_of(ps))) == self.ptrs
+            and _ptrs(ps, self.sharding is not None) == self.ptrs
         ):
             return False
         version = getattr(state, "version", None)
@@ -685,9 +685,12 @@ class Plan:
         self.steps.count(i)
 
 
-def _ptrs(ps: list[torch.Tensor], sharded: bool) -> list[int]:
-    """Where the parameters' memory is (a DTensor's: its local shard's)."""
-    return list(map(_DATA_PTR, dtensor.locals_of(ps) if sharded else ps))
+def _ptrs(ps: list[torch.Tensor], sharded: bool) -> list[Any]:
+    """Where the parameters' memory is and how it is laid out (a DTensor's: its local
+    shard's): a parameter transposed in place (``w.t_()``, ``w.data = w.data.t()``) keeps its
+    address, and the views made of it before would take its new gradients in the old order."""
+    xs = dtensor.locals_of(ps) if sharded else ps
+    return [*map(_DATA_PTR, xs), *map(_STRIDE, xs)]
 
 
 def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
