@@ -289,6 +289,29 @@ def test_update_and_update_in_place_agree_bit_for_bit(name: str) -> None:
 
 
 @by_rule
+def test_in_place_gradients_that_are_the_params_arrays(name: str) -> None:
+    """``update_(state, params, params)`` (the gradient of ``|w|^2/2`` is ``w``) steps as with a
+    copy of the params for gradients, bit for bit: Adan's previous gradient was the array the
+    step had just written with the new params."""
+    e = registry.entry(name)
+    if e.step_args or e.needs_closure:
+        pytest.skip("the step reads the objective, not a gradient alone")
+    rule = _build(e)
+    problem = Problem(_shapes(rule), np.float64)
+    runs = []
+    for same in (True, False):
+        params = problem.params()
+        state = uo.setup(rule, params)
+        for _ in range(3):
+            state = uo.update_(state, params, params if same else
+                               {k: v.copy() for k, v in params.items()})
+        runs.append((params, state))
+    (p1, s1), (p2, s2) = runs
+    assert_same(list(p1.values()), list(p2.values()))
+    assert_same(_state_arrays(s1), _state_arrays(s2))
+
+
+@by_rule
 def test_a_pure_step_hands_back_nothing_it_was_given(name: str) -> None:
     """``uo.update`` aliases none of its inputs: no array of the new state (slots, whole-tree
     states, members' states) or of the new params shares memory with the state, params or

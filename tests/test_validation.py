@@ -644,6 +644,26 @@ def test_non_floating_params(dtype):
     )
 
 
+def test_an_array_given_twice_is_refused_but_jaxs():
+    """A tied weight given as two leaves stepped in place as its last leaf on the reference
+    path, as both on the compiled one, and a pure step untied it. JAX's arrays are immutable:
+    the same one twice is two leaves that start equal."""
+    for w in (np.ones(3), torch.ones(3, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"params\['enc'\] is the same array as "
+                                             r"params\['dec'\]: a tied weight is one parameter"):
+            uo.setup(uo.sgd(lr=0.1), {"enc": w, "dec": w})
+    # set up untied, stepped in place tied (the reference path): refused before any write
+    state = uo.setup(uo.sgd(lr=0.1), {"enc": np.ones(3), "dec": np.ones(3)})
+    w = np.ones(3)
+    _rejects(ValueError, r"params\['enc'\] is the same array as params\['dec'\]", state,
+             {"enc": w, "dec": w}, {"enc": np.ones(3), "dec": np.ones(3)}, pure=False)
+    z = jnp.ones(3)
+    state, p = uo.update(uo.setup(uo.sgd(lr=0.1), {"a": z, "b": z}), {"a": z, "b": z},
+                         {"a": jnp.full(3, 0.5), "b": jnp.full(3, 0.25)})
+    np.testing.assert_allclose(np.asarray(p["a"]), 0.95)
+    np.testing.assert_allclose(np.asarray(p["b"]), 0.975)
+
+
 def test_update_with_a_non_state():
     params = _params()
     with pytest.raises(TypeError, match=r"expected a uniopt State .* got dict"):

@@ -72,6 +72,20 @@ def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str
     return leaves, treedef, names
 
 
+def _once_each(names: list[str], leaves: list[Any]) -> None:
+    """Refuse an array that is two leaves of the tree, but JAX's (an immutable array, two
+    leaves that start equal): a tied weight's steps in place were its last leaf's on one path
+    and both leaves' on the other, and a pure step untied it."""
+    if len(set(map(id, leaves))) == len(leaves):
+        return
+    first: dict[int, str] = {}
+    for name, leaf in zip(names, leaves, strict=True):
+        if id(leaf) in first and not backend.is_jax(leaf):
+            raise ValueError(f"{name} is the same array as {first[id(leaf)]}: a tied weight is "
+                             "one parameter; give it once, with the sum of its gradients")
+        first.setdefault(id(leaf), name)
+
+
 def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> State:
     """The initial state of ``rule`` for ``params`` (any pytree of arrays).
 
@@ -93,6 +107,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     leaves, treedef, names = _leaves(params)
     _alone(rule)
     _check_shapes(rule, names, leaves)
+    _once_each(names, leaves)
     register_state()  # JAX (flax) knows a State from the first one made after its import
     if state_dtype is not None and state_dtype not in ("float32", "float64", "q8"):
         raise ValueError(f"setup: state_dtype must be 'float32', 'float64' or 'q8', got "
@@ -998,6 +1013,12 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
                     s.codes if isinstance(s, quant.Q8) else s)
                 if reason:
                     raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
+        _once_each(names, p_leaves)
+        if any(map(operator.is_, g_leaves, p_leaves)):
+            # the gradient of |w|^2/2 is w: a slot that keeps the gradient (Adan's previous
+            # one) would be handed the array the step has just written with the new params
+            g_leaves = [backend.detached_copy(g) if g is p else g
+                        for g, p in zip(g_leaves, p_leaves, strict=True)]
     return _Step(p_leaves, g_leaves, treedef)
 
 
