@@ -59,3 +59,32 @@ def test_torch_clip_grad_norm_differs_by_its_epsilon() -> None:
             tp[k].grad.numpy(), clipped * norm / (norm + 1e-6), rtol=1e-12, atol=1e-15
         )
         assert not np.allclose(tp[k].grad.numpy(), clipped, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("path", ["reference", "compiled", "jit"])
+def test_a_nan_norm_makes_every_leaf_nan_as_optax_and_torch(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One NaN makes the global norm NaN, and every leaf NaN (optax's and torch's clip): the
+    norm's ``> max_norm`` was False for NaN, and the other leaves went through unclipped."""
+    from uniopt.fast import cpu
+
+    if path == "compiled":
+        monkeypatch.setattr(cpu, "MIN_LEAVES", 0)
+        monkeypatch.setattr(cpu, "MIN_SIZE", 0)
+    g = [np.array([30.0, 40.0, 0.0]), np.array([np.nan, 1.0])]
+    p = [np.zeros(3), np.zeros(2)]
+    rule = uo.clip_by_global_norm(1.0)
+    if path == "jit":
+        jax = pytest.importorskip("jax")
+        with jax.enable_x64(True):
+            jp = [jax.numpy.asarray(x) for x in p]
+            _, new = jax.jit(uo.update)(uo.setup(rule, jp), jp, [jax.numpy.asarray(x) for x in g])
+        new = [np.asarray(x) for x in new]
+    else:
+        before = cpu.STEPS
+        _, new = uo.update(uo.setup(rule, p), p, g)
+        assert cpu.STEPS - before == (path == "compiled")
+    assert all(np.isnan(x).all() for x in new)
+    # and a zero norm under a zero bound moves nothing (no 0/0)
+    _, new = uo.update(uo.setup(uo.clip_by_global_norm(0.0), p), p, [np.zeros(3), np.zeros(2)])
+    assert all((x == 0).all() for x in new)

@@ -699,3 +699,32 @@ def test_a_namedtuples_fields_are_named_in_paths_as_a_dataclasses_are() -> None:
                                              r"params \(their paths: layer\.w, layer\.bias, "
                                              r"out\.0\)"):
             uo.setup(uo.freeze(uo.sgd(lr=0.1), ["*.w", "*.biass"]), params)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["reference", "compiled"])
+@pytest.mark.parametrize("make", [lambda: uo.accumulate(uo.sgd(lr=0.1), every=2),
+                                  lambda: uo.mechanize(uo.sgd(lr=0.1)),
+                                  lambda: uo.sm3(lr=0.1, momentum=0.9)],
+                         ids=["accumulate", "mechanize", "sm3"])
+def test_a_0d_leaf_stays_an_array_through_save_load_and_update_(
+        make: Any, compiled: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NumPy's arithmetic on a 0-d leaf gives scalars: a pure step handed them back in the
+    accumulator, mechanize's params and SM3's momentum; the checkpoint then refused to load
+    and ``update_`` wrote the params before failing on the scalar."""
+    from uniopt.fast import cpu
+
+    if compiled:
+        monkeypatch.setattr(cpu, "MIN_LEAVES", 0)
+        monkeypatch.setattr(cpu, "MIN_SIZE", 0)
+    params = {"w": np.zeros(2), "s": np.array(1.0)}
+    grads = {"w": np.ones(2), "s": np.array(0.5)}
+    state = uo.setup(make(), params)
+    state, params = uo.update(state, params, grads)
+    leaves = optree.tree_leaves((state.slots, state.tree_states, params), namespace="uniopt")
+    assert not any(isinstance(x, np.generic) for x in leaves)
+    uo.save(tmp_path / "ck", state, params=params)
+    loaded, loaded_params = uo.load(tmp_path / "ck", like=(make(), params), params=True)
+    state = uo.update_(state, params, grads)
+    loaded = uo.update_(loaded, loaded_params, grads)
+    for k in params:
+        np.testing.assert_array_equal(params[k], loaded_params[k])

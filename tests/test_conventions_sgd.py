@@ -450,6 +450,11 @@ FLUX_CASES: dict[str, tuple[Any, Callable[[list[np.ndarray]], Step]]] = {
                 flux_peer(lambda s, dx: 0.1 * dx, _zeros())),
     "momentum": (uo.sgd(0.01, momentum=0.9, convention="flux"),
                  flux_peer(flux_momentum(0.9), _zeros("v"), lambda t: 0.01)),
+    # Momentum(): η 0.01, ρ 0.9; Nesterov(): η 0.001, ρ 0.9 (Descent's 0.1 was taken for all)
+    "momentum_default": (uo.sgd(momentum=0.9, convention="flux"),
+                         flux_peer(flux_momentum(0.9), _zeros("v"), lambda t: 0.01)),
+    "nesterov_default": (uo.sgd(momentum=0.9, nesterov=True, convention="flux"),
+                         flux_peer(flux_nesterov(0.001, 0.9), _zeros("vel"))),
     "momentum_scheduled": (uo.sgd(_cosine(), momentum=0.9, convention="flux"),
                            flux_peer(flux_momentum(0.9), _zeros("v"), _cosine())),
     "nesterov": (uo.sgd(0.01, momentum=0.8, nesterov=True, convention="flux"),

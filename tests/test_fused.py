@@ -146,7 +146,7 @@ def test_the_compiled_sign_is_numpys_at_zeros_and_nan(small_steps_compiled: None
 
 def test_fast_path_runs_for_plain_arrays() -> None:
     big = [np.ones(fused.MIN_SIZE, np.float32), np.ones((2, 2), np.float32)]
-    many = [np.ones(3, np.float32)] * fused.MIN_LEAVES
+    many = [np.ones(3, np.float32) for _ in range(fused.MIN_LEAVES)]
     with expect_compiled(4):
         for p in (big, many):
             state = uo.setup(uo.adam(), p)

@@ -185,3 +185,49 @@ def test_a_schedule_invalid_at_one_leafs_count_fails_before_any_leaf_moves(rule:
     assert_same([x for v in state.slots.values() for x in v],
                 [x for v in before[1].values() for x in v])
     assert state.counts.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("library", ["numpy", "numpy-inplace", "jax", "jax-jit"])
+def test_a_global_norm_spans_every_leaf_that_steps(library: str) -> None:
+    """``clip_by_global_norm`` after Adam, leaves at different counts (one engine call per
+    count, per leaf on JAX): the norm is that of every leaf with a gradient, as torch's
+    ``clip_grad_norm_`` skips None; each call had clipped by its own leaves' norm, for the rest
+    of the run. Against Adam per leaf at its own count, clipped by hand; 60 steps."""
+    params, grads = _setup()
+    grads = grads[:60]
+    clip, lr = 0.5, 0.1
+    rule = uo.chain(uo.scale_by_adam(), uo.clip_by_global_norm(clip), uo.scale(lr))
+    # the reference: a state per leaf (its own count), the clip over the leaves that move
+    want = copy_tree(params)
+    alone = {k: uo.setup(uo.scale_by_adam(), [v]) for k, v in want.items()}
+    for g in grads:
+        us = {}
+        for k, v in g.items():
+            if v is not None:
+                alone[k], (us[k],) = uo.update(alone[k], [np.zeros_like(v)], [v])
+        # (update of zeros params: their new values are -u)
+        norm = np.sqrt(sum(np.sum(u**2) for u in us.values()))
+        scale = clip / norm if norm > clip else 1.0
+        for k, u in us.items():
+            want[k] = want[k] + lr * scale * u
+    if library.startswith("numpy"):
+        got = copy_tree(params)
+        state = uo.setup(rule, got)
+        for g in grads:
+            if library == "numpy-inplace":
+                state = uo.update_(state, got, g)
+            else:
+                state, got = uo.update(state, got, g)
+    else:
+        jax = pytest.importorskip("jax")
+        jnp = jax.numpy
+        with jax.enable_x64(True):
+            got = {k: jnp.asarray(v) for k, v in params.items()}
+            state = uo.setup(rule, got)
+            step = jax.jit(uo.update) if library == "jax-jit" else uo.update
+            for g in grads:
+                state, got = step(state, got, {k: None if v is None else jnp.asarray(v)
+                                               for k, v in g.items()})
+            got = {k: np.asarray(v) for k, v in got.items()}
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-14)

@@ -312,6 +312,32 @@ def test_in_place_gradients_that_are_the_params_arrays(name: str) -> None:
 
 
 @by_rule
+@pytest.mark.parametrize("compiled", [False, True], ids=["reference", "compiled"])
+def test_a_0d_leaf_stays_an_array(name: str, compiled: bool,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0-d parameter (a scale, a temperature) beside the others: NumPy's arithmetic on it
+    gives scalars, and every leaf a pure step hands back, of the params and of the state, is
+    still an array (SM3's per-leaf slot was a float64, which a checkpoint refused to load and
+    ``update_`` could not write)."""
+    import optree
+
+    from uniopt.fast import cpu
+
+    e = registry.entry(name)
+    rule = _build(e)
+    if not _takes(rule, ()):
+        pytest.skip("the rule takes no 0-d leaf")
+    if compiled:
+        monkeypatch.setattr(cpu, "MIN_LEAVES", 0)
+        monkeypatch.setattr(cpu, "MIN_SIZE", 0)
+    problem = Problem({**_shapes(rule), "s": ()}, np.float64)
+    params = problem.params()
+    state, params = _drive(e, uo.setup(rule, params), params, problem, 2)
+    for x in optree.tree_leaves((state.slots, state.tree_states, params), namespace="uniopt"):
+        assert not isinstance(x, np.generic), (name, type(x))
+
+
+@by_rule
 def test_a_pure_step_hands_back_nothing_it_was_given(name: str) -> None:
     """``uo.update`` aliases none of its inputs: no array of the new state (slots, whole-tree
     states, members' states) or of the new params shares memory with the state, params or

@@ -818,6 +818,20 @@ class Info:
     free_slots: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class ByFields:
+    """A convention's default that depends on other fields the caller gave: Optimisers.jl's
+    ``Descent``, ``Momentum`` and ``Nesterov`` are one uniopt rule, each with its own
+    default step size. ``pick(given)`` is the value; ``text`` says it on the conventions
+    page."""
+
+    pick: Callable[[Mapping[str, Any]], Any]
+    text: str
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 class _WithConventions(type):
     """Builds a rule with its convention's defaults for the fields the caller left out: a
     convention is a named set of the rule's own explicit options and hyperparameters (its
@@ -837,7 +851,8 @@ class _WithConventions(type):
                     f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "
                     f"got {name!r}"
                 )
-            kwargs = {**{k: v for k, v in table[name].items() if k not in given}, **kwargs}
+            kwargs = {**{k: v.pick(given) if isinstance(v, ByFields) else v
+                         for k, v in table[name].items() if k not in given}, **kwargs}
         return super().__call__(*args, **kwargs)
 
     @property

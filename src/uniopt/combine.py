@@ -561,6 +561,8 @@ class accumulate(_Wraps):
         mini, k = tree["mini"], self._every(inner.step)
         with np.errstate(invalid="ignore"):  # a NaN micro-batch: a guard inside handles it
             acc = [a + (g - a) / (mini + 1) for a, g in zip(tree["acc"], gs, strict=True)]
+        # (a 0-d leaf's NumPy arithmetic hands back a scalar: the state and members take arrays)
+        acc = [np.asarray(a) if backend.is_numpy_scalar(a) else a for a in acc]
         zeros = [backend.namespace(a).zeros_like(a) for a in acc]
         if not (ps and backend.is_jax(ps[0])):
             if mini + 1 < k:

@@ -10,6 +10,7 @@ loop; only the final write differs.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -523,7 +524,10 @@ def _float_deltas(
                            for lc, u in zip(leaf_cs, us, strict=True)]
             else:
                 if part.needs_norm:
-                    c = part.norm_coeffs(_norm(us, xps), sum(math.prod(u.shape) for u in us))
+                    size = sum(math.prod(u.shape) for u in us)
+                    split = _SPLIT.get()
+                    c = part.norm_coeffs(*(split.norm(us, xps, size) if split is not None
+                                           else (_norm(us, xps), size)))
                 cs = _per_dtype(c, us)
                 leaf_cs = [cs.get(u.dtype, c) for u in us]
             if part.by_dtype:  # the stored parameter's dtype: 16-bit leaves compute wider
@@ -705,7 +709,11 @@ def _run(state: State, part: Combinator, step: _Step, inplace: bool,
                                inplace, **extra)
     tree = _kept_dtypes(tree, state.tree_states[key])
     new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
-    return new, None if inplace else unflatten(step.treedef, new_p)
+    if inplace:
+        return new, None
+    # (a 0-d leaf's NumPy arithmetic hands back a scalar: the params stay arrays)
+    return new, unflatten(step.treedef, [np.asarray(x, dtype=p.dtype) if backend.is_numpy_scalar(x)
+                                         else x for x, p in zip(new_p, step.params, strict=True)])
 
 
 def _dequantised(x: Any, dtype: Any, xp: Any) -> Any:
@@ -860,10 +868,12 @@ def _kept_dtypes(new: Any, old: Any) -> Any:
 
 def _dtype_of(x: Any, like: Any) -> Any:
     """Array ``x`` in the real floating dtype of array ``like`` (else ``x``, untouched)."""
-    if not (_real_float(x) and _real_float(like)) or x.dtype == like.dtype:
+    if not (_real_float(x) and _real_float(like)):
         return x
     if backend.is_numpy_scalar(x):  # NumPy's 0-d arithmetic: the state keeps arrays
         return np.asarray(x, dtype=like.dtype)
+    if x.dtype == like.dtype:
+        return x
     xp = backend.namespace(x)
     if xp is not backend.namespace(like):  # (a state loaded from another library's file)
         return xp.astype(x, getattr(xp, backend.dtype_name(like.dtype)))
@@ -877,13 +887,46 @@ def _real_float(x: Any) -> bool:
 
 def _norm(us: list[Any], xps: list[Any]) -> Any:
     """The global norm of every leaf's ``u``."""
+    return _squares(us, xps)**0.5
+
+
+def _squares(us: list[Any], xps: list[Any]) -> Any:
     total: Any = 0.0
     for xp, u in zip(xps, us, strict=True):
         # float64 sums where the library has it (JAX only with x64 enabled)
         wide = u.dtype if backend.is_jax(u) else xp.float64
         part = xp.sum(xp.astype(u, wide) ** 2)
         total = total + (part if _traced(part) else float(part))
-    return total**0.5
+    return total
+
+
+class _Split:
+    """The global norms (``clip_by_global_norm``'s) of a step taken in groups of leaves, one
+    engine call per step count (:func:`_by_count`): a first pass sums each group's squares at
+    each such part, in order; the second hands every group the norm of all the leaves that
+    step, as one call over them would have."""
+
+    def __init__(self) -> None:
+        self.sums: list[list[Any]] = []  # per norm part: [squares, elements]
+        self.at = 0
+        self.summing = True
+
+    def norm(self, us: list[Any], xps: list[Any], size: int) -> tuple[Any, int]:
+        at, self.at = self.at, self.at + 1
+        if not self.summing:
+            squares, n = self.sums[at]
+            return squares**0.5, n
+        squares = _squares(us, xps)
+        if at == len(self.sums):
+            self.sums.append([0.0, 0])
+        self.sums[at][0] = self.sums[at][0] + squares
+        self.sums[at][1] += size
+        return squares**0.5, size
+
+
+# set while _by_count steps the groups of a rule with a global norm
+_SPLIT: contextvars.ContextVar[_Split | None] = contextvars.ContextVar("uniopt_split",
+                                                                     default=None)
 
 
 def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
@@ -1110,14 +1153,20 @@ def _pure(state: State, params: Any, grads: Any, value: Any,
         return _run(state, combinator, step, inplace=False, extra=extra)
     if state.counts is not None or any(g is None for g in step.grads):
         return _by_count(state, step, inplace=False)
+    out = _reference(state, step, extra)
+    if fast_out:
+        fast.warn_once(fast_out)
+    return out
+
+
+def _reference(state: State, step: _Step, extra: dict[str, Any]) -> tuple[State, Any]:
+    """A pure step of checked leaves on the reference path."""
     with backend.outside_autograd(step.params):
         news, slots, trees = _deltas(state, step.params, step.grads, extra, finish=True)
         new_p = [
             backend.like_leaf(_as_new_array(new, p, (p, g)), p)
             for p, g, new in zip(step.params, step.grads, news, strict=True)
         ]
-    if fast_out:
-        fast.warn_once(fast_out)
     new = dataclasses.replace(state, step=state.step + 1, slots=_new_slots(state, slots, step),
                               tree_states=trees)
     return new, unflatten(step.treedef, new_p)
@@ -1146,18 +1195,24 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
         return _by_count(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
         news, slots, trees = _deltas(state, step.params, step.grads, extra, finish=True)
-        for p, new in zip(step.params, news, strict=True):
-            backend.assign(p, new)
-        for key, arrays in slots.items():
-            for old, new in zip(state.slots[key], arrays, strict=True):
-                if isinstance(old, quant.Q8):
-                    backend.assign(old.codes, new.codes)
-                    backend.assign(old.absmax, new.absmax)
-                elif old is not None:
-                    backend.assign(old, new)
+        _write(state, step.params, news, slots)
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
+
+
+def _write(state: State, params: list[Any], news: list[Any], slots: dict[str, list[Any]]
+           ) -> None:
+    """The reference path's results written over the params and the state's slots."""
+    for p, new in zip(params, news, strict=True):
+        backend.assign(p, new)
+    for key, arrays in slots.items():
+        for old, new in zip(state.slots[key], arrays, strict=True):
+            if isinstance(old, quant.Q8):
+                backend.assign(old.codes, new.codes)
+                backend.assign(old.absmax, new.absmax)
+            elif old is not None:
+                backend.assign(old, new)
 
 
 def _sharded(state: State, step: _Step, inplace: bool,
@@ -1219,15 +1274,45 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
     new_p = list(step.params)
     slots = {k: list(v) for k, v in state.slots.items()}
     trees = state.tree_states
+
+    def sub_state(key: Any, idx: list[int]) -> State:
+        return State(state.rule, counts[idx[0]] if jax else key,
+                     {k: [v[i] for i in idx] for k, v in state.slots.items()},
+                     flat_list_def(len(idx)), state.state_dtype, trees)
+
+    split = _Split() if len(groups) > 1 and any(
+        p.needs_norm and not p.norm_per_leaf for p in state.rule.flat_parts
+        if isinstance(p, Elementwise)) else None
+    if split is not None:  # the first pass: each group's squares, nothing kept
+        token = _SPLIT.set(split)
+        try:
+            for key, idx in groups.items():
+                split.at = 0
+                _deltas(sub_state(key, idx), [step.params[i] for i in idx],
+                        [step.grads[i] for i in idx], {}, finish=True)
+        finally:
+            _SPLIT.reset(token)
+        split.summing = False
     for key, idx in groups.items():
-        sub = State(state.rule, counts[idx[0]] if jax else key,
-                    {k: [v[i] for i in idx] for k, v in state.slots.items()},
-                    flat_list_def(len(idx)), state.state_dtype, trees)
+        sub = sub_state(key, idx)
         ps, gs = [step.params[i] for i in idx], [step.grads[i] for i in idx]
-        if inplace:
+        if split is not None:  # the reference path, which takes the norms of every group
+            split.at = 0
+            token = _SPLIT.set(split)
+            try:
+                if inplace:
+                    with backend.outside_autograd(ps):
+                        news, new_slots, _ = _deltas(sub, ps, gs, {}, finish=True)
+                        _write(sub, ps, news, new_slots)
+                    continue
+                sub, out = _reference(sub, _Step(ps, gs, sub.treedef), {})
+            finally:
+                _SPLIT.reset(token)
+        elif inplace:
             trees = update_(sub, ps, gs).tree_states
             continue
-        sub, out = update(sub, ps, gs)
+        else:
+            sub, out = update(sub, ps, gs)
         trees = sub.tree_states
         for j, i in enumerate(idx):
             new_p[i] = out[j]

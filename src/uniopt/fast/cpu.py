@@ -1223,11 +1223,13 @@ def segmented(
                     if old is not None and new is not old:
                         old[...] = new
             else:  # new arrays: a slot handed back as it came, or a view of it, is copied
+                # (and a 0-d leaf's, which NumPy's arithmetic makes a scalar, made an array)
                 new_slots[key] = [x.copy() if x is not None and (
                     x is old or x is p or x is g or x.base is not None and any(
                         x.base is backend.owner(a) for a in (old, p, g) if a is not None))
-                    else x for x, old, p, g in zip((o[at] for o in outs), olds, params, grads,
-                                                   strict=True)]
+                    else np.asarray(x) if backend.is_numpy_scalar(x) else x
+                    for x, old, p, g in zip((o[at] for o in outs), olds, params, grads,
+                                            strict=True)]
         if not last:
             us = [_update_array(o[0], p, part) for o, p in zip(outs, params, strict=True)]
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Info, Rule, Transform
+from ..base import ByFields, Info, Rule, Transform
 from ..hyper import NONNEG, UNIT, hyper
 from ..transforms.decay import check_decay_form, decayed
 from ..transforms.momentum import (
@@ -16,6 +16,12 @@ from ..transforms.momentum import (
     trace,
 )
 from ..transforms.scale import scale_by_lr
+
+
+def _flux_lr(given: Any) -> float:
+    """Optimisers.jl's default step size for the rule it is: ``Nesterov``, ``Momentum`` or
+    ``Descent``."""
+    return 0.001 if given.get("nesterov") else 0.01 if given.get("momentum") else 0.1
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,9 @@ class sgd(Rule):
         "torch": {},
         "optax": {},
         "keras": {"lr": 1e-2, "momentum_form": "keras", "decay_form": "decoupled"},
-        "flux": {"lr": 0.1, "momentum_form": "sutskever"},
+        # Descent(0.1), Momentum(0.01, 0.9), Nesterov(0.001, 0.9)
+        "flux": {"lr": ByFields(_flux_lr, "0.1; 0.01 with momentum; 0.001 with nesterov"),
+                 "momentum_form": "sutskever"},
     }
 
     # dampening 0 is the block of torch's first update alone: the jitted step multiplies u by

@@ -54,10 +54,11 @@ class clip_by_global_norm(Elementwise):
         return Factor(factor=1.0)  # until the norm is known: see norm_coeffs
 
     def norm_coeffs(self, norm: Any, size: Any) -> Factor:
+        # a NaN norm makes every leaf NaN, as optax's and torch's clip do (not "no clip")
         if isinstance(norm, float):
-            return Factor(factor=self.max_norm / norm if norm > self.max_norm else 1.0)
+            return Factor(factor=1.0 if norm <= self.max_norm else self.max_norm / norm)
         xp = namespace(norm)  # a traced norm, under jax.jit
-        return Factor(factor=xp.where(norm > self.max_norm, self.max_norm / norm, 1.0))
+        return Factor(factor=xp.where(norm <= self.max_norm, 1.0, self.max_norm / norm))
 
     kernel = staticmethod(scale_kernel)
 
