@@ -331,3 +331,12 @@ def test_param_scale_off_is_lr_times_the_direction() -> None:
 def test_bad_option_values_raise(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=repr(value)):
         uo.adafactor(**{field: value})
+
+
+def test_keras_relative_step_false_is_refused_as_not_keras() -> None:
+    """keras 3's Adafactor takes ``min(lr, 1/sqrt(t))`` whatever ``relative_step`` says: a port
+    of ``Adafactor(relative_step=False)`` had run numbers keras never produces (4.4e-3 off
+    keras's own golden values at row 5)."""
+    with pytest.raises(ValueError, match="relative_step=False is not keras's"):
+        uo.adafactor(convention="keras", relative_step=False)
+    uo.adafactor(convention="optax", relative_step=False)  # optax's own form

@@ -406,3 +406,24 @@ def test_an_adjusted_state_keeps_its_numbers_under_the_protocol(
         u, _ = tx.update(grads[0], uo.load(path, like=state), p)
         v, _ = later.update(grads[0], state, p)
         np.testing.assert_array_equal(u["w"], v["w"])
+
+
+def test_apply_if_finite_around_a_uniopt_rule_steps_eagerly_as_around_optaxs() -> None:
+    """``optax.apply_if_finite`` steps its inner transformation inside ``lax.cond``, eagerly
+    too: a state's numbers a step had handed back were read inside that trace, and its second
+    step raised JAX's TracerBoolConversionError. 20 eager steps, a NaN gradient at step 7,
+    against the same around ``optax.adam``."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        grads = [{"w": jnp.asarray(rng.normal(size=3))} for _ in range(20)]
+        grads[7] = {"w": jnp.asarray([1.0, np.nan, 0.0])}
+        out = []
+        for inner in (optax.adam(1e-2), uo.adam(lr=1e-2, convention="optax")):
+            tx = optax.apply_if_finite(inner, 3)
+            p = {"w": jnp.ones(3)}
+            s = tx.init(p)
+            for g in grads:
+                u, s = tx.update(g, s, p)
+                p = optax.apply_updates(p, u)
+            out.append(np.asarray(p["w"]))
+        assert rel_diff(out[1], out[0]) <= 1e-12

@@ -73,6 +73,16 @@ def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str
     return leaves, treedef, names
 
 
+def _real_only(rule: Transform) -> str | None:
+    """The first rule of ``rule`` (itself, or a chain's member) that takes real params only:
+    its arithmetic on the pairs of a complex leaf's parts is not known to be right (a row and
+    column factor, a matrix iteration, a distance), where it did not fail on their shapes."""
+    if isinstance(rule, chain):
+        return next(filter(None, map(_real_only, rule.transforms)), None)
+    info = getattr(type(rule), "info", None)
+    return rule.name if info is not None and not info.complex else None
+
+
 def _once_each(names: list[str], leaves: list[Any]) -> None:
     """Refuse an array that is two leaves of the tree, but JAX's (an immutable array, two
     leaves that start equal): a tied weight's steps in place were its last leaf's on one path
@@ -124,9 +134,15 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         if dtensor.any_dtensor(leaves):
             dtensor.check_q8_rule(rule)
         _refuse_q8_on_meshes(names, leaves)
-    if state_dtype is not None and any(map(backend.is_complex, leaves)):
-        raise ValueError(f"setup: state_dtype={state_dtype!r} is for real params; these have "
-                         "complex leaves")
+    if any(map(backend.is_complex, leaves)):
+        if state_dtype is not None:
+            raise ValueError(f"setup: state_dtype={state_dtype!r} is for real params; these "
+                             "have complex leaves")
+        real = _real_only(rule)
+        if real is not None:
+            name = next(n for n, p in zip(names, leaves, strict=True) if backend.is_complex(p))
+            raise TypeError(f"setup: {real} takes real params only (the registry's "
+                            f"Info.complex); {name} is complex")
     slots: dict[str, list[Any]] = {}
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
@@ -870,10 +886,11 @@ def _dtype_of(x: Any, like: Any) -> Any:
     """Array ``x`` in the real floating dtype of array ``like`` (else ``x``, untouched)."""
     if not (_real_float(x) and _real_float(like)):
         return x
+    if x.dtype == like.dtype and not (backend.is_numpy_scalar(x)
+                                      and isinstance(like, np.ndarray)):
+        return x
     if backend.is_numpy_scalar(x):  # NumPy's 0-d arithmetic: the state keeps arrays
         return np.asarray(x, dtype=like.dtype)
-    if x.dtype == like.dtype:
-        return x
     xp = backend.namespace(x)
     if xp is not backend.namespace(like):  # (a state loaded from another library's file)
         return xp.astype(x, getattr(xp, backend.dtype_name(like.dtype)))
@@ -1535,13 +1552,17 @@ def _adjusted_values(rule: Transform, own: Transform) -> Transform:
     if flag is False or rule is own:
         return rule
     if not _traced(flag):
-        return own if on_host(flag) else rule
+        # (a number a jitted step handed back, read inside another trace: lax.cond's, as
+        # optax.apply_if_finite steps, makes even that read a traced value)
+        flag = on_host(flag)
+        if not _traced(flag):
+            return own if flag else rule
     values, skeleton = flatten_rule(rule)
     theirs, own_skeleton = flatten_rule(own)
     if own_skeleton != skeleton:
         return rule
     xp = backend.namespace(flag)
-    mixed = unflatten_rule(skeleton, [xp.where(flag != 0, b, a)
+    mixed = unflatten_rule(skeleton, [xp.where(flag != 0, on_host(b), on_host(a))
                                       for a, b in zip(values, theirs, strict=True)])
     mixed.memo["adjusted"] = flag
     return mixed

@@ -71,9 +71,9 @@ def fma(a: Any, b: Any, c: Any) -> Any:
     and ``c``: torch's ``add(c, b, alpha=a)`` and ``addcmul(c, a, b)``."""
     if isinstance(b, _NUMPY):  # 0-d arrays compute to NumPy scalars
         if b.dtype.char in "fd":
-            dtype = b.dtype
-            if not (isinstance(c, _NUMPY) and c.dtype == dtype):
-                dtype = np.result_type(b, c)
+            dtype = np.dtype(b.dtype.char)  # native: a big-endian one is no ufunc loop's
+            if not (isinstance(c, _NUMPY) and c.dtype.char == dtype.char):
+                dtype = np.result_type(b, c).newbyteorder("=")
             return _fma_ufunc()(a if isinstance(a, _NUMPY) else np.asarray(a, dtype), b, c,
                                 dtype=dtype)
     elif is_torch(b):

@@ -399,6 +399,12 @@ class adafactor(Rule):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{self.name}: {flag} must be True or False, "
                                  f"got {getattr(self, flag)!r}")
+        if self.convention == "keras" and not self.relative_step:
+            # what a port of keras's Adafactor(relative_step=False) writes: keras never
+            # produces these numbers
+            raise ValueError(f"{self.name}: relative_step=False is not keras's: keras 3 takes "
+                             "min(lr, 1/sqrt(t)) whatever its relative_step says; leave it out "
+                             "to reproduce keras, or use convention='optax' for lr alone")
         eps = self.eps
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"{self.name}: eps must be a pair (eps1, eps2), got {eps!r}")
