@@ -503,3 +503,31 @@ def test_conventions_set_defaults_and_keep_what_is_given() -> None:
 def test_bad_conventions_and_options_raise(make: Callable[[], Any], value: str) -> None:
     with pytest.raises(ValueError, match=value):
         make()
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # keras's
+def test_keras_accumulation_reads_its_schedule_at_the_micro_batch(keras: Any, jx: Any) -> None:
+    """keras's ``gradient_accumulation_steps=k`` reads a learning-rate schedule at its count of
+    calls; ``uo.accumulate`` counts updates. docs/coming-from/keras.md gives the rule keras's
+    count, ``lr=lambda s: sched(k*s + k - 1)``: 40 micro-batches of AdamW, float64, against
+    ``keras.optimizers.AdamW(ExponentialDecay(...), gradient_accumulation_steps=4)`` (read at
+    ``s``, the first update was 0.1 off and the second 0.7)."""
+    k = 4
+    sched = uo.schedules.exponential(0.05, 0.7, 10)
+    theirs = keras.optimizers.AdamW(
+        keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=10, decay_rate=0.7),
+        weight_decay=0.1, gradient_accumulation_steps=k)
+    ours = uo.accumulate(uo.adamw(lr=lambda s: sched(k * s + k - 1), weight_decay=0.1,
+                                  convention="keras"), every=k)
+    rng = np.random.default_rng(8)
+    start = [rng.normal(size=(3, 2)), rng.normal(size=4)]
+    variables = [keras.Variable(p.copy(), dtype="float64") for p in start]
+    params = [p.copy() for p in start]
+    state = uo.setup(ours, params)
+    for _ in range(40):
+        grads = [rng.normal(size=p.shape) for p in start]
+        theirs.apply_gradients([(keras.ops.convert_to_tensor(g, dtype="float64"), v)
+                                for g, v in zip(grads, variables, strict=True)])
+        state = uo.update_(state, params, grads)
+        for p, v in zip(params, variables, strict=True):
+            assert rel_diff(p, np.asarray(keras.ops.convert_to_numpy(v))) < 1e-12
