@@ -536,3 +536,18 @@ def test_given_fields_win_and_torch_defaults_stay() -> None:
     keras_rms = uo.rmsprop(convention="keras", eps=1e-3, eps_in_sqrt=False)
     assert (keras_rms.lr, keras_rms.eps, keras_rms.eps_in_sqrt) == (1e-3, 1e-3, False)
     assert uo.adadelta(convention="optax").lr == 1.0  # optax's None ascends
+
+
+def test_optax_convention_checks_as_optax() -> None:
+    """``optax.sgd(momentum=0.0, nesterov=True)`` runs (plain SGD: ``g + 0*t``) where torch's
+    check refused it; optax has no dampening, which the optax convention took silently."""
+    optax = pytest.importorskip("optax")
+    rule = uo.sgd(lr=0.1, momentum=0.0, nesterov=True, convention="optax")
+    _, p = uo.update(uo.setup(rule, [np.ones(3)]), [np.ones(3)], [np.full(3, 0.5)])
+    tx = optax.sgd(0.1, momentum=0.0, nesterov=True)
+    u, _ = tx.update([np.full(3, 0.5)], tx.init([np.ones(3)]))
+    np.testing.assert_allclose(p[0], 1.0 + np.asarray(u[0]), rtol=1e-7)
+    with pytest.raises(ValueError, match="optax's sgd has no dampening, got dampening=0.3"):
+        uo.sgd(momentum=0.9, dampening=0.3, convention="optax")
+    with pytest.raises(ValueError, match="nesterov=True requires momentum > 0"):
+        uo.sgd(momentum=0.0, nesterov=True)  # torch's check stays torch's

@@ -108,7 +108,13 @@ class sgd(Rule):
     def check(self) -> None:
         check_momentum_form(self.name, self.momentum_form)
         check_decay_form(self.name, self.decay_form)
-        if self.momentum_form == "torch":
+        if self.convention == "optax" and (callable(self.dampening) or self.dampening != 0):
+            raise ValueError(f"{self.name}: optax's sgd has no dampening, got "
+                             f"dampening={self.dampening!r} with convention='optax'")
+        if self.momentum_form == "torch" and not (self.convention == "optax"
+                                                  and not callable(self.momentum)
+                                                  and self.momentum == 0):
+            # (optax's nesterov=True with momentum 0 is plain SGD: g + 0*t)
             check_nesterov(self.name, self.nesterov, self.momentum, self.dampening)
         elif callable(self.dampening) or self.dampening != 0:
             raise ValueError(
