@@ -379,6 +379,26 @@ def test_big_endian_params_step_as_native_ones(name: str) -> None:
 
 
 @by_rule
+def test_empty_leaves_step_beside_the_others(name: str) -> None:
+    """Leaves with no elements, ``(0,)``, ``(0, 3)`` and ``(3, 0)`` where the rule takes their
+    shape, beside the usual ones: two steps, pure and in place, every number finite. Muon's
+    side ratio divided by zero (and the compiled path had written its momentum first), SM3
+    took the maximum of nothing, Kron under ``jax.jit`` too."""
+    e = registry.entry(name)
+    rule = _build(e)
+    empty = {f"z{i}": s for i, s in enumerate([(0,), (0, 3), (3, 0)]) if _takes(rule, s)}
+    if not empty:
+        pytest.skip("the rule takes no empty leaf")
+    problem = Problem({**_shapes(rule), **empty}, np.float64)
+    for inplace in (False, True):
+        params = problem.params()
+        state, params = _drive(e, uo.setup(rule, params), params, problem, 2, inplace)
+        for k, shape in empty.items():
+            assert params[k].shape == shape
+        assert all(np.isfinite(v).all() for v in params.values()), name
+
+
+@by_rule
 def test_a_pure_step_hands_back_nothing_it_was_given(name: str) -> None:
     """``uo.update`` aliases none of its inputs: no array of the new state (slots, whole-tree
     states, members' states) or of the new params shares memory with the state, params or

@@ -410,3 +410,19 @@ def test_a_state_set_up_for_other_arrays_is_refused(jx: Any) -> None:
     with pytest.raises(TypeError, match="holds a numpy generator, the updates are jax arrays"):
         uo.update(np_state, [jnp.ones((2, 2))], [jnp.ones((2, 2))])
     assert int(np_state.tree_states["scale_by_kron"]["update_counter"]) == 0
+
+
+def test_an_empty_leaf_steps_under_jit() -> None:
+    """A ``(3, 0)`` leaf beside a matrix: its empty axis's diagonal factor has no maximum to
+    scale by (``jax.jit`` refused to trace the step), and ``reshape(..., -1)`` of an empty
+    leaf is ambiguous there."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params = {"w": jnp.ones((3, 4)), "z": jnp.ones((3, 0))}
+    grads = {"w": jnp.full((3, 4), 0.5), "z": jnp.ones((3, 0))}
+    state = uo.setup(uo.kron(lr=0.01), params)
+    step = jax.jit(uo.update)
+    for _ in range(2):
+        state, params = step(state, params, grads)
+    assert params["z"].shape == (3, 0)
+    assert bool(jnp.isfinite(params["w"]).all())

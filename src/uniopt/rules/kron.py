@@ -273,7 +273,9 @@ def _along(xp: Any, q: Any, x: Any, i: int) -> Any:
 def _gram(xp: Any, x: Any, i: int, diagonal: bool) -> Any:
     """``X X^T`` for ``X`` the axis ``i`` of ``x`` against all others (its diagonal where
     ``diagonal``)."""
-    rows = xp.reshape(xp.moveaxis(x, i, 0), (x.shape[i], -1))
+    # (the other axes' size spelled out: -1 is ambiguous for an empty leaf, under jax.jit)
+    rest = math.prod(n for j, n in enumerate(x.shape) if j != i)
+    rows = xp.reshape(xp.moveaxis(x, i, 0), (x.shape[i], rest))
     if diagonal:
         return xp.sum(rows * rows, axis=1)
     return rows @ xp.matrix_transpose(rows)
@@ -307,7 +309,7 @@ def _inverse_along(xp: Any, q: Any, x: Any, i: int) -> Any:
         shape[i] = -1
         return x / xp.reshape(q, tuple(shape))
     y = xp.moveaxis(x, i, -1)
-    flat = xp.reshape(y, (-1, y.shape[-1]))
+    flat = xp.reshape(y, (math.prod(y.shape[:-1]), y.shape[-1]))
     return xp.moveaxis(xp.reshape(_right_solve(xp, flat, q), y.shape), -1, i)
 
 
@@ -345,7 +347,9 @@ def _update_q(xp: Any, qs: list[Any], v: Any, h: Any, lr: Any) -> list[Any]:
         diagonal = q.ndim < 2
         t1, t2 = _gram(xp, a, i, diagonal), _gram(xp, b, i, diagonal)
         step = (t1 - t2) * lr
-        if diagonal:
+        if q.shape[0] == 0:  # an empty leaf's empty axis: no maximum, nothing to fit
+            step = q * 0
+        elif diagonal:
             step = step * q / (xp.max(xp.abs(t1 + t2)) + TINY)
         else:
             step = (xp.triu(step) / (_norm_lower_bound(xp, t1 + t2) + TINY)) @ q
@@ -365,6 +369,8 @@ def _precondition(xp: Any, qs: list[Any], g: Any) -> Any:
 
 
 def _balance(xp: Any, qs: list[Any]) -> list[Any]:
+    if any(q.shape[0] == 0 for q in qs):  # an empty leaf's: no maximum, nothing to balance
+        return qs
     norms = [xp.max(xp.abs(q)) for q in qs]
     mean = math.prod(norms[1:], start=norms[0]) ** (1.0 / len(qs))
     return [q * (mean / n) for q, n in zip(qs, norms, strict=True)]

@@ -334,7 +334,9 @@ class scale_by_shape_lr(PerLeaf):
     def leaf_coeffs(self, c: MatrixStep, shape: tuple[int, ...]) -> MatrixStep:
         rows, cols = shape if self.matrix_axes is None else _matrix_view(
             shape, self.matrix_axes)[1][1:]
-        if self.adjust_lr_fn == "match_rms_adamw":
+        if rows * cols == 0:  # an empty matrix: nothing to scale (and no ratio of sides)
+            ratio = 1.0
+        elif self.adjust_lr_fn == "match_rms_adamw":
             ratio = 0.2 * math.sqrt(max(rows, cols))
         elif self.adjust_lr_fn == "original_in_out":
             ratio = math.sqrt(max(1.0, cols / rows))

@@ -42,6 +42,8 @@ class scale_by_sm3(PerLeaf):
     @staticmethod
     def apply(xp, c, p, u, accumulator, momentum_buffer):
         shape, k = tuple(u.shape), u.ndim
+        if k >= 2 and 0 in shape:  # an empty matrix: no maximum to take, nothing to move
+            return u, accumulator, momentum_buffer
         if k < 2:
             a = u * u + xp.reshape(accumulator, shape)
             new = xp.reshape(a, (shape[0] if shape else 1,))
