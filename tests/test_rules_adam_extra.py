@@ -56,6 +56,9 @@ def _pair(name: str, optax: Any, lr: Any, their_lr: Any, h: dict[str, float]) ->
     if name == "amsgrad":
         return (uo.amsgrad(lr, betas=betas, eps=eps, eps_root=root),
                 optax.amsgrad(their_lr, **b, eps=eps, eps_root=root))
+    if name == "amsgrad_nu":  # optax's bias_correction_nu=False
+        return (uo.amsgrad(lr, betas=betas, eps=eps, eps_root=root, amsgrad_max="raw_uncorrected"),
+                optax.amsgrad(their_lr, **b, eps=eps, eps_root=root, bias_correction_nu=False))
     if name == "adamaxw":
         return (uo.adamaxw(lr, betas=betas, eps=eps, weight_decay=wd),
                 optax.adamaxw(their_lr, **b, eps=eps, weight_decay=wd))
@@ -64,15 +67,19 @@ def _pair(name: str, optax: Any, lr: Any, their_lr: Any, h: dict[str, float]) ->
             optax.nadamw(their_lr, **b, eps=eps, eps_root=root, weight_decay=wd))
 
 
-NAMES = ["adabelief", "adabelief_nesterov", "yogi", "amsgrad", "adamaxw", "nadamw"]
+NAMES = ["adabelief", "adabelief_nesterov", "yogi", "amsgrad", "amsgrad_nu", "adamaxw", "nadamw"]
 
 
 def _defaults(name: str, optax: Any, lr: Any, their_lr: Any) -> tuple[Any, Any]:
     """Our rule and optax's with optax's defaults (AdaBelief's eps and eps_root 1e-16, Yogi's
     eps 1e-3 and moments from 1e-6, AdamaxW's and NAdamW's weight_decay 1e-4)."""
     ours = {"adabelief": uo.adabelief, "adabelief_nesterov": uo.adabelief, "yogi": uo.yogi,
-            "amsgrad": uo.amsgrad, "adamaxw": uo.adamaxw, "nadamw": uo.nadamw}[name]
-    theirs = getattr(optax, name.removesuffix("_nesterov"))
+            "amsgrad": uo.amsgrad, "amsgrad_nu": uo.amsgrad, "adamaxw": uo.adamaxw,
+            "nadamw": uo.nadamw}[name]
+    theirs = getattr(optax, name.removesuffix("_nesterov").removesuffix("_nu"))
+    if name == "amsgrad_nu":
+        return (ours(lr, amsgrad_max="raw_uncorrected"),
+                theirs(their_lr, bias_correction_nu=False))
     if name.endswith("_nesterov"):
         return ours(lr, nesterov=True), theirs(their_lr, nesterov=True)
     return ours(lr), theirs(their_lr)
@@ -103,6 +110,7 @@ def test_a_different_form_is_caught(jx: Any) -> None:
     b = dict(b1=h["b1"], b2=h["b2"])
     cases = [
         (uo.amsgrad(0.01, convention="torch"), optax.amsgrad(0.01)),
+        (uo.amsgrad(0.01), optax.amsgrad(0.01, bias_correction_nu=False)),
         (uo.yogi(0.01, initial_accumulator_value=0.0), optax.yogi(0.01)),
         (uo.adabelief(0.01, eps=1e-3, eps_root=1e-4),
          optax.adabelief(0.01, eps=1e-3 + 1e-4**0.5, eps_root=0.0)),

@@ -185,6 +185,15 @@ def amsgrad_hat_nadam_kernel(xp, c, p, u, exp_avg, exp_avg_sq, max_exp_avg_sq):
 
 
 @dataclass(frozen=True)
+class scale_by_amsgrad_raw_hat(scale_by_amsgrad_hat):
+    """optax's AMSGrad with ``bias_correction_nu=False``: ``v_max <- max(v_max, v)`` of the raw
+    ``v``, never corrected; ``u <- m_hat/(sqrt(v_max + eps_root) + eps)``."""
+
+    def coeffs(self, step: int) -> Any:  # AmsgradHatCoeffs
+        return super().coeffs(step)._replace(bc2=1.0)
+
+
+@dataclass(frozen=True)
 class scale_by_amsgrad_uncorrected(scale_by_amsgrad):
     """Optimisers.jl's AMSGrad: neither moment bias-corrected, ``u <- m/(sqrt(v_max) + eps)``
     (``v_max`` the maximum of the raw ``v``). ``moments_init="eps"``: ``m``, ``v`` and ``v_max``
@@ -212,7 +221,7 @@ def _adam_block(betas: tuple[Any, Any], eps: Any, amsgrad: bool, lr: Any,
                                                              eps_floor16=eps_floor16)
 
 
-AMSGRAD_MAX = ("raw", "corrected", "uncorrected")
+AMSGRAD_MAX = ("raw", "corrected", "raw_uncorrected", "uncorrected")
 MOMENTS_INIT = ("zero", "eps")
 
 
@@ -248,6 +257,8 @@ def _direction(rule: Any) -> Elementwise:
         return (scale_by_adam_eps_hat if rule.eps_hat else scale_by_adam)(**kw)
     if rule.amsgrad_max == "corrected":
         return scale_by_amsgrad_hat(**kw)
+    if rule.amsgrad_max == "raw_uncorrected":
+        return scale_by_amsgrad_raw_hat(**kw)
     if rule.amsgrad_max == "uncorrected":
         return scale_by_amsgrad_uncorrected(**kw, moments_init=rule.moments_init)
     return (scale_by_amsgrad_eps_hat if rule.eps_hat else scale_by_amsgrad)(**kw)
@@ -279,7 +290,9 @@ class adam(Rule):
     - ``eps_hat``: keras's ``lr*sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(v) + eps)``, eps on the
       uncorrected root (torch's form with eps replaced by ``eps/sqrt(1-b2^t)``).
     - ``amsgrad_max``: ``"raw"``: the maximum of the raw ``v``, then corrected (torch, keras);
-      ``"corrected"``: of ``v_hat`` (optax); ``"uncorrected"``: of the raw ``v``, neither
+      ``"corrected"``: of ``v_hat`` (optax); ``"raw_uncorrected"``: of the raw ``v``, which
+      stays uncorrected, ``m`` corrected (optax's ``bias_correction_nu=False``);
+      ``"uncorrected"``: of the raw ``v``, neither
       moment bias-corrected (Optimisers.jl's AMSGrad). Used with ``amsgrad=True``.
     - ``moments_init``: ``"zero"``; ``"eps"``: AMSGrad's ``m``, ``v``, ``v_max`` start at
       ``eps`` (Optimisers.jl; needs ``amsgrad_max="uncorrected"``).

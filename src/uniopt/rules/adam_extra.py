@@ -15,7 +15,13 @@ from ..hyper import NONNEG, UNIT_OPEN, hyper, static
 from ..moments import bias_correction, ema_sq, lerp
 from ..transforms.decay import decoupled_weight_decay
 from ..transforms.scale import scale_by_lr
-from .adam import _choice, scale_by_adam, scale_by_amsgrad, scale_by_amsgrad_hat
+from .adam import (
+    _choice,
+    scale_by_adam,
+    scale_by_amsgrad,
+    scale_by_amsgrad_hat,
+    scale_by_amsgrad_raw_hat,
+)
 from .adam_variants import MOMENTUM_SCHEDULES, scale_by_adamax, scale_by_nadam
 
 
@@ -206,7 +212,7 @@ class yogi(Rule):
                 scale_by_lr(lr=self.lr))
 
 
-AMSGRAD_FORMS = ("corrected", "raw")
+AMSGRAD_FORMS = ("corrected", "raw", "raw_uncorrected")
 
 
 @dataclass(frozen=True)
@@ -229,14 +235,16 @@ class amsgrad(Rule):
     $$
 
     (``amsgrad_max="raw"``: ``v_max_t = max(v_max_{t-1}, v_t)``, then
-    ``sqrt(v_max_t/(1 - b2^t) + eps_root)`` in the denominator.)
+    ``sqrt(v_max_t/(1 - b2^t) + eps_root)`` in the denominator; ``"raw_uncorrected"``, optax's
+    ``bias_correction_nu=False``: the same maximum, ``sqrt(v_max_t + eps_root)``.)
 
     Option: ``amsgrad_max``: ``"corrected"``: the maximum of ``v_hat`` (optax); ``"raw"``: of
-    the raw ``v``, corrected afterwards (torch's ``Adam(amsgrad=True)``).
+    the raw ``v``, corrected afterwards (torch's ``Adam(amsgrad=True)``); ``"raw_uncorrected"``:
+    of the raw ``v``, never corrected (optax's ``bias_correction_nu=False``).
 
     Conventions: ``"optax"`` (optax requires a learning rate, ours keeps 1e-3; its
-    ``bias_correction_mu``/``bias_correction_nu`` switches are not offered: ``uniopt.adam``'s
-    ``convention="flux"`` corrects neither); ``"torch"``.
+    ``bias_correction_mu=False`` is not offered: ``uniopt.adam``'s ``convention="flux"``
+    corrects neither moment); ``"torch"``.
     """
 
     lr: Any = hyper(1e-3, NONNEG)
@@ -263,7 +271,8 @@ class amsgrad(Rule):
         _choice(self.name, "amsgrad_max", self.amsgrad_max, AMSGRAD_FORMS)
 
     def parts(self) -> tuple[Transform, ...]:
-        block = scale_by_amsgrad_hat if self.amsgrad_max == "corrected" else scale_by_amsgrad
+        block = {"corrected": scale_by_amsgrad_hat, "raw": scale_by_amsgrad,
+                 "raw_uncorrected": scale_by_amsgrad_raw_hat}[self.amsgrad_max]
         return (block(b1=self.betas[0], b2=self.betas[1], eps=self.eps, eps_root=self.eps_root,
                       folded_lr=self.lr),)
 
