@@ -288,16 +288,22 @@ def test_update_and_update_in_place_agree_bit_for_bit(name: str) -> None:
     assert_same(_state_arrays(s1), _state_arrays(s2))
 
 
+def _stepped_by_gradients(name: str) -> tuple[Transform, Any]:
+    """The rule's example and its problem, or the test skipped where the step reads more than
+    a gradient."""
+    e = registry.entry(name)
+    if e.step_args or e.needs_closure:
+        pytest.skip("the step reads the objective, not a gradient alone")
+    rule = _build(e)
+    return rule, Problem(_shapes(rule), np.float64)
+
+
 @by_rule
 def test_in_place_gradients_that_are_the_params_arrays(name: str) -> None:
     """``update_(state, params, params)`` (the gradient of ``|w|^2/2`` is ``w``) steps as with a
     copy of the params for gradients, bit for bit: Adan's previous gradient was the array the
     step had just written with the new params."""
-    e = registry.entry(name)
-    if e.step_args or e.needs_closure:
-        pytest.skip("the step reads the objective, not a gradient alone")
-    rule = _build(e)
-    problem = Problem(_shapes(rule), np.float64)
+    rule, problem = _stepped_by_gradients(name)
     runs = []
     for same in (True, False):
         params = problem.params()
@@ -361,11 +367,7 @@ def test_big_endian_params_step_as_native_ones(name: str) -> None:
     """Params and gradients of a non-native byte order (``>f8``, as a FITS or HDF5 file holds
     them) step as native ones, bit for bit: Adagrad, MADGRAD, simplified AdEMAMix and SOAP
     handed their dtype to a NumPy ufunc that has no loop for it."""
-    e = registry.entry(name)
-    if e.step_args or e.needs_closure:
-        pytest.skip("the step reads the objective, not a gradient alone")
-    rule = _build(e)
-    problem = Problem(_shapes(rule), np.float64)
+    rule, problem = _stepped_by_gradients(name)
     runs = []
     for order in ("=", ">"):
         params = {k: v.astype(v.dtype.newbyteorder(order)) for k, v in problem.params().items()}
