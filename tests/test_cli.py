@@ -586,6 +586,40 @@ def late(x):  # keeps its contract at the start only
     return (float(x @ x), 2.0 * x) if x[0] == 1.0 else 1.0
 
 late.x0 = [1.0, 2.0]
+
+def raises(x):
+    raise RuntimeError("no model here")
+
+raises.x0 = [1.0, 2.0]
+
+def bad_start(x):
+    return float(x @ x), 2.0 * x
+
+bad_start.x0 = "hello"
+
+def int_grads(x):
+    return float(x @ x), np.array([1, 2])
+
+int_grads.x0 = [1.0, 2.0]
+
+def nan_start(x):
+    return float("nan"), 2.0 * x
+
+nan_start.x0 = [1.0, 2.0]
+
+class Broken:
+    name, optimum = "broken", 0.0
+
+    def init(self, seed):
+        return np.zeros(2)
+
+    def loss(self, x):
+        return float(x @ x)
+
+    def grad(self, x):
+        raise KeyError("grad")
+
+broken = Broken()
 '''
 
 
@@ -633,6 +667,48 @@ def test_a_function_that_breaks_its_contract_is_a_usage_error(capsys, user_modul
     assert captured.err == (f"uniopt compare: {spec} must return (loss, grads), the loss a number "
                             f"and grads a tree shaped like params; {said}\n")
     assert captured.out == ""
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--problems", "{m}:raises"], "{m}:raises raised RuntimeError: no model here"),
+    (["--problems", "{m}:bad_start"], "{m}:bad_start: its start (x0) failed: ValueError"),
+    (["--problems", "{m}:int_grads"], "adam on {m}:int_grads, update 1: "),
+    (["--problems", "{m}:broken"], "broken raised KeyError: 'grad'"),
+    (["--problems", "beale", "--steps", "200", "--rules", "adam:lr=linear(0.1,-0.1,100)"],
+     "adam:lr=linear(0.1,-0.1,100) on beale, update 52: adam: lr must be >= 0"),
+])
+def test_what_fails_at_a_step_is_a_usage_error_not_a_traceback(capsys, user_module, args, said):
+    """A problem's function that raises, a start that is no array, gradients of another dtype,
+    a schedule invalid at a later step: exit 2 and a line naming it (each was a traceback)."""
+    args = [a.format(m=user_module) for a in args]
+    rules = [] if "--rules" in args else ["--rules", "adam"]
+    assert main(["compare", "--steps", "3", *rules, *args]) == 2
+    captured = capsys.readouterr()
+    assert said.format(m=user_module) in captured.err and "Traceback" not in captured.err
+
+
+def test_json_holds_null_for_what_is_not_finite(capsys, user_module):
+    """JSON has no NaN or Infinity (a strict reader refuses them): a NaN loss (compare raised
+    ValueError), a schedule past float's range (schedule printed Infinity)."""
+    def strict(text: str) -> dict:  # type: ignore[type-arg]
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"JSON with {c}"))
+
+    assert main(["compare", "--steps", "3", "--rules", "adam", "--problems",
+                 f"{user_module}:nan_start", "--json"]) == 0
+    (row,) = strict(capsys.readouterr().out)["results"]
+    assert row["initial_loss"] is None
+    assert main(["schedule", "exponential(0.1, 1.5, 1)", "--steps", "0,100000", "--json"]) == 0
+    assert [v["value"] for v in strict(capsys.readouterr().out)["values"]] == [0.1, None]
+
+
+@pytest.mark.parametrize(("seeds", "said"), [
+    ("-1", "seeds are integers >= 0"), ("0,4-2", "'4-2'"), ("4-0", "'4-0'"),
+    ("0-99999999999", "at most 10,000 seeds"),
+])
+def test_bad_seeds_are_usage_errors(capsys, seeds, said):
+    assert main(["compare", "--seeds", seeds]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
 
 
 # --- rules with hyperparameters, registry rules, seeds ------------------------------------------
@@ -943,6 +1019,12 @@ def test_schedule_plot(tmp_path, capsys):
     (curve,) = _gid_lines(fig.axes[0], "curve")
     assert list(curve.get_ydata()) == [1.0] * 5 + [0.5] * 6
     _png_pixels(png, (750, 400))
+    # --log on a warm-up from 0: a log axis without the zeros (it was drawn linear, unsaid);
+    # with nothing positive, a usage error
+    fig = plots.schedule_figure(np.arange(3), [0.0, 0.5, 1.0], [0], [0.0], "t", log=True)
+    assert fig.axes[0].get_yscale() == "log"
+    assert main(["schedule", "constant(0.0)", "--plot", str(png), "--log"]) == 2
+    assert "no positive value to draw on a log axis" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("text", "said"), [

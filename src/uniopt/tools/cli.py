@@ -37,7 +37,7 @@ from ..rules.rmsprop import rmsprop
 from ..rules.sgd import sgd
 from . import parse as parse_
 from .parse import RuleSpec, UsageError
-from .problems import DEFAULT_PROBLEMS, PROBLEMS, BadProblem, Problem
+from .problems import DEFAULT_PROBLEMS, PROBLEMS, BadProblem, Problem, UserProblem
 
 # Every rule as built for the comparison; only lr varies by problem. Momentum 0.9 for the
 # two SGD variants (plain SGD is not interesting next to the adaptive rules); everything else
@@ -179,6 +179,19 @@ def default_lr(problem: str, rule: str) -> float:
     return DEFAULT_LR.get(problem, {}).get(rule, FALLBACK_LR)
 
 
+def _finite(doc: Any) -> Any:
+    """``doc`` with each infinite or NaN number null: JSON has none (a strict reader refuses
+    Python's ``Infinity`` and ``NaN``), and a diverged run's loss, a schedule past float's
+    range are such numbers."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_finite(v) for v in doc]
+    return doc
+
+
 def _json_value(v: Any) -> Any:
     if isinstance(v, bool | int | float | str) or v is None:
         return v
@@ -270,7 +283,24 @@ def _closure(problem: Problem) -> Callable[[Any], tuple[float, Any]]:
     own = getattr(problem, "closure", None)
     if callable(own):
         return own
-    return lambda params: (problem.loss(params), problem.grad(params))
+    if problem in PROBLEMS.values():
+        return lambda params: (problem.loss(params), problem.grad(params))
+
+    def closure(params: Any) -> tuple[float, Any]:  # an object of the user's own
+        try:
+            return problem.loss(params), problem.grad(params)
+        except Exception as e:
+            raise BadProblem(f"{problem.name} raised {type(e).__name__}: {e}") from None
+    return closure
+
+
+def _start(problem: Problem, seed: int) -> Any:
+    if problem in PROBLEMS.values() or isinstance(problem, UserProblem):
+        return problem.init(seed)  # (a UserProblem names what failed itself)
+    try:
+        return problem.init(seed)
+    except Exception as e:
+        raise BadProblem(f"{problem.name}: init({seed}) raised {type(e).__name__}: {e}") from None
 
 
 def _point(params: Any) -> tuple[float, float] | None:
@@ -308,7 +338,7 @@ def run_one(
     _check_step_args(problem, run)
     closure = _closure(problem)
     hvp = getattr(problem, "hvp", None)
-    params = problem.init(seed)
+    params = _start(problem, seed)
     state = engine.setup(run.rule, params)
     optimum = problem.optimum
     loss, grads = closure(params)
@@ -323,16 +353,20 @@ def run_one(
     # a diverging run overflows on its way to inf/nan; that is reported, not warned about
     with np.errstate(all="ignore"):
         for k in range(1, steps + 1):
-            if run.needs_closure:
-                t0 = time.perf_counter()
-                state, _ = engine.minimize_step_(state, params, closure)
-            else:
-                given = {"value": loss, "grad": grads, "value_fn": closure}
-                if hvp is not None and "hvp" in run.step_args:  # (made only where it is read)
-                    given["hvp"] = hvp(params)
-                extra = {a: given[a] for a in run.step_args}
-                t0 = time.perf_counter()
-                state = engine.update_(state, params, grads, **extra)
+            try:
+                if run.needs_closure:
+                    t0 = time.perf_counter()
+                    state, _ = engine.minimize_step_(state, params, closure)
+                else:
+                    given = {"value": loss, "grad": grads, "value_fn": closure}
+                    if hvp is not None and "hvp" in run.step_args:  # (made where it is read)
+                        given["hvp"] = hvp(params)
+                    extra = {a: given[a] for a in run.step_args}
+                    t0 = time.perf_counter()
+                    state = engine.update_(state, params, grads, **extra)
+            except (TypeError, ValueError) as e:  # BadProblem too: a schedule invalid later,
+                # a gradient the problem's function makes of another dtype or shape
+                raise BadProblem(f"{run.spec.label} on {problem.name}, update {k}: {e}") from None
             times.append(time.perf_counter() - t0)
             done = k
             loss, grads = closure(params)
@@ -440,8 +474,8 @@ def compare(
     # a rule that cannot take a problem's params, or its step an argument the problem cannot
     # give, and a problem of your own that breaks its contract say so before anything runs
     for p in probs:
-        start = p.init(seeds[0])
         try:
+            start = _start(p, seeds[0])
             _closure(p)(start)
         except BadProblem as e:
             raise UsageError(str(e)) from None
@@ -465,7 +499,8 @@ def compare(
                     try:
                         out.append(run_one(p, runs[p.name, s.label], lr, steps, seed, tol,
                                            bar.advance, track))
-                    except BadProblem as e:  # (a function that breaks its contract later on)
+                    except BadProblem as e:  # (a function that breaks its contract later on,
+                        # a schedule invalid at a later step)
                         raise UsageError(str(e)) from None
     bar.close()
     return out
@@ -592,12 +627,20 @@ def _seeds(text: str) -> list[int]:
     for piece in text.split(","):
         lo, dash, hi = piece.strip().partition("-")
         try:
-            out += range(int(lo), int(hi) + 1) if dash and lo else [int(piece)]
+            first, last = (int(lo), int(hi)) if dash and lo else (int(piece), int(piece))
         except ValueError:
-            raise UsageError(f"seeds are integers, as 0, 0,1,2 or 0-4; got {text!r}") from None
-    if not out:
-        raise UsageError(f"no seed in {text!r}")
+            raise UsageError(f"seeds are integers >= 0, as 0, 0,1,2 or 0-4; got {text!r}") \
+                from None
+        if first < 0 or last < first:
+            raise UsageError(f"seeds are integers >= 0, a range low-high; got {piece.strip()!r} "
+                             f"in {text!r}")
+        if last - first >= MAX_SEEDS or len(out) + last - first >= MAX_SEEDS:
+            raise UsageError(f"at most {MAX_SEEDS:,} seeds; {text!r} asks for more")
+        out += range(first, last + 1)
     return list(dict.fromkeys(out))
+
+
+MAX_SEEDS = 10_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -653,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tol",
         type=_positive(float, "a positive number"),
         default=1e-6,
-        help="gap to the minimum that counts as solved (default: 1e-6)",
+        help="gap to the minimum that counts as solved; 'steps to tol' is the first update "
+             "that reached it (default: 1e-6)",
     )
     cmp.add_argument(
         "--lr",
@@ -792,13 +836,16 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             curve = [float(sched(int(k))) for k in grid]
         except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
             raise UsageError(f"{sched!r}: {e}") from None
-        fig = plots.schedule_figure(grid, curve, steps, values, repr(sched), log=args.log)
+        try:
+            fig = plots.schedule_figure(grid, curve, steps, values, repr(sched), log=args.log)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         plots.save(fig, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         doc = {"schedule": repr(sched), "until": until,
                "values": [{"step": k, "value": v} for k, v in zip(steps, values, strict=True)]}
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(_finite(doc), indent=2, allow_nan=False))
         return 0
     print(repr(sched))
     width = max(len("step"), *(len(f"{k:,}") for k in steps))
@@ -1117,7 +1164,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             },
             "results": [r.as_dict() for r in results],
         }
-        print(json.dumps(doc, indent=2, allow_nan=False))
+        print(json.dumps(_finite(doc), indent=2, allow_nan=False))
         return 0
     for p in problems:
         minimum = "unknown" if p.optimum is None else f"{p.optimum:.10g}"

@@ -173,12 +173,14 @@ def schedule_figure(steps: Sequence[int] | np.ndarray, values: Sequence[float],
                     marked: Sequence[int], marked_values: Sequence[float], title: str,
                     log: bool = False) -> Any:
     """The schedule's value against the step, the printed steps marked."""
+    if log and not max(values) > 0:
+        raise ValueError("--log: the schedule has no positive value to draw on a log axis")
     fig = _figure(7.5, 4.0)
     ax = fig.add_subplot()
     ax.plot(steps, values, color="tab:blue", lw=1.5, gid="curve")
     ax.plot(marked, marked_values, "o", color="tab:red", ms=4, ls="none", label="printed steps")
-    if log and min(values) > 0:
-        ax.set_yscale("log")
+    if log:  # (a warm-up from 0: its points at 0 are left out, the rest drawn)
+        ax.set_yscale("log", nonpositive="mask")
     ax.set_xlabel("step (updates applied)")
     ax.set_ylabel("value")
     ax.set_title(_wrap(title), fontsize=9)

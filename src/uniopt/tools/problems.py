@@ -485,15 +485,22 @@ class UserProblem:
 
     def init(self, seed: int) -> Any:
         init = getattr(self.function, "init", None)
-        x0 = init(seed) if callable(init) else self.function.x0
-        if isinstance(x0, list | tuple) and all(isinstance(v, int | float) for v in x0):
-            return np.array(x0, dtype=np.float64)
-        import optree
+        try:
+            x0 = init(seed) if callable(init) else self.function.x0
+            if isinstance(x0, list | tuple) and all(isinstance(v, int | float) for v in x0):
+                return np.array(x0, dtype=np.float64)
+            import optree
 
-        return optree.tree_map(lambda a: np.array(a, dtype=np.float64), x0)
+            return optree.tree_map(lambda a: np.array(a, dtype=np.float64), x0)
+        except Exception as e:  # the user's code, or a start that is no array of numbers
+            raise BadProblem(f"{self.name}: its start ({'init' if callable(init) else 'x0'}) "
+                             f"failed: {type(e).__name__}: {e}") from None
 
     def closure(self, params: Any) -> tuple[float, Any]:
-        out = self.function(params)
+        try:
+            out = self.function(params)
+        except Exception as e:
+            raise BadProblem(f"{self.name} raised {type(e).__name__}: {e}") from None
         if not isinstance(out, tuple) or len(out) != 2:
             raise self._broken(f"it returned {type(out).__name__}")
         loss, grads = out
@@ -546,8 +553,9 @@ def load(spec: str) -> Problem:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import {module_name!r} (from {spec!r}): {e}") from None
+    except Exception as e:  # (its import runs the user's code: a SyntaxError, a 1/0)
+        raise ValueError(f"cannot import {module_name!r} (from {spec!r}): "
+                         f"{type(e).__name__}: {e}") from None
     finally:
         if added:
             sys.path.remove(cwd)
@@ -571,4 +579,8 @@ def load(spec: str) -> Problem:
             f"{attr}.x0 = [...] (the first params) or {attr}.init = lambda seed: ..."
         )
     optimum = getattr(obj, "optimum", None)
-    return UserProblem(spec, obj, None if optimum is None else float(optimum))
+    try:
+        optimum = None if optimum is None else float(optimum)
+    except (TypeError, ValueError):
+        raise ValueError(f"{spec}.optimum must be a number, got {optimum!r}") from None
+    return UserProblem(spec, obj, optimum)
