@@ -1025,6 +1025,10 @@ def test_schedule_plot(tmp_path, capsys):
     assert fig.axes[0].get_yscale() == "log"
     assert main(["schedule", "constant(0.0)", "--plot", str(png), "--log"]) == 2
     assert "no positive value to draw on a log axis" in capsys.readouterr().err
+    # the format the extension names (a .pdf held PNG bytes), else PNG
+    for name, head in (("lr.pdf", b"%PDF-"), ("lr.svg", b"<?xml"), ("lr.plot", b"\x89PNG")):
+        assert main(["schedule", "cosine(0.1, 100)", "--plot", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes().startswith(head), name
 
 
 @pytest.mark.parametrize(("text", "said"), [

@@ -44,9 +44,12 @@ def _figure(width: float, height: float) -> Any:
 
 
 def save(fig: Any, path: str) -> None:
-    """``fig`` as a PNG at ``path``; a UsageError if it cannot be written there."""
+    """``fig`` at ``path``, in the format its extension names where matplotlib writes it
+    (``.pdf``, ``.svg``), else as a PNG; a UsageError if it cannot be written there."""
+    ext = str(path).rpartition(".")[2].lower() if "." in str(path) else ""
     try:
-        fig.savefig(path, dpi=100, format="png")
+        fig.savefig(path, dpi=100,
+                    format=ext if ext in fig.canvas.get_supported_filetypes() else "png")
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
