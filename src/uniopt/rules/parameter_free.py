@@ -183,6 +183,14 @@ class prodigy(Rule):
       decoupled, no growth limit. Known differences: with ``betas[0] = 0`` optax scales the
       gradient by the old ``d`` (``prodigyopt`` and this rule by the new one); before any
       gradient (``sum|s| = 0``) optax's estimate is NaN.
+
+    Known differences from ``prodigyopt`` at a step of ``lr = 0`` or of all-zero gradients:
+    there ``prodigyopt`` leaves ``m``, ``v``, ``s`` and the numerator as they were (at
+    ``lr = 0``) and does not count the step for its bias correction (where ``sum|s| = 0`` it
+    returns before counting); this rule updates ``m`` and ``v`` (and ``s`` with
+    ``safeguard_warmup``) and counts every step. A warm-up from 0 so ends 0.06-0.12 apart
+    after 200 steps; a schedule that never reaches 0, from the first nonzero gradient on,
+    does not differ (1e-15).
     """
 
     lr: Any = hyper(1.0, NONNEG)
