@@ -189,8 +189,8 @@ class prodigy(Rule):
     ``lr = 0``) and does not count the step for its bias correction (where ``sum|s| = 0`` it
     returns before counting); this rule updates ``m`` and ``v`` (and ``s`` with
     ``safeguard_warmup``) and counts every step. A warm-up from 0 so ends 0.06-0.12 apart
-    after 200 steps; a schedule that never reaches 0, from the first nonzero gradient on,
-    does not differ (1e-15).
+    after 200 steps; with a schedule that never reaches 0 and no step of all-zero gradients
+    (or no bias correction) the two agree to 1e-15.
     """
 
     lr: Any = hyper(1.0, NONNEG)
