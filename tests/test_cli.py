@@ -620,6 +620,7 @@ class Broken:
         raise KeyError("grad")
 
 broken = Broken()
+also_broken = Broken()
 '''
 
 
@@ -674,6 +675,7 @@ def test_a_function_that_breaks_its_contract_is_a_usage_error(capsys, user_modul
     (["--problems", "{m}:bad_start"], "{m}:bad_start: its start (x0) failed: ValueError"),
     (["--problems", "{m}:int_grads"], "adam on {m}:int_grads, update 1: "),
     (["--problems", "{m}:broken"], "broken raised KeyError: 'grad'"),
+    (["--problems", "{m}:broken,{m}:also_broken"], "two problems are named 'broken'"),
     (["--problems", "beale", "--steps", "200", "--rules", "adam:lr=linear(0.1,-0.1,100)"],
      "adam:lr=linear(0.1,-0.1,100) on beale, update 52: adam: lr must be >= 0"),
 ])

@@ -618,7 +618,11 @@ def _problems(text: str) -> list[Problem]:
             raise parse_.unknown("problem", name, PROBLEMS)
     if not out:
         raise UsageError(f"no problem named in {text!r}")
-    return list({p.name: p for p in out}.values())
+    named: dict[str, Problem] = {}
+    for p in out:  # (the same problem twice runs once; rows are told apart by the name)
+        if named.setdefault(p.name, p) is not p:
+            raise UsageError(f"two problems are named {p.name!r}; give each its own name")
+    return list(named.values())
 
 
 def _seeds(text: str) -> list[int]:
