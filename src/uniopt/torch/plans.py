@@ -445,6 +445,7 @@ class Plan:
     params: list[torch.Tensor]
     has: list[bool]
     ptrs: list[Any]  # _ptrs
+    wide: list[int]  # which parameters have two axes or more, as built
     state: MutableMapping[Any, dict[str, Any]]
     layout: Any
     names: SlotNames
@@ -503,7 +504,7 @@ class Plan:
             and self.tracked == bool(group.get("differentiable"))
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
-            and _ptrs(ps, self.sharding is not None) == self.ptrs
+            and _ptrs(ps, self.sharding is not None, self.wide) == self.ptrs
         ):
             return False
         version = getattr(state, "version", None)
@@ -685,12 +686,18 @@ class Plan:
         self.steps.count(i)
 
 
-def _ptrs(ps: list[torch.Tensor], sharded: bool) -> list[Any]:
-    """Where the parameters' memory is and how it is laid out (a DTensor's: its local
-    shard's): a parameter transposed in place (``w.t_()``, ``w.data = w.data.t()``) keeps its
-    address, and the views made of it before would take its new gradients in the old order."""
+def _ptrs(ps: list[torch.Tensor], sharded: bool, wide: list[int]) -> list[Any]:
+    """Where the parameters' memory is (a DTensor's: its local shard's), and how those of two
+    axes or more (``wide``) are laid out: one transposed in place (``w.t_()``, ``w.data =
+    w.data.t()``) keeps its address, and the views made of it before would take its new
+    gradients in the old order. (A vector's strides are not read: W4's 10,000 would cost a
+    millisecond a step.)"""
     xs = dtensor.locals_of(ps) if sharded else ps
-    return [*map(_DATA_PTR, xs), *map(_STRIDE, xs)]
+    return [*map(_DATA_PTR, xs), *map(_STRIDE, map(xs.__getitem__, wide))]
+
+
+def _wide(ps: list[torch.Tensor], sharded: bool) -> list[int]:
+    return [i for i, x in enumerate(dtensor.locals_of(ps) if sharded else ps) if x.dim() > 1]
 
 
 def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
@@ -802,7 +809,8 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         plist=ps,
         params=list(ps),
         has=has,
-        ptrs=_ptrs(ps, sharded),
+        ptrs=_ptrs(ps, sharded, _wide(ps, sharded)),
+        wide=_wide(ps, sharded),
         state=state,
         layout=rule.layout,
         names=names,
