@@ -703,6 +703,12 @@ def test_json_holds_null_for_what_is_not_finite(capsys, user_module):
     assert [v["value"] for v in strict(capsys.readouterr().out)["values"]] == [0.1, None]
 
 
+def test_the_same_problem_twice_runs_once(capsys, user_module):
+    doc = _compare_json(capsys, "--steps", "3", "--rules", "adam",
+                        "--problems", f"{user_module}:bowl,{user_module}:bowl,rosenbrock")
+    assert [r["problem"] for r in doc["results"]] == [f"{user_module}:bowl", "rosenbrock"]
+
+
 @pytest.mark.parametrize(("seeds", "said"), [
     ("-1", "seeds are integers >= 0"), ("0,4-2", "'4-2'"), ("4-0", "'4-0'"),
     ("0-99999999999", "at most 10,000 seeds"),

@@ -231,3 +231,23 @@ def test_a_global_norm_spans_every_leaf_that_steps(library: str) -> None:
             got = {k: np.asarray(v) for k, v in got.items()}
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-14)
+
+
+def test_two_global_norms_in_a_chain_span_every_leaf_that_steps() -> None:
+    """Each global-norm part reads the norm of every group's updates as they reach it: the
+    second clip's squares are summed from the first clip's output at the norm of all (it had
+    summed updates each clipped by its own group's norm: 0.354 for 0.5)."""
+    rule = uo.chain(uo.clip_by_global_norm(1.0), uo.clip_by_global_norm(0.5), uo.sgd(lr=1.0))
+    g = [np.array([3.0, 4.0]), np.array([0.0, 1.0])]
+    state = uo.setup(rule, [np.zeros(2), np.zeros(2)])
+    state, _ = uo.update(state, [np.zeros(2), np.zeros(2)], [g[0], None])  # counts apart
+    for inplace in (False, True):
+        p = [np.zeros(2), np.zeros(2)]
+        if inplace:
+            uo.update_(state, p, g)
+        else:
+            _, p = uo.update(state, p, g)
+        fresh = [np.zeros(2), np.zeros(2)]
+        _, want = uo.update(uo.setup(rule, fresh), fresh, g)
+        for a, b in zip(p, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-15)

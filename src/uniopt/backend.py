@@ -46,8 +46,9 @@ _KINDS: dict[tuple[type, Any], Kind] = {}
 
 def dtype_name(dtype: Any) -> str:
     """A dtype's name without its library's prefix: ``"float32"`` for NumPy's, torch's
-    (``torch.float32``), JAX's and array-api-strict's alike."""
-    return str(dtype).rsplit(".", 1)[-1]
+    (``torch.float32``), JAX's and array-api-strict's alike (NumPy's by its name: a big-endian
+    ``>f2`` is float16)."""
+    return dtype.name if isinstance(dtype, np.dtype) else str(dtype).rsplit(".", 1)[-1]
 
 
 def float_bits(dtype: Any) -> int:
@@ -421,6 +422,19 @@ def sharded(sharding: Any) -> Any:
         yield
     finally:
         SHARDED.reset(token)
+
+
+# set while the engine steps, one call per step count, the groups of leaves that count apart
+# (after a None gradient): a global norm (clip_by_global_norm's) is that of every group together
+# (engine._Split), where each part that takes one reads it through global_squares
+SPLIT: contextvars.ContextVar[Any] = contextvars.ContextVar("uniopt_split", default=None)
+
+
+def global_squares(squares: Any, size: int) -> tuple[Any, int]:
+    """A global-norm part's sum of squares and count of elements: this step's, or every
+    group's of the step :data:`SPLIT` splits."""
+    split = SPLIT.get()
+    return (squares, size) if split is None else split.total(squares, size)
 
 
 def shards_of(leaves: list[Any]) -> Any:

@@ -10,7 +10,7 @@ loop; only the final write differs.
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import dataclasses
 import functools
 import math
@@ -540,10 +540,9 @@ def _float_deltas(
                            for lc, u in zip(leaf_cs, us, strict=True)]
             else:
                 if part.needs_norm:
-                    size = sum(math.prod(u.shape) for u in us)
-                    split = _SPLIT.get()
-                    c = part.norm_coeffs(*(split.norm(us, xps, size) if split is not None
-                                           else (_norm(us, xps), size)))
+                    squares, size = backend.global_squares(
+                        _squares(us, xps), sum(math.prod(u.shape) for u in us))
+                    c = part.norm_coeffs(squares**0.5, size)
                 cs = _per_dtype(c, us)
                 leaf_cs = [cs.get(u.dtype, c) for u in us]
             if part.by_dtype:  # the stored parameter's dtype: 16-bit leaves compute wider
@@ -919,31 +918,32 @@ def _squares(us: list[Any], xps: list[Any]) -> Any:
 
 class _Split:
     """The global norms (``clip_by_global_norm``'s) of a step taken in groups of leaves, one
-    engine call per step count (:func:`_by_count`): a first pass sums each group's squares at
-    each such part, in order; the second hands every group the norm of all the leaves that
-    step, as one call over them would have."""
+    engine call per step count (:func:`_by_count`), each read through
+    :func:`backend.global_squares`: pass ``known`` steps every group purely and sums their
+    squares at the ``known``-th such part, the parts before it reading the sums of every
+    group; once all are known the groups step, each part reading the norm of all the leaves
+    that move, as one call over them would have."""
 
-    def __init__(self) -> None:
-        self.sums: list[list[Any]] = []  # per norm part: [squares, elements]
-        self.at = 0
-        self.summing = True
+    def __init__(self, parts: int) -> None:
+        self.sums: list[list[Any]] = [[0.0, 0] for _ in range(parts)]  # [squares, elements]
+        self.known = 0
+        self.at = 0  # the part a group's step is at
 
-    def norm(self, us: list[Any], xps: list[Any], size: int) -> tuple[Any, int]:
+    def total(self, squares: Any, size: int) -> tuple[Any, int]:
         at, self.at = self.at, self.at + 1
-        if not self.summing:
-            squares, n = self.sums[at]
-            return squares**0.5, n
-        squares = _squares(us, xps)
-        if at == len(self.sums):
-            self.sums.append([0.0, 0])
-        self.sums[at][0] = self.sums[at][0] + squares
-        self.sums[at][1] += size
-        return squares**0.5, size
+        if at < self.known:
+            return self.sums[at][0], self.sums[at][1]
+        if at == self.known:
+            self.sums[at][0] = self.sums[at][0] + squares
+            self.sums[at][1] += size
+            raise _Summed  # the rest of this group's step is not wanted
+        return squares, size
 
 
-# set while _by_count steps the groups of a rule with a global norm
-_SPLIT: contextvars.ContextVar[_Split | None] = contextvars.ContextVar("uniopt_split",
-                                                                     default=None)
+class _Summed(Exception):
+    """A group's squares at the part :class:`_Split` sums are taken: its step stops there,
+    before anything is written (the reference path writes after computing, the compiled
+    loop after its norm's read pass)."""
 
 
 def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
@@ -1297,44 +1297,39 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
                      {k: [v[i] for i in idx] for k, v in state.slots.items()},
                      flat_list_def(len(idx)), state.state_dtype, trees)
 
-    split = _Split() if len(groups) > 1 and any(
-        p.needs_norm and not p.norm_per_leaf for p in state.rule.flat_parts
-        if isinstance(p, Elementwise)) else None
-    if split is not None:  # the first pass: each group's squares, nothing kept
-        token = _SPLIT.set(split)
-        try:
-            for key, idx in groups.items():
+    norms = sum(1 for p in state.rule.flat_parts if isinstance(p, Elementwise)
+                and p.needs_norm and not p.norm_per_leaf)
+    split = _Split(norms) if norms and len(groups) > 1 else None
+    token = backend.SPLIT.set(split)
+    try:
+        if split is not None:  # each global norm's squares, group by group, nothing kept
+            # (in place for an in-place step, stopped before it writes; pure for a pure step,
+            # on JAX, and where a per-leaf part may come first: the compiled segments before
+            # it write their slots as they go)
+            run = update_ if inplace and not (jax or state.rule.has_per_leaf) else update
+            for split.known in range(norms):
+                for key, idx in groups.items():
+                    split.at = 0
+                    with contextlib.suppress(_Summed):
+                        run(sub_state(key, idx), [step.params[i] for i in idx],
+                            [step.grads[i] for i in idx])
+            split.known = norms  # every norm known: the groups step
+        for key, idx in groups.items():
+            sub = sub_state(key, idx)
+            ps, gs = [step.params[i] for i in idx], [step.grads[i] for i in idx]
+            if split is not None:
                 split.at = 0
-                _deltas(sub_state(key, idx), [step.params[i] for i in idx],
-                        [step.grads[i] for i in idx], {}, finish=True)
-        finally:
-            _SPLIT.reset(token)
-        split.summing = False
-    for key, idx in groups.items():
-        sub = sub_state(key, idx)
-        ps, gs = [step.params[i] for i in idx], [step.grads[i] for i in idx]
-        if split is not None:  # the reference path, which takes the norms of every group
-            split.at = 0
-            token = _SPLIT.set(split)
-            try:
-                if inplace:
-                    with backend.outside_autograd(ps):
-                        news, new_slots, _ = _deltas(sub, ps, gs, {}, finish=True)
-                        _write(sub, ps, news, new_slots)
-                    continue
-                sub, out = _reference(sub, _Step(ps, gs, sub.treedef), {})
-            finally:
-                _SPLIT.reset(token)
-        elif inplace:
-            trees = update_(sub, ps, gs).tree_states
-            continue
-        else:
+            if inplace:
+                trees = update_(sub, ps, gs).tree_states
+                continue
             sub, out = update(sub, ps, gs)
-        trees = sub.tree_states
-        for j, i in enumerate(idx):
-            new_p[i] = out[j]
-            for k in slots:
-                slots[k][i] = sub.slots[k][j]
+            trees = sub.tree_states
+            for j, i in enumerate(idx):
+                new_p[i] = out[j]
+                for k in slots:
+                    slots[k][i] = sub.slots[k][j]
+    finally:
+        backend.SPLIT.reset(token)
     if not inplace:  # a pure step aliases none of its inputs
         still = set(range(n)) - set(moving)
         new_p = [_as_new_array(p, p, (p,)) if i in still else p for i, p in enumerate(new_p)]

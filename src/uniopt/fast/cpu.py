@@ -1006,15 +1006,17 @@ def _pass(
                           "leafsq" if each or shards is not None else "sumsq", seg)
             reads = [params, grads, *(slots[key] for _, _, keys in prefix for key in keys)]
             total = sumsq[big](_addresses(reads), _coefficients(prefix, compute, n), sizes)
-            if not each and shards is None:
-                total = total[0]
             counts = sizes
             if shards is not None:  # each leaf's sum over its whole tensor, every rank's added
                 total, counts = shards.sums(total), shards.sizes(sizes)
                 if not each:
                     total = math.fsum(total)
-            c = (part.norm_coeffs(np.sqrt(total), counts.astype(np.float64)) if each
-                 else part.norm_coeffs(float(np.sqrt(total)), int(counts.sum())))
+            if each:
+                c = part.norm_coeffs(np.sqrt(total), counts.astype(np.float64))
+            else:  # (the squares of every group where the engine steps leaves by their count)
+                squares, size = backend.global_squares(
+                    float(total if shards is not None else total[0]), int(counts.sum()))
+                c = part.norm_coeffs(float(np.sqrt(squares)), size)
             plan[j] = (part, c, plan[j][2])
     # in the plan's order (a state's dict of slots may come back sorted)
     lists = [params, grads, *([out] if mode == "update" else []),

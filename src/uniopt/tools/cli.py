@@ -609,9 +609,13 @@ def _problems(text: str) -> list[Problem]:
             out += PROBLEMS.values()
         elif ":" in name:
             try:
-                out.append(problems.load(name))
+                loaded = problems.load(name)
             except ValueError as e:
                 raise UsageError(str(e)) from None
+            # (the same spec twice is one problem, as a built-in's name twice is)
+            out.append(next((p for p in out if p.name == loaded.name
+                             and getattr(p, "function", p) is getattr(loaded, "function", loaded)),
+                            loaded))
         elif name in PROBLEMS:
             out.append(PROBLEMS[name])
         else:
