@@ -206,7 +206,7 @@ def test_big_endian_float16_is_computed_in_float32_as_native(inplace: bool) -> N
     runs = []
     for dt in ("<f2", ">f2"):
         p = [start.astype(dt)]
-        state, p = _run(p, lambda k: [np.full(40, 0.3 * (k + 1), dt)], uo.adam(lr=1e-2), 5, None,
-                        inplace)
+        state, p = _run(p, lambda k, dt=dt: [np.full(40, 0.3 * (k + 1), dt)],
+                        uo.adam(lr=1e-2), 5, None, inplace)
         runs.append(np.asarray(p[0], np.float64))
     np.testing.assert_array_equal(runs[1], runs[0])

@@ -613,6 +613,28 @@ def test_a_parameter_transposed_in_place_is_stepped_as_it_is_now(
     assert_close64([out[1]], [out[0]])
 
 
+@pytest.mark.parametrize("apart", ["count", "dtype"])
+def test_a_global_norm_spans_every_run_of_a_group(apart: str) -> None:
+    """``uniopt.torch.Optimizer`` around ``chain(clip_by_global_norm(0.5), sgd)``: a group steps
+    in runs of one dtype and step count, and each run had clipped by its own norm (0.707 for
+    0.5) after a parameter skipped a step, or with a float32 beside a float64."""
+    rule = uo.chain(uo.clip_by_global_norm(0.5), uo.sgd(lr=1.0))
+    b_dtype = torch.float32 if apart == "dtype" else torch.float64
+    a = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    b = nn.Parameter(torch.zeros(2, dtype=b_dtype))
+    opt = ut.Optimizer([a, b], rule)
+    if apart == "count":
+        a.grad, b.grad = torch.tensor([3.0, 4.0], dtype=torch.float64), None
+        opt.step()  # b skips: its count stays 0
+        with torch.no_grad():
+            a.zero_()
+    a.grad = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    b.grad = torch.tensor([0.0, 1.0], dtype=b_dtype)
+    opt.step()
+    norm = float(torch.cat([a.detach(), b.detach().double()]).norm())
+    assert abs(norm - 0.5) < (1e-7 if apart == "dtype" else 1e-15), norm
+
+
 # --- sparse gradients ------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import functools
 import math
 import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -940,6 +940,35 @@ class _Split:
         return squares, size
 
 
+@contextlib.contextmanager
+def shared_norms(rule: Transform, steps: Sequence[Callable[[], Any]]) -> Any:
+    """Within: each global norm of ``rule`` (``clip_by_global_norm``'s) is that of every group
+    of leaves a step takes in one engine call each (leaves that count apart, a torch group's
+    runs of another dtype): ``steps`` are the groups' steps, called group by group in passes
+    that stop at the norm they sum (:class:`_Split`). Yields the split (None where one group
+    or no such part: nothing to share), whose ``at`` each group's step starts from 0."""
+    norms = global_norm_parts(rule)
+    split = _Split(norms) if norms and len(steps) > 1 else None
+    token = backend.SPLIT.set(split)
+    try:
+        if split is not None:
+            for split.known in range(norms):
+                for f in steps:
+                    split.at = 0
+                    with contextlib.suppress(_Summed):
+                        f()
+            split.known = norms  # every norm known: the groups step
+        yield split
+    finally:
+        backend.SPLIT.reset(token)
+
+
+def global_norm_parts(rule: Transform) -> int:
+    """How many of ``rule``'s parts take a global norm (:func:`shared_norms`)."""
+    return sum(1 for p in rule.flat_parts if isinstance(p, Elementwise)
+               and p.needs_norm and not p.norm_per_leaf)
+
+
 class _Summed(Exception):
     """A group's squares at the part :class:`_Split` sums are taken: its step stops there,
     before anything is written (the reference path writes after computing, the compiled
@@ -1297,23 +1326,14 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
                      {k: [v[i] for i in idx] for k, v in state.slots.items()},
                      flat_list_def(len(idx)), state.state_dtype, trees)
 
-    norms = sum(1 for p in state.rule.flat_parts if isinstance(p, Elementwise)
-                and p.needs_norm and not p.norm_per_leaf)
-    split = _Split(norms) if norms and len(groups) > 1 else None
-    token = backend.SPLIT.set(split)
-    try:
-        if split is not None:  # each global norm's squares, group by group, nothing kept
-            # (in place for an in-place step, stopped before it writes; pure for a pure step,
-            # on JAX, and where a per-leaf part may come first: the compiled segments before
-            # it write their slots as they go)
-            run = update_ if inplace and not (jax or state.rule.has_per_leaf) else update
-            for split.known in range(norms):
-                for key, idx in groups.items():
-                    split.at = 0
-                    with contextlib.suppress(_Summed):
-                        run(sub_state(key, idx), [step.params[i] for i in idx],
-                            [step.grads[i] for i in idx])
-            split.known = norms  # every norm known: the groups step
+    # (the squares in place for an in-place step, stopped before it writes; pure for a pure
+    # step, on JAX, and where a per-leaf part may come first: the compiled segments before it
+    # write their slots as they go)
+    run = update_ if inplace and not (jax or state.rule.has_per_leaf) else update
+    sums = [functools.partial(run, sub_state(key, idx), [step.params[i] for i in idx],
+                              [step.grads[i] for i in idx]) for key, idx in groups.items()
+            ] if len(groups) > 1 and global_norm_parts(state.rule) else []
+    with shared_norms(state.rule, sums) as split:
         for key, idx in groups.items():
             sub = sub_state(key, idx)
             ps, gs = [step.params[i] for i in idx], [step.grads[i] for i in idx]
@@ -1328,8 +1348,6 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
                 new_p[i] = out[j]
                 for k in slots:
                     slots[k][i] = sub.slots[k][j]
-    finally:
-        backend.SPLIT.reset(token)
     if not inplace:  # a pure step aliases none of its inputs
         still = set(range(n)) - set(moving)
         new_p = [_as_new_array(p, p, (p,)) if i in still else p for i, p in enumerate(new_p)]

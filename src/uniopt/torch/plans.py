@@ -13,6 +13,7 @@ again while they are the same tensors, holding them weakly (:class:`SeenGrads`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import weakref
 from collections import defaultdict
@@ -24,7 +25,7 @@ import torch
 
 from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
-from ..engine import flat_list_def, resolve, setup, update_
+from ..engine import flat_list_def, global_norm_parts, resolve, setup, shared_norms, update_
 from ..interop import dtensor
 from ..state import State
 
@@ -619,24 +620,24 @@ class Plan:
         # the variable itself, not backend.sharded: a small step makes no extra Python call)
         shards = backend.SHARDED.set(self.sharding)
         try:
+            calls = []
             for r, (run, step, treedef) in enumerate(zip(self.runs, self.run_steps(),
                                                          self.treedefs, strict=True)):
                 leaves: Any = (views if run.pos is None else views.take(run.pos)
                                if isinstance(views, backend.Addressed)
                                else [views[k] for k in run.pos])
                 at = step if run.device_step is None else run.device_step
-                state = State(rule if rules is None else rules[r], at, run.slots, treedef,
-                              self.state_dtype, trees)
-                if self.tracked:
-                    with backend.tracked(), torch.enable_grad():
-                        new = update_(state, run.params, leaves)
-                else:  # the step runs without autograd (Optimizer.step)
-                    new = update_(state, run.params, leaves)
-                trees = new.tree_states
-                if run.device_step is not None and new.step is not run.device_step:
-                    run.device_step.copy_(new.step)  # a path that counts out of place
-                self.steps.add(run.idx)
-                backend.mark_written(run.written)
+                calls.append((run, State(rule if rules is None else rules[r], at, run.slots,
+                                         treedef, self.state_dtype, trees), leaves))
+            if len(calls) > 1 and global_norm_parts(rule):
+                # a global norm (a chain's clip_by_global_norm) is every run's together: runs
+                # of other dtypes or step counts step apart
+                sums = [functools.partial(self._update, s, run.params, leaves)
+                        for run, s, leaves in calls]
+                with shared_norms(rule, sums) as split:
+                    trees = self._step_runs(calls, trees, split)
+            else:
+                trees = self._step_runs(calls, trees, None)
         finally:
             backend.SHARDED.reset(shards)
             fast.FORCED.reset(forced)
@@ -649,6 +650,27 @@ class Plan:
         if trees:
             self.state[self.plist[0]].update(trees)
         self._after(rule, grads)
+
+    def _step_runs(self, calls: list[tuple[Any, State, Any]], trees: Any, split: Any) -> Any:
+        """Each run's step in turn, handing on the tree states; the last ones."""
+        for run, state, leaves in calls:
+            if split is not None:
+                split.at = 0
+            if trees is not state.tree_states:
+                state = dataclasses.replace(state, tree_states=trees)
+            new = self._update(state, run.params, leaves)
+            trees = new.tree_states
+            if run.device_step is not None and new.step is not run.device_step:
+                run.device_step.copy_(new.step)  # a path that counts out of place
+            self.steps.add(run.idx)
+            backend.mark_written(run.written)
+        return trees
+
+    def _update(self, state: Any, params: list[Any], grads: Any) -> Any:
+        if self.tracked:
+            with backend.tracked(), torch.enable_grad():
+                return update_(state, params, grads)
+        return update_(state, params, grads)  # without autograd (Optimizer.step)
 
     def _after(self, rule: Transform, grads: list[Any]) -> None:
         """The parameters with sparse gradients, after the runs."""
