@@ -1199,20 +1199,14 @@ def _pure(state: State, params: Any, grads: Any, value: Any,
         return _run(state, combinator, step, inplace=False, extra=extra)
     if state.counts is not None or any(g is None for g in step.grads):
         return _by_count(state, step, inplace=False)
-    out = _reference(state, step, extra)
-    if fast_out:
-        fast.warn_once(fast_out)
-    return out
-
-
-def _reference(state: State, step: _Step, extra: dict[str, Any]) -> tuple[State, Any]:
-    """A pure step of checked leaves on the reference path."""
     with backend.outside_autograd(step.params):
         news, slots, trees = _deltas(state, step.params, step.grads, extra, finish=True)
         new_p = [
             backend.like_leaf(_as_new_array(new, p, (p, g)), p)
             for p, g, new in zip(step.params, step.grads, news, strict=True)
         ]
+    if fast_out:
+        fast.warn_once(fast_out)
     new = dataclasses.replace(state, step=state.step + 1, slots=_new_slots(state, slots, step),
                               tree_states=trees)
     return new, unflatten(step.treedef, new_p)
@@ -1241,24 +1235,18 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
         return _by_count(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
         news, slots, trees = _deltas(state, step.params, step.grads, extra, finish=True)
-        _write(state, step.params, news, slots)
+        for p, new in zip(step.params, news, strict=True):
+            backend.assign(p, new)
+        for key, arrays in slots.items():
+            for old, new in zip(state.slots[key], arrays, strict=True):
+                if isinstance(old, quant.Q8):
+                    backend.assign(old.codes, new.codes)
+                    backend.assign(old.absmax, new.absmax)
+                elif old is not None:
+                    backend.assign(old, new)
     if fast_out:
         fast.warn_once(fast_out)
     return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
-
-
-def _write(state: State, params: list[Any], news: list[Any], slots: dict[str, list[Any]]
-           ) -> None:
-    """The reference path's results written over the params and the state's slots."""
-    for p, new in zip(params, news, strict=True):
-        backend.assign(p, new)
-    for key, arrays in slots.items():
-        for old, new in zip(state.slots[key], arrays, strict=True):
-            if isinstance(old, quant.Q8):
-                backend.assign(old.codes, new.codes)
-                backend.assign(old.absmax, new.absmax)
-            elif old is not None:
-                backend.assign(old, new)
 
 
 def _sharded(state: State, step: _Step, inplace: bool,

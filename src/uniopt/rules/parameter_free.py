@@ -119,9 +119,10 @@ class scale_by_prodigy(WholeTree):
             ss.append(s)
             abs_sums.append(xp.sum(xp.astype(xp.abs(s), d.dtype)))
         numerator = state["d_numerator"] * c.beta3 + ratio * dlr * _total(dots)
-        if self.lr0_idle:  # prodigyopt updates none of them at a step of lr 0 (a warm-up's)
+        if self.lr0_idle and (_traced(c.lr) or not c.lr > 0):
+            # prodigyopt updates none of them at a step of lr 0 (a warm-up's)
             live = c.lr > 0
-            pick = ((lambda new, old: new if live else old) if not _traced(live) else
+            pick = ((lambda new, old: old) if not _traced(live) else
                     (lambda new, old: xp.where(live, new, old)))
             if first:
                 ms = [pick(m, old) for m, old in zip(ms, state["exp_avg"], strict=True)]

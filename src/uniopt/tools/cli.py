@@ -602,20 +602,19 @@ def _problems(text: str) -> list[Problem]:
     from . import problems
 
     out: list[Problem] = []
+    loaded: dict[str, Problem] = {}
     for name in parse_.split_top(text):
         if not name:
             continue
         if name == "all":
             out += PROBLEMS.values()
         elif ":" in name:
-            try:
-                loaded = problems.load(name)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-            # (the same spec twice is one problem, as a built-in's name twice is)
-            out.append(next((p for p in out if p.name == loaded.name
-                             and getattr(p, "function", p) is getattr(loaded, "function", loaded)),
-                            loaded))
+            if name not in loaded:  # (the same spec twice is one problem, as a built-in's is)
+                try:
+                    loaded[name] = problems.load(name)
+                except ValueError as e:
+                    raise UsageError(str(e)) from None
+            out.append(loaded[name])
         elif name in PROBLEMS:
             out.append(PROBLEMS[name])
         else:
@@ -642,7 +641,7 @@ def _seeds(text: str) -> list[int]:
         if first < 0 or last < first:
             raise UsageError(f"seeds are integers >= 0, a range low-high; got {piece.strip()!r} "
                              f"in {text!r}")
-        if last - first >= MAX_SEEDS or len(out) + last - first >= MAX_SEEDS:
+        if len(out) + last - first >= MAX_SEEDS:
             raise UsageError(f"at most {MAX_SEEDS:,} seeds; {text!r} asks for more")
         out += range(first, last + 1)
     return list(dict.fromkeys(out))

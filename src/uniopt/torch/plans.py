@@ -627,13 +627,14 @@ class Plan:
                                if isinstance(views, backend.Addressed)
                                else [views[k] for k in run.pos])
                 at = step if run.device_step is None else run.device_step
-                calls.append((run, State(rule if rules is None else rules[r], at, run.slots,
-                                         treedef, self.state_dtype, trees), leaves))
+                calls.append((run, rule if rules is None else rules[r], at, treedef, leaves))
             if len(calls) > 1 and global_norm_parts(rule):
                 # a global norm (a chain's clip_by_global_norm) is every run's together: runs
                 # of other dtypes or step counts step apart
-                sums = [functools.partial(self._update, s, run.params, leaves)
-                        for run, s, leaves in calls]
+                sums = [functools.partial(self._update, State(r, at, run.slots, treedef,
+                                                              self.state_dtype, trees),
+                                          run.params, leaves)
+                        for run, r, at, treedef, leaves in calls]
                 with shared_norms(rule, sums) as split:
                     trees = self._step_runs(calls, trees, split)
             else:
@@ -651,14 +652,13 @@ class Plan:
             self.state[self.plist[0]].update(trees)
         self._after(rule, grads)
 
-    def _step_runs(self, calls: list[tuple[Any, State, Any]], trees: Any, split: Any) -> Any:
+    def _step_runs(self, calls: list[tuple[Any, ...]], trees: Any, split: Any) -> Any:
         """Each run's step in turn, handing on the tree states; the last ones."""
-        for run, state, leaves in calls:
+        for run, rule, at, treedef, leaves in calls:
             if split is not None:
                 split.at = 0
-            if trees is not state.tree_states:
-                state = dataclasses.replace(state, tree_states=trees)
-            new = self._update(state, run.params, leaves)
+            new = self._update(State(rule, at, run.slots, treedef, self.state_dtype, trees),
+                               run.params, leaves)
             trees = new.tree_states
             if run.device_step is not None and new.step is not run.device_step:
                 run.device_step.copy_(new.step)  # a path that counts out of place
@@ -826,13 +826,14 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     table = np.zeros(len(sel), np.int64)
     elements = sum(p.numel() for p in sel_params)
     keep = not sharded and len(sel) <= KEEP_TENSORS
+    wide = _wide(ps, sharded)
     return Plan(
         group=group,
         plist=ps,
         params=list(ps),
         has=has,
-        ptrs=_ptrs(ps, sharded, _wide(ps, sharded)),
-        wide=_wide(ps, sharded),
+        ptrs=_ptrs(ps, sharded, wide),
+        wide=wide,
         state=state,
         layout=rule.layout,
         names=names,
