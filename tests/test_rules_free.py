@@ -521,33 +521,52 @@ def test_prodigy_zero_gradients_then_steps_match_prodigyopt() -> None:
                                                                        strict=True)) < TOL
 
 
-@pytest.mark.parametrize("safeguard", [False, True])
-def test_prodigy_warm_up_from_lr_0_matches_prodigyopt(safeguard: bool) -> None:
-    """A linear warm-up from lr 0: prodigyopt leaves m, v, s and its numerator as they were at
-    a step of lr 0, and so does ``lr0_idle`` (the torch convention's); updating them there ended
-    0.12 apart after 200 steps. 60 steps, NumPy and under ``jax.jit``."""
+# steps where prodigyopt returns early: a warm-up from lr 0 (HF's linear schedule starts there),
+# two steps of lr 0 mid-run (with a growth limit, which d must not climb there), and two
+# leading steps of zero gradients (no estimate yet)
+_EARLY = {"warm-up": (uo.schedules.linear(0.0, 1.0, 20), 0, None),
+          "lr 0 mid-run": (uo.schedules.piecewise_constant(1.0, {30: 0.0, 32: 1.0}), 0, 1.02),
+          "zero gradients": (1.0, 2, None)}
+
+
+@pytest.mark.parametrize("bias_correction", [False, True], ids=["plain", "bias-corrected"])
+@pytest.mark.parametrize("case", list(_EARLY))
+def test_prodigy_steps_that_return_early_match_prodigyopt(case: str,
+                                                           bias_correction: bool) -> None:
+    """prodigyopt returns early at a step of lr 0 or before any gradient: m, v, s, its
+    numerator, d and its own step count (its bias correction's) stay. ``lr0_idle`` (the torch
+    convention's) does the same; updating them ended 0.12 apart after 200 steps of a warm-up,
+    counting every step with bias correction 26 times a parameter's size apart after 80, and d
+    grew at lr 0 under a growth limit (1.4e-2). 60 steps, NumPy and under ``jax.jit``."""
     import prodigyopt
 
-    warm = uo.schedules.linear(0.0, 1.0, 20)
+    lr, zeros, growth = _EARLY[case]
+    safeguard = bias_correction  # each case with and without the safeguard, between the two
+    at = (lambda i: float(lr(i))) if callable(lr) else (lambda i: lr)
+    hypers = {"betas": (0.9, 0.99), "d0": 1e-4, "safeguard_warmup": safeguard,
+              "use_bias_correction": bias_correction}
     rng = np.random.default_rng(5)
     start = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
     tp = [torch.tensor(start[k], requires_grad=True) for k in KEYS]
-    topt = prodigyopt.Prodigy(tp, lr=1.0, betas=(0.9, 0.99), d0=1e-4,
-                              safeguard_warmup=safeguard)
-    rule = uo.prodigy(lr=warm, betas=(0.9, 0.99), d0=1e-4, safeguard_warmup=safeguard)
+    topt = prodigyopt.Prodigy(tp, lr=1.0, growth_rate=growth or float("inf"), **hypers)
+    rule = uo.prodigy(lr=lr, growth_rate=growth, **hypers)
     p = {k: v.copy() for k, v in start.items()}
     state = uo.setup(rule, p)
     jp = {k: jnp.asarray(v) for k, v in start.items()}
     jstate, step = uo.setup(rule, jp), jax.jit(uo.update)
     for i in range(60):
-        g = {k: _grad(p[k], 0.1 * i) for k in KEYS}
-        state, p = uo.update(state, p, g)
-        jstate, jp = step(jstate, jp, {k: _grad(np.asarray(jp[k]), 0.1 * i) for k in KEYS})
+        on = float(i >= zeros)
+        state, p = uo.update(state, p, {k: on * _grad(p[k], 0.1 * i) for k in KEYS})
+        jstate, jp = step(jstate, jp, {k: on * _grad(np.asarray(jp[k]), 0.1 * i) for k in KEYS})
         for group in topt.param_groups:
-            group["lr"] = float(warm(i))
+            group["lr"] = at(i)
         for t in tp:
-            t.grad = torch.as_tensor(_grad(t.detach().numpy(), 0.1 * i))
+            t.grad = torch.as_tensor(on * _grad(t.detach().numpy(), 0.1 * i))
         topt.step()
+    d = topt.param_groups[0]["d"]
+    assert abs(float(state.tree_states["scale_by_prodigy"]["d"]) - d) < TOL * d
+    if bias_correction:
+        assert float(state.tree_states["scale_by_prodigy"]["k"]) == topt.param_groups[0]["k"]
     for t, k in zip(tp, KEYS, strict=True):
         assert rel_diff(p[k], t.detach().numpy()) < TOL
         assert rel_diff(np.asarray(jp[k]), p[k]) < TOL
