@@ -381,6 +381,31 @@ def test_big_endian_params_step_as_native_ones(name: str) -> None:
 
 
 @by_rule
+def test_fortran_ordered_params_step_in_place_as_pure(name: str) -> None:
+    """A Fortran-ordered matrix (a transposed weight, or Fortran code's): the pure step's new
+    params and slots keep that order, as the in-place step's do, and the two agree bit for
+    bit. NumPy handed the pure step's results back in C order, and Adafactor's RMS of the
+    params then added in another order (4.4e-16 after 3 steps)."""
+    rule, problem = _stepped_by_gradients(name)
+    if not _takes(rule, (48, 80)):
+        pytest.skip("the rule takes no matrix")
+    problem = Problem({**_shapes(rule), "f": (48, 80)}, np.float64)
+    start = {k: np.asfortranarray(v) for k, v in problem.params().items()}
+    pure, inplace = dict(start), {k: v.copy(order="K") for k, v in start.items()}
+    s_pure, s_inplace = uo.setup(rule, pure), uo.setup(rule, inplace)
+    for _ in range(4):
+        grads = {k: np.asfortranarray(v) for k, v in problem.grad(pure).items()}
+        s_pure, pure = uo.update(s_pure, pure, grads)
+        s_inplace = uo.update_(s_inplace, inplace, grads)
+    assert pure["f"].flags.f_contiguous
+    assert_same(list(pure.values()), list(inplace.values()))
+    for key, slots in s_pure.slots.items():  # (Adafactor keeps None for a matrix's variance)
+        assert [x is None for x in slots] == [x is None for x in s_inplace.slots[key]], key
+        assert_same([x for x in slots if x is not None],
+                    [x for x in s_inplace.slots[key] if x is not None])
+
+
+@by_rule
 def test_empty_leaves_step_beside_the_others(name: str) -> None:
     """Leaves with no elements, ``(0,)``, ``(0, 3)`` and ``(3, 0)`` where the rule takes their
     shape, beside the usual ones: two steps, pure and in place, every number finite. Muon's

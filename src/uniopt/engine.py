@@ -983,6 +983,13 @@ def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
         return backend.namespace(like).asarray(x, dtype=like.dtype)
     if x.dtype != like.dtype:  # a step computed in a wider state_dtype
         return backend.namespace(like).astype(x, like.dtype)
+    if type(like) is np.ndarray and x.strides != like.strides and like.ndim > 1 and \
+            like.flags.f_contiguous:
+        # NumPy hands back C order from mixed layouts: the new array keeps its old one, as the
+        # in-place step's does, so that later sums over it add in the same order
+        out = np.empty_like(like)
+        out[...] = x
+        return out
     # (a view of an input's memory too: SOAP hands back a slot reshaped)
     owner = backend.owner(x)
     for a in inputs:
