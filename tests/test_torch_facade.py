@@ -1090,20 +1090,142 @@ def test_sparse_gradients_are_rejected_with_torchs_error(name: str) -> None:
     assert_unchanged(opt, before)
 
 
-def test_sparse_gradients_with_weight_decay_are_rejected() -> None:
-    for name in ("SGD", "Adagrad"):
-        opt, ps = trained(name, weight_decay=0.1)
-        ps[0].grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (3, 2))
-        before = snapshot(opt)
-        with pytest.raises(RuntimeError, match="weight_decay option is not compatible with "
-                                               "sparse gradients"):
-            opt.step()
-        assert_unchanged(opt, before)
+def _torch_error(cls: Any, step: Callable[[Any], Any]) -> str:
+    """The message of torch's own error from ``step(opt)``."""
+    with pytest.raises(RuntimeError) as err:
+        step(cls)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("kw", [{"weight_decay": 0.1}, {"fused": True},
+                                {"fused": True, "weight_decay": 0.1}],
+                         ids=["weight_decay", "fused", "both"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_gradients_with_decay_or_fused_are_rejected_in_torchs_words(
+        name: str, kw: dict[str, Any]) -> None:
+    """torch refuses sparse gradients with a weight decay (SGD through its ``add``) and with
+    ``fused=True`` at the step; so does uniopt, with torch's message (fused was stepped)."""
+    def step(cls: Any) -> Any:
+        emb = nn.Embedding(10, 3, sparse=True)
+        opt = cls(emb.parameters(), lr=0.1, **kw)
+        emb(torch.tensor([1, 2])).sum().backward()
+        return opt, opt.step
+
+    theirs = _torch_error(getattr(torch.optim, name), lambda c: step(c)[1]())
+    opt, go = step(getattr(ut, name))
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError) as err:
+        go()
+    assert str(err.value) == theirs
+    assert_unchanged(opt, before)
+
+
+def test_a_generic_optimizer_refuses_sparse_gradients() -> None:
     generic = ut.Optimizer([nn.Parameter(torch.zeros(3, 2))], uo.sgd(lr=0.1))
     generic.param_groups[0]["params"][0].grad = torch.sparse_coo_tensor(
         [[1]], torch.ones(1, 2), (3, 2))
     with pytest.raises(RuntimeError, match="uniopt.torch.Optimizer does not support sparse"):
         generic.step()
+
+
+# --- hooks ---------------------------------------------------------------------------------------
+
+
+def _both(name: str, **kw: Any) -> list[tuple[Any, list[Any]]]:
+    """torch's class and uniopt's, each on its own copy of two parameter groups, stepped
+    twice."""
+    out = []
+    for lib in (torch.optim, ut):
+        g = torch.Generator().manual_seed(3)
+        ps = [nn.Parameter(torch.randn(3, 2, generator=g, dtype=torch.float64))
+              for _ in range(3)]
+        opt = getattr(lib, name)([{"params": ps[:2]}, {"params": ps[2:]}], **kw)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(3, 2, generator=g, dtype=torch.float64)
+            opt.step()
+        out.append((opt, ps))
+    return out
+
+
+def test_step_hooks_see_the_closure_as_it_was_passed_and_may_replace_it() -> None:
+    """torch's step hooks get the call's own arguments: ``step(closure=c)`` puts ``c`` in
+    their kwargs, where a pre-hook may swap it (uniopt handed it on as a positional argument:
+    the swap raised "got multiple values for argument 'closure'")."""
+    seen: dict[str, list[Any]] = {"torch": [], "uniopt": []}
+    for (opt, ps), lib in zip(_both("Adam"), seen, strict=True):
+        def loss(ps: list[Any] = ps) -> Any:
+            return sum((p ** 2).sum() for p in ps)
+
+        def other(ps: list[Any] = ps) -> Any:
+            return 2 * loss(ps)
+
+        opt.register_step_pre_hook(
+            lambda o, args, kwargs, lib=lib: seen[lib].append(("pre", len(args), sorted(kwargs))))
+        opt.register_step_post_hook(
+            lambda o, args, kwargs, lib=lib: seen[lib].append(("post", len(args), sorted(kwargs))))
+        opt.step(closure=loss)
+        opt.step(loss)
+        opt.step()
+        swap = opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": other}))
+        seen[lib].append(float(opt.step(closure=loss).detach()))
+        swap.remove()
+    assert seen["uniopt"] == seen["torch"]
+    assert seen["torch"][:2] == [("pre", 1, ["closure"]), ("post", 1, ["closure"])]
+    assert list(inspect.signature(ut.Adam([nn.Parameter(torch.zeros(1))]).step).parameters) == \
+        ["closure"]
+
+
+def test_load_state_dict_pre_hooks_run_before_the_checks() -> None:
+    """torch runs load pre-hooks first, on a shallow copy, so that a hook can adapt an old
+    checkpoint: rename a slot, merge two saved groups into one. uniopt checked (and refused)
+    the dict before its hooks could run. Post-hooks run once, after the load."""
+    for (opt, ps), lib in zip(_both("Adam"), ("torch", "uniopt"), strict=True):
+        sd = opt.state_dict()
+        old = {**sd, "state": {k: {("m1" if n == "exp_avg" else n): v for n, v in st.items()}
+                               for k, st in sd["state"].items()}}
+
+        def rename(o: Any, d: dict[str, Any]) -> dict[str, Any]:
+            return {**d, "state": {k: {("exp_avg" if n == "m1" else n): v
+                                       for n, v in st.items()}
+                                   for k, st in d["state"].items()}}
+
+        fresh = (ut if lib == "uniopt" else torch.optim).Adam(
+            [{"params": [nn.Parameter(p.detach().clone()) for p in ps]}])
+        posts: list[int] = []
+        fresh.register_load_state_dict_post_hook(lambda o, posts=posts: posts.append(1))
+        handle = fresh.register_load_state_dict_pre_hook(rename)
+        merged = fresh.register_load_state_dict_pre_hook(lambda o, d: {
+            **d, "param_groups": [{**d["param_groups"][0],
+                                   "params": [i for g in d["param_groups"] for i in g["params"]]}]})
+        fresh.load_state_dict(old)
+        handle.remove(), merged.remove()
+        assert posts == [1], lib
+        assert sorted(fresh.state[fresh.param_groups[0]["params"][0]]) == \
+            ["exp_avg", "exp_avg_sq", "step"], lib
+        assert "m1" in next(iter(old["state"].values()))  # the caller's dict as it was
+
+
+@pytest.mark.usefixtures("torch_scalars_in_double")
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "ASGD"])
+def test_state_dict_hooks_see_and_shape_the_dict_as_returned(name: str) -> None:
+    """A post-hook sees the whole dict (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``
+    included: uniopt added them after the hooks) and may return another; a pre-hook runs once
+    before it is made."""
+    outs = []
+    for opt, _ in _both(name):
+        calls: list[str] = []
+        opt.register_state_dict_pre_hook(lambda o, calls=calls: calls.append("pre"))
+        opt.register_state_dict_post_hook(lambda o, sd, calls=calls: calls.append("post"))
+        opt.register_state_dict_post_hook(lambda o, sd: {
+            "optimizer": {**sd, "state": {k: {n: v.float() for n, v in st.items()}
+                                          for k, st in sd["state"].items()}},
+            "version": 2})
+        out = opt.state_dict()
+        assert calls == ["pre", "post"]
+        outs.append({"keys": sorted(out), "slots": {k: {n: v.dtype for n, v in st.items()}
+                                                   for k, st in out["optimizer"]["state"].items()}})
+    assert outs[1] == outs[0]
 
 
 def test_optimizer_needs_a_rule() -> None:

@@ -214,6 +214,9 @@ class SGD(_Named):
     _torch_defaults = {"momentum": 0, "dampening": 0, "weight_decay": 0}
     _all_slots = sgd(momentum=0.5)
     _sparse = "dense"
+    _fused_sparse_error = "`_fused_sgd` does not support sparse gradients"
+    # (torch's SGD adds the dense decay term to the sparse gradient, which torch refuses so)
+    _sparse_decay_error = "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
     _checks = (LR, _at_least_0("momentum"), WEIGHT_DECAY)
 
     def _torch_checks(self, values: dict[str, Any]) -> None:
@@ -232,6 +235,7 @@ class Adagrad(_Named):
                      "foreach", "*", "maximize", "differentiable", "fused")
     _torch_defaults = {"lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0}
     _sparse = "rows"
+    _fused_sparse_error = "`fused` does not support sparse grad or complex param"
     _checks = (LR, _at_least_0("lr_decay"), WEIGHT_DECAY,
                _at_least_0("initial_accumulator_value"), EPS)
 
@@ -331,8 +335,8 @@ class SparseAdam(_Named):
                 )
         return super()._prepare(gi, group)
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def _state_dict(self) -> dict[str, Any]:
+        sd = super()._state_dict()
         sd["state"] = {k: {**st, "step": int(st["step"])} if "step" in st else st
                        for k, st in sd["state"].items()}
         return sd
@@ -394,7 +398,7 @@ class LBFGS(_Named):
         st.update(new.tree_states[rule.tree_layout[0]])
         return loss
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` after checking that the state is an LBFGS state of as
         many parameters, its history as long as theirs; nothing changes on an error."""
         where = "LBFGS.load_state_dict"
@@ -698,8 +702,8 @@ class _Derived(_Named):
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_carried_numbers": self._records()}
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def _state_dict(self) -> dict[str, Any]:
+        sd = super()._state_dict()
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state = sd["state"]
         for gi, (saved, group) in enumerate(zip(sd["param_groups"], self.param_groups,
@@ -720,7 +724,7 @@ class _Derived(_Named):
                 state[k] = {**st, **extra}  # a new dict: the optimizer's own stays as it is
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``; the numbers of ``_derived`` are kept per parameter,
         beside its state (a parameter's state without them: derived from its step count)."""
         kept: dict[Any, tuple[float, ...]] = {}
@@ -733,7 +737,7 @@ class _Derived(_Named):
                     st = {n: v for n, v in st.items() if n not in self._derived}
                 state[k] = st
             state_dict = {**state_dict, "state": state}
-        super().load_state_dict(state_dict)
+        super()._load_state_dict(state_dict)
         records = self._records()
         records.clear()
         for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups,

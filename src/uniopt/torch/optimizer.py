@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 import operator
 from collections import Counter
@@ -238,6 +240,10 @@ class Optimizer(torch.optim.Optimizer):
 
     _sparse: ClassVar[str | None] = None  # "rows", "dense", or None (sparse gradients rejected)
     _sparse_error: ClassVar[str] = ""
+    # torch's refusals of sparse gradients with fused=True, and with a weight decay
+    _fused_sparse_error: ClassVar[str] = "`fused` does not support sparse gradients"
+    _sparse_decay_error: ClassVar[str] = "weight_decay option is not compatible with sparse " \
+        "gradients"
 
     rule: Transform
     _keys: tuple[str, ...]  # the group keys that are the rule's hyperparameters
@@ -459,7 +465,7 @@ class Optimizer(torch.optim.Optimizer):
     @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, *args: Any, **kwargs: Any) -> float | None:
         """One update of every parameter that has a gradient; with ``closure``, the loss it
         returns (evaluated first, with gradients enabled). Every check runs before any
         parameter or state is written. Step hooks and the profiler see it as torch's own.
@@ -467,7 +473,7 @@ class Optimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             # dynamo, tracing: a break into the untraced step (the eager step does not pay for
             # torch.compiler.disable's wrapper, about 1 us, on every call)
-            return _UNTRACED_STEP(self, closure)
+            return _UNTRACED_STEP(self, *args, **kwargs)
         if (
             self._optimizer_step_pre_hooks
             or self._optimizer_step_post_hooks
@@ -475,9 +481,14 @@ class Optimizer(torch.optim.Optimizer):
             or _torch_optimizer._global_optimizer_post_hooks
             or torch.autograd._profiler_enabled()
         ):
-            # the hooks see the call's arguments as torch's do: (self,) for step()
-            return _HOOKED_STEP(self) if closure is None else _HOOKED_STEP(self, closure)
-        return self._step(closure)
+            # the hooks see the call's arguments as torch's do, as they were given: a closure
+            # by keyword is in their kwargs, where a pre-hook may replace it
+            return _HOOKED_STEP(self, *args, **kwargs)
+        return self._step(*args, **kwargs)
+
+    # (its signature as torch's: a caller may look for the closure parameter)
+    step.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+        lambda self, closure=None: None)
 
     # torch wraps every subclass's step in its hooks and a profiler label, which costs about
     # 10 us a step when there is neither (a small model's whole step is a few times that):
@@ -573,11 +584,11 @@ class Optimizer(torch.optim.Optimizer):
                 )
             if g.layout != torch.sparse_coo:
                 raise RuntimeError(f"{self._name} does not support {g.layout} gradients")
+            if group.get("fused"):
+                raise RuntimeError(self._fused_sparse_error)
             wd = group.get("weight_decay", 0)
             if callable(wd) or plain(wd) != 0:
-                raise RuntimeError(
-                    f"{self._name}: weight_decay option is not compatible with sparse gradients"
-                )
+                raise RuntimeError(self._sparse_decay_error)
             if self._sparse == "rows" and group.get("differentiable"):
                 # the rows are gathered and written back in place, outside autograd: a step
                 # that differentiable=True asks to record would go unrecorded, silently
@@ -635,6 +646,37 @@ class Optimizer(torch.optim.Optimizer):
     # --- checkpoints -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict`` (:meth:`_state_dict`), its hooks run around the whole of it
+        as torch runs them around its own: a post-hook sees the dict as returned, and may
+        return another."""
+        for pre in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre(self)
+        with _hooks_held(self, "_optimizer_state_dict_pre_hooks",
+                         "_optimizer_state_dict_post_hooks"):
+            sd = self._state_dict()
+        for post in list(self._optimizer_state_dict_post_hooks.values()):
+            out = post(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` (:meth:`_load_state_dict`), its pre-hooks run first on a
+        shallow copy, as torch's are (a pre-hook may rename slots or merge groups before
+        anything is checked), its post-hooks last."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for pre in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            out = pre(self, state_dict)
+            if out is not None:
+                state_dict = out
+        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks",
+                         "_optimizer_load_state_dict_post_hooks"):
+            self._load_state_dict(state_dict)
+        for post in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post(self)
+
+    def _state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict``, with each uniopt schedule in a group written as plain data
         (its type's name and fields), so that ``torch.load(..., weights_only=True)`` reads it.
         A rule that runs other rules keeps one state per group: it is written in the state of
@@ -648,7 +690,7 @@ class Optimizer(torch.optim.Optimizer):
         return {**sd, "state": _group_states_out(_q8_copies(sd["state"], groups), groups),
                 "param_groups": groups}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (a state saved by the torch class of the same name loads
         here, and the reverse), after checking that the groups, their sizes, the slots and their
         shapes match this optimizer's parameters; nothing changes on an error."""
@@ -733,6 +775,20 @@ def _group_states_in(state: dict[Any, Any], groups: list[Any]) -> dict[Any, Any]
             else:
                 del state[ps[0]]
     return state
+
+
+@contextlib.contextmanager
+def _hooks_held(opt: Optimizer, *names: str) -> Any:
+    """``opt``'s hooks of ``names`` kept from torch's own ``state_dict``/``load_state_dict``
+    while this class's call runs (which runs them around it)."""
+    held = {name: getattr(opt, name) for name in names}
+    for name, hooks in held.items():
+        setattr(opt, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for name, hooks in held.items():
+            setattr(opt, name, hooks)
 
 
 # where torch has fused kernels (torch.utils._foreach_utils)
