@@ -1542,6 +1542,49 @@ def test_carried_numbers_resume_from_a_checkpoint(case: str, first: Any, then: A
     assert_same_state(ours_state, their_state)
 
 
+def _pop_first(groups: list[dict[str, Any]]) -> None:
+    groups.pop(0)  # a frozen layer: its group leaves the optimizer
+
+
+def _move_one(groups: list[dict[str, Any]]) -> None:
+    groups[1]["params"].append(groups[0]["params"].pop())
+
+
+@pytest.mark.parametrize("edit", [_pop_first, _move_one], ids=["group-popped", "param-moved"])
+@pytest.mark.parametrize("name", ["ASGD", "NAdam"])
+def test_carried_numbers_follow_a_parameter_to_another_group(name: str, edit: Any,
+                                                             torch_scalars_in_double: None
+                                                             ) -> None:
+    """A parameter whose group's index changes (an earlier group popped) or that moves to
+    another group keeps its numbers, as torch keeps them in its state: they were kept by
+    group index and derived anew (ASGD 1.9e-3 apart after the move), bit for bit now, with
+    the learning rate (NAdam: the momentum) changing per group."""
+    runs = []
+    for lib in (torch.optim, ut):
+        g = torch.Generator().manual_seed(0)
+        ps = [nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(4)]
+        opt = getattr(lib, name)([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02}], lr=0.01)
+        out = []
+        for t in range(8):
+            if t == 3:
+                edit(opt.param_groups)
+            for i, p in enumerate(ps):
+                p.grad = torch.sin(torch.arange(3.0) + t + i) + 0.1 * p.detach()
+            opt.step()
+            for group in opt.param_groups:
+                group["lr"] *= 0.7
+                if name == "NAdam":  # (its numbers are of the momentum)
+                    group["betas"] = (group["betas"][0] - 0.02, group["betas"][1])
+            out.append(torch.stack([p.detach().clone() for p in ps]))
+        # (torch's state_dict fails once a group is popped: its state keeps the popped
+        # parameters, which no group numbers)
+        runs.append((torch.stack(out), None if edit is _pop_first else
+                     opt.state_dict()["state"]))
+    assert torch.equal(runs[1][0], runs[0][0])
+    if runs[0][1] is not None:
+        assert_same_state(runs[1][1], runs[0][1])
+
+
 def test_carried_numbers_survive_pickling(torch_scalars_in_double: None) -> None:
     """A pickled optimizer keeps them, as torch's keeps its state."""
     ours, _ = carried_run("NAdam-betas", SKIPS, ut)

@@ -625,16 +625,27 @@ class _Derived(_Named):
         if rec is None or not (len(rec.params) == len(params)
                                and all(map(operator.is_, rec.params, params))):
             new = _Carried.new(params, len(self._derived))
-            if rec is not None:
-                where = {id(p): i for i, p in enumerate(rec.params)}
-                for j, p in enumerate(params):
-                    i = where.get(id(p))
-                    if i is not None:
-                        new.values[j], new.counts[j] = rec.values[i], rec.counts[i]
+            for j, p in enumerate(params):
+                kept = self._kept(p)
+                if kept is not None:
+                    new.values[j], new.counts[j] = kept
+            if rec is not None:  # (a parameter it held may have moved to a later group)
+                vars(self).setdefault("_retired", []).append(rec)
             rec = new
         rec.params = params
         records[gi] = rec
         return rec
+
+    def _kept(self, p: torch.Tensor) -> tuple[Any, float] | None:
+        """``p``'s numbers and their step count as some group's record keeps them (a group
+        popped or a parameter moved to another group changes its group's index; a record
+        left from before the move may hold it too, at an older count), or None."""
+        best = None
+        for rec in [*self._records().values(), *vars(self).get("_retired", ())]:
+            for i, q in enumerate(rec.params):
+                if q is p and (best is None or rec.counts[i] > best[1]):
+                    best = (rec.values[i].copy(), float(rec.counts[i]))
+        return best
 
     def _numbers(self, rec: _Carried, i: int, group: dict[str, Any],
                  step: int) -> tuple[float, ...]:
@@ -691,7 +702,10 @@ class _Derived(_Named):
     def _step(self, closure: Any = None) -> Any:
         stepping = self._stepping()
         stepping.clear()
-        loss = super()._step(closure)
+        try:
+            loss = super()._step(closure)
+        finally:
+            vars(self).pop("_retired", None)
         for rec, runs in stepping.values():
             for at, step, values, numbers in runs:
                 rec.values[at] = self._advance(values, step, numbers)
@@ -706,17 +720,15 @@ class _Derived(_Named):
         sd = super()._state_dict()
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state = sd["state"]
-        for gi, (saved, group) in enumerate(zip(sd["param_groups"], self.param_groups,
-                                                strict=True)):
-            rec = self._records().get(gi)
-            for j, (k, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+        for saved, group in zip(sd["param_groups"], self.param_groups, strict=True):
+            for k, p in zip(saved["params"], group["params"], strict=True):
                 st = state.get(k)
                 if not st or "step" not in st:
                     continue
                 step = int(st["step"])
-                if (rec is not None and j < len(rec.params) and rec.params[j] is p
-                        and rec.counts[j] == step):
-                    numbers = tuple(rec.values[j].tolist())
+                kept = self._kept(p)
+                if kept is not None and kept[1] == step:
+                    numbers = tuple(kept[0].tolist())
                 else:
                     numbers = self._derive(self._values_at(group, step), step)
                 extra = {n: torch.tensor(x, dtype=dtype)
