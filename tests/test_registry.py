@@ -426,21 +426,59 @@ def test_empty_leaves_step_beside_the_others(name: str) -> None:
 
 
 @by_rule
-def test_a_pure_step_hands_back_nothing_it_was_given(name: str) -> None:
+def test_a_library_outside_info_backends_is_refused_at_set_up(name: str) -> None:
+    """A rule whose ``Info.backends`` has no array-API entry names itself at set-up, in a
+    chain too: Kron (preconditioner refreshes on) and the line search failed inside
+    array-api-strict at the step with a raw TypeError or IndexError."""
+    e = registry.entry(name)
+    if "array_api" in e.backends:
+        pytest.skip("runs on array-API libraries")
+    rule = _build(e)
+    params = Problem(_shapes(rule), np.float64, conv=_library("array_api")[0]).params()
+    for r in (rule, *([] if e.needs_closure else [uo.chain(uo.clip_by_global_norm(1.0), rule)])):
+        with pytest.raises(TypeError, match=rf"setup: {name} runs on numpy, torch, jax arrays "
+                                            r"\(the registry's Info.backends\); params\['\w+'\] "
+                                            "comes from array_api_strict"):
+            uo.setup(r, params)
+
+
+def test_an_array_api_older_than_2024_12_is_refused_at_set_up() -> None:
+    """The parts hand Python scalars to ``where``, ``maximum``, ``clip``... beside arrays, which
+    the standard allows from 2024.12: array-api-strict set to 2023.12 failed inside itself
+    (``'float' object has no attribute 'dtype'``) at the step of a dozen rules."""
+    xs = pytest.importorskip("array_api_strict")
+    xs.set_array_api_strict_flags(api_version="2023.12")
+    try:
+        with pytest.raises(TypeError, match=r"uniopt needs the array API standard 2024.12 or "
+                                            r"later .*; array_api_strict is set to 2023.12"):
+            uo.setup(uo.rprop(lr=0.01), {"w": xs.asarray([1.0, 2.0])})
+    finally:
+        xs.reset_array_api_strict_flags()
+
+
+@pytest.mark.parametrize("lib", ["numpy", "array_api"])
+@by_rule
+def test_a_pure_step_hands_back_nothing_it_was_given(name: str, lib: str) -> None:
     """``uo.update`` aliases none of its inputs: no array of the new state (slots, whole-tree
     states, members' states) or of the new params shares memory with the state, params or
     gradients it was given. Parts that hand their state on unchanged (DoG's initial params,
     Kron's preconditioners between refreshes) or as a view (SOAP's reshaped second moment)
-    did, so that a caller writing the new state wrote the old one."""
+    did, so that a caller writing the new state wrote the old one; on array-api-strict, whose
+    arrays wrap NumPy's, they still did (its reshape is a new object)."""
     import optree
 
     e = registry.entry(name)
+    if lib not in e.backends:
+        pytest.skip(f"Info.backends has no {lib}")
     rule = _build(e)
-    problem = Problem(_shapes(rule), np.float64)
+    to_lib, _ = _library(lib)
+    problem = Problem(_shapes(rule), np.float64, conv=to_lib)
     params = problem.params()
     state = uo.setup(rule, params)
-    arrays = lambda tree: [x for x in optree.tree_leaves(tree, namespace="uniopt")  # noqa: E731
-                           if isinstance(x, np.ndarray)]
+    # (array-api-strict's memory: the NumPy array it wraps)
+    memory = (lambda x: x) if lib == "numpy" else (lambda x: getattr(x, "_array", None))
+    arrays = lambda tree: [m for x in optree.tree_leaves(tree, namespace="uniopt")  # noqa: E731
+                           if isinstance(m := memory(x), np.ndarray)]
     for _ in range(3):
         grads = problem.grad(params)
         given = arrays((state, params, grads))

@@ -535,6 +535,20 @@ def test_gradient_not_an_array_of_the_params_library(stepped, bad):
     _rejects(TypeError, match, state, params, grads)
 
 
+def test_a_masked_array_is_refused_as_a_param_or_a_gradient(stepped):
+    """NumPy's masked arrays step their masked entries or not as each operation's masks fall
+    (Adam left them, Muon's matrix product wrote -inf into plain params through a masked
+    gradient): refused by name, as params and as gradients, before anything is written."""
+    mask = np.ma.MaskedArray(np.ones((2, 3)), mask=np.eye(2, 3, dtype=bool))
+    with pytest.raises(TypeError, match=r"params\['w'\] is a NumPy masked array: .*np.ma.getdata"):
+        uo.setup(uo.adam(), {"w": mask})
+    state, params = stepped
+    grads = _grads(params)
+    grads["bias"] = np.ma.MaskedArray(grads["bias"], mask=[True, False])
+    _rejects(TypeError, r"gradient for params\['bias'\] is a NumPy masked array", state, params,
+             grads)
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_flat_gradient_list_of_wrong_length(stepped, n):
     state, params = stepped

@@ -39,9 +39,16 @@ class Kind:
     floating: bool  # real or complex floating: a dtype uniopt updates
     complex: bool
     low: bool  # narrower than float32 (float16, bfloat16): its step is computed in float32
+    refused: str | None = None  # why no step takes an array of this type, or None
 
 
 _KINDS: dict[tuple[type, Any], Kind] = {}
+
+# NumPy's arithmetic on a masked array leaves its masked entries as they were (or not, as the
+# operands' masks fall), and a matrix product mixes them in
+_MASKED = ("a NumPy masked array: a step would move its masked entries or not as each "
+           "operation's masks fall; pass its data (np.ma.getdata) and zero the gradients that "
+           "must not move")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -79,7 +86,8 @@ def kind(x: Any) -> Kind:
     if found is None:
         floating, complex_ = _floats(x, namespace(x))
         found = Kind(library(x), floating, complex_,
-                     floating and not complex_ and float_bits(x.dtype) < 32)
+                     floating and not complex_ and float_bits(x.dtype) < 32,
+                     _MASKED if isinstance(x, np.ma.MaskedArray) else None)
         if key is not None and type(x) in _NAMESPACES:
             _KINDS[key] = found
     return found
@@ -369,9 +377,24 @@ _LIBRARIES: dict[type, str] = {}
 
 def owner(x: Any) -> Any:
     """The object whose memory array ``x`` is: a NumPy view's ``base``, a torch view's
-    ``_base``, else ``x`` itself (anything else: itself)."""
+    ``_base``, an array-api-strict array's NumPy array's owner, else ``x`` itself (anything
+    else: itself)."""
+    if type(x) is not np.ndarray and type(x).__module__.startswith("array_api_strict"):
+        # (a private attribute of array-api-strict's: the NumPy array it wraps; a reshape
+        # there wraps a NumPy view, whose owner is the memory's)
+        inner = getattr(x, "_array", None)
+        return x if inner is None else owner(inner)
     base = getattr(x, "base" if type(x) is np.ndarray else "_base", None)
     return x if base is None else base
+
+
+def memory_types() -> tuple[type, ...]:
+    """The array types whose memory a pure step must not hand back: NumPy's, and torch's and
+    array-api-strict's where they are imported (in that order)."""
+    torch = sys.modules.get("torch")
+    strict = sys.modules.get("array_api_strict._array_object")
+    kinds: tuple[type, ...] = (np.ndarray, torch.Tensor if torch is not None else np.ndarray)
+    return kinds + (strict.Array,) if strict is not None else kinds
 
 
 def immutable_reason(x: Any) -> str | None:

@@ -54,6 +54,8 @@ def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str
                 "arrays (or None)"
             )
         k = backend.kind(leaf)
+        if k.refused:
+            raise TypeError(f"{names[i]} is {k.refused}")
         if first is None:
             first = (k.library, names[i])
         elif k.library != first[0]:
@@ -81,6 +83,39 @@ def _real_only(rule: Transform) -> str | None:
         return next(filter(None, map(_real_only, rule.transforms)), None)
     info = getattr(type(rule), "info", None)
     return rule.name if info is not None and not info.complex else None
+
+
+# the array API version whose Python scalars in where, maximum, clip... the parts rely on
+ARRAY_API = "2024.12"
+
+
+def _library_check(rule: Transform, names: list[str], leaves: list[Any]) -> None:
+    """Refuse params of a library the rule does not run on (the registry's ``Info.backends``:
+    Kron's and the line search's NumPy calls failed inside array-api-strict), and of an
+    array-API library set to a standard older than :data:`ARRAY_API` (a raw AttributeError
+    from inside it, at the step)."""
+    if not leaves:
+        return
+    lib = backend.library(leaves[0])
+    # (flax's and equinox's nodes that hold a JAX array count as JAX's)
+    where = lib if lib in ("numpy", "torch", "jax") else \
+        "jax" if backend.jax_array_of(leaves[0]) is not None else "array_api"
+    for part in _registered(rule):
+        backends = getattr(type(part), "info").backends  # noqa: B009
+        if where not in backends:
+            raise TypeError(f"setup: {part.name} runs on {', '.join(backends)} arrays (the "
+                            f"registry's Info.backends); {names[0]} comes from {lib}")
+    version = getattr(backend.namespace(leaves[0]), "__array_api_version__", None)
+    if where == "array_api" and isinstance(version, str) and version < ARRAY_API:
+        raise TypeError(f"setup: uniopt needs the array API standard {ARRAY_API} or later "
+                        f"(Python scalars beside arrays); {lib} is set to {version}")
+
+
+def _registered(rule: Transform) -> list[Transform]:
+    """``rule`` and the members of its chains that are registry rules (with an ``info``)."""
+    if isinstance(rule, chain):
+        return [r for t in rule.transforms for r in _registered(t)]
+    return [rule] if getattr(type(rule), "info", None) is not None else []
 
 
 def _once_each(names: list[str], leaves: list[Any]) -> None:
@@ -118,6 +153,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     leaves, treedef, names = _leaves(params)
     _alone(rule)
     _check_shapes(rule, names, leaves)
+    _library_check(rule, names, leaves)
     _once_each(names, leaves)
     register_state()  # JAX (flax) knows a State from the first one made after its import
     if state_dtype is not None and state_dtype not in ("float32", "float64", "q8"):
@@ -305,11 +341,15 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
             continue
         if not backend.is_array(g):
             raise TypeError(f"gradient for {names[i]} is a {type(g).__name__}, not an array")
-        if type(g) is not type(p) and backend.library(g) != backend.library(p):
-            raise TypeError(
-                f"gradient for {names[i]} is a {backend.library(g)} array but its parameter is "
-                f"a {backend.library(p)} array"
-            )
+        if type(g) is not type(p):
+            if backend.library(g) != backend.library(p):
+                raise TypeError(
+                    f"gradient for {names[i]} is a {backend.library(g)} array but its "
+                    f"parameter is a {backend.library(p)} array"
+                )
+            refused = backend.kind(g).refused
+            if refused:
+                raise TypeError(f"gradient for {names[i]} is {refused}")
         if g.shape != p.shape and tuple(g.shape) != tuple(p.shape):
             raise ValueError(
                 f"gradient for {names[i]} has shape {tuple(g.shape)}, its parameter "
@@ -1169,14 +1209,15 @@ def _unshared(new: Any, given: Any) -> Any:
     leaves, treedef = optree.tree_flatten(new, namespace=NAMESPACE)
     if not leaves:
         return new
-    kinds = (np.ndarray, sys.modules["torch"].Tensor) if "torch" in sys.modules else np.ndarray
+    kinds = backend.memory_types()
     given_leaves = [x for x in optree.tree_leaves(given, namespace=NAMESPACE)
                     if isinstance(x, kinds)]  # (a count, an int, is no memory)
     # the common case in C calls: no leaf is an array given, and none is a view (NumPy's base,
-    # torch's _base)
+    # torch's _base; array-api-strict's arrays wrap NumPy's, a view as any other)
     if set(map(id, given_leaves)).isdisjoint(map(id, leaves)) and not any(
             map(_IS_NOT_NONE, map(getattr, leaves, repeat("base"), repeat(None)))) and not any(
-            map(_IS_NOT_NONE, map(getattr, leaves, repeat("_base"), repeat(None)))):
+            map(_IS_NOT_NONE, map(getattr, leaves, repeat("_base"), repeat(None)))) and not (
+            len(kinds) > 2 and any(isinstance(x, kinds[2]) for x in leaves)):
         return new
     held = set(map(id, map(backend.owner, given_leaves)))
     hits = [isinstance(x, kinds) and id(backend.owner(x)) in held for x in leaves]
