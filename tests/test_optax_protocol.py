@@ -327,8 +327,8 @@ def test_the_loss_is_asked_for_and_must_be_one_number() -> None:
     with pytest.raises(TypeError, match=r"reduce_on_plateau reads the loss: pass it as "
                                         r"uo.update\(state, params, grads, value=loss\)"):
         uo.update_(state, params, [np.ones(2)])
-    with pytest.raises(ValueError, match=r"reduce_on_plateau: value must be one number \(the "
-                                         r"loss\), got an array of shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"value= must be one number, the step's loss; got an "
+                                         r"array of shape \(2,\)"):
         uo.update_(state, params, [np.ones(2)], value=np.ones(2))
     np.testing.assert_array_equal(params[0], [1.0, 1.0])
     assert int(state.tree_states["reduce_on_plateau"]["count"]) == 0

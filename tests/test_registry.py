@@ -425,6 +425,54 @@ def test_empty_leaves_step_beside_the_others(name: str) -> None:
         assert all(np.isfinite(v).all() for v in params.values()), name
 
 
+def _reads_the_loss(name: str) -> tuple[Transform, Any]:
+    e = registry.entry(name)
+    if e.step_args != ("value",):
+        pytest.skip("the step reads no loss, or more than the loss")
+    rule = _build(e)
+    return rule, Problem(_shapes(rule), np.float64)
+
+
+@by_rule
+def test_minimize_step_hands_the_loss_to_a_rule_that_reads_it(name: str) -> None:
+    """A rule that reads the step's loss (Polyak's step size, Momo's) through
+    ``minimize_step``: the closure's loss, as ``update(..., value=loss)`` takes it, bit for
+    bit, pure and in place (it raised that the loss was missing, the closure having
+    returned it)."""
+    rule, problem = _reads_the_loss(name)
+    by_value, by_closure, in_place = problem.params(), problem.params(), problem.params()
+    s1 = s2 = uo.setup(rule, by_value)
+    s3 = uo.setup(rule, in_place)
+    for _ in range(3):
+        loss, g = problem.closure(by_value)
+        s1, by_value = uo.update(s1, by_value, g, value=loss)
+        s2, by_closure, got = uo.minimize_step(s2, by_closure, problem.closure)
+        s3, _ = uo.minimize_step_(s3, in_place, problem.closure)
+        assert got == loss
+    assert_same(list(by_closure.values()), list(by_value.values()))
+    assert_same(list(in_place.values()), list(by_value.values()))
+
+
+@by_rule
+def test_a_loss_that_is_no_number_is_refused_before_any_write(name: str) -> None:
+    """``value=`` is the step's loss: a per-example loss (an array) was broadcast into the
+    params, a (2,) leaf coming back (2, 2); a string was taken. Refused by name, pure and in
+    place, nothing written."""
+    rule, problem = _reads_the_loss(name)
+    params = problem.params()
+    state = uo.setup(rule, params)
+    before = {k: v.copy() for k, v in params.items()}
+    for bad, error, words in ((np.ones((2, 1)), ValueError, r"an array of shape \(2, 1\)"),
+                              ("1.0", TypeError, "'1.0'"), (True, TypeError, "True")):
+        with pytest.raises(error, match=rf"value= must be one number, the step's loss; got "
+                                        rf"{words}"):
+            uo.update(state, params, problem.grad(params), value=bad)
+        with pytest.raises(error, match="value= must be one number"):
+            uo.update_(state, params, problem.grad(params), value=bad)
+    assert_same(list(params.values()), list(before.values()))
+    assert state.step == 0
+
+
 @by_rule
 def test_a_library_outside_info_backends_is_refused_at_set_up(name: str) -> None:
     """A rule whose ``Info.backends`` has no array-API entry names itself at set-up, in a

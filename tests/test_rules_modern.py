@@ -438,6 +438,15 @@ def test_sam_matches_optax_two_step_protocol(optax_x64: Any, base: str) -> None:
     assert worst < 1e-12
 
 
+@pytest.mark.parametrize("base", ["polyak_sgd", "momo"])
+def test_sam_refuses_a_base_that_reads_the_loss(base: str) -> None:
+    """Which loss would it read: at w, or at the perturbed point it steps with the gradient
+    of? It was accepted, and every step then raised that the loss was missing."""
+    with pytest.raises(ValueError, match=r"sam: base must step from gradients alone; "
+                                         rf"{base} reads the loss of each step"):
+        uo.sam(getattr(uo, base)())
+
+
 def _sam_formula(rho: float, adaptive: bool, lr: float, mu: float, seed: int,
                  steps: int) -> list[dict[str, np.ndarray]]:
     """SAM (ASAM) with torch's momentum SGD, written out from the papers."""

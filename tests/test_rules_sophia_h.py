@@ -378,6 +378,36 @@ def test_a_state_of_another_library_raises() -> None:
                   [torch.ones(3, dtype=torch.float64)], hvp=lambda v: v)
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["no-graph", "one-group-linear"])
+def test_torch_class_groups_step_together_or_not_at_all(graph: bool) -> None:
+    """Two param groups: where no gradient has a graph, the first group to refresh its
+    estimate raises before any group has stepped (the first group had stepped, its state too);
+    where only the second group's loss is linear, it steps as a linear leaf in one group does
+    (``H v = 0`` there) and was refused, naming create_graph, which the closure had called."""
+    from uniopt.torch import SophiaH
+
+    a = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float64))
+    opt = SophiaH([{"params": [a]}, {"params": [b]}], lr=0.05, update_period=1)
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = (a ** 4).sum() + 0.5 * b.sum()
+        loss.backward(create_graph=graph)
+        return loss
+
+    before = [a.detach().clone(), b.detach().clone()], copy.deepcopy(opt.state_dict())
+    if not graph:
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            opt.step(closure)
+        assert all(map(torch.equal, [a.detach(), b.detach()], before[0]))
+        assert str(opt.state_dict()) == str(before[1])
+        return
+    opt.step(closure)
+    assert not torch.equal(a.detach(), before[0][0])
+    assert not torch.equal(b.detach(), before[0][1])  # its momentum moves it, its h is 0
+
+
 def test_torch_class_errors() -> None:
     from uniopt.torch import SophiaH
 

@@ -1120,6 +1120,36 @@ def test_sparse_gradients_with_decay_or_fused_are_rejected_in_torchs_words(
     assert_unchanged(opt, before)
 
 
+@pytest.mark.parametrize("name", ["polyak_sgd", "momo", "momo_adam"])
+def test_a_rule_that_reads_the_loss_takes_the_closures(name: str) -> None:
+    """``uniopt.torch.Optimizer`` over a rule that reads the step's loss: ``step(closure)``
+    hands it the closure's loss, as ``uo.update(..., value=loss)`` (every step raised that the
+    loss was missing); ``step()`` says that the closure is needed, before anything moves."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = ut.Optimizer([w], getattr(uo, name)())
+    params = [w.detach().numpy().copy()]
+    state = uo.setup(getattr(uo, name)(), params)
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = (w ** 2).sum() + w.sum()
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        loss = float(opt.step(closure))
+        state, params = uo.update(state, params, [2 * params[0] + 1],
+                                  value=float((params[0] ** 2).sum() + params[0].sum()))
+        assert loss == pytest.approx(float((w.detach() ** 2).sum()), abs=10)
+    np.testing.assert_allclose(w.detach().numpy(), params[0], rtol=1e-14, atol=0)
+    w.grad = torch.ones(3, dtype=torch.float64)
+    before = w.detach().clone(), str(opt.state_dict())  # (its state holds whole-tree dicts)
+    with pytest.raises(TypeError, match=rf"{name} reads the loss of each step: call "
+                                        r"step\(closure\), the closure returning the loss"):
+        opt.step()
+    assert torch.equal(w.detach(), before[0]) and str(opt.state_dict()) == before[1]
+
+
 def test_a_generic_optimizer_refuses_sparse_gradients() -> None:
     generic = ut.Optimizer([nn.Parameter(torch.zeros(3, 2))], uo.sgd(lr=0.1))
     generic.param_groups[0]["params"][0].grad = torch.sparse_coo_tensor(

@@ -766,6 +766,16 @@ def members(t: Transform, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, .
     return [m for i, x in enumerate(t.transforms) for m in members(x, (*path, i))]
 
 
+def reads_loss(t: Transform) -> str | None:
+    """The name of the first rule in ``t`` (its members opened) whose step reads the loss
+    (``value=``, its registry entry's ``Info.step_args``: Polyak's, Momo's), or None."""
+    for _, m in members(t):
+        info = getattr(type(m), "info", None)
+        if info is not None and "value" in info.step_args:
+            return m.name
+    return None
+
+
 def makes_step(t: Transform) -> bool:
     """Whether what ``t`` hands out is a step rather than a direction (under the optax
     protocol a step is handed back negated, to be added): a rule, a whole optimizer, always

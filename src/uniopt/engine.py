@@ -1323,9 +1323,19 @@ def _sharded(state: State, step: _Step, inplace: bool,
 
 
 def _extra(value: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    """The step's extra arguments for the parts that read them: ``value`` where given, and
-    the others."""
-    return extra if value is None else {"value": value, **extra}
+    """The step's extra arguments for the parts that read them: ``value`` where given (the
+    step's loss: a number, or a 0-d array; a per-example loss broadcast into the params'
+    shape), and the others."""
+    if value is None:
+        return extra
+    if isinstance(value, (bool, str)) or not (
+            isinstance(value, (int, float)) or getattr(value, "ndim", None) == 0):
+        shape = getattr(value, "shape", None)
+        if shape is not None:
+            raise ValueError(f"value= must be one number, the step's loss; got an array of "
+                             f"shape {tuple(shape)} (its mean or sum, for a loss per example)")
+        raise TypeError(f"value= must be one number, the step's loss; got {value!r}")
+    return {"value": value, **extra}
 
 
 def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
@@ -1445,7 +1455,8 @@ def minimize_step(state: State, params: Any, closure: Closure) -> tuple[State, A
     ``params`` or a flat list) at any params it is handed; ``loss`` returned is its first
     value, at ``params``, as torch's ``step(closure)`` returns it. A rule whose part is a
     :class:`~uniopt.base.Minimizer` (:func:`uniopt.lbfgs`) calls it at trial points; any
-    other rule calls it once and takes an :func:`update`.
+    other rule calls it once and takes an :func:`update`, with the loss as ``value=`` for the
+    parts that read it (:func:`uniopt.polyak_sgd`, :func:`uniopt.momo`).
     """
     return _minimize(state, params, closure, inplace=False)
 
@@ -1469,11 +1480,11 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
     if dtensor.any_dtensor(leaves):
         dtensor.check_rule(state.rule)
     part = next((p for p in state.rule.flat_parts if isinstance(p, Minimizer)), None)
-    if part is None:
+    if part is None:  # one evaluation, its loss for the parts that read it (Polyak's, Momo's)
         loss, grads = _evaluation(closure(params))
         if inplace:
-            return update_(state, params, grads), None, loss
-        return (*update(state, params, grads), loss)
+            return update_(state, params, grads, value=loss), None, loss
+        return (*update(state, params, grads, value=loss), loss)
     _alone(state.rule)
     if inplace:
         _prologue(state, params, params, writes=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Info, Minimizer, Rule, Transform, makes_step
+from ..base import Info, Minimizer, Rule, Transform, makes_step, reads_loss
 from ..hyper import NONNEG, hyper
 from ..tree import trainables, unflatten
 from .sgd import sgd
@@ -30,6 +30,11 @@ def _check_base(owner: str, base: Any) -> None:
     if any(isinstance(p, Minimizer) for p in base.flat_parts):
         raise ValueError(f"{owner}: base must take gradients (an update rule), not evaluate the "
                          f"objective itself; got {base!r}")
+    reads = reads_loss(base)
+    if reads is not None:
+        # (which loss: the one at w, or at the perturbed point whose gradient it steps with?)
+        raise ValueError(f"{owner}: base must step from gradients alone; {reads} reads the "
+                         "loss of each step")
     if not makes_step(base):
         raise ValueError(f"{owner}: base must make a step (apply a learning rate), not only a "
                          f"direction; got {base!r}")

@@ -81,22 +81,30 @@ class SophiaH(Optimizer):
             self, "SophiaH", "a group steps as one tree, its Hessian estimate over every "
             "parameter (give them zeros in the closure, or leave them out of the optimizer), "
             "where pytorch-optimizer leaves them out")
+        # whether backward made any gradient a function of the params: where none did, the
+        # first group to refresh its estimate says so, before any group has stepped
+        anywhere = any(p.grad is not None and p.grad.requires_grad
+                       for group in self.param_groups for p in group["params"])
         with torch.no_grad():
             for gi, group in enumerate(self.param_groups):
                 rule = self._rule(group)[0]
                 combined.step(self, gi, group, rule, tensors=True,
-                              hvp=_hvp(combined._tree(group, group["params"])))
+                              hvp=_hvp(combined._tree(group, group["params"]), anywhere))
         return loss
 
 
-def _hvp(params: Any) -> Callable[[Any], list[torch.Tensor]]:
+def _hvp(params: Any, anywhere: bool = True) -> Callable[[Any], list[torch.Tensor]]:
     """``v -> H v`` for the gradients of ``params`` taken with ``create_graph=True`` (a
-    tree of vectors ``v`` ordered as the tree of ``params``)."""
+    tree of vectors ``v`` ordered as the tree of ``params``); ``anywhere``: whether some
+    gradient of the optimizer's has a graph (a group of linear leaves then has ``H v = 0``, as
+    a linear leaf among others in one group)."""
     ps = flatten_leaves(params)[0]
 
     def hvp(v: Any) -> list[torch.Tensor]:
         vs = flatten_leaves(v)[0]
         graphed = [i for i, p in enumerate(ps) if p.grad is not None and p.grad.requires_grad]
+        if not graphed and anywhere:
+            return [torch.zeros_like(x) for x in vs]
         if not graphed:
             raise RuntimeError(
                 "SophiaH: the gradients carry no graph to differentiate: call "

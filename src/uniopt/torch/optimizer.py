@@ -15,7 +15,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
 from .. import backend
-from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members
+from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members, reads_loss
 from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import adjust, no_q8_for_trees, resolve
 from ..hyper import DeviceNumber, has_schedule
@@ -507,11 +507,15 @@ class Optimizer(torch.optim.Optimizer):
             if self._combined_rule:
                 combined.adopt(self)
                 for gi, group in enumerate(self.param_groups):
-                    combined.step(self, gi, group, self._rule(group)[0])
+                    rule = self._rule(group)[0]
+                    combined.step(self, gi, group, rule, **self._loss_for(rule, loss))
                 combined.adopted(self)
                 return loss
             jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
-            for job in jobs:
+            # (a rule known to read no loss makes no call here: a small step's cost)
+            extras = [{} if job.rule.memo.get("reads_loss", False) is None
+                      else self._loss_for(job.rule, loss) for job in jobs]
+            for job, extra in zip(jobs, extras, strict=True):
                 plan = job.plan
                 if plan is None:
                     assert job.sparse is not None  # _prepare looked at every gradient
@@ -521,10 +525,24 @@ class Optimizer(torch.optim.Optimizer):
                         self._steps_for(job.gi, job.group["params"]),
                         self._run_tags(job.gi, job.group, job.has))
                 plan.run(job.rule, job.grads, job.views, self._run_rules(job.gi, plan, job.rule),
-                         job.resolved)
+                         job.resolved, extra)
         finally:
             torch._C._set_grad_enabled(enabled)
         return loss
+
+    def _loss_for(self, rule: Transform, loss: Any) -> dict[str, Any]:
+        """The step's loss for a rule whose parts read it (Polyak's step size, Momo's), as
+        ``value=``: the closure's, a number."""
+        memo = rule.memo  # (asked at every step: once per rule)
+        reads = memo.get("reads_loss", False)
+        if reads is False:
+            reads = memo["reads_loss"] = reads_loss(rule)
+        if reads is None:
+            return {}
+        if loss is None:
+            raise TypeError(f"{self._name}: {reads} reads the loss of each step: call "
+                            "step(closure), the closure returning the loss")
+        return {"value": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}
 
     def _prepare(self, gi: int, group: dict[str, Any]) -> _Job:
         """Everything that can fail, without writing anything."""

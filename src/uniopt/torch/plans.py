@@ -581,11 +581,13 @@ class Plan:
     def run(self, rule: Transform, grads: list[Any],
             views: list[Any] | backend.Addressed | None,
             rules: list[Transform] | None = None,
-            resolved: dict[int, Any] | None = None) -> None:
+            resolved: dict[int, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
         """One step: an engine call per run, then the parameters with sparse gradients.
         ``rules``: one per run, where runs that share a step count differ in their numbers
         (None: ``rule`` for each). ``resolved``: ``rule`` resolved at some step counts (a
-        scheduled rule, resolved by the checks before the step), or None."""
+        scheduled rule, resolved by the checks before the step), or None. ``extra``: the
+        step's extra arguments (``value=``, the loss, for a rule that reads it)."""
+        extra = extra or {}
         if rules is not None:
             resolved = None  # of the group's rule, not of these
             if len(rules) == 1:
@@ -597,7 +599,7 @@ class Plan:
             views = [_grad_view(g, p, spec)
                      for g, p, spec in zip(gs, self.sel_params, self.specs, strict=True)]
         # (bound to a rule's loops: a group whose rule changed, say nesterov=True, binds anew)
-        if self.lane is not None and self.lane.memo is rule.memo:
+        if self.lane is not None and self.lane.memo is rule.memo and not extra:
             run = self.runs[0]
             if resolved is not None and len(resolved) == 1:  # (at the run's one count)
                 [at] = resolved.values()
@@ -633,12 +635,12 @@ class Plan:
                 # of other dtypes or step counts step apart
                 sums = [functools.partial(self._update, State(r, at, run.slots, treedef,
                                                               self.state_dtype, trees),
-                                          run.params, leaves)
+                                          run.params, leaves, extra)
                         for run, r, at, treedef, leaves in calls]
                 with shared_norms(rule, sums) as split:
-                    trees = self._step_runs(calls, trees, split)
+                    trees = self._step_runs(calls, trees, split, extra)
             else:
-                trees = self._step_runs(calls, trees, None)
+                trees = self._step_runs(calls, trees, None, extra)
         finally:
             backend.SHARDED.reset(shards)
             fast.FORCED.reset(forced)
@@ -652,13 +654,14 @@ class Plan:
             self.state[self.plist[0]].update(trees)
         self._after(rule, grads)
 
-    def _step_runs(self, calls: list[tuple[Any, ...]], trees: Any, split: Any) -> Any:
+    def _step_runs(self, calls: list[tuple[Any, ...]], trees: Any, split: Any,
+                   extra: dict[str, Any]) -> Any:
         """Each run's step in turn, handing on the tree states; the last ones."""
         for run, rule, at, treedef, leaves in calls:
             if split is not None:
                 split.at = 0
             new = self._update(State(rule, at, run.slots, treedef, self.state_dtype, trees),
-                               run.params, leaves)
+                               run.params, leaves, extra)
             trees = new.tree_states
             if run.device_step is not None and new.step is not run.device_step:
                 run.device_step.copy_(new.step)  # a path that counts out of place
@@ -666,11 +669,12 @@ class Plan:
             backend.mark_written(run.written)
         return trees
 
-    def _update(self, state: Any, params: list[Any], grads: Any) -> Any:
+    def _update(self, state: Any, params: list[Any], grads: Any,
+                extra: dict[str, Any]) -> Any:
         if self.tracked:
             with backend.tracked(), torch.enable_grad():
-                return update_(state, params, grads)
-        return update_(state, params, grads)  # without autograd (Optimizer.step)
+                return update_(state, params, grads, **extra)
+        return update_(state, params, grads, **extra)  # without autograd (Optimizer.step)
 
     def _after(self, rule: Transform, grads: list[Any]) -> None:
         """The parameters with sparse gradients, after the runs."""
