@@ -678,6 +678,59 @@ def test_an_array_given_twice_is_refused_but_jaxs():
     np.testing.assert_allclose(np.asarray(p["b"]), 0.975)
 
 
+@pytest.mark.parametrize("width", ["narrow", "wide"])
+def test_views_sharing_memory_are_refused_as_a_tied_weight(width):
+    """A tied weight given as an array and a view of it (``w`` and ``w.reshape``, ``w[:]``, a
+    torch ``view``), or two slices that overlap, passed the identity check: in place the
+    compiled loop stepped the shared memory twice, the reference path once. Refused at set-up
+    and by ``update_`` on both paths, before any write; slices that share no element (a flat
+    buffer split into params) step as any leaves."""
+    extra = {f"x{i}": np.zeros(2) for i in range(WIDE_LEAVES if width == "wide" else 0)}
+    w, buf, t = np.arange(6.0), np.arange(12.0), torch.arange(6.0, dtype=torch.float64)
+    for tied, name in (({"a": w, "b": w.reshape(3, 2)}, "b"), ({"a": w, "b": w[:]}, "b"),
+                       ({"a": buf[0:6], "b": buf[4:10]}, "b")):
+        with pytest.raises(ValueError, match=rf"params\['{name}'\] shares memory with "
+                                             r"params\['a'\] \(views of one array\)"):
+            uo.setup(uo.sgd(lr=0.1), {**tied, **extra})
+    with pytest.raises(ValueError, match="shares memory"):
+        uo.setup(uo.sgd(lr=0.1), {"a": t, "b": t.view(3, 2)})
+    # set up apart, stepped in place with views of one array: refused before any write
+    apart = {"a": np.arange(6.0), "b": np.arange(6.0), **extra}
+    state = uo.setup(uo.sgd(lr=0.1), apart)
+    grads = {k: np.ones_like(v) for k, v in apart.items()}
+    with _on_path(width, 0):
+        _rejects(ValueError, r"params\['b'\] shares memory with params\['a'\]", state,
+                 {**extra, "a": w, "b": w[:]}, grads, pure=False)
+    # a flat buffer cut into params that share nothing: as separate arrays
+    flat, ref = np.arange(12.0), {"a": np.arange(6.0), "b": np.arange(6.0, 12.0), **extra}
+    split = {"a": flat[0:6], "b": flat[6:12], **extra}
+    s1, s2 = uo.setup(uo.adam(lr=0.1), split), uo.setup(uo.adam(lr=0.1), ref)
+    for _ in range(3):
+        s1 = uo.update_(s1, split, {k: np.sin(v) for k, v in split.items()})
+        s2 = uo.update_(s2, ref, {k: np.sin(v) for k, v in ref.items()})
+    np.testing.assert_array_equal(flat, np.concatenate([ref["a"], ref["b"]]))
+
+
+@pytest.mark.parametrize("width", ["narrow", "wide"])
+def test_gradients_reaching_into_params_memory_step_as_copies(width):
+    """A gradient that is a view of the params' memory, shifted (``p = buf[1:11]``, ``g =
+    buf[0:10]``): the compiled loop read gradient elements it had already written as params
+    (0.2 from the pure step's Adam); it is copied first, as the reference path reads it. The
+    same elements as its own parameter's (``g = buf[1:11]``) are read before being written."""
+    extra = {f"x{i}": np.zeros(2) for i in range(WIDE_LEAVES if width == "wide" else 0)}
+    for shift in (0, 1):
+        buf = np.linspace(-1.0, 1.0, 12)
+        p = {"p": buf[1:11], **extra}
+        g = {"p": buf[1 - shift:11 - shift], **{k: np.ones(2) for k in extra}}
+        pure_state = uo.setup(uo.adam(lr=0.1), p)
+        _, want = uo.update(pure_state, p, g)
+        want = {k: v.copy() for k, v in want.items()}
+        state = uo.setup(uo.adam(lr=0.1), p)
+        with _on_path(width, 1):
+            uo.update_(state, p, g)
+        np.testing.assert_array_equal(p["p"], want["p"])
+
+
 def test_update_with_a_non_state():
     params = _params()
     with pytest.raises(TypeError, match=r"expected a uniopt State .* got dict"):

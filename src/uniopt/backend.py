@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import itertools
 import operator
 import sys
@@ -12,6 +13,11 @@ from typing import Any
 
 import array_api_compat as aac
 import numpy as np
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # NumPy 1.26
+    byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # noqa: NPY201
 
 from .hyper import _traced
 
@@ -386,6 +392,89 @@ def owner(x: Any) -> Any:
         return x if inner is None else owner(inner)
     base = getattr(x, "base" if type(x) is np.ndarray else "_base", None)
     return x if base is None else base
+
+
+def _span(x: Any) -> tuple[int, int] | None:
+    """The bytes ``[low, high)`` that array ``x`` reaches into, or None (no memory of its own
+    to speak of: empty, or not a NumPy array, a torch tensor or an array-api-strict array)."""
+    if type(x) is not np.ndarray and type(x).__module__.startswith("array_api_strict"):
+        x = getattr(x, "_array", None)
+    if isinstance(x, np.ndarray):
+        return tuple(byte_bounds(x)) if x.size else None  # type: ignore[return-value]
+    if is_torch(x) and x.numel() and x.layout == sys.modules["torch"].strided:
+        low = x.data_ptr()
+        reach = sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True))
+        return low, low + (reach + 1) * x.element_size()
+    return None
+
+
+def _share(a: Any, b: Any) -> bool:
+    """Whether arrays ``a`` and ``b``, whose spans overlap, share an element (NumPy's exact
+    answer; a tensor's overlapping span counts as shared)."""
+    a, b = (getattr(x, "_array", x) if type(x).__module__.startswith("array_api_strict")
+            else x for x in (a, b))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.shares_memory(a, b))
+    return True
+
+
+def overlapping(xs: list[Any]) -> tuple[int, int] | None:
+    """Two of ``xs`` (by index) that share memory, or None. Costs a look at each array's base
+    only, where none is a view (no two distinct arrays then share memory)."""
+    owners: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        owners.setdefault(id(owner(x)), []).append(i)
+    for idx in owners.values():
+        if len(idx) < 2:
+            continue
+        spans = sorted((sp, i) for i in idx if (sp := _span(xs[i])) is not None)
+        open_: list[tuple[int, int]] = []  # (high, index) of the spans still reached into
+        for (low, high), i in spans:
+            open_ = [(h, j) for h, j in open_ if h > low]
+            for _, j in open_:
+                if _share(xs[j], xs[i]):
+                    return (j, i) if j < i else (i, j)
+            open_.append((high, i))
+    return None
+
+
+def has_views(xs: list[Any], ys: Any = ()) -> bool:
+    """Whether some array of ``xs`` or ``ys`` (of one library; ``ys`` may hold None) is a view
+    of another array's memory, in one Python call (a small step's cost): NumPy's ``base``,
+    torch's ``_base``; array-api-strict's arrays are taken as views (they wrap NumPy's), JAX's
+    as none (immutable)."""
+    if not xs:
+        return False
+    if isinstance(xs[0], np.ndarray):
+        for x in xs:  # (a plain loop: the quickest form, as measured)
+            if getattr(x, "base", None) is not None:
+                return True
+        for y in ys:  # (of another library: refused later, with a message)
+            if getattr(y, "base", None) is not None:
+                return True
+        return False
+    if is_torch(xs[0]):
+        for x in xs:
+            if getattr(x, "_base", None) is not None:
+                return True
+        for y in ys:
+            if getattr(y, "_base", None) is not None:
+                return True
+        return False
+    return type(xs[0]).__module__.startswith("array_api_strict")
+
+
+_IS_SET = functools.partial(operator.is_not, None)
+
+
+def same_memory(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of one memory, in the same layout (a
+    gradient read at the index it writes its parameter: harmless in place)."""
+    return _span(a) == _span(b) and _strides(a) == _strides(b) and tuple(a.shape) == tuple(b.shape)
+
+
+def _strides(x: Any) -> Any:
+    return tuple(x.stride()) if is_torch(x) else getattr(x, "strides", None)
 
 
 def memory_types() -> tuple[type, ...]:

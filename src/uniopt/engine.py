@@ -119,17 +119,30 @@ def _registered(rule: Transform) -> list[Transform]:
 
 
 def _once_each(names: list[str], leaves: list[Any]) -> None:
-    """Refuse an array that is two leaves of the tree, but JAX's (an immutable array, two
-    leaves that start equal): a tied weight's steps in place were its last leaf's on one path
-    and both leaves' on the other, and a pure step untied it."""
-    if len(set(map(id, leaves))) == len(leaves):
-        return
-    first: dict[int, str] = {}
-    for name, leaf in zip(names, leaves, strict=True):
-        if id(leaf) in first and not backend.is_jax(leaf):
-            raise ValueError(f"{name} is the same array as {first[id(leaf)]}: a tied weight is "
-                             "one parameter; give it once, with the sum of its gradients")
-        first.setdefault(id(leaf), name)
+    """Refuse an array that is two leaves of the tree, or two leaves that share memory (views
+    of one array), but JAX's (immutable arrays, two leaves that start equal): a tied weight's
+    steps in place were its last leaf's on one path and both leaves' on the other, and a pure
+    step untied it. Views of one buffer that share no element are leaves like any other."""
+    if len(set(map(id, leaves))) != len(leaves):
+        first: dict[int, str] = {}
+        for name, leaf in zip(names, leaves, strict=True):
+            if id(leaf) in first and not backend.is_jax(leaf):
+                raise ValueError(f"{name} is the same array as {first[id(leaf)]}: a tied weight "
+                                 "is one parameter; give it once, with the sum of its gradients")
+            first.setdefault(id(leaf), name)
+    _apart(names, leaves)
+
+
+def _apart(names: list[str], leaves: list[Any]) -> None:
+    """Refuse two leaves that are views sharing memory (costs a look at each leaf's base only,
+    where none is a view)."""
+    if backend.has_views(leaves):
+        pair = backend.overlapping(leaves)
+        if pair is not None:
+            i, j = pair
+            raise ValueError(f"{names[j]} shares memory with {names[i]} (views of one array): a "
+                             "tied weight is one parameter; give it once, with the sum of its "
+                             "gradients")
 
 
 def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> State:
@@ -1089,6 +1102,13 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             if backend.is_numpy(leaves[0]) or backend.is_torch(leaves[0]):
                 return f"params stored as {stored} and state as {state.state_dtype}"
             return None
+    if inplace and type(g_leaves) is not backend.Addressed and backend.has_views(leaves,
+                                                                                g_leaves):
+        # views: the compiled loop writes each element as it reads it, so two params sharing
+        # memory, or a gradient reaching into a parameter's other elements, would be read after
+        # being written
+        _apart(flatten_named(params)[2], leaves)
+        g_leaves = _grads_apart(leaves, g_leaves)
     for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
         out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
                        state.slots, inplace, state.rule.memo, _per_leaf)
@@ -1109,6 +1129,22 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                           state.state_dtype, state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
+
+
+def _grads_apart(params: list[Any], grads: list[Any]) -> list[Any]:
+    """``grads`` with a copy of each that shares memory with a parameter, but its own
+    parameter's very elements (a gradient read at the index it writes is read first)."""
+    owners: dict[int, list[int]] = {}
+    for j, p in enumerate(params):
+        owners.setdefault(id(backend.owner(p)), []).append(j)
+    out = None
+    for i, g in enumerate(grads):
+        js = None if g is None else owners.get(id(backend.owner(g)))
+        if js and any(not (j == i and backend.same_memory(g, params[j]))
+                      and backend.overlapping([params[j], g]) is not None for j in js):
+            out = list(grads) if out is None else out
+            out[i] = backend.detached_copy(g)
+    return grads if out is None else out
 
 
 def _counted_in_place(step: Any) -> Any:
