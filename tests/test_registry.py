@@ -406,6 +406,28 @@ def test_fortran_ordered_params_step_in_place_as_pure(name: str) -> None:
 
 
 @by_rule
+def test_numpy_bfloat16_params_step_pure_and_in_place(name: str) -> None:
+    """NumPy's bfloat16 (``ml_dtypes``: what ``np.asarray`` of a JAX bfloat16 array holds)
+    through every rule, its step computed in float32: the params stay bfloat16, finite, and the
+    two forms agree bit for bit. The whole-tree rules (Prodigy, DoG, schedule-free, GaLore,
+    Kron...) failed after their part, NumPy's isdtype refusing the dtype."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rule, problem = _stepped_by_gradients(name)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    start = {k: v.astype(bf16) for k, v in problem.params().items()}
+    pure, inplace = dict(start), {k: v.copy() for k, v in start.items()}
+    s_pure, s_inplace = uo.setup(rule, pure), uo.setup(rule, inplace)
+    for _ in range(3):
+        grads = {k: v.astype(bf16) for k, v in problem.grad(
+            {k: x.astype(np.float64) for k, x in pure.items()}).items()}
+        s_pure, pure = uo.update(s_pure, pure, grads)
+        s_inplace = uo.update_(s_inplace, inplace, grads)
+    for k, v in pure.items():
+        assert v.dtype == bf16 and np.isfinite(v.astype(np.float32)).all(), (name, k)
+        assert v.tobytes() == inplace[k].tobytes(), (name, k)
+
+
+@by_rule
 def test_empty_leaves_step_beside_the_others(name: str) -> None:
     """Leaves with no elements, ``(0,)``, ``(0, 3)`` and ``(3, 0)`` where the rule takes their
     shape, beside the usual ones: two steps, pure and in place, every number finite. Muon's

@@ -572,6 +572,30 @@ def test_prodigy_steps_that_return_early_match_prodigyopt(case: str,
         assert rel_diff(np.asarray(jp[k]), p[k]) < TOL
 
 
+def test_prodigy_lr_differentiates_eagerly_as_under_jit() -> None:
+    """The derivative of the loss after three Prodigy steps with respect to its lr, by
+    ``jax.grad`` eagerly and under ``jax.jit`` and by a central difference: a JVP's tracer
+    compared to 0 is a concrete answer, which ``lr0_idle`` took for lr 0 (no step, derivative
+    0)."""
+    p0 = {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray([3.0])}
+
+    def loss(p: Any) -> Any:
+        return sum(jnp.sum(jnp.tanh(v) ** 2 + 0.1 * v ** 2) for v in p.values())
+
+    def final(lr: Any) -> Any:
+        state, p = uo.setup(uo.prodigy(lr=lr, d0=1e-3), p0), p0
+        for _ in range(3):
+            state, p = uo.update(state, p, jax.grad(loss)(p))
+        return loss(p)
+
+    eager, jitted = jax.grad(final)(1.0), jax.jit(jax.grad(final))(1.0)
+    h = 1e-6
+    central = (float(final(1.0 + h)) - float(final(1.0 - h))) / (2 * h)
+    assert float(eager) != 0.0
+    assert abs(float(eager) - float(jitted)) < 1e-12 * abs(float(jitted))
+    assert abs(float(eager) - central) < 1e-6 * abs(central)
+
+
 def test_checkpoint_resumes_every_rule(tmp_path: Any) -> None:
     # the whole-tree scalars stay 0-d arrays (a checkpoint keeps them as tensors) and every
     # option is a finite number or None (prodigyopt's growth_rate=inf is stored as None)

@@ -950,8 +950,11 @@ def _dtype_of(x: Any, like: Any) -> Any:
 
 
 def _real_float(x: Any) -> bool:
-    return (backend.is_array(x) or backend.is_numpy_scalar(x)) and bool(
-        backend.namespace(x).isdtype(x.dtype, "real floating"))
+    if not (backend.is_array(x) or backend.is_numpy_scalar(x)):
+        return False
+    # (NumPy's isdtype refuses ml_dtypes' bfloat16, which the NumPy views of JAX's arrays hold)
+    floating, complex_ = backend._floats(x, backend.namespace(x))
+    return floating and not complex_
 
 
 def _norm(us: list[Any], xps: list[Any]) -> Any:

@@ -9,6 +9,7 @@ coupled weight decay before it stays elementwise. COCOB bets per element: elemen
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -137,8 +138,11 @@ class scale_by_prodigy(WholeTree):
             # prodigyopt returns early at a step of lr 0 (a warm-up's): it updates none of them,
             # nor d, nor its count
             live = c.lr > 0
-            pick = ((lambda new, old: old) if not _traced(live) else
-                    (lambda new, old: xp.where(live, new, old)))
+            if not _traced(live):  # (a JVP's tracer compares to a concrete answer)
+                live = bool(live)
+            pick = (xp.where if _traced(live) else
+                    (lambda keep, new, old: new if keep else old))
+            pick = functools.partial(pick, live)
             if first:
                 ms = [pick(m, old) for m, old in zip(ms, state["exp_avg"], strict=True)]
             vs = [pick(v, old) for v, old in zip(vs, state["exp_avg_sq"], strict=True)]
@@ -147,7 +151,9 @@ class scale_by_prodigy(WholeTree):
                         for a, old in zip(abs_sums, state["s"], strict=True)]
             numerator = pick(numerator, state["d_numerator"])
         denominator = _total(abs_sums)
-        moved = denominator > 0 if live is True else xp.logical_and(denominator > 0, live)
+        moved = denominator > 0
+        if live is not True:
+            moved = moved & live
         d_hat = c.d_coef * numerator / xp.where(moved, denominator, xp.ones_like(d))
         raised = xp.where(d == c.d0, xp.maximum(d, d_hat), d)
         new_max = xp.maximum(d_max, d_hat)
