@@ -428,6 +428,28 @@ def test_numpy_bfloat16_params_step_pure_and_in_place(name: str) -> None:
 
 
 @by_rule
+def test_a_jitted_step_may_close_over_a_state(name: str, jx: Any) -> None:
+    """``jax.jit(lambda p: uo.update(state, p, g))`` with a state that has stepped, closed
+    over rather than passed: its concrete arrays come out of arithmetic in the trace as
+    tracers, which Kron's update counter and ASGD's averaging weight took for numbers
+    (ConcretizationTypeError, TracerBoolConversionError). As the eager step, to rounding."""
+    e = registry.entry(name)
+    if "jax" not in e.backends or not e.jit:
+        pytest.skip("no jitted JAX step")
+    rule, problem = _stepped_by_gradients(name)
+    jnp = jx.numpy
+    params = {k: jnp.asarray(v) for k, v in problem.params().items()}
+    grads = {k: jnp.asarray(v) for k, v in problem.grad(problem.params()).items()}
+    state, params = uo.update(uo.setup(rule, params), params, grads)
+    eager = uo.update(state, params, grads)[1]
+    jitted = jx.jit(lambda p: uo.update(state, p, grads)[1])(params)
+    for k in eager:
+        # (to the rule's own tolerance across libraries: SOAP's eigenbases are LAPACK's or XLA's)
+        assert rel_diff(np.asarray(jitted[k]), np.asarray(eager[k])) <= max(e.rtol, 1e-12), (
+            name, k)
+
+
+@by_rule
 def test_empty_leaves_step_beside_the_others(name: str) -> None:
     """Leaves with no elements, ``(0,)``, ``(0, 3)`` and ``(3, 0)`` where the rule takes their
     shape, beside the usual ones: two steps, pure and in place, every number finite. Muon's

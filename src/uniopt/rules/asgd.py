@@ -20,10 +20,12 @@ def asgd_eta(lr: float, lambd: float, alpha: float, step: int) -> float:
 
 def asgd_mu(t0: float, step: int) -> float:
     """The averaging weight after ``step`` updates: ``1/max(1, step - t0)`` (torch's ``mu``)."""
-    traced = [x for x in (step, t0) if _traced(x)]
-    if traced:  # jax.jit
-        return 1 / namespace(traced[0]).maximum(1.0, step - t0)
-    return 1 / max(1, step - t0)
+    # (traced where either is, or where a concrete JAX step is taken into a trace: a state
+    # closed over by a jitted function)
+    since = step - t0
+    if _traced(since):  # jax.jit
+        return 1 / namespace(since).maximum(1.0, since)
+    return 1 / max(1, since)
 
 
 def _check_eta_lr(owner: str, eta_lr: Any) -> None:

@@ -168,16 +168,18 @@ class scale_by_kron(WholeTree):
             raise TypeError(f"{self.name}: its state holds a {held} generator, the updates are "
                             f"{backend.library(first)} arrays: set the state up for these params")
         xp = backend.namespace(first)
-        traced = _traced(state["update_counter"])
         counter = state["update_counter"] + 1
+        # every step draws, as kron_torch's rng.random() < balance_prob and do_update
+        draw, bal = _balance_draw(kind, state["balance_generator"])
+        # (traced under jax.jit, a state closed over by the jitted function too: its concrete
+        # arrays come out of arithmetic in the trace as tracers)
+        traced = _traced(counter) or _traced(draw) or _traced(c.probability)
         if traced:
             prob = xp.asarray(c.probability)
             update = (prob > 0) & (counter >= 1.0 / prob)
         else:
             counter, prob = int(counter), float(c.probability)
             update = prob > 0 and counter >= 1.0 / prob
-        # every step draws, as kron_torch's rng.random() < balance_prob and do_update
-        draw, bal = _balance_draw(kind, state["balance_generator"])
         balance = (draw < self.balance_prob) & update if traced else (
             bool(draw < self.balance_prob) and update)
         ms, m_hats, hs = [], [], []
