@@ -450,7 +450,45 @@ BAD: list[tuple[Callable[[], object], str]] = [
         lambda: schedules.join([1.0, 2.0], [ill_typed(1.5)]),
         "join: each boundary must be a non-negative integer, got 1.5",
     ),
+    # a string "false" is true: it ran the staircase, and the third phase
+    (
+        lambda: schedules.exponential(0.1, 0.5, 10, staircase=ill_typed("false")),
+        "exponential: staircase must be True or False, got 'false'",
+    ),
+    (
+        lambda: schedules.exponential(0.1, 0.5, 10, staircase=ill_typed(None)),
+        "exponential: staircase must be True or False, got None",
+    ),
+    (
+        lambda: schedules.onecycle(1.0, 100, three_phase=ill_typed("no")),
+        "onecycle: three_phase must be True or False, got 'no'",
+    ),
+    # pairs for a dict: an AttributeError ('list' object has no attribute 'items')
+    (
+        lambda: schedules.piecewise_constant(0.1, ill_typed([(10, 0.01)])),
+        "piecewise_constant: boundaries_and_values must be a dict of boundary: value, got "
+        "[(10, 0.01)]",
+    ),
+    (
+        lambda: schedules.piecewise_interpolate(0.1, ill_typed([(10, 0.01)])),
+        "piecewise_interpolate: boundaries_and_values must be a dict of boundary: value, got "
+        "[(10, 0.01)]",
+    ),
 ]
+
+
+def test_arithmetic_on_a_schedule_says_what_to_write() -> None:
+    """``sched * 0.5`` at a module's top level failed in ``sys._getframe`` (call stack is not
+    deep enough), and elsewhere said that a torch scheduler drove the group."""
+    s = schedules.cosine(0.03, steps=1000)
+    for op in (lambda: s * 0.5, lambda: 0.5 * s, lambda: s + s):
+        with pytest.raises(TypeError, match=r"is a uniopt schedule, not a number: no arithmetic "
+                                            r"is defined on it; schedules.product\("):
+            op()
+    # at the top of a program's stack
+    code = compile("s * 0.5", "<module>", "exec")
+    with pytest.raises(TypeError, match="no arithmetic is defined on it"):
+        exec(code, {"s": s})
 
 
 @pytest.mark.parametrize(("make", "message"), BAD, ids=[m for _, m in BAD])

@@ -89,21 +89,21 @@ class _Record:
         import sys
 
         # the torch scheduler doing the arithmetic, if one is: its frame's ``self``
-        frame: Any = sys._getframe(2)
-        driver = ""
-        for _ in range(4):
+        frame: Any = sys._getframe(1)
+        for _ in range(5):
             if frame is None:
                 break
             obj = frame.f_locals.get("self")
             if type(obj).__module__.startswith("torch.optim.lr_scheduler"):
-                driver = f" (torch's {type(obj).__name__} is scaling it)"
-                break
+                raise TypeError(
+                    f"{self!r} is a uniopt schedule, not a number (torch's "
+                    f"{type(obj).__name__} is scaling it): a param group's value is driven by a "
+                    "uniopt schedule or by a torch lr_scheduler, not both; give the group a "
+                    "number for the torch scheduler, or drop the scheduler")
             frame = frame.f_back
-        raise TypeError(
-            f"{self!r} is a uniopt schedule, not a number{driver}: a param group's value is "
-            "driven by a uniopt schedule or by a torch lr_scheduler, not both; give the group a "
-            "number for the torch scheduler, or drop the scheduler"
-        )
+        raise TypeError(f"{self!r} is a uniopt schedule, not a number: no arithmetic is defined "
+                        f"on it; schedules.product({self!r}, {other!r}) is its product with a "
+                        "number or another schedule")
 
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_number
     __add__ = __radd__ = __sub__ = __rsub__ = __pow__ = _not_a_number
@@ -141,6 +141,18 @@ def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]
     if value not in choices:
         raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, choices))}, got "
                          f"{value!r}")
+
+
+def _check_flag(owner: str, name: str, value: object) -> None:
+    # (a string "false" is true to Python: staircase="false" ran the staircase)
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
+def _check_mapping(owner: str, value: object) -> None:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{owner}: boundaries_and_values must be a dict of boundary: value, "
+                         f"got {value!r}")
 
 
 def _check_count(owner: str, name: str, value: object, *, allow_zero: bool = False) -> None:
@@ -262,6 +274,7 @@ class exponential(_Record):
         if self.rate <= 0:
             raise ValueError(f"exponential: rate must be positive, got {self.rate!r}")
         _check_count("exponential", "steps", self.steps)
+        _check_flag("exponential", "staircase", self.staircase)
         if self.end is not None:
             _check_number("exponential", "end", self.end)
             # an `end` on the wrong side of `init` would replace the whole schedule by `end`
@@ -306,6 +319,7 @@ class piecewise_constant(_Record):
 
     def __post_init__(self) -> None:
         _check_number("piecewise_constant", "init", self.init)
+        _check_mapping("piecewise_constant", self.boundaries_and_values)
         for b, v in self.boundaries_and_values.items():
             _check_count("piecewise_constant", "each boundary", b, allow_zero=True)
             _check_number("piecewise_constant", f"the value at boundary {b}", v)
@@ -469,6 +483,7 @@ class piecewise_interpolate(_Record):
 
     def __post_init__(self) -> None:
         _check_number("piecewise_interpolate", "init", self.init)
+        _check_mapping("piecewise_interpolate", self.boundaries_and_values)
         for b, v in self.boundaries_and_values.items():
             _check_number("piecewise_interpolate", "each boundary", b)
             if b < 0:
@@ -530,6 +545,7 @@ def onecycle(
     _check_positive("onecycle", "div", div)
     _check_positive("onecycle", "final_div", final_div)
     _check_number("onecycle", "pct_start", pct_start)
+    _check_flag("onecycle", "three_phase", three_phase)
     up = pct_start * steps - 1
     if up <= 0:
         raise ValueError(
