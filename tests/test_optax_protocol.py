@@ -408,6 +408,24 @@ def test_an_adjusted_state_keeps_its_numbers_under_the_protocol(
         np.testing.assert_array_equal(u["w"], v["w"])
 
 
+def test_an_adjust_of_another_form_is_said_under_jit() -> None:
+    """A schedule adjusted to a number (or the reverse) is a program of another form: under
+    ``jax.jit`` the protocol steps with the transformation's numbers, as docs/optax.md says,
+    and now warns when it traces the step (the adjust was ignored silently, while the eager
+    protocol took it)."""
+    tx = uo.adam(lr=uo.schedules.cosine(1e-2, steps=100))
+    params = {"w": jnp.ones(3)}
+    g = {"w": jnp.full(3, 0.5)}
+    state = uo.adjust(tx.init(params), lr=1e-3)
+    eager_u, _ = tx.update(g, state, params)
+    _, want = uo.update(state, params, g)
+    np.testing.assert_allclose(np.asarray(params["w"] + eager_u["w"]), np.asarray(want["w"]),
+                               rtol=1e-6)
+    with pytest.warns(UserWarning, match=r"under jax.jit the optax protocol steps with the "
+                                         r"numbers of the transformation it is called on"):
+        jax.jit(tx.update)(g, state, params)
+
+
 def test_apply_if_finite_around_a_uniopt_rule_steps_eagerly_as_around_optaxs() -> None:
     """``optax.apply_if_finite`` steps its inner transformation inside ``lax.cond``, eagerly
     too: a state's numbers a step had handed back were read inside that trace, and its second

@@ -16,6 +16,7 @@ import functools
 import math
 import operator
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any
@@ -1659,6 +1660,13 @@ def _adjusted_values(rule: Transform, own: Transform) -> Transform:
     values, skeleton = flatten_rule(rule)
     theirs, own_skeleton = flatten_rule(own)
     if own_skeleton != skeleton:
+        # which one steps is a traced number, and the two are programs of other forms: said
+        # where the step is traced (once per compile), not left silent
+        warnings.warn(
+            f"uniopt: under jax.jit the optax protocol steps with the numbers of the "
+            f"transformation it is called on ({rule.name}), not the state's: a uo.adjust that "
+            "gave a schedule for a number, or a number for a schedule, is seen by uo.update "
+            "only (docs/optax.md)", stacklevel=3)
         return rule
     xp = backend.namespace(flag)
     mixed = unflatten_rule(skeleton, [xp.where(flag != 0, on_host(b), on_host(a))
