@@ -174,6 +174,31 @@ def test_adjust_that_adds_a_block_recompiles_once() -> None:
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=16 * 2**-23)
 
 
+@pytest.mark.parametrize("combinator", ["partition", "masked"])
+def test_adjust_of_another_form_inside_a_combinator_recompiles_once(combinator: str) -> None:
+    """A schedule adjusted to a number inside ``uo.partition``/``uo.masked``: one compile
+    more, as for a plain rule (the members' states still held the schedule, and the step after
+    the adjust's compiled again), and the numbers of the eager run."""
+    params, ref = _tree(jnp, jnp.float32), _tree(np, np.float32)
+    member = uo.adam(lr=uo.schedules.cosine(1e-2, steps=40))
+    rule = (uo.partition({"a": member, "b": uo.sgd(lr=0.1)},
+                         lambda path, leaf: "a" if path == "w" else "b")
+            if combinator == "partition" else uo.masked(member, "w"))
+    jitted, traces = counting_jit()
+    state, ref_state = uo.setup(rule, params), uo.setup(rule, ref)
+    grads = _fixed_grads(ref, 12, np.float32)
+    for k in range(12):
+        if k == 5:
+            key = "a.lr" if combinator == "partition" else "lr"
+            state = uo.adjust(state, **{key: 1e-3})
+            ref_state = uo.adjust(ref_state, **{key: 1e-3})
+        state, params = jitted(state, params, jax.tree.map(jnp.asarray, grads[k]))
+        ref_state, ref = uo.update(ref_state, ref, grads[k])
+    assert len(traces) == 2
+    for a, b in zip(uo.trainables(params), uo.trainables(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=16 * 2**-23)
+
+
 def test_float32_hyperparameters_under_jit_keep_their_precision() -> None:
     """Without jax x64, JAX holds traced hyperparameters in float32, where 1 - 0.999 loses five
     digits; the complements computed on the host travel with the state, so the jitted run is

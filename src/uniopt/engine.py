@@ -1799,4 +1799,28 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     if rule is not state.rule:
         # the state's numbers now win over the transformation's under the optax protocol
         rule.memo["adjusted"] = True
-    return rewrapped(state, dataclasses.replace(state, rule=rule))
+    return rewrapped(state, dataclasses.replace(
+        state, rule=rule, tree_states=_members_renewed(rule, state.tree_states)))
+
+
+def _members_renewed(rule: Transform, trees: dict[str, Any]) -> dict[str, Any]:
+    """``trees`` with each combinator member's state holding the member as ``rule`` has it: a
+    step hands the members' states back so, and under ``jax.jit`` a member's state still
+    holding the old form (a schedule, where the adjust gave a number) made the step after the
+    adjust's compile a second time."""
+    out = None
+    for part, keys in rule.keyed_parts:
+        tree = trees.get(keys[0]) if isinstance(part, Combinator) and keys else None
+        if not isinstance(tree, dict) or not isinstance(part, Combinator):
+            continue
+        new = None
+        for name, member in part.inner.items():
+            st = tree.get(name)
+            if isinstance(st, State):
+                new = dict(tree) if new is None else new
+                new[name] = dataclasses.replace(
+                    st, rule=member, tree_states=_members_renewed(member, st.tree_states))
+        if new is not None:
+            out = dict(trees) if out is None else out
+            out[keys[0]] = new
+    return trees if out is None else out
