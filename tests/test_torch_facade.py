@@ -994,6 +994,35 @@ def test_a_uniopt_schedule_and_a_torch_scheduler_on_one_value_is_an_error_naming
     assert torch.equal(w, before)
 
 
+@pytest.mark.parametrize("case", ["onecycle-lr", "cyclic-lr", "onecycle-betas",
+                                  "cyclic-momentum"])
+def test_a_torch_scheduler_that_writes_over_a_uniopt_schedule_is_an_error(case: str) -> None:
+    """OneCycleLR and CyclicLR write a group's lr (and, cycling momentum, its ``betas`` or
+    ``momentum``) at construction, over a uniopt schedule given there, silently: the step
+    now names both, before anything moves."""
+    w = nn.Parameter(torch.zeros(2))
+    sched = uo.schedules.linear(0.85, 0.95, 100)
+    sch = torch.optim.lr_scheduler
+    if case == "onecycle-lr":
+        opt, key = ut.Adam([w], lr=uo.schedules.cosine(1e-2, 100)), "lr"
+        sch.OneCycleLR(opt, max_lr=0.1, total_steps=100, cycle_momentum=False)
+    elif case == "cyclic-lr":
+        opt, key = ut.SGD([w], lr=uo.schedules.cosine(1e-2, 100)), "lr"
+        sch.CyclicLR(opt, 1e-3, 1e-2, cycle_momentum=False)
+    elif case == "onecycle-betas":
+        opt, key = ut.Adam([w], lr=1e-3, betas=(sched, 0.999)), "betas"
+        sch.OneCycleLR(opt, max_lr=0.1, total_steps=100)
+    else:
+        opt, key = ut.SGD([w], lr=1e-3, momentum=sched), "momentum"
+        sch.CyclicLR(opt, 1e-3, 1e-2)
+    w.grad = torch.ones(2)
+    before = w.detach().clone()
+    with pytest.raises(TypeError, match=rf"param group 0's {key} was the uniopt schedule .* and "
+                                        r"a torch lr_scheduler wrote .* over it"):
+        opt.step()
+    assert torch.equal(w, before)
+
+
 DIFFERENTIABLE = [
     ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
     ("Adam", {"lr": 0.1, "weight_decay": 0.1, "amsgrad": True}),

@@ -343,6 +343,9 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _drop_rule(group)
+        given = {k: v for k, v in group.items() if k != "params" and _holds_schedule(v)}
+        if given:  # (the group itself is held: its id stays its own)
+            vars(self).setdefault("_schedules_given", {})[id(group)] = (group, given)
         ps = group["params"]
         if len({id(p) for p in ps}) != len(ps):
             keep = [i for i, p in enumerate(ps) if all(q is not p for q in ps[:i])]
@@ -566,6 +569,9 @@ class Optimizer(torch.optim.Optimizer):
                                      "the rows of an 8-bit slot share their block's scale")
             if plan is not None and plan.sparse != sparse:
                 plan = None
+        given = vars(self).get("_schedules_given")
+        if given and id(group) in given and given[id(group)][0] is group:
+            _check_not_replaced(self._name, gi, group, given[id(group)][1])
         if scheduled:
             if "initial_lr" in group and callable(group.get("lr")):
                 raise TypeError(
@@ -793,6 +799,28 @@ def _group_states_in(state: dict[Any, Any], groups: list[Any]) -> dict[Any, Any]
             else:
                 del state[ps[0]]
     return state
+
+
+def _holds_schedule(v: Any) -> bool:
+    """Whether a group's value is, or holds (``betas``), a uniopt schedule."""
+    return callable(v) and not isinstance(v, torch.Tensor) or isinstance(v, (tuple, list)) and \
+        any(callable(x) and not isinstance(x, torch.Tensor) for x in v)
+
+
+def _check_not_replaced(name: str, gi: int, group: dict[str, Any],
+                        given: dict[str, Any]) -> None:
+    """A torch scheduler that writes a group's values (OneCycleLR, CyclicLR: the lr, and with
+    ``cycle_momentum`` the momentum or ``betas``) over a uniopt schedule given there: an error
+    naming both, as for the schedulers that scale the value (those fail on its arithmetic)."""
+    driven = (["lr"] if "initial_lr" in group else []) + (
+        ["momentum", "betas"] if "max_momentum" in group else [])
+    for key in driven:
+        if key in given and not _holds_schedule(group.get(key)):
+            raise TypeError(
+                f"{name}: param group {gi}'s {key} was the uniopt schedule {given[key]!r}, and a "
+                f"torch lr_scheduler wrote {group.get(key)!r} over it: a param group's value is "
+                "driven by a uniopt schedule or by a torch lr_scheduler, not both; give the group "
+                "a number for the torch scheduler, or drop the scheduler")
 
 
 @contextlib.contextmanager
