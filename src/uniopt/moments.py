@@ -19,6 +19,7 @@ from llvmlite import ir
 from numba.extending import intrinsic
 
 from .backend import is_torch
+from .hyper import _traced
 
 
 @intrinsic
@@ -108,6 +109,18 @@ def ema_sq(v: Any, g: Any, decay: Any, weight: Any) -> Any:
     """``decay v + weight g^2`` (``weight = 1 - decay``), in torch's ``mul_ + addcmul_`` order:
     ``(weight g) g + (v decay)`` with one rounding for the multiply-add."""
     return fma(weight * g, g, v * decay)
+
+
+def kept(xp: Any, x: Any) -> Any:
+    """``x``, kept from the compiler's algebra: under ``jax.jit`` XLA simplifies ``(x + m) -
+    m`` to ``x`` and ``(p + y) - p`` to ``y``, which undoes a rounding done in arithmetic (a
+    float16 subnormal's, Kahan's compensation); elsewhere, and on the compiled path (its own
+    scalar version), ``x`` itself."""
+    if _traced(x):
+        import jax
+
+        return jax.lax.optimization_barrier(x)
+    return x
 
 
 def select(xp: Any, cond: Any, a: Any, b: Any) -> Any:

@@ -53,7 +53,7 @@ from numba.extending import intrinsic, overload, register_jitable
 from .. import backend, jitcache
 from ..backend import Addressed
 from ..base import Elementwise, PerLeaf
-from ..moments import fma, fused_multiply_add, lerp, select
+from ..moments import fma, fused_multiply_add, kept, lerp, select
 
 CHUNK = 1 << 15
 PARALLEL_MIN = 1 << 16  # elements; below this a step runs on one thread
@@ -436,6 +436,17 @@ def _select_scalar(xp, cond, a, b):  # numba wants the unannotated signature of 
 
 
 _REGISTERED.add(select)
+
+
+@overload(kept)
+def _kept_scalar(xp, x):  # numba's LLVM keeps IEEE arithmetic as written
+    def impl(xp, x):
+        return x
+
+    return impl
+
+
+_REGISTERED.add(kept)
 
 
 @overload(fma)
