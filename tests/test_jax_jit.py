@@ -199,6 +199,18 @@ def test_adjust_of_another_form_inside_a_combinator_recompiles_once(combinator: 
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=16 * 2**-23)
 
 
+def test_a_recompile_message_says_what_changed() -> None:
+    """JAX's message when a compiled step is handed a state of another form ("seen ... but now
+    given ..."): the state's metadata names the rule's schedules and fixed values (it showed
+    two equal reprs when only a schedule had changed)."""
+    params = {"w": jnp.ones(3)}
+    state = uo.setup(uo.adam(lr=uo.schedules.cosine(0.1, steps=100)), params)
+    other = uo.adjust(state, lr=uo.schedules.cosine(0.05, steps=100))
+    a, b = (str(jax.tree_util.tree_structure(s)) for s in (state, other))
+    assert a != b
+    assert "cosine(init=0.1," in a and "cosine(init=0.05," in b
+
+
 def test_float32_hyperparameters_under_jit_keep_their_precision() -> None:
     """Without jax x64, JAX holds traced hyperparameters in float32, where 1 - 0.999 loses five
     digits; the complements computed on the host travel with the state, so the jitted run is

@@ -181,7 +181,24 @@ class _Static:
         return self._hash
 
     def __repr__(self) -> str:
-        return f"_Static({self.skeleton[0][0].__name__}, {self.treedef}, {self.state_dtype})"
+        # what a recompile's message (JAX's "seen ... but now given ...") must tell apart: the
+        # rule's schedules and fixed values, beside its class (its numbers are leaves)
+        return (f"_Static({self.skeleton[0][0].__name__}, {self.treedef}, {self.state_dtype}, "
+                f"fixed: {_fixed(self.skeleton[0])})")
+
+
+def _fixed(skeleton: Any) -> str:
+    """The schedules and fixed values in a rule's skeleton, ``name=value`` by field."""
+    out = []
+    for field in skeleton[1] if len(skeleton) > 1 and isinstance(skeleton[1], tuple) else ():
+        if not (isinstance(field, tuple) and len(field) == 3 and isinstance(field[0], str)):
+            out.append(repr(field))
+            continue
+        name, kind, value = field
+        values = value if isinstance(value, tuple) else (value,)
+        if kind == "fixed" or any(v is not None for v in values):
+            out.append(f"{name}={value!r}")
+    return ", ".join(out)
 
 
 def _flatten_state(s: State) -> tuple[tuple[Any, ...], _Static]:
