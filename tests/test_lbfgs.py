@@ -274,6 +274,65 @@ def test_a_closure_that_raises_mid_step_leaves_params_and_state_as_they_were() -
     assert state.tree_states["lbfgs_step"]["n_iter"] == n_iter
 
 
+def test_a_nan_loss_in_the_line_search_is_named_and_changes_nothing() -> None:
+    """A NaN loss at a trial point of the strong Wolfe search picks no point of its bracket:
+    an IndexError (torch's too, with its params moved). Now named, params and state as they
+    were, on the functional API and the torch class."""
+    p = [np.array([-1.2, 1.0])]
+    state = uo.setup(uo.lbfgs(line_search_fn="strong_wolfe"), p)
+    state = uo.minimize_step_(state, p, numpy_closure("rosenbrock"))[0]
+    before, n_iter = p[0].copy(), state.tree_states["lbfgs_step"]["n_iter"]
+    calls = []
+
+    def nan_at_3(q: Any) -> Any:
+        calls.append(1)
+        loss, g = numpy_closure("rosenbrock")(q)
+        return (float("nan") if len(calls) == 3 else loss), g
+
+    with pytest.raises(FloatingPointError, match=r"lbfgs: the loss is nan at the line search's "
+                                                 r"trial step t="):
+        uo.minimize_step_(state, p, nan_at_3)
+    assert np.array_equal(p[0], before)
+    assert state.tree_states["lbfgs_step"]["n_iter"] == n_iter
+    w = torch.nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    opt = ut.LBFGS([w], line_search_fn="strong_wolfe")
+    count = [0]
+
+    def closure() -> Any:
+        count[0] += 1
+        opt.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward()
+        return loss * float("nan") if count[0] == 3 else loss
+
+    with pytest.raises(FloatingPointError, match="the loss is nan"):
+        opt.step(closure)
+    assert torch.equal(w.detach(), torch.tensor([-1.2, 1.0], dtype=torch.float64))
+
+
+def test_history_size_written_into_the_group_mid_run_is_refused() -> None:
+    """torch's LBFGS fails with an IndexError in its two-loop recursion when a group's
+    ``history_size`` changes between steps; as ``uo.adjust`` refuses it, the step says so,
+    before anything moves."""
+    w = torch.nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    opt = ut.LBFGS([w], history_size=5, max_iter=5)
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    before = w.detach().clone()
+    for size in (2, 8):
+        opt.param_groups[0]["history_size"] = size
+        with pytest.raises(ValueError, match=rf"LBFGS: history_size is 5 in the state and {size} "
+                                             "in the param group: it cannot change mid-run"):
+            opt.step(closure)
+        assert torch.equal(w.detach(), before)
+
+
 def test_rule_validation_names_the_value() -> None:
     with pytest.raises(ValueError, match="lbfgs: line_search_fn must be None or 'strong_wolfe', "
                                          "got 'armijo'"):

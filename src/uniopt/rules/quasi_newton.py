@@ -13,6 +13,7 @@ pytree of arrays, may be carried through jitted code and checkpointed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +183,16 @@ def _cubic_min(xp: Any, x1: Any, f1: Any, g1: Any, x2: Any, f2: Any, g2: Any,
     return min(max(at, lo), hi)
 
 
+def _finite_along(along: Callable[[Any], tuple[float, Any]], t: Any) -> tuple[float, Any]:
+    """``along(t)``, refused where the loss is NaN: it picks no point of a bracket, and the
+    search then failed with an IndexError (torch's too)."""
+    f_t, g_t = along(t)
+    if f_t != f_t:
+        raise FloatingPointError(f"lbfgs: the loss is nan at the line search's trial step "
+                                 f"t={float(t)!r}; the params are left as they were")
+    return f_t, g_t
+
+
 def _strong_wolfe(
     xp: Any, along: Callable[[Any], tuple[float, Any]], t: Any, d: Any, f: float, g: Any,
     gtd: Any, c1: float = 1e-4, c2: float = 0.9, tolerance_change: Any = 1e-9,
@@ -192,6 +203,7 @@ def _strong_wolfe(
     cubic interpolation (Nocedal & Wright, algorithms 3.5 and 3.6). Returns the loss, gradient
     and step of the best point, and the evaluations spent."""
     d_norm = _amax(xp, d)
+    along = functools.partial(_finite_along, along)
     f_new, g_new = along(t)
     evals, gtd_new = 1, g_new @ d
     t_prev, f_prev, g_prev, gtd_prev = 0, f, g, gtd

@@ -385,6 +385,13 @@ class LBFGS(_Named):
         ps = group["params"]
         leaves = [plans.real(p.detach()) for p in ps]
         st = self.state[ps[0]]
+        held = st.get("al")
+        if held is not None and len(held) != group["history_size"]:
+            # (the two-loop recursion's list is as long as the history was: torch fails on it
+            # with an IndexError, after writing the params)
+            raise ValueError(f"LBFGS: history_size is {len(held)} in the state and "
+                             f"{group['history_size']!r} in the param group: it cannot change "
+                             "mid-run; make a new optimizer (or load a state of that size)")
         tree = {"func_evals": 0, "n_iter": 0, **{k: st[k] for k in _LBFGS_KEYS if k in st}}
         state = State(rule, 0, {}, flat_list_def(len(ps)), None, {rule.tree_layout[0]: tree})
 
