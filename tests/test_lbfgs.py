@@ -254,7 +254,12 @@ def test_a_rule_that_needs_a_closure_says_so_and_changes_nothing() -> None:
     assert not opt.state and torch.equal(w.detach(), torch.ones(2))
 
 
-def test_a_closure_that_raises_mid_step_leaves_params_and_state_as_they_were() -> None:
+@pytest.mark.parametrize("failure", ["raises", "nan"])
+def test_a_closure_failing_mid_step_leaves_params_and_state_as_they_were(failure: str) -> None:
+    """The closure fails at its 3rd evaluation, a trial point of the strong Wolfe search: it
+    raises (its error), or returns a NaN loss, which picks no point of the search's bracket (an
+    IndexError, torch's too, with its params moved; now named). Params and state as they
+    were."""
     p = [np.array([-1.2, 1.0])]
     state = uo.setup(uo.lbfgs(line_search_fn="strong_wolfe"), p)
     state = uo.minimize_step_(state, p, numpy_closure("rosenbrock"))[0]
@@ -263,37 +268,24 @@ def test_a_closure_that_raises_mid_step_leaves_params_and_state_as_they_were() -
 
     def failing(q: Any) -> Any:
         calls.append(q[0].copy())
+        loss, g = numpy_closure("rosenbrock")(q)
         if len(calls) == 3:
-            raise RuntimeError("out of data")
-        return numpy_closure("rosenbrock")(q)
+            if failure == "raises":
+                raise RuntimeError("out of data")
+            loss = float("nan")
+        return loss, g
 
-    with pytest.raises(RuntimeError, match="out of data"):
+    error, match = ((RuntimeError, "out of data") if failure == "raises" else
+                    (FloatingPointError, r"lbfgs: the loss is nan at the line search's trial "
+                                         r"step t="))
+    with pytest.raises(error, match=match):
         uo.minimize_step_(state, p, failing)
     assert not np.array_equal(calls[-1], before)  # it was at a trial point
     assert np.array_equal(p[0], before)
     assert state.tree_states["lbfgs_step"]["n_iter"] == n_iter
 
 
-def test_a_nan_loss_in_the_line_search_is_named_and_changes_nothing() -> None:
-    """A NaN loss at a trial point of the strong Wolfe search picks no point of its bracket:
-    an IndexError (torch's too, with its params moved). Now named, params and state as they
-    were, on the functional API and the torch class."""
-    p = [np.array([-1.2, 1.0])]
-    state = uo.setup(uo.lbfgs(line_search_fn="strong_wolfe"), p)
-    state = uo.minimize_step_(state, p, numpy_closure("rosenbrock"))[0]
-    before, n_iter = p[0].copy(), state.tree_states["lbfgs_step"]["n_iter"]
-    calls = []
-
-    def nan_at_3(q: Any) -> Any:
-        calls.append(1)
-        loss, g = numpy_closure("rosenbrock")(q)
-        return (float("nan") if len(calls) == 3 else loss), g
-
-    with pytest.raises(FloatingPointError, match=r"lbfgs: the loss is nan at the line search's "
-                                                 r"trial step t="):
-        uo.minimize_step_(state, p, nan_at_3)
-    assert np.array_equal(p[0], before)
-    assert state.tree_states["lbfgs_step"]["n_iter"] == n_iter
+def test_the_torch_class_names_a_nan_loss_in_its_line_search() -> None:
     w = torch.nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
     opt = ut.LBFGS([w], line_search_fn="strong_wolfe")
     count = [0]

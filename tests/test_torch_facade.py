@@ -986,10 +986,15 @@ def test_a_uniopt_schedule_and_a_torch_scheduler_on_one_value_is_an_error_naming
     # refuse: the step says it
     opt = ut.SGD([w], lr=lambda s: 0.1)
     torch.optim.lr_scheduler.StepLR(opt, 1)
+    _refused_step(opt, w, r"param group 0's lr is the uniopt schedule <function.*and a torch "
+                          "lr_scheduler drives it too")
+
+
+def _refused_step(opt: Any, w: Any, match: str) -> None:
+    """``opt.step()`` raises a TypeError matching ``match``, and ``w`` stays as it was."""
     w.grad = torch.ones(2)
     before = w.detach().clone()
-    with pytest.raises(TypeError, match=r"param group 0's lr is the uniopt schedule <function"
-                                        r".*and a torch lr_scheduler drives it too"):
+    with pytest.raises(TypeError, match=match):
         opt.step()
     assert torch.equal(w, before)
 
@@ -1015,12 +1020,8 @@ def test_a_torch_scheduler_that_writes_over_a_uniopt_schedule_is_an_error(case: 
     else:
         opt, key = ut.SGD([w], lr=1e-3, momentum=sched), "momentum"
         sch.CyclicLR(opt, 1e-3, 1e-2)
-    w.grad = torch.ones(2)
-    before = w.detach().clone()
-    with pytest.raises(TypeError, match=rf"param group 0's {key} was the uniopt schedule .* and "
-                                        r"a torch lr_scheduler wrote .* over it"):
-        opt.step()
-    assert torch.equal(w, before)
+    _refused_step(opt, w, rf"param group 0's {key} was the uniopt schedule .* and a torch "
+                          "lr_scheduler wrote .* over it")
 
 
 DIFFERENTIABLE = [
