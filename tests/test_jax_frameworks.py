@@ -162,6 +162,18 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
         opt.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))  # eagerly
         print("eager_adjusted",
               float(np.max(np.abs(np.asarray(model.l1.bias[...]) - before + 0.125))))
+        # a rule holding a combinator, assigned back: the members' states keep NNX's wrapping
+        # (the next update raised "Cannot set key 3 on immutable node of type State")
+        model = MLP(nnx.Rngs(1))
+        opt = nnx.Optimizer(model, uo.chain(uo.clip_by_global_norm(1e6), uo.partition(
+            {"x": uo.sgd(lr=0.1), "y": uo.sgd(lr=0.1)}, uo.by_path({"*bias*": "x", "*": "y"}))),
+            wrt=nnx.Param)
+        ones_step(model, opt)
+        opt.opt_state = uo.adjust(opt.opt_state, **{"1.x.lr": 0.5})
+        before = np.asarray(model.l1.bias[...])
+        ones_step(model, opt)
+        print("member_adjusted",
+              float(np.max(np.abs(np.asarray(model.l1.bias[...]) - before + 0.5))))
         # a recipe by path: NNX's params are named "l1.kernel", "l1.bias"...
         recipe = uo.skip_nonfinite(uo.accumulate(uo.partition(
             {"d": uo.adamw(lr=1e-2, weight_decay=0.1), "n": uo.adam(lr=1e-2)},
@@ -183,6 +195,7 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
     assert float(got["adjusted"]) <= 1e-7, got  # a step of 0.5, not the rule's 0.1
     assert float(got["assigned"]) <= 1e-7 and float(got["eager_adjusted"]) <= 1e-7, got
     assert got["traces"] == "1", got  # an adjust compiles nothing anew
+    assert float(got["member_adjusted"]) <= 1e-7, got
 
 
 def test_equinox_loop_in_a_fresh_process() -> None:

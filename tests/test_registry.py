@@ -527,6 +527,10 @@ def test_a_library_outside_info_backends_is_refused_at_set_up(name: str) -> None
         pytest.skip("runs on array-API libraries")
     rule = _build(e)
     params = Problem(_shapes(rule), np.float64, conv=_library("array_api")[0]).params()
+    class Sub(np.ndarray):  # a NumPy subclass is NumPy's (it was refused as another library's)
+        pass
+
+    uo.setup(rule, {k: np.asarray(v).view(Sub) for k, v in Problem(_shapes(rule)).params().items()})
     for r in (rule, *([] if e.needs_closure else [uo.chain(uo.clip_by_global_norm(1.0), rule)])):
         with pytest.raises(TypeError, match=rf"setup: {name} runs on numpy, torch, jax arrays "
                                             r"\(the registry's Info.backends\); params\['\w+'\] "

@@ -477,6 +477,13 @@ BAD: list[tuple[Callable[[], object], str]] = [
 ]
 
 
+def test_numpy_bools_are_flags() -> None:
+    import numpy as np
+
+    assert schedules.exponential(0.1, 0.5, 10, staircase=np.True_)(15) == 0.05
+    assert schedules.onecycle(1.0, 100, three_phase=np.False_)(99) < 1e-4
+
+
 def test_arithmetic_on_a_schedule_says_what_to_write() -> None:
     """``sched * 0.5`` at a module's top level failed in ``sys._getframe`` (call stack is not
     deep enough), and elsewhere said that a torch scheduler drove the group."""

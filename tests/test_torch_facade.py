@@ -999,8 +999,7 @@ def _refused_step(opt: Any, w: Any, match: str) -> None:
     assert torch.equal(w, before)
 
 
-@pytest.mark.parametrize("case", ["onecycle-lr", "cyclic-lr", "onecycle-betas",
-                                  "cyclic-momentum"])
+@pytest.mark.parametrize("case", ["onecycle-lr", "onecycle-betas", "cyclic-momentum"])
 def test_a_torch_scheduler_that_writes_over_a_uniopt_schedule_is_an_error(case: str) -> None:
     """OneCycleLR and CyclicLR write a group's lr (and, cycling momentum, its ``betas`` or
     ``momentum``) at construction, over a uniopt schedule given there, silently: the step
@@ -1011,9 +1010,6 @@ def test_a_torch_scheduler_that_writes_over_a_uniopt_schedule_is_an_error(case: 
     if case == "onecycle-lr":
         opt, key = ut.Adam([w], lr=uo.schedules.cosine(1e-2, 100)), "lr"
         sch.OneCycleLR(opt, max_lr=0.1, total_steps=100, cycle_momentum=False)
-    elif case == "cyclic-lr":
-        opt, key = ut.SGD([w], lr=uo.schedules.cosine(1e-2, 100)), "lr"
-        sch.CyclicLR(opt, 1e-3, 1e-2, cycle_momentum=False)
     elif case == "onecycle-betas":
         opt, key = ut.Adam([w], lr=1e-3, betas=(sched, 0.999)), "betas"
         sch.OneCycleLR(opt, max_lr=0.1, total_steps=100)
@@ -1022,6 +1018,17 @@ def test_a_torch_scheduler_that_writes_over_a_uniopt_schedule_is_an_error(case: 
         sch.CyclicLR(opt, 1e-3, 1e-2)
     _refused_step(opt, w, rf"param group 0's {key} was the uniopt schedule .* and a torch "
                           "lr_scheduler wrote .* over it")
+
+
+def test_a_number_written_over_a_schedule_by_hand_then_a_step_lr_runs() -> None:
+    """The user's own value over a uniopt schedule, then a StepLR: the user's, no error."""
+    w = nn.Parameter(torch.zeros(2))
+    opt = ut.SGD([w], lr=uo.schedules.linear(0.0, 0.1, 10))
+    opt.param_groups[0]["lr"] = 0.1
+    torch.optim.lr_scheduler.StepLR(opt, 5)
+    w.grad = torch.ones(2)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((2,), -0.1))
 
 
 DIFFERENTIABLE = [

@@ -402,6 +402,7 @@ def _span(x: Any) -> tuple[int, int] | None:
     if isinstance(x, np.ndarray):
         return tuple(byte_bounds(x)) if x.size else None  # type: ignore[return-value]
     if is_torch(x) and x.numel() and x.layout == sys.modules["torch"].strided:
+        x = getattr(x, "_local_tensor", x)  # (a DTensor's: its shard on this rank)
         low = x.data_ptr()
         reach = sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True))
         return low, low + (reach + 1) * x.element_size()
@@ -409,13 +410,32 @@ def _span(x: Any) -> tuple[int, int] | None:
 
 
 def _share(a: Any, b: Any) -> bool:
-    """Whether arrays ``a`` and ``b``, whose spans overlap, share an element (NumPy's exact
-    answer; a tensor's overlapping span counts as shared)."""
-    a, b = (getattr(x, "_array", x) if type(x).__module__.startswith("array_api_strict")
-            else x for x in (a, b))
+    """Whether arrays ``a`` and ``b``, whose spans overlap, share an element: NumPy's exact
+    answer, on CPU tensors' NumPy views too (two columns of one matrix share none); a tensor
+    elsewhere counts as sharing."""
+    a, b = (_as_numpy_memory(x) for x in (a, b))
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return bool(np.shares_memory(a, b))
     return True
+
+
+def _as_numpy_memory(x: Any) -> Any:
+    """``x``'s memory as a NumPy array (array-api-strict's; a CPU tensor's, a DTensor's local
+    shard's, bfloat16 read as 16-bit integers), or ``x``."""
+    if type(x).__module__.startswith("array_api_strict"):
+        return getattr(x, "_array", x)
+    if is_torch(x):
+        x = getattr(x, "_local_tensor", x).detach()
+        if x.device.type != "cpu":
+            return x
+        torch = sys.modules["torch"]
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        try:
+            return x.numpy() if x.dtype != torch.bfloat16 else x.view(ints[2]).numpy()
+        except (TypeError, RuntimeError):  # a dtype NumPy has none of: by its bytes' width
+            width = ints.get(x.element_size())
+            return x.view(width).numpy() if width is not None else x
+    return x
 
 
 def overlapping(xs: list[Any]) -> tuple[int, int] | None:
@@ -475,6 +495,18 @@ def same_memory(a: Any, b: Any) -> bool:
 
 def _strides(x: Any) -> Any:
     return tuple(x.stride()) if is_torch(x) else getattr(x, "strides", None)
+
+
+def memory_ids(xs: list[Any]) -> set[int]:
+    """The ids of the objects whose memory ``xs`` are (:func:`owner`'s, None skipped), in one
+    pass of attribute reads where they are NumPy arrays or tensors."""
+    first = next((x for x in xs if x is not None), None)
+    # (getattr: a list of another library's arrays than its first's is refused later, with
+    # a message)
+    attr = "base" if isinstance(first, np.ndarray) else "_base" if is_torch(first) else None
+    if attr is None:
+        return {id(owner(x)) for x in xs if x is not None}
+    return {id(x if (b := getattr(x, attr, None)) is None else b) for x in xs if x is not None}
 
 
 def memory_types() -> tuple[type, ...]:

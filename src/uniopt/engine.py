@@ -17,6 +17,7 @@ import math
 import operator
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any
@@ -98,9 +99,10 @@ def _library_check(rule: Transform, names: list[str], leaves: list[Any]) -> None
     if not leaves:
         return
     lib = backend.library(leaves[0])
-    # (flax's and equinox's nodes that hold a JAX array count as JAX's)
-    where = lib if lib in ("numpy", "torch", "jax") else \
-        "jax" if backend.jax_array_of(leaves[0]) is not None else "array_api"
+    # (NumPy's subclasses are NumPy's; flax's and equinox's nodes that hold a JAX array JAX's)
+    where = "numpy" if isinstance(leaves[0], np.ndarray) else "torch" if backend.is_torch(
+        leaves[0]) else lib if lib == "jax" else "jax" if backend.jax_array_of(
+        leaves[0]) is not None else "array_api"
     for part in _registered(rule):
         backends = getattr(type(part), "info").backends  # noqa: B009
         if where not in backends:
@@ -134,16 +136,27 @@ def _once_each(names: list[str], leaves: list[Any]) -> None:
     _apart(names, leaves)
 
 
-def _apart(names: list[str], leaves: list[Any]) -> None:
+def _apart(names: list[str] | None, leaves: list[Any], params: Any = None) -> None:
     """Refuse two leaves that are views sharing memory (costs a look at each leaf's base only,
-    where none is a view)."""
-    if backend.has_views(leaves):
-        pair = backend.overlapping(leaves)
-        if pair is not None:
-            i, j = pair
-            raise ValueError(f"{names[j]} shares memory with {names[i]} (views of one array): a "
-                             "tied weight is one parameter; give it once, with the sum of its "
-                             "gradients")
+    where none is a view). ``names``: the leaves' (None: made from ``params`` if needed). A
+    list of NumPy arrays found apart is remembered (their memory is theirs for life): the
+    check of columns of one matrix, every pair's, is not made at every step."""
+    if not backend.has_views(leaves):
+        return
+    if len(_APART) == len(leaves) and all(r() is x for r, x in zip(_APART, leaves, strict=True)):
+        return
+    pair = backend.overlapping(leaves)
+    if pair is None:
+        if all(type(x) is np.ndarray for x in leaves):
+            _APART[:] = map(weakref.ref, leaves)
+        return
+    names = flatten_named(params)[2] if names is None else names
+    i, j = pair
+    raise ValueError(f"{names[j]} shares memory with {names[i]} (views of one array): a tied "
+                     "weight is one parameter; give it once, with the sum of its gradients")
+
+
+_APART: list[Any] = []  # weak references: the arrays are not kept alive by this
 
 
 def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> State:
@@ -1106,13 +1119,15 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             if backend.is_numpy(leaves[0]) or backend.is_torch(leaves[0]):
                 return f"params stored as {stored} and state as {state.state_dtype}"
             return None
-    if inplace and type(g_leaves) is not backend.Addressed and backend.has_views(leaves,
-                                                                                g_leaves):
-        # views: the compiled loop writes each element as it reads it, so two params sharing
-        # memory, or a gradient reaching into a parameter's other elements, would be read after
-        # being written
-        _apart(flatten_named(params)[2], leaves)
-        g_leaves = _grads_apart(leaves, g_leaves)
+    if inplace and type(g_leaves) is not backend.Addressed and (
+            backend.has_views(leaves, g_leaves)
+            or not set(map(id, leaves)).isdisjoint(map(id, g_leaves))):
+        # views, or another leaf's params as a gradient (the gradient of a*b): the compiled
+        # loop writes each element as it reads it, so two params sharing memory, or a gradient
+        # reaching into a parameter's other elements, would be read after being written
+        if backend.has_views(leaves):
+            _apart(None, leaves, params)
+        g_leaves = _grads_apart(leaves, g_leaves, same_ok=True)
     for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
         out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
                        state.slots, inplace, state.rule.memo, _per_leaf)
@@ -1135,17 +1150,21 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
     return None
 
 
-def _grads_apart(params: list[Any], grads: list[Any]) -> list[Any]:
-    """``grads`` with a copy of each that shares memory with a parameter, but its own
-    parameter's very elements (a gradient read at the index it writes is read first)."""
+def _grads_apart(params: list[Any], grads: list[Any], same_ok: bool) -> list[Any]:
+    """``grads`` with a copy of each that shares memory with a parameter; ``same_ok``: but its
+    own parameter's very elements (the compiled loop reads a gradient at the index it writes
+    before writing it; the reference path's slots may keep the gradient itself, Adan's)."""
+    if backend.memory_ids(params).isdisjoint(backend.memory_ids(grads)):
+        return grads  # (the common case, views of a gradient buffer: one set each)
     owners: dict[int, list[int]] = {}
     for j, p in enumerate(params):
         owners.setdefault(id(backend.owner(p)), []).append(j)
     out = None
     for i, g in enumerate(grads):
         js = None if g is None else owners.get(id(backend.owner(g)))
-        if js and any(not (j == i and backend.same_memory(g, params[j]))
-                      and backend.overlapping([params[j], g]) is not None for j in js):
+        if js and any(not (same_ok and j == i and backend.same_memory(g, params[j]))
+                      and (g is params[j] or backend.overlapping([params[j], g]) is not None)
+                      for j in js):
             out = list(grads) if out is None else out
             out[i] = backend.detached_copy(g)
     return grads if out is None else out
@@ -1190,11 +1209,12 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
                 if reason:
                     raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
         _once_each(names, p_leaves)
-        if any(map(operator.is_, g_leaves, p_leaves)):
-            # the gradient of |w|^2/2 is w: a slot that keeps the gradient (Adan's previous
-            # one) would be handed the array the step has just written with the new params
-            g_leaves = [backend.detached_copy(g) if g is p else g
-                        for g, p in zip(g_leaves, p_leaves, strict=True)]
+        if backend.has_views(p_leaves, g_leaves) or not set(map(id, p_leaves)).isdisjoint(
+                map(id, g_leaves)):
+            # the gradient of |w|^2/2 is w (or a view of it): a slot that keeps the gradient
+            # (Adan's previous one) would be handed the memory the step has just written with
+            # the new params
+            g_leaves = _grads_apart(p_leaves, g_leaves, same_ok=False)
     return _Step(p_leaves, g_leaves, treedef)
 
 
@@ -1665,8 +1685,9 @@ def _adjusted_values(rule: Transform, own: Transform) -> Transform:
         warnings.warn(
             f"uniopt: under jax.jit the optax protocol steps with the numbers of the "
             f"transformation it is called on ({rule.name}), not the state's: a uo.adjust that "
-            "gave a schedule for a number, or a number for a schedule, is seen by uo.update "
-            "only (docs/optax.md)", stacklevel=3)
+            "changed a hyperparameter's form (a schedule for a number, a number for a "
+            "schedule, another schedule) is seen by uo.update only (docs/optax.md)",
+            stacklevel=3)
         return rule
     xp = backend.namespace(flag)
     mixed = unflatten_rule(skeleton, [xp.where(flag != 0, on_host(b), on_host(a))
@@ -1818,8 +1839,9 @@ def _members_renewed(rule: Transform, trees: dict[str, Any]) -> dict[str, Any]:
             st = tree.get(name)
             if isinstance(st, State):
                 new = dict(tree) if new is None else new
-                new[name] = dataclasses.replace(
-                    st, rule=member, tree_states=_members_renewed(member, st.tree_states))
+                # (rewrapped: the numbers back in NNX's OptArray where NNX holds the state)
+                new[name] = rewrapped(st, dataclasses.replace(
+                    st, rule=member, tree_states=_members_renewed(member, st.tree_states)))
         if new is not None:
             out = dict(trees) if out is None else out
             out[keys[0]] = new

@@ -145,7 +145,8 @@ def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]
 
 def _check_flag(owner: str, name: str, value: object) -> None:
     # (a string "false" is true to Python: staircase="false" ran the staircase)
-    if not isinstance(value, bool):
+    if not (isinstance(value, bool) or type(value).__module__ == "numpy"
+            and type(value).__name__ in ("bool", "bool_")):  # (NumPy's True_ too)
         raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
 
 

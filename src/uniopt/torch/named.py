@@ -632,10 +632,11 @@ class _Derived(_Named):
         if rec is None or not (len(rec.params) == len(params)
                                and all(map(operator.is_, rec.params, params))):
             new = _Carried.new(params, len(self._derived))
+            kept = self._kept()
             for j, p in enumerate(params):
-                kept = self._kept(p)
-                if kept is not None:
-                    new.values[j], new.counts[j] = kept
+                found = kept.get(id(p))
+                if found is not None:
+                    new.values[j], new.counts[j] = found
             if rec is not None:  # (a parameter it held may have moved to a later group)
                 vars(self).setdefault("_retired", []).append(rec)
             rec = new
@@ -643,15 +644,17 @@ class _Derived(_Named):
         records[gi] = rec
         return rec
 
-    def _kept(self, p: torch.Tensor) -> tuple[Any, float] | None:
-        """``p``'s numbers and their step count as some group's record keeps them (a group
-        popped or a parameter moved to another group changes its group's index; a record
-        left from before the move may hold it too, at an older count), or None."""
-        best = None
+    def _kept(self) -> dict[int, tuple[Any, float]]:
+        """Each parameter's numbers and their step count as the groups' records keep them, by
+        the parameter's id (a group popped or a parameter moved to another group changes its
+        group's index; a record left from before the move may hold it too, at an older
+        count: the latest wins)."""
+        best: dict[int, tuple[Any, float]] = {}
         for rec in [*self._records().values(), *vars(self).get("_retired", ())]:
             for i, q in enumerate(rec.params):
-                if q is p and (best is None or rec.counts[i] > best[1]):
-                    best = (rec.values[i].copy(), float(rec.counts[i]))
+                held = best.get(id(q))
+                if held is None or rec.counts[i] > held[1]:
+                    best[id(q)] = (rec.values[i].copy(), float(rec.counts[i]))
         return best
 
     def _numbers(self, rec: _Carried, i: int, group: dict[str, Any],
@@ -727,13 +730,14 @@ class _Derived(_Named):
         sd = super()._state_dict()
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state = sd["state"]
+        held = self._kept()
         for saved, group in zip(sd["param_groups"], self.param_groups, strict=True):
             for k, p in zip(saved["params"], group["params"], strict=True):
                 st = state.get(k)
                 if not st or "step" not in st:
                     continue
                 step = int(st["step"])
-                kept = self._kept(p)
+                kept = held.get(id(p))
                 if kept is not None and kept[1] == step:
                     numbers = tuple(kept[0].tolist())
                 else:

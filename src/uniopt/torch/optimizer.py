@@ -809,10 +809,12 @@ def _holds_schedule(v: Any) -> bool:
 
 def _check_not_replaced(name: str, gi: int, group: dict[str, Any],
                         given: dict[str, Any]) -> None:
-    """A torch scheduler that writes a group's values (OneCycleLR, CyclicLR: the lr, and with
-    ``cycle_momentum`` the momentum or ``betas``) over a uniopt schedule given there: an error
-    naming both, as for the schedulers that scale the value (those fail on its arithmetic)."""
-    driven = (["lr"] if "initial_lr" in group else []) + (
+    """A torch scheduler that writes a group's values over a uniopt schedule given there
+    (OneCycleLR the lr, known by the ``max_lr`` it keeps in the group; OneCycleLR and CyclicLR
+    with ``cycle_momentum`` the momentum or ``betas``, by their ``max_momentum``): an error
+    naming both, as for the schedulers that scale the value (those fail on its arithmetic). A
+    value the user wrote over it by hand is the user's (CyclicLR's lr alone leaves no mark)."""
+    driven = (["lr"] if "max_lr" in group else []) + (
         ["momentum", "betas"] if "max_momentum" in group else [])
     for key in driven:
         if key in given and not _holds_schedule(group.get(key)):
