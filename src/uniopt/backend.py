@@ -497,6 +497,16 @@ def _strides(x: Any) -> Any:
     return tuple(x.stride()) if is_torch(x) else getattr(x, "strides", None)
 
 
+def base_attrs() -> dict[type, str]:
+    """The attribute naming a view's owner for each array type whose views are known: NumPy's
+    ``base``; torch's ``_base`` (tensors and parameters), once torch is imported."""
+    out: dict[type, str] = {np.ndarray: "base"}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        out.update({torch.Tensor: "_base", torch.nn.Parameter: "_base"})
+    return out
+
+
 def memory_ids(xs: list[Any]) -> set[int]:
     """The ids of the objects whose memory ``xs`` are (:func:`owner`'s, None skipped), in one
     pass of attribute reads where they are NumPy arrays or tensors."""

@@ -121,7 +121,7 @@ def _registered(rule: Transform) -> list[Transform]:
     return [rule] if getattr(type(rule), "info", None) is not None else []
 
 
-def _once_each(names: list[str], leaves: list[Any]) -> None:
+def _once_each(names: list[str], leaves: list[Any], views: bool = True) -> None:
     """Refuse an array that is two leaves of the tree, or two leaves that share memory (views
     of one array), but JAX's (immutable arrays, two leaves that start equal): a tied weight's
     steps in place were its last leaf's on one path and both leaves' on the other, and a pure
@@ -133,7 +133,8 @@ def _once_each(names: list[str], leaves: list[Any]) -> None:
                 raise ValueError(f"{name} is the same array as {first[id(leaf)]}: a tied weight "
                                  "is one parameter; give it once, with the sum of its gradients")
             first.setdefault(id(leaf), name)
-    _apart(names, leaves)
+    if views:  # (False: the caller found no view among these, or among them and more)
+        _apart(names, leaves)
 
 
 def _apart(names: list[str] | None, leaves: list[Any], params: Any = None) -> None:
@@ -1119,8 +1120,12 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             if backend.is_numpy(leaves[0]) or backend.is_torch(leaves[0]):
                 return f"params stored as {stored} and state as {state.state_dtype}"
             return None
-    if inplace and type(g_leaves) is not backend.Addressed and (
-            backend.has_views(leaves, g_leaves)
+    strategies = fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES
+    attr = _BASE_ATTR.get(type(leaves[0]))
+    if inplace and strategies and type(g_leaves) is not backend.Addressed and (
+            (backend.has_views(leaves, g_leaves) if attr is None else any(
+                map(_IS_NOT_NONE, map(getattr, leaves, repeat(attr), repeat(None)))) or any(
+                map(_IS_NOT_NONE, map(getattr, g_leaves, repeat(attr), repeat(None)))))
             or not set(map(id, leaves)).isdisjoint(map(id, g_leaves))):
         # views, or another leaf's params as a gradient (the gradient of a*b): the compiled
         # loop writes each element as it reads it, so two params sharing memory, or a gradient
@@ -1128,7 +1133,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         if backend.has_views(leaves):
             _apart(None, leaves, params)
         g_leaves = _grads_apart(leaves, g_leaves, same_ok=True)
-    for strategy in fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES:
+    for strategy in strategies:
         out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
                        state.slots, inplace, state.rule.memo, _per_leaf)
         if out is None:
@@ -1208,9 +1213,15 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
                     s.codes if isinstance(s, quant.Q8) else s)
                 if reason:
                     raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
-        _once_each(names, p_leaves)
-        if backend.has_views(p_leaves, g_leaves) or not set(map(id, p_leaves)).isdisjoint(
-                map(id, g_leaves)):
+        # (in C calls where the params are NumPy arrays or tensors: a small step's cost)
+        attr = _BASE_ATTR.get(type(p_leaves[0])) if p_leaves else None
+        views = backend.has_views(p_leaves, g_leaves) if attr is None else any(
+            map(_IS_NOT_NONE, map(getattr, p_leaves, repeat(attr), repeat(None)))) or any(
+            map(_IS_NOT_NONE, map(getattr, g_leaves, repeat(attr), repeat(None))))
+        if attr is None and p_leaves:
+            _BASE_ATTR.update(backend.base_attrs())
+        _once_each(names, p_leaves, views)
+        if views or not set(map(id, p_leaves)).isdisjoint(map(id, g_leaves)):
             # the gradient of |w|^2/2 is w (or a view of it): a slot that keeps the gradient
             # (Adan's previous one) would be handed the memory the step has just written with
             # the new params
@@ -1261,6 +1272,8 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
 
 
 _IS_NOT_NONE = functools.partial(operator.is_not, None)
+# the attribute that names a view's owner, by array type (filled as the types are met)
+_BASE_ATTR: dict[type, str] = {np.ndarray: "base"}
 
 
 def _unshared(new: Any, given: Any) -> Any:
