@@ -1121,12 +1121,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                 return f"params stored as {stored} and state as {state.state_dtype}"
             return None
     strategies = fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES
-    attr = _BASE_ATTR.get(type(leaves[0]))
-    if inplace and strategies and type(g_leaves) is not backend.Addressed and (
-            (backend.has_views(leaves, g_leaves) if attr is None else any(
-                map(_IS_NOT_NONE, map(getattr, leaves, repeat(attr), repeat(None)))) or any(
-                map(_IS_NOT_NONE, map(getattr, g_leaves, repeat(attr), repeat(None)))))
-            or not set(map(id, leaves)).isdisjoint(map(id, g_leaves))):
+    if inplace and strategies and type(g_leaves) is not backend.Addressed and _hazard(
+            state.rule.memo, leaves, g_leaves):
         # views, or another leaf's params as a gradient (the gradient of a*b): the compiled
         # loop writes each element as it reads it, so two params sharing memory, or a gradient
         # reaching into a parameter's other elements, would be read after being written
@@ -1153,6 +1149,29 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                           state.state_dtype, state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
+
+
+def _hazard(memo: dict[Any, Any], leaves: list[Any], g_leaves: list[Any]) -> bool:
+    """Whether an in-place step over ``leaves`` must look closer at what shares memory: a
+    leaf or a gradient is a view, or a gradient is one of the params (the gradient of a*b).
+    NumPy params met before (the rule's memo holds them: their memory is theirs for life) cost
+    one pass over the gradients, in the step of a small model."""
+    known = memo.get("apart")
+    if known is None or len(known[0]) != len(leaves) or not all(
+            map(operator.is_, known[0], leaves)):
+        attr = _BASE_ATTR.get(type(leaves[0]))
+        if attr != "base":  # tensors (whose memory may change under them), and others
+            return backend.has_views(leaves, g_leaves) or not set(map(id, leaves)).isdisjoint(
+                map(id, g_leaves))
+        views = any(map(_IS_NOT_NONE, map(getattr, leaves, repeat(attr), repeat(None))))
+        known = memo["apart"] = (tuple(leaves), set(map(id, leaves)), views)
+    if known[2]:
+        return True
+    ids = known[1]
+    for g in g_leaves:
+        if g is not None and (getattr(g, "base", None) is not None or id(g) in ids):
+            return True
+    return False
 
 
 def _grads_apart(params: list[Any], grads: list[Any], same_ok: bool) -> list[Any]:
