@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import itertools
 import operator
 import sys
@@ -458,33 +457,26 @@ def overlapping(xs: list[Any]) -> tuple[int, int] | None:
     return None
 
 
+def view_attr(x: Any) -> str | None:
+    """The attribute that names the owner of a view ``x`` is: NumPy's ``base`` (its
+    subclasses' too), torch's ``_base``; None for other arrays."""
+    return "base" if isinstance(x, np.ndarray) else "_base" if is_torch(x) else None
+
+
 def has_views(xs: list[Any], ys: Any = ()) -> bool:
     """Whether some array of ``xs`` or ``ys`` (of one library; ``ys`` may hold None) is a view
-    of another array's memory, in one Python call (a small step's cost): NumPy's ``base``,
-    torch's ``_base``; array-api-strict's arrays are taken as views (they wrap NumPy's), JAX's
-    as none (immutable)."""
+    of another array's memory, in one Python call (a small step's cost); array-api-strict's
+    arrays are taken as views (they wrap NumPy's), JAX's as none (immutable)."""
     if not xs:
         return False
-    if isinstance(xs[0], np.ndarray):
-        for x in xs:  # (a plain loop: the quickest form, as measured)
-            if getattr(x, "base", None) is not None:
-                return True
-        for y in ys:  # (of another library: refused later, with a message)
-            if getattr(y, "base", None) is not None:
-                return True
-        return False
-    if is_torch(xs[0]):
-        for x in xs:
-            if getattr(x, "_base", None) is not None:
-                return True
-        for y in ys:
-            if getattr(y, "_base", None) is not None:
-                return True
-        return False
-    return type(xs[0]).__module__.startswith("array_api_strict")
-
-
-_IS_SET = functools.partial(operator.is_not, None)
+    attr = view_attr(xs[0])
+    if attr is None:
+        return type(xs[0]).__module__.startswith("array_api_strict")
+    # (getattr: a gradient of another library is refused later, with a message)
+    for x in itertools.chain(xs, ys):  # (a plain loop: the quickest form, as measured)
+        if getattr(x, attr, None) is not None:
+            return True
+    return False
 
 
 def same_memory(a: Any, b: Any) -> bool:
@@ -497,23 +489,10 @@ def _strides(x: Any) -> Any:
     return tuple(x.stride()) if is_torch(x) else getattr(x, "strides", None)
 
 
-def base_attrs() -> dict[type, str]:
-    """The attribute naming a view's owner for each array type whose views are known: NumPy's
-    ``base``; torch's ``_base`` (tensors and parameters), once torch is imported."""
-    out: dict[type, str] = {np.ndarray: "base"}
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        out.update({torch.Tensor: "_base", torch.nn.Parameter: "_base"})
-    return out
-
-
 def memory_ids(xs: list[Any]) -> set[int]:
     """The ids of the objects whose memory ``xs`` are (:func:`owner`'s, None skipped), in one
     pass of attribute reads where they are NumPy arrays or tensors."""
-    first = next((x for x in xs if x is not None), None)
-    # (getattr: a list of another library's arrays than its first's is refused later, with
-    # a message)
-    attr = "base" if isinstance(first, np.ndarray) else "_base" if is_torch(first) else None
+    attr = view_attr(next((x for x in xs if x is not None), None))
     if attr is None:
         return {id(owner(x)) for x in xs if x is not None}
     return {id(x if (b := getattr(x, attr, None)) is None else b) for x in xs if x is not None}

@@ -81,10 +81,8 @@ def _real_only(rule: Transform) -> str | None:
     """The first rule of ``rule`` (itself, or a chain's member) that takes real params only:
     its arithmetic on the pairs of a complex leaf's parts is not known to be right (a row and
     column factor, a matrix iteration, a distance), where it did not fail on their shapes."""
-    if isinstance(rule, chain):
-        return next(filter(None, map(_real_only, rule.transforms)), None)
-    info = getattr(type(rule), "info", None)
-    return rule.name if info is not None and not info.complex else None
+    return next((r.name for r in _registered(rule)
+                 if not getattr(type(r), "info").complex), None)  # noqa: B009
 
 
 # the array API version whose Python scalars in where, maximum, clip... the parts rely on
@@ -1154,15 +1152,22 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
 def _hazard(memo: dict[Any, Any], leaves: list[Any], g_leaves: list[Any]) -> bool:
     """Whether an in-place step over ``leaves`` must look closer at what shares memory: a
     leaf or a gradient is a view, or a gradient is one of the params (the gradient of a*b).
-    NumPy params met before (the rule's memo holds them: their memory is theirs for life) cost
-    one pass over the gradients, in the step of a small model."""
+    In C calls and one pass over the gradients (a small step's cost): NumPy params met before
+    are the rule's memo's, with their ids and whether any is a view (their memory is theirs
+    for life)."""
+    if not leaves:
+        return False
+    attr = _VIEW_ATTR.get(type(leaves[0]))
+    if attr is None:  # a type met for the first time
+        attr = _VIEW_ATTR[type(leaves[0])] = backend.view_attr(leaves[0]) or ""
+    if attr != "base":  # tensors (whose memory may change under them), and other libraries
+        views = backend.has_views(leaves, g_leaves) if not attr else any(
+            map(_IS_NOT_NONE, map(getattr, leaves, repeat(attr), repeat(None)))) or any(
+            map(_IS_NOT_NONE, map(getattr, g_leaves, repeat(attr), repeat(None))))
+        return views or not set(map(id, leaves)).isdisjoint(map(id, g_leaves))
     known = memo.get("apart")
     if known is None or len(known[0]) != len(leaves) or not all(
             map(operator.is_, known[0], leaves)):
-        attr = _BASE_ATTR.get(type(leaves[0]))
-        if attr != "base":  # tensors (whose memory may change under them), and others
-            return backend.has_views(leaves, g_leaves) or not set(map(id, leaves)).isdisjoint(
-                map(id, g_leaves))
         views = any(map(_IS_NOT_NONE, map(getattr, leaves, repeat(attr), repeat(None))))
         known = memo["apart"] = (tuple(leaves), set(map(id, leaves)), views)
     if known[2]:
@@ -1232,15 +1237,9 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
                     s.codes if isinstance(s, quant.Q8) else s)
                 if reason:
                     raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
-        # (in C calls where the params are NumPy arrays or tensors: a small step's cost)
-        attr = _BASE_ATTR.get(type(p_leaves[0])) if p_leaves else None
-        views = backend.has_views(p_leaves, g_leaves) if attr is None else any(
-            map(_IS_NOT_NONE, map(getattr, p_leaves, repeat(attr), repeat(None)))) or any(
-            map(_IS_NOT_NONE, map(getattr, g_leaves, repeat(attr), repeat(None))))
-        if attr is None and p_leaves:
-            _BASE_ATTR.update(backend.base_attrs())
-        _once_each(names, p_leaves, views)
-        if views or not set(map(id, p_leaves)).isdisjoint(map(id, g_leaves)):
+        hazard = _hazard(state.rule.memo, p_leaves, g_leaves)
+        _once_each(names, p_leaves, hazard)
+        if hazard:
             # the gradient of |w|^2/2 is w (or a view of it): a slot that keeps the gradient
             # (Adan's previous one) would be handed the memory the step has just written with
             # the new params
@@ -1291,8 +1290,9 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
 
 
 _IS_NOT_NONE = functools.partial(operator.is_not, None)
-# the attribute that names a view's owner, by array type (filled as the types are met)
-_BASE_ATTR: dict[type, str] = {np.ndarray: "base"}
+# the attribute that names a view's owner, by array type ("": none known; filled as the types
+# are met)
+_VIEW_ATTR: dict[type, str] = {np.ndarray: "base"}
 
 
 def _unshared(new: Any, given: Any) -> Any:

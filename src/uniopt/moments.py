@@ -111,7 +111,7 @@ def ema_sq(v: Any, g: Any, decay: Any, weight: Any) -> Any:
     return fma(weight * g, g, v * decay)
 
 
-def kept(xp: Any, x: Any) -> Any:
+def unfolded(xp: Any, x: Any) -> Any:
     """``x``, kept from the compiler's algebra: under ``jax.jit`` XLA simplifies ``(x + m) -
     m`` to ``x`` and ``(p + y) - p`` to ``y``, which undoes a rounding done in arithmetic (a
     float16 subnormal's, Kahan's compensation); elsewhere, and on the compiled path (its own

@@ -53,7 +53,7 @@ from numba.extending import intrinsic, overload, register_jitable
 from .. import backend, jitcache
 from ..backend import Addressed
 from ..base import Elementwise, PerLeaf
-from ..moments import fma, fused_multiply_add, kept, lerp, select
+from ..moments import fma, fused_multiply_add, lerp, select, unfolded
 
 CHUNK = 1 << 15
 PARALLEL_MIN = 1 << 16  # elements; below this a step runs on one thread
@@ -438,15 +438,15 @@ def _select_scalar(xp, cond, a, b):  # numba wants the unannotated signature of 
 _REGISTERED.add(select)
 
 
-@overload(kept)
-def _kept_scalar(xp, x):  # numba's LLVM keeps IEEE arithmetic as written
+@overload(unfolded)
+def _unfolded_scalar(xp, x):  # numba's LLVM keeps IEEE arithmetic as written
     def impl(xp, x):
         return x
 
     return impl
 
 
-_REGISTERED.add(kept)
+_REGISTERED.add(unfolded)
 
 
 @overload(fma)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..backend import dtype_name, is_bfloat16_bits_dtype
 from ..base import Elementwise
-from ..moments import kept, select
+from ..moments import select, unfolded
 
 # past this magnitude values are not rounded: the split's product stays finite
 _BIG = 2.0**100
@@ -60,15 +60,15 @@ def _rounded(xp: Any, c: Compensation, x: Any) -> Any:
     """``x`` rounded to the stored dtype (to nearest, ties to even), in ``x``'s arithmetic."""
     xc = xp.minimum(xp.maximum(x, -c.big), c.big)  # finite: the products below stay finite
     s = c.split * xc
-    normal = s - kept(xp, s - xc)  # Veltkamp's split: xc to the stored dtype's significant bits
-    subnormal = kept(xp, xc + c.magic) - c.magic
+    normal = s - unfolded(xp, s - xc)  # Veltkamp's split: xc to the stored dtype's significant bits
+    subnormal = unfolded(xp, xc + c.magic) - c.magic
     r = select(xp, abs(xc) < c.tiny, subnormal, normal)
     return r + (x - xc)  # x itself past 2^100 (an infinity too), NaN as NaN
 
 
 def kahan_kernel(xp, c, p, u, comp):
     y = -u - comp
-    t = kept(xp, _rounded(xp, c, p + y))  # (under jax.jit, (t - p) - y is not taken for 0)
+    t = unfolded(xp, _rounded(xp, c, p + y))  # (under jax.jit, (t - p) - y is not taken for 0)
     # the engine writes p - (p - t): t itself wherever p - t is exact in float32 (p and t
     # within a factor of 2, or of 2^16 for bfloat16's 8 bits: every step short of a jump
     # across many binades)
