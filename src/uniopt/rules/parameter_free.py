@@ -33,6 +33,12 @@ def _total(terms: list[Any]) -> Any:
     return out
 
 
+def _adam_bc(b1: Any, b2: Any, t: Any) -> Any:
+    """The bias correction of the step size at count ``t``, ``sqrt(1 - b2^t)/(1 - b1^t)``, as
+    prodigyopt and dadaptation write it (in this order of operations)."""
+    return (1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t)
+
+
 class ProdigyCoeffs(NamedTuple):
     lr: Any
     b1: Any
@@ -81,11 +87,8 @@ class scale_by_prodigy(WholeTree):
 
     def coeffs(self, step: Any) -> ProdigyCoeffs:
         b1, b2 = self.betas
-        if self.use_bias_correction:
-            t = step + 1.0  # a float first: JAX divides int32 in float32
-            bc = (1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t)
-        else:
-            bc = 1.0
+        # (the count: a float first, JAX divides int32 in float32)
+        bc = _adam_bc(b1, b2, step + 1.0) if self.use_bias_correction else 1.0
         beta3 = b2 ** 0.5 if self.beta3 is None else self.beta3
         return ProdigyCoeffs(lr=self.lr, b1=b1, b2=b2, beta3=beta3, bc=bc, eps=self.eps,
                              wd=self.weight_decay, d0=self.d0, d_coef=self.d_coef)
@@ -114,10 +117,8 @@ class scale_by_prodigy(WholeTree):
         ps, _ = flatten_leaves(params)
         d, d_max = state["d"], state["d_max"]
         xp = backend.namespace(d)
-        bc = c.bc
-        if "k" in state:  # (1 - b1**t is a float on the host at a first t of 1.0)
-            t = state["k"] + 1.0
-            bc = (1.0 - c.b2 ** t) ** 0.5 / (1.0 - c.b1 ** t)
+        # (at a count of its own, prodigyopt's)
+        bc = _adam_bc(c.b1, c.b2, state["k"] + 1.0) if "k" in state else c.bc
         dlr = d * c.lr * bc
         ratio = d / c.d0
         s_scale = ratio * (d if self.safeguard_warmup else dlr)
@@ -426,10 +427,8 @@ class scale_by_dadapt_adam(WholeTree):
 
     def coeffs(self, step: Any) -> DAdaptCoeffs:
         b1, b2 = self.betas
-        t = step + 1.0
         return DAdaptCoeffs(lr=self.lr, b1=b1, b2=b2, sqrt_b2=b2 ** 0.5,
-                            bc=(1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t), eps=self.eps,
-                            wd=self.weight_decay)
+                            bc=_adam_bc(b1, b2, step + 1.0), eps=self.eps, wd=self.weight_decay)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)

@@ -654,7 +654,7 @@ class _Derived(_Named):
             for i, q in enumerate(rec.params):
                 held = best.get(id(q))
                 if held is None or rec.counts[i] > held[1]:
-                    best[id(q)] = (rec.values[i].copy(), float(rec.counts[i]))
+                    best[id(q)] = (rec.values[i], float(rec.counts[i]))  # (read, not kept)
         return best
 
     def _numbers(self, rec: _Carried, i: int, group: dict[str, Any],

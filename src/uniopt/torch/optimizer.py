@@ -802,9 +802,8 @@ def _group_states_in(state: dict[Any, Any], groups: list[Any]) -> dict[Any, Any]
 
 
 def _holds_schedule(v: Any) -> bool:
-    """Whether a group's value is, or holds (``betas``), a uniopt schedule."""
-    return callable(v) and not isinstance(v, torch.Tensor) or isinstance(v, (tuple, list)) and \
-        any(callable(x) and not isinstance(x, torch.Tensor) for x in v)
+    """Whether a group's value is, or holds (``betas``, a tuple or a list), a schedule."""
+    return has_schedule(tuple(v) if isinstance(v, list) else v)
 
 
 def _check_not_replaced(name: str, gi: int, group: dict[str, Any],
