@@ -47,8 +47,7 @@ def _python_calls(fn: Callable[[], Any]) -> int:
             count += 1
 
     # a garbage collection inside fn would count the finalizers it runs (objects other tests
-    # left), which have nothing to do with the step
-    gc.collect()
+    # left), which have nothing to do with the step (none runs while the collector is off)
     gc.disable()
     sys.setprofile(profile)
     try:
