@@ -148,7 +148,10 @@ def spec(p: torch.Tensor) -> Spec:
 def _view(t: torch.Tensor, spec: Spec) -> Any:
     """What the engine gets for ``t`` (a parameter or a slot laid out as its parameter)."""
     if spec == TRACKED:
-        return real(t)
+        # made with autograd on, as the step that writes through it runs: a view made without
+        # it may not be written in place where autograd records (torch refuses the copy)
+        with torch.enable_grad():
+            return real(t)
     t = real(dtensor.local(t).detach())
     kind, perm = spec
     if kind == "torch":
@@ -181,7 +184,8 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     if g.layout == torch.sparse_coo:
         g = g.coalesce().to_dense()
     if spec == TRACKED:
-        return real(g)
+        with torch.enable_grad():  # recorded: the step's result depends on it
+            return real(g)
     if spec[0] == "torch" and not (g.requires_grad or g.is_complex() or g.is_conj()
                                    or g.is_neg()):
         return g  # as it is: a detach would be a device operation per tensor
@@ -281,7 +285,10 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
             if isinstance(s, quant.Q8):
                 st[name], st[name + ABSMAX] = s.codes, s.absmax
             else:
-                st[name] = torch.view_as_complex(s) if p.is_complex() else s
+                # a complex tensor of its own, as torch's slots are (not a view of the real
+                # pairs: a view made here, without autograd, may not be written where a
+                # differentiable step records)
+                st[name] = torch.view_as_complex(s).clone() if p.is_complex() else s
     if q8:
         for key, name in names:
             _q8_slot(st, key, name, p)
