@@ -143,3 +143,69 @@ def test_the_optax_protocol_names_a_none_gradient() -> None:
         with pytest.raises(ValueError, match=r"the gradient of params\['b'\] is None; the optax "
                                              r"protocol updates every leaf"):
             rule.update({"w": np.ones(2), "b": None}, rule.init(p), p)
+
+
+def _pair_tree(tree: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A tree's complex leaves as the real arrays of their pairs (torch's ``view_as_real``)."""
+    return {k: (v.view(np.float64).reshape(*v.shape, 2) if np.iscomplexobj(v) else v).copy()
+            for k, v in tree.items()}
+
+
+COMBINED = {
+    "partition": lambda: uo.partition({"a": uo.adam(lr=0.1), "s": uo.sgd(lr=0.1)},
+                                      {"w": "a", "b": "s", "z": "a"}),
+    "masked": lambda: uo.masked(uo.adam(lr=0.1), {"w": True, "b": False, "z": True}),
+    "freeze": lambda: uo.freeze(uo.adamw(lr=0.1, weight_decay=0.1), ["b"]),
+    "skip_nonfinite": lambda: uo.skip_nonfinite(uo.sgd(lr=0.1, momentum=0.9)),
+    "accumulate": lambda: uo.accumulate(uo.adam(lr=0.1), 2),
+    "nested": lambda: uo.skip_nonfinite(uo.partition(
+        {"a": uo.accumulate(uo.adam(lr=0.1), 2), "s": uo.sgd(lr=0.1)},
+        {"w": "a", "b": "s", "z": "s"})),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["update", "update_"])
+@pytest.mark.parametrize("name", list(COMBINED))
+def test_combinators_route_complex_leaves_to_members_that_step_them_as_pairs(
+        name: str, inplace: bool) -> None:
+    """A combinator sees the params' tree, complex leaves and all (it routes them by their
+    paths; the members were handed the flat list of the pairs, and failed on their own states,
+    which hold complex slots); each member steps its leaves as their real pairs. Six steps
+    equal the same rule's on the tree of pairs, bit for bit, pure and in place, and through
+    the optax protocol (to an ulp: its ``p + (-u)`` against a finish that fuses ``p - u``)."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal(3) + 1j * rng.standard_normal(3),
+              "b": rng.standard_normal(2),
+              "z": rng.standard_normal((2, 2)) + 1j * rng.standard_normal((2, 2))}
+    grads = [{k: rng.standard_normal(v.shape) + (1j * rng.standard_normal(v.shape)
+                                                 if np.iscomplexobj(v) else 0)
+              for k, v in params.items()} for _ in range(6)]
+    state, pairs_state = uo.setup(COMBINED[name](), params), None
+    pairs = _pair_tree(params)
+    pairs_state = uo.setup(COMBINED[name](), pairs)
+    protocol = COMBINED[name]()
+    opt_state, opt_params = protocol.init(params), {k: v.copy() for k, v in params.items()}
+    for g in grads:
+        if inplace:
+            state = uo.update_(state, params, g)
+        else:
+            state, params = uo.update(state, params, g)
+        pairs_state, pairs = uo.update(pairs_state, pairs, _pair_tree(g))
+        updates, opt_state = protocol.update(g, opt_state, opt_params)
+        opt_params = {k: opt_params[k] + updates[k] for k in params}
+    for k, v in _pair_tree(params).items():
+        assert v.tobytes() == pairs[k].tobytes(), (name, k)
+        np.testing.assert_allclose(_pair_tree(opt_params)[k], pairs[k], rtol=0, atol=1e-15)
+
+
+def test_a_combinator_beside_other_parts_or_mechanize_refuses_complex_params_at_set_up() -> None:
+    """Beside other parts a combinator would see the flat list of the pairs, not the params'
+    tree; mechanize's inner products are of real vectors (complex ones gave NaN)."""
+    params = {"w": np.ones(2) + 1j, "b": np.zeros(2)}
+    mixed = uo.chain(uo.clip_by_global_norm(1.0), uo.partition(
+        {"a": uo.adam(lr=0.1), "s": uo.sgd(lr=0.1)}, {"w": "a", "b": "s"}))
+    with pytest.raises(TypeError, match=r"partition cannot take beside the chain's other parts"):
+        uo.setup(mixed, params)
+    with pytest.raises(TypeError, match=r"mechanize takes real params only"):
+        uo.setup(uo.mechanize(uo.adam(lr=0.1)), params)
+    uo.setup(mixed, {"w": np.ones(2), "b": np.zeros(2)})  # real params: as before

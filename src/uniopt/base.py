@@ -680,6 +680,11 @@ class WholeTree(Part):
     # optax protocol): ``apply_tree`` receives them as keywords
     reads_value: ClassVar[bool] = False
 
+    # sees complex leaves as they are, where the engine hands every other part their real
+    # pairs: a combinator routes them to members that step them as pairs, an optax
+    # transformation keeps optax's own arithmetic
+    takes_complex: ClassVar[bool] = False
+
     def init_tree(self, params: Any) -> Any:
         """The state for the params tree."""
         raise NotImplementedError
@@ -725,6 +730,8 @@ class Combinator(WholeTree):
     A member is reached as ``"<name>.<hyperparameter>"`` by :func:`uniopt.adjust`. The
     implementations run the engine on their members, so they live above it (uniopt.combine).
     """
+
+    takes_complex: ClassVar[bool] = True
 
     @property
     def inner(self) -> dict[str, Transform]:

@@ -85,6 +85,25 @@ def _real_only(rule: Transform) -> str | None:
                  if not getattr(type(r), "info").complex), None)  # noqa: B009
 
 
+def _as_pairs_or_whole(rule: Transform) -> bool:
+    """Whether a step of complex params hands ``rule``'s parts the real pairs of each complex
+    leaf (:func:`_as_pairs`; True), or the complex leaves as they are (False): where every
+    part takes them so (``takes_complex``: a combinator, whose members each step their
+    leaves as pairs; an optax transformation, optax's own arithmetic). Such a part beside
+    others, which see the pairs as a flat list, is refused: it routes the leaves by their
+    paths, or runs optax on the tree."""
+    takes = [isinstance(p, WholeTree) and p.takes_complex for p in rule.flat_parts]
+    if all(takes):
+        return False
+    if any(takes):
+        part = next(p for p, t in zip(rule.flat_parts, takes, strict=True) if t)
+        raise TypeError(
+            f"{rule.name}: complex params step as the real pairs of their parts, which "
+            f"{part.name} cannot take beside the chain's other parts (it sees the params' "
+            "tree); put those parts inside it (in its members), or step real params")
+    return True
+
+
 # the array API version whose Python scalars in where, maximum, clip... the parts rely on
 ARRAY_API = "2024.12"
 
@@ -205,6 +224,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
             name = next(n for n, p in zip(names, leaves, strict=True) if backend.is_complex(p))
             raise TypeError(f"setup: {real} takes real params only (the registry's "
                             f"Info.complex); {name} is complex")
+        _as_pairs_or_whole(rule)
     slots: dict[str, list[Any]] = {}
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
@@ -768,7 +788,16 @@ def _layout_refused(e: Exception) -> bool:
 def member_step(state: State, params: list[Any], grads: list[Any],
                 extra: dict[str, Any]) -> tuple[list[Any], State]:
     """A member rule's updates for its leaves and its new state, inside a combinator's step
-    (whose caller checked the leaves)."""
+    (whose caller checked the leaves); complex leaves as their real pairs, as a step of the
+    member alone takes them."""
+    if any(map(backend.is_complex, params)) and _as_pairs_or_whole(state.rule):
+        real = dataclasses.replace(state, slots={k: _pairs(v, False)
+                                                 for k, v in state.slots.items()},
+                                   treedef=flat_list_def(len(params)))
+        us, new = member_step(real, _pairs(params, False), _pairs(grads, False), extra)
+        return _back(us, grads), dataclasses.replace(
+            new, treedef=state.treedef,
+            slots={k: _back(v, state.slots[k]) for k, v in new.slots.items()})
     us, slots, trees = _deltas(state, params, grads, extra)
     step = _Step(params, grads, state.treedef)
     new = dataclasses.replace(state, step=state.step + 1, tree_states=trees,
@@ -1332,7 +1361,7 @@ def _pure(state: State, params: Any, grads: Any, value: Any,
     extra = _extra(value, extra)
     if dtensor.any_dtensor(step.params):
         return _sharded(state, step, inplace=False, extra=extra)
-    if any(map(backend.is_complex, step.params)):
+    if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(state.rule):
         return _as_pairs(state, step, inplace=False, extra=extra)
     combinator = _combinator(state.rule)
     if combinator is not None:
@@ -1366,7 +1395,7 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     extra = _extra(value, extra)
     if dtensor.any_dtensor(step.params):
         return _sharded(state, step, inplace=True, extra=extra)[0]
-    if any(map(backend.is_complex, step.params)):
+    if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(state.rule):
         return _as_pairs(state, step, inplace=True, extra=extra)[0]
     combinator = _combinator(state.rule)
     if combinator is not None:
@@ -1506,35 +1535,36 @@ def _fresh_slot(s: Any) -> Any:
     return _as_new_array(s, s, (s,))
 
 
+def _pairs(xs: list[Any], inplace: bool) -> list[Any]:
+    """Each complex array of ``xs`` as the real pairs of its parts (views where the library
+    has them, so an in-place step writes through)."""
+    return [x if x is None or not backend.is_complex(x) else backend.as_real(x, inplace)
+            for x in xs]
+
+
+def _back(xs: list[Any], like: list[Any]) -> list[Any]:
+    """Arrays of real pairs back as complex arrays, where their counterpart in ``like`` is."""
+    return [x if x is None or not backend.is_complex(c) else backend.as_complex(x, c)
+            for x, c in zip(xs, like, strict=True)]
+
+
 def _as_pairs(state: State, step: _Step, inplace: bool,
               extra: dict[str, Any]) -> tuple[State, Any]:
     """A step of params some of which are complex, as torch takes them: each complex array
-    as the real pairs of its parts (views where the library has them, so an in-place step
-    writes through), its slots as well; the results back as complex arrays."""
-    n = len(step.params)
-
-    def pairs(xs: list[Any]) -> list[Any]:
-        return [x if x is None or not backend.is_complex(x) else backend.as_real(x, inplace)
-                for x in xs]
-
-    slots = {k: pairs(v) for k, v in state.slots.items()}
-    real = State(state.rule, state.step, slots, flat_list_def(n), state.state_dtype,
-                 state.tree_states, state.counts)
+    as the real pairs of its parts, its slots as well; the results back as complex arrays."""
+    slots = {k: _pairs(v, inplace) for k, v in state.slots.items()}
+    real = State(state.rule, state.step, slots, flat_list_def(len(step.params)),
+                 state.state_dtype, state.tree_states, state.counts)
     if inplace:
-        new = update_(real, pairs(step.params), pairs(step.grads), **extra)
+        new = update_(real, _pairs(step.params, True), _pairs(step.grads, True), **extra)
         return dataclasses.replace(state, step=new.step, tree_states=new.tree_states,
                                    counts=new.counts), None
-
-    def back(xs: list[Any], like: list[Any]) -> list[Any]:
-        return [x if x is None or not backend.is_complex(c) else backend.as_complex(x, c)
-                for x, c in zip(xs, like, strict=True)]
-
-    new, params = update(real, pairs(step.params), pairs(step.grads), **extra)
+    new, params = update(real, _pairs(step.params, False), _pairs(step.grads, False), **extra)
     out = dataclasses.replace(
         state, step=new.step, tree_states=new.tree_states, counts=new.counts,
-        slots={k: back(v, state.slots[k]) for k, v in new.slots.items()},
+        slots={k: _back(v, state.slots[k]) for k, v in new.slots.items()},
     )
-    return out, unflatten(step.treedef, back(params, step.params))
+    return out, unflatten(step.treedef, _back(params, step.params))
 
 
 Closure = Callable[[Any], tuple[Any, Any]]
@@ -1681,7 +1711,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
             f"{rule.name}: the gradient of {', '.join(missing)} is None; the optax protocol "
             "updates every leaf (pass zeros), uniopt.update leaves such a leaf as it is")
     state = _with_structure(state, step.treedef)
-    if any(map(backend.is_complex, step.params)):
+    if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(rule):
         return _protocol_pairs(rule, state, step, extra_args)
     with backend.outside_autograd(step.params):
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
@@ -1733,20 +1763,13 @@ def _protocol_pairs(rule: Transform, state: State, step: _Step,
     """:func:`optax_update` of complex params as :func:`update` steps them (:func:`_as_pairs`):
     each complex array as the real pairs of its parts, the updates and slots back as complex
     arrays."""
-    def pairs(xs: list[Any]) -> list[Any]:
-        return [x if x is None or not backend.is_complex(x) else backend.as_real(x, False)
-                for x in xs]
-
-    def back(xs: list[Any], like: list[Any]) -> list[Any]:
-        return [x if x is None or not backend.is_complex(c) else backend.as_complex(x, c)
-                for x, c in zip(xs, like, strict=True)]
-
     flat = flat_list_def(len(step.params))
-    real = State(state.rule, state.step, {k: pairs(v) for k, v in state.slots.items()}, flat,
-                 state.state_dtype, state.tree_states, state.counts)
-    updates, new = optax_update(rule, pairs(step.grads), real, pairs(step.params), **extra)
-    slots = {k: back(v, state.slots[k]) for k, v in new.slots.items()}
-    return (unflatten(step.treedef, back(updates, step.grads)),
+    real = State(state.rule, state.step, {k: _pairs(v, False) for k, v in state.slots.items()},
+                 flat, state.state_dtype, state.tree_states, state.counts)
+    updates, new = optax_update(rule, _pairs(step.grads, False), real,
+                                _pairs(step.params, False), **extra)
+    slots = {k: _back(v, state.slots[k]) for k, v in new.slots.items()}
+    return (unflatten(step.treedef, _back(updates, step.grads)),
             dataclasses.replace(new, slots=slots, treedef=state.treedef))
 
 

@@ -52,6 +52,7 @@ class from_optax(WholeTree):
     tx: Any
     negate: bool = False
     libraries: ClassVar[tuple[str, ...] | None] = ("jax", "numpy")
+    takes_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not is_optax(self.tx):
