@@ -368,13 +368,14 @@ def test_translate_bad_input_is_a_usage_error(capsys, argv, named):
 def test_translate_reads_schedules_as_compare_does(capsys):
     assert main(["translate", "adam", "lr=cosine(1e-3,100)", "--to", "optax", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["rule"] == ("uo.adam(convention='optax', lr=cosine(init=0.001, steps=100, "
-                           "floor=0.0, exponent=1.0))") and doc["exact"] is True
+    assert doc["rule"] == ("uo.adam(convention='optax', lr=uo.schedules.cosine(init=0.001, "
+                           "steps=100, floor=0.0, exponent=1.0))") and doc["exact"] is True
     # Flux's uncoupled decay under an lr schedule: the decay becomes a schedule too
     assert main(["translate", "adamw", "--to", "flux", "--set", "couple_lr=False",
                  "lr=warmup(10, cosine(1e-3, 100))", "weight_decay=1e-2"]) == 0
     out = capsys.readouterr().out
-    assert "weight_decay=product(warmup(" in out and "exact:       yes" in out
+    assert "weight_decay=uo.schedules.product(uo.schedules.warmup(" in out
+    assert "exact:       yes" in out
     # a schedule the target cannot follow exactly says so, and why
     assert main(["translate", "sgd", "lr=cosine(1e-3, 100)", "momentum=0.9", "--to",
                  "keras"]) == 0

@@ -72,6 +72,25 @@ def test_every_exact_translation_between_conventions_gives_the_same_steps():
     assert checked >= 2  # adagrad: keras <-> optax at least
 
 
+@pytest.mark.parametrize("lr", [0.05, schedules.cosine(0.05, 100)], ids=["number", "schedule"])
+def test_the_printed_rule_builds_the_translated_rule(lr):
+    """Every ordered pair of every rule's conventions: the rule ``uniopt translate`` prints,
+    run with ``uniopt`` imported as ``uo``, is the translated record. It named no convention
+    where the target was torch's, which is not the default of amsgrad, nadamw and ademamix
+    (the call built optax's form), and wrote schedules by their bare names."""
+    checked = 0
+    for name, cls in _tables().items():
+        for src, tgt in itertools.permutations(cls.conventions, 2):
+            try:
+                rule = conventions.build(name, src, lr=lr)
+            except TypeError:
+                continue
+            tr = uo.translate(rule, target=tgt)
+            assert eval(conventions.call(tr.rule), {"uo": uo}) == tr.rule, (name, src, tgt)
+            checked += 1
+    assert checked > 20
+
+
 def test_adamw_torch_to_flux_couple_false_is_exact_at_constant_lr_and_under_a_schedule():
     torch_rule = uo.adamw(lr=1e-2, weight_decay=0.5)
     tr = uo.translate(torch_rule, source="torch", target="flux", couple_lr=False)

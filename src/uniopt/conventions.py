@@ -26,10 +26,12 @@ import dataclasses
 import importlib
 import numbers
 import pkgutil
+import re
 from collections.abc import Callable
 from typing import Any
 
 from . import rules as _rules_package
+from . import schedules
 from .base import FRAMEWORKS, Rule
 from .schedules import bias_correction, product
 
@@ -722,7 +724,23 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
 
 
 def _value(v: Any) -> str:
-    return repr(v)
+    """``v`` as the printed call writes it: a schedule (nested ones too) by the name it has
+    under ``uniopt`` (``uo.step_power``) or ``uniopt.schedules``, so the call runs as printed
+    with ``uniopt`` imported as ``uo``."""
+    text = repr(v)
+    if isinstance(v, schedules._Record):  # (whose repr holds numbers and records only)
+        import uniopt
+
+        def named(m: re.Match[str]) -> str:
+            name = m[1]
+            if isinstance(getattr(uniopt, name, None), type):
+                return f"uo.{name}("
+            if isinstance(getattr(schedules, name, None), type):
+                return f"uo.schedules.{name}("
+            return m[0]
+
+        text = re.sub(r"(?<![\w.])([A-Za-z_]\w*)\(", named, text)
+    return text
 
 
 def call(rule: Rule) -> str:
@@ -732,7 +750,9 @@ def call(rule: Rule) -> str:
     fields = _fields(cls)
     conv = getattr(rule, "convention", None) if "convention" in fields else None
     row = _table(cls).get(conv or "", {})
-    args = [f"convention={conv!r}"] if conv not in (None, "torch") else []
+    # (where the rule's own default is another framework's, torch's is named too)
+    args = [f"convention={conv!r}"] if conv not in (None, _default(fields["convention"])) \
+        else []
     for k, f in fields.items():
         if k == "convention":
             continue
