@@ -183,7 +183,7 @@ def mesh_run() -> dict[str, Any]:
                        "plateau": uo.chain(uo.adam(), uo.reduce_on_plateau()),
                        "linesearch": uo.chain(uo.sgd(), uo.scale_by_backtracking_linesearch()),
                        "sm3": uo.sm3(), "novograd": uo.novograd(), "soap": uo.soap(),
-                       "shampoo": uo.shampoo()}.items():
+                       "shampoo": uo.shampoo(), "galore": uo.galore(), "kron": uo.kron()}.items():
         try:
             state = uo.setup(rule, sharded(start))
         except Exception as e:  # reported: the other scenarios still run
@@ -197,6 +197,27 @@ def mesh_run() -> dict[str, Any]:
                   and (x.ndim == 0 or (x.ndim == 1 and x.shape != start["b"].shape))]
         placed[name] = [len(other), all(x.sharding.is_fully_replicated for x in other)]
     out["other-shapes"] = placed
+    # whole-tree parts that make arrays of their own shapes (GaLore's projectors, Kron's
+    # factors: they were made with the leaf's sharding, which does not divide them): 3 jitted
+    # steps on the mesh against the same on one device (Kron's draws: the same key)
+    beside: dict[str, Any] = {}
+    for name, rule in {"galore": uo.galore(lr=1e-2), "kron": uo.kron(lr=1e-2)}.items():
+        try:
+            ends = []
+            for on_mesh in (True, False):
+                params = sharded(start) if on_mesh else {k: jnp.asarray(v)
+                                                         for k, v in start.items()}
+                state = uo.setup(rule, params)
+                for i in range(3):
+                    g = sharded(grads[i]) if on_mesh else {k: jnp.asarray(v)
+                                                           for k, v in grads[i].items()}
+                    state, params = jax.jit(uo.update)(state, params, g)
+                ends.append(params)
+            beside[name] = max(float(np.max(np.abs(np.asarray(ends[0][k])
+                                                   - np.asarray(ends[1][k])))) for k in start)
+        except Exception as e:  # reported: the other scenarios still run
+            beside[name] = f"{type(e).__name__}: {e}"
+    out["beside-one-device"] = beside
     # rules whose per-leaf or whole-tree parts contract split axes or mix layouts (matrix
     # products, per-axis maxima, dot products of trees): on the explicit mesh they run on whole
     # arrays and hand each one back laid out as it came, as the eager NumPy run

@@ -129,6 +129,17 @@ def test_other_rules_set_up_state_of_other_shapes_replicated(mesh: dict[str, Any
         assert count and replicated, (name, got)
 
 
+@pytest.mark.parametrize("name", ["galore", "kron"])
+def test_whole_tree_arrays_of_their_own_shapes_are_replicated(mesh: dict[str, Any],
+                                                             name: str) -> None:
+    """GaLore's projectors and Kron's factors were made with their leaf's sharding, which does
+    not divide their shapes (a raw IndivisibleError at set-up); replicated, 3 jitted steps on
+    the mesh are the one-device run's."""
+    got = mesh["beside-one-device"][name]
+    assert isinstance(got, float), got
+    assert got <= 1e-12, got
+
+
 @pytest.mark.parametrize("name", ["muon", "shampoo", "soap", "sm3", "lbfgs"])
 def test_matrix_and_tree_parts_step_on_an_explicit_mesh(mesh: dict[str, Any], name: str) -> None:
     """Rules whose parts contract split axes or mix layouts (Muon's and Shampoo's matrix

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import operator
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat as aac
@@ -142,6 +143,15 @@ def placed(x: Any, like: Any) -> Any:
     # every axis named None, as the outputs of jit name a replicated array's
     spec = jax.sharding.PartitionSpec(*([None] * np.ndim(x)))
     return jax.device_put(x, jax.sharding.NamedSharding(where, spec))
+
+
+def made_beside(make: Callable[[Any], Any], like: Any) -> Any:
+    """``make(device)``, an array of another shape than ``like`` (a whole-tree part's
+    projector, a factor), made beside it: on its device, or replicated over the mesh it spans,
+    whose layout may split an axis the new array lacks (or not divide it)."""
+    if mesh_of(like) is not None:
+        return placed(make(None), like)
+    return make(device(like))
 
 
 def number(xp: Any, value: Any, dtype: Any, like: Any) -> Any:

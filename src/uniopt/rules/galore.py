@@ -131,15 +131,15 @@ class scale_by_galore(WholeTree):
             xp = backend.namespace(p)
             plan = self._plan(tuple(p.shape))
             if plan is None:
-                projectors.append(xp.zeros((0, 0), dtype=p.dtype, device=backend.device(p)))
+                projectors.append(_zeros(xp, (0, 0), p))
                 moments.append(tuple(p.shape))
                 continue
             r = min(self.rank, plan.rows, plan.cols)
             side = plan.rows if plan.left else plan.cols
-            projectors.append(xp.zeros((side, r), dtype=p.dtype, device=backend.device(p)))
+            projectors.append(_zeros(xp, (side, r), p))
             moments.append((r, plan.cols) if plan.left else (plan.rows, r))
-        zeros = [[backend.namespace(p).zeros(s, dtype=p.dtype, device=backend.device(p))
-                  for p, s in zip(leaves, moments, strict=True)] for _ in range(2)]
+        zeros = [[_zeros(backend.namespace(p), s, p) for p, s in zip(leaves, moments, strict=True)]
+                 for _ in range(2)]
         return {"projector": projectors, "exp_avg": zeros[0], "exp_avg_sq": zeros[1]}
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
@@ -272,3 +272,8 @@ class galore(Rule):
         decay = ((masked_by(weight_decay(wd=self.weight_decay), self.mask),)
                  if self.on("weight_decay") else ())
         return (self._direction(), *decay, scale_by_lr(lr=self.lr))
+
+
+def _zeros(xp: Any, shape: tuple[int, ...], like: Any) -> Any:
+    """Zeros of ``shape`` beside leaf ``like`` (replicated where it is laid out over a mesh)."""
+    return backend.made_beside(lambda dev: xp.zeros(shape, dtype=like.dtype, device=dev), like)

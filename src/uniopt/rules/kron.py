@@ -9,6 +9,7 @@ preconditioner is ``P = Q^T Q`` with ``Q = Q_1 (x) ... (x) Q_k``, fitted to rand
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -133,9 +134,10 @@ class scale_by_kron(WholeTree):
                 qs.append([xp.asarray(xp.ones_like(p) * self.precond_init_scale)])
                 continue
             s = self.precond_init_scale ** (1.0 / len(shape))
-            qs.append([s * (xp.ones((n,), dtype=p.dtype, device=backend.device(p)) if d else
-                            xp.eye(n, dtype=p.dtype, device=backend.device(p)))
-                       for n, d in zip(shape, self.diagonal(shape), strict=True)])
+            # (each factor replicated where the leaf is laid out over a mesh)
+            qs.append([s * backend.made_beside(functools.partial(
+                _diagonal_factor if d else _full_factor, xp, n, p.dtype), p)
+                for n, d in zip(shape, self.diagonal(shape), strict=True)])
         if leaves and backend.is_jax(leaves[0]):
             # on JAX the counter and the balancing draws' key are JAX arrays, which jax.jit
             # carries: a 64-bit counter and PCG64's words would not survive without x64
@@ -192,6 +194,11 @@ class scale_by_kron(WholeTree):
             m_hats.append(_like(xp, m / c.bc, m))
             hs.append(m_hats[-1] if self.momentum_into_precondition_update else g)
 
+        if traced:
+            # whole arrays into jax.lax.cond: a branch that gathers split ones holds collectives,
+            # and XLA's CPU client deadlocked running such a program from its persistent cache
+            m_hats, hs = [backend.gathered(x) for x in m_hats], [backend.gathered(x) for x in hs]
+
         def balanced(qs: list[list[Any]]) -> list[list[Any]]:
             return [_balance(xp, q) if g.ndim > 1 else q
                     for q, g in zip(qs, leaves, strict=True)]
@@ -201,7 +208,9 @@ class scale_by_kron(WholeTree):
             out = []
             for q, m_hat, h in zip(qs, m_hats, hs, strict=True):
                 (v,), gen = _DRAW[kind](gen, [m_hat], "gaussian")
-                out.append([_like(xp, new, old) for new, old in
+                # (laid out as it was: on a mesh a factor made from a split leaf comes back
+                # split, which the other branch of jax.lax.cond does not)
+                out.append([backend.laid_out_as(_like(xp, new, old), old) for new, old in
                             zip(_update_q(xp, q, v, h, c.precond_lr), q, strict=True)])
             return out, gen
 
@@ -234,6 +243,14 @@ class scale_by_kron(WholeTree):
                "Q": [[xp.asarray(x) for x in q] for q in qs],
                "update_counter": counter, "generator": gen, "balance_generator": bal}
         return unflatten(treedef, out), new
+
+
+def _diagonal_factor(xp: Any, n: int, dtype: Any, device: Any) -> Any:
+    return xp.ones((n,), dtype=dtype, device=device)
+
+
+def _full_factor(xp: Any, n: int, dtype: Any, device: Any) -> Any:
+    return xp.eye(n, dtype=dtype, device=device)
 
 
 def _like(xp: Any, x: Any, like: Any) -> Any:
