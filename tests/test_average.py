@@ -435,3 +435,58 @@ def test_averaged_reads_an_8_bit_state(block: Any) -> None:
         runs[state_dtype] = uo.averaged(state, p)["w"]
         assert runs[state_dtype].dtype == np.float32 and runs[state_dtype] is not p["w"]
     np.testing.assert_allclose(runs["q8"], runs[None], rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "jax", "jax-jit"])
+def test_a_debiased_average_of_a_leaf_left_out_reads_at_its_own_count(lib: str) -> None:
+    """A leaf whose gradient was None at some steps keeps its own count; its debiased average
+    divides by ``1 - d^t`` of that count (it read the state's step: a leaf that never moves
+    averaged 0.889 of itself, as uniopt.torch's reading did not)."""
+    to: Any = np.asarray
+    if lib != "numpy":
+        jax = pytest.importorskip("jax")
+        to = jax.numpy.asarray
+    p = {"a": to(np.ones(2)), "b": to(np.ones(2))}
+    rule = uo.chain(uo.sgd(lr=0.1), uo.ema(0.5, debias=True))
+    state = uo.setup(rule, p)
+    step = uo.update
+    if lib == "jax-jit":
+        step = jax.jit(uo.update)
+    for i in range(6):
+        state, p = step(state, p, {"a": to(np.full(2, 0.1)),
+                                   "b": to(np.zeros(2)) if i % 2 == 0 else None})
+    assert [int(k) for k in np.asarray(state.counts)] == [6, 3]
+    np.testing.assert_allclose(np.asarray(uo.averaged(state, p)["b"]), 1.0, rtol=1e-15)
+
+
+def test_uniopt_torch_averaged_names_an_average_inside_a_recipe() -> None:
+    """``Optimizer.averaged(name)`` of a rule with a combinator: the named average (the name
+    was dropped: two averages raised, one was handed back whatever its name)."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    inner = uo.partition({"a": uo.sgd(lr=1.0)}, lambda path, x: "a")
+    opt = ut.Optimizer([w], uo.chain(inner, uo.polyak(), uo.ema(0.9)))
+    for _ in range(4):
+        w.grad = torch.ones(2, dtype=torch.float64)
+        opt.step()
+    assert torch.equal(opt.averaged("polyak")[w], torch.full((2,), -2.5, dtype=torch.float64))
+    state, p = _ema_reference(4)
+    ema = uo.averaged(state, p, "ema")["w"]
+    assert not np.allclose(ema, -2.5)
+    np.testing.assert_array_equal(opt.averaged("ema")[w].numpy(), ema)
+    only = ut.Optimizer([w], uo.chain(inner, uo.ema(0.9)))
+    with pytest.raises(ValueError, match=r"no average named 'polyak'"):
+        only.averaged("polyak")
+
+
+def _ema_reference(steps: int) -> tuple[Any, Any]:
+    """The functional run the test above holds uniopt.torch's to."""
+    p = {"w": np.zeros(2)}
+    rule = uo.chain(uo.partition({"a": uo.sgd(lr=1.0)}, lambda path, x: "a"), uo.polyak(),
+                    uo.ema(0.9))
+    state = uo.setup(rule, p)
+    for _ in range(steps):
+        state, p = uo.update(state, p, {"w": np.ones(2)})
+    return state, p

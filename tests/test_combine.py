@@ -728,3 +728,16 @@ def test_a_0d_leaf_stays_an_array_through_save_load_and_update_(
     loaded = uo.update_(loaded, loaded_params, grads)
     for k in params:
         np.testing.assert_array_equal(params[k], loaded_params[k])
+
+
+def test_a_label_function_that_reads_dtypes_routes_each_tree_by_its_own() -> None:
+    """One rule set up for two trees of the same shapes and other dtypes: each is routed by its
+    own labels (the routes were kept by structure and shapes alone: the second tree was
+    routed as the first)."""
+    rule = uo.partition({"train": uo.sgd(lr=0.5), "frozen": None},
+                        lambda path, leaf: "frozen" if leaf.dtype == np.float16 else "train")
+    for w, v in ((np.float32, np.float16), (np.float16, np.float32)):
+        p = {"w": np.ones(2, w), "v": np.ones(2, v)}
+        _, out = uo.update(uo.setup(rule, p), p, {k: np.ones(2, x.dtype) for k, x in p.items()})
+        for k, x in out.items():
+            assert x.tolist() == ([1.0] * 2 if x.dtype == np.float16 else [0.5] * 2), (k, x)

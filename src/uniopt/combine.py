@@ -234,8 +234,9 @@ class _Routed(_Runs):
 
     def route(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
         """The leaves (their positions) each member takes, raising where a label names none.
-        Kept per tree structure and shapes: a step asks again and gets the same answer."""
-        key = ("route", treedef, tuple(tuple(x.shape) for x in leaves))
+        Kept per tree structure, shapes and dtypes (what a label function may read): a step
+        asks again and gets the same answer."""
+        key = ("route", treedef, tuple((tuple(x.shape), x.dtype) for x in leaves))
         hit = self.memo.get(key)
         if hit is not None:
             return hit

@@ -114,7 +114,7 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     ps = group["params"]
     views = [plans._view(p, _spec(p)) for p in ps]
     state = _state(opt, gi, group, rule, views)
-    out = flatten(uo_averaged(state, _tree(group, views)))[0]
+    out = flatten(uo_averaged(state, _tree(group, views), name))[0]
     return {p: torch.as_tensor(a).clone()
             for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
 

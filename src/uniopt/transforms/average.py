@@ -315,10 +315,15 @@ def _averages(state: State, treedef: Any, leaves: list[Any], name: str | None) -
     other rules (accumulate, partition...), from their states; None if there is none."""
     if any(isinstance(p, Averaging) for p in state.rule.flat_parts):
         part, key = find_average(state.rule, name)
-        resolved = part.at(state.step)
-        assert isinstance(resolved, Averaging)
-        return [read_average(resolved, a, p, state.step)
-                for a, p in zip(state.slots[key], leaves, strict=True)]
+        # each leaf at its own count where a None gradient left some out (a debias's 1 - d^t)
+        steps = [state.step] * len(leaves) if state.counts is None else \
+            [state.counts[i] for i in range(len(leaves))]
+        out_: list[Any] = []
+        for a, p, k in zip(state.slots[key], leaves, steps, strict=True):
+            resolved = part.at(k)
+            assert isinstance(resolved, Averaging)
+            out_.append(read_average(resolved, a, p, k))
+        return out_
     out: list[Any] = [None] * len(leaves)
     found = False
     for runner, keys in state.rule.keyed_parts:
