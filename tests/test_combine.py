@@ -741,3 +741,23 @@ def test_a_label_function_that_reads_dtypes_routes_each_tree_by_its_own() -> Non
         _, out = uo.update(uo.setup(rule, p), p, {k: np.ones(2, x.dtype) for k, x in p.items()})
         for k, x in out.items():
             assert x.tolist() == ([1.0] * 2 if x.dtype == np.float16 else [0.5] * 2), (k, x)
+
+
+@pytest.mark.parametrize("member", ["accumulate", "mechanize", "skip_nonfinite"])
+def test_a_none_gradient_a_member_refuses_fails_the_step_before_any_member_writes(
+        member: str) -> None:
+    """A partition's member that steps every leaf together refuses a None gradient; in place,
+    the member before it had stepped by then (a retry stepped it twice), or skip_nonfinite's
+    check raised a raw TypeError."""
+    inner = {"accumulate": uo.accumulate(uo.sgd(lr=0.1), 1),
+             "mechanize": uo.mechanize(uo.sgd(lr=0.1)),
+             "skip_nonfinite": uo.skip_nonfinite(uo.sgd(lr=0.1))}[member]
+    rule = uo.partition({"a": uo.adam(lr=0.1), "b": inner}, {"w": "a", "v": "b"})
+    p = {"w": np.ones(3), "v": np.ones(2)}
+    state = uo.setup(rule, p)
+    leaves = optree.tree_leaves(state, namespace="uniopt")
+    before_state, before_p = [np.array(x, copy=True) for x in leaves], copy_tree(p)
+    with pytest.raises(ValueError, match=r"None"):
+        uo.update_(state, p, {"w": np.full(3, 0.5), "v": None})
+    assert_same([np.asarray(x) for x in leaves], before_state)
+    assert_same(list(p.values()), list(before_p.values()))

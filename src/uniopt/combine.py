@@ -150,11 +150,30 @@ def _validate(rule: Transform, state: State, ps: list[Any] | None = None,
     the rule is that combinator alone (None: what it sees is not known here). A partition's
     members step one after another: each is checked so before the first writes anything."""
     moving, runs, alone = _checks(rule)
+    if gs is not None and any(g is None for g in gs):
+        _refuse_none(rule, state.treedef, gs)
     if moving:
         resolve(rule, state.step)
     for part, keys in runs:
         part.precheck(state.tree_states[keys[0]], state.treedef,
                       ps if alone else None, gs if alone else None)
+
+
+def _refuse_none(rule: Transform, treedef: Any, gs: list[Any]) -> None:
+    """Raise what a step of member ``rule`` raises for gradients ``gs`` with a None among them
+    (a combinator that steps every leaf together, a chain with whole-tree parts), before an
+    earlier member of its partition writes."""
+    parts = rule.flat_parts
+    lone = parts[0] if len(parts) == 1 and isinstance(parts[0], _Runs) else None
+    if lone is not None and not lone.routes:
+        i = next(i for i, g in enumerate(gs) if g is None)
+        raise ValueError(
+            f"{lone.name}: the gradient of {path_str(optree.treespec_paths(treedef)[i])} is "
+            "None; it steps every leaf together (pass zeros to leave one still)")
+    if lone is None and rule.tree_layout:
+        raise ValueError(
+            f"{rule.name}: a gradient is None, but whole-tree parts "
+            f"({', '.join(rule.tree_layout)}) see every leaf at once; pass zeros instead")
 
 
 def _checks(rule: Transform) -> tuple[bool, list[tuple[Any, Any]], bool]:
@@ -267,11 +286,13 @@ class _Routed(_Runs):
     def precheck(self, tree: Any, treedef: Any, ps: list[Any] | None,
                  gs: list[Any] | None) -> None:
         routes = None
+        # (a None gradient: each member that steps every leaf together refuses it here)
+        none = ps is not None and gs is not None and any(g is None for g in gs)
         for name, member in self.inner.items():
             moving, runs, _ = _checks(member)
-            if not (moving or runs) or _frozen(member):
+            if not (moving or runs or none) or _frozen(member):
                 continue
-            if runs and ps is not None and routes is None:
+            if (runs or none) and ps is not None and routes is None:
                 routes = self.route(treedef, ps)
             if routes is None or ps is None or gs is None:
                 _validate(member, tree[name])
