@@ -1780,3 +1780,52 @@ def test_a_grad_scaler_drives_it_as_torch_optim(mode: dict[str, Any]) -> None:
     assert all(map(torch.equal, ours[0], unscaled[0]))
     for a, b in zip(ours[0], theirs[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["NAdam", "RAdam", "ASGD"])
+def test_capturable_is_refused_with_differentiable_too(name: str) -> None:
+    """NAdam, RAdam and ASGD compute their step's numbers on the host, so refuse
+    ``capturable=True`` (docs/torch.md); with ``differentiable=True`` too they stepped, the
+    recorded step taking no multi-tensor path, where the check was. Nothing is written."""
+    p = torch.ones(3, requires_grad=True).clone()
+    opt = getattr(ut, name)([p], lr=0.01, capturable=True, differentiable=True)
+    p.grad = torch.full((3,), 0.5)
+    with pytest.raises(TypeError, match=r"computes its coefficients on the host"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state[p]
+    q = torch.ones(3, requires_grad=True).clone()  # a rule whose numbers are arithmetic: steps
+    adam = ut.Adam([q], lr=0.01, capturable=True, differentiable=True)
+    q.grad = torch.full((3,), 0.5)
+    adam.step()
+    assert not torch.equal(q.detach(), torch.ones(3))
+
+
+def test_a_tensor_lr_that_requires_grad_is_read_without_torchs_warning() -> None:
+    """A learned lr (a tensor requiring grad): its value is checked without the graph, as
+    torch.optim reads it (``float`` of the tensor warned, "Converting a tensor with
+    requires_grad=True to a scalar")."""
+    lr = torch.tensor(0.01, requires_grad=True)
+    p = torch.ones(3, requires_grad=True).clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ut.SGD([p], lr=lr, differentiable=True)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: ut.Optimizer(ps, uo.lamb(lr=0.01)),
+    lambda ps: ut.Optimizer(ps, uo.adan(lr=0.01)),
+    lambda ps: ut.Optimizer(ps, uo.prodigy()),
+    lambda ps: ut.Optimizer(ps, uo.shampoo(lr=0.01)),
+    lambda ps: ut.Kron(ps, lr=0.01),
+], ids=["lamb", "adan", "prodigy", "shampoo", "Kron"])
+def test_a_real_only_rule_refuses_complex_tensors_before_any_write(make: Any) -> None:
+    """uniopt.torch hands the engine a complex tensor's real pairs, so the engine's refusal of
+    a rule that takes real params only (``uo.setup``'s) never ran: LAMB, Adan, Prodigy and
+    Kron stepped the pairs silently, Shampoo raised a raw shape error after making state."""
+    w = nn.Parameter(torch.ones(3, 4, dtype=torch.complex128))
+    opt = make([w])
+    w.grad = torch.full((3, 4), 0.5 + 0.25j, dtype=torch.complex128)
+    with pytest.raises(TypeError, match=r"takes real params only"):
+        opt.step(lambda: 1.0) if isinstance(opt, ut.Kron) else opt.step()
+    assert torch.equal(w.detach(), torch.ones(3, 4, dtype=torch.complex128))
+    assert not opt.state[w]

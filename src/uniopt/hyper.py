@@ -177,7 +177,8 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
         if getattr(value, "requires_grad", False) and getattr(value, "numel", lambda: 0)() == 1:
             # a torch tensor that a differentiable step differentiates with respect to (a learned
             # lr): checked by its value, kept as it is
-            check(owner, name, float(value), valid, where)  # type: ignore[arg-type]
+            # (its value without the graph: float() of the tensor itself warns)
+            check(owner, name, float(value.detach()), valid, where)  # type: ignore[attr-defined]
             return value  # type: ignore[return-value]
         zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
         # (by the dtype's name: torch's "torch.float32" and bfloat16 are no NumPy dtypes)

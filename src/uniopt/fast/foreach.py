@@ -284,14 +284,9 @@ class _HostRead(RuntimeError):
     pass
 
 
-def _resolved(resolve: Callable[[], Any], memo: dict[Any, Any] | None) -> Any:
-    """The resolved plan. With the step counter a tensor on the device, checked (once per
-    rule) to compute its coefficients without reading anything back to the host."""
-    args: tuple[Any, ...] = getattr(resolve, "args", ())
-    if (len(args) < 2 or not isinstance(args[1], torch.Tensor)
-            or (memo is not None and memo.get("foreach-device"))):
-        return resolve()
-    rule, at = args[:2]
+def check_capturable(rule: Any, at: torch.Tensor) -> None:
+    """Raise where a part of ``rule`` computes its coefficients at step tensor ``at`` on the
+    host, reading a number back: its step cannot be captured in a graph."""
     for part in rule.flat_parts:  # each on its own: the error names the part
         try:
             with _NoSync():
@@ -303,6 +298,16 @@ def _resolved(resolve: Callable[[], Any], memo: dict[Any, Any] | None) -> Any:
                 "be captured in a graph (capturable=True); the rules whose coefficients are "
                 "arithmetic on the step (Adam, AdamW, SGD, ...) can"
             ) from None
+
+
+def _resolved(resolve: Callable[[], Any], memo: dict[Any, Any] | None) -> Any:
+    """The resolved plan. With the step counter a tensor on the device, checked (once per
+    rule) to compute its coefficients without reading anything back to the host."""
+    args: tuple[Any, ...] = getattr(resolve, "args", ())
+    if (len(args) < 2 or not isinstance(args[1], torch.Tensor)
+            or (memo is not None and memo.get("foreach-device"))):
+        return resolve()
+    check_capturable(*args[:2])
     if memo is not None:
         memo["foreach-device"] = True
     return resolve()

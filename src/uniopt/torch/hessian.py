@@ -77,6 +77,7 @@ class SophiaH(Optimizer):
                 "opt.step(closure)")
         with torch.enable_grad():
             loss = closure()
+        combined.real_params(self, "SophiaH")
         combined.every_gradient(
             self, "SophiaH", "a group steps as one tree, its Hessian estimate over every "
             "parameter (give them zeros in the closure, or leave them out of the optimizer), "

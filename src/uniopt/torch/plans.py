@@ -25,7 +25,15 @@ import torch
 
 from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
-from ..engine import flat_list_def, global_norm_parts, resolve, setup, shared_norms, update_
+from ..engine import (
+    _real_only,
+    flat_list_def,
+    global_norm_parts,
+    resolve,
+    setup,
+    shared_norms,
+    update_,
+)
 from ..interop import dtensor
 from ..state import State
 
@@ -749,6 +757,18 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     their own."""
     ps = group["params"]
     tracked = bool(group.get("differentiable"))
+    complex_at = next((i for i, p in enumerate(ps) if has[i] and p.is_complex()), None)
+    if complex_at is not None:
+        # (the engine sees the real pairs here, so its own refusal at set-up never ran)
+        real = _real_only(rule)
+        if real is not None:
+            raise TypeError(f"{real} takes real params only (the registry's Info.complex); "
+                            f"parameter {complex_at} of the group is complex")
+    if tracked and group.get("capturable"):
+        # (the multi-tensor path checks this at its first step; a recorded step takes another)
+        from ..fast.foreach import check_capturable
+
+        check_capturable(rule, torch.ones(()))
     q8 = is_q8(group)
     sharded = dtensor.any_dtensor(ps)
     if sharded:

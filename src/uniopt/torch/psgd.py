@@ -137,6 +137,7 @@ class Kron(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rules = [self._rule(group)[0] for group in self.param_groups]
+        combined.real_params(self, "Kron")
         combined.every_gradient(
             self, "Kron", "a group steps as one tree, every parameter with a gradient (set "
             "zeros), where pytorch-optimizer leaves them out")
