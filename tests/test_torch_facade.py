@@ -1829,3 +1829,51 @@ def test_a_real_only_rule_refuses_complex_tensors_before_any_write(make: Any) ->
         opt.step(lambda: 1.0) if isinstance(opt, ut.Kron) else opt.step()
     assert torch.equal(w.detach(), torch.ones(3, 4, dtype=torch.complex128))
     assert not opt.state[w]
+
+
+@pytest.mark.parametrize("name", ["ASGD", "NAdam"])
+def test_carried_numbers_written_into_the_state_by_hand_are_resumed_from(name: str) -> None:
+    """``ZeroRedundancyOptimizer.load_state_dict`` writes each saved parameter state into the
+    local optimizer's ``state`` itself, not through ``load_state_dict``: the ``eta``/``mu``
+    and ``mu_product`` there are taken as a load takes them (they were derived anew from the
+    step count and the scheduled values: 3.2e-3 from the run that never stopped for ASGD
+    under ExponentialLR, where torch's class resumes exactly)."""
+    dd = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        scheduler = {"ASGD": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.5),
+                     "NAdam": lambda o: torch.optim.lr_scheduler.OneCycleLR(
+                         o, 0.05, total_steps=20)}[name]
+
+        def steps(opt: Any, ps: list[Any], sched: Any, start: int) -> None:
+            for t in range(start, start + 4):
+                for p in ps:
+                    p.grad = torch.sin(p.detach() * (t + 1))
+                opt.step()
+                sched.step()
+
+        def made() -> tuple[Any, list[Any], Any]:
+            g = torch.Generator().manual_seed(0)
+            ps = [nn.Parameter(torch.randn(4, 3, generator=g)),
+                  nn.Parameter(torch.randn(3, generator=g))]
+            opt = getattr(ut, name)(ps, lr=0.05)
+            return opt, ps, scheduler(opt)
+
+        opt, ps, sched = made()
+        steps(opt, ps, sched, 0)
+        saved, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+        steps(opt, ps, sched, 4)
+        _, qs, sched2 = made()  # the params as at the save, in a new optimizer loaded ZeRO's way
+        steps(_, qs, sched2, 0)
+        loaded = getattr(ut, name)(qs, lr=0.05)
+        sched3 = scheduler(loaded)
+        sched3.load_state_dict(saved_sched)
+        for group, was in zip(loaded.param_groups, saved["param_groups"], strict=True):
+            group.update({k: v for k, v in was.items() if k != "params"})
+        for k, q in enumerate(qs):
+            loaded.state[q] = copy.deepcopy(saved["state"][k])
+        steps(loaded, qs, sched3, 4)
+        for p, q in zip(ps, qs, strict=True):
+            assert torch.equal(p, q)
+    finally:
+        torch.set_default_dtype(dd)

@@ -649,7 +649,7 @@ class _Derived(_Named):
         the parameter's id (a group popped or a parameter moved to another group changes its
         group's index; a record left from before the move may hold it too, at an older
         count: the latest wins)."""
-        best: dict[int, tuple[Any, float]] = {}
+        best: dict[int, tuple[Any, float]] = dict(vars(self).get("_written", {}))
         for rec in [*self._records().values(), *vars(self).get("_retired", ())]:
             for i, q in enumerate(rec.params):
                 held = best.get(id(q))
@@ -709,7 +709,38 @@ class _Derived(_Named):
         """Each group's record and runs in the step under way (see :meth:`_run_rules`)."""
         return vars(self).setdefault("_stepping_runs", {})
 
+    def _adopt_written(self) -> None:
+        """Numbers a caller wrote into a parameter's state itself, not through
+        ``load_state_dict`` (``ZeroRedundancyOptimizer.load_state_dict`` writes each saved
+        state there): kept for the parameter at its state's step count, and taken out of the
+        state, as a load takes them. Looked for once the state has changed (it counts its
+        changes)."""
+        state = self.state
+        version = getattr(state, "version", None)
+        seen = vars(self).get("_written_seen")
+        if seen is not None and seen[0] is state and version is not None and seen[1] == version:
+            return
+        vars(self)["_written_seen"] = (state, version)
+        found: dict[int, tuple[Any, float]] = {}
+        for i, (p, st) in enumerate(state.items()):
+            if not isinstance(st, dict) or not any(n in st for n in self._derived):
+                continue
+            if all(n in st for n in self._derived):
+                found[id(p)] = (np.array([self._loaded_number(i, n, st[n])
+                                          for n in self._derived]),
+                                float(plans.state_step(st)))
+            for n in self._derived:
+                st.pop(n, None)
+        if not found:
+            return
+        vars(self).setdefault("_written", {}).update(found)
+        for rec in self._records().values():
+            for j, q in enumerate(rec.params):
+                if id(q) in found:
+                    rec.values[j], rec.counts[j] = found[id(q)]
+
     def _step(self, closure: Any = None) -> Any:
+        self._adopt_written()
         stepping = self._stepping()
         stepping.clear()
         try:
