@@ -761,3 +761,26 @@ def test_a_none_gradient_a_member_refuses_fails_the_step_before_any_member_write
         uo.update_(state, p, {"w": np.full(3, 0.5), "v": None})
     assert_same([np.asarray(x) for x in leaves], before_state)
     assert_same(list(p.values()), list(before_p.values()))
+
+
+@pytest.mark.parametrize("member", ["accumulate", "clip-chain"])
+def test_a_member_no_leaf_is_labelled_for_steps_under_jit(member: str) -> None:
+    """A label no leaf carries (a recipe's member for layers this model lacks), as optax's
+    multi_transform allows: under ``jax.jit`` its empty step met traced numbers in host
+    branches (TracerBoolConversionError). Its count moves; the params are the eager run's, to
+    float32 rounding."""
+    jax = pytest.importorskip("jax")
+    unused = {"accumulate": uo.accumulate(uo.adamw(lr=0.1), 2),
+              "clip-chain": uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=0.1))}[member]
+    rule = uo.partition({"used": uo.adam(lr=0.1), "unused": unused}, lambda path, x: "used")
+    p = {"w": jax.numpy.ones(2), "b": jax.numpy.ones(3)}
+    g = {"w": jax.numpy.ones(2), "b": jax.numpy.full(3, 0.5)}
+    ends = []
+    for step in (uo.update, jax.jit(uo.update)):
+        state, q = uo.setup(rule, p), p
+        for _ in range(2):
+            state, q = step(state, q, g)
+        assert int(state.tree_states["partition"]["unused"].step) == 2
+        ends.append(q)
+    for k in p:  # (float32: XLA's fused arithmetic against eager JAX's, to rounding)
+        np.testing.assert_allclose(np.asarray(ends[0][k]), np.asarray(ends[1][k]), rtol=1e-6)

@@ -313,6 +313,9 @@ class _Routed(_Runs):
             st = dataclasses.replace(tree[name], rule=member)
             if _frozen(member):
                 new[name], moved = _unmoved(mode, st), _still(mode, sub_p, sub_g)
+            elif not idx:  # a label no leaf carries: its count moves, nothing else (under jit
+                # its parts' host branches on an empty tree's numbers met traced ones)
+                new[name], moved = dataclasses.replace(_unmoved(mode, st), step=st.step + 1), []
             else:
                 moved, new[name] = _member(mode, st, sub_p, sub_g, extra)
             if out is not None:
