@@ -784,3 +784,27 @@ def test_a_member_no_leaf_is_labelled_for_steps_under_jit(member: str) -> None:
         ends.append(q)
     for k in p:  # (float32: XLA's fused arithmetic against eager JAX's, to rounding)
         np.testing.assert_allclose(np.asarray(ends[0][k]), np.asarray(ends[1][k]), rtol=1e-6)
+
+
+def test_masks_and_labels_as_trees_of_jax_node_types() -> None:
+    """A mask or labels tree of flax's FrozenDict or of an equinox Module (as ``optax.masked``
+    takes them, from ``jax.tree.map`` over the params): a tree, not a function (a Module is
+    callable: it was called with (path, leaf)), and whatever was set up before (a FrozenDict
+    mask was refused until some set-up had met one)."""
+    eqx = pytest.importorskip("equinox")
+    jax = pytest.importorskip("jax")
+    from flax.core import freeze as frozen
+
+    model = eqx.filter(eqx.nn.MLP(3, 1, 4, 1, key=jax.random.PRNGKey(0)), eqx.is_array)
+    params = {"frozen": frozen({"kernel": jax.numpy.ones((3, 2)), "bias": jax.numpy.ones(2)}),
+              "module": model}
+    mask = jax.tree.map(lambda x: x.ndim == 2, params)
+    labels = jax.tree.map(lambda x: "matrix" if x.ndim == 2 else "vector", params)
+    grads = jax.tree.map(jax.numpy.ones_like, params)
+    # (masked, as optax's, hands the other leaves' gradients through: p - g)
+    for rule, other in ((uo.masked(uo.sgd(lr=0.5), mask), 1.0),
+                        (uo.partition({"matrix": uo.sgd(lr=0.5), "vector": None}, labels), 0.0)):
+        _, out = uo.update(uo.setup(rule, params), params, grads)
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(out), strict=True):
+            np.testing.assert_array_equal(np.asarray(y),
+                                          np.asarray(x) - (0.5 if x.ndim == 2 else other))

@@ -66,9 +66,12 @@ def _selector(owner: str, what: str, spec: Any, label: bool) -> Any:
     if isinstance(spec, (list, tuple)) and spec and all(
             isinstance(s, (str, re.Pattern)) for s in spec) and not label:
         return tuple(spec)
-    if callable(spec) and not isinstance(spec, (list, tuple, Mapping)):
+    # (a tree of JAX's node types, flax's FrozenDict or an equinox Module, which is callable,
+    # is a tree: known to the flattening once adopted)
+    leaves, treedef = flatten_leaves(spec)
+    if callable(spec) and not isinstance(spec, (list, tuple, Mapping)) and len(leaves) == 1 \
+            and leaves[0] is spec:
         return spec
-    leaves, treedef = optree.tree_flatten(spec, none_is_leaf=False, namespace=NAMESPACE)
     for x in leaves:
         ok = isinstance(x, str) if label else isinstance(x, bool) or _is_bool(x)
         if not ok:
