@@ -426,3 +426,23 @@ def test_switches_must_be_bools() -> None:
         uo.adam(eps_floor16="yes")
     with pytest.raises(ValueError, match="nesterov must be True or False, got 1"):
         uo.sgd(momentum=0.9, nesterov=1)
+
+
+def test_nesterov_without_momentum_in_the_target_translates():
+    """Nesterov where the target's momentum is 0 (Optimisers.jl's RMSProp has none; keras's SGD
+    takes nesterov=True at momentum 0): the target steps without it (building it raised that
+    Nesterov needs momentum); exact where the source's momentum was 0 too."""
+    tr = uo.translate(conventions.build("sgd", "keras", nesterov=True), target="torch")
+    assert tr.exact and tr.rule == uo.sgd(lr=0.01)
+    np.testing.assert_allclose(_run(tr.rule), _run(conventions.build("sgd", "keras",
+                                                                      nesterov=True)),
+                               rtol=1e-15)
+    tr = uo.translate(conventions.build("rmsprop", "optax", lr=0.01, momentum=0.9,
+                                        nesterov=True), target="flux")
+    assert not tr.exact and "momentum" in tr.conditions and not tr.rule.nesterov
+
+
+def test_an_unknown_hyperparameter_is_named_with_the_closest():
+    with pytest.raises(ValueError, match=r"adam has no hyperparameter 'betas1'; did you mean "
+                                         r"'betas'\?"):
+        conventions.build("adam", "optax", betas1=0.9)

@@ -600,6 +600,14 @@ def build(name: str, framework: str = "torch", **hyper: Any) -> Rule:
     **hyper)`` where the rule has conventions; a rule without a table is torch's only."""
     cls = _rule_class(name)
     framework = _framework(framework, "framework")
+    unknown = [k for k in hyper if k not in _fields(cls) or k == "convention"]
+    if unknown:
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], [k for k in _fields(cls)
+                                                      if k != "convention"], n=3)
+        raise ValueError(f"{name} has no hyperparameter {unknown[0]!r}"
+                         + (f"; did you mean {' or '.join(map(repr, near))}?" if near else ""))
     table = _table(cls)
     if framework in table:
         return cls(**{"convention": framework, **hyper})
@@ -702,6 +710,10 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
                 f"translation between them{extra}"))))
     if "convention" in fields:
         hyper["convention"] = target
+    if hyper.get("nesterov") and hyper.get("momentum") == 0:
+        # Nesterov's look-ahead without momentum is none (keras's SGD takes it so); where the
+        # target fixed momentum at 0, that step above says what is lost
+        hyper["nesterov"] = False
     out = cls(**hyper)
     if not steps:
         rows = (table.get(source, {}), table.get(target, {}))
