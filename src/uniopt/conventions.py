@@ -741,17 +741,10 @@ def _value(v: Any) -> str:
     with ``uniopt`` imported as ``uo``."""
     text = repr(v)
     if isinstance(v, schedules._Record):  # (whose repr holds numbers and records only)
-        import uniopt
-
-        def named(m: re.Match[str]) -> str:
-            name = m[1]
-            if isinstance(getattr(uniopt, name, None), type):
-                return f"uo.{name}("
-            if isinstance(getattr(schedules, name, None), type):
-                return f"uo.schedules.{name}("
-            return m[0]
-
-        text = re.sub(r"(?<![\w.])([A-Za-z_]\w*)\(", named, text)
+        # uniopt.schedules' own, else a rule module's, which uniopt exports (uo.step_power)
+        text = re.sub(r"(?<![\w.])([A-Za-z_]\w*)\(", lambda m: (
+            f"uo.schedules.{m[1]}(" if isinstance(getattr(schedules, m[1], None), type)
+            else f"uo.{m[1]}("), text)
     return text
 
 
