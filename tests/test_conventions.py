@@ -446,3 +446,22 @@ def test_an_unknown_hyperparameter_is_named_with_the_closest():
     with pytest.raises(ValueError, match=r"adam has no hyperparameter 'betas1'; did you mean "
                                          r"'betas'\?"):
         conventions.build("adam", "optax", betas1=0.9)
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("rmsprop", {"nesterov": True, "momentum": 0.9}),
+    ("rmsprop", {"initial_scale": 0.1}),
+    ("rmsprop", {"bias_correction": True}),
+    ("adam", {"eps_root": 1e-3}),
+    ("adamw", {"eps_root": 1e-3}),
+])
+@pytest.mark.parametrize("target", ["torch", "keras"])
+def test_an_option_only_optax_has_is_not_exact_elsewhere(name, options, target):
+    """optax's rmsprop has Nesterov, an initial accumulator and a bias correction, optax's
+    Adam an eps_root; torch's and keras's optimizers have none of them. A translation of a
+    source that sets one said "exact" (the printed uniopt rule kept it: no setting of the
+    target's own optimizer reproduces the source)."""
+    tr = uo.translate(conventions.build(name, "optax", **options), target=target)
+    assert not tr.exact, tr
+    field = next(k for k in options if k != "momentum")
+    assert f"{field} = " in tr.conditions and "only optax's" in tr.explanation

@@ -185,7 +185,12 @@ FORMULAS: dict[str, dict[str, str]] = {
 # is one); a source value other than it is not exact.
 FIXED: dict[str, dict[str, dict[str, Any]]] = {
     "sgd": {fw: {"dampening": 0.0} for fw in ("optax", "keras", "flux")},
-    "rmsprop": {"flux": {"momentum": 0.0}},
+    "rmsprop": {
+        "torch": {"nesterov": False, "initial_scale": 0.0, "bias_correction": False},
+        "keras": {"nesterov": False, "initial_scale": 0.0, "bias_correction": False},
+        "flux": {"momentum": 0.0, "nesterov": False, "initial_scale": 0.0,
+                 "bias_correction": False},
+    },
     "adagrad": {fw: {"lr_decay": 0.0} for fw in ("optax", "keras", "flux")},
     "adadelta": {"flux": {"lr": 1.0}},
     "nadam": {"keras": {"momentum_decay": 1.0}},
@@ -193,12 +198,19 @@ FIXED: dict[str, dict[str, dict[str, Any]]] = {
               "flux": {"rectify_threshold": 4.0}},
     "optimistic_adam": {"flux": {"alpha": 1.0, "beta": 1.0}},
     "muon": {"keras": {"eps": 1e-7}},
+    "adam": {fw: {"eps_root": 0.0} for fw in ("torch", "keras")},
+    "adamw": {fw: {"eps_root": 0.0} for fw in ("torch", "keras")},
 }
 
 FIXED_WHY: dict[tuple[str, str], str] = {
     ("sgd", "dampening"): "optax's trace, keras's SGD and Optimisers.jl's Momentum have no "
                           "dampening",
     ("rmsprop", "momentum"): "Optimisers.jl's RMSProp has no momentum",
+    ("rmsprop", "nesterov"): "only optax's rmsprop has Nesterov momentum",
+    ("rmsprop", "initial_scale"): "only optax's rmsprop starts its accumulator elsewhere than 0",
+    ("rmsprop", "bias_correction"): "only optax's rmsprop corrects its accumulator's bias",
+    ("adam", "eps_root"): "only optax's Adam adds eps_root under the root",
+    ("adamw", "eps_root"): "only optax's AdamW adds eps_root under the root",
     ("adagrad", "lr_decay"): "only torch's Adagrad has lr_decay (elsewhere give lr the schedule "
                              "lr/(1 + (t−1)·lr_decay))",
     ("adadelta", "lr"): "Optimisers.jl's AdaDelta has no learning rate (η = 1)",
