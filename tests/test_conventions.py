@@ -465,3 +465,33 @@ def test_an_option_only_optax_has_is_not_exact_elsewhere(name, options, target):
     assert not tr.exact, tr
     field = next(k for k in options if k != "momentum")
     assert f"{field} = " in tr.conditions and "only optax's" in tr.explanation
+
+
+@pytest.mark.parametrize("name", ["adam", "nadam"])
+def test_keras_decoupled_decay_to_torch_is_torchs_decoupled_weight_decay(name):
+    """keras decays decoupled, ``p −= lr·λ·p`` before the step; torch's Adam and NAdam take that
+    form too (``decoupled_weight_decay=True``). The translation keeps it and is exact (it
+    forced torch's default L2 term and said no translation was exact) and steps as the source;
+    NAdam's (whose eps needs no schedule) as ``torch.optim.NAdam`` so set."""
+    source = conventions.build(name, "keras", lr=0.01, eps=1e-3, weight_decay=0.1)
+    tr = uo.translate(source, target="torch")
+    assert tr.exact, tr
+    np.testing.assert_allclose(_run(tr.rule, 100), _run(source, 100), rtol=1e-12, atol=1e-15)
+    if name == "adam":  # (its exact form puts eps in a schedule, which torch's Adam lacks)
+        return
+    torch = pytest.importorskip("torch")
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # (torch's per-parameter mu in its default dtype)
+    try:
+        x = torch.tensor([1.0, -2.0, 0.5, 3.0], requires_grad=True)
+        opt = torch.optim.NAdam([x], lr=0.01, eps=1e-3, weight_decay=0.1,
+                                momentum_decay=tr.rule.momentum_decay,
+                                decoupled_weight_decay=True)
+        theirs = []
+        for _ in range(100):
+            x.grad = torch.from_numpy(A) * x.detach()
+            opt.step()
+            theirs.append(x.detach().numpy().copy())
+    finally:
+        torch.set_default_dtype(dtype)
+    np.testing.assert_allclose(_run(tr.rule, 100), np.array(theirs), rtol=1e-12)

@@ -202,6 +202,13 @@ FIXED: dict[str, dict[str, dict[str, Any]]] = {
     "adamw": {fw: {"eps_root": 0.0} for fw in ("torch", "keras")},
 }
 
+# Options a framework's own optimizer offers in either form (torch's Adam and NAdam take
+# ``decoupled_weight_decay=True``): a translation into it keeps the source's.
+EITHER: dict[tuple[str, str], frozenset[str]] = {
+    ("adam", "torch"): frozenset({"decay_form"}),
+    ("nadam", "torch"): frozenset({"decoupled_weight_decay"}),
+}
+
 FIXED_WHY: dict[tuple[str, str], str] = {
     ("sgd", "dampening"): "optax's trace, keras's SGD and Optimisers.jl's Momentum have no "
                           "dampening",
@@ -693,7 +700,9 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
         return Translation(rule, source, target, True, "always", "the same convention")
 
     keys = dict.fromkeys(k for r in forms.values() for k in r if _is_option(cls, k))
-    wanted = {k: forms[target].get(k, _default(fields[k])) for k in keys}
+    either = EITHER.get((name, target), frozenset())
+    wanted = {k: getattr(rule, k) if k in either else forms[target].get(k, _default(fields[k]))
+              for k in keys}
     wanted.update(FIXED.get(name, {}).get(target, {}))
     wanted.update(options)
 
