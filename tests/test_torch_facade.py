@@ -1821,14 +1821,18 @@ def test_a_tensor_lr_that_requires_grad_is_read_without_torchs_warning() -> None
 def test_a_real_only_rule_refuses_complex_tensors_before_any_write(make: Any) -> None:
     """uniopt.torch hands the engine a complex tensor's real pairs, so the engine's refusal of
     a rule that takes real params only (``uo.setup``'s) never ran: LAMB, Adan, Prodigy and
-    Kron stepped the pairs silently, Shampoo raised a raw shape error after making state."""
+    Kron stepped the pairs silently, Shampoo raised a raw shape error after making state. A
+    real first group does not step before the complex second one is refused."""
+    v = nn.Parameter(torch.ones(3, 4, dtype=torch.float64))
     w = nn.Parameter(torch.ones(3, 4, dtype=torch.complex128))
-    opt = make([w])
+    opt = make([{"params": [v]}, {"params": [w]}])
+    v.grad = torch.full((3, 4), 0.5, dtype=torch.float64)
     w.grad = torch.full((3, 4), 0.5 + 0.25j, dtype=torch.complex128)
-    with pytest.raises(TypeError, match=r"takes real params only"):
+    with pytest.raises(TypeError, match=r"takes real params only .* param group 1 is complex"):
         opt.step(lambda: 1.0) if isinstance(opt, ut.Kron) else opt.step()
     assert torch.equal(w.detach(), torch.ones(3, 4, dtype=torch.complex128))
-    assert not opt.state[w]
+    assert torch.equal(v.detach(), torch.ones(3, 4, dtype=torch.float64))
+    assert not opt.state[w] and not opt.state[v]
 
 
 @pytest.mark.parametrize("name", ["ASGD", "NAdam"])

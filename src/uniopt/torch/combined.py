@@ -119,17 +119,6 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
             for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
 
 
-def real_params(opt: Any, name: str) -> None:
-    """A TypeError naming the complex parameters, before any group is written: a class whose
-    rule takes real params only (the registry's ``Info.complex``; pytorch-optimizer's refuses
-    them too). The engine sees their real pairs here, so its own refusal does not run."""
-    for gi, group in enumerate(opt.param_groups):
-        bad = [i for i, p in enumerate(group["params"]) if p.is_complex()]
-        if bad:
-            raise TypeError(f"uniopt.torch.{name}: parameter(s) {bad} of param group {gi} are "
-                            f"complex; {name} takes real params only")
-
-
 def every_gradient(opt: Any, name: str, why: str) -> None:
     """A ValueError naming the parameters without a gradient, group by group, before any group
     is written: a class whose groups step as one tree (``why``: what that means for it)."""

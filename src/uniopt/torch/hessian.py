@@ -77,7 +77,9 @@ class SophiaH(Optimizer):
                 "opt.step(closure)")
         with torch.enable_grad():
             loss = closure()
-        combined.real_params(self, "SophiaH")
+        rules = [self._rule(group)[0] for group in self.param_groups]
+        for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
+            plans.refuse(rule, gi, group, [True] * len(group["params"]))
         combined.every_gradient(
             self, "SophiaH", "a group steps as one tree, its Hessian estimate over every "
             "parameter (give them zeros in the closure, or leave them out of the optimizer), "
@@ -87,8 +89,7 @@ class SophiaH(Optimizer):
         anywhere = any(p.grad is not None and p.grad.requires_grad
                        for group in self.param_groups for p in group["params"])
         with torch.no_grad():
-            for gi, group in enumerate(self.param_groups):
-                rule = self._rule(group)[0]
+            for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
                 combined.step(self, gi, group, rule, tensors=True,
                               hvp=_hvp(combined._tree(group, group["params"]), anywhere))
         return loss

@@ -558,8 +558,10 @@ class Optimizer(torch.optim.Optimizer):
             plan = None
         views = None if plan is None else plan.fast_grads(grads)
         sparse = None
-        if plan is None and group.get("fused"):
-            _check_fused(ps, has)
+        if plan is None:
+            plans.refuse(rule, gi, group, has)
+            if group.get("fused"):
+                _check_fused(ps, has)
         if views is None:  # a new plan always comes this way
             sparse = [g is not None and g.layout != torch.strided for g in grads]
             if any(sparse):

@@ -211,6 +211,24 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     return backend.numpy_view(g.permute(perm).view(-1))
 
 
+def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> None:
+    """Raise what a new plan of group ``gi`` (``has``: which parameters step) is refused for,
+    before any group steps (called for every group first): a complex parameter with a rule
+    that takes real params only (the engine sees the real pairs, so its own refusal at set-up
+    never runs), and ``capturable=True`` with ``differentiable=True`` where the rule computes
+    its numbers on the host (the recorded step takes no multi-tensor path, which checks it)."""
+    at = next((i for i, p in enumerate(group["params"]) if has[i] and p.is_complex()), None)
+    if at is not None:
+        real = _real_only(rule)
+        if real is not None:
+            raise TypeError(f"{real} takes real params only (the registry's Info.complex); "
+                            f"parameter {at} of param group {gi} is complex")
+    if group.get("differentiable") and group.get("capturable"):
+        from ..fast.foreach import check_capturable
+
+        check_capturable(rule, torch.ones(()))
+
+
 def multi_tensor(group: dict[str, Any]) -> bool:
     """Whether the group asks for the multi-tensor path on every device (``foreach=True``, or
     ``capturable=True``, which counts its steps on the device): CPU tensors then take it too
@@ -757,18 +775,6 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     their own."""
     ps = group["params"]
     tracked = bool(group.get("differentiable"))
-    complex_at = next((i for i, p in enumerate(ps) if has[i] and p.is_complex()), None)
-    if complex_at is not None:
-        # (the engine sees the real pairs here, so its own refusal at set-up never ran)
-        real = _real_only(rule)
-        if real is not None:
-            raise TypeError(f"{real} takes real params only (the registry's Info.complex); "
-                            f"parameter {complex_at} of the group is complex")
-    if tracked and group.get("capturable"):
-        # (the multi-tensor path checks this at its first step; a recorded step takes another)
-        from ..fast.foreach import check_capturable
-
-        check_capturable(rule, torch.ones(()))
     q8 = is_q8(group)
     sharded = dtensor.any_dtensor(ps)
     if sharded:

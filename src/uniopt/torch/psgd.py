@@ -10,7 +10,7 @@ from torch.optim.optimizer import ParamsT
 
 from ..base import Transform
 from ..rules.kron import kron, psgd_update_probability
-from . import combined
+from . import combined, plans
 from .optimizer import Optimizer, plain
 
 # the group keys (pytorch-optimizer's names, then uniopt's own) and the rule's fields
@@ -137,7 +137,8 @@ class Kron(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rules = [self._rule(group)[0] for group in self.param_groups]
-        combined.real_params(self, "Kron")
+        for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
+            plans.refuse(rule, gi, group, [True] * len(group["params"]))
         combined.every_gradient(
             self, "Kron", "a group steps as one tree, every parameter with a gradient (set "
             "zeros), where pytorch-optimizer leaves them out")
