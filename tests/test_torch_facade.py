@@ -1881,3 +1881,19 @@ def test_carried_numbers_written_into_the_state_by_hand_are_resumed_from(name: s
             assert torch.equal(p, q)
     finally:
         torch.set_default_dtype(dd)
+
+
+def test_a_carried_number_written_by_hand_that_is_no_number_fails_each_step() -> None:
+    """An ``eta`` written into ASGD's state that is no number fails the step, and the next one
+    too, with nothing written (it was looked at once: the next step took the derived number
+    silently)."""
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = ut.ASGD([w], lr=0.05)
+    w.grad = torch.full((3,), 0.5, dtype=torch.float64)
+    opt.step()
+    opt.state[w] = {**opt.state_dict()["state"][0], "eta": "fast"}
+    before = w.detach().clone()
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"has eta 'fast', not a number"):
+            opt.step()
+    assert torch.equal(w.detach(), before)

@@ -720,17 +720,19 @@ class _Derived(_Named):
         seen = vars(self).get("_written_seen")
         if seen is not None and seen[0] is state and version is not None and seen[1] == version:
             return
-        vars(self)["_written_seen"] = (state, version)
         found: dict[int, tuple[Any, float]] = {}
+        holding = [st for st in state.values()
+                   if isinstance(st, dict) and any(n in st for n in self._derived)]
+        # (every number read, and refused if it is none, before any is taken out)
         for i, (p, st) in enumerate(state.items()):
-            if not isinstance(st, dict) or not any(n in st for n in self._derived):
-                continue
-            if all(n in st for n in self._derived):
+            if isinstance(st, dict) and all(n in st for n in self._derived):
                 found[id(p)] = (np.array([self._loaded_number(i, n, st[n])
                                           for n in self._derived]),
                                 float(plans.state_step(st)))
+        for st in holding:
             for n in self._derived:
                 st.pop(n, None)
+        vars(self)["_written_seen"] = (state, version)
         if not found:
             return
         vars(self).setdefault("_written", {}).update(found)
