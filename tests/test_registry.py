@@ -363,6 +363,29 @@ def test_a_real_only_rule_refuses_complex_params_at_set_up(name: str) -> None:
 
 
 @by_rule
+def test_a_real_only_rules_parts_refuse_complex_params_in_a_hand_built_chain(name: str) -> None:
+    """The parts of a rule that takes real params only carry the refusal themselves
+    (``Part.real_only``), so a chain built from them by hand refuses complex params too: on the
+    pairs Prodigy, schedule-free and GaLore stepped silently, Adafactor's factors, NovoGrad,
+    SM3, Shampoo, SOAP and Muon's orthogonalisation failed with raw errors. A rule that takes
+    complex params holds no such part."""
+    e = registry.entry(name)
+    rule = _build(e)
+    marked = [p for p in rule.flat_parts if p.real_only]
+    assert bool(marked) == (not e.complex), (name, [p.name for p in rule.flat_parts])
+    if e.complex:
+        return
+    by_hand = uo.chain(*rule.flat_parts)
+    params = Problem(_shapes(rule), np.float64).params()
+    uo.setup(by_hand, params)  # real params: set up as the rule is
+    key = sorted(params)[-1]
+    params[key] = params[key].astype(np.complex128)
+    with pytest.raises(TypeError, match=rf"setup: {marked[0].name} takes real params only "
+                                        rf"\(Part.real_only\); params\['{key}'\] is complex"):
+        uo.setup(by_hand, params)
+
+
+@by_rule
 def test_big_endian_params_step_as_native_ones(name: str) -> None:
     """Params and gradients of a non-native byte order (``>f8``, as a FITS or HDF5 file holds
     them) step as native ones, bit for bit: Adagrad, MADGRAD, simplified AdEMAMix and SOAP

@@ -544,6 +544,11 @@ class Part(Transform):
     # flips the sign in scale_by_learning_rate); any other hands back its direction as it is,
     # as optax's gradient transformations do
     makes_step: ClassVar[bool] = False
+    # its arithmetic on the real pairs of a complex leaf's parts is not known to be right (a
+    # row and column factor, a matrix iteration, a distance or a norm ratio, a draw of real
+    # noise): set-up refuses complex params for any rule or chain that holds it, as for a
+    # registry rule whose Info.complex is False
+    real_only: ClassVar[bool] = False
 
     def parts(self) -> tuple[Part, ...]:
         return (self,)

@@ -78,11 +78,17 @@ def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str
 
 
 def _real_only(rule: Transform) -> str | None:
-    """The first rule of ``rule`` (itself, or a chain's member) that takes real params only:
-    its arithmetic on the pairs of a complex leaf's parts is not known to be right (a row and
-    column factor, a matrix iteration, a distance), where it did not fail on their shapes."""
-    return next((r.name for r in _registered(rule)
-                 if not getattr(type(r), "info").complex), None)  # noqa: B009
+    """What of ``rule`` takes real params only, in words, or None: its first registry rule
+    (itself, or a chain's member) whose ``Info.complex`` is False, else its first part marked
+    ``real_only`` (a hand-built chain's). Their arithmetic on the pairs of a complex leaf's
+    parts is not known to be right (a row and column factor, a matrix iteration, a distance),
+    where it did not fail on their shapes: some stepped silently."""
+    named = next((r.name for r in _registered(rule)
+                  if not getattr(type(r), "info").complex), None)  # noqa: B009
+    if named is not None:
+        return f"{named} takes real params only (the registry's Info.complex)"
+    part = next((p for p in rule.flat_parts if p.real_only), None)
+    return None if part is None else f"{part.name} takes real params only (Part.real_only)"
 
 
 def _as_pairs_or_whole(rule: Transform) -> bool:
@@ -222,8 +228,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         real = _real_only(rule)
         if real is not None:
             name = next(n for n, p in zip(names, leaves, strict=True) if backend.is_complex(p))
-            raise TypeError(f"setup: {real} takes real params only (the registry's "
-                            f"Info.complex); {name} is complex")
+            raise TypeError(f"setup: {real}; {name} is complex")
         _as_pairs_or_whole(rule)
     slots: dict[str, list[Any]] = {}
     trees: dict[str, Any] = {}

@@ -111,6 +111,8 @@ class scale_by_factored_rms(PerLeaf):
     as it are all-gathered whole on every rank, the factors computed there (kept whole,
     replicated) and each rank keeps its shard of the update (:mod:`uniopt.interop.dtensor`)."""
 
+    real_only = True
+
     beta2_decay: Any = hyper(-0.8, Interval(None, 0.0))
     eps1: float | None = None
     d: Any = hyper(1.0, POSITIVE)

@@ -40,6 +40,8 @@ class scale_by_adan(Elementwise):
     ``w = 1 - b2``, as optax 0.2.8's ``scale_by_adan`` (optax pull request 1715 proposes
     ``b2``)."""
 
+    real_only = True
+
     b1: Any = hyper(0.98, UNIT_OPEN)
     b2: Any = hyper(0.92, UNIT_OPEN)
     b3: Any = hyper(0.99, UNIT_OPEN)

@@ -91,6 +91,8 @@ class scale_by_galore(WholeTree):
     Tree state: ``projector``, ``exp_avg`` and ``exp_avg_sq`` (one array per leaf; a leaf not
     projected keeps a ``(0, 0)`` projector)."""
 
+    real_only = True
+
     rank: int = 128
     update_proj_gap: int = 200
     scale: Any = hyper(1.0, NONNEG)

@@ -84,6 +84,8 @@ class scale_by_kron(WholeTree):
     the probability is computed in JAX's default float (float32 without x64, as
     pytorch-optimizer's)."""
 
+    real_only = True
+
     momentum: Any = hyper(0.9, UNIT_OPEN)
     weight_decay: Any = hyper(0.0, NONNEG)
     weight_decouple: bool = True

@@ -51,6 +51,8 @@ class scale_by_lbfgs(WholeTree):
     the numbers are optax's.
     """
 
+    real_only = True
+
     memory_size: int = 10
     scale_init_precond: bool = True
 

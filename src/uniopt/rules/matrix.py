@@ -231,6 +231,8 @@ class orthogonalize(PerLeaf):
     which iterates on it, and keeps its own shard of the result (:mod:`uniopt.interop.dtensor`):
     the numbers of an unsharded run."""
 
+    real_only = True
+
     ns_coefficients: tuple[Any, Any, Any] = hyper(NS_COEFFICIENTS, Interval(None))
     eps: Any = hyper(1e-7, NONNEG)
     ns_steps: int = 5

@@ -88,6 +88,8 @@ class scale_by_momo(WholeTree):
     estimate, never below ``lower_bound``. Tree state: ``exp_avg`` (one array per leaf),
     ``barf``, ``gamma``, ``lb``."""
 
+    real_only = True
+
     lr: Any = hyper(1.0, NONNEG)
     beta: Any = hyper(0.9, UNIT_OPEN)
     lower_bound: Any = static(0.0, ANY)
@@ -212,6 +214,8 @@ class scale_by_momo_adam(WholeTree):
     ``u = (lr*wd)/(1 + lr*wd)*p + tau*m/d``. ``adapt_lower_bound`` as :class:`scale_by_momo`.
     Tree state: ``exp_avg``, ``exp_avg_sq`` (one array per leaf each), ``barf``, ``gamma``,
     ``lb``."""
+
+    real_only = True
 
     lr: Any = hyper(1e-2, NONNEG)
     b1: Any = hyper(0.9, UNIT_OPEN)

@@ -70,6 +70,8 @@ class scale_by_prodigy(WholeTree):
     reads in place of the step's.
     """
 
+    real_only = True
+
     lr: Any = hyper(1.0, NONNEG)
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
     beta3: float | None = None  # None: sqrt(betas[1]) at each step
@@ -296,6 +298,8 @@ class scale_by_dog(WholeTree):
     (``"learning_rate"``). Tree state: ``p0`` (one array per leaf), ``max_dist``,
     ``sum_sq_norm_grads``, ``first``."""
 
+    real_only = True
+
     eps: Any = hyper(1e-8, NONNEG)
     start: str = "heuristic"
     init_value: float = 1e-6
@@ -416,6 +420,8 @@ class scale_by_dadapt_adam(WholeTree):
     Tree state: ``exp_avg``, ``exp_avg_sq``, ``s`` (one array per leaf), ``d``,
     ``d_numerator``."""
 
+    real_only = True
+
     lr: Any = hyper(1.0, NONNEG)
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
@@ -534,6 +540,8 @@ class scale_by_cocob(Elementwise):
     set-up), ``cumulative_gradients``, ``scale`` (from ``eps``), ``subgradients``,
     ``reward``."""
 
+    real_only = True
+
     alpha: Any = hyper(100.0, NONNEG)
     eps: float = static(1e-8, POSITIVE)
     slots: ClassVar[tuple[str, ...]] = ("init_particles", "cumulative_gradients", "scale",
@@ -608,6 +616,8 @@ class scale_by_dowg(WholeTree):
     ``r2 <- max(r2, ||p - p0||^2)``; ``V <- V + r2*||g||^2``; ``u = r2/(sqrt(V) + eps)*g``.
     Tree state: ``p0``, ``estim_sq_dist`` (from ``init_estim_sq_dist``),
     ``weighted_sq_norm_grads``."""
+
+    real_only = True
 
     eps: Any = hyper(1e-4, NONNEG)
     init_estim_sq_dist: float | None = None  # None: eps

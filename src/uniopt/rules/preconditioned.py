@@ -97,6 +97,8 @@ class scale_by_soap(PerLeaf):
     back), as ``pytorch_optimizer.SOAP`` and the authors' code do; None: in the leaf's dtype.
     """
 
+    real_only = True
+
     b1: Any = hyper(0.95, UNIT_OPEN)
     b2: Any = hyper(0.95, UNIT_OPEN)
     shampoo_beta: Any = hyper(0.95, UNIT_OPEN)
@@ -402,6 +404,8 @@ class scale_by_shampoo(PerLeaf):
     ``block_size`` (Anil et al., 2020): each axis longer than it is cut into runs of
     ``block_size`` (the last shorter) and each block of the leaf is preconditioned on its own,
     its statistics packed after the previous block's."""
+
+    real_only = True
 
     momentum: Any = hyper(0.0, UNIT_OPEN)
     wd: Any = hyper(0.0, NONNEG)

@@ -71,6 +71,8 @@ class differentially_private_aggregate(WholeTree):
     generators', as :class:`~uniopt.add_noise`'s. ``batch_size``: the number of examples
     summed (optax reads it from the input's leading axis)."""
 
+    real_only = True
+
     l2_norm_clip: Any = static(1.0, NONNEG)  # not schedulable, as in optax
     noise_multiplier: Any = static(1.0, NONNEG)
     batch_size: int = static(1, COUNT)

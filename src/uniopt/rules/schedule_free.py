@@ -116,6 +116,8 @@ class scale_by_schedule_free(WholeTree):
     float dtype of the params).
     """
 
+    real_only = True
+
     lr: Any = hyper(1.0, NONNEG)
     weight_lr: Any = hyper(1.0, NONNEG)
     momentum: Any = hyper(0.9, OPEN_UNIT)

@@ -75,6 +75,8 @@ class scale_by_polyak(WholeTree):
     float64's machine epsilon; as optax's ``scale_by_polyak``. ``f``, the loss, is the step's
     ``value=``."""
 
+    real_only = True
+
     f_min: Any = hyper(0.0, Interval(None))
     max_learning_rate: Any = hyper(1.0, NONNEG)
     eps: Any = hyper(0.0, NONNEG)

@@ -46,6 +46,8 @@ class sam_step(Minimizer):
     ``e = rho*T^2 g/(|T g| + eps)`` with ``T = 1`` (SAM) or ``|w|`` (``adaptive``: ASAM),
     ``|.|`` the 2-norm over every leaf; ``w <- base(w, grad(w + e))``."""
 
+    real_only = True
+
     base: Transform = sgd(lr=1e-3)
     rho: Any = hyper(0.05, NONNEG)
     adaptive: bool = False

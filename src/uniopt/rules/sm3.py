@@ -29,6 +29,8 @@ class scale_by_sm3(PerLeaf):
     end to end in one slot, ``accumulator``, of ``sum(shape)`` numbers (1 for a scalar, none for
     an empty vector)."""
 
+    real_only = True
+
     b1: Any = hyper(0.9, UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
     slots: ClassVar[tuple[str, ...]] = ("accumulator", "momentum_buffer")

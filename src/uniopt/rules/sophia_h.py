@@ -64,6 +64,8 @@ class scale_by_hutchinson_sophia(WholeTree):
     once per sample and once per leaf. Under ``jax.jit`` the draw runs under ``lax.cond``.
     """
 
+    real_only = True
+
     b2: Any = hyper(0.99, UNIT_OPEN)
     eps: Any = hyper(1e-12, NONNEG)
     clip_threshold: Any = hyper(1e-2, NONNEG)

@@ -54,6 +54,8 @@ class scale_by_sparse_adam(Elementwise):
     :class:`~uniopt.scale_by_adam`); with ``skip_zeros`` only where ``u != 0``, elsewhere
     ``u`` stays 0 and the moments as they were."""
 
+    real_only = True
+
     lr: Any = hyper(1e-3, NONNEG)
     b1: Any = hyper(0.9, UNIT_OPEN)
     b2: Any = hyper(0.999, UNIT_OPEN)

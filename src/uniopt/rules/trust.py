@@ -152,6 +152,8 @@ class scale_by_novograd(PerLeaf):
     ``m <- b1*m + u/(sqrt(nu + eps_root) + eps) + weight_decay*p`` (``m`` starts at 0, so the
     first is the bracket alone); ``u <- m``. As optax's ``scale_by_novograd``."""
 
+    real_only = True
+
     b1: Any = hyper(0.9, UNIT_OPEN)
     b2: Any = hyper(0.25, UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
@@ -228,6 +230,8 @@ class FromageCoeffs(NamedTuple):
 class scale_by_fromage(Elementwise):
     """Fromage's step after the trust ratio: ``u <- lr/sqrt(1+lr^2) * u +
     (1 - 1/sqrt(1+lr^2)) * p``, so ``p <- (p - lr*u)/sqrt(1 + lr^2)``."""
+
+    real_only = True
 
     lr: Any = hyper(1e-2, NONNEG)
     uses_params: ClassVar[bool] = True

@@ -221,8 +221,7 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
     if at is not None:
         real = _real_only(rule)
         if real is not None:
-            raise TypeError(f"{real} takes real params only (the registry's Info.complex); "
-                            f"parameter {at} of param group {gi} is complex")
+            raise TypeError(f"{real}; parameter {at} of param group {gi} is complex")
     if group.get("differentiable") and group.get("capturable"):
         from ..fast.foreach import check_capturable
 

@@ -303,6 +303,8 @@ class scale_by_zoom_linesearch(WholeTree):
     array([3., 3.])
     """
 
+    real_only = True
+
     max_linesearch_steps: int = 20
     max_learning_rate: float | None = None
     tol: float = static(0.0, NONNEG)

@@ -42,6 +42,8 @@ class add_noise(WholeTree):
     2.0
     """
 
+    real_only = True
+
     eta: Any = hyper(0.01, NONNEG)
     gamma: Any = hyper(0.55, NONNEG)
     seed: int = 0

@@ -92,6 +92,8 @@ class scale_by_trust_ratio(PerLeaf):
     parameter and update are all-gathered whole on every rank, as for every per-leaf part
     (:mod:`uniopt.interop.dtensor`)."""
 
+    real_only = True
+
     min_norm: Any = hyper(0.0, NONNEG)
     trust_coefficient: Any = hyper(1.0, NONNEG)
     eps: Any = hyper(0.0, NONNEG)
