@@ -29,6 +29,7 @@ jnp = jax.numpy
 
 import uniopt as uo  # noqa: E402
 from helpers import jitted_optax_step, keras_on_jax, rel_diff  # noqa: E402
+from uniopt.conventions import FORMULAS  # noqa: E402
 
 SHAPES = [(), (3, 4)]  # two leaves: each race is 300 steps of both sides, and each peer compiles
 STEPS = 300
@@ -241,6 +242,21 @@ def test_keras_convention_matches_keras(keras: Any, name: str) -> None:
     1e-7); ``nesterov=True`` with ``momentum=0`` is plain SGD in keras."""
     ours, theirs = KERAS_CASES[name](keras)
     assert _race(ours, keras_peer(theirs), steps=KERAS_STEPS) < TOL
+
+
+def test_keras_adagrad_zero_over_zero_is_the_one_documented_difference(keras: Any) -> None:
+    """Where an entry's accumulator and eps are both 0, keras's Adagrad divides 0 by 0 (NaN);
+    the keras convention steps 0 there, as optax, and says so in its conventions row. The
+    entry beside it, with a gradient, is keras's step."""
+    ours = uo.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0, convention="keras")
+    theirs = keras_peer(keras.optimizers.Adagrad(0.1, initial_accumulator_value=0.0,
+                                                 epsilon=0.0))([np.array([2.0, 2.0])])
+    g = [np.array([0.0, 1.0])]
+    [k] = theirs([np.array([2.0, 2.0])], g)
+    state, [p] = uo.update(uo.setup(ours, [np.array([2.0, 2.0])]), [np.array([2.0, 2.0])], g)
+    assert np.isnan(k[0]) and p[0] == 2.0
+    assert k[1] == p[1] == 1.9
+    assert "keras's 0/0 is NaN" in FORMULAS["adagrad"]["keras"]
 
 
 def test_keras_defaults(keras: Any) -> None:

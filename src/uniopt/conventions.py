@@ -75,7 +75,8 @@ FORMULAS: dict[str, dict[str, str]] = {
     "adagrad": {
         "torch": "G = G₀ + Σg² (G₀ = 0); p −= lr/(1+(t−1)·lr_decay) · g/(√G + ε)",
         "optax": "G = G₀ + Σg² (G₀ = 0.1); p −= lr·g/√(G + ε) where G > 0, else 0",
-        "keras": "G = G₀ + Σg² (G₀ = 0.1); p −= lr·g/√(G + ε)",
+        "keras": "G = G₀ + Σg² (G₀ = 0.1); p −= lr·g/√(G + ε) (at G = ε = 0 keras's 0/0 is "
+                 "NaN; uniopt's keras convention steps 0 there, as optax)",
         "flux": "G = ε + Σg²; p −= η·g/(√G + ε)",
     },
     "adadelta": {
