@@ -499,6 +499,31 @@ def test_flux_convention_matches_optimisers_jl(name: str) -> None:
     assert _race(ours, theirs) < TOL
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_translations_state_line_gives_optimisers_jls_own_buffer(nesterov: bool) -> None:
+    """The state line of a translation from torch to Flux relates torch's buffer to the one
+    Optimisers.jl keeps: Momentum's ``v`` is ours, Nesterov's ``vel`` is its negation (the line
+    said ``v = lr·b_torch`` for both)."""
+    lr, mu = 0.01, 0.8
+    rule = uo.sgd(lr, momentum=mu, nesterov=nesterov)
+    tr = uo.translate(rule, target="flux")
+    rng = np.random.default_rng(0)
+    params, grads = [rng.standard_normal(4)], [[rng.standard_normal(4)] for _ in range(5)]
+    torch_state, flux_state = uo.setup(rule, params), uo.setup(tr.rule, params)
+    key = "vel" if nesterov else "v"
+    theirs = {key: np.zeros(4)}
+    apply = flux_nesterov(lr, mu) if nesterov else functools.partial(flux_momentum(mu),
+                                                                      eta=lr)
+    for g in grads:
+        torch_state, _ = uo.update(torch_state, params, g)
+        flux_state, _ = uo.update(flux_state, params, g)
+        apply(theirs, g[0])
+    [[b_torch]], [[ours]] = torch_state.slots.values(), flux_state.slots.values()
+    np.testing.assert_allclose(ours, lr * b_torch, rtol=1e-12)
+    np.testing.assert_allclose(theirs[key], -ours if nesterov else ours, rtol=1e-12)
+    assert ("Optimisers.jl's Nesterov stores −v" in tr.state) == nesterov, tr.state
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 RULES = [uo.sgd, uo.rmsprop, uo.adagrad, uo.adadelta]

@@ -350,6 +350,8 @@ def _momentum_form(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _St
     sign = "−" if lr_form == "keras" else ""
     state = (f"buffer: {lr_form} {'m' if lr_form == 'keras' else 'v'} = {sign}lr·b_torch"
              if old == "torch" else f"buffer: b_torch = {sign}(the {old} buffer)/lr")
+    if lr_form == "sutskever" and getattr(rule, "nesterov", False):
+        state += " (Optimisers.jl's Nesterov stores −v)"
     damp = getattr(rule, "dampening", 0.0)
     if not (_number(damp) and damp == 0):
         return _Step(False, explanation=why + "; keras and Flux have no dampening", state=state)
