@@ -230,6 +230,19 @@ def test_adjust_reaches_a_member_by_its_label() -> None:
         uo.adjust(state, lr=1e-4)
 
 
+def test_adjust_reaches_a_label_with_dots() -> None:
+    """A label may hold dots (a module path, "no.decay"): the longest label the key begins
+    with is the member (it was unreachable: "no" named no member)."""
+    params = {"w": np.ones(2), "b": np.ones(2)}
+    rule = uo.partition({"no.decay": uo.sgd(lr=0.1), "no": uo.adamw(lr=0.1)},
+                        {"w": "no", "b": "no.decay"})
+    for r in (rule, uo.chain(uo.clip_by_global_norm(1.0), rule)):
+        new = uo.adjust(uo.setup(r, params), **{"no.decay.lr": 0.5, "no.weight_decay": 0.0})
+        part = new.rule if r is rule else new.rule.transforms[1]
+        assert part.inner["no.decay"].lr == 0.5 and part.inner["no"].lr == 0.1
+        assert part.inner["no"].weight_decay == 0.0
+
+
 def test_optax_protocol_in_an_optax_chain() -> None:
     rng = np.random.default_rng(6)
     params = _params(rng)

@@ -1827,9 +1827,12 @@ def _set(t: Transform, path: list[str], value: Any, where: str,
         return chain(*members), found
     if isinstance(t, Combinator):
         inner = t.inner
-        if len(path) > 1 and path[0] in inner:
-            new, found = _set(inner[path[0]], path[1:], value, f"{where}{path[0]}.")
-            return (t.with_inner(path[0], new) if found else t), found
+        # the longest label the path begins with: a label may hold dots ("no.decay")
+        for k in range(len(path) - 1, 0, -1):
+            label = ".".join(path[:k])
+            if label in inner:
+                new, found = _set(inner[label], path[k:], value, f"{where}{label}.")
+                return (t.with_inner(label, new) if found else t), found
         found = []
         for name, m in inner.items():
             new, f = _set(m, path, value, f"{where}{name}.", searching=True)
