@@ -69,9 +69,7 @@ def adopt(opt: Any) -> None:
     has. ``ZeroRedundancyOptimizer.load_state_dict`` writes each parameter's saved state into
     its local optimizer's ``state`` itself, never calling ``load_state_dict``."""
     state = opt.state
-    seen = vars(opt).get("_adopted")
-    version = getattr(state, "version", None)
-    if seen is not None and seen[0] is state and version is not None and seen[1] == version:
+    if plans.unchanged(vars(opt).get("_adopted"), state):
         return  # (nothing written since: every step asks)
     for gi, group in enumerate(opt.param_groups):
         for j, p in enumerate(group["params"]):
@@ -98,7 +96,7 @@ def adopt(opt: Any) -> None:
 
 def adopted(opt: Any) -> None:
     """Notes that ``opt.state`` holds no group's state in a parameter's (:func:`adopt`)."""
-    opt._adopted = (opt.state, getattr(opt.state, "version", None))
+    opt._adopted = plans.seen_as(opt.state)
 
 
 def containers(x: Any) -> Any:

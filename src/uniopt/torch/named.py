@@ -716,9 +716,7 @@ class _Derived(_Named):
         state, as a load takes them. Looked for once the state has changed (it counts its
         changes)."""
         state = self.state
-        version = getattr(state, "version", None)
-        seen = vars(self).get("_written_seen")
-        if seen is not None and seen[0] is state and version is not None and seen[1] == version:
+        if plans.unchanged(vars(self).get("_written_seen"), state):
             return
         found: dict[int, tuple[Any, float]] = {}
         holding = [st for st in state.values()
@@ -732,7 +730,7 @@ class _Derived(_Named):
         for st in holding:
             for n in self._derived:
                 st.pop(n, None)
-        vars(self)["_written_seen"] = (state, version)
+        vars(self)["_written_seen"] = plans.seen_as(state)  # (the pops count no change)
         if not found:
             return
         vars(self).setdefault("_written", {}).update(found)

@@ -128,6 +128,19 @@ for _name in ("clear", "pop", "popitem", "setdefault", "update"):
     setattr(Versioned, _name, _versioned_method(_name))
 
 
+def seen_as(state: Any) -> tuple[Any, int | None]:
+    """A note of ``state`` as it is now, for :func:`unchanged`: the state and its count of
+    changes (None where it counts none)."""
+    return state, getattr(state, "version", None)
+
+
+def unchanged(seen: tuple[Any, int | None] | None, state: Any) -> bool:
+    """Whether ``state`` is the one ``seen`` (:func:`seen_as`) noted, with nothing replaced or
+    removed since; never for a state that does not count its changes."""
+    return (seen is not None and seen[0] is state and seen[1] is not None
+            and seen[1] == getattr(state, "version", None))
+
+
 def real(t: torch.Tensor) -> torch.Tensor:
     """Complex tensors as torch's optimizers treat them: real and imaginary parts as pairs."""
     return torch.view_as_real(t) if t.is_complex() else t
