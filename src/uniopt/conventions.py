@@ -33,6 +33,7 @@ from typing import Any
 from . import rules as _rules_package
 from . import schedules
 from .base import FRAMEWORKS, Rule
+from .hyper import did_you_mean
 from .schedules import bias_correction, product
 
 __all__ = [
@@ -624,12 +625,9 @@ def build(name: str, framework: str = "torch", **hyper: Any) -> Rule:
     framework = _framework(framework, "framework")
     unknown = [k for k in hyper if k not in _fields(cls) or k == "convention"]
     if unknown:
-        import difflib
-
-        near = difflib.get_close_matches(unknown[0], [k for k in _fields(cls)
-                                                      if k != "convention"], n=3)
+        known = [k for k in _fields(cls) if k != "convention"]
         raise ValueError(f"{name} has no hyperparameter {unknown[0]!r}"
-                         + (f"; did you mean {' or '.join(map(repr, near))}?" if near else ""))
+                         f"{did_you_mean(unknown[0], known)}")
     table = _table(cls)
     if framework in table:
         return cls(**{"convention": framework, **hyper})

@@ -55,6 +55,15 @@ def hyper(default: Any = dataclasses.MISSING, valid: Interval = NONNEG) -> Any:
 SCALAR_DTYPES = ("float64", "float32")
 
 
+def did_you_mean(name: str, known: Any) -> str:
+    """``"; did you mean 'x'?"`` with the names of ``known`` closest to a misspelled ``name``,
+    or ``""``: every message that refuses an unknown name ends so."""
+    import difflib
+
+    near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
+
+
 def round_scalar(x: Any, dtype: str) -> Any:
     """A host number as torch keeps it in a 0-d tensor of ``dtype`` (its default dtype: float32
     unless set to float64), read back as a Python float; a traced number as it is."""

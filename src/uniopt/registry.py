@@ -20,6 +20,7 @@ from typing import Any
 
 from . import rules as _rules_package
 from .base import Info, Part, Rule, Transform
+from .hyper import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,7 @@ def entry(name: str) -> Entry:
     """The registry's entry for the rule called ``name``; a KeyError naming the closest names."""
     table = entries()
     if name not in table:
-        import difflib
-
-        near = difflib.get_close_matches(name, table, n=3)
-        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
-        raise KeyError(f"no rule named {name!r}{hint}")
+        raise KeyError(f"no rule named {name!r}{did_you_mean(name, table)}")
     return table[name]
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from .. import __version__, engine, tree
 from ..base import Transform
 from ..fast import FastPathUnavailable
+from ..hyper import did_you_mean
 from ..rules.adadelta import adadelta
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw, optimistic_adam
@@ -554,7 +555,7 @@ def _names(kind: str, known: Sequence[str]) -> Callable[[str], list[str]]:
         for n in names:
             if n not in known:
                 raise argparse.ArgumentTypeError(
-                    f"unknown {kind} {n!r}{parse_.suggest(n, known)} (choose from "
+                    f"unknown {kind} {n!r}{did_you_mean(n, known)} (choose from "
                     f"{', '.join(known)})"
                 )
         return list(dict.fromkeys(names))

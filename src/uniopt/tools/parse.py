@@ -19,23 +19,17 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import schedules as _schedules
+from ..hyper import did_you_mean
 
 
 class UsageError(Exception):
     """Bad input on the command line: the command prints the message and exits with 2."""
-
-
-def suggest(name: str, known: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` with the closest names of ``known``, or ``""``."""
-    near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
 
 
 def unknown(kind: str, name: str, known: Iterable[str], listing: str = "") -> UsageError:
@@ -43,7 +37,7 @@ def unknown(kind: str, name: str, known: Iterable[str], listing: str = "") -> Us
     hint where the full list is) or, without one, every known name."""
     known = list(dict.fromkeys(known))
     tail = listing or f" (known: {', '.join(known)})"
-    return UsageError(f"unknown {kind} {name!r}{suggest(name, known)}{tail}")
+    return UsageError(f"unknown {kind} {name!r}{did_you_mean(name, known)}{tail}")
 
 
 # the schedules an expression may call, by name
