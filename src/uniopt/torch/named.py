@@ -724,7 +724,7 @@ class _Derived(_Named):
         # (every number read, and refused if it is none, before any is taken out)
         for i, (p, st) in enumerate(state.items()):
             if isinstance(st, dict) and all(n in st for n in self._derived):
-                found[id(p)] = (np.array([self._loaded_number(i, n, st[n])
+                found[id(p)] = (np.array([self._loaded_number(i, n, st[n], written=True)
                                           for n in self._derived]),
                                 float(plans.state_step(st)))
         for st in holding:
@@ -802,11 +802,16 @@ class _Derived(_Named):
                     rec.values[j] = kept[k]
                     rec.counts[j] = plans.state_step(self.state.get(p, {}))
 
-    def _loaded_number(self, k: Any, name: str, x: Any) -> float:
-        """A loaded state's number, as this session's torch keeps it (its default dtype)."""
+    def _loaded_number(self, k: Any, name: str, x: Any, written: bool = False) -> float:
+        """A loaded state's number, as this session's torch keeps it (its default dtype);
+        ``written``: one written into the state by hand (:meth:`_adopt_written`), refused in
+        the words of the step that found it."""
         if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
             x = x.item()
         if isinstance(x, bool) or not isinstance(x, (int, float)):
+            if written:
+                raise ValueError(f"{self._name}.step: the state of parameter {k} holds "
+                                 f"{name} {x!r}, not a number; nothing was stepped")
             raise ValueError(f"{self._name}.load_state_dict: the state of parameter {k} has "
                              f"{name} {x!r}, not a number; nothing was loaded")
         return float(round_scalar(float(x), _scalar_dtype()))
