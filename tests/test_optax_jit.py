@@ -142,3 +142,31 @@ def _run_optax(a, b) -> float:  # type: ignore[no-untyped-def]
         for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
             worst = max(worst, float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0)))
     return worst
+
+
+def test_a_schedule_of_ours_gets_the_count_as_optax_hands_it() -> None:
+    """A callable that is not one of uniopt's schedules gets the step count as optax gives it,
+    an int32 array under ``jax.jit``: a table indexed by it traces (it raised, the count was
+    a float), and the parity of a count past 2**24 is exact without x64 (a float32 count read
+    2**24 + 1 as even)."""
+    jnp = jax.numpy
+    params, grads = {"w": jnp.ones(2)}, {"w": jnp.ones(2)}
+    table = jnp.linspace(1e-2, 1e-3, 200)
+    odd = 2**24 + 1
+
+    def at(tx: object, count: int) -> float:
+        state = tx.init(params)  # type: ignore[attr-defined]
+        leaves, treedef = jax.tree.flatten(state)
+        leaves = [jnp.asarray(count, jnp.int32) if x.dtype == jnp.int32 and x.ndim == 0 else x
+                  for x in leaves]
+        updates, _ = jax.jit(tx.update)(grads, jax.tree.unflatten(treedef, leaves), params)
+        return float(updates["w"][0])
+
+    seen = []
+    for sched in (lambda count: table[count],
+                  lambda count: jnp.where(count % 2 == 1, 1.0, 0.0)):
+        for count in (3, odd):  # (the table's index past its end is clamped, as optax's)
+            ours, theirs = at(uo.sgd(lr=sched), count), at(optax.sgd(sched), count)
+            assert ours == theirs, (count, ours, theirs)
+            seen.append(ours)
+    assert seen[3] == -1.0  # the odd count past 2**24: lr 1

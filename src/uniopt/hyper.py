@@ -217,14 +217,18 @@ def resolve(h: Any, step: int) -> Any:
     if isinstance(h, tuple):
         return tuple(resolve(x, step) for x in h)
     if callable(h):
-        return h(_float_step(step))
+        # uniopt's schedules take a JAX step as the default float; any other callable gets the
+        # count as optax hands it, an integer (a table indexed by it, ``count % 3``, the parity
+        # of steps past 2**24 that float32 cannot tell apart)
+        return h(_float_step(step) if getattr(h, "float_step", False) else step)
     return h
 
 
 def _float_step(step: Any) -> Any:
-    """A traced JAX step (an int32 array in the state) as the default float: arithmetic on the
-    integer would be float32 even under x64 (a linear schedule 3e-7 off, an exponential 3e-6);
-    a host step stays the Python int it is, exact in any arithmetic."""
+    """A JAX step (an int32 array in the state) as the default float, for uniopt's schedules:
+    their arithmetic on the integer would be float32 even under x64 (a linear schedule 3e-7
+    off, an exponential 3e-6); a host step stays the Python int it is, exact in any
+    arithmetic."""
     if isinstance(step, int) or not _jax_array(step):
         return step
     import jax.numpy as jnp

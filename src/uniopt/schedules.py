@@ -21,7 +21,7 @@ import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, ClassVar, Literal, TypeAlias, cast
 
 import array_api_compat
 
@@ -104,6 +104,9 @@ class _Record:
         raise TypeError(f"{self!r} is a uniopt schedule, not a number: no arithmetic is defined "
                         f"on it; schedules.product({self!r}, {other!r}) is its product with a "
                         "number or another schedule")
+
+    # takes a JAX step as the default float (hyper.resolve): exact under x64
+    float_step: ClassVar[bool] = True
 
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_number
     __add__ = __radd__ = __sub__ = __rsub__ = __pow__ = _not_a_number
