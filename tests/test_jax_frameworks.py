@@ -250,7 +250,9 @@ def test_equinox_loop_in_a_fresh_process() -> None:
 
 def test_checkpoints_in_a_fresh_process() -> None:
     """flax to_bytes/from_bytes and orbax's StandardCheckpointer round trips are equal, and a
-    linen TrainState resumed from either follows the run that never stopped."""
+    linen TrainState resumed from either follows the run that never stopped, under jax.jit and
+    eagerly (from_bytes restores NumPy arrays, which the eager step takes beside JAX
+    gradients, as optax does)."""
     pytest.importorskip("flax")
     pytest.importorskip("orbax.checkpoint")
     out = _fresh("""
@@ -294,6 +296,12 @@ def test_checkpoints_in_a_fresh_process() -> None:
         print("orbax_equal", same(from_orbax, st))
         print("flax_equal", same(from_flax, st))
         print("lr", float(from_flax.opt_state.rule.transforms[1].lr))
+        # from_bytes restores NumPy arrays; an eager step takes them beside jax.grad's
+        eager, never, resumed = step.__wrapped__, st, from_flax
+        for _ in range(3):
+            never, resumed = eager(never), eager(resumed)
+        print("flax_eager_resumed", same(resumed.params, never.params)
+              and same(resumed.opt_state, never.opt_state))
         for _ in range(10):
             st, from_orbax, from_flax = step(st), step(from_orbax), step(from_flax)
         print("orbax_resumed", same(from_orbax.params, st.params))
@@ -301,5 +309,6 @@ def test_checkpoints_in_a_fresh_process() -> None:
     """)
     got = dict(line.split() for line in out.splitlines())
     assert got == {"orbax_equal": "True", "flax_equal": "True", "lr": got["lr"],
-                   "orbax_resumed": "True", "flax_resumed": "True"}, got
+                   "flax_eager_resumed": "True", "orbax_resumed": "True",
+                   "flax_resumed": "True"}, got
     assert abs(float(got["lr"]) - 1e-2) < 1e-8

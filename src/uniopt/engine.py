@@ -1705,6 +1705,8 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
             f"{getattr(state, 'rule', state)!r}"
         )
     rule = _adjusted_values(rule, state.rule)
+    if params is not None:
+        params, state = _numpy_as_jax(params, grads, state)
     if params is None and any(p.uses_params for p in rule.flat_parts):
         raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
     step = _prologue(state, params, grads)
@@ -1727,6 +1729,21 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     return unflatten(step.treedef, updates), new
+
+
+def _numpy_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State]:
+    """NumPy params and state beside JAX gradients as JAX arrays, as optax's arithmetic takes
+    them: ``flax.serialization.from_bytes`` restores a ``TrainState``'s params and optimizer
+    state as NumPy arrays, and ``jax.grad`` then hands JAX ones. Anything else as it is (a
+    mix the engine then refuses, naming the leaf)."""
+    p_leaves, g_leaves = flatten_leaves(params)[0], flatten_leaves(grads)[0]
+    if not (p_leaves and g_leaves and isinstance(p_leaves[0], np.ndarray)
+            and backend.is_jax(g_leaves[0])):
+        return params, state
+    import jax
+
+    as_jax = functools.partial(jax.tree.map, jax.numpy.asarray)
+    return as_jax(params), as_jax(state)
 
 
 def _adjusted_values(rule: Transform, own: Transform) -> Transform:
