@@ -184,9 +184,14 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
                 lambda path, _: "n" if "bias" in jax.tree_util.keystr(path) else "d", p)), 2,
             accumulator_dtype=jnp.float64), 10)
         print("recipe", diff(run(recipe, True), run(theirs, True)))
+        # an optax member in uo.chain (docs/optax.md's recipe): it refused NNX's Params
+        with_optax = uo.chain(optax.clip_by_global_norm(0.5), uo.adam(lr=1e-2))
+        print("optax_member", diff(run(with_optax, True), run(
+            lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2)), True)))
     """)
     got = dict(line.split() for line in out.splitlines())
     assert float(got["recipe"]) <= 1e-12, got
+    assert float(got["optax_member"]) <= 1e-12, got
     # float64: the same arithmetic; float32: uniopt forms 1 - beta in double (optax in
     # float32, where 1 - 0.999 is off by 1.3e-5), which over 100 steps moves the params ~1e-5
     assert float(got["f64"]) <= 1e-12, got

@@ -603,15 +603,13 @@ class Elementwise(Part):
     # import it); a flag that changes the arithmetic may make it a property choosing between two
     kernel: ClassVar[Kernel]
 
-    # whether the coefficients depend on the dtype of the leaf they meet (the engine then asks
-    # for_dtype for each): Optimisers.jl's float16 eps floor, a part's eps_floor16 option; an
-    # attribute set once, since the compiled step reads it every step
-    by_dtype: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if getattr(self, "eps_floor16", False):
-            object.__setattr__(self, "by_dtype", True)
+    @property
+    def by_dtype(self) -> bool:
+        """Whether the coefficients depend on the dtype of the leaf they meet (the engine then
+        asks :meth:`for_dtype` for each): Optimisers.jl's float16 eps floor, a part's
+        ``eps_floor16`` option. Read from the fields, never stored beside them: a record
+        rebuilt without its constructor (``jax.jit``'s, a resolved schedule's) keeps it."""
+        return bool(getattr(self, "eps_floor16", False))
 
     def for_dtype(self, c: Any, dtype: Any) -> Any:
         """The coefficients ``c`` for leaves of ``dtype``. With ``eps_floor16``, float16 leaves

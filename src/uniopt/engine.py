@@ -325,11 +325,14 @@ def _quantised(names: tuple[str, ...], slots: tuple[Any, ...], p: Any) -> tuple[
 
 
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
-    if leaves and part.libraries is not None and backend.library(leaves[0]) not in part.libraries:
-        raise TypeError(
-            f"{part.name} runs optax, on JAX or NumPy arrays; these params are "
-            f"{backend.library(leaves[0])} arrays"
-        )
+    if not leaves or part.libraries is None:
+        return
+    # (a flax nnx.Variable holding a JAX array is a JAX array here, as it is to optax)
+    first = backend.jax_array_of(leaves[0])
+    library = backend.library(leaves[0] if first is None else first)
+    if library not in part.libraries:
+        raise TypeError(f"{part.name} runs optax, on JAX or NumPy arrays; these params are "
+                        f"{library} arrays")
 
 
 def _stored(x: Any, state_dtype: str | None) -> Any:

@@ -9,6 +9,7 @@ cannot call it directly).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -58,14 +59,24 @@ class from_optax(WholeTree):
         if not is_optax(self.tx):
             raise TypeError(f"from_optax: {self.tx!r} is not an optax GradientTransformation")
         super().__post_init__()
-        # a whole optax optimizer (negate=True) hands back steps
-        object.__setattr__(self, "makes_step", self.negate)
-        object.__setattr__(self, "reads_value", _takes_extra_args(self.tx.update))
+
+    # Read from the fields, never stored beside them: a record rebuilt without its constructor
+    # (jax.jit's) kept the class's values, and a whole optax optimizer's steps came back with
+    # their sign flipped, an ascent.
+    @property
+    def makes_step(self) -> bool:  # type: ignore[override]
+        """A whole optax optimizer (``negate=True``) hands back steps."""
+        return self.negate
+
+    @functools.cached_property
+    def reads_value(self) -> bool:  # type: ignore[override]
+        return _takes_extra_args(self.tx.update)
 
     def init_tree(self, params: Any) -> Any:
         leaves = trainables(params)
+        # (a flax nnx.Variable holding a JAX array is a JAX array here, as it is to optax)
         if leaves and backend.is_array(leaves[0]) and not (
-            backend.is_jax(leaves[0]) or backend.is_numpy(leaves[0])
+            backend.jax_array_of(leaves[0]) is not None or backend.is_numpy(leaves[0])
         ):
             raise TypeError(f"{self.name} runs optax, on JAX or NumPy arrays; these params are "
                             f"{backend.library(leaves[0])} arrays")

@@ -99,7 +99,10 @@ class kahan_summation(Elementwise):
     """
 
     slots: ClassVar[tuple[str, ...]] = ("compensation",)
-    by_dtype: ClassVar[bool] = True
+
+    @property
+    def by_dtype(self) -> bool:
+        return True
 
     def coeffs(self, step: Any) -> Compensation:
         return Compensation(split=0.0, magic=0.0, tiny=0.0, big=_BIG)
