@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -87,6 +88,28 @@ def test_untraceable_schedule_gets_a_clear_error() -> None:
         jax.jit(uo.update)(state, params, _grads(params, 0))
     # the same schedule is fine outside jit
     uo.update(state, params, _grads(params, 0))
+
+
+@pytest.mark.parametrize("shape", [(3,), (1,), (2, 1)])
+def test_a_schedule_of_an_array_is_refused_under_jit_as_eagerly(shape: tuple[int, ...]) -> None:
+    """A schedule whose value is an array, not a number, is refused under ``jax.jit`` as it is
+    eagerly, naming the hyperparameter, the shape and the traced step: it was applied as it
+    came, elementwise, and one of shape (2, 1) turned params of shape (3,) into (2, 3)."""
+    p, g = jnp.zeros(3), jnp.ones(3)
+    state = uo.setup(uo.sgd(lr=lambda s: jnp.full(shape, 0.1)), p)
+    with pytest.raises(TypeError, match=r"sgd: lr must be a number or a schedule, got Array"):
+        uo.update(state, p, g)
+    with pytest.raises(TypeError, match=r"sgd: lr must be a number or a schedule, got a traced "
+                                        + re.escape(f"array of shape {shape}") + r".*\(the value "
+                                        r"of its schedule at the traced step\)"):
+        jax.jit(uo.update)(state, p, g)
+
+
+def test_a_bad_schedule_value_under_jit_is_named_at_the_traced_step() -> None:
+    state = uo.setup(uo.adamw(weight_decay=lambda s: -1.0), jnp.zeros(2))
+    with pytest.raises(ValueError, match=r"weight_decay must be >= 0, got -1.0 \(the value of "
+                                         r"its schedule at the traced step\)"):
+        jax.jit(uo.update)(state, jnp.zeros(2), jnp.ones(2))
 
 
 def test_float32_jit_matches_eager() -> None:

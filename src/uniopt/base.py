@@ -203,7 +203,8 @@ class Transform:
                  else _NO_FACTS)
         new = assemble(type(self), {**self.fields(), **values}, facts)
         if scheduled:
-            new._validate(f" ({scheduled} at step {step})", resolved=True, only=values,
+            at = "the traced step" if _traced(step) else f"step {step}"
+            new._validate(f" ({scheduled} at {at})", resolved=True, only=values,
                           foreign=self._foreign)
         return new
 

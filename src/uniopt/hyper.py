@@ -180,7 +180,17 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
     so every number is normalised here, once."""
     # (a Python float, a schedule's or a param group's value, needs none of this)
     if type(value) is not float:
-        if _traced(value) or isinstance(value, (Complemented, DeviceNumber)):
+        if _traced(value):
+            # a number computed inside jax.jit (a schedule's, or the state's): its value is
+            # not known here, its shape and dtype are (an array of lr broadcast silently, even
+            # into the params' shape)
+            kind, shape = getattr(value, "dtype", None), getattr(value, "shape", None)
+            if shape != () or kind is None or (kind.kind not in "fiu"
+                                               and "float" not in str(kind)):
+                raise TypeError(f"{owner}: {name} must be a number or a schedule, got a traced "
+                                f"array of shape {shape} and dtype {kind}{where}")
+            return value  # type: ignore[return-value]
+        if isinstance(value, (Complemented, DeviceNumber)):
             # from a JAX state: checked before it went in
             return value  # type: ignore[return-value]
         if getattr(value, "requires_grad", False) and getattr(value, "numel", lambda: 0)() == 1:
