@@ -1398,6 +1398,37 @@ def test_tolerance_detects_a_small_change() -> None:
         assert_close64(ours, theirs)
 
 
+@pytest.mark.parametrize(("dtype", "state_dtype"), [(torch.bfloat16, "float32"),
+                                                    (torch.float16, "float32"),
+                                                    (torch.float32, "float64")])
+def test_a_wider_state_survives_state_dict_and_load(dtype: torch.dtype,
+                                                     state_dtype: str) -> None:
+    """``state_dtype`` slots come back from ``state_dict()`` as saved: torch's load casts a
+    parameter's state to its dtype, which cut float32 slots of bfloat16 params to bfloat16 and
+    the resumed run left the one that never stopped (508 of 1,000 params after 10 steps)."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(1000, generator=g).to(dtype)
+    grads = [torch.randn(1000, generator=g).to(dtype) for _ in range(8)]
+    p = nn.Parameter(start.clone())
+    opt = ut.AdamW([p], lr=1e-2, state_dtype=state_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ufast.FastPathUnavailable)
+        for grad in grads[:4]:
+            p.grad = grad.clone()
+            opt.step()
+        saved = copy.deepcopy(opt.state_dict())  # (state_dict() holds the live tensors)
+        q = nn.Parameter(p.detach().clone())
+        resumed = ut.AdamW([q], lr=1e-2, state_dtype=state_dtype)
+        resumed.load_state_dict(saved)
+        assert {k: v.dtype for k, v in resumed.state[q].items()} == {
+            k: v.dtype for k, v in opt.state[p].items()}
+        for grad in grads[4:]:
+            p.grad, q.grad = grad.clone(), grad.clone()
+            opt.step()
+            resumed.step()
+    assert torch.equal(p.detach(), q.detach())
+
+
 def test_state_dtype_keeps_float32_slots_for_bfloat16_params() -> None:
     """uniopt's own keyword: float32 slots for 16-bit params, the functional API's
     ``state_dtype``; a bfloat16 state from torch.optim loads and is widened."""

@@ -728,23 +728,25 @@ class Optimizer(torch.optim.Optimizer):
                 state_dict["state"] = _group_states_in(state_dict["state"], groups)
         check_loadable(self, state_dict)
         super().load_state_dict(state_dict)
-        self._restore_q8(state_dict)
+        self._restore_state_dtypes(state_dict)
 
-    def _restore_q8(self, state_dict: dict[str, Any]) -> None:
-        """torch's load casts a float parameter's state to its dtype: an 8-bit slot's codes
-        and scales are put back as saved (copies, on the parameter's device)."""
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch's load casts a float parameter's state to its dtype. Where the group keeps
+        its state in another (``state_dtype``), the saved tensors are put back as saved
+        (copies, on the parameter's device): an 8-bit slot's codes and scales, and float32 or
+        float64 slots of 16-bit or float32 parameters (cut to the parameter's dtype, a resumed
+        run left the one that never stopped)."""
         for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
-            if not plans.is_q8(group):
+            if group.get("state_dtype") is None:
                 continue
             for k, p in zip(saved["params"], group["params"], strict=True):
-                st = state_dict["state"].get(k, {})
+                st, loaded = state_dict["state"].get(k, {}), self.state.get(p)
+                if loaded is None:
+                    continue
                 for name, v in st.items():
-                    if not name.endswith(plans.ABSMAX) or name[:-len(plans.ABSMAX)] not in st:
-                        continue
-                    codes = st[name[:-len(plans.ABSMAX)]]
-                    if codes.dtype in (torch.int8, torch.uint8):
-                        self.state[p][name[:-len(plans.ABSMAX)]] = codes.to(p.device, copy=True)
-                    self.state[p][name] = v.to(p.device, torch.float32, copy=True)
+                    if (name != "step" and isinstance(v, torch.Tensor)
+                            and name in loaded and loaded[name].dtype != v.dtype):
+                        loaded[name] = v.to(p.device, copy=True)
 
 
 def _q8_copies(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any, Any]:
