@@ -3,6 +3,8 @@ or float32 (setup(..., state_dtype="float32")); narrower floats refused."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -210,3 +212,64 @@ def test_big_endian_float16_is_computed_in_float32_as_native(inplace: bool) -> N
                         uo.adam(lr=1e-2), 5, None, inplace)
         runs.append(np.asarray(p[0], np.float64))
     np.testing.assert_array_equal(runs[1], runs[0])
+
+
+@pytest.mark.parametrize("bits", ["float16", "bfloat16"])
+def test_float64_state_rounds_16_bit_params_once_on_every_library(bits: str) -> None:
+    """With ``state_dtype="float64"`` the float64 result goes to 16 bits rounded once, as NumPy
+    rounds it, on torch and JAX too, pure and in place and through uniopt.torch: their own
+    conversion goes through float32 and rounded twice (1 + half an ulp + 2^-40 came out 1,
+    not the next 16-bit number)."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    half_ulp = 2.0**-11 if bits == "float16" else 2.0**-8
+    rule = uo.sgd(lr=half_ulp + 2.0**-40, momentum=0.9)
+    want = 1.0 + 2 * half_ulp
+    tdt = getattr(torch, bits)
+    cases: list[tuple[Any, Any]] = [(torch.ones(1, dtype=tdt), torch.full((1,), -1.0, dtype=tdt))]
+    if bits == "float16":
+        cases.append((np.ones(1, np.float16), np.full(1, -1.0, np.float16)))
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        jdt = getattr(jax.numpy, bits)
+        jax_case = (jax.numpy.ones(1, jdt), jax.numpy.full((1,), -1.0, jdt))
+        _, [p] = uo.update(uo.setup(rule, [jax_case[0]], state_dtype="float64"),
+                           [jax_case[0]], [jax_case[1]])
+        assert float(p[0]) == want, "jax"
+    for p0, g in cases:
+        _, [p] = uo.update(uo.setup(rule, [p0], state_dtype="float64"), [p0], [g])
+        q = [p0.clone() if hasattr(p0, "clone") else p0.copy()]
+        uo.update_(uo.setup(rule, q, state_dtype="float64"), q, [g])
+        assert float(p[0]) == float(q[0][0]) == want, type(p0)
+    import uniopt.torch as ut
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for flags in ({}, {"foreach": True}):
+            w = torch.nn.Parameter(torch.ones(1, dtype=tdt))
+            opt = ut.SGD([w], lr=half_ulp + 2.0**-40, momentum=0.9, state_dtype="float64",
+                         **flags)
+            w.grad = torch.full((1,), -1.0, dtype=tdt)
+            opt.step()  # (bfloat16 with a float64 state raised: the loop declined its bits)
+            assert float(w[0]) == want, flags
+
+
+def test_a_strided_bfloat16_gradient_steps_as_a_contiguous_one() -> None:
+    """uniopt.torch with bfloat16 params: a gradient laid out otherwise than its parameter (a
+    transpose) steps as its contiguous copy, at every step (from the second on, the compiled
+    loop declined its view and the step raised: bfloat16 bits have no reference path)."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(30, 40, generator=g).to(torch.bfloat16)
+    grads = [torch.randn(40, 30, generator=g).to(torch.bfloat16).t() for _ in range(3)]
+    w, v = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    ours, contiguous = ut.AdamW([w], lr=1e-2), ut.AdamW([v], lr=1e-2)
+    for grad in grads:
+        assert not grad.is_contiguous()
+        w.grad, v.grad = grad, grad.contiguous()
+        ours.step()
+        contiguous.step()
+        assert torch.equal(w.detach(), v.detach())

@@ -71,6 +71,37 @@ def float_bits(dtype: Any) -> int:
     return int(digits) if digits.isdigit() else 64
 
 
+def narrowed(x: Any, dtype: Any) -> Any:
+    """Array ``x`` as ``dtype``, where a float64 result (``state_dtype="float64"``) goes to
+    16 bits rounded once, as NumPy rounds it: torch and XLA convert float64 to float16 and
+    bfloat16 through float32, which rounds twice (a value just past a 16-bit midpoint first
+    rounds onto it, then to even). Rounded to odd on the way to float32 (toward zero, the last
+    bit set where inexact), the second rounding is the only one (Boldo and Melquiond, 2008):
+    float32 keeps more than two bits beyond any 16-bit format's."""
+    xp = namespace(x)
+    if not (dtype_name(x.dtype) == "float64" and float_bits(dtype) == 16
+            and (is_torch(x) or is_jax(x))):
+        return xp.astype(x, dtype)
+    if is_torch(x):
+        import torch
+
+        y = x.to(torch.float32)
+        inexact = y.to(torch.float64) != x
+        away = inexact & (y.to(torch.float64).abs() > x.abs())
+        # the bits of a float32 count its magnitude: one less is one ulp toward zero
+        bits = (y.view(torch.int32) - away.to(torch.int32)) | inexact.to(torch.int32)
+        return bits.view(torch.float32).to(dtype)
+    import jax
+
+    jnp = jax.numpy
+    y = x.astype(jnp.float32)
+    inexact = y.astype(jnp.float64) != x
+    away = inexact & (jnp.abs(y.astype(jnp.float64)) > jnp.abs(x))
+    bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+    bits = (bits - away.astype(jnp.int32)) | inexact.astype(jnp.int32)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+
+
 def _floats(x: Any, xp: Any) -> tuple[bool, bool]:
     """Whether ``x``'s dtype is floating, and complex."""
     try:
@@ -595,6 +626,9 @@ def assign(dst: Any, src: Any) -> None:
     elif is_torch(dst):
         import torch
 
+        if float_bits(dst.dtype) == 16 and dtype_name(getattr(src, "dtype", dst.dtype)) == \
+                "float64":  # (copy_ rounds float64 to 16 bits twice)
+            src = narrowed(src, dst.dtype)
         if _TRACKED.get() or not torch.is_grad_enabled():
             dst.copy_(src)
         else:

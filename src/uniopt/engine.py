@@ -996,7 +996,7 @@ def _dtype_of(x: Any, like: Any) -> Any:
     xp = backend.namespace(x)
     if xp is not backend.namespace(like):  # (a state loaded from another library's file)
         return xp.astype(x, getattr(xp, backend.dtype_name(like.dtype)))
-    return xp.astype(x, like.dtype)
+    return backend.narrowed(x, like.dtype)
 
 
 def _real_float(x: Any) -> bool:
@@ -1088,7 +1088,7 @@ def _as_new_array(x: Any, like: Any, inputs: tuple[Any, ...]) -> Any:
                                       or backend.is_numpy_scalar(x)):
         return backend.namespace(like).asarray(x, dtype=like.dtype)
     if x.dtype != like.dtype:  # a step computed in a wider state_dtype
-        return backend.namespace(like).astype(x, like.dtype)
+        return backend.narrowed(x, like.dtype)
     if type(like) is np.ndarray and x.strides != like.strides and like.ndim > 1 and \
             like.flags.f_contiguous:
         # NumPy hands back C order from mixed layouts: the new array keeps its old one, as the

@@ -616,6 +616,11 @@ class Plan:
                     self.seen = SeenGrads(list(map(weakref.ref, sel)), None,
                                           shapes=self.shapes)
                 return found
+        if sel and sel[0].dtype == torch.bfloat16:
+            # (a gradient that is no dense C-contiguous tensor: the compiled loop would decline
+            # its view, and bfloat16 bits have no reference path; run's views lay it out as
+            # its parameter, a copy)
+            return None
         made = backend.numpy_views([sel])
         if made is None:
             return None
@@ -816,10 +821,12 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             # reads float32/float64 params, not a bfloat16 tensor's bits
             s = ("torch", None)
         if s[0] == "np" and (rule.has_per_leaf or rule.tree_layout
-                             or p.dtype == torch.bfloat16 and not compiled):
+                             or p.dtype == torch.bfloat16 and (
+                                 not compiled or group.get("state_dtype") == "float64")):
             # per-leaf and whole-tree parts run on the reference path, where torch's own ops
             # serve as well as NumPy's (slots of other shapes need no relayout, a generator's
-            # state is torch's); the views of bfloat16 bits are for the compiled loop only
+            # state is torch's); the views of bfloat16 bits are for the compiled loop only,
+            # which reads them beside a state of float32 (or their own) only
             s = ("torch", None)
         st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
         key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]),
