@@ -273,3 +273,18 @@ def test_a_strided_bfloat16_gradient_steps_as_a_contiguous_one() -> None:
         ours.step()
         contiguous.step()
         assert torch.equal(w.detach(), v.detach())
+
+
+def test_a_float64_state_of_jax_arrays_without_x64_is_refused_at_set_up() -> None:
+    """Without 64-bit JAX a float64 state cannot exist: set-up refuses it, saying what to turn
+    on (it made float32 slots, and the first step called them another state's)."""
+    jax = pytest.importorskip("jax")
+    params = [jax.numpy.ones(2, jax.numpy.bfloat16)]
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match=r"state_dtype='float64' on JAX arrays needs 64-bit "
+                                             r"JAX \(jax.config.update\('jax_enable_x64'"):
+            uo.setup(uo.adam(), params, state_dtype="float64")
+    with jax.enable_x64(True):
+        state = uo.setup(uo.adam(), params, state_dtype="float64")
+        state, _ = uo.update(state, params, [jax.numpy.ones(2, jax.numpy.bfloat16)])
+        assert all(s[0].dtype == jax.numpy.float64 for s in state.slots.values())

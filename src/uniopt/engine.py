@@ -210,6 +210,12 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if state_dtype is not None and state_dtype not in ("float32", "float64", "q8"):
         raise ValueError(f"setup: state_dtype must be 'float32', 'float64' or 'q8', got "
                          f"{state_dtype!r}")
+    if state_dtype == "float64" and leaves and backend.is_jax(leaves[0]) and \
+            sys.modules["jax"].dtypes.canonicalize_dtype(np.float64) != np.float64:
+        # (JAX would make float32 slots, which the first step then takes for another state's)
+        raise ValueError("setup: state_dtype='float64' on JAX arrays needs 64-bit JAX "
+                         "(jax.config.update('jax_enable_x64', True)); without it JAX has no "
+                         "float64 arrays")
     if state_dtype == "q8" and rule.tree_layout:
         raise ValueError(f"setup: {no_q8_for_trees(rule)}")
     refused = [p for p in rule.flat_parts if state_dtype == "q8" and getattr(p, "no_q8", None)]
