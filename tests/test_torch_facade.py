@@ -1778,10 +1778,10 @@ def test_more_classes_invalid_values_name_them(name: str, kw: dict[str, Any], th
 @pytest.mark.parametrize("mode", [{}, {"fused": True}], ids=["default", "fused"])
 def test_a_grad_scaler_drives_it_as_torch_optim(mode: dict[str, Any]) -> None:
     """Mixed precision as torch users train: ``torch.amp.GradScaler`` unscales the gradients
-    (the ``fused=True`` classes do not claim torch's in-kernel unscaling, so the scaler does it
-    first for them too), skips the step whose gradients overflowed and lowers its scale, as
-    for torch's AdamW. Scaling by a power of two is exact, so the run is bit for bit the one
-    without a scaler that skips that step itself; and it is torch's to float32 rounding."""
+    (the ``fused=True`` classes unscale them in their step, as torch's fused ones), skips the
+    step whose gradients overflowed and lowers its scale, as for torch's AdamW. Scaling by a
+    power of two is exact, so the run is bit for bit the one without a scaler that skips that
+    step itself; and it is torch's to float32 rounding."""
 
     def run(make: Callable[..., Any], scaled: bool = True) -> tuple[list[Any], float, float]:
         torch.manual_seed(0)
@@ -1811,6 +1811,46 @@ def test_a_grad_scaler_drives_it_as_torch_optim(mode: dict[str, Any]) -> None:
     assert all(map(torch.equal, ours[0], unscaled[0]))
     for a, b in zip(ours[0], theirs[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Adagrad"])
+def test_a_fused_class_takes_float16_gradients_from_a_grad_scaler(name: str) -> None:
+    """A float16 model under ``torch.amp.GradScaler`` with ``fused=True``: GradScaler hands
+    the step its scale and inf flag (``_step_supports_amp_scaling``, as torch's fused classes)
+    and the step unscales the gradients itself (GradScaler refuses to unscale float16 ones:
+    "Attempting to unscale FP16 gradients" was raised). The run is bit for bit the one without
+    a scaler that skips the overflowed step itself (the scale is a power of two), leaves the
+    gradients unscaled, and counts the steps and the scale as torch's fused class; Adam's and
+    AdamW's params are torch's fused ones bit for bit (torch's fused SGD and Adagrad round
+    16-bit tensors otherwise than its for-loop, a tail of each tensor apart)."""
+    kw = {"lr": 1e-2, **({"momentum": 0.9} if name == "SGD" else {}), "fused": True}
+
+    def run(cls: Any, scaled: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                     float, Any]:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 4).to(torch.float16)
+        opt = cls(model.parameters(), **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        x, y = torch.randn(16, 8).to(torch.float16), torch.randn(16, 4).to(torch.float16)
+        for i in range(6):
+            opt.zero_grad()
+            loss = F.mse_loss(model(x).float(), y.float())
+            if i == 2 and not scaled:
+                continue  # the step the scaler skips
+            scaler.scale(loss * (float("inf") if i == 2 else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+        ps = list(model.parameters())
+        return ([p.detach().clone() for p in ps], [p.grad.clone() for p in ps],
+                scaler.get_scale(), opt.state_dict()["state"][0].get("step", 5))
+
+    ours, theirs = run(getattr(ut, name)), run(getattr(torch.optim, name))
+    unscaled = run(getattr(ut, name), scaled=False)
+    assert all(map(torch.equal, ours[0], unscaled[0]))
+    assert all(map(torch.equal, ours[1], unscaled[1]))
+    assert ours[2] == theirs[2] and float(ours[3]) == float(theirs[3]) == 5
+    if name in ("Adam", "AdamW"):
+        assert all(map(torch.equal, ours[0], theirs[0]))
 
 
 @pytest.mark.parametrize("name", ["NAdam", "RAdam", "ASGD"])

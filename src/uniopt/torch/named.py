@@ -118,6 +118,9 @@ class _Named(Optimizer):
                 raise RuntimeError("`fused` does not support `differentiable`")
             if defaults.get("foreach"):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            # as torch's fused classes: GradScaler hands the step its scale and inf flag
+            # (Optimizer._amp_skips), so float16 gradients need no unscale_ before it
+            self._step_supports_amp_scaling = True
 
     def _torch_checks(self, values: dict[str, Any]) -> None:
         """torch's checks of the constructor's values, before anything else is looked at (the

@@ -503,6 +503,9 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if (vars(self).get("found_inf") is not None or vars(self).get("grad_scale") is not None
+                ) and self._amp_skips():
+            return loss
         # torch.no_grad() without its context manager's Python frames (a small step's cost)
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
@@ -532,6 +535,28 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             torch._C._set_grad_enabled(enabled)
         return loss
+
+    def _amp_skips(self) -> bool:
+        """A step under ``torch.amp.GradScaler`` where the optimizer scales for itself (a
+        ``fused=True`` class, as torch's fused ones): GradScaler sets ``found_inf`` (any
+        non-finite gradient: the step changes nothing, step counts included) and
+        ``grad_scale`` (the gradients are divided by it in place, as torch's fused kernels
+        leave them). Whether the step is skipped."""
+        found_inf = vars(self).get("found_inf")
+        if found_inf is not None and bool(found_inf):
+            return True
+        scale = vars(self).get("grad_scale")
+        if scale is None:
+            return False
+        by_device: dict[Any, list[torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+        with torch.no_grad():
+            for device, grads in by_device.items():
+                torch._foreach_div_(grads, scale.to(device))
+        return False
 
     def _loss_for(self, rule: Transform, loss: Any) -> dict[str, Any]:
         """The step's loss for a rule whose parts read it (Polyak's step size, Momo's), as
