@@ -115,6 +115,28 @@ def test_a_whole_optax_optimizer_alone_keeps_its_sign_under_jit() -> None:
         assert np.max(np.abs(np.asarray(p["w"]) - np.asarray(q["w"]))) < 1e-12
 
 
+def test_adjust_reaches_a_uniopt_state_inside_optax_combinators() -> None:
+    """``uo.adjust`` on the state of an optax combinator holding a uniopt rule (a chain's
+    tuple, ``MultiStepsState``, ``MaskedState``: what a TrainState or an NNX Optimizer holds
+    when its tx is such a combinator) adjusts the uniopt state inside, and the next jitted step
+    takes its number (it raised: "expected a uniopt State, got tuple"). A hyperparameter of
+    two of its states, or of none, is an error that says so."""
+    params = {"w": jax.numpy.ones(3)}
+    grads = {"w": jax.numpy.ones(3)}
+    for tx in (optax.chain(uo.clip_by_global_norm(1e6), uo.adamw(lr=0.1)),
+               optax.MultiSteps(uo.adamw(lr=0.1), 1),
+               optax.masked(uo.adamw(lr=0.1), {"w": True})):
+        state = uo.adjust(tx.init(params), lr=0.0)  # a step of lr 0 moves nothing
+        updates, _ = jax.jit(tx.update)(grads, state, params)
+        assert not np.any(np.asarray(updates["w"])), type(state).__name__
+    two = optax.chain(uo.sgd(lr=0.1), uo.adamw(lr=0.1))
+    with pytest.raises(ValueError, match=r"'lr' is a hyperparameter of 2 of the 2 uniopt "
+                                         r"states in this tuple .*adjust each where it is"):
+        uo.adjust(two.init(params), lr=0.0)
+    with pytest.raises(ValueError, match=r"'lrr' is a hyperparameter of none of the 2"):
+        uo.adjust(two.init(params), lrr=0.0)
+
+
 def test_compiles_once_and_adjust_reaches_the_uniopt_members() -> None:
     with jax.enable_x64(True):
         jitted, traces = counting_jit(donate_argnums=(0, 1))

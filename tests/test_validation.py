@@ -942,7 +942,8 @@ def test_adjust_invalid_value(kw, exc, match):
 
 
 def test_adjust_non_state():
-    with pytest.raises(TypeError, match=r"adjust: expected a uniopt State, got adam"):
+    with pytest.raises(TypeError, match=r"adjust: expected a uniopt State, or a tree holding "
+                                        r"one \(an optax combinator's state\), got adam"):
         uo.adjust(uo.adam(), lr=0.1)
 
 

@@ -1884,7 +1884,7 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     0.0001
     """
     if not isinstance(state, State):
-        raise TypeError(f"adjust: expected a uniopt State, got {type(state).__name__}")
+        return _adjust_within(state, hyperparameters)
     rule = state.rule
     for key, value in hyperparameters.items():
         rule, found = _set(rule, key.split("."), value, "")
@@ -1911,6 +1911,48 @@ def adjust(state: State, **hyperparameters: Any) -> State:
         rule.memo["adjusted"] = True
     return rewrapped(state, dataclasses.replace(
         state, rule=rule, tree_states=_members_renewed(rule, state.tree_states)))
+
+
+def _adjust_within(tree: Any, hyperparameters: dict[str, Any]) -> Any:
+    """:func:`adjust` of the uniopt states inside ``tree``, an optax combinator's state (a
+    chain's tuple, ``MultiStepsState``, ``MaskedState``...): each hyperparameter set in the one
+    state whose rule has it."""
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        nodes = jax.tree_util.tree_leaves(tree, is_leaf=_is_state_node)
+    else:
+        nodes = optree.tree_leaves(tree, is_leaf=_is_state_node, none_is_leaf=True,
+                                   namespace=NAMESPACE)
+    states = [x for x in nodes if isinstance(x, State)]
+    if not states:
+        raise TypeError(f"adjust: expected a uniopt State, or a tree holding one (an optax "
+                        f"combinator's state), got {type(tree).__name__}")
+    changes: dict[int, dict[str, Any]] = {}
+    for key, value in hyperparameters.items():
+        holders = [s for s in states if _set(s.rule, key.split("."), value, "")[1]]
+        if len(holders) != 1:
+            names = sorted({n for s in states for _, m in members(s.rule)
+                            for n in m.hyperparameters()})
+            raise ValueError(
+                f"adjust: {key!r} is a hyperparameter of "
+                + ("none" if not holders else f"{len(holders)}")
+                + f" of the {len(states)} uniopt states in this "
+                f"{type(tree).__name__} (theirs: {names})"
+                + ("; adjust each where it is" if holders else ""))
+        changes.setdefault(id(holders[0]), {})[key] = value
+    new = {id(s): adjust(s, **changes[id(s)]) for s in states if id(s) in changes}
+
+    def swap(x: Any) -> Any:
+        return new.get(id(x), x) if isinstance(x, State) else x
+
+    if jax is not None:
+        return jax.tree_util.tree_map(swap, tree, is_leaf=_is_state_node)
+    return optree.tree_map(swap, tree, is_leaf=_is_state_node, none_is_leaf=True,
+                           namespace=NAMESPACE)
+
+
+def _is_state_node(x: Any) -> bool:
+    return isinstance(x, State)
 
 
 def _members_renewed(rule: Transform, trees: dict[str, Any]) -> dict[str, Any]:
