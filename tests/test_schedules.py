@@ -492,6 +492,9 @@ def test_arithmetic_on_a_schedule_says_what_to_write() -> None:
         with pytest.raises(TypeError, match=r"is a uniopt schedule, not a number: no arithmetic "
                                             r"is defined on it; schedules.product\("):
             op()
+    with pytest.raises(TypeError, match=r"is a uniopt schedule, not a number: its value at a "
+                                        r"step is cosine\(.*\)\(step\)"):
+        float(s)
     # at the top of a program's stack
     code = compile("s * 0.5", "<module>", "exec")
     with pytest.raises(TypeError, match="no arithmetic is defined on it"):

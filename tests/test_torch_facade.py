@@ -988,6 +988,15 @@ def test_a_uniopt_schedule_and_a_torch_scheduler_on_one_value_is_an_error_naming
     torch.optim.lr_scheduler.StepLR(opt, 1)
     _refused_step(opt, w, r"param group 0's lr is the uniopt schedule <function.*and a torch "
                           "lr_scheduler drives it too")
+    # ReduceLROnPlateau reads float(group["lr"]) when it reduces: torch's bare float() error was
+    # all it said
+    w = nn.Parameter(torch.zeros(2))
+    opt = ut.Adam([w], lr=uo.schedules.cosine(0.1, 9))
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)
+    plateau.step(1.0)
+    with pytest.raises(TypeError, match=r"cosine\(init=0\.1.*is a uniopt schedule, not a "
+                                        r"number \(torch's ReduceLROnPlateau is scaling it\)"):
+        plateau.step(2.0)
 
 
 def _refused_step(opt: Any, w: Any, match: str) -> None:

@@ -101,6 +101,9 @@ class _Record:
                     "uniopt schedule or by a torch lr_scheduler, not both; give the group a "
                     "number for the torch scheduler, or drop the scheduler")
             frame = frame.f_back
+        if other is None:  # float() of it
+            raise TypeError(f"{self!r} is a uniopt schedule, not a number: its value at a step "
+                            f"is {self!r}(step)")
         raise TypeError(f"{self!r} is a uniopt schedule, not a number: no arithmetic is defined "
                         f"on it; schedules.product({self!r}, {other!r}) is its product with a "
                         "number or another schedule")
@@ -110,6 +113,10 @@ class _Record:
 
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_number
     __add__ = __radd__ = __sub__ = __rsub__ = __pow__ = _not_a_number
+
+    def __float__(self) -> float:
+        # (ReduceLROnPlateau reads float(group["lr"]): float() of a schedule says the same)
+        return cast(float, self._not_a_number(None))
 
 
 def _namespace(step: Any) -> Any:
