@@ -626,8 +626,10 @@ def assign(dst: Any, src: Any) -> None:
     elif is_torch(dst):
         import torch
 
-        if float_bits(dst.dtype) == 16 and dtype_name(getattr(src, "dtype", dst.dtype)) == \
-                "float64":  # (copy_ rounds float64 to 16 bits twice)
+        # (copy_ rounds float64 to 16 bits twice; attribute reads only: a call per leaf here
+        # is one on every leaf of the reference path)
+        if getattr(src, "dtype", None) is torch.float64 and (
+                dst.dtype is torch.float16 or dst.dtype is torch.bfloat16):
             src = narrowed(src, dst.dtype)
         if _TRACKED.get() or not torch.is_grad_enabled():
             dst.copy_(src)

@@ -604,12 +604,13 @@ class Elementwise(Part):
     # import it); a flag that changes the arithmetic may make it a property choosing between two
     kernel: ClassVar[Kernel]
 
-    @property
+    @functools.cached_property
     def by_dtype(self) -> bool:
         """Whether the coefficients depend on the dtype of the leaf they meet (the engine then
         asks :meth:`for_dtype` for each): Optimisers.jl's float16 eps floor, a part's
-        ``eps_floor16`` option. Read from the fields, never stored beside them: a record
-        rebuilt without its constructor (``jax.jit``'s, a resolved schedule's) keeps it."""
+        ``eps_floor16`` option. Read from the fields, not set beside them at construction: a
+        record rebuilt without its constructor (``jax.jit``'s, a resolved schedule's) keeps
+        it. (Cached in the record: the compiled step reads it every step.)"""
         return bool(getattr(self, "eps_floor16", False))
 
     def for_dtype(self, c: Any, dtype: Any) -> Any:

@@ -63,7 +63,7 @@ class from_optax(WholeTree):
     # Read from the fields, never stored beside them: a record rebuilt without its constructor
     # (jax.jit's) kept the class's values, and a whole optax optimizer's steps came back with
     # their sign flipped, an ascent.
-    @property
+    @functools.cached_property
     def makes_step(self) -> bool:  # type: ignore[override]
         """A whole optax optimizer (``negate=True``) hands back steps."""
         return self.negate

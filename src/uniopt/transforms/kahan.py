@@ -99,10 +99,7 @@ class kahan_summation(Elementwise):
     """
 
     slots: ClassVar[tuple[str, ...]] = ("compensation",)
-
-    @property
-    def by_dtype(self) -> bool:
-        return True
+    by_dtype = True
 
     def coeffs(self, step: Any) -> Compensation:
         return Compensation(split=0.0, magic=0.0, tiny=0.0, big=_BIG)
