@@ -654,3 +654,34 @@ def test_numbers_a_torch_lr_scheduler_writes_are_read_not_remade(
     assert all(torch.equal(p.detach(), s) for p, s in zip(ps, saved, strict=True))
     after = opt.state_dict()["state"]
     assert all(torch.equal(after[i][k], v) for i, st in state.items() for k, v in st.items())
+
+
+def test_a_small_torch_tree_steps_on_one_path_whether_the_loop_is_at_hand_or_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``uo.update_`` on a small tree of torch tensors takes the reference path's torch
+    operations at every step, even where the rule's compiled loop is at hand (compiled in this
+    process, or found on disk): torch's sqrt is not the loop's, so the numbers depended on the
+    kernel cache, and a run resumed in a new process left the one that never stopped (100 of
+    2,048 params after 600 steps)."""
+    torch = pytest.importorskip("torch")
+    from uniopt.fast import cpu
+
+    rule = uo.adam(lr=1e-3)
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", 1)
+    arrays = _tree(MLP)
+    state = uo.setup(rule, arrays)
+    for _ in range(3):  # the loop compiled, at hand for every small step of the rule
+        state = uo.update_(state, arrays, _tree(MLP, seed=1))
+
+    def run() -> list[Any]:
+        ps = [torch.from_numpy(a) for a in _tree(MLP)]
+        s = uo.setup(rule, ps)
+        for k in range(4):
+            s = uo.update_(s, ps, [torch.from_numpy(g) for g in _tree(MLP, seed=k + 1)])
+        return ps
+
+    with expect_compiled(0):
+        at_hand = run()
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", None)  # never at hand
+    for a, b in zip(at_hand, run(), strict=True):
+        assert torch.equal(a, b)

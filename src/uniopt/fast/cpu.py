@@ -1326,6 +1326,12 @@ def step(
             return None  # the reference path says what is wrong
         # (bfloat16 bits have no reference path on NumPy: never small)
         small = sum(map(_SIZE, leaves)) < MIN_SIZE
+        if small and tensors:
+            # the reference path's torch operations at every step: its sqrt is not the loop's
+            # (an ulp apart), so a small model's numbers would change where the loop comes to
+            # hand (after COMPILE_AFTER steps, or at once from the disk cache), and a run
+            # resumed in another process would leave the one that never stopped
+            return None
         if small and memo is not None:
             # a rule whose loop is not at hand yet: count the step, with no more work than that
             waited = memo.get("cpu-small", 0)
