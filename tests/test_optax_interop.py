@@ -131,9 +131,10 @@ def test_adjust_reaches_a_uniopt_state_inside_optax_combinators() -> None:
         assert not np.any(np.asarray(updates["w"])), type(state).__name__
     two = optax.chain(uo.sgd(lr=0.1), uo.adamw(lr=0.1))
     with pytest.raises(ValueError, match=r"'lr' is a hyperparameter of 2 of the 2 uniopt "
-                                         r"states in this tuple .*adjust each where it is"):
+                                         r"states in this tuple; adjust each where it is"):
         uo.adjust(two.init(params), lr=0.0)
-    with pytest.raises(ValueError, match=r"'lrr' is a hyperparameter of none of the 2"):
+    with pytest.raises(ValueError, match=r"'lrr' is a hyperparameter of none of the 2 .*; did "
+                                         r"you mean 'lr'\?"):
         uo.adjust(two.init(params), lrr=0.0)
 
 

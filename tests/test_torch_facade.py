@@ -1407,6 +1407,24 @@ def test_tolerance_detects_a_small_change() -> None:
         assert_close64(ours, theirs)
 
 
+def test_a_loaded_q8_state_shares_no_tensor_with_the_state_dict() -> None:
+    """An 8-bit state loaded into uniopt.torch is a copy, codes and scales alike: the scales
+    (float32, as float32 params keep them) were left shared with the caller's state dict, so
+    a kept snapshot's scales followed the live run while its codes stayed."""
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(3000, generator=g))
+    opt = ut.AdamW([p], lr=1e-2, state_dtype="q8")
+    p.grad = torch.randn(3000, generator=g)
+    opt.step()
+    saved = opt.state_dict()
+    q = nn.Parameter(p.detach().clone())
+    resumed = ut.AdamW([q], lr=1e-2, state_dtype="q8")
+    resumed.load_state_dict(saved)
+    for name, v in saved["state"][0].items():
+        if name != "step":
+            assert resumed.state[q][name].data_ptr() != v.data_ptr(), name
+
+
 @pytest.mark.parametrize(("dtype", "state_dtype"), [(torch.bfloat16, "float32"),
                                                     (torch.float16, "float32"),
                                                     (torch.float32, "float64")])
@@ -1897,12 +1915,18 @@ def test_a_tensor_lr_that_requires_grad_is_read_without_torchs_warning() -> None
     lambda ps: ut.Optimizer(ps, uo.prodigy()),
     lambda ps: ut.Optimizer(ps, uo.shampoo(lr=0.01)),
     lambda ps: ut.Kron(ps, lr=0.01),
-], ids=["lamb", "adan", "prodigy", "shampoo", "Kron"])
+    lambda ps: ut.Optimizer(ps, uo.skip_nonfinite(uo.prodigy())),
+    lambda ps: ut.Optimizer(ps, uo.accumulate(uo.chain(uo.scale_by_trust_ratio(),
+                                                       uo.scale_by_lr(0.1)), every=1)),
+], ids=["lamb", "adan", "prodigy", "shampoo", "Kron", "skip_nonfinite-prodigy",
+        "accumulate-trust_ratio"])
 def test_a_real_only_rule_refuses_complex_tensors_before_any_write(make: Any) -> None:
     """uniopt.torch hands the engine a complex tensor's real pairs, so the engine's refusal of
     a rule that takes real params only (``uo.setup``'s) never ran: LAMB, Adan, Prodigy and
-    Kron stepped the pairs silently, Shampoo raised a raw shape error after making state. A
-    real first group does not step before the complex second one is refused."""
+    Kron stepped the pairs silently, Shampoo raised a raw shape error after making state, and
+    inside a combinator (which steps apart from the plans) Prodigy and a hand-built trust
+    ratio stepped too. A real first group does not step before the complex second one is
+    refused."""
     v = nn.Parameter(torch.ones(3, 4, dtype=torch.float64))
     w = nn.Parameter(torch.ones(3, 4, dtype=torch.complex128))
     opt = make([{"params": [v]}, {"params": [w]}])

@@ -865,6 +865,11 @@ def test_adjust_unknown_name():
     snap = _snapshot(state, params)
     rule = state.rule
     with pytest.raises(ValueError, match=r"'learning_rate' is not a hyperparameter of adam.*'lr'"):
+        uo.adjust(state, learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"'lrr' is not a hyperparameter of adam \(its "
+                                         r"hyperparameters are .*\); did you mean 'lr'\?"):
+        uo.adjust(state, lrr=0.1)
+    with pytest.raises(ValueError, match=r"'learning_rate' is not a hyperparameter of adam.*'lr'"):
         uo.adjust(state, learning_rate=1e-3)
     with pytest.raises(ValueError, match=r"'amsgrad' is not a hyperparameter"):
         uo.adjust(state, amsgrad=True)

@@ -39,7 +39,7 @@ from .base import (
     makes_step,
     members,
 )
-from .hyper import _traced, on_host
+from .hyper import _traced, did_you_mean, on_host
 from .interop import dtensor
 from .interop.jax import adjusted, flatten_rule, register_state, rewrapped, unflatten_rule
 from .state import AnyParams, State
@@ -83,11 +83,14 @@ def _real_only(rule: Transform) -> str | None:
     ``real_only`` (a hand-built chain's). Their arithmetic on the pairs of a complex leaf's
     parts is not known to be right (a row and column factor, a matrix iteration, a distance),
     where it did not fail on their shapes: some stepped silently."""
-    named = next((r.name for r in _registered(rule)
-                  if not getattr(type(r), "info").complex), None)  # noqa: B009
+    # (chains and combinators opened: uniopt.torch hands a combinator's members the pairs,
+    # where their own set-up would not see a complex leaf)
+    inner = [m for _, m in members(rule)]
+    named = next((m.name for m in inner if getattr(type(m), "info", None) is not None
+                  and not getattr(type(m), "info").complex), None)  # noqa: B009
     if named is not None:
         return f"{named} takes real params only (the registry's Info.complex)"
-    part = next((p for p in rule.flat_parts if p.real_only), None)
+    part = next((p for m in inner for p in m.flat_parts if p.real_only), None)
     return None if part is None else f"{part.name} takes real params only (Part.real_only)"
 
 
@@ -210,7 +213,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if state_dtype is not None and state_dtype not in ("float32", "float64", "q8"):
         raise ValueError(f"setup: state_dtype must be 'float32', 'float64' or 'q8', got "
                          f"{state_dtype!r}")
-    if state_dtype == "float64" and leaves and backend.is_jax(leaves[0]) and \
+    if state_dtype == "float64" and leaves and backend.jax_array_of(leaves[0]) is not None and \
             sys.modules["jax"].dtypes.canonicalize_dtype(np.float64) != np.float64:
         # (JAX would make float32 slots, which the first step then takes for another state's)
         raise ValueError("setup: state_dtype='float64' on JAX arrays needs 64-bit JAX "
@@ -462,6 +465,10 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
             slot = wants[i].get(key, shape)
             if slot is None and s is None:
                 continue
+            if s is not None and type(s) is not type(p) and _libraries_apart(p, s):
+                raise ValueError(
+                    f"{names[i]} is a {backend.library(p)} array, but the state's {key} for it "
+                    f"is a {backend.library(s)} array: this state was set up for other params")
             # a local shard's slot shaped as its parameter is a shard too
             local = tuple(p.shape) if slot == shape else slot
             dtype = p.dtype if state.state_dtype is None else getattr(backend.namespace(p),
@@ -472,6 +479,15 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                     f"{names[i]} has shape {tuple(p.shape)} and dtype {p.dtype}, but the "
                     f"state's {key} for it has {got}: this state was set up for other params"
                 )
+
+
+def _libraries_apart(p: Any, s: Any) -> bool:
+    """Whether a parameter and its slot come from two array libraries (a flax Variable holding
+    a JAX array, and a quantised slot, are of their array's library)."""
+    if isinstance(s, quant.Q8):
+        s = s.codes
+    p, s = backend.jax_array_of(p) or p, backend.jax_array_of(s) or s
+    return backend.library(p) != backend.library(s)
 
 
 def _refuse_q8_on_meshes(names: list[str], leaves: list[Any]) -> None:
@@ -1714,11 +1730,17 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
             f"{getattr(state, 'rule', state)!r}"
         )
     rule = _adjusted_values(rule, state.rule)
-    if params is not None:
-        params, state = _numpy_as_jax(params, grads, state)
     if params is None and any(p.uses_params for p in rule.flat_parts):
         raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
-    step = _prologue(state, params, grads)
+    try:
+        step = _prologue(state, params, grads)
+    except TypeError:
+        # (looked at only here: a step of one library pays nothing for it)
+        converted = None if params is None else _numpy_as_jax(params, grads, state)
+        if converted is None:
+            raise
+        params, state = converted
+        step = _prologue(state, params, grads)
     if any(g is None for g in step.grads):
         # optax's transforms refuse these too (uo.update leaves such a leaf as it is)
         names = _leaves(params)[2]
@@ -1740,15 +1762,15 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     return unflatten(step.treedef, updates), new
 
 
-def _numpy_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State]:
+def _numpy_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State] | None:
     """NumPy params and state beside JAX gradients as JAX arrays, as optax's arithmetic takes
     them: ``flax.serialization.from_bytes`` restores a ``TrainState``'s params and optimizer
-    state as NumPy arrays, and ``jax.grad`` then hands JAX ones. Anything else as it is (a
-    mix the engine then refuses, naming the leaf)."""
+    state as NumPy arrays, and ``jax.grad`` then hands JAX ones. None for any other mix (which
+    the engine refuses, naming the leaf)."""
     p_leaves, g_leaves = flatten_leaves(params)[0], flatten_leaves(grads)[0]
     if not (p_leaves and g_leaves and isinstance(p_leaves[0], np.ndarray)
             and backend.is_jax(g_leaves[0])):
-        return params, state
+        return None
     import jax
 
     as_jax = functools.partial(jax.tree.map, jax.numpy.asarray)
@@ -1891,9 +1913,8 @@ def adjust(state: State, **hyperparameters: Any) -> State:
         if not found:
             names = sorted({n for _, m in members(rule) for n in m.hyperparameters()})
             raise ValueError(
-                f"adjust: {key!r} is not a hyperparameter of {state.rule.name}; "
-                f"its hyperparameters are {names}"
-            )
+                f"adjust: {key!r} is not a hyperparameter of {state.rule.name} (its "
+                f"hyperparameters are {names}){did_you_mean(key.rsplit('.', 1)[-1], names)}")
         if len(found) > 1:
             raise ValueError(
                 f"adjust: {key!r} is a hyperparameter of {len(found)} members of this chain "
@@ -1936,9 +1957,9 @@ def _adjust_within(tree: Any, hyperparameters: dict[str, Any]) -> Any:
             raise ValueError(
                 f"adjust: {key!r} is a hyperparameter of "
                 + ("none" if not holders else f"{len(holders)}")
-                + f" of the {len(states)} uniopt states in this "
-                f"{type(tree).__name__} (theirs: {names})"
-                + ("; adjust each where it is" if holders else ""))
+                + f" of the {len(states)} uniopt states in this {type(tree).__name__}"
+                + ("; adjust each where it is" if holders else
+                   f" (theirs are {names}){did_you_mean(key.rsplit('.', 1)[-1], names)}"))
         changes.setdefault(id(holders[0]), {})[key] = value
     new = {id(s): adjust(s, **changes[id(s)]) for s in states if id(s) in changes}
 

@@ -32,6 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from ..hyper import did_you_mean
+
 Array = NDArray[np.float64]
 
 
@@ -539,7 +541,6 @@ def load(spec: str) -> Problem:
     """The problem ``module:function`` names: an object with ``init``, ``loss`` and ``grad``
     used as it is, or a function ``params -> (loss, grads)`` (:class:`UserProblem`). The
     current directory is searched first, as ``python -m`` does. ValueError on a bad name."""
-    import difflib
     import importlib
     import os
     import sys
@@ -562,9 +563,7 @@ def load(spec: str) -> Problem:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            near = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")],
-                                             n=3)
-            hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
+            hint = did_you_mean(part, [n for n in dir(obj) if not n.startswith("_")])
             raise ValueError(f"{module_name} has no {attr!r}{hint}")
         obj = getattr(obj, part)
     if all(callable(getattr(obj, m, None)) for m in ("init", "loss", "grad")) and hasattr(

@@ -512,8 +512,11 @@ class Optimizer(torch.optim.Optimizer):
         try:
             if self._combined_rule:
                 combined.adopt(self)
-                for gi, group in enumerate(self.param_groups):
-                    rule = self._rule(group)[0]
+                rules = [self._rule(group)[0] for group in self.param_groups]
+                for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
+                    # (every group's refusals before any group steps, as _prepare's)
+                    plans.refuse(rule, gi, group, [p.grad is not None for p in group["params"]])
+                for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
                     combined.step(self, gi, group, rule, **self._loss_for(rule, loss))
                 combined.adopted(self)
                 return loss
@@ -769,8 +772,10 @@ class Optimizer(torch.optim.Optimizer):
                 if loaded is None:
                     continue
                 for name, v in st.items():
-                    if (name != "step" and isinstance(v, torch.Tensor)
-                            and name in loaded and loaded[name].dtype != v.dtype):
+                    # (8-bit slots: codes and scales both copied, whatever torch's load did
+                    # with them, so a kept state dict is never half shared with the run)
+                    if (name != "step" and isinstance(v, torch.Tensor) and name in loaded
+                            and (loaded[name].dtype != v.dtype or plans.is_q8(group))):
                         loaded[name] = v.to(p.device, copy=True)
 
 

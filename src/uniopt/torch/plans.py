@@ -616,10 +616,10 @@ class Plan:
                     self.seen = SeenGrads(list(map(weakref.ref, sel)), None,
                                           shapes=self.shapes)
                 return found
-        if sel and sel[0].dtype == torch.bfloat16:
-            # (a gradient that is no dense C-contiguous tensor: the compiled loop would decline
-            # its view, and bfloat16 bits have no reference path; run's views lay it out as
-            # its parameter, a copy)
+        if sel and sel[0].dtype == torch.bfloat16 and not all(
+                map(torch.Tensor.is_contiguous, sel)):
+            # (the compiled loop would decline a strided gradient's view, and bfloat16 bits have
+            # no reference path: run's views lay it out as its parameter, a copy)
             return None
         made = backend.numpy_views([sel])
         if made is None:
