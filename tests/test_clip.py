@@ -88,3 +88,25 @@ def test_a_nan_norm_makes_every_leaf_nan_as_optax_and_torch(
     # and a zero norm under a zero bound moves nothing (no 0/0)
     _, new = uo.update(uo.setup(uo.clip_by_global_norm(0.0), p), p, [np.zeros(3), np.zeros(2)])
     assert all((x == 0).all() for x in new)
+
+
+def test_a_global_norm_of_torch_tensors_is_read_once_and_runs_on_meta() -> None:
+    """The global norm's sum of squares is read to the host once, after every leaf's square is
+    summed in float64 on the tensors' device (a read per leaf was a synchronisation per tensor
+    on a GPU), and not at all on the meta device, where a dry run now steps (it raised
+    "Tensor.item() cannot be called on meta tensors", as torch's clip_grad_norm_ does not)."""
+    torch = pytest.importorskip("torch")
+    rule = uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-3))
+    meta = {"w": torch.empty(4, 3, device="meta"), "b": torch.empty(3, device="meta")}
+    state, new = uo.update(uo.setup(rule, meta), meta, {k: torch.empty_like(v)
+                                                          for k, v in meta.items()})
+    assert all(v.is_meta and v.shape == meta[k].shape for k, v in new.items())
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    grads = {k: 3 * rng.standard_normal(v.shape) for k, v in arrays.items()}
+    _, want = uo.update(uo.setup(rule, arrays), arrays, grads)
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    _, got = uo.update(uo.setup(rule, tensors), tensors,
+                       {k: torch.from_numpy(v) for k, v in grads.items()})
+    for k in arrays:
+        np.testing.assert_allclose(got[k].numpy(), want[k], rtol=1e-15, atol=0)
