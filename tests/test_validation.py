@@ -1013,3 +1013,45 @@ def test_a_0d_array_of_any_library_is_taken_as_its_number() -> None:
         assert state.rule.lr == 0.25
     with pytest.raises(TypeError, match=r"lr must be a number or a schedule, got tensor\(True\)"):
         uo.sgd(lr=torch.tensor(True))
+
+
+def test_a_torch_gradient_on_another_device_is_refused_naming_the_leaf():
+    """A gradient on another device than its parameter (meta standing in for a GPU's) is
+    refused before anything is written, naming the leaf: torch's own error came from the first
+    kernel that met it, after a partition's earlier member had written its leaf."""
+    torch = pytest.importorskip("torch")
+    for rule in (uo.adam(lr=0.1),
+                 uo.partition({"a": uo.adam(lr=0.1), "s": uo.sgd(lr=0.1)},
+                              {"enc": "a", "head": "s"})):
+        params = {"enc": torch.ones(3, dtype=torch.float64),
+                  "head": torch.ones(2, dtype=torch.float64)}
+        grads = {"enc": torch.ones(3, dtype=torch.float64),
+                 "head": torch.ones(2, dtype=torch.float64, device="meta")}
+        state = uo.setup(rule, params)
+        for step in (uo.update, uo.update_):
+            with pytest.raises(ValueError, match=re.escape(
+                    "gradient for params['head'] is on meta, its parameter on cpu")):
+                step(state, params, grads)
+        assert torch.equal(params["enc"], torch.ones(3, dtype=torch.float64))
+        assert state.step == 0
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_a_state_of_another_array_library_is_refused_naming_both():
+    """A state set up for torch tensors, handed NumPy arrays of the same shapes (and the
+    reverse), is refused naming both libraries, nothing written: the compiled loop raised an
+    AttributeError on the torch slots' dtype, the other way round the message called float64
+    and torch.float64 two dtypes."""
+    torch = pytest.importorskip("torch")
+    as_torch = {"w": torch.arange(3.0, dtype=torch.float64)}
+    as_numpy = {"w": np.arange(3.0)}
+    for made, given, lib, other in ((as_torch, as_numpy, "numpy", "torch"),
+                                    (as_numpy, as_torch, "torch", "numpy")):
+        state = uo.setup(uo.adam(lr=0.1), made)
+        grads = {"w": given["w"] * 0 + 1}
+        for step in (uo.update, uo.update_):
+            with pytest.raises(ValueError, match=re.escape(
+                    f"params['w'] is a {lib} array, but the state's scale_by_adam.exp_avg for it "
+                    f"is a {other} array: this state was set up for other params")):
+                step(state, given, grads)
+        assert list(given["w"].tolist()) == [0.0, 1.0, 2.0]

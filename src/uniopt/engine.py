@@ -424,6 +424,15 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
     return g_leaves
 
 
+def _same_devices(names: list[str], params: list[Any], grads: list[Any]) -> None:
+    """Each torch gradient on its parameter's device: torch's own error came from the first
+    kernel that met them, naming no leaf, after the leaves before it had stepped."""
+    for name, p, g in zip(names, params, grads, strict=True):
+        if g is not None and g.device != p.device:
+            raise ValueError(f"gradient for {name} is on {g.device}, its parameter on "
+                             f"{p.device}")
+
+
 def _flat_list(grads: Any, n: int) -> bool:
     return (isinstance(grads, (list, tuple)) and len(grads) == n
             and all(g is None or backend.is_array(g) for g in grads))
@@ -1289,6 +1298,8 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
     _check_state(state, treedef, names, p_leaves)
     if params is not None:
         g_leaves = _align_grads(grads, treedef, names, p_leaves, none=True)
+        if p_leaves and backend.is_torch(p_leaves[0]):
+            _same_devices(names, p_leaves, g_leaves)
     if writes:
         for name, p in zip(names, p_leaves, strict=True):
             reason = backend.immutable_reason(p)

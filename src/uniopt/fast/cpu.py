@@ -1316,6 +1316,11 @@ def step(
         slots = dict(zip(slots, views[2:], strict=True))
     if type(leaves[0]) is not np.ndarray:
         return None
+    for held in slots.values():  # a state of another library's arrays: the engine names it
+        first_slot = held[0] if held else None
+        if not (first_slot is None or isinstance(first_slot, np.ndarray)
+                or hasattr(first_slot, "codes")):  # (8-bit slots: their codes' arrays)
+            return None
     small = False
     # (shards: never small, every rank takes the compiled loop, so a replicated leaf's norm is
     # summed in one order on every rank and its replicas stay equal)
