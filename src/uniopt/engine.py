@@ -1052,7 +1052,9 @@ def _squares(us: list[Any], xps: list[Any]) -> Any:
     for xp, u in zip(xps, us, strict=True):
         wide = u.dtype if backend.is_jax(u) else xp.float64
         total = total + xp.sum(xp.astype(u, wide) ** 2)
-    if isinstance(total, float) or _traced(total) or getattr(total, "is_meta", False):
+    # (a Python float, not NumPy's float64, which is no weak scalar: float32 leaves scaled by
+    # it would be computed in float64)
+    if type(total) is float or _traced(total) or getattr(total, "is_meta", False):
         return total
     return float(total)
 
