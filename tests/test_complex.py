@@ -209,3 +209,28 @@ def test_a_combinator_beside_other_parts_or_mechanize_refuses_complex_params_at_
     with pytest.raises(TypeError, match=r"mechanize takes real params only"):
         uo.setup(uo.mechanize(uo.adam(lr=0.1)), params)
     uo.setup(mixed, {"w": np.ones(2), "b": np.zeros(2)})  # real params: as before
+
+
+def test_a_lazily_conjugated_torch_gradient_steps_as_its_resolved_values() -> None:
+    """A gradient carrying torch's conjugate bit (``g.conj()``) steps as its resolved values,
+    pure and in place, as ``torch.optim.SGD`` takes it (``view_as_real`` refused it, in
+    torch's words); a conjugated parameter, which an in-place step would write through, is
+    refused saying so."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, dtype=torch.complex128, generator=g)
+    grad = torch.randn(4, dtype=torch.complex128, generator=g).conj()
+    assert grad.is_conj()
+    w = w0.clone().requires_grad_()
+    theirs = torch.optim.SGD([w], lr=0.1)
+    w.grad = grad
+    theirs.step()
+    rule = uo.sgd(lr=0.1)
+    _, [pure] = uo.update(uo.setup(rule, [w0.clone()]), [w0.clone()], [grad])
+    inplace = [w0.clone()]
+    uo.update_(uo.setup(rule, inplace), inplace, [grad])
+    assert torch.equal(pure, w.detach()) and torch.equal(inplace[0], w.detach())
+    conj = [w0.clone().conj()]
+    with pytest.raises(TypeError, match=r"a conjugated complex tensor .* has no real view to "
+                                        r"write"):
+        uo.update_(uo.setup(rule, conj), conj, [grad.resolve_conj()])

@@ -683,6 +683,13 @@ def as_real(x: Any, writable: bool = False) -> Any:
     if is_torch(x):
         import torch
 
+        if x.is_conj():
+            # a lazily conjugated tensor (x.conj()) has no real view of its values: a copy,
+            # refused where the step would write through it
+            if writable:
+                raise TypeError("a conjugated complex tensor (x.conj()) has no real view to "
+                                "write; resolve it first (x.resolve_conj()), or use uniopt.update")
+            x = x.resolve_conj()
         return torch.view_as_real(x)
     if is_numpy(x):
         if x.flags.c_contiguous or x.strides and x.strides[-1] == x.itemsize:

@@ -1603,7 +1603,8 @@ def _as_pairs(state: State, step: _Step, inplace: bool,
     real = State(state.rule, state.step, slots, flat_list_def(len(step.params)),
                  state.state_dtype, state.tree_states, state.counts)
     if inplace:
-        new = update_(real, _pairs(step.params, True), _pairs(step.grads, True), **extra)
+        # (the gradients are only read: a copy where one has no real view is as good)
+        new = update_(real, _pairs(step.params, True), _pairs(step.grads, False), **extra)
         return dataclasses.replace(state, step=new.step, tree_states=new.tree_states,
                                    counts=new.counts), None
     new, params = update(real, _pairs(step.params, False), _pairs(step.grads, False), **extra)
