@@ -377,6 +377,20 @@ def test_slots_are_matched_by_path_not_by_position(path: str) -> None:
 
 # --- across array libraries ---------------------------------------------------------------------
 
+def test_loaded_torch_params_require_grad_where_like_did(path: str) -> None:
+    """``load(..., params=True)`` hands back torch params that require grad where ``like``'s
+    did, as ``uniopt.update`` hands them back (they came without it, and the next
+    ``torch.autograd.grad`` of a loss in them failed)."""
+    torch = pytest.importorskip("torch")
+    params = {"w": torch.ones(3, requires_grad=True), "b": torch.zeros(2)}
+    state = uo.setup(RULE, params)
+    uo.save(path, state, params=params)
+    _, back = uo.load(path, like=params, params=True)
+    assert back["w"].requires_grad and back["w"].is_leaf and not back["b"].requires_grad
+    (g,) = torch.autograd.grad((back["w"] ** 2).sum(), back["w"])
+    assert torch.equal(g, 2 * torch.ones(3))
+
+
 def test_a_numpy_checkpoint_loads_into_torch_and_back(path: str) -> None:
     torch = pytest.importorskip("torch")
     state, params = stepped(RULE, rng_tree(0, np.float32))

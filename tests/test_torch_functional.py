@@ -4,6 +4,8 @@ same model; dtype, device and autograd status preserved, and no autograd graph r
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -113,3 +115,59 @@ def test_an_update_in_place_is_seen_by_autograd(n: int) -> None:
     assert cpu.STEPS - before == (n >= cpu.MIN_SIZE)  # the path the case is named after
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_func_grad_through_a_step_needs_tracked_and_says_so() -> None:
+    """``torch.func.grad`` over a function that steps with ``uo.update``: outside
+    ``uniopt.backend.tracked()`` the step is not recorded, and that is said (a derivative of 0
+    would be wrong silently); inside it the derivative is the step's, 1.28 w for SGD of lr 0.1
+    on |w|^2."""
+    from uniopt import backend
+
+    w0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def meta(w: torch.Tensor, record: bool) -> torch.Tensor:
+        with backend.tracked() if record else contextlib.nullcontext():
+            state = uo.setup(uo.sgd(lr=0.1), [w])
+            _, (w1,) = uo.update(state, [w], [2 * w])
+        return (w1**2).sum()
+
+    with pytest.raises(TypeError, match=r"uniopt steps outside autograd: .* uniopt.backend."
+                                        r"tracked\(\)"):
+        torch.func.grad(meta)(w0, False)
+    torch.testing.assert_close(torch.func.grad(meta)(w0, True), 1.28 * w0, rtol=1e-15, atol=0)
+
+
+def test_a_sparse_gradient_is_refused_naming_the_leaf() -> None:
+    params = {"w": torch.ones(3), "e": torch.ones(4, 2)}
+    grads = {"w": torch.ones(3), "e": torch.ones(4, 2).to_sparse()}
+    state = uo.setup(uo.adam(lr=0.1), params)
+    for step in (uo.update, uo.update_):
+        with pytest.raises(TypeError, match=r"gradient for params\['e'\] is a torch.sparse_coo "
+                                            r"tensor; uniopt.update takes dense gradients"):
+            step(state, params, grads)
+    assert torch.equal(params["w"], torch.ones(3)) and state.step == 0
+
+
+def test_a_compiled_training_step_calls_the_step_through_compiler_disable() -> None:
+    """docs/jax.md's recipe for ``torch.compile``: the step called through
+    ``torch.compiler.disable`` breaks the graph and steps as it does eagerly, bit for bit."""
+    def run(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        params = dict(model.named_parameters())
+        state = [uo.setup(uo.adam(lr=1e-2), params)]
+        step = torch.compiler.disable(uo.update_)
+
+        def train(x: torch.Tensor) -> None:
+            loss = model(x).pow(2).mean()
+            grads = torch.autograd.grad(loss, uo.trainables(params))
+            state[0] = step(state[0], params, list(grads))
+
+        fn = torch.compile(train, backend="eager") if compiled else train
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            fn(torch.randn(8, 4, generator=g))
+        return [p.detach().clone() for p in params.values()]
+
+    assert all(map(torch.equal, run(True), run(False)))

@@ -652,8 +652,16 @@ def outside_autograd(leaves: list[Any]) -> contextlib.AbstractContextManager[Any
 
 def like_leaf(x: Any, like: Any) -> Any:
     """A new parameter ``x`` made a leaf that requires grad where its old one did (torch)."""
-    if getattr(like, "requires_grad", False) and is_torch(x):
-        x.requires_grad_(True)
+    if getattr(like, "requires_grad", False) and is_torch(x) and not x.requires_grad:
+        try:
+            x.requires_grad_(True)
+        except RuntimeError:
+            # inside a torch.func transform (grad, jacrev), which refuses the flag: the step
+            # ran outside autograd, and its derivative would be silently 0
+            raise TypeError(
+                "uniopt steps outside autograd: to differentiate through a step (torch.func's "
+                "grad or jacrev, a meta-learning loop), run it inside uniopt.backend.tracked(), "
+                "or use uniopt.torch with differentiable=True") from None
     return x
 
 

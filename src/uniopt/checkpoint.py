@@ -1001,7 +1001,9 @@ def _load_state(ck: _File, like: Any, want_params: bool) -> Any:
                                       f"{said}")
     if not want_params:
         return state
-    return state, optree.tree_unflatten(tmpl.treedef, values[n:])
+    # (each a leaf that requires grad where like's did, as uniopt.update hands params back)
+    loaded = list(map(backend.like_leaf, values[n:], flatten_leaves(like_params)[0]))
+    return state, optree.tree_unflatten(tmpl.treedef, loaded)
 
 
 def _saved_library(ck: _File) -> list[Any]:

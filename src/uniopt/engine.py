@@ -424,13 +424,21 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
     return g_leaves
 
 
-def _same_devices(names: list[str], params: list[Any], grads: list[Any]) -> None:
-    """Each torch gradient on its parameter's device: torch's own error came from the first
-    kernel that met them, naming no leaf, after the leaves before it had stepped."""
+def _torch_grads(names: list[str], params: list[Any], grads: list[Any]) -> None:
+    """Each torch gradient dense, on its parameter's device: torch's own error came from the
+    first kernel that met one, naming no leaf, after the leaves before it had stepped."""
+    import torch
+
     for name, p, g in zip(names, params, grads, strict=True):
-        if g is not None and g.device != p.device:
+        if g is None:
+            continue
+        if g.device != p.device:
             raise ValueError(f"gradient for {name} is on {g.device}, its parameter on "
                              f"{p.device}")
+        if g.layout != torch.strided:
+            raise TypeError(f"gradient for {name} is a {g.layout} tensor; uniopt.update takes "
+                            "dense gradients (g.to_dense()), uniopt.torch's SparseAdam and "
+                            "Adagrad sparse ones")
 
 
 def _flat_list(grads: Any, n: int) -> bool:
@@ -1301,7 +1309,7 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
     if params is not None:
         g_leaves = _align_grads(grads, treedef, names, p_leaves, none=True)
         if p_leaves and backend.is_torch(p_leaves[0]):
-            _same_devices(names, p_leaves, g_leaves)
+            _torch_grads(names, p_leaves, g_leaves)
     if writes:
         for name, p in zip(names, p_leaves, strict=True):
             reason = backend.immutable_reason(p)
