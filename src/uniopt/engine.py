@@ -503,8 +503,8 @@ def _libraries_apart(p: Any, s: Any) -> bool:
     a JAX array, and a quantised slot, are of their array's library)."""
     if isinstance(s, quant.Q8):
         s = s.codes
-    p, s = backend.jax_array_of(p) or p, backend.jax_array_of(s) or s
-    return backend.library(p) != backend.library(s)
+    jp, js = backend.jax_array_of(p), backend.jax_array_of(s)
+    return backend.library(p if jp is None else jp) != backend.library(s if js is None else js)
 
 
 def _refuse_q8_on_meshes(names: list[str], leaves: list[Any]) -> None:
