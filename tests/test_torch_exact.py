@@ -298,3 +298,31 @@ def test_muon_single_matrix_steps_are_torchs_bits(shape: tuple[int, int]) -> Non
             cls([p], lr=0.02).step()
             out.append(p.detach())
         assert torch.equal(out[0], out[1]), trial
+
+
+def test_nadam_at_torchs_stalled_float32_step_count() -> None:
+    """torch keeps ``step`` in float32 by default, where counting stops at 2**24: NAdam's kept
+    product then no longer matches the count, and uniopt.torch derived it anew, multiplying the
+    momenta of every past step (13 s a step). The product underflows to 0 long before, and
+    stays there: the steps are torch's, bit for bit."""
+    dd = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        out = []
+        for mod in (torch.optim, ut):
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(4))
+            opt = mod.NAdam([p], lr=0.01)
+            p.grad = torch.randn(4)
+            opt.step()
+            sd = opt.state_dict()
+            sd["state"][0]["step"] = torch.tensor(2.0**24)
+            sd["state"][0]["mu_product"] = torch.tensor(0.0)  # 0.9**(2**24) underflows
+            opt.load_state_dict(sd)
+            for _ in range(3):
+                p.grad = torch.ones(4)
+                opt.step()
+            out.append(p.detach().clone())
+        assert torch.equal(*out)
+    finally:
+        torch.set_default_dtype(dd)
