@@ -414,7 +414,10 @@ def test_what_the_host_knows_is_compiled_as_known() -> None:
     second time); a state out of the step builds its rule only when asked for."""
     params = [jnp.ones((4, 3)), jnp.ones(3)]
     state = uo.setup(uo.sgd(lr=0.1, momentum=0.9, dampening=0.1), params)
-    assert "select" not in jax.jit(uo.update).lower(state, params, params).as_text()
+    program = jax.jit(uo.update).lower(state, params, params).as_text()
+    # (the one select is the step count's, a scalar that stops at its end)
+    selects = [line for line in program.splitlines() if "select" in line]
+    assert all(line.rstrip().endswith("tensor<i32>") for line in selects), selects
     state, params = jax.jit(uo.update)(state, params, params)
     state, params = jax.jit(uo.update)(state, params, params)
     assert "rule" not in state.__dict__
@@ -437,3 +440,30 @@ def test_schedules_under_jit_compute_in_the_default_float() -> None:
                 s, p = uo.update(s, p, {"w": np.ones(3)})
                 sj, pj = step(sj, pj, {"w": jnp.ones(3)})
             assert rel_diff(np.asarray(pj["w"]), p["w"]) < 1e-14
+
+
+def test_the_int32_count_stops_at_its_end_as_optaxs() -> None:
+    """Under ``jax.jit`` the int32 step count stops at 2**31 - 1, as optax's
+    ``safe_increment`` stops it, and the coefficients are optax's there: it wrapped to
+    negative numbers, and the bias corrections with it (Adam moved 0.97 where optax moved
+    0.88 after three steps from 2**31 - 2)."""
+    with jax.enable_x64(True):
+        import optax
+
+        params = jnp.asarray([1.0, -1.0])
+        grads = jnp.asarray([0.5, -0.5])
+        ours, theirs = uo.adam(lr=0.1, convention="optax"), optax.adam(0.1)
+        state = uo.setup(ours, params)
+        state = jax.tree.map(lambda x: jnp.asarray(2**31 - 2, jnp.int32)
+                             if getattr(x, "dtype", None) == jnp.int32 else x, state)
+        opt_state = jax.tree.map(lambda x: jnp.asarray(2**31 - 2, jnp.int32)
+                                 if getattr(x, "dtype", None) == jnp.int32 else x,
+                                 theirs.init(params))
+        p, q = params, params
+        step = jax.jit(uo.update)
+        for _ in range(3):
+            state, p = step(state, p, grads)
+            updates, opt_state = theirs.update(grads, opt_state, q)
+            q = optax.apply_updates(q, updates)
+        assert int(state.step) == 2**31 - 1
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(q))

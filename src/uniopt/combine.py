@@ -28,7 +28,7 @@ import optree
 
 from . import backend
 from .base import COMBINATORS, Combinator, PerLeaf, Transform, chain, makes_step
-from .engine import _as_new_array, member_step, resolve, setup, update, update_
+from .engine import _as_new_array, _next_step, member_step, resolve, setup, update, update_
 from .hyper import _traced
 from .rules.schedule_free import scalar_like
 from .state import State
@@ -318,7 +318,8 @@ class _Routed(_Runs):
                 new[name], moved = _unmoved(mode, st), _still(mode, sub_p, sub_g)
             elif not idx:  # a label no leaf carries: its count moves, nothing else (under jit
                 # its parts' host branches on an empty tree's numbers met traced ones)
-                new[name], moved = dataclasses.replace(_unmoved(mode, st), step=st.step + 1), []
+                new[name] = dataclasses.replace(_unmoved(mode, st), step=_next_step(st.step))
+                moved = []
             else:
                 moved, new[name] = _member(mode, st, sub_p, sub_g, extra)
             if out is not None:

@@ -559,6 +559,10 @@ def resolve(rule: Transform, step: Any) -> Resolved:
     if moving is None:  # (a record never changes: kept in its memo, none for a fixed rule)
         moving = rule.memo["engine.moving_records"] = tuple(
             r for r in _records(rule) if not r.fixed)
+    if type(step) is not int and backend.is_jax(step) and str(step.dtype) == "int32":
+        # the coefficients count step + 1 (NAdam's step + 2): kept within int32 (at the count's
+        # end, 2**31 - 1, they are optax's at its stalled count, a power of b1 that is 0)
+        step = sys.modules["jax"].numpy.minimum(step, _INT32_MAX - 2)
     for record in moving:
         record._check_at(step)
     out: Resolved = []
@@ -847,7 +851,7 @@ def member_step(state: State, params: list[Any], grads: list[Any],
             slots={k: _back(v, state.slots[k]) for k, v in new.slots.items()})
     us, slots, trees = _deltas(state, params, grads, extra)
     step = _Step(params, grads, state.treedef)
-    new = dataclasses.replace(state, step=state.step + 1, tree_states=trees,
+    new = dataclasses.replace(state, step=_next_step(state.step), tree_states=trees,
                               slots={**state.slots, **_new_slots(state, slots, step)})
     return us, new
 
@@ -865,7 +869,7 @@ def _run(state: State, part: Combinator, step: _Step, inplace: bool,
         tree, new_p = part.run(state.tree_states[key], step.treedef, step.params, step.grads,
                                inplace, **extra)
     tree = _kept_dtypes(tree, state.tree_states[key])
-    new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
+    new = dataclasses.replace(state, step=_next_step(state.step), tree_states={key: tree})
     if inplace:
         return new, None
     # (a 0-d leaf's NumPy arithmetic hands back a scalar: the params stay arrays)
@@ -1224,7 +1228,8 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         new_params, slots = out
         step = state.step
         # (inline: the small step's Python work is counted)
-        step = step + 1 if type(step) is int or not inplace else _counted_in_place(step)
+        step = step + 1 if type(step) is int else _next_step(step) if not inplace else \
+            _counted_in_place(step)
         new_state = State(state.rule, step, state.slots if inplace else slots, state.treedef,
                           state.state_dtype, state.tree_states)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
@@ -1279,6 +1284,20 @@ def _grads_apart(params: list[Any], grads: list[Any], same_ok: bool) -> list[Any
             out = list(grads) if out is None else out
             out[i] = backend.detached_copy(g)
     return grads if out is None else out
+
+
+# a JAX count stops here, as optax's safe_increment stops it: past it an int32 would wrap to
+# negative numbers, and the bias corrections and schedules read from it with it
+_INT32_MAX = 2**31 - 1
+
+
+def _next_step(step: Any, by: Any = 1) -> Any:
+    """``step + by``, a JAX int32 count kept at ``2**31 - 1``."""
+    if type(step) is int or not backend.is_jax(step) or str(step.dtype) != "int32":
+        return step + by
+    import jax.numpy as jnp
+
+    return jnp.where(step < _INT32_MAX, step + by, step)
 
 
 def _counted_in_place(step: Any) -> Any:
@@ -1431,8 +1450,8 @@ def _pure(state: State, params: Any, grads: Any, value: Any,
         ]
     if fast_out:
         fast.warn_once(fast_out)
-    new = dataclasses.replace(state, step=state.step + 1, slots=_new_slots(state, slots, step),
-                              tree_states=trees)
+    new = dataclasses.replace(state, step=_next_step(state.step),
+                              slots=_new_slots(state, slots, step), tree_states=trees)
     return new, unflatten(step.treedef, new_p)
 
 
@@ -1470,7 +1489,7 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
                     backend.assign(old, new)
     if fast_out:
         fast.warn_once(fast_out)
-    return dataclasses.replace(state, step=state.step + 1, tree_states=trees)
+    return dataclasses.replace(state, step=_next_step(state.step), tree_states=trees)
 
 
 def _sharded(state: State, step: _Step, inplace: bool,
@@ -1577,8 +1596,9 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
                      for i, s in enumerate(v)] for k, v in slots.items()}
     mask = np.zeros(n, dtype=np.int64)
     mask[moving] = 1
-    new = dataclasses.replace(state, step=state.step + 1, slots=slots, tree_states=trees,
-                              counts=counts + (xp.asarray(mask, dtype=xp.int32) if jax else mask))
+    new = dataclasses.replace(state, step=_next_step(state.step), slots=slots, tree_states=trees,
+                              counts=_next_step(counts, xp.asarray(mask, dtype=xp.int32)) if jax
+                              else counts + mask)
     return new, None if inplace else unflatten(step.treedef, new_p)
 
 
@@ -1697,7 +1717,7 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
     tree = _kept_dtypes(tree, state.tree_states[key])
     if not (inplace or backend.is_jax(leaves[0])):  # (as update: nothing given handed back)
         tree = _unshared(tree, (state.tree_states, leaves))
-    new = dataclasses.replace(state, step=state.step + 1, tree_states={key: tree})
+    new = dataclasses.replace(state, step=_next_step(state.step), tree_states={key: tree})
     with backend.outside_autograd(leaves):
         out = _split(xp, x, leaves)
         if inplace:
@@ -1783,7 +1803,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     negate = makes_step(rule)
     updates = [_as_new_array(-u if negate else u, g, (g,))
                for u, g in zip(deltas, step.grads, strict=True)]
-    new = State(rule, state.step + 1, _new_slots(state, slots, step), state.treedef,
+    new = State(rule, _next_step(state.step), _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     return unflatten(step.treedef, updates), new
 
