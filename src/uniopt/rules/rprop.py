@@ -83,7 +83,8 @@ class scale_by_rprop(Elementwise):
     @staticmethod
     def kernel(xp, c, p, u, prev, step_size):
         agree = u * prev
-        # agree == 0 keeps s (and a NaN makes it NaN, as torch's sign does)
+        # agree == 0 keeps s; a NaN makes it NaN, as optax's jnp.sign does (torch's CPU sign of
+        # NaN is 0, so torch's Rprop leaves a NaN entry unmoved: docs/torch.md)
         kept = step_size + agree * c.zero
         s = select(xp, agree > 0, step_size * c.etaplus,
                    select(xp, agree < 0, step_size * c.etaminus, kept))
