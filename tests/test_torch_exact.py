@@ -300,11 +300,13 @@ def test_muon_single_matrix_steps_are_torchs_bits(shape: tuple[int, int]) -> Non
         assert torch.equal(out[0], out[1]), trial
 
 
-def test_nadam_at_torchs_stalled_float32_step_count() -> None:
+@pytest.mark.parametrize(("b1", "product"), [(0.9, 0.0), (0.99, 2.0**-149)])
+def test_nadam_at_torchs_stalled_float32_step_count(b1: float, product: float) -> None:
     """torch keeps ``step`` in float32 by default, where counting stops at 2**24: NAdam's kept
     product then no longer matches the count, and uniopt.torch derived it anew, multiplying the
-    momenta of every past step (13 s a step). The product underflows to 0 long before, and
-    stays there: the steps are torch's, bit for bit."""
+    momenta of every past step (13 s a step). The product underflows long before, to 0 or to
+    the least subnormal (where b1 is larger), and stays there: the steps are torch's, bit for
+    bit."""
     dd = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
@@ -312,12 +314,12 @@ def test_nadam_at_torchs_stalled_float32_step_count() -> None:
         for mod in (torch.optim, ut):
             torch.manual_seed(0)
             p = torch.nn.Parameter(torch.randn(4))
-            opt = mod.NAdam([p], lr=0.01)
+            opt = mod.NAdam([p], lr=0.01, betas=(b1, 0.999))
             p.grad = torch.randn(4)
             opt.step()
             sd = opt.state_dict()
             sd["state"][0]["step"] = torch.tensor(2.0**24)
-            sd["state"][0]["mu_product"] = torch.tensor(0.0)  # 0.9**(2**24) underflows
+            sd["state"][0]["mu_product"] = torch.tensor(product)  # where b1**(2**24) went
             opt.load_state_dict(sd)
             for _ in range(3):
                 p.grad = torch.ones(4)

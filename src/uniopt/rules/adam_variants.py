@@ -189,9 +189,13 @@ def mu_product(b1: float, psi: float, t: int, exact: bool = False,
         return prods[t]
     x = prods[-1]
     for i in range(len(prods), t + 1 if exact else 0):
-        if x == 0.0:  # underflowed: every later product is 0 too (a loop to a step of 1e7 took
-            break     # seconds, at every step of torch's float32 count stalled at 2**24)
-        x = times_mu(x, nadam_mu(b1, psi, float(i)), dtype)
+        nxt = times_mu(x, nadam_mu(b1, psi, float(i)), dtype)
+        if nxt == x:
+            # underflowed to 0 or to the least subnormal, where a momentum no smaller (they
+            # grow with i, below 1) leaves it (a loop to a step of 1e7 took seconds, at every
+            # step of torch's float32 count stalled at 2**24)
+            break
+        x = nxt
     return x
 
 
