@@ -1063,7 +1063,10 @@ def _squares(us: list[Any], xps: list[Any]) -> Any:
     total: Any = 0.0
     for xp, u in zip(xps, us, strict=True):
         wide = u.dtype if backend.is_jax(u) else xp.float64
-        total = total + xp.sum(xp.astype(u, wide) ** 2)
+        part = xp.sum(xp.astype(u, wide) ** 2)
+        if hasattr(total, "to") and part.device != total.device:
+            part = part.to(total.device)  # (torch leaves on several devices: on the first's)
+        total = total + part
     # (a Python float, not NumPy's float64, which is no weak scalar: float32 leaves scaled by
     # it would be computed in float64)
     if type(total) is float or _traced(total) or getattr(total, "is_meta", False):
