@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import uniopt as uo  # noqa: E402
 import uniopt.torch as ut  # noqa: E402
 
 STEPS = 300
@@ -328,3 +329,32 @@ def test_nadam_at_torchs_stalled_float32_step_count(b1: float, product: float) -
         assert torch.equal(*out)
     finally:
         torch.set_default_dtype(dd)
+
+
+@pytest.mark.parametrize("n", [7, 20_000])  # the reference path, and the compiled loop
+def test_rprop_skips_a_nan_gradient_entry_as_torch(n: int) -> None:
+    """torch's CPU ``sign`` of NaN is 0, so torch's Rprop leaves an entry whose gradient is NaN
+    unmoved, its step size kept; uniopt's torch convention does the same (it turned the entry
+    NaN for good). The optax convention keeps optax's NaN. (``foreach=True`` keeps it too: its
+    multi-tensor select cannot drop a NaN, docs/torch.md.)"""
+    flags: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(n, dtype=torch.float64, generator=g)
+    grads = [torch.randn(n, dtype=torch.float64, generator=g) for _ in range(12)]
+    for k in (3, 4, 9):
+        grads[k][: n // 3] = float("nan")
+    out = []
+    for cls in (torch.optim.Rprop, ut.Rprop):
+        w = torch.nn.Parameter(start.clone())
+        opt = cls([w], lr=0.01, **flags)
+        for grad in grads:
+            w.grad = grad.clone()
+            opt.step()
+        out.append((w.detach().clone(), opt.state[w]["step_size"].clone()))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert not torch.isnan(out[1][0]).any()
+    p = [start.numpy().copy()]
+    state = uo.setup(uo.rprop(lr=0.01, convention="optax"), p)
+    for k in (3, 4):  # (optax 0.2.8 hands out the step before: its first is 0)
+        state = uo.update_(state, p, [grads[k].numpy()])
+    assert np.isnan(p[0][: n // 3]).all()

@@ -20,6 +20,7 @@ class RpropCoeffs(NamedTuple):
     clamp_kept: Any  # clamp the step size where it is kept (the sign product is 0): torch
     remember_step: Any  # the memory is the signed step (optax), not the gradient (torch)
     stale: Any  # hand out the memory's step from before this update (optax 0.2.8)
+    nan_skips: Any  # a NaN sign is 0, as torch's CPU sign of NaN (the entry is not moved)
 
 
 REMEMBER = ("gradient", "step")
@@ -53,7 +54,9 @@ class scale_by_rprop(Elementwise):
     sign of ``prev`` is read, so this differs only where a product underflows to 0.
     ``stale_update=True`` (needs ``remember="step"``): the update handed out is the step
     remembered from the previous update, 0 where the sign flips now, as optax 0.2.8's
-    ``scale_by_rprop`` emits it (its first update is 0)."""
+    ``scale_by_rprop`` emits it (its first update is 0). ``nan_skips=True``: a NaN gradient
+    entry's sign counts as 0, as torch's CPU ``sign`` of NaN is: the entry keeps its step size
+    and does not move (torch's Rprop); else it turns NaN (optax's)."""
 
     lr: Any = hyper(1e-2, NONNEG)
     etas: tuple[Any, Any] = hyper((0.5, 1.2), Interval(0.0, lo_open=True))
@@ -61,6 +64,7 @@ class scale_by_rprop(Elementwise):
     clamp_kept: bool = True
     remember: str = "gradient"
     stale_update: bool = False
+    nan_skips: bool = False
     slots: ClassVar[tuple[str, ...]] = ("prev", "step_size")
     makes_step: ClassVar[bool] = True
 
@@ -78,20 +82,24 @@ class scale_by_rprop(Elementwise):
     def coeffs(self, step: int) -> RpropCoeffs:
         return RpropCoeffs(etaminus=self.etas[0], etaplus=self.etas[1], lo=self.step_sizes[0],
                            hi=self.step_sizes[1], zero=0.0, clamp_kept=self.clamp_kept,
-                           remember_step=self.remember == "step", stale=self.stale_update)
+                           remember_step=self.remember == "step", stale=self.stale_update,
+                           nan_skips=self.nan_skips)
 
     @staticmethod
     def kernel(xp, c, p, u, prev, step_size):
         agree = u * prev
-        # agree == 0 keeps s; a NaN makes it NaN, as optax's jnp.sign does (torch's CPU sign of
-        # NaN is 0, so torch's Rprop leaves a NaN entry unmoved: docs/torch.md)
+        # agree == 0 keeps s; a NaN makes it NaN, as optax's jnp.sign does, or (nan_skips)
+        # counts as 0, as torch's CPU sign of NaN is
+        agree = select(xp, c.nan_skips, select(xp, agree != agree, step_size * c.zero, agree),
+                       agree)
         kept = step_size + agree * c.zero
         s = select(xp, agree > 0, step_size * c.etaplus,
                    select(xp, agree < 0, step_size * c.etaminus, kept))
         clamped = xp.minimum(xp.maximum(s, c.lo), c.hi)
         s = select(xp, c.clamp_kept, clamped, select(xp, agree != 0, clamped, kept))
         g = select(xp, agree < 0, s * c.zero, u)
-        out = select(xp, g > 0, s, select(xp, g < 0, -s, g * c.zero))
+        out = select(xp, g > 0, s, select(xp, g < 0, -s,
+                                          select(xp, c.nan_skips, s * c.zero, g * c.zero)))
         late = select(xp, agree < 0, s * c.zero, prev)
         return select(xp, c.stale, late, out), select(xp, c.remember_step, out, g), s
 
@@ -163,4 +171,5 @@ class rprop(Rule):
     def parts(self) -> tuple[Transform, ...]:
         return (scale_by_rprop(lr=self.lr, etas=self.etas, step_sizes=self.step_sizes,
                                clamp_kept=self.clamp_kept, remember=self.remember,
-                               stale_update=self.stale_update),)
+                               stale_update=self.stale_update,
+                               nan_skips=self.convention == "torch"),)
