@@ -421,6 +421,13 @@ def library(x: Any) -> str:
 _LIBRARIES: dict[type, str] = {}
 
 
+def array_library(x: Any) -> str:
+    """:func:`library` of the array ``x`` is or holds: a flax ``nnx.Variable`` holding a JAX
+    array is a JAX array, as it is to JAX and optax."""
+    held = jax_array_of(x)
+    return library(x if held is None else held)
+
+
 def owner(x: Any) -> Any:
     """The object whose memory array ``x`` is: a NumPy view's ``base``, a torch view's
     ``_base``, an array-api-strict array's NumPy array's owner, else ``x`` itself (anything

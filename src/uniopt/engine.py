@@ -336,9 +336,7 @@ def _quantised(names: tuple[str, ...], slots: tuple[Any, ...], p: Any) -> tuple[
 def _tree_library(leaves: list[Any], part: WholeTree) -> None:
     if not leaves or part.libraries is None:
         return
-    # (a flax nnx.Variable holding a JAX array is a JAX array here, as it is to optax)
-    first = backend.jax_array_of(leaves[0])
-    library = backend.library(leaves[0] if first is None else first)
+    library = backend.array_library(leaves[0])
     if library not in part.libraries:
         raise TypeError(f"{part.name} runs optax, on JAX or NumPy arrays; these params are "
                         f"{library} arrays")
@@ -503,8 +501,7 @@ def _libraries_apart(p: Any, s: Any) -> bool:
     a JAX array, and a quantised slot, are of their array's library)."""
     if isinstance(s, quant.Q8):
         s = s.codes
-    jp, js = backend.jax_array_of(p), backend.jax_array_of(s)
-    return backend.library(p if jp is None else jp) != backend.library(s if js is None else js)
+    return backend.array_library(p) != backend.array_library(s)
 
 
 def _refuse_q8_on_meshes(names: list[str], leaves: list[Any]) -> None:

@@ -52,7 +52,7 @@ class from_optax(WholeTree):
 
     tx: Any
     negate: bool = False
-    libraries: ClassVar[tuple[str, ...] | None] = ("jax", "numpy")
+    libraries: ClassVar[tuple[str, ...]] = ("jax", "numpy")
     takes_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -74,10 +74,8 @@ class from_optax(WholeTree):
 
     def init_tree(self, params: Any) -> Any:
         leaves = trainables(params)
-        # (a flax nnx.Variable holding a JAX array is a JAX array here, as it is to optax)
-        if leaves and backend.is_array(leaves[0]) and not (
-            backend.jax_array_of(leaves[0]) is not None or backend.is_numpy(leaves[0])
-        ):
+        if leaves and backend.is_array(leaves[0]) and \
+                backend.array_library(leaves[0]) not in self.libraries:
             raise TypeError(f"{self.name} runs optax, on JAX or NumPy arrays; these params are "
                             f"{backend.library(leaves[0])} arrays")
         return self.tx.init(params)
