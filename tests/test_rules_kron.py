@@ -26,6 +26,7 @@ within 2e-14 over 300 steps.
 from __future__ import annotations
 
 import logging
+import sys
 import types
 from typing import Any
 
@@ -162,6 +163,43 @@ def test_numpy_and_jax_with_the_same_probes_match(monkeypatch: pytest.MonkeyPatc
                 [np.asarray(x) for x in p], t)])
             assert max(rel_diff(np.asarray(a), b) for a, b in zip(p, theirs[t],
                                                                   strict=True)) <= 1e-12, kind
+
+
+def test_numpy_without_scipy_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SciPy is no dependency of the core: without it, NumPy's triangular solves substitute a
+    column at a time, and the run is pytorch-optimizer's to 1e-12 over every step, as with
+    LAPACK's (it raised ModuleNotFoundError)."""
+    kw = {"lr": 0.01, "balance_prob": 0.3}
+    theirs = _theirs(monkeypatch, kw, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    probes = iter([torch.randn(s, generator=gen, dtype=torch.float64).numpy()
+                   for _ in range(STEPS) for s in SHAPES])
+    monkeypatch.setitem(draws._DRAW, "numpy", lambda s, leaves, d: ([next(probes)], s))
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy... raises ImportError
+    monkeypatch.setitem(sys.modules, "scipy.linalg", None)
+    p = [a.copy() for a in INIT]
+    state = uo.setup(uo.kron(**kw, seed=1), p)
+    for t in range(STEPS):
+        state, p = uo.update(state, p, _grads(p, t))
+        assert max(rel_diff(a, b) for a, b in zip(p, theirs[t], strict=True)) <= 1e-12, t
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_the_substitution_solves_as_lapack_does(monkeypatch: pytest.MonkeyPatch,
+                                                dtype: Any) -> None:
+    from uniopt.rules import kron
+
+    rng = np.random.default_rng(0)
+    q = (np.triu(rng.standard_normal((7, 7))) + 4 * np.eye(7)).astype(dtype)
+    x = rng.standard_normal((5, 7)).astype(dtype)
+    exact = x.astype(np.float64) @ np.linalg.inv(q.astype(np.float64))
+    with_lapack = kron._right_solve(np, x, q)
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.linalg", None)
+    substituted = kron._right_solve(np, x, q)
+    assert substituted.dtype == with_lapack.dtype == dtype
+    tol = {np.float16: 1e-3, np.float32: 1e-6, np.float64: 1e-15}[dtype]
+    assert rel_diff(with_lapack, exact) <= tol and rel_diff(substituted, exact) <= tol
 
 
 @pytest.mark.parametrize("mode", [None, "one_diag", "smart_one_diag", "all_diag"])

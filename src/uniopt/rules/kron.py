@@ -312,14 +312,28 @@ def _right_solve(xp: Any, x: Any, q: Any) -> Any:
         import jax.scipy.linalg
 
         return jax.scipy.linalg.solve_triangular(q, x.T, trans="T", lower=False).T
-    from scipy.linalg import lapack
-
-    # LAPACK's trtrs itself (solve_triangular's own routine, bit for bit): scipy's wrapper
-    # costs milliseconds a call, far more than a factor's solve
+    out = x.dtype
     dtype = np.float64 if q.dtype == np.float64 else np.float32  # float16: in float32
-    solve = lapack.dtrtrs if dtype == np.float64 else lapack.strtrs
-    y = solve(np.asarray(q, dtype), np.asarray(x.T, dtype), lower=0, trans=1)[0]
-    return y.T.astype(x.dtype, copy=False)
+    q, x = np.asarray(q, dtype), np.asarray(x, dtype)
+    try:
+        from scipy.linalg import lapack
+    except ImportError:  # SciPy is not one of the core's dependencies
+        y = _substituted(q, x)
+    else:
+        # LAPACK's trtrs itself (solve_triangular's own routine, bit for bit): scipy's wrapper
+        # costs milliseconds a call, far more than a factor's solve
+        solve = lapack.dtrtrs if dtype == np.float64 else lapack.strtrs
+        y = solve(q, x.T, lower=0, trans=1)[0].T
+    return y.astype(out, copy=False)
+
+
+def _substituted(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``x @ inv(q)`` for an upper triangular ``q``, by substitution, a column at a time (where
+    SciPy, and with it LAPACK's trtrs, is missing: the same solution, rounded otherwise)."""
+    y = np.empty_like(x)
+    for j in range(q.shape[0]):
+        y[:, j] = (x[:, j] - y[:, :j] @ q[:j, j]) / q[j, j]
+    return y
 
 
 def _inverse_along(xp: Any, q: Any, x: Any, i: int) -> Any:
