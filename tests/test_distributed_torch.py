@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
+torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)

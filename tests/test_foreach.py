@@ -16,14 +16,16 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import uniopt as uo
-import uniopt.torch as ut
-from uniopt import fast, registry
-from uniopt.base import Elementwise, Transform
-from uniopt.fast import foreach
+torch = pytest.importorskip("torch")
+
+import uniopt as uo  # noqa: E402
+import uniopt.torch as ut  # noqa: E402
+from uniopt import fast, registry  # noqa: E402
+from uniopt.base import Elementwise, Transform  # noqa: E402
+from uniopt.fast import foreach  # noqa: E402
+
+TorchDispatchMode = pytest.importorskip("torch.utils._python_dispatch").TorchDispatchMode
 
 SHAPES = [(3, 2), (4,), ()]
 

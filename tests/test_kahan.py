@@ -13,14 +13,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-import uniopt as uo
-import uniopt.torch as ut
-from helpers import counting_jit, reference_path
-from uniopt import backend
-from uniopt.fast import cpu, foreach
-from uniopt.transforms import kahan
+torch = pytest.importorskip("torch")
+
+import uniopt as uo  # noqa: E402
+import uniopt.torch as ut  # noqa: E402
+from helpers import counting_jit, reference_path  # noqa: E402
+from uniopt import backend  # noqa: E402
+from uniopt.fast import cpu, foreach  # noqa: E402
+from uniopt.transforms import kahan  # noqa: E402
 
 SLOT = "kahan_summation.compensation"
 

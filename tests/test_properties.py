@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +28,8 @@ from helpers import (
     map_tree,
     reference_path,
 )
+
+torch = pytest.importorskip("torch")
 
 SETTINGS = settings(
     max_examples=6,

@@ -551,7 +551,7 @@ def test_leaves_without_gradients_and_half_precision_params() -> None:
 def test_torch_optimizer_class_with_8_bit_state_and_its_state_dict() -> None:
     import io
 
-    import torch
+    torch = pytest.importorskip("torch")
 
     import uniopt.torch
 

@@ -8,16 +8,17 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from uniopt import schedules
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+optax = pytest.importorskip("optax")
+torch = pytest.importorskip("torch")
 
 N = 300  # steps compared against optax and torch: s = 0..N
 

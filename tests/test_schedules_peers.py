@@ -11,14 +11,15 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-import torch
 
 from uniopt import schedules as us
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+optax = pytest.importorskip("optax")
+torch = pytest.importorskip("torch")
 
 N = 10_000
 STEPS = np.arange(N)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import re
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import uniopt as uo
 from helpers import WIDE_LEAVES, expect_compiled
+
+jnp = pytest.importorskip("jax.numpy")
+torch = pytest.importorskip("torch")
 
 # --- helpers ------------------------------------------------------------------------------------
 
