@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
+from helpers import rel_diff
 
 # Every branch a rule has shows within these steps (the global-norm clip acts at some of them
 # and not at others; no schedule changes regime later), and so does a backend computing in
@@ -312,3 +313,40 @@ def test_adagrad_eps_in_sqrt_zero_gradient_is_zero(backend: Any) -> None:
         warnings.simplefilter("error")
         state, params = uo.update(state, params, _convert(backend, [np.array([0.0, 4.0, -1.0])]))
     np.testing.assert_array_equal(backend.to_numpy(params[0]), [1.0, 1.5, 3.5])
+
+
+@pytest.mark.parametrize("device", ["CPU_DEVICE", "device1"])
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_complex_params_of_a_library_without_real_views(device: str, dtype: Any) -> None:
+    """array-api-strict has no real view of a complex array: ``update_`` steps copies of the
+    pairs and writes them back, params and slots, as NumPy's ``update_`` writes through its
+    views (it wrote nothing, while the step count went on), also off the default device
+    (where the pairs came back on another device and failed)."""
+    xs = pytest.importorskip("array_api_strict")
+    dev = xs.Device(device)
+
+    def pairs(a: Any) -> np.ndarray:  # (array-api-strict's arithmetic is not NumPy's to the bit)
+        z = np.asarray(xs.asarray(a, device=xs.Device("CPU_DEVICE")))
+        return np.stack([z.real, z.imag], axis=-1)
+
+    rng = np.random.default_rng(0)
+    p0 = (rng.standard_normal(5) + 1j * rng.standard_normal(5)).astype(dtype)
+    gs = [(rng.standard_normal(5) + 1j * rng.standard_normal(5)).astype(dtype) for _ in range(3)]
+    tol = 1e-6 if dtype == np.complex64 else 1e-14
+    for rule in (uo.sgd(lr=0.1, momentum=0.9), uo.adam(lr=0.1)):
+        ref = [p0.copy()]
+        ref_state = uo.setup(rule, ref)
+        params = [xs.asarray(p0, device=dev)]
+        state = uo.setup(rule, params)
+        pure_params, pure_state = params, state
+        for g in gs:
+            ref_state = uo.update_(ref_state, ref, [g])
+            pure_state, pure_params = uo.update(pure_state, pure_params,
+                                                [xs.asarray(g, device=dev)])
+            state = uo.update_(state, params, [xs.asarray(g, device=dev)])
+        assert params[0].device == pure_params[0].device == dev
+        assert np.array_equal(pairs(params[0]), pairs(pure_params[0]))
+        assert rel_diff(pairs(params[0]), pairs(ref[0])) <= tol
+        for key, slot in state.slots.items():
+            assert np.array_equal(pairs(slot[0]), pairs(pure_state.slots[key][0]))
+            assert rel_diff(pairs(slot[0]), pairs(ref_state.slots[key][0])) <= tol, key

@@ -692,6 +692,11 @@ def is_complex(x: Any) -> bool:
     return kind(x).complex
 
 
+def has_real_view(x: Any) -> bool:
+    """Whether :func:`as_real` of complex ``x`` is a view of its memory (NumPy and torch)."""
+    return is_numpy(x) or is_torch(x)
+
+
 def as_real(x: Any, writable: bool = False) -> Any:
     """Complex ``x`` as real pairs along a new last axis (torch's ``view_as_real``): a view of
     its memory for NumPy and torch (``writable``: it must be one), a new array for the others."""
@@ -731,5 +736,5 @@ def as_complex(x: Any, like: Any) -> Any:
         out.real, out.imag = x[..., 0], x[..., 1]
         return out
     xp = namespace(x)
-    j = xp.asarray(1j, dtype=like.dtype)
+    j = xp.asarray(1j, dtype=like.dtype, device=device(like))
     return xp.astype(x[..., 0], like.dtype) + j * xp.astype(x[..., 1], like.dtype)

@@ -1634,7 +1634,15 @@ def _as_pairs(state: State, step: _Step, inplace: bool,
                  state.state_dtype, state.tree_states, state.counts)
     if inplace:
         # (the gradients are only read: a copy where one has no real view is as good)
-        new = update_(real, _pairs(step.params, True), _pairs(step.grads, False), **extra)
+        params = _pairs(step.params, True)
+        new = update_(real, params, _pairs(step.grads, False), **extra)
+        # a library without real views of complex arrays (array-api-strict, dask) stepped
+        # copies: written back, once the step has succeeded
+        for pairs, whole in [(params, step.params),
+                             *((slots[k], state.slots[k]) for k in slots)]:
+            for x, c in zip(pairs, whole, strict=True):
+                if c is not None and backend.is_complex(c) and not backend.has_real_view(c):
+                    backend.assign(c, backend.as_complex(x, c))
         return dataclasses.replace(state, step=new.step, tree_states=new.tree_states,
                                    counts=new.counts), None
     new, params = update(real, _pairs(step.params, False), _pairs(step.grads, False), **extra)
