@@ -40,3 +40,23 @@ def test_peak_memory_of_in_place_steps(rule: uo.Transform, shapes: list[tuple[in
         finally:
             tracemalloc.stop()
     assert peak <= 0.05 * model, f"{peak} bytes allocated beyond a model of {model} bytes"
+
+
+@pytest.mark.parametrize("n", [2, 40])
+def test_a_rule_reused_from_trial_to_trial_keeps_no_params_alive(n: int) -> None:
+    """One rule object, set up and stepped in place on new params each trial (a search over
+    seeds or data): once the trial's params are dropped they are freed (the rule's memo held
+    the last trial's, a whole model, for as long as the rule lived)."""
+    import gc
+    import weakref
+
+    rule = uo.adamw(lr=1e-3)
+    for _ in range(2):
+        params = [np.ones(64, np.float32) for _ in range(n)]
+        alive = [weakref.ref(p) for p in params]
+        state = uo.setup(rule, params)
+        for _ in range(3):
+            state = uo.update_(state, params, [np.ones(64, np.float32) for _ in range(n)])
+        del params, state
+        gc.collect()
+        assert not any(r() is not None for r in alive)

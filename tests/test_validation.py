@@ -679,6 +679,36 @@ def test_an_array_given_twice_is_refused_but_jaxs():
     np.testing.assert_allclose(np.asarray(p["b"]), 0.975)
 
 
+@pytest.mark.usefixtures("small_steps_compiled")
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_an_array_given_twice_after_set_up_is_refused_by_the_compiled_loop(library):
+    """Set up untied, then stepped in place with one array as two leaves: the compiled loop
+    stepped it twice (SGD from 1 by 0.1: 0.8), where the reference path refuses."""
+    make = np.ones if library == "numpy" else (lambda n: torch.ones(n, dtype=torch.float64))
+    for n in (2, WIDE_LEAVES):
+        names = [f"l{i:02d}" for i in range(n)]
+        state = uo.setup(uo.sgd(lr=0.1), {k: make(3) for k in names})
+        params = {k: make(3) for k in names}
+        params[names[-1]] = params[names[0]]
+        grads = {k: make(3) for k in names}
+        with expect_compiled(0):
+            _rejects(ValueError, rf"params\['{names[-1]}'\] is the same array as "
+                                 rf"params\['{names[0]}'\]", state, params, grads, pure=False)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_a_state_of_float32_params_is_refused_for_float16_params_by_the_compiled_loop():
+    """The loop takes float32 slots beside float16 params (``state_dtype="float32"``); without
+    that, they are a state set up for other params, as the reference path says (the loop
+    stepped them, and ``state_dtype`` stayed None)."""
+    for n in (2, WIDE_LEAVES):
+        state = uo.setup(uo.adam(lr=0.1), [np.ones(8, np.float32) for _ in range(n)])
+        with expect_compiled(0):
+            _rejects(ValueError, r"dtype float32: this state was set up for other params",
+                     state, [np.ones(8, np.float16) for _ in range(n)],
+                     [np.ones(8, np.float16) for _ in range(n)])
+
+
 @pytest.mark.parametrize("width", ["narrow", "wide"])
 def test_views_sharing_memory_are_refused_as_a_tied_weight(width):
     """A tied weight given as an array and a view of it (``w`` and ``w.reshape``, ``w[:]``, a

@@ -1204,12 +1204,21 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             if backend.is_numpy(leaves[0]) or backend.is_torch(leaves[0]):
                 return f"params stored as {stored} and state as {state.state_dtype}"
             return None
+    elif state.state_dtype is None and state.slots and getattr(
+            leaves[0], "dtype", None) is not None and leaves[0].dtype.itemsize == 2:
+        # the loop takes float32 slots beside 16-bit params, as state_dtype="float32" keeps
+        # them; without it they are a state set up for other params (the reference path says so)
+        some = next(iter(state.slots.values()))[0]
+        if some is not None and getattr(some, "dtype", None) != leaves[0].dtype:
+            return None
     strategies = fast.Q8_STRATEGIES if state.state_dtype == "q8" else fast.STRATEGIES
     if inplace and strategies and type(g_leaves) is not backend.Addressed and _hazard(
             state.rule.memo, leaves, g_leaves):
         # views, or another leaf's params as a gradient (the gradient of a*b): the compiled
         # loop writes each element as it reads it, so two params sharing memory, or a gradient
         # reaching into a parameter's other elements, would be read after being written
+        if len(set(map(id, leaves))) != len(leaves):  # (setup refused it; update_ did not)
+            _once_each(flatten_named(params)[2], leaves, views=False)
         if backend.has_views(leaves):
             _apart(None, leaves, params)
         g_leaves = _grads_apart(leaves, g_leaves, same_ok=True)
@@ -1251,12 +1260,17 @@ def _hazard(memo: dict[Any, Any], leaves: list[Any], g_leaves: list[Any]) -> boo
         views = backend.has_views(leaves, g_leaves) if not attr else any(
             map(_IS_NOT_NONE, map(getattr, leaves, repeat(attr), repeat(None)))) or any(
             map(_IS_NOT_NONE, map(getattr, g_leaves, repeat(attr), repeat(None))))
-        return views or not set(map(id, leaves)).isdisjoint(map(id, g_leaves))
+        ids = set(map(id, leaves))
+        return views or len(ids) != len(leaves) or not ids.isdisjoint(map(id, g_leaves))
     known = memo.get("apart")
     if known is None or len(known[0]) != len(leaves) or not all(
-            map(operator.is_, known[0], leaves)):
+            map(operator.is_, map(_DEREF, known[0]), leaves)):
         views = any(map(_IS_NOT_NONE, map(getattr, leaves, repeat(attr), repeat(None))))
-        known = memo["apart"] = (tuple(leaves), set(map(id, leaves)), views)
+        ids = set(map(id, leaves))
+        # weak references: the rule (the user's, reused from trial to trial) keeps no params
+        # alive; an array given twice is a hazard, as a view is
+        known = memo["apart"] = (tuple(map(weakref.ref, leaves)), ids,
+                                 views or len(ids) != len(leaves))
     if known[2]:
         return True
     ids = known[1]
@@ -1264,6 +1278,9 @@ def _hazard(memo: dict[Any, Any], leaves: list[Any], g_leaves: list[Any]) -> boo
         if g is not None and (getattr(g, "base", None) is not None or id(g) in ids):
             return True
     return False
+
+
+_DEREF = weakref.ref.__call__
 
 
 def _grads_apart(params: list[Any], grads: list[Any], same_ok: bool) -> list[Any]:
