@@ -350,3 +350,26 @@ def test_complex_params_of_a_library_without_real_views(device: str, dtype: Any)
         for key, slot in state.slots.items():
             assert np.array_equal(pairs(slot[0]), pairs(pure_state.slots[key][0]))
             assert rel_diff(pairs(slot[0]), pairs(ref_state.slots[key][0])) <= tol, key
+
+
+@pytest.mark.parametrize("rule", [
+    uo.chain(uo.clip_by_global_norm(0.5), uo.adam(lr=0.1)),
+    uo.adafactor(lr=0.1),
+], ids=["clip-adam", "adafactor"])
+def test_a_device_without_float64_takes_norms_in_float32(rule: uo.Transform) -> None:
+    """The global norm (and Adafactor's sums) are taken in float64 where the device has it; on
+    one without (array-api-strict's ``no_float64``, as torch's MPS) in float32: it raised
+    "does not support dtype=float64"."""
+    xs = pytest.importorskip("array_api_strict")
+    dev = xs.Device("no_float64")
+    rng = np.random.default_rng(0)
+    p0 = [rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (5,))]
+    gs = [[rng.standard_normal(p.shape).astype(np.float32) for p in p0] for _ in range(3)]
+    ref, params = [p.copy() for p in p0], [xs.asarray(p, device=dev) for p in p0]
+    ref_state, state = uo.setup(rule, ref), uo.setup(rule, params)
+    for g in gs:
+        ref_state, ref = uo.update(ref_state, ref, g)
+        state, params = uo.update(state, params, [xs.asarray(x, device=dev) for x in g])
+    for a, b in zip(params, ref, strict=True):
+        assert a.device == dev and a.dtype == xs.float32
+        assert rel_diff(np.asarray(xs.asarray(a, device=xs.Device("CPU_DEVICE"))), b) <= 1e-6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import itertools
 import operator
 import sys
@@ -690,6 +691,26 @@ def detached_copy(x: Any) -> Any:
 
 def is_complex(x: Any) -> bool:
     return kind(x).complex
+
+
+def widest_float(xp: Any, x: Any) -> Any:
+    """float64, where ``x``'s device has it; else float32 (torch's MPS, array-api-strict's
+    devices without float64). The host-like sums (norms) are taken in it."""
+    if type(x) is np.ndarray or xp is np:
+        return xp.float64
+    if is_torch(x):
+        return xp.float32 if x.device.type == "mps" else xp.float64
+    return _widest(xp, device(x))
+
+
+@functools.lru_cache(maxsize=64)
+def _widest(xp: Any, dev: Any) -> Any:
+    info = getattr(xp, "__array_namespace_info__", None)
+    try:
+        floats = info().dtypes(device=dev, kind="real floating") if info else {}
+    except Exception:  # (a library whose inspection API is partial)
+        floats = {}
+    return xp.float32 if floats and "float64" not in floats else xp.float64
 
 
 def has_real_view(x: Any) -> bool:

@@ -771,7 +771,7 @@ def _sharded_norm_coeffs(part: Elementwise, us: list[Any], xps: list[Any],
     """A norm-needing part's coefficients for each leaf, where leaves are shards: each leaf's
     sum of squares over its whole tensor (the ranks' sums added, :meth:`Shards.sums`), over
     its global number of elements."""
-    sums = shards.sums(np.array([float(xp.sum(xp.astype(u, xp.float64) ** 2))
+    sums = shards.sums(np.array([float(xp.sum(xp.astype(u, backend.widest_float(xp, u)) ** 2))
                                  for xp, u in zip(xps, us, strict=True)], np.float64))
     sizes = shards.sizes([math.prod(u.shape) for u in us])
     if part.norm_per_leaf:
@@ -1054,12 +1054,12 @@ def _norm(us: list[Any], xps: list[Any]) -> Any:
 
 def _squares(us: list[Any], xps: list[Any]) -> Any:
     """The sum of squares of every element of ``us``, leaf after leaf in float64 where the
-    library has it (JAX only with x64 enabled), read to the host once: a read per leaf was a
-    device synchronisation per tensor on a GPU. Traced (under jit), or on torch's meta device
-    (a dry run, nothing to read), the library's own number."""
+    library and device have it (JAX only with x64 enabled; not torch's MPS), read to the host
+    once: a read per leaf was a device synchronisation per tensor on a GPU. Traced (under jit),
+    or on torch's meta device (a dry run, nothing to read), the library's own number."""
     total: Any = 0.0
     for xp, u in zip(xps, us, strict=True):
-        wide = u.dtype if backend.is_jax(u) else xp.float64
+        wide = u.dtype if backend.is_jax(u) else backend.widest_float(xp, u)
         part = xp.sum(xp.astype(u, wide) ** 2)
         if hasattr(total, "to") and part.device != total.device:
             part = part.to(total.device)  # (torch leaves on several devices: on the first's)
@@ -1205,7 +1205,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
                 return f"params stored as {stored} and state as {state.state_dtype}"
             return None
     elif state.state_dtype is None and state.slots and getattr(
-            leaves[0], "dtype", None) is not None and leaves[0].dtype.itemsize == 2:
+            getattr(leaves[0], "dtype", None), "itemsize", None) == 2:
         # the loop takes float32 slots beside 16-bit params, as state_dtype="float32" keeps
         # them; without it they are a state set up for other params (the reference path says so)
         some = next(iter(state.slots.values()))[0]

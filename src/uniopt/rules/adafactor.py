@@ -69,7 +69,7 @@ def _wide(xp: Any, x: Any) -> Any:
     has it (JAX only with x64; there ``x`` as it is)."""
     if backend.is_jax(x):
         return x
-    return xp.astype(x, xp.float64)
+    return xp.astype(x, backend.widest_float(xp, x))
 
 
 EPS_FORMS = ("clamp", "add")
