@@ -1086,3 +1086,24 @@ def test_a_state_of_another_array_library_is_refused_naming_both():
                     f"is a {other} array: this state was set up for other params")):
                 step(state, given, grads)
         assert list(given["w"].tolist()) == [0.0, 1.0, 2.0]
+
+
+class _Parameter(np.ndarray):  # a framework's own array type, defined in its module
+    __module__ = "someframework.nn"
+
+
+class _TensorParameter(torch.Tensor):
+    __module__ = "someframework.nn"
+
+
+def test_subclasses_of_numpys_array_and_torchs_tensor_are_their_library():
+    """A subclass of ndarray (or of torch.Tensor) defined in another module was a library of
+    its own: set up, then refused beside a plain gradient ("is a numpy array but its parameter
+    is a someframework array"), and refused beside plain arrays in one tree."""
+    for w, b in ((np.ones(3).view(_Parameter), np.zeros(2)),
+                 (torch.ones(3, dtype=torch.float64).as_subclass(_TensorParameter),
+                  torch.zeros(2, dtype=torch.float64))):
+        plain = np.ones(3) if isinstance(w, np.ndarray) else torch.ones(3, dtype=torch.float64)
+        state = uo.setup(uo.sgd(lr=0.1), {"w": w, "b": b})
+        state, out = uo.update(state, {"w": w, "b": b}, {"w": plain, "b": b})
+        assert np.allclose(np.asarray(out["w"]), 0.9)

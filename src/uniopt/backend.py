@@ -412,8 +412,10 @@ def library(x: Any) -> str:
     """A short name of the library that owns array ``x``, for error messages."""
     name = _LIBRARIES.get(type(x))
     if name is None:
-        # JAX's arrays live in jaxlib
-        name = "jax" if aac.is_jax_array(x) else type(x).__module__.split(".")[0]
+        # JAX's arrays live in jaxlib; a subclass of NumPy's array or torch's tensor is
+        # theirs (np.memmap, a framework's own Parameter type)
+        name = "jax" if aac.is_jax_array(x) else "numpy" if isinstance(
+            x, np.ndarray) else "torch" if is_torch(x) else type(x).__module__.split(".")[0]
         if type(x) in _NAMESPACES:
             _LIBRARIES[type(x)] = name
     return name
