@@ -49,8 +49,7 @@ def _ours(rule: uo.Transform, lib: str, seed: int) -> Iterator[tuple[uo.State, d
     turn, on NumPy arrays or torch tensors."""
     start, noise = _problem(seed)
     if lib == "torch":
-        import torch
-
+        torch = pytest.importorskip("torch")
         conv: Any = lambda a: torch.from_numpy(a.copy())  # noqa: E731
     else:
         conv = np.array

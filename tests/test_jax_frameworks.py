@@ -59,7 +59,13 @@ def test_a_state_is_a_pytree_whatever_its_leaves(name: str) -> None:
         new_state, new = uo.update(back, params, grads)
         for a, b in zip(jax.tree.leaves((ref_state, ref)), jax.tree.leaves((new_state, new)),
                         strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            if st is jitted:  # the same leaves: the same step
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            else:
+                # the set-up rule's numbers are Python floats; rebuilt from leaves, float32
+                # (without x64): its bias corrections round otherwise, as the jitted run's do
+                # (docs/jax.md: a few ulps; JAX 0.12's float32 power gives 1 here, 0.10's 0)
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=4 * 2.0**-23)
 
 
 def test_blocks_inside_optax_chain_are_directions() -> None:
