@@ -1107,3 +1107,16 @@ def test_subclasses_of_numpys_array_and_torchs_tensor_are_their_library():
         state = uo.setup(uo.sgd(lr=0.1), {"w": w, "b": b})
         state, out = uo.update(state, {"w": w, "b": b}, {"w": plain, "b": b})
         assert np.allclose(np.asarray(out["w"]), 0.9)
+
+
+def test_arrays_without_item_assignment_are_refused_by_update_in_place():
+    """pydata's sparse arrays (no ``__setitem__``) failed inside the write with the library's
+    own words, naming no leaf; they are refused before it, as read-only arrays are."""
+    from uniopt import backend
+
+    class Frozen:  # an array type that cannot be written
+        __module__ = "sparse"
+
+    assert backend.immutable_reason(Frozen()) == (
+        "sparse arrays cannot be written in place; use uniopt.update")
+    assert backend.immutable_reason(np.ones(2)) is None

@@ -566,6 +566,8 @@ def immutable_reason(x: Any) -> str | None:
         return "JAX arrays are immutable; use uniopt.update"
     if aac.is_numpy_array(x) and not x.flags.writeable:
         return "the NumPy array is read-only; use uniopt.update"
+    if not hasattr(type(x), "__setitem__"):  # (pydata's sparse arrays)
+        return f"{library(x)} arrays cannot be written in place; use uniopt.update"
     return None
 
 
