@@ -19,11 +19,16 @@ two floats was then lowered by ``mathimpl.pow_impl`` instead of ``numbers.real_p
 in every later compile of the process. Loading without the start-up leaves numba's lowering
 as its start-up makes it (the tests compare every function's implementation with a process
 that ran it first). Where a numba release no longer has what this relies on
-(:func:`_quick_class` says what), its own cache is used, as before."""
+(:func:`_quick_class` says what), its own cache is used, as before.
+
+A cache file that cannot be read (truncated, or garbage) is a miss: numba compiles the function
+and saves over it. One that cannot be written (a full disk) leaves the function uncached, with a
+warning (:func:`uncached`)."""
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,22 +38,64 @@ def _quick_class() -> Any:
     """numba's function cache, loading without ``refresh``; None where this numba lacks the
     parts it is made of."""
     try:
-        from numba.core.caching import FunctionCache
+        from numba.core.caching import FunctionCache, IndexDataCacheFile
         from numba.core.runtime import rtsys
     except ImportError:
         return None
     if not all(hasattr(FunctionCache, name) for name in (
-            "load_overload", "_load_overload", "_guard_against_spurious_io_errors")):
+            "load_overload", "_load_overload", "_guard_against_spurious_io_errors",
+            "save_overload")) or not all(hasattr(IndexDataCacheFile, name)
+                                         for name in ("load", "_load_index")):
         return None
 
+    class Files(IndexDataCacheFile):
+        # unpickling a damaged file raises any of several errors (UnpicklingError, EOFError,
+        # ValueError...): a miss, which numba compiles and saves over (its save reads the index
+        # first: that too)
+        def _load_index(self) -> Any:
+            try:
+                return super()._load_index()
+            except Exception:
+                return {}
+
+        def load(self, key: Any) -> Any:
+            try:
+                return super().load(key)
+            except Exception:
+                return None
+
     class QuickCache(FunctionCache):
+        def __init__(self, py_func: Any) -> None:
+            super().__init__(py_func)
+            self._cache_file.__class__ = Files  # (made by numba's constructor)
+
         def load_overload(self, sig: Any, target_context: Any) -> Any:
             rtsys.initialize(target_context)  # (once per process)
             with self._guard_against_spurious_io_errors():
                 return self._load_overload(sig, target_context)
             return None  # an I/O error, which the guard swallowed: compiled anew
 
+        def save_overload(self, sig: Any, data: Any) -> None:
+            try:
+                super().save_overload(sig, data)
+            except OSError as e:  # a full disk, say: the compiled code runs all the same
+                uncached(self._cache_path, e)
+
     return QuickCache
+
+
+_warned = False
+
+
+def uncached(where: Any, why: Any) -> None:
+    """Warn, once per process, that compiled code could not be cached in ``where`` (``why``):
+    it runs, but every process compiles it anew."""
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"uniopt: compiled code is not cached in {where} ({why}); it runs, but "
+                      "every process compiles it anew. $UNIOPT_CACHE_DIR sets where uniopt "
+                      "caches its loops.", RuntimeWarning, stacklevel=2)
 
 
 def cache_of(py_func: Callable[..., Any]) -> Any:

@@ -11,8 +11,10 @@ list of leaves (params, grads, each slot) and walks the list's item array itself
 per-leaf loop would do (is it an ndarray, its dtype, shape, contiguity, alignment, writability,
 does the gradient match its parameter) is read from NumPy's array struct, whose layout is part
 of NumPy's stable C ABI, as is CPython's list layout; a self-test at import checks every offset
-and disables this path if they ever disagree. The caller holds the GIL for the whole call, so
-no other thread can change the lists meanwhile. Anything the loop does not handle (another
+and disables this path if they ever disagree. The one-thread loop holds the GIL for the whole
+call, so no other thread can change the lists meanwhile; the thread-pool loop releases it while
+its threads run (numba's parallel wrapper does): another thread must not change a step's lists
+during the step, as it must not change its arrays. Anything the loop does not handle (another
 array library, a dtype other than float32/float64, a non-contiguous or read-only array, a
 mismatch, a whole-tree part) sends the step to the engine's reference path, which
 either raises the proper error or runs, after a one-time warning that names the reason. CPU
@@ -39,7 +41,9 @@ import math
 import operator
 import os
 import sys
+import threading
 import types
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -377,8 +381,40 @@ def _drivers(fn: int, mode: str) -> tuple[Any, Any]:
     SIZES)``: ``sumsq``'s return the sum in an array of one, ``leafsq``'s each leaf's."""
     if mode in ("sumsq", "leafsq"):
         each = mode == "leafsq"
-        return (functools.partial(_sums, fn, each), functools.partial(_sums_parallel, fn, each))
-    return functools.partial(_serial, fn), functools.partial(_parallel, fn)
+        return (functools.partial(_sums, fn, each),
+                functools.partial(_pooled, _sums_parallel, _sums, fn, each))
+    return functools.partial(_serial, fn), functools.partial(_pooled, _parallel, _serial, fn)
+
+
+# One pool step at a time in a process: numba's parallel wrapper releases the GIL while its
+# threads run, and its workqueue threading layer aborts the process when two threads enter it.
+_POOL = threading.Lock()
+# Whether this process was forked from one that had started numba's threads: it runs the
+# one-thread loop (the same bits, :func:`_shares`), since GNU OpenMP's pool does not survive
+# fork() (numba kills a child that enters it; a fork Pool's workers hung).
+_FORKED = False
+
+
+def _pooled(parallel: Any, serial: Any, *args: Any) -> Any:
+    """``parallel(*args)`` under :data:`_POOL`, or ``serial(*args)`` in a forked child."""
+    if _FORKED:
+        return serial(*args)
+    with _POOL:
+        return parallel(*args)
+
+
+def _forked() -> None:
+    global _POOL, _FORKED
+    _POOL = threading.Lock()  # (the parent's may be held by a thread the child does not have)
+    try:
+        numba.threading_layer()  # raises where numba's threads were never started
+    except ValueError:
+        return
+    _FORKED = True
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
+    os.register_at_fork(after_in_child=_forked)
 
 
 # the namespace kernels see when compiled: scalar functions with NumPy's semantics
@@ -491,14 +527,29 @@ def _importable(fn: Callable[..., Any]) -> bool:
 
 
 def _callees(fn: Callable[..., Any], seen: dict[Any, None]) -> dict[Any, None]:
-    """``fn`` and the plain functions it calls by global name, transitively, in order."""
+    """``fn`` and the functions it or a function defined in it (an overload's implementation)
+    calls by global name, transitively, in order: plain ones, and the definitions of numba
+    intrinsics (whose code generation is the arithmetic: moments.fused_multiply_add)."""
     if fn not in seen:
         seen[fn] = None
-        for name in fn.__code__.co_names:
+        for name in _names(fn.__code__):
             obj = fn.__globals__.get(name)
+            if type(obj) is _INTRINSIC:
+                obj = obj._defn
             if isinstance(obj, types.FunctionType):
                 _callees(obj, seen)
     return seen
+
+
+_INTRINSIC = type(_voidptr)
+
+
+def _names(code: types.CodeType) -> Iterator[str]:
+    """The global names ``code`` and the code nested in it read."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names(const)
 
 
 # a part as the loop runs it: its kernel, its slot count, and the finish that writes p (or None)
@@ -525,12 +576,17 @@ def _callees_of(kernels: tuple[LoopPart, ...]) -> dict[Any, None]:
 
 def _digest(kernels: tuple[LoopPart, ...], records: tuple[Any, ...]) -> str:
     """What the machine code of a loop depends on beyond this module: the source of every
-    kernel it inlines and of the helpers they call, and the fields of each coefficient record
-    (read by position once compiled). Editing anything else in the package keeps the cache."""
+    kernel it inlines and of the helpers and intrinsics they call, the fields of each coefficient
+    record (read by position once compiled), and what the moment helpers' compiled forms (the
+    overloads above) call from other modules (moments.fused_multiply_add). Editing anything
+    else in the package keeps the cache."""
     h = hashlib.sha1()
-    for fn in _callees_of(kernels):
-            h.update(f"{fn.__module__}.{fn.__qualname__}\n".encode())
-            h.update(inspect.getsource(fn).encode())
+    seen = _callees_of(kernels)
+    for impl in (_select_scalar, _unfolded_scalar, _fma_scalar, _lerp_scalar):
+        _callees(impl, seen)
+    for fn in seen:
+        h.update(f"{fn.__module__}.{fn.__qualname__}\n".encode())
+        h.update(inspect.getsource(fn).encode())
     h.update(repr(records).encode())
     return h.hexdigest()[:16]
 
@@ -683,9 +739,13 @@ def _cache_dir() -> Path | None:
     path = Path(root) / f"fused-{_VERSION}-numba{numba.__version__}-numpy{np.__version__}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    except OSError as e:
+        jitcache.uncached(path, e)
         return None
-    return path if os.access(path, os.W_OK) else None
+    if not os.access(path, os.W_OK):
+        jitcache.uncached(path, "not writable")
+        return None
+    return path
 
 
 def _record(part: Any, c: Any) -> Any:
@@ -783,21 +843,41 @@ def _load(src: str, path: Path | None, names: dict[str, Any]) -> Any:
 
 def _imported(src: str, path: Path) -> Any:
     """Generated module ``src`` (its functions' ``cache=CACHE``) imported from ``path`` in the
-    cache directory, written there first if new; numba caches its machine code beside it."""
+    cache directory, written there first if new or damaged; numba caches its machine code
+    beside it. Where it cannot be written (a full disk), run uncached, with a warning."""
     name = path.stem
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(src.replace("cache=CACHE", "cache=True"))
-        os.replace(tmp, path)  # atomic: a concurrent process sees all of it or none
+    text = src.replace("cache=CACHE", "cache=True")
+    data = text.encode()  # (bytes: no newline or encoding of the platform's between)
+    try:
+        written = path.read_bytes() == data
+    except OSError:
+        written = False
+    if not written:  # new, or damaged: its name is a hash of its text
+        # under a name of this writer's own (threads share a PID), then renamed: atomic, a
+        # concurrent reader sees all of it or none. (Machine code numba cached from damaged
+        # text is not loaded for this: numba keys it by the function's bytecode too.)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:16]}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            jitcache.uncached(path.parent, e)
+            module = types.ModuleType(name)
+            exec(compile(src.replace("cache=CACHE", "cache=False"), f"<{name}>", "exec"),
+                 module.__dict__)
+            return module
     spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # numba's cache finds the module by name when it loads
     # compiled as it is imported, by one process at a time: the ranks of a job on one machine
     # (or a test suite's workers) that meet a loop new to the cache together compile it once,
     # and the others load its machine code, in milliseconds, when the lock is theirs
     with _locked(path.with_suffix(".lock")):
-        spec.loader.exec_module(module)
+        sys.modules[name] = module  # numba's cache finds the module by name when it loads
+        # the text checked above, not Python's .pyc of the file: one file less to be damaged
+        exec(compile(text, str(path), "exec"), module.__dict__)
     return module
 
 
@@ -952,7 +1032,7 @@ def run(
     storage = (kp, ks)
     memo = {} if memo is None else memo
     # the compiled code reads these lists by address: they must be lists, alive and unchanged
-    # for the call (it holds the GIL, so no other Python thread can change them meanwhile)
+    # for the call (the one-thread loop holds the GIL; the pool's releases it while it runs)
     if type(params) is not list:
         params = list(params)
     if type(grads) is Addressed:  # checked by its maker, but for its count and dtype

@@ -1,0 +1,257 @@
+"""The compiled loops' cache on disk, and the thread pool, under threads, fork(), a full disk and
+damaged files: each step runs, and gives the one-thread loop's bits."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+from typing import Any
+
+import pytest
+from numba.extending import intrinsic
+
+from uniopt import jitcache, moments
+from uniopt.fast import cpu
+
+# a generated module as _imported takes them: one C function, cached as the loops are
+_SRC = """
+from uniopt.jitcache import cfunc
+
+
+@cfunc("float64(float64)", cache=CACHE)
+def walk(x):
+    return x + 1.0
+"""
+
+
+def _imported(path: pathlib.Path) -> Any:
+    try:
+        return cpu._imported(_SRC, path).walk
+    finally:
+        sys.modules.pop(path.stem, None)
+
+
+def _run(script: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a Python process of its own session, and any child it forks killed
+    with it where it runs past ``timeout`` (a hung pool)."""
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out\n{out}\n{err[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_threads_meeting_a_new_loop_write_its_file_each_under_a_name_of_its_own(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """Two threads of one process (members of a population) write a loop new to the cache at
+    once: neither's file is taken by the other's rename."""
+    both = threading.Barrier(2, timeout=30)
+    replace = os.replace
+
+    def together(src: Any, dst: Any) -> None:
+        if str(dst).endswith(".py"):  # (not numba's files)
+            both.wait()  # each has written its file before either renames
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", together)
+    path = tmp_path / "uniopt_test_threads.py"
+    results: list[Any] = []
+
+    def member() -> None:
+        try:
+            results.append(cpu._imported(_SRC, path).walk.ctypes(1.0))
+        except Exception as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=member) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sys.modules.pop(path.stem, None)
+    assert results == [2.0, 2.0]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@intrinsic
+def _doubled(typingctx: Any, x: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.fadd(args[0], args[0])
+
+    return x(x), codegen
+
+
+def _doubling(xp: Any, c: Any, p: Any, g: Any) -> Any:
+    return (_doubled(g),)
+
+
+def test_the_cache_key_holds_the_intrinsics_the_loop_calls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An intrinsic's code generation is the loop's arithmetic: its source is in the key, where
+    a kernel calls it and where the compiled moment helpers do (fma and lerp call
+    fused_multiply_add)."""
+    assert _doubled._defn in cpu._callees(_doubling, {})
+    kernels = ((moments.lerp, 0, None),)
+    key = cpu._digest(kernels, ())
+    real = cpu.inspect.getsource
+
+    def edited(obj: Any) -> str:
+        return real(obj) + ("# edited\n" if obj is moments.fused_multiply_add._defn else "")
+
+    monkeypatch.setattr(cpu.inspect, "getsource", edited)
+    assert cpu._digest(kernels, ()) != key
+
+
+_AFTER_THE_POOL = """
+import hashlib, os
+import numpy as np
+import uniopt as uo
+from uniopt.fast import cpu
+
+def bits():
+    params = [np.linspace(-1, 1, cpu.PARALLEL_MIN + 4464, dtype=np.float32)]
+    state = uo.setup(uo.adamw(lr=1e-2), params)
+    for _ in range(3):
+        state = uo.update_(state, params, [np.cos(params[0])])
+    return hashlib.sha1(params[0].tobytes()).hexdigest()
+
+mine = bits()  # on the pool
+pid = os.fork()
+if pid == 0:
+    steps = cpu.STEPS
+    os._exit(0 if bits() == mine and cpu.STEPS == steps + 3 else 3)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_child_forked_after_the_pool_steps_on_one_thread_to_the_same_bits() -> None:
+    """fork() after a step on the thread pool (GNU OpenMP's does not survive it: the child was
+    killed when it entered it, or a fork Pool's workers hung): the child's compiled steps run
+    on one thread, to the parent's bits."""
+    proc = _run(_AFTER_THE_POOL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["0"], proc.stderr[-3000:]
+
+
+_TWO_THREADS = """
+import hashlib, threading
+import numpy as np
+import uniopt as uo
+
+def member(k, out):
+    params = [np.linspace(-1, 1, 1 << 20, dtype=np.float32)]
+    state = uo.setup(uo.adamw(lr=1e-3 * (k + 1)), params)
+    for _ in range(30):
+        state = uo.update_(state, params, [np.cos(params[0])])
+    out[k] = hashlib.sha1(params[0].tobytes()).hexdigest()
+
+alone, together = {}, {}
+for k in range(2):  # (compiled here, on one thread)
+    member(k, alone)
+threads = [threading.Thread(target=member, args=(k, together)) for k in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(together == alone)
+"""
+
+
+def test_two_threads_stepping_on_the_pool_take_it_in_turn() -> None:
+    """Two Python threads each stepping on the pool at once (its call releases the GIL): numba's
+    workqueue threading layer, which takes one caller at a time, aborted the process."""
+    proc = _run(_TWO_THREADS, NUMBA_THREADING_LAYER="workqueue")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True"]
+
+
+def _no_space(*args: Any, **kwargs: Any) -> Any:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_runs_the_loop_uncached_with_one_warning(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """Where the generated module, or numba's machine code, cannot be written: the loop runs
+    compiled in memory, one warning names the directory, and no temporary file is left."""
+    from numba.core.caching import IndexDataCacheFile
+
+    monkeypatch.setattr(jitcache, "_warned", False, raising=False)
+    open_ = pathlib.Path.open
+
+    def full(self: pathlib.Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "w" in mode:
+            open_(self, mode).close()  # made, and then the disk is full
+            _no_space()
+        return open_(self, mode, *args, **kwargs)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with monkeypatch.context() as m:
+            m.setattr(pathlib.Path, "open", full)
+            assert _imported(tmp_path / "uniopt_test_full_py.py").ctypes(1.0) == 2.0
+        with monkeypatch.context() as m:
+            m.setattr(IndexDataCacheFile, "_dump", _no_space)
+            walk = _imported(tmp_path / "uniopt_test_full_nb.py")
+            assert walk.ctypes(1.0) == 2.0 and walk.cache_hits == 0
+    (message,) = [str(w.message) for w in caught if str(w.message).startswith("uniopt:")]
+    assert f"not cached in {tmp_path} (" in message and "$UNIOPT_CACHE_DIR" in message
+    assert os.strerror(errno.ENOSPC) in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "__pycache__", "uniopt_test_full_nb.lock", "uniopt_test_full_nb.py"]
+    assert not [p for p in (tmp_path / "__pycache__").iterdir() if "tmp" in p.name]
+
+
+def _truncated(path: pathlib.Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+DAMAGE = {
+    "py-truncated": ("uniopt_test_damaged.py", _truncated),
+    "py-empty": ("uniopt_test_damaged.py", lambda p: p.write_bytes(b"")),
+    "nbi-garbage": ("__pycache__/*.nbi", lambda p: p.write_bytes(os.urandom(500))),
+    "nbi-empty": ("__pycache__/*.nbi", lambda p: p.write_bytes(b"")),
+    "nbc-truncated": ("__pycache__/*.nbc", _truncated),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_cache_file_is_compiled_anew_and_saved_over(
+        damage: str, tmp_path: pathlib.Path) -> None:
+    """A cache file cut short or overwritten (a process killed mid-write on a file system
+    without atomic renames, a disk error) is a miss, compiled and saved over: the next import
+    loads it again, where every later one failed."""
+    path = tmp_path / "uniopt_test_damaged.py"
+    assert _imported(path).cache_hits == 0
+    assert _imported(path).cache_hits == 1
+    pattern, spoil = DAMAGE[damage]
+    (target,) = tmp_path.glob(pattern)
+    spoil(target)
+    assert _imported(path).ctypes(1.0) == 2.0
+    assert _imported(path).cache_hits == 1
+
+
+def test_a_cache_directory_that_cannot_be_written_is_named_in_a_warning(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """A read-only cache (a shared mount): every process compiles anew, and is told why."""
+    monkeypatch.setattr(jitcache, "_warned", False, raising=False)
+    monkeypatch.setenv("UNIOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu.os, "access", lambda path, mode: False)  # (root writes anything)
+    with pytest.warns(RuntimeWarning, match="UNIOPT_CACHE_DIR") as caught:
+        assert cpu._cache_dir() is None
+    assert f"not cached in {tmp_path / 'fused-'}" in str(caught[0].message)
