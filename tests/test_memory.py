@@ -60,3 +60,29 @@ def test_a_rule_reused_from_trial_to_trial_keeps_no_params_alive(n: int) -> None
         del params, state
         gc.collect()
         assert not any(r() is not None for r in alive)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("count", [1, 8])
+def test_uniopt_torch_lets_go_of_a_steps_gradients(dtype: str, count: int) -> None:
+    """After ``step(); zero_grad()`` the gradients' memory is freed, as with torch.optim, but
+    for groups of at most KEEP_VIEWS elements (docs/torch.md). The compiled step kept the
+    NumPy views of the last gradients (a model's worth of memory) in groups of fewer than six
+    tensors, and in every bfloat16 group."""
+    torch = pytest.importorskip("torch")
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    import uniopt.torch as ut
+    from uniopt.torch import plans
+
+    n = 4 * plans.KEEP_VIEWS
+    params = [torch.nn.Parameter(torch.randn(n, dtype=getattr(torch, dtype)))
+              for _ in range(count)]
+    opt = ut.Adam(params, lr=1e-3)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        refs = [StorageWeakRef(p.grad.untyped_storage()) for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(r.expired() for r in refs)

@@ -1148,13 +1148,16 @@ class Bound:
         self.typenums = np.array([first.dtype.num] * 2)
         self.big = int(sum(self.sizes.tolist()) >= PARALLEL_MIN)
 
-    def __call__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], grads: Any) -> bool:
+    def __call__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], grads: Any,
+                 keep: bool = True) -> bool:
         """One step of ``plan`` (resolved as :func:`bind`'s) with gradients ``grads`` (a list
         of NumPy arrays or an :class:`~uniopt.backend.Addressed`); False, having written
         nothing, where they are not the params' kind or the loop is not at hand (the caller's
         engine step then runs it, or says what is wrong). The list of the last step, passed
         again, is not checked again: a caller reuses a list only while it holds the same
-        arrays (uniopt.torch's of gradients it has seen, its own)."""
+        arrays (uniopt.torch's of gradients it has seen, its own). ``keep``: whether the
+        caller may pass this list again; if not, it is let go after the step, and with it the
+        gradients its views hold (a model's worth of memory past ``zero_grad()``)."""
         if type(grads) is Addressed:
             if len(grads.tensors) != len(self.params) or grads.dtype != self.dtype:
                 return False
@@ -1164,15 +1167,21 @@ class Bound:
             self.lists[1] = self.pair[1]
             self.seen = None
             if _check(self.pair, _READS, _NDARRAY, self.typenums, self.scratch):
+                self.grads.clear()
                 return False
-            self.seen = grads
+            if keep:
+                self.seen = grads
         else:
             self.lists[1] = self.pair[1]
         loop = self.memo.get(("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan]))
         if loop is None:
+            self.grads.clear()
+            self.seen = None
             return False
         loop[self.big](self.lists, _coefficients(plan, self.compute, len(self.params)),
                        self.sizes)
+        if not keep:
+            self.grads.clear()
         global STEPS
         STEPS += 1
         return True

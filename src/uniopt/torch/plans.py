@@ -658,7 +658,7 @@ class Plan:
                 at = None if resolved is None else resolved.get(step)
                 if at is None:
                     at = resolve(rule, step)
-            if self.lane(at, views):
+            if self.lane(at, views, self.keep_views):
                 self.steps.add(run.idx)
                 backend.mark_written(run.written)
                 self._after(rule, grads)
