@@ -795,6 +795,30 @@ def _loop(plan: list[tuple[Any, Any, tuple[str, ...]]], signs: tuple[bool, ...],
     return memo[key]
 
 
+def _at_hand(plan: list[tuple[Any, Any, tuple[str, ...]]], signs: tuple[bool, ...], kp: str,
+             memo: dict[Any, Any]) -> bool:
+    """Whether the loop for ``plan`` is loaded in this process or its module is on disk (looked
+    for once per rule: the file's name costs the loop's source)."""
+    key = ("q8", signs, kp, *[type(c) for _, c, _ in plan])
+    if key in memo:
+        return True
+    seen = memo.get(("q8 on disk", key))
+    if seen is None:
+        kernels = cpu._parts(plan, "inplace")
+        records = tuple(cpu._record(part, c) for part, c, _ in plan)
+        where = cpu._cache_dir() if all(cpu._importable(k) and (f is None or cpu._importable(f))
+                                        for k, _, f in kernels) else None
+        if (kernels, signs, kp, records) in _LOOPS:
+            seen = True
+        elif where is None:
+            seen = False
+        else:
+            src = _source(kernels, signs, kp, True, records, cpu._digest(kernels, records))
+            seen = (where / f"uniopt_q8_{hashlib.sha1(src.encode()).hexdigest()[:16]}.py").exists()
+        memo[("q8 on disk", key)] = seen
+    return bool(seen)
+
+
 _KP = {"f": "f4", "d": "f8"}
 _F32, _I8, _U8 = np.dtype(np.float32).num, np.dtype(np.int8).num, np.dtype(np.uint8).num
 
@@ -810,8 +834,10 @@ def step(
 ) -> tuple[list[Any], dict[str, list[Any]]] | str | None:
     """The engine's strategy for 8-bit states, as :func:`uniopt.fast.cpu.step`: NumPy arrays
     or CPU tensors (float32 or float64 params), every part elementwise (``per_leaf``: unused),
-    every slot the leaf's shape. Small steps (:data:`uniopt.fast.cpu.MIN_SIZE`) go to the
-    reference path."""
+    every slot the leaf's shape. Small steps (:data:`uniopt.fast.cpu.MIN_SIZE`) of NumPy
+    arrays take the loop as :func:`uniopt.fast.cpu.step`'s do (at once where it is at hand,
+    else after :data:`~uniopt.fast.cpu.COMPILE_AFTER` of them on the reference path); small
+    steps of tensors the reference path."""
     if not cpu.AVAILABLE or not params:
         return None
     tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
@@ -832,7 +858,15 @@ def step(
     kp = _KP.get(first.dtype.char)
     if kp is None:
         return None
-    if len(leaves) < cpu.MIN_LEAVES and sum(x.size for x in leaves) < cpu.MIN_SIZE:
+    memo = {} if memo is None else memo
+    # a small step takes the loop as uniopt.fast.cpu's does: at once where it is at hand (this
+    # process, or the disk), else after COMPILE_AFTER of them; torch tensors never (the
+    # reference path's torch operations are not the loop's to the bit)
+    small = len(leaves) < cpu.MIN_LEAVES and sum(x.size for x in leaves) < cpu.MIN_SIZE
+    waited = memo.get("q8-small", 0)
+    if small and (tensors or cpu.COMPILE_AFTER is None or 0 < waited < cpu.COMPILE_AFTER):
+        if not tensors and cpu.COMPILE_AFTER is not None:
+            memo["q8-small"] = waited + 1
         return None
     plan = resolve()
     if not all(isinstance(part, Elementwise) for part, _, _ in plan):
@@ -857,7 +891,11 @@ def step(
             return checked
         if not np.array_equal(counts, np.maximum(1, -(-sizes // quant.BLOCK))):
             return "a slot's scales do not fit its leaf"
-    memo = {} if memo is None else memo
+    if small and waited < (cpu.COMPILE_AFTER or 0):
+        if not _at_hand(plan, signs, kp, memo):
+            memo["q8-small"] = 1
+            return None
+        memo["q8-small"] = cpu.COMPILE_AFTER
     big = int(sizes.sum() >= cpu.PARALLEL_MIN)
     if not inplace:  # the in-place loop on copies, as uniopt.fast.cpu's pure step
         params_l = [p.copy() for p in params_l]
