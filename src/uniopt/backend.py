@@ -561,6 +561,11 @@ def memory_types() -> tuple[type, ...]:
 def immutable_reason(x: Any) -> str | None:
     """Why ``x`` cannot be written in place, or None if it can."""
     if type(x) is np.ndarray and x.flags.writeable or is_torch(x):  # (the common cases first)
+        if type(x) is np.ndarray and x.dtype.kind == "c" and not (
+                x.flags.c_contiguous or x.strides and x.strides[-1] == x.itemsize):
+            # (stepped as its real pairs, through a view it does not have)
+            return (f"a complex array with strides {x.strides} has no real view to write; use "
+                    "uniopt.update, or a contiguous array")
         return None
     if is_jax(x):
         return "JAX arrays are immutable; use uniopt.update"
