@@ -1120,3 +1120,15 @@ def test_arrays_without_item_assignment_are_refused_by_update_in_place():
     assert backend.immutable_reason(Frozen()) == (
         "sparse arrays cannot be written in place; use uniopt.update")
     assert backend.immutable_reason(np.ones(2)) is None
+
+
+def test_marrays_masked_arrays_are_refused_as_numpys_are():
+    """marray's masked arrays stepped their masked entries and spread the gradients' masks
+    into the params; NumPy's masked arrays were already refused, for this reason. (A stand-in
+    of marray's type: its module is what is looked at.)"""
+
+    class MArray(np.ndarray):
+        __module__ = "marray._mask"
+
+    with pytest.raises(TypeError, match=r"params\[0\] is a masked array \(marray\)"):
+        uo.setup(uo.sgd(lr=0.1), [np.ones(3).view(MArray)])

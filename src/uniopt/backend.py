@@ -56,6 +56,9 @@ _KINDS: dict[tuple[type, Any], Kind] = {}
 _MASKED = ("a NumPy masked array: a step would move its masked entries or not as each "
            "operation's masks fall; pass its data (np.ma.getdata) and zero the gradients that "
            "must not move")
+_MARRAY = ("a masked array (marray): a step would move its masked entries or not as each "
+           "operation's masks fall; pass its data (x.data) and zero the gradients that must not "
+           "move")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -125,7 +128,8 @@ def kind(x: Any) -> Kind:
         floating, complex_ = _floats(x, namespace(x))
         found = Kind(library(x), floating, complex_,
                      floating and not complex_ and float_bits(x.dtype) < 32,
-                     _MASKED if isinstance(x, np.ma.MaskedArray) else None)
+                     _MASKED if isinstance(x, np.ma.MaskedArray) else _MARRAY if type(
+                         x).__module__.split(".")[0] == "marray" else None)
         if key is not None and type(x) in _NAMESPACES:
             _KINDS[key] = found
     return found
