@@ -2002,3 +2002,34 @@ def test_a_carried_number_written_by_hand_that_is_no_number_fails_each_step() ->
                                              r"'fast', not a number; nothing was stepped"):
             opt.step()
     assert torch.equal(w.detach(), before)
+
+
+def test_adagrad_share_memory_is_torchs() -> None:
+    """``Adagrad.share_memory()`` (torch's, for Hogwild workers) was missing: the sums move to
+    shared memory and the run goes on as torch's."""
+    res = []
+    for lib in (torch.optim, ut):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(8, 2)
+        x = torch.randn(16, 8)
+        opt = lib.Adagrad(m.parameters(), lr=0.1)
+        for k in range(6):
+            if k == 3:
+                opt.share_memory()
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+        assert all(opt.state[p]["sum"].is_shared() for p in m.parameters())
+        res.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*res, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_every_class_has_its_torch_classs_public_methods() -> None:
+    """A drop-in replacement answers every public method torch's class has (Adagrad's
+    ``share_memory`` was missing)."""
+    for name in ("SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam",
+                 "RAdam", "ASGD", "Rprop", "SparseAdam", "LBFGS", "Adafactor", "Muon"):
+        theirs = getattr(torch.optim, name)
+        public = {a for a in dir(theirs) if not a.startswith("_")}
+        assert public <= set(dir(getattr(ut, name))), (name, public - set(dir(getattr(ut, name))))

@@ -252,6 +252,13 @@ class Adagrad(_Named):
                 plans.ensure_state(self.state, p, rule, names, steps, i, plans.spec(p),
                                    group.get("state_dtype"))
 
+    def share_memory(self) -> None:
+        """Every parameter's sum of squares in shared memory, for ``torch.multiprocessing``
+        workers (Hogwild), as torch's Adagrad."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
+
 
 class RMSprop(_Named):
     """``torch.optim.RMSprop``, run by :func:`uniopt.rmsprop`."""
