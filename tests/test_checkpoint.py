@@ -1222,3 +1222,25 @@ def test_an_lbfgs_checkpoint_from_numpy_continues_on_torch(path: str) -> None:
     tstate, tparams, _ = uo.minimize_step(tstate, tparams, closure)
     # (float32: the two libraries' dot products round apart)
     np.testing.assert_allclose(tparams["w"].numpy(), params["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sam_checkpoint_of_leaf_shapes_as_numbers_loads(tmp_path: Any) -> None:
+    """SAM keeps its leaves' shapes as empty arrays (static under ``jax.jit``, where numbers
+    in the state were traced); a checkpoint from before, which holds them as numbers, loads
+    into the new state and resumes the same run."""
+    def closure(q: Any) -> Any:
+        return float((q["w"] ** 2).sum()), {"w": 2 * q["w"]}
+
+    rule = uo.sam(uo.sgd(lr=0.1, momentum=0.9))
+    params = {"w": np.linspace(-1.0, 1.0, 6).reshape(2, 3)}
+    state, params, _ = uo.minimize_step(uo.setup(rule, params), params, closure)
+    (key,) = state.tree_states
+    old = dataclasses.replace(state, tree_states={key: {
+        **state.tree_states[key], "shapes": tuple(tuple(int(n) for n in s.shape[1:])
+                                                  for s in state.tree_states[key]["shapes"])}})
+    path = str(tmp_path / "sam.safetensors")
+    uo.checkpoint.save(path, old)
+    loaded = uo.checkpoint.load(path, uo.setup(rule, params))
+    _, want, _ = uo.minimize_step(state, params, closure)
+    _, got, _ = uo.minimize_step(loaded, params, closure)
+    np.testing.assert_array_equal(got["w"], want["w"])

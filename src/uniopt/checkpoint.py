@@ -1307,6 +1307,10 @@ def _leaf(ck: _File, spec: Any, leaf: Any, at: list[Any], own: bool) -> Callable
         return _scalar(ck, spec, type(leaf), at)
     if isinstance(spec, dict) and set(spec) == {"value"}:  # a counter a Python number held
         v = spec["value"]
+        if isinstance(v, list) and tuple(leaf.shape) == (0, *v):
+            # a shape kept as numbers, now as an empty array's (static under jax.jit: SAM's
+            # leaf shapes): a checkpoint from before reads as like's array
+            return lambda: leaf
         kind = backend.dtype_name(leaf.dtype)
         ok = (kind == "bool" and type(v) is bool) or \
             (kind.startswith(("int", "uint")) and type(v) is int)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .. import backend
 from ..base import Info, Minimizer, Rule, Transform, makes_step, reads_loss
 from ..hyper import NONNEG, hyper
 from ..tree import trainables, unflatten
@@ -57,12 +58,18 @@ class sam_step(Minimizer):
         _check_base(self.name, self.base)
 
     def init_tree(self, params: Any) -> Any:
-        shapes = tuple(tuple(int(n) for n in leaf.shape) for leaf in trainables(params))
+        # each leaf's shape as that of an empty array (shape (0, *leaf.shape)): an array's
+        # shape is static under jax.jit, where Python ints in the state would be traced leaves
+        shapes = tuple(backend.namespace(leaf).zeros((0, *leaf.shape), dtype=leaf.dtype,
+                                                     device=backend.device(leaf))
+                       for leaf in trainables(params))
         return {"base": self.base.init(params), "shapes": shapes}
 
     def minimize(self, xp: Any, x: Any, state: Any,
                  evaluate: Callable[[Any], tuple[Any, Any]]) -> tuple[Any, Any, Any]:
-        base, shapes = state["base"], tuple(tuple(int(n) for n in s) for s in state["shapes"])
+        # (a state saved before the shapes were arrays holds tuples of ints)
+        base, shapes = state["base"], tuple(tuple(int(n) for n in s) if isinstance(s, tuple)
+                                            else tuple(s.shape[1:]) for s in state["shapes"])
         loss, g = evaluate(x)
         if self.adaptive:
             scaled = xp.abs(x) * g
