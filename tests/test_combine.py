@@ -821,3 +821,23 @@ def test_masks_and_labels_as_trees_of_jax_node_types() -> None:
         for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(out), strict=True):
             np.testing.assert_array_equal(np.asarray(y),
                                           np.asarray(x) - (0.5 if x.ndim == 2 else other))
+
+
+def test_adjust_names_a_combinators_own_number_and_does_not_reach_past_it() -> None:
+    """``adjust(weight_decay=...)`` on a Mechanic state set its rule's L2 decay, silently, and
+    left Mechanic's own (a number fixed when it is built); now it says whose is whose. The
+    member's is reached by its label. Mechanic's numbers refuse a schedule with a TypeError
+    (it was "must be a number >= 0")."""
+    params = {"w": np.array([1.0, -2.0])}
+    state = uo.setup(uo.mechanize(uo.sgd(lr=0.1), weight_decay=0.01), params)
+    with pytest.raises(ValueError, match=r"'weight_decay' of mechanize is its own, set when it "
+                                         r"is built.*'inner.weight_decay'"):
+        uo.adjust(state, weight_decay=0.5)
+    new = uo.adjust(state, **{"inner.weight_decay": 0.5})
+    assert new.rule.weight_decay == 0.01 and new.rule.rule.weight_decay == 0.5
+    with pytest.raises(ValueError, match=r"'every' of accumulate is its own"):
+        uo.adjust(uo.setup(uo.accumulate(uo.sgd(lr=0.1), every=2), params), every=3)
+    for name in ("weight_decay", "eps", "s_init"):
+        with pytest.raises(TypeError, match=rf"mechanize: {name} is a number fixed when it is "
+                                            "built; it takes no schedule"):
+            uo.mechanize(uo.sgd(lr=0.1), **{name: lambda s: 0.01})

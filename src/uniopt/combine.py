@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, cast
@@ -721,7 +722,12 @@ class mechanize(_Wraps):
     def __init__(self, rule: Any, weight_decay: float = 1e-2, eps: float = 1e-8,
                  s_init: float = 1e-6, num_betas: int = 6) -> None:
         for name, v in (("weight_decay", weight_decay), ("eps", eps), ("s_init", s_init)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < np.inf:
+            if callable(v):
+                raise TypeError(f"mechanize: {name} is a number fixed when it is built; it "
+                                f"takes no schedule, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"mechanize: {name} must be a number, got {v!r}")
+            if not 0 <= v < np.inf:
                 raise ValueError(f"mechanize: {name} must be a number >= 0, got {v!r}")
         if isinstance(num_betas, bool) or not isinstance(num_betas, int) or num_betas < 1:
             raise ValueError(f"mechanize: num_betas must be an int >= 1, got {num_betas!r}")

@@ -1948,6 +1948,12 @@ def _set(t: Transform, path: list[str], value: Any, where: str,
         return chain(*members), found
     if isinstance(t, Combinator):
         inner = t.inner
+        if len(path) == 1 and path[0] in _own_fields(t):
+            # (mechanize's weight_decay: adjust set its rule's instead, silently)
+            raise ValueError(
+                f"adjust: {path[0]!r} of {t.name} is its own, set when it is built; adjust "
+                f"reaches its members' hyperparameters, named with their label (e.g. "
+                f"'{next(iter(inner))}.{path[0]}') where the name is theirs too")
         # the longest label the path begins with: a label may hold dots ("no.decay")
         for k in range(len(path) - 1, 0, -1):
             label = ".".join(path[:k])
@@ -1964,6 +1970,13 @@ def _set(t: Transform, path: list[str], value: Any, where: str,
     if len(path) == 1 and path[0] in t.hyperparameters():
         return t.replace(**{path[0]: value}), [f"{where}{path[0]} ({t.name})"]
     return t, []
+
+
+def _own_fields(t: Combinator) -> set[str]:
+    """A combinator's own settings (mechanize's weight_decay, accumulate's every), beside the
+    members it holds."""
+    return {f.name for f in dataclasses.fields(t)} - {"host", "rule", "rules", "names",
+                                                      "labels"}
 
 
 def adjust(state: State, **hyperparameters: Any) -> State:
