@@ -596,6 +596,16 @@ def test_sophia_hessian_errors() -> None:
         uo.sophia_hessian(uo.setup(uo.adam(), p), p)
     with pytest.raises(ValueError, match=r"got shapes \[\(2,\)\], expected \[\(3,\)\]"):
         uo.sophia_hessian(uo.setup(uo.sophia(), p), {"w": np.ones(2)})
+    # a tree of other keys was taken leaf by leaf, in its own order (update refuses it)
+    two = {"a": np.ones(2), "b": np.ones(2)}
+    with pytest.raises(ValueError, match=r"the estimate's tree is not the params'"):
+        uo.sophia_hessian(uo.setup(uo.sophia(), two), {"y": np.ones(2), "x": np.ones(2)})
+    state = uo.setup(uo.sophia(), two)
+    by_tree = uo.sophia_hessian(state, {"a": np.full(2, 2.0), "b": np.full(2, 3.0)})
+    by_list = uo.sophia_hessian(state, [np.full(2, 2.0), np.full(2, 3.0)])
+    for key, arrays in by_tree.slots.items():
+        for x, y in zip(arrays, by_list.slots[key], strict=True):
+            np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="clip_threshold"):
         uo.sophia(clip_threshold=0.0)
     with pytest.raises(ValueError, match="gamma"):

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple
 from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, POSITIVE, UNIT_OPEN, Interval, hyper
 from ..moments import bias_correction, lerp
-from ..state import State
+from ..state import AnyParams, State
 from ..transforms.decay import decayed
 from ..transforms.scale import scale_by_lr
 from ..tree import flatten_leaves
@@ -214,7 +214,14 @@ def sophia_hessian(state: State, diagonal: Any) -> State:
             if isinstance(part, (scale_by_sophia, scale_by_sophia_g))]
     if not keys:
         raise ValueError(f"sophia_hessian: the state's rule has no Sophia part: {state.rule!r}")
-    leaves = diagonal if isinstance(diagonal, list) else flatten_leaves(diagonal)[0]
+    if isinstance(diagonal, list):
+        leaves = diagonal
+    else:
+        leaves, treedef = flatten_leaves(diagonal)
+        if treedef != state.treedef and not isinstance(state.treedef, AnyParams):
+            # (a tree of other keys was taken leaf by leaf, in its own order)
+            raise ValueError(f"sophia_hessian: the estimate's tree is not the params': got "
+                             f"{treedef}, expected {state.treedef}")
     slots = dict(state.slots)
     for part, key in keys:
         old = slots[key]
