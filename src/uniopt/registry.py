@@ -25,8 +25,9 @@ from .hyper import did_you_mean
 
 @dataclass(frozen=True)
 class Entry:
-    """A rule's :class:`~uniopt.base.Info` with its name, class and the slots of its default
-    instance's parts."""
+    """A rule's :class:`~uniopt.base.Info` with its name, class and the slots of its example's
+    parts (``Info.example``, the instance the registry's tests run: SGD's, with momentum,
+    keeps a momentum buffer, where ``uo.sgd()`` keeps none)."""
 
     name: str
     rule: type[Rule]

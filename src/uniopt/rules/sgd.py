@@ -59,8 +59,9 @@ class sgd(Rule):
 
     Conventions: ``"torch"`` (lr 1e-3); ``"optax"``, ``optax.sgd``: torch's form (its ``trace``
     is torch's with dampening 0); optax requires a learning rate, ours keeps 1e-3; ``"keras"``:
-    lr 1e-2, keras's form, decoupled decay; ``"flux"``: Optimisers.jl's ``Descent`` lr 0.1, the
-    sutskever form (its ``Momentum`` defaults to lr 1e-2, ``Nesterov`` to 1e-3: give ``lr``).
+    lr 1e-2, keras's form, decoupled decay; ``"flux"``: Optimisers.jl's defaults, the sutskever
+    form: lr 0.1 (``Descent``), 1e-2 with momentum (``Momentum``), 1e-3 with ``nesterov=True``
+    (``Nesterov``).
 
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.array([1.0, -2.0])}
