@@ -823,21 +823,37 @@ def test_masks_and_labels_as_trees_of_jax_node_types() -> None:
                                           np.asarray(x) - (0.5 if x.ndim == 2 else other))
 
 
-def test_adjust_names_a_combinators_own_number_and_does_not_reach_past_it() -> None:
-    """``adjust(weight_decay=...)`` on a Mechanic state set its rule's L2 decay, silently, and
-    left Mechanic's own (a number fixed when it is built); now it says whose is whose. The
-    member's is reached by its label. Mechanic's numbers refuse a schedule with a TypeError
-    (it was "must be a number >= 0")."""
+def test_adjust_says_a_combinators_own_number_is_set_when_it_is_built() -> None:
+    """A combinator's own number (accumulate's every, Mechanic's weight_decay) is set when it
+    is built: adjust of it said "not a hyperparameter"; it now says whose it is. A name its
+    rule (or a sibling) also has is theirs, as it was: uniopt.torch.Optimizer adjusts a
+    Mechanic's rule so. Mechanic's numbers refuse a schedule with a TypeError (it was
+    "must be a number >= 0")."""
     params = {"w": np.array([1.0, -2.0])}
-    state = uo.setup(uo.mechanize(uo.sgd(lr=0.1), weight_decay=0.01), params)
-    with pytest.raises(ValueError, match=r"'weight_decay' of mechanize is its own, set when it "
-                                         r"is built.*'inner.weight_decay'"):
-        uo.adjust(state, weight_decay=0.5)
-    new = uo.adjust(state, **{"inner.weight_decay": 0.5})
-    assert new.rule.weight_decay == 0.01 and new.rule.rule.weight_decay == 0.5
-    with pytest.raises(ValueError, match=r"'every' of accumulate is its own"):
+    with pytest.raises(ValueError, match=r"'every' of accumulate is its own, set when it is "
+                                         r"built"):
         uo.adjust(uo.setup(uo.accumulate(uo.sgd(lr=0.1), every=2), params), every=3)
+    beside = uo.adjust(uo.setup(uo.chain(uo.mechanize(uo.sgd(lr=0.1)), uo.scale_by_adam()),
+                                params), eps=1e-6)  # Mechanic's own eps is not the sibling's
+    assert beside.rule.transforms[1].eps == 1e-6 and beside.rule.transforms[0].eps == 1e-8
+    state = uo.setup(uo.mechanize(uo.sgd(lr=0.1), weight_decay=0.01), params)
+    new = uo.adjust(state, weight_decay=0.5)  # the rule's (docs: Mechanic's is fixed)
+    assert new.rule.weight_decay == 0.01 and new.rule.rule.weight_decay == 0.5
     for name in ("weight_decay", "eps", "s_init"):
         with pytest.raises(TypeError, match=rf"mechanize: {name} is a number fixed when it is "
                                             "built; it takes no schedule"):
             uo.mechanize(uo.sgd(lr=0.1), **{name: lambda s: 0.01})
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = ut.Optimizer([w], uo.mechanize(uo.adam(lr=1e-3)))  # (raised in a first version)
+    ref = [np.ones(3)]
+    ref_state = uo.setup(uo.mechanize(uo.adam(lr=1e-3)), ref)
+    for g in (1.0, -0.5):
+        w.grad = torch.full((3,), g, dtype=torch.float64)
+        opt.step()
+        ref_state = uo.update_(ref_state, ref, [np.full(3, g)])
+    np.testing.assert_allclose(w.detach().numpy(), ref[0], rtol=1e-14)
+    assert not np.array_equal(ref[0], np.ones(3))
+

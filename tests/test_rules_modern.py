@@ -603,9 +603,11 @@ def test_sophia_hessian_errors() -> None:
     state = uo.setup(uo.sophia(), two)
     by_tree = uo.sophia_hessian(state, {"a": np.full(2, 2.0), "b": np.full(2, 3.0)})
     by_list = uo.sophia_hessian(state, [np.full(2, 2.0), np.full(2, 3.0)])
+    by_tuple = uo.sophia_hessian(state, (np.full(2, 2.0), np.full(2, 3.0)))  # as update takes
     for key, arrays in by_tree.slots.items():
-        for x, y in zip(arrays, by_list.slots[key], strict=True):
+        for x, y, z in zip(arrays, by_list.slots[key], by_tuple.slots[key], strict=True):
             np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, z)
     with pytest.raises(ValueError, match="clip_threshold"):
         uo.sophia(clip_threshold=0.0)
     with pytest.raises(ValueError, match="gamma"):

@@ -18,7 +18,7 @@ import operator
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -1948,12 +1948,6 @@ def _set(t: Transform, path: list[str], value: Any, where: str,
         return chain(*members), found
     if isinstance(t, Combinator):
         inner = t.inner
-        if len(path) == 1 and path[0] in _own_fields(t):
-            # (mechanize's weight_decay: adjust set its rule's instead, silently)
-            raise ValueError(
-                f"adjust: {path[0]!r} of {t.name} is its own, set when it is built; adjust "
-                f"reaches its members' hyperparameters, named with their label (e.g. "
-                f"'{next(iter(inner))}.{path[0]}') where the name is theirs too")
         # the longest label the path begins with: a label may hold dots ("no.decay")
         for k in range(len(path) - 1, 0, -1):
             label = ".".join(path[:k])
@@ -1970,6 +1964,17 @@ def _set(t: Transform, path: list[str], value: Any, where: str,
     if len(path) == 1 and path[0] in t.hyperparameters():
         return t.replace(**{path[0]: value}), [f"{where}{path[0]} ({t.name})"]
     return t, []
+
+
+def _combinators(t: Transform) -> Iterator[Combinator]:
+    """The combinators of ``t``, outermost first."""
+    if isinstance(t, chain):
+        for m in t.transforms:
+            yield from _combinators(m)
+    elif isinstance(t, Combinator):
+        yield t
+        for m in t.inner.values():
+            yield from _combinators(m)
 
 
 def _own_fields(t: Combinator) -> set[str]:
@@ -1997,6 +2002,11 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     for key, value in hyperparameters.items():
         rule, found = _set(rule, key.split("."), value, "")
         if not found:
+            owner = next((c for c in _combinators(rule) if key in _own_fields(c)), None)
+            if owner is not None:  # (accumulate's every: "not a hyperparameter" said too little)
+                raise ValueError(
+                    f"adjust: {key!r} of {owner.name} is its own, set when it is built; adjust "
+                    "reaches the hyperparameters of the rules it holds")
             names = sorted({n for _, m in members(rule) for n in m.hyperparameters()})
             raise ValueError(
                 f"adjust: {key!r} is not a hyperparameter of {state.rule.name} (its "

@@ -109,8 +109,8 @@ class rprop(Rule):
     r"""Rprop (Riedmiller & Braun, 1993) as torch writes it: :class:`scale_by_rprop`, each
     element moving by its own step size against the sign of its gradient; ``lr`` is the initial
     step size (read at set-up, as torch reads it: a schedule's value at step 0; later values,
-    or an ``adjust``, change nothing). Elementwise, with ``(eta-, eta+) = etas``, ``(s_min, s_max) = step_sizes``,
-    ``s_0 = lr`` and ``h_0 = 0`` (``h`` the remembered gradient):
+    or an ``adjust``, change nothing). Elementwise, with ``(eta-, eta+) = etas``,
+    ``(s_min, s_max) = step_sizes``, ``s_0 = lr`` and ``h_0 = 0`` (``h`` the remembered gradient):
 
     $$
     \begin{aligned}

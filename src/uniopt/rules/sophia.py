@@ -205,8 +205,8 @@ class sophia_g(Rule):
 
 def sophia_hessian(state: State, diagonal: Any) -> State:
     """``state`` with Sophia's EMA ``h <- b2*h + (1-b2)*d`` of the Hessian-diagonal estimate
-    ``diagonal`` (a tree shaped like the params, or a flat list in :func:`uniopt.trainables`
-    order), ``b2`` as it is at the state's step. Pure: a new state. Every
+    ``diagonal`` (a tree shaped like the params, or a flat list or tuple in
+    :func:`uniopt.trainables` order), ``b2`` as it is at the state's step. Pure: a new state. Every
     :class:`scale_by_sophia` part of the state's rule takes it.
 
     Raises ValueError where the rule has no such part or the estimate does not match."""
@@ -214,8 +214,9 @@ def sophia_hessian(state: State, diagonal: Any) -> State:
             if isinstance(part, (scale_by_sophia, scale_by_sophia_g))]
     if not keys:
         raise ValueError(f"sophia_hessian: the state's rule has no Sophia part: {state.rule!r}")
-    if isinstance(diagonal, list):
-        leaves = diagonal
+    if isinstance(diagonal, (list, tuple)) and len(diagonal) == len(next(iter(
+            state.slots.values()))):  # a flat sequence, as update takes gradients
+        leaves = list(diagonal)
     else:
         leaves, treedef = flatten_leaves(diagonal)
         if treedef != state.treedef and not isinstance(state.treedef, AnyParams):
