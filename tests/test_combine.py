@@ -501,13 +501,15 @@ def test_a_nonfinite_micro_batch_does_not_spoil_the_accumulator(order: str) -> N
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(got[-1]))
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: uo.accumulate(uo.sgd(lr=0.1), 0), r"every must be an int >= 1 or a schedule, got 0"),
-    (lambda: uo.accumulate(uo.sgd(lr=0.1), 2.5), r"got 2.5"),
-    (lambda: uo.skip_nonfinite(uo.sgd(lr=0.1), -1), r"max_consecutive must be an int >= 0"),
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: uo.accumulate(uo.sgd(lr=0.1), 0), ValueError,
+     r"every must be an integer >= 1 or a schedule, got 0"),
+    (lambda: uo.accumulate(uo.sgd(lr=0.1), 2.5), TypeError, r"got 2.5"),
+    (lambda: uo.skip_nonfinite(uo.sgd(lr=0.1), -1), ValueError,
+     r"max_consecutive must be an integer >= 0"),
 ])
-def test_bad_wrappers_are_clear_errors(call: Any, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_bad_wrappers_are_clear_errors(call: Any, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
         call()
 
 

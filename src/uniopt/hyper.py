@@ -27,6 +27,8 @@ class Interval:
     hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
+    # whole numbers only (a count): :func:`check_integer` checks them
+    integer: bool = False
 
     def __contains__(self, x: float) -> bool:
         if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
@@ -178,6 +180,10 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
 
     Python floats keep float32 arrays float32 where a NumPy float64 scalar would promote them,
     so every number is normalised here, once."""
+    if valid.integer and not _traced(value):  # (a traced one is fixed at set-up: the engine's)
+        below = None if valid.hi is None else int(valid.hi) + (not valid.hi_open)
+        return check_integer(owner, name, value, int(valid.lo or 0) + valid.lo_open, below,
+                             schedulable)
     # (a Python float, a schedule's or a param group's value, needs none of this)
     if type(value) is not float:
         if _traced(value):
@@ -216,6 +222,37 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
     if x not in valid:
         raise ValueError(f"{owner}: {name} must be {valid}, got {value!r}{where}")
     return x
+
+
+def check_integer(owner: str, name: str, value: object, least: int = 0,
+                  below: int | None = None, schedulable: bool = False) -> Any:
+    """``value`` as a Python int in ``[least, below)`` (a schedule as it is, where
+    ``schedulable``), or a TypeError/ValueError naming ``owner``, ``name`` and the value.
+
+    Any ``numbers.Integral``, or a 0-d integer array, is taken (returned as the int it equals,
+    so a record keeps one type whatever it was given); a bool or a float is refused, even a
+    whole one (a count of 5.0 is a slip somewhere upstream)."""
+    if below is None:
+        valid = f">= {least}"
+    else:  # (a seed's bound reads better as 2**32 than as its ten digits)
+        top = f"2**{below.bit_length() - 1}" if below > 1 << 16 and not below & (below - 1) \
+            else str(below)
+        valid = f"in [{least}, {top})"
+    if callable(value):
+        if schedulable:
+            return value
+        raise TypeError(f"{owner}: {name} must be an integer {valid}, not a schedule (it takes "
+                        f"none), got {value!r}")
+    kinds = f"an integer {valid}" + (" or a schedule" if schedulable else "")
+    if (getattr(value, "shape", None) == () and "int" in str(getattr(value, "dtype", ""))
+            and not _traced(value)):
+        value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX integer
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be {kinds}, got {value!r}")
+    n = int(value)
+    if n < least or (below is not None and n >= below):
+        raise ValueError(f"{owner}: {name} must be {kinds}, got {value!r}")
+    return n
 
 
 def resolve(h: Any, step: int) -> Any:

@@ -11,7 +11,7 @@ import numpy as np
 from .. import backend
 from ..backend import is_torch, namespace
 from ..base import Info, PerLeaf, Rule, Transform
-from ..hyper import NONNEG, POSITIVE, Interval, hyper
+from ..hyper import NONNEG, POSITIVE, Interval, check_integer, hyper
 from ..moments import fma, lerp
 
 
@@ -77,15 +77,15 @@ FACTORED_AXES = ("last", "largest")
 DECAY_FORMS = ("decoupled", "decoupled_first", "independent")
 
 
-def _check_forms(owner: str, eps_form: Any, axes: Any, min_dim: Any) -> None:
-    if eps_form not in EPS_FORMS:
-        raise ValueError(f"{owner}: eps_form must be one of {', '.join(map(repr, EPS_FORMS))}, "
-                         f"got {eps_form!r}")
-    if axes not in FACTORED_AXES:
-        raise ValueError(f"{owner}: factored_axes must be one of "
-                         f"{', '.join(map(repr, FACTORED_AXES))}, got {axes!r}")
-    if isinstance(min_dim, bool) or not isinstance(min_dim, int) or min_dim < 1:
-        raise ValueError(f"{owner}: min_dim_size_to_factor must be an int >= 1, got {min_dim!r}")
+def _check_forms(t: Any) -> None:
+    if t.eps_form not in EPS_FORMS:
+        raise ValueError(f"{t.name}: eps_form must be one of "
+                         f"{', '.join(map(repr, EPS_FORMS))}, got {t.eps_form!r}")
+    if t.factored_axes not in FACTORED_AXES:
+        raise ValueError(f"{t.name}: factored_axes must be one of "
+                         f"{', '.join(map(repr, FACTORED_AXES))}, got {t.factored_axes!r}")
+    object.__setattr__(t, "min_dim_size_to_factor", check_integer(
+        t.name, "min_dim_size_to_factor", t.min_dim_size_to_factor, 1))
 
 
 class FactoredCoeffs(NamedTuple):
@@ -124,7 +124,7 @@ class scale_by_factored_rms(PerLeaf):
     batched: ClassVar[bool] = True
 
     def check(self) -> None:
-        _check_forms(self.name, self.eps_form, self.factored_axes, self.min_dim_size_to_factor)
+        _check_forms(self)
 
     def _factors(self, shape: tuple[int, ...]) -> bool:
         # optax factors a leaf when its second-largest dimension reaches the threshold
@@ -393,7 +393,7 @@ class adafactor(Rule):
     )
 
     def check(self) -> None:
-        _check_forms(self.name, self.eps_form, self.factored_axes, self.min_dim_size_to_factor)
+        _check_forms(self)
         if self.decay_form not in DECAY_FORMS:
             raise ValueError(f"{self.name}: decay_form must be one of "
                              f"{', '.join(map(repr, DECAY_FORMS))}, got {self.decay_form!r}")

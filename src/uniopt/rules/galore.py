@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, hyper
+from ..hyper import NONNEG, UNIT_OPEN, check_integer, hyper
 from ..transforms.decay import weight_decay
 from ..transforms.mask import frozen_mask, masked_by
 from ..transforms.scale import scale_by_lr
@@ -70,6 +70,11 @@ def _matrix(shape: tuple[int, ...], dims: GaLoreDimensionNumbers) -> _Matrix:
                    tuple(sorted(range(ndim), key=lambda i: order[i])))
 
 
+def _check_counts(t: Any) -> None:
+    for name in ("rank", "update_proj_gap"):
+        object.__setattr__(t, name, check_integer(t.name, name, getattr(t, name), 1))
+
+
 class GaloreCoeffs(NamedTuple):
     adam: Any  # scale_by_adam's coefficients for the step
     refresh: Any  # the projectors are recomputed at this step
@@ -104,10 +109,7 @@ class scale_by_galore(WholeTree):
     svd_in_float32: bool = True
 
     def check(self) -> None:
-        for name in ("rank", "update_proj_gap"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{self.name}: {name} must be a whole number >= 1, got {v!r}")
+        _check_counts(self)
         d = self.weight_dimension_numbers
         if d is not None and not isinstance(d, GaLoreDimensionNumbers):
             raise ValueError(f"{self.name}: weight_dimension_numbers must be None or a "
@@ -260,6 +262,7 @@ class galore(Rule):
     )
 
     def check(self) -> None:
+        _check_counts(self)
         self._direction()
         object.__setattr__(self, "mask", frozen_mask(self.mask))
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, hyper
+from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, check_integer, hyper
 from ..schedules import _namespace, _Record, _result
 from ..transforms.noise import SEEDS, _kind, _pcg_generator, _pcg_state, seeded_state
 from ..transforms.scale import scale_by_lr
@@ -413,9 +413,7 @@ def _balance(xp: Any, qs: list[Any]) -> list[Any]:
 
 def _check_kron(owner: str, t: Any) -> None:
     for name, least in (("max_size_triangular", 1), ("min_ndim_triangular", 0)):
-        v = getattr(t, name)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-            raise ValueError(f"{owner}: {name} must be an integer >= {least}, got {v!r}")
+        object.__setattr__(t, name, check_integer(owner, name, getattr(t, name), least))
     if t.memory_save_mode not in MEMORY_SAVE_MODES:
         raise ValueError(f"{owner}: memory_save_mode must be one of "
                          f"{', '.join(map(repr, MEMORY_SAVE_MODES))}, got {t.memory_save_mode!r}")
@@ -425,9 +423,7 @@ def _check_kron(owner: str, t: Any) -> None:
     if not isinstance(t.precond_init_scale, (int, float)) or not t.precond_init_scale > 0:
         raise ValueError(f"{owner}: precond_init_scale must be a number > 0, got "
                          f"{t.precond_init_scale!r}")
-    s = t.seed
-    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < SEEDS:
-        raise ValueError(f"{owner}: seed must be an integer in [0, 2**32), got {s!r}")
+    object.__setattr__(t, "seed", check_integer(owner, "seed", t.seed, 0, SEEDS))
 
 
 @dataclass(frozen=True)

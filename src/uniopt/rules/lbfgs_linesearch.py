@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, _traced, hyper
+from ..hyper import NONNEG, _traced, check_integer, hyper
 from ..transforms.linesearch import (
     evaluator,
     scale_by_backtracking_linesearch,
@@ -59,9 +59,8 @@ class scale_by_lbfgs(WholeTree):
     uses_params: ClassVar[bool] = True
 
     def check(self) -> None:
-        m = self.memory_size
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"{self.name}: memory_size must be an integer >= 1, got {m!r}")
+        object.__setattr__(self, "memory_size",
+                           check_integer(self.name, "memory_size", self.memory_size, 1))
         if not isinstance(self.scale_init_precond, bool):
             raise ValueError(f"{self.name}: scale_init_precond must be True or False, got "
                              f"{self.scale_init_precond!r}")
@@ -229,6 +228,8 @@ class lbfgs_linesearch(Rule):
     )
 
     def check(self) -> None:
+        object.__setattr__(self, "memory_size",
+                           check_integer(self.name, "memory_size", self.memory_size, 1))
         scale_by_lbfgs(memory_size=self.memory_size, scale_init_precond=self.scale_init_precond)
         if self.linesearch is not None and not isinstance(
                 self.linesearch, (scale_by_zoom_linesearch, scale_by_backtracking_linesearch)):

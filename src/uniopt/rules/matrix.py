@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..base import COMBINATORS, Elementwise, Info, Kernel, PerLeaf, Rule, Transform, chain
-from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper
+from ..hyper import NONNEG, UNIT_OPEN, Interval, check_integer, hyper
 from ..moments import addmm, bias_correction, fma, frobenius, lerp
 from ..transforms.decay import weight_decay
 from ..transforms.scale import scale_by_lr
@@ -132,10 +132,9 @@ class NewtonSchulz(NamedTuple):
     eps: Any
 
 
-def _check_ns_steps(owner: str, n: Any) -> None:
+def _check_ns_steps(t: Any) -> None:
     # torch: "less than 100 for computational efficiency"
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 100:
-        raise ValueError(f"{owner}: ns_steps must be an integer in [0, 100), got {n!r}")
+    object.__setattr__(t, "ns_steps", check_integer(t.name, "ns_steps", t.ns_steps, 0, 100))
 
 
 def _check_adjust_lr_fn(owner: str, fn: Any) -> None:
@@ -243,7 +242,7 @@ class orthogonalize(PerLeaf):
     batched: ClassVar[bool] = True
 
     def check(self) -> None:
-        _check_ns_steps(self.name, self.ns_steps)
+        _check_ns_steps(self)
         _check_ns_dtype(self.name, self.ns_dtype)
         _check_eps_form(self.name, self.eps_form)
         _check_matrix_axes(self.name, self.matrix_axes)
@@ -502,7 +501,7 @@ class muon(Rule):
         )
 
     def check(self) -> None:
-        _check_ns_steps(self.name, self.ns_steps)
+        _check_ns_steps(self)
         _check_adjust_lr_fn(self.name, self.adjust_lr_fn)
         _check_ns_dtype(self.name, self.ns_dtype)
         _check_momentum_form(self.name, self.momentum_form)

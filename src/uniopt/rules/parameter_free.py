@@ -426,7 +426,7 @@ class scale_by_dadapt_adam(WholeTree):
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
     weight_decay: Any = hyper(0.0, NONNEG)
-    d0: float = 1e-6
+    d0: Any = static(1e-6, POSITIVE)  # the initial estimate: read once, at set-up
 
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
@@ -504,7 +504,7 @@ class dadapt_adamw(Rule):
     lr: Any = hyper(1.0, NONNEG)
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
     eps: Any = hyper(1e-8, NONNEG)
-    d0: float = 1e-6
+    d0: Any = static(1e-6, POSITIVE)  # the initial estimate: read once, at set-up
     weight_decay: Any = hyper(0.0, NONNEG)
 
     info: ClassVar[Info] = Info(
@@ -516,14 +516,9 @@ class dadapt_adamw(Rule):
         complex=False,
     )
 
-    def check(self) -> None:
-        d0 = self.d0
-        if isinstance(d0, bool) or not isinstance(d0, (int, float)) or not 0 < d0 < math.inf:
-            raise ValueError(f"{self.name}: d0 must be a number > 0, got {d0!r}")
-
     def parts(self) -> tuple[Transform, ...]:
         return (scale_by_dadapt_adam(lr=self.lr, betas=self.betas, eps=self.eps,
-                                     weight_decay=self.weight_decay, d0=float(self.d0)),)
+                                     weight_decay=self.weight_decay, d0=self.d0),)
 
 
 class CocobCoeffs(NamedTuple):

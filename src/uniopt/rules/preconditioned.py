@@ -17,7 +17,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .. import backend
 from ..base import Elementwise, Info, PerLeaf, Rule, Transform
-from ..hyper import NONNEG, UNIT_OPEN, hyper
+from ..hyper import NONNEG, UNIT_OPEN, check_integer, hyper
 from ..moments import bias_correction, fma, lerp, select
 from ..transforms.decay import decoupled_weight_decay
 from ..transforms.scale import scale_by_lr
@@ -119,7 +119,7 @@ class scale_by_soap(PerLeaf):
         "no longer orthogonal")
 
     def check(self) -> None:
-        _check_soap(self.name, self.precondition_frequency, self.max_precond_dim, self.qr_dtype)
+        _check_soap(self)
 
     def _sides(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], list[int | None]]:
         """The shape the leaf is worked in, and each of its axes' size where it is
@@ -238,13 +238,12 @@ def _pack(xp: Any, mats: list[Any]) -> Any:
     return xp.concat([xp.reshape(m, (-1,)) for m in mats if m is not None])
 
 
-def _check_soap(owner: str, frequency: Any, max_dim: Any, qr_dtype: Any) -> None:
-    for name, n in (("precondition_frequency", frequency), ("max_precond_dim", max_dim)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{owner}: {name} must be a positive integer, got {n!r}")
-    if qr_dtype not in (None, "float32", "float64"):
-        raise ValueError(f"{owner}: qr_dtype must be None (the leaf's dtype), 'float32' or "
-                         f"'float64', got {qr_dtype!r}")
+def _check_soap(t: Any) -> None:
+    for name in ("precondition_frequency", "max_precond_dim"):
+        object.__setattr__(t, name, check_integer(t.name, name, getattr(t, name), 1))
+    if t.qr_dtype not in (None, "float32", "float64"):
+        raise ValueError(f"{t.name}: qr_dtype must be None (the leaf's dtype), 'float32' or "
+                         f"'float64', got {t.qr_dtype!r}")
 
 
 class StepDecay(NamedTuple):
@@ -363,7 +362,7 @@ class soap(Rule):
     )
 
     def check(self) -> None:
-        _check_soap(self.name, self.precondition_frequency, self.max_precond_dim, self.qr_dtype)
+        _check_soap(self)
         b = self.shampoo_beta
         if b is not None and not callable(b) and not (
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1):
@@ -422,8 +421,7 @@ class scale_by_shampoo(PerLeaf):
         "eigenvalues, which the inverse roots amplify")
 
     def check(self) -> None:
-        _check_compute_steps(self.name, self.preconditioning_compute_steps)
-        _check_block_size(self.name, self.block_size)
+        _check_counts(self)
 
     def _blocks(self, shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
         """The leaf's blocks, as slices, in row-major order of their positions: each axis
@@ -488,16 +486,11 @@ def _assemble(xp: Any, parts: list[Any], counts: list[int]) -> Any:
     return xp.concat(rows, axis=-len(counts))
 
 
-def _check_block_size(owner: str, b: Any) -> None:
-    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-        raise ValueError(f"{owner}: block_size must be None (no blocks) or a positive integer, "
-                         f"got {b!r}")
-
-
-def _check_compute_steps(owner: str, n: Any) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{owner}: preconditioning_compute_steps must be a positive integer, "
-                         f"got {n!r}")
+def _check_counts(t: Any) -> None:
+    object.__setattr__(t, "preconditioning_compute_steps", check_integer(
+        t.name, "preconditioning_compute_steps", t.preconditioning_compute_steps, 1))
+    if t.block_size is not None:  # (None: no blocks)
+        object.__setattr__(t, "block_size", check_integer(t.name, "block_size", t.block_size, 1))
 
 
 def _inverse_root(xp: Any, h: Any, power: float, floor: Any) -> Any:
@@ -584,8 +577,7 @@ class shampoo(Rule):
     )
 
     def check(self) -> None:
-        _check_compute_steps(self.name, self.preconditioning_compute_steps)
-        _check_block_size(self.name, self.block_size)
+        _check_counts(self)
         if self.decay_form not in SHAMPOO_DECAY_FORMS:
             raise ValueError(f"{self.name}: decay_form must be one of {SHAMPOO_DECAY_FORMS}, "
                              f"got {self.decay_form!r}")

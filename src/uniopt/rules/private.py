@@ -20,13 +20,13 @@ import numpy as np
 
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, Interval, hyper, static
+from ..hyper import NONNEG, Interval, check_integer, hyper, static
 from ..transforms.momentum import trace
 from ..transforms.noise import _DRAW, SEEDS, _kind, add_noise  # add_noise's generators
 from ..transforms.scale import scale_by_lr
 from ..tree import flatten_leaves, unflatten
 
-COUNT = Interval(1.0, None)
+COUNT = Interval(1, None, integer=True)
 
 
 def per_example_global_norm_clip(grads: Any, l2_norm_clip: float) -> tuple[Any, Any]:
@@ -79,14 +79,7 @@ class differentially_private_aggregate(WholeTree):
     seed: int = 0
 
     def check(self) -> None:
-        s = self.seed
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < SEEDS:
-            raise ValueError(f"{self.name}: seed must be an integer in [0, 2**32), got {s!r}")
-        if not float(self.batch_size).is_integer():
-            raise ValueError(f"{self.name}: batch_size must be a whole number, got "
-                             f"{self.batch_size!r}")
-        object.__setattr__(self, "seed", int(s))
-        object.__setattr__(self, "batch_size", int(self.batch_size))
+        object.__setattr__(self, "seed", check_integer(self.name, "seed", self.seed, 0, SEEDS))
 
     def coeffs(self, step: Any) -> PrivateCoeffs:
         return PrivateCoeffs(std=self.l2_norm_clip * self.noise_multiplier)
@@ -170,9 +163,7 @@ class dpsgd(Rule):
     )
 
     def check(self) -> None:
-        part = differentially_private_aggregate(batch_size=self.batch_size, seed=self.seed)
-        object.__setattr__(self, "batch_size", part.batch_size)
-        object.__setattr__(self, "seed", part.seed)
+        object.__setattr__(self, "seed", check_integer(self.name, "seed", self.seed, 0, SEEDS))
         if self.nesterov and not self.on("momentum"):
             raise ValueError(f"{self.name}: nesterov needs a momentum > 0, got "
                              f"{self.momentum!r}")

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from .. import backend
 from ..base import Info, Minimizer, Rule, Transform
-from ..hyper import NONNEG, hyper
+from ..hyper import NONNEG, check_integer, hyper
 
 Evaluate = Callable[[Any], tuple[Any, Any]]
 
@@ -31,8 +31,7 @@ def _check_ints(t: Any) -> None:
         v = getattr(t, name)
         if name == "max_eval" and v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{t.name}: {name} must be an integer >= 1, got {v!r}")
+        object.__setattr__(t, name, check_integer(t.name, name, v, 1))
     if t.line_search_fn not in (None, "strong_wolfe"):
         raise ValueError(
             f"{t.name}: line_search_fn must be None or 'strong_wolfe', got {t.line_search_fn!r}"

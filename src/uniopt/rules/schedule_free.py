@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import backend
 from ..base import Combinator, Elementwise, Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, Interval, hyper, on_host
+from ..hyper import NONNEG, UNIT_OPEN, Interval, check_integer, hyper, on_host
 from ..moments import bias_correction, ema_sq
 from ..state import State
 from ..transforms.decay import weight_decay
@@ -132,9 +132,7 @@ class scale_by_schedule_free(WholeTree):
 
     def check(self) -> None:
         for name in ("warmup_steps", "lag"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"{self.name}: {name} must be an integer >= 0, got {v!r}")
+            object.__setattr__(self, name, check_integer(self.name, name, getattr(self, name)))
 
     def coeffs(self, step: Any) -> ScheduleFreeCoeffs:
         # AdamWScheduleFreePaper folds Adam's sqrt(1 - b2^t) into the learning rate (b2 = 0:
@@ -205,9 +203,8 @@ def _check_options(rule: Any) -> None:
     if not isinstance(rule.lagged_step_lr, bool):
         raise ValueError(f"{rule.name}: lagged_step_lr must be True or False, got "
                          f"{rule.lagged_step_lr!r}")
-    w = rule.warmup_steps
-    if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0:
-        raise ValueError(f"{rule.name}: warmup_steps must be an integer >= 0, got {w!r}")
+    object.__setattr__(rule, "warmup_steps",
+                       check_integer(rule.name, "warmup_steps", rule.warmup_steps))
     scheduled = callable(rule.lr)
     if scheduled and rule.lagged_step_lr and rule.warmup_steps:
         raise ValueError(f"{rule.name}: with lagged_step_lr (optax's form), warmup_steps is "

@@ -9,8 +9,8 @@ import numpy as np
 
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, Interval, hyper
-from ..transforms.noise import add_noise
+from ..hyper import NONNEG, Interval, check_integer, hyper
+from ..transforms.noise import SEEDS, add_noise
 from ..transforms.scale import scale_by_lr
 from ..tree import flatten_leaves, unflatten
 from .adam import scale_by_optimistic_gradient
@@ -49,7 +49,7 @@ class noisy_sgd(Rule):
     )
 
     def check(self) -> None:
-        add_noise(seed=self.seed)  # an integer in [0, 2**32)
+        object.__setattr__(self, "seed", check_integer(self.name, "seed", self.seed, 0, SEEDS))
 
     def parts(self) -> tuple[Transform, ...]:
         return (add_noise(eta=self.eta, gamma=self.gamma, seed=self.seed),

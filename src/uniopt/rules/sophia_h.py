@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, _traced, hyper
+from ..hyper import NONNEG, UNIT_OPEN, _traced, check_integer, hyper
 from ..moments import lerp
 from ..transforms.decay import decoupled_weight_decay, weight_decay
 from ..transforms.noise import (
@@ -76,8 +76,7 @@ class scale_by_hutchinson_sophia(WholeTree):
     reads_value: ClassVar[bool] = True
 
     def check(self) -> None:
-        _check_statics(self.name, self.update_period, self.num_samples, self.distribution,
-                       self.seed)
+        _check_statics(self)
 
     def coeffs(self, step: Any) -> SophiaHCoeffs:
         return SophiaHCoeffs(one_minus_b2=self.one_minus("b2"), eps=self.eps,
@@ -140,17 +139,13 @@ class scale_by_hutchinson_sophia(WholeTree):
         return unflatten(treedef, out), {"hessian_moment": h, "generator": gen}
 
 
-def _check_statics(owner: str, period: Any, samples: Any, distribution: Any,
-                   seed: Any) -> None:
-    for name, v in (("update_period", period), ("num_samples", samples)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{owner}: {name} must be an integer >= 1, got {v!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"{owner}: distribution must be one of "
-                         f"{', '.join(map(repr, DISTRIBUTIONS))}, got {distribution!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
-            0 <= seed < SEEDS):
-        raise ValueError(f"{owner}: seed must be an integer in [0, 2**32), got {seed!r}")
+def _check_statics(t: Any) -> None:
+    for name, least, below in (("update_period", 1, None), ("num_samples", 1, None),
+                               ("seed", 0, SEEDS)):
+        object.__setattr__(t, name, check_integer(t.name, name, getattr(t, name), least, below))
+    if t.distribution not in DISTRIBUTIONS:
+        raise ValueError(f"{t.name}: distribution must be one of "
+                         f"{', '.join(map(repr, DISTRIBUTIONS))}, got {t.distribution!r}")
 
 
 def _leaves_of(owner: str, hz: Any, like: list[Any]) -> list[Any]:
@@ -269,8 +264,7 @@ class sophia_h(Rule):
     )
 
     def check(self) -> None:
-        _check_statics(self.name, self.update_period, self.num_samples, self.distribution,
-                       self.seed)
+        _check_statics(self)
 
     def parts(self) -> tuple[Transform, ...]:
         steps: tuple[Transform, ...] = (

@@ -14,14 +14,13 @@ starts as a copy of the model, and its first member replaces that copy; only an 
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from .. import quant
 from ..backend import detached_copy, namespace
 from ..base import Combinator, Elementwise, Transform, chain
-from ..hyper import UNIT, _traced, hyper
+from ..hyper import UNIT, _traced, check_integer, hyper
 from ..moments import bias_correction, lerp, select
 from ..state import State
 from ..tree import flatten_leaves, unflatten
@@ -39,13 +38,6 @@ class Averaging(Elementwise):
         """The averaged weights of one leaf, from its slot after ``step`` updates (``p``: the
         leaf)."""
         return average
-
-
-def _integer(owner: str, name: str, value: Any, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {name} must be an integer >= {least}, got {value!r}")
-    if value < least:
-        raise ValueError(f"{owner}: {name} must be an integer >= {least}, got {value!r}")
 
 
 class EmaCoeffs(NamedTuple):
@@ -173,8 +165,9 @@ class polyak(Averaging):
     slots: ClassVar[tuple[str, ...]] = ("average",)
 
     def check(self) -> None:
-        _integer(self.name, "start", self.start, 0)
-        _integer(self.name, "every", self.every, 1)
+        for name, least in (("start", 0), ("every", 1)):
+            object.__setattr__(self, name, check_integer(self.name, name, getattr(self, name),
+                                                         least))
 
     def coeffs(self, step: Any) -> PolyakCoeffs:
         # arithmetic, not branches: a traced step (jax.jit) goes through as a host int does
@@ -212,7 +205,7 @@ class lookahead_sync(Averaging):
     slots: ClassVar[tuple[str, ...]] = ("slow",)
 
     def check(self) -> None:
-        _integer(self.name, "k", self.k, 1)
+        object.__setattr__(self, "k", check_integer(self.name, "k", self.k, 1))
 
     def coeffs(self, step: Any) -> SyncCoeffs:
         return SyncCoeffs(sync=(step + 1) % self.k == 0, alpha=self.alpha,

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import backend
 from ..base import WholeTree
-from ..hyper import NONNEG, Interval, _traced, static
+from ..hyper import NONNEG, Interval, _traced, check_integer, static
 from ..tree import flatten_leaves, unflatten
 
 Leaves = list[Any]
@@ -320,7 +320,7 @@ class scale_by_zoom_linesearch(WholeTree):
     makes_step: ClassVar[bool] = True
 
     def check(self) -> None:
-        _steps(self, "max_linesearch_steps", self.max_linesearch_steps)
+        _steps(self, "max_linesearch_steps")
         _optional_number(self, "max_learning_rate", self.max_learning_rate, _POSITIVE)
         _optional_number(self, "approx_dec_rtol", self.approx_dec_rtol, NONNEG)
         if self.initial_guess_strategy not in ("one", "keep"):
@@ -520,7 +520,7 @@ class scale_by_backtracking_linesearch(WholeTree):
     makes_step: ClassVar[bool] = True
 
     def check(self) -> None:
-        _steps(self, "max_backtracking_steps", self.max_backtracking_steps, least=0)
+        _steps(self, "max_backtracking_steps", least=0)
         if not isinstance(self.store_grad, bool):
             raise ValueError(f"{self.name}: store_grad must be True or False, got "
                              f"{self.store_grad!r}")
@@ -591,9 +591,8 @@ class scale_by_backtracking_linesearch(WholeTree):
         return [eta * x for x in us], _cast_like(new, state)
 
 
-def _steps(t: Any, name: str, v: Any, least: int = 1) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < least:
-        raise ValueError(f"{t.name}: {name} must be an integer >= {least}, got {v!r}")
+def _steps(t: Any, name: str, least: int = 1) -> None:
+    object.__setattr__(t, name, check_integer(t.name, name, getattr(t, name), least))
 
 
 def _optional_number(t: Any, name: str, v: Any, valid: Interval) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import backend
 from ..base import WholeTree
-from ..hyper import NONNEG, hyper
+from ..hyper import NONNEG, check_integer, hyper
 from ..tree import flatten_leaves, unflatten
 
 SEEDS = 1 << 32  # JAX takes a larger seed modulo 2**32 without x64: refused here instead
@@ -49,11 +49,7 @@ class add_noise(WholeTree):
     seed: int = 0
 
     def check(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not (
-                0 <= self.seed < SEEDS):
-            raise ValueError(f"{self.name}: seed must be an integer in [0, 2**32), got "
-                             f"{self.seed!r}")
-        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "seed", check_integer(self.name, "seed", self.seed, 0, SEEDS))
 
     def coeffs(self, step: Any) -> Noise:
         variance = self.eta / (step + 1) ** self.gamma

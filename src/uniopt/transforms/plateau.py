@@ -13,15 +13,8 @@ import optree
 
 from .. import backend
 from ..base import WholeTree
-from ..hyper import NONNEG, UNIT, Interval, static
+from ..hyper import NONNEG, UNIT, Interval, check_integer, static
 from ..tree import NAMESPACE, trainables
-
-
-def _count(owner: str, name: str, value: Any, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {name} must be an integer, got {value!r}")
-    if value < least:
-        raise ValueError(f"{owner}: {name} must be >= {least}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -64,9 +57,9 @@ class reduce_on_plateau(WholeTree):
     reads_value: ClassVar[bool] = True
 
     def check(self) -> None:
-        _count(self.name, "patience", self.patience, 0)
-        _count(self.name, "cooldown", self.cooldown, 0)
-        _count(self.name, "accumulation_size", self.accumulation_size, 1)
+        for name, least in (("patience", 0), ("cooldown", 0), ("accumulation_size", 1)):
+            object.__setattr__(self, name, check_integer(self.name, name, getattr(self, name),
+                                                         least))
         if self.mode not in ("min", "max"):
             raise ValueError(f"{self.name}: mode must be 'min' or 'max', got {self.mode!r}")
 
@@ -82,7 +75,7 @@ class reduce_on_plateau(WholeTree):
         ``rtol`` (``threshold_mode="rel"``) or ``atol`` (``"abs"``); ``min_lr`` and ``eps``
         (torch skips a reduction of the learning rate by ``eps`` or less) are ``lr`` times
         ``min_scale`` and ``eps`` here."""
-        _count(cls.__name__, "patience", patience, 0)
+        patience = check_integer(cls.__name__, "patience", patience, 0)
         if threshold_mode not in ("rel", "abs"):
             raise ValueError(f"{cls.__name__}: threshold_mode must be 'rel' or 'abs', got "
                              f"{threshold_mode!r}")
