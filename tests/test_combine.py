@@ -835,6 +835,9 @@ def test_adjust_says_a_combinators_own_number_is_set_when_it_is_built() -> None:
     with pytest.raises(ValueError, match=r"'every' of accumulate is its own, set when it is "
                                          r"built"):
         uo.adjust(uo.setup(uo.accumulate(uo.sgd(lr=0.1), every=2), params), every=3)
+    with pytest.raises(ValueError, match=r"'every' of accumulate is its own"):  # by position
+        uo.adjust(uo.setup(uo.chain(uo.accumulate(uo.sgd(lr=0.1), every=2),
+                                    uo.clip_by_global_norm(1.0)), params), **{"0.every": 3})
     beside = uo.adjust(uo.setup(uo.chain(uo.mechanize(uo.sgd(lr=0.1)), uo.scale_by_adam()),
                                 params), eps=1e-6)  # Mechanic's own eps is not the sibling's
     assert beside.rule.transforms[1].eps == 1e-6 and beside.rule.transforms[0].eps == 1e-8

@@ -199,3 +199,27 @@ def test_mechanize_num_betas_is_an_integer_field() -> None:
         uo.mechanize(uo.sgd(lr=0.1), num_betas=3.0)
     with pytest.raises(ValueError, match=r"mechanize: num_betas must be an integer >= 1, got 0"):
         uo.mechanize(uo.sgd(lr=0.1), num_betas=0)
+
+
+@pytest.mark.parametrize("make, kw", [
+    (uo.schedule_free_adamw, {"lr": 0.02, "warmup_steps": 2}),
+    (uo.muon, {"lr": 0.02}),
+    (uo.soap, {"lr": 0.02}),
+    (uo.noisy_sgd, {"lr": 0.02}),
+])
+def test_integer_fields_under_inject_hyperparams_and_jit(make: Any, kw: dict[str, Any]) -> None:
+    """optax.inject_hyperparams hands every number back as an array, traced under jax.jit:
+    the integer fields (taken as arrays since they are checked as integers) went traced into
+    the rule's static skeleton (TracerBoolConversionError). They are the set-up rule's, as a
+    static field's are; the jitted update is the eager one."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    jnp = jax.numpy
+    params = {"w": jnp.ones((4, 3))}
+    grads = {"w": jnp.full((4, 3), 0.1)}
+    opt = optax.inject_hyperparams(make)(**kw)
+    state = opt.init(params)
+    eager, _ = opt.update(grads, state, params)
+    jitted, _ = jax.jit(opt.update)(grads, state, params)
+    np.testing.assert_allclose(np.asarray(jitted["w"]), np.asarray(eager["w"]), rtol=1e-6,
+                               atol=1e-8)

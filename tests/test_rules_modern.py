@@ -612,6 +612,13 @@ def test_sophia_hessian_errors() -> None:
         uo.sophia(clip_threshold=0.0)
     with pytest.raises(ValueError, match="gamma"):
         uo.sophia(gamma=-1.0)
+    # params that are tuples of tuples: a tree of their structure is a tree, not a flat list
+    nested = uo.setup(uo.sophia_g(lr=0.1), ((np.ones(2),), (np.ones(3),)))
+    as_tree = uo.sophia_hessian(nested, ((np.full(2, 2.0),), (np.full(3, 3.0),)))
+    as_list = uo.sophia_hessian(nested, [np.full(2, 2.0), np.full(3, 3.0)])
+    for key, arrays in as_tree.slots.items():
+        for x, y in zip(arrays, as_list.slots[key], strict=True):
+            np.testing.assert_array_equal(x, y)
 
 
 # --- the compiled loop ----------------------------------------------------------------------------
@@ -620,6 +627,9 @@ def test_sophia_hessian_errors() -> None:
 
 @pytest.mark.slow  # compiles a loop per rule on a cold cache
 @pytest.mark.parametrize("rule", [*RULES[:3], uo.sophia(0.01)], ids=lambda r: r.name)
+
+
+
 def test_the_compiled_loop_is_bitwise_the_reference(rule: uo.Transform) -> None:
     from helpers import WIDE_LEAVES, assert_same, assert_same_state, beside_reference, grads_like
 

@@ -1912,8 +1912,9 @@ def _fixed_at_setup(rule: Transform, like: Transform) -> Transform:
                for m, o in zip(rule.transforms, like.transforms, strict=True)]
         changed = any(a is not b for a, b in zip(new, rule.transforms, strict=True))
         return chain(*new) if changed else rule
+    # (every field but a hyperparameter: a static one, and the plain ints of counts and seeds)
     traced = {f.name: getattr(like, f.name) for f in dataclasses.fields(rule)
-              if "static" in f.metadata and _traced(getattr(rule, f.name))}
+              if f.init and "hyper" not in f.metadata and _traced(getattr(rule, f.name))}
     return assemble(type(rule), {**rule.fields(), **traced}, rule.host) if traced else rule
 
 
@@ -2002,10 +2003,11 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     for key, value in hyperparameters.items():
         rule, found = _set(rule, key.split("."), value, "")
         if not found:
-            owner = next((c for c in _combinators(rule) if key in _own_fields(c)), None)
+            own = key.rsplit(".", 1)[-1]  # ("0.every": a chain's member named by position)
+            owner = next((c for c in _combinators(rule) if own in _own_fields(c)), None)
             if owner is not None:  # (accumulate's every: "not a hyperparameter" said too little)
                 raise ValueError(
-                    f"adjust: {key!r} of {owner.name} is its own, set when it is built; adjust "
+                    f"adjust: {own!r} of {owner.name} is its own, set when it is built; adjust "
                     "reaches the hyperparameters of the rules it holds")
             names = sorted({n for _, m in members(rule) for n in m.hyperparameters()})
             raise ValueError(

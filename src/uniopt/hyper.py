@@ -232,26 +232,31 @@ def check_integer(owner: str, name: str, value: object, least: int = 0,
     Any ``numbers.Integral``, or a 0-d integer array, is taken (returned as the int it equals,
     so a record keeps one type whatever it was given); a bool or a float is refused, even a
     whole one (a count of 5.0 is a slip somewhere upstream)."""
-    if below is None:
-        valid = f">= {least}"
-    else:  # (a seed's bound reads better as 2**32 than as its ten digits)
-        top = f"2**{below.bit_length() - 1}" if below > 1 << 16 and not below & (below - 1) \
-            else str(below)
-        valid = f"in [{least}, {top})"
+    if type(value) is int and not (value < least or (below is not None and value >= below)):
+        return value  # (the common case, checked at every step of a scheduled rule)
+
+    def kinds() -> str:
+        if below is None:
+            valid = f">= {least}"
+        else:  # (a seed's bound reads better as 2**32 than as its ten digits)
+            top = f"2**{below.bit_length() - 1}" if below > 1 << 16 and not below & (
+                below - 1) else str(below)
+            valid = f"in [{least}, {top})"
+        return f"an integer {valid}" + (" or a schedule" if schedulable else "")
+
     if callable(value):
         if schedulable:
             return value
-        raise TypeError(f"{owner}: {name} must be an integer {valid}, not a schedule (it takes "
-                        f"none), got {value!r}")
-    kinds = f"an integer {valid}" + (" or a schedule" if schedulable else "")
+        raise TypeError(f"{owner}: {name} must be {kinds()}, not a schedule (it takes none), "
+                        f"got {value!r}")
     if (getattr(value, "shape", None) == () and "int" in str(getattr(value, "dtype", ""))
             and not _traced(value)):
         value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX integer
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {name} must be {kinds}, got {value!r}")
+        raise TypeError(f"{owner}: {name} must be {kinds()}, got {value!r}")
     n = int(value)
     if n < least or (below is not None and n >= below):
-        raise ValueError(f"{owner}: {name} must be {kinds}, got {value!r}")
+        raise ValueError(f"{owner}: {name} must be {kinds()}, got {value!r}")
     return n
 
 

@@ -214,15 +214,15 @@ def sophia_hessian(state: State, diagonal: Any) -> State:
             if isinstance(part, (scale_by_sophia, scale_by_sophia_g))]
     if not keys:
         raise ValueError(f"sophia_hessian: the state's rule has no Sophia part: {state.rule!r}")
-    if isinstance(diagonal, (list, tuple)) and len(diagonal) == len(next(iter(
-            state.slots.values()))):  # a flat sequence, as update takes gradients
-        leaves = list(diagonal)
-    else:
-        leaves, treedef = flatten_leaves(diagonal)
-        if treedef != state.treedef and not isinstance(state.treedef, AnyParams):
-            # (a tree of other keys was taken leaf by leaf, in its own order)
+    # as update takes gradients: a tree of the params' structure, else a flat list or tuple
+    # of arrays in trainables order (a tree of other keys was taken leaf by leaf, in its order)
+    leaves, treedef = flatten_leaves(diagonal)
+    if treedef != state.treedef and not isinstance(state.treedef, AnyParams):
+        if not (isinstance(diagonal, (list, tuple))
+                and all(hasattr(d, "shape") for d in diagonal)):
             raise ValueError(f"sophia_hessian: the estimate's tree is not the params': got "
                              f"{treedef}, expected {state.treedef}")
+        leaves = list(diagonal)
     slots = dict(state.slots)
     for part, key in keys:
         old = slots[key]
