@@ -643,13 +643,18 @@ def _module(src: str, names: dict[str, Any] | None = None) -> Any:
         module.__dict__.update(names or {}, CACHE=False)
         exec(compile(src, "<uniopt 8-bit loop>", "exec"), module.__dict__)
     else:
-        module = cpu._imported(src, where / f"uniopt_q8_{key}.py")
+        module = cpu._imported(src, _path(where, src))
     if names is None:  # the same text names the same functions
         _MODULES[key] = module
     return module
 
 
 _MODULES: dict[str, Any] = {}
+
+
+def _path(where: Path, src: str) -> Path:
+    """The file of generated module ``src`` in cache directory ``where``: named for its text."""
+    return where / f"uniopt_q8_{hashlib.sha1(src.encode()).hexdigest()[:16]}.py"
 
 
 @numba.njit(inline="always")
@@ -764,29 +769,48 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
 _LOOPS: dict[Any, Any] = {}
 
 
-def _loop(plan: list[tuple[Any, Any, tuple[str, ...]]], signs: tuple[bool, ...], kp: str,
-          memo: dict[Any, Any]) -> Any:
-    """The one-thread and thread-pool calls (:func:`uniopt.fast.cpu._drivers`) of the loop for
-    ``plan``: found once per rule (``memo``),
-    compiled once per process, cached on disk as :mod:`uniopt.fast.cpu`'s are."""
-    key = ("q8", signs, kp, *[type(c) for _, c, _ in plan])
-    hit = memo.get(key)
-    if hit is not None:
-        return hit
-    kernels = cpu._parts(plan, "inplace")
+Plan = list[tuple[Any, Any, tuple[str, ...]]]
+
+
+def _memo_key(plan: Plan, signs: tuple[bool, ...], kp: str) -> tuple[Any, ...]:
+    """The loop's key in a rule's memo."""
+    return ("q8", signs, kp, *[type(c) for _, c, _ in plan])
+
+
+def _identity(plan: Plan, signs: tuple[bool, ...], kp: str) -> tuple[Any, ...]:
+    """The loop's key in this process (:data:`_LOOPS`): its parts' kernels, its slots' signs,
+    the params' storage and the coefficient records."""
     records = tuple(cpu._record(part, c) for part, c, _ in plan)
-    full = (kernels, signs, kp, records)
-    if full in _LOOPS:
-        memo[key] = _LOOPS[full]
-        return memo[key]
+    return cpu._parts(plan, "inplace"), signs, kp, records
+
+
+def _text(full: tuple[Any, ...]) -> tuple[str, bool]:
+    """The loop's source for identity ``full``, and whether its kernels are importable (so
+    that it can be cached on disk)."""
+    kernels, signs, kp, records = full
     importable = all(cpu._importable(k) and (f is None or cpu._importable(f))
                      for k, _, f in kernels)
     digest = cpu._digest(kernels, records) if importable else ""
-    src = _source(kernels, signs, kp, importable, records, digest)
+    return _source(kernels, signs, kp, importable, records, digest), importable
+
+
+def _loop(plan: Plan, signs: tuple[bool, ...], kp: str, memo: dict[Any, Any]) -> Any:
+    """The one-thread and thread-pool calls (:func:`uniopt.fast.cpu._drivers`) of the loop for
+    ``plan``: found once per rule (``memo``),
+    compiled once per process, cached on disk as :mod:`uniopt.fast.cpu`'s are."""
+    key = _memo_key(plan, signs, kp)
+    hit = memo.get(key)
+    if hit is not None:
+        return hit
+    full = _identity(plan, signs, kp)
+    if full in _LOOPS:
+        memo[key] = _LOOPS[full]
+        return memo[key]
+    src, importable = _text(full)
     names: dict[str, Any] | None = None
     if not importable:
         names = {}
-        for k, (kernel, _, finish) in enumerate(kernels):
+        for k, (kernel, _, finish) in enumerate(full[0]):
             names[f"_K{k}"], names[f"_F{k}"] = kernel, finish
     module = _module(src, names)
     cpu._HELD.append(module.walk)  # called by address
@@ -795,26 +819,20 @@ def _loop(plan: list[tuple[Any, Any, tuple[str, ...]]], signs: tuple[bool, ...],
     return memo[key]
 
 
-def _at_hand(plan: list[tuple[Any, Any, tuple[str, ...]]], signs: tuple[bool, ...], kp: str,
-             memo: dict[Any, Any]) -> bool:
+def _at_hand(plan: Plan, signs: tuple[bool, ...], kp: str, memo: dict[Any, Any]) -> bool:
     """Whether the loop for ``plan`` is loaded in this process or its module is on disk (looked
     for once per rule: the file's name costs the loop's source)."""
-    key = ("q8", signs, kp, *[type(c) for _, c, _ in plan])
+    key = _memo_key(plan, signs, kp)
     if key in memo:
         return True
     seen = memo.get(("q8 on disk", key))
     if seen is None:
-        kernels = cpu._parts(plan, "inplace")
-        records = tuple(cpu._record(part, c) for part, c, _ in plan)
-        where = cpu._cache_dir() if all(cpu._importable(k) and (f is None or cpu._importable(f))
-                                        for k, _, f in kernels) else None
-        if (kernels, signs, kp, records) in _LOOPS:
-            seen = True
-        elif where is None:
-            seen = False
-        else:
-            src = _source(kernels, signs, kp, True, records, cpu._digest(kernels, records))
-            seen = (where / f"uniopt_q8_{hashlib.sha1(src.encode()).hexdigest()[:16]}.py").exists()
+        full = _identity(plan, signs, kp)
+        seen = full in _LOOPS
+        if not seen:
+            src, importable = _text(full)
+            where = cpu._cache_dir() if importable else None
+            seen = where is not None and _path(where, src).exists()
         memo[("q8 on disk", key)] = seen
     return bool(seen)
 
