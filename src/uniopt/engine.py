@@ -2012,7 +2012,7 @@ def adjust(state: State, **hyperparameters: Any) -> State:
             names = sorted({n for _, m in members(rule) for n in m.hyperparameters()})
             raise ValueError(
                 f"adjust: {key!r} is not a hyperparameter of {state.rule.name} (its "
-                f"hyperparameters are {names}){did_you_mean(key.rsplit('.', 1)[-1], names)}")
+                f"hyperparameters are {names}){did_you_mean(own, names)}")
         if len(found) > 1:
             raise ValueError(
                 f"adjust: {key!r} is a hyperparameter of {len(found)} members of this chain "

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from .. import backend
 from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import NONNEG, POSITIVE, UNIT_OPEN, Interval, hyper
 from ..moments import bias_correction, lerp
@@ -218,8 +219,7 @@ def sophia_hessian(state: State, diagonal: Any) -> State:
     # of arrays in trainables order (a tree of other keys was taken leaf by leaf, in its order)
     leaves, treedef = flatten_leaves(diagonal)
     if treedef != state.treedef and not isinstance(state.treedef, AnyParams):
-        if not (isinstance(diagonal, (list, tuple))
-                and all(hasattr(d, "shape") for d in diagonal)):
+        if not (isinstance(diagonal, (list, tuple)) and all(map(backend.is_array, diagonal))):
             raise ValueError(f"sophia_hessian: the estimate's tree is not the params': got "
                              f"{treedef}, expected {state.treedef}")
         leaves = list(diagonal)
