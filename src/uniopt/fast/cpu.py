@@ -865,8 +865,8 @@ def _imported(src: str, path: Path) -> Any:
                 tmp.unlink()
             jitcache.uncached(path.parent, e)
             module = types.ModuleType(name)
-            exec(compile(src.replace("cache=CACHE", "cache=False"), f"<{name}>", "exec"),
-                 module.__dict__)
+            module.__dict__["CACHE"] = False  # (as _load's and q8's loops no import reaches)
+            exec(compile(src, f"<{name}>", "exec"), module.__dict__)
             return module
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None
