@@ -8,6 +8,8 @@ Cheap by design: small trees, NumPy where the peer allows it, a handful of jit c
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -138,6 +140,65 @@ def test_inject_hyperparams_keeps_blocks_with_slots_and_takes_fixed_values_from_
         a = ada.init(p)
         _, a = _jitted(ada)(p, a, jax.tree.map(jnp.asarray, grads[0]), 0.0)
         assert a.inner_state.rule.initial_accumulator_value == 0.5
+
+
+CONVENTIONAL = [getattr(uo, n) for n in uo.__all__ if isinstance(getattr(uo, n), type)
+                and issubclass(getattr(uo, n), uo.Rule) and getattr(uo, n).conventions]
+
+
+@pytest.mark.parametrize(("rule", "convention"),
+                         [(r, c) for r in CONVENTIONAL for c in r.conventions],
+                         ids=lambda x: x if isinstance(x, str) else x.__name__)
+def test_inject_hyperparams_builds_the_rule_of_the_convention_given(rule: Any,
+                                                                    convention: str) -> None:
+    """optax.inject_hyperparams applies the signature's defaults before it builds the rule, so
+    every field arrives given: they must be the convention's (optax's weight decay 1e-4 for
+    adamw, its eps outside the root for adagrad), not the fields' own, torch's."""
+    params = {"w": jnp.ones((3, 2), jnp.float32)}
+    given = {"convention": convention}
+    given |= {f.name: 0.01 for f in dataclasses.fields(rule)  # (optimistic_adam's lr)
+              if f.init and f.default is dataclasses.MISSING}
+    built = optax.inject_hyperparams(rule)(**given).init(params).inner_state.rule
+    direct = rule(**given)
+    for f in dataclasses.fields(direct):
+        # (not what the rule found at set-up; a schedule inject_hyperparams evaluates itself)
+        if not f.init or callable(getattr(direct, f.name)):
+            continue
+        got, want = getattr(built, f.name), getattr(direct, f.name)
+        assert _same(got, want), (f.name, got, want)
+
+
+def _same(got: Any, want: Any) -> bool:
+    """Equal, but a number (which comes back through the state as a float32 array) to 1e-6."""
+    if isinstance(want, (tuple, list)):
+        return len(got) == len(want) and all(map(_same, got, want))
+    if isinstance(want, (int, float)) and not isinstance(want, bool):
+        return not isinstance(got, bool) and math.isclose(float(got), want, rel_tol=1e-6)
+    return bool(got == want)
+
+
+def test_inject_hyperparams_in_optaxs_convention_follows_optaxs_rule() -> None:
+    """RMSprop in optax's form (eps outside the root, optax's momentum), injected and jitted,
+    the learning rate set between steps: optax's own, injected, to 1e-12 in float64."""
+    params, grads = _problem(40)
+    with jax.enable_x64(True):
+        ours = optax.inject_hyperparams(uo.rmsprop)(lr=0.01, momentum=0.5, convention="optax")
+        theirs = optax.inject_hyperparams(optax.rmsprop)(learning_rate=0.01, momentum=0.5)
+        p = q = jax.tree.map(jnp.asarray, params)
+        s, t = ours.init(p), theirs.init(q)
+        step_s, step_t = _jitted(ours), _jitted(theirs)
+        for k, g in enumerate(grads):
+            if k == 20:
+                s.hyperparams["lr"] = t.hyperparams["learning_rate"] = jnp.asarray(0.003)
+            jg = jax.tree.map(jnp.asarray, g)
+            p, s = step_s(p, s, jg, 0.0)
+            q, t = step_t(q, t, jg, 0.0)
+            assert max(rel_diff(p[n], q[n]) for n in params) <= 1e-12, k
+
+
+def test_inject_hyperparams_with_an_unknown_convention_names_it() -> None:
+    with pytest.raises(ValueError, match="adamw: convention must be one of .* got 'nope'"):
+        optax.inject_hyperparams(uo.adamw)(lr=0.1, convention="nope").init({"w": jnp.ones(2)})
 
 
 # --- optax.tree.map_params and states from any leaves ---------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1011,10 +1012,12 @@ def test_setup_with_non_rule(rule):
 
 
 def test_asgd_eta_lr_names_a_bad_value():
-    for bad in (-0.1, "0.1", True):
-        with pytest.raises(ValueError, match=r"asgd: eta_lr must be None or a number >= 0, got"):
+    for bad, error in ((-0.1, ValueError), (math.inf, ValueError), ("0.1", TypeError),
+                       (True, TypeError)):
+        with pytest.raises(error, match=r"asgd: eta_lr must be None or a number >= 0, got"):
             uo.asgd(eta_lr=bad)
     assert uo.asgd(eta_lr=0.5).eta_lr == 0.5
+    assert type(uo.asgd(eta_lr=np.float32(0.5)).eta_lr) is float
 
 
 def test_asgd_past_eta_mu_names_a_bad_value():
@@ -1132,3 +1135,42 @@ def test_marrays_masked_arrays_are_refused_as_numpys_are():
 
     with pytest.raises(TypeError, match=r"params\[0\] is a masked array \(marray\)"):
         uo.setup(uo.sgd(lr=0.1), [np.ones(3).view(MArray)])
+
+
+# fields of one number that are no hyperparameters (read at set-up, or whose None means
+# something): (rule, field, a valid value, an invalid one), each taken as any real number is
+REAL_FIELDS = [
+    (lambda v: uo.kron(balance_prob=v), "balance_prob", 0.25, 1.5),
+    (lambda v: uo.kron(precond_init_scale=v), "precond_init_scale", 0.5, 0.0),
+    (lambda v: uo.prodigy(growth_rate=v), "growth_rate", 2.0, 0.5),
+    (lambda v: uo.prodigy(beta3=v), "beta3", 0.5, 1.0),
+    (lambda v: uo.soap(shampoo_beta=v), "shampoo_beta", 0.5, 1.0),
+    (lambda v: uo.muon(adam_lr=v), "adam_lr", 0.5, -1.0),
+    (lambda v: uo.radam(rectify_threshold=v), "rectify_threshold", 5.0, 3.0),
+    (lambda v: uo.asgd(eta_lr=v), "eta_lr", 0.5, -1.0),
+    (lambda v: uo.dowg(init_estim_sq_dist=v), "init_estim_sq_dist", 0.5, 0.0),
+    (lambda v: uo.dog(init_step=("learning_rate", v)), "init_step", 0.5, 0.0),
+    (lambda v: uo.scale_by_zoom_linesearch(max_learning_rate=v), "max_learning_rate", 0.5, 0.0),
+]
+
+
+@pytest.mark.parametrize(("make", "field", "good", "bad"), REAL_FIELDS,
+                         ids=[f[1] for f in REAL_FIELDS])
+def test_real_fields_take_any_real_number(make: Any, field: str, good: float,
+                                          bad: float) -> None:
+    """A NumPy scalar or a 0-d array of a valid value is the Python float (kept as one, so the
+    record is the same whatever it was given); a string, a bool or a value out of range is
+    named."""
+    want = make(good)
+    for given in (np.float32(good), np.float64(good), np.asarray(good), np.int64(good)
+                  if float(good).is_integer() else np.asarray(good, np.float32)):
+        got = make(given)
+        value = getattr(got, field)
+        assert type(value[1] if field == "init_step" else value) is float, (given, value)
+        assert got == want or float(np.float32(good)) != good, (given, got)
+    for bad_kind in ("0.5", True):
+        with pytest.raises(TypeError, match=rf"{field}.* must be .*got {bad_kind!r}"):
+            make(bad_kind)
+    for bad_value in (bad, math.nan, math.inf if field != "growth_rate" else -math.inf):
+        with pytest.raises(ValueError, match=rf"{field}.* must be .*got"):
+            make(bad_value)

@@ -854,6 +854,50 @@ class ByFields:
         return self.text
 
 
+def _convention_defaults(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The values ``cls``'s convention (the one in ``given``, else the field's default) sets
+    for the fields ``given`` leaves out; {} for a rule with no conventions."""
+    table = getattr(cls, "conventions", None)
+    if not table:
+        return {}
+    name = given.get("convention", cls.__dataclass_fields__["convention"].default)
+    if name not in table:
+        raise ValueError(
+            f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "
+            f"got {name!r}"
+        )
+    return {k: v.pick(given) if isinstance(v, ByFields) else v
+            for k, v in table[name].items() if k not in given}
+
+
+class _ConventionBound(inspect.BoundArguments):
+    """Bound arguments whose defaults are the bound convention's (see _ConventionSignature)."""
+
+    __slots__ = ()
+
+    def apply_defaults(self) -> None:
+        rule = self.signature._rule  # type: ignore[attr-defined]
+        try:
+            self.arguments.update(_convention_defaults(rule, dict(self.arguments)))
+        except ValueError:
+            pass  # an unknown convention: the constructor says so, as for a direct call
+        super().apply_defaults()
+
+
+class _ConventionSignature(inspect.Signature):
+    """A rule's constructor signature, whose ``bind(...).apply_defaults()`` fills in the
+    defaults of the convention bound, not the fields' own (torch's): optax.inject_hyperparams
+    binds a call and applies the defaults before it builds the rule from them, every field
+    then given, so a default it applied by the signature alone would overrule the
+    convention."""
+
+    __slots__ = ("_rule",)
+    _rule: Any  # the rule's class
+
+    def bind(self, *args: Any, **kwargs: Any) -> inspect.BoundArguments:
+        return _ConventionBound(self, super().bind(*args, **kwargs).arguments)
+
+
 class _WithConventions(type):
     """Builds a rule with its convention's defaults for the fields the caller left out: a
     convention is a named set of the rule's own explicit options and hyperparameters (its
@@ -862,27 +906,21 @@ class _WithConventions(type):
     every value it had."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        table = getattr(cls, "conventions", None)
-        if table:
-            fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        if getattr(cls, "conventions", None):
+            fields = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
             given = dict(zip(fields, args, strict=False)) | kwargs  # by position or by name
-            # the field's own default where none is given: "torch" where torch has the rule
-            name = given.get("convention", fields["convention"].default)
-            if name not in table:
-                raise ValueError(
-                    f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "
-                    f"got {name!r}"
-                )
-            kwargs = {**{k: v.pick(given) if isinstance(v, ByFields) else v
-                         for k, v in table[name].items() if k not in given}, **kwargs}
+            kwargs = {**_convention_defaults(cls, given), **kwargs}
         return super().__call__(*args, **kwargs)
 
     @property
     def __signature__(cls) -> inspect.Signature:
         # the constructor's, not this __call__'s (*args, **kwargs): callers that bind
-        # arguments by signature (optax.inject_hyperparams) see the fields
+        # arguments by signature (optax.inject_hyperparams) see the fields, and the defaults
+        # they apply are the convention's
         sig = inspect.signature(cls.__init__)  # type: ignore[misc]
-        return sig.replace(parameters=list(sig.parameters.values())[1:])
+        ours = _ConventionSignature(list(sig.parameters.values())[1:])
+        ours._rule = cls
+        return ours
 
 
 @dataclasses.dataclass(frozen=True)

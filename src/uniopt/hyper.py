@@ -224,6 +224,35 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
     return x
 
 
+def check_real(owner: str, name: str, value: object, valid: Interval, none: str | None = None,
+               schedulable: bool = False, why: str = "") -> Any:
+    """A field of one number that is no hyperparameter (read at set-up, or one whose None means
+    something): ``value`` as a Python float in ``valid``, or a TypeError/ValueError naming
+    ``owner``, ``name`` and the value. ``none``: None is taken, and the words say what it stands
+    for; ``schedulable``: a schedule is taken as it is; ``why``: the range's reason.
+
+    Any real number is taken, as :func:`check` takes a hyperparameter: a NumPy scalar, a 0-d
+    array (optax.inject_hyperparams hands every number back as one), not a bool or a string."""
+    if (value is None and none is not None) or (schedulable and callable(value)) \
+            or _traced(value):  # (a traced one is fixed at set-up: the engine's)
+        return value
+    kinds = [f"a number {valid}{why}"]
+    if none is not None:
+        kinds.insert(0, "None" + (f" ({none})" if none else ""))
+    if schedulable:
+        kinds.append("a schedule")
+    what = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
+    if getattr(value, "shape", None) == () and str(getattr(value, "dtype", "")).rsplit(
+            ".", 1)[-1].startswith(("float", "bfloat", "int", "uint")):
+        value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be {what}, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x) or x not in valid:
+        raise ValueError(f"{owner}: {name} must be {what}, got {value!r}")
+    return x
+
+
 def check_integer(owner: str, name: str, value: object, least: int = 0,
                   below: int | None = None, schedulable: bool = False) -> Any:
     """``value`` as a Python int in ``[least, below)`` (a schedule as it is, where

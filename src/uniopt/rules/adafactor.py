@@ -11,7 +11,7 @@ import numpy as np
 from .. import backend
 from ..backend import is_torch, namespace
 from ..base import Info, PerLeaf, Rule, Transform
-from ..hyper import NONNEG, POSITIVE, Interval, check_integer, hyper
+from ..hyper import NONNEG, POSITIVE, Interval, check_integer, check_real, hyper
 from ..moments import fma, lerp
 
 
@@ -410,13 +410,9 @@ class adafactor(Rule):
         eps = self.eps
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"{self.name}: eps must be a pair (eps1, eps2), got {eps!r}")
-        for i, e in enumerate(eps):
-            if (e is not None or i == 1) and not (isinstance(e, (int, float)) and e >= 0):
-                raise ValueError(
-                    f"{self.name}: eps[{i}] must be a number >= 0"
-                    f"{' or None' if i == 0 else ''}, got {e!r}"
-                )
-        object.__setattr__(self, "eps", tuple(None if e is None else float(e) for e in eps))
+        object.__setattr__(self, "eps", tuple(
+            check_real(self.name, f"eps[{i}]", e, NONNEG, none="" if i == 0 else None)
+            for i, e in enumerate(eps)))
 
     def parts(self) -> tuple[Transform, ...]:
         return (

@@ -373,7 +373,9 @@ class nadamw(Rule):
 
     def check(self) -> None:
         _choice(self.name, "momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
-        if self.momentum_schedule == "dozat" and self.on("eps_root"):
+        # (by its value: an array 0, as optax.inject_hyperparams passes every number, keeps
+        # its block in case it changes, and is still no eps_root)
+        if self.momentum_schedule == "dozat" and self.nonzero("eps_root"):
             raise ValueError(f"{self.name}: eps_root is an option of momentum_schedule="
                              f"'constant', got eps_root={self.eps_root!r} with 'dozat'")
 

@@ -13,7 +13,16 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..backend import namespace
 from ..base import Elementwise, Info, Rule, Transform
-from ..hyper import NONNEG, UNIT_OPEN, _traced, check_scalar_dtype, hyper, round_scalar
+from ..hyper import (
+    NONNEG,
+    UNIT_OPEN,
+    Interval,
+    _traced,
+    check_real,
+    check_scalar_dtype,
+    hyper,
+    round_scalar,
+)
 from ..moments import bias_correction, ema_sq, fma, lerp, select
 from ..schedules import join
 from ..transforms.decay import check_decay_form, decayed, decoupled_weight_decay, weight_decay
@@ -391,7 +400,8 @@ class nadam(Rule):
         _check_past_product(self.name, self.past_product)
         check_scalar_dtype(self.name, self.scalar_dtype)
         _choice(self.name, "momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
-        if self.momentum_schedule == "dozat" and (self.b2_in_root or self.on("eps_root")):
+        # (eps_root by its value, as nadamw's)
+        if self.momentum_schedule == "dozat" and (self.b2_in_root or self.nonzero("eps_root")):
             raise ValueError(f"{self.name}: b2_in_root and eps_root are options of "
                              "momentum_schedule='constant', got momentum_schedule='dozat'")
 
@@ -613,11 +623,10 @@ class radam(Rule):
     )
 
     def check(self) -> None:
-        t = self.rectify_threshold
         # r_t = sqrt((rho_t - 4)(rho_t - 2)...): real, for a step taken, where rho_t >= 4
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 4.0 <= t:
-            raise ValueError(f"{self.name}: rectify_threshold must be a number >= 4 (r_t is "
-                             f"real where rho_t >= 4), got {t!r}")
+        object.__setattr__(self, "rectify_threshold", check_real(
+            self.name, "rectify_threshold", self.rectify_threshold, Interval(4.0),
+            why=" (r_t is real where rho_t >= 4)"))
 
     def parts(self) -> tuple[Transform, ...]:
         b1, b2 = self.betas

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..backend import namespace
 from ..base import Elementwise, Info, Rule, Transform
-from ..hyper import NONNEG, _traced, check_scalar_dtype, hyper, round_scalar
+from ..hyper import NONNEG, _traced, check_real, check_scalar_dtype, hyper, round_scalar
 from ..moments import fma, select
 from ..transforms.decay import weight_decay
 
@@ -28,10 +28,8 @@ def asgd_mu(t0: float, step: int) -> float:
     return 1 / max(1, since)
 
 
-def _check_eta_lr(owner: str, eta_lr: Any) -> None:
-    if eta_lr is not None and (isinstance(eta_lr, bool) or not isinstance(eta_lr, (int, float))
-                               or not eta_lr >= 0):
-        raise ValueError(f"{owner}: eta_lr must be None or a number >= 0, got {eta_lr!r}")
+def _check_eta_lr(t: Any) -> None:
+    object.__setattr__(t, "eta_lr", check_real(t.name, "eta_lr", t.eta_lr, NONNEG, none=""))
 
 
 def _check_past_eta_mu(owner: str, past: Any) -> None:
@@ -85,7 +83,7 @@ class scale_by_asgd(Elementwise):
     uses_params: ClassVar[bool] = True  # the decay lambd*eta*p and the average read p
 
     def check(self) -> None:
-        _check_eta_lr(self.name, self.eta_lr)
+        _check_eta_lr(self)
         _check_past_eta_mu(self.name, self.past_eta_mu)
         check_scalar_dtype(self.name, self.scalar_dtype)
 
@@ -163,7 +161,7 @@ class asgd(Rule):
     )
 
     def check(self) -> None:
-        _check_eta_lr(self.name, self.eta_lr)
+        _check_eta_lr(self)
         _check_past_eta_mu(self.name, self.past_eta_mu)
         check_scalar_dtype(self.name, self.scalar_dtype)
 

@@ -18,7 +18,17 @@ import numpy as np
 
 from .. import backend
 from ..base import Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, check_integer, hyper
+from ..hyper import (
+    NONNEG,
+    POSITIVE,
+    UNIT,
+    UNIT_OPEN,
+    Interval,
+    _traced,
+    check_integer,
+    check_real,
+    hyper,
+)
 from ..schedules import _namespace, _Record, _result
 from ..transforms.noise import SEEDS, _kind, _pcg_generator, _pcg_state, seeded_state
 from ..transforms.scale import scale_by_lr
@@ -417,12 +427,8 @@ def _check_kron(owner: str, t: Any) -> None:
     if t.memory_save_mode not in MEMORY_SAVE_MODES:
         raise ValueError(f"{owner}: memory_save_mode must be one of "
                          f"{', '.join(map(repr, MEMORY_SAVE_MODES))}, got {t.memory_save_mode!r}")
-    if not isinstance(t.balance_prob, (int, float)) or not 0.0 <= t.balance_prob <= 1.0:
-        raise ValueError(f"{owner}: balance_prob must be a number in [0, 1], got "
-                         f"{t.balance_prob!r}")
-    if not isinstance(t.precond_init_scale, (int, float)) or not t.precond_init_scale > 0:
-        raise ValueError(f"{owner}: precond_init_scale must be a number > 0, got "
-                         f"{t.precond_init_scale!r}")
+    for name, valid in (("balance_prob", UNIT), ("precond_init_scale", POSITIVE)):
+        object.__setattr__(t, name, check_real(owner, name, getattr(t, name), valid))
     object.__setattr__(t, "seed", check_integer(owner, "seed", t.seed, 0, SEEDS))
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..base import COMBINATORS, Elementwise, Info, Kernel, PerLeaf, Rule, Transform, chain
-from ..hyper import NONNEG, UNIT_OPEN, Interval, check_integer, hyper
+from ..hyper import NONNEG, UNIT_OPEN, Interval, check_integer, check_real, hyper
 from ..moments import addmm, bias_correction, fma, frobenius, lerp
 from ..transforms.decay import weight_decay
 from ..transforms.scale import scale_by_lr
@@ -510,8 +510,5 @@ class muon(Rule):
         if self.others not in ("error", "adamw"):
             raise ValueError(f"{self.name}: others must be 'error' or 'adamw', got "
                              f"{self.others!r}")
-        lr = self.adam_lr
-        if lr is not None and not callable(lr) and not (
-                isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0):
-            raise ValueError(f"{self.name}: adam_lr must be None (lr), a non-negative number "
-                             f"or a schedule, got {lr!r}")
+        object.__setattr__(self, "adam_lr", check_real(self.name, "adam_lr", self.adam_lr, NONNEG,
+                                                       none="lr", schedulable=True))

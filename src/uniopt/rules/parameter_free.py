@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from .. import backend
 from ..base import Elementwise, Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, hyper, on_host, static
+from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, check_real, hyper, on_host, static
 from ..transforms.decay import weight_decay
 from ..transforms.scale import scale, scale_by_lr
 from ..tree import flatten_leaves, unflatten
@@ -260,17 +261,13 @@ class prodigy(Rule):
     )
 
     def check(self) -> None:
-        if self.beta3 is not None and (callable(self.beta3) or not 0 <= self.beta3 < 1):
-            raise ValueError(f"{self.name}: beta3 must be None (sqrt(betas[1])) or a number in "
-                             f"[0, 1), got {self.beta3!r}")
+        object.__setattr__(self, "beta3", check_real(self.name, "beta3", self.beta3, UNIT_OPEN,
+                                                     none="sqrt(betas[1])"))
         g = self.growth_rate
-        if g is None:
-            return
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 1:
-            raise ValueError(f"{self.name}: growth_rate must be None (no limit) or a number "
-                             f">= 1, got {g!r}")
-        if g == math.inf:  # prodigyopt's default, as None: a checkpoint stores finite numbers
-            object.__setattr__(self, "growth_rate", None)
+        if isinstance(g, numbers.Real) and g == math.inf:
+            g = None  # prodigyopt's default, as None: a checkpoint stores finite numbers
+        object.__setattr__(self, "growth_rate", check_real(
+            self.name, "growth_rate", g, Interval(1.0), none="no limit"))
 
     def parts(self) -> tuple[Transform, ...]:
         coupled = self.on("weight_decay") and not self.decouple
@@ -385,9 +382,8 @@ class dog(Rule):
                 or kind_value[0] not in DOG_INITS):
             raise ValueError(f"{self.name}: init_step must be (kind, value) with kind one of "
                              f"{', '.join(map(repr, DOG_INITS))}, got {kind_value!r}")
-        v = kind_value[1]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            raise ValueError(f"{self.name}: init_step's value must be a number > 0, got {v!r}")
+        object.__setattr__(self, "init_step", (kind_value[0], check_real(
+            self.name, "init_step's value", kind_value[1], Interval(0.0, lo_open=True))))
 
     def parts(self) -> tuple[Transform, ...]:
         decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
@@ -681,11 +677,9 @@ class dowg(Rule):
     )
 
     def check(self) -> None:
-        r = self.init_estim_sq_dist
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
-                              or not 0 < r < math.inf):
-            raise ValueError(f"{self.name}: init_estim_sq_dist must be None (eps) or a number "
-                             f"> 0, got {r!r}")
+        r = check_real(self.name, "init_estim_sq_dist", self.init_estim_sq_dist,
+                       Interval(0.0, lo_open=True), none="eps")
+        object.__setattr__(self, "init_estim_sq_dist", r)
         if r is None and callable(self.eps):
             raise ValueError(f"{self.name}: init_estim_sq_dist=None starts at eps, which must "
                              "then be a number, not a schedule")

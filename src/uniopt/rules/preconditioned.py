@@ -17,7 +17,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .. import backend
 from ..base import Elementwise, Info, PerLeaf, Rule, Transform
-from ..hyper import NONNEG, UNIT_OPEN, check_integer, hyper
+from ..hyper import NONNEG, UNIT_OPEN, check_integer, check_real, hyper
 from ..moments import bias_correction, fma, lerp, select
 from ..transforms.decay import decoupled_weight_decay
 from ..transforms.scale import scale_by_lr
@@ -363,11 +363,9 @@ class soap(Rule):
 
     def check(self) -> None:
         _check_soap(self)
-        b = self.shampoo_beta
-        if b is not None and not callable(b) and not (
-                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1):
-            raise ValueError(f"{self.name}: shampoo_beta must be None (betas[1]) or in [0, 1), "
-                             f"got {b!r}")
+        object.__setattr__(self, "shampoo_beta", check_real(
+            self.name, "shampoo_beta", self.shampoo_beta, UNIT_OPEN, none="betas[1]",
+            schedulable=True))
 
     def parts(self) -> tuple[Transform, ...]:
         beta = self.betas[1] if self.shampoo_beta is None else self.shampoo_beta

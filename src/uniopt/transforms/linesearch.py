@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import backend
 from ..base import WholeTree
-from ..hyper import NONNEG, Interval, _traced, check_integer, static
+from ..hyper import NONNEG, Interval, _traced, check_integer, check_real, static
 from ..tree import flatten_leaves, unflatten
 
 Leaves = list[Any]
@@ -321,8 +321,9 @@ class scale_by_zoom_linesearch(WholeTree):
 
     def check(self) -> None:
         _steps(self, "max_linesearch_steps")
-        _optional_number(self, "max_learning_rate", self.max_learning_rate, _POSITIVE)
-        _optional_number(self, "approx_dec_rtol", self.approx_dec_rtol, NONNEG)
+        for name, valid in (("max_learning_rate", _POSITIVE), ("approx_dec_rtol", NONNEG)):
+            object.__setattr__(self, name, check_real(self.name, name, getattr(self, name),
+                                                      valid, none=""))
         if self.initial_guess_strategy not in ("one", "keep"):
             raise ValueError(f"{self.name}: initial_guess_strategy must be 'one' or 'keep', "
                              f"got {self.initial_guess_strategy!r}")
@@ -593,11 +594,3 @@ class scale_by_backtracking_linesearch(WholeTree):
 
 def _steps(t: Any, name: str, least: int = 1) -> None:
     object.__setattr__(t, name, check_integer(t.name, name, getattr(t, name), least))
-
-
-def _optional_number(t: Any, name: str, v: Any, valid: Interval) -> None:
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or v not in valid:
-        raise ValueError(f"{t.name}: {name} must be None or a number {valid}, got {v!r}")
