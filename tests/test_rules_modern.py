@@ -237,6 +237,24 @@ def test_ademamix_schedules_are_the_papers() -> None:
                             math.exp(lb1 * lb3 / ((1 - a) * lb3 + a * lb1)), rel_tol=1e-15)
 
 
+def test_ademamix_b3_from_1_is_pytorch_optimizers_but_for_its_cap(pto: Any) -> None:
+    """pytorch-optimizer's schedule_beta3, read from it: ``offset=1`` is the same function one
+    step later where b3 >= start. Its ``min(., b3)`` caps a warm-up down to a smaller b3 at b3
+    up to T, after which its formula goes on below b3, where ours (the paper's) stays at b3
+    (as the docstring says)."""
+    schedule = pto.AdEMAMix.schedule_beta3
+    for b1, b3 in ((0.9, 0.9999), (0.97, 0.96)):
+        ours = uo.ademamix_b3(b3, 50, start=b1, offset=1)
+        for t in range(1, 60):
+            want = schedule(50, t, b1, b3)
+            if b3 >= b1:
+                assert math.isclose(ours(t - 1), want, rel_tol=1e-14), (b1, b3, t)
+            elif t <= 50:
+                assert want == b3 and (t == 50 or ours(t - 1) > b3), (b1, b3, t)
+            else:
+                assert want < b3 == ours(t - 1), (b1, b3, t)
+
+
 @pytest.mark.slow
 def test_ademamix_torch_convention_matches_pytorch_optimizer(pto: Any) -> None:
     warm = 150

@@ -101,7 +101,10 @@ class ademamix_b3(_Record):
 
     ``offset=0`` is the authors' optax scheduler (``beta3_scheduler(b3, b1, T)``);
     ``offset=1`` is pytorch-optimizer's ``exp(ln b1 ln b3/((1 - a) ln b3 + a ln b1))``, the
-    same function, ``t`` counted from 1.
+    same function, ``t`` counted from 1, where ``b3 >= start``. pytorch-optimizer also caps it,
+    ``min(., b3)``, and goes on with its formula past ``steps``, which differs for a warm-up
+    down to a smaller ``b3`` (``start > b3``): its value is ``b3`` up to ``steps``, then falls
+    below ``b3``; ours, the paper's, goes from ``start`` to ``b3`` and stays there.
 
     >>> import uniopt as uo
     >>> s = uo.ademamix_b3(0.9999, steps=100, start=0.9)
