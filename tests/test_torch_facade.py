@@ -2033,3 +2033,26 @@ def test_every_class_has_its_torch_classs_public_methods() -> None:
         theirs = getattr(torch.optim, name)
         public = {a for a in dir(theirs) if not a.startswith("_")}
         assert public <= set(dir(getattr(ut, name))), (name, public - set(dir(getattr(ut, name))))
+
+
+def test_adagrad_fills_every_sum_with_the_constructors_initial_value_as_torch() -> None:
+    """torch's Adagrad reads ``initial_accumulator_value`` from its defaults, at construction
+    and for a group added later; a group's own value is kept in the group, never read (not
+    even checked). Ten steps of three groups against torch's, float64."""
+    runs = []
+    for cls in (torch.optim.Adagrad, ut.Adagrad):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.ones(3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        opt = cls([{"params": [ps[0]], "initial_accumulator_value": 2.0}, {"params": [ps[1]]}],
+                  lr=0.1, initial_accumulator_value=0.5)
+        opt.add_param_group({"params": [ps[2]], "initial_accumulator_value": -1.0})
+        for _ in range(10):
+            for p in ps:
+                p.grad = torch.randn(3, dtype=torch.float64, generator=gen)
+            opt.step()
+        runs.append((ps, opt))
+    (ps, theirs), (qs, ours) = runs
+    for p, q in zip(ps, qs, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(theirs.state[p]["sum"], ours.state[q]["sum"])
+    assert ours.param_groups[2]["initial_accumulator_value"] == -1.0

@@ -231,7 +231,9 @@ class SGD(_Named):
 
 class Adagrad(_Named):
     """``torch.optim.Adagrad``, run by :func:`uniopt.adagrad`. As torch's, it sets up every
-    parameter's state at construction; sparse gradients update only the rows present."""
+    parameter's state at construction, each sum from the constructor's
+    ``initial_accumulator_value`` (a param group's own is kept in the group and never read, a
+    group added later's too); sparse gradients update only the rows present."""
 
     rule = adagrad()
     _torch_params = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
@@ -251,6 +253,12 @@ class Adagrad(_Named):
             for i, p in enumerate(group["params"]):
                 plans.ensure_state(self.state, p, rule, names, steps, i, plans.spec(p),
                                    group.get("state_dtype"))
+
+    def _build_rule(self, group: dict[str, Any]) -> Transform:
+        # torch fills every sum with the constructor's value (its __init__, and _init_group
+        # for a group added later, read self.defaults): a group's own is kept, never read
+        return super()._build_rule(
+            {**group, "initial_accumulator_value": self.defaults["initial_accumulator_value"]})
 
     def share_memory(self) -> None:
         """Every parameter's sum of squares in shared memory, for ``torch.multiprocessing``
