@@ -266,9 +266,13 @@ def test_rmsprop_bias_correction_is_adam_without_momentum() -> None:
     assert rel_diff(pa[0], pb[0]) < 1e-14
 
 
-def test_rmsprop_nesterov_needs_momentum() -> None:
+def test_rmsprop_nesterov_needs_momentum_but_in_optaxs_convention() -> None:
     with pytest.raises(ValueError, match="nesterov=True requires momentum > 0"):
         uo.rmsprop(nesterov=True)
+    # optax's trace(0, nesterov=True) passes the gradient: plain RMSprop
+    ours = uo.rmsprop(0.02, momentum=0.0, nesterov=True, convention="optax")
+    theirs = optax.rmsprop(0.02, momentum=0.0, nesterov=True)
+    assert run(ours, theirs, 5, steps=30) < 1e-12
 
 
 # --- rprop in optax's form ---------------------------------------------------------------------

@@ -110,9 +110,9 @@ def test_lars_without_momentum_keeps_no_buffer() -> None:
     assert not state.slots
 
 
-def test_lars_nesterov_needs_momentum() -> None:
-    with pytest.raises(ValueError, match="nesterov=True requires momentum > 0"):
-        uo.lars(0.1, momentum=0.0, nesterov=True)
+def test_lars_nesterov_without_momentum_is_optaxs_plain_step() -> None:
+    hp = dict(momentum=0.0, nesterov=True, weight_decay=0.01, trust_coefficient=0.2)
+    assert run(uo.lars(0.1, **hp), optax.lars(0.1, **hp), 3, steps=30) < 1e-12
 
 
 # --- novograd ----------------------------------------------------------------------------------

@@ -2056,3 +2056,27 @@ def test_adagrad_fills_every_sum_with_the_constructors_initial_value_as_torch() 
         assert torch.equal(p, q)
         assert torch.equal(theirs.state[p]["sum"], ours.state[q]["sum"])
     assert ours.param_groups[2]["initial_accumulator_value"] == -1.0
+
+
+def test_sgd_groups_of_nesterov_with_dampening_or_no_momentum_step_as_torchs() -> None:
+    """torch checks Nesterov's momentum and dampening at construction only: a param group's
+    own dampening, its momentum 0 (no momentum at all), a dampening written between steps all
+    run; the same bits as torch's, float64."""
+    runs = []
+    for cls in (torch.optim.SGD, ut.SGD):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.ones(3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        opt = cls([{"params": [ps[0]], "dampening": 0.5}, {"params": [ps[1]], "momentum": 0.0},
+                   {"params": [ps[2]]}], lr=0.1, momentum=0.9, nesterov=True)
+        for k in range(8):
+            if k == 4:
+                opt.param_groups[2]["dampening"] = 0.3
+            for p in ps:
+                p.grad = torch.randn(3, dtype=torch.float64, generator=gen)
+            opt.step()
+        runs.append(ps)
+    for p, q in zip(*runs, strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero"):
+        ut.SGD([torch.ones(2, requires_grad=True)], lr=0.1, momentum=0.9, dampening=0.1,
+               nesterov=True)

@@ -263,21 +263,29 @@ def test_closed_interval_ends_are_valid(ctor, kw):
     [
         lambda: uo.sgd(lr=0.1, nesterov=True),
         lambda: uo.sgd(lr=0.1, momentum=0.0, nesterov=True),
-        lambda: uo.sgd(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
         lambda: uo.trace(momentum=0.0, nesterov=True),
-        lambda: uo.trace(momentum=0.9, dampening=0.5, nesterov=True),
+        lambda: uo.rmsprop(momentum=0.0, nesterov=True),
     ],
-    ids=[
-        "sgd-default-momentum",
-        "sgd-momentum0",
-        "sgd-dampening",
-        "trace-momentum0",
-        "trace-dampening",
-    ],
+    ids=["sgd-default-momentum", "sgd-momentum0", "trace-momentum0", "rmsprop-momentum0"],
 )
-def test_nesterov_needs_momentum_and_no_dampening(build):
-    with pytest.raises(ValueError, match=r"nesterov=True requires momentum > 0 and dampening = 0"):
+def test_nesterov_needs_momentum(build):
+    with pytest.raises(ValueError, match=r"nesterov=True requires momentum > 0, got momentum="):
         build()
+
+
+def test_nesterov_with_dampening_is_torchs_step_for_a_param_groups_values():
+    """torch's constructor refuses the pair, its step computes it (a group's values are never
+    checked): b = mu*b + (1 - d)*g after the first b = g, p -= lr*(g + mu*b)."""
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=4)
+    state = uo.setup(uo.sgd(lr=0.1, momentum=0.9, dampening=0.3, nesterov=True), p)
+    want, b = p, None
+    for _ in range(5):
+        g = rng.normal(size=4)
+        state, p = uo.update(state, p, g)
+        b = g if b is None else 0.9 * b + 0.7 * g
+        want = want - 0.1 * (g + 0.9 * b)
+        assert np.allclose(p, want, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize(

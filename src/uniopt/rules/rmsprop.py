@@ -121,7 +121,8 @@ class rmsprop(Rule):
       They differ under a schedule only.
     - ``initial_scale``: where ``v`` starts (optax's; 0 elsewhere).
     - ``nesterov=True``: Nesterov momentum, ``d + momentum*b`` after the buffer (optax's
-      ``nesterov``; in the sutskever form ``lr*d + momentum*b``); needs ``momentum > 0``.
+      ``nesterov``; in the sutskever form ``lr*d + momentum*b``); needs ``momentum > 0``, but
+      in the optax convention, where momentum 0 is plain RMSprop, as optax's.
     - ``bias_correction=True``: ``v`` (centered: and ``gbar``) divided by ``1 - alpha^t``
       before the root (optax's ``bias_correction``; with ``initial_scale`` 0 and eps
       outside the root, Adam with ``b1 = 0``).
@@ -178,7 +179,9 @@ class rmsprop(Rule):
     def check(self) -> None:
         check_momentum_form(self.name, self.momentum_form, ("torch", "sutskever"))
         check_decay_form(self.name, self.decay_form)
-        check_nesterov(self.name, self.nesterov, self.momentum, 0.0)
+        if not (self.convention == "optax" and not callable(self.momentum)
+                and self.momentum == 0):  # (optax's nesterov=True with momentum 0: no momentum)
+            check_nesterov(self.name, self.nesterov, self.momentum)
 
     def parts(self) -> tuple[Transform, ...]:
         rms = ((scale_by_centered_rms_in_sqrt if self.eps_in_sqrt else scale_by_centered_rms)

@@ -12,7 +12,7 @@ from ..moments import fma, select
 from ..schedules import cosine
 from ..transforms.decay import weight_decay
 from ..transforms.mask import frozen_mask, masked_by
-from ..transforms.momentum import check_nesterov, trace
+from ..transforms.momentum import trace
 from ..transforms.scale import leaf_norm, scale_by_lr, scale_by_trust_ratio
 from .adam import scale_by_adam
 
@@ -97,7 +97,7 @@ class lars(Rule):
     The learning rate is applied before the momentum buffer, as optax does (Sutskever's form:
     under a schedule the buffer keeps the learning rate of the steps that made it). The masks
     are as optax takes them (:class:`~uniopt.masked_block`; None or True: every leaf).
-    ``nesterov`` needs ``momentum > 0`` (optax allows it with 0, where it is plain SGD).
+    ``nesterov`` with ``momentum`` 0 is plain SGD, as optax's.
     optax requires ``learning_rate``; ``lr`` here defaults to 1e-3.
     """
 
@@ -121,7 +121,6 @@ class lars(Rule):
     )
 
     def check(self) -> None:
-        check_nesterov(self.name, self.nesterov, self.momentum, 0.0)
         for name in ("weight_decay_mask", "trust_ratio_mask"):
             object.__setattr__(self, name, frozen_mask(getattr(self, name)))
 

@@ -228,6 +228,14 @@ class SGD(_Named):
         if values["nesterov"] and not (callable(m) or callable(d)) and (m <= 0 or d != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
+    def _build_rule(self, group: dict[str, Any]) -> Transform:
+        # torch checks Nesterov's pair at construction only; a param group's own momentum 0
+        # skips the momentum, Nesterov's look-ahead with it (dampening the rule computes)
+        m = group.get("momentum")
+        if group.get("nesterov") and isinstance(m, (int, float)) and m == 0:
+            group = {**group, "nesterov": False}
+        return super()._build_rule(group)
+
 
 class Adagrad(_Named):
     """``torch.optim.Adagrad``, run by :func:`uniopt.adagrad`. As torch's, it sets up every

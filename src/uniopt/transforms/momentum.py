@@ -37,15 +37,14 @@ def nesterov(xp, c, p, u, b):
     return select(xp, c.on, fma(c.momentum, b, u), u), b
 
 
-def check_nesterov(owner: str, nesterov: bool, momentum: Any, dampening: Any) -> None:
-    """Nesterov's look-ahead needs momentum and no dampening (torch's rule)."""
-    if nesterov and not (callable(momentum) or callable(dampening)) and (
-        momentum <= 0 or dampening != 0
-    ):
-        raise ValueError(
-            f"{owner}: nesterov=True requires momentum > 0 and dampening = 0, "
-            f"got momentum={momentum!r}, dampening={dampening!r}"
-        )
+def check_nesterov(owner: str, nesterov: bool, momentum: Any) -> None:
+    """Nesterov's look-ahead needs momentum: without, ``nesterov=True`` is a slip (torch's
+    constructor refuses it). Dampening is taken: torch's constructor refuses it too, but its
+    step computes it (for a param group's own values, which it never checks), and so does
+    :func:`nesterov`."""
+    if nesterov and not callable(momentum) and momentum <= 0:
+        raise ValueError(f"{owner}: nesterov=True requires momentum > 0, got "
+                         f"momentum={momentum!r}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,8 @@ class trace(Elementwise):
     """Heavy-ball momentum in torch's form: ``b <- momentum*b + (1-dampening)*u``, ``u <- b``.
 
     The first update stores ``b = u`` undamped, as torch does. With ``nesterov=True`` the
-    outgoing update is ``u + momentum*b``; it needs ``momentum > 0`` and ``dampening = 0``.
+    outgoing update is ``u + momentum*b``; it needs ``momentum > 0`` (with dampening, it is
+    what torch's step computes for a param group's values, which its constructor refuses).
     At a step where a momentum schedule is 0, ``u`` passes unchanged and ``b`` is kept, as in
     torch. (torch also starts its buffer undamped at the first non-zero momentum; here that
     happens only at the first update, which differs only with dampening > 0.)
@@ -65,7 +65,7 @@ class trace(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
     def check(self) -> None:
-        check_nesterov(self.name, self.nesterov, self.momentum, self.dampening)
+        check_nesterov(self.name, self.nesterov, self.momentum)
 
     def coeffs(self, step: int) -> Momentum:
         # arithmetic, not branches, so a traced step (jax.jit) or one counted on a torch device
