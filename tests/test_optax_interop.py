@@ -226,3 +226,28 @@ def test_a_rule_class_is_not_taken_for_an_optax_transformation() -> None:
         uo.from_optax(uo.adam)
     with pytest.raises(TypeError, match="from_optax: adam"):
         uo.from_optax(uo.adam())  # a uniopt rule goes into a chain as itself
+
+
+@pytest.mark.parametrize("member", ["clip_by_block_rms", "adaptive_grad_clip", "scale_by_yogi"])
+def test_an_optax_member_after_a_uniopt_one_takes_a_0d_numpy_leaf(member: str) -> None:
+    """NumPy hands a 0-d leaf's arithmetic back as a scalar, which optax members that check
+    for arrays refuse: the engine hands them arrays. Five steps against the same optax chain on
+    JAX arrays, in float64."""
+    made = {"clip_by_block_rms": lambda: optax.clip_by_block_rms(1.0),
+            "adaptive_grad_clip": lambda: optax.adaptive_grad_clip(0.5),
+            "scale_by_yogi": lambda: optax.scale_by_yogi()}[member]
+    rng = np.random.default_rng(0)
+    p = {"s": np.asarray(1.5), "v": rng.normal(size=3)}
+    grads = [{"s": np.asarray(rng.normal()), "v": rng.normal(size=3)} for _ in range(5)]
+    with jax.enable_x64(True):
+        state = uo.setup(uo.chain(uo.scale(2.0), made()), p)
+        theirs = optax.chain(optax.scale(2.0), made())
+        q = jax.tree.map(jax.numpy.asarray, p)
+        t = theirs.init(q)
+        for g in grads:
+            state, p = uo.update(state, p, g)
+            u, t = theirs.update(jax.tree.map(jax.numpy.asarray, g), t, q)
+            q = jax.tree.map(lambda a, b: a - b, q, u)  # (uniopt steps against the direction)
+        for k in p:
+            assert isinstance(p[k], np.ndarray)
+            np.testing.assert_allclose(p[k], np.asarray(q[k]), rtol=1e-12, atol=0)

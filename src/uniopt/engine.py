@@ -957,6 +957,9 @@ def _apply_tree(part: WholeTree, c: Any, us: list[Any], st: Any, ps: list[Any],
     contracts split axes), the leaves and the part's state go in whole
     (:func:`backend.gathered`) and come out laid out as they went in."""
     kwargs = extra if part.reads_value else {}
+    # (a 0-d leaf's NumPy arithmetic in the parts before hands back a scalar: a part, an optax
+    # member's among them, takes arrays)
+    us = [np.asarray(u) if backend.is_numpy_scalar(u) else u for u in us]
     error = None
     try:
         out, new_st = part.apply_tree(c, unflatten(state.treedef, us), st,
