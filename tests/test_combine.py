@@ -862,3 +862,69 @@ def test_adjust_says_a_combinators_own_number_is_set_when_it_is_built() -> None:
     np.testing.assert_allclose(w.detach().numpy(), ref[0], rtol=1e-14)
     assert not np.array_equal(ref[0], np.ones(3))
 
+
+
+NESTED = {  # (uniopt, optax) combinators nested, each inner tree shaped like the whole params
+    "partition-in-masked": (
+        lambda o, i: uo.masked(uo.partition({"x": uo.trace(0.5), "y": uo.scale(3.0)}, i), o),
+        lambda o, i: optax.masked(optax.multi_transform(
+            {"x": optax.trace(0.5), "y": optax.scale(3.0)}, i), o)),
+    "masked-in-masked": (
+        lambda o, i: uo.masked(uo.masked(uo.trace(0.5), {k: v == "x" for k, v in i.items()}), o),
+        lambda o, i: optax.masked(optax.masked(optax.trace(0.5),
+                                               {k: v == "x" for k, v in i.items()}), o)),
+    "masked-in-partition": (
+        lambda o, i: uo.partition({"on": uo.masked(uo.trace(0.5), {k: v == "x" for k, v in
+                                                                   i.items()}),
+                                   "off": uo.scale(2.0)}, {k: "on" if v else "off"
+                                                           for k, v in o.items()}),
+        lambda o, i: optax.multi_transform(
+            {"on": optax.masked(optax.trace(0.5), {k: v == "x" for k, v in i.items()}),
+             "off": optax.scale(2.0)}, {k: "on" if v else "off" for k, v in o.items()})),
+}
+
+
+@pytest.mark.parametrize("library", ["numpy", "jax-jit"])
+@pytest.mark.parametrize("name", list(NESTED))
+def test_a_nested_combinators_tree_may_be_shaped_like_the_whole_params(name: str,
+                                                                       library: str) -> None:
+    """The outer combinator leaves some leaves out of what its member sees; a mask or labels
+    tree inside, shaped like the whole params, reads its values at the leaves it gets, as in
+    optax. Ten steps against optax's same nesting, in float64."""
+    ours, theirs = NESTED[name]
+    outer = {"a": True, "b": True, "c": False}
+    inner = {"a": "x", "b": "y", "c": "x"}
+    rng = np.random.default_rng(0)
+    p = {k: rng.normal(size=n) for k, n in (("a", 3), ("b", 2), ("c", 1))}
+    grads = [{k: rng.normal(size=v.shape) for k, v in p.items()} for _ in range(10)]
+    with jax.enable_x64(True):
+        rule = uo.chain(ours(outer, inner), uo.scale_by_lr(0.1))
+        ref = optax.chain(theirs(outer, inner), optax.scale_by_learning_rate(0.1))
+        q = jax.tree.map(jnp.asarray, p)
+        if library == "jax-jit":
+            p = q
+        state, t = uo.setup(rule, p), ref.init(q)
+        step = jax.jit(uo.update) if library == "jax-jit" else uo.update
+        for g in grads:
+            state, p = step(state, p, g)
+            u, t = ref.update(jax.tree.map(jnp.asarray, g), t, q)
+            q = optax.apply_updates(q, u)
+        for k in p:
+            np.testing.assert_allclose(np.asarray(p[k]), np.asarray(q[k]), rtol=1e-12, atol=0)
+
+
+def test_a_nested_tree_of_another_shape_is_still_refused() -> None:
+    p = {"a": np.ones(3), "b": np.ones(2), "c": np.ones(1)}
+    rule = uo.masked(uo.masked(uo.trace(0.5), {"a": True, "b": False}),
+                     {"a": True, "b": True, "c": False})
+    with pytest.raises(ValueError, match=r"masked: the mask tree has structure"):
+        uo.setup(rule, p)
+
+
+def test_an_empty_list_of_globs_selects_no_leaf() -> None:
+    p = {"a": np.ones(3), "b": np.ones(2)}
+    g = {"a": np.full(3, 0.5), "b": np.full(2, 2.0)}
+    state = uo.setup(uo.chain(uo.masked(uo.scale(3.0), []), uo.scale_by_lr(0.1)), p)
+    _, new = uo.update(state, p, g)
+    np.testing.assert_array_equal(new["a"], p["a"] - 0.05)
+    np.testing.assert_array_equal(new["b"], p["b"] - 0.2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import numbers
 import re
 from collections.abc import Mapping
@@ -64,9 +65,9 @@ def _selector(owner: str, what: str, spec: Any, label: bool) -> Any:
     """``spec`` in the form a record keeps: a callable, patterns, or a :class:`_TreeSpec`."""
     if isinstance(spec, (str, re.Pattern)):
         return (spec,)
-    if isinstance(spec, (list, tuple)) and spec and all(
+    if isinstance(spec, (list, tuple)) and all(
             isinstance(s, (str, re.Pattern)) for s in spec) and not label:
-        return tuple(spec)
+        return tuple(spec)  # ([]: no pattern, no leaf selected)
     # (a tree of JAX's node types, flax's FrozenDict or an equinox Module, which is callable,
     # is a tree: known to the flattening once adopted)
     leaves, treedef = flatten_leaves(spec)
@@ -98,15 +99,36 @@ def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any])
     """The value of selector ``spec`` at each leaf of a tree ``treedef``."""
     paths = [dotted(p) for p in named_paths(treedef)]
     if isinstance(spec, _TreeSpec):
-        if spec.treedef != treedef:
+        if spec.treedef == treedef:
+            return list(spec.leaves)
+        try:
+            within = _within(spec, treedef)
+        except TypeError:  # a node whose metadata cannot be hashed
+            within = _within.__wrapped__(spec, treedef)
+        if within is None:
             raise ValueError(
                 f"{owner}: the {what} tree has structure {spec.treedef}, the params "
                 f"{treedef}"
             )
-        return list(spec.leaves)
+        return within
     if isinstance(spec, tuple):
         return [_matches(spec, p) for p in paths]
     return [spec(p, x) for p, x in zip(paths, leaves, strict=True)]
+
+
+@functools.lru_cache(maxsize=256)
+def _within(spec: _TreeSpec, treedef: Any) -> list[Any] | None:
+    """``spec``'s values at the leaves of ``treedef``, where ``treedef`` is ``spec``'s structure
+    with some leaves None: a combinator's members see the params with the leaves it routes
+    elsewhere so, and a mask or labels tree inside is shaped like the whole params (as in
+    optax). None where the structures differ otherwise."""
+    marks = unflatten(treedef, [True] * treedef.num_leaves)
+    flat, full = optree.tree_flatten(marks, none_is_leaf=True, namespace=NAMESPACE)
+    own, whole = optree.tree_flatten(unflatten(spec.treedef, list(spec.leaves)),
+                                     none_is_leaf=True, namespace=NAMESPACE)
+    if whole != full:
+        return None
+    return [v for v, m in zip(own, flat, strict=True) if m is True]
 
 
 # how a combinator's members step: inside a chain (what comes out is their updates), or as a
