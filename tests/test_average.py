@@ -489,3 +489,37 @@ def _ema_reference(steps: int) -> tuple[Any, Any]:
     for _ in range(steps):
         state, p = uo.update(state, p, {"w": np.ones(2)})
     return state, p
+
+
+@pytest.mark.parametrize("make", [
+    lambda: uo.chain(uo.ema(0.9), uo.scale_by_lr(0.1)),
+    lambda: uo.chain(uo.chain(uo.sgd(lr=0.1), uo.polyak()), uo.scale(2.0)),
+    lambda: uo.chain(uo.sgd(lr=0.1), uo.ema(0.9), uo.adam()),
+], ids=["ema-first", "polyak-in-a-chain-then-scale", "ema-between-rules"])
+def test_an_average_goes_last_in_a_chain(make: Any) -> None:
+    """It averages p - u for the u it is given: with a part after it, that is not the param
+    the step writes (a port of optax's chain(ema, ...) got plain SGD and a meaningless
+    average, silently)."""
+    with pytest.raises(ValueError, match=r"chain: (ema|polyak) averages the parameters the step "
+                                         r"writes, so it goes last; got \w+ after it"):
+        make()
+
+
+def test_optaxs_ema_of_the_updates_is_the_bias_corrected_ema_momentum() -> None:
+    """What the refusal above points to: optax.chain(optax.ema(0.9), sgd) to 1e-12."""
+    optax = pytest.importorskip("optax")
+    jax = pytest.importorskip("jax")
+    rng = np.random.default_rng(0)
+    p = {"w": rng.normal(size=(3, 2))}
+    with jax.enable_x64(True):
+        ours = uo.setup(uo.chain(uo.ema_momentum_bias_corrected(0.9, nesterov=False),
+                                 uo.scale_by_lr(0.1)), p)
+        ref = optax.chain(optax.ema(0.9), optax.scale_by_learning_rate(0.1))
+        q = jax.tree.map(jax.numpy.asarray, p)
+        t = ref.init(q)
+        for _ in range(20):
+            g = {"w": rng.normal(size=(3, 2))}
+            ours, p = uo.update(ours, p, g)
+            u, t = ref.update(jax.tree.map(jax.numpy.asarray, g), t, q)
+            q = optax.apply_updates(q, u)
+        np.testing.assert_allclose(p["w"], np.asarray(q["w"]), rtol=1e-12, atol=0)

@@ -545,6 +545,9 @@ class Part(Transform):
     # flips the sign in scale_by_learning_rate); any other hands back its direction as it is,
     # as optax's gradient transformations do
     makes_step: ClassVar[bool] = False
+    # averages the parameters the step writes, p - u for the u it is given: it goes last in a
+    # chain (:class:`chain` refuses any other part after it)
+    averages: ClassVar[bool] = False
     # its arithmetic on the real pairs of a complex leaf's parts is not known to be right (a
     # row and column factor, a matrix iteration, a distance or a norm ratio, a draw of real
     # noise): set-up refuses complex params for any rule or chain that holds it, as for a
@@ -940,6 +943,24 @@ class Rule(Transform, metaclass=_WithConventions):
     info: ClassVar[Info | None] = None
 
 
+def _averaging_last(members: list[Transform]) -> None:
+    """Refuse a member after one that averages the params (ema, polyak): it averages ``p - u``
+    for the ``u`` it is given, the param the step writes only where nothing changes ``u``
+    after it. (optax's ``ema`` of the updates, which a port may put first, is another
+    transform.)"""
+    flat: list[Transform] = []
+    for m in members:
+        flat.extend(m.transforms if isinstance(m, chain) else (m,))
+    averages = [getattr(m, "averages", False) for m in flat]  # (a part's class flag)
+    first = averages.index(True) if True in averages else len(flat)
+    after = [m for m, a in zip(flat[first:], averages[first:], strict=True) if not a]
+    if after:
+        raise ValueError(
+            f"chain: {flat[first].name} averages the parameters the step writes, so it goes last; "
+            f"got {after[0].name} after it (optax's ema of the updates is "
+            f"uo.ema_momentum_bias_corrected(decay, nesterov=False))")
+
+
 @dataclasses.dataclass(frozen=True, init=False)
 class chain(Transform):
     """Apply transforms one after another; the output of each is the input of the next.
@@ -962,6 +983,7 @@ class chain(Transform):
                     f"GradientTransformation: {t!r}"
                 )
             members.append(t)
+        _averaging_last(members)
         object.__setattr__(self, "transforms", tuple(members))
         object.__setattr__(self, "host", None)
 

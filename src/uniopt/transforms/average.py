@@ -30,6 +30,7 @@ class Averaging(Elementwise):
     """An elementwise part whose one slot holds averaged weights (read by :func:`averaged`)."""
 
     uses_params: ClassVar[bool] = True  # it averages p - u
+    averages: ClassVar[bool] = True
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (detached_copy(p),)
