@@ -94,6 +94,8 @@ class madgrad(Rule):
     pytorch-optimizer with ``momentum=0`` keeps no ``x0`` and recomputes it each step as
     ``p + s/rms`` (the same up to rounding), and with ``eps=0`` treats a zero ``S`` as
     inactive; here and in optax ``x0`` is kept and ``eps=0`` divides by zero where ``S`` is 0.
+    optax computes ``lambda``'s ``sqrt(t)`` in float32 even under x64 (its int32 count): 1e-9 to
+    1e-8 relative apart in float64; uniopt's is in the params' precision.
     At a step of ``lr = 0`` (a warm-up from 0) pytorch-optimizer takes ``ell_t = 0`` and
     nothing moves; here, as in optax, ``ell_t = eps*sqrt(t)`` still accumulates and ``p``
     moves by about ``eps^(2/3)`` (6.9e-6 apart after 200 steps of a warm-up over 16).

@@ -228,6 +228,9 @@ _CONVENTIONS_DOC = """
     optax's ``warmup_constant_schedule``) at its own count ``t - 1``, the weights at ``t``: the
     ``z`` step lags the weights by one step of the schedule (its first step under warm-up is
     0). The same arithmetic at a constant learning rate without warm-up. optax has no ``r``.
+    optax's ``warmup_constant_schedule`` computes in float32 even under x64 (its int32 count):
+    with ``warmup_steps`` the two are 1e-10 to 1e-8 relative apart in float64; uniopt's ramp is
+    in the params' precision.
 
     Conventions: ``"torch"`` (Meta's), ``"optax"`` (``lagged_step_lr=True``).
 """
