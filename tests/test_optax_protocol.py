@@ -9,6 +9,8 @@ Cheap by design: small trees, NumPy where the peer allows it, a handful of jit c
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -194,6 +196,21 @@ def test_inject_hyperparams_in_optaxs_convention_follows_optaxs_rule() -> None:
             p, s = step_s(p, s, jg, 0.0)
             q, t = step_t(q, t, jg, 0.0)
             assert max(rel_diff(p[n], q[n]) for n in params) <= 1e-12, k
+
+
+def test_the_signatures_defaults_are_the_conventions_through_a_partial_too() -> None:
+    """A functools.partial that fixes the convention keeps it (its signature is a replaced
+    one); a rule without conventions has the plain signature."""
+    sig = inspect.signature(functools.partial(uo.adamw, convention="optax"))
+    bound = sig.bind(lr=0.1)
+    bound.apply_defaults()
+    assert bound.arguments["weight_decay"] == 1e-4 and bound.arguments["convention"] == "optax"
+    state = optax.inject_hyperparams(functools.partial(uo.adamw, convention="optax"))(
+        lr=0.1).init({"w": jnp.ones(2)})
+    assert float(state.hyperparams["weight_decay"]) == pytest.approx(1e-4)
+    bound = inspect.signature(uo.lamb).bind(lr=0.1)
+    bound.apply_defaults()
+    assert bound.arguments["weight_decay"] == uo.lamb().weight_decay
 
 
 def test_inject_hyperparams_with_an_unknown_convention_names_it() -> None:

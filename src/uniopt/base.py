@@ -857,13 +857,13 @@ class ByFields:
         return self.text
 
 
-def _convention_defaults(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
-    """The values ``cls``'s convention (the one in ``given``, else the field's default) sets
-    for the fields ``given`` leaves out; {} for a rule with no conventions."""
+def _convention_defaults(cls: Any, given: dict[str, Any], default: str) -> dict[str, Any]:
+    """The values ``cls``'s convention (the one in ``given``, else ``default``) sets for the
+    fields ``given`` leaves out; {} for a rule with no conventions."""
     table = getattr(cls, "conventions", None)
     if not table:
         return {}
-    name = given.get("convention", cls.__dataclass_fields__["convention"].default)
+    name = given.get("convention", default)
     if name not in table:
         raise ValueError(
             f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "
@@ -879,9 +879,12 @@ class _ConventionBound(inspect.BoundArguments):
     __slots__ = ()
 
     def apply_defaults(self) -> None:
-        rule = self.signature._rule  # type: ignore[attr-defined]
+        sig = self.signature
+        assert isinstance(sig, _ConventionSignature)
+        # (the signature's own default: a functools.partial's where one fixed it)
+        default = sig.parameters["convention"].default
         try:
-            self.arguments.update(_convention_defaults(rule, dict(self.arguments)))
+            self.arguments.update(_convention_defaults(sig.rule, dict(self.arguments), default))
         except ValueError:
             pass  # an unknown convention: the constructor says so, as for a direct call
         super().apply_defaults()
@@ -894,11 +897,17 @@ class _ConventionSignature(inspect.Signature):
     then given, so a default it applied by the signature alone would overrule the
     convention."""
 
-    __slots__ = ("_rule",)
-    _rule: Any  # the rule's class
+    __slots__ = ("rule",)
+    rule: Any  # the rule's class
 
     def bind(self, *args: Any, **kwargs: Any) -> inspect.BoundArguments:
         return _ConventionBound(self, super().bind(*args, **kwargs).arguments)
+
+    def replace(self, **changes: Any) -> _ConventionSignature:
+        # (functools.partial's signature is a replaced one)
+        new = super().replace(**changes)
+        new.rule = self.rule
+        return new
 
 
 class _WithConventions(type):
@@ -912,7 +921,8 @@ class _WithConventions(type):
         if getattr(cls, "conventions", None):
             fields = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
             given = dict(zip(fields, args, strict=False)) | kwargs  # by position or by name
-            kwargs = {**_convention_defaults(cls, given), **kwargs}
+            default = cls.__dataclass_fields__["convention"].default  # type: ignore[attr-defined]
+            kwargs = {**_convention_defaults(cls, given, default), **kwargs}
         return super().__call__(*args, **kwargs)
 
     @property
@@ -921,8 +931,10 @@ class _WithConventions(type):
         # arguments by signature (optax.inject_hyperparams) see the fields, and the defaults
         # they apply are the convention's
         sig = inspect.signature(cls.__init__)  # type: ignore[misc]
+        if not getattr(cls, "conventions", None):
+            return sig.replace(parameters=list(sig.parameters.values())[1:])
         ours = _ConventionSignature(list(sig.parameters.values())[1:])
-        ours._rule = cls
+        ours.rule = cls
         return ours
 
 
