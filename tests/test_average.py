@@ -495,7 +495,8 @@ def _ema_reference(steps: int) -> tuple[Any, Any]:
     lambda: uo.chain(uo.ema(0.9), uo.scale_by_lr(0.1)),
     lambda: uo.chain(uo.chain(uo.sgd(lr=0.1), uo.polyak()), uo.scale(2.0)),
     lambda: uo.chain(uo.sgd(lr=0.1), uo.ema(0.9), uo.adam()),
-], ids=["ema-first", "polyak-in-a-chain-then-scale", "ema-between-rules"])
+    lambda: uo.chain(uo.chain(uo.chain(uo.sgd(lr=0.1), uo.ema(0.9))), uo.scale(2.0)),
+], ids=["ema-first", "polyak-in-a-chain-then-scale", "ema-between-rules", "nested-twice"])
 def test_an_average_goes_last_in_a_chain(make: Any) -> None:
     """It averages p - u for the u it is given: with a part after it, that is not the param
     the step writes (a port of optax's chain(ema, ...) got plain SGD and a meaningless

@@ -961,8 +961,15 @@ def _averaging_last(members: list[Transform]) -> None:
     after it. (optax's ``ema`` of the updates, which a port may put first, is another
     transform.)"""
     flat: list[Transform] = []
-    for m in members:
-        flat.extend(m.transforms if isinstance(m, chain) else (m,))
+
+    def add(ms: Any) -> None:
+        for m in ms:
+            if isinstance(m, chain):
+                add(m.transforms)
+            else:
+                flat.append(m)
+
+    add(members)
     averages = [getattr(m, "averages", False) for m in flat]  # (a part's class flag)
     first = averages.index(True) if True in averages else len(flat)
     after = [m for m, a in zip(flat[first:], averages[first:], strict=True) if not a]

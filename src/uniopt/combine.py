@@ -110,14 +110,14 @@ def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any])
                 f"{owner}: the {what} tree has structure {spec.treedef}, the params "
                 f"{treedef}"
             )
-        return within
+        return list(within)
     if isinstance(spec, tuple):
         return [_matches(spec, p) for p in paths]
     return [spec(p, x) for p, x in zip(paths, leaves, strict=True)]
 
 
 @functools.lru_cache(maxsize=256)
-def _within(spec: _TreeSpec, treedef: Any) -> list[Any] | None:
+def _within(spec: _TreeSpec, treedef: Any) -> tuple[Any, ...] | None:
     """``spec``'s values at the leaves of ``treedef``, where ``treedef`` is ``spec``'s structure
     with some leaves None: a combinator's members see the params with the leaves it routes
     elsewhere so, and a mask or labels tree inside is shaped like the whole params (as in
@@ -128,7 +128,7 @@ def _within(spec: _TreeSpec, treedef: Any) -> list[Any] | None:
                                      none_is_leaf=True, namespace=NAMESPACE)
     if whole != full:
         return None
-    return [v for v, m in zip(own, flat, strict=True) if m is True]
+    return tuple(v for v, m in zip(own, flat, strict=True) if m is True)
 
 
 # how a combinator's members step: inside a chain (what comes out is their updates), or as a
