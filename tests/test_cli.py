@@ -1065,12 +1065,22 @@ def test_schedule_bad_steps(capsys):
     assert main(["schedule", "cosine(1, 10)", "--steps", "-1"]) == 2
 
 
+def test_a_join_without_boundaries_is_drawn(capsys):
+    assert main(["schedule", "join([0.001], [])"]) == 0
+    assert "0.001" in capsys.readouterr().out
+
+
 def test_horizon_covers_each_schedule():
     from uniopt import schedules as S
     from uniopt.tools.cli import horizon
 
     assert horizon(S.warmup(100, S.cosine(1.0, 900))) == (1000, [100, 1000])
     assert horizon(S.join([S.linear(0.0, 1.0, 10), S.cosine(1.0, 90)], [10])) == (100, [10, 100])
+    # one schedule and no boundary (the last schedule starts at 0, not at its own knot)
+    assert horizon(S.join([S.cosine(1.0, 100)], [])) == (100, [100])
+    assert horizon(S.join([S.constant(1e-3)], [])) == (0, [])
+    assert horizon(S.join([S.linear(0.0, 1.0, 10), S.warmup(5, S.cosine(1.0, 20))], [30])) == (
+        55, [10, 30, 35, 55])
     assert horizon(S.wsd(1.0, 10, 80, 10)) == (100, [10, 90, 100])
     assert horizon(S.sgdr(1.0, 10, mult=2)) == (70, [10, 30, 70])
     assert horizon(S.cyclic(0.1, 1.0, 5)) == (20, [5, 10, 15, 20])

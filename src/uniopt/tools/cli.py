@@ -755,10 +755,12 @@ def horizon(schedule: Any) -> tuple[int, list[int]]:
         n, knots = inner(s.then)
         return int(s.steps) + n, [int(s.steps), *(int(s.steps) + k for k in knots)]
     if isinstance(s, S.join):
-        knots = [int(b) for b in s.boundaries]
-        for start, t in zip([0, *knots], s.schedules, strict=False):
+        bounds = [int(b) for b in s.boundaries]
+        knots = list(bounds)
+        for start, t in zip([0, *bounds], s.schedules, strict=False):
             knots += [start + k for k in inner(t)[1]]
-        return knots[len(s.boundaries) - 1] + inner(s.schedules[-1])[0], sorted(set(knots))
+        # the last schedule starts at the last boundary (at 0 where there is none)
+        return (bounds[-1] if bounds else 0) + inner(s.schedules[-1])[0], sorted(set(knots))
     if isinstance(s, S.sgdr):
         ends = list(itertools.accumulate(int(s.steps * s.mult**i) for i in range(3)))
         return ends[-1], ends
