@@ -91,6 +91,13 @@ def test_the_printed_rule_builds_the_translated_rule(lr):
     assert checked > 20
 
 
+def test_the_printed_rule_names_a_schedule_inside_a_tuple() -> None:
+    rule = uo.adam(betas=(0.9, schedules.cosine(0.99, 10)), lr=schedules.cosine(0.1, 5))
+    assert eval(conventions.call(rule), {"uo": uo}) == rule
+    one = uo.translate(rule, target="keras").rule
+    assert eval(conventions.call(one), {"uo": uo}) == one
+
+
 def test_adamw_torch_to_flux_couple_false_is_exact_at_constant_lr_and_under_a_schedule():
     torch_rule = uo.adamw(lr=1e-2, weight_decay=0.5)
     tr = uo.translate(torch_rule, source="torch", target="flux", couple_lr=False)

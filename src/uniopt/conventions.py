@@ -761,6 +761,9 @@ def _value(v: Any) -> str:
     """``v`` as the printed call writes it: a schedule (nested ones too) by the name it has
     under ``uniopt`` (``uo.step_power``) or ``uniopt.schedules``, so the call runs as printed
     with ``uniopt`` imported as ``uo``."""
+    if isinstance(v, tuple):  # (betas with a schedule inside)
+        inside = ", ".join(map(_value, v))
+        return f"({inside},)" if len(v) == 1 else f"({inside})"
     text = repr(v)
     if isinstance(v, schedules._Record):  # (whose repr holds numbers and records only)
         # uniopt.schedules' own, else a rule module's, which uniopt exports (uo.step_power)
