@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,19 @@ def test_the_printed_rule_builds_the_translated_rule(lr):
             assert eval(conventions.call(tr.rule), {"uo": uo}) == tr.rule, (name, src, tgt)
             checked += 1
     assert checked > 20
+
+
+def test_every_call_the_page_shows_builds_its_conventions_rule() -> None:
+    """The "in uniopt" column of docs/conventions.md: each call runs (a field it names bare is
+    the caller's, optimistic_adam's lr as optax requires one) and builds that convention."""
+    checked = 0
+    for cls in _tables().values():
+        for fw in cls.conventions:
+            cell = conventions._uniopt_cell(cls, fw)
+            built = eval(cell.strip("`"), {"uo": uo, "lr": 0.01})
+            assert built == cls(**{"convention": fw, **({"lr": 0.01} if "(lr" in cell else {})})
+            checked += 1
+    assert checked > 60
 
 
 def test_the_printed_rule_names_a_schedule_inside_a_tuple() -> None:
@@ -319,7 +333,7 @@ def test_the_page_reproduces_every_convention_of_every_table():
     for name, cls in _tables().items():
         for fw in cls.conventions:
             if fw != "torch":
-                assert f"`uo.{name}(convention={fw!r})`" in page
+                assert re.search(rf"`uo\.{name}\((lr, )?convention={fw!r}\)`", page), (name, fw)
             assert fw in FRAMEWORKS
 
 
@@ -520,3 +534,16 @@ def test_keras_decoupled_decay_to_torch_is_torchs_decoupled_weight_decay(name):
     finally:
         torch.set_default_dtype(dtype)
     np.testing.assert_allclose(_run(tr.rule, 100), np.array(theirs), rtol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "source", "target"), [
+    ("nadam", "optax", "torch"), ("nadam", "optax", "keras"), ("nadam", "flux", "torch"),
+    ("nadam", "flux", "keras"), ("nadamw", "optax", "torch")])
+def test_an_eps_root_the_target_has_not_is_said_not_exact(name, source, target):
+    """torch's and keras's NAdam (the dozat momenta) take no eps_root: a translation into
+    them sets it to 0 and says so (it raised the dozat form's own check)."""
+    rule = getattr(uo, name)(convention=source, eps_root=1e-8)
+    tr = uo.translate(rule, target=target)
+    assert tr.rule.eps_root == 0.0 and not tr.exact
+    assert "eps_root = 0.0" in tr.conditions
+    assert uo.translate(getattr(uo, name)(convention=source), target=target).rule.eps_root == 0

@@ -195,7 +195,8 @@ FIXED: dict[str, dict[str, dict[str, Any]]] = {
     },
     "adagrad": {fw: {"lr_decay": 0.0} for fw in ("optax", "keras", "flux")},
     "adadelta": {"flux": {"lr": 1.0}},
-    "nadam": {"keras": {"momentum_decay": 1.0}},
+    "nadam": {"keras": {"momentum_decay": 1.0, "eps_root": 0.0}, "torch": {"eps_root": 0.0}},
+    "nadamw": {"torch": {"eps_root": 0.0}},
     "radam": {"torch": {"rectify_threshold": 5.0}, "optax": {"rectify_threshold": 5.0},
               "flux": {"rectify_threshold": 4.0}},
     "optimistic_adam": {"flux": {"alpha": 1.0, "beta": 1.0}},
@@ -223,6 +224,9 @@ FIXED_WHY: dict[tuple[str, str], str] = {
     ("adagrad", "lr_decay"): "only torch's Adagrad has lr_decay (elsewhere give lr the schedule "
                              "lr/(1 + (t−1)·lr_decay))",
     ("adadelta", "lr"): "Optimisers.jl's AdaDelta has no learning rate (η = 1)",
+    ("nadam", "eps_root"): "torch's and keras's NAdam (the dozat momenta) add no eps_root under "
+                           "the root",
+    ("nadamw", "eps_root"): "torch's NAdam (the dozat momenta) adds no eps_root under the root",
     ("nadam", "momentum_decay"): "keras 3's Nadam has no momentum_decay: its μ_t uses 0.96^t, "
                                  "momentum_decay = 1",
     ("radam", "rectify_threshold"): "each framework's RAdam rectifies from its own threshold",
@@ -459,7 +463,8 @@ def _b2_in_root(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
                      "and is not translated")
     r = float(b2) ** 0.5 if new else 1.0 / float(b2) ** 0.5
     for k, c in (("lr", r), ("eps", r), ("eps_root", r * r)):
-        hyper[k] = _sqrt_b2_scaled(getattr(rule, k), c)
+        # (from the target's values: a fixed eps_root of 0 stays 0)
+        hyper[k] = _sqrt_b2_scaled(hyper[k], c)
     return _Step(True, "constant β₂ (lr, eps, eps_root rescaled)", why)
 
 
@@ -811,12 +816,17 @@ def _options_cell(cls: type[Rule], fw: str) -> str:
 
 
 def _uniopt_cell(cls: type[Rule], fw: str) -> str:
-    name, table = cls.__name__, _table(cls)
+    name, table, fields = cls.__name__, _table(cls), _fields(cls)
+    # a field with no default that the convention does not set is named: the caller gives it
+    # (optimistic_adam's lr, as optax requires one)
+    needed = [k for k, f in fields.items() if f.default is dataclasses.MISSING
+              and f.default_factory is dataclasses.MISSING and k not in table.get(fw, {})]
     if fw in table:  # torch's needs no argument where it is the rule's default
-        plain = fw == "torch" == _default(_fields(cls)["convention"])
-        return f"`uo.{name}()`" if plain else f"`uo.{name}(convention={fw!r})`"
+        plain = fw == "torch" == _default(fields["convention"])
+        args = needed + ([] if plain else [f"convention={fw!r}"])
+        return f"`uo.{name}({', '.join(args)})`"
     if fw == "torch" and not table:
-        return f"`uo.{name}()`"
+        return f"`uo.{name}({', '.join(needed)})`"
     return "— (no convention yet)"
 
 
