@@ -508,7 +508,9 @@ def run(
                 t0 = time.perf_counter()
                 try:
                     step = IMPLEMENTATIONS[impl](w, rule)
-                    if step is None:
+                    if step is None:  # (the implementation's library missing, too)
+                        progress(f"{wname} {rule} {impl}: skipped (no such step for "
+                                 f"{w.dtype} arrays)")
                         continue
                     step()
                 except (TypeError, ValueError) as e:
