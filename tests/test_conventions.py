@@ -547,3 +547,18 @@ def test_an_eps_root_the_target_has_not_is_said_not_exact(name, source, target):
     assert tr.rule.eps_root == 0.0 and not tr.exact
     assert "eps_root = 0.0" in tr.conditions
     assert uo.translate(getattr(uo, name)(convention=source), target=target).rule.eps_root == 0
+
+
+def test_options_exact_under_their_conditions_say_so():
+    """ademamix's decay forms agree without decay; schedule-free's lagged lr agrees at a
+    constant lr without warm-up (the same steps: the test above runs them)."""
+    cases = [(uo.ademamix(convention="optax", weight_decay=0.0), "torch", True),
+             (uo.ademamix(convention="optax", weight_decay=0.1), "torch", False),
+             (uo.schedule_free_sgd(lr=0.1), "optax", True),
+             (uo.schedule_free_adamw(lr=schedules.cosine(0.1, 10)), "optax", False),
+             (uo.schedule_free_adamw(warmup_steps=5), "optax", False)]
+    for rule, target, exact in cases:
+        tr = uo.translate(rule, target=target)
+        assert tr.exact == exact, (rule, tr)
+        if exact:
+            np.testing.assert_allclose(_run(tr.rule), _run(rule), rtol=1e-12, atol=1e-15)

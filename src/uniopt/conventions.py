@@ -497,6 +497,14 @@ def _decay_form(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
                  why + ": no weight_decay of one form reproduces the other")
 
 
+def _lagged_step_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    lr, warm = rule.lr, rule.warmup_steps  # type: ignore[attr-defined]
+    return _Step(_number(lr) and warm == 0, "constant lr, warmup_steps = 0", (
+        "optax's base optimizer reads the learning rate (and its warm-up) at its own count "
+        "t − 1, Meta's at t: the z step lags the weights by one step of the schedule, the "
+        "same numbers while the learning rate is constant"))
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(("adamw",), "couple_lr", "torch's coupled decay ↔ Flux couple=false: exact (λ = "
            "lr·weight_decay, a product schedule under an lr schedule); back to torch exact at "
@@ -529,6 +537,11 @@ OPTIONS: tuple[Option, ...] = (
            "when λ = 0", _decay_form),
     Option(("sgd",), "decay_form", "torch's L2 term g + λp ↔ keras's decoupled p −= lr·λ·p "
            "before the step: exact when λ = 0 or without momentum", _decay_form),
+    Option(("ademamix",), "decay_form", "pytorch-optimizer's L2 term g + λp ↔ optax's "
+           "decoupled p −= lr·(u + λp): exact only when λ = 0", _decay_form),
+    Option(("schedule_free_sgd", "schedule_free_adamw"), "lagged_step_lr", "the z step's lr "
+           "at t (Meta's) ↔ at t − 1 (optax's): exact at a constant lr without warm-up",
+           _lagged_step_lr),
     Option(("nadam",), "decoupled_weight_decay", "L2 term ↔ decoupled p *= 1 − lr·λ (NAdamW, "
            "keras): exact only when λ = 0", _decay_form),
     Option(("adadelta", "adagrad", "adam", "adamax", "nadam", "optimistic_adam", "radam",
