@@ -173,7 +173,14 @@ def test_adagrad_torch_to_keras_and_optax_eps_placement():
     assert tr.rule.eps_in_sqrt and tr.rule.initial_accumulator_value == 0.0
     assert tr.rule.eps == 1e-10 and tr.rule.lr == 0.1
     exact = uo.translate(uo.adagrad(lr=0.1, eps=0.0), target="keras")
-    assert exact.exact and exact.conditions == "eps = 0; weight_decay = 0"  # keras decouples
+    assert exact.exact and exact.conditions == "eps = 0, no accumulator at 0; weight_decay = 0"
+    # (keras decouples; a 0 gradient on a 0 accumulator: the root form steps 0, torch's NaN)
+    torch_form, root_form = ([np.ones(2)] for _ in range(2))
+    with np.errstate(invalid="ignore"):
+        uo.update_(uo.setup(uo.adagrad(lr=0.1, eps=0.0), torch_form), torch_form,
+                   [np.array([0.0, 1.0])])
+    uo.update_(uo.setup(exact.rule, root_form), root_form, [np.array([0.0, 1.0])])
+    assert np.isnan(torch_form[0][0]) and root_form[0][0] == 1.0
     np.testing.assert_allclose(_run(exact.rule), _run(uo.adagrad(lr=0.1, eps=0.0)), rtol=1e-12)
     back = uo.translate(uo.adagrad(convention="keras"), target="torch")
     assert not back.exact and back.rule.initial_accumulator_value == 0.1 and back.rule.lr == 1e-3

@@ -335,6 +335,10 @@ def _eps_in_sqrt(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step
            "step for every v (keeping eps, the steps differ where v is not ≫ eps², most at the "
            "first steps and for small gradients; and at eps = 0, where an accumulator is still "
            "0, torch's form divides 0 by 0)")
+    if rule.name == "adagrad":  # (optax's form steps 0 there, as optax's scale_by_rss)
+        return _Step(_number(eps) and eps == 0, "eps = 0, no accumulator at 0", why + (
+            "; Adagrad's root form steps 0 where its accumulator is 0 (optax's), torch's "
+            "form NaN: a gradient 0 from the start differs"))
     return _Step(_number(eps) and eps == 0, "eps = 0", why)
 
 
@@ -683,7 +687,7 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     >>> import uniopt as uo
     >>> tr = uo.translate(uo.adagrad(eps=0.0), target="keras")
     >>> tr.exact, tr.conditions, tr.rule.eps_in_sqrt, tr.rule.lr
-    (True, 'eps = 0; weight_decay = 0', True, 0.01)
+    (True, 'eps = 0, no accumulator at 0; weight_decay = 0', True, 0.01)
     >>> tr = uo.translate(uo.adamw(lr=1e-3, weight_decay=1e-2), target="flux", couple_lr=False)
     >>> tr.rule.couple_lr, round(tr.rule.weight_decay, 12), tr.exact
     (False, 1e-05, True)
