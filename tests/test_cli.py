@@ -359,6 +359,9 @@ def test_translate_json_and_an_inexact_translation(capsys):
     (["translate", "adamz", "--to", "optax"], "'adamz'"),
     (["translate", "adagrad", "--to", "optax", "lr"], "'lr'"),
     (["translate", "adagrad", "--to", "optax", "lr=-1"], "lr"),
+    (["translate", "adam", "--to", "optax", "lr=1e-3", "lr=2e-3"], "lr given twice"),
+    (["translate", "adamw", "--to", "flux", "--set", "couple_lr=False", "--set",
+      "couple_lr=True"], "--set couple_lr given twice"),
 ])
 def test_translate_bad_input_is_a_usage_error(capsys, argv, named):
     assert main(argv) == 2
@@ -1239,3 +1242,13 @@ def test_bench_gives_a_rule_that_does_not_trace_no_jit_row(monkeypatch):
     got = {(r.rule, r.implementation) for r in rows}
     assert got == {("nadam", "uniopt"), ("adam", "uniopt"), ("adam", "uniopt + jit")}
     assert "0.00 " not in bench.table(1e10, rows)  # a floor of microseconds shows its digits
+
+
+def test_compares_amsgrad_is_the_registrys_in_torchs_form():
+    """The name means one rule in every subcommand: compare's preset is uo.amsgrad (torch's
+    form, as its other presets), which has no eps_hat of adam's."""
+    from uniopt.tools.cli import RULES
+
+    rule = RULES["amsgrad"](0.1)
+    assert type(rule) is uo.amsgrad and rule.convention == "torch"
+    assert main(["compare", "--rules", "amsgrad:eps_hat=True", "--steps", "5"]) == 2

@@ -34,6 +34,7 @@ from ..hyper import did_you_mean
 from ..rules.adadelta import adadelta
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw, optimistic_adam
+from ..rules.adam_extra import amsgrad
 from ..rules.rmsprop import rmsprop
 from ..rules.sgd import sgd
 from . import parse as parse_
@@ -52,7 +53,9 @@ PRESETS: dict[str, tuple[Callable[..., Transform], dict[str, Any]]] = {
     "rmsprop": (rmsprop, {}),
     "adadelta": (adadelta, {}),
     "adam": (adam, {}),
-    "amsgrad": (adam, {"amsgrad": True}),
+    # the registry's amsgrad, as rules, bench and translate take it, in torch's form (the max
+    # of the raw v, torch's Adam(amsgrad=True)) as the other presets are torch's
+    "amsgrad": (amsgrad, {"convention": "torch"}),
     "adamw": (adamw, {}),
     "optimistic_adam": (optimistic_adam, {}),
 }
@@ -966,6 +969,11 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     from .. import conventions
 
     try:
+        for what, pairs in (("", [*args.hyper, *args.extra]), ("--set ", args.options)):
+            keys = [k for k, _ in pairs]
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:  # (as compare says of a rule's hyperparameters)
+                raise ValueError(f"{what}{', '.join(twice)} given twice")
         rule = conventions.build(args.rule, args.source, **dict([*args.hyper, *args.extra]))
         tr = conventions.translate(rule, args.source, args.target, **dict(args.options))
     except (ValueError, TypeError) as e:
