@@ -1182,3 +1182,16 @@ def test_real_fields_take_any_real_number(make: Any, field: str, good: float,
     for bad_value in (bad, math.nan, math.inf if field != "growth_rate" else -math.inf):
         with pytest.raises(ValueError, match=rf"{field}.* must be .*got"):
             make(bad_value)
+
+
+def test_adjust_refuses_radams_eps_root_to_or_from_0_as_docs_jax_says():
+    """RAdam's torch form (no eps_root) is a block of its own: moving eps_root to or from 0
+    changes the block that holds the moments, as momentum to or from 0 adds or drops a slot."""
+    p = {"w": np.ones(3)}
+    state, p = uo.update(uo.setup(uo.radam(lr=1e-2), p), p, {"w": np.ones(3)})
+    with pytest.raises(ValueError, match="needs a new uniopt.setup"):
+        uo.adjust(state, eps_root=1e-8)
+    on = uo.setup(uo.radam(lr=1e-2, eps_root=1e-8), p)
+    with pytest.raises(ValueError, match="needs a new uniopt.setup"):
+        uo.adjust(on, eps_root=0.0)
+    assert uo.adjust(on, eps_root=1e-6).rule.eps_root == 1e-6

@@ -585,7 +585,8 @@ class radam(Rule):
     - ``rectify_strict``: ``rho_t > threshold`` (torch, Optimisers.jl), else ``>=`` (optax).
     - ``eps_hat``: ``True``, eps on the uncorrected root, ``sqrt(1-b2^t)/(sqrt(v) + eps)``
       (torch); ``False``, ``1/(sqrt(v_hat + eps_root) + eps)`` (optax, Optimisers.jl).
-    - ``eps_root``: optax's eps inside the root.
+    - ``eps_root``: optax's eps inside the root (moving it to or from 0 with :func:`uniopt.adjust`
+      is refused: see docs/jax.md).
 
     Conventions: ``"torch"``; ``"optax"`` (``>= 5``, eps on ``v_hat``; optax requires a learning
     rate, ours keeps 1e-3; its ``nesterov=True`` has no counterpart here); ``"flux"``
@@ -630,6 +631,8 @@ class radam(Rule):
 
     def parts(self) -> tuple[Transform, ...]:
         b1, b2 = self.betas
+        # (torch's form is a block of its own, in torch's operation order: an eps_root that is
+        # on, a schedule's too, takes the general one, so adjust cannot move it to or from 0)
         torch_form = (self.rectify_threshold == 5.0 and self.rectify_strict and self.eps_hat
                       and not self.on("eps_root"))
         direction = (
