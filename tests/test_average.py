@@ -374,8 +374,8 @@ def test_bad_hyperparameters_are_named(make: Any, error: type, message: str) -> 
 
 def test_a_bad_scheduled_value_changes_nothing() -> None:
     params = [np.ones(3)]
-    rule = uo.chain(uo.sgd(lr=0.1), uo.ema(lambda s: 0.9 if s < 2 else 1.5),
-                    uo.lookahead_sync(k=2, alpha=lambda s: 0.5 if s < 1 else 2.0))
+    rule = uo.chain(uo.sgd(lr=0.1), uo.lookahead_sync(k=2, alpha=lambda s: 0.5 if s < 1 else 2.0),
+                    uo.ema(lambda s: 0.9 if s < 2 else 1.5))
     state = uo.setup(rule, params)
     state = uo.update_(state, params, [np.ones(3)])
     before = [params[0].copy(), *(s[0].copy() for s in state.slots.values())]
@@ -496,7 +496,9 @@ def _ema_reference(steps: int) -> tuple[Any, Any]:
     lambda: uo.chain(uo.chain(uo.sgd(lr=0.1), uo.polyak()), uo.scale(2.0)),
     lambda: uo.chain(uo.sgd(lr=0.1), uo.ema(0.9), uo.adam()),
     lambda: uo.chain(uo.chain(uo.chain(uo.sgd(lr=0.1), uo.ema(0.9))), uo.scale(2.0)),
-], ids=["ema-first", "polyak-in-a-chain-then-scale", "ema-between-rules", "nested-twice"])
+    lambda: uo.lookahead(uo.chain(uo.sgd(lr=0.1), uo.ema(0.9))),
+], ids=["ema-first", "polyak-in-a-chain-then-scale", "ema-between-rules", "nested-twice",
+        "ema-before-lookaheads-sync"])
 def test_an_average_goes_last_in_a_chain(make: Any) -> None:
     """It averages p - u for the u it is given: with a part after it, that is not the param
     the step writes (a port of optax's chain(ema, ...) got plain SGD and a meaningless
@@ -504,6 +506,11 @@ def test_an_average_goes_last_in_a_chain(make: Any) -> None:
     with pytest.raises(ValueError, match=r"chain: (ema|polyak) averages the parameters the step "
                                          r"writes, so it goes last; got \w+ after it"):
         make()
+
+
+def test_averages_after_lookahead_and_each_other_are_taken() -> None:
+    uo.chain(uo.lookahead(uo.sgd(lr=0.1)), uo.polyak(), uo.ema(0.9))
+    uo.lookahead(uo.lookahead(uo.sgd(lr=0.1)))
 
 
 def test_optaxs_ema_of_the_updates_is_the_bias_corrected_ema_momentum() -> None:

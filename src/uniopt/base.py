@@ -545,8 +545,8 @@ class Part(Transform):
     # flips the sign in scale_by_learning_rate); any other hands back its direction as it is,
     # as optax's gradient transformations do
     makes_step: ClassVar[bool] = False
-    # averages the parameters the step writes, p - u for the u it is given: it goes last in a
-    # chain (:class:`chain` refuses any other part after it)
+    # averages the parameters the step writes, p - u for the u it is given, and passes u on:
+    # it goes last in a chain (:class:`chain` refuses any other part after it)
     averages: ClassVar[bool] = False
     # its arithmetic on the real pairs of a complex leaf's parts is not known to be right (a
     # row and column factor, a matrix iteration, a distance or a norm ratio, a draw of real

@@ -204,6 +204,9 @@ class lookahead_sync(Averaging):
     k: int = 5
     alpha: Any = hyper(0.5, UNIT)
     slots: ClassVar[tuple[str, ...]] = ("slow",)
+    # it moves the params at a sync (u changes), so an average of what the step writes goes
+    # after it, not before (chain refuses that)
+    averages: ClassVar[bool] = False
 
     def check(self) -> None:
         object.__setattr__(self, "k", check_integer(self.name, "k", self.k, 1))
