@@ -387,7 +387,7 @@ def test_a_bad_scheduled_value_changes_nothing() -> None:
         uo.adjust(state, decay=1.5)
     after = [params[0], *(s[0] for s in state.slots.values())]
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
-    assert state.step == 1 and state.rule.transforms[1].decay(0) == 0.9
+    assert state.step == 1 and state.rule.transforms[2].decay(0) == 0.9
 
 
 def test_averaged_names_what_is_wrong() -> None:
