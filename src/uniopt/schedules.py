@@ -577,7 +577,8 @@ def onecycle(
 @dataclass(frozen=True)
 class sgdr(_Record):
     """Cosine from ``init`` to ``floor`` over ``steps`` updates, restarting at ``init`` each time,
-    every cycle ``mult`` times as long as the one before: SGDR (Loshchilov & Hutter, 2017).
+    every cycle ``mult`` (a whole number) times as long as the one before: SGDR (Loshchilov &
+    Hutter, 2017).
 
     Cycle ``i`` starts at ``c_i = steps * (1 + mult + ... + mult**(i-1))`` and lasts
     ``T_i = steps * mult**i``; ``value(s) = floor + (init - floor) * (1 + cos(pi * (s - c_i) /

@@ -423,7 +423,10 @@ class muon(Rule):
     ``muon_weight_dimension_numbers`` is one ``matrix_axes`` per :func:`uniopt.partition`
     member): ``consistent_rms=0.2`` is ``match_rms_adamw``;
     ``"keras"``, ``keras.optimizers.Muon`` on the matrices it gives Muon (it gives other
-    variables, embeddings and ``exclude_layers`` to its AdamW, at ``lr*adam_lr_ratio``): lr
+    variables, embeddings and ``exclude_layers`` to its AdamW, at ``lr*adam_lr_ratio`` but
+    decayed by ``lr*adam_weight_decay``: port those as
+    ``uo.adamw(convention="keras", lr=lr*adam_lr_ratio,
+    weight_decay=adam_weight_decay/adam_lr_ratio)`` in a :func:`uniopt.partition`): lr
     1e-3, weight_decay 0.004, eps 1e-7 added (fixed in keras), sum momentum,
     ``match_rms_adamw`` (keras's ``rms_rate=r`` is ``lr*r/0.2`` with ``weight_decay*0.2/r``;
     ``rms_rate=None``, no scaling, is not offered).
