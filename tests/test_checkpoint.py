@@ -1244,3 +1244,20 @@ def test_a_sam_checkpoint_of_leaf_shapes_as_numbers_loads(tmp_path: Any) -> None
     _, want, _ = uo.minimize_step(state, params, closure)
     _, got, _ = uo.minimize_step(loaded, params, closure)
     np.testing.assert_array_equal(got["w"], want["w"])
+
+
+def test_a_whole_number_saved_as_an_int_loads_where_like_holds_the_float(tmp_path) -> None:
+    """Fields of one number are kept as floats now (rectify_threshold=6 is 6.0); a checkpoint
+    written when the record kept the int still loads with like=, and steps on."""
+    p = {"w": np.ones(3)}
+    old = uo.setup(uo.radam(rectify_threshold=6), p)
+    object.__setattr__(old.rule, "rectify_threshold", 6)  # as an earlier version kept it
+    old = uo.update_(old, p, {"w": np.ones(3)})
+    path = tmp_path / "old.uniopt"
+    uo.save(path, old, p)
+    like = uo.setup(uo.radam(rectify_threshold=6), p)
+    assert like.rule.rectify_threshold == 6.0 and type(like.rule.rectify_threshold) is float
+    loaded = uo.load(path, like=like)
+    assert loaded.step == 1
+    with pytest.raises(uo.CheckpointError, match="rectify_threshold is 6 in the checkpoint, 7.0"):
+        uo.load(path, like=uo.setup(uo.radam(rectify_threshold=7), p))

@@ -429,6 +429,8 @@ def _diff(a: Any, b: Any, at: str, lenient: bool = False) -> str | None:
         return None
     if type(a) is type(b) and a == b:
         return None
+    if type(a) is int and type(b) is float and a == b:
+        return None  # (a number a later version keeps as the float it equals: 6 then, 6.0 now)
     if lenient and type(a) is float and isinstance(b, (int, float)) and \
             float(np.float32(b)) == a:
         return None
