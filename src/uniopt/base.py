@@ -36,7 +36,7 @@ import inspect
 import math
 from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import array_api_compat as aac
 import numpy as np
@@ -873,6 +873,13 @@ def _convention_defaults(cls: Any, given: dict[str, Any], default: str) -> dict[
             for k, v in table[name].items() if k not in given}
 
 
+def _same_default(a: Any, b: Any) -> bool:
+    """Whether a signature's default ``a`` is still the field's ``b``: the same object, or an
+    equal one of its type (a pickled signature's). (A partial that fixes a field to the very
+    value of its torch default is then taken as not fixing it.)"""
+    return a is b or (type(a) is type(b) and bool(a == b))
+
+
 class _ConventionBound(inspect.BoundArguments):
     """Bound arguments whose defaults are the bound convention's (see _ConventionSignature)."""
 
@@ -881,10 +888,15 @@ class _ConventionBound(inspect.BoundArguments):
     def apply_defaults(self) -> None:
         sig = self.signature
         assert isinstance(sig, _ConventionSignature)
-        # (the signature's own default: a functools.partial's where one fixed it)
-        default = sig.parameters["convention"].default
+        fields = sig.rule.__dataclass_fields__
+        # given: what was bound, and what a functools.partial fixed (a parameter whose default
+        # is no longer the field's); the partial's convention is then its default
+        given = {k: q.default for k, q in sig.parameters.items()
+                 if k in fields and not _same_default(q.default, fields[k].default)}
+        given |= self.arguments
+        default = fields["convention"].default
         try:
-            self.arguments.update(_convention_defaults(sig.rule, dict(self.arguments), default))
+            self.arguments.update(_convention_defaults(sig.rule, given, default))
         except ValueError:
             pass  # an unknown convention: the constructor says so, as for a direct call
         super().apply_defaults()
@@ -899,15 +911,22 @@ class _ConventionSignature(inspect.Signature):
 
     __slots__ = ("rule",)
     rule: Any  # the rule's class
-
-    def bind(self, *args: Any, **kwargs: Any) -> inspect.BoundArguments:
-        return _ConventionBound(self, super().bind(*args, **kwargs).arguments)
+    # (inspect's own hook: bind and bind_partial make their bound arguments of this class)
+    _bound_arguments_cls = _ConventionBound
 
     def replace(self, **changes: Any) -> _ConventionSignature:
         # (functools.partial's signature is a replaced one)
         new = super().replace(**changes)
         new.rule = self.rule
         return new
+
+    def __reduce__(self) -> Any:  # (pickle and copy keep the rule)
+        cls, args, state = cast(tuple[Any, Any, dict[str, Any]], super().__reduce__())
+        return cls, args, {**state, "rule": self.rule}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.rule = state.pop("rule")
+        super().__setstate__(state)  # type: ignore[misc]
 
 
 class _WithConventions(type):
