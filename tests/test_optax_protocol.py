@@ -8,10 +8,12 @@ Cheap by design: small trees, NumPy where the peer allows it, a handful of jit c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
 import math
+import pickle
 from typing import Any
 
 import numpy as np
@@ -211,6 +213,26 @@ def test_the_signatures_defaults_are_the_conventions_through_a_partial_too() -> 
     bound = inspect.signature(uo.lamb).bind(lr=0.1)
     bound.apply_defaults()
     assert bound.arguments["weight_decay"] == uo.lamb().weight_decay
+
+
+def test_a_partials_fixed_values_pickling_and_bind_partial_keep_to_the_convention() -> None:
+    """A value a functools.partial fixes is the caller's, not overruled by the convention's
+    default; a pickled or copied signature and bind_partial apply the convention's defaults
+    too."""
+    fixed = functools.partial(uo.adamw, weight_decay=0.05, convention="optax")
+    bound = inspect.signature(fixed).bind()
+    bound.apply_defaults()
+    assert bound.arguments["weight_decay"] == 0.05 and bound.arguments["eps_root"] == 0.0
+    state = optax.inject_hyperparams(fixed)(lr=1e-3).init({"w": jnp.ones(2)})
+    assert float(state.hyperparams["weight_decay"]) == pytest.approx(0.05)
+    sig = inspect.signature(uo.adam)
+    for again in (pickle.loads(pickle.dumps(sig)), copy.copy(sig), copy.deepcopy(sig)):
+        bound = again.bind(lr=1.0, convention="optax")
+        bound.apply_defaults()
+        assert bound.arguments["amsgrad_max"] == "corrected"
+    bound = sig.bind_partial(convention="optax")
+    bound.apply_defaults()
+    assert bound.arguments["amsgrad_max"] == "corrected"
 
 
 def test_inject_hyperparams_with_an_unknown_convention_names_it() -> None:
