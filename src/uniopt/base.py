@@ -546,8 +546,10 @@ class Part(Transform):
     # as optax's gradient transformations do
     makes_step: ClassVar[bool] = False
     # averages the parameters the step writes, p - u for the u it is given, and passes u on:
-    # it goes last in a chain (:class:`chain` refuses any other part after it)
+    # a part that changes u goes before it (:class:`chain` refuses one after it); and whether
+    # it may come after one (an average, or what only rounds or syncs the written parameter)
     averages: ClassVar[bool] = False
+    after_average: ClassVar[bool] = False
     # its arithmetic on the real pairs of a complex leaf's parts is not known to be right (a
     # row and column factor, a matrix iteration, a distance or a norm ratio, a draw of real
     # noise): set-up refuses complex params for any rule or chain that holds it, as for a
@@ -989,14 +991,14 @@ def _averaging_last(members: list[Transform]) -> None:
                 flat.append(m)
 
     add(members)
-    averages = [getattr(m, "averages", False) for m in flat]  # (a part's class flag)
+    averages = [getattr(m, "averages", False) for m in flat]  # (a part's class flags)
     first = averages.index(True) if True in averages else len(flat)
-    after = [m for m, a in zip(flat[first:], averages[first:], strict=True) if not a]
+    after = [m for m in flat[first + 1:] if not getattr(m, "after_average", False)]
     if after:
         raise ValueError(
-            f"chain: {flat[first].name} averages the parameters the step writes, so it goes last; "
-            f"got {after[0].name} after it (optax's ema of the updates is "
-            f"uo.ema_momentum_bias_corrected(decay, nesterov=False))")
+            f"chain: {flat[first].name} averages the parameters the step writes, so what changes "
+            f"the update goes before it; got {after[0].name} after it (optax's ema of the "
+            f"updates is uo.ema_momentum_bias_corrected(decay, nesterov=False))")
 
 
 @dataclasses.dataclass(frozen=True, init=False)

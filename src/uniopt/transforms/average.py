@@ -31,6 +31,7 @@ class Averaging(Elementwise):
 
     uses_params: ClassVar[bool] = True  # it averages p - u
     averages: ClassVar[bool] = True
+    after_average: ClassVar[bool] = True
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (detached_copy(p),)
@@ -204,9 +205,6 @@ class lookahead_sync(Averaging):
     k: int = 5
     alpha: Any = hyper(0.5, UNIT)
     slots: ClassVar[tuple[str, ...]] = ("slow",)
-    # it moves the params at a sync (u changes), so an average of what the step writes goes
-    # after it, not before (chain refuses that)
-    averages: ClassVar[bool] = False
 
     def check(self) -> None:
         object.__setattr__(self, "k", check_integer(self.name, "k", self.k, 1))

@@ -100,6 +100,8 @@ class kahan_summation(Elementwise):
 
     slots: ClassVar[tuple[str, ...]] = ("compensation",)
     by_dtype = True
+    # (it rounds what is written, p - u to the bit: an average before it is of p - u)
+    after_average: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> Compensation:
         return Compensation(split=0.0, magic=0.0, tiny=0.0, big=_BIG)
