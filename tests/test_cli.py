@@ -1244,11 +1244,19 @@ def test_bench_gives_a_rule_that_does_not_trace_no_jit_row(monkeypatch):
     assert "0.00 " not in bench.table(1e10, rows)  # a floor of microseconds shows its digits
 
 
-def test_compares_amsgrad_is_the_registrys_in_torchs_form():
-    """The name means one rule in every subcommand: compare's preset is uo.amsgrad (torch's
-    form, as its other presets), which has no eps_hat of adam's."""
+def test_compares_amsgrad_is_torchs_adam_amsgrad_and_the_registrys_torch_form():
+    """compare's preset takes adam's hyperparameters (weight_decay) and steps as the registry's
+    uo.amsgrad in torch's form, which rules, bench and translate name amsgrad."""
     from uniopt.tools.cli import RULES
 
-    rule = RULES["amsgrad"](0.1)
-    assert type(rule) is uo.amsgrad and rule.convention == "torch"
-    assert main(["compare", "--rules", "amsgrad:eps_hat=True", "--steps", "5"]) == 2
+    preset, registry = RULES["amsgrad"](0.1), uo.amsgrad(lr=0.1, convention="torch")
+    p, q = [np.ones(4)], [np.ones(4)]
+    s, t = uo.setup(preset, p), uo.setup(registry, q)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        g = [rng.normal(size=4)]
+        uo.update_(s, p, g)
+        uo.update_(t, q, g)
+    np.testing.assert_array_equal(p[0], q[0])
+    assert main(["compare", "--rules", "amsgrad:weight_decay=0.01", "--steps", "5",
+                 "--problems", "quadratic"]) == 0

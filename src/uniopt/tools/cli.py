@@ -34,7 +34,6 @@ from ..hyper import did_you_mean
 from ..rules.adadelta import adadelta
 from ..rules.adagrad import adagrad
 from ..rules.adam import adam, adamw, optimistic_adam
-from ..rules.adam_extra import amsgrad
 from ..rules.rmsprop import rmsprop
 from ..rules.sgd import sgd
 from . import parse as parse_
@@ -53,9 +52,10 @@ PRESETS: dict[str, tuple[Callable[..., Transform], dict[str, Any]]] = {
     "rmsprop": (rmsprop, {}),
     "adadelta": (adadelta, {}),
     "adam": (adam, {}),
-    # the registry's amsgrad, as rules, bench and translate take it, in torch's form (the max
-    # of the raw v, torch's Adam(amsgrad=True)) as the other presets are torch's
-    "amsgrad": (amsgrad, {"convention": "torch"}),
+    # torch's Adam(amsgrad=True), with adam's hyperparameters (weight_decay...): the same
+    # steps as the registry's uo.amsgrad(convention="torch"), which rules, bench and translate
+    # name amsgrad
+    "amsgrad": (adam, {"amsgrad": True}),
     "adamw": (adamw, {}),
     "optimistic_adam": (optimistic_adam, {}),
 }
