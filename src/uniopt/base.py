@@ -140,8 +140,10 @@ class Transform:
             return  # from a JAX state: nothing to compare on the host
         try:
             self.check()
-        except ValueError as e:
-            raise ValueError(f"{e}{where}") from None
+        except (ValueError, TypeError) as e:  # (a fixed number's kind: a TypeError)
+            if not where:
+                raise
+            raise type(e)(f"{e}{where}") from None
 
     def check(self) -> None:
         """Constraints between fields; runs on construction and on every resolved step."""

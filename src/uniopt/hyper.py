@@ -173,6 +173,16 @@ def _jax_array(value: object) -> bool:
     return jax is not None and isinstance(value, jax.Array)
 
 
+def plain_number(value: Any) -> Any:
+    """``value``, or the Python number a 0-d NumPy/torch/JAX number (not a traced one) holds."""
+    # (by the dtype's name: torch's "torch.float32" and bfloat16 are no NumPy dtypes)
+    if getattr(value, "shape", None) == () and not _traced(value) and str(
+            getattr(value, "dtype", "")).rsplit(".", 1)[-1].startswith(
+            ("float", "bfloat", "int", "uint")):
+        return value.item()
+    return value
+
+
 def check(owner: str, name: str, value: object, valid: Interval, where: str = "",
           schedulable: bool = True) -> float:
     """``value`` as a Python float, or a TypeError/ValueError naming ``owner``, ``name``, the
@@ -205,11 +215,7 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
             # (its value without the graph: float() of the tensor itself warns)
             check(owner, name, float(value.detach()), valid, where)  # type: ignore[attr-defined]
             return value  # type: ignore[return-value]
-        zero_d = getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
-        # (by the dtype's name: torch's "torch.float32" and bfloat16 are no NumPy dtypes)
-        kind = str(value.dtype).rsplit(".", 1)[-1] if zero_d else ""  # type: ignore[attr-defined]
-        if kind.startswith(("float", "bfloat", "int", "uint")):
-            value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number
+        value = plain_number(value)
         if callable(value) and not schedulable:
             raise TypeError(f"{owner}: {name} must be a number, not a schedule (it takes none), "
                             f"got {value!r}{where}")
@@ -242,9 +248,7 @@ def check_real(owner: str, name: str, value: object, valid: Interval, none: str 
     if schedulable:
         kinds.append("a schedule")
     what = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
-    if getattr(value, "shape", None) == () and str(getattr(value, "dtype", "")).rsplit(
-            ".", 1)[-1].startswith(("float", "bfloat", "int", "uint")):
-        value = value.item()  # type: ignore[attr-defined]  # a 0-d NumPy/torch/JAX number
+    value = plain_number(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be {what}, got {value!r}")
     x = float(value)

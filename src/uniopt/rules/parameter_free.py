@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from .. import backend
 from ..base import Elementwise, Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, Interval, _traced, check_real, hyper, on_host, static
+from ..hyper import (
+    NONNEG,
+    UNIT_OPEN,
+    Interval,
+    _traced,
+    check_real,
+    hyper,
+    on_host,
+    plain_number,
+    static,
+)
 from ..transforms.decay import weight_decay
 from ..transforms.scale import scale, scale_by_lr
 from ..tree import flatten_leaves, unflatten
@@ -263,8 +272,8 @@ class prodigy(Rule):
     def check(self) -> None:
         object.__setattr__(self, "beta3", check_real(self.name, "beta3", self.beta3, UNIT_OPEN,
                                                      none="sqrt(betas[1])"))
-        g = self.growth_rate
-        if isinstance(g, numbers.Real) and g == math.inf:
+        g = plain_number(self.growth_rate)
+        if isinstance(g, float) and g == math.inf:
             g = None  # prodigyopt's default, as None: a checkpoint stores finite numbers
         object.__setattr__(self, "growth_rate", check_real(
             self.name, "growth_rate", g, Interval(1.0), none="no limit"))

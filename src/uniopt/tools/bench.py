@@ -509,8 +509,8 @@ def run(
                 try:
                     step = IMPLEMENTATIONS[impl](w, rule)
                     if step is None:  # (the implementation's library missing, too)
-                        progress(f"{wname} {rule} {impl}: skipped (no such step for "
-                                 f"{w.dtype} arrays)")
+                        progress(f"{wname} {rule} {impl}: skipped ({impl} has no {rule} "
+                                 f"step for {w.dtype} arrays here)")
                         continue
                     step()
                 except (TypeError, ValueError) as e:

@@ -52,8 +52,9 @@ class trace(Elementwise):
     """Heavy-ball momentum in torch's form: ``b <- momentum*b + (1-dampening)*u``, ``u <- b``.
 
     The first update stores ``b = u`` undamped, as torch does. With ``nesterov=True`` the
-    outgoing update is ``u + momentum*b``; it needs ``momentum > 0`` (with dampening, it is
-    what torch's step computes for a param group's values, which its constructor refuses).
+    outgoing update is ``u + momentum*b`` (with momentum 0, ``u``, as optax's ``trace``;
+    with dampening, what torch's step computes for a param group's values, which its
+    constructor refuses).
     At a step where a momentum schedule is 0, ``u`` passes unchanged and ``b`` is kept, as in
     torch. (torch also starts its buffer undamped at the first non-zero momentum; here that
     happens only at the first update, which differs only with dampening > 0.)
@@ -65,7 +66,10 @@ class trace(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
     def check(self) -> None:
-        check_nesterov(self.name, self.nesterov, self.momentum)
+        # (no check_nesterov: the block, as optax's trace, takes momentum 0, where the
+        # look-ahead adds 0; a rule refuses it where its framework does. A rule's momentum given
+        # as an array keeps this block even at 0: optax.inject_hyperparams passes it so)
+        pass
 
     def coeffs(self, step: int) -> Momentum:
         # arithmetic, not branches, so a traced step (jax.jit) or one counted on a torch device
