@@ -1205,3 +1205,20 @@ def test_the_trace_block_takes_nesterov_at_momentum_0_as_optaxs_trace():
         params = {"w": jnp.ones(3)}
         updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
         assert np.all(np.isfinite(np.asarray(updates["w"])))
+
+
+def test_asgd_with_its_own_eta_lr_steps_under_jit_as_on_numpy():
+    """eta_lr takes over from the first step's lr: under jax.jit the step is traced, so the
+    choice is made on the device (it raised TracerBoolConversionError); 5 steps, float64."""
+    jax = pytest.importorskip("jax")
+    rule = uo.asgd(lr=0.01, eta_lr=0.005, lambd=1e-3)
+    with jax.enable_x64(True):
+        p, q = {"w": jnp.ones(3)}, {"w": np.ones(3)}
+        state, ref = rule.init(p), uo.setup(rule, q)
+        step = jax.jit(rule.update)
+        for k in range(5):
+            g = np.arange(3.0) - k
+            u, state = step({"w": jnp.asarray(g)}, state, p)
+            p = {"w": p["w"] + u["w"]}
+            ref = uo.update_(ref, q, {"w": g})
+        np.testing.assert_allclose(np.asarray(p["w"]), q["w"], rtol=1e-14, atol=0)

@@ -97,7 +97,12 @@ class scale_by_asgd(Elementwise):
         if past is not None:
             eta, mu = past
         else:
-            lr = self.lr if self.eta_lr is None or step == 0 else self.eta_lr
+            if self.eta_lr is None:
+                lr = self.lr
+            elif _traced(step):  # (jax.jit: the first step's lr picked on the device)
+                lr = namespace(step).where(step == 0, self.lr, self.eta_lr)
+            else:
+                lr = self.lr if step == 0 else self.eta_lr
             eta = round_scalar(asgd_eta(lr, self.lambd, self.alpha, step), self.scalar_dtype)
             mu = round_scalar(asgd_mu(self.t0, step), self.scalar_dtype)
         lambd_eta = self.lambd * eta
