@@ -485,3 +485,30 @@ def test_a_state_for_other_shapes_is_refused() -> None:
     with pytest.raises(ValueError, match=r"row_var of shape \(2, 1\), but that parameter has "
                                          r"shape \(3, 2\) and keeps it in shape \(3, 1\)"):
         ours.load_state_dict(theirs.state_dict())
+
+
+def test_muon_with_adamw_for_the_other_leaves_steps_under_jit_as_eagerly() -> None:
+    """others="adamw" makes a partition whose members are built from the rule's numbers: under
+    jax.jit those come as pairs with their complements, which the state's flattening took for
+    plain numbers (TypeError). Five jitted steps, uo.update and the optax protocol, against
+    the eager NumPy run, float64."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rule = uo.muon(lr=0.02, others="adamw")
+    rng = np.random.default_rng(0)
+    start = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}
+    grads = [{k: rng.normal(size=v.shape) for k, v in start.items()} for _ in range(5)]
+    with jax.enable_x64(True):
+        ref, q = uo.setup(rule, start), dict(start)
+        p = {k: jnp.asarray(v) for k, v in start.items()}
+        state, tx_state, r = uo.setup(rule, p), rule.init(p), dict(p)
+        step, tx_step = jax.jit(uo.update), jax.jit(rule.update)
+        for g in grads:
+            ref, q = uo.update(ref, q, g)
+            jg = {k: jnp.asarray(v) for k, v in g.items()}
+            state, p = step(state, p, jg)
+            u, tx_state = tx_step(jg, tx_state, r)
+            r = {k: r[k] + u[k] for k in r}
+        for k in start:
+            np.testing.assert_allclose(np.asarray(p[k]), q[k], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(r[k]), q[k], rtol=1e-10, atol=1e-12)

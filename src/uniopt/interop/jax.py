@@ -30,7 +30,7 @@ import numpy as np
 from .. import backend
 from ..backend import placed, placement
 from ..base import Transform, assemble, chain, held_nonzero
-from ..hyper import DeviceNumber, HostFacts, _traced, on_host
+from ..hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host
 from ..state import State
 
 
@@ -62,7 +62,9 @@ def flatten_rule(t: Transform) -> tuple[list[Any], Any]:
         elif "hyper" in f.metadata:
             xs = v if isinstance(v, tuple) else (v,)
             for i, x in enumerate(xs):
-                if not callable(x):
+                if isinstance(x, Complemented):  # (a part made by a rule rebuilt from a state)
+                    leaves += [x.value, x.one_minus]
+                elif not callable(x):
                     c = known.get(f.name if not isinstance(v, tuple) else (f.name, i))
                     leaves += [x, 1.0 - x if c is None else c]
             fields.append((f.name, "tuple" if isinstance(v, tuple) else "one",
