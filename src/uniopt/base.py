@@ -861,13 +861,13 @@ class ByFields:
         return self.text
 
 
-def _convention_defaults(cls: Any, given: dict[str, Any], default: str) -> dict[str, Any]:
-    """The values ``cls``'s convention (the one in ``given``, else ``default``) sets for the
-    fields ``given`` leaves out; {} for a rule with no conventions."""
+def _convention_defaults(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The values ``cls``'s convention (the one in ``given``, else its field's default) sets
+    for the fields ``given`` leaves out; {} for a rule with no conventions."""
     table = getattr(cls, "conventions", None)
     if not table:
         return {}
-    name = given.get("convention", default)
+    name = given.get("convention", cls.__dataclass_fields__["convention"].default)
     if name not in table:
         raise ValueError(
             f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "
@@ -894,13 +894,12 @@ class _ConventionBound(inspect.BoundArguments):
         assert isinstance(sig, _ConventionSignature)
         fields = sig.rule.__dataclass_fields__
         # given: what was bound, and what a functools.partial fixed (a parameter whose default
-        # is no longer the field's); the partial's convention is then its default
+        # is no longer the field's, its convention among them)
         given = {k: q.default for k, q in sig.parameters.items()
                  if k in fields and not _same_default(q.default, fields[k].default)}
         given |= self.arguments
-        default = fields["convention"].default
         try:
-            self.arguments.update(_convention_defaults(sig.rule, given, default))
+            self.arguments.update(_convention_defaults(sig.rule, given))
         except ValueError:
             pass  # an unknown convention: the constructor says so, as for a direct call
         super().apply_defaults()
@@ -944,8 +943,7 @@ class _WithConventions(type):
         if getattr(cls, "conventions", None):
             fields = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
             given = dict(zip(fields, args, strict=False)) | kwargs  # by position or by name
-            default = cls.__dataclass_fields__["convention"].default  # type: ignore[attr-defined]
-            kwargs = {**_convention_defaults(cls, given, default), **kwargs}
+            kwargs = {**_convention_defaults(cls, given), **kwargs}
         return super().__call__(*args, **kwargs)
 
     @property

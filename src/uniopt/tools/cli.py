@@ -970,10 +970,9 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 
     try:
         for what, pairs in (("", [*args.hyper, *args.extra]), ("--set ", args.options)):
-            keys = [k for k, _ in pairs]
-            twice = sorted({k for k in keys if keys.count(k) > 1})
+            twice = parse_.given_twice([k for k, _ in pairs])
             if twice:  # (as compare says of a rule's hyperparameters)
-                raise ValueError(f"{what}{', '.join(twice)} given twice")
+                raise ValueError(f"{what}{twice} given twice")
         rule = conventions.build(args.rule, args.source, **dict([*args.hyper, *args.extra]))
         tr = conventions.translate(rule, args.source, args.target, **dict(args.options))
     except (ValueError, TypeError) as e:

@@ -206,6 +206,11 @@ class RuleSpec:
         return self.name if not self.texts else f"{self.name}:{','.join(self.texts)}"
 
 
+def given_twice(keys: list[str]) -> str:
+    """The keys named more than once, sorted and joined ("" where none is)."""
+    return ", ".join(sorted({k for k in keys if keys.count(k) > 1}))
+
+
 def _assignment(text: str, where: str) -> tuple[str, Any, str]:
     key, sep, raw = text.partition("=")
     key = key.strip()
@@ -235,10 +240,9 @@ def rules(texts: Sequence[str]) -> list[RuleSpec]:
         raise UsageError(f"no rule named in {' '.join(texts)!r}")
     specs = []
     for name, assigned in out:
-        keys = [k for k, _, _ in assigned]
-        dup = {k for k in keys if keys.count(k) > 1}
-        if dup:
-            raise UsageError(f"{name}: {', '.join(sorted(dup))} given twice")
+        twice = given_twice([k for k, _, _ in assigned])
+        if twice:
+            raise UsageError(f"{name}: {twice} given twice")
         specs.append(RuleSpec(name, {k: v for k, v, _ in assigned},
                               tuple(t for _, _, t in assigned)))
     return specs

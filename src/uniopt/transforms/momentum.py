@@ -63,13 +63,10 @@ class trace(Elementwise):
     momentum: Any = hyper(0.9, NONNEG)
     dampening: Any = hyper(0.0, UNIT)
     nesterov: bool = False
+    # (no check_nesterov here: the block, as optax's trace, takes momentum 0, where the
+    # look-ahead adds 0; a rule refuses it where its framework does. A rule's momentum given as
+    # an array keeps this block even at 0: optax.inject_hyperparams passes it so)
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
-
-    def check(self) -> None:
-        # (no check_nesterov: the block, as optax's trace, takes momentum 0, where the
-        # look-ahead adds 0; a rule refuses it where its framework does. A rule's momentum given
-        # as an array keeps this block even at 0: optax.inject_hyperparams passes it so)
-        pass
 
     def coeffs(self, step: int) -> Momentum:
         # arithmetic, not branches, so a traced step (jax.jit) or one counted on a torch device
