@@ -242,19 +242,23 @@ def check_real(owner: str, name: str, value: object, valid: Interval, none: str 
     if (value is None and none is not None) or (schedulable and callable(value)) \
             or _traced(value):  # (a traced one is fixed at set-up: the engine's)
         return value
+    value = plain_number(value)
+    error: type[Exception] | None = None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        error = TypeError
+    else:
+        x = float(value)
+        if math.isfinite(x) and x in valid:
+            return x
+        error = ValueError
+    # (the message only when it raises: a rule's check runs at every scheduled step)
     kinds = [f"a number {valid}{why}"]
     if none is not None:
         kinds.insert(0, "None" + (f" ({none})" if none else ""))
     if schedulable:
         kinds.append("a schedule")
     what = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
-    value = plain_number(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be {what}, got {value!r}")
-    x = float(value)
-    if not math.isfinite(x) or x not in valid:
-        raise ValueError(f"{owner}: {name} must be {what}, got {value!r}")
-    return x
+    raise error(f"{owner}: {name} must be {what}, got {value!r}")
 
 
 def check_integer(owner: str, name: str, value: object, least: int = 0,
