@@ -225,6 +225,17 @@ def test_a_partials_fixed_values_pickling_and_bind_partial_keep_to_the_conventio
     assert bound.arguments["weight_decay"] == 0.05 and bound.arguments["eps_root"] == 0.0
     state = optax.inject_hyperparams(fixed)(lr=1e-3).init({"w": jnp.ones(2)})
     assert float(state.hyperparams["weight_decay"]) == pytest.approx(0.05)
+    # fixed to the very value of the field's own (torch's) default, for another convention:
+    # still the caller's (it was read as not fixed, and optax's 1e-4 applied)
+    torchs = functools.partial(uo.adamw, weight_decay=float("0.01"), convention="optax")
+    bound = inspect.signature(torchs).bind()
+    bound.apply_defaults()
+    assert bound.arguments["weight_decay"] == 0.01
+    for again in (pickle.loads(pickle.dumps(inspect.signature(torchs))),
+                  copy.deepcopy(inspect.signature(torchs))):
+        bound = again.bind()
+        bound.apply_defaults()
+        assert bound.arguments["weight_decay"] == 0.01 and bound.arguments["eps_root"] == 0.0
     sig = inspect.signature(uo.adam)
     for again in (pickle.loads(pickle.dumps(sig)), copy.copy(sig), copy.deepcopy(sig)):
         bound = again.bind(lr=1.0, convention="optax")

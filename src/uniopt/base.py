@@ -877,13 +877,6 @@ def _convention_defaults(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
             for k, v in table[name].items() if k not in given}
 
 
-def _same_default(a: Any, b: Any) -> bool:
-    """Whether a signature's default ``a`` is still the field's ``b``: the same object, or an
-    equal one of its type (a pickled signature's). (A partial that fixes a field to the very
-    value of its torch default is then taken as not fixing it.)"""
-    return a is b or (type(a) is type(b) and bool(a == b))
-
-
 class _ConventionBound(inspect.BoundArguments):
     """Bound arguments whose defaults are the bound convention's (see _ConventionSignature)."""
 
@@ -892,11 +885,11 @@ class _ConventionBound(inspect.BoundArguments):
     def apply_defaults(self) -> None:
         sig = self.signature
         assert isinstance(sig, _ConventionSignature)
-        fields = sig.rule.__dataclass_fields__
         # given: what was bound, and what a functools.partial fixed (a parameter whose default
-        # is no longer the field's, its convention among them)
+        # is no longer the very object the constructor's was, its convention among them; an
+        # equal value is fixed too, torch's own default fixed for another convention)
         given = {k: q.default for k, q in sig.parameters.items()
-                 if k in fields and not _same_default(q.default, fields[k].default)}
+                 if k in sig.originals and q.default is not sig.originals[k]}
         given |= self.arguments
         try:
             self.arguments.update(_convention_defaults(sig.rule, given))
@@ -912,23 +905,26 @@ class _ConventionSignature(inspect.Signature):
     then given, so a default it applied by the signature alone would overrule the
     convention."""
 
-    __slots__ = ("rule",)
+    __slots__ = ("rule", "originals")
     rule: Any  # the rule's class
+    # the constructor's defaults by name, the objects themselves (pickle keeps their identity
+    # with the parameters' defaults, as it keeps any object's referred to twice in one dump)
+    originals: dict[str, Any]
     # (inspect's own hook: bind and bind_partial make their bound arguments of this class)
     _bound_arguments_cls = _ConventionBound
 
     def replace(self, **changes: Any) -> _ConventionSignature:
         # (functools.partial's signature is a replaced one)
         new = super().replace(**changes)
-        new.rule = self.rule
+        new.rule, new.originals = self.rule, self.originals
         return new
 
-    def __reduce__(self) -> Any:  # (pickle and copy keep the rule)
+    def __reduce__(self) -> Any:  # (pickle and copy keep the rule and the defaults)
         cls, args, state = cast(tuple[Any, Any, dict[str, Any]], super().__reduce__())
-        return cls, args, {**state, "rule": self.rule}
+        return cls, args, {**state, "rule": self.rule, "originals": self.originals}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.rule = state.pop("rule")
+        self.rule, self.originals = state.pop("rule"), state.pop("originals")
         super().__setstate__(state)  # type: ignore[misc]
 
 
@@ -956,6 +952,7 @@ class _WithConventions(type):
             return sig.replace(parameters=list(sig.parameters.values())[1:])
         ours = _ConventionSignature(list(sig.parameters.values())[1:])
         ours.rule = cls
+        ours.originals = {k: q.default for k, q in ours.parameters.items()}
         return ours
 
 
