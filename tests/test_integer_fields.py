@@ -223,3 +223,33 @@ def test_integer_fields_under_inject_hyperparams_and_jit(make: Any, kw: dict[str
     jitted, _ = jax.jit(opt.update)(grads, state, params)
     np.testing.assert_allclose(np.asarray(jitted["w"]), np.asarray(eager["w"]), rtol=1e-6,
                                atol=1e-8)
+
+
+@pytest.mark.parametrize("make, kw, static", [
+    (uo.radam, {"lr": 0.02}, ("rectify_threshold",)),
+    (uo.adafactor, {"lr": 0.02}, ("min_dim_size_to_factor",)),
+    (uo.soap, {"lr": 0.02}, ("precondition_frequency", "max_precond_dim")),
+    (uo.prodigy, {}, ("d0",)),
+    (uo.noisy_sgd, {"lr": 0.02}, ("seed",)),
+])
+def test_a_jitted_init_names_the_settings_that_came_traced(
+        make: Any, kw: dict[str, Any], static: tuple[str, ...]) -> None:
+    """Under a jitted init optax.inject_hyperparams hands the settings fixed when a rule is
+    made traced too (they failed deep in set-up: TracerBoolConversionError, or unhashable
+    tracers); a TypeError names them and the static_args that let the jitted init run, whose
+    state then steps as an eager init's."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    jnp = jax.numpy
+    params = {"w": jnp.ones((4, 3)), "v": jnp.ones((3, 3))}
+    grads = {k: jnp.full(v.shape, 0.1) for k, v in params.items()}
+    names = ", ".join(f"{make.__name__}.{s}" for s in static)
+    with pytest.raises(TypeError, match=re.escape(
+            f"setup: {names} {'is' if len(static) == 1 else 'are'} fixed when the rule is made"
+            ) + ".*" + re.escape(f"static_args=({', '.join(map(repr, static))},)")):
+        jax.jit(optax.inject_hyperparams(make)(**kw).init)(params)
+    opt = optax.inject_hyperparams(make, static_args=static)(**kw)
+    jitted, _ = opt.update(grads, jax.jit(opt.init)(params), params)
+    eager, _ = opt.update(grads, opt.init(params), params)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(jitted[k]), np.asarray(eager[k]))

@@ -205,6 +205,16 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if not isinstance(rule, Transform):
         raise TypeError(f"setup: expected a uniopt rule or transform, got {rule!r}")
     leaves, treedef, names = _leaves(params)
+    traced = _traced_fixed(rule)
+    if traced:
+        raise TypeError(
+            f"setup: {', '.join(traced)} {'is' if len(traced) == 1 else 'are'} fixed when the "
+            "rule is made (no hyperparameter) and came traced by jax.jit, as "
+            "optax.inject_hyperparams hands every number to a jitted init: name "
+            f"{'it' if len(traced) == 1 else 'them'} in its static_args "
+            f"(static_args=({', '.join(repr(t.rsplit('.', 1)[-1]) for t in traced)},)), or "
+            "run init outside jax.jit"
+        )
     _alone(rule)
     _check_shapes(rule, names, leaves)
     _library_check(rule, names, leaves)
@@ -265,6 +275,25 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         # their mesh, committed to their device), so the second step does not compile again
         step = backend.placed(xp.asarray(0, dtype=xp.int32), first)
     return State(rule, step, slots, treedef, state_dtype, trees)
+
+
+def _traced_fixed(rule: Transform, where: str = "") -> list[str]:
+    """The fields of ``rule`` and its members that are no hyperparameters (fixed when the rule
+    is made: sizes, thresholds, seeds) yet hold a value traced by JAX, by name."""
+    out = []
+    for f in dataclasses.fields(rule):
+        if not f.init:
+            continue
+        v = getattr(rule, f.name)
+        members = (v,) if isinstance(v, Transform) else tuple(v.values()) if isinstance(
+            v, dict) else v if isinstance(v, tuple) else ()
+        if members and all(isinstance(m, Transform) for m in members):
+            for m in members:
+                out += _traced_fixed(m, f"{where}{m.name}.")
+        elif "hyper" not in f.metadata and any(
+                map(_traced, v if isinstance(v, tuple) else (v,))):
+            out.append(f"{where or rule.name + '.'}{f.name}")
+    return out
 
 
 def _alone(rule: Transform) -> None:
