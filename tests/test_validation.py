@@ -1222,3 +1222,55 @@ def test_asgd_with_its_own_eta_lr_steps_under_jit_as_on_numpy():
             p = {"w": p["w"] + u["w"]}
             ref = uo.update_(ref, q, {"w": g})
         np.testing.assert_allclose(np.asarray(p["w"]), q["w"], rtol=1e-14, atol=0)
+
+
+# --- a step's keywords ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["update", "update_"])
+def test_a_keyword_no_part_reads_is_refused_and_nothing_is_written(entry: str) -> None:
+    """A misspelt value= or lr=5.0 (taken for a new learning rate) was dropped silently; now a
+    TypeError names it, with what was meant, before anything is written."""
+    params = {"w": np.ones(3)}
+    state = uo.update_(uo.setup(uo.adam(lr=0.1), params), params, {"w": np.full(3, 0.5)})
+    before = (params["w"].copy(), [x.copy() for xs in state.slots.values() for x in xs])
+    step = getattr(uo, entry)
+    for kw, says in [({"valeu": 1.0}, "unknown keyword 'valeu'; did you mean 'value'"),
+                     ({"lr": 5.0}, "unknown keyword 'lr'; a hyperparameter changes with "
+                                   "uo.adjust(state, lr=...)"),
+                     ({"hpv": 1}, "unknown keyword 'hpv'; did you mean 'hvp'?")]:
+        with pytest.raises(TypeError, match=re.escape(f"{entry}: {says}")):
+            step(state, params, {"w": np.ones(3)}, **kw)
+    np.testing.assert_array_equal(params["w"], before[0])
+    for x, y in zip([x for xs in state.slots.values() for x in xs], before[1], strict=True):
+        np.testing.assert_array_equal(x, y)
+    # the keywords of the parts that read them: every rule takes them, as optax's chain hands
+    # its extra arguments to every member
+    out = uo.update(state, params, {"w": np.ones(3)}, value=1.0, grad={"w": np.ones(3)},
+                    value_fn=lambda p: 0.0, hvp=lambda v: v)[1]
+    np.testing.assert_array_equal(out["w"], uo.update(state, params, {"w": np.ones(3)})[1]["w"])
+
+
+def test_an_optax_member_with_extra_arguments_takes_keywords_of_any_name() -> None:
+    """optax's extra arguments may have any name: a rule with an optax member that takes them
+    refuses none, and in a partition they reach that member, not the uniopt one beside it."""
+    optax = pytest.importorskip("optax")
+    seen = []
+
+    def update(u: Any, state: Any, params: Any = None, *, scale: float = 1.0,
+               **extra: Any) -> Any:
+        seen.append(scale)
+        return {k: None if v is None else v * scale for k, v in u.items()}, state
+
+    scaled = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    params = {"a": np.ones(2), "b": np.ones(2)}
+    grads = {"a": np.ones(2), "b": np.ones(2)}
+    rule = uo.partition({"opt": uo.chain(uo.from_optax(scaled), uo.sgd(lr=0.1)),
+                         "own": uo.adam(lr=0.1)}, lambda path, _: "opt" if "a" in path else "own")
+    state = uo.setup(rule, params)
+    _, out = uo.update(state, params, grads, scale=3.0)
+    assert seen == [3.0]
+    np.testing.assert_allclose(out["a"], 1 - 0.3)
+    _, alone = uo.update(uo.setup(uo.adam(lr=0.1), {"b": np.ones(2)}), {"b": np.ones(2)},
+                         {"b": np.ones(2)})
+    np.testing.assert_array_equal(out["b"], alone["b"])

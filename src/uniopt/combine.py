@@ -30,7 +30,16 @@ import optree
 
 from . import backend
 from .base import COMBINATORS, Combinator, PerLeaf, Transform, chain, makes_step
-from .engine import _as_new_array, _next_step, member_step, resolve, setup, update, update_
+from .engine import (
+    _as_new_array,
+    _member_keywords,
+    _next_step,
+    member_step,
+    resolve,
+    setup,
+    update,
+    update_,
+)
 from .hyper import _traced, check_integer
 from .rules.schedule_free import scalar_like
 from .state import State
@@ -143,6 +152,7 @@ def _member(mode: str, state: State, ps: list[Any], gs: list[Any],
         return member_step(state, ps, gs, extra)
     # as trees of the member's structure, so a combinator inside sees the leaves' paths
     p_tree, g_tree = unflatten(state.treedef, ps), unflatten(state.treedef, gs)
+    extra = _member_keywords(state.rule, extra)
     if mode == PURE:
         new, out = update(state, p_tree, g_tree, **extra)
         return flatten_leaves(out)[0], new

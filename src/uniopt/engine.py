@@ -1425,8 +1425,12 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
     :func:`uniopt.trainables`. ``value``: the loss, for the parts that read it
     (:class:`uniopt.reduce_on_plateau`); ignored by the others. Other keyword arguments go
     with it to those parts (a line search's ``grad=`` and ``value_fn=``:
-    :class:`uniopt.lbfgs_linesearch`).
+    :class:`uniopt.lbfgs_linesearch`; Sophia-H's ``hvp=``), which every rule takes; any other
+    keyword is refused, unless a line search (which hands it to ``value_fn``) or an optax member
+    taking extra arguments is in the rule.
     """
+    if extra:
+        _check_keywords("update", state, extra)
     new, out = _pure(state, params, grads, value, extra)
     # what a whole-tree part handed on as it was, or as a view of it, copied: nothing returned
     # aliases an input (a tree state, a member's state that did not step in a chain); the
@@ -1510,6 +1514,8 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
             **extra: Any) -> State:
     """One step in place: the arrays of ``params`` and of the state are written, and the state
     with its step advanced is returned. Bit for bit the same numbers as :func:`update`."""
+    if extra:
+        _check_keywords("update_", state, extra)
     fast_out = _fast(state, params, grads, inplace=True)
     if isinstance(fast_out, tuple):
         return fast_out[0]
@@ -1566,6 +1572,43 @@ def _sharded(state: State, step: _Step, inplace: bool,
     return out, unflatten(step.treedef, [backend.like_leaf(x, p) for x, p in
                                          zip(loc.wrap(ps, step.params), step.params,
                                              strict=True)])
+
+
+# the keywords a step takes beside value= (the loss), for the parts that read them: every
+# rule takes them (a loop written for a line search may step any rule), as optax's chain
+# hands its extra arguments to every member
+STEP_KEYWORDS = ("grad", "value_fn", "hvp")
+
+
+def _check_keywords(entry: str, state: Any, extra: dict[str, Any]) -> None:
+    """Refuse a keyword no part reads (a misspelt ``value``, or ``lr=5.0`` taken for a new
+    learning rate), unless an optax member of the rule takes extra arguments of any name."""
+    unknown = [k for k in extra if k not in STEP_KEYWORDS]
+    if not unknown or not isinstance(state, State):
+        return
+    if _takes_any_keyword(state.rule):
+        return
+    k = unknown[0]
+    hint = did_you_mean(k, ("value", *STEP_KEYWORDS))
+    if not hint and k in {f.name for _, m in members(state.rule) for f in dataclasses.fields(m)}:
+        hint = f"; a hyperparameter changes with uo.adjust(state, {k}=...)"
+    raise TypeError(f"{entry}: unknown keyword {k!r}{hint}; a step takes value= (the loss) and "
+                    f"{', '.join(f'{n}=' for n in STEP_KEYWORDS)} for the parts that read them")
+
+
+def _takes_any_keyword(rule: Transform) -> bool:
+    """Whether a part of ``rule`` takes keywords of any name: an optax member's extra
+    arguments, a line search's for its ``value_fn``."""
+    return any(getattr(p, "takes_any_keyword", False)
+               for _, m in members(rule) for p in (m, *m.flat_parts))
+
+
+def _member_keywords(rule: Transform, extra: dict[str, Any]) -> dict[str, Any]:
+    """The step's keywords a combinator's member takes: those of another member's optax
+    transformation are not its own."""
+    if all(k in STEP_KEYWORDS or k == "value" for k in extra) or _takes_any_keyword(rule):
+        return extra
+    return {k: v for k, v in extra.items() if k in STEP_KEYWORDS or k == "value"}
 
 
 def _extra(value: Any, extra: dict[str, Any]) -> dict[str, Any]:

@@ -72,6 +72,11 @@ class from_optax(WholeTree):
     def reads_value(self) -> bool:  # type: ignore[override]
         return _takes_extra_args(self.tx.update)
 
+    @property
+    def takes_any_keyword(self) -> bool:
+        """optax's extra arguments may have any name: uniopt's step refuses none then."""
+        return self.reads_value
+
     def init_tree(self, params: Any) -> Any:
         leaves = trainables(params)
         if leaves and backend.is_array(leaves[0]) and \

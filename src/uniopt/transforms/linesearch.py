@@ -318,6 +318,9 @@ class scale_by_zoom_linesearch(WholeTree):
     reads_value: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
+    # the step's other keywords go on to value_fn (optax's extra arguments), which says
+    # which it does not take
+    takes_any_keyword: ClassVar[bool] = True
 
     def check(self) -> None:
         _steps(self, "max_linesearch_steps")
@@ -519,6 +522,9 @@ class scale_by_backtracking_linesearch(WholeTree):
     reads_value: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
+    # the step's other keywords go on to value_fn (optax's extra arguments), which says
+    # which it does not take
+    takes_any_keyword: ClassVar[bool] = True
 
     def check(self) -> None:
         _steps(self, "max_backtracking_steps", least=0)
