@@ -700,6 +700,14 @@ BAD = {
     "a stranger's regular expression": (lambda p: _edit(p, _regex),
                                         "rule.transforms[1].lr: the checkpoint's rule matches "
                                         "paths with the regular expression '(a+)+$'"),
+    "a negative step": (lambda p: _edit(p, _step(-1)),
+                        "ckpt.safetensors: state['step'] is -1 in the checkpoint: a step count "
+                        "is >= 0"),
+    "the state of a part the rule has not": (
+        lambda p: _edit(p, lambda h, doc: doc.update(
+            tree_states={"$": "dict", "items": [["x", 1]]})),
+        "ckpt.safetensors: the checkpoint holds state['tree_states']['x'], the state of a "
+        "whole-tree part like's rule has not (extra leaf)"),
     "a torch state_dict": (lambda p: _edit(p, _kind("torch")),
                            "ckpt.safetensors holds a torch optimizer's state_dict: load it with "
                            "like=optimizer"),
@@ -798,6 +806,13 @@ def _deep(h: dict[str, Any], doc: dict[str, Any]) -> None:
 def _regex(h: dict[str, Any], doc: dict[str, Any]) -> None:
     doc["rule"]["fields"]["transforms"][1]["fields"]["lr"] = {
         "$": "regex", "pattern": "(a+)+$", "flags": 32}
+
+
+def _step(v: int) -> Any:
+    def edit(h: dict[str, Any], doc: dict[str, Any]) -> None:
+        [entry] = [e for e in doc["entries"] if e[0] == ["step"]]
+        entry[1] = {"value": v}
+    return edit
 
 
 def _kind(kind: str) -> Any:

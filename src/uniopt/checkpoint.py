@@ -973,6 +973,13 @@ def _load_state(ck: _File, like: Any, want_params: bool) -> Any:
         raise CheckpointError(f"{ck.name}: like's params come in another order than the "
                               "checkpoint's, and the whole-tree parts' states keep theirs by "
                               "position")
+    # a part's state may have gained entries as it ran, but the parts are like's: one the rule
+    # has not is no state of it
+    parts = [k for k, _ in _pairs(ck, doc.get("tree_states"), ["tree_states"])
+             if k not in tmpl.tree_states]
+    if parts:
+        raise CheckpointError(f"{ck.name}: the checkpoint holds {_show(['tree_states', parts[0]])}"
+                              f", the state of a whole-tree part like's rule has not (extra leaf)")
     trees = reader.walk(tmpl.tree_states, doc.get("tree_states"), ["tree_states"])
     if want_params:
         if doc.get("params") is not True:
@@ -1354,6 +1361,7 @@ def _scalar(ck: _File, spec: Any, kind: type, at: list[Any]) -> Callable[[], Any
         if not ok:
             raise CheckpointError(f"{where} is {_short(v)} in the checkpoint, a {kind.__name__} "
                                   "in like")
+        _count(where, kind, v, at)
         return lambda: kind(v)
     info = _tensor(ck, spec, at)
     code = info.code
@@ -1366,9 +1374,16 @@ def _scalar(ck: _File, spec: Any, kind: type, at: list[Any]) -> Callable[[], Any
         dtype, shape = _as_host(info)
         out = np.empty(shape, dtype)
         ck.read_into(info, out)
-        return kind(out.item())
+        return _count(where, kind, kind(out.item()), at)
 
     return read
+
+
+def _count(where: str, kind: type, v: Any, at: list[Any]) -> Any:
+    """``v``, refused where it is a step count below 0 (a rule's or a member's)."""
+    if kind is int and at and at[-1] == "step" and v < 0:
+        raise CheckpointError(f"{where} is {v} in the checkpoint: a step count is >= 0")
+    return v
 
 
 def _fit_scalar(xp: Any, v: Any, leaf: Any, ck: _File, at: list[Any]) -> Any:
