@@ -467,3 +467,34 @@ def test_the_int32_count_stops_at_its_end_as_optaxs() -> None:
             q = optax.apply_updates(q, updates)
         assert int(state.step) == 2**31 - 1
         np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.0), (0.3, 0.2)])
+@pytest.mark.parametrize("convention", ["torch", "optax"])
+def test_a_beta_below_a_half_keeps_the_gradient_on_jax(convention: str,
+                                                        betas: tuple[float, float]) -> None:
+    """A moving average's weight 1 - beta at or above 1/2 (a beta of 0: the gradient itself)
+    is taken from the gradient's side on JAX, as on NumPy and in torch's lerp: from the old
+    average's side a large first gradient swallowed a small second one (Adam with betas 0 on
+    JAX stepped -1.22 where NumPy, torch and optax step -0.9999)."""
+    optax = pytest.importorskip("optax")
+    rule = uo.adam(1.0, betas=betas, convention=convention)
+    grads = [1000.0, 1e-4, -3e-3]
+    ends = {}
+    for name, wrap, as_array in (("numpy", lambda f: f, np.asarray),
+                                 ("jax", lambda f: f, jnp.asarray),
+                                 ("jit", jax.jit, jnp.asarray)):
+        p = {"w": as_array(np.zeros(1, np.float32))}
+        state, step = uo.setup(rule, p), wrap(uo.update)
+        for g in grads:
+            state, p = step(state, p, {"w": as_array(np.array([g], np.float32))})
+        ends[name] = np.asarray(p["w"])
+    tx = optax.adam(1.0, b1=betas[0], b2=betas[1])
+    p = {"w": jnp.zeros(1, jnp.float32)}
+    s = tx.init(p)
+    for g in grads:
+        u, s = tx.update({"w": jnp.array([g], jnp.float32)}, s, p)
+        p = optax.apply_updates(p, u)
+    for name in ("jax", "jit"):
+        np.testing.assert_allclose(ends[name], ends["numpy"], rtol=4e-7)
+    np.testing.assert_allclose(ends["numpy"], np.asarray(p["w"]), rtol=4e-7)

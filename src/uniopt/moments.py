@@ -102,7 +102,15 @@ def lerp(a: Any, b: Any, w: Any) -> Any:
         return torch.lerp(a, b, w)
     elif isinstance(a, Batch):
         return a.lerp(b, w)
-    return a + w * (b - a)
+    # the same two sides elsewhere (JAX, array-API libraries), unfused: from a alone, a weight
+    # near 1 (a beta of 0) lost b to a's rounding where a is much the larger
+    if isinstance(w, (int, float, np.floating)):
+        return a + w * (b - a) if abs(w) < 0.5 else b + (w - 1) * (b - a)
+    from .backend import namespace
+
+    xp = namespace(a)
+    near = abs(w) < 0.5  # (a traced or scheduled weight: chosen in the program)
+    return xp.where(near, a, b) + xp.where(near, w, w - 1) * (b - a)
 
 
 def ema_sq(v: Any, g: Any, decay: Any, weight: Any) -> Any:
