@@ -292,6 +292,39 @@ def test_rprop_optax_convention_matches_optax(seed: int) -> None:
     assert run(ours, theirs, seed) < 1e-12
 
 
+def test_rprop_takes_an_infinite_gradient_as_optax_and_torch_do() -> None:
+    """An infinite gradient against a memory of 0 makes the sign product NaN: optax shrinks
+    the step size there and torch's sign of NaN (0) keeps it, both finite after; uniopt's
+    optax form turned the step size NaN for good, on NumPy and JAX."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    grads = [np.array([np.inf, 1.0]), *[np.array([s, 1.0]) for s in (1.0, 1.0, -1.0, 1.0)]]
+    tx = optax.rprop(0.01)
+    theirs = {"w": jnp.array([2.0, 1.0])}
+    s = tx.init(theirs)
+    for g in grads:
+        u, s = tx.update({"w": jnp.asarray(g)}, s, theirs)
+        theirs = optax.apply_updates(theirs, u)
+    for wrap, asarray in ((lambda f: f, np.asarray), (lambda f: f, jnp.asarray),
+                          (jax.jit, jnp.asarray)):
+        p = {"w": asarray(np.array([2.0, 1.0]))}
+        state, step = uo.setup(uo.rprop(0.01, convention="optax"), p), wrap(uo.update)
+        for g in grads:
+            state, p = step(state, p, {"w": asarray(g)})
+        np.testing.assert_allclose(np.asarray(p["w"]), np.asarray(theirs["w"]), rtol=1e-6)
+    ends = []
+    for cls in (torch.optim.Rprop, ut.Rprop):
+        w = torch.nn.Parameter(torch.tensor([2.0, 1.0], dtype=torch.float64))
+        opt = cls([w], lr=0.01)
+        for g in grads:
+            w.grad = torch.from_numpy(g.copy())
+            opt.step()
+        ends.append((w.detach().clone(), opt.state[w]["step_size"].clone()))
+    assert torch.isfinite(ends[1][0]).all()
+    assert torch.equal(ends[0][0], ends[1][0]) and torch.equal(ends[0][1], ends[1][1])
+
+
 def test_rprop_optax_update_is_one_step_stale() -> None:
     # optax 0.2.8 hands out the previous update's step (optax pull request 1725): the first
     # update is 0 and each later one is the step torch took one update earlier

@@ -331,13 +331,13 @@ def test_nadam_at_torchs_stalled_float32_step_count(b1: float, product: float) -
         torch.set_default_dtype(dd)
 
 
-@pytest.mark.parametrize("n", [7, 20_000])  # the reference path, and the compiled loop
-def test_rprop_skips_a_nan_gradient_entry_as_torch(n: int) -> None:
+@pytest.mark.parametrize("n, foreach", [(7, False), (20_000, False), (7, True)])
+def test_rprop_skips_a_nan_gradient_entry_as_torch(n: int, foreach: bool) -> None:
     """torch's CPU ``sign`` of NaN is 0, so torch's Rprop leaves an entry whose gradient is NaN
     unmoved, its step size kept; uniopt's torch convention does the same (it turned the entry
-    NaN for good). The optax convention keeps optax's NaN. (``foreach=True`` keeps it too: its
-    multi-tensor select cannot drop a NaN, docs/torch.md.)"""
-    flags: dict[str, Any] = {}
+    NaN for good), on the reference path, the compiled loop and the multi-tensor path (which
+    turned it NaN: its kernel chose by a NaN value). The optax convention keeps optax's NaN."""
+    flags: dict[str, Any] = {"foreach": foreach}
     g = torch.Generator().manual_seed(0)
     start = torch.randn(n, dtype=torch.float64, generator=g)
     grads = [torch.randn(n, dtype=torch.float64, generator=g) for _ in range(12)]

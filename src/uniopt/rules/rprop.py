@@ -88,15 +88,20 @@ class scale_by_rprop(Elementwise):
     @staticmethod
     def kernel(xp, c, p, u, prev, step_size):
         agree = u * prev
-        # agree == 0 keeps s; a NaN makes it NaN, as optax's jnp.sign does, or (nan_skips)
-        # counts as 0, as torch's CPU sign of NaN is
-        agree = select(xp, c.nan_skips, select(xp, agree != agree, step_size * c.zero, agree),
-                       agree)
-        kept = step_size + agree * c.zero
-        s = select(xp, agree > 0, step_size * c.etaplus,
-                   select(xp, agree < 0, step_size * c.etaminus, kept))
+        # agree == 0 keeps s. A NaN product (a NaN gradient, or an infinite one against a
+        # memory of 0) is neither > 0 nor < 0: torch's CPU sign of it is 0, which keeps s
+        # (nan_skips); optax's clip(s * where(agree > 0, eta+, eta-)) shrinks it. Chosen by
+        # comparisons alone, never by a NaN value (the multi-tensor path's select keeps one).
+        # The step size depends on the product as torch's does under autograd, with derivative
+        # 0 (its sign: torch's of NaN is 0)
+        still = agree == 0
+        shrunk = step_size * c.etaminus
+        kept = step_size + xp.sign(agree) * c.zero
+        s = select(xp, agree > 0, step_size * c.etaplus, select(
+            xp, agree < 0, shrunk, select(xp, still, kept,
+                                          select(xp, c.nan_skips, step_size, shrunk))))
         clamped = xp.minimum(xp.maximum(s, c.lo), c.hi)
-        s = select(xp, c.clamp_kept, clamped, select(xp, agree != 0, clamped, kept))
+        s = select(xp, c.clamp_kept, clamped, select(xp, still, s, clamped))
         g = select(xp, agree < 0, s * c.zero, u)
         out = select(xp, g > 0, s, select(xp, g < 0, -s,
                                           select(xp, c.nan_skips, s * c.zero, g * c.zero)))
