@@ -2080,3 +2080,23 @@ def test_sgd_groups_of_nesterov_with_dampening_or_no_momentum_step_as_torchs() -
     with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero"):
         ut.SGD([torch.ones(2, requires_grad=True)], lr=0.1, momentum=0.9, dampening=0.1,
                nesterov=True)
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "SGD", "Adafactor"])
+def test_a_parameter_reshaped_in_place_is_named(cls: str) -> None:
+    """A parameter whose .data was reshaped after its first step: a ValueError names it and
+    the slot (torch's broadcast error from copying the slot named nothing), nothing written."""
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    opt = getattr(ut, cls)([w], lr=1e-2, **({"momentum": 0.9} if cls == "SGD" else {}))
+    w.grad = torch.ones(3, 4)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v)}
+    w.data = w.data.reshape(4, 3)
+    w.grad = torch.ones(4, 3)
+    kept = w.detach().clone()
+    with pytest.raises(ValueError, match=r"param 0 of its group has shape \(4, 3\), but its "
+                                         r"state's '\w+' has shape \(3, [14]\): this state was "
+                                         r"set up for another parameter"):
+        opt.step()
+    assert torch.equal(w.detach(), kept)
+    assert all(torch.equal(v, opt.state[w][k]) for k, v in before.items())

@@ -331,6 +331,15 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
         for key, name in names:
             _q8_slot(st, key, name, p)
         return st
+    for key, name in names:
+        s = st[name]
+        shape = tuple((real(s) if s.is_complex() else s).shape)
+        if s.layout == torch.strided and shape != tuple(shapes[key]):
+            # (a parameter reshaped in place, its .data assigned: the copy below would raise
+            # torch's broadcast error, naming nothing)
+            raise ValueError(f"param {i} of its group has shape {tuple(p.shape)}, but its "
+                             f"state's {name!r} has shape {tuple(s.shape)}: this state was set "
+                             "up for another parameter")
     if dtensor.is_dtensor(p):
         _dtensor_slots(st, p, names, shapes)
     wanted = getattr(torch, state_dtype) if state_dtype and not p.is_complex() else None
