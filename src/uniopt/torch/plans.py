@@ -334,7 +334,9 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
     for key, name in names:
         s = st[name]
         shape = tuple((real(s) if s.is_complex() else s).shape)
-        if s.layout == torch.strided and shape != tuple(shapes[key]):
+        want = shapes[key]
+        assert want is not None  # (names keeps the slots this shape has)
+        if s.layout == torch.strided and shape != tuple(want):
             # (a parameter reshaped in place, its .data assigned: the copy below would raise
             # torch's broadcast error, naming nothing)
             raise ValueError(f"param {i} of its group has shape {tuple(p.shape)}, but its "
