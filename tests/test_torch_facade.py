@@ -418,8 +418,9 @@ def test_signature_and_defaults_are_torchs(name: str) -> None:
     typed = lambda d: {k: (type(v), v) for k, v in d.items()}  # noqa: E731
     assert typed(ours(w).defaults) == typed({**theirs(w).defaults, **extra})
     assert typed(ours(w).param_groups[0]) == typed({**theirs(w).param_groups[0], **extra})
-    assert isinstance(ours(w), torch.optim.Optimizer)
-    assert issubclass(ut.AdamW, ut.Adam)
+    # the torch class of its name too: frameworks branch on it (Lightning refuses LBFGS under
+    # AMP, accelerate picks DeepSpeed's AdamW or Adagrad by it), as on ours(w)'s own class
+    assert isinstance(ours(w), theirs) and issubclass(ut.AdamW, ut.Adam)
 
 
 def test_construction_from_named_parameters_and_group_dicts() -> None:

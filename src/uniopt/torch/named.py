@@ -208,7 +208,7 @@ def _constructor(cls: type[_Named], defaults: dict[str, Any]) -> Any:
     return __init__
 
 
-class SGD(_Named):
+class SGD(_Named, torch.optim.SGD):
     """``torch.optim.SGD``, run by :func:`uniopt.sgd`; sparse gradients as torch takes them."""
 
     rule = sgd()
@@ -237,7 +237,7 @@ class SGD(_Named):
         return super()._build_rule(group)
 
 
-class Adagrad(_Named):
+class Adagrad(_Named, torch.optim.Adagrad):
     """``torch.optim.Adagrad``, run by :func:`uniopt.adagrad`. As torch's, it sets up every
     parameter's state at construction, each sum from the constructor's
     ``initial_accumulator_value`` (a param group's own is kept in the group and never read, a
@@ -276,7 +276,7 @@ class Adagrad(_Named):
                 self.state[p]["sum"].share_memory_()
 
 
-class RMSprop(_Named):
+class RMSprop(_Named, torch.optim.RMSprop):
     """``torch.optim.RMSprop``, run by :func:`uniopt.rmsprop`."""
 
     rule = rmsprop()
@@ -288,7 +288,7 @@ class RMSprop(_Named):
     _checks = (LR, EPS, _at_least_0("momentum"), WEIGHT_DECAY, _at_least_0("alpha"))
 
 
-class Adadelta(_Named):
+class Adadelta(_Named, torch.optim.Adadelta):
     """``torch.optim.Adadelta``, run by :func:`uniopt.adadelta`."""
 
     rule = adadelta()
@@ -299,7 +299,7 @@ class Adadelta(_Named):
     _checks = (LR, ("rho", lambda v: 0.0 <= v <= 1.0, "Invalid rho value: {}"), EPS, WEIGHT_DECAY)
 
 
-class Adam(_Named):
+class Adam(_Named, torch.optim.Adam):
     """``torch.optim.Adam``, run by :func:`uniopt.adam` (``decoupled_weight_decay=True``:
     :func:`uniopt.adamw`, as torch)."""
 
@@ -316,7 +316,7 @@ class Adam(_Named):
         return adamw() if group.get("decoupled_weight_decay") else self.rule
 
 
-class AdamW(Adam):
+class AdamW(Adam, torch.optim.AdamW):
     """``torch.optim.AdamW``, run by :func:`uniopt.adamw`, plus ``couple_lr``: ``False`` makes
     the decay independent of the learning rate, ``p <- p - lr*A - weight_decay*p`` (Flux's
     form; see the docs' Weight decay page, docs/weight-decay.md)."""
@@ -327,7 +327,7 @@ class AdamW(Adam):
     _fixed = {"decoupled_weight_decay": True}  # as torch's AdamW
 
 
-class SparseAdam(_Named):
+class SparseAdam(_Named, torch.optim.SparseAdam):
     """``torch.optim.SparseAdam``, run by :func:`uniopt.sparse_adam`: sparse gradients only;
     the moments and the parameter change only at the entries the gradient holds (gathered,
     duplicates summed, as torch). The state's ``step`` is an int, as torch's."""
@@ -373,7 +373,7 @@ _LBFGS_KEYS = ("func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "
                "prev_flat_grad", "prev_loss", "al")
 
 
-class LBFGS(_Named):
+class LBFGS(_Named, torch.optim.LBFGS):
     """``torch.optim.LBFGS``, run by :func:`uniopt.lbfgs` through
     :func:`uniopt.minimize_step_`: one parameter group, ``step(closure)`` with the closure
     required; the state (``old_dirs``, ``old_stps``, ``ro``, ``d``, ``t``, ``H_diag``,
@@ -475,7 +475,7 @@ def _refuse_complex(name: str, group: dict[str, Any]) -> None:
         raise RuntimeError(f"{name} does not support complex parameters")
 
 
-class Adafactor(_Named):
+class Adafactor(_Named, torch.optim.Adafactor):
     """``torch.optim.Adafactor``, run by :func:`uniopt.adafactor`: ``row_var`` and ``col_var``
     for parameters of two or more dimensions, ``variance`` for the others, as torch keeps
     them."""
@@ -497,7 +497,7 @@ class Adafactor(_Named):
         return super()._prepare(gi, group)
 
 
-class Muon(_Named):
+class Muon(_Named, torch.optim.Muon):
     """``torch.optim.Muon``, run by :func:`uniopt.muon`; same-shaped matrices of a group are
     orthogonalised in one batched matmul chain. As torch's, it takes 2-D parameters only
     (checked when a group is added, too); the Newton-Schulz iteration runs in bfloat16, as
@@ -531,7 +531,7 @@ class Muon(_Named):
         return super()._prepare(gi, group)
 
 
-class Adamax(_Named):
+class Adamax(_Named, torch.optim.Adamax):
     """``torch.optim.Adamax``, run by :func:`uniopt.adamax`."""
 
     rule = adamax()
@@ -541,7 +541,7 @@ class Adamax(_Named):
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY)
 
 
-class RAdam(_Named):
+class RAdam(_Named, torch.optim.RAdam):
     """``torch.optim.RAdam``, run by :func:`uniopt.radam`."""
 
     rule = radam()
@@ -551,7 +551,7 @@ class RAdam(_Named):
     _checks = (LR, EPS, *BETAS, WEIGHT_DECAY)
 
 
-class Rprop(_Named):
+class Rprop(_Named, torch.optim.Rprop):
     """``torch.optim.Rprop``, run by :func:`uniopt.rprop`. As torch's, a parameter's step sizes
     start at the group's ``lr`` when its state is made; later values of ``lr`` change nothing."""
 
@@ -843,7 +843,7 @@ class _Derived(_Named):
         return float(round_scalar(float(x), _scalar_dtype()))
 
 
-class NAdam(_Derived):
+class NAdam(_Derived, torch.optim.NAdam):
     """``torch.optim.NAdam``, run by :func:`uniopt.nadam`. torch's ``state["mu_product"]``, the
     product of each step's own momentum (a ``betas[0]`` that a scheduler cycles, OneCycleLR's,
     multiplied in at each step as it was), is kept per parameter (see :class:`_Derived`) and
@@ -876,7 +876,7 @@ class NAdam(_Derived):
                          _scalar_dtype())
 
 
-class ASGD(_Derived):
+class ASGD(_Derived, torch.optim.ASGD):
     """``torch.optim.ASGD``, run by :func:`uniopt.asgd`; the average is ``state[p]["ax"]``.
     torch's ``state["eta"]`` and ``state["mu"]``, which it computes at the end of a
     parameter's step from that step's ``lr``, ``lambd``, ``alpha`` and ``t0`` for the

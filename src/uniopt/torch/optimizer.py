@@ -286,7 +286,9 @@ class Optimizer(torch.optim.Optimizer):
         self._reset_caches()
         if defaults.get("state_dtype") is None:  # only where asked for: torch's groups otherwise
             defaults = {k: v for k, v in defaults.items() if k != "state_dtype"}
-        super().__init__(params, defaults)
+        # (torch's base, by name: a named class is also its torch class, whose own __init__
+        # and __setstate__ come next in its order and must not run)
+        torch.optim.Optimizer.__init__(self, params, defaults)
         self.state = plans.Versioned(dict, self.state)
 
     def _reset_caches(self) -> None:
@@ -319,7 +321,7 @@ class Optimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         defaults = state.get("defaults", vars(self).get("defaults", {}))
         had = "differentiable" in defaults
-        super().__setstate__(state)
+        torch.optim.Optimizer.__setstate__(self, state)
         if not had:  # torch adds it to every optimizer's defaults; its classes without it lack it
             self.defaults.pop("differentiable", None)
         if not isinstance(self.state, plans.Versioned):  # load_state_dict sets a new one
