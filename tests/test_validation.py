@@ -1274,3 +1274,43 @@ def test_an_optax_member_with_extra_arguments_takes_keywords_of_any_name() -> No
     _, alone = uo.update(uo.setup(uo.adam(lr=0.1), {"b": np.ones(2)}), {"b": np.ones(2)},
                          {"b": np.ones(2)})
     np.testing.assert_array_equal(out["b"], alone["b"])
+
+
+# --- whole-tree states against params of other shapes -----------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: uo.dog(), lambda: uo.dowg(), lambda: uo.prodigy(), lambda: uo.dadapt_adamw(),
+    lambda: uo.schedule_free_sgd(lr=0.1), lambda: uo.momo(), lambda: uo.momo_adam(),
+    lambda: uo.galore(lr=0.1), lambda: uo.accumulate(uo.sgd(lr=0.1), every=3),
+    lambda: uo.mechanize(uo.sgd(lr=0.1)),
+], ids=["dog", "dowg", "prodigy", "dadapt_adamw", "schedule_free_sgd", "momo", "momo_adam",
+        "galore", "accumulate", "mechanize"])
+@pytest.mark.parametrize("entry", ["update", "update_"])
+def test_a_whole_tree_state_of_params_of_other_shapes_is_refused(make: Any, entry: str) -> None:
+    """Params whose shapes changed since set-up (the same structure) against a rule whose state
+    is its whole-tree parts': they stepped silently (DoG, GaLore, Momo, D-Adaptation; accumulate
+    took the micro-batch into its mean) or failed in a NumPy broadcast naming no leaf. A
+    ValueError names the leaf and the state's entry, nothing written."""
+    params = {"w": np.ones((4, 3))}
+    state = uo.setup(make(), params)
+    state = uo.update_(state, params, {"w": np.full((4, 3), 0.5)}, value=1.0)
+    other = {"w": np.ones((5, 3))}
+    trees = [x.copy() for x in _arrays(state.tree_states)]
+    with pytest.raises(ValueError, match=r"params\['w'\] has shape \(5, 3\), but the state's "
+                                         r"\w+\['\w+'\] for it has shape \(4, 3\): this state "
+                                         r"was set up for other params|the state's "
+                                         r"scale_by_galore: projector for leaf 0 has "
+                                         r"shape \(4, 3\), where a param of shape \(5, 3\) "
+                                         r"keeps \(5, 3\)"):
+        getattr(uo, entry)(state, other, {"w": np.full((5, 3), 7.0)}, value=1.0)
+    np.testing.assert_array_equal(other["w"], 1.0)
+    for x, y in zip(_arrays(state.tree_states), trees, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _arrays(tree: Any) -> list[Any]:
+    import optree
+
+    return [x for x in optree.tree_leaves(tree, none_is_leaf=False)
+            if isinstance(x, np.ndarray)]

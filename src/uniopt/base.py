@@ -696,6 +696,9 @@ class WholeTree(Part):
     # pairs: a combinator routes them to members that step them as pairs, an optax
     # transformation keeps optax's own arithmetic
     takes_complex: ClassVar[bool] = False
+    # the entries of its state (a dict) that hold one array per leaf, shaped as the leaf:
+    # checked against the params at every step, as slots are
+    like_params: ClassVar[tuple[str, ...]] = ()
 
     def init_tree(self, params: Any) -> Any:
         """The state for the params tree."""

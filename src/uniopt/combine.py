@@ -585,6 +585,7 @@ class accumulate(_Wraps):
     whole step (``accumulate(skip_nonfinite(rule), k)``)."""
 
     every: Any
+    like_params: ClassVar[tuple[str, ...]] = ("acc",)
 
     def __init__(self, rule: Any, every: Any) -> None:
         every = check_integer("accumulate", "every", every, 1, schedulable=True)
@@ -741,6 +742,8 @@ class mechanize(_Wraps):
     tree state: the rule's state (``inner``), ``x0``, and ``m``, ``v``, ``r``, ``s`` (each
     ``num_betas`` numbers).
     """
+
+    like_params: ClassVar[tuple[str, ...]] = ("x0",)
 
     weight_decay: float
     eps: float

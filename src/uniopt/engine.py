@@ -496,6 +496,8 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
         raise ValueError(f"this state counts steps for {state.counts.shape} leaves, the params "
                          f"have {len(params)}: it was set up for other params")
     leaf_shapes = _shapes(params)
+    if state.tree_states:
+        _check_tree_shapes(state, names, params, leaf_shapes)
     wants = [state.rule.slot_shapes_of(shape) for shape in leaf_shapes]
     for key, arrays in state.slots.items():
         if len(arrays) != len(params):
@@ -523,6 +525,33 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                     f"{names[i]} has shape {tuple(p.shape)} and dtype {p.dtype}, but the "
                     f"state's {key} for it has {got}: this state was set up for other params"
                 )
+
+
+def _check_tree_shapes(state: State, names: list[str], params: list[Any],
+                       shapes: list[tuple[int, ...]]) -> None:
+    """The whole-tree parts' arrays kept one per leaf, shaped as it (:attr:`WholeTree.
+    like_params`), against the params: a state of params whose shapes changed since (the
+    same structure) stepped silently, or failed in a broadcast naming no leaf."""
+    for part, keys in state.rule.keyed_parts:
+        if not isinstance(part, WholeTree):
+            continue
+        tree = state.tree_states.get(keys[0])
+        why = part.check_tree(tree, params)  # (shapes a part keeps other than the leaves')
+        if why:
+            raise ValueError(f"the state's {keys[0]}: {why}: this state was set up for other "
+                             "params")
+        for entry in part.like_params:
+            xs = tree.get(entry) if isinstance(tree, dict) else None
+            if not isinstance(xs, list) or len(xs) != len(params):
+                continue  # (an entry the part keeps only for some settings)
+            for i, x in enumerate(xs):
+                if x is not None and tuple(x.shape) != shapes[i] \
+                        and not backend.is_complex(params[i]):
+                    raise ValueError(
+                        f"{names[i]} has shape {tuple(params[i].shape)}, but the state's "
+                        f"{keys[0]}[{entry!r}] for it has shape {tuple(x.shape)}: this state "
+                        "was set up for other params"
+                    )
 
 
 def _libraries_apart(p: Any, s: Any) -> bool:

@@ -128,23 +128,35 @@ class scale_by_galore(WholeTree):
             return _matrix(shape, GaLoreDimensionNumbers()) if len(shape) == 2 else None
         return _matrix(shape, d) if len(shape) >= 2 else None
 
+    def _state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of a leaf's projector and moments (a leaf it does not project: its own,
+        and no projector)."""
+        plan = self._plan(shape)
+        if plan is None:
+            return (0, 0), shape
+        r = min(self.rank, plan.rows, plan.cols)
+        side = plan.rows if plan.left else plan.cols
+        return (side, r), ((r, plan.cols) if plan.left else (plan.rows, r))
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
-        projectors, moments = [], []
-        for p in leaves:
-            xp = backend.namespace(p)
-            plan = self._plan(tuple(p.shape))
-            if plan is None:
-                projectors.append(_zeros(xp, (0, 0), p))
-                moments.append(tuple(p.shape))
-                continue
-            r = min(self.rank, plan.rows, plan.cols)
-            side = plan.rows if plan.left else plan.cols
-            projectors.append(_zeros(xp, (side, r), p))
-            moments.append((r, plan.cols) if plan.left else (plan.rows, r))
-        zeros = [[_zeros(backend.namespace(p), s, p) for p, s in zip(leaves, moments, strict=True)]
-                 for _ in range(2)]
-        return {"projector": projectors, "exp_avg": zeros[0], "exp_avg_sq": zeros[1]}
+        shapes = [self._state_shapes(tuple(p.shape)) for p in leaves]
+        zeros = [[_zeros(backend.namespace(p), s[k], p) for p, s in zip(leaves, shapes,
+                                                                         strict=True)]
+                 for k in (0, 1, 1)]
+        return {"projector": zeros[0], "exp_avg": zeros[1], "exp_avg_sq": zeros[2]}
+
+    def check_tree(self, state: Any, leaves: list[Any]) -> str | None:
+        for i, p in enumerate(leaves):
+            want = dict(zip(("projector", "exp_avg", "exp_avg_sq"),
+                            self._state_shapes(tuple(p.shape))[:1] * 1
+                            + self._state_shapes(tuple(p.shape))[1:] * 2, strict=True))
+            for key, shape in want.items():
+                xs = state.get(key) if isinstance(state, dict) else None
+                if isinstance(xs, list) and i < len(xs) and tuple(xs[i].shape) != shape:
+                    return (f"{key} for leaf {i} has shape {tuple(xs[i].shape)}, where a param "
+                            f"of shape {tuple(p.shape)} keeps {shape}")
+        return None
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:

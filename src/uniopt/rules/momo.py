@@ -96,6 +96,7 @@ class scale_by_momo(WholeTree):
     weight_decay: Any = hyper(0.0, NONNEG)
     adapt_lower_bound: bool = False
 
+    like_params: ClassVar[tuple[str, ...]] = ('exp_avg',)
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     reads_value: ClassVar[bool] = True
@@ -225,6 +226,7 @@ class scale_by_momo_adam(WholeTree):
     weight_decay: Any = hyper(0.0, NONNEG)
     adapt_lower_bound: bool = False
 
+    like_params: ClassVar[tuple[str, ...]] = ('exp_avg', 'exp_avg_sq')
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     reads_value: ClassVar[bool] = True

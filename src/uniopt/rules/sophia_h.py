@@ -73,6 +73,7 @@ class scale_by_hutchinson_sophia(WholeTree):
     num_samples: int = 1
     distribution: str = "gaussian"
     seed: int = 0
+    like_params: ClassVar[tuple[str, ...]] = ('hessian_moment',)
     reads_value: ClassVar[bool] = True
 
     def check(self) -> None:
