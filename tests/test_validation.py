@@ -1314,3 +1314,27 @@ def _arrays(tree: Any) -> list[Any]:
 
     return [x for x in optree.tree_leaves(tree, none_is_leaf=False)
             if isinstance(x, np.ndarray)]
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_update_in_place_refuses_a_leaf_that_repeats_its_elements(library: str) -> None:
+    """A writable view with a stride of 0 (NumPy's as_strided, torch's expand) holds one
+    element four times: update_ wrote each once per repeat, the last winning (SGD's four
+    different steps became the last one's), where update steps each. Refused, named, nothing
+    written; the pure step takes it."""
+    from numpy.lib.stride_tricks import as_strided
+
+    if library == "numpy":
+        base = np.zeros(1)
+        w = as_strided(base, shape=(4,), strides=(0,), writeable=True)
+        g = np.array([1.0, 2.0, 3.0, 4.0])
+    else:
+        base = torch.zeros(1, dtype=torch.float64)
+        w, g = base.expand(4), torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    state = uo.setup(uo.sgd(lr=0.1), {"w": w})
+    _, pure = uo.update(state, {"w": w}, {"w": g})
+    np.testing.assert_allclose(np.asarray(pure["w"]), [-0.1, -0.2, -0.3, -0.4])
+    with pytest.raises(ValueError, match=re.escape(
+            "update_ cannot write params['w'] in place: it repeats its elements in memory")):
+        uo.update_(state, {"w": w}, {"w": g})
+    assert float(base[0]) == 0.0

@@ -537,11 +537,13 @@ def has_views(xs: list[Any], ys: Any = ()) -> bool:
 def same_memory(a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` are the same elements of one memory, in the same layout (a
     gradient read at the index it writes its parameter: harmless in place)."""
-    return _span(a) == _span(b) and _strides(a) == _strides(b) and tuple(a.shape) == tuple(b.shape)
+    return _span(a) == _span(b) and strides(a) == strides(b) and tuple(a.shape) == tuple(b.shape)
 
 
-def _strides(x: Any) -> Any:
+def strides(x: Any) -> Any:
+    """``x``'s strides (NumPy's in bytes, torch's in elements), or None where it has none."""
     return tuple(x.stride()) if is_torch(x) else getattr(x, "strides", None)
+
 
 
 def memory_ids(xs: list[Any]) -> set[int]:

@@ -147,7 +147,8 @@ def _registered(rule: Transform) -> list[Transform]:
     return [rule] if getattr(type(rule), "info", None) is not None else []
 
 
-def _once_each(names: list[str], leaves: list[Any], views: bool = True) -> None:
+def _once_each(names: list[str], leaves: list[Any], views: bool = True,
+               writes: bool = False) -> None:
     """Refuse an array that is two leaves of the tree, or two leaves that share memory (views
     of one array), but JAX's (immutable arrays, two leaves that start equal): a tied weight's
     steps in place were its last leaf's on one path and both leaves' on the other, and a pure
@@ -160,16 +161,30 @@ def _once_each(names: list[str], leaves: list[Any], views: bool = True) -> None:
                                  "is one parameter; give it once, with the sum of its gradients")
             first.setdefault(id(leaf), name)
     if views:  # (False: the caller found no view among these, or among them and more)
-        _apart(names, leaves)
+        _apart(names, leaves, writes=writes)
 
 
-def _apart(names: list[str] | None, leaves: list[Any], params: Any = None) -> None:
+def _apart(names: list[str] | None, leaves: list[Any], params: Any = None,
+           writes: bool = False) -> None:
     """Refuse two leaves that are views sharing memory (costs a look at each leaf's base only,
-    where none is a view). ``names``: the leaves' (None: made from ``params`` if needed). A
-    list of NumPy arrays found apart is remembered (their memory is theirs for life): the
-    check of columns of one matrix, every pair's, is not made at every step."""
+    where none is a view), and where the step ``writes`` them in place, a leaf that repeats
+    its own elements. ``names``: the leaves' (None: made from ``params`` if needed). A list of
+    NumPy arrays found apart is remembered (their memory is theirs for life): the check of
+    columns of one matrix, every pair's, is not made at every step."""
     if not backend.has_views(leaves):
         return
+    if writes:
+        for k, x in enumerate(leaves):
+            # a stride of 0 over an axis of more than one element (a writable broadcast view):
+            # an in-place step would write each of its elements once per repeat, the last
+            # repeat's value winning
+            steps = backend.strides(x)
+            if steps is not None and any(n > 1 and st == 0
+                                         for n, st in zip(x.shape, steps, strict=True)):
+                name = (flatten_named(params)[2] if names is None else names)[k]
+                raise ValueError(f"update_ cannot write {name} in place: it repeats its elements "
+                                 "in memory (a stride of 0, as a broadcast or expanded view "
+                                 "has); step a copy of its own")
     if len(_APART) == len(leaves) and all(r() is x for r, x in zip(_APART, leaves, strict=True)):
         return
     pair = backend.overlapping(leaves)
@@ -1281,7 +1296,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         if len(set(map(id, leaves))) != len(leaves):  # (setup refused it; update_ did not)
             _once_each(flatten_named(params)[2], leaves, views=False)
         if backend.has_views(leaves):
-            _apart(None, leaves, params)
+            _apart(None, leaves, params, writes=True)
         g_leaves = _grads_apart(leaves, g_leaves, same_ok=True)
     for strategy in strategies:
         out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
@@ -1421,7 +1436,7 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
                 if reason:
                     raise TypeError(f"update_ cannot write the state's {key} of {name}: {reason}")
         hazard = _hazard(state.rule.memo, p_leaves, g_leaves)
-        _once_each(names, p_leaves, hazard)
+        _once_each(names, p_leaves, hazard, writes=True)
         if hazard:
             # the gradient of |w|^2/2 is w (or a view of it): a slot that keeps the gradient
             # (Adan's previous one) would be handed the memory the step has just written with
