@@ -15,6 +15,7 @@ ulp comes from is not pinned down (summation order in the dot products is the su
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -268,3 +269,30 @@ def test_numpy_zoom_needs_gradients_and_extra_arguments_go_to_value_fn() -> None
 def test_bad_hyperparameters_are_named(make: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_line_search_names_a_bad_grad_or_value_fn_result() -> None:
+    """grad= and what value_fn returns are checked leaf by leaf, as the step's gradients are
+    (a transposed leaf failed in a NumPy sum, 'shape-mismatch for sum'; a float leaf or a
+    tensor deep inside; an array loss in a reshape); nothing is written."""
+    def f(p: Any) -> tuple[float, Any]:
+        return 0.5 * sum(float((x ** 2).sum()) for x in p.values()), {k: x.copy()
+                                                                      for k, x in p.items()}
+
+    params = {"a": np.ones((4, 3)), "b": np.ones(5)}
+    state = uo.setup(uo.lbfgs_linesearch(), params)
+    loss, g = f(params)
+    for kw, error, says in [
+        ({"grad": {"a": np.ones((3, 4)), "b": g["b"]}, "value_fn": f}, ValueError,
+         "grad leaf 0 has shape (3, 4), its parameter (4, 3)"),
+        ({"grad": {"a": 1.0, "b": g["b"]}, "value_fn": f}, TypeError,
+         "grad leaf 0 is float, the params' numpy arrays"),
+        ({"grad": g, "value_fn": lambda p: (f(p)[0], {"a": np.ones((3, 4)), "b": p["b"]})},
+         ValueError, "value_fn's gradient leaf 0 has shape (3, 4), its parameter (4, 3)"),
+        ({"grad": g, "value_fn": lambda p: (np.ones(3), f(p)[1])}, ValueError,
+         "value_fn's loss must be one number, got an array of shape (3,)"),
+    ]:
+        with pytest.raises(error, match=re.escape(f"scale_by_zoom_linesearch: {says}")):
+            uo.update_(state, params, g, value=loss, **kw)
+        np.testing.assert_array_equal(params["a"], 1.0)
+        assert state.step == 0

@@ -171,14 +171,25 @@ def _needs(owner: str, value: Any, grad: Any, value_fn: Any) -> None:
         raise TypeError(f"{owner}: value_fn must be callable (params -> loss), got {value_fn!r}")
 
 
-def grad_leaves(owner: str, grad: Any, treedef: Any, n: int) -> Leaves:
-    """The leaves of ``grad``, a tree like params or a flat list of ``n`` arrays."""
+def grad_leaves(owner: str, grad: Any, treedef: Any, like: Leaves,
+                what: str = "grad") -> Leaves:
+    """The leaves of ``grad``, a tree like params or a flat list of their arrays, each an
+    array of the params' library and shape (``like``: the params' leaves)."""
+    n = len(like)
     leaves, g_def = flatten_leaves(grad)
     if g_def != treedef and not (isinstance(grad, (list, tuple)) and len(grad) == n):
-        raise ValueError(f"{owner}: grad must be a tree like params or a flat list of {n} "
-                         f"arrays; params are {treedef}, grad is {g_def}")
+        raise ValueError(f"{owner}: {what} must be a tree like params or a flat list of {n} "
+                         f"arrays; params are {treedef}, {what} is {g_def}")
     if len(leaves) != n:
-        raise ValueError(f"{owner}: grad has {len(leaves)} arrays, params {n}")
+        raise ValueError(f"{owner}: {what} has {len(leaves)} arrays, params {n}")
+    for i, (g, p) in enumerate(zip(leaves, like, strict=True)):
+        if not backend.is_array(g) or backend.array_library(g) != backend.array_library(p):
+            raise TypeError(f"{owner}: {what} leaf {i} is {type(g).__name__}, the params' "
+                            f"{backend.library(p)} arrays")
+        # (not its dtype: 16-bit params come here in the float32 they are computed in)
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"{owner}: {what} leaf {i} has shape {tuple(g.shape)}, its "
+                             f"parameter {tuple(p.shape)}")
     return leaves
 
 
@@ -187,10 +198,13 @@ def evaluator(owner: str, value_fn: Callable[..., Any], kwargs: dict[str, Any], 
     """A function of the leaves of a trial point: ``(loss, grad leaves)`` (``with_grad``) or
     ``(loss, None)``. ``value_fn`` returns the loss, or ``(loss, grads)``."""
     fn = functools.partial(value_fn, **kwargs) if kwargs else value_fn
-    n, dt = len(like), like[0].dtype
+    dt = like[0].dtype
 
     def loss_of(out: Any) -> Any:
         loss = out[0] if isinstance(out, tuple) else out
+        if math.prod(getattr(loss, "shape", ())) != 1:
+            raise ValueError(f"{owner}: value_fn's loss must be one number, got an array of "
+                             f"shape {tuple(loss.shape)}")
         xp = backend.namespace(like[0])
         return xp.reshape(xp.asarray(loss, dtype=_real(xp, dt)), ())
 
@@ -198,8 +212,8 @@ def evaluator(owner: str, value_fn: Callable[..., Any], kwargs: dict[str, Any], 
         tree = unflatten(treedef, x)
         out = fn(tree)
         if isinstance(out, tuple) and len(out) == 2:
-            return loss_of(out), (grad_leaves(owner, out[1], treedef, n) if with_grad
-                                  else None)
+            return loss_of(out), (grad_leaves(owner, out[1], treedef, like,
+                                              "value_fn's gradient") if with_grad else None)
         if not with_grad:
             return loss_of(out), None
         if backend.is_jax(like[0]):
@@ -216,7 +230,7 @@ def evaluator(owner: str, value_fn: Callable[..., Any], kwargs: dict[str, Any], 
                 "arrays value_fn must return (loss, grads) (JAX and torch differentiate a "
                 "value_fn that returns the loss alone)"
             )
-        return loss_of(loss), grad_leaves(owner, g, treedef, n)
+        return loss_of(loss), grad_leaves(owner, g, treedef, like, "value_fn's gradient")
 
     return evaluate
 
@@ -349,7 +363,7 @@ class scale_by_zoom_linesearch(WholeTree):
         _needs(self.name, value, grad, value_fn)
         us, ps, treedef, xp = _split(u, params)
         kwargs = _fn_kwargs(self.name, value_fn, extra)
-        g0 = grad_leaves(self.name, grad, treedef, len(ps))
+        g0 = grad_leaves(self.name, grad, treedef, ps)
         evaluate = evaluator(self.name, value_fn, kwargs, treedef, ps, with_grad=True)
         with _quiet(xp):
             out, new = self._search(xp, us, ps, g0, value, state, evaluate)
@@ -552,7 +566,7 @@ class scale_by_backtracking_linesearch(WholeTree):
         _needs(self.name, value, grad, value_fn)
         us, ps, treedef, xp = _split(u, params)
         kwargs = _fn_kwargs(self.name, value_fn, extra)
-        g0 = grad_leaves(self.name, grad, treedef, len(ps))
+        g0 = grad_leaves(self.name, grad, treedef, ps)
         evaluate = evaluator(self.name, value_fn, kwargs, treedef, ps,
                              with_grad=self.store_grad)
         with _quiet(xp):
