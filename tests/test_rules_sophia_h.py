@@ -17,6 +17,7 @@ arithmetic (bias-corrected momentum, ``gamma``, the estimate folded in after the
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -465,3 +466,23 @@ def test_torch_class_names_a_parameter_without_a_gradient() -> None:
                                          r"gradient.*where pytorch-optimizer leaves them out"):
         opt.step(closure)
     assert torch.equal(a.detach(), torch.ones(3, dtype=torch.float64)) and not opt.state
+
+
+def test_an_hvp_that_returns_no_arrays_like_the_params_is_named() -> None:
+    """What hvp returns is checked as gradients are (a float leaf raised AttributeError on
+    .shape; torch tensors for NumPy params a TypeError inside the moment's arithmetic; an
+    integer result stepped silently); nothing is written."""
+    import torch
+
+    params = {"w": np.ones(3)}
+    state = uo.setup(uo.sophia_h(lr=0.1), params)
+    for hvp, got in [(lambda v: {"w": 1.0}, "float of dtype None"),
+                     (lambda v: {"w": torch.ones(3, dtype=torch.float64)},
+                      "Tensor of dtype torch.float64"),
+                     (lambda v: {"w": np.ones(3, np.int64)}, "ndarray of dtype int64")]:
+        with pytest.raises(TypeError, match=re.escape(
+                "scale_by_hutchinson_sophia: hvp must return numpy arrays of real floats like "
+                f"the params; got {got} for leaf 0")):
+            uo.update_(state, params, {"w": np.ones(3)}, hvp=hvp)
+        np.testing.assert_array_equal(params["w"], 1.0)
+        assert state.step == 0

@@ -151,6 +151,13 @@ def _check_statics(t: Any) -> None:
 
 def _leaves_of(owner: str, hz: Any, like: list[Any]) -> list[Any]:
     out = hz if isinstance(hz, list) else flatten_leaves(hz)[0]
+    for i, x in enumerate(out[:len(like)]):
+        if not backend.is_array(x) or backend.array_library(x) != backend.array_library(
+                like[i]) or backend.is_complex(x) != backend.is_complex(like[i]) or str(
+                getattr(x, "dtype", "")).rsplit(".", 1)[-1].startswith(("int", "uint", "bool")):
+            raise TypeError(f"{owner}: hvp must return {backend.library(like[i])} arrays of "
+                            f"real floats like the params; got {type(x).__name__} of dtype "
+                            f"{getattr(x, 'dtype', None)} for leaf {i}")
     if len(out) != len(like) or any(tuple(a.shape) != tuple(b.shape)
                                     for a, b in zip(out, like, strict=True)):
         raise ValueError(
