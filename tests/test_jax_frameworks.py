@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
@@ -323,3 +324,32 @@ def test_checkpoints_in_a_fresh_process() -> None:
                    "flax_eager_resumed": "True", "orbax_resumed": "True",
                    "flax_resumed": "True"}, got
     assert abs(float(got["lr"]) - 1e-2) < 1e-8
+
+
+def test_rules_that_draw_or_count_step_in_an_nnx_optimizer() -> None:
+    """nnx.Optimizer sets a rule up from the model's nnx.Param variables, which held a NumPy
+    generator's words where JAX arrays draw from a key (noisy_sgd, dpsgd, Kron, Sophia-H:
+    "its state holds a numpy generator", and under nnx.jit JAX's "invalid PRNG key data"),
+    and skip_nonfinite's counters as Python ints. Now the same draws as the functional step on
+    plain arrays, eagerly and under nnx.jit."""
+    nnx = pytest.importorskip("flax.nnx")
+    jnp = jax.numpy
+    x = jnp.ones((2, 4))
+
+    def train(model: Any, opt: Any) -> None:
+        opt.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+
+    for make in (lambda: uo.noisy_sgd(lr=0.01, eta=0.01), lambda: uo.kron(lr=0.01),
+                 lambda: uo.skip_nonfinite(uo.sgd(lr=0.1))):
+        for step in (train, nnx.jit(train)):
+            model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+            params = jax.tree.map(jnp.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+            opt = nnx.Optimizer(model, make(), wrt=nnx.Param)
+            assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(
+                nnx.to_pure_dict(nnx.state(opt, nnx.OptState))))
+            step(model, opt)
+            grads = jax.grad(lambda p: jnp.mean((x @ p["kernel"] + p["bias"]) ** 2))(params)
+            _, ours = uo.update(uo.setup(make(), params), params, grads)
+            got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            for k in ours:
+                np.testing.assert_allclose(np.asarray(got[k]), np.asarray(ours[k]), rtol=1e-6)

@@ -980,3 +980,16 @@ def test_a_state_made_for_params_that_require_grad_records_no_graph(name: str) -
     for a in _state_arrays(state):
         assert not (isinstance(a, torch.Tensor) and a.grad_fn is not None), name
     copy.deepcopy(state)
+
+
+@by_rule
+def test_a_jax_state_holds_each_array_once(name: str, jx: Any) -> None:
+    """Every array of a JAX state is its own buffer: jax.jit(..., donate_argnums) refuses one
+    buffer donated twice ("Attempt to donate the same buffer twice"), which Momo's two zeros
+    (and skip_nonfinite's two counters, below) were, so the first donated step failed."""
+    rule = _build(registry.entry(name))
+    params = {k: jx.numpy.ones(s) for k, s in SHAPES.items() if _takes(rule, s)}
+    for r in (rule, uo.skip_nonfinite(rule)) if name == "sgd" else (rule,):
+        leaves = [x for x in jx.tree.leaves(uo.setup(r, params)) if isinstance(x, jx.Array)]
+        seen = [x.unsafe_buffer_pointer() for x in leaves]
+        assert len(set(seen)) == len(seen), (r.name, len(seen) - len(set(seen)))

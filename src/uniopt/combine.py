@@ -545,8 +545,9 @@ def _select(cond: Any, new: State, old: State) -> State:
 def _count(leaves: list[Any]) -> Any:
     """A counter's zero: a JAX int32 array for JAX leaves (a Python int would be static to
     equinox's filter_jit and weakly typed to jax.jit), else a Python int."""
-    if leaves and backend.is_jax(leaves[0]):
-        xp = backend.namespace(leaves[0])
+    first = backend.jax_array_of(leaves[0]) if leaves else None  # (an NNX Param's too)
+    if first is not None:
+        xp = backend.namespace(first)
         return xp.asarray(0, dtype=xp.int32)
     return 0
 
@@ -668,7 +669,8 @@ class skip_nonfinite(_Wraps):
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten_leaves(params)[0]
         zero = _count(leaves)
-        return {"notfinite_count": zero, "total_notfinite": zero,
+        # (each its own array: jax.jit's donate_argnums refuses one buffer donated twice)
+        return {"notfinite_count": zero, "total_notfinite": _count(leaves),
                 "last_finite": True if isinstance(zero, int) else zero == 0,
                 "inner": setup(self.rule, params, state_dtype=state_dtype)}
 

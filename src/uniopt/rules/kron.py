@@ -150,15 +150,16 @@ class scale_by_kron(WholeTree):
             qs.append([s * backend.made_beside(functools.partial(
                 _diagonal_factor if d else _full_factor, xp, n, p.dtype), p)
                 for n, d in zip(shape, self.diagonal(shape), strict=True)])
-        if leaves and backend.is_jax(leaves[0]):
+        if leaves and backend.jax_array_of(leaves[0]) is not None:  # (an NNX Param's too)
             # on JAX the counter and the balancing draws' key are JAX arrays, which jax.jit
             # carries: a 64-bit counter and PCG64's words would not survive without x64
             import jax
             import jax.numpy as jnp
 
-            counter: Any = backend.placed(jnp.zeros((), dtype=jnp.int32), leaves[0])
+            first = backend.jax_array_of(leaves[0])
+            counter: Any = backend.placed(jnp.zeros((), dtype=jnp.int32), first)
             balance: Any = backend.placed(jax.random.key_data(
-                jax.random.fold_in(jax.random.key(self.seed), 1)), leaves[0])
+                jax.random.fold_in(jax.random.key(self.seed), 1)), first)
         else:
             counter = np.zeros((), dtype=np.int64)
             balance = _pcg_state(np.random.PCG64(self.seed))

@@ -111,9 +111,10 @@ class scale_by_momo(WholeTree):
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
-        zero = scalar_like(leaves, 0.0)
+        # (each number its own array: jax.jit's donate_argnums refuses one buffer twice)
         return {"exp_avg": [backend.namespace(p).zeros_like(p) for p in leaves],
-                "barf": zero, "gamma": zero, "lb": scalar_like(leaves, on_host(self.lower_bound))}
+                "barf": scalar_like(leaves, 0.0), "gamma": scalar_like(leaves, 0.0),
+                "lb": scalar_like(leaves, on_host(self.lower_bound))}
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
@@ -242,10 +243,10 @@ class scale_by_momo_adam(WholeTree):
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
-        zero = scalar_like(leaves, 0.0)
         return {"exp_avg": [backend.namespace(p).zeros_like(p) for p in leaves],
                 "exp_avg_sq": [backend.namespace(p).zeros_like(p) for p in leaves],
-                "barf": zero, "gamma": zero, "lb": scalar_like(leaves, on_host(self.lower_bound))}
+                "barf": scalar_like(leaves, 0.0), "gamma": scalar_like(leaves, 0.0),
+                "lb": scalar_like(leaves, on_host(self.lower_bound))}
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:

@@ -127,6 +127,9 @@ def seeded_state(leaves: list[Any], seed: int) -> Any:
     a torch generator's bytes on their device, or NumPy's PCG64 as :func:`_pcg_state`'s
     words): what a rule that draws keeps in its state."""
     first = leaves[0] if leaves else np.zeros(0)
+    held = backend.jax_array_of(first)  # (a flax NNX Param's array: nnx.Optimizer's init)
+    if held is not None:
+        first = held
     if backend.is_jax(first):
         import jax
 
