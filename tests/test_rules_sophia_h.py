@@ -486,3 +486,24 @@ def test_an_hvp_that_returns_no_arrays_like_the_params_is_named() -> None:
             uo.update_(state, params, {"w": np.ones(3)}, hvp=hvp)
         np.testing.assert_array_equal(params["w"], 1.0)
         assert state.step == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_params_hand_hvp_probes_of_their_own_dtype(dtype: str) -> None:
+    """16-bit params step in float32, and hvp was handed float32 probes: the usual
+    forward-over-reverse product at the params (jax.jvp) refused them ("primal and tangent
+    arguments to jax.jvp do not match"). The probes come in the params' dtype."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    grad = jax.grad(lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 4))
+    params = {"w": jnp.ones((4, 3), dtype)}
+    seen = []
+
+    def hvp(v: Any) -> Any:
+        seen.append(v["w"].dtype)
+        return jax.jvp(grad, (params,), (v,))[1]
+
+    state, new = uo.update(uo.setup(uo.sophia_h(lr=0.1), params), params, grad(params),
+                           hvp=hvp)
+    assert seen == [jnp.dtype(dtype)] and new["w"].dtype == jnp.dtype(dtype)
+    assert bool(jnp.isfinite(new["w"].astype(jnp.float32)).all())

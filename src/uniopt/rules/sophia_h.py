@@ -103,8 +103,9 @@ class scale_by_hutchinson_sophia(WholeTree):
                             f"{backend.library(first)} arrays: set the state up for these params")
         # read in the step's dtype (wider than 16-bit params), as a slot is: the engine keeps
         # the state in its own, and under jax.lax.cond both branches hand back h alike
+        stored = state["hessian_moment"]  # (in the params' dtype)
         h = [m if m.dtype == x.dtype else backend.namespace(x).astype(m, x.dtype)
-             for m, x in zip(state["hessian_moment"], leaves, strict=True)]
+             for m, x in zip(stored, leaves, strict=True)]
         hvp = extra.get("hvp")
         traced = _traced(c.refresh)
         if (traced or bool(c.refresh)) and not callable(hvp):
@@ -118,7 +119,13 @@ class scale_by_hutchinson_sophia(WholeTree):
             d = None
             for _ in range(self.num_samples):
                 z, gen = _DRAW[kind](gen, leaves, self.distribution)
+                # the probes in the params' own dtype (16-bit params step in float32), which a
+                # Hessian-vector product at the params takes (jax.jvp refuses another), and the
+                # product read back in the step's
+                z = [_in(zi, m.dtype) for zi, m in zip(z, stored, strict=True)]
                 hz = _leaves_of(self.name, hvp(unflatten(treedef, z)), leaves)  # type: ignore[misc]
+                z = [_in(zi, x.dtype) for zi, x in zip(z, leaves, strict=True)]
+                hz = [_in(a, x.dtype) for a, x in zip(hz, leaves, strict=True)]
                 # pytorch-optimizer's d.addcmul_(H z, z, value=1/n) from d = 0, rounded alike
                 zhz = [(c.weight * a) * b for a, b in zip(hz, z, strict=True)]
                 d = zhz if d is None else [x + y for x, y in zip(d, zhz, strict=True)]
@@ -147,6 +154,11 @@ def _check_statics(t: Any) -> None:
     if t.distribution not in DISTRIBUTIONS:
         raise ValueError(f"{t.name}: distribution must be one of "
                          f"{', '.join(map(repr, DISTRIBUTIONS))}, got {t.distribution!r}")
+
+
+def _in(x: Any, dtype: Any) -> Any:
+    """``x`` in ``dtype`` (itself where it is in it already)."""
+    return x if x.dtype == dtype else backend.namespace(x).astype(x, dtype)
 
 
 def _leaves_of(owner: str, hz: Any, like: list[Any]) -> list[Any]:
