@@ -19,6 +19,7 @@ from helpers import WIDE_LEAVES, expect_compiled
 
 jnp = pytest.importorskip("jax.numpy")
 torch = pytest.importorskip("torch")
+import uniopt.torch as ut  # noqa: E402
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -1338,3 +1339,21 @@ def test_update_in_place_refuses_a_leaf_that_repeats_its_elements(library: str) 
             "update_ cannot write params['w'] in place: it repeats its elements in memory")):
         uo.update_(state, {"w": w}, {"w": g})
     assert float(base[0]) == 0.0
+
+
+def test_update_in_place_takes_empty_leaves_among_views() -> None:
+    """NumPy gives an empty array strides of 0: it repeats nothing, and steps as before (the
+    check of repeats refused uniopt.torch's every model with an empty weight, nn.Linear(0, 3),
+    whose tensors it steps as NumPy views), at the first in-place step and the later ones."""
+    flat = np.zeros(10)
+    params = {"a": flat[:5], "b": flat[5:], "e": np.zeros((3, 0))}
+    state = uo.setup(uo.adam(lr=0.1), params)
+    for _ in range(2):
+        state = uo.update_(state, params, {"a": np.ones(5), "b": np.ones(5),
+                                           "e": np.zeros((3, 0))})
+    assert (flat < 0).all()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 0))
+    opt = ut.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()

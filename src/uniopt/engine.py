@@ -173,24 +173,30 @@ def _apart(names: list[str] | None, leaves: list[Any], params: Any = None,
     columns of one matrix, every pair's, is not made at every step."""
     if not backend.has_views(leaves):
         return
+    known = len(_APART) == len(leaves) and all(
+        r() is x for r, x in zip(_APART, leaves, strict=True))
+    if known and (_APART_WRITABLE[0] or not writes):
+        return
     if writes:
         for k, x in enumerate(leaves):
-            # a stride of 0 over an axis of more than one element (a writable broadcast view):
-            # an in-place step would write each of its elements once per repeat, the last
-            # repeat's value winning
+            # a stride of 0 over an axis of more than one element, in an array that has some
+            # (NumPy gives an empty one strides of 0): a writable broadcast view, which an
+            # in-place step would write once per repeat, the last repeat's value winning
             steps = backend.strides(x)
-            if steps is not None and any(n > 1 and st == 0
-                                         for n, st in zip(x.shape, steps, strict=True)):
+            if steps is not None and 0 in steps and 0 not in x.shape and any(
+                    n > 1 and st == 0 for n, st in zip(x.shape, steps, strict=True)):
                 name = (flatten_named(params)[2] if names is None else names)[k]
                 raise ValueError(f"update_ cannot write {name} in place: it repeats its elements "
                                  "in memory (a stride of 0, as a broadcast or expanded view "
                                  "has); step a copy of its own")
-    if len(_APART) == len(leaves) and all(r() is x for r, x in zip(_APART, leaves, strict=True)):
-        return
+        if known:
+            _APART_WRITABLE[0] = True
+            return
     pair = backend.overlapping(leaves)
     if pair is None:
         if all(type(x) is np.ndarray for x in leaves):
             _APART[:] = map(weakref.ref, leaves)
+            _APART_WRITABLE[0] = writes
         return
     names = flatten_named(params)[2] if names is None else names
     i, j = pair
@@ -199,6 +205,7 @@ def _apart(names: list[str] | None, leaves: list[Any], params: Any = None,
 
 
 _APART: list[Any] = []  # weak references: the arrays are not kept alive by this
+_APART_WRITABLE = [False]  # whether those were found to repeat no element, too
 
 
 def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> State:
