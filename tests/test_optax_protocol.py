@@ -241,6 +241,12 @@ def test_a_partials_fixed_values_pickling_and_bind_partial_keep_to_the_conventio
         bound = again.bind(lr=1.0, convention="optax")
         bound.apply_defaults()
         assert bound.arguments["amsgrad_max"] == "corrected"
+    # (numbers too: pickle makes a new object of each, so a default's identity cannot tell a
+    # pickled signature's unfixed field, whose default stays the convention's)
+    again = pickle.loads(pickle.dumps(inspect.signature(uo.adamw)))
+    bound = again.bind(convention="optax")
+    bound.apply_defaults()
+    assert bound.arguments["weight_decay"] == 1e-4
     bound = sig.bind_partial(convention="optax")
     bound.apply_defaults()
     assert bound.arguments["amsgrad_max"] == "corrected"

@@ -910,8 +910,8 @@ class _ConventionSignature(inspect.Signature):
 
     __slots__ = ("rule", "originals")
     rule: Any  # the rule's class
-    # the constructor's defaults by name, the objects themselves (pickle keeps their identity
-    # with the parameters' defaults, as it keeps any object's referred to twice in one dump)
+    # the constructor's defaults by name, the objects themselves: a parameter whose default is
+    # no longer the very object was fixed by a functools.partial
     originals: dict[str, Any]
     # (inspect's own hook: bind and bind_partial make their bound arguments of this class)
     _bound_arguments_cls = _ConventionBound
@@ -922,13 +922,19 @@ class _ConventionSignature(inspect.Signature):
         new.rule, new.originals = self.rule, self.originals
         return new
 
-    def __reduce__(self) -> Any:  # (pickle and copy keep the rule and the defaults)
+    def __reduce__(self) -> Any:
+        # pickle and copy keep the rule, and which parameters keep the constructor's default
+        # by name: pickle makes a new object of each number it loads, so identity cannot
+        # survive it
         cls, args, state = cast(tuple[Any, Any, dict[str, Any]], super().__reduce__())
-        return cls, args, {**state, "rule": self.rule, "originals": self.originals}
+        kept = tuple(k for k, q in self.parameters.items()
+                     if k in self.originals and q.default is self.originals[k])
+        return cls, args, {**state, "rule": self.rule, "kept": kept}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.rule, self.originals = state.pop("rule"), state.pop("originals")
+        self.rule, kept = state.pop("rule"), state.pop("kept")
         super().__setstate__(state)  # type: ignore[misc]
+        self.originals = {k: self.parameters[k].default for k in kept}
 
 
 class _WithConventions(type):
