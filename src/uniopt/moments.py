@@ -104,12 +104,12 @@ def lerp(a: Any, b: Any, w: Any) -> Any:
         return a.lerp(b, w)
     # the same two sides elsewhere (JAX, array-API libraries), unfused: from a alone, a weight
     # near 1 (a beta of 0) lost b to a's rounding where a is much the larger
-    if isinstance(w, (int, float, np.floating)):
-        return a + w * (b - a) if abs(w) < 0.5 else b + (w - 1) * (b - a)
+    if not _traced(w):  # (a number, or an eager array's: its side read on the host)
+        return a + w * (b - a) if abs(float(w)) < 0.5 else b + (w - 1) * (b - a)
     from .backend import namespace
 
     xp = namespace(a)
-    near = abs(w) < 0.5  # (a traced or scheduled weight: chosen in the program)
+    near = abs(w) < 0.5  # (a traced weight: its side chosen in the program)
     return xp.where(near, a, b) + xp.where(near, w, w - 1) * (b - a)
 
 
