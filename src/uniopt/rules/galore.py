@@ -130,13 +130,19 @@ class scale_by_galore(WholeTree):
 
     def _state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of a leaf's projector and moments (a leaf it does not project: its own,
-        and no projector)."""
+        and no projector); kept in :attr:`memo`, as every step checks them."""
+        found = self.memo.get(("state shapes", shape))
+        if found is not None:
+            return found
         plan = self._plan(shape)
         if plan is None:
-            return (0, 0), shape
-        r = min(self.rank, plan.rows, plan.cols)
-        side = plan.rows if plan.left else plan.cols
-        return (side, r), ((r, plan.cols) if plan.left else (plan.rows, r))
+            found = (0, 0), shape
+        else:
+            r = min(self.rank, plan.rows, plan.cols)
+            side = plan.rows if plan.left else plan.cols
+            found = (side, r), ((r, plan.cols) if plan.left else (plan.rows, r))
+        self.memo["state shapes", shape] = found
+        return found
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
@@ -147,12 +153,12 @@ class scale_by_galore(WholeTree):
         return {"projector": zeros[0], "exp_avg": zeros[1], "exp_avg_sq": zeros[2]}
 
     def check_tree(self, state: Any, leaves: list[Any]) -> str | None:
+        if not isinstance(state, dict):
+            return None
+        lists = [(key, state.get(key)) for key in ("projector", "exp_avg", "exp_avg_sq")]
         for i, p in enumerate(leaves):
-            want = dict(zip(("projector", "exp_avg", "exp_avg_sq"),
-                            self._state_shapes(tuple(p.shape))[:1] * 1
-                            + self._state_shapes(tuple(p.shape))[1:] * 2, strict=True))
-            for key, shape in want.items():
-                xs = state.get(key) if isinstance(state, dict) else None
+            projector, moment = self._state_shapes(tuple(p.shape))
+            for (key, xs), shape in zip(lists, (projector, moment, moment), strict=True):
                 if isinstance(xs, list) and i < len(xs) and tuple(xs[i].shape) != shape:
                     return (f"{key} for leaf {i} has shape {tuple(xs[i].shape)}, where a param "
                             f"of shape {tuple(p.shape)} keeps {shape}")
