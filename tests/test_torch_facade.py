@@ -2101,3 +2101,17 @@ def test_a_parameter_reshaped_in_place_is_named(cls: str) -> None:
         opt.step()
     assert torch.equal(w.detach(), kept)
     assert all(torch.equal(v, opt.state[w][k]) for k, v in before.items())
+
+
+def test_uniopt_torch_imports_on_a_torch_without_adafactor_or_muon() -> None:
+    """Each class is also torch's class of its name; a torch older than 2.5 (Adafactor) or 2.9
+    (Muon) has none, and the import still works (AttributeError at import before)."""
+    import subprocess
+    import sys
+
+    code = ("import torch.optim as o; del o.Adafactor, o.Muon; import uniopt.torch as ut; "
+            "import torch; w = torch.nn.Parameter(torch.ones(2, 2)); w.grad = torch.ones(2, 2); "
+            "opt = ut.Adafactor([w]); opt.step(); print('ok', isinstance(opt, torch.optim.Adam))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-2000:]

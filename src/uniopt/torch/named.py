@@ -82,6 +82,13 @@ def _value(values: dict[str, Any], name: str) -> Any:
     return values[name]
 
 
+def _torch_class(name: str) -> type:
+    """torch.optim's class ``name``, which the class of that name here also is (frameworks ask
+    ``isinstance(opt, torch.optim.AdamW)``), or ``object`` on a torch without it (Adafactor
+    came in 2.5, Muon in 2.9)."""
+    return cast(type, getattr(torch.optim, name, object))
+
+
 class _Named(Optimizer):
     """A torch.optim class: the group's values are fields of one uniopt rule record."""
 
@@ -475,7 +482,7 @@ def _refuse_complex(name: str, group: dict[str, Any]) -> None:
         raise RuntimeError(f"{name} does not support complex parameters")
 
 
-class Adafactor(_Named, torch.optim.Adafactor):
+class Adafactor(_Named, _torch_class("Adafactor")):  # type: ignore[misc]
     """``torch.optim.Adafactor``, run by :func:`uniopt.adafactor`: ``row_var`` and ``col_var``
     for parameters of two or more dimensions, ``variance`` for the others, as torch keeps
     them."""
@@ -497,7 +504,7 @@ class Adafactor(_Named, torch.optim.Adafactor):
         return super()._prepare(gi, group)
 
 
-class Muon(_Named, torch.optim.Muon):
+class Muon(_Named, _torch_class("Muon")):  # type: ignore[misc]
     """``torch.optim.Muon``, run by :func:`uniopt.muon`; same-shaped matrices of a group are
     orthogonalised in one batched matmul chain. As torch's, it takes 2-D parameters only
     (checked when a group is added, too); the Newton-Schulz iteration runs in bfloat16, as
