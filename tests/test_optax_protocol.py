@@ -247,6 +247,12 @@ def test_a_partials_fixed_values_pickling_and_bind_partial_keep_to_the_conventio
     bound = again.bind(convention="optax")
     bound.apply_defaults()
     assert bound.arguments["weight_decay"] == 1e-4
+    # and a partial's fixed convention stays fixed through pickle and copy
+    part = inspect.signature(functools.partial(uo.adamw, convention="optax"))
+    for again in (pickle.loads(pickle.dumps(part)), copy.copy(part), copy.deepcopy(part)):
+        bound = again.bind()
+        bound.apply_defaults()
+        assert bound.arguments["weight_decay"] == 1e-4 and bound.arguments["eps_root"] == 0.0
     bound = sig.bind_partial(convention="optax")
     bound.apply_defaults()
     assert bound.arguments["amsgrad_max"] == "corrected"

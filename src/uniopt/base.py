@@ -901,6 +901,9 @@ class _ConventionBound(inspect.BoundArguments):
         super().apply_defaults()
 
 
+_FIXED = object()  # a pickled signature's original default where a partial fixed the value
+
+
 class _ConventionSignature(inspect.Signature):
     """A rule's constructor signature, whose ``bind(...).apply_defaults()`` fills in the
     defaults of the convention bound, not the fields' own (torch's): optax.inject_hyperparams
@@ -929,12 +932,15 @@ class _ConventionSignature(inspect.Signature):
         cls, args, state = cast(tuple[Any, Any, dict[str, Any]], super().__reduce__())
         kept = tuple(k for k, q in self.parameters.items()
                      if k in self.originals and q.default is self.originals[k])
-        return cls, args, {**state, "rule": self.rule, "kept": kept}
+        fixed = tuple(k for k in self.originals if k not in kept)
+        return cls, args, {**state, "rule": self.rule, "kept": kept, "fixed": fixed}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.rule, kept = state.pop("rule"), state.pop("kept")
+        self.rule, kept, fixed = state.pop("rule"), state.pop("kept"), state.pop("fixed")
         super().__setstate__(state)  # type: ignore[misc]
         self.originals = {k: self.parameters[k].default for k in kept}
+        # (a partial's fixed value stays fixed: its default is not this marker)
+        self.originals.update(dict.fromkeys(fixed, _FIXED))
 
 
 class _WithConventions(type):
