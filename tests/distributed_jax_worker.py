@@ -163,6 +163,8 @@ def mesh_run() -> dict[str, Any]:
         "adamw-clip": {"mesh": run(adamw, 100, True), "one": run(adamw, 100, False)["params"],
                        "numpy": numpy_run(adamw, 100)},
     }
+    # a combinator's counters beside sharded params (placed as they are: compiled once)
+    out["skip"] = {"mesh": run(uo.skip_nonfinite(uo.sgd(lr=1e-2)), 4, True)}
     # per-tensor norms (trust ratios) of sharded leaves
     for name, rule in {"lamb": uo.lamb(lr=1e-2, weight_decay=1e-2),
                        "lars": uo.lars(lr=1e-2, momentum=0.9, weight_decay=1e-3)}.items():

@@ -53,6 +53,14 @@ def mesh() -> dict[str, Any]:
     return out
 
 
+def test_a_combinators_counters_beside_sharded_params_compile_once(
+        mesh: dict[str, Any]) -> None:
+    """skip_nonfinite's counters were made uncommitted beside params on the mesh: the donated
+    jitted step compiled a second time at its second call."""
+    run = mesh["skip"]["mesh"]
+    assert (run["traces"], run["compiles"], run["cache"]) == (1, 1, 1)
+
+
 @pytest.mark.parametrize("name", ["adamw-clip", "lamb", "lars"])
 def test_a_sharded_step_keeps_the_layout_and_compiles_once(mesh: dict[str, Any],
                                                           name: str) -> None:

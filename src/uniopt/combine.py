@@ -548,7 +548,9 @@ def _count(leaves: list[Any]) -> Any:
     first = backend.jax_array_of(leaves[0]) if leaves else None  # (an NNX Param's too)
     if first is not None:
         xp = backend.namespace(first)
-        return xp.asarray(0, dtype=xp.int32)
+        # placed as the params (a sharded tree's counter uncommitted beside them compiled
+        # the jitted step twice)
+        return backend.placed(xp.asarray(0, dtype=xp.int32), first)
     return 0
 
 
