@@ -125,7 +125,9 @@ class scale_by_hutchinson_sophia(WholeTree):
                 z = [_in(zi, m.dtype) for zi, m in zip(z, stored, strict=True)]
                 hz = _leaves_of(self.name, hvp(unflatten(treedef, z)), leaves)  # type: ignore[misc]
                 z = [_in(zi, x.dtype) for zi, x in zip(z, leaves, strict=True)]
-                hz = [_in(a, x.dtype) for a, x in zip(hz, leaves, strict=True)]
+                # (a product wider than the params, a float64 Hessian's, is taken as it came)
+                hz = [_in(a, x.dtype) if a.dtype == m.dtype else a
+                      for a, m, x in zip(hz, stored, leaves, strict=True)]
                 # pytorch-optimizer's d.addcmul_(H z, z, value=1/n) from d = 0, rounded alike
                 zhz = [(c.weight * a) * b for a, b in zip(hz, z, strict=True)]
                 d = zhz if d is None else [x + y for x, y in zip(d, zhz, strict=True)]
