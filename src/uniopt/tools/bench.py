@@ -330,8 +330,10 @@ def _torch(w: _Workload, rule: str, mode: str,
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
            "rmsprop": optim.RMSprop, "adamax": optim.Adamax, "nadam": optim.NAdam,
            "radam": optim.RAdam, "asgd": optim.ASGD, "rprop": optim.Rprop,
-           "adagrad": optim.Adagrad, "adadelta": optim.Adadelta, "adafactor": optim.Adafactor,
-           "muon": optim.Muon}.get(rule)
+           "adagrad": optim.Adagrad, "adadelta": optim.Adadelta,
+           # (torch 2.5 and 2.9 brought these)
+           "adafactor": getattr(optim, "Adafactor", None),
+           "muon": getattr(optim, "Muon", None)}.get(rule)
     if cls is None:  # no torch class of these settings
         return None
     kw: dict[str, Any] = dict(PEER_SETTINGS[rule])
