@@ -331,7 +331,8 @@ def test_rules_that_draw_or_count_step_in_an_nnx_optimizer() -> None:
     generator's words where JAX arrays draw from a key (noisy_sgd, dpsgd, Kron, Sophia-H:
     "its state holds a numpy generator", and under nnx.jit JAX's "invalid PRNG key data"),
     and skip_nonfinite's counters as Python ints. Now the same draws as the functional step on
-    plain arrays, eagerly and under nnx.jit."""
+    plain arrays, eagerly and under nnx.jit (noisy_sgd and Kron here; dpsgd and Sophia-H set
+    their key up by the same function, and accumulate its counter as skip_nonfinite does)."""
     nnx = pytest.importorskip("flax.nnx")
     jnp = jax.numpy
     x = jnp.ones((2, 4))
