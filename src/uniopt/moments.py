@@ -106,11 +106,10 @@ def lerp(a: Any, b: Any, w: Any) -> Any:
     # near 1 (a beta of 0) lost b to a's rounding where a is much the larger
     if not _traced(w):  # (a number, or an eager array's: its side read on the host)
         return a + w * (b - a) if abs(float(w)) < 0.5 else b + (w - 1) * (b - a)
-    from .backend import namespace
-
-    xp = namespace(a)
-    near = abs(w) < 0.5  # (a traced weight: its side chosen in the program)
-    return xp.where(near, a, b) + xp.where(near, w, w - 1) * (b - a)
+    # a traced weight: optax's convex form, exact at both ends as the two sides are, in as many
+    # operations per element as one side (choosing a side per element cost S2's jitted Adam
+    # step 4-5%)
+    return (1 - w) * a + w * b
 
 
 def ema_sq(v: Any, g: Any, decay: Any, weight: Any) -> Any:
