@@ -507,3 +507,25 @@ def test_16_bit_params_hand_hvp_probes_of_their_own_dtype(dtype: str) -> None:
                            hvp=hvp)
     assert seen == [jnp.dtype(dtype)] and new["w"].dtype == jnp.dtype(dtype)
     assert bool(jnp.isfinite(new["w"].astype(jnp.float32)).all())
+
+
+def test_a_product_wider_than_float32_params_is_taken_as_it_came() -> None:
+    """An hvp of a float64 Hessian for float32 params: its product enters the moment in
+    float64, rounded once when stored (the probes' dtype fix narrowed it to float32 first)."""
+    rng = np.random.default_rng(0)
+    hessian = rng.standard_normal((64, 64))
+    params = {"w": np.ones(64, np.float32)}
+    probes = []
+
+    def hvp(v: Any) -> Any:
+        probes.append(v["w"].copy())
+        return {"w": hessian @ v["w"].astype(np.float64)}
+
+    rule = uo.sophia_h(lr=0.1)
+    state, _ = uo.update(uo.setup(rule, params), params, {"w": np.ones(64, np.float32)},
+                         hvp=hvp)
+    [z] = probes
+    w = np.float32(1.0 - 0.99)  # (1 - b2), rounded to the moment's dtype, as lerp rounds it
+    want = (np.float64(w) * ((hessian @ z.astype(np.float64)) * z)).astype(np.float32)
+    [got] = state.tree_states["scale_by_hutchinson_sophia"]["hessian_moment"]
+    np.testing.assert_array_equal(got, want)
