@@ -888,20 +888,14 @@ class _ConventionBound(inspect.BoundArguments):
     def apply_defaults(self) -> None:
         sig = self.signature
         assert isinstance(sig, _ConventionSignature)
-        # given: what was bound, and what a functools.partial fixed (a parameter whose default
-        # is no longer the very object the constructor's was, its convention among them; an
-        # equal value is fixed too, torch's own default fixed for another convention)
-        given = {k: q.default for k, q in sig.parameters.items()
-                 if k in sig.originals and q.default is not sig.originals[k]}
-        given |= self.arguments
+        # given: what was bound, and what a functools.partial fixed (its convention among
+        # them; a value equal to the field's default too, torch's for another convention)
+        given = {k: sig.parameters[k].default for k in sig.fixed} | self.arguments
         try:
             self.arguments.update(_convention_defaults(sig.rule, given))
         except ValueError:
             pass  # an unknown convention: the constructor says so, as for a direct call
         super().apply_defaults()
-
-
-_FIXED = object()  # a pickled signature's original default where a partial fixed the value
 
 
 class _ConventionSignature(inspect.Signature):
@@ -911,36 +905,29 @@ class _ConventionSignature(inspect.Signature):
     then given, so a default it applied by the signature alone would overrule the
     convention."""
 
-    __slots__ = ("rule", "originals")
+    __slots__ = ("rule", "fixed")
     rule: Any  # the rule's class
-    # the constructor's defaults by name, the objects themselves: a parameter whose default is
-    # no longer the very object was fixed by a functools.partial
-    originals: dict[str, Any]
+    # the parameters whose default a functools.partial set, by name
+    fixed: frozenset[str]
     # (inspect's own hook: bind and bind_partial make their bound arguments of this class)
     _bound_arguments_cls = _ConventionBound
 
     def replace(self, **changes: Any) -> _ConventionSignature:
-        # (functools.partial's signature is a replaced one)
+        # functools.partial's signature is a replaced one, each value it fixes a parameter's
+        # new default (told by identity: an equal value is fixed too)
         new = super().replace(**changes)
-        new.rule, new.originals = self.rule, self.originals
+        new.rule = self.rule
+        new.fixed = self.fixed | {k for k, q in new.parameters.items() if k in self.parameters
+                                  and q.default is not self.parameters[k].default}
         return new
 
-    def __reduce__(self) -> Any:
-        # pickle and copy keep the rule, and which parameters keep the constructor's default
-        # by name: pickle makes a new object of each number it loads, so identity cannot
-        # survive it
+    def __reduce__(self) -> Any:  # (pickle and copy keep the rule and the fixed names)
         cls, args, state = cast(tuple[Any, Any, dict[str, Any]], super().__reduce__())
-        kept = tuple(k for k, q in self.parameters.items()
-                     if k in self.originals and q.default is self.originals[k])
-        fixed = tuple(k for k in self.originals if k not in kept)
-        return cls, args, {**state, "rule": self.rule, "kept": kept, "fixed": fixed}
+        return cls, args, {**state, "rule": self.rule, "fixed": self.fixed}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.rule, kept, fixed = state.pop("rule"), state.pop("kept"), state.pop("fixed")
+        self.rule, self.fixed = state.pop("rule"), state.pop("fixed")
         super().__setstate__(state)  # type: ignore[misc]
-        self.originals = {k: self.parameters[k].default for k in kept}
-        # (a partial's fixed value stays fixed: its default is not this marker)
-        self.originals.update(dict.fromkeys(fixed, _FIXED))
 
 
 class _WithConventions(type):
@@ -966,8 +953,7 @@ class _WithConventions(type):
         if not getattr(cls, "conventions", None):
             return sig.replace(parameters=list(sig.parameters.values())[1:])
         ours = _ConventionSignature(list(sig.parameters.values())[1:])
-        ours.rule = cls
-        ours.originals = {k: q.default for k, q in ours.parameters.items()}
+        ours.rule, ours.fixed = cls, frozenset()
         return ours
 
 
