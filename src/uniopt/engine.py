@@ -299,22 +299,24 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     return State(rule, step, slots, treedef, state_dtype, trees)
 
 
+def _traced_settings(rule: Transform) -> list[str]:
+    """The fields of ``rule`` that are no hyperparameters (fixed when the rule is made: sizes,
+    thresholds, seeds) yet hold a value traced by JAX (optax.inject_hyperparams hands every
+    number so under jax.jit), by name."""
+    return [f.name for f in dataclasses.fields(rule) if f.init and "hyper" not in f.metadata
+            and any(map(_traced, v if isinstance(v := getattr(rule, f.name), tuple) else (v,)))]
+
+
 def _traced_fixed(rule: Transform, where: str = "") -> list[str]:
-    """The fields of ``rule`` and its members that are no hyperparameters (fixed when the rule
-    is made: sizes, thresholds, seeds) yet hold a value traced by JAX, by name."""
-    out = []
+    """:func:`_traced_settings` of ``rule`` and its members, each as ``rule.field``."""
+    out = [f"{where or rule.name + '.'}{name}" for name in _traced_settings(rule)]
     for f in dataclasses.fields(rule):
-        if not f.init:
-            continue
         v = getattr(rule, f.name)
         members = (v,) if isinstance(v, Transform) else tuple(v.values()) if isinstance(
             v, dict) else v if isinstance(v, tuple) else ()
-        if members and all(isinstance(m, Transform) for m in members):
+        if f.init and members and all(isinstance(m, Transform) for m in members):
             for m in members:
                 out += _traced_fixed(m, f"{where}{m.name}.")
-        elif "hyper" not in f.metadata and any(
-                map(_traced, v if isinstance(v, tuple) else (v,))):
-            out.append(f"{where or rule.name + '.'}{f.name}")
     return out
 
 
@@ -1629,6 +1631,7 @@ def _sharded(state: State, step: _Step, inplace: bool,
 # rule takes them (a loop written for a line search may step any rule), as optax's chain
 # hands its extra arguments to every member
 STEP_KEYWORDS = ("grad", "value_fn", "hvp")
+_READ = ("value", *STEP_KEYWORDS)  # (value= among them, as a combinator hands it on)
 
 
 def _check_keywords(entry: str, state: Any, extra: dict[str, Any]) -> None:
@@ -1640,7 +1643,7 @@ def _check_keywords(entry: str, state: Any, extra: dict[str, Any]) -> None:
     if _takes_any_keyword(state.rule):
         return
     k = unknown[0]
-    hint = did_you_mean(k, ("value", *STEP_KEYWORDS))
+    hint = did_you_mean(k, _READ)
     if not hint and k in {f.name for _, m in members(state.rule) for f in dataclasses.fields(m)}:
         hint = f"; a hyperparameter changes with uo.adjust(state, {k}=...)"
     raise TypeError(f"{entry}: unknown keyword {k!r}{hint}; a step takes value= (the loss) and "
@@ -1657,9 +1660,9 @@ def _takes_any_keyword(rule: Transform) -> bool:
 def _member_keywords(rule: Transform, extra: dict[str, Any]) -> dict[str, Any]:
     """The step's keywords a combinator's member takes: those of another member's optax
     transformation are not its own."""
-    if all(k in STEP_KEYWORDS or k == "value" for k in extra) or _takes_any_keyword(rule):
+    if all(k in _READ for k in extra) or _takes_any_keyword(rule):
         return extra
-    return {k: v for k, v in extra.items() if k in STEP_KEYWORDS or k == "value"}
+    return {k: v for k, v in extra.items() if k in _READ}
 
 
 def _extra(value: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -2039,8 +2042,7 @@ def _fixed_at_setup(rule: Transform, like: Transform) -> Transform:
         changed = any(a is not b for a, b in zip(new, rule.transforms, strict=True))
         return chain(*new) if changed else rule
     # (every field but a hyperparameter: a static one, and the plain ints of counts and seeds)
-    traced = {f.name: getattr(like, f.name) for f in dataclasses.fields(rule)
-              if f.init and "hyper" not in f.metadata and _traced(getattr(rule, f.name))}
+    traced = {name: getattr(like, name) for name in _traced_settings(rule)}
     return assemble(type(rule), {**rule.fields(), **traced}, rule.host) if traced else rule
 
 
