@@ -150,13 +150,13 @@ class scale_by_kron(WholeTree):
             qs.append([s * backend.made_beside(functools.partial(
                 _diagonal_factor if d else _full_factor, xp, n, p.dtype), p)
                 for n, d in zip(shape, self.diagonal(shape), strict=True)])
-        if leaves and backend.jax_array_of(leaves[0]) is not None:  # (an NNX Param's too)
+        first = backend.jax_array_of(leaves[0]) if leaves else None  # (an NNX Param's too)
+        if first is not None:
             # on JAX the counter and the balancing draws' key are JAX arrays, which jax.jit
             # carries: a 64-bit counter and PCG64's words would not survive without x64
             import jax
             import jax.numpy as jnp
 
-            first = backend.jax_array_of(leaves[0])
             counter: Any = backend.placed(jnp.zeros((), dtype=jnp.int32), first)
             balance: Any = backend.placed(jax.random.key_data(
                 jax.random.fold_in(jax.random.key(self.seed), 1)), first)

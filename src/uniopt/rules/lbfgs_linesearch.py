@@ -56,7 +56,7 @@ class scale_by_lbfgs(WholeTree):
     memory_size: int = 10
     scale_init_precond: bool = True
 
-    like_params: ClassVar[tuple[str, ...]] = ('params', 'updates')
+    like_params: ClassVar[tuple[str, ...]] = ("params", "updates")
     uses_params: ClassVar[bool] = True
 
     def check(self) -> None:

@@ -96,7 +96,7 @@ class scale_by_momo(WholeTree):
     weight_decay: Any = hyper(0.0, NONNEG)
     adapt_lower_bound: bool = False
 
-    like_params: ClassVar[tuple[str, ...]] = ('exp_avg',)
+    like_params: ClassVar[tuple[str, ...]] = ("exp_avg",)
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     reads_value: ClassVar[bool] = True
@@ -227,7 +227,7 @@ class scale_by_momo_adam(WholeTree):
     weight_decay: Any = hyper(0.0, NONNEG)
     adapt_lower_bound: bool = False
 
-    like_params: ClassVar[tuple[str, ...]] = ('exp_avg', 'exp_avg_sq')
+    like_params: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     reads_value: ClassVar[bool] = True

@@ -94,7 +94,7 @@ class scale_by_prodigy(WholeTree):
     safeguard_warmup: bool = False
     lr0_idle: bool = False  # prodigyopt's early return: at lr 0 nothing moves or counts
 
-    like_params: ClassVar[tuple[str, ...]] = ('exp_avg', 'exp_avg_sq', 's', 'p0')
+    like_params: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "s", "p0")
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
 
@@ -311,7 +311,7 @@ class scale_by_dog(WholeTree):
     start: str = "heuristic"
     init_value: float = 1e-6
 
-    like_params: ClassVar[tuple[str, ...]] = ('p0',)
+    like_params: ClassVar[tuple[str, ...]] = ("p0",)
     uses_params: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> DogCoeffs:
@@ -435,7 +435,7 @@ class scale_by_dadapt_adam(WholeTree):
     weight_decay: Any = hyper(0.0, NONNEG)
     d0: Any = static(1e-6, POSITIVE)  # the initial estimate: read once, at set-up
 
-    like_params: ClassVar[tuple[str, ...]] = ('exp_avg', 'exp_avg_sq', 's')
+    like_params: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "s")
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
 
@@ -625,7 +625,7 @@ class scale_by_dowg(WholeTree):
     eps: Any = hyper(1e-4, NONNEG)
     init_estim_sq_dist: float | None = None  # None: eps
 
-    like_params: ClassVar[tuple[str, ...]] = ('p0',)
+    like_params: ClassVar[tuple[str, ...]] = ("p0",)
     uses_params: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> DowgCoeffs:

@@ -127,7 +127,7 @@ class scale_by_schedule_free(WholeTree):
     warmup_steps: int = 0
     lag: int = 0
 
-    like_params: ClassVar[tuple[str, ...]] = ('z',)
+    like_params: ClassVar[tuple[str, ...]] = ("z",)
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
 

@@ -329,7 +329,7 @@ class scale_by_zoom_linesearch(WholeTree):
     stepsize_precision: float = static(1e-5, NONNEG)
     initial_guess_strategy: str = "keep"
 
-    like_params: ClassVar[tuple[str, ...]] = ('grad',)
+    like_params: ClassVar[tuple[str, ...]] = ("grad",)
     reads_value: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
@@ -534,7 +534,7 @@ class scale_by_backtracking_linesearch(WholeTree):
     rtol: float = static(0.0, NONNEG)
     store_grad: bool = False
 
-    like_params: ClassVar[tuple[str, ...]] = ('grad',)
+    like_params: ClassVar[tuple[str, ...]] = ("grad",)
     reads_value: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
