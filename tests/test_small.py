@@ -199,9 +199,9 @@ def test_torch_gradient_views_are_kept_while_the_tensors_are_the_same(
     """A small model's gradients as the engine gets them (their views; a bigger group's
     addresses, kept alike) are kept from step to step while each gradient is the same tensor
     at the same address (zero_grad(set_to_none=False)), and looked at anew when one is
-    replaced, its memory swapped or its shape changed; the parameters' views when their memory
-    is swapped, the slots' when a state is loaded. Every step's numbers are those of an
-    optimizer handed new gradient tensors each step, bit for bit, and autograd sees each
+    replaced, its memory swapped, its shape or its layout changed; the parameters' views when
+    their memory is swapped, the slots' when a state is loaded. Every step's numbers are those
+    of an optimizer handed new gradient tensors each step, bit for bit, and autograd sees each
     write."""
     torch = pytest.importorskip("torch")
     import uniopt.torch as ut
@@ -275,6 +275,12 @@ def test_torch_gradient_views_are_kept_while_the_tensors_are_the_same(
     step(11)
     step(12)
     step(13)
+    assert made == [6]
+    # a gradient transposed where it is (the same tensor, address and shape): looked at anew,
+    # then kept in its new layout
+    step(14, lambda v: (kept[2].grad.t_(), v.__setitem__(2, v[2].t().contiguous())))
+    assert made == [6, 6, 6]  # (no addresses for a strided gradient: views)
+    step(15)
     assert made == [6]
 
 

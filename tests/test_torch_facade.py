@@ -614,6 +614,70 @@ def test_a_parameter_transposed_in_place_is_stepped_as_it_is_now(
     assert_close64([out[1]], [out[0]])
 
 
+@pytest.mark.parametrize("count", [3, 24], ids=["reference", "compiled"])
+def test_a_vector_given_new_strides_in_place_is_stepped_as_it_is_now(count: int) -> None:
+    """A vector given other strides where it is (``p.set_(storage, 0, shape, strides)``: the
+    same address and shape) steps the elements it now has, as torch's SGD does; the views made
+    before it wrote the old ones (every other element skipped, the gaps written)."""
+    out = []
+    for impl in (torch.optim, ut):
+        ps = [nn.Parameter(torch.zeros(12)[:6]) for _ in range(count)]
+        opt = impl.SGD(ps, lr=1.0)
+        for k in range(8):
+            if k == 4:
+                with torch.no_grad():
+                    for p in ps:
+                        p.set_(p.untyped_storage(), 0, (6,), (2,))
+            for p in ps:
+                p.grad = torch.full((6,), 1.0 + k)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ufast.FastPathUnavailable)  # strided: reference
+                opt.step()
+        out.append([torch.tensor(p.untyped_storage().tolist()) for p in ps])
+    for mine, theirs in zip(out[1], out[0], strict=True):
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("cut", ["rows", "slice", "view"])
+@pytest.mark.parametrize("count", [3, 24], ids=["reference", "compiled"])
+def test_a_parameter_cut_where_it_is_steps_as_torchs(cut: str, count: int) -> None:
+    """A parameter cut or reshaped where it is (``p.data = p.data[:2]``: the same address, a
+    smaller shape) steps as torch's SGD steps it, where its gradients of the new shape were
+    refused against the old views; with a state of the old shape, both refuse."""
+    def cutting(p: torch.Tensor) -> torch.Tensor:
+        return {"rows": lambda: p.data[:2], "slice": lambda: p.data[:2],
+                "view": lambda: p.data.view(-1)}[cut]()
+
+    shape = (5,) if cut == "slice" else (4, 3)
+    out = []
+    for impl in (torch.optim, ut):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(shape)) for _ in range(count)]
+        opt = impl.SGD(ps, lr=0.1)
+        for k in range(12):
+            if k == 6:
+                for p in ps:
+                    p.data = cutting(p)
+            for p in ps:
+                p.grad = torch.randn(p.shape)
+            opt.step()
+        out.append([p.detach().clone() for p in ps])
+    for mine, theirs in zip(out[1], out[0], strict=True):
+        assert mine.shape == theirs.shape
+        assert torch.equal(mine, theirs)
+    # a momentum buffer of the old shape: torch's step fails, uniopt's names it
+    p = nn.Parameter(torch.randn(shape))
+    opt = ut.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn(shape)
+    opt.step()
+    p.data = cutting(p)
+    p.grad = torch.randn(p.shape)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
 @pytest.mark.parametrize("apart", ["count", "dtype"])
 def test_a_global_norm_spans_every_run_of_a_group(apart: str) -> None:
     """``uniopt.torch.Optimizer`` around ``chain(clip_by_global_norm(0.5), sgd)``: a group steps

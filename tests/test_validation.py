@@ -725,10 +725,13 @@ def test_views_sharing_memory_are_refused_as_a_tied_weight(width):
     for tied, name in (({"a": w, "b": w.reshape(3, 2)}, "b"), ({"a": w, "b": w[:]}, "b"),
                        ({"a": buf[0:6], "b": buf[4:10]}, "b")):
         with pytest.raises(ValueError, match=rf"params\['{name}'\] shares memory with "
-                                             r"params\['a'\] \(views of one array\)"):
+                                             r"params\['a'\] \(views of one array"):
             uo.setup(uo.sgd(lr=0.1), {**tied, **extra})
     with pytest.raises(ValueError, match="shares memory"):
         uo.setup(uo.sgd(lr=0.1), {"a": t, "b": t.view(3, 2)})
+    # tensors of one storage that are no views of each other (Tensor.set_): no base to see
+    with pytest.raises(ValueError, match=r"params\['b'\] shares memory .* one storage"):
+        uo.setup(uo.sgd(lr=0.1), {"a": t, "b": torch.empty(0, dtype=t.dtype).set_(t)})
     # set up apart, stepped in place with views of one array: refused before any write
     apart = {"a": np.arange(6.0), "b": np.arange(6.0), **extra}
     state = uo.setup(uo.sgd(lr=0.1), apart)

@@ -492,12 +492,19 @@ def _as_numpy_memory(x: Any) -> Any:
     return x
 
 
-def overlapping(xs: list[Any]) -> tuple[int, int] | None:
+def overlapping(xs: list[Any], storages: bool = False) -> tuple[int, int] | None:
     """Two of ``xs`` (by index) that share memory, or None. Costs a look at each array's base
-    only, where none is a view (no two distinct arrays then share memory)."""
-    owners: dict[int, list[int]] = {}
+    only, where none is a view (no two distinct arrays then share memory). ``storages``: torch
+    tensors are grouped by their storage, not their base: those made to share one with
+    ``Tensor.set_`` are no views of each other (a storage object each, one address)."""
+    owners: dict[Any, list[int]] = {}
     for i, x in enumerate(xs):
-        owners.setdefault(id(owner(x)), []).append(i)
+        key: Any = id(owner(x))
+        if storages and is_torch(x) and x.layout == sys.modules["torch"].strided:
+            at = getattr(x, "_local_tensor", x).untyped_storage().data_ptr()
+            if at:  # (0: no memory, a meta tensor's: each is its own)
+                key = ("storage", at)
+        owners.setdefault(key, []).append(i)
     for idx in owners.values():
         if len(idx) < 2:
             continue

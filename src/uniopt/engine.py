@@ -148,11 +148,13 @@ def _registered(rule: Transform) -> list[Transform]:
 
 
 def _once_each(names: list[str], leaves: list[Any], views: bool = True,
-               writes: bool = False) -> None:
+               writes: bool = False, storages: bool = False) -> None:
     """Refuse an array that is two leaves of the tree, or two leaves that share memory (views
     of one array), but JAX's (immutable arrays, two leaves that start equal): a tied weight's
     steps in place were its last leaf's on one path and both leaves' on the other, and a pure
-    step untied it. Views of one buffer that share no element are leaves like any other."""
+    step untied it. Views of one buffer that share no element are leaves like any other.
+    ``storages`` (set-up, once): torch tensors made to share memory with ``Tensor.set_`` too
+    (see :func:`backend.overlapping`), which no step looks for."""
     if len(set(map(id, leaves))) != len(leaves):
         first: dict[int, str] = {}
         for name, leaf in zip(names, leaves, strict=True):
@@ -161,17 +163,18 @@ def _once_each(names: list[str], leaves: list[Any], views: bool = True,
                                  "is one parameter; give it once, with the sum of its gradients")
             first.setdefault(id(leaf), name)
     if views:  # (False: the caller found no view among these, or among them and more)
-        _apart(names, leaves, writes=writes)
+        _apart(names, leaves, writes=writes, storages=storages)
 
 
 def _apart(names: list[str] | None, leaves: list[Any], params: Any = None,
-           writes: bool = False) -> None:
+           writes: bool = False, storages: bool = False) -> None:
     """Refuse two leaves that are views sharing memory (costs a look at each leaf's base only,
     where none is a view), and where the step ``writes`` them in place, a leaf that repeats
     its own elements. ``names``: the leaves' (None: made from ``params`` if needed). A list of
     NumPy arrays found apart is remembered (their memory is theirs for life): the check of
     columns of one matrix, every pair's, is not made at every step."""
-    if not backend.has_views(leaves):
+    if not backend.has_views(leaves) and not (storages and leaves
+                                              and backend.is_torch(leaves[0])):
         return
     known = len(_APART) == len(leaves) and all(
         r() is x for r, x in zip(_APART, leaves, strict=True))
@@ -192,7 +195,7 @@ def _apart(names: list[str] | None, leaves: list[Any], params: Any = None,
         if known:
             _APART_WRITABLE[0] = True
             return
-    pair = backend.overlapping(leaves)
+    pair = backend.overlapping(leaves, storages)
     if pair is None:
         if all(type(x) is np.ndarray for x in leaves):
             _APART[:] = map(weakref.ref, leaves)
@@ -200,8 +203,9 @@ def _apart(names: list[str] | None, leaves: list[Any], params: Any = None,
         return
     names = flatten_named(params)[2] if names is None else names
     i, j = pair
-    raise ValueError(f"{names[j]} shares memory with {names[i]} (views of one array): a tied "
-                     "weight is one parameter; give it once, with the sum of its gradients")
+    raise ValueError(f"{names[j]} shares memory with {names[i]} (views of one array, or tensors "
+                     "of one storage): a tied weight is one parameter; give it once, with the "
+                     "sum of its gradients")
 
 
 _APART: list[Any] = []  # weak references: the arrays are not kept alive by this
@@ -240,7 +244,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     _alone(rule)
     _check_shapes(rule, names, leaves)
     _library_check(rule, names, leaves)
-    _once_each(names, leaves)
+    _once_each(names, leaves, storages=True)
     register_state()  # JAX (flax) knows a State from the first one made after its import
     if state_dtype is not None and state_dtype not in ("float32", "float64", "q8"):
         raise ValueError(f"setup: state_dtype must be 'float32', 'float64' or 'q8', got "

@@ -587,6 +587,8 @@ class Optimizer(torch.optim.Optimizer):
         if plan is not None and not plan.still_valid(self.state, group, ps, has, rule.layout):
             plan = None
         views = None if plan is None else plan.fast_grads(grads)
+        if views is None and plan is not None and plan.reshaped():
+            plan = None  # (only where the gradients did not fit: no per-tensor look otherwise)
         sparse = None
         if plan is None:
             plans.refuse(rule, gi, group, has)

@@ -39,6 +39,7 @@ from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
 _STRIDE = torch.Tensor.stride
+_CONTIGUOUS = torch.Tensor.is_contiguous
 _DEREF = weakref.ref.__call__  # (operator.call is Python 3.11's)
 _SHAPE = operator.attrgetter("shape")
 # what a gradient must be to go by address, read in one C call: its class (a subclass's
@@ -436,7 +437,7 @@ class SeenGrads:
     ``zero_grad(set_to_none=False)`` backward accumulates into the same tensors every step.
     Their values may have changed (the views show them); their version counters need no
     check. A tensor whose memory was replaced (``set_``, ``.data =``, a resized storage) has
-    another address, or another shape, and is looked at anew.
+    another address, another shape or another layout, and is looked at anew.
 
     The gradients are held weakly, so ``zero_grad()``'s default (``set_to_none=True``) frees
     them as it does after torch.optim's step and the next backward reuses their memory:
@@ -448,6 +449,9 @@ class SeenGrads:
 
     refs: list[weakref.ref[torch.Tensor]]
     views: list[Any] | None  # None: by address, the plan's table
+    # the gradients' strides when their views were made, or None where each was contiguous
+    # (and must still be: a gradient transposed where it is, ``g.t_()``, keeps its address)
+    strides: list[Any] | None
     # where the views read and their shapes, found when first needed: a step whose gradients
     # are new tensors (zero_grad's default) pays for no more than the identity check
     ptrs: list[int] | None = None
@@ -467,7 +471,9 @@ class SeenGrads:
                 self.shapes = list(map(_SHAPE, views))
         assert self.shapes is not None
         if (list(map(_DATA_PTR, grads)) != self.ptrs
-                or not all(map(operator.eq, map(_SHAPE, grads), self.shapes))):
+                or not all(map(operator.eq, map(_SHAPE, grads), self.shapes))
+                or (not all(map(_CONTIGUOUS, grads)) if self.strides is None
+                    else list(map(_STRIDE, grads)) != self.strides)):
             return None
         if views is None:
             assert plan.address is not None
@@ -501,8 +507,8 @@ class Plan:
     plist: list[torch.Tensor]
     params: list[torch.Tensor]
     has: list[bool]
-    ptrs: list[Any]  # _ptrs
-    wide: list[int]  # which parameters have two axes or more, as built
+    ptrs: list[Any] | None  # _ptrs
+    strided: bool  # some parameter was not contiguous when the plan was built
     state: MutableMapping[Any, dict[str, Any]]
     layout: Any
     names: SlotNames
@@ -561,7 +567,7 @@ class Plan:
             and self.tracked == bool(group.get("differentiable"))
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
-            and _ptrs(ps, self.sharding is not None, self.wide) == self.ptrs
+            and _ptrs(ps, self.sharding is not None, self.strided) == self.ptrs
         ):
             return False
         version = getattr(state, "version", None)
@@ -587,6 +593,13 @@ class Plan:
                 return False
         self.counts_seen = counts
         return True
+
+    def reshaped(self) -> bool:
+        """Whether a parameter's shape is not the one its view was made with: one cut or
+        reshaped where it is (``p.data = p.data[:2]``) keeps its address, and its gradients
+        then have another shape than the view."""
+        xs = dtensor.locals_of(self.sel_params) if self.sharding is not None else self.sel_params
+        return list(map(_SHAPE, xs)) != self.shapes
 
     def run_steps(self) -> list[int]:
         steps = self.steps.np
@@ -624,8 +637,8 @@ class Plan:
                               self.table_address)
             if found is not None:
                 if self.keep_grads:
-                    self.seen = SeenGrads(list(map(weakref.ref, sel)), None,
-                                          shapes=self.shapes)
+                    self.seen = SeenGrads(list(map(weakref.ref, sel)), None, None,
+                                          shapes=self.shapes)  # (contiguous, as taken)
                 return found
         if sel and sel[0].dtype == torch.bfloat16 and not all(
                 map(torch.Tensor.is_contiguous, sel)):
@@ -633,10 +646,13 @@ class Plan:
             # no reference path: run's views lay it out as its parameter, a copy)
             return None
         made = backend.numpy_views([sel])
-        if made is None:
+        if made is None or list(map(_SHAPE, sel)) != self.shapes:
+            # (another shape: a parameter cut or reshaped where it is, which the caller's
+            # reshaped() finds, or a wrong gradient, which the engine names)
             return None
         if self.keep_views:
-            self.seen = SeenGrads(list(map(weakref.ref, sel)), made[0])
+            self.seen = SeenGrads(list(map(weakref.ref, sel)), made[0],
+                                  None if all(map(_CONTIGUOUS, sel)) else list(map(_STRIDE, sel)))
         return made[0]
 
     def run(self, rule: Transform, grads: list[Any],
@@ -773,18 +789,21 @@ class Plan:
         self.steps.count(i)
 
 
-def _ptrs(ps: list[torch.Tensor], sharded: bool, wide: list[int]) -> list[Any]:
-    """Where the parameters' memory is (a DTensor's: its local shard's), and how those of two
-    axes or more (``wide``) are laid out: one transposed in place (``w.t_()``, ``w.data =
-    w.data.t()``) keeps its address, and the views made of it before would take its new
-    gradients in the old order. (A vector's strides are not read: W4's 10,000 would cost a
-    millisecond a step.)"""
+def _ptrs(ps: list[torch.Tensor], sharded: bool, strided: bool) -> list[Any] | None:
+    """Where the parameters' memory is (a DTensor's: its local shard's) and how it is laid out,
+    as a plan's views of it were made: a parameter transposed or given new strides where it is
+    (``w.t_()``, ``w.data = w.data.t()``, ``p.set_(storage, 0, shape, strides)``) keeps its
+    address, and views made before would step its elements in the old order. Where every
+    parameter was contiguous (``strided`` False), each must still be (None if not): one flag
+    per tensor, where strides are a tuple each (W4's 10,000 a millisecond a step)."""
     xs = dtensor.locals_of(ps) if sharded else ps
-    return [*map(_DATA_PTR, xs), *map(_STRIDE, map(xs.__getitem__, wide))]
+    if strided:
+        return [*map(_DATA_PTR, xs), *map(_STRIDE, xs)]
+    return list(map(_DATA_PTR, xs)) if all(map(_CONTIGUOUS, xs)) else None
 
 
-def _wide(ps: list[torch.Tensor], sharded: bool) -> list[int]:
-    return [i for i, x in enumerate(dtensor.locals_of(ps) if sharded else ps) if x.dim() > 1]
+def _strided(ps: list[torch.Tensor], sharded: bool) -> bool:
+    return not all(map(_CONTIGUOUS, dtensor.locals_of(ps) if sharded else ps))
 
 
 def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
@@ -893,14 +912,14 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     table = np.zeros(len(sel), np.int64)
     elements = sum(p.numel() for p in sel_params)
     keep = not sharded and len(sel) <= KEEP_TENSORS
-    wide = _wide(ps, sharded)
+    strided = _strided(ps, sharded)
     return Plan(
         group=group,
         plist=ps,
         params=list(ps),
         has=has,
-        ptrs=_ptrs(ps, sharded, wide),
-        wide=wide,
+        ptrs=_ptrs(ps, sharded, strided),
+        strided=strided,
         state=state,
         layout=rule.layout,
         names=names,
