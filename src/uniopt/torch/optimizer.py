@@ -587,8 +587,10 @@ class Optimizer(torch.optim.Optimizer):
         if plan is not None and not plan.still_valid(self.state, group, ps, has, rule.layout):
             plan = None
         views = None if plan is None else plan.fast_grads(grads)
-        if views is None and plan is not None and plan.reshaped():
-            plan = None  # (only where the gradients did not fit: no per-tensor look otherwise)
+        if views is None and plan is not None and plan.fast and plan.reshaped():
+            # (only where a fast plan's views did not fit the gradients: no per-tensor look
+            # otherwise; a group on a device or with sparse gradients refuses such a cut)
+            plan = None
         sparse = None
         if plan is None:
             plans.refuse(rule, gi, group, has)
