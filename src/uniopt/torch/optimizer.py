@@ -589,7 +589,8 @@ class Optimizer(torch.optim.Optimizer):
         views = None if plan is None else plan.fast_grads(grads)
         if views is None and plan is not None and plan.fast and plan.reshaped():
             # (only where a fast plan's views did not fit the gradients: no per-tensor look
-            # otherwise; a group on a device or with sparse gradients refuses such a cut)
+            # otherwise; a group on a device, foreach or with sparse gradients still refuses
+            # such a cut, named as a gradient of another shape, nothing written)
             plan = None
         sparse = None
         if plan is None:
