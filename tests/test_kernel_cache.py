@@ -149,6 +149,46 @@ def test_a_child_forked_after_the_pool_steps_on_one_thread_to_the_same_bits() ->
     assert proc.stdout.split() == ["0"], proc.stderr[-3000:]
 
 
+_AFTER_TORCHS_THREADS = """
+import hashlib, os
+import numpy as np
+import torch
+import uniopt as uo
+from uniopt.fast import cpu
+
+torch.set_num_threads(2)
+a = torch.ones(400, 400)
+(a @ a).sum()  # torch's OpenMP threads started; uniopt's pool never
+
+def bits():
+    params = [np.linspace(-1, 1, cpu.PARALLEL_MIN + 4464, dtype=np.float32)]
+    state = uo.setup(uo.adamw(lr=1e-2), params)
+    for _ in range(3):
+        state = uo.update_(state, params, [np.cos(params[0])])
+    return hashlib.sha1(params[0].tobytes()).hexdigest()
+
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if bits() == {mine!r} else 3)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_child_forked_after_torchs_threads_steps_on_one_thread() -> None:
+    """fork() where the parent ran torch's OpenMP threads and never uniopt's pool (a
+    DataLoader's workers after a forward pass): the child entered the pool's OpenMP runtime,
+    which does not survive fork either, and hung where torch.optim's step returns. Any
+    thread the parent had at fork() sends the child's compiled steps to one thread, to the
+    bits the parent's pool gives."""
+    pytest.importorskip("torch")
+    mine = _run(_AFTER_THE_POOL.split("pid = os.fork()")[0] + "print(mine)\n")
+    assert mine.returncode == 0, mine.stderr[-3000:]
+    proc = _run(_AFTER_TORCHS_THREADS.format(mine=mine.stdout.split()[-1]), timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["0"], proc.stderr[-3000:]
+
+
 _TWO_THREADS = """
 import hashlib, threading
 import numpy as np
