@@ -678,6 +678,35 @@ def test_a_parameter_cut_where_it_is_steps_as_torchs(cut: str, count: int) -> No
     assert torch.equal(p.detach(), before)
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax",
+                                  "RAdam", "Rprop"])
+def test_a_step_saved_as_a_number_loads_as_torchs_tensor(name: str) -> None:
+    """A state dict whose steps are numbers (saved by torch before 1.12): torch's classes make
+    each a float32 0-d tensor on load, so ``state[p]["step"].item()`` reads it before the next
+    step; uniopt's kept the number until then. The run then goes on as torch's."""
+    out = []
+    for impl in (torch.optim, ut):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(5, dtype=torch.float64))
+        opt = getattr(impl, name)([p], lr=0.01)
+        for _ in range(3):
+            p.grad = torch.randn(5, dtype=torch.float64)
+            opt.step()
+        sd = copy.deepcopy(opt.state_dict())
+        sd["state"][0]["step"] = 3
+        q = nn.Parameter(p.detach().clone())
+        resumed = getattr(impl, name)([q], lr=0.01)
+        resumed.load_state_dict(sd)
+        step = resumed.state[q]["step"]
+        assert isinstance(step, torch.Tensor) and step.dtype == torch.float32, (impl, step)
+        assert step.item() == 3
+        for _ in range(3):
+            q.grad = torch.randn(5, dtype=torch.float64)
+            resumed.step()
+        out.append(q.detach())
+    torch.testing.assert_close(out[1], out[0], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("apart", ["count", "dtype"])
 def test_a_global_norm_spans_every_run_of_a_group(apart: str) -> None:
     """``uniopt.torch.Optimizer`` around ``chain(clip_by_global_norm(0.5), sgd)``: a group steps
