@@ -501,7 +501,10 @@ def overlapping(xs: list[Any], storages: bool = False) -> tuple[int, int] | None
     for i, x in enumerate(xs):
         key: Any = id(owner(x))
         if storages and is_torch(x) and x.layout == sys.modules["torch"].strided:
-            at = getattr(x, "_local_tensor", x).untyped_storage().data_ptr()
+            try:
+                at = getattr(x, "_local_tensor", x).untyped_storage().data_ptr()
+            except (NotImplementedError, RuntimeError):  # (functorch's wrappers: no storage)
+                at = 0
             if at:  # (0: no memory, a meta tensor's: each is its own)
                 key = ("storage", at)
         owners.setdefault(key, []).append(i)

@@ -508,6 +508,7 @@ class Plan:
     params: list[torch.Tensor]
     has: list[bool]
     ptrs: list[Any] | None  # _ptrs
+    wide: list[int]  # which parameters have two axes or more, as built
     strided: bool  # some parameter was not contiguous when the plan was built
     state: MutableMapping[Any, dict[str, Any]]
     layout: Any
@@ -567,7 +568,7 @@ class Plan:
             and self.tracked == bool(group.get("differentiable"))
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
-            and _ptrs(ps, self.sharding is not None, self.strided) == self.ptrs
+            and _ptrs(ps, self.sharding is not None, self.wide, self.strided) == self.ptrs
         ):
             return False
         version = getattr(state, "version", None)
@@ -789,17 +790,26 @@ class Plan:
         self.steps.count(i)
 
 
-def _ptrs(ps: list[torch.Tensor], sharded: bool, strided: bool) -> list[Any] | None:
+def _ptrs(ps: list[torch.Tensor], sharded: bool, wide: list[int], strided: bool
+          ) -> list[Any] | None:
     """Where the parameters' memory is (a DTensor's: its local shard's) and how it is laid out,
-    as a plan's views of it were made: a parameter transposed or given new strides where it is
-    (``w.t_()``, ``w.data = w.data.t()``, ``p.set_(storage, 0, shape, strides)``) keeps its
-    address, and views made before would step its elements in the old order. Where every
-    parameter was contiguous (``strided`` False), each must still be (None if not): one flag
-    per tensor, where strides are a tuple each (W4's 10,000 a millisecond a step)."""
+    as a plan's views of it were made: a parameter transposed, reshaped or given new strides
+    where it is (``w.t_()``, ``w.data = w.data.view(4, 3)``, ``p.set_(storage, 0, shape,
+    strides)``) keeps its address, and views made before would step its elements in the old
+    order or shape. Where every parameter was contiguous (``strided`` False), each must still
+    be (None if not: one flag per tensor), and those of two axes or more (``wide``) keep their
+    strides (a tuple each: W4's 10,000 vectors' would cost a millisecond a step); else every
+    parameter's strides."""
     xs = dtensor.locals_of(ps) if sharded else ps
     if strided:
         return [*map(_DATA_PTR, xs), *map(_STRIDE, xs)]
-    return list(map(_DATA_PTR, xs)) if all(map(_CONTIGUOUS, xs)) else None
+    if not all(map(_CONTIGUOUS, xs)):
+        return None
+    return [*map(_DATA_PTR, xs), *map(_STRIDE, map(xs.__getitem__, wide))]
+
+
+def _wide(ps: list[torch.Tensor], sharded: bool) -> list[int]:
+    return [i for i, x in enumerate(dtensor.locals_of(ps) if sharded else ps) if x.dim() > 1]
 
 
 def _strided(ps: list[torch.Tensor], sharded: bool) -> bool:
@@ -912,13 +922,14 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     table = np.zeros(len(sel), np.int64)
     elements = sum(p.numel() for p in sel_params)
     keep = not sharded and len(sel) <= KEEP_TENSORS
-    strided = _strided(ps, sharded)
+    wide, strided = _wide(ps, sharded), _strided(ps, sharded)
     return Plan(
         group=group,
         plist=ps,
         params=list(ps),
         has=has,
-        ptrs=_ptrs(ps, sharded, strided),
+        ptrs=_ptrs(ps, sharded, wide, strided),
+        wide=wide,
         strided=strided,
         state=state,
         layout=rule.layout,
