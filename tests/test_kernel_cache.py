@@ -177,10 +177,9 @@ print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
 def test_a_child_forked_after_torchs_threads_steps_on_one_thread() -> None:
     """fork() where the parent ran torch's OpenMP threads and never uniopt's pool (a
-    DataLoader's workers after a forward pass): the child entered the pool's OpenMP runtime,
-    which does not survive fork either, and hung where torch.optim's step returns. Any
-    thread the parent had at fork() sends the child's compiled steps to one thread, to the
-    bits the parent's pool gives."""
+    DataLoader's workers after a forward pass): the child entered numba's pool and hung where
+    torch.optim's step returns. A forked child's compiled steps run on one thread, to the bits
+    the parent's pool gives."""
     pytest.importorskip("torch")
     mine = _run(_AFTER_THE_POOL.split("pid = os.fork()")[0] + "print(mine)\n")
     assert mine.returncode == 0, mine.stderr[-3000:]

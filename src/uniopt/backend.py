@@ -503,7 +503,8 @@ def overlapping(xs: list[Any], storages: bool = False) -> tuple[int, int] | None
         if storages and is_torch(x) and x.layout == sys.modules["torch"].strided:
             try:
                 at = getattr(x, "_local_tensor", x).untyped_storage().data_ptr()
-            except (NotImplementedError, RuntimeError):  # (functorch's wrappers: no storage)
+            except (NotImplementedError, RuntimeError, ValueError):
+                # (no storage: functorch's wrappers, a lazy module's UninitializedParameter)
                 at = 0
             if at:  # (0: no memory, a meta tensor's: each is its own)
                 key = ("storage", at)

@@ -389,14 +389,14 @@ def _drivers(fn: int, mode: str) -> tuple[Any, Any]:
 # One pool step at a time in a process: numba's parallel wrapper releases the GIL while its
 # threads run, and its workqueue threading layer aborts the process when two threads enter it.
 _POOL = threading.Lock()
-# Whether this process was forked from one that had other threads than the forking one: it runs
-# the one-thread loop (the same bits, :func:`_shares`), since a thread pool does not survive
-# fork(), whoever started it: numba's (GNU OpenMP's: numba kills a child that enters it, a fork
-# Pool's workers hung) or torch's OpenMP threads, whose runtime numba's pool shares (a
-# DataLoader's workers hung after a forward pass). A single-threaded parent started none.
+# Whether this process was forked: it runs the one-thread loop (the same bits, :func:`_shares`),
+# since a thread pool does not survive fork(). numba's (GNU OpenMP's) killed a child that
+# entered it and hung a fork Pool's workers; after the parent's torch had started its OpenMP
+# threads, a child entering numba's pool hung even where the parent never had (a DataLoader's
+# workers after a forward pass). Counting the parent's threads at fork() does not tell which
+# pool is there (NumPy's OpenBLAS starts threads at import and stops them for fork()): every
+# forked child, the same rule.
 _FORKED = False
-# the threads of this process when it last forked (0: unknown, taken as many)
-_THREADS_AT_FORK = [1]
 
 
 def _pooled(parallel: Any, serial: Any, *args: Any) -> Any:
@@ -407,22 +407,14 @@ def _pooled(parallel: Any, serial: Any, *args: Any) -> Any:
         return parallel(*args)
 
 
-def _forking() -> None:
-    try:
-        _THREADS_AT_FORK[0] = len(os.listdir("/proc/self/task"))
-    except OSError:  # (no /proc: macOS)
-        _THREADS_AT_FORK[0] = 0
-
-
 def _forked() -> None:
     global _POOL, _FORKED
     _POOL = threading.Lock()  # (the parent's may be held by a thread the child does not have)
-    if _THREADS_AT_FORK[0] != 1:
-        _FORKED = True
+    _FORKED = True
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
-    os.register_at_fork(before=_forking, after_in_child=_forked)
+    os.register_at_fork(after_in_child=_forked)
 
 
 # the namespace kernels see when compiled: scalar functions with NumPy's semantics

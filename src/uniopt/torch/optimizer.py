@@ -589,8 +589,9 @@ class Optimizer(torch.optim.Optimizer):
         views = None if plan is None else plan.fast_grads(grads)
         if views is None and plan is not None and plan.fast and plan.reshaped():
             # (only where a fast plan's views did not fit the gradients: no per-tensor look
-            # otherwise; a group on a device, foreach or with sparse gradients still refuses
-            # such a cut, named as a gradient of another shape, nothing written)
+            # otherwise; a group off the fast path, on a device, foreach, with sparse gradients
+            # or a complex or non-contiguous parameter, still refuses such a cut, named as a
+            # gradient of another shape, nothing written)
             plan = None
         sparse = None
         if plan is None:
