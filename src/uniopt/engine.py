@@ -42,7 +42,7 @@ from .base import (
 from .hyper import _traced, did_you_mean, on_host
 from .interop import dtensor
 from .interop.jax import adjusted, flatten_rule, register_state, rewrapped, unflatten_rule
-from .state import AnyParams, State
+from .state import AnyParams, State, stepped
 from .tree import NAMESPACE, flatten_leaves, flatten_named, unflatten
 
 
@@ -1328,8 +1328,7 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         # (inline: the small step's Python work is counted)
         step = step + 1 if type(step) is int else _next_step(step) if not inplace else \
             _counted_in_place(step)
-        new_state = State(state.rule, step, state.slots if inplace else slots, state.treedef,
-                          state.state_dtype, state.tree_states)
+        new_state = stepped(state, step, state.slots if inplace else slots)
         return new_state, (None if inplace else unflatten(state.treedef, new_params))
     return None
 

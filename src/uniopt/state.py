@@ -74,6 +74,16 @@ class State:
         return f"State(rule={self.rule!r}, step={self.step}, slots={sorted(self.slots)}{trees})"
 
 
+def stepped(s: State, step: Any, slots: dict[str, list[Any]]) -> State:
+    """``s`` at count ``step`` with ``slots``, every other field as it is: the state a step
+    returns, made without a frozen dataclass's setattr per field (a third of a microsecond
+    where the whole of a small model's step is fifteen)."""
+    new = object.__new__(State)
+    new.__dict__.update(rule=s.rule, step=step, slots=slots, treedef=s.treedef,
+                        state_dtype=s.state_dtype, tree_states=s.tree_states, counts=None)
+    return new
+
+
 def _flatten(s: State) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
     children = (s.step, s.slots, s.tree_states, s.counts)
     return children, (s.rule, s.treedef, s.state_dtype), ("step", "slots", "tree_states",

@@ -1042,7 +1042,13 @@ def run(
         grads = list(grads)
     if not all(map(operator.is_, map(type, slots.values()), itertools.repeat(list))):
         slots = {k: list(v) for k, v in slots.items()}
-    inputs = [params, grads, *slots.values()]
+    # in the plan's order, as the loop reads them: one table of addresses for the check and
+    # the loop (a step's state may hold its slots in another order, sorted by a checkpoint)
+    keys = [key for _, _, ks in plan for key in ks]
+    ordered = len(keys) == len(slots)  # (every slot one a part reads: the loop's lists)
+    if not ordered:
+        keys = list(slots)
+    inputs = [params, grads, *map(slots.__getitem__, keys)]
     sizes = np.empty(n, np.int64)
     writes = _WRITES.get((inplace, len(slots)))
     if writes is None:
@@ -1051,10 +1057,11 @@ def run(
     typenums = _TYPENUMS.get(kinds)
     if typenums is None:  # made once per dtypes and slot count, as _WRITES
         typenums = _TYPENUMS[kinds] = np.array([kinds[0], kinds[0], *[kinds[1]] * kinds[2]])
-    code = _check(_addresses(inputs), writes, _NDARRAY, typenums, sizes)
+    table = _addresses(inputs)
+    code = _check(table, writes, _NDARRAY, typenums, sizes)
     if code:
         k, i, why = code >> 32, (code >> 3) & 0x1FFFFFFF, code & 7
-        what = ["params", "grads", *(f"state slot {key}" for key in slots)][k - 1]
+        what = ["params", "grads", *(f"state slot {key}" for key in keys)][k - 1]
         return f"{what} count" if why == _COUNT else f"{what} leaf {i} {REASONS[why]}"
     if small and memo.get("cpu-small", 0) < (COMPILE_AFTER or 0):
         if not _compiled(memo, plan, storage, "inplace"):
@@ -1067,7 +1074,8 @@ def run(
         # writes anyway (its pages faulted in: most of its time)
         params = [p.copy() for p in params]
         slots = {k: [x.copy() for x in v] for k, v in slots.items()}
-    _pass(plan, params, grads, slots, params, "inplace", memo, storage, sizes, shards)
+    _pass(plan, params, grads, slots, params, "inplace", memo, storage, sizes, shards,
+          table=table if inplace and ordered else None)
     return params, slots
 
 
@@ -1075,10 +1083,13 @@ def _pass(
     plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any], grads: list[Any],
     slots: dict[str, list[Any]], out: list[Any], mode: str,
     memo: dict[Any, Any], storage: tuple[str, str], sizes: Any, shards: Any = None,
-    seg: int = 0,
+    seg: int = 0, table: Any = None,
 ) -> None:
     """One compiled pass of ``plan`` over checked leaves, writing ``params`` and ``slots`` in
-    place (``inplace``), or the slots in place and the final ``u`` to ``out`` (``update``)."""
+    place (``inplace``), or the slots in place and the final ``u`` to ``out`` (``update``).
+    ``table``: the addresses of the lists the loop reads (``params``, ``grads``, the slots in
+    the plan's order), where the caller made it for its check and holds the lists; else made
+    here."""
     n, first = len(params), params[0]
     compute = np.float64 if storage[0] == "f8" else np.float32
     # the loop on the thread pool, or on this thread (a sum of Python ints: NumPy's costs more)
@@ -1110,10 +1121,12 @@ def _pass(
                 c = part.norm_coeffs(float(np.sqrt(squares)), size)
             plan[j] = (part, c, plan[j][2])
     # in the plan's order (a state's dict of slots may come back sorted)
-    lists = [params, grads, *([out] if mode == "update" else []),
-             *[slots[key] for _, _, keys in plan for key in keys]]
+    lists = None if table is not None else [
+        params, grads, *([out] if mode == "update" else []),
+        *[slots[key] for _, _, keys in plan for key in keys]]
     loop = _loop(memo, plan, storage, mode, seg)
-    loop[big](_addresses(lists), _coefficients(plan, compute, n), sizes)
+    loop[big](_addresses(lists) if lists is not None else table,
+              _coefficients(plan, compute, n), sizes)
 
 
 class Bound:
