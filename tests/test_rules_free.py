@@ -432,6 +432,8 @@ def test_parameter_free_errors() -> None:
         uo.dog(init_step=("distance", 0.0))
     with pytest.raises(ValueError, match="d0"):
         uo.dadapt_adamw(d0=-1.0)
+    with pytest.raises(ValueError, match="dadapt_adamw: eps must be > 0, got 0"):
+        uo.dadapt_adamw(eps=0)
     with pytest.raises(ValueError, match="init_estim_sq_dist"):
         uo.dowg(init_estim_sq_dist=0.0)
     with pytest.raises(ValueError, match="eps"):
@@ -646,6 +648,40 @@ def test_schedule_free_eval_under_a_momentum_schedule_is_metas(jit: bool) -> Non
         meta.train()
         np.testing.assert_allclose(np.asarray(p["w"]), w.detach().numpy(),
                                    rtol=1e-6 if jit else 1e-14)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_dadapt_adamw_keeps_its_estimate_while_nothing_moves(jit: bool) -> None:
+    """lr 0 (a warm-up from 0 starts there) or a zero gradient: nothing moves ``s``, and the
+    estimate is 0/0. optax's ``d`` turns NaN, and every parameter after it; uniopt keeps ``d``,
+    as the authors' dadaptation does, and from the first step that moves ``s`` goes on as
+    optax's run from that step with the same ``d``."""
+    warm = 3
+    lr = uo.schedules.linear(0.0, 1.0, warm)
+    theirs = optax.linear_schedule(0.0, 1.0, warm)
+    p0 = {"w": np.linspace(-1.0, 1.0, 6)}
+    rule = uo.dadapt_adamw(lr=lr, d0=1e-3)
+    state = uo.setup(rule, p0)
+    tx = optax.contrib.dadapt_adamw(theirs, estim_lr0=1e-3)
+    jp = {"w": jnp.asarray(p0["w"])}
+    ts = tx.init(jp)
+    step = jax.jit(uo.update) if jit else uo.update
+    p = {"w": p0["w"].copy()}
+    for k in range(8):
+        g = {"w": np.cos(3 * p["w"])}
+        state, p = step(state, p, g)
+        u, ts = tx.update({"w": jnp.asarray(g["w"])}, ts, jp)
+        jp = optax.apply_updates(jp, u)
+        d = float(state.tree_states["scale_by_dadapt_adam"]["d"])
+        if k == 0:  # lr 0: s still 0
+            assert d == 1e-3 and np.isnan(float(ts.estim_lr))
+            np.testing.assert_array_equal(np.asarray(p["w"]), p0["w"])
+    assert np.all(np.isfinite(np.asarray(p["w"]))) and d > 1e-3
+    # a zero gradient at the first step, lr 1: the same
+    state = uo.setup(uo.dadapt_adamw(lr=1.0, d0=1e-3), p0)
+    state, q = uo.update(state, p0, {"w": np.zeros(6)})
+    assert float(state.tree_states["scale_by_dadapt_adam"]["d"]) == 1e-3
+    np.testing.assert_array_equal(q["w"], p0["w"])
 
 
 def test_dadapt_adamw_on_float16_params_stays_finite() -> None:

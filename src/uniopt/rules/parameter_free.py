@@ -431,7 +431,8 @@ class scale_by_dadapt_adam(WholeTree):
 
     lr: Any = hyper(1.0, NONNEG)
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
-    eps: Any = hyper(1e-8, NONNEG)
+    # (> 0: the first step's estimate reads the old s/(sqrt(v) + eps), both 0)
+    eps: Any = hyper(1e-8, POSITIVE)
     weight_decay: Any = hyper(0.0, NONNEG)
     d0: Any = static(1e-6, POSITIVE)  # the initial estimate: read once, at set-up
 
@@ -474,7 +475,13 @@ class scale_by_dadapt_adam(WholeTree):
             ss.append(s)
             abs_sums.append(xp.sum(xp.astype(xp.abs(s), d.dtype)))
         numerator = c.sqrt_b2 * state["d_numerator"] + rest * dlr * _total(dots)
-        new_d = xp.maximum(d, numerator / (rest * _total(abs_sums)))
+        # where nothing has moved s yet (lr 0, as a warm-up from 0 starts; every gradient 0)
+        # the estimate is 0/0: d is kept, as the authors' dadaptation keeps it (optax's turns
+        # NaN, and every step after it)
+        den = rest * _total(abs_sums)
+        moved = den > 0
+        new_d = xp.where(moved, xp.maximum(d, numerator / xp.where(moved, den, xp.ones_like(den))),
+                         d)
         out = [as_dtype(c.wd * dlr, p) * p + m / (xp.sqrt(v) + c.eps)
                for p, m, v in zip(ps, ms, vs, strict=True)]
         return unflatten(treedef, out), {"exp_avg": arrays(ms, state["exp_avg"]),
@@ -505,13 +512,15 @@ class dadapt_adamw(Rule):
     \end{aligned}
     $$
     ``optax.contrib.dadapt_adamw(learning_rate=lr, betas, eps, estim_lr0=d0,
-    weight_decay)``, to which it is held. Before any gradient the estimate divides 0 by 0
-    (NaN), as optax's does.
+    weight_decay)``, to which it is held, but where nothing has moved ``s`` yet (``lr`` 0, as
+    a warm-up from 0 starts, or every gradient 0): the estimate would divide 0 by 0, and ``d``
+    is kept, as the authors' ``dadaptation`` keeps it, where optax's turns NaN for good.
+    ``eps`` must be above 0 (the first step's estimate reads ``s/(sqrt(v) + eps)`` of zeros).
     """
 
     lr: Any = hyper(1.0, NONNEG)
     betas: tuple[Any, Any] = hyper((0.9, 0.999), UNIT_OPEN)
-    eps: Any = hyper(1e-8, NONNEG)
+    eps: Any = hyper(1e-8, POSITIVE)
     d0: Any = static(1e-6, POSITIVE)  # the initial estimate: read once, at set-up
     weight_decay: Any = hyper(0.0, NONNEG)
 
