@@ -707,6 +707,21 @@ def test_a_step_saved_as_a_number_loads_as_torchs_tensor(name: str) -> None:
     torch.testing.assert_close(out[1], out[0], rtol=1e-12, atol=0)
 
 
+def test_nadam_takes_numpy_numbers_in_its_group_as_torchs_does() -> None:
+    """NAdam's product of momenta is kept per (beta1, momentum_decay): NumPy 0-d arrays there
+    (which torch's NAdam takes) raised "unhashable type" at the first step."""
+    out = []
+    for impl in (torch.optim, ut):
+        p = nn.Parameter(torch.linspace(-1, 1, 4, dtype=torch.float64))
+        opt = impl.NAdam([p], lr=0.01, betas=(np.array(0.9), 0.999),
+                         momentum_decay=np.float64(0.004))
+        for k in range(4):
+            p.grad = torch.cos(p.detach() * (k + 1))
+            opt.step()
+        out.append(p.detach())
+    torch.testing.assert_close(out[1], out[0], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("apart", ["count", "dtype"])
 def test_a_global_norm_spans_every_run_of_a_group(apart: str) -> None:
     """``uniopt.torch.Optimizer`` around ``chain(clip_by_global_norm(0.5), sgd)``: a group steps

@@ -184,6 +184,9 @@ def mu_product(b1: float, psi: float, t: int, exact: bool = False,
     to 1 (at most about ``40/(1-b1)`` numbers), so a step costs no loop over its history; past
     that the last kept value is returned, which changes no coefficient, unless ``exact`` (for
     torch's state)."""
+    # (the key's numbers as floats: a torch param group may hold a NumPy or JAX 0-d array,
+    # which is no key, and equals its float)
+    b1, psi = float(b1), float(psi)
     prods = _PRODUCTS.get((b1, psi, dtype), _ONE)
     if len(prods) <= t and prods[-1] >= _NEGLIGIBLE:
         # extended in a copy (to twice its length: copies cost O(1) a step), then published
