@@ -117,7 +117,8 @@ def test_the_cache_key_holds_the_intrinsics_the_loop_calls(
     assert cpu._digest(kernels, ()) != key
 
 
-_AFTER_THE_POOL = """
+# a step of the thread pool's size, its bits (the fork tests' children step it again)
+_BITS = """
 import hashlib, os
 import numpy as np
 import uniopt as uo
@@ -129,7 +130,9 @@ def bits():
     for _ in range(3):
         state = uo.update_(state, params, [np.cos(params[0])])
     return hashlib.sha1(params[0].tobytes()).hexdigest()
+"""
 
+_AFTER_THE_POOL = _BITS + """
 mine = bits()  # on the pool
 pid = os.fork()
 if pid == 0:
@@ -150,26 +153,15 @@ def test_a_child_forked_after_the_pool_steps_on_one_thread_to_the_same_bits() ->
 
 
 _AFTER_TORCHS_THREADS = """
-import hashlib, os
-import numpy as np
 import torch
-import uniopt as uo
-from uniopt.fast import cpu
 
 torch.set_num_threads(2)
 a = torch.ones(400, 400)
 (a @ a).sum()  # torch's OpenMP threads started; uniopt's pool never
-
-def bits():
-    params = [np.linspace(-1, 1, cpu.PARALLEL_MIN + 4464, dtype=np.float32)]
-    state = uo.setup(uo.adamw(lr=1e-2), params)
-    for _ in range(3):
-        state = uo.update_(state, params, [np.cos(params[0])])
-    return hashlib.sha1(params[0].tobytes()).hexdigest()
-
+""" + _BITS + """
 pid = os.fork()
 if pid == 0:
-    os._exit(0 if bits() == {mine!r} else 3)
+    os._exit(0 if bits() == MINE else 3)
 print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
 
@@ -181,9 +173,10 @@ def test_a_child_forked_after_torchs_threads_steps_on_one_thread() -> None:
     torch.optim's step returns. A forked child's compiled steps run on one thread, to the bits
     the parent's pool gives."""
     pytest.importorskip("torch")
-    mine = _run(_AFTER_THE_POOL.split("pid = os.fork()")[0] + "print(mine)\n")
+    mine = _run(_BITS + "print(bits())\n")
     assert mine.returncode == 0, mine.stderr[-3000:]
-    proc = _run(_AFTER_TORCHS_THREADS.format(mine=mine.stdout.split()[-1]), timeout=60)
+    proc = _run(_AFTER_TORCHS_THREADS.replace("MINE", repr(mine.stdout.split()[-1])),
+                timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["0"], proc.stderr[-3000:]
 
