@@ -677,11 +677,13 @@ def test_dadapt_adamw_keeps_its_estimate_while_nothing_moves(jit: bool) -> None:
             assert d == 1e-3 and np.isnan(float(ts.estim_lr))
             np.testing.assert_array_equal(np.asarray(p["w"]), p0["w"])
     assert np.all(np.isfinite(np.asarray(p["w"]))) and d > 1e-3
-    # a zero gradient at the first step, lr 1: the same
+    # a zero gradient at the first step, lr 1: the same; a NaN one still makes d NaN, as optax's
     state = uo.setup(uo.dadapt_adamw(lr=1.0, d0=1e-3), p0)
     state, q = uo.update(state, p0, {"w": np.zeros(6)})
     assert float(state.tree_states["scale_by_dadapt_adam"]["d"]) == 1e-3
     np.testing.assert_array_equal(q["w"], p0["w"])
+    state, q = uo.update(state, q, {"w": np.full(6, np.nan)})
+    assert np.isnan(float(state.tree_states["scale_by_dadapt_adam"]["d"]))
 
 
 def test_dadapt_adamw_on_float16_params_stays_finite() -> None:

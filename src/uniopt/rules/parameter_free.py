@@ -477,11 +477,11 @@ class scale_by_dadapt_adam(WholeTree):
         numerator = c.sqrt_b2 * state["d_numerator"] + rest * dlr * _total(dots)
         # where nothing has moved s yet (lr 0, as a warm-up from 0 starts; every gradient 0)
         # the estimate is 0/0: d is kept, as the authors' dadaptation keeps it (optax's turns
-        # NaN, and every step after it)
+        # NaN, and every step after it); a NaN gradient still makes d NaN, as in both
         den = rest * _total(abs_sums)
-        moved = den > 0
-        new_d = xp.where(moved, xp.maximum(d, numerator / xp.where(moved, den, xp.ones_like(den))),
-                         d)
+        still = den == 0
+        new_d = xp.where(still, d,
+                         xp.maximum(d, numerator / xp.where(still, xp.ones_like(den), den)))
         out = [as_dtype(c.wd * dlr, p) * p + m / (xp.sqrt(v) + c.eps)
                for p, m, v in zip(ps, ms, vs, strict=True)]
         return unflatten(treedef, out), {"exp_avg": arrays(ms, state["exp_avg"]),
@@ -514,8 +514,9 @@ class dadapt_adamw(Rule):
     ``optax.contrib.dadapt_adamw(learning_rate=lr, betas, eps, estim_lr0=d0,
     weight_decay)``, to which it is held, but where nothing has moved ``s`` yet (``lr`` 0, as
     a warm-up from 0 starts, or every gradient 0): the estimate would divide 0 by 0, and ``d``
-    is kept, as the authors' ``dadaptation`` keeps it, where optax's turns NaN for good.
-    ``eps`` must be above 0 (the first step's estimate reads ``s/(sqrt(v) + eps)`` of zeros).
+    is kept, where optax's turns NaN for good (the authors' ``dadaptation`` skips such a step
+    whole; here the rest of it is optax's, a decoupled decay included). ``eps`` must be above
+    0 (the first step's estimate reads ``s/(sqrt(v) + eps)`` of zeros).
     """
 
     lr: Any = hyper(1.0, NONNEG)
