@@ -732,6 +732,8 @@ def test_views_sharing_memory_are_refused_as_a_tied_weight(width):
     # tensors of one storage that are no views of each other (Tensor.set_): no base to see
     with pytest.raises(ValueError, match=r"params\['b'\] shares memory .* one storage"):
         uo.setup(uo.sgd(lr=0.1), {"a": t, "b": torch.empty(0, dtype=t.dtype).set_(t)})
+    # (a lazy module's parameter has no storage yet to look at: its own, as before)
+    uo.setup(uo.sgd(lr=0.1), {"a": t, "b": torch.nn.parameter.UninitializedParameter()})
     # set up apart, stepped in place with views of one array: refused before any write
     apart = {"a": np.arange(6.0), "b": np.arange(6.0), **extra}
     state = uo.setup(uo.sgd(lr=0.1), apart)
