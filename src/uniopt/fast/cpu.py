@@ -1120,13 +1120,13 @@ def _pass(
                     float(total if shards is not None else total[0]), int(counts.sum()))
                 c = part.norm_coeffs(float(np.sqrt(squares)), size)
             plan[j] = (part, c, plan[j][2])
-    # in the plan's order (a state's dict of slots may come back sorted)
-    lists = None if table is not None else [
-        params, grads, *([out] if mode == "update" else []),
-        *[slots[key] for _, _, keys in plan for key in keys]]
+    if table is None:
+        # in the plan's order (a state's dict of slots may come back sorted), held for the call
+        lists = [params, grads, *([out] if mode == "update" else []),
+                 *[slots[key] for _, _, keys in plan for key in keys]]
+        table = _addresses(lists)
     loop = _loop(memo, plan, storage, mode, seg)
-    loop[big](_addresses(lists) if lists is not None else table,
-              _coefficients(plan, compute, n), sizes)
+    loop[big](table, _coefficients(plan, compute, n), sizes)
 
 
 class Bound:

@@ -766,11 +766,10 @@ class Optimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._restore_state_dtypes(state_dict)
         # a step saved as a number (torch before 1.12) made a 0-d tensor, as torch's classes
-        # make it on load (their __setstate__), in torch's dtype for it (plans.Steps)
-        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        # make it on load (their __setstate__), in torch's dtype for it
         for st in self.state.values():
             if isinstance(st, dict) and isinstance(st.get("step"), (int, float)):
-                st["step"] = torch.tensor(float(st["step"]), dtype=dtype)
+                st["step"] = torch.tensor(float(st["step"]), dtype=plans.step_dtype())
 
     def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch's load casts a float parameter's state to its dtype. Where the group keeps

@@ -252,6 +252,12 @@ def multi_tensor(group: dict[str, Any]) -> bool:
             and group.get("state_dtype") in (None, "float32"))
 
 
+def step_dtype() -> torch.dtype:
+    """torch's dtype for ``state["step"]`` (``torch.optim.optimizer._get_scalar_dtype``): its
+    default dtype, float64 only where set so."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def state_step(st: dict[str, Any]) -> int:
     """Updates applied to a parameter, from its state (torch's SGD keeps no step: a momentum
     buffer means at least one)."""
@@ -273,9 +279,7 @@ class Steps:
 
     @classmethod
     def new(cls, params: list[torch.Tensor]) -> Steps:
-        # torch's dtype for state["step"] (torch.optim.optimizer._get_scalar_dtype)
-        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        buf = torch.zeros(len(params), dtype=dtype)
+        buf = torch.zeros(len(params), dtype=step_dtype())
         return cls(list(params), buf, backend.numpy_view(buf), list(buf.unbind()))
 
     def of(self, ps: list[torch.Tensor]) -> bool:
@@ -641,8 +645,7 @@ class Plan:
                     self.seen = SeenGrads(list(map(weakref.ref, sel)), None, None,
                                           shapes=self.shapes)  # (contiguous, as taken)
                 return found
-        if sel and sel[0].dtype == torch.bfloat16 and not all(
-                map(torch.Tensor.is_contiguous, sel)):
+        if sel and sel[0].dtype == torch.bfloat16 and not all(map(_CONTIGUOUS, sel)):
             # (the compiled loop would decline a strided gradient's view, and bfloat16 bits have
             # no reference path: run's views lay it out as its parameter, a copy)
             return None
