@@ -41,6 +41,30 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+def _xla_classic_emitters() -> None:
+    """XLA:CPU's classic emitters, not its fusion emitters (the default since 2025), compile
+    the suite's programs in about half the time: most are one step of a few small leaves or a
+    single eager operation (23 ms each with the fusion emitters, 12 ms without on this
+    project's machines), and compiling them cold was a quarter of the suite's time. The two
+    give the same numbers but for the order of a few reductions (the last bit of a norm):
+    every assertion here holds under both, and the JAX mesh worker
+    (tests/distributed_jax_worker.py) runs XLA's defaults, as a user does. Only on a jaxlib
+    that has the flag (0.10 has it; XLA aborts on a flag it does not know), and not where
+    the caller set the emitters themselves."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        jaxlib = tuple(int(x) for x in version("jaxlib").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if jaxlib >= (0, 10) and "xla_cpu_use_fusion_emitters" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_fusion_emitters=false".strip()
+
+
+_xla_classic_emitters()
+
+
 # uniopt compiles a loop for small steps too (at once where it is on disk, else after a rule's
 # first COMPILE_AFTER of them); the suite's hundreds of small configurations would each compile
 # one, to check what test_fused checks bit for bit, and which path a small step took would

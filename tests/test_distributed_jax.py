@@ -29,7 +29,7 @@ def _env() -> dict[str, str]:
     # the worker imports this checkout's uniopt, whatever the caller's path
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
-    env.pop("XLA_FLAGS", None)
+    env.pop("XLA_FLAGS", None)  # (the worker sets its own: XLA's default emitters, see conftest)
     return env
 
 
