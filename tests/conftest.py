@@ -42,15 +42,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def _xla_classic_emitters() -> None:
-    """XLA:CPU's classic emitters, not its fusion emitters (the default since 2025), compile
+    """XLA:CPU's classic emitters, not its fusion emitters (jaxlib 0.10's default), compile
     the suite's programs in about half the time: most are one step of a few small leaves or a
     single eager operation (23 ms each with the fusion emitters, 12 ms without on this
-    project's machines), and compiling them cold was a quarter of the suite's time. The two
-    give the same numbers but for the order of a few reductions (the last bit of a norm):
-    every assertion here holds under both, and the JAX mesh worker
-    (tests/distributed_jax_worker.py) runs XLA's defaults, as a user does. Only on a jaxlib
-    that has the flag (0.10 has it; XLA aborts on a flag it does not know), and not where
-    the caller set the emitters themselves."""
+    project's machines), and compiling them cold was about a quarter of the suite's time. The
+    two order some operations differently (the last bits of a norm, a mean, a few elementwise
+    chains; docs/development.md has the measure): every assertion here holds under both, and
+    the JAX mesh worker (tests/distributed_jax_worker.py) runs XLA's defaults, as a user does.
+    Only on a jaxlib that has the flag (0.10 has it; XLA aborts on a flag it does not know),
+    and not where the caller chose the emitters."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
