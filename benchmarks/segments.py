@@ -5,8 +5,9 @@ On NumPy float32 arrays, the in-place step with the compiled passes of the eleme
 around the per-leaf ones (``uniopt.fast.cpu.segmented``) and on the reference path (every part
 with NumPy's operations, leaf by leaf: ``cpu.AVAILABLE = False``), the two taken in turn in one
 process for ``rounds`` rounds (default 5), so that the machine's load falls on both alike: each
-one's median, and reference/compiled. Workloads: S2, 50 matrices of 1K-64K elements; W2, 1,000
-of 128 x 128; W4, 10,000 of 10 x 10. A case runs where its name contains one of ``cases``.
+one's median, and reference/compiled. Workloads: S2, 50 matrices of 32 rows and 32 to 1,600
+columns (1K-51K elements, evenly spaced: not the bench's S2); W2, 1,000 of 128 x 128; W4,
+10,000 of 10 x 10. A case runs where its name contains one of ``cases``.
 """
 
 import sys

@@ -482,6 +482,64 @@ def test_bench_takes_every_rule_that_steps_from_gradients_alone():
     assert "loss" in bench.skip_reason("polyak_sgd")
 
 
+def _bench_params(step):
+    """The parameters a bench implementation's step updates, read from its closure (the
+    bench's steps keep them as ``params``, ``p`` or a donated ``carry``)."""
+    cells = dict(zip(step.__code__.co_freevars, (c.cell_contents for c in step.__closure__),
+                     strict=True))
+    if "carry" in cells:  # jitted: (params, state) for optax, (state, params) for uniopt
+        got = cells["carry"][1 if cells.get("ready") == 1 else 0]
+    else:
+        got = cells.get("params", cells.get("p"))
+    got = got if isinstance(got, list) else [got]
+    return np.concatenate([np.asarray(x.detach() if hasattr(x, "detach") else x,
+                                      np.float64).ravel() for x in got])
+
+
+@pytest.mark.parametrize("rule", ["adam", "adamw", "sgd", "rmsprop"])
+def test_bench_peers_take_the_step_uniopt_takes(rule):
+    """Every row of a rule with peers times the same update: 3 steps of each implementation
+    from the same params and gradients land where uniopt's do, to float32 rounding (the
+    NumPy rows of adamw left out its decay, 3.4e-2 of the step apart; optax's RMSprop decayed
+    by its default 0.9 with eps inside the root, 0.95 apart). 8-bit state is rounded by
+    design and left out."""
+    from uniopt.tools import bench
+
+    w = bench._Workload([(40,), (6, 7)])
+    start = np.concatenate([p.ravel() for p in w.params]).astype(np.float64)
+    moved = {}
+    for impl, make in bench.IMPLEMENTATIONS.items():
+        step = make(w, rule)
+        if step is None or impl == "uniopt q8":
+            continue
+        for _ in range(3):
+            step()
+        moved[impl] = _bench_params(step) - start
+    ref = moved.pop("uniopt")
+    assert len(moved) >= 2, moved
+    for impl, d in moved.items():
+        assert np.max(np.abs(d - ref)) <= 1e-3 * np.max(np.abs(ref)), (rule, impl)
+
+
+def test_bench_float16_gradients_keep_adams_second_moment_finite():
+    """float16 holds no (1 - b2) g^2 of a gradient near 1e-3: Adam's v stayed 0 (eps=1e-8 is 0
+    in float16) and the rows timed steps of 36 and NaNs. Every v is positive now and every
+    step finite and of about lr."""
+    from uniopt.tools import bench
+
+    w = bench._Workload([(300,), (8, 9)], dtype="float16")
+    step = bench.IMPLEMENTATIONS["uniopt"](w, "adam")
+    start = np.concatenate([p.ravel() for p in w.params]).astype(np.float64)
+    for _ in range(5):
+        step()
+    cells = dict(zip(step.__code__.co_freevars, (c.cell_contents for c in step.__closure__),
+                     strict=True))
+    assert all((v > 0).all() for v in cells["state"][0].slots["scale_by_adam.exp_avg_sq"])
+    moved = np.abs(_bench_params(step) - start)
+    # 5 steps of about lr = 1e-3, and float16's rounding of params up to 4 (ulp 4e-3)
+    assert np.isfinite(moved).all() and moved.max() < 0.02
+
+
 def test_bench_runs_rules_with_per_leaf_parts_without_a_floor(monkeypatch, capsys):
     """LAMB, Adafactor and Muon run (no floor: their parts are not all elementwise); Muon
     where every tensor is a matrix, and skipped with its error where one is not."""

@@ -215,12 +215,19 @@ class _Workload:
         self.params = [rng.standard_normal(s, dtype=np.float32).astype(np_dtype) for s in shapes]
         # two gradient sets, alternated, so every step sees other gradient arrays (as after a
         # backward pass) without timing the random number generator
-        self.grads = [
-            [(rng.standard_normal(s, dtype=np.float32) * 1e-3).astype(np_dtype) for s in shapes]
-            for _ in (0, 1)
-        ]
+        self.grads = [[self._grad(rng, s, np_dtype) for s in shapes] for _ in (0, 1)]
         self.size = sum(p.size for p in self.params)
         self.itemsize = 4 if dtype == "float32" else 2
+
+    @staticmethod
+    def _grad(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        z = rng.standard_normal(shape, dtype=np.float32)
+        if dtype != np.float16:
+            return (z * 1e-3).astype(dtype)
+        # float16 holds no (1 - b2) g^2 of a gradient near 1e-3 (Adam's v stayed 0, and its
+        # eps=1e-8 is 0 in float16: steps of 36 and NaNs), nor of any gradient near 0: here
+        # every gradient is 0.05 or more in size
+        return np.copysign(0.05 + 0.05 * np.abs(z), z).astype(dtype)
 
 
 def _uniopt(w: _Workload, rule: str, state_dtype: str | None = None) -> Callable[[], Any] | None:
@@ -261,12 +268,15 @@ def _numpy_per_tensor(w: _Workload, rule: str) -> Callable[[], Any] | None:
     v = [np.zeros_like(p) for p in params]
     t, k = [0], [0]
     b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-8
+    decay = 1 - lr * PEER_SETTINGS[rule].get("weight_decay", 0.0)
 
     def step() -> None:
         t[0] += 1
         k[0] ^= 1
         bc1, bc2 = 1 - b1 ** t[0], (1 - b2 ** t[0]) ** 0.5
         for p, g, mi, vi in zip(params, w.grads[k[0]], m, v, strict=True):
+            if decay != 1:
+                p *= decay
             mi *= b1
             mi += (1 - b1) * g
             vi *= b2
@@ -284,6 +294,7 @@ def _numpy_flat(w: _Workload, rule: str, chunk: int | None) -> Callable[[], Any]
     m, v = np.zeros_like(p), np.zeros_like(p)
     t, k = [0], [0]
     b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-8
+    decay = 1 - lr * PEER_SETTINGS[rule].get("weight_decay", 0.0)
     step_ = chunk or p.size
     tmp = np.empty(min(step_, p.size), np.float32)
 
@@ -296,6 +307,8 @@ def _numpy_flat(w: _Workload, rule: str, chunk: int | None) -> Callable[[], Any]
             s = slice(a, a + step_)
             g, mi, vi, pi = g_all[s], m[s], v[s], p[s]
             tt = tmp[: pi.size]
+            if decay != 1:
+                pi *= decay
             mi *= b1
             np.multiply(g, 1 - b1, out=tt)
             mi += tt
@@ -372,16 +385,27 @@ def _torch(w: _Workload, rule: str, mode: str,
     return step
 
 
-def _optax(w: _Workload, rule: str) -> Callable[[], Any] | None:
+def optax_peer(rule: str) -> Any:
+    """optax's transformation of ``rule`` with the bench's settings, or None: optax's NAdam and
+    the others differ from torch's, or are missing (or optax is not installed)."""
     try:
-        import jax
         import optax
     except ImportError:
         return None
-    tx = {"adam": optax.adam(1e-3), "adamw": optax.adamw(1e-3, weight_decay=1e-2),
-          "sgd": optax.sgd(1e-3, momentum=0.9), "rmsprop": optax.rmsprop(1e-3)}.get(rule)
-    if tx is None:  # optax's NAdam and the others differ from torch's, or are missing
+    # (optax's RMSprop by default decays by 0.9 and adds eps inside the root: here torch's)
+    return {"adam": lambda: optax.adam(1e-3),
+            "adamw": lambda: optax.adamw(1e-3, weight_decay=1e-2),
+            "sgd": lambda: optax.sgd(1e-3, momentum=0.9),
+            "rmsprop": lambda: optax.rmsprop(1e-3, decay=0.99, eps_in_sqrt=False),
+            }.get(rule, lambda: None)()
+
+
+def _optax(w: _Workload, rule: str) -> Callable[[], Any] | None:
+    tx = optax_peer(rule)
+    if tx is None:
         return None
+    import jax
+    import optax
     params = [jax.numpy.asarray(p, dtype=w.dtype) for p in w.params]
     grads = [[jax.numpy.asarray(g, dtype=w.dtype) for g in gs] for gs in w.grads]
 
