@@ -496,16 +496,25 @@ def _bench_params(step):
                                       np.float64).ravel() for x in got])
 
 
-@pytest.mark.parametrize("rule", ["adam", "adamw", "sgd", "rmsprop"])
-def test_bench_peers_take_the_step_uniopt_takes(rule):
-    """Every row of a rule with peers times the same update: 3 steps of each implementation
-    from the same params and gradients land where uniopt's do, to float32 rounding (the
-    NumPy rows of adamw left out its decay, 3.4e-2 of the step apart; optax's RMSprop decayed
-    by its default 0.9 with eps inside the root, 0.95 apart). 8-bit state is rounded by
-    design and left out."""
+def _peer_rules():
     from uniopt.tools import bench
 
-    w = bench._Workload([(40,), (6, 7)])
+    return sorted(bench.PEER_SETTINGS)
+
+
+@pytest.mark.parametrize("rule", _peer_rules())
+def test_bench_peers_take_the_step_uniopt_takes(rule):
+    """Every float32 row of a rule the bench has peers for times the same update: 3 steps of
+    each implementation from the same params and gradients land where uniopt's do, within
+    1e-3 of the step and the params' float32 rounding (the NumPy rows of adamw left out its
+    decay, 3.4e-2 of the step apart; optax's RMSprop decayed by its default 0.9 with eps
+    inside the root, 0.95 apart). 8-bit state is rounded by design and left out. torch's Muon
+    orthogonalises in bfloat16, as uniopt.torch's does and NumPy cannot: its torch rows are
+    held to uniopt.torch's, and that one to uniopt's within bfloat16's precision (1.8e-2 of
+    the step apart here)."""
+    from uniopt.tools import bench
+
+    w = bench._Workload([(6, 7), (8, 5)])  # matrices: Muon's peer takes nothing else
     start = np.concatenate([p.ravel() for p in w.params]).astype(np.float64)
     moved = {}
     for impl, make in bench.IMPLEMENTATIONS.items():
@@ -516,9 +525,17 @@ def test_bench_peers_take_the_step_uniopt_takes(rule):
             step()
         moved[impl] = _bench_params(step) - start
     ref = moved.pop("uniopt")
-    assert len(moved) >= 2, moved
+    if len(moved) < 2:
+        pytest.skip(f"no peer of {rule} installed beside uniopt's own rows")
+    rounding = 4 * np.finfo(np.float32).eps * np.max(np.abs(start))
     for impl, d in moved.items():
-        assert np.max(np.abs(d - ref)) <= 1e-3 * np.max(np.abs(ref)), (rule, impl)
+        against, within = ref, 1e-3
+        if rule == "muon" and impl.startswith("torch"):
+            against = moved["uniopt.torch"]
+        elif rule == "muon" and impl == "uniopt.torch":
+            within = 3e-2
+        assert np.max(np.abs(d - against)) <= within * np.max(np.abs(ref)) + rounding, (
+            rule, impl)
 
 
 def test_bench_float16_gradients_keep_adams_second_moment_finite():

@@ -537,7 +537,8 @@ def test_keras_schedules_map_as_the_keras_page_says() -> None:
     """docs/coming-from/keras.md's table, held to keras's own schedules (computed in float32:
     1e-6 relative) over 120 steps, restarts and boundaries included. Each keras schedule is
     read under ``jax.jit``, as keras's compiled train step reads it (called eagerly, the
-    restarts schedule compiles its ``cond`` anew at every step: 7 s for 120)."""
+    restarts schedule compiles its ``cond`` anew at every step: most of the 5 s this test
+    took)."""
     keras = keras_on_jax()
     import jax
 

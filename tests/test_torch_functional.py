@@ -138,6 +138,33 @@ def test_func_grad_through_a_step_needs_tracked_and_says_so() -> None:
     torch.testing.assert_close(torch.func.grad(meta)(w0, True), 1.28 * w0, rtol=1e-15, atol=0)
 
 
+def test_func_grad_through_the_gradients_of_a_step_needs_tracked_and_says_so() -> None:
+    """The derivative that flows into a step through its gradients alone (here a scale of
+    them), the parameters taking none: outside ``tracked()`` it came back 0, silently; now
+    refused, naming the gradient. Inside, it is the step's: -lr * sum(g0) for
+    SGD. Outside any transform, a gradient that requires grad (``backward(create_graph=True)``)
+    steps as torch.optim's, unrecorded."""
+    from uniopt import backend
+
+    g0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def moved(scale: torch.Tensor, record: bool) -> torch.Tensor:
+        with backend.tracked() if record else contextlib.nullcontext():
+            p = [torch.zeros(3, dtype=torch.float64)]
+            _, (p1,) = uo.update(uo.setup(uo.sgd(lr=0.1), p), p, [scale * g0])
+        return p1.sum()
+
+    with pytest.raises(TypeError, match=r"gradient for params\[0\] carries a torch.func "
+                                        r"derivative: uniopt steps outside autograd"):
+        torch.func.grad(moved)(torch.tensor(1.0, dtype=torch.float64), False)
+    torch.testing.assert_close(torch.func.grad(moved)(torch.tensor(1.0, dtype=torch.float64), True),
+                               -0.1 * g0.sum(), rtol=1e-15, atol=0)
+    w = torch.ones(3, requires_grad=True)
+    (g,) = torch.autograd.grad((w ** 3).sum(), [w], create_graph=True)
+    uo.update_(uo.setup(uo.sgd(lr=0.1), [w]), [w], [g])
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.7))
+
+
 def test_a_sparse_gradient_is_refused_naming_the_leaf() -> None:
     params = {"w": torch.ones(3), "e": torch.ones(4, 2)}
     grads = {"w": torch.ones(3), "e": torch.ones(4, 2).to_sparse()}

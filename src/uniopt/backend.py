@@ -692,11 +692,13 @@ def like_leaf(x: Any, like: Any) -> Any:
         except RuntimeError:
             # inside a torch.func transform (grad, jacrev), which refuses the flag: the step
             # ran outside autograd, and its derivative would be silently 0
-            raise TypeError(
-                "uniopt steps outside autograd: to differentiate through a step (torch.func's "
-                "grad or jacrev, a meta-learning loop), run it inside uniopt.backend.tracked(), "
-                "or use uniopt.torch with differentiable=True") from None
+            raise TypeError(UNTRACKED) from None
     return x
+
+
+UNTRACKED = ("uniopt steps outside autograd: to differentiate through a step (torch.func's grad "
+             "or jacrev, a meta-learning loop), run it inside uniopt.backend.tracked(), or use "
+             "uniopt.torch with differentiable=True")
 
 
 def fresh(x: Any, xp: Any) -> Any:

@@ -481,12 +481,20 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
 
 def _torch_grads(names: list[str], params: list[Any], grads: list[Any]) -> None:
     """Each torch gradient dense, on its parameter's device: torch's own error came from the
-    first kernel that met one, naming no leaf, after the leaves before it had stepped."""
+    first kernel that met one, naming no leaf, after the leaves before it had stepped. Inside a
+    torch.func transform, a gradient that carries the transform's derivative is refused
+    outside :func:`backend.tracked`: the step would not record it, and the derivative through
+    it would come back 0 (a parameter that requires grad is refused the same way, by
+    :func:`backend.like_leaf`)."""
     import torch
 
+    lifted = torch._C._functorch.maybe_current_level() is not None and not backend.is_tracked()
     for name, p, g in zip(names, params, grads, strict=True):
         if g is None:
             continue
+        if lifted and g.requires_grad:
+            raise TypeError(f"gradient for {name} carries a torch.func derivative: "
+                            f"{backend.UNTRACKED}")
         if g.device != p.device:
             raise ValueError(f"gradient for {name} is on {g.device}, its parameter on "
                              f"{p.device}")
