@@ -488,7 +488,8 @@ def _torch_grads(names: list[str], params: list[Any], grads: list[Any]) -> None:
     :func:`backend.like_leaf`)."""
     import torch
 
-    lifted = torch._C._functorch.maybe_current_level() is not None and not backend.is_tracked()
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    lifted = level is not None and level() is not None and not backend.is_tracked()
     for name, p, g in zip(names, params, grads, strict=True):
         if g is None:
             continue
