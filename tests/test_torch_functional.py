@@ -5,6 +5,8 @@ same model; dtype, device and autograd status preserved, and no autograd graph r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 
 import pytest
 
@@ -163,6 +165,75 @@ def test_func_grad_through_the_gradients_of_a_step_needs_tracked_and_says_so() -
     (g,) = torch.autograd.grad((w ** 3).sum(), [w], create_graph=True)
     uo.update_(uo.setup(uo.sgd(lr=0.1), [w]), [w], [g])
     torch.testing.assert_close(w.detach(), torch.full((3,), 0.7))
+
+
+def _sgd_after(lr: torch.Tensor, record: bool = True, clip: bool = False,
+               steps: int = 3) -> torch.Tensor:
+    """The loss |p|^2 after ``steps`` steps of SGD with momentum 0.9 (after a global-norm
+    clip to 1) of lr ``lr`` on fixed gradients, from fixed params."""
+    from uniopt import backend
+
+    p = [torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)]
+    gs = [torch.tensor([3.0, -4.0, 7.0], dtype=torch.float64) * (k + 1) for k in range(steps)]
+    rule = uo.sgd(lr=lr, momentum=0.9)
+    state = uo.setup(uo.chain(uo.clip_by_global_norm(1.0), rule) if clip else rule, p)
+    with backend.tracked() if record else contextlib.nullcontext():
+        for g in gs:
+            state, p = uo.update(state, p, [g])
+    return (p[0] ** 2).sum()
+
+
+def _sgd_by_hand(lr: torch.Tensor, clip: bool = False, steps: int = 3) -> torch.Tensor:
+    p = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    m = torch.zeros(3, dtype=torch.float64)
+    for k in range(steps):
+        g = torch.tensor([3.0, -4.0, 7.0], dtype=torch.float64) * (k + 1)
+        if clip:
+            g = g * torch.clamp(1.0 / torch.linalg.vector_norm(g), max=1.0)
+        m = g if k == 0 else 0.9 * m + g
+        p = p - lr * m
+    return (p ** 2).sum()
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["sgd", "clipped"])
+def test_every_torch_func_transform_through_a_tensor_lr_inside_tracked(clip: bool) -> None:
+    """Derivatives with respect to a tensor lr through three recorded steps, as the same SGD
+    written in torch: forward mode (jvp, jacfwd) came back 0, the lr made a number where it
+    did not require grad; vmap over lrs failed (.item() under vmap); and a global-norm clip
+    read its norm as a number, a constant to every derivative (-18.8 where -21.3)."""
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    want = torch.func.grad(lambda x: _sgd_by_hand(x, clip))(lr)
+    assert want != 0
+    after = functools.partial(_sgd_after, clip=clip)
+    for got in (torch.func.grad(after)(lr), torch.func.jacrev(after)(lr),
+                torch.func.jacfwd(after)(lr),
+                torch.func.jvp(after, (lr,), (torch.ones((), dtype=torch.float64),))[1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    lrs = torch.tensor([0.01, 0.05], dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(after)(lrs),
+                               torch.stack([_sgd_by_hand(x, clip) for x in lrs]),
+                               rtol=1e-12, atol=0)
+
+
+def test_a_torch_func_derivative_through_a_hyperparameter_or_slot_needs_tracked() -> None:
+    """Outside ``tracked()`` the derivative through a tensor lr or a state slot came back 0,
+    silently: refused now, naming what carries it."""
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"scale_by_lr's lr carries a torch.func derivative: "
+                                        r"uniopt steps outside autograd"):
+        torch.func.grad(functools.partial(_sgd_after, record=False))(lr)
+
+    def from_slot(m: torch.Tensor) -> torch.Tensor:
+        p = [torch.zeros(3, dtype=torch.float64)]
+        state = uo.setup(uo.adam(lr=0.1), p)
+        state = dataclasses.replace(
+            state, slots={**state.slots, "scale_by_adam.exp_avg": [m]})
+        _, (p1,) = uo.update(state, p, [torch.ones(3, dtype=torch.float64)])
+        return p1.sum()
+
+    with pytest.raises(TypeError, match=r"the state's scale_by_adam.exp_avg of params\[0\] "
+                                        r"carries a torch.func derivative"):
+        torch.func.grad(from_slot)(torch.ones(3, dtype=torch.float64))
 
 
 def test_a_sparse_gradient_is_refused_naming_the_leaf() -> None:

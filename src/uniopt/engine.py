@@ -479,23 +479,21 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
     return g_leaves
 
 
-def _torch_grads(names: list[str], params: list[Any], grads: list[Any]) -> None:
+def _torch_grads(names: list[str], params: list[Any], grads: list[Any], state: State) -> None:
     """Each torch gradient dense, on its parameter's device: torch's own error came from the
     first kernel that met one, naming no leaf, after the leaves before it had stepped. Inside a
-    torch.func transform, a gradient that carries the transform's derivative is refused
-    outside :func:`backend.tracked`: the step would not record it, and the derivative through
-    it would come back 0 (a parameter that requires grad is refused the same way, by
-    :func:`backend.like_leaf`)."""
+    torch.func transform, a gradient, a hyperparameter or a slot that carries the transform's
+    derivative is refused outside :func:`backend.tracked`: the step would not record it, and
+    the derivative through it would come back 0 (a parameter that requires grad is refused the
+    same way, by :func:`backend.like_leaf`)."""
     import torch
 
     level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
-    lifted = level is not None and level() is not None and not backend.is_tracked()
+    if level is not None and level() is not None and not backend.is_tracked():
+        _refuse_lifted(names, grads, state)
     for name, p, g in zip(names, params, grads, strict=True):
         if g is None:
             continue
-        if lifted and g.requires_grad:
-            raise TypeError(f"gradient for {name} carries a torch.func derivative: "
-                            f"{backend.UNTRACKED}")
         if g.device != p.device:
             raise ValueError(f"gradient for {name} is on {g.device}, its parameter on "
                              f"{p.device}")
@@ -503,6 +501,29 @@ def _torch_grads(names: list[str], params: list[Any], grads: list[Any]) -> None:
             raise TypeError(f"gradient for {name} is a {g.layout} tensor; uniopt.update takes "
                             "dense gradients (g.to_dense()), uniopt.torch's SparseAdam and "
                             "Adagrad sparse ones")
+
+
+def _refuse_lifted(names: list[str], grads: list[Any], state: State) -> None:
+    """Inside a torch.func transform, outside :func:`backend.tracked`: what the transform
+    differentiates through (reverse mode's ``requires_grad``) refused, named."""
+    def carries(x: Any) -> bool:
+        return bool(getattr(x, "requires_grad", False))
+
+    for name, g in zip(names, grads, strict=True):
+        if carries(g):
+            raise TypeError(f"gradient for {name} carries a torch.func derivative: "
+                            f"{backend.UNTRACKED}")
+    for part in state.rule.flat_parts:
+        for field in dataclasses.fields(part):
+            value = getattr(part, field.name)
+            if carries(value) or (isinstance(value, tuple) and any(map(carries, value))):
+                raise TypeError(f"{part.name}'s {field.name} carries a torch.func derivative: "
+                                f"{backend.UNTRACKED}")
+    for key, arrays in state.slots.items():
+        for name, s in zip(names, arrays, strict=True):
+            if carries(s):
+                raise TypeError(f"the state's {key} of {name} carries a torch.func "
+                                f"derivative: {backend.UNTRACKED}")
 
 
 def _flat_list(grads: Any, n: int) -> bool:
@@ -1166,6 +1187,8 @@ def _squares(us: list[Any], xps: list[Any]) -> Any:
     # it would be computed in float64)
     if type(total) is float or _traced(total) or getattr(total, "is_meta", False):
         return total
+    if backend.is_tracked() and backend.is_torch(total):
+        return total  # (a recorded step: a norm the derivative goes through, as torch's clip)
     return float(total)
 
 
@@ -1444,7 +1467,7 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
     if params is not None:
         g_leaves = _align_grads(grads, treedef, names, p_leaves, none=True)
         if p_leaves and backend.is_torch(p_leaves[0]):
-            _torch_grads(names, p_leaves, g_leaves)
+            _torch_grads(names, p_leaves, g_leaves, state)
     if writes:
         for name, p in zip(names, p_leaves, strict=True):
             reason = backend.immutable_reason(p)

@@ -209,11 +209,15 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
         if isinstance(value, (Complemented, DeviceNumber)):
             # from a JAX state: checked before it went in
             return value  # type: ignore[return-value]
-        if getattr(value, "requires_grad", False) and getattr(value, "numel", lambda: 0)() == 1:
+        if getattr(value, "numel", lambda: 0)() == 1 and carries_derivative(value):
             # a torch tensor that a differentiable step differentiates with respect to (a learned
-            # lr): checked by its value, kept as it is
-            # (its value without the graph: float() of the tensor itself warns)
-            check(owner, name, float(value.detach()), valid, where)  # type: ignore[attr-defined]
+            # lr) or that vmap sweeps: kept as it is, checked by its value where it has one (its
+            # value without the graph: float() of the tensor itself warns; vmap's has none)
+            try:
+                number = float(value.detach())  # type: ignore[attr-defined]
+            except RuntimeError:
+                return value  # type: ignore[return-value]
+            check(owner, name, number, valid, where)
             return value  # type: ignore[return-value]
         value = plain_number(value)
         if callable(value) and not schedulable:
@@ -228,6 +232,24 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
     if x not in valid:
         raise ValueError(f"{owner}: {name} must be {valid}, got {value!r}{where}")
     return x
+
+
+def carries_derivative(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor that differentiation follows: reverse mode's
+    ``requires_grad``, a torch.func transform's wrapper (grad, jvp, vmap) or forward mode's
+    dual (``torch.autograd.forward_ad``). A hyperparameter that is one stays a tensor: as a
+    number its derivative would be lost (0, silently)."""
+    if getattr(x, "requires_grad", False):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.Tensor):
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and functorch.is_functorch_wrapped_tensor(x):
+        return True
+    forward = sys.modules.get("torch.autograd.forward_ad")
+    return (forward is not None and forward._current_level >= 0
+            and forward.unpack_dual(x).tangent is not None)
 
 
 def check_real(owner: str, name: str, value: object, valid: Interval, none: str | None = None,
