@@ -215,6 +215,23 @@ def test_every_torch_func_transform_through_a_tensor_lr_inside_tracked(clip: boo
                                rtol=1e-12, atol=0)
 
 
+def test_a_forward_mode_dual_lr_carries_its_tangent_through_a_tracked_step() -> None:
+    """``torch.autograd.forward_ad``: a dual lr (no requires_grad) was made a number at
+    set-up, and the step's tangent lost; it is -g for SGD."""
+    import torch.autograd.forward_ad as fwad
+
+    from uniopt import backend
+
+    g = torch.tensor([0.3, 0.1, -0.4], dtype=torch.float64)
+    with fwad.dual_level():
+        lr = fwad.make_dual(torch.tensor(0.1, dtype=torch.float64),
+                            torch.tensor(1.0, dtype=torch.float64))
+        p = [torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)]
+        with backend.tracked():
+            _, (p1,) = uo.update(uo.setup(uo.sgd(lr=lr), p), p, [g])
+        torch.testing.assert_close(fwad.unpack_dual(p1).tangent, -g, rtol=0, atol=0)
+
+
 def test_a_torch_func_derivative_through_a_hyperparameter_or_slot_needs_tracked() -> None:
     """Outside ``tracked()`` the derivative through a tensor lr or a state slot came back 0,
     silently: refused now, naming what carries it."""
