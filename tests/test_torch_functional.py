@@ -252,6 +252,42 @@ def test_a_torch_func_derivative_through_a_hyperparameter_or_slot_needs_tracked(
                                         r"carries a torch.func derivative"):
         torch.func.grad(from_slot)(torch.ones(3, dtype=torch.float64))
 
+    def from_whole_tree_state(d: torch.Tensor) -> torch.Tensor:
+        p = [torch.ones(3, dtype=torch.float64)]
+        state = uo.setup(uo.dog(), p)
+        state = dataclasses.replace(state, tree_states={
+            "scale_by_dog": {**state.tree_states["scale_by_dog"], "max_dist": d}})
+        _, (p1,) = uo.update(state, p, [torch.ones(3, dtype=torch.float64)])
+        return p1.sum()
+
+    with pytest.raises(TypeError, match=r"the state of scale_by_dog carries a torch.func "
+                                        r"derivative"):
+        torch.func.grad(from_whole_tree_state)(torch.tensor(1e-3, dtype=torch.float64))
+
+
+def test_vmap_alone_refuses_no_autograd_tensor_and_a_constant_is_checked_in_grad() -> None:
+    """vmap differentiates nothing: a gradient or a learned lr that requires autograd's grad
+    steps in it as outside any transform (the refusal of a torch.func derivative fired on
+    them). Inside ``torch.func.grad`` a tensor made there is wrapped by functorch, and a bool
+    lr made there passed set-up's check: it is refused as outside."""
+    w = torch.nn.Parameter(torch.tensor([0.5, 0.7], dtype=torch.float64))
+    lr = torch.nn.Parameter(torch.tensor(0.1, dtype=torch.float64))
+
+    def step(p: torch.Tensor) -> torch.Tensor:
+        _, (p1,) = uo.update(uo.setup(uo.sgd(lr=lr), [p]), [p], [w * 2])
+        return p1
+
+    ps = torch.ones(2, 2, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(step)(ps).detach(),
+                               torch.stack([step(p) for p in ps]).detach(), rtol=0, atol=0)
+
+    def with_bool_lr(x: torch.Tensor) -> torch.Tensor:
+        uo.sgd(lr=torch.tensor(True))
+        return x.sum()
+
+    with pytest.raises(TypeError, match="sgd: lr must be a number or a schedule"):
+        torch.func.grad(with_bool_lr)(torch.ones(2))
+
 
 def test_a_sparse_gradient_is_refused_naming_the_leaf() -> None:
     params = {"w": torch.ones(3), "e": torch.ones(4, 2)}

@@ -489,7 +489,7 @@ def _torch_grads(names: list[str], params: list[Any], grads: list[Any], state: S
     import torch
 
     level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
-    if level is not None and level() is not None and not backend.is_tracked():
+    if level is not None and level() is not None and not backend.is_tracked() and _under_grad():
         _refuse_lifted(names, grads, state)
     for name, p, g in zip(names, params, grads, strict=True):
         if g is None:
@@ -503,9 +503,18 @@ def _torch_grads(names: list[str], params: list[Any], grads: list[Any], state: S
                             "Adagrad sparse ones")
 
 
+def _under_grad() -> bool:
+    """Inside a reverse-mode torch.func transform (grad, vjp, jacrev), at any depth: where
+    ``requires_grad`` means the transform's derivative (vmap alone differentiates nothing)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
+
+
 def _refuse_lifted(names: list[str], grads: list[Any], state: State) -> None:
-    """Inside a torch.func transform, outside :func:`backend.tracked`: what the transform
-    differentiates through (reverse mode's ``requires_grad``) refused, named."""
+    """Inside a reverse-mode torch.func transform, outside :func:`backend.tracked`: what the
+    transform differentiates through (``requires_grad``) refused, named."""
     def carries(x: Any) -> bool:
         return bool(getattr(x, "requires_grad", False))
 
@@ -524,6 +533,10 @@ def _refuse_lifted(names: list[str], grads: list[Any], state: State) -> None:
             if carries(s):
                 raise TypeError(f"the state's {key} of {name} carries a torch.func "
                                 f"derivative: {backend.UNTRACKED}")
+    for key, tree in state.tree_states.items():
+        if any(map(carries, optree.tree_leaves(tree, namespace=NAMESPACE))):
+            raise TypeError(f"the state of {key} carries a torch.func derivative: "
+                            f"{backend.UNTRACKED}")
 
 
 def _flat_list(grads: Any, n: int) -> bool:

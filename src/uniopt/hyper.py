@@ -209,7 +209,8 @@ def check(owner: str, name: str, value: object, valid: Interval, where: str = ""
         if isinstance(value, (Complemented, DeviceNumber)):
             # from a JAX state: checked before it went in
             return value  # type: ignore[return-value]
-        if getattr(value, "numel", lambda: 0)() == 1 and carries_derivative(value):
+        if (getattr(value, "numel", lambda: 0)() == 1 and carries_derivative(value)
+                and getattr(value, "is_floating_point", lambda: False)()):
             # a torch tensor that a differentiable step differentiates with respect to (a learned
             # lr) or that vmap sweeps: kept as it is, checked by its value where it has one (its
             # value without the graph: float() of the tensor itself warns; vmap's has none)
