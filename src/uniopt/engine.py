@@ -482,10 +482,10 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
 def _torch_grads(names: list[str], params: list[Any], grads: list[Any], state: State) -> None:
     """Each torch gradient dense, on its parameter's device: torch's own error came from the
     first kernel that met one, naming no leaf, after the leaves before it had stepped. Inside a
-    torch.func transform, a gradient, a hyperparameter or a slot that carries the transform's
-    derivative is refused outside :func:`backend.tracked`: the step would not record it, and
-    the derivative through it would come back 0 (a parameter that requires grad is refused the
-    same way, by :func:`backend.like_leaf`)."""
+    reverse-mode torch.func transform, a gradient, a hyperparameter, a slot or a whole-tree
+    state that carries the transform's derivative is refused outside :func:`backend.tracked`:
+    the step would not record it, and the derivative through it would come back 0 (a parameter
+    that requires grad is refused the same way, by :func:`backend.like_leaf`)."""
     import torch
 
     level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
