@@ -167,6 +167,11 @@ def test_func_grad_through_the_gradients_of_a_step_needs_tracked_and_says_so() -
     torch.testing.assert_close(w.detach(), torch.full((3,), 0.7))
 
 
+# torch's forward mode scripts its own decompositions at first use (torch.jit.script, deprecated)
+_TORCH_SCRIPTS = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
 def _sgd_after(lr: torch.Tensor, record: bool = True, clip: bool = False,
                steps: int = 3) -> torch.Tensor:
     """The loss |p|^2 after ``steps`` steps of SGD with momentum 0.9 (after a global-norm
@@ -195,6 +200,7 @@ def _sgd_by_hand(lr: torch.Tensor, clip: bool = False, steps: int = 3) -> torch.
     return (p ** 2).sum()
 
 
+@_TORCH_SCRIPTS
 @pytest.mark.parametrize("clip", [False, True], ids=["sgd", "clipped"])
 def test_every_torch_func_transform_through_a_tensor_lr_inside_tracked(clip: bool) -> None:
     """Derivatives with respect to a tensor lr through three recorded steps, as the same SGD
@@ -215,6 +221,7 @@ def test_every_torch_func_transform_through_a_tensor_lr_inside_tracked(clip: boo
                                rtol=1e-12, atol=0)
 
 
+@_TORCH_SCRIPTS
 def test_a_forward_mode_dual_lr_carries_its_tangent_through_a_tracked_step() -> None:
     """``torch.autograd.forward_ad``: a dual lr (no requires_grad) was made a number at
     set-up, and the step's tangent lost; it is -g for SGD."""
