@@ -516,6 +516,8 @@ def _refuse_lifted(names: list[str], grads: list[Any], state: State) -> None:
     """Inside a reverse-mode torch.func transform, outside :func:`backend.tracked`: what the
     transform differentiates through (``requires_grad``) refused, named."""
     def carries(x: Any) -> bool:
+        # (not hyper.carries_derivative: in a transform functorch wraps every tensor made
+        # there, those nothing differentiates too)
         return bool(getattr(x, "requires_grad", False))
 
     for name, g in zip(names, grads, strict=True):
@@ -523,10 +525,9 @@ def _refuse_lifted(names: list[str], grads: list[Any], state: State) -> None:
             raise TypeError(f"gradient for {name} carries a torch.func derivative: "
                             f"{backend.UNTRACKED}")
     for part in state.rule.flat_parts:
-        for field in dataclasses.fields(part):
-            value = getattr(part, field.name)
+        for field, value in part.hyperparameters().items():
             if carries(value) or (isinstance(value, tuple) and any(map(carries, value))):
-                raise TypeError(f"{part.name}'s {field.name} carries a torch.func derivative: "
+                raise TypeError(f"{part.name}'s {field} carries a torch.func derivative: "
                                 f"{backend.UNTRACKED}")
     for key, arrays in state.slots.items():
         for name, s in zip(names, arrays, strict=True):
