@@ -146,7 +146,9 @@ def test_torch_step_python_work_does_not_grow_and_hooks_still_run() -> None:
     assert 4 < plans.ADDRESS_MIN <= 6
     for a, b in ((2, 4), (6, 12), (30, 60)):
         assert counts[a] == counts[b] and counts[-a] == counts[-b], counts
-    assert max(counts.values()) <= 45, counts  # the rule, the coefficients, the loop: ~40
+    # the rule, the coefficients, the loop: 32-38 today (39-45 when every step resolved the
+    # whole rule and new gradients were kept as SeenGrads at every step)
+    assert max(counts.values()) <= 40, counts
 
     # torch's step hooks and profiler label, as torch.optim has them
     seen: list[str] = []

@@ -1137,7 +1137,8 @@ class Bound:
     about a third of :func:`run`'s Python work, which is most of a small model's step."""
 
     __slots__ = ("params", "grads", "seen", "held", "lists", "pair", "sizes", "scratch",
-                 "typenums", "dtype", "memo", "storage", "compute", "big")
+                 "typenums", "dtype", "memo", "storage", "compute", "big", "fixed", "key",
+                 "loop")
 
     def __init__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any],
                  slots: dict[str, list[Any]], memo: dict[Any, Any]) -> None:
@@ -1160,10 +1161,20 @@ class Bound:
         self.scratch = np.empty_like(self.sizes)
         self.typenums = np.array([first.dtype.num] * 2)
         self.big = int(sum(self.sizes.tolist()) >= PARALLEL_MIN)
+        # the loop's key in the memo, and the loop once found, for a plan of fixed parts (the
+        # same parts at every step, so the same types of coefficients)
+        self.key = ("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan])
+        self.loop: Any = None
+        # a plan of fixed parts (no schedule: each part is its own at every step): their
+        # coefficient methods, which a step given as a count calls for itself (the engine's
+        # resolve, a list of every part, is most of a small step's own Python work)
+        self.fixed = ([part.coeffs for part, _, _ in plan]
+                      if all(getattr(part, "fixed", False) for part, _, _ in plan) else None)
 
-    def __call__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], grads: Any,
+    def __call__(self, plan: list[tuple[Any, Any, tuple[str, ...]]] | int, grads: Any,
                  keep: bool = True) -> bool:
-        """One step of ``plan`` (resolved as :func:`bind`'s) with gradients ``grads`` (a list
+        """One step of ``plan`` (resolved as :func:`bind`'s; or, where :attr:`fixed`, the step
+        count it is resolved at) with gradients ``grads`` (a list
         of NumPy arrays or an :class:`~uniopt.backend.Addressed`); False, having written
         nothing, where they are not the params' kind or the loop is not at hand (the caller's
         engine step then runs it, or says what is wrong). The list of the last step, passed
@@ -1186,13 +1197,21 @@ class Bound:
                 self.seen = grads
         else:
             self.lists[1] = self.pair[1]
-        loop = self.memo.get(("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan]))
+        if type(plan) is int:
+            assert self.fixed is not None
+            coefficients = np.array([x for f in self.fixed for x in f(plan)], self.compute)
+            loop = self.loop
+            if loop is None:
+                loop = self.loop = self.memo.get(self.key)
+        else:
+            coefficients = _coefficients(plan, self.compute, len(self.params))
+            loop = self.memo.get(("cpu", self.storage, "inplace", 0,
+                                  *[type(c) for _, c, _ in plan]))
         if loop is None:
             self.grads.clear()
             self.seen = None
             return False
-        loop[self.big](self.lists, _coefficients(plan, self.compute, len(self.params)),
-                       self.sizes)
+        loop[self.big](self.lists, coefficients, self.sizes)
         if not keep:
             self.grads.clear()
         global STEPS

@@ -543,6 +543,11 @@ class Plan:
     keep_grads: bool = False  # the last step's gradients are known again (SeenGrads)
     keep_views: bool = False  # and their views kept, where they are small (KEEP_VIEWS)
     seen: SeenGrads | None = None
+    # the first gradient of the last step that went by address, held weakly: only where the
+    # next step's is the same tensor (zero_grad(set_to_none=False)) are its gradients kept as
+    # SeenGrads; new gradients at every step (zero_grad()'s default) would make and drop them
+    # at every step, about 2 us on a 6-tensor model, for nothing
+    first: weakref.ref[torch.Tensor] | None = None
     # the dtype of every parameter of sel where their gradients go by address (None: as views)
     address: torch.dtype | None = None
     shapes: list[Any] = dataclasses.field(default_factory=list)  # of the parameters of sel
@@ -641,9 +646,13 @@ class Plan:
             found = addresses(sel, self.expect, self.address, self.nonempty, self.table,
                               self.table_address)
             if found is not None:
-                if self.keep_grads:
-                    self.seen = SeenGrads(list(map(weakref.ref, sel)), None, None,
-                                          shapes=self.shapes)  # (contiguous, as taken)
+                if self.keep_grads and sel:
+                    first = self.first
+                    if first is not None and first() is sel[0]:
+                        self.seen = SeenGrads(list(map(weakref.ref, sel)), None, None,
+                                              shapes=self.shapes)  # (contiguous, as taken)
+                    else:
+                        self.first = weakref.ref(sel[0])
                 return found
         if sel and sel[0].dtype == torch.bfloat16 and not all(map(_CONTIGUOUS, sel)):
             # (the compiled loop would decline a strided gradient's view, and bfloat16 bits have
@@ -675,23 +684,28 @@ class Plan:
                 rule, rules = rules[0], None  # bound to the compiled loop as a group's rule is
         if views is None:
             gs = [grads[i] for i in self.sel]
+            if gs and self.first is None:  # (a new plan's: its next step may keep them)
+                self.first = weakref.ref(gs[0])
             if self.sharding is not None:
                 gs = dtensor.local_grads(gs, self.sel_params)
             views = [_grad_view(g, p, spec)
                      for g, p, spec in zip(gs, self.sel_params, self.specs, strict=True)]
         # (bound to a rule's loops: a group whose rule changed, say nesterov=True, binds anew)
-        if self.lane is not None and self.lane.memo is rule.memo and not extra:
+        lane = self.lane
+        if lane is not None and lane.memo is rule.memo and not extra:
             run = self.runs[0]
+            at: Any
             if resolved is not None and len(resolved) == 1:  # (at the run's one count)
                 [at] = resolved.values()
             else:
-                step = self.run_steps()[0]
+                step = int(self.steps.np[0 if run.idx is None else run.idx[0]])
                 at = None if resolved is None else resolved.get(step)
                 if at is None:
-                    at = resolve(rule, step)
-            if self.lane(at, views, self.keep_views):
+                    # (a fixed rule's parts are the lane's own: it takes the count)
+                    at = step if lane.fixed is not None else resolve(rule, step)
+            if lane(at, views, self.keep_views):
                 self.steps.add(run.idx)
-                backend.mark_written(run.written)
+                torch._C._increment_version(run.written)  # (backend.mark_written's call)
                 self._after(rule, grads)
                 return
         ran = fast.cpu.STEPS
