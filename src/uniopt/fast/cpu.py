@@ -1197,7 +1197,7 @@ class Bound:
                 self.seen = grads
         else:
             self.lists[1] = self.pair[1]
-        if type(plan) is int:
+        if isinstance(plan, int):
             assert self.fixed is not None
             coefficients = np.array([x for f in self.fixed for x in f(plan)], self.compute)
             loop = self.loop
