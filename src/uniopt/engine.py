@@ -692,6 +692,12 @@ def resolve(rule: Transform, step: Any) -> Resolved:
         step = sys.modules["jax"].numpy.minimum(step, _INT32_MAX - 2)
     for record in moving:
         record._check_at(step)
+    fixed = rule.memo.get("engine.fixed_parts")
+    if fixed is None:  # every part its own at every step: only the coefficients are new
+        fixed = rule.memo["engine.fixed_parts"] = all(
+            getattr(part, "fixed", False) for part, _ in rule.keyed_parts)
+    if fixed:
+        return [(part, part.coeffs(step), keys) for part, keys in rule.keyed_parts]
     out: Resolved = []
     for part, keys in rule.keyed_parts:
         try:
