@@ -1181,6 +1181,67 @@ def test_differentiable_steps_have_the_true_derivatives(name: str, kw: dict[str,
     assert torch.autograd.gradgradcheck(run, (p0, g))
 
 
+# torch.func's transforms through class steps: every class whose tensor lr is a factor of its
+# step (Rprop reads lr to fill its step sizes: torch.full_like takes a number, as torch's own)
+TRANSFORMED = [*DIFFERENTIABLE, ("SGD", {"momentum": 0.9}), ("Adamax", {"weight_decay": 0.1}),
+               ("NAdam", {}), ("RAdam", {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+               ("ASGD", {})]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(("name", "kw"), TRANSFORMED)
+def test_torch_func_transforms_through_class_steps_have_the_true_derivative(
+        name: str, kw: dict[str, Any]) -> None:
+    """The derivative of a loss after three ``differentiable=True`` steps with respect to a
+    tensor lr, the optimizer made inside the function: torch.func's grad and jvp and forward
+    mode's dual give reverse mode's (which ``gradcheck`` holds to finite differences). grad and
+    jvp raised (the step counts and the plan took the memory of tensors torch.func wraps,
+    which have none), and jvp and a dual came back 0 (the lr made a number where it did not
+    require grad). torch's own classes give 0 under jvp (and ASGD under grad too)."""
+    import torch.autograd.forward_ad as fwad
+
+    kw = {k: v for k, v in kw.items() if k != "lr"}
+    g = torch.linspace(0.1, 0.7, 4, dtype=torch.float64)
+
+    def loss(lr: Any) -> Any:
+        p = torch.linspace(-1, 1, 4, dtype=torch.float64)
+        opt = getattr(ut, name)([p], lr=lr, differentiable=True, **kw)
+        for k in range(3):
+            p.grad = g * (k + 1) - 0.25
+            opt.step()
+        return (p ** 2).sum()
+
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    leaf = lr.clone().requires_grad_()
+    assert torch.autograd.gradcheck(loss, (leaf,))
+    (want,) = torch.autograd.grad(loss(leaf), leaf)
+    assert want != 0
+    one = torch.ones((), dtype=torch.float64)
+    with fwad.dual_level():
+        dual = fwad.unpack_dual(loss(fwad.make_dual(lr, one))).tangent
+    for got in (torch.func.grad(loss)(lr), torch.func.jvp(loss, (lr,), (one,))[1], dual):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_a_class_step_inside_a_torch_func_transform_needs_differentiable() -> None:
+    """A parameter made inside ``torch.func.grad``, stepped with ``differentiable=False``:
+    refused, naming it, nothing written (it raised that a tensor has no memory; torch's own
+    classes step it unrecorded, a derivative of 0)."""
+    def loss(lr: Any) -> Any:
+        p = torch.linspace(-1, 1, 4, dtype=torch.float64)
+        before = p.clone()
+        opt = ut.SGD([p], lr=lr, momentum=0.9)
+        p.grad = torch.ones(4, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match=r"^parameter 0 of param group 0 is a tensor of "
+                           r"a torch.func transform .* make the optimizer with "
+                           r"differentiable=True$"):
+            opt.step()
+        assert torch.equal(p, before) and not opt.state
+        return (p ** 2).sum()
+
+    torch.func.grad(loss)(torch.tensor(0.1, dtype=torch.float64))
+
+
 # (SGD without momentum: torch detaches the first momentum buffer, docs/torch.md)
 COMPLEX_DIFFERENTIABLE = [("SGD", {"lr": 0.1, "weight_decay": 0.1}), *DIFFERENTIABLE[1:],
                           ("Adamax", {"weight_decay": 0.1}), ("NAdam", {}), ("RAdam", {}),

@@ -18,7 +18,7 @@ from .. import backend
 from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members, reads_loss
 from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import adjust, no_q8_for_trees, resolve
-from ..hyper import DeviceNumber, has_schedule
+from ..hyper import DeviceNumber, carries_derivative, has_schedule
 from ..interop import dtensor
 from ..state import State
 from ..transforms.average import Averaging, find_average, read_average
@@ -41,9 +41,10 @@ _RULE_FLAGS = ("maximize", "decoupled_weight_decay", "differentiable")
 
 
 def plain(v: Any) -> Any:
-    """A group value as a rule field: one-element tensors as numbers (kept where they require
-    grad: a differentiable step differentiates with respect to them), lists as tuples."""
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+    """A group value as a rule field: one-element tensors as numbers (kept where differentiation
+    follows them: reverse mode's requires_grad, a torch.func transform's, forward mode's dual;
+    a differentiable step differentiates with respect to them), lists as tuples."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not carries_derivative(v):
         return v.item()
     if isinstance(v, (tuple, list)):
         return tuple(plain(x) for x in v)
@@ -52,7 +53,7 @@ def plain(v: Any) -> Any:
 
 def _on_device(v: Any) -> Any:
     """A one-element tensor as a number the step reads where it is (:func:`field`)."""
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not carries_derivative(v):
         return DeviceNumber(v.reshape(1), 0)
     return plain(v)
 

@@ -236,6 +236,15 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
         real = _real_only(rule)
         if real is not None:
             raise TypeError(f"{real}; parameter {at} of param group {gi} is complex")
+    if not group.get("differentiable"):
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        at = next((i for i, p in enumerate(group["params"]) if has[i] and wrapped(p)), None)
+        if at is not None:
+            # (torch's own classes step such a parameter unrecorded: its derivative is 0)
+            raise RuntimeError(
+                f"parameter {at} of param group {gi} is a tensor of a torch.func transform "
+                "(grad, jvp, vmap...), which a step with differentiable=False does not record: "
+                "its derivative would be lost; make the optimizer with differentiable=True")
     if group.get("differentiable") and group.get("capturable"):
         from ..fast.foreach import check_capturable
 
@@ -279,8 +288,11 @@ class Steps:
 
     @classmethod
     def new(cls, params: list[torch.Tensor]) -> Steps:
-        buf = torch.zeros(len(params), dtype=step_dtype())
-        return cls(list(params), buf, backend.numpy_view(buf), list(buf.unbind()))
+        # the optimizer's own counts, outside any torch.func transform the step is made in
+        # (which would wrap them, without memory to view): nothing differentiates a count
+        with torch._C._DisableFuncTorch():
+            buf = torch.zeros(len(params), dtype=step_dtype())
+            return cls(list(params), buf, backend.numpy_view(buf), list(buf.unbind()))
 
     def of(self, ps: list[torch.Tensor]) -> bool:
         """Whether these are the counts of parameters ``ps``."""
@@ -577,7 +589,8 @@ class Plan:
             and self.tracked == bool(group.get("differentiable"))
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
-            and _ptrs(ps, self.sharding is not None, self.wide, self.strided) == self.ptrs
+            and (self.tracked
+                 or _ptrs(ps, self.sharding is not None, self.wide, self.strided) == self.ptrs)
         ):
             return False
         version = getattr(state, "version", None)
@@ -926,7 +939,9 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         dicts += states
         keys += [name] * len(states)
         held += tensors
-    addressed = [] if sharded else [t for t in held if isinstance(t, torch.Tensor)]
+    # (a tracked step writes no memory through views: nothing to keep valid by address, and
+    # a step made inside a torch.func transform has tensors without memory of their own)
+    addressed = [] if sharded or tracked else [t for t in held if isinstance(t, torch.Tensor)]
     dicts += states
     keys += ["step"] * len(states)
     held += [steps.views[i] for i in sel]
@@ -945,7 +960,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         plist=ps,
         params=list(ps),
         has=has,
-        ptrs=_ptrs(ps, sharded, wide, strided),
+        ptrs=None if tracked else _ptrs(ps, sharded, wide, strided),
         wide=wide,
         strided=strided,
         state=state,
