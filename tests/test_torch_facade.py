@@ -1181,11 +1181,10 @@ def test_differentiable_steps_have_the_true_derivatives(name: str, kw: dict[str,
     assert torch.autograd.gradgradcheck(run, (p0, g))
 
 
-# torch.func's transforms through class steps: every class whose tensor lr is a factor of its
-# step (Rprop reads lr to fill its step sizes: torch.full_like takes a number, as torch's own)
+# torch.func's transforms through class steps
 TRANSFORMED = [*DIFFERENTIABLE, ("SGD", {"momentum": 0.9}), ("Adamax", {"weight_decay": 0.1}),
                ("NAdam", {}), ("RAdam", {"decoupled_weight_decay": True, "weight_decay": 0.1}),
-               ("ASGD", {})]
+               ("ASGD", {}), ("Rprop", {})]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -1197,7 +1196,9 @@ def test_torch_func_transforms_through_class_steps_have_the_true_derivative(
     mode's dual give reverse mode's (which ``gradcheck`` holds to finite differences). grad and
     jvp raised (the step counts and the plan took the memory of tensors torch.func wraps,
     which have none), and jvp and a dual came back 0 (the lr made a number where it did not
-    require grad). torch's own classes give 0 under jvp (and ASGD under grad too)."""
+    require grad; Rprop's step sizes filled with its value). torch's own SGD, RMSprop,
+    Adagrad, Adadelta, Adamax, ASGD and Rprop give 0 under jvp (ASGD under grad too; Rprop's
+    reverse mode raises)."""
     import torch.autograd.forward_ad as fwad
 
     kw = {k: v for k, v in kw.items() if k != "lr"}
@@ -1224,22 +1225,97 @@ def test_torch_func_transforms_through_class_steps_have_the_true_derivative(
 
 
 def test_a_class_step_inside_a_torch_func_transform_needs_differentiable() -> None:
-    """A parameter made inside ``torch.func.grad``, stepped with ``differentiable=False``:
-    refused, naming it, nothing written (it raised that a tensor has no memory; torch's own
-    classes step it unrecorded, a derivative of 0)."""
-    def loss(lr: Any) -> Any:
+    """A parameter made inside ``torch.func.grad``, stepped with ``differentiable=False``, or
+    a parameter made outside stepped there with the transform's gradients (before any step, or
+    after steps outside): refused, naming it, nothing written (it raised that a tensor has no
+    memory; torch's own classes step them unrecorded, a derivative of 0)."""
+    def inside(lr: Any) -> Any:
         p = torch.linspace(-1, 1, 4, dtype=torch.float64)
         before = p.clone()
         opt = ut.SGD([p], lr=lr, momentum=0.9)
         p.grad = torch.ones(4, dtype=torch.float64)
         with pytest.raises(RuntimeError, match=r"^parameter 0 of param group 0 is a tensor of "
                            r"a torch.func transform .* make the optimizer with "
-                           r"differentiable=True$"):
+                           r"differentiable=True, which steps such tensors themselves$"):
             opt.step()
         assert torch.equal(p, before) and not opt.state
         return (p ** 2).sum()
 
-    torch.func.grad(loss)(torch.tensor(0.1, dtype=torch.float64))
+    torch.func.grad(inside)(torch.tensor(0.1, dtype=torch.float64))
+    for stepped in (0, 2):
+        ps = [torch.linspace(-1, 1, 4 + i, dtype=torch.float64) for i in range(6)]
+        opt = ut.SGD(ps, lr=0.1, momentum=0.9)
+        for _ in range(stepped):
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        before = [p.clone() for p in ps]
+        state = copy.deepcopy(opt.state_dict())
+
+        def outside(x: Any, ps: list[Any] = ps, opt: Any = opt) -> Any:
+            for p in ps:
+                p.grad = torch.ones_like(p) * x
+            with pytest.raises(RuntimeError, match=r"^the gradient of parameter 0 of param "
+                               r"group 0 is a tensor of a torch.func transform"):
+                opt.step()
+            return sum((p ** 2).sum() for p in ps)
+
+        torch.func.grad(outside)(torch.tensor(1.0, dtype=torch.float64))
+        assert all(map(torch.equal, ps, before)), stepped
+        assert str(opt.state_dict()) == str(state), stepped
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_recorded_step_of_a_complex_parameter_follows_its_new_memory(name: str) -> None:
+    """``differentiable=True`` steps a complex parameter through a real view of it: after
+    ``p.data = ...`` the step is of the new memory, as without it (a version that took no
+    addresses for recorded steps wrote the old memory, the parameter left unstepped)."""
+    p = torch.tensor([1 + 1j], dtype=torch.complex128)
+    q = p.clone()
+    opt = getattr(ut, name)([p], lr=0.1, differentiable=True)
+    ref = getattr(ut, name)([q], lr=0.1)
+    for x in (p, q):
+        x.grad = torch.tensor([1 + 1j], dtype=torch.complex128)
+    opt.step()
+    ref.step()
+    p.data = torch.tensor([5 + 5j], dtype=torch.complex128)
+    q.data = torch.tensor([5 + 5j], dtype=torch.complex128)
+    opt.step()
+    ref.step()
+    assert p.detach()[0] != 5 + 5j
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_only_a_rule_without_schedules_steps_its_bound_loop_by_the_count() -> None:
+    """A small group's bound loop is given the step count, not the resolved rule, only where
+    the rule's own parts are fixed: a scheduled rule's resolved parts are fixed too (at their
+    step's values), and a bound loop that took their count would keep its first values."""
+    def lane(lr: Any) -> Any:
+        ps = [torch.zeros(4) for _ in range(6)]
+        opt = ut.Optimizer(ps, uo.sgd(lr=lr))
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.ones(4)
+            opt.step()
+        return opt, ps, opt._plans[0].lane
+
+    opt, ps, bound = lane(0.1)
+    assert bound is not None and bound.fixed is not None
+    sched = uo.schedules.piecewise_constant(0.1, {4: 0.001})
+    opt, ps, bound = lane(sched)
+    assert bound is not None and bound.fixed is None
+    # and the schedule's new value is stepped, by the optimizer and by its plan alone
+    rule = opt._rules[id(opt.param_groups[0])].rule
+    for k in range(2):
+        before = ps[0][0].item()
+        for p in ps:
+            p.grad = torch.ones(4)
+        if k == 0:
+            opt.step()
+        else:
+            opt._plans[0].run(rule, [p.grad for p in ps], None)
+        assert before - ps[0][0].item() == pytest.approx(0.1 if k == 0 else 0.001, rel=1e-4)
 
 
 # (SGD without momentum: torch detaches the first momentum buffer, docs/torch.md)

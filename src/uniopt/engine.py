@@ -692,11 +692,7 @@ def resolve(rule: Transform, step: Any) -> Resolved:
         step = sys.modules["jax"].numpy.minimum(step, _INT32_MAX - 2)
     for record in moving:
         record._check_at(step)
-    fixed = rule.memo.get("engine.fixed_parts")
-    if fixed is None:  # every part its own at every step: only the coefficients are new
-        fixed = rule.memo["engine.fixed_parts"] = all(
-            getattr(part, "fixed", False) for part, _ in rule.keyed_parts)
-    if fixed:
+    if fixed_parts(rule):  # every part its own at every step: only the coefficients are new
         return [(part, part.coeffs(step), keys) for part, keys in rule.keyed_parts]
     out: Resolved = []
     for part, keys in rule.keyed_parts:
@@ -707,6 +703,17 @@ def resolve(rule: Transform, step: Any) -> Resolved:
         assert isinstance(resolved, Part)
         out.append((resolved, resolved.coeffs(step), keys))
     return out
+
+
+def fixed_parts(rule: Transform) -> bool:
+    """Whether every part of ``rule`` is itself at every step (no schedule, no number read where
+    it is kept): :func:`resolve` then only asks each for its coefficients. Of the rule's own
+    parts: a resolved rule's parts are fixed at their step's values."""
+    fixed = rule.memo.get("engine.fixed_parts")
+    if fixed is None:
+        fixed = rule.memo["engine.fixed_parts"] = all(
+            getattr(part, "fixed", False) for part, _ in rule.keyed_parts)
+    return bool(fixed)
 
 
 def _records(rule: Transform) -> tuple[Transform, ...]:

@@ -1141,7 +1141,7 @@ class Bound:
                  "loop")
 
     def __init__(self, plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any],
-                 slots: dict[str, list[Any]], memo: dict[Any, Any]) -> None:
+                 slots: dict[str, list[Any]], memo: dict[Any, Any], fixed: bool) -> None:
         first = params[0]
         self.params, self.grads, self.memo = params, list(params), memo
         # the list of gradient arrays last checked, held (so no other list takes its address):
@@ -1165,11 +1165,10 @@ class Bound:
         # same parts at every step, so the same types of coefficients)
         self.key = ("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan])
         self.loop: Any = None
-        # a plan of fixed parts (no schedule: each part is its own at every step): their
-        # coefficient methods, which a step given as a count calls for itself (the engine's
-        # resolve, a list of every part, is most of a small step's own Python work)
-        self.fixed = ([part.coeffs for part, _, _ in plan]
-                      if all(getattr(part, "fixed", False) for part, _, _ in plan) else None)
+        # a rule of fixed parts (engine.fixed_parts: no schedule, each part its own at every
+        # step): their coefficient methods, which a step given as a count calls for itself (the
+        # engine's resolve, a list of every part, is most of a small step's own Python work)
+        self.fixed = [part.coeffs for part, _, _ in plan] if fixed else None
 
     def __call__(self, plan: list[tuple[Any, Any, tuple[str, ...]]] | int, grads: Any,
                  keep: bool = True) -> bool:
@@ -1220,9 +1219,11 @@ class Bound:
 
 
 def bind(plan: list[tuple[Any, Any, tuple[str, ...]]], params: Any, slots: Any,
-         memo: dict[Any, Any]) -> Bound | None:
+         memo: dict[Any, Any], fixed: bool = False) -> Bound | None:
     """A :class:`Bound` step of ``plan`` on ``params`` and ``slots`` (lists of NumPy arrays,
-    the params written in place), where :func:`run` takes them as they are; None for a plan
+    the params written in place), where :func:`run` takes them as they are (``fixed``: the
+    plan is of a rule whose parts are fixed, :func:`uniopt.engine.fixed_parts`, and the bound
+    step may be given its count in place of the plan); None for a plan
     with a norm's extra pass or coefficients by dtype, or leaves the loop does not take."""
     if (not AVAILABLE or type(params) is not list or not params
             or any(part.needs_norm or getattr(part, "by_dtype", False) for part, _, _ in plan)
@@ -1231,7 +1232,7 @@ def bind(plan: list[tuple[Any, Any, tuple[str, ...]]], params: Any, slots: Any,
     first = params[0]
     if type(first) is not np.ndarray or _kind(first.dtype) is None:
         return None
-    bound = Bound(plan, params, slots, memo)
+    bound = Bound(plan, params, slots, memo, fixed)
     some = next(iter(slots.values()), None)
     if bound.storage[1] is None or bound.storage[0] != bound.storage[1] and not (
             bound.storage == ("f2", "f4") or bound.storage == ("b2", "f4")):

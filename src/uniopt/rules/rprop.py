@@ -7,7 +7,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..backend import is_torch
 from ..base import Elementwise, Info, Rule, Transform
-from ..hyper import NONNEG, DeviceNumber, Interval, hyper, resolve
+from ..hyper import NONNEG, DeviceNumber, Interval, carries_derivative, hyper, resolve
 from ..moments import select
 
 
@@ -77,6 +77,10 @@ class scale_by_rprop(Elementwise):
             # torch's full_like takes a Python number: a tensor read on the device (a capturable
             # group's) is read on the host once, here, where the state is made
             lr = float(lr)
+        elif carries_derivative(lr):
+            # (a recorded step's lr that a derivative follows: full_like would read its value,
+            # the step sizes then a constant to it, as torch's own under torch.func.jvp)
+            return xp.zeros_like(p), xp.zeros_like(p) + lr
         return xp.zeros_like(p), xp.full_like(p, lr)
 
     def coeffs(self, step: int) -> RpropCoeffs:

@@ -588,11 +588,13 @@ class Optimizer(torch.optim.Optimizer):
         if plan is not None and not plan.still_valid(self.state, group, ps, has, rule.layout):
             plan = None
         views = None if plan is None else plan.fast_grads(grads)
-        if views is None and plan is not None and plan.fast and plan.reshaped():
+        if views is None and plan is not None and plan.fast and (
+                plan.reshaped() or any(plans.WRAPPED(g) for g in grads if g is not None)):
             # (only where a fast plan's views did not fit the gradients: no per-tensor look
             # otherwise; a group off the fast path, on a device, foreach, with sparse gradients
             # or a complex or non-contiguous parameter, still refuses such a cut, named as a
-            # gradient of another shape, nothing written)
+            # gradient of another shape, nothing written; gradients of a torch.func transform,
+            # which a new plan refuses)
             plan = None
         sparse = None
         if plan is None:

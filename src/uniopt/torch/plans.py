@@ -12,6 +12,7 @@ again while they are the same tensors, holding them weakly (:class:`SeenGrads`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import operator
@@ -27,6 +28,7 @@ from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
 from ..engine import (
     _real_only,
+    fixed_parts,
     flat_list_def,
     global_norm_parts,
     resolve,
@@ -38,6 +40,8 @@ from ..interop import dtensor
 from ..state import State
 
 _DATA_PTR = torch.Tensor.data_ptr
+# whether a tensor is a torch.func transform's wrapper (no memory of its own)
+WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 _STRIDE = torch.Tensor.stride
 _CONTIGUOUS = torch.Tensor.is_contiguous
 _DEREF = weakref.ref.__call__  # (operator.call is Python 3.11's)
@@ -237,14 +241,17 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
         if real is not None:
             raise TypeError(f"{real}; parameter {at} of param group {gi} is complex")
     if not group.get("differentiable"):
-        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-        at = next((i for i, p in enumerate(group["params"]) if has[i] and wrapped(p)), None)
-        if at is not None:
-            # (torch's own classes step such a parameter unrecorded: its derivative is 0)
+        lifted = next((f"{what} {i}" for i, p in enumerate(group["params"]) if has[i]
+                       for what, t in (("parameter", p), ("the gradient of parameter", p.grad))
+                       if WRAPPED(t)), None)
+        if lifted is not None:
+            # (torch's own classes step such a tensor unrecorded, under grad or jvp a
+            # derivative of 0)
             raise RuntimeError(
-                f"parameter {at} of param group {gi} is a tensor of a torch.func transform "
-                "(grad, jvp, vmap...), which a step with differentiable=False does not record: "
-                "its derivative would be lost; make the optimizer with differentiable=True")
+                f"{lifted} of param group {gi} is a tensor of a torch.func transform (grad, jvp, "
+                "vmap...), without memory the compiled step could write and whose derivative "
+                "an unrecorded step would lose; make the optimizer with differentiable=True, "
+                "which steps such tensors themselves")
     if group.get("differentiable") and group.get("capturable"):
         from ..fast.foreach import check_capturable
 
@@ -589,7 +596,7 @@ class Plan:
             and self.tracked == bool(group.get("differentiable"))
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
-            and (self.tracked
+            and (self.ptrs is None
                  or _ptrs(ps, self.sharding is not None, self.wide, self.strided) == self.ptrs)
         ):
             return False
@@ -671,7 +678,10 @@ class Plan:
             # (the compiled loop would decline a strided gradient's view, and bfloat16 bits have
             # no reference path: run's views lay it out as its parameter, a copy)
             return None
-        made = backend.numpy_views([sel])
+        try:
+            made = backend.numpy_views([sel])
+        except RuntimeError:  # (a tensor without memory: a torch.func transform's wrapper)
+            return None
         if made is None or list(map(_SHAPE, sel)) != self.shapes:
             # (another shape: a parameter cut or reshaped where it is, which the caller's
             # reshaped() finds, or a wrong gradient, which the engine names)
@@ -756,7 +766,7 @@ class Plan:
                 and (self.lane is None or self.lane.memo is not rule.memo)):
             run = self.runs[0]
             self.lane = fast.cpu.bind(resolve(rule, self.run_steps()[0] - 1), run.params,
-                                      run.slots, rule.memo)
+                                      run.slots, rule.memo, fixed_parts(rule))
             self.bindable = self.lane is not None
         if trees:
             self.state[self.plist[0]].update(trees)
@@ -898,7 +908,10 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             # state is torch's); the views of bfloat16 bits are for the compiled loop only,
             # which reads them beside a state of float32 (or their own) only
             s = ("torch", None)
-        st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
+        # (a recorded step's state is made recorded too: Rprop's step sizes start at its lr,
+        # whose derivative they carry)
+        with torch.enable_grad() if tracked else contextlib.nullcontext():
+            st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
         key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]),
                None if tags is None else tags[i])
         runs.setdefault(key, []).append(len(sel))
@@ -939,9 +952,13 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         dicts += states
         keys += [name] * len(states)
         held += tensors
-    # (a tracked step writes no memory through views: nothing to keep valid by address, and
-    # a step made inside a torch.func transform has tensors without memory of their own)
-    addressed = [] if sharded or tracked else [t for t in held if isinstance(t, torch.Tensor)]
+    addressed = [t for t in held if isinstance(t, torch.Tensor)]
+    # a recorded step made inside a torch.func transform: tensors without memory of their own
+    # (the transform's wrappers), known by identity only (such a step writes through no NumPy
+    # view; a complex parameter's real view, which it does step, is of a tensor with memory)
+    unaddressed = tracked and any(map(WRAPPED, [*ps, *addressed]))
+    if sharded or unaddressed:
+        addressed = []
     dicts += states
     keys += ["step"] * len(states)
     held += [steps.views[i] for i in sel]
@@ -960,7 +977,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         plist=ps,
         params=list(ps),
         has=has,
-        ptrs=None if tracked else _ptrs(ps, sharded, wide, strided),
+        ptrs=None if unaddressed else _ptrs(ps, sharded, wide, strided),
         wide=wide,
         strided=strided,
         state=state,
