@@ -243,7 +243,7 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
     if not group.get("differentiable"):
         lifted = next((f"{what} {i}" for i, p in enumerate(group["params"]) if has[i]
                        for what, t in (("parameter", p), ("the gradient of parameter", p.grad))
-                       if WRAPPED(t)), None)
+                       if t is not None and WRAPPED(t)), None)
         if lifted is not None:
             # (torch's own classes step such a tensor unrecorded, under grad or jvp a
             # derivative of 0)
