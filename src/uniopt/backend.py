@@ -702,15 +702,21 @@ UNTRACKED = ("uniopt steps outside autograd: to differentiate through a step (to
 
 
 def fresh(x: Any, xp: Any) -> Any:
-    """A copy of ``x`` that no caller holds a reference to."""
+    """A copy of ``x`` that no caller holds a reference to (in a recorded step, a tensor's
+    copy in autograd's graph, as the tensor is)."""
+    if _TRACKED.get() and is_torch(x):
+        return x.clone()
     return xp.asarray(x, copy=True)
 
 
 def detached_copy(x: Any) -> Any:
-    """A copy of ``x`` in memory of its own and, for a tensor that requires grad, outside
-    autograd's graph (a state slot that starts as the parameter)."""
+    """A copy of ``x`` in memory of its own (a state slot that starts as the parameter) and,
+    for a tensor, outside autograd's graph; but in a recorded step (:func:`tracked`) inside
+    it: the slot then carries the parameter's derivative, as a meta-learning loop that
+    differentiates with respect to the initial parameters needs (schedule-free's ``z``,
+    lookahead's slow weights, DoG's ``p0``)."""
     if is_torch(x):
-        return x.detach().clone()
+        return x.clone() if _TRACKED.get() else x.detach().clone()
     return fresh(x, namespace(x))
 
 

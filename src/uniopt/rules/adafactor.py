@@ -50,8 +50,9 @@ def _rsqrt(xp: Any, x: Any) -> Any:
 def _leaf_norms(xp: Any, x: Any) -> Any:
     """Each leaf's 2-norm: on torch tensors a list of Python floats, each leaf's own
     ``norm(2).item()`` as torch's for-loop takes it (one reduction per leaf: a reduction over
-    the batch may split its sums elsewhere); on other arrays, shaped ``(batch, 1, ...)``."""
-    if is_torch(x):
+    the batch may split its sums elsewhere); on other arrays, and in a recorded step (whose
+    derivative a number would cut), shaped ``(batch, 1, ...)``."""
+    if is_torch(x) and not backend.is_tracked():
         return [float(x[b].norm(2)) for b in range(x.shape[0])]
     axes = _leaf_axes(x)
     return xp.sqrt(xp.sum(x * x, axis=axes, keepdims=True)) if axes else xp.abs(x)

@@ -333,8 +333,14 @@ class scale_by_dog(WholeTree):
         ps, _ = flatten_leaves(params)
         r = state["max_dist"]
         xp = backend.namespace(r)
-        dist = xp.sqrt(_total([xp.sum(xp.astype((p0 - p) ** 2, r.dtype))
-                               for p0, p in zip(state["p0"], ps, strict=True)]))
+        squares = _total([xp.sum(xp.astype((p0 - p) ** 2, r.dtype))
+                          for p0, p in zip(state["p0"], ps, strict=True)])
+        # the root where the distance is not 0 (the first step's is): the same numbers, but a
+        # derivative through the step (autograd's, jax.grad's) met sqrt's infinite slope at 0
+        # times max's 0 and came back NaN
+        positive = squares > 0
+        dist = xp.where(positive, xp.sqrt(xp.where(positive, squares, xp.ones_like(squares))),
+                        squares)
         r = xp.maximum(r, dist)
         total = state["sum_sq_norm_grads"] + _total([xp.sum(xp.astype(g * g, r.dtype))
                                                      for g in gs])

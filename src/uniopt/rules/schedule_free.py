@@ -54,7 +54,12 @@ def as_dtype(x: Any, like: Any) -> Any:
 def kept(xp: Any, x: Any, like: Any) -> Any:
     """A whole-tree scalar as its state keeps it: a 0-d array of ``like``'s dtype (NumPy's
     arithmetic on 0-d arrays hands back NumPy scalars, which a checkpoint would store as
-    numbers)."""
+    numbers). A tensor stays in autograd's graph only in a recorded step (``tracked()``): a
+    state made from params that require grad (DoG's first distance) kept their graph, and
+    torch 2.13's ``asarray`` warned that it now keeps it."""
+    if backend.is_torch(x):
+        return (x if backend.is_tracked() else x.detach()).to(dtype=like.dtype,
+                                                                device=like.device)
     return xp.asarray(x, dtype=like.dtype, device=backend.device(like))
 
 
