@@ -2360,3 +2360,55 @@ def test_uniopt_torch_imports_on_a_torch_without_adafactor_or_muon() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-2000:]
+
+
+_RECORDED_RULES = {
+    "schedule_free_sgd": (lambda: uo.schedule_free_sgd(lr=0.1), (5,)),
+    "dog": (lambda: uo.dog(), (5,)),
+    "adafactor": (lambda: uo.adafactor(lr=0.01), (3, 4)),
+    "polyak_sgd": (lambda: uo.polyak_sgd(max_learning_rate=1.0), (5,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_RECORDED_RULES))
+def test_uniopt_torch_optimizer_records_any_rule_with_differentiable(name: str) -> None:
+    """``uniopt.torch.Optimizer(..., differentiable=True)`` (no such keyword before; a group
+    flag was refused for a non-leaf parameter by torch's add_param_group): three recorded
+    steps, the derivative with respect to the initial params is finite differences'
+    (``gradcheck``) and torch.func's, for rules whose state starts as the params, whose
+    distance starts at 0, that take leaf norms, or that read the loss (the closure's loss was
+    handed over as a number, its derivative cut)."""
+    make, shape = _RECORDED_RULES[name]
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    c = torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    def loss(p0: Any) -> Any:
+        p = p0.clone()
+        opt = ut.Optimizer([p], make(), differentiable=True)
+        for g in gs:
+            def closure(p: Any = p, g: Any = g) -> Any:
+                p.grad = g.clone()
+                return (c * p).sum() + 10
+            opt.step(closure)
+        return (p ** 2).sum()
+
+    p0 = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (p0,))
+    (want,) = torch.autograd.grad(loss(p0), p0)
+    torch.testing.assert_close(torch.func.grad(loss)(p0.detach()), want, rtol=1e-12, atol=0)
+
+
+def test_uniopt_torch_optimizer_refuses_to_record_a_rule_of_rules() -> None:
+    """A rule that runs other rules steps its members on NumPy views, unrecorded: refused at
+    construction, and at the step where a group's flag was set since, nothing written."""
+    w = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"^uniopt.torch.Optimizer: differentiable=True is not "
+                                        r"offered for accumulate, which runs other rules"):
+        ut.Optimizer([w], uo.accumulate(uo.adamw(lr=0.1), 2), differentiable=True)
+    opt = ut.Optimizer([w], uo.accumulate(uo.adamw(lr=0.1), 2))
+    opt.param_groups[0]["differentiable"] = True
+    w.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="differentiable=True is not offered for accumulate"):
+        opt.step()
+    assert torch.equal(w, torch.zeros(3, dtype=torch.float64)) and not opt.state

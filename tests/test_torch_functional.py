@@ -332,8 +332,8 @@ def test_a_compiled_training_step_calls_the_step_through_compiler_disable() -> N
 
 
 # rules whose state starts as the parameters (schedule-free's z, MADGRAD's x0, lookahead's slow
-# weights, COCOB's and DoG's p0), or that take a norm of a leaf (Adafactor) or of a distance that starts at 0
-# (DoG), beside AdamW
+# weights, COCOB's and DoG's p0), or that take a norm of a leaf (Adafactor) or of a distance
+# that starts at 0 (DoG), beside AdamW
 _FROM_PARAMS = {
     "schedule_free_sgd": lambda: uo.schedule_free_sgd(lr=0.1),
     "madgrad": lambda: uo.madgrad(lr=0.1),

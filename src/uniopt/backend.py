@@ -701,6 +701,15 @@ UNTRACKED = ("uniopt steps outside autograd: to differentiate through a step (to
              "uniopt.torch with differentiable=True")
 
 
+def loss_like(value: Any, like: Any) -> Any:
+    """A step's loss (``value=``: a number, or a 0-d array) as an array of ``like``'s dtype and
+    device; a torch tensor as itself, in autograd's graph, so that a recorded step carries its
+    derivative (torch's ``asarray`` cut it before 2.13 and warns of the change since)."""
+    if is_torch(value):
+        return value.to(dtype=like.dtype, device=like.device)
+    return namespace(like).asarray(value, dtype=like.dtype, device=device(like))
+
+
 def fresh(x: Any, xp: Any) -> Any:
     """A copy of ``x`` that no caller holds a reference to (in a recorded step, a tensor's
     copy in autograd's graph, as the tensor is)."""

@@ -123,7 +123,7 @@ class scale_by_momo(WholeTree):
         ps, _ = flatten_leaves(params)
         barf0 = state["barf"]
         xp = backend.namespace(barf0)
-        f = xp.asarray(value, dtype=barf0.dtype, device=backend.device(barf0))
+        f = backend.loss_like(value, barf0)
         barf = c.beta * barf0 + c.one_minus_beta * f
         ms = [as_dtype(c.beta, g) * m + as_dtype(c.one_minus_beta, g) * g
               for m, g in zip(state["exp_avg"], gs, strict=True)]
@@ -255,7 +255,7 @@ class scale_by_momo_adam(WholeTree):
         ps, _ = flatten_leaves(params)
         barf0 = state["barf"]
         xp = backend.namespace(barf0)
-        f = xp.asarray(value, dtype=barf0.dtype, device=backend.device(barf0))
+        f = backend.loss_like(value, barf0)
         barf = c.b1 * barf0 + c.one_minus_b1 * f
         ms = [c.b1 * m + c.one_minus_b1 * g for m, g in zip(state["exp_avg"], gs, strict=True)]
         vs = [c.b2 * v + c.one_minus_b2 * g * g

@@ -107,7 +107,7 @@ class scale_by_polyak(WholeTree):
             return u, state
         xp = backend.namespace(leaves[0])
         sq = sum(xp.sum(x * x) for x in leaves)
-        gap = xp.asarray(value, dtype=sq.dtype, device=backend.device(sq)) - c.f_min
+        gap = backend.loss_like(value, sq) - c.f_min
         if self.variant == "sps+":
             gap = xp.maximum(gap, xp.zeros_like(gap))
         den = sq + c.eps

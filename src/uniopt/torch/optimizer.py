@@ -204,6 +204,12 @@ def _form(v: Any) -> Any:
     return None
 
 
+_NO_RECORDED_COMBINATOR = (
+    "uniopt.torch.Optimizer: differentiable=True is not offered for {}, which runs other "
+    "rules (accumulate, partition, masked, ...): its members step outside autograd; to "
+    "differentiate through it, step it with uniopt.update inside uniopt.backend.tracked()")
+
+
 class _Job(NamedTuple):
     """A group's step, checked: nothing is written before every group has one."""
 
@@ -251,11 +257,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: ParamsT, rule: Transform, *, maximize: bool = False,
                  state_dtype: str | None = None, foreach: bool | None = None,
-                 capturable: bool = False) -> None:
+                 capturable: bool = False, differentiable: bool = False) -> None:
         if not isinstance(rule, Transform):
             raise TypeError(
                 f"uniopt.torch.Optimizer: expected a uniopt rule or chain, got {rule!r}"
             )
+        if differentiable and any(map(isinstance, rule.flat_parts, itertools.repeat(Combinator))):
+            raise TypeError(_NO_RECORDED_COMBINATOR.format(rule.name))
         if any(isinstance(p, Minimizer) for p in rule.flat_parts):
             raise TypeError(
                 f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
@@ -277,7 +285,8 @@ class Optimizer(torch.optim.Optimizer):
         values = hyperparameter_keys(rule)
         self._keys = tuple(values)
         # the multi-tensor options only where asked for, so groups stay as they were
-        options = {k: v for k, v in (("foreach", foreach), ("capturable", capturable)) if v}
+        options = {k: v for k, v in (("foreach", foreach), ("capturable", capturable),
+                                     ("differentiable", differentiable)) if v}
         self._init(params, {**values, "maximize": maximize, "state_dtype": state_dtype,
                             **options})
 
@@ -514,6 +523,9 @@ class Optimizer(torch.optim.Optimizer):
         torch._C._set_grad_enabled(False)
         try:
             if self._combined_rule:
+                if any(group.get("differentiable") for group in self.param_groups):
+                    # (a group's flag set since: its members step NumPy views, unrecorded)
+                    raise RuntimeError(_NO_RECORDED_COMBINATOR.format(self.rule.name))
                 combined.adopt(self)
                 rules = [self._rule(group)[0] for group in self.param_groups]
                 for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
@@ -526,7 +538,8 @@ class Optimizer(torch.optim.Optimizer):
             jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             # (a rule known to read no loss makes no call here: a small step's cost)
             extras = [{} if job.rule.memo.get("reads_loss", False) is None
-                      else self._loss_for(job.rule, loss) for job in jobs]
+                      else self._loss_for(job.rule, loss, job.group.get("differentiable"))
+                      for job in jobs]
             for job, extra in zip(jobs, extras, strict=True):
                 plan = job.plan
                 if plan is None:
@@ -564,9 +577,10 @@ class Optimizer(torch.optim.Optimizer):
                 torch._foreach_div_(grads, scale.to(device))
         return False
 
-    def _loss_for(self, rule: Transform, loss: Any) -> dict[str, Any]:
+    def _loss_for(self, rule: Transform, loss: Any, recorded: bool = False) -> dict[str, Any]:
         """The step's loss for a rule whose parts read it (Polyak's step size, Momo's), as
-        ``value=``: the closure's, a number."""
+        ``value=``: the closure's, a number; in a recorded step (``recorded``) a tensor loss
+        as it is, whose derivative the step then carries."""
         memo = rule.memo  # (asked at every step: once per rule)
         reads = memo.get("reads_loss", False)
         if reads is False:
@@ -576,6 +590,8 @@ class Optimizer(torch.optim.Optimizer):
         if loss is None:
             raise TypeError(f"{self._name}: {reads} reads the loss of each step: call "
                             "step(closure), the closure returning the loss")
+        if recorded and isinstance(loss, torch.Tensor):
+            return {"value": loss}
         return {"value": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}
 
     def _prepare(self, gi: int, group: dict[str, Any]) -> _Job:

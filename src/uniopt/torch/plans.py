@@ -341,7 +341,13 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
     missing = [(key, name) for key, name in names if name not in st]
     if missing:
         sd = None if p.is_complex() else state_dtype
-        fresh = setup(rule, [real(p.detach())], state_dtype=sd).slots
+        if spec == TRACKED:
+            # a recorded step's state starts recorded (schedule-free's z), from a copy of the
+            # parameter: what its making saves for the derivative is not then stepped in place
+            with backend.tracked():
+                fresh = setup(rule, [real(p).clone()], state_dtype=sd).slots
+        else:
+            fresh = setup(rule, [real(p.detach())], state_dtype=sd).slots
         for key, name in missing:
             s = fresh[key][0]
             if isinstance(s, quant.Q8):
@@ -804,6 +810,11 @@ class Plan:
         """The states of the rule's whole-tree parts (a generator's), kept in the state of the
         group's first parameter, as torch's LBFGS keeps its own; made where missing."""
         st = self.state[self.plist[0]]
+        if self.tracked:  # (recorded, from copies, as a recorded step's slots are: DoG's p0)
+            with backend.tracked(), torch.enable_grad():
+                leaves = [real(p).clone() for p in self.plist]
+                return {keys[0]: st[keys[0]] if keys[0] in st else part.init_tree(leaves)
+                        for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
         leaves = [real(p.detach()) for p in self.plist]
         return {keys[0]: st[keys[0]] if keys[0] in st else part.init_tree(leaves)
                 for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
