@@ -538,7 +538,7 @@ class Optimizer(torch.optim.Optimizer):
             jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             # (a rule known to read no loss makes no call here: a small step's cost)
             extras = [{} if job.rule.memo.get("reads_loss", False) is None
-                      else self._loss_for(job.rule, loss, job.group.get("differentiable"))
+                      else self._loss_for(job.rule, loss, bool(job.group.get("differentiable")))
                       for job in jobs]
             for job, extra in zip(jobs, extras, strict=True):
                 plan = job.plan
