@@ -2389,7 +2389,9 @@ def test_uniopt_torch_optimizer_records_any_rule_with_differentiable(name: str) 
         for g in gs:
             def closure(p: Any = p, g: Any = g) -> Any:
                 p.grad = g.clone()
-                return (c * p).sum() + 10
+                # (a loss of shape (1,) was refused by a recorded step: one number, as the
+                # unrecorded step's float() reads it)
+                return ((c * p).sum() + 10).reshape(1)
             opt.step(closure)
         return (p ** 2).sum()
 
@@ -2403,9 +2405,11 @@ def test_uniopt_torch_optimizer_refuses_to_record_a_rule_of_rules() -> None:
     """A rule that runs other rules steps its members on NumPy views, unrecorded: refused at
     construction, and at the step where a group's flag was set since, nothing written."""
     w = torch.zeros(3, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"^uniopt.torch.Optimizer: differentiable=True is not "
-                                        r"offered for accumulate, which runs other rules"):
-        ut.Optimizer([w], uo.accumulate(uo.adamw(lr=0.1), 2), differentiable=True)
+    for rule in (uo.accumulate(uo.adamw(lr=0.1), 2),
+                 uo.chain(uo.clip_by_global_norm(1.0), uo.accumulate(uo.adamw(lr=0.1), 2))):
+        with pytest.raises(TypeError, match=r"^uniopt.torch.Optimizer: differentiable=True is "
+                                            r"not offered for accumulate, which runs other"):
+            ut.Optimizer([w], rule, differentiable=True)
     opt = ut.Optimizer([w], uo.accumulate(uo.adamw(lr=0.1), 2))
     opt.param_groups[0]["differentiable"] = True
     w.grad = torch.ones(3, dtype=torch.float64)

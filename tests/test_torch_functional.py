@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -338,6 +339,7 @@ _FROM_PARAMS = {
     "schedule_free_sgd": lambda: uo.schedule_free_sgd(lr=0.1),
     "madgrad": lambda: uo.madgrad(lr=0.1),
     "cocob": lambda: uo.cocob(),
+    "mechanize": lambda: uo.mechanize(uo.sgd(lr=0.1)),
     "lookahead": lambda: uo.lookahead(uo.sgd(lr=0.1), k=2),
     "dog": lambda: uo.dog(),
     "adafactor": lambda: uo.adafactor(lr=0.01),
@@ -352,8 +354,9 @@ def test_a_recorded_step_differentiates_with_respect_to_the_initial_params(name:
     a loss of the last params with respect to ``p0`` is finite differences' (``gradcheck``).
     A state copied from the params was detached (schedule-free: 0 where -4.4, lookahead half,
     MADGRAD 27% off); DoG's came back NaN (the root of a distance that is 0 at the first step,
-    times max's 0); Adafactor's norms of each leaf were taken as numbers on torch (1.4% off,
-    and its lr's derivative 0 under forward mode)."""
+    times max's 0), as Mechanic's did (the root of its v, 0 at the first step); Adafactor's
+    norms of each leaf were taken as numbers on torch (1.4% off, and its lr's derivative 0
+    under forward mode), and then as roots of sums of squares (NaN for a leaf of zeros)."""
     from uniopt import backend
 
     gen = torch.Generator().manual_seed(0)
@@ -372,6 +375,9 @@ def test_a_recorded_step_differentiates_with_respect_to_the_initial_params(name:
     assert torch.autograd.gradcheck(loss, (p0,))
     (d,) = torch.autograd.grad(loss(p0), p0)
     assert torch.isfinite(d).all() and d.abs().sum() > 0
+    if name == "adafactor":  # a leaf of zeros (a bias as initialised): its step is eps2's
+        zeros = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(loss, (zeros,))
     if name == "adafactor":
         lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x: loss(p0.detach(), x), (lr,))
@@ -398,3 +404,18 @@ def test_a_state_made_from_params_that_require_grad_keeps_no_graph() -> None:
             if isinstance(x, torch.Tensor)]
     assert held and not any(x.requires_grad for x in held)
     assert not p[0].detach().equal(torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rule", ["polyak_sgd", "momo"])
+def test_a_torch_loss_steps_numpy_params_as_a_number_does(rule: str) -> None:
+    """``value=`` a 0-d tensor beside NumPy params: the same step as the number (a recorded
+    step's loss, kept in autograd's graph, was turned into a tensor of NumPy's dtype)."""
+    make = {"polyak_sgd": lambda: uo.polyak_sgd(max_learning_rate=1.0),
+            "momo": lambda: uo.momo(lr=0.1)}[rule]
+    out = []
+    for value in (2.5, torch.tensor(2.5, dtype=torch.float64)):
+        p = [np.array([1.0, 2.0])]
+        state = uo.setup(make(), p)
+        state, p = uo.update(state, p, [np.array([0.5, -0.5])], value=value)
+        out.append(p[0])
+    np.testing.assert_array_equal(out[0], out[1])

@@ -808,7 +808,11 @@ class mechanize(_Wraps):
         v = betas ** 2 * v + h ** 2
         r = betas * r + clipped * s
         wealth = self.s_init / self.num_betas * m + xp.maximum(r, xp.zeros_like(r))
-        s = wealth / (xp.sqrt(v) + self.eps)
+        # (the root where v is not 0, as it is at the first step: the same values, but a
+        # derivative through the step met sqrt's infinite slope at 0 and came back NaN)
+        positive = v > 0
+        s = wealth / (xp.where(positive, xp.sqrt(xp.where(positive, v, xp.ones_like(v))), v)
+                      + self.eps)
         scale_ = xp.sum(s)
         new = [x0 - _as(scale_, p) * (d + u)
                for x0, p, d, u in zip(tree["x0"], ps, deltas, us, strict=True)]

@@ -55,7 +55,13 @@ def _leaf_norms(xp: Any, x: Any) -> Any:
     if is_torch(x) and not backend.is_tracked():
         return [float(x[b].norm(2)) for b in range(x.shape[0])]
     axes = _leaf_axes(x)
-    return xp.sqrt(xp.sum(x * x, axis=axes, keepdims=True)) if axes else xp.abs(x)
+    if not axes:
+        return xp.abs(x)
+    if is_torch(x):  # (torch's norm: its derivative at a leaf of zeros is 0, not sqrt's NaN)
+        import torch
+
+        return torch.linalg.vector_norm(x, dim=axes, keepdim=True)
+    return xp.sqrt(xp.sum(x * x, axis=axes, keepdims=True))
 
 
 def _larger(xp: Any, floor: Any, x: Any) -> Any:

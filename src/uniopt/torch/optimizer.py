@@ -204,10 +204,13 @@ def _form(v: Any) -> Any:
     return None
 
 
-_NO_RECORDED_COMBINATOR = (
-    "uniopt.torch.Optimizer: differentiable=True is not offered for {}, which runs other "
-    "rules (accumulate, partition, masked, ...): its members step outside autograd; to "
-    "differentiate through it, step it with uniopt.update inside uniopt.backend.tracked()")
+def _no_recorded_combinator(rule: Transform) -> str:
+    """Why a rule that runs other rules is not stepped recorded, naming the first such part."""
+    part = next(p for p in rule.flat_parts if isinstance(p, Combinator))
+    return (f"uniopt.torch.Optimizer: differentiable=True is not offered for {part.name}, which "
+            "runs other rules (accumulate, partition, masked, ...): its members step outside "
+            "autograd; to differentiate through it, step it with uniopt.update inside "
+            "uniopt.backend.tracked()")
 
 
 class _Job(NamedTuple):
@@ -263,7 +266,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"uniopt.torch.Optimizer: expected a uniopt rule or chain, got {rule!r}"
             )
         if differentiable and any(map(isinstance, rule.flat_parts, itertools.repeat(Combinator))):
-            raise TypeError(_NO_RECORDED_COMBINATOR.format(rule.name))
+            raise TypeError(_no_recorded_combinator(rule))
         if any(isinstance(p, Minimizer) for p in rule.flat_parts):
             raise TypeError(
                 f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
@@ -525,7 +528,7 @@ class Optimizer(torch.optim.Optimizer):
             if self._combined_rule:
                 if any(group.get("differentiable") for group in self.param_groups):
                     # (a group's flag set since: its members step NumPy views, unrecorded)
-                    raise RuntimeError(_NO_RECORDED_COMBINATOR.format(self.rule.name))
+                    raise RuntimeError(_no_recorded_combinator(self.rule))
                 combined.adopt(self)
                 rules = [self._rule(group)[0] for group in self.param_groups]
                 for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
@@ -591,6 +594,11 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"{self._name}: {reads} reads the loss of each step: call "
                             "step(closure), the closure returning the loss")
         if recorded and isinstance(loss, torch.Tensor):
+            if loss.numel() == 1 and loss.dim():
+                # one number, as the unrecorded step's float() takes it (a loss of shape (1,)),
+                # in autograd's graph (the step runs without grad: a view made there has none)
+                with torch.enable_grad():
+                    loss = loss.reshape(())
             return {"value": loss}
         return {"value": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}
 
