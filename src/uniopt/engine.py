@@ -1481,10 +1481,18 @@ class _Step:
     treedef: Any
 
 
+NO_RECORDED_Q8 = (
+    "a recorded step (uniopt.backend.tracked(), differentiable=True) of a state kept in 8 bits "
+    "(state_dtype='q8'): each step rounds the state to one of 256 codes a block, and the "
+    "derivative through that rounding is not the arithmetic's; record a step of a float state")
+
+
 def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _Step:
     """Flatten and check everything, touching no array: the one prologue of :func:`update`,
     :func:`update_` and the optax protocol. ``params=None`` (optax without params): the
     gradients stand in for them."""
+    if getattr(state, "state_dtype", None) == "q8" and backend.is_tracked():
+        raise ValueError(NO_RECORDED_Q8)
     if params is None:
         p_leaves, treedef, names = _leaves(grads, "grads")
         g_leaves = p_leaves

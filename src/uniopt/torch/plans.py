@@ -27,6 +27,7 @@ import torch
 from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
 from ..engine import (
+    NO_RECORDED_Q8,
     _real_only,
     fixed_parts,
     flat_list_def,
@@ -252,6 +253,8 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
                 "vmap...), without memory the compiled step could write and whose derivative "
                 "an unrecorded step would lose; make the optimizer with differentiable=True, "
                 "which steps such tensors themselves")
+    if group.get("differentiable") and is_q8(group):
+        raise ValueError(f"param group {gi}: {NO_RECORDED_Q8}")
     if group.get("differentiable") and group.get("capturable"):
         from ..fast.foreach import check_capturable
 
