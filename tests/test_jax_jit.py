@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -498,3 +499,44 @@ def test_a_beta_below_a_half_keeps_the_gradient_on_jax(convention: str,
     for name in ("jax", "jit"):
         np.testing.assert_allclose(ends[name], ends["numpy"], rtol=4e-7)
     np.testing.assert_allclose(ends["numpy"], np.asarray(p["w"]), rtol=4e-7)
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars", "fromage", "adafactor", "dog", "mechanize"])
+def test_jax_grad_through_a_step_is_finite_where_a_leaf_is_zeros(name: str) -> None:
+    """``jax.grad`` with respect to the params through a jitted step, a leaf of zeros among
+    them (a bias as initialised): finite, and where the step is smooth there, finite
+    differences' (Adafactor's scale is then eps2's). Every leaf norm was ``sqrt(sum(x*x))``,
+    whose slope at 0 times the 0 a clip or select hands back is NaN (lamb, lars, fromage,
+    adafactor; optax's safe norm gives the same values and finite derivatives), as were DoG's
+    first distance and Mechanic's first root of v."""
+    jnp = jax.numpy
+    rule = {"lamb": lambda: uo.lamb(0.05), "lars": lambda: uo.lars(0.1),
+            "fromage": lambda: uo.fromage(0.05),
+            "adafactor": lambda: uo.adafactor(0.03, convention="optax"),
+            "dog": lambda: uo.dog(), "mechanize": lambda: uo.mechanize(uo.sgd(lr=0.1))}[name]()
+    rng = np.random.default_rng(0)
+    p0 = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+          "b": jnp.zeros(5, jnp.float32)}
+    g = {"w": jnp.asarray(rng.uniform(0.2, 1, (3, 4)), jnp.float32),
+         "b": jnp.asarray(rng.uniform(0.2, 1, 5), jnp.float32)}
+
+    @jax.jit
+    def loss(p: Any) -> Any:
+        state = uo.setup(rule, p)
+        state, p = uo.update(state, p, g)
+        return sum(jnp.sum(x ** 2) for x in p.values())
+
+    d = jax.grad(loss)(p0)
+    assert all(bool(jnp.isfinite(x).all()) for x in d.values()), d
+    if name == "adafactor":  # optax's, whose step it is (float32: too small a slope for FD)
+        optax = pytest.importorskip("optax")
+        tx = optax.adafactor(0.03)
+
+        def theirs(p: Any) -> Any:
+            u, _ = tx.update(g, tx.init(p), p)
+            return sum(jnp.sum(x ** 2) for x in optax.apply_updates(p, u).values())
+
+        want = jax.grad(theirs)(p0)
+        assert float(want["b"][0]) != 0
+        for k in d:
+            np.testing.assert_allclose(np.asarray(d[k]), np.asarray(want[k]), rtol=1e-5)

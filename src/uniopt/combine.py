@@ -43,6 +43,7 @@ from .engine import (
 from .hyper import _traced, check_integer
 from .rules.schedule_free import scalar_like
 from .state import State
+from .transforms.scale import safe_sqrt
 from .tree import NAMESPACE, flatten_leaves, named_paths, path_str, unflatten
 
 
@@ -808,11 +809,7 @@ class mechanize(_Wraps):
         v = betas ** 2 * v + h ** 2
         r = betas * r + clipped * s
         wealth = self.s_init / self.num_betas * m + xp.maximum(r, xp.zeros_like(r))
-        # (the root where v is not 0, as it is at the first step: the same values, but a
-        # derivative through the step met sqrt's infinite slope at 0 and came back NaN)
-        positive = v > 0
-        s = wealth / (xp.where(positive, xp.sqrt(xp.where(positive, v, xp.ones_like(v))), v)
-                      + self.eps)
+        s = wealth / (safe_sqrt(xp, v) + self.eps)  # (v is 0 at the first step)
         scale_ = xp.sum(s)
         new = [x0 - _as(scale_, p) * (d + u)
                for x0, p, d, u in zip(tree["x0"], ps, deltas, us, strict=True)]

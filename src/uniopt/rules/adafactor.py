@@ -13,6 +13,7 @@ from ..backend import is_torch, namespace
 from ..base import Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, POSITIVE, Interval, check_integer, check_real, hyper
 from ..moments import fma, lerp
+from ..transforms.scale import safe_sqrt
 
 
 def _leaf_axes(x: Any) -> tuple[int, ...]:
@@ -61,7 +62,7 @@ def _leaf_norms(xp: Any, x: Any) -> Any:
         import torch
 
         return torch.linalg.vector_norm(x, dim=axes, keepdim=True)
-    return xp.sqrt(xp.sum(x * x, axis=axes, keepdims=True))
+    return safe_sqrt(xp, xp.sum(x * x, axis=axes, keepdims=True))
 
 
 def _larger(xp: Any, floor: Any, x: Any) -> Any:

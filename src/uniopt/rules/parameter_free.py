@@ -28,7 +28,7 @@ from ..hyper import (
     static,
 )
 from ..transforms.decay import weight_decay
-from ..transforms.scale import scale, scale_by_lr
+from ..transforms.scale import safe_sqrt, scale, scale_by_lr
 from ..tree import flatten_leaves, unflatten
 from .schedule_free import arrays, as_dtype, kept, scalar_like
 
@@ -335,12 +335,7 @@ class scale_by_dog(WholeTree):
         xp = backend.namespace(r)
         squares = _total([xp.sum(xp.astype((p0 - p) ** 2, r.dtype))
                           for p0, p in zip(state["p0"], ps, strict=True)])
-        # the root where the distance is not 0 (the first step's is): the same numbers, but a
-        # derivative through the step (autograd's, jax.grad's) met sqrt's infinite slope at 0
-        # times max's 0 and came back NaN
-        positive = squares > 0
-        dist = xp.where(positive, xp.sqrt(xp.where(positive, squares, xp.ones_like(squares))),
-                        squares)
+        dist = safe_sqrt(xp, squares)  # (0 at the first step, where max hands back 0)
         r = xp.maximum(r, dist)
         total = state["sum_sq_norm_grads"] + _total([xp.sum(xp.astype(g * g, r.dtype))
                                                      for g in gs])

@@ -119,4 +119,12 @@ def leaf_norm(xp: Any, x: Any) -> Any:
     broadcast against it."""
     sq = x * x
     axes = tuple(range(1, x.ndim))
-    return xp.sqrt(xp.sum(sq, axis=axes, keepdims=True) if axes else sq)
+    return safe_sqrt(xp, xp.sum(sq, axis=axes, keepdims=True) if axes else sq)
+
+
+def safe_sqrt(xp: Any, x: Any) -> Any:
+    """``sqrt(x)`` of a sum of squares, its derivative 0 where ``x`` is 0 (a leaf of zeros, a
+    bias as initialised): the same values, but sqrt's infinite slope at 0 times the 0 a clip
+    or a select hands back made a derivative through the step (``jax.grad``, autograd) NaN."""
+    positive = x > 0
+    return xp.where(positive, xp.sqrt(xp.where(positive, x, xp.ones_like(x))), x)
