@@ -2416,3 +2416,23 @@ def test_uniopt_torch_optimizer_refuses_to_record_a_rule_of_rules() -> None:
     with pytest.raises(RuntimeError, match="differentiable=True is not offered for accumulate"):
         opt.step()
     assert torch.equal(w, torch.zeros(3, dtype=torch.float64)) and not opt.state
+
+
+@pytest.mark.parametrize("name", ["dog", "prodigy", "schedule_free_sgd", "momo"])
+def test_a_whole_tree_rule_names_a_parameter_without_a_gradient(name: str) -> None:
+    """A rule that keeps an array per parameter beside its gradient, or reads every parameter
+    (DoG's p0, Prodigy's, schedule-free's z, Momo's average), where one parameter has no
+    gradient: a ValueError naming it, nothing written (a ValueError from zip(), mid-step).
+    Polyak's step, which reads the gradients alone, steps as before."""
+    rule = getattr(uo, name)(**({"lr": 0.1} if name == "schedule_free_sgd" else {}))
+    a, b = torch.ones(3), torch.ones(2)
+    opt = ut.Optimizer([a, b], rule)
+    a.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=rf"^parameter\(s\) \[1\] of param group 0 have no "
+                                         rf"gradient: {name}'s scale_by_\w+ steps the group's"):
+        opt.step(lambda: torch.tensor(1.0))
+    assert torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(2))
+    assert not any(opt.state[p] for p in (a, b) if p in opt.state)
+    polyak = ut.Optimizer([a, b], uo.polyak_sgd())
+    polyak.step(lambda: torch.tensor(1.0))
+    assert not torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(2))

@@ -253,6 +253,17 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
                 "vmap...), without memory the compiled step could write and whose derivative "
                 "an unrecorded step would lose; make the optimizer with differentiable=True, "
                 "which steps such tensors themselves")
+    wholes = [part for part, _ in rule.keyed_parts
+              if isinstance(part, WholeTree) and (part.like_params or part.uses_params)]
+    missing = [i for i, h in enumerate(has) if not h]
+    if wholes and missing:
+        # (such a part keeps an array per parameter, or reads every parameter, beside the
+        # gradients it is handed: a parameter without one failed in zip(), mid-step)
+        raise ValueError(
+            f"parameter(s) {missing} of param group {gi} have no gradient: {rule.name}'s "
+            f"{wholes[0].name} steps the group's parameters together (a state or a norm over "
+            "every one of them); give each a gradient, or put those without one in a group of "
+            "their own")
     if group.get("differentiable") and is_q8(group):
         raise ValueError(f"param group {gi}: {NO_RECORDED_Q8}")
     if group.get("differentiable") and group.get("capturable"):
