@@ -540,3 +540,24 @@ def test_jax_grad_through_a_step_is_finite_where_a_leaf_is_zeros(name: str) -> N
         assert float(want["b"][0]) != 0
         for k in d:
             np.testing.assert_allclose(np.asarray(d[k]), np.asarray(want[k]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars", "fromage"])
+def test_a_scalar_leafs_norm_is_its_magnitude_eager_and_jitted(name: str) -> None:
+    """A 0-d leaf's norm is ``|x|`` on every path: XLA made ``sqrt(x*x)`` of it ``|x|``
+    under jit (a huge leaf stepped, a tiny one kept its size), where eagerly ``x*x``
+    overflowed to inf (or underflowed to 0); a guarded root then kept XLA from it."""
+    jnp = jax.numpy
+    rule = {"lamb": lambda: uo.lamb(0.01), "lars": lambda: uo.lars(0.01),
+            "fromage": lambda: uo.fromage(0.01)}[name]()
+    for x in (3e19, 1e-30):
+        params = {"s": jnp.float32(x), "w": jnp.ones(3, jnp.float32)}
+        grads = {"s": jnp.float32(1.0), "w": jnp.ones(3, jnp.float32)}
+        eager = uo.update(uo.setup(rule, params), params, grads)[1]["s"]
+        jitted = jax.jit(uo.update)(uo.setup(rule, params), params, grads)[1]["s"]
+        numpy = uo.update(uo.setup(rule, {"s": np.float32(x), "w": np.ones(3, np.float32)}),
+                          {"s": np.float32(x), "w": np.ones(3, np.float32)},
+                          {"s": np.float32(1.0), "w": np.ones(3, np.float32)})[1]["s"]
+        assert np.isfinite(float(eager)) and float(eager) < x, (x, eager)
+        assert float(jitted) == pytest.approx(float(eager), rel=1e-6)
+        assert float(numpy) == pytest.approx(float(eager), rel=1e-6)

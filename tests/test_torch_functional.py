@@ -413,12 +413,14 @@ def test_a_torch_loss_steps_numpy_params_as_a_number_does(rule: str) -> None:
     make = {"polyak_sgd": lambda: uo.polyak_sgd(max_learning_rate=1.0),
             "momo": lambda: uo.momo(lr=0.1)}[rule]
     out = []
-    for value in (2.5, torch.tensor(2.5, dtype=torch.float64)):
+    for value in (2.5, torch.tensor(2.5, dtype=torch.float64),
+                  torch.tensor(2.5, dtype=torch.float64, requires_grad=True)):
         p = [np.array([1.0, 2.0])]
         state = uo.setup(make(), p)
         state, p = uo.update(state, p, [np.array([0.5, -0.5])], value=value)
         out.append(p[0])
     np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])
 
 
 def test_a_recorded_step_of_an_8_bit_state_is_refused() -> None:
@@ -441,3 +443,14 @@ def test_a_recorded_step_of_an_8_bit_state_is_refused() -> None:
     with pytest.raises(ValueError, match=r"^param group 0: a recorded step"):
         opt.step()
     assert torch.equal(w, torch.linspace(-1, 1, 8, dtype=torch.float64)) and not opt.state
+    # nothing is recorded (and nothing refused) under no_grad, or for arrays of another
+    # library, which tracked() leaves as they are (a NumPy step there raised AttributeError,
+    # 8-bit or not)
+    with backend.tracked():
+        with torch.no_grad():
+            state = uo.update_(state, p, [torch.ones(8, dtype=torch.float64)])
+        for dtype in (None, "q8"):
+            a = [np.linspace(-1, 1, 8)]
+            uo.update_(uo.setup(uo.adam(lr=0.1), a, state_dtype=dtype), a, [np.ones(8)])
+            assert not np.array_equal(a[0], np.linspace(-1, 1, 8))
+    assert state.step == 1

@@ -705,8 +705,10 @@ def loss_like(value: Any, like: Any) -> Any:
     """A step's loss (``value=``: a number, or a 0-d array) as an array of ``like``'s dtype and
     device; a torch tensor as itself, in autograd's graph, so that a recorded step carries its
     derivative (torch's ``asarray`` cut it before 2.13 and warns of the change since)."""
-    if is_torch(value) and is_torch(like):
-        return value.to(dtype=like.dtype, device=like.device)
+    if is_torch(value):
+        if is_torch(like):
+            return value.to(dtype=like.dtype, device=like.device)
+        value = value.detach()  # (a loss that requires grad, beside arrays of another library)
     return namespace(like).asarray(value, dtype=like.dtype, device=device(like))
 
 

@@ -771,7 +771,7 @@ def _float_deltas(
         list(grads)
     # recorded by autograd, the step reads copies: what it saves for the backward pass must not
     # be the params and slots it then overwrites
-    read = _copy if backend.is_tracked() else _in
+    read = _copy if params and backend.is_torch(params[0]) and backend.is_tracked() else _in
     if read is _copy:
         ps = [_copy(p, None, None) for p in ps]
     if state.state_dtype == "q8":  # fresh float32 arrays: nothing to copy
@@ -1487,17 +1487,24 @@ NO_RECORDED_Q8 = (
     "derivative through that rounding is not the arithmetic's; record a step of a float state")
 
 
+def _recorded() -> bool:
+    """Whether a step of torch tensors now is recorded by autograd: inside ``tracked()``, with
+    grad enabled (under ``torch.no_grad()`` nothing is)."""
+    return backend.is_tracked() and sys.modules["torch"].is_grad_enabled()
+
+
 def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _Step:
     """Flatten and check everything, touching no array: the one prologue of :func:`update`,
     :func:`update_` and the optax protocol. ``params=None`` (optax without params): the
     gradients stand in for them."""
-    if getattr(state, "state_dtype", None) == "q8" and backend.is_tracked():
-        raise ValueError(NO_RECORDED_Q8)
     if params is None:
         p_leaves, treedef, names = _leaves(grads, "grads")
         g_leaves = p_leaves
     else:
         p_leaves, treedef, names = _leaves(params)
+    if (getattr(state, "state_dtype", None) == "q8" and p_leaves
+            and backend.is_torch(p_leaves[0]) and _recorded()):
+        raise ValueError(NO_RECORDED_Q8)
     _check_state(state, treedef, names, p_leaves)
     if params is not None:
         g_leaves = _align_grads(grads, treedef, names, p_leaves, none=True)

@@ -117,9 +117,10 @@ class scale_by_trust_ratio(PerLeaf):
 def leaf_norm(xp: Any, x: Any) -> Any:
     """The 2-norm of each leaf of the batch ``x`` (stacked along the first axis), shaped to
     broadcast against it."""
-    sq = x * x
     axes = tuple(range(1, x.ndim))
-    return safe_sqrt(xp, xp.sum(sq, axis=axes, keepdims=True) if axes else sq)
+    if not axes:  # (0-d leaves: |x|, which XLA also made of sqrt(x*x), exact where x*x is not)
+        return xp.abs(x)
+    return safe_sqrt(xp, xp.sum(x * x, axis=axes, keepdims=True))
 
 
 def safe_sqrt(xp: Any, x: Any) -> Any:
