@@ -2436,3 +2436,20 @@ def test_a_whole_tree_rule_names_a_parameter_without_a_gradient(name: str) -> No
     polyak = ut.Optimizer([a, b], uo.polyak_sgd())
     polyak.step(lambda: torch.tensor(1.0))
     assert not torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(2))
+
+
+def test_a_complex_parameter_in_an_8_bit_group_is_named() -> None:
+    """state_dtype='q8' keeps real parameters' state in 8 bits: a complex parameter in such a
+    group raised a KeyError (its absent scales) mid-plan; now a ValueError naming it, nothing
+    written, and its own group without q8 steps."""
+    w = torch.ones(4, dtype=torch.complex64)
+    r = torch.ones(4)
+    opt = ut.Adam([r, w], lr=0.1, state_dtype="q8")
+    w.grad, r.grad = torch.ones_like(w), torch.ones_like(r)
+    with pytest.raises(ValueError, match=r"^parameter 1 of param group 0 is complex: "
+                                         r"state_dtype='q8'"):
+        opt.step()
+    assert torch.equal(w, torch.ones(4, dtype=torch.complex64)) and torch.equal(r, torch.ones(4))
+    opt = ut.Adam([{"params": [r], "state_dtype": "q8"}, {"params": [w]}], lr=0.1)
+    opt.step()
+    assert not torch.equal(w, torch.ones(4, dtype=torch.complex64))

@@ -264,6 +264,13 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
             f"{wholes[0].name} steps the group's parameters together (a state or a norm over "
             "every one of them); give each a gradient, or put those without one in a group of "
             "their own")
+    if is_q8(group):
+        at = next((i for i, p in enumerate(group["params"]) if has[i] and p.is_complex()), None)
+        if at is not None:  # (a KeyError for its absent scales, mid-plan)
+            raise ValueError(
+                f"parameter {at} of param group {gi} is complex: state_dtype='q8' keeps the "
+                "state of real parameters in 8 bits; put complex parameters in a group of "
+                "their own, without it")
     if group.get("differentiable") and is_q8(group):
         raise ValueError(f"param group {gi}: {NO_RECORDED_Q8}")
     if group.get("differentiable") and group.get("capturable"):
