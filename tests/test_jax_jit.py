@@ -561,3 +561,45 @@ def test_a_scalar_leafs_norm_is_its_magnitude_eager_and_jitted(name: str) -> Non
         assert np.isfinite(float(eager)) and float(eager) < x, (x, eager)
         assert float(jitted) == pytest.approx(float(eager), rel=1e-6)
         assert float(numpy) == pytest.approx(float(eager), rel=1e-6)
+
+
+_META = {
+    "adamw": lambda lr: uo.adamw(lr=lr, weight_decay=0.1),
+    "sgd": lambda lr: uo.sgd(lr=lr, momentum=0.9, nesterov=True),
+    "schedule_free_adamw": lambda lr: uo.schedule_free_adamw(lr=lr),
+    "lamb": lambda lr: uo.lamb(lr),
+    "dog": lambda lr: uo.dog(lr=lr),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_META))
+def test_jax_grad_through_jitted_steps_is_finite_differences(name: str) -> None:
+    """A meta-learning derivative in JAX: the loss after three jitted steps, differentiated
+    with respect to the lr and to the initial params (along a direction) by ``jax.grad``, is
+    a central difference's, in float64."""
+    jnp = jax.numpy
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        p0 = {"w": jnp.asarray(rng.standard_normal((3, 4))),
+              "b": jnp.asarray(rng.standard_normal(5))}
+        gs = [{k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in p0.items()}
+              for _ in range(3)]
+        v = {k: jnp.asarray(rng.standard_normal(x.shape)) for k, x in p0.items()}
+
+        @jax.jit
+        def loss(p: Any, lr: Any) -> Any:
+            state = uo.setup(_META[name](lr), p)
+            for g in gs:
+                state, p = uo.update(state, p, g)
+            return sum(jnp.sum(x ** 2) for x in p.values())
+
+        lr, h = 0.05, 1e-6
+        d_lr = jax.grad(loss, argnums=1)(p0, lr)
+        d_p = jax.grad(loss)(p0, lr)
+        along = sum(float(jnp.sum(d_p[k] * v[k])) for k in p0)
+        shifted = [{k: p0[k] + s * h * v[k] for k in p0} for s in (1, -1)]
+        fd_p = float(loss(shifted[0], lr) - loss(shifted[1], lr)) / (2 * h)
+        fd_lr = float(loss(p0, lr + h) - loss(p0, lr - h)) / (2 * h)
+        # (a central difference of a loss of about 20 in float64 is good to about 1e-8)
+        assert float(d_lr) == pytest.approx(fd_lr, rel=1e-6, abs=1e-8)
+        assert along == pytest.approx(fd_p, rel=1e-6, abs=1e-8)
