@@ -238,8 +238,19 @@ class Optimizer(torch.optim.Optimizer):
     a name), plus ``maximize``; a group may override any of them, and writing a number (or a
     schedule) into ``group["lr"]`` takes effect at the next step, which is how torch's
     schedulers drive it. Slots are stored under uniopt's keys (``"scale_by_adam.exp_avg"``).
+    ``differentiable=True`` records each step in autograd (torch.optim's flag): a meta-learning
+    loop, or torch.func's ``grad``/``jvp``, differentiates through it, with respect to a tensor
+    lr or to the parameters before the step; a rule that runs other rules (``accumulate``,
+    ``partition``) is refused there.
 
     >>> import torch, uniopt as uo, uniopt.torch
+    >>> lr = torch.tensor(0.1, requires_grad=True)
+    >>> p = torch.ones(2, requires_grad=True).clone()
+    >>> opt = uniopt.torch.Optimizer([p], uo.sgd(lr=lr), differentiable=True)
+    >>> p.grad = torch.tensor([1.0, 2.0])
+    >>> opt.step()
+    >>> torch.autograd.grad(p.sum(), lr)  # d(sum(p - lr*g))/dlr = -sum(g)
+    (tensor(-3.),)
     >>> w = torch.nn.Parameter(torch.ones(2))
     >>> opt = uniopt.torch.Optimizer([w], uo.chain(uo.weight_decay(0.5), uo.sgd(lr=0.1)))
     >>> w.grad = torch.tensor([1.0, -1.0])
