@@ -48,15 +48,16 @@ def main() -> None:
         w = bench._Workload(bench.WORKLOADS[wname])
         steps = max(1, a.steps if wname == "S1" else a.steps // 10)
         for rule in a.rules.split(","):
-            made = {"uniopt.torch, same gradients": bench._torch(w, rule, "uniopt.torch"),
-                    "uniopt.torch, new gradients": bench._torch(w, rule, "uniopt.torch"),
-                    "torch fused, new gradients": bench._torch(w, rule, "fused")}
-            if any(step is None for step in made.values()):
+            same, new, fused_step = (bench._torch(w, rule, "uniopt.torch"),
+                                     bench._torch(w, rule, "uniopt.torch"),
+                                     bench._torch(w, rule, "fused"))
+            if same is None or new is None or fused_step is None:
                 print(f"{wname} {rule}: skipped (no such torch class or fused kernel)")
                 continue
             rows: dict[str, Callable[[], Any]] = {
-                label: _same_gradients(step) if "same" in label else step  # type: ignore[arg-type]
-                for label, step in made.items()}
+                "uniopt.torch, same gradients": _same_gradients(same),
+                "uniopt.torch, new gradients": new,
+                "torch fused, new gradients": fused_step}
             for step in rows.values():
                 for _ in range(3 * steps):
                     step()
