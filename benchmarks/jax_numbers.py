@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,21 +23,24 @@ import jax.numpy as jnp
 from uniopt.tools import bench
 
 
-def _constants(p: Any, m: Any, g: Any, h: Any) -> Any:
+def _constants(p: Any, state: Any, g: Any) -> Any:
+    m, h = state
     m = [gi + 0.9 * mi for gi, mi in zip(g, m, strict=True)]
-    return [pi - 0.001 * mi for pi, mi in zip(p, m, strict=True)], m, h
+    return [pi - 0.001 * mi for pi, mi in zip(p, m, strict=True)], (m, h)
 
 
-def _array(p: Any, m: Any, g: Any, h: Any) -> Any:
+def _array(p: Any, state: Any, g: Any) -> Any:
+    m, h = state
     momentum, lr = h[0], h[1]
     m = [gi + momentum * mi for gi, mi in zip(g, m, strict=True)]
-    return [pi - lr * mi for pi, mi in zip(p, m, strict=True)], m, h
+    return [pi - lr * mi for pi, mi in zip(p, m, strict=True)], (m, h)
 
 
-def _scalars(p: Any, m: Any, g: Any, h: Any) -> Any:
+def _scalars(p: Any, state: Any, g: Any) -> Any:
+    m, h = state
     momentum, lr = h
     m = [gi + momentum * mi for gi, mi in zip(g, m, strict=True)]
-    return [pi - lr * mi for pi, mi in zip(p, m, strict=True)], m, h
+    return [pi - lr * mi for pi, mi in zip(p, m, strict=True)], (m, h)
 
 
 def main() -> None:
@@ -56,33 +58,21 @@ def main() -> None:
     }
     steps: dict[str, Callable[[], None]] = {}
     for (label, make), fn in zip(numbers.items(), (_constants, _array, _scalars), strict=True):
-        update = jax.jit(fn, donate_argnums=(0, 1, 3))
-        carry = [[jnp.array(p) for p in w.params], [jnp.zeros_like(jnp.asarray(p))
-                                                     for p in w.params], make()]
-        k = [0]
-
-        def step(update: Any = update, carry: list[Any] = carry, k: list[int] = k) -> None:
-            k[0] ^= 1
-            carry[0], carry[1], carry[2] = update(carry[0], carry[1], grads[k[0]], carry[2])
-            jax.block_until_ready(carry[0])
-
-        steps[label] = step
+        update = jax.jit(fn, donate_argnums=(0, 1))
+        carry = [[jnp.array(p) for p in w.params],
+                 ([jnp.zeros_like(jnp.asarray(p)) for p in w.params], make())]
+        steps[label] = bench.donated_steps(update, carry, grads, ready=0)
     for step in steps.values():
         for _ in range(50):
             step()
     rounds: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(a.rounds):
         for label, step in steps.items():
-            times = []
-            for _ in range(a.steps):
-                t = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t)
-            rounds[label].append(statistics.median(times))
+            rounds[label].append(bench._median_ms(step, a.steps, warmup=0))
     base = statistics.median(rounds["constants"])
     for label, xs in rounds.items():
         m = statistics.median(xs)
-        print(f"{a.workload} SGD, numbers as {label:17s} {1e3 * m:.4f} ms  {m / base:.2f}x")
+        print(f"{a.workload} SGD, numbers as {label:17s} {m:.4f} ms  {m / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,15 +31,6 @@ def _noop(w: bench._Workload, tx: Any) -> Callable[[], Any]:
     grads = [[jax.numpy.asarray(g) for g in gs] for gs in w.grads]
     f = jax.jit(lambda p, s, g: (p, s), donate_argnums=(0, 1))
     return bench.donated_steps(f, [params, tx.init(params)], grads, ready=0)
-
-
-def _round(step: Callable[[], Any], steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,7 +57,7 @@ def main() -> None:
             meds: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(a.rounds):
                 for k, f in runs.items():
-                    meds[k].append(1e3 * _round(f, a.steps))
+                    meds[k].append(bench._median_ms(f, a.steps, warmup=0))
             mn = {k: min(v) for k, v in meds.items()}
             md = {k: statistics.median(v) for k, v in meds.items()}
             print(f"{wname} {rule:6s} " + "  ".join(
