@@ -776,12 +776,19 @@ def _module(
     return where, src, where / f"uniopt_fused_{hashlib.sha1(src.encode()).hexdigest()[:16]}.py"
 
 
+def _loop_key(plan: list[tuple[Any, Any, tuple[str, ...]]],
+              storage: tuple[str | None, str | None], mode: str, seg: int = 0
+              ) -> tuple[Any, ...]:
+    """The key of ``plan``'s loop in its rule's memo (:func:`_loop`)."""
+    return ("cpu", storage, mode, seg, *[type(c) for _, c, _ in plan])
+
+
 def _compiled(memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]],
               storage: tuple[str, str], mode: str, seg: int = 0) -> bool:
     """Whether the loop for ``plan`` (segment ``seg`` of its rule) is at hand without
     compiling: loaded in this process, or its module on disk (written by the process that
     compiled it)."""
-    key = ("cpu", storage, mode, seg, *[type(c) for _, c, _ in plan])
+    key = _loop_key(plan, storage, mode, seg)
     if key in memo:
         return True
     seen = memo.get(("on disk", key))  # looked for once per rule
@@ -945,7 +952,7 @@ def _loop(
     """The compiled loop for ``plan``'s parts, found once per rule (in the rule's ``memo``) and
     by the records' types and segment ``seg`` (a run of elementwise parts between per-leaf
     ones: two runs may hold records of one type): a step looks it up in one small dict."""
-    key = ("cpu", storage, mode, seg, *[type(c) for _, c, _ in plan])
+    key = _loop_key(plan, storage, mode, seg)
     loop = memo.get(key)
     if loop is None:
         parts = _parts(plan, mode)
@@ -1163,7 +1170,7 @@ class Bound:
         self.big = int(sum(self.sizes.tolist()) >= PARALLEL_MIN)
         # the loop's key in the memo, and the loop once found, for a plan of fixed parts (the
         # same parts at every step, so the same types of coefficients)
-        self.key = ("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan])
+        self.key = _loop_key(plan, self.storage, "inplace")
         self.loop: Any = None
         # a rule of fixed parts (engine.fixed_parts: no schedule, each part its own at every
         # step): their coefficient methods, which a step given as a count calls for itself (the
@@ -1204,8 +1211,7 @@ class Bound:
                 loop = self.loop = self.memo.get(self.key)
         else:
             coefficients = _coefficients(plan, self.compute, len(self.params))
-            loop = self.memo.get(("cpu", self.storage, "inplace", 0,
-                                  *[type(c) for _, c, _ in plan]))
+            loop = self.memo.get(_loop_key(plan, self.storage, "inplace"))
         if loop is None:
             self.grads.clear()
             self.seen = None

@@ -13,7 +13,7 @@ from ..backend import is_torch, namespace
 from ..base import Info, PerLeaf, Rule, Transform
 from ..hyper import NONNEG, POSITIVE, Interval, check_integer, check_real, hyper
 from ..moments import fma, lerp
-from ..transforms.scale import safe_sqrt
+from ..transforms.scale import leaf_norm
 
 
 def _leaf_axes(x: Any) -> tuple[int, ...]:
@@ -55,14 +55,13 @@ def _leaf_norms(xp: Any, x: Any) -> Any:
     derivative a number would cut), shaped ``(batch, 1, ...)``."""
     if is_torch(x) and not backend.is_tracked():
         return [float(x[b].norm(2)) for b in range(x.shape[0])]
-    axes = _leaf_axes(x)
-    if not axes:
-        return xp.abs(x)
-    if is_torch(x):  # (torch's norm: its derivative at a leaf of zeros is 0, not sqrt's NaN)
+    if is_torch(x) and x.ndim > 1:
+        # (torch's own reduction, as the numbers above take it: the recorded step's values are
+        # the unrecorded one's; its derivative at a leaf of zeros is 0)
         import torch
 
-        return torch.linalg.vector_norm(x, dim=axes, keepdim=True)
-    return safe_sqrt(xp, xp.sum(x * x, axis=axes, keepdims=True))
+        return torch.linalg.vector_norm(x, dim=_leaf_axes(x), keepdim=True)
+    return leaf_norm(xp, x)
 
 
 def _larger(xp: Any, floor: Any, x: Any) -> Any:

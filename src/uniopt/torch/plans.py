@@ -234,8 +234,11 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
     """Raise what a new plan of group ``gi`` (``has``: which parameters step) is refused for,
     before any group steps (called for every group first): a complex parameter with a rule
     that takes real params only (the engine sees the real pairs, so its own refusal at set-up
-    never runs), and ``capturable=True`` with ``differentiable=True`` where the rule computes
-    its numbers on the host (the recorded step takes no multi-tensor path, which checks it)."""
+    never runs) or in an 8-bit group; a parameter or gradient of a torch.func transform in an
+    unrecorded group; a parameter without a gradient where a whole-tree part needs every one;
+    a recorded 8-bit step; and ``capturable=True`` with ``differentiable=True`` where the rule
+    computes its numbers on the host (the recorded step takes no multi-tensor path, which
+    checks it)."""
     at = next((i for i, p in enumerate(group["params"]) if has[i] and p.is_complex()), None)
     if at is not None:
         real = _real_only(rule)
@@ -264,13 +267,11 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
             f"{wholes[0].name} steps the group's parameters together (a state or a norm over "
             "every one of them); give each a gradient, or put those without one in a group of "
             "their own")
-    if is_q8(group):
-        at = next((i for i, p in enumerate(group["params"]) if has[i] and p.is_complex()), None)
-        if at is not None:  # (a KeyError for its absent scales, mid-plan)
-            raise ValueError(
-                f"parameter {at} of param group {gi} is complex: state_dtype='q8' keeps the "
-                "state of real parameters in 8 bits; put complex parameters in a group of "
-                "their own, without it")
+    if at is not None and is_q8(group):  # (a KeyError for its absent scales, mid-plan)
+        raise ValueError(
+            f"parameter {at} of param group {gi} is complex: state_dtype='q8' keeps the state "
+            "of real parameters in 8 bits; put complex parameters in a group of their own, "
+            "without it")
     if group.get("differentiable") and is_q8(group):
         raise ValueError(f"param group {gi}: {NO_RECORDED_Q8}")
     if group.get("differentiable") and group.get("capturable"):
@@ -344,6 +345,17 @@ class Steps:
         backend.mark_written([self.buf])
 
 
+def _recording(on: bool) -> contextlib.AbstractContextManager[Any]:
+    """Where a recorded step's state is made (``on``): inside ``tracked()`` with grad enabled,
+    so that a state that starts as the parameters (schedule-free's z) or as the lr (Rprop's
+    step sizes) carries their derivatives; elsewhere nothing."""
+    stack = contextlib.ExitStack()
+    if on:
+        stack.enter_context(backend.tracked())
+        stack.enter_context(torch.enable_grad())
+    return stack
+
+
 def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, rule: Transform,
                  names: SlotNames, steps: Steps, i: int, spec: Spec | None,
                  state_dtype: str | None = None) -> dict[str, Any]:
@@ -362,13 +374,10 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
     missing = [(key, name) for key, name in names if name not in st]
     if missing:
         sd = None if p.is_complex() else state_dtype
-        if spec == TRACKED:
-            # a recorded step's state starts recorded (schedule-free's z), from a copy of the
-            # parameter: what its making saves for the derivative is not then stepped in place
-            with backend.tracked():
-                fresh = setup(rule, [real(p).clone()], state_dtype=sd).slots
-        else:
-            fresh = setup(rule, [real(p.detach())], state_dtype=sd).slots
+        # (a recorded step's, made under _recording, from a copy of the parameter: what its
+        # making saves for the derivative is not then stepped in place)
+        made_of = real(p).clone() if spec == TRACKED else real(p.detach())
+        fresh = setup(rule, [made_of], state_dtype=sd).slots
         for key, name in missing:
             s = fresh[key][0]
             if isinstance(s, quant.Q8):
@@ -831,14 +840,10 @@ class Plan:
         """The states of the rule's whole-tree parts (a generator's), kept in the state of the
         group's first parameter, as torch's LBFGS keeps its own; made where missing."""
         st = self.state[self.plist[0]]
-        if self.tracked:  # (recorded, from copies, as a recorded step's slots are: DoG's p0)
-            with backend.tracked(), torch.enable_grad():
-                leaves = [real(p).clone() for p in self.plist]
-                return {keys[0]: st[keys[0]] if keys[0] in st else part.init_tree(leaves)
-                        for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
-        leaves = [real(p.detach()) for p in self.plist]
-        return {keys[0]: st[keys[0]] if keys[0] in st else part.init_tree(leaves)
-                for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
+        with _recording(self.tracked):  # (from copies, as a recorded step's slots are: DoG's p0)
+            leaves = [real(p).clone() if self.tracked else real(p.detach()) for p in self.plist]
+            return {keys[0]: st[keys[0]] if keys[0] in st else part.init_tree(leaves)
+                    for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
 
     def _rows_step(self, rule: Transform, i: int, g: torch.Tensor) -> None:
         """A sparse gradient, as torch's Adagrad takes it: the engine updates the rows present
@@ -940,9 +945,7 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
             # state is torch's); the views of bfloat16 bits are for the compiled loop only,
             # which reads them beside a state of float32 (or their own) only
             s = ("torch", None)
-        # (a recorded step's state is made recorded too: Rprop's step sizes start at its lr,
-        # whose derivative they carry)
-        with torch.enable_grad() if tracked else contextlib.nullcontext():
+        with _recording(tracked):
             st = ensure_state(state, p, rule, names, steps, i, s, group.get("state_dtype"))
         key = (s[0], p.dtype if s[0] == "np" else None, int(steps.np[i]),
                None if tags is None else tags[i])
