@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from uniopt.fast import cpu
 from uniopt.tools import bench
 
 
@@ -42,6 +43,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    # the steady step: small steps take the compiled loop at once (with a cold kernel cache
+    # they would run the reference path for their first COMPILE_AFTER steps)
+    cpu.COMPILE_AFTER = 0
     print(f"torch {torch.__version__}, one thread; µs per step, median over {a.rounds} rounds "
           "(ratio to torch fused)")
     for wname in a.workloads.split(","):
