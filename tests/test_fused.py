@@ -547,6 +547,33 @@ def test_processes_meeting_a_new_loop_together_compile_it_once(tmp_path: Any) ->
     assert counts == [(0, 1), (1, 0)], counts  # (compiled, loaded) in each process
 
 
+def test_a_loop_file_is_checked_and_written_under_the_lock(tmp_path: Any) -> None:
+    """The check and write of a loop's file wait for the lock, as its compile does. numba keys
+    its cache by the file's time stamp: a process that found no file before another wrote it,
+    and wrote it again once the other had compiled, missed the other's machine code and compiled
+    the loop a second time (the race of the two-process test above, seen once under CI's
+    load)."""
+    import os
+    import sys
+    import threading
+
+    fcntl = pytest.importorskip("fcntl")
+    path = tmp_path / "uniopt_loop_test.py"
+    held = os.open(tmp_path / "uniopt_loop_test.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as another process compiling the loop
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(fused._imported("x = 1\n", path)))
+    try:
+        worker.start()
+        worker.join(0.3)
+        assert not path.exists() and not done  # waiting: nothing read or written yet
+    finally:
+        os.close(held)
+        worker.join(30)
+    sys.modules.pop(path.stem, None)
+    assert path.read_text() == "x = 1\n" and done[0].x == 1
+
+
 # numba's start-up (as a compile runs it), then which implementation lowers each function and
 # signature, written to the file argv[1]
 _LOWERING = """

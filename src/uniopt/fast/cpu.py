@@ -855,33 +855,37 @@ def _imported(src: str, path: Path) -> Any:
     name = path.stem
     text = src.replace("cache=CACHE", "cache=True")
     data = text.encode()  # (bytes: no newline or encoding of the platform's between)
-    try:
-        written = path.read_bytes() == data
-    except OSError:
-        written = False
-    if not written:  # new, or damaged: its name is a hash of its text
-        # under a name of this writer's own (threads share a PID), then renamed: atomic, a
-        # concurrent reader sees all of it or none. (Machine code numba cached from damaged
-        # text is not loaded for this: numba keys it by the function's bytecode too.)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:16]}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            jitcache.uncached(path.parent, e)
-            module = types.ModuleType(name)
-            module.__dict__["CACHE"] = False  # (as _load's and q8's loops no import reaches)
-            exec(compile(src, f"<{name}>", "exec"), module.__dict__)
-            return module
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    # compiled as it is imported, by one process at a time: the ranks of a job on one machine
-    # (or a test suite's workers) that meet a loop new to the cache together compile it once,
-    # and the others load its machine code, in milliseconds, when the lock is theirs
+    # checked, written, compiled and imported by one process at a time: the ranks of a job on
+    # one machine (or a test suite's workers) that meet a loop new to the cache together
+    # compile it once, and the others load its machine code, in milliseconds, when the lock is
+    # theirs. The check is inside the lock too: numba keys its cache by the file's time stamp,
+    # and a process that found no file before another wrote it, and wrote it again after that
+    # one compiled, made the other's machine code stale to itself
     with _locked(path.with_suffix(".lock")):
+        try:
+            written = path.read_bytes() == data
+        except OSError:
+            written = False
+        if not written:  # new, or damaged: its name is a hash of its text
+            # under a name of this writer's own (threads share a PID), then renamed: atomic,
+            # a reader where there are no locks sees all of it or none. (Machine code numba
+            # cached from damaged text is not loaded for this: numba keys it by the
+            # function's bytecode too.)
+            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:16]}.tmp")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                jitcache.uncached(path.parent, e)
+                module = types.ModuleType(name)
+                module.__dict__["CACHE"] = False  # (as _load's and q8's loops no import reaches)
+                exec(compile(src, f"<{name}>", "exec"), module.__dict__)
+                return module
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # numba's cache finds the module by name when it loads
         # the text checked above, not Python's .pyc of the file: one file less to be damaged
         exec(compile(text, str(path), "exec"), module.__dict__)
