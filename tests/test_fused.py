@@ -548,11 +548,11 @@ def test_processes_meeting_a_new_loop_together_compile_it_once(tmp_path: Any) ->
 
 
 def test_a_loop_file_is_checked_and_written_under_the_lock(tmp_path: Any) -> None:
-    """The check and write of a loop's file wait for the lock, as its compile does. numba keys
-    its cache by the file's time stamp: a process that found no file before another wrote it,
-    and wrote it again once the other had compiled, missed the other's machine code and compiled
-    the loop a second time (the race of the two-process test above, seen once under CI's
-    load)."""
+    """The check and write of a loop's file wait for the lock, as its compile does. numba 0.62
+    (our floor) keys its cache by the file's time stamp: a process that found no file before
+    another wrote it, and wrote it again once the other had compiled, missed the other's machine
+    code and compiled the loop a second time (the race of the two-process test above, seen once
+    in CI)."""
     import os
     import sys
     import threading

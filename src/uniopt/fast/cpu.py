@@ -858,9 +858,10 @@ def _imported(src: str, path: Path) -> Any:
     # checked, written, compiled and imported by one process at a time: the ranks of a job on
     # one machine (or a test suite's workers) that meet a loop new to the cache together
     # compile it once, and the others load its machine code, in milliseconds, when the lock is
-    # theirs. The check is inside the lock too: numba keys its cache by the file's time stamp,
-    # and a process that found no file before another wrote it, and wrote it again after that
-    # one compiled, made the other's machine code stale to itself
+    # theirs. The check is inside the lock too: numba 0.62 keys its cache by the file's time
+    # stamp (later releases by its hash), and a process that found no file before another
+    # wrote it, and wrote it again after that one compiled, made the other's machine code
+    # stale to itself
     with _locked(path.with_suffix(".lock")):
         try:
             written = path.read_bytes() == data
