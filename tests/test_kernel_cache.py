@@ -3,6 +3,7 @@ damaged files: each step runs, and gives the one-thread loop's bits."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pathlib
@@ -59,8 +60,10 @@ def _run(script: str, timeout: float = 300, **env: str) -> subprocess.CompletedP
 def test_threads_meeting_a_new_loop_write_its_file_each_under_a_name_of_its_own(
         monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """Two threads of one process (members of a population) write a loop new to the cache at
-    once: neither's file is taken by the other's rename."""
+    once, where the file system has no locks (a lock makes them write in turn): neither's file
+    is taken by the other's rename."""
     both = threading.Barrier(2, timeout=30)
+    monkeypatch.setattr(cpu, "_locked", lambda path: contextlib.nullcontext())
     replace = os.replace
 
     def together(src: Any, dst: Any) -> None:
@@ -244,8 +247,9 @@ def test_a_full_disk_runs_the_loop_uncached_with_one_warning(
     (message,) = [str(w.message) for w in caught if str(w.message).startswith("uniopt:")]
     assert f"not cached in {tmp_path} (" in message and "$UNIOPT_CACHE_DIR" in message
     assert os.strerror(errno.ENOSPC) in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "__pycache__", "uniopt_test_full_nb.lock", "uniopt_test_full_nb.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # (the lock is made before the text)
+        "__pycache__", "uniopt_test_full_nb.lock", "uniopt_test_full_nb.py",
+        "uniopt_test_full_py.lock"]
     assert not [p for p in (tmp_path / "__pycache__").iterdir() if "tmp" in p.name]
 
 
