@@ -2453,3 +2453,68 @@ def test_a_complex_parameter_in_an_8_bit_group_is_named() -> None:
     opt = ut.Adam([{"params": [r], "state_dtype": "q8"}, {"params": [w]}], lr=0.1)
     opt.step()
     assert not torch.equal(w, torch.ones(4, dtype=torch.complex64))
+
+
+def _snapshot(opt: Any) -> list[Any]:
+    return [x.detach().clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x)
+            for group in opt.param_groups for p in group["params"]
+            for x in (p, *opt.state.get(p, {}).values())]
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                                    for x, y in zip(a, b, strict=True))
+
+
+_STEPPERS: dict[str, Callable[[Any], Any]] = {
+    "Adam": lambda ps: ut.Adam(ps, lr=0.1),
+    "SGD": lambda ps: ut.SGD(ps, lr=0.1, momentum=0.9),
+    "AdamW-foreach": lambda ps: ut.AdamW(ps, lr=0.1, foreach=True),
+    "Adagrad": lambda ps: ut.Adagrad(ps, lr=0.1),
+    "lamb": lambda ps: ut.Optimizer(ps, uo.lamb(lr=0.1)),
+}
+
+
+@pytest.mark.parametrize("make", _STEPPERS.values(), ids=_STEPPERS)
+def test_a_later_groups_bad_gradient_is_refused_before_any_group_steps(
+        make: Callable[[Any], Any]) -> None:
+    """Groups step in turn: a gradient of another shape in the second group was refused only
+    after the first group had stepped (its params, slots and count written). Every group's
+    gradients are now checked first, and the message names the group."""
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3, 2))
+    opt = make([{"params": [w]}, {"params": [b]}])
+    for p in (w, b):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    w.grad = torch.ones_like(w)
+    b.grad.data = torch.ones(2, 2)  # (the grad setter would refuse it; .data does not ask)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=re.escape(
+            "gradient for param_groups[1]['params'][0] has shape (2, 2), its parameter (3, 2)")):
+        opt.step()
+    assert _same(_snapshot(opt), before)
+
+
+@pytest.mark.parametrize("bad", [1, 2])
+def test_a_groups_later_run_with_a_bad_gradient_is_refused_before_the_first_steps(
+        bad: int) -> None:
+    """A group of float32 and float64 params steps as two runs (one engine call per dtype): a
+    bad gradient in the second run was refused after the first had stepped, and the message
+    named the parameter by its place in its run (params[0] for the group's params[1])."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(3)),
+          torch.nn.Parameter(torch.randn(2, dtype=torch.float64)),
+          torch.nn.Parameter(torch.randn(2))]
+    opt = ut.Adam(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    ps[bad].grad.data = torch.ones(5, dtype=ps[bad].dtype)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=re.escape(
+            f"gradient for params[{bad}] has shape (5,), its parameter (2,)")):
+        opt.step()
+    assert _same(_snapshot(opt), before)

@@ -11,6 +11,7 @@ loop; only the final write differs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -45,9 +46,18 @@ from .interop.jax import adjusted, flatten_rule, register_state, rewrapped, unfl
 from .state import AnyParams, State, stepped
 from .tree import NAMESPACE, flatten_leaves, flatten_named, unflatten
 
+# the names of an engine call's leaves where its caller knows them better than the flat list's
+# "params[i]" it is handed: uniopt.torch names a parameter by its index in its group (a run of
+# the group's step holds some of them) and the group by its index, where there are several
+LEAF_NAMES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "uniopt_leaf_names", default=None)
+
 
 def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
     leaves, treedef, names = flatten_named(params)
+    given = LEAF_NAMES.get()
+    if given is not None and len(given) == len(names):
+        names = given
     first = None
     for i, leaf in enumerate(leaves):
         if not backend.is_array(leaf):
@@ -1529,6 +1539,15 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
             # the new params
             g_leaves = _grads_apart(p_leaves, g_leaves, same_ok=False)
     return _Step(p_leaves, g_leaves, treedef)
+
+
+def check_step(state: State, params: Any, grads: Any) -> None:
+    """Raise where :func:`update_` would refuse these arrays, writing nothing: a caller that
+    steps several states in turn (uniopt.torch's runs and groups) checks every one before the
+    first writes."""
+    if type(grads) is backend.Addressed:
+        grads = grads.arrays()
+    _prologue(state, params, grads, writes=True)
 
 
 def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[str, list[Any]]:

@@ -554,7 +554,8 @@ class Optimizer(torch.optim.Optimizer):
             extras = [{} if job.rule.memo.get("reads_loss", False) is None
                       else self._loss_for(job.rule, loss, bool(job.group.get("differentiable")))
                       for job in jobs]
-            for job, extra in zip(jobs, extras, strict=True):
+            built = []
+            for job in jobs:
                 plan = job.plan
                 if plan is None:
                     assert job.sparse is not None  # _prepare looked at every gradient
@@ -563,8 +564,21 @@ class Optimizer(torch.optim.Optimizer):
                         self._sparse == "rows", self.state,
                         self._steps_for(job.gi, job.group["params"]),
                         self._run_tags(job.gi, job.group, job.has))
-                plan.run(job.rule, job.grads, job.views, self._run_rules(job.gi, plan, job.rule),
-                         job.resolved, extra)
+                built.append(plan)
+            several = len(jobs) > 1
+            views = [job.views for job in jobs]
+            wheres = [f"param_groups[{job.gi}]['params']" if several else "params"
+                      for job in jobs]
+            for k, (job, plan) in enumerate(zip(jobs, built, strict=True)):
+                if views[k] is None and (several or len(plan.runs) > 1):
+                    # gradients the fast path did not take, where one step writes in turns:
+                    # each turn's engine checks before the first writes (one turn's are its own)
+                    views[k] = plan.check(job.rule, job.grads,
+                                          self._run_rules(job.gi, plan, job.rule), wheres[k])
+            for job, plan, extra, v, where in zip(jobs, built, extras, views, wheres,
+                                                  strict=True):
+                plan.run(job.rule, job.grads, v, self._run_rules(job.gi, plan, job.rule),
+                         job.resolved, extra, where)
         finally:
             torch._C._set_grad_enabled(enabled)
         return loss

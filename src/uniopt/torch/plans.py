@@ -27,8 +27,10 @@ import torch
 from .. import backend, fast, quant
 from ..base import Elementwise, Transform, WholeTree
 from ..engine import (
+    LEAF_NAMES,
     NO_RECORDED_Q8,
     _real_only,
+    check_step,
     fixed_parts,
     flat_list_def,
     global_norm_parts,
@@ -727,28 +729,70 @@ class Plan:
                                   None if all(map(_CONTIGUOUS, sel)) else list(map(_STRIDE, sel)))
         return made[0]
 
+    def _views(self, grads: list[Any]) -> list[Any]:
+        """The engine's views of the gradients, where the fast path did not take them."""
+        gs = [grads[i] for i in self.sel]
+        if gs and self.first is None:  # (a new plan's: its next step may keep them)
+            self.first = weakref.ref(gs[0])
+        if self.sharding is not None:
+            gs = dtensor.local_grads(gs, self.sel_params)
+        return [_grad_view(g, p, spec)
+                for g, p, spec in zip(gs, self.sel_params, self.specs, strict=True)]
+
+    def _names(self, run: Run, where: str) -> list[str]:
+        """A run's parameters by their index in the group (``where``: the group's list, as
+        the user names it)."""
+        sel = self.sel
+        return [f"{where}[{sel[k]}]" for k in (range(len(sel)) if run.pos is None else run.pos)]
+
+    def _calls(self, rule: Transform, views: Any, rules: list[Transform] | None
+               ) -> list[tuple[Any, ...]]:
+        calls = []
+        for r, (run, step, treedef) in enumerate(zip(self.runs, self.run_steps(),
+                                                     self.treedefs, strict=True)):
+            leaves: Any = (views if run.pos is None else views.take(run.pos)
+                           if isinstance(views, backend.Addressed)
+                           else [views[k] for k in run.pos])
+            at = step if run.device_step is None else run.device_step
+            calls.append((run, rule if rules is None else rules[r], at, treedef, leaves))
+        return calls
+
+    def check(self, rule: Transform, grads: list[Any], rules: list[Transform] | None = None,
+              where: str = "params") -> list[Any]:
+        """Every run's engine checks of a step whose gradients the fast path did not take,
+        nothing written: a bad gradient of a later run, or of a later group, is refused before
+        an earlier one steps. The gradients' views, for :meth:`run`."""
+        if rules is not None and len(rules) == 1:
+            rule, rules = rules[0], None
+        views = self._views(grads)
+        trees = self._tree_states(rule) if rule.tree_layout else {}
+        for run, r, at, treedef, leaves in self._calls(rule, views, rules):
+            names = LEAF_NAMES.set(self._names(run, where))
+            try:
+                check_step(State(r, at, run.slots, treedef, self.state_dtype, trees),
+                           run.params, leaves)
+            finally:
+                LEAF_NAMES.reset(names)
+        return views
+
     def run(self, rule: Transform, grads: list[Any],
             views: list[Any] | backend.Addressed | None,
             rules: list[Transform] | None = None,
-            resolved: dict[int, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+            resolved: dict[int, Any] | None = None, extra: dict[str, Any] | None = None,
+            where: str = "params") -> None:
         """One step: an engine call per run, then the parameters with sparse gradients.
         ``rules``: one per run, where runs that share a step count differ in their numbers
         (None: ``rule`` for each). ``resolved``: ``rule`` resolved at some step counts (a
         scheduled rule, resolved by the checks before the step), or None. ``extra``: the
-        step's extra arguments (``value=``, the loss, for a rule that reads it)."""
+        step's extra arguments (``value=``, the loss, for a rule that reads it). ``where``:
+        how the user names the group's list of parameters, for the engine's messages."""
         extra = extra or {}
         if rules is not None:
             resolved = None  # of the group's rule, not of these
             if len(rules) == 1:
                 rule, rules = rules[0], None  # bound to the compiled loop as a group's rule is
         if views is None:
-            gs = [grads[i] for i in self.sel]
-            if gs and self.first is None:  # (a new plan's: its next step may keep them)
-                self.first = weakref.ref(gs[0])
-            if self.sharding is not None:
-                gs = dtensor.local_grads(gs, self.sel_params)
-            views = [_grad_view(g, p, spec)
-                     for g, p, spec in zip(gs, self.sel_params, self.specs, strict=True)]
+            views = self._views(grads)
         # (bound to a rule's loops: a group whose rule changed, say nesterov=True, binds anew)
         lane = self.lane
         if lane is not None and lane.memo is rule.memo and not extra:
@@ -776,25 +820,19 @@ class Plan:
         # the variable itself, not backend.sharded: a small step makes no extra Python call)
         shards = backend.SHARDED.set(self.sharding)
         try:
-            calls = []
-            for r, (run, step, treedef) in enumerate(zip(self.runs, self.run_steps(),
-                                                         self.treedefs, strict=True)):
-                leaves: Any = (views if run.pos is None else views.take(run.pos)
-                               if isinstance(views, backend.Addressed)
-                               else [views[k] for k in run.pos])
-                at = step if run.device_step is None else run.device_step
-                calls.append((run, rule if rules is None else rules[r], at, treedef, leaves))
+            calls = self._calls(rule, views, rules)
+            names = [self._names(run, where) for run, *_ in calls]
             if len(calls) > 1 and global_norm_parts(rule):
                 # a global norm (a chain's clip_by_global_norm) is every run's together: runs
                 # of other dtypes or step counts step apart
                 sums = [functools.partial(self._update, State(r, at, run.slots, treedef,
                                                               self.state_dtype, trees),
-                                          run.params, leaves, extra)
-                        for run, r, at, treedef, leaves in calls]
+                                          run.params, leaves, extra, names[k])
+                        for k, (run, r, at, treedef, leaves) in enumerate(calls)]
                 with shared_norms(rule, sums) as split:
-                    trees = self._step_runs(calls, trees, split, extra)
+                    trees = self._step_runs(calls, trees, split, extra, names)
             else:
-                trees = self._step_runs(calls, trees, None, extra)
+                trees = self._step_runs(calls, trees, None, extra, names)
         finally:
             backend.SHARDED.reset(shards)
             fast.FORCED.reset(forced)
@@ -809,13 +847,13 @@ class Plan:
         self._after(rule, grads)
 
     def _step_runs(self, calls: list[tuple[Any, ...]], trees: Any, split: Any,
-                   extra: dict[str, Any]) -> Any:
+                   extra: dict[str, Any], names: list[list[str]]) -> Any:
         """Each run's step in turn, handing on the tree states; the last ones."""
-        for run, rule, at, treedef, leaves in calls:
+        for (run, rule, at, treedef, leaves), run_names in zip(calls, names, strict=True):
             if split is not None:
                 split.at = 0
             new = self._update(State(rule, at, run.slots, treedef, self.state_dtype, trees),
-                               run.params, leaves, extra)
+                               run.params, leaves, extra, run_names)
             trees = new.tree_states
             if run.device_step is not None and new.step is not run.device_step:
                 run.device_step.copy_(new.step)  # a path that counts out of place
@@ -824,11 +862,15 @@ class Plan:
         return trees
 
     def _update(self, state: Any, params: list[Any], grads: Any,
-                extra: dict[str, Any]) -> Any:
-        if self.tracked:
-            with backend.tracked(), torch.enable_grad():
-                return update_(state, params, grads, **extra)
-        return update_(state, params, grads, **extra)  # without autograd (Optimizer.step)
+                extra: dict[str, Any], names: list[str]) -> Any:
+        given = LEAF_NAMES.set(names)
+        try:
+            if self.tracked:
+                with backend.tracked(), torch.enable_grad():
+                    return update_(state, params, grads, **extra)
+            return update_(state, params, grads, **extra)  # without autograd (Optimizer.step)
+        finally:
+            LEAF_NAMES.reset(given)
 
     def _after(self, rule: Transform, grads: list[Any]) -> None:
         """The parameters with sparse gradients, after the runs."""
