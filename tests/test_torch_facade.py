@@ -2461,9 +2461,18 @@ def _snapshot(opt: Any) -> list[Any]:
             for x in (p, *opt.state.get(p, {}).values())]
 
 
-def _same(a: list[Any], b: list[Any]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-                                    for x, y in zip(a, b, strict=True))
+def _same(a: Any, b: Any) -> bool:
+    """Equal, bit for bit where they are tensors, through lists, tuples and dicts (a
+    whole-tree part's state)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same(x, y) for x, y in zip(a, b, strict=True)))
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
 
 
 _STEPPERS: dict[str, Callable[[Any], Any]] = {
@@ -2517,4 +2526,47 @@ def test_a_groups_later_run_with_a_bad_gradient_is_refused_before_the_first_step
     with pytest.raises(ValueError, match=re.escape(
             f"gradient for params[{bad}] has shape (5,), its parameter (2,)")):
         opt.step()
+    assert _same(_snapshot(opt), before)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -5.0, 2.5, [1.0, 2.0]])
+@pytest.mark.parametrize("cls", [ut.Adam, ut.NAdam, ut.ASGD])
+def test_a_loaded_step_that_is_not_a_count_is_refused_with_nothing_loaded(
+        cls: Any, bad: Any) -> None:
+    """A state dict's step was not checked: a NaN step loaded half of NAdam's and ASGD's state
+    (its numbers derived from the count raised midway, 'cannot convert float NaN to
+    integer'), and -5 loaded, Adam then stepping with a negative bias correction."""
+    ps = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    opt = cls(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["step"] = torch.tensor(bad)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"the state of parameter 1 \(group 0, position 1\) has "
+                                         r"step .*, not a whole number of steps >= 0; nothing"):
+        opt.load_state_dict(sd)
+    assert _same(_snapshot(opt), before)
+
+
+@pytest.mark.parametrize("rule", [uo.prodigy(), uo.dog(), uo.schedule_free_adamw(lr=0.1)],
+                         ids=["prodigy", "dog", "schedule-free"])
+def test_a_whole_tree_rules_state_at_two_step_counts_is_refused_at_load(rule: Any) -> None:
+    """A rule that steps a group's parameters together (a whole-tree part) was handed a state
+    dict whose parameters were at different counts: it loaded, and the next step failed
+    with 'zip() argument 2 is longer than argument 1' or a tensor-size error."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3, 2))
+    opt = ut.Optimizer([a, b], rule)
+    for _ in range(3):
+        a.grad, b.grad = a.detach() + 0.1, b.detach() + 0.1
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["step"] = torch.tensor(1.0)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=re.escape(
+            "the parameters of group 0 are at steps {0: 3, 1: 1} (parameter: step), but "
+            f"{rule.name} steps a group's parameters together; nothing was loaded")):
+        opt.load_state_dict(sd)
     assert _same(_snapshot(opt), before)

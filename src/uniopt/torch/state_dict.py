@@ -3,6 +3,7 @@ parameters by position without looking, so a state of another optimizer or model
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
@@ -57,11 +58,19 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             raise type(e)(f"{where}: parameter group {gi} of the state: {e}") from None
         for j, (k, p) in enumerate(zip(s["params"], g["params"], strict=True)):
             owner[k] = (gi, j, p, rule, values)
+    counts: dict[int, dict[int, Any]] = {}  # of groups whose rule steps them together
     for k, st in sd["state"].items():
         if k not in owner or not st:
             continue
         gi, j, p, rule, values = owner[k]
         what = f"the state of parameter {k} (group {gi}, position {j})"
+        if "step" in st:
+            step = _step_count(st["step"])
+            if step is None:
+                raise ValueError(f"{where}: {what} has step {st['step']!r}, not a whole number "
+                                 "of steps >= 0; nothing was loaded")
+            if rule.tree_layout:
+                counts.setdefault(gi, {})[k] = step
         known = opt._known_slots(rule) | {"step"}
         q8 = values.get("state_dtype") == "q8"
         if q8:  # an 8-bit slot's block scales (uniopt.torch.plans.ABSMAX)
@@ -101,3 +110,26 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                     f"{where}: {what} has {name} of shape {tuple(v.shape)}, but that "
                     f"parameter has shape {tuple(p.shape)} and {keeps}; nothing was loaded"
                 )
+    for gi, steps in counts.items():
+        if len(set(steps.values())) > 1:
+            # (a whole-tree part, Prodigy's or DoG's, keeps one state for the group, stepped
+            # with every parameter at once)
+            raise ValueError(
+                f"{where}: the parameters of group {gi} are at steps {steps} (parameter: step), "
+                f"but {owner[next(iter(steps))][3].name} steps a group's parameters together; "
+                "nothing was loaded"
+            )
+
+
+def _step_count(x: Any) -> int | None:
+    """A loaded state's step count (a number, or a one-element real tensor: torch keeps it so),
+    or None where it is not a whole number >= 0."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_complex():
+            return None
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    if not (math.isfinite(x) and x >= 0 and x == int(x)):
+        return None
+    return int(x)
