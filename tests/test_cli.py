@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1336,3 +1337,44 @@ def test_compares_amsgrad_is_torchs_adam_amsgrad_and_the_registrys_torch_form():
     np.testing.assert_array_equal(p[0], q[0])
     assert main(["compare", "--rules", "amsgrad:weight_decay=0.01", "--steps", "5",
                  "--problems", "quadratic"]) == 0
+
+
+def test_bench_skips_8_bit_state_for_a_rule_that_has_none(capsys: Any) -> None:
+    """`uniopt bench --rules all` stopped at its first rule, acprop, with a traceback: its
+    "uniopt q8" row raised setup's refusal of 8-bit state, and an elementwise rule's errors
+    are re-raised."""
+    assert main(["bench", "--sizes", "1x64", "--rules", "acprop,adam", "--implementations",
+                 "uniopt,uniopt q8", "--repeats", "1", "--json"]) == 0
+    rows = {(r["rule"], r["implementation"]) for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows == {("acprop", "uniopt"), ("adam", "uniopt"), ("adam", "uniopt q8")}
+
+
+def test_bench_says_a_library_is_not_installed(monkeypatch: Any, capsys: Any) -> None:
+    """Without torch, every torch row was skipped as 'torch fused has no sgd step for float32
+    arrays here'."""
+    from uniopt.tools import bench
+
+    find = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else find(name, *a))
+    monkeypatch.setitem(sys.modules, "torch", None)  # (import torch raises ImportError)
+    assert main(["bench", "--sizes", "1x64", "--rules", "sgd", "--implementations",
+                 "uniopt,torch fused", "--repeats", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "1x64 sgd torch fused: skipped (torch is not installed)" in err, err
+
+
+def test_compare_lr_leaves_a_rule_without_one_as_it_is(capsys: Any) -> None:
+    """`--lr` is one learning rate for every run whose rule has one: SAM and Polyak's step
+    take theirs from elsewhere, and `--rules adam,sam --lr 0.01` failed as a whole with
+    "sam.__init__() got an unexpected keyword argument 'lr'"."""
+    assert main(["compare", "--rules", "adam,sam,polyak_sgd", "--lr", "0.01", "--problems",
+                 "quadratic", "--steps", "5", "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    lrs = {r["rule"]: r["lr"] for r in runs["results"]}
+    assert lrs == {"adam": 0.01, "sam": None, "polyak_sgd": None}, lrs
+
+
+def test_translate_errors_say_translate_once(capsys: Any) -> None:
+    assert main(["translate", "adamw", "--to", "optax", "--set", "nosuch=1"]) == 2
+    assert capsys.readouterr().err.strip() == "uniopt translate: adamw has no option 'nosuch'"

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import gc
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -233,8 +234,12 @@ class _Workload:
 def _uniopt(w: _Workload, rule: str, state_dtype: str | None = None) -> Callable[[], Any] | None:
     if w.dtype == "bfloat16" or (state_dtype is not None and w.dtype != "float32"):
         return None
+    made = _rule(rule)
+    if state_dtype == "q8" and (made.tree_layout or any(
+            getattr(part, "no_q8", None) for part in made.flat_parts)):
+        return None  # (no 8-bit state for this rule: acprop's, a whole-tree part's)
     params = [p.copy() for p in w.params]
-    state = [uo.setup(_rule(rule), params, state_dtype=state_dtype)]
+    state = [uo.setup(made, params, state_dtype=state_dtype)]
     k = [0]
 
     def step() -> None:
@@ -468,6 +473,21 @@ IMPLEMENTATIONS: dict[str, Callable[[_Workload, str], Callable[[], Any] | None]]
 }
 
 
+# the libraries an implementation's rows need beside NumPy (a row of one not installed is
+# skipped as such, not as a rule it has no step for)
+NEEDS = {"torch": ("torch",), "optax": ("jax", "optax"), "+ jit": ("jax",)}
+
+
+def missing(impl: str) -> str | None:
+    """The first library implementation ``impl`` needs that is not installed, or None."""
+    for key, libs in NEEDS.items():
+        if key in impl:
+            for lib in libs:
+                if importlib.util.find_spec(lib) is None:
+                    return lib
+    return None
+
+
 @dataclasses.dataclass
 class Row:
     workload: str
@@ -534,9 +554,11 @@ def run(
                 t0 = time.perf_counter()
                 try:
                     step = IMPLEMENTATIONS[impl](w, rule)
-                    if step is None:  # (the implementation's library missing, too)
-                        progress(f"{wname} {rule} {impl}: skipped ({impl} has no {rule} "
-                                 f"step for {w.dtype} arrays here)")
+                    if step is None:
+                        lib = missing(impl)
+                        progress(f"{wname} {rule} {impl}: skipped (" + (
+                            f"{lib} is not installed" if lib else
+                            f"{impl} has no {rule} step for {w.dtype} arrays here") + ")")
                         continue
                     step()
                 except (TypeError, ValueError) as e:

@@ -250,7 +250,9 @@ def build_run(spec: RuleSpec, problem: str, lr: float | None = None) -> Run:
     cls, kwargs, entry = _known_rule(spec.name)
     if entry is None:
         kwargs = {**kwargs, "lr": default_lr(problem, spec.name) if lr is None else lr}
-    elif lr is not None:
+    elif lr is not None and "lr" in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
+        # (a rule without one, SAM's or Polyak's, whose step size comes from elsewhere: as
+        # it is, its table's lr column a dash)
         kwargs = {**kwargs, "lr": lr}
     kwargs = {**kwargs, **spec.hyper}
     try:
@@ -714,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=_positive(float, "a positive number"),
         default=None,
-        help="one learning rate for every run, in place of the hand-picked ones",
+        help="one learning rate for every run whose rule has an lr, in place of the "
+        "hand-picked ones",
     )
     cmp.add_argument("--json", action="store_true", help="print the results as JSON")
     cmp.add_argument("--plot", metavar="FILE.png", default=None,
@@ -976,7 +979,8 @@ def _cmd_translate(args: argparse.Namespace) -> int:
         rule = conventions.build(args.rule, args.source, **dict([*args.hyper, *args.extra]))
         tr = conventions.translate(rule, args.source, args.target, **dict(args.options))
     except (ValueError, TypeError) as e:
-        print(f"uniopt translate: {e}", file=sys.stderr)
+        # (the function's own messages say "translate: ", for a caller in Python)
+        print(f"uniopt translate: {str(e).removeprefix('translate: ')}", file=sys.stderr)
         return 2
     if args.json:
         doc = {"rule": conventions.call(tr.rule), "source": tr.source, "target": tr.target,
@@ -1022,7 +1026,8 @@ def add_bench_parser(sub: Any) -> None:
     b = sub.add_parser(
         "bench",
         help="one optimizer step against the memory-bandwidth floor and torch.optim / optax",
-        description=(bench.__doc__ or "").strip().split("\n\n")[0],
+        # (the module's first paragraph, its reST literals as a terminal shows them)
+        description=(bench.__doc__ or "").strip().split("\n\n")[0].replace("``", "`"),
     )
     b.add_argument(
         "--workloads",
@@ -1053,7 +1058,8 @@ def add_bench_parser(sub: Any) -> None:
         "--implementations",
         type=_names("implementation", list(bench.IMPLEMENTATIONS)),
         default=list(bench.IMPLEMENTATIONS),
-        help="comma-separated (default: every one installed)",
+        help="comma-separated (default: all of them; a row whose library is not installed "
+        "is skipped, and says so)",
     )
     b.add_argument(
         "--dtype",
