@@ -2456,9 +2456,11 @@ def test_a_complex_parameter_in_an_8_bit_group_is_named() -> None:
 
 
 def _snapshot(opt: Any) -> list[Any]:
-    return [x.detach().clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x)
-            for group in opt.param_groups for p in group["params"]
-            for x in (p, *opt.state.get(p, {}).values())]
+    """Copies of the params and of everything in the optimizer's state (a rule of rules keeps
+    a group's state under a key of its own, not a parameter)."""
+    params = [p.detach().clone() for group in opt.param_groups for p in group["params"]]
+    return [*params, *(copy.deepcopy(v) for _, v in sorted(opt.state.items(),
+                                                          key=lambda kv: str(kv[0])))]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -2569,4 +2571,49 @@ def test_a_whole_tree_rules_state_at_two_step_counts_is_refused_at_load(rule: An
             "the parameters of group 0 are at steps {0: 3, 1: 1} (parameter: step), but "
             f"{rule.name} steps a group's parameters together; nothing was loaded")):
         opt.load_state_dict(sd)
+    assert _same(_snapshot(opt), before)
+
+
+def _by_rank() -> Any:
+    return uo.partition({"x": uo.adam(lr=0.1), "y": uo.sgd(lr=0.1, momentum=0.9)},
+                        lambda path, leaf: "x" if leaf.ndim == 2 else "y")
+
+
+def test_a_rule_of_rules_steps_a_group_with_a_non_contiguous_parameter() -> None:
+    """A group's arrays went to the engine as NumPy views where a parameter has one and as
+    tensors where not (a transposed weight): the engine refused the mix ('params[1] is a
+    numpy array but params[0] is a torch array'), where chain and the named classes step
+    such params. The group now goes as tensors where any parameter has no plain view."""
+    torch.manual_seed(0)
+    w0, b0 = torch.randn(3, 4, dtype=torch.float64).T, torch.randn(3, dtype=torch.float64)
+    runs = []
+    for w in (w0, w0.contiguous()):
+        ps = [torch.nn.Parameter(w.clone() if w.is_contiguous() else w.detach().clone().T.T),
+              torch.nn.Parameter(b0.clone())]
+        assert ps[0].is_contiguous() == w.is_contiguous()
+        opt = ut.Optimizer(ps, _by_rank())
+        for k in range(3):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.5 + k)
+            opt.step()
+        runs.append([p.detach() for p in ps])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+
+
+def test_a_rule_of_rules_refuses_a_later_groups_bad_gradient_before_any_group_steps() -> None:
+    """As the named classes' groups (above), for a rule of rules: each group's engine step
+    checked its own gradients after the groups before it had stepped."""
+    torch.manual_seed(0)
+    a, c = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    opt = ut.Optimizer([{"params": [a]}, {"params": [c]}], _by_rank())
+    for p in (a, c):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    a.grad = torch.ones_like(a)
+    c.grad.data = torch.ones(5)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=re.escape(
+            "gradient for param_groups[1]['params'][0] has shape (5,), its parameter (3,)")):
+        opt.step()
     assert _same(_snapshot(opt), before)

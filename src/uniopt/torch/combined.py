@@ -127,25 +127,36 @@ def every_gradient(opt: Any, name: str, why: str) -> None:
                              f"have no gradient: {why}")
 
 
-def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: bool = False,
-         **extra: Any) -> None:
-    """One step of group ``gi``; ``tensors``: the engine sees the tensors themselves, not
-    NumPy views (a rule that draws random numbers then draws torch's); ``extra``: the step's
-    extra arguments (``hvp=``)."""
+def prepare(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
+            tensors: bool = False) -> tuple[State, Any, Any]:
+    """Group ``gi``'s state, params and gradients as its engine step takes them; ``tensors``:
+    the engine sees the tensors themselves, not NumPy views (a rule that draws random numbers
+    then draws torch's)."""
     ps = group["params"]
     if dtensor.any_dtensor(ps):
         dtensor.check_rule(rule)  # raises: a combinator is a whole-tree part
-    specs = [("torch", None) if tensors else _spec(p) for p in ps]
+    specs = [_spec(p) for p in ps]
+    if tensors or any(s != plans.PLAIN for s in specs):
+        # the engine takes one array library per tree: where a parameter has no plain NumPy
+        # view (not contiguous, complex, on a device), every one goes as its tensor
+        specs = [("torch", None)] * len(ps)
     views = [plans._view(p, s) for p, s in zip(ps, specs, strict=True)]
     grads = [None if p.grad is None else plans._grad_view(p.grad, p, s)
              for p, s in zip(ps, specs, strict=True)]
-    key = KEY.format(gi)
     state = _state(opt, gi, group, rule, views)
-    state = update_(dataclasses.replace(state, rule=rule), _tree(group, views),
-                    _tree(group, grads), **extra)
+    return dataclasses.replace(state, rule=rule), _tree(group, views), _tree(group, grads)
+
+
+def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: bool = False,
+         prepared: tuple[State, Any, Any] | None = None, **extra: Any) -> None:
+    """One step of group ``gi`` (:func:`prepare`'s arrays, where the caller made them);
+    ``extra``: the step's extra arguments (``hvp=``)."""
+    state, params, grads = prepared or prepare(opt, gi, group, rule, tensors)
+    key = KEY.format(gi)
+    state = update_(state, params, grads, **extra)
     entry = _shared(to_tree(state))
     opt.state[key] = entry
-    opt._combined[gi] = (state, [id(p) for p in ps], entry)
+    opt._combined[gi] = (state, [id(p) for p in group["params"]], entry)
 
 
 def _shared(x: Any) -> Any:

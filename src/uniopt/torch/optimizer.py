@@ -17,7 +17,7 @@ from torch.optim.optimizer import ParamsT
 from .. import backend
 from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members, reads_loss
 from ..checkpoint import plain_schedules, schedules_from_plain
-from ..engine import adjust, no_q8_for_trees, resolve
+from ..engine import LEAF_NAMES, adjust, check_step, no_q8_for_trees, resolve
 from ..hyper import DeviceNumber, carries_derivative, has_schedule
 from ..interop import dtensor
 from ..state import State
@@ -545,8 +545,22 @@ class Optimizer(torch.optim.Optimizer):
                 for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
                     # (every group's refusals before any group steps, as _prepare's)
                     plans.refuse(rule, gi, group, [p.grad is not None for p in group["params"]])
-                for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
-                    combined.step(self, gi, group, rule, **self._loss_for(rule, loss))
+                prepared = [combined.prepare(self, gi, group, rule) for gi, (group, rule)
+                            in enumerate(zip(self.param_groups, rules, strict=True))]
+                if len(prepared) > 1:
+                    for gi, (state, ps, gs) in enumerate(prepared):
+                        # (every group's engine checks before the first group writes)
+                        names = LEAF_NAMES.set(None if isinstance(ps, dict) else
+                                               [f"param_groups[{gi}]['params'][{j}]"
+                                                for j in range(len(ps))])
+                        try:
+                            check_step(state, ps, gs)
+                        finally:
+                            LEAF_NAMES.reset(names)
+                for gi, (group, rule, made) in enumerate(zip(self.param_groups, rules, prepared,
+                                                             strict=True)):
+                    combined.step(self, gi, group, rule, prepared=made,
+                                  **self._loss_for(rule, loss))
                 combined.adopted(self)
                 return loss
             jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
