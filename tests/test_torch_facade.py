@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import inspect
 import io
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -2617,3 +2618,26 @@ def test_a_rule_of_rules_refuses_a_later_groups_bad_gradient_before_any_group_st
             "gradient for param_groups[1]['params'][0] has shape (5,), its parameter (3,)")):
         opt.step()
     assert _same(_snapshot(opt), before)
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (5,)])
+@pytest.mark.parametrize("cls", [ut.Adam, ut.SGD])
+def test_a_parameter_cut_in_place_with_its_old_gradient_is_refused(
+        cls: Any, shape: tuple[int, ...]) -> None:
+    """``p.data = p.data[:2]`` keeps the address and the strides: the plan's views of the old
+    shape stayed, and a gradient of the old shape was stepped into the parameter's storage past
+    its new end (torch's classes raise). The plan now compares each parameter's number of
+    elements too."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(shape))
+    opt = cls([w], lr=0.1)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    w.grad = torch.ones_like(w)
+    w.data = w.data[:2]
+    storage = w.detach().as_strided((math.prod(shape),), (1,)).clone()  # (all of it)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="has shape"):
+        opt.step()
+    assert _same(_snapshot(opt), before)
+    assert torch.equal(w.detach().as_strided((math.prod(shape),), (1,)), storage)

@@ -46,6 +46,7 @@ _DATA_PTR = torch.Tensor.data_ptr
 # whether a tensor is a torch.func transform's wrapper (no memory of its own)
 WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 _STRIDE = torch.Tensor.stride
+_NUMEL = torch.Tensor.numel
 _CONTIGUOUS = torch.Tensor.is_contiguous
 _DEREF = weakref.ref.__call__  # (operator.call is Python 3.11's)
 _SHAPE = operator.attrgetter("shape")
@@ -915,16 +916,18 @@ def _ptrs(ps: list[torch.Tensor], sharded: bool, wide: list[int], strided: bool
     as a plan's views of it were made: a parameter transposed, reshaped or given new strides
     where it is (``w.t_()``, ``w.data = w.data.view(4, 3)``, ``p.set_(storage, 0, shape,
     strides)``) keeps its address, and views made before would step its elements in the old
-    order or shape. Where every parameter was contiguous (``strided`` False), each must still
-    be (None if not: one flag per tensor), and those of two axes or more (``wide``) keep their
-    strides (a tuple each: W4's 10,000 vectors' would cost a millisecond a step); else every
-    parameter's strides."""
+    order or shape. A parameter cut where it is (``p.data = p.data[:2]``) keeps its address
+    and strides, but not its number of elements: a step of a gradient of the old shape would
+    write past its end (torch's classes raise). Where every parameter was contiguous
+    (``strided`` False), each must still be (None if not: one flag per tensor), and those of
+    two axes or more (``wide``) keep their strides (a tuple each: W4's 10,000 vectors' would
+    cost a millisecond a step); else every parameter's strides."""
     xs = dtensor.locals_of(ps) if sharded else ps
     if strided:
-        return [*map(_DATA_PTR, xs), *map(_STRIDE, xs)]
+        return [*map(_DATA_PTR, xs), *map(_NUMEL, xs), *map(_STRIDE, xs)]
     if not all(map(_CONTIGUOUS, xs)):
         return None
-    return [*map(_DATA_PTR, xs), *map(_STRIDE, map(xs.__getitem__, wide))]
+    return [*map(_DATA_PTR, xs), *map(_NUMEL, xs), *map(_STRIDE, map(xs.__getitem__, wide))]
 
 
 def _wide(ps: list[torch.Tensor], sharded: bool) -> list[int]:
