@@ -568,25 +568,23 @@ class Optimizer(torch.optim.Optimizer):
             extras = [{} if job.rule.memo.get("reads_loss", False) is None
                       else self._loss_for(job.rule, loss, bool(job.group.get("differentiable")))
                       for job in jobs]
-            built = []
-            for job in jobs:
-                plan = job.plan
-                if plan is None:
-                    assert job.sparse is not None  # _prepare looked at every gradient
-                    plan = self._plans[job.gi] = plans.build(
-                        job.group, job.rule, self._slot_names(job.rule), job.has, job.sparse,
-                        self._sparse == "rows", self.state,
-                        self._steps_for(job.gi, job.group["params"]),
-                        self._run_tags(job.gi, job.group, job.has))
-                built.append(plan)
-            several = len(jobs) > 1
+            if len(jobs) == 1:  # (a small step's cost: no lists of one)
+                job = jobs[0]
+                plan = job.plan or self._build(job)
+                views = job.views
+                if views is None and len(plan.runs) > 1:
+                    # gradients the fast path did not take, stepped run by run: each run's
+                    # engine checks before the first writes (one run's are its own)
+                    views = plan.check(job.rule, job.grads,
+                                       self._run_rules(job.gi, plan, job.rule))
+                plan.run(job.rule, job.grads, views, self._run_rules(job.gi, plan, job.rule),
+                         job.resolved, extras[0])
+                return loss
+            built = [job.plan or self._build(job) for job in jobs]
             views = [job.views for job in jobs]
-            wheres = [f"param_groups[{job.gi}]['params']" if several else "params"
-                      for job in jobs]
+            wheres = [f"param_groups[{job.gi}]['params']" for job in jobs]
             for k, (job, plan) in enumerate(zip(jobs, built, strict=True)):
-                if views[k] is None and (several or len(plan.runs) > 1):
-                    # gradients the fast path did not take, where one step writes in turns:
-                    # each turn's engine checks before the first writes (one turn's are its own)
+                if views[k] is None:  # (as above, and before any group writes)
                     views[k] = plan.check(job.rule, job.grads,
                                           self._run_rules(job.gi, plan, job.rule), wheres[k])
             for job, plan, extra, v, where in zip(jobs, built, extras, views, wheres,
@@ -596,6 +594,15 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             torch._C._set_grad_enabled(enabled)
         return loss
+
+    def _build(self, job: _Job) -> plans.Plan:
+        """A new plan for a group (:func:`plans.build`), kept for its later steps."""
+        assert job.sparse is not None  # _prepare looked at every gradient
+        plan = self._plans[job.gi] = plans.build(
+            job.group, job.rule, self._slot_names(job.rule), job.has, job.sparse,
+            self._sparse == "rows", self.state, self._steps_for(job.gi, job.group["params"]),
+            self._run_tags(job.gi, job.group, job.has))
+        return plan
 
     def _amp_skips(self) -> bool:
         """A step under ``torch.amp.GradScaler`` where the optimizer scales for itself (a
