@@ -1362,3 +1362,21 @@ def test_update_in_place_takes_empty_leaves_among_views() -> None:
     for _ in range(2):
         model(torch.ones(2, 4)).sum().backward()
         opt.step()
+
+
+@pytest.mark.parametrize("rule", [uo.lbfgs(), uo.sam(uo.sgd(lr=0.1))], ids=["lbfgs", "sam"])
+def test_a_closures_loss_of_many_numbers_is_refused_naming_its_shape(rule: Any) -> None:
+    """L-BFGS took a per-example loss to float() ('only 0-dimensional arrays can be converted
+    to Python scalars'), and SAM stepped on it silently."""
+    params = {"w": np.ones(3)}
+    state = uo.setup(rule, params)
+    with pytest.raises(ValueError, match=r"the closure's loss must be one number; got an array "
+                                         r"of shape \(3,\)"):
+        uo.minimize_step_(state, params, lambda q: (q["w"] ** 2, {"w": 2 * q["w"]}))
+    assert np.array_equal(params["w"], np.ones(3))
+    with pytest.raises(TypeError, match="got 'a'"):
+        uo.minimize_step_(state, params, lambda q: ("a", {"w": 2 * q["w"]}))
+    # one number, or an array of one element (torch's float(closure()) takes a loss of shape
+    # (1,)), steps
+    for loss in (1.0, np.float32(1.0), np.ones(()), np.ones((1,))):
+        uo.minimize_step(state, params, lambda q, loss=loss: (loss, {"w": 2 * q["w"]}))

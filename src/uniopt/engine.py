@@ -1983,6 +1983,15 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
 def _evaluation(out: Any) -> tuple[Any, Any]:
     if not isinstance(out, tuple) or len(out) != 2:
         raise TypeError(f"minimize_step: closure must return (loss, grads), got {out!r}")
+    loss = out[0]
+    shape = getattr(loss, "shape", None)
+    if shape is not None and math.prod(shape) != 1:  # (one element: torch's float(closure()))
+        raise ValueError(f"minimize_step: the closure's loss must be one number; got an array "
+                         f"of shape {tuple(shape)} (its mean or sum, for a loss per example)")
+    if shape is None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        raise TypeError(f"minimize_step: the closure's loss must be one number; got {loss!r}")
+    if shape is not None and len(shape):  # (one element: read as one number, as 0-d)
+        return loss.reshape(()), out[1]
     return out
 
 
