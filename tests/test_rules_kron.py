@@ -464,3 +464,18 @@ def test_an_empty_leaf_steps_under_jit() -> None:
         state, params = step(state, params, grads)
     assert params["z"].shape == (3, 0)
     assert bool(jnp.isfinite(params["w"]).all())
+
+
+def test_a_state_for_other_shapes_is_refused_naming_the_leaf() -> None:
+    """Kron's state is a whole-tree part's: set up for other params, a step failed in a
+    broadcast that named no leaf ('operands could not be broadcast'; torch's size error, a
+    RuntimeError; JAX's 'add got incompatible shapes')."""
+    state = uo.setup(uo.kron(lr=0.1), [np.ones((3, 2)), np.ones(4)])
+    for params, why in (([np.ones((2, 3)), np.ones(4)], r"momentum_buffer for leaf 0 has shape "
+                                                        r"\(3, 2\), where a param of shape "
+                                                        r"\(2, 3\)"),
+                        ([np.ones((3, 2)), np.ones(5)], r"leaf 1 has shape \(4,\)")):
+        before = [p.copy() for p in params]
+        with pytest.raises(ValueError, match=why + ".*this state was set up for other params"):
+            uo.update_(state, params, [np.full(p.shape, 0.1) for p in params])
+        assert all(np.array_equal(a, b) for a, b in zip(params, before, strict=True))

@@ -172,6 +172,24 @@ class scale_by_kron(WholeTree):
                 "Q": qs, "update_counter": counter, "generator": gen,
                 "balance_generator": balance}
 
+    def check_tree(self, state: Any, leaves: list[Any]) -> str | None:
+        if not isinstance(state, dict):
+            return None
+        ms, qs = state.get("momentum_buffer"), state.get("Q")
+        for i, p in enumerate(leaves):
+            shape = tuple(p.shape)
+            if isinstance(ms, list) and i < len(ms) and tuple(ms[i].shape) != shape:
+                return (f"momentum_buffer for leaf {i} has shape {tuple(ms[i].shape)}, where a "
+                        f"param of shape {shape} keeps {shape}")
+            factors = qs[i] if isinstance(qs, list) and i < len(qs) else None
+            if shape and isinstance(factors, list) and (
+                    len(factors) != len(shape) or any(
+                        tuple(q.shape)[:1] != (n,) for q, n in zip(factors, shape, strict=True))):
+                return (f"Q for leaf {i} has factors of shapes "
+                        f"{[tuple(q.shape) for q in factors]}, where a param of shape {shape} "
+                        f"keeps one per axis, of its length")
+        return None
+
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
         leaves, treedef = flatten_leaves(u)
