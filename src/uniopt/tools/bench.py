@@ -525,8 +525,19 @@ def run(
     from ..fast import cpu
 
     # a long run's steady state: small steps take the compiled loop from the first one, where a
-    # short run keeps the reference path for its first COMPILE_AFTER of them
-    cpu.COMPILE_AFTER = 0
+    # short run keeps the reference path for its first COMPILE_AFTER of them (for this run: a
+    # caller's later small steps count as before)
+    after, cpu.COMPILE_AFTER = cpu.COMPILE_AFTER, 0
+    try:
+        return _run(workloads, rules, implementations, repeats, shapes, progress, slow, dtype,
+                    device)
+    finally:
+        cpu.COMPILE_AFTER = after
+
+
+def _run(workloads: list[str], rules: list[str], implementations: list[str], repeats: int,
+         shapes: dict[str, list[tuple[int, ...]]] | None, progress: Callable[[str], None],
+         slow: bool, dtype: str, device: str) -> tuple[float, list[Row]]:
     on_cpu = device == "cpu"
     if not on_cpu:
         for impl in implementations:
