@@ -443,6 +443,20 @@ def _classes(rank: int, world: int, kinds: list[str], names: list[str],
     _train(plain, uniopt.torch.AdamW(plain.parameters(), **CLASSES["AdamW"]), "mlp", 10)
     out["mlp/offload AdamW"] = {"placements": _placements(opt),
                                 "unsharded": _diff(_full(m), _full(plain))}
+    # two param groups, each stepped after every group's checks: the checks see each shard as
+    # part of its whole tensor, as the step does (Adafactor's factors are the whole matrix's)
+    def two_groups(model: Any) -> Any:
+        ps = list(model.parameters())
+        return uniopt.torch.Adafactor([{"params": [p for p in ps if p.ndim == 2]},
+                                       {"params": [p for p in ps if p.ndim != 2]}],
+                                      **CLASSES["Adafactor"])
+
+    m, plain = _fsdp(_model("mlp"), mesh), _model("mlp")
+    opt = two_groups(m)
+    _train(m, opt, "mlp", STEPS)
+    _train(plain, two_groups(plain), "mlp", STEPS)
+    out["mlp/two-groups Adafactor"] = {"placements": _placements(opt),
+                                       "unsharded": _diff(_full(m), _full(plain))}
     for name, rule in _RECIPES.items():  # per-leaf parts in recipes, gathered whole
         m = _fsdp(_model("mlp"), mesh)
         opt = uniopt.torch.Optimizer(m.parameters(), rule)

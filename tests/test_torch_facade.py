@@ -2641,3 +2641,76 @@ def test_a_parameter_cut_in_place_with_its_old_gradient_is_refused(
         opt.step()
     assert _same(_snapshot(opt), before)
     assert torch.equal(w.detach().as_strided((math.prod(shape),), (1,)), storage)
+
+
+def test_bfloat16_groups_and_runs_step_as_one_group_does() -> None:
+    """The checks before a step of several groups (or runs) took bfloat16 tensors' NumPy views
+    (their bits, uint16) for integer params: 'params[0] has dtype uint16', nothing stepped."""
+    def run(split: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)),
+              torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16)),
+              torch.nn.Parameter(torch.randn(2, dtype=torch.float32))]
+        groups: Any = ps if split == "runs" else [{"params": ps[:1]}, {"params": ps[1:]}]
+        opt = ut.AdamW(groups, lr=0.1)
+        for k in range(3):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.5 + k)
+            opt.step()
+        return [p.detach() for p in ps]
+
+    for a, b in zip(run("runs"), run("groups"), strict=True):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)) for _ in range(2)]
+    opt = ut.AdamW([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    ps[0].grad = torch.ones_like(ps[0])
+    ps[1].grad.data = torch.ones(5, dtype=torch.bfloat16)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=re.escape(
+            "gradient for param_groups[1]['params'][0] has shape (5,), its parameter (4,)")):
+        opt.step()
+    assert _same(_snapshot(opt), before)
+
+
+@pytest.mark.parametrize("split", ["groups", "runs"])
+def test_a_recorded_step_of_several_groups_or_runs_differentiates_inside_torch_func(
+        split: str) -> None:
+    """The checks before a step of several groups (or runs) ran outside tracked(): inside
+    torch.func.grad a differentiable=True step then refused its own lr ('carries a torch.func
+    derivative ... use differentiable=True')."""
+    def inside(lr: Any) -> Any:
+        p = torch.linspace(-1, 1, 4, dtype=torch.float64)
+        q = torch.linspace(-1, 1, 3, dtype=torch.float64 if split == "groups" else
+                           torch.float32)
+        groups: Any = [{"params": [p]}, {"params": [q]}] if split == "groups" else [p, q]
+        opt = ut.SGD(groups, lr=lr, momentum=0.9, differentiable=True)
+        p.grad, q.grad = p * 2, q * 2
+        opt.step()
+        return (p**2).sum() + (q.double() ** 2).sum()
+
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    got = torch.func.grad(inside)(lr)
+    # one step, the buffer the gradient 2x: x(1 - 2 lr), whose squares' derivative in lr is
+    # -4 (1 - 2 lr) x^2 (the float32 vector's -1, 0, 1 exact)
+    squares = 1 + 1 / 9 + 1 / 9 + 1 + 2
+    assert float(got) == pytest.approx(-4 * (1 - 2 * 0.1) * squares, rel=1e-7)
+
+
+@pytest.mark.parametrize("step", [np.int64(1), np.float32(1), 1, 1.0])
+def test_a_loaded_step_as_a_numpy_number_loads_as_torch_loads_it(step: Any) -> None:
+    """The step check (above) first refused NumPy numbers, which torch's load takes."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    ref = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    ref.step()
+    sd = ref.state_dict()
+    sd["state"][0]["step"] = step
+    opt = ut.Adam([q], lr=0.1)
+    opt.load_state_dict(sd)
+    q.grad = torch.ones_like(q)
+    opt.step()
+    assert plans.state_step(opt.state[q]) == 2

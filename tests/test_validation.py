@@ -1380,3 +1380,5 @@ def test_a_closures_loss_of_many_numbers_is_refused_naming_its_shape(rule: Any) 
     # (1,)), steps
     for loss in (1.0, np.float32(1.0), np.ones(()), np.ones((1,))):
         uo.minimize_step(state, params, lambda q, loss=loss: (loss, {"w": 2 * q["w"]}))
+    if rule.name == "sam":  # (a rule that reads no loss: a closure may give none)
+        uo.minimize_step(state, params, lambda q: (None, {"w": 2 * q["w"]}))

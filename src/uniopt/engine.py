@@ -1547,6 +1547,20 @@ def check_step(state: State, params: Any, grads: Any) -> None:
     first writes."""
     if type(grads) is backend.Addressed:
         grads = grads.arrays()
+    leaves = flatten_leaves(params)[0]
+    if leaves and backend.is_numpy(leaves[0]) and backend.is_bfloat16_bits(leaves[0]):
+        # bfloat16 tensors' NumPy views (their bits): only the compiled loop takes them, and
+        # checks their kinds itself, declining with a reason; here what it cannot tell apart
+        # from a reason to decline, a gradient of another shape
+        names = flatten_named(params)[2]
+        given = LEAF_NAMES.get()
+        if given is not None and len(given) == len(names):
+            names = given
+        for name, p, g in zip(names, leaves, flatten_leaves(grads)[0], strict=False):
+            if g is not None and tuple(g.shape) != tuple(p.shape):
+                raise ValueError(f"gradient for {name} has shape {tuple(g.shape)}, its "
+                                 f"parameter {tuple(p.shape)}")
+        return
     _prologue(state, params, grads, writes=True)
 
 
@@ -1988,7 +2002,8 @@ def _evaluation(out: Any) -> tuple[Any, Any]:
     if shape is not None and math.prod(shape) != 1:  # (one element: torch's float(closure()))
         raise ValueError(f"minimize_step: the closure's loss must be one number; got an array "
                          f"of shape {tuple(shape)} (its mean or sum, for a loss per example)")
-    if shape is None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+    if loss is not None and shape is None and (  # (None: a rule that reads no loss)
+            isinstance(loss, bool) or not isinstance(loss, (int, float))):
         raise TypeError(f"minimize_step: the closure's loss must be one number; got {loss!r}")
     if shape is not None and len(shape):  # (one element: read as one number, as 0-d)
         return loss.reshape(()), out[1]

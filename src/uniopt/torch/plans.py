@@ -767,13 +767,21 @@ class Plan:
             rule, rules = rules[0], None
         views = self._views(grads)
         trees = self._tree_states(rule) if rule.tree_layout else {}
-        for run, r, at, treedef, leaves in self._calls(rule, views, rules):
-            names = LEAF_NAMES.set(self._names(run, where))
-            try:
-                check_step(State(r, at, run.slots, treedef, self.state_dtype, trees),
-                           run.params, leaves)
-            finally:
-                LEAF_NAMES.reset(names)
+        # as run's engine calls see them: DTensor shards as their whole tensors' parts, and a
+        # recorded step's derivatives inside tracked()
+        shards = backend.SHARDED.set(self.sharding)
+        try:
+            with backend.tracked() if self.tracked else contextlib.nullcontext(), \
+                    torch.enable_grad() if self.tracked else contextlib.nullcontext():
+                for run, r, at, treedef, leaves in self._calls(rule, views, rules):
+                    names = LEAF_NAMES.set(self._names(run, where))
+                    try:
+                        check_step(State(r, at, run.slots, treedef, self.state_dtype, trees),
+                                   run.params, leaves)
+                    finally:
+                        LEAF_NAMES.reset(names)
+        finally:
+            backend.SHARDED.reset(shards)
         return views
 
     def run(self, rule: Transform, grads: list[Any],

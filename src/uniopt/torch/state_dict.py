@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from .. import quant
@@ -126,6 +127,10 @@ def _step_count(x: Any) -> int | None:
     or None where it is not a whole number >= 0."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1 or x.is_complex():
+            return None
+        x = x.item()
+    elif isinstance(x, (np.generic, np.ndarray)):  # (torch's load takes them too)
+        if np.size(x) != 1 or np.iscomplexobj(x):
             return None
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, (int, float)):
