@@ -1065,10 +1065,23 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
         assert captured.out == "" and not png.exists()
 
 
-def test_plot_to_an_unwritable_path_is_a_usage_error(tmp_path, capsys):
+def test_plot_to_an_unwritable_path_is_a_usage_error_before_the_runs(tmp_path, capsys,
+                                                                     monkeypatch):
+    """Each command said so only after all its runs (compare's nine rules, a bench)."""
     pytest.importorskip("matplotlib")
-    assert main(["schedule", "cosine(1, 10)", "--plot", str(tmp_path / "no" / "x.png")]) == 2
-    assert "cannot write" in capsys.readouterr().err
+    from uniopt.tools import bench
+
+    def no_runs(*a: Any, **k: Any) -> Any:
+        raise AssertionError("ran before the plot's path was checked")
+
+    monkeypatch.setattr(bench, "run", no_runs)
+    monkeypatch.setattr("uniopt.tools.cli.compare", no_runs)
+    bad = str(tmp_path / "no" / "x.png")
+    for argv in (["schedule", "cosine(1, 10)"], ["compare", "--steps", "5"],
+                 ["bench", "--sizes", "1x10"]):
+        assert main([*argv, "--plot", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write {bad}: there is no directory {tmp_path / 'no'}" in err, err
 
 
 # --- uniopt schedule ----------------------------------------------------------------------------

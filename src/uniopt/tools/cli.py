@@ -839,7 +839,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from . import plots
 
-        plots.require()
+        plots.require(args.plot)
     try:
         values = [float(sched(k)) for k in steps]
     except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
@@ -1132,7 +1132,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from . import plots
 
-        plots.require()
+        plots.require(args.plot)
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     rules = []
     for name in args.rules:
@@ -1167,7 +1167,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from . import plots
 
-        plots.require()  # before the runs, not after
+        plots.require(args.plot)  # before the runs, not after
     total = len(specs) * len(problems) * len(args.seeds) * args.steps
     bar = Progress(total, enabled=args.progress and sys.stderr.isatty())
     results = compare(specs, problems, args.steps, args.seeds, args.tol, args.lr, bar,

@@ -9,6 +9,7 @@ points over the contours of a 2-D problem).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,10 @@ Result = Any
 EXTRA = "plot"
 
 
-def require() -> None:
-    """A UsageError naming the extra to install when matplotlib is missing."""
+def require(path: str | None = None) -> None:
+    """A UsageError naming the extra to install when matplotlib is missing, or saying why
+    ``path`` cannot be written where its directory is missing or not writable: before a
+    command's runs, not after them."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -34,6 +37,12 @@ def require() -> None:
             f"--plot needs matplotlib, which is not installed: pip install 'uniopt[{EXTRA}]' "
             "(or pip install matplotlib)"
         ) from None
+    if path is not None:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UsageError(f"cannot write {path}: there is no directory {folder}")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write {path}: {folder} is not writable")
 
 
 def _figure(width: float, height: float) -> Any:
