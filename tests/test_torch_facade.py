@@ -2714,3 +2714,23 @@ def test_a_loaded_step_as_a_numpy_number_loads_as_torch_loads_it(step: Any) -> N
     q.grad = torch.ones_like(q)
     opt.step()
     assert plans.state_step(opt.state[q]) == 2
+
+
+@pytest.mark.parametrize("cls", ["SGD", "Adam"])
+def test_a_later_groups_gradient_viewing_an_earlier_groups_parameter_reads_it_stepped(
+        cls: str) -> None:
+    """Groups step in turn, and torch reads a later group's gradient when its group steps: one
+    that views an earlier group's parameter (transposed, so copied to its parameter's layout)
+    sees that parameter stepped. The checks before the step (above) first copied it before any
+    group stepped."""
+    runs = []
+    for mod in (ut, torch.optim):
+        a, b = torch.ones(2, 3, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)
+        opt = getattr(mod, cls)([{"params": [a]}, {"params": [b]}], lr=0.5)
+        for k in range(3):
+            a.grad = torch.full((2, 3), 1.0 + k, dtype=torch.float64)
+            b.grad = a.t()
+            opt.step()
+        runs.append((a, b))
+    for x, y in zip(*runs, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-14, atol=0)

@@ -581,16 +581,17 @@ class Optimizer(torch.optim.Optimizer):
                          job.resolved, extras[0])
                 return loss
             built = [job.plan or self._build(job) for job in jobs]
-            views = [job.views for job in jobs]
             wheres = [f"param_groups[{job.gi}]['params']" for job in jobs]
-            for k, (job, plan) in enumerate(zip(jobs, built, strict=True)):
-                if views[k] is None:  # (as above, and before any group writes)
-                    views[k] = plan.check(job.rule, job.grads,
-                                          self._run_rules(job.gi, plan, job.rule), wheres[k])
-            for job, plan, extra, v, where in zip(jobs, built, extras, views, wheres,
-                                                  strict=True):
-                plan.run(job.rule, job.grads, v, self._run_rules(job.gi, plan, job.rule),
-                         job.resolved, extra, where)
+            for job, plan, where in zip(jobs, built, wheres, strict=True):
+                if job.views is None:  # (as above, and before any group writes)
+                    # (its views are not kept: a gradient copied to its parameter's layout is
+                    # copied again when its group steps, after the groups before it, as a
+                    # gradient that views another group's parameter reads it then in torch)
+                    plan.check(job.rule, job.grads, self._run_rules(job.gi, plan, job.rule),
+                               where)
+            for job, plan, extra, where in zip(jobs, built, extras, wheres, strict=True):
+                plan.run(job.rule, job.grads, job.views,
+                         self._run_rules(job.gi, plan, job.rule), job.resolved, extra, where)
         finally:
             torch._C._set_grad_enabled(enabled)
         return loss
