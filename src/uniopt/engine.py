@@ -53,11 +53,17 @@ LEAF_NAMES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "uniopt_leaf_names", default=None)
 
 
-def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
+def _named(params: Any) -> tuple[list[Any], Any, list[str]]:
+    """``flatten_named(params)``, the names its caller gave (:data:`LEAF_NAMES`) where it did."""
     leaves, treedef, names = flatten_named(params)
     given = LEAF_NAMES.get()
     if given is not None and len(given) == len(names):
         names = given
+    return leaves, treedef, names
+
+
+def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
+    leaves, treedef, names = _named(params)
     first = None
     for i, leaf in enumerate(leaves):
         if not backend.is_array(leaf):
@@ -1547,19 +1553,12 @@ def check_step(state: State, params: Any, grads: Any) -> None:
     first writes."""
     if type(grads) is backend.Addressed:
         grads = grads.arrays()
-    leaves = flatten_leaves(params)[0]
+    leaves, treedef, names = _named(params)
     if leaves and backend.is_numpy(leaves[0]) and backend.is_bfloat16_bits(leaves[0]):
-        # bfloat16 tensors' NumPy views (their bits): only the compiled loop takes them, and
-        # checks their kinds itself, declining with a reason; here what it cannot tell apart
-        # from a reason to decline, a gradient of another shape
-        names = flatten_named(params)[2]
-        given = LEAF_NAMES.get()
-        if given is not None and len(given) == len(names):
-            names = given
-        for name, p, g in zip(names, leaves, flatten_leaves(grads)[0], strict=False):
-            if g is not None and tuple(g.shape) != tuple(p.shape):
-                raise ValueError(f"gradient for {name} has shape {tuple(g.shape)}, its "
-                                 f"parameter {tuple(p.shape)}")
+        # bfloat16 tensors' NumPy views (their bits, which _leaves takes for integers): only
+        # the compiled loop takes them, and checks their kinds itself, declining with a reason;
+        # here what it cannot tell apart from a reason to decline, the gradients' alignment
+        _align_grads(grads, treedef, names, leaves, none=True)
         return
     _prologue(state, params, grads, writes=True)
 

@@ -213,6 +213,12 @@ def _no_recorded_combinator(rule: Transform) -> str:
             "uniopt.backend.tracked()")
 
 
+def _group_list(gi: int) -> str:
+    """Group ``gi``'s list of parameters as a user names it, where a step has several groups
+    (the engine's messages name a parameter by its index in it)."""
+    return f"param_groups[{gi}]['params']"
+
+
 class _Job(NamedTuple):
     """A group's step, checked: nothing is written before every group has one."""
 
@@ -551,7 +557,7 @@ class Optimizer(torch.optim.Optimizer):
                     for gi, (state, ps, gs) in enumerate(prepared):
                         # (every group's engine checks before the first group writes)
                         names = LEAF_NAMES.set(None if isinstance(ps, dict) else
-                                               [f"param_groups[{gi}]['params'][{j}]"
+                                               [f"{_group_list(gi)}[{j}]"
                                                 for j in range(len(ps))])
                         try:
                             check_step(state, ps, gs)
@@ -581,7 +587,7 @@ class Optimizer(torch.optim.Optimizer):
                          job.resolved, extras[0])
                 return loss
             built = [job.plan or self._build(job) for job in jobs]
-            wheres = [f"param_groups[{job.gi}]['params']" for job in jobs]
+            wheres = [_group_list(job.gi) for job in jobs]
             for job, plan, where in zip(jobs, built, wheres, strict=True):
                 if job.views is None:  # (as above, and before any group writes)
                     # (its views are not kept: a gradient copied to its parameter's layout is

@@ -771,8 +771,7 @@ class Plan:
         # recorded step's derivatives inside tracked()
         shards = backend.SHARDED.set(self.sharding)
         try:
-            with backend.tracked() if self.tracked else contextlib.nullcontext(), \
-                    torch.enable_grad() if self.tracked else contextlib.nullcontext():
+            with _recording(self.tracked):
                 for run, r, at, treedef, leaves in self._calls(rule, views, rules):
                     names = LEAF_NAMES.set(self._names(run, where))
                     try:
