@@ -62,13 +62,7 @@ def main() -> None:
         carry = [[jnp.array(p) for p in w.params],
                  ([jnp.zeros_like(jnp.asarray(p)) for p in w.params], make())]
         steps[label] = bench.donated_steps(update, carry, grads, ready=0)
-    for step in steps.values():
-        for _ in range(50):
-            step()
-    rounds: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(a.rounds):
-        for label, step in steps.items():
-            rounds[label].append(bench._median_ms(step, a.steps, warmup=0))
+    rounds = bench._interleaved(steps, a.rounds, a.steps, warmup=50)
     base = statistics.median(rounds["constants"])
     for label, xs in rounds.items():
         m = statistics.median(xs)

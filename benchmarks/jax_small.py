@@ -51,13 +51,7 @@ def main() -> None:
                 continue
             # (the floor takes the rule's own state: SGD's has half the arrays of Adam's)
             runs = {"no-op": _noop(w, tx), "optax": bench._optax(w, rule), "uniopt": uniopt}
-            for f in runs.values():
-                for _ in range(5):
-                    f()
-            meds: dict[str, list[float]] = {k: [] for k in runs}
-            for _ in range(a.rounds):
-                for k, f in runs.items():
-                    meds[k].append(bench._median_ms(f, a.steps, warmup=0))
+            meds = bench._interleaved(runs, a.rounds, a.steps, warmup=5)
             mn = {k: min(v) for k, v in meds.items()}
             md = {k: statistics.median(v) for k, v in meds.items()}
             print(f"{wname} {rule:6s} " + "  ".join(

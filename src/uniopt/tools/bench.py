@@ -145,6 +145,20 @@ def _median_ms(step: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _interleaved(steps: dict[str, Callable[[], Any]], rounds: int, repeats: int,
+                 warmup: int) -> dict[str, list[float]]:
+    """Each step's median ms over ``repeats`` calls, in ``rounds`` rounds that take the steps
+    in turn (a noisy machine weighs on each alike), after ``warmup`` calls of each."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    out: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            out[label].append(_median_ms(step, repeats, warmup=0))
+    return out
+
+
 def bandwidth(n: int = 16_800_000, repeats: int = 10) -> float:
     """Bytes per second of a fused 4-read/3-write float32 pass, as Adam's step needs: the best
     of one thread and all threads (on some virtual machines one thread is the faster)."""
