@@ -53,17 +53,16 @@ LEAF_NAMES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "uniopt_leaf_names", default=None)
 
 
-def _named(params: Any) -> tuple[list[Any], Any, list[str]]:
-    """``flatten_named(params)``, the names its caller gave (:data:`LEAF_NAMES`) where it did."""
+def _leaves(params: Any, what: str = "params", kinds: bool = True
+            ) -> tuple[list[Any], Any, list[str]]:
+    """``params`` flattened, with the names its caller gave (:data:`LEAF_NAMES`) where it did;
+    ``kinds``: each leaf checked to be a floating array of one library."""
     leaves, treedef, names = flatten_named(params)
     given = LEAF_NAMES.get()
     if given is not None and len(given) == len(names):
         names = given
-    return leaves, treedef, names
-
-
-def _leaves(params: Any, what: str = "params") -> tuple[list[Any], Any, list[str]]:
-    leaves, treedef, names = _named(params)
+    if not kinds:
+        return leaves, treedef, names
     first = None
     for i, leaf in enumerate(leaves):
         if not backend.is_array(leaf):
@@ -1553,7 +1552,7 @@ def check_step(state: State, params: Any, grads: Any) -> None:
     first writes."""
     if type(grads) is backend.Addressed:
         grads = grads.arrays()
-    leaves, treedef, names = _named(params)
+    leaves, treedef, names = _leaves(params, kinds=False)
     if leaves and backend.is_numpy(leaves[0]) and backend.is_bfloat16_bits(leaves[0]):
         # bfloat16 tensors' NumPy views (their bits, which _leaves takes for integers): only
         # the compiled loop takes them, and checks their kinds itself, declining with a reason;
