@@ -90,6 +90,27 @@ def run_torch(make: Callable[[list[Any]], Any], seed: int,
     return path
 
 
+def run_keras(jx: Any, keras: Any, opt: Any, seed: int,
+              steps: int = STEPS) -> list[dict[str, Any]]:
+    """keras's path (keras 3 on JAX, float64 variables: it casts its numbers to the variable's
+    dtype): its ``stateless_apply`` under ``jax.jit``, one call per step."""
+    params, noises = start_of(seed)
+    variables = [keras.Variable(v.copy(), dtype="float64") for v in params.values()]
+    opt.build(variables)
+
+    @jx.jit
+    def step(p: Any, s: Any, n: Any) -> Any:
+        g = [jx.numpy.tanh(v) * 0.5 + x for v, x in zip(p, n, strict=True)]
+        return opt.stateless_apply(s, g, p)
+
+    p, s = [v.value for v in variables], [v.value for v in opt.variables]
+    path = []
+    for noise in noises[:steps]:
+        p, s = step(p, s, list(noise.values()))
+        path.append(dict(zip(params, p, strict=True)))
+    return path
+
+
 LR_SCHEDULE = uo.schedules.cosine(0.05, steps=STEPS, floor=0.001)
 
 

@@ -320,3 +320,29 @@ def test_readme_links_resolve_from_the_root() -> None:
             if anchor not in anchors((ROOT / path).read_text(encoding="utf-8")):
                 bad.append(target)
     assert bad == []
+
+
+def test_the_keras_page_maps_every_keras_optimizer() -> None:
+    """Every class ``keras.optimizers`` exports (the installed keras's, so a new one fails
+    here) has a row in docs/coming-from/keras.md, and the rule each row writes is made as
+    written."""
+    from helpers import keras_on_jax
+
+    import uniopt as uo
+
+    keras = keras_on_jax()
+    page = (DOCS / "coming-from" / "keras.md").read_text(encoding="utf-8")
+    table = page[page.index("Every optimizer in `keras.optimizers`"):]
+    rows = {}
+    for line in table.splitlines():
+        cells = line.split(" | ")
+        if line.startswith("| `") and len(cells) == 2:
+            for name in re.findall(r"`(\w+)`", cells[0]):
+                rows[name] = cells[1]
+    exported = {n for n, obj in vars(keras.optimizers).items()
+                if isinstance(obj, type) and n[0].isupper() and n != "Optimizer"}
+    assert exported - set(rows) == set()
+    for name, cell in rows.items():
+        made = re.match(r"`(uo\.\w+\([^`]*\))`", cell)
+        if made and "..." not in made.group(1):
+            assert isinstance(eval(made.group(1), {"uo": uo}), uo.Transform), name

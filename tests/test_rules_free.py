@@ -695,3 +695,27 @@ def test_dadapt_adamw_on_float16_params_stays_finite() -> None:
         for _ in range(5):
             state = uo.update_(state, p, [np.full((8, 8), 1e-3, dtype)])
         assert p[0].dtype == dtype and np.all(np.isfinite(p[0])) and np.all(p[0] < 1), dtype
+
+
+# --- keras's ScheduleFreeAdamW -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{"lr": 2**-6}, {"lr": 2**-6, "warmup_steps": 10},
+                                {"lr": 2**-5, "betas": (0.8, 0.99), "eps": 1e-6}])
+def test_the_keras_convention_is_keras_schedule_free_adamw(kw: dict[str, Any]) -> None:
+    """keras 3 on JAX, float64 variables, 300 steps free-running; the rates are dyadic (keras
+    keeps its rate in a variable of floatx). keras weighs every step alike in the average,
+    under warm-up too, where Meta's weighs it by the largest rate so far squared."""
+    from free_run import TOL, run_keras, run_ours, worst_of
+    from helpers import keras_on_jax
+
+    keras = keras_on_jax()
+    theirs = run_keras(jax, keras, keras.optimizers.ScheduleFreeAdamW(
+        learning_rate=kw["lr"], warmup_steps=kw.get("warmup_steps", 0),
+        **({"beta_1": kw["betas"][0], "beta_2": kw["betas"][1], "epsilon": kw["eps"]}
+           if "betas" in kw else {})), 3)
+    ours = uo.schedule_free_adamw(convention="keras", **kw)
+    assert ours.weight_lr_power == 0.0
+    assert worst_of(run_ours(ours, 3), theirs) < TOL
+    if "warmup_steps" in kw:  # Meta's weights under warm-up are not keras's
+        assert worst_of(run_ours(uo.schedule_free_adamw(**kw), 3), theirs) > 1e-3

@@ -24,6 +24,7 @@ from free_run import (
     TOL,
     grad_at,
     optax_schedule,
+    run_keras,
     run_optax,
     run_ours,
     run_torch,
@@ -113,22 +114,9 @@ def test_lion_keras_convention_matches_keras(keras: Any, jx: Any, wd: float) -> 
     variable, so that it is the same number on both sides."""
     lr = 2**-7
     ours = uo.lion(lr, betas=(0.8, 0.95), weight_decay=wd, convention="keras")
-    params, noises = start_of(5)
-    variables = [keras.Variable(v.copy(), dtype="float64") for v in params.values()]
     opt = keras.optimizers.Lion(learning_rate=lr, beta_1=0.8, beta_2=0.95,
                                 weight_decay=wd or None)
-    opt.build(variables)
-
-    @jx.jit
-    def step(p: Any, s: Any, n: Any) -> Any:
-        g = [jx.numpy.tanh(v) * 0.5 + x for v, x in zip(p, n, strict=True)]
-        return opt.stateless_apply(s, g, p)
-
-    p, s = [v.value for v in variables], [v.value for v in opt.variables]
-    theirs = []
-    for noise in noises:
-        p, s = step(p, s, list(noise.values()))
-        theirs.append(dict(zip(params, p, strict=True)))
+    theirs = run_keras(jx, keras, opt, 5)
     assert worst_of(run_ours(ours, 5), theirs) < TOL
 
 

@@ -79,6 +79,19 @@ def test_lamb_scheduled_matches_optax() -> None:
     assert err < 1e-12, err
 
 
+def test_lamb_with_keras_eps_is_keras_lamb(jx) -> None:  # type: ignore[no-untyped-def]
+    """``keras.optimizers.Lamb`` (keras 3 on JAX, float64 variables) is optax's LAMB with
+    keras's eps of 1e-7: 300 steps free-running (dyadic rates: keras keeps its rate in a
+    variable of floatx)."""
+    from free_run import TOL, run_keras, run_ours, worst_of
+    from helpers import keras_on_jax
+
+    keras = keras_on_jax()
+    for lr in (2**-6, 2**-4):
+        theirs = run_keras(jx, keras, keras.optimizers.Lamb(learning_rate=lr), 3)
+        assert worst_of(run_ours(uo.lamb(lr=lr, eps=1e-7), 3), theirs) < TOL
+
+
 # --- lars --------------------------------------------------------------------------------------
 
 

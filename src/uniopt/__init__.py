@@ -67,6 +67,7 @@ from .rules.adam_variants import (
 )
 from .rules.adan import adan, proximal_weight_decay, scale_by_adan
 from .rules.asgd import asgd, scale_by_asgd
+from .rules.ftrl import ftrl, scale_by_ftrl, scale_by_ftrl_power
 from .rules.galore import GaLoreDimensionNumbers, galore, scale_by_galore
 from .rules.kron import kron, psgd_update_probability, scale_by_kron
 from .rules.lbfgs_linesearch import lbfgs_linesearch, scale_by_lbfgs, value_and_grad_from_state
@@ -304,9 +305,12 @@ __all__ = [
     "ademamix_b3",
     "adopt",
     "madgrad",
+    "ftrl",
     "scale_by_ademamix",
     "scale_by_adopt",
     "scale_by_madgrad",
+    "scale_by_ftrl",
+    "scale_by_ftrl_power",
     "scale_by_simplified_ademamix",
     "sam",
     "sam_step",

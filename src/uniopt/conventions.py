@@ -175,6 +175,7 @@ FORMULAS: dict[str, dict[str, str]] = {
                  "weights at t",
         "paper": "AdamWScheduleFreePaper: d = g/(√v + ε) + λy; lr_t·√(1−β₂ᵗ) in the step, the "
                  "decay and the weights",
+        "keras": "ScheduleFreeAdamW: the average weighs every step alike, c_t = 1/t",
     },
     "prodigy": {
         "torch": "prodigyopt: dlr = d·lr (no bias correction); d = max over d̂ (growth_rate)",
@@ -901,7 +902,8 @@ def page() -> str:
         out += ["## Rules with one form", "",
                 ", ".join(f"`{n}`" for n in plain) + ": no second framework's form is recorded; "
                 "`uo.<name>()` is the one its docstring and `uniopt rules <name>` name: torch's "
-                "where torch has the rule, else optax's or the authors' implementation.", ""]
+                "where torch has the rule, else optax's, keras's (`ftrl`) or the authors' "
+                "implementation.", ""]
     pending = [f"`{r}.{o.field}`" for o in OPTIONS for r in o.rules
                if r in known and o.field not in _fields(known[r])]
     if pending:

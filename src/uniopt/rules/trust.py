@@ -55,7 +55,7 @@ class lamb(Rule):
     info: ClassVar[Info] = Info(
         family="trust",
         paper="You et al. (2020)",
-        references=("optax.lamb",),
+        references=("optax.lamb", "keras.optimizers.Lamb"),
         # a normalised step keeps its size near the optimum: the lr must decay to reach it
         example={"lr": cosine(0.05, steps=1000)},
         budget=1000,

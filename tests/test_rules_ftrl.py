@@ -1,0 +1,86 @@
+"""ftrl against ``keras.optimizers.Ftrl`` (keras 3 on JAX, float64 variables), free-running for
+300 steps, each side computing its gradient at its own parameters; keras's own golden values run
+in tests/test_conventions_sgd.py (``test_keras_golden_values``).
+
+Learning rates are dyadic: keras keeps its rate in a variable of ``floatx`` (float32 unless set),
+so such a rate is the same number on both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import uniopt as uo
+from free_run import TOL, run_keras, run_ours, worst_of
+from helpers import keras_on_jax
+
+# (our fields, keras's keywords): keras's names but lr
+CASES = {
+    "defaults": {"lr": 2**-4},
+    # every term at once: keras's golden test's numbers, with its power of -0.2 (per leaf)
+    "every-term": {"lr": 2**-5, "learning_rate_power": -0.2, "initial_accumulator_value": 0.4,
+                   "l1_regularization_strength": 0.05, "l2_regularization_strength": 0.15,
+                   "l2_shrinkage_regularization_strength": 0.01, "beta": 0.3},
+    # an L1 strength that holds most entries at exactly 0, from an accumulator of 0
+    "sparse": {"lr": 2**-3, "l1_regularization_strength": 0.4, "beta": 1.0,
+               "initial_accumulator_value": 0.0},
+    # a power of 0: a fixed rate, no adaptation
+    "fixed-rate": {"lr": 2**-4, "learning_rate_power": 0.0, "l2_regularization_strength": 0.1},
+}
+
+
+def _keras_kwargs(fields: dict[str, Any]) -> dict[str, Any]:
+    return {("learning_rate" if k == "lr" else k): v for k, v in fields.items()}
+
+
+@pytest.fixture(scope="module")
+def keras(jx: Any) -> Any:
+    return keras_on_jax()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_keras(keras: Any, jx: Any, case: str) -> None:
+    fields = CASES[case]
+    ours = run_ours(uo.ftrl(**fields), 3)
+    theirs = run_keras(jx, keras, keras.optimizers.Ftrl(**_keras_kwargs(fields)), 3)
+    assert worst_of(ours, theirs) < TOL
+    if case == "sparse":  # L1 sets entries to exactly 0, the same ones as keras
+        zeros = sum(int((v == 0).sum()) for v in ours[-1].values())
+        assert zeros >= 5 and all(np.array_equal(ours[-1][k] == 0, np.asarray(theirs[-1][k]) == 0)
+                                  for k in ours[-1])
+
+
+def test_the_defaults_are_keras(keras: Any) -> None:
+    import inspect
+
+    theirs = inspect.signature(keras.optimizers.Ftrl).parameters
+    ours = uo.ftrl()
+    for field in ("learning_rate_power", "initial_accumulator_value", "beta",
+                  "l1_regularization_strength", "l2_regularization_strength",
+                  "l2_shrinkage_regularization_strength"):
+        assert getattr(ours, field) == theirs[field].default, field
+    assert ours.lr == theirs["learning_rate"].default
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("lr", 0.0), ("learning_rate_power", 0.5), ("initial_accumulator_value", -0.1),
+    ("l1_regularization_strength", -1.0), ("l2_regularization_strength", -1.0),
+    ("l2_shrinkage_regularization_strength", -1.0), ("beta", -1.0)])
+def test_refuses_what_keras_refuses(field: str, value: float) -> None:
+    """keras raises for each of these (a rate of 0 divides by 0 in its step)."""
+    with pytest.raises(ValueError, match=rf"{field}.*{value}"):
+        uo.ftrl(**{field: value})
+
+
+def test_the_power_of_a_square_root_takes_the_compiled_loop_and_others_the_reference_path(
+) -> None:
+    """keras's default power is a square root, elementwise on the compiled loop; another is a
+    per-leaf part (its powers rounded by each library): the same numbers to rounding."""
+    assert [type(p).__name__ for p in uo.ftrl().flat_parts] == ["scale_by_ftrl"]
+    near = uo.ftrl(lr=0.1, learning_rate_power=-0.5 + 1e-15)
+    assert [type(p).__name__ for p in near.flat_parts] == ["scale_by_ftrl_power"]
+    a, b = run_ours(uo.ftrl(lr=0.1), 1, steps=50), run_ours(near, 1, steps=50)
+    assert worst_of(a, b) < 1e-12
