@@ -326,9 +326,8 @@ def test_the_keras_page_maps_every_keras_optimizer() -> None:
     """Every class ``keras.optimizers`` exports (the installed keras's, so a new one fails
     here) has a row in docs/coming-from/keras.md, and the rule each row writes is made as
     written."""
-    from helpers import keras_on_jax
-
     import uniopt as uo
+    from helpers import keras_on_jax
 
     keras = keras_on_jax()
     page = (DOCS / "coming-from" / "keras.md").read_text(encoding="utf-8")

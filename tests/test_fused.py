@@ -54,6 +54,13 @@ RULES = {
                                      uo.polyak(start=2, every=3), uo.ema(0.9)),
     # signSGD: the compiled sign is NumPy's (+0.0 for either zero, NaN kept)
     "sign": uo.chain(uo.sign(), uo.scale_by_lr(0.01)),
+    # optax's small blocks in one loop: a NaN select, a global norm's extra pass, a period's
+    # sum, the params held at 0 (half of them start negative)
+    "optax-blocks": uo.chain(uo.zero_nans(), uo.normalize(), uo.adam(lr=0.01), uo.apply_every(2),
+                             uo.keep_params_nonnegative()),
+    # a part that sets the parameter (its finish), with L1's exact zeros
+    "ftrl": uo.ftrl(lr=0.1, l1_regularization_strength=0.05,
+                    l2_shrinkage_regularization_strength=0.01, beta=0.5),
 }
 # a leaf larger than one chunk, so chunk boundaries inside a leaf are exercised
 SHAPES = [(), (1,), (3, 4), (fused.CHUNK * 2 + 17,), (5, 1, 7)]

@@ -61,6 +61,25 @@ PEERS: dict[str, tuple[Any, Any]] = {
                             optax.scale(-LR))),
     "sign": (lambda: uo.chain(uo.sign(), uo.adam(lr=LR)),
              lambda: optax.chain(optax.scale_by_sign(), optax.adam(LR))),
+    "normalize": (lambda: uo.chain(uo.normalize(), uo.adam(lr=LR)),
+                  lambda: optax.chain(optax.contrib.normalize(), optax.adam(LR))),
+    # Adafactor's relative step sizes, between the direction and the learning rate
+    "scale_by_param_block_norm": (
+        lambda: uo.chain(uo.scale_by_adam(), uo.scale_by_param_block_norm(0.5),
+                         uo.scale_by_lr(LR)),
+        lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_param_block_norm(0.5),
+                            optax.scale(-LR))),
+    "scale_by_param_block_rms": (
+        lambda: uo.chain(uo.scale_by_adam(), uo.scale_by_param_block_rms(0.5),
+                         uo.scale_by_lr(LR)),
+        lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_param_block_rms(0.5),
+                            optax.scale(-LR))),
+    # last in its chain; the params start at N(0, 1): half are held at 0 from the first step
+    "keep_params_nonnegative": (
+        lambda: uo.chain(uo.adam(lr=LR), uo.keep_params_nonnegative()),
+        lambda: optax.chain(optax.adam(LR), optax.keep_params_nonnegative())),
+    "apply_every": (lambda: uo.chain(uo.adam(lr=LR), uo.apply_every(3)),
+                    lambda: optax.chain(optax.adam(LR), optax.apply_every(3))),
 }
 
 
@@ -130,6 +149,14 @@ ALONE: dict[str, tuple[Any, Any]] = {
                              optax.scale_by_trust_ratio(0.5, 0.8, 1e-3)),
     "sign": (uo.sign(), optax.scale_by_sign()),
     "add_noise": (uo.add_noise(0.5, 0.55, seed=11), optax.add_noise(0.5, 0.55, key=11)),
+    "normalize": (uo.normalize(), optax.contrib.normalize()),
+    "scale_by_param_block_norm": (uo.scale_by_param_block_norm(0.5),
+                                  optax.scale_by_param_block_norm(0.5)),
+    "scale_by_param_block_rms": (uo.scale_by_param_block_rms(1.2),
+                                 optax.scale_by_param_block_rms(1.2)),
+    "apply_every": (uo.apply_every(2), optax.apply_every(2)),
+    # (keep_params_nonnegative alone reads its input as the step it makes, uniopt's u = -optax's
+    # update: the same block only after a rule, as PEERS has it)
 }
 
 
@@ -185,6 +212,11 @@ TORCH_RULES = {
     "centralize": uo.centralize,
     "scale_by_trust_ratio": lambda: uo.scale_by_trust_ratio(0.5, 0.8, 1e-3),
     "sign": uo.sign,
+    "normalize": uo.normalize,
+    "scale_by_param_block_norm": lambda: uo.scale_by_param_block_norm(0.5),
+    "scale_by_param_block_rms": lambda: uo.scale_by_param_block_rms(0.5),
+    "apply_every": lambda: uo.apply_every(3),
+    "zero_nans": uo.zero_nans,
 }
 
 
@@ -389,6 +421,12 @@ def _step_any(t: Any, g: Any) -> list[Any]:
     (lambda: uo.scale_by_trust_ratio(trust_coefficient=-1.0), ValueError,
      r"trust_coefficient must be >= 0, got -1"),
     (lambda: uo.scale_by_trust_ratio(eps=-1.0), ValueError, r"eps must be >= 0, got -1"),
+    (lambda: uo.scale_by_param_block_rms(min_scale=-1.0), ValueError,
+     r"scale_by_param_block_rms: min_scale must be >= 0, got -1"),
+    (lambda: uo.scale_by_param_block_norm(min_scale=-0.5), ValueError,
+     r"min_scale must be >= 0, got -0.5"),
+    (lambda: uo.apply_every(0), ValueError, r"apply_every: k must be .*1.*got 0"),
+    (lambda: uo.apply_every(1.5), TypeError, r"apply_every: k must be .*got 1.5"),
 ])
 def test_bad_hyperparameters_are_named(make: Any, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
@@ -429,3 +467,60 @@ def test_a_noise_state_for_other_arrays_is_refused() -> None:
                                         r"updates are torch arrays"):
         uo.update_(state, p, [torch.ones(2)])
     assert torch.equal(p[0], torch.zeros(2))
+
+
+# --- zero_nans, keep_params_nonnegative, apply_every: edges ----------------------------------
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax", "jax-jit"])
+def test_zero_nans_before_adam_is_optaxs_with_nan_gradients(lib: str) -> None:
+    """A quarter of the gradients' entries NaN (an infinity kept as such): on every library,
+    the reference path and the compiled loop, the same params as optax's chain."""
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        to, back = torch.tensor, (lambda t: t.numpy())
+    else:
+        to, back = (np.asarray, np.asarray) if lib == "numpy" else (jnp.asarray, np.asarray)
+    rng = np.random.default_rng(4)
+    start = _params(rng)
+    ours = uo.chain(uo.zero_nans(), uo.adam(lr=LR))
+    theirs = optax.chain(optax.zero_nans(), optax.adam(LR))
+    params = {k: to(v.copy()) for k, v in start.items()}
+    state = uo.setup(ours, params)
+    update = jax.jit(uo.update) if lib == "jax-jit" else uo.update
+    jparams = {k: jnp.asarray(v) for k, v in start.items()}
+    jstate, step = theirs.init(jparams), jitted_optax_step(theirs)
+    for _ in range(30):
+        grads = _grads(rng)
+        for g in grads.values():
+            g[rng.random(g.shape) < 0.25] = np.nan
+        state, params = update(state, params, {k: to(v) for k, v in grads.items()})
+        jparams, jstate = step(jparams, jstate, {k: jnp.asarray(v) for k, v in grads.items()})
+    for k in params:
+        assert np.isfinite(back(params[k])).all()
+        assert rel_diff(back(params[k]), jparams[k]) <= 1e-12, k
+
+
+def test_keep_params_nonnegative_and_apply_every_in_place() -> None:
+    """The compiled loop (many leaves) and the reference path write the same bits; a param
+    that a step would take below 0 lands on 0 exactly; apply_every moves nothing between its
+    period's last steps."""
+    rng = np.random.default_rng(5)
+    rule = uo.chain(uo.sgd(lr=0.5), uo.apply_every(3), uo.keep_params_nonnegative())
+    start = [np.abs(rng.standard_normal(50)) for _ in range(20)]
+    fast, ref = [p.copy() for p in start], [p.copy() for p in start]
+    s_fast, s_ref = uo.setup(rule, fast), uo.setup(rule, ref)
+    for t in range(6):
+        grads = [rng.standard_normal(50) for _ in range(20)]
+        before = [p.copy() for p in fast]
+        with expect_compiled(1):
+            s_fast = uo.update_(s_fast, fast, grads)
+        with reference_path():
+            s_ref = uo.update_(s_ref, ref, grads)
+        for a, b in zip(fast, ref, strict=True):
+            assert a.tobytes() == b.tobytes()
+        if t % 3 != 2:
+            assert all(np.array_equal(a, b) for a, b in zip(fast, before, strict=True))
+        else:
+            assert all((p >= 0).all() for p in fast)
+            assert sum(int((p == 0).sum()) for p in fast) > 0

@@ -145,7 +145,9 @@ from .transforms.clip import (
     clip_by_block_rms,
     clip_by_global_norm,
     clip_by_norm,
+    normalize,
 )
+from .transforms.constrain import apply_every, keep_params_nonnegative, zero_nans
 from .transforms.decay import decoupled_weight_decay, weight_decay
 from .transforms.kahan import kahan_summation
 from .transforms.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
@@ -153,7 +155,14 @@ from .transforms.mask import masked_block
 from .transforms.momentum import keras_trace, sutskever_trace, trace
 from .transforms.noise import add_noise
 from .transforms.plateau import reduce_on_plateau
-from .transforms.scale import scale, scale_by_lr, scale_by_trust_ratio, sign
+from .transforms.scale import (
+    scale,
+    scale_by_lr,
+    scale_by_param_block_norm,
+    scale_by_param_block_rms,
+    scale_by_trust_ratio,
+    sign,
+)
 from .tree import pack, register_dataclass, trainables
 
 __version__ = "0.1.0"
@@ -197,6 +206,10 @@ __all__ = [
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
+    "normalize",
+    "apply_every",
+    "keep_params_nonnegative",
+    "zero_nans",
     "ema_momentum",
     "ema_momentum_bias_corrected",
     "from_optax",
@@ -252,6 +265,8 @@ __all__ = [
     "scale_by_rss",
     "scale_by_shape_lr",
     "scale_by_trust_ratio",
+    "scale_by_param_block_norm",
+    "scale_by_param_block_rms",
     "kahan_summation",
     "schedules",
     "memory",

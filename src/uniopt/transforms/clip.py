@@ -134,6 +134,23 @@ class clip_by_block_rms(Elementwise):
     kernel = staticmethod(divide_kernel)
 
 
+@dataclass(frozen=True)
+class normalize(Elementwise):
+    """``u <- u/||u||``, the norm over every leaf (``optax.contrib.normalize``, SAM's step
+    direction): a zero update is NaN, as optax's. One extra read pass, as
+    :class:`clip_by_global_norm`'s."""
+
+    needs_norm = True
+
+    def coeffs(self, step: Any) -> Denominator:
+        return Denominator(denom=1.0)  # until the norm is known: see norm_coeffs
+
+    def norm_coeffs(self, norm: Any, size: Any) -> Denominator:
+        return Denominator(denom=norm)
+
+    kernel = staticmethod(divide_kernel)
+
+
 class UnitClip(NamedTuple):
     clipping: Any
     eps: Any

@@ -114,6 +114,54 @@ class scale_by_trust_ratio(PerLeaf):
         return (u * xp.where(zero, 1.0, ratio),)
 
 
+class MinScale(NamedTuple):
+    min_scale: Any
+
+
+@dataclass(frozen=True)
+class scale_by_param_block_norm(PerLeaf):
+    """Each leaf's update times its parameter's 2-norm, at least ``min_scale``:
+    ``u <- u * max(|p|, min_scale)`` (optax's ``scale_by_param_block_norm``)."""
+
+    real_only = True
+
+    min_scale: Any = hyper(1e-3, NONNEG)
+    uses_params: ClassVar[bool] = True
+    batched: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> MinScale:
+        return MinScale(min_scale=self.min_scale)
+
+    @staticmethod
+    def apply(xp, c, p, u):
+        return (u * xp.clip(leaf_norm(xp, p), min=c.min_scale),)
+
+
+@dataclass(frozen=True)
+class scale_by_param_block_rms(PerLeaf):
+    """Each leaf's update times its parameter's root mean square, at least ``min_scale``:
+    ``u <- u * max(sqrt(mean(p^2)), min_scale)`` (optax's ``scale_by_param_block_rms``;
+    Adafactor's relative step). An empty leaf's is ``min_scale``."""
+
+    real_only = True
+
+    min_scale: Any = hyper(1e-3, NONNEG)
+    uses_params: ClassVar[bool] = True
+    batched: ClassVar[bool] = True
+
+    def coeffs(self, step: Any) -> MinScale:
+        return MinScale(min_scale=self.min_scale)
+
+    @staticmethod
+    def apply(xp, c, p, u):
+        axes = tuple(range(1, p.ndim))
+        size = 1
+        for n in p.shape[1:]:
+            size *= n
+        mean = (xp.sum(p * p, axis=axes, keepdims=True) if axes else p * p) / max(size, 1)
+        return (u * xp.clip(safe_sqrt(xp, mean), min=c.min_scale),)
+
+
 def leaf_norm(xp: Any, x: Any) -> Any:
     """The 2-norm of each leaf of the batch ``x`` (stacked along the first axis), shaped to
     broadcast against it."""
