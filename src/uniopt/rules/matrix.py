@@ -470,7 +470,7 @@ class muon(Rule):
     info: ClassVar[Info] = Info(
         family="matrix",
         paper="Jordan et al. (2024)",
-        references=("torch.optim.Muon",),
+        references=("torch.optim.Muon", "optax.contrib.muon", "keras.optimizers.Muon"),
         example={"lr": 0.03},
         budget=500,
         complex=False,

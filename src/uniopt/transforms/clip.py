@@ -136,17 +136,20 @@ class clip_by_block_rms(Elementwise):
 
 @dataclass(frozen=True)
 class normalize(Elementwise):
-    """``u <- u/||u||``, the norm over every leaf (``optax.contrib.normalize``, SAM's step
-    direction): a zero update is NaN, as optax's. One extra read pass, as
-    :class:`clip_by_global_norm`'s."""
+    """``u <- u/((||u|| + eps)/scale_factor)``, the norm over every leaf: with the defaults
+    ``u/||u||``, ``optax.contrib.normalize`` (SAM's step direction; a zero update is NaN, as
+    optax's); with ``eps=1e-6``, ``optax.normalize_by_update_norm(scale_factor, eps)``. One
+    extra read pass, as :class:`clip_by_global_norm`'s."""
 
+    scale_factor: Any = hyper(1.0, Interval(None))
+    eps: Any = hyper(0.0, NONNEG)
     needs_norm = True
 
     def coeffs(self, step: Any) -> Denominator:
         return Denominator(denom=1.0)  # until the norm is known: see norm_coeffs
 
     def norm_coeffs(self, norm: Any, size: Any) -> Denominator:
-        return Denominator(denom=norm)
+        return Denominator(denom=(norm + self.eps) / self.scale_factor)
 
     kernel = staticmethod(divide_kernel)
 
