@@ -719,3 +719,25 @@ def test_the_keras_convention_is_keras_schedule_free_adamw(kw: dict[str, Any]) -
     assert worst_of(run_ours(ours, 3), theirs) < TOL
     if "warmup_steps" in kw:  # Meta's weights under warm-up are not keras's
         assert worst_of(run_ours(uo.schedule_free_adamw(**kw), 3), theirs) > 1e-3
+
+
+def test_the_keras_convention_refuses_kerass_other_weight_decay() -> None:
+    """keras decays y before the step, outside the schedule-free arithmetic: asked for under
+    the keras convention, a decay is refused, not stepped as this rule's own."""
+    with pytest.raises(ValueError, match=r"convention='keras'.*weight_decay=0.1"):
+        uo.schedule_free_adamw(convention="keras", weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"convention='keras'"):
+        uo.translate(uo.schedule_free_adamw(weight_decay=0.1), target="keras")
+
+
+def test_translating_to_keras_is_exact_only_at_a_constant_lr_without_warm_up() -> None:
+    """keras's ScheduleFreeAdamW has no weight_lr_power (its average weighs every step alike):
+    the translation sets it to 0, exact while the largest lr so far is the same at every
+    step."""
+    t = uo.translate(uo.schedule_free_adamw(lr=2**-6), target="keras")
+    assert t.exact and t.rule.weight_lr_power == 0.0 and t.rule.convention == "keras"
+    t = uo.translate(uo.schedule_free_adamw(lr=2**-6, warmup_steps=10), target="keras")
+    assert not t.exact and "warmup_steps = 0" in t.conditions
+    t = uo.translate(uo.schedule_free_adamw(lr=uo.schedules.cosine(1e-2, steps=10)),
+                     target="keras")
+    assert not t.exact

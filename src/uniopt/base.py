@@ -540,6 +540,9 @@ class Part(Transform):
     slots: ClassVar[tuple[str, ...]] = ()
     # why its slots cannot be kept in 8 bits (state_dtype="q8"), or None where they can
     no_q8: ClassVar[str | None] = None
+    # why its slots must keep the params' own precision (a part that sets the parameter from a
+    # slot: FTRL's), refusing a state_dtype narrower than the params, or None where they need not
+    exact_state: ClassVar[str | None] = None
     # reads the parameter (weight decay): the optax protocol then needs params
     uses_params: ClassVar[bool] = False
     # applies the learning rate, so what comes out is a step, not a direction: under the optax

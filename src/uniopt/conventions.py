@@ -204,6 +204,7 @@ FIXED: dict[str, dict[str, dict[str, Any]]] = {
     "muon": {"keras": {"eps": 1e-7}},
     "adam": {fw: {"eps_root": 0.0} for fw in ("torch", "keras")},
     "adamw": {fw: {"eps_root": 0.0} for fw in ("torch", "keras")},
+    "schedule_free_adamw": {"keras": {"weight_lr_power": 0.0}},
 }
 
 # Options a framework's own optimizer offers in either form (torch's Adam and NAdam take
@@ -231,6 +232,8 @@ FIXED_WHY: dict[tuple[str, str], str] = {
     ("nadam", "momentum_decay"): "keras 3's Nadam has no momentum_decay: its μ_t uses 0.96^t, "
                                  "momentum_decay = 1",
     ("radam", "rectify_threshold"): "each framework's RAdam rectifies from its own threshold",
+    ("schedule_free_adamw", "weight_lr_power"): "keras's ScheduleFreeAdamW weighs every step "
+                                                "alike in its average",
     ("muon", "eps"): "keras's Muon normalises by ‖X‖_F + 1e-7, a constant (its epsilon is "
                      "AdamW's)",
     ("optimistic_adam", "alpha"): "Optimisers.jl's OAdam steps 2·term − term_prev: alpha = beta "
@@ -510,6 +513,14 @@ def _lagged_step_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _S
         "same numbers while the learning rate is constant"))
 
 
+def _weight_lr_power(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
+    lr, warm = rule.lr, rule.warmup_steps  # type: ignore[attr-defined]
+    return _Step(_number(lr) and warm == 0, "constant lr, warmup_steps = 0", (
+        "the average weighs step t by the largest lr_t so far to the power weight_lr_power "
+        f"({old!r} here, {new!r} there): the same weights, 1/t each, while that largest lr is "
+        "the same at every step"))
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(("adamw",), "couple_lr", "torch's coupled decay ↔ Flux couple=false: exact (λ = "
            "lr·weight_decay, a product schedule under an lr schedule); back to torch exact at "
@@ -547,6 +558,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("schedule_free_sgd", "schedule_free_adamw"), "lagged_step_lr", "the z step's lr "
            "at t (Meta's) ↔ at t − 1 (optax's): exact at a constant lr without warm-up",
            _lagged_step_lr),
+    Option(("schedule_free_adamw",), "weight_lr_power", "averaging weights lr_max^q (Meta's "
+           "q = 2) ↔ equal (keras's q = 0): exact at a constant lr without warm-up",
+           _weight_lr_power),
     Option(("nadam",), "decoupled_weight_decay", "L2 term ↔ decoupled p *= 1 − lr·λ (NAdamW, "
            "keras): exact only when λ = 0", _decay_form),
     Option(("adadelta", "adagrad", "adam", "adamax", "nadam", "optimistic_adam", "radam",

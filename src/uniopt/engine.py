@@ -276,6 +276,13 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if refused:
         raise ValueError(f"setup: state_dtype='q8' is not offered for {rule.name}: "
                          f"{refused[0].no_q8}; use state_dtype=None or 'float32'")
+    if state_dtype == "q8" or state_dtype == "float32" and any(
+            backend.dtype_name(x.dtype) == "float64" for x in leaves):
+        exact = [p for p in rule.flat_parts if getattr(p, "exact_state", None)]
+        if exact:
+            raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for {rule.name} "
+                             f"on {backend.dtype_name(leaves[0].dtype)} params: "
+                             f"{exact[0].exact_state}; use state_dtype=None")
     if state_dtype == "q8":
         quant.register_jax()
         if dtensor.any_dtensor(leaves):
@@ -2051,7 +2058,8 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
         )
     rule = _adjusted_values(rule, state.rule)
     if params is None and any(p.uses_params for p in rule.flat_parts):
-        raise ValueError(f"{rule.name}: its update needs params (weight decay reads them)")
+        reads = next(p.name for p in rule.flat_parts if p.uses_params)
+        raise ValueError(f"{rule.name}: its update needs params ({reads} reads them)")
     try:
         step = _prologue(state, params, grads)
     except TypeError:

@@ -51,6 +51,10 @@ class scale_by_ftrl(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("accumulator", "linear")
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
+    # the parameter is set from the linear slot: the params keep only the state's precision
+    exact_state: ClassVar[str | None] = (
+        "it sets the parameter from its linear slot, so the params would keep only the "
+        "state's precision")
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (xp.full_like(p, self.initial_accumulator_value), xp.zeros_like(p))
@@ -90,6 +94,10 @@ class scale_by_ftrl_power(PerLeaf):
     slots: ClassVar[tuple[str, ...]] = ("accumulator", "linear")
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
+    # the parameter is set from the linear slot: the params keep only the state's precision
+    exact_state: ClassVar[str | None] = (
+        "it sets the parameter from its linear slot, so the params would keep only the "
+        "state's precision")
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (xp.full_like(p, self.initial_accumulator_value), xp.zeros_like(p))

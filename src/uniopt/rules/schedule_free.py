@@ -349,7 +349,7 @@ class schedule_free_adamw(Rule):
     every step weighs alike in the average, ``c_t = 1/t``, under warm-up too. keras recovers
     ``x`` from ``y`` and ``z`` at each step where this keeps ``x``'s terms apart: 2e-14
     relative apart after 300 steps in float64. Its ``weight_decay=``, a decay of ``y`` before
-    the step, is not this rule's ``weight_decay``.
+    the step, is not this rule's ``weight_decay``: the keras convention refuses a decay.
     """
 
     lr: Any = hyper(0.0025, NONNEG)
@@ -381,6 +381,13 @@ class schedule_free_adamw(Rule):
 
     def check(self) -> None:
         _check_options(self)
+        wd = self.weight_decay
+        if self.convention == "keras" and (callable(wd) or float(on_host(wd)) != 0.0):
+            raise ValueError(
+                "schedule_free_adamw(convention='keras'): keras's weight_decay decays y before "
+                "the step (a base-optimizer decay outside the schedule-free arithmetic), which "
+                f"this rule's weight_decay is not; got weight_decay={self.weight_decay!r}: "
+                "leave it 0, or use convention='torch' for the decay inside the z step")
         if self.bias_correction not in ("root", "lr"):
             raise ValueError(f"{self.name}: bias_correction must be 'root' or 'lr', got "
                              f"{self.bias_correction!r}")
