@@ -148,7 +148,7 @@ from .transforms.clip import (
     normalize,
 )
 from .transforms.constrain import apply_every, keep_params_nonnegative, zero_nans
-from .transforms.decay import decoupled_weight_decay, weight_decay
+from .transforms.decay import decoupled_weight_decay, sign_decay, weight_decay
 from .transforms.kahan import kahan_summation
 from .transforms.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
 from .transforms.mask import masked_block
@@ -210,6 +210,7 @@ __all__ = [
     "apply_every",
     "keep_params_nonnegative",
     "zero_nans",
+    "sign_decay",
     "ema_momentum",
     "ema_momentum_bias_corrected",
     "from_optax",

@@ -35,6 +35,30 @@ class weight_decay(Elementwise):
         return (fma(c.wd, p, u),)
 
 
+@dataclass(frozen=True)
+class sign_decay(Elementwise):
+    """``u <- u + wd * sign(p)``: L1 regularisation's subgradient, ``wd * sum(|p|)`` added to
+    the loss (Optimisers.jl's ``SignDecay(λ)``, whose default λ is 1e-3). ``sign(0) = 0``.
+
+    >>> import numpy as np, uniopt as uo
+    >>> p = [np.array([2.0, 0.0, -0.5])]
+    >>> uo.update(uo.setup(uo.sign_decay(0.1), p), p, [np.zeros(3)])[1]
+    [array([ 1.9,  0. , -0.4])]
+    """
+
+    real_only = True
+
+    wd: Any = hyper(0.0, NONNEG)
+    uses_params = True
+
+    def coeffs(self, step: int) -> Decay:
+        return Decay(wd=self.wd)
+
+    @staticmethod
+    def kernel(xp, c, p, u):
+        return (u + c.wd * xp.sign(p),)
+
+
 class LrDecay(NamedTuple):
     lr_wd: Any  # lr*wd, in double on the host
     keep: Any  # 1 - lr*wd, likewise: torch's p.mul_(1 - lr*wd)
