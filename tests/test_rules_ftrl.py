@@ -107,3 +107,4 @@ def test_a_state_narrower_than_the_params_is_refused(state_dtype: str, dtype: ty
     with pytest.raises(ValueError, match="linear slot"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones_like(p))
+    assert p not in opt.state  # (no step count left behind by the refused set-up)

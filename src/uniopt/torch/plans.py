@@ -365,10 +365,8 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
     """``state[p]`` with its step in the group's buffer, every slot of ``rule`` (missing ones
     as the rule initialises them), dense, laid out as ``p``, and in ``state_dtype`` where the
     group asks for one (a state loaded in the params' dtype is widened)."""
+    created = p not in state
     st = state[p]
-    if st.get("step") is not steps.views[i]:
-        steps.set(i, state_step(st))
-        st["step"] = steps.views[i]
     # a slot a parameter of this shape does not keep (Adafactor's variance of a matrix) is
     # absent from its state, as in torch's
     shapes = rule.slot_shapes_of(tuple(real(p).shape))
@@ -380,7 +378,16 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
         # (a recorded step's, made under _recording, from a copy of the parameter: what its
         # making saves for the derivative is not then stepped in place)
         made_of = real(p).clone() if spec == TRACKED else real(p.detach())
-        fresh = setup(rule, [made_of], state_dtype=sd).slots
+        try:
+            fresh = setup(rule, [made_of], state_dtype=sd).slots
+        except (ValueError, TypeError):
+            if created:  # (a refused set-up leaves the optimizer's state as it was)
+                del state[p]
+            raise
+    if st.get("step") is not steps.views[i]:
+        steps.set(i, state_step(st))
+        st["step"] = steps.views[i]
+    if missing:
         for key, name in missing:
             s = fresh[key][0]
             if isinstance(s, quant.Q8):
