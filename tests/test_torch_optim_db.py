@@ -797,3 +797,11 @@ def test_a_wrong_lr_fails(dtype: Any, change: float) -> None:
 
     with pytest.raises(AssertionError, match="param 0 .* off by"):
         compare_runs(INFOS["Adam"], wrong, {}, [], dtype)  # type: ignore[arg-type]
+
+
+def test_every_optimizer_torch_optim_exports_is_offered() -> None:
+    """A class the installed torch adds fails here (optim_db's tests would skip it)."""
+    exported = {n for n, c in vars(torch.optim).items() if isinstance(c, type)
+                and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+    assert len(exported) >= 15
+    assert sorted(n for n in exported if not hasattr(ut, n)) == []
