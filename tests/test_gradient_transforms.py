@@ -524,3 +524,31 @@ def test_keep_params_nonnegative_and_apply_every_in_place() -> None:
         else:
             assert all((p >= 0).all() for p in fast)
             assert sum(int((p == 0).sum()) for p in fast) > 0
+
+
+def test_keep_params_nonnegative_through_optaxs_protocol_only_after_a_step() -> None:
+    """Alone, or after blocks that make no step, it would read optax's update (which optax
+    adds) as the step uniopt subtracts: optax.chain(optax.sgd(0.1), it) stepped a parameter
+    of 0.05 to -0.05. Refused there, naming the way that works; after a rule in a uo.chain it
+    is optax's block."""
+    p = {"w": jnp.asarray([0.05, 0.5, 2.0])}
+    g = {"w": jnp.asarray([1.0, 1.0, -1.0])}
+    for alone in (uo.keep_params_nonnegative(), uo.chain(uo.clip(1.0),
+                                                          uo.keep_params_nonnegative())):
+        tx = optax.chain(optax.sgd(0.1), alone)
+        with pytest.raises(ValueError, match=r"reads its input as the step uniopt subtracts.*"
+                                             r"uo\.chain\(rule, uo\.keep_params_nonnegative"):
+            tx.update(g, tx.init(p), p)
+    ours = uo.chain(uo.sgd(lr=0.1), uo.keep_params_nonnegative())
+    theirs = optax.chain(optax.sgd(0.1), optax.keep_params_nonnegative())
+    u, _ = ours.update(g, ours.init(p), p)
+    v, _ = theirs.update(g, theirs.init(p), p)
+    np.testing.assert_array_equal(optax.apply_updates(p, u)["w"], [0.0, 0.4, 2.1])
+    np.testing.assert_array_equal(optax.apply_updates(p, u)["w"], optax.apply_updates(p, v)["w"])
+
+
+def test_zero_nans_takes_real_params_only() -> None:
+    """optax zeroes a complex number with a NaN part whole; taken as pairs of reals, the part
+    would zero that part alone: refused, not stepped otherwise."""
+    with pytest.raises(TypeError, match=r"zero_nans takes real params only"):
+        uo.setup(uo.zero_nans(), [np.ones(2, np.complex128)])

@@ -108,3 +108,20 @@ def test_a_state_narrower_than_the_params_is_refused(state_dtype: str, dtype: ty
         opt.step()
     assert torch.equal(p.detach(), torch.ones_like(p))
     assert p not in opt.state  # (no step count left behind by the refused set-up)
+
+
+def test_a_group_refused_for_one_param_gives_none_a_state() -> None:
+    """A float32 and a float64 parameter in one group with state_dtype='float32': the float64
+    one is refused, and the float32 one, set up first, keeps no state either."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    p0 = torch.nn.Parameter(torch.ones(3, dtype=torch.float32))
+    p1 = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = ut.Optimizer([p0, p1], uo.ftrl(), state_dtype="float32")
+    p0.grad, p1.grad = torch.ones_like(p0), torch.ones_like(p1)
+    with pytest.raises(ValueError, match="on float64 params"):
+        opt.step()
+    assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+    assert torch.equal(p0.detach(), torch.ones(3)) and torch.equal(p1.detach(),
+                                                                  torch.ones(3).double())

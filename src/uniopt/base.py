@@ -543,6 +543,9 @@ class Part(Transform):
     # why its slots must keep the params' own precision (a part that sets the parameter from a
     # slot: FTRL's), refusing a state_dtype narrower than the params, or None where they need not
     exact_state: ClassVar[str | None] = None
+    # its input is the step to subtract (p - u), not a direction of either sign
+    # (keep_params_nonnegative): through optax's protocol only after a part that makes the step
+    reads_step: ClassVar[bool] = False
     # reads the parameter (weight decay): the optax protocol then needs params
     uses_params: ClassVar[bool] = False
     # applies the learning rate, so what comes out is a step, not a direction: under the optax

@@ -270,19 +270,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         raise ValueError("setup: state_dtype='float64' on JAX arrays needs 64-bit JAX "
                          "(jax.config.update('jax_enable_x64', True)); without it JAX has no "
                          "float64 arrays")
-    if state_dtype == "q8" and rule.tree_layout:
-        raise ValueError(f"setup: {no_q8_for_trees(rule)}")
-    refused = [p for p in rule.flat_parts if state_dtype == "q8" and getattr(p, "no_q8", None)]
-    if refused:
-        raise ValueError(f"setup: state_dtype='q8' is not offered for {rule.name}: "
-                         f"{refused[0].no_q8}; use state_dtype=None or 'float32'")
-    if state_dtype == "q8" or state_dtype == "float32" and any(
-            backend.dtype_name(x.dtype) == "float64" for x in leaves):
-        exact = [p for p in rule.flat_parts if getattr(p, "exact_state", None)]
-        if exact:
-            raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for {rule.name} "
-                             f"on {backend.dtype_name(leaves[0].dtype)} params: "
-                             f"{exact[0].exact_state}; use state_dtype=None")
+    check_state_dtype(rule, state_dtype, leaves)
     if state_dtype == "q8":
         quant.register_jax()
         if dtensor.any_dtensor(leaves):
@@ -356,6 +344,25 @@ def _alone(rule: Transform) -> None:
             f"{rule.name}: {found[0].name} evaluates the closure itself and must be its rule's "
             f"only part; this rule has {[p.name for p in parts]}"
         )
+
+
+def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any]) -> None:
+    """Set-up's refusals of ``state_dtype`` for ``rule`` on ``leaves``, before anything is made
+    (uniopt.torch asks for a whole group's params at once, so none of them gets a state where
+    one is refused)."""
+    if state_dtype == "q8" and rule.tree_layout:
+        raise ValueError(f"setup: {no_q8_for_trees(rule)}")
+    refused = [p for p in rule.flat_parts if state_dtype == "q8" and getattr(p, "no_q8", None)]
+    if refused:
+        raise ValueError(f"setup: state_dtype='q8' is not offered for {rule.name}: "
+                         f"{refused[0].no_q8}; use state_dtype=None or 'float32'")
+    wide = [x for x in leaves if backend.dtype_name(x.dtype) == "float64"]
+    if state_dtype == "q8" and leaves or state_dtype == "float32" and wide:
+        exact = [p for p in rule.flat_parts if getattr(p, "exact_state", None)]
+        if exact:
+            raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for {rule.name} "
+                             f"on {backend.dtype_name((wide or leaves)[0].dtype)} params: "
+                             f"{exact[0].exact_state}; use state_dtype=None")
 
 
 def no_q8_for_trees(rule: Transform) -> str:
@@ -2060,6 +2067,13 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     if params is None and any(p.uses_params for p in rule.flat_parts):
         reads = next(p.name for p in rule.flat_parts if p.uses_params)
         raise ValueError(f"{rule.name}: its update needs params ({reads} reads them)")
+    oriented = [p.name for p in rule.flat_parts if getattr(p, "reads_step", False)]
+    if oriented and not makes_step(rule):
+        raise ValueError(
+            f"{rule.name}: {oriented[0]} reads its input as the step uniopt subtracts (p - u), "
+            "and through optax's protocol a rule that makes no step of its own hands it "
+            "optax's update, which optax adds: put it after a rule in a uo.chain "
+            f"(uo.chain(rule, uo.{oriented[0]}())), or use optax's own in an optax.chain")
     try:
         step = _prologue(state, params, grads)
     except TypeError:

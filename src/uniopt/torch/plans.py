@@ -30,6 +30,7 @@ from ..engine import (
     LEAF_NAMES,
     NO_RECORDED_Q8,
     _real_only,
+    check_state_dtype,
     check_step,
     fixed_parts,
     flat_list_def,
@@ -976,6 +977,9 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         if q8:
             dtensor.check_q8_rule(rule)
     multi = multi_tensor(group)
+    # (refused for any parameter, refused before any gets a state)
+    check_state_dtype(rule, group.get("state_dtype"),
+                      [p for p, h in zip(ps, has, strict=True) if h and not p.is_complex()])
     compiled = fast.cpu.AVAILABLE and all(isinstance(q, Elementwise) for q in rule.flat_parts)
     sel: list[int] = []
     specs: list[Spec] = []

@@ -27,6 +27,7 @@ class keep_params_nonnegative(Elementwise):
 
     real_only: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True
+    reads_step: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> NoCoefficients:
         return NoCoefficients()
@@ -44,7 +45,11 @@ class Zero(NamedTuple):
 class zero_nans(Elementwise):
     """``u <- 0`` where ``u`` is NaN, element by element (optax's ``zero_nans``, whose state
     also records, leaf by leaf, whether the last update held a NaN: this block keeps none).
-    Infinities are kept; :func:`~uniopt.skip_nonfinite` skips a whole step instead."""
+    Infinities are kept; :func:`~uniopt.skip_nonfinite` skips a whole step instead. Real
+    params only: optax zeroes a complex number with a NaN part whole, where a part taking
+    complex numbers as pairs of reals would zero that part alone."""
+
+    real_only: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> Zero:
         return Zero(zero=0.0)
