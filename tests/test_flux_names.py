@@ -9,6 +9,7 @@ a delta of None moves nothing (``AccumGrad`` between its updates).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -187,3 +188,23 @@ def test_sign_decay_is_the_l1_subgradient_and_refuses_a_negative_strength() -> N
     assert np.isnan(new[3])
     with pytest.raises(ValueError, match=r"sign_decay: wd must be >= 0, got -0.1"):
         uo.sign_decay(-0.1)
+
+
+def test_every_row_of_the_page_is_held_here_or_by_a_formula_test() -> None:
+    """Each Optimisers.jl rule docs/coming-from/optimisers-jl.md maps is one ROWS holds, or one
+    whose flux form a registry entry's ``formula:Optimisers.*`` test holds (MixedPrecision has
+    no counterpart to hold; OptimiserChain is every chain above)."""
+    from pathlib import Path
+
+    from uniopt import registry
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "coming-from"
+            / "optimisers-jl.md").read_text(encoding="utf-8")
+    table = page[page.index("Every rule Optimisers.jl exports"):]
+    mapped = {n for line in table.splitlines() if line.startswith("| `")
+              for n in re.findall(r"`?(\w+)\(|`(\w+)`", line.split(" | ")[0])
+              for n in n if n}
+    held = {n for key in ROWS for n in re.findall(r"(\w+)\(", key)}
+    held |= {r.split("formula:Optimisers.")[1] for e in registry.entries().values()
+             for r in e.references if r.startswith("formula:Optimisers.")}
+    assert mapped - held - {"MixedPrecision", "OptimiserChain"} == set()
