@@ -35,12 +35,8 @@ def _solve(xp: Any, c: Any, linear: Any, new_root: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class scale_by_ftrl(Elementwise):
-    """FTRL-Proximal's step at keras's default ``learning_rate_power=-0.5`` (a square root, as
-    exact on the compiled loop as on the reference path). The parameter is *set*, not moved:
-    ``n <- n + g^2``; ``z <- z + g + shrink*p - (sqrt(n) - sqrt(n_old))/lr * p``;
-    ``p <- (clip(z, -l1, l1) - z)/(sqrt(n)/lr + l2)``. Its update is ``p - p_new``; last in a
-    rule it writes ``p_new`` itself (``finish``)."""
+class _Ftrl:
+    """The fields, slots and numbers FTRL's two forms share."""
 
     lr: Any = hyper(1e-3, POSITIVE)
     initial_accumulator_value: float = static(0.1, NONNEG)
@@ -64,6 +60,15 @@ class scale_by_ftrl(Elementwise):
         return FtrlCoeffs(lr=self.lr, shrink=2.0 * self.l2_shrinkage_regularization_strength,
                           l1=self.l1_regularization_strength, l2=2.0 * l2)
 
+
+@dataclass(frozen=True)
+class scale_by_ftrl(_Ftrl, Elementwise):
+    """FTRL-Proximal's step at keras's default ``learning_rate_power=-0.5`` (a square root, as
+    exact on the compiled loop as on the reference path). The parameter is *set*, not moved:
+    ``n <- n + g^2``; ``z <- z + g + shrink*p - (sqrt(n) - sqrt(n_old))/lr * p``;
+    ``p <- (clip(z, -l1, l1) - z)/(sqrt(n)/lr + l2)``. Its update is ``p - p_new``; last in a
+    rule it writes ``p_new`` itself (``finish``)."""
+
     @staticmethod
     def kernel(xp, c, p, u, acc, linear):
         new_acc = acc + u * u
@@ -78,36 +83,16 @@ class scale_by_ftrl(Elementwise):
 
 
 @dataclass(frozen=True)
-class scale_by_ftrl_power(PerLeaf):
+class scale_by_ftrl_power(_Ftrl, PerLeaf):
     """:class:`scale_by_ftrl` with any ``learning_rate_power`` ``-k`` (``n^k`` in place of
     ``sqrt(n)``). A per-leaf part, though elementwise in its arithmetic: a power other than a
     square root is rounded differently by the compiled loop (LLVM's ``pow``) and by each array
     library, so it keeps the reference path, the ground truth."""
 
-    lr: Any = hyper(1e-3, POSITIVE)
     learning_rate_power: float = static(-0.5, Interval(None, 0.0))
-    initial_accumulator_value: float = static(0.1, NONNEG)
-    l1_regularization_strength: Any = hyper(0.0, NONNEG)
-    l2_regularization_strength: Any = hyper(0.0, NONNEG)
-    l2_shrinkage_regularization_strength: Any = hyper(0.0, NONNEG)
-    beta: Any = hyper(0.0, NONNEG)
-    slots: ClassVar[tuple[str, ...]] = ("accumulator", "linear")
-    uses_params: ClassVar[bool] = True
-    makes_step: ClassVar[bool] = True
-    # the parameter is set from the linear slot: the params keep only the state's precision
-    exact_state: ClassVar[str | None] = (
-        "it sets the parameter from its linear slot, so the params would keep only the "
-        "state's precision")
 
-    def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
-        return (xp.full_like(p, self.initial_accumulator_value), xp.zeros_like(p))
-
-    def coeffs(self, step: Any) -> FtrlPowerCoeffs:
-        l2 = self.l2_regularization_strength + self.beta / (2.0 * self.lr)
-        return FtrlPowerCoeffs(
-            lr=self.lr, shrink=2.0 * self.l2_shrinkage_regularization_strength,
-            l1=self.l1_regularization_strength, l2=2.0 * l2,
-            power=-float(self.learning_rate_power))
+    def coeffs(self, step: Any) -> FtrlPowerCoeffs:  # type: ignore[override]
+        return FtrlPowerCoeffs(*super().coeffs(step), power=-float(self.learning_rate_power))
 
     @staticmethod
     def finish(xp: Any, c: Any, p: Any, u: Any, acc: Any, linear: Any) -> tuple[Any, ...]:

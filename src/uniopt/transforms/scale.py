@@ -119,9 +119,8 @@ class MinScale(NamedTuple):
 
 
 @dataclass(frozen=True)
-class scale_by_param_block_norm(PerLeaf):
-    """Each leaf's update times its parameter's 2-norm, at least ``min_scale``:
-    ``u <- u * max(|p|, min_scale)`` (optax's ``scale_by_param_block_norm``)."""
+class _ParamBlock(PerLeaf):
+    """Each leaf's update scaled by a measure of its parameter, at least ``min_scale``."""
 
     real_only = True
 
@@ -131,6 +130,12 @@ class scale_by_param_block_norm(PerLeaf):
 
     def coeffs(self, step: Any) -> MinScale:
         return MinScale(min_scale=self.min_scale)
+
+
+@dataclass(frozen=True)
+class scale_by_param_block_norm(_ParamBlock):
+    """Each leaf's update times its parameter's 2-norm, at least ``min_scale``:
+    ``u <- u * max(|p|, min_scale)`` (optax's ``scale_by_param_block_norm``)."""
 
     @staticmethod
     def apply(xp, c, p, u):
@@ -138,19 +143,10 @@ class scale_by_param_block_norm(PerLeaf):
 
 
 @dataclass(frozen=True)
-class scale_by_param_block_rms(PerLeaf):
+class scale_by_param_block_rms(_ParamBlock):
     """Each leaf's update times its parameter's root mean square, at least ``min_scale``:
     ``u <- u * max(sqrt(mean(p^2)), min_scale)`` (optax's ``scale_by_param_block_rms``;
     Adafactor's relative step). An empty leaf's is ``min_scale``."""
-
-    real_only = True
-
-    min_scale: Any = hyper(1e-3, NONNEG)
-    uses_params: ClassVar[bool] = True
-    batched: ClassVar[bool] = True
-
-    def coeffs(self, step: Any) -> MinScale:
-        return MinScale(min_scale=self.min_scale)
 
     @staticmethod
     def apply(xp, c, p, u):
