@@ -1356,10 +1356,11 @@ def test_bench_skips_8_bit_state_for_a_rule_that_has_none(capsys: Any) -> None:
     """`uniopt bench --rules all` stopped at its first rule, acprop, with a traceback: its
     "uniopt q8" row raised setup's refusal of 8-bit state, and an elementwise rule's errors
     are re-raised."""
-    assert main(["bench", "--sizes", "1x64", "--rules", "acprop,adam", "--implementations",
+    assert main(["bench", "--sizes", "1x64", "--rules", "acprop,ftrl,adam", "--implementations",
                  "uniopt,uniopt q8", "--repeats", "1", "--json"]) == 0
     rows = {(r["rule"], r["implementation"]) for r in json.loads(capsys.readouterr().out)["rows"]}
-    assert rows == {("acprop", "uniopt"), ("adam", "uniopt"), ("adam", "uniopt q8")}
+    assert rows == {("acprop", "uniopt"), ("ftrl", "uniopt"), ("adam", "uniopt"),
+                    ("adam", "uniopt q8")}
 
 
 def test_bench_says_a_library_is_not_installed(monkeypatch: Any, capsys: Any) -> None:

@@ -250,8 +250,9 @@ def _uniopt(w: _Workload, rule: str, state_dtype: str | None = None) -> Callable
         return None
     made = _rule(rule)
     if state_dtype == "q8" and (made.tree_layout or any(
-            getattr(part, "no_q8", None) for part in made.flat_parts)):
-        return None  # (no 8-bit state for this rule: acprop's, a whole-tree part's)
+            getattr(part, "no_q8", None) or getattr(part, "exact_state", None)
+            for part in made.flat_parts)):
+        return None  # (no 8-bit state for this rule: acprop's, ftrl's, a whole-tree part's)
     params = [p.copy() for p in w.params]
     state = [uo.setup(made, params, state_dtype=state_dtype)]
     k = [0]
