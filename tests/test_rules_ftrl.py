@@ -125,3 +125,83 @@ def test_a_group_refused_for_one_param_gives_none_a_state() -> None:
     assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
     assert torch.equal(p0.detach(), torch.ones(3)) and torch.equal(p1.detach(),
                                                                   torch.ones(3).double())
+
+
+def test_sparse_rows_step_the_rows_an_embeddings_gradient_holds() -> None:
+    """``uniopt.torch.Optimizer(..., sparse_rows=True)``: FTRL on an ``nn.Embedding(sparse=
+    True)`` steps the rows a batch looks up (a row looked up twice: its gradients summed), as
+    the dense rule on those rows alone; every other row keeps its value and its state."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(12, 4, sparse=True, dtype=torch.float64)
+    rule = uo.ftrl(lr=0.1, l1_regularization_strength=0.01, beta=0.5)
+    opt = ut.Optimizer(emb.parameters(), rule, sparse_rows=True)
+    names = ("scale_by_ftrl.accumulator", "scale_by_ftrl.linear")
+    for batch in ([1, 3, 3, 7], [0, 1, 11], [3, 5, 5, 5]):
+        index = torch.tensor(batch)
+        opt.zero_grad()
+        (emb(index) * torch.arange(1.0, 5.0, dtype=torch.float64)).sin().sum().backward()
+        assert emb.weight.grad.is_sparse
+        g = emb.weight.grad.coalesce()
+        rows = g.indices()[0].numpy()
+        before = emb.weight.detach().numpy().copy()
+        st = opt.state.get(emb.weight, {})
+        slots = {n: (st[n].numpy().copy() if n in st else
+                     np.full_like(before, 0.1) if n.endswith("accumulator") else
+                     np.zeros_like(before)) for n in names}
+        # the dense rule on those rows alone, from their values and state
+        state = uo.setup(rule, [before[rows]])
+        state = uo.State(state.rule, state.step, {n: [slots[n][rows]] for n in names},
+                         state.treedef)
+        want = [before[rows].copy()]
+        uo.update_(state, want, [g.values().numpy()])
+        opt.step()
+        untouched = np.setdiff1d(np.arange(12), rows)
+        got = emb.weight.detach().numpy()
+        np.testing.assert_array_equal(got[untouched], before[untouched])
+        np.testing.assert_allclose(got[rows], want[0], rtol=1e-14, atol=1e-300)
+        for n in names:
+            np.testing.assert_array_equal(opt.state[emb.weight][n].numpy()[untouched],
+                                          slots[n][untouched])
+
+
+def test_sparse_rows_adagrad_is_torchs_sparse_adagrad() -> None:
+    """torch.optim.Adagrad takes sparse gradients, stepping their rows: the same numbers."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    torch.manual_seed(1)
+    ours, theirs = (torch.nn.Embedding(20, 3, sparse=True, dtype=torch.float64) for _ in "ab")
+    theirs.load_state_dict(ours.state_dict())
+    a = ut.Optimizer(ours.parameters(), uo.adagrad(lr=0.1), sparse_rows=True)
+    b = torch.optim.Adagrad(theirs.parameters(), lr=0.1)
+    for k in range(15):
+        index = torch.randint(0, 20, (6,), generator=torch.Generator().manual_seed(k))
+        for emb, opt in ((ours, a), (theirs, b)):
+            opt.zero_grad()
+            emb(index).pow(2).sum().backward()
+            opt.step()
+    np.testing.assert_allclose(ours.weight.detach(), theirs.weight.detach(), rtol=1e-14)
+
+
+def test_sparse_rows_are_asked_for_and_refused_for_reductions() -> None:
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = ut.Optimizer(emb.parameters(), uo.ftrl())
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="unless made with sparse_rows=True"):
+        opt.step()
+    with pytest.raises(TypeError, match="clip_by_global_norm is not elementwise"):
+        ut.Optimizer(emb.parameters(), uo.chain(uo.clip_by_global_norm(1.0), uo.ftrl()),
+                     sparse_rows=True)
+    with pytest.raises(TypeError, match="not elementwise"):
+        ut.Optimizer(emb.parameters(), uo.ftrl(learning_rate_power=-0.3), sparse_rows=True)
+    import copy
+
+    kept = copy.deepcopy(ut.Optimizer(emb.parameters(), uo.ftrl(), sparse_rows=True))
+    kept.step()  # (a copy, as a checkpointing framework makes one, still takes them)
+    assert kept.state[emb.weight]["scale_by_ftrl.accumulator"].shape == (5, 2)

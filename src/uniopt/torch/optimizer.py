@@ -15,7 +15,16 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
 from .. import backend
-from ..base import Combinator, Minimizer, Transform, WholeTree, chain, members, reads_loss
+from ..base import (
+    Combinator,
+    Elementwise,
+    Minimizer,
+    Transform,
+    WholeTree,
+    chain,
+    members,
+    reads_loss,
+)
 from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import LEAF_NAMES, adjust, check_step, no_q8_for_trees, resolve
 from ..hyper import DeviceNumber, carries_derivative, has_schedule
@@ -247,7 +256,11 @@ class Optimizer(torch.optim.Optimizer):
     ``differentiable=True`` records each step in autograd (torch.optim's flag): a meta-learning
     loop, or torch.func's ``grad``/``jvp``, differentiates through it, with respect to a tensor
     lr or to the parameters before the step; a rule that runs other rules (``accumulate``,
-    ``partition``) is refused there.
+    ``partition``) is refused there. ``sparse_rows=True`` takes sparse gradients
+    (``nn.Embedding(sparse=True)``) for an elementwise rule: each steps only the rows it holds
+    (duplicates summed), the other rows keeping their values and state, as torch's sparse
+    Adagrad and TensorFlow's sparse FTRL do; a group's weight decay is refused with them, as
+    torch refuses it.
 
     >>> import torch, uniopt as uo, uniopt.torch
     >>> lr = torch.tensor(0.1, requires_grad=True)
@@ -265,8 +278,9 @@ class Optimizer(torch.optim.Optimizer):
     tensor([0.8500, 1.0500])
     """
 
-    _sparse: ClassVar[str | None] = None  # "rows", "dense", or None (sparse gradients rejected)
-    _sparse_error: ClassVar[str] = ""
+    # "rows", "dense", or None (sparse gradients rejected): a class's, or Optimizer(sparse_rows=)
+    _sparse: str | None = None
+    _sparse_error: str = ""
     # torch's refusals of sparse gradients with fused=True, and with a weight decay
     _fused_sparse_error: ClassVar[str] = "`fused` does not support sparse gradients"
     _sparse_decay_error: ClassVar[str] = "weight_decay option is not compatible with sparse " \
@@ -277,11 +291,26 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: ParamsT, rule: Transform, *, maximize: bool = False,
                  state_dtype: str | None = None, foreach: bool | None = None,
-                 capturable: bool = False, differentiable: bool = False) -> None:
+                 capturable: bool = False, differentiable: bool = False,
+                 sparse_rows: bool = False) -> None:
         if not isinstance(rule, Transform):
             raise TypeError(
                 f"uniopt.torch.Optimizer: expected a uniopt rule or chain, got {rule!r}"
             )
+        if sparse_rows:
+            # a row's step must be the step of its elements alone: no norm or other reduction
+            # over a leaf or the tree (it would see the rows present only)
+            across = [p.name for p in rule.flat_parts
+                      if not isinstance(p, Elementwise) or p.needs_norm]
+            if across:
+                raise TypeError(
+                    f"uniopt.torch.Optimizer: sparse_rows=True steps the rows a sparse gradient "
+                    f"holds element by element; {rule.name}'s {across[0]} is not elementwise")
+            self._sparse = "rows"
+        else:
+            self._sparse_error = (
+                "uniopt.torch.Optimizer does not support sparse gradients unless made with "
+                "sparse_rows=True (an elementwise rule, stepping the rows a gradient holds)")
         if differentiable and any(map(isinstance, rule.flat_parts, itertools.repeat(Combinator))):
             raise TypeError(_no_recorded_combinator(rule))
         if any(isinstance(p, Minimizer) for p in rule.flat_parts):
@@ -346,6 +375,9 @@ class Optimizer(torch.optim.Optimizer):
         out = super().__getstate__()
         if "rule" in vars(self):  # a named class's rule is its class's
             out["rule"] = self.rule
+        for key in ("_sparse", "_sparse_error"):  # Optimizer(sparse_rows=...)'s choice
+            if key in vars(self):
+                out[key] = vars(self)[key]
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
