@@ -203,6 +203,7 @@ def test_sparse_rows_are_asked_for_and_refused_for_reductions() -> None:
     import copy
 
     kept = copy.deepcopy(ut.Optimizer(emb.parameters(), uo.ftrl(), sparse_rows=True))
+    [w] = kept.param_groups[0]["params"]  # (the copy's own parameter, without a gradient)
+    w.grad = emb.weight.grad.clone()
     kept.step()  # (a copy, as a checkpointing framework makes one, still takes them)
-    [w] = kept.param_groups[0]["params"]  # (the copy's own parameter)
     assert kept.state[w]["scale_by_ftrl.accumulator"].shape == (5, 2)
