@@ -259,8 +259,8 @@ class Optimizer(torch.optim.Optimizer):
     ``partition``) is refused there. ``sparse_rows=True`` takes sparse gradients
     (``nn.Embedding(sparse=True)``) for an elementwise rule: each steps only the rows it holds
     (duplicates summed), the other rows keeping their values and state, as torch's sparse
-    Adagrad and TensorFlow's sparse FTRL do; a group's weight decay is refused with them, as
-    torch refuses it.
+    Adagrad and TensorFlow's sparse FTRL do (the step count is the parameter's, as torch's
+    SparseAdam keeps it); a group's weight decay is refused with them, as torch refuses it.
 
     >>> import torch, uniopt as uo, uniopt.torch
     >>> lr = torch.tensor(0.1, requires_grad=True)
