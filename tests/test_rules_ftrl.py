@@ -207,3 +207,29 @@ def test_sparse_rows_are_asked_for_and_refused_for_reductions() -> None:
     w.grad = emb.weight.grad.clone()
     kept.step()  # (a copy, as a checkpointing framework makes one, still takes them)
     assert kept.state[w]["scale_by_ftrl.accumulator"].shape == (5, 2)
+
+
+def test_sparse_rows_refuse_any_members_decay_and_a_row_outside_the_table() -> None:
+    """A decay is refused with sparse gradients whatever key the group holds it under (a
+    chain member's "0.weight_decay", a decay block's "wd"), as torch refuses "weight_decay";
+    a gradient row outside the table is refused before any parameter, dense ones included,
+    is written (torch's own Adagrad has stepped its dense ones when its gather raises)."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    for rule in (uo.chain(uo.adam(lr=0.01, weight_decay=0.1), uo.sgd(lr=1.0)),
+                 uo.chain(uo.weight_decay(0.1), uo.sgd(lr=0.1))):
+        emb = torch.nn.Embedding(5, 2, sparse=True)
+        opt = ut.Optimizer(emb.parameters(), rule, sparse_rows=True)
+        emb(torch.tensor([1])).sum().backward()
+        with pytest.raises(RuntimeError, match="weight_decay option is not compatible"):
+            opt.step()
+    w = torch.nn.Parameter(torch.ones(4))
+    e = torch.nn.Parameter(torch.zeros(10, 3))
+    opt = ut.Optimizer([w, e], uo.sgd(lr=0.1), sparse_rows=True)
+    w.grad = torch.ones(4)
+    e.grad = torch.sparse_coo_tensor(torch.tensor([[2, 15]]), torch.ones(2, 3), (10, 3))
+    with pytest.raises(IndexError, match=r"param 1 of its group holds an index outside its "
+                                         r"shape \(10, 3\)"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(4)) and len(opt.state) == 0

@@ -749,7 +749,7 @@ class Optimizer(torch.optim.Optimizer):
         return None
 
     def _check_sparse(self, group: dict[str, Any], grads: list[Any]) -> None:
-        for g in grads:
+        for i, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
             if g is None or g.layout == torch.strided:
                 continue
             if self._sparse is None:
@@ -760,9 +760,20 @@ class Optimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self._name} does not support {g.layout} gradients")
             if group.get("fused"):
                 raise RuntimeError(self._fused_sparse_error)
-            wd = group.get("weight_decay", 0)
-            if callable(wd) or plain(wd) != 0:
-                raise RuntimeError(self._sparse_decay_error)
+            # (any member's decay: "weight_decay", "1.weight_decay", a decay block's "wd")
+            for key, wd in group.items():
+                if key.rsplit(".", 1)[-1] in ("weight_decay", "wd") and (
+                        callable(wd) or plain(wd) != 0):
+                    raise RuntimeError(self._sparse_decay_error)
+            index = g._indices()
+            if self._sparse == "rows" and index.numel() and (
+                    bool((index < 0).any()) or bool((index >= torch.tensor(
+                        p.shape[:index.shape[0]], device=index.device)[:, None]).any())):
+                # (the rows are gathered and written back after the dense runs have stepped:
+                # caught here, before anything is written; torch's own gather would raise late)
+                raise IndexError(
+                    f"{self._name}: the sparse gradient of param {i} of its group holds an index "
+                    f"outside its shape {tuple(p.shape)}")
             if self._sparse == "rows" and group.get("differentiable"):
                 # the rows are gathered and written back in place, outside autograd: a step
                 # that differentiable=True asks to record would go unrecorded, silently
