@@ -356,13 +356,16 @@ def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any
     if refused:
         raise ValueError(f"setup: state_dtype='q8' is not offered for {rule.name}: "
                          f"{refused[0].no_q8}; use state_dtype=None or 'float32'")
+    if state_dtype not in ("q8", "float32") or not leaves:  # (setup's usual case: no look)
+        return
+    exact = [p for p in rule.flat_parts if getattr(p, "exact_state", None)]
+    if not exact:
+        return
     wide = [x for x in leaves if backend.dtype_name(x.dtype) == "float64"]
-    if state_dtype == "q8" and leaves or state_dtype == "float32" and wide:
-        exact = [p for p in rule.flat_parts if getattr(p, "exact_state", None)]
-        if exact:
-            raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for {rule.name} "
-                             f"on {backend.dtype_name((wide or leaves)[0].dtype)} params: "
-                             f"{exact[0].exact_state}; use state_dtype=None")
+    if state_dtype == "q8" or wide:
+        raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for {rule.name} "
+                         f"on {backend.dtype_name((wide or leaves)[0].dtype)} params: "
+                         f"{exact[0].exact_state}; use state_dtype=None")
 
 
 def no_q8_for_trees(rule: Transform) -> str:

@@ -749,6 +749,7 @@ class Optimizer(torch.optim.Optimizer):
         return None
 
     def _check_sparse(self, group: dict[str, Any], grads: list[Any]) -> None:
+        decay_checked = False
         for i, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
             if g is None or g.layout == torch.strided:
                 continue
@@ -760,13 +761,15 @@ class Optimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self._name} does not support {g.layout} gradients")
             if group.get("fused"):
                 raise RuntimeError(self._fused_sparse_error)
-            # (any member's decay: "weight_decay", "1.weight_decay", a decay block's "wd")
-            for key, wd in group.items():
-                if key.rsplit(".", 1)[-1] in ("weight_decay", "wd") and (
-                        callable(wd) or plain(wd) != 0):
-                    raise RuntimeError(self._sparse_decay_error)
-            index = g._indices()
-            if self._sparse == "rows" and index.numel() and (
+            if not decay_checked:  # (the group's, once)
+                # (any member's decay: "weight_decay", "1.weight_decay", a decay block's "wd")
+                for key, wd in group.items():
+                    if key.rsplit(".", 1)[-1] in ("weight_decay", "wd") and (
+                            callable(wd) or plain(wd) != 0):
+                        raise RuntimeError(self._sparse_decay_error)
+                decay_checked = True
+            index = g._indices() if self._sparse == "rows" else None
+            if index is not None and index.numel() and (
                     bool((index < 0).any()) or bool((index >= torch.tensor(
                         p.shape[:index.shape[0]], device=index.device)[:, None]).any())):
                 # (the rows are gathered and written back after the dense runs have stepped:
