@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import itertools
 import math
 import operator
 import sys
@@ -1116,7 +1117,8 @@ def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
     Python numbers would be, so bfloat16 params stay bfloat16 and x64 does not widen float32
     ones. Empty where every coefficient is a host number."""
     jax = sys.modules.get("jax")
-    if jax is None or not any(isinstance(x, jax.Array) for x in c):
+    # (C calls, no generator: a step's Python work is the same whether JAX is loaded or not)
+    if jax is None or not any(map(isinstance, c, itertools.repeat(jax.Array))):
         return {}
     out = {}
     for dtype in {u.dtype for u in us}:
