@@ -536,6 +536,54 @@ def test_numbers_written_into_a_group_take_effect_at_the_next_step() -> None:
     assert_close64(ours, theirs)
 
 
+@pytest.mark.parametrize(("name", "kw"), [("SGD", {"momentum": 0.9}), ("AdamW", {}),
+                                        ("Adam", {"weight_decay": 0.01})])
+def test_numbers_of_numpy_and_python_written_in_turn_are_torchs(name: str,
+                                                                kw: dict[str, Any]) -> None:
+    """A hand-written warm-up in Python floats, then a decay from ``np.cos``; a LambdaLR whose
+    factor is a NumPy number: the group's values change kind between steps. A Python float
+    followed by a NumPy scalar raised "truth value of an array is ambiguous" at the step (the
+    rule's cache compared its key with the NumPy number, which broadcast)."""
+    def before(opt: Any, s: int) -> None:
+        group = opt.param_groups[0]
+        kinds = (float, np.float64, float, np.int64, np.float64, float, np.float64)
+        group["lr"] = kinds[s % len(kinds)](1 if kinds[s % len(kinds)] is np.int64 else
+                                           0.1 * (1 + np.cos(np.pi * s / 12)) / 2)
+        if "betas" in group:
+            group["betas"] = (kinds[(s + 1) % 7](0.9), np.float64(0.99 - 0.001 * s))
+        if s % 4 == 3:
+            group["weight_decay"] = np.float64(0.01 * s)
+
+    theirs, _ = run_small(lambda ps: getattr(torch.optim, name)(ps, lr=0.1, foreach=False, **kw),
+                          12, random_grads(12), before=before)
+    ours, _ = run_small(lambda ps: getattr(ut, name)(ps, lr=0.1, **kw), 12, random_grads(12),
+                        before=before)
+    assert_close64(ours, theirs)
+
+
+def test_numpy_numbers_in_a_group_are_read_as_python_numbers_are(monkeypatch: Any) -> None:
+    """NumPy scalars written at every step (np.float32 too, whose values torch's own Adam would
+    compute with in float32) step as the Python floats they hold, bit for bit, and as those
+    are read by the group's rule at each step, not made into a new rule for each value."""
+    made = []
+    group_rule = ut.Adam._group_rule
+    monkeypatch.setattr(ut.Adam, "_group_rule",
+                        lambda self, group: made.append(1) or group_rule(self, group))
+    runs, counts = [], []
+    for kind in (lambda x: float(np.float32(x)), np.float32, np.float64):
+        def before(opt: Any, s: int, kind: Any = kind) -> None:
+            opt.param_groups[0]["lr"] = kind(0.1 / (s + 1))
+            opt.param_groups[0]["betas"] = (kind(0.9 - 0.01 * s), kind(0.999))
+
+        made.clear()
+        ps, _ = run_small(lambda ps: ut.Adam(ps, lr=0.1), 10, random_grads(10), before=before)
+        runs.append([p.detach() for p in ps])
+        counts.append(len(made))
+    for a, b in zip(runs[1], runs[0], strict=True):
+        assert torch.equal(a, b)
+    assert counts[1] == counts[2] == counts[0] <= 3, counts
+
+
 def test_a_schedule_in_a_group_is_evaluated_at_each_parameters_step_count() -> None:
     """``b`` starts receiving gradients at step 5: its first update sees ``lr(0)``, as its own
     torch optimizer does when given ``lr(own step count)`` by hand."""

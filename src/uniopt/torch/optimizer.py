@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, overload
 
+import numpy as np
 import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
@@ -57,6 +58,8 @@ def plain(v: Any) -> Any:
         return v.item()
     if isinstance(v, (tuple, list)):
         return tuple(plain(x) for x in v)
+    if isinstance(v, _NUMPY_NUMBER):  # (np.cos of a schedule, a LambdaLR factor's product)
+        return v.item()
     return v
 
 
@@ -198,9 +201,14 @@ def _only_read(raw: list[Any], hit: _GroupRule) -> bool:
     return True
 
 
+# NumPy's scalars a scheduler may write (np.float64 is a float; np.float32 and the integers
+# are not), as numbers; not np.bool_
+_NUMPY_NUMBER = (np.floating, np.integer)
+
+
 def _is_number(v: Any) -> bool:
-    """A plain number (no bool: a flag is no hyperparameter's value)."""
-    return type(v) is float or type(v) is int
+    """A plain number (no bool: a flag is no hyperparameter's value), NumPy's included."""
+    return type(v) is float or type(v) is int or isinstance(v, _NUMPY_NUMBER)
 
 
 def _form(v: Any) -> Any:
