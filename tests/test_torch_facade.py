@@ -1083,6 +1083,54 @@ def trained(name: str = "Adam", steps: int = 2, **kw: Any) -> tuple[Any, list[An
     return opt, ps
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize(("name", "kw"), [("SGD", {"momentum": 0.9}), ("SGD", {"foreach": True}),
+                                        ("Adam", {})])
+def test_parameters_over_one_storage_are_refused_nothing_written(name: str, kw: dict[str, Any],
+                                                                 groups: int) -> None:
+    """Two Parameters whose memory overlaps (one a slice of the other): torch's loops step them
+    in turn; one pass over both lost the first's update, silently (every class). Refused as
+    uniopt.update_ refuses it, naming both, before anything is written; also after a step, when
+    a parameter's memory is made to overlap another's."""
+    base = torch.zeros(6, dtype=torch.float64)
+    a, b = nn.Parameter(base), nn.Parameter(base.detach()[1:3])
+    opt = getattr(ut, name)([a, b] if groups == 1 else [{"params": [a]}, {"params": [b]}],
+                            lr=1.0, **kw)
+    a.grad, b.grad = torch.ones(6, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    before = snapshot(opt)
+    where = "param_groups[0]['params'][1]" if groups == 1 else "param_groups[1]['params'][0]"
+    with pytest.raises(ValueError, match=re.escape(where) + r" shares memory with "
+                       + re.escape("param_groups[0]['params'][0]")):
+        opt.step()
+    assert_unchanged(opt, before)
+    # apart, they step; then b is set to overlap a: refused at the next step
+    b.data = torch.zeros(2, dtype=torch.float64)
+    opt.step()
+    assert torch.allclose(b.detach(), torch.full((2,), -1.0, dtype=torch.float64), rtol=1e-7)
+    b.data = a.detach()[4:]
+    b.grad = torch.ones(2, dtype=torch.float64)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="shares memory with"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+def test_views_of_one_storage_that_share_no_element_step_as_torchs() -> None:
+    """Parameters that are disjoint views of one buffer (a flat parameter's pieces, FSDP1's
+    use_orig_params) are parameters like any other."""
+    out = []
+    for impl in (torch.optim, ut):
+        base = torch.zeros(8, dtype=torch.float64)
+        ps = [nn.Parameter(base[:3]), nn.Parameter(base.detach()[3:].view(5))]
+        opt = impl.Adam(ps, lr=0.1)
+        for k in range(3):
+            for p in ps:
+                p.grad = torch.cos(p.detach() + k)
+            opt.step()
+        out.append(base.clone())
+    assert_close64([out[1]], [out[0]])
+
+
 def test_a_duplicate_parameter_warns_as_torch_and_is_updated_once() -> None:
     w, v = (nn.Parameter(torch.linspace(-1, 1, 4)) for _ in range(2))
     with pytest.warns(UserWarning, match="a parameter group with duplicate parameters"):

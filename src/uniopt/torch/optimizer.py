@@ -645,11 +645,37 @@ class Optimizer(torch.optim.Optimizer):
     def _build(self, job: _Job) -> plans.Plan:
         """A new plan for a group (:func:`plans.build`), kept for its later steps."""
         assert job.sparse is not None  # _prepare looked at every gradient
+        self._check_apart(job)
         plan = self._plans[job.gi] = plans.build(
             job.group, job.rule, self._slot_names(job.rule), job.has, job.sparse,
             self._sparse == "rows", self.state, self._steps_for(job.gi, job.group["params"]),
             self._run_tags(job.gi, job.group, job.has))
         return plan
+
+    def _check_apart(self, job: _Job) -> None:
+        """Refuse a parameter stepped here that shares memory with another parameter of the
+        optimizer (two Parameters over one storage, one a slice of the other): torch's loops
+        step them one after the other, where one pass over the group steps both from the same
+        old values and the second write loses the first's update. Refused as
+        :func:`uniopt.update_` refuses such a tree, before anything is written; looked at when a
+        group's plan is made (its first step, and after a parameter's memory changed), not at
+        every step."""
+        ps = [p for p, h in zip(job.group["params"], job.has, strict=True) if h]
+        names = [f"{_group_list(job.gi)}[{i}]" for i, h in enumerate(job.has) if h]
+        for gi, group in enumerate(self.param_groups):
+            if gi != job.gi:  # (another group's: those it steps now)
+                for i, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        ps.append(p)
+                        names.append(f"{_group_list(gi)}[{i}]")
+        pair = backend.overlapping(ps, storages=True) if len(ps) > 1 else None
+        if pair is not None:
+            i, j = pair
+            raise ValueError(
+                f"{self._name}: {names[j]} shares memory with {names[i]} (two parameters over "
+                "one storage): torch's loops step them in turn, uniopt steps both from their "
+                "values before the step, which would lose one's update; a tied weight is one "
+                "parameter (give it once), or give each its own memory")
 
     def _amp_skips(self) -> bool:
         """A step under ``torch.amp.GradScaler`` where the optimizer scales for itself (a
