@@ -1131,6 +1131,71 @@ def test_views_of_one_storage_that_share_no_element_step_as_torchs() -> None:
     assert_close64([out[1]], [out[0]])
 
 
+def _partition(ps: Any, **kw: Any) -> Any:
+    return ut.Optimizer(ps, uo.partition({"a": uo.sgd(lr=0.1, momentum=0.9),
+                                          "b": uo.adam(lr=0.01)},
+                                         lambda path, p: "a" if p.ndim == 2 else "b"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16],
+                         ids=["float64", "float16", "bfloat16"])
+@pytest.mark.parametrize(("make", "kw"), [
+    (lambda ps, **kw: ut.SGD(ps, **kw), {"lr": 0.1, "momentum": 0.9}),
+    (lambda ps, **kw: ut.Adagrad(ps, **kw), {"lr": 0.1}),
+    (lambda ps, **kw: ut.AdamW(ps, **kw), {"lr": 0.01}),
+    (lambda ps, **kw: ut.AdamW(ps, **kw), {"lr": 0.01, "state_dtype": "float32"}),
+    (_partition, {})], ids=["SGD", "Adagrad", "AdamW", "AdamW-float32-state", "partition"])
+def test_a_model_given_a_new_dtype_after_a_step_steps_on_as_after_a_load(
+        make: Any, kw: dict[str, Any], dtype: Any) -> None:
+    """model.to(dtype) after a step: torch's SGD, Adagrad and RMSprop go on with their state in
+    its old dtype (its Adam raises); uniopt's state, made for float32, was refused as "set up for
+    other params" (bfloat16's as a uint16 array). It is cast to the parameters' new dtype (the
+    group's state_dtype where it has one), as load_state_dict casts a loaded state: the run is
+    the one that reloads its state after the change, bit for bit."""
+    runs, dtypes = [], []
+    for reload in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3))
+        opt = make(list(model.parameters()), **kw)
+        x = torch.randn(8, 5)
+        for k in range(4):
+            if k == 2:
+                model.to(dtype)
+                x = x.to(dtype)
+                if reload:
+                    opt.load_state_dict(opt.state_dict())
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        dtypes.append(sorted({str(v.dtype) for st in opt.state.values() if isinstance(st, dict)
+                              for v in st.values() if isinstance(v, torch.Tensor)
+                              and v.is_floating_point() and v.numel() > 1}))
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == dtype and torch.equal(a, b)
+    assert dtypes[0] == dtypes[1], dtypes
+
+
+def test_a_combinator_steps_bfloat16_parameters() -> None:
+    """uo.partition (any rule that runs others) in uniopt.torch.Optimizer on bfloat16
+    parameters raised "params[0] has dtype uint16" (the compiled loop's view of their bits):
+    it steps them as the rule alone does."""
+    runs = []
+    for make in (lambda ps: ut.Optimizer(ps, uo.partition({"x": uo.sgd(lr=0.1, momentum=0.9)},
+                                                          lambda path, p: "x")),
+                 lambda ps: ut.SGD(ps, lr=0.1, momentum=0.9)):
+        torch.manual_seed(0)
+        model = nn.Linear(30, 20).to(torch.bfloat16)
+        opt = make(list(model.parameters()))
+        for k in range(3):
+            opt.zero_grad()
+            model(torch.ones(4, 30, dtype=torch.bfloat16) * (k + 1)).sum().backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_duplicate_parameter_warns_as_torch_and_is_updated_once() -> None:
     w, v = (nn.Parameter(torch.linspace(-1, 1, 4)) for _ in range(2))
     with pytest.warns(UserWarning, match="a parameter group with duplicate parameters"):

@@ -29,9 +29,10 @@ GROUP = "uniopt.group"  # a group's one state, in state_dict(), under its first 
 
 
 def _spec(p: torch.Tensor) -> plans.Spec:
-    # a NumPy view where it has the parameter's shape (masks and labels may read shapes)
+    # a NumPy view where it has the parameter's shape (masks and labels may read shapes); not
+    # a bfloat16 tensor's, whose view holds its bits (uint16), for the compiled loop only
     s = plans.spec(p)
-    return s if s == plans.PLAIN else ("torch", None)
+    return s if s == plans.PLAIN and p.dtype != torch.bfloat16 else ("torch", None)
 
 
 def _tree(group: dict[str, Any], xs: list[Any]) -> Any:
@@ -55,7 +56,9 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     held = opt.__dict__.setdefault("_combined", {}).get(gi)
     key = KEY.format(gi)
     entry = opt.state.get(key)
-    if held is None or held[1] != [id(p) for p in ps] or entry is not held[2]:
+    if held is None or held[1] != _kinds(views, ps) or entry is not held[2]:
+        # (new parameters, or ones of a new dtype or layout since, model.to(torch.float64)
+        # after a step: a state set up for them and filled from the last, cast as a load casts)
         state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
         if entry:
             state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
@@ -156,7 +159,13 @@ def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: boo
     state = update_(state, params, grads, **extra)
     entry = _shared(to_tree(state))
     opt.state[key] = entry
-    opt._combined[gi] = (state, [id(p) for p in group["params"]], entry)
+    opt._combined[gi] = (state, _kinds(flatten(params)[0], group["params"]), entry)
+
+
+def _kinds(views: list[Any], ps: list[torch.Tensor]) -> list[tuple[Any, ...]]:
+    """What a group's held state was made for: each parameter, and its array's kind and dtype
+    as the engine sees it."""
+    return [(id(p), type(v), v.dtype) for p, v in zip(ps, views, strict=True)]
 
 
 def _shared(x: Any) -> Any:

@@ -415,12 +415,15 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
                              "up for another parameter")
     if dtensor.is_dtensor(p):
         _dtensor_slots(st, p, names, shapes)
-    wanted = getattr(torch, state_dtype) if state_dtype and not p.is_complex() else None
+    # the group's state dtype, else the parameter's: a parameter whose dtype changed after its
+    # state was made (model.to(torch.float64) after a step) has its state cast, as
+    # load_state_dict casts a loaded one (torch's policy for floating state)
+    wanted = getattr(torch, state_dtype) if state_dtype and not p.is_complex() else p.dtype
     for _, name in names:
         s = st[name]
         if s.layout != torch.strided:  # torch's SGD keeps a sparse buffer for sparse grads
             s = s.to_dense()
-        if wanted is not None and s.dtype != wanted:
+        if s.dtype != wanted and (s.is_floating_point() or s.is_complex()):
             s = s.to(wanted)
         ls, lp = dtensor.local(s), dtensor.local(p)  # a DTensor's shard is what is viewed
         if spec == PLAIN and not ls.is_contiguous():
