@@ -550,6 +550,43 @@ def test_an_adjust_of_another_form_is_said_under_jit() -> None:
         jax.jit(tx.update)(g, state, params)
 
 
+@pytest.mark.parametrize("seq", ["eager-apply_if_finite", "jit-adjust-cond",
+                                 "cond-adjust-cond", "jit-adjust-eval_shape-jit"])
+def test_a_state_adjusted_then_first_flattened_in_a_trace_steps_on(seq: str) -> None:
+    """After ``uo.adjust``, a state first flattened inside a trace (a ``lax.cond`` branch
+    handing it back, ``apply_if_finite``'s eager step, ``jax.eval_shape``) cached the trace's
+    array of its numbers on the rule: the next step raised UnexpectedTracerError. Each
+    sequence's parameters are those of plain eager steps with the same adjust."""
+    with jax.enable_x64(True):
+        tx = uo.adamw(lr=1e-2, weight_decay=0.1)
+        p = {"w": jnp.linspace(-1.0, 1.0, 3)}
+        gs = [{"w": jnp.asarray([0.3, -0.2, 0.1]) * (k + 1)} for k in range(3)]
+
+        def cond(g: Any, st: Any, p: Any) -> Any:
+            return jax.lax.cond(True, lambda: tx.update(g, st, p), lambda: (g, st))
+
+        first, second = {
+            "eager-apply_if_finite": (None, None),
+            "jit-adjust-cond": (jax.jit(tx.update), cond),
+            "cond-adjust-cond": (cond, cond),
+            "jit-adjust-eval_shape-jit": (jax.jit(tx.update), jax.jit(tx.update)),
+        }[seq]
+        wrapped = optax.apply_if_finite(tx, 3) if first is None else tx
+        ends = []
+        for plain in (True, False):
+            st, q = wrapped.init(p), p
+            for k, g in enumerate(gs):
+                if k == 1:
+                    st = uo.adjust(st, lr=1e-3)
+                    if seq.endswith("eval_shape-jit") and not plain:
+                        jax.eval_shape(lambda st=st: st)
+                step = wrapped.update if plain or first is None else first if k == 0 else second
+                u, st = step(g, st, q)
+                q = optax.apply_updates(q, u)
+            ends.append(np.asarray(q["w"]))
+        assert rel_diff(ends[1], ends[0]) <= 1e-14
+
+
 def test_apply_if_finite_around_a_uniopt_rule_steps_eagerly_as_around_optaxs() -> None:
     """``optax.apply_if_finite`` steps its inner transformation inside ``lax.cond``, eagerly
     too: a state's numbers a step had handed back were read inside that trace, and its second

@@ -217,7 +217,11 @@ def _flatten_state(s: State) -> tuple[tuple[Any, ...], _Static]:
         # first adjust compiles nothing anew)
         flag = adjusted(s.rule)
         flag = float(flag) if isinstance(flag, bool) else flag
-        hit = s.rule.memo["jax"] = (_pack([*values, flag]), (skeleton, len(values)))
+        hit = (_pack([*values, flag]), (skeleton, len(values)))
+        if not _traced(hit[0]):
+            # (one made inside a trace, a cond's branch handing the state back after an
+            # adjust: the trace's own value, which the next step would read after it ended)
+            s.rule.memo["jax"] = hit
     packed, skeleton = hit
     if isinstance(packed, np.ndarray) and backend.is_jax(s.step) and not _traced(s.step):
         # a JAX state's numbers as a jitted step hands them back: JAX's default float, placed
