@@ -1196,6 +1196,27 @@ def test_a_combinator_steps_bfloat16_parameters() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("betas", [
+    [0.9, 0.99], (0, 0.99), (np.float32(0.9), 0.99), (np.float64(0.9), 0.99), (1, 0),
+    (torch.tensor([0.9]), torch.tensor(0.99))], ids=lambda b: repr(b).replace(" ", ""))
+def test_betas_are_taken_and_kept_as_torchs(name: str, betas: Any) -> None:
+    """torch's Adam keeps betas as a tuple (a list given), a one-element tensor made 0-d, and
+    refuses any that are not both floats or both tensors (an int 0, a np.float32): uniopt kept
+    the list and took the ints."""
+    outcomes = []
+    for impl in (torch.optim, ut):
+        try:
+            opt = getattr(impl, name)([nn.Parameter(torch.zeros(2))], betas=betas)
+        except ValueError as e:
+            outcomes.append(("ValueError", str(e)))
+            continue
+        kept = opt.param_groups[0]["betas"]
+        outcomes.append((type(kept).__name__, [(type(b).__name__, float(b),
+                                                tuple(getattr(b, "shape", ()))) for b in kept]))
+    assert outcomes[1] == outcomes[0]
+
+
 def test_a_duplicate_parameter_warns_as_torch_and_is_updated_once() -> None:
     w, v = (nn.Parameter(torch.linspace(-1, 1, 4)) for _ in range(2))
     with pytest.warns(UserWarning, match="a parameter group with duplicate parameters"):

@@ -119,6 +119,10 @@ class _Named(Optimizer):
 
     def _init(self, params: Any, defaults: dict[str, Any]) -> None:
         self._torch_checks(defaults)
+        if self._tensor_betas and isinstance(defaults.get("betas"), (tuple, list)):
+            # as torch's Adam keeps them: a tuple, a tensor of one element made 0-d
+            defaults["betas"] = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim()
+                                      else b for b in defaults["betas"])
         super()._init(params, {**defaults, **self._fixed})
         if defaults.get("fused"):  # after the params, as torch
             if defaults.get("differentiable"):
@@ -147,7 +151,10 @@ class _Named(Optimizer):
                 raise ValueError(message.format(v))
         if self._tensor_betas:
             tensors = [isinstance(b, Tensor) for b in values["betas"]]
-            if any(tensors) and not all(tensors):
+            # (torch's test: an int 0 or a np.float32 is refused too; a uniopt schedule, which
+            # torch has not, is let through)
+            if not (all(tensors) or all(isinstance(b, float) for b in values["betas"])
+                    or any(map(callable, values["betas"]))):
                 raise ValueError("betas must be either both floats or both Tensors")
             for i, b in enumerate(values["betas"]):
                 if isinstance(b, Tensor):
