@@ -7,6 +7,7 @@ input must never half-update.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -1382,3 +1383,20 @@ def test_a_closures_loss_of_many_numbers_is_refused_naming_its_shape(rule: Any) 
         uo.minimize_step(state, params, lambda q, loss=loss: (loss, {"w": 2 * q["w"]}))
     if rule.name == "sam":  # (a rule that reads no loss: a closure may give none)
         uo.minimize_step(state, params, lambda q: (None, {"w": 2 * q["w"]}))
+
+
+@pytest.mark.parametrize("name", uo.registry.names())
+def test_a_rule_given_an_unknown_keyword_names_it_and_its_fields(name: str) -> None:
+    """optax's and keras's ``learning_rate`` (or a typo) got Python's bare "unexpected keyword
+    argument": every registry rule names the keyword, the spelling it takes where there is
+    one, and its fields."""
+    cls = uo.registry.entry(name).rule
+    fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    hint = ("; the learning rate is lr" if "lr" in fields else
+            "; did you mean 'max_learning_rate'?" if "max_learning_rate" in fields else "")
+    with pytest.raises(TypeError, match=re.escape(
+            f"{cls.__name__}() got an unexpected keyword argument 'learning_rate'{hint} "
+            f"(its fields are {fields})")):
+        cls(learning_rate=1e-3)
+    with pytest.raises(TypeError, match=re.escape(f"'{fields[0]}x'; did you mean '{fields[0]}'")):
+        cls(**{f"{fields[0]}x": 1})

@@ -50,6 +50,7 @@ from .hyper import (
     _jax_array,
     _traced,
     check,
+    did_you_mean,
     on_host,
     resolve,
 )
@@ -948,7 +949,19 @@ class _WithConventions(type):
             fields = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
             given = dict(zip(fields, args, strict=False)) | kwargs  # by position or by name
             kwargs = {**_convention_defaults(cls, given), **kwargs}
-        return super().__call__(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        except TypeError as e:
+            fields = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+            unknown = [k for k in kwargs if k not in fields]
+            if not unknown or "unexpected keyword argument" not in str(e):
+                raise
+            # a port's spelling (optax's and keras's learning_rate) or a typo: the names it takes
+            name = unknown[0]
+            hint = ("; the learning rate is lr" if name == "learning_rate" and "lr" in fields
+                    else did_you_mean(name, fields))
+            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {name!r}{hint} "
+                            f"(its fields are {sorted(fields)})") from None
 
     @property
     def __signature__(cls) -> inspect.Signature:
