@@ -952,16 +952,16 @@ class _WithConventions(type):
         try:
             return super().__call__(*args, **kwargs)
         except TypeError as e:
-            fields = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-            unknown = [k for k in kwargs if k not in fields]
+            known = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+            unknown = [k for k in kwargs if k not in known]
             if not unknown or "unexpected keyword argument" not in str(e):
                 raise
             # a port's spelling (optax's and keras's learning_rate) or a typo: the names it takes
             name = unknown[0]
-            hint = ("; the learning rate is lr" if name == "learning_rate" and "lr" in fields
-                    else did_you_mean(name, fields))
+            hint = ("; the learning rate is lr" if name == "learning_rate" and "lr" in known
+                    else did_you_mean(name, known))
             raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {name!r}{hint} "
-                            f"(its fields are {sorted(fields)})") from None
+                            f"(its fields are {sorted(known)})") from None
 
     @property
     def __signature__(cls) -> inspect.Signature:
