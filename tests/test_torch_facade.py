@@ -1271,7 +1271,10 @@ def test_fused_is_refused_where_torch_refuses_it(name: str) -> None:
 def test_a_uniopt_schedule_and_a_torch_scheduler_on_one_value_is_an_error_naming_both() -> None:
     w = nn.Parameter(torch.zeros(2))
     with pytest.raises(TypeError, match=r"cosine\(init=0\.1.*is a uniopt schedule, not a "
-                                        r"number \(torch's LambdaLR is scaling it\)"):
+                                        r"number \(torch's LambdaLR is scaling it\).*"
+                                        r"\(the HF Trainer makes one over every optimizer: "
+                                        r"there, a number and its lr_scheduler_type\)"):
+        # (the HF Trainer makes a LambdaLR over any optimizer, lr_scheduler_type="constant" too)
         torch.optim.lr_scheduler.LambdaLR(ut.Adam([w], lr=uo.schedules.cosine(0.1, 9)),
                                           lambda e: 0.5)
     # StepLR scales nothing at its first epoch, and a plain function has no arithmetic to

@@ -99,7 +99,8 @@ class _Record:
                     f"{self!r} is a uniopt schedule, not a number (torch's "
                     f"{type(obj).__name__} is scaling it): a param group's value is driven by a "
                     "uniopt schedule or by a torch lr_scheduler, not both; give the group a "
-                    "number for the torch scheduler, or drop the scheduler")
+                    "number for the torch scheduler, or drop the scheduler (the HF Trainer makes "
+                    "one over every optimizer: there, a number and its lr_scheduler_type)")
             frame = frame.f_back
         if other is None:  # float() of it
             raise TypeError(f"{self!r} is a uniopt schedule, not a number: its value at a step "
