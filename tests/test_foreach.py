@@ -485,8 +485,9 @@ def test_a_capturable_groups_rule_holds_a_list_of_tensors_once() -> None:
     # a list may change in place, so it is looked at every step: its tensors by their identity
     # (an earlier key took the identity of a view made anew each time: a new rule every step)
     ps = [torch.nn.Parameter(torch.ones(3))]
-    opt = ut.AdamW(ps, lr=torch.tensor(0.01), betas=[torch.tensor(0.9), torch.tensor(0.99)],
-                   capturable=True)
+    opt = ut.AdamW(ps, lr=torch.tensor(0.01), capturable=True)
+    # (written into the group: the constructor makes a tuple of a list, as torch's does)
+    opt.param_groups[0]["betas"] = [torch.tensor(0.9), torch.tensor(0.99)]
     rules = set()
     for _ in range(4):
         ps[0].grad = torch.ones(3)

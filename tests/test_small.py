@@ -128,7 +128,9 @@ def test_the_reference_path_does_little_python_work_per_leaf(name: str, pure: bo
     per_leaf = (counts[12] - counts[6]) / 6
     # the kernels' own calls (Adam: its kernel, lerp, ema_sq, fma) and ~20 of the engine's
     assert per_leaf <= 36, counts  # 22-33 today
-    assert counts[6] <= 300, counts  # 203-281 today: ~80 for the step whatever its leaves
+    # 203-281 today (~80 for the step whatever its leaves), whatever libraries are loaded: the
+    # bound catches a check that makes a call more per coefficient or leaf where one is
+    assert counts[6] <= 290, counts
 
 
 @pytest.mark.usefixtures("small_steps_compiled")

@@ -33,6 +33,7 @@ F = torch.nn.functional
 
 import uniopt as uo  # noqa: E402
 import uniopt.torch as ut  # noqa: E402
+from uniopt import backend  # noqa: E402
 from uniopt import fast as ufast  # noqa: E402
 from uniopt.fast import cpu as fused  # noqa: E402
 from uniopt.tools import bench  # noqa
@@ -559,6 +560,27 @@ def test_numbers_of_numpy_and_python_written_in_turn_are_torchs(name: str,
     ours, _ = run_small(lambda ps: getattr(ut, name)(ps, lr=0.1, **kw), 12, random_grads(12),
                         before=before)
     assert_close64(ours, theirs)
+
+
+def test_a_zero_d_array_in_a_group_is_a_number_read_at_each_step() -> None:
+    """A 0-d NumPy array written over a Python float (which torch's classes take as a number)
+    raised as a NumPy scalar did; written in place later, the next step reads its new value,
+    as torch reads it."""
+    out = []
+    for impl in (torch.optim, ut):
+        p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt = impl.SGD([p], lr=0.1)
+        lr = np.asarray(0.05)
+        for s in range(5):
+            if s == 2:
+                opt.param_groups[0]["lr"] = lr
+            if s == 4:
+                lr[...] = 0.01
+            p.grad = torch.ones(3, dtype=torch.float64)
+            opt.step()
+        out.append(p.detach())
+    assert torch.equal(out[1], out[0])
+    assert torch.equal(out[0], torch.full((3,), -0.31, dtype=torch.float64))
 
 
 def test_numpy_numbers_in_a_group_are_read_as_python_numbers_are(monkeypatch: Any) -> None:
@@ -1115,6 +1137,29 @@ def test_parameters_over_one_storage_are_refused_nothing_written(name: str, kw: 
     assert_unchanged(opt, before)
 
 
+def test_memory_is_looked_at_once_per_step_over_every_group(monkeypatch: Any) -> None:
+    """The overlap check runs once at a step that makes plans, over every group's parameters
+    (once per group, each walking every other group, it was quadratic in the groups: 2,000
+    one-parameter groups took seconds at the first step), and not at a steady step."""
+    calls = []
+    overlapping = backend.overlapping
+    monkeypatch.setattr(backend, "overlapping",
+                        lambda xs, *a, **k: (len(xs) > 1 and calls.append(len(xs)))
+                        or overlapping(xs, *a, **k))  # (a group's engine step looks at its one)
+    ps = [nn.Parameter(torch.randn(4)) for _ in range(50)]
+    opt = ut.SGD([{"params": [p]} for p in ps], lr=0.01, momentum=0.9)
+    counts = []
+    for k in range(4):
+        for i, p in enumerate(ps):
+            p.grad = None if k >= 2 and i % 2 else torch.ones(4)
+        calls.clear()
+        opt.step()
+        counts.append(list(calls))
+    # made at the first step, steady at the second, half the groups without gradients at the
+    # third (their plans made anew), steady at the fourth
+    assert counts == [[50], [], [25], []], counts
+
+
 def test_views_of_one_storage_that_share_no_element_step_as_torchs() -> None:
     """Parameters that are disjoint views of one buffer (a flat parameter's pieces, FSDP1's
     use_orig_params) are parameters like any other."""
@@ -1176,6 +1221,38 @@ def test_a_model_given_a_new_dtype_after_a_step_steps_on_as_after_a_load(
     assert dtypes[0] == dtypes[1], dtypes
 
 
+def test_a_combinators_state_is_set_up_once_over_named_params_of_two_dtypes(
+        monkeypatch: Any) -> None:
+    """A partition over named parameters of two dtypes, named out of sorted order: its held
+    state was compared with its parameters paired in sorted order, never matched, and was set
+    up again at every step."""
+    from uniopt.torch import combined
+
+    made = []
+    setup = combined.setup
+    monkeypatch.setattr(combined, "setup", lambda *a, **k: made.append(1) or setup(*a, **k))
+    model = nn.ModuleDict({"proj": nn.Linear(8, 8), "norm": nn.LayerNorm(8)})
+    model["proj"].to(torch.float64)
+    opt = ut.Optimizer(model.named_parameters(),
+                       uo.partition({"a": uo.adamw(lr=0.01), "b": uo.adam(lr=0.01)},
+                                    lambda path, p: "a" if p.ndim == 2 else "b"))
+    for _ in range(5):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert len(made) == 1
+    # and its averaged weights are read over such a group too (bfloat16 beside float32)
+    model = nn.ModuleDict({"proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
+    model["norm"].to(torch.bfloat16)
+    opt = ut.Optimizer(model.named_parameters(), uo.chain(
+        uo.partition({"a": uo.sgd(lr=0.1)}, lambda path, p: "a"), uo.ema(0.5)))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert {p: a.dtype for p, a in opt.averaged().items()} == {
+        p: p.dtype for p in model.parameters()}
+
+
 def test_a_combinator_steps_bfloat16_parameters() -> None:
     """uo.partition (any rule that runs others) in uniopt.torch.Optimizer on bfloat16
     parameters raised "params[0] has dtype uint16" (the compiled loop's view of their bits):
@@ -1199,7 +1276,8 @@ def test_a_combinator_steps_bfloat16_parameters() -> None:
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("betas", [
     [0.9, 0.99], (0, 0.99), (np.float32(0.9), 0.99), (np.float64(0.9), 0.99), (1, 0),
-    (torch.tensor([0.9]), torch.tensor(0.99))], ids=lambda b: repr(b).replace(" ", ""))
+    (torch.tensor([0.9]), torch.tensor(0.99)), np.array([0.9, 0.99]), torch.tensor([0.9, 0.99])],
+    ids=lambda b: repr(b).replace(" ", ""))
 def test_betas_are_taken_and_kept_as_torchs(name: str, betas: Any) -> None:
     """torch's Adam keeps betas as a tuple (a list given), a one-element tensor made 0-d, and
     refuses any that are not both floats or both tensors (an int 0, a np.float32): uniopt kept

@@ -35,6 +35,21 @@ def _spec(p: torch.Tensor) -> plans.Spec:
     return s if s == plans.PLAIN and p.dtype != torch.bfloat16 else ("torch", None)
 
 
+def _specs(ps: list[torch.Tensor], tensors: bool = False) -> list[plans.Spec]:
+    """How each parameter of a group goes to the engine; ``tensors``: as the tensors
+    themselves (a rule that draws random numbers then draws torch's)."""
+    specs = [_spec(p) for p in ps]
+    if tensors or any(s != plans.PLAIN for s in specs):
+        # the engine takes one array library per tree: where a parameter has no plain NumPy
+        # view (not contiguous, complex, bfloat16, on a device), every one goes as its tensor
+        specs = [("torch", None)] * len(ps)
+    return specs
+
+
+def _views(ps: list[torch.Tensor]) -> list[Any]:
+    return [plans._view(p, s) for p, s in zip(ps, _specs(ps), strict=True)]
+
+
 def _tree(group: dict[str, Any], xs: list[Any]) -> Any:
     names = group.get("param_names")
     if names and len(names) != len(xs):
@@ -113,7 +128,7 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
              name: str | None) -> dict[torch.Tensor, torch.Tensor]:
     """Each parameter of group ``gi`` mapped to its averaged weights (uniopt.averaged)."""
     ps = group["params"]
-    views = [plans._view(p, _spec(p)) for p in ps]
+    views = _views(ps)
     state = _state(opt, gi, group, rule, views)
     out = flatten(uo_averaged(state, _tree(group, views), name))[0]
     return {p: torch.as_tensor(a).clone()
@@ -138,11 +153,7 @@ def prepare(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     ps = group["params"]
     if dtensor.any_dtensor(ps):
         dtensor.check_rule(rule)  # raises: a combinator is a whole-tree part
-    specs = [_spec(p) for p in ps]
-    if tensors or any(s != plans.PLAIN for s in specs):
-        # the engine takes one array library per tree: where a parameter has no plain NumPy
-        # view (not contiguous, complex, on a device), every one goes as its tensor
-        specs = [("torch", None)] * len(ps)
+    specs = _specs(ps, tensors)
     views = [plans._view(p, s) for p, s in zip(ps, specs, strict=True)]
     grads = [None if p.grad is None else plans._grad_view(p.grad, p, s)
              for p, s in zip(ps, specs, strict=True)]
@@ -159,7 +170,8 @@ def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: boo
     state = update_(state, params, grads, **extra)
     entry = _shared(to_tree(state))
     opt.state[key] = entry
-    opt._combined[gi] = (state, _kinds(flatten(params)[0], group["params"]), entry)
+    views = list(params.values()) if isinstance(params, dict) else params  # (group order)
+    opt._combined[gi] = (state, _kinds(views, group["params"]), entry)
 
 
 def _kinds(views: list[Any], ps: list[torch.Tensor]) -> list[tuple[Any, ...]]:

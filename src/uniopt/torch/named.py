@@ -119,8 +119,10 @@ class _Named(Optimizer):
 
     def _init(self, params: Any, defaults: dict[str, Any]) -> None:
         self._torch_checks(defaults)
-        if self._tensor_betas and isinstance(defaults.get("betas"), (tuple, list)):
-            # as torch's Adam keeps them: a tuple, a tensor of one element made 0-d
+        if self._tensor_betas and isinstance(defaults.get("betas"),
+                                             (tuple, list, np.ndarray, torch.Tensor)):
+            # as torch's Adam keeps them: a tuple (of a list, an array's or a tensor's
+            # elements), a tensor of one element made 0-d
             defaults["betas"] = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim()
                                       else b for b in defaults["betas"])
         super()._init(params, {**defaults, **self._fixed})

@@ -60,6 +60,8 @@ def plain(v: Any) -> Any:
         return tuple(plain(x) for x in v)
     if isinstance(v, _NUMPY_NUMBER):  # (np.cos of a schedule, a LambdaLR factor's product)
         return v.item()
+    if isinstance(v, np.ndarray) and v.shape == () and v.dtype.kind in "fiu":
+        return v.item()  # (a 0-d array, which torch's classes take as a number)
     return v
 
 
@@ -499,9 +501,9 @@ class Optimizer(torch.optim.Optimizer):
         else:
             rule = self._group_rule(group)
             scheduled = _scheduled(rule)
-        # a tensor or a list may change in place: those are compared by value every step (a
-        # tensor a capturable group's rule holds, by identity: the step reads its value)
-        by_value = any(isinstance(v, list) or isinstance(v, torch.Tensor)
+        # a tensor, a NumPy array or a list may change in place: those are compared by value at
+        # every step (a tensor a capturable group's rule holds, by identity: the step reads it)
+        by_value = any(isinstance(v, (list, np.ndarray)) or isinstance(v, torch.Tensor)
                        and not (isinstance(k, tuple) and k[:1] == ("tensor",))
                        for v, k in zip(raw, key, strict=False))
         self._rules[id(group)] = _GroupRule(group, raw, rule, scheduled, by_value, key, form,
@@ -616,6 +618,8 @@ class Optimizer(torch.optim.Optimizer):
                       for job in jobs]
             if len(jobs) == 1:  # (a small step's cost: no lists of one)
                 job = jobs[0]
+                if job.plan is None:
+                    self._check_apart(jobs)
                 plan = job.plan or self._build(job)
                 views = job.views
                 if views is None and len(plan.runs) > 1:
@@ -626,6 +630,8 @@ class Optimizer(torch.optim.Optimizer):
                 plan.run(job.rule, job.grads, views, self._run_rules(job.gi, plan, job.rule),
                          job.resolved, extras[0])
                 return loss
+            if any(job.plan is None for job in jobs):
+                self._check_apart(jobs)
             built = [job.plan or self._build(job) for job in jobs]
             wheres = [_group_list(job.gi) for job in jobs]
             for job, plan, where in zip(jobs, built, wheres, strict=True):
@@ -645,37 +651,32 @@ class Optimizer(torch.optim.Optimizer):
     def _build(self, job: _Job) -> plans.Plan:
         """A new plan for a group (:func:`plans.build`), kept for its later steps."""
         assert job.sparse is not None  # _prepare looked at every gradient
-        self._check_apart(job)
         plan = self._plans[job.gi] = plans.build(
             job.group, job.rule, self._slot_names(job.rule), job.has, job.sparse,
             self._sparse == "rows", self.state, self._steps_for(job.gi, job.group["params"]),
             self._run_tags(job.gi, job.group, job.has))
         return plan
 
-    def _check_apart(self, job: _Job) -> None:
-        """Refuse a parameter stepped here that shares memory with another parameter of the
-        optimizer (two Parameters over one storage, one a slice of the other): torch's loops
-        step them one after the other, where one pass over the group steps both from the same
-        old values and the second write loses the first's update. Refused as
-        :func:`uniopt.update_` refuses such a tree, before anything is written; looked at when a
-        group's plan is made (its first step, and after a parameter's memory changed), not at
+    def _check_apart(self, jobs: list[_Job]) -> None:
+        """Refuse two parameters this step updates whose memory overlaps (two Parameters over
+        one storage, one a slice of the other): torch's loops step them one after the other,
+        where one pass over a group steps both from the same old values and the second write
+        loses the first's update. Refused as :func:`uniopt.update_` refuses such a tree, before
+        anything is written; looked at, over every group at once, at a step that makes a
+        group's plan (its first, and after a parameter's memory or gradients changed), not at
         every step."""
-        ps = [p for p, h in zip(job.group["params"], job.has, strict=True) if h]
-        names = [f"{_group_list(job.gi)}[{i}]" for i, h in enumerate(job.has) if h]
-        for gi, group in enumerate(self.param_groups):
-            if gi != job.gi:  # (another group's: those it steps now)
-                for i, p in enumerate(group["params"]):
-                    if p.grad is not None:
-                        ps.append(p)
-                        names.append(f"{_group_list(gi)}[{i}]")
+        ps = [p for job in jobs for p, h in zip(job.group["params"], job.has, strict=True) if h]
         pair = backend.overlapping(ps, storages=True) if len(ps) > 1 else None
-        if pair is not None:
-            i, j = pair
-            raise ValueError(
-                f"{self._name}: {names[j]} shares memory with {names[i]} (two parameters over "
-                "one storage): torch's loops step them in turn, uniopt steps both from their "
-                "values before the step, which would lose one's update; a tied weight is one "
-                "parameter (give it once), or give each its own memory")
+        if pair is None:
+            return
+        names = [f"{_group_list(job.gi)}[{i}]"
+                 for job in jobs for i, h in enumerate(job.has) if h]
+        i, j = pair
+        raise ValueError(
+            f"{self._name}: {names[j]} shares memory with {names[i]} (two parameters over one "
+            "storage): torch's loops step them in turn, uniopt steps both from their values "
+            "before the step, which would lose one's update; a tied weight is one parameter "
+            "(give it once), or give each its own memory")
 
     def _amp_skips(self) -> bool:
         """A step under ``torch.amp.GradScaler`` where the optimizer scales for itself (a
