@@ -417,23 +417,23 @@ def test_averages_in_a_wider_state_dtype_come_back_in_the_params_dtype() -> None
     np.testing.assert_array_equal(avg, np.float16(np.float32(1) - np.float32(1e-3)))
 
 
-@pytest.mark.parametrize("block", [uo.ema(0.9), uo.ema(0.9, debias=True), uo.polyak(),
-                                   uo.lookahead_sync(k=2, alpha=0.5)],
-                         ids=["ema", "ema-debias", "polyak", "lookahead"])
-def test_averaged_reads_an_8_bit_state(block: Any) -> None:
-    """``uo.averaged`` of a state kept in 8 bits: the average's float32 values (it raised on
-    the codes), within the 8-bit rounding of the same run's float32 state, in the params'
-    dtype and memory."""
-    rule = uo.chain(uo.adam(lr=1e-2), block)
-    runs = {}
-    for state_dtype in (None, "q8"):
-        p = {"w": np.linspace(-1, 1, 300, dtype=np.float32)}
-        state = uo.setup(rule, p, state_dtype=state_dtype)
-        for i in range(5):
-            state = uo.update_(state, p, {"w": np.cos(np.arange(300, dtype=np.float32) + i)})
-        runs[state_dtype] = uo.averaged(state, p)["w"]
-        assert runs[state_dtype].dtype == np.float32 and runs[state_dtype] is not p["w"]
-    np.testing.assert_allclose(runs["q8"], runs[None], rtol=0.02, atol=0.02)
+@pytest.mark.parametrize("rule", [uo.chain(uo.sgd(lr=1e-3), uo.ema(0.999)),
+                                  uo.chain(uo.sgd(lr=1e-3), uo.ema(0.999, debias=True)),
+                                  uo.chain(uo.sgd(lr=1e-3), uo.polyak()),
+                                  uo.lookahead(uo.sgd(lr=1e-3), 5, 0.5), uo.asgd(lr=1e-3)],
+                         ids=["ema", "ema-debias", "polyak", "lookahead", "asgd"])
+def test_averages_refuse_8_bit_state(rule: Any) -> None:
+    """An average moves by a small fraction of its distance to the params at each step, which
+    rounding to the nearest 8-bit code undid: params drifting by 1e-3 a step from
+    linspace(0.5, 1) left uo.ema(0.999)'s average 0.68 behind its exact value after 3,000 steps
+    (a sweep's measure), only the block's largest element moving. Refused at set-up, naming
+    the part; float32 state is taken."""
+    p = {"w": np.linspace(0.5, 1.0, 4096, dtype=np.float32)}
+    with pytest.raises(ValueError, match=r"state_dtype='q8' is not offered for \w+('s \w+)?: "
+                                         r"its slot (ax )?holds (averaged )?weights that move "
+                                         r"by a small step .* \(the average stops moving\)"):
+        uo.setup(rule, p, state_dtype="q8")
+    uo.setup(rule, p, state_dtype="float32")
 
 
 @pytest.mark.parametrize("lib", ["numpy", "jax", "jax-jit"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -663,6 +664,26 @@ def test_torch_classes_keep_bfloat16_params_in_8_bits(flags: dict[str, Any]) -> 
     st = opt.state[p]
     assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
     assert torch.equal(st["exp_avg"], state.slots["scale_by_adam.exp_avg"][0].codes)
+
+
+@pytest.mark.parametrize(("rule", "slot"), [
+    (uo.madgrad(lr=0.05), "its slots x0 and s"), (uo.cocob(alpha=10.0), "its slot init_particles"),
+    (uo.lookahead(uo.sgd(lr=0.05, momentum=0.9), 5, 0.5), "its slow weights")],
+    ids=["madgrad", "cocob", "lookahead"])
+def test_rules_that_make_the_params_from_a_slot_refuse_a_narrower_state(rule: Any,
+                                                                       slot: str) -> None:
+    """MADGRAD, COCOB and Lookahead set the parameter from a slot (as FTRL does): on a
+    quadratic whose float32 run ends near 1e-10, 8-bit slots stalled at 7.2, 6.3 and 0.2, and
+    float32 slots capped float64 params at float32's digits (8e-11 where float64 state reached
+    1e-14). Refused at set-up, naming why; a state as wide as the params is taken."""
+    f32 = [np.ones(8, np.float32)]
+    with pytest.raises(ValueError, match=r"state_dtype='q8' is not offered for "):
+        uo.setup(rule, f32, state_dtype="q8")
+    with pytest.raises(ValueError, match=r"state_dtype='float32' is not offered for .* on "
+                                         r"float64 params: it (sets|makes) the param\w* "
+                                         r"(from|to) " + re.escape(slot)):
+        uo.setup(rule, [np.ones(8)], state_dtype="float32")
+    uo.setup(rule, f32, state_dtype="float32")
 
 
 def test_acprop_refuses_8_bit_state() -> None:

@@ -355,8 +355,8 @@ def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any
         raise ValueError(f"setup: {no_q8_for_trees(rule)}")
     refused = [p for p in rule.flat_parts if state_dtype == "q8" and getattr(p, "no_q8", None)]
     if refused:
-        raise ValueError(f"setup: state_dtype='q8' is not offered for {rule.name}: "
-                         f"{refused[0].no_q8}; use state_dtype=None or 'float32'")
+        raise ValueError(f"setup: state_dtype='q8' is not offered for {_whose(rule, refused[0])}"
+                         f": {refused[0].no_q8}; use state_dtype=None or 'float32'")
     if state_dtype not in ("q8", "float32") or not leaves:  # (setup's usual case: no look)
         return
     exact = [p for p in rule.flat_parts if getattr(p, "exact_state", None)]
@@ -364,9 +364,15 @@ def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any
         return
     wide = [x for x in leaves if backend.dtype_name(x.dtype) == "float64"]
     if state_dtype == "q8" or wide:
-        raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for {rule.name} "
-                         f"on {backend.dtype_name((wide or leaves)[0].dtype)} params: "
+        raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for "
+                         f"{_whose(rule, exact[0])} on "
+                         f"{backend.dtype_name((wide or leaves)[0].dtype)} params: "
                          f"{exact[0].exact_state}; use state_dtype=None")
+
+
+def _whose(rule: Transform, part: Any) -> str:
+    """``rule`` by name; a chain with the member a refusal is about ("chain's ema")."""
+    return f"{rule.name}'s {part.name}" if isinstance(rule, chain) else rule.name
 
 
 def no_q8_for_trees(rule: Transform) -> str:

@@ -79,6 +79,10 @@ class scale_by_asgd(Elementwise):
     past_eta_mu: tuple[tuple[int, float, float], ...] | None = None
     scalar_dtype: str = "float64"
     slots: ClassVar[tuple[str, ...]] = ("ax",)
+    # (as uo.ema's and uo.polyak's averages: 8-bit codes round its small moves away)
+    no_q8: ClassVar[str | None] = (
+        "its slot ax holds averaged weights that move by a small step at each update, which "
+        "8-bit codes round away (the average stops moving)")
     makes_step: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True  # the decay lambd*eta*p and the average read p
 

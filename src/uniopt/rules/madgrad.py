@@ -47,6 +47,9 @@ class scale_by_madgrad(PerLeaf):
     slots: ClassVar[tuple[str, ...]] = ("grad_sum_sq", "s", "x0")
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
+    exact_state: ClassVar[str | None] = (
+        "it makes the parameter from its slots x0 and s, so the params would keep only the "
+        "state's precision")
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         # x0 a copy outside autograd's graph (of a param that requires grad: no record)

@@ -561,6 +561,9 @@ class scale_by_cocob(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("init_particles", "cumulative_gradients", "scale",
                                         "subgradients", "reward")
     uses_params: ClassVar[bool] = True
+    exact_state: ClassVar[str | None] = (
+        "it makes the parameter from its slot init_particles, so the params would keep only "
+        "the state's precision")
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (backend.detached_copy(p), xp.zeros_like(p), xp.full_like(p, self.eps),

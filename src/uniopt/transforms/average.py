@@ -32,6 +32,11 @@ class Averaging(Elementwise):
     uses_params: ClassVar[bool] = True  # it averages p - u
     averages: ClassVar[bool] = True
     after_average: ClassVar[bool] = True
+    # an average moves by a small fraction of its distance to the params at each step, which
+    # rounding to the nearest 8-bit code undoes: below the block's largest element it stopped
+    no_q8: ClassVar[str | None] = (
+        "its slot holds weights that move by a small step at each update, which 8-bit codes "
+        "round away (the average stops moving)")
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (detached_copy(p),)
@@ -205,6 +210,9 @@ class lookahead_sync(Averaging):
     k: int = 5
     alpha: Any = hyper(0.5, UNIT)
     slots: ClassVar[tuple[str, ...]] = ("slow",)
+    exact_state: ClassVar[str | None] = (
+        "it sets the parameters to its slow weights, so the params would keep only the state's "
+        "precision")
 
     def check(self) -> None:
         object.__setattr__(self, "k", check_integer(self.name, "k", self.k, 1))
