@@ -1160,6 +1160,50 @@ def test_memory_is_looked_at_once_per_step_over_every_group(monkeypatch: Any) ->
     assert counts == [[50], [], [25], []], counts
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_combinator_refuses_parameters_over_one_storage(groups: int) -> None:
+    """A rule that runs other rules (partition) stepped two overlapping parameters without the
+    check the plans make: no error, an update lost. Refused as the classes refuse it."""
+    base = torch.zeros(8, dtype=torch.float64)
+    a, b = nn.Parameter(base), nn.Parameter(base.detach()[:4])
+    opt = ut.Optimizer([a, b] if groups == 1 else [{"params": [a]}, {"params": [b]}],
+                       uo.partition({"x": uo.sgd(lr=0.1)}, lambda path, p: "x"))
+    a.grad, b.grad = torch.ones(8, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="shares memory with"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+def test_a_state_dtype_one_group_refuses_is_refused_before_any_group_has_state() -> None:
+    """Each group's plan was made in turn, its state with it: a later group's refused
+    state_dtype (ASGD's average in 8 bits) left the earlier groups' parameters with state."""
+    ps = [nn.Parameter(torch.randn(64)) for _ in range(3)]
+    opt = ut.ASGD([{"params": ps[:2]}, {"params": ps[2:], "state_dtype": "q8"}], lr=0.01)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="state_dtype='q8' is not offered for asgd"):
+        opt.step()
+    assert_unchanged(opt, before)
+    assert not opt.state
+
+
+def test_numpy_values_given_to_add_param_group_are_taken_as_torch_takes_them() -> None:
+    """betas as a NumPy vector and a 0-d boolean array for a flag, through add_param_group
+    (where the constructor's conversion does not run): torch's classes take them."""
+    out = []
+    for impl in (torch.optim, ut):
+        p, q = (nn.Parameter(torch.linspace(-1, 1, 3, dtype=torch.float64)) for _ in range(2))
+        opt = impl.Adam([p], lr=0.01, amsgrad=np.asarray(True))
+        opt.add_param_group({"params": [q], "betas": np.array([0.8, 0.9])})
+        for k in range(3):
+            p.grad, q.grad = torch.cos(p.detach() + k), torch.sin(q.detach() + k)
+            opt.step()
+        out.append(torch.cat([p.detach(), q.detach()]))
+    assert_close64([out[1]], [out[0]])
+
+
 def test_views_of_one_storage_that_share_no_element_step_as_torchs() -> None:
     """Parameters that are disjoint views of one buffer (a flat parameter's pieces, FSDP1's
     use_orig_params) are parameters like any other."""

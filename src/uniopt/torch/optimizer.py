@@ -27,7 +27,14 @@ from ..base import (
     reads_loss,
 )
 from ..checkpoint import plain_schedules, schedules_from_plain
-from ..engine import LEAF_NAMES, adjust, check_step, no_q8_for_trees, resolve
+from ..engine import (
+    LEAF_NAMES,
+    adjust,
+    check_state_dtype,
+    check_step,
+    no_q8_for_trees,
+    resolve,
+)
 from ..hyper import DeviceNumber, carries_derivative, has_schedule
 from ..interop import dtensor
 from ..state import State
@@ -60,8 +67,9 @@ def plain(v: Any) -> Any:
         return tuple(plain(x) for x in v)
     if isinstance(v, _NUMPY_NUMBER):  # (np.cos of a schedule, a LambdaLR factor's product)
         return v.item()
-    if isinstance(v, np.ndarray) and v.shape == () and v.dtype.kind in "fiu":
-        return v.item()  # (a 0-d array, which torch's classes take as a number)
+    if isinstance(v, np.ndarray) and v.dtype.kind in "fiub" and v.ndim <= 1:
+        # (a 0-d array, which torch's classes take as a number or flag; a vector of betas)
+        return v.item() if v.ndim == 0 else tuple(v.tolist())
     return v
 
 
@@ -590,9 +598,13 @@ class Optimizer(torch.optim.Optimizer):
                     raise RuntimeError(_no_recorded_combinator(self.rule))
                 combined.adopt(self)
                 rules = [self._rule(group)[0] for group in self.param_groups]
+                has = [[p.grad is not None for p in group["params"]]
+                       for group in self.param_groups]
                 for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
                     # (every group's refusals before any group steps, as _prepare's)
-                    plans.refuse(rule, gi, group, [p.grad is not None for p in group["params"]])
+                    plans.refuse(rule, gi, group, has[gi])
+                self._check_apart([(gi, group, h) for gi, (group, h)
+                                   in enumerate(zip(self.param_groups, has, strict=True))])
                 prepared = [combined.prepare(self, gi, group, rule) for gi, (group, rule)
                             in enumerate(zip(self.param_groups, rules, strict=True))]
                 if len(prepared) > 1:
@@ -619,7 +631,7 @@ class Optimizer(torch.optim.Optimizer):
             if len(jobs) == 1:  # (a small step's cost: no lists of one)
                 job = jobs[0]
                 if job.plan is None:
-                    self._check_apart(jobs)
+                    self._check_builds(jobs)
                 plan = job.plan or self._build(job)
                 views = job.views
                 if views is None and len(plan.runs) > 1:
@@ -631,7 +643,7 @@ class Optimizer(torch.optim.Optimizer):
                          job.resolved, extras[0])
                 return loss
             if any(job.plan is None for job in jobs):
-                self._check_apart(jobs)
+                self._check_builds(jobs)
             built = [job.plan or self._build(job) for job in jobs]
             wheres = [_group_list(job.gi) for job in jobs]
             for job, plan, where in zip(jobs, built, wheres, strict=True):
@@ -657,20 +669,31 @@ class Optimizer(torch.optim.Optimizer):
             self._run_tags(job.gi, job.group, job.has))
         return plan
 
-    def _check_apart(self, jobs: list[_Job]) -> None:
+    def _check_builds(self, jobs: list[_Job]) -> None:
+        """What a step that makes plans checks over every group before any group's plan (and
+        state) is made: a state dtype a group's rule refuses, and parameters that overlap."""
+        for job in jobs:
+            if job.plan is None:
+                check_state_dtype(job.rule, job.group.get("state_dtype"), [
+                    p for p, h in zip(job.group["params"], job.has, strict=True)
+                    if h and not p.is_complex()])
+        self._check_apart([(job.gi, job.group, job.has) for job in jobs])
+
+    def _check_apart(self, groups: list[tuple[int, dict[str, Any], list[bool]]]) -> None:
         """Refuse two parameters this step updates whose memory overlaps (two Parameters over
         one storage, one a slice of the other): torch's loops step them one after the other,
         where one pass over a group steps both from the same old values and the second write
         loses the first's update. Refused as :func:`uniopt.update_` refuses such a tree, before
         anything is written; looked at, over every group at once, at a step that makes a
-        group's plan (its first, and after a parameter's memory or gradients changed), not at
-        every step."""
-        ps = [p for job in jobs for p, h in zip(job.group["params"], job.has, strict=True) if h]
+        group's plan (its first, and after a parameter's memory or gradients changed), and at
+        every step of a rule that runs other rules (partition...), not at every step."""
+        ps = [p for _, group, has in groups
+              for p, h in zip(group["params"], has, strict=True) if h]
         pair = backend.overlapping(ps, storages=True) if len(ps) > 1 else None
         if pair is None:
             return
-        names = [f"{_group_list(job.gi)}[{i}]"
-                 for job in jobs for i, h in enumerate(job.has) if h]
+        names = [f"{_group_list(gi)}[{i}]"
+                 for gi, _, has in groups for i, h in enumerate(has) if h]
         i, j = pair
         raise ValueError(
             f"{self._name}: {names[j]} shares memory with {names[i]} (two parameters over one "
