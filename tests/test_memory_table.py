@@ -140,3 +140,34 @@ def test_what_is_not_params_or_a_rule_is_refused() -> None:
     rule = uo.partition({"a": uo.adamw()}, lambda path, p: "a")
     with pytest.raises(ValueError, match="partition has whole-tree parts .partition."):
         footprint(rule, 10)
+
+
+@pytest.mark.parametrize(("rule", "state_dtype", "param_dtype", "part"), [
+    (uo.asgd(), "q8", "float32", "scale_by_asgd"),
+    (uo.chain(uo.sgd(lr=0.1), uo.ema(0.9)), "q8", "float32", "ema"),
+    (uo.madgrad(), "q8", "float32", "scale_by_madgrad"),
+    (uo.madgrad(), "float32", "float64", "scale_by_madgrad"),
+    (uo.acprop(), "q8", "float32", "scale_by_acprop"),
+])
+def test_footprint_refuses_a_state_setup_refuses(rule: uo.Transform, state_dtype: str,
+                                                 param_dtype: str, part: str) -> None:
+    """A footprint counted 8-bit slots for rules whose set-up refuses them (averages, rules
+    that make the params from a slot, ACProp): the bytes of a state no run can make."""
+    with pytest.raises(ValueError, match=rf"footprint: uo.setup refuses state_dtype="
+                                         rf"'{state_dtype}' for \w+ on {param_dtype} params "
+                                         rf"\({part}: "):
+        footprint(rule, [(10, 10)], state_dtype=state_dtype, param_dtype=param_dtype)
+    with pytest.raises(ValueError, match="is not offered for"):
+        uo.setup(rule, [np.zeros((10, 10), param_dtype)], state_dtype=state_dtype)
+    footprint(rule, [(10, 10)], state_dtype=param_dtype, param_dtype=param_dtype)
+
+
+def test_a_refusal_names_the_registry_rule_a_chain_holds() -> None:
+    """uniopt.torch steps a maximizing group as chain(scale(-1), rule): a refusal named
+    "chain's scale_by_asgd", a chain the user never wrote; it names the rule (a chain of
+    blocks the user wrote is named with its block)."""
+    p = [np.zeros(3, np.float32)]
+    with pytest.raises(ValueError, match="not offered for asgd: "):
+        uo.setup(uo.chain(uo.scale(-1.0), uo.asgd()), p, state_dtype="q8")
+    with pytest.raises(ValueError, match="not offered for chain's ema: "):
+        uo.setup(uo.chain(uo.sgd(lr=0.1), uo.ema(0.9)), p, state_dtype="q8")

@@ -371,8 +371,16 @@ def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any
 
 
 def _whose(rule: Transform, part: Any) -> str:
-    """``rule`` by name; a chain with the member a refusal is about ("chain's ema")."""
-    return f"{rule.name}'s {part.name}" if isinstance(rule, chain) else rule.name
+    """``rule`` by name; in a chain, the registry rule that holds ``part`` ("asgd" in a
+    maximizing ``chain(scale(-1), asgd)``), else the chain with the part ("chain's ema")."""
+    if not isinstance(rule, chain):
+        return rule.name
+    for member in rule.transforms:
+        if part in member.flat_parts:
+            if getattr(type(member), "info", None) is not None:
+                return member.name
+            break
+    return f"{rule.name}'s {part.name}"
 
 
 def no_q8_for_trees(rule: Transform) -> str:
