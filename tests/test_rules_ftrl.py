@@ -94,7 +94,7 @@ def test_a_state_narrower_than_the_params_is_refused(state_dtype: str, dtype: ty
     params at float32's digits. Refused at set-up, for the functional API and uniopt.torch;
     a state as wide as the params is taken."""
     with pytest.raises(ValueError, match=rf"state_dtype='{state_dtype}' is not offered for "
-                                         r"ftrl .*linear slot"):
+                                         r"ftrl\b.*linear slot"):
         uo.setup(uo.ftrl(), [np.ones(3, dtype)], state_dtype=state_dtype)
     uo.setup(uo.ftrl(), [np.ones(3, np.float32)], state_dtype="float32")
     torch = pytest.importorskip("torch")

@@ -363,10 +363,13 @@ def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any
     if not exact:
         return
     wide = [x for x in leaves if backend.dtype_name(x.dtype) == "float64"]
-    if state_dtype == "q8" or wide:
+    if state_dtype == "q8":  # (on any params: 8 bits are narrower than every float)
+        raise ValueError(f"setup: state_dtype='q8' is not offered for {_whose(rule, exact[0])}"
+                         f": {exact[0].exact_state}; use state_dtype=None"
+                         + ("" if wide else " or 'float32'"))
+    if wide:
         raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for "
-                         f"{_whose(rule, exact[0])} on "
-                         f"{backend.dtype_name((wide or leaves)[0].dtype)} params: "
+                         f"{_whose(rule, exact[0])} on float64 params: "
                          f"{exact[0].exact_state}; use state_dtype=None")
 
 
