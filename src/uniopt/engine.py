@@ -353,24 +353,39 @@ def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any
     one is refused)."""
     if state_dtype == "q8" and rule.tree_layout:
         raise ValueError(f"setup: {no_q8_for_trees(rule)}")
-    refused = [p for p in rule.flat_parts if state_dtype == "q8" and getattr(p, "no_q8", None)]
-    if refused:
-        raise ValueError(f"setup: state_dtype='q8' is not offered for {_whose(rule, refused[0])}"
-                         f": {refused[0].no_q8}; use state_dtype=None or 'float32'")
-    if state_dtype not in ("q8", "float32") or not leaves:  # (setup's usual case: no look)
+    if state_dtype not in ("q8", "float32"):  # (setup's usual case: no look)
         return
-    exact = [p for p in rule.flat_parts if getattr(p, "exact_state", None)]
-    if not exact:
-        return
-    wide = [x for x in leaves if backend.dtype_name(x.dtype) == "float64"]
-    if state_dtype == "q8":  # (on any params: 8 bits are narrower than every float)
-        raise ValueError(f"setup: state_dtype='q8' is not offered for {_whose(rule, exact[0])}"
-                         f": {exact[0].exact_state}; use state_dtype=None"
-                         + ("" if wide else " or 'float32'"))
-    if wide:
+    # the leaves' dtypes looked at only where a part needs its params' precision (an empty
+    # tree has none a slot could cap)
+    exact = bool(leaves) and any(getattr(p, "exact_state", None) for p in rule.flat_parts)
+    wide = exact and any(backend.dtype_name(x.dtype) == "float64" for x in leaves)
+    refused = state_dtype_refusal(rule, state_dtype, wide, exact=exact)
+    if refused is not None:
+        part, why, instead = refused
+        on = " on float64 params" if state_dtype == "float32" else ""
         raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for "
-                         f"{_whose(rule, exact[0])} on float64 params: "
-                         f"{exact[0].exact_state}; use state_dtype=None")
+                         f"{_whose(rule, part)}{on}: {why}; use state_dtype={instead}")
+
+
+def state_dtype_refusal(rule: Transform, state_dtype: str | None, wide: bool,
+                        exact: bool = True) -> tuple[Any, str, str] | None:
+    """The part of ``rule`` whose per-leaf slots cannot be kept in ``state_dtype`` (``wide``:
+    on float64 params), why, and the state dtypes it takes instead; None where it is taken
+    (:func:`check_state_dtype`, :func:`uniopt.memory.footprint`). ``exact``: whether parts
+    that make the params from a slot are looked at."""
+    if state_dtype == "q8":
+        for p in rule.flat_parts:
+            why = getattr(p, "no_q8", None)
+            if why:
+                return p, why, "None or 'float32'"
+    if exact and (state_dtype == "q8" or state_dtype == "float32" and wide):
+        for p in rule.flat_parts:
+            why = getattr(p, "exact_state", None)
+            if why:
+                # (q8 on any params: 8 bits are narrower than every float)
+                return p, why, ("None or 'float32'" if state_dtype == "q8" and not wide
+                                else "None")
+    return None
 
 
 def _whose(rule: Transform, part: Any) -> str:

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from . import quant
 from .base import Transform
+from .engine import state_dtype_refusal
 from .tree import flatten_leaves
 
 STRATEGIES = ("ddp", "zero1", "fsdp2")
@@ -126,15 +127,11 @@ def footprint(rule: Transform, params: Any, *, world_size: int = 1, strategy: st
             f"footprint: {rule.name} has whole-tree parts ({', '.join(rule.tree_layout)}) whose "
             "state is not declared per leaf; count each member rule on its own leaves")
     # (as uo.setup refuses them: a footprint of a state no set-up makes would mislead)
-    refused = [(q, getattr(q, "no_q8", None) or getattr(q, "exact_state", None))
-               for q in rule.flat_parts] if state_dtype == "q8" else [
-        (q, getattr(q, "exact_state", None)) for q in rule.flat_parts
-        ] if state_dtype == "float32" and param_dtype == "float64" else []
-    refused = [(q, why) for q, why in refused if why]
-    if refused:
+    refused = state_dtype_refusal(rule, state_dtype, param_dtype == "float64")
+    if refused is not None:
         raise ValueError(f"footprint: uo.setup refuses state_dtype={state_dtype!r} for "
-                         f"{rule.name} on {param_dtype} params ({refused[0][0].name}: "
-                         f"{refused[0][1]})")
+                         f"{rule.name} on {param_dtype} params ({refused[0].name}: "
+                         f"{refused[1]})")
     shapes = _shapes(params)
     local = [_local(s, world_size) for s in shapes]
     kept = local if strategy == "fsdp2" else shapes
