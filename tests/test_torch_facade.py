@@ -1177,16 +1177,45 @@ def test_a_combinator_refuses_parameters_over_one_storage(groups: int) -> None:
 
 def test_a_state_dtype_one_group_refuses_is_refused_before_any_group_has_state() -> None:
     """Each group's plan was made in turn, its state with it: a later group's refused
-    state_dtype (ASGD's average in 8 bits) left the earlier groups' parameters with state."""
+    state_dtype (ASGD's average in 8 bits) left the earlier groups' parameters with state.
+    Given to the constructor or add_param_group it is refused there, as torch refuses a bad
+    value, named by the class (it was refused at the first step, as "setup: ..."); written into
+    a group afterwards, at the next step, before any group steps."""
     ps = [nn.Parameter(torch.randn(64)) for _ in range(3)]
-    opt = ut.ASGD([{"params": ps[:2]}, {"params": ps[2:], "state_dtype": "q8"}], lr=0.01)
+    said = "ASGD: state_dtype='q8' is not offered for asgd: its slot ax"
+    with pytest.raises(ValueError, match=said):
+        ut.ASGD([{"params": ps[:2]}, {"params": ps[2:], "state_dtype": "q8"}], lr=0.01)
+    opt = ut.ASGD([{"params": ps[:2]}], lr=0.01)
+    with pytest.raises(ValueError, match=said):
+        opt.add_param_group({"params": ps[2:], "state_dtype": "q8"})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": ps[2:]})
+    opt.param_groups[1]["state_dtype"] = "q8"
     for p in ps:
         p.grad = torch.ones_like(p)
     before = snapshot(opt)
-    with pytest.raises(ValueError, match="state_dtype='q8' is not offered for asgd"):
+    with pytest.raises(ValueError, match=said):
         opt.step()
     assert_unchanged(opt, before)
     assert not opt.state
+
+
+def test_float32_state_refused_on_float64_params_is_named_by_the_class() -> None:
+    """A rule that makes its params from a slot (MADGRAD) refuses float32 state on float64
+    params at the step that would make it (the params' dtype may change after construction),
+    named by the class, nothing written; taken on float32 params."""
+    p = nn.Parameter(torch.randn(8, dtype=torch.float64))
+    opt = ut.Optimizer([p], uo.madgrad(lr=0.1), state_dtype="float32")
+    p.grad = torch.ones_like(p)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"^uniopt.torch.Optimizer: state_dtype='float32' is "
+                                         r"not offered for madgrad on float64 params"):
+        opt.step()
+    assert_unchanged(opt, before)
+    p.data = p.data.float()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["scale_by_madgrad.x0"].dtype == torch.float32
 
 
 def test_numpy_values_given_to_add_param_group_are_taken_as_torch_takes_them() -> None:

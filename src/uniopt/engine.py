@@ -347,12 +347,13 @@ def _alone(rule: Transform) -> None:
         )
 
 
-def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any]) -> None:
+def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any],
+                      who: str = "setup") -> None:
     """Set-up's refusals of ``state_dtype`` for ``rule`` on ``leaves``, before anything is made
     (uniopt.torch asks for a whole group's params at once, so none of them gets a state where
-    one is refused)."""
+    one is refused); ``who`` begins the message (uniopt.torch's class name)."""
     if state_dtype == "q8" and rule.tree_layout:
-        raise ValueError(f"setup: {no_q8_for_trees(rule)}")
+        raise ValueError(f"{who}: {no_q8_for_trees(rule)}")
     if state_dtype not in ("q8", "float32"):  # (setup's usual case: no look)
         return
     # the leaves' dtypes looked at only where a part needs its params' precision (an empty
@@ -363,7 +364,7 @@ def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any
     if refused is not None:
         part, why, instead = refused
         on = " on float64 params" if state_dtype == "float32" else ""
-        raise ValueError(f"setup: state_dtype={state_dtype!r} is not offered for "
+        raise ValueError(f"{who}: state_dtype={state_dtype!r} is not offered for "
                          f"{_whose(rule, part)}{on}: {why}; use state_dtype={instead}")
 
 

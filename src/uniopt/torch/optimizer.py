@@ -32,7 +32,6 @@ from ..engine import (
     adjust,
     check_state_dtype,
     check_step,
-    no_q8_for_trees,
     resolve,
 )
 from ..hyper import DeviceNumber, carries_derivative, has_schedule
@@ -449,9 +448,12 @@ class Optimizer(torch.optim.Optimizer):
             # (a host read, when the rule is made)
             self._build_rule({**group, "capturable": False})
         rule = self._build_rule(group)
-        if group.get("state_dtype") == "q8" and rule.tree_layout:
-            # (as uniopt.setup: such a state was kept in float32, silently)
-            raise ValueError(f"{self._name}: {no_q8_for_trees(rule)}")
+        if group.get("state_dtype") == "q8":
+            # refused here, where torch checks a group's values, not at the first step: 8 bits
+            # are refused for a rule whatever its params (float32 state is refused on float64
+            # params, which a step looks at: a model may change dtype after construction)
+            check_state_dtype(rule, "q8", [p for p in group.get("params", ())
+                                           if not p.is_complex()], who=self._name)
         return chain(scale(-1.0), rule) if group.get("maximize") else rule
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
@@ -676,7 +678,7 @@ class Optimizer(torch.optim.Optimizer):
             if job.plan is None:
                 check_state_dtype(job.rule, job.group.get("state_dtype"), [
                     p for p, h in zip(job.group["params"], job.has, strict=True)
-                    if h and not p.is_complex()])
+                    if h and not p.is_complex()], who=self._name)
         self._check_apart([(job.gi, job.group, job.has) for job in jobs])
 
     def _check_apart(self, groups: list[tuple[int, dict[str, Any], list[bool]]]) -> None:
