@@ -359,7 +359,8 @@ def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any
     # the leaves' dtypes looked at only where a part needs its params' precision (an empty
     # tree has none a slot could cap)
     exact = bool(leaves) and any(getattr(p, "exact_state", None) for p in rule.flat_parts)
-    wide = exact and any(backend.dtype_name(x.dtype) == "float64" for x in leaves)
+    wide = exact and state_dtype == "float32" and any(
+        backend.dtype_name(x.dtype) == "float64" for x in leaves)
     refused = state_dtype_refusal(rule, state_dtype, wide, exact=exact)
     if refused is not None:
         part, why, instead = refused

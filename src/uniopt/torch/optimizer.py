@@ -452,8 +452,9 @@ class Optimizer(torch.optim.Optimizer):
             # refused here, where torch checks a group's values, not at the first step: 8 bits
             # are refused for a rule whatever its params (float32 state is refused on float64
             # params, which a step looks at: a model may change dtype after construction)
-            check_state_dtype(rule, "q8", [p for p in group.get("params", ())
-                                           if not p.is_complex()], who=self._name)
+            # (the params are not looked at for 8 bits, only whether there are any: a
+            # scheduled group makes its rule again at every step)
+            check_state_dtype(rule, "q8", group.get("params", []), who=self._name)
         return chain(scale(-1.0), rule) if group.get("maximize") else rule
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
