@@ -428,13 +428,59 @@ def test_pure_and_inplace_agree_bit_for_bit(case, lib, width, on, data, seed, dt
     with compiled(width, 2 * STEPS if lib == "numpy" else STEPS - 1):
         for g in grads:
             pure_s, pure_p = uo.update(pure_s, pure_p, to_lib(g, gconv))
-            inplace_s = uo.update_(inplace_s, inplace_p, to_lib(g, gconv))
+            out = uo.update_(inplace_s, inplace_p, to_lib(g, gconv))
+            # the state passed in is advanced: a loop that drops update_'s result (torch's
+            # habit) steps as one that keeps it
+            assert out is inplace_s
             assert_same(to_np(_leaves(pure_p)), to_np(_leaves(inplace_p)))
             assert_same_state(pure_s, inplace_s)
     # in place means the very arrays the caller holds were written
     assert all(a is b for a, b in zip(held, _leaves(inplace_p), strict=True))
     for k, arrays in held_slots.items():
         assert all(a is b for a, b in zip(arrays, inplace_s.slots[k], strict=True))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("rule", [
+    uo.adam(lr=0.1), uo.partition({"a": uo.adam(lr=0.1), "b": uo.sgd(lr=0.1, momentum=0.9)},
+                                  lambda path, p: "a" if path[0] == "w" else "b"),
+    uo.chain(uo.clip_by_global_norm(0.5), uo.prodigy()), uo.lbfgs()],
+    ids=["adam", "partition", "prodigy", "lbfgs"])
+def test_a_loop_that_drops_update_s_result_steps_as_one_that_keeps_it(rule: Any,
+                                                                       lib: str) -> None:
+    """update_ wrote the slots of the state passed in but returned its next step in a new
+    state: ``uo.update_(state, p, g)`` without ``state =`` (torch's habit) stepped Adam's
+    moments with the count left at 0, p 0.7656 after two steps of lr 0.1 where 0.8 is right,
+    silently (a sweep's finding). The state passed in is now advanced; the same for
+    minimize_step_, and for steps with a None gradient (the per-leaf counts)."""
+    conv = np.array if lib == "numpy" else (lambda x: torch.tensor(np.array(x)))
+
+    def tree() -> dict[str, Any]:
+        return {"w": conv(np.linspace(-1, 1, 6)), "b": conv(np.array([0.5, -0.25]))}
+
+    def grads(p: dict[str, Any], k: int) -> dict[str, Any]:
+        # (a None gradient where the rule takes one: whole-tree parts see every leaf)
+        gone = k == 2 and not rule.tree_layout
+        return {"w": p["w"] * 2 + 0.1 * k, "b": None if gone else p["b"] - 1}
+
+    def closure(p: dict[str, Any]) -> tuple[Any, Any]:
+        g = {"w": p["w"] * 2, "b": p["b"] - 1}
+        return float((p["w"] ** 2).sum() + ((p["b"] - 1) ** 2).sum() / 2), g
+
+    kept_p, bare_p = tree(), tree()
+    kept = uo.setup(rule, kept_p)
+    bare = uo.setup(rule, bare_p)
+    for k in range(5):
+        if rule.name == "lbfgs":
+            kept, _ = uo.minimize_step_(kept, kept_p, closure)
+            uo.minimize_step_(bare, bare_p, closure)
+        else:
+            kept = uo.update_(kept, kept_p, grads(kept_p, k))
+            uo.update_(bare, bare_p, grads(bare_p, k))
+    assert_same([np.asarray(x) for x in _leaves(kept_p)],
+                [np.asarray(x) for x in _leaves(bare_p)])
+    assert_same_state(kept, bare)
+    assert int(np.asarray(bare.step)) == 5
 
 
 # --- flat gradient lists ------------------------------------------------------------------------

@@ -1726,13 +1726,34 @@ def _pure(state: State, params: Any, grads: Any, value: Any,
 
 def update_(state: State, params: Any, grads: Any, *, value: Any = None,
             **extra: Any) -> State:
-    """One step in place: the arrays of ``params`` and of the state are written, and the state
-    with its step advanced is returned. Bit for bit the same numbers as :func:`update`."""
+    """One step in place: the arrays of ``params`` and of the state are written, the state
+    itself is advanced (its step, its whole-tree parts' states) and returned. Bit for bit the
+    same numbers as :func:`update`.
+
+    ``state = uo.update_(state, ...)`` and a bare ``uo.update_(state, ...)`` are one step: a
+    state whose slots were written in place but whose step stayed behind would bias-correct
+    the next step's moments with the wrong count, silently."""
     if extra:
         _check_keywords("update_", state, extra)
     fast_out = _fast(state, params, grads, inplace=True)
-    if isinstance(fast_out, tuple):
-        return fast_out[0]
+    new = (fast_out[0] if isinstance(fast_out, tuple)
+           else _update_(state, params, grads, fast_out, value, extra))
+    return _advance(state, new)
+
+
+def _advance(state: State, new: State) -> State:
+    """``state`` made ``new`` (an in-place step's result), and returned."""
+    if new is not state:
+        fields = state.__dict__
+        fields.update(new.__dict__)
+        fields.pop("_numbers", None)  # (a JAX flattening's cache of the old numbers)
+    return state
+
+
+def _update_(state: State, params: Any, grads: Any, fast_out: Any, value: Any,
+             extra: dict[str, Any]) -> State:
+    """:func:`update_`'s step where no compiled strategy took it (``fast_out``: why, or
+    None): the new state, the old one's arrays written in place."""
     if type(grads) is backend.Addressed:
         grads = grads.arrays()
     step = _prologue(state, params, grads, writes=True)
@@ -1977,12 +1998,12 @@ def minimize_step(state: State, params: Any, closure: Closure) -> tuple[State, A
 
 
 def minimize_step_(state: State, params: Any, closure: Closure) -> tuple[State, Any]:
-    """:func:`minimize_step` in place: ``(new_state, loss)``. The params are written with each
-    trial point before the closure sees them (so a closure may read them from elsewhere, as
-    torch's do), and with the new point at the end; if the closure raises they are put
-    back."""
+    """:func:`minimize_step` in place: ``(state, loss)``, the state passed in advanced as
+    :func:`update_` advances it. The params are written with each trial point before the
+    closure sees them (so a closure may read them from elsewhere, as torch's do), and with the
+    new point at the end; if the closure raises they are put back."""
     new, _, loss = _minimize(state, params, closure, inplace=True)
-    return new, loss
+    return _advance(state, new), loss
 
 
 def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any:
