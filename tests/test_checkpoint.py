@@ -1276,3 +1276,75 @@ def test_a_whole_number_saved_as_an_int_loads_where_like_holds_the_float(tmp_pat
     assert loaded.step == 1
     with pytest.raises(uo.CheckpointError, match="rectify_threshold is 6 in the checkpoint, 7.0"):
         uo.load(path, like=uo.setup(uo.radam(rectify_threshold=7), p))
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">c16"])
+def test_big_endian_arrays_load_their_values(path: str, dtype: str) -> None:
+    """The file holds little-endian bytes (save swaps a big-endian array's): load read them
+    straight into big-endian arrays like ``like``'s, params and slots byte-swapped garbage
+    (1.0 came back as -1.6e-237), silently (a sweep's finding). Each form of ``like`` resumes
+    bit for bit the run that never stopped; a native-endian ``like`` reads the same values."""
+    rule = uo.adam(lr=1e-2)
+    start = np.array([1.0, 2.0, 3.0, -0.5])
+    if dtype.startswith(">c"):
+        start = start + 0.5j
+    params = {"w": start.astype(dtype)}
+    grads = [{"w": (np.full(4, 0.5) * (k + 1)).astype(dtype)} for k in range(4)]
+    state = uo.setup(rule, params)
+    state, params = uo.update(state, params, grads[0])
+    uo.save(path, state, params=params)
+    never_stopped = (state, params)
+    for g in grads[1:]:
+        never_stopped = uo.update(*never_stopped, g)
+    fresh = {"w": np.zeros(4, dtype)}
+    native = np.dtype(dtype).newbyteorder("=")
+    loads = [uo.load(path, like=fresh, params=True),
+             uo.load(path, like=(rule, fresh), params=True),
+             (uo.load(path, like=uo.setup(rule, fresh)), params),
+             uo.load(path, like={"w": np.zeros(4, native)}, params=True)]
+    for resumed in loads:
+        np.testing.assert_array_equal(resumed[1]["w"], params["w"])
+        assert resumed[1]["w"].dtype.byteorder == resumed[0].slots["scale_by_adam.exp_avg"][
+            0].dtype.byteorder
+        for g in grads[1:]:
+            resumed = uo.update(*resumed, {"w": g["w"].astype(resumed[1]["w"].dtype)})
+        np.testing.assert_array_equal(resumed[1]["w"], never_stopped[1]["w"])
+        for key, arrays in never_stopped[0].slots.items():
+            np.testing.assert_array_equal(resumed[0].slots[key][0], arrays[0])
+
+
+def test_an_lbfgs_history_of_another_library_or_size_is_refused_at_the_step(path: str) -> None:
+    """A fresh L-BFGS state holds no array: loaded with ``like=`` such a state, a history
+    saved from torch stayed torch's for NumPy params, and the next step failed inside the
+    arithmetic ("unsupported operand type(s) for -: 'numpy.ndarray' and 'Tensor'"); one saved
+    for 3 elements loaded for 4. The first step now refuses either, naming the vector, the
+    libraries or the lengths, nothing written; like=(rule, params) loads it into the params'
+    library (and refuses the other size at load)."""
+    torch = pytest.importorskip("torch")
+
+    def closure(q: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        return float((q["w"] ** 2).sum()), {"w": 2 * q["w"]}
+
+    rule = uo.lbfgs()
+    p = {"w": torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)}
+    state = uo.setup(rule, p)
+    for _ in range(2):
+        state, p, _ = uo.minimize_step(state, p, closure)
+    uo.save(path, state)
+    mine = {"w": np.array([1.0, -2.0, 3.0])}
+    back = uo.load(path, like=uo.setup(rule, mine))
+    with pytest.raises(ValueError, match=r"its d holds torch arrays, where these params are "
+                                         r"numpy arrays .*like=\(rule, params\)"):
+        uo.minimize_step_(back, mine, closure)
+    np.testing.assert_array_equal(mine["w"], [1.0, -2.0, 3.0])
+    assert back.step == 2
+    right = uo.load(path, like=(rule, mine))
+    assert isinstance(right.tree_states["lbfgs_step"]["d"], np.ndarray)
+    uo.minimize_step(right, mine, closure)
+    longer = {"w": torch.zeros(4, dtype=torch.float64)}
+    back = uo.load(path, like=uo.setup(rule, longer))
+    with pytest.raises(ValueError, match=r"its d holds a vector of shape \(3,\), where these "
+                                         r"params make vectors of 4 elements"):
+        uo.minimize_step(back, longer, closure)
+    with pytest.raises(CheckpointError, match=r"vectors of 4 elements"):
+        uo.load(path, like=(rule, longer))

@@ -741,6 +741,15 @@ class _File:
                 raise CheckpointError(f"{self.name}: the file ended inside a tensor (it was "
                                       "truncated while being read)")
             got += n
+        if _big_endian(out.dtype):  # (the file's bytes are little-endian: the values swapped in)
+            out.byteswap(inplace=True)
+
+
+def _big_endian(dtype: np.dtype) -> bool:
+    """Whether ``dtype``'s elements are laid out big-endian (a NumPy ``">f8"``, or a native
+    one on a big-endian machine)."""
+    order = dtype.byteorder
+    return order == ">" or (order == "=" and sys.byteorder == "big")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -59,6 +59,7 @@ class lbfgs_step(Minimizer):
     def check_tree(self, state: Any, leaves: list[Any]) -> str | None:
         # its vectors are the params raveled into one (a complex leaf as its real pairs)
         n = sum(int(math.prod(p.shape)) * (2 if backend.is_complex(p) else 1) for p in leaves)
+        lib = backend.library(leaves[0]) if leaves else None
         for key in ("d", "prev_flat_grad", "old_dirs", "old_stps"):
             v = state.get(key) if isinstance(state, dict) else None
             for x in v if isinstance(v, list) else [] if v is None else [v]:
@@ -66,6 +67,12 @@ class lbfgs_step(Minimizer):
                     return (f"its {key} holds a vector of shape "
                             f"{tuple(getattr(x, 'shape', ()))}, where these params make vectors "
                             f"of {n} elements")
+                if lib is not None and backend.library(x) != lib:
+                    # (a fresh state holds no array: a checkpoint loaded with like= such a
+                    # state makes its history in the library it was saved from)
+                    return (f"its {key} holds {backend.library(x)} arrays, where these params "
+                            f"are {lib} arrays (a checkpoint saved from {backend.library(x)} "
+                            "loads into another library's params with like=(rule, params))")
         return None
 
     def minimize(self, xp: Any, x: Any, state: Any, evaluate: Evaluate) -> tuple[Any, Any, Any]:
