@@ -311,7 +311,29 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         # the counter placed as a jitted step returns it beside these params (replicated on
         # their mesh, committed to their device), so the second step does not compile again
         step = backend.placed(xp.asarray(0, dtype=xp.int32), first)
+        trees = _counted_like(trees, first)
     return State(rule, step, slots, treedef, state_dtype, trees)
+
+
+def _counted_like(tree: Any, first: Any) -> Any:
+    """``tree`` (a rule's whole-tree states) with each member :class:`State` that counts in a
+    Python int counting as a JAX state of leaf ``first`` does (an int32 zero of its own, placed
+    as ``first``): a member of a partition or mask given none of the params (a mask that
+    matches no leaf of this model) is set up without a leaf to tell its library, and its int
+    counter and NumPy numbers, handed back as JAX arrays by a jitted step, made the second
+    step compile again."""
+    if isinstance(tree, State):
+        trees = _counted_like(tree.tree_states, first)
+        if isinstance(tree.step, int):
+            xp = backend.namespace(first)
+            return dataclasses.replace(tree, tree_states=trees, step=backend.placed(
+                xp.asarray(tree.step, dtype=xp.int32), first))
+        return tree if trees is tree.tree_states else dataclasses.replace(tree,
+                                                                          tree_states=trees)
+    if isinstance(tree, dict):
+        out = {k: _counted_like(v, first) for k, v in tree.items()}
+        return tree if all(out[k] is v for k, v in tree.items()) else out
+    return tree
 
 
 def _traced_settings(rule: Transform) -> list[str]:
