@@ -260,6 +260,42 @@ def test_equinox_loop_in_a_fresh_process() -> None:
     assert got["traces"] == "2", got  # one compile per loop
 
 
+@pytest.mark.parametrize("missed", [False, True], ids=["every-leaf", "a-leaf-missed"])
+def test_flax_from_bytes_gives_a_state_that_steps_eagerly_and_jitted(missed: bool) -> None:
+    """flax restores a msgpack's arrays as NumPy's: a uniopt State came back with NumPy slots,
+    which an eager ``uo.update`` beside JAX params and gradients refused as "set up for other
+    params" (a sweep's finding; a jitted step, and optax's protocol, took it). It now steps
+    them as JAX arrays, as the optax protocol steps a TrainState flax restored whole: the run
+    resumed eagerly, through the protocol and under jit is the run that never stopped (counts
+    too, where a leaf missed a step before the save)."""
+    serialization = pytest.importorskip("flax.serialization")
+    params = {"w": jax.numpy.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jax.numpy.ones(3)}
+    rule = uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2))
+    grads = [{"w": params["w"] * (k + 1), "b": None if missed and k == 1 else params["b"] - k}
+             for k in range(5)]
+    step = jax.jit(uo.update)
+    state, p = uo.setup(rule, params), params
+    for g in grads[:2]:
+        state, p = step(state, p, g)
+    back = serialization.from_bytes(uo.setup(rule, params), serialization.to_bytes(state))
+    assert isinstance(back.slots["scale_by_adam.exp_avg"][0], np.ndarray)  # (flax's way)
+    assert (back.counts is not None) == missed
+    never, eager, jitted, protocol = (state, p), (back, p), (back, p), (back, p)
+    for g in grads[2:]:
+        never = step(*never, g)
+        eager = uo.update(*eager, g)
+        jitted = step(*jitted, g)
+        if not missed:  # (the optax protocol updates every leaf)
+            updates, st = rule.update(g, protocol[0], protocol[1])
+            protocol = (st, optax.apply_updates(protocol[1], updates))
+    assert isinstance(eager[0].slots["scale_by_adam.exp_avg"][0], jax.Array)
+    for got in (eager, jitted, *(() if missed else (protocol,))):
+        for k in params:
+            assert rel_diff(got[1][k], never[1][k]) <= 1e-6  # (eager and jitted: float32)
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(never), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_checkpoints_in_a_fresh_process() -> None:
     """flax to_bytes/from_bytes and orbax's StandardCheckpointer round trips are equal, and a
     linen TrainState resumed from either follows the run that never stopped, under jax.jit and

@@ -1667,6 +1667,10 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
     """
     if extra:
         _check_keywords("update", state, extra)
+    if isinstance(getattr(state, "step", None), _NUMPY_COUNTER):  # (_restored, inline)
+        converted = _numpy_as_jax(params, grads, state)
+        if converted is not None:
+            params, state = converted
     new, out = _pure(state, params, grads, value, extra)
     # what a whole-tree part handed on as it was, or as a view of it, copied: nothing returned
     # aliases an input (a tree state, a member's state that did not step in a chain); the
@@ -2158,7 +2162,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
             f"(uo.chain(rule, uo.{oriented[0]}())), or use optax's own in an optax.chain")
     try:
         step = _prologue(state, params, grads)
-    except TypeError:
+    except (TypeError, ValueError):
         # (looked at only here: a step of one library pays nothing for it)
         converted = None if params is None else _numpy_as_jax(params, grads, state)
         if converted is None:
@@ -2189,16 +2193,26 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
 def _numpy_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State] | None:
     """NumPy params and state beside JAX gradients as JAX arrays, as optax's arithmetic takes
     them: ``flax.serialization.from_bytes`` restores a ``TrainState``'s params and optimizer
-    state as NumPy arrays, and ``jax.grad`` then hands JAX ones. None for any other mix (which
-    the engine refuses, naming the leaf)."""
+    state as NumPy arrays (or the state alone, beside the JAX params it was saved with), and
+    ``jax.grad`` then hands JAX ones. None for any other mix (which the engine refuses, naming
+    the leaf)."""
     p_leaves, g_leaves = flatten_leaves(params)[0], flatten_leaves(grads)[0]
-    if not (p_leaves and g_leaves and isinstance(p_leaves[0], np.ndarray)
-            and backend.is_jax(g_leaves[0])):
+    if not (p_leaves and g_leaves and backend.is_jax(g_leaves[0]) and (
+            isinstance(p_leaves[0], np.ndarray) or _restored(state))):
         return None
     import jax
 
     as_jax = functools.partial(jax.tree.map, jax.numpy.asarray)
     return as_jax(params), as_jax(state)
+
+
+def _restored(state: State) -> bool:
+    """Whether ``state`` counts in a NumPy array: flax restored it (a state set up for NumPy
+    params counts in an int, one for JAX params in a JAX array)."""
+    return isinstance(state.step, _NUMPY_COUNTER)
+
+
+_NUMPY_COUNTER = (np.ndarray, np.generic)
 
 
 def _adjusted_values(rule: Transform, own: Transform) -> Transform:
