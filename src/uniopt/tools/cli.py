@@ -682,8 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="RULES",
         help=(f"comma-separated rules, each NAME or NAME:KEY=VALUE,KEY=VALUE (e.g. "
-              f"'adamw:lr=3e-4,weight_decay=0.1,sgd'; values are numbers, True/False, tuples "
-              f"or schedule calls such as lr='warmup(100,cosine(0.1,2000))'); the presets "
+              f"'adamw:lr=3e-4,weight_decay=0.1,sgd'; values are numbers, True/False/None, "
+              f"tuples, quoted strings, bare words (convention=optax) or schedule calls such "
+              f"as lr='warmup(100,cosine(0.1,2000))'); the presets "
               f"{', '.join(RULES)} (default: these) or any rule of `uniopt rules`; "
               f"repeatable"),
     )
@@ -704,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--seeds", "--seed", dest="seeds", type=_usage(_seeds, "seed list"),
                      default=[0], metavar="SEEDS",
-                     help="seeds of the starting points: 0, 0,1,2 or 0-4 (default: 0)")
+                     help="seeds of the starting points: 0, 0,1,2 or 0-4 (default: 0); rosenbrock "
+                          "and beale start where their benchmarks do, whatever the seed")
     cmp.add_argument(
         "--tol",
         type=_positive(float, "a positive number"),
@@ -997,7 +999,8 @@ def _cmd_conventions(args: argparse.Namespace) -> int:
 
     text = conventions.page()
     if args.write is None:
-        print(text)
+        # (the page as --write writes it: `uniopt conventions > docs/conventions.md` too)
+        sys.stdout.write(text)
         return 0
     try:
         with open(args.write, "w", encoding="utf-8") as f:
