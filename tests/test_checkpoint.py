@@ -1348,3 +1348,29 @@ def test_an_lbfgs_history_of_another_library_or_size_is_refused_at_the_step(path
         uo.minimize_step(back, longer, closure)
     with pytest.raises(CheckpointError, match=r"vectors of 4 elements"):
         uo.load(path, like=(rule, longer))
+
+
+def test_an_lbfgs_history_of_another_dtype_is_a_checkpoint_error(path: str) -> None:
+    """A float32 run's history loaded for float64 params was taken, and the first step failed
+    inside torch's dot product ("expected both vectors to have same dtype"), naming no vector
+    (the review's finding), where Adam's slots are refused at load. Refused at load now, and
+    at the first step of a state loaded with like= a fresh one."""
+    torch = pytest.importorskip("torch")
+
+    def closure(q: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        return float((q["w"] ** 2).sum()), {"w": 2 * q["w"]}
+
+    rule = uo.lbfgs()
+    p = {"w": torch.linspace(-1, 1, 4)}
+    state = uo.setup(rule, p)
+    for _ in range(2):
+        state, p, _ = uo.minimize_step(state, p, closure)
+    uo.save(path, state)
+    wide = {"w": torch.linspace(-1, 1, 4, dtype=torch.float64)}
+    said = r"its d holds a vector of float32, where these params are float64"
+    with pytest.raises(CheckpointError, match=said):
+        uo.load(path, like=(rule, wide))
+    back = uo.load(path, like=uo.setup(rule, wide))
+    with pytest.raises(ValueError, match=said):
+        uo.minimize_step_(back, wide, closure)
+    assert torch.equal(wide["w"], torch.linspace(-1, 1, 4, dtype=torch.float64))

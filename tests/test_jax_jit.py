@@ -390,18 +390,25 @@ def test_a_fresh_state_goes_into_jit_as_a_step_hands_it_back(committed: bool) ->
 @pytest.mark.parametrize("rule", [
     uo.masked(uo.adam(lr=1e-3), "*.bias"),  # matches no leaf of this model
     uo.masked(uo.adam(lr=1e-3), "*"),  # matches every leaf: the other side is empty
-    uo.partition({"a": uo.adam(lr=1e-3), "b": uo.sgd(lr=0.1)}, lambda path, p: "a"),
+    uo.partition({"a": uo.adam(lr=1e-3), "b": uo.sgd(lr=0.1)}, uo.by_path({"*": "a"})),
     uo.skip_nonfinite(uo.accumulate(uo.chain(uo.clip_by_global_norm(1.0), uo.partition(
         {"a": uo.masked(uo.adam(lr=1e-3), "*.bias"), "b": uo.lion(lr=1e-4)},
-        lambda path, p: "a")), 2))],
-    ids=["mask-none", "mask-all", "partition-empty", "nested"])
-def test_a_member_given_no_leaf_compiles_once(rule: Any) -> None:
+        uo.by_path({"*": "a"}))), 2)),
+    *(uo.partition({"a": uo.adam(lr=1e-3), "b": member}, uo.by_path({"*": "a"})) for member in (
+        uo.accumulate(uo.adam(lr=1e-3), 2), uo.skip_nonfinite(uo.sgd(lr=0.1)),
+        uo.chain(uo.adam(lr=1e-3), uo.reduce_on_plateau()), uo.noisy_sgd(lr=1e-3)))],
+    ids=["mask-none", "mask-all", "partition-empty", "nested", "empty-accumulate",
+         "empty-skip_nonfinite", "empty-plateau", "empty-noisy_sgd"])
+def test_a_member_given_no_leaf_compiles_once(rule: Any, tmp_path: Any) -> None:
     """A member of a mask or partition that gets none of the params (a mask for biases on a
     model without them) was set up with a Python int counter and NumPy numbers, having no leaf
-    to tell its library; a jitted step hands them back as JAX arrays, and the second step
-    compiled again (a sweep's finding). Also with the state donated."""
-    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    to tell its library, and so were its whole-tree parts' numbers (accumulate's count,
+    skip_nonfinite's flags, a plateau's values, noisy_sgd's generator); a jitted step hands
+    them back as JAX arrays, and the second step compiled again (a sweep's finding, then the
+    review's). Also with the state donated, and after a checkpoint loaded like a fresh
+    set-up."""
     for donate in ((), (0, 1)):
+        params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
         state, p = uo.setup(rule, params), params
         jitted, traces = counting_jit(donate_argnums=donate)
         with compilations() as compiles:
@@ -410,6 +417,14 @@ def test_a_member_given_no_leaf_compiles_once(rule: Any) -> None:
         # (and one entry of jit's cache: an int counter given back as an array was a new
         # signature, which missed the fast dispatch even where it traced nothing anew)
         assert len(traces) == len(compiles) == jitted._cache_size() == 1
+    path = str(tmp_path / "ck.uo")
+    uo.save(path, state)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}  # (the first were donated)
+    state, p = uo.load(path, like=(rule, params)), params
+    jitted, traces = counting_jit()
+    for k in range(2):
+        state, p = jitted(state, p, {"w": jnp.full((3, 2), 0.5 + k), "b": jnp.ones(2)})
+    assert jitted._cache_size() == 1
 
 
 def test_states_of_one_rule_keep_their_own_numbers_under_donation() -> None:

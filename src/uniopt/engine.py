@@ -317,23 +317,53 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
 
 def _counted_like(tree: Any, first: Any) -> Any:
     """``tree`` (a rule's whole-tree states) with each member :class:`State` that counts in a
-    Python int counting as a JAX state of leaf ``first`` does (an int32 zero of its own, placed
-    as ``first``): a member of a partition or mask given none of the params (a mask that
-    matches no leaf of this model) is set up without a leaf to tell its library, and its int
-    counter and NumPy numbers, handed back as JAX arrays by a jitted step, made the second
-    step compile again."""
+    Python int holding JAX arrays as a state of leaf ``first`` does: a member of a partition
+    or mask given none of the params (a mask that matches no leaf of this model) is set up
+    without a leaf to tell its library, so its counter was an int and its whole-tree parts'
+    numbers ints, bools and NumPy arrays (accumulate's count, skip_nonfinite's flags, a
+    plateau's values, a generator's state); a jitted step hands them back as JAX arrays, and
+    the second step missed jit's cache."""
     if isinstance(tree, State):
-        trees = _counted_like(tree.tree_states, first)
         if isinstance(tree.step, int):
-            xp = backend.namespace(first)
-            return dataclasses.replace(tree, tree_states=trees, step=backend.placed(
-                xp.asarray(tree.step, dtype=xp.int32), first))
+            return dataclasses.replace(tree, step=_as_jax_like(tree.step, first),
+                                       tree_states=_leaves_as_jax(tree.tree_states, first))
+        trees = _counted_like(tree.tree_states, first)
         return tree if trees is tree.tree_states else dataclasses.replace(tree,
                                                                           tree_states=trees)
     if isinstance(tree, dict):
         out = {k: _counted_like(v, first) for k, v in tree.items()}
         return tree if all(out[k] is v for k, v in tree.items()) else out
     return tree
+
+
+def _leaves_as_jax(tree: Any, first: Any) -> Any:
+    """Every number and NumPy array of ``tree`` (member states' included) as a JAX array
+    placed as ``first`` (:func:`_as_jax_like`)."""
+    if isinstance(tree, State):
+        return dataclasses.replace(tree, step=_as_jax_like(tree.step, first),
+                                   tree_states=_leaves_as_jax(tree.tree_states, first),
+                                   counts=_as_jax_like(tree.counts, first))
+    if isinstance(tree, dict):
+        return {k: _leaves_as_jax(v, first) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_leaves_as_jax(v, first) for v in tree)
+    return _as_jax_like(tree, first)
+
+
+def _as_jax_like(x: Any, first: Any) -> Any:
+    """``x`` as a jitted step hands it back beside JAX leaf ``first``: a Python bool, int or
+    float as a JAX bool, int32 or default float, a NumPy array in JAX's dtype for it, placed
+    as ``first``; anything else (None, a JAX array) as it is."""
+    if isinstance(x, (bool, int, float)):
+        xp = backend.namespace(first)
+        dtype = (bool if isinstance(x, bool) else xp.int32 if isinstance(x, int)
+                 else xp.result_type(float))
+        return backend.placed(xp.asarray(x, dtype=dtype), first)
+    if isinstance(x, (np.ndarray, np.generic)):
+        import jax
+
+        return backend.placed(jax.device_put(x), first)
+    return x
 
 
 def _traced_settings(rule: Transform) -> list[str]:
@@ -1477,8 +1507,10 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         # (inline: the small step's Python work is counted)
         step = step + 1 if type(step) is int else _next_step(step) if not inplace else \
             _counted_in_place(step)
-        new_state = stepped(state, step, state.slots if inplace else slots)
-        return new_state, (None if inplace else unflatten(state.treedef, new_params))
+        if inplace:  # (update_ advances the state passed in: its slots were written)
+            state.__dict__["step"] = step
+            return state, None
+        return stepped(state, step, slots), unflatten(state.treedef, new_params)
     return None
 
 

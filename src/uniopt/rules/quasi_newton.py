@@ -23,6 +23,9 @@ from .. import backend
 from ..base import Info, Minimizer, Rule, Transform
 from ..hyper import NONNEG, check_integer, hyper
 
+# a complex leaf's part in the flat vectors: its real pairs
+_REAL = {"complex64": "float32", "complex128": "float64"}
+
 Evaluate = Callable[[Any], tuple[Any, Any]]
 
 
@@ -60,6 +63,9 @@ class lbfgs_step(Minimizer):
         # its vectors are the params raveled into one (a complex leaf as its real pairs)
         n = sum(int(math.prod(p.shape)) * (2 if backend.is_complex(p) else 1) for p in leaves)
         lib = backend.library(leaves[0]) if leaves else None
+        # (the vectors' dtype where every leaf has one: another fails inside a dot product)
+        dtypes = {_REAL.get(n, n) for n in map(backend.dtype_name, (p.dtype for p in leaves))}
+        dtype = dtypes.pop() if len(dtypes) == 1 else None
         for key in ("d", "prev_flat_grad", "old_dirs", "old_stps"):
             v = state.get(key) if isinstance(state, dict) else None
             for x in v if isinstance(v, list) else [] if v is None else [v]:
@@ -73,6 +79,9 @@ class lbfgs_step(Minimizer):
                     return (f"its {key} holds {backend.library(x)} arrays, where these params "
                             f"are {lib} arrays (a checkpoint saved from {backend.library(x)} "
                             "loads into another library's params with like=(rule, params))")
+                if dtype is not None and backend.dtype_name(x.dtype) != dtype:
+                    return (f"its {key} holds a vector of {backend.dtype_name(x.dtype)}, where "
+                            f"these params are {dtype}")
         return None
 
     def minimize(self, xp: Any, x: Any, state: Any, evaluate: Evaluate) -> tuple[Any, Any, Any]:
