@@ -667,6 +667,11 @@ def misshapen(x):
 
 misshapen.x0 = [1.0, 2.0]
 
+def cliff(x):  # finite at the start only: a run diverges at its first update
+    return (float(x @ x) if x[0] == 1.0 else float("nan")), 2.0 * x
+
+cliff.x0 = [1.0, 2.0]
+
 def late(x):  # keeps its contract at the start only
     return (float(x @ x), 2.0 * x) if x[0] == 1.0 else 1.0
 
@@ -885,6 +890,20 @@ def test_us_per_update_leaves_out_one_off_costs(capsys, monkeypatch):
     (r,) = _compare_json(capsys, "--steps", "9", "--rules", "adam", "--problems",
                          "quadratic")["results"]
     assert len(calls) == 9 and r["us_per_update"] < 0.1 * 0.3e6 / 9
+
+
+def test_a_run_that_diverges_at_its_first_update_has_no_time_per_update(capsys, user_module):
+    """us/update is the median of the updates after the first; a run that diverged at its
+    first had none, and reported the first's time (the compiled loop's load included: 58 ms
+    for Adam where a step takes some 20 us; a sweep's finding): null, and "-" in the table."""
+    args = ["--steps", "20", "--rules", "adam:lr=0.1,sgd:lr=0.1", "--problems",
+            f"{user_module}:cliff"]
+    for r in _compare_json(capsys, *args)["results"]:
+        assert r["diverged_at"] == 1 and r["us_per_update"] is None, r
+    assert main(["compare", "--no-progress", *args]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith(f"{user_module}:cliff  ")]
+    assert len(rows) == 2 and all(row.split()[-1] == "-" for row in rows), rows
 
 
 def test_a_rule_that_cannot_take_the_problem_says_so_before_running(capsys):

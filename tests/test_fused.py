@@ -197,6 +197,26 @@ def test_mixed_dtypes_fall_back() -> None:
               [np.ones(N, np.float16), np.ones(2, np.float32)])
 
 
+def test_the_warning_made_an_error_leaves_params_and_state_unchanged() -> None:
+    """Under ``-W error`` the fast path's warning was raised after update_ had written the
+    params and Adam's moments in place, the step count left at 0: the next step (no warning:
+    once per reason) then stepped with the moments of two steps (a sweep's finding). It is
+    given before anything is written; the next step is the first."""
+    p = [np.asfortranarray(np.ones((3, N // 2)))]
+    state = uo.setup(uo.adam(lr=0.1), p)
+    ufast._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ufast.FastPathUnavailable):
+            uo.update_(state, p, [np.ones((3, N // 2))])
+    assert state.step == 0
+    assert_same(p, [np.ones((3, N // 2))])
+    assert_same(state.slots["scale_by_adam.exp_avg"], [np.zeros((3, N // 2))])
+    uo.update_(state, p, [np.ones((3, N // 2))])
+    np.testing.assert_allclose(p[0], 0.9, rtol=1e-7)
+    assert state.step == 1
+
+
 def test_warning_is_given_once_per_reason() -> None:
     ufast._warned.clear()
     p = [np.ones(N, np.float16)]

@@ -530,6 +530,30 @@ def test_gradient_dtype(stepped):
     )
 
 
+@pytest.mark.parametrize("rule", [uo.sgd(lr=0.1, momentum=0.9), uo.adamw(lr=0.1)],
+                         ids=["sgd", "adamw"])
+@pytest.mark.parametrize("big", ["params", "grads", "both"])
+def test_a_gradient_in_the_other_byte_order_is_taken(rule: Any, big: str) -> None:
+    """Big-endian float64 params (as FITS and some HDF5 files load) and the native float64
+    gradient NumPy's arithmetic makes of them were refused ("has dtype float64, its parameter
+    >f8", a sweep's finding), either way round. One type in two byte orders steps as the
+    native run does, bit for bit, each array keeping its own byte order, pure and in place."""
+    start = np.linspace(-1.0, 1.0, 5)
+    order = {"params": (">f8", "<f8"), "grads": ("<f8", ">f8"), "both": (">f8", ">f8")}[big]
+    native_p = [start.copy()]
+    native = uo.setup(rule, native_p)
+    inplace_p, pure_p = [start.astype(order[0])], [start.astype(order[0])]
+    inplace, pure = uo.setup(rule, inplace_p), uo.setup(rule, pure_p)
+    for k in range(4):
+        g = 2.0 * start - 0.1 * k
+        native = uo.update_(native, native_p, [g])
+        inplace = uo.update_(inplace, inplace_p, [g.astype(order[1])])
+        pure, pure_p = uo.update(pure, pure_p, [g.astype(order[1])])
+    assert inplace_p[0].dtype.str == pure_p[0].dtype.str == order[0]
+    np.testing.assert_array_equal(inplace_p[0], native_p[0])
+    np.testing.assert_array_equal(pure_p[0], native_p[0])
+
+
 @pytest.mark.parametrize(
     "bad", [1.0, "grad", torch.zeros(2, dtype=torch.float64)], ids=["float", "str", "torch"]
 )

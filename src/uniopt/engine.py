@@ -592,7 +592,7 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
                 f"gradient for {names[i]} has shape {tuple(g.shape)}, its parameter "
                 f"{tuple(p.shape)}"
             )
-        if g.dtype != p.dtype:
+        if g.dtype != p.dtype and not _byte_order_apart(g.dtype, p.dtype):
             raise ValueError(f"gradient for {names[i]} has dtype {g.dtype}, its parameter "
                              f"{p.dtype}")
     return g_leaves
@@ -657,6 +657,14 @@ def _refuse_lifted(names: list[str], grads: list[Any], state: State) -> None:
         if any(map(carries, optree.tree_leaves(tree, namespace=NAMESPACE))):
             raise TypeError(f"the state of {key} carries a torch.func derivative: "
                             f"{backend.UNTRACKED}")
+
+
+def _byte_order_apart(a: Any, b: Any) -> bool:
+    """Whether NumPy dtypes ``a`` and ``b`` are one type in two byte orders (a big-endian
+    ``>f8`` parameter read from a FITS or HDF5 file, and the native float64 gradient NumPy's
+    arithmetic makes of it): NumPy computes with both, and a step takes them."""
+    return (isinstance(a, np.dtype) and isinstance(b, np.dtype)
+            and a.newbyteorder("=") == b.newbyteorder("="))
 
 
 def _flat_list(grads: Any, n: int) -> bool:
@@ -1828,6 +1836,10 @@ def _update_(state: State, params: Any, grads: Any, fast_out: Any, value: Any,
         return _by_count(state, step, inplace=True)[0]
     with backend.outside_autograd(step.params):
         news, slots, trees = _deltas(state, step.params, step.grads, extra, finish=True)
+        if fast_out:
+            # before anything is written: a warning made an error (-W error) leaves params
+            # and state as they were, not written and left at the old count
+            fast.warn_once(fast_out)
         for p, new in zip(step.params, news, strict=True):
             backend.assign(p, new)
         for key, arrays in slots.items():
@@ -1837,8 +1849,6 @@ def _update_(state: State, params: Any, grads: Any, fast_out: Any, value: Any,
                     backend.assign(old.absmax, new.absmax)
                 elif old is not None:
                     backend.assign(old, new)
-    if fast_out:
-        fast.warn_once(fast_out)
     return dataclasses.replace(state, step=_next_step(state.step), tree_states=trees)
 
 

@@ -145,7 +145,9 @@ class Result:
     optimum: float | None  # None where the problem's minimum is not known
     steps_to_tol: int | None  # updates applied when the gap first was <= tol
     diverged_at: int | None  # updates applied when the loss first was not finite
-    us_per_update: float  # the median time of one update, the first left out (see run_one)
+    # the median time of one update, the first left out (see run_one); None where the run
+    # made no update after its first (it diverged there)
+    us_per_update: float | None
     seed: int = 0
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # as given, JSON-able
     lr_text: str = "-"
@@ -397,7 +399,7 @@ def run_one(
         optimum=optimum,
         steps_to_tol=hit,
         diverged_at=diverged_at,
-        us_per_update=float(np.median(times[1:] or times)) * 1e6,
+        us_per_update=float(np.median(times[1:])) * 1e6 if times[1:] else None,
         seed=seed,
         hyperparameters={k: _json_value(v) for k, v in run.spec.hyper.items()},
         lr_text=run.lr_text,
@@ -530,7 +532,8 @@ def format_table(results: Sequence[Result], tol: float) -> str:
             loss, gap = _fmt(r.final_loss), _fmt(r.gap)
         steps = "-" if r.steps_to_tol is None else str(r.steps_to_tol)
         rows.append((r.problem, r.rule, *((str(r.seed),) if seeds else ()), r.lr_text, loss,
-                     gap, steps, f"{r.us_per_update:.1f}"))
+                     gap, steps,
+                     "-" if r.us_per_update is None else f"{r.us_per_update:.1f}"))
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     left = {0, 1}  # names left-aligned, numbers right-aligned
 
