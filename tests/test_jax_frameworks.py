@@ -296,6 +296,52 @@ def test_flax_from_bytes_gives_a_state_that_steps_eagerly_and_jitted(missed: boo
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_nnx_labels_and_optax_masks_of_params_leave_the_process_as_it_was() -> None:
+    """A tree of NNX Params holding labels (``jax.tree.map`` over ``nnx.state(model,
+    nnx.Param)``, how one labels an NNX model) given to ``uo.partition``, and
+    ``optax.multi_transform`` of uniopt rules in an ``nnx.Optimizer`` (optax's masks put a
+    MaskedNode into the Params), made nnx.Param a node of uniopt's trees for the rest of the
+    process: they failed, and so did every later NNX Optimizer with a uniopt rule (a sweep's
+    finding). Each now steps as the same recipe of optax's own rules, and a plain rule after
+    them still does."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    def model() -> Any:
+        return nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+                              nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
+
+    def train(make_tx: Any) -> list[np.ndarray]:
+        m = model()
+        opt = nnx.Optimizer(m, make_tx(m), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(m: Any, opt: Any) -> None:
+            opt.update(m, nnx.grad(lambda m: jax.numpy.mean(
+                (m(jax.numpy.ones((3, 4))) - 1.0) ** 2))(m))
+
+        for _ in range(5):
+            step(m, opt)
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
+
+    def labels(m: Any) -> Any:
+        return jax.tree.map(lambda v: "a" if v.ndim == 2 else "b", nnx.state(m, nnx.Param))
+
+    def by_ndim(params: Any) -> Any:
+        return jax.tree.map(lambda v: "a" if v.ndim == 2 else "b", params)
+
+    want = train(lambda m: optax.multi_transform(
+        {"a": optax.adam(1e-2), "b": optax.sgd(1e-2)}, by_ndim))
+    before = train(lambda m: uo.adam(lr=1e-2))
+    for got in (train(lambda m: uo.partition({"a": uo.adam(lr=1e-2), "b": uo.sgd(lr=1e-2)},
+                                             labels(m))),
+                train(lambda m: optax.multi_transform(
+                    {"a": uo.adam(lr=1e-2), "b": uo.sgd(lr=1e-2)}, by_ndim))):
+        for x, y in zip(got, want, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    for x, y in zip(train(lambda m: uo.adam(lr=1e-2)), before, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_checkpoints_in_a_fresh_process() -> None:
     """flax to_bytes/from_bytes and orbax's StandardCheckpointer round trips are equal, and a
     linen TrainState resumed from either follows the run that never stopped, under jax.jit and

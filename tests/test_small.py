@@ -105,8 +105,8 @@ def test_the_reference_path_does_little_python_work_per_leaf(name: str, pure: bo
     # counted with the libraries the engine looks for in sys.modules loaded, whichever tests
     # ran before in this process: a check written as a generator over a step's coefficients
     # or leaves once made 19 calls more where JAX and torch.distributed were loaded (CI's
-    # count reached this bound, a run here was 281)
-    for module in ("jax", "torch.distributed.tensor"):
+    # count reached this bound, a run here was 281); flax NNX's Variable is looked for too
+    for module in ("jax", "torch.distributed.tensor", "flax.nnx"):
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
     counts = {}

@@ -23,7 +23,11 @@ NAMESPACE = "uniopt"
 def flatten(tree: Any) -> tuple[list[Any], Any, list[tuple[Any, ...]]]:
     """``(leaves, treedef, paths)``; ``None`` is an empty subtree, not a leaf."""
     paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
-    while _adopt_jax_nodes(leaves):  # a module may hold modules of other types
+    while again := _adopt_jax_nodes(leaves):  # a module may hold modules of other types
+        if again is _UNWRAP:
+            tree = _unwrapped(tree)
+            if tree is None:
+                break
         paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
     return leaves, treedef, paths
 
@@ -31,9 +35,39 @@ def flatten(tree: Any) -> tuple[list[Any], Any, list[tuple[Any, ...]]]:
 def flatten_leaves(tree: Any) -> tuple[list[Any], Any]:
     """``(leaves, treedef)``: :func:`flatten` without the paths."""
     leaves, treedef = optree.tree_flatten(tree, namespace=NAMESPACE)
-    while _adopt_jax_nodes(leaves):
+    while again := _adopt_jax_nodes(leaves):
+        if again is _UNWRAP:
+            tree = _unwrapped(tree)
+            if tree is None:
+                break
         leaves, treedef = optree.tree_flatten(tree, namespace=NAMESPACE)
     return leaves, treedef
+
+
+def _unwrapped(tree: Any) -> Any:
+    """``tree`` with each of flax NNX's Variables that holds no array replaced by what it
+    holds (see :func:`_adopt_jax_nodes`); None where JAX's flattening reaches none of them
+    (inside a node only optree knows)."""
+    import jax
+
+    changed = []
+
+    def open_(x: Any) -> Any:
+        if _holds_no_array(x):
+            changed.append(x)
+            return x.get_value()
+        return x
+
+    out = jax.tree.map(open_, tree, is_leaf=_holds_no_array)
+    return out if changed else None
+
+
+def _holds_no_array(x: Any) -> bool:
+    return hasattr(type(x), "__jax_array__") and hasattr(x, "get_value") and not hasattr(
+        x.get_value(), "shape")
+
+
+_UNWRAP = object()  # _adopt_jax_nodes: a Variable holds no array
 
 
 def flatten_named(tree: Any) -> tuple[list[Any], Any, list[str]]:
@@ -55,10 +89,15 @@ def _names(treedef: Any) -> list[str]:
 _NOT_NODES: set[type] = set()  # leaf types JAX does not flatten
 
 
-def _adopt_jax_nodes(leaves: list[Any]) -> bool:
+def _adopt_jax_nodes(leaves: list[Any]) -> Any:
     """Register with optree every type among ``leaves`` that JAX flattens (a module of flax or
     equinox, a ``jax.tree_util.register_dataclass``): JAX's own flattening, one level at a
-    time, so the leaves come in JAX's order. Whether any was new."""
+    time, so the leaves come in JAX's order. Whether any was new (true: flatten again), or
+    :data:`_UNWRAP` where a leaf is a flax NNX Variable holding no array: a label (a tree of
+    them made by ``jax.tree.map`` over the model's Params), or optax's ``MaskedNode``
+    (``optax.masked`` and ``multi_transform`` map over the Params NNX sets a rule up from),
+    which the tree is flattened without. A Variable holding an array is a leaf, an array of
+    its own: NNX sets a rule up from Params and steps their arrays."""
     jax = sys.modules.get("jax")
     if jax is None:
         return False
@@ -67,6 +106,13 @@ def _adopt_jax_nodes(leaves: list[Any]) -> bool:
     for leaf in leaves:
         cls = type(leaf)
         if cls in _NOT_NODES or cls in new or hasattr(leaf, "__array_namespace__"):
+            continue
+        if hasattr(cls, "__jax_array__"):
+            # (an array's wrapper is never made a node: one that held a label made a node of
+            # its type for every later tree of the process, and the Params NNX sets a rule up
+            # from no longer matched the arrays it steps)
+            if _holds_no_array(leaf):
+                return _UNWRAP
             continue
         if tu.treedef_is_leaf(tu.tree_structure(leaf)):
             _NOT_NODES.add(cls)
