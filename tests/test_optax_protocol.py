@@ -532,11 +532,13 @@ def test_an_adjusted_state_keeps_its_numbers_under_the_protocol(
         np.testing.assert_array_equal(u["w"], v["w"])
 
 
-def test_an_adjust_of_another_form_is_said_under_jit() -> None:
+def test_an_adjust_of_another_form_is_refused_under_jit() -> None:
     """A schedule adjusted to a number (or the reverse) is a program of another form: under
-    ``jax.jit`` the protocol steps with the transformation's numbers, as docs/optax.md says,
-    and now warns when it traces the step (the adjust was ignored silently, while the eager
-    protocol took it)."""
+    ``jax.jit`` the protocol cannot choose between the two by a traced number. It stepped
+    with the transformation's numbers and warned; the state then came back in the
+    transformation's form, which flax NNX wrote into the adjusted state's leaves by position
+    (every number a slot off: lr 0.9, and uo.save kept it; a sweep's finding). Refused now
+    where the step is traced, nothing stepped; eagerly the adjust is taken, as before."""
     tx = uo.adam(lr=uo.schedules.cosine(1e-2, steps=100))
     params = {"w": jnp.ones(3)}
     g = {"w": jnp.full(3, 0.5)}
@@ -545,9 +547,13 @@ def test_an_adjust_of_another_form_is_said_under_jit() -> None:
     _, want = uo.update(state, params, g)
     np.testing.assert_allclose(np.asarray(params["w"] + eager_u["w"]), np.asarray(want["w"]),
                                rtol=1e-6)
-    with pytest.warns(UserWarning, match=r"under jax.jit the optax protocol steps with the "
-                                         r"numbers of the transformation it is called on"):
+    with pytest.raises(TypeError, match=r"under jax.jit the optax protocol .* changed a "
+                                        r"hyperparameter's form"):
         jax.jit(tx.update)(g, state, params)
+    number = uo.adam(lr=1e-2)
+    with pytest.raises(TypeError, match=r"changed a hyperparameter's form"):
+        jax.jit(number.update)(g, uo.adjust(number.init(params), lr=uo.schedules.cosine(
+            1e-2, steps=100)), params)
 
 
 @pytest.mark.parametrize("seq", ["eager-apply_if_finite", "jit-adjust-cond",

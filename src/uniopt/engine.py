@@ -18,7 +18,6 @@ import itertools
 import math
 import operator
 import sys
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
@@ -2275,15 +2274,17 @@ def _adjusted_values(rule: Transform, own: Transform) -> Transform:
     values, skeleton = flatten_rule(rule)
     theirs, own_skeleton = flatten_rule(own)
     if own_skeleton != skeleton:
-        # which one steps is a traced number, and the two are programs of other forms: said
-        # where the step is traced (once per compile), not left silent
-        warnings.warn(
-            f"uniopt: under jax.jit the optax protocol steps with the numbers of the "
-            f"transformation it is called on ({rule.name}), not the state's: a uo.adjust that "
+        # which one steps is a traced number, and the two are programs of other forms. It was
+        # a warning, the transformation's numbers stepping: the state came back in the
+        # transformation's form, which flax NNX wrote into the adjusted state's leaves by
+        # position (every number a slot off, saved so by uo.save)
+        raise TypeError(
+            f"uniopt: under jax.jit the optax protocol steps a state with the numbers of the "
+            f"transformation it is called on ({rule.name}) or, where uo.adjust set them, with "
+            "the state's own, which must then be of one form: this adjust "
             "changed a hyperparameter's form (a schedule for a number, a number for a "
-            "schedule, another schedule) is seen by uo.update only (docs/optax.md)",
-            stacklevel=3)
-        return rule
+            "schedule, another schedule). Adjust it to a value of the same form, step with "
+            "uo.update, or make the optimizer again with the new rule (docs/optax.md)")
     xp = backend.namespace(flag)
     mixed = unflatten_rule(skeleton, [xp.where(flag != 0, on_host(b), on_host(a))
                                       for a, b in zip(values, theirs, strict=True)])
