@@ -342,6 +342,40 @@ def test_nnx_labels_and_optax_masks_of_params_leave_the_process_as_it_was() -> N
         np.testing.assert_array_equal(x, y)
 
 
+def test_an_nnx_optimizer_resumes_from_uo_load(tmp_path: Any) -> None:
+    """``opt.opt_state = uo.load(path, like=opt.opt_state)`` loaded bare arrays where NNX
+    keeps OptArray variables, and the next ``opt.update`` failed inside flax ("Cannot set key
+    0 on immutable node of type State"; a sweep's finding). They come back held as like's,
+    as uo.adjust hands them back, and the resumed run is the run that never stopped."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    def make() -> tuple[Any, Any]:
+        m = nnx.Linear(8, 2, rngs=nnx.Rngs(0))
+        rule = uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2, weight_decay=0.1))
+        return m, nnx.Optimizer(m, rule, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(m: Any, opt: Any, x: Any) -> None:
+        opt.update(m, nnx.grad(lambda m: jax.numpy.mean((m(x) - 1.0) ** 2))(m))
+
+    xs = [jax.numpy.full((4, 8), 0.1 * (k + 1)) for k in range(6)]
+    m, opt = make()
+    for x in xs[:3]:
+        step(m, opt, x)
+    path = str(tmp_path / "opt.uo")
+    uo.save(path, opt.opt_state)
+    m2, opt2 = make()
+    nnx.update(m2, nnx.state(m, nnx.Param))
+    opt2.opt_state = uo.load(path, like=opt2.opt_state)
+    for x in xs[3:]:
+        step(m, opt, x)
+        step(m2, opt2, x)
+    assert int(opt2.opt_state.step) == 6
+    for a, b in zip(jax.tree.leaves(nnx.state(m2, nnx.Param)),
+                    jax.tree.leaves(nnx.state(m, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_checkpoints_in_a_fresh_process() -> None:
     """flax to_bytes/from_bytes and orbax's StandardCheckpointer round trips are equal, and a
     linen TrainState resumed from either follows the run that never stopped, under jax.jit and

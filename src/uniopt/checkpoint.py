@@ -895,7 +895,15 @@ def load(path: str | os.PathLike[str], like: Any, *, params: bool = False) -> An
         if ck.doc["kind"] != "state":
             raise CheckpointError(f"{ck.name} holds a torch optimizer's state_dict: load it "
                                   "with like=optimizer")
-        return _load_state(ck, like, params)
+        out = _load_state(ck, like, params)
+    if isinstance(like, State) and "_lazy_rule" in like.__dict__:
+        # a state a framework rebuilt from leaves of its own (an NNX Optimizer's opt_state:
+        # OptArray variables): the loaded arrays held as like's were, as uo.adjust hands
+        # them back (assigned bare, the next opt.update failed inside flax)
+        from .interop.jax import rewrapped_as
+
+        return (rewrapped_as(like, out[0]), out[1]) if params else rewrapped_as(like, out)
+    return out
 
 
 def _template(ck: _File, like: Any) -> tuple[State, Transform, Any, bool]:

@@ -287,6 +287,39 @@ def rewrapped(old: State, new: State) -> State:
                                      counts))
 
 
+def _wrapper(x: Any) -> bool:
+    """Whether ``x`` is a framework's variable holding an array (NNX's ``OptArray``: it passes
+    for an array, handing on its value's attributes; no array has a replace method and a
+    get_value)."""
+    return (callable(getattr(x, "replace", None)) and callable(getattr(x, "get_value", None))
+            and not isinstance(x, (State, tuple, list, dict)))
+
+
+def rewrapped_as(like: State, new: State) -> State:
+    """``new`` (a state :func:`uniopt.load` made like ``like``) with each array held as
+    ``like``'s is where a framework rebuilt ``like`` from leaves of its own (an NNX
+    ``Optimizer``'s ``opt_state``); else ``new``. Where a part of the two differs in structure,
+    that part as ``new`` has it."""
+    import jax
+
+    lazy = like.__dict__.get("_lazy_rule")
+    if lazy is None or not _wrapper(lazy[2]):
+        return new
+    (step, slots, trees, numbers, counts), static = _flatten_state(new)
+
+    def wrap(old: Any, fresh: Any) -> Any:
+        olds = jax.tree.leaves(old, is_leaf=_wrapper)
+        news, treedef = jax.tree.flatten(fresh)
+        if len(olds) != len(news):
+            return fresh
+        return jax.tree.unflatten(treedef, [o.replace(value=n) if _wrapper(o) else n
+                                            for o, n in zip(olds, news, strict=True)])
+
+    return _unflatten_state(static, (
+        wrap(like.step, step), wrap(like.slots, slots), wrap(like.tree_states, trees),
+        lazy[2].replace(value=numbers), wrap(like.counts, counts)))
+
+
 def adjusted(rule: Transform) -> Any:
     """Whether :func:`uniopt.adjust` set ``rule``'s numbers: a bool, or where the rule came from
     a JAX state's leaves, the number it kept (1.0: adjusted), traced under ``jax.jit``."""
