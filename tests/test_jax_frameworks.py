@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
-from helpers import rel_diff
+from helpers import compilations, rel_diff
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
@@ -340,6 +340,41 @@ def test_nnx_labels_and_optax_masks_of_params_leave_the_process_as_it_was() -> N
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     for x, y in zip(train(lambda m: uo.adam(lr=1e-2)), before, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_state_set_up_from_nnx_params_is_placed_as_their_arrays() -> None:
+    """NNX sets a rule up from its Params: the whole-tree scalars of a state (Prodigy's
+    estimate, schedule-free's weight sum, Adafactor's and SOAP's...) asked the Param for its
+    device and were made committed beside uncommitted params, so the second jitted step was a
+    new signature and compiled again (a sweep's finding, 18 registry rules). Every array of
+    every registry rule's state set up from uncommitted Params is uncommitted, as the params;
+    an NNX training step compiles once."""
+    nnx = pytest.importorskip("flax.nnx")
+    from uniopt import registry
+
+    m = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), nnx.Linear(6, 6, rngs=nnx.Rngs(1)))
+    params = nnx.state(m, nnx.Param)
+    assert not any(x.committed for x in jax.tree.leaves(params))
+    for name in registry.names():
+        e = registry.entry(name)
+        rule = e.rule(**e.example)
+        if name == "muon":  # (matrices only: the biases to AdamW)
+            rule = e.rule(**{**e.example, "others": "adamw"})
+        state = uo.setup(rule, params)
+        committed = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
+                     and x.committed]
+        assert not committed, name
+    for rule in (uo.prodigy(), uo.schedule_free_adamw(lr=1e-3), uo.adafactor(lr=1e-2)):
+        opt = nnx.Optimizer(m, rule, wrt=nnx.Param)
+
+        @nnx.jit
+        def step(m: Any, opt: Any) -> None:
+            opt.update(m, nnx.grad(lambda m: jax.numpy.mean(m(jax.numpy.ones((2, 4))) ** 2))(m))
+
+        with compilations("step") as compiles:
+            for _ in range(3):
+                step(m, opt)
+        assert len(compiles) == 1, rule.name
 
 
 def test_an_nnx_optimizer_resumes_from_uo_load(tmp_path: Any) -> None:

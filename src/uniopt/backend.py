@@ -140,6 +140,12 @@ def device(x: Any) -> Any:
     one, or traced (the compiler places those). JAX hands a jitted step's outputs back
     committed when any input was: a slot made committed beside uncommitted params would make
     the second call's inputs differ from the first's, and compile the step a second time."""
+    if hasattr(type(x), "__jax_array__"):
+        # a framework's variable holding a JAX array (flax NNX's Param, which NNX sets a rule
+        # up from) is looked at as that array: asked of the variable, aac gave its device as
+        # of a committed array, and the state's scalars were made committed
+        inner = jax_array_of(x)
+        x = x if inner is None else inner
     if is_jax(x) and (_traced(x) or not x.committed):
         return None
     return aac.device(x)
