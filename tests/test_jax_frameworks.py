@@ -377,6 +377,39 @@ def test_a_state_set_up_from_nnx_params_is_placed_as_their_arrays() -> None:
         assert len(compiles) == 1, rule.name
 
 
+def test_an_nnx_optimizer_under_an_explicit_mesh_steps_as_optaxs() -> None:
+    """Under ``jax.set_mesh`` of a mesh of explicit axes (``jax.make_mesh``'s default), every
+    ``nnx.Optimizer`` with a uniopt rule failed at set-up: a zeros_like of a Param asked JAX to
+    abstract the Param, which it refuses (a sweep's finding). The state is made of the Params'
+    arrays; three jitted steps on 4 host devices are optax's AdamW's to float32 rounding."""
+    pytest.importorskip("flax")
+    out = _fresh("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import jax, jax.numpy as jnp, numpy as np, optax
+        from flax import nnx
+        import uniopt as uo
+
+        got = {}
+        with jax.set_mesh(jax.make_mesh((2, 2), ("data", "model"))):
+            for name, tx in (("optax", optax.adamw(1e-2)),
+                             ("uniopt", uo.adamw(lr=1e-2, weight_decay=1e-4))):
+                model = nnx.Linear(8, 16, rngs=nnx.Rngs(0))
+                opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+                @nnx.jit
+                def step(model, opt):
+                    opt.update(model, nnx.grad(
+                        lambda m: jnp.mean(m(jnp.ones((4, 8))) ** 2))(model))
+
+                for _ in range(3):
+                    step(model, opt)
+                got[name] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+        print(max(float(np.max(np.abs(a - b))) for a, b in zip(got["optax"], got["uniopt"])))
+    """)
+    assert float(out) < 1e-6
+
+
 def test_an_nnx_optimizer_resumes_from_uo_load(tmp_path: Any) -> None:
     """``opt.opt_state = uo.load(path, like=opt.opt_state)`` loaded bare arrays where NNX
     keeps OptArray variables, and the next ``opt.update`` failed inside flax ("Cannot set key
