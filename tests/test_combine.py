@@ -940,3 +940,24 @@ def test_an_empty_list_of_globs_selects_no_leaf() -> None:
     _, new = uo.update(state, p, g)
     np.testing.assert_array_equal(new["a"], p["a"] - 0.05)
     np.testing.assert_array_equal(new["b"], p["b"] - 0.2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda fn: uo.partition({"a": uo.sgd(lr=0.1), "b": uo.adam()}, fn),
+    lambda fn: uo.masked(uo.adam(), fn)], ids=["partition", "masked"])
+def test_an_optax_style_label_function_is_named_with_what_to_write(make: Any) -> None:
+    """optax's label and mask functions take the whole params tree; given one, the bare
+    "takes 1 positional argument but 2 were given" named neither the combinator nor what it
+    calls (a sweep's finding). A TypeError says both; a function of (path, leaf) that raises
+    a TypeError of its own raises it as it is."""
+    params = {"w": np.ones((2, 2)), "b": np.ones(2)}
+    with pytest.raises(TypeError, match=r"^(partition|masked): a (labels|mask) function is "
+                                        r"called as fn\(path, leaf\) for each leaf; "
+                                        r"'<lambda>' takes one argument"):
+        uo.setup(make(lambda params: params), params)
+
+    def broken(path: Any, leaf: Any) -> Any:
+        raise TypeError("my own")
+
+    with pytest.raises(TypeError, match="^my own$"):
+        uo.setup(make(broken), params)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import inspect
 import numbers
 import re
 from collections.abc import Mapping
@@ -123,7 +124,34 @@ def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any])
         return list(within)
     if isinstance(spec, tuple):
         return [_matches(spec, p) for p in paths]
-    return [spec(p, x) for p, x in zip(paths, leaves, strict=True)]
+    try:
+        return [spec(p, x) for p, x in zip(paths, leaves, strict=True)]
+    except TypeError:
+        if not _one_argument(spec):
+            raise
+        # (optax's label and mask functions take the whole params tree)
+        raise TypeError(
+            f"{owner}: a {what} function is called as fn(path, leaf) for each leaf; "
+            f"{getattr(spec, '__name__', spec)!r} takes one argument, as optax's take the "
+            f"whole params tree: write it of (path, leaf), or give its result for these "
+            f"params (a tree of them shaped like the params)") from None
+
+
+def _one_argument(fn: Any) -> bool:
+    """Whether ``fn`` takes exactly one positional argument."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    try:
+        sig.bind(None)
+    except TypeError:
+        return False
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        return True
+    return False
 
 
 @functools.lru_cache(maxsize=256)
