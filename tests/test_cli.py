@@ -904,6 +904,10 @@ def test_a_run_that_diverges_at_its_first_update_has_no_time_per_update(capsys, 
     rows = [ln for ln in capsys.readouterr().out.splitlines()
             if ln.startswith(f"{user_module}:cliff  ")]
     assert len(rows) == 2 and all(row.split()[-1] == "-" for row in rows), rows
+    # (a run of one update that did not diverge reports that update: the review's finding)
+    (one,) = _compare_json(capsys, "--steps", "1", "--rules", "adam", "--problems",
+                           "quadratic")["results"]
+    assert one["diverged_at"] is None and one["us_per_update"] > 0
 
 
 def test_a_rule_that_cannot_take_the_problem_says_so_before_running(capsys):

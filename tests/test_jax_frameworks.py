@@ -410,6 +410,33 @@ def test_an_nnx_optimizer_under_an_explicit_mesh_steps_as_optaxs() -> None:
     assert float(out) < 1e-6
 
 
+def test_an_equinox_module_that_passes_for_an_array_is_a_node() -> None:
+    """A parametrisation (an equinox module whose ``__jax_array__`` computes its array from a
+    field) is a node of the params whose field is stepped; the change that kept flax NNX's
+    Variables leaves took every class with ``__jax_array__`` for one (the review's finding:
+    "params['scale'] is a Positive, not an array"). Its field steps as the same array would
+    outside it, and the optax protocol keeps the node."""
+    eqx = pytest.importorskip("equinox")
+
+    class Positive(eqx.Module):  # type: ignore[misc,name-defined]
+        raw: Any
+
+        def __jax_array__(self) -> Any:
+            return jax.nn.softplus(self.raw)
+
+    params = {"scale": Positive(jax.numpy.zeros(2)), "w": jax.numpy.ones(2)}
+    assert [x.shape for x in uo.trainables(params)] == [(2,), (2,)]
+    grads = {"scale": Positive(jax.numpy.full(2, 0.5)), "w": jax.numpy.full(2, 0.25)}
+    state, p = uo.update(uo.setup(uo.adam(lr=0.1), params), params, grads)
+    bare = {"scale": jax.numpy.zeros(2), "w": jax.numpy.ones(2)}
+    _, want = uo.update(uo.setup(uo.adam(lr=0.1), bare), bare,
+                        {"scale": jax.numpy.full(2, 0.5), "w": jax.numpy.full(2, 0.25)})
+    np.testing.assert_array_equal(np.asarray(p["scale"].raw), np.asarray(want["scale"]))
+    tx = uo.adam(lr=0.1)
+    u, _ = tx.update(grads, tx.init(params), params)
+    assert isinstance(optax.apply_updates(params, u)["scale"], Positive)
+
+
 def test_an_nnx_optimizer_resumes_from_uo_load(tmp_path: Any) -> None:
     """``opt.opt_state = uo.load(path, like=opt.opt_state)`` loaded bare arrays where NNX
     keeps OptArray variables, and the next ``opt.update`` failed inside flax ("Cannot set key

@@ -18,6 +18,7 @@ import itertools
 import math
 import operator
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
@@ -2204,7 +2205,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
             f"this state was not set up for {rule!r}: its rule is "
             f"{getattr(state, 'rule', state)!r}"
         )
-    rule = _adjusted_values(rule, state.rule)
+    rule, kept = _adjusted_values(rule, state.rule)
     if params is None and any(p.uses_params for p in rule.flat_parts):
         reads = next(p.name for p in rule.flat_parts if p.uses_params)
         raise ValueError(f"{rule.name}: its update needs params ({reads} reads them)")
@@ -2240,7 +2241,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     negate = makes_step(rule)
     updates = [_as_new_array(-u if negate else u, g, (g,))
                for u, g in zip(deltas, step.grads, strict=True)]
-    new = State(rule, _next_step(state.step), _new_slots(state, slots, step), state.treedef,
+    new = State(kept, _next_step(state.step), _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     return unflatten(step.treedef, updates), new
 
@@ -2270,40 +2271,43 @@ def _restored(state: State) -> bool:
 _NUMPY_COUNTER = (np.ndarray, np.generic)
 
 
-def _adjusted_values(rule: Transform, own: Transform) -> Transform:
-    """The rule the optax protocol steps with: the transformation it was handed, ``rule``, or
-    where :func:`adjust` set the state's numbers, the state's rule ``own`` (which stays the
-    state's, so later steps keep its numbers). Under ``jax.jit`` whether the state was adjusted
-    is a traced number: each of the rule's numbers is chosen by it, where the two rules have
-    one skeleton (an adjust that gave a schedule for a number is not seen there)."""
+def _adjusted_values(rule: Transform, own: Transform) -> tuple[Transform, Transform]:
+    """The rule the optax protocol steps with, and the one the state it hands back keeps: the
+    transformation it was handed, ``rule``, or where :func:`adjust` set the state's numbers,
+    the state's rule ``own`` (which stays the state's, so later steps keep its numbers). Under
+    ``jax.jit`` whether the state was adjusted is a traced number: each of the rule's numbers
+    is chosen by it, where the two rules have one skeleton (an adjust that gave a schedule for
+    a number is not seen there)."""
     flag = adjusted(own)
     if flag is False or rule is own:
-        return rule
+        return rule, rule
     if not _traced(flag):
         # (a number a jitted step handed back, read inside another trace: lax.cond's, as
         # optax.apply_if_finite steps, makes even that read a traced value)
         flag = on_host(flag)
         if not _traced(flag):
-            return own if flag else rule
+            return (own, own) if flag else (rule, rule)
     values, skeleton = flatten_rule(rule)
     theirs, own_skeleton = flatten_rule(own)
     if own_skeleton != skeleton:
-        # which one steps is a traced number, and the two are programs of other forms. It was
-        # a warning, the transformation's numbers stepping: the state came back in the
-        # transformation's form, which flax NNX wrote into the adjusted state's leaves by
-        # position (every number a slot off, saved so by uo.save)
-        raise TypeError(
-            f"uniopt: under jax.jit the optax protocol steps a state with the numbers of the "
-            f"transformation it is called on ({rule.name}) or, where uo.adjust set them, with "
-            "the state's own, which must then be of one form: this adjust "
+        # which one steps is a traced number, and the two are programs of other forms (or
+        # hold callables that are not one object: an optax schedule made again): said where
+        # the step is traced (once per compile), not left silent. The state goes back with its
+        # own rule, its leaves as they came: given back in the transformation's form, flax
+        # NNX wrote them into the adjusted state's leaves by position (every number a slot
+        # off, and uo.save kept that)
+        warnings.warn(
+            f"uniopt: under jax.jit the optax protocol steps with the numbers of the "
+            f"transformation it is called on ({rule.name}), not the state's: a uo.adjust that "
             "changed a hyperparameter's form (a schedule for a number, a number for a "
-            "schedule, another schedule). Adjust it to a value of the same form, step with "
-            "uo.update, or make the optimizer again with the new rule (docs/optax.md)")
+            "schedule, another schedule) is seen by uo.update only (docs/optax.md)",
+            stacklevel=3)
+        return rule, own
     xp = backend.namespace(flag)
     mixed = unflatten_rule(skeleton, [xp.where(flag != 0, on_host(b), on_host(a))
                                       for a, b in zip(values, theirs, strict=True)])
     mixed.memo["adjusted"] = flag
-    return mixed
+    return mixed, mixed
 
 
 def _protocol_pairs(rule: Transform, state: State, step: _Step,

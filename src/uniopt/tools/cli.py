@@ -399,7 +399,9 @@ def run_one(
         optimum=optimum,
         steps_to_tol=hit,
         diverged_at=diverged_at,
-        us_per_update=float(np.median(times[1:])) * 1e6 if times[1:] else None,
+        # (a run of one update reports it; one that diverged at its first, none)
+        us_per_update=(None if diverged_at == 1 else
+                       float(np.median(times[1:] or times)) * 1e6),
         seed=seed,
         hyperparameters={k: _json_value(v) for k, v in run.spec.hyper.items()},
         lr_text=run.lr_text,
