@@ -437,6 +437,43 @@ def test_an_equinox_module_that_passes_for_an_array_is_a_node() -> None:
     assert isinstance(optax.apply_updates(params, u)["scale"], Positive)
 
 
+def test_nnx_functional_style_keeps_its_params(tmp_path: Any) -> None:
+    """``nnx.split(model, nnx.Param, ...)`` gives a State of Params: ``uo.update`` handed the
+    params back as bare arrays and the optax protocol its updates so (optax's are Params), so
+    ``optax.apply_updates`` and a ``lax.scan`` carry changed structure and a jitted step got a
+    second cache entry (a sweep's and a review's finding). Both hand back Params, as given;
+    a scan of 5 steps is the loop of 5, and the protocol's run is uo.update's."""
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.numpy.ones((2, 8))
+    rule = uo.adamw(lr=1e-2)
+
+    def grad(p: Any) -> Any:
+        return jax.grad(lambda p: jax.numpy.sum(nnx.merge(gd, p, rest)(x) ** 2))(p)
+
+    @jax.jit
+    def step(s: Any, p: Any) -> Any:
+        return uo.update(s, p, grad(p))
+
+    s, p = uo.setup(rule, params), params
+    for _ in range(5):
+        s, p = step(s, p)
+    assert jax.tree.structure(p) == jax.tree.structure(params)
+    assert step._cache_size() == 1
+    scanned = jax.lax.scan(lambda c, _: (step(*c), None), (uo.setup(rule, params), params),
+                           None, length=5)[0][1]
+    st, q = rule.init(params), params
+    for _ in range(5):
+        u, st = rule.update(grad(q), st, q)
+        q = optax.apply_updates(q, u)
+    assert type(u["kernel"]) is type(params["kernel"])
+    for a, b, c in zip(jax.tree.leaves(scanned), jax.tree.leaves(q), jax.tree.leaves(p),
+                       strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6)
+
+
 def test_an_nnx_optimizer_resumes_from_uo_load(tmp_path: Any) -> None:
     """``opt.opt_state = uo.load(path, like=opt.opt_state)`` loaded bare arrays where NNX
     keeps OptArray variables, and the next ``opt.update`` failed inside flax ("Cannot set key

@@ -45,7 +45,7 @@ from .hyper import _traced, did_you_mean, on_host
 from .interop import dtensor
 from .interop.jax import adjusted, flatten_rule, register_state, rewrapped, unflatten_rule
 from .state import AnyParams, State, stepped
-from .tree import NAMESPACE, flatten_leaves, flatten_named, unflatten
+from .tree import NAMESPACE, flatten_leaves, flatten_named, is_variable, unflatten
 
 # the names of an engine call's leaves where its caller knows them better than the flat list's
 # "params[i]" it is handed: uniopt.torch names a parameter by its index in its group (a run of
@@ -1726,6 +1726,9 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
         if converted is not None:
             params, state = converted
     new, out = _pure(state, params, grads, value, extra)
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(params, nnx.State):
+        out = _held_as(params, out)
     # what a whole-tree part handed on as it was, or as a view of it, copied: nothing returned
     # aliases an input (a tree state, a member's state that did not step in a chain); the
     # slots are new arrays where they are made (_as_new_array), and a combinator taking the
@@ -2243,7 +2246,25 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
                for u, g in zip(deltas, step.grads, strict=True)]
     new = State(kept, _next_step(state.step), _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
-    return unflatten(step.treedef, updates), new
+    out = unflatten(step.treedef, updates)
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(grads, nnx.State):
+        out = _held_as(grads, out)  # (optax's updates of NNX's Params are Params)
+    return out, new
+
+
+def _held_as(like: Any, tree: Any) -> Any:
+    """``tree`` (new arrays at the leaves of ``like``) with each array that ``like`` holds in
+    a flax NNX Variable held in one as ``like``'s (NNX's functional style, ``nnx.split``: a
+    State of Params in, a State of Params out, as optax's updates are; bare arrays changed a
+    ``lax.scan`` carry's structure and gave a jitted step a second cache entry)."""
+    import jax
+
+    def held(x: Any) -> bool:
+        return is_variable(type(x))
+
+    return jax.tree.map(lambda v, x: v.replace(value=x) if held(v) else x, like, tree,
+                        is_leaf=held)
 
 
 def _numpy_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State] | None:

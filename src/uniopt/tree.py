@@ -62,7 +62,7 @@ def _unwrapped(tree: Any) -> Any:
     return out if changed else None
 
 
-def _is_variable(cls: type) -> bool:
+def is_variable(cls: type) -> bool:
     """Whether ``cls`` is a framework's variable that holds one value and passes for it (flax
     NNX's ``Variable``: ``__jax_array__`` and ``get_value``); an equinox module that defines
     ``__jax_array__`` (a parametrisation: its array computed from fields) is a node."""
@@ -70,7 +70,7 @@ def _is_variable(cls: type) -> bool:
 
 
 def _holds_no_array(x: Any) -> bool:
-    return _is_variable(type(x)) and not hasattr(x.get_value(), "shape")
+    return is_variable(type(x)) and not hasattr(x.get_value(), "shape")
 
 
 _UNWRAP = object()  # _adopt_jax_nodes: a Variable holds no array
@@ -113,7 +113,7 @@ def _adopt_jax_nodes(leaves: list[Any]) -> Any:
         cls = type(leaf)
         if cls in _NOT_NODES or cls in new or hasattr(leaf, "__array_namespace__"):
             continue
-        if _is_variable(cls):
+        if is_variable(cls):
             # (flax NNX's Variable, an array's wrapper, is never made a node: one that held a
             # label made a node of its type for every later tree of the process, and the
             # Params NNX sets a rule up from no longer matched the arrays it steps)
