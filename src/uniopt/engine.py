@@ -2319,9 +2319,11 @@ def _adjusted_values(rule: Transform, own: Transform) -> tuple[Transform, Transf
         # off, and uo.save kept that)
         warnings.warn(
             f"uniopt: under jax.jit the optax protocol steps with the numbers of the "
-            f"transformation it is called on ({rule.name}), not the state's: a uo.adjust that "
-            "changed a hyperparameter's form (a schedule for a number, a number for a "
-            "schedule, another schedule) is seen by uo.update only (docs/optax.md)",
+            f"transformation it is called on ({rule.name}), not the state's, whose rule is of "
+            "another form: a uo.adjust that changed a hyperparameter's form (a schedule for a "
+            "number, a number for a schedule, another schedule) is seen by uo.update only; "
+            "an optimizer made again with a new optax schedule or member (compared as "
+            "objects) steps as it did, with its own numbers (docs/optax.md)",
             stacklevel=3)
         return rule, own
     xp = backend.namespace(flag)
