@@ -21,6 +21,7 @@ except ImportError:  # NumPy 1.26
     byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # noqa: NPY201
 
 from .hyper import _traced
+from .tree import is_variable
 
 # an array's namespace, by its exact type: array_api_compat's lookup walks every library's
 # checks (array-api-strict's also resets its flags), and the reference path asks per leaf. The
@@ -140,12 +141,11 @@ def device(x: Any) -> Any:
     one, or traced (the compiler places those). JAX hands a jitted step's outputs back
     committed when any input was: a slot made committed beside uncommitted params would make
     the second call's inputs differ from the first's, and compile the step a second time."""
-    if hasattr(type(x), "__jax_array__"):
-        # a framework's variable holding a JAX array (flax NNX's Param, which NNX sets a rule
-        # up from) is looked at as that array: asked of the variable, aac gave its device as
-        # of a committed array, and the state's scalars were made committed
-        inner = jax_array_of(x)
-        x = x if inner is None else inner
+    if hasattr(type(x), "__jax_array__"):  # (a C look first: no call for an array)
+        # a flax NNX Param, which NNX sets a rule up from, is looked at as its array: asked of
+        # the Param, aac gave its device as of a committed array, and the state's scalars
+        # were made committed
+        x = held_array(x)
     if is_jax(x) and (_traced(x) or not x.committed):
         return None
     return aac.device(x)
@@ -266,6 +266,15 @@ def is_jax(x: Any) -> bool:
 # type seen before its library was imported is not one of its arrays): asked per leaf and slot
 _JAX_TYPES: dict[type, bool] = {}
 _TORCH_TYPES: dict[type, bool] = {}
+
+
+def held_array(x: Any) -> Any:
+    """The JAX array a framework's variable holds (flax NNX's Param, :func:`uniopt.tree.
+    is_variable`), else ``x``."""
+    if not is_variable(type(x)):
+        return x
+    inner = jax_array_of(x)
+    return x if inner is None else inner
 
 
 def jax_array_of(x: Any) -> Any:

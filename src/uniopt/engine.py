@@ -247,11 +247,11 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     if not isinstance(rule, Transform):
         raise TypeError(f"setup: expected a uniopt rule or transform, got {rule!r}")
     leaves, treedef, names = _leaves(params)
-    if any(hasattr(type(x), "__jax_array__") for x in leaves):
+    if any(is_variable(type(x)) for x in leaves):
         # flax NNX sets a rule up from its Params: the state is made of their arrays (a
         # zeros_like of a Param under an explicit mesh asks JAX to abstract the Param itself,
         # which it refuses)
-        leaves = [_held_array(x) for x in leaves]
+        leaves = list(map(backend.held_array, leaves))
         params = unflatten(treedef, leaves)
     traced = _traced_fixed(rule)
     if traced:
@@ -319,14 +319,6 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         step = backend.placed(xp.asarray(0, dtype=xp.int32), first)
         trees = _counted_like(trees, first)
     return State(rule, step, slots, treedef, state_dtype, trees)
-
-
-def _held_array(x: Any) -> Any:
-    """The JAX array a framework's variable holds (an NNX Param), else ``x``."""
-    if not hasattr(type(x), "__jax_array__"):
-        return x
-    inner = backend.jax_array_of(x)
-    return x if inner is None else inner
 
 
 def _counted_like(tree: Any, first: Any) -> Any:

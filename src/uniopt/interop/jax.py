@@ -32,6 +32,7 @@ from ..backend import placed, placement
 from ..base import Transform, assemble, chain, held_nonzero
 from ..hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host
 from ..state import State
+from ..tree import is_variable
 
 
 def _members_of(v: Any) -> tuple[Transform, ...] | None:
@@ -277,22 +278,11 @@ def rewrapped(old: State, new: State) -> State:
     back, a bare array among them failed the next update (flax: "Cannot set key 3 on
     immutable node of type State")."""
     lazy = old.__dict__.get("_lazy_rule")
-    # (such a variable passes for an array: it hands on its value's attributes; no array has
-    # a replace method and a value)
-    if lazy is None or not (callable(getattr(lazy[2], "replace", None))
-                            and hasattr(lazy[2], "value")):
+    if lazy is None or not _wrapper(lazy[2]):
         return new
     (step, slots, trees, numbers, counts), static = _flatten_state(new)
     return _unflatten_state(static, (step, slots, trees, lazy[2].replace(value=numbers),
                                      counts))
-
-
-def _wrapper(x: Any) -> bool:
-    """Whether ``x`` is a framework's variable holding an array (NNX's ``OptArray``: it passes
-    for an array, handing on its value's attributes; no array has a replace method and a
-    get_value)."""
-    return (callable(getattr(x, "replace", None)) and callable(getattr(x, "get_value", None))
-            and not isinstance(x, (State, tuple, list, dict)))
 
 
 def rewrapped_as(like: State, new: State) -> State:
@@ -318,6 +308,12 @@ def rewrapped_as(like: State, new: State) -> State:
     return _unflatten_state(static, (
         wrap(like.step, step), wrap(like.slots, slots), wrap(like.tree_states, trees),
         lazy[2].replace(value=numbers), wrap(like.counts, counts)))
+
+
+def _wrapper(x: Any) -> bool:
+    """Whether ``x`` is a framework's variable holding the state's array (NNX's ``OptArray``,
+    which passes for the array it holds), :meth:`replace`-d with a new value."""
+    return is_variable(type(x))
 
 
 def adjusted(rule: Transform) -> Any:
