@@ -21,7 +21,6 @@ except ImportError:  # NumPy 1.26
     byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # noqa: NPY201
 
 from .hyper import _traced
-from .tree import is_variable
 
 # an array's namespace, by its exact type: array_api_compat's lookup walks every library's
 # checks (array-api-strict's also resets its flags), and the reference path asks per leaf. The
@@ -268,9 +267,16 @@ _JAX_TYPES: dict[type, bool] = {}
 _TORCH_TYPES: dict[type, bool] = {}
 
 
+def is_variable(cls: type) -> bool:
+    """Whether ``cls`` is a framework's variable that holds one value and passes for it (flax
+    NNX's ``Variable``: ``__jax_array__`` and ``get_value``); an equinox module that defines
+    ``__jax_array__`` (a parametrisation: its array computed from fields) is a node."""
+    return hasattr(cls, "__jax_array__") and callable(getattr(cls, "get_value", None))
+
+
 def held_array(x: Any) -> Any:
-    """The JAX array a framework's variable holds (flax NNX's Param, :func:`uniopt.tree.
-    is_variable`), else ``x``."""
+    """The JAX array a framework's variable holds (flax NNX's Param, :func:`is_variable`),
+    else ``x``."""
     if not is_variable(type(x)):
         return x
     inner = jax_array_of(x)

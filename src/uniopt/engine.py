@@ -28,6 +28,7 @@ import numpy as np
 import optree
 
 from . import backend, fast, quant
+from .backend import is_variable
 from .base import (
     Combinator,
     Elementwise,
@@ -45,7 +46,7 @@ from .hyper import _traced, did_you_mean, on_host
 from .interop import dtensor
 from .interop.jax import adjusted, flatten_rule, register_state, rewrapped, unflatten_rule
 from .state import AnyParams, State, stepped
-from .tree import NAMESPACE, flatten_leaves, flatten_named, is_variable, unflatten
+from .tree import NAMESPACE, flatten_leaves, flatten_named, unflatten
 
 # the names of an engine call's leaves where its caller knows them better than the flat list's
 # "params[i]" it is handed: uniopt.torch names a parameter by its index in its group (a run of

@@ -17,6 +17,8 @@ from typing import Any
 
 import optree
 
+from .backend import is_variable
+
 NAMESPACE = "uniopt"
 
 
@@ -60,13 +62,6 @@ def _unwrapped(tree: Any) -> Any:
 
     out = jax.tree.map(open_, tree, is_leaf=_holds_no_array)
     return out if changed else None
-
-
-def is_variable(cls: type) -> bool:
-    """Whether ``cls`` is a framework's variable that holds one value and passes for it (flax
-    NNX's ``Variable``: ``__jax_array__`` and ``get_value``); an equinox module that defines
-    ``__jax_array__`` (a parametrisation: its array computed from fields) is a node."""
-    return hasattr(cls, "__jax_array__") and callable(getattr(cls, "get_value", None))
 
 
 def _holds_no_array(x: Any) -> bool:

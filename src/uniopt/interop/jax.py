@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 
 from .. import backend
-from ..backend import placed, placement
+from ..backend import is_variable, placed, placement
 from ..base import Transform, assemble, chain, held_nonzero
 from ..hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host
 from ..state import State
-from ..tree import is_variable
 
 
 def _members_of(v: Any) -> tuple[Transform, ...] | None:
