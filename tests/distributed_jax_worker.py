@@ -165,6 +165,7 @@ def mesh_run() -> dict[str, Any]:
     }
     # a combinator's counters beside sharded params (placed as they are: compiled once)
     out["skip"] = {"mesh": run(uo.skip_nonfinite(uo.sgd(lr=1e-2)), 4, True)}
+    out["automatic"] = automatic_run()
     # per-tensor norms (trust ratios) of sharded leaves
     for name, rule in {"lamb": uo.lamb(lr=1e-2, weight_decay=1e-2),
                        "lars": uo.lars(lr=1e-2, momentum=0.9, weight_decay=1e-3)}.items():
@@ -293,6 +294,40 @@ def mesh_run() -> dict[str, Any]:
         ref = uo.update_(ref, plain, g)
     out["q8-replicated"] = max(float(np.max(np.abs(np.asarray(replicated[k]) - plain[k])))
                                for k in plain)
+    return out
+
+
+def automatic_run() -> dict[str, Any]:
+    """A mesh of automatic axes (``Mesh(devices, names)``, not ``jax.make_mesh``'s explicit
+    ones), params split along it: per rule, jit's cache entries after three jitted steps, with
+    and without donation. The state's own arrays (the rule's numbers, a combinator's counters)
+    were set up spelled ``P(None,)``; jit hands a replicated array back from such a mesh spelled
+    ``P()``, and the second call was a second entry."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import uniopt as uo
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    params = {"w": jax.device_put(jnp.ones((16, 8)), NamedSharding(mesh, P("data"))),
+              "b": jax.device_put(jnp.ones((8,)), NamedSharding(mesh, P("data")))}
+    grads = {k: v * 0.1 for k, v in params.items()}
+    rules = {"adam": uo.adam(lr=1e-2), "skip": uo.skip_nonfinite(uo.sgd(lr=1e-2)),
+             "clip-adamw": uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2)),
+             "plateau": uo.chain(uo.adam(lr=1e-2), uo.reduce_on_plateau())}
+    out: dict[str, Any] = {}
+    for name, rule in rules.items():
+        for donate in ((), (0, 1)):
+            p = {k: v.copy() for k, v in params.items()}
+            state = uo.setup(rule, p)
+            step = jax.jit(lambda s, p, g: uo.update(s, p, g, value=1.0),
+                           donate_argnums=donate)
+            for _ in range(3):
+                state, p = step(state, p, grads)
+            out[f"{name}{' donated' if donate else ''}"] = step._cache_size()
     return out
 
 

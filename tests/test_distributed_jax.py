@@ -61,6 +61,15 @@ def test_a_combinators_counters_beside_sharded_params_compile_once(
     assert (run["traces"], run["compiles"], run["cache"]) == (1, 1, 1)
 
 
+def test_a_mesh_of_automatic_axes_keeps_one_cache_entry(mesh: dict[str, Any]) -> None:
+    """On a mesh made with ``Mesh(...)`` (automatic axes) the state's own replicated arrays
+    were set up spelled otherwise than jit hands them back: every rule's second jitted call
+    was a second entry in jit's cache."""
+    assert mesh["automatic"] == {f"{name}{d}": 1 for name in ("adam", "skip", "clip-adamw",
+                                                              "plateau")
+                                 for d in ("", " donated")}
+
+
 @pytest.mark.parametrize("name", ["adamw-clip", "lamb", "lars"])
 def test_a_sharded_step_keeps_the_layout_and_compiles_once(mesh: dict[str, Any],
                                                           name: str) -> None:

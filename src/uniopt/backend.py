@@ -181,8 +181,12 @@ def placed(x: Any, like: Any) -> Any:
 
     if not isinstance(where, jax.sharding.Mesh):
         return jax.device_put(x, where)
-    # every axis named None, as the outputs of jit name a replicated array's
-    spec = jax.sharding.PartitionSpec(*([None] * np.ndim(x)))
+    # spelled as a jitted step spells a replicated output, so that the next call's argument is
+    # the same signature, not a second entry in jit's cache: on a mesh of explicit axes
+    # (jax.make_mesh's default) by its type, each axis named None; on one of automatic axes
+    # (Mesh(...)) as XLA's layout is read back, P()
+    spec = (jax.sharding.PartitionSpec(*([None] * np.ndim(x)))
+            if getattr(where, "explicit_axes", ()) else jax.sharding.PartitionSpec())
     return jax.device_put(x, jax.sharding.NamedSharding(where, spec))
 
 
