@@ -350,3 +350,48 @@ def test_shampoo_blocks_are_separate_leaves() -> None:
     state = uo.setup(rule, {"w": params["w"]})
     packed = sum(r * r + c * c for r in (3, 2) for c in (3, 3, 1))  # each block's two factors
     assert state.slots["scale_by_shampoo.pre_cond"][0].shape == (packed,)
+
+
+@pytest.mark.parametrize("rule", [
+    uo.chain(uo.trace(0.9), uo.shampoo(1e-2)),
+    uo.soap(lr=1e-2),
+    uo.galore(lr=1e-2, rank=2),
+], ids=["trace-shampoo", "soap", "galore"])
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_a_non_finite_gradient_takes_a_matrix_rule_to_nan_on_every_library(
+        rule: uo.Transform, library: str) -> None:
+    """A NaN gradient made NumPy's and torch's eigendecomposition (SVD) raise partway through
+    ``update_``: the leaves before it stepped (and, with 20 leaves, a chained elementwise
+    part's slots written in place for all of them), no count advanced, and every later step
+    raised again. Now it goes to NaN as under JAX (whose solvers return NaN) and as every
+    elementwise rule does: the whole step is taken, the bad leaf's parameter has JAX's NaNs,
+    the other leaves are the clean run's."""
+    jnp = pytest.importorskip("jax.numpy")
+    to = {"numpy": np.array, "torch": torch.tensor}[library]
+    rng = np.random.default_rng(0)
+    shapes = {f"w{i:02d}": (6 + i % 3, 5) for i in range(20)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(3)]
+    bad = [dict(g) for g in grads]
+    bad[0]["w07"] = grads[0]["w07"].copy()
+    bad[0]["w07"][2, 3] = np.nan  # at the first step: every rule decomposes then
+
+    def run(gs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        ps = {k: to(v.copy()) for k, v in params.items()}
+        state = uo.setup(rule, ps)
+        for g in gs:
+            state = uo.update_(state, ps, {k: to(v) for k, v in g.items()})
+        assert int(state.step) == len(gs)
+        return {k: np.asarray(v) for k, v in ps.items()}
+
+    got, clean = run(bad), run(grads)
+    for k in shapes:
+        if k != "w07":
+            np.testing.assert_array_equal(got[k], clean[k])
+    # JAX's solvers: the same NaNs
+    js = {k: jnp.asarray(v) for k, v in params.items()}
+    state = uo.setup(rule, js)
+    for g in bad:
+        state, js = uo.update(state, js, {k: jnp.asarray(v) for k, v in g.items()})
+    assert {k for k, v in js.items() if np.isnan(np.asarray(v)).any()} == {"w07"}
+    np.testing.assert_array_equal(np.isnan(got["w07"]), np.isnan(np.asarray(js["w07"])))

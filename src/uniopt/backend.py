@@ -247,6 +247,25 @@ def gathered(x: Any) -> Any:
                                                               jax.sharding.PartitionSpec()))
 
 
+def decomposed(decompose: Callable[[Any], Any], a: Any) -> tuple[Any, ...]:
+    """``decompose(a)``, a LAPACK decomposition of matrix ``a`` (eigh, qr, svd), as a tuple;
+    where it does not converge (NumPy's and torch's ``LinAlgError``: ``a`` holds a NaN or an
+    infinity) its results all NaN, as JAX's are. So a non-finite gradient takes a matrix rule
+    (Shampoo, SOAP, GaLore) to NaN on every library, as it takes every elementwise rule, and a
+    step never stops partway: one that raised here had stepped the leaves before this one, and
+    the slots of an elementwise part before it written in place."""
+    try:
+        return tuple(decompose(a))
+    except _lapack_errors():
+        return tuple(x * float("nan") for x in decompose(namespace(a).zeros_like(a)))
+
+
+def _lapack_errors() -> tuple[type[BaseException], ...]:
+    torch = sys.modules.get("torch")
+    return (np.linalg.LinAlgError,) if torch is None else (np.linalg.LinAlgError,
+                                                          torch.linalg.LinAlgError)
+
+
 def is_array(x: Any) -> bool:
     return type(x) in _NAMESPACES or bool(aac.is_array_api_obj(x))
 

@@ -8,6 +8,7 @@ the arithmetic is written once) on the low-rank gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -201,7 +202,8 @@ class scale_by_galore(WholeTree):
 
         def svd() -> Any:
             a = xp.astype(g2, xp.float32) if self.svd_in_float32 else g2
-            left, _, right = xp.linalg.svd(a, full_matrices=False)
+            left, _, right = backend.decomposed(
+                functools.partial(xp.linalg.svd, full_matrices=False), a)
             vectors = left[:, :r] if plan.left else right[:r, :].T
             return xp.astype(vectors, g2.dtype)
 

@@ -201,10 +201,10 @@ class scale_by_soap(PerLeaf):
             v = xp.take(v, order, axis=i)
             y = xp.take(sq, order, axis=1)
             if self.qr_dtype is not None and y.dtype != getattr(xp, self.qr_dtype):
-                out.append(xp.astype(xp.linalg.qr(xp.astype(y, getattr(xp, self.qr_dtype)))[0],
-                                     y.dtype))
+                wide = xp.astype(y, getattr(xp, self.qr_dtype))
+                out.append(xp.astype(backend.decomposed(xp.linalg.qr, wide)[0], y.dtype))
             else:
-                out.append(xp.linalg.qr(y)[0])
+                out.append(backend.decomposed(xp.linalg.qr, y)[0])
         return (v, *out)
 
 
@@ -219,7 +219,7 @@ def _eigenbasis(xp: Any, s: Any) -> Any:
     # solvers that need it; it vanishes beside any other entry); columns by descending eigenvalue
     n = s.shape[0]
     shift = xp.eye(n, dtype=s.dtype, device=backend.device(s)) * 1e-30
-    return xp.flip(xp.linalg.eigh(s + shift)[1], axis=1)
+    return xp.flip(backend.decomposed(xp.linalg.eigh, s + shift)[1], axis=1)
 
 
 def _unpack(xp: Any, flat: Any, sides: list[int | None]) -> list[Any]:
@@ -497,7 +497,7 @@ def _inverse_root(xp: Any, h: Any, power: float, floor: Any) -> Any:
     rounding (with a spread beyond the dtype's precision, a rank-deficient sum's null space
     comes out of eigh at +-1e-7 of the largest in float32, negative, and its root NaN), and is
     taken as ``floor``."""
-    w, v = xp.linalg.eigh(h)
+    w, v = backend.decomposed(xp.linalg.eigh, h)
     return (v * xp.maximum(w, floor)**power) @ xp.matrix_transpose(v)
 
 
