@@ -1944,6 +1944,14 @@ def mismatched_states() -> Iterator[tuple[str, Callable[[dict[str, Any]], Any], 
     def bad_value(sd: dict[str, Any]) -> None:
         sd["param_groups"][1]["betas"] = (0.9, 1.5)
 
+    def step_only(sd: dict[str, Any]) -> None:
+        # (was loaded: the moments restarted from zero, the count went on)
+        sd["state"][2] = {"step": sd["state"][2]["step"]}
+
+    def no_lr(sd: dict[str, Any]) -> None:
+        # (was loaded: the constructor's lr took the saved group's place)
+        del sd["param_groups"][1]["lr"]
+
     yield "groups", drop_group, "the state has 1 parameter groups, this optimizer has 2"
     yield "sizes", drop_param, "parameter group 1 of the state has 0 parameters, this optimizer's"
     yield "shapes", reshape, (r"the state of parameter 1 \(group 0, position 1\) has exp_avg of "
@@ -1951,6 +1959,8 @@ def mismatched_states() -> Iterator[tuple[str, Callable[[dict[str, Any]], Any], 
     yield "slots", foreign, r"has slots \['momentum_buffer'\] that Adam does not keep"
     yield "partial", partial, r"lacks the slots \['exp_avg_sq'\]"
     yield "values", bad_value, r"parameter group 1 of the state: adam: betas\[1\] must be in"
+    yield "step-only", step_only, r"lacks the slots \['exp_avg', 'exp_avg_sq'\]"
+    yield "no-lr", no_lr, r"parameter group 1 of the state lacks \['lr'\]"
 
 
 @pytest.mark.parametrize(("what", "corrupt", "message"), list(mismatched_states()),
@@ -1966,6 +1976,31 @@ def test_load_state_dict_mismatches_change_nothing(
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(sd)
     assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "NAdam",
+                                  "RAdam", "Adamax", "ASGD", "Rprop", "Adadelta", "Adafactor",
+                                  "Muon", "LBFGS", "SparseAdam"])
+def test_a_saved_group_without_its_lr_is_refused_without_a_flag_is_not(name: str) -> None:
+    """A saved group lacking a hyperparameter loaded with the constructor's value in its place
+    (torch's next step raises a KeyError); one lacking a flag takes its default, as torch's
+    ``__setstate__`` fills in the flags older releases did not save."""
+    cls = getattr(ut, name)
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = cls([p], lr=0.5)
+    saved = cls([nn.Parameter(torch.randn(4, 3))], lr=0.25).state_dict()
+    group = dict(saved["param_groups"][0])
+    del group["lr"]
+    with pytest.raises(ValueError, match=rf"{name}.load_state_dict: parameter group 0 of the "
+                                         r"state lacks \['lr'\]; nothing was loaded"):
+        opt.load_state_dict({**saved, "param_groups": [group]})
+    assert opt.param_groups[0]["lr"] == 0.5
+    flags = [k for k, v in group.items() if isinstance(v, (bool, type(None)))]
+    assert flags, group
+    group = {**saved["param_groups"][0]}
+    del group[flags[0]]
+    opt.load_state_dict({**saved, "param_groups": [group]})
+    assert opt.param_groups[0]["lr"] == 0.25
 
 
 def test_a_generic_optimizer_rejects_a_named_classes_state() -> None:

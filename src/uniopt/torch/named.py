@@ -42,6 +42,7 @@ from ..rules.sparse_adam import sparse_adam
 from ..state import State
 from . import plans
 from .optimizer import Optimizer, field, plain
+from .state_dict import check_group_keys
 
 # torch's options that are not hyperparameters of a rule, with torch's defaults: kept in the
 # param groups so that states load into torch; fused changes nothing, foreach=True and
@@ -455,6 +456,7 @@ class LBFGS(_Named, torch.optim.LBFGS):
         if not isinstance(groups, list) or len(groups) != 1 or "state" not in state_dict:
             raise ValueError(f"{where}: expected the state_dict of an LBFGS (one parameter "
                              "group); nothing was loaded")
+        check_group_keys(where, 0, groups[0], self.defaults)
         ps = self.param_groups[0]["params"]
         if len(groups[0]["params"]) != len(ps):
             raise ValueError(f"{where}: the state has {len(groups[0]['params'])} parameters, "

@@ -52,6 +52,7 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 f"{where}: parameter group {gi} of the state has {len(s['params'])} "
                 f"parameters, this optimizer's has {len(g['params'])}; nothing was loaded"
             )
+        check_group_keys(where, gi, s, opt.defaults)
         values = {**opt.defaults, **{k: v for k, v in s.items() if k != "params"}}
         try:
             rule = opt._group_rule(values)
@@ -87,7 +88,7 @@ def check_loadable(opt: Loading, sd: Any) -> None:
         expected = {name: shapes.get(key) for key, name in opt._slot_names(rule)}
         names = {name for name, shape in expected.items() if shape is not None}
         needed = sorted(names - set(st) - {"momentum_buffer"})
-        if needed and set(st) - {"step"}:
+        if needed:
             raise ValueError(f"{where}: {what} lacks the slots {needed}; nothing was loaded")
         for name, v in st.items():
             # (a whole-tree part's state, kept by the group's first parameter: any tree)
@@ -120,6 +121,20 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 f"but {owner[next(iter(steps))][3].name} steps a group's parameters together; "
                 "nothing was loaded"
             )
+
+
+def check_group_keys(where: str, gi: int, saved: dict[str, Any], defaults: dict[str, Any]
+                     ) -> None:
+    """Raise where saved group ``gi`` lacks a hyperparameter (a number, tuple, tensor or
+    schedule among ``defaults``): the constructor's default would be taken in its place and the
+    run resume with other numbers (torch's step raises a KeyError). A missing flag (a bool,
+    None, a name) takes the default, as torch's ``__setstate__`` fills in the flags older
+    releases did not save."""
+    lacks = sorted(k for k, v in defaults.items()
+                   if k not in saved and not isinstance(v, (bool, str, type(None))))
+    if lacks:
+        raise ValueError(f"{where}: parameter group {gi} of the state lacks {lacks}; nothing "
+                         "was loaded")
 
 
 def _step_count(x: Any) -> int | None:
