@@ -3105,3 +3105,32 @@ def test_a_later_groups_gradient_viewing_an_earlier_groups_parameter_reads_it_st
         runs.append((a, b))
     for x, y in zip(*runs, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(("name", "key", "values"), [
+    ("Adam", "betas", (0.9, 0.999)), ("AdamW", "betas", (0.9, 0.999)),
+    ("Adamax", "betas", (0.9, 0.999)), ("RAdam", "betas", (0.9, 0.999)),
+    ("Rprop", "etas", (0.5, 1.2)),
+])
+@pytest.mark.parametrize("form", [tuple, list])
+def test_tensors_inside_a_groups_tuple_written_in_place_are_read(
+        name: str, key: str, values: tuple[float, float], form: Any) -> None:
+    """``betas=(torch.tensor(0.9), torch.tensor(0.999))`` then ``group["betas"][0].fill_(0.5)``:
+    torch reads the new value at its next step; uniopt kept the rule made with 0.9 (a group
+    was compared by value only where a value itself, not one inside a tuple, was a tensor),
+    4e-2 off torch after 20 steps."""
+    runs = []
+    for module in (torch.optim, ut):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+        vals = form(torch.tensor(v, dtype=torch.float64) for v in values)
+        kw = {"foreach": False} if module is torch.optim else {}
+        opt = getattr(module, name)([p], lr=1e-2, **{key: vals}, **kw)
+        g = torch.Generator().manual_seed(1)
+        for t in range(20):
+            p.grad = torch.randn(5, 3, dtype=torch.float64, generator=g)
+            opt.step()
+            if t == 5:
+                opt.param_groups[0][key][0].fill_(values[0] * 0.6)
+        runs.append(p.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-13, atol=0)

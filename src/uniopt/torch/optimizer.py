@@ -116,6 +116,18 @@ def _key(group: dict[str, Any], key: str) -> Any:
     return ("tensor", id(raw)) if isinstance(v, DeviceNumber) else v
 
 
+def _in_place(v: Any, k: Any) -> bool:
+    """Whether group value ``v`` (keyed ``k`` by :func:`_key`) may change in place: a tensor, a
+    NumPy array or a list, also inside a tuple (``betas`` of two tensors), whose group is then
+    compared by value at every step. A tensor a capturable group's rule holds is compared by
+    identity (the step reads it)."""
+    if isinstance(v, tuple):
+        ks = k if isinstance(k, tuple) and len(k) == len(v) else (None,) * len(v)
+        return any(map(_in_place, v, ks))
+    return isinstance(v, (list, np.ndarray)) or (
+        isinstance(v, torch.Tensor) and not (isinstance(k, tuple) and k[:1] == ("tensor",)))
+
+
 def hyperparameter_keys(rule: Transform) -> dict[str, Any]:
     """The hyperparameters of ``rule`` by the names :func:`uniopt.adjust` takes: a name alone
     where one member of a chain has it, ``"<position>.<name>"`` where several do."""
@@ -512,11 +524,7 @@ class Optimizer(torch.optim.Optimizer):
         else:
             rule = self._group_rule(group)
             scheduled = _scheduled(rule)
-        # a tensor, a NumPy array or a list may change in place: those are compared by value at
-        # every step (a tensor a capturable group's rule holds, by identity: the step reads it)
-        by_value = any(isinstance(v, (list, np.ndarray)) or isinstance(v, torch.Tensor)
-                       and not (isinstance(k, tuple) and k[:1] == ("tensor",))
-                       for v, k in zip(raw, key, strict=False))
+        by_value = any(map(_in_place, raw, key))
         self._rules[id(group)] = _GroupRule(group, raw, rule, scheduled, by_value, key, form,
                                             read, steady)
         return rule, scheduled
