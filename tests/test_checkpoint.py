@@ -1048,6 +1048,73 @@ def test_torch_distributed_checkpoint_in_one_process(name: str, tmp_path: Any) -
     _resumed(torch, _makers(torch)[name], save, load)
 
 
+@pytest.mark.parametrize("name", ["AdamW", "Adam", "SGD", "NAdam", "ASGD", "Adafactor"])
+@pytest.mark.parametrize("direction", ["torch-to-uniopt", "uniopt-to-torch"])
+def test_torch_distributed_checkpoint_across_torch_and_uniopt(name: str, direction: str,
+                                                             tmp_path: Any) -> None:
+    """A DCP checkpoint of ``torch.optim.X`` loads into ``uniopt.torch.X`` and the reverse, as
+    a moved FSDP job loads it (``dcp.load`` of the new optimizer's state dict, then
+    ``set_optimizer_state_dict``), and the run goes on as it does from a checkpoint of the
+    loading class itself. uniopt's AdamW wrote a ``couple_lr`` key in each group, which torch's
+    checkpoint lacks: DCP's loader refused it ("Missing key in checkpoint state_dict:
+    optim.param_groups.0.couple_lr"). torch's SGD keeps no ``step``, uniopt's does (for its
+    schedules, docs/torch.md): that direction takes DCP's ``allow_partial_load=True``, as
+    docs/checkpoints.md says."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    import uniopt.torch as ut
+
+    first, then = (torch.optim, ut) if direction == "torch-to-uniopt" else (ut, torch.optim)
+    partial = name == "SGD" and then is ut
+
+    def model() -> Any:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
+
+    def steps(m: Any, o: Any, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            o.zero_grad()
+            m(torch.randn(5, 4, dtype=torch.float64, generator=g)).square().sum().backward()
+            o.step()
+
+    def make(module: Any, m: Any) -> Any:
+        return getattr(module, name)(m.parameters(), lr=1e-2, **(
+            {"foreach": False} if module is torch.optim else {}))
+
+    def resumed(saver: Any, where: Any) -> list[Any]:
+        m0 = model()
+        o0 = make(saver, m0)
+        steps(m0, o0, 3, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+            dcp.save({"model": m0.state_dict(), "optim": get_optimizer_state_dict(m0, o0)},
+                     checkpoint_id=str(where))
+        m1 = model()
+        o1 = make(then, m1)
+        target = {"model": m1.state_dict(), "optim": get_optimizer_state_dict(m1, o1)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(target, checkpoint_id=str(where),
+                     planner=DefaultLoadPlanner(allow_partial_load=partial))
+        m1.load_state_dict(target["model"])
+        set_optimizer_state_dict(m1, o1, target["optim"])
+        steps(m1, o1, 3, 2)
+        return [p.detach() for p in m1.parameters()]
+
+    across, own = resumed(first, tmp_path / "across"), resumed(then, tmp_path / "own")
+    for a, b in zip(across, own, strict=True):
+        assert torch.equal(a, b)
+
+
 # --- orbax ---------------------------------------------------------------------------------------
 
 def test_orbax_saves_and_restores_a_state(tmp_path: Any) -> None:

@@ -342,6 +342,7 @@ class AdamW(Adam, torch.optim.AdamW):
     _torch_params = ("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "maximize", "foreach",
                      "capturable", "differentiable", "fused", "couple_lr")
     _fixed = {"decoupled_weight_decay": True}  # as torch's AdamW
+    _unsaved_defaults = {"couple_lr": True}
 
 
 class SparseAdam(_Named, torch.optim.SparseAdam):

@@ -933,6 +933,11 @@ class Optimizer(torch.optim.Optimizer):
         for post in list(self._optimizer_load_state_dict_post_hooks.values()):
             post(self)
 
+    # group keys of uniopt's own, beyond torch's, that state_dict() writes only where a group
+    # holds another value than this default: a state torch's class saved then has every key of
+    # ours, as torch.distributed.checkpoint's loader requires (load_state_dict fills them in)
+    _unsaved_defaults: dict[str, Any] = {}
+
     def _state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict``, with each uniopt schedule in a group written as plain data
         (its type's name and fields), so that ``torch.load(..., weights_only=True)`` reads it.
@@ -943,7 +948,9 @@ class Optimizer(torch.optim.Optimizer):
         if self._combined_rule:
             combined.adopt(self)
         sd = super().state_dict()
-        groups = [{k: plain_schedules(v) for k, v in g.items()} for g in sd["param_groups"]]
+        quiet = self._unsaved_defaults
+        groups = [{k: plain_schedules(v) for k, v in g.items()
+                   if k not in quiet or v is not quiet[k]} for g in sd["param_groups"]]
         return {**sd, "state": _group_states_out(_q8_copies(sd["state"], groups), groups),
                 "param_groups": groups}
 
