@@ -1455,7 +1455,8 @@ def _refused_step(opt: Any, w: Any, match: str) -> None:
     assert torch.equal(w, before)
 
 
-@pytest.mark.parametrize("case", ["onecycle-lr", "onecycle-betas", "cyclic-momentum"])
+@pytest.mark.parametrize("case", ["onecycle-lr", "onecycle-betas", "cyclic-momentum",
+                                  "cyclic-lr", "cyclic-lr-adam"])
 def test_a_torch_scheduler_that_writes_over_a_uniopt_schedule_is_an_error(case: str) -> None:
     """OneCycleLR and CyclicLR write a group's lr (and, cycling momentum, its ``betas`` or
     ``momentum``) at construction, over a uniopt schedule given there, silently: the step
@@ -1469,8 +1470,14 @@ def test_a_torch_scheduler_that_writes_over_a_uniopt_schedule_is_an_error(case: 
     elif case == "onecycle-betas":
         opt, key = ut.Adam([w], lr=1e-3, betas=(sched, 0.999)), "betas"
         sch.OneCycleLR(opt, max_lr=0.1, total_steps=100)
-    else:
+    elif case == "cyclic-momentum":
         opt, key = ut.SGD([w], lr=1e-3, momentum=sched), "momentum"
+        sch.CyclicLR(opt, 1e-3, 1e-2)
+    elif case == "cyclic-lr":  # (was stepped with CyclicLR's lr, the schedule dropped)
+        opt, key = ut.SGD([w], lr=uo.schedules.cosine(1e-2, 100), momentum=0.9), "lr"
+        sch.CyclicLR(opt, 1e-3, 1e-2)
+    else:
+        opt, key = ut.AdamW([w], lr=uo.schedules.cosine(1e-2, 100)), "lr"
         sch.CyclicLR(opt, 1e-3, 1e-2)
     _refused_step(opt, w, rf"param group 0's {key} was the uniopt schedule .* and a torch "
                           "lr_scheduler wrote .* over it")

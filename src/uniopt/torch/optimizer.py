@@ -1059,10 +1059,12 @@ def _check_not_replaced(name: str, gi: int, group: dict[str, Any],
                         given: dict[str, Any]) -> None:
     """A torch scheduler that writes a group's values over a uniopt schedule given there
     (OneCycleLR the lr, known by the ``max_lr`` it keeps in the group; OneCycleLR and CyclicLR
-    with ``cycle_momentum`` the momentum or ``betas``, by their ``max_momentum``): an error
-    naming both, as for the schedulers that scale the value (those fail on its arithmetic). A
-    value the user wrote over it by hand is the user's (CyclicLR's lr alone leaves no mark)."""
-    driven = (["lr"] if "max_lr" in group else []) + (
+    with ``cycle_momentum``, their default, the lr and the momentum or ``betas``, by the
+    ``max_momentum`` they keep): an error naming both, as for the schedulers that scale the
+    value (those fail on its arithmetic). A value the user wrote over it by hand is the user's
+    (a StepLR made after it drives it). CyclicLR with ``cycle_momentum=False`` leaves nothing
+    in the group to tell its lr from one written by hand."""
+    driven = (["lr"] if "max_lr" in group or "max_momentum" in group else []) + (
         ["momentum", "betas"] if "max_momentum" in group else [])
     for key in driven:
         if key in given and not _holds_schedule(group.get(key)):
