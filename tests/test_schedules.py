@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import uniopt as uo
 from uniopt import schedules
 
 jax = pytest.importorskip("jax")
@@ -551,3 +552,47 @@ def test_any_lambda_is_a_schedule() -> None:
     assert schedules.as_schedule(lam)(2) == 0.025
     assert schedules.warmup(2, then=lam)(3) == 0.05
     assert schedules.join([lam, lam], [2])(3) == 0.05
+
+
+@pytest.mark.parametrize("make", [
+    lambda f: schedules.warmup(5, f),
+    lambda f: schedules.join([0.1, f], [5]),
+    lambda f: schedules.product(f, 2.0),
+    lambda f: schedules.warmup(3, schedules.join([f, schedules.product(f, 0.5)], [4])),
+], ids=["warmup", "join", "product", "nested"])
+def test_a_function_nested_in_a_record_gets_the_integer_count_under_jax(make: Any) -> None:
+    """A function of your own inside ``warmup``/``join``/``product`` got the count as a float
+    under JAX (the record's own arithmetic takes it so), where docs/schedules.md promises it
+    the state's integer, as optax hands it: a table indexed by it raised ("Indexer must have
+    integer or boolean type"), and warmup's ramp read its value at 0 with Python's min, which
+    a traced value refuses under jax.jit. Now it gets the integer, eager and jitted, and the
+    record's values are those of the NumPy run, where every count is a Python int."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    table = [0.1, 0.05, 0.01, 0.005]
+    seen: list[Any] = []
+
+    def mine(count: Any) -> Any:
+        seen.append(getattr(count, "dtype", type(count)))
+        if isinstance(count, int):
+            return table[min(count // 4, 3)]
+        return jnp.asarray(table)[jnp.minimum(count // 4, 3)]
+
+    sched = make(mine)
+    params = {"w": np.ones(3)}
+    grads = {"w": np.linspace(0.5, 1.5, 3)}
+    want = [params]
+    state = uo.setup(uo.sgd(lr=sched), params)
+    for _ in range(14):
+        state, p = uo.update(state, want[-1], grads)
+        want.append(p)
+    for step in (uo.update, jax.jit(uo.update)):
+        seen.clear()
+        js = {"w": jnp.asarray(params["w"])}
+        state = uo.setup(uo.sgd(lr=sched), js)
+        for t in range(14):
+            state, js = step(state, js, {"w": jnp.asarray(grads["w"])})
+            # (JAX in float32, x64 off: NumPy in float64)
+            np.testing.assert_allclose(np.asarray(js["w"]), want[t + 1]["w"], rtol=1e-6,
+                                       atol=1e-6)
+        assert seen and all(jnp.issubdtype(d, jnp.integer) for d in seen if d is not int), seen

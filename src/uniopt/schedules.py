@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Literal, TypeAlias, cast
 
 import array_api_compat
 
+from .hyper import _float_step
+
 __all__ = [
     "Schedule",
     "as_schedule",
@@ -133,7 +135,18 @@ def _result(xp: Any, value: Any) -> Any:
 def _lerp(xp: Any, a: float, b: float, t: Any) -> Any:
     # a + (b - a) * t is monotone in t and constant when a == b, but can miss b at t = 1 by an
     # ulp of a (1 + (1e-4 - 1) != 1e-4), on either side: pin t = 1 to b and clip to [a, b].
-    return xp.clip(xp.where(t >= 1, b, a + (b - a) * t), min(a, b), max(a, b))
+    # (b may be an array: a function's value, traced under jax.jit)
+    lo, hi = (min(a, b), max(a, b)) if xp is _Scalar else (xp.minimum(a, b), xp.maximum(a, b))
+    return xp.clip(xp.where(t >= 1, b, a + (b - a) * t), lo, hi)
+
+
+def _nested(s: Schedule, count: Any) -> Any:
+    """Schedule ``s``, held by a record that nests schedules (:class:`warmup`, :class:`join`,
+    :class:`product`), at ``count``: the count as the record was given it, a JAX state's
+    integer. A uniopt record takes it as the default float, as :func:`uniopt.hyper.resolve`
+    hands it one; a function of your own the integer, as resolve and optax hand it (a table
+    indexed by it). The nesting records take the integer for that (``float_step`` False)."""
+    return s(_float_step(count) if getattr(s, "float_step", False) else count)
 
 
 def _check_number(owner: str, name: str, value: object) -> None:
@@ -375,15 +388,17 @@ class warmup(_Record):
         _check_number("warmup", "init", self.init)
         object.__setattr__(self, "then", as_schedule(self.then))
 
+    float_step: ClassVar[bool] = False  # (its schedule takes the count as given: _nested)
+
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         then = cast(Schedule, self.then)  # made a schedule in __post_init__
         if xp is _Scalar and step >= self.steps:
             return float(then(step - self.steps))  # don't call `then` on negative steps
-        ramp = _lerp(xp, self.init, then(0), step / max(self.steps, 1))
+        ramp = _lerp(xp, self.init, _nested(then, 0), _float_step(step) / max(self.steps, 1))
         if xp is _Scalar:
             return float(ramp)
-        return cast(float, xp.where(step < self.steps, ramp, then(step - self.steps)))
+        return cast(float, xp.where(step < self.steps, ramp, _nested(then, step - self.steps)))
 
 
 @dataclass(frozen=True)
@@ -417,6 +432,8 @@ class join(_Record):
         object.__setattr__(self, "schedules", tuple(as_schedule(s) for s in scheds))
         object.__setattr__(self, "boundaries", bounds)
 
+    float_step: ClassVar[bool] = False  # (its schedules take the count as given: _nested)
+
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         scheds = cast("tuple[Schedule, ...]", self.schedules)  # normalised in __post_init__
@@ -424,9 +441,9 @@ class join(_Record):
             i = bisect.bisect_right(self.boundaries, step)
             return float(scheds[i](step - (self.boundaries[i - 1] if i else 0)))
         # arrays can't branch: like optax, every piece is evaluated (some on negative steps)
-        value: Any = scheds[0](step)
+        value: Any = _nested(scheds[0], step)
         for b, sched in zip(self.boundaries, scheds[1:], strict=True):
-            value = xp.where(step < b, value, sched(step - b))
+            value = xp.where(step < b, value, _nested(sched, step - b))
         return cast(float, value)
 
 
@@ -777,11 +794,13 @@ class product(_Record):
     def __repr__(self) -> str:
         return f"product({', '.join(map(repr, self.factors))})"
 
+    float_step: ClassVar[bool] = False  # (its schedules take the count as given: _nested)
+
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         value: Any = 1.0
         for f in self.factors:
-            value = value * (f(step) if callable(f) else f)
+            value = value * (_nested(f, step) if callable(f) else f)
         return _result(xp, value)
 
 
