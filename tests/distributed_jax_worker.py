@@ -311,13 +311,16 @@ def automatic_run() -> dict[str, Any]:
 
     import uniopt as uo
 
-    mesh = Mesh(np.array(jax.devices()), ("data",))
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     params = {"w": jax.device_put(jnp.ones((16, 8)), NamedSharding(mesh, P("data"))),
+              "m": jax.device_put(jnp.ones((8, 6)), NamedSharding(mesh, P("data", "model"))),
               "b": jax.device_put(jnp.ones((8,)), NamedSharding(mesh, P("data")))}
     grads = {k: v * 0.1 for k, v in params.items()}
     rules = {"adam": uo.adam(lr=1e-2), "skip": uo.skip_nonfinite(uo.sgd(lr=1e-2)),
              "clip-adamw": uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2)),
-             "plateau": uo.chain(uo.adam(lr=1e-2), uo.reduce_on_plateau())}
+             "plateau": uo.chain(uo.adam(lr=1e-2), uo.reduce_on_plateau()),
+             # factors of another shape than the matrix: set up as the step lays them out
+             "adafactor": uo.adafactor(lr=1e-2)}
     out: dict[str, Any] = {}
     for name, rule in rules.items():
         for donate in ((), (0, 1)):

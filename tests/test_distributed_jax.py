@@ -64,9 +64,10 @@ def test_a_combinators_counters_beside_sharded_params_compile_once(
 def test_a_mesh_of_automatic_axes_keeps_one_cache_entry(mesh: dict[str, Any]) -> None:
     """On a mesh made with ``Mesh(...)`` (automatic axes) the state's own replicated arrays
     were set up spelled otherwise than jit hands them back: every rule's second jitted call
-    was a second entry in jit's cache."""
+    was a second entry in jit's cache, and Adafactor's factors, set up whole, came back laid
+    out as their matrix: a second compilation."""
     assert mesh["automatic"] == {f"{name}{d}": 1 for name in ("adam", "skip", "clip-adamw",
-                                                              "plateau")
+                                                              "plateau", "adafactor")
                                  for d in ("", " donated")}
 
 

@@ -190,6 +190,34 @@ def placed(x: Any, like: Any) -> Any:
     return jax.device_put(x, jax.sharding.NamedSharding(where, spec))
 
 
+def placed_slot(x: Any, like: Any) -> Any:
+    """``x``, a slot of another shape than its sharded parameter ``like`` (Adafactor's row and
+    column factors: an axis of 1 where the parameter's is reduced), placed as a jitted step
+    hands it back. On a mesh of automatic axes XLA lays the step's factor out as the parameter
+    along the axes it keeps, spelled without trailing Nones (P('d',) for the rows of a P('d',
+    'm') matrix, P(None, 'm') for its columns): set up so, the second call is the first's
+    signature, not a second compilation. On a mesh of explicit axes, or where the axes do not
+    line up, whole (:func:`placed`; the step lays the new factor out as the old)."""
+    where = placement(like)
+    sharding = getattr(like, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if (not isinstance(where, _mesh_type()) or getattr(where, "explicit_axes", ())
+            or spec is None or np.ndim(x) != np.ndim(like)):
+        return placed(x, like)
+    import jax
+
+    axes = [*spec, *[None] * (np.ndim(like) - len(spec))]
+    kept = [a if n == m else None for a, n, m in zip(axes, x.shape, like.shape, strict=True)]
+    while kept and kept[-1] is None:
+        kept.pop()
+    return jax.device_put(x, jax.sharding.NamedSharding(where, jax.sharding.PartitionSpec(*kept)))
+
+
+def _mesh_type() -> Any:
+    jax = sys.modules.get("jax")
+    return () if jax is None else jax.sharding.Mesh
+
+
 def made_beside(make: Callable[[Any], Any], like: Any) -> Any:
     """``make(device)``, an array of another shape than ``like`` (a whole-tree part's
     projector, a factor), made beside it: on its device, or replicated over the mesh it spans,

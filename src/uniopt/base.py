@@ -577,11 +577,12 @@ class Part(Transform):
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         shape = tuple(p.shape)
         # a slot of another shape (Adafactor's factors) cannot take a sharded parameter's
-        # layout: whole, replicated on its mesh, as torch keeps it beside a DTensor
+        # layout: whole, replicated on its mesh, as torch keeps it beside a DTensor, or as a
+        # jitted step lays it out (backend.placed_slot)
         mesh = backend.mesh_of(p)
         return tuple(
             None if s is None else xp.zeros_like(p) if s == shape
-            else backend.placed(xp.zeros(s, dtype=p.dtype), p) if mesh is not None
+            else backend.placed_slot(xp.zeros(s, dtype=p.dtype), p) if mesh is not None
             else xp.zeros(s, dtype=p.dtype, device=backend.device(p))
             for s in self.slot_shapes(shape)
         )
