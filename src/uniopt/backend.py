@@ -201,8 +201,9 @@ def placed_slot(x: Any, like: Any) -> Any:
     where = placement(like)
     sharding = getattr(like, "sharding", None)
     spec = getattr(sharding, "spec", None)
-    if (not isinstance(where, _mesh_type()) or getattr(where, "explicit_axes", ())
-            or spec is None or np.ndim(x) != np.ndim(like)):
+    explicit = bool(getattr(where, "explicit_axes", None))
+    if (explicit or not isinstance(where, _mesh_type()) or spec is None
+            or np.ndim(x) != np.ndim(like)):
         return placed(x, like)
     import jax
 
