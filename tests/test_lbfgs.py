@@ -247,6 +247,10 @@ def test_a_rule_that_needs_a_closure_says_so_and_changes_nothing() -> None:
         uo.minimize_step(state, p, lambda q: 3.0)
     with pytest.raises(ValueError, match=r"gradient for params\[0\] has shape \(3,\)"):
         uo.minimize_step(state, p, lambda q: (1.0, [np.ones(3)]))
+    # (was a bare "float() argument must be ... not 'NoneType'")
+    with pytest.raises(TypeError, match=r"lbfgs: the closure returned None for the loss"):
+        uo.minimize_step_(state, p, lambda q: (None, [np.ones(2)]))
+    assert np.array_equal(p[0], [1.0, 2.0]) and state.tree_states["lbfgs_step"]["n_iter"] == 0
     w = torch.nn.Parameter(torch.ones(2))
     opt = ut.LBFGS([w])
     with pytest.raises(TypeError, match=r"LBFGS.step needs a closure"):

@@ -667,8 +667,8 @@ def test_numbers_a_torch_lr_scheduler_writes_are_read_not_remade(
     saved = [p.detach().clone() for p in ps]
     state = copy.deepcopy(opt.state_dict()["state"])
     group["lr"] = -0.5
-    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.5 \(the value its param "
-                                         r"group holds at step 40\)"):
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0\.5 \(the value param "
+                                         r"group 0 holds at step 40\)"):
         opt.step()
     assert all(torch.equal(p.detach(), s) for p, s in zip(ps, saved, strict=True))
     after = opt.state_dict()["state"]

@@ -3142,3 +3142,23 @@ def test_tensors_inside_a_groups_tuple_written_in_place_are_read(
                 opt.param_groups[0][key][0].fill_(values[0] * 0.6)
         runs.append(p.detach().clone())
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-13, atol=0)
+
+
+def test_a_bad_value_a_scheduler_wrote_names_its_param_group() -> None:
+    """Three groups whose lr a rule reads at each step, the third given NaN: the refusal named
+    "its param group", not which."""
+    ps = [nn.Parameter(torch.randn(3)) for _ in range(3)]
+    opt = ut.Adam([{"params": [p]} for p in ps], lr=1e-2)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for lr in (2e-2, 3e-2):  # (numbers that change: the group's rule reads them)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+    opt.param_groups[2]["lr"] = float("nan")
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=r"adam: lr must be finite, got nan \(the value param "
+                                         r"group 2 holds at step 3\)"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before, strict=True))

@@ -593,6 +593,17 @@ def test_flat_gradient_list_of_wrong_length(stepped, n):
     )
 
 
+@pytest.mark.parametrize("bad", [1.0, "g"], ids=["float", "str"])
+def test_a_flat_gradient_list_with_an_entry_not_an_array_names_it(stepped, bad):
+    """``[g0, 1.0, g2]`` was refused as a tree of another structure than params, naming
+    neither the entry nor what it is."""
+    state, params = stepped
+    flat = [np.zeros_like(p) for p in uo.trainables(params)]
+    flat[1] = bad
+    _rejects(TypeError, rf"flat gradient list: entry 1 \(for params\[.*\]\) is "
+                        rf"{type(bad).__name__} {bad!r}, not an array", state, params, flat)
+
+
 @pytest.mark.parametrize(
     "spoil",
     [

@@ -567,9 +567,15 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
             if all(g is None or backend.is_array(g) for g in up_to):
                 g_leaves, g_def = up_to, treedef
     if g_def != treedef:
-        if not isinstance(grads, (list, tuple)) or any(
-            not backend.is_array(g) and not (none and g is None) for g in grads
-        ):
+        odd = [] if not isinstance(grads, (list, tuple)) else [
+            i for i, g in enumerate(grads) if not backend.is_array(g) and not (none and g is None)]
+        if odd and len(grads) == len(params) and not any(
+                isinstance(grads[i], (dict, list, tuple)) for i in odd):
+            # a flat list with something other than an array in it (a Python float)
+            i = odd[0]
+            raise TypeError(f"flat gradient list: entry {i} (for {names[i]}) is "
+                            f"{type(grads[i]).__name__} {grads[i]!r}, not an array")
+        if not isinstance(grads, (list, tuple)) or odd:
             raise ValueError(
                 "grads must be a tree with the structure of params or a flat list of arrays "
                 f"aligned with uniopt.trainables(params); params are {treedef}, grads are {g_def}"

@@ -41,6 +41,16 @@ def _check_ints(t: Any) -> None:
         )
 
 
+def _loss(value: Any) -> float:
+    """The closure's loss as a number: L-BFGS compares losses (its stopping test, the line
+    search), so one that reads none (``None``, a rule's closure written for a rule that reads no
+    loss) is refused by name."""
+    if value is None:
+        raise TypeError("lbfgs: the closure returned None for the loss; L-BFGS compares "
+                        "losses (its stopping test, its line search): return (loss, grads)")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class lbfgs_step(Minimizer):
     """The L-BFGS iterations of one step (the part :class:`lbfgs` runs)."""
@@ -90,7 +100,7 @@ class lbfgs_step(Minimizer):
         max_iter = self.max_iter
         max_eval = self.max_eval if self.max_eval is not None else max_iter * 5 // 4
         orig_loss, g = evaluate(x)
-        loss = float(orig_loss)
+        loss = _loss(orig_loss)
         evals = 1
         st["func_evals"] += 1
         if _amax(xp, g) <= self.tolerance_grad:
@@ -135,7 +145,7 @@ class lbfgs_step(Minimizer):
             if self.line_search_fn == "strong_wolfe":
                 def along(step: Any, x0: Any = x, d0: Any = d) -> tuple[float, Any]:
                     f_new, g_new = evaluate(_axpy(step, d0, x0))
-                    return float(f_new), g_new
+                    return _loss(f_new), g_new
 
                 # torch's step hands its line search no tolerance_change: the search stops
                 # on a bracket narrower than its own default, 1e-9, whatever the optimizer's
@@ -149,7 +159,7 @@ class lbfgs_step(Minimizer):
                 done = False
                 if n != max_iter:  # the last iteration's point is the next step's first
                     f_new, g = evaluate(x)
-                    loss, ls_evals = float(f_new), 1
+                    loss, ls_evals = _loss(f_new), 1
                     done = _amax(xp, g) <= self.tolerance_grad
             evals += ls_evals
             st["func_evals"] += ls_evals

@@ -457,7 +457,6 @@ class LBFGS(_Named, torch.optim.LBFGS):
         if not isinstance(groups, list) or len(groups) != 1 or "state" not in state_dict:
             raise ValueError(f"{where}: expected the state_dict of an LBFGS (one parameter "
                              "group); nothing was loaded")
-        check_group_keys(where, 0, groups[0], self.defaults)
         ps = self.param_groups[0]["params"]
         if len(groups[0]["params"]) != len(ps):
             raise ValueError(f"{where}: the state has {len(groups[0]['params'])} parameters, "
@@ -475,6 +474,7 @@ class LBFGS(_Named, torch.optim.LBFGS):
                     raise ValueError(f"{where}: the state of parameter {k} holds a vector of "
                                      f"{getattr(v, 'shape', v)}, these parameters have {n} "
                                      "elements; nothing was loaded")
+        check_group_keys(where, 0, groups[0], self.defaults)
         torch.optim.Optimizer.load_state_dict(self, state_dict)
 
 

@@ -183,10 +183,12 @@ class _GroupNumber:
     at each step as a schedule's values are (the numbers' kind and which are 0 are the rule's
     cache key: a change there makes the rule anew)."""
 
-    __slots__ = ("group", "key", "index")
+    __slots__ = ("group", "key", "index", "source")
 
-    def __init__(self, group: dict[str, Any], key: str, index: int | None) -> None:
+    def __init__(self, group: dict[str, Any], key: str, index: int | None, gi: int) -> None:
         self.group, self.key, self.index = group, key, index
+        # (how a bad value's message names where it is)
+        self.source = f"the value param group {gi} holds"
 
     def __call__(self, step: Any) -> Any:
         v = self.group[self.key]
@@ -195,15 +197,15 @@ class _GroupNumber:
     def __repr__(self) -> str:
         return f"group[{self.key!r}]" + ("" if self.index is None else f"[{self.index}]")
 
-    source = "the value its param group holds"
 
 
-def _readers(group: dict[str, Any], key: str) -> Any:
-    """What reads ``group[key]`` (a number, or a tuple of them) at each step."""
+def _readers(group: dict[str, Any], key: str, gi: int) -> Any:
+    """What reads ``group[key]`` (a number, or a tuple of them) at each step; ``gi``: the
+    group's index."""
     v = group[key]
     if type(v) is tuple:
-        return tuple(_GroupNumber(group, key, i) for i in range(len(v)))
-    return _GroupNumber(group, key, None)
+        return tuple(_GroupNumber(group, key, i, gi) for i in range(len(v)))
+    return _GroupNumber(group, key, None, gi)
 
 
 def _only_read(raw: list[Any], hit: _GroupRule) -> bool:
@@ -518,7 +520,8 @@ class Optimizer(torch.optim.Optimizer):
             if read == hit.read:  # (another number, equal, written where none is read)
                 rule = hit.rule
             else:
-                readers = {self._keys[i]: _readers(group, self._keys[i]) for i in read}
+                gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+                readers = {self._keys[i]: _readers(group, self._keys[i], gi) for i in read}
                 rule = self._group_rule({**group, **readers})
             scheduled, steady = True, [0]
         else:

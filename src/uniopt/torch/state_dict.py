@@ -52,7 +52,6 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 f"{where}: parameter group {gi} of the state has {len(s['params'])} "
                 f"parameters, this optimizer's has {len(g['params'])}; nothing was loaded"
             )
-        check_group_keys(where, gi, s, opt.defaults)
         values = {**opt.defaults, **{k: v for k, v in s.items() if k != "params"}}
         try:
             rule = opt._group_rule(values)
@@ -112,6 +111,8 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                     f"{where}: {what} has {name} of shape {tuple(v.shape)}, but that "
                     f"parameter has shape {tuple(p.shape)} and {keeps}; nothing was loaded"
                 )
+    for gi, s in enumerate(saved):  # (after the slots: another optimizer's state says so)
+        check_group_keys(where, gi, s, opt.defaults)
     for gi, steps in counts.items():
         if len(set(steps.values())) > 1:
             # (a whole-tree part, Prodigy's or DoG's, keeps one state for the group, stepped
