@@ -596,6 +596,11 @@ def test_misuse_is_named(path: str) -> None:
     with pytest.raises(TypeError, match="save: expected a uniopt State or a torch optimizer, "
                                         "got dict"):
         uo.save(path, {"step": 1})
+    optax = pytest.importorskip("optax")
+    chained = optax.chain(optax.clip_by_global_norm(1.0), uo.adam())
+    with pytest.raises(TypeError, match=r"got tuple; an optax state .* is saved with orbax or "
+                                        r"flax.serialization, or write the chain as uo.chain"):
+        uo.save(path, chained.init({"w": np.ones(2)}))
     with pytest.raises(CheckpointError, match=re.escape("save: params have the structure")):
         uo.save(path, state, params={"w": np.ones(2)})
     with pytest.raises(TypeError, match=re.escape(

@@ -644,8 +644,15 @@ def save(path: str | os.PathLike[str], state: Any, params: Any = None) -> None:
                             "parameters are the model's (save them with it)")
         doc = _torch_doc(state, tensors)
     else:
+        hint = ""
+        if isinstance(state, (tuple, list, dict)):
+            # (an optax chain's state, a uniopt State among its members: a tree of optax's
+            # classes, which uniopt's format does not name)
+            hint = ("; an optax state (optax.chain's, a uniopt rule among its members or not) "
+                    "is saved with orbax or flax.serialization, or write the chain as uo.chain "
+                    "(optax members inside it: docs/optax.md), whose State this saves")
         raise TypeError(f"save: expected a uniopt State or a torch optimizer, got "
-                        f"{type(state).__name__}")
+                        f"{type(state).__name__}{hint}")
     _write(os.fspath(path), doc, tensors.arrays)
 
 
