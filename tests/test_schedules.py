@@ -596,3 +596,16 @@ def test_a_function_nested_in_a_record_gets_the_integer_count_under_jax(make: An
             np.testing.assert_allclose(np.asarray(js["w"]), want[t + 1]["w"], rtol=1e-6,
                                        atol=1e-6)
         assert seen and all(jnp.issubdtype(d, jnp.integer) for d in seen if d is not int), seen
+
+
+@pytest.mark.parametrize("sched", [
+    schedules.linear(1.0, 0.0, 10), schedules.cosine(0.01, 100),
+    schedules.warmup(5, 1e-2), schedules.polynomial(1.0, 0.1, 20, 2.0),
+    schedules.join([0.1, schedules.linear(0.1, 0.0, 10)], [5]),
+], ids=["linear", "cosine", "warmup", "polynomial", "join"])
+def test_a_records_value_at_a_torch_tensor_count(sched: Any) -> None:
+    """A torch tensor count (a capturable step's) gives the int count's value: the ramp's clip
+    took the array namespace's minimum of two Python numbers, which torch's refuses."""
+    for k in (0, 3, 7, 30):
+        assert float(sched(torch.tensor(k, dtype=torch.float64))) == pytest.approx(
+            sched(k), rel=1e-15, abs=1e-18)

@@ -3162,3 +3162,60 @@ def test_a_bad_value_a_scheduler_wrote_names_its_param_group() -> None:
                                          r"group 2 holds at step 3\)"):
         opt.step()
     assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before, strict=True))
+
+
+def test_adamws_couple_lr_left_out_at_its_default_loads_as_that_default() -> None:
+    """state_dict() leaves couple_lr out where a group holds True (torch's key set, for DCP);
+    the load filled it from the loading optimizer's constructor: a group saved True came back
+    False beside couple_lr=False, and the resumed run stepped otherwise."""
+    def make(couple: bool) -> Any:
+        torch.manual_seed(0)
+        a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+        return ut.AdamW([{"params": [a]}, {"params": [b], "couple_lr": True}], lr=0.1,
+                        weight_decay=0.5, couple_lr=couple), a, b
+
+    opt, a, b = make(False)
+    a.grad, b.grad = torch.full((3,), 0.5), torch.full((3,), 0.5)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # (its tensors are the live ones, as torch's)
+    assert [g.get("couple_lr") for g in saved["param_groups"]] == [False, None]
+    other, a2, b2 = make(False)
+    with torch.no_grad():
+        a2.copy_(a)
+        b2.copy_(b)
+    other.load_state_dict(saved)
+    assert [g["couple_lr"] for g in other.param_groups] == [False, True]
+    for o, (x, y) in ((opt, (a, b)), (other, (a2, b2))):
+        x.grad, y.grad = torch.full((3,), 0.25), torch.full((3,), 0.25)
+        o.step()
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    # a default (True) state into an optimizer made with couple_lr=False: True, as saved
+    plain = ut.AdamW([nn.Parameter(torch.ones(3))], lr=0.1)
+    into = ut.AdamW([nn.Parameter(torch.ones(3))], lr=0.1, couple_lr=False)
+    into.load_state_dict(plain.state_dict())
+    assert into.param_groups[0]["couple_lr"] is True
+
+
+def test_a_key_torchs_class_fills_in_for_an_older_state_is_torchs_value() -> None:
+    """torch's RMSprop fills ``momentum`` 0 into a group saved before it had one (its
+    __setstate__): uniopt refused such a state as lacking a hyperparameter (or, before, took the
+    constructor's momentum); it loads it as torch does."""
+    p = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    src = torch.optim.RMSprop([p], lr=1e-2, momentum=0.5, foreach=False)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    src.step()
+    saved = src.state_dict()
+    del saved["param_groups"][0]["momentum"]
+    saved["state"][0].pop("momentum_buffer", None)
+    runs = []
+    for module in (torch.optim, ut):
+        q = nn.Parameter(p.detach().clone())
+        o = module.RMSprop([q], lr=1e-2, momentum=0.9,
+                           **({"foreach": False} if module is torch.optim else {}))
+        o.load_state_dict(copy.deepcopy(saved))
+        assert o.param_groups[0]["momentum"] == 0
+        for _ in range(3):
+            q.grad = torch.full((3,), 0.3, dtype=torch.float64)
+            o.step()
+        runs.append(q.detach())
+    assert torch.equal(runs[0], runs[1])

@@ -135,8 +135,10 @@ def _result(xp: Any, value: Any) -> Any:
 def _lerp(xp: Any, a: float, b: float, t: Any) -> Any:
     # a + (b - a) * t is monotone in t and constant when a == b, but can miss b at t = 1 by an
     # ulp of a (1 + (1e-4 - 1) != 1e-4), on either side: pin t = 1 to b and clip to [a, b].
-    # (b may be an array: a function's value, traced under jax.jit)
-    lo, hi = (min(a, b), max(a, b)) if xp is _Scalar else (xp.minimum(a, b), xp.maximum(a, b))
+    # (b may be an array: a function's value, traced under jax.jit; torch's minimum takes no
+    # Python numbers)
+    lo, hi = ((min(a, b), max(a, b)) if xp is _Scalar or isinstance(b, numbers.Real)
+              else (xp.minimum(a, b), xp.maximum(a, b)))
     return xp.clip(xp.where(t >= 1, b, a + (b - a) * t), lo, hi)
 
 

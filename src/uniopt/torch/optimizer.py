@@ -962,9 +962,12 @@ class Optimizer(torch.optim.Optimizer):
         here, and the reverse), after checking that the groups, their sizes, the slots and their
         shapes match this optimizer's parameters; nothing changes on an error."""
         if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
-            groups = [{k: schedules_from_plain(v) for k, v in g.items()}
+            # (a key state_dict() leaves out at its default is that default, whatever this
+            # optimizer's constructor was given)
+            groups = [{**self._unsaved_defaults,
+                       **{k: schedules_from_plain(v) for k, v in g.items()}}
                       if isinstance(g, dict) else g for g in state_dict["param_groups"]]
-            state_dict = {**state_dict, "param_groups": groups}
+            state_dict = {**state_dict, "param_groups": _torch_filled(type(self), groups)}
             if isinstance(state_dict.get("state"), dict):
                 state_dict["state"] = _group_states_in(state_dict["state"], groups)
         check_loadable(self, state_dict)
@@ -1076,6 +1079,26 @@ def _check_not_replaced(name: str, gi: int, group: dict[str, Any],
                 f"torch lr_scheduler wrote {group.get(key)!r} over it: a param group's value is "
                 "driven by a uniopt schedule or by a torch lr_scheduler, not both; give the group "
                 "a number for the torch scheduler, or drop the scheduler")
+
+
+def _torch_filled(cls: type, groups: list[Any]) -> list[Any]:
+    """Saved ``groups`` with the keys the torch class ``cls`` derives from fills in where an
+    older release did not save them (its ``__setstate__``: RMSprop's ``momentum`` 0, Adam's
+    ``decoupled_weight_decay``...), as torch's own load takes them; the groups as they are
+    where ``cls`` has no torch class of its own (``uniopt.torch.Optimizer``)."""
+    base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.optim.")
+                 and c is not torch.optim.Optimizer), None)
+    if base is None or "__setstate__" not in vars(base) or not all(
+            isinstance(g, dict) for g in groups):
+        return groups
+    scratch: Any = object.__new__(base)
+    filled = [dict(g) for g in groups]
+    try:
+        vars(base)["__setstate__"](scratch, {"param_groups": filled, "state": {},
+                                            "defaults": {}})
+    except Exception:  # (a group malformed otherwise: check_loadable names it)
+        return groups
+    return filled
 
 
 @contextlib.contextmanager
