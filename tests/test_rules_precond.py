@@ -395,3 +395,39 @@ def test_a_non_finite_gradient_takes_a_matrix_rule_to_nan_on_every_library(
         state, js = uo.update(state, js, {k: jnp.asarray(v) for k, v in g.items()})
     assert {k for k, v in js.items() if np.isnan(np.asarray(v)).any()} == {"w07"}
     np.testing.assert_array_equal(np.isnan(got["w07"]), np.isnan(np.asarray(js["w07"])))
+
+
+def test_a_finite_matrix_a_solver_fails_on_is_retried_in_float64_or_raises() -> None:
+    """backend.decomposed: NaN results only for a non-finite matrix; a finite float32 one the
+    solver fails on is decomposed in float64 (results in float32), a finite float64 one that
+    fails raises (a silent NaN would end the run with nothing said)."""
+    from uniopt import backend
+
+    calls: list[Any] = []
+
+    def flaky(a: np.ndarray) -> Any:
+        calls.append(a.dtype)
+        if a.dtype == np.float32:
+            raise np.linalg.LinAlgError("Eigenvalues did not converge")
+        return np.linalg.eigh(a)
+
+    s = np.array([[2.0, 1.0], [1.0, 3.0]], np.float32)
+    w, v = backend.decomposed(flaky, s)
+    assert calls == [np.float32, np.float64] and w.dtype == v.dtype == np.float32
+    np.testing.assert_allclose(w, np.linalg.eigh(s.astype(np.float64))[0], rtol=1e-6)
+
+    def failing(a: np.ndarray) -> Any:
+        raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+    with pytest.raises(np.linalg.LinAlgError):
+        backend.decomposed(failing, s.astype(np.float64))
+    bad = s.copy()
+    bad[1, 1] = np.nan
+
+    def refusing_nan(a: np.ndarray) -> Any:  # (as LAPACK's eigh does on most such inputs)
+        if np.isnan(a).any():
+            raise np.linalg.LinAlgError("Eigenvalues did not converge")
+        return np.linalg.eigh(a)
+
+    out = backend.decomposed(refusing_nan, bad)
+    assert [x.shape for x in out] == [(2,), (2, 2)] and all(np.isnan(x).all() for x in out)

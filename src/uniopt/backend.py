@@ -278,15 +278,23 @@ def gathered(x: Any) -> Any:
 
 def decomposed(decompose: Callable[[Any], Any], a: Any) -> tuple[Any, ...]:
     """``decompose(a)``, a LAPACK decomposition of matrix ``a`` (eigh, qr, svd), as a tuple;
-    where it does not converge (NumPy's and torch's ``LinAlgError``: ``a`` holds a NaN or an
-    infinity) its results all NaN, as JAX's are. So a non-finite gradient takes a matrix rule
-    (Shampoo, SOAP, GaLore) to NaN on every library, as it takes every elementwise rule, and a
-    step never stops partway: one that raised here had stepped the leaves before this one, and
-    the slots of an elementwise part before it written in place."""
+    where it does not converge (NumPy's and torch's ``LinAlgError``) because ``a`` holds a NaN
+    or an infinity, its results all NaN, as JAX's are; a finite float32 ``a`` is decomposed
+    again in float64 (as Meta's distributed Shampoo retries), and a finite float64 one that
+    fails still raises, never NaN in silence. So a non-finite gradient takes a matrix rule
+    (Shampoo, SOAP, GaLore) to NaN on every library, as it takes every elementwise rule, and
+    the step does not stop partway: one that raised here had stepped the leaves before this
+    one, and the slots of an elementwise part before it written in place."""
     try:
         return tuple(decompose(a))
     except _lapack_errors():
-        return tuple(x * float("nan") for x in decompose(namespace(a).zeros_like(a)))
+        xp = namespace(a)
+        if not bool(xp.all(xp.isfinite(a))):
+            return tuple(x * float("nan") for x in decompose(xp.zeros_like(a)))
+        if a.dtype == xp.float64:
+            raise
+    # a finite float32 matrix too ill-conditioned for the solver in its dtype: in float64
+    return tuple(xp.astype(x, a.dtype) for x in decompose(xp.astype(a, xp.float64)))
 
 
 def _lapack_errors() -> tuple[type[BaseException], ...]:
