@@ -186,6 +186,18 @@ def test_galore_on_jax_matches_optax() -> None:
     assert err < 1e-12, err
 
 
+@pytest.mark.parametrize("scale", [0.25, 2.0])
+def test_galore_scale_is_the_projected_updates_alone(scale: float) -> None:
+    """``scale`` multiplies the projected matrices' updates, as optax's and the authors' (their
+    projector's ``project_back``); a leaf GaLore does not project (a bias, a scalar) takes
+    Adam's step as it is. uniopt scaled every leaf: with the paper's 0.25 a bias stepped a
+    quarter of Adam's step (0.1 off optax after 50 steps)."""
+    hp = dict(rank=2, update_proj_gap=7, scale=scale)
+    err = run(uo.galore(0.01, **hp), optax.contrib.galore(0.01, **hp), 3, 30, on_jax=True,
+              shapes={"w": (6, 4), "b": (4,), "s": ()})
+    assert err < 1e-12, err
+
+
 def test_galore_on_numpy_differs_from_optax_by_its_float32_svd() -> None:
     # optax takes the SVD in float32: LAPACK's (NumPy's) and XLA's float32 singular vectors
     # differ in their last bits, so with one SVD (no refresh) the runs agree to float32's

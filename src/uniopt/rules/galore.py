@@ -186,9 +186,9 @@ class scale_by_galore(WholeTree):
                 low = proj.T @ g2 if plan.left else g2 @ proj
             d, m, v = kernel(xp, c.adam, None, low, read(state["exp_avg"][i]),
                              read(state["exp_avg_sq"][i]))
-            if plan is not None:
-                d = plan.from_(xp, proj @ d if plan.left else d @ proj.T)
-            out.append(c.scale * d)
+            if plan is not None:  # (scale is the projected update's alone, as optax's)
+                d = c.scale * plan.from_(xp, proj @ d if plan.left else d @ proj.T)
+            out.append(d)
             projectors.append(proj)
             ms.append(m)
             vs.append(v)
