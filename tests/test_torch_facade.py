@@ -3219,3 +3219,21 @@ def test_a_key_torchs_class_fills_in_for_an_older_state_is_torchs_value() -> Non
             o.step()
         runs.append(q.detach())
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("b2", [0.6, 0.5, 1 / 3])
+def test_radam_with_a_beta2_whose_rho_inf_is_at_most_4(b2: float) -> None:
+    """RAdam with betas[1] = 0.6 makes rho_inf exactly 4: torch takes the momentum step at
+    every step (rho_t is never above 5); uniopt computed the rectification before asking
+    whether it is taken, and divided by rho_inf - 4 = 0 (ZeroDivisionError at every step)."""
+    runs = []
+    for module in (torch.optim, ut):
+        p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        opt = module.RAdam([p], lr=0.25, betas=(0.9, b2),
+                           **({"foreach": False} if module is torch.optim else {}))
+        g = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            p.grad = torch.randn(3, dtype=torch.float64, generator=g)
+            opt.step()
+        runs.append(p.detach())
+    assert torch.equal(runs[0], runs[1])

@@ -434,6 +434,11 @@ class nadam(Rule):
 # --- RAdam ---------------------------------------------------------------------------------------
 
 
+def _ratio(rho_t: Any, rho_inf: Any) -> Any:
+    """RAdam's variance rectification ``r_t**2``, taken where ``rho_t`` is above its threshold."""
+    return (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+
+
 class RadamCoeffs(NamedTuple):
     one_minus_b1: Any
     b2: Any
@@ -472,14 +477,14 @@ class scale_by_radam(Elementwise):
         b2t = self.b2**t if not traced else 1.0 - bc2
         rho_inf = 2.0 / c2 - 1.0
         rho_t = rho_inf - 2.0 * t * b2t / bc2
-        ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        rectify = rho_t > 5.0
         if traced:
             xp = namespace(traced[0])
-            rectify = rho_t > 5.0
-            rect = xp.where(rectify, xp.sqrt(xp.maximum(ratio, 0.0)), 0.0)
+            rect = xp.where(rectify, xp.sqrt(xp.maximum(_ratio(rho_t, rho_inf), 0.0)), 0.0)
         else:
-            rectify = rho_t > 5.0
-            rect = ratio**0.5 if rectify else 0.0  # torch's pow, not sqrt: they round apart
+            # (the ratio only where it is taken: b2 = 0.6 makes rho_inf 4, its denominator 0,
+            # and rho_t never above 5, torch's momentum step at every step)
+            rect = _ratio(rho_t, rho_inf)**0.5 if rectify else 0.0  # torch's pow, not sqrt
         return RadamCoeffs(
             one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, bc1=bias_correction(self.b1, c1, t - 1),
             lr=self.lr, sqrt_bc2=bc2**0.5, eps=self.eps, rect=rect, rectify=rectify, one=1.0,
@@ -534,13 +539,12 @@ class scale_by_rectified_adam(Elementwise):
         bc2 = bias_correction(self.b2, c2, t - 1)
         rho_inf = 2.0 / c2 - 1.0
         rho_t = rho_inf - 2.0 * t * (1.0 - bc2) / bc2
-        ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         rectify = rho_t > self.threshold if self.strict else rho_t >= self.threshold
         if traced:
             xp = namespace(traced[0])
-            rect = xp.where(rectify, xp.sqrt(xp.maximum(ratio, 0.0)), 0.0)
+            rect = xp.where(rectify, xp.sqrt(xp.maximum(_ratio(rho_t, rho_inf), 0.0)), 0.0)
         else:
-            rect = ratio**0.5 if rectify else 0.0  # torch's pow, not sqrt: they round apart
+            rect = _ratio(rho_t, rho_inf)**0.5 if rectify else 0.0  # torch's pow, not sqrt
         return RectifiedCoeffs(
             one_minus_b1=c1, b2=self.b2, one_minus_b2=c2, bc1=bias_correction(self.b1, c1, t - 1),
             lr=self.lr, bc2=bc2, eps_root=self.eps_root,
