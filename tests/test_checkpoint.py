@@ -596,6 +596,15 @@ def test_misuse_is_named(path: str) -> None:
     with pytest.raises(TypeError, match="save: expected a uniopt State or a torch optimizer, "
                                         "got dict"):
         uo.save(path, {"step": 1})
+    with pytest.raises(TypeError, match=r"got list; save each State to a file of its own"):
+        uo.save(path, [state, state])
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    opt = ut.Adam([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(TypeError, match=r"got dict; a torch optimizer's state_dict\(\) is saved "
+                                        r"by passing the optimizer itself"):
+        uo.save(path, opt.state_dict())
     optax = pytest.importorskip("optax")
     chained = optax.chain(optax.clip_by_global_norm(1.0), uo.adam())
     with pytest.raises(TypeError, match=r"got tuple; an optax state .* is saved with orbax or "

@@ -3196,6 +3196,32 @@ def test_adamws_couple_lr_left_out_at_its_default_loads_as_that_default() -> Non
     assert into.param_groups[0]["couple_lr"] is True
 
 
+@pytest.mark.parametrize("name", ["Adafactor", "Adam", "RMSprop"])
+def test_flags_an_older_state_lacks_are_torchs_and_torchs_classes_stay_unpatched(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A saved group without ``foreach`` loads with torch's value, as torch's own class loads it
+    (Adafactor's base class was not found: its module is ``torch.optim`` itself); torch's class
+    is left as it was (its __setstate__, run on a scratch object, wrapped the class's step in
+    torch's profiling hook)."""
+    p = nn.Parameter(torch.randn(4, 3))
+    saved = getattr(torch.optim, name)([p], lr=1e-2).state_dict()
+    del saved["param_groups"][0]["foreach"]
+    want = getattr(torch.optim, name)([p], lr=1e-2, foreach=False)
+    want.load_state_dict(copy.deepcopy(saved))
+    ours = getattr(ut, name)([p], lr=1e-2, foreach=False)
+
+    patch = torch.optim.Optimizer._patch_step_function
+
+    def patching(self: Any) -> None:
+        if type(self).__module__.startswith("torch.optim"):  # (torch's class itself)
+            raise AssertionError(f"torch.optim.{type(self).__name__}'s step patched")
+        patch(self)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "_patch_step_function", patching)
+    ours.load_state_dict(copy.deepcopy(saved))
+    assert ours.param_groups[0]["foreach"] == want.param_groups[0]["foreach"]
+
+
 def test_a_key_torchs_class_fills_in_for_an_older_state_is_torchs_value() -> None:
     """torch's RMSprop fills ``momentum`` 0 into a group saved before it had one (its
     __setstate__): uniopt refused such a state as lacking a hyperparameter (or, before, took the

@@ -281,17 +281,17 @@ def decomposed(decompose: Callable[[Any], Any], a: Any) -> tuple[Any, ...]:
     where it does not converge (NumPy's and torch's ``LinAlgError``) because ``a`` holds a NaN
     or an infinity, its results all NaN, as JAX's are; a finite float32 ``a`` is decomposed
     again in float64 (as Meta's distributed Shampoo retries), and a finite float64 one that
-    fails still raises, never NaN in silence. So a non-finite gradient takes a matrix rule
-    (Shampoo, SOAP, GaLore) to NaN on every library, as it takes every elementwise rule, and
-    the step does not stop partway: one that raised here had stepped the leaves before this
-    one, and the slots of an elementwise part before it written in place."""
+    fails still raises, never NaN in silence (rare: then the step stops partway, the leaves
+    before this one stepped, the slots of an elementwise part before it written in place).
+    So a non-finite gradient takes a matrix rule (Shampoo, SOAP, GaLore) to NaN on every
+    library, as it takes every elementwise rule, and does not stop the step partway."""
     try:
         return tuple(decompose(a))
     except _lapack_errors():
         xp = namespace(a)
         if not bool(xp.all(xp.isfinite(a))):
             return tuple(x * float("nan") for x in decompose(xp.zeros_like(a)))
-        if a.dtype == xp.float64:
+        if a.dtype != xp.float32:  # (float64, or complex: no wider real form to retry in)
             raise
     # a finite float32 matrix too ill-conditioned for the solver in its dtype: in float64
     return tuple(xp.astype(x, a.dtype) for x in decompose(xp.astype(a, xp.float64)))

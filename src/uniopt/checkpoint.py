@@ -645,7 +645,15 @@ def save(path: str | os.PathLike[str], state: Any, params: Any = None) -> None:
         doc = _torch_doc(state, tensors)
     else:
         hint = ""
-        if isinstance(state, (tuple, list, dict)):
+        if isinstance(state, dict) and {"state", "param_groups"} <= set(state):
+            hint = ("; a torch optimizer's state_dict() is saved by passing the optimizer "
+                    "itself: uo.save(path, opt)")
+        elif isinstance(state, (tuple, list)) and state and all(
+                isinstance(x, State) for x in state):
+            hint = "; save each State to a file of its own"
+        elif isinstance(state, (tuple, list)) and any(
+                isinstance(x, State) or type(x).__module__.split(".")[0] == "optax"
+                for x in state):
             # (an optax chain's state, a uniopt State among its members: a tree of optax's
             # classes, which uniopt's format does not name)
             hint = ("; an optax state (optax.chain's, a uniopt rule among its members or not) "

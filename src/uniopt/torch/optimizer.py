@@ -1086,12 +1086,15 @@ def _torch_filled(cls: type, groups: list[Any]) -> list[Any]:
     older release did not save them (its ``__setstate__``: RMSprop's ``momentum`` 0, Adam's
     ``decoupled_weight_decay``...), as torch's own load takes them; the groups as they are
     where ``cls`` has no torch class of its own (``uniopt.torch.Optimizer``)."""
-    base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.optim.")
+    # (torch.optim.Adafactor's and Muon's module is "torch.optim" itself)
+    base = next((c for c in cls.__mro__ if c.__module__.split(".")[:2] == ["torch", "optim"]
                  and c is not torch.optim.Optimizer), None)
     if base is None or "__setstate__" not in vars(base) or not all(
             isinstance(g, dict) for g in groups):
         return groups
     scratch: Any = object.__new__(base)
+    # (torch's Optimizer.__setstate__ would wrap the torch class's step in its profiling hook)
+    scratch._patch_step_function = lambda: None
     filled = [dict(g) for g in groups]
     try:
         vars(base)["__setstate__"](scratch, {"param_groups": filled, "state": {},
