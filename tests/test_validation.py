@@ -1435,3 +1435,28 @@ def test_a_rule_given_an_unknown_keyword_names_it_and_its_fields(name: str) -> N
         cls(learning_rate=1e-3)
     with pytest.raises(TypeError, match=re.escape(f"'{fields[0]}x'; did you mean '{fields[0]}'")):
         cls(**{f"{fields[0]}x": 1})
+
+
+@pytest.mark.parametrize("rule", [uo.adam(lr=0.1), uo.adagrad(lr=0.1), uo.rmsprop(lr=0.1),
+                                  uo.chain(uo.clip_by_global_norm(1.0), uo.sgd(lr=0.1))],
+                         ids=["adam", "adagrad", "rmsprop", "clip-sgd"])
+def test_a_non_finite_gradient_steps_to_nan_without_numpys_warnings(rule: Any) -> None:
+    """NumPy's arithmetic on the reference path warned at a NaN or infinite gradient ("invalid
+    value encountered in divide"), and under -W error raised with nothing written, where the
+    compiled loop, torch and JAX step to NaN in silence: whether a step warned hung on which
+    path it took. Every path now steps alike."""
+    import warnings
+
+    grads = {"w": np.array([0.5, np.nan, np.inf, -np.inf]), "b": np.array([0.0, 1.0])}
+    pure = {"w": np.ones(4), "b": np.ones(2)}
+    written = {"w": np.ones(4), "b": np.ones(2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = uo.setup(rule, pure)
+        for _ in range(2):
+            state, pure = uo.update(state, pure, grads)
+        state = uo.setup(rule, written)
+        for _ in range(2):
+            state = uo.update_(state, written, grads)
+    assert int(state.step) == 2 and not np.isfinite(pure["w"][1:]).any()
+    assert all(np.array_equal(pure[k], written[k], equal_nan=True) for k in pure)

@@ -1779,6 +1779,20 @@ def _pure(state: State, params: Any, grads: Any, value: Any,
     fast_out = _fast(state, params, grads, inplace=False)
     if isinstance(fast_out, tuple):
         return fast_out
+    with np.errstate(all="ignore"):  # (NumPy's warnings off: see below)
+        return _reference(state, params, grads, fast_out, value, extra)
+
+
+# A non-finite gradient or an overflow makes NumPy's arithmetic on the reference path warn
+# ("invalid value encountered in divide"), and under -W error raise, where the compiled loop,
+# torch and JAX step to NaN or inf in silence: which path a step takes (the kernel cache, the
+# tree's size) would decide whether it warns, or raises with nothing written. The reference
+# path runs with NumPy's floating-point warnings off, so every path steps alike.
+
+
+def _reference(state: State, params: Any, grads: Any, fast_out: Any, value: Any,
+               extra: dict[str, Any]) -> tuple[State, Any]:
+    """:func:`_pure`'s step where no compiled strategy took it (``fast_out``: why, or None)."""
     if type(grads) is backend.Addressed:
         grads = grads.arrays()
     step = _prologue(state, params, grads)
@@ -1818,8 +1832,11 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     if extra:
         _check_keywords("update_", state, extra)
     fast_out = _fast(state, params, grads, inplace=True)
-    new = (fast_out[0] if isinstance(fast_out, tuple)
-           else _update_(state, params, grads, fast_out, value, extra))
+    if isinstance(fast_out, tuple):
+        new = fast_out[0]
+    else:
+        with np.errstate(all="ignore"):  # (as _pure's reference step)
+            new = _update_(state, params, grads, fast_out, value, extra)
     return _advance(state, new)
 
 
