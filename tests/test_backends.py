@@ -373,3 +373,49 @@ def test_a_device_without_float64_takes_norms_in_float32(rule: uo.Transform) -> 
     for a, b in zip(params, ref, strict=True):
         assert a.device == dev and a.dtype == xs.float32
         assert rel_diff(np.asarray(xs.asarray(a, device=xs.Device("CPU_DEVICE"))), b) <= 1e-6
+
+
+@pytest.mark.parametrize("rule", [
+    uo.mechanize(uo.adam(lr=1e-2)),
+    uo.accumulate(uo.adam(lr=1e-2), every=2),
+    uo.chain(uo.adam(lr=1e-2), uo.reduce_on_plateau(patience=0)),
+    uo.dog(init_step=("learning_rate", 1e-3)),
+    uo.chain(uo.scale_by_lbfgs(), uo.scale_by_lr(0.1)),
+], ids=["mechanize", "accumulate-float32", "plateau", "dog-lr", "scale_by_lbfgs"])
+def test_a_rule_off_array_api_stricts_default_device(rule: uo.Transform) -> None:
+    """Each made an array of its own without ``device=`` (Mechanic's sums and betas,
+    accumulate's float32 sums, the plateau's loss and floor, DoG's first step), which met the
+    params' device1 arrays and raised; scale_by_lbfgs indexed its history as NumPy does, not as
+    the standard does. Now each steps there as on NumPy."""
+    xs = pytest.importorskip("array_api_strict")
+    dev = xs.Device("device1")
+    start = {"w": np.array([[1.0, -2.0], [0.5, 3.0]]), "b": np.array([0.25, -0.75])}
+    grads = [{k: np.sin(v * (t + 1)) for k, v in start.items()} for t in range(6)]
+    kw = {"state_dtype": "float32"} if "accumulate" in str(rule)[:12] else {}
+    runs = []
+    for to in (np.array, lambda a: xs.asarray(a, device=dev)):
+        ps = {k: to(v) for k, v in start.items()}
+        state = uo.setup(rule, ps, **kw)
+        for t, g in enumerate(grads):
+            state, ps = uo.update(state, ps, {k: to(v) for k, v in g.items()}, value=1.0 / (t + 1))
+        runs.append({k: np.asarray(xs.asarray(v, device=xs.Device("CPU_DEVICE")))
+                     if not isinstance(v, np.ndarray) else v for k, v in ps.items()})
+    for k in start:
+        np.testing.assert_allclose(runs[1][k], runs[0][k], rtol=1e-12, atol=1e-15)
+
+
+def test_a_gradient_on_another_device_than_its_parameter_is_named_before_any_write() -> None:
+    """array_api_strict's own error named no leaf, and inside a partition's update_ the first
+    member's leaf was written before it came."""
+    xs = pytest.importorskip("array_api_strict")
+    dev = xs.Device("device1")
+    params = {"a": xs.asarray([1.0, 2.0], device=dev), "b": xs.asarray([3.0], device=dev)}
+    rule = uo.partition({"x": uo.sgd(lr=0.1), "y": uo.adam(lr=0.1)},
+                        lambda path, leaf: "x" if path[-1] == "a" else "y")
+    state = uo.setup(rule, params)
+    grads = {"a": xs.asarray([1.0, 1.0], device=dev), "b": xs.asarray([1.0])}
+    with pytest.raises(ValueError, match=r"gradient for params\['b'\] is on .*CPU_DEVICE.*, its "
+                                         r"parameter on .*device1"):
+        uo.update_(state, params, grads)
+    assert np.asarray(xs.asarray(params["a"], device=xs.Device("CPU_DEVICE"))).tolist() == [
+        1.0, 2.0]

@@ -629,7 +629,8 @@ class accumulate(_Wraps):
         leaves = flatten_leaves(params)[0]
         xp = backend.namespace(leaves[0]) if leaves else None
         acc = [xp.zeros_like(x) if state_dtype is None else
-               xp.zeros(x.shape, dtype=getattr(xp, state_dtype)) for x in leaves] if xp else []
+               xp.zeros(x.shape, dtype=getattr(xp, state_dtype), device=backend.device(x))
+               for x in leaves] if xp else []
         return {"mini": _count(leaves), "acc": acc,
                 "inner": setup(self.rule, params, state_dtype=state_dtype)}
 
@@ -749,7 +750,7 @@ class skip_nonfinite(_Wraps):
 
 COMBINATORS["partition"] = partition
 def _tree_sum(xp: Any, terms: list[Any], dtype: Any) -> Any:
-    total = xp.zeros((), dtype=dtype)
+    total = xp.zeros((), dtype=dtype, device=backend.device(terms[0]) if terms else None)
     for t in terms:
         total = total + xp.sum(xp.astype(t, dtype))
     return total
@@ -831,7 +832,8 @@ class mechanize(_Wraps):
                                                                          strict=True)]
         h = _tree_sum(xp, [(g + _as(decay, p) * p) * d
                            for g, p, d in zip(gs, ps, deltas, strict=True)], dtype)
-        betas = 1.0 - 0.1 ** xp.arange(1, self.num_betas + 1, dtype=dtype)
+        betas = 1.0 - 0.1 ** xp.arange(1, self.num_betas + 1, dtype=dtype,
+                                       device=backend.device(h))
         clipped = xp.minimum(xp.maximum(h, -m), m)
         m = xp.maximum(betas * m, xp.abs(h) + self.eps)
         v = betas ** 2 * v + h ** 2

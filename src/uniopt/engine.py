@@ -635,6 +635,16 @@ def _torch_grads(names: list[str], params: list[Any], grads: list[Any], state: S
                             "Adagrad sparse ones")
 
 
+def _same_devices(names: list[str], params: list[Any], grads: list[Any]) -> None:
+    """Each gradient of another array-API library (array_api_strict's devices, CuPy's) on its
+    parameter's device: the library's own error came from the first kernel that met one,
+    naming no leaf, after the leaves (a partition's members) before it had stepped."""
+    for name, p, g in zip(names, params, grads, strict=True):
+        if g is not None and backend.device(g) != backend.device(p):
+            raise ValueError(f"gradient for {name} is on {backend.device(g)}, its parameter "
+                             f"on {backend.device(p)}")
+
+
 def _under_grad() -> bool:
     """Inside a reverse-mode torch.func transform (grad, vjp, jacrev), at any depth: where
     ``requires_grad`` means the transform's derivative (vmap alone differentiates nothing)."""
@@ -1653,6 +1663,8 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
         g_leaves = _align_grads(grads, treedef, names, p_leaves, none=True)
         if p_leaves and backend.is_torch(p_leaves[0]):
             _torch_grads(names, p_leaves, g_leaves, state)
+        elif p_leaves and not (backend.is_numpy(p_leaves[0]) or backend.is_jax(p_leaves[0])):
+            _same_devices(names, p_leaves, g_leaves)
     if writes:
         for name, p in zip(names, p_leaves, strict=True):
             reason = backend.immutable_reason(p)

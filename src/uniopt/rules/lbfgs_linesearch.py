@@ -112,12 +112,12 @@ class scale_by_lbfgs(WholeTree):
         q = list(us)
         alphas: list[Any] = [None] * self.memory_size
         for i in reversed(range(self.memory_size)):
-            dp_i, du_i = [m[i] for m in mem_p], [m[i] for m in mem_u]
+            dp_i, du_i = [m[i, ...] for m in mem_p], [m[i, ...] for m in mem_u]
             alphas[i] = rhos[i] * vdot(dp_i, q)
             q = [a + (-alphas[i]) * b for a, b in zip(q, du_i, strict=True)]
         r = [gamma * x for x in q]
         for i in range(self.memory_size):
-            dp_i, du_i = [m[i] for m in mem_p], [m[i] for m in mem_u]
+            dp_i, du_i = [m[i, ...] for m in mem_p], [m[i, ...] for m in mem_u]
             beta = rhos[i] * vdot(du_i, r)
             r = [a + (alphas[i] - beta) * b for a, b in zip(r, dp_i, strict=True)]
         r = [x if x.dtype == u0.dtype else xp.astype(x, u0.dtype) for x, u0 in
@@ -136,7 +136,7 @@ class scale_by_lbfgs(WholeTree):
 
 def _push(xp: Any, stack: Any, x: Any) -> Any:
     """``stack`` with its oldest entry (first) dropped and ``x`` appended."""
-    return xp.concat([stack[1:], xp.expand_dims(xp.astype(x, stack.dtype), axis=0)], axis=0)
+    return xp.concat([stack[1:, ...], xp.expand_dims(xp.astype(x, stack.dtype), axis=0)], axis=0)
 
 
 @dataclass(frozen=True)
