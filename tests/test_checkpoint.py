@@ -596,7 +596,7 @@ def test_misuse_is_named(path: str) -> None:
     with pytest.raises(TypeError, match="save: expected a uniopt State or a torch optimizer, "
                                         "got dict"):
         uo.save(path, {"step": 1})
-    with pytest.raises(TypeError, match=r"got list; save each State to a file of its own"):
+    with pytest.raises(TypeError, match=r"got list; .*several States, each to a file of its own"):
         uo.save(path, [state, state])
     torch = pytest.importorskip("torch")
     import uniopt.torch as ut

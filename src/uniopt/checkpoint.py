@@ -648,17 +648,18 @@ def save(path: str | os.PathLike[str], state: Any, params: Any = None) -> None:
         if isinstance(state, dict) and {"state", "param_groups"} <= set(state):
             hint = ("; a torch optimizer's state_dict() is saved by passing the optimizer "
                     "itself: uo.save(path, opt)")
-        elif isinstance(state, (tuple, list)) and state and all(
-                isinstance(x, State) for x in state):
-            hint = "; save each State to a file of its own"
+        elif (isinstance(state, (tuple, list)) and len(state) == 2
+              and isinstance(state[0], State) and not isinstance(state[1], State)):
+            hint = "; a state and its params: uo.save(path, state, params=params)"
         elif isinstance(state, (tuple, list)) and any(
                 isinstance(x, State) or type(x).__module__.split(".")[0] == "optax"
                 for x in state):
             # (an optax chain's state, a uniopt State among its members: a tree of optax's
-            # classes, which uniopt's format does not name)
+            # classes, which uniopt's format does not name; or the user's own list of States)
             hint = ("; an optax state (optax.chain's, a uniopt rule among its members or not) "
                     "is saved with orbax or flax.serialization, or write the chain as uo.chain "
-                    "(optax members inside it: docs/optax.md), whose State this saves")
+                    "(optax members inside it: docs/optax.md), whose State this saves; several "
+                    "States, each to a file of its own")
         raise TypeError(f"save: expected a uniopt State or a torch optimizer, got "
                         f"{type(state).__name__}{hint}")
     _write(os.fspath(path), doc, tensors.arrays)

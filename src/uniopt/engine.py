@@ -2144,7 +2144,13 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
     with backend.outside_autograd(leaves):
         x0 = _flat(xp, leaves)
 
+    callers = np.geterr()
+
     def evaluate(x: Any) -> tuple[Any, Any]:
+        with np.errstate(**callers):  # (the closure is the user's: their warnings as they set)
+            return _evaluated(x)
+
+    def _evaluated(x: Any) -> tuple[Any, Any]:
         if inplace:
             if x is not x0:  # (the params hold x0 itself: the first evaluation, as torch's)
                 with backend.outside_autograd(leaves):
@@ -2158,7 +2164,8 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
             return loss, _flat(xp, g)
 
     try:
-        x, tree, loss = resolved.minimize(xp, x0, state.tree_states[key], evaluate)
+        with np.errstate(all="ignore"):  # (the minimizer's own arithmetic, as update's)
+            x, tree, loss = resolved.minimize(xp, x0, state.tree_states[key], evaluate)
     except BaseException:
         if inplace:
             with backend.outside_autograd(leaves):
@@ -2266,7 +2273,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     state = _with_structure(state, step.treedef)
     if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(rule):
         return _protocol_pairs(rule, state, step, extra_args)
-    with backend.outside_autograd(step.params):
+    with backend.outside_autograd(step.params), np.errstate(all="ignore"):  # (as update's)
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
                                        step.grads, extra_args)
     negate = makes_step(rule)

@@ -1360,8 +1360,9 @@ def segmented(
             continue
         ((part, c, ks),) = seg
         last = mode != "update"
-        outs = per_leaf(part, c, [[slots[k][i] for k in ks] for i in range(n)], xps, params,
-                        us, last and part.finish is not None)
+        with np.errstate(all="ignore"):  # (NumPy's warnings off, as on the reference path)
+            outs = per_leaf(part, c, [[slots[k][i] for k in ks] for i in range(n)], xps,
+                            params, us, last and part.finish is not None)
         for at, key in enumerate(ks, 1):
             olds = slots[key]
             if inplace:

@@ -435,8 +435,14 @@ class nadam(Rule):
 
 
 def _ratio(rho_t: Any, rho_inf: Any) -> Any:
-    """RAdam's variance rectification ``r_t**2``, taken where ``rho_t`` is above its threshold."""
-    return (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    """RAdam's variance rectification ``r_t**2``, taken where ``rho_t`` is above its threshold:
+    1 where ``rho_t`` has reached ``rho_inf`` (the formula's own value there, to the bit, and
+    its limit where both are 4 and it reads 0/0: a threshold of 4 taken at ``rho_t >= 4``)."""
+    ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t) \
+        if not isinstance(rho_t, float) or rho_t != rho_inf else 1.0
+    if isinstance(ratio, float):
+        return ratio
+    return namespace(ratio).where(rho_t == rho_inf, 1.0, ratio)
 
 
 class RadamCoeffs(NamedTuple):
