@@ -474,6 +474,25 @@ def test_nnx_functional_style_keeps_its_params(tmp_path: Any) -> None:
         np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6)
 
 
+def test_nnx_params_beside_committed_gradients_step_eagerly() -> None:
+    """NNX's Params hold uncommitted arrays; a jitted ``jax.grad`` of a batch put with
+    ``jax.device_put`` hands committed gradients on the same device. The gradient device
+    check of other array libraries took the Params for one and refused ("is on cpu:0, its
+    parameter on None"); NNX's arrays are JAX's, and placed by JAX."""
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    grads = jax.tree.map(lambda v: jax.device_put(jax.numpy.ones_like(v), jax.devices()[0]),
+                         params)  # (committed)
+    rule = uo.adam(lr=1e-2)
+    _, new = uo.update(uo.setup(rule, params), params, grads)
+    updates, _ = rule.update(grads, rule.init(params), params)
+    for a, u, b in zip(jax.tree.leaves(new), jax.tree.leaves(updates), jax.tree.leaves(params),
+                       strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b) - 1e-2, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(u), -1e-2, rtol=1e-6)
+
+
 def test_an_nnx_optimizer_resumes_from_uo_load(tmp_path: Any) -> None:
     """``opt.opt_state = uo.load(path, like=opt.opt_state)`` loaded bare arrays where NNX
     keeps OptArray variables, and the next ``opt.update`` failed inside flax ("Cannot set key

@@ -649,7 +649,8 @@ def save(path: str | os.PathLike[str], state: Any, params: Any = None) -> None:
             hint = ("; a torch optimizer's state_dict() is saved by passing the optimizer "
                     "itself: uo.save(path, opt)")
         elif (isinstance(state, (tuple, list)) and len(state) == 2
-              and isinstance(state[0], State) and not isinstance(state[1], State)):
+              and isinstance(state[0], State) and not isinstance(state[1], State)
+              and type(state[1]).__module__.split(".")[0] != "optax"):
             hint = "; a state and its params: uo.save(path, state, params=params)"
         elif isinstance(state, (tuple, list)) and any(
                 isinstance(x, State) or type(x).__module__.split(".")[0] == "optax"

@@ -750,7 +750,8 @@ class skip_nonfinite(_Wraps):
 
 COMBINATORS["partition"] = partition
 def _tree_sum(xp: Any, terms: list[Any], dtype: Any) -> Any:
-    total = xp.zeros((), dtype=dtype, device=backend.device(terms[0]) if terms else None)
+    # (a number beside the leaves: on their device, replicated over a JAX mesh they span)
+    total = backend.number(xp, 0.0, dtype, terms[0]) if terms else xp.zeros((), dtype=dtype)
     for t in terms:
         total = total + xp.sum(xp.astype(t, dtype))
     return total
@@ -832,8 +833,7 @@ class mechanize(_Wraps):
                                                                          strict=True)]
         h = _tree_sum(xp, [(g + _as(decay, p) * p) * d
                            for g, p, d in zip(gs, ps, deltas, strict=True)], dtype)
-        betas = 1.0 - 0.1 ** xp.arange(1, self.num_betas + 1, dtype=dtype,
-                                       device=backend.device(h))
+        betas = 1.0 - 0.1 ** backend.number(xp, list(range(1, self.num_betas + 1)), dtype, h)
         clipped = xp.minimum(xp.maximum(h, -m), m)
         m = xp.maximum(betas * m, xp.abs(h) + self.eps)
         v = betas ** 2 * v + h ** 2

@@ -640,9 +640,11 @@ def _same_devices(names: list[str], params: list[Any], grads: list[Any]) -> None
     parameter's device: the library's own error came from the first kernel that met one,
     naming no leaf, after the leaves (a partition's members) before it had stepped."""
     for name, p, g in zip(names, params, grads, strict=True):
-        if g is not None and backend.device(g) != backend.device(p):
-            raise ValueError(f"gradient for {name} is on {backend.device(g)}, its parameter "
-                             f"on {backend.device(p)}")
+        if g is None:
+            continue
+        have, want = backend.device(g), backend.device(p)
+        if have is not None and want is not None and have != want:  # (None: placed by JAX)
+            raise ValueError(f"gradient for {name} is on {have}, its parameter on {want}")
 
 
 def _under_grad() -> bool:
@@ -1663,7 +1665,8 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
         g_leaves = _align_grads(grads, treedef, names, p_leaves, none=True)
         if p_leaves and backend.is_torch(p_leaves[0]):
             _torch_grads(names, p_leaves, g_leaves, state)
-        elif p_leaves and not (backend.is_numpy(p_leaves[0]) or backend.is_jax(p_leaves[0])):
+        elif p_leaves and not (backend.is_numpy(p_leaves[0])
+                               or backend.is_jax(backend.held_array(p_leaves[0]))):
             _same_devices(names, p_leaves, g_leaves)
     if writes:
         for name, p in zip(names, p_leaves, strict=True):

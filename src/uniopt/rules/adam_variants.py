@@ -438,10 +438,10 @@ def _ratio(rho_t: Any, rho_inf: Any) -> Any:
     """RAdam's variance rectification ``r_t**2``, taken where ``rho_t`` is above its threshold:
     1 where ``rho_t`` has reached ``rho_inf`` (the formula's own value there, to the bit, and
     its limit where both are 4 and it reads 0/0: a threshold of 4 taken at ``rho_t >= 4``)."""
-    ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t) \
-        if not isinstance(rho_t, float) or rho_t != rho_inf else 1.0
-    if isinstance(ratio, float):
-        return ratio
+    if isinstance(rho_t, float):  # (a host number)
+        return 1.0 if rho_t == rho_inf else (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
     return namespace(ratio).where(rho_t == rho_inf, 1.0, ratio)
 
 
