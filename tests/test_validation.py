@@ -1507,3 +1507,15 @@ def test_the_optax_protocol_and_a_minimizer_step_to_nan_without_numpys_warnings(
         uo.minimize_step_(uo.setup(uo.lbfgs(), params), params,
                           lambda p: (float(np.float64(1.0) / np.float64(0.0)),
                                      {"w": np.ones(3)}))
+
+
+def test_the_rectified_adam_block_refuses_a_threshold_below_4() -> None:
+    """Below 4 the rectification's ratio is negative (its root complex on the host: a step of
+    complex numbers), or 0/0 where rho_inf is 4, at a rho_t the threshold lets through; radam's
+    rectify_threshold was held to 4 and up, the block was not."""
+    from uniopt.rules.adam_variants import scale_by_rectified_adam
+
+    with pytest.raises(ValueError, match=r"scale_by_rectified_adam: threshold must be a number "
+                                         r">= 4 \(r_t is real where rho_t >= 4\), got 3\.0"):
+        scale_by_rectified_adam(threshold=3.0)
+    assert scale_by_rectified_adam(threshold=4.0).threshold == 4.0

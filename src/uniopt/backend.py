@@ -196,8 +196,9 @@ def placed_slot(x: Any, like: Any) -> Any:
     hands it back. On a mesh of automatic axes XLA lays the step's factor out as the parameter
     along the axes it keeps, spelled without trailing Nones (P('d',) for the rows of a P('d',
     'm') matrix, P(None, 'm') for its columns): set up so, the second call is the first's
-    signature, not a second compilation. On a mesh of explicit axes, or where the axes do not
-    line up, whole (:func:`placed`; the step lays the new factor out as the old)."""
+    signature, not a second compilation. On a mesh of explicit axes whole (:func:`placed`;
+    the step lays the new factor out as the old, :func:`laid_out_as`), and where the axes do
+    not line up whole too."""
     where = placement(like)
     sharding = getattr(like, "sharding", None)
     spec = getattr(sharding, "spec", None)
@@ -276,22 +277,36 @@ def gathered(x: Any) -> Any:
                                                               jax.sharding.PartitionSpec()))
 
 
+def quiet() -> Any:
+    """NumPy's floating-point warnings off, for a step's own arithmetic on NumPy arrays (the
+    reference path, the compiled loop's per-leaf parts, the optax protocol, a minimizer): a
+    non-finite gradient or an overflow made them warn ("invalid value encountered in
+    divide"), and under -W error raise with nothing written, where the compiled loop, torch
+    and JAX step to NaN or inf in silence; which path a step took (the kernel cache, the
+    tree's size) decided whether it warned. Code of the user's that a step calls back (an
+    L-BFGS closure) runs under the caller's own settings."""
+    return np.errstate(all="ignore")
+
+
 def decomposed(decompose: Callable[[Any], Any], a: Any) -> tuple[Any, ...]:
-    """``decompose(a)``, a LAPACK decomposition of matrix ``a`` (eigh, qr, svd), as a tuple;
-    where it does not converge (NumPy's and torch's ``LinAlgError``) because ``a`` holds a NaN
-    or an infinity, its results all NaN, as JAX's are; a finite float32 ``a`` is decomposed
-    again in float64 (as Meta's distributed Shampoo retries), and a finite float64 one that
-    fails still raises, never NaN in silence (rare: then the step stops partway, the leaves
-    before this one stepped, the slots of an elementwise part before it written in place).
-    So a non-finite gradient takes a matrix rule (Shampoo, SOAP, GaLore) to NaN on every
-    library, as it takes every elementwise rule, and does not stop the step partway."""
+    """``decompose(a)``, a LAPACK decomposition of matrix ``a`` (eigh, qr, svd), as a tuple.
+    Where it does not converge (NumPy's and torch's ``LinAlgError``):
+
+    - ``a`` holds a NaN or an infinity: its results all NaN, as JAX's are. So a non-finite
+      gradient takes a matrix rule (Shampoo, SOAP, GaLore) to NaN on every library, as it
+      takes every elementwise rule, and does not stop the step partway (the leaves before
+      this one stepped, the slots of an elementwise part before it written in place);
+    - a finite float32 ``a``: decomposed again in float64 (as Meta's distributed Shampoo
+      retries);
+    - a finite ``a`` of another dtype: the error, never NaN in silence (rare; that step then
+      stops partway)."""
     try:
         return tuple(decompose(a))
     except _lapack_errors():
         xp = namespace(a)
         if not bool(xp.all(xp.isfinite(a))):
             return tuple(x * float("nan") for x in decompose(xp.zeros_like(a)))
-        if a.dtype != xp.float32:  # (float64, or complex: no wider real form to retry in)
+        if a.dtype != xp.float32:  # (retried from float32 alone)
             raise
     # a finite float32 matrix too ill-conditioned for the solver in its dtype: in float64
     return tuple(xp.astype(x, a.dtype) for x in decompose(xp.astype(a, xp.float64)))

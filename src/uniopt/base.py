@@ -577,8 +577,8 @@ class Part(Transform):
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         shape = tuple(p.shape)
         # a slot of another shape (Adafactor's factors) cannot take a sharded parameter's
-        # layout: whole, replicated on its mesh, as torch keeps it beside a DTensor, or as a
-        # jitted step lays it out (backend.placed_slot)
+        # layout: as a jitted step lays it out on its mesh (backend.placed_slot), whole on an
+        # explicit one, as torch keeps it beside a DTensor
         mesh = backend.mesh_of(p)
         return tuple(
             None if s is None else xp.zeros_like(p) if s == shape

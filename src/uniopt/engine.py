@@ -643,7 +643,7 @@ def _same_devices(names: list[str], params: list[Any], grads: list[Any]) -> None
         if g is None:
             continue
         have, want = backend.device(g), backend.device(p)
-        if have is not None and want is not None and have != want:  # (None: placed by JAX)
+        if have is not None and want is not None and have != want:
             raise ValueError(f"gradient for {name} is on {have}, its parameter on {want}")
 
 
@@ -1667,6 +1667,8 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
             _torch_grads(names, p_leaves, g_leaves, state)
         elif p_leaves and not (backend.is_numpy(p_leaves[0])
                                or backend.is_jax(backend.held_array(p_leaves[0]))):
+            # (NumPy has one device; JAX places arrays itself, an uncommitted one beside a
+            # committed one, as NNX's Params hold theirs)
             _same_devices(names, p_leaves, g_leaves)
     if writes:
         for name, p in zip(names, p_leaves, strict=True):
@@ -1794,15 +1796,8 @@ def _pure(state: State, params: Any, grads: Any, value: Any,
     fast_out = _fast(state, params, grads, inplace=False)
     if isinstance(fast_out, tuple):
         return fast_out
-    with np.errstate(all="ignore"):  # (NumPy's warnings off: see below)
+    with backend.quiet():
         return _reference(state, params, grads, fast_out, value, extra)
-
-
-# A non-finite gradient or an overflow makes NumPy's arithmetic on the reference path warn
-# ("invalid value encountered in divide"), and under -W error raise, where the compiled loop,
-# torch and JAX step to NaN or inf in silence: which path a step takes (the kernel cache, the
-# tree's size) would decide whether it warns, or raises with nothing written. The reference
-# path runs with NumPy's floating-point warnings off, so every path steps alike.
 
 
 def _reference(state: State, params: Any, grads: Any, fast_out: Any, value: Any,
@@ -1850,7 +1845,7 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     if isinstance(fast_out, tuple):
         new = fast_out[0]
     else:
-        with np.errstate(all="ignore"):  # (as _pure's reference step)
+        with backend.quiet():
             new = _update_(state, params, grads, fast_out, value, extra)
     return _advance(state, new)
 
@@ -2167,7 +2162,7 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
             return loss, _flat(xp, g)
 
     try:
-        with np.errstate(all="ignore"):  # (the minimizer's own arithmetic, as update's)
+        with backend.quiet():  # (the minimizer's own arithmetic; the closure: evaluate)
             x, tree, loss = resolved.minimize(xp, x0, state.tree_states[key], evaluate)
     except BaseException:
         if inplace:
@@ -2276,7 +2271,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     state = _with_structure(state, step.treedef)
     if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(rule):
         return _protocol_pairs(rule, state, step, extra_args)
-    with backend.outside_autograd(step.params), np.errstate(all="ignore"):  # (as update's)
+    with backend.outside_autograd(step.params), backend.quiet():
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
                                        step.grads, extra_args)
     negate = makes_step(rule)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal, TypeAlias, cast
 
 import array_api_compat
 
-from .hyper import _float_step
+from .hyper import _float_step, resolve
 
 __all__ = [
     "Schedule",
@@ -132,7 +132,7 @@ def _result(xp: Any, value: Any) -> Any:
     return float(value) if xp is _Scalar else value
 
 
-def _lerp(xp: Any, a: float, b: float, t: Any) -> Any:
+def _lerp(xp: Any, a: float, b: Any, t: Any) -> Any:
     # a + (b - a) * t is monotone in t and constant when a == b, but can miss b at t = 1 by an
     # ulp of a (1 + (1e-4 - 1) != 1e-4), on either side: pin t = 1 to b and clip to [a, b].
     # (b may be an array: a function's value, traced under jax.jit; torch's minimum takes no
@@ -148,7 +148,7 @@ def _nested(s: Schedule, count: Any) -> Any:
     integer. A uniopt record takes it as the default float, as :func:`uniopt.hyper.resolve`
     hands it one; a function of your own the integer, as resolve and optax hand it (a table
     indexed by it). The nesting records take the integer for that (``float_step`` False)."""
-    return s(_float_step(count) if getattr(s, "float_step", False) else count)
+    return resolve(s, count)
 
 
 def _check_number(owner: str, name: str, value: object) -> None:

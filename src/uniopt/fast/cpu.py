@@ -1360,7 +1360,7 @@ def segmented(
             continue
         ((part, c, ks),) = seg
         last = mode != "update"
-        with np.errstate(all="ignore"):  # (NumPy's warnings off, as on the reference path)
+        with backend.quiet():
             outs = per_leaf(part, c, [[slots[k][i] for k in ks] for i in range(n)], xps,
                             params, us, last and part.finish is not None)
         for at, key in enumerate(ks, 1):

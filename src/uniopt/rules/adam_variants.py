@@ -538,6 +538,13 @@ class scale_by_rectified_adam(Elementwise):
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     makes_step: ClassVar[bool] = True
 
+    def check(self) -> None:
+        # (below 4 the rectification's ratio is negative, or 0/0 where rho_inf is 4, at a
+        # rho_t the threshold lets through: radam's rectify_threshold is held to it too)
+        object.__setattr__(self, "threshold", check_real(
+            self.name, "threshold", self.threshold, Interval(4.0),
+            why=" (r_t is real where rho_t >= 4)"))
+
     def coeffs(self, step: int) -> RectifiedCoeffs:
         c1, c2 = self.one_minus("b1"), self.one_minus("b2")
         traced = [x for x in (step, self.b1, self.b2) if _traced(x)]

@@ -112,6 +112,7 @@ class scale_by_lbfgs(WholeTree):
         q = list(us)
         alphas: list[Any] = [None] * self.memory_size
         for i in reversed(range(self.memory_size)):
+            # (m[i, ...]: the array API indexes every axis; array_api_strict refuses m[i])
             dp_i, du_i = [m[i, ...] for m in mem_p], [m[i, ...] for m in mem_u]
             alphas[i] = rhos[i] * vdot(dp_i, q)
             q = [a + (-alphas[i]) * b for a, b in zip(q, du_i, strict=True)]

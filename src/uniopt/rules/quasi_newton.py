@@ -47,7 +47,7 @@ def _loss(value: Any) -> float:
     loss) is refused by name."""
     if value is None:
         raise TypeError("lbfgs: the closure returned None for the loss; L-BFGS compares "
-                        "losses (its stopping test, its line search): return (loss, grads)")
+                        "losses (its stopping test, its line search): return the loss too")
     return float(value)
 
 

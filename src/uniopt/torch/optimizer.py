@@ -952,6 +952,7 @@ class Optimizer(torch.optim.Optimizer):
             combined.adopt(self)
         sd = super().state_dict()
         quiet = self._unsaved_defaults
+        # (by identity: the defaults are bools, and a tensor's != is no bool)
         groups = [{k: plain_schedules(v) for k, v in g.items()
                    if k not in quiet or v is not quiet[k]} for g in sd["param_groups"]]
         return {**sd, "state": _group_states_out(_q8_copies(sd["state"], groups), groups),
@@ -964,10 +965,10 @@ class Optimizer(torch.optim.Optimizer):
         if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
             # (a key state_dict() leaves out at its default is that default, whatever this
             # optimizer's constructor was given)
-            groups = [{**self._unsaved_defaults,
-                       **{k: schedules_from_plain(v) for k, v in g.items()}}
-                      if isinstance(g, dict) else g for g in state_dict["param_groups"]]
-            state_dict = {**state_dict, "param_groups": _torch_filled(type(self), groups)}
+            groups = _torch_filled(type(self), [
+                {**self._unsaved_defaults, **{k: schedules_from_plain(v) for k, v in g.items()}}
+                if isinstance(g, dict) else g for g in state_dict["param_groups"]])
+            state_dict = {**state_dict, "param_groups": groups}
             if isinstance(state_dict.get("state"), dict):
                 state_dict["state"] = _group_states_in(state_dict["state"], groups)
         check_loadable(self, state_dict)
@@ -1082,10 +1083,11 @@ def _check_not_replaced(name: str, gi: int, group: dict[str, Any],
 
 
 def _torch_filled(cls: type, groups: list[Any]) -> list[Any]:
-    """Saved ``groups`` with the keys the torch class ``cls`` derives from fills in where an
-    older release did not save them (its ``__setstate__``: RMSprop's ``momentum`` 0, Adam's
-    ``decoupled_weight_decay``...), as torch's own load takes them; the groups as they are
-    where ``cls`` has no torch class of its own (``uniopt.torch.Optimizer``)."""
+    """Saved ``groups`` as the torch class ``cls`` derives from makes them on load: its
+    ``__setstate__`` fills in keys older releases did not save (RMSprop's ``momentum`` 0, the
+    flags) and sets some outright (AdamW's ``decoupled_weight_decay``). Run on a scratch object
+    of that class, found in ``vars`` (the class's own, not one it inherits); the groups as they
+    are where ``cls`` has no torch class of its own (``uniopt.torch.Optimizer``)."""
     # (torch.optim.Adafactor's and Muon's module is "torch.optim" itself)
     base = next((c for c in cls.__mro__ if c.__module__.split(".")[:2] == ["torch", "optim"]
                  and c is not torch.optim.Optimizer), None)
