@@ -199,25 +199,17 @@ def placed_slot(x: Any, like: Any) -> Any:
     signature, not a second compilation. On a mesh of explicit axes whole (:func:`placed`;
     the step lays the new factor out as the old, :func:`laid_out_as`), and where the axes do
     not line up whole too."""
-    where = placement(like)
-    sharding = getattr(like, "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    explicit = bool(getattr(where, "explicit_axes", None))
-    if (explicit or not isinstance(where, _mesh_type()) or spec is None
-            or np.ndim(x) != np.ndim(like)):
+    mesh = mesh_of(like)
+    if mesh is None or bool(getattr(mesh, "explicit_axes", None)) or np.ndim(x) != np.ndim(like):
         return placed(x, like)
     import jax
 
+    spec = like.sharding.spec  # (a NamedSharding's: mesh_of found its mesh)
     axes = [*spec, *[None] * (np.ndim(like) - len(spec))]
     kept = [a if n == m else None for a, n, m in zip(axes, x.shape, like.shape, strict=True)]
     while kept and kept[-1] is None:
         kept.pop()
-    return jax.device_put(x, jax.sharding.NamedSharding(where, jax.sharding.PartitionSpec(*kept)))
-
-
-def _mesh_type() -> Any:
-    jax = sys.modules.get("jax")
-    return () if jax is None else jax.sharding.Mesh
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*kept)))
 
 
 def made_beside(make: Callable[[Any], Any], like: Any) -> Any:

@@ -644,26 +644,32 @@ def save(path: str | os.PathLike[str], state: Any, params: Any = None) -> None:
                             "parameters are the model's (save them with it)")
         doc = _torch_doc(state, tensors)
     else:
-        hint = ""
-        if isinstance(state, dict) and {"state", "param_groups"} <= set(state):
-            hint = ("; a torch optimizer's state_dict() is saved by passing the optimizer "
-                    "itself: uo.save(path, opt)")
-        elif (isinstance(state, (tuple, list)) and len(state) == 2
-              and isinstance(state[0], State) and not isinstance(state[1], State)
-              and type(state[1]).__module__.split(".")[0] != "optax"):
-            hint = "; a state and its params: uo.save(path, state, params=params)"
-        elif isinstance(state, (tuple, list)) and any(
-                isinstance(x, State) or type(x).__module__.split(".")[0] == "optax"
-                for x in state):
-            # (an optax chain's state, a uniopt State among its members: a tree of optax's
-            # classes, which uniopt's format does not name; or the user's own list of States)
-            hint = ("; an optax state (optax.chain's, a uniopt rule among its members or not) "
-                    "is saved with orbax or flax.serialization, or write the chain as uo.chain "
-                    "(optax members inside it: docs/optax.md), whose State this saves; several "
-                    "States, each to a file of its own")
         raise TypeError(f"save: expected a uniopt State or a torch optimizer, got "
-                        f"{type(state).__name__}{hint}")
+                        f"{type(state).__name__}{_save_hint(state)}")
     _write(os.fspath(path), doc, tensors.arrays)
+
+
+def _save_hint(state: Any) -> str:
+    """What :func:`save` was likely meant to be given, for a ``state`` it cannot take."""
+    def optax(x: Any) -> bool:
+        return type(x).__module__.split(".")[0] == "optax"
+
+    if isinstance(state, dict) and {"state", "param_groups"} <= set(state):
+        return ("; a torch optimizer's state_dict() is saved by passing the optimizer itself: "
+                "uo.save(path, opt)")
+    if not isinstance(state, (tuple, list)):
+        return ""
+    if (len(state) == 2 and isinstance(state[0], State) and not isinstance(state[1], State)
+            and not optax(state[1])):
+        return "; a state and its params: uo.save(path, state, params=params)"
+    if any(isinstance(x, State) or optax(x) for x in state):
+        # (an optax chain's state, a uniopt State among its members: a tree of optax's
+        # classes, which uniopt's format does not name; or the user's own list of States)
+        return ("; an optax state (optax.chain's, a uniopt rule among its members or not) is "
+                "saved with orbax or flax.serialization, or write the chain as uo.chain (optax "
+                "members inside it: docs/optax.md), whose State this saves; several States, "
+                "each to a file of its own")
+    return ""
 
 
 def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, list[int]]]) -> None:

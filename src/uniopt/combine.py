@@ -628,8 +628,7 @@ class accumulate(_Wraps):
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten_leaves(params)[0]
         xp = backend.namespace(leaves[0]) if leaves else None
-        acc = [xp.zeros_like(x) if state_dtype is None else
-               xp.zeros(x.shape, dtype=getattr(xp, state_dtype), device=backend.device(x))
+        acc = [xp.zeros_like(x, dtype=None if state_dtype is None else getattr(xp, state_dtype))
                for x in leaves] if xp else []
         return {"mini": _count(leaves), "acc": acc,
                 "inner": setup(self.rule, params, state_dtype=state_dtype)}

@@ -142,13 +142,6 @@ def _lerp(xp: Any, a: float, b: Any, t: Any) -> Any:
     return xp.clip(xp.where(t >= 1, b, a + (b - a) * t), lo, hi)
 
 
-def _nested(s: Schedule, count: Any) -> Any:
-    """Schedule ``s``, held by a record that nests schedules (:class:`warmup`, :class:`join`,
-    :class:`product`), at ``count``: the count as the record was given it, a JAX state's
-    integer. A uniopt record takes it as the default float, as :func:`uniopt.hyper.resolve`
-    hands it one; a function of your own the integer, as resolve and optax hand it (a table
-    indexed by it). The nesting records take the integer for that (``float_step`` False)."""
-    return resolve(s, count)
 
 
 def _check_number(owner: str, name: str, value: object) -> None:
@@ -390,17 +383,19 @@ class warmup(_Record):
         _check_number("warmup", "init", self.init)
         object.__setattr__(self, "then", as_schedule(self.then))
 
-    float_step: ClassVar[bool] = False  # (its schedule takes the count as given: _nested)
+    # the count as given (a JAX state's integer), handed on by hyper.resolve as it hands a
+    # count: a uniopt record takes it as the default float, a function of yours the integer
+    float_step: ClassVar[bool] = False
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         then = cast(Schedule, self.then)  # made a schedule in __post_init__
         if xp is _Scalar and step >= self.steps:
             return float(then(step - self.steps))  # don't call `then` on negative steps
-        ramp = _lerp(xp, self.init, _nested(then, 0), _float_step(step) / max(self.steps, 1))
+        ramp = _lerp(xp, self.init, resolve(then, 0), _float_step(step) / max(self.steps, 1))
         if xp is _Scalar:
             return float(ramp)
-        return cast(float, xp.where(step < self.steps, ramp, _nested(then, step - self.steps)))
+        return cast(float, xp.where(step < self.steps, ramp, resolve(then, step - self.steps)))
 
 
 @dataclass(frozen=True)
@@ -434,7 +429,7 @@ class join(_Record):
         object.__setattr__(self, "schedules", tuple(as_schedule(s) for s in scheds))
         object.__setattr__(self, "boundaries", bounds)
 
-    float_step: ClassVar[bool] = False  # (its schedules take the count as given: _nested)
+    float_step: ClassVar[bool] = False  # (the count as given: see warmup's)
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
@@ -443,9 +438,9 @@ class join(_Record):
             i = bisect.bisect_right(self.boundaries, step)
             return float(scheds[i](step - (self.boundaries[i - 1] if i else 0)))
         # arrays can't branch: like optax, every piece is evaluated (some on negative steps)
-        value: Any = _nested(scheds[0], step)
+        value: Any = resolve(scheds[0], step)
         for b, sched in zip(self.boundaries, scheds[1:], strict=True):
-            value = xp.where(step < b, value, _nested(sched, step - b))
+            value = xp.where(step < b, value, resolve(sched, step - b))
         return cast(float, value)
 
 
@@ -796,13 +791,13 @@ class product(_Record):
     def __repr__(self) -> str:
         return f"product({', '.join(map(repr, self.factors))})"
 
-    float_step: ClassVar[bool] = False  # (its schedules take the count as given: _nested)
+    float_step: ClassVar[bool] = False  # (the count as given: see warmup's)
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         value: Any = 1.0
         for f in self.factors:
-            value = value * (_nested(f, step) if callable(f) else f)
+            value = value * (resolve(f, step) if callable(f) else f)
         return _result(xp, value)
 
 

@@ -438,11 +438,11 @@ def _ratio(rho_t: Any, rho_inf: Any) -> Any:
     """RAdam's variance rectification ``r_t**2``, taken where ``rho_t`` is above its threshold:
     1 where ``rho_t`` has reached ``rho_inf`` (the formula's own value there, to the bit, and
     its limit where both are 4 and it reads 0/0: a threshold of 4 taken at ``rho_t >= 4``)."""
-    if isinstance(rho_t, float):  # (a host number)
-        return 1.0 if rho_t == rho_inf else (
-            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    if isinstance(rho_t, float) and rho_t == rho_inf:  # (a host number: no 0/0 to divide)
+        return 1.0
     ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
-    return namespace(ratio).where(rho_t == rho_inf, 1.0, ratio)
+    return ratio if isinstance(rho_t, float) else namespace(ratio).where(rho_t == rho_inf, 1.0,
+                                                                        ratio)
 
 
 class RadamCoeffs(NamedTuple):

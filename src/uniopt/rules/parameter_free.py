@@ -341,8 +341,7 @@ class scale_by_dog(WholeTree):
                                                      for g in gs])
         lr = r / xp.sqrt(total + c.eps)
         if self.start == "learning_rate":
-            lr = xp.where(state["first"] > 0, xp.asarray(c.first_lr, dtype=r.dtype,
-                                                         device=backend.device(r)), lr)
+            lr = xp.where(state["first"] > 0, backend.number(xp, c.first_lr, r.dtype, r), lr)
         out = [as_dtype(lr, g) * g for g in gs]
         return unflatten(treedef, out), {"p0": state["p0"], "max_dist": kept(xp, r, r),
                                          "sum_sq_norm_grads": kept(xp, total, r),

@@ -25,15 +25,12 @@ summed in another order).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
-
-import numpy as np
 
 from .. import backend
 from ..base import WholeTree
@@ -128,14 +125,6 @@ def if_else(pred: Any, yes: Callable[[Any], Any], no: Callable[[Any], Any], s: A
         return jax.lax.cond(pred, lambda x: _cast_like(yes(x), x),
                             lambda x: _cast_like(no(x), x), s)
     return yes(s) if bool(pred) else no(s)
-
-
-@contextlib.contextmanager
-def _quiet(xp: Any) -> Iterator[None]:
-    """NumPy's warnings off: a search meets inf and nan on purpose (a trial outside the
-    domain, an interpolation with no minimum) and turns them into decisions."""
-    with np.errstate(all="ignore"):
-        yield
 
 
 # --- the step's extra arguments -----------------------------------------------------------
@@ -365,7 +354,7 @@ class scale_by_zoom_linesearch(WholeTree):
         kwargs = _fn_kwargs(self.name, value_fn, extra)
         g0 = grad_leaves(self.name, grad, treedef, ps)
         evaluate = evaluator(self.name, value_fn, kwargs, treedef, ps, with_grad=True)
-        with _quiet(xp):
+        with backend.quiet():  # (a search meets inf and nan on purpose)
             out, new = self._search(xp, us, ps, g0, value, state, evaluate)
         return unflatten(treedef, out), new
 
@@ -569,7 +558,7 @@ class scale_by_backtracking_linesearch(WholeTree):
         g0 = grad_leaves(self.name, grad, treedef, ps)
         evaluate = evaluator(self.name, value_fn, kwargs, treedef, ps,
                              with_grad=self.store_grad)
-        with _quiet(xp):
+        with backend.quiet():  # (a search meets inf and nan on purpose)
             out, new = self._search(xp, us, ps, g0, value, state, evaluate)
         return unflatten(treedef, out), new
 

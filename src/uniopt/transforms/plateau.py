@@ -116,8 +116,7 @@ class reduce_on_plateau(WholeTree):
             )
         s = state
         xp = backend.namespace(s["scale"])
-        loss = xp.asarray(value, dtype=s["avg_value"].dtype,
-                          device=backend.device(s["avg_value"]))
+        loss = backend.number(xp, value, s["avg_value"].dtype, s["avg_value"])
         if tuple(loss.shape) != ():
             raise ValueError(f"{self.name}: value must be one number (the loss), got an array "
                              f"of shape {tuple(loss.shape)}")
@@ -135,8 +134,7 @@ class reduce_on_plateau(WholeTree):
         cooling = s["cooldown_count"] > 0
         cut = xp.logical_and(xp.logical_not(cooling), plateau == self.patience)
         cut_scale = xp.maximum(s["scale"] * self.factor,
-                               xp.asarray(self.min_scale, dtype=s["scale"].dtype,
-                                          device=backend.device(s["scale"])))
+                               backend.number(xp, self.min_scale, s["scale"].dtype, s["scale"]))
         lower = xp.logical_and(cut, s["scale"] - cut_scale > self.eps)
         scale = xp.where(lower, cut_scale, s["scale"])
         evaluated = {
