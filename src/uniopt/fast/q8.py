@@ -7,7 +7,10 @@ that stay in the L1 cache: the codes into float32 values; the rule's kernels on 
 buffers, writing p; each buffer's largest magnitude (an integer maximum of the bits of ``|x|``,
 which vectorizes), the block's new scale; and each new value's nearest code. Memory sees p, g
 and one byte per slot read and written: 10 bytes per element for Adam in place, where float32
-state moves 28.
+state moves 28. The step is bound by its arithmetic, not by memory, but the rule's loop reads p
+and g faster than the CPU's prefetchers fetch them after the codes' loop: the codes are written
+:data:`_PIECE` at a time, each piece followed by prefetches of its share of the next block's p,
+g and codes (a one-thread step on W1: 13% less time).
 
 Reading and writing codes are table look-ups: numba's compiler does not vectorize a loop that
 reads a table at computed indices (a gather), and a scalar look-up per element, or a search, was
@@ -237,13 +240,19 @@ done:
 # the piece of the map (code 0, one decade, code 1) from the binade of the magnitude (its
 # exponent: a binade holds at most one piece's end, so a 32-entry table of the piece below and
 # the cut inside, and one comparison); in the piece, whose midpoints are equally spaced but for
-# their float32 rounding, ``c' = floor(a / step + offset)`` held to the piece's codes (float32,
-# the fraction at each midpoint is 1/2: c' is the code or the code less one, whatever the
-# rounding of a few units in the last place); then the float32 midpoint at ``c'`` (the look-up
-# above) says which: the code is ``c'``, plus one if the magnitude is above it. The same code
-# as the gather's, for every float32 (checked once over all 2**32; tests/test_q8.py checks
-# each piece's ends and every midpoint and either side of it).
+# their float32 rounding, ``t = a / step + offset`` (float32), whose fraction at each midpoint
+# is 1/2, whatever the rounding of a few units in the last place. Where no lane of 64 has t
+# within :data:`_NEAR` of a midpoint's, the code is t rounded, held to the piece's codes. Else
+# ``c' = floor(t)``, so held, is the code or the code less one, and the float32 midpoint at
+# ``c'`` (the look-up above) says which: the code is ``c'``, plus one if the magnitude is above
+# it. (The look-up was a third of the function's time, and is needed for about one vector in
+# 30.) The same code as the gather's, for every float32 (checked once over all 2**32;
+# tests/test_q8.py checks each piece's ends and every midpoint and either side of it).
 
+# how near a midpoint (in t, whose step between codes is 1) a value takes the exact look-up: 16
+# times t's largest error at a midpoint and the float32 values either side of it (1.5e-5, in t
+# up to 255, whose float32 spacing is 1.5e-5); about one vector of 64 in 30 takes it
+_NEAR = 2.0 ** -12
 _LOW_BINADE = 96  # binades from 2**-31 up (2**-31 < every map's first midpoint); below: the first
 
 
@@ -266,14 +275,16 @@ def piece_tables(mids: np.ndarray, bits: int) -> tuple[list[int], list[float], l
         below.append(int(np.sum(cuts < low)))
         inside.append(float(there[0]) if len(there) else 2.0)
     last = 2 ** bits - 1
-    slope, offset = [0.0] * 16, [0.5] + [0.0] * 15
+    # code 0's and code 1's pieces: t is a constant a quarter above the code (floor and
+    # round both give it, and no lane there is near a midpoint)
+    slope, offset = [0.0] * 16, [0.25] + [0.0] * 15
     most = [0] * 16
     for k in range(1, decades + 1):
         step = 0.9 * 10.0 ** (k - decades) / 2 ** k
         first = float(mids[2 ** k - 1])  # the piece's first midpoint: c' = 2**k - 1 + 1/2 there
         slope[k], offset[k] = 1.0 / step, 2 ** k - 1 + 0.5 - first / step
         most[k] = 2 ** (k + 1) - 2
-    offset[bits], most[bits] = last + 0.5, last
+    offset[bits], most[bits] = last + 0.25, last
     return below, inside, slope, offset, most
 
 
@@ -340,6 +351,18 @@ def _lookup(name: str, index: str, table: np.ndarray) -> list[str]:
     ]
 
 
+def _joined(name: str, out: str) -> list[str]:
+    """IR: ``%{out}`` (64 x i32) the four quarters ``%{name}0`` .. ``%{name}3`` (16 x i32)."""
+    return [
+        f"  %{out}01 = shufflevector <16 x i32> %{name}0, <16 x i32> %{name}1, "
+        f"<32 x i32> {_vector('i32', range(32))}",
+        f"  %{out}23 = shufflevector <16 x i32> %{name}2, <16 x i32> %{name}3, "
+        f"<32 x i32> {_vector('i32', range(32))}",
+        f"  %{out} = shufflevector <32 x i32> %{out}01, <32 x i32> %{out}23, "
+        f"<64 x i32> {_vector('i32', range(64))}",
+    ]
+
+
 def _ir_vbmi(tag: str) -> str:
     """:func:`_ir_gather`'s functions, 64 elements at a time with VBMI's byte permutes."""
     out = [
@@ -351,6 +374,8 @@ def _ir_vbmi(tag: str) -> str:
         "declare <16 x float> @llvm.x86.avx512.permvar.sf.512(<16 x float>, <16 x i32>)",
         "declare <16 x i32> @llvm.x86.avx512.permvar.si.512(<16 x i32>, <16 x i32>)",
         "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)",
+        "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
+        "declare <16 x float> @llvm.fabs.v16f32(<16 x float>)",
         "declare <16 x i32> @llvm.umax.v16i32(<16 x i32>, <16 x i32>)",
         "declare <16 x i32> @llvm.smin.v16i32(<16 x i32>, <16 x i32>)",
         "declare <64 x i32> @llvm.umin.v64i32(<64 x i32>, <64 x i32>)",
@@ -390,26 +415,49 @@ def _ir_vbmi(tag: str) -> str:
                 f"{_vector('i32', most)}, <16 x i32> %pc{j})",
                 f"  %t{j} = call <16 x float> @llvm.fma.v16f32(<16 x float> %af{j}, "
                 f"<16 x float> %sl{j}, <16 x float> %of{j})",
-                # t > 2**k - 1.4 > 0 in piece k (its lower cut is 0.8 of a step below its first
-                # midpoint, 0.86 in the first decade): truncation is floor, and c' is at least
-                # the code less one; above the piece's last midpoint c' is held to its last code
-                f"  %ti{j} = fptosi <16 x float> %t{j} to <16 x i32>",
-                f"  %c{j} = call <16 x i32> @llvm.smin.v16i32(<16 x i32> %ti{j}, "
+                # round(t), held to the piece's last code, is the code wherever t is not
+                # within _NEAR of a midpoint (its t is c' + 1/2): in piece k, t > 2**k - 1.4
+                # (its lower cut is 0.8 of a step below its first midpoint, 0.86 in the first
+                # decade), and above the piece's last midpoint no code is higher
+                f"  %rd{j} = call <16 x float> @llvm.roundeven.v16f32(<16 x float> %t{j})",
+                f"  %df{j} = fsub <16 x float> %t{j}, %rd{j}",
+                f"  %ad{j} = call <16 x float> @llvm.fabs.v16f32(<16 x float> %df{j})",
+                f"  %nm{j} = fcmp ogt <16 x float> %ad{j}, "
+                f"{_vector('float', [0.5 - _NEAR] * 16)}",
+                f"  %nb{j} = bitcast <16 x i1> %nm{j} to i16",
+                f"  %ri{j} = fptosi <16 x float> %rd{j} to <16 x i32>",
+                f"  %f{j} = call <16 x i32> @llvm.smin.v16i32(<16 x i32> %ri{j}, "
                 f"<16 x i32> %mo{j})",
             ]
         body += [
-            f"  %c01 = shufflevector <16 x i32> %c0, <16 x i32> %c1, "
-            f"<32 x i32> {_vector('i32', range(32))}",
-            f"  %c23 = shufflevector <16 x i32> %c2, <16 x i32> %c3, "
-            f"<32 x i32> {_vector('i32', range(32))}",
-            f"  %cq = shufflevector <32 x i32> %c01, <32 x i32> %c23, "
-            f"<64 x i32> {_vector('i32', range(64))}",
+            "  %nb01 = or i16 %nb0, %nb1",
+            "  %nb23 = or i16 %nb2, %nb3",
+            "  %nball = or i16 %nb01, %nb23",
+            "  %near = icmp ne i16 %nball, 0",
+            "  br i1 %near, label %exact, label %rounded",
+            "rounded:",
+            *_joined("f", "cf"),
+            "  br label %coded",
+            # a lane near a midpoint: c' = floor(t) is the code or the code less one (t's
+            # fraction at a midpoint is 1/2, whatever its rounding), and the float32 midpoint
+            # at c' says which
+            "exact:",
+        ]
+        for j in range(4):
+            body += [f"  %ti{j} = fptosi <16 x float> %t{j} to <16 x i32>",
+                     f"  %c{j} = call <16 x i32> @llvm.smin.v16i32(<16 x i32> %ti{j}, "
+                     f"<16 x i32> %mo{j})"]
+        body += [
+            *_joined("c", "cq"),
             "  %cq8 = trunc <64 x i32> %cq to <64 x i8>",
             *_lookup("mid", "cq8", padded),
             # non-negative float32s compare as their bits
             "  %above = icmp sgt <64 x i32> %a, %mid",
             "  %one = zext <64 x i1> %above to <64 x i32>",
-            "  %code = add <64 x i32> %cq, %one",
+            "  %ce = add <64 x i32> %cq, %one",
+            "  br label %coded",
+            "coded:",
+            "  %code = phi <64 x i32> [%cf, %rounded], [%ce, %exact]",
         ]
         sign = ("  %negated = sub <64 x i32> zeroinitializer, %code\n"
                 "  %r = select <64 x i1> %neg, <64 x i32> %negated, <64 x i32> %code"
@@ -567,6 +615,28 @@ values_u = _calling("uniopt_q8_values_u")
 
 
 @intrinsic
+def _prefetch(typingctx: Any, address: Any) -> Any:
+    """Ask for the cache line at ``address`` (an integer) to be loaded (``llvm.prefetch``)."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = ir.PointerType(ir.IntType(8))
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.inttoptr(args[0], ptr), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return nbtypes.void(address), codegen
+
+
+@numba.njit(inline="always")
+def fetch(address: Any, lo: Any, hi: Any) -> None:
+    """Prefetch bytes ``lo`` to ``hi`` past ``address``, a line of 64 at a time."""
+    for k in range(lo, hi, 64):
+        _prefetch(address + k)
+
+
+@intrinsic
 def _f32(typingctx: Any, bits: Any) -> Any:
     """The float32 whose bits are ``bits`` (a uint32)."""
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
@@ -681,8 +751,10 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
         "from uniopt.jitcache import cfunc",
         "from uniopt.fast.cpu import kernel_for",
         "from uniopt.fast.cpu import scalar_xp as XP",
-        "from uniopt.fast.q8 import abs_bits, codes_s, codes_u, from_bits, values_s, values_u",
+        "from uniopt.fast.q8 import abs_bits, codes_s, codes_u, fetch, from_bits, values_s, "
+        "values_u",
         f"PT = {pt}",
+        f"PB = {4 if kp == 'f4' else 8}",
         f"BLOCK = {quant.BLOCK}",
     ]
     lists: list[str] = []
@@ -695,7 +767,7 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
         return f"{name} = numba.carray(_voidptr({address(name)}), ({size},), {dtype})"
 
     nb = "(b + BLOCK - 1) // BLOCK"
-    loads = [view("p", "PT"), view("g", "PT")]
+    loads = [view("p", "PT"), view("g", "PT"), "pa = p.ctypes.data", "ga = g.ctypes.data"]
     body, ends, co, s = [], [], 0, 0
     end = "x - u"
     for k, ((kernel, nslots, finish), (_, _, fields, _)) in enumerate(
@@ -730,7 +802,7 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
             body += [f"w{n}[i - ulo] = r[{j + 1}]",
                      f"a{n} = max(a{n}, np.uint32(abs_bits(w{n}[i - ulo])))"]
     body.append(f"p[i] = PT({end})")
-    starts, finals = [], []
+    starts, finals = [], ["nxt = min(BLOCK, b - hi)"]
     for n in range(s):
         # each loop simple enough to vectorize: codes to values, the kernels and the maximum,
         # values to codes (the block's buffers stay in the L1 cache between them)
@@ -743,7 +815,13 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
             f"e{n} = from_bits(a{n})",
             f"m{n}[lo // BLOCK] = e{n}",
             f"d{n} = e{n} if e{n} > 0 else np.float32(1)",
-            f"{code}(wa{n}, c{n} + lo, hi - lo, d{n})",
+            f"for q in range(0, hi - lo, {_PIECE}):",
+            f"    {code}(wa{n} + 4 * q, c{n} + lo + q, min({_PIECE}, hi - lo - q), d{n})",
+            f"    k = ({n} * BLOCK + q) // {s}",
+            f"    e = min(k + {_PIECE} // {s}, nxt)",
+            "    fetch(pa + PB * hi, PB * k, PB * e)",
+            "    fetch(ga + PB * hi, PB * k, PB * e)",
+            f"    fetch(c{n} + hi, q, min(q + {_PIECE}, nxt))",
         ]
     ends += finals
     return "\n".join([
@@ -767,6 +845,8 @@ def _source(kernels: tuple[cpu.LoopPart, ...], signs: tuple[bool, ...], kp: str,
 
 
 _LOOPS: dict[Any, Any] = {}
+# the codes written between two runs of prefetches: 4 of the functions' iterations
+_PIECE = 256
 
 
 Plan = list[tuple[Any, Any, tuple[str, ...]]]
