@@ -345,3 +345,18 @@ def test_the_keras_page_maps_every_keras_optimizer() -> None:
         made = re.match(r"`(uo\.\w+\([^`]*\))`", cell)
         if made and "..." not in made.group(1):
             assert isinstance(eval(made.group(1), {"uo": uo}), uo.Transform), name
+
+
+def test_the_public_names_are_listed_once_and_exist() -> None:
+    # (from_optax was listed twice; the public modules offered their imports, np, os, json...,
+    # to tab completion)
+    import uniopt.checkpoint
+    import uniopt.memory
+    import uniopt.registry
+    import uniopt.torch
+
+    for module in (uniopt, uniopt.torch, uniopt.checkpoint, uniopt.memory, uniopt.registry):
+        names = module.__all__
+        assert len(names) == len(set(names)), module.__name__
+        assert all(hasattr(module, n) for n in names), module.__name__
+    assert {"np", "os", "json"}.isdisjoint(uniopt.checkpoint.__all__)

@@ -426,6 +426,37 @@ def test_signature_and_defaults_are_torchs(name: str) -> None:
     assert isinstance(ours(w), theirs) and issubclass(ut.AdamW, ut.Adam)
 
 
+def test_the_constructors_type_checkers_see_are_the_runtime_ones() -> None:
+    # each class's constructor is made at import (named._constructor); type checkers read the
+    # `if TYPE_CHECKING:` __init__ in its body instead (without it, mypy and pyright took
+    # uniopt.torch.Optimizer's (params, rule) and refused ut.AdamW(params, lr=1e-3)): the same
+    # names, order, kinds and defaults
+    import ast
+
+    from uniopt.torch import named
+
+    tree = ast.parse(inspect.getsource(named))
+    seen = set()
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        stub = next((f for block in cls.body if isinstance(block, ast.If)
+                     and ast.unparse(block.test) == "TYPE_CHECKING" for f in block.body
+                     if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+        if stub is None:
+            continue
+        seen.add(cls.name)
+        a = stub.args
+        kinds = [(x.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD) for x in a.args[1:]]
+        kinds += [(x.arg, inspect.Parameter.KEYWORD_ONLY) for x in a.kwonlyargs]
+        none = inspect.Parameter.empty
+        defaults = [None] * (len(a.args) - 1 - len(a.defaults)) + a.defaults + a.kw_defaults
+        runtime = inspect.signature(getattr(ut, cls.name)).parameters.values()
+        assert [(n, k, none if d is None else ast.literal_eval(d))
+                for (n, k), d in zip(kinds, defaults, strict=True)] == [
+            (p.name, p.kind, p.default) for p in runtime], cls.name
+    assert seen == {name for name, c in vars(named).items() if isinstance(c, type)
+                    and issubclass(c, named._Named) and "_torch_params" in vars(c)}
+
+
 def test_construction_from_named_parameters_and_group_dicts() -> None:
     torch.manual_seed(4)
     model = Net()

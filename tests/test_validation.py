@@ -854,6 +854,18 @@ def test_update_with_a_non_state():
         uo.update_({"step": 0}, params, _grads())
 
 
+@pytest.mark.parametrize("fn", [uo.update, uo.update_])
+def test_update_with_the_state_and_the_params_swapped(fn):
+    # (it said "params['step'] is a int, not an array")
+    params = _params()
+    state = uo.setup(uo.adam(), params)
+    with pytest.raises(TypeError, match=r"the params given are a uniopt State: the state comes "
+                                        r"first, update\(state, params, grads\)"):
+        fn(params, state, _grads())
+    with pytest.raises(TypeError, match=r"params\['x'\] is an int, not an array"):
+        fn(state, {"x": 3}, {"x": np.ones(2)})
+
+
 # --- in place on arrays that cannot be written --------------------------------------------------
 
 
@@ -974,6 +986,28 @@ def test_adjust_ambiguous_name_in_chain():
     for k, arrays in state.slots.items():
         assert all(a is b for a, b in zip(arrays, new.slots[k], strict=True))
     assert state.rule.transforms[1].weight_decay == 0.01
+
+
+def test_adjust_of_a_name_that_is_also_a_members():
+    # chain(weight_decay(5e-4), adam()): weight_decay= set Adam's own L2 term, silently, not the
+    # member named weight_decay (whose rate is wd): two decays then
+    rule = uo.chain(uo.weight_decay(5e-4), uo.adam(lr=0.1))
+    state, params = _stepped(rule)
+    snap = _snapshot(state, params)
+    with pytest.raises(ValueError, match=r"'weight_decay' is ambiguous here: it is the "
+                       r"hyperparameter 1\.weight_decay \(adam\), and member 0 of this chain "
+                       r"is weight_decay; .*\{'0\.wd': \.\.\.\}.*\{'1\.weight_decay'"):
+        uo.adjust(state, weight_decay=1e-2)
+    _assert_same(snap, state, params)
+    assert uo.adjust(state, **{"0.wd": 1e-2}).rule.transforms[0].wd == 1e-2
+    assert uo.adjust(state, **{"1.weight_decay": 1e-2}).rule.transforms[1].weight_decay == 1e-2
+    state, _ = _stepped(uo.chain(uo.weight_decay(5e-4), uo.scale(-0.1)))
+    with pytest.raises(ValueError, match=r"'weight_decay' names member 0 of this chain, not a "
+                       r"hyperparameter; .*\{'0\.wd'"):
+        uo.adjust(state, weight_decay=1e-2)
+    # a rule's own field of that name is no ambiguity
+    state, _ = _stepped(uo.adamw(lr=0.1, weight_decay=1e-2))
+    assert uo.adjust(state, weight_decay=0.5).rule.weight_decay == 0.5
 
 
 @pytest.mark.parametrize(

@@ -234,7 +234,6 @@ __all__ = [
     "muon",
     "decoupled_weight_decay",
     "ema",
-    "from_optax",
     "nadam",
     "optimistic_adam",
     "orthogonalize",

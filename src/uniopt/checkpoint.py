@@ -35,13 +35,15 @@ from . import backend, schedules
 from .base import Elementwise, PerLeaf, Transform, WholeTree, assemble, chain
 from .combine import _TreeSpec, by_path, partition
 from .engine import setup
-from .hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host
+from .hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host, with_article
 from .interop import dtensor
 from .interop.jax import adjusted
 from .interop.optax import is_optax
 from .state import State
 from .transforms.mask import Mask
 from .tree import NAMESPACE, _adopt_jax_nodes, flatten_leaves, path_str
+
+__all__ = ["CheckpointError", "load", "register", "save"]
 
 FORMAT = "uniopt.checkpoint"
 VERSION = 1
@@ -190,15 +192,16 @@ class _Encode:
         if dataclasses.is_dataclass(x):
             t = type(x)
             raise CheckpointError(
-                f"{at} is a {t.__qualname__} (from {t.__module__}), not one of uniopt's "
-                f"records: register it with uniopt.checkpoint.register({t.__qualname__}) in the "
-                "process that saves and in the one that loads")
+                f"{at} is {with_article(t.__qualname__)} (from {t.__module__}), not one of "
+                f"uniopt's records: register it with uniopt.checkpoint.register("
+                f"{t.__qualname__}) in the process that saves and in the one that loads")
         if callable(x):
             raise CheckpointError(
                 f"{at} is {x!r}, a Python function: a checkpoint stores no code. Use a "
                 "uniopt.schedules record, or write yours as a frozen dataclass with __call__ "
                 "and register it with uniopt.checkpoint.register")
-        raise CheckpointError(f"{at} is a {type(x).__name__}, which a checkpoint cannot hold")
+        raise CheckpointError(
+            f"{at} is {with_article(type(x).__name__)}, which a checkpoint cannot hold")
 
     def _record(self, x: Any, name: str, at: str) -> dict[str, Any]:
         fields = {f.name: self(getattr(x, f.name), f"{at}.{f.name}")
@@ -584,8 +587,8 @@ def _entry(leaf: Any, at: list[Any], tensors: _Tensors) -> Any:
     if isinstance(leaf, (bool, int, float)):
         return {"value": _number(leaf, _show(at))}
     if not backend.is_array(leaf):
-        raise CheckpointError(f"save: {_show(at)} is a {type(leaf).__name__}, neither an array "
-                              "nor a number")
+        raise CheckpointError(f"save: {_show(at)} is {with_article(type(leaf).__name__)}, "
+                              "neither an array nor a number")
     if _traced(leaf):
         raise CheckpointError(f"save: {_show(at)} is traced by jax.jit: save outside the step")
     name = "/".join(str(k) if not isinstance(k, list) else ".".join(map(str, k)) for k in at)

@@ -42,7 +42,7 @@ from .base import (
     makes_step,
     members,
 )
-from .hyper import _traced, did_you_mean, on_host
+from .hyper import _traced, did_you_mean, on_host, with_article
 from .interop import dtensor
 from .interop.jax import adjusted, flatten_rule, register_state, rewrapped, unflatten_rule
 from .state import AnyParams, State, stepped
@@ -68,9 +68,12 @@ def _leaves(params: Any, what: str = "params", kinds: bool = True
     first = None
     for i, leaf in enumerate(leaves):
         if not backend.is_array(leaf):
+            if isinstance(params, State):  # (update(params, state, grads))
+                raise TypeError(f"the {what} given are a uniopt State: the state comes first, "
+                                "update(state, params, grads)")
             raise TypeError(
-                f"{names[i]} is a {type(leaf).__name__}, not an array: {what} leaves must be "
-                "arrays (or None)"
+                f"{names[i]} is {with_article(type(leaf).__name__)}, not an array: {what} "
+                "leaves must be arrays (or None)"
             )
         k = backend.kind(leaf)
         if k.refused:
@@ -590,7 +593,8 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
         if g is None and none:
             continue
         if not backend.is_array(g):
-            raise TypeError(f"gradient for {names[i]} is a {type(g).__name__}, not an array")
+            raise TypeError(
+                f"gradient for {names[i]} is {with_article(type(g).__name__)}, not an array")
         if type(g) is not type(p):
             if backend.library(g) != backend.library(p):
                 raise TypeError(
@@ -2481,6 +2485,12 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     >>> state.rule.lr
     0.0001
     """
+    return adjusted_by_names(state, hyperparameters, named=True)
+
+
+def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool) -> State:
+    """:func:`adjust`; ``named`` False: a key that is also a member's name is not refused
+    (:class:`uniopt.torch.Optimizer`'s groups, whose keys are its hyperparameters' names)."""
     if not isinstance(state, State):
         return _adjust_within(state, hyperparameters)
     rule = state.rule
@@ -2493,6 +2503,8 @@ def adjust(state: State, **hyperparameters: Any) -> State:
                 raise ValueError(
                     f"adjust: {own!r} of {owner.name} is its own, set when it is built; adjust "
                     "reaches the hyperparameters of the rules it holds")
+            if named:
+                _named_like(state.rule, key, found)
             names = sorted({n for _, m in members(rule) for n in m.hyperparameters()})
             raise ValueError(
                 f"adjust: {key!r} is not a hyperparameter of {state.rule.name} (its "
@@ -2503,6 +2515,8 @@ def adjust(state: State, **hyperparameters: Any) -> State:
                 f"({', '.join(found)}); name one by its position or label, e.g. "
                 f"adjust(state, **{{{found[0].split(' ')[0]!r}: ...}})"
             )
+        if named:
+            _named_like(state.rule, key, found)
     if rule.layout != state.rule.layout:
         raise ValueError(
             f"adjust: {hyperparameters} would change the optimizer's slots from "
@@ -2514,6 +2528,30 @@ def adjust(state: State, **hyperparameters: Any) -> State:
         rule.memo["adjusted"] = True
     return rewrapped(state, dataclasses.replace(
         state, rule=rule, tree_states=_members_renewed(rule, state.tree_states)))
+
+
+def _named_like(rule: Transform, key: str, found: list[str]) -> None:
+    """Refuse an unqualified ``key`` that is also the name of a member without such a
+    hyperparameter: in ``chain(weight_decay(5e-4), adam())``, ``weight_decay=`` would set Adam's
+    own L2 term, not the member named so (whose rate is ``wd``), or, without Adam, say only that
+    there is no such hyperparameter."""
+    if "." in key:
+        return
+    named = [(path, m) for path, m in members(rule)
+             if m.name == key and key not in m.hyperparameters()]
+    if not named:
+        return
+    path, m = named[0]
+    own = ".".join(map(str, path))
+    theirs = [f"{own + '.' if own else ''}{n}" for n in m.hyperparameters()]
+    who = f"member {own} of this chain" if own else "the rule"
+    said = (f"is ambiguous here: it is the hyperparameter {found[0]}, and {who} is {m.name}"
+            if found else f"names {who}, not a hyperparameter")
+    raise ValueError(
+        f"adjust: {key!r} {said}; {m.name}'s hyperparameters are {sorted(m.hyperparameters())}: "
+        "name the one you mean, e.g. " + " or ".join(
+            f"adjust(state, **{{{k!r}: ...}})"
+            for k in [*theirs[:1], *[f.split(" ")[0] for f in found[:1]]]))
 
 
 def _adjust_within(tree: Any, hyperparameters: dict[str, Any]) -> Any:

@@ -66,6 +66,11 @@ def did_you_mean(name: str, known: Any) -> str:
     return f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
 
 
+def with_article(word: str) -> str:
+    """``word`` after its indefinite article: "an int", "a float"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def round_scalar(x: Any, dtype: str) -> Any:
     """A host number as torch keeps it in a 0-d tensor of ``dtype`` (its default dtype: float32
     unless set to float64), read back as a Python float; a traced number as it is."""

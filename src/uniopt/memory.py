@@ -38,6 +38,8 @@ from .base import Transform
 from .engine import state_dtype_refusal
 from .tree import flatten_leaves
 
+__all__ = ["Footprint", "footprint", "state_bytes", "table"]
+
 STRATEGIES = ("ddp", "zero1", "fsdp2")
 ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 STATE_DTYPES = (*ITEMSIZE, "q8")

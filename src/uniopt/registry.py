@@ -22,6 +22,8 @@ from . import rules as _rules_package
 from .base import Info, Part, Rule, Transform
 from .hyper import did_you_mean
 
+__all__ = ["Entry", "as_dict", "entries", "entry", "names", "notes", "table"]
+
 
 @dataclass(frozen=True)
 class Entry:

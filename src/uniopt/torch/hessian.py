@@ -153,9 +153,9 @@ class SophiaG(_Named):
     def step(self, closure: None = None, bs: Any = 5120) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float], bs: Any = 5120) -> float: ...
+    def step(self, closure: Callable[[], Any], bs: Any = 5120) -> Any: ...
 
-    def step(self, closure: Callable[[], float] | None = None, bs: Any = 5120) -> float | None:
+    def step(self, closure: Callable[[], Any] | None = None, bs: Any = 5120) -> Any:
         """One update of every parameter that has a gradient, ``bs`` the examples the Hessian
         estimate's sampled loss averaged over (theirs: an argument of every step)."""
         for group in self.param_groups:

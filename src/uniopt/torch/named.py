@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import operator
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -43,6 +43,12 @@ from ..state import State
 from . import plans
 from .optimizer import Optimizer, field, plain
 from .state_dict import check_group_keys
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
+
+    # a hyperparameter's value: a number, a tensor of one element, or a uniopt schedule
+    Hyper = float | torch.Tensor | Callable[[Any], Any]
 
 # torch's options that are not hyperparameters of a rule, with torch's defaults: kept in the
 # param groups so that states load into torch; fused changes nothing, foreach=True and
@@ -228,6 +234,13 @@ def _constructor(cls: type[_Named], defaults: dict[str, Any]) -> Any:
 class SGD(_Named, torch.optim.SGD):
     """``torch.optim.SGD``, run by :func:`uniopt.sgd`; sparse gradients as torch takes them."""
 
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.001, momentum: Hyper = 0,
+                     dampening: Hyper = 0, weight_decay: Hyper = 0, nesterov: bool = False, *,
+                     maximize: bool = False, foreach: bool | None = None,
+                     differentiable: bool = False, fused: bool | None = None,
+                     state_dtype: str | None = None) -> None: ...
+
     rule = sgd()
     _torch_params = ("lr", "momentum", "dampening", "weight_decay", "nesterov",
                      "*", "maximize", "foreach", "differentiable", "fused")
@@ -259,6 +272,13 @@ class Adagrad(_Named, torch.optim.Adagrad):
     parameter's state at construction, each sum from the constructor's
     ``initial_accumulator_value`` (a param group's own is kept in the group and never read, a
     group added later's too); sparse gradients update only the rows present."""
+
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.01, lr_decay: Hyper = 0,
+                     weight_decay: Hyper = 0, initial_accumulator_value: Hyper = 0,
+                     eps: Hyper = 1e-10, foreach: bool | None = None, *, maximize: bool = False,
+                     differentiable: bool = False, fused: bool | None = None,
+                     state_dtype: str | None = None) -> None: ...
 
     rule = adagrad()
     _torch_params = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
@@ -296,6 +316,13 @@ class Adagrad(_Named, torch.optim.Adagrad):
 class RMSprop(_Named, torch.optim.RMSprop):
     """``torch.optim.RMSprop``, run by :func:`uniopt.rmsprop`."""
 
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.01, alpha: Hyper = 0.99,
+                     eps: Hyper = 1e-08, weight_decay: Hyper = 0, momentum: Hyper = 0,
+                     centered: bool = False, capturable: bool = False, foreach: bool | None = None,
+                     maximize: bool = False, differentiable: bool = False, *,
+                     state_dtype: str | None = None) -> None: ...
+
     rule = rmsprop()
     _torch_params = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "capturable",
                      "foreach", "maximize", "differentiable")
@@ -308,6 +335,12 @@ class RMSprop(_Named, torch.optim.RMSprop):
 class Adadelta(_Named, torch.optim.Adadelta):
     """``torch.optim.Adadelta``, run by :func:`uniopt.adadelta`."""
 
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 1.0, rho: Hyper = 0.9, eps: Hyper = 1e-06,
+                     weight_decay: Hyper = 0, foreach: bool | None = None, *,
+                     capturable: bool = False, maximize: bool = False,
+                     differentiable: bool = False, state_dtype: str | None = None) -> None: ...
+
     rule = adadelta()
     _torch_params = ("lr", "rho", "eps", "weight_decay", "foreach",
                      "*", "capturable", "maximize", "differentiable")
@@ -319,6 +352,15 @@ class Adadelta(_Named, torch.optim.Adadelta):
 class Adam(_Named, torch.optim.Adam):
     """``torch.optim.Adam``, run by :func:`uniopt.adam` (``decoupled_weight_decay=True``:
     :func:`uniopt.adamw`, as torch)."""
+
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.001,
+                     betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-08,
+                     weight_decay: Hyper = 0, amsgrad: bool = False, *,
+                     foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                     differentiable: bool = False, fused: bool | None = None,
+                     decoupled_weight_decay: bool = False,
+                     state_dtype: str | None = None) -> None: ...
 
     rule: Transform = adam()  # AdamW's is adamw
     _torch_params = ("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "foreach", "maximize",
@@ -338,6 +380,14 @@ class AdamW(Adam, torch.optim.AdamW):
     the decay independent of the learning rate, ``p <- p - lr*A - weight_decay*p`` (Flux's
     form; see the docs' Weight decay page, docs/weight-decay.md)."""
 
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.001,
+                     betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-08,
+                     weight_decay: Hyper = 0.01, amsgrad: bool = False, *, maximize: bool = False,
+                     foreach: bool | None = None, capturable: bool = False,
+                     differentiable: bool = False, fused: bool | None = None,
+                     couple_lr: bool = True, state_dtype: str | None = None) -> None: ...
+
     rule = adamw()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "maximize", "foreach",
                      "capturable", "differentiable", "fused", "couple_lr")
@@ -349,6 +399,11 @@ class SparseAdam(_Named, torch.optim.SparseAdam):
     """``torch.optim.SparseAdam``, run by :func:`uniopt.sparse_adam`: sparse gradients only;
     the moments and the parameter change only at the entries the gradient holds (gathered,
     duplicates summed, as torch). The state's ``step`` is an int, as torch's."""
+
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.001,
+                     betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-08,
+                     maximize: bool = False, *, state_dtype: str | None = None) -> None: ...
 
     rule = sparse_adam(skip_zeros=False)  # the entries handed over are exactly those present
     _torch_params = ("lr", "betas", "eps", "maximize")
@@ -398,6 +453,13 @@ class LBFGS(_Named, torch.optim.LBFGS):
     ``prev_flat_grad``, ``prev_loss``, ``al``, ``n_iter``, ``func_evals``) is torch's, in the
     state of the first parameter. Complex parameters count as their real and imaginary
     parts, and sparse gradients as dense, as in torch."""
+
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 1, max_iter: int = 20,
+                     max_eval: int | None = None, tolerance_grad: Hyper = 1e-07,
+                     tolerance_change: Hyper = 1e-09, history_size: int = 100,
+                     line_search_fn: str | None = None, *,
+                     state_dtype: str | None = None) -> None: ...
 
     rule = lbfgs()
     _torch_params = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
@@ -499,6 +561,12 @@ class Adafactor(_Named, _torch_class("Adafactor")):  # type: ignore[misc]
     for parameters of two or more dimensions, ``variance`` for the others, as torch keeps
     them."""
 
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.01, beta2_decay: Hyper = -0.8,
+                     eps: tuple[float | None, float] = (None, 0.001), d: Hyper = 1.0,
+                     weight_decay: Hyper = 0.0, *, foreach: bool | None = None,
+                     maximize: bool = False, state_dtype: str | None = None) -> None: ...
+
     rule = adafactor()
     _torch_params = ("lr", "beta2_decay", "eps", "d", "weight_decay", "*", "foreach", "maximize")
     _sparse_error = "Adafactor does not support sparse gradients"
@@ -521,6 +589,13 @@ class Muon(_Named, _torch_class("Muon")):  # type: ignore[misc]
     orthogonalised in one batched matmul chain. As torch's, it takes 2-D parameters only
     (checked when a group is added, too); the Newton-Schulz iteration runs in bfloat16, as
     torch's does."""
+
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.001, weight_decay: Hyper = 0.1,
+                     momentum: Hyper = 0.95, nesterov: bool = True,
+                     ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
+                     eps: Hyper = 1e-07, ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
+                     state_dtype: str | None = None) -> None: ...
 
     rule = muon(ns_dtype="bfloat16")
     _torch_params = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
@@ -553,6 +628,13 @@ class Muon(_Named, _torch_class("Muon")):  # type: ignore[misc]
 class Adamax(_Named, torch.optim.Adamax):
     """``torch.optim.Adamax``, run by :func:`uniopt.adamax`."""
 
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.002,
+                     betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-08,
+                     weight_decay: Hyper = 0, foreach: bool | None = None, *,
+                     maximize: bool = False, differentiable: bool = False,
+                     capturable: bool = False, state_dtype: str | None = None) -> None: ...
+
     rule = adamax()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "foreach",
                      "*", "maximize", "differentiable", "capturable")
@@ -562,6 +644,13 @@ class Adamax(_Named, torch.optim.Adamax):
 
 class RAdam(_Named, torch.optim.RAdam):
     """``torch.optim.RAdam``, run by :func:`uniopt.radam`."""
+
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.001,
+                     betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-08,
+                     weight_decay: Hyper = 0, decoupled_weight_decay: bool = False, *,
+                     foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                     differentiable: bool = False, state_dtype: str | None = None) -> None: ...
 
     rule = radam()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay",
@@ -573,6 +662,13 @@ class RAdam(_Named, torch.optim.RAdam):
 class Rprop(_Named, torch.optim.Rprop):
     """``torch.optim.Rprop``, run by :func:`uniopt.rprop`. As torch's, a parameter's step sizes
     start at the group's ``lr`` when its state is made; later values of ``lr`` change nothing."""
+
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.01,
+                     etas: tuple[Hyper, Hyper] = (0.5, 1.2),
+                     step_sizes: tuple[Hyper, Hyper] = (1e-06, 50), *, capturable: bool = False,
+                     foreach: bool | None = None, maximize: bool = False,
+                     differentiable: bool = False, state_dtype: str | None = None) -> None: ...
 
     rule = rprop()
     _torch_params = ("lr", "etas", "step_sizes",
@@ -870,6 +966,14 @@ class NAdam(_Derived, torch.optim.NAdam):
     (:class:`uniopt.rules.adam_variants.scale_by_nadam`) where the step count does not give it
     (:func:`uniopt.rules.adam_variants.mu_product`)."""
 
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.002,
+                     betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-08,
+                     weight_decay: Hyper = 0, momentum_decay: Hyper = 0.004,
+                     decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
+                     maximize: bool = False, capturable: bool = False,
+                     differentiable: bool = False, state_dtype: str | None = None) -> None: ...
+
     rule = nadam()
     _torch_params = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
                      "decoupled_weight_decay",
@@ -903,6 +1007,13 @@ class ASGD(_Derived, torch.optim.ASGD):
     (see :class:`_Derived`) and reach the rule as its ``past_eta_mu``
     (:class:`uniopt.rules.asgd.scale_by_asgd`) where the step count does not give them
     (:func:`uniopt.rules.asgd.asgd_eta`, :func:`~uniopt.rules.asgd.asgd_mu`)."""
+
+    if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
+        def __init__(self, params: ParamsT, lr: Hyper = 0.01, lambd: Hyper = 0.0001,
+                     alpha: Hyper = 0.75, t0: Hyper = 1000000.0, weight_decay: Hyper = 0,
+                     foreach: bool | None = None, maximize: bool = False,
+                     differentiable: bool = False, capturable: bool = False, *,
+                     state_dtype: str | None = None) -> None: ...
 
     rule = asgd()
     _torch_params = ("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize",

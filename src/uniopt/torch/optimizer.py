@@ -29,7 +29,7 @@ from ..base import (
 from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import (
     LEAF_NAMES,
-    adjust,
+    adjusted_by_names,
     check_state_dtype,
     check_step,
     resolve,
@@ -473,7 +473,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
         values = {k: field(group, k) for k in self._keys}
-        return adjust(State(self.rule, 0, {}, None), **values).rule
+        return adjusted_by_names(State(self.rule, 0, {}, None), values, named=False).rule
 
     def _rule(self, group: dict[str, Any]) -> tuple[Transform, bool]:
         """The group's rule and whether it holds a schedule, cached by the group's values: the
@@ -562,9 +562,9 @@ class Optimizer(torch.optim.Optimizer):
     def step(self, closure: None = None) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
+    def step(self, closure: Callable[[], Any]) -> Any: ...
 
-    def step(self, *args: Any, **kwargs: Any) -> float | None:
+    def step(self, *args: Any, **kwargs: Any) -> Any:
         """One update of every parameter that has a gradient; with ``closure``, the loss it
         returns (evaluated first, with gradients enabled). Every check runs before any
         parameter or state is written. Step hooks and the profiler see it as torch's own.
@@ -594,7 +594,7 @@ class Optimizer(torch.optim.Optimizer):
     # step above takes torch's wrapper only where a hook or the profiler is there to see it
     step.hooked = True  # type: ignore[attr-defined]
 
-    def _step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1136,7 +1136,7 @@ def _check_fused(ps: list[torch.Tensor], has: list[bool]) -> None:
             )
 
 
-def _own_step(self: Optimizer, closure: Callable[[], float] | None = None) -> float | None:
+def _own_step(self: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
     return self._step(closure)  # the class's own (LBFGS has another)
 
 
@@ -1146,7 +1146,7 @@ def _own_step(self: Optimizer, closure: Callable[[], float] | None = None) -> fl
 # reason of ours (docs/torch.md gives it). (A private name of torch's: where a release drops
 # it, the public decorator, which imports dynamo with uniopt.torch.)
 @getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
-def _UNTRACED_STEP(self: Optimizer, closure: Callable[[], float] | None = None) -> float | None:
+def _UNTRACED_STEP(self: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
     return self.step(closure)
 
 
