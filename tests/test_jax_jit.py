@@ -128,6 +128,41 @@ def test_float32_jit_matches_eager() -> None:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=50 * 2**-23)
 
 
+@pytest.mark.parametrize("rule", [uo.radam(), uo.signum(lr=0.1), uo.adam(),
+                                  uo.adafactor(lr=0.01, convention="optax")],
+                         ids=lambda r: r.name)
+def test_an_infinite_moment_is_the_same_eager_and_jitted(rule: Any) -> None:
+    # eagerly a moving average took torch's two sides, which make an infinite moment NaN
+    # (inf - inf), where under jit it stayed infinite: RAdam's step was NaN or -inf, signum's
+    # NaN or optax's number, by whether it was jitted
+    w = jnp.array([[-1.0, -0.5, 0.5, 1.0]] * 2, jnp.float32)
+    g = jnp.array([[jnp.inf, 1.0, -1.0, 0.0], [3e19, -3e19, 1.0, 2.0]], jnp.float32)
+    runs = []
+    for f in (uo.update, jax.jit(uo.update)):
+        state, p = uo.setup(rule, {"w": w}), {"w": w}
+        for _ in range(3):
+            state, p = f(state, p, {"w": g})
+        runs.append(np.asarray(p["w"]))
+    eager, jitted = runs
+    np.testing.assert_array_equal(np.isnan(eager), np.isnan(jitted))
+    np.testing.assert_array_equal(np.isinf(eager), np.isinf(jitted))
+    np.testing.assert_allclose(eager, jitted, rtol=1e-6)
+
+
+def test_adafactor_of_a_gradient_whose_square_overflows_steps_as_optaxs() -> None:
+    # |g| > 1.8e19 in float32: g*g is infinite, and the first step's average (weight 1) was
+    # inf + 0 * inf = NaN eagerly; optax's is infinite, its step 0 (finite params)
+    optax = pytest.importorskip("optax")
+    p = {"w": jnp.linspace(-1, 1, 32, dtype=jnp.float32).reshape(4, 8)}
+    g = {"w": jnp.full((4, 8), 2e19, jnp.float32).at[0, 0].set(1.0)}
+    tx = optax.adafactor(0.01)
+    updates, _ = tx.update(g, tx.init(p), p)
+    want = np.asarray(optax.apply_updates(p, updates)["w"])
+    _, got = uo.update(uo.setup(uo.adafactor(lr=0.01, convention="optax"), p), p, g)
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(np.asarray(got["w"]), want, rtol=1e-6)
+
+
 def _fixed_grads(params, n, dtype):  # type: ignore[no-untyped-def]
     """Gradients that do not depend on the trajectory, so two runs can be compared for long."""
     rng = np.random.default_rng(1)

@@ -102,13 +102,12 @@ def lerp(a: Any, b: Any, w: Any) -> Any:
         return torch.lerp(a, b, w)
     elif isinstance(a, Batch):
         return a.lerp(b, w)
-    # the same two sides elsewhere (JAX, array-API libraries), unfused: from a alone, a weight
-    # near 1 (a beta of 0) lost b to a's rounding where a is much the larger
-    if not _traced(w):  # (a number, or an eager array's: its side read on the host)
-        return a + w * (b - a) if abs(float(w)) < 0.5 else b + (w - 1) * (b - a)
-    # a traced weight: optax's convex form, exact at both ends as the two sides are, in as many
-    # operations per element as one side (choosing a side per element cost S2's jitted Adam
-    # step 4-5%)
+    # elsewhere (JAX, array-API libraries) optax's convex form: exact at both ends as torch's
+    # two sides are (from a alone, a weight near 1, a beta of 0, lost b to a's rounding where a
+    # is much the larger), in as many operations per element as one side (choosing a side per
+    # element cost S2's jitted Adam step 4-5%), and eager as under jax.jit: the two sides there
+    # made an infinite moment NaN eagerly (inf - inf) and not under jit (RAdam, signum), and
+    # Adafactor's first step, of weight 1, NaN where optax's is infinite
     return (1 - w) * a + w * b
 
 
