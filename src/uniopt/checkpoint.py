@@ -26,7 +26,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import numpy as np
 import optree
@@ -44,6 +44,11 @@ from .transforms.mask import Mask
 from .tree import NAMESPACE, _adopt_jax_nodes, flatten_leaves, path_str
 
 __all__ = ["CheckpointError", "load", "register", "save"]
+
+if TYPE_CHECKING:
+    import torch
+
+    _TorchOptimizer = TypeVar("_TorchOptimizer", bound=torch.optim.Optimizer)
 
 FORMAT = "uniopt.checkpoint"
 VERSION = 1
@@ -892,6 +897,20 @@ def _as_host(info: _Info) -> tuple[np.dtype, tuple[int, ...]]:
     """The NumPy dtype and shape a tensor is read into (bfloat16 as its bits)."""
     name = DTYPES[info.code]
     return np.dtype(np.uint16 if name == "bfloat16" else name).newbyteorder("<"), info.shape
+
+
+@overload
+def load(path: str | os.PathLike[str], like: _TorchOptimizer, *,
+         params: Literal[False] = False) -> _TorchOptimizer: ...
+
+
+@overload
+def load(path: str | os.PathLike[str], like: Any, *,
+         params: Literal[True]) -> tuple[State, Any]: ...
+
+
+@overload
+def load(path: str | os.PathLike[str], like: Any, *, params: Literal[False] = False) -> State: ...
 
 
 def load(path: str | os.PathLike[str], like: Any, *, params: bool = False) -> Any:

@@ -22,7 +22,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import optree
@@ -1730,8 +1730,11 @@ def _as_is(x: Any, like: Any) -> Any:
     return x
 
 
-def update(state: State, params: Any, grads: Any, *, value: Any = None,
-           **extra: Any) -> tuple[State, Any]:
+Params = TypeVar("Params")
+
+
+def update(state: State, params: Params, grads: Any, *, value: Any = None,
+           **extra: Any) -> tuple[State, Params]:
     """One step, pure: returns ``(new_state, new_params)`` and leaves every input untouched.
 
     ``grads`` is a tree shaped like ``params`` or a flat list aligned with
@@ -1759,7 +1762,7 @@ def update(state: State, params: Any, grads: Any, *, value: Any = None,
     # of one that does not move (combine._unmoved)
     if not new.tree_states or _combinator(state.rule) is not None:
         return new, out
-    leaves = optree.tree_leaves(params, namespace=NAMESPACE)
+    leaves: list[Any] = optree.tree_leaves(params, namespace=NAMESPACE)  # type: ignore[arg-type]
     if leaves and backend.is_jax(leaves[0]):  # (immutable: sharing is no aliasing)
         return new, out
     trees = _unshared(new.tree_states, (state.slots, state.tree_states, leaves, grads))
