@@ -36,7 +36,7 @@ import inspect
 import math
 from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import array_api_compat as aac
 import numpy as np
@@ -54,9 +54,6 @@ from .hyper import (
     on_host,
     resolve,
 )
-
-if TYPE_CHECKING:
-    from .state import State
 
 Kernel = Callable[..., tuple[Any, ...]]
 
@@ -435,7 +432,7 @@ class Transform:
         return tuple((f"{part}.{s}", s) for part, slots in self.layout for s in slots)
 
     # --- the optax protocol: updates are to be *added* -------------------------------------
-    def init(self, params: Any) -> State:
+    def init(self, params: Any) -> Any:  # (a State: base sits below uniopt.state)
         """optax protocol: the state for ``params`` (same as ``uniopt.setup(self, params)``)."""
         return OPTAX_PROTOCOL["init"](self, params)
 
