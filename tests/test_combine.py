@@ -961,3 +961,20 @@ def test_an_optax_style_label_function_is_named_with_what_to_write(make: Any) ->
 
     with pytest.raises(TypeError, match="^my own$"):
         uo.setup(make(broken), params)
+
+
+def test_reprs_are_calls_that_make_the_rule_and_stay_short() -> None:
+    # chain printed as chain(transforms=(...)), partition as partition(rules=..., names=...),
+    # by_path as by_path(table=...), a mask tree as _TreeSpec(treedef=PyTreeSpec(...)): none of
+    # them a call; and a masked rule over 4,000 leaves printed every one (a state: 80K chars)
+    names = {n: getattr(uo, n) for n in uo.__all__}
+    for rule in (uo.chain(uo.clip_by_global_norm(1.0), uo.adam()),
+                 uo.partition({"a": uo.adam(), "b": uo.sgd()}, uo.by_path({"*.w": "a", "*": "b"})),
+                 uo.partition({"a": uo.adam(), "b": None}, {"w": "a", "b": "b"}),
+                 uo.masked(uo.weight_decay(1e-2), {"w": True, "b": False}),
+                 uo.lookahead(uo.sgd(lr=0.1), k=3)):
+        assert eval(repr(rule), names) == rule, repr(rule)
+    big = {f"l{i}": {"w": np.ones(2), "b": np.ones(2)} for i in range(2000)}
+    mask = {k: {"w": True, "b": False} for k in big}
+    state = uo.setup(uo.chain(uo.masked(uo.weight_decay(1e-2), mask), uo.adam()), big)
+    assert "<a tree of 4000 leaves>" in repr(state) and len(repr(state)) < 1000

@@ -316,7 +316,7 @@ def test_a_state_from_any_leaves_shows_and_shapes() -> None:
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)] == [
         (jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(state)]
     for other in (jax.tree.map(lambda x: None, state), shapes):
-        assert repr(other).startswith("State(rule=chain(transforms=(adamw(lr=")
+        assert repr(other).startswith("State(rule=chain(adamw(lr=")
 
 
 # --- reduce_on_plateau ----------------------------------------------------------------------

@@ -1051,5 +1051,8 @@ class chain(Transform):
     def replace(self, **changes: Any) -> Transform:
         return chain(*changes.get("transforms", self.transforms))
 
+    def __repr__(self) -> str:  # (as it is called)
+        return f"chain({', '.join(map(repr, self.transforms))})"
+
 
 

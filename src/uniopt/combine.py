@@ -71,6 +71,13 @@ class _TreeSpec:
     treedef: Any
     leaves: tuple[Any, ...]
 
+    def __repr__(self) -> str:
+        # the tree as it was given; a large one counted (a masked rule over a model of 4,000
+        # leaves printed them all, and a state its rule: 80,000 characters at a REPL)
+        if len(self.leaves) > 8:
+            return f"<a tree of {len(self.leaves)} leaves>"
+        return repr(unflatten(self.treedef, list(self.leaves)))
+
 
 def _selector(owner: str, what: str, spec: Any, label: bool) -> Any:
     """``spec`` in the form a record keeps: a callable, patterns, or a :class:`_TreeSpec`."""
@@ -437,6 +444,9 @@ class partition(_Routed):
         object.__setattr__(self, "labels", _selector("partition", "labels", labels, True))
         object.__setattr__(self, "host", None)
 
+    def __repr__(self) -> str:  # (as it is called)
+        return f"partition({self.inner!r}, {self.labels!r})"
+
     @property
     def inner(self) -> dict[str, Transform]:
         return dict(zip(self.names, self.rules, strict=True))
@@ -545,6 +555,9 @@ class by_path:
                 raise TypeError(f"by_path: the table maps globs or regular expressions to "
                                 f"labels (str); got {k!r}: {v!r}")
         object.__setattr__(self, "table", tuple(table.items()))
+
+    def __repr__(self) -> str:  # (as it is called)
+        return f"by_path({dict(self.table)!r})"
 
     def __call__(self, path: str, leaf: Any) -> str:
         for pattern, label in self.table:
