@@ -977,4 +977,5 @@ def test_reprs_are_calls_that_make_the_rule_and_stay_short() -> None:
     big = {f"l{i}": {"w": np.ones(2), "b": np.ones(2)} for i in range(2000)}
     mask = {k: {"w": True, "b": False} for k in big}
     state = uo.setup(uo.chain(uo.masked(uo.weight_decay(1e-2), mask), uo.adam()), big)
-    assert "<a tree of 4000 leaves>" in repr(state) and len(repr(state)) < 1000
+    assert "<a tree of 4000 leaves: False 2000, True 2000>" in repr(state)
+    assert len(repr(state)) < 1000

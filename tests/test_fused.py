@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -528,6 +529,8 @@ def _arrays(slot: Any) -> tuple[Any, ...]:
 
 _COMPILE_ONCE = """
 import pathlib, sys, time
+import os
+
 import numpy as np
 import uniopt as uo
 from uniopt.fast import cpu
@@ -620,6 +623,8 @@ with open(sys.argv[1], "w") as f:
 
 _LOADS_QUICKLY = """
 import hashlib, sys
+import os
+
 import numpy as np
 import uniopt as uo
 from uniopt.fast import cpu
@@ -709,3 +714,32 @@ def test_a_file_system_without_locks_compiles_unlocked(monkeypatch: pytest.Monke
     with fused._locked(tmp_path / "x.lock"):
         ran = True
     assert ran and calls == [fcntl.LOCK_EX]
+
+
+_TORCH_THREADS = """
+import torch, uniopt.torch as ut
+torch.set_num_threads(1)
+torch.randn(300, 300) @ torch.randn(300, 300)  # torch's pool first, as a forward pass
+ps = [torch.nn.Parameter(torch.zeros(300_000)) for _ in range(2)]
+for p in ps:
+    p.grad = torch.ones_like(p)
+opt = ut.Adam(ps)
+opt.step()  # large: the compiled loop on numba's thread pool, its first run
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="numba's pool is one thread here")
+def test_numbas_pool_leaves_torchs_thread_count_as_it_was() -> None:
+    # numba's OpenMP layer sets the process's OpenMP thread count as it starts, and torch,
+    # sharing the runtime (its Linux CPU wheels), read it as its own: pinned to one thread, it
+    # had two after the first large step (its forward pass's sums then changed)
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", _TORCH_THREADS], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "1"

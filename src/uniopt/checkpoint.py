@@ -913,6 +913,11 @@ def load(path: str | os.PathLike[str], like: Any, *,
 def load(path: str | os.PathLike[str], like: Any, *, params: Literal[False] = False) -> State: ...
 
 
+@overload
+def load(path: str | os.PathLike[str], like: Any, *,
+         params: bool = False) -> State | tuple[State, Any]: ...
+
+
 def load(path: str | os.PathLike[str], like: Any, *, params: bool = False) -> Any:
     """The state saved at ``path``, loaded into the arrays, library and device of ``like``:
 

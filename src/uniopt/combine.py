@@ -17,6 +17,7 @@ is an error (a typo would train what was to stay still).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import functools
@@ -74,8 +75,10 @@ class _TreeSpec:
     def __repr__(self) -> str:
         # the tree as it was given; a large one counted (a masked rule over a model of 4,000
         # leaves printed them all, and a state its rule: 80,000 characters at a REPL)
-        if len(self.leaves) > 8:
-            return f"<a tree of {len(self.leaves)} leaves>"
+        if len(self.leaves) > 8:  # (counted by value: a recompile message tells two apart)
+            counts = collections.Counter(self.leaves)
+            return (f"<a tree of {len(self.leaves)} leaves: "
+                    + ", ".join(f"{k!r} {n}" for k, n in sorted(counts.items(), key=repr)) + ">")
         return repr(unflatten(self.treedef, list(self.leaves)))
 
 

@@ -404,7 +404,30 @@ def _pooled(parallel: Any, serial: Any, *args: Any) -> Any:
     if _FORKED:
         return serial(*args)
     with _POOL:
+        if _STARTED:
+            return parallel(*args)
+        return _first_pooled(parallel, args)
+
+
+# Whether numba's thread pool has run in this process. Its OpenMP layer, as it starts, sets the
+# process's OpenMP thread count to numba's own; torch, where it shares the OpenMP runtime (its
+# CPU wheels on Linux), reads that count as its own: a program that pinned torch to one thread
+# (for reproducible sums, or one rank per core) had two after its first large step, its forward
+# pass's sums changed. numba's later launches leave the count as they find it.
+_STARTED = False
+
+
+def _first_pooled(parallel: Any, args: tuple[Any, ...]) -> Any:
+    """The pool's first run, torch's thread count (where torch is loaded) put back after it."""
+    global _STARTED
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
         return parallel(*args)
+    finally:
+        _STARTED = True
+        if torch is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _forked() -> None:
