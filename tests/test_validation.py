@@ -1008,6 +1008,14 @@ def test_adjust_of_a_name_that_is_also_a_members():
     # a rule's own field of that name is no ambiguity
     state, _ = _stepped(uo.adamw(lr=0.1, weight_decay=1e-2))
     assert uo.adjust(state, weight_decay=0.5).rule.weight_decay == 0.5
+    # the two as members of an optax chain, each a state of its own
+    optax = pytest.importorskip("optax")
+    states = optax.chain(uo.weight_decay(5e-4), uo.adam(lr=0.1)).init({"w": np.ones(3)})
+    with pytest.raises(ValueError, match=r"'weight_decay' is a hyperparameter of adam, and the "
+                       r"name of a rule in this tuple \(weight_decay, whose hyperparameters "
+                       r"are \['wd'\]\)"):
+        uo.adjust(states, weight_decay=1e-2)
+    assert uo.adjust(states, wd=1e-2)[0].rule.wd == 1e-2
 
 
 @pytest.mark.parametrize(

@@ -2574,6 +2574,16 @@ def _adjust_within(tree: Any, hyperparameters: dict[str, Any]) -> Any:
     changes: dict[int, dict[str, Any]] = {}
     for key, value in hyperparameters.items():
         holders = [s for s in states if _set(s.rule, key.split("."), value, "")[1]]
+        named = [m for s in states if "." not in key for _, m in members(s.rule)
+                 if m.name == key and key not in m.hyperparameters()]
+        if named:  # (as adjust's _named_like, across the states)
+            m = named[0]
+            held = f"a hyperparameter of {holders[0].rule.name}, and " if holders else ""
+            raise ValueError(
+                f"adjust: {key!r} is {held}the name of a rule in this {type(tree).__name__} "
+                f"({m.name}, whose hyperparameters are {sorted(m.hyperparameters())}), not a "
+                "hyperparameter of it: adjust that rule's own by their names, or adjust the "
+                "state you mean where it is")
         if len(holders) != 1:
             names = sorted({n for s in states for _, m in members(s.rule)
                             for n in m.hyperparameters()})
