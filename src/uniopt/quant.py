@@ -42,6 +42,7 @@ import numpy as np
 import optree
 
 from . import backend
+from .hyper import _traced
 from .tree import NAMESPACE
 
 BLOCK = 2048
@@ -145,8 +146,25 @@ def _padded(xp: Any, flat: Any, size: int) -> Any:
     return xp.reshape(flat, (nb, BLOCK))
 
 
+# the elements quantised at a time outside jax.jit (whole blocks): the search's temporaries
+# take some 30 bytes an element, which for a whole leaf (an embedding table's) came to several
+# times what its float32 slots take, at set-up, where 8 bits are chosen to save memory
+PIECE = 512 * BLOCK
+
+
 def quantise(xp: Any, x: Any, signed: bool) -> Q8:
     """``x`` (float32) in 8 bits: each block's absmax, each element's nearest code."""
+    shape, size = tuple(x.shape), math.prod(x.shape)
+    if size > PIECE and not _traced(x):
+        flat = xp.reshape(x, (-1,))
+        pieces = [_quantised(xp, flat[i:i + PIECE], signed) for i in range(0, size, PIECE)]
+        return Q8(xp.reshape(xp.concat([q.codes for q in pieces]), shape),
+                  xp.concat([q.absmax for q in pieces]))
+    return _quantised(xp, x, signed)
+
+
+def _quantised(xp: Any, x: Any, signed: bool) -> Q8:
+    """:func:`quantise` of ``x`` at once."""
     shape, size = tuple(x.shape), math.prod(x.shape)
     dev = backend.device(x)
     grid = _padded(xp, xp.reshape(x, (-1,)), size)
