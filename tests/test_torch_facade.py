@@ -457,6 +457,18 @@ def test_the_constructors_type_checkers_see_are_the_runtime_ones() -> None:
                     and issubclass(c, named._Named) and "_torch_params" in vars(c)}
 
 
+def test_a_parameter_whose_elements_overlap_is_refused_nothing_written() -> None:
+    # (as_strided rows sharing elements: torch's loops step a shared element once per place)
+    buf = torch.zeros(10)
+    p = nn.Parameter(buf.as_strided((3, 4), (2, 1)))
+    p.grad = torch.ones(3, 4)
+    opt = ut.SGD([p], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"SGD: param_groups\[0\]\['params'\]\[0\]'s elements "
+                       r"overlap in memory \(shape \(3, 4\), strides \(2, 1\)\)"):
+        opt.step()
+    assert not buf.any() and not opt.state
+
+
 def test_construction_from_named_parameters_and_group_dicts() -> None:
     torch.manual_seed(4)
     model = Net()

@@ -869,6 +869,27 @@ def test_update_with_the_state_and_the_params_swapped(fn):
 # --- in place on arrays that cannot be written --------------------------------------------------
 
 
+def test_update_inplace_refuses_a_leaf_whose_elements_overlap():
+    # rows of an as_strided view that share elements (no stride of 0): torch's loops step a
+    # shared element once per place, a pass once from its old value: its updates were lost
+    as_strided = np.lib.stride_tricks.as_strided
+    buf = np.zeros(10, np.float32)
+    p = as_strided(buf, (3, 4), (8, 4))  # rows at 0, 2, 4: elements 2..5 twice
+    state = uo.setup(uo.sgd(lr=0.1), [p])
+    with pytest.raises(ValueError, match=r"update_ cannot write params\[0\] in place: its "
+                       r"elements overlap in memory \(shape \(3, 4\), strides \(8, 4\)\)"):
+        uo.update_(state, [p], [np.ones((3, 4), np.float32)])
+    assert not buf.any()
+    # interleaved strides that do not nest but share no element: stepped
+    buf = np.zeros(8, np.float32)
+    q = as_strided(buf, (2, 3), (12, 8))  # places 0, 2, 4 and 3, 5, 7
+    uo.update_(uo.setup(uo.sgd(lr=0.1), [q]), [q], [np.ones((2, 3), np.float32)])
+    np.testing.assert_array_equal(buf, np.float32([-0.1, 0, -0.1, -0.1, -0.1, -0.1, 0, -0.1]))
+    # a pure step reads it and writes new arrays: taken
+    _, out = uo.update(state, [p], [np.ones((3, 4), np.float32)])
+    assert out[0].shape == (3, 4)
+
+
 def test_update_inplace_read_only_numpy(stepped):
     state, params = stepped
     # only the last leaf in optree order is read-only: the ones before must not be written

@@ -645,6 +645,28 @@ def strides(x: Any) -> Any:
 
 
 
+def repeats(x: Any) -> bool:
+    """Whether ``x`` (a NumPy array or a tensor) reaches a place of its memory twice: a stride of
+    0 over an axis of more than one element, or strides under which its rows overlap
+    (``as_strided``). Axes whose strides nest (each at least the reach of the smaller ones) do
+    not; where they do not nest, every element's place is looked at."""
+    steps = strides(x)
+    shape = tuple(x.shape)
+    if steps is None or 0 in shape:
+        return False
+    unit = 1 if is_torch(x) else x.itemsize
+    reach = 0
+    for st, n in sorted((abs(st), n) for n, st in zip(shape, steps, strict=True) if n > 1):
+        if st < reach + unit:
+            places = np.zeros((), np.int64)
+            for n_, st_ in zip(shape, steps, strict=True):
+                places = places[..., None] + np.arange(n_, dtype=np.int64) * st_
+            return bool(len(np.unique(places)) < places.size or (
+                unit > 1 and np.any(np.diff(np.unique(places)) < unit)))
+        reach += st * (n - 1)
+    return False
+
+
 def memory_ids(xs: list[Any]) -> set[int]:
     """The ids of the objects whose memory ``xs`` are (:func:`owner`'s, None skipped), in one
     pass of attribute reads where they are NumPy arrays or tensors."""

@@ -212,6 +212,16 @@ def _apart(names: list[str] | None, leaves: list[Any], params: Any = None,
                 raise ValueError(f"update_ cannot write {name} in place: it repeats its elements "
                                  "in memory (a stride of 0, as a broadcast or expanded view "
                                  "has); step a copy of its own")
+            if steps is not None and len(steps) > 1 and not (
+                    (x.flags.c_contiguous or x.flags.f_contiguous) if type(x) is np.ndarray
+                    else x.is_contiguous() if hasattr(x, "is_contiguous") else True
+            ) and backend.repeats(x):
+                # rows that overlap (as_strided): torch's loops step a shared element once
+                # per place, one pass from the old values once, the other updates lost
+                name = (flatten_named(params)[2] if names is None else names)[k]
+                raise ValueError(f"update_ cannot write {name} in place: its elements overlap "
+                                 f"in memory (shape {tuple(x.shape)}, strides {steps}); step "
+                                 "a copy of its own")
         if known:
             _APART_WRITABLE[0] = True
             return

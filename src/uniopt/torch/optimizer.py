@@ -703,11 +703,20 @@ class Optimizer(torch.optim.Optimizer):
         every step of a rule that runs other rules (partition...), not at every step."""
         ps = [p for _, group, has in groups
               for p, h in zip(group["params"], has, strict=True) if h]
+        names = [f"{_group_list(gi)}[{i}]"
+                 for gi, _, has in groups for i, h in enumerate(has) if h]
+        for name, p in zip(names, ps, strict=True):
+            if (p.layout == torch.strided and not dtensor.is_dtensor(p) and not p.is_contiguous()
+                    and backend.repeats(p)):
+                # (as_strided rows that overlap: one pass steps a shared element once, from its
+                # old value, where torch's loops step it once per place)
+                raise ValueError(
+                    f"{self._name}: {name}'s elements overlap in memory (shape "
+                    f"{tuple(p.shape)}, strides {p.stride()}): torch's loops step a shared "
+                    "element once for each place it has, uniopt once; give it memory of its own")
         pair = backend.overlapping(ps, storages=True) if len(ps) > 1 else None
         if pair is None:
             return
-        names = [f"{_group_list(gi)}[{i}]"
-                 for gi, _, has in groups for i, h in enumerate(has) if h]
         i, j = pair
         raise ValueError(
             f"{self._name}: {names[j]} shares memory with {names[i]} (two parameters over one "
