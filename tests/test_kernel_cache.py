@@ -291,3 +291,50 @@ def test_a_cache_directory_that_cannot_be_written_is_named_in_a_warning(
     with pytest.warns(RuntimeWarning, match="UNIOPT_CACHE_DIR") as caught:
         assert cpu._cache_dir() is None
     assert f"not cached in {tmp_path / 'fused-'}" in str(caught[0].message)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_does_not_keep_a_compile_lock(tmp_path: pathlib.Path) -> None:
+    # a lock is its open file's, which fork shares: a child forked while another thread
+    # compiled held the loop's lock until it exited, and every process compiling or loading
+    # that loop waited for it
+    import fcntl
+    import time
+
+    path = tmp_path / "loop.lock"
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cpu._locked(path):
+            entered.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert entered.wait(30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (fork with threads, 3.12)
+        pid = os.fork()
+    if pid == 0:  # the child: holds nothing of uniopt's, lives on a while
+        time.sleep(20)
+        os._exit(0)
+    try:
+        release.set()
+        holder.join(30)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            # (the child closes its copy as it starts, which may come later than this: a few
+            # seconds' grace, where a child holding the lock holds it 20 s)
+            deadline = time.monotonic() + 8
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the forked child holds the lock"
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

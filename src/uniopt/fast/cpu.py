@@ -434,6 +434,10 @@ def _forked() -> None:
     global _POOL, _FORKED
     _POOL = threading.Lock()  # (the parent's may be held by a thread the child does not have)
     _FORKED = True
+    for fd in list(_LOCK_FDS):  # (the parent's compile locks: see _LOCK_FDS)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
@@ -931,13 +935,23 @@ def _locked(path: Path) -> Iterator[None]:
         fd = None
     try:
         if fd is not None:
+            _LOCK_FDS.add(fd)
             # a file system without locks (some network ones) raises: compile unlocked
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
+            _LOCK_FDS.discard(fd)
             os.close(fd)  # closing releases the lock
+
+
+# The descriptors of the locks held now. A lock is the open file's, which a fork shares with
+# the child: a process forked while another thread compiled held that loop's lock until it
+# exited, and any process then compiling or loading the loop waited for it (a child stepping
+# the rule itself, for ever). A forked child closes them (_forked); the parent's close then
+# releases the lock.
+_LOCK_FDS: set[int] = set()
 
 
 def _self_test() -> bool:
