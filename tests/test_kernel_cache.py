@@ -338,3 +338,30 @@ def test_a_forked_child_does_not_keep_a_compile_lock(tmp_path: pathlib.Path) -> 
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+_FULL_HELPERS = """
+import errno, os, warnings
+from numba.core.caching import IndexDataCacheFile
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+IndexDataCacheFile._dump = full
+import numpy as np, uniopt as uo
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    p = [np.ones(200_000, np.float32) for _ in range(2)]
+    for rule in (uo.adam(), uo.chain(uo.clip_by_global_norm(1.0), uo.sgd(lr=0.1))):
+        state = uo.setup(rule, p)
+        state = uo.update_(state, p, [np.ones_like(x) for x in p])
+print(int(state.step), sum(str(w.message).startswith("uniopt: compiled code is not cached")
+                           for w in caught))
+"""
+
+
+def test_a_full_disk_on_a_fresh_install_steps_uncached(tmp_path: pathlib.Path) -> None:
+    # the drivers' callees (the chunk table, the pool's shares, the chunks' sums) were cached
+    # by numba itself, whose save raised: the first large step was an OSError
+    proc = _run(_FULL_HELPERS, UNIOPT_CACHE_DIR=str(tmp_path / "uniopt"),
+                NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1", "1"]

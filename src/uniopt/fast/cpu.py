@@ -228,6 +228,7 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
     return 0
 
 
+@jitcache.quick  # (a full disk: uncached, with the warning)
 @numba.njit(cache=True)
 def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     """Each leaf in chunks of at most ``chunk`` elements (leaf, start, stop), and the total.
@@ -248,6 +249,7 @@ def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     return leaf, start, stop, total
 
 
+@jitcache.quick  # (a full disk: uncached, with the warning)
 @numba.njit(cache=True)
 def _shares(start: Any, stop: Any, total: int, parts: int) -> Any:
     """Where each of ``parts`` runs of consecutive chunks (``start``, ``stop`` and their
@@ -351,6 +353,7 @@ def _sums_parallel(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     return _added(sums, leaf, len(SIZES), each)
 
 
+@jitcache.quick  # (a full disk: uncached, with the warning)
 @numba.njit(cache=True)
 def _added(sums: Any, leaf: Any, n: int, each: bool) -> Any:
     total = np.zeros(n if each else 1)
