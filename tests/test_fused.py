@@ -222,8 +222,15 @@ def test_warning_is_given_once_per_reason() -> None:
     ufast._warned.clear()
     p = [np.ones(N, np.float16)]
     state = uo.setup(uo.adam(lr=0.1), p, state_dtype="float64")  # a pairing it declines
-    with pytest.warns(ufast.FastPathUnavailable, match="float16 and state as float64"):
+    with pytest.warns(ufast.FastPathUnavailable, match="float16 and state as float64") as got:
         state = uo.update_(state, p, [np.ones(N, np.float16)])
+    # at the caller's line, from update_ and from the pure update, whose call is deeper
+    # (it named uniopt/engine.py)
+    assert [w.filename for w in got] == [__file__]
+    ufast._warned.clear()
+    with pytest.warns(ufast.FastPathUnavailable) as got:
+        uo.update(state, p, [np.ones(N, np.float16)])
+    assert [w.filename for w in got] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         uo.update_(state, p, [np.ones(N, np.float16)])

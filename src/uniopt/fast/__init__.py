@@ -15,6 +15,7 @@ from its ``args`` (a step counted on the device, by the multi-tensor path).
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any
@@ -54,5 +55,19 @@ def warn_once(reason: str) -> None:
             f"uniopt: fast path not used ({reason}); running the reference path, which is "
             "correct but slower. This is reported once per reason.",
             FastPathUnavailable,
-            stacklevel=4,
+            stacklevel=_callers_level(),
         )
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside uniopt, seen from :func:`warn_once`: the
+    user's line, however deep the engine's call (a pure update's is deeper than an in-place
+    one's, whose fixed level named engine.py)."""
+    frame: Any = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
