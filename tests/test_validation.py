@@ -905,6 +905,16 @@ def test_update_inplace_read_only_numpy(stepped):
     assert not np.array_equal(uo.trainables(new_params)[-1], uo.trainables(params)[-1])
 
 
+def test_update_inplace_of_a_numpy_scalar_says_what_it_is():
+    # (it said "the NumPy array is read-only")
+    params = {"x": np.float32(1.0)}
+    state = uo.setup(uo.sgd(lr=0.1), params)
+    with pytest.raises(TypeError, match=r"params\['x'\] in place: a NumPy scalar \(float32\) is "
+                       r"a value, not memory to write; use uniopt.update, or a 0-d array"):
+        uo.update_(state, params, {"x": np.float32(1.0)})
+    assert uo.update(state, params, {"x": np.float32(1.0)})[1]["x"] == np.float32(0.9)
+
+
 def test_update_inplace_read_only_slot(width):
     state, params = _stepped(uo.adam(lr=0.1), width)
     state.slots["scale_by_adam.exp_avg_sq"][-1].setflags(write=False)

@@ -696,6 +696,9 @@ def immutable_reason(x: Any) -> str | None:
         return None
     if is_jax(x):
         return "JAX arrays are immutable; use uniopt.update"
+    if isinstance(x, np.generic):  # (np.float32(1.0): a number, not an array, held by value)
+        return (f"a NumPy scalar ({type(x).__name__}) is a value, not memory to write; use "
+                "uniopt.update, or a 0-d array (np.array(x))")
     if aac.is_numpy_array(x) and not x.flags.writeable:
         return "the NumPy array is read-only; use uniopt.update"
     if not hasattr(type(x), "__setitem__"):  # (pydata's sparse arrays)
