@@ -574,17 +574,22 @@ class Optimizer(torch.optim.Optimizer):
             # dynamo, tracing: a break into the untraced step (the eager step does not pay for
             # torch.compiler.disable's wrapper, about 1 us, on every call)
             return _UNTRACED_STEP(self, *args, **kwargs)
-        if (
-            self._optimizer_step_pre_hooks
-            or self._optimizer_step_post_hooks
-            or _torch_optimizer._global_optimizer_pre_hooks
-            or _torch_optimizer._global_optimizer_post_hooks
-            or torch.autograd._profiler_enabled()
-        ):
-            # the hooks see the call's arguments as torch's do, as they were given: a closure
-            # by keyword is in their kwargs, where a pre-hook may replace it
-            return _HOOKED_STEP(self, *args, **kwargs)
-        return self._step(*args, **kwargs)
+        # one step at a time: two threads stepping one optimizer refilled the lists a pool
+        # run was reading by address, a crash (torch's loops race, without one); here, so
+        # that every class's own step (LBFGS's, Sophia-H's, NAdam's derived numbers after it)
+        # is inside it
+        with self.__dict__.get("_step_lock") or self._new_step_lock():
+            if (
+                self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks
+                or _torch_optimizer._global_optimizer_pre_hooks
+                or _torch_optimizer._global_optimizer_post_hooks
+                or torch.autograd._profiler_enabled()
+            ):
+                # the hooks see the call's arguments as torch's do, as they were given: a closure
+                # by keyword is in their kwargs, where a pre-hook may replace it
+                return _HOOKED_STEP(self, *args, **kwargs)
+            return self._step(*args, **kwargs)
 
     # (its signature as torch's: a caller may look for the closure parameter)
     step.__signature__ = inspect.signature(  # type: ignore[attr-defined]
@@ -596,87 +601,84 @@ class Optimizer(torch.optim.Optimizer):
     step.hooked = True  # type: ignore[attr-defined]
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
-        # one step at a time: two threads stepping one optimizer refilled the lists a pool
-        # run was reading by address, a crash (torch's loops race, without one)
-        with self.__dict__.get("_step_lock") or self._new_step_lock():
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            if (vars(self).get("found_inf") is not None or vars(self).get("grad_scale") is not None
-                    ) and self._amp_skips():
-                return loss
-            # torch.no_grad() without its context manager's Python frames (a small step's cost)
-            enabled = torch.is_grad_enabled()
-            torch._C._set_grad_enabled(False)
-            try:
-                if self._combined_rule:
-                    if any(group.get("differentiable") for group in self.param_groups):
-                        # (a group's flag set since: its members step NumPy views, unrecorded)
-                        raise RuntimeError(_no_recorded_combinator(self.rule))
-                    combined.adopt(self)
-                    rules = [self._rule(group)[0] for group in self.param_groups]
-                    has = [[p.grad is not None for p in group["params"]]
-                           for group in self.param_groups]
-                    for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
-                        # (every group's refusals before any group steps, as _prepare's)
-                        plans.refuse(rule, gi, group, has[gi])
-                    self._check_apart([(gi, group, h) for gi, (group, h)
-                                       in enumerate(zip(self.param_groups, has, strict=True))])
-                    prepared = [combined.prepare(self, gi, group, rule) for gi, (group, rule)
-                                in enumerate(zip(self.param_groups, rules, strict=True))]
-                    if len(prepared) > 1:
-                        for gi, (state, ps, gs) in enumerate(prepared):
-                            # (every group's engine checks before the first group writes)
-                            names = LEAF_NAMES.set(None if isinstance(ps, dict) else
-                                                   [f"{_group_list(gi)}[{j}]"
-                                                    for j in range(len(ps))])
-                            try:
-                                check_step(state, ps, gs)
-                            finally:
-                                LEAF_NAMES.reset(names)
-                    for gi, (group, rule, made) in enumerate(zip(self.param_groups, rules, prepared,
-                                                                 strict=True)):
-                        combined.step(self, gi, group, rule, prepared=made,
-                                      **self._loss_for(rule, loss))
-                    combined.adopted(self)
-                    return loss
-                jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
-                # (a rule known to read no loss makes no call here: a small step's cost)
-                extras = [{} if job.rule.memo.get("reads_loss", False) is None
-                          else self._loss_for(job.rule, loss, bool(job.group.get("differentiable")))
-                          for job in jobs]
-                if len(jobs) == 1:  # (a small step's cost: no lists of one)
-                    job = jobs[0]
-                    if job.plan is None:
-                        self._check_builds(jobs)
-                    plan = job.plan or self._build(job)
-                    views = job.views
-                    if views is None and len(plan.runs) > 1:
-                        # gradients the fast path did not take, stepped run by run: each run's
-                        # engine checks before the first writes (one run's are its own)
-                        views = plan.check(job.rule, job.grads,
-                                           self._run_rules(job.gi, plan, job.rule))
-                    plan.run(job.rule, job.grads, views, self._run_rules(job.gi, plan, job.rule),
-                             job.resolved, extras[0])
-                    return loss
-                if any(job.plan is None for job in jobs):
-                    self._check_builds(jobs)
-                built = [job.plan or self._build(job) for job in jobs]
-                wheres = [_group_list(job.gi) for job in jobs]
-                for job, plan, where in zip(jobs, built, wheres, strict=True):
-                    if job.views is None:  # (as above, and before any group writes)
-                        # (its views are not kept: a gradient copied to its parameter's layout is
-                        # copied again when its group steps, after the groups before it, as a
-                        # gradient that views another group's parameter reads it then in torch)
-                        plan.check(job.rule, job.grads, self._run_rules(job.gi, plan, job.rule),
-                                   where)
-                for job, plan, extra, where in zip(jobs, built, extras, wheres, strict=True):
-                    plan.run(job.rule, job.grads, job.views,
-                             self._run_rules(job.gi, plan, job.rule), job.resolved, extra, where)
-            finally:
-                torch._C._set_grad_enabled(enabled)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if (vars(self).get("found_inf") is not None or vars(self).get("grad_scale") is not None
+                ) and self._amp_skips():
             return loss
+        # torch.no_grad() without its context manager's Python frames (a small step's cost)
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            if self._combined_rule:
+                if any(group.get("differentiable") for group in self.param_groups):
+                    # (a group's flag set since: its members step NumPy views, unrecorded)
+                    raise RuntimeError(_no_recorded_combinator(self.rule))
+                combined.adopt(self)
+                rules = [self._rule(group)[0] for group in self.param_groups]
+                has = [[p.grad is not None for p in group["params"]]
+                       for group in self.param_groups]
+                for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
+                    # (every group's refusals before any group steps, as _prepare's)
+                    plans.refuse(rule, gi, group, has[gi])
+                self._check_apart([(gi, group, h) for gi, (group, h)
+                                   in enumerate(zip(self.param_groups, has, strict=True))])
+                prepared = [combined.prepare(self, gi, group, rule) for gi, (group, rule)
+                            in enumerate(zip(self.param_groups, rules, strict=True))]
+                if len(prepared) > 1:
+                    for gi, (state, ps, gs) in enumerate(prepared):
+                        # (every group's engine checks before the first group writes)
+                        names = LEAF_NAMES.set(None if isinstance(ps, dict) else
+                                               [f"{_group_list(gi)}[{j}]"
+                                                for j in range(len(ps))])
+                        try:
+                            check_step(state, ps, gs)
+                        finally:
+                            LEAF_NAMES.reset(names)
+                for gi, (group, rule, made) in enumerate(zip(self.param_groups, rules, prepared,
+                                                             strict=True)):
+                    combined.step(self, gi, group, rule, prepared=made,
+                                  **self._loss_for(rule, loss))
+                combined.adopted(self)
+                return loss
+            jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
+            # (a rule known to read no loss makes no call here: a small step's cost)
+            extras = [{} if job.rule.memo.get("reads_loss", False) is None
+                      else self._loss_for(job.rule, loss, bool(job.group.get("differentiable")))
+                      for job in jobs]
+            if len(jobs) == 1:  # (a small step's cost: no lists of one)
+                job = jobs[0]
+                if job.plan is None:
+                    self._check_builds(jobs)
+                plan = job.plan or self._build(job)
+                views = job.views
+                if views is None and len(plan.runs) > 1:
+                    # gradients the fast path did not take, stepped run by run: each run's
+                    # engine checks before the first writes (one run's are its own)
+                    views = plan.check(job.rule, job.grads,
+                                       self._run_rules(job.gi, plan, job.rule))
+                plan.run(job.rule, job.grads, views, self._run_rules(job.gi, plan, job.rule),
+                         job.resolved, extras[0])
+                return loss
+            if any(job.plan is None for job in jobs):
+                self._check_builds(jobs)
+            built = [job.plan or self._build(job) for job in jobs]
+            wheres = [_group_list(job.gi) for job in jobs]
+            for job, plan, where in zip(jobs, built, wheres, strict=True):
+                if job.views is None:  # (as above, and before any group writes)
+                    # (its views are not kept: a gradient copied to its parameter's layout is
+                    # copied again when its group steps, after the groups before it, as a
+                    # gradient that views another group's parameter reads it then in torch)
+                    plan.check(job.rule, job.grads, self._run_rules(job.gi, plan, job.rule),
+                               where)
+            for job, plan, extra, where in zip(jobs, built, extras, wheres, strict=True):
+                plan.run(job.rule, job.grads, job.views,
+                         self._run_rules(job.gi, plan, job.rule), job.resolved, extra, where)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+        return loss
 
     def _new_step_lock(self) -> Any:
         """The lock of this optimizer's steps, made at its first (the dict's setdefault: one
