@@ -2543,18 +2543,24 @@ def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool
         state, rule=rule, tree_states=_members_renewed(rule, state.tree_states)))
 
 
+def _member_named(rule: Transform, key: str) -> tuple[tuple[Any, ...], Transform] | None:
+    """The first member of ``rule`` (its position, and it) named ``key`` and without a
+    hyperparameter of that name, where ``key`` is unqualified (no member named by position)."""
+    if "." in key:
+        return None
+    return next(((path, m) for path, m in members(rule)
+                 if m.name == key and key not in m.hyperparameters()), None)
+
+
 def _named_like(rule: Transform, key: str, found: list[str]) -> None:
     """Refuse an unqualified ``key`` that is also the name of a member without such a
     hyperparameter: in ``chain(weight_decay(5e-4), adam())``, ``weight_decay=`` would set Adam's
     own L2 term, not the member named so (whose rate is ``wd``), or, without Adam, say only that
     there is no such hyperparameter."""
-    if "." in key:
+    named = _member_named(rule, key)
+    if named is None:
         return
-    named = [(path, m) for path, m in members(rule)
-             if m.name == key and key not in m.hyperparameters()]
-    if not named:
-        return
-    path, m = named[0]
+    path, m = named
     own = ".".join(map(str, path))
     theirs = [f"{own + '.' if own else ''}{n}" for n in m.hyperparameters()]
     who = f"member {own} of this chain" if own else "the rule"
@@ -2584,10 +2590,9 @@ def _adjust_within(tree: Any, hyperparameters: dict[str, Any]) -> Any:
     changes: dict[int, dict[str, Any]] = {}
     for key, value in hyperparameters.items():
         holders = [s for s in states if _set(s.rule, key.split("."), value, "")[1]]
-        named = [m for s in states if "." not in key for _, m in members(s.rule)
-                 if m.name == key and key not in m.hyperparameters()]
-        if named:  # (as adjust's _named_like, across the states)
-            m = named[0]
+        named = next((n for s in states if (n := _member_named(s.rule, key))), None)
+        if named is not None:  # (as adjust's _named_like, across the states)
+            m = named[1]
             held = f"a hyperparameter of {holders[0].rule.name}, and " if holders else ""
             raise ValueError(
                 f"adjust: {key!r} is {held}the name of a rule in this {type(tree).__name__} "
