@@ -341,14 +341,7 @@ def _lookup(name: str, index: str, table: np.ndarray) -> list[str]:
         out += [f"  %{name}d{r} = shufflevector <32 x i16> %{name}w01{r // 2}, "
                 f"<32 x i16> %{name}w23{r // 2}, <32 x i32> {_unpack(r % 2, 8)}",
                 f"  %{name}e{r} = bitcast <32 x i16> %{name}d{r} to <16 x i32>"]
-    return out + [
-        f"  %{name}e01 = shufflevector <16 x i32> %{name}e0, <16 x i32> %{name}e1, "
-        f"<32 x i32> {_vector('i32', range(32))}",
-        f"  %{name}e23 = shufflevector <16 x i32> %{name}e2, <16 x i32> %{name}e3, "
-        f"<32 x i32> {_vector('i32', range(32))}",
-        f"  %{name} = shufflevector <32 x i32> %{name}e01, <32 x i32> %{name}e23, "
-        f"<64 x i32> {_vector('i32', range(64))}",
-    ]
+    return out + _joined(f"{name}e", name)
 
 
 def _joined(name: str, out: str) -> list[str]:
