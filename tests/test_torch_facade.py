@@ -1338,6 +1338,76 @@ def test_a_model_given_a_new_dtype_after_a_step_steps_on_as_after_a_load(
     assert dtypes[0] == dtypes[1], dtypes
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("layers", [1, 4], ids=["views", "addresses"])
+def test_a_model_converted_with_swapped_tensors_after_a_step_steps_on(
+        layers: int, set_to_none: bool) -> None:
+    """Under torch's ``swap_module_params_on_conversion``, ``model.double()`` swaps each
+    parameter and gradient with ``torch.utils.swap_tensors``, which refuses a tensor that has a
+    weak reference: after a step the plan held its gradients by weak references, and the
+    conversion raised, leaving the model half converted. The run goes on as one converted
+    without swapping (2 and 8 tensors: gradients taken as views and by address)."""
+    runs = []
+    for swap in (True, False):
+        was = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        try:
+            torch.manual_seed(0)
+            model = nn.Sequential(*[nn.Linear(5, 5) for _ in range(layers)])
+            opt = ut.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            x = torch.randn(3, 5)
+            for k in range(4):
+                if k == 2:
+                    model.double()
+                    x = x.double()
+                opt.zero_grad(set_to_none=set_to_none)
+                model(x).square().mean().backward()
+                opt.step()
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(was)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("make", "kw"), [
+    (lambda ps, **kw: ut.SGD(ps, **kw), {"lr": 0.1, "momentum": 0.9}),
+    (lambda ps, **kw: ut.AdamW(ps, **kw), {"lr": 0.01}),
+    (lambda ps, **kw: ut.Optimizer(ps, uo.lion(lr=0.01)), {})], ids=["SGD", "AdamW", "lion"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_parameters_memory_stays_its_own_to_free_and_bring_back(
+        make: Any, kw: dict[str, Any], dtype: Any) -> None:
+    """Tensor.numpy() marks a storage unresizable for good: after a step, a parameter's
+    ``untyped_storage().resize_(0)`` (memory freed while offloaded) raised, where torch.optim
+    makes no such view. The plan's views of parameters and slots leave their storages
+    resizable; a parameter offloaded and brought back (new memory, same values) steps on as
+    one never offloaded."""
+    runs = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).to(dtype)
+        opt = make(list(model.parameters()), **kw)
+        x = torch.randn(4, 5, dtype=dtype)
+        for k in range(5):
+            if offload and k == 2:
+                for p in model.parameters():
+                    kept = p.detach().clone()
+                    p.untyped_storage().resize_(0)
+                    p.untyped_storage().resize_(kept.numel() * kept.element_size())
+                    p.data.copy_(kept)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        for p in model.parameters():
+            assert p.untyped_storage().resizable()
+            for v in opt.state[p].values():
+                if isinstance(v, torch.Tensor) and v.numel() > 1:
+                    assert v.untyped_storage().resizable()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_combinators_state_is_set_up_once_over_named_params_of_two_dtypes(
         monkeypatch: Any) -> None:
     """A partition over named parameters of two dtypes, named out of sorted order: its held

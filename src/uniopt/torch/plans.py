@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import operator
-import weakref
 from collections import defaultdict
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -49,7 +48,10 @@ WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 _STRIDE = torch.Tensor.stride
 _NUMEL = torch.Tensor.numel
 _CONTIGUOUS = torch.Tensor.is_contiguous
-_DEREF = weakref.ref.__call__  # (operator.call is Python 3.11's)
+# a tensor's TensorImpl, by address: how a plan knows the last step's gradients again without
+# a reference to them (torch.utils.swap_tensors, as Module.to() calls it under
+# swap_module_params_on_conversion, refuses a tensor that has a weak one)
+_IMPL = operator.attrgetter("_cdata")
 _SHAPE = operator.attrgetter("shape")
 # what a gradient must be to go by address, read in one C call: its class (a subclass's
 # data_ptr may not be its memory), dtype, whether on the CPU, and shape
@@ -73,9 +75,9 @@ _ADDRESSED = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.fl
 # new gradient fresh memory, page by page)
 KEEP_GRADS = 1 << 20
 KEEP_VIEWS = 1 << 15
-# nor of more gradients than this: each is held by a weak reference made at every step, about
-# 0.06 us, and those are objects the garbage collector counts (10,000 a step set off its
-# passes: W4's step took 13-14 ms without them, 14-15 with, its median twice as long)
+# nor of more gradients than this: each is looked at by its TensorImpl at every step (when
+# each was held by a weak reference, 10,000 of those a step also set off the garbage
+# collector's passes: W4's step took 13-14 ms without them, 14-15 with)
 KEEP_TENSORS = 256
 
 # how the engine sees a parameter: ("np", None) a NumPy view, ("np", perm) a NumPy view of the
@@ -189,7 +191,7 @@ def _view(t: torch.Tensor, spec: Spec) -> Any:
         return t
     if perm is not None:
         t = t.permute(perm).view(-1)
-    return backend.numpy_view(t)
+    return backend.unpinned_view(t)
 
 
 def _slot_view(t: torch.Tensor | None, spec: Spec) -> Any:
@@ -512,15 +514,18 @@ class SeenGrads:
     check. A tensor whose memory was replaced (``set_``, ``.data =``, a resized storage) has
     another address, another shape or another layout, and is looked at anew.
 
-    The gradients are held weakly, so ``zero_grad()``'s default (``set_to_none=True``) frees
-    them as it does after torch.optim's step and the next backward reuses their memory:
-    holding them made a 670K-parameter MLP's forward and backward about 7% slower, every
-    gradient in new memory. Gradients that went by address are found again in the plan's
-    table (``views`` None), which only a new set of addresses refills; NumPy views hold their
-    tensors' memory, so a plan keeps views only of gradients small enough to cost nothing held
-    (:data:`KEEP_VIEWS`). A view or an address never outlives the memory it reads."""
+    The gradients are not held (known by :data:`_IMPL`), so ``zero_grad()``'s default
+    (``set_to_none=True``) frees them as it does after torch.optim's step and the next backward
+    reuses their memory: holding them made a 670K-parameter MLP's forward and backward about 7%
+    slower, every gradient in new memory. Gradients that went by address are found again in the
+    plan's table (``views`` None), which only a new set of addresses refills; NumPy views hold
+    their tensors' memory, so a plan keeps views only of gradients small enough to cost nothing
+    held (:data:`KEEP_VIEWS`). A view or an address never outlives the memory it reads. A new
+    gradient made where a freed one's TensorImpl was, of its memory, shape and layout, is its
+    parameter's, of the parameter's dtype and device as torch holds every gradient: what the
+    plan knew of the old one holds for it."""
 
-    refs: list[weakref.ref[torch.Tensor]]
+    impls: list[int]  # each gradient's TensorImpl (_IMPL)
     views: list[Any] | None  # None: by address, the plan's table
     # the gradients' strides when their views were made, or None where each was contiguous
     # (and must still be: a gradient transposed where it is, ``g.t_()``, keeps its address)
@@ -532,8 +537,7 @@ class SeenGrads:
 
     def views_of(self, grads: list[torch.Tensor], plan: Plan
                  ) -> list[Any] | backend.Addressed | None:
-        if len(grads) != len(self.refs) or not all(
-                map(operator.is_, grads, map(_DEREF, self.refs))):
+        if list(map(_IMPL, grads)) != self.impls:
             return None
         views = self.views
         if self.ptrs is None:
@@ -612,11 +616,11 @@ class Plan:
     keep_grads: bool = False  # the last step's gradients are known again (SeenGrads)
     keep_views: bool = False  # and their views kept, where they are small (KEEP_VIEWS)
     seen: SeenGrads | None = None
-    # the first gradient of the last step that went by address, held weakly: only where the
+    # the first gradient of the last step that went by address (its _IMPL): only where the
     # next step's is the same tensor (zero_grad(set_to_none=False)) are its gradients kept as
     # SeenGrads; new gradients at every step (zero_grad()'s default) would make and drop them
     # at every step, about 2 us on a 6-tensor model, for nothing
-    first: weakref.ref[torch.Tensor] | None = None
+    first: int | None = None  # (its _IMPL)
     # the dtype of every parameter of sel where their gradients go by address (None: as views)
     address: torch.dtype | None = None
     shapes: list[Any] = dataclasses.field(default_factory=list)  # of the parameters of sel
@@ -718,11 +722,11 @@ class Plan:
             if found is not None:
                 if self.keep_grads and sel:
                     first = self.first
-                    if first is not None and first() is sel[0]:
-                        self.seen = SeenGrads(list(map(weakref.ref, sel)), None, None,
+                    if first == sel[0]._cdata:
+                        self.seen = SeenGrads(list(map(_IMPL, sel)), None, None,
                                               shapes=self.shapes)  # (contiguous, as taken)
                     else:
-                        self.first = weakref.ref(sel[0])
+                        self.first = sel[0]._cdata
                 return found
         if sel and sel[0].dtype == torch.bfloat16 and not all(map(_CONTIGUOUS, sel)):
             # (the compiled loop would decline a strided gradient's view, and bfloat16 bits have
@@ -737,7 +741,7 @@ class Plan:
             # reshaped() finds, or a wrong gradient, which the engine names)
             return None
         if self.keep_views:
-            self.seen = SeenGrads(list(map(weakref.ref, sel)), made[0],
+            self.seen = SeenGrads(list(map(_IMPL, sel)), made[0],
                                   None if all(map(_CONTIGUOUS, sel)) else list(map(_STRIDE, sel)))
         return made[0]
 
@@ -745,7 +749,7 @@ class Plan:
         """The engine's views of the gradients, where the fast path did not take them."""
         gs = [grads[i] for i in self.sel]
         if gs and self.first is None:  # (a new plan's: its next step may keep them)
-            self.first = weakref.ref(gs[0])
+            self.first = gs[0]._cdata
         if self.sharding is not None:
             gs = dtensor.local_grads(gs, self.sel_params)
         return [_grad_view(g, p, spec)
