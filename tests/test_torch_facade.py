@@ -2124,6 +2124,74 @@ def test_a_saved_group_without_its_lr_is_refused_without_a_flag_is_not(name: str
     assert opt.param_groups[0]["lr"] == 0.25
 
 
+class _SlowWeights:
+    """A wrapper that keeps its own numbers in the optimizer's state, as timm's Lookahead keeps
+    its slow weights (``opt.state[p]["lookahead_slow_buff"]``): every 3 steps the slow weights
+    move halfway to the fast ones, which restart from them."""
+
+    def __init__(self, opt: Any) -> None:
+        self.opt, self.count = opt, 0
+
+    def step(self) -> None:
+        self.opt.step()
+        self.count += 1
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                st = self.opt.state[p]
+                if "lookahead_slow_buff" not in st:
+                    st["lookahead_slow_buff"] = p.detach().clone()
+                if self.count % 3 == 0:
+                    slow = st["lookahead_slow_buff"]
+                    slow.add_(p.detach() - slow, alpha=0.5)
+                    p.data.copy_(slow)
+
+
+@pytest.mark.parametrize(("name", "kw"), [("SGD", {"lr": 0.1, "momentum": 0.9}),
+                                          ("AdamW", {"lr": 0.01}),
+                                          ("AdamW", {"lr": 0.01, "state_dtype": "q8"})],
+                         ids=["SGD", "AdamW", "AdamW-q8"])
+def test_a_wrappers_own_state_keys_are_kept_through_a_checkpoint(
+        name: str, kw: dict[str, Any]) -> None:
+    """A state with a key no optimizer keeps (a wrapper's: timm's Lookahead's slow weights) was
+    refused as another optimizer's, so a run under such a wrapper could not resume; torch keeps
+    such keys. It loads, into uniopt.torch and from torch.optim, and the resumed run is the run
+    that never stopped; another optimizer's slot is still refused."""
+    def run(stop: int | None, make: Any) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 2))
+        x = torch.randn(8, 4)
+        wrapped = _SlowWeights(make(model.parameters()))
+        for k in range(8):
+            if k == stop:
+                saved = roundtrip({"model": model.state_dict(),
+                                   "opt": wrapped.opt.state_dict(), "count": wrapped.count})
+                torch.manual_seed(1)
+                model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 2))
+                model.load_state_dict(saved["model"])
+                wrapped = _SlowWeights(getattr(ut, name)(model.parameters(), **kw))
+                wrapped.opt.load_state_dict(saved["opt"])
+                wrapped.count = saved["count"]
+            wrapped.opt.zero_grad()
+            model(x).square().mean().backward()
+            wrapped.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    ours = lambda ps: getattr(ut, name)(ps, **kw)  # noqa: E731
+    straight = run(None, ours)
+    for a, b in zip(straight, run(4, ours), strict=True):
+        assert torch.equal(a, b)
+    if "state_dtype" not in kw:  # (from torch.optim's own run of the wrapper)
+        theirs = lambda ps: getattr(torch.optim, name)(ps, **kw, foreach=False)  # noqa: E731
+        for a, b in zip(run(None, theirs), run(4, theirs), strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    opt, _ = trained("Adam", steps=1)
+    sd = roundtrip(opt.state_dict())
+    for st in sd["state"].values():
+        st["momentum_buffer"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"\['momentum_buffer'\] that Adam does not keep"):
+        opt.load_state_dict(sd)
+
+
 def test_a_generic_optimizer_rejects_a_named_classes_state() -> None:
     opt, _ = trained("Adam", steps=1)
     generic = ut.Optimizer(

@@ -76,7 +76,9 @@ def check_loadable(opt: Loading, sd: Any) -> None:
         q8 = values.get("state_dtype") == "q8"
         if q8:  # an 8-bit slot's block scales (uniopt.torch.plans.ABSMAX)
             known |= {f"{n}.absmax" for n in known - {"step"}}
-        extra = sorted(set(st) - known)
+        # (a key of no optimizer's is a wrapper's, kept as torch keeps it: timm's Lookahead
+        # keeps its slow weights in the optimizer's own state)
+        extra = sorted(n for n in set(st) - known if _another_optimizers(n))
         if extra:
             raise ValueError(
                 f"{where}: {what} has slots {extra} that {opt._name} does not keep (it "
@@ -90,8 +92,9 @@ def check_loadable(opt: Loading, sd: Any) -> None:
         if needed:
             raise ValueError(f"{where}: {what} lacks the slots {needed}; nothing was loaded")
         for name, v in st.items():
-            # (a whole-tree part's state, kept by the group's first parameter: any tree)
-            if name == "step" or name in rule.tree_layout:
+            # (a whole-tree part's state, kept by the group's first parameter: any tree; and a
+            # wrapper's, as it keeps it)
+            if name == "step" or name in rule.tree_layout or name not in known:
                 continue
             if not isinstance(v, torch.Tensor):
                 raise TypeError(
@@ -122,6 +125,22 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 f"but {owner[next(iter(steps))][3].name} steps a group's parameters together; "
                 "nothing was loaded"
             )
+
+
+# the per-parameter state names of torch.optim's optimizers: one in a loaded state that this
+# optimizer does not keep says the state is another optimizer's
+_TORCH_SLOTS = frozenset({
+    "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "grad_avg",
+    "acc_delta", "sum", "exp_inf", "mu_product", "eta", "mu", "ax", "prev", "step_size",
+    "row_var", "col_var", "variance", "func_evals", "n_iter", "d", "t", "old_dirs", "old_stps",
+    "ro", "H_diag", "prev_flat_grad", "prev_loss", "al"})
+
+
+def _another_optimizers(name: Any) -> bool:
+    """Whether state name ``name`` is a slot of another optimizer: of torch.optim's, or of a
+    uniopt rule's (``part.slot``, as ``uniopt.torch.Optimizer`` names them) or its 8-bit
+    scales; any other name is a wrapper's own (timm's ``lookahead_slow_buff``)."""
+    return not isinstance(name, str) or name in _TORCH_SLOTS or "." in name
 
 
 def check_group_keys(where: str, gi: int, saved: dict[str, Any], defaults: dict[str, Any]
