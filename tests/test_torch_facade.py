@@ -2192,6 +2192,27 @@ def test_a_wrappers_own_state_keys_are_kept_through_a_checkpoint(
         opt.load_state_dict(sd)
 
 
+def test_a_generic_optimizer_warns_of_a_torch_hyperparameter_its_rule_does_not_read() -> None:
+    """A group written for another library's optimizer (Adan's ``betas`` as a 3-tuple, where
+    uo.adan reads b1, b2, b3; a ``weight_decay`` beside a rule without one) stepped with the
+    rule's own values, silently. It warns, naming the keys and the rule's hyperparameters, at
+    the user's line; the group keeps the key (torch keeps unknown keys). A scheduler's own key
+    (timm's ``lr_scale``) and a named class's group do not warn."""
+    w = nn.Parameter(torch.zeros(3))
+    with pytest.warns(UserWarning, match=r"param group 0 holds \['betas'\], which adan does not "
+                                         r"read \(its hyperparameters: lr, b1, b2, b3") as got:
+        opt = ut.Optimizer([{"params": [w], "betas": (0.9, 0.8, 0.95)}], uo.adan(lr=0.1))
+    assert got[0].filename == __file__ and opt.param_groups[0]["betas"] == (0.9, 0.8, 0.95)
+    with pytest.warns(UserWarning, match=r"param group 1 holds \['weight_decay'\], which sm3"):
+        ut.Optimizer([{"params": [w]}, {"params": [nn.Parameter(torch.zeros(2))],
+                                        "weight_decay": 0.1}], uo.sm3(lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "weight_decay": 0.1,
+                             "lr_scale": 0.5})
+        ut.Adam([{"params": [nn.Parameter(torch.zeros(2))], "momentum": 0.9}])
+
+
 def test_a_generic_optimizer_rejects_a_named_classes_state() -> None:
     opt, _ = trained("Adam", steps=1)
     generic = ut.Optimizer(

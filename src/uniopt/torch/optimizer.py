@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import operator
@@ -139,6 +140,42 @@ def hyperparameter_keys(rule: Transform) -> dict[str, Any]:
         for n, v in t.hyperparameters().items():
             keys[n if count[n] == 1 else ".".join((*map(str, path), n))] = v
     return keys
+
+
+def _warn_unread(opt: Optimizer, gi: int, group: dict[str, Any]) -> None:
+    """Warn where group ``gi`` of a ``uniopt.torch.Optimizer`` holds a hyperparameter of
+    torch's optimizers that its rule does not have (Adan's ``betas`` written torch's way, where
+    uniopt's adan reads ``b1``, ``b2``, ``b3``; a ``weight_decay`` beside a rule without one;
+    an ``lr`` a scheduler drives, beside a rule without one): torch keeps such a key, and so
+    does this group, but nothing reads it. Other keys (timm's ``lr_scale``) are a scheduler's."""
+    unread = [k for k in group if k not in opt.defaults and k in _torch_hyperparameters()]
+    if unread:
+        import os
+        import sys
+        import warnings
+
+        # (the user's line: past uniopt's frames and torch.optim's, whose __init__ adds groups)
+        skip = tuple(os.path.dirname(m.__file__ or "") + os.sep
+                     for m in (sys.modules["uniopt"], torch.optim))
+        frame, level = sys._getframe(1), 2
+        while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(
+            f"uniopt.torch.Optimizer: param group {gi} holds {unread}, which "
+            f"{opt.rule.name} does not read (its hyperparameters: "
+            f"{', '.join(opt._keys) or 'none'}); the group keeps them, unread",
+            stacklevel=level)
+
+
+@functools.cache
+def _torch_hyperparameters() -> frozenset[str]:
+    """The names torch.optim's optimizers take for their numbers (not their flags)."""
+    flags = {"self", "params", "defaults", "foreach", "maximize", "capturable",
+             "differentiable", "fused"}
+    return frozenset(
+        name for cls in vars(torch.optim).values()
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+        for name in inspect.signature(cls.__init__).parameters if name not in flags)
 
 
 def _tree_parts(rule: Transform) -> list[WholeTree]:
@@ -439,6 +476,8 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _drop_rule(group)
+        if self._name == "uniopt.torch.Optimizer":  # (a named class takes torch's keys alone)
+            _warn_unread(self, len(self.param_groups) - 1, group)
         given = {k: v for k, v in group.items() if k != "params" and _holds_schedule(v)}
         if given:  # (the group itself is held: its id stays its own)
             vars(self).setdefault("_schedules_given", {})[id(group)] = (group, given)
