@@ -576,19 +576,23 @@ def test_a_beta_below_a_half_keeps_the_gradient_on_jax(convention: str,
     np.testing.assert_allclose(ends["numpy"], np.asarray(p["w"]), rtol=4e-7)
 
 
-@pytest.mark.parametrize("name", ["lamb", "lars", "fromage", "adafactor", "dog", "mechanize"])
+@pytest.mark.parametrize("name", ["lamb", "lars", "fromage", "adafactor", "dog", "mechanize",
+                                  "adaptive_grad_clip"])
 def test_jax_grad_through_a_step_is_finite_where_a_leaf_is_zeros(name: str) -> None:
     """``jax.grad`` with respect to the params through a jitted step, a leaf of zeros among
     them (a bias as initialised): finite, and where the step is smooth there, finite
     differences' (Adafactor's scale is then eps2's). Every leaf norm was ``sqrt(sum(x*x))``,
     whose slope at 0 times the 0 a clip or select hands back is NaN (lamb, lars, fromage,
     adafactor; optax's safe norm gives the same values and finite derivatives), as were DoG's
-    first distance and Mechanic's first root of v."""
+    first distance and Mechanic's first root of v; and adaptive_grad_clip's unit norms (optax's
+    own are NaN there)."""
     jnp = jax.numpy
     rule = {"lamb": lambda: uo.lamb(0.05), "lars": lambda: uo.lars(0.1),
             "fromage": lambda: uo.fromage(0.05),
             "adafactor": lambda: uo.adafactor(0.03, convention="optax"),
-            "dog": lambda: uo.dog(), "mechanize": lambda: uo.mechanize(uo.sgd(lr=0.1))}[name]()
+            "dog": lambda: uo.dog(), "mechanize": lambda: uo.mechanize(uo.sgd(lr=0.1)),
+            "adaptive_grad_clip": lambda: uo.chain(uo.adaptive_grad_clip(0.1),
+                                                   uo.sgd(lr=0.1))}[name]()
     rng = np.random.default_rng(0)
     p0 = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
           "b": jnp.zeros(5, jnp.float32)}

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, NamedTuple
 from ..backend import namespace
 from ..base import Elementwise, PerLeaf
 from ..hyper import NONNEG, Interval, hyper
-from .scale import Factor, scale_kernel
+from .scale import Factor, safe_sqrt, scale_kernel
 
 POSITIVE = Interval(0.0, lo_open=True)
 
@@ -241,6 +241,7 @@ class adaptive_grad_clip(PerLeaf):
 
 def unit_norm(xp: Any, x: Any, axes: tuple[int, ...]) -> Any:
     """The 2-norm of ``x`` over ``axes``, kept for broadcasting (no axes: ``|x|``, where torch
-    would read an empty tuple as every axis)."""
+    would read an empty tuple as every axis); its derivative 0 at a unit of zeros (a bias as
+    initialised: sqrt's made a derivative through the step NaN there, as optax's does)."""
     sq = x * x
-    return xp.sqrt(xp.sum(sq, axis=axes, keepdims=True) if axes else sq)
+    return safe_sqrt(xp, xp.sum(sq, axis=axes, keepdims=True) if axes else sq)
