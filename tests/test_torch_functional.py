@@ -387,6 +387,54 @@ def test_a_recorded_step_differentiates_with_respect_to_the_initial_params(name:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
+_HOST_NUMBERS = {
+    "clip_by_global_norm": lambda: uo.chain(uo.clip_by_global_norm(0.1), uo.sgd(lr=0.5)),
+    "clip_by_norm": lambda: uo.chain(uo.clip_by_norm(0.1), uo.sgd(lr=0.5)),
+    "adafactor": lambda: uo.adafactor(lr=0.1),
+    "adam": lambda: uo.adam(lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HOST_NUMBERS))
+def test_forward_mode_and_vmap_outside_a_recorded_step_keep_the_norms_derivative(
+        name: str) -> None:
+    """A step reads a global norm (clip_by_global_norm, clip_by_norm) or Adafactor's norms of
+    each leaf as Python floats on torch: under ``torch.func.jvp``/``jacfwd`` outside
+    ``tracked()`` the tangent through them was dropped (a derivative 8% off, silently), and
+    ``torch.func.vmap`` raised torch's ``.item()`` error. Inside a transform they stay
+    tensors: forward mode gives the recorded step's derivative and finite differences', and a
+    vmapped step is each model's own step."""
+    from uniopt import backend
+
+    rule = _HOST_NUMBERS[name]()
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(5, generator=gen, dtype=torch.float64)
+    t = torch.ones(5, dtype=torch.float64)
+
+    def after(p: torch.Tensor) -> torch.Tensor:
+        state = uo.setup(rule, [p])
+        state, (q,) = uo.update(state, [p], [p ** 3 + 1])
+        return (q ** 2).sum()
+
+    with backend.tracked():
+        want = torch.func.jvp(after, (p0,), (t,))[1]
+    h = 1e-6
+    fd = (after(p0 + h * t) - after(p0 - h * t)) / (2 * h)
+    torch.testing.assert_close(want, fd, rtol=1e-7, atol=0)
+    torch.testing.assert_close(torch.func.jvp(after, (p0,), (t,))[1], want, rtol=1e-13, atol=0)
+    torch.testing.assert_close(torch.func.jacfwd(after)(p0) @ t, want, rtol=1e-13, atol=0)
+
+    ps = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+    gs = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+
+    def step(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        state = uo.setup(rule, [p])
+        return uo.update(state, [p], [g])[1][0]
+
+    each = torch.stack([step(ps[i], gs[i]) for i in range(4)])
+    torch.testing.assert_close(torch.func.vmap(step)(ps, gs), each, rtol=1e-14, atol=0)
+
+
 def test_a_state_made_from_params_that_require_grad_keeps_no_graph() -> None:
     """Outside a recorded step, a state made from ``nn.Parameter``s holds no tensor in their
     graph: DoG's first distance did (and torch 2.13's ``asarray`` warned that it now keeps

@@ -758,6 +758,19 @@ def is_tracked() -> bool:
     return _TRACKED.get()
 
 
+def keeps_torch_numbers() -> bool:
+    """Whether a number a torch step reads on the host (a global norm, Adafactor's norms of
+    each leaf) stays a tensor: in a recorded step (:func:`tracked`), whose derivative a Python
+    float would cut, and inside any torch.func transform, where a forward one (``jvp``,
+    ``jacfwd``) carries its derivative in the tensor (a float dropped it: a wrong derivative,
+    silently) and ``vmap`` refuses the read (``.item()``)."""
+    if _TRACKED.get():
+        return True
+    functorch = getattr(sys.modules["torch"]._C, "_functorch", None)
+    level = getattr(functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
 # set while a step updates local shards of distributed tensors (uniopt.interop.dtensor): which
 # of the arrays the engine is handed are shards of bigger tensors, for the parts that need more
 # than one element (a norm, a whole leaf); set directly (a C call) where a step must make no

@@ -1384,8 +1384,10 @@ def _squares(us: list[Any], xps: list[Any]) -> Any:
     # it would be computed in float64)
     if type(total) is float or _traced(total) or getattr(total, "is_meta", False):
         return total
-    if backend.is_tracked() and backend.is_torch(total):
-        return total  # (a recorded step: a norm the derivative goes through, as torch's clip)
+    if backend.is_torch(total) and backend.keeps_torch_numbers():
+        # (a recorded step: a norm the derivative goes through, as torch's clip; and inside a
+        # torch.func transform, which carries its own through it)
+        return total
     return float(total)
 
 

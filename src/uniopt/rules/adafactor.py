@@ -52,8 +52,9 @@ def _leaf_norms(xp: Any, x: Any) -> Any:
     """Each leaf's 2-norm: on torch tensors a list of Python floats, each leaf's own
     ``norm(2).item()`` as torch's for-loop takes it (one reduction per leaf: a reduction over
     the batch may split its sums elsewhere); on other arrays, and in a recorded step (whose
-    derivative a number would cut), shaped ``(batch, 1, ...)``."""
-    if is_torch(x) and not backend.is_tracked():
+    derivative a number would cut, or inside a torch.func transform: ``jvp``'s, ``vmap``'s),
+    shaped ``(batch, 1, ...)``."""
+    if is_torch(x) and not backend.keeps_torch_numbers():
         return [float(x[b].norm(2)) for b in range(x.shape[0])]
     if is_torch(x) and x.ndim > 1:
         # (torch's own reduction, as the numbers above take it: the recorded step's values are
