@@ -518,17 +518,24 @@ def test_schedules_under_jit_compute_in_the_default_float() -> None:
             assert rel_diff(np.asarray(pj["w"]), p["w"]) < 1e-14
 
 
-def test_the_int32_count_stops_at_its_end_as_optaxs() -> None:
-    """Under ``jax.jit`` the int32 step count stops at 2**31 - 1, as optax's
-    ``safe_increment`` stops it, and the coefficients are optax's there: it wrapped to
-    negative numbers, and the bias corrections with it (Adam moved 0.97 where optax moved
-    0.88 after three steps from 2**31 - 2)."""
+@pytest.mark.parametrize("rule", ["adam", "nadam", "cosine"])
+@pytest.mark.parametrize("jitted", [True, False], ids=["jit", "eager"])
+def test_the_int32_count_stops_at_its_end_as_optaxs(jitted: bool, rule: str) -> None:
+    """The int32 step count stops at 2**31 - 1, as optax's ``safe_increment`` stops it, and
+    the coefficients are optax's there: it wrapped to negative numbers, and the bias
+    corrections with it (Adam moved 0.97 where optax moved 0.88 after three steps from
+    2**31 - 2). Eagerly it still wrapped (a checkpoint's count may be there): Adam's step was
+    0, NAdam's 4e-3 off, a schedule started again."""
     with jax.enable_x64(True):
         import optax
 
         params = jnp.asarray([1.0, -1.0])
         grads = jnp.asarray([0.5, -0.5])
-        ours, theirs = uo.adam(lr=0.1, convention="optax"), optax.adam(0.1)
+        ours, theirs = {
+            "adam": (uo.adam(lr=0.1, convention="optax"), optax.adam(0.1)),
+            "nadam": (uo.nadam(lr=0.1, convention="optax"), optax.nadam(0.1)),
+            "cosine": (uo.sgd(lr=uo.schedules.cosine(0.1, steps=1000)),
+                       optax.sgd(optax.cosine_decay_schedule(0.1, 1000)))}[rule]
         state = uo.setup(ours, params)
         state = jax.tree.map(lambda x: jnp.asarray(2**31 - 2, jnp.int32)
                              if getattr(x, "dtype", None) == jnp.int32 else x, state)
@@ -536,7 +543,7 @@ def test_the_int32_count_stops_at_its_end_as_optaxs() -> None:
                                  if getattr(x, "dtype", None) == jnp.int32 else x,
                                  theirs.init(params))
         p, q = params, params
-        step = jax.jit(uo.update)
+        step = jax.jit(uo.update) if jitted else uo.update
         for _ in range(3):
             state, p = step(state, p, grads)
             updates, opt_state = theirs.update(grads, opt_state, q)

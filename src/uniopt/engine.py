@@ -855,7 +855,8 @@ def resolve(rule: Transform, step: Any) -> Resolved:
     if moving is None:  # (a record never changes: kept in its memo, none for a fixed rule)
         moving = rule.memo["engine.moving_records"] = tuple(
             r for r in _records(rule) if not r.fixed)
-    if type(step) is not int and _traced(step) and str(step.dtype) == "int32":
+    if type(step) is not int and str(getattr(step, "dtype", "")) == "int32" and (
+            _traced(step) or backend.is_jax(step)):
         # the coefficients count step + 1 (NAdam's step + 2): kept within int32 (at the count's
         # end, 2**31 - 1, they are optax's at its stalled count, a power of b1 that is 0)
         step = sys.modules["jax"].numpy.minimum(step, _INT32_MAX - 2)
@@ -1630,10 +1631,12 @@ _INT32_MAX = 2**31 - 1
 
 
 def _next_step(step: Any, by: Any = 1) -> Any:
-    """``step + by``, a JAX int32 count kept at ``2**31 - 1`` under ``jax.jit`` (eagerly the
-    check would be two more operations dispatched at every step, about 10% of a small one,
-    for a count an eager loop does not reach)."""
-    if type(step) is int or not _traced(step) or str(step.dtype) != "int32":
+    """``step + by``, a JAX int32 count kept at ``2**31 - 1``, under ``jax.jit`` and eagerly
+    (two more operations dispatched at every eager step: an eager loop does not count that
+    far, but a checkpoint's count may be there, and wrapped, the count made Adam's step 0 and
+    a schedule start again)."""
+    if type(step) is int or str(getattr(step, "dtype", "")) != "int32" or not (
+            _traced(step) or backend.is_jax(step)):
         return step + by
     import jax.numpy as jnp
 
