@@ -568,9 +568,28 @@ class Optimizer(torch.optim.Optimizer):
             rule = self._group_rule(group)
             scheduled = _scheduled(rule)
         by_value = any(map(_in_place, raw, key))
+        if id(group) not in self._rules and len(self._rules) >= len(self.param_groups):
+            self._forget_removed_groups()  # (a new group where the cache has one too many)
         self._rules[id(group)] = _GroupRule(group, raw, rule, scheduled, by_value, key, form,
                                             read, steady)
         return rule, scheduled
+
+    def _forget_removed_groups(self) -> None:
+        """Drop what is cached for groups no longer in ``param_groups`` (``param_groups.pop()``,
+        ``clear()`` then ``add_param_group``, as a search or a model rebuilt each epoch does):
+        each cache held its group, and the group its parameters, for the optimizer's life
+        (8 MB an epoch of a 4 MB model, weights and gradients)."""
+        live = {id(g): g for g in self.param_groups}
+        for k in [k for k, hit in self._rules.items() if live.get(k) is not hit.group]:
+            del self._rules[k]
+        given = vars(self).get("_schedules_given")
+        if given:
+            for k in [k for k in given if k not in live]:
+                del given[k]
+        n = len(self.param_groups)
+        for cache in (self._plans, self._steps):
+            for gi in [gi for gi in cache if gi >= n]:
+                del cache[gi]
 
     def _live_keys(self, group: dict[str, Any]) -> frozenset[str]:
         """The group keys whose plain numbers the group's rule may read at each step (see
@@ -650,6 +669,8 @@ class Optimizer(torch.optim.Optimizer):
         # torch.no_grad() without its context manager's Python frames (a small step's cost)
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
+        if len(self._rules) > len(self.param_groups):  # (a group removed: param_groups.pop())
+            self._forget_removed_groups()
         try:
             if self._combined_rule:
                 if any(group.get("differentiable") for group in self.param_groups):
