@@ -2227,7 +2227,7 @@ def test_a_removed_group_is_let_go(how: str) -> None:
         keep = nn.Linear(3, 2)
         opt = make([{"params": keep.parameters()}])
         refs = []
-        for epoch in range(4):
+        for _ in range(4):
             m = nn.Linear(3, 2)
             if how == "clear-and-add":
                 opt.param_groups.clear()
