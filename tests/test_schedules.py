@@ -609,3 +609,27 @@ def test_a_records_value_at_a_torch_tensor_count(sched: Any) -> None:
     for k in (0, 3, 7, 30):
         assert float(sched(torch.tensor(k, dtype=torch.float64))) == pytest.approx(
             sched(k), rel=1e-15, abs=1e-18)
+
+
+_AT_THE_END = {
+    "linear": lambda: schedules.linear(1.0, 0.0, steps=10),
+    "cosine": lambda: schedules.cosine(1.0, steps=10),
+    "exponential": lambda: schedules.exponential(1.0, rate=0.9),
+    "inverse_sqrt": lambda: schedules.inverse_sqrt(1e-3, 4000),
+    "warmup-inverse_sqrt": lambda: schedules.warmup(4000, schedules.inverse_sqrt(1e-3, 4000)),
+    "bias_correction": lambda: schedules.bias_correction(0.9, power=-0.5),
+    "sgdr": lambda: schedules.sgdr(1.0, steps=100),
+    "cyclic": lambda: schedules.cyclic(0.0, 1.0, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_AT_THE_END))
+def test_a_schedule_at_the_end_of_optaxs_int32_count_is_its_value(name: str) -> None:
+    """As an optax schedule a record is handed optax's int32 count, which stops at 2**31 - 1:
+    inverse_sqrt's ``step + timescale`` (an int timescale) and bias_correction's ``step + 1``
+    wrapped there (a NaN, a correction of 0); each is its value at the Python count."""
+    s = _AT_THE_END[name]()
+    for k in (2**31 - 4001, 2**31 - 2, 2**31 - 1):
+        got = float(s(jnp.asarray(k, jnp.int32)))
+        assert math.isfinite(got)
+        assert got == pytest.approx(float(s(k)), rel=1e-6, abs=1e-30), k

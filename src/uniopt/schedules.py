@@ -761,7 +761,9 @@ class inverse_sqrt(_Record):
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
-        scale = self.timescale
+        # (a float sum: optax hands its int32 count, which step + an int timescale wrapped
+        # near its end, to a NaN)
+        scale = float(self.timescale)
         return _result(xp, self.init / xp.sqrt((xp.clip(step, 0) + scale) / scale))
 
 
@@ -828,7 +830,8 @@ class bias_correction(_Record):
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
-        return _result(xp, self.scale * xp.pow(1.0 - xp.pow(self.beta, step + 1), self.power))
+        # (step + 1.0: an int32 count, optax's, at its end wrapped step + 1)
+        return _result(xp, self.scale * xp.pow(1.0 - xp.pow(self.beta, step + 1.0), self.power))
 
 
 def as_schedule(x: Schedule | float) -> Schedule:
