@@ -182,6 +182,21 @@ def _fallback(params, grads):  # type: ignore[no-untyped-def]
 N = fused.MIN_SIZE  # large enough for the fast path to be tried
 
 
+def test_a_reason_is_said_once_whichever_leaf_it_names() -> None:
+    """"Reported once per reason", but the reason names its leaf ("params leaf 3 is ..."):
+    trees whose odd leaf sat elsewhere warned once per position (18 for 18 trees)."""
+    import warnings
+
+    ufast._warned.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for n in range(2, 6):
+            ps = [np.ones(N, np.float32) for _ in range(n - 1)] + [np.ones(2, np.float64)]
+            uo.update_(uo.setup(uo.adam(), ps), ps, [np.ones_like(p) for p in ps])
+    said = [str(w.message) for w in seen if issubclass(w.category, ufast.FastPathUnavailable)]
+    assert len(said) == 1 and "params leaf 1 " in said[0], said
+
+
 def test_non_contiguous_falls_back_with_a_warning() -> None:
     base = np.arange(8.0 * N).reshape(4, 2 * N)
     p = [base[:, ::2]]

@@ -16,6 +16,7 @@ from its ``args`` (a step counted on the device, by the multi-tensor path).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from typing import Any
@@ -48,9 +49,15 @@ class FastPathUnavailable(UserWarning):
 _warned: set[str] = set()
 
 
+# a reason names the first leaf it met ("params leaf 3 is ..."): once per reason, whichever
+# leaf (a tree of 18 float64 leaves among float32 ones warned 18 times)
+_LEAF = re.compile(r"leaf \d+")
+
+
 def warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
+    key = _LEAF.sub("leaf", reason)
+    if key not in _warned:
+        _warned.add(key)
         warnings.warn(
             f"uniopt: fast path not used ({reason}); running the reference path, which is "
             "correct but slower. This is reported once per reason.",
