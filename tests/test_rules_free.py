@@ -244,6 +244,69 @@ def test_schedule_free_eval_inside_masked_and_partition() -> None:
         assert x["w"][0] == 0.25 and x["b"][0] == q["b"][0] and x["b"] is not q["b"]
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_uniopt_torch_eval_and_train_are_schedulefrees(kind: str) -> None:
+    """schedulefree's ``optimizer.eval()``/``train()`` swap the evaluation weights into the
+    model (the HF Trainer calls them where an optimizer has them); uniopt.torch had neither,
+    so a ported run evaluated ``y``, 0.02 from ``x``. ``eval()`` gives the peer's ``x``,
+    ``train()`` gives back ``y`` bit for bit, a step between raises with nothing written, and
+    a rule without a schedule-free part is left as it is."""
+    schedulefree = pytest.importorskip("schedulefree")
+    import uniopt.torch as ut
+
+    def model() -> Any:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+                                   torch.nn.Linear(3, 1)).double()
+
+    x = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = x.sum(1, keepdim=True)
+    h = {"lr": 1e-2, "momentum": 0.9} if kind == "sgd" else {"lr": 1e-2}
+    mp, mu = model(), model()
+    peer = {"sgd": schedulefree.SGDScheduleFree,
+            "adamw": schedulefree.AdamWScheduleFree}[kind](mp.parameters(), **h)
+    rule = {"sgd": uo.schedule_free_sgd, "adamw": uo.schedule_free_adamw}[kind](**h)
+    ours = ut.Optimizer(mu.parameters(), rule)
+    peer.train()
+    for _ in range(30):
+        for m, o in ((mp, peer), (mu, ours)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    ys = [p.detach().clone() for p in mu.parameters()]
+    peer.eval()
+    ours.eval()
+    ours.eval()  # (twice: still x, and train() still gives y back)
+    for a, b in zip(mu.parameters(), mp.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    xs = [p.detach().clone() for p in mu.parameters()]
+    with pytest.raises(RuntimeError, match=r"after optimizer.eval\(\).*optimizer.train\(\)"):
+        ours.step()
+    assert all(torch.equal(a, b) for a, b in zip(mu.parameters(), xs, strict=True))
+    ours.train()
+    ours.train()
+    assert all(torch.equal(a, b) for a, b in zip(mu.parameters(), ys, strict=True))
+    # a partition: only the schedule-free member's parameters; and a rule without one
+    mu = model()
+    split = ut.Optimizer(mu.parameters(), uo.partition(
+        {"sf": rule, "sgd": uo.sgd(lr=0.1)}, lambda path, p: "sf" if p.ndim == 2 else "sgd"))
+    plain = ut.AdamW(mu.parameters(), lr=0.1)
+    for o in (split, plain):
+        for _ in range(3):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(mu(x), y).backward()
+            o.step()
+    before = {n: p.detach().clone() for n, p in mu.named_parameters()}
+    plain.eval()
+    assert all(torch.equal(p, before[n]) for n, p in mu.named_parameters())
+    plain.train()
+    split.eval()
+    moved = {n for n, p in mu.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"0.weight", "2.weight"}, moved
+    split.train()
+    assert all(torch.equal(p, before[n]) for n, p in mu.named_parameters())
+
+
 def test_schedule_free_errors() -> None:
     with pytest.raises(ValueError, match="momentum"):
         uo.schedule_free_sgd(momentum=0.0)

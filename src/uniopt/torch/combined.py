@@ -21,7 +21,7 @@ from ..engine import setup, update_
 from ..interop import dtensor
 from ..state import State, from_tree, to_tree
 from ..transforms.average import averaged as uo_averaged
-from ..tree import flatten
+from ..tree import flatten, flatten_leaves
 from . import plans
 
 KEY = "uniopt.group{}"
@@ -133,6 +133,23 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     out = flatten(uo_averaged(state, _tree(group, views), name))[0]
     return {p: torch.as_tensor(a).clone()
             for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
+
+
+def eval_weights(opt: Any, gi: int, group: dict[str, Any], rule: Transform
+                 ) -> dict[torch.Tensor, torch.Tensor]:
+    """Each parameter of group ``gi`` that a schedule-free member steps mapped to its evaluation
+    weights (:func:`uniopt.schedule_free_eval`); none where no member is schedule-free."""
+    from ..rules.schedule_free import _eval_weights
+
+    ps = group["params"]
+    views = _views(ps)
+    state = _state(opt, gi, group, rule, views)
+    leaves, treedef = flatten_leaves(_tree(group, views))
+    xs = _eval_weights(state, treedef, leaves)
+    if xs is None:
+        return {}
+    return {p: torch.as_tensor(x).clone() for p, x in
+            zip(flatten(_tree(group, ps))[0], xs, strict=True) if x is not None}
 
 
 def every_gradient(opt: Any, name: str, why: str) -> None:

@@ -659,6 +659,10 @@ class Optimizer(torch.optim.Optimizer):
     step.hooked = True  # type: ignore[attr-defined]
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if vars(self).get("_train_weights") is not None:
+            raise RuntimeError(
+                f"{self._name}: a step after optimizer.eval(), whose parameters hold the "
+                "evaluation weights: call optimizer.train() first")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -983,6 +987,62 @@ class Optimizer(torch.optim.Optimizer):
                 assert isinstance(resolved, Averaging)
                 out[p] = read_average(resolved, st[slot], p.detach(), step)
         return out
+
+    def eval_weights(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The weights to evaluate a schedule-free rule at (:func:`uniopt.schedule_free_eval`,
+        ``x = (y - (1 - beta) z) / beta``): each parameter a schedule-free part steps mapped to
+        a new tensor; none for a rule without one. The parameters hold ``y``."""
+        from ..rules.schedule_free import _eval_weights
+
+        out: dict[torch.Tensor, torch.Tensor] = {}
+        if self._combined_rule:
+            combined.adopt(self)
+        for gi, group in enumerate(self.param_groups):
+            rule = self._rule(group)[0]
+            if self._combined_rule:
+                out.update(combined.eval_weights(self, gi, group, rule))
+                continue
+            ps = group["params"]
+            if not ps or not rule.tree_layout:
+                continue
+            st = self.state.get(ps[0], {})
+            trees = {k: st[k] for k in rule.tree_layout if k in st}
+            if len(trees) != len(rule.tree_layout):  # (before the first step: x = y)
+                continue
+            with torch.no_grad():
+                xs = _eval_weights(State(rule, plans.state_step(st), {}, None, None, trees),
+                                   None, [p.detach() for p in ps])
+            if xs is not None:
+                out.update({p: x.clone() for p, x in zip(ps, xs, strict=True)
+                            if x is not None})
+        return out
+
+    def eval(self) -> None:
+        """schedulefree's ``optimizer.eval()``: the parameters take the evaluation weights
+        (:meth:`eval_weights`) until :meth:`train` gives them back theirs, bit for bit (held
+        meanwhile: a copy of those parameters). A step in between raises. Nothing for a rule
+        without a schedule-free part, so a loop that calls these (the HF Trainer does, where an
+        optimizer has them) runs any rule."""
+        if vars(self).get("_train_weights") is not None:
+            return
+        xs = self.eval_weights()
+        if not xs:
+            return
+        held = {}
+        with torch.no_grad():
+            for p, x in xs.items():
+                held[p] = p.detach().clone()
+                p.copy_(x)
+        self._train_weights = held
+
+    def train(self) -> None:
+        """schedulefree's ``optimizer.train()``: the parameters the training weights ``y``
+        again, as they were at :meth:`eval` (nothing where it was not called)."""
+        held = vars(self).pop("_train_weights", None)
+        if held:
+            with torch.no_grad():
+                for p, y in held.items():
+                    p.copy_(y)
 
     # --- checkpoints -----------------------------------------------------------------------
 
