@@ -633,3 +633,18 @@ def test_a_schedule_at_the_end_of_optaxs_int32_count_is_its_value(name: str) -> 
         got = float(s(jnp.asarray(k, jnp.int32)))
         assert math.isfinite(got)
         assert got == pytest.approx(float(s(k)), rel=1e-6, abs=1e-30), k
+
+
+def test_an_array_for_a_schedules_number_is_refused_saying_what_to_write() -> None:
+    """A peak lr swept under ``jax.vmap`` (or differentiated under ``jax.grad``) is a traced
+    array, which a schedule's fields refuse (they are data, saved, and part of a jitted
+    step's structure): the message said only "must be a finite number". It says how to scale
+    a schedule of 1 instead, which runs under vmap."""
+    with pytest.raises(ValueError, match=r"cosine: init must be a finite number, got "
+                                         r"VmapTracer.*scale a schedule of 1"):
+        jax.vmap(lambda x: schedules.cosine(x, steps=10)(3))(jnp.ones(2))
+    with pytest.raises(TypeError, match=r"as_schedule: .*scale a schedule of 1"):
+        schedules.as_schedule(jnp.asarray(0.1))
+    got = jax.vmap(lambda x: x * schedules.cosine(1.0, steps=10)(3))(jnp.asarray([1.0, 2.0]))
+    np.testing.assert_allclose(np.asarray(got), [schedules.cosine(1.0, steps=10)(3),
+                                                 2 * schedules.cosine(2.0, steps=10)(3) / 2])

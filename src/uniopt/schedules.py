@@ -144,10 +144,19 @@ def _lerp(xp: Any, a: float, b: Any, t: Any) -> Any:
 
 
 
+# why an array is no schedule's number, and what to write instead (a sweep's or a
+# meta-gradient's peak lr under jax.vmap or jax.grad is a traced array)
+_ARRAY_HINT = (": a schedule's numbers are Python numbers, fixed when it is made (it is data, "
+               "saved as such, and part of a jitted step's structure); for a peak that is an "
+               "array (traced under jax.vmap or jax.grad), scale a schedule of 1: "
+               "lambda step: peak * cosine(1.0, steps=...)(step)")
+
+
 def _check_number(owner: str, name: str, value: object) -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not (ok and math.isfinite(cast(float, value))):
-        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+        hint = _ARRAY_HINT if hasattr(value, "shape") and hasattr(value, "dtype") else ""
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}{hint}")
 
 
 def _check_positive(owner: str, name: str, value: object) -> None:
@@ -847,4 +856,6 @@ def as_schedule(x: Schedule | float) -> Schedule:
         return x
     if isinstance(x, numbers.Real) and not isinstance(x, bool):
         return constant(x)
-    raise TypeError(f"as_schedule: expected a number or a callable step -> float, got {x!r}")
+    hint = _ARRAY_HINT if hasattr(x, "shape") and hasattr(x, "dtype") else ""
+    raise TypeError(
+        f"as_schedule: expected a number or a callable step -> float, got {x!r}{hint}")
