@@ -689,3 +689,28 @@ def test_jax_grad_through_jitted_steps_is_finite_differences(name: str) -> None:
         # (a central difference of a loss of about 20 in float64 is good to about 1e-8)
         assert float(d_lr) == pytest.approx(fd_lr, rel=1e-6, abs=1e-8)
         assert along == pytest.approx(fd_p, rel=1e-6, abs=1e-8)
+
+
+def test_an_ensembles_state_says_to_adjust_inside_vmap_and_saves_model_by_model(
+        tmp_path: Any) -> None:
+    """A state made under ``jax.vmap`` (an ensemble: one rule per model) holds rows of numbers:
+    ``uo.adjust`` took it eagerly without a word, and the next vmapped step failed stacking
+    them ("Cannot stack arrays with different numbers of dimensions"); ``uo.save`` said
+    ``rule.lr is an ArrayImpl``. Both say what it is and what to write; adjusting inside
+    vmap, and saving one model's state, work."""
+    p = {"w": jnp.ones((3, 4))}
+    g = {"w": jnp.full((3, 4), 0.5)}
+    state = jax.vmap(lambda q: uo.setup(uo.adamw(lr=0.1), q))(p)
+    state, p = jax.jit(jax.vmap(uo.update))(state, p, g)
+    with pytest.raises(ValueError, match=r"adjust: this state's numbers are a batch, shape "
+                                         r"\(3, \d+\).*jax.vmap\(lambda s: uo.adjust\(s, lr=...\)"):
+        uo.adjust(state, lr=1e-3)
+    with pytest.raises(uo.CheckpointError, match=r"save: this state's numbers are a batch"):
+        uo.save(tmp_path / "all.uo", state)
+    lower = jax.vmap(lambda s: uo.adjust(s, lr=1e-3))(state)
+    np.testing.assert_allclose(np.asarray(jax.vmap(lambda s: s.rule.lr)(lower)), [1e-3] * 3,
+                               rtol=1e-6)
+    jax.vmap(uo.update)(lower, p, g)
+    one = jax.tree.map(lambda x: x[1], state)
+    uo.save(tmp_path / "one.uo", one)
+    assert float(uo.load(tmp_path / "one.uo", one).rule.lr) == pytest.approx(0.1)

@@ -37,7 +37,7 @@ from .combine import _TreeSpec, by_path, partition
 from .engine import setup
 from .hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host, with_article
 from .interop import dtensor
-from .interop.jax import adjusted
+from .interop.jax import adjusted, batched
 from .interop.optax import is_optax
 from .state import State
 from .transforms.mask import Mask
@@ -645,6 +645,13 @@ def save(path: str | os.PathLike[str], state: Any, params: Any = None) -> None:
     """
     tensors = _Tensors()
     if isinstance(state, State):
+        shape = batched(state)
+        if shape is not None:
+            raise CheckpointError(
+                f"save: this state's numbers are a batch, shape {shape} (a state made under "
+                "jax.vmap: one rule per model), which a checkpoint of one rule cannot hold; "
+                "save each model's (jax.tree.map(lambda x: x[i], state)), or the whole with "
+                "orbax")
         doc = _state_doc(state, params, tensors)
     elif _is_torch_optimizer(state):
         if params is not None:

@@ -44,7 +44,14 @@ from .base import (
 )
 from .hyper import _traced, did_you_mean, on_host, with_article
 from .interop import dtensor
-from .interop.jax import adjusted, flatten_rule, register_state, rewrapped, unflatten_rule
+from .interop.jax import (
+    adjusted,
+    batched,
+    flatten_rule,
+    register_state,
+    rewrapped,
+    unflatten_rule,
+)
 from .state import AnyParams, State, stepped
 from .tree import NAMESPACE, flatten_leaves, flatten_named, unflatten
 
@@ -2511,6 +2518,15 @@ def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool
     (:class:`uniopt.torch.Optimizer`'s groups, whose keys are its hyperparameters' names)."""
     if not isinstance(state, State):
         return _adjust_within(state, hyperparameters)
+    shape = batched(state)
+    if shape is not None:
+        # (its rule would be built of rows of numbers, and the next vmapped step could not
+        # stack them with the new ones)
+        raise ValueError(
+            f"adjust: this state's numbers are a batch, shape {shape} (a state made under "
+            "jax.vmap: one rule per model); adjust each model's inside vmap, e.g. "
+            f"jax.vmap(lambda s: uo.adjust(s, {', '.join(f'{k}=...' for k in hyperparameters)}"
+            "))(state)")
     rule = state.rule
     for key, value in hyperparameters.items():
         rule, found = _set(rule, key.split("."), value, "")
