@@ -80,6 +80,11 @@ def test_nadam_runs_eagerly_and_says_why_not_under_jit() -> None:
     with pytest.raises(TypeError, match="scale_by_nadam: the product of NAdam's momenta .* "
                                         r"cannot be traced \(jax.jit\)"):
         jax.jit(uo.update)(state, params, _grads(params, 3))
+    # eager vmap traces too: the message said only jit, and "run it eagerly" where it was
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), (state, params))
+    with pytest.raises(TypeError, match=r"jax.vmap.*convention='optax'"):
+        jax.vmap(uo.update)(*stacked, jax.tree.map(lambda x: jnp.stack([x, x]),
+                                                   _grads(params, 3)))
 
 
 def test_untraceable_schedule_gets_a_clear_error() -> None:

@@ -275,7 +275,9 @@ class scale_by_nadam(Elementwise):
         if any(map(_traced, (step, self.b1, self.momentum_decay))):
             raise TypeError(
                 f"{self.name}: the product of NAdam's momenta is computed on the host, step by "
-                "step; it cannot be traced (jax.jit): run it eagerly"
+                "step; it cannot be traced (jax.jit), nor its step count or b1 be arrays of a "
+                "transform (jax.vmap, jax.grad): run it eagerly, outside them, or take NAdam "
+                "with convention='optax' (uo.nadamw too), which traces"
             )
         t, psi = int(step) + 1, self.momentum_decay
         mu, mu_next = nadam_mu(self.b1, psi, float(t)), nadam_mu(self.b1, psi, float(t + 1))

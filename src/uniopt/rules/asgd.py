@@ -96,7 +96,9 @@ class scale_by_asgd(Elementwise):
         if self.past_eta_mu:
             if _traced(step):
                 raise TypeError(f"{self.name}: past_eta_mu is looked up by the step count on "
-                                "the host; it cannot be traced (jax.jit): run it eagerly")
+                                "the host; it cannot be traced (jax.jit), nor the count be "
+                                "an array of a transform (jax.vmap): run it eagerly, outside "
+                                "them")
             past = next((em for n, *em in self.past_eta_mu if n == step), None)
         if past is not None:
             eta, mu = past
