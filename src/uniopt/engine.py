@@ -1166,7 +1166,15 @@ def member_step(state: State, params: list[Any], grads: list[Any],
         return _back(us, grads), dataclasses.replace(
             new, treedef=state.treedef,
             slots={k: _back(v, state.slots[k]) for k, v in new.slots.items()})
-    us, slots, trees = _deltas(state, params, grads, extra)
+    calc = state
+    if state.state_dtype is None and any(
+            s is not None and s.dtype != p.dtype and backend.kind(s).low
+            for col in state.slots.values() for s, p in zip(col, params, strict=True)):
+        # 16-bit slots beside params a chain widened before this member: read in float32, as
+        # the member alone reads them (read as they were, they met the float32 updates: an
+        # extra 16-bit rounding on NumPy and JAX, torch's lerp refusing the mix)
+        calc = dataclasses.replace(state, state_dtype="float32")
+    us, slots, trees = _deltas(calc, params, grads, extra)
     step = _Step(params, grads, state.treedef)
     new = dataclasses.replace(state, step=_next_step(state.step), tree_states=trees,
                               slots={**state.slots, **_new_slots(state, slots, step)})
