@@ -235,3 +235,27 @@ def test_a_lazily_conjugated_torch_gradient_steps_as_its_resolved_values() -> No
     with pytest.raises(TypeError, match=r"a conjugated complex tensor .* has no real view to "
                                         r"write"):
         uo.update_(uo.setup(rule, conj), conj, [grad.resolve_conj()])
+
+
+@pytest.mark.parametrize("make", [lambda: uo.adam(lr=0.1), lambda: uo.sgd(lr=0.1, momentum=0.9),
+                                  lambda: uo.chain(uo.clip_by_global_norm(1.0), uo.adam(lr=0.1))],
+                         ids=["adam", "sgd", "clip-adam"])
+def test_a_0d_complex_numpy_param_steps_as_a_torch_one(make: Any) -> None:
+    """A 0-d complex NumPy parameter failed every rule's first step (NumPy changes no 0-d
+    array's itemsize, so it had no real view); as a torch tensor it stepped. Both ways, pure
+    and in place, to the same numbers."""
+    p, g = np.array(1.0 + 2.0j), np.array(0.5 - 1.0j)
+    t = [torch.tensor(p)]
+    st = uo.setup(make(), t)
+    for _ in range(3):
+        st, t = uo.update(st, t, [torch.tensor(g)])
+    for pure in (True, False):
+        q = [p.copy()]
+        st = uo.setup(make(), q)
+        for _ in range(3):
+            if pure:
+                st, q = uo.update(st, q, [g])
+            else:
+                st = uo.update_(st, q, [g])
+        assert q[0].shape == () and q[0].dtype == np.complex128
+        np.testing.assert_allclose(q[0], t[0].numpy(), rtol=1e-15, atol=0)

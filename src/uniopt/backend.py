@@ -936,7 +936,8 @@ def as_real(x: Any, writable: bool = False) -> Any:
         return torch.view_as_real(x)
     if is_numpy(x):
         if x.flags.c_contiguous or x.strides and x.strides[-1] == x.itemsize:
-            return x.view(x.real.dtype).reshape(*x.shape, 2)
+            # (a 0-d array by way of one of shape (1,): NumPy changes no 0-d array's itemsize)
+            return (x.reshape(1) if not x.ndim else x).view(x.real.dtype).reshape(*x.shape, 2)
         if writable:
             raise TypeError(f"a complex array with strides {x.strides} has no real view to "
                             "write; use uniopt.update, or a contiguous array")
