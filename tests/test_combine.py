@@ -1024,3 +1024,26 @@ def test_a_combinator_after_other_parts_reads_its_16_bit_slots_widened(
             state, p = uo.update(state, p, [conv(g)])
         ends.append(back(p[0]))
     np.testing.assert_array_equal(ends[0], ends[1])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: uo.chain(uo.clip_by_global_norm(1.0), uo.masked(uo.weight_decay(1e-2), "w"),
+                     uo.adam(lr=0.1)),
+    lambda: uo.accumulate(uo.adamw(lr=0.1, weight_decay=0.1), 2),
+    lambda: uo.skip_nonfinite(uo.adamw(lr=0.1, weight_decay=0.1)),
+], ids=["clip-masked-adam", "accumulate", "skip_nonfinite"])
+def test_a_none_gradient_where_every_leaf_steps_together_says_to_freeze_it(make: Any) -> None:
+    """A leaf without a gradient (a frozen layer) where a part steps every leaf at once is
+    refused; the message said to pass zeros, which moves the leaf (Adam's moments decay, the
+    weight decay applies). It names uo.freeze, which passes the leaf by: the other leaves
+    step as the rule on them alone."""
+    p = {"w": np.ones(3), "b": np.ones(2)}
+    with pytest.raises(ValueError, match=r"gradient .*None.*A zero gradient would not leave it "
+                                         r"still.*uo.freeze\(rule, paths\)"):
+        uo.update(uo.setup(make(), p), p, {"w": np.full(3, 0.5), "b": None})
+    frozen, alone = dict(p), {"w": np.ones(3)}
+    s, t = uo.setup(uo.freeze(make(), "b"), frozen), uo.setup(make(), alone)
+    for _ in range(4):
+        s, frozen = uo.update(s, frozen, {"w": np.full(3, 0.5), "b": None})
+        t, alone = uo.update(t, alone, {"w": np.full(3, 0.5)})
+    assert_same([frozen["w"], frozen["b"]], [alone["w"], np.ones(2)])

@@ -2257,6 +2257,45 @@ def test_a_removed_group_is_let_go(how: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["partition", "masked"])
+def test_a_frozen_layer_under_a_partition_steps_as_the_functional_api(kind: str) -> None:
+    """A model with a frozen layer (no gradients) under ``uniopt.torch.Optimizer(params,
+    uo.partition(...))`` (the docs' no-decay-on-biases recipe) was refused at every step
+    ("have no gradient: partition steps the group's parameters together"), where ``uo.update_``
+    hands the None gradients to the members and steps. It steps as the functional API does,
+    the frozen layer left as it was."""
+    def rule() -> Any:
+        if kind == "partition":
+            return uo.partition({"decay": uo.adamw(lr=0.1, weight_decay=0.1),
+                                 "plain": uo.adam(lr=0.1)},
+                                lambda path, p: "decay" if p.ndim == 2 else "plain")
+        return uo.masked(uo.adamw(lr=0.1, weight_decay=0.1), lambda path, p: p.ndim == 2)
+
+    runs = []
+    for functional in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+        model[0].requires_grad_(False)
+        frozen = [p.detach().clone() for p in model[0].parameters()]
+        params = dict(model.named_parameters())
+        if functional:
+            state = uo.setup(rule(), params)
+        else:
+            opt = ut.Optimizer(model.named_parameters(), rule())
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.ones(3, 4)).square().mean().backward()
+            if functional:
+                with torch.no_grad():
+                    state = uo.update_(state, params, {k: p.grad for k, p in params.items()})
+            else:
+                opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(model[0].parameters(), frozen, strict=True))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
 def test_a_generic_optimizer_rejects_a_named_classes_state() -> None:
     opt, _ = trained("Adam", steps=1)
     generic = ut.Optimizer(

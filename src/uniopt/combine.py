@@ -33,6 +33,7 @@ import optree
 from . import backend
 from .base import COMBINATORS, Combinator, PerLeaf, Transform, chain, makes_step
 from .engine import (
+    NONE_HINT,
     _as_new_array,
     _member_keywords,
     _next_step,
@@ -244,11 +245,11 @@ def _refuse_none(rule: Transform, treedef: Any, gs: list[Any]) -> None:
         i = next(i for i, g in enumerate(gs) if g is None)
         raise ValueError(
             f"{lone.name}: the gradient of {path_str(optree.treespec_paths(treedef)[i])} is "
-            "None; it steps every leaf together (pass zeros to leave one still)")
+            f"None; it steps every leaf together. {NONE_HINT}")
     if lone is None and rule.tree_layout:
         raise ValueError(
             f"{rule.name}: a gradient is None, but whole-tree parts "
-            f"({', '.join(rule.tree_layout)}) see every leaf at once; pass zeros instead")
+            f"({', '.join(rule.tree_layout)}) see every leaf at once. {NONE_HINT}")
 
 
 def _checks(rule: Transform) -> tuple[bool, list[tuple[Any, Any]], bool]:
@@ -305,7 +306,7 @@ class _Runs(Combinator):
             i = next(i for i, g in enumerate(grads) if g is None)
             raise ValueError(
                 f"{self.name}: the gradient of {path_str(optree.treespec_paths(treedef)[i])} "
-                "is None; it steps every leaf together (pass zeros to leave one still)"
+                f"is None; it steps every leaf together. {NONE_HINT}"
             )
         return self._step(tree, treedef, params, grads, INPLACE if inplace else PURE, extra)
 

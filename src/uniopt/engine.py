@@ -2014,6 +2014,13 @@ def _extra(value: Any, extra: dict[str, Any]) -> dict[str, Any]:
     return {"value": value, **extra}
 
 
+# what to do with a leaf without a gradient (a frozen layer) where a part steps every leaf:
+# zeros, the hint these errors gave, stepped it
+NONE_HINT = ("A zero gradient would not leave it still (a rule's moments decay, its weight "
+             "decay applies): step the rule inside uo.freeze(rule, paths), which passes the "
+             "leaves paths names by, or leave them out of the params")
+
+
 def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
     """A step where leaves count their steps apart: those whose gradient is None stay as they
     are (params, slots, count), as torch and Optimisers.jl leave them; the others step in one
@@ -2024,7 +2031,7 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
     if state.tree_states and len(moving) < n:
         raise ValueError(
             f"{state.rule.name}: a gradient is None, but whole-tree parts "
-            f"({', '.join(state.rule.tree_layout)}) see every leaf at once; pass zeros instead"
+            f"({', '.join(state.rule.tree_layout)}) see every leaf at once. {NONE_HINT}"
         )
     jax = bool(step.params) and backend.is_jax(step.params[0])
     xp = backend.namespace(step.params[0]) if jax else np

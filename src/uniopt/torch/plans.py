@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import backend, fast, quant
-from ..base import Elementwise, Transform, WholeTree
+from ..base import Combinator, Elementwise, Transform, WholeTree
 from ..engine import (
     LEAF_NAMES,
     NO_RECORDED_Q8,
@@ -262,10 +262,13 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
                 "vmap...), without memory the compiled step could write and whose derivative "
                 "an unrecorded step would lose; make the optimizer with differentiable=True, "
                 "which steps such tensors themselves")
+    # (a combinator that is the whole rule hands a parameter without a gradient to its member
+    # as None, which steps it as a rule alone does: a frozen layer under a partition)
+    alone = len(rule.flat_parts) == 1 and isinstance(rule.flat_parts[0], Combinator)
     wholes = [part for part, _ in rule.keyed_parts
               if isinstance(part, WholeTree) and (part.like_params or part.uses_params)]
     missing = [i for i, h in enumerate(has) if not h]
-    if wholes and missing:
+    if wholes and missing and not alone:
         # (such a part keeps an array per parameter, or reads every parameter, beside the
         # gradients it is handed: a parameter without one failed in zip(), mid-step)
         raise ValueError(
