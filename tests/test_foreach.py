@@ -572,6 +572,36 @@ def test_a_rule_whose_coefficients_need_the_host_is_refused_capture(make: Any) -
     assert torch.equal(ps[0].detach(), torch.ones(3))  # nothing written
 
 
+@pytest.mark.parametrize("make", [lambda lr: ut.AdamW([_ones()], lr=lr, capturable=True),
+                                  lambda lr: ut.Optimizer([_ones()], uo.sgd(lr=lr),
+                                                          capturable=True)],
+                         ids=["AdamW", "Optimizer-sgd"])
+def test_capture_refuses_a_uniopt_schedule_naming_it(make: Any) -> None:
+    """capturable=True with a uniopt schedule (even ``constant``) was refused as the rule's
+    part "computing its coefficients on the host; the rules whose coefficients are arithmetic
+    on the step (Adam, AdamW, SGD...) can": AdamW named as refused and as capturable. The
+    schedule's value is checked on the host at every step; the message names the
+    hyperparameter by the user's name (not a part's, adamw's folded_lr) and what to give."""
+    opt = make(uo.schedules.cosine(1e-2, steps=10))
+    p = opt.param_groups[0]["params"][0]
+    with pytest.raises(TypeError, match=r"'s lr is a uniopt schedule.*capturable=True.*torch "
+                                        r"lr_scheduler"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))  # nothing written
+    opt = make(torch.tensor(1e-2))  # (a tensor lr, which a scheduler drives, steps)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    for _ in range(2):
+        opt.step()
+        scheduler.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(2.5e-3)
+
+
+def _ones() -> Any:
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    return p
+
+
 def test_the_options_of_uniopt_torch_optimizer() -> None:
     w = torch.nn.Parameter(torch.ones(3))
     assert "foreach" not in ut.Optimizer([w], uo.sgd()).param_groups[0]  # as it was

@@ -54,7 +54,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import backend
-from ..base import Elementwise
+from ..base import Elementwise, members
+from ..hyper import has_schedule
 from ..moments import Batch
 from .options import FORCED
 
@@ -287,6 +288,16 @@ class _HostRead(RuntimeError):
 def check_capturable(rule: Any, at: torch.Tensor) -> None:
     """Raise where a part of ``rule`` computes its coefficients at step tensor ``at`` on the
     host, reading a number back: its step cannot be captured in a graph."""
+    # (by the names the user gave: a rule's parts hold them folded, adamw's lr as folded_lr)
+    scheduled = [k for _, m in members(rule) for k, v in m.hyperparameters().items()
+                 if has_schedule(v)]
+    if scheduled:
+        # (its value is checked against the part's ranges on the host at every step)
+        raise TypeError(
+            f"uniopt: {rule.name}'s {scheduled[0]} is a uniopt schedule, whose value is "
+            "read on the host at each step to be checked, so the step cannot be captured "
+            "in a graph (capturable=True); give a number, or a tensor lr that a torch "
+            "lr_scheduler drives, as torch's capturable optimizers take it")
     for part in rule.flat_parts:  # each on its own: the error names the part
         try:
             with _NoSync():
