@@ -1455,3 +1455,23 @@ def test_an_lbfgs_history_of_another_dtype_is_a_checkpoint_error(path: str) -> N
     with pytest.raises(ValueError, match=said):
         uo.minimize_step_(back, wide, closure)
     assert torch.equal(wide["w"], torch.linspace(-1, 1, 4, dtype=torch.float64))
+
+
+def test_a_checkpoint_of_an_adjusted_run_says_to_adjust_like_the_same_way(
+        tmp_path: Any) -> None:
+    """A run adjusted before it saved (lr lowered mid-run) loaded against a fresh optimizer's
+    state was refused as "a state for another rule", nothing said of the adjust (an NNX
+    Optimizer resumed so). The message says it; like adjusted the same way loads."""
+    p = {"w": np.ones(3)}
+    state = uo.setup(uo.adam(lr=1e-2), p)
+    state, p = uo.update(state, p, {"w": np.full(3, 0.5)})
+    state = uo.adjust(state, lr=3e-3)
+    uo.save(tmp_path / "s.uo", state)
+    fresh = uo.setup(uo.adam(lr=1e-2), {"w": np.ones(3)})
+    with pytest.raises(uo.CheckpointError, match=r"another rule: rule.lr is 0.003 in the "
+                                                 r"checkpoint.*was adjusted.*adjust like's"):
+        uo.load(tmp_path / "s.uo", fresh)
+    loaded = uo.load(tmp_path / "s.uo", uo.adjust(fresh, lr=3e-3))
+    assert loaded.rule.lr == 3e-3 and loaded.step == 1
+    np.testing.assert_array_equal(loaded.slots[next(iter(loaded.slots))][0],
+                                  state.slots[next(iter(state.slots))][0])

@@ -979,7 +979,12 @@ def _template(ck: _File, like: Any) -> tuple[State, Transform, Any, bool]:
     if like_rule is not None:
         found = _diff(doc.get("rule"), _Encode(strict=False)(like_rule, "rule"), "rule")
         if found:
-            raise CheckpointError(f"{ck.name}: a state for another rule: {found}")
+            # (a run adjusted before it saved: its numbers are not the fresh rule's)
+            hint = ("; the checkpoint's rule was adjusted (uo.adjust, or a group's numbers): "
+                    "adjust like's to the same numbers before loading, or load with "
+                    "like=params for the checkpoint's own rule"
+                    if doc.get("adjusted") is True else "")
+            raise CheckpointError(f"{ck.name}: a state for another rule: {found}{hint}")
     rule = _Decode(patterns=like_rule is not None)(doc.get("rule"), "rule",
                                                    _UNSET if like_rule is None else like_rule)
     if not isinstance(rule, Transform):
