@@ -596,6 +596,31 @@ def test_capture_refuses_a_uniopt_schedule_naming_it(make: Any) -> None:
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(2.5e-3)
 
 
+@pytest.mark.filterwarnings("ignore:uniopt. fast path not used")
+@pytest.mark.parametrize("make", [
+    lambda: uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2), uo.ema(0.9)),
+    lambda: uo.chain(uo.clip_by_global_norm(1.0), uo.sgd(lr=1e-2), uo.ema(0.9))],
+    ids=["clip-adamw-ema", "clip-sgd-ema"])
+def test_a_captured_step_of_a_0d_parameter_keeps_its_dtype(make: Any) -> None:
+    """capturable=True computes a step's numbers from its count on the device, 0-d float64
+    tensors; against a 0-d float32 parameter torch promotes (0-d with 0-d), and after a clip
+    an average's lerp refused the float64 mix. They meet each leaf in its dtype: the run is
+    the uncaptured one's."""
+    runs = []
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.tensor(0.5))]
+        opt = ut.Optimizer(ps, make(), capturable=capturable)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        assert ps[1].dtype == torch.float32
+        runs.append([p.detach().clone() for p in ps])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _ones() -> Any:
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)

@@ -1271,10 +1271,29 @@ def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
     jax = sys.modules.get("jax")
     # (C calls, no generator: a step's Python work is the same whether JAX is loaded or not)
     if jax is None or not any(map(isinstance, c, itertools.repeat(jax.Array))):
-        return {}
+        torch = sys.modules.get("torch")
+        if torch is None or not any(map(isinstance, c, itertools.repeat(torch.Tensor))):
+            return {}
+        return _per_torch_dtype(torch, c, us)
     out = {}
     for dtype in {u.dtype for u in us}:
         values = [x.astype(dtype) if isinstance(x, jax.Array) else x for x in c]
+        out[dtype] = type(c)(*values) if hasattr(c, "_fields") else tuple(values)
+    return out
+
+
+def _per_torch_dtype(torch: Any, c: Any, us: list[Any]) -> dict[Any, Any]:
+    """:func:`_per_dtype` of coefficients that are 0-d torch tensors (a capturable step's,
+    computed from its count on the device in float64; a recorded step's norm): each in the
+    float dtype of the leaves it meets. A leaf with dimensions casts a 0-d tensor to its own
+    dtype anyway; a 0-d leaf would take float64's (0-d with 0-d promotes), and a later part's
+    lerp then refused the mix."""
+    out = {}
+    for dtype in {u.dtype for u in us}:
+        if not dtype.is_floating_point:
+            continue
+        values = [x.to(dtype) if isinstance(x, torch.Tensor) and x.dim() == 0
+                  and x.is_floating_point() and x.dtype != dtype else x for x in c]
         out[dtype] = type(c)(*values) if hasattr(c, "_fields") else tuple(values)
     return out
 
