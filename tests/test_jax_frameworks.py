@@ -474,6 +474,35 @@ def test_nnx_functional_style_keeps_its_params(tmp_path: Any) -> None:
         np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["accumulate", "skip_nonfinite"])
+def test_nnx_functional_style_steps_a_combinator_as_on_plain_arrays(kind: str) -> None:
+    """``uo.accumulate`` and ``uo.skip_nonfinite`` over NNX Params in the functional style
+    (split, setup, update): the second step handed the rule the combinator's gradients, JAX
+    arrays, beside the Params ("a jax array but its parameter is a flax array"), or a Param to
+    ``jnp.isfinite``; and the params came back held twice. They step as the same rule over the
+    Params' plain arrays, Params in, Params out."""
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.numpy.ones((2, 4))
+
+    def grad(p: Any) -> Any:
+        return jax.grad(lambda p: jax.numpy.sum(nnx.merge(gd, p, rest)(x) ** 2))(p)
+
+    rule = (uo.accumulate(uo.adamw(lr=1e-2), every=2) if kind == "accumulate"
+            else uo.skip_nonfinite(uo.adamw(lr=1e-2)))
+    s, p = uo.setup(rule, params), params
+    plain = {k: v[...] for k, v in params.items()}
+    t, q = uo.setup(rule, plain), plain
+    for _ in range(4):
+        g = grad(p)
+        s, p = uo.update(s, p, g)
+        t, q = uo.update(t, q, {k: v[...] for k, v in g.items()})
+    assert jax.tree.structure(p) == jax.tree.structure(params)
+    for k in plain:
+        np.testing.assert_array_equal(np.asarray(p[k][...]), np.asarray(q[k]))
+
+
 def test_nnx_params_beside_committed_gradients_step_eagerly() -> None:
     """NNX's Params hold uncommitted arrays; a jitted ``jax.grad`` of a batch put with
     ``jax.device_put`` hands committed gradients on the same device. The gradient device

@@ -613,7 +613,10 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
             raise TypeError(
                 f"gradient for {names[i]} is {with_article(type(g).__name__)}, not an array")
         if type(g) is not type(p):
-            if backend.library(g) != backend.library(p):
+            # (a flax Variable holds a JAX array: a combinator's accumulated gradient for an
+            # NNX Param is one)
+            if backend.library(g) != backend.library(p) and {
+                    backend.library(g), backend.library(p)} != {"jax", "flax"}:
                 raise TypeError(
                     f"gradient for {names[i]} is a {backend.library(g)} array but its "
                     f"parameter is a {backend.library(p)} array"
@@ -2362,8 +2365,9 @@ def _held_as(like: Any, tree: Any) -> Any:
     def held(x: Any) -> bool:
         return is_variable(type(x))
 
-    return jax.tree.map(lambda v, x: v.replace(value=x) if held(v) else x, like, tree,
-                        is_leaf=held)
+    # (x may be held already: a combinator's member, handed the Params, hands them back so)
+    return jax.tree.map(lambda v, x: v.replace(value=backend.held_array(x)) if held(v) else x,
+                        like, tree, is_leaf=held)
 
 
 def _numpy_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State] | None:
