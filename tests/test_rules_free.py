@@ -286,6 +286,39 @@ def test_uniopt_torch_eval_and_train_are_schedulefrees(kind: str) -> None:
     ours.train()
     ours.train()
     assert all(torch.equal(a, b) for a, b in zip(mu.parameters(), ys, strict=True))
+    # a checkpoint saved in eval mode (the HF Trainer saves after evaluating) resumes as the
+    # run that never stopped: the mode is saved with the groups, and train() makes y of the
+    # loaded x and z (a copy held by eval() was lost with the process: y := x, 2e-3 off)
+    ours.eval()
+    import copy
+
+    # (copies, as a file holds: a loaded state's tensors are the saved dict's own)
+    saved = copy.deepcopy({"model": mu.state_dict(), "opt": ours.state_dict()})
+    assert all(g["train_mode"] is False for g in saved["opt"]["param_groups"])
+    ours.train()
+    resumed = model()
+    resumed.load_state_dict(saved["model"])
+    again = ut.Optimizer(resumed.parameters(), rule)
+    again.load_state_dict(saved["opt"])
+    with pytest.raises(RuntimeError, match=r"optimizer.train\(\)"):
+        again.step()
+    again.train()
+    for m, o in ((mu, ours), (resumed, again)):
+        for _ in range(5):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    for a, b in zip(resumed.parameters(), mu.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    # a load between eval() and train(): the loaded weights, not the copy eval() held
+    ours.eval()
+    ours.load_state_dict(copy.deepcopy(again.state_dict()))
+    with torch.no_grad():
+        for a, b in zip(mu.parameters(), resumed.parameters(), strict=True):
+            a.copy_(b)
+    ours.train()
+    assert all(torch.equal(a, b) for a, b in zip(mu.parameters(), resumed.parameters(),
+                                                 strict=True))
     # a partition: only the schedule-free member's parameters; and a rule without one
     mu = model()
     split = ut.Optimizer(mu.parameters(), uo.partition(

@@ -443,9 +443,12 @@ def schedule_free_eval(state: State, params: Any) -> Any:
                               for x, p in zip(out, leaves, strict=True)])
 
 
-def _eval_weights(state: State, treedef: Any, leaves: list[Any]) -> list[Any] | None:
+def _eval_weights(state: State, treedef: Any, leaves: list[Any],
+                  back: bool = False) -> list[Any] | None:
     """Each leaf's x (None where no schedule-free part steps it), from ``state`` or from the
-    states of the rules it runs; None if there is none."""
+    states of the rules it runs; None if there is none. ``back``: the leaves are x, and
+    their y, ``beta*x + (1 - beta)*z``, comes out (schedulefree's ``train()`` after its
+    ``eval()``)."""
     for part, keys in state.rule.keyed_parts:
         if isinstance(part, scale_by_schedule_free):
             # the momentum that made y: the last update's, at step - 1 (before any, y = z
@@ -456,7 +459,7 @@ def _eval_weights(state: State, treedef: Any, leaves: list[Any]) -> list[Any] | 
             beta = part.at(step).momentum  # type: ignore[attr-defined]
             out = []
             for y, z in zip(leaves, state.tree_states[keys[0]]["z"], strict=True):
-                x = (y - (1.0 - beta) * z) / beta
+                x = beta * y + (1.0 - beta) * z if back else (y - (1.0 - beta) * z) / beta
                 out.append(x if x.dtype == y.dtype
                            else backend.namespace(y).astype(x, y.dtype))
             return out
@@ -467,7 +470,7 @@ def _eval_weights(state: State, treedef: Any, leaves: list[Any]) -> list[Any] | 
             continue
         for member, idx in part.leaves_of(treedef, leaves).items():
             sub = state.tree_states[keys[0]][member]
-            got = _eval_weights(sub, sub.treedef, [leaves[i] for i in idx])
+            got = _eval_weights(sub, sub.treedef, [leaves[i] for i in idx], back)
             if got is not None:
                 any_found = True
                 for i, x in zip(idx, got, strict=True):

@@ -135,17 +135,18 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
             for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
 
 
-def eval_weights(opt: Any, gi: int, group: dict[str, Any], rule: Transform
-                 ) -> dict[torch.Tensor, torch.Tensor]:
+def eval_weights(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
+                 back: bool = False) -> dict[torch.Tensor, torch.Tensor]:
     """Each parameter of group ``gi`` that a schedule-free member steps mapped to its evaluation
-    weights (:func:`uniopt.schedule_free_eval`); none where no member is schedule-free."""
+    weights (:func:`uniopt.schedule_free_eval`); none where no member is schedule-free.
+    ``back``: the parameters hold those, and their training weights come out."""
     from ..rules.schedule_free import _eval_weights
 
     ps = group["params"]
     views = _views(ps)
     state = _state(opt, gi, group, rule, views)
     leaves, treedef = flatten_leaves(_tree(group, views))
-    xs = _eval_weights(state, treedef, leaves)
+    xs = _eval_weights(state, treedef, leaves, back)
     if xs is None:
         return {}
     return {p: torch.as_tensor(x).clone() for p, x in

@@ -659,7 +659,7 @@ class Optimizer(torch.optim.Optimizer):
     step.hooked = True  # type: ignore[attr-defined]
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if vars(self).get("_train_weights") is not None:
+        if vars(self).get("_in_eval"):
             raise RuntimeError(
                 f"{self._name}: a step after optimizer.eval(), whose parameters hold the "
                 "evaluation weights: call optimizer.train() first")
@@ -991,16 +991,24 @@ class Optimizer(torch.optim.Optimizer):
     def eval_weights(self) -> dict[torch.Tensor, torch.Tensor]:
         """The weights to evaluate a schedule-free rule at (:func:`uniopt.schedule_free_eval`,
         ``x = (y - (1 - beta) z) / beta``): each parameter a schedule-free part steps mapped to
-        a new tensor; none for a rule without one. The parameters hold ``y``."""
+        a new tensor; none for a rule without one. The parameters hold ``y`` (in train mode;
+        after :meth:`eval`, ``x`` itself)."""
+        return self._swap_weights(back=False, gis=None)
+
+    def _swap_weights(self, back: bool, gis: set[int] | None) -> dict[torch.Tensor, Any]:
+        """:meth:`eval_weights`, of groups ``gis`` (None: all); ``back``: from the evaluation
+        weights the parameters hold, their training weights ``beta*x + (1 - beta)*z``."""
         from ..rules.schedule_free import _eval_weights
 
         out: dict[torch.Tensor, torch.Tensor] = {}
         if self._combined_rule:
             combined.adopt(self)
         for gi, group in enumerate(self.param_groups):
+            if gis is not None and gi not in gis:
+                continue
             rule = self._rule(group)[0]
             if self._combined_rule:
-                out.update(combined.eval_weights(self, gi, group, rule))
+                out.update(combined.eval_weights(self, gi, group, rule, back))
                 continue
             ps = group["params"]
             if not ps or not rule.tree_layout:
@@ -1011,7 +1019,7 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             with torch.no_grad():
                 xs = _eval_weights(State(rule, plans.state_step(st), {}, None, None, trees),
-                                   None, [p.detach() for p in ps])
+                                   None, [p.detach() for p in ps], back)
             if xs is not None:
                 out.update({p: x.clone() for p, x in zip(ps, xs, strict=True)
                             if x is not None})
@@ -1019,30 +1027,45 @@ class Optimizer(torch.optim.Optimizer):
 
     def eval(self) -> None:
         """schedulefree's ``optimizer.eval()``: the parameters take the evaluation weights
-        (:meth:`eval_weights`) until :meth:`train` gives them back theirs, bit for bit (held
-        meanwhile: a copy of those parameters). A step in between raises. Nothing for a rule
-        without a schedule-free part, so a loop that calls these (the HF Trainer does, where an
-        optimizer has them) runs any rule."""
-        if vars(self).get("_train_weights") is not None:
-            return
-        xs = self.eval_weights()
+        (:meth:`eval_weights`) until :meth:`train` gives them back theirs, and a step in
+        between raises. The mode is each group's ``train_mode``, as schedulefree keeps it, so
+        a checkpoint saved in between (the HF Trainer saves after evaluating) resumes: its
+        :meth:`train` computes ``y`` from the loaded ``x`` and ``z``; where nothing has written
+        the parameters since, ``y`` comes back bit for bit (held meanwhile: a copy of those
+        parameters). Nothing for a rule without a schedule-free part, so a loop that calls
+        these (the HF Trainer, accelerate) runs any rule."""
+        gis = {gi for gi, g in enumerate(self.param_groups) if g.get("train_mode", True)}
+        xs = self._swap_weights(back=False, gis=gis) if gis else {}
         if not xs:
             return
-        held = {}
+        held = vars(self).setdefault("_train_weights", {})
+        moved = {id(p) for p in xs}
         with torch.no_grad():
             for p, x in xs.items():
-                held[p] = p.detach().clone()
+                y = p.detach().clone()
                 p.copy_(x)
-        self._train_weights = held
+                held[p] = (y, p._version)
+        for gi in gis:  # (the groups it moved: a rule without schedule-free parts keeps none)
+            if any(id(p) in moved for p in self.param_groups[gi]["params"]):
+                self.param_groups[gi]["train_mode"] = False
+        self._in_eval = True
 
     def train(self) -> None:
         """schedulefree's ``optimizer.train()``: the parameters the training weights ``y``
-        again, as they were at :meth:`eval` (nothing where it was not called)."""
-        held = vars(self).pop("_train_weights", None)
-        if held:
-            with torch.no_grad():
-                for p, y in held.items():
-                    p.copy_(y)
+        again (nothing where :meth:`eval` was not called)."""
+        gis = {gi for gi, g in enumerate(self.param_groups) if g.get("train_mode") is False}
+        held = vars(self).pop("_train_weights", None) or {}
+        self._in_eval = False
+        if not gis:
+            return
+        ys = self._swap_weights(back=True, gis=gis)
+        with torch.no_grad():
+            for p, y in ys.items():
+                kept = held.get(p)
+                # (the copy where nothing wrote the parameter since: y to the bit)
+                p.copy_(kept[0] if kept is not None and kept[1] == p._version else y)
+        for gi in gis:
+            self.param_groups[gi]["train_mode"] = True
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -1114,6 +1137,10 @@ class Optimizer(torch.optim.Optimizer):
                 state_dict["state"] = _group_states_in(state_dict["state"], groups)
         check_loadable(self, state_dict)
         super().load_state_dict(state_dict)
+        # (schedulefree's mode comes with the groups; copies held by an eval() before the load
+        # are of other parameters' values)
+        vars(self).pop("_train_weights", None)
+        self._in_eval = any(g.get("train_mode") is False for g in self.param_groups)
         self._restore_state_dtypes(state_dict)
         # a step saved as a number (torch before 1.12) made a 0-d tensor, as torch's classes
         # make it on load (their __setstate__), in torch's dtype for it
