@@ -2185,11 +2185,12 @@ def test_a_wrappers_own_state_keys_are_kept_through_a_checkpoint(
         for a, b in zip(run(None, theirs), run(4, theirs), strict=True):
             assert torch.allclose(a, b, rtol=0, atol=1e-6)
     opt, _ = trained("Adam", steps=1)
-    sd = roundtrip(opt.state_dict())
-    for st in sd["state"].values():
-        st["momentum_buffer"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"\['momentum_buffer'\] that Adam does not keep"):
-        opt.load_state_dict(sd)
+    for other in ("momentum_buffer", "hessian"):  # (torch's, and uniopt.torch.SophiaG's)
+        sd = roundtrip(opt.state_dict())
+        for st in sd["state"].values():
+            st[other] = torch.zeros(1)
+        with pytest.raises(ValueError, match=rf"\['{other}'\] that Adam does not keep"):
+            opt.load_state_dict(sd)
 
 
 def test_a_generic_optimizer_warns_of_a_torch_hyperparameter_its_rule_does_not_read() -> None:

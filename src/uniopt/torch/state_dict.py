@@ -3,6 +3,7 @@ parameters by position without looking, so a state of another optimizer or model
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Protocol
 
@@ -137,10 +138,27 @@ _TORCH_SLOTS = frozenset({
 
 
 def _another_optimizers(name: Any) -> bool:
-    """Whether state name ``name`` is a slot of another optimizer: of torch.optim's, or of a
-    uniopt rule's (``part.slot``, as ``uniopt.torch.Optimizer`` names them) or its 8-bit
-    scales; any other name is a wrapper's own (timm's ``lookahead_slow_buff``)."""
-    return not isinstance(name, str) or name in _TORCH_SLOTS or "." in name
+    """Whether state name ``name`` is a slot of another optimizer: of torch.optim's, of a
+    uniopt.torch class's (SophiaG's ``hessian``), or of a uniopt rule's (``part.slot``, as
+    ``uniopt.torch.Optimizer`` names them) or its 8-bit scales; any other name is a wrapper's
+    own (timm's ``lookahead_slow_buff``)."""
+    return (not isinstance(name, str) or name in _TORCH_SLOTS or "." in name
+            or name in _named_slots())
+
+
+@functools.cache
+def _named_slots() -> frozenset[str]:
+    """The state names of every uniopt.torch class (each its rule's slots, by torch's names)."""
+    from .named import _Named
+
+    out: set[str] = set()
+    todo = list(_Named.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        rule = getattr(cls, "_all_slots", None) or getattr(cls, "rule", None)
+        out.update(s for _, s in getattr(rule, "slot_keys", ()))
+    return frozenset(out)
 
 
 def check_group_keys(where: str, gi: int, saved: dict[str, Any], defaults: dict[str, Any]
