@@ -7,7 +7,10 @@ import functools
 import inspect
 import itertools
 import operator
+import os
+import sys
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, overload
@@ -150,10 +153,6 @@ def _warn_unread(opt: Optimizer, gi: int, group: dict[str, Any]) -> None:
     does this group, but nothing reads it. Other keys (timm's ``lr_scale``) are a scheduler's."""
     unread = [k for k in group if k not in opt.defaults and k in _torch_hyperparameters()]
     if unread:
-        import os
-        import sys
-        import warnings
-
         # (the user's line: past uniopt's frames and torch.optim's, whose __init__ adds groups)
         skip = tuple(os.path.dirname(m.__file__ or "") + os.sep
                      for m in (sys.modules["uniopt"], torch.optim))

@@ -725,11 +725,11 @@ class Plan:
             if found is not None:
                 if self.keep_grads and sel:
                     first = self.first
-                    if first == sel[0]._cdata:
+                    if first == _IMPL(sel[0]):
                         self.seen = SeenGrads(list(map(_IMPL, sel)), None, None,
                                               shapes=self.shapes)  # (contiguous, as taken)
                     else:
-                        self.first = sel[0]._cdata
+                        self.first = _IMPL(sel[0])
                 return found
         if sel and sel[0].dtype == torch.bfloat16 and not all(map(_CONTIGUOUS, sel)):
             # (the compiled loop would decline a strided gradient's view, and bfloat16 bits have
@@ -752,7 +752,7 @@ class Plan:
         """The engine's views of the gradients, where the fast path did not take them."""
         gs = [grads[i] for i in self.sel]
         if gs and self.first is None:  # (a new plan's: its next step may keep them)
-            self.first = gs[0]._cdata
+            self.first = _IMPL(gs[0])
         if self.sharding is not None:
             gs = dtensor.local_grads(gs, self.sel_params)
         return [_grad_view(g, p, spec)
