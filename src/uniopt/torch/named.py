@@ -42,7 +42,7 @@ from ..rules.sparse_adam import sparse_adam
 from ..state import State
 from . import plans
 from .optimizer import Optimizer, field, plain
-from .state_dict import check_group_keys
+from .state_dict import NAMED_SLOTS, check_group_keys
 
 if TYPE_CHECKING:
     from torch.optim.optimizer import ParamsT
@@ -117,6 +117,9 @@ class _Named(Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        slots = cls._all_slots or vars(cls).get("rule")
+        if slots is not None:  # (a loaded state holding them is this class's, not a wrapper's)
+            NAMED_SLOTS.update(s for _, s in slots.slot_keys)
         if "_torch_params" in vars(cls):
             fields = {f.name: f.default for f in dataclasses.fields(cls.rule) if f.init}
             cls._keys = (*(n for n in cls._torch_params if n in fields), *cls._group_only)

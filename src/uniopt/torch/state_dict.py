@@ -3,7 +3,6 @@ parameters by position without looking, so a state of another optimizer or model
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Protocol
 
@@ -143,22 +142,12 @@ def _another_optimizers(name: Any) -> bool:
     ``uniopt.torch.Optimizer`` names them) or its 8-bit scales; any other name is a wrapper's
     own (timm's ``lookahead_slow_buff``)."""
     return (not isinstance(name, str) or name in _TORCH_SLOTS or "." in name
-            or name in _named_slots())
+            or name in NAMED_SLOTS)
 
 
-@functools.cache
-def _named_slots() -> frozenset[str]:
-    """The state names of every uniopt.torch class (each its rule's slots, by torch's names)."""
-    from .named import _Named
-
-    out: set[str] = set()
-    todo = list(_Named.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        rule = getattr(cls, "_all_slots", None) or getattr(cls, "rule", None)
-        out.update(s for _, s in getattr(rule, "slot_keys", ()))
-    return frozenset(out)
+# the state names of every uniopt.torch class (each its rule's slots, by torch's names), which
+# each adds as it is made
+NAMED_SLOTS: set[str] = set()
 
 
 def check_group_keys(where: str, gi: int, saved: dict[str, Any], defaults: dict[str, Any]
