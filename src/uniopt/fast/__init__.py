@@ -62,19 +62,21 @@ def warn_once(reason: str) -> None:
             f"uniopt: fast path not used ({reason}); running the reference path, which is "
             "correct but slower. This is reported once per reason.",
             FastPathUnavailable,
-            stacklevel=_callers_level(),
+            stacklevel=callers_level(),
         )
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _callers_level() -> int:
-    """The ``stacklevel`` of the first frame outside uniopt, seen from :func:`warn_once`: the
-    user's line, however deep the engine's call (a pure update's is deeper than an in-place
-    one's, whose fixed level named engine.py)."""
+def callers_level(*also: str) -> int:
+    """The ``stacklevel`` of the first frame outside uniopt (and outside the directories
+    ``also``: torch.optim's, whose ``__init__`` adds a uniopt optimizer's groups), for a warning
+    raised by the function that calls this: the user's line, however deep the engine's call
+    (a pure update's is deeper than an in-place one's, whose fixed level named engine.py)."""
+    skip = (_PACKAGE + os.sep, *also)
     frame: Any = sys._getframe(2)
     level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE + os.sep):
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
     return level

@@ -8,7 +8,6 @@ import inspect
 import itertools
 import operator
 import os
-import sys
 import threading
 import warnings
 from collections import Counter
@@ -20,7 +19,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
 
-from .. import backend
+from .. import backend, fast
 from ..base import (
     Combinator,
     Elementwise,
@@ -153,17 +152,11 @@ def _warn_unread(opt: Optimizer, gi: int, group: dict[str, Any]) -> None:
     does this group, but nothing reads it. Other keys (timm's ``lr_scale``) are a scheduler's."""
     unread = [k for k in group if k not in opt.defaults and k in _torch_hyperparameters()]
     if unread:
-        # (the user's line: past uniopt's frames and torch.optim's, whose __init__ adds groups)
-        skip = tuple(os.path.dirname(m.__file__ or "") + os.sep
-                     for m in (sys.modules["uniopt"], torch.optim))
-        frame, level = sys._getframe(1), 2
-        while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
-            frame, level = frame.f_back, level + 1
         warnings.warn(
             f"uniopt.torch.Optimizer: param group {gi} holds {unread}, which "
             f"{opt.rule.name} does not read (its hyperparameters: "
             f"{', '.join(opt._keys) or 'none'}); the group keeps them, unread",
-            stacklevel=level)
+            stacklevel=fast.callers_level(os.path.dirname(torch.optim.__file__) + os.sep))
 
 
 @functools.cache
