@@ -595,9 +595,8 @@ def _as_numpy_memory(x: Any) -> Any:
             return x
         torch = sys.modules["torch"]
         ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-        try:  # (unpinned: the user's tensors stay resizable)
-            return unpinned_view(x) if x.dtype != torch.bfloat16 else unpinned_view(
-                x.view(ints[2]))
+        try:  # (unpinned: the user's tensors stay resizable; bfloat16 as its bits)
+            return unpinned_view(x)
         except (TypeError, RuntimeError):  # a dtype NumPy has none of: by its bytes' width
             width = ints.get(x.element_size())
             return unpinned_view(x.view(width)) if width is not None else x
