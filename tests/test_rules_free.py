@@ -274,8 +274,11 @@ def test_uniopt_torch_eval_and_train_are_schedulefrees(kind: str) -> None:
             torch.nn.functional.mse_loss(m(x), y).backward()
             o.step()
     ys = [p.detach().clone() for p in mu.parameters()]
+    xs = ours.eval_weights()
     peer.eval()
     ours.eval()
+    # (after eval(), the evaluation weights are the parameters: it read them as y before)
+    assert all(torch.equal(x, ours.eval_weights()[p]) for p, x in xs.items())
     ours.eval()  # (twice: still x, and train() still gives y back)
     for a, b in zip(mu.parameters(), mp.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

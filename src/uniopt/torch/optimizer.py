@@ -983,9 +983,14 @@ class Optimizer(torch.optim.Optimizer):
     def eval_weights(self) -> dict[torch.Tensor, torch.Tensor]:
         """The weights to evaluate a schedule-free rule at (:func:`uniopt.schedule_free_eval`,
         ``x = (y - (1 - beta) z) / beta``): each parameter a schedule-free part steps mapped to
-        a new tensor; none for a rule without one. The parameters hold ``y`` (in train mode;
-        after :meth:`eval`, ``x`` itself)."""
-        return self._swap_weights(back=False, gis=None)
+        a new tensor; none for a rule without one. The parameters hold ``y``, but after
+        :meth:`eval`, ``x`` itself."""
+        training = {gi for gi, g in enumerate(self.param_groups) if g.get("train_mode", True)}
+        out = self._swap_weights(back=False, gis=training)
+        if len(training) < len(self.param_groups):  # (copies of the x these groups hold)
+            held = self._swap_weights(back=True, gis=set(range(len(self.param_groups))) - training)
+            out.update({p: p.detach().clone() for p in held})
+        return out
 
     def _swap_weights(self, back: bool, gis: set[int] | None) -> dict[torch.Tensor, Any]:
         """:meth:`eval_weights`, of groups ``gis`` (None: all); ``back``: from the evaluation
