@@ -470,6 +470,37 @@ def test_a_jitted_state_loads_into_the_program_it_was_compiled_for(path: str) ->
         uo.load(path, like=params)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda host: host.update(complements=[[["betas", 0], 0.5], [["betas", 1], 0.5]]),
+     r"rule.host: the complement 0.5 of \('betas', 0\) is not 1 - 0.89999"),
+    (lambda host: host.update(complements=[["lr", -5.0]]),
+     r"rule.host: the complement -5.0 of 'lr' is not 1 - 0.0099999"),
+    (lambda host: host.update(on=[]),
+     r"rule.host: on leaves out 'weight_decay', which is 0.10000000149011612: its block"),
+    (lambda host: host.update(on=["weight_decay", "lr"]),
+     r"rule.host: on lists 'lr', which is not an optional block of adam"),
+])
+def test_host_facts_that_contradict_the_numbers_are_refused(path: str, edit: Any,
+                                                            message: str) -> None:
+    """A jitted state's file keeps what the host knew of its numbers beside them: each
+    number's complement and which optional blocks are on. Edited, they loaded, and the rule
+    stepped with other betas, or without its weight decay, while comparing equal to the user's
+    rule (like's check reads the numbers only)."""
+    jax = pytest.importorskip("jax")
+    rule = uo.adam(lr=1e-2, weight_decay=0.1)
+    params = [jax.numpy.ones((2, 3))]
+    state = uo.setup(rule, params)
+    state, params = jax.jit(uo.update)(state, params, params)
+    uo.save(path, state, params=params)
+    assert "host" in json.loads(_meta(path)["uniopt"])["rule"]
+    host = uo.load(path, like=(rule, params)).rule.host
+    assert host.complements[("betas", 1)] == pytest.approx(1 - 0.999, rel=1e-6)
+    _edit(path, lambda header, doc: edit(doc["rule"]["host"]))
+    for like in [(rule, params), state, params]:
+        with pytest.raises(CheckpointError, match=message):
+            uo.load(path, like=like)
+
+
 def test_a_torch_state_on_another_device_saves_and_loads() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

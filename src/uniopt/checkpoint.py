@@ -367,17 +367,48 @@ class _Decode:
             complements[k] = float(kv[1])
         if on is not None and not all(isinstance(n, str) for n in on):
             raise CheckpointError(f"{at}: on must list names, got {_short(on)}")
+        if on is not None:
+            # a block may be on for a 0 (a jitted step adjusted to 0 keeps its program), never
+            # off for a number that is not 0 or a schedule: the step would leave it out
+            optional = tuple(getattr(obj, "optional", ()))
+            for n in on:
+                if n not in optional:
+                    raise CheckpointError(f"{at}: on lists {n!r}, which is not an optional "
+                                          f"block of {type(obj).__name__} ({list(optional)})")
+            for n in optional:
+                v = getattr(obj, n, None)
+                if n not in on and (callable(v) or (isinstance(v, (int, float)) and v != 0)):
+                    raise CheckpointError(f"{at}: on leaves out {n!r}, which is "
+                                          f"{_short(v)}: its block would not run")
         for n in nonzero:
             # a program compiled for a number known not to be 0 computes wrongly with a 0
             if not (isinstance(n, str) and on is not None and n in on
                     and isinstance(v := getattr(obj, n, None), (int, float)) and v != 0):
                 raise CheckpointError(f"{at}: nonzero lists {_short(n)}, which is not a "
                                       "non-zero number of an optional block that is on")
+        for k, c in complements.items():
+            # the complement the host computed of the number before jit rounded it to float32:
+            # 1 - the number to float32's rounding, else the file was edited (it would step
+            # with another beta than the one it shows, and compare equal to the user's rule)
+            v = _field_number(obj, k)
+            if v is None or abs(c - (1.0 - v)) > 2.0 ** -22 * (1.0 + abs(v)):
+                raise CheckpointError(f"{at}: the complement {_short(c)} of {_short(k)} is "
+                                      f"not 1 - {_short(v)}")
         cached = {n for n in dir(type(obj))
                   if isinstance(getattr(type(obj), n, None), functools.cached_property)}
         fields = {k: v for k, v in vars(obj).items() if k != "host" and k not in cached}
         return assemble(type(obj), fields, HostFacts(
             complements, None if on is None else frozenset(on), frozenset(nonzero)))
+
+
+def _field_number(obj: Any, key: Any) -> float | None:
+    """The number a host complement's key names in ``obj``: field ``key``, or item ``i`` of
+    field ``name`` for ``(name, i)`` (Adam's betas); None where it names no number."""
+    name, i = (key, None) if isinstance(key, str) else key
+    v = getattr(obj, name, None)
+    if i is not None:
+        v = v[i] if isinstance(v, tuple) and 0 <= i < len(v) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def from_data(d: Any, at: str = "value") -> Any:
