@@ -623,6 +623,70 @@ def test_accumulate_and_skip_nonfinite_under_uniopt_torch() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def _edit_group_state(sd: dict[str, Any], edit: Any) -> dict[str, Any]:
+    import copy
+    sd = copy.deepcopy(sd)
+    edit(sd["state"][0]["uniopt.group"])
+    return sd
+
+
+def _member(entry: dict[str, Any]) -> dict[str, Any]:
+    member: dict[str, Any] = entry["tree_states"]["partition"]["decay"]
+    return member
+
+
+GROUP_EDITS = {
+    "member step 1.5": (lambda e: _member(e).update(step=1.5), ValueError,
+                        r"partition.decay.step: 1.5 is not a whole number of steps >= 0"),
+    "member step -3": (lambda e: _member(e).update(step=-3), ValueError,
+                       r"partition.decay.step: -3 is not a whole number"),
+    "group step 2.5": (lambda e: e.update(step=2.5), ValueError,
+                       r"\]\.step: 2.5 is not a whole number"),
+    "slot of another shape": (
+        lambda e: _member(e)["slots"]["scale_by_adam.exp_avg"].__setitem__(
+            0, _member(e)["slots"]["scale_by_adam.exp_avg"][0].T.clone()), ValueError,
+        r"exp_avg\[0\]: shape \(3, 4\), expected \(4, 3\)"),
+    "no tree_states": (lambda e: e.pop("tree_states"), ValueError,
+                       r"expected a state \(step, slots, tree_states\), got \['slots', 'step'\]"),
+}
+
+
+@pytest.mark.parametrize("edit", list(GROUP_EDITS))
+def test_a_group_states_edits_are_refused_at_the_load(edit: str) -> None:
+    """A group's one state (a partition's, under uniopt.torch.Optimizer) was not read at
+    load_state_dict: a member's step of 1.5 loaded and stepped as step 1, a slot of another
+    shape or a state without its parts replaced the good state and failed only at the next
+    step. They are read at the load, which changes nothing where they do not fit."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    model = torch.nn.Linear(3, 4).double()
+    rule = uo.partition({"decay": uo.adamw(lr=1e-2, weight_decay=0.1), "plain": uo.sgd(lr=0.1)},
+                        lambda path, leaf: "decay" if leaf.ndim == 2 else "plain")
+    opt = ut.Optimizer(model.parameters(), rule)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(2, 3, dtype=torch.float64)).square().sum().backward()
+        opt.step()
+    import copy
+    sd = copy.deepcopy(opt.state_dict())  # (a state dict shares the optimizer's tensors)
+    before = [p.detach().clone() for p in model.parameters()]
+    change, kind, message = GROUP_EDITS[edit]
+    with pytest.raises(kind, match=message + r".*; nothing was loaded"):
+        opt.load_state_dict(_edit_group_state(sd, change))
+    assert_same(jax.tree.leaves(optree.tree_map(np.asarray, opt.state_dict()["state"])),
+                jax.tree.leaves(optree.tree_map(np.asarray, sd["state"])))
+    opt.step()  # the state it had: the step of the run that never met the file
+    opt.load_state_dict(copy.deepcopy(sd))
+    redo = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before, strict=True):
+            p.copy_(b)
+    opt.step()
+    for p, r in zip(model.parameters(), redo, strict=True):
+        assert torch.equal(p, r)
+
+
 def test_accumulate_and_skip_nonfinite_as_optax_members() -> None:
     rng = np.random.default_rng(12)
     params = _params(rng)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optree
 
 from .base import Transform
@@ -126,11 +127,12 @@ def from_tree(template: State, tree: Any, load: Any, where: str = "state") -> St
     ``tree`` (from :func:`to_tree`): each array through ``load(value, like, where)``, which
     checks and converts it to the template's array ``like`` (None for the step counts, which
     a template has not). Raises, naming the entry, where the two differ in structure."""
+    if not isinstance(tree, dict) or not {"step", "slots", "tree_states"} <= set(tree):
+        got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise ValueError(f"{where}: expected a state (step, slots, tree_states), got {got}")
+
     def walk(t: Any, v: Any, at: str) -> Any:
         if isinstance(t, State):
-            if not isinstance(v, dict) or not {"step", "slots", "tree_states"} <= set(v):
-                raise ValueError(f"{at}: expected a state (step, slots, tree_states), got "
-                                 f"{type(v).__name__}")
             return from_tree(t, v, load, at)
         if isinstance(t, dict):
             if not isinstance(v, dict) or set(v) != set(t):
@@ -146,13 +148,38 @@ def from_tree(template: State, tree: Any, load: Any, where: str = "state") -> St
             if v is not None:
                 raise ValueError(f"{at}: expected nothing, got {type(v).__name__}")
             return None
-        if isinstance(t, (bool, int, float)):
+        if isinstance(t, int) and not isinstance(t, bool):  # a step count
+            n = _whole(v)
+            if n is None:
+                raise ValueError(f"{at}: {_shown(v)} is not a whole number of steps >= 0")
+            return n
+        if isinstance(t, (bool, float)):
             return type(t)(v)
         return load(v, t, at)
 
     counts = tree.get("counts")
+    if counts is not None:
+        counts = load(counts, None, f"{where}.counts")
+        held = np.asarray(counts)
+        if held.dtype.kind not in "iu" or (held < 0).any():
+            raise ValueError(f"{where}.counts: {_shown(counts)} are not whole numbers of steps "
+                             ">= 0")
     return dataclasses.replace(
         template, step=walk(template.step, tree["step"], f"{where}.step"),
         slots=walk(template.slots, tree["slots"], f"{where}.slots"),
         tree_states=walk(template.tree_states, tree["tree_states"], f"{where}.tree_states"),
-        counts=None if counts is None else load(counts, None, f"{where}.counts"))
+        counts=counts)
+
+
+def _whole(v: Any) -> int | None:
+    """``v`` (a number, or a 0-d array or tensor of one) as a whole number >= 0, else None."""
+    if getattr(v, "ndim", 0) == 0 and hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return int(v) if v >= 0 and float(v).is_integer() else None
+
+
+def _shown(v: Any) -> str:
+    s = repr(v.tolist() if hasattr(v, "tolist") else v)
+    return s if len(s) <= 60 else s[:57] + "..."

@@ -81,6 +81,18 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     return held[0]
 
 
+def check_entry(opt: Any, gi: int, group: dict[str, Any], rule: Transform, entry: Any,
+                where: str) -> None:
+    """Raise unless ``entry``, group ``gi``'s state as ``state_dict()`` saves it, fits the
+    group's parameters and rule, read as the next step reads it (into a state set up for copies
+    of the parameters): a load that took it replaced the state, and the step then refused it or
+    stepped with what a hand had written (a step of 1.5)."""
+    copies = [v.copy() if isinstance(v, np.ndarray) else v.detach().clone()
+              for v in _views(group["params"])]
+    state = setup(rule, _tree(group, copies), state_dtype=group.get("state_dtype"))
+    from_tree(state, containers(entry), _load, f"{where}: state[{KEY.format(gi)!r}]")
+
+
 def adopt(opt: Any) -> None:
     """Each group's state that a load left in a parameter's state (under :data:`GROUP`, as
     ``state_dict()`` writes it) moved to where the step reads it: the newest the optimizer

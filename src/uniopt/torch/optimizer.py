@@ -1133,6 +1133,17 @@ class Optimizer(torch.optim.Optimizer):
             if isinstance(state_dict.get("state"), dict):
                 state_dict["state"] = _group_states_in(state_dict["state"], groups)
         check_loadable(self, state_dict)
+        for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups,
+                                                strict=True)):
+            entry = state_dict["state"].get(combined.KEY.format(gi))
+            if entry is not None:
+                values = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+                try:
+                    combined.check_entry(self, gi, values, self._group_rule(
+                        {k: v for k, v in values.items() if k != "params"}), entry,
+                        f"{self._name}.load_state_dict")
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{e}; nothing was loaded") from None
         super().load_state_dict(state_dict)
         # (schedulefree's mode comes with the groups; copies held by an eval() before the load
         # are of other parameters' values)
