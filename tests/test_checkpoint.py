@@ -691,8 +691,16 @@ BAD = {
     "cut in the data": (lambda p: open(p, "r+b").truncate(os.path.getsize(p) - 8),
                         "its bytes end at"),
     "a zip (torch.save)": (lambda p: _torch_save(p),
-                           "ckpt.safetensors is a zip archive (torch.save writes one around a "
-                           "pickle), not a uniopt checkpoint; uniopt never unpickles"),
+                           "ckpt.safetensors is a zip archive (NumPy's .npz, or torch.save's "
+                           "around a pickle), not a uniopt checkpoint; uniopt never unpickles"),
+    "an .npz": (lambda p: np.savez(open(p, "wb"), a=np.ones(3)),
+                "ckpt.safetensors is a zip archive (NumPy's .npz"),
+    "the version as a number": (lambda p: _edit_meta(p, version=1),
+                                "checkpoint format version 1; this uniopt reads version '1' "
+                                "(written as a string)"),
+    "an empty tensor of huge sizes": (lambda p: _tensor(p, shape=[0, 10**30]),
+                                      "shape [0, 1000000000000000000000000000000] declares sizes "
+                                      "no array has"),
     "a pickle": (lambda p: open(p, "wb").write(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K"
                                                b"\x01."),
                  "ckpt.safetensors is a pickle, not a uniopt checkpoint; uniopt never unpickles"),
@@ -700,7 +708,7 @@ BAD = {
                           "a safetensors file, but not a uniopt checkpoint (its metadata's "
                           "format is None, not 'uniopt.checkpoint')"),
     "newer version": (lambda p: _edit_meta(p, version="2"),
-                      "checkpoint format version '2'; this uniopt reads version 1 (the file is "
+                      "checkpoint format version '2'; this uniopt reads version '1' (the file is "
                       "from a newer uniopt)"),
     "not JSON": (lambda p: _write(p, None, b"", raw_header=b"{'a': 1}"),
                  "ckpt.safetensors: the header is not valid JSON"),
@@ -878,6 +886,14 @@ def test_a_malformed_file_is_a_checkpoint_error_that_says_why(case: str, path: s
         tracemalloc.stop()
     # nothing beyond the file's own size (and like's arrays) is allocated
     assert peak < 2_000_000 + 20 * os.path.getsize(path), peak
+
+
+def test_a_device_file_is_no_checkpoint() -> None:
+    """/dev/zero read as "the header length says 0 bytes, but only -8 follow"."""
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    with pytest.raises(CheckpointError, match="^zero is not a regular file$"):
+        uo.load("/dev/zero", like=rng_tree(1))
 
 
 def test_the_loader_can_neither_unpickle_nor_evaluate() -> None:
@@ -1506,3 +1522,107 @@ def test_a_checkpoint_of_an_adjusted_run_says_to_adjust_like_the_same_way(
     assert loaded.rule.lr == 3e-3 and loaded.step == 1
     np.testing.assert_array_equal(loaded.slots[next(iter(loaded.slots))][0],
                                   state.slots[next(iter(state.slots))][0])
+
+
+def _raw_tensor(path: str, name: str, value: bytes) -> None:
+    header, data = _parts(path)
+    b0, b1 = header[name]["data_offsets"]
+    _write(path, header, data[:b0] + value + data[b1:])
+
+
+def test_negative_step_counts_in_arrays_are_refused(path: str) -> None:
+    """A step of -1 was refused where the state counts in a Python int and loaded where it
+    counts in an array (JAX's int32: the next Adam step NaN); per-leaf counts of -5 loaded."""
+    import struct
+    jax = pytest.importorskip("jax")
+    jp = {"w": jax.numpy.ones((2, 3)), "b": jax.numpy.zeros(3)}
+    js, jp = uo.update(uo.setup(uo.adam(lr=1e-3), jp), jp, jp)
+    uo.save(path, js, params=jp)
+    _raw_tensor(path, "step", struct.pack("<i", -1))
+    for like in (js, jp):
+        with pytest.raises(CheckpointError, match=r"state\['step'\] is -1 in the checkpoint: "
+                                                  "a step count is >= 0"):
+            uo.load(path, like=like)
+    params = {"w": np.ones((2, 3)), "b": np.zeros(3)}
+    state, params = uo.update(uo.setup(uo.adam(lr=1e-3), params), params,
+                              {"w": np.ones((2, 3)), "b": None})
+    assert state.counts is not None
+    uo.save(path, state, params=params)
+    _raw_tensor(path, "counts", struct.pack("<2q", -5, 1))
+    with pytest.raises(CheckpointError, match=r"state\['counts'\] holds -5: a step count is "
+                                              ">= 0"):
+        uo.load(path, like=state)
+
+
+def _torch_adam(torch: Any, cls: Any, lr: Any = 1e-2, **kw: Any) -> tuple[Any, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = cls(model.parameters(), lr=lr, **kw)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.ones(4, 3)).square().sum().backward()
+        opt.step()
+    return model, opt
+
+
+def _snapshot(opt: Any) -> Any:
+    import copy
+    return copy.deepcopy({"state": {k: dict(v) for k, v in opt.state.items()},
+                          "groups": opt.param_groups})
+
+
+@pytest.mark.parametrize("what", ["q8", "schedule"])
+def test_what_only_uniopt_torch_reads_is_refused_by_torch_optim(path: str, what: str) -> None:
+    """A file of uniopt.torch.Adam with 8-bit state loaded into torch.optim.Adam, which took
+    the codes for the moments (-93.0 where the moment is -0.51) and stepped; one with a uniopt
+    schedule for lr loaded, and the step failed on a dict for lr."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    kw: dict[str, Any] = ({"state_dtype": "q8"} if what == "q8" else
+                          {"lr": uo.schedules.cosine(1e-2, 10)})
+    _, saved = _torch_adam(torch, ut.Adam, **kw)
+    uo.save(path, saved)
+    _, opt = _torch_adam(torch, torch.optim.Adam)
+    before = _snapshot(opt)
+    message = ("keeps its state as 'q8' (state_dtype), which Adam does not read" if what == "q8"
+               else "holds a uniopt schedule for 'lr', which Adam cannot compute with")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        uo.load(path, like=opt)
+    assert str(_snapshot(opt)) == str(before)
+    uo.load(path, like=_torch_adam(torch, ut.Adam, **({"state_dtype": "q8"} if what == "q8"
+                                                       else {}))[1])
+
+
+def test_a_torch_optim_load_that_fails_leaves_the_optimizer_as_it_was(path: str) -> None:
+    """torch.optim.Adam's load replaces its state, then reads each parameter's 'step' (a
+    KeyError where one lacks it): uo.load put the half-loaded state in and said only
+    "does not fit this optimizer: 'step'"."""
+    torch = pytest.importorskip("torch")
+    _, saved = _torch_adam(torch, torch.optim.Adam)
+    sd = saved.state_dict()
+    del sd["state"][0]["step"]
+    saved.state_dict = lambda: sd
+    uo.save(path, saved)
+    _, opt = _torch_adam(torch, torch.optim.Adam)
+    state, groups = opt.state, opt.param_groups
+    with pytest.raises(CheckpointError, match=r"does not fit this optimizer \(KeyError: 'step'"
+                                              r"\); nothing was loaded"):
+        uo.load(path, like=opt)
+    assert opt.state is state and opt.param_groups is groups
+
+
+def test_uniopt_torch_refuses_moments_without_a_step() -> None:
+    """torch.optim.Adam fails at its next step without a parameter's 'step'; uniopt.torch.Adam
+    loaded it and counted it as step 1 (torch's SGD keeps none: a momentum buffer is one
+    step), undoing the bias correction: 4e-4 from the run that never stopped."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    _, opt = _torch_adam(torch, ut.Adam)
+    sd = opt.state_dict()
+    del sd["state"][0]["step"]
+    with pytest.raises(ValueError, match=r"the state of parameter 0 \(group 0, position 0\) has "
+                                         r"\['exp_avg', 'exp_avg_sq'\] but no step; nothing was"):
+        opt.load_state_dict(sd)
+    _, sgd = _torch_adam(torch, torch.optim.SGD, momentum=0.9)
+    _, ours = _torch_adam(torch, ut.SGD, momentum=0.9)
+    ours.load_state_dict(sgd.state_dict())  # (torch's SGD keeps no step: loads as step 1)

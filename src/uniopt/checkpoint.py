@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -55,6 +56,7 @@ VERSION = 1
 MAX_HEADER = 100_000_000  # safetensors' own bound on the header
 MAX_DEPTH = 64  # records and containers nested in a rule
 MAX_RANK = 32
+MAX_EMPTY = 1 << 48  # bytes an empty tensor's other sizes may declare (256 TiB)
 
 # safetensors' dtypes that a state or params hold; complex arrays are stored as their real
 # pairs along a new last axis (safetensors has no complex128)
@@ -103,7 +105,20 @@ _ABSTRACT = {"Transform", "Rule", "Part", "Elementwise", "PerLeaf", "WholeTree",
 
 
 def _own() -> dict[str, type]:
-    """uniopt's records by name: every public rule, block and schedule type."""
+    """uniopt's records by name: every public rule, block and schedule type. Walked again only
+    where a module was imported since (it defines them), not once per record decoded (a file
+    of many records took minutes)."""
+    if _OWN and _OWN[0] == len(sys.modules):
+        return _OWN[1]
+    out = _walk_own()
+    _OWN[:] = [len(sys.modules), out]
+    return out
+
+
+_OWN: list[Any] = []
+
+
+def _walk_own() -> dict[str, type]:
     out: dict[str, type] = {"by_path": by_path}
     todo: list[type] = [Transform, schedules._Record]
     while todo:
@@ -844,13 +859,17 @@ def _json(text: str, where: str) -> Any:
 
 
 def _open(f: Any, name: str) -> _File:
-    size = os.fstat(f.fileno()).st_size
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):  # (a device, a pipe: /dev/zero has no size to check)
+        raise CheckpointError(f"{name} is not a regular file")
+    size = st.st_size
     head = f.read(8)
     n = int.from_bytes(head, "little")
     if len(head) < 8 or n > size - 8:  # not a safetensors file: say what it is, if we know
         if head.startswith(b"PK\x03\x04"):
-            raise CheckpointError(f"{name} is a zip archive (torch.save writes one around a "
-                                  "pickle), not a uniopt checkpoint; uniopt never unpickles")
+            raise CheckpointError(f"{name} is a zip archive (NumPy's .npz, or torch.save's "
+                                  "around a pickle), not a uniopt checkpoint; uniopt never "
+                                  "unpickles")
         if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
             raise CheckpointError(f"{name} is a pickle, not a uniopt checkpoint; uniopt never "
                                   "unpickles")
@@ -882,8 +901,9 @@ def _open(f: Any, name: str) -> _File:
     if version != str(VERSION):
         newer = isinstance(version, str) and version.isdigit() and int(version) > VERSION
         raise CheckpointError(
-            f"{name}: checkpoint format version {_short(version)}; this uniopt reads version "
-            f"{VERSION}" + (" (the file is from a newer uniopt)" if newer else ""))
+            f"{name}: checkpoint format version {version!r}; this uniopt reads version "
+            f"{str(VERSION)!r}" + (" (the file is from a newer uniopt)" if newer else
+                                   " (written as a string)" if version == VERSION else ""))
     if not isinstance(meta.get("uniopt"), str):
         raise CheckpointError(f"{name}: the metadata lacks the structure ('uniopt')")
     doc = _json(meta["uniopt"], f"{name}: the structure")
@@ -914,6 +934,10 @@ def _open(f: Any, name: str) -> _File:
             raise CheckpointError(f"{at}: its bytes end at {offsets[1]}, past the "
                                   f"{data} bytes of data the file holds")
         nbytes = math.prod(shape) * ITEMSIZE[code]
+        if 0 in shape and math.prod(s for s in shape if s) * ITEMSIZE[code] > MAX_EMPTY:
+            # (an empty tensor's other sizes cost nothing in the file, but NumPy and torch
+            # refuse to make one past what a machine could hold, each with its own error)
+            raise CheckpointError(f"{at}: shape {_short(shape)} declares sizes no array has")
         if nbytes != offsets[1] - offsets[0]:
             raise CheckpointError(f"{at}: shape {shape} of {code} is {nbytes} bytes, its data "
                                   f"{offsets[1] - offsets[0]}")
@@ -1214,6 +1238,9 @@ class _Reader:
             out = np.empty(*reversed(_as_host(info)))
             ck.read_into(info, out)
             out = out if perm is None else out[perm]
+            if out.size and out.min() < 0:
+                raise CheckpointError(f"{ck.name}: {_show(at)} holds {out.min()}: a step "
+                                      "count is >= 0")
             if jax:
                 xp = backend.namespace(owner.step)
                 return xp.asarray(_fit(out, np.int32, ck, at), dtype=xp.int32)
@@ -1453,7 +1480,15 @@ def _leaf(ck: _File, spec: Any, leaf: Any, at: list[Any], own: bool) -> Callable
     if stored != (real or name) and not integral:
         raise CheckpointError(f"{where} is {stored if not real else 'complex of ' + stored} in "
                               f"the checkpoint, {name} in like")
+    if at and at[-1] == "step" and integral and tuple(leaf.shape) == ():
+        # (an array's step count, JAX's int32: >= 0 as a Python one is, in _scalar)
+        return lambda: _counted(where, _read_leaf(ck, info, leaf, own, at), at)
     return lambda: _read_leaf(ck, info, leaf, own, at)
+
+
+def _counted(where: str, x: Any, at: list[Any]) -> Any:
+    _count(where, int, int(np.asarray(x.cpu() if hasattr(x, "cpu") else x)), at)
+    return x
 
 
 def _unpaired(shape: tuple[int, ...], real: Any) -> tuple[int, ...]:
@@ -1498,6 +1533,7 @@ def _count(where: str, kind: type, v: Any, at: list[Any]) -> Any:
 
 def _fit_scalar(xp: Any, v: Any, leaf: Any, ck: _File, at: list[Any]) -> Any:
     if not isinstance(v, bool):
+        _count(f"{ck.name}: {_show(at)}", int, v, at)
         info = np.iinfo(np.dtype(backend.dtype_name(leaf.dtype)))
         if not info.min <= v <= info.max:
             raise CheckpointError(f"{ck.name}: {_show(at)} is {v}, past {info.dtype}")
@@ -1576,13 +1612,59 @@ def _load_torch(ck: _File, opt: Any) -> None:
         raise CheckpointError(f"{ck.name}: the state_dict lacks 'state' or 'param_groups'")
     for info, out in infos:
         ck.read_into(info, backend.numpy_view(out))
+    ours = type(opt).__module__.startswith("uniopt.")
+    if not ours:
+        _only_ours(ck.name, sd, type(opt).__name__)
+    # torch.optim's load builds the state and groups anew, then fixes them up (Adam's reads
+    # each parameter's 'step' there): where that raises, the old ones are put back (uniopt's
+    # classes check before they write)
+    old = vars(opt).get("state"), vars(opt).get("param_groups")
     try:
         opt.load_state_dict(sd)
     except Exception as e:  # whatever torch's or uniopt's checks raise of it
-        raise CheckpointError(f"{ck.name} does not fit this optimizer: {e}") from e
+        if not ours and old[0] is not None and old[1] is not None:
+            opt.state, opt.param_groups = old
+        raise CheckpointError(
+            f"{ck.name} does not fit this optimizer: {e}" if ours else  # (says nothing loaded)
+            f"{ck.name} does not fit this optimizer ({type(e).__name__}: {e}); nothing was "
+            "loaded") from e
+
+
+def _only_ours(name: str, sd: dict[str, Any], cls: str) -> None:
+    """Raise where a state dict holds what only uniopt.torch's optimizers read: 8-bit slots,
+    a group's one state, a uniopt schedule for a number (torch.optim would read the codes as
+    the moments, or fail at its step with the state replaced)."""
+    groups = sd["param_groups"] if isinstance(sd["param_groups"], list) else []
+    for gi, g in enumerate(groups):
+        if not isinstance(g, dict):
+            continue
+        if g.get("state_dtype") is not None:
+            raise CheckpointError(
+                f"{name}: parameter group {gi} keeps its state as {g['state_dtype']!r} "
+                f"(state_dtype), which {cls} does not read (it would take 8-bit codes for the "
+                "moments): load it into the uniopt.torch optimizer that saved it")
+        held = [k for k, v in g.items() if k != "params" and _schedule_in(v)]
+        if held:
+            raise CheckpointError(
+                f"{name}: parameter group {gi} holds a uniopt schedule for {held[0]!r}, which "
+                f"{cls} cannot compute with: load it into a uniopt.torch optimizer")
+    state = sd["state"] if isinstance(sd["state"], dict) else {}
+    for k, st in state.items():
+        if isinstance(st, dict) and "uniopt.group" in st:
+            raise CheckpointError(
+                f"{name}: the state of parameter {k} holds a uniopt group's state "
+                f"('uniopt.group'), which {cls} does not keep: load it into the "
+                "uniopt.torch.Optimizer that saved it")
 
 
 # --- schedules in torch's state dicts ---------------------------------------------------------
+
+def _schedule_in(value: Any) -> bool:
+    """Whether a group's saved value is, or holds, a uniopt schedule (as data)."""
+    if isinstance(value, (list, tuple)):
+        return any(map(_schedule_in, value))
+    return isinstance(value, dict) and value.get("$") == "record"
+
 
 def plain_schedules(value: Any) -> Any:
     """``value`` (a param group's value) with each uniopt schedule (in a tuple too) replaced by

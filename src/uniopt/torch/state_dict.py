@@ -91,6 +91,12 @@ def check_loadable(opt: Loading, sd: Any) -> None:
         needed = sorted(names - set(st) - {"momentum_buffer"})
         if needed:
             raise ValueError(f"{where}: {what} lacks the slots {needed}; nothing was loaded")
+        counted = sorted((names & set(st)) - {"momentum_buffer"})
+        if counted and "step" not in st:
+            # (torch's SGD keeps no step, its momentum buffer meaning one: any other slot's
+            # steps are counted, torch's classes fail at their next step without it, and a
+            # count taken as 1 would undo Adam's bias correction)
+            raise ValueError(f"{where}: {what} has {counted} but no step; nothing was loaded")
         for name, v in st.items():
             # (a whole-tree part's state, kept by the group's first parameter: any tree; and a
             # wrapper's, as it keeps it)
