@@ -367,6 +367,14 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(
                     f"uniopt.torch.Optimizer: sparse_rows=True steps the rows a sparse gradient "
                     f"holds element by element; {rule.name}'s {across[0]} is not elementwise")
+            if any(getattr(p, "skip_zeros", False) for p in rule.flat_parts):
+                # (sparse_adam's default, for dense gradients, where a 0 marks an absent entry)
+                warnings.warn(
+                    f"uniopt.torch.Optimizer: {rule.name} skips zero entries (skip_zeros=True), "
+                    "and under sparse_rows=True skips them in the rows a gradient holds too, "
+                    "where torch's SparseAdam steps every entry a sparse gradient stores: pass "
+                    "skip_zeros=False for torch's numbers (uniopt.torch.SparseAdam does)",
+                    stacklevel=2)
             self._sparse = "rows"
         else:
             self._sparse_error = (
