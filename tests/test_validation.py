@@ -1592,3 +1592,29 @@ def test_the_rectified_adam_block_refuses_a_threshold_below_4() -> None:
                                          r">= 4 \(r_t is real where rho_t >= 4\), got 3\.0"):
         scale_by_rectified_adam(threshold=3.0)
     assert scale_by_rectified_adam(threshold=4.0).threshold == 4.0
+
+
+def test_a_flat_gradient_list_for_a_dict_in_its_own_order_is_warned_of() -> None:
+    """A dict of params (torch's named_parameters) and a flat gradient list in the dict's order
+    (torch.autograd.grad(loss, model.parameters())): uniopt reads it sorted by key, and where
+    the shapes fit both orders (a LayerNorm's weight and bias) it stepped each with the other's
+    gradient, silently. It warns, once per rule and order of keys; a dict already sorted, or
+    shapes that only one order fits (the shape check then names the leaf), say nothing."""
+    import warnings
+
+    params = {"weight": np.ones(4), "bias": np.zeros(4)}  # named_parameters' order
+    grads = [np.full(4, 1.0), np.full(4, -1.0)]
+    state = uo.setup(uo.sgd(lr=0.1), params)
+    with pytest.warns(UserWarning, match=r"grads is a flat list, read in "
+                                         r"uniopt.trainables\(params\) order .* would step "
+                                         r"'weight' with another parameter's gradient"):
+        uo.update_(state, params, grads)
+    assert params["bias"].tolist() == [-0.1] * 4  # (the first in sorted order: bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        uo.update_(state, params, grads)  # once
+        uo.update(uo.setup(uo.sgd(lr=0.1), {"bias": np.zeros(4), "weight": np.ones(4)}),
+                  {"bias": np.zeros(4), "weight": np.ones(4)}, grads)
+        apart = {"weight": np.ones((2, 4)), "bias": np.zeros(2)}
+        with pytest.raises(ValueError, match=r"gradient for params\['bias'\] has shape \(2, 4\)"):
+            uo.update(uo.setup(uo.sgd(lr=0.1), apart), apart, [np.ones((2, 4)), np.ones(2)])

@@ -1799,6 +1799,8 @@ def update(state: State, params: Params, grads: Any, *, value: Any = None,
     """
     if extra:
         _check_keywords("update", state, extra)
+    if type(grads) is list and type(params) is dict:
+        _flat_order(state, params, grads)
     if isinstance(getattr(state, "step", None), _NUMPY_COUNTER):  # (_restored, inline)
         converted = _numpy_as_jax(params, grads, state)
         if converted is not None:
@@ -1903,6 +1905,8 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     the next step's moments with the wrong count, silently."""
     if extra:
         _check_keywords("update_", state, extra)
+    if type(grads) is list and type(params) is dict:
+        _flat_order(state, params, grads)
     fast_out = _fast(state, params, grads, inplace=True)
     if isinstance(fast_out, tuple):
         new = fast_out[0]
@@ -1910,6 +1914,34 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
         with backend.quiet():
             new = _update_(state, params, grads, fast_out, value, extra)
     return _advance(state, new)
+
+
+def _flat_order(state: State, params: dict[Any, Any], grads: list[Any]) -> None:
+    """A flat gradient list for a dict of params is read in :func:`uniopt.trainables` order
+    (keys sorted), where ``torch.autograd.grad(loss, model.parameters())`` gives the dict's own
+    order (``named_parameters``'): a LayerNorm's weight and bias, of one shape, swapped with
+    no error. Where the two orders differ and the gradients' shapes fit both, nothing can tell
+    which was meant: a warning, once per rule and order of keys."""
+    memo = getattr(state.rule, "memo", None)
+    key = ("flat-order", tuple(params))
+    if memo is None or key in memo:
+        return
+    memo[key] = True
+    own = list(params.values())
+    leaves = flatten_leaves(params)[0]
+    if len(own) != len(leaves) or len(grads) != len(own) or all(map(operator.is_, own, leaves)):
+        return
+    if not all(map(backend.is_array, own)) or \
+            [tuple(x.shape) for x in own] != [tuple(x.shape) for x in leaves]:
+        return  # (a list in the other order fails the shape check, naming the leaf)
+    moved = next(k for k, a, b in zip(params, own, leaves, strict=True) if a is not b)
+    warnings.warn(
+        "uniopt: grads is a flat list, read in uniopt.trainables(params) order (the dict's "
+        f"keys sorted), not the dict's own order ({list(params)[:3]}..., as "
+        "torch.autograd.grad(loss, model.parameters()) returns them); the gradients' shapes "
+        f"fit both, so one in the dict's order would step {moved!r} with another parameter's "
+        "gradient. Pass the gradients as a dict (dict(zip(params, grads))), or take them as "
+        "torch.autograd.grad(loss, uo.trainables(params))", stacklevel=3)
 
 
 def _advance(state: State, new: State) -> State:
