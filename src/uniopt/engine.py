@@ -1916,7 +1916,7 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     return _advance(state, new)
 
 
-def _flat_order(state: State, params: dict[Any, Any], grads: list[Any]) -> None:
+def _flat_order(state: State, params: Any, grads: list[Any]) -> None:
     """A flat gradient list for a dict of params is read in :func:`uniopt.trainables` order
     (keys sorted), where ``torch.autograd.grad(loss, model.parameters())`` gives the dict's own
     order (``named_parameters``'): a LayerNorm's weight and bias, of one shape, swapped with
