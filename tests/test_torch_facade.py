@@ -650,6 +650,46 @@ def test_numpy_numbers_in_a_group_are_read_as_python_numbers_are(monkeypatch: An
     assert counts[1] == counts[2] == counts[0] <= 3, counts
 
 
+@pytest.mark.parametrize("how", ["copy_", "new tensor", "scheduler"])
+def test_a_tensor_lr_changed_at_each_step_is_read_not_made_into_a_new_rule(
+        monkeypatch: Any, how: str) -> None:
+    """A 1-element tensor lr that changes at every step (LeanRL's ``lr.copy_(lrnow)``, a torch
+    scheduler filling it): the group's rule was made anew at each step, 200 us where a float
+    lr's step took 23. It is read at each step as a number written into the group is: torch's
+    numbers, bit for bit, from at most a few rules."""
+    made = []
+    group_rule = ut.Adam._group_rule
+    monkeypatch.setattr(ut.Adam, "_group_rule",
+                        lambda self, group: made.append(1) or group_rule(self, group))
+    runs = []
+    scheduler: list[Any] = []
+    for impl in (torch.optim, ut):
+        scheduler.clear()
+
+        def before(opt: Any, s: int) -> None:
+            lr = 0.1 / (s + 1)
+            if how == "copy_":
+                opt.param_groups[0]["lr"].copy_(torch.tensor(lr, dtype=torch.float64))
+            elif how == "new tensor":
+                opt.param_groups[0]["lr"] = torch.tensor(lr, dtype=torch.float64)
+            elif s:  # (after the optimizer's step before it, as torch asks)
+                scheduler[0].step()
+
+        made.clear()
+
+        def make(ps: Any, impl: Any = impl) -> Any:
+            opt = impl.Adam(ps, lr=torch.tensor(0.1, dtype=torch.float64), foreach=False)
+            if how == "scheduler":
+                scheduler.append(torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=12))
+            return opt
+
+        ps, _ = run_small(make, 12, random_grads(12), before=before)
+        runs.append([p.detach() for p in ps])
+    assert len(made) <= 3, len(made)
+    for a, b in zip(runs[1], runs[0], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_schedule_in_a_group_is_evaluated_at_each_parameters_step_count() -> None:
     """``b`` starts receiving gradients at step 5: its first update sees ``lr(0)``, as its own
     torch optimizer does when given ``lr(own step count)`` by hand."""

@@ -222,7 +222,8 @@ class _GroupNumber:
 
     def __call__(self, step: Any) -> Any:
         v = self.group[self.key]
-        return v if self.index is None else v[self.index]
+        v = v if self.index is None else v[self.index]
+        return v.item() if type(v) is torch.Tensor or isinstance(v, torch.Tensor) else v
 
     def __repr__(self) -> str:
         return f"group[{self.key!r}]" + ("" if self.index is None else f"[{self.index}]")
@@ -271,6 +272,10 @@ def _form(v: Any) -> Any:
         return ("number", v == 0)
     if type(v) is tuple and v and all(map(_is_number, v)):
         return ("numbers", *(x == 0 for x in v))
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+        # (a tensor lr a scheduler fills, or LeanRL's copy_ of an annealed one, at each step:
+        # read then, as a number written into the group is; the rule was made anew each step)
+        return ("tensor", v.item() == 0)
     return None
 
 
