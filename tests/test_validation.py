@@ -1618,3 +1618,19 @@ def test_a_flat_gradient_list_for_a_dict_in_its_own_order_is_warned_of() -> None
         apart = {"weight": np.ones((2, 4)), "bias": np.zeros(2)}
         with pytest.raises(ValueError, match=r"gradient for params\['bias'\] has shape \(2, 4\)"):
             uo.update(uo.setup(uo.sgd(lr=0.1), apart), apart, [np.ones((2, 4)), np.ones(2)])
+
+
+@pytest.mark.parametrize(("make", "hint"), [
+    (lambda: uo.rmsprop(7e-4, decay=0.99), "; optax's rmsprop decay is rmsprop's alpha ("),
+    (lambda: uo.rmsprop(rho=0.9), "; keras's RMSprop rho is rmsprop's alpha ("),
+    (lambda: uo.adam(3e-4, b1=0.9), "; adam takes the pair as betas=(b1, b2) ("),
+    (lambda: uo.adamw(beta_2=0.99), "; adamw takes the pair as betas=(b1, b2) ("),
+    (lambda: uo.lamb(beta_1=0.9), "; lamb's is b1 ("),
+    (lambda: uo.adam(epsilon=1e-7), "; adam's epsilon is eps ("),
+    (lambda: uo.adadelta(decay=0.9), "; did you mean 'decay_form'? ("),
+])
+def test_optax_and_keras_names_say_what_they_are_here(make: Any, hint: str) -> None:
+    """optax's rmsprop(decay=) was answered "did you mean 'decay_form'?" (whose values are
+    'l2' and 'decoupled'), and optax's b1 with nothing: the ported names say their field."""
+    with pytest.raises(TypeError, match=re.escape(hint)):
+        make()

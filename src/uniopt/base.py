@@ -959,7 +959,9 @@ class _WithConventions(type):
                 raise
             # a port's spelling (optax's and keras's learning_rate) or a typo: the names it takes
             name = unknown[0]
+            port = next((say for field, say in _PORTED.get(name, ()) if field in known), None)
             hint = ("; the learning rate is lr" if name == "learning_rate" and "lr" in known
+                    else "; " + port.format(rule=cls.__name__) if port
                     else did_you_mean(name, known))
             raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {name!r}{hint} "
                             f"(its fields are {sorted(known)})") from None
@@ -975,6 +977,19 @@ class _WithConventions(type):
         ours = _ConventionSignature(list(sig.parameters.values())[1:])
         ours.rule, ours.fixed = cls, frozenset()
         return ours
+
+
+# optax's and keras's names of numbers uniopt's rules name as torch does: the fields each may
+# be, in the order tried, and how to say so (difflib took optax's rmsprop decay for
+# decay_form, and sent optax's b1 nowhere)
+_BETAS = "{rule} takes the pair as betas=(b1, b2)"
+_PORTED: dict[str, tuple[tuple[str, str], ...]] = {
+    **dict.fromkeys(("b1", "beta_1", "beta1"), (("betas", _BETAS), ("b1", "{rule}'s is b1"))),
+    **dict.fromkeys(("b2", "beta_2", "beta2"), (("betas", _BETAS), ("b2", "{rule}'s is b2"))),
+    "decay": (("alpha", "optax's rmsprop decay is {rule}'s alpha"),),
+    "rho": (("alpha", "keras's RMSprop rho is {rule}'s alpha"),),
+    "epsilon": (("eps", "{rule}'s epsilon is eps"),),
+}
 
 
 @dataclasses.dataclass(frozen=True)
