@@ -631,3 +631,18 @@ def test_apply_if_finite_around_a_uniopt_rule_steps_eagerly_as_around_optaxs() -
                 p = optax.apply_updates(p, u)
             out.append(np.asarray(p["w"]))
         assert rel_diff(out[1], out[0]) <= 1e-12
+
+
+def test_a_loss_reading_member_of_an_optax_chain_is_told_to_be_wrapped() -> None:
+    """optax.chain hands value= only to members of its extra-arguments kind: polyak_sgd
+    unwrapped in one got no loss, and the message said to pass value=, which the caller had."""
+    import jax.numpy as jnp
+
+    p = {"w": jnp.ones(3)}
+    g = {"w": jnp.full(3, 0.5)}
+    bare = optax.chain(optax.clip(1.0), uo.polyak_sgd())
+    with pytest.raises(TypeError, match=r"in an optax.chain, which hands value= only to members "
+                                        r"of its extra-arguments kind, as uo.to_optax\(...\)"):
+        bare.update(g, bare.init(p), p, value=jnp.array(1.0))
+    wrapped = optax.chain(optax.clip(1.0), uo.to_optax(uo.polyak_sgd()))
+    wrapped.update(g, wrapped.init(p), p, value=jnp.array(1.0))

@@ -30,7 +30,9 @@ def _needs_value(name: str, extra: dict[str, Any]) -> Any:
     if value is None:
         raise TypeError(
             f"{name} reads the loss of each step: pass it as uo.update(state, params, grads, "
-            "value=loss), or as tx.update(grads, state, params, value=loss)")
+            "value=loss), or as tx.update(grads, state, params, value=loss) (in an "
+            "optax.chain, which hands value= only to members of its extra-arguments kind, "
+            "as uo.to_optax(...) wraps it)")
     return value
 
 

@@ -101,7 +101,9 @@ class scale_by_polyak(WholeTree):
         if value is None:
             raise TypeError(
                 f"{self.name} reads the loss of each step: pass it as uo.update(state, params, "
-                "grads, value=loss), or as tx.update(grads, state, params, value=loss)")
+                "grads, value=loss), or as tx.update(grads, state, params, value=loss) (in an "
+                "optax.chain, which hands value= only to members of its extra-arguments kind, "
+                "as uo.to_optax(...) wraps it)")
         leaves, treedef = flatten_leaves(u)
         if not leaves:
             return u, state
