@@ -3590,3 +3590,23 @@ def test_radam_with_a_beta2_whose_rho_inf_is_at_most_4(b2: float) -> None:
         runs.append(p.detach())
     assert torch.equal(runs[0], runs[1])
 
+
+
+@pytest.mark.parametrize(("p_dtype", "g_dtype"), [(torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.float64, torch.float32)])
+def test_a_gradient_of_another_dtype_is_named_in_torchs_dtypes(p_dtype: Any, g_dtype: Any) -> None:
+    """torch 2.13's p.grad_dtype lets a gradient's dtype differ from its parameter's: beside a
+    bfloat16 one the refusal named uint16 (the view of its bits) or the compiled loop's reason.
+    It names both dtypes as torch does and how to cast, and nothing is written."""
+    p = nn.Parameter(torch.ones(4, dtype=p_dtype))
+    opt = ut.AdamW([p], lr=0.1)
+    p.grad_dtype = g_dtype
+    p.grad = torch.ones(4, dtype=g_dtype)
+    with pytest.raises(ValueError, match=re.escape(
+            f"gradient for params[0] of its group has dtype {g_dtype}, its parameter {p_dtype} "
+            "(torch's p.grad_dtype lets them differ; uniopt steps a gradient of its "
+            "parameter's dtype: p.grad = p.grad.to(p.dtype))")):
+        opt.step()
+    assert torch.equal(p, torch.ones(4, dtype=p_dtype))
+    assert all(int(st["step"]) == 0 and not st["exp_avg"].any() for st in opt.state.values())

@@ -755,6 +755,14 @@ class Plan:
             self.first = _IMPL(gs[0])
         if self.sharding is not None:
             gs = dtensor.local_grads(gs, self.sel_params)
+        for k, (g, p) in enumerate(zip(gs, self.sel_params, strict=True)):
+            if g.dtype != p.dtype:
+                # (here, not after the views: a bfloat16 view holds its bits, and the engine
+                # then named uint16, or the compiled loop's reason)
+                raise ValueError(
+                    f"gradient for params[{self.sel[k]}] of its group has dtype {g.dtype}, its "
+                    f"parameter {p.dtype} (torch's p.grad_dtype lets them differ; uniopt steps "
+                    "a gradient of its parameter's dtype: p.grad = p.grad.to(p.dtype))")
         return [_grad_view(g, p, spec)
                 for g, p, spec in zip(gs, self.sel_params, self.specs, strict=True)]
 
