@@ -646,3 +646,21 @@ def test_a_loss_reading_member_of_an_optax_chain_is_told_to_be_wrapped() -> None
         bare.update(g, bare.init(p), p, value=jnp.array(1.0))
     wrapped = optax.chain(optax.clip(1.0), uo.to_optax(uo.polyak_sgd()))
     wrapped.update(g, wrapped.init(p), p, value=jnp.array(1.0))
+
+
+def test_numpy_params_through_optax_apply_updates_step_on() -> None:
+    """tx.init of NumPy params, then optax.apply_updates (which computes with jax.numpy) hands
+    back JAX params: the next update refused the NumPy state ("set up for other params"), then
+    the NumPy gradients, where optax's own rules step on. They step on as JAX arrays."""
+    with jax.enable_x64(True):
+        ours, theirs = ({"a": np.ones(3)} for _ in range(2))
+        tx, peer = uo.adam(lr=0.1, convention="optax"), optax.adam(0.1)
+        s, t = tx.init(ours), peer.init(theirs)
+        for i in range(4):
+            g = {"a": np.full(3, 0.5 + i)}
+            u, s = tx.update(g, s, ours)
+            ours = optax.apply_updates(ours, u)
+            v, t = peer.update(g, t, theirs)
+            theirs = optax.apply_updates(theirs, v)
+        assert isinstance(ours["a"], jax.Array)
+        np.testing.assert_allclose(np.asarray(ours["a"]), np.asarray(theirs["a"]), rtol=1e-15)

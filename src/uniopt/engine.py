@@ -2357,10 +2357,12 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
         step = _prologue(state, params, grads)
     except (TypeError, ValueError):
         # (looked at only here: a step of one library pays nothing for it)
-        converted = None if params is None else _numpy_as_jax(params, grads, state)
+        converted = None if params is None else (_numpy_as_jax(params, grads, state)
+                                                 or _applied_as_jax(params, grads, state))
         if converted is None:
             raise
         params, state = converted
+        grads = _as_jax_where_numpy(grads)
         step = _prologue(state, params, grads)
     if any(g is None for g in step.grads):
         # optax's transforms refuse these too (uo.update leaves such a leaf as it is)
@@ -2416,6 +2418,33 @@ def _numpy_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State] | 
 
     as_jax = functools.partial(jax.tree.map, jax.numpy.asarray)
     return as_jax(params), as_jax(state)
+
+
+def _applied_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State] | None:
+    """A state set up for NumPy params beside the JAX ones ``optax.apply_updates`` made of
+    them (it computes with jax.numpy), as JAX arrays, as optax's own state is from its first
+    step; NumPy gradients beside JAX params go as JAX arrays too (:func:`_as_jax_where_numpy`),
+    as optax's arithmetic takes them. None where neither is so."""
+    p_leaves = flatten_leaves(params)[0]
+    if not (p_leaves and backend.is_jax(p_leaves[0])):
+        return None
+    slots = [x for xs in state.slots.values() for x in xs if x is not None]
+    numpy_state = bool(slots) and isinstance(slots[0], np.ndarray)
+    if not numpy_state and not any(isinstance(x, np.ndarray) for x in flatten_leaves(grads)[0]):
+        return None
+    import jax
+
+    return params, jax.tree.map(jax.numpy.asarray, state) if numpy_state else state
+
+
+def _as_jax_where_numpy(tree: Any) -> Any:
+    leaves = flatten_leaves(tree)[0]
+    if not any(isinstance(x, np.ndarray) for x in leaves):
+        return tree
+    import jax
+
+    return jax.tree.map(lambda x: jax.numpy.asarray(x) if isinstance(x, np.ndarray) else x,
+                        tree)
 
 
 def _restored(state: State) -> bool:
