@@ -663,4 +663,5 @@ def test_numpy_params_through_optax_apply_updates_step_on() -> None:
             v, t = peer.update(g, t, theirs)
             theirs = optax.apply_updates(theirs, v)
         assert isinstance(ours["a"], jax.Array)
-        np.testing.assert_allclose(np.asarray(ours["a"]), np.asarray(theirs["a"]), rtol=1e-15)
+        # (the first step NumPy's arithmetic, the others XLA's, which fuses multiply-adds)
+        np.testing.assert_allclose(np.asarray(ours["a"]), np.asarray(theirs["a"]), rtol=1e-13)
