@@ -303,7 +303,11 @@ def test_a_sparse_gradient_is_refused_naming_the_leaf() -> None:
     state = uo.setup(uo.adam(lr=0.1), params)
     for step in (uo.update, uo.update_):
         with pytest.raises(TypeError, match=r"gradient for params\['e'\] is a torch.sparse_coo "
-                                            r"tensor; uniopt.update takes dense gradients"):
+                                            r"tensor; uniopt.update and update_ take dense "
+                                            r"gradients \(g.to_dense\(\)\); sparse ones go to "
+                                            r"uniopt.torch's SGD, Adagrad and SparseAdam, or to "
+                                            r"uniopt.torch.Optimizer\(params, rule, "
+                                            r"sparse_rows=True\)"):
             step(state, params, grads)
     assert torch.equal(params["w"], torch.ones(3)) and state.step == 0
 

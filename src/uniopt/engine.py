@@ -656,9 +656,10 @@ def _torch_grads(names: list[str], params: list[Any], grads: list[Any], state: S
             raise ValueError(f"gradient for {name} is on {g.device}, its parameter on "
                              f"{p.device}")
         if g.layout != torch.strided:
-            raise TypeError(f"gradient for {name} is a {g.layout} tensor; uniopt.update takes "
-                            "dense gradients (g.to_dense()), uniopt.torch's SparseAdam and "
-                            "Adagrad sparse ones")
+            raise TypeError(f"gradient for {name} is a {g.layout} tensor; uniopt.update and "
+                            "update_ take dense gradients (g.to_dense()); sparse ones go to "
+                            "uniopt.torch's SGD, Adagrad and SparseAdam, or to "
+                            "uniopt.torch.Optimizer(params, rule, sparse_rows=True)")
 
 
 def _same_devices(names: list[str], params: list[Any], grads: list[Any]) -> None:
