@@ -569,3 +569,26 @@ def test_options_exact_under_their_conditions_say_so():
         assert tr.exact == exact, (rule, tr)
         if exact:
             np.testing.assert_allclose(_run(tr.rule), _run(rule), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_rmsprop_as_tensorflow_1_and_stable_baselines3_write_it(momentum: float) -> None:
+    """TensorFlow 1's RMSProp (Stable-Baselines3's RMSpropTFLike, A2C's default) starts its
+    accumulator at 1 and takes eps inside the root: ms = a ms + (1-a) g², mom = m mom +
+    lr g/sqrt(ms + eps), p -= mom; written here from that definition, 50 steps."""
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(5) for _ in range(50)]
+    lr, alpha, eps = 7e-4, 0.99, 1e-5
+    p = rng.standard_normal(5)
+    ms, mom, want = np.ones(5), np.zeros(5), p.copy()
+    for g in grads:
+        ms = alpha * ms + (1 - alpha) * g * g
+        mom = momentum * mom + lr * g / np.sqrt(ms + eps)
+        want = want - mom
+    rule = uo.rmsprop(lr=lr, alpha=alpha, eps=eps, momentum=momentum, eps_in_sqrt=True,
+                      initial_scale=1.0)
+    params = [p.copy()]
+    state = uo.setup(rule, params)
+    for g in grads:
+        state = uo.update_(state, params, [g])
+    np.testing.assert_allclose(params[0], want, rtol=1e-14, atol=0)

@@ -219,7 +219,10 @@ FIXED_WHY: dict[tuple[str, str], str] = {
                           "dampening",
     ("rmsprop", "momentum"): "Optimisers.jl's RMSProp has no momentum",
     ("rmsprop", "nesterov"): "only optax's rmsprop has Nesterov momentum",
-    ("rmsprop", "initial_scale"): "only optax's rmsprop starts its accumulator elsewhere than 0",
+    ("rmsprop", "initial_scale"): "only optax's rmsprop starts its accumulator elsewhere "
+                                   "than 0 (as TensorFlow 1's and Stable-Baselines3's "
+                                   "RMSpropTFLike do, at 1: initial_scale=1.0, "
+                                   "eps_in_sqrt=True)",
     ("rmsprop", "bias_correction"): "only optax's rmsprop corrects its accumulator's bias",
     ("adam", "eps_root"): "only optax's Adam adds eps_root under the root",
     ("adamw", "eps_root"): "only optax's AdamW adds eps_root under the root",
