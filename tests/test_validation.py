@@ -1634,3 +1634,14 @@ def test_optax_and_keras_names_say_what_they_are_here(make: Any, hint: str) -> N
     'l2' and 'decoupled'), and optax's b1 with nothing: the ported names say their field."""
     with pytest.raises(TypeError, match=re.escape(hint)):
         make()
+
+
+def test_an_unregistered_dataclass_of_params_names_register_dataclass() -> None:
+    @dataclasses.dataclass
+    class Model:
+        w: Any
+
+    with pytest.raises(TypeError, match=re.escape(
+            "params is a Model, not an array: params leaves must be arrays (or None) (a "
+            "dataclass: uniopt.register_dataclass(Model) makes its fields nodes of the tree)")):
+        uo.setup(uo.sgd(), Model(np.ones(3)))

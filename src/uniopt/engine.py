@@ -78,9 +78,11 @@ def _leaves(params: Any, what: str = "params", kinds: bool = True
             if isinstance(params, State):  # (update(params, state, grads))
                 raise TypeError(f"the {what} given are a uniopt State: the state comes first, "
                                 "update(state, params, grads)")
+            hint = (f" (a dataclass: uniopt.register_dataclass({type(leaf).__name__}) makes "
+                    "its fields nodes of the tree)" if dataclasses.is_dataclass(leaf) else "")
             raise TypeError(
                 f"{names[i]} is {with_article(type(leaf).__name__)}, not an array: {what} "
-                "leaves must be arrays (or None)"
+                f"leaves must be arrays (or None){hint}"
             )
         k = backend.kind(leaf)
         if k.refused:
