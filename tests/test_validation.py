@@ -1645,3 +1645,14 @@ def test_an_unregistered_dataclass_of_params_names_register_dataclass() -> None:
             "params is a Model, not an array: params leaves must be arrays (or None) (a "
             "dataclass: uniopt.register_dataclass(Model) makes its fields nodes of the tree)")):
         uo.setup(uo.sgd(), Model(np.ones(3)))
+
+
+def test_an_integer_leaf_says_to_leave_it_out() -> None:
+    """uo.freeze and uo.masked refuse an integer leaf at set-up as every rule does (optax's
+    set_to_zero takes jax.grad's float0 for it): the message says how to leave it out."""
+    for rule in (uo.adam(), uo.freeze(uo.adam(), ["n"])):
+        with pytest.raises(TypeError, match=re.escape(
+                "params['n'] has dtype int32; uniopt updates floating arrays (real, or complex "
+                "as the pairs of their parts): leave a model's integer arrays out of the params "
+                "(equinox: eqx.filter(model, eqx.is_inexact_array); flax: nnx.Param only)")):
+            uo.setup(rule, {"n": np.ones(3, np.int32), "w": np.ones(2)})

@@ -96,7 +96,9 @@ def _leaves(params: Any, what: str = "params", kinds: bool = True
             )
         if not k.floating:
             raise TypeError(f"{names[i]} has dtype {leaf.dtype}; uniopt updates floating arrays "
-                            "(real, or complex as the pairs of their parts)")
+                            "(real, or complex as the pairs of their parts): leave a model's "
+                            "integer arrays out of the params (equinox: eqx.filter(model, "
+                            "eqx.is_inexact_array); flax: nnx.Param only)")
         if k.low and backend.float_bits(leaf.dtype) < 16:
             # their moments would underflow (Adam's g**2 in float8_e4m3fn is 0 below 0.04, and
             # it has no infinity: m / sqrt(v) is NaN), and torch has no arithmetic in them
