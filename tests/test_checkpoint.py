@@ -1592,6 +1592,11 @@ def test_what_only_uniopt_torch_reads_is_refused_by_torch_optim(path: str, what:
     uo.load(path, like=_torch_adam(torch, ut.Adam, **({"state_dtype": "q8"} if what == "q8"
                                                        else {}))[1])
 
+    class Mine(ut.Adam):  # (a user's subclass, in the user's module, is uniopt's too)
+        pass
+    uo.load(path, like=_torch_adam(torch, Mine, **({"state_dtype": "q8"} if what == "q8"
+                                                     else {}))[1])
+
 
 def test_a_torch_optim_load_that_fails_leaves_the_optimizer_as_it_was(path: str) -> None:
     """torch.optim.Adam's load replaces its state, then reads each parameter's 'step' (a

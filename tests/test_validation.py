@@ -1605,16 +1605,19 @@ def test_a_flat_gradient_list_for_a_dict_in_its_own_order_is_warned_of() -> None
     params = {"weight": np.ones(4), "bias": np.zeros(4)}  # named_parameters' order
     grads = [np.full(4, 1.0), np.full(4, -1.0)]
     state = uo.setup(uo.sgd(lr=0.1), params)
-    with pytest.warns(UserWarning, match=r"grads is a flat list, read in "
-                                         r"uniopt.trainables\(params\) order .* would step "
+    with pytest.warns(UserWarning, match=r"grads is a flat sequence, read in "
+                                         r"uniopt.trainables\(params\) order .* steps "
                                          r"'weight' with another parameter's gradient"):
         uo.update_(state, params, grads)
+    with pytest.warns(UserWarning, match="grads is a flat sequence"):  # (autograd's tuple)
+        uo.update(uo.setup(uo.sgd(lr=0.1), params), params, tuple(grads))
     assert params["bias"].tolist() == [-0.1] * 4  # (the first in sorted order: bias)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         uo.update_(state, params, grads)  # once
         uo.update(uo.setup(uo.sgd(lr=0.1), {"bias": np.zeros(4), "weight": np.ones(4)}),
                   {"bias": np.zeros(4), "weight": np.ones(4)}, grads)
+        uo.update_(state, params, dict(zip(params, grads, strict=True)))  # (says whose is whose)
         apart = {"weight": np.ones((2, 4)), "bias": np.zeros(2)}
         with pytest.raises(ValueError, match=r"gradient for params\['bias'\] has shape \(2, 4\)"):
             uo.update(uo.setup(uo.sgd(lr=0.1), apart), apart, [np.ones((2, 4)), np.ones(2)])

@@ -1612,7 +1612,8 @@ def _load_torch(ck: _File, opt: Any) -> None:
         raise CheckpointError(f"{ck.name}: the state_dict lacks 'state' or 'param_groups'")
     for info, out in infos:
         ck.read_into(info, backend.numpy_view(out))
-    ours = type(opt).__module__.startswith("uniopt.")
+    # (a user's subclass of a uniopt.torch class is one of ours)
+    ours = any(c.__module__.startswith("uniopt.") for c in type(opt).__mro__)
     if not ours:
         _only_ours(ck.name, sd, type(opt).__name__)
     # torch.optim's load builds the state and groups anew, then fixes them up (Adam's reads

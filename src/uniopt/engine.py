@@ -1804,7 +1804,7 @@ def update(state: State, params: Params, grads: Any, *, value: Any = None,
     """
     if extra:
         _check_keywords("update", state, extra)
-    if type(grads) is list and type(params) is dict:
+    if (type(grads) is list or type(grads) is tuple) and type(params) is dict:
         _flat_order(state, params, grads)
     if isinstance(getattr(state, "step", None), _NUMPY_COUNTER):  # (_restored, inline)
         converted = _numpy_as_jax(params, grads, state)
@@ -1910,7 +1910,7 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     the next step's moments with the wrong count, silently."""
     if extra:
         _check_keywords("update_", state, extra)
-    if type(grads) is list and type(params) is dict:
+    if (type(grads) is list or type(grads) is tuple) and type(params) is dict:
         _flat_order(state, params, grads)
     fast_out = _fast(state, params, grads, inplace=True)
     if isinstance(fast_out, tuple):
@@ -1921,15 +1921,18 @@ def update_(state: State, params: Any, grads: Any, *, value: Any = None,
     return _advance(state, new)
 
 
-def _flat_order(state: State, params: Any, grads: list[Any]) -> None:
+def _flat_order(state: State, params: Any, grads: Any) -> None:
     """A flat gradient list for a dict of params is read in :func:`uniopt.trainables` order
     (keys sorted), where ``torch.autograd.grad(loss, model.parameters())`` gives the dict's own
     order (``named_parameters``'): a LayerNorm's weight and bias, of one shape, swapped with
     no error. Where the two orders differ and the gradients' shapes fit both, nothing can tell
     which was meant: a warning, once per rule and order of keys."""
     memo = getattr(state.rule, "memo", None)
+    if memo is None or memo.get("flat-order-dict") == id(params):
+        return  # (an update_ loop's one dict, looked at already; by id: the memo keeps none)
     key = ("flat-order", tuple(params))
-    if memo is None or key in memo:
+    memo["flat-order-dict"] = id(params)
+    if key in memo:
         return
     memo[key] = True
     own = list(params.values())
@@ -1941,12 +1944,13 @@ def _flat_order(state: State, params: Any, grads: list[Any]) -> None:
         return  # (a list in the other order fails the shape check, naming the leaf)
     moved = next(k for k, a, b in zip(params, own, leaves, strict=True) if a is not b)
     warnings.warn(
-        "uniopt: grads is a flat list, read in uniopt.trainables(params) order (the dict's "
-        f"keys sorted), not the dict's own order ({list(params)[:3]}..., as "
+        "uniopt: grads is a flat sequence, read in uniopt.trainables(params) order (the "
+        f"dict's keys sorted), not the dict's own order ({list(params)[:3]}..., as "
         "torch.autograd.grad(loss, model.parameters()) returns them); the gradients' shapes "
-        f"fit both, so one in the dict's order would step {moved!r} with another parameter's "
-        "gradient. Pass the gradients as a dict (dict(zip(params, grads))), or take them as "
-        "torch.autograd.grad(loss, uo.trainables(params))", stacklevel=3)
+        f"fit both, so one in the dict's order steps {moved!r} with another parameter's "
+        "gradient, and nothing can tell which was meant. Pass the gradients as a dict, which "
+        "says whose each is: dict(zip(params, torch.autograd.grad(loss, list(params.values()))))",
+        stacklevel=3)
 
 
 def _advance(state: State, new: State) -> State:
@@ -2434,6 +2438,8 @@ def _applied_as_jax(params: Any, grads: Any, state: State) -> tuple[Any, State] 
     if not (p_leaves and backend.is_jax(p_leaves[0])):
         return None
     slots = [x for xs in state.slots.values() for x in xs if x is not None]
+    if slots and not (isinstance(slots[0], np.ndarray) or backend.is_jax(slots[0])):
+        return None  # (8-bit slots: the engine names the mix)
     numpy_state = bool(slots) and isinstance(slots[0], np.ndarray)
     if not numpy_state and not any(isinstance(x, np.ndarray) for x in flatten_leaves(grads)[0]):
         return None
