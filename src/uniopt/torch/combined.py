@@ -87,8 +87,11 @@ def check_entry(opt: Any, gi: int, group: dict[str, Any], rule: Transform, entry
     group's parameters and rule, read as the next step reads it (into a state set up for copies
     of the parameters): a load that took it replaced the state, and the step then refused it or
     stepped with what a hand had written (a step of 1.5)."""
-    copies = [v.copy() if isinstance(v, np.ndarray) else v.detach().clone()
-              for v in _views(group["params"])]
+    ps = group["params"]
+    # (as the class's step sees them: Kron's and Sophia-H's draw torch's numbers, as tensors)
+    views = [plans._view(p, s) for p, s in zip(
+        ps, _specs(ps, getattr(opt, "_group_tensors", False)), strict=True)]
+    copies = [v.copy() if isinstance(v, np.ndarray) else v.detach().clone() for v in views]
     state = setup(rule, _tree(group, copies), state_dtype=group.get("state_dtype"))
     from_tree(state, containers(entry), _load, f"{where}: state[{KEY.format(gi)!r}]")
 

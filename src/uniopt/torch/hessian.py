@@ -49,6 +49,10 @@ class SophiaH(Optimizer):
     tensor([0.9000, 0.9000], dtype=torch.float64)
     """
 
+    # its probes are torch's draws: the group's state (torch's generator in it) is made for the
+    # tensors themselves, by the step and by load_state_dict's check
+    _group_tensors = True
+
     def __init__(self, params: ParamsT, lr: Any = 6e-2, betas: tuple[Any, Any] = (0.96, 0.99),
                  weight_decay: Any = 0.0, weight_decouple: bool = True,
                  fixed_decay: bool = False, p: Any = 1e-2, update_period: int = 10,
@@ -90,7 +94,7 @@ class SophiaH(Optimizer):
                        for group in self.param_groups for p in group["params"])
         with torch.no_grad():
             for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
-                combined.step(self, gi, group, rule, tensors=True,
+                combined.step(self, gi, group, rule, tensors=self._group_tensors,
                               hvp=_hvp(combined._tree(group, group["params"]), anywhere))
         return loss
 

@@ -70,6 +70,10 @@ class Kron(Optimizer):
             [0.8900, 0.8900]], dtype=torch.float64)
     """
 
+    # its probes are torch's draws: the group's state (torch's generator in it) is made for the
+    # tensors themselves, by the step and by load_state_dict's check
+    _group_tensors = True
+
     def __init__(self, params: ParamsT, lr: Any = 1e-3, momentum: Any = 0.9,
                  weight_decay: Any = 0.0, weight_decouple: bool = True,
                  pre_conditioner_update_probability: Any = None,
@@ -145,5 +149,5 @@ class Kron(Optimizer):
         with torch.no_grad():
             for gi, group in enumerate(self.param_groups):
                 # the tensors themselves: the probes are torch's draws
-                combined.step(self, gi, group, rules[gi], tensors=True)
+                combined.step(self, gi, group, rules[gi], tensors=self._group_tensors)
         return loss
