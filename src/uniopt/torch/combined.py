@@ -91,9 +91,10 @@ def check_entry(opt: Any, gi: int, group: dict[str, Any], rule: Transform, entry
     # (as the class's step sees them: Kron's and Sophia-H's draw torch's numbers, as tensors)
     views = [plans._view(p, s) for p, s in zip(
         ps, _specs(ps, getattr(opt, "_group_tensors", False)), strict=True)]
-    copies = [v.copy() if isinstance(v, np.ndarray) else v.detach().clone() for v in views]
-    state = setup(rule, _tree(group, copies), state_dtype=group.get("state_dtype"))
-    from_tree(state, containers(entry), _load, f"{where}: state[{KEY.format(gi)!r}]")
+    state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
+    # read, not written: the template's arrays stay as set up (no copy of the parameters, one
+    # throw-away state at the load, as the first step after it would set up anyway)
+    from_tree(state, containers(entry), _fits, f"{where}: state[{KEY.format(gi)!r}]")
 
 
 def adopt(opt: Any) -> None:
@@ -222,6 +223,18 @@ def _shared(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
     return x
+
+
+def _fits(value: Any, like: Any, where: str) -> Any:
+    """:func:`_load`'s checks of ``value`` against ``like``, nothing written (the step counts:
+    their values, on the host)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: expected a tensor, got {type(value).__name__}")
+    if like is None:
+        return value.detach().cpu().numpy()
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(f"{where}: shape {tuple(value.shape)}, expected {tuple(like.shape)}")
+    return like
 
 
 def _load(value: Any, like: Any, where: str) -> Any:
