@@ -3610,3 +3610,29 @@ def test_a_gradient_of_another_dtype_is_named_in_torchs_dtypes(p_dtype: Any, g_d
         opt.step()
     assert torch.equal(p, torch.ones(4, dtype=p_dtype))
     assert all(int(st["step"]) == 0 and not st["exp_avg"].any() for st in opt.state.values())
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda sd: sd.update(state=[1]), "the state's state must be a dict of each parameter's "
+                                      "state (a dict), found list"),
+    (lambda sd: sd["state"].update({0: 5}), "the state's state must be a dict of each "
+                                            "parameter's state (a dict), found int"),
+    (lambda sd: sd.update(param_groups=3), "the state's param_groups must be a list of dicts, "
+                                           "each with its 'params' (a list of ids), got int"),
+    (lambda sd: sd["param_groups"][0].pop("params"), "got a group without its params"),
+    (lambda sd: sd["param_groups"].__setitem__(0, 5), "got a group that is int"),
+])
+def test_a_state_dict_of_another_shape_says_so_and_loads_nothing(edit: Any, message: str) -> None:
+    """A state dict whose state is a list, or whose group lacks its params, raised Python's
+    AttributeError or KeyError from inside the load (as torch's does)."""
+    import copy
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = ut.Adam([p], lr=0.1)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    edit(sd)
+    with pytest.raises(TypeError, match=re.escape(message) + ".*; nothing was loaded"):
+        opt.load_state_dict(sd)
+    assert str(opt.state_dict()) == str(before)

@@ -40,6 +40,18 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             f"got {type(sd).__name__}; nothing was loaded"
         )
     saved = sd["param_groups"]
+    if not isinstance(saved, (list, tuple)) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in saved):
+        raise TypeError(
+            f"{where}: the state's param_groups must be a list of dicts, each with its 'params' "
+            f"(a list of ids), got {_shape_of(saved)}; nothing was loaded")
+    if not isinstance(sd["state"], dict) or not all(
+            isinstance(st, dict) for st in sd["state"].values()):
+        bad = sd["state"] if not isinstance(sd["state"], dict) else next(
+            st for st in sd["state"].values() if not isinstance(st, dict))
+        raise TypeError(
+            f"{where}: the state's state must be a dict of each parameter's state (a dict), "
+            f"found {type(bad).__name__}; nothing was loaded")
     if len(saved) != len(opt.param_groups):
         raise ValueError(
             f"{where}: the state has {len(saved)} parameter groups, this optimizer has "
@@ -131,6 +143,18 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 f"but {owner[next(iter(steps))][3].name} steps a group's parameters together; "
                 "nothing was loaded"
             )
+
+
+def _shape_of(groups: Any) -> str:
+    """What a param_groups value that is no list of groups is, in a word or two."""
+    if not isinstance(groups, (list, tuple)):
+        return type(groups).__name__
+    bad = next(g for g in groups if not (isinstance(g, dict)
+                                         and isinstance(g.get("params"), (list, tuple))))
+    if not isinstance(bad, dict):
+        return f"a group that is {type(bad).__name__}"
+    return "a group without its params" if "params" not in bad else \
+        f"a group whose params are {type(bad['params']).__name__}"
 
 
 # the per-parameter state names of torch.optim's optimizers: one in a loaded state that this
