@@ -125,8 +125,9 @@ def _plain(x: Any) -> Any:
 def from_tree(template: State, tree: Any, load: Any, where: str = "state") -> State:
     """The state ``template`` (set up for the same rule and params) with the values of
     ``tree`` (from :func:`to_tree`): each array through ``load(value, like, where)``, which
-    checks and converts it to the template's array ``like`` (None for the step counts, which
-    a template has not). Raises, naming the entry, where the two differ in structure."""
+    checks and converts it to the template's array ``like`` (an int: a step count, checked to
+    be one; None: the per-leaf step counts, which a template has not). Raises, naming the
+    entry, where the two differ in structure."""
     if not isinstance(tree, dict) or not {"step", "slots", "tree_states"} <= set(tree):
         got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
         raise ValueError(f"{where}: expected a state (step, slots, tree_states), got {got}")
@@ -148,14 +149,9 @@ def from_tree(template: State, tree: Any, load: Any, where: str = "state") -> St
             if v is not None:
                 raise ValueError(f"{at}: expected nothing, got {type(v).__name__}")
             return None
-        if isinstance(t, int) and not isinstance(t, bool):  # a step count
-            n = _whole(v)
-            if n is None:
-                raise ValueError(f"{at}: {_shown(v)} is not a whole number of steps >= 0")
-            return n
         if isinstance(t, (bool, float)):
             return type(t)(v)
-        return load(v, t, at)
+        return load(v, t, at)  # (a step count too: load checks it against the int)
 
     counts = tree.get("counts")
     if counts is not None:
@@ -171,15 +167,7 @@ def from_tree(template: State, tree: Any, load: Any, where: str = "state") -> St
         counts=counts)
 
 
-def _whole(v: Any) -> int | None:
-    """``v`` (a number, or a 0-d array or tensor of one) as a whole number >= 0, else None."""
-    if getattr(v, "ndim", 0) == 0 and hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return int(v) if v >= 0 and float(v).is_integer() else None
-
-
 def _shown(v: Any) -> str:
+    """A loaded value as a message shows it: a tensor's or array's numbers, cut short."""
     s = repr(v.tolist() if hasattr(v, "tolist") else v)
     return s if len(s) <= 60 else s[:57] + "..."

@@ -19,10 +19,11 @@ import torch
 from ..base import Transform
 from ..engine import setup, update_
 from ..interop import dtensor
-from ..state import State, from_tree, to_tree
+from ..state import State, _shown, from_tree, to_tree
 from ..transforms.average import averaged as uo_averaged
 from ..tree import flatten, flatten_leaves
 from . import plans
+from .state_dict import _step_count
 
 KEY = "uniopt.group{}"
 GROUP = "uniopt.group"  # a group's one state, in state_dict(), under its first parameter
@@ -226,8 +227,15 @@ def _shared(x: Any) -> Any:
 
 
 def _fits(value: Any, like: Any, where: str) -> Any:
-    """:func:`_load`'s checks of ``value`` against ``like``, nothing written (the step counts:
-    their values, on the host)."""
+    """``value`` checked against the template's ``like``, nothing written: a step count (``like``
+    an int) as a parameter's own step is checked, a whole number >= 0 (a number or a 0-d
+    tensor); the per-leaf counts (``like`` None) as their values on the host; an array by its
+    shape."""
+    if type(like) is int:
+        n = None if getattr(value, "ndim", 0) else _step_count(value)
+        if n is None:
+            raise ValueError(f"{where}: {_shown(value)} is not a whole number of steps >= 0")
+        return n
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{where}: expected a tensor, got {type(value).__name__}")
     if like is None:
@@ -238,13 +246,13 @@ def _fits(value: Any, like: Any, where: str) -> Any:
 
 
 def _load(value: Any, like: Any, where: str) -> Any:
-    """A saved tensor copied into the state's array ``like`` (None: the step counts)."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{where}: expected a tensor, got {type(value).__name__}")
+    """:func:`_fits`, then the saved tensor copied into the state's array ``like`` (the step
+    counts: a copy of their values)."""
+    fitted = _fits(value, like, where)
     if like is None:
-        return value.numpy().copy()
-    if tuple(value.shape) != tuple(like.shape):
-        raise ValueError(f"{where}: shape {tuple(value.shape)}, expected {tuple(like.shape)}")
+        return fitted.copy()
+    if type(like) is int:
+        return fitted
     if isinstance(like, np.ndarray):
         like[...] = value.numpy()
     else:
