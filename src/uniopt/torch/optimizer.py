@@ -223,7 +223,7 @@ class _GroupNumber:
     def __call__(self, step: Any) -> Any:
         v = self.group[self.key]
         v = v if self.index is None else v[self.index]
-        return v.item() if type(v) is torch.Tensor or isinstance(v, torch.Tensor) else v
+        return v.item() if isinstance(v, torch.Tensor) else v  # (a tensor lr: its number)
 
     def __repr__(self) -> str:
         return f"group[{self.key!r}]" + ("" if self.index is None else f"[{self.index}]")
