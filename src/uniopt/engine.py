@@ -1585,9 +1585,9 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
         if backend.has_views(leaves):
             _apart(None, leaves, params, writes=True)
         g_leaves = _grads_apart(leaves, g_leaves, same_ok=True)
+    at = functools.partial(resolve, state.rule, state.step)
     for strategy in strategies:
-        out = strategy(functools.partial(resolve, state.rule, state.step), leaves, g_leaves,
-                       state.slots, inplace, state.rule.memo, _per_leaf)
+        out = strategy(at, leaves, g_leaves, state.slots, inplace, state.rule.memo, _per_leaf)
         if out is None:
             continue
         if isinstance(out, str):
@@ -1637,11 +1637,8 @@ def _hazard(memo: dict[Any, Any], leaves: list[Any], g_leaves: list[Any]) -> boo
                                  views or len(ids) != len(leaves))
     if known[2]:
         return True
-    ids = known[1]
-    for g in g_leaves:
-        if g is not None and (getattr(g, "base", None) is not None or id(g) in ids):
-            return True
-    return False
+    return any(map(_IS_NOT_NONE, map(getattr, g_leaves, repeat("base"), repeat(None)))) or \
+        not known[1].isdisjoint(map(id, g_leaves))
 
 
 _DEREF = weakref.ref.__call__

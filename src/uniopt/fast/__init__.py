@@ -21,6 +21,8 @@ import sys
 import warnings
 from typing import Any
 
+import numpy as np
+
 from . import cpu, q8
 from .options import FORCED
 
@@ -29,7 +31,7 @@ def _foreach(resolve: Any, params: list[Any], *args: Any) -> Any:
     """:func:`uniopt.fast.foreach.step`, imported (with torch) only for torch tensors, and
     called only for those off the CPU or where :data:`FORCED`."""
     torch = sys.modules.get("torch")
-    if (torch is None or not isinstance(params[0], torch.Tensor)
+    if (torch is None or type(params[0]) is np.ndarray or not isinstance(params[0], torch.Tensor)
             or (params[0].device.type == "cpu" and not FORCED.get())):
         return None
     from . import foreach

@@ -56,7 +56,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from .. import backend, jitcache
 from ..backend import Addressed
-from ..base import Elementwise, PerLeaf
+from ..base import Elementwise, PerLeaf, members
 from ..moments import fma, fused_multiply_add, lerp, select, unfolded
 
 CHUNK = 1 << 15
@@ -1297,6 +1297,87 @@ def bind(plan: list[tuple[Any, Any, tuple[str, ...]]], params: Any, slots: Any,
     return bound
 
 
+class Lane:
+    """What a rule's last in-place step on NumPy leaves found out that holds while the leaves
+    keep their dtype and the state its slots (the slots' keys in the plan's order, no norm's
+    extra pass, no coefficients by dtype): a later step of the same rule builds the table of
+    addresses, checks every leaf with one compiled call (:func:`_check`, as :func:`run` does:
+    types, dtypes, layout, shapes, writeable), resolves and runs the loop, with none of
+    :func:`run`'s per-call working out. Kept in the rule's memo; it holds no array (the table
+    is filled from the caller's lists at each step, which hold them for the call). Anything
+    else (a small step whose loop is not yet due, another count of leaves, a leaf the check
+    refuses) goes the whole way, which says what is wrong."""
+
+    __slots__ = ("keys", "writes", "typenums", "storage", "compute", "fixed", "loop")
+
+    def __init__(self, keys: list[str], storage: tuple[str, str], dtype: Any,
+                 fixed: list[Any] | None, loop: Any) -> None:
+        self.keys = keys
+        # a rule of fixed parts (engine.fixed_parts): their coefficient methods, called with the
+        # step count resolve holds (its args, as every strategy reads it), and the one loop
+        self.fixed, self.loop = fixed, loop
+        self.writes = np.array([True, False, *[True] * len(keys)])
+        self.typenums = np.array([dtype.num] * (2 + len(keys)))
+        self.storage = storage
+        self.compute = np.float64 if storage[0] == "f8" else np.float32
+
+    def __call__(self, resolve: Callable[[], list[tuple[Any, Any, tuple[str, ...]]]],
+                 params: list[Any], grads: Any, slots: dict[str, list[Any]],
+                 memo: dict[Any, Any]) -> bool:
+        """One step, True; False where it wrote nothing and the whole way must run."""
+        if type(grads) is not list or len(slots) != len(self.keys):
+            return False
+        try:
+            lists = [params, grads, *map(slots.__getitem__, self.keys)]
+        except KeyError:
+            return False
+        # (the compiled check reads each of them as a list: nothing else may reach it)
+        if not all(map(operator.is_, map(type, lists), itertools.repeat(list))):
+            return False
+        # (the table and sizes are this call's own: two threads may step with one rule)
+        n, sizes, table = len(params), np.empty(len(params), np.int64), np.array(
+            list(map(id, lists)), np.int64)
+        if _check(table, self.writes, _NDARRAY, self.typenums, sizes):
+            return False
+        total = sum(sizes.tolist())
+        if n < MIN_LEAVES and total < MIN_SIZE and (
+                COMPILE_AFTER is None or memo.get("cpu-small", 0) < COMPILE_AFTER):
+            return False  # (run's and step's count of small steps decide)
+        step = resolve.args[1] if type(resolve) is functools.partial else None
+        if self.fixed is not None and type(step) is int:
+            coefficients = np.array([x for f in self.fixed for x in f(step)], self.compute)
+            loop = self.loop
+        else:
+            plan = resolve()
+            coefficients = np.array([x for _, c, _ in plan for x in c], self.compute)
+            loop = memo.get(("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan]))
+        if loop is None:
+            return False
+        loop[int(total >= PARALLEL_MIN)](table, coefficients, sizes)
+        return True
+
+
+def _lane(resolve: Any, plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any],
+          slots: dict[str, list[Any]], memo: dict[Any, Any]) -> Lane | None:
+    """A :class:`Lane` for the rule of ``plan`` (resolved by ``resolve``), after a compiled
+    in-place step of it on NumPy ``params``, where a lane can take its later steps."""
+    keys = [key for _, _, ks in plan for key in ks]
+    first = params[0]
+    kind = _kind(first.dtype)
+    if (kind not in ("f4", "f8") or len(keys) != len(slots) or any(
+            part.needs_norm or getattr(part, "by_dtype", False) for part, _, _ in plan)
+            or any(getattr(v[0], "dtype", None) != first.dtype for v in slots.values() if v)):
+        return None
+    rule = resolve.args[0] if type(resolve) is functools.partial else None
+    fixed = None
+    if rule is not None and rule.fixed and all(m.fixed for _, m in members(rule)) and all(
+            getattr(part, "fixed", False) for part, _ in rule.keyed_parts):
+        # (engine.resolve's steps of such a rule: each part's coefficients, nothing validated)
+        fixed = [part.coeffs for part, _ in rule.keyed_parts]
+    return Lane(keys, (kind, kind), first.dtype, fixed,
+                memo.get(_loop_key(plan, (kind, kind), "inplace")))
+
+
 _READS = np.zeros(2, bool)
 _NDARRAY = id(np.ndarray)
 _SIZE = operator.attrgetter("size")
@@ -1479,6 +1560,14 @@ def step(
     or on tensors, a rule with per-leaf parts is declined."""
     if not AVAILABLE:
         return None
+    global STEPS
+    lane = None
+    if inplace and memo is not None and type(params) is list and params and type(
+            params[0]) is np.ndarray:
+        lane = memo.get("cpu-lane")
+        if lane is not None and lane(resolve, params, grads, slots, memo):
+            STEPS += 1
+            return params, slots
     shards = backend.shards_of(params)  # before views: the leaves are known by identity
     tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
     leaves, g_leaves, slots_in = params, grads, slots
@@ -1538,9 +1627,13 @@ def step(
         return "a part that is not elementwise (per-leaf parts run on the reference path)"
     if out is None or isinstance(out, str):
         return out
-    global STEPS
     STEPS += 1
     new_params, new_slots = out
+    if (inplace and memo is not None and not tensors and kind == "elementwise"
+            and shards is None and type(params) is list and (
+                lane is not None or "cpu-lane" not in memo)):
+        # (made anew where the last one did not fit: these leaves' dtype is the one to keep)
+        memo["cpu-lane"] = _lane(resolve, plan, params, slots, memo)
     if tensors and inplace:  # autograd must see that the tensors changed
         backend.mark_written([*params, *(t for ts in slots_in.values() for t in ts)])
         return params, slots_in
