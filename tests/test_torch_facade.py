@@ -1722,6 +1722,89 @@ def test_torch_func_transforms_through_class_steps_have_the_true_derivative(
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
+# (Adam's and AdamW's torch functional computes its bias corrections from a float32 step in
+# differentiable mode, a group's flag being enough: docs/torch.md, not held bit for bit here)
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adagrad", "Adadelta"])
+def test_the_optimizers_differentiable_decides_whether_a_step_is_recorded(name: str) -> None:
+    """torch records a step by the optimizer's ``differentiable`` (its grad mode for the whole
+    step), not a group's own: a group that says True in an optimizer made without it (written
+    in, or added by add_param_group) steps unrecorded, as torch's, where uniopt recorded it and
+    failed on the leaf parameter after the group before had stepped; one that says False in an
+    optimizer made with it is recorded, as torch's (SGD's derivative; torch's RMSprop fails
+    there, its tensor lr handed to addcdiv_)."""
+    def run(mod: Any, how: str) -> tuple[Any, ...]:
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+        v = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+        opt = getattr(mod, name)([w], lr=0.1)
+        if how == "written":
+            opt.param_groups[0]["differentiable"] = True
+        opt.add_param_group({"params": [v], "differentiable": how == "added"})
+        for k in range(3):
+            w.grad, v.grad = torch.full_like(w, 0.5 + k), torch.full_like(v, -1.0 - k)
+            opt.step()
+        return w.detach().clone(), v.detach().clone(), opt.state_dict()["state"]
+
+    for how in ("written", "added"):
+        theirs, ours = run(torch.optim, how), run(ut, how)
+        for a, b in zip(theirs[:2], ours[:2], strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+    # recorded whatever a group says, where the optimizer was made differentiable: a
+    # derivative through the step of a group that says False (torch's, the same)
+    def through(mod: Any) -> Any:
+        lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        w0 = torch.linspace(-1, 1, 3, dtype=torch.float64, requires_grad=True)
+        w = w0.clone()  # (not a leaf: a recorded step writes it)
+        opt = getattr(mod, name)([{"params": [w], "differentiable": False}], lr=lr,
+                                 differentiable=True)
+        w.grad = (w ** 3).detach() + 1.0
+        opt.step()
+        return torch.autograd.grad((w ** 2).sum(), lr)[0]
+
+    if name == "SGD":
+        torch.testing.assert_close(through(ut), through(torch.optim), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("weight_decay", -0.1, r"weight_decay must be >= 0, got -0.1"),
+    ("amsgrad", None, r"amsgrad must be True or False, got None"),
+    ("lr", -0.1, r"lr must be >= 0, got -0.1"),
+])
+def test_a_bad_value_written_into_a_group_names_the_group(key: str, value: Any,
+                                                          says: str) -> None:
+    """A value written into the third group after a step, refused at the next step naming the
+    group (the lr's message named it, weight_decay's and amsgrad's did not), nothing written."""
+    ps = [torch.nn.Parameter(torch.ones(2)) for _ in range(3)]
+    opt = ut.Adam([{"params": [p]} for p in ps], lr=0.1)
+    for p in ps:
+        p.grad = torch.ones(2)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    opt.param_groups[2][key] = value
+    with pytest.raises(ValueError, match=rf"^adam: {says} \(the value param group 2 holds"):
+        opt.step()
+    assert all(map(torch.equal, ps, before))
+
+
+def test_a_group_made_without_ours_keys_takes_their_defaults() -> None:
+    """A torch.optim.AdamW group put in uniopt.torch.AdamW's param_groups (torch's keys only,
+    without ``couple_lr``) steps as load_state_dict reads such a group: couple_lr=True, torch's
+    numbers; it was a bare KeyError: 'couple_lr'."""
+    def run(mod: Any) -> Any:
+        p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        opt = mod.AdamW([p], lr=0.1, weight_decay=0.1)
+        theirs = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=0.1,
+                                   weight_decay=0.1).param_groups[0]
+        opt.param_groups[0] = {**theirs, "params": [p]}
+        for k in range(3):
+            p.grad = torch.full_like(p, 1.0 + k)
+            opt.step()
+        return p.detach()
+
+    torch.testing.assert_close(run(ut), run(torch.optim), rtol=0, atol=0)
+
+
 def test_a_class_step_inside_a_torch_func_transform_needs_differentiable() -> None:
     """A parameter made inside ``torch.func.grad``, stepped with ``differentiable=False``, or
     a parameter made outside stepped there with the transform's gradients (before any step, or
@@ -2530,6 +2613,46 @@ def test_more_classes_training_loop_float64(name: str, kind: str | None,
             assert mine[k][slot].dtype == tst[slot].dtype
 
 
+@pytest.mark.parametrize(("name", "changed"), [("ASGD", {"lr": 0.05}),
+                                               ("NAdam", {"betas": (0.5, 0.999)})])
+@pytest.mark.parametrize("how", ["popped", "replaced"])
+def test_a_parameter_out_of_every_group_keeps_its_carried_numbers(
+        name: str, changed: dict[str, Any], how: str, torch_scalars_in_double: None) -> None:
+    """A parameter out of every group for some steps (its group popped, or the group's params
+    replaced) while a scheduler changes the values, then put back: torch's state kept its ASGD
+    eta and mu, its NAdam mu_product, and so does uniopt (they were derived anew from the
+    values at its return: ASGD 0.06 away from torch, for good)."""
+    def run(mod: Any) -> Any:
+        torch.manual_seed(0)
+        a, b = (torch.nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in (4, 3))
+        opt = getattr(mod, name)([{"params": [a]}, {"params": [b]}], lr=0.01,
+                                 **({"t0": 5} if name == "ASGD" else {}))
+        out = []
+        for t in range(30):
+            if t == 20:
+                if how == "popped":
+                    opt.param_groups.pop(0)
+                else:
+                    opt.param_groups[0]["params"] = []
+            if t == 22:
+                for group in opt.param_groups:
+                    group.update(changed)
+            if t == 25:
+                if how == "popped":
+                    opt.add_param_group({"params": [a], **changed})
+                else:
+                    opt.param_groups[0].update({"params": [a], **changed})
+            gen = torch.Generator().manual_seed(t)
+            a.grad = torch.randn(4, generator=gen, dtype=torch.float64) if not 20 <= t < 25 \
+                else None
+            b.grad = torch.randn(3, generator=gen, dtype=torch.float64)
+            opt.step()
+            out.append(a.detach().clone())
+        return torch.stack(out)
+
+    torch.testing.assert_close(run(ut), run(torch.optim), rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("direction", ["torch->uniopt", "uniopt->torch"])
 @pytest.mark.parametrize("name", MORE)
 def test_more_classes_state_dict_loads_across(name: str, direction: str,
@@ -3109,7 +3232,8 @@ def test_uniopt_torch_optimizer_records_any_rule_with_differentiable(name: str) 
 
 def test_uniopt_torch_optimizer_refuses_to_record_a_rule_of_rules() -> None:
     """A rule that runs other rules steps its members on NumPy views, unrecorded: refused at
-    construction, and at the step where a group's flag was set since, nothing written."""
+    construction, and at the step where the optimizer's flag was set since, nothing written (a
+    group's own flag records nothing, as in torch: that group steps unrecorded)."""
     w = torch.zeros(3, dtype=torch.float64)
     for rule in (uo.accumulate(uo.adamw(lr=0.1), 2),
                  uo.chain(uo.clip_by_global_norm(1.0), uo.accumulate(uo.adamw(lr=0.1), 2))):
@@ -3117,11 +3241,16 @@ def test_uniopt_torch_optimizer_refuses_to_record_a_rule_of_rules() -> None:
                                             r"not offered for accumulate, which runs other"):
             ut.Optimizer([w], rule, differentiable=True)
     opt = ut.Optimizer([w], uo.accumulate(uo.adamw(lr=0.1), 2))
-    opt.param_groups[0]["differentiable"] = True
+    opt.defaults["differentiable"] = True
     w.grad = torch.ones(3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="differentiable=True is not offered for accumulate"):
         opt.step()
     assert torch.equal(w, torch.zeros(3, dtype=torch.float64)) and not opt.state
+    opt.defaults["differentiable"] = False
+    opt.param_groups[0]["differentiable"] = True
+    for _ in range(2):
+        opt.step()
+    assert not torch.equal(w, torch.zeros(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ["dog", "prodigy", "schedule_free_sgd", "momo"])

@@ -83,7 +83,8 @@ class SophiaH(Optimizer):
             loss = closure()
         rules = [self._rule(group)[0] for group in self.param_groups]
         for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
-            plans.refuse(rule, gi, group, [True] * len(group["params"]))
+            plans.refuse(rule, gi, group, [True] * len(group["params"]),
+                         plans.recorded(self.defaults))
         combined.every_gradient(
             self, "SophiaH", "a group steps as one tree, its Hessian estimate over every "
             "parameter (give them zeros in the closure, or leave them out of the optimizer), "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import operator
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -794,6 +795,9 @@ class _Derived(_Named):
         group's index; a record left from before the move may hold it too, at an older
         count: the latest wins)."""
         best: dict[int, tuple[Any, float]] = dict(vars(self).get("_written", {}))
+        for key, (ref, values, count) in vars(self).get("_parked", {}).items():
+            if ref() is not None and (key not in best or count > best[key][1]):
+                best[key] = (values, count)
         for rec in [*self._records().values(), *vars(self).get("_retired", ())]:
             for i, q in enumerate(rec.params):
                 held = best.get(id(q))
@@ -890,13 +894,33 @@ class _Derived(_Named):
         try:
             loss = super()._step(closure)
         finally:
-            vars(self).pop("_retired", None)
+            self._park(vars(self).pop("_retired", ()))
         for rec, runs in stepping.values():
             for at, step, values, numbers in runs:
                 rec.values[at] = self._advance(values, step, numbers)
                 rec.counts[at] = step + 1
         stepping.clear()
         return loss
+
+    def _park(self, retired: list[_Carried]) -> None:
+        """The numbers of parameters that left every group (a group popped, its ``params``
+        replaced), kept for the parameter's return, as torch's state keeps them: numbers
+        derived from the group's values at its return would be another run's where a scheduler
+        changed them meanwhile. By the parameter's id and a weak reference to it (a parameter
+        that is gone keeps nothing, and its id may be another's)."""
+        parked = vars(self).get("_parked")
+        if not retired and not parked:
+            return
+        parked = vars(self).setdefault("_parked", {})
+        for key in [k for k, (ref, _, _) in parked.items() if ref() is None]:
+            del parked[key]
+        held = {id(q) for rec in self._records().values() for q in rec.params}
+        for rec in retired:
+            for i, q in enumerate(rec.params):
+                count = float(rec.counts[i])
+                old = parked.get(id(q))
+                if id(q) not in held and count >= 0 and (old is None or count > old[2]):
+                    parked[id(q)] = (weakref.ref(q), rec.values[i].copy(), count)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_carried_numbers": self._records()}

@@ -542,6 +542,12 @@ class Optimizer(torch.optim.Optimizer):
                 hit.raw[:] = raw  # (the rule reads the new values)
                 hit.steady[0] = 0
                 return hit.rule, hit.scheduled
+        missing = self._unsaved_defaults.keys() - group.keys()
+        if missing:
+            # a group made without them (a torch.optim class's group put in param_groups):
+            # their defaults, as load_state_dict reads such a group, not a KeyError of ours
+            group.update({k: self._unsaved_defaults[k] for k in missing})
+            raw = list(map(group.get, self._watched))
         for k, v in zip(self._keys, raw, strict=False):
             bad = _not_one_element(v)
             if bad is not None:  # (before the key: comparing such tensors raises of itself)
@@ -570,7 +576,17 @@ class Optimizer(torch.optim.Optimizer):
                 rule = self._group_rule({**group, **readers})
             scheduled, steady = True, [0]
         else:
-            rule = self._group_rule(group)
+            try:
+                rule = self._group_rule(group)
+            except (ValueError, TypeError) as e:
+                if type(e) not in (ValueError, TypeError):
+                    raise
+                # a value written into a group since (a lr's or betas' is named so already, as
+                # a value the rule reads where it is)
+                at = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+                if at is None or "param group" in str(e):
+                    raise
+                raise type(e)(f"{e} (the value param group {at} holds)") from None
             scheduled = _scheduled(rule)
         by_value = any(map(_in_place, raw, key))
         if id(group) not in self._rules and len(self._rules) >= len(self.param_groups):
@@ -682,7 +698,7 @@ class Optimizer(torch.optim.Optimizer):
             self._forget_removed_groups()
         try:
             if self._combined_rule:
-                if any(group.get("differentiable") for group in self.param_groups):
+                if plans.recorded(self.defaults):
                     # (a group's flag set since: its members step NumPy views, unrecorded)
                     raise RuntimeError(_no_recorded_combinator(self.rule))
                 combined.adopt(self)
@@ -691,7 +707,7 @@ class Optimizer(torch.optim.Optimizer):
                        for group in self.param_groups]
                 for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
                     # (every group's refusals before any group steps, as _prepare's)
-                    plans.refuse(rule, gi, group, has[gi])
+                    plans.refuse(rule, gi, group, has[gi], plans.recorded(self.defaults))
                 self._check_apart([(gi, group, h) for gi, (group, h)
                                    in enumerate(zip(self.param_groups, has, strict=True))])
                 prepared = [combined.prepare(self, gi, group, rule) for gi, (group, rule)
@@ -715,7 +731,7 @@ class Optimizer(torch.optim.Optimizer):
             jobs = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
             # (a rule known to read no loss makes no call here: a small step's cost)
             extras = [{} if job.rule.memo.get("reads_loss", False) is None
-                      else self._loss_for(job.rule, loss, bool(job.group.get("differentiable")))
+                      else self._loss_for(job.rule, loss, plans.recorded(self.defaults))
                       for job in jobs]
             if len(jobs) == 1:  # (a small step's cost: no lists of one)
                 job = jobs[0]
@@ -761,7 +777,7 @@ class Optimizer(torch.optim.Optimizer):
         plan = self._plans[job.gi] = plans.build(
             job.group, job.rule, self._slot_names(job.rule), job.has, job.sparse,
             self._sparse == "rows", self.state, self._steps_for(job.gi, job.group["params"]),
-            self._run_tags(job.gi, job.group, job.has))
+            self._run_tags(job.gi, job.group, job.has), plans.recorded(self.defaults))
         return plan
 
     def _check_builds(self, jobs: list[_Job]) -> None:
@@ -856,7 +872,9 @@ class Optimizer(torch.optim.Optimizer):
         grads = list(map(_GRAD, ps))
         has = list(map(operator.is_not, grads, itertools.repeat(None)))
         plan = self._plans.get(gi)
-        if plan is not None and not plan.still_valid(self.state, group, ps, has, rule.layout):
+        recorded = plans.recorded(self.defaults)
+        if plan is not None and not plan.still_valid(self.state, group, ps, has, rule.layout,
+                                                     recorded):
             plan = None
         views = None if plan is None else plan.fast_grads(grads)
         if views is None and plan is not None and plan.fast and (
@@ -869,7 +887,7 @@ class Optimizer(torch.optim.Optimizer):
             plan = None
         sparse = None
         if plan is None:
-            plans.refuse(rule, gi, group, has)
+            plans.refuse(rule, gi, group, has, recorded)
             if group.get("fused"):
                 _check_fused(ps, has)
         if views is None:  # a new plan always comes this way
@@ -939,7 +957,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise IndexError(
                     f"{self._name}: the sparse gradient of param {i} of its group holds an index "
                     f"outside its shape {tuple(p.shape)}")
-            if self._sparse == "rows" and group.get("differentiable"):
+            if self._sparse == "rows" and plans.recorded(self.defaults):
                 # the rows are gathered and written back in place, outside autograd: a step
                 # that differentiable=True asks to record would go unrecorded, silently
                 raise RuntimeError(

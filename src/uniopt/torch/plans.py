@@ -236,7 +236,8 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     return backend.numpy_view(g.permute(perm).view(-1))
 
 
-def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> None:
+def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
+           recorded: bool) -> None:
     """Raise what a new plan of group ``gi`` (``has``: which parameters step) is refused for,
     before any group steps (called for every group first): a complex parameter with a rule
     that takes real params only (the engine sees the real pairs, so its own refusal at set-up
@@ -244,13 +245,13 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
     unrecorded group; a parameter without a gradient where a whole-tree part needs every one;
     a recorded 8-bit step; and ``capturable=True`` with ``differentiable=True`` where the rule
     computes its numbers on the host (the recorded step takes no multi-tensor path, which
-    checks it)."""
+    checks it). ``recorded``: whether autograd records the step (:func:`recorded`)."""
     at = next((i for i, p in enumerate(group["params"]) if has[i] and p.is_complex()), None)
     if at is not None:
         real = _real_only(rule)
         if real is not None:
             raise TypeError(f"{real}; parameter {at} of param group {gi} is complex")
-    if not group.get("differentiable"):
+    if not recorded:
         lifted = next((f"{what} {i}" for i, p in enumerate(group["params"]) if has[i]
                        for what, t in (("parameter", p), ("the gradient of parameter", p.grad))
                        if t is not None and WRAPPED(t)), None)
@@ -281,9 +282,9 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool]) -> 
             f"parameter {at} of param group {gi} is complex: state_dtype='q8' keeps the state "
             "of real parameters in 8 bits; put complex parameters in a group of their own, "
             "without it")
-    if group.get("differentiable") and is_q8(group):
+    if recorded and is_q8(group):
         raise ValueError(f"param group {gi}: {NO_RECORDED_Q8}")
-    if group.get("differentiable") and group.get("capturable"):
+    if recorded and group.get("capturable"):
         from ..fast.foreach import check_capturable
 
         check_capturable(rule, torch.ones(()))
@@ -642,7 +643,7 @@ class Plan:
     lane: Any = None
 
     def still_valid(self, state: Any, group: dict[str, Any], ps: Any, has: list[bool],
-                    layout: Any) -> bool:
+                    layout: Any, recorded: bool) -> bool:
         if not (
             self.group is group
             and self.plist is ps
@@ -650,7 +651,7 @@ class Plan:
             and self.state is state
             and self.layout == layout
             and self.has == has
-            and self.tracked == bool(group.get("differentiable"))
+            and self.tracked == recorded
             and self.flags == (group.get("foreach"), group.get("capturable"))
             and all(map(operator.is_, ps, self.params))
             and (self.ptrs is None
@@ -980,13 +981,13 @@ def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
 
 def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bool],
           sparse: list[bool], by_rows: bool, state: MutableMapping[Any, dict[str, Any]],
-          steps: Steps, tags: list[Any] | None = None) -> Plan:
+          steps: Steps, tags: list[Any] | None = None, recorded: bool = False) -> Plan:
     """The plan of ``group``; ``by_rows``: sparse gradients update only their rows. ``tags``:
     per parameter, what else its run must share (hashable): parameters at one step count whose
     step takes other numbers (torch's per-parameter ``mu_product`` of NAdam) go in runs of
-    their own."""
+    their own. ``recorded``: whether autograd records the step (:func:`recorded`)."""
     ps = group["params"]
-    tracked = bool(group.get("differentiable"))
+    tracked = recorded
     q8 = is_q8(group)
     sharded = dtensor.any_dtensor(ps)
     if sharded:
@@ -1129,3 +1130,12 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
                   and not multi and not q8 and not rule.tree_layout
                   and specs[0][0] == "np"),
     )
+
+
+def recorded(defaults: dict[str, Any]) -> bool:
+    """Whether autograd records an optimizer's steps, as torch decides it: by the optimizer's
+    ``differentiable`` (its ``defaults``, torch's grad mode for the whole step), not a group's
+    own (which torch hands its functional only for how it computes): a group that says
+    ``differentiable=True`` in an optimizer made without it steps unrecorded, as in torch, and
+    one that says False in an optimizer made with it is recorded."""
+    return bool(defaults.get("differentiable"))

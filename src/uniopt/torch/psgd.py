@@ -142,7 +142,8 @@ class Kron(Optimizer):
                 loss = closure()
         rules = [self._rule(group)[0] for group in self.param_groups]
         for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
-            plans.refuse(rule, gi, group, [True] * len(group["params"]))
+            plans.refuse(rule, gi, group, [True] * len(group["params"]),
+                         plans.recorded(self.defaults))
         combined.every_gradient(
             self, "Kron", "a group steps as one tree, every parameter with a gradient (set "
             "zeros), where pytorch-optimizer leaves them out")
