@@ -717,7 +717,7 @@ def test_a_numba_without_the_parts_jitcache_uses_keeps_its_own_cache(
     assert type(jitcache.cache_of(f)) is not FunctionCache  # the quick one, on this numba
     monkeypatch.setattr(jitcache, "_quick_class", lambda: None)
     assert type(jitcache.cache_of(f)) is FunctionCache
-    assert jitcache.quick(f) is f
+    assert type(jitcache.njit()(f)._cache) is FunctionCache
 
 
 def test_a_file_system_without_locks_compiles_unlocked(monkeypatch: pytest.MonkeyPatch,

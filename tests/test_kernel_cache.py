@@ -220,6 +220,59 @@ def _no_space(*args: Any, **kwargs: Any) -> Any:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+# numba's own places for machine code all refused, as in a package installed read-only and run
+# without a writable home (numba's decorator raised "no locator available" as uniopt imported)
+_NOWHERE = """
+import os, sys, warnings
+# (no warning where $UNIOPT_CACHE_DIR takes the code; else each shown)
+warnings.simplefilter("error" if len(sys.argv) < 2 else "always")
+import numba.core.caching as caching
+
+class Nowhere:
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        return None
+
+caching.CompileResultCacheImpl._locator_classes = [Nowhere]
+import numpy as np
+import uniopt as uo
+from uniopt.fast import cpu
+cpu.COMPILE_AFTER = 0
+params = [np.linspace(-1, 1, 100, dtype=np.float32)]
+state = uo.setup(uo.adam(lr=0.1), params)
+for _ in range(3):
+    state = uo.update_(state, params, [np.cos(params[0])])
+print(params[0].tobytes().hex()[:16], cpu._check.stats.cache_hits.get(cpu._check.signatures[0], 0))
+"""
+
+
+def test_numbas_places_refused_keep_the_drivers_machine_code_in_the_cache_dir(
+        tmp_path: pathlib.Path) -> None:
+    """Where none of numba's places for machine code can be written (importing uniopt raised
+    RuntimeError: no locator available), the compiled drivers are cached in
+    ``$UNIOPT_CACHE_DIR/numba``, and the next process loads them; where that cannot be written
+    either, they are compiled in each process, with one warning naming the directory."""
+    def run(cache: pathlib.Path, *argv: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "UNIOPT_CACHE_DIR": str(cache)}
+        return subprocess.run([sys.executable, "-c", _NOWHERE, *argv], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    first, second = run(tmp_path / "c"), run(tmp_path / "c")
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
+    assert first.stdout.split()[1] == "0" and second.stdout.split()[1] == "1"  # loaded
+    assert first.stdout.split()[0] == second.stdout.split()[0]
+    assert any((tmp_path / "c" / "numba").rglob("*.nbi"))
+    (tmp_path / "file").write_text("")  # (a file: no directory can be made under it)
+    uncached = run(tmp_path / "file", "warnings shown")
+    assert uncached.returncode == 0, uncached.stderr
+    assert uncached.stdout.split() == [first.stdout.split()[0], "0"]
+    said = f"RuntimeWarning: uniopt: compiled code is not cached in {tmp_path / 'file'}"
+    assert uncached.stderr.count(said) == 1, uncached.stderr
+    # (the user's line: the import, not uniopt's)
+    line = _NOWHERE.splitlines().index("import uniopt as uo") + 1
+    assert uncached.stderr.startswith(f"<string>:{line}: RuntimeWarning"), uncached.stderr
+
+
 def test_a_full_disk_runs_the_loop_uncached_with_one_warning(
         monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """Where the generated module, or numba's machine code, cannot be written: the loop runs
@@ -365,3 +418,15 @@ def test_a_full_disk_on_a_fresh_install_steps_uncached(tmp_path: pathlib.Path) -
                 NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["1", "1"]
+
+
+def test_a_cache_dir_given_with_a_tilde_is_under_home(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: pathlib.Path) -> None:
+    """``UNIOPT_CACHE_DIR='~/x'`` (quoted, so no shell expanded it) is the home's x, as
+    ``XDG_CACHE_HOME='~/c'`` is; it was a directory named ``~`` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("UNIOPT_CACHE_DIR", "~/x")
+    assert jitcache.root() == str(tmp_path / "x")
+    monkeypatch.delenv("UNIOPT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/c")
+    assert jitcache.root() == str(tmp_path / "c" / "uniopt")

@@ -28,6 +28,8 @@ warning (:func:`uncached`)."""
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +86,27 @@ def _quick_class() -> Any:
     return QuickCache
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def callers_level(*also: str) -> int:
+    """The ``stacklevel`` of the first frame outside uniopt (and outside the directories
+    ``also``: torch.optim's, whose ``__init__`` adds a uniopt optimizer's groups), for a warning
+    raised by the function that calls this: the user's line, however deep the engine's call
+    (a pure update's is deeper than an in-place one's, whose fixed level named engine.py)."""
+    skip = (_PACKAGE + os.sep, *also)
+    frame: Any = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame = frame.f_back
+        # (importlib's frames, an import's, warnings passes over without counting them)
+        while frame is not None and "importlib" in frame.f_code.co_filename and (
+                "_bootstrap" in frame.f_code.co_filename):
+            frame = frame.f_back
+        level += 1
+    return level
+
+
 _warned = False
 
 
@@ -95,25 +118,92 @@ def uncached(where: Any, why: Any) -> None:
         _warned = True
         warnings.warn(f"uniopt: compiled code is not cached in {where} ({why}); it runs, but "
                       "every process compiles it anew. $UNIOPT_CACHE_DIR sets where uniopt "
-                      "caches its loops.", RuntimeWarning, stacklevel=2)
+                      "caches its loops.", RuntimeWarning,
+                      # (the user's line: an import's, or a step's, past numba's frames, which
+                      # save what it compiled)
+                      stacklevel=callers_level(_numba_dir()))
+
+
+def _numba_dir() -> str:
+    import numba
+
+    return os.path.dirname(os.path.abspath(numba.__file__)) + os.sep
+
+
+def root() -> str:
+    """uniopt's cache directory: ``$UNIOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/uniopt`` or
+    ``~/.cache/uniopt`` (a ``~`` in either is the home directory, as a shell would read it)."""
+    return os.path.expanduser(os.environ.get("UNIOPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "uniopt"))
+
+
+def _in_root(cache_class: Any) -> Any:
+    """``cache_class`` keeping machine code in :func:`root`'s ``numba`` directory, for a
+    function none of numba's own places can take; None where this numba's caching is not made
+    as this expects (the locator of ``$NUMBA_CACHE_DIR``, a source file's, by its name)."""
+    from numba.core import caching
+
+    try:
+        impl = cache_class._impl_class
+        base = getattr(caching, "UserProvidedCacheLocator", None) or getattr(
+            caching, "_UserProvidedCacheLocator")  # (numba 0.62's name)
+
+        class InRoot(base):  # type: ignore[misc,valid-type]
+            def __init__(self, py_func: Any, py_file: str) -> None:
+                self._py_file = py_file
+                self._lineno = py_func.__code__.co_firstlineno
+                self._cache_path = os.path.join(root(), "numba",
+                                                self.get_suitable_cache_subpath(py_file))
+
+            @classmethod
+            def from_function(cls, py_func: Any, py_file: str) -> Any:
+                # (the source file's locator's: the directory made and written to, else None;
+                # not numba's own check that $NUMBA_CACHE_DIR is set)
+                return super(base, cls).from_function(py_func, py_file)
+
+        class Impl(impl):  # type: ignore[misc,valid-type]
+            _locator_classes = [InRoot]
+
+        return type(cache_class.__name__, (cache_class,), {"_impl_class": Impl})
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 def cache_of(py_func: Callable[..., Any]) -> Any:
     """The cache of ``py_func``'s machine code, as numba's ``enable_caching`` makes it, but
-    loading without numba's start-up where it can."""
-    from numba.core.caching import FunctionCache
+    loading without numba's start-up where it can. Where none of numba's places can be written
+    (a package installed read-only, run without a writable home: numba's own decorator raised
+    as the module was imported), in :func:`root`; where that cannot be written either, none
+    (compiled in each process, with :func:`uncached`'s warning)."""
+    from numba.core.caching import FunctionCache, NullCache
 
-    return (_quick_class() or FunctionCache)(py_func)
+    made = _quick_class() or FunctionCache
+    try:
+        return made(py_func)
+    except RuntimeError as e:  # numba's "no locator available"
+        why: Any = e
+    fallback = _in_root(made)
+    if fallback is not None:
+        try:
+            return fallback(py_func)
+        except RuntimeError as e:
+            why = e
+    uncached(os.path.join(root(), "numba"), why)
+    return NullCache()
 
 
-def quick(dispatcher: Any) -> Any:
-    """``dispatcher`` (``numba.njit(cache=True)``'s), loading from its cache by
-    :func:`cache_of`; one without a cache is left as it is."""
-    from numba.core.caching import FunctionCache
+def njit(**options: Any) -> Callable[[Any], Any]:
+    """``numba.njit(cache=True, **options)``, its cache :func:`cache_of`'s (numba's decorator,
+    given ``cache=True``, makes its own cache as it is applied, and raises where it has no place
+    for it: the import of the module that holds the function)."""
+    import numba
 
-    if type(getattr(dispatcher, "_cache", None)) is FunctionCache:
-        dispatcher._cache = cache_of(dispatcher.py_func)
-    return dispatcher
+    def make(fn: Callable[..., Any]) -> Any:
+        dispatcher = numba.njit(**options)(fn)
+        dispatcher._cache = cache_of(fn)  # (what numba's enable_caching sets)
+        return dispatcher
+
+    return make
 
 
 def cfunc(sig: Any, cache: bool = False, **options: Any) -> Callable[[Any], Any]:

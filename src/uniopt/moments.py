@@ -38,10 +38,17 @@ def fused_multiply_add(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
 def _fma_ufunc() -> Any:
     import numba
 
-    @numba.vectorize(["float32(float32, float32, float32)", "float64(float64, float64, float64)"],
-                     cache=True)
-    def fma(a, b, c):
+    from . import jitcache
+
+    def kernel(a, b, c):
         return fused_multiply_add(a, b, c)
+
+    signatures = ["float32(float32, float32, float32)", "float64(float64, float64, float64)"]
+    try:
+        fma: Any = numba.vectorize(signatures, cache=True)(kernel)
+    except RuntimeError as e:  # no place numba caches it in: compiled in this process
+        jitcache.uncached("numba's cache directories", e)
+        fma = numba.vectorize(signatures)(kernel)
 
     # NumPy's ufunc of the two compiled loops: numba's wrapper adds a Python call that looks
     # for arguments overriding ufuncs, which NumPy's own call does too

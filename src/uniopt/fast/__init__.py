@@ -15,7 +15,6 @@ from its ``args`` (a step counted on the device, by the multi-tensor path).
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import warnings
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..jitcache import callers_level
 from . import cpu, q8
 from .options import FORCED
 
@@ -68,17 +68,3 @@ def warn_once(reason: str) -> None:
         )
 
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def callers_level(*also: str) -> int:
-    """The ``stacklevel`` of the first frame outside uniopt (and outside the directories
-    ``also``: torch.optim's, whose ``__init__`` adds a uniopt optimizer's groups), for a warning
-    raised by the function that calls this: the user's line, however deep the engine's call
-    (a pure update's is deeper than an in-place one's, whose fixed level named engine.py)."""
-    skip = (_PACKAGE + os.sep, *also)
-    frame: Any = sys._getframe(2)
-    level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -183,8 +183,7 @@ def _to_bf16(x: Any) -> Any:
                      >> np.uint32(16))
 
 
-@jitcache.quick
-@numba.njit(cache=True)
+@jitcache.njit()
 def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any) -> int:
     """Check every object in every list at the addresses ``lists`` against the first list (the
     params): as many items, each an ndarray of dtype ``typenums[list]``, C-contiguous, aligned,
@@ -228,8 +227,7 @@ def _check(lists: Any, writes: Any, ndarray_type: int, typenums: Any, sizes: Any
     return 0
 
 
-@jitcache.quick  # (a full disk: uncached, with the warning)
-@numba.njit(cache=True)
+@jitcache.njit()
 def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     """Each leaf in chunks of at most ``chunk`` elements (leaf, start, stop), and the total.
     (A function of its own, not in the body of :func:`_parallel`, where numba would run its
@@ -249,8 +247,7 @@ def _chunks(sizes: Any, chunk: int) -> tuple[Any, Any, Any, int]:
     return leaf, start, stop, total
 
 
-@jitcache.quick  # (a full disk: uncached, with the warning)
-@numba.njit(cache=True)
+@jitcache.njit()
 def _shares(start: Any, stop: Any, total: int, parts: int) -> Any:
     """Where each of ``parts`` runs of consecutive chunks (``start``, ``stop`` and their
     ``total`` element count: :func:`_chunks`) begins, and the last ends: runs of equal element
@@ -307,8 +304,7 @@ def _call(typingctx: Any, fn: Any, L: Any, CO: Any, leaf: Any, start: Any, stop:
     return sig, codegen
 
 
-@jitcache.quick
-@numba.njit(cache=True)
+@jitcache.njit()
 def _serial(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
     """The loop at ``fn`` over every chunk, on this thread."""
     leaf, start, stop, _ = _chunks(SIZES, CHUNK)
@@ -317,8 +313,7 @@ def _serial(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
 
 # compiled at its first call, by the first step of PARALLEL_MIN elements or more: a parallel
 # function costs several times a plain one to compile, and small steps never use it
-@jitcache.quick
-@numba.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True)
 def _parallel(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
     """The loop at ``fn`` over every chunk, on the thread pool, one call per run of chunks
     (:func:`_shares`)."""
@@ -329,8 +324,7 @@ def _parallel(fn: int, L: Any, CO: Any, SIZES: Any) -> float:
     return 0.0
 
 
-@jitcache.quick
-@numba.njit(cache=True)
+@jitcache.njit()
 def _sums(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     """The sums the loop at ``fn`` (one that reads only) makes, on this thread: each leaf's
     where ``each``, else one, in an array."""
@@ -340,8 +334,7 @@ def _sums(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     return _added(sums, leaf, len(SIZES), each)
 
 
-@jitcache.quick
-@numba.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True)
 def _sums_parallel(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     """:func:`_sums` on the thread pool: each chunk's sum in its own place, added up in the
     chunks' order as on one thread, so the sums are the same bits on any number of threads."""
@@ -353,8 +346,7 @@ def _sums_parallel(fn: int, each: bool, L: Any, CO: Any, SIZES: Any) -> Any:
     return _added(sums, leaf, len(SIZES), each)
 
 
-@jitcache.quick  # (a full disk: uncached, with the warning)
-@numba.njit(cache=True)
+@jitcache.njit()
 def _added(sums: Any, leaf: Any, n: int, each: bool) -> Any:
     total = np.zeros(n if each else 1)
     for j in range(len(sums)):
@@ -763,10 +755,8 @@ def _source(
 
 def _cache_dir() -> Path | None:
     """Where generated loops live, so numba can cache their machine code between runs."""
-    root = os.environ.get("UNIOPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "uniopt"
-    )
-    path = Path(root) / f"fused-{_VERSION}-numba{numba.__version__}-numpy{np.__version__}"
+    path = (Path(jitcache.root())
+            / f"fused-{_VERSION}-numba{numba.__version__}-numpy{np.__version__}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

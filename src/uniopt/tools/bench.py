@@ -164,7 +164,9 @@ def bandwidth(n: int = 16_800_000, repeats: int = 10) -> float:
     of one thread and all threads (on some virtual machines one thread is the faster)."""
     import numba
 
-    @numba.njit(parallel=True, cache=True)
+    from .. import jitcache
+
+    @jitcache.njit(parallel=True)
     def pass_(a: Any, b: Any, c: Any, d: Any) -> None:
         for i in numba.prange(a.size):
             x = a[i] + b[i]
