@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from uniopt.fast import cpu
 from uniopt.tools import bench
 
 SCHEDULERS: dict[str, Callable[[Any], Any] | None] = {
@@ -37,6 +38,9 @@ def main() -> None:
     ap.add_argument("--workloads", default="S1,S2")
     ap.add_argument("--rules", default="adamw,sgd")
     a = ap.parse_args()
+    # the steady step: small steps take the compiled loop at once (with a cold kernel cache
+    # they would run the reference path for their first COMPILE_AFTER steps, most of a run)
+    cpu.COMPILE_AFTER = 0
     print(f"{'workload':8} {'rule':6} {'scheduler':9} {'uniopt.torch':>13} {'torch fused':>12} "
           f"{'torch foreach':>14} {'ratio':>6}")
     for name in a.workloads.split(","):
