@@ -1255,6 +1255,22 @@ def test_bench_sizes_run_only_the_sizes_asked_for(capsys, monkeypatch, tmp_path)
     assert "COUNTxSIZE" in capsys.readouterr().err
 
 
+def test_bench_with_every_row_skipped_says_so_and_fails(capsys, monkeypatch):
+    """Every implementation skipped (a library not installed, a dtype it has no step for): exit
+    2 with a line that says nothing was measured, not an empty table and exit 0."""
+    from uniopt.fast import cpu
+    from uniopt.tools import bench
+
+    monkeypatch.setattr(bench, "bandwidth", lambda *a, **k: 1e10)
+    monkeypatch.setattr(bench, "_QUIET_S", 0.0)
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", cpu.COMPILE_AFTER)
+    monkeypatch.setitem(bench.IMPLEMENTATIONS, "numpy flat", lambda w, rule: None)
+    assert main(["bench", "--sizes", "3x100", "--implementations", "numpy flat",
+                 "--repeats", "1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "nothing was measured" in out.err
+
+
 def test_bench_on_a_device_runs_the_torch_rows_there(capsys, monkeypatch):
     """``--device``: the torch rows on that device, each step synchronised, against a copy's
     bandwidth there; the other rows left out, saying so. ``cpu:0`` is not the default "cpu",

@@ -1162,6 +1162,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         workloads, rules, args.implementations, args.repeats, shapes, log, args.slow,
         args.dtype, args.device,
     )
+    if not rows:  # (each skipped, and said why: an empty table would read as a result)
+        print("uniopt bench: nothing was measured: every implementation was skipped for these "
+              "workloads, rules and dtype (the lines above say why)", file=sys.stderr)
+        return 2
     if args.plot is not None:
         plots.save(plots.bench_figure(bw, rows), args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
