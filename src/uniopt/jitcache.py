@@ -146,7 +146,7 @@ def _in_root(cache_class: Any) -> Any:
     try:
         impl = cache_class._impl_class
         base = getattr(caching, "UserProvidedCacheLocator", None) or (
-            caching._UserProvidedCacheLocator)  # (numba 0.62's name)
+            caching._UserProvidedCacheLocator)  # type: ignore[attr-defined]  # (numba 0.62)
 
         class InRoot(base):  # type: ignore[misc,valid-type]
             def __init__(self, py_func: Any, py_file: str) -> None:
