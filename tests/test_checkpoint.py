@@ -436,6 +436,30 @@ def test_a_numpy_checkpoint_loads_into_jax_and_a_jitted_one_back(path: str) -> N
     assert_same(uo.load(path, like=(RULE, params)), again)
 
 
+@pytest.mark.parametrize("rule", [uo.rprop(lr=1e-3), uo.adagrad(lr=0.1, eps=1e-3)],
+                         ids=["rprop", "adagrad"])
+def test_a_jitted_state_of_a_rule_whose_slots_start_from_a_number_loads_like_params(
+        rule: uo.Transform, path: str) -> None:
+    """Rprop's step sizes start at its lr (Adagrad's sum at a number too): a state saved after
+    ``jax.jit`` holds the numbers with their complements, and setting up a state for ``like``'s
+    params from that rule read the pair as a number (CheckpointError: full_like requires
+    ndarray or scalar arguments, for like=params and like=(rule, params)). It loads, and the
+    run goes on as the one that never stopped."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params = {"w": jnp.linspace(-1.0, 1.0, 5), "b": jnp.ones(2)}
+    grads = [jax.tree.map(lambda x, k=k: jnp.cos(x * (k + 1)), params) for k in range(3)]
+    step = jax.jit(uo.update)
+    state, p = step(uo.setup(rule, params), params, grads[0])
+    uo.save(path, state, params=p)
+    go_on = step(*step(state, p, grads[1]), grads[2])[1]
+    for like in (p, (rule, params)):
+        back, bp = uo.load(path, like=like, params=True)
+        back_p = step(*step(back, bp, grads[1]), grads[2])[1]
+        assert all(np.array_equal(x, y) for x, y in
+                   zip(jax.tree.leaves(back_p), jax.tree.leaves(go_on), strict=True))
+
+
 def test_a_jitted_state_loads_into_the_program_it_was_compiled_for(path: str) -> None:
     """What the host knew went into the file: SGD's momentum, kept non-zero (no per-element
     switch), is known so after a load, and the loaded state runs the program already compiled.

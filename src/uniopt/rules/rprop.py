@@ -7,7 +7,15 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..backend import is_torch
 from ..base import Elementwise, Info, Rule, Transform
-from ..hyper import NONNEG, DeviceNumber, Interval, carries_derivative, hyper, resolve
+from ..hyper import (
+    NONNEG,
+    Complemented,
+    DeviceNumber,
+    Interval,
+    carries_derivative,
+    hyper,
+    resolve,
+)
 from ..moments import select
 
 
@@ -73,6 +81,8 @@ class scale_by_rprop(Elementwise):
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         lr = resolve(self.lr, 0)
+        if isinstance(lr, Complemented):  # (a rule rebuilt from a JAX state: its number)
+            lr = lr.value
         if isinstance(lr, DeviceNumber) and is_torch(lr.array):
             # torch's full_like takes a Python number: a tensor read on the device (a capturable
             # group's) is read on the host once, here, where the state is made
