@@ -355,13 +355,20 @@ def test_offsets_self_test_passes_here() -> None:
     assert fused.AVAILABLE, "NumPy's array struct layout is not the one the fast path reads"
 
 
+_NORMS = {"global": uo.clip_by_global_norm(0.5), "leaf": uo.clip_by_norm(0.5),
+          "block-rms": uo.clip_by_block_rms(0.5), "normalize": uo.normalize(eps=1e-6)}
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("position", ["head", "after-adam"])
-def test_global_norm_fast_path_agrees_with_reference(dtype: type, position: str) -> None:
+@pytest.mark.parametrize("norm", sorted(_NORMS))
+def test_a_norms_fast_path_agrees_with_reference(dtype: type, position: str,
+                                                 norm: str) -> None:
     # The two paths sum the squares in different orders (per chunk and thread, in float64, vs
-    # per leaf), so the norm, and so the clip factor, may differ in the last bit of float64:
-    # after rounding to the dtype that is at most a couple of ulps of each update.
-    clip = uo.clip_by_global_norm(0.5)
+    # NumPy's sum of each leaf), so a norm (every leaf's, or each leaf's own), and so the clip
+    # factor, may differ in the last bit of float64: after rounding to the dtype that is at
+    # most a couple of ulps of each update (docs/speed.md says so)
+    clip = _NORMS[norm]
     rule = (
         uo.chain(clip, uo.adam(lr=1e-2))
         if position == "head"
