@@ -125,6 +125,28 @@ def test_a_steady_step_takes_the_lane_bit_for_bit_the_whole_way(name: str, dtype
 
 
 @pytest.mark.usefixtures("small_steps_compiled")
+def test_a_rule_whose_first_steps_were_on_16_bit_leaves_has_a_lane_for_wider_ones() -> None:
+    """Leaves no lane takes (float16) leave the rule free to make one for leaves a lane takes:
+    one float16 step stored "no lane" for the rule, for good (its float32 steps then went the
+    whole way, 14.6 us a step where the lane's take 10.3); a rule with a norm has none."""
+    from uniopt.fast import cpu
+
+    rule = uo.sgd(lr=0.1, momentum=0.9)
+    half = [x.astype(np.float16) for x in _tree(MLP)]
+    uo.update_(uo.setup(rule, half), half, [g.astype(np.float16) for g in _tree(MLP, 1)])
+    params = _tree(MLP)
+    state = uo.setup(rule, params)
+    for _ in range(2):
+        state = uo.update_(state, params, _tree(MLP, seed=1))
+    assert isinstance(rule.memo.get("cpu-lane"), cpu.Lane)
+    clipped = uo.chain(uo.clip_by_norm(1.0), uo.sgd(lr=0.1))
+    state = uo.setup(clipped, params)
+    for _ in range(2):
+        state = uo.update_(state, params, _tree(MLP, seed=1))
+    assert clipped.memo.get("cpu-lane") is False
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
 def test_the_lane_hands_on_what_it_cannot_take_as_the_whole_way_does() -> None:
     """A step the lane cannot take (a read-only, float64 or strided leaf, another count of
     leaves, a slot that is not a list, a slot the rule does not read) goes the whole way: the

@@ -1348,14 +1348,17 @@ class Lane:
 
 
 def _lane(resolve: Any, plan: list[tuple[Any, Any, tuple[str, ...]]], params: list[Any],
-          slots: dict[str, list[Any]], memo: dict[Any, Any]) -> Lane | None:
+          slots: dict[str, list[Any]], memo: dict[Any, Any]) -> Lane | bool | None:
     """A :class:`Lane` for the rule of ``plan`` (resolved by ``resolve``), after a compiled
-    in-place step of it on NumPy ``params``, where a lane can take its later steps."""
+    in-place step of it on NumPy ``params``, where a lane can take its later steps; None where
+    these leaves cannot (16-bit ones, slots of another dtype), but others of the rule may;
+    False where no step of the rule can (a norm's extra pass, coefficients by dtype)."""
+    if any(part.needs_norm or getattr(part, "by_dtype", False) for part, _, _ in plan):
+        return False
     keys = [key for _, _, ks in plan for key in ks]
     first = params[0]
     kind = _kind(first.dtype)
-    if (kind not in ("f4", "f8") or len(keys) != len(slots) or any(
-            part.needs_norm or getattr(part, "by_dtype", False) for part, _, _ in plan)
+    if (kind not in ("f4", "f8") or len(keys) != len(slots)
             or any(getattr(v[0], "dtype", None) != first.dtype for v in slots.values() if v)):
         return None
     rule = resolve.args[0] if type(resolve) is functools.partial else None
@@ -1551,13 +1554,15 @@ def step(
     if not AVAILABLE:
         return None
     global STEPS
-    lane = None
+    declined = False
     if inplace and memo is not None and type(params) is list and params and type(
             params[0]) is np.ndarray:
         lane = memo.get("cpu-lane")
-        if lane is not None and lane(resolve, params, grads, slots, memo):
-            STEPS += 1
-            return params, slots
+        if lane:
+            if lane(resolve, params, grads, slots, memo):
+                STEPS += 1
+                return params, slots
+            declined = True
     shards = backend.shards_of(params)  # before views: the leaves are known by identity
     tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
     leaves, g_leaves, slots_in = params, grads, slots
@@ -1620,10 +1625,13 @@ def step(
     STEPS += 1
     new_params, new_slots = out
     if (inplace and memo is not None and not tensors and kind == "elementwise"
-            and shards is None and type(params) is list and (
-                lane is not None or "cpu-lane" not in memo)):
-        # (made anew where the last one did not fit: these leaves' dtype is the one to keep)
-        memo["cpu-lane"] = _lane(resolve, plan, params, slots, memo)
+            and shards is None and type(params) is list
+            and (declined or memo.get("cpu-lane") is None)):
+        # none yet, or the last did not fit these leaves (made anew for them); False: the
+        # rule's plan has none
+        made = _lane(resolve, plan, params, slots, memo)
+        if made is not None:
+            memo["cpu-lane"] = made
     if tensors and inplace:  # autograd must see that the tensors changed
         backend.mark_written([*params, *(t for ts in slots_in.values() for t in ts)])
         return params, slots_in
