@@ -90,8 +90,8 @@ def test_python_work_per_step_does_not_grow_with_the_leaves() -> None:
 
 
 def _whole_way(rule: Any) -> None:
-    """Forget ``rule``'s lane: its next step goes the whole way (and makes one again)."""
-    rule.memo.pop("cpu-lane", None)
+    """Forget ``rule``'s lanes: its next step goes the whole way (and makes one again)."""
+    rule.memo.pop("cpu-lanes", None)
 
 
 _LANE_RULES = {**RULES, "adam-scheduled": uo.adam(lr=uo.schedules.cosine(0.1, 30)),
@@ -101,25 +101,33 @@ _LANE_RULES = {**RULES, "adam-scheduled": uo.adam(lr=uo.schedules.cosine(0.1, 30
 @pytest.mark.usefixtures("small_steps_compiled")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(_LANE_RULES))
-def test_a_steady_step_takes_the_lane_bit_for_bit_the_whole_way(name: str, dtype: Any) -> None:
+def test_a_steady_step_takes_the_lane_bit_for_bit_the_whole_way(
+        name: str, dtype: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every step after a rule's first compiled one takes its lane (fast.cpu.Lane: the same
-    compiled loop, none of run's per-call working out): the same bits as a step that goes the
-    whole way, for a fixed and a scheduled rule, in both precisions."""
+    compiled loop, none of run's per-call working out; run is not called): the same bits as a
+    step that goes the whole way, for a fixed and a scheduled rule, in both precisions."""
     from uniopt.fast import cpu
 
+    whole = []
+    run = cpu.run
+    monkeypatch.setattr(cpu, "run", lambda *a, **k: whole.append(1) or run(*a, **k))
     rule = _LANE_RULES[name]
     a, b = ([x.astype(dtype) for x in _tree(MLP)] for _ in range(2))
     sa, sb = uo.setup(rule, a), uo.setup(rule, b)
     rng = np.random.default_rng(2)
     for k in range(12):
         grads = [rng.standard_normal(p.shape).astype(dtype) * 10.0 ** (k % 3 - 1) for p in a]
-        lane = rule.memo.get("cpu-lane")
-        with expect_compiled(2):
+        lane = (rule.memo.get("cpu-lanes") or {}).get(np.dtype(dtype).num)
+        del whole[:]
+        with expect_compiled(1):
             sa = uo.update_(sa, a, grads)
-            _whole_way(rule)
-            sb = uo.update_(sb, b, [g.copy() for g in grads])
         if k:  # (the first step made it)
             assert isinstance(lane, cpu.Lane) and lane.storage[0] == cpu._kind(np.dtype(dtype))
+            assert not whole, "the step went the whole way"
+        with expect_compiled(1):
+            _whole_way(rule)
+            sb = uo.update_(sb, b, [g.copy() for g in grads])
+        assert whole
         assert_same(a, b)
         assert_same_state(sa, sb)
 
@@ -138,12 +146,12 @@ def test_a_rule_whose_first_steps_were_on_16_bit_leaves_has_a_lane_for_wider_one
     state = uo.setup(rule, params)
     for _ in range(2):
         state = uo.update_(state, params, _tree(MLP, seed=1))
-    assert isinstance(rule.memo.get("cpu-lane"), cpu.Lane)
+    assert isinstance(rule.memo["cpu-lanes"][np.dtype(np.float32).num], cpu.Lane)
     clipped = uo.chain(uo.clip_by_norm(1.0), uo.sgd(lr=0.1))
     state = uo.setup(clipped, params)
     for _ in range(2):
         state = uo.update_(state, params, _tree(MLP, seed=1))
-    assert clipped.memo.get("cpu-lane") is False
+    assert clipped.memo.get("cpu-lanes") is False
 
 
 @pytest.mark.usefixtures("small_steps_compiled")
@@ -210,9 +218,9 @@ def test_the_lane_hands_on_what_it_cannot_take_as_the_whole_way_does() -> None:
 
 @pytest.mark.usefixtures("small_steps_compiled")
 def test_two_threads_stepping_with_one_rule_each_get_their_own_step() -> None:
-    """A rule shared by two threads (a search over seeds, each its own state): the lane keeps
-    nothing of a step between its check and its loop, so neither thread's step reads the
-    other's arrays, however often the threads switch."""
+    """A rule shared by two threads (a search over seeds, each its own state), however often
+    the threads switch: each thread's arrays step as they would alone (the next test makes the
+    interleaving that matters happen every time)."""
     import threading
 
     rule = RULES["adamw"]
@@ -243,6 +251,70 @@ def test_two_threads_stepping_with_one_rule_each_get_their_own_step() -> None:
         sys.setswitchinterval(interval)
     for k in range(2):
         assert_same(out[k], runs[k])
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_a_lane_step_inside_another_keeps_each_its_own_arrays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another step of the same rule between a lane step's check and its loop (another thread's,
+    made to happen here, in this thread, every time): each steps its own arrays, as one after
+    the other does. A table of addresses kept on the lane was the other step's by then."""
+    from uniopt.fast import cpu
+
+    rule = RULES["adamw"]
+    a, b, ra, rb = _tree(MLP, seed=0), _tree(MLP, seed=1), _tree(MLP, seed=0), _tree(MLP, seed=1)
+    ga, gb = _tree(MLP, seed=2), _tree(MLP, seed=3)
+    sa, sb, sra, srb = (uo.setup(rule, x) for x in (a, b, ra, rb))
+    for _ in range(2):  # (the lane made)
+        sa, sb = uo.update_(sa, a, ga), uo.update_(sb, b, gb)
+        sra, srb = uo.update_(sra, ra, ga), uo.update_(srb, rb, gb)
+    inner: list[Any] = []
+    check = cpu._check
+
+    def between(*args: Any) -> Any:
+        code = check(*args)
+        if inner:
+            inner.pop()()
+        return code
+
+    with monkeypatch.context() as m:
+        m.setattr(cpu, "_check", between)
+        inner.append(lambda: uo.update_(sb, b, gb))
+        with expect_compiled(2):
+            uo.update_(sa, a, ga)
+    assert not inner
+    uo.update_(srb, rb, gb)
+    uo.update_(sra, ra, ga)
+    assert_same(a, ra)
+    assert_same(b, rb)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_a_schedule_that_changes_the_leaves_runs_before_the_check() -> None:
+    """A schedule is the user's code, run as a step resolves its numbers: a leaf it puts in the
+    params' list (a read-only one here) is seen by the check before the loop, as on the whole
+    way (the lane checked, then resolved: it wrote the read-only array, and past the end of a
+    shorter one)."""
+    params, grads = _tree(MLP), _tree(MLP, seed=1)
+    swap: list[Any] = []
+
+    def lr(step: Any) -> float:
+        if swap:
+            params[3] = swap.pop()
+        return 0.01
+
+    rule = uo.sgd(lr=lr, momentum=0.9)
+    state = uo.setup(rule, params)
+    for _ in range(3):
+        state = uo.update_(state, params, grads)
+    frozen = params[3].copy()
+    frozen.flags.writeable = False
+    before = [p.copy() for p in params]
+    swap.append(frozen)
+    with pytest.raises(TypeError, match=r"params\[3\] in place: the NumPy array is read-only"):
+        uo.update_(state, params, grads)
+    assert_same(params, [*before[:3], frozen, *before[4:]])
+    assert_same([frozen], [before[3]])
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])

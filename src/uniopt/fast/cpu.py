@@ -1296,7 +1296,8 @@ class Lane:
     :func:`run`'s per-call working out. Kept in the rule's memo; it holds no array (the table
     is filled from the caller's lists at each step, which hold them for the call). Anything
     else (a small step whose loop is not yet due, another count of leaves, a leaf the check
-    refuses) goes the whole way, which says what is wrong."""
+    refuses) goes the whole way, which says what is wrong. One per dtype of the leaves (a rule
+    may step float32 and float64 trees in turn: uniopt.torch's runs of a mixed group)."""
 
     __slots__ = ("keys", "writes", "typenums", "storage", "compute", "fixed", "loop")
 
@@ -1317,12 +1318,22 @@ class Lane:
         """One step, True; False where it wrote nothing and the whole way must run."""
         if type(grads) is not list or len(slots) != len(self.keys):
             return False
+        # the coefficients first: a schedule is the user's code, which may change the lists
+        # (a leaf put in their place), and nothing may run between the check and the loop
+        step = resolve.args[1] if type(resolve) is functools.partial else None
+        if self.fixed is not None and type(step) is int:
+            coefficients = np.array([x for f in self.fixed for x in f(step)], self.compute)
+            loop = self.loop
+        else:
+            plan = resolve()
+            coefficients = np.array([x for _, c, _ in plan for x in c], self.compute)
+            loop = memo.get(("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan]))
         try:
             lists = [params, grads, *map(slots.__getitem__, self.keys)]
         except KeyError:
             return False
         # (the compiled check reads each of them as a list: nothing else may reach it)
-        if not all(map(operator.is_, map(type, lists), itertools.repeat(list))):
+        if loop is None or not all(map(operator.is_, map(type, lists), itertools.repeat(list))):
             return False
         # (the table and sizes are this call's own: two threads may step with one rule)
         n, sizes, table = len(params), np.empty(len(params), np.int64), np.array(
@@ -1333,16 +1344,6 @@ class Lane:
         if n < MIN_LEAVES and total < MIN_SIZE and (
                 COMPILE_AFTER is None or memo.get("cpu-small", 0) < COMPILE_AFTER):
             return False  # (run's and step's count of small steps decide)
-        step = resolve.args[1] if type(resolve) is functools.partial else None
-        if self.fixed is not None and type(step) is int:
-            coefficients = np.array([x for f in self.fixed for x in f(step)], self.compute)
-            loop = self.loop
-        else:
-            plan = resolve()
-            coefficients = np.array([x for _, c, _ in plan for x in c], self.compute)
-            loop = memo.get(("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan]))
-        if loop is None:
-            return False
         loop[int(total >= PARALLEL_MIN)](table, coefficients, sizes)
         return True
 
@@ -1554,15 +1555,13 @@ def step(
     if not AVAILABLE:
         return None
     global STEPS
-    declined = False
     if inplace and memo is not None and type(params) is list and params and type(
             params[0]) is np.ndarray:
-        lane = memo.get("cpu-lane")
-        if lane:
-            if lane(resolve, params, grads, slots, memo):
-                STEPS += 1
-                return params, slots
-            declined = True
+        lanes = memo.get("cpu-lanes")  # (by the leaves' dtype: a rule may step several)
+        lane = lanes.get(params[0].dtype.num) if lanes else None
+        if lane is not None and lane(resolve, params, grads, slots, memo):
+            STEPS += 1
+            return params, slots
     shards = backend.shards_of(params)  # before views: the leaves are known by identity
     tensors = type(params[0]) is not np.ndarray and backend.is_torch(params[0])
     leaves, g_leaves, slots_in = params, grads, slots
@@ -1625,13 +1624,14 @@ def step(
     STEPS += 1
     new_params, new_slots = out
     if (inplace and memo is not None and not tensors and kind == "elementwise"
-            and shards is None and type(params) is list
-            and (declined or memo.get("cpu-lane") is None)):
-        # none yet, or the last did not fit these leaves (made anew for them); False: the
-        # rule's plan has none
-        made = _lane(resolve, plan, params, slots, memo)
-        if made is not None:
-            memo["cpu-lane"] = made
+            and shards is None and type(params) is list):
+        lanes = memo.get("cpu-lanes")
+        if lanes is None or lanes is not False and params[0].dtype.num not in lanes:
+            made = _lane(resolve, plan, params, slots, memo)
+            if made is False:  # (no step of the rule has one)
+                memo["cpu-lanes"] = False
+            elif made is not None:
+                memo.setdefault("cpu-lanes", {})[params[0].dtype.num] = made
     if tensors and inplace:  # autograd must see that the tensors changed
         backend.mark_written([*params, *(t for ts in slots_in.values() for t in ts)])
         return params, slots_in
