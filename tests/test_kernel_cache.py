@@ -243,6 +243,10 @@ state = uo.setup(uo.adam(lr=0.1), params)
 for _ in range(3):
     state = uo.update_(state, params, [np.cos(params[0])])
 print(params[0].tobytes().hex()[:16], cpu._check.stats.cache_hits.get(cpu._check.signatures[0], 0))
+if len(sys.argv) > 1:  # a reference-path step: NumPy's fused multiply-add, numba's ufunc
+    cpu.COMPILE_AFTER = None
+    small = [np.ones(3)]
+    uo.update_(uo.setup(uo.sgd(lr=0.1, momentum=0.9), small), small, [np.ones(3)])
 """
 
 
@@ -268,6 +272,9 @@ def test_numbas_places_refused_keep_the_drivers_machine_code_in_the_cache_dir(
     assert uncached.stdout.split() == [first.stdout.split()[0], "0"]
     said = f"RuntimeWarning: uniopt: compiled code is not cached in {tmp_path / 'file'}"
     assert uncached.stderr.count(said) == 1, uncached.stderr
+    # (the ufunc, which numba caches itself, says how to give numba a place)
+    assert uncached.stderr.count("not cached in numba's cache directories") == 1
+    assert "$NUMBA_CACHE_DIR sets where numba caches it." in uncached.stderr
     # (the user's line: the import, not uniopt's)
     line = _NOWHERE.splitlines().index("import uniopt as uo") + 1
     assert uncached.stderr.startswith(f"<string>:{line}: RuntimeWarning"), uncached.stderr
@@ -279,7 +286,7 @@ def test_a_full_disk_runs_the_loop_uncached_with_one_warning(
     compiled in memory, one warning names the directory, and no temporary file is left."""
     from numba.core.caching import IndexDataCacheFile
 
-    monkeypatch.setattr(jitcache, "_warned", False, raising=False)
+    monkeypatch.setattr(jitcache, "_warned", set())
     open_ = pathlib.Path.open
 
     def full(self: pathlib.Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
@@ -338,7 +345,7 @@ def test_a_damaged_cache_file_is_compiled_anew_and_saved_over(
 def test_a_cache_directory_that_cannot_be_written_is_named_in_a_warning(
         monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """A read-only cache (a shared mount): every process compiles anew, and is told why."""
-    monkeypatch.setattr(jitcache, "_warned", False, raising=False)
+    monkeypatch.setattr(jitcache, "_warned", set())
     monkeypatch.setenv("UNIOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu.os, "access", lambda path, mode: False)  # (root writes anything)
     with pytest.warns(RuntimeWarning, match="UNIOPT_CACHE_DIR") as caught:

@@ -107,18 +107,18 @@ def callers_level(*also: str) -> int:
     return level
 
 
-_warned = False
+_warned: set[str] = set()
 
 
-def uncached(where: Any, why: Any) -> None:
-    """Warn, once per process, that compiled code could not be cached in ``where`` (``why``):
-    it runs, but every process compiles it anew."""
-    global _warned
-    if not _warned:
-        _warned = True
+def uncached(where: Any, why: Any,
+             hint: str = "$UNIOPT_CACHE_DIR sets where uniopt caches its loops.") -> None:
+    """Warn, once per process (and ``hint``: how to give it a place, uniopt's or numba's), that
+    compiled code could not be cached in ``where`` (``why``): it runs, but every process
+    compiles it anew."""
+    if hint not in _warned:
+        _warned.add(hint)
         warnings.warn(f"uniopt: compiled code is not cached in {where} ({why}); it runs, but "
-                      "every process compiles it anew. $UNIOPT_CACHE_DIR sets where uniopt "
-                      "caches its loops.", RuntimeWarning,
+                      f"every process compiles it anew. {hint}", RuntimeWarning,
                       # (the user's line: an import's, or a step's, past numba's frames, which
                       # save what it compiled)
                       stacklevel=callers_level(_numba_dir()))

@@ -47,7 +47,9 @@ def _fma_ufunc() -> Any:
     try:
         fma: Any = numba.vectorize(signatures, cache=True)(kernel)
     except RuntimeError as e:  # no place numba caches it in: compiled in this process
-        jitcache.uncached("numba's cache directories", e)
+        # (numba builds a ufunc's cache itself, not through jitcache's: its own directory)
+        jitcache.uncached("numba's cache directories", e,
+                          "$NUMBA_CACHE_DIR sets where numba caches it.")
         fma = numba.vectorize(signatures)(kernel)
 
     # NumPy's ufunc of the two compiled loops: numba's wrapper adds a Python call that looks

@@ -909,16 +909,18 @@ class _Derived(_Named):
         changed them meanwhile. By the parameter's id and a weak reference to it (a parameter
         that is gone keeps nothing, and its id may be another's)."""
         parked = vars(self).get("_parked")
-        if not retired and not parked:
+        if parked:
+            for key in [k for k, (ref, _, _) in parked.items() if ref() is None]:
+                del parked[key]
+        if not retired:  # (a step whose groups kept their parameters: the common one)
             return
         parked = vars(self).setdefault("_parked", {})
-        for key in [k for k, (ref, _, _) in parked.items() if ref() is None]:
-            del parked[key]
         held = {id(q) for rec in self._records().values() for q in rec.params}
         for rec in retired:
             for i, q in enumerate(rec.params):
                 count = float(rec.counts[i])
                 old = parked.get(id(q))
+                # (a count below 0: numbers never known for it, derived when it steps)
                 if id(q) not in held and count >= 0 and (old is None or count > old[2]):
                     parked[id(q)] = (weakref.ref(q), rec.values[i].copy(), count)
 

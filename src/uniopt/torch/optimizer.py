@@ -580,9 +580,9 @@ class Optimizer(torch.optim.Optimizer):
                 rule = self._group_rule(group)
             except (ValueError, TypeError) as e:
                 if type(e) not in (ValueError, TypeError):
-                    raise
-                # a value written into a group since (a lr's or betas' is named so already, as
-                # a value the rule reads where it is)
+                    raise  # (a subclass may take other arguments than a message)
+                # a value written into a group since; a message that names a group already (a
+                # lr's or betas', read where it is) is left as it is
                 at = next((i for i, g in enumerate(self.param_groups) if g is group), None)
                 if at is None or "param group" in str(e):
                     raise
