@@ -161,6 +161,12 @@ def on_host(x: Any) -> Any:
     return x.read() if isinstance(x, DeviceNumber) else x
 
 
+def unpaired(x: Any) -> Any:
+    """``x``, or the number of a :class:`Complemented` pair (a rule rebuilt from a JAX state
+    holds its numbers so): for what takes the number alone, a slot's first value."""
+    return x.value if isinstance(x, Complemented) else x
+
+
 def has_schedule(v: Any) -> bool:
     """Whether hyperparameter value ``v`` (a number, a schedule or a tuple of them) schedules."""
     return any(callable(x) for x in v) if isinstance(v, tuple) else callable(v)

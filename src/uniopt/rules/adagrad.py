@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from ..base import Elementwise, Info, Rule, Transform
-from ..hyper import NONNEG, Complemented, hyper, on_host, static
+from ..hyper import NONNEG, hyper, on_host, static, unpaired
 from ..moments import fma, select
 from ..transforms.decay import check_decay_form, decayed
 
@@ -39,8 +39,7 @@ class scale_by_adagrad(Elementwise):
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         if not self.start_at_eps:
             return (xp.full_like(p, self.initial_accumulator_value),)
-        eps = self.eps.value if isinstance(self.eps, Complemented) else self.eps
-        return (xp.full_like(p, float(on_host(eps))),)
+        return (xp.full_like(p, float(on_host(unpaired(self.eps)))),)
 
     def coeffs(self, step: int) -> Any:
         return AdagradCoeffs(clr=self.lr / (1.0 + step * self.lr_decay), eps=self.eps)

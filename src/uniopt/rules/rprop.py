@@ -9,12 +9,12 @@ from ..backend import is_torch
 from ..base import Elementwise, Info, Rule, Transform
 from ..hyper import (
     NONNEG,
-    Complemented,
     DeviceNumber,
     Interval,
     carries_derivative,
     hyper,
     resolve,
+    unpaired,
 )
 from ..moments import select
 
@@ -80,9 +80,7 @@ class scale_by_rprop(Elementwise):
         _check(self.name, self.etas, self.step_sizes, self.remember, self.stale_update)
 
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
-        lr = resolve(self.lr, 0)
-        if isinstance(lr, Complemented):  # (a rule rebuilt from a JAX state: its number)
-            lr = lr.value
+        lr = unpaired(resolve(self.lr, 0))
         if isinstance(lr, DeviceNumber) and is_torch(lr.array):
             # torch's full_like takes a Python number: a tensor read on the device (a capturable
             # group's) is read on the host once, here, where the state is made
