@@ -1326,8 +1326,8 @@ class Lane:
             loop = self.loop
         else:
             plan = resolve()
-            coefficients = np.array([x for _, c, _ in plan for x in c], self.compute)
-            loop = memo.get(("cpu", self.storage, "inplace", 0, *[type(c) for _, c, _ in plan]))
+            coefficients = _coefficients(plan, self.compute, len(params))
+            loop = memo.get(_loop_key(plan, self.storage, "inplace"))
         try:
             lists = [params, grads, *map(slots.__getitem__, self.keys)]
         except KeyError:

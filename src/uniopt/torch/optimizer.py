@@ -699,7 +699,7 @@ class Optimizer(torch.optim.Optimizer):
         try:
             if self._combined_rule:
                 if plans.recorded(self.defaults):
-                    # (a group's flag set since: its members step NumPy views, unrecorded)
+                    # (the optimizer's flag set since: its members step NumPy views, unrecorded)
                     raise RuntimeError(_no_recorded_combinator(self.rule))
                 combined.adopt(self)
                 rules = [self._rule(group)[0] for group in self.param_groups]

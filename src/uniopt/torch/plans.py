@@ -981,7 +981,7 @@ def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
 
 def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bool],
           sparse: list[bool], by_rows: bool, state: MutableMapping[Any, dict[str, Any]],
-          steps: Steps, tags: list[Any] | None = None, recorded: bool = False) -> Plan:
+          steps: Steps, tags: list[Any] | None, recorded: bool) -> Plan:
     """The plan of ``group``; ``by_rows``: sparse gradients update only their rows. ``tags``:
     per parameter, what else its run must share (hashable): parameters at one step count whose
     step takes other numbers (torch's per-parameter ``mu_product`` of NAdam) go in runs of
