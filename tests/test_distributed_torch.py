@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import faulthandler
 import json
 import os
 import queue
@@ -111,6 +112,7 @@ def _free_port() -> int:
 def _entry(rank: int, fn: Callable[..., None], world: int, port: int, out: str,
            args: tuple[Any, ...]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    faulthandler.enable(all_threads=True)  # a rank that crashes says where, in the test's output
     torch.set_num_threads(1)  # the sharded and unsharded runs' matmuls alike, and 2 cores shared
     # every step on the compiled loop, sharded or not (small steps would take the reference
     # path in the test suite, see conftest)
@@ -213,6 +215,10 @@ def _serve() -> None:
     import torch.multiprocessing as mp
 
     cpu.COMPILE_AFTER, cpu.PARALLEL_MIN = None, 1 << 62
+    # no OpenMP workers to fork beside this thread: torch's pool, started by the first matmul
+    # of the loops compiled here, is not fork-safe (a rank aborted, "double free or corruption",
+    # once in some ten CI runs while the launcher held it); the ranks run on one thread anyway
+    torch.set_num_threads(1)
     done: set[str] = set()
     for line in sys.stdin:
         spec = json.loads(line)
