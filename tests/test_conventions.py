@@ -297,6 +297,80 @@ def test_no_exact_translation_is_explained():
     assert not tr.exact and "no exact translation" in tr.explanation and "μ" in tr.explanation
 
 
+def _continued(rule, state, p, steps):
+    """``steps`` more updates of ``rule`` from ``state`` on the quadratic; the trajectory."""
+    a, p, out = np.resize(A, p["x"].shape), {"x": p["x"].copy()}, []
+    for _ in range(steps):
+        state, p = uo.update(state, p, {"x": a * p["x"]})
+        out.append(p["x"])
+    return np.array(out)
+
+
+def _carried(tr, rule, state, p):
+    """``state`` of ``rule`` as a state of its translation ``tr.rule``: the step, and every
+    slot and tree state under the key that holds it there (the translation's ``state`` names
+    each that differs); the numbers as they are."""
+    slots = {b: state.slots[a] for (a, _), (b, _) in zip(rule.slot_keys, tr.rule.slot_keys,
+                                                          strict=True)}
+    trees = {b: state.tree_states[a] for a, b in zip(rule.tree_layout, tr.rule.tree_layout,
+                                                     strict=True)}
+    return dataclasses.replace(uo.setup(tr.rule, p), step=state.step, slots=slots,
+                               tree_states=trees)
+
+
+def test_a_state_carried_mid_run_as_the_translation_says_steps_on_as_the_source():
+    """Every exact translation between conventions, moved after 7 steps: the source's state
+    under the target's keys (the translation names each one that differs) continues the
+    source's run where the translation says nothing more of the state; where it says more (a
+    buffer scaled by lr, a sum of weights rescaled) the state as it is does not."""
+    said = 0
+    for name, cls in _tables().items():
+        for src, tgt in itertools.permutations(cls.conventions, 2):
+            try:
+                rule = conventions.build(name, src, lr=0.05)
+            except TypeError:
+                continue
+            tr = uo.translate(rule, target=tgt)
+            if not tr.exact:
+                continue
+            p = {"x": np.array([1.0, -2.0, 0.5, 3.0])}
+            state = uo.setup(rule, p)
+            for _ in range(7):
+                state, p = uo.update(state, p, {"x": A * p["x"]})
+            for (a, _), (b, _) in zip(rule.slot_keys, tr.rule.slot_keys, strict=True):
+                assert a == b or f"{a} -> {b}" in tr.state, (name, src, tgt, tr.state)
+            moved = _continued(tr.rule, _carried(tr, rule, state, p), p, 20)
+            stayed = _continued(rule, state, p, 20)
+            numbers = [c for c in tr.state.split("; ") if c and not c.startswith("slots:")
+                       and not c.endswith(": the same")]
+            if numbers:
+                said += 1
+                assert not np.allclose(moved, stayed, rtol=1e-12, atol=1e-15), (name, src, tgt)
+            else:
+                np.testing.assert_allclose(moved, stayed, rtol=1e-12, atol=1e-15,
+                                           err_msg=f"{name}: {src} -> {tgt}, {tr.state!r}")
+    assert said >= 2  # SGD's buffer, schedule-free's sum of weights at least
+
+
+def test_schedule_free_adamw_to_keras_mid_run_rescales_its_sum_of_weights():
+    """Meta's schedule-free AdamW weighs each step by lr_max**2, keras's by 1: the tree state's
+    running sum of the weights, rescaled as the translation says, continues the run exactly."""
+    lr = 0.05
+    rule = uo.schedule_free_adamw(lr=lr)
+    tr = uo.translate(rule, target="keras")
+    assert tr.exact and "weight_sum: times its lr_max**(0.0 - 2.0)" in tr.state
+    p = {"x": np.array([1.0, -2.0, 0.5, 3.0])}
+    state = uo.setup(rule, p)
+    for _ in range(10):
+        state, p = uo.update(state, p, {"x": A * p["x"]})
+    carried = _carried(tr, rule, state, p)
+    tree = carried.tree_states["scale_by_schedule_free"]
+    rescaled = dataclasses.replace(carried, tree_states={"scale_by_schedule_free": {
+        **tree, "weight_sum": tree["weight_sum"] * tree["lr_max"] ** (0.0 - 2.0)}})
+    np.testing.assert_allclose(_continued(tr.rule, rescaled, p, 30),
+                               _continued(rule, state, p, 30), rtol=1e-13, atol=1e-15)
+
+
 def test_a_rule_name_is_built_in_the_source_convention():
     tr = uo.translate("adagrad", source="keras", target="optax")
     assert tr.exact and tr.rule == uo.adagrad(convention="optax", lr=1e-3)

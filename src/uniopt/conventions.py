@@ -518,10 +518,12 @@ def _lagged_step_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _S
 
 def _weight_lr_power(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
     lr, warm = rule.lr, rule.warmup_steps  # type: ignore[attr-defined]
+    # the tree state's weight_sum is the running sum of the weights, each lr_max**power: a run
+    # moved mid-way carries it rescaled (the ratio of each step's weight to it is unchanged)
     return _Step(_number(lr) and warm == 0, "constant lr, warmup_steps = 0", (
         "the average weighs step t by the largest lr_t so far to the power weight_lr_power "
         f"({old!r} here, {new!r} there): the same weights, 1/t each, while that largest lr is "
-        "the same at every step"))
+        "the same at every step"), f"weight_sum: times its lr_max**({new!r} - {old!r})")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -793,8 +795,25 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
         conditions = "; ".join(f"{k}: {s.conditions}" for k, s in steps
                                if not s.exact and s.conditions)
         conditions = f"would be exact with {conditions}" if conditions else ""
-    state = "; ".join(s.state for _, s in steps if s.state)
+    state = "; ".join([*(s.state for _, s in steps if s.state), *_renamed(rule, out)])
     return Translation(out, source, target, exact, conditions, explanation, state)
+
+
+def _renamed(a: Rule, b: Rule) -> list[str]:
+    """How the state's keys of rule ``a`` map to those of its translation ``b``, where they
+    differ (another part holds a slot: keras's ``scale_by_adam_eps_hat`` for Adam's moments):
+    a state carried across goes under the new keys (:func:`uniopt.save` files are keyed so)."""
+    out = []
+    for what, xs, ys in (("slots", [k for k, _ in a.slot_keys], [k for k, _ in b.slot_keys]),
+                         ("tree_states", list(a.tree_layout), list(b.tree_layout))):
+        if xs == ys:
+            continue
+        if len(xs) == len(ys):  # (the same slots in the same order, under another part)
+            out.append(f"{what}: " + ", ".join(f"{x} -> {y}" for x, y in zip(xs, ys, strict=True)
+                                               if x != y))
+        else:
+            out.append(f"{what}: {', '.join(xs) or 'none'} here, {', '.join(ys) or 'none'} there")
+    return out
 
 
 def _value(v: Any) -> str:
