@@ -436,6 +436,28 @@ def test_a_numpy_checkpoint_loads_into_jax_and_a_jitted_one_back(path: str) -> N
     assert_same(uo.load(path, like=(RULE, params)), again)
 
 
+def test_an_eager_checkpoint_loads_like_a_jitted_state(path: str) -> None:
+    """The other way round: like a JAX state that went through ``jax.jit`` (its numbers float32,
+    with their complements), a file of the same rule saved without jit loads (it was refused as
+    "a state for another rule": 0.9 in the checkpoint, 0.8999999761581421 in like), and a file
+    of a rule whose number differs by more than that rounding is still refused."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    state, params = stepped(RULE, rng_tree(0, np.float32))
+    uo.save(path, state, params=params)
+    jparams = jax.tree.map(jnp.asarray, params)
+    jitted, _ = jax.jit(uo.update)(uo.setup(RULE, jparams), jparams,
+                                   jax.tree.map(jnp.asarray, grads(params, 5)))
+    back = uo.load(path, like=jitted)
+    assert int(back.step) == 3
+    assert_same(dataclasses.replace(back, step=3), state, library=False)
+    other = uo.chain(uo.clip_by_global_norm(1.0),
+                     uo.adamw(lr=S.warmup(2, S.cosine(1e-2, steps=10)), weight_decay=0.1001))
+    uo.save(path, stepped(other, rng_tree(0, np.float32))[0])
+    with pytest.raises(CheckpointError, match=r"another rule: .*weight_decay is 0\.1001"):
+        uo.load(path, like=jitted)
+
+
 @pytest.mark.parametrize("rule", [uo.rprop(lr=1e-3), uo.adagrad(lr=0.1, eps=1e-3)],
                          ids=["rprop", "adagrad"])
 def test_a_jitted_state_of_a_rule_whose_slots_start_from_a_number_loads_like_params(

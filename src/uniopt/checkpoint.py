@@ -453,12 +453,13 @@ def _short(x: Any) -> str:
 
 def _diff(a: Any, b: Any, at: str, lenient: bool = False) -> str | None:
     """Where data ``a`` (the checkpoint's) and ``b`` (like's) first differ, or None. Where
-    ``a``'s record went through jax.jit (``lenient``), a number equals ``b``'s rounded to
-    float32, which is all that jit kept of it."""
+    either's record went through jax.jit (``lenient``), a number equals the other's rounded to
+    float32, which is all that jit kept of it (a jitted run's file and a fresh rule's like, or
+    an eager run's file and a jitted run's state as like)."""
     if isinstance(a, dict) and isinstance(b, dict) and a.get("$") == b.get("$") == "record":
         if a.get("type") != b.get("type"):
             return f"{at} is {a.get('type')} in the checkpoint, {b.get('type')} in like"
-        lenient = "host" in a
+        lenient = "host" in a or "host" in b
         fa, fb = a.get("fields"), b.get("fields")
         if not isinstance(fa, dict) or not isinstance(fb, dict):
             return f"{at}'s fields are {_short(fa)} in the checkpoint"
@@ -485,8 +486,8 @@ def _diff(a: Any, b: Any, at: str, lenient: bool = False) -> str | None:
         return None
     if type(a) is int and type(b) is float and a == b:
         return None  # (a number a later version keeps as the float it equals: 6 then, 6.0 now)
-    if lenient and type(a) is float and isinstance(b, (int, float)) and \
-            float(np.float32(b)) == a:
+    if lenient and type(a) in (int, float) and type(b) in (int, float) and (
+            float(np.float32(b)) == a or float(np.float32(a)) == b):
         return None
     return f"{at} is {_show_data(a)} in the checkpoint, {_show_data(b)} in like"
 
