@@ -2112,6 +2112,43 @@ def test_step_hooks_see_the_closure_as_it_was_passed_and_may_replace_it() -> Non
         ["closure"]
 
 
+def test_a_state_whose_param_names_differ_loads_by_position_with_a_warning() -> None:
+    """An optimizer made of ``named_parameters()`` saves each group's ``param_names``; loaded
+    into one whose parameters come in another order (each of the same shape), torch's
+    ``load_state_dict`` gives each position's state to the parameter there, silently (a's
+    moments to b). uniopt loads as torch does, and warns naming the first place the names
+    differ; where they agree, or one side has none, it says nothing."""
+    torch.manual_seed(0)
+    m = nn.ModuleDict({"a": nn.Linear(4, 4, bias=False), "b": nn.Linear(4, 4, bias=False)})
+    saving = ut.AdamW(m.named_parameters(), lr=1e-2)
+    m["a"].weight.grad, m["b"].weight.grad = torch.ones(4, 4), torch.zeros(4, 4)
+    saving.step()
+    sd = saving.state_dict()
+    assert sd["param_groups"][0]["param_names"] == ["a.weight", "b.weight"]
+    for named in (list(m.named_parameters()), list(m.parameters())):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ut.AdamW(named, lr=1e-2).load_state_dict(copy.deepcopy(sd))
+    for mod in (torch.optim, ut):
+        opt = mod.AdamW(list(reversed(list(m.named_parameters()))), lr=1e-2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.load_state_dict(copy.deepcopy(sd))
+        # the same numbers either way: a's moments went to b
+        assert torch.equal(opt.state[m["b"].weight]["exp_avg"], torch.full((4, 4), 0.1))
+        said = [str(w.message) for w in caught if "param_names" in str(w.message)]
+        if mod is ut:
+            assert said == [
+                "AdamW.load_state_dict: parameter group 0's param_names differ at position 0: "
+                "'a.weight' in the state, 'b.weight' here. The state of each position goes to "
+                "this optimizer's parameter at that position, as torch loads it (by position, "
+                "never by name): where the parameters were given in another order, reorder "
+                "them, or map the state by name with a load_state_dict pre-hook"]
+            assert caught[0].filename == __file__
+        else:
+            assert said == []
+
+
 def test_load_state_dict_pre_hooks_run_before_the_checks() -> None:
     """torch runs load pre-hooks first, on a shallow copy, so that a hook can adapt an old
     checkpoint: rename a slot, merge two saved groups into one. uniopt checked (and refused)

@@ -45,7 +45,7 @@ from ..transforms.average import Averaging, find_average, read_average
 from ..transforms.plateau import reduce_on_plateau
 from ..transforms.scale import scale
 from . import combined, plans
-from .state_dict import check_loadable
+from .state_dict import check_loadable, renamed
 
 _GRAD = operator.attrgetter("grad")
 
@@ -1164,6 +1164,10 @@ class Optimizer(torch.optim.Optimizer):
             if isinstance(state_dict.get("state"), dict):
                 state_dict["state"] = _group_states_in(state_dict["state"], groups)
         check_loadable(self, state_dict)
+        differ = renamed(self, state_dict)
+        if differ:
+            warnings.warn(differ, stacklevel=fast.callers_level(
+                os.path.dirname(torch.optim.__file__) + os.sep))
         for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups,
                                                 strict=True)):
             entry = state_dict["state"].get(combined.KEY.format(gi))

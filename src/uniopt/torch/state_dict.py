@@ -145,6 +145,29 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             )
 
 
+def renamed(opt: Loading, sd: Any) -> str | None:
+    """Where the state's ``param_names`` (kept by an optimizer made of ``named_parameters()``)
+    name another parameter than ``opt``'s at the same place, what to warn: torch's
+    ``load_state_dict`` goes by position and never looks at them, so a state saved with the
+    parameters in another order loads into the wrong ones (each of the same shape: others
+    are refused), silently. Not refused: torch loads it, and a model renamed since (a module
+    moved) keeps its order."""
+    for gi, (s, g) in enumerate(zip(sd["param_groups"], opt.param_groups, strict=True)):
+        saved, here = s.get("param_names"), g.get("param_names")
+        if not isinstance(saved, (list, tuple)) or not isinstance(here, (list, tuple)):
+            continue
+        at = next((j for j, (a, b) in enumerate(zip(saved, here, strict=False)) if a != b),
+                  None)
+        if at is not None:
+            return (f"{opt._name}.load_state_dict: parameter group {gi}'s param_names differ "
+                    f"at position {at}: {saved[at]!r} in the state, {here[at]!r} here. The "
+                    "state of each position goes to this optimizer's parameter at that "
+                    "position, as torch loads it (by position, never by name): where the "
+                    "parameters were given in another order, reorder them, or map the state "
+                    "by name with a load_state_dict pre-hook")
+    return None
+
+
 def _shape_of(groups: Any) -> str:
     """What a param_groups value that is no list of groups is, in a word or two."""
     if not isinstance(groups, (list, tuple)):
