@@ -906,8 +906,10 @@ class Optimizer(torch.optim.Optimizer):
             if "initial_lr" in group and callable(group.get("lr")):
                 raise TypeError(
                     f"{self._name}: param group {gi}'s lr is the uniopt schedule "
-                    f"{group['lr']!r} and a torch lr_scheduler drives it too (it set the "
-                    "group's 'initial_lr'): drive it with one of them"
+                    f"{group['lr']!r} and a torch lr_scheduler drives it too (the group "
+                    "holds the 'initial_lr' one sets): drive it with one of them; where no "
+                    "scheduler is attached (the key came with a loaded state_dict of a run "
+                    f"that had one), delete it: param_groups[{gi}].pop('initial_lr')"
                 )
             if plan is not None:
                 counts = plan.counts()
