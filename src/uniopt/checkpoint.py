@@ -1007,7 +1007,10 @@ def load(path: str | os.PathLike[str], like: Any, *, params: bool = False) -> An
             return like
         if ck.doc["kind"] != "state":
             raise CheckpointError(f"{ck.name} holds a torch optimizer's state_dict: load it "
-                                  "with like=optimizer")
+                                  "with like=optimizer (into uo.setup's state: fill its slots "
+                                  "from the optimizer's by rule.slot_keys, which pair each "
+                                  "with torch's name; the docs' 'Coming from torch.optim' shows "
+                                  "how)")
         out = _load_state(ck, like, params)
     if isinstance(like, State) and "_lazy_rule" in like.__dict__:
         # a state a framework rebuilt from leaves of its own (an NNX Optimizer's opt_state:
@@ -1593,7 +1596,9 @@ def _load_torch(ck: _File, opt: Any) -> None:
 
     if ck.doc["kind"] != "torch":
         raise CheckpointError(f"{ck.name} holds a uniopt State, not a torch optimizer's "
-                              "state_dict: load it with like=state, (rule, params) or params")
+                              "state_dict: load it with like=state, (rule, params) or params "
+                              "(into an optimizer: its state[p][name] from the slots, paired "
+                              "by rule.slot_keys; the docs' 'Coming from torch.optim' shows how)")
     infos: list[tuple[_Info, Any]] = []
 
     def tensor(name: str, at: str, cplx: bool) -> Any:
