@@ -753,6 +753,43 @@ def test_a_short_run_keeps_the_reference_path_until_compiling_pays(
         uo.update_(uo.setup(make(), params), params, grads)
 
 
+def test_the_small_steps_of_every_rule_of_one_loop_count_together(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """COMPILE_AFTER counts a loop's small steps over every rule that would run it: a
+    uniopt.torch optimizer of one-parameter groups (layer-wise learning rates) has a rule per
+    group, each small, and counted apart they ran the reference path for COMPILE_AFTER steps
+    each (ten times torch's for-loop, for 200,000 group steps with 100 groups). 12 groups,
+    COMPILE_AFTER 20: the loop from the 21st group step (in the second optimizer step), the
+    numbers torch's to the bit (SGD with momentum, whose arithmetic the two paths share)."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    from uniopt.fast import cpu
+
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", 20)
+    monkeypatch.setattr(cpu, "_WAITED", {})
+    monkeypatch.setenv("UNIOPT_CACHE_DIR", str(tmp_path))  # nothing on disk
+    monkeypatch.setattr(cpu, "_FUSED", {})  # nor compiled in this process
+    start = _tree(MLP) + _tree(MLP, seed=3)
+    ps = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    qs = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    groups = lambda xs: [{"params": [x], "lr": 0.1 * 0.8 ** i}  # noqa: E731
+                         for i, x in enumerate(xs)]
+    opt = ut.SGD(groups(ps), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    ref = torch.optim.SGD(groups(qs), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
+                          foreach=False)
+    ran = []
+    for k in range(5):
+        for p, q, g in zip(ps, qs, _tree(MLP + MLP, seed=10 + k), strict=True):
+            p.grad, q.grad = torch.tensor(g), torch.tensor(g)
+        before = cpu.STEPS
+        opt.step()
+        ref.step()
+        ran.append(cpu.STEPS - before)
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True)), k
+    assert ran == [0, 4, 12, 12, 12]  # (12 group steps, then 8 more on the reference path)
+
+
 @pytest.mark.usefixtures("small_steps_compiled")
 @pytest.mark.parametrize("name", ["NAdam", "ASGD"])
 def test_torch_classes_with_carried_numbers_keep_their_rule(name: str) -> None:

@@ -68,12 +68,18 @@ PARALLEL_MIN = 1 << 16  # elements; below this a step runs on one thread
 RUNS = 64
 # A step with fewer leaves and elements than these is small: it takes the compiled loop at once
 # where the loop is compiled already (in this process, or on disk from an earlier one), else
-# after COMPILE_AFTER small steps of its rule on the reference path. A compiled step of a small
-# model saves about 150 us, and compiling costs about a second: worth it from some 7,000 steps
-# on, so a training loop pays it once per rule and machine after its first 2,000 steps (0.3 s
-# on the reference path), and a short script (say, `uniopt compare`) never.
+# after COMPILE_AFTER small steps on the reference path of the rules that would run it. A
+# compiled step of a small model saves about 150 us, and compiling costs about a second: worth
+# it from some 7,000 steps on, so a training loop pays it once per loop and machine after its
+# first 2,000 steps (0.3 s on the reference path), and a short script (say, `uniopt compare`)
+# never. Counted per loop, not per rule: a uniopt.torch optimizer of 100 one-parameter groups
+# (layer-wise learning rates) has 100 rules of one loop, each small, which counted apart ran
+# 200,000 steps on the reference path (ten times torch's for-loop) before the first compiled.
 MIN_LEAVES, MIN_SIZE = 16, 1 << 14
 COMPILE_AFTER: int | None = 2000  # None: small steps always take the reference path
+# the small steps each loop's rules have made on the reference path in this process, by the
+# loop's key (_loop_key)
+_WAITED: dict[Any, int] = {}
 
 
 # machine code cached on disk is keyed by this module's source (the code generator and the
@@ -803,6 +809,14 @@ def _loop_key(plan: list[tuple[Any, Any, tuple[str, ...]]],
     return ("cpu", storage, mode, seg, *[type(c) for _, c, _ in plan])
 
 
+def _waited(key: Any) -> int:
+    """How many small steps the loop ``key`` has had on the reference path before this one,
+    which it counts."""
+    n = _WAITED.get(key, 0)
+    _WAITED[key] = n + 1
+    return n
+
+
 def _compiled(memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]],
               storage: tuple[str, str], mode: str, seg: int = 0) -> bool:
     """Whether the loop for ``plan`` (segment ``seg`` of its rule) is at hand without
@@ -1107,8 +1121,10 @@ def run(
         return f"{what} count" if why == _COUNT else f"{what} leaf {i} {REASONS[why]}"
     if small and memo.get("cpu-small", 0) < (COMPILE_AFTER or 0):
         if not _compiled(memo, plan, storage, "inplace"):
-            memo["cpu-small"] = memo.get("cpu-small", 0) + 1  # step() counts the next ones
-            return None
+            key = memo["cpu-small-key"] = _loop_key(plan, storage, "inplace")
+            if _waited(key) < (COMPILE_AFTER or 0):  # (of every rule of this loop)
+                memo["cpu-small"] = memo.get("cpu-small", 0) + 1  # step() counts the next ones
+                return None
         memo["cpu-small"] = COMPILE_AFTER  # at hand: every small step takes it
     if not inplace:
         # a pure step is the in-place loop run on copies: one compiled loop serves both
@@ -1596,8 +1612,11 @@ def step(
             return None
         if small and memo is not None:
             # a rule whose loop is not at hand yet: count the step, with no more work than that
+            # (where the loop's count is due, run resolves and compiles it)
             waited = memo.get("cpu-small", 0)
-            if COMPILE_AFTER is None or 0 < waited < COMPILE_AFTER:
+            if COMPILE_AFTER is None or 0 < waited < COMPILE_AFTER and (
+                    "cpu-small-key" not in memo
+                    or _waited(memo["cpu-small-key"]) < (COMPILE_AFTER or 0)):
                 memo["cpu-small"] = waited + 1
                 return None
     plan = resolve()
