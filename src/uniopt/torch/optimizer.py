@@ -204,6 +204,9 @@ class _GroupRule(NamedTuple):
 # (a learning rate that a StepLR or ReduceLROnPlateau changed, now and then)
 STEADY = 64
 
+# the plans a group keeps for other sets of its parameters with a gradient than the last step's
+SPARE_PLANS = 4
+
 
 class _GroupNumber:
     """A number of a param group as the group's rule reads it: at each step, the value the
@@ -426,6 +429,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def _reset_caches(self) -> None:
         self._plans: dict[int, plans.Plan] = {}
+        # each group's plans for other sets of parameters with a gradient, by that set (a
+        # run that alternates them: two adapters trained on alternate batches), each checked
+        # as the group's plan is before it steps again
+        self._spare_plans: dict[int, dict[tuple[bool, ...], plans.Plan]] = {}
         self._rules: dict[int, _GroupRule] = {}  # by id(group)
         self._steps: dict[int, plans.Steps] = {}
 
@@ -608,7 +615,7 @@ class Optimizer(torch.optim.Optimizer):
             for k in [k for k in given if k not in live]:
                 del given[k]
         n = len(self.param_groups)
-        for cache in (self._plans, self._steps):
+        for cache in (self._plans, self._steps, self._spare_plans):
             for gi in [gi for gi in cache if gi >= n]:
                 del cache[gi]
 
@@ -872,6 +879,8 @@ class Optimizer(torch.optim.Optimizer):
         grads = list(map(_GRAD, ps))
         has = list(map(operator.is_not, grads, itertools.repeat(None)))
         plan = self._plans.get(gi)
+        if plan is not None and plan.has != has:
+            plan = self._swap_plan(gi, plan, has)
         recorded = plans.recorded(self.defaults)
         if plan is not None and not plan.still_valid(self.state, group, ps, has, rule.layout,
                                                      recorded):
@@ -919,6 +928,28 @@ class Optimizer(torch.optim.Optimizer):
             resolved = {s: resolve(rule, s) for s in sorted(counts)}
             return _Job(gi, group, rule, grads, has, sparse, plan, views, resolved)
         return _Job(gi, group, rule, grads, has, sparse, plan, views)
+
+    def _swap_plan(self, gi: int, plan: plans.Plan, has: list[bool]) -> plans.Plan | None:
+        """Group ``gi``'s plan for the parameters ``has`` says have a gradient, kept from a step
+        that had them (None: none kept, a new one is made), ``plan`` kept in its place: where
+        the set changes at every step, remaking the plan cost more than torch's whole step
+        (some 300 us for a dozen tensors). A kept plan is checked as any plan is. Not for a
+        class whose runs are split by what each parameter carries (NAdam, ASGD)."""
+        if type(self)._run_tags is not Optimizer._run_tags:
+            # (NAdam's, ASGD's: runs split by the numbers each parameter carries, as they were
+            # when the plan was made; a new plan splits them as they are now)
+            del self._plans[gi]
+            return None
+        spares = self._spare_plans.setdefault(gi, {})
+        spares[tuple(plan.has)] = plan
+        found = spares.pop(tuple(has), None)
+        while len(spares) > SPARE_PLANS:
+            del spares[next(iter(spares))]  # (the least recently set aside)
+        if found is None:
+            del self._plans[gi]
+        else:
+            self._plans[gi] = found
+        return found
 
     def _run_tags(self, gi: int, group: dict[str, Any], has: list[bool]) -> list[Any] | None:
         """Per parameter of group ``gi``, what its run must share besides its step count (see
