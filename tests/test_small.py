@@ -753,13 +753,13 @@ def test_a_short_run_keeps_the_reference_path_until_compiling_pays(
         uo.update_(uo.setup(make(), params), params, grads)
 
 
-def test_the_small_steps_of_every_rule_of_one_loop_count_together(
+def test_the_small_steps_of_an_optimizers_groups_count_together(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
-    """COMPILE_AFTER counts a loop's small steps over every rule that would run it: a
-    uniopt.torch optimizer of one-parameter groups (layer-wise learning rates) has a rule per
-    group, each small, and counted apart they ran the reference path for COMPILE_AFTER steps
-    each (ten times torch's for-loop, for 200,000 group steps with 100 groups). 12 groups,
+    """COMPILE_AFTER counts a loop's small steps over every group of a uniopt.torch optimizer:
+    one-parameter groups (layer-wise learning rates) have a rule each, each step small, and
+    counted apart they ran the reference path for COMPILE_AFTER steps of the optimizer (ten
+    times torch's for-loop, for 2,000 steps with 100 groups). 12 groups,
     COMPILE_AFTER 20: the loop from the 21st group step (in the second optimizer step), the
     numbers torch's to the bit (SGD with momentum, whose arithmetic the two paths share)."""
     torch = pytest.importorskip("torch")
@@ -767,7 +767,6 @@ def test_the_small_steps_of_every_rule_of_one_loop_count_together(
     from uniopt.fast import cpu
 
     monkeypatch.setattr(cpu, "COMPILE_AFTER", 20)
-    monkeypatch.setattr(cpu, "_WAITED", {})
     monkeypatch.setenv("UNIOPT_CACHE_DIR", str(tmp_path))  # nothing on disk
     monkeypatch.setattr(cpu, "_FUSED", {})  # nor compiled in this process
     start = _tree(MLP) + _tree(MLP, seed=3)
@@ -788,6 +787,14 @@ def test_the_small_steps_of_every_rule_of_one_loop_count_together(
         ran.append(cpu.STEPS - before)
         assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True)), k
     assert ran == [0, 4, 12, 12, 12]  # (12 group steps, then 8 more on the reference path)
+    # rules apart (a script's runs, a search's trials: `uniopt compare`'s 2,000 updates a
+    # problem) count apart: three rules of another loop, 8 small steps each, compile nothing
+    params, g = _tree(MLP), _tree(MLP, seed=1)
+    with expect_compiled(0):
+        for _ in range(3):
+            state = uo.setup(uo.sgd(lr=0.1, momentum=0.5), params)
+            for _ in range(8):
+                state = uo.update_(state, params, g)
 
 
 @pytest.mark.usefixtures("small_steps_compiled")

@@ -72,14 +72,12 @@ RUNS = 64
 # compiled step of a small model saves about 150 us, and compiling costs about a second: worth
 # it from some 7,000 steps on, so a training loop pays it once per loop and machine after its
 # first 2,000 steps (0.3 s on the reference path), and a short script (say, `uniopt compare`)
-# never. Counted per loop, not per rule: a uniopt.torch optimizer of 100 one-parameter groups
-# (layer-wise learning rates) has 100 rules of one loop, each small, which counted apart ran
-# 200,000 steps on the reference path (ten times torch's for-loop) before the first compiled.
+# never. Rules that share a count (a dict in their memos under "cpu-small-shared", by loop
+# key) count together: a uniopt.torch optimizer's groups, 100 one-parameter groups (layer-wise
+# learning rates) a rule each, which counted apart ran 2,000 steps of the optimizer on the
+# reference path (ten times torch's for-loop) before the first compiled.
 MIN_LEAVES, MIN_SIZE = 16, 1 << 14
 COMPILE_AFTER: int | None = 2000  # None: small steps always take the reference path
-# the small steps each loop's rules have made on the reference path in this process, by the
-# loop's key (_loop_key)
-_WAITED: dict[Any, int] = {}
 
 
 # machine code cached on disk is keyed by this module's source (the code generator and the
@@ -809,12 +807,14 @@ def _loop_key(plan: list[tuple[Any, Any, tuple[str, ...]]],
     return ("cpu", storage, mode, seg, *[type(c) for _, c, _ in plan])
 
 
-def _waited(key: Any) -> int:
-    """How many small steps the loop ``key`` has had on the reference path before this one,
+def _waited(memo: dict[Any, Any]) -> int:
+    """How many small steps the rules that share ``memo``'s count (``memo["cpu-small-shared"]``)
+    have had on the reference path with its loop (``memo["cpu-small-key"]``) before this one,
     which it counts."""
-    n = _WAITED.get(key, 0)
-    _WAITED[key] = n + 1
-    return n
+    shared, key = memo["cpu-small-shared"], memo["cpu-small-key"]
+    n = shared.get(key, 0)
+    shared[key] = n + 1
+    return int(n)
 
 
 def _compiled(memo: dict[Any, Any], plan: list[tuple[Any, Any, tuple[str, ...]]],
@@ -1121,8 +1121,10 @@ def run(
         return f"{what} count" if why == _COUNT else f"{what} leaf {i} {REASONS[why]}"
     if small and memo.get("cpu-small", 0) < (COMPILE_AFTER or 0):
         if not _compiled(memo, plan, storage, "inplace"):
-            key = memo["cpu-small-key"] = _loop_key(plan, storage, "inplace")
-            if _waited(key) < (COMPILE_AFTER or 0):  # (of every rule of this loop)
+            shared = memo.get("cpu-small-shared")
+            if shared is not None:
+                memo["cpu-small-key"] = _loop_key(plan, storage, "inplace")
+            if shared is None or _waited(memo) < (COMPILE_AFTER or 0):
                 memo["cpu-small"] = memo.get("cpu-small", 0) + 1  # step() counts the next ones
                 return None
         memo["cpu-small"] = COMPILE_AFTER  # at hand: every small step takes it
@@ -1615,8 +1617,7 @@ def step(
             # (where the loop's count is due, run resolves and compiles it)
             waited = memo.get("cpu-small", 0)
             if COMPILE_AFTER is None or 0 < waited < COMPILE_AFTER and (
-                    "cpu-small-key" not in memo
-                    or _waited(memo["cpu-small-key"]) < (COMPILE_AFTER or 0)):
+                    "cpu-small-key" not in memo or _waited(memo) < (COMPILE_AFTER or 0)):
                 memo["cpu-small"] = waited + 1
                 return None
     plan = resolve()

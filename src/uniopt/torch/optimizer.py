@@ -433,6 +433,9 @@ class Optimizer(torch.optim.Optimizer):
         # run that alternates them: two adapters trained on alternate batches), each checked
         # as the group's plan is before it steps again
         self._spare_plans: dict[int, dict[tuple[bool, ...], plans.Plan]] = {}
+        # the small steps the groups' rules have made on the reference path, by loop, counted
+        # together (uniopt.fast.cpu.COMPILE_AFTER): a group's step is small, 100 groups' are not
+        self._small_steps: dict[Any, int] = {}
         self._rules: dict[int, _GroupRule] = {}  # by id(group)
         self._steps: dict[int, plans.Steps] = {}
 
@@ -600,6 +603,7 @@ class Optimizer(torch.optim.Optimizer):
             self._forget_removed_groups()  # (a new group where the cache has one too many)
         self._rules[id(group)] = _GroupRule(group, raw, rule, scheduled, by_value, key, form,
                                             read, steady)
+        rule.memo.setdefault("cpu-small-shared", self._small_steps)
         return rule, scheduled
 
     def _forget_removed_groups(self) -> None:
