@@ -456,6 +456,15 @@ def test_an_eager_checkpoint_loads_like_a_jitted_state(path: str) -> None:
     uo.save(path, stepped(other, rng_tree(0, np.float32))[0])
     with pytest.raises(CheckpointError, match=r"another rule: .*weight_decay is 0\.1001"):
         uo.load(path, like=jitted)
+    # an integer field is kept exact by jit: one that differs is another rule's, however large
+    params = {"w": np.ones(3, np.float32)}
+    lag = uo.schedule_free_adamw(lr=1e-2, warmup_steps=2**24 + 1)
+    uo.save(path, uo.setup(lag, params))
+    jp = jax.tree.map(jnp.asarray, params)
+    like, _ = jax.jit(uo.update)(uo.setup(uo.schedule_free_adamw(lr=1e-2, warmup_steps=2**24),
+                                          jp), jp, jax.tree.map(jnp.ones_like, jp))
+    with pytest.raises(CheckpointError, match="warmup_steps is 16777217 in the checkpoint"):
+        uo.load(path, like=like)
 
 
 @pytest.mark.parametrize("rule", [uo.rprop(lr=1e-3), uo.adagrad(lr=0.1, eps=1e-3)],

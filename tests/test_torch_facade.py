@@ -607,6 +607,51 @@ def test_parameters_that_get_gradients_in_turn_keep_a_plan_each(
     assert len(built) == 6, built
 
 
+def test_plans_set_aside_let_go_of_what_they_hold() -> None:
+    """A group's plans for other sets of parameters with a gradient hold views of parameters
+    and slots: a group popped (its state dropped) is let go at the next step, not kept while
+    another group steps in its place; a set that stopped training is let go after SPARE_AGE
+    steps of the others, with a slot replaced meanwhile."""
+    import gc
+    import weakref
+
+    from uniopt.torch import optimizer
+
+    big = [nn.Parameter(torch.zeros(5)) for _ in range(2)]
+    small = nn.Parameter(torch.zeros(3))
+    opt = ut.SGD([{"params": big}, {"params": [small]}], lr=0.1, momentum=0.9)
+    for t in range(4):  # the big group's two parameters in turn: a plan set aside
+        for i, p in enumerate(big):
+            p.grad = torch.ones(5) if i == t % 2 else None
+        small.grad = torch.ones(3)
+        opt.step()
+    gone = weakref.ref(big[0])
+    opt.param_groups.pop(0)
+    for p in big:
+        opt.state.pop(p, None)
+    del big, p
+    small.grad = torch.ones(3)
+    opt.step()
+    gc.collect()
+    assert gone() is None
+    ps = [nn.Parameter(torch.zeros(4)) for _ in range(2)]
+    opt = ut.SGD(ps, lr=0.1, momentum=0.9)
+    for t in range(4):
+        for i, p in enumerate(ps):
+            p.grad = torch.ones(4) if i == t % 2 else None
+        opt.step()
+    slot = opt.state[ps[0]]["momentum_buffer"]
+    opt.state[ps[0]]["momentum_buffer"] = slot.clone()
+    replaced = weakref.ref(slot)
+    del slot
+    ps[0].grad = None
+    for k in range(optimizer.SPARE_AGE + 1):
+        ps[1].grad = torch.ones(4)
+        opt.step()
+        gc.collect()
+        assert (replaced() is None) == (k == optimizer.SPARE_AGE), k
+
+
 def test_numbers_written_into_a_group_take_effect_at_the_next_step() -> None:
     def before(opt: Any, s: int) -> None:
         opt.param_groups[0]["lr"] = 0.1 / (s + 1)
@@ -2187,6 +2232,15 @@ def test_a_state_whose_param_names_differ_loads_by_position_with_a_warning() -> 
             assert caught[0].filename == __file__
         else:
             assert said == []
+    # names a wrapper put in (a compiled model's _orig_mod., DDP's module.) are the same names:
+    # resumed without it, in the same order, nothing is said; in another order, it is
+    prefixed = copy.deepcopy(sd)
+    prefixed["param_groups"][0]["param_names"] = ["_orig_mod.a.weight", "module.b.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ut.AdamW(m.named_parameters(), lr=1e-2).load_state_dict(copy.deepcopy(prefixed))
+    with pytest.warns(UserWarning, match="'a.weight' in the state, 'b.weight' here"):
+        ut.AdamW(list(reversed(list(m.named_parameters()))), lr=1e-2).load_state_dict(prefixed)
 
 
 def test_load_state_dict_pre_hooks_run_before_the_checks() -> None:

@@ -204,8 +204,9 @@ class _GroupRule(NamedTuple):
 # (a learning rate that a StepLR or ReduceLROnPlateau changed, now and then)
 STEADY = 64
 
-# the plans a group keeps for other sets of its parameters with a gradient than the last step's
-SPARE_PLANS = 4
+# the plans a group keeps for other sets of its parameters with a gradient than the last step's,
+# for as many steps of the group with one set in a row
+SPARE_PLANS, SPARE_AGE = 4, 16
 
 
 class _GroupNumber:
@@ -432,7 +433,9 @@ class Optimizer(torch.optim.Optimizer):
         # each group's plans for other sets of parameters with a gradient, by that set (a
         # run that alternates them: two adapters trained on alternate batches), each checked
         # as the group's plan is before it steps again
-        self._spare_plans: dict[int, dict[tuple[bool, ...], plans.Plan]] = {}
+        # (each: the group, its plans by set, and the steps since one was last set aside)
+        self._spare_plans: dict[int, tuple[dict[str, Any],
+                                           dict[tuple[bool, ...], plans.Plan], list[int]]] = {}
         # the small steps the groups' rules have made on the reference path, by loop, counted
         # together (uniopt.fast.cpu.COMPILE_AFTER): a group's step is small, 100 groups' are not
         self._small_steps: dict[Any, int] = {}
@@ -884,7 +887,9 @@ class Optimizer(torch.optim.Optimizer):
         has = list(map(operator.is_not, grads, itertools.repeat(None)))
         plan = self._plans.get(gi)
         if plan is not None and plan.has != has:
-            plan = self._swap_plan(gi, plan, has)
+            plan = self._swap_plan(gi, group, plan, has)
+        elif gi in self._spare_plans:
+            self._age_spares(gi, group)
         recorded = plans.recorded(self.defaults)
         if plan is not None and not plan.still_valid(self.state, group, ps, has, rule.layout,
                                                      recorded):
@@ -933,27 +938,46 @@ class Optimizer(torch.optim.Optimizer):
             return _Job(gi, group, rule, grads, has, sparse, plan, views, resolved)
         return _Job(gi, group, rule, grads, has, sparse, plan, views)
 
-    def _swap_plan(self, gi: int, plan: plans.Plan, has: list[bool]) -> plans.Plan | None:
+    def _swap_plan(self, gi: int, group: dict[str, Any], plan: plans.Plan, has: list[bool]
+                   ) -> plans.Plan | None:
         """Group ``gi``'s plan for the parameters ``has`` says have a gradient, kept from a step
         that had them (None: none kept, a new one is made), ``plan`` kept in its place: where
         the set changes at every step, remaking the plan cost more than torch's whole step
-        (some 300 us for a dozen tensors). A kept plan is checked as any plan is. Not for a
-        class whose runs are split by what each parameter carries (NAdam, ASGD)."""
-        if type(self)._run_tags is not Optimizer._run_tags:
+        (some 300 us for a dozen tensors). A kept plan is checked as any plan is. Only plans of
+        this ``group`` are kept (one of a group popped since holds its parameters and state),
+        and not for a class whose runs are split by what each parameter carries (NAdam,
+        ASGD)."""
+        del self._plans[gi]
+        spares = self._spare_plans.get(gi)
+        if spares is not None and spares[0] is not group:
+            del self._spare_plans[gi]
+            spares = None
+        if plan.group is not group or type(self)._run_tags is not Optimizer._run_tags:
             # (NAdam's, ASGD's: runs split by the numbers each parameter carries, as they were
             # when the plan was made; a new plan splits them as they are now)
-            del self._plans[gi]
             return None
-        spares = self._spare_plans.setdefault(gi, {})
-        spares[tuple(plan.has)] = plan
-        found = spares.pop(tuple(has), None)
-        while len(spares) > SPARE_PLANS:
-            del spares[next(iter(spares))]  # (the least recently set aside)
-        if found is None:
-            del self._plans[gi]
-        else:
+        if spares is None:
+            spares = self._spare_plans[gi] = (group, {}, [0])
+        kept = spares[1]
+        kept[tuple(plan.has)] = plan
+        found = kept.pop(tuple(has), None)
+        while len(kept) > SPARE_PLANS:
+            del kept[next(iter(kept))]  # (the least recently set aside)
+        spares[2][0] = 0
+        if found is not None:
             self._plans[gi] = found
         return found
+
+    def _age_spares(self, gi: int, group: dict[str, Any]) -> None:
+        """Group ``gi`` (``group``) stepped with the set of parameters of its last step: after
+        :data:`SPARE_AGE` such steps in a row, its plans set aside are let go (with the views
+        they hold of parameters and slots that may have been replaced since: a set of
+        parameters that stopped training, an adapter trained in a first stage only); at once
+        where they are another group's (one popped since, whose place this group took)."""
+        spares = self._spare_plans[gi]
+        spares[2][0] += 1
+        if spares[2][0] > SPARE_AGE or spares[0] is not group:
+            del self._spare_plans[gi]
 
     def _run_tags(self, gi: int, group: dict[str, Any], has: list[bool]) -> list[Any] | None:
         """Per parameter of group ``gi``, what its run must share besides its step count (see

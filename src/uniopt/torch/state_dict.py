@@ -145,20 +145,37 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             )
 
 
+# the modules that wrap a model and put their name in its parameters' (torch.compile's, DDP's
+# and DataParallel's, FSDP1's, activation checkpointing's): a run resumed with or without one
+_WRAPPERS = frozenset({"_orig_mod", "module", "_fsdp_wrapped_module",
+                       "_checkpoint_wrapped_module"})
+
+
+def _bare(name: Any) -> Any:
+    return ".".join(s for s in name.split(".") if s not in _WRAPPERS) if isinstance(
+        name, str) else name
+
+
 def renamed(opt: Loading, sd: Any) -> str | None:
     """Where the state's ``param_names`` (kept by an optimizer made of ``named_parameters()``)
-    name another parameter than ``opt``'s at the same place, what to warn: torch's
-    ``load_state_dict`` goes by position and never looks at them, so a state saved with the
-    parameters in another order loads into the wrong ones (each of the same shape: others
-    are refused), silently. Not refused: torch loads it, and a model renamed since (a module
-    moved) keeps its order."""
+    are this optimizer's in another order, what to warn: torch's ``load_state_dict`` goes by
+    position and never looks at them, so a state saved with the parameters in another order
+    loads into the wrong ones (each of the same shape: others are refused), silently. Not
+    refused: torch loads it. Names compared without the wrappers' parts (``_orig_mod.`` of a
+    compiled model, ``module.`` of DDP's); other names that differ say nothing (a model
+    renamed since, a module moved, keeps its order)."""
     for gi, (s, g) in enumerate(zip(sd["param_groups"], opt.param_groups, strict=True)):
         saved, here = s.get("param_names"), g.get("param_names")
         if not isinstance(saved, (list, tuple)) or not isinstance(here, (list, tuple)):
             continue
+        saved, here = list(map(_bare, saved)), list(map(_bare, here))
+        try:
+            permuted = saved != here and sorted(saved) == sorted(here)
+        except TypeError:  # (names that are not strings: a hand's)
+            permuted = False
         at = next((j for j, (a, b) in enumerate(zip(saved, here, strict=False)) if a != b),
                   None)
-        if at is not None:
+        if permuted and at is not None:
             return (f"{opt._name}.load_state_dict: parameter group {gi}'s param_names differ "
                     f"at position {at}: {saved[at]!r} in the state, {here[at]!r} here. The "
                     "state of each position goes to this optimizer's parameter at that "
