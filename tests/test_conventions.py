@@ -52,24 +52,30 @@ def test_identity_is_exact_for_every_convention_of_every_rule():
             assert tr.exact and tr.rule == rule and tr.source == tr.target == fw, (name, fw)
 
 
-def test_every_exact_translation_between_conventions_gives_the_same_steps():
-    """Every ordered pair of every rule's conventions: the translated record keeps the source's
-    values and, where it says it is exact, the two records take the same steps."""
-    checked = 0
+def _translations():
+    """Every ordered pair of every rule's conventions (a rule with a required hyperparameter
+    other than lr left out): ``(name, source, target, source rule, translation)``."""
     for name, cls in _tables().items():
         for src, tgt in itertools.permutations(cls.conventions, 2):
             try:
                 rule = conventions.build(name, src, lr=0.05)
             except TypeError:
                 continue
-            tr = uo.translate(rule, target=tgt)
-            assert tr.rule.convention == tgt and tr.explanation, (name, src, tgt)
-            assert tr.exact == (tr.conditions != "" and not tr.conditions.startswith("would")), \
-                (name, src, tgt, tr)
-            if tr.exact:
-                np.testing.assert_allclose(_run(tr.rule), _run(rule), rtol=1e-12, atol=1e-15,
-                                           err_msg=f"{name}: {src} -> {tgt}")
-                checked += 1
+            yield name, src, tgt, rule, uo.translate(rule, target=tgt)
+
+
+def test_every_exact_translation_between_conventions_gives_the_same_steps():
+    """Every ordered pair of every rule's conventions: the translated record keeps the source's
+    values and, where it says it is exact, the two records take the same steps."""
+    checked = 0
+    for name, src, tgt, rule, tr in _translations():
+        assert tr.rule.convention == tgt and tr.explanation, (name, src, tgt)
+        assert tr.exact == (tr.conditions != "" and not tr.conditions.startswith("would")), \
+            (name, src, tgt, tr)
+        if tr.exact:
+            np.testing.assert_allclose(_run(tr.rule), _run(rule), rtol=1e-12, atol=1e-15,
+                                       err_msg=f"{name}: {src} -> {tgt}")
+            checked += 1
     assert checked >= 2  # adagrad: keras <-> optax at least
 
 
@@ -324,32 +330,26 @@ def test_a_state_carried_mid_run_as_the_translation_says_steps_on_as_the_source(
     source's run where the translation says nothing more of the state; where it says more (a
     buffer scaled by lr, a sum of weights rescaled) the state as it is does not."""
     said = 0
-    for name, cls in _tables().items():
-        for src, tgt in itertools.permutations(cls.conventions, 2):
-            try:
-                rule = conventions.build(name, src, lr=0.05)
-            except TypeError:
-                continue
-            tr = uo.translate(rule, target=tgt)
-            if not tr.exact:
-                continue
-            p = {"x": np.array([1.0, -2.0, 0.5, 3.0])}
-            state = uo.setup(rule, p)
-            for _ in range(7):
-                state, p = uo.update(state, p, {"x": A * p["x"]})
-            for (a, _), (b, _) in zip(rule.slot_keys, tr.rule.slot_keys, strict=True):
-                assert a == b or f"{a} -> {b}" in tr.state, (name, src, tgt, tr.state)
-            moved = _continued(tr.rule, _carried(tr, rule, state, p), p, 20)
-            stayed = _continued(rule, state, p, 20)
-            numbers = [c for c in tr.state.split("; ") if c
-                       and not c.startswith(("slots:", "tree_states:"))
-                       and not c.endswith(": the same")]
-            if numbers:
-                said += 1
-                assert not np.allclose(moved, stayed, rtol=1e-12, atol=1e-15), (name, src, tgt)
-            else:
-                np.testing.assert_allclose(moved, stayed, rtol=1e-12, atol=1e-15,
-                                           err_msg=f"{name}: {src} -> {tgt}, {tr.state!r}")
+    for name, src, tgt, rule, tr in _translations():
+        if not tr.exact:
+            continue
+        p = {"x": np.array([1.0, -2.0, 0.5, 3.0])}
+        state = uo.setup(rule, p)
+        for _ in range(7):
+            state, p = uo.update(state, p, {"x": A * p["x"]})
+        for (a, _), (b, _) in zip(rule.slot_keys, tr.rule.slot_keys, strict=True):
+            assert a == b or f"{a} -> {b}" in tr.state, (name, src, tgt, tr.state)
+        moved = _continued(tr.rule, _carried(tr, rule, state, p), p, 20)
+        stayed = _continued(rule, state, p, 20)
+        numbers = [c for c in tr.state.split("; ") if c
+                   and not c.startswith(("slots:", "tree_states:"))
+                   and not c.endswith(": the same")]
+        if numbers:
+            said += 1
+            assert not np.allclose(moved, stayed, rtol=1e-12, atol=1e-15), (name, src, tgt)
+        else:
+            np.testing.assert_allclose(moved, stayed, rtol=1e-12, atol=1e-15,
+                                       err_msg=f"{name}: {src} -> {tgt}, {tr.state!r}")
     assert said >= 2  # SGD's buffer, schedule-free's sum of weights at least
 
 

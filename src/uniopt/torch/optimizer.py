@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -207,6 +208,15 @@ STEADY = 64
 # the plans a group keeps for other sets of its parameters with a gradient than the last step's,
 # for as many steps of the group with one set in a row
 SPARE_PLANS, SPARE_AGE = 4, 16
+
+
+@dataclasses.dataclass
+class _Spares:
+    """A group's plans set aside, by the set of its parameters that had a gradient."""
+
+    group: dict[str, Any]  # (whose they are: a group popped since leaves them to another)
+    kept: dict[tuple[bool, ...], plans.Plan] = dataclasses.field(default_factory=dict)
+    age: int = 0  # the group's steps with one set since one was last set aside
 
 
 class _GroupNumber:
@@ -433,9 +443,7 @@ class Optimizer(torch.optim.Optimizer):
         # each group's plans for other sets of parameters with a gradient, by that set (a
         # run that alternates them: two adapters trained on alternate batches), each checked
         # as the group's plan is before it steps again
-        # (each: the group, its plans by set, and the steps since one was last set aside)
-        self._spare_plans: dict[int, tuple[dict[str, Any],
-                                           dict[tuple[bool, ...], plans.Plan], list[int]]] = {}
+        self._spare_plans: dict[int, _Spares] = {}
         # the small steps the groups' rules have made on the reference path, by loop, counted
         # together (uniopt.fast.cpu.COMPILE_AFTER): a group's step is small, 100 groups' are not
         self._small_steps: dict[Any, int] = {}
@@ -949,7 +957,7 @@ class Optimizer(torch.optim.Optimizer):
         ASGD)."""
         del self._plans[gi]
         spares = self._spare_plans.get(gi)
-        if spares is not None and spares[0] is not group:
+        if spares is not None and spares.group is not group:
             del self._spare_plans[gi]
             spares = None
         if plan.group is not group or type(self)._run_tags is not Optimizer._run_tags:
@@ -957,13 +965,13 @@ class Optimizer(torch.optim.Optimizer):
             # when the plan was made; a new plan splits them as they are now)
             return None
         if spares is None:
-            spares = self._spare_plans[gi] = (group, {}, [0])
-        kept = spares[1]
+            spares = self._spare_plans[gi] = _Spares(group)
+        kept = spares.kept
         kept[tuple(plan.has)] = plan
         found = kept.pop(tuple(has), None)
         while len(kept) > SPARE_PLANS:
             del kept[next(iter(kept))]  # (the least recently set aside)
-        spares[2][0] = 0
+        spares.age = 0
         if found is not None:
             self._plans[gi] = found
         return found
@@ -975,8 +983,8 @@ class Optimizer(torch.optim.Optimizer):
         parameters that stopped training, an adapter trained in a first stage only); at once
         where they are another group's (one popped since, whose place this group took)."""
         spares = self._spare_plans[gi]
-        spares[2][0] += 1
-        if spares[2][0] > SPARE_AGE or spares[0] is not group:
+        spares.age += 1
+        if spares.age > SPARE_AGE or spares.group is not group:
             del self._spare_plans[gi]
 
     def _run_tags(self, gi: int, group: dict[str, Any], has: list[bool]) -> list[Any] | None:

@@ -173,9 +173,8 @@ def renamed(opt: Loading, sd: Any) -> str | None:
             permuted = saved != here and sorted(saved) == sorted(here)
         except TypeError:  # (names that are not strings: a hand's)
             permuted = False
-        at = next((j for j, (a, b) in enumerate(zip(saved, here, strict=False)) if a != b),
-                  None)
-        if permuted and at is not None:
+        if permuted:
+            at = next(j for j, (a, b) in enumerate(zip(saved, here, strict=True)) if a != b)
             return (f"{opt._name}.load_state_dict: parameter group {gi}'s param_names differ "
                     f"at position {at}: {saved[at]!r} in the state, {here[at]!r} here. The "
                     "state of each position goes to this optimizer's parameter at that "
