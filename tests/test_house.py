@@ -16,6 +16,7 @@ import pytest
 
 import uniopt as uo
 from uniopt import fast
+from uniopt.base import Part
 from uniopt.fast import cpu
 from uniopt.hyper import NONNEG, hyper
 
@@ -155,6 +156,47 @@ def test_kernels_keep_the_contract(cls: type) -> None:
             if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
                 assert node.value.id != fn.args.args[1].arg, (
                     f"{kernel.__qualname__} reads its coefficients by position")
+
+
+def _declared_in(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in vars(c))
+
+
+def test_coefficients_are_steady_from_where_each_part_says() -> None:
+    """Part.steady: a bound compiled step makes its coefficients once from that step on, so a
+    part that says so must give the same numbers at every later step, whatever its values;
+    and a subclass that computes its coefficients anew says again from when they are steady
+    (else it would inherit its parent's word for another computation)."""
+    instances = [part for cls in _parts() for part in (cls(), *(
+        [cls(dampening=0.5)] if issubclass(cls, uo.trace) else
+        [cls(bias_correction=True)] if "bias_correction" in cls.__dataclass_fields__ else
+        [cls(lr_decay=0.1)] if "lr_decay" in cls.__dataclass_fields__ else []))]
+    instances += [p for make in (uo.sgd(momentum=0.9, dampening=0.3, weight_decay=0.1),
+                                 uo.adagrad(lr_decay=0.01), uo.rmsprop(centered=True),
+                                 uo.lion(), uo.ftrl(), uo.signum())
+                  for p in make.flat_parts]
+    classes, todo = set(), [Part]
+    while todo:  # (every part class of the package, built or not)
+        todo.extend(c for c in todo.pop().__subclasses__() if c not in classes)
+        classes.update(todo)
+    for cls in classes:
+        said, made = _declared_in(cls, "steady"), _declared_in(cls, "coeffs")
+        assert said is Part or not issubclass(made, said) or made is said, (
+            f"{made.__name__}.coeffs, below {said.__name__}.steady")
+    steady = 0
+    for part in instances:
+        s = part.steady()
+        if s is None:
+            continue
+        steady += 1
+        first = tuple(part.coeffs(s))
+        for k in (s + 1, s + 2, 10, 1000, 2**20):
+            assert tuple(part.coeffs(k)) == first, (part, s, k)
+    assert steady >= 10, steady  # (SGD's, RMSprop's, Adagrad's... parts say so)
+    # and where they do move, they say so
+    assert uo.trace(dampening=0.5).coeffs(0) != uo.trace(dampening=0.5).coeffs(1)
+    assert uo.scale_by_adagrad(lr_decay=0.1).steady() is None
+    assert all(p.steady() is None for p in uo.adam().flat_parts if p.slots)
 
 
 def test_the_compiled_loops_cache_key_is_the_kernels_source(

@@ -135,6 +135,36 @@ def test_a_steady_step_takes_the_lane_bit_for_bit_the_whole_way(
 
 
 @pytest.mark.usefixtures("small_steps_compiled")
+def test_a_lanes_kept_coefficients_serve_only_steps_past_the_steady_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule's lane keeps the coefficients of its parts' steady steps (SGD with dampening:
+    from its second step, the first undamped): a new state of the same rule, stepped on that
+    lane at its first step, gets the first step's numbers, bit for bit the whole way's."""
+    from uniopt.fast import cpu
+
+    whole = []
+    run = cpu.run
+    monkeypatch.setattr(cpu, "run", lambda *a, **k: whole.append(1) or run(*a, **k))
+    rule = uo.sgd(lr=0.1, momentum=0.9, dampening=0.5)
+    grads = _tree(MLP, seed=3)
+    old = _tree(MLP)
+    state = uo.setup(rule, old)
+    for _ in range(4):
+        state = uo.update_(state, old, grads)
+    lane = rule.memo["cpu-lanes"][np.dtype(np.float32).num]
+    assert lane.fixed.start == 1 and lane.fixed.made is not None
+    a, b = _tree(MLP), _tree(MLP)
+    del whole[:]
+    with expect_compiled(1):
+        sa = uo.update_(uo.setup(rule, a), a, grads)
+    assert not whole, "the step went the whole way"
+    with reference_path():
+        sb = uo.update_(uo.setup(rule, b), b, grads)
+    assert_same(a, b)
+    assert_same_state(sa, sb)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
 def test_a_rule_whose_first_steps_were_on_16_bit_leaves_has_a_lane_for_wider_ones() -> None:
     """Leaves no lane takes (float16) leave the rule free to make one for leaves a lane takes:
     one float16 step stored "no lane" for the rule, for good (its float32 steps then went the
@@ -609,6 +639,76 @@ def test_a_torch_group_bound_to_its_loop_steps_as_the_engine_does(
     for p, b, s in zip(ps, before, slots, strict=True):
         assert torch.equal(p.detach(), b) and torch.equal(opt.state[p]["momentum_buffer"], s)
     step(15)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adagrad"])
+def test_a_bound_step_makes_steady_coefficients_once(
+    monkeypatch: pytest.MonkeyPatch, name: str,
+) -> None:
+    """A group's bound loop (fast.cpu.Bound) makes its coefficients once where its parts say
+    they stop moving (Part.steady: SGD's from its second step, torch's first undamped) and at
+    every step where they do not (Adagrad's decaying lr, numbers read from the group after an
+    lr changed between steps): every step equals that of an optimizer whose group never
+    binds, bit for bit."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    from uniopt.fast import cpu
+
+    kwargs = {"SGD": {"lr": 0.1, "momentum": 0.9, "dampening": 0.5, "weight_decay": 0.01},
+              "RMSprop": {"lr": 0.01, "momentum": 0.5}, "Adagrad": {"lr": 0.1, "lr_decay": 0.1}}
+    start = _tree(MLP)
+    ps = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    qs = [torch.nn.Parameter(torch.tensor(x)) for x in start]
+    opt, ref = getattr(ut, name)(ps, **kwargs[name]), getattr(ut, name)(qs, **kwargs[name])
+    rng = np.random.default_rng(7)
+    real_bind = cpu.bind
+    for k in range(8):
+        if k == 5:
+            for group in (*opt.param_groups, *ref.param_groups):
+                group["lr"] *= 0.5
+        for p, q, x in zip(ps, qs, start, strict=True):
+            p.grad = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
+            q.grad = p.grad.clone()
+        monkeypatch.setattr(cpu, "bind", lambda *a: None)
+        ref.step()
+        monkeypatch.setattr(cpu, "bind", real_bind)
+        opt.step()
+        for p, q in zip(ps, qs, strict=True):
+            assert torch.equal(p.detach(), q.detach()), k
+            for key, v in opt.state[p].items():
+                assert torch.equal(v, ref.state[q][key]), (k, key)
+        lane = opt._plans[0].lane
+        assert ref._plans[0].lane is None and lane is not None, k
+        # (from the lr's change the group's rule reads its numbers from the group, as under a
+        # torch scheduler: coefficients made at every step)
+        made = lane.fixed is not None and lane.fixed.made is not None
+        assert made == (name != "Adagrad" and 0 < k < 5), k
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_a_bound_step_before_its_steady_step_makes_its_coefficients_anew() -> None:
+    """A bound loop called at a step before its parts' steady one (a count loaded from an
+    earlier point) makes that step's coefficients, not those it keeps for later steps."""
+    from uniopt.engine import resolve
+    from uniopt.fast import cpu
+
+    rule = uo.sgd(lr=0.1, momentum=0.9, dampening=0.5)
+    start, grads = _tree(MLP), _tree(MLP, seed=1)
+    params = [x.copy() for x in start]
+    state = uo.setup(rule, params)
+    with expect_compiled(1):
+        uo.update_(state, params, grads)  # (compiles the loop the bound one calls)
+    bound = cpu.bind(resolve(rule, 0), params, state.slots, rule.memo, fixed=True)
+    assert bound is not None and bound.fixed is not None and bound.fixed.start == 1
+    for step in (1, 2, 0):
+        before = [x.copy() for x in params]
+        slots = {k: [b.copy() for b in v] for k, v in state.slots.items()}
+        assert bound(step, grads)
+        expected = [x.copy() for x in before]
+        with reference_path():
+            uo.update_(uo.State(rule, step, slots, state.treedef), expected, grads)
+        assert_same(params, expected)
 
 
 @pytest.mark.usefixtures("small_steps_compiled")

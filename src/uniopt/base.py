@@ -592,6 +592,13 @@ class Part(Transform):
         ``NamedTuple`` whose fields name the quantities of the math."""
         return ()
 
+    def steady(self) -> int | None:
+        """The first step from which :meth:`coeffs` gives the same numbers at every step, or
+        None where they move with the step (a bias correction, a decaying lr): a compiled step
+        bound to its leaves then makes them once, not at every step. Declared, not found: a
+        record's numbers are read only by its own ``coeffs``."""
+        return None
+
 
 def _to_float16(x: float) -> float:
     """``x`` rounded to float16 (IEEE round to nearest even), as a Python float."""

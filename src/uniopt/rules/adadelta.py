@@ -28,6 +28,9 @@ class scale_by_adadelta(Elementwise):
     eps_floor16: bool = False
     slots: ClassVar[tuple[str, ...]] = ("square_avg", "acc_delta")
 
+    def steady(self) -> int | None:
+        return 0
+
     def coeffs(self, step: int) -> AdadeltaCoeffs:
         return AdadeltaCoeffs(rho=self.rho, one_minus_rho=self.one_minus("rho"), eps=self.eps)
 

@@ -41,6 +41,9 @@ class scale_by_adagrad(Elementwise):
             return (xp.full_like(p, self.initial_accumulator_value),)
         return (xp.full_like(p, float(on_host(unpaired(self.eps)))),)
 
+    def steady(self) -> int | None:
+        return None if self.lr_decay else 0
+
     def coeffs(self, step: int) -> Any:
         return AdagradCoeffs(clr=self.lr / (1.0 + step * self.lr_decay), eps=self.eps)
 
@@ -54,6 +57,9 @@ class scale_by_adagrad(Elementwise):
 class scale_by_rss(scale_by_adagrad):
     """optax's Adagrad direction: ``G <- G + u^2``; ``u <- clr * u/sqrt(G + eps)`` where
     ``G > 0``, else 0 (then ``u`` is 0 too), so ``eps = 0`` never divides 0 by 0."""
+
+    def steady(self) -> int | None:
+        return None if self.lr_decay else 0
 
     def coeffs(self, step: int) -> Any:
         return RssCoeffs(clr=self.lr / (1.0 + step * self.lr_decay), eps=self.eps, one=1.0)

@@ -55,6 +55,9 @@ class _Ftrl:
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (xp.full_like(p, self.initial_accumulator_value), xp.zeros_like(p))
 
+    def steady(self) -> int | None:
+        return 0
+
     def coeffs(self, step: Any) -> FtrlCoeffs:
         l2 = self.l2_regularization_strength + self.beta / (2.0 * self.lr)
         return FtrlCoeffs(lr=self.lr, shrink=2.0 * self.l2_shrinkage_regularization_strength,
@@ -90,6 +93,9 @@ class scale_by_ftrl_power(_Ftrl, PerLeaf):
     library, so it keeps the reference path, the ground truth."""
 
     learning_rate_power: float = static(-0.5, Interval(None, 0.0))
+
+    def steady(self) -> int | None:
+        return 0
 
     def coeffs(self, step: Any) -> FtrlPowerCoeffs:  # type: ignore[override]
         return FtrlPowerCoeffs(*super().coeffs(step), power=-float(self.learning_rate_power))

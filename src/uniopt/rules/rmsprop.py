@@ -39,6 +39,9 @@ class scale_by_rms(Elementwise):
     def init_slots(self, p: Any, xp: Any) -> tuple[Any, ...]:
         return (xp.full_like(p, self.initial_scale), *super().init_slots(p, xp)[1:])
 
+    def steady(self) -> int | None:
+        return None if self.bias_correction else 0
+
     def coeffs(self, step: int) -> RmsCoeffs:
         c = self.one_minus("alpha")
         return RmsCoeffs(alpha=self.alpha, one_minus_alpha=c, eps=self.eps, lr=self.folded_lr,

@@ -36,6 +36,9 @@ class scale_by_lion(Elementwise):
     b2: Any = hyper(0.99, UNIT)
     slots: ClassVar[tuple[str, ...]] = ("exp_avg",)
 
+    def steady(self) -> int | None:
+        return 0
+
     def coeffs(self, step: int) -> LionCoeffs:
         return LionCoeffs(b1=self.b1, one_minus_b1=self.one_minus("b1"), b2=self.b2,
                           one_minus_b2=self.one_minus("b2"))
@@ -158,6 +161,9 @@ class scale_by_signum(Elementwise):
 
     beta: Any = hyper(0.9, UNIT_OPEN)
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+
+    def steady(self) -> int | None:
+        return 0
 
     def coeffs(self, step: int) -> SignumCoeffs:
         return SignumCoeffs(one_minus_beta=self.one_minus("beta"))

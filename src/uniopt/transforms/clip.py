@@ -25,6 +25,9 @@ class clip(Elementwise):
 
     max_delta: Any = hyper(1.0, NONNEG)
 
+    def steady(self) -> int | None:
+        return 0
+
     def coeffs(self, step: int) -> Bounds:
         return Bounds(lo=-self.max_delta, hi=self.max_delta)
 

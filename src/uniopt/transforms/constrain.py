@@ -29,6 +29,9 @@ class keep_params_nonnegative(Elementwise):
     uses_params: ClassVar[bool] = True
     reads_step: ClassVar[bool] = True
 
+    def steady(self) -> int | None:
+        return 0
+
     def coeffs(self, step: Any) -> NoCoefficients:
         return NoCoefficients()
 
@@ -50,6 +53,9 @@ class zero_nans(Elementwise):
     complex numbers as pairs of reals would zero that part alone."""
 
     real_only: ClassVar[bool] = True
+
+    def steady(self) -> int | None:
+        return 0
 
     def coeffs(self, step: Any) -> Zero:
         return Zero(zero=0.0)

@@ -27,6 +27,9 @@ class weight_decay(Elementwise):
     wd: Any = hyper(0.0, NONNEG)
     uses_params = True
 
+    def steady(self) -> int | None:
+        return 0
+
     def coeffs(self, step: int) -> Decay:
         return Decay(wd=self.wd)
 
@@ -51,6 +54,9 @@ class sign_decay(Elementwise):
     wd: Any = hyper(0.0, NONNEG)
     uses_params = True
 
+    def steady(self) -> int | None:
+        return 0
+
     def coeffs(self, step: int) -> Decay:
         return Decay(wd=self.wd)
 
@@ -72,6 +78,9 @@ class decoupled_weight_decay(Elementwise):
     lr: Any = hyper(1e-3, NONNEG)
     wd: Any = hyper(0.0, NONNEG)
     uses_params = True
+
+    def steady(self) -> int | None:
+        return 0
 
     def coeffs(self, step: int) -> LrDecay:
         lr_wd = self.lr * self.wd

@@ -68,6 +68,9 @@ class trace(Elementwise):
     # an array keeps this block even at 0: optax.inject_hyperparams passes it so)
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
+    def steady(self) -> int | None:
+        return 1  # (torch's first step, undamped)
+
     def coeffs(self, step: int) -> Momentum:
         # arithmetic, not branches, so a traced step (jax.jit) or one counted on a torch device
         # works; exact for step 0 / not 0 (a number: torch has no 1 - a bool tensor)
@@ -140,6 +143,9 @@ class sutskever_trace(Elementwise):
     nesterov: bool = False
     slots: ClassVar[tuple[str, ...]] = ("momentum",)
     makes_step: ClassVar[bool] = True  # its lr is applied here
+
+    def steady(self) -> int | None:
+        return 0
 
     def coeffs(self, step: int) -> LrMomentum:
         return LrMomentum(momentum=self.momentum, lr=self.lr,

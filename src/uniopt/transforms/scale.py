@@ -30,6 +30,9 @@ class scale(Elementwise):
 
     factor: Any = hyper(1.0, Interval(None))
 
+    def steady(self) -> int | None:
+        return 0
+
     def coeffs(self, step: int) -> Factor:
         return Factor(factor=self.factor)
 
@@ -42,6 +45,9 @@ class scale_by_lr(Elementwise):
 
     lr: Any = hyper(1e-3, NONNEG)
     makes_step: ClassVar[bool] = True
+
+    def steady(self) -> int | None:
+        return 0
 
     def coeffs(self, step: int) -> Factor:
         return Factor(factor=self.lr)
@@ -68,6 +74,9 @@ class sign(Elementwise):
     >>> uo.update(uo.setup(uo.sign(), g), [np.zeros(3)], g)[1]
     [array([ 1.,  0., -1.])]
     """
+
+    def steady(self) -> int | None:
+        return 0
 
     def coeffs(self, step: Any) -> NoCoefficients:
         return NoCoefficients()
