@@ -324,6 +324,7 @@ class Steps:
     buf: torch.Tensor
     np: Any
     views: list[torch.Tensor]
+    one: Any  # 1 as an array of np's dtype: added without a conversion, half a NumPy add's cost
 
     @classmethod
     def new(cls, params: list[torch.Tensor]) -> Steps:
@@ -331,7 +332,9 @@ class Steps:
         # (which would wrap them, without memory to view): nothing differentiates a count
         with torch._C._DisableFuncTorch():
             buf = torch.zeros(len(params), dtype=step_dtype())
-            return cls(list(params), buf, backend.numpy_view(buf), list(buf.unbind()))
+            counts = backend.numpy_view(buf)
+            return cls(list(params), buf, counts, list(buf.unbind()),
+                       np.ones((), counts.dtype))
 
     def of(self, ps: list[torch.Tensor]) -> bool:
         """Whether these are the counts of parameters ``ps``."""
@@ -345,7 +348,7 @@ class Steps:
     def add(self, idx: Any) -> None:
         """:meth:`count`, leaving the buffer for the caller to mark written."""
         if idx is None:
-            self.np += 1
+            np.add(self.np, self.one, out=self.np)
         else:
             self.np[idx] += 1
 
