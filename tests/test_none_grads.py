@@ -187,37 +187,63 @@ def test_a_schedule_invalid_at_one_leafs_count_fails_before_any_leaf_moves(rule:
     assert state.counts.tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("library", ["numpy", "numpy-inplace", "jax", "jax-jit"])
-def test_a_global_norm_spans_every_leaf_that_steps(library: str) -> None:
+@pytest.mark.parametrize("library", ["numpy", "numpy-inplace", "numpy-compiled", "torch", "jax",
+                                     "jax-jit"])
+@pytest.mark.parametrize("scheduled", [False, True], ids=["number", "schedule"])
+def test_a_global_norm_spans_every_leaf_that_steps(library: str, scheduled: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``clip_by_global_norm`` after Adam, leaves at different counts (one engine call per
-    count, per leaf on JAX): the norm is that of every leaf with a gradient, as torch's
-    ``clip_grad_norm_`` skips None; each call had clipped by its own leaves' norm, for the rest
-    of the run. Against Adam per leaf at its own count, clipped by hand; 60 steps."""
+    count, per leaf on JAX; a uniopt.torch group's runs): the norm is that of every leaf with
+    a gradient, as torch's ``clip_grad_norm_`` skips None; each call had clipped by its own
+    leaves' norm, for the rest of the run. A scheduled threshold is one for the whole norm, at
+    the tree's count (each call had read it at its own leaves' count: a direction not kept).
+    Against Adam per leaf at its own count, clipped by hand; 60 steps."""
+    from uniopt import schedules
+    from uniopt.fast import cpu
+
     params, grads = _setup()
     grads = grads[:60]
-    clip, lr = 0.5, 0.1
+    lr = 0.1
+    clip: Any = schedules.piecewise_constant(0.5, {3: 1e3, 20: 0.2}) if scheduled else 0.5
     rule = uo.chain(uo.scale_by_adam(), uo.clip_by_global_norm(clip), uo.scale(lr))
     # the reference: a state per leaf (its own count), the clip over the leaves that move
     want = copy_tree(params)
     alone = {k: uo.setup(uo.scale_by_adam(), [v]) for k, v in want.items()}
-    for g in grads:
+    for step, g in enumerate(grads):
         us = {}
         for k, v in g.items():
             if v is not None:
                 alone[k], (us[k],) = uo.update(alone[k], [np.zeros_like(v)], [v])
         # (update of zeros params: their new values are -u)
         norm = np.sqrt(sum(np.sum(u**2) for u in us.values()))
-        scale = clip / norm if norm > clip else 1.0
+        threshold = clip(step) if scheduled else clip
+        scale = threshold / norm if norm > threshold else 1.0
         for k, u in us.items():
             want[k] = want[k] + lr * scale * u
-    if library.startswith("numpy"):
+    if library == "torch":
+        import uniopt.torch as ut
+
+        tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
+        opt = ut.Optimizer(list(tp.values()), rule)
+        for g in grads:
+            for k, v in g.items():
+                tp[k].grad = None if v is None else torch.tensor(v)
+            opt.step()
+        got = {k: v.detach().numpy() for k, v in tp.items()}
+    elif library.startswith("numpy"):
+        if library == "numpy-compiled":
+            monkeypatch.setattr(cpu, "MIN_LEAVES", 0)
+            monkeypatch.setattr(cpu, "MIN_SIZE", 0)
+            monkeypatch.setattr(cpu, "COMPILE_AFTER", 0)
         got = copy_tree(params)
         state = uo.setup(rule, got)
+        ran = cpu.STEPS
         for g in grads:
-            if library == "numpy-inplace":
+            if library != "numpy":
                 state = uo.update_(state, got, g)
             else:
                 state, got = uo.update(state, got, g)
+        assert (cpu.STEPS > ran) == (library == "numpy-compiled")
     else:
         jax = pytest.importorskip("jax")
         jnp = jax.numpy

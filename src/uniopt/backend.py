@@ -794,11 +794,12 @@ def sharded(sharding: Any) -> Any:
 SPLIT: contextvars.ContextVar[Any] = contextvars.ContextVar("uniopt_split", default=None)
 
 
-def global_squares(squares: Any, size: int) -> tuple[Any, int]:
+def global_squares(squares: Any, size: int) -> tuple[Any, int, Any]:
     """A global-norm part's sum of squares and count of elements: this step's, or every
-    group's of the step :data:`SPLIT` splits."""
+    group's of the step :data:`SPLIT` splits; and the part whose coefficients they make
+    there, at the count the groups share (None: the step's own)."""
     split = SPLIT.get()
-    return (squares, size) if split is None else split.total(squares, size)
+    return (squares, size, None) if split is None else split.total(squares, size)
 
 
 def shards_of(leaves: list[Any]) -> Any:

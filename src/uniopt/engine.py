@@ -1002,9 +1002,9 @@ def _float_deltas(
                            for lc, u in zip(leaf_cs, us, strict=True)]
             else:
                 if part.needs_norm:
-                    squares, size = backend.global_squares(
+                    squares, size, shared = backend.global_squares(
                         _squares(us, xps), sum(math.prod(u.shape) for u in us))
-                    c = part.norm_coeffs(squares**0.5, size)
+                    c = (shared or part).norm_coeffs(squares**0.5, size)
                 cs = _per_dtype(c, us)
                 leaf_cs = [cs.get(u.dtype, c) for u in us]
             if part.by_dtype:  # the stored parameter's dtype: 16-bit leaves compute wider
@@ -1442,31 +1442,39 @@ class _Split:
     group; once all are known the groups step, each part reading the norm of all the leaves
     that move, as one call over them would have."""
 
-    def __init__(self, parts: int) -> None:
-        self.sums: list[list[Any]] = [[0.0, 0] for _ in range(parts)]  # [squares, elements]
+    def __init__(self, parts: list[Elementwise]) -> None:
+        self.sums: list[list[Any]] = [[0.0, 0] for _ in parts]  # [squares, elements]
+        # the norm parts at the count the groups share: one threshold for the norm of all
+        self.parts = parts
         self.known = 0
         self.at = 0  # the part a group's step is at
 
-    def total(self, squares: Any, size: int) -> tuple[Any, int]:
+    def total(self, squares: Any, size: int) -> tuple[Any, int, Elementwise | None]:
         at, self.at = self.at, self.at + 1
         if at < self.known:
-            return self.sums[at][0], self.sums[at][1]
+            return self.sums[at][0], self.sums[at][1], self.parts[at]
         if at == self.known:
             self.sums[at][0] = self.sums[at][0] + squares
             self.sums[at][1] += size
             raise _Summed  # the rest of this group's step is not wanted
-        return squares, size
+        return squares, size, None
 
 
 @contextlib.contextmanager
-def shared_norms(rule: Transform, steps: Sequence[Callable[[], Any]]) -> Any:
+def shared_norms(rule: Transform, steps: Sequence[Callable[[], Any]], count: Any) -> Any:
     """Within: each global norm of ``rule`` (``clip_by_global_norm``'s) is that of every group
     of leaves a step takes in one engine call each (leaves that count apart, a torch group's
     runs of another dtype): ``steps`` are the groups' steps, called group by group in passes
-    that stop at the norm they sum (:class:`_Split`). Yields the split (None where one group
+    that stop at the norm they sum (:class:`_Split`), and each norm's part is ``rule``'s at
+    ``count`` for every group (a scheduled threshold is one for the whole norm, as a clip of
+    the tree is, not each group's at its own count). Yields the split (None where one group
     or no such part: nothing to share), whose ``at`` each group's step starts from 0."""
     norms = global_norm_parts(rule)
-    split = _Split(norms) if norms and len(steps) > 1 else None
+    split = None
+    if norms and len(steps) > 1:
+        split = _Split([part for part, _, _ in resolve(rule, count)
+                        if isinstance(part, Elementwise) and part.needs_norm
+                        and not part.norm_per_leaf])
     token = backend.SPLIT.set(split)
     try:
         if split is not None:
@@ -2122,7 +2130,7 @@ def _by_count(state: State, step: _Step, inplace: bool) -> tuple[State, Any]:
     sums = [functools.partial(run, sub_state(key, idx), [step.params[i] for i in idx],
                               [step.grads[i] for i in idx]) for key, idx in groups.items()
             ] if len(groups) > 1 and global_norm_parts(state.rule) else []
-    with shared_norms(state.rule, sums) as split:
+    with shared_norms(state.rule, sums, state.step) as split:
         for key, idx in groups.items():
             sub = sub_state(key, idx)
             ps, gs = [step.params[i] for i in idx], [step.grads[i] for i in idx]

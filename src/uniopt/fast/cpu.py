@@ -1176,9 +1176,9 @@ def _pass(
             if each:
                 c = part.norm_coeffs(np.sqrt(total), counts.astype(np.float64))
             else:  # (the squares of every group where the engine steps leaves by their count)
-                squares, size = backend.global_squares(
+                squares, size, shared = backend.global_squares(
                     float(total if shards is not None else total[0]), int(counts.sum()))
-                c = part.norm_coeffs(float(np.sqrt(squares)), size)
+                c = (shared or part).norm_coeffs(float(np.sqrt(squares)), size)
             plan[j] = (part, c, plan[j][2])
     if table is None:
         # in the plan's order (a state's dict of slots may come back sorted), held for the call

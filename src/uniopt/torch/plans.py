@@ -867,7 +867,8 @@ class Plan:
                                                               self.state_dtype, trees),
                                           run.params, leaves, extra, names[k])
                         for k, (run, r, at, treedef, leaves) in enumerate(calls)]
-                with shared_norms(rule, sums) as split:
+                # (a scheduled threshold at the group's count: that of its most stepped run)
+                with shared_norms(rule, sums, max(self.run_steps())) as split:
                     trees = self._step_runs(calls, trees, split, extra, names)
             else:
                 trees = self._step_runs(calls, trees, None, extra, names)
