@@ -342,6 +342,21 @@ def test_a_field_that_takes_no_schedule_says_so(make, label):
         make(uo.schedules.constant(0.1))
 
 
+@pytest.mark.parametrize("make, label, what", [
+    (lambda v: uo.adafactor(eps=(None, v)), r"adafactor: eps\[1\]", "a number >= 0"),
+    (lambda v: uo.adafactor(eps=(v, 1e-3)), r"adafactor: eps\[0\]",
+     r"None or a number >= 0"),
+    (lambda v: uo.prodigy(beta3=v), "prodigy: beta3",
+     r"None \(sqrt\(betas\[1\]\)\) or a number in \[0, 1\)"),
+])
+def test_a_number_whose_none_means_something_takes_no_schedule_and_says_so(make, label, what):
+    """Fields whose None stands for a derived value take numbers only: a schedule is refused in
+    the words of the fields above (the message had offered only a number, as for a string)."""
+    with pytest.raises(TypeError, match=rf"^{label} must be {what}, not a schedule \(it takes "
+                                        r"none\), got constant\(value=0.1\)$"):
+        make(uo.schedules.constant(0.1))
+
+
 @pytest.mark.parametrize("ctor,kw", [(uo.sgd, {"lr": True}), (uo.adam, {"eps": False})])
 def test_bool_hyperparameter_is_not_a_number(ctor, kw):
     with pytest.raises(TypeError, match=r"must be a number or a schedule, got (True|False)"):

@@ -292,6 +292,9 @@ def check_real(owner: str, name: str, value: object, valid: Interval, none: str 
     if schedulable:
         kinds.append("a schedule")
     what = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
+    if callable(value):  # (as check's and check_integer's words)
+        raise TypeError(f"{owner}: {name} must be {what}, not a schedule (it takes none), got "
+                        f"{value!r}")
     raise error(f"{owner}: {name} must be {what}, got {value!r}")
 
 

@@ -343,7 +343,12 @@ class nadam(Rule):
     \end{aligned}
     $$
 
-    The momentum ``m`` is Adam's, with ``b1`` (not ``mu_t``), as torch keeps it.
+    The momentum ``m`` is Adam's, with ``b1`` (not ``mu_t``), as torch keeps it. Under a
+    schedule of ``betas[0]`` or ``momentum_decay``, ``P_t`` here is the product of the momenta
+    at this step's values, derived from the count: torch multiplies in each step's own
+    (``mu_product``), and so does ``uniopt.torch.NAdam``, which passes them as
+    ``past_product``; the two differ from the first step where the value moves (1e-3 of the
+    step after 10 steps of ``linear(0.5, 0.95, 8)``).
 
     Options:
 
