@@ -381,8 +381,9 @@ def _eps_hat(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
            " · m/(√v + ε̂), is lr·m̂/(√v̂ + ε) with ε = ε̂/√(1−β₂ᵗ): eps becomes the schedule "
            "schedules.bias_correction(β₂, ∓0.5, eps)")
     if not _number(b2) or not isinstance(old, bool) or not isinstance(new, bool):
-        return _Step(False, explanation=why + "; with a β₂ schedule the product of (1 − β₂ᵗ) is "
-                     "not a schedule of β₂(t), so it is not translated")
+        return _Step(False, explanation=why + "; with a β₂ schedule, ε̂/√(1 − β₂(t)ᵗ) is a "
+                     "function of the schedule that uo.schedules has no record for (a record "
+                     "is saved with the state): not translated")
     power = -0.5 if old else 0.5
     hyper["eps"] = (bias_correction(b2, power, eps) if _number(eps)
                     else product(eps, bias_correction(b2, power)))
