@@ -192,23 +192,19 @@ def _same(a: Any, b: Any) -> bool:
     return True
 
 
-# the cases in four groups, one fresh process each, so that pytest-xdist runs them side by side:
-# the representative cases of each library (both paths and dtypes), and every rule on NumPy
-HALVES = {lib: [c for c in CASES if c[1].startswith(lib) and not c[0].startswith("every.")]
-          for lib in ("numpy", "torch", "jax")}
-HALVES["every-rule"] = [c for c in CASES if c[0].startswith("every.")]
-assert sum(map(len, HALVES.values())) == len(CASES)
+# every case in one fresh process (an interpreter and uniopt's import, some 2 s, paid once, not
+# once for each library): the NumPy cases first, every rule's too, before the process has
+# imported torch or JAX; then torch's; then JAX's, the first to import it there
+CASES.sort(key=lambda c: ("numpy", "torch", "jax").index(c[1].split("-")[0]))
 
 
-@pytest.mark.parametrize("half", list(HALVES))
-def test_a_run_resumed_in_a_fresh_process_is_the_run_that_never_stopped(tmp_path: Any,
-                                                                         half: str) -> None:
+def test_a_run_resumed_in_a_fresh_process_is_the_run_that_never_stopped(tmp_path: Any) -> None:
     """Three steps here, saved with the params; a new process loads them (the rule from the
     file), takes four more and saves; here four more without stopping: the same state and
     params, bit for bit, for every case."""
     for lib in ("torch", "jax"):
         pytest.importorskip(lib)
-    cases = HALVES[half]
+    cases = CASES
     env: dict[str, Any] = {}
     exec(COMMON, env)
     uninterrupted = []
