@@ -1,13 +1,12 @@
 """Run by tests/test_distributed_ddp.py: one rank of a 2-process gloo group on CPU.
 
-    python distributed_torch_worker.py SCENARIO[,SCENARIO...] RANK WORLD PORT
+    python distributed_torch_worker.py SCENARIO RANK WORLD PORT
 
 Every scenario trains a small float64 model under ``DistributedDataParallel``, each rank on its
 own batches, and holds the parameters it ends with to a single-process run of the same
 optimizer on the mean of the ranks' gradients (formed as DDP forms it: each divided by the world
 size, then summed; both exact in float64 for two ranks, so the runs agree bit for bit). Prints
-one JSON line of findings per scenario, the scenarios in turn in one group (each rank's
-interpreter, torch's and uniopt's imports paid for once).
+one JSON line of findings.
 """
 
 from __future__ import annotations
@@ -449,22 +448,20 @@ if __name__ == "__main__":
 
     lazy = "torch.distributed.optim.utils" not in sys.modules
 
-    scenarios, rank, world, port = sys.argv[1].split(","), *map(int, sys.argv[2:5])
+    scenario, rank, world, port = sys.argv[1], *map(int, sys.argv[2:5])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        for scenario in scenarios:
-            print(json.dumps({"rank": rank, "lazy": lazy, "scenario": scenario,
-                              **globals()[scenario](rank, world)}), flush=True)
-            # the scenario's DDP models and ZeRO optimizers hold the group, some in reference
-            # cycles: collected before it is destroyed (or the next scenario uses it). Left to
-            # the interpreter's exit, torch 2.13's gloo teardown aborts the process ("terminate
-            # called without an active exception", after its results) in about one run in
-            # four, with torch's own AdamW under DDP and ZeRO too (examples/ddp_zero1.py: 4 of
-            # 16; none of 16 released first). The barrier waits for every operation queued
-            # before it (DDP's and ZeRO's own, issued asynchronously): no rank closes its
-            # connections, or starts the next scenario, while its peer may still use them
-            gc.collect()
-            dist.barrier()
+        print(json.dumps({"rank": rank, "lazy": lazy, **globals()[scenario](rank, world)}),
+              flush=True)
+        # the scenario's DDP models and ZeRO optimizers hold the group, some in reference
+        # cycles: collected before it is destroyed. Left to the interpreter's exit, torch
+        # 2.13's gloo teardown aborts the process ("terminate called without an active
+        # exception", after its results) in about one run in four, with torch's own AdamW
+        # under DDP and ZeRO too (examples/ddp_zero1.py: 4 of 16; none of 16 released first).
+        # The barrier waits for every operation queued before it (DDP's and ZeRO's own, issued
+        # asynchronously): no rank closes its connections while its peer may still use them
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,9 +1,8 @@
 """``uniopt.torch`` under ``DistributedDataParallel`` and ZeRO-1
-(``torch.distributed.optim.ZeroRedundancyOptimizer``): two gloo processes on CPU, the
-scenarios in turn in one spawned group (tests/distributed_torch_worker.py), each held to a
-single-process run of the same optimizer on the mean gradient. DDP divides each rank's
-gradient by the world size and sums (both exact in float64 for two ranks), so the runs agree
-bit for bit.
+(``torch.distributed.optim.ZeroRedundancyOptimizer``): two gloo processes on CPU, each scenario
+one spawned group (tests/distributed_torch_worker.py), held to a single-process run of the
+same optimizer on the mean gradient. DDP divides each rank's gradient by the world size and
+sums (both exact in float64 for two ranks), so the runs agree bit for bit.
 """
 
 from __future__ import annotations
@@ -35,52 +34,34 @@ def _free_port() -> int:
         return port
 
 
-def _spawn(*scenarios: str, timeout: float = 240) -> dict[str, list[dict[str, Any]]]:
-    """Run ``scenarios`` in turn on every rank of a fresh group; each one's findings, by rank."""
+def _spawn(scenario: str, timeout: float = 240) -> list[dict[str, Any]]:
+    """Run ``scenario`` on every rank of a fresh group; each rank's findings."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"  # two processes on a small machine
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), ",".join(scenarios), str(rank),
-                               str(WORLD), str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(rank), str(WORLD),
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
              for rank in range(WORLD)]
     outs = []
     try:
         for p in procs:
             stdout, stderr = p.communicate(timeout=timeout)
             assert p.returncode == 0, stderr[-3000:]
-            lines = stdout.strip().splitlines()[-len(scenarios):]
-            outs.append({o.pop("scenario"): o for o in map(json.loads, lines)})
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for out in outs:
-        assert sorted(out) == sorted(scenarios)
-    found = {s: [out[s] for out in outs] for s in scenarios}
-    for s in scenarios:
-        assert [o["rank"] for o in found[s]] == list(range(WORLD))
-    return found
+    assert [o["rank"] for o in outs] == list(range(WORLD))
+    return outs
 
 
 @pytest.fixture(scope="module")
-def groups(request: pytest.FixtureRequest) -> dict[str, list[dict[str, Any]]]:
-    """The scenarios this run's tests of the module read, in one group: each rank's
-    interpreter imports torch, torch's dynamo (at the first optimizer) and uniopt once, some
-    4 s a process (the classes' test is slow: ``-m 'not slow'`` leaves its scenario out)."""
-    mine = [item for item in request.session.items
-            if item.getparent(pytest.Module) is request.node]
-    wanted = {"recipe": any("recipes" in getattr(item, "fixturenames", ()) for item in mine),
-              "classes": any(item.name == "test_every_class_under_ddp_and_zero1_equals_one_process"
-                             for item in mine)}
-    return _spawn(*(s for s, read in wanted.items() if read))
-
-
-@pytest.fixture(scope="module")
-def recipes(groups: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    return groups["recipe"]
+def recipes() -> list[dict[str, Any]]:
+    return _spawn("recipe")
 
 
 @pytest.mark.parametrize("name", ["partition", "masked"])
@@ -173,13 +154,12 @@ def test_a_class_that_cannot_overlap_says_why(recipes: list[dict[str, Any]]) -> 
 
 
 @pytest.mark.slow
-def test_every_class_under_ddp_and_zero1_equals_one_process(
-        groups: dict[str, list[dict[str, Any]]]) -> None:
+def test_every_class_under_ddp_and_zero1_equals_one_process() -> None:
     """Every ``uniopt.torch`` class, under DDP alone and as ZeRO-1's local optimizer: the
     parameters each rank ends with are the single-process run's, and each rank keeps state for
     its share of the parameters only. L-BFGS runs under DDP alone: its curvature pairs are dot
     products over every parameter, which ZeRO splits between ranks (torch's LBFGS alike)."""
-    outs = groups["classes"]
+    outs = _spawn("classes")
     names = set(outs[0]) - {"rank", "lazy"}
     assert names == {"SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
                      "NAdam", "RAdam", "ASGD", "Rprop", "Adafactor", "Muon", "SparseAdam",
