@@ -871,6 +871,22 @@ def _tp(rank: int, world: int) -> dict[str, Any]:
         for model in (tp, plain):
             _functional_train(model, rule, "mlp", 20)
         out[f"functional {name}"] = _diff(_full(tp), _full(plain))
+
+        # the second layer without gradients at the first step: the group steps its parameters
+        # in two runs, one per count, whose global norm is one (each run stepped twice, by its
+        # own norm, where the shards' norms were summed apart from the split's)
+        tp = parallelize_module(_tp_model(), mesh, plan)
+        plain = _tp_model()
+        for model in (tp, plain):
+            opt = uniopt.torch.Optimizer(model.parameters(), rule)
+            for t in range(6):
+                opt.zero_grad()
+                model(_batch("mlp", t)).pow(2).mean().backward()
+                if t == 0:
+                    for q in list(model.parameters())[2:]:
+                        q.grad = None
+                opt.step()
+        out[f"two counts {name}"] = _diff(_full(tp), _full(plain))
     # the clipping is active: the first step's global norm is above 0.05
     plain = _tp_model()
     plain(_batch("mlp", 0)).pow(2).mean().backward()
@@ -882,7 +898,8 @@ def _tp(rank: int, world: int) -> dict[str, Any]:
 def test_tensor_parallel_clip(launch: Launcher, tmp_path: Path) -> None:
     """A tensor-parallel Linear pair with uo.clip_by_global_norm in a recipe equals the
     unsharded run: the norm sums each sharded leaf across the ranks and the replicated bias
-    once (summed twice, the clipping factor would differ and the runs part at once)."""
+    once (summed twice, the clipping factor would differ and the runs part at once); and with
+    its parameters at two step counts, stepped in two runs that share the norm."""
     results = launch(_tp, 2, tmp_path)
     for r in results:
         assert r["norm"] > 0.05

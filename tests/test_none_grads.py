@@ -259,6 +259,37 @@ def test_a_global_norm_spans_every_leaf_that_steps(library: str, scheduled: bool
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["pure", "in-place"])
+def test_a_lone_group_reads_a_scheduled_threshold_at_the_trees_count(inplace: bool) -> None:
+    """Where only leaves behind the tree's count step (one group, at a count of its own), a
+    scheduled clip threshold is still the tree's, at ``state.step`` (it was the group's own
+    count: the same gradient clipped to 1.0 or to 0.1 by whether another leaf moved); and only
+    the norm's part is read there: an lr schedule invalid at ``state.step``, which no leaf
+    steps at, is not checked there (with the clip, the step was refused)."""
+    def step(state: Any, p: Any, g: Any) -> Any:
+        if inplace:
+            return uo.update_(state, p, g), p
+        return uo.update(state, p, g)
+
+    rule = uo.chain(uo.clip_by_global_norm(lambda s: 1.0 if s < 1 else 0.1), uo.sgd(lr=1.0))
+    for others in (False, True):
+        p = {"a": np.zeros(1), "b": np.zeros(1)}
+        state, p = step(uo.setup(rule, p), p, {"a": np.array([10.0]), "b": None})
+        state, p = step(state, p, {"a": np.array([10.0]) if others else None,
+                                   "b": np.array([10.0])})
+        moved = 0.1 / np.sqrt(2.0) if others else 0.1  # (the threshold at state.step, 1)
+        np.testing.assert_allclose(-p["b"], [moved], rtol=1e-15)
+    lr = lambda s: 0.1 if s < 2 else -1.0  # noqa: E731
+    for clipped in (False, True):
+        rule = uo.chain(uo.clip_by_global_norm(1.0), uo.sgd(lr=lr)) if clipped else uo.sgd(lr=lr)
+        p = {"a": np.zeros(2), "b": np.zeros(2)}
+        state = uo.setup(rule, p)
+        for g in ({"a": np.ones(2), "b": None}, {"a": None, "b": None},
+                  {"a": np.ones(2), "b": np.ones(2)}):
+            state, p = step(state, p, g)
+        assert state.counts.tolist() == [2, 1]
+
+
 def test_two_global_norms_in_a_chain_span_every_leaf_that_steps() -> None:
     """Each global-norm part reads the norm of every group's updates as they reach it: the
     second clip's squares are summed from the first clip's output at the norm of all (it had

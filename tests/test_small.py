@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import importlib
 import sys
@@ -162,6 +163,35 @@ def test_a_lanes_kept_coefficients_serve_only_steps_past_the_steady_one(
         sb = uo.update_(uo.setup(rule, b), b, grads)
     assert_same(a, b)
     assert_same_state(sa, sb)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HalvingLr(uo.scale_by_lr):
+    """A user's block made from one of ours: its coefficients move at every step, and it does
+    not say so (scale_by_lr says its own are steady from step 0)."""
+
+    def coeffs(self, step: int) -> Any:
+        return super().coeffs(step)._replace(factor=self.lr * 0.5**step)
+
+
+@pytest.mark.usefixtures("small_steps_compiled")
+def test_a_subclass_that_computes_its_coefficients_anew_is_not_taken_as_steady() -> None:
+    """A subclass that computes its coefficients anew without saying from when they are steady
+    is taken to move: its lane makes them at every step (it had kept its parent's word, and the
+    coefficients of its second step, for good), bit for bit the reference path."""
+    from uniopt.base import steady_from
+
+    rule = _HalvingLr(lr=1.0)
+    assert steady_from(rule) is None and steady_from(uo.scale_by_lr(lr=1.0)) == 0
+    a, b = _tree(MLP), _tree(MLP)
+    sa, sb = uo.setup(rule, a), uo.setup(rule, b)
+    grads = _tree(MLP, seed=4)
+    for _ in range(5):
+        with expect_compiled(1):
+            sa = uo.update_(sa, a, grads)
+        with reference_path():
+            sb = uo.update_(sb, b, grads)
+        assert_same(a, b)
 
 
 @pytest.mark.usefixtures("small_steps_compiled")

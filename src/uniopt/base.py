@@ -595,9 +595,19 @@ class Part(Transform):
     def steady(self) -> int | None:
         """The first step from which :meth:`coeffs` gives the same numbers at every step, or
         None where they move with the step (a bias correction, a decaying lr): a compiled step
-        bound to its leaves then makes them once, not at every step. Declared, not found: a
-        record's numbers are read only by its own ``coeffs``."""
+        bound to its leaves then makes them once, not at every step (:func:`steady_from`).
+        Declared, not found: a record's numbers are read only by its own ``coeffs``."""
         return None
+
+
+def steady_from(part: Part) -> int | None:
+    """``part.steady()``, taken at its word only where the class that says it computes the
+    coefficients too, or inherits them from a class above it: a subclass that computes them
+    anew and says nothing (a user's block made from one of ours) is taken to move."""
+    mro = type(part).__mro__
+    said = next(c for c in mro if "steady" in vars(c))
+    made = next(c for c in mro if "coeffs" in vars(c))
+    return part.steady() if issubclass(said, made) else None
 
 
 def _to_float16(x: float) -> float:

@@ -22,7 +22,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import optree
@@ -1105,7 +1105,9 @@ def _sharded_norm_coeffs(part: Elementwise, us: list[Any], xps: list[Any],
     if part.norm_per_leaf:
         return [part.norm_coeffs(float(math.sqrt(t)), int(n))
                 for t, n in zip(sums, sizes, strict=True)]
-    c = part.norm_coeffs(float(math.sqrt(math.fsum(sums))), int(sizes.sum()))
+    # (the squares of every run where a group steps its shards in runs: backend.global_squares)
+    squares, size, shared = backend.global_squares(math.fsum(sums), int(sizes.sum()))
+    c = (shared or part).norm_coeffs(float(math.sqrt(squares)), size)
     return [c] * len(us)
 
 
@@ -1440,17 +1442,21 @@ class _Split:
     :func:`backend.global_squares`: pass ``known`` steps every group purely and sums their
     squares at the ``known``-th such part, the parts before it reading the sums of every
     group; once all are known the groups step, each part reading the norm of all the leaves
-    that move, as one call over them would have."""
+    that move, as one call over them would have. ``summed`` False: one group, its own squares,
+    only the parts are the split's."""
 
-    def __init__(self, parts: list[Elementwise]) -> None:
+    def __init__(self, parts: list[Elementwise], summed: bool) -> None:
         self.sums: list[list[Any]] = [[0.0, 0] for _ in parts]  # [squares, elements]
         # the norm parts at the count the groups share: one threshold for the norm of all
         self.parts = parts
-        self.known = 0
+        self.known = 0 if summed else len(parts)
+        self.summed = summed
         self.at = 0  # the part a group's step is at
 
     def total(self, squares: Any, size: int) -> tuple[Any, int, Elementwise | None]:
         at, self.at = self.at, self.at + 1
+        if not self.summed:
+            return squares, size, self.parts[at]
         if at < self.known:
             return self.sums[at][0], self.sums[at][1], self.parts[at]
         if at == self.known:
@@ -1465,25 +1471,31 @@ def shared_norms(rule: Transform, steps: Sequence[Callable[[], Any]], count: Any
     """Within: each global norm of ``rule`` (``clip_by_global_norm``'s) is that of every group
     of leaves a step takes in one engine call each (leaves that count apart, a torch group's
     runs of another dtype): ``steps`` are the groups' steps, called group by group in passes
-    that stop at the norm they sum (:class:`_Split`), and each norm's part is ``rule``'s at
-    ``count`` for every group (a scheduled threshold is one for the whole norm, as a clip of
-    the tree is, not each group's at its own count). Yields the split (None where one group
-    or no such part: nothing to share), whose ``at`` each group's step starts from 0."""
-    norms = global_norm_parts(rule)
+    that stop at the norm they sum (:class:`_Split`); and each norm's part is as at ``count``
+    for every group (a scheduled threshold is one for the whole norm, as a clip of the tree
+    is, not each group's at its own count), a lone group's too (``steps`` empty: it steps at a
+    count of its own). Yields the split (None where no such part, or one group and no
+    schedule: nothing to share), whose ``at`` each group's step starts from 0."""
+    norms = [part for part, _ in rule.keyed_parts if isinstance(part, Elementwise)
+             and part.needs_norm and not part.norm_per_leaf]
     split = None
-    if norms and len(steps) > 1:
-        split = _Split([part for part, _, _ in resolve(rule, count)
-                        if isinstance(part, Elementwise) and part.needs_norm
-                        and not part.norm_per_leaf])
+    if norms and (len(steps) > 1 or not all(part.fixed for part in norms)):
+        # (the norm parts alone at the count: another part's schedule is read, and checked, at
+        # the counts its leaves step at)
+        try:
+            split = _Split([cast(Elementwise, part.at(count)) for part in norms],
+                           summed=len(steps) > 1)
+        except (ValueError, TypeError) as e:
+            raise _in_users_words(rule, count, e) from None
     token = backend.SPLIT.set(split)
     try:
-        if split is not None:
-            for split.known in range(norms):
+        if split is not None and split.summed:
+            for split.known in range(len(norms)):
                 for f in steps:
                     split.at = 0
                     with contextlib.suppress(_Summed):
                         f()
-            split.known = norms  # every norm known: the groups step
+            split.known = len(norms)  # every norm known: the groups step
         yield split
     finally:
         backend.SPLIT.reset(token)

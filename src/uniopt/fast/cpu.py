@@ -56,7 +56,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from .. import backend, jitcache
 from ..backend import Addressed
-from ..base import Elementwise, PerLeaf, members
+from ..base import Elementwise, PerLeaf, members, steady_from
 from ..moments import fma, fused_multiply_add, lerp, select, unfolded
 
 CHUNK = 1 << 15
@@ -1202,8 +1202,8 @@ class Fixed:
     def __init__(self, parts: list[Any], dtype: Any) -> None:
         self.methods = [part.coeffs for part in parts]
         self.dtype = dtype
-        starts = [part.steady() for part in parts]
-        self.start = max(starts) if None not in starts and all(
+        starts = [s for s in map(steady_from, parts) if s is not None]
+        self.start = max(starts, default=0) if len(starts) == len(parts) and all(
             type(x) in (int, float, bool) for part in parts
             for v in part.hyperparameters().values() for x in (v if type(v) is tuple else (v,))
         ) else None

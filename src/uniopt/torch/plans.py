@@ -867,7 +867,7 @@ class Plan:
                                                               self.state_dtype, trees),
                                           run.params, leaves, extra, names[k])
                         for k, (run, r, at, treedef, leaves) in enumerate(calls)]
-                # (a scheduled threshold at the group's count: that of its most stepped run)
+                # (a scheduled threshold at the largest count of the parameters that step)
                 with shared_norms(rule, sums, max(self.run_steps())) as split:
                     trees = self._step_runs(calls, trees, split, extra, names)
             else:
