@@ -3,6 +3,7 @@ torch's optimizers and Optimisers.jl leave it: against torch.optim on every back
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -288,6 +289,45 @@ def test_a_lone_group_reads_a_scheduled_threshold_at_the_trees_count(inplace: bo
                   {"a": np.ones(2), "b": np.ones(2)}):
             state, p = step(state, p, g)
         assert state.counts.tolist() == [2, 1]
+    # a threshold invalid there is refused in its own words (another record's, invalid there
+    # too but not where its leaves step, was named), nothing written
+    rule = uo.chain(uo.scale_by_lr(lr=lambda s: 1.0 if s < 2 else -1.0),
+                    uo.clip_by_global_norm(lambda s: 1.0 if s < 2 else -1.0), uo.sgd(lr=0.1))
+    p = {"a": np.zeros(2), "b": np.zeros(2)}
+    state, p = step(uo.setup(rule, p), p, {"a": np.ones(2), "b": None})
+    state, p = step(state, p, {"a": None, "b": None})
+    before = copy_tree(p)
+    with pytest.raises(ValueError, match=r"^chain: clip_by_global_norm: max_norm must be >= 0, "
+                                         r"got -1.0 \(the value of its schedule at step 2\)"):
+        step(state, p, {"a": np.ones(2), "b": np.ones(2)})
+    assert_same(list(p.values()), list(before.values()))
+    assert state.counts.tolist() == [1, 0]
+
+
+def test_a_rules_own_range_holds_for_its_threshold_at_the_trees_count() -> None:
+    """A rule whose field feeds a global-norm part may hold it to a narrower range than the
+    part's: at the tree's count that range holds too (clip 0 ran, every update 0, where leaves
+    behind the tree's count stepped; refused where every leaf was at it)."""
+    from uniopt.base import Rule
+    from uniopt.hyper import POSITIVE, hyper
+
+    @dataclasses.dataclass(frozen=True)
+    class clipped_sgd(Rule):
+        lr: Any = hyper(0.1, POSITIVE)
+        clip: Any = hyper(1.0, POSITIVE)
+
+        def parts(self) -> tuple[Any, ...]:
+            return uo.clip_by_global_norm(max_norm=self.clip), uo.scale_by_lr(lr=self.lr)
+
+    for grads in ([{"a": np.ones(2), "b": np.ones(2)}] * 3,
+                  [{"a": np.ones(2), "b": None}, {"a": None, "b": None},
+                   {"a": np.ones(2), "b": np.ones(2)}]):
+        p = {"a": np.zeros(2), "b": np.zeros(2)}
+        state = uo.setup(clipped_sgd(clip=lambda s: 1.0 if s < 2 else 0.0), p)
+        with pytest.raises(ValueError, match=r"^clipped_sgd: clip must be > 0, got 0.0 \(the "
+                                             r"value of its schedule at step 2\)"):
+            for g in grads:
+                state, p = uo.update(state, p, g)
 
 
 def test_two_global_norms_in_a_chain_span_every_leaf_that_steps() -> None:

@@ -1480,13 +1480,18 @@ def shared_norms(rule: Transform, steps: Sequence[Callable[[], Any]], count: Any
              and part.needs_norm and not part.norm_per_leaf]
     split = None
     if norms and (len(steps) > 1 or not all(part.fixed for part in norms)):
-        # (the norm parts alone at the count: another part's schedule is read, and checked, at
-        # the counts its leaves step at)
-        try:
-            split = _Split([cast(Elementwise, part.at(count)) for part in norms],
-                           summed=len(steps) > 1)
-        except (ValueError, TypeError) as e:
-            raise _in_users_words(rule, count, e) from None
+        # the norm parts alone at the count, first in the ranges of the records that hold them
+        # (a rule's own may be narrower than its part's), and in their words: another part's
+        # schedule is read, and checked, at the counts its leaves step at
+        held = {id(part) for part in norms}
+        for record in _records(rule):
+            if any(id(part) in held for part in record.flat_parts):
+                try:
+                    record._check_at(count)
+                except (ValueError, TypeError) as own:
+                    raise type(own)(own if record is rule else f"{rule.name}: {own}") from None
+        split = _Split([cast(Elementwise, part.at(count)) for part in norms],
+                       summed=len(steps) > 1)
     token = backend.SPLIT.set(split)
     try:
         if split is not None and split.summed:
