@@ -1004,7 +1004,7 @@ def _float_deltas(
                 if part.needs_norm:
                     squares, size, shared = backend.global_squares(
                         _squares(us, xps), sum(math.prod(u.shape) for u in us))
-                    c = (shared or part).norm_coeffs(squares**0.5, size)
+                    c = (part if shared is None else shared).norm_coeffs(squares**0.5, size)
                 cs = _per_dtype(c, us)
                 leaf_cs = [cs.get(u.dtype, c) for u in us]
             if part.by_dtype:  # the stored parameter's dtype: 16-bit leaves compute wider
@@ -1107,7 +1107,7 @@ def _sharded_norm_coeffs(part: Elementwise, us: list[Any], xps: list[Any],
                 for t, n in zip(sums, sizes, strict=True)]
     # (the squares of every run where a group steps its shards in runs: backend.global_squares)
     squares, size, shared = backend.global_squares(math.fsum(sums), int(sizes.sum()))
-    c = (shared or part).norm_coeffs(float(math.sqrt(squares)), size)
+    c = (part if shared is None else shared).norm_coeffs(float(math.sqrt(squares)), size)
     return [c] * len(us)
 
 
@@ -1449,7 +1449,7 @@ class _Split:
         self.sums: list[list[Any]] = [[0.0, 0] for _ in parts]  # [squares, elements]
         # the norm parts at the count the groups share: one threshold for the norm of all
         self.parts = parts
-        self.known = 0 if summed else len(parts)
+        self.known = 0
         self.summed = summed
         self.at = 0  # the part a group's step is at
 
@@ -1476,8 +1476,7 @@ def shared_norms(rule: Transform, steps: Sequence[Callable[[], Any]], count: Any
     is, not each group's at its own count), a lone group's too (``steps`` empty: it steps at a
     count of its own). Yields the split (None where no such part, or one group and no
     schedule: nothing to share), whose ``at`` each group's step starts from 0."""
-    norms = [part for part, _ in rule.keyed_parts if isinstance(part, Elementwise)
-             and part.needs_norm and not part.norm_per_leaf]
+    norms = _global_norms(rule)
     split = None
     if norms and (len(steps) > 1 or not all(part.fixed for part in norms)):
         # the norm parts alone at the count, first in the ranges of the records that hold them
@@ -1506,10 +1505,15 @@ def shared_norms(rule: Transform, steps: Sequence[Callable[[], Any]], count: Any
         backend.SPLIT.reset(token)
 
 
+def _global_norms(rule: Transform) -> list[Elementwise]:
+    """``rule``'s parts that take a global norm (:func:`shared_norms`), in the step's order."""
+    return [part for part, _ in rule.keyed_parts if isinstance(part, Elementwise)
+            and part.needs_norm and not part.norm_per_leaf]
+
+
 def global_norm_parts(rule: Transform) -> int:
     """How many of ``rule``'s parts take a global norm (:func:`shared_norms`)."""
-    return sum(1 for p in rule.flat_parts if isinstance(p, Elementwise)
-               and p.needs_norm and not p.norm_per_leaf)
+    return len(_global_norms(rule))
 
 
 class _Summed(Exception):

@@ -1178,7 +1178,7 @@ def _pass(
             else:  # (the squares of every group where the engine steps leaves by their count)
                 squares, size, shared = backend.global_squares(
                     float(total if shards is not None else total[0]), int(counts.sum()))
-                c = (shared or part).norm_coeffs(float(np.sqrt(squares)), size)
+                c = (part if shared is None else shared).norm_coeffs(float(np.sqrt(squares)), size)
             plan[j] = (part, c, plan[j][2])
     if table is None:
         # in the plan's order (a state's dict of slots may come back sorted), held for the call
