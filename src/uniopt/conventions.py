@@ -958,5 +958,11 @@ def page() -> str:
             "for Adam and AdamW, as many as between torch's own fused and for-loop Adam, 6% "
             "for NAdam, 7% for Adadelta, 18% for RMSprop and a third for centered RMSprop with "
             "momentum. Compare in float64 instead, where the two stay a few units in the last "
-            "place apart: a larger difference is a wrong convention or hyperparameter.", ""]
+            "place apart: a larger difference is a wrong convention or hyperparameter. One "
+            "exception: a learning rate (or `betas`) given to torch as a float32 tensor, "
+            "`lr=torch.tensor(0.01)`, from which torch computes some numbers in float32 "
+            "(Adagrad's decayed lr, Adam's step size) where uniopt computes them in double from "
+            "the tensor's value: 1e-8 to 1e-7 relative in float64 after a few steps "
+            "([PyTorch](torch.md)). Give torch a float (or a float64 tensor) for the "
+            "comparison.", ""]
     return "\n".join(out)
