@@ -602,12 +602,16 @@ class Part(Transform):
 
 def steady_from(part: Part) -> int | None:
     """``part.steady()``, taken at its word only where the class that says it computes the
-    coefficients too, or inherits them from a class above it: a subclass that computes them
-    anew and says nothing (a user's block made from one of ours) is taken to move."""
+    coefficients too, or inherits them from a class above it (a subclass that computes them
+    anew and says nothing, a user's block made from one of ours, is taken to move), and where
+    the part holds only Python numbers (not an array a caller may write in place)."""
     mro = type(part).__mro__
     said = next(c for c in mro if "steady" in vars(c))
     made = next(c for c in mro if "coeffs" in vars(c))
-    return part.steady() if issubclass(said, made) else None
+    if not issubclass(said, made) or any(type(x) not in (int, float, bool)
+                                         for x in _values(part)):
+        return None
+    return part.steady()
 
 
 def _to_float16(x: float) -> float:

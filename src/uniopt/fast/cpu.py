@@ -1192,10 +1192,9 @@ def _pass(
 class Fixed:
     """The coefficients of a rule of fixed parts (:func:`uniopt.engine.fixed_parts`) at a step
     count, as the compiled loop reads them. Where every part says from which step they stop
-    moving (:meth:`uniopt.base.Part.steady`: SGD's from its second, after torch's undamped
-    first) and holds only Python numbers (not an array a caller may write in place), those of
-    a step from there are made once and serve every later step: SGD's took 1.5 us of a 20 us
-    step on S1."""
+    moving (:func:`uniopt.base.steady_from`: SGD's from its second, after torch's undamped
+    first), those of a step from there are made once and serve every later step: SGD's took
+    1.5 us of a 20 us step on S1."""
 
     __slots__ = ("methods", "dtype", "start", "made")
 
@@ -1203,10 +1202,7 @@ class Fixed:
         self.methods = [part.coeffs for part in parts]
         self.dtype = dtype
         starts = [s for s in map(steady_from, parts) if s is not None]
-        self.start = max(starts, default=0) if len(starts) == len(parts) and all(
-            type(x) in (int, float, bool) for part in parts
-            for v in part.hyperparameters().values() for x in (v if type(v) is tuple else (v,))
-        ) else None
+        self.start = max(starts, default=0) if len(starts) == len(parts) else None
         self.made: Any = None
 
     def __call__(self, step: int) -> Any:
