@@ -915,8 +915,13 @@ def _in_users_words(rule: Transform, step: Any, e: Exception) -> Exception:
         try:
             record.at(step)
         except (ValueError, TypeError) as own:
-            return type(own)(own if record is rule else f"{rule.name}: {own}")
+            return _in_rules_words(rule, record, own)
     return type(e)(f"{rule.name}: {e}")
+
+
+def _in_rules_words(rule: Transform, record: Transform, own: Exception) -> Exception:
+    """Record ``record``'s own error as ``rule``, which holds it, says it (a chain names it)."""
+    return type(own)(own if record is rule else f"{rule.name}: {own}")
 
 
 def _deltas(
@@ -1488,7 +1493,7 @@ def shared_norms(rule: Transform, steps: Sequence[Callable[[], Any]], count: Any
                 try:
                     record._check_at(count)
                 except (ValueError, TypeError) as own:
-                    raise type(own)(own if record is rule else f"{rule.name}: {own}") from None
+                    raise _in_rules_words(rule, record, own) from None
         split = _Split([cast(Elementwise, part.at(count)) for part in norms],
                        summed=len(steps) > 1)
     token = backend.SPLIT.set(split)
