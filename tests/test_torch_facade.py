@@ -354,6 +354,47 @@ def test_state_dict_loads_across_and_training_continues(name: str, direction: st
     assert_float64_parity(resumed, original)
 
 
+def _halving(step: Any) -> float:  # (a module's function: pickled by name)
+    return 0.1 * 0.5 ** (step // 10)
+
+
+def test_a_schedule_holding_a_function_leaves_state_dict_as_torchs() -> None:
+    """A uniopt schedule that holds a Python function (``warmup(100, fn)``) as a group's lr:
+    ``state_dict()`` raised a CheckpointError ('a checkpoint stores no code'), where a
+    function alone is kept as it is and torch's state_dict never refuses a group's value. It
+    is now kept as it is too: copied in memory, loaded back, saved with torch.save (read with
+    weights_only=False, as the function alone is)."""
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    for lr in (uo.schedules.warmup(100, _halving),
+               uo.schedules.product(uo.schedules.cosine(1.0, 100), _halving)):
+        opt = ut.SGD([w], lr=lr, momentum=0.9)
+        w.grad = torch.ones(3, dtype=torch.float64)
+        opt.step()
+        sd = copy.deepcopy(opt.state_dict())
+        assert sd["param_groups"][0]["lr"] == lr
+        twin = torch.nn.Parameter(w.detach().clone())
+        other = ut.SGD([twin], lr=0.5, momentum=0.9)
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        other.load_state_dict(torch.load(buf, weights_only=False))
+        assert other.param_groups[0]["lr"] == lr
+        for o in (opt, other):
+            o.param_groups[0]["params"][0].grad = torch.ones(3, dtype=torch.float64)
+            o.step()
+        assert torch.equal(w, twin)
+
+
+def test_state_dtype_is_a_name_not_a_dtype() -> None:
+    """``state_dtype=np.dtype("float32")`` (equal to its name) passed the constructor's check
+    and failed at the first step ('attribute name must be string'); refused at once, as
+    ``torch.float32`` is."""
+    for bad in (np.dtype("float32"), np.float32, torch.float32):
+        with pytest.raises(ValueError, match=r"^Adam: state_dtype must be None, "
+                                             r"'float32', 'float64' or 'q8', got "):
+            ut.Adam([torch.nn.Parameter(torch.ones(2))], state_dtype=bad)
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
 def test_state_dict_formats_match_torch(name: str) -> None:
     torch.manual_seed(2)
@@ -3402,6 +3443,57 @@ def test_a_whole_tree_rule_names_a_parameter_without_a_gradient(name: str) -> No
     polyak = ut.Optimizer([a, b], uo.polyak_sgd())
     polyak.step(lambda: torch.tensor(1.0))
     assert not torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(2))
+
+
+@pytest.mark.parametrize("how", ["appended", "reset", "first reset"])
+@pytest.mark.parametrize("name", ["schedule_free_adamw", "prodigy", "dog", "galore"])
+def test_a_whole_tree_rule_refuses_parameters_at_different_counts(name: str, how: str) -> None:
+    """A parameter appended to a group's params, or one's state reset (``opt.state[p] = {}``),
+    under a rule whose whole-tree part keeps a state over every parameter: the step split the
+    group by count and handed each run the whole state; the first run wrote its parameters
+    and counted its step, then the second failed on the state's size ('The size of tensor a
+    (2) must match...', 'zip() argument 2 is longer...'). Now a ValueError that says why and
+    what to do, before anything is written; doing it steps on."""
+    torch.manual_seed(0)
+    rule = getattr(uo, name)(**({"lr": 0.01} if name != "dog" else {}),
+                             **({"rank": 2} if name == "galore" else {}))
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3, 5))]
+    opt = ut.Optimizer(ps, rule)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    if how == "appended":
+        ps.append(torch.nn.Parameter(torch.randn(2, 3)))
+        opt.param_groups[0]["params"].append(ps[-1])
+        said = r"3 by parameter\(s\) \[0, 1\]; 0 by parameter\(s\) \[2\]"
+    else:
+        opt.state[ps[how == "reset"]] = {}
+        said = (r"3 by parameter\(s\) \[0\]; 0 by parameter\(s\) \[1\]" if how == "reset"
+                else r"0 by parameter\(s\) \[0\]; 3 by parameter\(s\) \[1\]")
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    before = _snapshot(opt), [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=(
+            rf"^the parameters of param group 0 have taken different numbers of steps \({said}: "
+            rf"one appended to the group's params, or one's state reset\): {name}'s "
+            r"scale_by_\w+ steps the group's parameters together")):
+        opt.step()
+    assert _same(_snapshot(opt), before[0])
+    assert all(torch.equal(p, b) for p, b in zip(ps, before[1], strict=True))
+    if how == "appended":  # a group of its own
+        opt.param_groups[0]["params"].pop()
+        opt.add_param_group({"params": [ps[-1]]})
+    else:  # the group anew: as a new optimizer's first step
+        for p in ps:
+            opt.state.pop(p, None)
+    fresh = [p.detach().clone().requires_grad_() for p in ps]
+    for f, p in zip(fresh, ps, strict=True):
+        f.grad = p.grad.clone()
+    opt.step()
+    if how != "appended":
+        ut.Optimizer(fresh, rule).step()
+        assert all(torch.equal(p, f) for p, f in zip(ps, fresh, strict=True))
 
 
 def test_a_complex_parameter_in_an_8_bit_group_is_named() -> None:

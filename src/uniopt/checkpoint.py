@@ -1676,12 +1676,19 @@ def _schedule_in(value: Any) -> bool:
 
 def plain_schedules(value: Any) -> Any:
     """``value`` (a param group's value) with each uniopt schedule (in a tuple too) replaced by
-    its data: what torch's ``weights_only`` loader accepts. Anything else is left as it is."""
+    its data: what torch's ``weights_only`` loader accepts. Anything else is left as it is, a
+    schedule that holds what data cannot (a Python function: ``warmup(100, fn)``) too, as a
+    function given alone is: ``state_dict()`` is torch's, which never refuses a group's value
+    (the state dict copied in memory, a best-so-far checkpoint); ``torch.load`` of such a
+    file then needs ``weights_only=False``, as for the function alone."""
     if isinstance(value, tuple):
         return tuple(plain_schedules(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, (type, Transform)) and \
             _type_name(type(value)) is not None:
-        return to_data(value)
+        try:
+            return to_data(value)
+        except CheckpointError:
+            return value
     return value
 
 

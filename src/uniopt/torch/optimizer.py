@@ -518,7 +518,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _group_rule(self, group: dict[str, Any]) -> Transform:
         """The rule a group's values make (raises on invalid values)."""
-        if group.get("state_dtype") not in (None, "float32", "float64", "q8"):
+        # (by type too: a NumPy dtype equals its name, and went on to fail as an attribute name)
+        sd = group.get("state_dtype")
+        if not (sd is None or type(sd) is str and sd in ("float32", "float64", "q8")):
             raise ValueError(
                 f"{self._name}: state_dtype must be None, 'float32', 'float64' or 'q8', got "
                 f"{group['state_dtype']!r}"
@@ -913,7 +915,7 @@ class Optimizer(torch.optim.Optimizer):
             plan = None
         sparse = None
         if plan is None:
-            plans.refuse(rule, gi, group, has, recorded)
+            plans.refuse(rule, gi, group, has, recorded, self.state)
             if group.get("fused"):
                 _check_fused(ps, has)
         if views is None:  # a new plan always comes this way

@@ -237,7 +237,7 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
 
 
 def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
-           recorded: bool) -> None:
+           recorded: bool, state: Mapping[Any, Any] | None = None) -> None:
     """Raise what a new plan of group ``gi`` (``has``: which parameters step) is refused for,
     before any group steps (called for every group first): a complex parameter with a rule
     that takes real params only (the engine sees the real pairs, so its own refusal at set-up
@@ -245,7 +245,9 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
     unrecorded group; a parameter without a gradient where a whole-tree part needs every one;
     a recorded 8-bit step; and ``capturable=True`` with ``differentiable=True`` where the rule
     computes its numbers on the host (the recorded step takes no multi-tensor path, which
-    checks it). ``recorded``: whether autograd records the step (:func:`recorded`)."""
+    checks it); with ``state`` (the optimizer's), parameters at different step counts where
+    such a part's state spans the group. ``recorded``: whether autograd records the step
+    (:func:`recorded`)."""
     at = next((i for i, p in enumerate(group["params"]) if has[i] and p.is_complex()), None)
     if at is not None:
         real = _real_only(rule)
@@ -277,6 +279,26 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
             f"{wholes[0].name} steps the group's parameters together (a state or a norm over "
             "every one of them); give each a gradient, or put those without one in a group of "
             "their own")
+    # (a state of one array per parameter, or one checked per parameter, kept with the first
+    # parameter's: the runs a step splits the group into by count were each handed all of it,
+    # and the first run wrote its parameters before the second failed)
+    spans = [part for part, _ in rule.keyed_parts if isinstance(part, WholeTree) and (
+        part.like_params or part.uses_params
+        or type(part).check_tree is not WholeTree.check_tree)]
+    if spans and state is not None and not alone:
+        by_count: dict[int, list[int]] = {}
+        for i, (p, h) in enumerate(zip(group["params"], has, strict=True)):
+            if h:
+                by_count.setdefault(state_step(state.get(p, {})), []).append(i)
+        if len(by_count) > 1:
+            said = "; ".join(f"{c} by parameter(s) {ix}" for c, ix in by_count.items())
+            raise ValueError(
+                f"the parameters of param group {gi} have taken different numbers of steps "
+                f"({said}: one appended to the group's params, or one's state reset): "
+                f"{rule.name}'s {spans[0].name} steps the group's parameters together, its "
+                "state over every one of them; give new parameters a group of their own "
+                "(add_param_group), or start the whole group anew (every one of its "
+                "parameters' entries removed from optimizer.state)")
     if at is not None and is_q8(group):  # (a KeyError for its absent scales, mid-plan)
         raise ValueError(
             f"parameter {at} of param group {gi} is complex: state_dtype='q8' keeps the state "
