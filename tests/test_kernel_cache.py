@@ -437,3 +437,78 @@ def test_a_cache_dir_given_with_a_tilde_is_under_home(monkeypatch: pytest.Monkey
     monkeypatch.delenv("UNIOPT_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "~/c")
     assert jitcache.root() == str(tmp_path / "c" / "uniopt")
+
+
+def test_a_save_holds_the_index_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba's save reads a function's index, takes the first free data file's name and writes
+    both, unlocked: two processes of two CPU kinds saving one function at once into a shared
+    cache took the same name, and the generic CPU's index entry held the AVX-512 machine code
+    the other wrote. uniopt's saves hold a lock on the index's lock file."""
+    import fcntl
+
+    from numba.core.caching import IndexDataCacheFile
+
+    files = cpu._check._cache._cache_file
+    seen = []
+
+    def save(self: Any, key: Any, data: Any) -> None:
+        fd = os.open(self._index_path + ".lock", os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append(key)
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(IndexDataCacheFile, "save", save)
+    files.save("key", b"")
+    assert seen == ["key"]
+    fd = os.open(files._index_path + ".lock", os.O_RDWR)  # let go after it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+_OTHER_CPU = """
+import numpy as np, uniopt as uo
+from uniopt.fast import cpu, q8
+assert not cpu.F16C and not q8.VBMI
+few = cpu.MIN_LEAVES
+rng = np.random.default_rng(0)
+p = {"w": rng.standard_normal(300).astype(np.float16),
+     "b": np.array([6e4, -6e4, 1e-7, -3e-8, 0.0, -0.0, np.inf, np.nan], np.float16)}
+for rule in (uo.adamw(lr=1e-2), uo.sgd(lr=0.5, momentum=0.9)):
+    ref, fast = dict(p), dict(p)
+    s_ref, s_fast = uo.setup(rule, ref), uo.setup(rule, fast)
+    for k in range(3):
+        g = {k2: (v * 0.5 + np.float16(k)).astype(np.float16) for k2, v in p.items()}
+        cpu.MIN_LEAVES, cpu.COMPILE_AFTER = few, None  # (two leaves: the reference path)
+        s_ref, ref = uo.update(s_ref, ref, g)
+        cpu.MIN_LEAVES = cpu.MIN_SIZE = cpu.COMPILE_AFTER = 0
+        s_fast, fast = uo.update(s_fast, fast, g)
+        assert s_fast.step == s_ref.step
+    for k2 in p:
+        assert fast[k2].view(np.uint16).tobytes() == ref[k2].view(np.uint16).tobytes(), k2
+s = uo.setup(uo.adam(lr=1e-2), {"w": np.ones(5000, np.float32)}, state_dtype="q8")
+s, w = uo.update(s, {"w": np.ones(5000, np.float32)}, {"w": np.full(5000, 0.5, np.float32)})
+print("ok", float(w["w"][0]))
+"""
+
+
+def test_a_cpu_without_f16c_or_avx_steps_16_bit_leaves_and_8_bit_state(
+        tmp_path: pathlib.Path) -> None:
+    """Without F16C (numba's NUMBA_CPU_NAME=generic, as portable images set it) LLVM called
+    compiler-rt's half conversions, which numba does not link: 'LLVM ERROR: Symbol not found:
+    __extendhfsf2', the process aborted at its first float16 step; now integer arithmetic, the
+    same bits (checked against F16C's over every input once). And the 8-bit loops' VBMI IR was
+    linked into a target numba had built without AVX (NUMBA_ENABLE_AVX=0), aborting LLVM:
+    the CPU's features are now numba's target's, not the host's."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "UNIOPT_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _OTHER_CPU], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr[-2000:]
+    env = {**os.environ, "NUMBA_ENABLE_AVX": "0"}
+    run = subprocess.run([sys.executable, "-c", "from uniopt.fast import q8; print(q8.VBMI)"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "False", run.stderr[-2000:]

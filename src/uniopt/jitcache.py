@@ -27,11 +27,13 @@ warning (:func:`uncached`)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -66,6 +68,14 @@ def _quick_class() -> Any:
             except Exception:
                 return None
 
+        def save(self, key: Any, data: Any) -> None:
+            # numba's save reads the index, takes the first free file name and writes both:
+            # two processes saving at once (two kinds of CPU sharing a cache directory) both
+            # took the same name, and one's index entry then pointed at the other's machine
+            # code (AVX-512 code under a generic CPU's key)
+            with locked(Path(self._index_path + ".lock")):
+                super().save(key, data)
+
     class QuickCache(FunctionCache):
         def __init__(self, py_func: Any) -> None:
             super().__init__(py_func)
@@ -84,6 +94,37 @@ def _quick_class() -> Any:
                 uncached(self._cache_path, e)
 
     return QuickCache
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on file ``path`` across processes (released by the system if its
+    holder dies); where there is no ``fcntl`` (Windows) or the file cannot be opened, none."""
+    try:
+        import fcntl
+
+        fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        fd = None
+    try:
+        if fd is not None:
+            LOCK_FDS.add(fd)
+            # a file system without locks (some network ones) raises: compile unlocked
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            LOCK_FDS.discard(fd)
+            os.close(fd)  # closing releases the lock
+
+
+# The descriptors of the locks held now. A lock is the open file's, which a fork shares with
+# the child: a process forked while another thread compiled held that loop's lock until it
+# exited, and any process then compiling or loading the loop waited for it (a child stepping
+# the rule itself, for ever). A forked child closes them (uniopt.fast.cpu's ``_forked``); the
+# parent's close then releases the lock.
+LOCK_FDS: set[int] = set()
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

@@ -144,8 +144,21 @@ def _leaf(lst: int, i: int) -> int:
 # --- 16-bit storage: float16 and bfloat16 leaves are computed in float32, rounded once ---------
 
 
+def target_features() -> frozenset[str]:
+    """The CPU features numba compiles for, as numba reads them: ``NUMBA_CPU_FEATURES``, else
+    the host's (without the AVX ones under ``NUMBA_ENABLE_AVX=0``); none for
+    ``NUMBA_CPU_NAME=generic``. Code that picks instructions by the CPU asks this, not the host:
+    IR for a feature the target lacks aborts LLVM, or makes machine code a cache then hands to
+    the CPUs it was named for."""
+    from numba.core import codegen, config
+
+    given = getattr(config, "CPU_FEATURES", None)
+    flags = given if given is not None else codegen.get_host_cpu_features()
+    return frozenset(f[1:] for f in flags.split(",") if f.startswith("+"))
+
+
 @intrinsic
-def _f16(typingctx: Any, bits: Any) -> Any:
+def _f16_hw(typingctx: Any, bits: Any) -> Any:
     """IEEE half (its bits) to float32, exactly."""
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
@@ -153,12 +166,64 @@ def _f16(typingctx: Any, bits: Any) -> Any:
     return nbtypes.float32(bits), codegen
 
 @intrinsic
-def _to_f16(typingctx: Any, x: Any) -> Any:
+def _to_f16_hw(typingctx: Any, x: Any) -> Any:
     """float32 to IEEE half bits, rounded to nearest even (as NumPy and torch round)."""
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return nbtypes.uint16(x), codegen
+
+
+# Without F16C (NUMBA_CPU_NAME=generic, older or small x86 CPUs) LLVM lowers the two
+# conversions above to calls of compiler-rt's __extendhfsf2 and __truncsfhf2, which numba's
+# JIT does not link: the process aborted at its first float16 step. There they are integer
+# arithmetic, the same bits as F16C's for every input (each checked against it over all 2**16
+# halves and all 2**32 floats, NaNs made quiet with their top payload bits kept).
+
+@intrinsic
+def _f32_of(typingctx: Any, bits: Any) -> Any:
+    """The float32 whose bits are the low 32 of the integer ``bits``."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        v = args[0]
+        if v.type.width != 32:
+            v = builder.trunc(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+@numba.njit(inline="always")
+def _f16_sw(bits: Any) -> Any:
+    h = np.uint32(bits)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    m = h & np.uint32(0x3FF)
+    if e == np.uint32(0x1F):  # infinity, NaN
+        quiet = np.uint32(0x400000) if m != np.uint32(0) else np.uint32(0)
+        return _f32_of(sign | np.uint32(0x7F800000) | quiet | (m << np.uint32(13)))
+    if e == np.uint32(0):  # zero, subnormal: m * 2**-24, exact in float32
+        mag = np.float32(m) * np.float32(5.960464477539063e-08)
+        return -mag if sign else mag
+    return _f32_of(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
+
+@numba.njit(inline="always")
+def _to_f16_sw(x: Any) -> Any:
+    f = np.uint32(_f32_bits(x))
+    sign = f & np.uint32(0x80000000)
+    f = f ^ sign
+    if f >= np.uint32(0x47800000):  # 2**16 and above (infinity), NaN
+        o = (np.uint32(0x7E00) | ((f >> np.uint32(13)) & np.uint32(0x3FF))
+             if f > np.uint32(0x7F800000) else np.uint32(0x7C00))
+    elif f < np.uint32(0x38800000):  # below 2**-14, a subnormal half: 0.5 added rounds
+        # at the half's last place, to nearest even, in float32's own addition
+        o = np.uint32(_f32_bits(_f32_of(f) + np.float32(0.5))) - np.uint32(0x3F000000)
+    else:  # the exponent rebiased, plus half an ulp less one, plus the kept bit's parity
+        f = f + np.uint32(0xC8000FFF) + ((f >> np.uint32(13)) & np.uint32(1))
+        o = f >> np.uint32(13)
+    return np.uint16((o | (sign >> np.uint32(16))) & np.uint32(0xFFFF))
+
+
+F16C = "f16c" in target_features()
+_f16, _to_f16 = (_f16_hw, _to_f16_hw) if F16C else (_f16_sw, _to_f16_sw)
 
 @intrinsic
 def _bf16(typingctx: Any, bits: Any) -> Any:
@@ -930,35 +995,7 @@ def _imported(src: str, path: Path) -> Any:
 _HELD: list[Any] = []
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on file ``path`` across processes (released by the system if its
-    holder dies); where there is no ``fcntl`` (Windows) or the file cannot be opened, none."""
-    try:
-        import fcntl
-
-        fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except (ImportError, OSError):
-        fd = None
-    try:
-        if fd is not None:
-            _LOCK_FDS.add(fd)
-            # a file system without locks (some network ones) raises: compile unlocked
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        if fd is not None:
-            _LOCK_FDS.discard(fd)
-            os.close(fd)  # closing releases the lock
-
-
-# The descriptors of the locks held now. A lock is the open file's, which a fork shares with
-# the child: a process forked while another thread compiled held that loop's lock until it
-# exited, and any process then compiling or loading the loop waited for it (a child stepping
-# the rule itself, for ever). A forked child closes them (_forked); the parent's close then
-# releases the lock.
-_LOCK_FDS: set[int] = set()
+_locked, _LOCK_FDS = jitcache.locked, jitcache.LOCK_FDS
 
 
 def _self_test() -> bool:

@@ -541,13 +541,9 @@ done:
 
 
 def _has_vbmi() -> bool:
-    """Whether numba compiles for this CPU (not a named one) and it has AVX-512 VBMI and BW."""
-    from numba.core import config
-
-    if getattr(config, "CPU_NAME", None) or getattr(config, "CPU_FEATURES", None):
-        return False
-    features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512vbmi") and features.get("avx512bw"))
+    """Whether the CPU numba compiles for has AVX-512 VBMI and BW (its features as numba reads
+    them: ``NUMBA_ENABLE_AVX=0`` on such a host aborted LLVM on the VBMI IR)."""
+    return {"avx512vbmi", "avx512bw"} <= cpu.target_features()
 
 
 # which IR the loops link: VBMI's where the CPU has it; or UNIOPT_Q8_GATHER=1, the gathers
