@@ -3496,6 +3496,39 @@ def test_a_whole_tree_rule_refuses_parameters_at_different_counts(name: str, how
         assert all(torch.equal(p, f) for p, f in zip(ps, fresh, strict=True))
 
 
+@pytest.mark.parametrize("make", [lambda ps: ut.Optimizer(ps, uo.accumulate(uo.adam(lr=0.1), 2)),
+                                  lambda ps: ut.Optimizer(ps, uo.skip_nonfinite(uo.adam(lr=0.1))),
+                                  lambda ps: ut.Kron(ps, lr=1e-3)],
+                         ids=["accumulate", "skip_nonfinite", "Kron"])
+def test_a_rule_of_one_state_names_a_parameter_appended_to_its_group(make: Any) -> None:
+    """A rule that keeps one state over its group (a combinator's, Kron's) and a parameter
+    appended to the group's params: 'state['uniopt.group0']: tree_states.accumulate.acc:
+    expected 3 entries, got 2', which said neither why nor what to do. Now both, nothing
+    written; the group's state deleted, the next step sets it up for every parameter."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3, 5))]
+    opt = make(ps)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    ps.append(torch.nn.Parameter(torch.randn(2, 3)))
+    opt.param_groups[0]["params"].append(ps[-1])
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    before = _snapshot(opt), [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=(
+            r": param group 0 has 3 parameters, its state \(state\['uniopt.group0'\]\) 2 \(one "
+            r"appended to its params, or removed\): \w+ keeps one state over the group's")):
+        opt.step()
+    assert _same(_snapshot(opt), before[0])
+    assert all(torch.equal(p, b) for p, b in zip(ps, before[1], strict=True))
+    del opt.state["uniopt.group0"]
+    opt.step()
+    opt.step()
+    assert not torch.equal(ps[-1], before[1][-1])
+
+
 def test_a_complex_parameter_in_an_8_bit_group_is_named() -> None:
     """state_dtype='q8' keeps real parameters' state in 8 bits: a complex parameter in such a
     group raised a KeyError (its absent scales) mid-plan; now a ValueError naming it, nothing

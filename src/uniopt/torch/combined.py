@@ -77,7 +77,20 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
         # after a step: a state set up for them and filled from the last, cast as a load casts)
         state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
         if entry:
-            state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
+            try:
+                state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
+            except ValueError as e:
+                if held is None or held[0].treedef.num_leaves == len(ps):
+                    raise
+                # (a partition's members take theirs by the leaves they route; a state over
+                # every parameter, accumulate's, Kron's, cannot take one more)
+                raise ValueError(
+                    f"{opt._name}: param group {gi} has {len(ps)} parameters, its state "
+                    f"(state[{key!r}]) {held[0].treedef.num_leaves} (one appended to its "
+                    f"params, or removed): {rule.name} keeps one state over the group's "
+                    "parameters, and cannot take them as they are now; give new parameters a "
+                    "group of their own (add_param_group), or start the group anew "
+                    f"(del optimizer.state[{key!r}])") from e
         return state
     return held[0]
 
