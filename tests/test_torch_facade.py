@@ -2238,6 +2238,23 @@ def test_step_hooks_see_the_closure_as_it_was_passed_and_may_replace_it() -> Non
         ["closure"]
 
 
+@pytest.mark.parametrize("name", ["Adam", "SGD", "LBFGS"])
+def test_a_pre_hooks_bad_return_names_the_classs_step(name: str) -> None:
+    """torch's wrapper words a pre-hook's bad return with the step it wraps: uniopt's one
+    function for every class made it '<function _own_step at ...> must return None or a
+    tuple'; now the class's, as torch's ('<function Adam.step at ...>')."""
+    for impl in (torch.optim, ut):
+        w = nn.Parameter(torch.ones(2))
+        w.grad = torch.ones(2)
+        opt = getattr(impl, name)([w], lr=0.1)
+        opt.register_step_pre_hook(lambda o, args, kwargs: 5)
+        with pytest.raises(RuntimeError, match=rf"^<function {name}\.step at 0x[0-9a-f]+> must "
+                                               r"return None or a tuple of \(new_args, "
+                                               r"new_kwargs\), but got 5\.$"):
+            opt.step(lambda w=w: (w ** 2).sum())
+        assert torch.equal(w, torch.ones(2))
+
+
 def test_a_state_whose_param_names_differ_loads_by_position_with_a_warning() -> None:
     """An optimizer made of ``named_parameters()`` saves each group's ``param_names``; loaded
     into one whose parameters come in another order (each of the same shape), torch's

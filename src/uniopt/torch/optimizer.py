@@ -1418,10 +1418,6 @@ def _check_fused(ps: list[torch.Tensor], has: list[bool]) -> None:
             )
 
 
-def _own_step(self: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
-    return self._step(closure)  # the class's own (LBFGS has another)
-
-
 # torch.compiler.disable in the lazy form torch.optim marks its own methods with: dynamo is
 # imported at the first traced step, not with uniopt.torch (about 1.5 s of a 4 s import). What
 # it costs: dynamo's explanation of the break names this function as one it skips, without a
@@ -1432,5 +1428,19 @@ def _UNTRACED_STEP(self: Optimizer, closure: Callable[[], Any] | None = None) ->
     return self.step(closure)
 
 
-# torch's own wrapper (hooks, then the profiler's label and entry point) around the step
-_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(_own_step)
+def _HOOKED_STEP(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+    """The step in torch's own wrapper (hooks, then the profiler's label and entry point),
+    made once per class around a function named as the class's step: torch's message for a
+    pre-hook's bad return names it (``<function Adam.step at ...>``)."""
+    cls = type(self)
+    hooked = _HOOKED.get(cls)
+    if hooked is None:
+        def step(self: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+            return self._step(closure)  # the class's own (LBFGS has another)
+
+        step.__qualname__, step.__module__ = f"{cls.__name__}.step", cls.__module__
+        hooked = _HOOKED[cls] = torch.optim.Optimizer.profile_hook_step(step)
+    return hooked(self, *args, **kwargs)
+
+
+_HOOKED: dict[type, Any] = {}
