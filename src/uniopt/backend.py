@@ -366,6 +366,12 @@ def is_numpy(x: Any) -> bool:
     return bool(aac.is_numpy_array(x))
 
 
+def is_lazy(x: Any) -> bool:
+    """Whether ``x`` is an array of a library that computes when asked (dask's): reading its
+    value on the host (``float``, ``bool``) computes every step before it, each time."""
+    return bool(aac.is_dask_array(x))
+
+
 def is_torch(x: Any) -> bool:
     found = _TORCH_TYPES.get(type(x))
     if found is None:

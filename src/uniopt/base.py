@@ -862,7 +862,9 @@ class Info:
     returning ``(loss, grads)``), which a caller must pass to ``uo.update``. ``free_slots``:
     slots that the rule's solver fixes only up to a choice of its own (an eigenbasis's signs:
     LAPACK, torch and XLA choose differently), compared across libraries through the params
-    they produce, not entry by entry.
+    they produce, not entry by entry. ``linalg``: the functions of the array API's optional
+    ``linalg`` extension the step calls (``"eigh"``), which an array-API library without them
+    (dask's) is refused for at set-up.
     """
 
     family: str
@@ -877,6 +879,7 @@ class Info:
     jit: bool = True
     step_args: tuple[str, ...] = ()
     free_slots: tuple[str, ...] = ()
+    linalg: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

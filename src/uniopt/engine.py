@@ -160,11 +160,18 @@ def _library_check(rule: Transform, names: list[str], leaves: list[Any]) -> None
     where = "numpy" if isinstance(leaves[0], np.ndarray) else "torch" if backend.is_torch(
         leaves[0]) else lib if lib == "jax" else "jax" if backend.jax_array_of(
         leaves[0]) is not None else "array_api"
+    xp = backend.namespace(leaves[0]) if where == "array_api" else None
     for part in _registered(rule):
-        backends = getattr(type(part), "info").backends  # noqa: B009
-        if where not in backends:
-            raise TypeError(f"setup: {part.name} runs on {', '.join(backends)} arrays (the "
+        info = getattr(type(part), "info")  # noqa: B009
+        if where not in info.backends:
+            raise TypeError(f"setup: {part.name} runs on {', '.join(info.backends)} arrays (the "
                             f"registry's Info.backends); {names[0]} comes from {lib}")
+        # (an optional extension of the standard: dask's namespace has no eigh, and the step
+        # raised an AttributeError from inside the rule)
+        lacks = [f for f in info.linalg if not hasattr(getattr(xp, "linalg", None), f)]
+        if xp is not None and lacks:
+            raise TypeError(f"setup: {part.name} calls the array API's linalg.{lacks[0]}, "
+                            f"which {lib}'s namespace does not have; {names[0]} comes from it")
     version = getattr(backend.namespace(leaves[0]), "__array_api_version__", None)
     if where == "array_api" and isinstance(version, str) and version < ARRAY_API:
         raise TypeError(f"setup: uniopt needs the array API standard {ARRAY_API} or later "
@@ -1422,7 +1429,8 @@ def _squares(us: list[Any], xps: list[Any]) -> Any:
     """The sum of squares of every element of ``us``, leaf after leaf in float64 where the
     library and device have it (JAX only with x64 enabled; not torch's MPS), read to the host
     once: a read per leaf was a device synchronisation per tensor on a GPU. Traced (under jit),
-    or on torch's meta device (a dry run, nothing to read), the library's own number."""
+    on torch's meta device (a dry run, nothing to read) or lazy (dask's: a read computes the
+    whole history, at every step), the library's own number."""
     total: Any = 0.0
     for xp, u in zip(xps, us, strict=True):
         wide = u.dtype if backend.is_jax(u) else backend.widest_float(xp, u)
@@ -1432,7 +1440,8 @@ def _squares(us: list[Any], xps: list[Any]) -> Any:
         total = total + part
     # (a Python float, not NumPy's float64, which is no weak scalar: float32 leaves scaled by
     # it would be computed in float64)
-    if type(total) is float or _traced(total) or getattr(total, "is_meta", False):
+    if type(total) is float or _traced(total) or getattr(total, "is_meta", False) or (
+            backend.is_lazy(total)):
         return total
     if backend.is_torch(total) and backend.keeps_torch_numbers():
         # (a recorded step: a norm the derivative goes through, as torch's clip; and inside a

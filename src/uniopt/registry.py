@@ -89,6 +89,8 @@ def notes(e: Entry) -> str:
     missing = [b for b in ALL_BACKENDS if b not in e.backends]
     if missing:
         out.append(f"not on {', '.join(missing)}")
+    if e.linalg and "array_api" in e.backends:
+        out.append(f"on array_api, a library with `linalg.{'`, `linalg.'.join(e.linalg)}`")
     return "; ".join(out)
 
 
