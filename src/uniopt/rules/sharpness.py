@@ -77,17 +77,22 @@ class sam_step(Minimizer):
         else:
             e = g * (self.rho / (xp.sqrt(xp.sum(g * g)) + self.eps))
         _, g_adv = evaluate(x + e)
-        params = unflatten(base.treedef, _split(xp, x, shapes))
-        step, base = self.base.update(_split(xp, g_adv, shapes), base, params)
+        # (the vector is in the leaves' widest dtype: each leaf goes to the base in its own,
+        # as its state was set up; a float32 leaf beside a float64 one came as float64, which
+        # the base refused as a state "set up for other params")
+        dtypes = [None if isinstance(s, tuple) else s.dtype for s in state["shapes"]]
+        params = unflatten(base.treedef, _split(xp, x, shapes, dtypes))
+        step, base = self.base.update(_split(xp, g_adv, shapes, dtypes), base, params)
         x = x + xp.concat([xp.reshape(v, (-1,)) for v in trainables(step)])
         return x, {"base": base, "shapes": state["shapes"]}, loss
 
 
-def _split(xp: Any, x: Any, shapes: tuple[tuple[int, ...], ...]) -> list[Any]:
+def _split(xp: Any, x: Any, shapes: tuple[tuple[int, ...], ...], dtypes: list[Any]) -> list[Any]:
     out, at = [], 0
-    for s in shapes:
+    for s, dtype in zip(shapes, dtypes, strict=True):
         n = math.prod(s)
-        out.append(xp.reshape(x[at:at + n], s))
+        v = xp.reshape(x[at:at + n], s)
+        out.append(v if dtype is None or v.dtype == dtype else xp.astype(v, dtype))
         at += n
     return out
 
