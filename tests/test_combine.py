@@ -1111,3 +1111,22 @@ def test_a_none_gradient_where_every_leaf_steps_together_says_to_freeze_it(make:
         s, frozen = uo.update(s, frozen, {"w": np.full(3, 0.5), "b": None})
         t, alone = uo.update(t, alone, {"w": np.full(3, 0.5)})
     assert_same([frozen["w"], frozen["b"]], [alone["w"], np.ones(2)])
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: uo.masked(r, ["a"]),
+    lambda r: uo.freeze(r, ["b"]),
+    lambda r: uo.partition({"x": r, "y": uo.sgd(0.1)}, lambda path, leaf: "x"),
+    lambda r: uo.partition({"x": uo.chain(uo.clip_by_global_norm(1.0), r)},
+                           lambda path, leaf: "x"),
+], ids=["masked", "freeze", "partition", "partition-chain"])
+def test_a_line_search_is_refused_as_a_routed_member(make: Any) -> None:
+    """A line search evaluates the objective over every leaf: inside a combinator that hands
+    it some of them it was given the whole tree's grad= ('grad must be a tree like params...')
+    and, given only its own leaves', called value_fn with None for the others, where the
+    user's objective failed. Refused when the combinator is made, saying why."""
+    with pytest.raises(ValueError, match=r"^\w+: lbfgs_linesearch's scale_by_zoom_linesearch "
+                                         r"evaluates the objective over every leaf \(value_fn "
+                                         r"at trial params, grad= of the whole tree\), and a "
+                                         r"member of \w+ steps only its own leaves"):
+        make(uo.lbfgs_linesearch())

@@ -728,6 +728,9 @@ class WholeTree(Part):
     # the entries of its state (a dict) that hold one array per leaf, shaped as the leaf:
     # checked against the params at every step, as slots are
     like_params: ClassVar[tuple[str, ...]] = ()
+    # evaluates the objective over every leaf (a line search: value_fn at trial params, the
+    # whole tree's grad=): no combinator that routes leaves (partition, masked) may hold it
+    whole_objective: ClassVar[bool] = False
 
     def init_tree(self, params: Any) -> Any:
         """The state for the params tree."""

@@ -322,6 +322,7 @@ class scale_by_zoom_linesearch(WholeTree):
     reads_value: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
+    whole_objective: ClassVar[bool] = True
     # the step's other keywords go on to value_fn (optax's extra arguments), which says
     # which it does not take
     takes_any_keyword: ClassVar[bool] = True
@@ -527,6 +528,7 @@ class scale_by_backtracking_linesearch(WholeTree):
     reads_value: ClassVar[bool] = True
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
+    whole_objective: ClassVar[bool] = True
     # the step's other keywords go on to value_fn (optax's extra arguments), which says
     # which it does not take
     takes_any_keyword: ClassVar[bool] = True
