@@ -1113,20 +1113,38 @@ def test_a_none_gradient_where_every_leaf_steps_together_says_to_freeze_it(make:
     assert_same([frozen["w"], frozen["b"]], [alone["w"], np.ones(2)])
 
 
-@pytest.mark.parametrize("make", [
-    lambda r: uo.masked(r, ["a"]),
-    lambda r: uo.freeze(r, ["b"]),
-    lambda r: uo.partition({"x": r, "y": uo.sgd(0.1)}, lambda path, leaf: "x"),
-    lambda r: uo.partition({"x": uo.chain(uo.clip_by_global_norm(1.0), r)},
-                           lambda path, leaf: "x"),
-], ids=["masked", "freeze", "partition", "partition-chain"])
-def test_a_line_search_is_refused_as_a_routed_member(make: Any) -> None:
+@pytest.mark.parametrize(("make", "whole"), [
+    (lambda r: uo.masked(r, ["a"]), False),
+    (lambda r: uo.freeze(r, ["b"]), False),
+    (lambda r: uo.partition({"x": r, "y": uo.sgd(0.1)},
+                            lambda path, leaf: "x" if path == "a" else "y"), False),
+    (lambda r: uo.partition({"x": uo.chain(uo.clip_by_global_norm(1.0), r)},
+                            lambda path, leaf: "x"), True),
+    (lambda r: uo.masked(r, ["a", "b"]), True),
+], ids=["masked", "freeze", "partition", "partition-every-leaf", "masked-every-leaf"])
+def test_a_line_search_is_refused_as_a_member_handed_some_leaves(make: Any, whole: bool) -> None:
     """A line search evaluates the objective over every leaf: inside a combinator that hands
     it some of them it was given the whole tree's grad= ('grad must be a tree like params...')
     and, given only its own leaves', called value_fn with None for the others, where the
-    user's objective failed. Refused when the combinator is made, saying why."""
-    with pytest.raises(ValueError, match=r"^\w+: lbfgs_linesearch's scale_by_zoom_linesearch "
-                                         r"evaluates the objective over every leaf \(value_fn "
-                                         r"at trial params, grad= of the whole tree\), and a "
-                                         r"member of \w+ steps only its own leaves"):
-        make(uo.lbfgs_linesearch())
+    user's objective failed. Refused at set-up, saying why; a member handed every leaf steps
+    as the rule alone does."""
+    params = {"a": np.array([1.0, -2.0]), "b": np.array([0.5, 3.0])}
+
+    def value_fn(p: Any) -> Any:
+        return sum(float(np.sum(v ** 2)) for v in p.values()), {k: 2 * v for k, v in p.items()}
+
+    rule = make(uo.lbfgs_linesearch())
+    if not whole:
+        with pytest.raises(ValueError, match=r"^\w+: lbfgs_linesearch's scale_by_zoom_linesearch "
+                                             r"evaluates the objective over every leaf "
+                                             r"\(value_fn at trial params, grad= of the whole "
+                                             r"tree\), and a member of \w+ steps only its own"):
+            uo.setup(rule, params)
+        return
+    grads = {k: 2 * v for k, v in params.items()}
+    ours, alone = uo.setup(rule, params), uo.setup(uo.lbfgs_linesearch(), params)
+    (ours, p1), (alone, p2) = (uo.update(s, params, grads, value=value_fn(params)[0],
+                                         grad=grads, value_fn=value_fn) for s in (ours, alone))
+    for k in params:
+        np.testing.assert_array_equal(p1[k], p2[k])
+        assert not np.array_equal(p1[k], params[k])

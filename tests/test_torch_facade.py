@@ -393,6 +393,26 @@ def test_state_dtype_is_a_name_not_a_dtype() -> None:
         with pytest.raises(ValueError, match=r"^Adam: state_dtype must be None, "
                                              r"'float32', 'float64' or 'q8', got "):
             ut.Adam([torch.nn.Parameter(torch.ones(2))], state_dtype=bad)
+    w = torch.nn.Parameter(torch.ones(2))  # (a str's subclass, a config loader's, is a name)
+    w.grad = torch.ones(2)
+    ut.Adam([w], state_dtype=np.str_("float32")).step()
+    assert not torch.equal(w, torch.ones(2))
+
+
+def test_momo_steps_with_its_count_on_the_device() -> None:
+    """Momo's first-step switch was ``1.0 - (step != 0)``: with ``capturable=True`` the count
+    is a tensor, the switch a bool tensor, and torch refuses subtracting it ('Subtraction, the
+    `-` operator, with a bool tensor is not supported'), leaving a state behind. Now a number
+    either way: the steps are the host count's (to the on-device formulas' rounding)."""
+    runs = []
+    for capturable in (False, True):
+        w = torch.nn.Parameter(torch.linspace(-1, 1, 5, dtype=torch.float64))
+        opt = ut.Optimizer([w], uo.momo(lr=0.1), capturable=capturable)
+        for _ in range(5):
+            w.grad = 2 * w.detach()
+            opt.step(lambda w=w: (w.detach() ** 2).sum())
+        runs.append(w.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
@@ -3493,8 +3513,9 @@ def test_a_whole_tree_rule_refuses_parameters_at_different_counts(name: str, how
     before = _snapshot(opt), [p.detach().clone() for p in ps]
     with pytest.raises(ValueError, match=(
             rf"^the parameters of param group 0 have taken different numbers of steps \({said}: "
-            rf"one appended to the group's params, or one's state reset\): {name}'s "
-            r"scale_by_\w+ steps the group's parameters together")):
+            rf"one appended to the group's params, one's state reset, or one without a "
+            rf"gradient at an earlier step\): {name}'s scale_by_\w+ steps the group's "
+            r"parameters together")):
         opt.step()
     assert _same(_snapshot(opt), before[0])
     assert all(torch.equal(p, b) for p, b in zip(ps, before[1], strict=True))
@@ -3511,6 +3532,35 @@ def test_a_whole_tree_rule_refuses_parameters_at_different_counts(name: str, how
     if how != "appended":
         ut.Optimizer(fresh, rule).step()
         assert all(torch.equal(p, f) for p, f in zip(ps, fresh, strict=True))
+
+
+def test_a_step_size_of_the_whole_group_refuses_a_parameter_that_skipped_a_step() -> None:
+    """Polyak's step size is one number of every gradient of the group. A parameter without a
+    gradient at one step fell a count behind, and the step after split the group into two
+    runs by count, each with a step size of its own gradients: silently other numbers than one
+    step size of them all. Refused now, saying why, nothing written; and GaLore, whose
+    projectors are per parameter, names a parameter without a gradient as Prodigy does (a
+    zip() error from inside the step before)."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = ut.Optimizer([a, b], uo.polyak_sgd())
+    a.grad = torch.ones(3)
+    opt.step(lambda: torch.tensor(1.0))
+    b.grad = torch.ones(2)
+    before = _snapshot(opt), a.detach().clone(), b.detach().clone()
+    with pytest.raises(ValueError, match=r"^the parameters of param group 0 have taken different "
+                                         r"numbers of steps \(1 by parameter\(s\) \[0\]; 0 by "
+                                         r"parameter\(s\) \[1\]: .*polyak_sgd's scale_by_polyak "
+                                         r"steps the group's parameters together"):
+        opt.step(lambda: torch.tensor(1.0))
+    assert _same(_snapshot(opt), before[0])
+    assert torch.equal(a, before[1]) and torch.equal(b, before[2])
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    opt = ut.Optimizer([w, torch.nn.Parameter(torch.ones(4))], uo.galore(lr=0.1, rank=2))
+    w.grad = torch.ones(4, 3)
+    with pytest.raises(ValueError, match=r"^parameter\(s\) \[1\] of param group 0 have no "
+                                         r"gradient: galore's scale_by_galore steps the group's"):
+        opt.step()
+    assert torch.equal(w, torch.ones(4, 3))
 
 
 @pytest.mark.parametrize("make", [lambda ps: ut.Optimizer(ps, uo.accumulate(uo.adam(lr=0.1), 2)),

@@ -346,6 +346,9 @@ class _Routed(_Runs):
                     f"its rules {names}"
                 )
             out[label].append(i)
+        for n, ix in out.items():
+            if 0 < len(ix) < len(leaves):
+                _routable(self.name, self.inner[n])
         routed = self.memo[key] = {n: tuple(ix) for n, ix in out.items()}
         return routed
 
@@ -412,10 +415,10 @@ def _adopted(t: Any) -> Transform:
     return t if isinstance(t, Transform) else chain(t)
 
 
-def _routable(owner: str, rule: Transform) -> Transform:
-    """``rule`` as a member of ``owner``, which hands it some of the leaves: refused where it
-    evaluates the objective over every leaf (a line search). It was handed the whole tree's
-    ``grad=`` (a ValueError comparing the two trees), and given only its own leaves' it called
+def _routable(owner: str, rule: Transform) -> None:
+    """Raise where ``rule``, a member of ``owner`` handed some of the leaves, evaluates the
+    objective over every leaf (a line search). It was handed the whole tree's ``grad=`` (a
+    ValueError comparing the two trees), and given only its own leaves' it called
     ``value_fn`` with None in place of the others."""
     for _, m in members(rule):
         part = next((q for q in m.flat_parts if getattr(q, "whole_objective", False)), None)
@@ -426,7 +429,6 @@ def _routable(owner: str, rule: Transform) -> Transform:
                 f"(value_fn at trial params, grad= of the whole tree), and a member of {owner} "
                 "steps only its own leaves: make it the whole rule, and keep leaves still "
                 "through the objective itself (a function of the leaves it trains)")
-    return rule
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -459,9 +461,8 @@ class partition(_Routed):
         for k in rules:
             if not isinstance(k, str):
                 raise TypeError(f"partition: labels must be strings, got {k!r}")
-        object.__setattr__(self, "rules", tuple(
-            set_to_zero() if v is None else _routable("partition", _adopted(v))
-            for v in rules.values()))
+        object.__setattr__(self, "rules", tuple(set_to_zero() if v is None else _adopted(v)
+                                                for v in rules.values()))
         object.__setattr__(self, "names", tuple(rules))
         object.__setattr__(self, "labels", _selector("partition", "labels", labels, True))
         object.__setattr__(self, "host", None)
@@ -504,7 +505,7 @@ class _Selects(_Routed):
     others: ClassVar[str]
 
     def _set(self, rule: Any, spec: Any) -> None:
-        object.__setattr__(self, "rule", _routable(self.name, _adopted(rule)))
+        object.__setattr__(self, "rule", _adopted(rule))
         object.__setattr__(self, self.selector, _selector(self.name, self.selector, spec, False))
         object.__setattr__(self, "host", None)
 

@@ -104,7 +104,9 @@ class scale_by_momo(WholeTree):
     reads_value: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> MomoCoeffs:
-        later = step != 0
+        # (1 or 0 in the count's own type: a count on the device, capturable=True, made a bool
+        # tensor, which torch refuses to subtract from 1.0)
+        later = (step - step) + (step != 0)
         lr_wd = self.lr * self.weight_decay
         return MomoCoeffs(lr=self.lr, lr_wd=lr_wd, decay=lr_wd / (1.0 + lr_wd),
                           beta=later * self.beta,

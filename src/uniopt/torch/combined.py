@@ -82,8 +82,8 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
             except ValueError as e:
                 if held is None or held[0].treedef.num_leaves == len(ps):
                     raise
-                # (a partition's members take theirs by the leaves they route; a state over
-                # every parameter, accumulate's, Kron's, cannot take one more)
+                # (a state over the group's parameters cannot take one more, but where a
+                # partition routes it to a member that keeps nothing for it)
                 raise ValueError(
                     f"{opt._name}: param group {gi} has {len(ps)} parameters, its state "
                     f"(state[{key!r}]) {held[0].treedef.num_leaves} (one appended to its "

@@ -518,9 +518,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _group_rule(self, group: dict[str, Any]) -> Transform:
         """The rule a group's values make (raises on invalid values)."""
-        # (by type too: a NumPy dtype equals its name, and went on to fail as an attribute name)
+        # (a str: a NumPy dtype equals its name, and went on to fail as an attribute name)
         sd = group.get("state_dtype")
-        if not (sd is None or type(sd) is str and sd in ("float32", "float64", "q8")):
+        if not (sd is None or isinstance(sd, str) and sd in ("float32", "float64", "q8")):
             raise ValueError(
                 f"{self._name}: state_dtype must be None, 'float32', 'float64' or 'q8', got "
                 f"{group['state_dtype']!r}"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import backend, fast, quant
-from ..base import Combinator, Elementwise, Transform, WholeTree
+from ..base import Combinator, Elementwise, Minimizer, Transform, WholeTree
 from ..engine import (
     LEAF_NAMES,
     NO_RECORDED_Q8,
@@ -268,8 +268,13 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
     # (a combinator that is the whole rule hands a parameter without a gradient to its member
     # as None, which steps it as a rule alone does: a frozen layer under a partition)
     alone = len(rule.flat_parts) == 1 and isinstance(rule.flat_parts[0], Combinator)
-    wholes = [part for part, _ in rule.keyed_parts
-              if isinstance(part, WholeTree) and (part.like_params or part.uses_params)]
+    # (parts that see the group's parameters at once: a state over them, Prodigy's, or a
+    # number made of them all, Polyak's step size, a noise draw; a minimizer, L-BFGS's, steps
+    # the group itself)
+    spans = [part for part, _ in rule.keyed_parts
+             if isinstance(part, WholeTree) and not isinstance(part, Minimizer)]
+    wholes = [part for part in spans if part.like_params or part.uses_params
+              or type(part).check_tree is not WholeTree.check_tree]
     missing = [i for i, h in enumerate(has) if not h]
     if wholes and missing and not alone:
         # (such a part keeps an array per parameter, or reads every parameter, beside the
@@ -279,13 +284,10 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
             f"{wholes[0].name} steps the group's parameters together (a state or a norm over "
             "every one of them); give each a gradient, or put those without one in a group of "
             "their own")
-    # (a state of one array per parameter, or one checked per parameter, kept with the first
-    # parameter's: the runs a step splits the group into by count were each handed all of it,
-    # and the first run wrote its parameters before the second failed)
-    spans = [part for part, _ in rule.keyed_parts if isinstance(part, WholeTree) and (
-        part.like_params or part.uses_params
-        or type(part).check_tree is not WholeTree.check_tree)]
     if spans and state is not None and not alone:
+        # (a step splits a group into runs by count, and each run stepped such a part anew:
+        # a state over every parameter handed to each run, the first writing its parameters
+        # before the second failed; a Polyak step size of each run's own gradients)
         by_count: dict[int, list[int]] = {}
         for i, (p, h) in enumerate(zip(group["params"], has, strict=True)):
             if h:
@@ -294,11 +296,11 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
             said = "; ".join(f"{c} by parameter(s) {ix}" for c, ix in by_count.items())
             raise ValueError(
                 f"the parameters of param group {gi} have taken different numbers of steps "
-                f"({said}: one appended to the group's params, or one's state reset): "
-                f"{rule.name}'s {spans[0].name} steps the group's parameters together, its "
-                "state over every one of them; give new parameters a group of their own "
-                "(add_param_group), or start the whole group anew (every one of its "
-                "parameters' entries removed from optimizer.state)")
+                f"({said}: one appended to the group's params, one's state reset, or one "
+                f"without a gradient at an earlier step): {rule.name}'s {spans[0].name} steps "
+                "the group's parameters together; give each a gradient at every step, new "
+                "parameters a group of their own (add_param_group), or start the whole group "
+                "anew (every one of its parameters' entries removed from optimizer.state)")
     if at is not None and is_q8(group):  # (a KeyError for its absent scales, mid-plan)
         raise ValueError(
             f"parameter {at} of param group {gi} is complex: state_dtype='q8' keeps the state "
