@@ -788,29 +788,28 @@ def test_numbas_pool_leaves_torchs_thread_count_and_one_optimizer_steps_in_turn(
 
 
 def test_the_integer_half_conversions_are_numpys_and_f16cs() -> None:
-    """The float16 conversions a CPU without F16C runs (uniopt.fast.fused._f16_sw, _to_f16_sw):
+    """The float16 conversions a CPU without F16C runs (uniopt.fast.cpu._f16_sw, _to_f16_sw):
     every half widened as NumPy widens it, and floats at and around every half and every
     midpoint between two (ties to even), beyond the largest and below the smallest, rounded
     as NumPy rounds; NaNs quiet, their top payload bits kept, as F16C's, which they equal
     bit for bit where this CPU has it (checked over all 2**32 floats once, by hand)."""
     import numba
 
-    @numba.njit
-    def widen(h: Any, sw: bool) -> Any:
-        out = np.empty(len(h), np.float32)
-        for i in range(len(h)):
-            out[i] = fused._f16_sw(h[i]) if sw else fused._f16_hw(h[i])
-        return out
+    def each(convert: Any, dtype: Any) -> Any:
+        """``convert`` of every element, compiled (F16C's only where the CPU has it: numba
+        compiles every branch, and F16C's without it aborts)."""
+        @numba.njit
+        def run(x: Any) -> Any:
+            out = np.empty(len(x), dtype)
+            for i in range(len(x)):
+                out[i] = convert(x[i])
+            return out
 
-    @numba.njit
-    def narrow(x: Any, sw: bool) -> Any:
-        out = np.empty(len(x), np.uint16)
-        for i in range(len(x)):
-            out[i] = fused._to_f16_sw(x[i]) if sw else fused._to_f16_hw(x[i])
-        return out
+        return run
 
+    widen, narrow = each(fused._f16_sw, np.float32), each(fused._to_f16_sw, np.uint16)
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    wide = widen(halves, True)
+    wide = widen(halves)
     nan = np.isnan(halves.view(np.float16))
     np.testing.assert_array_equal(wide[~nan].view(np.uint32),
                                   halves.view(np.float16)[~nan].astype(np.float32).view(np.uint32))
@@ -823,7 +822,7 @@ def test_the_integer_half_conversions_are_numpys_and_f16cs() -> None:
                         np.float32([65519.996, 65520, 65536, 1e30, 2.0 ** -25, 2.0 ** -26,
                                     3 * 2.0 ** -26, -2.0 ** -25]),
                         np.random.default_rng(0).standard_normal(100_000).astype(np.float32)])
-    got = narrow(x, True)
+    got = narrow(x)
     nan = np.isnan(x)
     with np.errstate(over="ignore"):  # (beyond the largest half: infinity, as meant)
         np.testing.assert_array_equal(got[~nan], x[~nan].astype(np.float16).view(np.uint16))
@@ -831,5 +830,6 @@ def test_the_integer_half_conversions_are_numpys_and_f16cs() -> None:
         (x[nan].view(np.uint32) >> 16) & 0x8000)
     np.testing.assert_array_equal(got[nan], want_nan.astype(np.uint16))
     if fused.F16C:
-        np.testing.assert_array_equal(wide.view(np.uint32), widen(halves, False).view(np.uint32))
-        np.testing.assert_array_equal(got, narrow(x, False))
+        np.testing.assert_array_equal(wide.view(np.uint32),
+                                      each(fused._f16_hw, np.float32)(halves).view(np.uint32))
+        np.testing.assert_array_equal(got, each(fused._to_f16_hw, np.uint16)(x))
