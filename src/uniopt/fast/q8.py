@@ -625,18 +625,9 @@ def fetch(address: Any, lo: Any, hi: Any) -> None:
         _prefetch(address + k)
 
 
-@intrinsic
-def _f32(typingctx: Any, bits: Any) -> Any:
-    """The float32 whose bits are ``bits`` (a uint32)."""
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return nbtypes.float32(bits), codegen
-
-
 @numba.njit(inline="always")
 def from_bits(bits: Any) -> Any:
-    return _f32(np.uint32(bits))
+    return cpu._f32_of(np.uint32(bits))
 
 
 # the tests' helpers, generated as the loops are: the IR they link differs with the CPU and
