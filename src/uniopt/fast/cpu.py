@@ -224,9 +224,9 @@ def _to_f16_sw(x: Any) -> Any:
 
 
 # (AArch64 converts halves in its base instruction set; elsewhere only x86's F16C is known)
-F16C = ("f16c" in target_features() if platform.machine().lower() in (
-    "x86_64", "amd64", "i386", "i686", "x86") else platform.machine().lower() in (
-    "aarch64", "arm64"))
+_MACHINE = platform.machine().lower()
+F16C = ("f16c" in target_features() if _MACHINE in ("x86_64", "amd64", "i386", "i686", "x86")
+        else _MACHINE in ("aarch64", "arm64"))
 _f16, _to_f16 = (_f16_hw, _to_f16_hw) if F16C else (_f16_sw, _to_f16_sw)
 
 @intrinsic
