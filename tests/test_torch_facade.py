@@ -3482,6 +3482,53 @@ def test_a_whole_tree_rule_names_a_parameter_without_a_gradient(name: str) -> No
     assert not torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(2))
 
 
+@pytest.mark.parametrize("how", ["last removed", "first removed", "reordered"])
+@pytest.mark.parametrize("name", ["schedule_free_adamw", "prodigy", "dog"])
+def test_a_whole_tree_rule_refuses_a_parameter_removed_from_its_group(name: str,
+                                                                      how: str) -> None:
+    """A parameter removed from the params of a group whose rule keeps a state over them all
+    (in its first parameter's state). Another than the first: 'zip() argument 2 is longer
+    than argument 1', after the groups before had stepped. The first: the next one held no
+    such state and the step started it afresh, Prodigy's d back at d0, without a word. Both
+    are refused before any group steps, saying what to do; doing it steps on."""
+    torch.manual_seed(0)
+    rule = getattr(uo, name)(**({"lr": 0.01} if name != "dog" else {}))
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(5)]
+    opt = ut.Optimizer([{"params": ps[:2]}, {"params": ps[2:]}], rule)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(3)
+        opt.step()
+    params = opt.param_groups[1]["params"]
+    if how == "reordered":
+        params.reverse()
+        said = (rf"^parameter 0 of param group 1 has taken 2 steps but holds no state of "
+                rf"{name}'s scale_by_\w+, which the group's first parameter keeps \(parameter "
+                r"2 holds it: the params were reordered\)")
+    elif how == "first removed":
+        params.pop(0)
+        said = (r"^parameter 0 of param group 1 has taken 2 steps but holds no state of .* "
+                r"\(the parameter that held it was removed from the group's params\): that "
+                r"state spans the group's parameters as they were; put it back, or start the "
+                r"whole group anew")
+    else:
+        params.pop()
+        said = (rf"^param group 1 has 2 parameter\(s\), but the state of {name}'s "
+                r"scale_by_\w+ \(kept by its first parameter\) spans 3: one removed from the "
+                r"group's params since; put it back, or start the whole group anew")
+    for p in ps:
+        p.grad = torch.randn(3)
+    before = _snapshot(opt), [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=said):
+        opt.step()
+    assert _same(_snapshot(opt), before[0])
+    assert all(torch.equal(p, b) for p, b in zip(ps, before[1], strict=True))
+    for p in params:  # the group anew
+        opt.state.pop(p, None)
+    opt.step()
+    assert not any(torch.equal(p, b) for p, b in zip(params, before[1][2:], strict=False))
+
+
 @pytest.mark.parametrize("how", ["appended", "reset", "first reset"])
 @pytest.mark.parametrize("name", ["schedule_free_adamw", "prodigy", "dog", "galore"])
 def test_a_whole_tree_rule_refuses_parameters_at_different_counts(name: str, how: str) -> None:
@@ -3594,6 +3641,49 @@ def test_a_rule_of_one_state_names_a_parameter_appended_to_its_group(make: Any) 
     opt.step()
     opt.step()
     assert not torch.equal(ps[-1], before[1][-1])
+
+
+@pytest.mark.parametrize("edit", ["popped", "reversed", "popped-then-added", "state_dict"])
+@pytest.mark.parametrize("make", [
+    lambda groups: ut.Optimizer(groups, uo.skip_nonfinite(uo.adam(lr=0.1))),
+    lambda groups: ut.Kron(groups, lr=1e-2, pre_conditioner_update_probability=1.0)],
+    ids=["skip_nonfinite", "Kron"])
+def test_a_rule_of_one_state_per_group_follows_its_group_to_another_index(
+        make: Any, edit: str) -> None:
+    """A group's one state is kept under its index (state['uniopt.group<i>']): after
+    param_groups.pop(0) the group now first stepped with the popped group's Adam moments,
+    0.26 off, without a word. Each group's state now follows the group, a popped group's goes
+    with it: the survivor's parameters are bit for bit those of a run where it never moved
+    (a fresh group beside it takes none of the popped one's state; the state a state_dict()
+    saves between the pop and the step is the survivor's own)."""
+    def run(moved: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        a = [nn.Parameter(torch.randn(4, 3))]
+        b = [nn.Parameter(torch.randn(4, 3))]  # (a's shapes: a handed-over state would fit)
+        c = [nn.Parameter(torch.randn(4, 3))]
+        opt = make([{"params": a}, {"params": b}] if moved else [{"params": b}])
+        for t in range(6):
+            if moved and t == 3:
+                if edit == "reversed":
+                    opt.param_groups.reverse()
+                else:
+                    opt.param_groups.pop(0)
+                if edit == "popped-then-added":
+                    opt.add_param_group({"params": c})
+                if edit == "state_dict":
+                    opt.load_state_dict(opt.state_dict())
+            if not moved and t == 3 and edit == "popped-then-added":
+                opt.add_param_group({"params": c})
+            gen = torch.Generator().manual_seed(t)
+            for p in [*a, *b, *c]:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [b[0].detach().clone(), c[0].detach().clone()]
+
+    ours, alone = run(True), run(False)
+    assert torch.equal(ours[0], alone[0])
+    if edit == "popped-then-added":
+        assert torch.equal(ours[1], alone[1])
 
 
 def test_a_complex_parameter_in_an_8_bit_group_is_named() -> None:

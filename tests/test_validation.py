@@ -17,6 +17,7 @@ import pytest
 
 import uniopt as uo
 from helpers import WIDE_LEAVES, expect_compiled
+from uniopt.engine import flat_list_def
 
 jnp = pytest.importorskip("jax.numpy")
 torch = pytest.importorskip("torch")
@@ -1435,6 +1436,30 @@ def test_a_whole_tree_state_of_params_of_other_shapes_is_refused(make: Any, entr
                                          r"keeps \(5, 3\)"):
         getattr(uo, entry)(state, other, {"w": np.full((5, 3), 7.0)}, value=1.0)
     np.testing.assert_array_equal(other["w"], 1.0)
+    for x, y in zip(_arrays(state.tree_states), trees, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("make", [lambda: uo.dog(), lambda: uo.prodigy(),
+                                  lambda: uo.schedule_free_sgd(lr=0.1), lambda: uo.momo()],
+                         ids=["dog", "prodigy", "schedule_free_sgd", "momo"])
+def test_a_whole_tree_state_of_more_leaves_is_refused(make: Any) -> None:
+    """A flat list of params one shorter than the one a whole-tree part's state was set up
+    for: 'zip() argument 2 is longer than argument 1' from inside the part. A ValueError
+    names the state's entry and both counts, nothing written."""
+    params = [np.ones(3), np.ones(2)]
+    state = uo.setup(make(), params)
+    state = uo.update_(state, params, [np.full(3, 0.5), np.full(2, 0.5)], value=1.0)
+    one = [np.ones(3)]
+    trees = [x.copy() for x in _arrays(state.tree_states)]
+    with pytest.raises(ValueError, match=r"the state's \w+\['\w+'\] holds 2 arrays, one per "
+                                         r"leaf, and the params have 1 leaves: this state was "
+                                         r"set up for other params"):
+        # (the step of a torch group a parameter was removed from: uniopt.torch makes the
+        # State of the group's parameters as they are now)
+        uo.update_(dataclasses.replace(state, treedef=flat_list_def(1)), one, [np.ones(3)],
+                   value=1.0)
+    np.testing.assert_array_equal(one[0], 1.0)
     for x, y in zip(_arrays(state.tree_states), trees, strict=True):
         np.testing.assert_array_equal(x, y)
 

@@ -805,8 +805,14 @@ def _check_tree_shapes(state: State, names: list[str], params: list[Any],
                              "params")
         for entry in part.like_params:
             xs = tree.get(entry) if isinstance(tree, dict) else None
-            if not isinstance(xs, list) or len(xs) != len(params):
+            if not isinstance(xs, list):
                 continue  # (an entry the part keeps only for some settings)
+            if len(xs) != len(params):
+                # (a parameter removed from a torch group: zip() failed inside the part)
+                raise ValueError(
+                    f"the state's {keys[0]}[{entry!r}] holds {len(xs)} arrays, one per leaf, "
+                    f"and the params have {len(params)} leaves: this state was set up for "
+                    "other params")
             for i, x in enumerate(xs):
                 if x is not None and tuple(x.shape) != shapes[i] \
                         and not backend.is_complex(params[i]):

@@ -95,6 +95,7 @@ class scale_by_kron(WholeTree):
     pytorch-optimizer's)."""
 
     real_only = True
+    like_params: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
 
     momentum: Any = hyper(0.9, UNIT_OPEN)
     weight_decay: Any = hyper(0.0, NONNEG)

@@ -69,6 +69,7 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     """The group's state: the one held since the last step, else one set up and filled from
     ``optimizer.state`` (after a load_state_dict)."""
     ps = group["params"]
+    realign(opt)
     held = opt.__dict__.setdefault("_combined", {}).get(gi)
     key = KEY.format(gi)
     entry = opt.state.get(key)
@@ -95,6 +96,29 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     return held[0]
 
 
+def realign(opt: Any) -> None:
+    """Each group's state moved to the key of the group's position now, where groups were
+    removed or reordered (``param_groups.pop(0)``) since the step that wrote it: a state is
+    keyed by position, and group 1's state handed to the group now first stepped it with
+    another group's moments. A removed group's state goes with it; a key written since
+    (a load, ``del optimizer.state[key]``) stays as written."""
+    held = opt.__dict__.get("_combined")
+    groups = opt.param_groups
+    if not held or all(gi < len(groups) and h[3] is groups[gi] for gi, h in held.items()):
+        return
+    at = {id(g): i for i, g in enumerate(groups)}
+    moved: dict[int, Any] = {}
+    for gi, h in held.items():
+        if opt.state.get(KEY.format(gi)) is h[2]:
+            del opt.state[KEY.format(gi)]
+            now = at.get(id(h[3]))
+            if now is not None:
+                moved[now] = h
+    for gi, h in moved.items():
+        opt.state[KEY.format(gi)] = h[2]
+    opt._combined = moved
+
+
 def check_entry(opt: Any, gi: int, group: dict[str, Any], rule: Transform, entry: Any,
                 where: str) -> None:
     """Raise unless ``entry``, group ``gi``'s state as ``state_dict()`` saves it, fits the
@@ -116,6 +140,7 @@ def adopt(opt: Any) -> None:
     ``state_dict()`` writes it) moved to where the step reads it: the newest the optimizer
     has. ``ZeroRedundancyOptimizer.load_state_dict`` writes each parameter's saved state into
     its local optimizer's ``state`` itself, never calling ``load_state_dict``."""
+    realign(opt)
     state = opt.state
     if plans.unchanged(vars(opt).get("_adopted"), state):
         return  # (nothing written since: every step asks)
@@ -219,7 +244,7 @@ def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: boo
     entry = _shared(to_tree(state))
     opt.state[key] = entry
     views = list(params.values()) if isinstance(params, dict) else params  # (group order)
-    opt._combined[gi] = (state, _kinds(views, group["params"]), entry)
+    opt._combined[gi] = (state, _kinds(views, group["params"]), entry, group)
 
 
 def _kinds(views: list[Any], ps: list[torch.Tensor]) -> list[tuple[Any, ...]]:

@@ -236,6 +236,40 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     return backend.numpy_view(g.permute(perm).view(-1))
 
 
+def _refuse_tree_of_others(rule: Transform, gi: int, ps: list[torch.Tensor],
+                           state: Mapping[Any, Any], count: int) -> None:
+    """Raise where the state of a part over the group's parameters (kept by the first one)
+    was made for other parameters: the first removed from ``params`` (or the params
+    reordered), so that the next one started the state afresh, Prodigy's estimate of d at
+    d0 again; or another removed, and the step failed in ``zip()``, after the groups before
+    had stepped."""
+    held = state.get(ps[0], {})
+    for part, keys in rule.keyed_parts:
+        if not (isinstance(part, WholeTree) and not isinstance(part, Minimizer)
+                and (part.like_params or part.uses_params)):
+            continue
+        tree = held.get(keys[0])
+        if tree is None and count:
+            keeper = next((i for i, p in enumerate(ps) if keys[0] in state.get(p, {})), None)
+            raise ValueError(
+                f"parameter 0 of param group {gi} has taken {count} steps but holds no state "
+                f"of {rule.name}'s {part.name}, which the group's first parameter keeps "
+                + (f"(parameter {keeper} holds it: the params were reordered)" if keeper
+                   else "(the parameter that held it was removed from the group's params)")
+                + f": that state spans the group's parameters as they were; {_ANEW}")
+        made = next((len(tree[e]) for e in part.like_params if isinstance(tree, dict)
+                     and isinstance(tree.get(e), list)), None)
+        if made is not None and made != len(ps):
+            raise ValueError(
+                f"param group {gi} has {len(ps)} parameter(s), but the state of {rule.name}'s "
+                f"{part.name} (kept by its first parameter) spans {made}: one removed from "
+                f"the group's params since; {_ANEW}")
+
+
+_ANEW = ("put it back, or start the whole group anew (every one of its parameters' entries "
+         "removed from optimizer.state)")
+
+
 def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
            recorded: bool, state: Mapping[Any, Any] | None = None) -> None:
     """Raise what a new plan of group ``gi`` (``has``: which parameters step) is refused for,
@@ -301,6 +335,8 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
                 "the group's parameters together; give each a gradient at every step, new "
                 "parameters a group of their own (add_param_group), or start the whole group "
                 "anew (every one of its parameters' entries removed from optimizer.state)")
+        if wholes and by_count:
+            _refuse_tree_of_others(rule, gi, group["params"], state, next(iter(by_count)))
     if at is not None and is_q8(group):  # (a KeyError for its absent scales, mid-plan)
         raise ValueError(
             f"parameter {at} of param group {gi} is complex: state_dtype='q8' keeps the state "
