@@ -59,3 +59,19 @@ def test_a_rule_that_calls_linalg_dask_lacks_is_refused_at_setup(make: Any) -> N
                                         r"linalg\.eigh, which dask's namespace does not have; "
                                         r"params\['w'\] comes from it$"):
         uo.setup(rule, {"w": da.ones((4, 4), chunks=2)})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: uo.chain(uo.scale_by_soap(), uo.scale(-0.01)),
+    lambda: uo.partition({"a": uo.sgd(lr=0.1), "b": uo.shampoo(lr=0.1)},
+                         lambda path, leaf: "b"),
+    lambda: uo.chain(uo.scale_by_shampoo(), uo.scale(-0.1))],
+    ids=["scale_by_soap", "partition-shampoo", "scale_by_shampoo"])
+def test_a_part_that_calls_linalg_dask_lacks_is_refused_in_any_chain(make: Any) -> None:
+    """A bare part (scale_by_soap in a chain by hand) or a rule inside a combinator that calls
+    eigh or svd: only a registry rule at the top was refused, the others raised "module
+    'array_api_compat.dask.array.linalg' has no attribute 'eigh'" from inside the part."""
+    with pytest.raises(TypeError, match=r"^setup: (scale_by_soap|shampoo|scale_by_shampoo) "
+                                        r"calls the array API's linalg\.eigh, which dask's "
+                                        r"namespace does not have; params\['w'\] comes from it$"):
+        uo.setup(make(), {"w": da.ones((4, 4), chunks=2)})

@@ -390,6 +390,15 @@ def test_a_real_only_rules_parts_refuse_complex_params_in_a_hand_built_chain(nam
         uo.setup(by_hand, params)
 
 
+def test_a_rules_linalg_is_its_parts() -> None:
+    """The registry's Info.linalg (the README's table) says what the rule's parts declare they
+    call (Part.linalg, which set-up checks, a part in a hand-built chain too)."""
+    for name in NAMES:
+        rule = _build(registry.entry(name))
+        calls = {f for p in rule.flat_parts for f in p.linalg}
+        assert set(registry.entry(name).linalg) == calls, name
+
+
 @by_rule
 def test_big_endian_params_step_as_native_ones(name: str) -> None:
     """Params and gradients of a non-native byte order (``>f8``, as a FITS or HDF5 file holds

@@ -564,6 +564,10 @@ class Part(Transform):
     # noise): set-up refuses complex params for any rule or chain that holds it, as for a
     # registry rule whose Info.complex is False
     real_only: ClassVar[bool] = False
+    # the functions of the array API's optional linalg extension its step calls ("eigh"):
+    # set-up refuses a library whose namespace lacks one (dask's has no eigh), where the
+    # first step raised an AttributeError from inside the part
+    linalg: ClassVar[tuple[str, ...]] = ()
 
     def parts(self) -> tuple[Part, ...]:
         return (self,)

@@ -166,16 +166,31 @@ def _library_check(rule: Transform, names: list[str], leaves: list[Any]) -> None
         if where not in info.backends:
             raise TypeError(f"setup: {part.name} runs on {', '.join(info.backends)} arrays (the "
                             f"registry's Info.backends); {names[0]} comes from {lib}")
+    if xp is not None:
         # (an optional extension of the standard: dask's namespace has no eigh, and the step
-        # raised an AttributeError from inside the rule)
-        lacks = [f for f in info.linalg if not hasattr(getattr(xp, "linalg", None), f)]
-        if xp is not None and lacks:
-            raise TypeError(f"setup: {part.name} calls the array API's linalg.{lacks[0]}, "
-                            f"which {lib}'s namespace does not have; {names[0]} comes from it")
+        # raised an AttributeError from inside the part, a bare part in a chain too)
+        for name, f in _linalg_calls(rule):
+            if not hasattr(getattr(xp, "linalg", None), f):
+                raise TypeError(f"setup: {name} calls the array API's linalg.{f}, which "
+                                f"{lib}'s namespace does not have; {names[0]} comes from it")
     version = getattr(backend.namespace(leaves[0]), "__array_api_version__", None)
     if where == "array_api" and isinstance(version, str) and version < ARRAY_API:
         raise TypeError(f"setup: uniopt needs the array API standard {ARRAY_API} or later "
                         f"(Python scalars beside arrays); {lib} is set to {version}")
+
+
+def _linalg_calls(rule: Transform) -> list[tuple[str, str]]:
+    """(name, function) for each function of the array API's linalg extension that a part of
+    ``rule`` calls (:attr:`Part.linalg`), chains and combinators opened; the name is the
+    outermost rule of the registry that holds the part, else the part's."""
+    out = []
+    for _, m in members(rule):
+        for part in m.flat_parts:
+            if isinstance(part, Combinator):
+                out += _linalg_calls(part)
+            else:
+                out += [(m.name, f) for f in part.linalg]
+    return out
 
 
 def _registered(rule: Transform) -> list[Transform]:

@@ -97,6 +97,8 @@ class scale_by_galore(WholeTree):
     Tree state: ``projector``, ``exp_avg`` and ``exp_avg_sq`` (one array per leaf; a leaf not
     projected keeps a ``(0, 0)`` projector)."""
 
+    linalg: ClassVar[tuple[str, ...]] = ("svd",)
+
     real_only = True
 
     rank: int = 128

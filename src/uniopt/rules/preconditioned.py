@@ -111,6 +111,7 @@ class scale_by_soap(PerLeaf):
     correct_bias: bool = True
     qr_dtype: str | None = None
     slots: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "GG", "Q")
+    linalg: ClassVar[tuple[str, ...]] = ("eigh", "qr")
     # as Shampoo's: its step takes the eigenvectors of GG, which 8 bits per block do not keep
     # (a least-squares run diverged, Q no longer orthogonal: |Q^T Q - I| 0.016)
     no_q8: ClassVar[str | None] = (
@@ -412,6 +413,7 @@ class scale_by_shampoo(PerLeaf):
     block_size: int | None = None
     uses_params: ClassVar[bool] = True
     slots: ClassVar[tuple[str, ...]] = ("momentum_buffer", "pre_cond", "inv_pre_cond")
+    linalg: ClassVar[tuple[str, ...]] = ("eigh",)
     # 8-bit codes keep two digits of a block's largest entry: the statistics' small
     # eigenvalues, the directions the inverse roots amplify most, are lost to them
     no_q8: ClassVar[str | None] = (
