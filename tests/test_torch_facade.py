@@ -4178,3 +4178,47 @@ def test_a_state_dict_of_another_shape_says_so_and_loads_nothing(edit: Any, mess
     with pytest.raises(TypeError, match=re.escape(message) + ".*; nothing was loaded"):
         opt.load_state_dict(sd)
     assert str(opt.state_dict()) == str(before)
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    (uo.sophia_h(lr=0.1), r"sophia_h takes hvp= at each step, which uniopt\.torch\.Optimizer\.step "
+                          r"does not hand it; use uniopt\.torch\.SophiaH \(.*step\(closure\), the "
+                          r"closure calling loss\.backward\(create_graph=True\)"),
+    (uo.chain(uo.clip_by_global_norm(1.0), uo.sophia_h(lr=0.1)), r"sophia_h takes hvp=.*SophiaH"),
+    (uo.lbfgs_linesearch(), r"lbfgs_linesearch takes grad=, value_fn= at each step, which "
+                            r"uniopt\.torch\.Optimizer\.step does not hand it, and no "
+                            r"uniopt\.torch class runs it: .*uo\.update_\(state, params, grads, "
+                            r"value=\.\.\., grad=\.\.\., value_fn=\.\.\.\)"),
+])
+def test_a_rule_whose_step_takes_what_step_does_not_hand_is_refused_at_construction(
+        rule: Any, message: str) -> None:
+    """Read from the rule's declared step arguments (``Info.step_args``): it was taken, and its
+    first step failed with the functional API's advice (``uo.update(..., hvp=...)``)."""
+    w = nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match=message):
+        ut.Optimizer([w], rule)
+    assert torch.equal(w.detach(), torch.ones(3))
+
+
+def test_sam_is_refused_naming_the_functional_step_it_takes_not_lbfgs() -> None:
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))
+    rule = uo.sam(uo.sgd(lr=0.1), rho=0.5)
+    with pytest.raises(TypeError, match=r"sam evaluates the closure at trial points, and no "
+                                        r"uniopt\.torch class runs it: .*"
+                                        r"uo\.minimize_step_\(") as e:
+        ut.Optimizer([w], rule)
+    assert "LBFGS" not in str(e.value)
+    assert torch.equal(w.detach(), torch.tensor([3.0, 4.0]))
+    # the advice runs on the parameters' tensors (sam's own docstring example)
+    ps = [w.detach()]
+
+    def closure(_: Any) -> tuple[Any, Any]:
+        w.grad = None
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss.detach(), [w.grad]
+
+    _, loss = uo.minimize_step_(uo.setup(rule, ps), ps, closure)
+    assert float(loss) == 25.0
+    assert torch.allclose(w.detach(), torch.tensor([2.34, 3.12]))
+

@@ -52,6 +52,9 @@ class SophiaH(Optimizer):
     # its probes are torch's draws: the group's state (torch's generator in it) is made for the
     # tensors themselves, by the step and by load_state_dict's check
     _group_tensors = True
+    _step_args = frozenset({"value", "hvp"})
+    _runs = (sophia_h, "pytorch-optimizer's arguments; step(closure), the closure calling "
+             "loss.backward(create_graph=True) and returning the loss")
 
     def __init__(self, params: ParamsT, lr: Any = 6e-2, betas: tuple[Any, Any] = (0.96, 0.99),
                  weight_decay: Any = 0.0, weight_decouple: bool = True,

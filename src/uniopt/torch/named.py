@@ -466,6 +466,8 @@ class LBFGS(_Named, torch.optim.LBFGS):
                      state_dtype: str | None = None) -> None: ...
 
     rule = lbfgs()
+    _runs = (lbfgs, "torch.optim.LBFGS's arguments; step(closure), the closure calling "
+             "backward() and returning the loss")
     _torch_params = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
                      "history_size", "line_search_fn")
     _torch_defaults = {"lr": 1}

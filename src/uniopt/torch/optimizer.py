@@ -160,6 +160,11 @@ def _warn_unread(opt: Optimizer, gi: int, group: dict[str, Any]) -> None:
             stacklevel=fast.callers_level(os.path.dirname(torch.optim.__file__) + os.sep))
 
 
+# the uniopt.torch classes made to run a rule that Optimizer refuses, by the rule's class: the
+# class's name and what its step takes
+_RUNNERS: dict[type, tuple[str, str]] = {}
+
+
 @functools.cache
 def _torch_hyperparameters() -> frozenset[str]:
     """The names torch.optim's optimizers take for their numbers (not their flags)."""
@@ -369,6 +374,18 @@ class Optimizer(torch.optim.Optimizer):
     rule: Transform
     _keys: tuple[str, ...]  # the group keys that are the rule's hyperparameters
 
+    # the step's extra arguments (a rule's Info.step_args) this class hands its rule: the
+    # closure's loss; a class made for a rule that reads another (SophiaH's hvp=) adds it
+    _step_args: ClassVar[frozenset[str]] = frozenset({"value"})
+    # a class made to run a rule this one refuses (its class, and what its step takes), named
+    # where this one refuses it
+    _runs: ClassVar[tuple[type, str] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_runs" in vars(cls) and cls._runs is not None:
+            _RUNNERS[cls._runs[0]] = (f"uniopt.torch.{cls.__name__}", cls._runs[1])
+
     def __init__(self, params: ParamsT, rule: Transform, *, maximize: bool = False,
                  state_dtype: str | None = None, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False,
@@ -401,11 +418,9 @@ class Optimizer(torch.optim.Optimizer):
                 "sparse_rows=True (an elementwise rule, stepping the rows a gradient holds)")
         if differentiable and any(map(isinstance, rule.flat_parts, itertools.repeat(Combinator))):
             raise TypeError(_no_recorded_combinator(rule))
-        if any(isinstance(p, Minimizer) for p in rule.flat_parts):
-            raise TypeError(
-                f"uniopt.torch.Optimizer: {rule.name} evaluates the closure at trial points; "
-                "use uniopt.torch.LBFGS"
-            )
+        unrun = self._unrun(rule)
+        if unrun:
+            raise TypeError(unrun)
         if any(isinstance(p, reduce_on_plateau) for p in rule.flat_parts):
             raise TypeError(
                 "uniopt.torch.Optimizer: reduce_on_plateau reads the loss, which step() does "
@@ -426,6 +441,32 @@ class Optimizer(torch.optim.Optimizer):
                                      ("differentiable", differentiable)) if v}
         self._init(params, {**values, "maximize": maximize, "state_dtype": state_dtype,
                             **options})
+
+    def _unrun(self, rule: Transform) -> str | None:
+        """Why this class's step cannot run ``rule``, from what its members declare: a part that
+        evaluates the objective at trial points (a :class:`~uniopt.base.Minimizer`), or a step
+        argument (``Info.step_args``) that this step does not hand it; or None."""
+        for _, m in members(rule):
+            info = getattr(type(m), "info", None)
+            args = info.step_args if info else ()
+            lacking = [a for a in args if a not in self._step_args]
+            trials = any(isinstance(p, Minimizer) for p in m.flat_parts)
+            if not (trials or lacking):
+                continue
+            what = ("evaluates the closure at trial points" if trials else
+                    f"takes {', '.join(f'{a}=' for a in lacking)} at each step, which "
+                    f"{self._name}.step does not hand it")
+            runner = _RUNNERS.get(type(m))
+            if runner is not None:
+                return f"{self._name}: {m.name} {what}; use {runner[0]} ({runner[1]})"
+            how = ("uo.minimize_step_(state, params, closure), the closure taking the params and "
+                   "returning (loss, grads)" if trials else
+                   f"uo.update_(state, params, grads, "
+                   f"{', '.join(f'{a}=...' for a in args)})")
+            return (f"{self._name}: {m.name} {what}, and no uniopt.torch class runs it: step it "
+                    f"with the functional API on the parameters' tensors, state = "
+                    f"uo.setup(rule, params), then {how}")
+        return None
 
     # --- construction ----------------------------------------------------------------------
 
