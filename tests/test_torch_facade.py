@@ -4222,3 +4222,29 @@ def test_sam_is_refused_naming_the_functional_step_it_takes_not_lbfgs() -> None:
     assert float(loss) == 25.0
     assert torch.allclose(w.detach(), torch.tensor([2.34, 3.12]))
 
+
+@pytest.mark.parametrize(("made", "written", "verb", "advice", "follow"), [
+    (0.0, 0.9, "adds", r"make it with momentum non-zero or a schedule",
+     (lambda step: 0.0, 0.9)),
+    (0.9, 0.0, "drops", r"write momentum as a schedule \(.*lambda step: 0\.0\)",
+     (0.9, lambda step: 0.0)),
+])
+def test_a_group_value_that_adds_or_drops_a_slot_is_named_in_torch_terms(
+        made: float, written: float, verb: str, advice: str, follow: Any) -> None:
+    """torch's RMSprop takes a momentum made non-zero later (SGD makes its buffer then); a
+    uniopt rule's slots are fixed when the optimizer is made: refused before any write, in the
+    group's words, not uniopt.adjust's ("needs a new uniopt.setup")."""
+    opt, _ = trained("Optimizer", rule=uo.rmsprop(lr=0.1, momentum=made))
+    opt.param_groups[1]["momentum"] = written  # group 0 would step first, but nothing is written
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=(
+            rf"param group 1's 'momentum' = {written} \(the optimizer was made with {made}\) "
+            rf"{verb} the state slot trace\.momentum_buffer, and rmsprop's slots are fixed when "
+            rf"the optimizer is made: {advice}")) as e:
+        opt.step()
+    assert "adjust" not in str(e.value) and "setup" not in str(e.value)
+    assert_unchanged(opt, before)
+    # the advice runs
+    opt, _ = trained("Optimizer", rule=uo.rmsprop(lr=0.1, momentum=follow[0]))
+    opt.param_groups[1]["momentum"] = follow[1]
+    opt.step()

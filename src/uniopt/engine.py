@@ -2684,6 +2684,15 @@ def adjust(state: State, **hyperparameters: Any) -> State:
     return adjusted_by_names(state, hyperparameters, named=True)
 
 
+class SlotsChanged(ValueError):
+    """:func:`adjust`'s refusal of values that add or drop a slot: ``before`` and ``after`` are
+    the rule's layouts, for a caller that words it its own way (uniopt.torch's param groups)."""
+
+    def __init__(self, before: Any, after: Any, message: str) -> None:
+        super().__init__(message)
+        self.before, self.after = before, after
+
+
 def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool) -> State:
     """:func:`adjust`; ``named`` False: a key that is also a member's name is not refused
     (:class:`uniopt.torch.Optimizer`'s groups, whose keys are its hyperparameters' names)."""
@@ -2723,7 +2732,8 @@ def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool
         if named:
             _named_like(state.rule, key, found)
     if rule.layout != state.rule.layout:
-        raise ValueError(
+        raise SlotsChanged(
+            state.rule.layout, rule.layout,
             f"adjust: {hyperparameters} would change the optimizer's slots from "
             f"{state.rule.layout} to {rule.layout}; that needs a new uniopt.setup (set the "
             "hyperparameter to a non-zero value or a schedule at set-up to keep its slot)"

@@ -34,6 +34,7 @@ from ..base import (
 from ..checkpoint import plain_schedules, schedules_from_plain
 from ..engine import (
     LEAF_NAMES,
+    SlotsChanged,
     adjusted_by_names,
     check_state_dtype,
     check_step,
@@ -643,11 +644,13 @@ class Optimizer(torch.optim.Optimizer):
             try:
                 rule = self._group_rule(group)
             except (ValueError, TypeError) as e:
+                at = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+                if isinstance(e, SlotsChanged) and at is not None:
+                    raise ValueError(self._slots_changed(at, group, e)) from None
                 if type(e) not in (ValueError, TypeError):
                     raise  # (a subclass may take other arguments than a message)
                 # a value written into a group since; a message that names a group already (a
                 # lr's or betas', read where it is) is left as it is
-                at = next((i for i, g in enumerate(self.param_groups) if g is group), None)
                 if at is None or "param group" in str(e):
                     raise
                 raise type(e)(f"{e} (the value param group {at} holds)") from None
@@ -659,6 +662,37 @@ class Optimizer(torch.optim.Optimizer):
                                             read, steady)
         rule.memo.setdefault("cpu-small-shared", self._small_steps)
         return rule, scheduled
+
+    def _slots_changed(self, gi: int, group: dict[str, Any], e: SlotsChanged) -> str:
+        """:func:`uniopt.adjust`'s refusal of a group's values that add or drop a slot, in the
+        group's words: which keys, and the slots."""
+        made = State(self.rule, 0, {}, None)
+        keys = []
+        for k in self._keys:
+            try:
+                adjusted_by_names(made, {k: field(group, k)}, named=False)
+            except SlotsChanged:
+                keys.append(k)
+            except (ValueError, TypeError):
+                pass
+        made_with = ", ".join(repr(self.defaults[k]) for k in keys)
+        which = (" and ".join(f"{k!r} = {group[k]!r}" for k in keys)
+                 + f" (the optimizer was made with {made_with})" if keys else "values")
+
+        def slots(layout: Any) -> set[str]:
+            return {f"{part}.{s}" for part, names in layout for s in names}
+
+        added, dropped = slots(e.after) - slots(e.before), slots(e.before) - slots(e.after)
+        change = " and ".join(f"{verb} the state slot{'s' * (len(ss) > 1)} {', '.join(sorted(ss))}"
+                              for verb, ss in (("adds", added), ("drops", dropped)) if ss)
+        names = " and ".join(keys) or "them"
+        fix = (f"write {names} as a schedule (a function of the step, e.g. lambda step: "
+               f"{group[keys[0]]!r}), which keeps the slot" if dropped and keys else
+               f"make it with {names} non-zero or a schedule (a function of the step), which "
+               "keeps the slot whatever number the group holds")
+        return (f"{self._name}: param group {gi}'s {which} {change or 'changes the state slots'}"
+                f", and {self.rule.name}'s slots are fixed when the optimizer is made: {fix}, "
+                "or make a new optimizer")
 
     def _forget_removed_groups(self) -> None:
         """Drop what is cached for groups no longer in ``param_groups`` (``param_groups.pop()``,
