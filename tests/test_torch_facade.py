@@ -1522,6 +1522,82 @@ def test_a_model_given_a_new_dtype_after_a_step_steps_on_as_after_a_load(
     assert dtypes[0] == dtypes[1], dtypes
 
 
+def _tree_run(rule: Any, change: Callable[[nn.Module], Any], at: int, reload: bool
+              ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Six steps of ``rule`` on a Linear, ``change`` made to it after ``at`` steps (the state
+    saved and loaded into a new optimizer after the third where ``reload``): its parameters
+    and the dtypes of its whole-tree state."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = ut.Optimizer(model.parameters(), rule)
+    for k in range(6):
+        if k == at:
+            change(model)
+        if k == 3 and reload:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = ut.Optimizer(model.parameters(), rule)
+            opt.load_state_dict(saved)
+        g = torch.Generator().manual_seed(k)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+
+    def dtypes(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: dtypes(v) for k, v in x.items()}
+        return [dtypes(v) for v in x] if isinstance(x, list) else x.dtype
+    return ([p.detach().clone() for p in model.parameters()],
+            {k: dtypes(v) for k, v in opt.state[model.weight].items() if k == rule.tree_layout[0]})
+
+
+_TREE_RULES = [uo.prodigy(lr=1.0), uo.schedule_free_adamw(lr=0.1), uo.dog(), uo.dowg()]
+
+
+@pytest.mark.parametrize("rule", _TREE_RULES, ids=["prodigy", "schedule_free", "dog", "dowg"])
+def test_a_whole_tree_state_follows_its_model_to_a_new_dtype(rule: Any) -> None:
+    """model.to(torch.float64) after a step: the state of a whole-tree part (kept in the first
+    parameter's state: Prodigy's p0 and d, schedule-free's z and weight sum) stayed float32,
+    where the slots were cast, and the run drifted (3e-11..1e-8) from the one that saves and
+    loads its state then (torch's load casts every float tensor of it). Cast with the slots,
+    when the group's plan is made anew: that run, bit for bit."""
+    (a, da), (b, db) = (_tree_run(rule, lambda m: m.to(torch.float64), 3, r)
+                              for r in (False, True))
+    assert all(torch.equal(x, y) and x.dtype == torch.float64 for x, y in zip(a, b, strict=True))
+    assert da == db
+    flat = [v for tree in da.values() for x in tree.values()
+            for v in (x if isinstance(x, list) else [x])]
+    assert flat and set(flat) == {torch.float64}, da
+
+
+def _set(name: str, dtype: torch.dtype) -> Callable[[nn.Module], None]:
+    def change(model: nn.Module) -> None:
+        p = getattr(model, name)
+        p.data = p.data.to(dtype)
+    return change
+
+
+@pytest.mark.parametrize(("change", "leaves", "scalar"), [
+    (_set("bias", torch.float64), [torch.float32, torch.float64], torch.float64),
+    (_set("weight", torch.float64), [torch.float64, torch.float32], torch.float64),
+    (lambda m: m.to(torch.bfloat16), [torch.bfloat16] * 2, torch.float32),
+    (lambda m: m.to(torch.float16), [torch.float16] * 2, torch.float32)],
+    ids=["bias-float64", "weight-float64", "bfloat16", "float16"])
+def test_a_whole_tree_state_of_a_group_of_new_dtypes_is_one_a_setup_would_make(
+        change: Any, leaves: list[torch.dtype], scalar: torch.dtype) -> None:
+    """A group's dtypes changed after a step: its whole-tree state is put in the dtypes a
+    set-up for it would give (each per-leaf entry its leaf's, the scalars the widest, float32
+    at least), live and after a load, the same run. torch's load casts the whole of the first
+    parameter's state to its dtype: a float64 bias's p0 was cut to the float32 weight's, and a
+    16-bit model's d (1e-6 and below) to 16 bits, where float16's Prodigy went to NaN."""
+    rule = uo.prodigy(lr=1.0)
+    # (changed before the save: what the load casts was stepped in the new dtypes)
+    (a, da), (b, db) = (_tree_run(rule, change, 1, r) for r in (False, True))
+    assert all(torch.equal(x, y) and x.isfinite().all() for x, y in zip(a, b, strict=True))
+    assert da == db
+    tree = da["scale_by_prodigy"]
+    assert tree["p0"] == tree["exp_avg"] == leaves and tree["d"] == scalar, tree
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("layers", [1, 4], ids=["views", "addresses"])
 def test_a_model_converted_with_swapped_tensors_after_a_step_steps_on(

@@ -1331,6 +1331,7 @@ class Optimizer(torch.optim.Optimizer):
         vars(self).pop("_train_weights", None)
         self._in_eval = any(g.get("train_mode") is False for g in self.param_groups)
         self._restore_state_dtypes(state_dict)
+        self._restore_tree_dtypes(state_dict)
         # a step saved as a number (torch before 1.12) made a 0-d tensor, as torch's classes
         # make it on load (their __setstate__), in torch's dtype for it
         for st in self.state.values():
@@ -1356,6 +1357,18 @@ class Optimizer(torch.optim.Optimizer):
                     if (name != "step" and isinstance(v, torch.Tensor) and name in loaded
                             and (loaded[name].dtype != v.dtype or plans.is_q8(group))):
                         loaded[name] = v.to(p.device, copy=True)
+
+    def _restore_tree_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch's load casts the whole state of a group's first parameter, where whole-tree
+        parts keep theirs, to that parameter's dtype: put back in the dtypes a live run keeps
+        them in (:func:`plans.cast_trees`), from the saved tensors."""
+        for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            ps = group["params"]
+            if not ps or group.get("state_dtype") is not None:
+                continue
+            st = state_dict["state"].get(saved["params"][0])
+            if isinstance(st, dict):
+                plans.cast_trees(self._rule(group)[0], ps, self.state, st)
 
 
 def _q8_copies(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any, Any]:

@@ -55,6 +55,7 @@ _IMPL = operator.attrgetter("_cdata")
 _SHAPE = operator.attrgetter("shape")
 # what a gradient must be to go by address, read in one C call: its class (a subclass's
 # data_ptr may not be its memory), dtype, whether on the CPU, and shape
+_DTYPE = operator.attrgetter("dtype")
 _KIND = operator.attrgetter("__class__", "dtype", "is_cpu", "shape")
 
 # a plan of fewer gradients than this takes their views: checking a tensor and taking its
@@ -502,6 +503,78 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
             s = torch.empty_like(p, dtype=s.dtype).copy_(s)
         st[name] = s
     return st
+
+
+def cast_trees(rule: Transform, ps: list[torch.Tensor], state: Any,
+               saved: dict[str, Any] | None = None) -> None:
+    """The float tensors of the states of ``rule``'s whole-tree parts in ``st`` (the state of
+    the group's first parameter, ``ps[0]``) in the dtypes a set-up for the parameters as they
+    are now gives them (made on the meta device: no memory): an entry per leaf in its leaf's
+    dtype (Prodigy's ``p0``), the 0-d scalars in the widest, float32 at least (its ``d``). For
+    a group of float32 or float64 parameters of one dtype this is the cast of torch's
+    ``load_state_dict``, so a parameter whose dtype changed (``model.to(torch.float64)``
+    after some steps) steps on as a state saved then and loaded would; a state as its set-up
+    made it changes nothing. ``saved``: the state dict's entry that ``st`` was loaded from
+    (torch cast the whole of it to the first parameter's dtype: a float64 leaf's entry cut to
+    a float32 first parameter's, a bfloat16 model's scalars to bfloat16, a count made float):
+    what differs is put back from it, other dtypes as saved. Only what changes is replaced."""
+    st = state.get(ps[0])
+    if st is None:
+        return
+    # (the dtypes it was last cast for, kept by the optimizer's state: a set-up on the meta
+    # device costs some 50 us a leaf, at every plan made, where nothing changed)
+    memo = vars(state).setdefault("tree_dtypes", {}) if isinstance(state, Versioned) else {}
+    dtypes = tuple(map(_DTYPE, ps))
+    seen = memo.get(id(ps[0]))
+    if saved is None and seen is not None and seen[0] is st and seen[1] == dtypes:
+        return
+    memo[id(ps[0])] = (st, dtypes)
+    metas = None
+    for part, keys in rule.keyed_parts:
+        if not isinstance(part, WholeTree) or keys[0] not in st:
+            continue
+        src = None if saved is None else saved.get(keys[0])
+        if saved is not None and src is None:
+            continue
+        if metas is None:
+            metas = [torch.empty(real(p).shape, dtype=real(p).dtype, device="meta")
+                     for p in ps]
+        try:
+            like = part.init_tree(metas)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            # (a part that cannot set up on the meta device keeps its dtypes)
+            continue
+        tree = st[keys[0]]
+        new = _cast_tree(tree, src, like)
+        if new is not tree:
+            st[keys[0]] = new
+
+
+def _cast_tree(x: Any, src: Any, like: Any, key: Any = None) -> Any:
+    """:func:`cast_trees` of one tree state ``x`` (``src``: what it was loaded from, None:
+    nothing; ``like``: its set-up on the meta device): ``x`` itself where nothing changes, or
+    where its structure is not ``like``'s."""
+    if isinstance(x, torch.Tensor):
+        base = x if src is None else src
+        if not (isinstance(base, torch.Tensor) and isinstance(like, torch.Tensor)):
+            return x
+        want = (like.dtype if key != "step" and base.is_floating_point()
+                and like.is_floating_point() else base.dtype)
+        return x if x.dtype == want else base.to(x.device, want, copy=src is not None)
+    if type(x) in (list, tuple, dict):
+        if type(like) is not type(x) or len(like) != len(x) or src is not None and (
+                type(src) is not type(x) or len(src) != len(x)):
+            return x
+        if type(x) is dict:
+            if like.keys() != x.keys() or src is not None and src.keys() != x.keys():
+                return x
+            new = {k: _cast_tree(v, None if src is None else src[k], like[k], k)
+                   for k, v in x.items()}
+            return x if all(map(operator.is_, new.values(), x.values())) else new
+        items = [_cast_tree(v, None if src is None else src[i], like[i])
+                 for i, v in enumerate(x)]
+        return x if all(map(operator.is_, items, x)) else type(x)(items)
+    return x
 
 
 def _dtensor_slots(st: dict[str, Any], p: Any, names: SlotNames,
@@ -1099,6 +1172,10 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         sel.append(i)
         specs.append(s)
         states.append(st)
+    if rule.tree_layout and ps and group.get("state_dtype") is None:
+        # (a plan is made anew when a parameter's dtype changes: its memory moved)
+        with _recording(tracked):
+            cast_trees(rule, ps, state)
     sel_params = [ps[i] for i in sel]
     plan_runs = []
     shards: list[tuple[Any, dtensor.Spec | None]] = []  # each view, and its DTensor's layout
