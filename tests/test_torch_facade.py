@@ -3602,7 +3602,8 @@ def test_a_whole_tree_rule_refuses_a_parameter_removed_from_its_group(name: str,
     for p in params:  # the group anew
         opt.state.pop(p, None)
     opt.step()
-    assert not any(torch.equal(p, b) for p, b in zip(params, before[1][2:], strict=False))
+    at = [next(i for i, q in enumerate(ps) if q is p) for p in params]
+    assert not any(torch.equal(p, before[1][i]) for p, i in zip(params, at, strict=True))
 
 
 @pytest.mark.parametrize("how", ["appended", "reset", "first reset"])
@@ -3719,7 +3720,8 @@ def test_a_rule_of_one_state_names_a_parameter_appended_to_its_group(make: Any) 
     assert not torch.equal(ps[-1], before[1][-1])
 
 
-@pytest.mark.parametrize("edit", ["popped", "reversed", "popped-then-added", "state_dict"])
+@pytest.mark.parametrize("edit", ["popped", "reversed", "popped-then-added", "state_dict",
+                                  "loaded-then-popped"])
 @pytest.mark.parametrize("make", [
     lambda groups: ut.Optimizer(groups, uo.skip_nonfinite(uo.adam(lr=0.1))),
     lambda groups: ut.Kron(groups, lr=1e-2, pre_conditioner_update_probability=1.0)],
@@ -3740,6 +3742,10 @@ def test_a_rule_of_one_state_per_group_follows_its_group_to_another_index(
         opt = make([{"params": a}, {"params": b}] if moved else [{"params": b}])
         for t in range(6):
             if moved and t == 3:
+                if edit == "loaded-then-popped":  # (a resumed run whose first layer freezes)
+                    sd = opt.state_dict()
+                    opt = make([{"params": a}, {"params": b}])
+                    opt.load_state_dict(sd)
                 if edit == "reversed":
                     opt.param_groups.reverse()
                 else:
@@ -3760,6 +3766,33 @@ def test_a_rule_of_one_state_per_group_follows_its_group_to_another_index(
     assert torch.equal(ours[0], alone[0])
     if edit == "popped-then-added":
         assert torch.equal(ours[1], alone[1])
+
+
+def test_a_whole_tree_state_of_a_model_rebuilt_each_epoch_is_let_go() -> None:
+    """The note of the dtypes a whole-tree state was last cast for (plans.cast_trees) held
+    the first parameter's state: a model rebuilt on one optimizer each epoch (groups cleared,
+    state cleared, add_param_group) kept every old model's Prodigy state alive."""
+    import gc
+    import weakref
+
+    m = nn.Linear(8, 4)
+    opt = ut.Optimizer(m.parameters(), uo.prodigy(lr=1.0))
+    gone = []
+    for _ in range(3):
+        for _ in range(2):
+            for p in m.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step()
+        gone.append(weakref.ref(opt.state[m.weight]["scale_by_prodigy"]["p0"][0]))
+        opt.param_groups.clear()
+        opt.state.clear()
+        m = nn.Linear(8, 4)
+        opt.add_param_group({"params": list(m.parameters())})
+    for p in m.parameters():  # (the step lets go of the last model's plan)
+        p.grad = torch.ones_like(p)
+    opt.step()
+    gc.collect()
+    assert all(r() is None for r in gone)
 
 
 def test_a_complex_parameter_in_an_8_bit_group_is_named() -> None:
@@ -4260,7 +4293,10 @@ def test_a_state_dict_of_another_shape_says_so_and_loads_nothing(edit: Any, mess
     (uo.sophia_h(lr=0.1), r"sophia_h takes hvp= at each step, which uniopt\.torch\.Optimizer\.step "
                           r"does not hand it; use uniopt\.torch\.SophiaH \(.*step\(closure\), the "
                           r"closure calling loss\.backward\(create_graph=True\)"),
-    (uo.chain(uo.clip_by_global_norm(1.0), uo.sophia_h(lr=0.1)), r"sophia_h takes hvp=.*SophiaH"),
+    (uo.chain(uo.clip_by_global_norm(1.0), uo.sophia_h(lr=0.1)),
+     r"sophia_h takes hvp=.*no uniopt\.torch class runs it: .*uo\.update_\("),
+    (uo.partition({"a": uo.adam(lr=0.1), "b": uo.lbfgs()}, lambda path, leaf: "b"),
+     r"lbfgs evaluates the closure at trial points, and no uniopt\.torch class runs it"),
     (uo.lbfgs_linesearch(), r"lbfgs_linesearch takes grad=, value_fn= at each step, which "
                             r"uniopt\.torch\.Optimizer\.step does not hand it, and no "
                             r"uniopt\.torch class runs it: .*uo\.update_\(state, params, grads, "
@@ -4301,9 +4337,9 @@ def test_sam_is_refused_naming_the_functional_step_it_takes_not_lbfgs() -> None:
 
 @pytest.mark.parametrize(("made", "written", "verb", "advice", "follow"), [
     (0.0, 0.9, "adds", r"make it with momentum non-zero or a schedule",
-     (lambda step: 0.0, 0.9)),
-    (0.9, 0.0, "drops", r"write momentum as a schedule \(.*lambda step: 0\.0\)",
-     (0.9, lambda step: 0.0)),
+     (uo.schedules.constant(0.0), 0.9)),
+    (0.9, 0.0, "drops", r"write momentum as a schedule, uniopt\.schedules\.constant\(0\.0\)",
+     (0.9, uo.schedules.constant(0.0))),
 ])
 def test_a_group_value_that_adds_or_drops_a_slot_is_named_in_torch_terms(
         made: float, written: float, verb: str, advice: str, follow: Any) -> None:
@@ -4324,3 +4360,14 @@ def test_a_group_value_that_adds_or_drops_a_slot_is_named_in_torch_terms(
     opt, _ = trained("Optimizer", rule=uo.rmsprop(lr=0.1, momentum=follow[0]))
     opt.param_groups[1]["momentum"] = follow[1]
     opt.step()
+    buffer = io.BytesIO()  # (and saves: a lambda would not pickle)
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    opt.load_state_dict(torch.load(buffer, weights_only=True))
+    # a group added with such a value says so in the same words, and is not added
+    opt, _ = trained("Optimizer", rule=uo.rmsprop(lr=0.1, momentum=made))
+    n = len(opt.param_groups)
+    with pytest.raises(ValueError, match=rf"param group {n}'s 'momentum' = {written} .*{verb} the "
+                                         r"state slot trace\.momentum_buffer"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "momentum": written})
+    assert len(opt.param_groups) == n

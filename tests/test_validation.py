@@ -1453,7 +1453,7 @@ def test_a_whole_tree_state_of_more_leaves_is_refused(make: Any) -> None:
     one = [np.ones(3)]
     trees = [x.copy() for x in _arrays(state.tree_states)]
     with pytest.raises(ValueError, match=r"the state's \w+\['\w+'\] holds 2 arrays, one per "
-                                         r"leaf, and the params have 1 leaves: this state was "
+                                         r"leaf, and the params have 1 leaf\(s\): this state was "
                                          r"set up for other params"):
         # (the step of a torch group a parameter was removed from: uniopt.torch makes the
         # State of the group's parameters as they are now)

@@ -826,7 +826,7 @@ def _check_tree_shapes(state: State, names: list[str], params: list[Any],
                 # (a parameter removed from a torch group: zip() failed inside the part)
                 raise ValueError(
                     f"the state's {keys[0]}[{entry!r}] holds {len(xs)} arrays, one per leaf, "
-                    f"and the params have {len(params)} leaves: this state was set up for "
+                    f"and the params have {len(params)} leaf(s): this state was set up for "
                     "other params")
             for i, x in enumerate(xs):
                 if x is not None and tuple(x.shape) != shapes[i] \

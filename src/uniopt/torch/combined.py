@@ -69,11 +69,14 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     """The group's state: the one held since the last step, else one set up and filled from
     ``optimizer.state`` (after a load_state_dict)."""
     ps = group["params"]
-    realign(opt)
-    held = opt.__dict__.setdefault("_combined", {}).get(gi)
+    records = opt.__dict__.setdefault("_combined", {})
+    if records and (gi not in records or records[gi][3] is not group):
+        realign(opt)  # (a group removed or moved since: checked here, once a step, not per group)
+    held = opt._combined.get(gi)
     key = KEY.format(gi)
     entry = opt.state.get(key)
-    if held is None or held[1] != _kinds(views, ps) or entry is not held[2]:
+    if (held is None or held[0] is None or held[1] != _kinds(views, ps)
+            or entry is not held[2]):
         # (new parameters, or ones of a new dtype or layout since, model.to(torch.float64)
         # after a step: a state set up for them and filled from the last, cast as a load casts)
         state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
@@ -81,7 +84,7 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
             try:
                 state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
             except ValueError as e:
-                if held is None or held[0].treedef.num_leaves == len(ps):
+                if held is None or held[0] is None or held[0].treedef.num_leaves == len(ps):
                     raise
                 # (a state over the group's parameters cannot take one more, but where a
                 # partition routes it to a member that keeps nothing for it)
@@ -117,6 +120,17 @@ def realign(opt: Any) -> None:
     for gi, h in moved.items():
         opt.state[KEY.format(gi)] = h[2]
     opt._combined = moved
+
+
+def owned(opt: Any) -> None:
+    """Each group's state that a load (or :func:`adopt`) wrote under its position noted as the
+    group's, no state held for it yet, so that :func:`realign` moves it with its group: after
+    a load, ``param_groups.pop(0)`` handed the next group the popped one's state."""
+    records = opt.__dict__.setdefault("_combined", {})
+    for gi, group in enumerate(opt.param_groups):
+        entry = opt.state.get(KEY.format(gi))
+        if entry is not None and (gi not in records or records[gi][2] is not entry):
+            records[gi] = (None, None, entry, group)
 
 
 def check_entry(opt: Any, gi: int, group: dict[str, Any], rule: Transform, entry: Any,
@@ -164,6 +178,7 @@ def adopt(opt: Any) -> None:
                 state[p] = rest
             else:
                 del state[p]
+    owned(opt)
     adopted(opt)
 
 

@@ -457,7 +457,8 @@ class Optimizer(torch.optim.Optimizer):
             what = ("evaluates the closure at trial points" if trials else
                     f"takes {', '.join(f'{a}=' for a in lacking)} at each step, which "
                     f"{self._name}.step does not hand it")
-            runner = _RUNNERS.get(type(m))
+            # (a class made for the rule runs it alone: not inside a partition or a chain)
+            runner = _RUNNERS.get(type(m)) if m is rule else None
             if runner is not None:
                 return f"{self._name}: {m.name} {what}; use {runner[0]} ({runner[1]})"
             how = ("uo.minimize_step_(state, params, closure), the closure taking the params and "
@@ -540,7 +541,11 @@ class Optimizer(torch.optim.Optimizer):
             params = param_group.get("params")
             if params is not None and not isinstance(params, (torch.Tensor, set, list, tuple)):
                 param_group["params"] = list(params)  # as torch: read a generator once
-            self._group_rule({**self.defaults, **param_group})
+            values = {**self.defaults, **param_group}
+            try:
+                self._group_rule(values)
+            except SlotsChanged as e:
+                raise ValueError(self._slots_changed(len(self.param_groups), values, e)) from None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _drop_rule(group)
@@ -686,8 +691,9 @@ class Optimizer(torch.optim.Optimizer):
         change = " and ".join(f"{verb} the state slot{'s' * (len(ss) > 1)} {', '.join(sorted(ss))}"
                               for verb, ss in (("adds", added), ("drops", dropped)) if ss)
         names = " and ".join(keys) or "them"
-        fix = (f"write {names} as a schedule (a function of the step, e.g. lambda step: "
-               f"{group[keys[0]]!r}), which keeps the slot" if dropped and keys else
+        fix = (f"write {names} as a schedule, uniopt.schedules.constant({group[keys[0]]!r}), "
+               "which keeps the slot (and state_dict() saves, where a lambda would not pickle)"
+               if dropped and keys else
                f"make it with {names} non-zero or a schedule (a function of the step), which "
                "keeps the slot whatever number the group holds")
         return (f"{self._name}: param group {gi}'s {which} {change or 'changes the state slots'}"
@@ -1332,6 +1338,8 @@ class Optimizer(torch.optim.Optimizer):
         self._in_eval = any(g.get("train_mode") is False for g in self.param_groups)
         self._restore_state_dtypes(state_dict)
         self._restore_tree_dtypes(state_dict)
+        vars(self).pop("_combined", None)  # (states of the groups before, of other tensors)
+        combined.owned(self)
         # a step saved as a number (torch before 1.12) made a 0-d tensor, as torch's classes
         # make it on load (their __setstate__), in torch's dtype for it
         for st in self.state.values():

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import operator
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -522,13 +523,17 @@ def cast_trees(rule: Transform, ps: list[torch.Tensor], state: Any,
     if st is None:
         return
     # (the dtypes it was last cast for, kept by the optimizer's state: a set-up on the meta
-    # device costs some 50 us a leaf, at every plan made, where nothing changed)
+    # device costs some 50 us a leaf, at every plan made, where nothing changed; by weak
+    # reference, and the state by its id: a group dropped, its state is let go)
     memo = vars(state).setdefault("tree_dtypes", {}) if isinstance(state, Versioned) else {}
     dtypes = tuple(map(_DTYPE, ps))
     seen = memo.get(id(ps[0]))
-    if saved is None and seen is not None and seen[0] is st and seen[1] == dtypes:
+    if (saved is None and seen is not None and seen[0]() is ps[0] and seen[1] == id(st)
+            and seen[2] == dtypes):
         return
-    memo[id(ps[0])] = (st, dtypes)
+    for k in [k for k, v in memo.items() if v[0]() is None]:
+        del memo[k]
+    memo[id(ps[0])] = (weakref.ref(ps[0]), id(st), dtypes)
     metas = None
     for part, keys in rule.keyed_parts:
         if not isinstance(part, WholeTree) or keys[0] not in st:
