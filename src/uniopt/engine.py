@@ -173,24 +173,17 @@ def _library_check(rule: Transform, names: list[str], leaves: list[Any]) -> None
             if not hasattr(getattr(xp, "linalg", None), f):
                 raise TypeError(f"setup: {name} calls the array API's linalg.{f}, which "
                                 f"{lib}'s namespace does not have; {names[0]} comes from it")
-    version = getattr(backend.namespace(leaves[0]), "__array_api_version__", None)
-    if where == "array_api" and isinstance(version, str) and version < ARRAY_API:
+    version = getattr(xp, "__array_api_version__", None)
+    if isinstance(version, str) and version < ARRAY_API:
         raise TypeError(f"setup: uniopt needs the array API standard {ARRAY_API} or later "
                         f"(Python scalars beside arrays); {lib} is set to {version}")
 
 
 def _linalg_calls(rule: Transform) -> list[tuple[str, str]]:
     """(name, function) for each function of the array API's linalg extension that a part of
-    ``rule`` calls (:attr:`Part.linalg`), chains and combinators opened; the name is the
-    outermost rule of the registry that holds the part, else the part's."""
-    out = []
-    for _, m in members(rule):
-        for part in m.flat_parts:
-            if isinstance(part, Combinator):
-                out += _linalg_calls(part)
-            else:
-                out += [(m.name, f) for f in part.linalg]
-    return out
+    ``rule`` calls (:attr:`Part.linalg`), chains and combinators opened (:func:`members`, as
+    :func:`_real_only` reads them); the name is the member's that holds the part."""
+    return [(m.name, f) for _, m in members(rule) for p in m.flat_parts for f in p.linalg]
 
 
 def _registered(rule: Transform) -> list[Transform]:

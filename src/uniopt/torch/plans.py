@@ -54,9 +54,9 @@ _CONTIGUOUS = torch.Tensor.is_contiguous
 # swap_module_params_on_conversion, refuses a tensor that has a weak one)
 _IMPL = operator.attrgetter("_cdata")
 _SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
 # what a gradient must be to go by address, read in one C call: its class (a subclass's
 # data_ptr may not be its memory), dtype, whether on the CPU, and shape
-_DTYPE = operator.attrgetter("dtype")
 _KIND = operator.attrgetter("__class__", "dtype", "is_cpu", "shape")
 
 # a plan of fewer gradients than this takes their views: checking a tensor and taking its
@@ -258,18 +258,19 @@ def _refuse_tree_of_others(rule: Transform, gi: int, ps: list[torch.Tensor],
                 f"of {rule.name}'s {part.name}, which the group's first parameter keeps "
                 + (f"(parameter {keeper} holds it: the params were reordered)" if keeper
                    else "(the parameter that held it was removed from the group's params)")
-                + f": that state spans the group's parameters as they were; {_ANEW}")
+                + f": that state spans the group's parameters as they were; put it back, or "
+                f"{_ANEW}")
         made = next((len(tree[e]) for e in part.like_params if isinstance(tree, dict)
                      and isinstance(tree.get(e), list)), None)
         if made is not None and made != len(ps):
             raise ValueError(
                 f"param group {gi} has {len(ps)} parameter(s), but the state of {rule.name}'s "
                 f"{part.name} (kept by its first parameter) spans {made}: one removed from "
-                f"the group's params since; {_ANEW}")
+                f"the group's params since; put it back, or {_ANEW}")
 
 
-_ANEW = ("put it back, or start the whole group anew (every one of its parameters' entries "
-         "removed from optimizer.state)")
+_ANEW = ("start the whole group anew (every one of its parameters' entries removed from "
+         "optimizer.state)")
 
 
 def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
@@ -335,8 +336,7 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
                 f"({said}: one appended to the group's params, one's state reset, or one "
                 f"without a gradient at an earlier step): {rule.name}'s {spans[0].name} steps "
                 "the group's parameters together; give each a gradient at every step, new "
-                "parameters a group of their own (add_param_group), or start the whole group "
-                "anew (every one of its parameters' entries removed from optimizer.state)")
+                f"parameters a group of their own (add_param_group), or {_ANEW}")
         if wholes and by_count:
             _refuse_tree_of_others(rule, gi, group["params"], state, next(iter(by_count)))
     if at is not None and is_q8(group):  # (a KeyError for its absent scales, mid-plan)
