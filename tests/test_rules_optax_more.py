@@ -216,6 +216,30 @@ def test_polyak_sgd_under_jit_matches_numpy() -> None:
         assert rel_diff(np.asarray(jp[k]), params[k]) < 1e-12
 
 
+# --- a momentum that is 0 at some steps, under optax.inject_hyperparams ---------------------------
+
+
+@pytest.mark.parametrize("name, hp", [
+    ("sgd", {}), ("sgd", {"nesterov": True}), ("lars", {"weight_decay": 1e-3}),
+])
+def test_a_momentum_at_0_sets_the_buffer_to_the_update_as_optaxs_trace(
+        name: str, hp: dict[str, object]) -> None:
+    # optax's trace computes g + 0*t where its momentum is 0: the buffer is the update, where
+    # torch's `if momentum != 0` keeps it (the torch convention's, tests/test_parity_torch.py).
+    # Two off-steps in five: the buffer the on-steps read is the off-steps' update
+    def ours(step: int) -> float:
+        return 0.0 if step % 5 in (1, 2) else 0.9
+
+    def theirs(step: object) -> object:
+        return jnp.where(jnp.isin(step % 5, jnp.array([1, 2])), 0.0, 0.9)
+
+    lr = 0.05
+    mine = (uo.sgd(lr, momentum=ours, convention="optax", **hp) if name == "sgd"
+            else uo.lars(lr, momentum=ours, **hp))
+    tx = optax.inject_hyperparams(getattr(optax, name))(lr, momentum=theirs, **hp)
+    assert run(mine, tx, seed=4, steps=40) < 1e-12
+
+
 # --- rmsprop: every option of optax.rmsprop ------------------------------------------------------
 
 

@@ -182,6 +182,6 @@ class dpsgd(Rule):
         noise = differentially_private_aggregate(
             l2_norm_clip=self.l2_norm_clip, noise_multiplier=self.noise_multiplier,
             batch_size=self.batch_size, seed=self.seed)
-        heavy = ((trace(momentum=self.momentum, nesterov=self.nesterov),)
+        heavy = ((trace(momentum=self.momentum, nesterov=self.nesterov, hold=False),)
                  if self.on("momentum") else ())
         return (noise, *heavy, scale_by_lr(lr=self.lr))

@@ -201,6 +201,7 @@ class rmsprop(Rule):
             steps = ((direction, sutskever_trace(lr=self.lr, momentum=self.momentum,
                                                  nesterov=self.nesterov))
                      if self.momentum_form == "sutskever" else
-                     (direction, trace(momentum=self.momentum, nesterov=self.nesterov),
+                     (direction, trace(momentum=self.momentum, nesterov=self.nesterov,
+                                       hold=self.convention != "optax"),
                       scale_by_lr(lr=self.lr)))
         return decayed(steps, self.lr, self.weight_decay, self.decay_form, self.on("weight_decay"))

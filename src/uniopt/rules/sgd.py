@@ -132,7 +132,8 @@ class sgd(Rule):
             steps = (
                 *([trace(momentum=self.momentum,
                          dampening=self.dampening if self.on("dampening") else 0.0,
-                         nesterov=self.nesterov)] if self.on("momentum") else []),
+                         nesterov=self.nesterov, hold=self.convention != "optax")]
+                  if self.on("momentum") else []),
                 scale_by_lr(lr=self.lr),
             )
         return decayed(steps, self.lr, self.weight_decay, self.decay_form, self.on("weight_decay"))

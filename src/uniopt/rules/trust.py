@@ -129,7 +129,7 @@ class lars(Rule):
                  if self.on("weight_decay") else ())
         trust = masked_by(scale_by_trust_ratio(trust_coefficient=self.trust_coefficient,
                                                eps=self.eps), self.trust_ratio_mask)
-        momentum = ((trace(momentum=self.momentum, nesterov=self.nesterov),)
+        momentum = ((trace(momentum=self.momentum, nesterov=self.nesterov, hold=False),)
                     if self.on("momentum") else ())
         return (*decay, trust, scale_by_lr(lr=self.lr), *momentum)
 

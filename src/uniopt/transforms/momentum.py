@@ -56,13 +56,16 @@ class trace(Elementwise):
     with dampening, what torch's step computes for a param group's values, which its
     constructor refuses).
     At a step where a momentum schedule is 0, ``u`` passes unchanged and ``b`` is kept, as in
-    torch. (torch also starts its buffer undamped at the first non-zero momentum; here that
-    happens only at the first update, which differs only with dampening > 0.)
+    torch (``if momentum != 0``); with ``hold=False``, ``b <- u``, as optax's ``trace``
+    computes it (``g + 0*t``) for a momentum its ``inject_hyperparams`` sets to 0. (torch also
+    starts its buffer undamped at the first non-zero momentum; here that happens only at the
+    first update, which differs only with dampening > 0.)
     """
 
     momentum: Any = hyper(0.9, NONNEG)
     dampening: Any = hyper(0.0, UNIT)
     nesterov: bool = False
+    hold: bool = True
     # (no check_nesterov here: the block, as optax's trace, takes momentum 0, where the
     # look-ahead adds 0; a rule refuses it where its framework does. A rule's momentum given as
     # an array keeps this block even at 0: optax.inject_hyperparams passes it so)
@@ -78,7 +81,8 @@ class trace(Elementwise):
         undamped = self.one_minus("dampening")
         if not (isinstance(undamped, float) and undamped == 1.0):  # a host 1: 1 at every step
             undamped = first + (1.0 - first) * undamped
-        return Momentum(momentum=self.momentum, weight=undamped, on=self.nonzero("momentum"))
+        on = self.nonzero("momentum") if self.hold else True
+        return Momentum(momentum=self.momentum, weight=undamped, on=on)
 
     @property
     def kernel(self) -> Kernel:  # type: ignore[override]
