@@ -465,6 +465,31 @@ def test_numpy_bfloat16_params_step_pure_and_in_place(name: str) -> None:
 
 
 @by_rule
+def test_a_float32_state_of_bfloat16_params_is_a_float32_run_rounded_at_each_step(
+        name: str) -> None:
+    """``state_dtype="float32"`` on bfloat16 params keeps every state in float32 and computes
+    in it, a whole-tree part's too: the params are, bit for bit, those of a float32 run from
+    the same values whose params are rounded to bfloat16 after each step. Prodigy's moments,
+    schedule-free's ``z``, D-Adaptation's, GaLore's and Kron's states were kept in bfloat16,
+    the option taken and not honoured."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rule, problem = _stepped_by_gradients(name)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    start = {k: v.astype(bf16) for k, v in problem.params().items()}
+    ours, theirs = dict(start), {k: v.astype(np.float32) for k, v in start.items()}
+    s_ours, s_theirs = uo.setup(rule, ours, state_dtype="float32"), uo.setup(rule, theirs)
+    for _ in range(8):
+        grads = {k: v.astype(bf16) for k, v in problem.grad(
+            {k: x.astype(np.float64) for k, x in ours.items()}).items()}
+        s_ours, ours = uo.update(s_ours, ours, grads)
+        s_theirs, theirs = uo.update(s_theirs, theirs,
+                                     {k: v.astype(np.float32) for k, v in grads.items()})
+        theirs = {k: v.astype(bf16).astype(np.float32) for k, v in theirs.items()}
+    for k, v in ours.items():
+        assert v.dtype == bf16 and v.tobytes() == theirs[k].astype(bf16).tobytes(), (name, k)
+
+
+@by_rule
 def test_a_jitted_step_may_close_over_a_state(name: str, jx: Any) -> None:
     """``jax.jit(lambda p: uo.update(state, p, g))`` with a state that has stepped, closed
     over rather than passed: its concrete arrays come out of arithmetic in the trace as

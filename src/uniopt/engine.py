@@ -271,10 +271,11 @@ _APART_WRITABLE = [False]  # whether those were found to repeat no element, too
 def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> State:
     """The initial state of ``rule`` for ``params`` (any pytree of arrays).
 
-    ``state_dtype`` (e.g. ``"float32"``) keeps the slots in that dtype and computes each step in
-    the wider of it and the parameters' dtype, rounding only the new parameters to their own
-    dtype: float16/bfloat16 parameters with float32 moments, without overflow in ``g**2``;
-    float64 parameters with float32 moments, stepped in float64. ``state_dtype="q8"`` keeps
+    ``state_dtype`` (e.g. ``"float32"``) keeps the slots in that dtype (and the states of
+    whole-tree parts in the wider of it and their leaves') and computes each step in the wider
+    of it and the parameters' dtype, rounding only the new parameters to their own dtype:
+    float16/bfloat16 parameters with float32 moments, without overflow in ``g**2``; float64
+    parameters with float32 moments, stepped in float64. ``state_dtype="q8"`` keeps
     each slot in 8 bits (:mod:`uniopt.quant`: one byte per element and a float32 scale per
     block of 2048) and computes each step in float32, float64 parameters too (their values
     then carry float32's precision).
@@ -339,7 +340,8 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
             _tree_library(leaves, part)
             # a combinator's members keep their slots in the dtype asked for, as the rule's
             trees[keys[0]] = (part.init_tree(params, state_dtype) if isinstance(part, Combinator)
-                              else part.init_tree(params))
+                              else part.init_tree(unflatten(treedef, tree_leaves(leaves,
+                                                                                 state_dtype))))
         elif keys:
             per_leaf = [_init_slots(part, p, state_dtype) for p in leaves]
             if state_dtype == "q8":
@@ -570,6 +572,17 @@ def _stored(x: Any, state_dtype: str | None) -> Any:
         return x
     xp = backend.namespace(x)
     return xp.astype(x, getattr(xp, state_dtype))
+
+
+def tree_leaves(leaves: list[Any], state_dtype: str | None) -> list[Any]:
+    """The leaves a whole-tree part's state is set up from: each in the wider of its dtype and
+    ``state_dtype`` (Prodigy's moments and ``p0``, schedule-free's ``z``, float32 for bfloat16
+    params as a slot is), never narrower than its leaf (such a state may make the params:
+    schedule-free's are an average of ``z``)."""
+    if state_dtype not in ("float32", "float64"):
+        return leaves
+    return [_in(p, _compute_dtype(p, xp, state_dtype), xp)
+            for p, xp in ((p, backend.namespace(p)) for p in leaves)]
 
 
 def _compute_dtype(p: Any, xp: Any, state_dtype: str | None) -> Any:

@@ -1372,11 +1372,12 @@ class Optimizer(torch.optim.Optimizer):
         them in (:func:`plans.cast_trees`), from the saved tensors."""
         for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
             ps = group["params"]
-            if not ps or group.get("state_dtype") is not None:
+            if not ps:
                 continue
             st = state_dict["state"].get(saved["params"][0])
             if isinstance(st, dict):
-                plans.cast_trees(self._rule(group)[0], ps, self.state, st)
+                plans.cast_trees(self._rule(group)[0], ps, self.state, st,
+                                 group.get("state_dtype"))
 
 
 def _q8_copies(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any, Any]:

@@ -38,6 +38,7 @@ from ..engine import (
     resolve,
     setup,
     shared_norms,
+    tree_leaves,
     update_,
 )
 from ..interop import dtensor
@@ -507,7 +508,7 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
 
 
 def cast_trees(rule: Transform, ps: list[torch.Tensor], state: Any,
-               saved: dict[str, Any] | None = None) -> None:
+               saved: dict[str, Any] | None = None, state_dtype: str | None = None) -> None:
     """The float tensors of the states of ``rule``'s whole-tree parts in ``st`` (the state of
     the group's first parameter, ``ps[0]``) in the dtypes a set-up for the parameters as they
     are now gives them (made on the meta device: no memory): an entry per leaf in its leaf's
@@ -518,7 +519,9 @@ def cast_trees(rule: Transform, ps: list[torch.Tensor], state: Any,
     made it changes nothing. ``saved``: the state dict's entry that ``st`` was loaded from
     (torch cast the whole of it to the first parameter's dtype: a float64 leaf's entry cut to
     a float32 first parameter's, a bfloat16 model's scalars to bfloat16, a count made float):
-    what differs is put back from it, other dtypes as saved. Only what changes is replaced."""
+    what differs is put back from it, other dtypes as saved. Only what changes is replaced.
+    ``state_dtype``: the group's, which widens the entries as set-up does
+    (:func:`uniopt.engine.tree_leaves`)."""
     st = state.get(ps[0])
     if st is None:
         return
@@ -526,7 +529,7 @@ def cast_trees(rule: Transform, ps: list[torch.Tensor], state: Any,
     # device costs some 50 us a leaf, at every plan made, where nothing changed; by weak
     # reference, and the state by its id: a group dropped, its state is let go)
     memo = vars(state).setdefault("tree_dtypes", {}) if isinstance(state, Versioned) else {}
-    dtypes = tuple(map(_DTYPE, ps))
+    dtypes = (*map(_DTYPE, ps), state_dtype)
     seen = memo.get(id(ps[0]))
     if (saved is None and seen is not None and seen[0]() is ps[0] and seen[1] == id(st)
             and seen[2] == dtypes):
@@ -542,8 +545,8 @@ def cast_trees(rule: Transform, ps: list[torch.Tensor], state: Any,
         if saved is not None and src is None:
             continue
         if metas is None:
-            metas = [torch.empty(real(p).shape, dtype=real(p).dtype, device="meta")
-                     for p in ps]
+            metas = tree_leaves([torch.empty(real(p).shape, dtype=real(p).dtype,
+                                             device="meta") for p in ps], state_dtype)
         try:
             like = part.init_tree(metas)
         except (RuntimeError, NotImplementedError, TypeError, ValueError):
@@ -1061,6 +1064,7 @@ class Plan:
         st = self.state[self.plist[0]]
         with _recording(self.tracked):  # (from copies, as a recorded step's slots are: DoG's p0)
             leaves = [real(p).clone() if self.tracked else real(p.detach()) for p in self.plist]
+            leaves = tree_leaves(leaves, self.state_dtype)
             return {keys[0]: st[keys[0]] if keys[0] in st else part.init_tree(leaves)
                     for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
 
@@ -1177,10 +1181,10 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         sel.append(i)
         specs.append(s)
         states.append(st)
-    if rule.tree_layout and ps and group.get("state_dtype") is None:
+    if rule.tree_layout and ps:
         # (a plan is made anew when a parameter's dtype changes: its memory moved)
         with _recording(tracked):
-            cast_trees(rule, ps, state)
+            cast_trees(rule, ps, state, state_dtype=group.get("state_dtype"))
     sel_params = [ps[i] for i in sel]
     plan_runs = []
     shards: list[tuple[Any, dtensor.Spec | None]] = []  # each view, and its DTensor's layout
