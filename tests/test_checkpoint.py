@@ -609,6 +609,42 @@ def test_a_shape_or_dtype_that_differs_is_named(path: str) -> None:
         uo.load(path, like=rng_tree(0, np.float32))
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_a_whole_tree_state_saved_narrower_loads_widened_exactly(path: str, lib: str) -> None:
+    """A file whose whole-tree state is narrower than like's: one written before state_dtype
+    reached such states (Prodigy's moments in bfloat16, asked for in float32) is read into
+    like's float32, exactly; a wider one (float32 into bfloat16), and a narrower slot, are
+    still refused."""
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        half, conv = torch.bfloat16, torch.tensor
+    else:
+        half, conv = np.dtype(pytest.importorskip("ml_dtypes").bfloat16), np.asarray
+    rng = np.random.default_rng(3)
+    params = {"w": conv(rng.standard_normal((3, 4))).to(half) if lib == "torch"
+              else rng.standard_normal((3, 4)).astype(half)}
+    grads = {"w": params["w"] * 0.5}
+    rule = uo.prodigy(lr=1.0)
+    # (as the version before made it: the tree state in the params' bfloat16)
+    old = dataclasses.replace(uo.setup(rule, params), state_dtype="float32")
+    old, _ = uo.update(old, params, grads)
+    uo.save(path, old)
+    got = uo.load(path, like=uo.setup(rule, params, state_dtype="float32"))
+    def f64(x: Any) -> Any:
+        return np.asarray(x.double() if lib == "torch" else np.asarray(x, np.float64))
+
+    was = old.tree_states["scale_by_prodigy"]
+    for key, v in got.tree_states["scale_by_prodigy"].items():
+        for x, y in zip(*(v, was[key]) if isinstance(v, list) else ([v], [was[key]]),
+                        strict=True):
+            assert uo.backend.dtype_name(x.dtype) == "float32", key
+            assert np.array_equal(f64(x), f64(y)), key
+    uo.save(path, uo.setup(rule, params, state_dtype="float32"))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "is float32 in the checkpoint, bfloat16 in like")):
+        uo.load(path, like=dataclasses.replace(uo.setup(rule, params), state_dtype="float32"))
+
+
 def test_a_state_for_another_rule_is_named(path: str) -> None:
     state, params = _saved(path)
     with pytest.raises(CheckpointError, match=re.escape(

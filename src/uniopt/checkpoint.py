@@ -957,6 +957,11 @@ def _open(f: Any, name: str) -> _File:
     return _File(f, name, tensors, doc, 8 + n)
 
 
+# the float dtypes that hold every value of each exactly
+_WIDER = {"bfloat16": ("float32", "float64"), "float16": ("float32", "float64"),
+          "float32": ("float64",)}
+
+
 def _as_host(info: _Info) -> tuple[np.dtype, tuple[int, ...]]:
     """The NumPy dtype and shape a tensor is read into (bfloat16 as its bits)."""
     name = DTYPES[info.code]
@@ -1482,7 +1487,10 @@ def _leaf(ck: _File, spec: Any, leaf: Any, at: list[Any], own: bool) -> Callable
                               f"checkpoint, {tuple(leaf.shape)} in like")
     stored = DTYPES[info.code]
     integral = name.startswith(("int", "uint")) and stored.startswith(("int", "uint"))
-    if stored != (real or name) and not integral:
+    # a whole-tree state saved narrower than like's is read into it, exactly: a file of a
+    # version whose state_dtype did not reach such states (bfloat16 where float32 was asked)
+    widened = "tree_states" in at and name in _WIDER.get(stored, ())
+    if stored != (real or name) and not (integral or widened):
         raise CheckpointError(f"{where} is {stored if not real else 'complex of ' + stored} in "
                               f"the checkpoint, {name} in like")
     if at and at[-1] == "step" and integral and tuple(leaf.shape) == ():
@@ -1550,11 +1558,16 @@ def _read_leaf(ck: _File, info: _Info, leaf: Any, own: bool, at: list[Any]) -> A
     straight into its memory where it is on the host: into ``leaf`` itself where it is
     this load's own (a NumPy or CPU torch template), else into a new one."""
     name = backend.dtype_name(leaf.dtype)
-    if DTYPES[info.code] != (COMPLEX.get(name) or name):  # an integer of another width
+    stored = DTYPES[info.code]
+    if stored != (COMPLEX.get(name) or name):  # an integer of another width, a narrower float
         dtype, shape = _as_host(info)
         host = np.empty(shape, dtype)
         ck.read_into(info, host)
-        return _put(_fit(host, np.dtype(name), ck, at), leaf)
+        if name not in _WIDER.get(stored, ()):
+            return _put(_fit(host, np.dtype(name), ck, at), leaf)
+        if stored == "bfloat16":  # (its bits: the high half of a float32's)
+            host = (host.astype(np.uint32) << 16).view(np.float32)
+        return _put(host.astype(name), leaf)
     if backend.is_numpy(leaf):
         out = leaf if own and leaf.flags.writeable and leaf.flags.c_contiguous else \
             np.empty(leaf.shape, leaf.dtype)
