@@ -75,3 +75,28 @@ def test_a_part_that_calls_linalg_dask_lacks_is_refused_in_any_chain(make: Any) 
                                         r"calls the array API's linalg\.eigh, which dask's "
                                         r"namespace does not have; params\['w'\] comes from it$"):
         uo.setup(make(), {"w": da.ones((4, 4), chunks=2)})
+
+
+def test_a_checkpoint_of_a_lazy_state_computes_its_history_once(tmp_path: Any) -> None:
+    """``uo.save`` of a dask state read each array apart, and each computed the whole history
+    of steps it shares with the others (the slots and params of one Adam, 6 arrays: 6
+    computes). One compute now, and the file loads to NumPy's run."""
+    rng = np.random.default_rng(1)
+    p0 = {"w": rng.standard_normal((32, 16)), "b": rng.standard_normal(16)}
+    pn, pd = dict(p0), {k: da.from_array(v, chunks=8) for k, v in p0.items()}
+    rule = uo.adam(lr=0.1)
+    sn, sd = uo.setup(rule, pn), uo.setup(rule, pd)
+    for _ in range(4):
+        g = {k: rng.standard_normal(v.shape) for k, v in p0.items()}
+        sn, pn = uo.update(sn, pn, g)
+        sd, pd = uo.update(sd, pd, {k: da.from_array(v, chunks=8) for k, v in g.items()})
+    path = str(tmp_path / "lazy.safetensors")
+    with _Computes() as seen:
+        uo.save(path, sd, params=pd)
+    assert seen.count == 1
+    back, p = uo.load(path, like=pn, params=True)
+    for k in p0:
+        np.testing.assert_allclose(p[k], pn[k], rtol=1e-12, atol=1e-14)
+    for key in sn.slots:
+        for x, y in zip(back.slots[key], sn.slots[key], strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)

@@ -736,6 +736,16 @@ def _save_hint(state: Any) -> str:
 
 
 def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, list[int]]]) -> None:
+    lazy = [i for i, a in enumerate(arrays) if backend.is_lazy(a[1])]
+    if lazy:
+        # computed together: a lazy state's arrays share their history (every step's graph),
+        # which computing each apart computes again for each
+        import dask
+
+        values = dask.compute(*(arrays[i][1] for i in lazy))
+        arrays = list(arrays)
+        for i, v in zip(lazy, values, strict=True):
+            arrays[i] = (arrays[i][0], v, *arrays[i][2:])
     meta = {"format": FORMAT, "version": str(VERSION),
             "uniopt": json.dumps(doc, allow_nan=False, separators=(",", ":"))}
     header: dict[str, Any] = {"__metadata__": meta}
