@@ -40,6 +40,7 @@ and the README's rule table is ``registry.table()``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -53,7 +54,7 @@ import pytest
 import uniopt as uo
 from helpers import assert_same, compilations, counting_jit, reference_path, rel_diff
 from uniopt import registry
-from uniopt.base import PerLeaf, Transform
+from uniopt.base import Info, PerLeaf, Transform, WholeTree
 
 NAMES = registry.names()
 by_rule = pytest.mark.parametrize("name", NAMES)
@@ -390,13 +391,22 @@ def test_a_real_only_rules_parts_refuse_complex_params_in_a_hand_built_chain(nam
         uo.setup(by_hand, params)
 
 
-def test_a_rules_linalg_is_its_parts() -> None:
-    """The registry's Info.linalg (the README's table) says what the rule's parts declare they
-    call (Part.linalg, which set-up checks, a part in a hand-built chain too)."""
+def test_what_a_step_needs_is_declared_once_by_the_parts() -> None:
+    """The registry's ``step_args`` and ``linalg`` (the README's table, the rules' pages, the
+    CLI) are what the example's parts declare (``Part.step_args``, ``Part.linalg``: what
+    set-up and uniopt.torch read, of a part in a chain built by hand too), in their order:
+    ``Info`` takes no copy written by hand (it held both, a test keeping one to the parts)."""
+    assert not {"step_args", "linalg"} & {f.name for f in dataclasses.fields(Info)}
+    for what in ("step_args", "linalg"):
+        assert any(getattr(registry.entry(name), what) for name in NAMES), what
     for name in NAMES:
-        rule = _build(registry.entry(name))
-        calls = {f for p in rule.flat_parts for f in p.linalg}
-        assert set(registry.entry(name).linalg) == calls, name
+        e = registry.entry(name)
+        parts = _build(e).flat_parts
+        for what in ("step_args", "linalg"):
+            said = tuple(dict.fromkeys(x for p in parts for x in getattr(p, what)))
+            assert getattr(e, what) == said, (name, what)
+        # (a part is handed the step's arguments only where it reads them)
+        assert all(isinstance(p, WholeTree) and p.reads_value for p in parts if p.step_args)
 
 
 @by_rule

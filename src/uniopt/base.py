@@ -36,7 +36,7 @@ import inspect
 import math
 from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import array_api_compat as aac
 import numpy as np
@@ -568,6 +568,11 @@ class Part(Transform):
     # set-up refuses a library whose namespace lacks one (dask's has no eigh), where the
     # first step raised an AttributeError from inside the part
     linalg: ClassVar[tuple[str, ...]] = ()
+    # the step's extra arguments it must be handed ("hvp", "value", "grad", "value_fn": see
+    # uniopt.update): a class whose step hands fewer (uniopt.torch.Optimizer's, the closure's
+    # loss alone) refuses it when made, a bare part in a chain or combinator too, where the
+    # first step failed
+    step_args: ClassVar[tuple[str, ...]] = ()
 
     def parts(self) -> tuple[Part, ...]:
         return (self,)
@@ -824,12 +829,20 @@ def members(t: Transform, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, .
     return [m for i, x in enumerate(t.transforms) for m in members(x, (*path, i))]
 
 
+def declared(t: Transform, what: Literal["step_args", "linalg"]) -> tuple[str, ...]:
+    """What the parts of ``t`` declare, each once, in order: the step's extra arguments they
+    must be handed (:attr:`Part.step_args`) or the array API's linalg functions they call
+    (:attr:`Part.linalg`); chains and combinators opened (:func:`members`). The registry's
+    entries, set-up's check of an array-API library and uniopt.torch's refusals read it."""
+    return tuple(dict.fromkeys(x for _, m in members(t) for p in m.flat_parts
+                               for x in getattr(p, what)))
+
+
 def reads_loss(t: Transform) -> str | None:
-    """The name of the first rule in ``t`` (its members opened) whose step reads the loss
-    (``value=``, its registry entry's ``Info.step_args``: Polyak's, Momo's), or None."""
+    """The name of the first member of ``t`` (:func:`members`) whose step reads the loss
+    (``value=`` among its parts' :attr:`~Part.step_args`: Polyak's, Momo's), or None."""
     for _, m in members(t):
-        info = getattr(type(m), "info", None)
-        if info is not None and "value" in info.step_args:
+        if "value" in declared(m, "step_args"):
             return m.name
     return None
 
@@ -864,14 +877,14 @@ class Info:
     parity tolerance in float64 against ``references`` (1e-12 unless a reason is written next
     to a larger one). ``jit``: the example's step traces under ``jax.jit`` (False: the step
     computes something on the host from the step before, and refuses to be traced with a
-    TypeError that says so). ``step_args``: the step's extra arguments the rule reads
-    (``"value"``, the loss at params; ``"grad"``, its gradient; ``"value_fn"``, the objective,
-    returning ``(loss, grads)``), which a caller must pass to ``uo.update``. ``free_slots``:
-    slots that the rule's solver fixes only up to a choice of its own (an eigenbasis's signs:
-    LAPACK, torch and XLA choose differently), compared across libraries through the params
-    they produce, not entry by entry. ``linalg``: the functions of the array API's optional
-    ``linalg`` extension the step calls (``"eigh"``), which an array-API library without them
-    (dask's) is refused for at set-up.
+    TypeError that says so). ``free_slots``: slots that the rule's solver fixes only up to a
+    choice of its own (an eigenbasis's signs: LAPACK, torch and XLA choose differently),
+    compared across libraries through the params they produce, not entry by entry.
+
+    What the step must be handed beside the gradients, and the array API's linalg functions it
+    calls, are not written here: its parts declare them (:attr:`Part.step_args`,
+    :attr:`Part.linalg`), a part in a chain built by hand too, and the registry's entry reads
+    them from the example's parts (:func:`declared`).
     """
 
     family: str
@@ -884,9 +897,7 @@ class Info:
     backends: tuple[str, ...] = ("numpy", "torch", "jax", "array_api")
     rtol: float = 1e-12
     jit: bool = True
-    step_args: tuple[str, ...] = ()
     free_slots: tuple[str, ...] = ()
-    linalg: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ from .base import (
     WholeTree,
     assemble,
     chain,
+    declared,
     makes_step,
     members,
 )
@@ -169,21 +170,15 @@ def _library_check(rule: Transform, names: list[str], leaves: list[Any]) -> None
     if xp is not None:
         # (an optional extension of the standard: dask's namespace has no eigh, and the step
         # raised an AttributeError from inside the part, a bare part in a chain too)
-        for name, f in _linalg_calls(rule):
-            if not hasattr(getattr(xp, "linalg", None), f):
-                raise TypeError(f"setup: {name} calls the array API's linalg.{f}, which "
-                                f"{lib}'s namespace does not have; {names[0]} comes from it")
+        for _, m in members(rule):
+            for f in declared(m, "linalg"):
+                if not hasattr(getattr(xp, "linalg", None), f):
+                    raise TypeError(f"setup: {m.name} calls the array API's linalg.{f}, which "
+                                    f"{lib}'s namespace does not have; {names[0]} comes from it")
     version = getattr(xp, "__array_api_version__", None)
     if isinstance(version, str) and version < ARRAY_API:
         raise TypeError(f"setup: uniopt needs the array API standard {ARRAY_API} or later "
                         f"(Python scalars beside arrays); {lib} is set to {version}")
-
-
-def _linalg_calls(rule: Transform) -> list[tuple[str, str]]:
-    """(name, function) for each function of the array API's linalg extension that a part of
-    ``rule`` calls (:attr:`Part.linalg`), chains and combinators opened (:func:`members`, as
-    :func:`_real_only` reads them); the name is the member's that holds the part."""
-    return [(m.name, f) for _, m in members(rule) for p in m.flat_parts for f in p.linalg]
 
 
 def _registered(rule: Transform) -> list[Transform]:

@@ -19,7 +19,7 @@ from functools import cache
 from typing import Any
 
 from . import rules as _rules_package
-from .base import Info, Part, Rule, Transform
+from .base import Info, Part, Rule, Transform, declared
 from .hyper import did_you_mean
 
 __all__ = ["Entry", "as_dict", "entries", "entry", "names", "notes", "table"]
@@ -27,14 +27,20 @@ __all__ = ["Entry", "as_dict", "entries", "entry", "names", "notes", "table"]
 
 @dataclass(frozen=True)
 class Entry:
-    """A rule's :class:`~uniopt.base.Info` with its name, class and the slots of its example's
-    parts (``Info.example``, the instance the registry's tests run: SGD's, with momentum,
-    keeps a momentum buffer, where ``uo.sgd()`` keeps none)."""
+    """A rule's :class:`~uniopt.base.Info` with its name, class, and what its example's parts
+    declare (``Info.example``, the instance the registry's tests run: SGD's, with momentum,
+    keeps a momentum buffer, where ``uo.sgd()`` keeps none): their ``slots``, the step's
+    extra arguments they must be handed (``step_args``: ``"value"``, the loss at params;
+    ``"grad"``, its gradient; ``"value_fn"``, the objective; ``"hvp"``, Hessian-vector
+    products), and the array API's ``linalg`` functions they call (``"eigh"``), which an
+    array-API library without them (dask's) is refused for at set-up."""
 
     name: str
     rule: type[Rule]
     info: Info
     slots: tuple[str, ...]
+    step_args: tuple[str, ...]
+    linalg: tuple[str, ...]
 
     def __getattr__(self, field: str) -> Any:
         return getattr(self.info, field)  # entry.family, entry.paper, ...
@@ -55,8 +61,10 @@ def entries() -> dict[str, Entry]:
         for obj in vars(mod).values():
             if (isinstance(obj, type) and issubclass(obj, Rule) and obj.__module__ == mod.__name__
                     and obj.info is not None):
-                e = Entry(obj.__name__, obj, obj.info, _slots(obj(**obj.info.example)))
-                found[obj.__name__] = e
+                example = obj(**obj.info.example)
+                found[obj.__name__] = Entry(obj.__name__, obj, obj.info, _slots(example),
+                                            declared(example, "step_args"),
+                                            declared(example, "linalg"))
     return found
 
 
@@ -114,11 +122,11 @@ def _plain(v: Any) -> Any:
 
 
 def as_dict(e: Entry) -> dict[str, Any]:
-    """``e`` as plain data (JSON): the info's fields, the slots, and the rule's module; a
-    schedule among the example's values as its ``repr``."""
+    """``e`` as plain data (JSON): the info's fields, what the example's parts declare, and
+    the rule's module; a schedule among the example's values as its ``repr``."""
     import dataclasses
 
     info = {f.name: _plain(getattr(e.info, f.name)) for f in dataclasses.fields(e.info)}
     info["example"] = {k: _plain(v) for k, v in e.info.example.items()}
     return {"name": e.name, "module": e.rule.__module__, **info, "slots": list(e.slots),
-            "notes": notes(e)}
+            "step_args": list(e.step_args), "linalg": list(e.linalg), "notes": notes(e)}

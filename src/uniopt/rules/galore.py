@@ -281,7 +281,6 @@ class galore(Rule):
         example={"lr": 0.1, "b2": 0.9, "svd_in_float32": False},
         budget=1000,
         complex=False,
-        linalg=("svd",),
     )
 
     def check(self) -> None:

@@ -223,7 +223,6 @@ class lbfgs_linesearch(Rule):
         example={},
         budget=100,
         needs_closure=False,
-        step_args=("value", "grad", "value_fn"),
         complex=False,
         backends=("numpy", "torch", "jax"),
         rtol=1e-10,  # optax's dot products are XLA's, summed in another order

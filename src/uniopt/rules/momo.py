@@ -102,6 +102,7 @@ class scale_by_momo(WholeTree):
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     reads_value: ClassVar[bool] = True
+    step_args: ClassVar[tuple[str, ...]] = ("value",)
 
     def coeffs(self, step: Any) -> MomoCoeffs:
         # (1 or 0 in the count's own type: a count on the device, capturable=True, made a bool
@@ -185,7 +186,6 @@ class momo(Rule):
         paper="Schaipp et al. (2023)",
         references=("optax.contrib.momo",),
         example={"lr": 1.0},
-        step_args=("value",),
         complex=False,
     )
 
@@ -235,6 +235,7 @@ class scale_by_momo_adam(WholeTree):
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     reads_value: ClassVar[bool] = True
+    step_args: ClassVar[tuple[str, ...]] = ("value",)
 
     def coeffs(self, step: Any) -> MomoAdamCoeffs:
         t = step + 1.0  # a float first: JAX divides int32 in float32
@@ -322,7 +323,6 @@ class momo_adam(Rule):
         paper="Schaipp et al. (2023)",
         references=("optax.contrib.momo_adam",),
         example={"lr": 0.1, "b2": 0.9},
-        step_args=("value",),
         complex=False,
     )
 

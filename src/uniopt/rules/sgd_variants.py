@@ -83,6 +83,7 @@ class scale_by_polyak(WholeTree):
     variant: str = "sps"
 
     reads_value: ClassVar[bool] = True
+    step_args: ClassVar[tuple[str, ...]] = ("value",)
 
     def check(self) -> None:
         if self.variant not in VARIANTS:
@@ -151,7 +152,6 @@ class polyak_sgd(Rule):
         paper="Loizou et al. (2021)",
         references=("optax.polyak_sgd",),
         example={"max_learning_rate": 0.1},
-        step_args=("value",),
         complex=False,
     )
 

@@ -75,6 +75,7 @@ class scale_by_hutchinson_sophia(WholeTree):
     seed: int = 0
     like_params: ClassVar[tuple[str, ...]] = ("hessian_moment",)
     reads_value: ClassVar[bool] = True
+    step_args: ClassVar[tuple[str, ...]] = ("hvp",)
 
     def check(self) -> None:
         _check_statics(self)
@@ -281,7 +282,6 @@ class sophia_h(Rule):
         example={"lr": 0.5, "b1": 0.9, "clip_threshold": 1.0, "distribution": "rademacher"},
         budget=1000,
         complex=False,
-        step_args=("hvp",),
     )
 
     def check(self) -> None:

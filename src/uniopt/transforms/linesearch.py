@@ -323,6 +323,7 @@ class scale_by_zoom_linesearch(WholeTree):
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     whole_objective: ClassVar[bool] = True
+    step_args: ClassVar[tuple[str, ...]] = ("value", "grad", "value_fn")
     # the step's other keywords go on to value_fn (optax's extra arguments), which says
     # which it does not take
     takes_any_keyword: ClassVar[bool] = True
@@ -529,6 +530,7 @@ class scale_by_backtracking_linesearch(WholeTree):
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
     whole_objective: ClassVar[bool] = True
+    step_args: ClassVar[tuple[str, ...]] = ("value", "grad", "value_fn")
     # the step's other keywords go on to value_fn (optax's extra arguments), which says
     # which it does not take
     takes_any_keyword: ClassVar[bool] = True

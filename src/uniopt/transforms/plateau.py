@@ -55,6 +55,7 @@ class reduce_on_plateau(WholeTree):
     mode: str = "min"
 
     reads_value: ClassVar[bool] = True
+    step_args: ClassVar[tuple[str, ...]] = ("value",)
 
     def check(self) -> None:
         for name, least in (("patience", 0), ("cooldown", 0), ("accumulation_size", 1)):
