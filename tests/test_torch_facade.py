@@ -4317,15 +4317,70 @@ def test_a_state_dict_of_another_shape_says_so_and_loads_nothing(edit: Any, mess
                             r"uniopt\.torch\.Optimizer\.step does not hand it, and no "
                             r"uniopt\.torch class runs it: .*uo\.update_\(state, params, grads, "
                             r"value=\.\.\., grad=\.\.\., value_fn=\.\.\.\)"),
+    # a part in a chain built by hand, in a combinator too: taken, its first step failed
+    (uo.chain(uo.ema_momentum(momentum=0.9, nesterov=False), uo.scale_by_hutchinson_sophia(),
+              uo.scale_by_lr(lr=0.1)),
+     r"scale_by_hutchinson_sophia takes hvp= at each step, which uniopt\.torch\.Optimizer\.step "
+     r"does not hand it, and no uniopt\.torch class runs it: .*"
+     r"uo\.update_\(state, params, grads, hvp=\.\.\.\)"),
+    (uo.partition({"a": uo.adam(lr=0.1),
+                   "b": uo.chain(uo.scale_by_hutchinson_sophia(), uo.scale_by_lr(lr=0.1))},
+                  lambda path, leaf: "b"),
+     r"scale_by_hutchinson_sophia takes hvp= at each step, .*no uniopt\.torch class runs it"),
+    (uo.chain(uo.scale_by_lbfgs(), uo.scale_by_zoom_linesearch(15)),
+     r"scale_by_zoom_linesearch takes grad=, value_fn= at each step, .*uo\.update_\(state, "
+     r"params, grads, value=\.\.\., grad=\.\.\., value_fn=\.\.\.\)"),
 ])
 def test_a_rule_whose_step_takes_what_step_does_not_hand_is_refused_at_construction(
         rule: Any, message: str) -> None:
-    """Read from the rule's declared step arguments (``Info.step_args``): it was taken, and its
-    first step failed with the functional API's advice (``uo.update(..., hvp=...)``)."""
+    """Read from what the rule's parts declare they must be handed (``Part.step_args``): it was
+    taken, and its first step failed with the functional API's advice
+    (``uo.update(..., hvp=...)``); a bare part in a chain the same (registry rules alone were
+    read, by their ``Info.step_args``)."""
     w = nn.Parameter(torch.ones(3))
     with pytest.raises(TypeError, match=message):
         ut.Optimizer([w], rule)
     assert torch.equal(w.detach(), torch.ones(3))
+
+
+def test_a_rule_whose_parts_take_no_more_than_the_step_hands_is_taken() -> None:
+    """L-BFGS without a line search reads nothing but gradients: its parts say so, where its
+    registry entry's step arguments (its example's, with the line search) refused it."""
+    w = nn.Parameter(torch.tensor([3.0, -4.0], dtype=torch.float64))
+    rule = uo.lbfgs_linesearch(lr=0.1, linesearch=None)
+    opt = ut.Optimizer([w], rule)
+    ps = [w.detach().clone()]
+    state = uo.setup(rule, ps)
+    for _ in range(3):
+        opt.zero_grad()
+        (w ** 2).sum().backward()
+        opt.step()
+        uo.update_(state, ps, [2 * ps[0]])
+    assert torch.equal(w.detach(), ps[0])
+
+
+@pytest.mark.parametrize("name", ["polyak_sgd", "momo", "momo_adam"])
+def test_a_part_that_reads_the_loss_takes_the_closures_in_a_chain_built_by_hand(
+        name: str) -> None:
+    """A rule's parts as a chain: the step hands the part the closure's loss, as the rule's
+    (the registry rule's Info.step_args alone was read, and the first step raised that the
+    loss was missing)."""
+    ws = []
+    for rule in (getattr(uo, name)(), uo.chain(*getattr(uo, name)().flat_parts)):
+        w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+        opt = ut.Optimizer([w], rule)
+
+        def closure(w: Any = w, opt: Any = opt) -> Any:
+            opt.zero_grad()
+            loss = (w ** 2).sum() + w.sum()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        ws.append(w.detach())
+    assert not torch.equal(ws[0], torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    assert torch.equal(ws[0], ws[1])
 
 
 def test_sam_is_refused_naming_the_functional_step_it_takes_not_lbfgs() -> None:

@@ -28,6 +28,7 @@ from ..base import (
     Transform,
     WholeTree,
     chain,
+    declared,
     members,
     reads_loss,
 )
@@ -375,7 +376,7 @@ class Optimizer(torch.optim.Optimizer):
     rule: Transform
     _keys: tuple[str, ...]  # the group keys that are the rule's hyperparameters
 
-    # the step's extra arguments (a rule's Info.step_args) this class hands its rule: the
+    # the step's extra arguments (its parts' Part.step_args) this class hands a rule: the
     # closure's loss; a class made for a rule that reads another (SophiaH's hvp=) adds it
     _step_args: ClassVar[frozenset[str]] = frozenset({"value"})
     # a class made to run a rule this one refuses (its class, and what its step takes), named
@@ -444,12 +445,12 @@ class Optimizer(torch.optim.Optimizer):
                             **options})
 
     def _unrun(self, rule: Transform) -> str | None:
-        """Why this class's step cannot run ``rule``, from what its members declare: a part that
-        evaluates the objective at trial points (a :class:`~uniopt.base.Minimizer`), or a step
-        argument (``Info.step_args``) that this step does not hand it; or None."""
+        """Why this class's step cannot run ``rule``, from what its members' parts declare (a
+        rule's, or a part's in a chain or a combinator): a part that evaluates the objective at
+        trial points (a :class:`~uniopt.base.Minimizer`), or a step argument
+        (:attr:`~uniopt.base.Part.step_args`) that this step does not hand it; or None."""
         for _, m in members(rule):
-            info = getattr(type(m), "info", None)
-            args = info.step_args if info else ()
+            args = declared(m, "step_args")
             lacking = [a for a in args if a not in self._step_args]
             trials = any(isinstance(p, Minimizer) for p in m.flat_parts)
             if not (trials or lacking):
