@@ -493,6 +493,9 @@ class Optimizer(torch.optim.Optimizer):
         self._small_steps: dict[Any, int] = {}
         self._rules: dict[int, _GroupRule] = {}  # by id(group)
         self._steps: dict[int, plans.Steps] = {}
+        # each group's parameters in the order its whole-tree states were made for (the last
+        # plan's, or the load's), by id(group): see _follow
+        self._orders: dict[int, tuple[dict[str, Any], tuple[torch.Tensor, ...]]] = {}
 
     @property
     def _combined_rule(self) -> bool:
@@ -530,6 +533,8 @@ class Optimizer(torch.optim.Optimizer):
         if "rule" in state:
             self._keys = tuple(hyperparameter_keys(self.rule))
         self._reset_caches()
+        # (a loaded state is in the order of the groups' params now)
+        self._orders = {id(g): (g, tuple(g["params"])) for g in self.param_groups}
         for group in self.param_groups:  # keys an older state may lack, as torch fills them
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -709,6 +714,8 @@ class Optimizer(torch.optim.Optimizer):
         live = {id(g): g for g in self.param_groups}
         for k in [k for k, hit in self._rules.items() if live.get(k) is not hit.group]:
             del self._rules[k]
+        for k in [k for k, (g, _) in self._orders.items() if live.get(k) is not g]:
+            del self._orders[k]
         given = vars(self).get("_schedules_given")
         if given:
             for k in [k for k in given if k not in live]:
@@ -997,6 +1004,8 @@ class Optimizer(torch.optim.Optimizer):
             plan = None
         sparse = None
         if plan is None:
+            if rule.tree_layout:
+                self._follow(group, rule)
             plans.refuse(rule, gi, group, has, recorded, self.state)
             if group.get("fused"):
                 _check_fused(ps, has)
@@ -1029,6 +1038,18 @@ class Optimizer(torch.optim.Optimizer):
             resolved = {s: resolve(rule, s) for s in sorted(counts)}
             return _Job(gi, group, rule, grads, has, sparse, plan, views, resolved)
         return _Job(gi, group, rule, grads, has, sparse, plan, views)
+
+    def _follow(self, group: dict[str, Any], rule: Transform) -> None:
+        """The group's whole-tree states put in the order of its params now, where they were
+        reordered since the states were made (:func:`plans.follow`), checked where a plan is
+        made: a reorder makes one (and no plan is set aside for such a group, whose every
+        parameter has a gradient at every step)."""
+        ps = group["params"]
+        made = self._orders.get(id(group))
+        if made is not None and made[0] is group and not (
+                len(made[1]) == len(ps) and all(map(operator.is_, ps, made[1]))):
+            plans.follow(rule, made[1], ps, self.state)
+        self._orders[id(group)] = (group, tuple(ps))
 
     def _swap_plan(self, gi: int, group: dict[str, Any], plan: plans.Plan, has: list[bool]
                    ) -> plans.Plan | None:
@@ -1295,6 +1316,10 @@ class Optimizer(torch.optim.Optimizer):
         requires)."""
         if self._combined_rule:
             combined.adopt(self)
+            combined.check_orders(self)
+        elif self.rule.tree_layout:
+            for group in self.param_groups:
+                self._follow(group, self.rule)  # (saved in the order of the params now)
         sd = super().state_dict()
         quiet = self._unsaved_defaults
         # (by identity: the defaults are bools, and a tensor's != is no bool)

@@ -239,6 +239,40 @@ def _grad_view(g: torch.Tensor, p: torch.Tensor, spec: Spec) -> Any:
     return backend.numpy_view(g.permute(perm).view(-1))
 
 
+def follow(rule: Transform, before: tuple[torch.Tensor, ...], ps: list[torch.Tensor],
+           state: MutableMapping[Any, Any]) -> None:
+    """The states of ``rule``'s whole-tree parts, made for the group's parameters in the order
+    ``before``, put in the order of ``ps`` where that is a reordering of them (kept by the
+    first parameter, their per-leaf lists in its order), as torch's state keyed by parameter
+    follows a reorder: stepped as they were, each parameter took another's moments (two
+    swapped after the first: silently; the first moved: refused)."""
+    if len(before) != len(ps) or {*map(id, before)} != {*map(id, ps)}:
+        return  # (one added or removed: refused, a state over the group cannot take it)
+    held = state.get(before[0])
+    if not held:
+        return
+    at = {id(p): i for i, p in enumerate(before)}
+    order = [at[id(p)] for p in ps]
+    moved = {}
+    for part, keys in rule.keyed_parts:
+        if not isinstance(part, WholeTree) or isinstance(part, Minimizer):
+            continue  # (L-BFGS's state is flat vectors of every parameter, as torch's is)
+        tree = held.get(keys[0])
+        if isinstance(tree, dict):
+            # (every list of such a state is one entry per leaf: Prodigy's p0, Kron's Q,
+            # GaLore's projectors; an optax transformation's, which keeps other containers,
+            # steps no tensors; a noise draw's generator is no dict)
+            moved[keys[0]] = {k: [v[i] for i in order] if isinstance(v, list) else v
+                              for k, v in tree.items()}
+    if not moved:
+        return
+    for k in moved:
+        del held[k]
+    if ps[0] not in state:
+        state[ps[0]] = {}
+    state[ps[0]].update(moved)
+
+
 def _refuse_tree_of_others(rule: Transform, gi: int, ps: list[torch.Tensor],
                            state: Mapping[Any, Any], count: int) -> None:
     """Raise where the state of a part over the group's parameters (kept by the first one)
