@@ -11,6 +11,7 @@ the optimizer is given ``model.named_parameters()``), else by their position in 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,7 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     entry = opt.state.get(key)
     if (held is None or held[0] is None or held[1] != _kinds(views, ps)
             or entry is not held[2]):
+        _refuse_reordered(opt, gi, group, held, entry)
         # (new parameters, or ones of a new dtype or layout since, model.to(torch.float64)
         # after a step: a state set up for them and filled from the last, cast as a load casts)
         state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
@@ -122,6 +124,33 @@ def realign(opt: Any) -> None:
     opt._combined = moved
 
 
+def _refuse_reordered(opt: Any, gi: int, group: dict[str, Any], held: Any, entry: Any) -> None:
+    """Raise where group ``gi``'s params were reordered since ``held``, its record, made its
+    state ``entry``: the state is one over the group's tree, its per-leaf entries in the
+    order then (a partition's members', Kron's factors), and stepped each parameter with
+    another's moments. Refused, not followed: a partition's labels of a leaf's place in the
+    group would route the parameters otherwise than their states."""
+    if held is None or entry is None or entry is not held[2] or not _reordered(held[4], group):
+        return
+    key = KEY.format(gi)
+    raise ValueError(
+        f"{opt._name}: the params of param group {gi} were reordered since its state "
+        f"(state[{key!r}]) was made: {opt.rule.name} keeps one state over the group's "
+        "parameters, in their order then, and would step each with another's; put them back "
+        f"in that order, or start the group anew (del optimizer.state[{key!r}])")
+
+
+def check_orders(opt: Any) -> None:
+    """:func:`_refuse_reordered` over every group, before any is stepped or saved (a
+    ``state_dict()`` of the state in the order before, loaded, steps the group in the order
+    now)."""
+    realign(opt)
+    records = opt.__dict__.get("_combined")
+    if records:
+        for gi, group in enumerate(opt.param_groups):
+            _refuse_reordered(opt, gi, group, records.get(gi), opt.state.get(KEY.format(gi)))
+
+
 def owned(opt: Any) -> None:
     """Each group's state that a load (or :func:`adopt`) wrote under its position noted as the
     group's, no state held for it yet, so that :func:`realign` moves it with its group: after
@@ -130,7 +159,7 @@ def owned(opt: Any) -> None:
     for gi, group in enumerate(opt.param_groups):
         entry = opt.state.get(KEY.format(gi))
         if entry is not None and (gi not in records or records[gi][2] is not entry):
-            records[gi] = (None, None, entry, group)
+            records[gi] = (None, None, entry, group, _order(group))
 
 
 def check_entry(opt: Any, gi: int, group: dict[str, Any], rule: Transform, entry: Any,
@@ -259,7 +288,31 @@ def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: boo
     entry = _shared(to_tree(state))
     opt.state[key] = entry
     views = list(params.values()) if isinstance(params, dict) else params  # (group order)
-    opt._combined[gi] = (state, _kinds(views, group["params"]), entry, group)
+    opt._combined[gi] = (state, _kinds(views, group["params"]), entry, group, _order(group))
+
+
+def _order(group: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...] | None]:
+    """The group's parameters and names, as its state is made for them: held, so that the ids
+    of the record's kinds (:func:`_kinds`) are of live tensors, never of new ones at a freed
+    one's address."""
+    names = group.get("param_names")
+    return tuple(group["params"]), None if names is None else tuple(names)
+
+
+def _reordered(order: tuple[tuple[torch.Tensor, ...], tuple[Any, ...] | None],
+               group: dict[str, Any]) -> bool:
+    """Whether the group's leaves are its parameters as ``order`` (:func:`_order`) had them,
+    but others at some place: the params reordered (``params.reverse()``), or moved against
+    their ``param_names``, the tree's keys. One added or removed is not."""
+    ps, names = group["params"], group.get("param_names")
+    made, made_names = order
+    if len(made) != len(ps) or (all(map(operator.is_, ps, made)) and (
+            names is None or made_names == tuple(names))) or {*map(id, made)} != {*map(id, ps)}:
+        return False  # (as made, at every step of Kron's: one pass of identities)
+    # (names as many as the params or not: _tree refuses those that cannot name them)
+    before = dict(zip(made_names, made, strict=False)) if made_names else dict(enumerate(made))
+    now = dict(zip(names, ps, strict=False)) if names else dict(enumerate(ps))
+    return before.keys() == now.keys() and any(before[k] is not now[k] for k in now)
 
 
 def _kinds(views: list[Any], ps: list[torch.Tensor]) -> list[tuple[Any, ...]]:

@@ -88,6 +88,7 @@ class SophiaH(Optimizer):
         for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
             plans.refuse(rule, gi, group, [True] * len(group["params"]),
                          plans.recorded(self.defaults))
+        combined.check_orders(self)  # (before any group steps)
         combined.every_gradient(
             self, "SophiaH", "a group steps as one tree, its Hessian estimate over every "
             "parameter (give them zeros in the closure, or leave them out of the optimizer), "

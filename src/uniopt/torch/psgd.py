@@ -144,6 +144,7 @@ class Kron(Optimizer):
         for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
             plans.refuse(rule, gi, group, [True] * len(group["params"]),
                          plans.recorded(self.defaults))
+        combined.check_orders(self)  # (before any group steps)
         combined.every_gradient(
             self, "Kron", "a group steps as one tree, every parameter with a gradient (set "
             "zeros), where pytorch-optimizer leaves them out")
