@@ -262,7 +262,8 @@ def follow(rule: Transform, before: tuple[torch.Tensor, ...], ps: list[torch.Ten
             # (every list of such a state is one entry per leaf: Prodigy's p0, Kron's Q,
             # GaLore's projectors; an optax transformation's, which keeps other containers,
             # steps no tensors; a noise draw's generator is no dict)
-            moved[keys[0]] = {k: [v[i] for i in order] if isinstance(v, list) else v
+            moved[keys[0]] = {k: [v[i] for i in order]
+                              if isinstance(v, list) and len(v) == len(order) else v
                               for k, v in tree.items()}
     if not moved:
         return
