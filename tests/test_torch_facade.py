@@ -3691,8 +3691,6 @@ def test_a_rule_of_one_state_per_group_refuses_its_params_reordered(kind: str, h
     group steps or the state is saved, nothing written, saying what to do; the params put back,
     the run is bit for bit the one never reordered. Reordered with their names (a group of
     named_parameters, whose tree is keyed by name), the state follows them."""
-    if kind == "Kron" and how == "names kept":
-        pytest.skip("uniopt.torch.Kron refuses named parameters (asks a name's dtype)")
     make = _ONE_STATE[kind]
 
     def run(reorder: bool) -> list[torch.Tensor]:

@@ -112,6 +112,8 @@ class Kron(Optimizer):
             # (a saved group, checked before a load, holds no tensors)
             dtype, ps = group[key], group.get("params", [])
             ps = [ps] if isinstance(ps, torch.Tensor) else ps
+            # (model.named_parameters(): a group not yet split into params and param_names)
+            ps = [p[1] if isinstance(p, tuple) else p for p in ps]
             odd = [p.dtype for p in ps if dtype not in (None, p.dtype)]
             if odd:
                 raise ValueError(
