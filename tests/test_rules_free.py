@@ -673,6 +673,49 @@ def test_prodigy_steps_that_return_early_match_prodigyopt(case: str,
         assert rel_diff(np.asarray(jp[k]), p[k]) < TOL
 
 
+@pytest.mark.parametrize("convention", ["torch", "optax"])
+def test_prodigy_first_moment_switched_off_mid_run_matches_its_peer(convention: str) -> None:
+    """``betas[0]`` at 0 for some steps (a schedule's; a group's value in uniopt.torch):
+    prodigyopt's ``if beta1 > 0`` keeps ``m`` and steps ``d*g`` with the new ``d``, where the
+    state's ``m`` was overwritten with the old ``d*g`` and stepped (0.16 off after 8 steps);
+    optax, whose ``m`` is ``b1*m + d*(1 - b1)*g`` at every step, overwrites it. 40 steps,
+    NumPy and under ``jax.jit``, against prodigyopt or optax."""
+    import prodigyopt
+
+    b1 = uo.schedules.piecewise_constant(0.9, {3: 0.0, 5: 0.9, 20: 0.0, 21: 0.8})
+    rng = np.random.default_rng(7)
+    start = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    rule = uo.prodigy(lr=1.0, d0=1e-3, betas=(b1, 0.999), convention=convention)
+    p, state = dict(start), uo.setup(rule, start)
+    jp = {k: jnp.asarray(v) for k, v in start.items()}
+    jstate, step = uo.setup(rule, jp), jax.jit(uo.update)
+    tp = [torch.tensor(start[k], requires_grad=True) for k in KEYS]
+    topt = prodigyopt.Prodigy(tp, lr=1.0, d0=1e-3)
+    # (optax's betas is no hyperparameter inject_hyperparams reaches: a prodigy of each b1,
+    # stepping one state)
+    def tx(b: float) -> Any:
+        return optax.contrib.prodigy(1.0, betas=(b, 0.999), estim_lr0=1e-3)
+
+    op, ostate = dict(jp), tx(0.9).init(jp)
+    for i in range(40):
+        state, p = uo.update(state, p, {k: _grad(p[k], 0.1 * i) for k in KEYS})
+        jstate, jp = step(jstate, jp, {k: _grad(np.asarray(jp[k]), 0.1 * i) for k in KEYS})
+        if convention == "torch":
+            topt.param_groups[0]["betas"] = (b1(i), 0.999)
+            for t in tp:
+                t.grad = torch.as_tensor(_grad(t.detach().numpy(), 0.1 * i))
+            topt.step()
+            theirs = {k: t.detach().numpy() for k, t in zip(KEYS, tp, strict=True)}
+        else:
+            u, ostate = tx(b1(i)).update({k: _grad(np.asarray(op[k]), 0.1 * i) for k in KEYS},
+                                         ostate, op)
+            op = optax.apply_updates(op, u)
+            theirs = {k: np.asarray(v) for k, v in op.items()}
+        for k in KEYS:
+            assert rel_diff(p[k], theirs[k]) < TOL, (i, k)
+            assert rel_diff(np.asarray(jp[k]), p[k]) < TOL, (i, k)
+
+
 def test_prodigy_lr_differentiates_eagerly_as_under_jit() -> None:
     """The derivative of the loss after three Prodigy steps with respect to its lr, by
     ``jax.grad`` eagerly and under ``jax.jit`` and by a central difference: a JVP's tracer

@@ -71,7 +71,9 @@ class scale_by_prodigy(WholeTree):
     ``num <- beta3*num + (d/d0)*dlr*<g, p0 - p>``; ``d_hat = d_coef*num/sum|s|``;
     ``d_max <- max(d_max, d_hat)``, ``d <- min(d_max, d*growth_rate)`` (None: ``d_max``; the
     first raise: ``max(d, d_hat)``); ``u = wd*dlr*p + dlr*m/(sqrt(v) + d*eps)`` with the new
-    ``d`` in the denominator (``b1 = 0``: ``dlr*d*g/(sqrt(v) + d*eps)``). Where ``sum|s|`` is 0 (no
+    ``d`` in the denominator (``b1 = 0``: ``dlr*d*g/(sqrt(v) + d*eps)``, and at a step where a
+    schedule's ``b1`` is 0, ``m`` kept, as ``prodigyopt``'s ``if beta1 > 0``; with
+    ``hold=False``, optax's, ``m <- d*g`` with the old ``d``). Where ``sum|s|`` is 0 (no
     gradient yet) ``d`` stays and the step is 0, as ``prodigyopt`` returns early.
 
     Tree state: ``exp_avg`` (absent where ``b1 = 0``), ``exp_avg_sq``, ``s``, ``p0`` (one array
@@ -93,6 +95,9 @@ class scale_by_prodigy(WholeTree):
     use_bias_correction: bool = False
     safeguard_warmup: bool = False
     lr0_idle: bool = False  # prodigyopt's early return: at lr 0 nothing moves or counts
+    # at a step where betas[0] is 0 (a schedule's, a group's value), m is kept and the step
+    # takes d*g, as prodigyopt's `if beta1 > 0`; False: m <- d*g, optax's
+    hold: bool = True
 
     like_params: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "s", "p0")
     uses_params: ClassVar[bool] = True
@@ -136,12 +141,20 @@ class scale_by_prodigy(WholeTree):
         ratio = d / c.d0
         s_scale = ratio * (d if self.safeguard_warmup else dlr)
         first = "exp_avg" in state
+        off: Any = False  # the first moment off at this step (b1 = 0): kept, unused
+        if first and self.hold:
+            off = c.b1 == 0
+            if not _traced(off):
+                off = bool(off)
         ms, vs, ss, dots, abs_sums = [], [], [], [], []
         for i, (g, p) in enumerate(zip(gs, ps, strict=True)):
             p0 = state["p0"][i]
             dots.append(xp.sum(xp.astype(g * (p0 - p), d.dtype)))
             if first:
-                ms.append(state["exp_avg"][i] * c.b1 + as_dtype(d * (1.0 - c.b1), g) * g)
+                m = state["exp_avg"][i]
+                new_m = m * c.b1 + as_dtype(d * (1.0 - c.b1), g) * g
+                ms.append(m if off is True else new_m if off is False else
+                          xp.where(off, m, new_m))
             vs.append(state["exp_avg_sq"][i] * c.b2 + as_dtype(d * d * (1.0 - c.b2), g) * g * g)
             s = state["s"][i] * c.beta3 + as_dtype(s_scale, g) * g
             ss.append(s)
@@ -179,7 +192,9 @@ class scale_by_prodigy(WholeTree):
         out = []
         for i, (g, p) in enumerate(zip(gs, ps, strict=True)):
             den = xp.sqrt(vs[i]) + as_dtype(new_d * c.eps, p)
-            direction = ms[i] if first else as_dtype(new_d, g) * g
+            direction = (ms[i] if first and off is False else as_dtype(new_d, g) * g
+                         if not first or off is True else
+                         xp.where(off, as_dtype(new_d, g) * g, ms[i]))
             out.append(as_dtype(step * c.wd, p) * p + as_dtype(step, p) * direction / den)
         new = {"exp_avg": arrays(ms, state["exp_avg"])} if first else {}
         new.update({"exp_avg_sq": arrays(vs, state["exp_avg_sq"]), "s": arrays(ss, state["s"]),
@@ -287,7 +302,7 @@ class prodigy(Rule):
                                  d0=self.d0, d_coef=self.d_coef, growth_rate=self.growth_rate,
                                  use_bias_correction=self.use_bias_correction,
                                  safeguard_warmup=self.safeguard_warmup,
-                                 lr0_idle=self.lr0_idle))
+                                 lr0_idle=self.lr0_idle, hold=self.convention != "optax"))
 
 
 class DogCoeffs(NamedTuple):
