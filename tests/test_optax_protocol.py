@@ -121,6 +121,38 @@ def test_inject_hyperparams_under_jit_follows_optax_and_the_plain_rule() -> None
     assert max(abs(np.asarray(p[n]) - params[n]).max() for n in params) > 0.1  # it moved
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("convention", ["torch", "optax"])
+def test_an_injected_momentum_of_0_with_nesterov_steps(jit: bool, convention: str) -> None:
+    """``nesterov=True`` and a momentum set to 0 between steps: the rule rebuilt eagerly from
+    the injected 0 was refused ("nesterov=True requires momentum > 0"), where under jit it
+    stepped, and torch steps a group's momentum set to 0 after its constructor (OneCycleLR's
+    ``base_momentum=0``). It steps, as optax's sgd does; made with a 0, it is still refused."""
+    params, grads = _problem(8)
+    with jax.enable_x64(True):
+        ours = optax.inject_hyperparams(uo.sgd)(lr=0.1, momentum=0.9, nesterov=True,
+                                                 convention=convention)
+        theirs = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9,
+                                                     nesterov=True)
+        jp = jax.tree.map(jnp.asarray, params)
+        s, t, p, q = ours.init(jp), theirs.init(jp), jp, jp
+        for k, g in enumerate(grads):
+            s.hyperparams["momentum"] = t.hyperparams["momentum"] = jnp.asarray(
+                0.0 if k in (2, 3) else 0.9)
+            jg = jax.tree.map(jnp.asarray, g)
+            if jit:
+                p, s = _jitted(ours)(p, s, jg, 0.0)
+            else:
+                mine, s = ours.update(jg, s, p)
+                p = optax.apply_updates(p, mine)
+            u, t = theirs.update(jg, t, q)
+            q = optax.apply_updates(q, u)
+            if convention == "optax" or k < 2:  # (torch's keeps its buffer at 0: apart after)
+                assert max(rel_diff(p[n], q[n]) for n in params) <= 1e-12, k
+    with pytest.raises(ValueError, match="nesterov=True requires momentum > 0"):
+        uo.sgd(lr=0.1, momentum=0.0, nesterov=True)
+
+
 def test_inject_hyperparams_keeps_blocks_with_slots_and_takes_fixed_values_from_set_up() -> None:
     """sgd's momentum defaults to 0: as an array it keeps its buffer, and momentum set later
     acts as a momentum schedule does; adagrad's initial value, fixed at set-up, comes back

@@ -335,6 +335,12 @@ class Transform:
         v = getattr(self, name)
         return callable(v) or on_host(v.value if isinstance(v, Complemented) else v) != 0
 
+    def kept(self, name: str) -> bool:
+        """Whether the optional block that number ``name`` drives is kept at a value of 0: it
+        came as a JAX array (``optax.inject_hyperparams``'s, set between steps)."""
+        return (self.host is not None and self.host.on is not None and name in self.host.on
+                and not callable(v := getattr(self, name)) and on_host(v) == 0)
+
     def nonzero(self, name: str) -> Any:
         """Whether number ``name`` is not 0: a bool where the host knows (a host number; one
         of a JAX state that drives an optional block the host kept for a non-zero value, which

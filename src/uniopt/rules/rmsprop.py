@@ -184,7 +184,7 @@ class rmsprop(Rule):
         check_decay_form(self.name, self.decay_form)
         if not (self.convention == "optax" and not callable(self.momentum)
                 and self.momentum == 0):  # (optax's nesterov=True with momentum 0: no momentum)
-            check_nesterov(self.name, self.nesterov, self.momentum)
+            check_nesterov(self.name, self.nesterov, self.momentum, self.kept("momentum"))
 
     def parts(self) -> tuple[Transform, ...]:
         rms = ((scale_by_centered_rms_in_sqrt if self.eps_in_sqrt else scale_by_centered_rms)

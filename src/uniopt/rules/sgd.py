@@ -116,7 +116,7 @@ class sgd(Rule):
                                                   and not callable(self.momentum)
                                                   and self.momentum == 0):
             # (optax's nesterov=True with momentum 0 is plain SGD: g + 0*t)
-            check_nesterov(self.name, self.nesterov, self.momentum)
+            check_nesterov(self.name, self.nesterov, self.momentum, self.kept("momentum"))
         elif callable(self.dampening) or self.dampening != 0:
             raise ValueError(
                 f"{self.name}: dampening is torch's momentum form only, got "

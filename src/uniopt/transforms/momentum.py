@@ -37,12 +37,15 @@ def nesterov(xp, c, p, u, b):
     return select(xp, c.on, fma(c.momentum, b, u), u), b
 
 
-def check_nesterov(owner: str, nesterov: bool, momentum: Any) -> None:
+def check_nesterov(owner: str, nesterov: bool, momentum: Any, kept: bool = False) -> None:
     """Nesterov's look-ahead needs momentum: without, ``nesterov=True`` is a slip (torch's
     constructor refuses it). Dampening is taken: torch's constructor refuses it too, but its
     step computes it (for a param group's own values, which it never checks), and so does
-    :func:`nesterov`."""
-    if nesterov and not callable(momentum) and momentum <= 0:
+    :func:`nesterov`. ``kept``: the rule keeps its momentum block whatever the number (it
+    came as a JAX array: ``optax.inject_hyperparams`` rebuilds the rule at each step from
+    values set between steps), a value then as torch's group value set after its constructor
+    (OneCycleLR's ``base_momentum=0``), which steps."""
+    if nesterov and not kept and not callable(momentum) and momentum <= 0:
         raise ValueError(f"{owner}: nesterov=True requires momentum > 0, got "
                          f"momentum={momentum!r}")
 
