@@ -1087,9 +1087,15 @@ def test_adjust_that_changes_the_slots():
     _assert_same(snap, state, params)
     state2, params2 = _stepped(uo.rmsprop(lr=0.1, momentum=0.5))
     snap2 = _snapshot(state2, params2)
-    with pytest.raises(ValueError, match=r"would change the optimizer's slots"):
+    # (to 0: the advice is the schedule that keeps the buffer, which it was "a non-zero value
+    # or a schedule at set-up", both of which the rule already had)
+    with pytest.raises(ValueError, match=re.escape(
+            "('trace', ('momentum_buffer',))) to (('scale_by_rms', ('square_avg',)),); "
+            "adjust(state, momentum=uniopt.schedules.constant(0.0)) keeps them")):
         uo.adjust(state2, momentum=0.0)
     _assert_same(snap2, state2, params2)
+    kept = uo.adjust(state2, momentum=uo.schedules.constant(0.0))
+    assert kept.slots.keys() == state2.slots.keys()
 
 
 @pytest.mark.parametrize(

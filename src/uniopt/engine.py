@@ -2733,11 +2733,18 @@ def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool
         if named:
             _named_like(state.rule, key, found)
     if rule.layout != state.rule.layout:
+        if set(rule.layout) < set(state.rule.layout):  # a 0 drops a block: a schedule keeps it
+            kept = ", ".join(f"{k}=uniopt.schedules.constant({v!r})"
+                             for k, v in hyperparameters.items() if not callable(v))
+            how = (f"adjust(state, {kept}) keeps them, a schedule's block kept at any value "
+                   "(under jax.jit, traced anew once)")
+        else:
+            how = ("that needs a new uniopt.setup (set the hyperparameter to a non-zero value "
+                   "or a schedule at set-up to keep its slot)")
         raise SlotsChanged(
             state.rule.layout, rule.layout,
             f"adjust: {hyperparameters} would change the optimizer's slots from "
-            f"{state.rule.layout} to {rule.layout}; that needs a new uniopt.setup (set the "
-            "hyperparameter to a non-zero value or a schedule at set-up to keep its slot)"
+            f"{state.rule.layout} to {rule.layout}; {how}"
         )
     if rule is not state.rule:
         # the state's numbers now win over the transformation's under the optax protocol
