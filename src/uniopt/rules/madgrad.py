@@ -95,7 +95,10 @@ class madgrad(Rule):
     Matches ``optax.contrib.madgrad`` and ``pytorch_optimizer.MADGRAD`` (defaults: the
     authors', lr 1e-2; pytorch-optimizer's lr is 1e-3, optax requires one). Known differences:
     pytorch-optimizer with ``momentum=0`` keeps no ``x0`` and recomputes it each step as
-    ``p + s/rms`` (the same up to rounding), and with ``eps=0`` treats a zero ``S`` as
+    ``p + s/rms`` (the same up to rounding while the momentum has been 0 from the start; a
+    momentum that becomes 0 mid-run, a schedule's or a group's value, leaves ``p`` off ``z``,
+    and its recomputed ``x0`` then differs: 0.24 apart after 3 steps of 0), and with
+    ``eps=0`` treats a zero ``S`` as
     inactive; here and in optax ``x0`` is kept and ``eps=0`` divides by zero where ``S`` is 0.
     optax computes ``lambda``'s ``sqrt(t)`` in float32 even under x64 (its int32 count): 1e-9 to
     1e-8 relative apart in float64; uniopt's is in the params' precision.

@@ -279,7 +279,9 @@ class schedule_free_sgd(Rule):
     above with each update's own ``beta``, which is the recurrence of ``x`` and ``y`` only
     while ``beta`` is constant (with ``x`` eliminated, a new ``beta`` does not re-mix the
     ``y`` already made); :func:`schedule_free_eval` reads ``x`` with the ``beta`` of the
-    update that made ``y``, as Meta's ``eval()`` does.
+    update that made ``y``, as Meta's ``eval()`` does (the rule's ``beta`` at that step: after
+    :func:`uniopt.adjust` of ``momentum``, the new one before the next update too, as Meta's
+    ``eval()`` reads the group's ``momentum`` as it is then).
     """
 
     lr: Any = hyper(1.0, NONNEG)
