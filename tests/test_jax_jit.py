@@ -712,6 +712,13 @@ def test_an_ensembles_state_says_to_adjust_inside_vmap_and_saves_model_by_model(
         uo.adjust(state, lr=1e-3)
     with pytest.raises(uo.CheckpointError, match=r"save: this state's numbers are a batch"):
         uo.save(tmp_path / "all.uo", state)
+    # stepped outside vmap (eagerly, under jit, by the optax protocol): a broadcast naming
+    # nothing ("mul got incompatible shapes for broadcasting: (3,), (13,)")
+    batch = r"this state's numbers are a batch, shape \(3, \d+\).*jax.vmap\(uo.update\)"
+    for step in (uo.update, jax.jit(uo.update),
+                 lambda s, p, g: uo.adamw(lr=0.1).update(g, s, p)):
+        with pytest.raises(ValueError, match=batch):
+            step(state, p, g)
     lower = jax.vmap(lambda s: uo.adjust(s, lr=1e-3))(state)
     np.testing.assert_allclose(np.asarray(jax.vmap(lambda s: s.rule.lr)(lower)), [1e-3] * 3,
                                rtol=1e-6)
