@@ -760,7 +760,8 @@ def test_a_state_of_float32_params_is_refused_for_float16_params_by_the_compiled
     for n in (2, WIDE_LEAVES):
         state = uo.setup(uo.adam(lr=0.1), [np.ones(8, np.float32) for _ in range(n)])
         with expect_compiled(0):
-            _rejects(ValueError, r"dtype float32: this state was set up for other params",
+            _rejects(ValueError, r"dtype float32: a state of these params keeps float16 "
+                                 r"slots; the params or the state were cast since set-up",
                      state, [np.ones(8, np.float16) for _ in range(n)],
                      [np.ones(8, np.float16) for _ in range(n)])
 

@@ -808,9 +808,15 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                                                                        state.state_dtype)
             if s is None or tuple(s.shape) != local or s.dtype != dtype:
                 got = "none" if s is None else f"shape {tuple(s.shape)} and dtype {s.dtype}"
+                why = ("this state was set up for other params" if s is None
+                       or tuple(s.shape) != local else
+                       # (a state cast since, jax.tree.map(lambda x: x.astype(...)), or params)
+                       f"a state of these params keeps {dtype} slots; the params or the state "
+                       "were cast since set-up (cast them back or set up anew; "
+                       "uo.setup(..., state_dtype=...) keeps slots in another dtype)")
                 raise ValueError(
                     f"{names[i]} has shape {tuple(p.shape)} and dtype {p.dtype}, but the "
-                    f"state's {key} for it has {got}: this state was set up for other params"
+                    f"state's {key} for it has {got}: {why}"
                 )
 
 
