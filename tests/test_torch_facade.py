@@ -4571,3 +4571,62 @@ def test_a_group_value_that_adds_or_drops_a_slot_is_named_in_torch_terms(
                                          r"state slot trace\.momentum_buffer"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "momentum": written})
     assert len(opt.param_groups) == n
+
+
+_SWITCHES = [("AdamW", None, "float32"), ("AdamW", None, "q8"), ("AdamW", "q8", None),
+             ("AdamW", "float32", None), ("prodigy", None, "float32"),
+             ("partition", None, "float32")]
+
+
+@pytest.mark.parametrize(("kind", "before", "after"), _SWITCHES,
+                         ids=[f"{k}-{a}-to-{b}" for k, a, b in _SWITCHES])
+def test_a_groups_state_dtype_written_after_a_step_is_taken(kind: str, before: Any,
+                                                              after: Any) -> None:
+    """``group["state_dtype"]`` written after a step (a value of the group, as docs/speed.md
+    says) was taken only after a load: the plan made before kept the state in its old dtype,
+    and a state_dict() saved then resumed another run (11 of 256 params apart after 8 steps).
+    Now the next step takes it, as the documented route does (saved, loaded into a new
+    optimizer, the value set after the load): the same bits; a value refused is refused
+    there, with nothing written."""
+    def make(ps: list[torch.Tensor]) -> Any:
+        if kind == "AdamW":
+            return ut.AdamW(ps, lr=1e-2, state_dtype=before)
+        rule = uo.prodigy() if kind == "prodigy" else uo.partition(
+            {"a": uo.adam(lr=1e-2), "b": uo.prodigy()}, lambda path, leaf: "ab"[int(path) % 2])
+        return ut.Optimizer(ps, rule, state_dtype=before)
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 8, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    grads = [[torch.randn(64, 8, generator=gen).to(torch.bfloat16) for _ in range(2)]
+             for _ in range(6)]
+    runs = []
+    for reload in (False, True):
+        ps = [nn.Parameter(x.clone()) for x in start]
+        opt = make(ps)
+        for k, gs in enumerate(grads):
+            if k == 3:
+                if reload:
+                    saved = copy.deepcopy(opt.state_dict())
+                    opt = make(ps)
+                    opt.load_state_dict(saved)
+                opt.param_groups[0]["state_dtype"] = after
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((ps, opt))
+    (a, oa), (b, ob) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    dtypes = [{k: v.dtype for k, v in o.state[ps[0]].items() if torch.is_tensor(v)}
+              for ps, o in runs]
+    assert dtypes[0] == dtypes[1], dtypes
+    wide = {"float32": torch.float32, "q8": torch.int8, None: torch.bfloat16}[after]
+    if kind == "AdamW":
+        assert dtypes[0]["exp_avg"] == wide, dtypes[0]
+    if kind == "prodigy":
+        assert oa.state[a[0]]["scale_by_prodigy"]["exp_avg"][0].dtype == wide
+    oa.param_groups[0]["state_dtype"] = "bfloat16"
+    before_bits = [x.clone() for x in a]
+    with pytest.raises(ValueError, match="state_dtype must be None, 'float32', 'float64' or "
+                                         "'q8', got 'bfloat16'"):
+        oa.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, before_bits, strict=True))

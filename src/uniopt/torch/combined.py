@@ -77,7 +77,7 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     key = KEY.format(gi)
     entry = opt.state.get(key)
     if (held is None or held[0] is None or held[1] != _kinds(views, ps)
-            or entry is not held[2]):
+            or entry is not held[2] or held[0].state_dtype != group.get("state_dtype")):
         _refuse_reordered(opt, gi, group, held, entry)
         # (new parameters, or ones of a new dtype or layout since, model.to(torch.float64)
         # after a step: a state set up for them and filled from the last, cast as a load casts)

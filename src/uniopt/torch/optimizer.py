@@ -630,7 +630,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._name}: param group's {k} must be a number or a "
                                  f"1-element tensor, got a tensor of shape "
                                  f"{tuple(bad.shape)}: {bad!r}")
-        key = (*(_key(group, k) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS))
+        # (the state dtype too: a value written after a step is checked as the rule's are)
+        key = (*(_key(group, k) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS),
+               group.get("state_dtype"))
         eligible = self._live_keys(group)
         form = tuple(_form(r) or v if k in eligible else v
                      for k, r, v in zip(self._keys, raw, key, strict=False)
@@ -737,7 +739,7 @@ class Optimizer(torch.optim.Optimizer):
         keys = self._keys
         made = vars(self).get("_watched_of")
         if made is None or made[0] is not keys:
-            made = self._watched_of = (keys, (*keys, *_RULE_FLAGS))
+            made = self._watched_of = (keys, (*keys, *_RULE_FLAGS, "state_dtype"))
         return made[1]
 
     def _slot_names(self, rule: Transform) -> plans.SlotNames:

@@ -510,6 +510,13 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
             _q8_slot(st, key, name, p)
         return st
     for key, name in names:
+        absmax = st.pop(name + ABSMAX, None)
+        if absmax is not None:  # an 8-bit slot of a group whose state_dtype is another now
+            signed = key.rsplit(".", 1)[-1] not in quant.NONNEGATIVE
+            codes = st[name].to(torch.int8 if signed else torch.uint8)
+            st[name] = quant.dequantise(backend.namespace(codes),
+                                        quant.Q8(codes, absmax.to(torch.float32)))
+    for key, name in names:
         s = st[name]
         shape = tuple((real(s) if s.is_complex() else s).shape)
         want = shapes[key]
@@ -832,6 +839,7 @@ class Plan:
             and self.has == has
             and self.tracked == recorded
             and self.flags == (group.get("foreach"), group.get("capturable"))
+            and self.state_dtype == group.get("state_dtype")
             and all(map(operator.is_, ps, self.params))
             and (self.ptrs is None
                  or _ptrs(ps, self.sharding is not None, self.wide, self.strided) == self.ptrs)
