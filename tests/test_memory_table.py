@@ -171,3 +171,15 @@ def test_a_refusal_names_the_registry_rule_a_chain_holds() -> None:
         uo.setup(uo.chain(uo.scale(-1.0), uo.asgd()), p, state_dtype="q8")
     with pytest.raises(ValueError, match="not offered for chain's ema: "):
         uo.setup(uo.chain(uo.sgd(lr=0.1), uo.ema(0.9)), p, state_dtype="q8")
+
+
+def test_state_bytes_counts_the_states_of_whole_tree_parts() -> None:
+    """A state's bytes are its slots' and its whole-tree parts' (Prodigy keeps four arrays per
+    leaf there and no slot: it measured 0 bytes); the step counter is left out."""
+    params = {"w": np.zeros((64, 96), np.float32), "b": np.zeros(96, np.float32)}
+    n = 64 * 96 + 96
+    prodigy = uo.setup(uo.prodigy(), params)
+    assert state_bytes(prodigy) == 4 * n * 4 + 3 * 4  # exp_avg, exp_avg_sq, s, p0; d, d_max, num
+    free = uo.setup(uo.schedule_free_adamw(lr=1e-3), params)
+    assert state_bytes(free) == 2 * n * 4 + 2 * 4  # exp_avg_sq (a slot), z; weight_sum, lr_max
+    assert state_bytes(uo.setup(uo.adam(), params)) == 2 * n * 4

@@ -144,18 +144,21 @@ def footprint(rule: Transform, params: Any, *, world_size: int = 1, strategy: st
 
 
 def state_bytes(state: Any) -> int:
-    """The bytes the slots of a :class:`~uniopt.State` (or any tree of arrays) hold: each
-    array's ``nbytes``, an 8-bit slot's codes and scales; the step counter and the numbers of
-    the rule left out, as :func:`footprint` leaves them out."""
+    """The bytes the slots of a :class:`~uniopt.State` (or any tree of arrays) hold, and the
+    states of its whole-tree parts (Prodigy's moments, schedule-free's ``z``): each array's
+    ``nbytes``, an 8-bit slot's codes and scales; the step counter and the numbers of the rule
+    left out, as :func:`footprint` leaves them out."""
     from .state import State
 
-    slots = state.slots if isinstance(state, State) else state
-    leaves, _ = flatten_leaves(slots)
+    held = (state.slots, state.tree_states) if isinstance(state, State) else state
+    leaves, _ = flatten_leaves(held)
     total = 0
     for x in leaves:
-        if x is None:
+        if x is None or isinstance(x, (bool, int, float)):
             continue
         size = getattr(x, "nbytes", None)
+        if size is None and not hasattr(x, "element_size"):
+            continue  # (a noise draw's generator: no array)
         total += int(size) if size is not None else x.numel() * x.element_size()
     return total
 
