@@ -4630,3 +4630,28 @@ def test_a_groups_state_dtype_written_after_a_step_is_taken(kind: str, before: A
                                          "'q8', got 'bfloat16'"):
         oa.step()
     assert all(torch.equal(x, y) for x, y in zip(a, before_bits, strict=True))
+
+
+@pytest.mark.parametrize(("dtype", "state_dtype"), [(torch.complex64, "float64"),
+                                                    (torch.complex128, "float32")])
+def test_a_complex_parameter_in_a_group_of_another_state_dtype_is_refused(
+        dtype: torch.dtype, state_dtype: str) -> None:
+    """A complex parameter's slots are made complex, in its own dtype, and the group's step
+    took the state for one in ``state_dtype``: "the state's exp_avg for it has shape (6, 2)
+    and dtype float32 ... keeps float64 slots", contradicting itself. Refused as the 8-bit
+    case is, naming the parameter and what to do, with nothing written; complex64 beside
+    float32 state steps, as before."""
+    w = nn.Parameter(torch.randn(6, 3))
+    z = nn.Parameter(torch.randn(6, dtype=dtype))
+    opt = ut.Adam([w, z], lr=0.1, state_dtype=state_dtype)
+    w.grad, z.grad = torch.ones_like(w), torch.ones_like(z)
+    before = [w.detach().clone(), z.detach().clone()]
+    with pytest.raises(ValueError, match=re.escape(
+            f"parameter 1 of param group 0 is complex ({dtype}): state_dtype={state_dtype!r} "
+            "keeps the state of real parameters in another dtype")):
+        opt.step()
+    assert torch.equal(w, before[0]) and torch.equal(z, before[1]) and not opt.state
+    ok = ut.Adam([nn.Parameter(torch.randn(6, dtype=torch.complex64))], lr=0.1,
+                 state_dtype="float32")
+    ok.param_groups[0]["params"][0].grad = torch.ones(6, dtype=torch.complex64)
+    ok.step()

@@ -380,6 +380,16 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
             f"parameter {at} of param group {gi} is complex: state_dtype='q8' keeps the state "
             "of real parameters in 8 bits; put complex parameters in a group of their own, "
             "without it")
+    sd = group.get("state_dtype")
+    if at is not None and sd in ("float32", "float64"):
+        odd = next((i for i, p in enumerate(group["params"]) if has[i] and p.is_complex()
+                    and p.real.dtype != getattr(torch, sd)), None)
+        if odd is not None:  # (its slots are made complex, the step's state of real ones)
+            raise ValueError(
+                f"parameter {odd} of param group {gi} is complex "
+                f"({group['params'][odd].dtype}): state_dtype={sd!r} keeps the state of real "
+                "parameters in another dtype, as the functional API's set-up takes it for real "
+                "params only; put complex parameters in a group of their own, without it")
     if recorded and is_q8(group):
         raise ValueError(f"param group {gi}: {NO_RECORDED_Q8}")
     if recorded and group.get("capturable"):
