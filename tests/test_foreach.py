@@ -734,3 +734,25 @@ def test_comparisons_are_masks_and_select_is_exact() -> None:
     a, b = torch.tensor([1e-30, 5.0, -7.0, 2.0]), torch.tensor([1.0, 1e30, 3.0, -0.5])
     picked = foreach.XP.where(xs > 0, foreach.Lists([a]), foreach.Lists([b]))
     assert torch.equal(picked.ts[0], torch.where(x > 0, a, b))
+
+
+def test_prodigys_first_moment_switch_reads_no_host_value_when_capturable() -> None:
+    """Prodigy's test of ``betas[0] == 0`` (a step where the first moment is off) read a
+    tensor ``betas[0]`` back to the host at every capturable step, a device synchronisation
+    a CUDA graph cannot capture; it stays a tensor, and the step its numbers."""
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = ut.Optimizer([p], uo.prodigy(), capturable=True)
+    ref = ut.Optimizer([q], uo.prodigy())
+    opt.param_groups[0]["betas"] = (torch.tensor(0.9, dtype=torch.float64), 0.999)
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):
+        grad = torch.randn(5, generator=g, dtype=torch.float64)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        if i >= 2:  # (the first steps make the plan and the state, on the host)
+            with _NoSync():
+                opt.step()
+        else:
+            opt.step()
+        ref.step()
+    assert torch.allclose(p, q, rtol=1e-12, atol=0)

@@ -739,7 +739,8 @@ def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, lis
     lazy = [i for i, a in enumerate(arrays) if backend.is_lazy(a[1])]
     if lazy:
         # computed together: a lazy state's arrays share their history (every step's graph),
-        # which computing each apart computes again for each
+        # which computing each apart computes again for each (the cost: the whole state in
+        # memory at once, where one array at a time was)
         import dask
 
         values = dask.compute(*(arrays[i][1] for i in lazy))
@@ -1499,7 +1500,9 @@ def _leaf(ck: _File, spec: Any, leaf: Any, at: list[Any], own: bool) -> Callable
     integral = name.startswith(("int", "uint")) and stored.startswith(("int", "uint"))
     # a whole-tree state saved narrower than like's is read into it, exactly: a file of a
     # version whose state_dtype did not reach such states (bfloat16 where float32 was asked)
-    widened = "tree_states" in at and name in _WIDER.get(stored, ())
+    # (the innermost: a combinator member's slots sit under its tree state, and stay refused)
+    inner = next((k for k in reversed(at) if k in ("slots", "tree_states")), None)
+    widened = inner == "tree_states" and name in _WIDER.get(stored, ())
     if stored != (real or name) and not (integral or widened):
         raise CheckpointError(f"{where} is {stored if not real else 'complex of ' + stored} in "
                               f"the checkpoint, {name} in like")

@@ -2749,7 +2749,8 @@ def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool
     if rule.layout != state.rule.layout:
         if set(rule.layout) < set(state.rule.layout):  # a 0 drops a block: a schedule keeps it
             kept = ", ".join(f"{k}=uniopt.schedules.constant({v!r})"
-                             for k, v in hyperparameters.items() if not callable(v))
+                             for k, v in hyperparameters.items()
+                             if isinstance(v, (int, float)) and v == 0)
             how = (f"adjust(state, {kept}) keeps them, a schedule's block kept at any value "
                    "(under jax.jit, traced anew once)")
         else:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
+
 from .. import backend
 from ..base import Elementwise, Info, Rule, Transform, WholeTree
 from ..hyper import (
@@ -27,6 +29,7 @@ from ..hyper import (
     plain_number,
     static,
 )
+from ..moments import select
 from ..transforms.decay import weight_decay
 from ..transforms.scale import safe_sqrt, scale, scale_by_lr
 from ..tree import flatten_leaves, unflatten
@@ -143,8 +146,8 @@ class scale_by_prodigy(WholeTree):
         first = "exp_avg" in state
         off: Any = False  # the first moment off at this step (b1 = 0): kept, unused
         if first and self.hold:
-            off = c.b1 == 0
-            if not _traced(off):
+            off = c.b1 == 0  # (an array's, traced or on a device, stays one: no host read)
+            if isinstance(off, (bool, np.bool_)):
                 off = bool(off)
         ms, vs, ss, dots, abs_sums = [], [], [], [], []
         for i, (g, p) in enumerate(zip(gs, ps, strict=True)):
@@ -153,8 +156,7 @@ class scale_by_prodigy(WholeTree):
             if first:
                 m = state["exp_avg"][i]
                 new_m = m * c.b1 + as_dtype(d * (1.0 - c.b1), g) * g
-                ms.append(m if off is True else new_m if off is False else
-                          xp.where(off, m, new_m))
+                ms.append(new_m if off is False else select(xp, off, m, new_m))
             vs.append(state["exp_avg_sq"][i] * c.b2 + as_dtype(d * d * (1.0 - c.b2), g) * g * g)
             s = state["s"][i] * c.beta3 + as_dtype(s_scale, g) * g
             ss.append(s)
@@ -192,9 +194,9 @@ class scale_by_prodigy(WholeTree):
         out = []
         for i, (g, p) in enumerate(zip(gs, ps, strict=True)):
             den = xp.sqrt(vs[i]) + as_dtype(new_d * c.eps, p)
-            direction = (ms[i] if first and off is False else as_dtype(new_d, g) * g
-                         if not first or off is True else
-                         xp.where(off, as_dtype(new_d, g) * g, ms[i]))
+            direction = ms[i] if first and off is False else as_dtype(new_d, g) * g
+            if first and off is not False:
+                direction = select(xp, off, direction, ms[i])
             out.append(as_dtype(step * c.wd, p) * p + as_dtype(step, p) * direction / den)
         new = {"exp_avg": arrays(ms, state["exp_avg"])} if first else {}
         new.update({"exp_avg_sq": arrays(vs, state["exp_avg_sq"]), "s": arrays(ss, state["s"]),

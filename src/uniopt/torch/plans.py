@@ -520,12 +520,17 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
             _q8_slot(st, key, name, p)
         return st
     for key, name in names:
-        absmax = st.pop(name + ABSMAX, None)
+        absmax = st.get(name + ABSMAX)
         if absmax is not None:  # an 8-bit slot of a group whose state_dtype is another now
             signed = key.rsplit(".", 1)[-1] not in quant.NONNEGATIVE
-            codes = st[name].to(torch.int8 if signed else torch.uint8)
-            st[name] = quant.dequantise(backend.namespace(codes),
-                                        quant.Q8(codes, absmax.to(torch.float32)))
+            q = quant.Q8(st[name].to(torch.int8 if signed else torch.uint8), absmax)
+            if dtensor.is_dtensor(p):  # (this rank's codes and its row of scales)
+                q = dtensor.local_q8(q, p)
+            x = quant.dequantise(backend.namespace(q.codes),
+                                 quant.Q8(q.codes, q.absmax.to(torch.float32)))
+            # (written once made: a failure leaves the 8-bit slot whole)
+            st[name] = dtensor.Spec.of(p).wrap(x) if dtensor.is_dtensor(p) else x
+            del st[name + ABSMAX]
     for key, name in names:
         s = st[name]
         shape = tuple((real(s) if s.is_complex() else s).shape)
