@@ -1560,13 +1560,19 @@ def test_a_whole_tree_state_follows_its_model_to_a_new_dtype(rule: Any) -> None:
     where the slots were cast, and the run drifted (3e-11..1e-8) from the one that saves and
     loads its state then (torch's load casts every float tensor of it). Cast with the slots,
     when the group's plan is made anew: that run, bit for bit."""
-    (a, da), (b, db) = (_tree_run(rule, lambda m: m.to(torch.float64), 3, r)
-                              for r in (False, True))
-    assert all(torch.equal(x, y) and x.dtype == torch.float64 for x, y in zip(a, b, strict=True))
+    _one_run(*(_tree_run(rule, lambda m: m.to(torch.float64), 3, r) for r in (False, True)),
+             torch.float64, torch.float64)
+
+
+def _one_run(run: Any, reloaded: Any, params: torch.dtype, tree: torch.dtype) -> None:
+    """Two :func:`_tree_run`'s, with and without a save and load, are one run: the same
+    parameters, of dtype ``params``, and a whole-tree state all of dtype ``tree``."""
+    (a, da), (b, db) = run, reloaded
+    assert all(torch.equal(x, y) and x.dtype == params for x, y in zip(a, b, strict=True))
     assert da == db
-    flat = [v for tree in da.values() for x in tree.values()
+    flat = [v for entry in da.values() for x in entry.values()
             for v in (x if isinstance(x, list) else [x])]
-    assert flat and set(flat) == {torch.float64}, da
+    assert flat and set(flat) == {tree}, da
 
 
 @pytest.mark.parametrize("rule", _TREE_RULES, ids=["prodigy", "schedule_free", "dog", "dowg"])
@@ -1576,13 +1582,8 @@ def test_a_whole_tree_state_of_16_bit_params_is_kept_in_the_groups_state_dtype(
     live and after a save and load, and the two runs are one. It was made in bfloat16 (the
     option not honoured), and torch's load cut the float32 scalars of such a group to bfloat16
     (schedule-free's weight sum: 2e-3 off in the params within three steps)."""
-    (a, da), (b, db) = (_tree_run(rule, lambda m: m.to(torch.bfloat16), 0, r, "float32")
-                        for r in (False, True))
-    assert all(torch.equal(x, y) and x.dtype == torch.bfloat16 for x, y in zip(a, b, strict=True))
-    assert da == db
-    flat = [v for tree in da.values() for x in tree.values()
-            for v in (x if isinstance(x, list) else [x])]
-    assert flat and set(flat) == {torch.float32}, da
+    _one_run(*(_tree_run(rule, lambda m: m.to(torch.bfloat16), 0, r, "float32")
+               for r in (False, True)), torch.bfloat16, torch.float32)
 
 
 def _set(name: str, dtype: torch.dtype) -> Callable[[nn.Module], None]:

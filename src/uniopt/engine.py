@@ -755,10 +755,8 @@ def _flat_list(grads: Any, n: int) -> bool:
 def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) -> None:
     if not isinstance(state, State):
         raise TypeError(f"expected a uniopt State (from uniopt.setup), got {type(state).__name__}")
-    lazy = state.__dict__.get("_lazy_rule")
-    if lazy is not None and len(shape := tuple(getattr(lazy[2], "shape", ()))) > 1:
-        # (under jax.vmap each model's are a row: a batch here is a vmapped state outside it,
-        # whose rule of rows failed in a broadcast naming nothing)
+    shape = batched(state, traced=True)
+    if shape is not None:  # (its rule of rows failed in a broadcast naming nothing)
         raise ValueError(
             f"this state's numbers are a batch, shape {shape} (a state made under jax.vmap: "
             "one rule per model); step it inside vmap, e.g. jax.vmap(uo.update)(states, "

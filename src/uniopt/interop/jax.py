@@ -309,14 +309,16 @@ def rewrapped_as(like: State, new: State) -> State:
         lazy[2].replace(value=numbers), wrap(like.counts, counts)))
 
 
-def batched(state: State) -> tuple[int, ...] | None:
+def batched(state: State, traced: bool = False) -> tuple[int, ...] | None:
     """The shape of a state's numbers where they are a batch of rules' (a state made under
-    ``jax.vmap``, one rule per model of an ensemble), outside a trace; else None."""
+    ``jax.vmap``, one rule per model of an ensemble), outside a trace (``traced``: inside one
+    too, where under ``jax.vmap`` each model's are a row, so a batch is a state outside it);
+    else None."""
     lazy = state.__dict__.get("_lazy_rule")
     if lazy is None:
         return None
     shape = tuple(getattr(lazy[2], "shape", ()))
-    return shape if len(shape) > 1 and not _traced(lazy[2]) else None
+    return shape if len(shape) > 1 and (traced or not _traced(lazy[2])) else None
 
 
 def _wrapper(x: Any) -> bool:

@@ -522,8 +522,7 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
     for key, name in names:
         absmax = st.get(name + ABSMAX)
         if absmax is not None:  # an 8-bit slot of a group whose state_dtype is another now
-            signed = key.rsplit(".", 1)[-1] not in quant.NONNEGATIVE
-            q = quant.Q8(st[name].to(torch.int8 if signed else torch.uint8), absmax)
+            q = _codes(key, st[name], absmax)
             if dtensor.is_dtensor(p):  # (this rank's codes and its row of scales)
                 q = dtensor.local_q8(q, p)
             x = quant.dequantise(backend.namespace(q.codes),
@@ -671,8 +670,7 @@ def _q8_slot(st: dict[str, Any], key: str, name: str, p: torch.Tensor) -> None:
             dtensor.check_q8(absmax, p, f"the state's {name}")
         else:
             x = codes.to(torch.float32) if absmax is None else quant.dequantise(
-                backend.namespace(codes), quant.Q8(codes.to(torch.int8 if signed else
-                                                            torch.uint8), absmax))
+                backend.namespace(codes), _codes(key, codes, absmax))
             q = dtensor.quantised(backend.namespace(dtensor.local(p)),
                                   x if dtensor.is_dtensor(x) else dtensor.sharded_like(x, p),
                                   p, signed)
@@ -683,6 +681,13 @@ def _q8_slot(st: dict[str, Any], key: str, name: str, p: torch.Tensor) -> None:
     codes = codes.to(torch.int8 if signed else torch.uint8)
     absmax = absmax.to(torch.float32)
     st[name], st[name + ABSMAX] = codes.contiguous(), absmax.contiguous()
+
+
+def _codes(key: str, codes: torch.Tensor, absmax: Any) -> quant.Q8:
+    """Slot ``key``'s 8-bit codes in their integer type (torch's load casts a state to its
+    parameter's float dtype) beside their block scales."""
+    signed = key.rsplit(".", 1)[-1] not in quant.NONNEGATIVE
+    return quant.Q8(codes.to(torch.int8 if signed else torch.uint8), absmax)
 
 
 def addresses(grads: list[Any], expect: list[tuple[Any, ...]], dtype: torch.dtype,
