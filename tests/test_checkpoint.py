@@ -1293,6 +1293,37 @@ def test_orbax_saves_and_restores_a_state(tmp_path: Any) -> None:
                                                jax.tree.leaves((rb, pb)), strict=True))
 
 
+def test_orbax_restores_a_state_saved_in_the_layout_earlier_versions_wrote(
+        tmp_path: Any) -> None:
+    """orbax keys each array by its tree path, and a State's paths are positional: the step
+    ``0``, a slot ``1.<part>.<slot>.<i>``, the whole-tree states ``2``, the numbers ``3``, the
+    per-leaf counts ``4`` (a list of five). A checkpoint of that list, what every version so
+    far wrote, restores into a State and its run goes on: named paths (``.step``, ``.slots``)
+    would make orbax refuse it ("tree structures do not match"), so they are a change of the
+    checkpoint format, not of spelling."""
+    jax = pytest.importorskip("jax")
+    ocp = pytest.importorskip("orbax.checkpoint")
+    jnp = jax.numpy
+    rule = uo.chain(uo.clip_by_global_norm(1.0), uo.adamw(lr=1e-2, weight_decay=1e-3))
+    params = jax.tree.map(jnp.asarray, rng_tree(0, np.float32))
+    g = jax.tree.map(jnp.asarray, grads(params, 1))
+    step = jax.jit(uo.update)
+    state = uo.setup(rule, params)
+    for _ in range(3):
+        state, params = step(state, params, g)
+    numbers = jax.tree.leaves(state)[-1]
+    assert numbers.ndim == 1 and numbers.shape != state.step.shape
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "orbax", [state.step, state.slots, state.tree_states, numbers, None])
+    ckpt.wait_until_finished()
+    template = jax.tree.map(ocp.utils.to_shape_dtype_struct, uo.setup(rule, params))
+    back = ckpt.restore(tmp_path / "orbax", template)
+    ra, pa = step(state, params, g)
+    rb, pb = step(back, params, g)
+    assert all(same_bits(x, y) for x, y in zip(jax.tree.leaves((ra, pa)),
+                                               jax.tree.leaves((rb, pb)), strict=True))
+
+
 def _tree_state_rules() -> list[str]:
     """The registry's rules with a whole-tree part that step from gradients alone."""
     from uniopt import registry
