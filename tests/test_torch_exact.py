@@ -109,6 +109,19 @@ def _schedule(opt: Any, scheduled: bool) -> Any:
         opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, STEPS) / STEPS)))
 
 
+def _cycle_momentum(opt: Any, start: dict[str, Any], t: int) -> None:
+    """A scheduled run's momentum and first beta move at every step as OneCycleLR's and
+    CyclicLR's ``cycle_momentum`` move them (between 0.85 and 1 of the value given), so the
+    rules' buffers are held to torch's with a coefficient that is new at each step. A momentum
+    of 0 stays 0: another configuration, not a schedule of it."""
+    f = 0.925 + 0.075 * math.cos(0.3 * t)
+    for g in opt.param_groups:
+        if start.get("momentum"):
+            g["momentum"] = start["momentum"] * f
+        if "betas" in start:
+            g["betas"] = (start["betas"][0] * f, start["betas"][1])
+
+
 @contextlib.contextmanager
 def _ieee_sqrt() -> Iterator[None]:
     """torch's square roots replaced by the correctly rounded one (NumPy's), so that torch's
@@ -151,6 +164,7 @@ def _race(name: str, hp: dict[str, Any], dtype: Any, shapes: tuple[Any, ...], st
                 opt.step()
             if sched is not None:
                 sched.step()
+                _cycle_momentum(opt, hp, len(out))
         out.append([torch.cat([p.detach().reshape(-1) for p in ps]) for ps in (ours, theirs)])
     return out
 
