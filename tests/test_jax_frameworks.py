@@ -210,6 +210,65 @@ def test_nnx_optimizer_in_a_fresh_process() -> None:
     assert float(got["member_adjusted"]) <= 1e-7, got
 
 
+def test_nnx_optimizer_with_a_float32_state_of_bfloat16_params() -> None:
+    """``nnx.Optimizer(model, uo.to_optax(uo.adamw(...), state_dtype="float32"), wrt=nnx.Param)``
+    on a bfloat16 model: float32 moments, float32 updates, and after 20 jitted steps the
+    params NNX's functional style gets from ``uo.update`` with the same state_dtype, bit for
+    bit (NNX's update is optax.apply_updates of the protocol's updates)."""
+    pytest.importorskip("flax")
+    out = _fresh("""
+        import jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        import uniopt as uo
+
+        class MLP(nnx.Module):
+            def __init__(self, rngs):
+                self.l1 = nnx.Linear(4, 8, rngs=rngs, param_dtype=jnp.bfloat16)
+                self.l2 = nnx.Linear(8, 1, rngs=rngs, param_dtype=jnp.bfloat16)
+            def __call__(self, x):
+                return self.l2(jax.nn.relu(self.l1(x)))
+
+        x = jax.random.normal(jax.random.PRNGKey(0), (32, 4)).astype(jnp.bfloat16)
+        y = jnp.sum(x, 1, keepdims=True)
+        loss = lambda m: jnp.mean((m(x) - y).astype(jnp.float32) ** 2)
+        rule = uo.adamw(lr=1e-2, weight_decay=1e-2)
+
+        model = MLP(nnx.Rngs(0))
+        opt = nnx.Optimizer(model, uo.to_optax(rule, state_dtype="float32"), wrt=nnx.Param)
+
+        @nnx.jit
+        def train(model, opt):
+            return opt.update(model, nnx.grad(loss)(model))
+
+        for _ in range(20):
+            updates = train(model, opt)
+        graphdef, params, rest = nnx.split(MLP(nnx.Rngs(0)), nnx.Param, ...)
+        state = uo.setup(rule, params, state_dtype="float32")
+
+        @jax.jit
+        def step(state, params):
+            grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest)))(params)
+            return uo.update(state, params, grads)
+
+        for _ in range(20):
+            state, params = step(state, params)
+        ours = [np.asarray(a) for a in jax.tree.leaves(nnx.state(model, nnx.Param))]
+        want = [np.asarray(a) for a in jax.tree.leaves(params)]
+        print("dtypes", ",".join(sorted({str(a.dtype) for a in ours})))
+        print("updates", ",".join(sorted({str(a.dtype) for a in jax.tree.leaves(updates)})))
+        slots = nnx.as_pure(opt.opt_state).slots.values()
+        print("slots", ",".join(sorted({str(a.dtype) for v in slots for a in v})))
+        print("differ", sum(int((a.view(np.uint16) != b.view(np.uint16)).sum())
+                            for a, b in zip(ours, want)))
+        print("moved", sum(int((a != np.asarray(b)).sum()) for a, b in
+                           zip(ours, jax.tree.leaves(nnx.state(MLP(nnx.Rngs(0)), nnx.Param)))))
+    """)
+    got = dict(line.split() for line in out.splitlines())
+    assert got["dtypes"] == "bfloat16" and got["updates"] == "float32", got
+    assert got["slots"] == "float32", got
+    assert got["differ"] == "0" and int(got["moved"]) > 20, got
+
+
 def test_equinox_loop_in_a_fresh_process() -> None:
     pytest.importorskip("equinox")
     out = _fresh("""

@@ -2457,12 +2457,20 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     state = _with_structure(state, step.treedef)
     if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(rule):
         return _protocol_pairs(rule, state, step, extra_args)
+    negate = makes_step(rule)
+    # a step computed wider than its params (a state_dtype's) goes back as the difference of
+    # the new params, rounded as uo.update stores them, and the old: in the wider dtype, which
+    # optax.apply_updates adds in and then rounds to the params' (the step's own dtype would
+    # round the params twice: the update, then the sum)
+    wide = negate and _widened(state, step.params)
     with backend.outside_autograd(step.params), backend.quiet():
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
-                                       step.grads, extra_args)
-    negate = makes_step(rule)
-    updates = [_as_new_array(-u if negate else u, g, (g,))
-               for u, g in zip(deltas, step.grads, strict=True)]
+                                       step.grads, extra_args, finish=wide)
+    if wide:
+        updates = [_to_add(new, p) for new, p in zip(deltas, step.params, strict=True)]
+    else:
+        updates = [_as_new_array(-u if negate else u, g, (g,))
+                   for u, g in zip(deltas, step.grads, strict=True)]
     new = State(kept, _next_step(state.step), _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     out = unflatten(step.treedef, updates)
@@ -2470,6 +2478,35 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     if nnx is not None and isinstance(grads, nnx.State):
         out = _held_as(grads, out)  # (optax's updates of NNX's Params are Params)
     return out, new
+
+
+def _widened(state: State, params: list[Any]) -> bool:
+    """Whether ``state`` (set up with a ``state_dtype``) computes a step of some leaf of
+    ``params`` in a dtype wider than the leaf's own."""
+    if state.state_dtype is None:
+        return False
+    for p in params:
+        dt = _compute_dtype(p, backend.namespace(p), state.state_dtype)
+        if dt is not None and backend.float_bits(dt) > backend.float_bits(p.dtype):
+            return True
+    return False
+
+
+def _to_add(new: Any, p: Any) -> Any:
+    """The update that ``optax.apply_updates`` (``(p + u).astype(p.dtype)``) turns into the
+    parameter :func:`update` stores, ``a`` (``new`` rounded once to ``p``'s dtype): ``u = a - p``
+    in ``new``'s dtype, exact where the two differ in exponent by less than float32's digits
+    less the params' (bfloat16 in float32: 16 binades), so that the sum is ``a`` exactly and its
+    rounding changes nothing. A parameter that shrinks more than that in one step lands within
+    float32's rounding of the old value, which no float32 update can do better. Where ``a``
+    equals ``p``, a zero of ``a``'s sign: ``p + u`` keeps an infinite ``p`` and the sign of a
+    zero (``a - p`` would give NaN, or +0 to a -0)."""
+    xp = backend.namespace(p)
+    if backend.float_bits(new.dtype) > backend.float_bits(p.dtype):
+        a, old = xp.astype(backend.narrowed(new, p.dtype), new.dtype), xp.astype(p, new.dtype)
+    else:  # (a leaf computed in its own dtype, beside wider ones)
+        a, old = _as_new_array(new, p, (p,)), p
+    return xp.where(a == old, xp.copysign(xp.zeros_like(a), a), a - old)
 
 
 def _held_as(like: Any, tree: Any) -> Any:

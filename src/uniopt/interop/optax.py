@@ -103,19 +103,31 @@ def _takes_extra_args(update: Any) -> bool:
     return inspect.Parameter.VAR_KEYWORD in kinds
 
 
-def to_optax(t: Transform) -> Any:
+def to_optax(t: Transform, *, state_dtype: str | None = None) -> Any:
     """``t`` as an optax ``GradientTransformationExtraArgs``: ``optax.chain`` hands the extra
     arguments of its update (``value=loss``) only to such members, so a uniopt transform that
     reads them (:class:`uniopt.reduce_on_plateau`) goes into an optax chain wrapped by this.
 
+    ``state_dtype`` (``"float32"``, ``"float64"`` or ``"q8"``) is :func:`uniopt.setup`'s: its
+    ``init`` keeps the slots so, for code that calls ``init`` itself (flax NNX's
+    ``nnx.Optimizer``, an ``optax.chain``). A rule stepping bfloat16 or float16 params then
+    hands back float32 updates (optax's own ``mu_dtype=jnp.float32`` does too), made so that
+    ``optax.apply_updates`` stores the params :func:`uniopt.update` would.
+
     >>> import optax, uniopt as uo
     >>> tx = optax.chain(optax.adam(1e-3), uo.to_optax(uo.reduce_on_plateau(patience=5)))
+    >>> tx = uo.to_optax(uo.adamw(lr=1e-3), state_dtype="float32")
     """
     if not isinstance(t, Transform):
         raise TypeError(f"to_optax: expected a uniopt transform, got {t!r}")
+    if state_dtype is not None and state_dtype not in ("float32", "float64", "q8"):
+        raise ValueError(f"to_optax: state_dtype must be 'float32', 'float64' or 'q8', got "
+                         f"{state_dtype!r}")
     import optax
 
-    return optax.GradientTransformationExtraArgs(t.init, t.update)
+    init = t.init if state_dtype is None else functools.partial(optax_init, t,
+                                                                 state_dtype=state_dtype)
+    return optax.GradientTransformationExtraArgs(init, t.update)
 
 
 def _placeholder(params: Any) -> bool:
@@ -124,16 +136,17 @@ def _placeholder(params: Any) -> bool:
     return cls.__name__ == "_ParamsPlaceholder" and cls.__module__.startswith("optax.")
 
 
-def optax_init(rule: Transform, params: Any) -> State:
+def optax_init(rule: Transform, params: Any, state_dtype: str | None = None) -> State:
     """The optax protocol's ``init``: :func:`uniopt.setup`, and for the placeholder of
     ``optax.tree.map_params`` the state that marks where the params stand: each slot (a copy of
     the params, one array per leaf) and each optax member's own placeholder state."""
     if not _placeholder(params):
-        return setup(rule, params)
+        return setup(rule, params, state_dtype=state_dtype)
     register_state()
     trees = {keys[0]: part.init_tree(params)
              for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
-    return State(rule, 0, {key: params for key, _ in rule.slot_keys}, AnyParams(), None, trees)
+    return State(rule, 0, {key: params for key, _ in rule.slot_keys}, AnyParams(), state_dtype,
+                 trees)
 
 
 OPTAX_PROTOCOL.update(
