@@ -2495,10 +2495,12 @@ def _widened(state: State, params: list[Any]) -> bool:
 def _to_add(new: Any, p: Any) -> Any:
     """The update that ``optax.apply_updates`` (``(p + u).astype(p.dtype)``) turns into the
     parameter :func:`update` stores, ``a`` (``new`` rounded once to ``p``'s dtype): ``u = a - p``
-    in ``new``'s dtype, exact where the two differ in exponent by less than float32's digits
-    less the params' (bfloat16 in float32: 16 binades), so that the sum is ``a`` exactly and its
-    rounding changes nothing. A parameter that shrinks more than that in one step lands within
-    float32's rounding of the old value, which no float32 update can do better. Where ``a``
+    in ``new``'s dtype, so that the sum is ``a`` and its rounding changes nothing. The
+    subtraction is exact for a step of the form ``p - d`` (its result a multiple of the spacing
+    of ``p`` in the wide dtype, or finer only where exact), and wherever ``a`` and ``p`` are within
+    2^16 of each other in magnitude (bfloat16's 8 digits in float32's 24). A parameter that
+    shrinks more than that in one step, by a product, lands within the wide dtype's rounding of
+    the old value, which no update in that dtype can do better. Where ``a``
     equals ``p``, a zero of ``a``'s sign: ``p + u`` keeps an infinite ``p`` and the sign of a
     zero (``a - p`` would give NaN, or +0 to a -0)."""
     xp = backend.namespace(p)
