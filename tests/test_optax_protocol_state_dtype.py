@@ -50,9 +50,8 @@ def _protocol_step(tx: Any) -> Any:
 
 CASES = [
     (uo.adamw(lr=1e-2, weight_decay=1e-2), "float32", jnp.bfloat16),
-    (uo.adamw(lr=1e-2, weight_decay=1e-2), "float32", jnp.float16),
     (uo.adamw(lr=1e-2, weight_decay=1e-2), "q8", jnp.bfloat16),
-    (uo.sgd(lr=0.05, momentum=0.9, nesterov=True), "float32", jnp.bfloat16),
+    (uo.sgd(lr=0.05, momentum=0.9, nesterov=True), "float32", jnp.float16),
     (uo.lion(lr=1e-3, weight_decay=0.1), "float32", jnp.bfloat16),
     # the last part writes the params itself (a finish), and keeps what rounding took
     (uo.chain(uo.adamw(lr=1e-3), uo.kahan_summation()), "float32", jnp.bfloat16),
@@ -60,7 +59,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("rule, state_dtype, dtype", CASES,
-                         ids=["adamw-bf16", "adamw-f16", "adamw-q8", "sgd", "lion", "kahan"])
+                         ids=["adamw-bf16", "adamw-q8", "sgd-f16", "lion", "kahan"])
 def test_jitted_protocol_stores_what_update_stores(rule: Any, state_dtype: str,
                                                    dtype: Any) -> None:
     """25 jitted steps of 16-bit params: ``to_optax(rule, state_dtype=...)``'s updates added by
@@ -156,9 +155,9 @@ def test_a_state_from_setup_steps_so_through_the_protocol() -> None:
     assert u["w"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("rule", [uo.adamw(lr=1e-2, weight_decay=1e-2),
-                                  uo.sgd(lr=1e-2, momentum=0.9)], ids=["adamw", "sgd"])
+@pytest.mark.parametrize("rule, dtype", [(uo.adamw(lr=1e-2, weight_decay=1e-2), jnp.bfloat16),
+                                         (uo.sgd(lr=1e-2, momentum=0.9), jnp.float16)],
+                         ids=["adamw-bf16", "sgd-f16"])
 def test_16_bit_params_without_a_state_dtype_round_once(rule: Any, dtype: Any) -> None:
     """Without a state_dtype a 16-bit step is computed in float32 too, and its updates stay in
     the params' dtype: the new param rounded as uo.update rounds it, less the old, which is
