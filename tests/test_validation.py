@@ -17,7 +17,7 @@ import pytest
 
 import uniopt as uo
 from helpers import WIDE_LEAVES, expect_compiled
-from uniopt.engine import flat_list_def
+from uniopt.engine import SlotsChanged, flat_list_def
 
 jnp = pytest.importorskip("jax.numpy")
 torch = pytest.importorskip("torch")
@@ -1097,6 +1097,35 @@ def test_adjust_that_changes_the_slots():
     _assert_same(snap2, state2, params2)
     kept = uo.adjust(state2, momentum=uo.schedules.constant(0.0))
     assert kept.slots.keys() == state2.slots.keys()
+
+
+def _sgd(m):
+    return uo.sgd(lr=0.1, momentum=m)
+
+
+@pytest.mark.parametrize(("rule", "kw", "call"), [
+    (uo.chain(uo.clip_by_global_norm(1.0), _sgd(0.9)), {"1.momentum": 0},
+     "adjust(state, **{'1.momentum': uniopt.schedules.constant(0)})"),
+    (uo.sgd(lr=0.1, momentum=0.9), {"momentum": 0.0, "lr": 0.0},
+     "adjust(state, momentum=uniopt.schedules.constant(0.0))"),
+    (uo.sgd(lr=0.1, momentum=0.9), {"lr": 0.0, "momentum": 0},
+     "adjust(state, momentum=uniopt.schedules.constant(0))"),
+])
+def test_adjust_slots_advice_is_python_naming_the_keys_that_drop_them(rule, kw, call):
+    """The advice for a momentum moved to 0 is a call to copy: a dotted key as ``**{...}``
+    (``adjust(state, 1.momentum=...)`` is a SyntaxError), and only the keys that drop a block
+    (``lr=0.0`` beside them needs no schedule)."""
+    params = {"a": np.ones(3), "b": np.ones(2)}
+    state = uo.setup(rule, params)
+    with pytest.raises(SlotsChanged) as e:
+        uo.adjust(state, **kw)
+    message = str(e.value)
+    assert f"; {call} keeps them" in message
+    assert message.startswith(
+        f"adjust: { {k: v for k, v in kw.items() if 'momentum' in k} } would change")
+    kept = eval(compile(call, "<advice>", "eval"),
+                {"adjust": uo.adjust, "state": state, "uniopt": uo})
+    assert uo.adjust(kept, **{k: v for k, v in kw.items() if "lr" in k}).step == 0
 
 
 @pytest.mark.parametrize(

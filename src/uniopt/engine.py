@@ -2787,20 +2787,26 @@ def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool
             )
         if named:
             _named_like(state.rule, key, found)
-    if rule.layout != state.rule.layout:
-        if set(rule.layout) < set(state.rule.layout):  # a 0 drops a block: a schedule keeps it
-            kept = ", ".join(f"{k}=uniopt.schedules.constant({v!r})"
-                             for k, v in hyperparameters.items()
-                             if isinstance(v, (int, float)) and v == 0)
-            how = (f"adjust(state, {kept}) keeps them, a schedule's block kept at any value "
+    before, after = state.rule.layout, rule.layout
+    if after != before:
+        # the keys that change them, each alone (lr=0.0 beside momentum=0 needs no schedule)
+        moving = {k: v for k, v in hyperparameters.items()
+                  if _set(state.rule, k.split("."), v, "")[0].layout != before}
+        moving = moving or hyperparameters
+        if set(after) < set(before):  # a 0 drops a block: a schedule keeps it
+            kept = {k: f"uniopt.schedules.constant({v!r})" for k, v in moving.items()}
+            call = (", ".join(f"{k}={v}" for k, v in kept.items())
+                    if all(k.isidentifier() for k in kept) else
+                    "**{" + ", ".join(f"{k!r}: {v}" for k, v in kept.items()) + "}")
+            how = (f"adjust(state, {call}) keeps them, a schedule's block kept at any value "
                    "(under jax.jit, traced anew once)")
         else:
             how = ("that needs a new uniopt.setup (set the hyperparameter to a non-zero value "
                    "or a schedule at set-up to keep its slot)")
         raise SlotsChanged(
-            state.rule.layout, rule.layout,
-            f"adjust: {hyperparameters} would change the optimizer's slots from "
-            f"{state.rule.layout} to {rule.layout}; {how}"
+            before, after,
+            f"adjust: {moving} would change the optimizer's slots from {before} to {after}; "
+            f"{how}"
         )
     if rule is not state.rule:
         # the state's numbers now win over the transformation's under the optax protocol
