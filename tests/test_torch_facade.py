@@ -4574,6 +4574,43 @@ def test_a_group_value_that_adds_or_drops_a_slot_is_named_in_torch_terms(
     assert len(opt.param_groups) == n
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(map(_same, a, b)))
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("key", ["momentum", "x.momentum"])
+@pytest.mark.parametrize(("made", "written", "verb"), [(0.0, 0.9, "adds"), (0.9, 0.0, "drops")])
+def test_a_group_value_that_changes_a_members_slots_is_refused_before_any_write(
+        made: float, written: float, verb: str, key: str) -> None:
+    """A member's momentum written into a partition's group (its key plain, or the member's
+    where two members share it) moved a slot of the member's own state, which was not
+    checked: to non-zero, the step wrote the Adam member's leaf and then raised a bare
+    KeyError for the buffer; to 0, it stepped on without it. Refused as a plain rule's is."""
+    y = uo.adam(lr=0.1) if key == "momentum" else uo.sgd(lr=0.1, momentum=0.5)
+    rule = uo.partition({"y": y, "x": uo.sgd(lr=0.1, momentum=made)}, ["x", "y"])
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.full((2,), 2.0))
+    opt = ut.Optimizer([a, b], rule)
+    a.grad, b.grad = torch.ones(2), torch.full((2,), 0.5)
+    opt.step()
+    assert key in opt.param_groups[0]
+    opt.param_groups[0][key] = written
+    params, saved = [a.detach().clone(), b.detach().clone()], copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=(
+            rf"param group 0's {key!r} = {written} \(the optimizer was made with {made}\) "
+            rf"{verb} the state slot x\.trace\.momentum_buffer, and partition's slots are fixed")):
+        opt.step()
+    assert torch.equal(a, params[0]) and torch.equal(b, params[1])
+    assert _same(opt.state_dict(), saved)
+
+
 _SWITCHES = [("AdamW", None, "float32"), ("AdamW", None, "q8"), ("AdamW", "q8", None),
              ("AdamW", "float32", None), ("prodigy", None, "float32"),
              ("partition", None, "float32")]

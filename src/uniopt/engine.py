@@ -2730,7 +2730,9 @@ def adjust(state: State, **hyperparameters: Any) -> State:
 
     ``adjust(state, lr=1e-4)`` sets ``lr`` wherever it is defined; if more than one member of a
     chain defines it, name the member by its position: ``adjust(state, **{"1.lr": 1e-4})``.
-    Flags that decide the state's layout (``amsgrad``, ``centered``...) cannot be adjusted.
+    Flags that decide the state's layout (``amsgrad``, ``centered``...) cannot be adjusted, nor
+    a number moved to or from a 0 that adds or drops a slot (``momentum``'s buffer), a
+    combinator's member's as well: :class:`SlotsChanged`.
 
     >>> import numpy as np, uniopt as uo
     >>> state = uo.adjust(uo.setup(uo.adam(lr=1e-3), [np.zeros(2)]), lr=1e-4)
@@ -2742,7 +2744,8 @@ def adjust(state: State, **hyperparameters: Any) -> State:
 
 class SlotsChanged(ValueError):
     """:func:`adjust`'s refusal of values that add or drop a slot: ``before`` and ``after`` are
-    the rule's layouts, for a caller that words it its own way (uniopt.torch's param groups)."""
+    the rule's layouts, each part's slots (a combinator member's part named ``"x.trace"``),
+    for a caller that words it its own way (uniopt.torch's param groups)."""
 
     def __init__(self, before: Any, after: Any, message: str) -> None:
         super().__init__(message)
@@ -2787,11 +2790,11 @@ def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool
             )
         if named:
             _named_like(state.rule, key, found)
-    before, after = state.rule.layout, rule.layout
+    before, after = _slot_layouts(state.rule), _slot_layouts(rule)
     if after != before:
         # the keys that change them, each alone (lr=0.0 beside momentum=0 needs no schedule)
         moving = {k: v for k, v in hyperparameters.items()
-                  if _set(state.rule, k.split("."), v, "")[0].layout != before}
+                  if _slot_layouts(_set(state.rule, k.split("."), v, "")[0]) != before}
         moving = moving or hyperparameters
         if set(after) < set(before):  # a 0 drops a block: a schedule keeps it
             kept = {k: f"uniopt.schedules.constant({v!r})" for k, v in moving.items()}
@@ -2813,6 +2816,18 @@ def adjusted_by_names(state: State, hyperparameters: dict[str, Any], named: bool
         rule.memo["adjusted"] = True
     return rewrapped(state, dataclasses.replace(
         state, rule=rule, tree_states=_members_renewed(rule, state.tree_states)))
+
+
+def _slot_layouts(t: Transform, where: str = "") -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The slots of ``t``'s parts (:attr:`~uniopt.base.Transform.layout`) and of the parts of
+    every rule its combinators run, which keep theirs in their own states, each part named as
+    :func:`adjust` names its member (``"x.trace"``: member ``x``'s ``trace``)."""
+    out = tuple((f"{where}{name}", slots) for name, slots in t.layout)
+    for part in t.flat_parts:
+        if isinstance(part, Combinator):
+            for name, m in part.inner.items():
+                out += _slot_layouts(m, f"{where}{name}.")
+    return out
 
 
 def _member_named(rule: Transform, key: str) -> tuple[tuple[Any, ...], Transform] | None:
