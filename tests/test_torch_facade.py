@@ -2722,6 +2722,76 @@ def test_a_frozen_layer_under_a_partition_steps_as_the_functional_api(kind: str)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
+def _labelled(kind: str, seen: list[Any]) -> Any:
+    """A rule whose label or mask function reads the leaf as torch code does."""
+    def leaf(p: Any) -> Any:
+        seen.append(p)
+        return p
+
+    if kind == "partition":
+        return uo.partition(
+            {"decay": uo.adamw(lr=0.1, weight_decay=0.1), "plain": uo.adam(lr=0.1),
+             "frozen": None},
+            lambda path, p: ("frozen" if not leaf(p).requires_grad
+                             else "decay" if p.dim() == 2 else "plain"))
+    if kind == "masked":
+        return uo.masked(uo.adam(lr=1e-3),
+                         lambda path, p: isinstance(leaf(p), torch.Tensor) and p.dim() == 2)
+    return uo.freeze(uo.adam(lr=0.1), lambda path, p: not leaf(p).requires_grad)
+
+
+@pytest.mark.parametrize("layout", ["numpy views", "tensors", "complex"])
+@pytest.mark.parametrize("kind", ["partition", "masked", "freeze"])
+def test_label_and_mask_functions_see_the_parameters_as_the_functional_api(
+        kind: str, layout: str) -> None:
+    """Inside ``ut.Optimizer(params, rule)`` a label or mask function of (path, leaf) was
+    handed the engine's views of the parameters: NumPy arrays for CPU float tensors (torch's
+    ``p.dim()`` an AttributeError at the first step; ``isinstance(p, torch.Tensor)`` selected
+    nothing, and ``masked(adam(lr=1e-3))`` stepped each weight down its raw gradient, 1.4),
+    detached tensors otherwise (``requires_grad`` False: freeze by it froze every leaf). It is
+    handed the Parameters, as ``uo.setup`` of them hands them, at set-up, in the checks of
+    several groups, and when a group's rule is made anew (a value of the group set); the
+    steps are the functional API's."""
+    dtype = torch.complex64 if layout == "complex" else torch.float32
+
+    def model() -> Any:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(3, 4, dtype=dtype), nn.Tanh(), nn.Linear(4, 2, dtype=dtype))
+        if layout == "tensors":  # (not contiguous: the group goes to the engine as tensors)
+            m[0].weight = nn.Parameter(torch.randn(8, 3)[::2])
+        m[2].bias.requires_grad_(False)
+        return m
+
+    def loss(m: Any, step: int) -> Any:
+        x = torch.randn(5, 3, generator=torch.Generator().manual_seed(step)).to(dtype)
+        return m(x).abs().square().mean()
+
+    functional, ours, seen = model(), model(), []
+    named = dict(ours.named_parameters())
+    halves = [[(n, p) for n, p in named.items() if n.startswith(i)] for i in "02"]
+    opt = ut.Optimizer([{"params": h} for h in halves], _labelled(kind, seen))
+    lr = "decay.lr" if kind == "partition" else "lr"
+    states = [uo.setup(_labelled(kind, []), dict(h)) for h in
+              [[(n, p) for n, p in functional.named_parameters() if n.startswith(i)]
+               for i in "02"]]
+    for step in range(3):
+        if step == 2:  # (a group's rule made anew asks its labels again)
+            opt.param_groups[1][lr] = 0.05
+            states[1] = uo.adjust(states[1], **{lr: 0.05})
+        for m in (functional, ours):
+            m.zero_grad()
+            loss(m, step).backward()
+        opt.step()
+        with torch.no_grad():
+            for i, st in enumerate(states):
+                ps = {n: p for n, p in functional.named_parameters() if n.startswith("02"[i])}
+                states[i] = uo.update_(st, ps, {n: p.grad for n, p in ps.items()})
+    assert seen and all(any(p is q for q in named.values()) for p in seen)
+    for a, b in zip(ours.parameters(), functional.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(ours[0].weight, model()[0].weight)
+
+
 def test_a_generic_optimizer_rejects_a_named_classes_state() -> None:
     opt, _ = trained("Adam", steps=1)
     generic = ut.Optimizer(

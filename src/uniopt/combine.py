@@ -18,13 +18,14 @@ is an error (a typo would train what was to stay still).
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import fnmatch
 import functools
 import inspect
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, cast
 
 import numpy as np
@@ -48,6 +49,28 @@ from .rules.schedule_free import scalar_like
 from .state import State
 from .transforms.scale import safe_sqrt
 from .tree import NAMESPACE, flatten_leaves, named_paths, path_str, unflatten
+
+# the params as their holder has them, where the engine is handed views of them (uniopt.torch
+# steps NumPy views of CPU tensors, detached tensors on a device): a function that makes that
+# tree, whose leaves label and mask functions see in place of the engine's at the same paths
+HELD: contextvars.ContextVar[Callable[[], Any] | None] = contextvars.ContextVar(
+    "uniopt.combine.HELD", default=None)
+
+
+class Held:
+    """``with Held(make):`` sets :data:`HELD` to ``make`` (a class: a step's cost is two
+    calls, a generator's context manager some microseconds)."""
+
+    __slots__ = ("make", "token")
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+
+    def __enter__(self) -> None:
+        self.token = HELD.set(self.make)
+
+    def __exit__(self, *exc: object) -> None:
+        HELD.reset(self.token)
 
 
 def dotted(path: tuple[Any, ...]) -> str:
@@ -135,6 +158,9 @@ def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any])
         return list(within)
     if isinstance(spec, tuple):
         return [_matches(spec, p) for p in paths]
+    held = HELD.get()
+    if held is not None:
+        leaves = _held(held(), treedef, leaves)
     try:
         return [spec(p, x) for p, x in zip(paths, leaves, strict=True)]
     except TypeError:
@@ -146,6 +172,14 @@ def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any])
             f"{getattr(spec, '__name__', spec)!r} takes one argument, as optax's take the "
             f"whole params tree: write it of (path, leaf), or give its result for these "
             f"params (a tree of them shaped like the params)") from None
+
+
+def _held(tree: Any, treedef: Any, leaves: list[Any]) -> list[Any]:
+    """``tree``'s leaves at the paths of ``treedef``'s (``tree``'s structure, or it with some
+    leaves None: a member's), ``leaves``' where ``tree`` has none there."""
+    own, own_def = flatten_leaves(tree)
+    at = dict(zip(map(tuple, named_paths(own_def)), own, strict=True))
+    return [at.get(tuple(p), x) for p, x in zip(named_paths(treedef), leaves, strict=True)]
 
 
 def _one_argument(fn: Any) -> bool:

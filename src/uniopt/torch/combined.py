@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..base import Transform
+from ..combine import Held
 from ..engine import setup, update_
 from ..interop import dtensor
 from ..state import State, _shown, from_tree, to_tree
@@ -65,6 +66,13 @@ def _tree(group: dict[str, Any], xs: list[Any]) -> Any:
     return dict(zip(names, xs, strict=True)) if names else xs
 
 
+def showing(group: dict[str, Any]) -> Held:
+    """``with showing(group):`` label and mask functions called inside see the group's
+    parameters, as ``uo.setup`` of them hands them, not the engine's views of them (NumPy
+    arrays, detached tensors)."""
+    return Held(lambda: _tree(group, group["params"]))
+
+
 def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
            views: list[Any]) -> State:
     """The group's state: the one held since the last step, else one set up and filled from
@@ -81,7 +89,8 @@ def _state(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
         _refuse_reordered(opt, gi, group, held, entry)
         # (new parameters, or ones of a new dtype or layout since, model.to(torch.float64)
         # after a step: a state set up for them and filled from the last, cast as a load casts)
-        state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
+        with showing(group):
+            state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
         if entry:
             try:
                 state = from_tree(state, entry, _load, f"{opt._name}: state[{key!r}]")
@@ -172,7 +181,8 @@ def check_entry(opt: Any, gi: int, group: dict[str, Any], rule: Transform, entry
     # (as the class's step sees them: Kron's and Sophia-H's draw torch's numbers, as tensors)
     views = [plans._view(p, s) for p, s in zip(
         ps, _specs(ps, getattr(opt, "_group_tensors", False)), strict=True)]
-    state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
+    with showing(group):
+        state = setup(rule, _tree(group, views), state_dtype=group.get("state_dtype"))
     # read, not written: the template's arrays stay as set up (no copy of the parameters, one
     # throw-away state at the load, as the first step after it would set up anyway)
     from_tree(state, containers(entry), _fits, f"{where}: state[{KEY.format(gi)!r}]")
@@ -229,7 +239,8 @@ def averaged(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     ps = group["params"]
     views = _views(ps)
     state = _state(opt, gi, group, rule, views)
-    out = flatten(uo_averaged(state, _tree(group, views), name))[0]
+    with showing(group):  # (a partition's member is found by its labels)
+        out = flatten(uo_averaged(state, _tree(group, views), name))[0]
     return {p: torch.as_tensor(a).clone()
             for p, a in zip(flatten(_tree(group, ps))[0], out, strict=True)}
 
@@ -245,7 +256,8 @@ def eval_weights(opt: Any, gi: int, group: dict[str, Any], rule: Transform,
     views = _views(ps)
     state = _state(opt, gi, group, rule, views)
     leaves, treedef = flatten_leaves(_tree(group, views))
-    xs = _eval_weights(state, treedef, leaves, back)
+    with showing(group):
+        xs = _eval_weights(state, treedef, leaves, back)
     if xs is None:
         return {}
     return {p: torch.as_tensor(x).clone() for p, x in
@@ -284,7 +296,9 @@ def step(opt: Any, gi: int, group: dict[str, Any], rule: Transform, tensors: boo
     ``extra``: the step's extra arguments (``hvp=``)."""
     state, params, grads = prepared or prepare(opt, gi, group, rule, tensors)
     key = KEY.format(gi)
-    state = update_(state, params, grads, **extra)
+    # (a rule made anew, a scheduled group's at each step, asks its labels again)
+    with showing(group):
+        state = update_(state, params, grads, **extra)
     entry = _shared(to_tree(state))
     opt.state[key] = entry
     views = list(params.values()) if isinstance(params, dict) else params  # (group order)
