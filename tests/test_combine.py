@@ -282,6 +282,79 @@ def test_a_mask_shaped_unlike_the_params_is_an_error() -> None:
         uo.setup(uo.masked(uo.sgd(lr=0.1), {"w": True}), params)
 
 
+# trees that are prefixes of _params' structure: a value at an inner node holds for every leaf
+# under it (optax's multi_transform and masked take them so)
+PREFIX_LABELS = {"embed": "embed", "head": "decay",
+                 "layers": ["plain", {"w": "decay", "bias": "plain", "norm": "plain"}]}
+PREFIX_MASK = {"embed": False, "head": True, "layers": [True, {"w": False, "bias": True,
+                                                               "norm": True}]}
+PREFIX_RULES = {
+    "partition": (
+        lambda: uo.partition({"decay": uo.adamw(lr=1e-2, weight_decay=0.1),
+                              "plain": uo.adam(lr=1e-2),
+                              "embed": uo.sgd(lr=1e-3, momentum=0.9)}, PREFIX_LABELS),
+        lambda: optax.multi_transform({"decay": optax.adamw(1e-2, weight_decay=0.1),
+                                       "plain": optax.adam(1e-2),
+                                       "embed": optax.sgd(1e-3, momentum=0.9)}, PREFIX_LABELS)),
+    "masked": (
+        lambda: uo.chain(uo.masked(uo.weight_decay(0.05), PREFIX_MASK), uo.adam(lr=1e-2)),
+        lambda: optax.chain(optax.masked(optax.add_decayed_weights(0.05), PREFIX_MASK),
+                            optax.adam(1e-2))),
+    "freeze": (
+        lambda: uo.freeze(uo.adam(lr=1e-2), PREFIX_MASK),
+        lambda: optax.multi_transform(
+            {"t": optax.adam(1e-2), "f": optax.set_to_zero()},
+            jax.tree.map(lambda frozen: "f" if frozen else "t", PREFIX_MASK))),
+}
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax-jit"])
+@pytest.mark.parametrize("name", list(PREFIX_RULES))
+def test_a_labels_or_mask_tree_may_be_a_prefix_of_the_params(name: str, library: str) -> None:
+    """A labels or mask tree that is a prefix of the params (a label for a whole module) was
+    refused ("the labels tree has structure ..."), where optax's multi_transform and masked
+    take it: its value at an inner node holds for every leaf under it. Against optax's same
+    tree, jitted, in float64."""
+    ours, theirs = PREFIX_RULES[name]
+    rng = np.random.default_rng(3)
+    params = _params(rng)
+    grads = [grads_like(rng, params) for _ in range(BACKEND_STEPS)]
+    want = _run_optax(theirs, params, grads)[-1]
+    if library == "numpy":
+        p = copy_tree(params)
+        state = uo.setup(ours(), p)
+        for g in grads:
+            state = uo.update_(state, p, g)
+    elif library == "torch":
+        torch = pytest.importorskip("torch")
+        p = map_tree(torch.from_numpy, copy_tree(params))
+        state = uo.setup(ours(), p)
+        for g in grads:
+            state = uo.update_(state, p, map_tree(torch.from_numpy, g))
+        p = map_tree(lambda t: t.numpy(), p)
+    else:
+        with jax.enable_x64(True):
+            p = map_tree(jnp.asarray, params)
+            state = uo.setup(ours(), p)
+            step, traces = counting_jit()
+            for g in grads:
+                state, p = step(state, p, map_tree(jnp.asarray, g))
+            assert len(traces) == 1
+    _close(p, want)
+    if name == "freeze":  # (layers[0]'s leaves, under the value True at layers[0])
+        np.testing.assert_array_equal(np.asarray(p["layers"][0]["w"]), params["layers"][0]["w"])
+
+
+def test_a_tree_neither_the_params_structure_nor_a_prefix_says_so() -> None:
+    params = {"a": {"w": np.ones(2), "b": np.ones(2)}, "c": np.ones(2)}
+    for rule in (uo.partition({"x": uo.sgd(lr=0.1)}, {"a": {"w": "x"}, "c": "x"}),
+                 uo.masked(uo.sgd(lr=0.1), {"a": True}),
+                 uo.freeze(uo.sgd(lr=0.1), [True, False])):
+        with pytest.raises(ValueError, match=r"tree has structure .*: it must be the params' "
+                                             r"structure or a prefix of it"):
+            uo.setup(rule, params)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: uo.partition({}, {"w": "a"}), r"rules must be a non-empty dict"),
     (lambda: uo.partition({1: uo.sgd(lr=0.1)}, {"w": "a"}), r"labels must be strings, got 1"),

@@ -153,7 +153,8 @@ def _evaluate(owner: str, what: str, spec: Any, treedef: Any, leaves: list[Any])
         if within is None:
             raise ValueError(
                 f"{owner}: the {what} tree has structure {spec.treedef}, the params "
-                f"{treedef}"
+                f"{treedef}: it must be the params' structure or a prefix of it (a value at "
+                "an inner node holds for every leaf under it)"
             )
         return list(within)
     if isinstance(spec, tuple):
@@ -201,17 +202,20 @@ def _one_argument(fn: Any) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _within(spec: _TreeSpec, treedef: Any) -> tuple[Any, ...] | None:
-    """``spec``'s values at the leaves of ``treedef``, where ``treedef`` is ``spec``'s structure
-    with some leaves None: a combinator's members see the params with the leaves it routes
+    """``spec``'s values at the leaves of ``treedef``, where ``spec`` is a prefix of the
+    params' structure (a value at an inner node holds for every leaf under it, as optax's
+    masks and labels may be) or that structure itself, and ``treedef`` is the params' with
+    some leaves None: a combinator's members see the params with the leaves it routes
     elsewhere so, and a mask or labels tree inside is shaped like the whole params (as in
-    optax). None where the structures differ otherwise."""
+    optax). None where ``spec`` is no such prefix."""
     marks = unflatten(treedef, [True] * treedef.num_leaves)
-    flat, full = optree.tree_flatten(marks, none_is_leaf=True, namespace=NAMESPACE)
-    own, whole = optree.tree_flatten(unflatten(spec.treedef, list(spec.leaves)),
-                                     none_is_leaf=True, namespace=NAMESPACE)
-    if whole != full:
+    try:
+        values = optree.broadcast_prefix(unflatten(spec.treedef, list(spec.leaves)), marks,
+                                         none_is_leaf=True, namespace=NAMESPACE)
+    except ValueError:
         return None
-    return tuple(v for v, m in zip(own, flat, strict=True) if m is True)
+    flat = optree.tree_leaves(marks, none_is_leaf=True, namespace=NAMESPACE)
+    return tuple(v for v, m in zip(values, flat, strict=True) if m is True)
 
 
 # how a combinator's members step: inside a chain (what comes out is their updates), or as a
