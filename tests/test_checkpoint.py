@@ -1753,3 +1753,51 @@ def test_uniopt_torch_refuses_moments_without_a_step() -> None:
     _, sgd = _torch_adam(torch, torch.optim.SGD, momentum=0.9)
     _, ours = _torch_adam(torch, ut.SGD, momentum=0.9)
     ours.load_state_dict(sgd.state_dict())  # (torch's SGD keeps no step: loads as step 1)
+
+
+def _container_params(kind: str) -> Any:
+    if kind == "namedtuple":
+        nt = __import__("collections").namedtuple("NT", "kernel bias")
+        return nt(np.ones((2, 2)), np.ones(2)), "NT"
+    jax = pytest.importorskip("jax")
+    if kind == "FrozenDict":
+        fc = pytest.importorskip("flax.core")
+        return fc.freeze({"params": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}), \
+            "FrozenDict"
+    eqx = pytest.importorskip("equinox")
+    return jax.tree.map(np.asarray, eqx.nn.Linear(2, 2, key=jax.random.PRNGKey(0))), "Linear"
+
+
+@pytest.mark.parametrize("kind", ["namedtuple", "FrozenDict", "equinox"])
+def test_a_labels_tree_of_other_containers_says_to_select_by_path(kind: str,
+                                                                  tmp_path: Any) -> None:
+    """A labels or mask tree shaped like params of namedtuples, flax FrozenDicts or equinox
+    Modules is refused by a save ("rule.labels is a NT, which a checkpoint cannot hold"; for a
+    Module, advice to register it, which refuses a Module: not a frozen dataclass). The error
+    says to select the leaves by dotted paths, and the rule so written saves and resumes."""
+    params, name = _container_params(kind)
+    path = str(tmp_path / "c.safetensors")
+    leaves, treedef = uo.tree.flatten_leaves(params)
+    for rule in (uo.partition({"d": uo.adamw(lr=1e-2, weight_decay=0.1), "n": uo.adam(lr=1e-3)},
+                              uo.tree.unflatten(treedef, ["d" if x.ndim == 2 else "n"
+                                                          for x in leaves])),
+                 uo.masked(uo.adam(lr=1e-3), uo.tree.unflatten(treedef, [x.ndim == 2
+                                                                         for x in leaves]))):
+        with pytest.raises(CheckpointError, match=rf"containers of type {name}, which a "
+                                                  r"checkpoint cannot hold: select the leaves "
+                                                  r"by their dotted paths instead, uo\.by_path"):
+            uo.save(path, uo.setup(rule, params))
+    grads = [uo.tree.unflatten(treedef, [np.full(x.shape, 0.5 + i, x.dtype) for x in leaves])
+             for i in range(4)]
+    for rule in (uo.partition({"d": uo.adamw(lr=1e-2, weight_decay=0.1), "n": uo.adam(lr=1e-3)},
+                              uo.by_path({"*kernel": "d", "*weight": "d", "*": "n"})),
+                 uo.masked(uo.adam(lr=1e-3), ["*kernel", "*weight"])):
+        state, p = uo.update(uo.setup(rule, params), params, grads[0])
+        state, p = uo.update(state, p, grads[1])
+        uo.save(path, state)
+        back, q = uo.load(path, like=(rule, p)), p
+        for g in grads[2:]:
+            state, p = uo.update(state, p, g)
+            back, q = uo.update(back, q, g)
+        for a, b in zip(uo.tree.flatten_leaves(p)[0], uo.tree.flatten_leaves(q)[0], strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -153,6 +153,26 @@ def _number(x: Any, at: str) -> Any:
     return x
 
 
+def _plain_tree(treedef: Any, at: str) -> None:
+    """Raise unless a tree of masks or labels is of containers a checkpoint holds (dicts,
+    lists, tuples, registered records): a namedtuple's, a FrozenDict's or a module's was
+    refused deeper down, with advice that led nowhere (an equinox Module is no frozen
+    dataclass to register)."""
+    others, stack = set(), [treedef]
+    while stack:
+        t = stack.pop()
+        if t.type is not None and (t.type not in (dict, list, tuple, type(None)) or hasattr(
+                t.type, "_fields")) and _type_name(t.type) is None:
+            others.add(t.type.__qualname__)
+        stack.extend(t.children())
+    if others:
+        raise CheckpointError(
+            f"{at} is a tree of masks or labels with containers of type "
+            f"{', '.join(sorted(others))}, which a checkpoint cannot hold: select the leaves "
+            "by their dotted paths instead, uo.by_path({glob: label, ...}) for labels, a list "
+            "of globs for a mask")
+
+
 class _Encode:
     """A value as data: None, bools, numbers, strings, lists (tuples), and dicts tagged by
     ``"$"``: ``list``, ``dict`` (key-value pairs), ``record`` (type and fields), ``regex``,
@@ -194,6 +214,7 @@ class _Encode:
         if is_optax(x) and not isinstance(x, type):
             return {"$": "optax", "type": type(x).__qualname__}
         if isinstance(x, (_TreeSpec, Mask)):  # a tree of masks or labels: the tree itself
+            _plain_tree(x.treedef, at)
             return self(optree.tree_unflatten(x.treedef, list(x.leaves)), at)
         if isinstance(x, tuple) and not hasattr(x, "_fields"):
             return [self(v, f"{at}[{i}]") for i, v in enumerate(x)]
