@@ -648,3 +648,80 @@ def test_an_array_for_a_schedules_number_is_refused_saying_what_to_write() -> No
     got = jax.vmap(lambda x: x * schedules.cosine(1.0, steps=10)(3))(jnp.asarray([1.0, 2.0]))
     np.testing.assert_allclose(np.asarray(got), [schedules.cosine(1.0, steps=10)(3),
                                                  2 * schedules.cosine(2.0, steps=10)(3) / 2])
+
+
+# --- stairs, cycles, phases and ends under jax.jit: exactly Python's ----------------------------
+
+def _reciprocal_misses(dtype: Any, count: int) -> list[int]:
+    """The first step counts ``n`` with ``n * (1 / n) != 1`` in ``dtype``: XLA divides by a
+    constant as a multiply by its rounded reciprocal, so a quotient ``s / n`` decides a stair, a
+    cycle or an end one update late there (41, 47, 55, ... in float32; 49, 98, ... in float64)."""
+    one = dtype(1)
+    return [n for n in range(1, 1000) if dtype(n) * (one / dtype(n)) != one][:count]
+
+
+_SIZES = [1, 2, 3, 10, *_reciprocal_misses(np.float32, 4), *_reciprocal_misses(np.float64, 4)]
+
+
+def _restarts(n: int, m: int) -> list[int]:
+    out, start, length = [], n, n * m
+    while start < 2**24:  # float32 steps are exact to 2**24
+        out.append(start)
+        start, length = start + length, length * m
+    return out
+
+
+# name: (the schedule for a step count n, the steps where its value turns: a stair, a restart,
+# a peak or an end, at a value float32 holds)
+_DECISIONS: dict[str, tuple[Callable[[int], Any], Callable[[int], list[int]]]] = {
+    "linear": (lambda n: schedules.linear(1.0, 0.0, n), lambda n: [0, n, 7 * n]),
+    "linear up": (lambda n: schedules.linear(0.0, 1.0, n), lambda n: [0, n, 7 * n]),
+    "cosine": (lambda n: schedules.cosine(1.0, n), lambda n: [0, n, 7 * n]),
+    "polynomial": (lambda n: schedules.polynomial(1.0, 0.0, n, 2.0), lambda n: [0, n, 7 * n]),
+    "staircase": (lambda n: schedules.exponential(1.0, 0.5, n, staircase=True),
+                  lambda n: [k * n + d for k in range(1, 41) for d in (-1, 0)]),
+    "cyclic": (lambda n: schedules.cyclic(0.0, 1.0, n, 2 * n + 1, mode="triangular2"),
+               lambda n: [k * (3 * n + 1) + d for k in range(12) for d in (0, n)]),
+    "wsd linear": (lambda n: schedules.wsd(1.0, n, 3, n, shape="linear"),
+                   lambda n: [n, n + 3, 2 * n + 3]),
+    "wsd 1-sqrt": (lambda n: schedules.wsd(1.0, 2, n, n), lambda n: [2, n + 2, 2 * n + 2]),
+    "inverse_sqrt": (lambda n: schedules.warmup(n, schedules.inverse_sqrt(1.0, n)),
+                     lambda n: [0, n]),
+}
+# sgdr's restarts are sums of powers of mult (7 * (1 + 7) = 56): a division by mult - 1 missed
+# them; each schedule is a (steps, mult) pair
+_SGDR = [(n, m) for n in (1, 7) for m in (2, 4, 6, 7, 11, 12, 14, 16)]
+_DECISIONS["sgdr"] = (lambda i: schedules.sgdr(1.0, *_SGDR[i]),
+                      lambda i: [0, *_restarts(*_SGDR[i])])
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "x64"])
+@pytest.mark.parametrize("name", sorted(_DECISIONS))
+def test_decisions_under_jit_are_pythons(name: str, x64: bool) -> None:
+    """Each stair, cycle, restart, peak and end under ``jax.jit`` falls on the step Python's
+    puts it: uo.update hands a schedule its count as the default float, optax as the int32
+    count, and under jit ``s / n`` is ``s * (1 / n)``. sgdr with ``mult=7, steps=7`` was at
+    its floor at the restart (7 * (1 / 6) * 6 = 7.0000005), StepLR with 41 steps decayed a
+    step late, linear(1, 0, 41) ended an ulp above 0. At each decision the jitted value is
+    Python's exactly, a step either side they agree to float32's rounding. The step counts are
+    the first whose reciprocal rounds in float32 and in float64, and a few others."""
+    make, points = _DECISIONS[name]
+    sizes = range(len(_SGDR)) if name == "sgdr" else _SIZES
+    scheds = [make(n) for n in sizes]
+    # each decision's step and its neighbours
+    steps = [np.add.outer(points(n), [-1, 0, 1]).clip(0).ravel() for n in sizes]
+    with jax.enable_x64(x64):
+
+        def values(ks: list[Any]) -> list[Any]:
+            return [f(k) for s, k in zip(scheds, ks, strict=True)
+                    for f in (jax.vmap(lambda c, s=s: uo.hyper.resolve(s, c)), jax.vmap(s))]
+
+        got = jax.jit(values)([jnp.asarray(k, jnp.int32) for k in steps])
+    for i, (s, ks) in enumerate(zip(scheds, steps, strict=True)):
+        want = np.array([s(int(k)) for k in ks])
+        exact = np.arange(len(ks)) % 3 == 1
+        for g in got[2 * i:2 * i + 2]:
+            g = np.asarray(g, dtype=float)
+            bad = np.flatnonzero(exact & (g != want))
+            assert not len(bad), (s, ks[bad].tolist(), g[bad].tolist(), want[bad].tolist())
+            np.testing.assert_allclose(g, want, rtol=0, atol=1e-6, err_msg=repr(s))

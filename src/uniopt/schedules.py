@@ -142,6 +142,24 @@ def _lerp(xp: Any, a: float, b: Any, t: Any) -> Any:
     return xp.clip(xp.where(t >= 1, b, a + (b - a) * t), lo, hi)
 
 
+# Stairs, cycles, phases and ends are decided by comparing the step with whole numbers, never by
+# a rounded quotient: under jax.jit XLA divides by a constant as a multiply by its rounded
+# reciprocal, so 41 / 41 is 1 - 2**-24 in float32 (an end missed by an ulp) and 41 // 41 is 0
+# (a stair one update late).
+
+
+def _fraction(xp: Any, k: Any, n: int) -> Any:
+    """``k / n`` for ``0 <= k <= n``, exactly 1 at ``k = n`` (where ``_lerp`` pins its end)."""
+    return xp.where(k >= n, 1.0, k / n)
+
+
+def _floor_div(xp: Any, s: Any, n: int) -> Any:
+    """``floor(s / n)`` for ``s >= 0``, exact for any ``s`` its type holds exactly: the rounded
+    quotient's floor, corrected by one where a multiply-compare says it is off."""
+    q = xp.floor(s / n)
+    return xp.where(q * n > s, q - 1, xp.where((q + 1) * n <= s, q + 1, q))
+
+
 
 
 # why an array is no schedule's number, and what to write instead (a sweep's or a
@@ -232,9 +250,8 @@ class linear(_Record):
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
-        return _result(
-            xp, _lerp(xp, self.init, self.end, xp.clip(step, 0, self.steps) / self.steps)
-        )
+        t = _fraction(xp, xp.clip(step, 0, self.steps), self.steps)
+        return _result(xp, _lerp(xp, self.init, self.end, t))
 
 
 @dataclass(frozen=True)
@@ -268,7 +285,11 @@ class cosine(_Record):
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
-        decay = 0.5 * (1 + xp.cos(math.pi * xp.clip(step, 0, self.steps) / self.steps))
+        k = xp.clip(step, 0, self.steps)
+        decay = 0.5 * (1 + xp.cos(math.pi * k / self.steps))
+        # (at the end, under jax.jit, the cosine's argument is an ulp off pi: 0 only by the
+        # cosine's flatness there)
+        decay = xp.where(k >= self.steps, 0.0, decay)
         if self.exponent != 1:
             decay = xp.pow(xp.clip(decay, 0), self.exponent)  # a base a hair below 0: nan
         return _result(xp, _lerp(xp, self.floor, self.init, decay))
@@ -320,9 +341,8 @@ class exponential(_Record):
 
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
-        p = xp.clip(step, 0) / self.steps
-        if self.staircase:
-            p = xp.floor(p)
+        s = xp.clip(step, 0)
+        p = _floor_div(xp, s, self.steps) if self.staircase else s / self.steps
         value = self.init * xp.pow(self.rate, p)
         if self.end is not None:
             value = xp.clip(value, self.end) if self.rate < 1 else xp.clip(value, None, self.end)
@@ -484,7 +504,7 @@ class polynomial(_Record):
         # (steps - s) / steps, not 1 - s / steps: no cancellation near the end, where it would
         # cost ~steps ulps of the value (torch's and optax's last values), nor a hair below 0
         # under jax.jit (an fma; optax's pow then gives nan)
-        left = (self.steps - xp.clip(step, 0, self.steps)) / self.steps
+        left = _fraction(xp, self.steps - xp.clip(step, 0, self.steps), self.steps)
         return _result(xp, _lerp(xp, self.end, self.init, xp.pow(left, self.power)))
 
 
@@ -630,17 +650,21 @@ class sgdr(_Record):
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         s, n, m = xp.clip(step, 0), self.steps, self.mult
+        start: Any = 0
+        length: Any = n
         if m == 1:
-            start, length = s - xp.remainder(s, n), n
+            start = s - xp.remainder(s, n)
+        elif xp is _Scalar:
+            while s >= start + length:  # whole numbers
+                start, length = start + length, length * m
         else:
-
-            def start_of(i: Any) -> Any:
-                return n * (xp.pow(m, i) - 1) / (m - 1)  # integers, exact in floats below 2**53
-
-            i = xp.floor(xp.log(s / n * (m - 1) + 1) / math.log(m))
-            # the rounded log may land one cycle off next to a restart
-            i = xp.where(s >= start_of(i + 1), i + 1, xp.where(s < start_of(i), i - 1, i))
-            start, length = start_of(i), n * xp.pow(m, i)
+            # the last restart up to the step, of every restart below 2**53 (past which no
+            # float step is exact), each a float: an int32 step refuses a larger int
+            restart = n
+            while restart < 2**53:
+                start = xp.where(s >= float(restart), float(restart), start)
+                restart = restart * m + n
+            length = (m - 1) * start + n  # n * m**i, a whole number as the start is
         decay = 0.5 * (1 + xp.cos(math.pi * (s - start) / length))
         return _result(xp, _lerp(xp, self.floor, self.init, decay))
 
@@ -689,7 +713,7 @@ class cyclic(_Record):
         down = up if self.steps_down is None else self.steps_down
         s = xp.clip(step, 0)
         at = xp.remainder(s, up + down)
-        x = xp.where(at <= up, at / up, (up + down - at) / down)
+        x = xp.where(at <= up, _fraction(xp, at, up), (up + down - at) / down)
         if self.mode == "triangular2":
             x = x * xp.pow(0.5, xp.floor_divide(s, up + down))
         elif self.mode == "exp_range":
@@ -735,7 +759,8 @@ class wsd(_Record):
     def __call__(self, step: int) -> float:
         xp = _namespace(step)
         k = xp.clip(step - self.warmup - self.stable, 0, self.decay)
-        left = (self.decay - k) / self.decay  # 1 - t, exact near the end (as in polynomial)
+        # 1 - t, exact near the end (as in polynomial)
+        left = _fraction(xp, self.decay - k, self.decay)
         if self.shape == "1-sqrt":
             f = left / (1 + xp.sqrt(k / self.decay))  # 1 - sqrt(t) without its cancellation
         elif self.shape == "linear":
@@ -773,7 +798,10 @@ class inverse_sqrt(_Record):
         # (a float sum: optax hands its int32 count, which step + an int timescale wrapped
         # near its end, to a NaN)
         scale = float(self.timescale)
-        return _result(xp, self.init / xp.sqrt((xp.clip(step, 0) + scale) / scale))
+        s = xp.clip(step, 0)
+        # (1 at step 0 exactly, where init is: under jax.jit a quotient by the timescale is a
+        # product with its rounded reciprocal)
+        return _result(xp, self.init / xp.sqrt(xp.where(s > 0, (s + scale) / scale, 1.0)))
 
 
 @dataclass(frozen=True)
