@@ -416,6 +416,35 @@ def test_torch_onecycle_linear_end() -> None:
     assert us.onecycle(LR, N, kind="linear")(N - 1) == min_lr
 
 
+@pytest.mark.parametrize(("pct_start", "base", "top", "kind", "three_phase"), [
+    (0.3, 0.85, 0.95, "cosine", False), (0.25, 0.85, 0.95, "linear", True),
+    (0.3, 0.5, 0.9, "cosine", False), (0.35, 0.7, 0.98, "cosine", True),
+])
+def test_torch_onecycle_momentum(
+    pct_start: float, base: float, top: float, kind: Any, three_phase: bool
+) -> None:
+    """OneCycleLR's momentum (``cycle_momentum``, on by default) is the ``piecewise_interpolate``
+    docs/schedules.md writes, bit for bit; ``onecycle(base, n, pct_start, base / top, 1.0)`` is
+    too where ``base / (base / top)`` rounds back to ``top`` (at torch's 0.85 and 0.95)."""
+    n = 1000
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))], lr=LR,
+                          momentum=0.9)
+    sched = lr_scheduler.OneCycleLR(
+        opt, LR, n, pct_start=pct_start, anneal_strategy="cos" if kind == "cosine" else "linear",
+        three_phase=three_phase, base_momentum=base, max_momentum=top)
+    opt.step()
+    theirs = []
+    for _ in range(n):
+        theirs.append(opt.param_groups[0]["momentum"])
+        sched.step()
+    up = pct_start * n - 1
+    knots = {up: base, 2 * up: top, n - 1: top} if three_phase else {up: base, n - 1: top}
+    ours = us.piecewise_interpolate(top, knots, kind)
+    assert [ours(k) for k in range(n)] == theirs
+    onecycle = us.onecycle(base, n, pct_start, base / top, 1.0, kind, three_phase)
+    assert (onecycle == ours) == (base / (base / top) == top) == (top == 0.95)
+
+
 def test_torch_cyclic_loses_bits_in_later_cycles() -> None:
     """CyclicLR finds the position in the cycle as ``1 + s / total - cycle``: a difference of
     numbers the size of the cycle count, so later cycles lose bits (1.2e-12 relative with
