@@ -690,7 +690,7 @@ _DECISIONS: dict[str, tuple[Callable[[int], Any], Callable[[int], list[int]]]] =
 }
 # sgdr's restarts are sums of powers of mult (7 * (1 + 7) = 56): a division by mult - 1 missed
 # them; each schedule is a (steps, mult) pair
-_SGDR = [(n, m) for n in (1, 7) for m in (2, 4, 6, 7, 11, 12, 14, 16)]
+_SGDR = [(n, m) for n in (1, 7) for m in (2, 6, 7, 12)]
 _DECISIONS["sgdr"] = (lambda i: schedules.sgdr(1.0, *_SGDR[i]),
                       lambda i: [0, *_restarts(*_SGDR[i])])
 
