@@ -11,6 +11,7 @@ operation); the runs below were measured to stay within 1e-12 of torch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -213,6 +214,41 @@ def test_state_dict_loads_both_ways_and_continues(direction: str) -> None:
     tail = [(float(resumed.step(closure).detach()), [p.detach().numpy().copy() for p in ps])
             for _ in range(3)]
     assert max_error(head + tail, straight) <= TOL
+
+
+def _progress(cls: Any, problem: str, steps: int, **kw: Any) -> tuple[list[Any], Any]:
+    """What a closure reads of the state as it runs (``n_iter``, ``func_evals``, the lengths
+    of ``al``, ``old_dirs`` and ``ro``, ``prev_flat_grad``; through ``opt._params[0]`` as
+    logging code reads it) at each call of ``steps`` steps."""
+    ps = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in X0[problem]]
+    opt = cls(ps, **kw)
+    seen: list[Any] = []
+
+    def closure() -> Any:
+        st = opt.state[opt._params[0]]
+        seen.append((st["n_iter"], st["func_evals"], len(st.get("al", ())),
+                     len(st.get("old_dirs", ())), len(st.get("ro", ())),
+                     st["prev_flat_grad"].tolist() if "prev_flat_grad" in st else None))
+        opt.zero_grad()
+        loss = TORCH_LOSS[problem](*ps)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return seen, opt
+
+
+@pytest.mark.parametrize("kw", CASES[:4])
+def test_a_closure_reads_the_state_mid_step_as_torchs(kw: dict[str, Any]) -> None:
+    """``opt._params`` is the group's params, and the state of the first holds torch's counts
+    at every call of the closure (a fresh state's first call included)."""
+    theirs, _ = _progress(torch.optim.LBFGS, "rosenbrock", 3, **kw)
+    ours, opt = _progress(ut.LBFGS, "rosenbrock", 3, **kw)
+    assert ours == theirs and len(ours) > 6
+    assert opt._params is opt.param_groups[0]["params"]
+    assert opt._numel() == 5 and opt._gather_flat_grad().shape == (5,)
+    assert copy.deepcopy(opt)._params[0].shape == (5,)  # (torch's copy has none)
 
 
 def test_load_state_dict_rejects_another_optimizers_state() -> None:

@@ -773,7 +773,10 @@ class Minimizer(WholeTree):
     a part before it would see only the first gradient, one after it nothing.
 
     ``minimize(xp, x, state, evaluate) -> (x, state, loss)``: ``loss`` is the first
-    evaluation's, as the closure returned it (torch's ``step(closure)`` returns it)."""
+    evaluation's, as the closure returned it (torch's ``step(closure)`` returns it). A dict
+    ``state`` is the minimizer's to write its entries into as it goes (never the arrays they
+    hold): an in-place step hands it the state's own, so a closure reads them mid-step, and
+    puts them back if the step fails; a pure step hands it a copy."""
 
     def minimize(self, xp: Any, x: Any, state: Any,
                  evaluate: Callable[[Any], tuple[Any, Any]]) -> tuple[Any, Any, Any]:

@@ -2345,16 +2345,25 @@ def _minimize(state: State, params: Any, closure: Closure, inplace: bool) -> Any
         with backend.outside_autograd(leaves):
             return loss, _flat(xp, g)
 
+    # a minimizer may write the entries of a dict state as it goes, so that a closure reads
+    # them mid-step (LBFGS's n_iter and func_evals, as torch's): in place into the state's
+    # own dict, put back if the step fails; a pure step's into a copy
+    held = state.tree_states[key]
+    before = dict(held) if isinstance(held, dict) else held
+    work = held if inplace or not isinstance(held, dict) else dict(held)
     try:
         with backend.quiet():  # (the minimizer's own arithmetic; the closure: evaluate)
-            x, tree, loss = resolved.minimize(xp, x0, state.tree_states[key], evaluate)
+            x, tree, loss = resolved.minimize(xp, x0, work, evaluate)
     except BaseException:
         if inplace:
             with backend.outside_autograd(leaves):
                 for p, v in zip(leaves, _split(xp, x0, leaves), strict=True):
                     backend.assign(p, v)
+            if isinstance(held, dict):
+                held.clear()
+                held.update(before)
         raise
-    tree = _kept_dtypes(tree, state.tree_states[key])
+    tree = _kept_dtypes(tree, before)
     if not (inplace or backend.is_jax(leaves[0])):  # (as update: nothing given handed back)
         tree = _unshared(tree, (state.tree_states, leaves))
     new = dataclasses.replace(state, step=_next_step(state.step), tree_states={key: tree})

@@ -95,7 +95,8 @@ class lbfgs_step(Minimizer):
         return None
 
     def minimize(self, xp: Any, x: Any, state: Any, evaluate: Evaluate) -> tuple[Any, Any, Any]:
-        st = dict(state)
+        # (its own dict, written as torch writes its state: a closure reads the counts mid-step)
+        st = state
         lr, tol_change = self.lr, self.tolerance_change
         max_iter = self.max_iter
         max_eval = self.max_eval if self.max_eval is not None else max_iter * 5 // 4
@@ -107,8 +108,13 @@ class lbfgs_step(Minimizer):
             return x, st, orig_loss
         d: Any = st.get("d")
         t, h_diag = st.get("t"), st.get("H_diag")
-        old_dirs, old_stps = list(st.get("old_dirs", ())), list(st.get("old_stps", ()))
-        ro, al = list(st.get("ro", ())), st.get("al")
+        # the history's lists are the state's, grown as they are (copies: the state handed in
+        # keeps its own), as torch grows its state's in place
+        for k in ("old_dirs", "old_stps", "ro"):
+            if k in st:
+                st[k] = list(st[k])
+        old_dirs, old_stps, ro = (st.get(k, []) for k in ("old_dirs", "old_stps", "ro"))
+        al = st.get("al")
         prev_g, prev_loss = st.get("prev_flat_grad"), st.get("prev_loss")
         n = 0
         while n < max_iter:
@@ -127,6 +133,7 @@ class lbfgs_step(Minimizer):
                     ro.append(1.0 / ys)
                     h_diag = ys / (y @ y)
                 al = list(al) if al is not None else [None] * self.history_size
+                st["al"] = al  # (torch's, filled in place as the recursion goes)
                 # the two-loop recursion: d = -H g with H the limited-memory inverse Hessian
                 q = -g
                 for i in range(len(old_dirs) - 1, -1, -1):
@@ -137,6 +144,8 @@ class lbfgs_step(Minimizer):
                     be_i = (old_dirs[i] @ d) * ro[i]
                     d = _axpy(al[i] - be_i, old_stps[i], d)
             prev_g, prev_loss = g, loss
+            if "prev_flat_grad" in st:  # (torch's copies the gradient into the state's)
+                st["prev_flat_grad"] = g
             t = min(1.0, 1.0 / xp.sum(xp.abs(g))) * lr if st["n_iter"] == 1 else lr
             gtd = g @ d
             if gtd > -tol_change:  # not a descent direction any more
@@ -169,8 +178,6 @@ class lbfgs_step(Minimizer):
                 break  # no progress
         st.update(d=d, t=t, old_dirs=old_dirs, old_stps=old_stps, ro=ro, H_diag=h_diag,
                   prev_flat_grad=prev_g, prev_loss=prev_loss)
-        if al is not None:
-            st["al"] = al
         return x, st, orig_loss
 
 

@@ -483,6 +483,18 @@ class LBFGS(_Named, torch.optim.LBFGS):
         super()._init(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+        self._lbfgs_attrs()
+
+    def _lbfgs_attrs(self) -> None:
+        # torch's: code reads the state as opt.state[opt._params[0]] (its n_iter, func_evals),
+        # and torch's own helpers (_gather_flat_grad, _numel) read them
+        self._params = self.param_groups[0]["params"]
+        self._numel_cache = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if len(self.param_groups) == 1:  # (torch's copy lacks them: its __getstate__ drops them)
+            self._lbfgs_attrs()
 
     def _step(self, closure: Any = None) -> Any:
         if closure is None:
@@ -504,16 +516,24 @@ class LBFGS(_Named, torch.optim.LBFGS):
             raise ValueError(f"LBFGS: history_size is {len(held)} in the state and "
                              f"{group['history_size']!r} in the param group: it cannot change "
                              "mid-run; make a new optimizer (or load a state of that size)")
-        tree = {"func_evals": 0, "n_iter": 0, **{k: st[k] for k in _LBFGS_KEYS if k in st}}
-        state = State(rule, 0, {}, flat_list_def(len(ps)), None, {rule.tree_layout[0]: tree})
+        # the parameter's own dict is the engine's state, written as the step goes: a closure
+        # reads n_iter and func_evals there mid-step, as torch's (put back if the step fails)
+        fresh = [k for k in ("func_evals", "n_iter") if k not in st]
+        st.update(dict.fromkeys(fresh, 0))
+        state = State(rule, 0, {}, flat_list_def(len(ps)), None, {rule.tree_layout[0]: st})
 
         def evaluate(_: Any) -> tuple[Any, list[torch.Tensor]]:
             with torch.enable_grad():
                 loss = closure()
             return loss, [_flat_grad(p, q) for p, q in zip(ps, leaves, strict=True)]
 
-        with torch.no_grad():
-            new, loss = minimize_step_(state, leaves, evaluate)
+        try:
+            with torch.no_grad():
+                new, loss = minimize_step_(state, leaves, evaluate)
+        except BaseException:
+            for k in fresh:
+                st.pop(k, None)
+            raise
         st.update(new.tree_states[rule.tree_layout[0]])
         return loss
 
