@@ -14,6 +14,7 @@ does, on the same data.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 import zlib
@@ -372,3 +373,34 @@ def test_rprop_skips_a_nan_gradient_entry_as_torch(n: int, foreach: bool) -> Non
     for k in (3, 4):  # (optax 0.2.8 hands out the step before: its first is 0)
         state = uo.update_(state, p, [grads[k].numpy()])
     assert np.isnan(p[0][: n // 3]).all()
+
+
+@pytest.mark.parametrize(("name", "kw"), [("NAdam", {"lr": 0.01}),
+                                          ("ASGD", {"lr": 0.05, "t0": 2, "lambd": 1e-2})])
+def test_a_resumed_float64_run_holds_the_numbers_as_torchs_load_casts_them(
+        name: str, kw: dict[str, Any]) -> None:
+    """torch's load_state_dict casts NAdam's mu_product and ASGD's eta and mu to a float64
+    parameter's dtype (its default dtype's float32 until then), and NAdam then multiplies its
+    product in float64: a run resumed from its own checkpoint, twice, is torch's bit for bit,
+    and so are its saved numbers, dtype included."""
+    runs = []
+    for cls in (getattr(torch.optim, name), getattr(ut, name)):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        opt = cls([p], **kw)
+        saved = []
+        for s in range(30):
+            if s in (3, 17):
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            p.grad = torch.randn(3, 4, dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(s))
+            opt.step()
+            saved.append({k: v.clone() for k, v in opt.state_dict()["state"][0].items()
+                          if k != "step"})
+        runs.append((p.detach().clone(), saved))
+    (theirs, their_saved), (ours, our_saved) = runs
+    assert torch.equal(ours, theirs)
+    for a, b in zip(their_saved, our_saved, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

@@ -728,15 +728,25 @@ def _number(v: Any) -> Any:
 
 
 # a run of a step under way: its positions in the group (a slice: all), its step count, the
-# values it steps with and the numbers it takes
-_Stepping = tuple[Any, int, dict[str, Any], tuple[float, ...]]
+# values it steps with, the numbers it takes and the dtype they are held in
+_Stepping = tuple[Any, int, dict[str, Any], tuple[float, ...], str]
+
+# the dtypes torch holds the numbers in, by the code a record keeps beside them (0: its
+# default dtype, _scalar_dtype; another, a half dtype, is not followed)
+_HELD = {32.0: "float32", 64.0: "float64"}
+
+
+def _code(dtype: Any) -> float:
+    """The code of torch dtype ``dtype`` in ``_HELD`` (0.0: none)."""
+    return {torch.float32: 32.0, torch.float64: 64.0}.get(dtype, 0.0)
 
 
 @dataclasses.dataclass
 class _Carried:
     """torch's per-parameter numbers of one group, by position in ``params``: ``values[i]`` as
-    torch held them after parameter ``i``'s ``counts[i]``-th step. Where ``counts[i]`` is not
-    the parameter's step count (-1: never known) they are derived from it."""
+    torch held them after parameter ``i``'s ``counts[i]``-th step, then the code of the dtype
+    it holds them in (``_HELD``: a load casts them to the parameter's). Where ``counts[i]`` is
+    not the parameter's step count (-1: never known) they are derived from it."""
 
     params: list[torch.Tensor]
     values: Any  # (len(params), numbers) float64 array
@@ -768,11 +778,15 @@ class _Derived(_Named):
         """The numbers after ``step`` steps, each of them with ``values``."""
         raise NotImplementedError
 
-    def _advance(self, values: dict[str, Any], step: int,
-                 old: tuple[float, ...]) -> tuple[float, ...]:
+    def _advance(self, values: dict[str, Any], step: int, old: tuple[float, ...],
+                 dtype: str) -> tuple[float, ...]:
         """The numbers after the step from ``step`` steps, which took ``values``, from
-        ``old``, those before it."""
+        ``old``, those before it, held in ``dtype``."""
         raise NotImplementedError
+
+    # whether a step's arithmetic on the numbers is in the dtype torch holds them in (NAdam's
+    # mu_product *= mu), so that numbers a load cast to a float64 parameter's dtype step in it
+    _steps_held: ClassVar[bool] = False
 
     def _derivable(self, values: dict[str, Any], step: int, numbers: tuple[float, ...]) -> bool:
         """Whether a rule of ``values`` steps from ``step`` as ``numbers`` make it."""
@@ -798,7 +812,7 @@ class _Derived(_Named):
             return rec
         if rec is None or not (len(rec.params) == len(params)
                                and all(map(operator.is_, rec.params, params))):
-            new = _Carried.new(params, len(self._derived))
+            new = _Carried.new(params, len(self._derived) + 1)
             kept = self._kept()
             for j, p in enumerate(params):
                 found = kept.get(id(p))
@@ -830,49 +844,66 @@ class _Derived(_Named):
     def _numbers(self, rec: _Carried, i: int, group: dict[str, Any],
                  step: int) -> tuple[float, ...]:
         """Parameter ``i``'s numbers at ``step`` steps: as kept, else derived (and kept)."""
-        if rec.counts[i] != step:
-            rec.values[i] = self._derive(self._values_at(group, step), step)
+        if rec.counts[i] != step:  # (derived as the default dtype holds them)
+            rec.values[i] = (*self._derive(self._values_at(group, step), step), 0.0)
             rec.counts[i] = step
-        return tuple(rec.values[i].tolist())
+        return tuple(rec.values[i, :-1].tolist())
+
+    @staticmethod
+    def _held(rec: _Carried, i: int) -> str:
+        """The dtype torch holds parameter ``i``'s numbers in."""
+        return _HELD.get(float(rec.values[i, -1]), _scalar_dtype())
 
     def _run_tags(self, gi: int, group: dict[str, Any], has: list[bool]) -> list[Any] | None:
         ps = group["params"]
         rec = self._record(gi, list(ps))
-        return [self._numbers(rec, i, group, plans.state_step(self.state.get(p, {})))
+        return [(*self._numbers(rec, i, group, plans.state_step(self.state.get(p, {}))),
+                 self._steps_held and self._held(rec, i))
                 if h else None for i, (p, h) in enumerate(zip(ps, has, strict=True))]
 
     def _run_rules(self, gi: int, plan: plans.Plan, rule: Transform) -> list[Transform] | None:
         group = plan.group
         rec = self._record(gi, plan.params)
         steps = plan.run_steps()
-        fields: list[tuple[Any, ...] | None] = []  # None: the step count gives the numbers
+        # None: the step count gives the numbers; else the dtype the step holds them in and
+        # (step count, *numbers)
+        fields: list[tuple[str, tuple[Any, ...]] | None] = []
         stepping: list[_Stepping] = []  # what _step advances each run's numbers from
+        default = _scalar_dtype()
         for run, step in zip(plan.runs, steps, strict=True):
             first, at = (0, slice(None)) if run.idx is None else (int(run.idx[0]), run.idx)
             numbers = self._numbers(rec, first, group, step)
             values = self._values_at(group, step)
-            stepping.append((at, step, values, numbers))
-            fields.append(None if self._derivable(values, step, numbers) else (step, *numbers))
+            held = self._held(rec, first)
+            stepping.append((at, step, values, numbers, held))
+            dtype = held if self._steps_held else default
+            fields.append(None if dtype == default and self._derivable(values, step, numbers)
+                          else (dtype, (step, *numbers)))
         self._stepping()[gi] = (rec, stepping)
         if not any(fields):
             return None
-        by_step = {f[0]: f for f in fields if f is not None}
-        if all(by_step.get(step) == f for step, f in zip(steps, fields, strict=True)):
-            # no two runs at one step count take other numbers: one rule serves them all
-            return [self._carrying(group, rule, tuple(sorted(by_step.values())))]
-        made = {f: self._carrying(group, rule, (f,)) for f in set(fields) - {None}}
+        by_step = {f[1][0]: f for f in fields if f is not None}
+        dtypes = {default if f is None else f[0] for f in fields}
+        if len(dtypes) == 1 and all(
+                by_step.get(step) == f for step, f in zip(steps, fields, strict=True)):
+            # no two runs at one step count take other numbers, nor hold them in another dtype
+            # (a run that derives its numbers, in the default one): one rule serves them all
+            return [self._carrying(group, rule, tuple(sorted(f[1] for f in by_step.values())),
+                                   dtypes.pop())]
+        made = {f: self._carrying(group, rule, (f[1],), f[0]) for f in set(fields) if f}
         return [rule if f is None else made[f] for f in fields]
 
-    def _carrying(self, group: dict[str, Any], rule: Transform, carried: Any) -> Transform:
-        """The group's ``rule`` taking the numbers ``carried``."""
+    def _carrying(self, group: dict[str, Any], rule: Transform, carried: Any,
+                  dtype: str) -> Transform:
+        """The group's ``rule`` taking the numbers ``carried``, held in ``dtype``."""
         if group.get("maximize"):  # a chain: built anew (a third of the time more)
-            return self._group_rule({**group, _CARRIED: carried})
-        return dataclasses.replace(cast(Any, rule), **{self._carried: carried})
+            return self._group_rule({**group, _CARRIED: (carried, dtype)})
+        return dataclasses.replace(cast(Any, rule), scalar_dtype=dtype,
+                                   **{self._carried: carried})
 
     def _build_rule(self, group: dict[str, Any]) -> Transform:
-        rule = dataclasses.replace(cast(Any, super()._build_rule(group)),
-                                   scalar_dtype=_scalar_dtype())
-        carried = group.get(_CARRIED)
+        carried, dtype = group.get(_CARRIED, (None, _scalar_dtype()))
+        rule = dataclasses.replace(cast(Any, super()._build_rule(group)), scalar_dtype=dtype)
         return rule if carried is None else dataclasses.replace(rule, **{self._carried: carried})
 
     def _stepping(self) -> dict[int, tuple[_Carried, list[_Stepping]]]:
@@ -894,8 +925,11 @@ class _Derived(_Named):
         # (every number read, and refused if it is none, before any is taken out)
         for i, (p, st) in enumerate(state.items()):
             if isinstance(st, dict) and all(n in st for n in self._derived):
-                found[id(p)] = (np.array([self._loaded_number(i, n, st[n], written=True)
-                                          for n in self._derived]),
+                # (torch steps on with the tensors written, in their dtype)
+                code = _code(getattr(st[self._derived[0]], "dtype", None))
+                dtype = _HELD.get(code, _scalar_dtype())
+                found[id(p)] = (np.array([*(self._loaded_number(i, n, st[n], dtype, written=True)
+                                            for n in self._derived), code]),
                                 float(plans.state_step(st)))
         for st in holding:
             for n in self._derived:
@@ -918,8 +952,8 @@ class _Derived(_Named):
         finally:
             self._park(vars(self).pop("_retired", ()))
         for rec, runs in stepping.values():
-            for at, step, values, numbers in runs:
-                rec.values[at] = self._advance(values, step, numbers)
+            for at, step, values, numbers, held in runs:
+                rec.values[at, :-1] = self._advance(values, step, numbers, held)
                 rec.counts[at] = step + 1
         stepping.clear()
         return loss
@@ -961,25 +995,31 @@ class _Derived(_Named):
                     continue
                 step = int(st["step"])
                 kept = held.get(id(p))
+                at = dtype  # (in the dtype torch holds them in: a load's, the parameter's)
                 if kept is not None and kept[1] == step:
-                    numbers = tuple(kept[0].tolist())
+                    numbers = tuple(kept[0][:-1].tolist())
+                    at = {32.0: torch.float32, 64.0: torch.float64}.get(float(kept[0][-1]), dtype)
                 else:
                     numbers = self._derive(self._values_at(group, step), step)
-                extra = {n: torch.tensor(x, dtype=dtype)
+                extra = {n: torch.tensor(x, dtype=at)
                          for n, x in zip(self._derived, numbers, strict=True)}
                 state[k] = {**st, **extra}  # a new dict: the optimizer's own stays as it is
         return sd
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``; the numbers of ``_derived`` are kept per parameter,
-        beside its state (a parameter's state without them: derived from its step count)."""
-        kept: dict[Any, tuple[float, ...]] = {}
+        beside its state (a parameter's state without them: derived from its step count), in
+        the dtype torch casts them to: the parameter's (a complex one's: as saved)."""
+        kept: dict[Any, tuple[Any, ...]] = {}
         if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict):
             state = {}
             for k, st in state_dict["state"].items():
                 if isinstance(st, dict):
                     if all(n in st for n in self._derived):
-                        kept[k] = tuple(self._loaded_number(k, n, st[n]) for n in self._derived)
+                        # (each read, and refused if it is none, before anything is loaded)
+                        for n in self._derived:
+                            self._loaded_number(k, n, st[n], "float64")
+                        kept[k] = tuple(st[n] for n in self._derived)
                     st = {n: v for n, v in st.items() if n not in self._derived}
                 state[k] = st
             state_dict = {**state_dict, "state": state}
@@ -988,16 +1028,21 @@ class _Derived(_Named):
         records.clear()
         for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups,
                                                 strict=True)):
-            rec = records[gi] = _Carried.new(list(group["params"]), len(self._derived))
+            rec = records[gi] = _Carried.new(list(group["params"]), len(self._derived) + 1)
             for j, (k, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
                 if k in kept:
-                    rec.values[j] = kept[k]
+                    saved_as = getattr(kept[k][0], "dtype", None)
+                    code = _code(p.dtype if p.is_floating_point() else saved_as)
+                    dtype = _HELD.get(code, _scalar_dtype())
+                    rec.values[j] = (*(self._loaded_number(k, n, x, dtype) for n, x in
+                                       zip(self._derived, kept[k], strict=True)), code)
                     rec.counts[j] = plans.state_step(self.state.get(p, {}))
 
-    def _loaded_number(self, k: Any, name: str, x: Any, written: bool = False) -> float:
-        """A loaded state's number, as this session's torch keeps it (its default dtype);
-        ``written``: one written into the state by hand (:meth:`_adopt_written`), refused in
-        the words of the step that found it."""
+    def _loaded_number(self, k: Any, name: str, x: Any, dtype: str,
+                       written: bool = False) -> float:
+        """A loaded state's number, as torch keeps it, in ``dtype``; ``written``: one written
+        into the state by hand (:meth:`_adopt_written`), refused in the words of the step that
+        found it."""
         if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
             x = x.item()
         if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -1006,7 +1051,7 @@ class _Derived(_Named):
                                  f"{name} {x!r}, not a number; nothing was stepped")
             raise ValueError(f"{self._name}.load_state_dict: the state of parameter {k} has "
                              f"{name} {x!r}, not a number; nothing was loaded")
-        return float(round_scalar(float(x), _scalar_dtype()))
+        return float(round_scalar(float(x), dtype))
 
 
 class NAdam(_Derived, torch.optim.NAdam):
@@ -1039,10 +1084,12 @@ class NAdam(_Derived, torch.optim.NAdam):
         return (mu_product(values["betas"][0], values["momentum_decay"], step, exact=True,
                            dtype=_scalar_dtype()),)
 
-    def _advance(self, values: dict[str, Any], step: int,
-                 old: tuple[float, ...]) -> tuple[float, ...]:
+    def _advance(self, values: dict[str, Any], step: int, old: tuple[float, ...],
+                 dtype: str) -> tuple[float, ...]:
         mu = nadam_mu(values["betas"][0], values["momentum_decay"], float(step + 1))
-        return (times_mu(old[0], mu, _scalar_dtype()),)
+        return (times_mu(old[0], mu, dtype),)
+
+    _steps_held = True
 
     def _derivable(self, values: dict[str, Any], step: int, numbers: tuple[float, ...]) -> bool:
         # (a product negligible next to 1 changes no coefficient: no new rule for it)
@@ -1088,6 +1135,8 @@ class ASGD(_Derived, torch.optim.ASGD):
         self._last_derived = (key, numbers)
         return numbers
 
-    def _advance(self, values: dict[str, Any], step: int,
-                 old: tuple[float, ...]) -> tuple[float, ...]:
+    def _advance(self, values: dict[str, Any], step: int, old: tuple[float, ...],
+                 dtype: str) -> tuple[float, ...]:
+        # (torch computes them in its default dtype, and copies them into its state's tensors:
+        # a float64 one holds them as they are)
         return self._derive(values, step + 1)
