@@ -2282,7 +2282,7 @@ def test_a_rule_that_reads_the_loss_takes_the_closures(name: str) -> None:
         return loss
 
     for _ in range(4):
-        loss = float(opt.step(closure))
+        loss = float(opt.step(closure).detach())  # (the closure's loss, as torch's step hands it)
         state, params = uo.update(state, params, [2 * params[0] + 1],
                                   value=float((params[0] ** 2).sum() + params[0].sum()))
         assert loss == pytest.approx(float((w.detach() ** 2).sum()), abs=10)
