@@ -4288,6 +4288,131 @@ def test_a_loaded_step_as_a_numpy_number_loads_as_torch_loads_it(step: Any) -> N
     assert plans.state_step(opt.state[q]) == 2
 
 
+def _state_moved(opt: Any, move: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """The widely copied ``optimizer_to(optim, device)``: ``.data`` of every state tensor
+    assigned (on the CPU, ``move`` a copy: new memory, as ``.to("cuda")`` and back)."""
+    for st in opt.state.values():
+        if isinstance(st, dict):
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    v.data = move(v.data)
+
+
+def _seeded_step(opt: Any, ps: list[torch.Tensor], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    opt.step()
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam",
+                                  "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop", "Adafactor"])
+def test_state_moved_by_data_mid_run_counts_on_and_resumes_as_torch(
+        name: str, torch_scalars_in_double: None) -> None:
+    """``optimizer_to`` moves each state tensor by assigning its ``.data`` (new memory, the same
+    tensor): the steps went on from uniopt's own count, but ``state[p]["step"]`` and
+    ``state_dict()`` stayed at the count of the move (3 of 8), and a run resumed from that
+    checkpoint differed from the one that went on. The step reads the moved count and writes
+    on into the same tensor, as torch's; the checkpoint resumes bit for bit, in either (in
+    float64: torch's load casts NAdam's and ASGD's float32 numbers to the parameters' dtype,
+    and its own resumed run then differs from the one that went on)."""
+    kw = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {}
+    runs, saved, sds = {}, {}, {}
+    for mod in (torch.optim, ut):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(2, 3, dtype=torch.float64)),
+              nn.Parameter(torch.randn(3, dtype=torch.float64))]
+        opt = getattr(mod, name)(ps, **kw)
+        for s in range(3):
+            _seeded_step(opt, ps, s)
+        _state_moved(opt, torch.clone)  # (offloaded...)
+        _state_moved(opt, torch.clone)  # (... and back)
+        held = opt.state[ps[0]]["step"] if mod is ut else None
+        for s in range(3, 8):
+            _seeded_step(opt, ps, s)
+        if mod is ut:
+            assert opt.state[ps[0]]["step"] is held and held.item() == 8
+        sds[mod] = copy.deepcopy(opt.state_dict())
+        saved[mod] = [p.detach().clone() for p in ps]
+        _seeded_step(opt, ps, 8)
+        runs[mod] = [p.detach().clone() for p in ps]
+    assert all(map(torch.equal, runs[ut], runs[torch.optim]))
+    for k in (0, 1):
+        theirs = sds[torch.optim]["state"][k].get("step", 8)  # (torch's SGD keeps none)
+        assert float(sds[ut]["state"][k]["step"]) == float(theirs) == 8
+    for src in (torch.optim, ut):
+        for dst in (torch.optim, ut):
+            qs = [nn.Parameter(p.clone()) for p in saved[src]]
+            resumed = getattr(dst, name)(qs, **kw)
+            resumed.load_state_dict(copy.deepcopy(sds[src]))
+            _seeded_step(resumed, qs, 8)
+            assert all(map(torch.equal, qs, runs[torch.optim])), (src.__name__, dst.__name__)
+
+
+@pytest.mark.parametrize("kw", [{}, {"foreach": True}], ids=["plain", "foreach"])
+def test_a_step_count_given_new_memory_is_read_by_the_next_step(kw: dict[str, Any]) -> None:
+    """``state[p]["step"].data = torch.tensor(1.)`` restarts that parameter's count from 1 in
+    torch; uniopt stepped on from its own count, the tensor frozen at 1."""
+    out = {}
+    for mod in (torch.optim, ut):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(3, dtype=torch.float64)),
+              nn.Parameter(torch.randn(2, dtype=torch.float64))]
+        opt = mod.Adam(ps, lr=0.1, **kw)
+        for s in range(3):
+            _seeded_step(opt, ps, s)
+        held = opt.state[ps[0]]["step"]
+        held.data = torch.tensor(1.0)
+        seen = []
+        for s in range(3, 6):
+            _seeded_step(opt, ps, s)
+            seen.append([opt.state[p]["step"].item() for p in ps])
+        assert opt.state[ps[0]]["step"] is held
+        out[mod] = ([p.detach().clone() for p in ps], seen,
+                    [float(st["step"]) for st in opt.state_dict()["state"].values()])
+    (ours, seen, saved), (theirs, seen_t, saved_t) = out[ut], out[torch.optim]
+    assert seen == seen_t == [[2.0, 4.0], [3.0, 5.0], [4.0, 6.0]]
+    assert saved == saved_t == [4.0, 6.0]
+    assert all(map(torch.equal, ours, theirs))
+
+
+def test_state_put_in_shared_memory_mid_run_steps_on_as_torchs() -> None:
+    """``share_memory_()`` of each state tensor after a step (A3C's shared optimizers, made
+    late) moves the memory of the group's whole buffer of counts: its NumPy view then read
+    freed memory (garbage counts, a crash)."""
+    out = []
+    for mod in (torch.optim, ut):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2)]
+        opt = mod.Adam(ps, lr=0.1)
+        for s in range(5):
+            _seeded_step(opt, ps, s)
+            if s == 1:
+                for p in ps:
+                    for v in opt.state[p].values():
+                        v.share_memory_()
+        out.append(([p.detach().clone() for p in ps], [opt.state[p]["step"].item() for p in ps]))
+    assert all(map(torch.equal, out[0][0], out[1][0])) and out[0][1] == out[1][1] == [5.0, 5.0]
+
+
+def test_a_sparse_rows_step_count_given_new_memory_is_read_by_the_next_step() -> None:
+    """The same for a parameter whose sparse gradient's rows step (Adagrad's), whose state is
+    looked up at each step."""
+    out = []
+    for mod in (torch.optim, ut):
+        torch.manual_seed(0)
+        emb = nn.Embedding(5, 2, sparse=True).double()
+        opt = mod.Adagrad(emb.parameters(), lr=0.1)
+        for s in range(6):
+            if s == 3:
+                opt.state[emb.weight]["step"].data = torch.tensor(1.0)
+            opt.zero_grad()
+            emb(torch.tensor([s % 5, (s + 2) % 5])).square().sum().backward()
+            opt.step()
+        out.append((emb.weight.detach().clone(), opt.state[emb.weight]["step"].item()))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1] == 4.0
+
+
 @pytest.mark.parametrize("cls", ["SGD", "Adam"])
 def test_a_later_groups_gradient_viewing_an_earlier_groups_parameter_reads_it_stepped(
         cls: str) -> None:

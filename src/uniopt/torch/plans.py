@@ -444,6 +444,30 @@ class Steps:
             return cls(list(params), buf, counts, list(buf.unbind()),
                        np.ones((), counts.dtype))
 
+    def rebased(self) -> Steps:
+        """The NumPy view made anew where the buffer's memory moved (``share_memory_()`` of a
+        count moves its whole storage's, and frees the old)."""
+        if self.np.ctypes.data != self.buf.data_ptr():
+            self.np = backend.numpy_view(self.buf)
+        return self
+
+    def holds(self, i: int) -> bool:
+        """Whether ``views[i]`` still views its place in the buffer: a tensor's ``.data``
+        assigned (``optimizer_to``'s ``t.data = t.data.to(device)``, and back) keeps the
+        tensor, with memory of its own."""
+        view = self.views[i]
+        return (view.data_ptr() == self.buf.data_ptr() + i * self.buf.element_size()
+                and view.dtype == self.buf.dtype)
+
+    def relink(self, i: int) -> torch.Tensor:
+        """``views[i]`` viewing its place in the buffer again (the same tensor: one a user
+        holds, as torch's step tensor, shows the counts that follow)."""
+        view = self.views[i]
+        if not self.holds(i):
+            with torch._C._DisableFuncTorch():
+                view.data = self.buf[i]
+        return view
+
     def of(self, ps: list[torch.Tensor]) -> bool:
         """Whether these are the counts of parameters ``ps``."""
         return len(ps) == len(self.params) and all(map(operator.is_, ps, self.params))
@@ -502,9 +526,10 @@ def ensure_state(state: MutableMapping[Any, dict[str, Any]], p: torch.Tensor, ru
             if created:  # (a refused set-up leaves the optimizer's state as it was)
                 del state[p]
             raise
-    if st.get("step") is not steps.views[i]:
+    if st.get("step") is not steps.rebased().views[i] or not steps.holds(i):
+        # (a count replaced, or its tensor's memory: read, then counted in the buffer again)
         steps.set(i, state_step(st))
-        st["step"] = steps.views[i]
+        st["step"] = steps.relink(i)
     if missing:
         for key, name in missing:
             s = fresh[key][0]
@@ -1292,6 +1317,10 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
     dicts += states
     keys += ["step"] * len(states)
     held += [steps.views[i] for i in sel]
+    # a count's memory replaced where its tensor is (``state[p]["step"].data = ...``, as the
+    # common ``optimizer_to(optim, device)`` moves every state tensor): the step reads it anew
+    # (ensure_state); the counts are the optimizer's own, with memory of their own everywhere
+    addressed += [steps.views[i] for i in sel]
     fast_ = (not any(sparse) and all(s == PLAIN for s in specs)
              and not any(p.is_complex() for p in sel_params))
     dtypes = {p.dtype for p in sel_params}
