@@ -4413,6 +4413,49 @@ def test_a_sparse_rows_step_count_given_new_memory_is_read_by_the_next_step() ->
     assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1] == 4.0
 
 
+@pytest.mark.parametrize("value", [3, 0.5, [1, 2], torch.tensor(3.0)],
+                         ids=["int", "float", "list", "tensor"])
+@pytest.mark.parametrize("name", ["AdamW", "LBFGS", "SparseAdam"])
+def test_a_state_entry_of_no_parameter_loads_as_torch_keeps_it(name: str, value: Any) -> None:
+    """Training scripts keep their own counter in the optimizer's state
+    (``optimizer.state["step"] = step``): torch saves it and loads it back as it is, where
+    uniopt's load refused it (``the state's state must be a dict of each parameter's state``),
+    its own checkpoint included. Both ways, as torch; a parameter's state that is no dict is
+    still refused (test_a_state_dict_of_another_shape_says_so_and_loads_nothing)."""
+
+    def stepped(mod: Any, p: torch.Tensor, sd: Any = None) -> Any:
+        opt = getattr(mod, name)([p])
+        if sd is not None:
+            opt.load_state_dict(sd)
+        if name == "SparseAdam":
+            p.grad = torch.ones_like(p).to_sparse()
+            opt.step()
+        else:
+            def closure() -> Any:
+                opt.zero_grad()
+                loss = p.square().sum()
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return opt
+
+    for src in (torch.optim, ut):
+        p = nn.Parameter(torch.arange(4.0, dtype=torch.float64))
+        opt = stepped(src, p)
+        opt.state["step"] = value
+        sd = copy.deepcopy(opt.state_dict())
+        assert str(sd["state"]["step"]) == str(value)
+        results = []
+        for dst in (torch.optim, ut):
+            q = nn.Parameter(p.detach().clone())
+            resumed = stepped(dst, q, copy.deepcopy(sd) if dst is torch.optim else sd)
+            assert str(resumed.state["step"]) == str(value)
+            results.append(q.detach())
+        assert torch.equal(*results)
+        # kept as it is (the same object), as torch keeps it
+        assert resumed.state["step"] is sd["state"]["step"]
+
+
 @pytest.mark.parametrize("cls", ["SGD", "Adam"])
 def test_a_later_groups_gradient_viewing_an_earlier_groups_parameter_reads_it_stepped(
         cls: str) -> None:

@@ -440,7 +440,8 @@ class SparseAdam(_Named, torch.optim.SparseAdam):
 
     def _state_dict(self) -> dict[str, Any]:
         sd = super()._state_dict()
-        sd["state"] = {k: {**st, "step": int(st["step"])} if "step" in st else st
+        sd["state"] = {k: {**st, "step": int(st["step"])}
+                       if isinstance(st, dict) and "step" in st else st
                        for k, st in sd["state"].items()}
         return sd
 
@@ -550,7 +551,13 @@ class LBFGS(_Named, torch.optim.LBFGS):
             raise ValueError(f"{where}: the state has {len(groups[0]['params'])} parameters, "
                              f"this optimizer {len(ps)}; nothing was loaded")
         n = sum(plans.real(p).numel() for p in ps)
+        ids = set(groups[0]["params"])
         for k, st in state_dict["state"].items():
+            if k not in ids:
+                continue  # (a key of no parameter, kept as it is, as torch keeps it)
+            if not isinstance(st, dict):
+                raise TypeError(f"{where}: the state of parameter {k!r} is a "
+                                f"{type(st).__name__}, not a dict; nothing was loaded")
             extra = sorted(set(st) - set(_LBFGS_KEYS))
             if extra:
                 raise ValueError(f"{where}: the state of parameter {k} has {extra}, which "

@@ -45,13 +45,10 @@ def check_loadable(opt: Loading, sd: Any) -> None:
         raise TypeError(
             f"{where}: the state's param_groups must be a list of dicts, each with its 'params' "
             f"(a list of ids), got {_shape_of(saved)}; nothing was loaded")
-    if not isinstance(sd["state"], dict) or not all(
-            isinstance(st, dict) for st in sd["state"].values()):
-        bad = sd["state"] if not isinstance(sd["state"], dict) else next(
-            st for st in sd["state"].values() if not isinstance(st, dict))
+    if not isinstance(sd["state"], dict):
         raise TypeError(
             f"{where}: the state's state must be a dict of each parameter's state (a dict), "
-            f"found {type(bad).__name__}; nothing was loaded")
+            f"found {type(sd['state']).__name__}; nothing was loaded")
     if len(saved) != len(opt.param_groups):
         raise ValueError(
             f"{where}: the state has {len(saved)} parameter groups, this optimizer has "
@@ -73,7 +70,15 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             owner[k] = (gi, j, p, rule, values)
     counts: dict[int, dict[int, Any]] = {}  # of groups whose rule steps them together
     for k, st in sd["state"].items():
-        if k not in owner or not st:
+        if k not in owner:
+            # (a key of no parameter is kept as it is, as torch keeps it: a script's own
+            # counter, optimizer.state["step"] = n)
+            continue
+        if not isinstance(st, dict):
+            raise TypeError(
+                f"{where}: the state's state must be a dict of each parameter's state (a "
+                f"dict), found {type(st).__name__} for parameter {k!r}; nothing was loaded")
+        if not st:
             continue
         gi, j, p, rule, values = owner[k]
         what = f"the state of parameter {k} (group {gi}, position {j})"
