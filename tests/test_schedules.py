@@ -725,3 +725,22 @@ def test_decisions_under_jit_are_pythons(name: str, x64: bool) -> None:
             bad = np.flatnonzero(exact & (g != want))
             assert not len(bad), (s, ks[bad].tolist(), g[bad].tolist(), want[bad].tolist())
             np.testing.assert_allclose(g, want, rtol=0, atol=1e-6, err_msg=repr(s))
+
+
+def test_sgdr_at_an_infinite_step_fails_rather_than_walking_its_cycles_forever() -> None:
+    """A Python step walks sgdr's cycles in whole numbers; an infinite one walked them without
+    end. It now fails at once, as it did before the walk (math's cosine of inf)."""
+    import threading
+
+    out: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            schedules.sgdr(1.0, steps=10, mult=2)(math.inf)
+        except ValueError as e:
+            out.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and len(out) == 1

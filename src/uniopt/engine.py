@@ -2467,19 +2467,18 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(rule):
         return _protocol_pairs(rule, state, step, extra_args)
     negate = makes_step(rule)
-    # a step computed wider than its params (16-bit params, or a state_dtype's) goes back as
-    # the difference of the new params, rounded as uo.update stores them, and the old: in the
-    # state_dtype, which optax.apply_updates adds in and then rounds to the params' (the
-    # step's own dtype would round the params twice: the update, then the sum); without a
-    # state_dtype in the params' own dtype, as before, where the difference is exact unless
-    # the parameter more than halves or doubles in the step
-    wide = negate and _widened(state, step.params)
+    # a step computed wider than its params (a state_dtype's) goes back as the difference of
+    # the new params, rounded as uo.update stores them, and the old: in the wider dtype, which
+    # optax.apply_updates adds in and then rounds to the params' (the step's own dtype would
+    # round the params twice: the update, then the sum). Not without params (the gradients
+    # stand in for them), nor without a state_dtype: there the updates are the steps, which
+    # a later member of an optax chain may read (optax.apply_every sums them)
+    wide = negate and params is not None and _widened(state, step.params)
     with backend.outside_autograd(step.params), backend.quiet():
         deltas, slots, trees = _deltas(dataclasses.replace(state, rule=rule), step.params,
                                        step.grads, extra_args, finish=wide)
     if wide:
-        updates = [_to_add(new, p, state.state_dtype is None)
-                   for new, p in zip(deltas, step.params, strict=True)]
+        updates = [_to_add(new, p) for new, p in zip(deltas, step.params, strict=True)]
     else:
         updates = [_as_new_array(-u if negate else u, g, (g,))
                    for u, g in zip(deltas, step.grads, strict=True)]
@@ -2493,8 +2492,10 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
 
 
 def _widened(state: State, params: list[Any]) -> bool:
-    """Whether ``state`` computes a step of some leaf of ``params`` in a dtype wider than the
-    leaf's own (a 16-bit leaf's, or a ``state_dtype``'s)."""
+    """Whether ``state`` (set up with a ``state_dtype``) computes a step of some leaf of
+    ``params`` in a dtype wider than the leaf's own."""
+    if state.state_dtype is None:
+        return False
     for p in params:
         dt = _compute_dtype(p, backend.namespace(p), state.state_dtype)
         if dt is not None and backend.float_bits(dt) > backend.float_bits(p.dtype):
@@ -2502,7 +2503,7 @@ def _widened(state: State, params: list[Any]) -> bool:
     return False
 
 
-def _to_add(new: Any, p: Any, narrow: bool = False) -> Any:
+def _to_add(new: Any, p: Any) -> Any:
     """The update that ``optax.apply_updates`` (``(p + u).astype(p.dtype)``) turns into the
     parameter :func:`update` stores, ``a`` (``new`` rounded once to ``p``'s dtype): ``u = a - p``
     in ``new``'s dtype, so that the sum is ``a`` and its rounding changes nothing. The
@@ -2512,16 +2513,13 @@ def _to_add(new: Any, p: Any, narrow: bool = False) -> Any:
     shrinks more than that in one step, by a product, lands within the wide dtype's rounding of
     the old value, which no update in that dtype can do better. Where ``a``
     equals ``p``, a zero of ``a``'s sign: ``p + u`` keeps an infinite ``p`` and the sign of a
-    zero (``a - p`` would give NaN, or +0 to a -0). ``narrow``: in ``p``'s dtype (a state
-    without a ``state_dtype``, whose updates keep the params' dtype), exact where ``a`` is
-    within a factor 2 of ``p`` (Sterbenz), rounded once more otherwise."""
+    zero (``a - p`` would give NaN, or +0 to a -0)."""
     xp = backend.namespace(p)
     if backend.float_bits(new.dtype) > backend.float_bits(p.dtype):
         a, old = xp.astype(backend.narrowed(new, p.dtype), new.dtype), xp.astype(p, new.dtype)
     else:  # (a leaf computed in its own dtype, beside wider ones)
         a, old = _as_new_array(new, p, (p,)), p
-    u = xp.where(a == old, xp.copysign(xp.zeros_like(a), a), a - old)
-    return backend.narrowed(u, p.dtype) if narrow else u
+    return xp.where(a == old, xp.copysign(xp.zeros_like(a), a), a - old)
 
 
 def _held_as(like: Any, tree: Any) -> Any:

@@ -655,7 +655,8 @@ class sgdr(_Record):
         if m == 1:
             start = s - xp.remainder(s, n)
         elif xp is _Scalar:
-            while s >= start + length:  # whole numbers
+            # whole numbers (an infinite step walks none: it would never end)
+            while s >= start + length and math.isfinite(s):
                 start, length = start + length, length * m
         else:
             # the last restart up to the step, of every restart below 2**53 (past which no
