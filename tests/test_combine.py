@@ -349,7 +349,11 @@ def test_a_tree_neither_the_params_structure_nor_a_prefix_says_so() -> None:
     params = {"a": {"w": np.ones(2), "b": np.ones(2)}, "c": np.ones(2)}
     for rule in (uo.partition({"x": uo.sgd(lr=0.1)}, {"a": {"w": "x"}, "c": "x"}),
                  uo.masked(uo.sgd(lr=0.1), {"a": True}),
-                 uo.freeze(uo.sgd(lr=0.1), [True, False])):
+                 uo.freeze(uo.sgd(lr=0.1), [True, False]),
+                 # None over a subtree the params have (optax refuses it too; spread, it read
+                 # as False), and None over a leaf
+                 uo.masked(uo.sgd(lr=0.1), {"a": None, "c": True}),
+                 uo.partition({"x": uo.sgd(lr=0.1)}, {"a": "x", "c": None})):
         with pytest.raises(ValueError, match=r"tree has structure .*: it must be the params' "
                                              r"structure or a prefix of it"):
             uo.setup(rule, params)

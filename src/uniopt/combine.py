@@ -215,7 +215,10 @@ def _within(spec: _TreeSpec, treedef: Any) -> tuple[Any, ...] | None:
     except ValueError:
         return None
     flat = optree.tree_leaves(marks, none_is_leaf=True, namespace=NAMESPACE)
-    return tuple(v for v, m in zip(values, flat, strict=True) if m is True)
+    out = tuple(v for v, m in zip(values, flat, strict=True) if m is True)
+    # (a None over a leaf the params have, a subtree's spread: no label, no mask; optax refuses
+    # it too, and taken as one it stepped those leaves to 0)
+    return None if any(v is None for v in out) else out
 
 
 # how a combinator's members step: inside a chain (what comes out is their updates), or as a
