@@ -117,21 +117,29 @@ def test_partition_matches_optax_multi_transform(library: str) -> None:
             _close(p, w)
         assert_same(jax.tree.leaves(p), jax.tree.leaves(pi))
     elif library == "torch":
-        torch = pytest.importorskip("torch")
-        pt = map_tree(torch.from_numpy, copy_tree(params))
-        state = uo.setup(_uniopt_rule(), pt)
-        for g in grads:
-            state = uo.update_(state, pt, map_tree(torch.from_numpy, g))
-        _close(map_tree(lambda t: t.numpy(), pt), want[-1])
+        _close(_last_params("torch", _uniopt_rule, params, grads), want[-1])
     else:
-        with jax.enable_x64(True):
-            pj = map_tree(jnp.asarray, params)
-            state = uo.setup(_uniopt_rule(), pj)
-            step, traces = counting_jit()
-            for g in grads:
-                state, pj = step(state, pj, map_tree(jnp.asarray, g))
-            assert len(traces) == 1
-            _close(pj, want[-1])
+        _close(_last_params("jax", _uniopt_rule, params, grads), want[-1])
+
+
+def _last_params(library: str, make: Any, params: Any, grads: list[Any]) -> Any:
+    """The params after ``make()``'s steps on ``grads``: torch tensors stepped in place (as
+    NumPy), or JAX arrays under jax.jit in float64, compiled once."""
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        p = map_tree(torch.from_numpy, copy_tree(params))
+        state = uo.setup(make(), p)
+        for g in grads:
+            state = uo.update_(state, p, map_tree(torch.from_numpy, g))
+        return map_tree(lambda t: t.numpy(), p)
+    with jax.enable_x64(True):
+        p = map_tree(jnp.asarray, params)
+        state = uo.setup(make(), p)
+        step, traces = counting_jit()
+        for g in grads:
+            state, p = step(state, p, map_tree(jnp.asarray, g))
+        assert len(traces) == 1
+        return p
 
 
 def test_each_member_keeps_state_for_its_own_leaves_only() -> None:
@@ -325,21 +333,8 @@ def test_a_labels_or_mask_tree_may_be_a_prefix_of_the_params(name: str, library:
         state = uo.setup(ours(), p)
         for g in grads:
             state = uo.update_(state, p, g)
-    elif library == "torch":
-        torch = pytest.importorskip("torch")
-        p = map_tree(torch.from_numpy, copy_tree(params))
-        state = uo.setup(ours(), p)
-        for g in grads:
-            state = uo.update_(state, p, map_tree(torch.from_numpy, g))
-        p = map_tree(lambda t: t.numpy(), p)
     else:
-        with jax.enable_x64(True):
-            p = map_tree(jnp.asarray, params)
-            state = uo.setup(ours(), p)
-            step, traces = counting_jit()
-            for g in grads:
-                state, p = step(state, p, map_tree(jnp.asarray, g))
-            assert len(traces) == 1
+        p = _last_params(library.removesuffix("-jit"), ours, params, grads)
     _close(p, want)
     if name == "freeze":  # (layers[0]'s leaves, under the value True at layers[0])
         np.testing.assert_array_equal(np.asarray(p["layers"][0]["w"]), params["layers"][0]["w"])
