@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -106,6 +107,19 @@ def test_import_graph_has_no_cycle_and_points_down() -> None:
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_a_library_blocked_from_import_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sys.modules["jax"] = None`` is how a user (or a test) keeps JAX out: ``import uniopt``
+    took the key for JAX imported, and failed importing it to tell it of a State."""
+    from uniopt.interop import jax as interop
+
+    monkeypatch.setitem(sys.modules, "jax", None)
+    monkeypatch.setitem(sys.modules, "flax", None)
+    # (each is cached after its first call: in their place, whether they are called at all)
+    monkeypatch.setattr(interop, "_register_jax", lambda: pytest.fail("JAX told"))
+    monkeypatch.setattr(interop, "_register_flax", lambda: pytest.fail("flax told"))
+    interop.register_state()  # what import uniopt and every set-up run
 
 
 def test_the_graph_check_sees_a_cycle(tmp_path: Path) -> None:

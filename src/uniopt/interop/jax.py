@@ -155,9 +155,10 @@ def register_state() -> None:
     called when uniopt is imported and at every set-up, so whatever the leaves (JAX arrays,
     flax ``Variable``s, NNX ``Param``s) a state meets JAX knowing its type, and JAX is never
     imported by uniopt itself."""
-    if "jax" in sys.modules:
+    # (a key that holds None is a library blocked from import, as a test or a user blocks one)
+    if sys.modules.get("jax") is not None:
         _register_jax()
-    if "flax" in sys.modules:
+    if sys.modules.get("flax") is not None:
         _register_flax()
 
 
