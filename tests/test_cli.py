@@ -3,6 +3,7 @@ conventions, and the plots (matplotlib) and progress bar (rich) of the optional 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -644,6 +645,8 @@ def test_compare_mlp_reports_no_gap(capsys):
 
 
 _USER_MODULE = '''
+import math
+
 import numpy as np
 
 def bowl(x):
@@ -697,8 +700,16 @@ def nan_start(x):
 
 nan_start.x0 = [1.0, 2.0]
 
+def log_bowl(x):  # defined for x > 0 only: at x < 0, math.log raises above y = 0.55 and
+    # np.log gives NaN (with a RuntimeWarning) below
+    log = math.log if x[1] > 0.55 else np.log
+    return float(x[0] - log(x[0]) + (x[1] - 2.0) ** 2), np.array([1 - 1 / x[0],
+                                                                   2 * (x[1] - 2)])
+
+log_bowl.x0 = [0.05, 0.5]
+
 class Broken:
-    name, optimum = "broken", 0.0
+    name, description, optimum = "broken", "its grad raises", 0.0
 
     def init(self, seed):
         return np.zeros(2)
@@ -711,6 +722,20 @@ class Broken:
 
 broken = Broken()
 also_broken = Broken()
+
+class Nameless:  # a problem object without name and description
+    optimum = 0.0
+
+    def init(self, seed):
+        return np.zeros(2)
+
+    def loss(self, x):
+        return float(x @ x)
+
+    def grad(self, x):
+        return 2.0 * x
+
+nameless = Nameless()
 '''
 
 
@@ -738,11 +763,16 @@ def test_compare_runs_a_problem_of_your_own(capsys, user_module):
     ("{m}:bowel", "did you mean 'bowl'"),
     ("{m}:nostart", "nostart.x0 = [...]"),
     ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+    # (an AttributeError's traceback at the table, after the runs)
+    ("{m}:nameless", "{m}:nameless: a problem object is used as it is, with name, description, "
+                     "optimum (None where unknown), init(seed), loss(params) and grad(params); "
+                     "it has no name, description"),
 ])
 def test_a_bad_problem_of_your_own_is_a_usage_error(capsys, user_module, spec, said):
     assert main(["compare", "--problems", spec.format(m=user_module)]) == 2
     err = capsys.readouterr().err
-    assert said in err and "argument --problems" in err and "Traceback" not in err
+    assert said.format(m=user_module) in err and "argument --problems" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(("function", "said"), [
@@ -797,6 +827,18 @@ def test_the_same_problem_twice_runs_once(capsys, user_module):
     doc = _compare_json(capsys, "--steps", "3", "--rules", "adam",
                         "--problems", f"{user_module}:bowl,{user_module}:bowl,rosenbrock")
     assert [r["problem"] for r in doc["results"]] == [f"{user_module}:bowl", "rosenbrock"]
+
+
+def test_problems_is_repeatable_as_rules_is(capsys, user_module):
+    """A second --problems kept only itself: the first was dropped without a word."""
+    doc = _compare_json(capsys, "--steps", "2", "--rules", "adam", "--problems", "quadratic",
+                        "--problems", f"rosenbrock,quadratic,{user_module}:bowl", "--problems",
+                        f"{user_module}:bowl")
+    assert [r["problem"] for r in doc["results"]] == ["quadratic", "rosenbrock",
+                                                      f"{user_module}:bowl"]
+    assert main(["compare", "--problems", f"{user_module}:broken", "--problems",
+                 f"{user_module}:also_broken"]) == 2
+    assert "two problems are named 'broken'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("seeds", "said"), [
@@ -1003,6 +1045,24 @@ def test_compare_shows_the_bar_on_a_terminal(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_the_bar_is_stopped_when_a_run_fails():
+    """A schedule invalid at a later update, after the bar had shown: the bar was left running,
+    redrawn after the error, the terminal's cursor hidden."""
+    import io
+
+    Console = pytest.importorskip("rich.console").Console
+    from uniopt.tools import cli
+    from uniopt.tools.parse import UsageError
+
+    out = io.StringIO()
+    bar = cli.Progress(200, enabled=True, delay=0.0,
+                       console=Console(file=out, force_terminal=True, width=80))
+    with pytest.raises(UsageError, match="on beale, update 52"):
+        cli.compare(uo.tools.parse.rules(["sgd,adam:lr=linear(0.1,-0.1,100)"]), ["beale"], 100,
+                    [0], 1e-6, progress=bar)  # (sgd's 100 updates show the bar)
+    assert bar.bar is None and "\x1b[?25h" in out.getvalue()  # stopped, the cursor shown
+
+
 def test_compare_ticks_every_update(monkeypatch):
     from uniopt.tools import cli
 
@@ -1076,6 +1136,47 @@ def test_a_1d_problem_has_no_path_panel_and_a_diverged_curve_stops():
     assert k > 0 and np.all(np.isnan(y[k + 1:])) and y[k] <= 1e3 * y[0] + 1
     (cross,) = _gid_lines(ax, "diverged")
     assert list(cross.get_xdata()) == [k]
+
+
+def test_a_curve_that_leaves_the_range_and_comes_back_is_drawn_and_not_marked():
+    """RMSprop at lr=30 on Beale leaps to 7e14 at its first update and then settles below its
+    start: its curve was blanked from there on, a lone cross at update 0 saying it diverged."""
+    pytest.importorskip("matplotlib")
+    from uniopt.tools import cli, plots
+
+    results = cli.compare(uo.tools.parse.rules(["rmsprop:lr=30"]), ["beale"], 5, [0], 1e-6,
+                          track=True)
+    (r,) = results
+    assert r.diverged_at is None and r.losses[1] > 1e12 and r.losses[-1] < r.losses[0]
+    ax = plots.compare_figure(results, PROBLEMS).axes[0]
+    (curve,) = _gid_lines(ax, "curve")
+    y = curve.get_ydata()
+    assert np.isnan(y[1]) and np.all(np.isfinite(np.delete(y, 1)))  # only the leap left out
+    assert _gid_lines(ax, "diverged") == []
+
+
+def test_the_contours_leave_out_where_a_problem_of_your_own_is_undefined(user_module):
+    """The window of a run from x = 0.05 reaches x < 0, where the loss is undefined: math.log
+    raised there, after every run (a traceback, the table lost); np.log gave NaN and a
+    RuntimeWarning, and made every contour level NaN (an empty panel)."""
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    from uniopt.tools import cli, plots, problems
+
+    spec = f"{user_module}:log_bowl"
+    problem = problems.load(spec)
+    results = cli.compare(["adam"], [problem], 3, [0], 1e-6, track=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ax = plots.compare_figure(results, {spec: problem}).axes[1]
+    assert [str(w.message) for w in caught] == []
+    assert ax.get_xlim()[0] < 0 and ax.get_ylim()[1] > 0.55  # (both holes are in the window)
+    filled = [c for c in ax.collections if hasattr(c, "levels")]
+    assert len(filled) == 2  # contourf, contour
+    for c in filled:  # (levels, and lines between them: not an empty panel)
+        assert len(c.levels) > 5 and np.all(np.isfinite(c.levels))
+        assert sum(len(p.vertices) for p in c.get_paths()) > 100
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
@@ -1304,6 +1405,40 @@ def test_bench_on_a_device_runs_the_torch_rows_there(capsys, monkeypatch):
         assert last.startswith(f"uniopt bench: --device {device}: ") and why in last, last
 
 
+def test_bench_plot_with_no_floor_to_draw_says_so_before_the_runs(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Only rules without a floor (LAMB's per-tensor trust ratio): an empty figure was written
+    and reported as written."""
+    pytest.importorskip("matplotlib")
+    from uniopt.tools import bench
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("ran"))
+    png = tmp_path / "b.png"
+    assert main(["bench", "--sizes", "1x10", "--rules", "lamb", "--plot", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert ("uniopt bench: --plot: nothing to plot: none of lamb has a memory-bandwidth floor"
+            in err) and not png.exists()
+
+
+def test_bench_follows_the_order_asked_and_takes_workloads_in_any_case(capsys, monkeypatch):
+    """The columns followed the rows (an implementation skipped at the first workload came
+    last); `--workloads s1` was an unknown workload."""
+    from uniopt.tools import bench, plots
+
+    rows = [bench.Row("S1", "adam", "numpy flat", 2.0, 1.0, 0.0),
+            bench.Row("W1", "adam", "uniopt", 1.0, 1.0, 0.0),
+            bench.Row("W1", "adam", "numpy flat", 2.0, 1.0, 0.0)]
+    asked = []
+    monkeypatch.setattr(bench, "run", lambda w, *a, **k: asked.append(w) or (1e10, rows))
+    assert main(["bench", "--workloads", "s1,w1", "--implementations", "uniopt,numpy flat"]) == 0
+    head = capsys.readouterr().out.splitlines()[1]
+    assert asked == [["S1", "W1"]]
+    assert [c.strip() for c in head.split("|")][3:] == ["uniopt", "numpy flat"], head
+    if importlib.util.find_spec("matplotlib") is not None:
+        ax = plots.bench_figure(1e10, rows, ["uniopt", "numpy flat"]).axes[0]
+        assert ax.get_legend_handles_labels()[1] == ["uniopt", "numpy flat"]
+
+
 def test_bench_figure_has_a_bar_per_row():
     pytest.importorskip("matplotlib")
     from uniopt.tools import bench, plots
@@ -1428,6 +1563,21 @@ def test_compare_lr_leaves_a_rule_without_one_as_it_is(capsys: Any) -> None:
     runs = json.loads(capsys.readouterr().out)
     lrs = {r["rule"]: r["lr"] for r in runs["results"]}
     assert lrs == {"adam": 0.01, "sam": None, "polyak_sgd": None}, lrs
+
+
+def test_translate_usage_errors_are_translates(capsys: Any) -> None:
+    """A bad KEY=VALUE after the options had uniopt's usage and "uniopt: error"."""
+    assert main(["translate", "adamw", "--to", "optax", "lr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: uniopt translate ")
+    assert err.endswith("uniopt translate: error: argument KEY=VALUE: expected KEY=VALUE, got "
+                        "'lr'\n")
+
+
+def test_an_unknown_command_names_the_closest(capsys: Any) -> None:
+    assert main(["comapre", "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "uniopt: error: unknown command 'comapre'; did you mean 'compare'?" in err
 
 
 def test_translate_errors_say_translate_once(capsys: Any) -> None:

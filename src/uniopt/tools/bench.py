@@ -22,7 +22,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -607,8 +607,11 @@ def _run(workloads: list[str], rules: list[str], implementations: list[str], rep
     return bw, rows
 
 
-def table(bw: float, rows: list[Row], device: str = "cpu") -> str:
-    impls = list(dict.fromkeys(r.implementation for r in rows))
+def table(bw: float, rows: list[Row], device: str = "cpu",
+          implementations: Sequence[str] = ()) -> str:
+    """A column per implementation, in the order of ``implementations`` (those not named in
+    it after them, as the rows first have them)."""
+    impls = order(implementations, [r.implementation for r in rows])
     keys = list(dict.fromkeys((r.workload, r.rule) for r in rows))
     cell = {(r.workload, r.rule, r.implementation): r for r in rows}
     head = ["workload", "rule", "floor ms", *impls]
@@ -631,6 +634,15 @@ def table(bw: float, rows: list[Row], device: str = "cpu") -> str:
         if i == 0:
             out.append("-+-".join("-" * wd for wd in widths))
     return "\n".join(out)
+
+
+def order(implementations: Sequence[str], measured: Sequence[str]) -> list[str]:
+    """The implementations ``measured`` (rows' names, repeated), each once, in the order of
+    ``implementations`` (as asked: in the rows' order, one skipped for the first workload or
+    rule came last), the others after them."""
+    have = list(dict.fromkeys(measured))
+    return [i for i in implementations if i in have] + [i for i in have
+                                                          if i not in implementations]
 
 
 def to_json(bw: float, rows: list[Row]) -> str:

@@ -13,6 +13,7 @@ evaluated: :mod:`uniopt.tools.parse` reads it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -497,7 +498,9 @@ def compare(
                 raise UsageError(f"{s.label} cannot run on {p.name}: {e}") from None
     bar = progress or Progress(0, enabled=False)
     out = []
-    with warnings.catch_warnings():
+    # the bar stopped whatever ends the runs (a usage error, ^C): a running one hides the
+    # terminal's cursor, and would be redrawn after the error
+    with warnings.catch_warnings(), contextlib.closing(bar):
         # a rule with per-leaf parts runs on the reference path: its time per update in the
         # table says so, and a warning between the rows would only clutter them
         warnings.simplefilter("ignore", FastPathUnavailable)
@@ -512,7 +515,6 @@ def compare(
                     except BadProblem as e:  # (a function that breaks its contract later on,
                         # a schedule invalid at a later step)
                         raise UsageError(str(e)) from None
-    bar.close()
     return out
 
 
@@ -555,11 +557,14 @@ def format_table(results: Sequence[Result], tol: float) -> str:
     return "\n".join(out)
 
 
-def _names(kind: str, known: Sequence[str]) -> Callable[[str], list[str]]:
-    """An argparse type: a comma-separated list of names, each one of ``known``."""
+def _names(kind: str, known: Sequence[str], fold: bool = False) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of names, each one of ``known`` (``fold``:
+    whatever its case, as ``known`` writes it)."""
+    spelled = {k.lower(): k for k in known} if fold else {}
 
     def parse(text: str) -> list[str]:
         names = [n.strip() for n in text.split(",") if n.strip()]
+        names = [spelled.get(n.lower(), n) for n in names] if fold else names
         if not names:
             raise argparse.ArgumentTypeError(f"no {kind} named in {text!r}")
         for n in names:
@@ -632,9 +637,16 @@ def _problems(text: str) -> list[Problem]:
             raise parse_.unknown("problem", name, PROBLEMS)
     if not out:
         raise UsageError(f"no problem named in {text!r}")
+    return _distinct(out)
+
+
+def _distinct(problems: Sequence[Problem]) -> list[Problem]:
+    """``problems`` each once (rows are told apart by the name); a UsageError where two are
+    named alike. A ``MODULE:FUNCTION`` given twice is one problem (equal, where each
+    ``--problems`` loads its own)."""
     named: dict[str, Problem] = {}
-    for p in out:  # (the same problem twice runs once; rows are told apart by the name)
-        if named.setdefault(p.name, p) is not p:
+    for p in problems:
+        if named.setdefault(p.name, p) != p:
             raise UsageError(f"two problems are named {p.name!r}; give each its own name")
     return list(named.values())
 
@@ -696,11 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--problems",
         type=_usage(_problems, "problem list"),
+        action="extend",
         default=None,
         metavar="PROBLEMS",
         help=(f"comma-separated, from {', '.join(PROBLEMS)}, 'all', or MODULE:FUNCTION, a "
               f"function params -> (loss, grads) of your own with a start in FUNCTION.x0 "
-              f"(default: {','.join(DEFAULT_PROBLEMS)})"),
+              f"(default: {','.join(DEFAULT_PROBLEMS)}); repeatable"),
     )
     cmp.add_argument(
         "--steps",
@@ -738,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_conventions_parsers(sub)
     add_rules_parser(sub)
+    parser.set_defaults(commands=list(sub.choices))
     return parser
 
 
@@ -964,7 +978,9 @@ def add_conventions_parsers(sub: Any) -> None:
     t.add_argument("--set", dest="options", action="append", type=_assignment, default=[],
                    metavar="KEY=VALUE", help="fix an option of the target, e.g. couple_lr=False")
     t.add_argument("--json", action="store_true", help="print the translation as JSON")
-    t.set_defaults(func=_cmd_translate, extra=[])
+    # (its parser: a KEY=VALUE word after the options is read in _main, and an error in it
+    # is translate's, with translate's usage)
+    t.set_defaults(func=_cmd_translate, extra=[], parser=t)
     c = sub.add_parser(
         "conventions",
         help="print or write the conventions page (docs/conventions.md)",
@@ -1039,7 +1055,7 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument(
         "--workloads",
-        type=_names("workload", list(bench.WORKLOADS)),
+        type=_names("workload", list(bench.WORKLOADS), fold=True),
         default=None,
         help=("S1: an MLP 20-64-64-3 (6 tensors), S2: 50 tensors of 1K-64K, W1: 1 x 16.8M, "
               "W2: 1,000 x 16K, W3: ResNet-50's 161 tensors, W4: 10,000 x 100 (default: all, "
@@ -1153,6 +1169,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("uniopt bench: none of the rules takes a step from gradients alone",
               file=sys.stderr)
         return 2
+    if args.plot is not None and not any(r in bench.TRAFFIC for r in rules):
+        # (the figure draws each row's ratio to the floor: it would be empty)
+        raise UsageError(f"--plot: nothing to plot: none of {', '.join(rules)} has a "
+                         "memory-bandwidth floor (their parts are not all elementwise)")
     if args.device != "cpu":
         why = _device_problem(args.device)
         if why is not None:
@@ -1166,16 +1186,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("uniopt bench: nothing was measured: every implementation was skipped for these "
               "workloads, rules and dtype (the lines above say why)", file=sys.stderr)
         return 2
-    if args.plot is not None:
-        plots.save(plots.bench_figure(bw, rows), args.plot)
+    drawn = args.plot is not None and any(r.floor_ms is not None for r in rows)
+    if drawn:
+        plots.save(plots.bench_figure(bw, rows, args.implementations), args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-    print(bench.to_json(bw, rows) if args.json else bench.table(bw, rows, args.device))
-    return 0
+    elif args.plot is not None:  # (each row with a floor was skipped, and said why)
+        print(f"uniopt bench: --plot: nothing to plot: no row measured has a floor; "
+              f"{args.plot} not written", file=sys.stderr)
+    print(bench.to_json(bw, rows) if args.json
+          else bench.table(bw, rows, args.device, args.implementations))
+    return 2 if args.plot is not None and not drawn else 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     specs = args.rules or [RuleSpec(n) for n in RULES]
-    problems = args.problems or [PROBLEMS[n] for n in DEFAULT_PROBLEMS]
+    # (--problems repeated: the same problem in two of them runs once, as in one)
+    problems = _distinct(args.problems or [PROBLEMS[n] for n in DEFAULT_PROBLEMS])
     if args.plot is not None:
         from . import plots
 
@@ -1231,7 +1257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    commands = parser.get_default("commands")
+    # the command is the first word that is no option (uniopt's own take no value)
+    command = next((w for w in (sys.argv[1:] if argv is None else argv)
+                    if not w.startswith("-")), None)
     try:
+        if command is not None and command not in commands:
+            # (argparse lists the commands; the closest it names only from Python 3.14 on)
+            parser.error(f"unknown command {command!r}{did_you_mean(command, commands)} "
+                         f"(choose from {', '.join(commands)})")
         # KEY=VALUE words may follow options (`translate adamw --to flux lr=1e-3`): argparse
         # leaves them over, and the subcommand that takes them (``extra``) parses them
         args, extra = parser.parse_known_args(argv)
@@ -1241,7 +1275,7 @@ def _main(argv: Sequence[str] | None) -> int:
             try:
                 args.extra.append(_assignment(word))
             except argparse.ArgumentTypeError as e:
-                parser.error(f"argument KEY=VALUE: {e}")
+                args.parser.error(f"argument KEY=VALUE: {e}")
     except SystemExit as e:  # --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     try:

@@ -10,6 +10,7 @@ points over the contours of a 2-D problem).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -91,16 +92,27 @@ def _contours(ax: Any, problem: Any, results: Sequence[Result], colors: Mapping[
     points = np.concatenate(settled) if settled else np.empty((0, 2))
     x0, x1, y0, y1 = _box(points, np.array(anchors))
     xs, ys = np.linspace(x0, x1, 120), np.linspace(y0, y1, 120)
-    z = np.empty((len(ys), len(xs)))
+    z = np.full((len(ys), len(xs)), np.nan)
     template = problem.init(results[0].seed)
-    for i, y in enumerate(ys):
-        for j, x in enumerate(xs):
-            z[i, j] = problem.loss(_with_point(template, x, y))
-    floor = problem.optimum if problem.optimum is not None else float(np.min(z))
-    # log of the gap, so the valley floor shows: the 1e-6 of the range keeps log off 0
-    logz = np.log10(np.maximum(z - floor, 0.0) + 1e-6 * max(float(np.ptp(z)), 1e-12))
-    ax.contourf(xs, ys, logz, levels=20, cmap="Greys", alpha=0.55)
-    ax.contour(xs, ys, logz, levels=20, colors="0.45", linewidths=0.4)
+    # a problem of the user's own may be defined on part of the window only (a log of x > 0):
+    # where its loss raises or is not finite, the grid has a hole, and no warning
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
+                try:
+                    z[i, j] = problem.loss(_with_point(template, x, y))
+                except Exception:
+                    pass
+    z[~np.isfinite(z)] = np.nan
+    if np.isfinite(z).any():
+        floor = problem.optimum if problem.optimum is not None else float(np.nanmin(z))
+        # log of the gap, so the valley floor shows: the 1e-6 of the range keeps log off 0
+        span = float(np.nanmax(z) - np.nanmin(z))
+        logz = np.log10(np.maximum(z - floor, 0.0) + 1e-6 * max(span, 1e-12))
+        logz = np.ma.masked_invalid(logz)  # (the holes)
+        ax.contourf(xs, ys, logz, levels=20, cmap="Greys", alpha=0.55)
+        ax.contour(xs, ys, logz, levels=20, colors="0.45", linewidths=0.4)
     for r in results:
         p = np.asarray(r.path, dtype=float)
         ax.plot(p[:, 0], p[:, 1], color=colors[r.rule], lw=1.2, gid="path")
@@ -150,9 +162,10 @@ def compare_figure(results: Sequence[Result], problems: Mapping[str, Any]) -> An
         optimum = problem.optimum
         signed = False
         seen: set[str] = set()
-        # a diverging run is drawn up to a thousand times the largest start, then ends in a
-        # cross: matplotlib's log scale overflows near 1e300, and a clipped flat line would
-        # read as a plateau
+        # a curve is drawn where it is within a thousand times the largest start, and left
+        # blank where it is beyond (matplotlib's log scale overflows near 1e300, and a clipped
+        # flat line would read as a plateau); a run that diverged ends in a cross at its last
+        # point drawn, where one that only passed through such losses and came back goes on
         cap = 1e3 * max(abs(r.losses[0] - (optimum or 0.0)) for r in runs) + 1.0
         for r in runs:
             y = np.asarray(r.losses, dtype=float)
@@ -160,14 +173,14 @@ def compare_figure(results: Sequence[Result], problems: Mapping[str, Any]) -> An
                 # the gap, floored where it reaches rounding (a log scale has no 0)
                 y = np.maximum(y - optimum, 1e-16 * max(1.0, abs(optimum)))
             out = ~(np.abs(y) <= cap)  # beyond the cap, or not finite
-            if out.any():
-                y[int(np.argmax(out)):] = np.nan
+            y[out] = np.nan
             signed = signed or bool(np.any(y[np.isfinite(y)] <= 0))
             label = r.rule if r.rule not in seen else None
             seen.add(r.rule)
             ax.plot(np.arange(len(y)), y, color=colors[r.rule], lw=1.2, label=label, gid="curve")
-            if out.any() and out.argmax() > 0:
-                k = int(out.argmax()) - 1
+            drawn = np.flatnonzero(~out)
+            if r.diverged_at is not None and drawn.size:
+                k = int(drawn[-1])
                 ax.plot([k], [y[k]], marker="x", ms=8, mew=2, color=colors[r.rule],
                         gid="diverged")
         ax.set_yscale("symlog" if signed else "log")
@@ -212,14 +225,18 @@ def _wrap(text: str, width: int = 90) -> str:
     return "\n".join([*lines, line])
 
 
-def bench_figure(bandwidth: float, rows: Sequence[Row]) -> Any:
-    """Horizontal bars, one group per (workload, rule), one bar per implementation: its time
-    over the floor (1 = memory speed), on a log scale with the floor drawn at 1. Rows without
-    a floor (rules whose parts are not all elementwise) are left out."""
+def bench_figure(bandwidth: float, rows: Sequence[Row],
+                 implementations: Sequence[str] = ()) -> Any:
+    """Horizontal bars, one group per (workload, rule), one bar per implementation (in the
+    order of ``implementations``, as the table's columns): its time over the floor (1 = memory
+    speed), on a log scale with the floor drawn at 1. Rows without a floor (rules whose parts
+    are not all elementwise) are left out."""
+    from .bench import order
+
     cell = {(r.workload, r.rule, r.implementation): r.ms / r.floor_ms for r in rows
             if r.floor_ms is not None}
     keys = list(dict.fromkeys(k[:2] for k in cell))
-    impls = list(dict.fromkeys(k[2] for k in cell))
+    impls = order(implementations, [k[2] for k in cell])
     colors = _colors(impls)
     height = 0.8 / max(len(impls), 1)
     fig = _figure(8.0, 1.0 + 0.35 * max(len(keys) * len(impls), 3))

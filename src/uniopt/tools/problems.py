@@ -538,9 +538,11 @@ class UserProblem:
 
 
 def load(spec: str) -> Problem:
-    """The problem ``module:function`` names: an object with ``init``, ``loss`` and ``grad``
-    used as it is, or a function ``params -> (loss, grads)`` (:class:`UserProblem`). The
-    current directory is searched first, as ``python -m`` does. ValueError on a bad name."""
+    """The problem ``module:function`` names: an object with ``loss`` and ``grad`` used as it
+    is, so one that lacks any part of :class:`Problem` (``name``, ``description``, ``optimum``,
+    ``init``, ``loss``, ``grad``) is refused, naming what it lacks; or a function ``params ->
+    (loss, grads)`` (:class:`UserProblem`). The current directory is searched first, as
+    ``python -m`` does. ValueError on a bad name."""
     import importlib
     import os
     import sys
@@ -566,9 +568,16 @@ def load(spec: str) -> Problem:
             hint = did_you_mean(part, [n for n in dir(obj) if not n.startswith("_")])
             raise ValueError(f"{module_name} has no {attr!r}{hint}")
         obj = getattr(obj, part)
-    if all(callable(getattr(obj, m, None)) for m in ("init", "loss", "grad")) and hasattr(
-        obj, "optimum"
-    ):
+    if callable(getattr(obj, "loss", None)) or callable(getattr(obj, "grad", None)):
+        # an object, used as it is: nothing stands in for what it lacks
+        lacking = [a for a in ("name", "description", "optimum") if not hasattr(obj, a)]
+        lacking += [f"{m}()" for m in ("init", "loss", "grad")
+                    if not callable(getattr(obj, m, None))]
+        if lacking:
+            raise ValueError(
+                f"{spec}: a problem object is used as it is, with name, description, optimum "
+                "(None where unknown), init(seed), loss(params) and grad(params); it has no "
+                + ", ".join(lacking))
         return obj
     if not callable(obj):
         raise ValueError(f"{spec} is not a function params -> (loss, grads)")
