@@ -250,3 +250,16 @@ def test_8_bit_state_is_refused_for_a_sharded_leaf_and_runs_replicated(mesh: dic
     assert "(params['b'] is laid out as NamedSharding(" in said, said  # the first split leaf
     assert mesh["q8-replicated"] <= 1e-6  # measured 4.8e-7 after 5 steps: a few float32 ulps
 
+
+@pytest.mark.parametrize("where", ["replicated", "device 1"])
+def test_8_bit_slots_are_set_up_where_the_step_hands_them_back(mesh: dict[str, Any],
+                                                               where: str) -> None:
+    """``state_dtype="q8"`` for params replicated over the mesh or committed to device 1: each
+    slot's codes and scales are set up committed as their parameter (they were made
+    uncommitted on the default device), and 5 jitted, donated steps compile once, keep one
+    entry in jit's cache and keep that layout; the params equal NumPy's 8-bit run."""
+    run = mesh["q8-placement"][where]
+    assert run["placed"] and run["leaves"] == 20, run  # 5 leaves, 2 moments, codes and scales
+    assert (run["compiles"], run["cache"]) == (1, 1), run
+    assert run["kept"], run
+    assert run["diff"] <= 1e-6, run

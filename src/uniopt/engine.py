@@ -546,7 +546,8 @@ def _quantised(names: tuple[str, ...], slots: tuple[Any, ...], p: Any) -> tuple[
             # on the host: JAX compiles each of quantise's operations for each new shape when
             # run one by one, seconds for a small model's set-up
             q = quant.quantise(np, np.asarray(s), signed)
-            out.append(quant.Q8(xp.asarray(q.codes), xp.asarray(q.absmax)))
+            out.append(quant.Q8(backend.placed(xp.asarray(q.codes), s),
+                                backend.placed(xp.asarray(q.absmax), s)))
         else:
             out.append(quant.quantise(xp, s, signed))
     return tuple(out)
@@ -1847,10 +1848,14 @@ def check_step(state: State, params: Any, grads: Any) -> None:
 
 def _new_slots(state: State, slots: dict[str, list[Any]], step: _Step) -> dict[str, list[Any]]:
     """The new slots of a pure update, aliasing none of the inputs, a JAX slot laid out as
-    it came (:func:`backend.laid_out_as`)."""
+    it came (:func:`backend.laid_out_as`), an 8-bit one's arrays too (JAX's sorted search
+    drops the mesh from the codes' type, which a jitted step then hands back spelled ``P()``
+    where they came ``P(None, None)``: a second entry in ``jit``'s cache)."""
     relay = backend.laid_out_as if step.params and backend.is_jax(step.params[0]) else _as_is
     return {
-        key: [None if old is None else s if isinstance(s, quant.Q8) else
+        key: [None if old is None else
+              quant.Q8(relay(s.codes, old.codes), relay(s.absmax, old.absmax))
+              if isinstance(s, quant.Q8) else
               _as_new_array(relay(s, old), old, (p, g, old)) for s, p, g, old in
               zip(arrays, step.params, step.grads, state.slots[key], strict=True)]
         for key, arrays in slots.items()
