@@ -204,6 +204,14 @@ def mesh_run() -> dict[str, Any]:
     # factors: they were made with the leaf's sharding, which does not divide them): 3 jitted
     # steps on the mesh against the same on one device (Kron's draws: the same key)
     beside: dict[str, Any] = {}
+
+    def galore_moments(state: uo.State) -> list[bool]:
+        # the moments of the leaves GaLore does not project (b and s, in trainables order
+        # b, e, r, s, w) laid out as their leaf
+        st = state.tree_states["scale_by_galore"]
+        return [bool(st[m][i].sharding.is_equivalent_to(shardings[k], st[m][i].ndim))
+                for m in ("exp_avg", "exp_avg_sq") for i, k in ((0, "b"), (3, "s"))]
+
     for name, rule in {"galore": uo.galore(lr=1e-2), "kron": uo.kron(lr=1e-2)}.items():
         try:
             ends = []
@@ -211,10 +219,13 @@ def mesh_run() -> dict[str, Any]:
                 params = sharded(start) if on_mesh else {k: jnp.asarray(v)
                                                          for k, v in start.items()}
                 state = uo.setup(rule, params)
+                moments = galore_moments(state) if on_mesh and name == "galore" else []
                 for i in range(3):
                     g = sharded(grads[i]) if on_mesh else {k: jnp.asarray(v)
                                                            for k, v in grads[i].items()}
                     state, params = jax.jit(uo.update)(state, params, g)
+                if moments:
+                    out["galore-moments"] = moments + galore_moments(state)
                 ends.append(params)
             beside[name] = max(float(np.max(np.abs(np.asarray(ends[0][k])
                                                    - np.asarray(ends[1][k])))) for k in start)

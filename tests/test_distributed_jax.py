@@ -158,6 +158,14 @@ def test_whole_tree_arrays_of_their_own_shapes_are_replicated(mesh: dict[str, An
     assert got <= 1e-12, got
 
 
+def test_galore_keeps_the_moments_of_leaves_it_does_not_project_as_their_leaf(
+        mesh: dict[str, Any]) -> None:
+    """GaLore's Adam moments of a leaf it does not project (a bias split as P('model'), a
+    scalar) were set up replicated, like the low-rank moments; they are laid out as their leaf
+    at set-up and after 3 jitted steps, as docs/scaling-out.md says of every slot."""
+    assert mesh["galore-moments"] == [True] * 8
+
+
 @pytest.mark.parametrize("name", ["muon", "shampoo", "soap", "sm3", "lbfgs"])
 def test_matrix_and_tree_parts_step_on_an_explicit_mesh(mesh: dict[str, Any], name: str) -> None:
     """Rules whose parts contract split axes or mix layouts (Muon's and Shampoo's matrix

@@ -150,10 +150,16 @@ class scale_by_galore(WholeTree):
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
         shapes = [self._state_shapes(tuple(p.shape)) for p in leaves]
-        zeros = [[_zeros(backend.namespace(p), s[k], p) for p, s in zip(leaves, shapes,
-                                                                         strict=True)]
-                 for k in (0, 1, 1)]
-        return {"projector": zeros[0], "exp_avg": zeros[1], "exp_avg_sq": zeros[2]}
+
+        def zeros(k: int) -> list[Any]:
+            # a leaf not projected keeps Adam's moments laid out as the leaf (a sharded bias's
+            # split as it is, as a slot is); the low-rank ones and the projectors replicated
+            return [backend.namespace(p).zeros_like(p)
+                    if k and self._plan(tuple(p.shape)) is None
+                    else _zeros(backend.namespace(p), s[k], p)
+                    for p, s in zip(leaves, shapes, strict=True)]
+
+        return {"projector": zeros(0), "exp_avg": zeros(1), "exp_avg_sq": zeros(1)}
 
     def check_tree(self, state: Any, leaves: list[Any]) -> str | None:
         if not isinstance(state, dict):
