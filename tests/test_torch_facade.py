@@ -4147,6 +4147,56 @@ def test_a_whole_tree_rules_state_at_two_step_counts_is_refused_at_load(rule: An
     assert _same(_snapshot(opt), before)
 
 
+def _stepped(rule: Any, shape: tuple[int, ...]) -> Any:
+    """An optimizer of ``rule`` over a (``shape``) and a (2,) parameter, after one step."""
+    ps = [torch.nn.Parameter(torch.ones(shape)), torch.nn.Parameter(torch.ones(2))]
+    opt = ut.Optimizer(ps, rule)
+    for p in ps:
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dog", "schedule_free_sgd", "another rule",
+                                  "no tree state"])
+def test_a_whole_tree_state_of_other_params_or_another_rule_is_refused_at_load(
+        name: str) -> None:
+    """The state of a whole-tree part (kept by a group's first parameter) was loaded
+    unchecked: one saved for parameters of other shapes, or by another whole-tree rule (its
+    key taken for a wrapper's own), replaced the optimizer's, and every later step failed."""
+    rule = {"another rule": uo.dadapt_adamw(), "no tree state": uo.prodigy()}.get(
+        name) or getattr(uo, name)()
+    saved = _stepped(uo.prodigy() if name in ("another rule", "no tree state") else rule,
+                     (2, 3) if name in ("another rule", "no tree state") else (3, 2))
+    sd = copy.deepcopy(saved.state_dict())
+    if name == "no tree state":
+        del sd["state"][0]["scale_by_prodigy"]
+    opt = _stepped(rule, (2, 3))
+    before = _snapshot(opt)
+    want = {"another rule": r"has slots \['scale_by_prodigy'\] that uniopt.torch.Optimizer "
+                            r"does not keep",
+            "no tree state": r"lacks 'scale_by_prodigy', the state of prodigy's "
+                             r"scale_by_prodigy .* which have taken 1 steps"}.get(
+        name, r"parameter 0 of group 0 has shape \(2, 3\), but the state's "
+              rf"{rule.tree_layout[0]}\['\w+'\] for it has shape \(3, 2\)")
+    with pytest.raises(ValueError, match=want + ".*nothing was loaded"):
+        opt.load_state_dict(sd)
+    assert _same(_snapshot(opt), before)
+    opt.step()  # (its own state kept)
+
+
+def test_a_whole_tree_rules_state_before_its_first_step_loads() -> None:
+    """A state saved before the first step holds no whole-tree state yet: it loads, and the
+    next step makes one."""
+    fresh = ut.Optimizer([torch.nn.Parameter(torch.ones(3, 2))], uo.prodigy())
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    opt = ut.Optimizer([p], uo.prodigy())
+    opt.load_state_dict(fresh.state_dict())
+    p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    assert "scale_by_prodigy" in opt.state[p]
+
+
 def _by_rank() -> Any:
     return uo.partition({"x": uo.adam(lr=0.1), "y": uo.sgd(lr=0.1, momentum=0.9)},
                         lambda path, leaf: "x" if leaf.ndim == 2 else "y")

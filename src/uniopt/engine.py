@@ -783,7 +783,7 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                          f"have {len(params)}: it was set up for other params")
     leaf_shapes = _shapes(params)
     if state.tree_states:
-        _check_tree_shapes(state, names, params, leaf_shapes)
+        check_tree_shapes(state, names, params, leaf_shapes)
     wants = [state.rule.slot_shapes_of(shape) for shape in leaf_shapes]
     for key, arrays in state.slots.items():
         if len(arrays) != len(params):
@@ -819,7 +819,7 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
                 )
 
 
-def _check_tree_shapes(state: State, names: list[str], params: list[Any],
+def check_tree_shapes(state: State, names: list[str], params: list[Any],
                        shapes: list[tuple[int, ...]]) -> None:
     """The whole-tree parts' arrays kept one per leaf, shaped as it (:attr:`WholeTree.
     like_params`), against the params: a state of params whose shapes changed since (the

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from .. import quant
-from ..base import Transform
+from ..base import Combinator, Minimizer, Transform, WholeTree
+from ..engine import check_tree_shapes
 from ..interop import dtensor
+from ..state import State
 
 
 class Loading(Protocol):
@@ -55,6 +57,7 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             f"{len(opt.param_groups)}; nothing was loaded"
         )
     owner: dict[Any, tuple[int, int, torch.Tensor, Transform, dict[str, Any]]] = {}
+    rules: list[Transform] = []
     for gi, (s, g) in enumerate(zip(saved, opt.param_groups, strict=True)):
         if len(s["params"]) != len(g["params"]):
             raise ValueError(
@@ -66,6 +69,7 @@ def check_loadable(opt: Loading, sd: Any) -> None:
             rule = opt._group_rule(values)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{where}: parameter group {gi} of the state: {e}") from None
+        rules.append(rule)
         for j, (k, p) in enumerate(zip(s["params"], g["params"], strict=True)):
             owner[k] = (gi, j, p, rule, values)
     counts: dict[int, dict[int, Any]] = {}  # of groups whose rule steps them together
@@ -148,6 +152,46 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 f"but {owner[next(iter(steps))][3].name} steps a group's parameters together; "
                 "nothing was loaded"
             )
+    for gi, (s, g) in enumerate(zip(saved, opt.param_groups, strict=True)):
+        _check_trees(where, gi, s["params"], g["params"], rules[gi], sd["state"],
+                     max(counts.get(gi, {}).values(), default=0))
+
+
+def _check_trees(where: str, gi: int, ids: list[Any], ps: list[torch.Tensor], rule: Transform,
+                 state: dict[Any, Any], count: int) -> None:
+    """Raise where the saved states of group ``gi``'s whole-tree parts (kept by its first
+    parameter, ``ids[0]`` in ``state``) are not of this rule for these parameters, as its step
+    would refuse them: a state of parameters of other shapes, or one without the part's state
+    after ``count`` steps (another rule's), loaded and every later step failed, the
+    optimizer's own state gone."""
+    if not rule.tree_layout or not ps:
+        return
+    first = state.get(ids[0])
+    held = first if isinstance(first, dict) else {}
+    # (a combinator's state is the group's, checked by combined.check_entry)
+    parts = [(part, key) for part, (key,) in (
+        (part, keys) for part, keys in rule.keyed_parts if isinstance(part, WholeTree))
+        if not isinstance(part, Combinator)]
+    for part, key in parts:
+        if (key not in held and count and not isinstance(part, Minimizer)
+                and (part.like_params or part.uses_params)):
+            # (the step refuses it so, plans._refuse_tree_of_others; a part without a state of
+            # the parameters makes its own afresh)
+            raise ValueError(
+                f"{where}: the state of parameter {ids[0]} (group {gi}, position 0) lacks "
+                f"{key!r}, the state of {rule.name}'s {part.name} over the group's "
+                f"parameters, which have taken {count} steps: is it the state of another "
+                "optimizer? nothing was loaded")
+    trees = {key: held[key] for _, key in parts if key in held}
+    if not trees:
+        return
+    leaves = [torch.view_as_real(p.detach()) if p.is_complex() else p.detach() for p in ps]
+    try:
+        check_tree_shapes(State(rule, count, {}, None, None, trees),
+                          [f"parameter {j} of group {gi}" for j in range(len(ps))], leaves,
+                          [tuple(p.shape) for p in leaves])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}; nothing was loaded") from None
 
 
 # the modules that wrap a model and put their name in its parameters' (torch.compile's, DDP's
@@ -212,11 +256,23 @@ _TORCH_SLOTS = frozenset({
 
 def _another_optimizers(name: Any) -> bool:
     """Whether state name ``name`` is a slot of another optimizer: of torch.optim's, of a
-    uniopt.torch class's (SophiaG's ``hessian``), or of a uniopt rule's (``part.slot``, as
-    ``uniopt.torch.Optimizer`` names them) or its 8-bit scales; any other name is a wrapper's
-    own (timm's ``lookahead_slow_buff``)."""
+    uniopt.torch class's (SophiaG's ``hessian``), of a uniopt rule's (``part.slot``, as
+    ``uniopt.torch.Optimizer`` names them) or its 8-bit scales, or the state of a uniopt
+    whole-tree part (``scale_by_prodigy``, ``scale_by_dog#1``: its type's name); any other name
+    is a wrapper's own (timm's ``lookahead_slow_buff``)."""
     return (not isinstance(name, str) or name in _TORCH_SLOTS or "." in name
-            or name in NAMED_SLOTS)
+            or name in NAMED_SLOTS or name.partition("#")[0] in _tree_parts())
+
+
+def _tree_parts() -> set[str]:
+    """The names of the whole-tree parts' types defined so far (a rule's module imported since
+    adds its own)."""
+    out, todo = set(), [WholeTree]
+    while todo:
+        cls = todo.pop()
+        out.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return out
 
 
 # the state names of every uniopt.torch class (each its rule's slots, by torch's names), which
