@@ -355,6 +355,29 @@ def test_flax_from_bytes_gives_a_state_that_steps_eagerly_and_jitted(missed: boo
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_flax_serialization_round_trips_an_8_bit_state_bit_for_bit() -> None:
+    """A ``state_dtype="q8"`` state's slots (``quant.Q8``: codes and scales) were no type flax's
+    serialization knew: ``to_bytes`` raised "can not serialize 'Q8' object", of the State and
+    of a linen TrainState holding ``uo.to_optax(rule, state_dtype="q8")``'s."""
+    serialization = pytest.importorskip("flax.serialization")
+    train_state = pytest.importorskip("flax.training.train_state")
+    params = {"w": jax.numpy.linspace(-1.0, 1.0, 12).reshape(4, 3)}
+    rule = uo.adamw(lr=1e-2)
+    state, _ = jax.jit(uo.update)(uo.setup(rule, params, state_dtype="q8"), params,
+                                  {"w": params["w"] + 0.5})
+    back = serialization.from_bytes(uo.setup(rule, params, state_dtype="q8"),
+                                    serialization.to_bytes(state))
+    held = state.slots["scale_by_adam.exp_avg"][0]
+    assert type(back.slots["scale_by_adam.exp_avg"][0]) is type(held)
+    assert int(back.step) == int(state.step) == 1
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ts = train_state.TrainState.create(apply_fn=None, params=params,
+                                       tx=uo.to_optax(rule, state_dtype="q8"))
+    assert serialization.from_bytes(ts, serialization.to_bytes(ts)).step == 0
+
+
 def test_nnx_labels_and_optax_masks_of_params_leave_the_process_as_it_was() -> None:
     """A tree of NNX Params holding labels (``jax.tree.map`` over ``nnx.state(model,
     nnx.Param)``, how one labels an NNX model) given to ``uo.partition``, and

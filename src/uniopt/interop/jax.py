@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backend
+from .. import backend, quant
 from ..backend import is_variable, placed, placement
 from ..base import Transform, assemble, chain, held_nonzero
 from ..hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host
@@ -364,3 +364,16 @@ def _register_flax() -> None:
             d.get("counts")))
 
     serialization.register_serialization_state(State, to_dict, from_dict)
+
+    def q8_to_dict(q: quant.Q8) -> dict[str, Any]:
+        return {"codes": q.codes, "absmax": q.absmax}
+
+    def q8_from_dict(target: quant.Q8, d: dict[str, Any]) -> quant.Q8:
+        missing = {"codes", "absmax"} - set(d)
+        if missing:
+            raise ValueError(f"uniopt Q8 (an 8-bit slot): the state dict lacks {sorted(missing)}")
+        return quant.Q8(serialization.from_state_dict(target.codes, d["codes"]),
+                        serialization.from_state_dict(target.absmax, d["absmax"]))
+
+    # (a state_dtype="q8" state's slots: flax's to_bytes refused them, "can not serialize")
+    serialization.register_serialization_state(quant.Q8, q8_to_dict, q8_from_dict)
