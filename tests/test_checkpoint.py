@@ -595,6 +595,22 @@ def test_a_missing_or_extra_leaf_is_named(path: str) -> None:
         uo.load(path, like=less)
 
 
+@pytest.mark.parametrize("keys", [((1, 2), "(1, 2)"), (1.5, "1.5")], ids=["tuple", "float"])
+def test_two_keys_written_alike_are_refused_at_save(path: str, keys: Any) -> None:
+    """A key that is neither a str nor an int is written as its str(): beside a string of
+    that text, a file was written that no load could read ("names a leaf twice")."""
+    a, b = keys
+    state = uo.setup(uo.adam(), {a: np.zeros(2), b: np.zeros(3)})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"are both written as params[{str(a)!r}]") + ".*nothing was written") as e:
+        uo.save(path, state)
+    assert f"params[{a!r}]" in str(e.value) and f"params[{b!r}]" in str(e.value)
+    assert not os.listdir(os.path.dirname(path))
+    # (such a key alone loads into a tree whose key is its text: docs/checkpoints.md)
+    uo.save(path, uo.setup(uo.adam(), {a: np.zeros(2)}))
+    assert uo.load(path, like={str(a): np.zeros(2)}).step == 0
+
+
 def test_a_shape_or_dtype_that_differs_is_named(path: str) -> None:
     _saved(path)
     wide = rng_tree(0)

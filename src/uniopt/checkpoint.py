@@ -615,12 +615,26 @@ def _show(at: list[Any]) -> str:
     return "state" + "".join(f"[{k!r}]" for k in at)
 
 
-def _param_paths(treedef: Any) -> list[list[Any]]:
-    return [[_key(k) for k in p] for p in optree.treespec_paths(treedef)]
+def _param_paths(treedef: Any, where: str) -> list[list[Any]]:
+    """Each leaf's path as a checkpoint writes it; raises where two leaves' are written alike
+    (a key neither int nor str is written as its str(): a tuple key ``(1, 2)`` beside the
+    string ``"(1, 2)"``), which no load could tell apart."""
+    given = optree.treespec_paths(treedef)
+    paths = [[_key(k) for k in p] for p in given]
+    seen: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        j = seen.setdefault(json.dumps(p), i)
+        if j != i:
+            raise CheckpointError(
+                f"{where}: the params' leaves {path_str(given[j])} and {path_str(given[i])} are "
+                f"both written as {path_str(tuple(p))} (a key that is neither a str nor an int "
+                "is written as its str()): give one of them another key"
+                + ("; nothing was written" if where == "save" else ""))
+    return paths
 
 
 def _state_doc(state: State, params: Any, tensors: _Tensors) -> dict[str, Any]:
-    paths = _param_paths(state.treedef)
+    paths = _param_paths(state.treedef, "save")
     entries = []
     for path, leaf in zip(*_flat(state)[:2], strict=True):
         if path[0] != "tree_states":
@@ -1107,7 +1121,7 @@ def _load_state(ck: _File, like: Any, want_params: bool) -> Any:
     if want_params and like_params is None:
         raise TypeError("load: params=True needs like=(rule, params) or like=params, whose "
                         "arrays the params are loaded like")
-    paths = _param_paths(tmpl.treedef)
+    paths = _param_paths(tmpl.treedef, "load")
     perm = _match_paths(ck, paths)
     entries: dict[str, tuple[list[Any], Any]] = {}
     stored: dict[str, tuple[list[Any], Any]] = {}  # the params'
