@@ -1072,6 +1072,17 @@ def test_a_save_syncs_the_file_then_renames_then_syncs_the_directory(
     assert os.stat(path).st_mode & 0o777 == 0o644  # as open() would have made it
 
 
+def test_a_file_name_as_long_as_the_file_system_takes_saves(tmp_path: Any) -> None:
+    """The temporary name (19 bytes longer: '.' + name + '.' + 12 hex + '.tmp') of a name of
+    238 to 255 bytes failed with ENAMETOOLONG, naming the temporary file."""
+    most = os.pathconf(tmp_path, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    name = "x" * (most - len(".safetensors")) + ".safetensors"
+    state, params = stepped(RULE, rng_tree(0), 1)
+    uo.save(str(tmp_path / name), state)
+    assert os.listdir(tmp_path) == [name]
+    assert_same(uo.load(str(tmp_path / name), like=params), state)
+
+
 # --- uniopt.torch -------------------------------------------------------------------------------
 
 def _torch_model(torch: Any) -> Any:

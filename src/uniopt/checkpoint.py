@@ -796,7 +796,7 @@ def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, lis
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data 8-byte aligned, as safetensors pads it
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _new_file(folder, f".{os.path.basename(path)}.")
+    fd, tmp = _new_file(folder, os.path.basename(path))
     try:
         with open(fd, "wb") as f:
             f.write(len(blob).to_bytes(8, "little"))
@@ -818,12 +818,22 @@ def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, lis
             os.close(dfd)
 
 
-def _new_file(folder: str, prefix: str) -> tuple[int, str]:
-    """A new file of a random name in ``folder``, open for writing, with the permissions
-    ``open`` gives (``tempfile.mkstemp`` makes its files private)."""
+def _new_file(folder: str, stem: str) -> tuple[int, str]:
+    """A new file ``.<stem>.<random>.tmp`` in ``folder``, open for writing, with the
+    permissions ``open`` gives (``tempfile.mkstemp`` makes its files private); ``stem`` cut
+    where the name would be longer than the folder's file names may be (a name the file
+    system takes, within 19 bytes of its limit, failed with ENAMETOOLONG)."""
+    try:
+        most = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # (no pathconf, or no limit told)
+        most = 255
+    most = most if most > 19 else 255  # (-1: no limit)
+    stem = stem[:most]
+    while stem and len(os.fsencode(stem)) + 19 > most:
+        stem = stem[:-1]
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        name = os.path.join(folder, f"{prefix}{os.urandom(6).hex()}.tmp")
+        name = os.path.join(folder, f".{stem}.{os.urandom(6).hex()}.tmp")
         try:
             return os.open(name, flags, 0o666), name
         except FileExistsError:
