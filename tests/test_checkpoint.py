@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import stat
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -1070,6 +1071,32 @@ def test_a_save_syncs_the_file_then_renames_then_syncs_the_directory(
     if events[0][1] is not None:
         assert events[0][1] is False and events[2][1] is True  # the file, then its directory
     assert os.stat(path).st_mode & 0o777 == 0o644  # as open() would have made it
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits and symbolic links of POSIX")
+def test_a_save_keeps_the_replaced_files_permissions_and_writes_through_a_link(
+        tmp_path: Any) -> None:
+    """The temporary file renamed over a private checkpoint (chmod 600) made it 644, as open()
+    makes a new file; and a path that was a symbolic link (latest -> step3) was replaced by a
+    file, the link gone. Both now as open(path, "wb") writes: the mode kept, the link kept and
+    its target replaced (atomically still)."""
+    state, params = stepped(RULE, rng_tree(0))
+    later, _ = stepped(RULE, params, 1)
+    target, link = str(tmp_path / "step3"), str(tmp_path / "latest")
+    uo.save(target, state)
+    os.chmod(target, 0o600)
+    os.symlink("step3", link)
+    old = os.umask(0o022)
+    try:
+        uo.save(target, state)
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+        uo.save(link, later)
+    finally:
+        os.umask(old)
+    assert os.readlink(link) == "step3"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert_same(uo.load(target, like=params), later)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step3"]
 
 
 def test_a_file_name_as_long_as_the_file_system_takes_saves(tmp_path: Any) -> None:

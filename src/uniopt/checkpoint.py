@@ -714,6 +714,8 @@ def save(path: str | os.PathLike[str], state: Any, params: Any = None) -> None:
     Atomic: the file is written beside ``path`` under a temporary name, synced, renamed over
     ``path``, and the directory synced; a crash at any moment leaves the old checkpoint or the
     new one, whole (an interrupted save may leave its temporary file, ``.<name>.*.tmp``). A
+    file replaced keeps its permission bits; a ``path`` that is a symbolic link is written
+    through, its target replaced and the link kept (as ``open(path, "wb")`` writes). A
     schedule or mask that is a Python function is refused: a checkpoint holds no code.
 
     >>> import numpy as np, tempfile, os, uniopt as uo
@@ -795,10 +797,22 @@ def _write(path: str, doc: dict[str, Any], arrays: list[tuple[str, Any, str, lis
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data 8-byte aligned, as safetensors pads it
+    if os.path.islink(path):
+        # written through to the link's target, as open(path, "wb") and torch.save write:
+        # the link (latest -> step100) stays, the target is replaced atomically
+        path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # (no file yet: the new one has the permissions open() gives)
+        mode = None
     fd, tmp = _new_file(folder, os.path.basename(path))
     try:
         with open(fd, "wb") as f:
+            if mode is not None and hasattr(os, "fchmod"):
+                # the file replaced kept its permissions (a checkpoint made private stays so),
+                # as it does written in place
+                os.fchmod(f.fileno(), mode)
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
             for _, x, _, _ in order:
