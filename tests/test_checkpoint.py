@@ -6,6 +6,7 @@ weights_only, torch.distributed.checkpoint, and orbax for a JAX State."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -1221,6 +1222,32 @@ def test_a_torch_optimizer_checkpoint_that_does_not_fit_is_named(tmp_path: Any) 
         uo.load(path, like=opt)
     with pytest.raises(TypeError, match="save: params= goes with a uniopt State"):
         uo.save(path, opt, params=[np.ones(2)])
+
+
+def test_a_whole_tree_state_of_other_params_is_refused_by_uo_load(tmp_path: Any) -> None:
+    """Prodigy's state (a whole-tree part's, kept by the group's first parameter) saved for a
+    (3, 2) parameter loaded into an optimizer of a (2, 3) one, which then failed at every step
+    (uniopt.torch's load_state_dict checks it now, as the step would)."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+
+    def stepped_opt(shape: tuple[int, ...]) -> Any:
+        p = torch.nn.Parameter(torch.ones(shape))
+        opt = ut.Optimizer([p], uo.prodigy())
+        p.grad = torch.full_like(p, 0.5)
+        opt.step()
+        return opt
+
+    path = str(tmp_path / "opt.safetensors")
+    uo.save(path, stepped_opt((3, 2)))
+    opt = stepped_opt((2, 3))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(CheckpointError, match=re.escape(
+            "opt.safetensors does not fit this optimizer: uniopt.torch.Optimizer.load_state_dict: "
+            "parameter 0 of group 0 has shape (2, 3), but the state's "
+            "scale_by_prodigy['exp_avg'] for it has shape (3, 2)")):
+        uo.load(path, like=opt)
+    assert repr(opt.state_dict()) == repr(before)
 
 
 @pytest.mark.parametrize("name", ["AdamW with schedules", "a chain",
