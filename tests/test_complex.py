@@ -259,3 +259,105 @@ def test_a_0d_complex_numpy_param_steps_as_a_torch_one(make: Any) -> None:
                 st = uo.update_(st, q, [g])
         assert q[0].shape == () and q[0].dtype == np.complex128
         np.testing.assert_allclose(q[0], t[0].numpy(), rtol=1e-15, atol=0)
+
+
+# parts whose arithmetic on a leaf is not that of its numbers one by one (a mean over some axes,
+# a unit's norm, a count of elements), and optax's, which computes on the complex numbers
+WHOLE_LEAF = {
+    "centralize": (uo.centralize, "centralize", ()),
+    "clip_by_block_rms": (uo.clip_by_block_rms, "clip_by_block_rms", (0.5,)),
+    "adaptive_grad_clip": (uo.adaptive_grad_clip, "adaptive_grad_clip", (0.05, 1e-2)),
+}
+
+
+@pytest.mark.parametrize("way", ["numpy", "numpy-update_", "torch", "torch-update_", "jax-jit",
+                                 "uniopt.torch", "protocol", "partition"])
+@pytest.mark.parametrize("name", list(WHOLE_LEAF))
+def test_parts_that_see_a_leaf_whole_take_a_complex_one_as_optax(name: str, way: str) -> None:
+    """centralize, clip_by_block_rms and adaptive_grad_clip take a complex leaf as its complex
+    numbers, as optax's do: the mean over a matrix's rows of complex numbers (a complex vector
+    passes unchanged), the RMS over its numbers, each unit's norm over its own axes; the other
+    parts see the pairs of their parts, as torch takes them. They had taken the pairs' axis
+    as data: a complex vector centralized over its parts, the RMS over twice the elements, the
+    units chosen from the pairs' shape. Three steps of each part before SGD, on every path
+    (pure and in place, NumPy, torch, jitted JAX, the torch class, the optax protocol, a
+    partition's member), equal optax's to float64 rounding; a real leaf beside them too."""
+    optax = pytest.importorskip("optax")
+    jax = pytest.importorskip("jax")
+    make, theirs, args = WHOLE_LEAF[name]
+    rng = np.random.default_rng(11)
+    shapes = {"v": (3,), "m": (2, 3), "c": (2, 1, 2, 3), "x": (1, 2, 1, 1, 3), "s": (), "r": (2, 2)}
+
+    def draw(k: str, s: tuple[int, ...]) -> np.ndarray:
+        x = rng.standard_normal(s)
+        return x if k == "r" else x + 1j * rng.standard_normal(s)
+
+    p0 = {k: draw(k, s) for k, s in shapes.items()}
+    grads = [{k: draw(k, s) * 3 for k, s in shapes.items()} for _ in range(3)]
+    rule = uo.chain(make(*args), uo.sgd(lr=0.1))
+    ref = optax.chain(getattr(optax, theirs)(*args), optax.sgd(0.1))
+    w = {k: jax.numpy.asarray(v) for k, v in p0.items()}
+    opt_state = ref.init(w)
+    for g in grads:
+        u, opt_state = ref.update({k: jax.numpy.asarray(v) for k, v in g.items()}, opt_state, w)
+        w = optax.apply_updates(w, u)
+    if way.startswith(("numpy", "torch")):
+        conv = torch.tensor if way.startswith("torch") else np.array
+        q = {k: conv(v) for k, v in p0.items()}
+        state = uo.setup(rule, q)
+        for g in grads:
+            if way.endswith("update_"):
+                state = uo.update_(state, q, {k: conv(v) for k, v in g.items()})
+            else:
+                state, q = uo.update(state, q, {k: conv(v) for k, v in g.items()})
+    elif way == "jax-jit":
+        q = {k: jax.numpy.asarray(v) for k, v in p0.items()}
+        step = jax.jit(lambda s, p, g: uo.update(s, p, g))  # (its own cache)
+        state = uo.setup(rule, q)
+        for g in grads:
+            state, q = step(state, q, {k: jax.numpy.asarray(v) for k, v in g.items()})
+        assert step._cache_size() == 1
+    elif way == "uniopt.torch":
+        ts = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in p0.items()}
+        import uniopt.torch as ut
+
+        opt = ut.Optimizer(list(ts.values()), rule)
+        for g in grads:
+            for k, t in ts.items():
+                t.grad = torch.tensor(g[k])
+            opt.step()
+        q = {k: t.detach() for k, t in ts.items()}
+    elif way == "protocol":
+        q = {k: v.copy() for k, v in p0.items()}
+        opt_state = rule.init(q)
+        for g in grads:
+            u, opt_state = rule.update(g, opt_state, q)
+            q = {k: q[k] + u[k] for k in q}
+    else:
+        part = uo.partition({"a": rule, "b": uo.sgd(lr=0.1)}, lambda path, _: "a")
+        q = {k: v.copy() for k, v in p0.items()}
+        state = uo.setup(part, q)
+        for g in grads:
+            state, q = uo.update(state, q, g)
+    for k in shapes:
+        ours, want = np.asarray(q[k]), np.asarray(w[k])
+        assert ours.dtype == want.dtype, k
+        np.testing.assert_allclose(ours, want, rtol=0, atol=1e-14, err_msg=f"{name} {way} {k}")
+
+
+def test_whole_leaf_parts_on_complex_leaves_give_optaxs_numbers() -> None:
+    """The numbers by hand: a complex vector passes centralize unchanged and a matrix loses
+    each row's complex mean; the RMS of ``[3+4j]`` is 5; a vector is one unit of norm 5."""
+    def step(part: Any, p: np.ndarray, g: np.ndarray) -> np.ndarray:
+        state = uo.setup(uo.chain(part, uo.sgd(lr=1.0)), [p])
+        return p - uo.update(state, [p.copy()], [g])[1][0]
+
+    v = np.array([1 + 2j, 3, -1 - 1j])
+    np.testing.assert_array_equal(step(uo.centralize(), np.zeros(3, complex), v), v)
+    m = np.array([[1 + 1j, 3 + 5j], [2, 2 + 2j]])
+    np.testing.assert_array_equal(step(uo.centralize(), np.zeros((2, 2), complex), m),
+                                  [[-1 - 2j, 1 + 2j], [-1j, 1j]])
+    np.testing.assert_allclose(step(uo.clip_by_block_rms(1.0), np.zeros(1, complex),
+                                    np.array([3 + 4j])), [0.6 + 0.8j], rtol=1e-15)
+    np.testing.assert_allclose(step(uo.adaptive_grad_clip(0.01, eps=1e-3), np.array([1, 0j]),
+                                    np.array([3 + 4j, 0])), [0.006 + 0.008j, 0], rtol=1e-15)

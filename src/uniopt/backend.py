@@ -951,8 +951,9 @@ def as_real(x: Any, writable: bool = False) -> Any:
     return xp.stack([xp.real(x), xp.imag(x)], axis=-1)
 
 
-def as_complex(x: Any, like: Any) -> Any:
-    """Real pairs ``x`` (from :func:`as_real`) as a complex array of ``like``'s dtype."""
+def as_complex(x: Any, like: Any = None) -> Any:
+    """Real pairs ``x`` (from :func:`as_real`) as a complex array of ``like``'s dtype (without
+    ``like``: of ``x``'s precision)."""
     if is_torch(x):
         import torch
 
@@ -960,11 +961,48 @@ def as_complex(x: Any, like: Any) -> Any:
     if is_jax(x):
         import jax
 
-        return jax.lax.complex(x[..., 0], x[..., 1]).astype(like.dtype)
+        z = jax.lax.complex(x[..., 0], x[..., 1])
+        return z if like is None else z.astype(like.dtype)
     if is_numpy(x):
-        out = np.empty(x.shape[:-1], like.dtype)
+        out = np.empty(x.shape[:-1], np.result_type(x.dtype, np.complex64) if like is None
+                       else like.dtype)
         out.real, out.imag = x[..., 0], x[..., 1]
         return out
     xp = namespace(x)
-    j = xp.asarray(1j, dtype=like.dtype, device=device(like))
-    return xp.astype(x[..., 0], like.dtype) + j * xp.astype(x[..., 1], like.dtype)
+    dtype = like.dtype if like is not None else xp.complex128 if x.dtype == xp.float64 \
+        else xp.complex64
+    j = xp.asarray(1j, dtype=dtype, device=device(x if like is None else like))
+    return xp.astype(x[..., 0], dtype) + j * xp.astype(x[..., 1], dtype)
+
+
+# set while a step updates complex arrays as the real pairs of their parts (:func:`as_real`,
+# torch's view_as_real): the ids of the arrays the step is handed that are such pairs (params
+# or gradients; the caller holds them for the step), for the parts whose arithmetic on a leaf
+# is not that of its real numbers taken one by one (a count of elements, a mean over a leaf's
+# axes, a unit's norm: :attr:`uniopt.base.Part.complex_aware`); set directly where a step makes
+# no Python call of its own (uniopt.torch's plans)
+PAIRS: contextvars.ContextVar[frozenset[int] | None] = contextvars.ContextVar(
+    "uniopt_pairs", default=None)
+
+
+@contextlib.contextmanager
+def stepping_pairs(pairs: list[list[Any]], whole: list[list[Any]]) -> Any:
+    """Steps in this context take the arrays of ``pairs`` that are views of the complex
+    arrays of ``whole`` beside them (their real pairs) as such (:data:`PAIRS`)."""
+    ids = frozenset(id(x) for xs, cs in zip(pairs, whole, strict=True)
+                    for x, c in zip(xs, cs, strict=True) if c is not None and is_complex(c))
+    token = PAIRS.set(ids or None)
+    try:
+        yield
+    finally:
+        PAIRS.reset(token)
+
+
+def pairs_of(params: list[Any], grads: list[Any]) -> list[bool] | None:
+    """Which of a step's leaves are the real pairs of complex arrays (:data:`PAIRS`), known by
+    their params or gradients; None where none is."""
+    ids = PAIRS.get()
+    if ids is None:
+        return None
+    flags = [id(p) in ids or id(g) in ids for p, g in zip(params, grads, strict=True)]
+    return flags if any(flags) else None

@@ -570,6 +570,13 @@ class Part(Transform):
     # noise): set-up refuses complex params for any rule or chain that holds it, as for a
     # registry rule whose Info.complex is False
     real_only: ClassVar[bool] = False
+    # its arithmetic on a complex leaf is that of the complex numbers, not of the real pairs of
+    # their parts taken one by one as the engine hands them to the other parts (a mean or a norm
+    # over some of the leaf's axes, a count of its elements): a per-leaf part's ``apply`` gets a
+    # complex leaf (p, u and its slots) as complex arrays, an elementwise part's
+    # ``norm_coeffs`` counts a complex number as one element. A step of such pairs takes the
+    # reference path (the compiled strategies see the pairs only)
+    complex_aware: ClassVar[bool] = False
     # the functions of the array API's optional linalg extension its step calls ("eigh"):
     # set-up refuses a library whose namespace lacks one (dask's has no eigh), where the
     # first step raised an AttributeError from inside the part

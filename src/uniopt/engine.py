@@ -506,9 +506,13 @@ def no_q8_for_trees(rule: Transform) -> str:
 
 def _check_shapes(rule: Transform, names: list[str], leaves: list[Any]) -> None:
     """Raise where a per-leaf part cannot take a leaf of its shape (Muon: not a matrix)."""
+    # (a complex leaf's real pairs: its own shape, for a part that sees it so)
+    pairs = None if backend.PAIRS.get() is None else backend.pairs_of(leaves, leaves)
     for part in rule.flat_parts:
         if isinstance(part, PerLeaf):
-            for name, shape in zip(names, _shapes(leaves), strict=True):
+            for i, (name, shape) in enumerate(zip(names, _shapes(leaves), strict=True)):
+                if pairs is not None and pairs[i] and part.complex_aware:
+                    shape = shape[:-1]
                 reason = part.check_shape(shape)
                 if reason:
                     raise ValueError(f"{rule.name}: {name} has shape {shape}: {reason}")
@@ -1010,6 +1014,9 @@ def _float_deltas(
         read = _dequantised
     new_slots: dict[str, list[Any]] = {}
     new_trees: dict[str, Any] = {}
+    # the leaves that are the real pairs of complex arrays, for the parts that see them as
+    # complex numbers (Part.complex_aware)
+    pairs = None if backend.PAIRS.get() is None else backend.pairs_of(params, grads)
     for part, c, keys in plan:
         if isinstance(part, Minimizer):
             raise TypeError(
@@ -1031,7 +1038,9 @@ def _float_deltas(
             last = finish and part.finish is not None and part is plan[-1][0]
             leaf_slots = [[read(state.slots[k][i], dt, xp) for k in keys]
                           for i, (xp, dt) in enumerate(zip(xps, dts, strict=True))]
-            if shards is None:
+            if pairs is not None and part.complex_aware:
+                outs = _per_leaf_complex(part, c, leaf_slots, xps, ps, us, last, pairs)
+            elif shards is None:
                 outs = _per_leaf_gathered(part, c, leaf_slots, xps, ps, us, last)
             else:
                 outs = _per_leaf_sharded(part, c, leaf_slots, xps, ps, us, last, shards)
@@ -1043,14 +1052,16 @@ def _float_deltas(
             if part.needs_norm and shards is not None:
                 leaf_cs = _sharded_norm_coeffs(part, us, xps, shards)
             elif part.needs_norm and part.norm_per_leaf:
-                leaf_cs = [part.norm_coeffs(_norm([u], [xp]), math.prod(u.shape))
-                           for xp, u in zip(xps, us, strict=True)]
+                sizes = _sizes(us, pairs if part.complex_aware else None)
+                leaf_cs = [part.norm_coeffs(_norm([u], [xp]), n)
+                           for xp, u, n in zip(xps, us, sizes, strict=True)]
                 leaf_cs = [_per_dtype(lc, [u]).get(u.dtype, lc)
                            for lc, u in zip(leaf_cs, us, strict=True)]
             else:
                 if part.needs_norm:
                     squares, size, shared = backend.global_squares(
-                        _squares(us, xps), sum(math.prod(u.shape) for u in us))
+                        _squares(us, xps), sum(_sizes(us, pairs if part.complex_aware
+                                                      else None)))
                     c = (part if shared is None else shared).norm_coeffs(squares**0.5, size)
                 cs = _per_dtype(c, us)
                 leaf_cs = [cs.get(u.dtype, c) for u in us]
@@ -1079,6 +1090,31 @@ def _float_deltas(
     if finish:
         return [p - u for p, u in zip(ps, us, strict=True)], new_slots, new_trees
     return us, new_slots, new_trees
+
+
+def _sizes(us: list[Any], pairs: list[bool] | None) -> list[int]:
+    """Each leaf's number of elements, a complex number's pair of parts (``pairs``) one."""
+    if pairs is None:
+        return [math.prod(u.shape) for u in us]
+    return [math.prod(u.shape[:-1] if pair else u.shape) for u, pair in zip(us, pairs,
+                                                                             strict=True)]
+
+
+def _per_leaf_complex(part: PerLeaf, c: Any, slots: list[list[Any]], xps: list[Any],
+                      ps: list[Any], us: list[Any], finish: bool,
+                      pairs: list[bool]) -> list[tuple[Any, ...]]:
+    """:func:`_per_leaf_gathered` of a part that sees complex leaves as complex arrays
+    (``Part.complex_aware``): the leaves that are real pairs (``pairs``) as complex arrays, its
+    results as pairs again."""
+    def whole(x: Any, pair: bool) -> Any:
+        return backend.as_complex(x) if pair and x is not None else x
+
+    outs = _per_leaf_gathered(
+        part, c, [[whole(s, pair) for s in ss] for ss, pair in zip(slots, pairs, strict=True)],
+        xps, [whole(p, pair) for p, pair in zip(ps, pairs, strict=True)],
+        [whole(u, pair) for u, pair in zip(us, pairs, strict=True)], finish)
+    return [tuple(backend.as_real(x) if pair and x is not None else x for x in o)
+            for o, pair in zip(outs, pairs, strict=True)]
 
 
 # Under jax.jit, from this many leaves on, an elementwise kernel is traced once per kind of leaf
@@ -1219,7 +1255,9 @@ def member_step(state: State, params: list[Any], grads: list[Any],
         real = dataclasses.replace(state, slots={k: _pairs(v, False)
                                                  for k, v in state.slots.items()},
                                    treedef=flat_list_def(len(params)))
-        us, new = member_step(real, _pairs(params, False), _pairs(grads, False), extra)
+        ps, gs = _pairs(params, False), _pairs(grads, False)
+        with backend.stepping_pairs([ps, gs], [params, grads]):
+            us, new = member_step(real, ps, gs, extra)
         return _back(us, grads), dataclasses.replace(
             new, treedef=state.treedef,
             slots={k: _back(v, state.slots[k]) for k, v in new.slots.items()})
@@ -1334,7 +1372,9 @@ def _per_dtype(c: Any, us: list[Any]) -> dict[Any, Any]:
         return _per_torch_dtype(torch, c, us)
     out = {}
     for dtype in {u.dtype for u in us}:
-        values = [x.astype(dtype) if isinstance(x, jax.Array) else x for x in c]
+        # (a complex leaf, a part's that sees it whole: the numbers of its parts' precision)
+        real = np.finfo(dtype).dtype if dtype.kind == "c" else dtype
+        values = [x.astype(real) if isinstance(x, jax.Array) else x for x in c]
         out[dtype] = type(c)(*values) if hasattr(c, "_fields") else tuple(values)
     return out
 
@@ -1609,6 +1649,10 @@ def _fast(state: Any, params: Any, grads: Any, inplace: bool) -> Any:
             or state.counts is not None or isinstance(state.treedef, AnyParams)):
         # an optax transform in the chain: JAX runs it, on the whole tree; a step autograd
         # records: the reference path's torch operations
+        return None
+    if backend.PAIRS.get() is not None and any(p.complex_aware for p in state.rule.flat_parts):
+        # the real pairs of complex params, which such a part sees as complex numbers on the
+        # reference path only
         return None
     if type(params) is list and state.treedef == flat_list_def(len(params)):
         leaves = params
@@ -2260,10 +2304,12 @@ def _as_pairs(state: State, step: _Step, inplace: bool,
     slots = {k: _pairs(v, inplace) for k, v in state.slots.items()}
     real = State(state.rule, state.step, slots, flat_list_def(len(step.params)),
                  state.state_dtype, state.tree_states, state.counts)
+    grads = _pairs(step.grads, False)
     if inplace:
         # (the gradients are only read: a copy where one has no real view is as good)
         params = _pairs(step.params, True)
-        new = update_(real, params, _pairs(step.grads, False), **extra)
+        with backend.stepping_pairs([params, grads], [step.params, step.grads]):
+            new = update_(real, params, grads, **extra)
         # a library without real views of complex arrays (array-api-strict, dask) stepped
         # copies: written back, once the step has succeeded
         for pairs, whole in [(params, step.params),
@@ -2273,7 +2319,9 @@ def _as_pairs(state: State, step: _Step, inplace: bool,
                     backend.assign(c, backend.as_complex(x, c))
         return dataclasses.replace(state, step=new.step, tree_states=new.tree_states,
                                    counts=new.counts), None
-    new, params = update(real, _pairs(step.params, False), _pairs(step.grads, False), **extra)
+    params = _pairs(step.params, False)
+    with backend.stepping_pairs([params, grads], [step.params, step.grads]):
+        new, params = update(real, params, grads, **extra)
     out = dataclasses.replace(
         state, step=new.step, tree_states=new.tree_states, counts=new.counts,
         slots={k: _back(v, state.slots[k]) for k, v in new.slots.items()},
@@ -2645,8 +2693,9 @@ def _protocol_pairs(rule: Transform, state: State, step: _Step,
     flat = flat_list_def(len(step.params))
     real = State(state.rule, state.step, {k: _pairs(v, False) for k, v in state.slots.items()},
                  flat, state.state_dtype, state.tree_states, state.counts)
-    updates, new = optax_update(rule, _pairs(step.grads, False), real,
-                                _pairs(step.params, False), **extra)
+    grads, params = _pairs(step.grads, False), _pairs(step.params, False)
+    with backend.stepping_pairs([params, grads], [step.params, step.grads]):
+        updates, new = optax_update(rule, grads, real, params, **extra)
     slots = {k: _back(v, state.slots[k]) for k, v in new.slots.items()}
     return (unflatten(step.treedef, _back(updates, step.grads)),
             dataclasses.replace(new, slots=slots, treedef=state.treedef))

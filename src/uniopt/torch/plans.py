@@ -846,6 +846,9 @@ class Plan:
     flags: tuple[Any, Any]  # the group's foreach and capturable when the plan was built
     # the parameters are DTensors: which arrays of the runs are shards of which (None: none)
     sharding: dtensor.Sharding | None = None
+    # the ids of the runs' views that are complex parameters' real pairs (None: none), for
+    # the parts that see them as complex numbers (backend.PAIRS)
+    pairs: frozenset[int] | None = None
     counts_seen: bytes = b""  # the step buffer's bytes when they were last known consistent
     state_dtype: str | None = None  # the group's, as the engine's State takes it
     keep_grads: bool = False  # the last step's gradients are known again (SeenGrads)
@@ -1029,6 +1032,7 @@ class Plan:
         # as run's engine calls see them: DTensor shards as their whole tensors' parts, and a
         # recorded step's derivatives inside tracked()
         shards = backend.SHARDED.set(self.sharding)
+        pairs = backend.PAIRS.set(self.pairs)
         try:
             with _recording(self.tracked):
                 for run, r, at, treedef, leaves in self._calls(rule, views, rules):
@@ -1039,6 +1043,7 @@ class Plan:
                     finally:
                         LEAF_NAMES.reset(names)
         finally:
+            backend.PAIRS.reset(pairs)
             backend.SHARDED.reset(shards)
         return views
 
@@ -1084,8 +1089,10 @@ class Plan:
         # context variable set here: no Python call on the compiled loop's steps)
         forced = fast.FORCED.set(self.multi)
         # DTensor parameters: which arrays are shards, for norms and per-leaf parts (set as
-        # the variable itself, not backend.sharded: a small step makes no extra Python call)
+        # the variable itself, not backend.sharded: a small step makes no extra Python call);
+        # complex ones: which are real pairs
         shards = backend.SHARDED.set(self.sharding)
+        pairs = backend.PAIRS.set(self.pairs)
         try:
             calls = self._calls(rule, views, rules)
             names = [self._names(run, where) for run, *_ in calls]
@@ -1102,6 +1109,7 @@ class Plan:
             else:
                 trees = self._step_runs(calls, trees, None, extra, names)
         finally:
+            backend.PAIRS.reset(pairs)
             backend.SHARDED.reset(shards)
             fast.FORCED.reset(forced)
         if (self.bindable and fast.cpu.STEPS == ran + 1
@@ -1357,6 +1365,9 @@ def build(group: dict[str, Any], rule: Transform, names: SlotNames, has: list[bo
         multi=multi,
         flags=(group.get("foreach"), group.get("capturable")),
         sharding=dtensor.Sharding(shards) if sharded else None,
+        pairs=frozenset(id(v) for run in plan_runs for v, k in zip(
+            run.params, range(len(sel)) if run.pos is None else run.pos, strict=True)
+            if sel_params[k].is_complex()) or None,
         state_dtype=group.get("state_dtype"),
         keep_grads=keep and elements <= KEEP_GRADS,
         keep_views=keep and elements <= KEEP_VIEWS,

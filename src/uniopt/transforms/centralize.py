@@ -23,6 +23,8 @@ class centralize(PerLeaf):
     """
 
     batched: ClassVar[bool] = True
+    # a complex leaf's mean is of its complex numbers, over its own axes (as optax's)
+    complex_aware: ClassVar[bool] = True
 
     def coeffs(self, step: Any) -> NoCoefficients:
         return NoCoefficients()

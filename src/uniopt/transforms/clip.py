@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ..backend import namespace
+from ..backend import is_complex, namespace
 from ..base import Elementwise, PerLeaf
 from ..hyper import NONNEG, Interval, hyper
 from .scale import Factor, safe_sqrt, scale_kernel
@@ -126,6 +126,7 @@ class clip_by_block_rms(Elementwise):
     threshold: Any = hyper(1.0, POSITIVE)
     needs_norm = True
     norm_per_leaf = True
+    complex_aware = True  # the mean is over a complex leaf's numbers, not its pairs' parts
 
     def coeffs(self, step: Any) -> Denominator:
         return Denominator(denom=1.0)  # until the norms are known: see norm_coeffs
@@ -188,6 +189,8 @@ class adaptive_grad_clip(PerLeaf):
     weight_layout: str = "optax"
     uses_params: ClassVar[bool] = True
     batched: ClassVar[bool] = True
+    # a complex leaf's units are of its own axes, each number's modulus in their norms
+    complex_aware: ClassVar[bool] = True
 
     def check(self) -> None:
         if isinstance(self.axis, list):
@@ -245,6 +248,7 @@ class adaptive_grad_clip(PerLeaf):
 def unit_norm(xp: Any, x: Any, axes: tuple[int, ...]) -> Any:
     """The 2-norm of ``x`` over ``axes``, kept for broadcasting (no axes: ``|x|``, where torch
     would read an empty tuple as every axis); its derivative 0 at a unit of zeros (a bias as
-    initialised: sqrt's made a derivative through the step NaN there, as optax's does)."""
-    sq = x * x
+    initialised: sqrt's made a derivative through the step NaN there, as optax's does). Of
+    complex ``x``, the norm of the moduli, ``|z|^2`` as optax's ``abs_sq``."""
+    sq = xp.real(xp.conj(x) * x) if is_complex(x) else x * x
     return safe_sqrt(xp, xp.sum(sq, axis=axes, keepdims=True) if axes else sq)
