@@ -402,6 +402,28 @@ def test_from_torch_gives_torchs_learning_rates(mode: str) -> None:
         np.testing.assert_allclose(ours, theirs, rtol=1e-15, atol=0)
 
 
+def test_from_torch_takes_a_threshold_above_1_where_torch_means_one() -> None:
+    """torch takes any ``threshold``; with ``mode="max"`` one above 1 asks an improvement to
+    exceed ``best*(1 + threshold)`` (here 2.5 times the best), which ``from_torch`` refused
+    (``rtol`` was held to [0, 1]): its learning rates are torch's. With ``mode="min"`` no loss
+    beats ``best*(1 - threshold)`` from 1 on: refused, in torch's words."""
+    torch = pytest.importorskip("torch")
+    kw = {"mode": "max", "factor": 0.5, "patience": 1, "threshold": 1.5}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
+    state, p = uo.setup(uo.reduce_on_plateau.from_torch(0.1, **kw), [np.zeros(1)]), [np.ones(1)]
+    theirs, ours = [], []
+    for metric in [1.0, 3.0, 9.0, 10.0, 11.0, 30.0, 31.0, 32.0, 33.0, 34.0]:
+        sched.step(metric)
+        theirs.append(opt.param_groups[0]["lr"])
+        state, p = uo.update(state, p, [np.ones(1)], value=metric)
+        ours.append(0.1 * _scale(state))
+    assert len(set(theirs)) == 4  # 3 reductions
+    np.testing.assert_allclose(ours, theirs, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\) with mode='min'"):
+        uo.reduce_on_plateau.from_torch(0.1, **{**kw, "mode": "min"})
+
+
 def test_reduce_on_plateau_in_place_on_float32_and_torch() -> None:
     """update_ is update; the state keeps the params' float32 and int32 counts; torch tensors
     take the same steps."""
@@ -450,7 +472,9 @@ def test_a_plateau_state_goes_through_a_checkpoint() -> None:
      "reduce_on_plateau: cooldown must be an integer >= 0, got True"),
     ({"accumulation_size": 0}, ValueError,
      "reduce_on_plateau: accumulation_size must be an integer >= 1, got 0"),
-    ({"rtol": 1.5}, ValueError, r"reduce_on_plateau: rtol must be in \[0, 1\], got 1.5"),
+    ({"rtol": 1.5}, ValueError,
+     r"reduce_on_plateau: rtol must be in \[0, 1\] with mode='min', got 1.5"),
+    ({"rtol": -0.5, "mode": "max"}, ValueError, "reduce_on_plateau: rtol must be >= 0, got -0.5"),
     ({"atol": -1.0}, ValueError, "reduce_on_plateau: atol must be >= 0, got -1.0"),
     ({"min_scale": 2.0}, ValueError, r"reduce_on_plateau: min_scale must be in \[0, 1\], got 2.0"),
     ({"eps": -1e-8}, ValueError, "reduce_on_plateau: eps must be >= 0, got -1e-08"),
@@ -470,6 +494,18 @@ def test_bad_plateau_settings_are_named(kwargs: dict[str, Any], error: type,
      "threshold_mode must be 'rel' or 'abs', got 'relative'"),
     ((0.1,), {"patience": -1}, ValueError, "patience must be an integer >= 0, got -1"),
     ((0.1,), {"mode": "up"}, ValueError, "mode must be 'min' or 'max', got 'up'"),
+    # torch's names and the values given (eps had been named with eps/lr, threshold as rtol)
+    ((0.001,), {"eps": -1e-8}, ValueError, "eps must be a number >= 0, got -1e-08"),
+    ((0.001,), {"threshold": -0.01}, ValueError,
+     r"threshold must be in \[0, 1\) with mode='min' and threshold_mode='rel', got -0.01"),
+    ((0.001,), {"threshold": 1.5}, ValueError,
+     r"threshold must be in \[0, 1\) with mode='min' and threshold_mode='rel', got 1.5"),
+    ((0.001,), {"threshold": -0.01, "threshold_mode": "abs"}, ValueError,
+     "threshold must be a number >= 0, got -0.01"),
+    ((0.001,), {"threshold": -0.01, "mode": "max"}, ValueError,
+     "threshold must be a number >= 0, got -0.01"),
+    ((0.001,), {"threshold": None}, ValueError, "threshold must be .*, got None"),
+    ((0.1,), {"min_lr": None}, ValueError, r"min_lr must be in \[0, lr=0.1\], got None"),
 ])
 def test_bad_torch_settings_are_named(args: tuple[Any, ...], kwargs: dict[str, Any],
                                       error: type, message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,9 +32,10 @@ class reduce_on_plateau(WholeTree):
     count grows, and on reaching ``patience`` it restarts and
     ``scale <- max(factor*scale, min_scale)`` (unless that lowers it by ``eps`` or less). The
     ``cooldown`` evaluations after a reduction count no plateau. Each update is multiplied by
-    the scale its own evaluation left. The state (``scale``, ``best_value``, the counts, the
-    accumulated mean) is the part's tree state: it checkpoints and goes through ``jax.jit``
-    with the rest of the state.
+    the scale its own evaluation left. ``rtol`` is at most 1 with ``mode="min"`` (above,
+    ``(1 - rtol)*best`` is never beaten). The state (``scale``, ``best_value``, the counts,
+    the accumulated mean) is the part's tree state: it checkpoints and goes through
+    ``jax.jit`` with the rest of the state.
 
     >>> import numpy as np, uniopt as uo
     >>> opt = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau(factor=0.5, patience=2))
@@ -46,7 +48,7 @@ class reduce_on_plateau(WholeTree):
 
     factor: float = static(0.1, Interval(0.0, 1.0, lo_open=True, hi_open=True))
     patience: int = 10
-    rtol: float = static(1e-4, UNIT)
+    rtol: float = static(1e-4, NONNEG)
     atol: float = static(0.0, NONNEG)
     cooldown: int = 0
     accumulation_size: int = 1
@@ -63,6 +65,9 @@ class reduce_on_plateau(WholeTree):
                                                          least))
         if self.mode not in ("min", "max"):
             raise ValueError(f"{self.name}: mode must be 'min' or 'max', got {self.mode!r}")
+        if self.mode == "min" and self.rtol > 1:  # (optax's range; "max" takes any)
+            raise ValueError(f"{self.name}: rtol must be in [0, 1] with mode='min', got "
+                             f"{self.rtol!r}")
 
     @classmethod
     def from_torch(cls, lr: float, *, mode: str = "min", factor: float = 0.1,
@@ -75,17 +80,33 @@ class reduce_on_plateau(WholeTree):
         ``patience`` evaluations without improvement (``patience + 1`` here); ``threshold`` is
         ``rtol`` (``threshold_mode="rel"``) or ``atol`` (``"abs"``); ``min_lr`` and ``eps``
         (torch skips a reduction of the learning rate by ``eps`` or less) are ``lr`` times
-        ``min_scale`` and ``eps`` here."""
-        patience = check_integer(cls.__name__, "patience", patience, 0)
+        ``min_scale`` and ``eps`` here. Its arguments are checked in its words. A negative
+        ``threshold`` (a worse loss would count as an improvement) or ``eps``, which torch
+        takes, is refused; so is a ``threshold`` of 1 or more with ``mode="min"`` and
+        ``threshold_mode="rel"``, where no loss beats ``best*(1 - threshold)`` and torch cuts
+        the learning rate every ``patience + 1`` steps whatever the losses. Otherwise one above
+        1 is torch's (with ``mode="max"``, ``rtol`` above 1)."""
+        name = cls.__name__
+
+        def number(arg: str, v: Any, ok: Callable[[Any], bool], says: str) -> None:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
+                raise ValueError(f"{name}: {arg} must be {says}, got {v!r}")
+
+        patience = check_integer(name, "patience", patience, 0)
         if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"{cls.__name__}: threshold_mode must be 'rel' or 'abs', got "
+            raise ValueError(f"{name}: threshold_mode must be 'rel' or 'abs', got "
                              f"{threshold_mode!r}")
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
-            raise ValueError(f"{cls.__name__}: lr must be the optimizer's learning rate, a "
-                             f"number > 0, got {lr!r}")
-        if not 0 <= min_lr <= lr:
-            raise ValueError(f"{cls.__name__}: min_lr must be in [0, lr={lr!r}], got {min_lr!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"{name}: mode must be 'min' or 'max', got {mode!r}")
+        number("lr", lr, lambda v: 0 < v < math.inf, "the optimizer's learning rate, a number > 0")
         rel = threshold_mode == "rel"
+        if rel and mode == "min":
+            number("threshold", threshold, lambda v: 0 <= v < 1,
+                   "in [0, 1) with mode='min' and threshold_mode='rel'")
+        else:
+            number("threshold", threshold, lambda v: 0 <= v < math.inf, "a number >= 0")
+        number("min_lr", min_lr, lambda v: 0 <= v <= lr, f"in [0, lr={lr!r}]")
+        number("eps", eps, lambda v: 0 <= v < math.inf, "a number >= 0")
         return cls(factor=factor, patience=patience + 1, rtol=threshold if rel else 0.0,
                    atol=0.0 if rel else threshold, cooldown=cooldown, min_scale=min_lr / lr,
                    eps=eps / lr, mode=mode)
