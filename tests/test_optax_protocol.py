@@ -424,6 +424,80 @@ def test_from_torch_takes_a_threshold_above_1_where_torch_means_one() -> None:
         uo.reduce_on_plateau.from_torch(0.1, **{**kw, "mode": "min"})
 
 
+# torch's loop for 12 steps: the loss at p_t, opt.step() at the learning rate as it is, then
+# scheduler.step(loss); the losses plateau, so every case reduces (the max case's metrics
+# must grow 2.5-fold to improve: threshold 1.5, which torch takes)
+TORCH_LOOPS = [
+    ({"factor": 0.5, "patience": 1}, [3.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ({"factor": 0.5, "patience": 0, "cooldown": 2, "threshold": 0.1, "threshold_mode": "abs"},
+     [3.0, 2.95, 2.0, 1.95, 1.9, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]),
+    ({"factor": 0.3, "patience": 1, "min_lr": 0.004, "eps": 1e-4},
+     [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ({"mode": "max", "factor": 0.5, "patience": 1, "threshold": 1.5},
+     [1.0, 3.0, 9.0, 10.0, 11.0, 30.0, 31.0, 32.0, 33.0, 34.0, 35.0, 36.0]),
+]
+
+
+@pytest.mark.parametrize(("kw", "losses"), TORCH_LOOPS,
+                         ids=["rel", "abs-cooldown", "min_lr-eps", "max-threshold-1.5"])
+def test_from_torch_steps_as_torchs_scheduler_loop(kw: dict[str, Any],
+                                                   losses: list[float]) -> None:
+    """``from_torch`` scales each update as torch's loop does: ``opt.step()`` at the learning
+    rate as it is, then ``scheduler.step(loss)``, the reduction first moving the *next* step
+    (it had scaled the update given that loss already, one step early: 0.1, 0.1, 0.1, 0.05
+    where torch steps 0.1 four times). SGD's params side by side with torch's for 12 steps,
+    to float64 rounding (1e-15 of params near 1: torch adds ``-lr*g`` in one rounding, uniopt
+    rounds the step, scales it and subtracts it)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    p0, grads = rng.standard_normal(4), rng.standard_normal((len(losses), 4))
+    w = torch.nn.Parameter(torch.tensor(p0))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **kw)
+    rule = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau.from_torch(0.1, **kw))
+    p = [p0.copy()]
+    state = uo.setup(rule, p)
+    lrs = set()
+    for g, loss in zip(grads, losses, strict=True):
+        lrs.add(opt.param_groups[0]["lr"])
+        w.grad = torch.tensor(g)
+        opt.step()
+        sched.step(loss)
+        state, p = uo.update(state, p, [g], value=loss)
+        np.testing.assert_allclose(p[0], w.detach().numpy(), rtol=0, atol=1e-15)
+    assert len(lrs) >= 3  # reduced twice at least
+    assert 0.1 * _scale(state) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-15)
+
+
+def test_from_torchs_timing_goes_through_jit_and_a_checkpoint(tmp_path: Any) -> None:
+    """The timing is a field of the record (``timing="torch"``): a jitted loop compiles once
+    and equals the eager one; a state saved mid-run loads with it and resumes as the run
+    that never stopped, bit for bit; optax's timing stays the plain constructor's."""
+    rule = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau.from_torch(0.1, factor=0.5,
+                                                                    patience=1))
+    assert rule.transforms[1].timing == "torch" and uo.reduce_on_plateau().timing == "optax"
+    losses = [3.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0]
+    grads = [np.full(2, 0.5 + k) for k in range(len(losses))]
+    with jax.enable_x64(True):
+        step = jax.jit(lambda s, p, g, v: uo.update(s, p, g, value=v))
+        js, jp = uo.setup(rule, [jnp.zeros(2)]), [jnp.zeros(2)]
+        ns, np_ = uo.setup(rule, [np.zeros(2)]), [np.zeros(2)]
+        for k, (g, loss) in enumerate(zip(grads, losses, strict=True)):
+            js, jp = step(js, jp, [jnp.asarray(g)], loss)
+            ns, np_ = uo.update(ns, np_, [g], value=loss)
+            if k == 3:
+                uo.save(tmp_path / "plateau.uo", ns, params=np_)
+                back, bp = uo.load(tmp_path / "plateau.uo", like=(rule, [np.zeros(2)]),
+                                   params=True)
+        assert step._cache_size() == 1
+        np.testing.assert_array_equal(np.asarray(jp[0]), np_[0])
+    assert back.rule.transforms[1].timing == "torch"
+    for g, loss in zip(grads[4:], losses[4:], strict=True):
+        back, bp = uo.update(back, bp, [g], value=loss)
+    assert bp[0].tobytes() == np_[0].tobytes()
+    assert _scale(back) == _scale(ns) == 0.25
+
+
 def test_reduce_on_plateau_in_place_on_float32_and_torch() -> None:
     """update_ is update; the state keeps the params' float32 and int32 counts; torch tensors
     take the same steps."""
@@ -475,6 +549,8 @@ def test_a_plateau_state_goes_through_a_checkpoint() -> None:
     ({"rtol": 1.5}, ValueError,
      r"reduce_on_plateau: rtol must be in \[0, 1\] with mode='min', got 1.5"),
     ({"rtol": -0.5, "mode": "max"}, ValueError, "reduce_on_plateau: rtol must be >= 0, got -0.5"),
+    ({"timing": "late"}, ValueError,
+     r"reduce_on_plateau: timing must be one of \('optax', 'torch'\), got 'late'"),
     ({"atol": -1.0}, ValueError, "reduce_on_plateau: atol must be >= 0, got -1.0"),
     ({"min_scale": 2.0}, ValueError, r"reduce_on_plateau: min_scale must be in \[0, 1\], got 2.0"),
     ({"eps": -1e-8}, ValueError, "reduce_on_plateau: eps must be >= 0, got -1e-08"),

@@ -17,6 +17,10 @@ from ..base import WholeTree
 from ..hyper import NONNEG, UNIT, Interval, check_integer, static
 from ..tree import NAMESPACE, trainables
 
+# when an evaluation moves the scale the updates are multiplied by: from the update given its
+# value on (optax's), or from the next one (torch's scheduler.step(loss) after opt.step())
+TIMINGS = ("optax", "torch")
+
 
 @dataclass(frozen=True)
 class reduce_on_plateau(WholeTree):
@@ -32,10 +36,12 @@ class reduce_on_plateau(WholeTree):
     count grows, and on reaching ``patience`` it restarts and
     ``scale <- max(factor*scale, min_scale)`` (unless that lowers it by ``eps`` or less). The
     ``cooldown`` evaluations after a reduction count no plateau. Each update is multiplied by
-    the scale its own evaluation left. ``rtol`` is at most 1 with ``mode="min"`` (above,
-    ``(1 - rtol)*best`` is never beaten). The state (``scale``, ``best_value``, the counts,
-    the accumulated mean) is the part's tree state: it checkpoints and goes through
-    ``jax.jit`` with the rest of the state.
+    the scale its own evaluation left (``timing="optax"``), or with ``timing="torch"`` by the
+    scale before it, the evaluation moving the next update's (torch's loop: ``opt.step()`` at
+    the learning rate as it is, then ``scheduler.step(loss)``; :meth:`from_torch` sets it).
+    ``rtol`` is at most 1 with ``mode="min"`` (above, ``(1 - rtol)*best`` is never beaten).
+    The state (``scale``, ``best_value``, the counts, the accumulated mean) is the part's tree
+    state: it checkpoints and goes through ``jax.jit`` with the rest of the state.
 
     >>> import numpy as np, uniopt as uo
     >>> opt = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau(factor=0.5, patience=2))
@@ -55,6 +61,7 @@ class reduce_on_plateau(WholeTree):
     min_scale: float = static(0.0, UNIT)
     eps: float = static(0.0, NONNEG)
     mode: str = "min"
+    timing: str = "optax"
 
     reads_value: ClassVar[bool] = True
     step_args: ClassVar[tuple[str, ...]] = ("value",)
@@ -68,6 +75,9 @@ class reduce_on_plateau(WholeTree):
         if self.mode == "min" and self.rtol > 1:  # (optax's range; "max" takes any)
             raise ValueError(f"{self.name}: rtol must be in [0, 1] with mode='min', got "
                              f"{self.rtol!r}")
+        if self.timing not in TIMINGS:
+            raise ValueError(f"{self.name}: timing must be one of {TIMINGS}, got "
+                             f"{self.timing!r}")
 
     @classmethod
     def from_torch(cls, lr: float, *, mode: str = "min", factor: float = 0.1,
@@ -76,7 +86,9 @@ class reduce_on_plateau(WholeTree):
                    eps: float = 1e-8) -> reduce_on_plateau:
         """torch's ``ReduceLROnPlateau(optimizer, mode, factor, patience, threshold,
         threshold_mode, cooldown, min_lr, eps)`` for an optimizer of learning rate ``lr``, as a
-        scale: the learning rates ``lr * scale`` are torch's. torch reduces after *more than*
+        scale: the learning rates ``lr * scale`` are torch's, each applied to the update torch
+        applies it to (``timing="torch"``: the loss given with an update moves the next one's,
+        as ``scheduler.step(loss)`` after ``opt.step()``). torch reduces after *more than*
         ``patience`` evaluations without improvement (``patience + 1`` here); ``threshold`` is
         ``rtol`` (``threshold_mode="rel"``) or ``atol`` (``"abs"``); ``min_lr`` and ``eps``
         (torch skips a reduction of the learning rate by ``eps`` or less) are ``lr`` times
@@ -109,7 +121,7 @@ class reduce_on_plateau(WholeTree):
         number("eps", eps, lambda v: 0 <= v < math.inf, "a number >= 0")
         return cls(factor=factor, patience=patience + 1, rtol=threshold if rel else 0.0,
                    atol=0.0 if rel else threshold, cooldown=cooldown, min_scale=min_lr / lr,
-                   eps=eps / lr, mode=mode)
+                   eps=eps / lr, mode=mode, timing="torch")
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         arrays = [x for x in trainables(params) if backend.is_array(x)]
@@ -172,5 +184,5 @@ class reduce_on_plateau(WholeTree):
         due = count == self.accumulation_size
         waiting = {**s, "count": count, "avg_value": mean}
         new = {k: xp.where(due, v, waiting[k]) for k, v in evaluated.items()}
-        factor = new["scale"]
+        factor = new["scale"] if self.timing == "optax" else s["scale"]
         return optree.tree_map(lambda x: x * factor, u, namespace=NAMESPACE), new
