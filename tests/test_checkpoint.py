@@ -1292,13 +1292,17 @@ def test_torch_distributed_checkpoint_across_torch_and_uniopt(name: str, directi
     checkpoint lacks: DCP's loader refused it ("Missing key in checkpoint state_dict:
     optim.param_groups.0.couple_lr"). torch's SGD keeps no ``step``, uniopt's does (for its
     schedules, docs/torch.md): that direction takes DCP's ``allow_partial_load=True``, as
-    docs/checkpoints.md says."""
+    docs/checkpoints.md says. The same with ``flatten_optimizer_state_dict=True`` (torchtitan's
+    setting), whose load looks up each key of the loading optimizer's live groups: uniopt's
+    AdamW held ``couple_lr`` there, and no AdamW's checkpoint loaded into it, its own included
+    (KeyError: 'param_groups.0.weight.couple_lr')."""
     torch = pytest.importorskip("torch")
     import warnings
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_optimizer_state_dict,
         set_optimizer_state_dict,
     )
@@ -1323,29 +1327,34 @@ def test_torch_distributed_checkpoint_across_torch_and_uniopt(name: str, directi
         return getattr(module, name)(m.parameters(), lr=1e-2, **(
             {"foreach": False} if module is torch.optim else {}))
 
-    def resumed(saver: Any, where: Any) -> list[Any]:
+    def resumed(saver: Any, where: Any, options: Any) -> list[Any]:
         m0 = model()
         o0 = make(saver, m0)
         steps(m0, o0, 3, 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
-            dcp.save({"model": m0.state_dict(), "optim": get_optimizer_state_dict(m0, o0)},
+            dcp.save({"model": m0.state_dict(),
+                      "optim": get_optimizer_state_dict(m0, o0, options=options)},
                      checkpoint_id=str(where))
         m1 = model()
         o1 = make(then, m1)
-        target = {"model": m1.state_dict(), "optim": get_optimizer_state_dict(m1, o1)}
+        target = {"model": m1.state_dict(),
+                  "optim": get_optimizer_state_dict(m1, o1, options=options)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(target, checkpoint_id=str(where),
                      planner=DefaultLoadPlanner(allow_partial_load=partial))
         m1.load_state_dict(target["model"])
-        set_optimizer_state_dict(m1, o1, target["optim"])
+        set_optimizer_state_dict(m1, o1, target["optim"], options=options)
         steps(m1, o1, 3, 2)
         return [p.detach() for p in m1.parameters()]
 
-    across, own = resumed(first, tmp_path / "across"), resumed(then, tmp_path / "own")
-    for a, b in zip(across, own, strict=True):
-        assert torch.equal(a, b)
+    for flat in (False, True):
+        options = StateDictOptions(flatten_optimizer_state_dict=flat)
+        across, own = (resumed(first, tmp_path / f"across{flat}", options),
+                       resumed(then, tmp_path / f"own{flat}", options))
+        for a, b in zip(across, own, strict=True):
+            assert torch.equal(a, b), flat
 
 
 # --- orbax ---------------------------------------------------------------------------------------

@@ -548,30 +548,39 @@ def test_fsdp2_transformer_and_torch(launch: Launcher, tmp_path: Path) -> None:
 # --- torch.distributed.checkpoint: saved on 2 ranks, loaded on 4 ---------------------------
 
 
-_DCP = ("AdamW", "Adafactor")
+# each DCP run: its class, and whether its optimizer state dict is flattened
+# (flatten_optimizer_state_dict=True, torchtitan's setting: loaded by the keys of the live groups)
+_DCP = {"AdamW": ("AdamW", False), "Adafactor": ("Adafactor", False),
+        "AdamW flattened": ("AdamW", True)}
 
 
 def _dcp(rank: int, world: int, path: str, save: bool) -> dict[str, Any]:
     """5 steps then a DCP save, then 5 more (``save``); or a load, then the same 5 more."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
     out: dict[str, Any] = {}
-    for name in _DCP:
+    for name, (cls, flat) in _DCP.items():
+        options = StateDictOptions(flatten_optimizer_state_dict=flat)
         m = _fsdp(_model("mlp"), mesh)
-        opt = getattr(uniopt.torch, name)(m.parameters(), **CLASSES[name])
-        where = os.path.join(path, name)
+        opt = getattr(uniopt.torch, cls)(m.parameters(), **CLASSES[cls])
+        where = os.path.join(path, name.replace(" ", "_"))
         if save:
             _train(m, opt, "mlp", 5)
-            msd, osd = get_state_dict(m, opt)
+            msd, osd = get_state_dict(m, opt, options=options)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
         else:
-            msd, osd = get_state_dict(m, opt)
+            msd, osd = get_state_dict(m, opt, options=options)
             sd = {"model": msd, "optim": osd}
             dcp.load(sd, checkpoint_id=where)
-            set_state_dict(m, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            set_state_dict(m, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                           options=options)
         _train(m, opt, "mlp", 5, start=5)
         out[name] = {"params": [x.tolist() for x in _full(m)], "placements": _placements(opt),
                      "steps": sorted({int(st["step"]) for st in opt.state.values()})}
@@ -639,7 +648,9 @@ def four(launch: Launcher, tmp_path_factory: pytest.TempPathFactory
 def test_dcp_reshard(four: tuple[list[Any], list[Any]]) -> None:
     """A DCP checkpoint of FSDP2 shards (model and uniopt state) saved on 2 ranks and loaded on
     4 (resharded: the last layer's 3 rows leave one rank none) continues exactly as the run
-    that saved it: the same params, bit for bit, the state laid out as the params. 8-bit
+    that saved it: the same params, bit for bit, the state laid out as the params; so does
+    AdamW's with its state dict flattened (flatten_optimizer_state_dict=True, which looks up
+    every key of the live groups: uniopt's AdamW held couple_lr there, a KeyError). 8-bit
     state continues bit for bit where loaded on the 2 ranks that saved it, and its load on
     4 is refused with nothing written."""
     saved, found = four

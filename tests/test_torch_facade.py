@@ -478,10 +478,13 @@ def test_signature_and_defaults_are_torchs(name: str) -> None:
         (p.name, p.kind, type(p.default), p.default) for p in sig_theirs.values()
     ]
     w = [nn.Parameter(torch.zeros(2))]
-    extra = {"couple_lr": True} if name == "AdamW" else {}  # state_dtype only where set
+    # (couple_lr and state_dtype only where given: torch's keys, which DCP loads by)
     typed = lambda d: {k: (type(v), v) for k, v in d.items()}  # noqa: E731
-    assert typed(ours(w).defaults) == typed({**theirs(w).defaults, **extra})
-    assert typed(ours(w).param_groups[0]) == typed({**theirs(w).param_groups[0], **extra})
+    assert typed(ours(w).defaults) == typed(theirs(w).defaults)
+    assert typed(ours(w).param_groups[0]) == typed(theirs(w).param_groups[0])
+    if name == "AdamW":
+        given = ours(w, couple_lr=False)
+        assert given.defaults["couple_lr"] is given.param_groups[0]["couple_lr"] is False
     # the torch class of its name too: frameworks branch on it (Lightning refuses LBFGS under
     # AMP, accelerate picks DeepSpeed's AdamW or Adagrad by it), as on ours(w)'s own class
     assert isinstance(ours(w), theirs) and issubclass(ut.AdamW, ut.Adam)
@@ -4576,9 +4579,10 @@ def test_a_bad_value_a_scheduler_wrote_names_its_param_group() -> None:
 
 
 def test_adamws_couple_lr_left_out_at_its_default_loads_as_that_default() -> None:
-    """state_dict() leaves couple_lr out where a group holds True (torch's key set, for DCP);
-    the load filled it from the loading optimizer's constructor: a group saved True came back
-    False beside couple_lr=False, and the resumed run stepped otherwise."""
+    """couple_lr is in a group only where given (torch's key set, for DCP), and state_dict()
+    saves the groups as they are; a group without it is True whatever the loading optimizer's
+    constructor had (the load filled it from that constructor: a group saved True came back
+    False beside couple_lr=False, and the resumed run stepped otherwise)."""
     def make(couple: bool) -> Any:
         torch.manual_seed(0)
         a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
@@ -4589,7 +4593,7 @@ def test_adamws_couple_lr_left_out_at_its_default_loads_as_that_default() -> Non
     a.grad, b.grad = torch.full((3,), 0.5), torch.full((3,), 0.5)
     opt.step()
     saved = copy.deepcopy(opt.state_dict())  # (its tensors are the live ones, as torch's)
-    assert [g.get("couple_lr") for g in saved["param_groups"]] == [False, None]
+    assert [g.get("couple_lr") for g in saved["param_groups"]] == [False, True]
     other, a2, b2 = make(False)
     with torch.no_grad():
         a2.copy_(a)
@@ -4600,11 +4604,22 @@ def test_adamws_couple_lr_left_out_at_its_default_loads_as_that_default() -> Non
         x.grad, y.grad = torch.full((3,), 0.25), torch.full((3,), 0.25)
         o.step()
     assert torch.equal(a, a2) and torch.equal(b, b2)
-    # a default (True) state into an optimizer made with couple_lr=False: True, as saved
-    plain = ut.AdamW([nn.Parameter(torch.ones(3))], lr=0.1)
-    into = ut.AdamW([nn.Parameter(torch.ones(3))], lr=0.1, couple_lr=False)
+    # a default (True) state into an optimizer made with couple_lr=False: True, as saved (the
+    # group without the key, as saved, stepping as True)
+    def one(couple: bool) -> Any:
+        p = nn.Parameter(torch.ones(3))
+        return ut.AdamW([p], lr=0.1, weight_decay=0.5, couple_lr=couple), p
+
+    (plain, p), (into, q) = one(True), one(False)
+    assert "couple_lr" not in plain.param_groups[0] and "couple_lr" not in plain.state_dict()[
+        "param_groups"][0]
     into.load_state_dict(plain.state_dict())
-    assert into.param_groups[0]["couple_lr"] is True
+    assert "couple_lr" not in into.param_groups[0]
+    for o, x in ((plain, p), (into, q)):
+        x.grad = torch.full((3,), 0.5)
+        o.step()
+    assert torch.equal(p, q)
+    assert "couple_lr" not in into.param_groups[0]  # (read, not written in, by the step)
 
 
 @pytest.mark.parametrize("name", ["Adafactor", "Adam", "RMSprop"])

@@ -35,9 +35,10 @@ fuses addcmul/addcdiv/lerp, uniopt rounds each product), each by about ``n * eps
 steps, more where the problem amplifies rounding, which torch's own error shows. The state
 dicts are held to the same bounds (at step ``STEPS``).
 
-What uniopt's ``state_dict`` may add to torch's, and nothing else: the param-group keys in
-:data:`ADDED_GROUP_KEYS`, and a ``step`` in a parameter's state where torch keeps none
-(``uniopt.torch`` counts steps for every class, to evaluate schedules).
+What uniopt's ``state_dict`` may add to torch's, and nothing else: a ``step`` in a parameter's
+state where torch keeps none (``uniopt.torch`` counts steps for every class, to evaluate
+schedules). No param-group key: AdamW's ``couple_lr`` is in a group only where not its default,
+and torch's table never sets it.
 """
 
 from __future__ import annotations
@@ -96,8 +97,6 @@ PRODUCT_STEPS = 20
 RTOL64 = 1e-12
 EPS32 = float(np.finfo(np.float32).eps)
 F32_FACTOR, F32_FIRST = 2.0, 4
-# AdamW's couple_lr: the switch to Flux's decay, independent of lr (see docs/weight-decay.md)
-ADDED_GROUP_KEYS = frozenset({"couple_lr"})
 # the parameters: shapes of a small model (a weight, its bias, a second matrix for the classes
 # that take matrices only)
 SHAPES = ((4, 3), (3,), (2, 4))
@@ -353,8 +352,6 @@ def state_problems(ours: Any, theirs: Any, ref: Any, path: str = "", floor: floa
         if not isinstance(ours, dict):
             return [f"{path}: {ours!r} where torch has a dict"]
         extra = set(ours) - set(theirs)
-        if path.startswith("param_groups"):
-            extra -= ADDED_GROUP_KEYS
         if path.startswith("state.") and path.count(".") == 1:
             extra -= {"step"}
         if path == "state":  # a parameter whose state is a step count alone

@@ -382,7 +382,9 @@ class Adam(_Named, torch.optim.Adam):
 class AdamW(Adam, torch.optim.AdamW):
     """``torch.optim.AdamW``, run by :func:`uniopt.adamw`, plus ``couple_lr``: ``False`` makes
     the decay independent of the learning rate, ``p <- p - lr*A - weight_decay*p`` (Flux's
-    form; see the docs' Weight decay page, docs/weight-decay.md)."""
+    form; see the docs' Weight decay page, docs/weight-decay.md). A group holds ``couple_lr``
+    only where it is not ``True``: its keys and its state dict's are torch's (see
+    docs/torch.md)."""
 
     if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
         def __init__(self, params: ParamsT, lr: Hyper = 0.001,
@@ -396,7 +398,7 @@ class AdamW(Adam, torch.optim.AdamW):
     _torch_params = ("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "maximize", "foreach",
                      "capturable", "differentiable", "fused", "couple_lr")
     _fixed = {"decoupled_weight_decay": True}  # as torch's AdamW
-    _unsaved_defaults = {"couple_lr": True}
+    _absent_defaults = {"couple_lr": True}
 
 
 class SparseAdam(_Named, torch.optim.SparseAdam):

@@ -375,6 +375,14 @@ class Optimizer(torch.optim.Optimizer):
 
     rule: Transform
     _keys: tuple[str, ...]  # the group keys that are the rule's hyperparameters
+    # group keys of uniopt's own, beyond torch's, that a group holds only where the
+    # constructor was given another value than this default, or the group one of its own (as
+    # state_dtype): a group without one is this default, whatever the constructor had. So a
+    # class's groups have its torch class's keys
+    # (torch.distributed.checkpoint loads by the loading optimizer's keys: into the state dict
+    # it makes, and a flattened one, flatten_optimizer_state_dict=True, by its live groups'
+    # keys) and state_dict() saves the groups as they are
+    _absent_defaults: ClassVar[dict[str, Any]] = {}
 
     # the step's extra arguments (its parts' Part.step_args) this class hands a rule: the
     # closure's loss; a class made for a rule that reads another (SophiaH's hvp=) adds it
@@ -477,6 +485,9 @@ class Optimizer(torch.optim.Optimizer):
         self._reset_caches()
         if defaults.get("state_dtype") is None:  # only where asked for: torch's groups otherwise
             defaults = {k: v for k, v in defaults.items() if k != "state_dtype"}
+        # (by identity: the defaults are bools, and a tensor's == is no bool)
+        defaults = {k: v for k, v in defaults.items()
+                    if k not in self._absent_defaults or v is not self._absent_defaults[k]}
         # (torch's base, by name: a named class is also its torch class, whose own __init__
         # and __setstate__ come next in its order and must not run)
         torch.optim.Optimizer.__init__(self, params, defaults)
@@ -537,7 +548,8 @@ class Optimizer(torch.optim.Optimizer):
         self._orders = {id(g): (g, tuple(g["params"])) for g in self.param_groups}
         for group in self.param_groups:  # keys an older state may lack, as torch fills them
             for k, v in self.defaults.items():
-                group.setdefault(k, v)
+                if k not in self._absent_defaults:  # (one lacking is its own default)
+                    group.setdefault(k, v)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, after checking that the group's values build a valid
@@ -547,7 +559,7 @@ class Optimizer(torch.optim.Optimizer):
             params = param_group.get("params")
             if params is not None and not isinstance(params, (torch.Tensor, set, list, tuple)):
                 param_group["params"] = list(params)  # as torch: read a generator once
-            values = {**self.defaults, **param_group}
+            values = self._filled({**self.defaults, **param_group})
             try:
                 self._group_rule(values)
             except SlotsChanged as e:
@@ -618,12 +630,9 @@ class Optimizer(torch.optim.Optimizer):
                 hit.raw[:] = raw  # (the rule reads the new values)
                 hit.steady[0] = 0
                 return hit.rule, hit.scheduled
-        missing = self._unsaved_defaults.keys() - group.keys()
-        if missing:
-            # a group made without them (a torch.optim class's group put in param_groups):
-            # their defaults, as load_state_dict reads such a group, not a KeyError of ours
-            group.update({k: self._unsaved_defaults[k] for k in missing})
-            raw = list(map(group.get, self._watched))
+        # (read, not written into the group: a key it lacks is its default, see
+        # _absent_defaults)
+        values = self._filled(group)
         for k, v in zip(self._keys, raw, strict=False):
             bad = _not_one_element(v)
             if bad is not None:  # (before the key: comparing such tensors raises of itself)
@@ -631,8 +640,8 @@ class Optimizer(torch.optim.Optimizer):
                                  f"1-element tensor, got a tensor of shape "
                                  f"{tuple(bad.shape)}: {bad!r}")
         # (the state dtype too: a value written after a step is checked as the rule's are)
-        key = (*(_key(group, k) for k in self._keys), *(bool(group.get(f)) for f in _RULE_FLAGS),
-               group.get("state_dtype"))
+        key = (*(_key(values, k) for k in self._keys),
+               *(bool(group.get(f)) for f in _RULE_FLAGS), group.get("state_dtype"))
         eligible = self._live_keys(group)
         form = tuple(_form(r) or v if k in eligible else v
                      for k, r, v in zip(self._keys, raw, key, strict=False)
@@ -651,15 +660,15 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 gi = next(i for i, g in enumerate(self.param_groups) if g is group)
                 readers = {self._keys[i]: _readers(group, self._keys[i], gi) for i in read}
-                rule = self._group_rule({**group, **readers})
+                rule = self._group_rule({**values, **readers})
             scheduled, steady = True, [0]
         else:
             try:
-                rule = self._group_rule(group)
+                rule = self._group_rule(values)
             except (ValueError, TypeError) as e:
                 at = next((i for i, g in enumerate(self.param_groups) if g is group), None)
                 if isinstance(e, SlotsChanged) and at is not None:
-                    raise ValueError(self._slots_changed(at, group, e)) from None
+                    raise ValueError(self._slots_changed(at, values, e)) from None
                 if type(e) not in (ValueError, TypeError):
                     raise  # (a subclass may take other arguments than a message)
                 # a value written into a group since; a message that names a group already (a
@@ -726,6 +735,14 @@ class Optimizer(torch.optim.Optimizer):
         for cache in (self._plans, self._steps, self._spare_plans):
             for gi in [gi for gi in cache if gi >= n]:
                 del cache[gi]
+
+    def _filled(self, group: dict[str, Any]) -> dict[str, Any]:
+        """``group``, or where it lacks keys of :attr:`_absent_defaults`, a copy with their
+        defaults: the values its rule is made of."""
+        absent = self._absent_defaults
+        if not absent or absent.keys() <= group.keys():
+            return group
+        return {**absent, **group}
 
     def _live_keys(self, group: dict[str, Any]) -> frozenset[str]:
         """The group keys whose plain numbers the group's rule may read at each step (see
@@ -1304,11 +1321,6 @@ class Optimizer(torch.optim.Optimizer):
         for post in list(self._optimizer_load_state_dict_post_hooks.values()):
             post(self)
 
-    # group keys of uniopt's own, beyond torch's, that state_dict() writes only where a group
-    # holds another value than this default: a state torch's class saved then has every key of
-    # ours, as torch.distributed.checkpoint's loader requires (load_state_dict fills them in)
-    _unsaved_defaults: dict[str, Any] = {}
-
     def _state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict``, with each uniopt schedule in a group written as plain data
         (its type's name and fields), so that ``torch.load(..., weights_only=True)`` reads it.
@@ -1323,10 +1335,9 @@ class Optimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 self._follow(group, self.rule)  # (saved in the order of the params now)
         sd = super().state_dict()
-        quiet = self._unsaved_defaults
-        # (by identity: the defaults are bools, and a tensor's != is no bool)
-        groups = [{k: plain_schedules(v) for k, v in g.items()
-                   if k not in quiet or v is not quiet[k]} for g in sd["param_groups"]]
+        # (each group's keys as it holds them: a flattened DCP state dict is loaded by the
+        # live groups' keys)
+        groups = [{k: plain_schedules(v) for k, v in g.items()} for g in sd["param_groups"]]
         return {**sd, "state": _group_states_out(_q8_copies(sd["state"], groups), groups),
                 "param_groups": groups}
 
@@ -1335,10 +1346,10 @@ class Optimizer(torch.optim.Optimizer):
         here, and the reverse), after checking that the groups, their sizes, the slots and their
         shapes match this optimizer's parameters; nothing changes on an error."""
         if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
-            # (a key state_dict() leaves out at its default is that default, whatever this
+            # (a key of _absent_defaults a group lacks stays out: that default, whatever this
             # optimizer's constructor was given)
             groups = _torch_filled(type(self), [
-                {**self._unsaved_defaults, **{k: schedules_from_plain(v) for k, v in g.items()}}
+                {k: schedules_from_plain(v) for k, v in g.items()}
                 if isinstance(g, dict) else g for g in state_dict["param_groups"]])
             state_dict = {**state_dict, "param_groups": groups}
             if isinstance(state_dict.get("state"), dict):

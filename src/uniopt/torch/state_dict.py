@@ -4,7 +4,7 @@ parameters by position without looking, so a state of another optimizer or model
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -21,11 +21,14 @@ class Loading(Protocol):
 
     param_groups: list[dict[str, Any]]
     defaults: dict[str, Any]
+    _absent_defaults: ClassVar[dict[str, Any]]
 
     @property
     def _name(self) -> str: ...
 
     def _group_rule(self, group: dict[str, Any]) -> Transform: ...
+
+    def _filled(self, group: dict[str, Any]) -> dict[str, Any]: ...
 
     def _slot_names(self, rule: Transform) -> list[tuple[str, str]]: ...
 
@@ -64,7 +67,10 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                 f"{where}: parameter group {gi} of the state has {len(s['params'])} "
                 f"parameters, this optimizer's has {len(g['params'])}; nothing was loaded"
             )
-        values = {**opt.defaults, **{k: v for k, v in s.items() if k != "params"}}
+        # (a key of the class's own a group lacks is its default, not the constructor's)
+        values = opt._filled({**{k: v for k, v in opt.defaults.items()
+                                 if k not in opt._absent_defaults},
+                              **{k: v for k, v in s.items() if k != "params"}})
         try:
             rule = opt._group_rule(values)
         except (ValueError, TypeError) as e:
