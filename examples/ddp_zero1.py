@@ -35,8 +35,9 @@ elif "--recipe" not in sys.argv:
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ut.AdamW, lr=1e-2,
                                   weight_decay=0.1)
 else:
-    # any rule: here no decay on vectors (labels read the leaf: ZeRO hands each rank its
-    # share of the parameters without their names)
+    # a recipe: here no decay on vectors (labels read the leaf: ZeRO hands each rank its
+    # share of the parameters without their names; a part that reads every parameter at
+    # once, a global norm, is refused under ZeRO: docs/scaling-out.md)
     rule = uo.partition({"decay": uo.adamw(lr=1e-2, weight_decay=0.1),
                          "no_decay": uo.adamw(lr=1e-2)},
                         lambda path, p: "no_decay" if p.ndim == 1 else "decay")

@@ -232,7 +232,41 @@ def recipe(rank: int, world: int) -> dict[str, Any]:
         model, opt = _run(make, "all", rank, False, zero)
         out[name] = _same(model, ref)
         out[f"{name} resumed"] = _resumed(model, opt, zero, rank)
+    out["whole group"] = _whole_group(rank, world)
     out["overlap"] = overlap(rank, world)
+    return out
+
+
+def _whole_group(rank: int, world: int) -> dict[str, Any]:
+    """Rules with a part that reads every parameter of a group at once: under DDP alone, the
+    one process's bits; as ZeRO-1's local optimizer, refused when ZeRO makes it (over a
+    rank's share each rank computed such a part over its share alone), each error's text."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import uniopt as uo
+    import uniopt.torch as ut
+
+    clip = uo.chain(uo.clip_by_global_norm(0.1), uo.sgd(lr=0.1))
+    out: dict[str, Any] = {}
+    model, _ = _run(lambda ps: ut.Optimizer(ps, clip), "all", rank, False)
+    out["ddp"] = _same(model, _reference(lambda ps: ut.Optimizer(ps, clip), "all", world, False))
+    refused = {
+        "clip": (ut.Optimizer, {"rule": clip}),
+        "prodigy": (ut.Optimizer, {"rule": uo.prodigy()}),
+        "skip_nonfinite": (ut.Optimizer, {"rule": uo.skip_nonfinite(uo.adam(lr=0.01))}),
+        # (a combinator's member's norm: the partition itself routes by the leaf)
+        "in a partition": (ut.Optimizer, {"rule": uo.partition(
+            {"a": clip, "b": uo.adam(lr=0.01)}, lambda path, p: "a" if p.ndim == 2 else "b")}),
+        "LBFGS": (ut.LBFGS, {"lr": 0.5}),
+    }
+    errors: dict[str, str | None] = {}
+    for name, (cls, kw) in refused.items():
+        try:
+            ZeroRedundancyOptimizer(_chosen(_model(0), "all"), optimizer_class=cls, **kw)
+            errors[name] = None
+        except TypeError as e:
+            errors[name] = str(e)
+    out["zero"] = errors
     return out
 
 

@@ -76,6 +76,31 @@ def test_zero1_of_a_recipe_equals_one_process(recipes: list[dict[str, Any]], nam
         assert out[f"{name} resumed"] == 0.0, out
 
 
+def test_zero1_refuses_a_rule_that_reads_every_parameter_of_a_group(
+        recipes: list[dict[str, Any]]) -> None:
+    """ZeRO-1 makes each rank's optimizer over that rank's share of the parameters: a global
+    norm, Prodigy's estimate, skip_nonfinite's test of every gradient, a norm inside a
+    partition's member, L-BFGS's dot products, each computed over the share alone (the
+    clipped SGD's parameters 5e-3 off one process's after 3 steps, silently). Refused when ZeRO
+    makes the optimizer, naming the part and what to use instead; under DDP alone the same
+    clipped SGD is the one process's, bit for bit."""
+    for out in recipes:
+        found = out["whole group"]
+        assert found["ddp"] == 0.0, found
+        parts = {"clip": "clip_by_global_norm", "prodigy": "scale_by_prodigy",
+                 "skip_nonfinite": "skip_nonfinite", "in a partition": "clip_by_global_norm",
+                 "LBFGS": "lbfgs_step"}
+        for name, part in parts.items():
+            error = found["zero"][name]
+            cls = "LBFGS" if name == "LBFGS" else "Optimizer"
+            assert error is not None and error.startswith(
+                f"uniopt.torch.{cls} as ZeroRedundancyOptimizer's optimizer_class on 2 ranks: "
+                f"its rule's {part} reads every parameter of a group at once"), (name, error)
+            assert "DistributedDataParallel without ZeRO" in error, error
+            # FSDP2 sums a global norm over the ranks' shards; whole-tree parts it refuses too
+            assert ("FSDP2" in error) == (part == "clip_by_global_norm"), error
+
+
 @pytest.mark.parametrize("name", ["AdamW", "SGD", "Adam"])
 def test_zero_overlapped_with_ddp_equals_one_process_and_torch(
         recipes: list[dict[str, Any]], name: str) -> None:

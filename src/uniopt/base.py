@@ -804,6 +804,11 @@ class Combinator(WholeTree):
     """
 
     takes_complex: ClassVar[bool] = True
+    # whether its own step reads every leaf at once (a test over every gradient, a sum over
+    # the tree), beside what its members read; False where it routes each leaf to a member or
+    # counts steps: run on a share of the leaves (ZeRO's), each leaf then steps as in the
+    # whole tree (uniopt.torch refuses the others there)
+    reads_every_leaf: ClassVar[bool] = True
 
     @property
     def inner(self) -> dict[str, Transform]:

@@ -361,6 +361,7 @@ class _Routed(_Runs):
     member, by its label."""
 
     routes = True
+    reads_every_leaf = False
 
     def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
         raise NotImplementedError
@@ -695,6 +696,7 @@ class accumulate(_Wraps):
 
     every: Any
     like_params: ClassVar[tuple[str, ...]] = ("acc",)
+    reads_every_leaf = False  # (a count; each leaf's own mean)
 
     def __init__(self, rule: Any, every: Any) -> None:
         every = check_integer("accumulate", "every", every, 1, schedulable=True)

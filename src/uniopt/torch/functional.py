@@ -43,10 +43,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..base import Combinator, Elementwise, WholeTree
+from ..base import WholeTree
 from .hessian import SophiaH
 from .named import LBFGS, SparseAdam
-from .optimizer import Optimizer
+from .optimizer import Optimizer, global_norm
 
 # why a class's step cannot be a functional one
 _CANNOT = {
@@ -59,10 +59,10 @@ _CANNOT = {
 
 
 def _whole_group(part: Any) -> bool:
-    """Whether ``part`` reads every parameter of a group at once."""
-    if isinstance(part, Elementwise):
-        return part.needs_norm and not part.norm_per_leaf  # a global norm
-    return isinstance(part, (WholeTree, Combinator))
+    """Whether ``part`` cannot step a bucket's share of a group: a global norm, any whole-tree
+    part, a combinator whatever its own step reads (a share would change its members' leaves,
+    bucket by bucket)."""
+    return global_norm(part) or isinstance(part, WholeTree)
 
 
 def why_not(optimizer: Optimizer) -> str | None:

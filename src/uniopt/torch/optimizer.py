@@ -9,7 +9,9 @@ import inspect
 import itertools
 import operator
 import os
+import sys
 import threading
+import types
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -182,6 +184,58 @@ def _tree_parts(rule: Transform) -> list[WholeTree]:
     return [p for p in rule.flat_parts if isinstance(p, WholeTree)]
 
 
+def global_norm(part: Any) -> bool:
+    """Whether ``part`` is an elementwise part that scales by a norm over every leaf."""
+    return isinstance(part, Elementwise) and part.needs_norm and not part.norm_per_leaf
+
+
+def every_leaf_parts(rule: Transform) -> list[Any]:
+    """The parts of ``rule``, its combinators' members' included, whose step reads every
+    parameter of a group at once: a global norm, a whole-tree part (Prodigy's estimate, a
+    line search), a combinator that tests or sums over every leaf (skip_nonfinite); not one
+    that routes each leaf to a member or counts steps (partition, masked, accumulate)."""
+    out: list[Any] = []
+    for part in rule.flat_parts:
+        if isinstance(part, Combinator):
+            if part.reads_every_leaf:
+                out.append(part)
+            for member in part.inner.values():
+                out += every_leaf_parts(member)
+        elif isinstance(part, WholeTree) or global_norm(part):
+            out.append(part)
+    return out
+
+
+# how many callers up ZeroRedundancyOptimizer's _init_local_optimizer may be from
+# Optimizer._init: a named class's constructor and _init methods, a caller's factory
+_ZERO_DEPTH = 8
+
+
+def _zero_world() -> int | None:
+    """The world size of the ZeroRedundancyOptimizer (not overlapped with DDP) that is making
+    this optimizer as its local one, over this rank's share of the parameters; None where no
+    ZeRO is (its ``_init_local_optimizer`` among the callers of :meth:`Optimizer._init`).
+    torch passes the local optimizer nothing that says so."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is None:  # (no ZeRO in this process: a look-up, then nothing)
+        return None
+    cls = getattr(zero, "ZeroRedundancyOptimizer", None)
+    code = getattr(getattr(cls, "_init_local_optimizer", None), "__code__", None)
+    if cls is None or code is None:  # (another torch's)
+        return None
+    frame: types.FrameType | None = sys._getframe(2)  # (the caller of Optimizer._init)
+    for _ in range(_ZERO_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            made = frame.f_locals.get("self")
+            if not isinstance(made, cls) or made._overlap_with_ddp:  # (its twin refuses)
+                return None
+            return int(made.world_size)
+        frame = frame.f_back
+    return None
+
+
 def _scheduled(rule: Transform) -> bool:
     """Whether a part of ``rule`` holds a schedule: then each step's values are checked
     before anything is written."""
@@ -348,6 +402,11 @@ class Optimizer(torch.optim.Optimizer):
     (duplicates summed), the other rows keeping their values and state, as torch's sparse
     Adagrad and TensorFlow's sparse FTRL do (the step count is the parameter's, as torch's
     SparseAdam keeps it); a group's weight decay is refused with them, as torch refuses it.
+    As ZeRO-1's local optimizer (``ZeroRedundancyOptimizer(..., optimizer_class=...)``, over
+    each rank's share of the parameters) a rule with a part that reads every parameter of a
+    group at once (a global norm, Prodigy's estimate, ``skip_nonfinite``) is refused, with a
+    ``TypeError`` naming it: each rank would compute it over its share alone (see
+    docs/scaling-out.md).
 
     >>> import torch, uniopt as uo, uniopt.torch
     >>> lr = torch.tensor(0.1, requires_grad=True)
@@ -482,6 +541,9 @@ class Optimizer(torch.optim.Optimizer):
     # --- construction ----------------------------------------------------------------------
 
     def _init(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        world = _zero_world()
+        if world is not None and world > 1:
+            self._refuse_zero_share(world)
         self._reset_caches()
         if defaults.get("state_dtype") is None:  # only where asked for: torch's groups otherwise
             defaults = {k: v for k, v in defaults.items() if k != "state_dtype"}
@@ -492,6 +554,28 @@ class Optimizer(torch.optim.Optimizer):
         # and __setstate__ come next in its order and must not run)
         torch.optim.Optimizer.__init__(self, params, defaults)
         self.state = plans.Versioned(dict, self.state)
+
+    def _refuse_zero_share(self, world: int) -> None:
+        """Raise where this optimizer's rule reads every parameter of a group at once: ZeRO
+        makes it over this rank's share of the parameters, and each rank would compute such a
+        part over its share alone, silently."""
+        parts = every_leaf_parts(self.rule)
+        if not parts:
+            return
+        names = ", ".join(dict.fromkeys(p.name for p in parts))
+        norms = all(map(global_norm, parts))
+        cls = type(self)
+        who = (f"uniopt.torch.{cls.__qualname__}" if cls.__module__.startswith("uniopt.torch")
+               else f"{cls.__module__}.{cls.__qualname__}")
+        raise TypeError(
+            f"{who} as ZeroRedundancyOptimizer's optimizer_class on {world} ranks: its "
+            f"rule's {names} reads every parameter of a group at once, and ZeRO makes each "
+            "rank's optimizer over that rank's share of the parameters, over which each rank "
+            "would compute it alone (other numbers than one process's); use "
+            "DistributedDataParallel without ZeRO (every rank steps every parameter)"
+            + (", FSDP2 (fully_shard), whose step sums a global norm over every rank's shards,"
+               if norms else "")
+            + " or a rule without such parts")
 
     def _reset_caches(self) -> None:
         self._plans: dict[int, plans.Plan] = {}
