@@ -585,6 +585,32 @@ def test_nnx_functional_style_steps_a_combinator_as_on_plain_arrays(kind: str) -
         np.testing.assert_array_equal(np.asarray(p[k][...]), np.asarray(q[k]))
 
 
+@pytest.mark.parametrize("make", [lambda: uo.lbfgs(lr=0.5), lambda: uo.sam(uo.sgd(lr=0.1))],
+                         ids=["lbfgs", "sam"])
+def test_nnx_functional_style_minimize_step_keeps_its_params(make: Any) -> None:
+    """``uo.minimize_step`` over ``nnx.split``'s State of Params handed the new params back as
+    bare arrays (``uo.update`` hands Params back), and L-BFGS's next step over Params took its
+    own history for another library's ("its d holds jax arrays, where these params are flax
+    arrays"). Params in, Params out, three steps, the numbers of the Params' plain arrays."""
+    nnx = pytest.importorskip("flax.nnx")
+    x = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+
+    def closure(p: Any) -> Any:
+        return jax.value_and_grad(lambda p: jnp.sum((x @ p["kernel"] + p["bias"] - 1) ** 2))(p)
+
+    _, params, _ = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    plain = nnx.to_pure_dict(params)
+    s, p = uo.setup(make(), params), params
+    t, q = uo.setup(make(), plain), plain
+    for _ in range(3):
+        s, p, _ = uo.minimize_step(s, p, closure)
+        t, q, _ = uo.minimize_step(t, q, closure)
+    assert jax.tree.structure(p) == jax.tree.structure(params)
+    got = nnx.to_pure_dict(p)
+    for k in plain:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(q[k]))
+
+
 def test_nnx_params_beside_committed_gradients_step_eagerly() -> None:
     """NNX's Params hold uncommitted arrays; a jitted ``jax.grad`` of a batch put with
     ``jax.device_put`` hands committed gradients on the same device. The gradient device

@@ -2342,7 +2342,11 @@ def minimize_step(state: State, params: Any, closure: Closure) -> tuple[State, A
     other rule calls it once and takes an :func:`update`, with the loss as ``value=`` for the
     parts that read it (:func:`uniopt.polyak_sgd`, :func:`uniopt.momo`).
     """
-    return _minimize(state, params, closure, inplace=False)
+    new, out, loss = _minimize(state, params, closure, inplace=False)
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(params, nnx.State):
+        out = _held_as(params, out)  # (NNX's Params back as Params, as update hands them)
+    return new, out, loss
 
 
 def minimize_step_(state: State, params: Any, closure: Closure) -> tuple[State, Any]:

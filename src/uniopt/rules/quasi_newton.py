@@ -72,7 +72,8 @@ class lbfgs_step(Minimizer):
     def check_tree(self, state: Any, leaves: list[Any]) -> str | None:
         # its vectors are the params raveled into one (a complex leaf as its real pairs)
         n = sum(int(math.prod(p.shape)) * (2 if backend.is_complex(p) else 1) for p in leaves)
-        lib = backend.library(leaves[0]) if leaves else None
+        # (of the arrays a flax NNX Param holds: minimize_step is handed a State of them)
+        lib = backend.array_library(leaves[0]) if leaves else None
         # (the vectors' dtype where every leaf has one: another fails inside a dot product)
         dtypes = {_REAL.get(n, n) for n in map(backend.dtype_name, (p.dtype for p in leaves))}
         dtype = dtypes.pop() if len(dtypes) == 1 else None
