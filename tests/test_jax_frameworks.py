@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from typing import Any
 
 import numpy as np
@@ -609,6 +610,117 @@ def test_nnx_functional_style_minimize_step_keeps_its_params(make: Any) -> None:
     got = nnx.to_pure_dict(p)
     for k in plain:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(q[k]))
+
+
+_X = np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(2, 3)
+
+
+def _nnx_loss(p: Any) -> Any:
+    """An nnx.Linear(3, 2)'s loss, of a State of its Params or of a dict of arrays alike."""
+    return jnp.sum((jnp.asarray(_X) @ p["kernel"] + p["bias"] - 1.0) ** 2)
+
+
+def _nnx_hvp(v: Any) -> dict[str, Any]:
+    """``_nnx_loss``'s Hessian times ``v`` (it is quadratic: one Hessian)."""
+    x = jnp.asarray(_X)
+    r = x @ v["kernel"] + v["bias"]
+    return {"bias": 2 * jnp.sum(r, axis=0), "kernel": 2 * x.T @ r}
+
+
+def _two_steps(e: Any, params: Any, grads: Any, how: str) -> Any:
+    """Two steps of registry rule ``e`` from ``params`` with gradients ``grads`` (``how``:
+    uo.update, uo.update_ or the optax protocol; a rule that evaluates the loss itself, by
+    minimize_step and its closure); the params after them, or the error (type, message)."""
+    rule = e.rule(**e.info.example)
+    given = {"value": _nnx_loss(params), "grad": grads, "value_fn": _nnx_loss,
+             "hvp": _nnx_hvp}
+    extra = {k: given[k] for k in e.step_args}
+    try:
+        state = rule.init(params) if how == "protocol" else uo.setup(rule, params)
+        for _ in range(2):
+            if e.needs_closure and how == "update_":
+                state, _ = uo.minimize_step_(state, params, jax.value_and_grad(_nnx_loss))
+            elif e.needs_closure:
+                state, params, _ = uo.minimize_step(state, params, jax.value_and_grad(_nnx_loss))
+            elif how == "update_":
+                state = uo.update_(state, params, grads, **extra)
+            elif how == "update":
+                state, params = uo.update(state, params, grads, **extra)
+            else:
+                updates, state = rule.update(grads, state, params, **extra)
+                params = optax.apply_updates(params, updates)
+    except Exception as ex:  # noqa: BLE001 (compared: a refusal is the same either way)
+        return type(ex).__name__, str(ex)
+    return params
+
+
+@pytest.mark.parametrize("name", uo.registry.names())
+def test_every_rule_steps_nnx_params_as_their_arrays(name: str) -> None:
+    """Every registry rule in NNX's functional style (``nnx.split``'s State of Params, and
+    ``jax.grad``'s State of Params for its gradients), by ``uo.update``, ``uo.update_`` and
+    the optax protocol (``minimize_step`` and ``minimize_step_`` for a rule that evaluates the
+    loss itself), two steps: the same numbers, bit for bit, as on the Params' plain arrays,
+    Params back, and no warning. A sweep's finding: the rules were handed the Params
+    themselves, which pass for arrays but not everywhere, and GaLore, DoG and DoWG warned
+    (NumPy took a Param for a dtype: "Implicit conversion of an array to a dtype is
+    deprecated", an error in a later JAX), Kron, DP-SGD and noisy SGD refused ("its state
+    holds a jax generator, the updates are flax arrays"), Sparse Adam failed (a Param's
+    ``!=`` is no array's) and the zoom line search did not differentiate ``value_fn`` ("on
+    flax arrays value_fn must return (loss, grads)"), through every entry point. A rule's
+    refusal (Muon's of the bias) is the same either way; update_ is refused where a rule keeps
+    slots (JAX's arrays are immutable)."""
+    nnx = pytest.importorskip("flax.nnx")
+    e = uo.registry.entry(name)
+    want: dict[str, Any] = {}
+    for how in ("update", "update_", "protocol"):
+        # (a model of its own each time: update_ sets its Params)
+        _, params, _ = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        grads = jax.grad(_nnx_loss)(params)  # (a State of Params, as params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = _two_steps(e, params, grads, how)
+        if how == "update_" and isinstance(got, tuple) and got[1].startswith(
+                "update_ cannot write"):
+            continue  # (a rule that keeps slots: JAX's arrays are immutable)
+        plain = "protocol" if how == "protocol" else "update"
+        if plain not in want:
+            want[plain] = _two_steps(e, nnx.to_pure_dict(params), nnx.to_pure_dict(grads),
+                                     plain)
+        if isinstance(want[plain], tuple):
+            assert got == want[plain], (how, got)
+            continue
+        assert not isinstance(got, tuple), (how, got)
+        if how == "update_":
+            got = params
+        assert jax.tree.structure(got) == jax.tree.structure(grads), how
+        got = nnx.to_pure_dict(got)
+        for k in got:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[plain][k]),
+                                          err_msg=how)
+
+
+@pytest.mark.parametrize("name", ["sparse_adam", "kron", "galore", "noisy_sgd"])
+def test_nnx_gradients_beside_bare_arrays_step_as_their_arrays(name: str) -> None:
+    """Params given as a State of bare arrays, gradients as ``jax.grad``'s State of Params (a
+    mix the engine lets through): each gradient is stepped as the array its Param holds, as
+    on plain arrays, bit for bit and without a warning (they reached the rules as Params:
+    Sparse Adam's ``!=``, Kron's and noisy SGD's "the updates are flax arrays", GaLore's
+    NumPy dtype warning)."""
+    nnx = pytest.importorskip("flax.nnx")
+    _, params, _ = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    grads = jax.grad(_nnx_loss)(params)
+    bare = nnx.State(nnx.to_pure_dict(params))
+    rule = getattr(uo, name)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, got = uo.update(uo.setup(rule, bare), bare, grads)
+        updates, _ = rule.update(grads, rule.init(bare), bare)
+    plain, pgrads = nnx.to_pure_dict(params), nnx.to_pure_dict(grads)
+    _, want = uo.update(uo.setup(rule, plain), plain, pgrads)
+    want_u, _ = rule.update(pgrads, rule.init(plain), plain)
+    for k in plain:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+        np.testing.assert_array_equal(np.asarray(updates[k][...]), np.asarray(want_u[k]))
 
 
 def test_nnx_params_beside_committed_gradients_step_eagerly() -> None:

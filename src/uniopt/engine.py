@@ -656,6 +656,8 @@ def _align_grads(grads: Any, treedef: Any, names: list[str], params: list[Any],
             refused = backend.kind(g).refused
             if refused:
                 raise TypeError(f"gradient for {names[i]} is {refused}")
+            if is_variable(type(g)):  # (a Param's gradient beside a bare array: its array)
+                g_leaves[i] = g = backend.held_array(g)
         if g.shape != p.shape and tuple(g.shape) != tuple(p.shape):
             raise ValueError(
                 f"gradient for {names[i]} has shape {tuple(g.shape)}, its parameter "
@@ -1817,6 +1819,8 @@ class _Step:
     params: list[Any]
     grads: list[Any]
     treedef: Any
+    # the flax NNX Variables whose arrays ``params`` are, where update_ sets them; else None
+    held: list[Any] | None = None
 
 
 NO_RECORDED_Q8 = (
@@ -1871,6 +1875,15 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
             # (Adan's previous one) would be handed the memory the step has just written with
             # the new params
             g_leaves = _grads_apart(p_leaves, g_leaves, same_ok=False)
+    if p_leaves and is_variable(type(p_leaves[0])):
+        # flax NNX's Variables (nnx.split's State of Params, and jax.grad's of it) pass for
+        # their arrays, but not everywhere: a Variable's != is no array's, and NumPy takes one
+        # for a dtype. The parts step the arrays they hold; update hands Params back
+        # (_held_as), update_ sets each Variable to its new array
+        held = p_leaves
+        p_leaves = list(map(backend.held_array, p_leaves))
+        g_leaves = p_leaves if params is None else list(map(backend.held_array, g_leaves))
+        return _Step(p_leaves, g_leaves, treedef, held if writes else None)
     return _Step(p_leaves, g_leaves, treedef)
 
 
@@ -1997,9 +2010,14 @@ def _reference(state: State, params: Any, grads: Any, fast_out: Any, value: Any,
     """:func:`_pure`'s step where no compiled strategy took it (``fast_out``: why, or None)."""
     if type(grads) is backend.Addressed:
         grads = grads.arrays()
-    step = _prologue(state, params, grads)
+    return _reference_step(state, _prologue(state, params, grads), fast_out,
+                           _extra(value, extra))
+
+
+def _reference_step(state: State, step: _Step, fast_out: Any,
+                    extra: dict[str, Any]) -> tuple[State, Any]:
+    """:func:`_reference` after its prologue."""
     state = _with_structure(state, step.treedef)
-    extra = _extra(value, extra)
     if dtensor.any_dtensor(step.params):
         return _sharded(state, step, inplace=False, extra=extra)
     if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(state.rule):
@@ -2092,8 +2110,15 @@ def _update_(state: State, params: Any, grads: Any, fast_out: Any, value: Any,
     if type(grads) is backend.Addressed:
         grads = grads.arrays()
     step = _prologue(state, params, grads, writes=True)
-    state = _with_structure(state, step.treedef)
     extra = _extra(value, extra)
+    if step.held is not None:
+        # flax NNX's Variables, written by setting each one's array (immutable): the pure step
+        # on their arrays, computed whole before the first is set
+        new, out = _reference_step(state, step, fast_out, extra)
+        for v, x in zip(step.held, flatten_leaves(out)[0], strict=True):
+            backend.assign(v, x)
+        return new
+    state = _with_structure(state, step.treedef)
     if dtensor.any_dtensor(step.params):
         return _sharded(state, step, inplace=True, extra=extra)[0]
     if any(map(backend.is_complex, step.params)) and _as_pairs_or_whole(state.rule):
