@@ -654,6 +654,12 @@ def _two_steps(e: Any, params: Any, grads: Any, how: str) -> Any:
     return params
 
 
+# the rules a sweep found failing on Params (and Adam): the three entry points share one
+# prologue, which every rule's uo.update tests; these take update_ and the protocol as well
+_NNX_EVERY_ENTRY = {"adam", "galore", "kron", "lbfgs_linesearch", "dog", "dowg", "dpsgd",
+                    "noisy_sgd", "sparse_adam"}
+
+
 @pytest.mark.parametrize("name", uo.registry.names())
 def test_every_rule_steps_nnx_params_as_their_arrays(name: str) -> None:
     """Every registry rule in NNX's functional style (``nnx.split``'s State of Params, and
@@ -672,7 +678,7 @@ def test_every_rule_steps_nnx_params_as_their_arrays(name: str) -> None:
     nnx = pytest.importorskip("flax.nnx")
     e = uo.registry.entry(name)
     want: dict[str, Any] = {}
-    for how in ("update", "update_", "protocol"):
+    for how in ("update", "update_", "protocol") if name in _NNX_EVERY_ENTRY else ("update",):
         # (a model of its own each time: update_ sets its Params)
         _, params, _ = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Param, ...)
         grads = jax.grad(_nnx_loss)(params)  # (a State of Params, as params)
