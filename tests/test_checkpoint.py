@@ -1613,6 +1613,35 @@ def test_a_whole_number_saved_as_an_int_loads_where_like_holds_the_float(tmp_pat
         uo.load(path, like=uo.setup(uo.radam(rectify_threshold=7), p))
 
 
+def test_a_field_added_since_a_file_was_written_loads_at_its_default(tmp_path) -> None:
+    """reduce_on_plateau gained ``timing`` (from_torch's "torch"); a file written before holds
+    no such field. With like= at the field's default it loads and steps on as the run that
+    never stopped (it was "timing is only in like", every earlier plateau checkpoint refused);
+    like= at another value of the field is refused, naming it."""
+    rule = uo.chain(uo.sgd(lr=0.1), uo.reduce_on_plateau(patience=1, factor=0.5))
+    p = {"w": np.array([1.0, -2.0, 3.0])}
+    state = uo.setup(rule, p)
+    for loss in (3.0, 2.0, 2.0):
+        state = uo.update_(state, p, {"w": p["w"] * 0.5}, value=loss)
+    path = str(tmp_path / "old.safetensors")
+    uo.save(path, state, p)
+    raw = open(path, "rb").read()
+    field = b',\\"timing\\":\\"optax\\"'
+    assert raw.count(field) == 1
+    with open(path, "wb") as f:  # as a version without the field wrote it (spaces: same length)
+        f.write(raw.replace(field, b" " * len(field)))
+    like = uo.setup(rule, {"w": np.zeros(3)})
+    loaded, q = uo.load(path, like=like), {"w": p["w"].copy()}
+    for loss in (2.0, 2.0):
+        state = uo.update_(state, p, {"w": p["w"] * 0.5}, value=loss)
+        loaded = uo.update_(loaded, q, {"w": q["w"] * 0.5}, value=loss)
+    np.testing.assert_array_equal(q["w"], p["w"])
+    torch_timed = uo.chain(uo.sgd(lr=0.1), dataclasses.replace(rule.transforms[1],
+                                                                 timing="torch"))
+    with pytest.raises(CheckpointError, match="timing is only in like"):
+        uo.load(path, like=uo.setup(torch_timed, {"w": np.zeros(3)}))
+
+
 @pytest.mark.parametrize("dtype", [">f8", ">f4", ">c16"])
 def test_big_endian_arrays_load_their_values(path: str, dtype: str) -> None:
     """The file holds little-endian bytes (save swaps a big-endian array's): load read them

@@ -485,6 +485,8 @@ def _diff(a: Any, b: Any, at: str, lenient: bool = False) -> str | None:
         if not isinstance(fa, dict) or not isinstance(fb, dict):
             return f"{at}'s fields are {_short(fa)} in the checkpoint"
         for k in sorted(set(fa) | set(fb)):
+            if k in fb and k not in fa and _is_default(b.get("type"), k, fb[k]):
+                continue  # (a field added since the file was written, at its default)
             if k not in fa or k not in fb:
                 return f"{at}.{k} is only in {'like' if k in fb else 'the checkpoint'}"
             found = _diff(fa[k], fb[k], f"{at}.{k}", lenient)
@@ -512,6 +514,16 @@ def _diff(a: Any, b: Any, at: str, lenient: bool = False) -> str | None:
             type(b) in (int, float) and (float(np.float32(b)) == a or float(np.float32(a)) == b):
         return None
     return f"{at} is {_show_data(a)} in the checkpoint, {_show_data(b)} in like"
+
+
+def _is_default(name: Any, field: str, value: Any) -> bool:
+    """Whether ``value`` (data) is record type ``name``'s default for ``field``: what a file
+    written before the field existed stands for (loaded, the record is made with it)."""
+    cls = _own().get(name) or _REGISTERED.get(name) if isinstance(name, str) else None
+    f = next((f for f in dataclasses.fields(cls) if f.name == field), None) if cls else None
+    if f is None or f.default is dataclasses.MISSING:
+        return False
+    return _diff(_Encode(strict=False)(f.default, field), value, field) is None
 
 
 def _show_data(d: Any) -> str:
