@@ -219,6 +219,8 @@ def recipe(rank: int, world: int) -> dict[str, Any]:
             lambda path, p: "no_decay" if p.ndim == 1 else "decay"),
         "masked": uo.chain(uo.masked(uo.weight_decay(1e-2), lambda path, p: p.ndim == 2),
                            uo.adam(lr=0.01)),
+        # (a whole-tree part that steps each leaf alone: not refused as ZeRO's)
+        "schedule_free": uo.schedule_free_adamw(lr=0.01, warmup_steps=2),
     }
     out: dict[str, Any] = {}
     for name, rule in rules.items():

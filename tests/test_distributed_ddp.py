@@ -64,13 +64,14 @@ def recipes() -> list[dict[str, Any]]:
     return _spawn("recipe")
 
 
-@pytest.mark.parametrize("name", ["partition", "masked"])
+@pytest.mark.parametrize("name", ["partition", "masked", "schedule_free"])
 def test_zero1_of_a_recipe_equals_one_process(recipes: list[dict[str, Any]], name: str) -> None:
     """``ZeroRedundancyOptimizer(params, optimizer_class=uniopt.torch.Optimizer, rule=...)``
-    with a partition (no decay on vectors) and a masked decay, over DDP: the same bits as one
-    process. Labels and masks read the leaf: ZeRO hands each rank its share of a group's
-    parameters without their names, so a rule by path would see positions. Its state,
-    consolidated and saved as plain data, resumes on both ranks bit for bit."""
+    with a partition (no decay on vectors), a masked decay and schedule-free AdamW (a
+    whole-tree part that steps each leaf alone), over DDP: the same bits as one process.
+    Labels and masks read the leaf: ZeRO hands each rank its share of a group's parameters
+    without their names, so a rule by path would see positions. Its state, consolidated and
+    saved as plain data, resumes on both ranks bit for bit."""
     for out in recipes:
         assert out[name] == 0.0, out
         assert out[f"{name} resumed"] == 0.0, out

@@ -753,6 +753,11 @@ class WholeTree(Part):
     # evaluates the objective over every leaf (a line search: value_fn at trial params, the
     # whole tree's grad=): no combinator that routes leaves (partition, masked) may hold it
     whole_objective: ClassVar[bool] = False
+    # whether its step reads every leaf at once (a sum or a norm over the tree, a test of
+    # every gradient, the loss); False where each leaf steps as in any share of the leaves
+    # (ZeRO's: uniopt.torch refuses the others there), its tree-wide numbers none but the
+    # hyperparameters' and the step count's
+    reads_every_leaf: ClassVar[bool] = True
 
     def init_tree(self, params: Any) -> Any:
         """The state for the params tree."""
@@ -804,11 +809,8 @@ class Combinator(WholeTree):
     """
 
     takes_complex: ClassVar[bool] = True
-    # whether its own step reads every leaf at once (a test over every gradient, a sum over
-    # the tree), beside what its members read; False where it routes each leaf to a member or
-    # counts steps: run on a share of the leaves (ZeRO's), each leaf then steps as in the
-    # whole tree (uniopt.torch refuses the others there)
-    reads_every_leaf: ClassVar[bool] = True
+    # (reads_every_leaf: its own step, beside what its members read; False where it routes
+    # each leaf to a member or counts steps)
 
     @property
     def inner(self) -> dict[str, Transform]:

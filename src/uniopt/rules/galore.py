@@ -98,6 +98,7 @@ class scale_by_galore(WholeTree):
     projected keeps a ``(0, 0)`` projector)."""
 
     linalg: ClassVar[tuple[str, ...]] = ("svd",)
+    reads_every_leaf = False  # (each leaf's projector and moments its own)
 
     real_only = True
 

@@ -133,6 +133,7 @@ class scale_by_schedule_free(WholeTree):
     lag: int = 0
 
     like_params: ClassVar[tuple[str, ...]] = ("z",)
+    reads_every_leaf = False  # (z per leaf; the weights of the lr and the step count alone)
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
 

@@ -193,7 +193,8 @@ def every_leaf_parts(rule: Transform) -> list[Any]:
     """The parts of ``rule``, its combinators' members' included, whose step reads every
     parameter of a group at once: a global norm, a whole-tree part (Prodigy's estimate, a
     line search), a combinator that tests or sums over every leaf (skip_nonfinite); not one
-    that routes each leaf to a member or counts steps (partition, masked, accumulate)."""
+    that routes each leaf to a member or counts steps (partition, masked, accumulate), nor a
+    whole-tree part that steps each leaf alone (schedule-free, GaLore: ``reads_every_leaf``)."""
     out: list[Any] = []
     for part in rule.flat_parts:
         if isinstance(part, Combinator):
@@ -201,7 +202,7 @@ def every_leaf_parts(rule: Transform) -> list[Any]:
                 out.append(part)
             for member in part.inner.values():
                 out += every_leaf_parts(member)
-        elif isinstance(part, WholeTree) or global_norm(part):
+        elif (isinstance(part, WholeTree) and part.reads_every_leaf) or global_norm(part):
             out.append(part)
     return out
 
@@ -229,9 +230,13 @@ def _zero_world() -> int | None:
             return None
         if frame.f_code is code:
             made = frame.f_locals.get("self")
-            if not isinstance(made, cls) or made._overlap_with_ddp:  # (its twin refuses)
+            # (torch's own attributes, read so that a torch without them makes no optimizer
+            # fail; overlapped with DDP, its functional twin refuses such rules itself)
+            world = getattr(made, "world_size", None)
+            if (not isinstance(made, cls) or getattr(made, "_overlap_with_ddp", False)
+                    or not isinstance(world, int)):
                 return None
-            return int(made.world_size)
+            return world
         frame = frame.f_back
     return None
 
@@ -773,6 +778,8 @@ class Optimizer(torch.optim.Optimizer):
         """:func:`uniopt.adjust`'s refusal of a group's values that add or drop a slot, in the
         group's words: which keys, and the slots."""
         made = State(self.rule, 0, {}, None)
+        # (a key of _absent_defaults a group or the defaults lack: its default)
+        group, defaults = self._filled(group), self._filled(self.defaults)
         keys = []
         for k in self._keys:
             try:
@@ -781,7 +788,7 @@ class Optimizer(torch.optim.Optimizer):
                 keys.append(k)
             except (ValueError, TypeError):
                 pass
-        made_with = ", ".join(repr(self.defaults[k]) for k in keys)
+        made_with = ", ".join(repr(defaults[k]) for k in keys)
         which = (" and ".join(f"{k!r} = {group[k]!r}" for k in keys)
                  + f" (the optimizer was made with {made_with})" if keys else "values")
 
