@@ -853,7 +853,7 @@ def _new_file(folder: str, stem: str) -> tuple[int, str]:
         most = os.pathconf(folder, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # (no pathconf, or no limit told)
         most = 255
-    most = most if most > 19 else 255  # (-1: no limit)
+    most = most if most > 0 else 255  # (-1: no limit told)
     stem = stem[:most]
     while stem and len(os.fsencode(stem)) + 19 > most:
         stem = stem[:-1]

@@ -1040,7 +1040,9 @@ def _float_deltas(
             last = finish and part.finish is not None and part is plan[-1][0]
             leaf_slots = [[read(state.slots[k][i], dt, xp) for k in keys]
                           for i, (xp, dt) in enumerate(zip(xps, dts, strict=True))]
-            if pairs is not None and part.complex_aware:
+            if pairs is not None and part.complex_aware and shards is None:
+                # (DTensor shards of complex params: the whole tensors' pairs, gathered, as
+                # before such parts saw complex numbers; see docs/scaling-out.md)
                 outs = _per_leaf_complex(part, c, leaf_slots, xps, ps, us, last, pairs)
             elif shards is None:
                 outs = _per_leaf_gathered(part, c, leaf_slots, xps, ps, us, last)
