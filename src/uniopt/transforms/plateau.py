@@ -95,9 +95,9 @@ class reduce_on_plateau(WholeTree):
         ``min_scale`` and ``eps`` here. Its arguments are checked in its words. A negative
         ``threshold`` (a worse loss would count as an improvement) or ``eps``, which torch
         takes, is refused; so is a ``threshold`` of 1 or more with ``mode="min"`` and
-        ``threshold_mode="rel"``, where no loss beats ``best*(1 - threshold)`` and torch cuts
-        the learning rate every ``patience + 1`` steps whatever the losses. Otherwise one above
-        1 is torch's (with ``mode="max"``, ``rtol`` above 1)."""
+        ``threshold_mode="rel"``, where no positive loss beats ``best*(1 - threshold)`` and
+        torch cuts the learning rate every ``patience + 1`` steps whatever such losses.
+        Otherwise one above 1 is torch's (with ``mode="max"``, ``rtol`` above 1)."""
         name = cls.__name__
 
         def number(arg: str, v: Any, ok: Callable[[Any], bool], says: str) -> None:
