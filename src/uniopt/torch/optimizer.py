@@ -672,6 +672,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _group_rule(self, group: dict[str, Any]) -> Transform:
         """The rule a group's values make (raises on invalid values)."""
+        group = self._filled(group)  # (AdamW's couple_lr, absent at its default)
         # (a str: a NumPy dtype equals its name, and went on to fail as an attribute name)
         sd = group.get("state_dtype")
         if not (sd is None or isinstance(sd, str) and sd in ("float32", "float64", "q8")):
