@@ -1949,9 +1949,7 @@ def update(state: State, params: Params, grads: Any, *, value: Any = None,
         if converted is not None:
             params, state = converted
     new, out = _pure(state, params, grads, value, extra)
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(params, nnx.State):
-        out = _held_as(params, out)
+    out = _held_as(params, out)
     # what a whole-tree part handed on as it was, or as a view of it, copied: nothing returned
     # aliases an input (a tree state, a member's state that did not step in a chain); the
     # slots are new arrays where they are made (_as_new_array), and a combinator taking the
@@ -2370,10 +2368,7 @@ def minimize_step(state: State, params: Any, closure: Closure) -> tuple[State, A
     parts that read it (:func:`uniopt.polyak_sgd`, :func:`uniopt.momo`).
     """
     new, out, loss = _minimize(state, params, closure, inplace=False)
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(params, nnx.State):
-        out = _held_as(params, out)  # (NNX's Params back as Params, as update hands them)
-    return new, out, loss
+    return new, _held_as(params, out), loss  # (NNX's Params back as Params, as update's)
 
 
 def minimize_step_(state: State, params: Any, closure: Closure) -> tuple[State, Any]:
@@ -2569,10 +2564,7 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     new = State(kept, _next_step(state.step), _new_slots(state, slots, step), state.treedef,
                 state.state_dtype, trees)
     out = unflatten(step.treedef, updates)
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(grads, nnx.State):
-        out = _held_as(grads, out)  # (optax's updates of NNX's Params are Params)
-    return out, new
+    return _held_as(grads, out), new  # (optax's updates of NNX's Params are Params)
 
 
 def _widened(state: State, params: list[Any]) -> bool:
@@ -2610,7 +2602,11 @@ def _held_as(like: Any, tree: Any) -> Any:
     """``tree`` (new arrays at the leaves of ``like``) with each array that ``like`` holds in
     a flax NNX Variable held in one as ``like``'s (NNX's functional style, ``nnx.split``: a
     State of Params in, a State of Params out, as optax's updates are; bare arrays changed a
-    ``lax.scan`` carry's structure and gave a jitted step a second cache entry)."""
+    ``lax.scan`` carry's structure and gave a jitted step a second cache entry); ``tree``
+    itself where ``like`` is no NNX State."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None or not isinstance(like, nnx.State):
+        return tree
     import jax
 
     def held(x: Any) -> bool:
