@@ -2686,6 +2686,72 @@ def test_a_removed_group_is_let_go(how: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("how", ["group popped", "params replaced"])
+def test_a_parameter_removed_after_a_step_is_left_out_of_state_dict_or_named(how: str) -> None:
+    """A parameter taken out of every group after a step (its group popped, or the group's
+    params replaced) made ``state_dict()`` raise a bare KeyError (torch's looks up each state
+    key's place in the groups), for plain SGD too, whose state torch does not keep and uniopt
+    does (its step), where torch.optim.SGD saves. Its step alone is left out, and the state
+    dict loads both ways. A state of more (SGD's momentum buffer, where torch's raises the
+    KeyError) is a ValueError naming the tensor and what to do; doing it saves. Where the
+    rule keeps a state over the group (Prodigy's), a step alone is refused too: saved, the
+    group's state would span a parameter it no longer has, and not load."""
+    def removed(opt: Any, group: int = 0) -> None:
+        if how == "group popped":
+            opt.param_groups.pop(group)
+        else:
+            opt.param_groups[group]["params"] = [nn.Parameter(torch.randn(3))]
+
+    def made(cls: Any, **kw: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+        opt = cls([{"params": [a]}, {"params": [b]}], **kw)
+        a.grad, b.grad = torch.ones(3), torch.ones(2)
+        opt.step()
+        removed(opt)
+        return opt, a, b
+
+    at = 0 if how == "group popped" else 1  # (b's place in the state dict)
+    theirs, _, _ = made(torch.optim.SGD, lr=0.1)
+    assert theirs.state_dict()["state"] == {}
+    ours, a, b = made(ut.SGD, lr=0.1)
+    sd = roundtrip(ours.state_dict())
+    assert sd["state"].keys() == {at} and sd["state"][at].keys() == {"step"}
+    assert [g["params"] for g in sd["param_groups"]] == [g["params"] for g in
+                                                          theirs.state_dict()["param_groups"]]
+    assert ours.state[a].keys() == {"step"}  # (left out of the dict, not dropped)
+    shapes = [(2,)] if how == "group popped" else [(3,), (2,)]
+    for cls in (ut.SGD, torch.optim.SGD):
+        again = cls([{"params": [nn.Parameter(torch.randn(s))]} for s in shapes], lr=0.1)
+        again.load_state_dict(sd)
+
+    ours, a, _ = made(ut.SGD, lr=0.1, momentum=0.9)
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match=r"^SGD.state_dict: a tensor of shape \(3,\) and dtype "
+                                         r"torch.float32, in no param group .* has state "
+                                         r"\['momentum_buffer', 'step'\] in opt.state, .*: "
+                                         r"delete its state \(del opt.state\[p\]\), or put it "
+                                         r"back in a group$"):
+        ours.state_dict()
+    assert_unchanged(ours, before)
+    del ours.state[a]
+    assert ours.state_dict()["state"].keys() == {at}
+
+    ours, a, _ = made(lambda groups: ut.Optimizer(groups, uo.prodigy()))
+    with pytest.raises(ValueError, match=r"has state \['scale_by_prodigy', 'step'\] .*: put it "
+                                         r"back in its group, or start that group anew"):
+        ours.state_dict()
+    ps = [nn.Parameter(torch.randn(3)) for _ in range(3)]
+    ours = ut.Optimizer(ps, uo.prodigy())
+    for p in ps:
+        p.grad = torch.ones(3)
+    ours.step()
+    ours.param_groups[0]["params"] = ps[:2]
+    with pytest.raises(ValueError, match=r"has state \['step'\] in opt.state"):
+        ours.state_dict()
+    ours.param_groups[0]["params"] = ps
+    ours.state_dict()
+
+
 @pytest.mark.parametrize("kind", ["partition", "masked"])
 def test_a_frozen_layer_under_a_partition_steps_as_the_functional_api(kind: str) -> None:
     """A model with a frozen layer (no gradients) under ``uniopt.torch.Optimizer(params,

@@ -13,7 +13,7 @@ import sys
 import threading
 import types
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, overload
 
@@ -1426,12 +1426,52 @@ class Optimizer(torch.optim.Optimizer):
         elif self.rule.tree_layout:
             for group in self.param_groups:
                 self._follow(group, self.rule)  # (saved in the order of the params now)
-        sd = super().state_dict()
+        left_out = self._removed_with_step_only()
+        if left_out:
+            # (torch's state_dict gives every tensor key of the state its place in the groups)
+            held = self.state
+            self.state = defaultdict(dict, {k: v for k, v in held.items()
+                                            if id(k) not in left_out})
+            try:
+                sd = super().state_dict()
+            finally:
+                self.state = held
+        else:
+            sd = super().state_dict()
         # (each group's keys as it holds them: a flattened DCP state dict is loaded by the
         # live groups' keys)
         groups = [{k: plain_schedules(v) for k, v in g.items()} for g in sd["param_groups"]]
         return {**sd, "state": _group_states_out(_q8_copies(sd["state"], groups), groups),
                 "param_groups": groups}
+
+    def _removed_with_step_only(self) -> set[int]:
+        """The ids of the tensors that key ``self.state`` but are in no group (a group popped,
+        its ``params`` replaced, after they stepped) and whose state is a ``step`` alone, which
+        uniopt keeps for every class: torch's SGD keeps nothing for them, and its state dict,
+        which has no place for a parameter in no group, leaves them out. Raise for one whose
+        state holds more (torch's ``state_dict`` raises a bare ``KeyError``), and for any where
+        the rule keeps a state over its group's parameters (Prodigy's, kept by the first
+        one), which spans it: saved, it would not load."""
+        placed = {id(p) for group in self.param_groups for p in group["params"]}
+        spans = bool(self.rule.tree_layout)
+        out = set()
+        for k, st in self.state.items():
+            if not isinstance(k, torch.Tensor) or id(k) in placed:
+                continue
+            if not spans and isinstance(st, dict) and st.keys() <= {"step"}:
+                out.add(id(k))
+                continue
+            held = sorted(map(str, st)) if isinstance(st, dict) else type(st).__name__
+            fix = ("put it back in its group, or start that group anew (del opt.state[q] for "
+                   "every parameter q of the group: its state, kept by its first parameter, "
+                   "spans them)" if spans else
+                   "delete its state (del opt.state[p]), or put it back in a group")
+            raise ValueError(
+                f"{self._name}.state_dict: a tensor of shape {tuple(k.shape)} and dtype "
+                f"{k.dtype}, in no param group (removed from its group after a step), has "
+                f"state {held} in opt.state, and a state dict keeps a parameter's state by its "
+                f"place in the groups: {fix}")
+        return out
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (a state saved by the torch class of the same name loads
