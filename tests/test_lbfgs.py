@@ -343,9 +343,9 @@ def test_the_torch_class_names_a_nan_loss_in_its_line_search() -> None:
 
 
 def test_history_size_written_into_the_group_mid_run_is_refused() -> None:
-    """torch's LBFGS fails with an IndexError in its two-loop recursion when a group's
-    ``history_size`` changes between steps; as ``uo.adjust`` refuses it, the step says so,
-    before anything moves."""
+    """torch's LBFGS goes wrong when a group's ``history_size`` changes between steps (see
+    :func:`test_torchs_lbfgs_with_history_size_written_mid_run`); as ``uo.adjust`` refuses
+    it, the step says so, before anything moves."""
     w = torch.nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
     opt = ut.LBFGS([w], history_size=5, max_iter=5)
 
@@ -363,6 +363,47 @@ def test_history_size_written_into_the_group_mid_run_is_refused() -> None:
                                              "in the param group: it cannot change mid-run"):
             opt.step(closure)
         assert torch.equal(w.detach(), before)
+
+
+def test_torchs_lbfgs_with_history_size_written_mid_run() -> None:
+    """What docs/torch.md says torch's LBFGS does with a ``history_size`` written mid-run (which
+    uniopt's refuses), where it said torch raised for a new size below the history held: its
+    two-loop recursion fills a list as long as the first step's history, so a larger size
+    raises an IndexError once the history outgrows that; a smaller one below the history held
+    is never trimmed to (torch trims where the two are equal): the history grows past it, and
+    raises the same IndexError once it outgrows the first length. One not below the history
+    held is trimmed to."""
+    target = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(first: int, new: int) -> tuple[int, list[int], bool]:
+        p = torch.randn(5, 3, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1)).requires_grad_()
+        opt = torch.optim.LBFGS([p], max_iter=5, history_size=first)
+
+        def closure() -> Any:
+            opt.zero_grad()
+            loss = ((p - target) ** 4).sum() + p.sum() ** 2
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+        held = len(opt.state[p]["old_dirs"])
+        opt.param_groups[0]["history_size"] = new
+        lengths = []
+        try:
+            for _ in range(4):
+                opt.step(closure)
+                lengths.append(len(opt.state[p]["old_dirs"]))
+        except IndexError:
+            return held, lengths, True
+        return held, lengths, False
+
+    assert run(3, 50) == (3, [], True)  # larger: raises
+    held, lengths, raised = run(100, 2)  # smaller, below the 9 held: grows
+    assert held == 9 and not raised and lengths[0] > held and lengths == sorted(lengths)
+    assert run(12, 2) == (9, [], True)  # ... until it outgrows the first 12
+    assert run(12, 11) == (9, [11] * 4, False)  # not below the 9 held: trimmed to it
 
 
 def test_rule_validation_names_the_value() -> None:

@@ -514,8 +514,10 @@ class LBFGS(_Named, torch.optim.LBFGS):
         st = self.state[ps[0]]
         held = st.get("al")
         if held is not None and len(held) != group["history_size"]:
-            # (the two-loop recursion's list is as long as the history was: torch fails on it
-            # with an IndexError, after writing the params)
+            # (torch's two-loop recursion fills a list as long as the first step's history:
+            # a larger size raises an IndexError there, after writing the params, once the
+            # history outgrows it; a smaller one below the history held is never trimmed to,
+            # and the history grows until it does the same)
             raise ValueError(f"LBFGS: history_size is {len(held)} in the state and "
                              f"{group['history_size']!r} in the param group: it cannot change "
                              "mid-run; make a new optimizer (or load a state of that size)")
