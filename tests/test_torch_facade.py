@@ -2532,8 +2532,10 @@ def test_load_state_dict_mismatches_change_nothing(
                                   "Muon", "LBFGS", "SparseAdam"])
 def test_a_saved_group_without_its_lr_is_refused_without_a_flag_is_not(name: str) -> None:
     """A saved group lacking a hyperparameter loaded with the constructor's value in its place
-    (torch's next step raises a KeyError); one lacking a flag takes its default, as torch's
-    ``__setstate__`` fills in the flags older releases did not save."""
+    (torch's next step raises a KeyError; Rprop's reads its lr only to make a parameter's
+    state, none here: test_a_saved_group_may_lack_a_value_torch_reads_only_to_make_a_state);
+    one lacking a flag takes its default, as torch's ``__setstate__`` fills in the flags older
+    releases did not save."""
     cls = getattr(ut, name)
     p = nn.Parameter(torch.randn(4, 3))
     opt = cls([p], lr=0.5)
@@ -2541,7 +2543,10 @@ def test_a_saved_group_without_its_lr_is_refused_without_a_flag_is_not(name: str
     group = dict(saved["param_groups"][0])
     del group["lr"]
     with pytest.raises(ValueError, match=rf"{name}.load_state_dict: parameter group 0 of the "
-                                         r"state lacks \['lr'\]; nothing was loaded"):
+                                         r"state lacks \['lr'\], of which its rule is made "
+                                         r"\(this optimizer's values would take their place, and "
+                                         r"the run resume with other numbers.*\); nothing was "
+                                         r"loaded$"):
         opt.load_state_dict({**saved, "param_groups": [group]})
     assert opt.param_groups[0]["lr"] == 0.5
     flags = [k for k, v in group.items() if isinstance(v, (bool, type(None)))]
@@ -2550,6 +2555,57 @@ def test_a_saved_group_without_its_lr_is_refused_without_a_flag_is_not(name: str
     del group[flags[0]]
     opt.load_state_dict({**saved, "param_groups": [group]})
     assert opt.param_groups[0]["lr"] == 0.25
+
+
+def test_a_saved_group_may_lack_a_value_torch_reads_only_to_make_a_state() -> None:
+    """A saved group without Adagrad's ``initial_accumulator_value`` (which torch never reads
+    from a group: its sums start at the constructor's) or Rprop's ``lr`` (read only to start a
+    parameter's step sizes) was refused as lacking a hyperparameter, "torch's next step raises a
+    KeyError": torch loads both and steps on. They load, the group given the constructor's
+    value, and the run goes on as torch's. Rprop's is refused where a parameter of the group
+    has no state, whose step sizes torch's step would start from it (a KeyError)."""
+    def made(mod: Any, name: str, **kw: Any) -> tuple[Any, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(4, 3, dtype=torch.float64)),
+              nn.Parameter(torch.randn(3, dtype=torch.float64))]
+        return getattr(mod, name)(ps, **kw), ps
+
+    def steps(opt: Any, ps: list[torch.Tensor], first: int, n: int) -> None:
+        for t in range(first, first + n):
+            g = torch.Generator().manual_seed(t)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) + p.detach()
+            opt.step()
+
+    for name, key, kw in (("Adagrad", "initial_accumulator_value",
+                           {"initial_accumulator_value": 0.5, "lr_decay": 0.1}),
+                          ("Rprop", "lr", {"lr": 0.05})):
+        src, ps = made(torch.optim, name, foreach=False, **kw)
+        steps(src, ps, 0, 3)
+        sd = roundtrip(src.state_dict())
+        del sd["param_groups"][0][key]
+        after = []
+        for mod in (torch.optim, ut):
+            opt, qs = made(mod, name, **kw)
+            with torch.no_grad():
+                for q, p in zip(qs, ps, strict=True):
+                    q.copy_(p)
+            opt.load_state_dict(copy.deepcopy(sd))
+            steps(opt, qs, 3, 5)
+            after.append(qs)
+        assert opt.param_groups[0][key] == kw[key]
+        for a, b in zip(*after, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+    opt, _ = made(ut, "Rprop", lr=0.05)
+    del sd["state"][1]
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"^Rprop.load_state_dict: parameter group 0 of the state "
+                                         r"lacks \['lr'\], .*: \['lr'\] starts the state of a "
+                                         r"parameter without one, as parameter 1 is here\); "
+                                         r"nothing was loaded$"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
 
 
 class _SlowWeights:

@@ -290,6 +290,7 @@ class Adagrad(_Named, torch.optim.Adagrad):
     _torch_defaults = {"lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0}
     _sparse = "rows"
     _fused_sparse_error = "`fused` does not support sparse grad or complex param"
+    _unread_keys = frozenset({"initial_accumulator_value"})
     _checks = (LR, _at_least_0("lr_decay"), WEIGHT_DECAY,
                _at_least_0("initial_accumulator_value"), EPS)
 
@@ -698,7 +699,9 @@ class RAdam(_Named, torch.optim.RAdam):
 
 class Rprop(_Named, torch.optim.Rprop):
     """``torch.optim.Rprop``, run by :func:`uniopt.rprop`. As torch's, a parameter's step sizes
-    start at the group's ``lr`` when its state is made; later values of ``lr`` change nothing."""
+    start at the group's ``lr`` when its state is made; later values of ``lr`` change nothing.
+    A loaded group without ``lr`` (each of its parameters with its state) makes a state with
+    the constructor's, where torch's step raises a KeyError."""
 
     if TYPE_CHECKING:  # (the constructor _constructor makes, for type checkers)
         def __init__(self, params: ParamsT, lr: Hyper = 0.01,
@@ -710,6 +713,7 @@ class Rprop(_Named, torch.optim.Rprop):
     rule = rprop()
     _torch_params = ("lr", "etas", "step_sizes",
                      "*", "capturable", "foreach", "maximize", "differentiable")
+    _state_keys = frozenset({"lr"})
     _checks = (LR,)
 
     def _torch_checks(self, values: dict[str, Any]) -> None:

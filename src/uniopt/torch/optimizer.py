@@ -447,6 +447,14 @@ class Optimizer(torch.optim.Optimizer):
     # it makes, and a flattened one, flatten_optimizer_state_dict=True, by its live groups'
     # keys) and state_dict() saves the groups as they are
     _absent_defaults: ClassVar[dict[str, Any]] = {}
+    # hyperparameters torch's class reads only when it makes a parameter's state, from the
+    # group (Rprop's lr, where its step sizes start), and those it never reads from a group
+    # (Adagrad's initial_accumulator_value: the constructor's): a loaded group may lack them,
+    # the first where each of its parameters has its state, as torch loads such a group and
+    # steps it (see check_group_keys); the load gives it the constructor's, as every key a
+    # loaded group lacks (__setstate__)
+    _state_keys: ClassVar[frozenset[str]] = frozenset()
+    _unread_keys: ClassVar[frozenset[str]] = frozenset()
 
     # the step's extra arguments (its parts' Part.step_args) this class hands a rule: the
     # closure's loss; a class made for a rule that reads another (SophiaH's hvp=) adds it

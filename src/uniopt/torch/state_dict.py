@@ -22,6 +22,8 @@ class Loading(Protocol):
     param_groups: list[dict[str, Any]]
     defaults: dict[str, Any]
     _absent_defaults: ClassVar[dict[str, Any]]
+    _state_keys: ClassVar[frozenset[str]]
+    _unread_keys: ClassVar[frozenset[str]]
 
     @property
     def _name(self) -> str: ...
@@ -148,7 +150,9 @@ def check_loadable(opt: Loading, sd: Any) -> None:
                     f"parameter has shape {tuple(p.shape)} and {keeps}; nothing was loaded"
                 )
     for gi, s in enumerate(saved):  # (after the slots: another optimizer's state says so)
-        check_group_keys(where, gi, s, opt.defaults)
+        stateless = [k for k in s["params"] if not sd["state"].get(k)]
+        check_group_keys(where, gi, s, opt.defaults, opt._unread_keys,
+                         opt._state_keys, stateless)
     for gi, steps in counts.items():
         if len(set(steps.values())) > 1:
             # (a whole-tree part, Prodigy's or DoG's, keeps one state for the group, stepped
@@ -286,18 +290,29 @@ def _tree_parts() -> set[str]:
 NAMED_SLOTS: set[str] = set()
 
 
-def check_group_keys(where: str, gi: int, saved: dict[str, Any], defaults: dict[str, Any]
-                     ) -> None:
+def check_group_keys(where: str, gi: int, saved: dict[str, Any], defaults: dict[str, Any],
+                     unread: frozenset[str] = frozenset(),
+                     state_keys: frozenset[str] = frozenset(), stateless: Any = ()) -> None:
     """Raise where saved group ``gi`` lacks a hyperparameter (a number, tuple, tensor or
-    schedule among ``defaults``): the constructor's default would be taken in its place and the
-    run resume with other numbers (torch's step raises a KeyError). A missing flag (a bool,
-    None, a name) takes the default, as torch's ``__setstate__`` fills in the flags older
-    releases did not save."""
+    schedule among ``defaults``): the group's rule is made of them, and the constructor's value
+    in its place would resume the run with other numbers (torch's step raises a KeyError). Not
+    for one torch's class never reads from a group (``unread``: Adagrad's
+    ``initial_accumulator_value``), nor for one it reads only when it makes a parameter's state
+    (``state_keys``: Rprop's ``lr``) where no parameter of the group is ``stateless`` (the ids
+    of those without a saved state): torch loads and steps such a group (the constructor's
+    value then takes its place). A missing flag (a bool, None, a name) takes the default, as
+    torch's ``__setstate__`` fills in the flags older releases did not save."""
     lacks = sorted(k for k, v in defaults.items()
-                   if k not in saved and not isinstance(v, (bool, str, type(None))))
-    if lacks:
-        raise ValueError(f"{where}: parameter group {gi} of the state lacks {lacks}; nothing "
-                         "was loaded")
+                   if k not in saved and not isinstance(v, (bool, str, type(None)))
+                   and k not in unread and not (k in state_keys and not stateless))
+    if not lacks:
+        return
+    made = [k for k in lacks if k in state_keys]
+    why = (f": {made} starts the state of a parameter without one, as parameter "
+           f"{list(stateless)[0]!r} is here" if made else "")
+    raise ValueError(f"{where}: parameter group {gi} of the state lacks {lacks}, of which its "
+                     "rule is made (this optimizer's values would take their place, and the run "
+                     f"resume with other numbers{why}); nothing was loaded")
 
 
 def _step_count(x: Any) -> int | None:
