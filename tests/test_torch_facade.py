@@ -4449,7 +4449,11 @@ def test_a_recorded_step_of_several_groups_or_runs_differentiates_inside_torch_f
 
 @pytest.mark.parametrize("step", [np.int64(1), np.float32(1), 1, 1.0])
 def test_a_loaded_step_as_a_numpy_number_loads_as_torch_loads_it(step: Any) -> None:
-    """The step check (above) first refused NumPy numbers, which torch's load takes."""
+    """The step check (above) first refused NumPy numbers, which torch's load takes. A NumPy
+    number other than a float64 (a Python float) then stayed in ``opt.state`` until the next
+    step, where torch's load makes it a tensor, and a ``state_dict()`` saved before that step
+    held it (``torch.load(weights_only=True)`` refuses a NumPy scalar): a 0-d tensor, as
+    torch's."""
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     ref = torch.optim.Adam([p], lr=0.1)
     p.grad = torch.ones_like(p)
@@ -4458,9 +4462,31 @@ def test_a_loaded_step_as_a_numpy_number_loads_as_torch_loads_it(step: Any) -> N
     sd["state"][0]["step"] = step
     opt = ut.Adam([q], lr=0.1)
     opt.load_state_dict(sd)
+    held = opt.state[q]["step"]
+    assert isinstance(held, torch.Tensor) and held.shape == () and float(held) == 1
+    assert roundtrip(opt.state_dict())["state"][0]["step"] == 1
     q.grad = torch.ones_like(q)
     opt.step()
     assert plans.state_step(opt.state[q]) == 2
+
+
+@pytest.mark.parametrize("step", [np.array(1.0), np.array([1.0])], ids=["0-d", "1-element"])
+def test_a_loaded_step_as_a_numpy_array_is_refused_naming_it(step: Any) -> None:
+    """A NumPy array as a loaded step passed the step check ("torch's load takes them too") and
+    failed inside torch's load with "TypeError: iteration over a 0-d array" (or a generator's
+    repr for one element), naming nothing, as torch's own load fails. Refused by the check,
+    naming the parameter and the value, the optimizer unchanged."""
+    opt, _ = trained("Adam", steps=1)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["step"] = step
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"^Adam.load_state_dict: the state of parameter 1 "
+                                        r"\(group 0, position 1\) has step array\(.*\), a "
+                                        r"numpy.ndarray, which torch's load cannot take: make it a "
+                                        r"number or a tensor \(torch.as_tensor\); nothing was "
+                                        r"loaded$"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
 
 
 def _state_moved(opt: Any, move: Callable[[torch.Tensor], torch.Tensor]) -> None:

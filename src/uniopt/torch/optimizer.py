@@ -1519,10 +1519,10 @@ class Optimizer(torch.optim.Optimizer):
         self._restore_tree_dtypes(state_dict)
         vars(self).pop("_combined", None)  # (states of the groups before, of other tensors)
         combined.owned(self)
-        # a step saved as a number (torch before 1.12) made a 0-d tensor, as torch's classes
-        # make it on load (their __setstate__), in torch's dtype for it
+        # a step saved as a number (torch before 1.12; a NumPy scalar too) made a 0-d tensor,
+        # as torch's classes make it on load (their __setstate__), in torch's dtype for it
         for st in self.state.values():
-            if isinstance(st, dict) and isinstance(st.get("step"), (int, float)):
+            if isinstance(st, dict) and isinstance(st.get("step"), (int, float, np.number)):
                 st["step"] = torch.tensor(float(st["step"]), dtype=plans.step_dtype())
 
     def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:

@@ -95,6 +95,13 @@ def check_loadable(opt: Loading, sd: Any) -> None:
         gi, j, p, rule, values = owner[k]
         what = f"the state of parameter {k} (group {gi}, position {j})"
         if "step" in st:
+            if isinstance(st["step"], np.ndarray):
+                # (torch's load casts a state's sequences element by element: a 0-d array
+                # fails "iteration over a 0-d array", naming nothing)
+                raise TypeError(
+                    f"{where}: {what} has step {st['step']!r}, a numpy.ndarray, which torch's "
+                    "load cannot take: make it a number or a tensor (torch.as_tensor); nothing "
+                    "was loaded")
             step = _step_count(st["step"])
             if step is None:
                 raise ValueError(f"{where}: {what} has step {st['step']!r}, not a whole number "
@@ -316,14 +323,14 @@ def check_group_keys(where: str, gi: int, saved: dict[str, Any], defaults: dict[
 
 
 def _step_count(x: Any) -> int | None:
-    """A loaded state's step count (a number, or a one-element real tensor: torch keeps it so),
-    or None where it is not a whole number >= 0."""
+    """A loaded state's step count (a number, a NumPy scalar, or a one-element real tensor:
+    torch keeps it so), or None where it is not a whole number >= 0."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1 or x.is_complex():
             return None
         x = x.item()
-    elif isinstance(x, (np.generic, np.ndarray)):  # (torch's load takes them too)
-        if np.size(x) != 1 or np.iscomplexobj(x):
+    elif isinstance(x, np.generic):  # (torch's load takes them too; not an array)
+        if np.iscomplexobj(x):
             return None
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, (int, float)):
