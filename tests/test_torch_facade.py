@@ -1773,6 +1773,15 @@ def test_a_duplicate_parameter_warns_as_torch_and_is_updated_once() -> None:
         opt.step()
         ref.step()
     torch.testing.assert_close(w, ref_w)  # updated twice, it would be 2*lr away
+    # so the group is one parameter shorter than torch's, and neither's state dict loads into
+    # the other (docs/torch.md says so)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        theirs = torch.optim.Adam([w, v, w], lr=0.1)
+    with pytest.raises(ValueError, match=r"parameter group 0 of the state has 3 parameters, "
+                                         r"this optimizer's has 2; nothing was loaded"):
+        opt.load_state_dict(theirs.state_dict())
+    with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
+        theirs.load_state_dict(opt.state_dict())
     opt, ps = trained()
     before = snapshot(opt)
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter"):
