@@ -758,6 +758,20 @@ class WholeTree(Part):
     # (ZeRO's: uniopt.torch refuses the others there), its tree-wide numbers none but the
     # hyperparameters' and the step count's
     reads_every_leaf: ClassVar[bool] = True
+    # the dtype of :meth:`state_shapes`' arrays: "tree", that of the leaf as set-up hands it
+    # to init_tree (the wider of its own and setup's state_dtype: engine.tree_leaves); a
+    # combinator, handed the params as they are, "leaf" (the leaf's own) or "state" (setup's
+    # state_dtype where one is given, else the leaf's)
+    arrays_dtype: ClassVar[str] = "tree"
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...] | None:
+        """The shapes of the arrays its state keeps for a leaf of ``shape`` (Prodigy's four
+        moments and copies, each shaped as the leaf), beside a few numbers for the whole tree
+        (an estimate, a count, a generator's state); a combinator's own, its members' states
+        counted on the leaves each takes. What :func:`uniopt.memory.footprint` counts; None
+        where the part does not say (an optax member's state, L-BFGS's history, made as it
+        steps), and footprint then refuses the rule."""
+        return None
 
     def init_tree(self, params: Any) -> Any:
         """The state for the params tree."""
@@ -839,6 +853,31 @@ class Combinator(WholeTree):
 
 
 PART_KINDS = (Elementwise, PerLeaf, WholeTree)
+
+
+def global_norm(part: Any) -> bool:
+    """Whether ``part`` is an elementwise part that scales by a norm over every leaf."""
+    return isinstance(part, Elementwise) and part.needs_norm and not part.norm_per_leaf
+
+
+def every_leaf_parts(rule: Transform) -> list[Any]:
+    """The parts of ``rule``, its combinators' members' included, whose step reads every
+    parameter of a group at once: a global norm, a whole-tree part (Prodigy's estimate, a
+    line search), a combinator that tests or sums over every leaf (skip_nonfinite); not one
+    that routes each leaf to a member or counts steps (partition, masked, accumulate), nor a
+    whole-tree part that steps each leaf alone (schedule-free, GaLore: ``reads_every_leaf``).
+    ZeRO-1 steps each rank's share of the parameters alone: uniopt.torch refuses such a rule
+    there, and :func:`uniopt.memory.footprint` does."""
+    out: list[Any] = []
+    for part in rule.flat_parts:
+        if isinstance(part, Combinator):
+            if part.reads_every_leaf:
+                out.append(part)
+            for member in part.inner.values():
+                out += every_leaf_parts(member)
+        elif (isinstance(part, WholeTree) and part.reads_every_leaf) or global_norm(part):
+            out.append(part)
+    return out
 
 
 def members(t: Transform, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Transform]]:

@@ -363,6 +363,9 @@ class _Routed(_Runs):
     routes = True
     reads_every_leaf = False
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return ()  # (the members' states alone)
+
     def _labels(self, treedef: Any, leaves: list[Any]) -> list[str]:
         raise NotImplementedError
 
@@ -697,12 +700,16 @@ class accumulate(_Wraps):
     every: Any
     like_params: ClassVar[tuple[str, ...]] = ("acc",)
     reads_every_leaf = False  # (a count; each leaf's own mean)
+    arrays_dtype: ClassVar[str] = "state"  # (the running mean in setup's state_dtype)
 
     def __init__(self, rule: Any, every: Any) -> None:
         every = check_integer("accumulate", "every", every, 1, schedulable=True)
         object.__setattr__(self, "rule", _adopted(rule))
         object.__setattr__(self, "every", every)
         object.__setattr__(self, "host", None)
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),)
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten_leaves(params)[0]
@@ -775,6 +782,9 @@ class skip_nonfinite(_Wraps):
         object.__setattr__(self, "rule", _adopted(rule))
         object.__setattr__(self, "max_consecutive", max_consecutive)
         object.__setattr__(self, "host", None)
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return ()  # (its counts; the rule's state)
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten_leaves(params)[0]
@@ -857,6 +867,7 @@ class mechanize(_Wraps):
     """
 
     like_params: ClassVar[tuple[str, ...]] = ("x0",)
+    arrays_dtype: ClassVar[str] = "leaf"  # (x0: a copy of the params)
 
     weight_decay: float
     eps: float
@@ -884,6 +895,9 @@ class mechanize(_Wraps):
     @property
     def uses_params(self) -> bool:  # type: ignore[override]
         return True
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),)  # (and its num_betas estimates: a few numbers)
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten_leaves(params)[0]

@@ -259,6 +259,9 @@ def _apart(names: list[str] | None, leaves: list[Any], params: Any = None,
                      "sum of its gradients")
 
 
+# the state dtypes set-up takes (None: the params' own)
+STATE_DTYPES = ("float32", "float64", "q8")
+
 _APART: list[Any] = []  # weak references: the arrays are not kept alive by this
 _APART_WRITABLE = [False]  # whether those were found to repeat no element, too
 
@@ -304,7 +307,7 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
     _library_check(rule, names, leaves)
     _once_each(names, leaves, storages=True)
     register_state()  # JAX (flax) knows a State from the first one made after its import
-    if state_dtype is not None and state_dtype not in ("float32", "float64", "q8"):
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
         raise ValueError(f"setup: state_dtype must be 'float32', 'float64' or 'q8', got "
                          f"{state_dtype!r}")
     if state_dtype == "float64" and leaves and backend.jax_array_of(leaves[0]) is not None and \
@@ -319,15 +322,10 @@ def setup(rule: Transform, params: Any, *, state_dtype: str | None = None) -> St
         if dtensor.any_dtensor(leaves):
             dtensor.check_q8_rule(rule)
         _refuse_q8_on_meshes(names, leaves)
-    if any(map(backend.is_complex, leaves)):
-        if state_dtype is not None:
-            raise ValueError(f"setup: state_dtype={state_dtype!r} is for real params; these "
-                             "have complex leaves")
-        real = _real_only(rule)
-        if real is not None:
-            name = next(n for n, p in zip(names, leaves, strict=True) if backend.is_complex(p))
-            raise TypeError(f"setup: {real}; {name} is complex")
-        _as_pairs_or_whole(rule)
+    complex_ = next((n for n, p in zip(names, leaves, strict=True) if backend.is_complex(p)),
+                    None)
+    if complex_ is not None:
+        check_complex(rule, state_dtype, complex_)
     slots: dict[str, list[Any]] = {}
     trees: dict[str, Any] = {}
     for part, keys in rule.keyed_parts:
@@ -440,6 +438,20 @@ def _alone(rule: Transform) -> None:
             f"{rule.name}: {found[0].name} evaluates the closure itself and must be its rule's "
             f"only part; this rule has {[p.name for p in parts]}"
         )
+
+
+def check_complex(rule: Transform, state_dtype: str | None, name: str,
+                  who: str = "setup") -> None:
+    """Set-up's refusals for complex params, ``name`` the first complex leaf: a state dtype
+    (the slots are kept complex, as the params), a rule that takes real params only, a part
+    that cannot take the complex leaves beside the pairs the others take."""
+    if state_dtype is not None:
+        raise ValueError(f"{who}: state_dtype={state_dtype!r} is for real params; these "
+                         "have complex leaves")
+    real = _real_only(rule)
+    if real is not None:
+        raise TypeError(f"{who}: {real}; {name} is complex")
+    _as_pairs_or_whole(rule)
 
 
 def check_state_dtype(rule: Transform, state_dtype: str | None, leaves: list[Any],

@@ -148,6 +148,10 @@ class scale_by_galore(WholeTree):
         self.memo["state shapes", shape] = found
         return found
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        projector, moment = self._state_shapes(tuple(shape))
+        return (projector, moment, moment)
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
         shapes = [self._state_shapes(tuple(p.shape)) for p in leaves]

@@ -136,6 +136,13 @@ class scale_by_kron(WholeTree):
         return [d or s == 1 or s > self.max_size_triangular or n < self.min_ndim_triangular
                 for s, d in zip(shape, diag, strict=True)]
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        # the momentum, and a factor per axis (a scalar's: one number)
+        if not shape:
+            return ((), ())
+        return (tuple(shape), *((n,) if d else (n, n) for n, d in zip(
+            shape, self.diagonal(shape), strict=True)))
+
     def init_tree(self, params: Any) -> Any:
         leaves = flatten_leaves(params)[0]
         gen = seeded_state(leaves, self.seed)

@@ -66,6 +66,10 @@ class scale_by_lbfgs(WholeTree):
             raise ValueError(f"{self.name}: scale_init_precond must be True or False, got "
                              f"{self.scale_init_precond!r}")
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        # the params and updates, and the history of their differences
+        return (tuple(shape),) * 2 + ((self.memory_size, *shape),) * 2
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         ps = flatten_leaves(params)[0]
         xp = backend.namespace(ps[0])

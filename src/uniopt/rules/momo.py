@@ -114,6 +114,9 @@ class scale_by_momo(WholeTree):
                           one_minus_beta=(1.0 - later) + later * self.one_minus("beta"),
                           lower_bound=self.lower_bound)
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * len(self.like_params)
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
         # (each number its own array: jax.jit's donate_argnums refuses one buffer twice)
@@ -245,6 +248,9 @@ class scale_by_momo_adam(WholeTree):
                               one_minus_b2=self.one_minus("b2"), bc1=1.0 - self.b1 ** t,
                               bc2=1.0 - self.b2 ** t, eps=self.eps,
                               lower_bound=self.lower_bound)
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * len(self.like_params)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)

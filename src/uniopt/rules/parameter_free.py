@@ -114,10 +114,17 @@ class scale_by_prodigy(WholeTree):
         return ProdigyCoeffs(lr=self.lr, b1=b1, b2=b2, beta3=beta3, bc=bc, eps=self.eps,
                              wd=self.weight_decay, d0=self.d0, d_coef=self.d_coef)
 
+    @property
+    def _keeps_exp_avg(self) -> bool:
+        return on_host(self.betas[0]) != 0 or callable(self.betas[0])
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * (len(self.like_params) - (not self._keeps_exp_avg))
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
         zeros = [backend.namespace(p).zeros_like(p) for p in leaves]
-        first = {} if on_host(self.betas[0]) == 0 and not callable(self.betas[0]) else {
+        first = {} if not self._keeps_exp_avg else {
             "exp_avg": [backend.namespace(p).zeros_like(p) for p in leaves]}
         return {**first, "exp_avg_sq": zeros,
                 "s": [backend.namespace(p).zeros_like(p) for p in leaves],
@@ -334,6 +341,9 @@ class scale_by_dog(WholeTree):
     def coeffs(self, step: Any) -> DogCoeffs:
         return DogCoeffs(eps=self.eps, first_lr=self.init_value)
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * len(self.like_params)
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
         r0 = scalar_like(leaves, self.init_value if self.start == "distance" else 0.0)
@@ -462,6 +472,9 @@ class scale_by_dadapt_adam(WholeTree):
         b1, b2 = self.betas
         return DAdaptCoeffs(lr=self.lr, b1=b1, b2=b2, sqrt_b2=b2 ** 0.5,
                             bc=_adam_bc(b1, b2, step + 1.0), eps=self.eps, wd=self.weight_decay)
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * len(self.like_params)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
@@ -661,6 +674,9 @@ class scale_by_dowg(WholeTree):
 
     def coeffs(self, step: Any) -> DowgCoeffs:
         return DowgCoeffs(eps=self.eps)
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * len(self.like_params)
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)

@@ -84,6 +84,9 @@ class differentially_private_aggregate(WholeTree):
     def coeffs(self, step: Any) -> PrivateCoeffs:
         return PrivateCoeffs(std=self.l2_norm_clip * self.noise_multiplier)
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return ()  # (a generator's state: a few numbers)
+
     def init_tree(self, params: Any) -> Any:
         return add_noise(seed=self.seed).init_tree(params)
 

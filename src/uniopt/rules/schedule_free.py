@@ -151,6 +151,9 @@ class scale_by_schedule_free(WholeTree):
             momentum=self.momentum, poly=(step + 1.0) ** self.r,
             weight_lr_power=self.weight_lr_power)
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * len(self.like_params)
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         leaves, _ = flatten_leaves(params)
         return {"z": [backend.detached_copy(p) for p in leaves],

@@ -93,6 +93,9 @@ class scale_by_polyak(WholeTree):
     def coeffs(self, step: Any) -> PolyakCoeffs:
         return PolyakCoeffs(f_min=self.f_min, max_lr=self.max_learning_rate, eps=self.eps)
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return ()
+
     def init_tree(self, params: Any) -> Any:
         return {}
 

@@ -86,6 +86,9 @@ class scale_by_hutchinson_sophia(WholeTree):
                              refresh=step % self.update_period == 0,
                              weight=1.0 / self.num_samples)
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * len(self.like_params)
+
     def init_tree(self, params: Any) -> Any:
         leaves = flatten_leaves(params)[0]
         gen = seeded_state(leaves, self.seed)

@@ -31,6 +31,8 @@ from ..base import (
     WholeTree,
     chain,
     declared,
+    every_leaf_parts,
+    global_norm,
     members,
     reads_loss,
 )
@@ -182,29 +184,6 @@ def _torch_hyperparameters() -> frozenset[str]:
 
 def _tree_parts(rule: Transform) -> list[WholeTree]:
     return [p for p in rule.flat_parts if isinstance(p, WholeTree)]
-
-
-def global_norm(part: Any) -> bool:
-    """Whether ``part`` is an elementwise part that scales by a norm over every leaf."""
-    return isinstance(part, Elementwise) and part.needs_norm and not part.norm_per_leaf
-
-
-def every_leaf_parts(rule: Transform) -> list[Any]:
-    """The parts of ``rule``, its combinators' members' included, whose step reads every
-    parameter of a group at once: a global norm, a whole-tree part (Prodigy's estimate, a
-    line search), a combinator that tests or sums over every leaf (skip_nonfinite); not one
-    that routes each leaf to a member or counts steps (partition, masked, accumulate), nor a
-    whole-tree part that steps each leaf alone (schedule-free, GaLore: ``reads_every_leaf``)."""
-    out: list[Any] = []
-    for part in rule.flat_parts:
-        if isinstance(part, Combinator):
-            if part.reads_every_leaf:
-                out.append(part)
-            for member in part.inner.values():
-                out += every_leaf_parts(member)
-        elif (isinstance(part, WholeTree) and part.reads_every_leaf) or global_norm(part):
-            out.append(part)
-    return out
 
 
 # how many callers up ZeroRedundancyOptimizer's _init_local_optimizer may be from

@@ -337,6 +337,9 @@ class scale_by_zoom_linesearch(WholeTree):
             raise ValueError(f"{self.name}: initial_guess_strategy must be 'one' or 'keep', "
                              f"got {self.initial_guess_strategy!r}")
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * len(self.like_params)
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         ps = [p for p in flatten_leaves(params)[0]]
         xp = backend.namespace(ps[0])
@@ -540,6 +543,9 @@ class scale_by_backtracking_linesearch(WholeTree):
         if not isinstance(self.store_grad, bool):
             raise ValueError(f"{self.name}: store_grad must be True or False, got "
                              f"{self.store_grad!r}")
+
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * self.store_grad
 
     def init_tree(self, params: Any) -> dict[str, Any]:
         ps = [p for p in flatten_leaves(params)[0]]

@@ -58,6 +58,9 @@ class masked_block(WholeTree):
     def coeffs(self, step: Any) -> Any:
         return self.block.at(step).coeffs(step)
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return ()
+
     def init_tree(self, params: Any) -> Any:
         return {}
 

@@ -57,6 +57,9 @@ class add_noise(WholeTree):
             return Noise(std=math.sqrt(variance))
         return Noise(std=aac.array_namespace(variance).sqrt(variance))  # a JAX step
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return ()  # (a generator's state: a few numbers)
+
     def init_tree(self, params: Any) -> Any:
         return seeded_state(flatten_leaves(params)[0], self.seed)
 

@@ -123,6 +123,9 @@ class reduce_on_plateau(WholeTree):
                    atol=0.0 if rel else threshold, cooldown=cooldown, min_scale=min_lr / lr,
                    eps=eps / lr, mode=mode, timing="torch")
 
+    def state_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return ()
+
     def init_tree(self, params: Any) -> dict[str, Any]:
         arrays = [x for x in trainables(params) if backend.is_array(x)]
         xp: Any = backend.namespace(arrays[0]) if arrays else aac.array_namespace(np.zeros(0))
