@@ -200,6 +200,10 @@ def classes(rank: int, world: int) -> dict[str, Any]:
                 shapes = [tuple(p.shape) for g in opt.optim.param_groups for p in g["params"]]
                 found["footprint"] = footprint(declared[name], shapes,
                                                state_dtype="float64").state
+                # and for the fullest rank, from every parameter's shape, as ZeRO shares them
+                found["footprint zero1"] = footprint(
+                    declared[name], [tuple(p.shape) for p in _chosen(model, which)],
+                    world_size=world, strategy="zero1", param_dtype="float64").state
         out[name] = found
     return out
 

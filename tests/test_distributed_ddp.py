@@ -206,6 +206,11 @@ def test_every_class_under_ddp_and_zero1_equals_one_process() -> None:
         # each rank's state is what uniopt.memory.footprint counts for its share
         for name in ("SGD", "RMSprop", "Adam", "AdamW", "Adafactor"):
             assert out[name]["local_state_bytes"] == out[name]["footprint"], (name, out[name])
+    for name in ("SGD", "RMSprop", "Adam", "AdamW", "Adafactor"):
+        # and the fullest rank's is what it counts for strategy="zero1": ZeRO hands out whole
+        # tensors (Adafactor's fullest rank in state holds the fewer parameters)
+        assert max(o[name]["local_state_bytes"] for o in outs) == \
+            outs[0][name]["footprint zero1"], (name, outs)
 
 
 @pytest.mark.slow

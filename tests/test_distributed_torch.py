@@ -394,6 +394,16 @@ def _classes(rank: int, world: int, kinds: list[str], names: list[str],
                     _train(tp, getattr(torch.optim, name)(_params(tp, name), **kw), kind, STEPS)
                     row["torch unsharded"] = _diff(ours, _full(tp))
             out[f"{kind}/{name}"] = row
+            if kind == "mlp" and name == "Adafactor":
+                out.setdefault("memory", {})[name] = [_state_bytes(opt),
+                                                      _footprint(uo.adafactor(), base)]
+    if "mlp" in kinds:
+        # a rule with slots of other shapes (Shampoo's preconditioners), kept whole on each rank
+        m = _fsdp(_model("mlp"), mesh)
+        opt = uniopt.torch.Optimizer(m.parameters(), uo.shampoo(lr=1e-3))
+        _train(m, opt, "mlp", 1)
+        out.setdefault("memory", {})["Shampoo"] = [_state_bytes(opt),
+                                                   _footprint(uo.shampoo(), _model("mlp"))]
     for name, rule in _FUNCTIONAL.items():  # uo.update_ on the tree of FSDP2's DTensors
         m = _fsdp(_model("mlp"), mesh)
         plain = _model("mlp")
@@ -500,7 +510,30 @@ _BF16 = 2.0**-7
 _TORCH = 8 * STEPS * EPS32
 
 
+def _state_bytes(opt: Any) -> int:
+    """The bytes of this rank's state: its shards, and the slots it keeps whole (the step
+    counters left out)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((v.to_local() if isinstance(v, DTensor) else v).numel() * v.element_size()
+               for s in opt.state.values() for k, v in s.items()
+               if k != "step" and isinstance(v, torch.Tensor))
+
+
+def _footprint(rule: Any, model: torch.nn.Module) -> int:
+    """What uniopt.memory.footprint counts for the fullest rank of the unsharded ``model``."""
+    from uniopt.memory import footprint
+
+    return footprint(rule, [tuple(p.shape) for p in model.parameters()],
+                     world_size=dist.get_world_size(), strategy="fsdp2").state
+
+
 def _check_classes(results: list[dict[str, Any]]) -> None:
+    memory = [r.pop("memory", {}) for r in results]
+    for name, (_, counted) in memory[0].items():
+        # each rank's state is at most the fullest rank's, which footprint counts to the byte
+        # (it counted Adafactor's and Shampoo's slots of other shapes from the shard's shape)
+        assert max(m[name][0] for m in memory) == counted, (name, memory)
     for key, row in results[0].items():
         name = key.split("/")[1].split()[-1]
         for r in results:
@@ -531,7 +564,8 @@ def test_fsdp2_classes(launch: Launcher, tmp_path: Path) -> None:
     STEPS steps: the state laid out as the params (each slot shaped as its parameter a DTensor
     of its placements, Adafactor's factors replicated), and the params bit for bit those of
     the unsharded run for elementwise classes, to float32 rounding for Adafactor, Muon, LAMB,
-    LARS and the clipping recipes (which sum or gather across the ranks)."""
+    LARS and the clipping recipes (which sum or gather across the ranks). The fullest rank's
+    state is uniopt.memory.footprint's count, for Adafactor and Shampoo."""
     _check_classes(launch(_classes, 2, tmp_path, ["mlp"], list(CLASSES), False,
                           compiled=tuple(CLASSES)))
 
