@@ -370,6 +370,24 @@ def test_translate_bad_input_is_a_usage_error(capsys, argv, named):
     assert named in capsys.readouterr().err
 
 
+def test_translate_a_rule_of_one_form_and_a_rule_whose_default_is_not_torchs(capsys):
+    """A rule without conventions (lamb) has nothing to translate: a usage error that says so
+    (its printed translation raised KeyError 'convention', with --json too); lion's form,
+    without --from, is uo.lion()'s, the paper's (--from defaulted to torch's, which lion has
+    not)."""
+    for extra in [[], ["--json"]]:
+        assert main(["translate", "lamb", "--to", "torch", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("uniopt translate: lamb has one form, no conventions (uo.lamb(")
+        assert "no 'torch' convention" in err and "Traceback" not in err
+    assert main(["translate", "ftrl", "--from", "keras", "--to", "keras"]) == 2
+    assert "ftrl has one form, no conventions" in capsys.readouterr().err
+    assert main(["translate", "lion", "--to", "keras", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["source"] == "paper" and doc["exact"] is True
+    assert doc["rule"] == "uo.lion(convention='keras', lr=0.0001)"
+
+
 def test_translate_reads_schedules_as_compare_does(capsys):
     assert main(["translate", "adam", "lr=cosine(1e-3,100)", "--to", "optax", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -384,7 +384,7 @@ def test_a_rule_name_is_built_in_the_source_convention():
     ({"target": "optax", "nope": 1}, "'nope'"),
     ({"target": "optax", "convention": "keras"}, "'convention'"),
     ({"rule": "radam", "target": "keras"}, "'keras'"),  # radam has no keras row
-    ({"rule": "asgd", "target": "optax"}, "'optax'"),  # asgd has no table: torch's only
+    ({"rule": "asgd", "target": "optax"}, "'optax'"),  # asgd has one form, no conventions
 ])
 def test_unknown_frameworks_and_options_raise_naming_the_value(kwargs, named):
     rule = conventions.build(kwargs.pop("rule", "adagrad"))
@@ -667,3 +667,48 @@ def test_rmsprop_as_tensorflow_1_and_stable_baselines3_write_it(momentum: float)
     for g in grads:
         state = uo.update_(state, params, [g])
     np.testing.assert_allclose(params[0], want, rtol=1e-14, atol=0)
+
+
+# --- every rule, every option ------------------------------------------------------------------
+
+def _built(name: str, fw: str | None = None, **hyper):
+    """``conventions.build``, with a learning rate where the rule requires one (optimistic_adam,
+    as optax)."""
+    try:
+        return conventions.build(name, fw, **hyper)
+    except TypeError:
+        return conventions.build(name, fw, lr=0.01, **hyper)
+
+
+def test_every_rule_prints_its_call_and_its_translations() -> None:
+    """Every rule of the registry: ``call`` writes it (it read the ``convention`` field of a rule
+    without one: KeyError for lamb, ftrl and the other 34), a translation into each of its
+    frameworks prints, and a rule with one form says so for every framework (a translation of
+    it printed a KeyError, and named torch's form, which lamb, ftrl and yogi are not)."""
+    checked = 0
+    for name, cls in conventions.rules().items():
+        rule = _built(name)
+        assert conventions.call(rule).startswith(f"uo.{name}("), name
+        if not cls.conventions:
+            assert "convention=" not in conventions.call(rule)
+            for fw in FRAMEWORKS:
+                with pytest.raises(ValueError, match=rf"^translate: {name} has one form, no "
+                                                     rf"conventions .*: no '{fw}' convention"):
+                    uo.translate(rule, target=fw)
+                with pytest.raises(ValueError, match=rf"^{name} has one form, no conventions"):
+                    conventions.build(name, fw)
+            continue
+        for fw in cls.conventions:
+            text = str(uo.translate(rule, target=fw))
+            assert text.startswith(f"{name}: {rule.convention} -> {fw}\n"), text
+            checked += 1
+    assert checked > 60
+
+
+def test_a_rule_name_without_a_source_is_its_default_conventions() -> None:
+    """``translate("lion", target="keras")`` builds ``uo.lion()``, the paper's (it built torch's,
+    which lion has not: ValueError)."""
+    tr = uo.translate("lion", target="keras")
+    assert tr.source == "paper" and tr.exact and tr.rule == uo.lion(convention="keras", lr=1e-4)
+    assert uo.translate("ademamix", target="torch").source == "optax"
+    assert conventions.build("lion") == uo.lion()

@@ -661,23 +661,35 @@ def _rule_class(name: Any) -> type[Rule]:
     return known[name]
 
 
-def build(name: str, framework: str = "torch", **hyper: Any) -> Rule:
+def build(name: str, framework: str | None = None, **hyper: Any) -> Rule:
     """The rule ``name`` as ``framework`` writes it: ``uniopt.<name>(convention=framework,
-    **hyper)`` where the rule has conventions; a rule without a table is torch's only."""
+    **hyper)``; without ``framework``, ``uniopt.<name>(**hyper)``: its default convention, or
+    the one form of a rule without conventions (which names no framework)."""
     cls = _rule_class(name)
-    framework = _framework(framework, "framework")
+    if framework is not None:
+        framework = _framework(framework, "framework")
     unknown = [k for k in hyper if k not in _fields(cls) or k == "convention"]
     if unknown:
         known = [k for k in _fields(cls) if k != "convention"]
         raise ValueError(f"{name} has no hyperparameter {unknown[0]!r}"
                          f"{did_you_mean(unknown[0], known)}")
     table = _table(cls)
+    if framework is None:
+        return cls(**hyper)
     if framework in table:
         return cls(**{"convention": framework, **hyper})
-    if framework == "torch" and not table:
-        return cls(**hyper)
+    if not table:
+        raise ValueError(f"{_one_form(cls)}: no {framework!r} convention to build")
     raise ValueError(f"{name} has no {framework!r} convention in this uniopt (it has "
-                     f"{', '.join(map(repr, table or {'torch': {}}))})")
+                     f"{', '.join(map(repr, table))})")
+
+
+def _one_form(cls: type[Rule]) -> str:
+    """How a message names the form of a rule without a ``conventions`` table."""
+    refs = [r for r in (cls.info.references if cls.info else ()) if not r.startswith("formula")]
+    held = f"; its parity tests hold it to {', '.join(refs)}" if refs else ""
+    return (f"{cls.__name__} has one form, no conventions (uo.{cls.__name__}(...), as its "
+            f"docstring writes it{held})")
 
 
 def _is_fixed(cls: type[Rule], framework: str, name: str) -> bool:
@@ -689,14 +701,17 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     """``rule`` written in ``source``'s convention, rewritten in ``target``'s.
 
     ``rule`` is a uniopt rule record or a rule's name (then built with ``source``'s
-    defaults, torch's when ``source`` is omitted). A record's ``convention`` field *is* its
-    source: ``source``, when given, must name the same framework, and a record built without
-    ``convention=`` is torch's. A different ``source`` raises ``ValueError`` rather than
-    relabel the record, because the record's values are the source's whole arithmetic:
-    ``uo.translate(uo.adagrad(lr=0.1), source="keras", ...)`` holds torch's accumulator and
-    eps placement, not keras's ``Adagrad(0.1)``; build that one with
-    ``uo.adagrad(convention="keras", lr=0.1)`` (or ``translate("adagrad", "keras", ...)``), and
-    relabel a record on purpose with ``dataclasses.replace(rule, convention=...)``.
+    defaults, the rule's default convention's when ``source`` is omitted: ``uo.<name>()``). A
+    rule with one form (no ``conventions`` table: ``lamb``, ``ftrl``, ...) has nothing to
+    translate: ``ValueError``. A record's ``convention`` field *is* its source: ``source``,
+    when given, must name the same framework, and a record built without ``convention=`` is
+    its rule's default's (torch's, where torch has the rule). A different ``source`` raises
+    ``ValueError`` rather than relabel the record, because the record's values are the
+    source's whole arithmetic: ``uo.translate(uo.adagrad(lr=0.1), source="keras", ...)``
+    holds torch's accumulator and eps placement, not keras's ``Adagrad(0.1)``; build that one
+    with ``uo.adagrad(convention="keras", lr=0.1)`` (or ``translate("adagrad", "keras",
+    ...)``), and relabel a record on purpose with ``dataclasses.replace(rule,
+    convention=...)``.
 
     The target record keeps every value of the source and takes the target's options (from
     the rule's ``conventions`` table, the target's fixed values in :data:`FIXED`, and
@@ -714,16 +729,22 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     (False, 1e-05, True)
     """
     if isinstance(rule, str):
-        rule = build(rule, _framework(source or "torch", "source"))
+        rule = build(rule, None if source is None else _framework(source, "source"))
     if not isinstance(rule, Rule):
         raise ValueError(f"translate: rule must be a uniopt rule or a rule's name, got {rule!r}")
     cls, name = type(rule), rule.name
     fields = _fields(cls)
-    labelled = getattr(rule, "convention", None) if "convention" in fields else None
+    table = _table(cls)
+    target = _framework(target, "target")
+    if source is not None:
+        source = _framework(source, "source")
+    if not table:
+        raise ValueError(f"translate: {_one_form(cls)}: no {target!r} convention to "
+                         "translate it into")
+    labelled = str(rule.convention)  # type: ignore[attr-defined]
     if source is None:
-        source = labelled or "torch"
-    source, target = _framework(source, "source"), _framework(target, "target")
-    if labelled is not None and labelled != source:
+        source = labelled
+    if labelled != source:
         raise ValueError(
             f"translate: the rule says convention={labelled!r}, but source={source!r}: a "
             f"record's values are its convention's; build it as {source}'s with "
@@ -732,8 +753,7 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     bad = [k for k in options if k not in fields or k == "convention"]
     if bad:
         raise ValueError(f"translate: {name} has no option {bad[0]!r}")
-    table = _table(cls)
-    forms = table or {"torch": {}}
+    forms = table
     if source not in forms:
         raise ValueError(f"translate: {name} has no {source!r} convention (source); it has "
                          f"{', '.join(map(repr, sorted(forms)))}")
@@ -841,8 +861,8 @@ def call(rule: Rule) -> str:
     conv = getattr(rule, "convention", None) if "convention" in fields else None
     row = _table(cls).get(conv or "", {})
     # (where the rule's own default is another framework's, torch's is named too)
-    args = [f"convention={conv!r}"] if conv not in (None, _default(fields["convention"])) \
-        else []
+    args = [f"convention={conv!r}"] if conv is not None \
+        and conv != _default(fields["convention"]) else []
     for k, f in fields.items():
         if k == "convention":
             continue
@@ -940,7 +960,9 @@ def page() -> str:
                 ", ".join(f"`{n}`" for n in plain) + ": no second framework's form is recorded; "
                 "`uo.<name>()` is the one its docstring and `uniopt rules <name>` name: torch's "
                 "where torch has the rule, else optax's, keras's (`ftrl`) or the authors' "
-                "implementation.", ""]
+                "implementation. They take no `convention=`, and `uo.translate` (`uniopt "
+                "translate`) has nothing to translate them into: it raises `ValueError`, "
+                "saying so.", ""]
     pending = [f"`{r}.{o.field}`" for o in OPTIONS for r in o.rules
                if r in known and o.field not in _fields(known[r])]
     if pending:

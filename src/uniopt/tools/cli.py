@@ -971,8 +971,9 @@ def add_conventions_parsers(sub: Any) -> None:
                    help=f"one of {', '.join(conventions.rules())}")
     t.add_argument("hyper", nargs="*", type=_assignment, metavar="KEY=VALUE",
                    help="hyperparameters of the source rule, e.g. lr=1e-3 weight_decay=1e-2")
-    t.add_argument("--from", dest="source", choices=FRAMEWORKS, default="torch",
-                   help="the framework the rule is written in (default: torch)")
+    t.add_argument("--from", dest="source", choices=FRAMEWORKS, default=None,
+                   help="the framework the rule is written in (default: the rule's default "
+                        "convention, as uo.RULE() builds it: torch's where torch has the rule)")
     t.add_argument("--to", dest="target", choices=FRAMEWORKS, required=True,
                    help="the framework to rewrite it in")
     t.add_argument("--set", dest="options", action="append", type=_assignment, default=[],
