@@ -712,3 +712,119 @@ def test_a_rule_name_without_a_source_is_its_default_conventions() -> None:
     assert tr.source == "paper" and tr.exact and tr.rule == uo.lion(convention="keras", lr=1e-4)
     assert uo.translate("ademamix", target="torch").source == "optax"
     assert conventions.build("lion") == uo.lion()
+
+
+@pytest.mark.parametrize(("rule", "target", "field", "value"), [
+    (uo.adam(convention="optax", eps_root=1e-3), "flux", "eps_root", 0.0),
+    (uo.adamw(convention="optax", eps_root=1e-3), "flux", "eps_root", 0.0),
+    (uo.nadam(convention="optax", eps_root=1e-3), "flux", "eps_root", 0.0),
+    (uo.radam(convention="optax", eps_root=1e-3), "torch", "eps_root", 0.0),
+    (uo.radam(convention="optax", eps_root=1e-3), "flux", "eps_root", 0.0),
+    (uo.amsgrad(eps_root=1e-3), "torch", "eps_root", 0.0),
+    (uo.ademamix(eps_root=1e-3), "torch", "eps_root", 0.0),
+    (uo.adamw(amsgrad=True, weight_decay=0.1), "flux", "amsgrad", False),
+    (uo.adamw(amsgrad=True, weight_decay=0.1), "optax", "amsgrad", False),
+    (uo.adafactor(param_scale=False, convention="optax"), "keras", "param_scale", True),
+    (uo.adopt(nesterov=True), "torch", "nesterov", False),
+    (uo.prodigy(decouple=False, weight_decay=0.1), "optax", "decouple", True),
+    (uo.prodigy(growth_rate=1.02), "optax", "growth_rate", None),
+    (uo.schedule_free_sgd(r=0.5), "optax", "r", 0.0),
+    (uo.schedule_free_adamw(r=0.5), "keras", "r", 0.0),
+])
+def test_a_hyperparameter_the_target_has_not_is_said_not_exact(rule, target, field, value):
+    """Optimisers.jl's Adam, AdamW and NAdam and torch's RAdam take no eps_root; optax's and
+    Optimisers.jl's AdamW no AMSGrad; ...: the translation sets the target's value and says it
+    is not exact (it kept the source's and said exact, a record no setting of the target's own
+    optimizer reproduces)."""
+    tr = uo.translate(rule, target=target)
+    assert not tr.exact and getattr(tr.rule, field) == value, tr
+    assert f"{field}: {field} = {value!r}" in tr.conditions, tr.conditions
+
+
+def test_lions_decay_without_lr_is_keras_and_optaxs_at_a_constant_lr() -> None:
+    """keras's and optax's Lion decay by lr·weight_decay; lion_pytorch's
+    ``decoupled_weight_decay`` (couple_lr=False) by weight_decay alone. The translation
+    rescales the decay, exact at a constant lr (it kept couple_lr=False, which neither has)."""
+    source = uo.lion(lr=0.01, weight_decay=0.1, couple_lr=False)
+    for target in ("keras", "optax"):
+        tr = uo.translate(source, target=target)
+        assert tr.rule.couple_lr and tr.rule.weight_decay == pytest.approx(10.0), tr
+        assert tr.exact and tr.conditions == "constant lr", tr
+        np.testing.assert_allclose(_run(tr.rule), _run(source), rtol=1e-12, atol=1e-15)
+    tr = uo.translate(uo.lion(lr=schedules.cosine(0.01, 30), weight_decay=0.1, couple_lr=False),
+                      target="keras")
+    assert not tr.exact and "λ/lr(t)" in tr.explanation
+    back = uo.translate(tr.rule, target="paper", couple_lr=False)  # (a product schedule)
+    assert not back.rule.couple_lr and back.exact
+
+
+def test_every_option_is_the_targets_own_or_said_not_to_be() -> None:
+    """Every option (a flag or a name) of every rule with conventions, in each of its
+    frameworks: a row sets it, the framework offers either value (EITHER), FIXED holds it at
+    the one it has, or an OPTIONS entry moves the rule across it. An option none of them
+    names is its default in the target (lion's couple_lr and AdamW's amsgrad were kept into
+    keras, optax and Optimisers.jl, which have neither)."""
+    missing = []
+    for name, cls in _tables().items():
+        in_rows = {k for row in cls.conventions.values() for k in row}
+        for k in conventions._fields(cls):
+            if not conventions._is_option(cls, k) or k in in_rows:
+                continue
+            for fw in cls.conventions:
+                if not (k in conventions.EITHER.get((name, fw), ())
+                        or k in conventions.FIXED.get(name, {}).get(fw, {})
+                        or (name, k) in conventions._OPTION_OF):
+                    missing.append((name, k, fw))
+    assert missing == []
+
+
+def _variants(cls, source: str):
+    """The source's own record, and each field moved off its value there: a flag flipped, a
+    name to another row's, a number halved (0 to 0.01; an integer + 1, 0 to 3)."""
+    yield {}
+    row = cls.conventions.get(source, {})
+    for k, f in conventions._fields(cls).items():
+        d = row.get(k, conventions._default(f))
+        if k == "convention" or isinstance(d, uo.base.ByFields):
+            continue
+        if isinstance(d, bool):
+            values = [not d]
+        elif isinstance(d, str):
+            values = sorted({r[k] for r in cls.conventions.values()
+                             if isinstance(r.get(k), str)} - {d})
+        elif isinstance(d, int):
+            values = [d + 1 if d else 3]
+        elif isinstance(d, float):
+            values = [d * 0.5 if d else 0.01]
+        else:
+            values = []
+        for v in values:
+            yield {k: v}
+
+
+@pytest.mark.slow  # 670 exact translations, 30 steps each
+def test_every_exact_translation_of_every_option_gives_the_same_steps() -> None:
+    """Every ordered pair of every rule's conventions, from the source's record and from each
+    record with one field moved: where the translation says exact, 30 steps of it are the
+    source's."""
+    checked = 0
+    for name, cls in _tables().items():
+        shape = (3, 4) if name in ("adafactor", "muon") else None
+        for src in cls.conventions:
+            for moved in _variants(cls, src):
+                try:
+                    rule = conventions.build(name, src, **{"lr": 0.05, **moved})
+                except (TypeError, ValueError):  # (a value the source refuses)
+                    continue
+                steps = None
+                for tgt in cls.conventions:
+                    tr = uo.translate(rule, target=tgt)
+                    if tgt == src or not tr.exact:
+                        continue
+                    if steps is None:
+                        steps = _run(rule, shape=shape)
+                    np.testing.assert_allclose(_run(tr.rule, shape=shape), steps, rtol=1e-12,
+                                               atol=1e-15,
+                                               err_msg=f"{name}: {src} -> {tgt}, {moved}")
+                    checked += 1
+    assert checked > 600

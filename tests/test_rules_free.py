@@ -865,11 +865,14 @@ def test_the_keras_convention_is_keras_schedule_free_adamw(kw: dict[str, Any]) -
 
 def test_the_keras_convention_refuses_kerass_other_weight_decay() -> None:
     """keras decays y before the step, outside the schedule-free arithmetic: asked for under
-    the keras convention, a decay is refused, not stepped as this rule's own."""
+    the keras convention, a decay is refused, not stepped as this rule's own. A translation
+    into keras's form drops it and says so (it raised the constructor's error)."""
     with pytest.raises(ValueError, match=r"convention='keras'.*weight_decay=0.1"):
         uo.schedule_free_adamw(convention="keras", weight_decay=0.1)
-    with pytest.raises(ValueError, match=r"convention='keras'"):
-        uo.translate(uo.schedule_free_adamw(weight_decay=0.1), target="keras")
+    t = uo.translate(uo.schedule_free_adamw(lr=0.01, weight_decay=0.1), target="keras")
+    assert not t.exact and t.rule.weight_decay == 0.0 and t.rule.convention == "keras"
+    assert "weight_decay: weight_decay = 0.0" in t.conditions
+    assert "keras's ScheduleFreeAdamW decays y before the step" in t.explanation
 
 
 def test_translating_to_keras_is_exact_only_at_a_constant_lr_without_warm_up() -> None:

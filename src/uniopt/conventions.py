@@ -196,22 +196,54 @@ FIXED: dict[str, dict[str, dict[str, Any]]] = {
     },
     "adagrad": {fw: {"lr_decay": 0.0} for fw in ("optax", "keras", "flux")},
     "adadelta": {"flux": {"lr": 1.0}},
-    "nadam": {"keras": {"momentum_decay": 1.0, "eps_root": 0.0}, "torch": {"eps_root": 0.0}},
+    "adafactor": {fw: {"param_scale": True} for fw in ("torch", "keras")},
+    "nadam": {"keras": {"momentum_decay": 1.0, "eps_root": 0.0}, "torch": {"eps_root": 0.0},
+              "flux": {"eps_root": 0.0}},
     "nadamw": {"torch": {"eps_root": 0.0}},
-    "radam": {"torch": {"rectify_threshold": 5.0}, "optax": {"rectify_threshold": 5.0},
-              "flux": {"rectify_threshold": 4.0}},
+    "radam": {"torch": {"rectify_threshold": 5.0, "eps_root": 0.0},
+              "optax": {"rectify_threshold": 5.0},
+              "flux": {"rectify_threshold": 4.0, "eps_root": 0.0}},
     "optimistic_adam": {"flux": {"alpha": 1.0, "beta": 1.0}},
-    "muon": {"keras": {"eps": 1e-7}},
-    "adam": {fw: {"eps_root": 0.0} for fw in ("torch", "keras")},
-    "adamw": {fw: {"eps_root": 0.0} for fw in ("torch", "keras")},
-    "schedule_free_adamw": {"keras": {"weight_lr_power": 0.0}},
+    "muon": {"keras": {"eps": 1e-7, "adaptive": False}, "torch": {"adaptive": False}},
+    "adam": {fw: {"eps_root": 0.0} for fw in ("torch", "keras", "flux")},
+    "adamw": {"torch": {"eps_root": 0.0}, "keras": {"eps_root": 0.0},
+              "optax": {"amsgrad": False},
+              **{fw: {"eps_root": 0.0, "amsgrad": False} for fw in ("flux", "paper")}},
+    "amsgrad": {"torch": {"eps_root": 0.0}},
+    "ademamix": {"torch": {"eps_root": 0.0}},
+    "adan": {"paper": {"eps_root": 0.0}},
+    "adopt": {"torch": {"nesterov": False}},
+    "lion": {fw: {"couple_lr": True} for fw in ("optax", "keras")},
+    "prodigy": {"optax": {"decouple": True, "growth_rate": None}},
+    "schedule_free_adamw": {"keras": {"weight_lr_power": 0.0, "weight_decay": 0.0, "r": 0.0},
+                            "optax": {"r": 0.0}},
+    "schedule_free_sgd": {"optax": {"r": 0.0}},
 }
 
 # Options a framework's own optimizer offers in either form (torch's Adam and NAdam take
-# ``decoupled_weight_decay=True``): a translation into it keeps the source's.
+# ``decoupled_weight_decay=True``): a translation into it keeps the source's. An option (a flag
+# or a name) that a rule's ``conventions`` rows do not set is its field default in every
+# framework not listed here for it, as a row's unset option is: a new option takes the target's
+# default (and says so) until it is listed.
 EITHER: dict[tuple[str, str], frozenset[str]] = {
-    ("adam", "torch"): frozenset({"decay_form"}),
-    ("nadam", "torch"): frozenset({"decoupled_weight_decay"}),
+    ("adam", "torch"): frozenset({"decay_form", "amsgrad"}),
+    ("nadam", "torch"): frozenset({"decoupled_weight_decay", "scalar_dtype"}),
+    **{("adam", fw): frozenset({"amsgrad"}) for fw in ("optax", "keras", "flux")},
+    **{("adamw", fw): frozenset({"amsgrad"}) for fw in ("torch", "keras")},
+    ("adafactor", "optax"): frozenset({"param_scale"}),
+    ("adopt", "optax"): frozenset({"use_clipping", "nesterov", "decay_form"}),
+    ("adopt", "torch"): frozenset({"use_clipping", "decay_form"}),  # (clip_lambda=None)
+    ("lion", "paper"): frozenset({"couple_lr"}),  # lion_pytorch's decoupled_weight_decay
+    ("muon", "optax"): frozenset({"nesterov", "adaptive"}),
+    **{("muon", fw): frozenset({"nesterov"}) for fw in ("torch", "keras")},
+    # (the rounding of torch's float32 product of the momenta, not a form)
+    **{("nadam", fw): frozenset({"scalar_dtype"}) for fw in ("optax", "keras", "flux")},
+    ("prodigy", "torch"): frozenset({"decouple", "safeguard_warmup"}),
+    ("prodigy", "optax"): frozenset({"safeguard_warmup"}),
+    ("radam", "torch"): frozenset({"decoupled_weight_decay"}),
+    **{("rmsprop", fw): frozenset({"centered"}) for fw in ("torch", "keras", "flux")},
+    ("rmsprop", "optax"): frozenset({"centered", "nesterov", "bias_correction"}),
+    **{("sgd", fw): frozenset({"nesterov"}) for fw in ("torch", "optax", "keras", "flux")},
 }
 
 FIXED_WHY: dict[tuple[str, str], str] = {
@@ -226,11 +258,33 @@ FIXED_WHY: dict[tuple[str, str], str] = {
     ("rmsprop", "bias_correction"): "only optax's rmsprop corrects its accumulator's bias",
     ("adam", "eps_root"): "only optax's Adam adds eps_root under the root",
     ("adamw", "eps_root"): "only optax's AdamW adds eps_root under the root",
+    ("radam", "eps_root"): "only optax's RAdam adds eps_root under the root",
+    ("amsgrad", "eps_root"): "torch's Adam(amsgrad=True) adds no eps_root under the root",
+    ("ademamix", "eps_root"): "pytorch-optimizer's AdEMAMix adds no eps_root under the root",
+    ("adan", "eps_root"): "the paper's Adan adds no eps_root under the root",
+    ("adamw", "amsgrad"): "optax.adamw, Optimisers.jl's AdamW and the paper's AdamW have no "
+                          "AMSGrad (optax's and Optimisers.jl's AMSGrad, without decay, are "
+                          "uo.adam(convention=..., amsgrad=True))",
+    ("adafactor", "param_scale"): "torch's and keras's Adafactor always scale the step by "
+                                  "max(ε₂, rms p) (optax's multiply_by_parameter_scale=False "
+                                  "alone does not)",
+    ("adopt", "nesterov"): "pytorch-optimizer's ADOPT has no Nesterov step (optax's alone)",
+    ("muon", "adaptive"): "only optax's muon scales O by ⟨m, O⟩ (adaptive)",
+    ("prodigy", "decouple"): "optax's prodigy decays decoupled only",
+    ("prodigy", "growth_rate"): "optax's prodigy has no growth_rate: d grows without a limit",
+    ("schedule_free_adamw", "weight_decay"): "keras's ScheduleFreeAdamW decays y before the "
+                                             "step (its base optimizer's decay, outside the "
+                                             "schedule-free arithmetic), not as this rule's "
+                                             "weight_decay does",
+    ("schedule_free_adamw", "r"): "the schedule-free averages of optax and keras have no r "
+                                  "(Meta's weight t^r·lr_max^power at r = 0)",
+    ("schedule_free_sgd", "r"): "optax's schedule-free average has no r (Meta's weight "
+                                "t^r·lr_max^power at r = 0)",
     ("adagrad", "lr_decay"): "only torch's Adagrad has lr_decay (elsewhere give lr the schedule "
                              "lr/(1 + (t−1)·lr_decay))",
     ("adadelta", "lr"): "Optimisers.jl's AdaDelta has no learning rate (η = 1)",
-    ("nadam", "eps_root"): "torch's and keras's NAdam (the dozat momenta) add no eps_root under "
-                           "the root",
+    ("nadam", "eps_root"): "torch's, keras's and Optimisers.jl's NAdam add no eps_root under "
+                           "the root (optax's alone does)",
     ("nadamw", "eps_root"): "torch's NAdam (the dozat momenta) adds no eps_root under the root",
     ("nadam", "momentum_decay"): "keras 3's Nadam has no momentum_decay: its μ_t uses 0.96^t, "
                                  "momentum_decay = 1",
@@ -302,24 +356,31 @@ def _times(a: Any, b: Any) -> Any:
     return float(a * b) if _number(a) and _number(b) else product(a, b)
 
 
+# who decays by lr·weight_decay (couple_lr=True), who by weight_decay alone (False)
+_COUPLED = {"adamw": ("torch's AdamW", "Flux's couple=false", "torch's"),
+            "lion": ("keras's and optax's Lion",
+                     "lion_pytorch's decoupled_weight_decay (couple_lr=False)", "their")}
+
+
 def _couple_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
     lr, wd = rule.lr, rule.weight_decay  # type: ignore[attr-defined]
-    if old and not new:  # torch's coupled decay -> Flux couple=false
+    coupled, free, whose = _COUPLED[rule.name]
+    if old and not new:  # the coupled decay -> couple_lr=False
         hyper["weight_decay"] = _times(lr, wd)
         return _Step(
             True, "always (with an lr schedule, weight_decay becomes the schedule "
             "lr(t)·weight_decay)",
-            "torch's AdamW decays by lr·weight_decay per step (p *= 1 − lr·λ); Flux's "
-            "couple=false decays by its λ alone, so eta = lr and λ = lr·weight_decay",
+            f"{coupled} decays by lr·weight_decay per step (p *= 1 − lr·λ); {free} decays "
+            "by its λ alone, so lr stays and λ = lr·weight_decay",
         )
     if isinstance(wd, product) and lr in wd.factors:
         rest = list(wd.factors)
         rest.remove(lr)
         hyper["weight_decay"] = rest[0] if len(rest) == 1 else product(*rest)
         return _Step(True, "always (weight_decay was lr(t)·λ)",
-                     "Flux's couple=false decay λ = lr·weight_decay: torch's weight_decay is λ/lr")
-    why = ("Flux's couple=false decays by λ per step, torch's AdamW by lr·weight_decay, so "
-           "torch's weight_decay = λ/lr")
+                     f"{free} decays by λ = lr·weight_decay: {whose} weight_decay is λ/lr")
+    why = (f"{free} decays by λ per step, {coupled} by lr·weight_decay, so {whose} "
+           "weight_decay = λ/lr")
     if _number(lr) and lr != 0:
         hyper["weight_decay"] = wd / lr if _number(wd) else product(wd, 1.0 / lr)
         return _Step(True, "constant lr", why)
@@ -327,9 +388,9 @@ def _couple_lr(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
         hyper["weight_decay"] = 0.0
         return _Step(True, "always (no decay)", why)
     if _number(lr):
-        return _Step(False, explanation=why + "; at lr = 0 torch's decay vanishes, λ does not")
+        return _Step(False, explanation=why + f"; at lr = 0 {whose} decay vanishes, λ does not")
     return _Step(False, explanation=(
-        why + "; with an lr schedule torch's decay follows lr(t) and Flux's λ does not, so no "
+        why + f"; with an lr schedule {whose} decay follows lr(t) and λ does not, so no "
         "constant weight_decay reproduces it: keep couple_lr=False, or give weight_decay the "
         "schedule λ/lr(t)"))
 
@@ -531,6 +592,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(("adamw",), "couple_lr", "torch's coupled decay ↔ Flux couple=false: exact (λ = "
            "lr·weight_decay, a product schedule under an lr schedule); back to torch exact at "
            "constant lr", _couple_lr),
+    Option(("lion",), "couple_lr", "keras's and optax's decay by lr·weight_decay ↔ "
+           "lion_pytorch's decoupled_weight_decay (couple_lr=False), by weight_decay alone: "
+           "exact (λ = lr·weight_decay, a product schedule under an lr schedule); back exact "
+           "at constant lr", _couple_lr),
     Option(("adagrad", "rmsprop"), "eps_in_sqrt", "eps outside ↔ inside the root: exact only "
            "when eps = 0", _eps_in_sqrt),
     Option(("adagrad",), "start_at_eps", "accumulator from eps (Optimisers.jl) ↔ from "
@@ -567,8 +632,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("schedule_free_adamw",), "weight_lr_power", "averaging weights lr_max^q (Meta's "
            "q = 2) ↔ equal (keras's q = 0): exact at a constant lr without warm-up",
            _weight_lr_power),
-    Option(("nadam",), "decoupled_weight_decay", "L2 term ↔ decoupled p *= 1 − lr·λ (NAdamW, "
-           "keras): exact only when λ = 0", _decay_form),
+    Option(("nadam", "radam"), "decoupled_weight_decay", "L2 term ↔ decoupled p *= 1 − lr·λ "
+           "(NAdamW, keras; torch's RAdam): exact only when λ = 0", _decay_form),
     Option(("adadelta", "adagrad", "adam", "adamax", "nadam", "optimistic_adam", "radam",
             "rmsprop"), "eps_floor16", "Optimisers.jl's float16 eps floor (max(Float16(1e-7), "
            "Float16(eps)) on float16 parameters) ↔ eps as given: exact for other dtypes",
@@ -716,9 +781,10 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     The target record keeps every value of the source and takes the target's options (from
     the rule's ``conventions`` table, the target's fixed values in :data:`FIXED`, and
     ``options``, which fix target options by name, e.g. ``couple_lr=False`` for Flux's
-    ``AdamW(couple=false)``); each field that changes goes through its :data:`OPTIONS` entry,
-    which adjusts the hyperparameters and says whether the result is exact. A changed field
-    without one is not exact.
+    ``AdamW(couple=false)``; an option no row sets is its default in the target unless
+    :data:`EITHER` says the target offers both); each field that changes goes through its
+    :data:`OPTIONS` entry, which adjusts the hyperparameters and says whether the result is
+    exact. A changed field without one is not exact.
 
     >>> import uniopt as uo
     >>> tr = uo.translate(uo.adagrad(eps=0.0), target="keras")
@@ -763,7 +829,10 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     if source == target and not options:
         return Translation(rule, source, target, True, "always", "the same convention")
 
-    keys = dict.fromkeys(k for r in forms.values() for k in r if _is_option(cls, k))
+    # every option: those the rows set first (the explanation's order), then the others, which
+    # are their defaults in a framework that EITHER does not name
+    keys = dict.fromkeys(k for k in [*(k for r in forms.values() for k in r), *fields]
+                         if _is_option(cls, k))
     either = EITHER.get((name, target), frozenset())
     wanted = {k: getattr(rule, k) if k in either else forms[target].get(k, _default(fields[k]))
               for k in keys}
