@@ -828,3 +828,25 @@ def test_every_exact_translation_of_every_option_gives_the_same_steps() -> None:
                                                err_msg=f"{name}: {src} -> {tgt}, {moved}")
                     checked += 1
     assert checked > 600
+
+
+def test_the_optimisers_jl_remark_is_sgds_only() -> None:
+    """The state line names Optimisers.jl's Nesterov buffer for SGD, whose sutskever form is
+    Optimisers.jl's, not for optax's RMSprop with Nesterov."""
+    for rule, target in [(uo.rmsprop(lr=0.01, momentum=0.9, nesterov=True, convention="optax"),
+                          "torch"),
+                         (uo.rmsprop(lr=0.01, momentum=0.9, nesterov=True), "optax")]:
+        state = uo.translate(rule, target=target).state
+        assert "buffer:" in state and "Optimisers.jl" not in state, state
+    assert "Optimisers.jl's Nesterov stores −v" in uo.translate(
+        uo.sgd(0.01, momentum=0.9, nesterov=True), target="flux").state
+
+
+def test_nesterov_asked_of_a_target_without_momentum_says_what_it_became() -> None:
+    """``translate("sgd", "flux", "torch", nesterov=True)``: Descent has no momentum, so the
+    target steps without Nesterov, and the explanation says so (it said "True in torch" of a
+    rule with nesterov=False, and not exact)."""
+    tr = uo.translate("sgd", "flux", "torch", nesterov=True)
+    assert tr.rule == uo.sgd(lr=0.1) and tr.exact, tr
+    assert "nesterov=True asked of torch, whose momentum here is 0" in tr.explanation
+    assert "nesterov=False" in tr.explanation and "True in torch" not in tr.explanation

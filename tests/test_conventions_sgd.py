@@ -562,6 +562,21 @@ def test_option_errors() -> None:
         uo.adagrad(convention="flux", initial_accumulator_value=0.1)
 
 
+def test_flux_nesterov_needs_its_momentum() -> None:
+    """Optimisers.jl's ``Nesterov()`` has ``rho = 0.9``; uniopt's momentum defaults to 0, so
+    ``sgd(nesterov=True, convention="flux")`` was plain descent at Nesterov's lr 1e-3, neither
+    ``Nesterov()`` nor ``Descent()``. It is refused, naming the values, as in torch's form."""
+    with pytest.raises(ValueError, match=r"^sgd\(convention='flux'\): nesterov=True requires "
+                                         r"momentum > 0, got momentum=0.0 \(Optimisers.jl's "
+                                         r"Nesterov\(\) is momentum=0.9, lr=1e-3\)$"):
+        uo.sgd(nesterov=True, convention="flux")
+    with pytest.raises(ValueError, match=r"got momentum=0"):
+        uo.sgd(0.01, momentum=0, nesterov=True, convention="flux")
+    assert uo.sgd(momentum=0.9, nesterov=True, convention="flux").lr == 1e-3
+    # a schedule, or a JAX array's kept block, is checked when it steps (as torch's form)
+    uo.sgd(momentum=uo.schedules.constant(0.9), nesterov=True, convention="flux")
+
+
 @pytest.mark.parametrize("rule", [*RULES, uo.adam, uo.adamax], ids=lambda r: r.__name__)
 def test_bad_decay_form_is_named(rule: Any) -> None:
     with pytest.raises(ValueError, match=r"decay_form must be one of 'l2', 'decoupled', "

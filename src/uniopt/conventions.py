@@ -427,7 +427,7 @@ def _momentum_form(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _St
     sign = "−" if lr_form == "keras" else ""
     state = (f"buffer: {lr_form} {'m' if lr_form == 'keras' else 'v'} = {sign}lr·b_torch"
              if old == "torch" else f"buffer: b_torch = {sign}(the {old} buffer)/lr")
-    if lr_form == "sutskever" and getattr(rule, "nesterov", False):
+    if lr_form == "sutskever" and rule.name == "sgd" and getattr(rule, "nesterov", False):
         state += " (Optimisers.jl's Nesterov stores −v)"
     damp = getattr(rule, "dampening", 0.0)
     if not (_number(damp) and damp == 0):
@@ -868,6 +868,10 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
         # Nesterov's look-ahead without momentum is none (keras's SGD takes it so); where the
         # target fixed momentum at 0, that step above says what is lost
         hyper["nesterov"] = False
+        steps = [(k, _Step(True, "momentum = 0", (
+            f"nesterov=True asked of {target}, whose momentum here is 0: Nesterov's look-ahead "
+            "without momentum is none, so the rule steps without it (nesterov=False)"))
+            if k == "nesterov" else s) for k, s in steps]
     out = cls(**hyper)
     if not steps:
         rows = (table.get(source, {}), table.get(target, {}))

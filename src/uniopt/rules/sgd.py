@@ -61,7 +61,8 @@ class sgd(Rule):
     is torch's with dampening 0); optax requires a learning rate, ours keeps 1e-3; ``"keras"``:
     lr 1e-2, keras's form, decoupled decay; ``"flux"``: Optimisers.jl's defaults, the sutskever
     form: lr 0.1 (``Descent``), 1e-2 with momentum (``Momentum``), 1e-3 with ``nesterov=True``
-    (``Nesterov``).
+    (``Nesterov``, whose ``rho = 0.9`` is ``momentum=0.9``: ``nesterov=True`` without momentum
+    is refused there, as in torch's form).
 
     >>> import numpy as np, uniopt as uo
     >>> p = {"w": np.array([1.0, -2.0])}
@@ -112,6 +113,15 @@ class sgd(Rule):
         if self.convention == "optax" and (callable(self.dampening) or self.dampening != 0):
             raise ValueError(f"{self.name}: optax's sgd has no dampening, got "
                              f"dampening={self.dampening!r} with convention='optax'")
+        if self.convention == "flux":
+            # Optimisers.jl's Nesterov() has rho 0.9 where our momentum defaults to 0: without
+            # momentum it would be plain descent at Nesterov's lr
+            try:
+                check_nesterov(f"{self.name}(convention='flux')", self.nesterov, self.momentum,
+                               self.kept("momentum"))
+            except ValueError as e:
+                raise ValueError(f"{e} (Optimisers.jl's Nesterov() is momentum=0.9, lr=1e-3)") \
+                    from None
         if self.momentum_form == "torch" and not (self.convention == "optax"
                                                   and not callable(self.momentum)
                                                   and self.momentum == 0):
