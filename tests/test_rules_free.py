@@ -502,6 +502,39 @@ def test_mechanize_in_a_chain_and_adjust() -> None:
         uo.mechanize(uo.sgd(lr=0.1), weight_decay=-1.0)
 
 
+_SIXTEEN = {"numpy float16": lambda a: a.astype(np.float16),
+            "numpy bfloat16": lambda a: a.astype(pytest.importorskip("ml_dtypes").bfloat16),
+            "torch bfloat16": lambda a: torch.tensor(a).to(torch.bfloat16),
+            "jax bfloat16": lambda a: jnp.asarray(a, dtype=jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("lib", list(_SIXTEEN))
+def test_mechanize_keeps_16_bit_params_dtypes(lib: str) -> None:
+    """A pure step hands back 16-bit params in their dtype, rounded once, bit for bit the
+    in-place step's: they came back float32 (the member's updates of 16-bit leaves are), and
+    the next step refused the gradients as of another dtype."""
+    conv = _SIXTEEN[lib]
+    rng = np.random.default_rng(0)
+    start = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    rule = uo.mechanize(uo.adam(lr=0.1))
+    pure = {k: conv(v) for k, v in start.items()}
+    inplace = None if lib.startswith("jax") else {k: conv(v) for k, v in start.items()}
+    s_pure = uo.setup(rule, pure)
+    s_inplace = None if inplace is None else uo.setup(rule, inplace)
+    for _ in range(3):
+        g = {k: conv(rng.standard_normal(s)) for k, s in SHAPES.items()}
+        s_pure, pure = uo.update(s_pure, pure, g)
+        if inplace is not None:
+            s_inplace = uo.update_(s_inplace, inplace, g)
+    def bits(x: Any) -> bytes:  # (float32 holds every 16-bit value exactly)
+        return np.asarray(x.float() if isinstance(x, torch.Tensor) else x, np.float32).tobytes()
+
+    for k in KEYS:
+        assert pure[k].dtype == conv(start[k]).dtype, k
+        if inplace is not None:
+            assert bits(pure[k]) == bits(inplace[k]), k
+
+
 @pytest.mark.usefixtures("small_steps_compiled")
 def test_cocob_compiled_loop_matches_reference() -> None:
     from helpers import reference_path

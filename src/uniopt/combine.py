@@ -940,7 +940,9 @@ class mechanize(_Wraps):
         if mode == CHAIN:
             return state, [p - n for p, n in zip(ps, new, strict=True)]
         if mode == PURE:
-            return state, new
+            # (a 16-bit leaf's inner update comes back float32: rounded once to the leaf's
+            # dtype, as assign rounds it in place)
+            return state, [_as_new_array(n, p, (p,)) for p, n in zip(ps, new, strict=True)]
         for p, n in zip(ps, new, strict=True):
             backend.assign(p, n)
         return state, None
