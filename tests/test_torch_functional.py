@@ -94,6 +94,25 @@ def test_the_step_records_no_autograd_graph() -> None:
     assert w.grad is not None
 
 
+@pytest.mark.parametrize("rule", [uo.mechanize(uo.adam(lr=0.1)),
+                                  uo.skip_nonfinite(uo.adam(lr=0.1)),
+                                  uo.partition({"a": uo.mechanize(uo.sgd(lr=0.1)),
+                                                "b": uo.adam(lr=0.1)},
+                                               lambda path, leaf: "a" if leaf.ndim else "b")],
+                         ids=["mechanize", "skip_nonfinite", "partition"])
+def test_a_combinators_pure_step_hands_back_leaves_that_require_grad_as_before(
+        rule: uo.Transform) -> None:
+    """mechanize writes its new params itself, outside autograd: they required no grad, and the
+    next loss had no gradient to take."""
+    w, b = torch.randn(2, 3, requires_grad=True), torch.randn((), requires_grad=True)
+    frozen = torch.randn(3)
+    state = uo.setup(rule, [w, b, frozen])
+    state, new = uo.update(state, [w, b, frozen], [torch.ones(2, 3), torch.ones(()),
+                                                   torch.ones(3)])
+    assert [(x.is_leaf, x.requires_grad, x.grad_fn) for x in new] == \
+        [(True, True, None), (True, True, None), (True, False, None)]
+
+
 def test_device_is_preserved() -> None:
     """On the meta device (shapes only) nothing may be created on the default device."""
     params = {"w": torch.empty(3, 2, device="meta"), "b": torch.empty(2, device="meta")}

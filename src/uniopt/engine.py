@@ -1308,9 +1308,11 @@ def _run(state: State, part: Combinator, step: _Step, inplace: bool,
     new = dataclasses.replace(state, step=_next_step(state.step), tree_states={key: tree})
     if inplace:
         return new, None
-    # (a 0-d leaf's NumPy arithmetic hands back a scalar: the params stay arrays)
-    return new, unflatten(step.treedef, [np.asarray(x, dtype=p.dtype) if backend.is_numpy_scalar(x)
-                                         else x for x, p in zip(new_p, step.params, strict=True)])
+    # (a 0-d leaf's NumPy arithmetic hands back a scalar: the params stay arrays; a torch
+    # leaf made outside autograd (mechanize's) requires grad where its old one did)
+    return new, unflatten(step.treedef, [
+        np.asarray(x, dtype=p.dtype) if backend.is_numpy_scalar(x) else backend.like_leaf(x, p)
+        for x, p in zip(new_p, step.params, strict=True)])
 
 
 def _dequantised(x: Any, dtype: Any, xp: Any) -> Any:
