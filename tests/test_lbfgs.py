@@ -187,6 +187,35 @@ def test_jax_params_and_a_jitted_closure() -> None:
     np.testing.assert_allclose(np.asarray(params["x"]), [1.0, 1.0], atol=1e-3)
 
 
+@pytest.mark.parametrize("kw", [{}, {"line_search_fn": "strong_wolfe"}])
+def test_numpy_bfloat16_steps_in_bfloat16_as_torch(kw: dict[str, Any]) -> None:
+    """ml_dtypes' bfloat16 dot product is a float32 number: under NumPy 2's promotion the
+    direction became float32 and the next step refused the state as another dtype's. The dot
+    products are rounded to bfloat16, as torch's are; on this short vector two steps are
+    torch's bit for bit (on long ones ``x + t*d`` rounds twice on NumPy, once in torch)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(0)
+    w0, c, t = (rng.standard_normal(6), rng.uniform(0.5, 2, 6), rng.standard_normal(6))
+
+    def run(conv: Callable[[np.ndarray], Any]) -> tuple[Any, uo.State]:
+        params, cc, tt = {"w": conv(w0)}, conv(c), conv(t)
+
+        def closure(p: Any) -> tuple[float, Any]:
+            r = p["w"] - tt
+            return float((cc * r * r).sum()) / 2, {"w": cc * r}
+
+        state = uo.setup(uo.lbfgs(max_iter=3, **kw), params)
+        for _ in range(2):
+            state, params, _ = uo.minimize_step(state, params, closure)
+        return params["w"], state
+
+    ours, state = run(lambda a: a.astype(ml_dtypes.bfloat16))
+    theirs, _ = run(lambda a: torch.from_numpy(a).to(torch.bfloat16))
+    assert ours.dtype == ml_dtypes.bfloat16
+    assert state.tree_states["lbfgs_step"]["d"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(ours.view(np.int16), theirs.view(torch.int16).numpy())
+
+
 def test_other_rules_take_a_closure_as_one_evaluation() -> None:
     p = [np.array([1.0, -2.0])]
     closure = lambda q: (float((q[0] ** 2).sum()), [2.0 * q[0]])  # noqa: E731

@@ -125,30 +125,30 @@ class lbfgs_step(Minimizer):
                 d, old_dirs, old_stps, ro, h_diag = -g, [], [], [], 1
             else:
                 y, s = g - prev_g, d * t
-                ys = y @ s
+                ys = _dot(y, s)
                 if ys > 1e-10:  # curvature positive: remember the pair, forget the oldest
                     if len(old_dirs) == self.history_size:
                         del old_dirs[0], old_stps[0], ro[0]
                     old_dirs.append(y)
                     old_stps.append(s)
                     ro.append(1.0 / ys)
-                    h_diag = ys / (y @ y)
+                    h_diag = ys / _dot(y, y)
                 al = list(al) if al is not None else [None] * self.history_size
                 st["al"] = al  # (torch's, filled in place as the recursion goes)
                 # the two-loop recursion: d = -H g with H the limited-memory inverse Hessian
                 q = -g
                 for i in range(len(old_dirs) - 1, -1, -1):
-                    al[i] = (old_stps[i] @ q) * ro[i]
+                    al[i] = _dot(old_stps[i], q) * ro[i]
                     q = _axpy(-al[i], old_dirs[i], q)
                 d = q * h_diag
                 for i in range(len(old_dirs)):
-                    be_i = (old_dirs[i] @ d) * ro[i]
+                    be_i = _dot(old_dirs[i], d) * ro[i]
                     d = _axpy(al[i] - be_i, old_stps[i], d)
             prev_g, prev_loss = g, loss
             if "prev_flat_grad" in st:  # (torch's copies the gradient into the state's)
                 st["prev_flat_grad"] = g
             t = min(1.0, 1.0 / xp.sum(xp.abs(g))) * lr if st["n_iter"] == 1 else lr
-            gtd = g @ d
+            gtd = _dot(g, d)
             if gtd > -tol_change:  # not a descent direction any more
                 break
             ls_evals = 0
@@ -188,6 +188,13 @@ def _axpy(a: Any, v: Any, x: Any) -> Any:
     if backend.is_torch(x):
         return x.add(v, alpha=a)
     return x + a * v
+
+
+def _dot(a: Any, b: Any) -> Any:
+    """``a @ b`` in the vectors' dtype, as torch's ``dot`` gives it: ml_dtypes' bfloat16 one is
+    a float32 number, which NumPy 2 would then spread to the direction and the history."""
+    r = a @ b
+    return r if r.dtype == a.dtype else r.astype(a.dtype)
 
 
 def _amax(xp: Any, v: Any) -> Any:
@@ -238,7 +245,7 @@ def _strong_wolfe(
     d_norm = _amax(xp, d)
     along = functools.partial(_finite_along, along)
     f_new, g_new = along(t)
-    evals, gtd_new = 1, g_new @ d
+    evals, gtd_new = 1, _dot(g_new, d)
     t_prev, f_prev, g_prev, gtd_prev = 0, f, g, gtd
     done, ls_iter = False, 0
     while ls_iter < max_ls:
@@ -260,7 +267,7 @@ def _strong_wolfe(
         f_prev, g_prev, gtd_prev = f_new, g_new, gtd_new
         f_new, g_new = along(t)
         evals += 1
-        gtd_new = g_new @ d
+        gtd_new = _dot(g_new, d)
         ls_iter += 1
     if ls_iter == max_ls:  # out of evaluations while extrapolating
         br, br_f, br_g = [0, t], [f, f_new], [g, g_new]
@@ -283,7 +290,7 @@ def _strong_wolfe(
             insufficient = False
         f_new, g_new = along(t)
         evals += 1
-        gtd_new = g_new @ d
+        gtd_new = _dot(g_new, d)
         ls_iter += 1
         if f_new > (f + c1 * t * gtd) or f_new >= br_f[low]:
             br[high], br_f[high], br_g[high], br_gtd[high] = t, f_new, g_new, gtd_new
