@@ -932,6 +932,22 @@ def test_update_inplace_of_a_numpy_scalar_says_what_it_is():
     assert uo.update(state, params, {"x": np.float32(1.0)})[1]["x"] == np.float32(0.9)
 
 
+@pytest.mark.parametrize("scalar", ["gradient", "param"])
+def test_a_bfloat16_numpy_scalar_is_numpys(scalar):
+    """An ml_dtypes bfloat16 scalar (a 0-d bfloat16 array's arithmetic gives one) is NumPy's, as
+    a float32 scalar is: a 0-d param's scalar gradient, or a scalar param's 0-d one, was refused
+    as "a ml_dtypes array but its parameter is a numpy array" (and the reverse)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    p, g = np.array(1.5, bf16), np.array(2.0, bf16) * np.array(1.0, bf16)
+    if scalar == "param":
+        p, g = bf16(1.5), np.array(2.0, bf16)
+    assert isinstance(p if scalar == "param" else g, np.generic)
+    state = uo.setup(uo.sgd(lr=0.1), {"z": p})
+    state, new = uo.update(state, {"z": p}, {"z": g})
+    assert new["z"].dtype == bf16 and float(new["z"]) == float(bf16(1.5 - 0.1 * 2.0))
+
+
 def test_update_inplace_read_only_slot(width):
     state, params = _stepped(uo.adam(lr=0.1), width)
     state.slots["scale_by_adam.exp_avg_sq"][-1].setflags(write=False)

@@ -534,9 +534,11 @@ def library(x: Any) -> str:
     name = _LIBRARIES.get(type(x))
     if name is None:
         # JAX's arrays live in jaxlib; a subclass of NumPy's array or torch's tensor is
-        # theirs (np.memmap, a framework's own Parameter type)
+        # theirs (np.memmap, a framework's own Parameter type), and so is a NumPy scalar of
+        # another package's dtype (ml_dtypes' bfloat16, a 0-d array's arithmetic)
         name = "jax" if aac.is_jax_array(x) else "numpy" if isinstance(
-            x, np.ndarray) else "torch" if is_torch(x) else type(x).__module__.split(".")[0]
+            x, (np.ndarray, np.generic)) else "torch" if is_torch(x) else \
+            type(x).__module__.split(".")[0]
         if type(x) in _NAMESPACES:
             _LIBRARIES[type(x)] = name
     return name
