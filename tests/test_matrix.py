@@ -429,12 +429,21 @@ def test_adafactor_eps_takes_any_real_number_and_no_other_kind() -> None:
             uo.adafactor(eps=(None, bad))
 
 
-def test_muon_in_bfloat16_on_numpy_names_what_it_lacks() -> None:
-    p = [np.ones((2, 3))]
-    state = uo.setup(uo.muon(ns_dtype="bfloat16"), p)
-    with pytest.raises(TypeError, match=r"ns_dtype='bfloat16', which .*numpy.* arrays do not"):
-        uo.update_(state, p, [np.ones((2, 3))])
-    assert_same(p, [np.ones((2, 3))])
+def test_muon_in_bfloat16_on_numpy_is_refused_at_set_up() -> None:
+    """NumPy's namespace has no bfloat16: set-up refuses it (Muon, its block in a chain built by
+    hand or inside a partition), where the state was made and the first step raised."""
+    p = {"b": np.ones(3), "w": np.ones((2, 3))}
+    for rule in (uo.muon(ns_dtype="bfloat16"),
+                 uo.chain(uo.orthogonalize(ns_dtype="bfloat16"), uo.scale(-0.1)),
+                 uo.partition({"m": uo.muon(ns_dtype="bfloat16"), "a": uo.adam()},
+                              lambda path, leaf: "m" if leaf.ndim == 2 else "a")):
+        with pytest.raises(TypeError, match=r"^setup: \w+ computes in bfloat16, which numpy's "
+                                            r"namespace does not have; params\['b'\] comes"):
+            uo.setup(rule, p if isinstance(rule, uo.partition) else {"b": p["w"]})
+    uo.setup(uo.muon(ns_dtype="float16"), {"w": np.ones((2, 3))})  # NumPy has that one
+    dask = pytest.importorskip("dask.array")
+    with pytest.raises(TypeError, match=r"computes in float16, which dask's namespace"):
+        uo.setup(uo.muon(ns_dtype="float16"), {"w": dask.ones((2, 3))})
 
 
 def test_muon_rejects_what_is_not_a_matrix() -> None:

@@ -581,6 +581,9 @@ class Part(Transform):
     # set-up refuses a library whose namespace lacks one (dask's has no eigh), where the
     # first step raised an AttributeError from inside the part
     linalg: ClassVar[tuple[str, ...]] = ()
+    # the dtypes its step casts to by name (Muon's ns_dtype, "bfloat16"): set-up refuses a
+    # library whose namespace lacks one (NumPy's has no bfloat16), where the first step raised
+    casts_to: ClassVar[tuple[str, ...]] = ()
     # the step's extra arguments it must be handed ("hvp", "value", "grad", "value_fn": see
     # uniopt.update): a class whose step hands fewer (uniopt.torch.Optimizer's, the closure's
     # loss alone) refuses it when made, a bare part in a chain or combinator too, where the
@@ -891,10 +894,11 @@ def members(t: Transform, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, .
     return [m for i, x in enumerate(t.transforms) for m in members(x, (*path, i))]
 
 
-def declared(t: Transform, what: Literal["step_args", "linalg"]) -> tuple[str, ...]:
+def declared(t: Transform, what: Literal["step_args", "linalg", "casts_to"]) -> tuple[str, ...]:
     """What the parts of ``t`` declare, each once, in order: the step's extra arguments they
-    must be handed (:attr:`Part.step_args`) or the array API's linalg functions they call
-    (:attr:`Part.linalg`); chains and combinators opened (:func:`members`). The registry's
+    must be handed (:attr:`Part.step_args`), the array API's linalg functions they call
+    (:attr:`Part.linalg`) or the dtypes they cast to by name (:attr:`Part.casts_to`); chains
+    and combinators opened (:func:`members`). The registry's
     entries, set-up's check of an array-API library and uniopt.torch's refusals read it."""
     return tuple(dict.fromkeys(x for _, m in members(t) for p in m.flat_parts
                                for x in getattr(p, what)))

@@ -151,7 +151,9 @@ ARRAY_API = "2024.12"
 
 def _library_check(rule: Transform, names: list[str], leaves: list[Any]) -> None:
     """Refuse params of a library the rule does not run on (the registry's ``Info.backends``:
-    Kron's and the line search's NumPy calls failed inside array-api-strict), and of an
+    Kron's and the line search's NumPy calls failed inside array-api-strict), of one without
+    a linalg function or a dtype that a part declares (:attr:`Part.linalg`,
+    :attr:`Part.casts_to`: dask's eigh, NumPy's bfloat16 for Muon's ``ns_dtype``), and of an
     array-API library set to a standard older than :data:`ARRAY_API` (a raw AttributeError
     from inside it, at the step)."""
     if not leaves:
@@ -175,6 +177,11 @@ def _library_check(rule: Transform, names: list[str], leaves: list[Any]) -> None
                 if not hasattr(getattr(xp, "linalg", None), f):
                     raise TypeError(f"setup: {m.name} calls the array API's linalg.{f}, which "
                                     f"{lib}'s namespace does not have; {names[0]} comes from it")
+    for _, m in members(rule):
+        for f in declared(m, "casts_to"):
+            if getattr(xp or backend.namespace(leaves[0]), f, None) is None:
+                raise TypeError(f"setup: {m.name} computes in {f}, which {lib}'s namespace "
+                                f"does not have; {names[0]} comes from it")
     version = getattr(xp, "__array_api_version__", None)
     if isinstance(version, str) and version < ARRAY_API:
         raise TypeError(f"setup: uniopt needs the array API standard {ARRAY_API} or later "

@@ -217,9 +217,10 @@ class orthogonalize(PerLeaf):
     each step ``A = X X^T``, ``X <- a X + (b A + c A A) X``.
 
     Computed in the update's own dtype, or in ``ns_dtype`` (``"bfloat16"``: torch's Muon, whose
-    matmuls then run at bfloat16 speed; torch and JAX arrays), each step's two matrix products
-    with their sums rounded once on torch (:func:`uniopt.moments.addmm`), as torch's. Leaves of
-    one shape are orthogonalised together, one batched matmul chain. ``adaptive`` (optax's):
+    matmuls then run at bfloat16 speed; torch and JAX arrays, NumPy's refused at set-up), each
+    step's two matrix products with their sums rounded once on torch
+    (:func:`uniopt.moments.addmm`), as torch's. Leaves of one shape are orthogonalised
+    together, one batched matmul chain. ``adaptive`` (optax's):
     the result scaled by the dual norm of the input, ``<u, O> O`` (``<.,.>`` the sum of the
     elementwise products over the whole leaf, Bernstein and Newhouse, 2024). ``matrix_axes``
     (optax's ``MuonDimensionNumbers``): ``(reduction axes, output axes)`` of a leaf of any
@@ -246,6 +247,10 @@ class orthogonalize(PerLeaf):
         _check_ns_dtype(self.name, self.ns_dtype)
         _check_eps_form(self.name, self.eps_form)
         _check_matrix_axes(self.name, self.matrix_axes)
+
+    @property
+    def casts_to(self) -> tuple[str, ...]:  # type: ignore[override]
+        return () if self.ns_dtype is None else (self.ns_dtype,)
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         return _matrix_error(shape, self.matrix_axes)
