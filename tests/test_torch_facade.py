@@ -837,6 +837,64 @@ def test_a_tensor_lr_changed_at_each_step_is_read_not_made_into_a_new_rule(
         assert torch.equal(a, b)
 
 
+def test_capturable_written_into_a_group_after_a_scheduler_changed_its_lr_steps() -> None:
+    """``capturable=True`` written into a group (as dynamo's ``_set_capturable`` does when a
+    compiled function writes a group value) after a torch scheduler changed its float lr: the
+    group's rule read lr from the group at each step (:class:`_GroupNumber`), and the flag did
+    not make it anew, so every step was refused as reading "a uniopt schedule". The flag now
+    makes the rule anew, holding the number: torch's steps."""
+    runs = []
+    for impl, flip in ((torch.optim, False), (ut, True)):  # (torch refuses it on CPU tensors)
+
+        def before(opt: Any, s: int, flip: bool = flip) -> None:
+            if s:
+                opt.scheduler.step()
+            if s == 3 and flip:
+                opt.param_groups[0]["capturable"] = True
+
+        def make(ps: Any, impl: Any = impl) -> Any:
+            opt = impl.Adam(ps, lr=0.01)
+            opt.scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+            return opt
+
+        ps, _ = run_small(make, 7, random_grads(3), before=before)
+        runs.append([p.detach() for p in ps])
+    for a, b in zip(runs[1], runs[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+def test_a_refused_step_does_not_count_toward_making_a_rule_hold_the_numbers(
+        monkeypatch: Any) -> None:
+    """A rule that reads a group's numbers at each step (a scheduler changed them) is made
+    holding them again after they stayed the same for ``STEADY`` steps: refused steps counted
+    too, so a refusal could end by itself after that many. They do not count."""
+    from uniopt.torch.optimizer import STEADY
+
+    made = []
+    group_rule = ut.Adam._group_rule
+    monkeypatch.setattr(ut.Adam, "_group_rule",
+                        lambda self, group: made.append(1) or group_rule(self, group))
+    w, v = (nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(2))
+    opt = ut.Adam([{"params": [w]}, {"params": [v]}], lr=0.1)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    for _ in range(3):
+        w.grad, v.grad = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        opt.step()
+        sched.step()
+    before = w.detach().clone(), v.detach().clone()
+    made.clear()
+    opt.param_groups[1]["lr"] = -1.0
+    for _ in range(STEADY + 3):
+        with pytest.raises(ValueError, match="lr"):
+            opt.step()
+    assert not made
+    assert torch.equal(w.detach(), before[0]) and torch.equal(v.detach(), before[1])
+    opt.param_groups[1]["lr"] = 0.1
+    for _ in range(STEADY + 1):
+        opt.step()
+    assert made  # (steps that ran count: the numbers held again)
+
+
 def test_a_schedule_in_a_group_is_evaluated_at_each_parameters_step_count() -> None:
     """``b`` starts receiving gradients at step 5: its first update sees ``lr(0)``, as its own
     torch optimizer does when given ``lr(own step count)`` by hand."""

@@ -63,8 +63,9 @@ _GRAD = operator.attrgetter("grad")
 # model's 24 tensors, computing nothing, takes longer compiled than its whole eager step):
 # benchmarks/torch_compile.py, docs/torch.md
 
-# the group's flags that change its rule (decoupled_weight_decay: torch's Adam becomes AdamW)
-_RULE_FLAGS = ("maximize", "decoupled_weight_decay", "differentiable")
+# the group's flags that change its rule (decoupled_weight_decay: torch's Adam becomes AdamW;
+# capturable: the rule holds every number, see _live_keys; dynamo's _set_capturable writes it)
+_RULE_FLAGS = ("maximize", "decoupled_weight_decay", "differentiable", "capturable")
 
 
 def plain(v: Any) -> Any:
@@ -240,7 +241,8 @@ class _GroupRule(NamedTuple):
     form: tuple[Any, ...]  # the key with each number that may be read live as whether it is 0
     # the positions in the key (and in raw) of the numbers the rule reads from the group at each
     # step (:class:`_GroupNumber`), and how many steps in a row they have stayed the same
-    # objects since (one element, counted in place); None: the rule holds every number
+    # objects since (one element, counted in place; a step that raised starts it again, see
+    # Optimizer._unsteady); None: the rule holds every number
     read: frozenset[int] = frozenset()
     steady: list[int] | None = None
 
@@ -869,17 +871,21 @@ class Optimizer(torch.optim.Optimizer):
         # that every class's own step (LBFGS's, Sophia-H's, NAdam's derived numbers after it)
         # is inside it
         with self.__dict__.get("_step_lock") or self._new_step_lock():
-            if (
-                self._optimizer_step_pre_hooks
-                or self._optimizer_step_post_hooks
-                or _torch_optimizer._global_optimizer_pre_hooks
-                or _torch_optimizer._global_optimizer_post_hooks
-                or torch.autograd._profiler_enabled()
-            ):
-                # the hooks see the call's arguments as torch's do, as they were given: a closure
-                # by keyword is in their kwargs, where a pre-hook may replace it
-                return _HOOKED_STEP(self, *args, **kwargs)
-            return self._step(*args, **kwargs)
+            try:
+                if (
+                    self._optimizer_step_pre_hooks
+                    or self._optimizer_step_post_hooks
+                    or _torch_optimizer._global_optimizer_pre_hooks
+                    or _torch_optimizer._global_optimizer_post_hooks
+                    or torch.autograd._profiler_enabled()
+                ):
+                    # the hooks see the call's arguments as torch's do, as they were given: a
+                    # closure by keyword is in their kwargs, where a pre-hook may replace it
+                    return _HOOKED_STEP(self, *args, **kwargs)
+                return self._step(*args, **kwargs)
+            except BaseException:
+                self._unsteady()
+                raise
 
     # (its signature as torch's: a caller may look for the closure parameter)
     step.__signature__ = inspect.signature(  # type: ignore[attr-defined]
@@ -889,6 +895,13 @@ class Optimizer(torch.optim.Optimizer):
     # 10 us a step when there is neither (a small model's whole step is a few times that):
     # step above takes torch's wrapper only where a hook or the profiler is there to see it
     step.hooked = True  # type: ignore[attr-defined]
+
+    def _unsteady(self) -> None:
+        """A step that raised counts no step of the numbers' run (:data:`STEADY`): their rule
+        is not made holding them after that many refused steps, ending a refusal by itself."""
+        for hit in self._rules.values():
+            if hit.steady is not None:
+                hit.steady[0] = 0
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         if vars(self).get("_in_eval"):
