@@ -120,3 +120,45 @@ def test_importing_uniopt_torch_leaves_dynamo_unimported() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=os.environ, timeout=120)
     assert (proc.returncode, proc.stdout.strip()) == (0, "False"), proc.stderr
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("name", ["NAdam", "RAdam", "ASGD", "Adam-after-a-scheduler"])
+def test_a_compiled_step_that_writes_a_group_value_steps_as_eager(name: str) -> None:
+    """A compiled function that writes ``group["lr"]`` and calls ``opt.step()``: dynamo marks
+    every group ``capturable=True`` (its ``_set_capturable``), and the write carries the flag
+    into the real group. uniopt's NAdam, RAdam and ASGD then refused every step (their numbers
+    are computed on the host), and Adam did after a torch scheduler had changed its lr (its
+    rule read the lr from the group, as "a schedule"); torch.optim's step them. On the CPU,
+    where no graph is captured, the steps are torch's eager steps with those values (torch's
+    own compiled ones take the step scalars in float32), bit for bit but Adam's, computed from
+    its count on the device (to float64 rounding)."""
+    cls = name.split("-")[0]
+    runs = []
+    for impl, compiled in ((torch.optim, False), (ut, True)):
+        model = _model().double()
+        opt = getattr(impl, cls)(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9) if "scheduler" in name else None
+
+        def set_and_step(lr: float) -> None:
+            for g in opt.param_groups:  # noqa: B023
+                g["lr"] = lr
+            opt.step()  # noqa: B023
+
+        run_step = torch.compile(set_and_step, backend="eager") if compiled else set_and_step
+        for k in range(8):
+            x, y = _data(k)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x.double()), y.double()).backward()
+            if sched is not None and k < 3:
+                opt.step()
+                sched.step()
+            else:
+                run_step(1e-2 / (k + 1))
+        assert opt.param_groups[0]["capturable"] == compiled
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        if cls == "Adam":
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-16)
+        else:
+            assert torch.equal(a, b)

@@ -3522,14 +3522,24 @@ def test_a_fused_class_takes_float16_gradients_from_a_grad_scaler(name: str) -> 
 @pytest.mark.parametrize("name", ["NAdam", "RAdam", "ASGD"])
 def test_capturable_is_refused_with_differentiable_too(name: str) -> None:
     """NAdam, RAdam and ASGD compute their step's numbers on the host, so refuse
-    ``capturable=True`` (docs/torch.md); with ``differentiable=True`` too they stepped, the
-    recorded step taking no multi-tensor path, where the check was. Nothing is written."""
-    p = torch.ones(3, requires_grad=True).clone()
+    ``capturable=True`` off the CPU (docs/torch.md; the meta device here); with
+    ``differentiable=True`` too they stepped, the recorded step taking no multi-tensor path,
+    where the check was. Nothing is made. On the CPU, where no graph is captured, they step
+    as without the flag."""
+    p = torch.ones(3, requires_grad=True, device="meta").clone()
     opt = getattr(ut, name)([p], lr=0.01, capturable=True, differentiable=True)
-    p.grad = torch.full((3,), 0.5)
+    p.grad = torch.full((3,), 0.5, device="meta")
     with pytest.raises(TypeError, match=r"computes its coefficients on the host"):
         opt.step()
-    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state[p]
+    assert not opt.state[p]
+    runs = []
+    for capturable in (False, True):
+        q = torch.ones(3, requires_grad=True).clone()
+        opt = getattr(ut, name)([q], lr=0.01, capturable=capturable, differentiable=True)
+        q.grad = torch.full((3,), 0.5)
+        opt.step()
+        runs.append(q.detach())
+    assert torch.equal(*runs) and not torch.equal(runs[0], torch.ones(3))
     q = torch.ones(3, requires_grad=True).clone()  # a rule whose numbers are arithmetic: steps
     adam = ut.Adam([q], lr=0.01, capturable=True, differentiable=True)
     q.grad = torch.full((3,), 0.5)

@@ -311,6 +311,20 @@ def check_capturable(rule: Any, at: torch.Tensor) -> None:
             ) from None
 
 
+def capturable(rule: Any) -> bool:
+    """Whether :func:`check_capturable` lets ``rule`` step with its count on the device (kept
+    in the rule's memo, where a step that passed it notes so too)."""
+    ok = rule.memo.get("foreach-device")
+    if ok is None:
+        try:
+            check_capturable(rule, torch.ones((), dtype=torch.float64))
+            ok = True
+        except TypeError:
+            ok = False
+        rule.memo["foreach-device"] = ok
+    return bool(ok)
+
+
 def _resolved(resolve: Callable[[], Any], memo: dict[Any, Any] | None) -> Any:
     """The resolved plan. With the step counter a tensor on the device, checked (once per
     rule) to compute its coefficients without reading anything back to the host."""

@@ -39,8 +39,8 @@ Differences from torch, each on purpose:
   multi-tensor path (:mod:`uniopt.fast.foreach`) on every device, the CPU included;
   ``capturable=True`` takes it with each run's step count on the parameters' device, so that a
   step reads nothing back to the host (a CUDA graph can capture it; rules whose coefficients
-  need the host, NAdam, RAdam, ASGD, are refused). All are kept in the param groups so that
-  states load into torch.
+  need the host, NAdam, RAdam, ASGD, are refused off the CPU, and step with the host's count on
+  it). All are kept in the param groups so that states load into torch.
 * A parameter listed twice in one group warns as torch does and is kept once (torch updates it
   twice per step).
 * Validation is torch's, in its order and words; uniopt's own checks follow where torch has none.

@@ -87,7 +87,8 @@ class SophiaH(Optimizer):
         rules = [self._rule(group)[0] for group in self.param_groups]
         for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
             plans.refuse(rule, gi, group, [True] * len(group["params"]),
-                         plans.recorded(self.defaults))
+                         plans.recorded(self.defaults),
+                         given=bool(self.defaults.get("capturable")))
         combined.check_orders(self)  # (before any group steps)
         combined.every_gradient(
             self, "SophiaH", "a group steps as one tree, its Hessian estimate over every "

@@ -931,7 +931,8 @@ class Optimizer(torch.optim.Optimizer):
                        for group in self.param_groups]
                 for gi, (group, rule) in enumerate(zip(self.param_groups, rules, strict=True)):
                     # (every group's refusals before any group steps, as _prepare's)
-                    plans.refuse(rule, gi, group, has[gi], plans.recorded(self.defaults))
+                    plans.refuse(rule, gi, group, has[gi], plans.recorded(self.defaults),
+                                 given=bool(self.defaults.get("capturable")))
                 self._check_apart([(gi, group, h) for gi, (group, h)
                                    in enumerate(zip(self.param_groups, has, strict=True))])
                 prepared = [combined.prepare(self, gi, group, rule) for gi, (group, rule)
@@ -1117,7 +1118,8 @@ class Optimizer(torch.optim.Optimizer):
         if plan is None:
             if rule.tree_layout:
                 self._follow(group, rule)
-            plans.refuse(rule, gi, group, has, recorded, self.state)
+            plans.refuse(rule, gi, group, has, recorded, self.state,
+                         given=bool(self.defaults.get("capturable")))
             if group.get("fused"):
                 _check_fused(ps, has)
         if views is None:  # a new plan always comes this way

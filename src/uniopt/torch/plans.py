@@ -310,17 +310,16 @@ _ANEW = ("start the whole group anew (every one of its parameters' entries remov
 
 
 def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
-           recorded: bool, state: Mapping[Any, Any] | None = None) -> None:
+           recorded: bool, state: Mapping[Any, Any] | None = None, given: bool = True) -> None:
     """Raise what a new plan of group ``gi`` (``has``: which parameters step) is refused for,
     before any group steps (called for every group first): a complex parameter with a rule
     that takes real params only (the engine sees the real pairs, so its own refusal at set-up
     never runs) or in an 8-bit group; a parameter or gradient of a torch.func transform in an
     unrecorded group; a parameter without a gradient where a whole-tree part needs every one;
-    a recorded 8-bit step; and ``capturable=True`` with ``differentiable=True`` where the rule
-    computes its numbers on the host (the recorded step takes no multi-tensor path, which
-    checks it); with ``state`` (the optimizer's), parameters at different step counts where
-    such a part's state spans the group. ``recorded``: whether autograd records the step
-    (:func:`recorded`)."""
+    a recorded 8-bit step; and ``capturable=True`` for parameters off the CPU where the rule
+    computes its numbers on the host (``given``: whether the optimizer was made with it); with
+    ``state`` (the optimizer's), parameters at different step counts where such a part's state
+    spans the group. ``recorded``: whether autograd records the step (:func:`recorded`)."""
     at = next((i for i, p in enumerate(group["params"]) if has[i] and p.is_complex()), None)
     if at is not None:
         real = _real_only(rule)
@@ -392,10 +391,26 @@ def refuse(rule: Transform, gi: int, group: dict[str, Any], has: list[bool],
                 "params only; put complex parameters in a group of their own, without it")
     if recorded and is_q8(group):
         raise ValueError(f"param group {gi}: {NO_RECORDED_Q8}")
-    if recorded and group.get("capturable"):
+    if group.get("capturable") and (recorded or multi_tensor(group)) and any(
+            h and p.device.type != "cpu" for p, h in zip(group["params"], has, strict=True)):
+        # (here, before any state is made, where the multi-tensor path's own check came after;
+        # the recorded step takes no such path. On the CPU no graph is captured: a rule that
+        # cannot count there steps with the host's count, see Plan._calls)
         from ..fast.foreach import check_capturable
 
-        check_capturable(rule, torch.ones(()))
+        try:
+            check_capturable(rule, torch.ones(()))
+        except TypeError as e:
+            raise TypeError(f"{e} (param group {gi})" if given else
+                            f"{e}. Param group {gi} {_SET_CAPTURABLE}") from None
+
+
+# why a group holds capturable=True that its optimizer was not made with, and what to do
+_SET_CAPTURABLE = (
+    "holds capturable=True, which the optimizer was not made with: torch.compile writes it "
+    "into every param group (dynamo's _set_capturable) when a compiled function writes a "
+    "group value (group['lr'] = ...) and calls opt.step(); write group values outside the "
+    "compiled function (a scheduler's step() is fine), and set group['capturable'] = False")
 
 
 def multi_tensor(group: dict[str, Any]) -> bool:
@@ -808,6 +823,7 @@ class Run:
     written: list[torch.Tensor]
     # capturable=True: the run's step count on its parameters' device, counted there by the
     # step (a captured graph reads and advances it); the host's count follows step() calls
+    # (on the CPU, a rule that cannot count there steps with the host's, which this follows)
     device_step: torch.Tensor | None = None
 
 
@@ -1016,7 +1032,8 @@ class Plan:
             leaves: Any = (views if run.pos is None else views.take(run.pos)
                            if isinstance(views, backend.Addressed)
                            else [views[k] for k in run.pos])
-            at = step if run.device_step is None else run.device_step
+            at = (step if run.device_step is None or (
+                run.device_step.is_cpu and not _on_device(rule)) else run.device_step)
             calls.append((run, rule if rules is None else rules[r], at, treedef, leaves))
         return calls
 
@@ -1132,7 +1149,10 @@ class Plan:
                                run.params, leaves, extra, run_names)
             trees = new.tree_states
             if run.device_step is not None and new.step is not run.device_step:
-                run.device_step.copy_(new.step)  # a path that counts out of place
+                if isinstance(new.step, torch.Tensor):
+                    run.device_step.copy_(new.step)  # a path that counts out of place
+                else:
+                    run.device_step.fill_(new.step)  # (the host's count: Plan._calls)
             self.steps.add(run.idx)
             backend.mark_written(run.written)
         return trees
@@ -1212,6 +1232,18 @@ def _wide(ps: list[torch.Tensor], sharded: bool) -> list[int]:
 
 def _strided(ps: list[torch.Tensor], sharded: bool) -> bool:
     return not all(map(_CONTIGUOUS, dtensor.locals_of(ps) if sharded else ps))
+
+
+def _on_device(rule: Transform) -> bool:
+    """Whether ``rule`` steps with a count on the device (:func:`uniopt.fast.foreach.capturable`;
+    a CPU run's count of another rule is the host's, as ``capturable=False`` steps it: no graph
+    captures a step of CPU tensors, and torch.compile marks a group capturable itself)."""
+    ok = rule.memo.get("foreach-device")
+    if ok is None:
+        from ..fast.foreach import capturable
+
+        ok = capturable(rule)
+    return bool(ok)
 
 
 def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
