@@ -490,10 +490,24 @@ def test_arithmetic_on_a_schedule_says_what_to_write() -> None:
     """``sched * 0.5`` at a module's top level failed in ``sys._getframe`` (call stack is not
     deep enough), and elsewhere said that a torch scheduler drove the group."""
     s = schedules.cosine(0.03, steps=1000)
-    for op in (lambda: s * 0.5, lambda: 0.5 * s, lambda: s + s):
+    for op in (lambda: s * 0.5, lambda: 0.5 * s, lambda: s * s):
         with pytest.raises(TypeError, match=r"is a uniopt schedule, not a number: no arithmetic "
                                             r"is defined on it; schedules.product\("):
             op()
+    # product only where it is what was written: s + 0.5 was told schedules.product(s, 0.5)
+    said = r"no arithmetic is defined on it; a schedule is any function of the step: lambda s: "
+    for op, meant in ((lambda: s + 0.5, r"schedule\(s\) \+ 0\.5, with schedule this one, is"),
+                      (lambda: 1 - s, r"1 - schedule\(s\), with schedule this one, is"),
+                      (lambda: s ** 2, r"schedule\(s\) \*\* 2, with"),
+                      (lambda: 2 / s, r"2 / schedule\(s\), with"),
+                      (lambda: s + s, r"schedule\(s\) \+ other\(s\), with schedule this one "
+                                      r"and other the other, is")):
+        with pytest.raises(TypeError, match=said + meant) as e:
+            op()
+        assert "product" not in str(e.value)
+    with pytest.raises(TypeError, match=r"schedules.product\(cosine\(.*\), 0\.5\) is its quotient "
+                                        r"by that number"):
+        s / 2
     with pytest.raises(TypeError, match=r"is a uniopt schedule, not a number: its value at a "
                                         r"step is cosine\(.*\)\(step\)"):
         float(s)

@@ -1908,6 +1908,28 @@ def test_a_uniopt_schedule_and_a_torch_scheduler_on_one_value_is_an_error_naming
         plateau.step(2.0)
 
 
+class _WarmupLR(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler of a user's own, in a module other than torch's."""
+
+    def get_lr(self) -> list[Any]:
+        return [b * min(1.0, (self.last_epoch + 1) / 10) for b in self.base_lrs]
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt: torch.optim.swa_utils.SWALR(opt, swa_lr=0.05),
+    _WarmupLR], ids=["SWALR", "own"])
+def test_a_scheduler_outside_torchs_lr_scheduler_module_is_named_too(make: Any) -> None:
+    """A scheduler was known by its module, torch.optim.lr_scheduler: swa_utils' SWALR and a
+    user's own LRScheduler were not named, and the message suggested
+    ``schedules.product(cosine(...), 0.0)``, which is not the fix."""
+    w = nn.Parameter(torch.zeros(2))
+    name = "torch's SWALR" if make is not _WarmupLR else "the torch lr_scheduler _WarmupLR"
+    with pytest.raises(TypeError, match=r"cosine\(init=0\.1.*is a uniopt schedule, not a number "
+                                        rf"\({name} is scaling it\): .*not both") as e:
+        make(ut.SGD([w], lr=uo.schedules.cosine(0.1, 9)))
+    assert "product" not in str(e.value)
+
+
 def _refused_step(opt: Any, w: Any, match: str) -> None:
     """``opt.step()`` raises a TypeError matching ``match``, and ``w`` stays as it was."""
     w.grad = torch.ones(2)

@@ -87,39 +87,96 @@ class _Record:
     """What the schedules here share: a schedule is not a number, so arithmetic on one (a
     torch ``lr_scheduler`` scaling a group's ``lr`` that holds it) is an error that says so."""
 
-    def _not_a_number(self, other: Any) -> Any:
+    def _not_a_number(self, other: Any, op: str | None = None, reflected: bool = False) -> Any:
+        """Raise for ``self <op> other`` (``other <op> self`` where ``reflected``; ``float()``
+        where ``op`` is None)."""
         import sys
 
-        # the torch scheduler doing the arithmetic, if one is: its frame's ``self``
+        # the torch scheduler doing the arithmetic, if one is: its frame's ``self`` (torch's
+        # own classes, swa_utils' SWALR, a user's subclass in a module of their own)
+        kinds = _torch_schedulers()
         frame: Any = sys._getframe(1)
-        for _ in range(5):
+        for _ in range(6 if kinds else 0):
             if frame is None:
                 break
             obj = frame.f_locals.get("self")
-            if type(obj).__module__.startswith("torch.optim.lr_scheduler"):
+            if isinstance(obj, kinds):
+                name = type(obj).__name__
+                who = (f"torch's {name}" if type(obj).__module__.startswith("torch.") else
+                       f"the torch lr_scheduler {name}")
                 raise TypeError(
-                    f"{self!r} is a uniopt schedule, not a number (torch's "
-                    f"{type(obj).__name__} is scaling it): a param group's value is driven by a "
-                    "uniopt schedule or by a torch lr_scheduler, not both; give the group a "
-                    "number for the torch scheduler, or drop the scheduler (the HF Trainer makes "
-                    "one over every optimizer: there, a number and its lr_scheduler_type)")
+                    f"{self!r} is a uniopt schedule, not a number ({who} is scaling it): a "
+                    "param group's value is driven by a uniopt schedule or by a torch "
+                    "lr_scheduler, not both; give the group a number for the torch scheduler, "
+                    "or drop the scheduler (the HF Trainer makes one over every optimizer: "
+                    "there, a number and its lr_scheduler_type)")
             frame = frame.f_back
-        if other is None:  # float() of it
+        if op is None:  # float() of it
             raise TypeError(f"{self!r} is a uniopt schedule, not a number: its value at a step "
                             f"is {self!r}(step)")
-        raise TypeError(f"{self!r} is a uniopt schedule, not a number: no arithmetic is defined "
-                        f"on it; schedules.product({self!r}, {other!r}) is its product with a "
-                        "number or another schedule")
+        said = f"{self!r} is a uniopt schedule, not a number: no arithmetic is defined on it; "
+        if op == "*":
+            raise TypeError(f"{said}schedules.product({self!r}, {other!r}) is its product "
+                            "with a number or another schedule")
+        if op == "/" and not reflected and _is_number(other) and other != 0:
+            raise TypeError(f"{said}schedules.product({self!r}, {1 / other!r}) is its "
+                            "quotient by that number")
+        # (no record here adds, subtracts or raises to a power: a function of the step does)
+        them = "other(s)" if callable(other) else repr(other)
+        a, b = (them, "schedule(s)") if reflected else ("schedule(s)", them)
+        named = "this one and other the other" if callable(other) else "this one"
+        raise TypeError(f"{said}a schedule is any function of the step: lambda s: {a} {op} "
+                        f"{b}, with schedule {named}, is the schedule meant")
 
     # takes a JAX step as the default float (hyper.resolve): exact under x64
     float_step: ClassVar[bool] = True
 
-    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_number
-    __add__ = __radd__ = __sub__ = __rsub__ = __pow__ = _not_a_number
+    def __mul__(self, other: Any) -> Any:
+        return self._not_a_number(other, "*")
+
+    def __rmul__(self, other: Any) -> Any:
+        return self._not_a_number(other, "*", reflected=True)
+
+    def __truediv__(self, other: Any) -> Any:
+        return self._not_a_number(other, "/")
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return self._not_a_number(other, "/", reflected=True)
+
+    def __add__(self, other: Any) -> Any:
+        return self._not_a_number(other, "+")
+
+    def __radd__(self, other: Any) -> Any:
+        return self._not_a_number(other, "+", reflected=True)
+
+    def __sub__(self, other: Any) -> Any:
+        return self._not_a_number(other, "-")
+
+    def __rsub__(self, other: Any) -> Any:
+        return self._not_a_number(other, "-", reflected=True)
+
+    def __pow__(self, other: Any) -> Any:
+        return self._not_a_number(other, "**")
 
     def __float__(self) -> float:
         # (ReduceLROnPlateau reads float(group["lr"]): float() of a schedule says the same)
         return cast(float, self._not_a_number(None))
+
+
+def _torch_schedulers() -> tuple[type, ...]:
+    """torch's scheduler classes, where torch is imported (not imported here): every
+    ``lr_scheduler`` derives from ``LRScheduler`` (``ReduceLROnPlateau`` too since torch 2.2,
+    ``_LRScheduler`` before 2.0)."""
+    import sys
+
+    found = sys.modules.get("torch.optim.lr_scheduler")
+    return tuple(c for c in (getattr(found, n, None) for n in
+                             ("LRScheduler", "_LRScheduler", "ReduceLROnPlateau"))
+                 if isinstance(c, type))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _namespace(step: Any) -> Any:
