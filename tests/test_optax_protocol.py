@@ -325,6 +325,41 @@ def test_map_params_maps_the_slots_of_a_rule_and_of_a_rule_in_an_optax_chain() -
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize(("make", "moments"), [
+    (lambda: uo.masked(uo.adam(lr=0.1), {"w": True, "b": False}), 2),
+    (lambda: uo.partition({"a": uo.adam(lr=0.1), "b": uo.sgd(lr=0.1)}, {"w": "a", "b": "b"}), 2),
+    (lambda: uo.freeze(uo.adam(lr=0.1), "b"), 2),
+    (lambda: uo.skip_nonfinite(uo.adam(lr=0.1)), 4),
+    (lambda: uo.accumulate(uo.adam(lr=0.1), 2), 6),  # (its running mean too)
+    (lambda: uo.mechanize(uo.adam(lr=0.1)), 6),  # (x0 too)
+    (lambda: uo.schedule_free_adamw(lr=0.1), 4),
+    (lambda: uo.prodigy(), 8),
+    (lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                         uo.masked(uo.adam(lr=0.1), {"w": True, "b": False})), 2),
+])
+def test_map_params_maps_the_arrays_of_combinators_and_whole_tree_parts(make: Any,
+                                                                       moments: int) -> None:
+    # set up from optax's placeholder these called each part's set-up on it and failed
+    params, (g,) = _problem(1)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+    tx = make()
+    _, state = tx.update(g, tx.init(params), params)
+    half = optax.tree.map_params(tx, lambda x: x.astype(jnp.bfloat16), state)
+    assert sum(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(half)) == moments
+    same = optax.tree.map_params(tx, lambda x: x, state)
+    a, b = tx.update(g, same, params), tx.update(g, state, params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_map_params_names_a_part_whose_arrays_it_cannot_mark() -> None:
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    for tx, name in ((uo.galore(lr=0.1), "scale_by_galore"), (uo.kron(lr=0.1), "scale_by_kron")):
+        with pytest.raises(TypeError, match=f"map_params: {name} keeps .* jax.tree.map"):
+            optax.tree.map_params(tx, lambda x: x, tx.init(params))
+
+
 def test_the_placeholder_state_itself_does_not_step() -> None:
     params, (g,) = _problem(1)
     rule, made = uo.adam(), []

@@ -842,6 +842,13 @@ class Combinator(WholeTree):
         """Each member's state for its leaves (slots in ``state_dtype`` where given)."""
         raise NotImplementedError
 
+    def placeholder_tree(self, params: Any, member: Callable[[Transform], Any]) -> Any:
+        """Its tree state for the placeholder ``params`` of ``optax.tree.map_params``: the
+        placeholder where it keeps one array per leaf, 0 for any other leaf, ``member(m)``
+        for each member ``m``'s state."""
+        raise TypeError(f"optax.tree.map_params: {self.name} cannot mark its state for optax's "
+                        "placeholder; map the state itself with jax.tree.map")
+
     def leaves_of(self, treedef: Any, leaves: list[Any]) -> dict[str, tuple[int, ...]]:
         """The leaves (positions) each member's state covers: every one, unless the
         combinator routes them (:func:`uniopt.partition`)."""

@@ -407,6 +407,9 @@ class _Routed(_Runs):
                          state_dtype=state_dtype)
                 for n, m in self.inner.items()}
 
+    def placeholder_tree(self, params: Any, member: Callable[[Transform], Any]) -> Any:
+        return {n: member(m) for n, m in self.inner.items()}
+
     def precheck(self, tree: Any, treedef: Any, ps: list[Any] | None,
                  gs: list[Any] | None) -> None:
         routes = None
@@ -719,6 +722,9 @@ class accumulate(_Wraps):
         return {"mini": _count(leaves), "acc": acc,
                 "inner": setup(self.rule, params, state_dtype=state_dtype)}
 
+    def placeholder_tree(self, params: Any, member: Callable[[Transform], Any]) -> Any:
+        return {"mini": 0, "acc": params, "inner": member(self.rule)}
+
     def _every(self, step: Any) -> Any:
         if not callable(self.every):
             return self.every
@@ -793,6 +799,10 @@ class skip_nonfinite(_Wraps):
         return {"notfinite_count": zero, "total_notfinite": _count(leaves),
                 "last_finite": True if isinstance(zero, int) else zero == 0,
                 "inner": setup(self.rule, params, state_dtype=state_dtype)}
+
+    def placeholder_tree(self, params: Any, member: Callable[[Transform], Any]) -> Any:
+        return {"notfinite_count": 0, "total_notfinite": 0, "last_finite": 0,
+                "inner": member(self.rule)}
 
     def _too_many(self, count: int, treedef: Any, bad: int) -> FloatingPointError:
         return FloatingPointError(
@@ -910,6 +920,9 @@ class mechanize(_Wraps):
                 "x0": [backend.detached_copy(p) for p in leaves],
                 "m": scalar_like(leaves, [0.0] * n), "v": scalar_like(leaves, [0.0] * n),
                 "r": scalar_like(leaves, [0.0] * n), "s": scalar_like(leaves, [self.s_init] * n)}
+
+    def placeholder_tree(self, params: Any, member: Callable[[Transform], Any]) -> Any:
+        return {"inner": member(self.rule), "x0": params, "m": 0, "v": 0, "r": 0, "s": 0}
 
     def _step(self, tree: Any, treedef: Any, ps: list[Any], gs: list[Any],
               mode: str, extra: dict[str, Any]) -> tuple[Any, list[Any] | None]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import backend
-from ..base import OPTAX_PROTOCOL, Transform, WholeTree
+from ..base import OPTAX_PROTOCOL, Combinator, Transform, WholeTree
 from ..engine import optax_update, setup
 from ..state import AnyParams, State
 from ..tree import trainables
@@ -143,10 +143,45 @@ def optax_init(rule: Transform, params: Any, state_dtype: str | None = None) -> 
     if not _placeholder(params):
         return setup(rule, params, state_dtype=state_dtype)
     register_state()
-    trees = {keys[0]: part.init_tree(params)
+    trees = {keys[0]: _placeholder_tree(part, params, state_dtype)
              for part, keys in rule.keyed_parts if isinstance(part, WholeTree)}
     return State(rule, 0, {key: params for key, _ in rule.slot_keys}, AnyParams(), state_dtype,
                  trees)
+
+
+# the leaf shape a whole-tree part is set up on to learn the layout of its state
+_PROBE = (3, 2)
+
+
+def _placeholder_tree(part: WholeTree, params: Any, state_dtype: str | None) -> Any:
+    """The tree state of ``part`` for the placeholder ``params``: the placeholder where the
+    state keeps one array per leaf shaped as it (its ``like_params`` entries), any leaf (0)
+    where it keeps something else, and each member's placeholder state."""
+    if isinstance(part, from_optax):
+        return part.init_tree(params)  # (optax's own answer to its placeholder)
+    if isinstance(part, Combinator):
+        return part.placeholder_tree(params, lambda m: optax_init(m, params, state_dtype))
+    # the layout of its state, from a set-up on one leaf: sound where each leaf's arrays are
+    # its like_params entries alone (any other follows the leaves in a layout of its own)
+    shapes = part.state_shapes(_PROBE)
+    if shapes is not None and all(s == _PROBE for s in shapes):
+        import jax
+
+        try:
+            probe = part.init_tree([jax.numpy.zeros(_PROBE, jax.numpy.float32)])
+        except Exception:  # noqa: BLE001 (a part that takes no such leaf: said below)
+            probe = None
+        if isinstance(probe, dict) and \
+                sum(isinstance(probe.get(k), list) for k in part.like_params) == len(shapes):
+            return {k: params if k in part.like_params and isinstance(v, list)
+                    else jax.tree.map(lambda _: 0, v) for k, v in probe.items()}
+        if shapes == () and probe is not None:
+            return jax.tree.map(lambda _: 0, probe)
+    raise TypeError(
+        f"optax.tree.map_params: {part.name} keeps arrays for the params in a layout of its "
+        "own, which its state made from optax's placeholder cannot mark; map the state "
+        "itself with jax.tree.map (each slot and tree-state entry is a list in "
+        "uo.trainables order)")
 
 
 OPTAX_PROTOCOL.update(
