@@ -738,20 +738,53 @@ def test_an_adjust_of_another_form_is_said_under_jit_and_the_state_keeps_its_rec
         for _ in range(2):
             _, out = step(g, out, params)
     assert step._cache_size() == 1
-    # an optimizer made again inside the step (optax's habit), its schedule a new closure,
-    # never adjusted: stepped with the transformation's numbers, as before
-    make = lambda: uo.adamw(lr=optax.cosine_decay_schedule(1e-2, 100))  # noqa: E731
-    fresh = make().init(params)
+    # an optimizer made again inside the step with another schedule (other numbers), never
+    # adjusted: stepped with the transformation's numbers, as before, and said
+    make = lambda: uo.adamw(lr=optax.cosine_decay_schedule(2e-2, 100))  # noqa: E731
 
     @jax.jit
     def again(s: Any) -> Any:
         return make().update(g, s, params)
 
-    with pytest.warns(UserWarning, match=r"an optimizer made again with a new optax "
-                                         r"schedule or member \(compared as objects\) steps"):
+    fresh = uo.adamw(lr=optax.cosine_decay_schedule(1e-2, 100)).init(params)
+    with pytest.warns(UserWarning, match=r"an optimizer made again with another optax "
+                                         r"schedule or member \(other code or numbers\) steps"):
         u, _ = again(fresh)
     v, _ = make().update(g, fresh, params)
     np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(v["w"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("make", "setting"), [
+    (lambda: uo.chain(optax.clip_by_global_norm(1.0), uo.sgd(lr=0.1)), {"lr": 0.001}),
+    (lambda: uo.adamw(lr=optax.cosine_decay_schedule(0.1, 100), weight_decay=0.1),
+     {"weight_decay": 0.5}),
+    (lambda: uo.masked(uo.chain(optax.clip_by_global_norm(1.0), uo.sgd(lr=0.1)), "w"),
+     {"lr": 0.001}),
+])
+def test_an_optimizer_made_again_each_step_takes_an_adjust_under_jit_and_warns_of_none(
+        make: Any, setting: dict[str, float]) -> None:
+    """An optimizer built inside the step (from a config; optax.inject_hyperparams' factory
+    does so) holds new optax members and schedules each time: compared as objects they made
+    another form, so under jax.jit a plain adjust was dropped (lr 0.1 stepped where 0.001 was
+    set) and a state never adjusted warned of an adjust."""
+    params = {"w": jnp.ones(3)}
+    g = {"w": jnp.full(3, 0.1)}
+
+    def step(state: Any) -> Any:
+        u, state = make().update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    state = make().init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = step(state)[0]["w"]
+        np.testing.assert_array_equal(np.asarray(jax.jit(step)(state)[0]["w"]),
+                                      np.asarray(plain))
+        state = uo.adjust(state, **setting)
+        want = step(state)[0]["w"]
+        got = jax.jit(step)(state)[0]["w"]
+    assert not np.allclose(np.asarray(want), np.asarray(plain))  # (the adjust is seen)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
 @pytest.mark.parametrize("seq", ["eager-apply_if_finite", "jit-adjust-cond",

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import itertools
 import math
 import operator
@@ -2710,7 +2711,9 @@ def _adjusted_values(rule: Transform, own: Transform) -> tuple[Transform, Transf
             return (own, own) if flag else (rule, rule)
     values, skeleton = flatten_rule(rule)
     theirs, own_skeleton = flatten_rule(own)
-    if own_skeleton != skeleton:
+    # (an optimizer made again for each step, a train step's or optax.inject_hyperparams'
+    # factory's, holds new objects of one form: an optax member, an optax schedule)
+    if own_skeleton != skeleton and not _same_form(own_skeleton, skeleton):
         # which one steps is a traced number, and the two are programs of other forms (or
         # hold callables that are not one object: an optax schedule made again): said where
         # the step is traced (once per compile), not left silent. The state goes back with its
@@ -2722,8 +2725,8 @@ def _adjusted_values(rule: Transform, own: Transform) -> tuple[Transform, Transf
             f"transformation it is called on ({rule.name}), not the state's, whose rule is of "
             "another form: a uo.adjust that changed a hyperparameter's form (a schedule for a "
             "number, a number for a schedule, another schedule) is seen by uo.update only; "
-            "an optimizer made again with a new optax schedule or member (compared as "
-            "objects) steps as it did, with its own numbers (docs/optax.md)",
+            "an optimizer made again with another optax schedule or member (other code or "
+            "numbers) steps as it did, with its own numbers (docs/optax.md)",
             stacklevel=3)
         return rule, own
     xp = backend.namespace(flag)
@@ -2731,6 +2734,38 @@ def _adjusted_values(rule: Transform, own: Transform) -> tuple[Transform, Transf
                                       for a, b in zip(values, theirs, strict=True)])
     mixed.memo["adjusted"] = flag
     return mixed, mixed
+
+
+def _same_form(a: Any, b: Any, depth: int = 0) -> bool:
+    """Whether ``a`` and ``b`` (rules' skeletons, or what they hold) are one, where functions
+    count as one when made by the same code from equal values: an optax transformation or
+    schedule made again (``optax.clip_by_global_norm(1.0)`` twice) is another object of the
+    same form, which only object identity told apart."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or depth > 32:  # (deeper: a function that holds itself)
+        return False
+    deeper = functools.partial(_same_form, depth=depth + 1)
+    if isinstance(a, (tuple, list)):  # (skeletons; optax's GradientTransformation, a tuple)
+        return len(a) == len(b) and all(map(deeper, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(deeper(a[k], b[k]) for k in a)
+    if isinstance(a, functools.partial):
+        return deeper((a.func, a.args, a.keywords), (b.func, b.args, b.keywords))
+    if inspect.isfunction(a):
+        try:
+            cells = [tuple(c.cell_contents for c in f.__closure__ or ()) for f in (a, b)]
+        except ValueError:  # (a cell not yet filled)
+            return False
+        return a.__code__ is b.__code__ and deeper(
+            (a.__defaults__, a.__kwdefaults__, cells[0]),
+            (b.__defaults__, b.__kwdefaults__, cells[1]))
+    if callable(a):
+        return False  # (another callable object: told apart as before)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 (an array: compared as an object, not the same)
+        return False
 
 
 def _protocol_pairs(rule: Transform, state: State, step: _Step,
