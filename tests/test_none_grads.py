@@ -154,6 +154,41 @@ def test_none_gradients_reach_the_members_of_a_partition() -> None:
         np.testing.assert_allclose(params[k], want[k], rtol=0, atol=1e-12)
 
 
+def test_a_scan_over_none_gradients_runs_as_docs_say() -> None:
+    """The first step with a None gradient gives the state its per-leaf counts, a new carry
+    structure that jax.lax.scan refuses; a state that carries them from set-up
+    (docs/getting-started.md), or uo.freeze for a leaf still the whole run, scans as a loop
+    of steps does."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params = {"w": jnp.ones(3), "b": jnp.full(2, 0.5)}
+    gs = {"w": jnp.arange(15.0).reshape(5, 3) / 10, "b": None}
+
+    def body(carry: Any, g: Any) -> Any:
+        return uo.update(*carry, g), None
+
+    def loop(state: Any) -> Any:
+        p = params
+        for k in range(5):
+            state, p = uo.update(state, p, {"w": gs["w"][k], "b": None})
+        return state, p
+
+    rule = uo.adamw(lr=1e-2, weight_decay=0.1)
+    with pytest.raises(TypeError, match="carry"):  # (what the docs tell how to avoid)
+        jax.lax.scan(body, (uo.setup(rule, params), params), gs)
+    state = uo.setup(rule, params)
+    state = dataclasses.replace(state, counts=jnp.zeros(len(uo.trainables(params)), jnp.int32))
+    (got, p), _ = jax.lax.scan(body, (state, params), gs)
+    want, q = loop(uo.setup(rule, params))
+    assert got.counts.tolist() == want.counts.tolist() == [0, 5]
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p[k]), np.asarray(q[k]), rtol=1e-6)
+    frozen = uo.freeze(rule, "b")
+    (_, p), _ = jax.lax.scan(body, (uo.setup(frozen, params), params), gs)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p[k]), np.asarray(q[k]), rtol=1e-6)
+
+
 def test_rules_that_step_every_leaf_together_refuse_a_none_gradient() -> None:
     params, grads = _setup()
     state = uo.setup(uo.accumulate(uo.adam(lr=0.1), 2), params)
