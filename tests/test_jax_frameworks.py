@@ -379,6 +379,39 @@ def test_flax_serialization_round_trips_an_8_bit_state_bit_for_bit() -> None:
     assert serialization.from_bytes(ts, serialization.to_bytes(ts)).step == 0
 
 
+def test_flax_from_bytes_refuses_a_target_whose_rule_has_another_form() -> None:
+    """flax restored a state into a target whose rule reads its numbers in other places (a
+    number became a schedule, or the reverse; adamw's state into adam's, of as many numbers)
+    with no check: it stepped with betas=(0.0099, 0.8999), eps=0.999, and the reverse moved
+    params by 0.82 in one step. ``uo.load`` refused the same. A target of the same form with
+    other numbers still takes the saved numbers; a dict saved before the form was kept is
+    checked by its count of numbers."""
+    serialization = pytest.importorskip("flax.serialization")
+    params = {"w": jax.numpy.ones((3, 2)), "b": jax.numpy.zeros(2)}
+    grads = {"w": jax.numpy.full((3, 2), 0.5), "b": jax.numpy.ones(2)}
+    fixed = uo.adamw(lr=1e-2, weight_decay=0.1)
+    scheduled = uo.adamw(lr=uo.schedules.cosine(1e-2, steps=100), weight_decay=0.1)
+    for saved_rule, target_rule in [(fixed, scheduled), (scheduled, fixed),
+                                    (fixed, uo.adam(lr=1e-2))]:
+        state, _ = uo.update(uo.setup(saved_rule, params), params, grads)
+        target = uo.setup(target_rule, params)
+        with pytest.raises(ValueError, match=r"the state dict is for adamw\(lr=.*the target's "
+                                             r"rule is adam"):
+            serialization.from_bytes(target, serialization.to_bytes(state))
+    state, _ = uo.update(uo.setup(fixed, params), params, grads)
+    back = serialization.from_bytes(uo.setup(uo.adamw(lr=0.5, weight_decay=0.1), params),
+                                    serialization.to_bytes(state))
+    assert float(back.rule.lr) == pytest.approx(1e-2)
+    old = serialization.to_state_dict(state)
+    del old["rule_form"]
+    back = serialization.from_state_dict(
+        uo.setup(uo.adamw(lr=0.5, weight_decay=0.1), params), old)
+    assert float(back.rule.lr) == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match=r"is for a rule of 13 numbers; the target's rule is "
+                                         r"adamw\(lr=cosine.*, of 11"):
+        serialization.from_state_dict(uo.setup(scheduled, params), old)
+
+
 def test_nnx_labels_and_optax_masks_of_params_leave_the_process_as_it_was() -> None:
     """A tree of NNX Params holding labels (``jax.tree.map`` over ``nnx.state(model,
     nnx.Param)``, how one labels an NNX model) given to ``uo.partition``, and

@@ -204,6 +204,42 @@ def _fixed(skeleton: Any) -> str:
     return ", ".join(out)
 
 
+def _form(skeleton: Any) -> str:
+    """A rule's form as text a msgpack holds: its class, and by field each number as ``#``
+    (the state's numbers fill them in order), each schedule and fixed value as it is, each
+    block switched on, each member's form. Two rules of one form read the same numbers in the
+    same places."""
+    cls, spec, on, nonzero = skeleton
+
+    def shown(v: Any) -> str:
+        if isinstance(v, tuple | list):
+            return f"({', '.join(shown(x) for x in v)})"
+        if v is None or isinstance(v, bool | int | float | str):
+            return repr(v)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):  # (a schedule)
+            fields = [f"{f.name}={shown(getattr(v, f.name))}"
+                      for f in dataclasses.fields(v) if f.repr]
+            return f"{type(v).__name__}({', '.join(fields)})"
+        # (a function's repr holds its address, another in the process that restores)
+        return f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+    def hyper(v: Any) -> str:
+        return "#" if v is None else shown(v)  # (None: a number, among the state's)
+
+    out = []
+    for name, kind, sub in spec:
+        if kind in ("member", "members"):
+            out.append(f"{name}=[{', '.join(_form(m) for m in sub)}]")
+        elif kind == "one":
+            out.append(f"{name}={hyper(sub[0])}")
+        elif kind == "tuple":
+            out.append(f"{name}=({', '.join(hyper(x) for x in sub)})")
+        else:
+            out.append(f"{name}={shown(sub)}")
+    blocks = f"; on={sorted(on)}, nonzero={sorted(nonzero)}" if on else ""
+    return f"{cls.__name__}({', '.join(out)}{blocks})"
+
+
 def _flatten_state(s: State) -> tuple[tuple[Any, ...], _Static]:
     lazy = s.__dict__.get("_lazy_rule")
     if lazy is not None:  # out of a jitted step, its rule unbuilt: its leaves as they came
@@ -348,9 +384,11 @@ def _register_flax() -> None:
     from flax import serialization
 
     def to_dict(s: State) -> dict[str, Any]:
-        (step, slots, trees, numbers, counts), _ = _flatten_state(s)
+        (step, slots, trees, numbers, counts), static = _flatten_state(s)
+        # (the rule's form: a target of another form reads the numbers in other places)
         out = {"step": step, "slots": serialization.to_state_dict(slots),
-               "tree_states": serialization.to_state_dict(trees), "numbers": numbers}
+               "tree_states": serialization.to_state_dict(trees), "numbers": numbers,
+               "rule_form": _form(static.skeleton[0])}
         return out if counts is None else {**out, "counts": counts}
 
     def from_dict(target: State, d: dict[str, Any]) -> State:
@@ -358,6 +396,18 @@ def _register_flax() -> None:
         missing = {"step", "slots", "tree_states", "numbers"} - set(d)
         if missing:
             raise ValueError(f"uniopt State: the state dict lacks {sorted(missing)}")
+        form, n = _form(aux.skeleton[0]), aux.skeleton[1]
+        saved = d.get("rule_form")
+        # (a dict saved before the form was kept: its count of numbers, and the flag after)
+        size = getattr(d["numbers"], "shape", (None,))[-1:]
+        if saved is not None and saved != form or saved is None and size not in ((n,), (n + 1,)):
+            got, mine = (saved, form) if saved is not None else (
+                f"a rule of {size[0]} numbers", f"{form}, of {n + 1}")
+            raise ValueError(
+                f"uniopt State: the state dict is for {got}; the target's rule is {mine}: "
+                "its numbers would be read in other places. Restore into a "
+                "state set up with the rule it was saved with (then adjust it), or save with "
+                "uniopt.save, whose load names what differs")
         return _unflatten_state(aux, (
             d["step"], serialization.from_state_dict(slots, d["slots"]),
             serialization.from_state_dict(trees, d["tree_states"]), d["numbers"],
