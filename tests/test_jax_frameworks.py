@@ -379,6 +379,19 @@ def test_flax_serialization_round_trips_an_8_bit_state_bit_for_bit() -> None:
     assert serialization.from_bytes(ts, serialization.to_bytes(ts)).step == 0
 
 
+def test_adjust_of_an_nnx_state_names_it_and_the_opt_state() -> None:
+    """``uo.adjust(nnx.state(opt), ...)`` said "expected a uniopt State ... got State": flax's
+    ``nnx.State``, named as uniopt's own."""
+    nnx = pytest.importorskip("flax.nnx")
+    opt = nnx.Optimizer(nnx.Linear(3, 1, rngs=nnx.Rngs(0)), uo.adamw(lr=1e-3), wrt=nnx.Param)
+    with pytest.raises(TypeError, match=r"got flax\.nnx\..*State \(an nnx.Optimizer's uniopt "
+                                        r"state is its opt_state: opt.opt_state = "
+                                        r"uo.adjust\(opt.opt_state, lr=...\)\)"):
+        uo.adjust(nnx.state(opt), lr=1e-4)
+    opt.opt_state = uo.adjust(opt.opt_state, lr=1e-4)  # (as it says)
+    assert float(opt.opt_state.rule.lr) == pytest.approx(1e-4)
+
+
 def test_flax_from_bytes_refuses_a_target_whose_rule_has_another_form() -> None:
     """flax restored a state into a target whose rule reads its numbers in other places (a
     number became a schedule, or the reverse; adamw's state into adam's, of as many numbers)

@@ -883,6 +883,22 @@ def test_update_with_the_state_and_the_params_swapped(fn):
         fn(state, {"x": 3}, {"x": np.ones(2)})
 
 
+@pytest.mark.parametrize("fn", [uo.update, uo.update_])
+def test_update_in_optax_order_names_the_order(fn):
+    # (optax's (grads, state, params): "params['step'] has dtype int32; ... leave a model's
+    # integer arrays out", of the state taken for params)
+    params = _params()
+    state = uo.setup(uo.adam(), params)
+    snap = _snapshot(state, params)
+    with pytest.raises(TypeError, match=r"the params given are a uniopt State: the state comes "
+                                        r"first, update\(state, params, grads\); the optax "
+                                        r"protocol, rule.update, takes \(grads, state, params\)"):
+        fn(_grads(), state, params)
+    with pytest.raises(TypeError, match=r"the grads given are a uniopt State"):
+        fn(_grads(), params, state)
+    _assert_same(snap, state, params)
+
+
 # --- in place on arrays that cannot be written --------------------------------------------------
 
 
@@ -976,8 +992,25 @@ def test_optax_state_of_another_rule():
         uo.sgd(lr=0.1, momentum=0.9).update(_grads(), state, params)
     with pytest.raises(ValueError, match=r"this state was not set up for adam\(.*amsgrad=True"):
         uo.adam(amsgrad=True).update(_grads(), state, params)
-    with pytest.raises(ValueError, match=r"this state was not set up for"):
+    with pytest.raises(TypeError, match=r"adam.update\(grads, state, params\): the state is "
+                                        r"dict, not the uniopt State rule.init\(params\) made$"):
         uo.adam().update(_grads(), {"step": 0}, params)
+    _assert_same(snap, state, params)
+
+
+def test_optax_update_in_uniopts_order_names_the_order():
+    # (it said "this state was not set up for adam(...): its rule is {'w': Array...}", and
+    # "its rule is None")
+    params = _params()
+    rule = uo.adam(lr=0.1)
+    state = rule.init(params)
+    snap = _snapshot(state, params)
+    with pytest.raises(TypeError, match=r"the state is dict, not the uniopt State .* \(uniopt."
+                                        r"update takes \(state, params, grads\); the optax "
+                                        r"protocol, rule.update, takes \(grads, state, params\)"):
+        rule.update(state, params, _grads())
+    with pytest.raises(TypeError, match=r"the state is None, not the uniopt State"):
+        rule.update(_grads(), None, params)
     _assert_same(snap, state, params)
 
 
@@ -1231,7 +1264,7 @@ def test_adjust_invalid_value(kw, exc, match):
 
 def test_adjust_non_state():
     with pytest.raises(TypeError, match=r"adjust: expected a uniopt State, or a tree holding "
-                                        r"one \(an optax combinator's state\), got adam"):
+                                        r"one \(an optax combinator's state\), got uniopt.adam$"):
         uo.adjust(uo.adam(), lr=0.1)
 
 

@@ -779,9 +779,32 @@ def _flat_list(grads: Any, n: int) -> bool:
             and all(g is None or backend.is_array(g) for g in grads))
 
 
+OPTAX_ORDER = "the optax protocol, rule.update, takes (grads, state, params)"
+ORDER = f"uniopt.update takes (state, params, grads); {OPTAX_ORDER}"
+
+
+def _qualified(x: Any) -> str:
+    """``x``'s type by module and name: flax's ``nnx.State`` is no uniopt ``State``."""
+    t = type(x)
+    if x is None or t.__module__ == "builtins":
+        return repr(None) if x is None else t.__qualname__
+    module = "uniopt" if t.__module__.startswith("uniopt.") else t.__module__
+    return f"{module}.{t.__qualname__}"
+
+
+def _not_a_state(state: Any, params: Any = None, grads: Any = None) -> str:
+    """Why ``state`` is refused: where the params or the grads are the State, the order of the
+    arguments (the grads first: optax's)."""
+    for what, x in (("params", params), ("grads", grads)):
+        if isinstance(x, State):
+            return (f"the {what} given are a uniopt State: the state comes first, "
+                    f"update(state, params, grads); {OPTAX_ORDER}")
+    return f"expected a uniopt State (from uniopt.setup), got {_qualified(state)}"
+
+
 def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) -> None:
     if not isinstance(state, State):
-        raise TypeError(f"expected a uniopt State (from uniopt.setup), got {type(state).__name__}")
+        raise TypeError(_not_a_state(state))
     shape = batched(state, traced=True)
     if shape is not None:  # (its rule of rows failed in a broadcast naming nothing)
         raise ValueError(
@@ -1863,6 +1886,8 @@ def _prologue(state: Any, params: Any, grads: Any, *, writes: bool = False) -> _
     """Flatten and check everything, touching no array: the one prologue of :func:`update`,
     :func:`update_` and the optax protocol. ``params=None`` (optax without params): the
     gradients stand in for them."""
+    if not isinstance(state, State):  # (before the params: optax's order put grads first)
+        raise TypeError(_not_a_state(state, params, grads))
     if params is None:
         p_leaves, treedef, names = _leaves(grads, "grads")
         g_leaves = p_leaves
@@ -2524,16 +2549,19 @@ def optax_update(rule: Transform, grads: Any, state: Any, params: Any,
     other hands back its direction as it is, as optax's gradient transformations do, so
     ``optax.chain(uo.clip_by_global_norm(1.0), uo.adamw(...))`` means what it says. Extra
     arguments (``value=loss``) go to the parts that read them."""
-    if isinstance(state, State) and state.rule is not rule and type(state.rule) is type(rule):
+    if not isinstance(state, State):
+        raise TypeError(f"{rule.name}.update(grads, state, params): the state is "
+                        f"{_qualified(state)}, not the uniopt State rule.init(params) made"
+                        + (f" ({ORDER})" if any(isinstance(x, State) for x in (grads, params))
+                           else ""))
+    if state.rule is not rule and type(state.rule) is type(rule):
         rule = _fixed_at_setup(rule, state.rule)
     if (
-        not isinstance(state, State)
-        or type(state.rule) is not type(rule)
+        type(state.rule) is not type(rule)
         or state.rule.layout != rule.layout
     ):
         raise ValueError(
-            f"this state was not set up for {rule!r}: its rule is "
-            f"{getattr(state, 'rule', state)!r}"
+            f"this state was not set up for {rule!r}: its rule is {state.rule!r}"
         )
     rule, kept = _adjusted_values(rule, state.rule)
     if params is None and any(p.uses_params for p in rule.flat_parts):
@@ -3016,8 +3044,12 @@ def _adjust_within(tree: Any, hyperparameters: dict[str, Any]) -> Any:
                                    namespace=NAMESPACE)
     states = [x for x in nodes if isinstance(x, State)]
     if not states:
+        # (flax's nnx.State, of an nnx.Optimizer, holds the uniopt State as opt.opt_state)
+        nnx = (" (an nnx.Optimizer's uniopt state is its opt_state: opt.opt_state = "
+               "uo.adjust(opt.opt_state, lr=...))"
+               if _qualified(tree).startswith("flax.") else "")
         raise TypeError(f"adjust: expected a uniopt State, or a tree holding one (an optax "
-                        f"combinator's state), got {type(tree).__name__}")
+                        f"combinator's state), got {_qualified(tree)}{nnx}")
     changes: dict[int, dict[str, Any]] = {}
     for key, value in hyperparameters.items():
         holders = [s for s in states if _set(s.rule, key.split("."), value, "")[1]]
