@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 import uniopt as uo
+from uniopt import conventions
 from uniopt.tools.cli import DEFAULT_LR, RULES, main
 from uniopt.tools.problems import DEFAULT_PROBLEMS, PROBLEMS, Logistic, Quadratic, Rosenbrock
 
@@ -386,6 +388,30 @@ def test_translate_a_rule_of_one_form_and_a_rule_whose_default_is_not_torchs(cap
     doc = json.loads(capsys.readouterr().out)
     assert doc["source"] == "paper" and doc["exact"] is True
     assert doc["rule"] == "uo.lion(convention='keras', lr=0.0001)"
+
+
+def test_translate_help_names_only_rules_with_conventions_and_the_default_source(capsys):
+    """RULE's help listed all 58 rules, 36 of which (one form: lamb, ftrl, yogi, ...) translate
+    always refuses; --from's default said "torch's where torch has the rule", not so for
+    amsgrad and nadamw (uo.amsgrad().convention is optax's). docs/frameworks.md names the
+    rules whose default is not torch's, as the code has them."""
+    assert main(["translate", "-h"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    listed = out.split("RULE one of ", 1)[1].split(" (", 1)[0]
+    assert listed.split(", ") == conventions.translatable()
+    assert "lamb" not in listed and "ftrl" not in listed and "has nothing to translate" in out
+    assert "uo.RULE().convention" in out and "torch's where torch" not in out
+    assert main(["translate", "adamz", "--to", "optax"]) == 2
+    err = capsys.readouterr().err
+    assert "'adamz'" in err and "lamb" not in err
+    not_torch = sorted(n for n, cls in conventions.rules().items() if conventions._table(cls)
+                       and conventions._default(conventions._fields(cls)["convention"])
+                       != "torch")
+    page = " ".join((Path(__file__).parent.parent / "docs" / "frameworks.md").read_text()
+                    .split())
+    sentence = page.split("default convention's, `uo.<name>().convention`:", 1)[1]
+    sentence = sentence.split("): a `source=`", 1)[0]
+    assert sorted(re.findall(r"`(\w+)`", sentence)) == sorted([*not_torch, "paper"])
 
 
 def test_translate_reads_schedules_as_compare_does(capsys):

@@ -690,6 +690,12 @@ def rules() -> dict[str, type[Rule]]:
     return dict(sorted(found.items()))
 
 
+def translatable() -> list[str]:
+    """The rules with conventions, by name: those :func:`translate` rewrites (a rule of one
+    form has nothing to translate)."""
+    return [name for name, cls in rules().items() if _table(cls)]
+
+
 def _table(cls: type[Rule]) -> dict[str, dict[str, Any]]:
     return dict(getattr(cls, "conventions", None) or {})
 
@@ -770,7 +776,8 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     rule with one form (no ``conventions`` table: ``lamb``, ``ftrl``, ...) has nothing to
     translate: ``ValueError``. A record's ``convention`` field *is* its source: ``source``,
     when given, must name the same framework, and a record built without ``convention=`` is
-    its rule's default's (torch's, where torch has the rule). A different ``source`` raises
+    its rule's default's (``uo.<name>().convention``: torch's for most, optax's for
+    ``amsgrad`` and ``nadamw``, the paper's for ``lion``). A different ``source`` raises
     ``ValueError`` rather than relabel the record, because the record's values are the
     source's whole arithmetic: ``uo.translate(uo.adagrad(lr=0.1), source="keras", ...)``
     holds torch's accumulator and eps placement, not keras's ``Adagrad(0.1)``; build that one

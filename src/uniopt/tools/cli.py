@@ -967,13 +967,17 @@ def add_conventions_parsers(sub: Any) -> None:
             "it is exact, under which conditions, and why (uniopt.translate)."
         ),
     )
-    t.add_argument("rule", choices=list(conventions.rules()), metavar="RULE",
-                   help=f"one of {', '.join(conventions.rules())}")
+    # (no choices=: a rule of one form is a rule, and translate's message says why it has
+    # nothing to translate, where argparse's would call it an invalid choice)
+    t.add_argument("rule", metavar="RULE",
+                   help=f"one of {', '.join(conventions.translatable())} (a rule of one form, "
+                        "lamb, ftrl and the others without conventions, has nothing to "
+                        "translate)")
     t.add_argument("hyper", nargs="*", type=_assignment, metavar="KEY=VALUE",
                    help="hyperparameters of the source rule, e.g. lr=1e-3 weight_decay=1e-2")
     t.add_argument("--from", dest="source", choices=FRAMEWORKS, default=None,
                    help="the framework the rule is written in (default: the rule's default "
-                        "convention, as uo.RULE() builds it: torch's where torch has the rule)")
+                        "convention, uo.RULE().convention)")
     t.add_argument("--to", dest="target", choices=FRAMEWORKS, required=True,
                    help="the framework to rewrite it in")
     t.add_argument("--set", dest="options", action="append", type=_assignment, default=[],
@@ -996,6 +1000,10 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     from .. import conventions
 
     try:
+        if args.rule not in conventions.rules():
+            known = conventions.translatable()
+            raise ValueError(f"unknown rule {args.rule!r}{did_you_mean(args.rule, known)} "
+                             f"(choose from {', '.join(known)})")
         for what, pairs in (("", [*args.hyper, *args.extra]), ("--set ", args.options)):
             twice = parse_.given_twice([k for k, _ in pairs])
             if twice:  # (as compare says of a rule's hyperparameters)
