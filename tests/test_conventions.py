@@ -588,6 +588,23 @@ def test_an_option_only_optax_has_is_not_exact_elsewhere(name, options, target):
     assert f"{field} = " in tr.conditions and "only optax's" in tr.explanation
 
 
+@pytest.mark.parametrize(("rule", "option", "given", "targets"), [
+    (uo.adafactor(convention="optax"), "param_scale", False, True),
+    (uo.adam(convention="optax"), "eps_root", 1e-8, 0.0),
+    (uo.adam(convention="optax", eps_root=1e-8), "eps_root", 1e-8, 0.0),
+])
+def test_an_option_given_over_a_value_the_target_fixes_names_the_targets(rule, option, given,
+                                                                         targets):
+    """An option that sets a value the target's optimizer fixes (torch's Adafactor always
+    scales by the parameter's rms, torch's Adam has no eps_root) said the target's was the
+    value given ("torch's is always False"); the source holding it too said exact."""
+    tr = uo.translate(rule, target="torch", **{option: given})
+    assert not tr.exact and getattr(tr.rule, option) == given
+    assert f"torch's is always {targets!r}, and {option}={given!r} given overrides it" in (
+        tr.explanation)
+    assert f"{option} = {targets!r}" in tr.conditions
+
+
 @pytest.mark.parametrize("name", ["adam", "nadam"])
 def test_keras_decoupled_decay_to_torch_is_torchs_decoupled_weight_decay(name):
     """keras decays decoupled, ``p −= lr·λ·p`` before the step; torch's Adam and NAdam take that

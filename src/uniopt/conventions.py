@@ -789,7 +789,9 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     the rule's ``conventions`` table, the target's fixed values in :data:`FIXED`, and
     ``options``, which fix target options by name, e.g. ``couple_lr=False`` for Flux's
     ``AdamW(couple=false)``; an option no row sets is its default in the target unless
-    :data:`EITHER` says the target offers both); each field that changes goes through its
+    :data:`EITHER` says the target offers both; one given over a value :data:`FIXED` holds
+    for the target is taken, and the translation is not exact, saying the target's value);
+    each field that changes goes through its
     :data:`OPTIONS` entry, which adjusts the hyperparameters and says whether the result is
     exact. A changed field without one is not exact.
 
@@ -850,8 +852,17 @@ def translate(rule: Rule | str, source: str | None = None, target: str = "torch"
     hyper.update(wanted)  # the target's whole form first: each option step sees it
     steps: list[tuple[str, _Step]] = []
     applied: set[int] = set()
+    fixed = FIXED.get(name, {}).get(target, {})
     for k, new in wanted.items():
         old = getattr(rule, k)
+        if k in options and k in fixed and not _same(new, fixed[k]):
+            # an option given over a value the target does not have: the record takes it, and
+            # the target's own optimizer is not what it steps
+            steps.append((k, _Step(False, f"{k} = {fixed[k]!r}", (
+                f"{FIXED_WHY.get((name, k), f'{target} has no {k}')}: {target}'s is always "
+                f"{fixed[k]!r}, and {k}={new!r} given overrides it (the source's "
+                f"{old!r})"))))
+            continue
         if _same(old, new):
             continue
         opt = _OPTION_OF.get((name, k))
