@@ -279,8 +279,12 @@ def test_a_16_bit_state_is_that_of_16_bit_params(rule: uo.Transform) -> None:
     """bfloat16 slots for float32 params were counted, a state uo.setup makes for no rule (its
     state_dtype takes float32, float64 and q8; 16-bit slots are those of 16-bit params)."""
     with pytest.raises(ValueError, match=re.escape(
-            "footprint: uo.setup keeps no bfloat16 state for float32 params")):
+            "footprint: uo.setup keeps no bfloat16 state for float32 params")) as e:
         footprint(rule, 1000, state_dtype="bfloat16")
+    # (what to pass for the count asked of: it said only what set-up keeps)
+    assert str(e.value).endswith(
+        "the slots of bfloat16 params are bfloat16: give param_dtype='bfloat16' for a count or "
+        "a list of shapes (a tree of arrays is counted in its own dtypes))")
     with pytest.raises(ValueError, match="state_dtype must be 'float32', 'float64' or 'q8'"):
         uo.setup(rule, [np.zeros(1000, np.float32)], state_dtype="bfloat16")
     assert footprint(rule, 1000, state_dtype="bfloat16", param_dtype="bfloat16") == \

@@ -271,7 +271,9 @@ def footprint(rule: Transform, params: Any, *, world_size: int = 1, strategy: st
             raise ValueError(
                 f"footprint: uo.setup keeps no {state_dtype} state for "
                 f"{', '.join(sorted(set(dtypes) - {state_dtype}))} params (state_dtype takes "
-                f"{SETUP_STATE_DTYPES}; the slots of {state_dtype} params are {state_dtype})")
+                f"{SETUP_STATE_DTYPES}; the slots of {state_dtype} params are {state_dtype}: "
+                f"give param_dtype={state_dtype!r} for a count or a list of shapes (a tree of "
+                "arrays is counted in its own dtypes))")
         kept = None
     # (as uo.setup refuses them: a footprint of a state no set-up makes would mislead)
     complex_ = next((x for x, d in zip(leaves, dtypes, strict=True) if d in COMPLEX), None)
