@@ -878,6 +878,8 @@ class mechanize(_Wraps):
 
     like_params: ClassVar[tuple[str, ...]] = ("x0",)
     arrays_dtype: ClassVar[str] = "leaf"  # (x0: a copy of the params)
+    # (its inner products and norms are of real vectors: complex ones gave NaN)
+    real_only: ClassVar[bool] = True
 
     weight_decay: float
     eps: float
@@ -911,10 +913,6 @@ class mechanize(_Wraps):
 
     def init_tree(self, params: Any, state_dtype: str | None = None) -> Any:
         leaves = flatten_leaves(params)[0]
-        if any(map(backend.is_complex, leaves)):
-            # (its inner products and norms are of real vectors: complex ones gave NaN)
-            raise TypeError("setup: mechanize takes real params only; these have complex "
-                            "leaves")
         n = self.num_betas
         return {"inner": setup(self.rule, params, state_dtype=state_dtype),
                 "x0": [backend.detached_copy(p) for p in leaves],

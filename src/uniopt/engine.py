@@ -124,7 +124,20 @@ def _real_only(rule: Transform) -> str | None:
     if named is not None:
         return f"{named} takes real params only (the registry's Info.complex)"
     part = next((p for m in inner for p in m.flat_parts if p.real_only), None)
+    if part is None:  # a combinator's own arithmetic (mechanize's inner products of the tree)
+        part = next((c for c in _combinators(rule) if c.real_only), None)
     return None if part is None else f"{part.name} takes real params only (Part.real_only)"
+
+
+def _combinators(t: Transform) -> Iterator[Combinator]:
+    """The combinators of ``t``, outermost first, which :func:`members` opens."""
+    if isinstance(t, Combinator):
+        yield t
+        for x in t.inner.values():
+            yield from _combinators(x)
+    elif isinstance(t, chain):
+        for x in t.transforms:
+            yield from _combinators(x)
 
 
 def _as_pairs_or_whole(rule: Transform) -> bool:
