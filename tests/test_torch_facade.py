@@ -20,6 +20,7 @@ import inspect
 import io
 import math
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -2829,6 +2830,39 @@ def test_a_removed_group_is_let_go(how: str) -> None:
     assert alive == torch_alive == 0
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_state_dict_of_a_removed_parameter_holds_the_step_lock_and_keeps_the_state(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state dict of an optimizer with a parameter in no group swaps ``opt.state`` for one
+    without it while torch's ``state_dict`` reads it: a step in another thread then wrote into
+    the throwaway. The swap holds the step lock (another thread cannot take it), and
+    ``opt.state`` is the same object after."""
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    opt = ut.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.step()
+    opt.param_groups.pop(0)
+    state = opt.state
+    free: list[bool] = []
+    torchs = torch.optim.Optimizer.state_dict
+
+    def reading(self: Any) -> Any:
+        lock = opt._new_step_lock()
+
+        def take() -> None:  # (as a step in another thread would, without waiting)
+            free.append(lock.acquire(blocking=False))
+            if free[-1]:
+                lock.release()
+
+        t = threading.Thread(target=take)
+        t.start()
+        t.join()
+        return torchs(self)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "state_dict", reading)
+    assert opt.state_dict()["state"].keys() == {0}
+    assert free == [False] and opt.state is state and state[a].keys() == {"step"}
 
 
 @pytest.mark.parametrize("how", ["group popped", "params replaced"])

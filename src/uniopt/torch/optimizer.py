@@ -1430,14 +1430,17 @@ class Optimizer(torch.optim.Optimizer):
                 self._follow(group, self.rule)  # (saved in the order of the params now)
         left_out = self._removed_with_step_only()
         if left_out:
-            # (torch's state_dict gives every tensor key of the state its place in the groups)
-            held = self.state
-            self.state = defaultdict(dict, {k: v for k, v in held.items()
-                                            if id(k) not in left_out})
-            try:
-                sd = super().state_dict()
-            finally:
-                self.state = held
+            # (torch's state_dict gives every tensor key of the state its place in the groups;
+            # it reads self.state, so it is swapped for the filtered one, under the step lock:
+            # a step in another thread would write its state into the throwaway)
+            with self.__dict__.get("_step_lock") or self._new_step_lock():
+                held = self.state
+                self.state = defaultdict(dict, {k: v for k, v in held.items()
+                                                if id(k) not in left_out})
+                try:
+                    sd = super().state_dict()
+                finally:
+                    self.state = held
         else:
             sd = super().state_dict()
         # (each group's keys as it holds them: a flattened DCP state dict is loaded by the
