@@ -399,9 +399,10 @@ def test_torchs_lbfgs_with_history_size_written_mid_run() -> None:
     uniopt's refuses), where it said torch raised for a new size below the history held: its
     two-loop recursion fills a list as long as the first step's history, so a larger size
     raises an IndexError once the history outgrows that; a smaller one below the history held
-    is never trimmed to (torch trims where the two are equal): the history grows past it, and
+    is never trimmed to (torch's trims where the two are equal): the history grows past it, and
     raises the same IndexError once it outgrows the first length. One not below the history
-    held is trimmed to."""
+    held is trimmed to. It runs torch.optim.LBFGS alone, not uniopt: it pins the fact the page
+    states, and fails only where a torch release changes it."""
     target = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
     def run(first: int, new: int) -> tuple[int, list[int], bool]:
