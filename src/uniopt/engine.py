@@ -113,7 +113,7 @@ def _leaves(params: Any, what: str = "params", kinds: bool = True
 def _real_only(rule: Transform) -> str | None:
     """What of ``rule`` takes real params only, in words, or None: its first registry rule
     (itself, or a chain's member) whose ``Info.complex`` is False, else its first part marked
-    ``real_only`` (a hand-built chain's). Their arithmetic on the pairs of a complex leaf's
+    ``real_only`` (a hand-built chain's, or a combinator's own: mechanize's). Their arithmetic on the pairs of a complex leaf's
     parts is not known to be right (a row and column factor, a matrix iteration, a distance),
     where it did not fail on their shapes: some stepped silently."""
     # (chains and combinators opened: uniopt.torch hands a combinator's members the pairs,
@@ -127,17 +127,6 @@ def _real_only(rule: Transform) -> str | None:
     if part is None:  # a combinator's own arithmetic (mechanize's inner products of the tree)
         part = next((c for c in _combinators(rule) if c.real_only), None)
     return None if part is None else f"{part.name} takes real params only (Part.real_only)"
-
-
-def _combinators(t: Transform) -> Iterator[Combinator]:
-    """The combinators of ``t``, outermost first, which :func:`members` opens."""
-    if isinstance(t, Combinator):
-        yield t
-        for x in t.inner.values():
-            yield from _combinators(x)
-    elif isinstance(t, chain):
-        for x in t.transforms:
-            yield from _combinators(x)
 
 
 def _as_pairs_or_whole(rule: Transform) -> bool:
