@@ -113,9 +113,10 @@ def _leaves(params: Any, what: str = "params", kinds: bool = True
 def _real_only(rule: Transform) -> str | None:
     """What of ``rule`` takes real params only, in words, or None: its first registry rule
     (itself, or a chain's member) whose ``Info.complex`` is False, else its first part marked
-    ``real_only`` (a hand-built chain's, or a combinator's own: mechanize's). Their arithmetic on the pairs of a complex leaf's
-    parts is not known to be right (a row and column factor, a matrix iteration, a distance),
-    where it did not fail on their shapes: some stepped silently."""
+    ``real_only`` (a hand-built chain's, or a combinator's own: mechanize's). Their
+    arithmetic on the pairs of a complex leaf's parts is not known to be right (a row and
+    column factor, a matrix iteration, a distance), where it did not fail on their shapes:
+    some stepped silently."""
     # (chains and combinators opened: uniopt.torch hands a combinator's members the pairs,
     # where their own set-up would not see a complex leaf)
     inner = [m for _, m in members(rule)]
