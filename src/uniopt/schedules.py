@@ -83,6 +83,14 @@ class _Scalar:
         return a if cond else b
 
 
+def _refused(op: str, reflected: bool = False) -> Callable[[Any, Any], Any]:
+    """The arithmetic method ``op`` of a schedule (its reflected one): the error that says a
+    schedule is not a number (:meth:`_Record._not_a_number`)."""
+    def method(self: _Record, other: Any) -> Any:
+        return self._not_a_number(other, op, reflected=reflected)
+    return method
+
+
 class _Record:
     """What the schedules here share: a schedule is not a number, so arithmetic on one (a
     torch ``lr_scheduler`` scaling a group's ``lr`` that holds it) is an error that says so."""
@@ -131,32 +139,11 @@ class _Record:
     # takes a JAX step as the default float (hyper.resolve): exact under x64
     float_step: ClassVar[bool] = True
 
-    def __mul__(self, other: Any) -> Any:
-        return self._not_a_number(other, "*")
-
-    def __rmul__(self, other: Any) -> Any:
-        return self._not_a_number(other, "*", reflected=True)
-
-    def __truediv__(self, other: Any) -> Any:
-        return self._not_a_number(other, "/")
-
-    def __rtruediv__(self, other: Any) -> Any:
-        return self._not_a_number(other, "/", reflected=True)
-
-    def __add__(self, other: Any) -> Any:
-        return self._not_a_number(other, "+")
-
-    def __radd__(self, other: Any) -> Any:
-        return self._not_a_number(other, "+", reflected=True)
-
-    def __sub__(self, other: Any) -> Any:
-        return self._not_a_number(other, "-")
-
-    def __rsub__(self, other: Any) -> Any:
-        return self._not_a_number(other, "-", reflected=True)
-
-    def __pow__(self, other: Any) -> Any:
-        return self._not_a_number(other, "**")
+    __mul__, __rmul__ = _refused("*"), _refused("*", reflected=True)
+    __truediv__, __rtruediv__ = _refused("/"), _refused("/", reflected=True)
+    __add__, __radd__ = _refused("+"), _refused("+", reflected=True)
+    __sub__, __rsub__ = _refused("-"), _refused("-", reflected=True)
+    __pow__ = _refused("**")
 
     def __float__(self) -> float:
         # (ReduceLROnPlateau reads float(group["lr"]): float() of a schedule says the same)
