@@ -1238,12 +1238,9 @@ def _on_device(rule: Transform) -> bool:
     """Whether ``rule`` steps with a count on the device (:func:`uniopt.fast.foreach.capturable`;
     a CPU run's count of another rule is the host's, as ``capturable=False`` steps it: no graph
     captures a step of CPU tensors, and torch.compile marks a group capturable itself)."""
-    ok = rule.memo.get("foreach-device")
-    if ok is None:
-        from ..fast.foreach import capturable
+    from ..fast.foreach import capturable
 
-        ok = capturable(rule)
-    return bool(ok)
+    return capturable(rule)
 
 
 def _device_step(count: float, p: torch.Tensor) -> torch.Tensor:
