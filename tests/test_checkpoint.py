@@ -438,6 +438,25 @@ def test_a_numpy_checkpoint_loads_into_jax_and_a_jitted_one_back(path: str) -> N
     assert_same(uo.load(path, like=(RULE, params)), again)
 
 
+@pytest.mark.parametrize("saved, like", [(0.0, 0), (0, 0.0)])
+def test_a_schedule_of_an_int_and_of_the_equal_float_is_one_rule(path: str, saved: Any,
+                                                                  like: Any) -> None:
+    """Schedules keep their numbers as given: a run started with linear(0.0, ...) resumed by a
+    script that writes linear(0, ...) (the rules compare equal) was refused as "a state for
+    another rule: rule.lr.init is 0.0 in the checkpoint, 0 in like"; the other way loaded."""
+    params = {"w": np.ones(3)}
+    rule = uo.adam(lr=S.linear(saved, 1e-3, steps=100))
+    other = uo.adam(lr=S.linear(like, 1e-3, steps=100))
+    assert rule == other
+    state, params = uo.update(uo.setup(rule, params), params, {"w": np.ones(3)})
+    uo.save(path, state)
+    assert_same(uo.load(path, like=(other, params)), state)
+    assert_same(uo.load(path, like=uo.setup(other, params)), state)
+    refused = r"rule\.lr\.init is 0(\.0)? in the checkpoint, 0\.5 in like"
+    with pytest.raises(CheckpointError, match=refused):
+        uo.load(path, like=(uo.adam(lr=S.linear(0.5, 1e-3, steps=100)), params))
+
+
 def test_an_eager_checkpoint_loads_like_a_jitted_state(path: str) -> None:
     """The other way round: like a JAX state that went through ``jax.jit`` (its numbers float32,
     with their complements), a file of the same rule saved without jit loads (it was refused as
@@ -1807,31 +1826,35 @@ def _snapshot(opt: Any) -> Any:
                           "groups": opt.param_groups})
 
 
-@pytest.mark.parametrize("what", ["q8", "schedule"])
+@pytest.mark.parametrize("what", ["q8", "float32", "schedule"])
 def test_what_only_uniopt_torch_reads_is_refused_by_torch_optim(path: str, what: str) -> None:
     """A file of uniopt.torch.Adam with 8-bit state loaded into torch.optim.Adam, which took
     the codes for the moments (-93.0 where the moment is -0.51) and stepped; one with a uniopt
-    schedule for lr loaded, and the step failed on a dict for lr."""
+    schedule for lr loaded, and the step failed on a dict for lr. A float32 state_dtype was
+    refused for "8-bit codes" the file does not hold: the reason names what torch would do."""
     torch = pytest.importorskip("torch")
     import uniopt.torch as ut
-    kw: dict[str, Any] = ({"state_dtype": "q8"} if what == "q8" else
-                          {"lr": uo.schedules.cosine(1e-2, 10)})
+    kept: dict[str, Any] = {} if what == "schedule" else {"state_dtype": what}
+    kw: dict[str, Any] = kept or {"lr": uo.schedules.cosine(1e-2, 10)}
     _, saved = _torch_adam(torch, ut.Adam, **kw)
     uo.save(path, saved)
     _, opt = _torch_adam(torch, torch.optim.Adam)
     before = _snapshot(opt)
-    message = ("keeps its state as 'q8' (state_dtype), which Adam does not read" if what == "q8"
-               else "holds a uniopt schedule for 'lr', which Adam cannot compute with")
+    message = {
+        "q8": "keeps its state as 'q8' (state_dtype), which Adam does not read (it would take "
+              "8-bit codes for the moments)",
+        "float32": "keeps its state as 'float32' (state_dtype), which Adam does not read (it "
+                   "keeps each parameter's state in the parameter's dtype and would cast the "
+                   "saved float32 state to it)",
+        "schedule": "holds a uniopt schedule for 'lr', which Adam cannot compute with"}[what]
     with pytest.raises(CheckpointError, match=re.escape(message)):
         uo.load(path, like=opt)
     assert str(_snapshot(opt)) == str(before)
-    uo.load(path, like=_torch_adam(torch, ut.Adam, **({"state_dtype": "q8"} if what == "q8"
-                                                       else {}))[1])
+    uo.load(path, like=_torch_adam(torch, ut.Adam, **kept)[1])
 
     class Mine(ut.Adam):  # (a user's subclass, in the user's module, is uniopt's too)
         pass
-    uo.load(path, like=_torch_adam(torch, Mine, **({"state_dtype": "q8"} if what == "q8"
-                                                     else {}))[1])
+    uo.load(path, like=_torch_adam(torch, Mine, **kept)[1])
 
 
 def test_a_torch_optim_load_that_fails_leaves_the_optimizer_as_it_was(path: str) -> None:

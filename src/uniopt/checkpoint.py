@@ -507,8 +507,8 @@ def _diff(a: Any, b: Any, at: str, lenient: bool = False) -> str | None:
         return None
     if type(a) is type(b) and a == b:
         return None
-    if type(a) is int and type(b) is float and a == b:
-        return None  # (a number a later version keeps as the float it equals: 6 then, 6.0 now)
+    if {type(a), type(b)} == {int, float} and a == b:
+        return None  # (6 and 6.0 are one number: schedules keep an int as given, rules a float)
     # (a float jit rounded, beside the other's number; jit keeps an int field an int, exact)
     if lenient and (type(a) is float or type(b) is float) and type(a) in (int, float) and \
             type(b) in (int, float) and (float(np.float32(b)) == a or float(np.float32(a)) == b):
@@ -1281,7 +1281,8 @@ def _match_paths(ck: _File, paths: list[list[Any]]) -> list[int]:
         raise CheckpointError(f"{ck.name}: the checkpoint names a leaf twice")
     mine = [json.dumps(p) for p in paths]
     missing = [p for p, k in zip(paths, mine, strict=True) if k not in index]
-    extra = [p for p in file_paths if json.dumps(p) not in set(mine)]
+    ours = set(mine)
+    extra = [p for p in file_paths if json.dumps(p) not in ours]
     if missing or extra:
         said = []
         if missing:
@@ -1743,11 +1744,15 @@ def _only_ours(name: str, sd: dict[str, Any], cls: str) -> None:
     for gi, g in enumerate(groups):
         if not isinstance(g, dict):
             continue
-        if g.get("state_dtype") is not None:
+        kept = g.get("state_dtype")
+        if kept is not None:
+            why = ("it would take 8-bit codes for the moments" if kept == "q8" else
+                   "it keeps each parameter's state in the parameter's dtype and would cast "
+                   f"the saved {kept} state to it")
             raise CheckpointError(
-                f"{name}: parameter group {gi} keeps its state as {g['state_dtype']!r} "
-                f"(state_dtype), which {cls} does not read (it would take 8-bit codes for the "
-                "moments): load it into the uniopt.torch optimizer that saved it")
+                f"{name}: parameter group {gi} keeps its state as {kept!r} (state_dtype), "
+                f"which {cls} does not read ({why}): load it into the uniopt.torch optimizer "
+                "that saved it")
         held = [k for k, v in g.items() if k != "params" and _schedule_in(v)]
         if held:
             raise CheckpointError(
