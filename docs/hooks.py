@@ -1,5 +1,6 @@
 """mkdocs hooks (``hooks:`` in mkdocs.yml): the rule pages, generated from the registry at build
-time (:mod:`uniopt.tools.docs`), and MathJax copied into the site so the math renders offline.
+time (:mod:`uniopt.tools.docs`), the API reference's entries, generated from the public modules'
+``__all__``, and MathJax copied into the site so the math renders offline.
 
 A new rule gets its page and its place in the navigation with no hand edit: declaring its
 ``info`` puts it in the registry, and the registry is all this reads.
@@ -35,6 +36,12 @@ def on_files(files: Any, config: Any) -> Any:
     for path, text in docs.pages().items():
         files.append(File.generated(config, path, content=text))
     return files
+
+
+def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
+    if page.file.src_uri == "api.md":
+        return docs.api_page(markdown)
+    return markdown
 
 
 def _mathjax_root() -> Path:

@@ -198,6 +198,64 @@ def test_an_unknown_rule_has_no_page() -> None:
         docs.rule_page("adamx")
 
 
+# --- the API reference ---------------------------------------------------------------------------
+
+
+def api_page() -> str:
+    return docs.api_page((DOCS / "api.md").read_text(encoding="utf-8"))
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    """Each name of ``uniopt.__all__`` (a rule: a link to its page), and each name of the
+    ``__all__`` of uniopt's public modules and of uniopt.torch, has its entry in the API
+    reference (a name that is also uniopt's, ``uniopt.checkpoint.save``, as ``uniopt.save``)."""
+    import inspect
+
+    import uniopt
+
+    page = api_page()
+    missing = []
+    modules = {n: getattr(uniopt, n) for n in uniopt.__all__
+               if inspect.ismodule(getattr(uniopt, n))}
+    assert set(modules) >= {"schedules", "checkpoint", "conventions", "memory", "registry"}
+    for name in uniopt.__all__:
+        if name in modules:
+            continue
+        entry = (f"[`{name}`](rules/{name}.md)" if name in registry.names()
+                 else f"::: uniopt.{name}\n")
+        if entry not in page + "\n":
+            missing.append(f"uniopt.{name}")
+    public = [(m, n) for m, mod in modules.items() for n in mod.__all__]
+    public += [("torch", n) for n in docs.static_all("uniopt.torch")]  # without importing torch
+    for module, name in public:
+        also_top = (name in uniopt.__all__
+                    and getattr(uniopt, name) is getattr(modules.get(module), name, None))
+        path = f"uniopt.{name}" if also_top else f"uniopt.{module}.{name}"
+        if f"::: {path}\n" not in page + "\n":
+            missing.append(f"uniopt.{module}.{name}")
+    assert missing == []
+    assert "::: uniopt.torch.Optimizer\n" in page and "::: uniopt.schedules.cosine\n" in page
+
+
+def test_static_all_reads_a_modules_all() -> None:
+    from uniopt import schedules
+
+    assert docs.static_all("uniopt.schedules") == schedules.__all__
+
+
+def test_api_page_needs_a_place_for_every_section() -> None:
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no place for section \['memory'\]"):
+        docs.api_page(text.replace("<!-- api: memory -->", ""))
+    with pytest.raises(ValueError, match=r"no section \['nowhere'\]"):
+        docs.api_page(text + "\n<!-- api: nowhere -->\n")
+
+
+def test_a_public_name_from_an_unknown_module_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"uniopt.thing \(from uniopt.elsewhere\)"):
+        docs._home("thing", type("thing", (), {"__module__": "uniopt.elsewhere"}))
+
+
 # --- links -------------------------------------------------------------------------------------
 
 
@@ -218,6 +276,7 @@ def anchors(text: str) -> set[str]:
 
 def all_pages() -> dict[str, str]:
     out = {p: (DOCS / p).read_text(encoding="utf-8") for p in PAGES}
+    out["api.md"] = docs.api_page(out["api.md"])  # as the build hook expands it
     return out | docs.pages()
 
 

@@ -317,3 +317,99 @@ def pages() -> dict[str, str]:
     out.update({f"{RULES_DIR}/{n}.md": rule_page(n) for n in registry.entries()})
     return out
 
+
+
+# --- the API reference ---------------------------------------------------------------------------
+
+# docs/api.md holds the prose; each `<!-- api: section -->` line of it becomes that section's
+# entries (api_page, called by the build hook), so a name added to a public ``__all__`` gets its
+# entry with no hand edit. uniopt's public modules, each with the section of its ``__all__``:
+API_MODULES = {"schedules": "schedules", "checkpoint": "checkpoints",
+               "conventions": "conventions", "memory": "memory", "registry": "registry",
+               "torch": "torch"}
+# the section of a name of ``uniopt.__all__`` that is not a rule, by the module defining it: the
+# first prefix that matches
+_HOMES = (("uniopt.engine", "stepping"), ("uniopt.state", "stepping"), ("uniopt.tree", "stepping"),
+          ("uniopt.combine", "combinators"), ("uniopt.transforms.average", "combinators"),
+          ("uniopt.transforms.", "transforms"), ("uniopt.rules.", "building-blocks"),
+          ("uniopt.base", "parts"), ("uniopt.checkpoint", "checkpoints"),
+          ("uniopt.conventions", "conventions"), ("uniopt.interop.", "interop"))
+_MARKER = re.compile(r"^<!-- api: ([\w-]+) -->$", re.M)
+
+
+def static_all(module: str) -> list[str]:
+    """A uniopt module's ``__all__``, read from its source without importing it (uniopt.torch
+    would import torch, which building the site does not need)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, module
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if (isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)):
+            return list(ast.literal_eval(node.value))
+    raise ValueError(f"{module} has no __all__")
+
+
+def _home(name: str, obj: Any) -> str:
+    if name in registry.entries():
+        return "rules"
+    if name == "chain":  # base's one function: the combinator every other builds on
+        return "combinators"
+    where = getattr(obj, "__module__", "")
+    for prefix, section in _HOMES:
+        if where == prefix or (prefix.endswith(".") and where.startswith(prefix)):
+            return section
+    raise ValueError(f"uniopt.{name} (from {where}) has no section in the API reference: "
+                     "add its module to uniopt.tools.docs._HOMES")
+
+
+def api_sections() -> dict[str, list[str]]:
+    """Every public name's dotted path by the API reference's section: ``uniopt.__all__`` (its
+    rules in "rules", the rest by the module that defines them) and each public module's
+    ``__all__`` (:data:`API_MODULES`). A module's name that is also a name of ``uniopt`` (``save``
+    is ``uniopt.checkpoint.save``) is listed once, as ``uniopt``'s; in a section the names go
+    by their defining module, then alphabetically."""
+    import importlib
+
+    import uniopt
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    top = {}
+    for name in uniopt.__all__:
+        obj = getattr(uniopt, name)
+        if inspect.ismodule(obj):
+            continue  # its names are listed under its own section
+        top[id(obj)] = name
+        out.setdefault(_home(name, obj), []).append((getattr(obj, "__module__", ""), name))
+    for module, section in API_MODULES.items():
+        names = static_all(f"uniopt.{module}")
+        objs = (importlib.import_module(f"uniopt.{module}") if module != "torch" else None)
+        for name in names:
+            if objs is not None and id(getattr(objs, name)) in top:
+                continue
+            out.setdefault(section, []).append((f"uniopt.{module}", f"{module}.{name}"))
+    return {s: [f"uniopt.{n}" for _, n in sorted(v)] for s, v in out.items()}
+
+
+def _api_entries(section: str, paths: list[str]) -> str:
+    if section == "rules":
+        return "\n".join(f"- **{family}**: " + ", ".join(f"[`{n}`]({RULES_DIR}/{n}.md)"
+                                                         for n in names)
+                         for family, names in families().items())
+    return "\n\n".join(f"::: {p}" for p in paths)
+
+
+def api_page(text: str) -> str:
+    """docs/api.md with each ``<!-- api: section -->`` line replaced by the section's entries:
+    a ``::: path`` (mkdocstrings) per name, or for "rules" a link to each rule's page."""
+    sections = api_sections()
+    named = _MARKER.findall(text)
+    unknown = sorted(set(named) - set(sections) - {"rules"})
+    missing = sorted(set(sections) - set(named))
+    if unknown or missing:
+        raise ValueError(f"docs/api.md: no section {unknown}; no place for section {missing}")
+    return _MARKER.sub(lambda m: _api_entries(m.group(1), sections.get(m.group(1), [])), text)
