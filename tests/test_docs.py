@@ -354,6 +354,17 @@ def readme() -> str:
     return (ROOT / "README.md").read_text(encoding="utf-8")
 
 
+def test_readme_and_getting_started_agree_on_installing() -> None:
+    """The install commands and the paragraph after them are the same text in both (the
+    README's links go into docs/)."""
+    def install(text: str) -> str:
+        found = re.search(r"^```bash\npip install .*?^Requires Python.*?\n\n", text, re.M | re.S)
+        assert found, "no install commands and requirements paragraph"
+        return found.group(0).replace("](docs/", "](")
+
+    assert install(readme()) == install((DOCS / "getting-started.md").read_text(encoding="utf-8"))
+
+
 def test_readme_keeps_the_set_up_commands_and_the_rule_table() -> None:
     text = readme()
     first = FENCE.search(text)
