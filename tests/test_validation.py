@@ -1435,6 +1435,12 @@ REAL_FIELDS = [
     (lambda v: uo.dowg(init_estim_sq_dist=v), "init_estim_sq_dist", 0.5, 0.0),
     (lambda v: uo.dog(init_step=("learning_rate", v)), "init_step", 0.5, 0.0),
     (lambda v: uo.scale_by_zoom_linesearch(max_learning_rate=v), "max_learning_rate", 0.5, 0.0),
+    # the public building blocks check the fields their rules check
+    (lambda v: uo.scale_by_prodigy(growth_rate=v), "growth_rate", 2.0, 0.5),
+    (lambda v: uo.scale_by_prodigy(beta3=v), "beta3", 0.5, 1.0),
+    (lambda v: uo.scale_by_dowg(init_estim_sq_dist=v), "init_estim_sq_dist", 0.5, 0.0),
+    (lambda v: uo.scale_by_dog(start="distance", init_value=v), "init_value", 0.5, 0.0),
+    (lambda v: uo.scale_by_factored_rms(eps1=v), "eps1", 0.5, -1.0),
 ]
 
 
@@ -1850,3 +1856,13 @@ def test_an_integer_leaf_says_to_leave_it_out() -> None:
                 "as the pairs of their parts): leave a model's integer arrays out of the params "
                 "(equinox: eqx.filter(model, eqx.is_inexact_array); flax: nnx.Param only)")):
             uo.setup(rule, {"n": np.ones(3, np.int32), "w": np.ones(2)})
+
+
+def test_dog_block_names_an_unknown_start() -> None:
+    """scale_by_dog checks its start as dog checks init_step's kind (it left a parameter where
+    it was, never moving it)."""
+    with pytest.raises(ValueError, match="scale_by_dog: start must be one of 'heuristic'.*"
+                                         "got 'bogus'"):
+        uo.scale_by_dog(start="bogus")
+    with pytest.raises(ValueError, match="dog: init_step's kind must be one of .*got 'bogus'"):
+        uo.dog(init_step=("bogus", 1e-6))

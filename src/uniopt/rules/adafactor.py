@@ -133,6 +133,8 @@ class scale_by_factored_rms(PerLeaf):
 
     def check(self) -> None:
         _check_forms(self)
+        object.__setattr__(self, "eps1", check_real(self.name, "eps1", self.eps1, NONNEG,
+                                                    none="the dtype's machine epsilon"))
 
     def _factors(self, shape: tuple[int, ...]) -> bool:
         # optax factors a leaf when its second-largest dimension reaches the threshold

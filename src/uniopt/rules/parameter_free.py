@@ -52,6 +52,17 @@ def _adam_bc(b1: Any, b2: Any, t: Any) -> Any:
     return (1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t)
 
 
+def _check_prodigy(t: Any) -> None:
+    """The checks of ``beta3`` and ``growth_rate``, for :class:`prodigy` and its block."""
+    object.__setattr__(t, "beta3", check_real(t.name, "beta3", t.beta3, UNIT_OPEN,
+                                              none="sqrt(betas[1])"))
+    g = plain_number(t.growth_rate)
+    if isinstance(g, float) and g == math.inf:
+        g = None  # prodigyopt's default, as None: a checkpoint stores finite numbers
+    object.__setattr__(t, "growth_rate", check_real(t.name, "growth_rate", g, Interval(1.0),
+                                                    none="no limit"))
+
+
 class ProdigyCoeffs(NamedTuple):
     lr: Any
     b1: Any
@@ -105,6 +116,9 @@ class scale_by_prodigy(WholeTree):
     like_params: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "s", "p0")
     uses_params: ClassVar[bool] = True
     makes_step: ClassVar[bool] = True
+
+    def check(self) -> None:
+        _check_prodigy(self)
 
     def coeffs(self, step: Any) -> ProdigyCoeffs:
         b1, b2 = self.betas
@@ -295,13 +309,7 @@ class prodigy(Rule):
     )
 
     def check(self) -> None:
-        object.__setattr__(self, "beta3", check_real(self.name, "beta3", self.beta3, UNIT_OPEN,
-                                                     none="sqrt(betas[1])"))
-        g = plain_number(self.growth_rate)
-        if isinstance(g, float) and g == math.inf:
-            g = None  # prodigyopt's default, as None: a checkpoint stores finite numbers
-        object.__setattr__(self, "growth_rate", check_real(
-            self.name, "growth_rate", g, Interval(1.0), none="no limit"))
+        _check_prodigy(self)
 
     def parts(self) -> tuple[Transform, ...]:
         coupled = self.on("weight_decay") and not self.decouple
@@ -312,6 +320,19 @@ class prodigy(Rule):
                                  use_bias_correction=self.use_bias_correction,
                                  safeguard_warmup=self.safeguard_warmup,
                                  lr0_idle=self.lr0_idle, hold=self.convention != "optax"))
+
+
+DOG_INITS = ("heuristic", "distance", "learning_rate")
+
+
+def _check_dog_start(owner: str, kind_name: str, kind: Any, value_name: str,
+                     value: Any) -> float:
+    """DoG's start, for :class:`dog` and its block: ``kind`` one of :data:`DOG_INITS`, and
+    ``value`` (above 0) as a float."""
+    if not isinstance(kind, str) or kind not in DOG_INITS:
+        raise ValueError(f"{owner}: {kind_name} must be one of "
+                         f"{', '.join(map(repr, DOG_INITS))}, got {kind!r}")
+    return check_real(owner, value_name, value, POSITIVE)
 
 
 class DogCoeffs(NamedTuple):
@@ -337,6 +358,10 @@ class scale_by_dog(WholeTree):
 
     like_params: ClassVar[tuple[str, ...]] = ("p0",)
     uses_params: ClassVar[bool] = True
+
+    def check(self) -> None:
+        object.__setattr__(self, "init_value", _check_dog_start(
+            self.name, "start", self.start, "init_value", self.init_value))
 
     def coeffs(self, step: Any) -> DogCoeffs:
         return DogCoeffs(eps=self.eps, first_lr=self.init_value)
@@ -373,9 +398,6 @@ class scale_by_dog(WholeTree):
         return unflatten(treedef, out), {"p0": state["p0"], "max_dist": kept(xp, r, r),
                                          "sum_sq_norm_grads": kept(xp, total, r),
                                          "first": xp.zeros_like(state["first"])}
-
-
-DOG_INITS = ("heuristic", "distance", "learning_rate")
 
 
 @dataclass(frozen=True)
@@ -417,17 +439,17 @@ class dog(Rule):
 
     def check(self) -> None:
         kind_value = self.init_step
-        if (not isinstance(kind_value, (tuple, list)) or len(kind_value) != 2
-                or kind_value[0] not in DOG_INITS):
+        if not isinstance(kind_value, (tuple, list)) or len(kind_value) != 2:
             raise ValueError(f"{self.name}: init_step must be (kind, value) with kind one of "
                              f"{', '.join(map(repr, DOG_INITS))}, got {kind_value!r}")
-        object.__setattr__(self, "init_step", (kind_value[0], check_real(
-            self.name, "init_step's value", kind_value[1], Interval(0.0, lo_open=True))))
+        kind, value = kind_value
+        object.__setattr__(self, "init_step", (kind, _check_dog_start(
+            self.name, "init_step's kind", kind, "init_step's value", value)))
 
     def parts(self) -> tuple[Transform, ...]:
         decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
         kind, value = self.init_step
-        return (*decay, scale_by_dog(eps=self.eps, start=kind, init_value=float(value)),
+        return (*decay, scale_by_dog(eps=self.eps, start=kind, init_value=value),
                 scale_by_lr(lr=self.lr))
 
 
@@ -653,6 +675,16 @@ class cocob(Rule):
         return (*decay, scale(factor=self.lr), scale_by_cocob(alpha=self.alpha, eps=self.eps))
 
 
+def _check_dowg(t: Any) -> None:
+    """The check of ``init_estim_sq_dist``, for :class:`dowg` and its block."""
+    r = check_real(t.name, "init_estim_sq_dist", t.init_estim_sq_dist,
+                   Interval(0.0, lo_open=True), none="eps")
+    object.__setattr__(t, "init_estim_sq_dist", r)
+    if r is None and callable(t.eps):
+        raise ValueError(f"{t.name}: init_estim_sq_dist=None starts at eps, which must "
+                         "then be a number, not a schedule")
+
+
 class DowgCoeffs(NamedTuple):
     eps: Any
 
@@ -671,6 +703,9 @@ class scale_by_dowg(WholeTree):
 
     like_params: ClassVar[tuple[str, ...]] = ("p0",)
     uses_params: ClassVar[bool] = True
+
+    def check(self) -> None:
+        _check_dowg(self)
 
     def coeffs(self, step: Any) -> DowgCoeffs:
         return DowgCoeffs(eps=self.eps)
@@ -737,16 +772,9 @@ class dowg(Rule):
     )
 
     def check(self) -> None:
-        r = check_real(self.name, "init_estim_sq_dist", self.init_estim_sq_dist,
-                       Interval(0.0, lo_open=True), none="eps")
-        object.__setattr__(self, "init_estim_sq_dist", r)
-        if r is None and callable(self.eps):
-            raise ValueError(f"{self.name}: init_estim_sq_dist=None starts at eps, which must "
-                             "then be a number, not a schedule")
+        _check_dowg(self)
 
     def parts(self) -> tuple[Transform, ...]:
         decay = (weight_decay(wd=self.weight_decay),) if self.on("weight_decay") else ()
-        r = self.init_estim_sq_dist
-        return (*decay, scale_by_dowg(eps=self.eps,
-                                      init_estim_sq_dist=None if r is None else float(r)),
+        return (*decay, scale_by_dowg(eps=self.eps, init_estim_sq_dist=self.init_estim_sq_dist),
                 scale_by_lr(lr=self.lr))
