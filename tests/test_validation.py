@@ -1866,3 +1866,27 @@ def test_dog_block_names_an_unknown_start() -> None:
         uo.scale_by_dog(start="bogus")
     with pytest.raises(ValueError, match="dog: init_step's kind must be one of .*got 'bogus'"):
         uo.dog(init_step=("bogus", 1e-6))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: uo.lamb(weight_decay=0.5, mask=m), lambda m: uo.adan(weight_decay=0.5, mask=m),
+    lambda m: uo.acprop(weight_decay=0.5, mask=m), lambda m: uo.galore(weight_decay=0.5, mask=m),
+    lambda m: uo.lars(weight_decay_mask=m), lambda m: uo.lars(trust_ratio_mask=m),
+    lambda m: uo.masked_block(block=uo.weight_decay(wd=0.5), mask=m),
+], ids=["lamb", "adan", "acprop", "galore", "lars_wd", "lars_trust", "masked_block"])
+def test_a_rules_mask_takes_bools_only(make: Any) -> None:
+    """A rule's mask= took any leaf as bool() does: a glob (what uo.masked takes) decayed every
+    leaf, as a NaN did, and 0.0 none; such a leaf is named (the field too)."""
+    for bad in ("w", "no-such-leaf", math.nan, 0.0, {"w": True, "b": 1}):
+        with pytest.raises(TypeError, match=r"mask must be None, a tree of bools.*it holds"):
+            make(bad)
+    for good in (False, {"w": np.True_, "b": np.asarray(False)}, lambda p: {"w": True}):
+        make(good)
+
+
+def test_a_mask_function_must_answer_with_bools() -> None:
+    p = {"w": np.ones(3), "b": np.ones(2)}
+    s = uo.setup(uo.adan(lr=0.1, weight_decay=0.5, mask=lambda q: {"w": "yes", "b": True}), p)
+    with pytest.raises(TypeError, match="mask function must return a tree of bools; it holds "
+                                        "'yes'"):
+        uo.update(s, p, {"w": np.ones(3), "b": np.ones(2)})

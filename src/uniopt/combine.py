@@ -47,6 +47,7 @@ from .engine import (
 from .hyper import _traced, check_integer
 from .rules.schedule_free import scalar_like
 from .state import State
+from .transforms.mask import is_bool
 from .transforms.scale import safe_sqrt
 from .tree import NAMESPACE, flatten_leaves, named_paths, path_str, unflatten
 
@@ -120,7 +121,7 @@ def _selector(owner: str, what: str, spec: Any, label: bool) -> Any:
             and leaves[0] is spec:
         return spec
     for x in leaves:
-        ok = isinstance(x, str) if label else isinstance(x, bool) or _is_bool(x)
+        ok = isinstance(x, str) if label else is_bool(x)
         if not ok:
             raise TypeError(
                 f"{owner}: {what} must be a glob, a regular expression, a list of them, a "
@@ -128,11 +129,6 @@ def _selector(owner: str, what: str, spec: Any, label: bool) -> Any:
                 f"{'labels (str)' if label else 'bools'}; it holds {x!r}"
             )
     return _TreeSpec(treedef, tuple(bool(x) if not label else x for x in leaves))
-
-
-def _is_bool(x: Any) -> bool:
-    return getattr(x, "dtype", None) is not None and getattr(x, "shape", None) == () and \
-        str(x.dtype) == "bool"
 
 
 def _matches(patterns: tuple[Any, ...], path: str) -> bool:

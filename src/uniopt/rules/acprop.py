@@ -93,8 +93,8 @@ class acprop(Rule):
     Options, with optax's names and defaults: ``b1``, ``b2``, ``eps`` and ``eps_root`` (both
     1e-16; ``eps_root`` accumulates in ``s``, as in optax), ``weight_decay`` (coupled to the
     learning rate, after the direction: optax's ``add_decayed_weights``), ``mask`` (the leaves
-    to decay: a tree of bools or a function of the params, as optax's). optax requires a
-    learning rate; ``lr`` here defaults to 1e-3. Matches optax 0.2.8 to rounding.
+    to decay: a tree of bools, not globs, or a function of the params, as optax's). optax
+    requires a learning rate; ``lr`` here defaults to 1e-3. Matches optax 0.2.8 to rounding.
     """
 
     lr: Any = hyper(1e-3, NONNEG)
@@ -116,7 +116,7 @@ class acprop(Rule):
     )
 
     def check(self) -> None:
-        object.__setattr__(self, "mask", frozen_mask(self.mask))
+        object.__setattr__(self, "mask", frozen_mask(self.name, "mask", self.mask))
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_acprop(b1=self.b1, b2=self.b2, eps=self.eps,

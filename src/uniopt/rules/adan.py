@@ -135,8 +135,8 @@ class adan(Rule):
       (the authors' default, ``pytorch_optimizer.Adan``); ``"decoupled"``,
       ``p <- p - lr*(r + weight_decay*p)`` (optax; pytorch_optimizer's
       ``weight_decouple=True``, ``p*(1 - lr*wd)`` first, is the same up to rounding).
-    - ``mask``: the leaves to decay, a tree of bools or a function of the params returning
-      one, as optax's ``mask`` (:class:`~uniopt.masked_block`).
+    - ``mask``: the leaves to decay, a tree of bools (not globs) or a function of the params
+      returning one, as optax's ``mask`` (:class:`~uniopt.masked_block`).
     - ``eps_root``: eps inside the root, ``sqrt(n_hat + eps_root) + eps`` (optax's default is
       1e-8; the paper has none).
 
@@ -177,7 +177,7 @@ class adan(Rule):
     def check(self) -> None:
         _choice(self.name, "diff_weight", self.diff_weight, DIFF_WEIGHTS)
         _choice(self.name, "decay_form", self.decay_form, DECAY_FORMS)
-        object.__setattr__(self, "mask", frozen_mask(self.mask))
+        object.__setattr__(self, "mask", frozen_mask(self.name, "mask", self.mask))
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_adan(b1=self.b1, b2=self.b2, b3=self.b3, eps=self.eps,

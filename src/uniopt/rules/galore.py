@@ -254,7 +254,8 @@ class galore(Rule):
     A leaf that is not projected takes Adam's direction of its own gradient.
 
     Options, with optax's names and defaults: ``rank``, ``update_proj_gap``, ``scale``,
-    ``weight_decay`` and ``mask`` (decoupled, in the full space), ``weight_dimension_numbers``
+    ``weight_decay`` and ``mask`` (decoupled, in the full space; a tree of bools, not globs, or
+    a function of the params), ``weight_dimension_numbers``
     (None: 2-D leaves; one :class:`GaLoreDimensionNumbers` for every leaf of 2 axes or more;
     optax's per-leaf trees and functions are not offered: partition the params with
     :func:`uniopt.partition` instead); Adam's ``b1``, ``b2``, ``eps``, ``eps_root`` (optax's
@@ -297,7 +298,7 @@ class galore(Rule):
     def check(self) -> None:
         _check_counts(self)
         self._direction()
-        object.__setattr__(self, "mask", frozen_mask(self.mask))
+        object.__setattr__(self, "mask", frozen_mask(self.name, "mask", self.mask))
 
     def _direction(self) -> scale_by_galore:
         return scale_by_galore(rank=self.rank, update_proj_gap=self.update_proj_gap,

@@ -38,8 +38,9 @@ class lamb(Rule):
     $$
 
     ``mask``: the leaves to decay, as optax takes it: a tree of bools like the params (or a
-    prefix of it), or a function of the params that returns one (:class:`~uniopt.masked_block`).
-    optax requires ``learning_rate``; ``lr`` here defaults to 1e-3.
+    prefix of it), or a function of the params that returns one (:class:`~uniopt.masked_block`);
+    a leaf that is no bool, a glob among them, is refused. optax requires ``learning_rate``;
+    ``lr`` here defaults to 1e-3.
     """
 
     lr: Any = hyper(1e-3, NONNEG)
@@ -63,7 +64,7 @@ class lamb(Rule):
     )
 
     def check(self) -> None:
-        object.__setattr__(self, "mask", frozen_mask(self.mask))
+        object.__setattr__(self, "mask", frozen_mask(self.name, "mask", self.mask))
 
     def parts(self) -> tuple[Transform, ...]:
         direction = scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps, eps_root=self.eps_root)
@@ -96,7 +97,8 @@ class lars(Rule):
 
     The learning rate is applied before the momentum buffer, as optax does (Sutskever's form:
     under a schedule the buffer keeps the learning rate of the steps that made it). The masks
-    are as optax takes them (:class:`~uniopt.masked_block`; None or True: every leaf).
+    are as optax takes them (:class:`~uniopt.masked_block`; None or True: every leaf): trees of
+    bools, not globs, or functions of the params.
     ``nesterov`` with ``momentum`` 0 is plain SGD, as optax's.
     optax requires ``learning_rate``; ``lr`` here defaults to 1e-3.
     """
@@ -122,7 +124,7 @@ class lars(Rule):
 
     def check(self) -> None:
         for name in ("weight_decay_mask", "trust_ratio_mask"):
-            object.__setattr__(self, name, frozen_mask(getattr(self, name)))
+            object.__setattr__(self, name, frozen_mask(self.name, name, getattr(self, name)))
 
     def parts(self) -> tuple[Transform, ...]:
         decay = ((masked_by(weight_decay(wd=self.weight_decay), self.weight_decay_mask),)

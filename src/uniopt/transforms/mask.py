@@ -25,12 +25,25 @@ class Mask:
         return unflatten(self.treedef, list(self.leaves))
 
 
-def frozen_mask(mask: Any) -> Any:
+def is_bool(x: Any) -> bool:
+    """Whether ``x`` is a bool: Python's, NumPy's, or a 0-d array of bools (JAX's, torch's)."""
+    return isinstance(x, bool) or (getattr(x, "dtype", None) is not None
+                                   and getattr(x, "shape", None) == ()
+                                   and str(x.dtype) in ("bool", "torch.bool"))
+
+
+def frozen_mask(owner: str, what: str, mask: Any) -> Any:
     """``mask`` as a record keeps it: None, True and functions as they are, a tree of bools as
-    a :class:`Mask`."""
+    a :class:`Mask`; any other leaf (a glob, a number) is a TypeError naming ``owner``'s field
+    ``what`` and the leaf, where ``bool()`` would take it silently."""
     if mask is None or mask is True or callable(mask) or isinstance(mask, Mask):
         return mask
     leaves, treedef = flatten_leaves(mask)
+    for x in leaves:
+        if not is_bool(x):
+            raise TypeError(
+                f"{owner}: {what} must be None, a tree of bools like the params (or a prefix of "
+                f"it) or a function of the params that returns one; it holds {x!r}")
     return Mask(treedef, tuple(bool(x) for x in leaves))
 
 
@@ -41,15 +54,15 @@ class masked_block(WholeTree):
     ``add_decayed_weights``, LARS's ``trust_ratio_mask``). ``block`` is an elementwise or
     per-leaf part that keeps no slots (a weight decay, a trust ratio); ``mask`` is a tree of
     bools shaped like the params or a prefix of it, or a function of the params that returns
-    one, as optax takes it. (:func:`uniopt.masked` runs a whole rule on some leaves, and
-    selects them by path too.)"""
+    one, as optax takes it; a leaf that is no bool (a glob, a number) is refused.
+    (:func:`uniopt.masked` runs a whole rule on some leaves, and selects them by path too.)"""
 
     block: Any = None
     mask: Any = True
     uses_params: ClassVar[bool] = True
 
     def check(self) -> None:
-        object.__setattr__(self, "mask", frozen_mask(self.mask))
+        object.__setattr__(self, "mask", frozen_mask(self.name, "mask", self.mask))
         if not isinstance(self.block, (Elementwise, PerLeaf)) or self.block.slots or (
                 isinstance(self.block, Elementwise) and self.block.needs_norm):
             raise TypeError(f"{self.name}: block must be an elementwise or per-leaf part that "
@@ -73,7 +86,12 @@ class masked_block(WholeTree):
         except ValueError as e:
             raise ValueError(f"{self.name}: the mask is not shaped like the params (or a prefix "
                              f"of them): {e}") from None
-        return [bool(x) for x in flatten_leaves(flags)[0]]
+        leaves = flatten_leaves(flags)[0]
+        for x in leaves:
+            if not is_bool(x):  # (a function's answer: bool() would take a glob as True)
+                raise TypeError(f"{self.name}: the mask function must return a tree of bools; "
+                                f"it holds {x!r}")
+        return [bool(x) for x in leaves]
 
     def apply_tree(self, c: Any, u: Any, state: Any, params: Any,
                    **extra: Any) -> tuple[Any, Any]:
