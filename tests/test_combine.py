@@ -122,6 +122,23 @@ def test_partition_matches_optax_multi_transform(library: str) -> None:
         _close(_last_params("jax", _uniopt_rule, params, grads), want[-1])
 
 
+def test_partition_takes_one_label_for_every_leaf_as_optax() -> None:
+    """A bare string is a tree of one label, a prefix of every params tree (optax.partition's
+    prefix); it was taken as a glob and refused ("the label of params['a'] is False")."""
+    rng = np.random.default_rng(1)
+    params = _params(rng)
+    grads = [grads_like(rng, params) for _ in range(3)]
+    tx = optax.partition({"x": optax.adam(0.1)}, "x")
+    want = _run_optax(tx, params, grads)
+    p = copy_tree(params)
+    state = uo.setup(uo.partition({"x": uo.adam(lr=0.1)}, "x"), p)
+    for g, w in zip(grads, want, strict=True):
+        state, p = uo.update(state, p, g)
+        _close(p, w)
+    with pytest.raises(TypeError, match="labels .* holds re.compile"):
+        uo.partition({"x": uo.adam()}, re.compile("x"))
+
+
 def _last_params(library: str, make: Any, params: Any, grads: list[Any]) -> Any:
     """The params after ``make()``'s steps on ``grads``: torch tensors stepped in place (as
     NumPy), or JAX arrays under jax.jit in float64, compiled once."""

@@ -109,8 +109,8 @@ class _TreeSpec:
 
 def _selector(owner: str, what: str, spec: Any, label: bool) -> Any:
     """``spec`` in the form a record keeps: a callable, patterns, or a :class:`_TreeSpec`."""
-    if isinstance(spec, (str, re.Pattern)):
-        return (spec,)
+    if isinstance(spec, (str, re.Pattern)) and not label:
+        return (spec,)  # (a label alone is a tree of one leaf: every leaf's label)
     if isinstance(spec, (list, tuple)) and all(
             isinstance(s, (str, re.Pattern)) for s in spec) and not label:
         return tuple(spec)  # ([]: no pattern, no leaf selected)
