@@ -365,7 +365,8 @@ def test_torch_facade_without_an_average_says_so() -> None:
      r"lookahead_sync: alpha must be in \[0, 1\], got 1.5"),
     (lambda: uo.lookahead(uo.sgd(), alpha=-0.5), ValueError,
      r"lookahead_sync: alpha must be in \[0, 1\], got -0.5"),
-    (lambda: uo.lookahead("sgd"), TypeError, "chain: argument 0 is neither a uniopt transform"),
+    (lambda: uo.lookahead("sgd"), TypeError, "^lookahead: rule is neither a uniopt transform"),
+    (lambda: uo.lookahead(uo.adam), TypeError, r"^lookahead: rule is the class adam; call it"),
 ])
 def test_bad_hyperparameters_are_named(make: Any, error: type, message: str) -> None:
     with pytest.raises(error, match=message):

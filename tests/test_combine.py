@@ -379,7 +379,15 @@ def test_a_tree_neither_the_params_structure_nor_a_prefix_says_so() -> None:
     (lambda: uo.masked(uo.sgd(lr=0.1), 3.0), r"holds 3.0"),
     (lambda: uo.by_path({"w": 1}), r"by_path: the table maps .* got 'w': 1"),
     (lambda: uo.partition({"a": "adam"}, {"w": "a"}),
-     r"chain: argument 0 is neither a uniopt transform"),
+     r"partition: rules\['a'\] is neither a uniopt transform"),
+    # a combinator names its own member, where chain's words blamed "argument 0"
+    (lambda: uo.partition({"x": uo.adam, "y": uo.sgd()}, {"a": "x"}),
+     r"^partition: rules\['x'\] is the class adam; call it: adam\(\)$"),
+    (lambda: uo.accumulate(None, every=2), r"^accumulate: rule is neither a uniopt transform"),
+    (lambda: uo.skip_nonfinite(uo.adam), r"^skip_nonfinite: rule is the class adam"),
+    (lambda: uo.mechanize(uo.sgd), r"^mechanize: rule is the class sgd"),
+    (lambda: uo.masked(uo.adam, "w"), r"^masked: rule is the class adam"),
+    (lambda: uo.freeze(None, "w"), r"^freeze: rule is neither"),
 ])
 def test_bad_recipes_are_clear_errors(call: Any, message: str) -> None:
     with pytest.raises((TypeError, ValueError), match=message):

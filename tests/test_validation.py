@@ -1275,7 +1275,7 @@ def test_adjust_non_state():
     "args,match",
     [
         ((uo.sgd(), 3), r"argument 1 is neither a uniopt transform nor an optax \S+: 3"),
-        ((uo.adam,), r"argument 0 is neither a uniopt transform nor an optax \S+: <class"),
+        ((uo.adam,), r"chain: argument 0 is the class adam; call it: adam\(\)"),
         ((uo.clip(1.0), "adam"), r"argument 1 is neither .* GradientTransformation: 'adam'"),
         ((None,), r"argument 0 is neither a uniopt transform nor an optax \S+: None"),
     ],
@@ -1890,3 +1890,10 @@ def test_a_mask_function_must_answer_with_bools() -> None:
     with pytest.raises(TypeError, match="mask function must return a tree of bools; it holds "
                                         "'yes'"):
         uo.update(s, p, {"w": np.ones(3), "b": np.ones(2)})
+
+
+def test_a_convention_that_is_no_string_is_named() -> None:
+    """A list was looked up in the table of conventions: "unhashable type: 'list'"."""
+    with pytest.raises(TypeError, match=r"^adam: convention must be one of 'torch'.* got "
+                                        r"\['torch'\]$"):
+        uo.adam(convention=["torch"])

@@ -994,8 +994,8 @@ def _convention_defaults(cls: Any, given: dict[str, Any]) -> dict[str, Any]:
     if not table:
         return {}
     name = given.get("convention", cls.__dataclass_fields__["convention"].default)
-    if name not in table:
-        raise ValueError(
+    if not isinstance(name, str) or name not in table:  # (a list is unhashable)
+        raise (ValueError if isinstance(name, str) else TypeError)(
             f"{cls.__name__}: convention must be one of {', '.join(map(repr, table))}, "
             f"got {name!r}"
         )
@@ -1149,6 +1149,20 @@ def _averaging_last(members: list[Transform]) -> None:
             f"updates is uo.ema_momentum_bias_corrected(decay, nesterov=False))")
 
 
+def adopted(owner: str, what: str, t: Any) -> Transform:
+    """``t`` as a member of ``owner``: a uniopt transform, or an optax transformation adopted;
+    else a TypeError in ``owner``'s words naming the member (``what``), a rule's class told to
+    be called."""
+    if not isinstance(t, Transform) and "adopt" in OPTAX_PROTOCOL:
+        t = OPTAX_PROTOCOL["adopt"](t) or t
+    if isinstance(t, Transform):
+        return t
+    if isinstance(t, type) and issubclass(t, Transform):
+        raise TypeError(f"{owner}: {what} is the class {t.__name__}; call it: {t.__name__}()")
+    raise TypeError(f"{owner}: {what} is neither a uniopt transform nor an optax "
+                    f"GradientTransformation: {t!r}")
+
+
 @dataclasses.dataclass(frozen=True, init=False)
 class chain(Transform):
     """Apply transforms one after another; the output of each is the input of the next.
@@ -1161,16 +1175,7 @@ class chain(Transform):
     transforms: tuple[Transform, ...]
 
     def __init__(self, *transforms: Any) -> None:
-        members = []
-        for i, t in enumerate(transforms):
-            if not isinstance(t, Transform) and "adopt" in OPTAX_PROTOCOL:
-                t = OPTAX_PROTOCOL["adopt"](t) or t
-            if not isinstance(t, Transform):
-                raise TypeError(
-                    f"chain: argument {i} is neither a uniopt transform nor an optax "
-                    f"GradientTransformation: {t!r}"
-                )
-            members.append(t)
+        members = [adopted("chain", f"argument {i}", t) for i, t in enumerate(transforms)]
         _averaging_last(members)
         object.__setattr__(self, "transforms", tuple(members))
         object.__setattr__(self, "host", None)

@@ -32,7 +32,7 @@ import numpy as np
 import optree
 
 from . import backend
-from .base import COMBINATORS, Combinator, PerLeaf, Transform, chain, makes_step, members
+from .base import COMBINATORS, Combinator, PerLeaf, Transform, adopted, chain, makes_step, members
 from .engine import (
     NONE_HINT,
     _as_new_array,
@@ -454,11 +454,6 @@ def _frozen(member: Transform) -> bool:
     return bool(parts) and all(isinstance(p, set_to_zero) for p in parts)
 
 
-def _adopted(t: Any) -> Transform:
-    """``t``, an optax transformation adopted as a chain member (or a clear error)."""
-    return t if isinstance(t, Transform) else chain(t)
-
-
 def _routable(owner: str, rule: Transform) -> None:
     """Raise where ``rule``, a member of ``owner`` handed some of the leaves, evaluates the
     objective over every leaf (a line search). It was handed the whole tree's ``grad=`` (a
@@ -505,8 +500,9 @@ class partition(_Routed):
         for k in rules:
             if not isinstance(k, str):
                 raise TypeError(f"partition: labels must be strings, got {k!r}")
-        object.__setattr__(self, "rules", tuple(set_to_zero() if v is None else _adopted(v)
-                                                for v in rules.values()))
+        object.__setattr__(self, "rules", tuple(
+            set_to_zero() if v is None else adopted("partition", f"rules[{k!r}]", v)
+            for k, v in rules.items()))
         object.__setattr__(self, "names", tuple(rules))
         object.__setattr__(self, "labels", _selector("partition", "labels", labels, True))
         object.__setattr__(self, "host", None)
@@ -549,7 +545,7 @@ class _Selects(_Routed):
     others: ClassVar[str]
 
     def _set(self, rule: Any, spec: Any) -> None:
-        object.__setattr__(self, "rule", _adopted(rule))
+        object.__setattr__(self, "rule", adopted(self.name, "rule", rule))
         object.__setattr__(self, self.selector, _selector(self.name, self.selector, spec, False))
         object.__setattr__(self, "host", None)
 
@@ -703,7 +699,7 @@ class accumulate(_Wraps):
 
     def __init__(self, rule: Any, every: Any) -> None:
         every = check_integer("accumulate", "every", every, 1, schedulable=True)
-        object.__setattr__(self, "rule", _adopted(rule))
+        object.__setattr__(self, "rule", adopted("accumulate", "rule", rule))
         object.__setattr__(self, "every", every)
         object.__setattr__(self, "host", None)
 
@@ -781,7 +777,7 @@ class skip_nonfinite(_Wraps):
 
     def __init__(self, rule: Any, max_consecutive: int = 10) -> None:
         max_consecutive = check_integer("skip_nonfinite", "max_consecutive", max_consecutive, 0)
-        object.__setattr__(self, "rule", _adopted(rule))
+        object.__setattr__(self, "rule", adopted("skip_nonfinite", "rule", rule))
         object.__setattr__(self, "max_consecutive", max_consecutive)
         object.__setattr__(self, "host", None)
 
@@ -893,7 +889,7 @@ class mechanize(_Wraps):
             if not 0 <= v < np.inf:
                 raise ValueError(f"mechanize: {name} must be a number >= 0, got {v!r}")
         num_betas = check_integer("mechanize", "num_betas", num_betas, 1)
-        object.__setattr__(self, "rule", _adopted(rule))
+        object.__setattr__(self, "rule", adopted("mechanize", "rule", rule))
         object.__setattr__(self, "weight_decay", float(weight_decay))
         object.__setattr__(self, "eps", float(eps))
         object.__setattr__(self, "s_init", float(s_init))

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .. import quant
 from ..backend import detached_copy, namespace
-from ..base import Combinator, Elementwise, Transform, chain
+from ..base import Combinator, Elementwise, Transform, adopted, chain
 from ..hyper import UNIT, _traced, check_integer, hyper
 from ..moments import bias_correction, lerp, select
 from ..state import State
@@ -245,7 +245,7 @@ def lookahead(rule: Any, k: int = 5, alpha: Any = 0.5) -> chain:
     >>> p[0], uo.averaged(state, p)[0]
     (array([1.]), array([1.]))
     """
-    return chain(rule, lookahead_sync(k=k, alpha=alpha))
+    return chain(adopted("lookahead", "rule", rule), lookahead_sync(k=k, alpha=alpha))
 
 
 def find_average(rule: Transform, name: str | None = None) -> tuple[Averaging, str]:
