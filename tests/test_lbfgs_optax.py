@@ -284,11 +284,13 @@ def test_a_line_search_names_a_bad_grad_or_value_fn_result() -> None:
     loss, g = f(params)
     for kw, error, says in [
         ({"grad": {"a": np.ones((3, 4)), "b": g["b"]}, "value_fn": f}, ValueError,
-         "grad leaf 0 has shape (3, 4), its parameter (4, 3)"),
+         "grad for params['a'] has shape (3, 4), the parameter (4, 3)"),
         ({"grad": {"a": 1.0, "b": g["b"]}, "value_fn": f}, TypeError,
-         "grad leaf 0 is float, the params' numpy arrays"),
+         "grad for params['a'] is float, the params' numpy arrays"),
         ({"grad": g, "value_fn": lambda p: (f(p)[0], {"a": np.ones((3, 4)), "b": p["b"]})},
-         ValueError, "value_fn's gradient leaf 0 has shape (3, 4), its parameter (4, 3)"),
+         ValueError, "value_fn's gradient for params['a'] has shape (3, 4), the parameter (4, 3)"),
+        ({"grad": g, "value_fn": lambda p: (f(p)[0], {"a": p["a"], "b": np.ones(2)})},
+         ValueError, "value_fn's gradient for params['b'] has shape (2,), the parameter (5,)"),
         ({"grad": g, "value_fn": lambda p: (np.ones(3), f(p)[1])}, ValueError,
          "value_fn's loss must be one number, got an array of shape (3,)"),
     ]:

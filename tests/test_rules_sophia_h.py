@@ -482,7 +482,7 @@ def test_an_hvp_that_returns_no_arrays_like_the_params_is_named() -> None:
                      (lambda v: {"w": np.ones(3, np.int64)}, "ndarray of dtype int64")]:
         with pytest.raises(TypeError, match=re.escape(
                 "scale_by_hutchinson_sophia: hvp must return numpy arrays of real floats like "
-                f"the params; got {got} for leaf 0")):
+                f"the params; got {got} for params['w']")):
             uo.update_(state, params, {"w": np.ones(3)}, hvp=hvp)
         np.testing.assert_array_equal(params["w"], 1.0)
         assert state.step == 0

@@ -75,10 +75,15 @@ def flatten_named(tree: Any) -> tuple[list[Any], Any, list[str]]:
     """``(leaves, treedef, names)``, each leaf's name as :func:`path_str` writes it: the
     names are made once per tree structure (a step's error messages use them)."""
     leaves, treedef = flatten_leaves(tree)
+    return leaves, treedef, leaf_names(treedef)
+
+
+def leaf_names(treedef: Any) -> list[str]:
+    """Each leaf's name in ``treedef`` as :func:`path_str` writes it (``params['a']``)."""
     try:
-        return leaves, treedef, _names(treedef)
+        return _names(treedef)
     except TypeError:  # a node whose metadata cannot be hashed
-        return leaves, treedef, _names.__wrapped__(treedef)
+        return _names.__wrapped__(treedef)
 
 
 @functools.lru_cache(maxsize=256)

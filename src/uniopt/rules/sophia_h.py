@@ -33,7 +33,7 @@ from ..transforms.noise import (
     seeded_state,
 )
 from ..transforms.scale import scale_by_lr
-from ..tree import flatten_leaves, unflatten
+from ..tree import flatten_leaves, leaf_names, unflatten
 from .matrix import ema_momentum
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -127,7 +127,7 @@ class scale_by_hutchinson_sophia(WholeTree):
                 # Hessian-vector product at the params takes (jax.jvp refuses another), and the
                 # product read back in the step's
                 z = [_in(zi, m.dtype) for zi, m in zip(z, stored, strict=True)]
-                hz = _leaves_of(self.name, hvp(unflatten(treedef, z)), leaves)  # type: ignore[misc]
+                hz = _leaves_of(self.name, hvp(unflatten(treedef, z)), leaves, treedef)  # type: ignore[misc]
                 z = [_in(zi, x.dtype) for zi, x in zip(z, leaves, strict=True)]
                 # (a product wider than the params, a float64 Hessian's, is taken as it came)
                 hz = [_in(a, x.dtype) if a.dtype == m.dtype else a
@@ -167,14 +167,14 @@ def _in(x: Any, dtype: Any) -> Any:
     return x if x.dtype == dtype else backend.namespace(x).astype(x, dtype)
 
 
-def _leaves_of(owner: str, hz: Any, like: list[Any]) -> list[Any]:
+def _leaves_of(owner: str, hz: Any, like: list[Any], treedef: Any) -> list[Any]:
     out = hz if isinstance(hz, list) else flatten_leaves(hz)[0]
     for i, x in enumerate(out[:len(like)]):
         if not backend.is_array(x) or backend.array_library(x) != backend.array_library(
                 like[i]) or not backend.kind(x).floating or backend.kind(x).complex:
             raise TypeError(f"{owner}: hvp must return {backend.library(like[i])} arrays of "
                             f"real floats like the params; got {type(x).__name__} of dtype "
-                            f"{getattr(x, 'dtype', None)} for leaf {i}")
+                            f"{getattr(x, 'dtype', None)} for {leaf_names(treedef)[i]}")
     if len(out) != len(like) or any(tuple(a.shape) != tuple(b.shape)
                                     for a, b in zip(out, like, strict=True)):
         raise ValueError(

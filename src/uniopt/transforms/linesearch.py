@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from .. import backend
 from ..base import WholeTree
 from ..hyper import NONNEG, Interval, _traced, check_integer, check_real, static
-from ..tree import flatten_leaves, unflatten
+from ..tree import flatten_leaves, leaf_names, unflatten
 
 Leaves = list[Any]
 Evaluate = Callable[[Leaves], tuple[Any, Leaves | None]]
@@ -173,12 +173,12 @@ def grad_leaves(owner: str, grad: Any, treedef: Any, like: Leaves,
         raise ValueError(f"{owner}: {what} has {len(leaves)} arrays, params {n}")
     for i, (g, p) in enumerate(zip(leaves, like, strict=True)):
         if not backend.is_array(g) or backend.array_library(g) != backend.array_library(p):
-            raise TypeError(f"{owner}: {what} leaf {i} is {type(g).__name__}, the params' "
-                            f"{backend.library(p)} arrays")
+            raise TypeError(f"{owner}: {what} for {leaf_names(treedef)[i]} is "
+                            f"{type(g).__name__}, the params' {backend.library(p)} arrays")
         # (not its dtype: 16-bit params come here in the float32 they are computed in)
         if tuple(g.shape) != tuple(p.shape):
-            raise ValueError(f"{owner}: {what} leaf {i} has shape {tuple(g.shape)}, its "
-                             f"parameter {tuple(p.shape)}")
+            raise ValueError(f"{owner}: {what} for {leaf_names(treedef)[i]} has shape "
+                             f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
     return leaves
 
 
