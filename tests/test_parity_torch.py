@@ -186,7 +186,9 @@ def _switches(rule: str, names: tuple[str, ...]) -> Iterator[tuple[str, dict[str
     for values in itertools.product([False, True], repeat=len(names)):
         on = dict(zip(names, values, strict=True))
         if rule == "sgd" and on["nesterov"] and (not on["momentum"] or on["dampening"]):
-            continue  # torch (and uniopt) reject Nesterov without momentum or with dampening
+            # torch's constructor refuses both; uniopt only the first (with dampening it steps
+            # as torch's step does for a param group's values: check_nesterov)
+            continue
         if on.get("decoupled_weight_decay") and not on["weight_decay"]:
             continue  # no decay to decouple
         yield rule, on, f"{rule}[{'-'.join(n for n, v in on.items() if v) or 'plain'}]"
