@@ -476,6 +476,21 @@ BAD: list[tuple[Callable[[], object], str]] = [
         "piecewise_interpolate: boundaries_and_values must be a dict of boundary: value, got "
         "[(10, 0.01)]",
     ),
+    # the field the caller wrote, not the helper that checked it (piecewise_interpolate,
+    # constant, as_schedule)
+    (
+        lambda: schedules.onecycle(1.0, 100, kind=ill_typed("cos")),
+        "onecycle: kind must be one of 'linear', 'cosine', got 'cos'",
+    ),
+    (
+        lambda: schedules.onecycle(1e300, 100, div=1e-10),
+        "onecycle: peak / div / final_div must be finite, got inf (peak=1e+300, div=1e-10, "
+        "final_div=10000.0)",
+    ),
+    (lambda: schedules.join([NAN, 1], [9]), "join: schedules[0] must be a finite number, got nan"),
+    (lambda: schedules.join([1, INF], [9]), "join: schedules[1] must be a finite number, got inf"),
+    (lambda: schedules.warmup(100, INF), "warmup: then must be a finite number, got inf"),
+    (lambda: schedules.as_schedule(NAN), "as_schedule: x must be a finite number, got nan"),
 ]
 
 
@@ -524,15 +539,16 @@ def test_validation(make: Callable[[], object], message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "said"),
     [
-        lambda: schedules.warmup(5, then=ill_typed("fast")),
-        lambda: schedules.join([1.0, ill_typed("fast")], [5]),
-        lambda: schedules.as_schedule(ill_typed("fast")),
+        (lambda: schedules.warmup(5, then=ill_typed("fast")), "warmup: then must be"),
+        (lambda: schedules.join([1.0, ill_typed("fast")], [5]), "join: schedules[1] must be"),
+        (lambda: schedules.as_schedule(ill_typed("fast")), "as_schedule: expected"),
     ],
 )
-def test_non_schedule_is_type_error(make: Callable[[], object]) -> None:
-    with pytest.raises(TypeError, match=r"^as_schedule: .* got 'fast'$"):
+def test_non_schedule_is_type_error(make: Callable[[], object], said: str) -> None:
+    with pytest.raises(TypeError, match=f"^{re.escape(said)} a number or a callable step -> "
+                                        "float, got 'fast'$"):
         make()
 
 

@@ -454,7 +454,7 @@ class warmup(_Record):
     def __post_init__(self) -> None:
         _check_count("warmup", "steps", self.steps, allow_zero=True)
         _check_number("warmup", "init", self.init)
-        object.__setattr__(self, "then", as_schedule(self.then))
+        object.__setattr__(self, "then", _to_schedule("warmup", "then", self.then))
 
     # the count as given (a JAX state's integer), handed on by hyper.resolve as it hands a
     # count: a uniopt record takes it as the default float, a function of yours the integer
@@ -499,7 +499,8 @@ class join(_Record):
             _check_count("join", "each boundary", b, allow_zero=True)
         if any(b >= c for b, c in itertools.pairwise(bounds)):
             raise ValueError(f"join: boundaries must be strictly increasing, got {list(bounds)!r}")
-        object.__setattr__(self, "schedules", tuple(as_schedule(s) for s in scheds))
+        object.__setattr__(self, "schedules", tuple(_to_schedule("join", f"schedules[{i}]", s)
+                                                    for i, s in enumerate(scheds)))
         object.__setattr__(self, "boundaries", bounds)
 
     float_step: ClassVar[bool] = False  # (the count as given: see warmup's)
@@ -645,6 +646,7 @@ def onecycle(
     _check_positive("onecycle", "final_div", final_div)
     _check_number("onecycle", "pct_start", pct_start)
     _check_flag("onecycle", "three_phase", three_phase)
+    _check_choice("onecycle", "kind", kind, ("linear", "cosine"))
     up = pct_start * steps - 1
     if up <= 0:
         raise ValueError(
@@ -658,6 +660,11 @@ def onecycle(
             f"(pct_start={pct_start!r}, steps={steps!r})"
         )
     init = peak / div
+    if not math.isfinite(init / final_div):  # (inf, or a nan from init = inf)
+        raise ValueError(
+            f"onecycle: peak / div / final_div must be finite, got {init / final_div!r} "
+            f"(peak={peak!r}, div={div!r}, final_div={final_div!r})"
+        )
     knots = {up: peak, 2 * up: init} if three_phase else {up: peak}
     return piecewise_interpolate(init, {**knots, steps - 1: init / final_div}, kind)
 
@@ -925,10 +932,17 @@ def as_schedule(x: Schedule | float) -> Schedule:
     >>> schedules.as_schedule(lambda step: 0.5**step)(3)
     0.125
     """
+    return _to_schedule("as_schedule", "x", x)
+
+
+def _to_schedule(owner: str, name: str, x: Schedule | float) -> Schedule:
+    """``as_schedule(x)``, its errors naming ``owner``'s field ``name`` (``join: schedules[0]``,
+    not the helpers ``as_schedule`` or ``constant`` the caller never wrote)."""
     if callable(x):
         return x
     if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        _check_number(owner, name, x)
         return constant(x)
     hint = _ARRAY_HINT if hasattr(x, "shape") and hasattr(x, "dtype") else ""
-    raise TypeError(
-        f"as_schedule: expected a number or a callable step -> float, got {x!r}{hint}")
+    said = "expected" if owner == "as_schedule" else f"{name} must be"
+    raise TypeError(f"{owner}: {said} a number or a callable step -> float, got {x!r}{hint}")
