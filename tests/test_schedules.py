@@ -526,6 +526,22 @@ def test_arithmetic_on_a_schedule_says_what_to_write() -> None:
     with pytest.raises(TypeError, match=r"is a uniopt schedule, not a number: its value at a "
                                         r"step is cosine\(.*\)\(step\)"):
         float(s)
+    # product only where product takes it: an array peak was told schedules.product(s,
+    # tensor(0.1000)) (which product refuses), s / nan product(s, nan), s / inf product(s, 0.0)
+    for op in (lambda: torch.tensor(0.1) * s, lambda: s * jnp.float32(0.1),
+               lambda: s / np.asarray(2.0)):
+        with pytest.raises(TypeError, match=r"is an array: .*scale a schedule of 1") as e:
+            op()
+        assert "product" not in str(e.value)
+    with pytest.raises(TypeError, match=r"is an array: .*scale a schedule of 1"):
+        jax.vmap(lambda peak: peak * s)(jnp.asarray([0.1, 0.2]))
+    for op in (lambda: s / math.nan, lambda: s / math.inf, lambda: s / 1e-320,
+               lambda: s * math.nan, lambda: math.inf * s):
+        with pytest.raises(TypeError, match=said) as e:
+            op()
+        assert "product" not in str(e.value)
+    with pytest.raises(TypeError, match=r"schedules.product\(cosine\(.*\), np.float64\(0\.25\)\)"):
+        s / np.float64(4.0)
     # at the top of a program's stack
     code = compile("s * 0.5", "<module>", "exec")
     with pytest.raises(TypeError, match="no arithmetic is defined on it"):

@@ -123,10 +123,13 @@ class _Record:
             raise TypeError(f"{self!r} is a uniopt schedule, not a number: its value at a step "
                             f"is {self!r}(step)")
         said = f"{self!r} is a uniopt schedule, not a number: no arithmetic is defined on it; "
-        if op == "*":
+        if not _is_number(other) and hasattr(other, "shape") and hasattr(other, "dtype"):
+            raise TypeError(f"{said}{other!r} is an array{_ARRAY_HINT}")
+        if op == "*" and (callable(other) or _is_number(other) and math.isfinite(other)):
             raise TypeError(f"{said}schedules.product({self!r}, {other!r}) is its product "
                             "with a number or another schedule")
-        if op == "/" and not reflected and _is_number(other) and other != 0:
+        if (op == "/" and not reflected and _is_number(other) and math.isfinite(other)
+                and other != 0 and math.isfinite(1 / other)):
             raise TypeError(f"{said}schedules.product({self!r}, {1 / other!r}) is its "
                             "quotient by that number")
         # (no record here adds, subtracts or raises to a power: a function of the step does)
