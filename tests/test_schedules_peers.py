@@ -276,6 +276,12 @@ CASES: dict[str, tuple[Any, tuple[Refs, ...]]] = {
         us.warmup(500, us.inverse_sqrt(LR, timescale=2000)),
         (transformers_(lambda o: get_inverse_sqrt_schedule(o, 500, timescale=2000)),),
     ),
+    # no warm-up and no timescale: transformers' timescale is then 10,000 (docs/schedules.md:
+    # `timescale or w or 10_000`)
+    "inverse_sqrt_no_warmup": (
+        us.warmup(0, us.inverse_sqrt(LR, timescale=10_000)),
+        (transformers_(lambda o: get_inverse_sqrt_schedule(o, 0)),),
+    ),
     # --- torch's others, by composition
     "MultiStepLR": (  # a repeated milestone multiplies twice
         us.piecewise_constant(LR, {1000: LR * 0.3, 3000: LR * 0.3**3, 8000: LR * 0.3**4}),
