@@ -94,6 +94,22 @@ def test_untraceable_schedule_gets_a_clear_error() -> None:
         jax.jit(uo.update)(state, params, _grads(params, 0))
     # the same schedule is fine outside jit
     uo.update(state, params, _grads(params, 0))
+    # accumulate's every, a schedule too: it raised JAX's TracerBoolConversionError as it was
+    rule = uo.accumulate(uo.sgd(lr=0.1), every=lambda s: 2 if s < 3 else 3)
+    state = uo.setup(rule, params)
+    with pytest.raises(TypeError, match=r"^accumulate: a schedule could not be traced by "
+                                        r"jax.jit \(TracerBoolConversionError.*uniopt.schedules"):
+        jax.jit(uo.update)(state, params, _grads(params, 0))
+    # a record there traces, and steps as it does eagerly
+    rule = uo.accumulate(uo.sgd(lr=0.1), every=uo.schedules.piecewise_constant(2, {1: 3}))
+    eager = jitted = uo.setup(rule, params)
+    p_eager = p_jitted = params
+    for i in range(8):
+        eager, p_eager = uo.update(eager, p_eager, _grads(params, i))
+        jitted, p_jitted = jax.jit(uo.update)(jitted, p_jitted, _grads(params, i))
+    assert int(jitted.tree_states["accumulate"]["inner"].step) == 3
+    for a, b in zip(jax.tree.leaves(p_eager), jax.tree.leaves(p_jitted), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(3,), (1,), (2, 1)])

@@ -720,7 +720,8 @@ class accumulate(_Wraps):
     def _every(self, step: Any) -> Any:
         if not callable(self.every):
             return self.every
-        k = self.every(step)
+        # (as a hyperparameter's schedule is: one that cannot trace says so, and what to write)
+        k = self._evaluate(self.every, step)
         if not _traced(k) and (int(k) != k or k < 1):
             raise ValueError(f"accumulate: every is {k!r} at step {step}; it must be an "
                              "int >= 1")
