@@ -525,17 +525,21 @@ def test_what_the_host_knows_is_compiled_as_known() -> None:
 def test_schedules_under_jit_compute_in_the_default_float() -> None:
     """The state's step is an int32 array under jit: schedules are handed it as the default
     float (float64 with x64), so a linear or exponential schedule is the host's to rounding,
-    not float32's (before: 2e-8 and 6e-7 apart after 60 steps)."""
+    not float32's (before: 2e-8 and 6e-7 apart after 60 steps). schedule-free's optax form
+    reads lr one step ahead for its weights, where the schedule was handed int32 + 1 (1.4e-11
+    apart after 30 steps of a rising linear lr)."""
     with jax.enable_x64(True):
-        for lr in (uo.schedules.linear(1e-2, 1e-4, steps=100),
-                   uo.schedules.exponential(0.1, 0.97)):
-            rule = uo.sgd(lr=lr)
+        rising = uo.schedules.linear(1e-3, 1e-2, steps=1000)
+        for rule in (uo.sgd(lr=uo.schedules.linear(1e-2, 1e-4, steps=100)),
+                     uo.sgd(lr=uo.schedules.exponential(0.1, 0.97)),
+                     uo.schedule_free_adamw(lr=rising, convention="optax")):
             p, pj = {"w": np.ones(3)}, {"w": jnp.ones(3)}
             s, sj = uo.setup(rule, p), uo.setup(rule, pj)
             step = jax.jit(uo.update)
-            for _ in range(60):
-                s, p = uo.update(s, p, {"w": np.ones(3)})
-                sj, pj = step(sj, pj, {"w": jnp.ones(3)})
+            for t in range(60):
+                g = np.cos(np.arange(3.0) + t)
+                s, p = uo.update(s, p, {"w": g})
+                sj, pj = step(sj, pj, {"w": jnp.asarray(g)})
             assert rel_diff(np.asarray(pj["w"]), p["w"]) < 1e-14
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import backend
 from ..base import Combinator, Elementwise, Info, Rule, Transform, WholeTree
-from ..hyper import NONNEG, UNIT_OPEN, Interval, check_integer, hyper, on_host
+from ..hyper import NONNEG, UNIT_OPEN, Interval, check_integer, hyper, on_host, resolve
 from ..moments import bias_correction, ema_sq
 from ..state import State
 from ..transforms.decay import weight_decay
@@ -93,7 +93,9 @@ class _next_step:
     schedule: Any
 
     def __call__(self, step: Any) -> Any:
-        return self.schedule(step + 1)
+        # (through resolve, as the lr itself is read: a uniopt schedule takes a JAX count as the
+        # default float, where int32 + 1 made its arithmetic float32 under x64)
+        return resolve(self.schedule, step + 1)
 
 
 class ScheduleFreeCoeffs(NamedTuple):
