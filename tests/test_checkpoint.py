@@ -1759,24 +1759,52 @@ def test_an_lbfgs_history_of_another_dtype_is_a_checkpoint_error(path: str) -> N
     assert torch.equal(wide["w"], torch.linspace(-1, 1, 4, dtype=torch.float64))
 
 
-def test_a_checkpoint_of_an_adjusted_run_says_to_adjust_like_the_same_way(
-        tmp_path: Any) -> None:
+@pytest.mark.parametrize("kind", ["numpy", "jax", "jax-jit"])
+def test_a_checkpoint_of_an_adjusted_run_resumes_into_a_fresh_rules_state(
+        tmp_path: Any, kind: str) -> None:
     """A run adjusted before it saved (lr lowered mid-run) loaded against a fresh optimizer's
-    state was refused as "a state for another rule", nothing said of the adjust (an NNX
-    Optimizer resumed so). The message says it; like adjusted the same way loads."""
-    p = {"w": np.ones(3)}
-    state = uo.setup(uo.adam(lr=1e-2), p)
-    state, p = uo.update(state, p, {"w": np.full(3, 0.5)})
-    state = uo.adjust(state, lr=3e-3)
+    state was refused as "a state for another rule" (an NNX Optimizer resumed so, and the
+    error's advice, like=params, broke its next step). The adjusted numbers are the run's, as
+    its step is: a like of the same form loads with them (like=state and like=(rule, params)),
+    and the resumed run is the one that never stopped, bit for bit; an adjust to another form
+    (a schedule for a number) is still refused, saying how to load it."""
+    if kind == "numpy":
+        xp, run = np, uo.update
+    else:
+        jax = pytest.importorskip("jax")
+        xp, run = jax.numpy, jax.jit(uo.update) if kind == "jax-jit" else uo.update
+    rule = uo.adamw(lr=1e-2, weight_decay=0.1)
+    p0 = {"w": xp.asarray(np.linspace(-1, 1, 6)), "b": xp.zeros(2)}
+    gs = [{"w": xp.asarray(np.linspace(0.1, 0.6, 6)) * k, "b": xp.ones(2) * k}
+          for k in range(1, 6)]
+    state, p = run(uo.setup(rule, p0), p0, gs[0])
+    state = uo.adjust(state, lr=3e-3, weight_decay=0.05)
+    state, p = run(state, p, gs[1])
     uo.save(tmp_path / "s.uo", state)
-    fresh = uo.setup(uo.adam(lr=1e-2), {"w": np.ones(3)})
-    with pytest.raises(uo.CheckpointError, match=r"another rule: rule.lr is 0.003 in the "
-                                                 r"checkpoint.*was adjusted.*adjust like's"):
+    on, p_on = state, p
+    for g in gs[2:]:
+        on, p_on = run(on, p_on, g)
+    for like in (uo.setup(rule, p0), (rule, p0)):
+        back, q = uo.load(tmp_path / "s.uo", like), p
+        assert float(back.rule.lr) == float(state.rule.lr) and int(back.step) == 2
+        for g in gs[2:]:
+            back, q = run(back, q, g)
+        for k in p0:
+            np.testing.assert_array_equal(np.asarray(q[k]), np.asarray(p_on[k]))
+    state = uo.adjust(state, lr=uo.schedules.constant(1e-3))
+    uo.save(tmp_path / "s.uo", state)
+    fresh = uo.setup(rule, p0)
+    with pytest.raises(uo.CheckpointError, match=r"another rule: rule.lr is constant.*was "
+                                                 r"adjusted .* to another form: adjust like's"):
         uo.load(tmp_path / "s.uo", fresh)
-    loaded = uo.load(tmp_path / "s.uo", uo.adjust(fresh, lr=3e-3))
-    assert loaded.rule.lr == 3e-3 and loaded.step == 1
-    np.testing.assert_array_equal(loaded.slots[next(iter(loaded.slots))][0],
-                                  state.slots[next(iter(state.slots))][0])
+    loaded = uo.load(tmp_path / "s.uo", uo.adjust(fresh, lr=uo.schedules.constant(1e-3)))
+    assert float(loaded.rule.weight_decay) == float(state.rule.weight_decay)
+    assert uo.load(tmp_path / "s.uo", p0).rule.lr == uo.schedules.constant(1e-3)
+    # a file not adjusted keeps the rule it was saved with: a like of other numbers is refused
+    uo.save(tmp_path / "t.uo", uo.setup(rule, p0))
+    with pytest.raises(uo.CheckpointError, match=r"another rule: rule.lr is 0.01 in the "
+                                                 r"checkpoint, 0.001 in like$"):
+        uo.load(tmp_path / "t.uo", uo.setup(uo.adamw(lr=1e-3, weight_decay=0.1), p0))
 
 
 def _raw_tensor(path: str, name: str, value: bytes) -> None:

@@ -828,6 +828,55 @@ def test_an_nnx_optimizer_resumes_from_uo_load(tmp_path: Any) -> None:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_an_adjusted_nnx_optimizer_resumes_from_uo_load(tmp_path: Any) -> None:
+    """An NNX Optimizer adjusted mid-run (``opt.opt_state = uo.adjust(...)``), saved, and
+    resumed into a fresh optimizer made with the start's lr: ``uo.load`` refused the fresh
+    state as "a state for another rule" and advised ``like=params``, whose state the next
+    ``opt.update`` failed on inside flax ("Cannot set key 0 on immutable node"; a hunt's
+    finding). It loads with the checkpoint's adjusted numbers, which the optax protocol then
+    steps with, and the resumed run is the run that never stopped, bit for bit."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    def make() -> tuple[Any, Any]:
+        m = nnx.Linear(8, 2, rngs=nnx.Rngs(0))
+        return m, nnx.Optimizer(m, uo.adamw(lr=1e-2, weight_decay=0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(m: Any, opt: Any, x: Any) -> None:
+        opt.update(m, nnx.grad(lambda m: jax.numpy.mean((m(x) - 1.0) ** 2))(m))
+
+    xs = [jax.numpy.full((4, 8), 0.1 * (k + 1)) for k in range(6)]
+    m, opt = make()
+    step(m, opt, xs[0])
+    opt.opt_state = uo.adjust(opt.opt_state, lr=3e-3, weight_decay=0.05)
+    for x in xs[1:3]:
+        step(m, opt, x)
+    path = str(tmp_path / "opt.uo")
+    uo.save(path, opt.opt_state)
+    m2, opt2 = make()
+    nnx.update(m2, nnx.state(m, nnx.Param))
+    opt2.opt_state = uo.load(path, like=opt2.opt_state)
+    assert float(opt2.opt_state.rule.lr) == float(np.float32(3e-3))
+    for x in xs[3:]:
+        step(m, opt, x)
+        step(m2, opt2, x)
+    assert int(opt2.opt_state.step) == 6
+    for a, b in zip(jax.tree.leaves(nnx.state(m2, nnx.Param)),
+                    jax.tree.leaves(nnx.state(m, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # an adjust to another form (a schedule for lr) is refused, the advice one that works here
+    opt.opt_state = uo.adjust(opt.opt_state, lr=uo.schedules.constant(1e-3))
+    uo.save(path, opt.opt_state)
+    with pytest.raises(uo.CheckpointError, match=r"another form: opt.opt_state = uo.adjust"
+                                                 r"\(opt.opt_state, ...\) to the checkpoint's "
+                                                 r"schedules or numbers before loading$"):
+        uo.load(path, like=make()[1].opt_state)
+    m3, opt3 = make()
+    opt3.opt_state = uo.adjust(opt3.opt_state, lr=uo.schedules.constant(1e-3))
+    opt3.opt_state = uo.load(path, like=opt3.opt_state)
+    assert int(opt3.opt_state.step) == 6
+
+
 def test_checkpoints_in_a_fresh_process() -> None:
     """flax to_bytes/from_bytes and orbax's StandardCheckpointer round trips are equal, and a
     linen TrainState resumed from either follows the run that never stopped, under jax.jit and

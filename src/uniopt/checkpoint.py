@@ -35,10 +35,10 @@ import optree
 from . import backend, schedules
 from .base import Elementwise, PerLeaf, Transform, WholeTree, assemble, chain
 from .combine import _TreeSpec, by_path, partition
-from .engine import setup
+from .engine import _same_form, setup
 from .hyper import Complemented, DeviceNumber, HostFacts, _traced, on_host, with_article
 from .interop import dtensor
-from .interop.jax import adjusted, batched
+from .interop.jax import adjusted, batched, flatten_rule, wrapped
 from .interop.optax import is_optax
 from .state import State
 from .transforms.mask import Mask
@@ -1080,7 +1080,9 @@ def load(path: str | os.PathLike[str], like: Any, *, params: bool = False) -> An
 
     Leaves are matched to ``like``'s by path; a missing or extra leaf, a shape or dtype that
     differs, or a rule that differs from ``like``'s raises :class:`CheckpointError` naming
-    it, before any array is read, and nothing of ``like`` is changed. ``params=True`` returns
+    it, before any array is read, and nothing of ``like`` is changed (a file saved after
+    :func:`uniopt.adjust` loads into a rule that differs from its own in numbers only, with
+    the file's numbers, as a run resumes). ``params=True`` returns
     ``(state, params)``, the params saved beside the state, like ``like``'s params. A NumPy
     checkpoint loads into torch (any device) or JAX, and the reverse; arrays are read straight
     into the new state's memory. The file is never unpickled and nothing in it is run:
@@ -1123,17 +1125,29 @@ def _template(ck: _File, like: Any) -> tuple[State, Transform, Any, bool]:
         tmpl, (like_rule, like_params) = None, like
     else:
         tmpl, like_rule, like_params = None, None, like
-    if like_rule is not None:
-        found = _diff(doc.get("rule"), _Encode(strict=False)(like_rule, "rule"), "rule")
-        if found:
-            # (a run adjusted before it saved: its numbers are not the fresh rule's)
-            hint = ("; the checkpoint's rule was adjusted (uo.adjust, or a group's numbers): "
-                    "adjust like's to the same numbers before loading, or load with "
-                    "like=params for the checkpoint's own rule"
-                    if doc.get("adjusted") is True else "")
-            raise CheckpointError(f"{ck.name}: a state for another rule: {found}{hint}")
-    rule = _Decode(patterns=like_rule is not None)(doc.get("rule"), "rule",
-                                                   _UNSET if like_rule is None else like_rule)
+    found = None if like_rule is None else \
+        _diff(doc.get("rule"), _Encode(strict=False)(like_rule, "rule"), "rule")
+    if found and doc.get("adjusted") is not True:
+        raise CheckpointError(f"{ck.name}: a state for another rule: {found}")
+    try:
+        rule = _Decode(patterns=like_rule is not None)(doc.get("rule"), "rule",
+                                                       _UNSET if like_rule is None else like_rule)
+    except CheckpointError:
+        if not found:
+            raise
+        rule = None  # (refused below, by its first difference)
+    if found and not (isinstance(rule, Transform) and _one_form(rule, like_rule)):
+        # a run adjusted before it saved, its numbers not the fresh rule's, loads with them
+        # (below); one whose adjust changed the rule's form (a schedule for a number) runs
+        # another program than like's rule, which an optax step would run
+        nnx = wrapped(like)
+        how = ("opt.opt_state = uo.adjust(opt.opt_state, ...) to the checkpoint's" if nnx
+               else "adjust like's to the same")
+        other = "" if nnx else ", or load with like=params for the checkpoint's own rule"
+        raise CheckpointError(
+            f"{ck.name}: a state for another rule: {found}; the checkpoint's rule was adjusted "
+            f"(uo.adjust, or a group's numbers) to another form: {how} schedules or numbers "
+            f"before loading{other}")
     if not isinstance(rule, Transform):
         raise CheckpointError(f"{ck.name}: the rule is {_short(rule)}, not a uniopt rule")
     if doc.get("adjusted") is True:
@@ -1149,6 +1163,13 @@ def _template(ck: _File, like: Any) -> tuple[State, Transform, Any, bool]:
         raise CheckpointError(f"{ck.name}: the checkpoint's rule does not fit like's params: "
                               f"{e}") from None
     return tmpl, rule, like_params, True
+
+
+def _one_form(a: Transform, b: Any) -> bool:
+    """Whether rules ``a`` and ``b`` differ at most in numbers: one program, as the optax
+    protocol compares a state's adjusted rule with the transformation's."""
+    x, y = flatten_rule(a)[1], flatten_rule(b)[1]
+    return bool(x == y) or _same_form(x, y)
 
 
 def _load_state(ck: _File, like: Any, want_params: bool) -> Any:

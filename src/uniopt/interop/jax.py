@@ -358,6 +358,13 @@ def batched(state: State, traced: bool = False) -> tuple[int, ...] | None:
     return shape if len(shape) > 1 and (traced or not _traced(lazy[2])) else None
 
 
+def wrapped(state: Any) -> bool:
+    """Whether ``state`` is one a framework rebuilt from leaves of its own (an NNX
+    ``Optimizer``'s ``opt_state``), whose arrays :func:`rewrapped_as` holds as its."""
+    lazy = state.__dict__.get("_lazy_rule") if isinstance(state, State) else None
+    return lazy is not None and _wrapper(lazy[2])
+
+
 def _wrapper(x: Any) -> bool:
     """Whether ``x`` is a framework's variable holding the state's array (NNX's ``OptArray``,
     which passes for the array it holds), :meth:`replace`-d with a new value."""
