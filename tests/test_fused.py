@@ -730,6 +730,24 @@ def test_a_numba_without_the_parts_jitcache_uses_keeps_its_own_cache(
     assert type(jitcache.njit()(f)._cache) is FunctionCache
 
 
+def test_a_numba_without_the_parts_jitcache_uses_vectorizes_as_numba_does(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Where a numba release lacks what the tolerant cache is made of, a ufunc is made by
+    ``numba.vectorize(cache=True)``, and is NumPy's ufunc all the same."""
+    from numba.core import config
+
+    from uniopt import jitcache
+
+    def add(a, b):  # type: ignore[no-untyped-def]
+        return a + b
+
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path))  # (not the tests' __pycache__)
+    monkeypatch.setattr(jitcache, "_tolerant_class", lambda: None)
+    made = jitcache.ufunc(add, ["float64(float64, float64)"])
+    assert type(made) is np.ufunc and made(np.array([1.0, 2.5]), 2.0).tolist() == [3.0, 4.5]
+    assert list(tmp_path.rglob("*add*.nbi"))
+
+
 def test_a_file_system_without_locks_compiles_unlocked(monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Any) -> None:
     """Where flock fails (some network file systems), the loop compiles without the lock

@@ -342,6 +342,46 @@ def test_a_damaged_cache_file_is_compiled_anew_and_saved_over(
     assert _imported(path).cache_hits == 1
 
 
+# a reference-path step, NumPy's fused multiply-add (numba's ufunc, in numba's cache); with
+# UFUNC_LOADED set, numba's compiler is taken away: the ufunc must load from the cache
+_UFUNC_STEP = """
+import os
+import numpy as np
+import uniopt as uo
+from uniopt.fast import cpu
+if os.environ.get("UFUNC_LOADED"):
+    import numba.core.compiler
+    def compile_extra(*args, **kwargs):
+        raise AssertionError("compiled")
+    numba.core.compiler.compile_extra = compile_extra
+cpu.COMPILE_AFTER = None
+p = [np.array([1.0, 0.5, -2.0], np.float32)]
+uo.update_(uo.setup(uo.adam(lr=0.1), p), p, [np.array([1.0, -3.0, 0.25], np.float32)])
+print(p[0].tobytes().hex())
+"""
+
+
+@pytest.mark.parametrize("damage", ["nbi-garbage", "nbi-empty", "nbc-garbage"])
+def test_a_damaged_cache_file_of_the_ufunc_is_compiled_anew_and_saved_over(
+        damage: str, tmp_path: pathlib.Path) -> None:
+    """The fused multiply-add's ufunc, which numba caches in its own places: a damaged file is a
+    miss, compiled and saved over, and the next process loads it; every step raised (EOFError,
+    UnpicklingError), in every later process."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba"), "UNIOPT_CACHE_DIR": str(tmp_path / "u")}
+    want = "6766663f9a99193f666606c0"  # (torch.optim.Adam's, foreach=False: 0.90000004, ...)
+    first = _run(_UFUNC_STEP, **env)
+    assert first.returncode == 0 and first.stdout.split() == [want], first.stderr[-3000:]
+    kind, how = damage.split("-")
+    targets = list((tmp_path / "numba").rglob(f"*_fma_ufunc*.{kind}"))
+    assert len(targets) == {"nbi": 1, "nbc": 2}[kind]  # (an index, and each signature's code)
+    for target in targets:
+        target.write_bytes(os.urandom(500) if how == "garbage" else b"")
+    again = _run(_UFUNC_STEP, **env)
+    assert again.returncode == 0 and again.stdout.split() == [want], again.stderr[-3000:]
+    loaded = _run(_UFUNC_STEP, UFUNC_LOADED="1", **env)
+    assert loaded.returncode == 0 and loaded.stdout.split() == [want], loaded.stderr[-3000:]
+
+
 def test_a_cache_directory_that_cannot_be_written_is_named_in_a_warning(
         monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """A read-only cache (a shared mount): every process compiles anew, and is told why."""
@@ -437,6 +477,7 @@ def test_a_cache_dir_given_with_a_tilde_is_under_home(monkeypatch: pytest.Monkey
     monkeypatch.delenv("UNIOPT_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "~/c")
     assert jitcache.root() == str(tmp_path / "c" / "uniopt")
+
 
 
 def test_a_save_holds_the_index_lock(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,8 @@ two floats was then lowered by ``mathimpl.pow_impl`` instead of ``numbers.real_p
 in every later compile of the process. Loading without the start-up leaves numba's lowering
 as its start-up makes it (the tests compare every function's implementation with a process
 that ran it first). Where a numba release no longer has what this relies on
-(:func:`_quick_class` says what), its own cache is used, as before.
+(:func:`_quick_class` says what), its own cache is used, as before. A ufunc (:func:`ufunc`)
+loads after numba's start-up, its files read and written as the loops' are:
 
 A cache file that cannot be read (truncated, or garbage) is a miss: numba compiles the function
 and saves over it. One that cannot be written (a full disk) leaves the function uncached, with a
@@ -38,18 +39,15 @@ from typing import Any
 
 
 @functools.cache
-def _quick_class() -> Any:
-    """numba's function cache, loading without ``refresh``; None where this numba lacks the
-    parts it is made of."""
+def _tolerant_class() -> Any:
+    """numba's function cache, a damaged file a miss and one that cannot be written a warning;
+    None where this numba lacks the parts it is made of."""
     try:
         from numba.core.caching import FunctionCache, IndexDataCacheFile
-        from numba.core.runtime import rtsys
     except ImportError:
         return None
-    if not all(hasattr(FunctionCache, name) for name in (
-            "load_overload", "_load_overload", "_guard_against_spurious_io_errors",
-            "save_overload")) or not all(hasattr(IndexDataCacheFile, name)
-                                         for name in ("load", "_load_index")):
+    if not hasattr(FunctionCache, "save_overload") or not all(
+            hasattr(IndexDataCacheFile, name) for name in ("load", "_load_index", "save")):
         return None
 
     class Files(IndexDataCacheFile):
@@ -76,24 +74,71 @@ def _quick_class() -> Any:
             with locked(Path(self._index_path + ".lock")):
                 super().save(key, data)
 
-    class QuickCache(FunctionCache):
+    class TolerantCache(FunctionCache):
+        hint = "$UNIOPT_CACHE_DIR sets where uniopt caches its loops."
+
         def __init__(self, py_func: Any) -> None:
             super().__init__(py_func)
             self._cache_file.__class__ = Files  # (made by numba's constructor)
 
+        def save_overload(self, sig: Any, data: Any) -> None:
+            try:
+                super().save_overload(sig, data)
+            except OSError as e:  # a full disk, say: the compiled code runs all the same
+                uncached(self._cache_path, e, self.hint)
+
+    return TolerantCache
+
+
+@functools.cache
+def _quick_class() -> Any:
+    """:func:`_tolerant_class`'s cache, loading without ``refresh``; None where this numba lacks
+    the parts it is made of."""
+    tolerant = _tolerant_class()
+    try:
+        from numba.core.runtime import rtsys
+    except ImportError:
+        return None
+    if tolerant is None or not all(hasattr(tolerant, name) for name in (
+            "load_overload", "_load_overload", "_guard_against_spurious_io_errors")):
+        return None
+
+    class QuickCache(tolerant):  # type: ignore[misc,valid-type]
         def load_overload(self, sig: Any, target_context: Any) -> Any:
             rtsys.initialize(target_context)  # (once per process)
             with self._guard_against_spurious_io_errors():
                 return self._load_overload(sig, target_context)
             return None  # an I/O error, which the guard swallowed: compiled anew
 
-        def save_overload(self, sig: Any, data: Any) -> None:
-            try:
-                super().save_overload(sig, data)
-            except OSError as e:  # a full disk, say: the compiled code runs all the same
-                uncached(self._cache_path, e)
-
     return QuickCache
+
+
+def ufunc(py_func: Callable[..., Any], signatures: list[str]) -> Any:
+    """NumPy's ufunc of ``py_func`` compiled for ``signatures``, as ``numba.vectorize(signatures,
+    cache=True)`` makes it (loading after numba's start-up: see above), but a damaged cache file
+    a miss (:func:`_tolerant_class`). Where numba has no place to cache it, compiled in this
+    process, with :func:`uncached`'s warning."""
+    import numba
+    from numba.np.ufunc.ufuncbuilder import UFuncBuilder
+
+    hint = "$NUMBA_CACHE_DIR sets where numba caches it."
+    made = _tolerant_class()
+    if made is None:  # (numba's own cache, as numba.vectorize makes it)
+        try:
+            return numba.vectorize(signatures, cache=True)(py_func).ufunc
+        except RuntimeError as e:
+            uncached("numba's cache directories", e, hint)
+            return numba.vectorize(signatures)(py_func).ufunc
+    builder = UFuncBuilder(py_func)
+    try:
+        builder.nb_func.cache = made(py_func)  # (what numba's enable_caching sets)
+        builder.nb_func.cache.hint = hint
+    except RuntimeError as e:  # no place numba caches it in: compiled in this process
+        # (numba builds a ufunc's cache itself, not in uniopt's directory: its own places)
+        uncached("numba's cache directories", e, hint)
+    for sig in signatures:
+        builder.add(sig)
+    return builder.build_ufunc()
 
 
 @contextlib.contextmanager

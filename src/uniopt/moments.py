@@ -36,25 +36,15 @@ def fused_multiply_add(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
 
 @functools.cache
 def _fma_ufunc() -> Any:
-    import numba
-
     from . import jitcache
 
     def kernel(a, b, c):
         return fused_multiply_add(a, b, c)
 
-    signatures = ["float32(float32, float32, float32)", "float64(float64, float64, float64)"]
-    try:
-        fma: Any = numba.vectorize(signatures, cache=True)(kernel)
-    except RuntimeError as e:  # no place numba caches it in: compiled in this process
-        # (numba builds a ufunc's cache itself, not through jitcache's: its own directory)
-        jitcache.uncached("numba's cache directories", e,
-                          "$NUMBA_CACHE_DIR sets where numba caches it.")
-        fma = numba.vectorize(signatures)(kernel)
-
-    # NumPy's ufunc of the two compiled loops: numba's wrapper adds a Python call that looks
-    # for arguments overriding ufuncs, which NumPy's own call does too
-    return fma.ufunc
+    # NumPy's ufunc of the two compiled loops, not numba's wrapper: that adds a Python call
+    # that looks for arguments overriding ufuncs, which NumPy's own call does too
+    return jitcache.ufunc(kernel, ["float32(float32, float32, float32)",
+                                   "float64(float64, float64, float64)"])
 
 
 _NUMPY = (np.ndarray, np.floating)
