@@ -28,14 +28,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from uniopt import jitcache
 from uniopt.fast import cpu
 
 # XLA programs compiled in one run are reused by the next, as uniopt's compiled loops are: JAX's
 # persistent compilation cache lives beside them, in $UNIOPT_CACHE_DIR (a fresh directory is a
 # cold run of both). Set before any test module imports jax; a JAX_* variable already set wins.
-_CACHE_ROOT = os.environ.get("UNIOPT_CACHE_DIR") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "uniopt"
-)
+_CACHE_ROOT = jitcache.root()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE_ROOT, "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

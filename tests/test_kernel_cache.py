@@ -479,6 +479,18 @@ def test_a_cache_dir_given_with_a_tilde_is_under_home(monkeypatch: pytest.Monkey
     assert jitcache.root() == str(tmp_path / "c" / "uniopt")
 
 
+def test_a_relative_xdg_cache_home_is_ignored(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: pathlib.Path) -> None:
+    """``XDG_CACHE_HOME=cache`` is not a directory under the working directory, which changes
+    from run to run: the XDG specification has a relative one ignored, ``~/.cache`` taken."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("UNIOPT_CACHE_DIR", raising=False)
+    for relative in ("cache", "./cache", ""):
+        monkeypatch.setenv("XDG_CACHE_HOME", relative)
+        assert jitcache.root() == str(tmp_path / ".cache" / "uniopt")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    assert jitcache.root() == str(tmp_path / "c" / "uniopt")
+
 
 def test_a_save_holds_the_index_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     """numba's save reads a function's index, takes the first free data file's name and writes

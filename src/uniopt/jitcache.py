@@ -218,9 +218,13 @@ def _numba_dir() -> str:
 
 def root() -> str:
     """uniopt's cache directory: ``$UNIOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/uniopt`` or
-    ``~/.cache/uniopt`` (a ``~`` in either is the home directory, as a shell would read it)."""
-    return os.path.expanduser(os.environ.get("UNIOPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "uniopt"))
+    ``~/.cache/uniopt`` (a ``~`` in either is the home directory, as a shell would read it; a
+    relative ``$XDG_CACHE_HOME`` is ignored, as the XDG specification says)."""
+    given = os.environ.get("UNIOPT_CACHE_DIR")
+    if given:
+        return os.path.expanduser(given)
+    xdg = os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or "")
+    return os.path.join(xdg if os.path.isabs(xdg) else os.path.expanduser("~/.cache"), "uniopt")
 
 
 def _in_root(cache_class: Any) -> Any:

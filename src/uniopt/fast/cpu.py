@@ -924,7 +924,8 @@ def fused_kernel(
     slots stored as ``storage`` says (see :func:`_source`).
 
     Compiling costs a second or two; the machine code is cached on disk (in
-    ``$UNIOPT_CACHE_DIR``, default ``~/.cache/uniopt``) whenever every kernel is importable,
+    ``$UNIOPT_CACHE_DIR``, default ``$XDG_CACHE_HOME/uniopt``, else ``~/.cache/uniopt``:
+    :func:`uniopt.jitcache.root`) whenever every kernel is importable,
     so later processes load it in milliseconds."""
     key = (kernels, storage, mode, records)
     if key in _FUSED:
