@@ -178,3 +178,38 @@ def test_maximize_groups_bs_and_a_saved_state_continue_as_theirs() -> None:
         for p, q in zip(theirs, ps, strict=True):
             np.testing.assert_allclose(q.detach().numpy(), p.numpy(), rtol=1e-12, atol=1e-12)
     assert opt.param_groups[1]["bs"] == 16.0 and opt.param_groups[1]["rho"] == 0.2
+
+
+def _estimated() -> tuple[Any, Any]:
+    """The class's example: one parameter with a Hessian estimate and a gradient."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = ut.SophiaG([w], lr=0.1, rho=1.0, weight_decay=0.0)
+    w.grad = torch.tensor([2.0, 20.0], dtype=torch.float64)
+    opt.update_hessian()
+    w.grad = torch.tensor([2.0, -4.0], dtype=torch.float64)
+    return w, opt
+
+
+def test_step_hooks_see_the_call_as_given_and_may_change_bs() -> None:
+    w, opt = _estimated()
+    seen: list[tuple[Any, ...]] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", args, kwargs)))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", args, kwargs)))
+
+    def closure() -> Any:
+        return torch.tensor(3.0)
+
+    assert float(opt.step(closure=closure, bs=64)) == 3.0
+    assert seen == [("pre", (opt,), {"closure": closure, "bs": 64}),
+                    ("post", (opt,), {"closure": closure, "bs": 64})]
+    assert opt.param_groups[0]["bs"] == 64
+    seen.clear()
+    opt.step()
+    assert seen == [("pre", (opt,), {}), ("post", (opt,), {})]
+    assert opt.param_groups[0]["bs"] == 5120
+    # a pre-hook's new arguments are the step's (torch's hook API): bs=1 is the example's step
+    w, opt = _estimated()
+    opt.register_step_pre_hook(lambda o, args, kwargs: (args, {**kwargs, "bs": 1}))
+    opt.step(bs=64)
+    assert opt.param_groups[0]["bs"] == 1
+    np.testing.assert_allclose(w.detach().numpy(), [0.9, -1.9965], rtol=1e-12)

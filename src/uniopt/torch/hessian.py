@@ -3,6 +3,7 @@ a closure (SophiaH), or the Gauss-Newton-Bartlett estimate folded in by the call
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, overload
 
@@ -165,14 +166,21 @@ class SophiaG(_Named):
     @overload
     def step(self, closure: Callable[[], Any], bs: Any = 5120) -> Any: ...
 
-    def step(self, closure: Callable[[], Any] | None = None, bs: Any = 5120) -> Any:
+    def step(self, *args: Any, **kwargs: Any) -> Any:
         """One update of every parameter that has a gradient, ``bs`` the examples the Hessian
         estimate's sampled loss averaged over (theirs: an argument of every step)."""
+        # the base class's step: the hooks see the call's arguments as given, and _step takes
+        # them as the pre-hooks left them (torch's wrapper of a subclass's step does so)
+        return super().step(*args, **kwargs)
+
+    step.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+        lambda self, closure=None, bs=5120: None)
+    step.hooked = True  # type: ignore[attr-defined]  # (the base class's step runs the hooks)
+
+    def _step(self, closure: Callable[[], Any] | None = None, bs: Any = 5120) -> Any:
         for group in self.param_groups:
             group["bs"] = bs
-        return super().step(closure)
-
-    step.hooked = True  # type: ignore[attr-defined]  # (the base class's step runs the hooks)
+        return super()._step(closure)
 
     @torch.no_grad()
     def update_hessian(self) -> None:

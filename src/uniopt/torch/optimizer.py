@@ -1697,8 +1697,8 @@ def _check_fused(ps: list[torch.Tensor], has: list[bool]) -> None:
 # reason of ours (docs/torch.md gives it). (A private name of torch's: where a release drops
 # it, the public decorator, which imports dynamo with uniopt.torch.)
 @getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
-def _UNTRACED_STEP(self: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
-    return self.step(closure)
+def _UNTRACED_STEP(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+    return self.step(*args, **kwargs)
 
 
 def _HOOKED_STEP(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
@@ -1708,8 +1708,10 @@ def _HOOKED_STEP(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
     cls = type(self)
     hooked = _HOOKED.get(cls)
     if hooked is None:
-        def step(self: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
-            return self._step(closure)  # the class's own (LBFGS has another)
+        # the arguments as the pre-hooks left them (SophiaG's bs too): the class's own _step
+        # (LBFGS has another) takes them
+        def step(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+            return self._step(*args, **kwargs)
 
         step.__qualname__, step.__module__ = f"{cls.__name__}.step", cls.__module__
         hooked = _HOOKED[cls] = torch.optim.Optimizer.profile_hook_step(step)
