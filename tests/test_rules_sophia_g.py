@@ -190,6 +190,27 @@ def _estimated() -> tuple[Any, Any]:
     return w, opt
 
 
+@pytest.mark.parametrize("bad", [0, -3, "x", None, float("nan")])
+def test_a_refused_bs_leaves_the_groups_and_state_as_they_were(bad: Any) -> None:
+    w, opt = _estimated()
+    opt.step(bs=1)
+    before, saved = w.detach().clone(), opt.state_dict()
+    with pytest.raises((ValueError, TypeError), match=r"SophiaG: step\(bs=\.\.\.\) must be"):
+        opt.step(bs=bad)
+    assert opt.param_groups[0]["bs"] == 1
+    after = opt.state_dict()
+    assert after["param_groups"] == saved["param_groups"]
+    assert torch.equal(after["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+    assert torch.equal(w.detach(), before)
+    # a refusal after bs was taken (a sparse gradient's) leaves it too
+    emb = torch.nn.Embedding(4, 2, sparse=True)
+    emb(torch.tensor([1])).sum().backward()
+    opt = ut.SophiaG(emb.parameters())
+    with pytest.raises(RuntimeError, match="SophiaG does not support sparse gradients"):
+        opt.step(bs=7)
+    assert opt.param_groups[0]["bs"] == 5120
+
+
 def test_step_hooks_see_the_call_as_given_and_may_change_bs() -> None:
     w, opt = _estimated()
     seen: list[tuple[Any, ...]] = []

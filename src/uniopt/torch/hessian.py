@@ -10,6 +10,7 @@ from typing import Any, overload
 import torch
 from torch.optim.optimizer import ParamsT
 
+from ..hyper import POSITIVE, check
 from ..rules.sophia import scale_by_sophia_g, sophia_g
 from ..rules.sophia_h import sophia_h
 from ..tree import flatten_leaves
@@ -132,6 +133,9 @@ def _hvp(params: Any, anywhere: bool = True) -> Callable[[Any], list[torch.Tenso
     return hvp
 
 
+_ABSENT = object()  # (a group without the key)
+
+
 class SophiaG(_Named):
     """Sophia-G (:func:`uniopt.sophia_g`) with its authors' ``SophiaG`` constructor
     (github.com/Liuhong99/Sophia: ``lr``, ``betas``, ``rho``, ``weight_decay``, ``maximize``,
@@ -178,9 +182,20 @@ class SophiaG(_Named):
     step.hooked = True  # type: ignore[attr-defined]  # (the base class's step runs the hooks)
 
     def _step(self, closure: Callable[[], Any] | None = None, bs: Any = 5120) -> Any:
+        check("SophiaG", "step(bs=...)", bs, POSITIVE)
+        held = [group.get("bs", _ABSENT) for group in self.param_groups]
         for group in self.param_groups:
             group["bs"] = bs
-        return super()._step(closure)
+        try:
+            return super()._step(closure)
+        except BaseException:
+            # a refused step leaves the groups as they were (their bs in a state dict too)
+            for group, was in zip(self.param_groups, held, strict=True):
+                if was is _ABSENT:
+                    group.pop("bs", None)
+                else:
+                    group["bs"] = was
+            raise
 
     @torch.no_grad()
     def update_hessian(self) -> None:
