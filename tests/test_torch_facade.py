@@ -2461,6 +2461,27 @@ def test_a_pre_hooks_bad_return_names_the_classs_step(name: str) -> None:
         assert torch.equal(w, torch.ones(2))
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
+@pytest.mark.parametrize("name", ["Adam", "SGD", "LBFGS", "SophiaG"])
+def test_a_step_given_an_argument_it_has_not_names_the_classs_step(name: str,
+                                                                   hooked: bool) -> None:
+    """``opt.step(foo=1)``: torch says "Adam.step() got an unexpected keyword argument 'foo'";
+    uniopt's one step for every class said "Optimizer._step() ...", a name the user never
+    wrote. Nothing is stepped."""
+    for impl in (torch.optim, ut):
+        if not hasattr(impl, name):
+            continue
+        w = nn.Parameter(torch.ones(2))
+        w.grad = torch.ones(2)
+        opt = getattr(impl, name)([w], lr=0.1)
+        if hooked:
+            opt.register_step_pre_hook(lambda o, args, kwargs: None)
+        with pytest.raises(TypeError,
+                           match=rf"^{name}\.step\(\) got an unexpected keyword argument 'foo'$"):
+            opt.step(foo=1)
+        assert torch.equal(w, torch.ones(2))
+
+
 def test_a_state_whose_param_names_differ_loads_by_position_with_a_warning() -> None:
     """An optimizer made of ``named_parameters()`` saves each group's ``param_names``; loaded
     into one whose parameters come in another order (each of the same shape), torch's

@@ -883,8 +883,10 @@ class Optimizer(torch.optim.Optimizer):
                     # closure by keyword is in their kwargs, where a pre-hook may replace it
                     return _HOOKED_STEP(self, *args, **kwargs)
                 return self._step(*args, **kwargs)
-            except BaseException:
+            except BaseException as e:
                 self._unsteady()
+                if isinstance(e, TypeError):
+                    _misnamed_call(self, args, kwargs)
                 raise
 
     # (its signature as torch's: a caller may look for the closure parameter)
@@ -1699,6 +1701,16 @@ def _check_fused(ps: list[torch.Tensor], has: list[bool]) -> None:
 @getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 def _UNTRACED_STEP(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
     return self.step(*args, **kwargs)
+
+
+def _misnamed_call(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise torch's words where a step's arguments do not fit it: Python named the private
+    ``_step`` the call reached (``Optimizer._step() got an unexpected keyword argument``), torch
+    the class's ``step`` (``Adam.step() ...``). Run only once a TypeError was raised."""
+    try:
+        inspect.signature(opt._step).bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{type(opt).__name__}.step() {e}") from None
 
 
 def _HOOKED_STEP(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
