@@ -576,6 +576,56 @@ def test_skip_nonfinite_matches_optax_apply_if_finite(library: str) -> None:
     assert int(tree["total_notfinite"]) == len(bad) and int(tree["inner"].step) == n - len(bad)
 
 
+def _guard_run(rule: uo.Transform, grads: list[Any], tx: Any, library: str) -> list[tuple]:
+    """skip_nonfinite's counts and params against optax's after every step, on NumPy, or JAX
+    arrays stepped eagerly or jitted."""
+    p0 = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([0.5], np.float32)}
+    conv = (lambda t: t) if library == "numpy" else (lambda t: map_tree(jnp.asarray, t))
+    ours, theirs = conv(copy_tree(p0)), map_tree(jnp.asarray, p0)
+    state, ts = uo.setup(rule, ours), tx.init(theirs)
+    step = jax.jit(uo.update) if library == "jax-jit" else uo.update
+    rows = []
+    for g in grads:
+        state, ours = step(state, ours, conv(g))
+        u, ts = tx.update(map_tree(jnp.asarray, g), ts, theirs)
+        theirs = optax.apply_updates(theirs, u)
+        s = state.tree_states["skip_nonfinite"]
+        rows.append(((int(s["notfinite_count"]), bool(s["last_finite"]),
+                      int(s["total_notfinite"])),
+                     (int(ts.notfinite_count), bool(ts.last_finite), int(ts.total_notfinite))))
+        for k in p0:
+            np.testing.assert_allclose(np.asarray(ours[k]), np.asarray(theirs[k]), rtol=1e-6)
+    return rows
+
+
+@pytest.mark.parametrize("library", ["numpy", "jax-eager", "jax-jit"])
+def test_skip_nonfinite_counts_match_optax_at_every_step(library: str) -> None:
+    """A finite step resets the count in a row (bad, good, bad, bad, ... never passes 2) and
+    ``last_finite`` says whether this step's gradients were finite."""
+    good = {"w": np.array([0.5, -1.0], np.float32), "b": np.array([2.0], np.float32)}
+    bad = {"w": np.array([np.nan, 1.0], np.float32), "b": np.array([np.inf], np.float32)}
+    grads = [bad, good, bad, bad, good, bad, good, bad, bad]
+    rows = _guard_run(uo.skip_nonfinite(uo.sgd(lr=0.1), 2), grads,
+                      optax.apply_if_finite(optax.sgd(0.1), 2), library)
+    for ours, theirs in rows:
+        assert ours == theirs
+    assert [r[0] for r in rows] == [(1, False, 1), (0, True, 1), (1, False, 2), (2, False, 3),
+                                    (0, True, 3), (1, False, 4), (0, True, 4), (1, False, 5),
+                                    (2, False, 6)]
+
+
+@pytest.mark.parametrize("library", ["jax-eager", "jax-jit"])
+def test_skip_nonfinite_past_its_limit_under_jax_applies_the_update_as_optax(
+        library: str) -> None:
+    """Nothing can raise in a traced step: the second and third inf in a row (limit 1) are
+    applied, as optax applies them."""
+    bad = {"w": np.array([np.inf, 1.0], np.float32), "b": np.array([1.0], np.float32)}
+    rows = _guard_run(uo.skip_nonfinite(uo.sgd(lr=0.1), 1), [bad] * 3,
+                      optax.apply_if_finite(optax.sgd(0.1), 1), library)
+    assert [r[0] for r in rows] == [r[1] for r in rows] == [(1, False, 1), (2, False, 2),
+                                                            (3, False, 3)]
+
+
 def test_too_many_nonfinite_steps_in_a_row_is_an_error_that_changes_nothing() -> None:
     rng = np.random.default_rng(10)
     params = _params(rng)
