@@ -2608,6 +2608,10 @@ def mismatched_states() -> Iterator[tuple[str, Callable[[dict[str, Any]], Any], 
         # (was loaded: the moments restarted from zero, the count went on)
         sd["state"][2] = {"step": sd["state"][2]["step"]}
 
+    def no_step(sd: dict[str, Any]) -> None:
+        # (a count taken as 1 would undo Adam's bias correction; torch's Adam fails its next step)
+        del sd["state"][1]["step"]
+
     def no_lr(sd: dict[str, Any]) -> None:
         # (was loaded: the constructor's lr took the saved group's place)
         del sd["param_groups"][1]["lr"]
@@ -2620,6 +2624,8 @@ def mismatched_states() -> Iterator[tuple[str, Callable[[dict[str, Any]], Any], 
     yield "partial", partial, r"lacks the slots \['exp_avg_sq'\]"
     yield "values", bad_value, r"parameter group 1 of the state: adam: betas\[1\] must be in"
     yield "step-only", step_only, r"lacks the slots \['exp_avg', 'exp_avg_sq'\]"
+    yield "no-step", no_step, (r"the state of parameter 1 \(group 0, position 1\) has "
+                               r"\['exp_avg', 'exp_avg_sq'\] but no step; nothing was loaded$")
     yield "no-lr", no_lr, r"parameter group 1 of the state lacks \['lr'\]"
 
 
