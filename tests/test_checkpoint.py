@@ -878,6 +878,14 @@ BAD = {
     "an invalid hyperparameter": (lambda p: _edit(p, _lr(-1.0)),
                                   "rule.transforms[1]: adamw: ValueError: adamw: lr must be >= 0"),
     "deep nesting": (lambda p: _edit(p, _deep), "nested more than 64 levels deep"),
+    "a dict's key twice": (lambda p: _edit(p, _lr({"$": "dict", "items": [["a", 1.0],
+                                                                          ["a", 2.0]]})),
+                           "rule.transforms[1].lr: the key 'a' appears twice"),
+    "a dict entry without its value": (lambda p: _edit(p, _lr({"$": "dict", "items": [["a"]]})),
+                                       "rule.transforms[1].lr: entry 0 is ['a'], not a "
+                                       "key-value pair"),
+    "an unknown entry": (lambda p: _edit(p, _lr({"$": "lambda"})),
+                         "rule.transforms[1].lr: unknown entry 'lambda'"),
     "a stranger's regular expression": (lambda p: _edit(p, _regex),
                                         "rule.transforms[1].lr: the checkpoint's rule matches "
                                         "paths with the regular expression '(a+)+$'"),
@@ -1901,6 +1909,28 @@ def test_a_torch_optim_load_that_fails_leaves_the_optimizer_as_it_was(path: str)
                                               r"\); nothing was loaded"):
         uo.load(path, like=opt)
     assert opt.state is state and opt.param_groups is groups
+
+
+@pytest.mark.parametrize("flag", [False, 1, "yes"])
+def test_a_torch_tensor_entry_whose_complex_flag_is_not_true_is_refused(path: str,
+                                                                         flag: Any) -> None:
+    """A tensor of a torch state_dict is complex where its entry says ``"complex": true``, and
+    written without the key where it is not: any other value is a damaged header."""
+    torch = pytest.importorskip("torch")
+    import uniopt.torch as ut
+    _, saved = _torch_adam(torch, ut.Adam)
+    uo.save(path, saved)
+
+    def edit(h: dict[str, Any], doc: dict[str, Any]) -> None:
+        state = dict(doc["state_dict"]["items"])["state"]
+        dict(dict(state["items"])[0]["items"])["exp_avg"]["complex"] = flag
+    _edit(path, edit)
+    _, opt = _torch_adam(torch, ut.Adam)
+    before = _snapshot(opt)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"state_dict['state'][0]['exp_avg']: complex is {flag!r}")):
+        uo.load(path, like=opt)
+    assert str(_snapshot(opt)) == str(before)
 
 
 def test_uniopt_torch_refuses_moments_without_a_step() -> None:
