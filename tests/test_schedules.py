@@ -491,6 +491,8 @@ BAD: list[tuple[Callable[[], object], str]] = [
     (lambda: schedules.join([1, INF], [9]), "join: schedules[1] must be a finite number, got inf"),
     (lambda: schedules.warmup(100, INF), "warmup: then must be a finite number, got inf"),
     (lambda: schedules.as_schedule(NAN), "as_schedule: x must be a finite number, got nan"),
+    (lambda: schedules.product(), "product: needs at least one factor"),
+    (lambda: schedules.product(0.5, NAN), "product: each factor must be a finite number, got nan"),
 ]
 
 
