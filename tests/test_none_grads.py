@@ -121,6 +121,24 @@ def test_a_flat_gradient_list_may_hold_none() -> None:
     assert_same(list(p_tree.values()), list(p_flat.values()))
 
 
+def test_per_leaf_counts_of_another_length_are_refused_before_anything_moves() -> None:
+    """A state whose step counts (one per leaf, kept once a gradient was None) are of other
+    params (a state edited or restored by hand) stepped each leaf at the count of another."""
+    params, grads = _setup()
+    state, params = uo.update(uo.setup(uo.adam(lr=0.1), params), params, grads[1])
+    assert state.counts.tolist() == [1, 0, 1]
+    bad = dataclasses.replace(state, counts=np.array([1, 0, 7, 2]))
+    before = copy_tree(params)
+    message = (r"^this state counts steps for \(4,\) leaves, the params have 3: it was set up "
+               r"for other params$")
+    with pytest.raises(ValueError, match=message):
+        uo.update(bad, params, grads[2])
+    with pytest.raises(ValueError, match=message):
+        uo.update_(bad, params, grads[2])
+    assert_same(list(params.values()), list(before.values()))
+    assert bad.counts.tolist() == [1, 0, 7, 2]
+
+
 def test_leaves_that_share_a_count_step_on_the_compiled_loop() -> None:
     """One engine call per count the moving leaves share: a wide tree with a frozen branch
     takes the compiled loop, bit for bit as the reference path."""
