@@ -166,6 +166,49 @@ def test_fast_path_runs_for_plain_arrays() -> None:
         uo.update_(uo.setup(uo.adam(), tiny), tiny, [np.ones(3, np.float32)])
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_packed_params_are_views_that_write_through_and_step_as_the_tree(library: str) -> None:
+    """uo.pack: one contiguous 1-D buffer and the tree of views into it (a non-contiguous leaf
+    and a 0-d one included); a write through a view is the buffer's and the reverse, and a step
+    on ``[flat]`` with the gradients packed alike is the step on the tree."""
+    rng = np.random.default_rng(4)
+    tree = {"w": rng.standard_normal((fused.MIN_SIZE, 3)).astype(np.float32).T,
+            "b": rng.standard_normal(5).astype(np.float32), "s": np.array(0.5, np.float32)}
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in tree.items()}
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        tree, grads = ({k: torch.from_numpy(v) for k, v in t.items()} for t in (tree, grads))
+
+    def host(x: Any) -> np.ndarray:
+        return x.numpy().copy() if library == "torch" else np.array(x)
+    flat, views = uo.pack(tree)
+    assert tuple(flat.shape) == (3 * fused.MIN_SIZE + 6,)
+    for k in tree:
+        assert tuple(views[k].shape) == tuple(tree[k].shape)
+        assert_same([host(views[k])], [host(tree[k])])
+    views["w"][1, 2] = 7.0
+    flat[5] = -3.0  # ("s", after "b"'s 5 numbers: the leaves in the tree's order)
+    assert (host(flat) == 7.0).sum() == 1 and float(views["s"]) == -3.0
+    assert_same([host(flat)], [np.concatenate([host(views[k]).ravel() for k in ("b", "s", "w")])])
+
+    ref = {k: host(v) for k, v in views.items()}
+    g_flat, _ = uo.pack(grads)
+    state = uo.setup(uo.adam(lr=0.1), [flat])
+    ref_state = uo.setup(uo.adam(lr=0.1), ref)
+    for _ in range(3):
+        state = uo.update_(state, [flat], [g_flat])
+        ref_state = uo.update_(ref_state, ref, {k: host(v) for k, v in grads.items()})
+    assert_same([host(views[k]) for k in ref], list(ref.values()))
+
+
+def test_pack_refuses_an_empty_tree_and_mixed_dtypes() -> None:
+    with pytest.raises(ValueError, match=r"^pack: the tree holds no arrays$"):
+        uo.pack({"a": [], "b": {}})
+    with pytest.raises(ValueError, match=r"^pack: every array must have one dtype, got "
+                                         r"\['float32', 'float64'\]$"):
+        uo.pack({"a": np.ones(2, np.float32), "b": np.ones(2)})
+
+
 def _fallback(params, grads):  # type: ignore[no-untyped-def]
     """Run one in-place step where the fast path declines it (expecting a warning), and on the
     reference path: the same result."""
