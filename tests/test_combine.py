@@ -777,6 +777,10 @@ def _edit_group_state(sd: dict[str, Any], edit: Any) -> dict[str, Any]:
     return sd
 
 
+def _tensor(values: list[float]) -> Any:
+    return pytest.importorskip("torch").tensor(values)
+
+
 def _member(entry: dict[str, Any]) -> dict[str, Any]:
     member: dict[str, Any] = entry["tree_states"]["partition"]["decay"]
     return member
@@ -789,6 +793,11 @@ GROUP_EDITS = {
                        r"partition.decay.step: -3 is not a whole number"),
     "group step 2.5": (lambda e: e.update(step=2.5), ValueError,
                        r"\]\.step: 2.5 is not a whole number"),
+    # (a member keeps per-leaf counts once one of its leaves had no gradient)
+    "member counts -3": (lambda e: _member(e).update(counts=_tensor([-3])), ValueError,
+                         r"partition.decay.counts: \[-3\] are not whole numbers of steps >= 0"),
+    "member counts 1.5": (lambda e: _member(e).update(counts=_tensor([1.5])), ValueError,
+                          r"partition.decay.counts: \[1.5\] are not whole numbers of steps"),
     "slot of another shape": (
         lambda e: _member(e)["slots"]["scale_by_adam.exp_avg"].__setitem__(
             0, _member(e)["slots"]["scale_by_adam.exp_avg"][0].T.clone()), ValueError,
