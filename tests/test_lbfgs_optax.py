@@ -256,15 +256,19 @@ def test_numpy_zoom_needs_gradients_and_extra_arguments_go_to_value_fn() -> None
 
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: uo.lbfgs_linesearch(memory_size=0), "memory_size must be an integer >= 1"),
-    (lambda: uo.lbfgs_linesearch(lr=-1.0), "lr"),
+    (lambda: uo.lbfgs_linesearch(lr=-1.0), r"^lbfgs_linesearch: lr must be >= 0, got -1\.0$"),
     (lambda: uo.lbfgs_linesearch(linesearch=uo.sgd()), "linesearch must be"),
     (lambda: uo.scale_by_lbfgs(scale_init_precond=1), "scale_init_precond must be True or False"),
     (lambda: uo.scale_by_zoom_linesearch(0), "max_linesearch_steps must be an integer >= 1"),
     (lambda: uo.scale_by_zoom_linesearch(5, initial_guess_strategy="x"), "'one' or 'keep'"),
-    (lambda: uo.scale_by_zoom_linesearch(5, max_learning_rate=-1.0), "max_learning_rate"),
-    (lambda: uo.scale_by_zoom_linesearch(5, curv_rtol=1.5), "curv_rtol"),
-    (lambda: uo.scale_by_backtracking_linesearch(-1), "max_backtracking_steps"),
-    (lambda: uo.scale_by_backtracking_linesearch(5, decrease_factor=1.0), "decrease_factor"),
+    (lambda: uo.scale_by_zoom_linesearch(5, max_learning_rate=-1.0),
+     r"^scale_by_zoom_linesearch: max_learning_rate must be None or a number > 0, got -1\.0$"),
+    (lambda: uo.scale_by_zoom_linesearch(5, curv_rtol=1.5),
+     r"^scale_by_zoom_linesearch: curv_rtol must be in \(0, 1\), got 1\.5$"),
+    (lambda: uo.scale_by_backtracking_linesearch(-1),
+     r"^scale_by_backtracking_linesearch: max_backtracking_steps must be an integer >= 0, got -1$"),
+    (lambda: uo.scale_by_backtracking_linesearch(5, decrease_factor=1.0),
+     r"^scale_by_backtracking_linesearch: decrease_factor must be in \(0, 1\), got 1\.0$"),
 ])
 def test_bad_hyperparameters_are_named(make: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -216,17 +216,25 @@ def test_torch_jax_and_in_place_match_numpy(jx: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize(("make", "message"), [
-    (lambda: uo.adabelief(lr=-1.0), "lr"),
-    (lambda: uo.adabelief(betas=(0.9, 1.0)), "betas"),
-    (lambda: uo.adabelief(eps_root=-1e-16), "eps_root"),
-    (lambda: uo.yogi(eps=-1e-3), "eps"),
-    (lambda: uo.yogi(initial_accumulator_value=-1.0), "initial_accumulator_value"),
-    (lambda: uo.amsgrad(amsgrad_max="uncorrected"), "amsgrad_max"),
-    (lambda: uo.amsgrad(convention="keras"), "convention"),
-    (lambda: uo.adamaxw(weight_decay=-0.1), "weight_decay"),
-    (lambda: uo.nadamw(momentum_schedule="linear"), "momentum_schedule"),
-    (lambda: uo.nadamw(eps_root=1e-8, convention="torch"), "eps_root"),
-    (lambda: uo.nadamw(momentum_decay=-1.0), "momentum_decay"),
+    (lambda: uo.adabelief(lr=-1.0), r"^adabelief: lr must be >= 0, got -1\.0$"),
+    (lambda: uo.adabelief(betas=(0.9, 1.0)),
+     r"^adabelief: betas\[1\] must be in \[0, 1\), got 1\.0$"),
+    (lambda: uo.adabelief(eps_root=-1e-16), r"^adabelief: eps_root must be >= 0, got -1e-16$"),
+    (lambda: uo.yogi(eps=-1e-3), r"^yogi: eps must be >= 0, got -0\.001$"),
+    (lambda: uo.yogi(initial_accumulator_value=-1.0),
+     r"^yogi: initial_accumulator_value must be >= 0, got -1\.0$"),
+    (lambda: uo.amsgrad(amsgrad_max="uncorrected"),
+     r"^amsgrad: amsgrad_max must be one of 'corrected', 'raw', 'raw_uncorrected', "
+     r"got 'uncorrected'$"),
+    (lambda: uo.amsgrad(convention="keras"),
+     r"^amsgrad: convention must be one of 'optax', 'torch', got 'keras'$"),
+    (lambda: uo.adamaxw(weight_decay=-0.1), r"^adamaxw: weight_decay must be >= 0, got -0\.1$"),
+    (lambda: uo.nadamw(momentum_schedule="linear"),
+     r"^nadamw: momentum_schedule must be one of 'dozat', 'constant', got 'linear'$"),
+    (lambda: uo.nadamw(eps_root=1e-8, convention="torch"),
+     r"^nadamw: eps_root is an option of momentum_schedule='constant', got eps_root=1e-08 "
+     r"with 'dozat'$"),
+    (lambda: uo.nadamw(momentum_decay=-1.0), r"^nadamw: momentum_decay must be >= 0, got -1\.0$"),
 ])
 def test_bad_hyperparameters_are_named(make: Callable[[], Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -236,14 +236,15 @@ def test_torch_jax_and_in_place_match_numpy(jx: Any, name: str) -> None:
 
 
 @pytest.mark.parametrize(("make", "message"), [
-    (lambda: uo.lion(lr=-1.0), "lr"),
-    (lambda: uo.lion(betas=(1.5, 0.99)), "betas"),
-    (lambda: uo.lion(betas=(0.9, -0.1)), "betas"),
-    (lambda: uo.lion(weight_decay=-1e-3), "weight_decay"),
-    (lambda: uo.lion(convention="torch"), "convention"),
-    (lambda: uo.sign_sgd(lr=-0.1), "lr"),
-    (lambda: uo.signum(beta=1.0), "beta"),
-    (lambda: uo.signum(lr=-0.1), "lr"),
+    (lambda: uo.lion(lr=-1.0), r"^lion: lr must be >= 0, got -1\.0$"),
+    (lambda: uo.lion(betas=(1.5, 0.99)), r"^lion: betas\[0\] must be in \[0, 1\], got 1\.5$"),
+    (lambda: uo.lion(betas=(0.9, -0.1)), r"^lion: betas\[1\] must be in \[0, 1\], got -0\.1$"),
+    (lambda: uo.lion(weight_decay=-1e-3), r"^lion: weight_decay must be >= 0, got -0\.001$"),
+    (lambda: uo.lion(convention="torch"),
+     r"^lion: convention must be one of 'paper', 'optax', 'keras', got 'torch'$"),
+    (lambda: uo.sign_sgd(lr=-0.1), r"^sign_sgd: lr must be >= 0, got -0\.1$"),
+    (lambda: uo.signum(beta=1.0), r"^signum: beta must be in \[0, 1\), got 1\.0$"),
+    (lambda: uo.signum(lr=-0.1), r"^signum: lr must be >= 0, got -0\.1$"),
 ])
 def test_bad_hyperparameters_are_named(make: Callable[[], Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
