@@ -777,7 +777,7 @@ def _edit_group_state(sd: dict[str, Any], edit: Any) -> dict[str, Any]:
     return sd
 
 
-def _tensor(values: list[float]) -> Any:
+def _tensor(values: list[Any]) -> Any:
     return pytest.importorskip("torch").tensor(values)
 
 
@@ -798,6 +798,11 @@ GROUP_EDITS = {
                          r"partition.decay.counts: \[-3\] are not whole numbers of steps >= 0"),
     "member counts 1.5": (lambda e: _member(e).update(counts=_tensor([1.5])), ValueError,
                           r"partition.decay.counts: \[1.5\] are not whole numbers of steps"),
+    # (loaded, then refused by the next step, after the good state was replaced)
+    "member counts of 3 leaves": (
+        lambda e: _member(e).update(counts=_tensor([1, 1, 1])), ValueError,
+        r"partition.decay.counts: \[1, 1, 1\] counts steps for 3 leaves, the state's params "
+        r"are 1"),
     "slot of another shape": (
         lambda e: _member(e)["slots"]["scale_by_adam.exp_avg"].__setitem__(
             0, _member(e)["slots"]["scale_by_adam.exp_avg"][0].T.clone()), ValueError,

@@ -129,7 +129,7 @@ def test_per_leaf_counts_of_another_length_are_refused_before_anything_moves() -
     assert state.counts.tolist() == [1, 0, 1]
     bad = dataclasses.replace(state, counts=np.array([1, 0, 7, 2]))
     before = copy_tree(params)
-    message = (r"^this state counts steps for \(4,\) leaves, the params have 3: it was set up "
+    message = (r"^this state counts steps for 4 leaves, the params have 3: it was set up "
                r"for other params$")
     with pytest.raises(ValueError, match=message):
         uo.update(bad, params, grads[2])

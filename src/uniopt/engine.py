@@ -831,8 +831,9 @@ def _check_state(state: Any, treedef: Any, names: list[str], params: list[Any]) 
         )
     _check_shapes(state.rule, names, params)
     if state.counts is not None and tuple(state.counts.shape) != (len(params),):
-        raise ValueError(f"this state counts steps for {state.counts.shape} leaves, the params "
-                         f"have {len(params)}: it was set up for other params")
+        held = state.counts.shape
+        raise ValueError(f"this state counts steps for {held[0] if len(held) == 1 else held} "
+                         f"leaves, the params have {len(params)}: it was set up for other params")
     leaf_shapes = _shapes(params)
     if state.tree_states:
         check_tree_shapes(state, names, params, leaf_shapes)

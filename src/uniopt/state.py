@@ -160,6 +160,10 @@ def from_tree(template: State, tree: Any, load: Any, where: str = "state") -> St
         if held.dtype.kind not in "iu" or (held < 0).any():
             raise ValueError(f"{where}.counts: {_shown(counts)} are not whole numbers of steps "
                              ">= 0")
+        n = template.treedef.num_leaves
+        if held.shape != (n,):  # (the next step would refuse it, after the load went in)
+            raise ValueError(f"{where}.counts: {_shown(counts)} counts steps for "
+                             f"{held.size} leaves, the state's params are {n}")
     return dataclasses.replace(
         template, step=walk(template.step, tree["step"], f"{where}.step"),
         slots=walk(template.slots, tree["slots"], f"{where}.slots"),
