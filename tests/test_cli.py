@@ -674,7 +674,8 @@ def test_two_moons_and_the_mlp_are_deterministic():
     a, b = p.init(3), p.init(3)
     assert all(np.array_equal(a[k], b[k]) for k in a) and p.optimum is None
     assert p.loss(a) == pytest.approx(math.log(2), rel=0.3)  # small outputs at the start
-    with pytest.raises(ValueError, match="hidden"):
+    with pytest.raises(ValueError, match=r"^mlp: need samples >= 2, hidden >= 1 and noise >= 0, "
+                                         r"got samples=200, hidden=0, noise=0\.1$"):
         MLP(hidden=0)
 
 

@@ -363,7 +363,7 @@ def test_schedule_free_errors() -> None:
     state = uo.setup(uo.sgd(lr=0.1), {"w": np.zeros(2)})
     with pytest.raises(ValueError, match="not a schedule-free rule"):
         uo.schedule_free_eval(state, {"w": np.zeros(2)})
-    with pytest.raises(TypeError, match="State"):
+    with pytest.raises(TypeError, match=r"^schedule_free_eval: expected a uniopt State, got dict$"):
         uo.schedule_free_eval({"w": np.zeros(2)}, {"w": np.zeros(2)})
 
 

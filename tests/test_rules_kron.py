@@ -249,9 +249,10 @@ def test_the_counter_updates_every_1_over_p_steps() -> None:
     ("balance_prob", 1.5, r"balance_prob must be a number in \[0, 1\]"),
     ("precond_init_scale", 0.0, "precond_init_scale must be a number > 0"),
     ("seed", -1, "seed must be an integer in"),
-    ("preconditioner_update_probability", 1.5, "preconditioner_update_probability"),
-    ("momentum", 1.0, "momentum"),
-    ("precond_lr", -0.1, "precond_lr"),
+    ("preconditioner_update_probability", 1.5,
+     r"preconditioner_update_probability must be in \[0, 1\], got 1\.5$"),
+    ("momentum", 1.0, r"momentum must be in \[0, 1\), got 1\.0$"),
+    ("precond_lr", -0.1, r"precond_lr must be >= 0, got -0\.1$"),
 ])
 def test_bad_hyperparameters_raise(field: str, value: Any, words: str) -> None:
     with pytest.raises(ValueError, match=words):
@@ -424,12 +425,16 @@ def test_torch_class_errors() -> None:
     w = torch.nn.Parameter(torch.ones(2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"precondition_dtype=torch.float32: .*float64"):
         Kron([w], precondition_dtype=torch.float32)
-    with pytest.raises(ValueError, match="mu_dtype=torch.bfloat16"):
+    with pytest.raises(ValueError, match=r"^uniopt\.torch\.Kron: mu_dtype=torch\.bfloat16: uniopt "
+                                         r"keeps the momentum and the factors in the parameter's "
+                                         r"dtype \(torch\.float64\); pass None$"):
         Kron([w], mu_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="memory_save_mode must be one of"):
         Kron([w], memory_save_mode="some_diag")
     opt = Kron([w], precondition_dtype=torch.float64)  # the parameter's own: taken
-    with pytest.raises(ValueError, match="precondition_dtype"):
+    with pytest.raises(ValueError, match=r"^uniopt\.torch\.Kron: precondition_dtype=torch\."
+                                         r"float64: .*in the parameter's dtype "
+                                         r"\(torch\.float32\); pass None$"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
     assert len(opt.param_groups) == 1
     v = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))

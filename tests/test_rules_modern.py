@@ -398,7 +398,8 @@ def test_a_schedule_that_leaves_the_range_fails_before_anything_is_written() -> 
     state, p = uo.update(state, p, {"x": np.ones(3)})
     state, p = uo.update(state, p, {"x": np.ones(3)})  # clip 0 at the second step
     before = p["x"].copy()
-    with pytest.raises(ValueError, match="clip"):
+    with pytest.raises(ValueError, match=r"^adopt: clip must be >= 0, got -1\.0 \(the value of its "
+                                         r"schedule at step 2\)$"):
         uo.update_(state, p, {"x": np.ones(3)})
     assert np.array_equal(p["x"], before)
 

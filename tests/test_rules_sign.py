@@ -256,6 +256,7 @@ def test_a_schedule_going_negative_is_caught_before_anything_changes() -> None:
     state = uo.setup(uo.lion(lambda s: 0.1 - 0.2 * s), p)
     state, p = uo.update(state, p, [np.ones(3)])
     before = p[0].copy()
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match=r"^lion: lr must be >= 0, got -0\.1 \(the value of its "
+                                         r"schedule at step 1\)$"):
         uo.update_(state, p, [np.ones(3)])
     assert np.array_equal(p[0], before)

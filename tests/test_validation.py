@@ -366,7 +366,8 @@ def test_bool_hyperparameter_is_not_a_number(ctor, kw):
 
 @pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.999)])
 def test_betas_of_wrong_length(betas):
-    with pytest.raises(ValueError, match=r"betas"):
+    with pytest.raises(ValueError, match=r"^adam: betas must be a tuple of 2 numbers or schedules, "
+                                         + re.escape(f"got {betas}") + "$"):
         uo.adam(betas=betas)
 
 
