@@ -361,6 +361,30 @@ def test_compiled_loop_equals_the_reference_path(dtype: Any, monkeypatch: Any) -
     _equal_states(inplace_s, ref_s)
 
 
+def test_a_block_of_zeros_keeps_the_code_of_zero_on_the_compiled_loop(monkeypatch: Any) -> None:
+    # a block whose largest magnitude is 0 is coded over a scale of 1, as the reference path
+    # does: over its scale of 0 every value would be 0/0, NaN, whose code is the map's last
+    # (the same values, read back, but not the reference's codes nor a checkpoint's bytes)
+    rng = np.random.default_rng(5)
+    params = _big(rng)
+    grads = [rng.standard_normal(params[0].shape).astype(np.float32),
+             np.zeros_like(params[1])]
+    grads[0].ravel()[BLOCK:2 * BLOCK] = 0.0  # (a block of zeros in a leaf stepped otherwise)
+    rule = uo.adam(lr=1e-2)
+    before = cpu.STEPS
+    fast_s = uo.update_(uo.setup(rule, params, state_dtype="q8"), [p.copy() for p in params],
+                        grads)
+    assert cpu.STEPS - before == 1
+    monkeypatch.setattr(fast, "Q8_STRATEGIES", ())
+    ref_s = uo.update_(uo.setup(rule, params, state_dtype="q8"), [p.copy() for p in params],
+                       grads)
+    _equal_states(fast_s, ref_s)
+    for key in fast_s.slots:
+        codes = [np.asarray(q.codes).ravel() for q in fast_s.slots[key]]
+        zero = codes[1][0]
+        assert (codes[1] == zero).all() and (codes[0][BLOCK:2 * BLOCK] == zero).all()
+
+
 def test_a_small_tree_takes_the_loop_as_float_state_does(monkeypatch: Any,
                                                          tmp_path: Any) -> None:
     """A small tree's 8-bit steps took the reference path for good (2.4 ms a step on S1
