@@ -420,6 +420,35 @@ def test_a_small_tree_takes_the_loop_as_float_state_does(monkeypatch: Any,
     _equal_states(at_once_s, ref_s)
 
 
+def test_a_small_torch_tree_takes_the_reference_path_with_the_loop_at_hand(
+        monkeypatch: Any) -> None:
+    """As float state's (tests/test_small.py): a small tree of torch tensors with 8-bit state
+    steps on the reference path's torch operations at every step, the loop at hand or not, so
+    its numbers do not depend on the kernel cache."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", 1)
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(s).astype(np.float32) for s in ((7, 5), (5,))]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(4)]
+    rule = uo.adam(lr=1e-2)
+    state, arrays = uo.setup(rule, params, state_dtype="q8"), [p.copy() for p in params]
+    for g in grads:  # the loop compiled, at hand for every small step of the rule
+        state = uo.update_(state, arrays, g)
+
+    def run() -> list[Any]:
+        ps = [torch.from_numpy(p.copy()) for p in params]
+        s, before = uo.setup(rule, ps, state_dtype="q8"), cpu.STEPS
+        for g in grads:
+            s = uo.update_(s, ps, [torch.from_numpy(x) for x in g])
+        assert cpu.STEPS == before
+        return ps
+
+    at_hand = run()
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", None)  # never at hand
+    for a, b in zip(at_hand, run(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.slow
 # one loop of each kind of slot set (two unsigned and a signed slot with a maximum, a rule whose
 # coefficients switch at a step, a signed slot alone): the loop's text is generated alike for
