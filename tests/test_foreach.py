@@ -561,6 +561,18 @@ def test_a_device_counted_engine_step_counts_in_place() -> None:
     torch.testing.assert_close(ps[0], torch.full((3,), -0.2), rtol=1e-6, atol=0)
 
 
+def test_a_device_counted_engine_step_of_a_rule_that_needs_the_host_is_refused() -> None:
+    # (the engine's own step, where no optimizer class checked the rule first: refused before
+    # anything is written, its count too)
+    ps = [torch.zeros(3)]
+    step = torch.zeros((), dtype=torch.float64)
+    state = dataclasses.replace(uo.setup(uo.radam(lr=0.1), ps), step=step)
+    with foreach.forced(), pytest.raises(TypeError, match=r"radam's part scale_by_radam "
+                                                          r"computes its coefficients on the host"):
+        uo.update_(state, ps, [torch.ones(3)])
+    assert torch.equal(ps[0], torch.zeros(3)) and float(step) == 0.0
+
+
 @pytest.mark.parametrize("make", [lambda ps, **kw: ut.NAdam(ps, **kw),
                                   lambda ps, **kw: ut.RAdam(ps, **kw),
                                   lambda ps, **kw: ut.ASGD(ps, **kw)], ids=["NAdam", "RAdam",
