@@ -4889,6 +4889,24 @@ def test_a_bad_value_a_scheduler_wrote_names_its_param_group() -> None:
     assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before, strict=True))
 
 
+def test_adam_with_decoupled_weight_decay_steps_as_torchs() -> None:
+    # (torch's Adam with decoupled_weight_decay=True is its AdamW: uniopt.adamw, not adam's
+    # decay added to the gradient; per group, as torch reads it)
+    runs = []
+    for cls in (ut.Adam, torch.optim.Adam):
+        g = torch.Generator().manual_seed(2)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((4, 3), (5,))]
+        opt = cls([{"params": ps[:1]}, {"params": ps[1:], "decoupled_weight_decay": False}],
+                  lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs.append([p.detach() for p in ps])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
 def test_adamws_couple_lr_left_out_at_its_default_loads_as_that_default() -> None:
     """couple_lr is in a group only where given (torch's key set, for DCP), and state_dict()
     saves the groups as they are; a group without it is True whatever the loading optimizer's
