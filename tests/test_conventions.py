@@ -192,6 +192,25 @@ def test_adagrad_torch_to_keras_and_optax_eps_placement():
     assert not back.exact and back.rule.initial_accumulator_value == 0.1 and back.rule.lr == 1e-3
 
 
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+def test_adagrad_lr_decay_with_either_eps_placement_is_the_documented_formula(eps_in_sqrt):
+    """torch's lr_decay on the root form too (no framework has that pair; the formula does):
+    ``p <- p - lr/(1+(t-1)*lr_decay) * g/sqrt(G + eps)``; keras's decoupled decay by ``lr``
+    without ``lr_decay``."""
+    lr, lr_decay, eps, wd, g0 = 0.1, 0.3, 1e-3, 0.05, 0.1
+    rule = uo.adagrad(lr=lr, lr_decay=lr_decay, eps=eps, eps_in_sqrt=eps_in_sqrt,
+                      initial_accumulator_value=g0, weight_decay=wd, decay_form="decoupled")
+    x, acc, want = np.array([1.0, -2.0, 0.5, 3.0]), np.full(4, g0), []
+    for t in range(1, 31):
+        g = A * x
+        x = x - lr * wd * x
+        acc = acc + g * g
+        den = np.sqrt(acc + eps) if eps_in_sqrt else np.sqrt(acc) + eps
+        x = x - lr / (1 + (t - 1) * lr_decay) * g / den
+        want.append(x)
+    np.testing.assert_allclose(_run(rule), np.array(want), rtol=1e-12, atol=0)
+
+
 def test_keras_epsilon_hat_is_torch_adam_with_an_eps_schedule():
     """keras's Adam, written from its formula, against uo.adam with the eps schedule
     translate() gives: eps = eps_hat / sqrt(1 - b2^t)."""
