@@ -1250,6 +1250,8 @@ def test_adjust_slots_advice_is_python_naming_the_keys_that_drop_them(rule, kw, 
         ({"lr": -1e-3}, ValueError, r"lr must be >= 0, got -0\.001"),
         ({"betas": (0.9, 1.0)}, ValueError, r"betas\[1\] must be in \[0, 1\), got 1\.0"),
         ({"eps": math.nan}, ValueError, r"eps must be finite, got nan"),
+        # (inf is >= 0: the finite check alone refuses it)
+        ({"lr": math.inf}, ValueError, r"lr must be finite, got inf"),
         ({"weight_decay": "big"}, TypeError, r"weight_decay must be a number or a schedule"),
     ],
 )
