@@ -306,6 +306,17 @@ def test_radam_is_exact_where_both_first_rectify_at_the_same_step():
     assert np.abs(_run(tr.rule) - _run(rule)).max() > 1e-6
 
 
+def test_radam_with_a_b2_that_never_rectifies_translates():
+    """rho_inf = 2/(1-b2) - 1 <= 5 (b2 <= 2/3): torch's and optax's RAdam never rectify. (For b2
+    in (1/2, 2/3], b2**t stops at the least subnormal, and the search for the first rectified
+    step never ended.)"""
+    tr = uo.translate(uo.radam(lr=0.05, betas=(0.9, 0.6)), target="optax")
+    assert tr.exact and "first rectified step: never" in tr.conditions
+    # rho_inf = 4.71: Flux's rho_t > 4 from t = 8 (rho_7 = 3.99, rho_8 = 4.19), torch's never
+    tr = uo.translate(uo.radam(lr=0.05, betas=(0.9, 0.65)), target="flux")
+    assert not tr.exact and "never vs 8" in tr.conditions
+
+
 def test_nadam_b2_in_root_and_keras_momentum_decay():
     flux = uo.nadam(convention="flux", lr=schedules.cosine(0.05, steps=30))
     tr = uo.translate(flux, target="optax")  # lr and eps over sqrt(b2)

@@ -496,13 +496,16 @@ def _start_at_eps(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Ste
 def _first_rectified(b2: float, threshold: float, strict: bool) -> int | None:
     """The first step t whose ρ_t passes RAdam's test (ρ_t rises with t towards ρ∞)."""
     rho_inf = 2.0 / (1.0 - b2) - 1.0
+    if not (rho_inf > threshold if strict else rho_inf >= threshold):
+        # never: and the loop below would not end, b2**t stopping at the least subnormal
+        # (which times a b2 above 1/2 rounds back to itself)
+        return None
     t, power = 1, b2
-    while power > 0.0:
+    while True:  # (rho_t reaches rho_inf in floats, at the latest where b2**t stops)
         rho_t = rho_inf - 2.0 * t * power / (1.0 - power)
         if rho_t > threshold if strict else rho_t >= threshold:
             return t
         t, power = t + 1, power * b2
-    return None if not (rho_inf > threshold if strict else rho_inf >= threshold) else t
 
 
 def _rectify(rule: Rule, hyper: dict[str, Any], old: Any, new: Any) -> _Step:
