@@ -222,6 +222,10 @@ def test_zero1_counts_the_fullest_rank_of_zeros_assignment() -> None:
     # Adafactor's factors of each whole matrix, on the rank that holds it
     got = footprint(uo.adafactor(), [(4096, 4096)] * 3, world_size=2, strategy="zero1")
     assert got.state == 2 * 4 * (4096 + 4096)
+    # largest first, not in the model's order: (2,) alone, (1,) and (1,) together (in order,
+    # the first rank would take (1,) and then (2,), 3 parameters)
+    assert footprint(uo.adamw(), [(1,), (1,), (2,)], world_size=2, strategy="zero1").state \
+        == 2 * 8
     # a count has no tensors: its even share
     assert footprint(uo.adamw(), 577, world_size=2, strategy="zero1").state == 289 * 8
 
