@@ -229,6 +229,8 @@ def test_ademamix_schedules_are_the_papers() -> None:
     alpha, b3 = uo.ademamix_alpha(5.0, 100), uo.ademamix_b3(0.9999, 100, start=0.9)
     assert alpha(0) == 0.0 and alpha(50) == 2.5 and alpha(100) == alpha(10**6) == 5.0
     assert math.isclose(b3(0), 0.9, rel_tol=1e-15) and b3(100) == 0.9999
+    # start defaults to ademamix's b1 (its default was 0.0, which the start's check refused)
+    assert uo.ademamix_b3(0.9999, 100) == b3
     # a warm-up from start: (1 - t/steps)*start + (t/steps)*alpha, then alpha
     assert [uo.ademamix_alpha(4.0, 4, start=2.0)(t) for t in range(6)] == [
         2.0, 2.5, 3.0, 3.5, 4.0, 4.0]

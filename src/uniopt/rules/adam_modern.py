@@ -95,7 +95,8 @@ class ademamix_alpha(_Record):
 @dataclass(frozen=True)
 class ademamix_b3(_Record):
     """AdEMAMix's warm-up of ``b3``: the half-life ``f(b) = ln(1/2)/ln(b) - 1`` moves linearly
-    from ``f(start)`` (``start`` usually ``b1``) to ``f(b3)`` over ``steps``, then ``b3``:
+    from ``f(start)`` (``start`` usually ``b1``; 0.9, ademamix's ``b1``, by default) to ``f(b3)``
+    over ``steps``, then ``b3``:
     ``value = (1/2) ** (1/(f + 1))`` with ``f = (1 - a) f(start) + a f(b3)``, ``a = t/steps``,
     ``t = s + offset``.
 
@@ -114,7 +115,7 @@ class ademamix_b3(_Record):
 
     b3: float
     steps: int
-    start: float = 0.0
+    start: float = 0.9  # (ademamix's b1; 0.0, the default before, was refused as a start)
     offset: int = 0
 
     def __post_init__(self) -> None:
