@@ -437,6 +437,29 @@ def test_state_dict_formats_match_torch(name: str) -> None:
                 v.shape, v.dtype, v.device)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Muon"])
+def test_a_torch_state_without_step_has_its_step_once_loaded(name: str) -> None:
+    """torch's SGD (and Muon) keep no step; docs/torch.md says every uniopt class keeps
+    ``state[p]["step"]`` and such a state loads as step 1. The count was made only at the next
+    step: after the load ``state[p]["step"]`` was a KeyError and a state_dict saved then had no
+    step."""
+    w = nn.Parameter(torch.ones(3, 2))
+    theirs = getattr(torch.optim, name)([w], lr=0.1, momentum=0.9)
+    w.grad = torch.ones(3, 2)
+    theirs.step()
+    assert "step" not in theirs.state[w]
+    p = nn.Parameter(w.detach().clone())
+    ours = getattr(ut, name)([p], lr=0.1, momentum=0.9)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # (torch's load shares tensors)
+    assert torch.equal(ours.state[p]["step"], torch.tensor(1.0))
+    assert torch.equal(ours.state_dict()["state"][0]["step"], torch.tensor(1.0))
+    p.grad, w.grad = torch.ones(3, 2), torch.ones(3, 2)
+    ours.step()
+    theirs.step()
+    assert torch.equal(ours.state[p]["step"], torch.tensor(2.0))
+    assert torch.equal(p, w)
+
+
 def test_resume_equals_never_stopping_bitwise() -> None:
     torch.manual_seed(3)
     base = Net()
