@@ -2493,7 +2493,7 @@ def test_a_step_given_an_argument_it_has_not_names_the_classs_step(name: str,
                                                                    hooked: bool) -> None:
     """``opt.step(foo=1)``: torch says "Adam.step() got an unexpected keyword argument 'foo'";
     uniopt's one step for every class said "Optimizer._step() ...", a name the user never
-    wrote. Nothing is stepped."""
+    wrote (and inspect's "too many positional arguments" for too many). Nothing is stepped."""
     for impl in (torch.optim, ut):
         if not hasattr(impl, name):
             continue
@@ -2505,6 +2505,13 @@ def test_a_step_given_an_argument_it_has_not_names_the_classs_step(name: str,
         with pytest.raises(TypeError,
                            match=rf"^{name}\.step\(\) got an unexpected keyword argument 'foo'$"):
             opt.step(foo=1)
+        # (as torch's but for LBFGS, whose closure torch requires, "takes 2 positional
+        # arguments": uniopt's takes step() to say what the closure must do)
+        most = 3 if name == "SophiaG" else 2  # (its bs)
+        if impl is ut or name != "LBFGS":
+            with pytest.raises(TypeError, match=rf"^{name}\.step\(\) takes from 1 to {most} "
+                                                r"positional arguments but 5 were given$"):
+                opt.step(None, None, None, None)
         assert torch.equal(w, torch.ones(2))
 
 

@@ -1712,10 +1712,17 @@ def _misnamed_call(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     """Raise torch's words where a step's arguments do not fit it: Python named the private
     ``_step`` the call reached (``Optimizer._step() got an unexpected keyword argument``), torch
     the class's ``step`` (``Adam.step() ...``). Run only once a TypeError was raised."""
+    sig = inspect.signature(opt._step)
     try:
-        inspect.signature(opt._step).bind(*args, **kwargs)
+        sig.bind(*args, **kwargs)
     except TypeError as e:
-        raise TypeError(f"{type(opt).__name__}.step() {e}") from None
+        said = str(e)
+        if said == "too many positional arguments":  # (inspect's words: Python's, self counted)
+            kinds = [q for q in sig.parameters.values() if q.kind is q.POSITIONAL_OR_KEYWORD]
+            least = 1 + sum(q.default is q.empty for q in kinds)
+            said = (f"takes {'from ' + str(least) + ' to ' if least <= len(kinds) else ''}"
+                    f"{1 + len(kinds)} positional arguments but {1 + len(args)} were given")
+        raise TypeError(f"{type(opt).__name__}.step() {said}") from None
 
 
 def _HOOKED_STEP(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
