@@ -1524,10 +1524,10 @@ class Optimizer(torch.optim.Optimizer):
             if isinstance(st, dict) and isinstance(st.get("step"), (int, float, np.number)):
                 st["step"] = torch.tensor(float(st["step"]), dtype=plans.step_dtype())
             elif isinstance(st, dict) and "step" not in st and "momentum_buffer" in st:
-                # torch's SGD (and Muon) keep no step, their buffer meaning one: the count
-                # the next step would take (plans.state_step), there now for a reader of
-                # state[p]["step"] and a state_dict saved before that step
-                st["step"] = torch.tensor(1.0, dtype=plans.step_dtype())
+                # torch's SGD (and Muon) keep no step, their buffer meaning one: the count the
+                # next step would take, there now for a reader of state[p]["step"] and for a
+                # state_dict saved before that step
+                st["step"] = torch.tensor(float(plans.state_step(st)), dtype=plans.step_dtype())
 
     def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch's load casts a float parameter's state to its dtype. Where the group keeps
